@@ -1,0 +1,94 @@
+"""``torch.ops.mta.attention``: the MTA custom op, its fake implementation and its autograd.
+
+The signature and the math are those of MTA_SPEC.md. The op is opaque to torch.export (it
+appears as one node ``mta.attention.default`` with its configuration as constant arguments),
+runs the efficient chunked implementation on every device that has no dedicated kernel, and
+differentiates in q, k and v by recomputing the forward under autograd in the backward pass
+(a rematerialising backward: no activations are kept between forward and backward but the
+inputs). Gradients with respect to ``attn_mask`` are not computed (masks are constants in every
+model we rewrite); the top-k selection is piecewise constant and has no gradient, as in the spec.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import mta_attention_chunked
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k) -> None:
+    """Validate the op's arguments; raise ValueError/TypeError with a one-line message."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D [B, H, n, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one float dtype (fp16, bf16, fp32, fp64); got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, n, d = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"k and v must be [B, Hkv, n, d] matching q {tuple(q.shape)}; got {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] != n:
+        raise ValueError(f"MTA is self-attention: q has {n} tokens but k has {k.shape[2]}")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
+    if n < 1:
+        raise ValueError("sequence length must be at least 1")
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if local_chunks < 1:
+        raise ValueError(f"local_chunks must be at least 1, got {local_chunks}")
+    if sinks < 0 or top_k < 0:
+        raise ValueError(f"sinks and top_k must be non-negative, got sinks={sinks}, top_k={top_k}")
+    if attn_mask is not None and attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+
+
+@torch.library.custom_op("mta::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int,
+    causal: bool = False,
+    scale: float | None = None,
+    local_chunks: int = 1,
+    sinks: int = 0,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """Multi-Token Attention (MTA_SPEC.md). Output: q's shape and dtype."""
+    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k)
+    return mta_attention_chunked(
+        q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
+        local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+    )
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
+    torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
+    return q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    q, k, v, attn_mask = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.config = keyword_only_inputs
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
+        out = mta_attention_chunked(*leaves, attn_mask, **ctx.config)
+        wanted = [x for x in leaves if x.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+    dq, dk, dv = (next(grads) if need else None for need in needs)
+    return dq, dk, dv, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

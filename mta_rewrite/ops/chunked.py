@@ -1,0 +1,367 @@
+"""The efficient MTA implementation (CPU, and any device without a dedicated kernel).
+
+Everything is vectorised over chunks: no Python loop over queries, chunks or heads.
+
+Layout. Queries are cut into ``nc`` chunks of ``c`` tokens; the queries of one chunk and of the
+``G = Hq / Hkv`` query heads that share a key/value head form one row block of ``T = G·c`` rows
+(grouped-query attention without copying k and v to Hq heads). For every query chunk ``i`` we
+build one key set of ``X`` columns:
+
+    [ exact chunks of i (window, top-k selected, non-uniform-mask blocks) | sinks | summaries ]
+
+and run **one** fused attention (PyTorch's CPU flash kernel) over all chunks as a batch. What
+differs per chunk but not per query inside the chunk (a window chunk that falls off the sequence,
+key padding, a summary's ``log n_j``, a summary that is excluded because it is exact for this
+chunk) rides in one extra head dimension: q gets a trailing 1 and each key its per-chunk additive
+term, so ``q'·k' = scale·q·k + term``. The only per-query masking left is the causal triangle of
+the diagonal chunk, a [T, X] mask shared by every chunk and head (it stays in cache), or, for
+masks the user built per query, the gathered blocks of that mask.
+
+Cost per head: n·X·(d+1) multiply-adds with X = c·(W + top_k) + sinks + nc (W = L causal,
+2L−1 otherwise); memory O(n·X) only inside the kernel's tiles, O(nc·X·d) for the key sets.
+No n×n tensor exists unless the user passed one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .masks import NormalizedMask, normalize_mask
+
+# Additive term for "excluded": finite so that 0·NEG stays 0 in the backward pass (an -inf
+# here would give NaN gradients for q's extra dimension); exp(NEG − anything real) is 0.
+NEG = -1.0e30
+# A row whose log-sum-exp is below this attended nothing (all its terms were NEG).
+EMPTY_ROW_LSE = -1.0e29
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half types are computed in fp32 on the CPU: the flash kernel accumulates in fp32 anyway,
+    # and the summaries (means over up to c keys) lose precision in bf16.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _attention_with_lse(q, k, v, mask, scale):
+    """softmax(scale·q·kᵀ + mask)·v and its log-sum-exp over 4-D [B', H', T, e] tensors."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        # The CPU flash kernel returns the log-sum-exp we need to find empty rows; it is
+        # differentiable in its output (derivatives.yaml) and never materialises T×X scores
+        # beyond its tiles.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+        return out, lse
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.softmax(s, dim=-1), v)
+    return out, lse
+
+
+def _pad_tokens(x: torch.Tensor, npad: int, dim: int) -> torch.Tensor:
+    n = x.shape[dim]
+    if npad == n:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, npad - n]
+    return F.pad(x, pad)
+
+
+def _window_offsets(L: int, causal: bool) -> list[int]:
+    return list(range(-(L - 1), 1)) if causal else list(range(-(L - 1), L))
+
+
+def _gather_chunks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, nc, c, e], idx [Bl, Hl, nc, K] (chunk ids ≥ 0) -> [B, H, nc, K·c, e]."""
+    B, H = x.shape[:2]
+    bi = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    hi = torch.arange(H, device=x.device).view(1, H, 1, 1)
+    g = x[bi, hi, idx]  # [B, H, nc, K, c, e]
+    return g.flatten(3, 4)
+
+
+def _top_index_lists(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """For bool flags [..., nc_j], the indices of the first ``count`` True entries, -1 padded."""
+    order = torch.sort((~flags).to(torch.int8), dim=-1, stable=True).indices[..., :count]
+    taken = torch.gather(flags, -1, order)
+    return torch.where(taken, order, torch.full_like(order, -1))
+
+
+def mta_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int,
+    causal: bool = False,
+    scale: float | None = None,
+    local_chunks: int = 1,
+    sinks: int = 0,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """MTA attention (MTA_SPEC.md), differentiable in q, k and v. See the module docstring."""
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    out_dtype = q.dtype
+    cdt = _compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    dev = q.device
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    c = min(chunk_size, n)
+    nc = -(-n // c)
+    npad = nc * c
+    L = min(local_chunks, nc)
+    s = min(sinks, n)
+    K = min(top_k, nc)
+
+    mask: NormalizedMask | None = normalize_mask(attn_mask, B, Hq, n)
+    G = Hq // Hkv
+    if G > 1 and (K > 0 or (mask is not None and mask.per_head)):
+        # Selection (or the mask) differs between the query heads of a group: give every
+        # query head its own key set. Correct, at the cost of G copies of k and v.
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+        Hkv, G = Hq, 1
+    T = G * c
+
+    ar_c = torch.arange(c, device=dev)
+    ii = torch.arange(nc, device=dev).view(nc, 1)
+    jj = torch.arange(nc, device=dev).view(1, nc)
+    pos = torch.arange(npad, device=dev)
+    key_real = pos < n
+    is_sink = pos < s
+
+    kc = _pad_tokens(k, npad, 2).view(B, Hkv, nc, c, d)
+    vc = _pad_tokens(v, npad, 2).view(B, Hkv, nc, c, d)
+
+    # ---- the mask in chunk blocks ------------------------------------------------------------
+    allowed = bias = None
+    if mask is not None:
+        allowed, bias = mask.allowed.to(dev), mask.bias
+        if bias is not None:
+            bias = bias.to(device=dev, dtype=cdt)
+        # pad keys as forbidden; pad queries by repeating the last real row (keeps uniformity)
+        allowed = _pad_tokens(allowed, npad, 3)
+        if bias is not None:
+            bias = _pad_tokens(bias, npad, 3)
+        if mask.per_query and npad > n:
+            rep = [allowed[:, :, -1:].expand(-1, -1, npad - n, -1)]
+            allowed = torch.cat([allowed] + rep, dim=2)
+            if bias is not None:
+                bias = torch.cat([bias, bias[:, :, -1:].expand(-1, -1, npad - n, -1)], dim=2)
+    Iq = nc if (mask is not None and mask.per_query) else 1  # query-chunk extent of the mask
+
+    def blocks(x):  # [Bm, Hm, nq, npad] -> [Bm, Hm, Iq, cq, nc, c]
+        return x.view(x.shape[0], x.shape[1], Iq, -1, nc, c)
+
+    # Keys that may enter a summary: real, not a sink, allowed by the mask for the block's
+    # first query (the block is summarised only if every query agrees, checked below).
+    base = (key_real & ~is_sink).view(nc, c)
+    uniform = None
+    summary_bias = None
+    if allowed is None:
+        w = base.view(1, 1, 1, nc, c)
+    else:
+        ab = blocks(allowed)
+        w = ab[:, :, :, 0] & base  # [Bm, Hm, Iq, nc, c]
+        if mask.per_query:
+            eff = ab & base.view(1, 1, 1, 1, nc, c)
+            uniform = (eff == eff[:, :, :, :1]).all(dim=3).all(dim=-1)  # [Bm, Hm, nc, nc]
+        if bias is not None:
+            bb = blocks(bias)
+            b0 = bb[:, :, :, 0]
+            big = torch.tensor(float("inf"), dtype=cdt, device=dev)
+            bmax = torch.where(w, b0, -big).amax(-1)
+            bmin = torch.where(w, b0, big).amin(-1)
+            const = (bmax == bmin) | ~w.any(-1)
+            if mask.per_query:
+                zero = torch.zeros((), dtype=cdt, device=dev)
+                same = (torch.where(eff, bb, zero) == torch.where(w, b0, zero).unsqueeze(3)).all(3).all(-1)
+                const = const & same
+            uniform = const if uniform is None else uniform & const
+            summary_bias = torch.where(w.any(-1), bmax, torch.zeros((), dtype=cdt, device=dev))
+
+    # ---- chunk summaries: masked means, [B, Hkv, Iq, nc, d] ---------------------------------
+    wf = w.to(cdt).expand(B, Hkv, -1, -1, -1)
+    n_j = wf.sum(-1)  # [B, Hkv, Iq, nc]
+    inv = 1.0 / n_j.clamp(min=1.0)
+    kbar = torch.einsum("bhijc,bhjcd->bhijd", wf, kc) * inv.unsqueeze(-1)
+    vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv.unsqueeze(-1)
+
+    # ---- which chunks each query chunk summarises --------------------------------------------
+    not_window = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)  # [nc, nc]
+    summarised = not_window & (n_j > 0)  # [B, Hkv, Iq, nc] -> [B, Hkv, nc, nc]
+    nonuniform_list = None
+    if uniform is not None:
+        summarised = summarised & uniform
+        nonuni = not_window & ~uniform  # [Bm, Hm, nc|1, nc]
+        nonuni = nonuni.expand(-1, -1, nc, -1)
+        kx = int(nonuni.sum(-1).max())
+        if kx > 0:
+            nonuniform_list = _top_index_lists(nonuni, kx)
+    summarised = summarised.expand(B, Hkv, nc, nc)
+
+    select_list = None
+    if K > 0:
+        # top_k: per query chunk, the summarised chunks with the largest scale·q̄_i·k̄_j move
+        # into the exact set; stable sort breaks ties towards the lower chunk index.
+        # (K > 0 implies G = 1 here.) q̄_i: mean over the real queries of chunk i, times scale.
+        counts = key_real.view(nc, c).sum(-1).to(cdt).view(nc, 1)
+        qbar = _pad_tokens(q, npad, 2).view(B, Hkv, nc, c, d).sum(3) * (scale / counts)
+        if Iq == 1:
+            score = torch.einsum("bhid,bhjd->bhij", qbar, kbar[:, :, 0])
+        else:
+            score = torch.einsum("bhid,bhijd->bhij", qbar, kbar)
+        score = score.masked_fill(~summarised, float("-inf"))
+        top = torch.sort(score, dim=-1, descending=True, stable=True)
+        chosen = top.values[..., :K] > float("-inf")
+        select_list = torch.where(chosen, top.indices[..., :K], torch.full_like(top.indices[..., :K], -1))
+        picked = torch.zeros_like(summarised).scatter_(-1, top.indices[..., :K], chosen)
+        summarised = summarised & ~picked
+
+    # ---- the exact chunk list per query chunk: window, selected, non-uniform ----------------
+    offsets = torch.tensor(_window_offsets(L, causal), device=dev)
+    win = ii + offsets.view(1, -1)
+    win = torch.where((win >= 0) & (win < nc), win, torch.full_like(win, -1)).view(1, 1, nc, -1)
+    parts = [win] + [x for x in (select_list, nonuniform_list) if x is not None]
+    shape = torch.broadcast_shapes(*[p.shape[:3] for p in parts])
+    exact = torch.cat([p.expand(*shape, p.shape[-1]) for p in parts], dim=-1)  # [Bl, Hl, nc, Ke]
+    exact_idx = exact.clamp(min=0)
+    kpos = (exact_idx.unsqueeze(-1) * c + ar_c).flatten(-2)  # [Bl, Hl, nc, Ke·c]
+    kvalid = (exact >= 0).repeat_interleave(c, dim=-1) & (kpos < n)
+
+    # per-chunk additive terms (the extra head dimension)
+    term_exact = torch.where(kvalid, 0.0, NEG).to(cdt)
+    if allowed is not None and not mask.per_query:
+        key_ok = allowed[:, :, 0]  # [Bm, Hm, npad]
+        bm, hm = key_ok.shape[:2]
+        flat = kpos.expand(max(bm, kpos.shape[0]), max(hm, kpos.shape[1]), nc, -1)
+        ok = torch.gather(key_ok.expand(flat.shape[0], flat.shape[1], -1), -1, flat.flatten(2)).view(flat.shape)
+        term_exact = torch.where(ok, term_exact, NEG)
+        if bias is not None:
+            kb = torch.gather(bias[:, :, 0].expand(flat.shape[0], flat.shape[1], -1), -1, flat.flatten(2))
+            term_exact = term_exact + torch.where(ok, kb.view(flat.shape), 0.0)
+
+    sink_cols = []
+    if s > 0:
+        sink_chunk = torch.arange(s, device=dev) // c
+        dup = (exact.unsqueeze(-1) == sink_chunk).any(-2)  # [Bl, Hl, nc, s]: already exact
+        term_sink = torch.where(dup, NEG, 0.0).to(cdt)
+        if causal:  # a sink in a later chunk than the query chunk is in the future
+            term_sink = torch.where(sink_chunk.view(1, 1, 1, s) > ii.view(1, 1, nc, 1), NEG, term_sink)
+        if allowed is not None and not mask.per_query:
+            ok = allowed[:, :, 0, :s].unsqueeze(2)
+            term_sink = torch.where(ok, term_sink, NEG)
+            if bias is not None:
+                term_sink = term_sink + torch.where(ok, bias[:, :, 0, :s].unsqueeze(2), 0.0)
+        sink_cols = [s]
+
+    log_n = torch.log(n_j.clamp(min=1.0))
+    if summary_bias is not None:
+        log_n = log_n + summary_bias
+    term_summary = torch.where(summarised, log_n.expand(B, Hkv, nc, nc), NEG)
+
+    # ---- key/value sets [B, Hkv, nc, X, d+1], written in place into one buffer each ---------
+    # (one pass over memory per part; torch.cat of the parts would add another)
+    Ke_c = kpos.shape[-1]
+    X = Ke_c + s + nc
+    k_set = torch.empty(B, Hkv, nc, X, d + 1, dtype=cdt, device=dev)
+    v_set = torch.empty(B, Hkv, nc, X, d + 1, dtype=cdt, device=dev)
+    v_set[..., d] = 0.0  # the kernel wants one head size; v's extra column stays zero
+    if select_list is None and nonuniform_list is None:
+        # window only: shifted copies of the chunked keys, no index gather
+        for e, o in enumerate(_window_offsets(L, causal)):
+            dst = slice(max(0, -o), nc - max(0, o))
+            src = slice(max(0, o), nc - max(0, -o))
+            cols = slice(e * c, (e + 1) * c)
+            k_set[:, :, dst, cols, :d] = kc[:, :, src]
+            v_set[:, :, dst, cols, :d] = vc[:, :, src]
+            for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
+                k_set[:, :, edge, cols, :d] = 0.0  # off the sequence: excluded by the term
+                v_set[:, :, edge, cols, :d] = 0.0
+    else:
+        k_set[:, :, :, :Ke_c, :d] = _gather_chunks(kc, exact_idx)
+        v_set[:, :, :, :Ke_c, :d] = _gather_chunks(vc, exact_idx)
+    if s > 0:
+        k_set[:, :, :, Ke_c:Ke_c + s, :d] = k[:, :, :s].unsqueeze(2)
+        v_set[:, :, :, Ke_c:Ke_c + s, :d] = v[:, :, :s].unsqueeze(2)
+    k_set[:, :, :, Ke_c + s:, :d] = kbar
+    v_set[:, :, :, Ke_c + s:, :d] = vbar
+
+    # The kernel multiplies q'·k' by `scale`: q' = [q, 1/scale], k' = [k, term] gives
+    # scale·q·k + term. (scale = 0: q' = [0, 1] with kernel scale 1 gives the same.)
+    kernel_scale = scale if scale != 0.0 else 1.0
+    k_set[:, :, :, :Ke_c, d] = term_exact
+    if s > 0:
+        k_set[:, :, :, Ke_c:Ke_c + s, d] = term_sink
+    k_set[:, :, :, Ke_c + s:, d] = term_summary
+    q_aug = torch.empty(B, Hkv, nc, G, c, d + 1, dtype=cdt, device=dev)
+    q_in = q.view(B, Hkv, G, n, d)
+    full, rest = divmod(n, c)
+    if full:
+        q_aug[:, :, :full, :, :, :d] = q_in[:, :, :, : full * c].unflatten(3, (full, c)).transpose(2, 3)
+    if rest:
+        q_aug[:, :, full, :, :rest, :d] = q_in[:, :, :, full * c:]
+        q_aug[:, :, full, :, rest:, :d] = 0.0  # padding queries, dropped from the output
+    if scale == 0.0:
+        q_aug[..., :d] = 0.0
+    q_aug[..., d] = 1.0 / kernel_scale
+    q_aug = q_aug.view(B, Hkv, nc, T, d + 1)
+
+    # ---- per-query masking: the causal triangle of the diagonal chunk, or the user's blocks --
+    row_in_chunk = ar_c.repeat(G)  # [T]
+    qmask = None
+    if causal:
+        # The diagonal chunk is the last window entry (offset 0) at columns (L-1)·c .. L·c.
+        tri = torch.zeros(T, X, dtype=torch.bool, device=dev)
+        lo = (L - 1) * c
+        tri[:, lo:lo + c] = ar_c.view(1, c) > row_in_chunk.view(T, 1)
+        qmask = torch.where(tri, NEG, 0.0).to(cdt).view(1, 1, 1, T, X)
+    if allowed is not None and mask.per_query:
+        ab = blocks(allowed)  # [Bm, Hm, nc, c, nc, c]
+        bm, hm = ab.shape[:2]
+        bi = torch.arange(bm, device=dev).view(bm, 1, 1, 1)
+        hi = torch.arange(hm, device=dev).view(1, hm, 1, 1)
+        ci = torch.arange(nc, device=dev).view(1, 1, nc, 1)
+        abt = ab.permute(0, 1, 2, 4, 3, 5)  # [Bm, Hm, nc_i, nc_j, cq, ck]
+        ex_ok = abt[bi, hi, ci, exact_idx].permute(0, 1, 2, 4, 3, 5).flatten(-2)  # [.., nc, cq, Ke·c]
+        cols_ok = [ex_ok]
+        if sink_cols:
+            cols_ok.append(allowed[:, :, :, :s].view(bm, hm, nc, c, s).expand(*ex_ok.shape[:4], s))
+        ok = torch.cat(cols_ok, dim=-1)  # [Bx, Hx, nc, c, Ke·c + s]
+        user = torch.where(ok, 0.0, NEG).to(cdt)
+        if bias is not None:
+            bbt = blocks(bias).permute(0, 1, 2, 4, 3, 5)
+            ex_b = bbt[bi, hi, ci, exact_idx].permute(0, 1, 2, 4, 3, 5).flatten(-2)
+            cols_b = [ex_b]
+            if sink_cols:
+                cols_b.append(bias[:, :, :, :s].view(bm, hm, nc, c, s).expand(*ex_b.shape[:4], s))
+            user = user + torch.where(ok, torch.cat(cols_b, dim=-1), 0.0)
+        user = F.pad(user, (0, X - user.shape[-1]))  # summaries: uniform blocks, no per-query term
+        user = user.unsqueeze(3).expand(-1, -1, -1, G, -1, -1).reshape(user.shape[0], user.shape[1], nc, T, X)
+        qmask = user if qmask is None else user + qmask
+
+    # ---- one fused attention over all chunks -------------------------------------------------
+    flat = (B * Hkv, nc)
+    if qmask is not None:
+        if qmask.shape[0] * qmask.shape[1] == 1:
+            qmask4 = qmask.view(1, qmask.shape[2], T, X)
+        else:
+            qmask4 = qmask.expand(B, Hkv, -1, -1, -1).reshape(B * Hkv, qmask.shape[2], T, X)
+    else:
+        qmask4 = None
+    out, lse = _attention_with_lse(
+        q_aug.reshape(*flat, T, d + 1), k_set.reshape(*flat, X, d + 1), v_set.reshape(*flat, X, d + 1),
+        qmask4, kernel_scale,
+    )
+    if mask is not None:
+        # a query with nothing to attend to outputs zeros (the kernel would average the NEG
+        # columns). Without a mask every query attends at least to itself.
+        out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)
+    out = out[..., :d].view(B, Hkv, nc, G, c, d).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv * G, npad, d)
+    return out[:, :, :n].contiguous().to(out_dtype)

@@ -1,0 +1,98 @@
+"""A float64 implementation of MTA that follows MTA_SPEC.md literally, for tests only.
+
+It loops over batches, heads, query chunks, key chunks and queries, and writes down each rule
+of the spec where it applies. It is slow on purpose (small shapes only) and shares no code with
+the efficient implementation beyond the mask convention in ``masks.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .masks import forbidden_threshold
+
+
+def _dense_mask(attn_mask, B, Hq, n):
+    """(allowed, bias) as dense float64/bool [B, Hq, n, n] tensors."""
+    allowed = torch.ones(B, Hq, n, n, dtype=torch.bool)
+    bias = torch.zeros(B, Hq, n, n, dtype=torch.float64)
+    if attn_mask is None:
+        return allowed, bias
+    m = attn_mask.cpu()
+    if m.dtype == torch.bool:
+        return allowed & m.expand(B, Hq, n, n), bias
+    ok = m > forbidden_threshold(m.dtype)
+    allowed = allowed & ok.expand(B, Hq, n, n)
+    bias = torch.where(ok, m.double(), torch.zeros((), dtype=torch.float64)).expand(B, Hq, n, n)
+    return allowed, bias
+
+
+def mta_attention_reference(
+    q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0
+):
+    """MTA_SPEC.md, step by step, in float64. Returns a float64 tensor shaped like q."""
+    q, k, v = q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu()
+    B, Hq, n, d = q.shape
+    G = Hq // k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    c, L = chunk_size, local_chunks
+    nc = -(-n // c)
+    allowed, bias = _dense_mask(attn_mask, B, Hq, n)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    out = torch.zeros(B, Hq, n, d, dtype=torch.float64)
+
+    def chunk_of(s):
+        return s // c
+
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // G
+            A, Bias = allowed[b, h], bias[b, h]
+            for i in range(nc):
+                queries = list(range(i * c, min((i + 1) * c, n)))
+                window = {j for j in range(nc) if ((i - L + 1 <= j <= i) if causal else abs(j - i) <= L - 1)}
+                exact_chunks = set(window)
+                summaries = {}  # j -> (kbar, vbar, logit offset)
+                for j in range(nc):
+                    if j in window or (causal and j > i):
+                        continue
+                    keys = [s for s in range(j * c, min((j + 1) * c, n)) if s >= sinks]
+                    if not keys:
+                        continue
+                    block_ok = A[queries][:, keys]
+                    block_b = Bias[queries][:, keys]
+                    uniform = bool((block_ok == block_ok[0]).all())
+                    values = block_b[block_ok].unique() if uniform else None
+                    if not uniform or values.numel() > 1:
+                        exact_chunks.add(j)  # the mask varies inside the block: exact
+                        continue
+                    kept = [s for s, ok in zip(keys, block_ok[0].tolist()) if ok]
+                    if not kept:
+                        continue  # n_j = 0: left out
+                    kbar = k[b, hk, kept].mean(0)
+                    vbar = v[b, hk, kept].mean(0)
+                    offset = math.log(len(kept)) + (float(values[0]) if values.numel() else 0.0)
+                    summaries[j] = (kbar, vbar, offset)
+                if top_k > 0 and summaries:
+                    qbar = q[b, h, queries].mean(0)
+                    score = {j: float(scale * qbar @ summaries[j][0]) for j in summaries}
+                    for j in sorted(summaries, key=lambda j: (-score[j], j))[:top_k]:
+                        exact_chunks.add(j)
+                        del summaries[j]
+                for t in queries:
+                    logits, values_ = [], []
+                    for s in range(n):
+                        if (chunk_of(s) in exact_chunks or s < sinks) and A[t, s]:
+                            logits.append(scale * q[b, h, t] @ k[b, hk, s] + Bias[t, s])
+                            values_.append(v[b, hk, s])
+                    for kbar, vbar, offset in summaries.values():
+                        logits.append(scale * q[b, h, t] @ kbar + offset)
+                        values_.append(vbar)
+                    if not logits:
+                        continue  # nothing to attend to: zeros
+                    p = torch.softmax(torch.stack(logits), dim=0)
+                    out[b, h, t] = p @ torch.stack(values_)
+    return out
