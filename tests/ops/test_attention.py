@@ -1,0 +1,296 @@
+"""torch.ops.mta.attention against the float64 reference and against SDPA (MTA_SPEC.md identities)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mta_rewrite  # noqa: F401  (registers torch.ops.mta.attention)
+from mta_rewrite.ops import mta_attention_reference
+
+mta = torch.ops.mta.attention
+F64 = torch.float64
+
+
+def qkv(B=2, Hq=4, Hkv=2, n=13, d=8, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, h, n, d, generator=g, dtype=F64).to(dtype) for h in (Hq, Hkv, Hkv))
+
+
+def fmin_where(allowed: torch.Tensor, dtype=F64) -> torch.Tensor:
+    """A transformers-style additive mask: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.where(allowed, torch.tensor(0.0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+
+def make_mask(kind: str, B: int, Hq: int, n: int) -> torch.Tensor | None:
+    g = torch.Generator().manual_seed(1)
+    pad = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    pad[0, ..., :3] = False  # left padding
+    pad[-1, ..., n - 4:] = False  # right padding
+    tri = torch.ones(n, n, dtype=torch.bool).tril()
+    causal_pad = (tri & pad).expand(B, 1, n, n)
+    i = torch.arange(n)
+    masks = {
+        "none": None,
+        "key_padding_bool": pad,
+        "key_padding_inf": torch.where(pad, 0.0, float("-inf")).to(F64),
+        "key_padding_min": fmin_where(pad),
+        "causal_padding_4d_min": fmin_where(causal_pad),  # what transformers' eager path builds
+        "causal_padding_4d_bool": causal_pad,  # what its sdpa path builds
+        "random_bool_per_head": torch.rand(B, Hq, n, n, generator=g) > 0.3,
+        "alibi_bias": -(i[None, :] - i[:, None]).abs().to(F64) * 0.5,
+        "key_bias": torch.randn(1, 1, 1, n, generator=g, dtype=F64),
+        "constant_bias": torch.full((n, n), 0.7, dtype=F64),
+        "block_diagonal_2d": (i[:, None] // 5) == (i[None, :] // 5),
+        "per_head_key_padding": torch.rand(B, Hq, 1, n, generator=g) > 0.4,
+        "some_rows_fully_masked": torch.zeros(B, 1, n, n, dtype=torch.bool).index_fill_(2, torch.arange(5), True),
+    }
+    return masks[kind]
+
+
+MASKS = [
+    "none", "key_padding_bool", "key_padding_inf", "key_padding_min", "causal_padding_4d_min",
+    "causal_padding_4d_bool", "random_bool_per_head", "alibi_bias", "key_bias", "constant_bias",
+    "block_diagonal_2d", "per_head_key_padding", "some_rows_fully_masked",
+]
+# (chunk_size, local_chunks, sinks, top_k): partial last chunk, c = 1, c > n, windows, sinks
+# inside and beyond the first chunk, selection
+CONFIGS = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (4, 2, 0, 3), (1, 1, 0, 0), (100, 1, 0, 0), (2, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference_every_mask_and_parameter(mask_kind, causal):
+    B, Hq, Hkv, n = 2, 4, 2, 13
+    q, k, v = qkv(B, Hq, Hkv, n)
+    mask = make_mask(mask_kind, B, Hq, n)
+    for c, L, s, top_k in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        out = mta(q, k, v, mask, **kw)
+        ref = mta_attention_reference(q, k, v, mask, **kw)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33])
+@pytest.mark.parametrize("Hq,Hkv", [(1, 1), (4, 1), (6, 3)])
+def test_matches_reference_shapes(n, Hq, Hkv):
+    q, k, v = qkv(1, Hq, Hkv, n, d=5, seed=n)
+    for c, causal, top_k in itertools.product([1, 3, 8], [False, True], [0, 2]):
+        kw = dict(chunk_size=c, causal=causal, top_k=top_k, sinks=1, scale=0.3)
+        torch.testing.assert_close(mta(q, k, v, **kw), mta_attention_reference(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = qkv(1, 2, 2, 10)
+    mask = torch.ones(1, 1, 10, 10, dtype=torch.bool)
+    mask[..., 3, :] = False
+    for causal in (False, True):
+        out = mta(q, k, v, mask, chunk_size=4, causal=causal)
+        assert torch.equal(out[..., 3, :], torch.zeros_like(out[..., 3, :]))
+        assert out[..., 4, :].abs().sum() > 0
+
+
+# ---- identities of MTA_SPEC.md, against SDPA in fp32 ----------------------------------------
+
+def sdpa(q, k, v, mask=None, causal=False, scale=None):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_bool", "alibi_bias"])
+def test_one_chunk_equals_sdpa(causal, mask_kind):
+    B, n = 2, 37
+    q, k, v = qkv(B, 4, 2, n, d=16, dtype=torch.float32)
+    mask = make_mask(mask_kind, B, 4, n)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    out = mta(q, k, v, mask, chunk_size=n, causal=causal)
+    exact = sdpa(q, k, v, mask, causal)
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    # c ≥ n is the same single chunk
+    torch.testing.assert_close(mta(q, k, v, mask, chunk_size=10 * n, causal=causal), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_covering_every_chunk_equals_sdpa(causal):
+    n, c = 50, 8
+    q, k, v = qkv(1, 2, 2, n, d=16, dtype=torch.float32)
+    L = math.ceil(n / c)
+    out = mta(q, k, v, chunk_size=c, local_chunks=L, causal=causal)
+    torch.testing.assert_close(out, sdpa(q, k, v, causal=causal), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_identical_keys_within_chunks_are_exact(causal):
+    n, c, d = 40, 8, 16
+    q, k, v = qkv(1, 2, 2, n, d=d, dtype=torch.float32)
+    # every chunk's keys and values identical: its summary (with log n_j) is exactly its tokens
+    k = k.view(1, 2, n // c, c, d)[:, :, :, :1].expand(-1, -1, -1, c, -1).reshape(1, 2, n, d)
+    v = v.view(1, 2, n // c, c, d)[:, :, :, :1].expand(-1, -1, -1, c, -1).reshape(1, 2, n, d)
+    out = mta(q, k, v, chunk_size=c, causal=causal)
+    torch.testing.assert_close(out, sdpa(q, k, v, causal=causal), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,sinks", [(0, 0), (2, 3)])
+def test_causality(top_k, sinks):
+    n, t = 45, 20
+    q, k, v = qkv(1, 4, 2, n, d=8, dtype=torch.float32)
+    kw = dict(chunk_size=6, causal=True, local_chunks=2, top_k=top_k, sinks=sinks)
+    out = mta(q, k, v, **kw)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 3
+    out2 = mta(q2, k2, v2, **kw)
+    torch.testing.assert_close(out[:, :, : t + 1], out2[:, :, : t + 1], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[:, :, t + 1:], out2[:, :, t + 1:])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_invariance(causal):
+    n, real = 40, 29
+    q, k, v = qkv(2, 2, 2, n, d=8, dtype=torch.float32)
+    mask = torch.zeros(2, 1, 1, n, dtype=torch.bool)
+    mask[..., :real] = True
+    kw = dict(chunk_size=6, causal=causal, top_k=1, sinks=2)
+    out = mta(q, k, v, mask, **kw)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, real:] = torch.randn_like(k2[:, :, real:]) * 5
+    v2[:, :, real:] = torch.randn_like(v2[:, :, real:]) * 5
+    torch.testing.assert_close(mta(q, k2, v2, mask, **kw)[:, :, :real], out[:, :, :real], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "per_head_key_padding", "causal_padding_4d_min"])
+def test_gqa_equals_repeated_heads(mask_kind):
+    q, k, v = qkv(2, 6, 2, 23, d=8)
+    mask = make_mask(mask_kind, 2, 6, 23)
+    for causal, top_k in itertools.product([False, True], [0, 2]):
+        kw = dict(chunk_size=4, causal=causal, top_k=top_k, sinks=1)
+        grouped = mta(q, k, v, mask, **kw)
+        repeated = mta(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask, **kw)
+        torch.testing.assert_close(grouped, repeated, rtol=1e-12, atol=1e-12)
+
+
+# ---- dtypes, gradients, export -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dtypes_match_reference(dtype, tol, causal):
+    q, k, v = qkv(1, 4, 2, 70, d=32, dtype=dtype)
+    mask = make_mask("key_padding_bool", 1, 4, 70)
+    kw = dict(chunk_size=16, causal=causal, sinks=4, top_k=1, local_chunks=2)
+    out = mta(q, k, v, mask, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    ref = mta_attention_reference(q, k, v, mask, **kw)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "kw,mask_kind",
+    [
+        (dict(chunk_size=3), "none"),
+        (dict(chunk_size=2, causal=True, sinks=1, top_k=1, local_chunks=2), "none"),
+        (dict(chunk_size=3, top_k=1), "key_padding_bool"),
+        (dict(chunk_size=3, causal=True), "causal_padding_4d_min"),
+        (dict(chunk_size=2, sinks=2), "alibi_bias"),
+    ],
+)
+def test_gradcheck(kw, mask_kind):
+    B, Hq, Hkv, n = 1, 2, 1, 9
+    q, k, v = (x.requires_grad_() for x in qkv(B, Hq, Hkv, n, d=4))
+    mask = make_mask(mask_kind, B, Hq, n)
+    assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, **kw), (q, k, v))
+
+
+def test_gradient_only_for_inputs_that_need_it():
+    q, k, v = qkv(1, 2, 2, 12, dtype=torch.float32)
+    q.requires_grad_()
+    mta(q, k, v, chunk_size=4).sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0 and k.grad is None
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        B, n, d = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = torch.ops.mta.attention(q, k, v, chunk_size=8, causal=True, sinks=2, top_k=1)
+        return o.transpose(1, 2).reshape(B, n, d)
+
+
+def test_export_traces_through_the_op(tmp_path):
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    x = torch.randn(2, 40, 16)
+    n = torch.export.Dim("n", min=2, max=4096)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({1: n},), strict=False)
+    targets = [node.target for node in ep.graph.nodes if node.op == "call_function"]
+    assert torch.ops.mta.attention.default in targets
+    for length in (40, 77):
+        y = torch.randn(2, length, 16)
+        torch.testing.assert_close(ep.module()(y), model(y))
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    torch.testing.assert_close(loaded.module()(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        ((torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4)), dict(chunk_size=2), "self-attention"),
+        ((torch.zeros(1, 3, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4)), dict(chunk_size=2), "multiple"),
+        ((torch.zeros(2, 8, 4), torch.zeros(2, 8, 4), torch.zeros(2, 8, 4)), dict(chunk_size=2), "4-D"),
+        ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=0), "chunk_size"),
+        ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, local_chunks=0), "local_chunks"),
+        ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, top_k=-1), "top_k"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mta(*args, **kwargs)
+
+
+def test_bad_mask_is_a_clear_error():
+    q = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        mta(q, q, q, torch.ones(1, 3, 8, 8, dtype=torch.bool), chunk_size=2)
+    with pytest.raises(TypeError, match="bool or floating"):
+        mta(q, q, q, torch.ones(8, 8, dtype=torch.int64), chunk_size=2)
+
+
+_PEAK_MEMORY_SCRIPT = """
+import resource, sys, torch, mta_rewrite
+n, causal = int(sys.argv[1]), sys.argv[2] == "1"
+q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+mask = torch.ones(1, 1, 1, n, dtype=torch.bool) if sys.argv[3] == "1" else None
+torch.ops.mta.attention(q[..., :64, :], k[..., :64, :], v[..., :64, :], chunk_size=8)  # warm up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+torch.ops.mta.attention(q, k, v, mask, chunk_size=128, causal=causal)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("causal,key_padding", [(False, False), (True, False), (True, True)])
+def test_no_n_by_n_memory(causal, key_padding):
+    """At n = 16384 an n×n fp32 score matrix is 1 GiB; the op must stay far below it."""
+    import subprocess
+    import sys
+
+    n = 16384
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT, str(n), str(int(causal)), str(int(key_padding))],
+        capture_output=True, text=True, check=True,
+    )
+    grown = int(run.stdout.strip().splitlines()[-1])
+    assert grown < n * n * 4 / 16, f"peak memory grew by {grown / 2**20:.0f} MiB"
