@@ -83,6 +83,13 @@ def _gather_chunks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return g.flatten(3, 4)
 
 
+def _causal_bands(nc: int, count: int = 8) -> list[tuple[int, int]]:
+    """Split nc query chunks into up to ``count`` contiguous bands of about equal size."""
+    count = max(1, min(count, nc // 4))
+    edges = [round(b * nc / count) for b in range(count + 1)]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
 def _top_index_lists(flags: torch.Tensor, count: int) -> torch.Tensor:
     """For bool flags [..., nc_j], the indices of the first ``count`` True entries, -1 padded."""
     order = torch.sort((~flags).to(torch.int8), dim=-1, stable=True).indices[..., :count]
@@ -187,15 +194,15 @@ def mta_attention_chunked(
             summary_bias = torch.where(w.any(-1), bmax, torch.zeros((), dtype=cdt, device=dev))
 
     # ---- chunk summaries: masked means, [B, Hkv, Iq, nc, d] ---------------------------------
+    n_j = w.to(cdt).sum(-1)  # [Bm|1, Hm|1, Iq, nc]: shared by heads unless the mask is not
     wf = w.to(cdt).expand(B, Hkv, -1, -1, -1)
-    n_j = wf.sum(-1)  # [B, Hkv, Iq, nc]
-    inv = 1.0 / n_j.clamp(min=1.0)
-    kbar = torch.einsum("bhijc,bhjcd->bhijd", wf, kc) * inv.unsqueeze(-1)
-    vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv.unsqueeze(-1)
+    inv = (1.0 / n_j.clamp(min=1.0)).unsqueeze(-1)
+    kbar = torch.einsum("bhijc,bhjcd->bhijd", wf, kc) * inv  # [B, Hkv, Iq, nc, d]
+    vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv
 
     # ---- which chunks each query chunk summarises --------------------------------------------
     not_window = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)  # [nc, nc]
-    summarised = not_window & (n_j > 0)  # [B, Hkv, Iq, nc] -> [B, Hkv, nc, nc]
+    summarised = not_window & (n_j > 0)  # [Bm|1, Hm|1, nc, nc]
     nonuniform_list = None
     if uniform is not None:
         summarised = summarised & uniform
@@ -204,7 +211,6 @@ def mta_attention_chunked(
         kx = int(nonuni.sum(-1).max())
         if kx > 0:
             nonuniform_list = _top_index_lists(nonuni, kx)
-    summarised = summarised.expand(B, Hkv, nc, nc)
 
     select_list = None
     if K > 0:
@@ -217,6 +223,7 @@ def mta_attention_chunked(
             score = torch.einsum("bhid,bhjd->bhij", qbar, kbar[:, :, 0])
         else:
             score = torch.einsum("bhid,bhijd->bhij", qbar, kbar)
+        summarised = summarised.expand(B, Hkv, nc, nc)
         score = score.masked_fill(~summarised, float("-inf"))
         top = torch.sort(score, dim=-1, descending=True, stable=True)
         chosen = top.values[..., :K] > float("-inf")
@@ -264,64 +271,52 @@ def mta_attention_chunked(
     log_n = torch.log(n_j.clamp(min=1.0))
     if summary_bias is not None:
         log_n = log_n + summary_bias
-    term_summary = torch.where(summarised, log_n.expand(B, Hkv, nc, nc), NEG)
+    term_summary = torch.where(summarised, log_n, NEG)
 
-    # ---- key/value sets [B, Hkv, nc, X, d+1], written in place into one buffer each ---------
+    # ---- key/value sets [B, Hkv, nc, X, d], written in place into one buffer each -----------
     # (one pass over memory per part; torch.cat of the parts would add another)
     Ke_c = kpos.shape[-1]
     X = Ke_c + s + nc
-    k_set = torch.empty(B, Hkv, nc, X, d + 1, dtype=cdt, device=dev)
-    v_set = torch.empty(B, Hkv, nc, X, d + 1, dtype=cdt, device=dev)
-    v_set[..., d] = 0.0  # the kernel wants one head size; v's extra column stays zero
+    k_set = torch.empty(B, Hkv, nc, X, d, dtype=cdt, device=dev)
+    v_set = torch.empty(B, Hkv, nc, X, d, dtype=cdt, device=dev)
     if select_list is None and nonuniform_list is None:
         # window only: shifted copies of the chunked keys, no index gather
         for e, o in enumerate(_window_offsets(L, causal)):
             dst = slice(max(0, -o), nc - max(0, o))
             src = slice(max(0, o), nc - max(0, -o))
             cols = slice(e * c, (e + 1) * c)
-            k_set[:, :, dst, cols, :d] = kc[:, :, src]
-            v_set[:, :, dst, cols, :d] = vc[:, :, src]
+            k_set[:, :, dst, cols] = kc[:, :, src]
+            v_set[:, :, dst, cols] = vc[:, :, src]
             for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
-                k_set[:, :, edge, cols, :d] = 0.0  # off the sequence: excluded by the term
-                v_set[:, :, edge, cols, :d] = 0.0
+                k_set[:, :, edge, cols] = 0.0  # off the sequence: excluded by its term
+                v_set[:, :, edge, cols] = 0.0
     else:
-        k_set[:, :, :, :Ke_c, :d] = _gather_chunks(kc, exact_idx)
-        v_set[:, :, :, :Ke_c, :d] = _gather_chunks(vc, exact_idx)
+        k_set[:, :, :, :Ke_c] = _gather_chunks(kc, exact_idx)
+        v_set[:, :, :, :Ke_c] = _gather_chunks(vc, exact_idx)
     if s > 0:
-        k_set[:, :, :, Ke_c:Ke_c + s, :d] = k[:, :, :s].unsqueeze(2)
-        v_set[:, :, :, Ke_c:Ke_c + s, :d] = v[:, :, :s].unsqueeze(2)
-    k_set[:, :, :, Ke_c + s:, :d] = kbar
-    v_set[:, :, :, Ke_c + s:, :d] = vbar
+        k_set[:, :, :, Ke_c:Ke_c + s] = k[:, :, :s].unsqueeze(2)
+        v_set[:, :, :, Ke_c:Ke_c + s] = v[:, :, :s].unsqueeze(2)
+    k_set[:, :, :, Ke_c + s:] = kbar
+    v_set[:, :, :, Ke_c + s:] = vbar
 
-    # The kernel multiplies q'·k' by `scale`: q' = [q, 1/scale], k' = [k, term] gives
-    # scale·q·k + term. (scale = 0: q' = [0, 1] with kernel scale 1 gives the same.)
-    kernel_scale = scale if scale != 0.0 else 1.0
-    k_set[:, :, :, :Ke_c, d] = term_exact
-    if s > 0:
-        k_set[:, :, :, Ke_c:Ke_c + s, d] = term_sink
-    k_set[:, :, :, Ke_c + s:, d] = term_summary
-    q_aug = torch.empty(B, Hkv, nc, G, c, d + 1, dtype=cdt, device=dev)
-    q_in = q.view(B, Hkv, G, n, d)
-    full, rest = divmod(n, c)
-    if full:
-        q_aug[:, :, :full, :, :, :d] = q_in[:, :, :, : full * c].unflatten(3, (full, c)).transpose(2, 3)
-    if rest:
-        q_aug[:, :, full, :, :rest, :d] = q_in[:, :, :, full * c:]
-        q_aug[:, :, full, :, rest:, :d] = 0.0  # padding queries, dropped from the output
-    if scale == 0.0:
-        q_aug[..., :d] = 0.0
-    q_aug[..., d] = 1.0 / kernel_scale
-    q_aug = q_aug.view(B, Hkv, nc, T, d + 1)
+    # ---- queries [B·Hkv, nc, T, d]: a view when there is no padding and no head group --------
+    if G == 1 and npad == n:
+        q_rows = q.reshape(B * Hkv, nc, T, d)
+    else:
+        q_rows = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
 
-    # ---- per-query masking: the causal triangle of the diagonal chunk, or the user's blocks --
+    # ---- the additive mask [Bz, Hz, nc, T|1, X]: per-chunk column terms + per-query terms ----
+    term_parts = [term_exact] + ([term_sink] if s > 0 else []) + [term_summary]
+    tshape = torch.broadcast_shapes(*[t.shape[:3] for t in term_parts])
+    term = torch.cat([t.to(cdt).expand(*tshape, t.shape[-1]) for t in term_parts], dim=-1)
+    amask = term.unsqueeze(-2)  # the same for every query row of a chunk (stride 0 in the kernel)
     row_in_chunk = ar_c.repeat(G)  # [T]
-    qmask = None
     if causal:
         # The diagonal chunk is the last window entry (offset 0) at columns (L-1)·c .. L·c.
         tri = torch.zeros(T, X, dtype=torch.bool, device=dev)
         lo = (L - 1) * c
         tri[:, lo:lo + c] = ar_c.view(1, c) > row_in_chunk.view(T, 1)
-        qmask = torch.where(tri, NEG, 0.0).to(cdt).view(1, 1, 1, T, X)
+        amask = amask.masked_fill(tri, NEG)
     if allowed is not None and mask.per_query:
         ab = blocks(allowed)  # [Bm, Hm, nc, c, nc, c]
         bm, hm = ab.shape[:2]
@@ -331,7 +326,7 @@ def mta_attention_chunked(
         abt = ab.permute(0, 1, 2, 4, 3, 5)  # [Bm, Hm, nc_i, nc_j, cq, ck]
         ex_ok = abt[bi, hi, ci, exact_idx].permute(0, 1, 2, 4, 3, 5).flatten(-2)  # [.., nc, cq, Ke·c]
         cols_ok = [ex_ok]
-        if sink_cols:
+        if s > 0:
             cols_ok.append(allowed[:, :, :, :s].view(bm, hm, nc, c, s).expand(*ex_ok.shape[:4], s))
         ok = torch.cat(cols_ok, dim=-1)  # [Bx, Hx, nc, c, Ke·c + s]
         user = torch.where(ok, 0.0, NEG).to(cdt)
@@ -339,29 +334,43 @@ def mta_attention_chunked(
             bbt = blocks(bias).permute(0, 1, 2, 4, 3, 5)
             ex_b = bbt[bi, hi, ci, exact_idx].permute(0, 1, 2, 4, 3, 5).flatten(-2)
             cols_b = [ex_b]
-            if sink_cols:
+            if s > 0:
                 cols_b.append(bias[:, :, :, :s].view(bm, hm, nc, c, s).expand(*ex_b.shape[:4], s))
             user = user + torch.where(ok, torch.cat(cols_b, dim=-1), 0.0)
         user = F.pad(user, (0, X - user.shape[-1]))  # summaries: uniform blocks, no per-query term
         user = user.unsqueeze(3).expand(-1, -1, -1, G, -1, -1).reshape(user.shape[0], user.shape[1], nc, T, X)
-        qmask = user if qmask is None else user + qmask
+        amask = amask + user
 
-    # ---- one fused attention over all chunks -------------------------------------------------
-    flat = (B * Hkv, nc)
-    if qmask is not None:
-        if qmask.shape[0] * qmask.shape[1] == 1:
-            qmask4 = qmask.view(1, qmask.shape[2], T, X)
+    # ---- fused attention over all chunks, in a few causal bands -------------------------------
+    # Causal: query chunk i summarises only chunks j < i - L + 1, so a band of query chunks
+    # [lo, hi) needs only the first hi - L summary columns. A fixed number of bands (not a loop
+    # over chunks) cuts the summary work towards half.
+    bands = _causal_bands(nc) if causal else [(0, nc)]
+    # The kernel returns [B·Hkv, nc, T, d] views of a [B·Hkv, T, nc, d] buffer; each band is
+    # copied straight into the output layout (one pass, no torch.cat of strided pieces).
+    out = torch.empty(B, Hkv, G, nc, c, d, dtype=cdt, device=dev)
+    lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None
+    for lo_c, hi_c in bands:
+        width = Ke_c + s + (max(0, hi_c - L) if causal else nc)
+        m = amask[:, :, lo_c:hi_c, :, :width]
+        if m.shape[0] * m.shape[1] == 1:
+            m4 = m.reshape(1, *m.shape[2:])
         else:
-            qmask4 = qmask.expand(B, Hkv, -1, -1, -1).reshape(B * Hkv, qmask.shape[2], T, X)
-    else:
-        qmask4 = None
-    out, lse = _attention_with_lse(
-        q_aug.reshape(*flat, T, d + 1), k_set.reshape(*flat, X, d + 1), v_set.reshape(*flat, X, d + 1),
-        qmask4, kernel_scale,
-    )
+            m4 = m.expand(B, Hkv, *m.shape[2:]).reshape(B * Hkv, *m.shape[2:])
+        o, l = _attention_with_lse(
+            q_rows[:, lo_c:hi_c],
+            k_set.view(B * Hkv, nc, X, d)[:, lo_c:hi_c, :width],
+            v_set.view(B * Hkv, nc, X, d)[:, lo_c:hi_c, :width],
+            m4, scale,
+        )
+        out[:, :, :, lo_c:hi_c] = o.view(B, Hkv, hi_c - lo_c, G, c, d).transpose(2, 3)
+        if lse is not None:
+            lse[:, lo_c:hi_c] = l
+    out = out.view(B, Hkv * G, npad, d)
     if mask is not None:
         # a query with nothing to attend to outputs zeros (the kernel would average the NEG
         # columns). Without a mask every query attends at least to itself.
-        out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)
-    out = out[..., :d].view(B, Hkv, nc, G, c, d).permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv * G, npad, d)
-    return out[:, :, :n].contiguous().to(out_dtype)
+        empty = (lse <= EMPTY_ROW_LSE).view(B, Hkv, nc, G, c).transpose(2, 3).reshape(B, Hkv * G, npad, 1)
+        out = out.masked_fill(empty, 0.0)
+    out = out if npad == n else out[:, :, :n].contiguous()
+    return out.to(out_dtype)

@@ -1,0 +1,138 @@
+"""CPU benchmark of torch.ops.mta.attention against SDPA and against the stock-SDPA composition.
+
+Providers (each timed in this process, peak memory measured in a fresh subprocess):
+- ``sdpa``: exact ``scaled_dot_product_attention`` (the baseline every ratio is taken against);
+- ``composition``: the same MTA math (L = 1, no sinks, no top-k) assembled from stock SDPA on
+  reshaped chunks with the chunk summaries expanded per chunk and an additive mask: the
+  prototype the op has to beat;
+- ``mta``: ``torch.ops.mta.attention``.
+
+    python benchmarks/bench_cpu_op.py                 # n ∈ {1024, 4096, 16384}, H = 8, d = 64
+    python benchmarks/bench_cpu_op.py --n 4096 --repeats 5
+
+Prints a table and writes benchmarks/results/cpu_op_<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mta_rewrite  # noqa: E402,F401
+
+NEG = -1.0e30
+
+
+def composition(q, k, v, c, causal):
+    """MTA (L=1) from stock SDPA: per chunk, keys = [own chunk; every chunk summary]."""
+    B, H, n, d = q.shape
+    nc = n // c
+    qc, kc, vc = (x.view(B, H, nc, c, d) for x in (q, k, v))
+    kbar, vbar = kc.mean(3), vc.mean(3)
+    keys = torch.cat([kc, kbar.unsqueeze(2).expand(B, H, nc, nc, d)], dim=3)
+    vals = torch.cat([vc, vbar.unsqueeze(2).expand(B, H, nc, nc, d)], dim=3)
+    i = torch.arange(nc).view(nc, 1)
+    summary_ok = (i > torch.arange(nc)) if causal else (i != torch.arange(nc))
+    own = torch.ones(c, c, dtype=torch.bool).tril() if causal else torch.ones(c, c, dtype=torch.bool)
+    allowed = torch.cat([own.expand(nc, c, c), summary_ok.view(nc, 1, nc).expand(nc, c, nc)], dim=2)
+    bias = torch.cat([torch.zeros(c), torch.full((nc,), math.log(c))])
+    mask = torch.where(allowed, bias, NEG)
+    return F.scaled_dot_product_attention(qc, keys, vals, attn_mask=mask).reshape(B, H, n, d)
+
+
+def provider_fn(name, q, k, v, c, causal):
+    if name == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "composition":
+        return lambda: composition(q, k, v, c, causal)
+    return lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal)
+
+
+def best_ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def inputs(n, heads, d):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
+
+
+def peak_memory_mib(name, n, heads, d, c, causal):
+    """Peak RSS growth of one call, in a fresh process (so earlier calls do not hide it)."""
+    code = (
+        "import resource, sys; sys.path.insert(0, %r); import bench_cpu_op as b;"
+        "q, k, v = b.inputs(%d, %d, %d); f = b.provider_fn(%r, q, k, v, %d, %r);"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; f();"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)"
+    ) % (str(Path(__file__).parent), n, heads, d, name, c, causal)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    rows = []
+    for n in args.n:
+        c = 1 << round(math.log2(math.sqrt(n)))
+        q, k, v = inputs(n, args.heads, args.head_dim)
+        for causal in (False, True):
+            row = {"n": n, "chunk_size": c, "mode": "causal" if causal else "full"}
+            for name in ("sdpa", "composition", "mta"):
+                reps = 1 if name == "sdpa" and n >= 8192 else args.repeats
+                row[f"{name}_ms"] = best_ms(provider_fn(name, q, k, v, c, causal), reps)
+                if not args.no_memory:
+                    row[f"{name}_peak_mib"] = peak_memory_mib(name, n, args.heads, args.head_dim, c, causal)
+            # the composition computes the same function: a cheap cross-check of the benchmark
+            diff = (provider_fn("composition", q, k, v, c, causal)() - provider_fn("mta", q, k, v, c, causal)()).abs().max()
+            row["mta_vs_composition_max_abs_diff"] = float(diff)
+            row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["mta_ms"]
+            row["composition_speedup_vs_sdpa"] = row["sdpa_ms"] / row["composition_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    head = "| n | c | mode | SDPA ms | composition ms | MTA ms | MTA / SDPA | composition / SDPA | peak RSS growth MiB SDPA / comp. / MTA |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        mem = " / ".join(f"{r.get(f'{p}_peak_mib', float('nan')):.0f}" for p in ("sdpa", "composition", "mta"))
+        lines.append(
+            f"| {r['n']} | {r['chunk_size']} | {r['mode']} | {r['sdpa_ms']:.1f} | {r['composition_ms']:.1f} | "
+            f"{r['mta_ms']:.1f} | {r['speedup_vs_sdpa']:.1f}× | {r['composition_speedup_vs_sdpa']:.1f}× | {mem} |"
+        )
+    table = "\n".join(lines)
+    print(f"\nB=1, H={args.heads}, d={args.head_dim}, fp32; {machine}\n{table}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    meta = {"date": stamp, "machine": machine, "heads": args.heads, "head_dim": args.head_dim, "rows": rows}
+    (args.out / f"cpu_op_{stamp}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (args.out / f"cpu_op_{stamp}.md").write_text(f"{stamp}, {machine}, B=1, H={args.heads}, d={args.head_dim}, fp32\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
