@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import platform
 import resource
 import subprocess
@@ -75,16 +76,31 @@ def inputs(n, heads, d):
     return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
 
 
+def _status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_mib(name, n, heads, d, c, causal):
+    """Peak resident-memory growth of one call (Linux): reset the high-water mark, call, read it."""
+    warm = inputs(4 * c, heads, d)  # first-call costs (lazy imports, thread pools) are not the op's
+    provider_fn(name, *warm, c, causal)()
+    q, k, v = inputs(n, heads, d)
+    fn = provider_fn(name, q, k, v, c, causal)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 def peak_memory_mib(name, n, heads, d, c, causal):
-    """Peak RSS growth of one call, in a fresh process (so earlier calls do not hide it)."""
-    code = (
-        "import resource, sys; sys.path.insert(0, %r); import bench_cpu_op as b;"
-        "q, k, v = b.inputs(%d, %d, %d); f = b.provider_fn(%r, q, k, v, %d, %r);"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; f();"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)"
-    ) % (str(Path(__file__).parent), n, heads, d, name, c, causal)
+    """measure_peak_mib in a fresh process, so that memory freed by earlier calls cannot hide it."""
+    code = "import sys; sys.path.insert(0, %r); import bench_cpu_op as b; print(b.measure_peak_mib(%r, %d, %d, %d, %d, %r))" % (
+        str(Path(__file__).parent), name, n, heads, d, c, causal)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -95,9 +111,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--label", default="", help="suffix for the result files (e.g. the allocator setting)")
     args = ap.parse_args(argv)
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}" + (f", {malloc}" if malloc else "")
     rows = []
     for n in args.n:
         c = 1 << round(math.log2(math.sqrt(n)))
@@ -128,7 +148,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(f"\nB=1, H={args.heads}, d={args.head_dim}, fp32; {machine}\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.date.today().isoformat()
+    stamp = dt.date.today().isoformat() + (f"_{args.label}" if args.label else "")
     meta = {"date": stamp, "machine": machine, "heads": args.heads, "head_dim": args.head_dim, "rows": rows}
     (args.out / f"cpu_op_{stamp}.json").write_text(json.dumps(meta, indent=2) + "\n")
     (args.out / f"cpu_op_{stamp}.md").write_text(f"{stamp}, {machine}, B=1, H={args.heads}, d={args.head_dim}, fp32\n\n{table}\n")

@@ -294,3 +294,12 @@ def test_no_n_by_n_memory(causal, key_padding):
     )
     grown = int(run.stdout.strip().splitlines()[-1])
     assert grown < n * n * 4 / 16, f"peak memory grew by {grown / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_min", "causal_padding_4d_bool"])
+def test_many_causal_bands_match_reference(mask_kind):
+    """nc = 32 query chunks: the causal path splits them into bands of different key widths."""
+    q, k, v = qkv(1, 2, 1, 64, d=4, seed=3)
+    mask = make_mask(mask_kind, 1, 2, 64)
+    kw = dict(chunk_size=2, causal=True, local_chunks=2, sinks=3, top_k=2)
+    torch.testing.assert_close(mta(q, k, v, mask, **kw), mta_attention_reference(q, k, v, mask, **kw), rtol=1e-10, atol=1e-10)
