@@ -3,8 +3,15 @@
 Importing the package registers ``torch.ops.mta.attention`` (MTA_SPEC.md).
 """
 
+from .api import count_mta_nodes, find_attention, rewrite
+from .capture import CaptureError, capture
+from .config import MTAConfig, Plan, PlanEntry
 from .ops import attention, mta_attention_reference
+from .passes.sites import AttentionSite
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "mta_attention_reference", "__version__"]
+__all__ = [
+    "AttentionSite", "CaptureError", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
+    "count_mta_nodes", "find_attention", "mta_attention_reference", "rewrite", "__version__",
+]

@@ -1,0 +1,87 @@
+"""The Python API: find_attention and rewrite, each an ordered list of named passes.
+
+    capture    model → torch.export program (non-strict, dynamic sequence length)
+    unlift     program → GraphModule called exactly like the model
+    match      every softmax / SDPA anchor → canonical AttentionMatch (or the reason it is not)
+    describe   matches → named AttentionSites
+    plan       site name → MTAConfig or exact (one config for all, or a Plan)
+    lower      rewritable planned sites → torch.ops.mta.attention
+    clean      dead code of the replaced subgraphs removed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .capture import capture
+from .config import MTAConfig, Plan
+from .passes.lower import eliminate_dead_code, lower_match
+from .passes.match import find_matches
+from .passes.sites import AttentionSite, describe
+
+
+def _capture_and_match(model, args, kwargs, dynamic):
+    ep = capture(model, args, kwargs, dynamic=dynamic)
+    gm = ep.module()
+    matches = find_matches(gm.graph)
+    return gm, matches, describe(matches)
+
+
+def find_attention(model: torch.nn.Module, args: Any = (), kwargs: dict | None = None) -> list[AttentionSite]:
+    """Every attention subgraph of ``model(*args, **kwargs)``, in graph order.
+
+    Softmaxes that are not attention are reported too (kind "softmax", with the reason), so a
+    user can see why something was not rewritten; ``[s for s in sites if s.is_attention]``
+    keeps the attention."""
+    return _capture_and_match(model, args, kwargs, dynamic=False)[2]
+
+
+def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Plan | None) -> dict[str, MTAConfig]:
+    """Site name → MTAConfig for the sites to rewrite (rewritable ones only)."""
+    if (config is None) == (plan is None):
+        raise ValueError("give exactly one of config= (one MTAConfig for every site) or plan= (a Plan)")
+    if config is not None:
+        if not isinstance(config, MTAConfig):
+            raise TypeError(f"config must be an MTAConfig, got {type(config).__name__}")
+        return {s.name: config for s in sites if s.rewritable}
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
+    names = {s.name for s in sites}
+    unknown = [name for name in plan if name not in names]
+    if unknown:
+        raise ValueError(f"the plan names sites this model does not have: {', '.join(sorted(unknown))}")
+    return {s.name: plan.config_for(s.name) for s in sites if s.rewritable and plan.config_for(s.name) is not None}
+
+
+def rewrite(
+    model: torch.nn.Module,
+    args: Any = (),
+    kwargs: dict | None = None,
+    *,
+    config: MTAConfig | None = None,
+    plan: Plan | None = None,
+    dynamic: bool = True,
+) -> torch.fx.GraphModule:
+    """A module called exactly like ``model`` in which every planned, rewritable attention site
+    calls ``torch.ops.mta.attention``. Sites that are not rewritable stay exact.
+
+    The result runs at sequence lengths other than the example's (``dynamic=True``) and can be
+    exported again (``torch.export.export``) and saved with ``torch.export.save``.
+    """
+    gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
+    chosen = resolve_plan(sites, config, plan)
+    for m, site in zip(matches, sites):
+        if site.name in chosen:
+            lower_match(gm, m, chosen[site.name])
+    eliminate_dead_code(gm)
+    gm.mta_sites = sites  # what was found, for reports
+    gm.mta_plan = chosen
+    return gm
+
+
+def count_mta_nodes(module: torch.nn.Module) -> int:
+    """How many torch.ops.mta.attention calls a rewritten module (or exported program) holds."""
+    graph = module.graph_module.graph if hasattr(module, "graph_module") else module.graph
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.mta.attention.default)

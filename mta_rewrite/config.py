@@ -1,0 +1,195 @@
+"""Configurations and plans: frozen, validated, versioned, JSON round-trip.
+
+``MTAConfig`` is one chunk configuration of the MTA op. A ``Plan`` says, per attention site
+(by its stable name), which configuration to use or that the site stays exact; calibration fills
+in what it measured (error, relative cost). Plans are saved atomically (write a temporary file,
+then rename) and loading checks the format version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Union
+
+FORMAT_VERSION = 1
+EXACT = "exact"
+
+
+def _positive_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MTAConfig:
+    """One configuration of ``torch.ops.mta.attention`` (MTA_SPEC.md): chunk size c, local
+    window L in chunks, always-exact first tokens, exactly attended top-k chunks."""
+
+    chunk_size: int
+    local_chunks: int = 1
+    sinks: int = 0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("chunk_size", self.chunk_size, 1)
+        _positive_int("local_chunks", self.local_chunks, 1)
+        _positive_int("sinks", self.sinks, 0)
+        _positive_int("top_k", self.top_k, 0)
+
+    def op_kwargs(self) -> dict[str, int]:
+        """Keyword arguments for ``torch.ops.mta.attention``."""
+        return asdict(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MTAConfig":
+        data = dict(data)
+        version = data.pop("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"MTAConfig format version {version} is not supported (expected {FORMAT_VERSION})")
+        unknown = set(data) - {"chunk_size", "local_chunks", "sinks", "top_k"}
+        if unknown:
+            raise ValueError(f"unknown MTAConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "MTAConfig":
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        return f"c={self.chunk_size} L={self.local_chunks} sinks={self.sinks} top_k={self.top_k}"
+
+
+SiteChoice = Union[MTAConfig, str]  # an MTAConfig or "exact"
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """What a plan says about one site; ``config`` None means the site stays exact."""
+
+    config: MTAConfig | None
+    error: float | None = None  # measured error of this site alone (calibration)
+    relative_cost: float | None = None  # predicted attention cost relative to exact
+
+    @property
+    def exact(self) -> bool:
+        return self.config is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": EXACT if self.config is None else {k: v for k, v in self.config.to_dict().items() if k != "version"},
+            "error": self.error,
+            "relative_cost": self.relative_cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PlanEntry":
+        cfg = data.get("config", EXACT)
+        return cls(
+            config=None if cfg == EXACT else MTAConfig.from_dict(cfg),
+            error=data.get("error"),
+            relative_cost=data.get("relative_cost"),
+        )
+
+
+def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
+    if isinstance(choice, PlanEntry):
+        return choice
+    if isinstance(choice, MTAConfig):
+        return PlanEntry(choice)
+    if choice == EXACT:
+        return PlanEntry(None)
+    raise ValueError(f"a plan maps site names to an MTAConfig or {EXACT!r}, got {choice!r}")
+
+
+@dataclass
+class Plan:
+    """Site name → MTAConfig or "exact", plus what calibration measured (``metadata``).
+
+    Sites of a model that a plan does not name stay exact; a plan that names a site the model
+    does not have is an error when it is applied (a typo must not pass silently).
+    """
+
+    sites: dict[str, PlanEntry] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, sites: Mapping[str, SiteChoice | PlanEntry] | None = None, metadata: Mapping[str, Any] | None = None):
+        self.sites = {str(name): _entry(choice) for name, choice in (sites or {}).items()}
+        self.metadata = dict(metadata or {})
+
+    def config_for(self, name: str) -> MTAConfig | None:
+        entry = self.sites.get(name)
+        return None if entry is None else entry.config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "mta-rewrite-plan",
+            "version": FORMAT_VERSION,
+            "sites": {name: entry.to_dict() for name, entry in self.sites.items()},
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        if data.get("format") != "mta-rewrite-plan":
+            raise ValueError("not an mta-rewrite plan (missing format: mta-rewrite-plan)")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"plan format version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
+        sites = {name: PlanEntry.from_dict(entry) for name, entry in data.get("sites", {}).items()}
+        return cls(sites, data.get("metadata", {}))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON atomically (never a half-written file at ``path``)."""
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read plan {path}: {exc.strerror}") from None
+        try:
+            return cls.from_json(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

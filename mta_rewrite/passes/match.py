@@ -1,0 +1,480 @@
+"""Detect attention in an exported graph and describe it in one canonical form.
+
+Matching is generic, in the spirit of onnxscript's SDPA rule with alternatives rather than a list
+of fixed op sequences. There are two anchors:
+
+* the SDPA family (``aten.scaled_dot_product_attention`` and its backend variants): the operands
+  are read off the call;
+* ``softmax`` over the last dimension: from its input we walk *backwards* through score modifiers
+  (scale as mul/div by a scalar or a per-head/per-query tensor, additive masks, ``masked_fill``
+  and ``where`` with −inf or the dtype's minimum, casts) to a product of q and kᵀ (``matmul``,
+  ``bmm``, ``baddbmm``, ``einsum``), and *forwards* through casts and eval-mode dropout to the
+  product with v.
+
+The result is an :class:`AttentionMatch`: canonical q, k, v operands, the scale, the masks in
+the order and scaling the model applied them, causality, and—when the site must stay exact—the
+reason. A check returns a reason, not a bool: "why was this attention not rewritten?" always
+has an answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+SDPA_TARGETS = {
+    aten.scaled_dot_product_attention.default,
+}
+SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+CAST_TARGETS = {
+    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
+    aten.contiguous.default, aten.clone.default, aten.alias.default,
+}
+# Nodes that use a value without consuming it (export's metadata assertions).
+IGNORED_USERS = {aten._assert_tensor_metadata.default}
+MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
+
+
+class NoMatch(Exception):
+    """Raised inside the matcher with the reason a candidate is not rewritable attention."""
+
+
+@dataclass
+class AttentionMatch:
+    """One attention subgraph in canonical form (see the module docstring)."""
+
+    anchor: fx.Node
+    output: fx.Node | None = None
+    kind: str = "manual"  # "sdpa" | "manual" | "softmax" (a softmax that is not attention)
+    q: fx.Node | None = None
+    k: fx.Node | None = None  # [.., n, d] (already un-transposed when the graph had k itself)
+    k_transposed: fx.Node | None = None  # the kᵀ operand when k itself is not in the graph
+    v: fx.Node | None = None
+    three_d: bool = False  # [B·H, n, d] operands (bmm style): the op gets a head dimension of 1
+    scale: float = 1.0
+    scale_nodes: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (tensor, divide?) folded into q
+    sdpa_scale_default: bool = False  # SDPA with scale=None: the op's own default, 1/√d
+    additive: list[tuple[fx.Node, float]] = field(default_factory=list)  # (mask, factor applied after it)
+    allowed: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool mask, invert?)
+    causal: bool = False
+    chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite makes dead
+    reason: str | None = None
+
+    @property
+    def rewritable(self) -> bool:
+        return self.reason is None
+
+    @property
+    def mask_kind(self) -> str:
+        kinds = []
+        if self.additive:
+            kinds.append("additive")
+        if self.allowed:
+            kinds.append("bool")
+        return "+".join(kinds) or "none"
+
+
+# ---- small helpers over fx nodes ------------------------------------------------------------
+
+def val(x: Any) -> Any:
+    """The example value (FakeTensor, SymInt, number) behind a node or constant."""
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+
+def shape_of(x: Any) -> tuple | None:
+    v = val(x)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype_of(x: Any) -> torch.dtype | None:
+    v = val(x)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def live_users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume the value: not metadata assertions, not dead code."""
+    out = []
+    for user in node.users:
+        if user.target in IGNORED_USERS:
+            continue
+        if user.op != "output" and user.op == "call_function" and not _is_live(user, set()):
+            continue
+        out.append(user)
+    return out
+
+
+def _is_live(node: fx.Node, seen: set) -> bool:
+    if node in seen:
+        return False
+    seen.add(node)
+    if node.op == "output":
+        return True
+    if node.op == "call_function" and node.is_impure() and node.target not in IGNORED_USERS:
+        return True
+    return any(u.target not in IGNORED_USERS and _is_live(u, seen) for u in node.users)
+
+
+def bound_args(node: fx.Node) -> dict[str, Any]:
+    """Arguments of an aten call by schema name, defaults filled in."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+        else:
+            out[arg.name] = None
+    return out
+
+
+def _static(x: Any) -> Any:
+    """An int/float when statically known (SymInts with a constant value included)."""
+    v = val(x)
+    if isinstance(v, (torch.SymInt, torch.SymFloat)):
+        try:
+            return v.node.maybe_as_int() if isinstance(v, torch.SymInt) else None
+        except Exception:
+            return None
+    return v
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True when two sizes are provably equal: equal constants, or the same symbol."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return a == b
+
+
+# A masked score: −inf, or a value at most fp16's minimum (−65504). Exact attention gives such a
+# key zero weight in every dtype we run (exp underflows), so it is a mask, not a bias.
+FORBIDDING = -65504.0
+
+
+def is_forbidding_value(value: Any) -> bool:
+    """Is ``value`` (a number or a one-element constant) the fill value of masked-out scores?"""
+    value = _static(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return False
+        value = value.item()
+    return isinstance(value, (int, float)) and value <= FORBIDDING
+
+
+def _scalarish(x: Any) -> bool:
+    """A scale factor the op can absorb: a number, or a tensor broadcast over keys (last dim 1)."""
+    if isinstance(x, (int, float)):
+        return True
+    s = shape_of(x)
+    return s is not None and (len(s) == 0 or _static(s[-1]) == 1)
+
+
+# ---- the matcher ----------------------------------------------------------------------------
+
+def find_matches(graph: fx.Graph) -> list[AttentionMatch]:
+    """Every attention candidate in graph order, rewritable or with its reason."""
+    matches = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_TARGETS:
+            matches.append(_match_sdpa(node))
+        elif node.target in SOFTMAX_TARGETS:
+            matches.append(_match_softmax(node))
+    return matches
+
+
+def _check_self_attention(m: AttentionMatch, q_shape, k_shape) -> None:
+    if q_shape is None or k_shape is None:
+        raise NoMatch("shapes of q and k are unknown")
+    if not same_size(q_shape[-2], k_shape[-2]):
+        raise NoMatch(f"cross-attention: {q_shape[-2]} queries attend to {k_shape[-2]} keys (MTA is self-attention)")
+    if not same_size(q_shape[-1], k_shape[-1]):
+        raise NoMatch(f"q and k head sizes differ ({q_shape[-1]} vs {k_shape[-1]})")
+
+
+def _match_sdpa(node: fx.Node) -> AttentionMatch:
+    m = AttentionMatch(anchor=node, output=node, kind="sdpa")
+    try:
+        a = bound_args(node)
+        m.q, m.k, m.v = a["query"], a["key"], a["value"]
+        qs, ks, vs = shape_of(m.q), shape_of(m.k), shape_of(m.v)
+        _check_self_attention(m, qs, ks)
+        if ks != vs:
+            raise NoMatch(f"k and v shapes differ ({ks} vs {vs})")
+        if len(qs) not in (3, 4) or len(ks) != len(qs):
+            raise NoMatch(f"SDPA on {len(qs)}-D tensors (the op takes 3-D or 4-D)")
+        m.three_d = len(qs) == 3
+        dropout = _static(a.get("dropout_p", 0.0))
+        if dropout not in (0, 0.0, None):
+            raise NoMatch(f"attention dropout p={dropout} (training mode): put the model in eval()")
+        m.causal = bool(_static(a.get("is_causal", False)))
+        mask = a.get("attn_mask")
+        if mask is not None and dtype_of(mask) == torch.bool:
+            m.allowed.append((mask, False))
+        elif mask is not None:
+            m.additive.append((mask, 1.0))
+        scale = a.get("scale")
+        if scale is None:
+            m.sdpa_scale_default = True
+        else:
+            m.scale = float(_static(scale))
+        if not m.three_d and _static(ks[1]) != _static(qs[1]) and not a.get("enable_gqa", False):
+            raise NoMatch("k/v heads differ from q heads without enable_gqa")
+        m.chain = [node]
+    except NoMatch as exc:
+        m.reason = str(exc)
+    return m
+
+
+def _match_softmax(node: fx.Node) -> AttentionMatch:
+    m = AttentionMatch(anchor=node, kind="manual")
+    try:
+        x = node.args[0]
+        dim = _static(node.args[1])
+        xs = shape_of(x)
+        if xs is None or dim not in (-1, len(xs) - 1):
+            m.kind = "softmax"
+            raise NoMatch(f"softmax over dim {dim}, not the last one: not attention")
+        chain = [node]
+        # forwards: P → (casts, eval dropout) → P @ v
+        p = node
+        while True:
+            users = live_users(p)
+            if len(users) != 1:
+                raise NoMatch(f"the attention probabilities ({p.name}) are used {len(users)} times: leaving it exact")
+            u = users[0]
+            if u.op == "call_function" and u.target in CAST_TARGETS:
+                p = u
+            elif u.op == "call_function" and u.target in (aten.dropout.default, aten.native_dropout.default):
+                a = bound_args(u)
+                if a.get("train") and _static(a.get("p")) not in (0, 0.0):
+                    raise NoMatch("dropout on the attention probabilities in training mode: put the model in eval()")
+                if u.target is aten.native_dropout.default:
+                    raise NoMatch("native_dropout on the probabilities (training graph)")
+                p = u
+            elif u.op == "call_function" and u.target in (aten.matmul.default, aten.bmm.default):
+                if u.args[0] is not p:
+                    raise NoMatch("the probabilities are the right operand of the product with v")
+                m.v, m.output = u.args[1], u
+                break
+            elif u.op == "call_function" and u.target is aten.einsum.default:
+                m.v, m.output = _einsum_pv(u, p)
+                break
+            else:
+                m.kind = "softmax"
+                raise NoMatch(f"softmax output feeds {getattr(u.target, '__name__', u.target)}, not a product with v")
+            chain.append(p)
+        # backwards: scores ← modifiers ← q·kᵀ
+        factor = 1.0
+        s = x
+        while True:
+            if s.op != "call_function":
+                m.kind = "softmax"
+                raise NoMatch("softmax input is not a product of q and kᵀ")
+            if len(live_users(s)) != 1:
+                raise NoMatch(f"the attention scores ({s.name}) are used elsewhere: leaving it exact")
+            chain.append(s)
+            t = s.target
+            if t in CAST_TARGETS:
+                s = s.args[0]
+            elif t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+                a, b = s.args[0], s.args[1]
+                divide = t in (aten.div.Tensor, aten.div.Scalar)
+                if _reaches_product(a) and _scalarish(b):
+                    chain_side, f = a, b
+                elif not divide and _reaches_product(b) and _scalarish(a):
+                    chain_side, f = b, a
+                else:
+                    raise NoMatch(f"unsupported score modifier {s.name}: not a scale by a number or a per-head tensor")
+                if isinstance(f, (int, float)):
+                    if f == 0 or (f < 0):
+                        raise NoMatch(f"score scale {f} is not positive")
+                    factor *= (1.0 / f) if divide else f
+                else:
+                    m.scale_nodes.append((f, divide))
+                s = chain_side
+            elif t in (aten.add.Tensor, aten.sub.Tensor):
+                a, b = s.args[0], s.args[1]
+                alpha = s.kwargs.get("alpha", 1)
+                if _reaches_product(a) and not _reaches_product(b):
+                    m.additive.append((b, factor * (alpha if t is aten.add.Tensor else -alpha)))
+                    s = a
+                elif t is aten.add.Tensor and _reaches_product(b) and not _reaches_product(a):
+                    m.additive.append((a, factor))
+                    s = b
+                else:
+                    raise NoMatch(f"unsupported score modifier {s.name}")
+            elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+                scores, cond, value = s.args[:3]
+                if not is_forbidding_value(value):
+                    raise NoMatch(f"masked_fill with {_static(value)} (not −inf or ≤ −65504): not representable as a mask")
+                m.allowed.append((cond, True))
+                s = scores
+            elif t is aten.where.self:
+                cond, a, b = s.args[:3]
+                if _reaches_product(a) and is_forbidding_value(b):
+                    m.allowed.append((cond, False))
+                    s = a
+                elif _reaches_product(b) and is_forbidding_value(a):
+                    m.allowed.append((cond, True))
+                    s = b
+                else:
+                    raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −65504")
+            elif t in MATMUL_TARGETS:
+                _product(m, s, factor)
+                break
+            else:
+                name = getattr(t, "__name__", str(t))
+                if _reaches_product(s, depth=6):
+                    raise NoMatch(f"unsupported score modifier {name} ({s.name}): left exact")
+                m.kind = "softmax"
+                raise NoMatch(f"softmax input comes from {name}, not from q·kᵀ: not attention")
+        m.chain = chain
+        qs, ks = shape_of(m.q), shape_of(m.k if m.k is not None else m.k_transposed)
+        if m.k is None and ks is not None:
+            ks = ks[:-2] + (ks[-1], ks[-2])
+        _check_self_attention(m, qs, ks)
+        vs = shape_of(m.v)
+        if vs is None or not same_size(vs[-1], ks[-1]) or len(vs) != len(ks):
+            raise NoMatch(f"v {vs} does not match k {ks} (MTA needs k and v of one shape)")
+        if not m.three_d and not same_size(vs[-3], ks[-3]):
+            raise NoMatch(f"k and v have different head counts ({ks[-3]} vs {vs[-3]})")
+    except NoMatch as exc:
+        m.reason = str(exc)
+    return m
+
+
+def _reaches_product(node: Any, depth: int = 12) -> bool:
+    """Does ``node`` come from a q·kᵀ product through score modifiers only?"""
+    while isinstance(node, fx.Node) and depth > 0 and node.op == "call_function":
+        t = node.target
+        if t in MATMUL_TARGETS:
+            return True
+        if t in CAST_TARGETS or t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            node = node.args[0]
+        elif t in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor):
+            return _reaches_product(node.args[0], depth - 1) or (
+                isinstance(node.args[1], fx.Node) and _reaches_product(node.args[1], depth - 1))
+        elif t is aten.where.self:
+            return _reaches_product(node.args[1], depth - 1) or _reaches_product(node.args[2], depth - 1)
+        else:
+            return False
+        depth -= 1
+    return False
+
+
+def _product(m: AttentionMatch, s: fx.Node, factor: float) -> None:
+    """Read q and kᵀ off the score product (matmul, bmm, baddbmm or einsum)."""
+    t = s.target
+    if t is aten.einsum.default:
+        _einsum_qk(m, s)
+    else:
+        if t is aten.baddbmm.default:
+            a = bound_args(s)
+            beta, alpha = _static(a["beta"]), _static(a["alpha"])
+            if not isinstance(alpha, (int, float)) or not isinstance(beta, (int, float)) or alpha <= 0:
+                raise NoMatch("baddbmm with non-constant alpha/beta")
+            if beta != 0:
+                m.additive.append((a["self"], factor * beta))
+            factor *= alpha
+            qa, kb = a["batch1"], a["batch2"]
+        else:
+            qa, kb = s.args[0], s.args[1]
+        qs, kbs = shape_of(qa), shape_of(kb)
+        if qs is None or kbs is None:
+            raise NoMatch("unknown operand shapes of the score product")
+        if len(qs) not in (3, 4) or len(kbs) != len(qs):
+            raise NoMatch(f"score product of {len(qs)}-D and {len(kbs)}-D tensors")
+        m.q = qa
+        m.three_d = len(qs) == 3
+        kt = _untranspose(kb)
+        if kt is not None:
+            m.k = kt
+        else:
+            m.k_transposed = kb
+    m.scale *= factor
+
+
+def _untranspose(kb: fx.Node) -> fx.Node | None:
+    """If kb is a transpose of the last two dims of some k, return that k."""
+    if isinstance(kb, fx.Node) and kb.op == "call_function" and kb.target is aten.transpose.int:
+        x, d0, d1 = kb.args
+        nd = len(shape_of(x) or ())
+        if nd and {d0 % nd, d1 % nd} == {nd - 2, nd - 1}:
+            return x
+    if isinstance(kb, fx.Node) and kb.op == "call_function" and kb.target is aten.permute.default:
+        x, perm = kb.args
+        nd = len(perm)
+        if list(perm) == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return x
+    return None
+
+
+def _parse_einsum(eq: str) -> tuple[list[str], str]:
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise NoMatch(f"einsum '{eq}' without an explicit output or with ellipsis")
+    lhs, out = eq.split("->")
+    return lhs.split(","), out
+
+
+def _einsum_qk(m: AttentionMatch, s: fx.Node) -> None:
+    eq, operands = s.args[0], s.args[1]
+    ins, out = _parse_einsum(eq)
+    if len(ins) != 2 or len(out) not in (3, 4):
+        raise NoMatch(f"einsum '{eq}' is not a q·kᵀ product")
+    a, b = ins
+    qi, ki = out[-2], out[-1]
+    contracted = [c for c in a if c in b and c not in out]
+    if len(contracted) != 1 or qi not in a or ki not in b or qi in b or ki in a:
+        raise NoMatch(f"einsum '{eq}' is not a q·kᵀ product")
+    batch = out[:-2]
+    if a != batch + qi + contracted[0] or b != batch + ki + contracted[0]:
+        raise NoMatch(f"einsum '{eq}': operands not in [batch.., n, d] layout")
+    m.q, m.k = operands
+    m.three_d = len(out) == 3
+
+
+def _einsum_pv(u: fx.Node, p: fx.Node) -> tuple[fx.Node, fx.Node]:
+    eq, operands = u.args[0], u.args[1]
+    ins, out = _parse_einsum(eq)
+    if len(ins) != 2 or operands[0] is not p:
+        raise NoMatch(f"einsum '{eq}' is not a probabilities·v product")
+    a, b = ins
+    batch = out[:-2]
+    if len(a) != len(out) or a[:-1] != out[:-1] or b != batch + a[-1] + out[-1]:
+        raise NoMatch(f"einsum '{eq}': operands not in [batch.., n, n] · [batch.., n, d] layout")
+    return operands[1], u
+
+
+def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
+    """If ``node`` repeats k/v heads (GQA's repeat_kv: unsqueeze-expand-reshape, or
+    repeat_interleave on dim 1), return the unrepeated tensor and the repeat count."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return node, 1
+    if node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        src = node.args[0]
+        if src.op == "call_function" and src.target is aten.expand.default:
+            base = src.args[0]
+            if base.op == "call_function" and base.target is aten.unsqueeze.default and base.args[1] == 2:
+                x = base.args[0]
+                xs, es, os_ = shape_of(x), shape_of(src), shape_of(node)
+                if xs and es and os_ and len(xs) == 4 and len(es) == 5 and len(os_) == 4:
+                    g = _static(es[2])
+                    if isinstance(g, int) and g >= 1 and same_size(os_[2], xs[2]) and same_size(os_[3], xs[3]):
+                        return x, g
+    if node.target is aten.repeat_interleave.self_int:
+        x, reps = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        xs = shape_of(x)
+        if xs and len(xs) == 4 and dim in (1, -3) and isinstance(_static(reps), int):
+            return x, int(_static(reps))
+    return node, 1

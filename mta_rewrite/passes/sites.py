@@ -1,0 +1,81 @@
+"""Attention sites: stable names and the report a user reads (what was found, and why not)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx as fx
+
+from .match import AttentionMatch, shape_of, strip_repeat_kv
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention subgraph of a model, as ``find_attention`` reports it."""
+
+    name: str  # module path of the layer (stable across captures), "#2" etc. when a layer has several
+    kind: str  # "sdpa" | "manual" | "mha" | "softmax" (a softmax that is not attention)
+    batch: int | None
+    q_heads: int | None
+    kv_heads: int | None
+    seq_len: int | None
+    head_dim: int | None
+    mask: str  # "none" | "bool" | "additive" | "additive+bool"
+    causal: bool
+    rewritable: bool
+    reason: str = ""
+    node: str = ""  # the anchor node in the captured graph
+
+    @property
+    def is_attention(self) -> bool:
+        return self.kind != "softmax"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _hint(x) -> int | None:
+    if isinstance(x, torch.SymInt):
+        return x.node.hint if x.node.hint is not None else None
+    return int(x) if isinstance(x, int) else None
+
+
+def module_path(node: fx.Node) -> tuple[str, str]:
+    """(module path, module class name) of the innermost module a node was traced in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path, cls_name.rsplit(".", 1)[-1]
+
+
+def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
+    """Sites for matches, named by module path (suffixed #2, #3 … for repeats in one layer)."""
+    seen: dict[str, int] = {}
+    sites = []
+    for m in matches:
+        path, cls = module_path(m.anchor)
+        base = path or "root"  # attention in the model's own forward, not in a submodule
+        seen[base] = seen.get(base, 0) + 1
+        name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        kind = m.kind
+        if kind != "softmax" and cls == "MultiheadAttention":
+            kind = "mha"
+        qs = shape_of(m.q) if m.q is not None else None
+        k = m.k if m.k is not None else m.k_transposed
+        ks = shape_of(strip_repeat_kv(k)[0]) if k is not None else None
+        batch = q_heads = kv_heads = n = d = None
+        if qs is not None:
+            if len(qs) == 4:
+                batch, q_heads, n, d = (_hint(x) for x in qs)
+                kv_heads = _hint(ks[1]) if ks is not None and len(ks) == 4 else None
+            elif len(qs) == 3:  # [B·H, n, d]: heads folded into the batch
+                batch, n, d = (_hint(x) for x in qs)
+                q_heads = kv_heads = 1
+        sites.append(AttentionSite(
+            name=name, kind=kind, batch=batch, q_heads=q_heads, kv_heads=kv_heads, seq_len=n, head_dim=d,
+            mask=m.mask_kind, causal=m.causal, rewritable=m.rewritable, reason=m.reason or "", node=m.anchor.name,
+        ))
+    return sites
