@@ -135,8 +135,26 @@ def bound_args(node: fx.Node) -> dict[str, Any]:
     return out
 
 
+def _constant(node: fx.Node) -> torch.Tensor | None:
+    """The real tensor behind a constant node (get_attr, possibly wrapped in lift_fresh_copy)."""
+    while node.op == "call_function" and node.target in (
+        aten.lift_fresh_copy.default, aten.detach.default, aten.detach_.default, aten.clone.default
+    ):
+        node = node.args[0]
+    if node.op != "get_attr" or node.graph.owning_module is None:
+        return None
+    obj = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
 def _static(x: Any) -> Any:
-    """An int/float when statically known (SymInts with a constant value included)."""
+    """An int/float/tensor when statically known (SymInts with a constant value, constants)."""
+    if isinstance(x, fx.Node):
+        const = _constant(x)
+        if const is not None:
+            return const
     v = val(x)
     if isinstance(v, (torch.SymInt, torch.SymFloat)):
         try:

@@ -1,0 +1,388 @@
+"""A zoo of attention forms, built without downloads, for tests, coverage tables and the demo.
+
+* hand-written attention in the forms real code uses (scale on q, k or scores, mul or div;
+  additive, bool, masked_fill and where masks; casts around softmax; dropout; GQA repeat_kv;
+  3-D bmm, einsum, baddbmm);
+* torch's nn.MultiheadAttention and nn.TransformerEncoderLayer;
+* transformers models from small configs with random weights (BERT, GPT-2, Llama, Mistral,
+  T5 encoder, ViT, Whisper encoder), in ``eager`` and ``sdpa`` attention, with padding;
+* negative cases that must be left exact.
+
+Each case builds a model and example inputs at any sequence length, and says how many
+attention layers it has and how many of them are rewritable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ZooCase:
+    name: str
+    family: str  # "hand-written" | "torch" | "transformers" | "negative"
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple[tuple, dict]]  # sequence length -> (args, kwargs)
+    attention: int  # true number of attention layers
+    rewritable: int  # how many of them may be rewritten
+    lengths: tuple[int, ...] = (24, 37)  # example length, then another one
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- hand-written attention ------------------------------------------------------------------
+
+class _Proj(nn.Module):
+    def __init__(self, d=32, heads=4, kv_heads=None):
+        super().__init__()
+        self.d, self.h, self.hk = d, heads, kv_heads or heads
+        self.dh = d // heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, self.hk * self.dh)
+        self.v = nn.Linear(d, self.hk * self.dh)
+        self.o = nn.Linear(d, d)
+
+    def heads(self, x):
+        B, n, _ = x.shape
+        q = self.q(x).view(B, n, self.h, self.dh).transpose(1, 2)
+        k = self.k(x).view(B, n, self.hk, self.dh).transpose(1, 2)
+        v = self.v(x).view(B, n, self.hk, self.dh).transpose(1, 2)
+        return q, k, v
+
+    def merge(self, o):
+        B, H, n, dh = o.shape
+        return self.o(o.transpose(1, 2).reshape(B, n, H * dh))
+
+
+class ScoresDivMaskedFill(_Proj):
+    """q·kᵀ / √d, masked_fill(~mask, −inf), float softmax cast back, eval dropout."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dh)
+        s = s.masked_fill(~mask, float("-inf"))
+        p = F.dropout(s.float().softmax(-1).to(q.dtype), 0.1, self.training)
+        return self.merge(p @ v)
+
+
+class ScaleOnQAdditiveMask(_Proj):
+    """(q·scale)·kᵀ + additive float mask (0 / dtype min), as transformers' eager path does."""
+
+    def forward(self, x, pad):
+        q, k, v = self.heads(x)
+        bias = torch.where(pad[:, None, None, :], 0.0, torch.finfo(x.dtype).min)
+        s = (q * self.dh ** -0.5) @ k.transpose(2, 3) + bias
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class ScaleSplitOnQK(_Proj):
+    """Scale split across q and k (d^-¼ each), no mask."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        s = (q * self.dh ** -0.25) @ (k * self.dh ** -0.25).transpose(-2, -1)
+        return self.merge(s.softmax(-1) @ v)
+
+
+class Bmm3dWhere(_Proj):
+    """Heads folded into the batch: 3-D bmm, where(mask, scores, −inf), scale by multiplication."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        q, k, v = (t.reshape(B * H, n, dh) for t in (q, k, v))
+        s = torch.bmm(q, k.transpose(1, 2)) * (1.0 / math.sqrt(dh))
+        s = torch.where(mask.repeat_interleave(H, 0), s, torch.tensor(float("-inf")))
+        o = torch.bmm(torch.softmax(s, -1), v)
+        return self.merge(o.view(B, H, n, dh))
+
+
+class EinsumGqaRepeatInterleave(_Proj):
+    """GQA by repeat_interleave, einsum products, softmax in fp32 via its dtype argument."""
+
+    def __init__(self):
+        super().__init__(32, 4, kv_heads=2)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        k, v = (t.repeat_interleave(self.h // self.hk, dim=1) for t in (k, v))
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) / self.dh ** 0.5
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)
+        return self.merge(torch.einsum("bhqk,bhkd->bhqd", p, v))
+
+
+class BaddbmmKeyPadding(_Proj):
+    """baddbmm(additive key-padding mask, q, kᵀ, alpha = scale), as nn.MultiheadAttention does."""
+
+    def forward(self, x, pad):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        q, k, v = (t.reshape(B * H, n, dh) for t in (q, k, v))
+        bias = torch.zeros(B, 1, n).masked_fill(~pad[:, None, :], float("-inf")).repeat_interleave(H, 0)
+        s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=dh ** -0.5)
+        return self.merge(torch.bmm(s.softmax(-1), v).view(B, H, n, dh))
+
+
+class GqaExpandCausalBuffer(_Proj):
+    """Llama-style repeat_kv (unsqueeze-expand-reshape) and a registered causal buffer."""
+
+    def __init__(self):
+        super().__init__(32, 4, kv_heads=1)
+        self.register_buffer("tril", torch.ones(256, 256, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        B, Hk, n, dh = k.shape
+        g = self.h // Hk
+        k = k[:, :, None].expand(B, Hk, g, n, dh).reshape(B, Hk * g, n, dh)
+        v = v[:, :, None].expand(B, Hk, g, n, dh).reshape(B, Hk * g, n, dh)
+        s = q @ k.transpose(-1, -2) * self.dh ** -0.5
+        s = s.masked_fill(~self.tril[:n, :n], torch.finfo(s.dtype).min)
+        return self.merge(s.softmax(-1) @ v)
+
+
+class ScaleFoldedInProjection(_Proj):
+    """The 1/√d folded into the query projection's weights: scores carry no scale at all."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.q.weight.mul_(self.dh ** -0.5)
+            self.q.bias.mul_(self.dh ** -0.5)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        return self.merge(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+class SdpaCausalGqa(_Proj):
+    """SDPA with is_causal and enable_gqa (k/v heads not repeated)."""
+
+    def __init__(self):
+        super().__init__(32, 4, kv_heads=2)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+class TwoLayers(nn.Module):
+    """Two stacked attention layers with residuals (site naming, ordering)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([ScoresDivMaskedFill(), ScaleOnQAdditiveMask()])
+
+    def forward(self, x, mask, pad):
+        x = x + self.layers[0](x, mask)
+        return x + self.layers[1](x, pad)
+
+
+# ---- negative cases: attention that must stay exact, softmax that is not attention -----------
+
+class ProbsReturned(_Proj):
+    """The attention probabilities are also returned: rewriting would change an output."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        p = (q @ k.transpose(-1, -2) / math.sqrt(self.dh)).softmax(-1)
+        return self.merge(p @ v), p
+
+
+class SoftCapTanh(_Proj):
+    """A tanh soft-cap on the scores (Gemma-2 style): not representable by the op."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        s = 30.0 * torch.tanh((q @ k.transpose(-1, -2) / math.sqrt(self.dh)) / 30.0)
+        return self.merge(s.softmax(-1) @ v)
+
+
+class CrossAttention(_Proj):
+    """Queries from x attend to keys of a memory of another length."""
+
+    def forward(self, x, memory):
+        q = self.heads(x)[0]
+        _, k, v = self.heads(memory)
+        return self.merge(F.scaled_dot_product_attention(q, k, v))
+
+
+class SoftmaxNotAttention(nn.Module):
+    """A softmax over classifier logits, and one over the sequence dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 5)
+        self.pool = nn.Linear(32, 1)
+
+    def forward(self, x):
+        weights = torch.softmax(self.pool(x), dim=1)  # attention *pooling* over tokens, not q·kᵀ
+        pooled = (weights * x).sum(1)
+        return torch.softmax(self.head(pooled), dim=-1)
+
+
+class MaskedFillFinite(_Proj):
+    """masked_fill with a finite value (−1): not a mask the op can represent."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = (q @ k.transpose(-1, -2) / math.sqrt(self.dh)).masked_fill(~mask, -1.0)
+        return self.merge(s.softmax(-1) @ v)
+
+
+class DropoutTraining(_Proj):
+    """Attention dropout in training mode."""
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        p = F.dropout((q @ k.transpose(-1, -2)).softmax(-1), 0.5, True)
+        return self.merge(p @ v)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def _x(n, B=2, d=32, seed=0):
+    return torch.randn(B, n, d, generator=_gen(seed))
+
+
+def _pad(n, B=2):
+    # right padding on the first sequence: with a causal mask no query row is fully masked,
+    # so the original model's outputs stay finite everywhere and compare one to one
+    pad = torch.ones(B, n, dtype=torch.bool)
+    pad[0, n - max(1, n // 5):] = False
+    return pad
+
+
+def _causal_pad(n, B=2):
+    return torch.ones(n, n, dtype=torch.bool).tril()[None, None] & _pad(n, B)[:, None, None, :]
+
+
+def _hand(name, cls, inputs, attention=1, rewritable=1, family="hand-written"):
+    return ZooCase(name, family, lambda: cls().eval(), inputs, attention, rewritable)
+
+
+def hand_written_cases() -> list[ZooCase]:
+    return [
+        _hand("scores_div_masked_fill", ScoresDivMaskedFill, lambda n: ((_x(n), _causal_pad(n)), {})),
+        _hand("scale_on_q_additive_mask", ScaleOnQAdditiveMask, lambda n: ((_x(n), _pad(n)), {})),
+        _hand("scale_split_on_q_k", ScaleSplitOnQK, lambda n: ((_x(n),), {})),
+        _hand("bmm_3d_where", Bmm3dWhere, lambda n: ((_x(n), _causal_pad(n)[:, 0]), {})),
+        _hand("einsum_gqa_repeat_interleave", EinsumGqaRepeatInterleave, lambda n: ((_x(n),), {})),
+        _hand("baddbmm_key_padding", BaddbmmKeyPadding, lambda n: ((_x(n), _pad(n)), {})),
+        _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
+        _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
+        _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),
+        _hand("two_layers", TwoLayers, lambda n: ((_x(n), _causal_pad(n), _pad(n)), {}), attention=2, rewritable=2),
+    ]
+
+
+def negative_cases() -> list[ZooCase]:
+    return [
+        _hand("probs_returned", ProbsReturned, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
+        _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
+        _hand("cross_attention", CrossAttention, lambda n: ((_x(n), _x(n + 5, seed=1)), {}), rewritable=0, family="negative"),
+        _hand("softmax_not_attention", SoftmaxNotAttention, lambda n: ((_x(n),), {}), attention=0, rewritable=0, family="negative"),
+        _hand("masked_fill_finite", MaskedFillFinite, lambda n: ((_x(n), _causal_pad(n)), {}), rewritable=0, family="negative"),
+        ZooCase("dropout_training", "negative", lambda: DropoutTraining().train(), lambda n: ((_x(n),), {}), 1, 0),
+    ]
+
+
+class _MhaModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, pad, causal):
+        return self.mha(x, x, x, key_padding_mask=~pad, attn_mask=~causal, need_weights=False)[0]
+
+
+class _EncoderModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x, pad):
+        return self.encoder(x, src_key_padding_mask=~pad)
+
+
+def torch_cases() -> list[ZooCase]:
+    return [
+        ZooCase("nn.MultiheadAttention", "torch", lambda: _MhaModel().eval(),
+                lambda n: ((_x(n), _pad(n), torch.ones(n, n, dtype=torch.bool).tril()), {}), 1, 1),
+        ZooCase("nn.TransformerEncoderLayer", "torch", lambda: _EncoderModel().eval(),
+                lambda n: ((_x(n), _pad(n)), {}), 2, 2),
+    ]
+
+
+# ---- transformers models from small configs (random weights, no download) -------------------
+
+def _token_inputs(n, vocab=100, B=2, with_type_ids=False):
+    ids = torch.randint(0, vocab, (B, n), generator=_gen(1))
+    mask = torch.ones(B, n, dtype=torch.long)
+    mask[0, : max(1, n // 5)] = 0  # left padding on the first sequence
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if with_type_ids:
+        kwargs["token_type_ids"] = torch.zeros(B, n, dtype=torch.long)
+    return (), kwargs
+
+
+def _hf(build_config, model_cls_name, mode, seed=0):
+    def build():
+        import transformers
+
+        torch.manual_seed(seed)
+        cfg = build_config(transformers)
+        cfg._attn_implementation = mode
+        if hasattr(cfg, "use_cache"):
+            cfg.use_cache = False
+        if "." in model_cls_name:  # a class not exported at the top level
+            module, _, cls = model_cls_name.rpartition(".")
+            import importlib
+
+            return getattr(importlib.import_module(module), cls)(cfg).eval()
+        return getattr(transformers, model_cls_name)(cfg).eval()
+
+    return build
+
+
+def transformers_cases() -> list[ZooCase]:
+    """Small random-weight models; requires ``transformers`` (cases are returned regardless)."""
+    small = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    configs = {
+        "bert": (lambda t: t.BertConfig(vocab_size=100, num_hidden_layers=2, max_position_embeddings=256, **small), "BertModel",
+                 lambda n: _token_inputs(n, with_type_ids=True), 2),
+        "gpt2": (lambda t: t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=256), "GPT2Model",
+                 lambda n: _token_inputs(n), 2),
+        "llama": (lambda t: t.LlamaConfig(vocab_size=100, num_hidden_layers=2, num_key_value_heads=2, max_position_embeddings=256, **small),
+                  "LlamaModel", lambda n: _token_inputs(n), 2),
+        "mistral": (lambda t: t.MistralConfig(vocab_size=100, num_hidden_layers=2, num_key_value_heads=1, max_position_embeddings=256,
+                                              sliding_window=None, **small), "MistralModel", lambda n: _token_inputs(n), 2),
+        "t5-encoder": (lambda t: t.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4), "T5EncoderModel",
+                       lambda n: _token_inputs(n), 2),
+        "vit": (lambda t: t.ViTConfig(image_size=32, patch_size=4, num_channels=3, num_hidden_layers=2, **small), "ViTModel",
+                lambda n: ((), {"pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(2))}), 2),
+        "whisper-encoder": (lambda t: t.WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
+                                                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                                      num_mel_bins=8, max_source_positions=32),
+                            "transformers.models.whisper.modeling_whisper.WhisperEncoder",
+                            lambda n: ((), {"input_features": torch.randn(2, 8, 64, generator=_gen(3))}), 2),
+    }
+    cases = []
+    for name, (cfg, cls, inputs, layers) in configs.items():
+        for mode in ("eager", "sdpa"):
+            lengths = (65, 65) if name in ("vit", "whisper-encoder") else (24, 37)  # fixed-size inputs
+            cases.append(ZooCase(f"{name} ({mode})", "transformers", _hf(cfg, cls, mode), inputs, layers, layers, lengths))
+    return cases
+
+
+def all_cases() -> list[ZooCase]:
+    return hand_written_cases() + torch_cases() + transformers_cases() + negative_cases()
