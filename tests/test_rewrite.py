@@ -1,0 +1,185 @@
+"""find_attention and rewrite over the zoo: coverage, exactness, the reference op, negatives."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+from mta_rewrite.ops import mta_attention_reference
+
+logging.getLogger("torch._export").setLevel(logging.ERROR)
+logging.getLogger("torch.export").setLevel(logging.ERROR)
+
+HAS_TRANSFORMERS = True
+try:
+    import transformers  # noqa: F401
+except ImportError:  # pragma: no cover - CI installs it
+    HAS_TRANSFORMERS = False
+
+EXACT = mr.MTAConfig(chunk_size=10**6)  # one chunk: MTA equals exact attention
+
+
+def first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0]
+
+
+def real_positions(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Outputs at padded query positions are not compared: a fully masked row is zero in MTA
+    (MTA_SPEC.md) and garbage or NaN in the original."""
+    mask = kwargs.get("attention_mask")
+    return out if mask is None else out[mask.bool()]
+
+
+def cases(family):
+    out = [c for c in zoo.all_cases() if c.family == family]
+    marks = [pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers not installed")] if family == "transformers" else []
+    return [pytest.param(c, id=c.name, marks=marks) for c in out]
+
+
+POSITIVE = cases("hand-written") + cases("torch") + cases("transformers")
+
+
+@pytest.mark.parametrize("case", POSITIVE)
+def test_zoo_found_and_rewritten_exactly(case):
+    torch.manual_seed(0)
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = mr.find_attention(model, args, kwargs)
+        attention = [s for s in sites if s.is_attention]
+        assert len(attention) == case.attention, [s.to_dict() for s in sites]
+        assert sum(s.rewritable for s in attention) == case.rewritable, [s.reason for s in attention]
+        assert len({s.name for s in sites}) == len(sites), "site names must be unique"
+        rewritten = mr.rewrite(model, args, kwargs, config=EXACT)
+    assert mr.count_mta_nodes(rewritten) == case.rewritable
+    with torch.no_grad():
+        for n in case.lengths:  # the example length and another one (dynamic sequence length)
+            a, kw = case.inputs(n)
+            want = real_positions(first_tensor(model(*a, **kw)), kw)
+            got = real_positions(first_tensor(rewritten(*a, **kw)), kw)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", cases("negative"))
+def test_never_rewrite_wrongly(case):
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = mr.find_attention(model, args, kwargs)
+        rewritten = mr.rewrite(model, args, kwargs, config=mr.MTAConfig(chunk_size=4, top_k=1))
+    assert sum(s.is_attention for s in sites) == case.attention
+    assert all(not s.rewritable and s.reason for s in sites), [s.to_dict() for s in sites]
+    assert mr.count_mta_nodes(rewritten) == 0
+    if case.name != "dropout_training":  # random in training mode
+        with torch.no_grad():
+            torch.testing.assert_close(first_tensor(rewritten(*args, **kwargs)), first_tensor(model(*args, **kwargs)))
+
+
+EXPECTED_REASONS = {
+    "probs_returned": "probabilities",
+    "soft_cap_tanh": "modifier",
+    "cross_attention": "cross-attention",
+    "softmax_not_attention": "not attention",
+    "masked_fill_finite": "masked_fill",
+    "dropout_training": "training",
+}
+
+
+@pytest.mark.parametrize("name,fragment", sorted(EXPECTED_REASONS.items()))
+def test_reasons_say_why(name, fragment):
+    case = next(c for c in zoo.negative_cases() if c.name == name)
+    args, kwargs = case.inputs(case.lengths[0])
+    sites = mr.find_attention(case.build(), args, kwargs)
+    assert any(fragment in s.reason for s in sites), [s.reason for s in sites]
+
+
+# one-layer models with a small chunk: exactly the float64 reference op on that layer's q, k, v
+ONE_LAYER = [
+    ("scores_div_masked_fill", lambda m, x, mask: (m.heads(x), mask, dict(causal=False))),
+    ("scale_on_q_additive_mask", lambda m, x, pad: (m.heads(x), torch.where(pad[:, None, None, :], 0.0, torch.finfo(x.dtype).min), {})),
+    ("bmm_3d_where", lambda m, x, mask: (m.heads(x), mask[:, None], {})),
+    ("einsum_gqa_repeat_interleave", lambda m, x: (m.heads(x), None, {})),
+    ("gqa_expand_causal_buffer", lambda m, x: (m.heads(x), torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), {})),
+    ("sdpa_causal_gqa", lambda m, x: (m.heads(x), None, dict(causal=True))),
+]
+
+
+@pytest.mark.parametrize("name,extract", ONE_LAYER, ids=[n for n, _ in ONE_LAYER])
+def test_one_layer_equals_reference_op(name, extract):
+    case = next(c for c in zoo.hand_written_cases() if c.name == name)
+    model = case.build()
+    args, kwargs = case.inputs(40)
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    rewritten = mr.rewrite(model, args, kwargs, config=config)
+    (q, k, v), mask, extra = extract(model, *args)
+    scale = None if name.startswith("sdpa") else model.dh ** -0.5
+    ref = mta_attention_reference(q, k, v, mask, scale=scale, **extra, **config.op_kwargs())
+    with torch.no_grad():
+        want = model.merge(ref.float())
+        got = rewritten(*args, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_per_site_and_errors(tmp_path):
+    case = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
+    model = case.build()
+    args, _ = case.inputs(30)
+    names = [s.name for s in mr.find_attention(model, args)]
+    assert names == ["layers.0", "layers.1"]
+    plan = mr.Plan({"layers.0": "exact", "layers.1": mr.MTAConfig(chunk_size=8, sinks=2)})
+    path = plan.save(tmp_path / "plan.json")
+    loaded = mr.Plan.load(path)
+    assert loaded == plan
+    rewritten = mr.rewrite(model, args, plan=loaded)
+    assert mr.count_mta_nodes(rewritten) == 1
+    with pytest.raises(ValueError, match="does not have: layers.7"):
+        mr.rewrite(model, args, plan=mr.Plan({"layers.7": mr.MTAConfig(8)}))
+    with pytest.raises(ValueError, match="exactly one"):
+        mr.rewrite(model, args)
+
+
+def test_config_validation_and_json():
+    cfg = mr.MTAConfig(chunk_size=64, local_chunks=2, sinks=4, top_k=2)
+    assert mr.MTAConfig.from_json(cfg.to_json()) == cfg
+    for bad in (dict(chunk_size=0), dict(chunk_size=8, local_chunks=0), dict(chunk_size=8, top_k=-1), dict(chunk_size=1.5)):
+        with pytest.raises(ValueError):
+            mr.MTAConfig(**bad)
+    with pytest.raises(ValueError, match="version"):
+        mr.MTAConfig.from_dict({"version": 99, "chunk_size": 8})
+
+
+SAVE_LOAD_CHILD = """
+import sys, torch, mta_rewrite
+ep = torch.export.load(sys.argv[1])
+x = torch.load(sys.argv[2])
+torch.save(ep.module()(x), sys.argv[3])
+"""
+
+
+def test_rewritten_program_saves_and_loads_in_a_fresh_process(tmp_path):
+    case = next(c for c in zoo.hand_written_cases() if c.name == "gqa_expand_causal_buffer")
+    model = case.build()
+    (x,), _ = case.inputs(24)
+    rewritten = mr.rewrite(model, (x,), config=mr.MTAConfig(chunk_size=4, top_k=1))
+    ep = mr.capture(rewritten, (x,))  # torch.export, dynamic sequence length
+    assert mr.count_mta_nodes(ep) == 1
+    torch.export.save(ep, tmp_path / "model.pt2")
+    x2 = torch.randn(2, 50, 32)
+    torch.save(x2, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", SAVE_LOAD_CHILD, str(tmp_path / "model.pt2"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), rewritten(x2))
