@@ -3,7 +3,7 @@
 Importing the package registers ``torch.ops.mta.attention`` (MTA_SPEC.md).
 """
 
-from .api import count_mta_nodes, find_attention, rewrite
+from .api import count_mta_nodes, find_attention, load_program, rewrite, save_program
 from .capture import CaptureError, capture
 from .config import MTAConfig, Plan, PlanEntry
 from .ops import attention, mta_attention_reference
@@ -13,5 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite", "CaptureError", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
-    "count_mta_nodes", "find_attention", "mta_attention_reference", "rewrite", "__version__",
+    "count_mta_nodes", "find_attention", "load_program", "mta_attention_reference", "rewrite", "save_program",
+    "__version__",
 ]

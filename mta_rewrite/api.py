@@ -70,6 +70,8 @@ def rewrite(
     The result runs at sequence lengths other than the example's (``dynamic=True``) and can be
     exported again (``torch.export.export``) and saved with ``torch.export.save``.
     """
+    if isinstance(model, torch.export.ExportedProgram) and not args and not kwargs:
+        args, kwargs = example_inputs(model)
     gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
     chosen = resolve_plan(sites, config, plan)
     for m, site in zip(matches, sites):
@@ -79,6 +81,55 @@ def rewrite(
     gm.mta_sites = sites  # what was found, for reports
     gm.mta_plan = chosen
     return gm
+
+
+def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True):
+    """Export ``module`` (e.g. a rewritten model) and save it with ``torch.export.save``,
+    atomically: a temporary file in the same folder, renamed into place when complete."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    ep = capture(module, args, kwargs, dynamic=dynamic)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return ep
+
+
+def load_program(path) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with a one-line error for a missing or foreign file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    import logging
+
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)  # torch logs a traceback before raising; ours is one line
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001  (zip, pickle and schema errors all mean "not a program")
+        raise ValueError(f"{path} is not a program saved with torch.export.save ({type(exc).__name__})") from None
+    finally:
+        export_log.setLevel(level)
+
+
+def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:
+    """The example inputs a saved program carries, needed to capture it again after a rewrite."""
+    inputs = getattr(program, "example_inputs", None)
+    if inputs is None:
+        raise ValueError("the saved program carries no example inputs; save it with torch.export.save from torch ≥ 2.5")
+    return inputs
 
 
 def count_mta_nodes(module: torch.nn.Module) -> int:

@@ -63,10 +63,62 @@ def demo(
 
 
 @app.command()
+def find(program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)")) -> None:
+    """List the attention sites of a saved program, and why any is left exact."""
+    from .api import find_attention, load_program
+
+    try:
+        ep = load_program(program)
+        sites = find_attention(ep)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(sites_table(sites, title=f"attention sites of {program}"))
+
+
+@app.command(name="rewrite")
+def rewrite_cmd(
+    program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
+    output: str = typer.Option(..., "--output", "-o", help="where to save the rewritten program (.pt2)"),
+    chunk_size: int = typer.Option(0, help="one MTA configuration for every site: chunk size c"),
+    local_chunks: int = typer.Option(1, help="local window L in chunks"),
+    sinks: int = typer.Option(0, help="always-exact first tokens"),
+    top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),
+    plan: str = typer.Option("", help="a plan (JSON) instead of one configuration"),
+) -> None:
+    """Rewrite the attention of a saved program into MTA and save the result (atomically)."""
+    from pathlib import Path
+
+    from .api import count_mta_nodes, example_inputs, load_program, rewrite, save_program
+    from .config import MTAConfig, Plan
+
+    try:
+        if Path(output).resolve() == Path(program).resolve():
+            raise ValueError("--output must differ from the input program (inputs are never overwritten)")
+        if bool(chunk_size) == bool(plan):
+            raise ValueError("give either --chunk-size (one configuration for all sites) or --plan")
+        cfg = MTAConfig(chunk_size, local_chunks, sinks, top_k) if chunk_size else None
+        chosen = Plan.load(plan) if plan else None
+        with console.status(f"rewriting {program}"):
+            ep = load_program(program)
+            args, kwargs = example_inputs(ep)
+            module = rewrite(ep, args, kwargs, config=cfg, plan=chosen)
+            save_program(module, output, args, kwargs)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
+    console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention; saved {output}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     console.print(__version__)
 
 
 def main() -> None:
+    import logging
+
+    # torch.export reports every dimension it specialises as a warning: not the user's business
+    for name in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     app()

@@ -311,7 +311,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 elif not divide and _reaches_product(b) and _scalarish(a):
                     chain_side, f = b, a
                 else:
-                    raise NoMatch(f"unsupported score modifier {s.name}: not a scale by a number or a per-head tensor")
+                    raise NoMatch(_unsupported(s, "not a scale by a number or a per-head tensor"))
                 if isinstance(f, (int, float)):
                     if f == 0 or (f < 0):
                         raise NoMatch(f"score scale {f} is not positive")
@@ -329,7 +329,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     m.additive.append((a, factor))
                     s = b
                 else:
-                    raise NoMatch(f"unsupported score modifier {s.name}")
+                    raise NoMatch(_unsupported(s, "not an additive mask"))
             elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
                 scores, cond, value = s.args[:3]
                 if not is_forbidding_value(value):
@@ -368,6 +368,28 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
     except NoMatch as exc:
         m.reason = str(exc)
     return m
+
+
+MODIFIER_TARGETS = CAST_TARGETS | {
+    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+}
+
+
+def _unsupported(node: fx.Node, what: str) -> str:
+    """Name the op that stands between the scores and softmax (e.g. a tanh soft-cap)."""
+    stack, seen = [(node, 0)], set()
+    while stack:
+        n, depth = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or depth > 8 or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in MATMUL_TARGETS:
+            continue
+        if n.target not in MODIFIER_TARGETS and any(_reaches_product(a, 6) for a in n.args if isinstance(a, fx.Node)):
+            return f"unsupported score modifier {getattr(n.target, '__name__', n.target)} ({n.name}): left exact"
+        stack.extend((a, depth + 1) for a in n.args if isinstance(a, fx.Node))
+    return f"unsupported score modifier {node.name}: {what}"
 
 
 def _reaches_product(node: Any, depth: int = 12) -> bool:
