@@ -21,11 +21,13 @@ def _fail(message: str) -> None:
 
 def sites_table(sites, plan=None, title="attention sites") -> Table:
     table = Table(title=title)
-    for col in ("site", "kind", "B", "heads q/kv", "n", "d", "mask", "causal", "MTA"):
+    table.add_column("site", overflow="fold", min_width=10)
+    for col in ("kind", "B·Hq/Hkv·n·d", "mask", "causal"):
         table.add_column(col)
+    table.add_column("MTA", overflow="fold", min_width=10)
     for s in sites:
-        status = (str(plan[s.name]) if plan and s.name in plan else "found") if s.rewritable else f"[yellow]exact:[/yellow] {s.reason}"
-        table.add_row(s.name, s.kind, str(s.batch), f"{s.q_heads}/{s.kv_heads}", str(s.seq_len), str(s.head_dim),
+        status = (plan[s.name].short if plan and s.name in plan else "found") if s.rewritable else f"[yellow]exact:[/yellow] {s.reason}"
+        table.add_row(s.name, s.kind, f"{s.batch}·{s.q_heads}/{s.kv_heads}·{s.seq_len}·{s.head_dim}",
                       s.mask, "yes" if s.causal else "no", status)
     return table
 

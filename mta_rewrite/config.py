@@ -69,6 +69,11 @@ class MTAConfig:
     def __str__(self) -> str:
         return f"c={self.chunk_size} L={self.local_chunks} sinks={self.sinks} top_k={self.top_k}"
 
+    @property
+    def short(self) -> str:
+        """Compact form for tables: c64·L2·s4·k2."""
+        return f"c{self.chunk_size}·L{self.local_chunks}·s{self.sinks}·k{self.top_k}"
+
 
 SiteChoice = Union[MTAConfig, str]  # an MTAConfig or "exact"
 
