@@ -43,34 +43,51 @@ def head_dim_mask(mask):
     return mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
 
 
+def _canonical_operands(g: fx.Graph, m: AttentionMatch):
+    """Insert (before the site's output) the nodes that give the op its canonical operands:
+    q (times tensor-valued scales), k (un-transposed, GQA repeat stripped), v, the combined mask."""
+    q = m.q
+    for factor, divide in m.scale_nodes:
+        q = g.call_function(aten.div.Tensor if divide else aten.mul.Tensor, (q, factor))
+    k = m.k if m.k is not None else g.call_function(aten.transpose.int, (m.k_transposed, -2, -1))
+    v = m.v
+    if not m.three_d:
+        kb, gk = strip_repeat_kv(k)
+        vb, gv = strip_repeat_kv(v)
+        if gk == gv > 1:
+            k, v = kb, vb
+    else:
+        q, k, v = (g.call_function(aten.unsqueeze.default, (x, 1)) for x in (q, k, v))
+    mask = None
+    if m.allowed or m.additive:
+        mask = g.call_function(combine_masks, (list(m.allowed), list(m.additive)))
+        if m.three_d:
+            mask = g.call_function(head_dim_mask, (mask,))
+    return q, k, v, mask
+
+
+def _attention_kwargs(m: AttentionMatch) -> dict:
+    return dict(causal=m.causal, scale=None if m.sdpa_scale_default else float(m.scale))
+
+
+def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
+    """Back from the op's [B, H, n, d] in q's dtype to what the site produced."""
+    if m.three_d:
+        node = g.call_function(aten.squeeze.dim, (node, 1))
+    want = dtype_of(m.output)
+    if want is not None:  # the op returns q's dtype; the model's output may differ (no-op if not)
+        node = g.call_function(aten.to.dtype, (node, want))
+    return node
+
+
 def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig) -> fx.Node:
+    """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before."""
     g = gm.graph
     out = m.output
     with g.inserting_before(out):
-        q = m.q
-        for factor, divide in m.scale_nodes:
-            q = g.call_function(aten.div.Tensor if divide else aten.mul.Tensor, (q, factor))
-        k = m.k if m.k is not None else g.call_function(aten.transpose.int, (m.k_transposed, -2, -1))
-        v = m.v
-        if not m.three_d:
-            kb, gk = strip_repeat_kv(k)
-            vb, gv = strip_repeat_kv(v)
-            if gk == gv > 1:
-                k, v = kb, vb
-        else:
-            q, k, v = (g.call_function(aten.unsqueeze.default, (x, 1)) for x in (q, k, v))
-        mask = None
-        if m.allowed or m.additive:
-            mask = g.call_function(combine_masks, (list(m.allowed), list(m.additive)))
-            if m.three_d:
-                mask = g.call_function(head_dim_mask, (mask,))
-        kwargs = dict(config.op_kwargs(), causal=m.causal, scale=None if m.sdpa_scale_default else float(m.scale))
-        node = g.call_function(torch.ops.mta.attention.default, (q, k, v, mask), kwargs)
-        if m.three_d:
-            node = g.call_function(aten.squeeze.dim, (node, 1))
-        want = dtype_of(out)
-        if want is not None:  # the op returns q's dtype; the model's output may differ (no-op if not)
-            node = g.call_function(aten.to.dtype, (node, want))
+        q, k, v, mask = _canonical_operands(g, m)
+        node = g.call_function(torch.ops.mta.attention.default, (q, k, v, mask), dict(config.op_kwargs(), **_attention_kwargs(m)))
+        node = _finish(g, m, node)
     out.replace_all_uses_with(node)
     # The replaced subgraph is dead now, but DCE would keep it: export's metadata assertions
     # look at it, and dropout counts as impure. Erase it explicitly, last node first.
@@ -81,6 +98,23 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig) -> fx.
                 g.erase_node(user)
         if not c.users:
             g.erase_node(c)
+    return node
+
+
+def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook) -> fx.Node:
+    """Route one site through ``hook(original, q, k, v, mask, name, causal, scale)`` while keeping
+    the original subgraph: the hook returns either the original output (bit-identical) or its
+    own. Calibration uses it to switch sites between exact and candidate configurations."""
+    g = gm.graph
+    out = m.output
+    with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
+        original = g.call_function(aten.unsqueeze.default, (out, 1)) if m.three_d else out
+        q, k, v, mask = _canonical_operands(g, m)
+        kw = _attention_kwargs(m)
+        call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"]))
+        node = _finish(g, m, call)
+    keep = {original, call}  # these still read the original output
+    out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in keep)
     return node
 
 

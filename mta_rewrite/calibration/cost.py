@@ -1,0 +1,60 @@
+"""Cost model of exact attention and of MTA configurations (MTA_SPEC.md, "Cost model").
+
+Per head and sequence, counting multiply-adds twice:
+
+    exact:  4·n²·d flops (half with causality), bytes: q, k, v read and the output written
+    MTA:    4·n·(c·W + sinks + top_k·c + S)·d flops, W = L (causal) or 2L−1 window chunks,
+            S = n/c summaries (half of them on average with causality), plus one pass over k
+            and v for the summaries; bytes: q, k, v, the output, and the per-chunk key sets
+            (c·W + sinks + top_k·c + n/c keys per chunk, k and v)
+
+Time is modelled as max(flops / F, bytes / M) with the ratio F / M of the machine (CPU here:
+≈ 100 GFLOP/s over ≈ 5 GB/s; the H100: 750 TFLOP/s over 2.9 TB/s). ``relative_cost`` is MTA's
+modelled time over exact attention's; below a crossover length MTA cannot win (ratio ≥ 1) and
+calibration keeps such sites exact.
+"""
+
+from __future__ import annotations
+
+from ..config import MTAConfig
+
+CPU_FLOPS_PER_BYTE = 20.0  # ≈ 100 GFLOP/s fp32 over ≈ 5 GB/s on the 2-core machines
+
+
+def exact_cost(n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
+    flops = 4.0 * n * n * d * (0.5 if causal else 1.0)
+    bytes_ = 4.0 * 4 * n * d  # fp32 q, k, v, out
+    return max(flops, bytes_ * flops_per_byte)
+
+
+def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
+    c = min(config.chunk_size, n)
+    nc = -(-n // c)
+    L = min(config.local_chunks, nc)
+    window = L if causal else 2 * L - 1
+    summaries = nc * (0.5 if causal else 1.0)
+    keys = min(n, c * window + config.sinks + config.top_k * c + summaries)
+    flops = 4.0 * n * keys * d + 2.0 * 2 * n * d  # attention + the summary pass over k and v
+    key_sets = 2.0 * nc * (c * window + config.sinks + config.top_k * c + nc) * d
+    bytes_ = 4.0 * (4 * n * d + key_sets)
+    return max(flops, bytes_ * flops_per_byte)
+
+
+def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
+    """Modelled time of ``config`` (None: exact) relative to exact attention at length n."""
+    if config is None:
+        return 1.0
+    return mta_cost(config, n, d, causal, flops_per_byte) / exact_cost(n, d, causal, flops_per_byte)
+
+
+def default_candidates(n: int) -> list[MTAConfig]:
+    """The default search space at sequence length n: chunk sizes 16 … n/2 (powers of two;
+    multiples of 64 from n ≥ 4096 on, for GPU kernels), L ∈ {1, 2}, sinks ∈ {0, 4, 16},
+    top_k ∈ {0, 1, 2, 4}. ("exact" is always a candidate too.)"""
+    sizes = []
+    c = 16
+    while c < n:
+        if n < 4096 or c % 64 == 0:
+            sizes.append(c)
+        c *= 2
+    return [MTAConfig(c, L, s, k) for c in sizes for L in (1, 2) for s in (0, 4, 16) for k in (0, 1, 2, 4)]

@@ -1,0 +1,83 @@
+"""The calibration report beside a saved plan: a Markdown table and a PNG plot of error vs cost
+per site (every candidate measured with exact upstream; the Pareto front; the chosen point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Plan, atomic_write_text
+
+
+def report_paths(plan_path) -> tuple[Path, Path]:
+    p = Path(plan_path)
+    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+    return p.with_name(stem + ".report.md"), p.with_name(stem + ".report.png")
+
+
+def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
+    md_path, png_path = report_paths(plan_path)
+    meta = plan.metadata
+    lines = [
+        f"# Calibration report: {Path(plan_path).name}", "",
+        f"budget {meta['budget']} ({meta['metric']}); held-out error {meta['holdout_error']:.4g}, "
+        f"calibration error {meta['calibration_error']:.4g}; attention cost {meta['relative_attention_cost']:.3f} "
+        f"of exact ({100 * meta['attention_cost_saved']:.1f}% saved); {meta['calibration_samples']} calibration and "
+        f"{meta['holdout_samples']} held-out samples; {meta['plans_considered']} plans verified; {meta['wall_time_s']} s.", "",
+        "| site | n | d | causal | chosen | local error | relative cost |", "|---|---|---|---|---|---|---|",
+    ]
+    for st in details.sites:
+        entry = plan.sites[st.name]
+        chosen = "exact" if entry.config is None else entry.config.short
+        err = "0" if entry.config is None else f"{entry.error:.3g}"
+        lines.append(f"| {st.name} | {st.n} | {st.d} | {'yes' if st.causal else 'no'} | {chosen} | {err} | {entry.relative_cost:.3f} |")
+    lines += ["", "Plans verified end to end (cost relative to exact attention):", "",
+              "| origin | relative cost | calibration error | held-out error | within budget |", "|---|---|---|---|---|"]
+    for p in sorted(details.family, key=lambda p: p.cost):
+        ok = p.calibration_error <= details.budget and p.holdout_error <= details.budget
+        mark = " (chosen)" if p is details.chosen else ""
+        lines.append(f"| {p.origin}{mark} | {p.cost:.3f} | {p.calibration_error:.4g} | {p.holdout_error:.4g} | {'yes' if ok else 'no'} |")
+    png = _plot(details, plan, png_path)
+    if png is not None:
+        lines += ["", f"![error vs cost per site]({png.name})"]
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    return md_path, png
+
+
+def _plot(details, plan, png_path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the report keeps its table; the plot needs matplotlib
+        return None
+    sites = details.sites
+    cols = min(3, len(sites))
+    rows = -(-len(sites) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, st in zip(axes.flat, sites):
+        costs = [st.costs[c] for c in st.candidates]
+        errs = [max(st.errors[c], 1e-6) for c in st.candidates]
+        ax.scatter(costs, errs, s=8, c="#9aa", label="candidates")
+        ax.plot([st.costs[c] for c in st.front], [max(st.errors[c], 1e-6) for c in st.front], "-", c="#36c", lw=1,
+                label="Pareto front")
+        cfg = plan.sites[st.name].config
+        if cfg is not None:
+            ax.scatter([st.costs[cfg]], [max(st.errors[cfg], 1e-6)], s=60, c="#d30", marker="*", zorder=3,
+                       label=f"chosen {cfg.short}")
+        else:
+            ax.axvline(1.0, c="#d30", lw=1, ls="--", label="chosen: exact")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(st.name, fontsize=8)
+        ax.set_xlabel("relative cost")
+        ax.set_ylabel("local rel. L2 error")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(sites):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = png_path.with_name("." + png_path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path

@@ -1,0 +1,332 @@
+"""calibrate(): the fastest plan whose end-to-end error stays within a budget.
+
+1. **Capture once** (:class:`~.probe.Probe`): every rewritable site switchable between exact (its
+   original subgraph, bit for bit) and any MTA configuration, and able to record its inputs.
+2. **Per-site errors**: with exact upstream, each candidate's relative L2 error at each site on
+   the calibration samples, and its modelled cost (:mod:`.cost`); candidates that cannot beat
+   exact attention at that length are dropped (the crossover), and only the cost/error Pareto
+   front is kept.
+3. **Greedy in layer order, errors compounding**: for a local tolerance τ, walk the sites in
+   graph order; for each, record its inputs *with the upstream sites already approximated* and
+   take the cheapest front candidate whose local error is ≤ τ (else exact). A ladder of τ gives
+   a family of plans from all-exact (τ = 0) to aggressive.
+4. **Back off**: from the cheapest plan of the ladder, revert approximations one at a time, the
+   least valuable first (least cost saved per unit of local error), to add intermediate plans.
+5. **Verify end to end** every plan of the family on the calibration *and* the held-out samples,
+   and return the cheapest whose error on both is within the budget. The family does not depend
+   on the budget, so a tighter budget can never yield a cheaper plan, and budget 0 yields the
+   all-exact plan (error exactly 0).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..config import MTAConfig, Plan, PlanEntry
+from .cost import default_candidates, exact_cost, relative_cost
+from .metrics import METRICS, first_tensor, local_error, output_error
+from .probe import Probe, as_call
+
+PlanKey = tuple  # ((site name, MTAConfig), ...) for the approximated sites, in site order
+
+
+@dataclass
+class SiteStats:
+    name: str
+    n: int
+    d: int
+    causal: bool
+    weight: float  # exact attention cost of this site (all heads, batch), for plan-level cost
+    candidates: list[MTAConfig] = field(default_factory=list)
+    errors: dict[MTAConfig, float] = field(default_factory=dict)  # exact upstream
+    costs: dict[MTAConfig, float] = field(default_factory=dict)
+    front: list[MTAConfig] = field(default_factory=list)  # Pareto front, cost ascending
+
+
+@dataclass
+class PlanResult:
+    configs: dict[str, MTAConfig]
+    cost: float
+    calibration_error: float
+    holdout_error: float
+    origin: str
+
+
+@dataclass
+class Calibration:
+    """Everything calibrate() measured: the report is drawn from it."""
+
+    sites: list[SiteStats]
+    family: list[PlanResult]
+    chosen: PlanResult
+    budget: float
+    metric: str
+    local_errors: dict[str, float]  # chosen config's local error per site, upstream approximated
+
+
+def split_samples(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the calibration and held-out samples (deterministic for a seed). With one
+    sample, or holdout = 0, the held-out set is the calibration set."""
+    if n == 1 or holdout == 0:
+        return list(range(n)), list(range(n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_hold = min(n - 1, max(1, round(holdout * n)))
+    return sorted(order[n_hold:]), sorted(order[:n_hold])
+
+
+def _ladder() -> list[float]:
+    return [0.0] + [10 ** (e / 4) for e in range(-12, 1)]  # 1e-3 … 1, four per decade
+
+
+def _pareto(costs: dict, errors: dict) -> list[MTAConfig]:
+    front, best = [], math.inf
+    for cand in sorted(costs, key=lambda c: (costs[c], errors[c])):
+        if errors[cand] < best:
+            front.append(cand)
+            best = errors[cand]
+    return front
+
+
+def calibrate(
+    model: torch.nn.Module,
+    data: Sequence[Any],
+    *,
+    budget: float,
+    metric: str = "rel_l2",
+    candidates: Sequence[MTAConfig] | None = None,
+    holdout: float = 0.25,
+    seed: int = 0,
+    output: str | None = None,
+    progress: bool = True,
+    return_details: bool = False,
+):
+    """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
+
+    ``data``: samples, each a tuple of positional arguments or a dict of keyword arguments.
+    ``metric``: "rel_l2" (default), "cosine" (1 − cosine per row, mean) or "kl" (next-token
+    KL divergence of logits). ``candidates``: the search space (default: :func:`default_candidates`
+    at the longest sample's length); "exact" is always included. ``output``: save the plan there
+    (JSON) with a report beside it (Markdown table and PNG plot).
+    """
+    start = time.perf_counter()
+    data = list(data)
+    if not data:
+        raise ValueError("calibrate needs at least one sample")
+    if not isinstance(budget, (int, float)) or budget < 0 or math.isnan(budget):
+        raise ValueError(f"budget must be a non-negative number, got {budget!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    cal_idx, hold_idx = split_samples(len(data), holdout, seed)
+    cal = [data[i] for i in cal_idx]
+    hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
+
+    with _Progress(progress) as bar:
+        bar.step("capturing the model")
+        probe = Probe(model, *as_call(cal[0]))
+        sites = probe.rewritable
+        if not sites:
+            raise ValueError("the model has no rewritable attention: nothing to calibrate "
+                             "(see find_attention for the reasons)")
+
+        bar.step("reference outputs")
+        cal_ids = {id(s) for s in cal}
+        reference = {id(s): first_tensor(probe.run(s)[0]) for s in cal + [h for h in hold if id(h) not in cal_ids]}
+
+        # ---- per-site errors with exact upstream -----------------------------------------
+        bar.step("recording attention inputs")
+        records = _record(probe, cal, {}, {s.name for s in sites})
+        stats = []
+        for site in sites:
+            recs = records[site.name]
+            q = recs[0].q
+            n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
+            causal = recs[0].causal
+            weight = exact_cost(n, d, causal) * q.shape[0] * q.shape[1]
+            pool = list(candidates) if candidates is not None else default_candidates(n)
+            st = SiteStats(site.name, n, d, causal, weight)
+            st.candidates = [c for c in pool if relative_cost(c, n, d, causal) < 1.0]  # the crossover
+            st.costs = {c: relative_cost(c, n, d, causal) for c in st.candidates}
+            stats.append(st)
+        total = sum(len(st.candidates) for st in stats)
+        bar.start("site errors (exact upstream)", total)
+        for st in stats:
+            for cand in st.candidates:
+                st.errors[cand] = _site_error(records[st.name], cand)
+                bar.advance()
+            st.front = _pareto(st.costs, st.errors)
+
+        # ---- greedy in layer order for a ladder of tolerances ------------------------------
+        error_cache: dict = {}
+        record_cache: dict = {("", ()): None}
+        ladder = _ladder()
+        bar.start("greedy plans (upstream approximated)", len(ladder))
+        plans: dict[PlanKey, str] = {}
+        for tau in ladder:
+            configs = _greedy(probe, cal, stats, tau, error_cache, record_cache)
+            plans.setdefault(_key(configs, stats), f"τ={tau:.3g}")
+            bar.advance()
+
+        # ---- back off from the cheapest plan, least valuable approximation first ----------
+        cheapest = min(plans, key=lambda k: _plan_cost(dict(k), stats))
+        chain = dict(cheapest)
+        by_name = {st.name: st for st in stats}
+
+        def value(name):
+            st, cfg = by_name[name], chain[name]
+            saved = st.weight * (1 - st.costs[cfg])
+            return saved / (st.errors[cfg] + 1e-6)
+
+        while chain:
+            del chain[min(chain, key=value)]
+            plans.setdefault(_key(chain, stats), "back-off")
+
+        # ---- verify every plan end to end on calibration and held-out samples -------------
+        bar.start("verifying plans end to end", len(plans))
+        family = []
+        for key, origin in plans.items():
+            configs = dict(key)
+            e_cal = _end_to_end(probe, cal, configs, reference, metric)
+            e_hold = e_cal if hold is cal else _end_to_end(probe, hold, configs, reference, metric)
+            family.append(PlanResult(configs, _plan_cost(configs, stats), e_cal, e_hold, origin))
+            bar.advance()
+
+    feasible = [p for p in family if p.calibration_error <= budget and p.holdout_error <= budget]
+    chosen = min(feasible, key=lambda p: (p.cost, p.holdout_error))  # all-exact is always feasible
+    local = {name: error_cache.get((name, _upstream_key(chosen.configs, stats, name), cfg), by_name[name].errors[cfg])
+             for name, cfg in chosen.configs.items()}
+
+    plan = Plan(metadata={
+        "budget": budget, "metric": metric, "seed": seed,
+        "calibration_samples": len(cal), "holdout_samples": 0 if hold is cal else len(hold),
+        "holdout_indices": hold_idx,
+        "holdout_error": chosen.holdout_error, "calibration_error": chosen.calibration_error,
+        "relative_attention_cost": chosen.cost, "attention_cost_saved": 1 - chosen.cost,
+        "plans_considered": len(family), "wall_time_s": round(time.perf_counter() - start, 2),
+    })
+    for site in probe.sites:
+        if not site.is_attention:
+            continue
+        st = by_name.get(site.name)
+        cfg = chosen.configs.get(site.name)
+        plan.sites[site.name] = PlanEntry(cfg, error=local.get(site.name, 0.0 if st else None),
+                                          relative_cost=st.costs.get(cfg, 1.0) if st and cfg else 1.0)
+    details = Calibration(stats, family, chosen, budget, metric, local)
+    if output is not None:
+        from .report import write_report
+
+        plan.save(output)
+        write_report(details, plan, output)
+    return (plan, details) if return_details else plan
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _key(configs: dict, stats: list[SiteStats]) -> PlanKey:
+    return tuple((st.name, configs[st.name]) for st in stats if st.name in configs)
+
+
+def _upstream_key(configs: dict, stats: list[SiteStats], name: str) -> PlanKey:
+    out = []
+    for st in stats:
+        if st.name == name:
+            break
+        if st.name in configs:
+            out.append((st.name, configs[st.name]))
+    return tuple(out)
+
+
+def _plan_cost(configs: dict, stats: list[SiteStats]) -> float:
+    total = sum(st.weight for st in stats)
+    return sum(st.weight * (st.costs[configs[st.name]] if st.name in configs else 1.0) for st in stats) / total
+
+
+def _record(probe: Probe, samples: list, configs: dict, names: set) -> dict:
+    records: dict = {}
+    for sample in samples:
+        _, recs = probe.run(sample, configs, record=names)
+        for name, rs in recs.items():
+            records.setdefault(name, []).extend(rs)
+    return records
+
+
+def _site_error(recs, config: MTAConfig) -> float:
+    outs = [torch.ops.mta.attention(r.q, r.k, r.v, r.mask, causal=r.causal, scale=r.scale, **config.op_kwargs())
+            for r in recs]
+    return local_error(outs, [r.exact for r in recs], [r.mask for r in recs])
+
+
+def _greedy(probe, cal, stats, tau, error_cache, record_cache) -> dict:
+    configs: dict = {}
+    if tau == 0:
+        return configs
+    for st in stats:
+        up = _upstream_key(configs, stats, st.name)
+        if not up:  # exact upstream: the errors measured already
+            errors = st.errors
+            lookup = errors.__getitem__
+        else:
+            rkey = (st.name, up)
+            if rkey not in record_cache:
+                record_cache[rkey] = _record(probe, cal, dict(up), {st.name})[st.name]
+
+            def lookup(cand, rkey=rkey):
+                ekey = (rkey[0], rkey[1], cand)
+                if ekey not in error_cache:
+                    error_cache[ekey] = _site_error(record_cache[rkey], cand)
+                return error_cache[ekey]
+        for cand in st.front:
+            if lookup(cand) <= tau:
+                configs[st.name] = cand
+                break
+    return configs
+
+
+def _end_to_end(probe, samples, configs, reference, metric) -> float:
+    if not configs:
+        return 0.0  # the original subgraphs everywhere: identical outputs
+    errs = []
+    for sample in samples:
+        out = first_tensor(probe.run(sample, configs)[0])
+        errs.append(output_error(metric, out, reference[id(sample)], as_call(sample)[1]))
+    return sum(errs) / len(errs)
+
+
+class _Progress:
+    """A rich progress bar over the calibration steps (or nothing, with progress=False)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                transient=True)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def step(self, description: str) -> None:
+        self.start(description, 1)
+
+    def start(self, description: str, total: int) -> None:
+        if self.enabled:
+            if self.task is not None:
+                self.bar.update(self.task, visible=False)
+            self.task = self.bar.add_task(description, total=max(total, 1))
+
+    def advance(self) -> None:
+        if self.enabled and self.task is not None:
+            self.bar.advance(self.task)
