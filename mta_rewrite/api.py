@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .capture import capture
-from .config import MTAConfig, Plan
+from .config import HeadGroups, MTAConfig, Plan
 from .passes.lower import eliminate_dead_code, lower_match
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
@@ -38,12 +38,12 @@ def find_attention(model: torch.nn.Module, args: Any = (), kwargs: dict | None =
     return _capture_and_match(model, args, kwargs, dynamic=False)[2]
 
 
-def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Plan | None) -> dict[str, MTAConfig]:
+def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Plan | None) -> dict[str, MTAConfig | HeadGroups]:
     """Site name → MTAConfig for the sites to rewrite (rewritable ones only)."""
     if (config is None) == (plan is None):
         raise ValueError("give exactly one of config= (one MTAConfig for every site) or plan= (a Plan)")
     if config is not None:
-        if not isinstance(config, MTAConfig):
+        if not isinstance(config, (MTAConfig, HeadGroups)):
             raise TypeError(f"config must be an MTAConfig, got {type(config).__name__}")
         return {s.name: config for s in sites if s.rewritable}
     if not isinstance(plan, Plan):
@@ -133,6 +133,10 @@ def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:
 
 
 def count_mta_nodes(module: torch.nn.Module) -> int:
-    """How many torch.ops.mta.attention calls a rewritten module (or exported program) holds."""
+    """How many sites of a rewritten module (or exported program) run MTA: mta.attention calls,
+    plus per-head-group sites of a module not yet exported again (one call each)."""
+    from .passes.lower import grouped_attention
+
     graph = module.graph_module.graph if hasattr(module, "graph_module") else module.graph
-    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.mta.attention.default)
+    targets = (torch.ops.mta.attention.default, grouped_attention)
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets)

@@ -112,6 +112,51 @@ def rewrite_cmd(
 
 
 @app.command()
+def calibrate(
+    program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
+    data: str = typer.Option(..., "--data", help="calibration samples: torch.save of a list of argument tuples or keyword dicts"),
+    budget: float = typer.Option(..., help="largest acceptable end-to-end error of the first output"),
+    output: str = typer.Option(..., "--output", "-o", help="where to write the plan (JSON); the report goes beside it"),
+    metric: str = typer.Option("rel_l2", help="rel_l2, cosine or kl"),
+    holdout: float = typer.Option(0.25, help="fraction of samples held out for verification"),
+    seed: int = typer.Option(0, help="seed of the calibration/held-out split"),
+) -> None:
+    """Choose each site's configuration from data: the fastest plan within the budget."""
+    from pathlib import Path
+
+    import torch
+
+    from .api import load_program
+    from .calibration import calibrate as run_calibration
+
+    try:
+        if not Path(data).is_file():
+            raise ValueError(f"no such file: {data}")
+        try:
+            samples = torch.load(data, weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"{data} is not a torch.save file of samples ({type(exc).__name__})") from None
+        if not isinstance(samples, (list, tuple)):
+            raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
+        ep = load_program(program)
+        plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output)
+    except (ValueError, TypeError) as exc:
+        _fail(str(exc))
+    meta = plan.metadata
+    table = Table(title=f"plan for {program} (budget {budget}, {metric})")
+    table.add_column("site", overflow="fold")
+    table.add_column("choice", overflow="fold")
+    table.add_column("local error", justify="right")
+    table.add_column("relative cost", justify="right")
+    for name, entry in plan.sites.items():
+        choice = "exact" if entry.config is None else entry.config.short
+        table.add_row(name, choice, f"{entry.error or 0:.3g}", f"{entry.relative_cost or 1:.3f}")
+    console.print(table)
+    console.print(f"held-out error {meta['holdout_error']:.4g} ≤ {budget}; attention cost {meta['relative_attention_cost']:.3f} "
+                  f"of exact; {meta['wall_time_s']} s; plan {output}, report beside it")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     console.print(__version__)

@@ -75,14 +75,68 @@ class MTAConfig:
         return f"c{self.chunk_size}·L{self.local_chunks}·s{self.sinks}·k{self.top_k}"
 
 
-SiteChoice = Union[MTAConfig, str]  # an MTAConfig or "exact"
+@dataclass(frozen=True)
+class HeadGroups:
+    """Different configurations for groups of query heads within one site (heads differ: some
+    attend locally, some retrieve). ``groups``: (MTAConfig or None for exact, head indices)."""
+
+    groups: tuple[tuple[MTAConfig | None, tuple[int, ...]], ...]
+
+    def __post_init__(self) -> None:
+        heads = [h for _, hs in self.groups for h in hs]
+        if not heads or sorted(heads) != list(range(len(heads))):
+            raise ValueError(f"head groups must cover heads 0..H-1 exactly once, got {sorted(heads)}")
+        for cfg, _ in self.groups:
+            if cfg is not None and not isinstance(cfg, MTAConfig):
+                raise ValueError(f"a head group's config must be an MTAConfig or None (exact), got {cfg!r}")
+
+    @classmethod
+    def from_heads(cls, per_head: list[MTAConfig | None]) -> "MTAConfig | HeadGroups | None":
+        """Group heads by their configuration; one configuration for all heads collapses to it."""
+        if len(set(per_head)) == 1:
+            return per_head[0]
+        order: dict = {}
+        for h, cfg in enumerate(per_head):
+            order.setdefault(cfg, []).append(h)
+        return cls(tuple((cfg, tuple(hs)) for cfg, hs in order.items()))
+
+    @property
+    def heads(self) -> int:
+        return sum(len(hs) for _, hs in self.groups)
+
+    def op_groups(self) -> tuple:
+        """Plain (op kwargs or None, heads) tuples for the graph (printable in generated code)."""
+        return tuple((None if cfg is None else tuple(sorted(cfg.op_kwargs().items())), hs) for cfg, hs in self.groups)
+
+    @property
+    def short(self) -> str:
+        return ", ".join(f"{'exact' if cfg is None else cfg.short}×{len(hs)}" for cfg, hs in self.groups)
+
+    def __str__(self) -> str:
+        return f"per head: {self.short}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head_groups": [{"config": EXACT if cfg is None else _config_fields(cfg), "heads": list(hs)}
+                                for cfg, hs in self.groups]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HeadGroups":
+        return cls(tuple((None if g["config"] == EXACT else MTAConfig.from_dict(g["config"]), tuple(g["heads"]))
+                         for g in data["head_groups"]))
+
+
+def _config_fields(cfg: MTAConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k != "version"}
+
+
+SiteChoice = Union[MTAConfig, HeadGroups, str]  # an MTAConfig, per-head groups, or "exact"
 
 
 @dataclass(frozen=True)
 class PlanEntry:
     """What a plan says about one site; ``config`` None means the site stays exact."""
 
-    config: MTAConfig | None
+    config: MTAConfig | HeadGroups | None
     error: float | None = None  # measured error of this site alone (calibration)
     relative_cost: float | None = None  # predicted attention cost relative to exact
 
@@ -91,8 +145,14 @@ class PlanEntry:
         return self.config is None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.config is None:
+            config: Any = EXACT
+        elif isinstance(self.config, HeadGroups):
+            config = self.config.to_dict()
+        else:
+            config = _config_fields(self.config)
         return {
-            "config": EXACT if self.config is None else {k: v for k, v in self.config.to_dict().items() if k != "version"},
+            "config": config,
             "error": self.error,
             "relative_cost": self.relative_cost,
         }
@@ -100,8 +160,14 @@ class PlanEntry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanEntry":
         cfg = data.get("config", EXACT)
+        if cfg == EXACT:
+            config = None
+        elif isinstance(cfg, Mapping) and "head_groups" in cfg:
+            config = HeadGroups.from_dict(cfg)
+        else:
+            config = MTAConfig.from_dict(cfg)
         return cls(
-            config=None if cfg == EXACT else MTAConfig.from_dict(cfg),
+            config=config,
             error=data.get("error"),
             relative_cost=data.get("relative_cost"),
         )
@@ -110,7 +176,7 @@ class PlanEntry:
 def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
     if isinstance(choice, PlanEntry):
         return choice
-    if isinstance(choice, MTAConfig):
+    if isinstance(choice, (MTAConfig, HeadGroups)):
         return PlanEntry(choice)
     if choice == EXACT:
         return PlanEntry(None)
@@ -132,7 +198,7 @@ class Plan:
         self.sites = {str(name): _entry(choice) for name, choice in (sites or {}).items()}
         self.metadata = dict(metadata or {})
 
-    def config_for(self, name: str) -> MTAConfig | None:
+    def config_for(self, name: str) -> MTAConfig | HeadGroups | None:
         entry = self.sites.get(name)
         return None if entry is None else entry.config
 

@@ -76,3 +76,23 @@ def test_demo_builtin_runs_end_to_end():
     assert result.exit_code == 0, result.output
     assert "4 of 4 attention sites rewritten" in " ".join(result.output.split())
     assert "KL divergence" in result.output
+
+
+def test_calibrate_a_saved_program(tmp_path):
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    text = zoo.real_text()
+    samples = [(zoo.byte_tokens(text[i * 2000:], 512),) for i in range(4)]
+    program = tmp_path / "lm.pt2"
+    mr.save_program(model, program, samples[0])
+    torch.save(samples, tmp_path / "samples.pt")
+    plan_path = tmp_path / "plan.json"
+    result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                                 "-o", str(plan_path)])
+    assert result.exit_code == 0, result.output
+    plan = mr.Plan.load(plan_path)
+    assert plan.metadata["holdout_error"] <= 0.2
+    assert (tmp_path / "plan.report.md").exists()
+    bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "nope.pt"), "--budget", "0.2", "-o", "x.json"])
+    assert bad.exit_code == 2 and "no such file" in bad.output
+    bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "-1", "-o", "x.json"])
+    assert bad.exit_code == 2 and "budget" in bad.output

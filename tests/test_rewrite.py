@@ -183,3 +183,23 @@ def test_rewritten_program_saves_and_loads_in_a_fresh_process(tmp_path):
                     str(tmp_path / "y.pt")], check=True)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), rewritten(x2))
+
+
+def test_head_groups_are_exactly_the_reference_per_head():
+    case = next(c for c in zoo.hand_written_cases() if c.name == "einsum_gqa_repeat_interleave")
+    model = case.build()
+    (x,), _ = case.inputs(40)
+    cfg = mr.MTAConfig(6, sinks=2, top_k=1)
+    groups = mr.HeadGroups(((cfg, (0, 3)), (None, (1, 2))))
+    plan = mr.Plan({"root": groups})
+    assert mr.Plan.from_json(plan.to_json()) == plan
+    rewritten = mr.rewrite(model, (x,), plan=plan)
+    q, k, v = model.heads(x)
+    approx = mta_attention_reference(q, k, v, scale=model.dh ** -0.5, **cfg.op_kwargs())
+    exact = mta_attention_reference(q, k, v, scale=model.dh ** -0.5, chunk_size=10**6)
+    want = approx.clone()
+    want[:, 1:3] = exact[:, 1:3]
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), model.merge(want.float()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly once"):
+        mr.HeadGroups(((cfg, (0, 1)), (None, (1, 2))))

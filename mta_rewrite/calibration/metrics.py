@@ -54,16 +54,23 @@ def attended_rows(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
     return ok.any(-1).expand(shape[:-1])
 
 
-def local_error(outputs: list[torch.Tensor], exacts: list[torch.Tensor], masks: list) -> float:
-    """Relative L2 error of a site's output against its exact output, over all samples."""
+def local_error_parts(outputs: list[torch.Tensor], exacts: list[torch.Tensor], masks: list):
+    """Per query head, the squared error of a site's output against its exact output and the
+    squared norm of the exact output, summed over samples and attended rows: ([H], [H])."""
     num = den = 0.0
     for y, y0, mask in zip(outputs, exacts, masks):
         rows = attended_rows(mask, y0.shape)
-        diff = (y.double() - y0.double())
-        if rows is not None:
-            diff, ref = diff[rows], y0.double()[rows]
-        else:
-            ref = y0.double()
-        num += float(diff.pow(2).sum())
-        den += float(ref.pow(2).sum())
-    return (num / max(den, 1e-30)) ** 0.5
+        keep = torch.ones(y0.shape[:-1], dtype=torch.bool) if rows is None else rows
+        sq = ((y.double() - y0.double()).pow(2).sum(-1) * keep).transpose(0, 1).reshape(y0.shape[1], -1).sum(-1)
+        ref = (y0.double().pow(2).sum(-1) * keep).transpose(0, 1).reshape(y0.shape[1], -1).sum(-1)
+        num, den = num + sq, den + ref
+    return num, den
+
+
+def relative(num, den) -> float:
+    return float((num.sum() / den.sum().clamp(min=1e-30)) ** 0.5) if isinstance(num, torch.Tensor) else 0.0
+
+
+def local_error(outputs: list[torch.Tensor], exacts: list[torch.Tensor], masks: list) -> float:
+    """Relative L2 error of a site's output against its exact output, over all samples."""
+    return relative(*local_error_parts(outputs, exacts, masks))

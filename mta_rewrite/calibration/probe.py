@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..capture import capture
-from ..config import MTAConfig
-from ..passes.lower import eliminate_dead_code, lower_match_to_hook
+from ..config import HeadGroups, MTAConfig
+from ..passes.lower import eliminate_dead_code, grouped_attention, lower_match_to_hook
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
 
@@ -54,6 +54,8 @@ def site_hook(original, q, k, v, mask, name, causal, scale):
     config = state.configs.get(name)
     if config is None:
         return original
+    if isinstance(config, HeadGroups):
+        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale).to(original.dtype)
     return torch.ops.mta.attention(q, k, v, mask, causal=causal, scale=scale, **config.op_kwargs()).to(original.dtype)
 
 

@@ -9,7 +9,10 @@
 3. **Greedy in layer order, errors compounding**: for a local tolerance τ, walk the sites in
    graph order; for each, record its inputs *with the upstream sites already approximated* and
    take the cheapest front candidate whose local error is ≤ τ (else exact). A ladder of τ gives
-   a family of plans from all-exact (τ = 0) to aggressive.
+   a family of plans from all-exact (τ = 0) to aggressive. The same ladder is walked a second
+   time choosing **per query head** (each head its cheapest candidate within τ, heads grouped
+   by configuration, see :class:`~mta_rewrite.config.HeadGroups`): heads differ, some attend
+   locally and some retrieve, and per-head plans save where one configuration per site cannot.
 4. **Back off**: from the cheapest plan of the ladder, revert approximations one at a time, the
    least valuable first (least cost saved per unit of local error), to add intermediate plans.
 5. **Verify end to end** every plan of the family on the calibration *and* the held-out samples,
@@ -27,9 +30,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import MTAConfig, Plan, PlanEntry
+from ..config import HeadGroups, MTAConfig, Plan, PlanEntry
 from .cost import default_candidates, exact_cost, relative_cost
-from .metrics import METRICS, first_tensor, local_error, output_error
+from .metrics import METRICS, first_tensor, local_error_parts, output_error, relative
 from .probe import Probe, as_call
 
 PlanKey = tuple  # ((site name, MTAConfig), ...) for the approximated sites, in site order
@@ -43,9 +46,19 @@ class SiteStats:
     causal: bool
     weight: float  # exact attention cost of this site (all heads, batch), for plan-level cost
     candidates: list[MTAConfig] = field(default_factory=list)
+    heads: int = 1
     errors: dict[MTAConfig, float] = field(default_factory=dict)  # exact upstream
+    parts: dict[MTAConfig, tuple] = field(default_factory=dict)  # exact upstream, per head (num, den)
     costs: dict[MTAConfig, float] = field(default_factory=dict)
     front: list[MTAConfig] = field(default_factory=list)  # Pareto front, cost ascending
+    head_front: list[MTAConfig] = field(default_factory=list)  # union of the heads' fronts
+
+    def choice_cost(self, choice) -> float:
+        if choice is None:
+            return 1.0
+        if isinstance(choice, HeadGroups):
+            return sum(len(hs) * (1.0 if cfg is None else self.costs[cfg]) for cfg, hs in choice.groups) / choice.heads
+        return self.costs[choice]
 
 
 @dataclass
@@ -150,7 +163,7 @@ def calibrate(
             causal = recs[0].causal
             weight = exact_cost(n, d, causal) * q.shape[0] * q.shape[1]
             pool = list(candidates) if candidates is not None else default_candidates(n)
-            st = SiteStats(site.name, n, d, causal, weight)
+            st = SiteStats(site.name, n, d, causal, weight, heads=q.shape[1])
             st.candidates = [c for c in pool if relative_cost(c, n, d, causal) < 1.0]  # the crossover
             st.costs = {c: relative_cost(c, n, d, causal) for c in st.candidates}
             stats.append(st)
@@ -158,34 +171,46 @@ def calibrate(
         bar.start("site errors (exact upstream)", total)
         for st in stats:
             for cand in st.candidates:
-                st.errors[cand] = _site_error(records[st.name], cand)
+                st.parts[cand] = _site_parts(records[st.name], cand)
+                st.errors[cand] = relative(*st.parts[cand])
                 bar.advance()
             st.front = _pareto(st.costs, st.errors)
+            fronts = set()
+            for h in range(st.heads):
+                fronts.update(_pareto(st.costs, {c: float(p[0][h] / p[1][h].clamp(min=1e-30)) for c, p in st.parts.items()}))
+            st.head_front = sorted(fronts, key=lambda c: (st.costs[c], st.errors[c]))
 
         # ---- greedy in layer order for a ladder of tolerances ------------------------------
         error_cache: dict = {}
         record_cache: dict = {("", ()): None}
         ladder = _ladder()
-        bar.start("greedy plans (upstream approximated)", len(ladder))
+        bar.start("greedy plans (upstream approximated)", 2 * len(ladder))
         plans: dict[PlanKey, str] = {}
-        for tau in ladder:
-            configs = _greedy(probe, cal, stats, tau, error_cache, record_cache)
-            plans.setdefault(_key(configs, stats), f"τ={tau:.3g}")
-            bar.advance()
+        local_errors: dict[PlanKey, dict] = {}
+        for per_head in (False, True):
+            for tau in ladder:
+                configs, errs = _greedy(probe, cal, stats, tau, per_head, error_cache, record_cache)
+                key = _key(configs, stats)
+                plans.setdefault(key, f"τ={tau:.3g}" + (" per head" if per_head else ""))
+                local_errors.setdefault(key, errs)
+                bar.advance()
 
         # ---- back off from the cheapest plan, least valuable approximation first ----------
         cheapest = min(plans, key=lambda k: _plan_cost(dict(k), stats))
         chain = dict(cheapest)
+        chain_errors = local_errors[cheapest]
         by_name = {st.name: st for st in stats}
 
         def value(name):
-            st, cfg = by_name[name], chain[name]
-            saved = st.weight * (1 - st.costs[cfg])
-            return saved / (st.errors[cfg] + 1e-6)
+            st = by_name[name]
+            saved = st.weight * (1 - st.choice_cost(chain[name]))
+            return saved / (chain_errors[name] + 1e-6)
 
         while chain:
             del chain[min(chain, key=value)]
-            plans.setdefault(_key(chain, stats), "back-off")
+            key = _key(chain, stats)
+            plans.setdefault(key, "back-off")
+            local_errors.setdefault(key, {name: chain_errors[name] for name in chain})
 
         # ---- verify every plan end to end on calibration and held-out samples -------------
         bar.start("verifying plans end to end", len(plans))
@@ -199,8 +224,7 @@ def calibrate(
 
     feasible = [p for p in family if p.calibration_error <= budget and p.holdout_error <= budget]
     chosen = min(feasible, key=lambda p: (p.cost, p.holdout_error))  # all-exact is always feasible
-    local = {name: error_cache.get((name, _upstream_key(chosen.configs, stats, name), cfg), by_name[name].errors[cfg])
-             for name, cfg in chosen.configs.items()}
+    local = local_errors[_key(chosen.configs, stats)]
 
     plan = Plan(metadata={
         "budget": budget, "metric": metric, "seed": seed,
@@ -216,7 +240,7 @@ def calibrate(
         st = by_name.get(site.name)
         cfg = chosen.configs.get(site.name)
         plan.sites[site.name] = PlanEntry(cfg, error=local.get(site.name, 0.0 if st else None),
-                                          relative_cost=st.costs.get(cfg, 1.0) if st and cfg else 1.0)
+                                          relative_cost=st.choice_cost(cfg) if st else 1.0)
     details = Calibration(stats, family, chosen, budget, metric, local)
     if output is not None:
         from .report import write_report
@@ -244,7 +268,7 @@ def _upstream_key(configs: dict, stats: list[SiteStats], name: str) -> PlanKey:
 
 def _plan_cost(configs: dict, stats: list[SiteStats]) -> float:
     total = sum(st.weight for st in stats)
-    return sum(st.weight * (st.costs[configs[st.name]] if st.name in configs else 1.0) for st in stats) / total
+    return sum(st.weight * st.choice_cost(configs.get(st.name)) for st in stats) / total
 
 
 def _record(probe: Probe, samples: list, configs: dict, names: set) -> dict:
@@ -256,36 +280,58 @@ def _record(probe: Probe, samples: list, configs: dict, names: set) -> dict:
     return records
 
 
-def _site_error(recs, config: MTAConfig) -> float:
+def _site_parts(recs, config: MTAConfig):
     outs = [torch.ops.mta.attention(r.q, r.k, r.v, r.mask, causal=r.causal, scale=r.scale, **config.op_kwargs())
             for r in recs]
-    return local_error(outs, [r.exact for r in recs], [r.mask for r in recs])
+    return local_error_parts(outs, [r.exact for r in recs], [r.mask for r in recs])
 
 
-def _greedy(probe, cal, stats, tau, error_cache, record_cache) -> dict:
+def _greedy(probe, cal, stats, tau, per_head, error_cache, record_cache) -> tuple[dict, dict]:
+    """One plan for tolerance τ, sites in graph order with the upstream ones approximated.
+    Returns (site → MTAConfig or HeadGroups, site → its local error)."""
     configs: dict = {}
+    errors: dict = {}
     if tau == 0:
-        return configs
+        return configs, errors
     for st in stats:
         up = _upstream_key(configs, stats, st.name)
-        if not up:  # exact upstream: the errors measured already
-            errors = st.errors
-            lookup = errors.__getitem__
+        if not up:  # exact upstream: measured already
+            parts = st.parts.__getitem__
         else:
             rkey = (st.name, up)
             if rkey not in record_cache:
                 record_cache[rkey] = _record(probe, cal, dict(up), {st.name})[st.name]
 
-            def lookup(cand, rkey=rkey):
+            def parts(cand, rkey=rkey):
                 ekey = (rkey[0], rkey[1], cand)
                 if ekey not in error_cache:
-                    error_cache[ekey] = _site_error(record_cache[rkey], cand)
+                    error_cache[ekey] = _site_parts(record_cache[rkey], cand)
                 return error_cache[ekey]
-        for cand in st.front:
-            if lookup(cand) <= tau:
-                configs[st.name] = cand
+        if not per_head:
+            for cand in st.front:
+                err = relative(*parts(cand))
+                if err <= tau:
+                    configs[st.name], errors[st.name] = cand, err
+                    break
+            continue
+        chosen: list = [None] * st.heads
+        num = None
+        for cand in st.head_front:  # cost ascending: a head's first fit is its cheapest
+            n_c, d_c = parts(cand)
+            num = torch.zeros_like(n_c) if num is None else num
+            den = d_c
+            per = (n_c / d_c.clamp(min=1e-30)).sqrt()
+            for h in range(st.heads):
+                if chosen[h] is None and per[h] <= tau:
+                    chosen[h] = cand
+                    num[h] = n_c[h]
+            if all(c is not None for c in chosen):
                 break
-    return configs
+        choice = HeadGroups.from_heads(chosen)
+        if choice is not None:
+            configs[st.name] = choice
+            errors[st.name] = relative(num, den)
+    return configs, errors
 
 
 def _end_to_end(probe, samples, configs, reference, metric) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..config import MTAConfig
+from ..config import HeadGroups, MTAConfig
 from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv
 
 aten = torch.ops.aten
@@ -41,6 +41,35 @@ def combine_masks(allowed: list, additive: list):
 def head_dim_mask(mask):
     """A mask of bmm-style [B·H, n, n] attention gets the head dimension the op's [B·H, 1, n, d] layout has."""
     return mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
+
+
+EXACT_CHUNK = 1 << 30  # chunk_size ≥ n: one chunk, MTA is exact attention
+
+
+def grouped_attention(q, k, v, mask, groups, causal, scale):
+    """MTA with a different configuration per group of query heads (``HeadGroups.op_groups``);
+    a group with config None is exact. Called from the graph."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    G = Hq // Hkv
+    per_head_mask = mask is not None and mask.dim() >= 3 and mask.shape[-3] == Hq and Hq > 1
+    outs, order = [], []
+    for cfg, heads in groups:
+        idx = torch.tensor(heads, dtype=torch.long, device=q.device)
+        kv_idx = idx // G
+        m = mask.index_select(mask.dim() - 3, idx) if per_head_mask else mask
+        kwargs = dict(cfg) if cfg is not None else {"chunk_size": EXACT_CHUNK}
+        outs.append(torch.ops.mta.attention(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m,
+                                            causal=causal, scale=scale, **kwargs))
+        order.extend(heads)
+    inverse = torch.argsort(torch.tensor(order, dtype=torch.long, device=q.device))
+    return torch.cat(outs, dim=1).index_select(1, inverse)
+
+
+def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict) -> fx.Node:
+    """The graph node computing one site with ``config`` (an MTAConfig or HeadGroups)."""
+    if isinstance(config, HeadGroups):
+        return g.call_function(grouped_attention, (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"]))
+    return g.call_function(torch.ops.mta.attention.default, (q, k, v, mask), dict(config.op_kwargs(), **kw))
 
 
 def _canonical_operands(g: fx.Graph, m: AttentionMatch):
@@ -80,13 +109,13 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     return node
 
 
-def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig) -> fx.Node:
+def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups) -> fx.Node:
     """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before."""
     g = gm.graph
     out = m.output
     with g.inserting_before(out):
         q, k, v, mask = _canonical_operands(g, m)
-        node = g.call_function(torch.ops.mta.attention.default, (q, k, v, mask), dict(config.op_kwargs(), **_attention_kwargs(m)))
+        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m))
         node = _finish(g, m, node)
     out.replace_all_uses_with(node)
     # The replaced subgraph is dead now, but DCE would keep it: export's metadata assertions

