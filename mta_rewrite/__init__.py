@@ -12,8 +12,17 @@ from .passes.sites import AttentionSite
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # ONNX support imports onnx and onnxscript: only when it is used
+    if name in ("export_onnx", "onnx_session"):
+        from . import onnx as _onnx
+
+        return getattr(_onnx, name)
+    raise AttributeError(f"module 'mta_rewrite' has no attribute {name!r}")
+
 __all__ = [
     "AttentionSite", "CaptureError", "HeadGroups", "calibrate", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
-    "count_mta_nodes", "find_attention", "load_program", "mta_attention_reference", "rewrite", "save_program",
+    "count_mta_nodes", "export_onnx", "find_attention", "onnx_session", "load_program", "mta_attention_reference", "rewrite", "save_program",
     "__version__",
 ]

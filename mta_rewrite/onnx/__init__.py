@@ -1,0 +1,7 @@
+"""ONNX export: MTA sites as ``mta::MultiTokenAttention`` nodes with a function body in
+standard ONNX ops, so that stock onnxruntime (and onnxruntime-gpu) run them."""
+
+from .export import export_onnx, onnx_session
+from .function import DOMAIN, OP_TYPE, VERSION, function_proto
+
+__all__ = ["DOMAIN", "OP_TYPE", "VERSION", "export_onnx", "function_proto", "onnx_session"]

@@ -1,0 +1,173 @@
+"""export_onnx and onnx_session: rewritten models as ONNX that stock onnxruntime runs.
+
+``torch.onnx.export(dynamo=True)`` with a custom translation for ``mta.attention``: each site
+becomes one ``mta::MultiTokenAttention`` node (its configuration as attributes). Its
+FunctionProto (``function.py``) is attached afterwards with the model's opset imports, so
+onnxruntime inlines it where no native kernel is registered for the op.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+from onnxscript import values
+
+from ..api import rewrite
+from ..capture import dynamic_shapes_for
+from ..config import MTAConfig, Plan
+from .function import DOMAIN, OP_TYPE, VERSION, function_proto, mta_opset
+
+_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+
+
+def _schema() -> OpSchema:
+    p = OpSchema.FormalParameter
+    a = OpSchema.Attribute
+    return OpSchema(
+        OP_TYPE, DOMAIN, VERSION,
+        doc="Multi-Token Attention (mta-rewrite, MTA_SPEC.md); the model carries its function body.",
+        inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("mask", "M")],
+        outputs=[p("out", "T")],
+        type_constraints=[("T", _TYPES, "q, k, v and the output"), ("M", _TYPES, "additive mask")],
+        attributes=[
+            a("chunk_size", OpSchema.AttrType.INT, "tokens per chunk"),
+            a("causal", OpSchema.AttrType.INT, "1: causal"),
+            a("scale", OpSchema.AttrType.FLOAT, "scale of q·k"),
+            a("local_chunks", OpSchema.AttrType.INT, "local window in chunks"),
+            a("sinks", OpSchema.AttrType.INT, "always-exact first tokens"),
+            a("top_k", OpSchema.AttrType.INT, "exactly attended chunks per query chunk"),
+        ],
+    )
+
+
+if not onnx.defs.has(OP_TYPE, DOMAIN):
+    onnx.defs.register_schema(_schema())
+MTA_OP = values.Op(mta_opset, OP_TYPE, onnx.defs.get_schema(OP_TYPE, VERSION, DOMAIN))
+
+
+def _translate(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
+    """torch.ops.mta.attention → one mta::MultiTokenAttention node (the exporter's custom translation)."""
+    if scale is None:
+        d = q.shape[-1] if q.shape is not None else None
+        if not isinstance(d, int):
+            raise ValueError("the head size must be static to export an MTA site with the default scale")
+        scale = 1.0 / math.sqrt(d)
+    if attn_mask is None:
+        mask = op.Constant(value_floats=[0.0])
+        mask = op.Reshape(mask, op.Constant(value_ints=[1, 1, 1, 1]))
+    else:
+        rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
+        dtype = attn_mask.dtype
+        if dtype is not None and dtype == onnx.TensorProto.BOOL or str(dtype).upper().endswith("BOOL"):
+            mask = op.Where(attn_mask, op.Constant(value_float=0.0), op.Constant(value_float=float("-inf")))
+        else:
+            # forbidden values (≤ the mask dtype's minimum) become −inf whatever the dtype
+            fmin = op.CastLike(op.Constant(value_float=-65504.0), attn_mask) if _is_half(dtype) else None
+            mask = op.Cast(attn_mask, to=onnx.TensorProto.FLOAT)
+            if fmin is not None:
+                mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
+        if rank < 4:
+            mask = op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - rank))))
+    return MTA_OP(q, k, v, mask, chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
+                  local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
+
+
+def _is_half(dtype) -> bool:
+    name = str(dtype).upper()
+    return "FLOAT16" in name or "BFLOAT16" in name
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    args: Any,
+    path,
+    kwargs: dict | None = None,
+    *,
+    config: MTAConfig | None = None,
+    plan: Plan | None = None,
+    dynamic: bool = True,
+    opset: int | None = None,
+) -> onnx.ModelProto:
+    """Export ``model`` to ONNX at ``path`` (atomically). With ``config`` or ``plan`` the model is
+    rewritten first; a model without MTA sites (the original, exact) exports too. Every MTA site
+    is one ``mta::MultiTokenAttention`` node and the model carries its function. Batch and
+    sequence length are dynamic (``dynamic=True``)."""
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    if config is not None or plan is not None:
+        model = rewrite(model, args, kwargs, config=config, plan=plan, dynamic=dynamic)
+    shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+            custom_translation_table={torch.ops.mta.attention.default: _translate}, verbose=False,
+        )
+    proto = attach_function(program.model_proto)
+    onnx.checker.check_model(proto, full_check=True)
+    _atomic_save(proto, Path(path))
+    return proto
+
+
+def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the MultiTokenAttention FunctionProto when the graph uses it, with the model's opset."""
+    uses = any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in proto.graph.node)
+    if not uses or any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions):
+        return proto
+    fn = function_proto()
+    model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
+    del fn.opset_import[:]
+    fn.opset_import.extend([onnx.helper.make_opsetid("", model_opset)])
+    # (the body is written against opset 18; every op it uses keeps its meaning up to opset 23)
+    proto.functions.append(fn)
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+    return proto
+
+
+def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def onnx_session(path, device: str = "cpu"):
+    """An onnxruntime InferenceSession with the right providers. ``device="cuda"`` requires the
+    CUDA provider to load (onnxruntime-gpu, a matching CUDA): otherwise a clear error, never a
+    silent fallback to the CPU."""
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"no such file: {path}")
+    if device == "cpu":
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError("onnxruntime has no CUDA provider here: install onnxruntime-gpu (and a CUDA it supports), "
+                           "or use device='cpu'")
+    try:
+        # (shape arithmetic on int64 runs on the CPU provider in any CUDA session; the check
+        # below is about the CUDA provider itself failing to load)
+        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"the CUDA provider could not run {path}: {str(exc).splitlines()[0]}") from None
+    if "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError("the CUDA provider failed to load (missing CUDA or cuDNN libraries?); not falling back to the CPU")
+    return session

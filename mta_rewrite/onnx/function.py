@@ -1,0 +1,216 @@
+"""The ``mta::MultiTokenAttention`` ONNX function: MTA_SPEC.md in standard ONNX ops.
+
+Every MTA site of an exported model is one node of domain ``mta`` (op type
+``MultiTokenAttention``, version 1) with the configuration as attributes; the model carries this
+function, so stock onnxruntime runs it by inlining the body (a native kernel registered for the
+op would take precedence).
+
+Inputs: q [B, Hq, n, d]; k, v [B, Hkv, n, d]; mask: a float additive mask of rank 4,
+broadcastable to [B, Hq, n, n] (the exporter turns bool masks into 0/−inf and a missing mask into
+a [1, 1, 1, 1] zero). Values ≤ −3.4e38 (−inf, float32's minimum) are forbidden keys.
+Attributes: chunk_size, causal (0/1), scale, local_chunks, sinks, top_k.
+
+The body mirrors ``ops/chunked.py``: per query chunk, one key set [exact chunks (window, top-k
+selected, blocks where the mask varies per query) | sinks | chunk summaries], one softmax. With
+no mask, a causal flag or a key-padding mask ([.., 1, n]) nothing n×n is formed; a mask that
+varies per query is read in chunk blocks, so the function holds O(B·H·n²) booleans then (the
+mask itself is n×n). Computation is in float32; the output has q's type.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnxscript import FLOAT, INT64, script
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+DOMAIN = "mta"
+OP_TYPE = "MultiTokenAttention"
+VERSION = 1
+mta_opset = Opset(DOMAIN, VERSION)
+
+
+@script(mta_opset, default_opset=op)
+def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int, top_k: int):
+    neg_inf = op.Constant(value_float=float("-inf"))
+    pos_inf = op.Constant(value_float=float("inf"))
+    zero_f = op.Constant(value_float=0.0)
+    one_f = op.Constant(value_float=1.0)
+    i0 = op.Constant(value_ints=[0])
+    i1 = op.Constant(value_ints=[1])
+    im1 = op.Constant(value_ints=[-1])
+    s0 = op.Constant(value_int=0)
+    s1 = op.Constant(value_int=1)
+
+    qf = op.Cast(q, to=FLOAT.dtype)
+    kf = op.Cast(k, to=FLOAT.dtype)
+    vf = op.Cast(v, to=FLOAT.dtype)
+    mf = op.Cast(mask, to=FLOAT.dtype)
+    is_causal = op.Cast(op.Constant(value_int=causal), to=onnx.TensorProto.BOOL)
+    scale_t = op.Constant(value_float=scale)
+
+    B = op.Shape(qf, start=0, end=1)
+    H = op.Shape(qf, start=1, end=2)
+    N = op.Shape(qf, start=2, end=3)
+    D = op.Shape(qf, start=3, end=4)
+    Hkv = op.Shape(kf, start=1, end=2)
+    G = op.Div(H, Hkv)
+    # grouped-query attention: every query head gets its key/value head
+    k4 = op.Reshape(op.Expand(op.Unsqueeze(kf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
+    v4 = op.Reshape(op.Expand(op.Unsqueeze(vf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
+
+    c = op.Min(op.Reshape(op.Constant(value_int=chunk_size), i1), N)
+    nc = op.Div(op.Sub(op.Add(N, c), i1), c)
+    npad = op.Mul(nc, c)
+    padn = op.Sub(npad, N)
+    L = op.Min(op.Reshape(op.Constant(value_int=local_chunks), i1), nc)
+    S = op.Min(op.Reshape(op.Constant(value_int=sinks), i1), N)
+    K = op.Min(op.Reshape(op.Constant(value_int=top_k), i1), nc)
+    pads = op.Concat(i0, i0, i0, i0, i0, i0, padn, i0, axis=0)
+    qc = op.Reshape(op.Pad(qf, pads), op.Concat(B, H, nc, c, D, axis=0))
+    kc = op.Reshape(op.Pad(k4, pads), op.Concat(B, H, nc, c, D, axis=0))
+    vc = op.Reshape(op.Pad(v4, pads), op.Concat(B, H, nc, c, D, axis=0))
+
+    # positions
+    npad_s = op.Squeeze(npad, i0)
+    nc_s = op.Squeeze(nc, i0)
+    c_s = op.Squeeze(c, i0)
+    N_s = op.Squeeze(N, i0)
+    S_s = op.Squeeze(S, i0)
+    pos = op.Reshape(op.Range(s0, npad_s, s1), op.Concat(nc, c, axis=0))  # [nc, c]
+    real = op.Less(pos, N_s)
+    base = op.And(real, op.GreaterOrEqual(pos, S_s))  # keys that may enter a summary
+    ar_c = op.Range(s0, c_s, s1)
+    ii = op.Unsqueeze(op.Range(s0, nc_s, s1), [1])  # [nc, 1]
+    jj = op.Unsqueeze(op.Range(s0, nc_s, s1), [0])  # [1, nc]
+
+    # ---- the mask: allowed and bias, keys padded as forbidden, query rows by chunk blocks ----
+    Bm = op.Shape(mf, start=0, end=1)
+    Hm = op.Shape(mf, start=1, end=2)
+    NQ = op.Shape(mf, start=2, end=3)
+    mk = op.Expand(mf, op.Concat(i1, i1, i1, N, axis=0))
+    allowed_f = op.Cast(op.Greater(mk, op.Constant(value_float=-3.4e38)), to=FLOAT.dtype)
+    bias = op.Where(op.Greater(allowed_f, zero_f), mk, zero_f)
+    kpads = op.Concat(i0, i0, i0, i0, i0, i0, i0, padn, axis=0)
+    allowed_f = op.Pad(allowed_f, kpads)
+    bias = op.Pad(bias, kpads)
+    per_query = op.Greater(NQ, i1)
+    rows = op.Where(per_query, npad, i1)
+    row_idx = op.Min(op.Range(s0, op.Squeeze(rows, i0), s1), op.Squeeze(op.Sub(NQ, i1), i0))
+    allowed_r = op.Gather(allowed_f, row_idx, axis=2)  # [Bm, Hm, rows, npad]
+    bias_r = op.Gather(bias, row_idx, axis=2)
+    Iq = op.Where(per_query, nc, i1)
+    cq = op.Where(per_query, c, i1)
+    ab = op.Greater(op.Reshape(allowed_r, op.Concat(Bm, Hm, Iq, cq, nc, c, axis=0)), zero_f)  # [Bm,Hm,Iq,cq,nc,c]
+    bb = op.Reshape(bias_r, op.Concat(Bm, Hm, Iq, cq, nc, c, axis=0))
+
+    # ---- summaries: masked means over the first query row of each block ---------------------
+    w = op.And(op.Squeeze(op.Gather(ab, i0, axis=3), [3]), base)  # [Bm, Hm, Iq, nc, c]
+    eff = op.And(ab, base)
+    uniform = op.Cast(op.ReduceMin(op.Cast(op.Equal(eff, op.Unsqueeze(w, [3])), to=INT64.dtype),
+                                   op.Constant(value_ints=[3, 5]), keepdims=0), to=onnx.TensorProto.BOOL)
+    b0 = op.Squeeze(op.Gather(bb, i0, axis=3), [3])
+    any_w = op.Cast(op.ReduceMax(op.Cast(w, to=INT64.dtype), im1, keepdims=0), to=onnx.TensorProto.BOOL)
+    bmax = op.ReduceMax(op.Where(w, b0, neg_inf), im1, keepdims=0)
+    bmin = op.ReduceMin(op.Where(w, b0, pos_inf), im1, keepdims=0)
+    const = op.Or(op.Equal(bmax, bmin), op.Not(any_w))
+    same = op.Cast(op.ReduceMin(op.Cast(op.Equal(op.Where(eff, bb, zero_f), op.Unsqueeze(op.Where(w, b0, zero_f), [3])),
+                                        to=INT64.dtype), op.Constant(value_ints=[3, 5]), keepdims=0), to=onnx.TensorProto.BOOL)
+    uniform = op.And(op.And(uniform, const), same)  # [Bm, Hm, Iq, nc]
+    summary_bias = op.Where(any_w, bmax, zero_f)
+    wf = op.Expand(op.Cast(w, to=FLOAT.dtype), op.Concat(B, H, Iq, nc, c, axis=0))
+    n_j = op.ReduceSum(op.Cast(w, to=FLOAT.dtype), im1, keepdims=0)  # [Bm, Hm, Iq, nc]
+    inv = op.Unsqueeze(op.Div(one_f, op.Max(op.Expand(n_j, op.Concat(B, H, Iq, nc, axis=0)), one_f)), [4])
+    kbar = op.Mul(op.Einsum(wf, kc, equation="bhijc,bhjcd->bhijd"), inv)  # [B, H, Iq, nc, d]
+    vbar = op.Mul(op.Einsum(wf, vc, equation="bhijc,bhjcd->bhijd"), inv)
+
+    # ---- which chunks each query chunk summarises, and which it attends exactly -------------
+    L_s = op.Squeeze(L, i0)
+    # (Where on booleans has no onnxruntime CPU kernel: choose with And/Or)
+    not_window = op.Or(op.And(is_causal, op.Less(jj, op.Add(op.Sub(ii, L_s), s1))),
+                       op.And(op.Not(is_causal), op.Greater(op.Abs(op.Sub(jj, ii)), op.Sub(L_s, s1))))  # [nc, nc]
+    summarised = op.And(op.And(not_window, op.Greater(n_j, zero_f)), uniform)
+    summarised = op.Expand(summarised, op.Concat(B, H, nc, nc, axis=0))
+    nonuni = op.Expand(op.And(not_window, op.Not(uniform)), op.Concat(B, H, nc, nc, axis=0))
+    kx = op.Max(op.Reshape(op.ReduceMax(op.ReduceSum(op.Cast(nonuni, to=INT64.dtype), im1, keepdims=0), keepdims=0), i1), i1)
+    nu_vals, nu_idx = op.TopK(op.Cast(nonuni, to=FLOAT.dtype), kx, axis=-1, largest=1, sorted=1)
+    minus1 = op.Constant(value_int=-1)
+    nonuni_list = op.Where(op.Greater(nu_vals, op.Constant(value_float=0.5)), nu_idx, minus1)
+
+    # top-k: chunks with the largest scale·q̄_i·k̄_j move from the summaries into the exact set
+    counts = op.ReduceSum(op.Cast(real, to=FLOAT.dtype), im1, keepdims=0)  # [nc]
+    qbar = op.Div(op.ReduceSum(qc, op.Constant(value_ints=[3]), keepdims=0), op.Unsqueeze(counts, [1]))
+    qbar = op.Mul(qbar, scale_t)  # [B, H, nc, d]
+    score = op.Squeeze(op.MatMul(op.Unsqueeze(qbar, [3]), op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), [3])  # [B,H,nc,nc]
+    score = op.Where(summarised, score, neg_inf)
+    kk = op.Max(K, i1)
+    top_vals, top_idx = op.TopK(score, kk, axis=-1, largest=1, sorted=1)
+    chosen = op.And(op.Greater(top_vals, neg_inf), op.Greater(K, s0))
+    select_list = op.Where(chosen, top_idx, minus1)
+    picked = op.ScatterElements(op.ConstantOfShape(op.Concat(B, H, nc, nc, axis=0)), top_idx,
+                                op.Cast(chosen, to=FLOAT.dtype), axis=-1)
+    summarised = op.And(summarised, op.Not(op.Greater(picked, op.Constant(value_float=0.5))))
+
+    offsets = op.Range(op.Sub(s1, L_s), op.Where(is_causal, s1, L_s), s1)
+    win = op.Add(ii, op.Unsqueeze(offsets, [0]))
+    win = op.Where(op.And(op.GreaterOrEqual(win, s0), op.Less(win, nc_s)), win, minus1)
+    W = op.Shape(win, start=1, end=2)
+    win = op.Expand(win, op.Concat(B, H, nc, W, axis=0))
+    exact = op.Concat(win, select_list, nonuni_list, axis=-1)  # [B, H, nc, Ke]
+    Ke = op.Shape(exact, start=3, end=4)
+    exact_idx = op.Max(exact, s0)
+    kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(exact_idx, c_s), [4]), ar_c), op.Concat(B, H, nc, op.Mul(Ke, c), axis=0))
+    kvalid = op.And(op.Reshape(op.Expand(op.Unsqueeze(op.GreaterOrEqual(exact, s0), [4]), op.Concat(B, H, nc, Ke, c, axis=0)),
+                               op.Concat(B, H, nc, op.Mul(Ke, c), axis=0)), op.Less(kpos, N_s))
+    gidx = op.Unsqueeze(exact_idx, [4])
+    kg = op.Reshape(op.GatherND(kc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(Ke, c), D, axis=0))
+    vg = op.Reshape(op.GatherND(vc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(Ke, c), D, axis=0))
+
+    # ---- logits of the exact part [B, H, nc, c, Ke·c] --------------------------------------
+    qpos = op.Unsqueeze(pos, [2])  # [nc, c, 1]
+    causal_ok = op.Or(op.Not(is_causal), op.LessOrEqual(op.Unsqueeze(kpos, [3]), qpos))
+    rows_b = op.Reshape(op.Expand(allowed_r, op.Concat(B, H, rows, npad, axis=0)), op.Concat(B, H, Iq, cq, npad, axis=0))
+    brow_b = op.Reshape(op.Expand(bias_r, op.Concat(B, H, rows, npad, axis=0)), op.Concat(B, H, Iq, cq, npad, axis=0))
+    rows_b = op.Expand(rows_b, op.Concat(B, H, nc, cq, npad, axis=0))
+    brow_b = op.Expand(brow_b, op.Concat(B, H, nc, cq, npad, axis=0))
+    kidx = op.Expand(op.Unsqueeze(kpos, [3]), op.Concat(B, H, nc, cq, op.Mul(Ke, c), axis=0))
+    mask_ok = op.Greater(op.GatherElements(rows_b, kidx, axis=4), zero_f)  # [B, H, nc, cq, Ke·c]
+    mask_bias = op.GatherElements(brow_b, kidx, axis=4)
+    ok_e = op.And(op.And(op.Unsqueeze(kvalid, [3]), causal_ok), mask_ok)
+    le = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), mask_bias)
+    le = op.Where(ok_e, le, neg_inf)
+
+    # ---- sinks [B, H, nc, c, S] ----------------------------------------------------------------
+    sink_pos = op.Range(s0, S_s, s1)
+    sink_chunk = op.Div(sink_pos, c_s)
+    dup = op.Cast(op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(exact, [4]), sink_chunk), to=INT64.dtype),
+                               op.Constant(value_ints=[3]), keepdims=0), to=onnx.TensorProto.BOOL)  # [B,H,nc,S]
+    future = op.And(is_causal, op.Greater(op.Unsqueeze(sink_chunk, [0]), ii))  # [nc, S]
+    sink_ok = op.Unsqueeze(op.And(op.Not(dup), op.Not(future)), [3])
+    s_rows = op.Slice(rows_b, i0, S, op.Constant(value_ints=[4]))  # [B, H, nc, cq, S]
+    s_bias = op.Slice(brow_b, i0, S, op.Constant(value_ints=[4]))
+    ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
+    vs = op.Slice(v4, i0, S, op.Constant(value_ints=[2]))
+    ls = op.Add(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t), s_bias)
+    ls = op.Where(op.And(sink_ok, op.Greater(s_rows, zero_f)), ls, neg_inf)
+
+    # ---- summaries [B, H, nc, c, nc] -----------------------------------------------------------
+    term = op.Add(op.Log(op.Max(n_j, one_f)), summary_bias)  # [Bm, Hm, Iq, nc]
+    lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
+    lm = op.Where(op.Unsqueeze(summarised, [3]), lm, neg_inf)
+
+    # ---- one softmax over [exact | sinks | summaries]; empty rows give zeros ------------------
+    logits = op.Concat(le, ls, lm, axis=-1)
+    mx = op.ReduceMax(logits, im1, keepdims=1)
+    mx = op.Where(op.Equal(mx, neg_inf), zero_f, mx)
+    p = op.Exp(op.Sub(logits, mx))
+    den = op.ReduceSum(p, im1, keepdims=1)
+    vset = op.Concat(vg, op.Expand(op.Unsqueeze(vs, [2]), op.Concat(B, H, nc, S, D, axis=0)),
+                     op.Expand(vbar, op.Concat(B, H, nc, nc, D, axis=0)), axis=3)
+    out = op.Div(op.MatMul(p, vset), op.Max(den, op.Constant(value_float=1e-30)))  # [B, H, nc, c, d]
+    out = op.Slice(op.Reshape(out, op.Concat(B, H, npad, D, axis=0)), i0, N, op.Constant(value_ints=[2]))
+    return op.CastLike(out, q)
+
+
+def function_proto() -> onnx.FunctionProto:
+    return MultiTokenAttention.to_function_proto()

@@ -1,0 +1,137 @@
+"""ONNX export: one mta node per site with its function, run by stock onnxruntime (CPU), equal to
+the PyTorch rewritten model at sequence lengths other than the export's."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+from mta_rewrite.onnx import DOMAIN, OP_TYPE, export_onnx, onnx_session
+
+HAS_TRANSFORMERS = True
+try:
+    import transformers  # noqa: F401
+except ImportError:  # pragma: no cover
+    HAS_TRANSFORMERS = False
+
+CASES = {
+    "scores_div_masked_fill": mr.MTAConfig(8, 2, 2, 1),
+    "bmm_3d_where": mr.MTAConfig(8, 1, 3, 2),
+    "einsum_gqa_repeat_interleave": mr.MTAConfig(5, 2, 0, 2),
+    "gqa_expand_causal_buffer": mr.MTAConfig(8, 2, 2, 1),
+    "sdpa_causal_gqa": mr.MTAConfig(4),
+    "two_layers": mr.MTAConfig(6, 1, 1, 1),
+    "nn.MultiheadAttention": mr.MTAConfig(8, 2, 2, 1),
+    "llama (sdpa)": mr.MTAConfig(8, 2, 4, 2),
+    "gpt2 (eager)": mr.MTAConfig(4, 2, 2, 1),
+    "bert (sdpa)": mr.MTAConfig(8, 1, 0, 1),
+    "t5-encoder (eager)": mr.MTAConfig(8, 1, 2, 1),
+}
+
+
+def feeds(session, args, kwargs):
+    values = list(args) + list(kwargs.values())
+    return {inp.name: v.numpy() for inp, v in zip(session.get_inputs(), values)}
+
+
+def first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    if case.family == "transformers" and not HAS_TRANSFORMERS:
+        pytest.skip("transformers not installed")
+    config = CASES[name]
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(model, args, path, kwargs, config=config)
+        rewritten = mr.rewrite(model, args, kwargs, config=config)
+    nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+    assert len(nodes) == case.rewritable and all(n.op_type == OP_TYPE for n in nodes)
+    assert [f.name for f in proto.functions] == [OP_TYPE]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["chunk_size"] == config.chunk_size and attrs["top_k"] == config.top_k
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    session = onnx_session(path)
+    for n in (case.lengths[0] + 7, case.lengths[1] + 13):  # lengths other than the export's
+        a, kw = case.inputs(n)
+        got = session.run(None, feeds(session, a, kw))[0]
+        with torch.no_grad():
+            want = first(rewritten(*a, **kw)).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_the_original_exact_model_exports_too(tmp_path):
+    case = next(c for c in zoo.hand_written_cases() if c.name == "scores_div_masked_fill")
+    model = case.build()
+    args, kwargs = case.inputs(24)
+    proto = export_onnx(model, args, tmp_path / "exact.onnx", kwargs)
+    assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
+    session = onnx_session(tmp_path / "exact.onnx")
+    a, kw = case.inputs(31)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, feeds(session, a, kw))[0], model(*a, **kw).numpy(), atol=1e-5)
+
+
+class _OneSite(torch.nn.Module):
+    def __init__(self, mask_kind, **config):
+        super().__init__()
+        self.mask_kind, self.config = mask_kind, config
+
+    def forward(self, q, k, v, mask):
+        return torch.ops.mta.attention(q, k, v, None if self.mask_kind == "none" else mask, **self.config)
+
+
+MASKS = ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias", "random_bool_per_head"]
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_function_equals_the_op_on_every_branch(mask_kind, tmp_path):
+    """The function alone, across configurations and mask kinds, against the PyTorch op."""
+    from tests.ops.test_attention import make_mask
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    mask = make_mask(mask_kind, B, Hq, n)
+    mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
+    for i, (causal, (c, L, s, top_k)) in enumerate(itertools.product([False, True], [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0)])):
+        config = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        module = _OneSite(mask_kind, **config)
+        path = tmp_path / f"site{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(module, (q, k, v, mask), path, dynamic=False)
+        session = onnx_session(path)
+        inputs = {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))}
+        got = session.run(None, inputs)[0]
+        want = module(q, k, v, mask).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(config))
+
+
+def test_cuda_session_is_a_clear_error_without_the_cuda_provider(tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    case = next(c for c in zoo.hand_written_cases() if c.name == "scale_split_on_q_k")
+    args, kwargs = case.inputs(16)
+    export_onnx(case.build(), args, tmp_path / "m.onnx", kwargs, config=mr.MTAConfig(4))
+    with pytest.raises(RuntimeError, match="CUDA provider"):
+        onnx_session(tmp_path / "m.onnx", device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        onnx_session(tmp_path / "m.onnx", device="tpu")
