@@ -48,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--metric", default="rel_l2")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--label", default="", help="suffix for the result files")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -87,7 +88,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['budget']:g} | {r['holdout_error']:.4f} | {r['embedding_cosine']:.4f} | {100 * r['attention_flops_saved']:.1f}% | "
                      f"{100 * r['attention_time_saved_model']:.1f}% | {r['calibration_s']:.0f} s |")
-    stamp = dt.date.today().isoformat()
+    stamp = dt.date.today().isoformat() + (f"_{args.label}" if args.label else "")
     table = "\n".join(lines)
     print(f"\nall-MiniLM-L6-v2, {args.samples} samples × 512 tokens, {machine}\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
