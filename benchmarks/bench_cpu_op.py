@@ -21,10 +21,8 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite  # noqa: E402,F401
+from mta_rewrite.timing import best_ms  # noqa: E402
 
 NEG = -1.0e30
 
@@ -59,16 +58,6 @@ def provider_fn(name, q, k, v, c, causal):
     if name == "composition":
         return lambda: composition(q, k, v, c, causal)
     return lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal)
-
-
-def best_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
 
 
 def inputs(n, heads, d):

@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -26,16 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
 from mta_rewrite.onnx import export_onnx, onnx_session  # noqa: E402
-
-
-def best(fn, repeats):
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out) * 1e3
+from mta_rewrite.timing import best_ms  # noqa: E402
 
 
 def main(argv=None):
@@ -59,17 +49,17 @@ def main(argv=None):
             session = onnx_session(path)
             name = session.get_inputs()[0].name
             feed = {name: tokens.numpy()}
-            ort_ms = best(lambda: session.run(None, feed), args.repeats)
+            ort_ms = best_ms(lambda: session.run(None, feed), args.repeats)
             out = session.run(None, feed)[0]
             torch_model = model if config is None else mr.rewrite(model, example, config=config)
             with torch.no_grad():
-                torch_ms = best(lambda: torch_model(tokens), args.repeats)
+                torch_ms = best_ms(lambda: torch_model(tokens), args.repeats)
                 torch_out = torch_model(tokens).numpy()
             ref = out if ref is None else ref
             rows.append((label, ort_ms, torch_ms, float(np.abs(out - torch_out).max()), float(np.abs(out - ref).max())))
             print(rows[-1], flush=True)
     exact_ort, exact_torch = rows[0][1], rows[0][2]
-    lines = [f"| model | onnxruntime CPU ms | vs exact | PyTorch ms | vs exact | max abs diff ORT vs PyTorch |", "|---|---|---|---|---|---|"]
+    lines = ["| model | onnxruntime CPU ms | vs exact | PyTorch ms | vs exact | max abs diff ORT vs PyTorch |", "|---|---|---|---|---|---|"]
     for label, o, t, diff, _ in rows:
         lines.append(f"| {label} | {o:.0f} | {exact_ort / o:.2f}× | {t:.0f} | {exact_torch / t:.2f}× | {diff:.1e} |")
     stamp = dt.date.today().isoformat()

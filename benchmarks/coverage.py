@@ -26,14 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
+from mta_rewrite.calibration.metrics import first_tensor  # noqa: E402
 
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
-
-
-def first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def max_error(model, rewritten, case):

@@ -10,7 +10,6 @@ small built-in causal transformer, with real text from Python's own standard lib
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from .api import count_mta_nodes, find_attention, rewrite
 from .config import MTAConfig
 from .passes.sites import AttentionSite
 from . import zoo
+from .timing import best_ms
 
 
 @dataclass
@@ -32,13 +32,7 @@ class DemoResult:
 
 
 def _best_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return best_ms(fn, repeats) / 1e3
 
 
 def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int = 16384, repeats: int = 1,

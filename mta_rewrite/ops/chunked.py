@@ -1,6 +1,7 @@
 """The efficient MTA implementation (CPU, and any device without a dedicated kernel).
 
-Everything is vectorised over chunks: no Python loop over queries, chunks or heads.
+Everything is vectorised over chunks: no Python loop over queries, chunks or heads (the only
+loops are over the ≤ 2L−1 window offsets and over at most 8 causal bands).
 
 Layout. Queries are cut into ``nc`` chunks of ``c`` tokens; the queries of one chunk and of the
 ``G = Hq / Hkv`` query heads that share a key/value head form one row block of ``T = G·c`` rows
@@ -9,17 +10,19 @@ build one key set of ``X`` columns:
 
     [ exact chunks of i (window, top-k selected, non-uniform-mask blocks) | sinks | summaries ]
 
-and run **one** fused attention (PyTorch's CPU flash kernel) over all chunks as a batch. What
-differs per chunk but not per query inside the chunk (a window chunk that falls off the sequence,
-key padding, a summary's ``log n_j``, a summary that is excluded because it is exact for this
-chunk) rides in one extra head dimension: q gets a trailing 1 and each key its per-chunk additive
-term, so ``q'·k' = scale·q·k + term``. The only per-query masking left is the causal triangle of
-the diagonal chunk, a [T, X] mask shared by every chunk and head (it stays in cache), or, for
-masks the user built per query, the gathered blocks of that mask.
+and run all chunks as one batch through PyTorch's fused CPU flash-attention kernel. What differs
+per chunk but not per query inside the chunk (a window chunk that falls off the sequence, key
+padding, a summary's ``log n_j``, a summary excluded because it is exact for this chunk) is one
+row of additive terms per chunk, passed as a mask with a broadcast query dimension (stride 0 in
+the kernel: nothing n×X is built). Per-query terms are the causal triangle of the diagonal chunk
+(a [T, X] mask shared by every chunk and head) and, for masks the user built per query, the
+gathered blocks of that mask. When the per-chunk terms differ per head (top-k, per-batch key
+padding) *and* causality needs the triangle, the terms ride in one extra head dimension instead
+(q' = [q, 1/scale], k' = [k, term]) so the mask stays the small shared triangle.
 
-Cost per head: n·X·(d+1) multiply-adds with X = c·(W + top_k) + sinks + nc (W = L causal,
-2L−1 otherwise); memory O(n·X) only inside the kernel's tiles, O(nc·X·d) for the key sets.
-No n×n tensor exists unless the user passed one.
+Cost per head: n·X·d multiply-adds with X = c·(W + top_k) + sinks + nc (W = L causal, 2L−1
+otherwise), the causal summaries banded to about half; memory O(nc·X·d) for the key sets and
+O(n·X) inside the kernel's tiles. No n×n tensor exists unless the user passed one.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import torch.nn.functional as F
 
 from .masks import NormalizedMask, normalize_mask
 
-# Additive term for "excluded": finite so that 0·NEG stays 0 in the backward pass (an -inf
-# here would give NaN gradients for q's extra dimension); exp(NEG − anything real) is 0.
+# Additive term for "excluded": finite, so that a fully excluded row has a finite log-sum-exp
+# (found below and zeroed) and 0·NEG stays 0 in the backward pass through the extra head
+# dimension; exp(NEG − anything real) is 0.
 NEG = -1.0e30
 # A row whose log-sum-exp is below this attended nothing (all its terms were NEG).
 EMPTY_ROW_LSE = -1.0e29
@@ -254,7 +258,6 @@ def mta_attention_chunked(
             kb = torch.gather(bias[:, :, 0].expand(flat.shape[0], flat.shape[1], -1), -1, flat.flatten(2))
             term_exact = term_exact + torch.where(ok, kb.view(flat.shape), 0.0)
 
-    sink_cols = []
     if s > 0:
         sink_chunk = torch.arange(s, device=dev) // c
         dup = (exact.unsqueeze(-1) == sink_chunk).any(-2)  # [Bl, Hl, nc, s]: already exact
@@ -266,7 +269,6 @@ def mta_attention_chunked(
             term_sink = torch.where(ok, term_sink, NEG)
             if bias is not None:
                 term_sink = term_sink + torch.where(ok, bias[:, :, 0, :s].unsqueeze(2), 0.0)
-        sink_cols = [s]
 
     log_n = torch.log(n_j.clamp(min=1.0))
     if summary_bias is not None:
