@@ -2,7 +2,8 @@
 
 The signature and the math are those of MTA_SPEC.md. The op is opaque to torch.export (it
 appears as one node ``mta.attention.default`` with its configuration as constant arguments),
-runs the efficient chunked implementation on every device that has no dedicated kernel, and
+runs the fused Triton kernels on CUDA (``kernels/``, with the dispatch rules there) and the
+efficient chunked implementation on the CPU and every other device, and
 differentiates in q, k and v by recomputing the forward under autograd in the backward pass
 (a rematerialising backward: no activations are kept between forward and backward but the
 inputs). Gradients with respect to ``attn_mask`` are not computed (masks are constants in every
@@ -65,6 +66,15 @@ def attention(
         q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
         local_chunks=local_chunks, sinks=sinks, top_k=top_k,
     )
+
+
+@attention.register_kernel("cuda")
+def _(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
+    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k)
+    from ..kernels import dispatch_cuda  # triton is imported only when a CUDA tensor arrives
+
+    return dispatch_cuda(q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
+                         local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
 @attention.register_fake

@@ -1,0 +1,41 @@
+"""GPU kernels (Triton) behind ``torch.ops.mta.attention`` for CUDA tensors.
+
+Dispatch for a CUDA call:
+
+- a configuration that is exact (one chunk, c ≥ n) with no mask → ``scaled_dot_product_attention``;
+- no mask or a key-padding mask, triton installed → the fused Triton forward (``mta_fwd.py``);
+- anything else (masks that vary per query, additive biases) → the portable implementation
+  (``ops/chunked.py``), correct for every mask.
+
+Gradients: the op's backward recomputes the forward with the portable implementation under
+autograd, on the same device (no transfer to the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.chunked import mta_attention_chunked
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
+    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    n = q.shape[2]
+    if attn_mask is None and chunk_size >= n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if triton_available():
+        from .mta_fwd import key_padding, mta_forward_triton
+
+        keep = key_padding(attn_mask, q.shape[0], n)
+        if keep is not False:
+            return mta_forward_triton(q, k, v, keep, **kwargs)
+    return mta_attention_chunked(q, k, v, attn_mask, **kwargs)
