@@ -135,3 +135,19 @@ def test_cuda_session_is_a_clear_error_without_the_cuda_provider(tmp_path):
         onnx_session(tmp_path / "m.onnx", device="cuda")
     with pytest.raises(ValueError, match="device"):
         onnx_session(tmp_path / "m.onnx", device="tpu")
+
+
+def test_per_head_group_plan_exports_one_node_per_group(tmp_path):
+    case = next(c for c in zoo.hand_written_cases() if c.name == "einsum_gqa_repeat_interleave")
+    model = case.build()
+    (x,), _ = case.inputs(40)
+    plan = mr.Plan({"root": mr.HeadGroups(((mr.MTAConfig(6, sinks=2, top_k=1), (0, 3)), (None, (1, 2))))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(model, (x,), tmp_path / "hg.onnx", plan=plan)
+    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 2
+    session = onnx_session(tmp_path / "hg.onnx")
+    x2 = torch.randn(2, 53, 32)
+    with torch.no_grad():
+        want = mr.rewrite(model, (x,), plan=plan)(x2).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x2.numpy()})[0], want, atol=1e-4)
