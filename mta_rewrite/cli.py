@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .capture import CaptureError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Rewrite the attention of PyTorch models into Multi-Token Attention (MTA).")
@@ -72,7 +73,7 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
     try:
         ep = load_program(program)
         sites = find_attention(ep)
-    except ValueError as exc:
+    except (ValueError, CaptureError) as exc:
         _fail(str(exc))
     console.print(sites_table(sites, title=f"attention sites of {program}"))
 
@@ -105,7 +106,7 @@ def rewrite_cmd(
             args, kwargs = example_inputs(ep)
             module = rewrite(ep, args, kwargs, config=cfg, plan=chosen)
             save_program(module, output, args, kwargs)
-    except ValueError as exc:
+    except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
     console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention; saved {output}")
@@ -140,7 +141,7 @@ def calibrate(
             raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
         ep = load_program(program)
         plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata
     table = Table(title=f"plan for {program} (budget {budget}, {metric})")

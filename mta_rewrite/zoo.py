@@ -408,7 +408,10 @@ def load_minilm(attn_implementation: str = "sdpa"):
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, BertModel
+    try:
+        from transformers import AutoTokenizer, BertModel
+    except ImportError:  # the weights are there but not the library to load them
+        return None
 
     model = BertModel.from_pretrained(str(path), attn_implementation=attn_implementation).eval()
     return model, AutoTokenizer.from_pretrained(str(path))
