@@ -50,6 +50,22 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _exact_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, row_ok, dims, dim_ok,
+                    stride_kn, stride_vn, n, scale,
+                    CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr):
+        """Exact attention of a block of query rows to a tile of tokens ``keys`` (``ok``: usable)."""
+        if HAS_KEYMASK:
+            ok = ok & (tl.load(keyok_row + keys, mask=keys < n, other=0) != 0)
+        kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
+        logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * scale
+        allowed = ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & (keys[None, :] <= rows[:, None])
+        logits = tl.where(allowed, logits, float("-inf"))
+        vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
+
+    @triton.jit
     def _mta_fwd_kernel(
         q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, sel_ptr, keyok_ptr, out_ptr,
         stride_qb, stride_qh, stride_qn,
@@ -101,16 +117,8 @@ if triton is not None:
             for e in range(0, top_k):
                 j_sel = tl.load(sel_base + e)
                 ok = ok & (kchunk != j_sel)
-            if HAS_KEYMASK:
-                ok = ok & (tl.load(keyok_ptr + b * n + keys, mask=keys < n, other=0) != 0)
-            kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
-            logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * scale
-            allowed = ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                allowed = allowed & (keys[None, :] <= rows[:, None])
-            logits = tl.where(allowed, logits, float("-inf"))
-            vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
-            acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
+            acc, m_i, l_i = _exact_tile(acc, m_i, l_i, q, k_base, v_base, keyok_ptr + b * n, keys, ok, rows, row_ok, dims,
+                                        dim_ok, stride_kn, stride_vn, n, scale, CAUSAL, HAS_KEYMASK, PRECISION)
 
         # 2. the window chunks, then 3. the selected chunks: exact attention over their keys
         n_window = w_hi - w_lo + 1
@@ -123,16 +131,8 @@ if triton is not None:
                 for s0 in range(0, c, BLOCK_N):
                     keys = j * c + s0 + tl.arange(0, BLOCK_N)
                     ok = (s0 + tl.arange(0, BLOCK_N) < c) & (keys < n)
-                    if HAS_KEYMASK:
-                        ok = ok & (tl.load(keyok_ptr + b * n + keys, mask=keys < n, other=0) != 0)
-                    kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
-                    logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * scale
-                    allowed = ok[None, :] & row_ok[:, None]
-                    if CAUSAL:
-                        allowed = allowed & (keys[None, :] <= rows[:, None])
-                    logits = tl.where(allowed, logits, float("-inf"))
-                    vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
-                    acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
+                    acc, m_i, l_i = _exact_tile(acc, m_i, l_i, q, k_base, v_base, keyok_ptr + b * n, keys, ok, rows, row_ok,
+                                                dims, dim_ok, stride_kn, stride_vn, n, scale, CAUSAL, HAS_KEYMASK, PRECISION)
 
         # 4. summaries of every other chunk causality allows
         s_hi = nc
