@@ -163,6 +163,23 @@ class ScaleFoldedInProjection(_Proj):
         return self.merge(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
 
 
+class WhereFullMinLegacyGpt2(_Proj):
+    """GPT-2 as transformers 4.x wrote it: a causal buffer sliced to the length, then
+    where(causal, scores, full([], dtype min)), with the scale applied by division."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(256, 256, dtype=torch.bool)).view(1, 1, 256, 256), persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        n = q.shape[-2]
+        w = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], v.size(-1) ** 0.5, dtype=q.dtype)
+        mask_value = torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype)
+        w = torch.where(self.bias[:, :, :n, :n], w.to(w.dtype), mask_value)
+        return self.merge(torch.nn.functional.softmax(w, dim=-1).type(v.dtype) @ v)
+
+
 class SdpaCausalGqa(_Proj):
     """SDPA with is_causal and enable_gqa (k/v heads not repeated)."""
 
@@ -280,6 +297,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
         _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),
+        _hand("where_full_min_legacy_gpt2", WhereFullMinLegacyGpt2, lambda n: ((_x(n),), {})),
         _hand("two_layers", TwoLayers, lambda n: ((_x(n), _causal_pad(n), _pad(n)), {}), attention=2, rewritable=2),
     ]
 

@@ -176,12 +176,18 @@ def same_size(a: Any, b: Any) -> bool:
 FORBIDDING = -65504.0
 
 
+FILL_TARGETS = {aten.full.default: 1, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
+
+
 def is_forbidding_value(value: Any) -> bool:
-    """Is ``value`` (a number or a one-element constant) the fill value of masked-out scores?"""
+    """Is ``value`` (a number, a one-element constant, or a tensor filled with one number) the
+    fill value of masked-out scores?"""
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target in FILL_TARGETS:
+        value = value.args[FILL_TARGETS[value.target]]
     value = _static(value)
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            return False
+        if value.numel() != 1 or value.device.type == "meta" or isinstance(value, torch._subclasses.FakeTensor):
+            return False  # a tensor whose value is not known while matching
         value = value.item()
     return isinstance(value, (int, float)) and value <= FORBIDDING
 
