@@ -70,7 +70,3 @@ def local_error_parts(outputs: list[torch.Tensor], exacts: list[torch.Tensor], m
 def relative(num, den) -> float:
     return float((num.sum() / den.sum().clamp(min=1e-30)) ** 0.5) if isinstance(num, torch.Tensor) else 0.0
 
-
-def local_error(outputs: list[torch.Tensor], exacts: list[torch.Tensor], masks: list) -> float:
-    """Relative L2 error of a site's output against its exact output, over all samples."""
-    return relative(*local_error_parts(outputs, exacts, masks))

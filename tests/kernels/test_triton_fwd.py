@@ -8,7 +8,6 @@ inputs (triton 3.9, checked with a bare 16×16 product).
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import pytest
