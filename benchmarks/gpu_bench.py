@@ -86,7 +86,7 @@ def main(argv=None):
                 row[f"mta_c{c}_floor_fraction"] = floor_ms / ms
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del q, k, v
+        q = k = v = None  # free the GPU memory before the next size
         torch.cuda.empty_cache()
     lines = ["| n | mode | SDPA flash ms | SDPA cuDNN ms | " + " | ".join(f"MTA c={c} ms (× cuDNN, % of floor)" for c in args.chunks) + " |",
              "|---|---|---|---|" + "---|" * len(args.chunks)]

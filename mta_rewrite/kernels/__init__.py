@@ -13,7 +13,6 @@ autograd, on the same device (no transfer to the CPU).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..ops.chunked import mta_attention_chunked
