@@ -111,3 +111,24 @@ def test_real_minilm_on_real_text():
     assert plan.metadata["relative_attention_cost"] < 1.0
     assert set(plan.sites) == {f"encoder.layer.{i}.attention.self" for i in range(6)}
     assert json.loads(plan.to_json())["sites"]
+
+
+def test_random_config_transformers_llama():
+    """The random-config zoo: a transformers Llama (GQA, RoPE, sdpa) with head size 64 at 512 tokens."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaModel(cfg).eval()
+    text = zoo.real_text()
+    data = [{"input_ids": zoo.byte_tokens(text[i * 3000:], 512)} for i in range(4)]
+    plan = run(model, data, budget=0.2)
+    assert plan.metadata["holdout_error"] <= 0.2
+    assert plan.metadata["relative_attention_cost"] < 1.0
+    fast = mr.rewrite(model, (), data[0], plan=plan)
+    errs = []
+    with torch.no_grad():
+        for i in plan.metadata["holdout_indices"]:
+            errs.append(output_error("rel_l2", first_tensor(fast(**data[i])), first_tensor(model(**data[i])), data[i]))
+    assert sum(errs) / len(errs) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-7)
