@@ -1,7 +1,7 @@
 """The fused Triton forward against the float64 reference, on every branch of the kernel.
 
-Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here before
-triton is imported) on CPU tensors at small shapes; with CUDA it runs on the GPU, larger shapes
+Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
+before triton is imported) on CPU tensors at small shapes; with CUDA it runs on the GPU, larger shapes
 included. bf16 is tested on the GPU only: the interpreter's tl.dot gives wrong results for bf16
 inputs (triton 3.9, checked with a bare 16×16 product).
 """
@@ -14,8 +14,7 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets the interpreter without CUDA"
 
 triton = pytest.importorskip("triton")
 

@@ -1,0 +1,9 @@
+"""Without CUDA, the kernels run in Triton's interpreter: set it before anything imports triton
+(``@triton.jit`` decides between compiled and interpreted when the kernel module is imported)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
