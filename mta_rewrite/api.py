@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .capture import capture
-from .config import HeadGroups, MTAConfig, Plan
+from .config import HeadGroups, MTAConfig, Plan, atomic_write
 from .passes.lower import eliminate_dead_code, lower_match
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
@@ -86,21 +86,8 @@ def rewrite(
 def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True):
     """Export ``module`` (e.g. a rewritten model) and save it with ``torch.export.save``,
     atomically: a temporary file in the same folder, renamed into place when complete."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
     ep = capture(module, args, kwargs, dynamic=dynamic)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
     return ep
 
 

@@ -31,10 +31,6 @@ class DemoResult:
     metrics: dict[str, str] = field(default_factory=dict)
 
 
-def _best_s(fn, repeats: int) -> float:
-    return best_ms(fn, repeats) / 1e3
-
-
 def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int = 16384, repeats: int = 1,
              progress=lambda message: None) -> DemoResult:
     """Run the demo; ``model`` is "auto" (MiniLM if installed), "minilm" or "builtin"."""
@@ -87,9 +83,9 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
             timing_args, timing_kwargs = (zoo.byte_tokens(text * (1 + n // max(1, len(text))), n, batch=1),), {}
         progress(f"timing at {n} tokens")
         with torch.no_grad():
-            t_ref = _best_s(lambda: net(*timing_args, **timing_kwargs), repeats)
-            t_mta = _best_s(lambda: fast(*timing_args, **timing_kwargs), repeats)
-        result.metrics[f"model time at {n} tokens: original / MTA"] = f"{t_ref * 1e3:.0f} ms / {t_mta * 1e3:.0f} ms = {t_ref / t_mta:.2f}×"
+            t_ref = best_ms(lambda: net(*timing_args, **timing_kwargs), repeats)
+            t_mta = best_ms(lambda: fast(*timing_args, **timing_kwargs), repeats)
+        result.metrics[f"model time at {n} tokens: original / MTA"] = f"{t_ref:.0f} ms / {t_mta:.0f} ms = {t_ref / t_mta:.2f}×"
         # one attention layer of this model's shape at a long sequence, SDPA vs the MTA op
         site = next(s for s in sites if s.rewritable)
         causal = loaded is None
@@ -97,8 +93,8 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
         L = 8192
         progress(f"timing one attention layer at {L} tokens")
         q, k, v = (torch.randn(1, site.q_heads, L, site.head_dim, generator=g) for _ in range(3))
-        t_sdpa = _best_s(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
-        t_op = _best_s(lambda: torch.ops.mta.attention(q, k, v, causal=causal, **config.op_kwargs()), repeats)
+        t_sdpa = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
+        t_op = best_ms(lambda: torch.ops.mta.attention(q, k, v, causal=causal, **config.op_kwargs()), repeats)
         result.metrics[f"one attention layer at {L} tokens ({site.q_heads} heads, d={site.head_dim}): SDPA / MTA"] = \
-            f"{t_sdpa * 1e3:.0f} ms / {t_op * 1e3:.0f} ms = {t_sdpa / t_op:.1f}×"
+            f"{t_sdpa:.0f} ms / {t_op:.0f} ms = {t_sdpa / t_op:.1f}×"
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Plan, atomic_write_text
+from ..config import Plan, atomic_write, atomic_write_text
 
 
 def report_paths(plan_path) -> tuple[Path, Path]:
@@ -77,8 +77,8 @@ def _plot(details, plan, png_path: Path) -> Path | None:
     for ax in list(axes.flat)[len(sites):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = png_path.with_name("." + png_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return png_path

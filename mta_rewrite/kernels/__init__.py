@@ -34,7 +34,7 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     if triton_available():
         from .mta_fwd import key_padding, mta_forward_triton
 
-        keep = key_padding(attn_mask, q.shape[0], n)
+        keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
         if keep is not False:
             return mta_forward_triton(q, k, v, keep, **kwargs)
     return mta_attention_chunked(q, k, v, attn_mask, **kwargs)

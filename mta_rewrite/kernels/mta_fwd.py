@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from ..ops.masks import normalize_mask
+
 try:
     import triton
     import triton.language as tl
@@ -158,24 +160,16 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def key_padding(attn_mask: torch.Tensor | None, B: int, n: int) -> torch.Tensor | None | bool:
-    """The mask as [B, n] keep-flags if it is None or a key-padding mask; False if the kernel
-    cannot take it (the caller then uses the portable implementation)."""
-    if attn_mask is None:
+def key_padding(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> torch.Tensor | None | bool:
+    """The mask as [B, n] keep-flags if it is None or a key-padding mask (one allow/forbid per
+    key, no bias); False if the kernel cannot take it (the caller then uses the portable
+    implementation). Mask conventions are those of ``ops/masks.py``."""
+    mask = normalize_mask(attn_mask, B, Hq, n)
+    if mask is None:
         return None
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, B) or m.shape[3] not in (1, n):
+    if mask.per_query or mask.per_head or mask.bias is not None:
         return False
-    m = m[:, 0, 0, :]
-    if m.dtype == torch.bool:
-        keep = m
-    else:
-        keep = m > torch.finfo(m.dtype).min
-        if bool((m[keep] != 0).any()):  # a bias, not just 0/−inf: blocks may need exact fallback
-            return False
-    return keep.expand(B, n).contiguous()
+    return mask.allowed[:, 0, 0, :].expand(B, n).contiguous()
 
 
 def _summaries(k, v, keep, c, nc, sinks):

@@ -9,8 +9,6 @@ onnxruntime inlines it where no native kernel is registered for the op.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from onnxscript import values
 
 from ..api import rewrite
 from ..capture import dynamic_shapes_for
-from ..config import MTAConfig, Plan
+from ..config import MTAConfig, Plan, atomic_write
 from .function import DOMAIN, OP_TYPE, VERSION, function_proto, mta_opset
 
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
@@ -115,7 +113,7 @@ def export_onnx(
         )
     proto = attach_function(program.model_proto)
     onnx.checker.check_model(proto, full_check=True)
-    _atomic_save(proto, Path(path))
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
 
 
@@ -133,18 +131,6 @@ def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
     return proto
-
-
-def _atomic_save(proto: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def onnx_session(path, device: str = "cpu"):

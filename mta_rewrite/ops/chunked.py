@@ -147,6 +147,7 @@ def mta_attention_chunked(
     key_real = pos < n
     is_sink = pos < s
 
+    qp = _pad_tokens(q, npad, 2)  # (a view when n is a multiple of c)
     kc = _pad_tokens(k, npad, 2).view(B, Hkv, nc, c, d)
     vc = _pad_tokens(v, npad, 2).view(B, Hkv, nc, c, d)
 
@@ -222,7 +223,7 @@ def mta_attention_chunked(
         # into the exact set; stable sort breaks ties towards the lower chunk index.
         # (K > 0 implies G = 1 here.) q̄_i: mean over the real queries of chunk i, times scale.
         counts = key_real.view(nc, c).sum(-1).to(cdt).view(nc, 1)
-        qbar = _pad_tokens(q, npad, 2).view(B, Hkv, nc, c, d).sum(3) * (scale / counts)
+        qbar = qp.view(B, Hkv, nc, c, d).sum(3) * (scale / counts)
         if Iq == 1:
             score = torch.einsum("bhid,bhjd->bhij", qbar, kbar[:, :, 0])
         else:
@@ -246,7 +247,7 @@ def mta_attention_chunked(
     kpos = (exact_idx.unsqueeze(-1) * c + ar_c).flatten(-2)  # [Bl, Hl, nc, Ke·c]
     kvalid = (exact >= 0).repeat_interleave(c, dim=-1) & (kpos < n)
 
-    # per-chunk additive terms (the extra head dimension)
+    # per-chunk additive terms: [exact keys | sinks | summaries] (see "where the terms go")
     term_exact = torch.where(kvalid, 0.0, NEG).to(cdt)
     if allowed is not None and not mask.per_query:
         key_ok = allowed[:, :, 0]  # [Bm, Hm, npad]
@@ -297,10 +298,10 @@ def mta_attention_chunked(
     v_set = torch.empty(B, Hkv, nc, X, e, dtype=cdt, device=dev)
     if select_list is None and nonuniform_list is None:
         # window only: shifted copies of the chunked keys, no index gather
-        for w, o in enumerate(_window_offsets(L, causal)):
+        for slot, o in enumerate(_window_offsets(L, causal)):
             dst = slice(max(0, -o), nc - max(0, o))
             src = slice(max(0, o), nc - max(0, -o))
-            cols = slice(w * c, (w + 1) * c)
+            cols = slice(slot * c, (slot + 1) * c)
             k_set[:, :, dst, cols, :d] = kc[:, :, src]
             v_set[:, :, dst, cols, :d] = vc[:, :, src]
             for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
@@ -319,10 +320,10 @@ def mta_attention_chunked(
     if G == 1 and npad == n and not aug:
         q_rows = q.reshape(B * Hkv, nc, T, d)
     elif not aug:
-        q_rows = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
+        q_rows = qp.view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
     else:
         q_rows = torch.empty(B, Hkv, nc, G, c, e, dtype=cdt, device=dev)
-        q_rows[..., :d] = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3)
+        q_rows[..., :d] = qp.view(B, Hkv, G, nc, c, d).transpose(2, 3)
         q_rows[..., d] = 1.0 / scale
         q_rows = q_rows.view(B * Hkv, nc, T, e)
         k_set[..., d] = term

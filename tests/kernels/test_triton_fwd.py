@@ -51,7 +51,7 @@ def test_fp32_every_branch_matches_reference(causal, masked):
     mask = padding(B, n) if masked else None
     for c, L, s, top_k in CONFIGS:
         kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        out = mta_forward_triton(q, k, v, key_padding(mask, B, n), **kw)
+        out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), **kw)
         ref = mta_attention_reference(q, k, v, mask, **kw)
         torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
 
@@ -74,17 +74,18 @@ def test_float_key_padding_and_fully_masked_batch():
     mask = torch.zeros(B, 1, 1, n, device=DEVICE)
     mask[1] = float("-inf")  # the second sequence attends to nothing: zeros, never NaN
     kw = dict(chunk_size=8, causal=False, sinks=2, top_k=1)
-    out = mta_forward_triton(q, k, v, key_padding(mask, B, n), **kw)
+    out = mta_forward_triton(q, k, v, key_padding(mask, B, 2, n), **kw)
     assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
     torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, mask, **kw), rtol=1e-5, atol=1e-5)
 
 
 def test_mask_classification():
-    B, n = 2, 10
-    assert key_padding(None, B, n) is None
-    assert key_padding(torch.ones(B, 1, 1, n, dtype=torch.bool), B, n).shape == (B, n)
-    assert key_padding(torch.ones(B, 1, n, n, dtype=torch.bool), B, n) is False  # varies per query
-    assert key_padding(torch.randn(1, 1, 1, n), B, n) is False  # a bias, not 0/−inf
+    B, H, n = 2, 4, 10
+    assert key_padding(None, B, H, n) is None
+    assert key_padding(torch.ones(B, 1, 1, n, dtype=torch.bool), B, H, n).shape == (B, n)
+    assert key_padding(torch.ones(B, 1, n, n, dtype=torch.bool), B, H, n) is False  # varies per query
+    assert key_padding(torch.ones(B, H, 1, n, dtype=torch.bool), B, H, n) is False  # varies per head
+    assert key_padding(torch.randn(1, 1, 1, n), B, H, n) is False  # a bias, not 0/−inf
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
