@@ -3,8 +3,9 @@
 Dispatch for a CUDA call:
 
 - a configuration that is exact (one chunk, c ≥ n) with no mask → ``scaled_dot_product_attention``;
-- no mask or a key-padding mask, triton installed → the fused Triton forward (``mta_fwd.py``);
-- anything else (masks that vary per query, additive biases) → the portable implementation
+- no mask or a key-padding mask, fp16/bf16/fp32, triton installed → the fused Triton forward
+  (``mta_fwd.py``);
+- anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
 Gradients: the op's backward recomputes the forward with the portable implementation under
@@ -13,6 +14,7 @@ autograd, on the same device (no transfer to the CPU).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..ops.chunked import mta_attention_chunked
@@ -31,7 +33,7 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     n = q.shape[2]
     if attn_mask is None and chunk_size >= n:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    if triton_available():
+    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
         from .mta_fwd import key_padding, mta_forward_triton
 
         keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)

@@ -1,20 +1,26 @@
-"""Fused MTA forward for NVIDIA GPUs (Triton): kernel → launcher → dispatch.
+"""Fused MTA forward for NVIDIA GPUs (Triton): kernels → launcher → dispatch.
 
-One program handles ``BLOCK_M`` query rows of one query chunk i, for one (batch, query head),
-and streams through a single online softmax (m, l, acc in fp32):
+Two launches per call (three with top-k selection):
 
-1. the sink tokens 0 … sinks−1 that are not already in an exact chunk of i;
-2. the local window chunks (causal: i−L+1 … i; otherwise |j−i| ≤ L−1), with causality and key
-   padding applied per key;
-3. the top-k selected chunks of i (indices from the preceding selection step);
-4. the chunk summaries k̄_j, v̄_j of every other chunk causality allows, with logit
-   scale·q·k̄_j + log n_j.
+1. ``_chunk_mean_kernel`` pools every chunk j of k and v into its summary
+   k̄_j = Σ_s w_s·k_s / n_j, v̄_j likewise, with w_s = 1 for keys of chunk j that are real
+   (s < n), not sinks and not padded, and n_j = Σ w_s (written once per batch row). With top-k it
+   also pools q̄_i = scale·mean of the real queries of chunk i.
+2. ``_mta_fwd_kernel``: one program per ``BLOCK_M`` query rows of one query chunk i and one
+   (batch, query head). It streams one online softmax (m, l, acc in fp32, base-2 exponentials)
+   over
+
+   a. the sink tokens 0 … sinks−1 not already in an exact chunk of i;
+   b. the local window chunks as one contiguous key range (causal: i−L+1 … i, cut at the block's
+      last row; otherwise |j−i| ≤ L−1). Tiles wholly below the block's first row need no causal
+      mask and take the unmasked path; the diagonal tiles are masked;
+   c. the top-k selected chunks of i (indices from the selection step);
+   d. the summaries of every other chunk causality allows, logit scale·q·k̄_j + log n_j.
 
 For query t and key s the logit is scale·q_t·k_s (−inf where forbidden); the output is
 Σ p·v / Σ p, zero for a row that attended nothing. GQA reads key/value head h // (Hq/Hkv): k and v
-are never copied to Hq heads. Summaries (masked means over non-sink, non-padded keys) and the
-top-k selection (MTA_SPEC.md step 3: the largest scale·q̄_i·k̄_j, ties to the lower index) are
-computed beforehand with torch on the same device; both are O(n·d + n²/c²) work.
+are never copied to Hq heads. The selection (MTA_SPEC.md step 3: the largest scale·q̄_i·k̄_j,
+ties to the lower index) is a [nc × nc] product and a sort per head, done with torch.
 
 Masks handled natively: none, and key padding (a bool or 0/−inf mask with one value per key,
 [B, 1, 1, n]). Any other mask goes through the portable implementation (``ops/chunked.py``),
@@ -24,6 +30,7 @@ which is correct for every mask on every device.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,53 +43,132 @@ except ImportError:  # pragma: no cover - triton is an optional (gpu/test) depen
     triton = None
 
 NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634
 
 
 if triton is not None:
 
     @triton.jit
+    def _chunk_mean_kernel(
+        x_ptr, y_ptr, keyok_ptr, xbar_ptr, ybar_ptr, cnt_ptr,
+        stride_xb, stride_xh, stride_xn,
+        stride_yb, stride_yh, stride_yn,
+        stride_ob, stride_oh, stride_oj,  # xbar / ybar [B, H, nc, d] (same layout)
+        n, c, nc, sinks, H, scale,
+        HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_COUNT: tl.constexpr,
+        HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j,
+        w_s = [s < n][s ≥ sinks][key s kept]; ybar likewise; cnt[b, j] = n_j (head 0 writes it)."""
+        j = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_D
+        acc_x = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        x_base = x_ptr + b * stride_xb + h * stride_xh
+        y_base = y_ptr + b * stride_yb + h * stride_yh
+        for s0 in range(0, c, BLOCK_C):
+            offs = s0 + tl.arange(0, BLOCK_C)
+            pos = j * c + offs
+            w = (offs < c) & (pos < n) & (pos >= sinks)
+            if HAS_KEYMASK:
+                w = w & (tl.load(keyok_ptr + b * n + pos, mask=pos < n, other=0) != 0)
+            count += w.to(tl.float32)
+            x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
+            acc_x += tl.sum(x.to(tl.float32), 0)
+            if HAS_Y:
+                y = tl.load(y_base + pos[:, None] * stride_yn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
+                acc_y += tl.sum(y.to(tl.float32), 0)
+        n_j = tl.sum(count, 0)
+        inv = scale / tl.maximum(n_j, 1.0)
+        out_off = b * stride_ob + h * stride_oh + j * stride_oj + dims
+        tl.store(xbar_ptr + out_off, (acc_x * inv).to(xbar_ptr.dtype.element_ty), mask=dim_ok)
+        if HAS_Y:
+            tl.store(ybar_ptr + out_off, (acc_y * inv).to(ybar_ptr.dtype.element_ty), mask=dim_ok)
+        if WRITE_COUNT:
+            tl.store(cnt_ptr + b * nc + j, n_j, mask=h == 0)
+
+    @triton.jit
     def _online_update(acc, m_i, l_i, logits, vals, PRECISION: tl.constexpr):
-        """One online-softmax step over a tile of logits [BLOCK_M, BLOCK_N] and values [BLOCK_N, BLOCK_D]."""
+        """One online-softmax step (base 2) over logits [BLOCK_M, BLOCK_N] and values [BLOCK_N, BLOCK_D]."""
         m_new = tl.maximum(m_i, tl.max(logits, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(logits - m_safe[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(logits - m_safe[:, None])
         acc = acc * alpha[:, None] + tl.dot(p.to(vals.dtype), vals, input_precision=PRECISION, out_dtype=tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         return acc, m_new, l_i
 
     @triton.jit
-    def _exact_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, row_ok, dims, dim_ok,
-                    stride_kn, stride_vn, n, scale,
-                    CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr):
-        """Exact attention of a block of query rows to a tile of tokens ``keys`` (``ok``: usable)."""
+    def _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
+                  stride_kn, stride_vn, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL_TILE: tl.constexpr, HAS_KEYMASK: tl.constexpr,
+                  PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Exact attention of the block's rows to the tokens ``keys``. MASKED: ``ok`` flags the
+        usable keys (else all are real and usable); CAUSAL_TILE: some keys lie after some rows."""
+        if MASKED:
+            kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
+            vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        elif HEAD_D == BLOCK_D:  # the hot path: whole tiles, no masks at all
+            kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None])
+            vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :])
+        else:
+            kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=dim_ok[:, None], other=0.0)
+            vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=dim_ok[None, :], other=0.0)
+        logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
         if HAS_KEYMASK:
-            ok = ok & (tl.load(keyok_row + keys, mask=keys < n, other=0) != 0)
-        kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
-        logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * scale
-        allowed = ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & (keys[None, :] <= rows[:, None])
-        logits = tl.where(allowed, logits, float("-inf"))
-        vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+            if MASKED:
+                ok = ok & (tl.load(keyok_row + keys, mask=ok, other=0) != 0)
+            else:
+                ok = tl.load(keyok_row + keys) != 0
+        if MASKED or HAS_KEYMASK:
+            allowed = ok[None, :]
+            if CAUSAL_TILE:
+                allowed = allowed & (keys[None, :] <= rows[:, None])
+            logits = tl.where(allowed, logits, float("-inf"))
+        elif CAUSAL_TILE:
+            logits = tl.where(keys[None, :] <= rows[:, None], logits, float("-inf"))
         return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
 
     @triton.jit
+    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, sel, j_lo, j_hi, dims, dim_ok,
+                       stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
+        the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2)."""
+        for j0 in range(j_lo, j_hi, BLOCK_N):
+            js = j0 + tl.arange(0, BLOCK_N)
+            inside = js < j_hi
+            cnt = tl.load(cnt_row + js, mask=inside, other=0.0)
+            ok = inside & (cnt > 0) & (tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+            kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
+            vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+            logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+            logits = tl.where(ok[None, :], logits + tl.log2(tl.maximum(cnt, 1.0))[None, :], float("-inf"))
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
+        return acc, m_i, l_i
+
+    @triton.jit
     def _mta_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, sel_ptr, keyok_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, cnt_ptr, sel_ptr, keyok_ptr, out_ptr,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_sb, stride_sh, stride_sj,  # kbar / vbar [B, Hkv, nc, d] (same layout)
-        stride_lb, stride_lj,  # log n_j [B, nc]
+        stride_cb,  # n_j [B, nc]
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
-        n, d, nc, c, L, sinks, top_k, Hq, G, scale,
+        n, nc, c, L, sinks, top_k, Hq, G, qk_scale,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
+        HEAD_D: tl.constexpr, TOPK_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values."""
-        pid_m = tl.program_id(0)
+        # Heaviest blocks (late chunks: most summaries under causality) first, for load balance.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hq
         h = pid_bh % Hq
@@ -90,70 +176,77 @@ if triton is not None:
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
         i = pid_m // blocks_per_chunk
         sub = pid_m % blocks_per_chunk
-        rows = i * c + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = i * c + sub * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
         dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < d
+        dim_ok = dims < HEAD_D
 
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         k_base = k_ptr + b * stride_kb + hk * stride_kh
         v_base = v_ptr + b * stride_vb + hk * stride_vh
-        sel_base = sel_ptr + b * stride_selb + h * stride_selh + i * stride_seli
+        keyok_row = keyok_ptr + b * n
+        sel_offs = tl.arange(0, TOPK_PAD)
+        sel = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i * stride_seli + sel_offs,
+                      mask=sel_offs < top_k, other=-1)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        w_lo = tl.maximum(i - L + 1, 0)
         if CAUSAL:
-            w_lo = i - L + 1
             w_hi = i
         else:
-            w_lo = i - L + 1
-            w_hi = i + L - 1
+            w_hi = tl.minimum(i + L - 1, nc - 1)
 
-        # 1. sinks not covered by an exact chunk of this query chunk
+        # a. sinks not covered by an exact chunk of this query chunk (window or selected)
         for s0 in range(0, sinks, BLOCK_N):
             keys = s0 + tl.arange(0, BLOCK_N)
             kchunk = keys // c
             ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
-            for e in range(0, top_k):
-                j_sel = tl.load(sel_base + e)
-                ok = ok & (kchunk != j_sel)
-            acc, m_i, l_i = _exact_tile(acc, m_i, l_i, q, k_base, v_base, keyok_ptr + b * n, keys, ok, rows, row_ok, dims,
-                                        dim_ok, stride_kn, stride_vn, n, scale, CAUSAL, HAS_KEYMASK, PRECISION)
+            ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
+                                      stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
 
-        # 2. the window chunks, then 3. the selected chunks: exact attention over their keys
-        n_window = w_hi - w_lo + 1
-        for e in range(0, n_window + top_k):
-            if e < n_window:
-                j = w_lo + e
-            else:
-                j = tl.load(sel_base + (e - n_window))
-            if (j >= 0) & (j < nc):
-                for s0 in range(0, c, BLOCK_N):
-                    keys = j * c + s0 + tl.arange(0, BLOCK_N)
-                    ok = (s0 + tl.arange(0, BLOCK_N) < c) & (keys < n)
-                    acc, m_i, l_i = _exact_tile(acc, m_i, l_i, q, k_base, v_base, keyok_ptr + b * n, keys, ok, rows, row_ok,
-                                                dims, dim_ok, stride_kn, stride_vn, n, scale, CAUSAL, HAS_KEYMASK, PRECISION)
-
-        # 4. summaries of every other chunk causality allows
-        s_hi = nc
+        # b. the window: keys [lo, hi); [lo, mid) whole tiles with every key before every row
+        #    (causal) or simply whole tiles (not causal), [mid, hi) the masked remainder
+        lo = w_lo * c
+        hi = tl.minimum((w_hi + 1) * c, n)
         if CAUSAL:
-            s_hi = tl.maximum(w_lo, 0)
-        sb = kbar_ptr + b * stride_sb + hk * stride_sh
-        vb = vbar_ptr + b * stride_sb + hk * stride_sh
-        for j0 in range(0, s_hi, BLOCK_N):
-            js = j0 + tl.arange(0, BLOCK_N)
-            logn = tl.load(logn_ptr + b * stride_lb + js * stride_lj, mask=js < s_hi, other=float("-inf"))
-            ok = (js < s_hi) & ((js < w_lo) | (js > w_hi)) & (logn > float("-inf"))
-            for e in range(0, top_k):
-                j_sel = tl.load(sel_base + e)
-                ok = ok & (js != j_sel)
-            kt = tl.load(sb + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
-            logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * scale + logn[None, :]
-            logits = tl.where(ok[None, :] & row_ok[:, None], logits, float("-inf"))
-            vt = tl.load(vb + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
-            acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
+            hi = tl.minimum(hi, row0 + BLOCK_M)
+            mid = lo + ((tl.minimum(row0, hi) - lo) // BLOCK_N) * BLOCK_N
+        else:
+            mid = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        for start in range(lo, mid, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
+                                      dim_ok, stride_kn, stride_vn, qk_scale, False, False, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
+        for start in range(mid, hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
+                                      dim_ok, stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
+
+        # c. the selected chunks (always before the window under causality: no causal mask)
+        for e in range(0, top_k):
+            j = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i * stride_seli + e)
+            if j >= 0:
+                j_end = tl.minimum(j * c + c, n)
+                for start in range(j * c, j_end, BLOCK_N):
+                    keys = start + tl.arange(0, BLOCK_N)
+                    acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < j_end, rows,
+                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, True, False, HAS_KEYMASK,
+                                              PRECISION, HEAD_D, BLOCK_D)
+
+        # d. summaries of the chunks outside the window (under causality: only those before it)
+        sk_base = kbar_ptr + b * stride_sb + hk * stride_sh
+        sv_base = vbar_ptr + b * stride_sb + hk * stride_sh
+        cnt_row = cnt_ptr + b * stride_cb
+        acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, sel, 0, w_lo, dims, dim_ok,
+                                       stride_sj, qk_scale, PRECISION, BLOCK_N)
+        if not CAUSAL:
+            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, sel, w_hi + 1, nc, dims,
+                                           dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -172,41 +265,61 @@ def key_padding(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> torc
     return mask.allowed[:, 0, 0, :].expand(B, n).contiguous()
 
 
-def _summaries(k, v, keep, c, nc, sinks):
-    """Masked chunk means over non-sink, non-padded keys: kbar, vbar [B, Hkv, nc, d]; log n_j [B, nc]."""
-    B, Hkv, n, d = k.shape
-    npad = nc * c
-    pos = torch.arange(npad, device=k.device)
-    w = ((pos < n) & (pos >= sinks)).view(1, npad).expand(B, npad)
-    if keep is not None:
-        w = w & torch.nn.functional.pad(keep, (0, npad - n))
-    w = w.view(B, nc, c).to(torch.float32)
-    n_j = w.sum(-1)
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, npad - n)).view(B, Hkv, nc, c, d)
-    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, npad - n)).view(B, Hkv, nc, c, d)
-    inv = (1.0 / n_j.clamp(min=1.0)).view(B, 1, nc, 1)
-    kbar = torch.einsum("bjc,bhjcd->bhjd", w, kp) * inv
-    vbar = torch.einsum("bjc,bhjcd->bhjd", w, vp) * inv
-    logn = torch.where(n_j > 0, torch.log(n_j.clamp(min=1.0)), torch.full_like(n_j, NEG_INF))
-    return kbar.to(k.dtype).contiguous(), vbar.to(v.dtype).contiguous(), logn.contiguous()
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and Triton launch options of the fused forward."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
-def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
+def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
+    """Tile sizes by chunk size, head size and dtype. A block of queries never spans two chunks,
+    so BLOCK_M ≤ c (rounded up to a power of two, at least 16 for tl.dot). fp32 tiles take twice
+    the shared memory: smaller key tiles."""
+    big = dtype != torch.float32
+    block_m = max(16, min(128 if big else 64, triton.next_power_of_2(c)))
+    block_n = 64 if big else 32
+    num_warps = 8 if block_m >= 128 and d >= 128 else 4
+    return LaunchConfig(block_m, block_n, num_warps, 3 if big else 2)
+
+
+def _chunk_means(x, y, keep, c, nc, sinks, scale, counts):
+    """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
+    ``counts`` is None: the selection's q̄); ``counts`` [B', nc] fp32 receives n_j."""
+    B, H, n, d = x.shape
+    dtype = x.dtype if counts is not None else torch.float32
+    xbar = torch.empty(B, H, nc, d, dtype=dtype, device=x.device)
+    ybar = torch.empty_like(xbar) if y is not None else xbar
+    keyok = keep if keep is not None else x  # an unused pointer when there is no mask
+    _chunk_mean_kernel[(nc, B * H)](
+        x, y if y is not None else x, keyok, xbar, ybar, counts if counts is not None else xbar,
+        x.stride(0), x.stride(1), x.stride(2),
+        *((y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)),
+        xbar.stride(0), xbar.stride(1), xbar.stride(2),
+        n, c, nc, sinks, H, scale,
+        HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_COUNT=counts is not None,
+        HEAD_D=d, BLOCK_C=min(64, max(16, triton.next_power_of_2(c))), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=4,
+    )
+    return xbar, ybar
+
+
+def _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G):
     """Top-k chunks per (b, h, i) among the summarised ones: [B, Hq, nc, K] int32, −1 padded."""
     B, Hq, n, d = q.shape
     K = min(top_k, nc)
     if K == 0:
-        return torch.full((B, Hq, nc, 1), -1, dtype=torch.int32, device=q.device), 0
-    npad = nc * c
-    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, npad - n)).view(B, Hq, nc, c, d)
-    counts = (torch.arange(npad, device=q.device) < n).view(nc, c).sum(-1).clamp(min=1).view(nc, 1)
-    qbar = qp.sum(3) * (scale / counts)
+        return torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device), 0
+    qbar, _ = _chunk_means(q, None, None, c, nc, 0, scale, None)  # scale·mean over real queries
     kb = kbar.float().repeat_interleave(G, dim=1)  # [B, Hq, nc, d] (small: one row per chunk)
     score = qbar @ kb.transpose(-1, -2)  # [B, Hq, nc_i, nc_j]
     ii = torch.arange(nc, device=q.device).view(nc, 1)
     jj = torch.arange(nc, device=q.device).view(1, nc)
     summarised = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
-    summarised = summarised & (logn > NEG_INF).view(B, 1, 1, nc)
+    summarised = summarised & (counts > 0).view(counts.shape[0], 1, 1, nc)
     score = score.masked_fill(~summarised, NEG_INF)
     top = torch.sort(score, dim=-1, descending=True, stable=True)
     chosen = top.values[..., :K] > NEG_INF
@@ -215,9 +328,10 @@ def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
 
 
 def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-                       block_m=None, block_n=None):
+                       launch: LaunchConfig | None = None):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
-    :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``."""
+    :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
+    ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, n, d = q.shape
@@ -229,27 +343,28 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     L = min(local_chunks, nc)
     s = min(sinks, n)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    kbar, vbar, logn = _summaries(k, v, keep, c, nc, s)
-    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
+    keyok = keep.to(torch.int8).contiguous() if keep is not None else None
+    counts = torch.empty(B, nc, dtype=torch.float32, device=q.device)
+    kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, counts)
+    sel, K = _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G)
     out = torch.empty_like(q)
-    BLOCK_D = max(16, triton.next_power_of_2(d))
-    BLOCK_M = block_m or max(16, min(64, triton.next_power_of_2(c)))
-    BLOCK_N = block_n or 64
-    keyok = keep.to(torch.int8).contiguous() if keep is not None else torch.empty(1, dtype=torch.int8, device=q.device)
-    grid = (nc * triton.cdiv(c, BLOCK_M), B * Hq)
+    cfg = launch or default_launch(c, d, q.dtype)
+    grid = (nc * triton.cdiv(c, cfg.block_m), B * Hq)
     _mta_fwd_kernel[grid](
-        q, k, v, kbar, vbar, logn, sel, keyok, out,
+        q, k, v, kbar, vbar, counts, sel, keyok if keyok is not None else counts, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        logn.stride(0), logn.stride(1),
+        counts.stride(0),
         sel.stride(0), sel.stride(1), sel.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        n, d, nc, c, L, s, K, Hq, G, scale,
+        n, nc, c, L, s, K, Hq, G, scale * LOG2E,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        HEAD_D=d, TOPK_PAD=max(1, triton.next_power_of_2(K)),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

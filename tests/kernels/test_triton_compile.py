@@ -21,32 +21,42 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mta_rewrite.kernels.mta_fwd import _mta_fwd_kernel
+from mta_rewrite.kernels.mta_fwd import _chunk_mean_kernel, _mta_fwd_kernel
 
-dtype, causal, keymask, cap = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
-params = list(inspect.signature(_mta_fwd_kernel.fn).parameters)
-constexprs = {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-              "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
-pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr"}
-other = {"logn_ptr": "*fp32", "sel_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32"}
-signature = {p: f"*{dtype}" if p in pointers else "constexpr" if p in constexprs else other.get(p, "i32") for p in params}
-try:
-    src = ASTSource(fn=_mta_fwd_kernel, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
-except TypeError as exc:
-    print("SKIP", exc)
-    sys.exit(0)
-kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32))
-assert "mta_fwd_kernel" in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
+dtype, causal, keymask, cap, block_m, warps = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", *map(int, sys.argv[4:])
+pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
+other = {"cnt_ptr": "*fp32", "sel_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32"}
+
+
+def build(fn, constexprs, **options):
+    params = list(inspect.signature(fn.fn).parameters)
+    signature = {p: f"*{dtype}" if p in pointers else "constexpr" if p in constexprs else other.get(p, "i32")
+                 for p in params}
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    except TypeError as exc:
+        print("SKIP", exc)
+        sys.exit(0)
+    kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+    assert fn.fn.__name__ in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
+
+
+build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                        "HEAD_D": 128, "TOPK_PAD": 2, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128},
+      num_warps=warps, num_stages=3)
+build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_COUNT": True, "HEAD_D": 128,
+                           "BLOCK_C": 64, "BLOCK_D": 128}, num_warps=4)
 print("OK")
 """
 
 
-@pytest.mark.parametrize("dtype,causal,keymask,cap", [
-    ("bf16", True, True, 90), ("fp16", False, False, 90), ("fp32", True, False, 90), ("bf16", False, True, 80),
+@pytest.mark.parametrize("dtype,causal,keymask,cap,block_m,warps", [
+    ("bf16", True, True, 90, 128, 8), ("bf16", True, False, 90, 64, 4), ("fp16", False, False, 90, 128, 8),
+    ("fp32", True, False, 90, 64, 4), ("bf16", False, True, 80, 64, 4),
 ])
-def test_compiles_to_cubin(dtype, causal, keymask, cap):
+def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", CHILD, dtype, str(int(causal)), str(int(keymask)), str(cap)],
+    run = subprocess.run([sys.executable, "-c", CHILD, dtype, str(int(causal)), str(int(keymask)), str(cap), str(block_m), str(warps)],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
