@@ -7,12 +7,14 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
 1. the copy rate (device-to-device, bytes read + written), which sets the memory floor: q, k, v
    read and the output written once;
 2. a sweep of the kernel's tile sizes (BLOCK_M, BLOCK_N, warps, stages) at 64K causal for each
-   chunk size, against the default choice (``default_launch``);
+   chunk size, with the summaries from the pre-pass and fused into the main launch, against the
+   default choice (``default_launch``); and of the pre-pass's own block size;
 3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
    ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k) at each chunk size with the default
-   tiles and with the sweep's best, the fraction of the memory floor reached, and (n ≤ 16K) the
-   relative error against the portable implementation in fp32;
-4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv heads).
+   tiles, with the sweep's best pre-pass and fused configurations, the fraction of the memory
+   floor reached, and (n ≤ 16K) the relative error against the portable implementation in fp32;
+4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
+   heads), and the op at 1K tokens (the cost of launching it).
 
 Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Writes
 gpu_<date>.{json,md} to --out (default benchmarks/results/). Needs a CUDA GPU (skips cleanly
@@ -35,18 +37,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite  # noqa: E402,F401
 from mta_rewrite.ops import mta_attention_chunked  # noqa: E402
 
-SWEEP = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 3),
-         (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3)]
+# (BLOCK_M, BLOCK_N, warps, stages), each with the summaries from the pre-pass and fused in
+SWEEP = [(128, 32, 4, 3), (128, 32, 4, 2), (128, 64, 4, 3), (128, 32, 8, 3), (256, 32, 8, 3), (64, 32, 4, 3)]
+
+
+DEVICE = "cuda"
 
 
 def median_ms(fn):
+    if DEVICE != "cuda":  # --dry-run: one call, wall clock (checks the script, measures nothing)
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def copy_rate_bytes_per_ms():
-    x = torch.randn(1 << 28, device="cuda")
+    x = torch.randn(1 << (28 if DEVICE == "cuda" else 20), device=DEVICE)
     y = torch.empty_like(x)
     return 2 * x.numel() * x.element_size() / median_ms(lambda: y.copy_(x))
 
@@ -63,17 +72,29 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--sweep-n", type=int, default=65536)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run every step on the CPU in Triton's interpreter at tiny sizes (checks the script only)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    if args.dry_run:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        DEVICE = "cpu"
+        args.n, args.chunks, args.sweep_n, args.heads, args.head_dim = [256, 512], [16, 32], 256, 2, 16
+    elif not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
         return 0
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from mta_rewrite.kernels import mta_fwd
     from mta_rewrite.kernels.mta_fwd import LaunchConfig, _chunk_means, default_launch, mta_forward_triton
 
+    mta_fwd.CHECK_SYNC = False  # checked once per configuration below, not inside the timings
+
     t_start = time.time()
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
     rate = copy_rate_bytes_per_ms()
     H, d = args.heads, args.head_dim
     head = (f"{dt.date.today().isoformat()}, {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -81,26 +102,50 @@ def main(argv=None):
     print(head, flush=True)
 
     def qkv(n, hkv=H, seed=0):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        return [torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (H, hkv, hkv)]
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
+        return [torch.randn(1, h, n, d, device=DEVICE, dtype=dtype, generator=g) for h in (H, hkv, hkv)]
 
     # 2. tile sweep
     sweep = {}
     q, k, v = qkv(args.sweep_n)
+    def checked(cfg, c):
+        """Run once with the fused launch's tickets and waits checked, then compare with the pre-pass."""
+        mta_fwd.CHECK_SYNC = True
+        try:
+            out = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg)
+        finally:
+            mta_fwd.CHECK_SYNC = False
+        ref = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=LaunchConfig(64, 64, 4, 3, False))
+        return rel_err(out, ref.float())
+
     for c in args.chunks:
         default = default_launch(c, d, torch.bfloat16)
-        cands = {default} | {LaunchConfig(*s) for s in SWEEP if s[0] <= max(16, triton.next_power_of_2(c))}
+        tiles = SWEEP if DEVICE == "cuda" else [(16, 16, 4, 1)]
+        cands = {default} | {LaunchConfig(*s, fused=f) for s in tiles for f in (False, True)
+                             if s[0] <= max(16, triton.next_power_of_2(c))}
         res = []
-        for cfg in sorted(cands, key=lambda x: (x.block_m, x.block_n, x.num_warps, x.num_stages)):
+        for cfg in sorted(cands, key=lambda x: (bool(x.fused), x.block_m, x.block_n, x.num_warps, x.num_stages)):
             try:
+                err = checked(cfg, c)
                 ms = median_ms(lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg))
             except Exception as exc:  # noqa: BLE001 - a tile choice the compiler rejects (shared memory)
-                print(f"sweep c={c} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+                print(f"sweep c={c} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
                 continue
-            res.append({"config": list(cfg.__dict__.values()), "ms": ms, "default": cfg == default})
-            print(f"sweep n={args.sweep_n} causal c={c} {cfg}: {ms:.3f} ms{' (default)' if cfg == default else ''}", flush=True)
-        best = min(res, key=lambda r: r["ms"])
-        sweep[c] = {"results": res, "best": best}
+            res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bool(cfg.fused)],
+                        "ms": ms, "rel_err_vs_prepass": err, "default": cfg == default})
+            print(f"sweep n={args.sweep_n} causal c={c} {cfg}: {ms:.3f} ms, rel err vs pre-pass {err:.1e}"
+                  f"{' (default)' if cfg == default else ''}", flush=True)
+        best = {f: min((r for r in res if r["config"][4] == f), key=lambda r: r["ms"], default=None) for f in (False, True)}
+        sweep[c] = {"results": res, "best_prepass": best[False], "best_fused": best[True]}
+    nc = args.sweep_n // 128
+    counts = torch.empty(1, H, nc, device=DEVICE)
+    prepass = {}
+    for block_c in (32, 64, 128):
+        for warps in (4, 8):
+            prepass[f"block_c={block_c},warps={warps}"] = median_ms(
+                lambda: _chunk_means(k, v, None, 128, nc, 0, 1.0, counts, block_c=block_c, num_warps=warps))
+    print("pre-pass (c=128):", json.dumps(prepass), flush=True)
     q = k = v = None
 
     # 3. main table
@@ -127,26 +172,29 @@ def main(argv=None):
                     row[f"mta_c{c}_rel_err"] = rel_err(out, mta_attention_chunked(q.float(), k.float(), v.float(), **kw))
                 out = None
                 row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
-                best = LaunchConfig(*sweep[c]["best"]["config"]) if c in sweep else None
-                if best is not None and best != default_launch(c, d, q.dtype):
-                    row[f"mta_c{c}_best_tiles_ms"] = median_ms(
-                        lambda: mta_forward_triton(q, k, v, None, launch=best, **kw))
+                for kind in ("prepass", "fused"):
+                    best = sweep.get(c, {}).get(f"best_{kind}")
+                    if best is None or (kind == "fused" and not causal):
+                        continue
+                    cfg = LaunchConfig(*best["config"])
+                    row[f"mta_c{c}_best_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
             rows.append(row)
             print(json.dumps(row), flush=True)
         q = k = v = None
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
     # 4. extras at 64K causal, c = 128
     extras = {}
-    if 65536 in args.n and 128 in args.chunks:
-        n, c = 65536, 128
+    if (65536 in args.n and 128 in args.chunks) or args.dry_run:
+        n, c = (65536, 128) if not args.dry_run else (512, 32)
         q, k, v = qkv(n)
         nc = n // c
-        counts = torch.empty(1, nc, device="cuda")
+        counts = torch.empty(1, H, nc, device=DEVICE)
         extras["summary_prepass_ms"] = median_ms(lambda: _chunk_means(k, v, None, c, nc, 0, 1.0, counts))
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
-        q, k, v = qkv(n, hkv=8)
+        q, k, v = qkv(n, hkv=max(1, H // 4))
         extras["gqa_8kv_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             try:
@@ -154,6 +202,14 @@ def main(argv=None):
                     lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
             except RuntimeError as exc:
                 extras["gqa_8kv_sdpa_cudnn_error"] = str(exc).splitlines()[0]
+        q, k, v = qkv(1024)
+        extras["n1024_causal_c64_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=64, causal=True))
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                extras["n1024_causal_sdpa_cudnn_ms"] = median_ms(
+                    lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        except RuntimeError as exc:
+            extras["n1024_causal_sdpa_cudnn_error"] = str(exc).splitlines()[0]
         q = k = v = None
         print(json.dumps(extras), flush=True)
 
@@ -161,26 +217,36 @@ def main(argv=None):
         return f"{ms:.3f}" + (f" ({ref / ms:.1f}×)" if ref else "")
 
     lines = ["| n | mode | SDPA flash ms | SDPA cuDNN ms | memory floor ms | "
-             + " | ".join(f"MTA c={c} ms (× cuDNN)" for c in args.chunks) + " | best MTA: % of floor |",
+             + " | ".join(f"MTA c={c} ms (× cuDNN)" for c in args.chunks)
+             + " | fastest MTA variant, ms (× cuDNN, % of floor) |",
              "|---|---|---|---|---|" + "---|" * len(args.chunks) + "---|"]
     for r in rows:
         cud = r.get("sdpa_cudnn_ms")
         cells = [cell(r[f"mta_c{c}_ms"], cud) for c in args.chunks]
-        best_ms = min(r[f"mta_c{c}_ms"] for c in args.chunks)
+        variants = {key[4:-3]: val for key, val in r.items() if key.startswith("mta_") and key.endswith("_ms")}
+        best_name = min(variants, key=variants.get)
+        best_ms = variants[best_name]
         fl = f"{r['sdpa_flash_ms']:.3f}" if r.get("sdpa_flash_ms") else "—"
         cu = f"{cud:.3f}" if cud else "—"
         lines.append(f"| {r['n']} | {r['mode']} | {fl} | {cu} | {r['memory_floor_ms']:.3f} | " + " | ".join(cells)
-                     + f" | {100 * r['memory_floor_ms'] / best_ms:.0f}% |")
+                     + f" | {best_name}: {best_ms:.3f}" + (f" ({cud / best_ms:.1f}×, " if cud else " (")
+                     + f"{100 * r['memory_floor_ms'] / best_ms:.0f}%) |")
     table = "\n".join(lines)
-    sweep_lines = [f"c={c}: default {[r for r in s['results'] if r['default']][0]['ms']:.3f} ms, best {s['best']['ms']:.3f} ms "
-                   f"(BLOCK_M, BLOCK_N, warps, stages = {tuple(s['best']['config'])})" for c, s in sweep.items()]
+    def best_text(b):
+        return f"{b['ms']:.3f} ms {tuple(b['config'][:4])}" if b else "—"
+
+    sweep_lines = [f"c={c}: default {[r for r in s['results'] if r['default']][0]['ms']:.3f} ms; best with pre-pass "
+                   f"{best_text(s['best_prepass'])}; best fused {best_text(s['best_fused'])} "
+                   "(BLOCK_M, BLOCK_N, warps, stages)" for c, s in sweep.items()]
     text = (f"{head}\n\n{table}\n\nTile sweep at n={args.sweep_n}, causal:\n" + "\n".join(sweep_lines)
+            + f"\n\nPre-pass alone at n={args.sweep_n}, c=128: {json.dumps(prepass)}"
             + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n")
     print("\n" + text)
     print(f"bench wall time {time.time() - t_start:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
-    payload = {"head": head, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()}, "extras": extras}
+    payload = {"head": head, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()}, "prepass": prepass,
+               "extras": extras}
     (args.out / f"gpu_{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"gpu_{stamp}.md").write_text(text)
     return 0

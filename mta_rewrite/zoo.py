@@ -126,7 +126,7 @@ class BaddbmmKeyPadding(_Proj):
         q, k, v = self.heads(x)
         B, H, n, dh = q.shape
         q, k, v = (t.reshape(B * H, n, dh) for t in (q, k, v))
-        bias = torch.zeros(B, 1, n).masked_fill(~pad[:, None, :], float("-inf")).repeat_interleave(H, 0)
+        bias = torch.zeros(B, 1, n, device=x.device).masked_fill(~pad[:, None, :], float("-inf")).repeat_interleave(H, 0)
         s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=dh ** -0.5)
         return self.merge(torch.bmm(s.softmax(-1), v).view(B, H, n, dh))
 

@@ -30,6 +30,7 @@ which is correct for every mask on every device.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,34 @@ except ImportError:  # pragma: no cover - triton is an optional (gpu/test) depen
     triton = None
 
 NEG_INF = float("-inf")
+# Tests (and the GPU benchmark) set this to check every fused launch's tickets and waits.
+CHECK_SYNC = os.environ.get("MTA_CHECK_SYNC") == "1"
 LOG2E = 1.4426950408889634
 
 
 if triton is not None:
+
+    @triton.jit
+    def _pool_chunk(x_base, y_base, keyok_row, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+                    HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Σ_s w_s·x_s and Σ_s w_s·y_s (fp32) and n_j = Σ_s w_s over the tokens s of chunk j,
+        w_s = [s < n][s ≥ sinks][key s kept]."""
+        acc_x = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s0 in range(0, c, BLOCK_C):
+            offs = s0 + tl.arange(0, BLOCK_C)
+            pos = j * c + offs
+            w = (offs < c) & (pos < n) & (pos >= sinks)
+            if HAS_KEYMASK:
+                w = w & (tl.load(keyok_row + pos, mask=pos < n, other=0) != 0)
+            count += w.to(tl.float32)
+            x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
+            acc_x += tl.sum(x.to(tl.float32), 0)
+            if HAS_Y:
+                y = tl.load(y_base + pos[:, None] * stride_yn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
+                acc_y += tl.sum(y.to(tl.float32), 0)
+        return acc_x, acc_y, tl.sum(count, 0)
 
     @triton.jit
     def _chunk_mean_kernel(
@@ -54,43 +79,29 @@ if triton is not None:
         stride_xb, stride_xh, stride_xn,
         stride_yb, stride_yh, stride_yn,
         stride_ob, stride_oh, stride_oj,  # xbar / ybar [B, H, nc, d] (same layout)
-        n, c, nc, sinks, H, scale,
+        stride_cb, stride_ch,  # n_j [B, H, nc]
+        n, c, sinks, H, scale,
         HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_COUNT: tl.constexpr,
         HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j,
-        w_s = [s < n][s ≥ sinks][key s kept]; ybar likewise; cnt[b, j] = n_j (head 0 writes it)."""
+        """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j
+        (see _pool_chunk); ybar likewise; cnt[b, h, j] = n_j."""
         j = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
-        acc_x = tl.zeros([BLOCK_D], dtype=tl.float32)
-        acc_y = tl.zeros([BLOCK_D], dtype=tl.float32)
-        count = tl.zeros([BLOCK_C], dtype=tl.float32)
-        x_base = x_ptr + b * stride_xb + h * stride_xh
-        y_base = y_ptr + b * stride_yb + h * stride_yh
-        for s0 in range(0, c, BLOCK_C):
-            offs = s0 + tl.arange(0, BLOCK_C)
-            pos = j * c + offs
-            w = (offs < c) & (pos < n) & (pos >= sinks)
-            if HAS_KEYMASK:
-                w = w & (tl.load(keyok_ptr + b * n + pos, mask=pos < n, other=0) != 0)
-            count += w.to(tl.float32)
-            x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
-            acc_x += tl.sum(x.to(tl.float32), 0)
-            if HAS_Y:
-                y = tl.load(y_base + pos[:, None] * stride_yn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
-                acc_y += tl.sum(y.to(tl.float32), 0)
-        n_j = tl.sum(count, 0)
+        acc_x, acc_y, n_j = _pool_chunk(x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh,
+                                        keyok_ptr + b * n, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+                                        HAS_Y, HAS_KEYMASK, BLOCK_C, BLOCK_D)
         inv = scale / tl.maximum(n_j, 1.0)
         out_off = b * stride_ob + h * stride_oh + j * stride_oj + dims
         tl.store(xbar_ptr + out_off, (acc_x * inv).to(xbar_ptr.dtype.element_ty), mask=dim_ok)
         if HAS_Y:
             tl.store(ybar_ptr + out_off, (acc_y * inv).to(ybar_ptr.dtype.element_ty), mask=dim_ok)
         if WRITE_COUNT:
-            tl.store(cnt_ptr + b * nc + j, n_j, mask=h == 0)
+            tl.store(cnt_ptr + b * stride_cb + h * stride_ch + j, n_j)
 
     @triton.jit
     def _online_update(acc, m_i, l_i, logits, vals, PRECISION: tl.constexpr):
@@ -135,17 +146,39 @@ if triton is not None:
         return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
 
     @triton.jit
-    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, sel, j_lo, j_hi, dims, dim_ok,
-                       stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
+                       dim_ok, stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FUSED: tl.constexpr, MAX_SPIN: tl.constexpr):
         """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
-        the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2)."""
+        the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2). FUSED: the
+        summaries are written by other programs of this launch; wait for their flags first."""
         for j0 in range(j_lo, j_hi, BLOCK_N):
             js = j0 + tl.arange(0, BLOCK_N)
             inside = js < j_hi
-            cnt = tl.load(cnt_row + js, mask=inside, other=0.0)
+            if FUSED:
+                # acquire: every flag of the tile set (1) by its producer's release
+                ready = tl.min(tl.where(inside, tl.atomic_add(flag_row + js, 0, mask=inside, sem="acquire"), 1), 0)
+                spins = 0
+                while (ready == 0) & (spins < MAX_SPIN):
+                    ready = tl.min(tl.where(inside, tl.atomic_add(flag_row + js, 0, mask=inside, sem="acquire"), 1), 0)
+                    spins += 1
+                if ready == 0:  # never expected (tickets order producers first): report, do not hang
+                    tl.atomic_xchg(status_ptr, 1)
+                tl.debug_barrier()
+                cnt = tl.load(cnt_row + js, mask=inside, other=0.0, cache_modifier=".cg")
+            else:
+                cnt = tl.load(cnt_row + js, mask=inside, other=0.0)
             ok = inside & (cnt > 0) & (tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
-            kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
-            vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+            if FUSED:  # read past L1: written by another multiprocessor during this launch
+                kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None],
+                             other=0.0, cache_modifier=".cg")
+                vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+                             other=0.0, cache_modifier=".cg")
+            else:
+                kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None],
+                             other=0.0)
+                vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+                             other=0.0)
             logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
             logits = tl.where(ok[None, :], logits + tl.log2(tl.maximum(cnt, 1.0))[None, :], float("-inf"))
             acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
@@ -153,29 +186,49 @@ if triton is not None:
 
     @triton.jit
     def _mta_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, cnt_ptr, sel_ptr, keyok_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, cnt_ptr, sel_ptr, keyok_ptr, out_ptr, sync_ptr,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_sb, stride_sh, stride_sj,  # kbar / vbar [B, Hkv, nc, d] (same layout)
-        stride_cb,  # n_j [B, nc]
+        stride_cb, stride_ch,  # n_j [B, Hkv, nc]
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
-        n, nc, c, L, sinks, top_k, Hq, G, qk_scale,
+        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
-        HEAD_D: tl.constexpr, TOPK_PAD: tl.constexpr,
+        HEAD_D: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr, MAX_SPIN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values."""
-        # Heaviest blocks (late chunks: most summaries under causality) first, for load balance.
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        hk = h // G
+        """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
+
+        FUSED (causal, no top-k): no pre-pass. Work items are taken in ticket order (an atomic
+        counter, sync_ptr[0]) sorted by (b, kv head, chunk, head in group, sub-block); the first
+        item of each (b, kv head, chunk) pools that chunk's summary while its keys stream in
+        anyway, writes it and sets its flag (release). Consumers wait (acquire) for the flags of
+        the summaries they read, all of chunks before theirs: every wait is on a lower ticket,
+        i.e. on a program already running, so the launch cannot deadlock (the decoupled look-back
+        argument); k and v are read from memory once instead of twice."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
-        i = pid_m // blocks_per_chunk
-        sub = pid_m % blocks_per_chunk
+        if FUSED:
+            t = tl.atomic_add(sync_ptr, 1)  # this program's ticket (one atomic per program)
+            sub = t % blocks_per_chunk
+            t = t // blocks_per_chunk
+            g = t % G
+            t = t // G
+            i = t % nc
+            t = t // nc
+            hk = t % Hkv
+            b = t // Hkv
+            h = hk * G + g
+        else:
+            # Heaviest blocks (late chunks: most summaries under causality) first, for load balance.
+            pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+            pid_bh = tl.program_id(1)
+            b = pid_bh // Hq
+            h = pid_bh % Hq
+            hk = h // G
+            i = pid_m // blocks_per_chunk
+            sub = pid_m % blocks_per_chunk
         row0 = i * c + sub * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
@@ -187,6 +240,20 @@ if triton is not None:
         k_base = k_ptr + b * stride_kb + hk * stride_kh
         v_base = v_ptr + b * stride_vb + hk * stride_vh
         keyok_row = keyok_ptr + b * n
+        sk_base = kbar_ptr + b * stride_sb + hk * stride_sh
+        sv_base = vbar_ptr + b * stride_sb + hk * stride_sh
+        cnt_row = cnt_ptr + b * stride_cb + hk * stride_ch
+        flag_row = sync_ptr + 2 + (b * Hkv + hk) * nc
+        if FUSED:
+            if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
+                sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
+                                                dim_ok, True, HAS_KEYMASK, BLOCK_N, BLOCK_D)
+                inv = 1.0 / tl.maximum(n_i, 1.0)
+                tl.store(sk_base + i * stride_sj + dims, (sum_k * inv).to(kbar_ptr.dtype.element_ty), mask=dim_ok)
+                tl.store(sv_base + i * stride_sj + dims, (sum_v * inv).to(vbar_ptr.dtype.element_ty), mask=dim_ok)
+                tl.store(cnt_row + i, n_i)
+                tl.debug_barrier()  # every thread's stores before the flag
+                tl.atomic_xchg(flag_row + i, 1, sem="release")
         sel_offs = tl.arange(0, TOPK_PAD)
         sel = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i * stride_seli + sel_offs,
                       mask=sel_offs < top_k, other=-1)
@@ -239,14 +306,12 @@ if triton is not None:
                                               PRECISION, HEAD_D, BLOCK_D)
 
         # d. summaries of the chunks outside the window (under causality: only those before it)
-        sk_base = kbar_ptr + b * stride_sb + hk * stride_sh
-        sv_base = vbar_ptr + b * stride_sb + hk * stride_sh
-        cnt_row = cnt_ptr + b * stride_cb
-        acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, sel, 0, w_lo, dims, dim_ok,
-                                       stride_sj, qk_scale, PRECISION, BLOCK_N)
+        acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, sync_ptr + 1, sel, 0,
+                                       w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED, MAX_SPIN)
         if not CAUSAL:
-            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, sel, w_hi + 1, nc, dims,
-                                           dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N)
+            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, sync_ptr + 1, sel,
+                                           w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED,
+                                           MAX_SPIN)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -267,28 +332,32 @@ def key_padding(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> torc
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and Triton launch options of the fused forward."""
+    """Tile sizes and Triton launch options of the fused forward. ``fused``: pool the summaries
+    inside the main launch (causal, no top-k only) instead of a pre-pass; None: the default."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    fused: bool | None = None
 
 
 def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes by chunk size, head size and dtype. A block of queries never spans two chunks,
-    so BLOCK_M ≤ c (rounded up to a power of two, at least 16 for tl.dot). fp32 tiles take twice
-    the shared memory: smaller key tiles."""
-    big = dtype != torch.float32
-    block_m = max(16, min(128 if big else 64, triton.next_power_of_2(c)))
-    block_n = 64 if big else 32
-    num_warps = 8 if block_m >= 128 and d >= 128 else 4
-    return LaunchConfig(block_m, block_n, num_warps, 3 if big else 2)
+    """Tile sizes by chunk size and dtype, from the tile sweep of benchmarks/gpu_bench.py on an
+    H100 (bf16, d = 128, 64K tokens, causal; README): 128 query rows against 32-key tiles with
+    one warpgroup beat 64-row blocks and 64- or 128-key tiles for c = 128 and 256 (2.42 vs 3.09
+    ms, 1.98 vs 2.45 ms). A block of queries never spans two chunks, so BLOCK_M ≤ c (rounded up
+    to a power of two, at least 16 for tl.dot). fp32 tiles take twice the shared memory: 64 rows."""
+    if dtype == torch.float32:
+        return LaunchConfig(max(16, min(64, triton.next_power_of_2(c))), 32, 4, 2)
+    if c >= 128:
+        return LaunchConfig(128, 32, 4, 3)
+    return LaunchConfig(max(16, triton.next_power_of_2(c)), 64, 4, 3)
 
 
-def _chunk_means(x, y, keep, c, nc, sinks, scale, counts):
+def _chunk_means(x, y, keep, c, nc, sinks, scale, counts, block_c=None, num_warps=4):
     """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
-    ``counts`` is None: the selection's q̄); ``counts`` [B', nc] fp32 receives n_j."""
+    ``counts`` is None: the selection's q̄); ``counts`` [B, H, nc] fp32 receives n_j."""
     B, H, n, d = x.shape
     dtype = x.dtype if counts is not None else torch.float32
     xbar = torch.empty(B, H, nc, d, dtype=dtype, device=x.device)
@@ -299,27 +368,39 @@ def _chunk_means(x, y, keep, c, nc, sinks, scale, counts):
         x.stride(0), x.stride(1), x.stride(2),
         *((y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)),
         xbar.stride(0), xbar.stride(1), xbar.stride(2),
-        n, c, nc, sinks, H, scale,
+        *((counts.stride(0), counts.stride(1)) if counts is not None else (0, 0)),
+        n, c, sinks, H, scale,
         HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_COUNT=counts is not None,
-        HEAD_D=d, BLOCK_C=min(64, max(16, triton.next_power_of_2(c))), BLOCK_D=max(16, triton.next_power_of_2(d)),
-        num_warps=4,
+        HEAD_D=d, BLOCK_C=block_c or min(64, max(16, triton.next_power_of_2(c))),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=num_warps,
     )
     return xbar, ybar
+
+
+_PLACEHOLDER: dict[torch.device, torch.Tensor] = {}
+MAX_SPIN = 1 << 16  # a bound on a consumer's wait for one tile of flags (tens of ms), never reached
+
+
+def _placeholder(device) -> torch.Tensor:
+    """A [1, 1, 1, 1] int32 −1 that stands for an argument the kernel does not read."""
+    if device not in _PLACEHOLDER:
+        _PLACEHOLDER[device] = torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=device)
+    return _PLACEHOLDER[device]
 
 
 def _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G):
     """Top-k chunks per (b, h, i) among the summarised ones: [B, Hq, nc, K] int32, −1 padded."""
     B, Hq, n, d = q.shape
     K = min(top_k, nc)
-    if K == 0:
-        return torch.full((1, 1, 1, 1), -1, dtype=torch.int32, device=q.device), 0
+    if K == 0:  # the kernel reads no index
+        return _placeholder(q.device), 0
     qbar, _ = _chunk_means(q, None, None, c, nc, 0, scale, None)  # scale·mean over real queries
     kb = kbar.float().repeat_interleave(G, dim=1)  # [B, Hq, nc, d] (small: one row per chunk)
     score = qbar @ kb.transpose(-1, -2)  # [B, Hq, nc_i, nc_j]
     ii = torch.arange(nc, device=q.device).view(nc, 1)
     jj = torch.arange(nc, device=q.device).view(1, nc)
     summarised = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
-    summarised = summarised & (counts > 0).view(counts.shape[0], 1, 1, nc)
+    summarised = summarised & (counts[:, 0] > 0).view(B, 1, 1, nc)
     score = score.masked_fill(~summarised, NEG_INF)
     top = torch.sort(score, dim=-1, descending=True, stable=True)
     chosen = top.values[..., :K] > NEG_INF
@@ -331,7 +412,10 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
                        launch: LaunchConfig | None = None):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
     :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
-    ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it)."""
+    ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it).
+
+    The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
+    (causal, no top-k), from the main launch itself (see ``_mta_fwd_kernel``)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, n, d = q.shape
@@ -344,27 +428,40 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     s = min(sinks, n)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
-    counts = torch.empty(B, nc, dtype=torch.float32, device=q.device)
-    kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, counts)
+    cfg = launch or default_launch(c, d, q.dtype)
+    fused = bool(cfg.fused)
+    if fused and not (causal and min(top_k, nc) == 0):
+        raise ValueError("summaries fused in the main launch need causal=True and top_k=0")
+    counts = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
+    if fused:
+        kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
+        vbar = torch.empty_like(kbar)
+        sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
+    else:
+        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, counts)
+        sync = _placeholder(q.device)
     sel, K = _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G)
     out = torch.empty_like(q)
-    cfg = launch or default_launch(c, d, q.dtype)
-    grid = (nc * triton.cdiv(c, cfg.block_m), B * Hq)
+    blocks = nc * triton.cdiv(c, cfg.block_m)
+    grid = (blocks * B * Hq,) if fused else (blocks, B * Hq)
     _mta_fwd_kernel[grid](
-        q, k, v, kbar, vbar, counts, sel, keyok if keyok is not None else counts, out,
+        q, k, v, kbar, vbar, counts, sel, keyok if keyok is not None else counts, out, sync,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        counts.stride(0),
+        counts.stride(0), counts.stride(1),
         sel.stride(0), sel.stride(1), sel.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        n, nc, c, L, s, K, Hq, G, scale * LOG2E,
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_D=d, TOPK_PAD=max(1, triton.next_power_of_2(K)),
+        HEAD_D=d, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if fused and CHECK_SYNC:
+        assert int(sync[0]) == grid[0], "fused MTA launch: tickets do not cover the grid"
+        assert int(sync[1]) == 0, "fused MTA launch: a consumer gave up waiting for a summary"
     return out

@@ -60,6 +60,8 @@ def test_fp32_every_branch_matches_reference(causal, masked):
 # block's first row (unmasked), diagonal tiles, a chunk that is not a multiple of BLOCK_M (a
 # partial sub-block), sub-blocks wholly past n in the last chunk, key tiles wider than the rows.
 LAUNCHES = [LaunchConfig(16, 16, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(16, 32, 4, 1)]
+# Summaries pooled inside the main launch (causal, no top-k): producers and waits in ticket order.
+FUSED = [LaunchConfig(16, 16, 4, 1, fused=True), LaunchConfig(32, 16, 4, 1, fused=True)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -68,12 +70,20 @@ def test_tile_paths_match_reference(causal, masked):
     B, Hq, Hkv, n, d = 2, 2, 1, 90, 16
     q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=1)
     mask = padding(B, n) if masked else None
-    for c, L, s, top_k in [(40, 1, 0, 0), (24, 2, 3, 1), (33, 1, 0, 0)]:
+    for c, L, s, top_k in [(40, 1, 0, 0), (24, 2, 3, 1), (33, 1, 0, 0), (16, 2, 10, 0)]:
         kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
         ref = mta_attention_reference(q, k, v, mask, **kw)
-        for cfg in LAUNCHES:
+        for cfg in LAUNCHES + (FUSED if causal and top_k == 0 else []):
             out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), launch=cfg, **kw)
             torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw} {cfg}: {m}")
+
+
+def test_fused_summaries_need_causal_without_selection():
+    q, k, v = inputs(1, 2, 2, 40, 16, torch.float32)
+    with pytest.raises(ValueError, match="causal=True and top_k=0"):
+        mta_forward_triton(q, k, v, None, chunk_size=8, causal=False, launch=FUSED[0])
+    with pytest.raises(ValueError, match="causal=True and top_k=0"):
+        mta_forward_triton(q, k, v, None, chunk_size=8, causal=True, top_k=1, launch=FUSED[0])
 
 
 def test_head_size_not_a_power_of_two():
@@ -146,3 +156,17 @@ def test_gpu_gradients_match_reference(causal):
     for got, want in zip(leaves, ref_leaves):
         assert got.grad.is_cuda
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,c", [(1000, 64), (8192, 128), (8192, 256)])
+def test_gpu_fused_summaries_match_prepass(n, c):
+    """At real sizes on the GPU, where programs run concurrently and the waits are real."""
+    q, k, v = inputs(2, 8, 2, n, 128, torch.bfloat16, seed=5)
+    mask = padding(2, n)
+    for keep in (None, key_padding(mask, 2, 8, n)):
+        for L, s in ((1, 0), (2, 4)):
+            kw = dict(chunk_size=c, causal=True, local_chunks=L, sinks=s)
+            want = mta_forward_triton(q, k, v, keep, launch=LaunchConfig(64, 64, 4, 3, fused=False), **kw)
+            got = mta_forward_triton(q, k, v, keep, launch=LaunchConfig(64, 64, 4, 3, fused=True), **kw)
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
