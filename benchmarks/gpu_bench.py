@@ -72,6 +72,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--sweep-n", type=int, default=65536)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--no-sweep", action="store_true", help="skip step 2 (the tile and pre-pass sweeps)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run every step on the CPU in Triton's interpreter at tiny sizes (checks the script only)")
     args = ap.parse_args(argv)
@@ -119,7 +120,7 @@ def main(argv=None):
         ref = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=LaunchConfig(64, 64, 4, 3, False))
         return rel_err(out, ref.float())
 
-    for c in args.chunks:
+    for c in [] if args.no_sweep else args.chunks:
         default = default_launch(c, d, torch.bfloat16)
         tiles = SWEEP if DEVICE == "cuda" else [(16, 16, 4, 1)]
         cands = {default} | {LaunchConfig(*s, fused=f) for s in tiles for f in (False, True)
@@ -141,7 +142,7 @@ def main(argv=None):
     nc = args.sweep_n // 128
     counts = torch.empty(1, H, nc, device=DEVICE)
     prepass = {}
-    for block_c in (32, 64, 128):
+    for block_c in () if args.no_sweep else (32, 64, 128):
         for warps in (4, 8):
             prepass[f"block_c={block_c},warps={warps}"] = median_ms(
                 lambda: _chunk_means(k, v, None, 128, nc, 0, 1.0, counts, block_c=block_c, num_warps=warps))
@@ -172,6 +173,10 @@ def main(argv=None):
                     row[f"mta_c{c}_rel_err"] = rel_err(out, mta_attention_chunked(q.float(), k.float(), v.float(), **kw))
                 out = None
                 row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
+                if causal:  # the same tiles with the summaries pooled inside the main launch
+                    base = default_launch(c, d, q.dtype)
+                    fused = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, fused=True)
+                    row[f"mta_c{c}_fused_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=fused, **kw))
                 for kind in ("prepass", "fused"):
                     best = sweep.get(c, {}).get(f"best_{kind}")
                     if best is None or (kind == "fused" and not causal):
@@ -238,7 +243,8 @@ def main(argv=None):
     sweep_lines = [f"c={c}: default {[r for r in s['results'] if r['default']][0]['ms']:.3f} ms; best with pre-pass "
                    f"{best_text(s['best_prepass'])}; best fused {best_text(s['best_fused'])} "
                    "(BLOCK_M, BLOCK_N, warps, stages)" for c, s in sweep.items()]
-    text = (f"{head}\n\n{table}\n\nTile sweep at n={args.sweep_n}, causal:\n" + "\n".join(sweep_lines)
+    text = (f"{head}\n\n{table}\n\nTile sweep at n={args.sweep_n}, causal:\n"
+            + ("\n".join(sweep_lines) if sweep_lines else "(skipped: --no-sweep)")
             + f"\n\nPre-pass alone at n={args.sweep_n}, c=128: {json.dumps(prepass)}"
             + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n")
     print("\n" + text)

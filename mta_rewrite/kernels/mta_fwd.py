@@ -74,6 +74,10 @@ if triton is not None:
         return acc_x, acc_y, tl.sum(count, 0)
 
     @triton.jit
+    def _log2_count(n_j):
+        return tl.where(n_j > 0, tl.log2(tl.maximum(n_j, 1.0)), float("-inf"))
+
+    @triton.jit
     def _chunk_mean_kernel(
         x_ptr, y_ptr, keyok_ptr, xbar_ptr, ybar_ptr, cnt_ptr,
         stride_xb, stride_xh, stride_xn,
@@ -85,7 +89,8 @@ if triton is not None:
         HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j
-        (see _pool_chunk); ybar likewise; cnt[b, h, j] = n_j."""
+        (see _pool_chunk); ybar likewise; cnt[b, h, j] = log2 n_j (−inf: nothing to summarise), the
+        bias of chunk j's summary logit in base 2."""
         j = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -101,7 +106,7 @@ if triton is not None:
         if HAS_Y:
             tl.store(ybar_ptr + out_off, (acc_y * inv).to(ybar_ptr.dtype.element_ty), mask=dim_ok)
         if WRITE_COUNT:
-            tl.store(cnt_ptr + b * stride_cb + h * stride_ch + j, n_j)
+            tl.store(cnt_ptr + b * stride_cb + h * stride_ch + j, _log2_count(n_j))
 
     @triton.jit
     def _online_update(acc, m_i, l_i, logits, vals, PRECISION: tl.constexpr):
@@ -148,7 +153,7 @@ if triton is not None:
     @triton.jit
     def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
                        dim_ok, stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FUSED: tl.constexpr, MAX_SPIN: tl.constexpr):
+                       FUSED: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr):
         """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
         the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2). FUSED: the
         summaries are written by other programs of this launch; wait for their flags first."""
@@ -165,10 +170,12 @@ if triton is not None:
                 if ready == 0:  # never expected (tickets order producers first): report, do not hang
                     tl.atomic_xchg(status_ptr, 1)
                 tl.debug_barrier()
-                cnt = tl.load(cnt_row + js, mask=inside, other=0.0, cache_modifier=".cg")
+                bias = tl.load(cnt_row + js, mask=inside, other=float("-inf"), cache_modifier=".cg")
             else:
-                cnt = tl.load(cnt_row + js, mask=inside, other=0.0)
-            ok = inside & (cnt > 0) & (tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+                bias = tl.load(cnt_row + js, mask=inside, other=float("-inf"))
+            if HAS_TOPK:  # a selected chunk is attended exactly, not through its summary
+                bias = tl.where(tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0, bias, float("-inf"))
+            ok = inside
             if FUSED:  # read past L1: written by another multiprocessor during this launch
                 kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None],
                              other=0.0, cache_modifier=".cg")
@@ -180,7 +187,7 @@ if triton is not None:
                 vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
                              other=0.0)
             logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
-            logits = tl.where(ok[None, :], logits + tl.log2(tl.maximum(cnt, 1.0))[None, :], float("-inf"))
+            logits = logits + bias[None, :]  # log2 n_j; −inf for chunks outside, empty or selected
             acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
         return acc, m_i, l_i
 
@@ -196,7 +203,8 @@ if triton is not None:
         stride_ob, stride_oh, stride_on,
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
-        HEAD_D: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr, MAX_SPIN: tl.constexpr,
+        HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
+        MAX_SPIN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
@@ -251,7 +259,7 @@ if triton is not None:
                 inv = 1.0 / tl.maximum(n_i, 1.0)
                 tl.store(sk_base + i * stride_sj + dims, (sum_k * inv).to(kbar_ptr.dtype.element_ty), mask=dim_ok)
                 tl.store(sv_base + i * stride_sj + dims, (sum_v * inv).to(vbar_ptr.dtype.element_ty), mask=dim_ok)
-                tl.store(cnt_row + i, n_i)
+                tl.store(cnt_row + i, _log2_count(n_i))
                 tl.debug_barrier()  # every thread's stores before the flag
                 tl.atomic_xchg(flag_row + i, 1, sem="release")
         sel_offs = tl.arange(0, TOPK_PAD)
@@ -272,7 +280,8 @@ if triton is not None:
             keys = s0 + tl.arange(0, BLOCK_N)
             kchunk = keys // c
             ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
-            ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+            if HAS_TOPK:
+                ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
             acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
                                       stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
 
@@ -307,11 +316,12 @@ if triton is not None:
 
         # d. summaries of the chunks outside the window (under causality: only those before it)
         acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, sync_ptr + 1, sel, 0,
-                                       w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED, MAX_SPIN)
+                                       w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED, MAX_SPIN,
+                                       HAS_TOPK)
         if not CAUSAL:
             acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, sync_ptr + 1, sel,
                                            w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED,
-                                           MAX_SPIN)
+                                           MAX_SPIN, HAS_TOPK)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -357,7 +367,7 @@ def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
 
 def _chunk_means(x, y, keep, c, nc, sinks, scale, counts, block_c=None, num_warps=4):
     """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
-    ``counts`` is None: the selection's q̄); ``counts`` [B, H, nc] fp32 receives n_j."""
+    ``counts`` is None: the selection's q̄); ``counts`` [B, H, nc] fp32 receives log2 n_j (−inf: empty chunk)."""
     B, H, n, d = x.shape
     dtype = x.dtype if counts is not None else torch.float32
     xbar = torch.empty(B, H, nc, d, dtype=dtype, device=x.device)
@@ -400,7 +410,7 @@ def _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G):
     ii = torch.arange(nc, device=q.device).view(nc, 1)
     jj = torch.arange(nc, device=q.device).view(1, nc)
     summarised = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
-    summarised = summarised & (counts[:, 0] > 0).view(B, 1, 1, nc)
+    summarised = summarised & (counts[:, 0] > NEG_INF).view(B, 1, 1, nc)  # log2 n_j: −inf when empty
     score = score.masked_fill(~summarised, NEG_INF)
     top = torch.sort(score, dim=-1, descending=True, stable=True)
     chosen = top.values[..., :K] > NEG_INF
@@ -457,7 +467,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_D=d, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
+        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

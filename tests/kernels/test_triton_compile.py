@@ -43,7 +43,7 @@ def build(fn, constexprs, **options):
 
 
 build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                        "HEAD_D": 128, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
+                        "HEAD_D": 128, "HAS_TOPK": not fused, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
                         "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128},
       num_warps=warps, num_stages=3)
 build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_COUNT": True, "HEAD_D": 128,
