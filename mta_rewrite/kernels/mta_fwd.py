@@ -354,9 +354,9 @@ class LaunchConfig:
 
 def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     """Tile sizes by chunk size and dtype, from the tile sweep of benchmarks/gpu_bench.py on an
-    H100 (bf16, d = 128, 64K tokens, causal; README): 128 query rows against 32-key tiles with
-    one warpgroup beat 64-row blocks and 64- or 128-key tiles for c = 128 and 256 (2.42 vs 3.09
-    ms, 1.98 vs 2.45 ms). A block of queries never spans two chunks, so BLOCK_M ≤ c (rounded up
+    H100 (bf16, d = 128, 64K tokens, causal; benchmarks/results/gpu_2026-11-27_sweep.md): 128
+    query rows against 32-key tiles with one warpgroup beat 64-row blocks, 64- or 128-key tiles
+    and 8 warps for c = 128 and 256 (c = 256: 2.02 ms vs 2.25, 3.31, 2.54). A block of queries never spans two chunks, so BLOCK_M ≤ c (rounded up
     to a power of two, at least 16 for tl.dot). fp32 tiles take twice the shared memory: 64 rows."""
     if dtype == torch.float32:
         return LaunchConfig(max(16, min(64, triton.next_power_of_2(c))), 32, 4, 2)
