@@ -140,12 +140,12 @@ def main(argv=None):
         best = {f: min((r for r in res if r["config"][4] == f), key=lambda r: r["ms"], default=None) for f in (False, True)}
         sweep[c] = {"results": res, "best_prepass": best[False], "best_fused": best[True]}
     nc = args.sweep_n // 128
-    counts = torch.empty(1, H, nc, device=DEVICE)
+    logn = torch.empty(1, H, nc, device=DEVICE)
     prepass = {}
     for block_c in () if args.no_sweep else (32, 64, 128):
         for warps in (4, 8):
             prepass[f"block_c={block_c},warps={warps}"] = median_ms(
-                lambda: _chunk_means(k, v, None, 128, nc, 0, 1.0, counts, block_c=block_c, num_warps=warps))
+                lambda: _chunk_means(k, v, None, 128, nc, 0, 1.0, logn, block_c=block_c, num_warps=warps))
     print("pre-pass (c=128):", json.dumps(prepass), flush=True)
     q = k = v = None
 
@@ -195,8 +195,8 @@ def main(argv=None):
         n, c = (65536, 128) if not args.dry_run else (512, 32)
         q, k, v = qkv(n)
         nc = n // c
-        counts = torch.empty(1, H, nc, device=DEVICE)
-        extras["summary_prepass_ms"] = median_ms(lambda: _chunk_means(k, v, None, c, nc, 0, 1.0, counts))
+        logn = torch.empty(1, H, nc, device=DEVICE)
+        extras["summary_prepass_ms"] = median_ms(lambda: _chunk_means(k, v, None, c, nc, 0, 1.0, logn))
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
         q, k, v = qkv(n, hkv=max(1, H // 4))

@@ -14,12 +14,15 @@ autograd, on the same device (no transfer to the CPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ..ops.chunked import mta_attention_chunked
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -4,8 +4,9 @@ Two launches per call (three with top-k selection):
 
 1. ``_chunk_mean_kernel`` pools every chunk j of k and v into its summary
    k̄_j = Σ_s w_s·k_s / n_j, v̄_j likewise, with w_s = 1 for keys of chunk j that are real
-   (s < n), not sinks and not padded, and n_j = Σ w_s (written once per batch row). With top-k it
-   also pools q̄_i = scale·mean of the real queries of chunk i.
+   (s < n), not sinks and not padded, and n_j = Σ w_s; it writes log2 n_j (−inf for an empty
+   chunk), the summary logit's bias in base 2. With top-k it also pools q̄_i = scale·mean of the
+   real queries of chunk i.
 2. ``_mta_fwd_kernel``: one program per ``BLOCK_M`` query rows of one query chunk i and one
    (batch, query head). It streams one online softmax (m, l, acc in fp32, base-2 exponentials)
    over
@@ -74,23 +75,30 @@ if triton is not None:
         return acc_x, acc_y, tl.sum(count, 0)
 
     @triton.jit
-    def _log2_count(n_j):
-        return tl.where(n_j > 0, tl.log2(tl.maximum(n_j, 1.0)), float("-inf"))
+    def _store_summary(xbar_at, ybar_at, logn_at, acc_x, acc_y, n_j, scale, dims, dim_ok,
+                       HAS_Y: tl.constexpr, WRITE_LOGN: tl.constexpr):
+        """xbar = scale·acc_x / max(n_j, 1) (ybar likewise) and log2 n_j, the bias of the summary's
+        logit in base 2 (−inf: an empty chunk, nothing to summarise)."""
+        inv = scale / tl.maximum(n_j, 1.0)
+        tl.store(xbar_at + dims, (acc_x * inv).to(xbar_at.dtype.element_ty), mask=dim_ok)
+        if HAS_Y:
+            tl.store(ybar_at + dims, (acc_y * inv).to(ybar_at.dtype.element_ty), mask=dim_ok)
+        if WRITE_LOGN:
+            tl.store(logn_at, tl.where(n_j > 0, tl.log2(tl.maximum(n_j, 1.0)), float("-inf")))
 
     @triton.jit
     def _chunk_mean_kernel(
-        x_ptr, y_ptr, keyok_ptr, xbar_ptr, ybar_ptr, cnt_ptr,
+        x_ptr, y_ptr, keyok_ptr, xbar_ptr, ybar_ptr, logn_ptr,
         stride_xb, stride_xh, stride_xn,
         stride_yb, stride_yh, stride_yn,
         stride_ob, stride_oh, stride_oj,  # xbar / ybar [B, H, nc, d] (same layout)
-        stride_cb, stride_ch,  # n_j [B, H, nc]
+        stride_lb, stride_lh,  # log2 n_j [B, H, nc]
         n, c, sinks, H, scale,
-        HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_COUNT: tl.constexpr,
+        HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_LOGN: tl.constexpr,
         HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j
-        (see _pool_chunk); ybar likewise; cnt[b, h, j] = log2 n_j (−inf: nothing to summarise), the
-        bias of chunk j's summary logit in base 2."""
+        (see _pool_chunk); ybar likewise; logn[b, h, j] = log2 n_j (see _store_summary)."""
         j = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -100,13 +108,9 @@ if triton is not None:
         acc_x, acc_y, n_j = _pool_chunk(x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh,
                                         keyok_ptr + b * n, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
                                         HAS_Y, HAS_KEYMASK, BLOCK_C, BLOCK_D)
-        inv = scale / tl.maximum(n_j, 1.0)
-        out_off = b * stride_ob + h * stride_oh + j * stride_oj + dims
-        tl.store(xbar_ptr + out_off, (acc_x * inv).to(xbar_ptr.dtype.element_ty), mask=dim_ok)
-        if HAS_Y:
-            tl.store(ybar_ptr + out_off, (acc_y * inv).to(ybar_ptr.dtype.element_ty), mask=dim_ok)
-        if WRITE_COUNT:
-            tl.store(cnt_ptr + b * stride_cb + h * stride_ch + j, _log2_count(n_j))
+        out_off = b * stride_ob + h * stride_oh + j * stride_oj
+        _store_summary(xbar_ptr + out_off, ybar_ptr + out_off, logn_ptr + b * stride_lb + h * stride_lh + j,
+                       acc_x, acc_y, n_j, scale, dims, dim_ok, HAS_Y, WRITE_LOGN)
 
     @triton.jit
     def _online_update(acc, m_i, l_i, logits, vals, PRECISION: tl.constexpr):
@@ -151,7 +155,7 @@ if triton is not None:
         return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
 
     @triton.jit
-    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
+    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
                        dim_ok, stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                        FUSED: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr):
         """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
@@ -170,21 +174,20 @@ if triton is not None:
                 if ready == 0:  # never expected (tickets order producers first): report, do not hang
                     tl.atomic_xchg(status_ptr, 1)
                 tl.debug_barrier()
-                bias = tl.load(cnt_row + js, mask=inside, other=float("-inf"), cache_modifier=".cg")
+                bias = tl.load(logn_row + js, mask=inside, other=float("-inf"), cache_modifier=".cg")
             else:
-                bias = tl.load(cnt_row + js, mask=inside, other=float("-inf"))
+                bias = tl.load(logn_row + js, mask=inside, other=float("-inf"))
             if HAS_TOPK:  # a selected chunk is attended exactly, not through its summary
                 bias = tl.where(tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0, bias, float("-inf"))
-            ok = inside
             if FUSED:  # read past L1: written by another multiprocessor during this launch
-                kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None],
+                kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=inside[None, :] & dim_ok[:, None],
                              other=0.0, cache_modifier=".cg")
-                vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+                vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=inside[:, None] & dim_ok[None, :],
                              other=0.0, cache_modifier=".cg")
             else:
-                kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=ok[None, :] & dim_ok[:, None],
+                kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=inside[None, :] & dim_ok[:, None],
                              other=0.0)
-                vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+                vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=inside[:, None] & dim_ok[None, :],
                              other=0.0)
             logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
             logits = logits + bias[None, :]  # log2 n_j; −inf for chunks outside, empty or selected
@@ -193,12 +196,12 @@ if triton is not None:
 
     @triton.jit
     def _mta_fwd_kernel(
-        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, cnt_ptr, sel_ptr, keyok_ptr, out_ptr, sync_ptr,
+        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, sel_ptr, keyok_ptr, out_ptr, sync_ptr,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_sb, stride_sh, stride_sj,  # kbar / vbar [B, Hkv, nc, d] (same layout)
-        stride_cb, stride_ch,  # n_j [B, Hkv, nc]
+        stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
@@ -250,16 +253,14 @@ if triton is not None:
         keyok_row = keyok_ptr + b * n
         sk_base = kbar_ptr + b * stride_sb + hk * stride_sh
         sv_base = vbar_ptr + b * stride_sb + hk * stride_sh
-        cnt_row = cnt_ptr + b * stride_cb + hk * stride_ch
+        logn_row = logn_ptr + b * stride_lb + hk * stride_lh
         flag_row = sync_ptr + 2 + (b * Hkv + hk) * nc
         if FUSED:
             if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
                 sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
                                                 dim_ok, True, HAS_KEYMASK, BLOCK_N, BLOCK_D)
-                inv = 1.0 / tl.maximum(n_i, 1.0)
-                tl.store(sk_base + i * stride_sj + dims, (sum_k * inv).to(kbar_ptr.dtype.element_ty), mask=dim_ok)
-                tl.store(sv_base + i * stride_sj + dims, (sum_v * inv).to(vbar_ptr.dtype.element_ty), mask=dim_ok)
-                tl.store(cnt_row + i, _log2_count(n_i))
+                _store_summary(sk_base + i * stride_sj, sv_base + i * stride_sj, logn_row + i, sum_k, sum_v, n_i, 1.0,
+                               dims, dim_ok, True, True)
                 tl.debug_barrier()  # every thread's stores before the flag
                 tl.atomic_xchg(flag_row + i, 1, sem="release")
         sel_offs = tl.arange(0, TOPK_PAD)
@@ -315,11 +316,11 @@ if triton is not None:
                                               PRECISION, HEAD_D, BLOCK_D)
 
         # d. summaries of the chunks outside the window (under causality: only those before it)
-        acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, sync_ptr + 1, sel, 0,
+        acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1, sel, 0,
                                        w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED, MAX_SPIN,
                                        HAS_TOPK)
         if not CAUSAL:
-            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, cnt_row, flag_row, sync_ptr + 1, sel,
+            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1, sel,
                                            w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED,
                                            MAX_SPIN, HAS_TOPK)
 
@@ -356,8 +357,9 @@ def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     """Tile sizes by chunk size and dtype, from the tile sweep of benchmarks/gpu_bench.py on an
     H100 (bf16, d = 128, 64K tokens, causal; benchmarks/results/gpu_2026-11-27_sweep.md): 128
     query rows against 32-key tiles with one warpgroup beat 64-row blocks, 64- or 128-key tiles
-    and 8 warps for c = 128 and 256 (c = 256: 2.02 ms vs 2.25, 3.31, 2.54). A block of queries never spans two chunks, so BLOCK_M ≤ c (rounded up
-    to a power of two, at least 16 for tl.dot). fp32 tiles take twice the shared memory: 64 rows."""
+    and 8 warps for c = 128 and 256 (c = 256: 2.02 ms vs 2.25, 3.31, 2.54). A block of queries
+    never spans two chunks, so BLOCK_M ≤ c (rounded up to a power of two, at least 16 for
+    tl.dot). fp32 tiles take twice the shared memory: 64 rows."""
     if dtype == torch.float32:
         return LaunchConfig(max(16, min(64, triton.next_power_of_2(c))), 32, 4, 2)
     if c >= 128:
@@ -365,22 +367,23 @@ def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig(max(16, triton.next_power_of_2(c)), 64, 4, 3)
 
 
-def _chunk_means(x, y, keep, c, nc, sinks, scale, counts, block_c=None, num_warps=4):
+def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4):
     """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
-    ``counts`` is None: the selection's q̄); ``counts`` [B, H, nc] fp32 receives log2 n_j (−inf: empty chunk)."""
+    ``logn`` is None: the selection's q̄); ``logn`` [B, H, nc] fp32 receives log2 n_j (−inf:
+    empty chunk)."""
     B, H, n, d = x.shape
-    dtype = x.dtype if counts is not None else torch.float32
+    dtype = x.dtype if logn is not None else torch.float32
     xbar = torch.empty(B, H, nc, d, dtype=dtype, device=x.device)
     ybar = torch.empty_like(xbar) if y is not None else xbar
     keyok = keep if keep is not None else x  # an unused pointer when there is no mask
     _chunk_mean_kernel[(nc, B * H)](
-        x, y if y is not None else x, keyok, xbar, ybar, counts if counts is not None else xbar,
+        x, y if y is not None else x, keyok, xbar, ybar, logn if logn is not None else xbar,
         x.stride(0), x.stride(1), x.stride(2),
         *((y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)),
         xbar.stride(0), xbar.stride(1), xbar.stride(2),
-        *((counts.stride(0), counts.stride(1)) if counts is not None else (0, 0)),
+        *((logn.stride(0), logn.stride(1)) if logn is not None else (0, 0)),
         n, c, sinks, H, scale,
-        HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_COUNT=counts is not None,
+        HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_LOGN=logn is not None,
         HEAD_D=d, BLOCK_C=block_c or min(64, max(16, triton.next_power_of_2(c))),
         BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=num_warps,
     )
@@ -398,7 +401,7 @@ def _placeholder(device) -> torch.Tensor:
     return _PLACEHOLDER[device]
 
 
-def _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G):
+def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
     """Top-k chunks per (b, h, i) among the summarised ones: [B, Hq, nc, K] int32, −1 padded."""
     B, Hq, n, d = q.shape
     K = min(top_k, nc)
@@ -410,7 +413,7 @@ def _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G):
     ii = torch.arange(nc, device=q.device).view(nc, 1)
     jj = torch.arange(nc, device=q.device).view(1, nc)
     summarised = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
-    summarised = summarised & (counts[:, 0] > NEG_INF).view(B, 1, 1, nc)  # log2 n_j: −inf when empty
+    summarised = summarised & (logn[:, 0] > NEG_INF).view(B, 1, 1, nc)  # −inf: an empty chunk
     score = score.masked_fill(~summarised, NEG_INF)
     top = torch.sort(score, dim=-1, descending=True, stable=True)
     chosen = top.values[..., :K] > NEG_INF
@@ -442,25 +445,25 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     fused = bool(cfg.fused)
     if fused and not (causal and min(top_k, nc) == 0):
         raise ValueError("summaries fused in the main launch need causal=True and top_k=0")
-    counts = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
+    logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
     if fused:
         kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
         vbar = torch.empty_like(kbar)
         sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
     else:
-        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, counts)
+        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn)
         sync = _placeholder(q.device)
-    sel, K = _selection(q, kbar, counts, c, nc, L, top_k, causal, scale, G)
+    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
     out = torch.empty_like(q)
     blocks = nc * triton.cdiv(c, cfg.block_m)
     grid = (blocks * B * Hq,) if fused else (blocks, B * Hq)
     _mta_fwd_kernel[grid](
-        q, k, v, kbar, vbar, counts, sel, keyok if keyok is not None else counts, out, sync,
+        q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        counts.stride(0), counts.stride(1),
+        logn.stride(0), logn.stride(1),
         sel.stride(0), sel.stride(1), sel.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E,

@@ -26,7 +26,7 @@ from mta_rewrite.kernels.mta_fwd import _chunk_mean_kernel, _mta_fwd_kernel
 dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 cap, block_m, warps, fused = map(int, sys.argv[4:])
 pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
-other = {"cnt_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32"}
+other = {"logn_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32"}
 
 
 def build(fn, constexprs, **options):
@@ -46,7 +46,7 @@ build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "
                         "HEAD_D": 128, "HAS_TOPK": not fused, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
                         "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128},
       num_warps=warps, num_stages=3)
-build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_COUNT": True, "HEAD_D": 128,
+build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "HEAD_D": 128,
                            "BLOCK_C": 64, "BLOCK_D": 128}, num_warps=4)
 print("OK")
 """
