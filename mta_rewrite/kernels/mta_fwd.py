@@ -18,6 +18,10 @@ Two launches per call (three with top-k selection):
    c. the top-k selected chunks of i (indices from the selection step);
    d. the summaries of every other chunk causality allows, logit scale·q·k̄_j + log n_j.
 
+   b–d run as separate loops, each with compile-time masks (the default, measured on an H100),
+   or with ``LaunchConfig(one_loop=True)`` as one software-pipelined stream of tiles whose
+   masks and bias are data (``_stream_tile``): one pipeline fill per block instead of three.
+
 For query t and key s the logit is scale·q_t·k_s (−inf where forbidden); the output is
 Σ p·v / Σ p, zero for a row that attended nothing. GQA reads key/value head h // (Hq/Hkv): k and v
 are never copied to Hq heads. The selection (MTA_SPEC.md step 3: the largest scale·q̄_i·k̄_j,
@@ -155,6 +159,24 @@ if triton is not None:
         return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
 
     @triton.jit
+    def _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_row, top_k, c, n, rows, dims, dim_ok,
+                        stride_kn, stride_vn, qk_scale, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
+                        HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Exact attention to the tokens of the top-k selected chunks ``sel_row[0 … top_k−1]`` (−1:
+        none). They are summarised chunks, so always before the window under causality: no causal
+        mask."""
+        for e in range(0, top_k):
+            j = tl.load(sel_row + e)
+            if j >= 0:
+                j_end = tl.minimum(j * c + c, n)
+                for start in range(j * c, j_end, BLOCK_N):
+                    keys = start + tl.arange(0, BLOCK_N)
+                    acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < j_end, rows,
+                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, True, False, HAS_KEYMASK,
+                                              PRECISION, HEAD_D, BLOCK_D)
+        return acc, m_i, l_i
+
+    @triton.jit
     def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
                        dim_ok, stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                        FUSED: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr):
@@ -195,6 +217,45 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
+    def _stream_tile(acc, m_i, l_i, q, k_base, v_base, sk_base, sv_base, logn_row, keyok_row, sel, t, n_win, lo, hi,
+                     j_end, w_lo, w_hi, rows, dims, dim_ok, stride_kn, stride_vn, stride_sj, qk_scale,
+                     CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Tile t of the block's single stream: window keys lo … hi−1 (tiles 0 … n_win−1), then the
+        summaries of chunks 0 … j_end−1. Which one is a run-time choice of base pointer, stride and
+        bias, so that one software-pipelined loop covers both (no pipeline drain between them); the
+        price is a mask on every tile. Summaries inside the window (non-causal) or selected are
+        masked out; a window key is masked when past ``hi``, after the row (causal) or padded."""
+        is_sum = t >= n_win  # scalar: selects base pointer, stride and range
+        start = tl.where(is_sum, (t - n_win) * BLOCK_N, lo + t * BLOCK_N)
+        idx = start + tl.arange(0, BLOCK_N)
+        # the same flag as a vector for the masks (Triton's interpreter mistypes scalar & vector)
+        sum_v = tl.zeros([BLOCK_N], dtype=tl.int32) + t >= n_win
+        win_v = tl.zeros([BLOCK_N], dtype=tl.int32) + t < n_win
+        inside = idx < tl.where(is_sum, j_end, hi)
+        kb = tl.where(is_sum, sk_base, k_base)
+        vb = tl.where(is_sum, sv_base, v_base)
+        skn = tl.where(is_sum, stride_sj, stride_kn)
+        svn = tl.where(is_sum, stride_sj, stride_vn)
+        kt = tl.load(kb + idx[None, :] * skn + dims[:, None], mask=inside[None, :] & dim_ok[:, None], other=0.0)
+        vt = tl.load(vb + idx[:, None] * svn + dims[None, :], mask=inside[:, None] & dim_ok[None, :], other=0.0)
+        # summary: log2 n_j (−inf: empty chunk); window key: 0
+        bias = tl.load(logn_row + idx, mask=inside & sum_v, other=0.0)
+        ok = inside
+        if not CAUSAL:  # the window's own chunks are attended exactly, not through summaries
+            ok = ok & ((idx < w_lo) | (idx > w_hi) | win_v)
+        if HAS_TOPK:  # a selected chunk is attended exactly, not through its summary
+            ok = ok & ((tl.sum((idx[:, None] == sel[None, :]).to(tl.int32), 1) == 0) | win_v)
+        if HAS_KEYMASK:
+            ok = ok & ((tl.load(keyok_row + idx, mask=inside & win_v, other=0) != 0) | sum_v)
+        allowed = ok[None, :]
+        if CAUSAL:
+            allowed = allowed & ((idx[None, :] <= rows[:, None]) | sum_v[None, :])
+        logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+        logits = tl.where(allowed, logits + bias[None, :], float("-inf"))
+        return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
+
+    @triton.jit
     def _mta_fwd_kernel(
         q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, sel_ptr, keyok_ptr, out_ptr, sync_ptr,
         stride_qb, stride_qh, stride_qn,
@@ -207,13 +268,14 @@ if triton is not None:
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
-        MAX_SPIN: tl.constexpr,
+        MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
 
         FUSED (causal, no top-k): no pre-pass. Work items are taken in ticket order (an atomic
-        counter, sync_ptr[0]) sorted by (b, kv head, chunk, head in group, sub-block); the first
+        counter, sync_ptr[0]) sorted by (b, kv head, chunk, head in group, sub-block), or with
+        CHUNK_MAJOR by (b, chunk, kv head, head in group, sub-block); the first
         item of each (b, kv head, chunk) pools that chunk's summary while its keys stream in
         anyway, writes it and sets its flag (release). Consumers wait (acquire) for the flags of
         the summaries they read, all of chunks before theirs: every wait is on a lower ticket,
@@ -226,10 +288,16 @@ if triton is not None:
             t = t // blocks_per_chunk
             g = t % G
             t = t // G
-            i = t % nc
-            t = t // nc
-            hk = t % Hkv
-            b = t // Hkv
+            if CHUNK_MAJOR:  # (b, chunk, kv head, ...): a chunk's producers run long before its consumers
+                hk = t % Hkv
+                t = t // Hkv
+                i = t % nc
+                b = t // nc
+            else:  # (b, kv head, chunk, ...)
+                i = t % nc
+                t = t // nc
+                hk = t % Hkv
+                b = t // Hkv
             h = hk * G + g
         else:
             # Heaviest blocks (late chunks: most summaries under causality) first, for load balance.
@@ -286,43 +354,59 @@ if triton is not None:
             acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
                                       stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
 
-        # b. the window: keys [lo, hi); [lo, mid) whole tiles with every key before every row
-        #    (causal) or simply whole tiles (not causal), [mid, hi) the masked remainder
+        # b. the window: keys [lo, hi)
         lo = w_lo * c
         hi = tl.minimum((w_hi + 1) * c, n)
         if CAUSAL:
             hi = tl.minimum(hi, row0 + BLOCK_M)
-            mid = lo + ((tl.minimum(row0, hi) - lo) // BLOCK_N) * BLOCK_N
+        if ONE_LOOP:
+            # b–d as one stream: window tiles, then summary tiles (c. the selected chunks, rare, first)
+            acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
+                                            h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
+                                            stride_kn, stride_vn, qk_scale, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_N,
+                                            BLOCK_D)
+            n_win = tl.cdiv(hi - lo, BLOCK_N)
+            if CAUSAL:
+                j_end = w_lo
+            else:
+                j_end = nc
+            for t in range(0, n_win + tl.cdiv(j_end, BLOCK_N)):
+                acc, m_i, l_i = _stream_tile(acc, m_i, l_i, q, k_base, v_base, sk_base, sv_base, logn_row, keyok_row,
+                                             sel, t, n_win, lo, hi, j_end, w_lo, w_hi, rows, dims, dim_ok, stride_kn,
+                                             stride_vn, stride_sj, qk_scale, CAUSAL, HAS_KEYMASK, HAS_TOPK, PRECISION,
+                                             BLOCK_N)
         else:
-            mid = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-        for start in range(lo, mid, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
-                                      dim_ok, stride_kn, stride_vn, qk_scale, False, False, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
-        for start in range(mid, hi, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
-                                      dim_ok, stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
+            # [lo, mid) whole tiles with every key before every row (causal) or simply whole tiles
+            # (not causal), [mid, hi) the masked remainder
+            if CAUSAL:
+                mid = lo + ((tl.minimum(row0, hi) - lo) // BLOCK_N) * BLOCK_N
+            else:
+                mid = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+            for start in range(lo, mid, BLOCK_N):
+                keys = start + tl.arange(0, BLOCK_N)
+                acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
+                                          dim_ok, stride_kn, stride_vn, qk_scale, False, False, HAS_KEYMASK, PRECISION,
+                                          HEAD_D, BLOCK_D)
+            for start in range(mid, hi, BLOCK_N):
+                keys = start + tl.arange(0, BLOCK_N)
+                acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
+                                          dim_ok, stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION,
+                                          HEAD_D, BLOCK_D)
 
-        # c. the selected chunks (always before the window under causality: no causal mask)
-        for e in range(0, top_k):
-            j = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i * stride_seli + e)
-            if j >= 0:
-                j_end = tl.minimum(j * c + c, n)
-                for start in range(j * c, j_end, BLOCK_N):
-                    keys = start + tl.arange(0, BLOCK_N)
-                    acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < j_end, rows,
-                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, True, False, HAS_KEYMASK,
-                                              PRECISION, HEAD_D, BLOCK_D)
+            # c. the selected chunks (always before the window under causality: no causal mask)
+            acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
+                                            h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
+                                            stride_kn, stride_vn, qk_scale, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_N,
+                                            BLOCK_D)
 
-        # d. summaries of the chunks outside the window (under causality: only those before it)
-        acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1, sel, 0,
-                                       w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED, MAX_SPIN,
-                                       HAS_TOPK)
-        if not CAUSAL:
+            # d. summaries of the chunks outside the window (under causality: only those before it)
             acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1, sel,
-                                           w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED,
+                                           0, w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED,
                                            MAX_SPIN, HAS_TOPK)
+            if not CAUSAL:
+                acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1,
+                                               sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, PRECISION,
+                                               BLOCK_N, FUSED, MAX_SPIN, HAS_TOPK)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -344,13 +428,20 @@ def key_padding(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> torc
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and Triton launch options of the fused forward. ``fused``: pool the summaries
-    inside the main launch (causal, no top-k only) instead of a pre-pass; None: the default."""
+    inside the main launch (causal, no top-k only) instead of a pre-pass; None: the default.
+    ``one_loop``: stream the window and the summaries through one software-pipelined loop
+    (``_stream_tile``) instead of three loops that each fill and drain the pipeline; with the
+    pre-pass only. ``chunk_major`` (fused only): take work items chunk by chunk across heads,
+    so that a summary's producer runs long before the programs that wait for it, instead of
+    head by head."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     fused: bool | None = None
+    one_loop: bool = False
+    chunk_major: bool = False
 
 
 def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
@@ -445,6 +536,10 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     fused = bool(cfg.fused)
     if fused and not (causal and min(top_k, nc) == 0):
         raise ValueError("summaries fused in the main launch need causal=True and top_k=0")
+    if fused and cfg.one_loop:
+        raise ValueError("one_loop streams summaries from the pre-pass: it cannot be combined with fused=True")
+    if cfg.chunk_major and not fused:
+        raise ValueError("chunk_major orders the work of the fused launch: it needs fused=True")
     logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
     if fused:
         kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
@@ -470,7 +565,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
+        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN, ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
