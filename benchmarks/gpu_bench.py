@@ -6,19 +6,24 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
 
 1. the copy rate (device-to-device, bytes read + written), which sets the memory floor: q, k, v
    read and the output written once;
-2. a sweep of the kernel's tile sizes (BLOCK_M, BLOCK_N, warps, stages) at 64K causal for each
-   chunk size, with the summaries from the pre-pass and fused into the main launch, against the
+2. a sweep of the kernel's variants (``KINDS``: three loops after a pre-pass, the default; one
+   pipelined loop; summaries fused into the main launch, head by head or chunk by chunk) and tile
+   sizes (BLOCK_M, BLOCK_N, warps, stages) at 64K causal for each chunk size, against the
    default choice (``default_launch``); and of the pre-pass's own block size;
 3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
    ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k) at each chunk size with the default
-   tiles, with the sweep's best pre-pass and fused configurations, the fraction of the memory
-   floor reached, and (n ≤ 16K) the relative error against the portable implementation in fp32;
+   tiles, of each variant with the default tiles and with the sweep's best tiles, the fraction of
+   the memory floor reached, and (n ≤ 16K) the relative error against the portable
+   implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
-   heads), and the op at 1K tokens (the cost of launching it).
+   heads), and the op at 1K tokens (the cost of launching it);
+5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS``: its block mask built
+   from block indices (timed once), the first call (compile), then median ms against the MTA
+   kernel's in the same run, and the relative difference of their outputs.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Writes
-gpu_<date>.{json,md} to --out (default benchmarks/results/). Needs a CUDA GPU (skips cleanly
-without one).
+gpu_<date>.{json,md} to --out (default benchmarks/results/) after every step ("complete": false
+until the end). Needs a CUDA GPU (skips cleanly without one).
 """
 
 from __future__ import annotations
@@ -37,11 +42,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite  # noqa: E402,F401
 from mta_rewrite.ops import mta_attention_chunked  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, warps, stages), each with the summaries from the pre-pass and fused in
-SWEEP = [(128, 32, 4, 3), (128, 32, 4, 2), (128, 64, 4, 3), (128, 32, 8, 3), (256, 32, 8, 3), (64, 32, 4, 3)]
+# Kernel variants (LaunchConfig options) and the tiles (BLOCK_M, BLOCK_N, warps, stages) swept for
+# each: the default three loops with the summaries from the pre-pass; the window and summaries as
+# one pipelined loop; the summaries pooled inside the main launch, work taken head by head or chunk
+# by chunk. Fused variants need causal=True and no top-k.
+KINDS = {"prepass": {}, "one_loop": {"one_loop": True}, "fused": {"fused": True},
+         "fused_chunk_major": {"fused": True, "chunk_major": True}}
+FUSED_KINDS = ("fused", "fused_chunk_major")
+SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) and fused 64-row blocks
+    "prepass": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+    "one_loop": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "fused": [(128, 32, 4, 3)],
+    "fused_chunk_major": [(128, 32, 4, 3), (128, 32, 4, 2), (64, 32, 4, 3)],
+}
 
+
+# (n, causal, chunk) where FlexAttention runs the same math (each point compiles once)
+FLEX_POINTS = [(65536, True, 128), (65536, True, 256), (65536, False, 256), (131072, True, 256)]
 
 DEVICE = "cuda"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_ms(fn):
@@ -64,6 +88,68 @@ def rel_err(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex) -> str:
+    """The markdown report of what has been measured so far."""
+    def cell(ms, ref):
+        return f"{ms:.3f}" + (f" ({ref / ms:.1f}×)" if ref else "")
+
+    lines = ["| n | mode | SDPA flash ms | SDPA cuDNN ms | memory floor ms | "
+             + " | ".join(f"MTA c={c} ms (× cuDNN)" for c in chunks)
+             + " | fastest MTA variant, ms (× cuDNN, % of floor) |",
+             "|---|---|---|---|---|" + "---|" * len(chunks) + "---|"]
+    for r in rows:
+        cud = r.get("sdpa_cudnn_ms")
+        cells = [cell(r[f"mta_c{c}_ms"], cud) for c in chunks]
+        variants = {key[4:-3]: val for key, val in r.items() if key.startswith("mta_") and key.endswith("_ms")}
+        best_name = min(variants, key=variants.get)
+        best_ms = variants[best_name]
+        fl = f"{r['sdpa_flash_ms']:.3f}" if r.get("sdpa_flash_ms") else "—"
+        cu = f"{cud:.3f}" if cud else "—"
+        lines.append(f"| {r['n']} | {r['mode']} | {fl} | {cu} | {r['memory_floor_ms']:.3f} | " + " | ".join(cells)
+                     + f" | {best_name}: {best_ms:.3f}" + (f" ({cud / best_ms:.1f}×, " if cud else " (")
+                     + f"{100 * r['memory_floor_ms'] / best_ms:.0f}%) |")
+
+    def best_text(b):
+        return f"{b['ms']:.3f} ms {tuple(b['config'][:4])}" if b else "—"
+
+    sweep_lines = [f"c={c}: default {[r for r in s['results'] if r['default']][0]['ms']:.3f} ms; best "
+                   + "; ".join(f"{kind} {best_text(b)}" for kind, b in s["best"].items())
+                   + " (BLOCK_M, BLOCK_N, warps, stages)" for c, s in sweep.items()
+                   if any(r["default"] for r in s["results"])]
+    flex_lines = ["| n | mode | c | block mask build ms | first call (compile) s | FlexAttention ms | MTA kernel ms | "
+                  "Flex / MTA | rel. err. Flex vs MTA |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in flex:
+        if "error" in e:
+            flex_lines.append(f"| {e['n']} | {e['mode']} | {e['chunk']} | {e['error']} ||||||")
+            continue
+        flex_lines.append(f"| {e['n']} | {e['mode']} | {e['chunk']} | {e['block_mask_build_ms']:.0f} | "
+                          f"{e['first_call_s']:.1f} | {e['flex_ms']:.3f} | {e['mta_ms']:.3f} | "
+                          f"{e['flex_ms'] / e['mta_ms']:.2f}× | {e['rel_err_vs_mta']:.1e} |")
+    return (f"{head}\n\n" + "\n".join(lines) + f"\n\nTile sweep at n={sweep_n}, causal:\n"
+            + ("\n".join(sweep_lines) if sweep_lines else "(none)")
+            + f"\n\nPre-pass alone at n={sweep_n}, c=128: {json.dumps(prepass)}"
+            + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n"
+            + ("\nFlexAttention on the same math (kernels/flex.py; L = 1):\n\n" + "\n".join(flex_lines) + "\n"
+               if flex else ""))
+
+
+def save(args, head, rows, sweep, prepass, extras, flex, final=False) -> None:
+    """Write gpu_<date>.{json,md} to --out (atomically), after every step: a run cut short by
+    its time limit still leaves what it measured."""
+    text = render(head, args.chunks, args.sweep_n, rows, sweep, prepass, extras, flex)
+    if final:
+        print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.date.today().isoformat()
+    payload = {"head": head, "complete": final, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()},
+               "prepass": prepass, "extras": extras, "flex": flex}
+    for path, content in ((args.out / f"gpu_{stamp}.json", json.dumps(payload, indent=2) + "\n"),
+                          (args.out / f"gpu_{stamp}.md", text)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
@@ -73,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--sweep-n", type=int, default=65536)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-sweep", action="store_true", help="skip step 2 (the tile and pre-pass sweeps)")
+    ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip step 5 (FlexAttention)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run every step on the CPU in Triton's interpreter at tiny sizes (checks the script only)")
     args = ap.parse_args(argv)
@@ -120,25 +207,31 @@ def main(argv=None):
         ref = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=LaunchConfig(64, 64, 4, 3, False))
         return rel_err(out, ref.float())
 
+    def kind_of(cfg):
+        if cfg.fused:
+            return "fused_chunk_major" if cfg.chunk_major else "fused"
+        return "one_loop" if cfg.one_loop else "prepass"
+
     for c in [] if args.no_sweep else args.chunks:
         default = default_launch(c, d, torch.bfloat16)
-        tiles = SWEEP if DEVICE == "cuda" else [(16, 16, 4, 1)]
-        cands = {default} | {LaunchConfig(*s, fused=f) for s in tiles for f in (False, True)
-                             if s[0] <= max(16, triton.next_power_of_2(c))}
+        cands = {default} | {LaunchConfig(*t, **opts) for kind, opts in KINDS.items()
+                             for t in (SWEEP[kind] if DEVICE == "cuda" else [(16, 16, 4, 1)])
+                             if t[0] <= max(16, triton.next_power_of_2(c))}
         res = []
-        for cfg in sorted(cands, key=lambda x: (bool(x.fused), x.block_m, x.block_n, x.num_warps, x.num_stages)):
+        for cfg in sorted(cands, key=lambda x: (kind_of(x), x.block_m, x.block_n, x.num_warps, x.num_stages)):
             try:
                 err = checked(cfg, c)
                 ms = median_ms(lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg))
             except Exception as exc:  # noqa: BLE001 - a tile choice the compiler rejects (shared memory)
                 print(f"sweep c={c} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
                 continue
-            res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bool(cfg.fused)],
+            res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "kind": kind_of(cfg),
                         "ms": ms, "rel_err_vs_prepass": err, "default": cfg == default})
             print(f"sweep n={args.sweep_n} causal c={c} {cfg}: {ms:.3f} ms, rel err vs pre-pass {err:.1e}"
                   f"{' (default)' if cfg == default else ''}", flush=True)
-        best = {f: min((r for r in res if r["config"][4] == f), key=lambda r: r["ms"], default=None) for f in (False, True)}
-        sweep[c] = {"results": res, "best_prepass": best[False], "best_fused": best[True]}
+        best = {kind: min((r for r in res if r["kind"] == kind), key=lambda r: r["ms"], default=None) for kind in KINDS}
+        sweep[c] = {"results": res, "best": best}
+        save(args, head, [], sweep, {}, {}, [])
     nc = args.sweep_n // 128
     logn = torch.empty(1, H, nc, device=DEVICE)
     prepass = {}
@@ -173,18 +266,21 @@ def main(argv=None):
                     row[f"mta_c{c}_rel_err"] = rel_err(out, mta_attention_chunked(q.float(), k.float(), v.float(), **kw))
                 out = None
                 row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
-                if causal:  # the same tiles with the summaries pooled inside the main launch
-                    base = default_launch(c, d, q.dtype)
-                    fused = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, fused=True)
-                    row[f"mta_c{c}_fused_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=fused, **kw))
-                for kind in ("prepass", "fused"):
-                    best = sweep.get(c, {}).get(f"best_{kind}")
-                    if best is None or (kind == "fused" and not causal):
+                base = default_launch(c, d, q.dtype)
+                for kind, opts in KINDS.items():  # the default tiles in each variant
+                    if kind == "prepass" or (kind in FUSED_KINDS and not causal):
                         continue
-                    cfg = LaunchConfig(*best["config"])
+                    cfg = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
+                    row[f"mta_c{c}_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
+                for kind, opts in KINDS.items():  # the sweep's best tiles of each variant
+                    best = sweep.get(c, {}).get("best", {}).get(kind)
+                    if best is None or (kind in FUSED_KINDS and not causal):
+                        continue
+                    cfg = LaunchConfig(*best["config"], **opts)
                     row[f"mta_c{c}_best_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save(args, head, rows, sweep, prepass, {}, [])
         q = k = v = None
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -217,44 +313,43 @@ def main(argv=None):
             extras["n1024_causal_sdpa_cudnn_error"] = str(exc).splitlines()[0]
         q = k = v = None
         print(json.dumps(extras), flush=True)
+        save(args, head, rows, sweep, prepass, extras, [])
 
-    def cell(ms, ref):
-        return f"{ms:.3f}" + (f" ({ref / ms:.1f}×)" if ref else "")
+    # 5. FlexAttention on the same math (kernels/flex.py), the baseline #6 names: block mask built
+    #    from block indices once per shape (timed apart), flex_attention compiled once per shape
+    flex = []
+    points = [(512, True, 32)] if args.dry_run else [p for p in FLEX_POINTS if p[0] in args.n] if args.flex else []
+    for n, causal, c in points:
+        from mta_rewrite.kernels.flex import mta_block_mask, mta_flex_attention
 
-    lines = ["| n | mode | SDPA flash ms | SDPA cuDNN ms | memory floor ms | "
-             + " | ".join(f"MTA c={c} ms (× cuDNN)" for c in args.chunks)
-             + " | fastest MTA variant, ms (× cuDNN, % of floor) |",
-             "|---|---|---|---|---|" + "---|" * len(args.chunks) + "---|"]
-    for r in rows:
-        cud = r.get("sdpa_cudnn_ms")
-        cells = [cell(r[f"mta_c{c}_ms"], cud) for c in args.chunks]
-        variants = {key[4:-3]: val for key, val in r.items() if key.startswith("mta_") and key.endswith("_ms")}
-        best_name = min(variants, key=variants.get)
-        best_ms = variants[best_name]
-        fl = f"{r['sdpa_flash_ms']:.3f}" if r.get("sdpa_flash_ms") else "—"
-        cu = f"{cud:.3f}" if cud else "—"
-        lines.append(f"| {r['n']} | {r['mode']} | {fl} | {cu} | {r['memory_floor_ms']:.3f} | " + " | ".join(cells)
-                     + f" | {best_name}: {best_ms:.3f}" + (f" ({cud / best_ms:.1f}×, " if cud else " (")
-                     + f"{100 * r['memory_floor_ms'] / best_ms:.0f}%) |")
-    table = "\n".join(lines)
-    def best_text(b):
-        return f"{b['ms']:.3f} ms {tuple(b['config'][:4])}" if b else "—"
+        q, k, v = qkv(n)
+        kw = dict(chunk_size=c, causal=causal)
+        entry = {"n": n, "mode": "causal" if causal else "full", "chunk": c}
+        try:
+            sync()
+            t0 = time.perf_counter()
+            bm = mta_block_mask(n, device=DEVICE, **kw)
+            sync()
+            entry["block_mask_build_ms"] = 1e3 * (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = mta_flex_attention(q, k, v, block_mask=bm, **kw)
+            sync()
+            entry["first_call_s"] = time.perf_counter() - t0  # compiles
+            entry["rel_err_vs_mta"] = rel_err(out, torch.ops.mta.attention(q, k, v, **kw).float())
+            out = None
+            entry["flex_ms"] = median_ms(lambda: mta_flex_attention(q, k, v, block_mask=bm, **kw))
+            entry["mta_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
+        except Exception as exc:  # noqa: BLE001 - report (e.g. out of memory, a compile error) and go on
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        flex.append(entry)
+        print(json.dumps(entry), flush=True)
+        save(args, head, rows, sweep, prepass, extras, flex)
+        q = k = v = bm = None
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
-    sweep_lines = [f"c={c}: default {[r for r in s['results'] if r['default']][0]['ms']:.3f} ms; best with pre-pass "
-                   f"{best_text(s['best_prepass'])}; best fused {best_text(s['best_fused'])} "
-                   "(BLOCK_M, BLOCK_N, warps, stages)" for c, s in sweep.items()]
-    text = (f"{head}\n\n{table}\n\nTile sweep at n={args.sweep_n}, causal:\n"
-            + ("\n".join(sweep_lines) if sweep_lines else "(skipped: --no-sweep)")
-            + f"\n\nPre-pass alone at n={args.sweep_n}, c=128: {json.dumps(prepass)}"
-            + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n")
-    print("\n" + text)
+    save(args, head, rows, sweep, prepass, extras, flex, final=True)
     print(f"bench wall time {time.time() - t_start:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.date.today().isoformat()
-    payload = {"head": head, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()}, "prepass": prepass,
-               "extras": extras}
-    (args.out / f"gpu_{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / f"gpu_{stamp}.md").write_text(text)
     return 0
 
 

@@ -8,6 +8,7 @@ TRITON_INTERPRET (this folder's conftest sets it for the interpreter tests).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,29 @@ def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, o
     if last.startswith("SKIP"):
         pytest.skip(f"this triton's ASTSource takes other arguments: {last}")
     assert last == "OK"
+
+
+TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_resources.py")
+
+
+def test_resource_report_offline(tmp_path):
+    """benchmarks/kernel_resources.py reads registers, spills and shared memory off a real cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "res.md"
+    run = subprocess.run([sys.executable, TOOL, "--kinds", "prepass", "one_loop", "--tiles", "128,32,8,3", "--out",
+                          str(out)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["prepass", "one_loop"]
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["HGMMA"] > 0  # sm_90: wgmma
+        # q (128 × 128 bf16) and three stages of a 32 × 128 key and value tile live in shared memory
+        assert r["shared_bytes"] >= 3 * 2 * 32 * 128 * 2
+        assert r["blocks_per_sm"] >= 1 and r["warps_per_sm"] == 8 * r["blocks_per_sm"]
+    assert "| prepass | (128, 32, 8, 3) |" in out.read_text()
+
+
+def test_resource_report_rejects_bad_tiles():
+    run = subprocess.run([sys.executable, TOOL, "--tiles", "128,32,8"], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
+    assert "--tiles takes M,N,WARPS,STAGES" in run.stderr
