@@ -7,7 +7,8 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
 1. the copy rate (device-to-device, bytes read + written), which sets the memory floor: q, k, v
    read and the output written once;
 2. a sweep of the kernel's variants (``KINDS``: three loops after a pre-pass, the default; one
-   pipelined loop; summaries fused into the main launch, head by head or chunk by chunk) and tile
+   pipelined loop; TMA tile loads; summaries fused into the main launch, head by head or chunk by
+   chunk) and tile
    sizes (BLOCK_M, BLOCK_N, warps, stages) at 64K causal for each chunk size, against the
    default choice (``default_launch``); and of the pre-pass's own block size;
 3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
@@ -44,14 +45,16 @@ from mta_rewrite.ops import mta_attention_chunked  # noqa: E402
 
 # Kernel variants (LaunchConfig options) and the tiles (BLOCK_M, BLOCK_N, warps, stages) swept for
 # each: the default three loops with the summaries from the pre-pass; the window and summaries as
-# one pipelined loop; the summaries pooled inside the main launch, work taken head by head or chunk
-# by chunk. Fused variants need causal=True and no top-k.
-KINDS = {"prepass": {}, "one_loop": {"one_loop": True}, "fused": {"fused": True},
+# one pipelined loop; the three loops reading tiles through TMA descriptors; the summaries pooled
+# inside the main launch, work taken head by head or chunk by chunk. Fused variants need
+# causal=True and no top-k.
+KINDS = {"prepass": {}, "one_loop": {"one_loop": True}, "tma": {"tma": True}, "fused": {"fused": True},
          "fused_chunk_major": {"fused": True, "chunk_major": True}}
 FUSED_KINDS = ("fused", "fused_chunk_major")
 SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) and fused 64-row blocks
     "prepass": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
     "one_loop": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "tma": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     "fused": [(128, 32, 4, 3)],
     "fused_chunk_major": [(128, 32, 4, 3), (128, 32, 4, 2), (64, 32, 4, 3)],
 }
@@ -210,7 +213,7 @@ def main(argv=None):
     def kind_of(cfg):
         if cfg.fused:
             return "fused_chunk_major" if cfg.chunk_major else "fused"
-        return "one_loop" if cfg.one_loop else "prepass"
+        return "one_loop" if cfg.one_loop else "tma" if cfg.tma else "prepass"
 
     for c in [] if args.no_sweep else args.chunks:
         default = default_launch(c, d, torch.bfloat16)

@@ -52,7 +52,9 @@ def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
                 Hq=H, Hkv=H, G=1)
 
 
-def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num_warps: int, num_stages: int):
+def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num_warps: int, num_stages: int,
+                  extra: dict | None = None):
+    """``extra``: signature entries that override the defaults (tensor descriptors)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -60,6 +62,7 @@ def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num
     params = list(inspect.signature(fn.fn).parameters)
     constexprs = dict(constexprs) | {p: 1 for p, v in values.items() if v == 1}  # JIT: ints equal to 1
     sig = {p: f"*{dtype}" if p in POINTERS else "constexpr" if p in constexprs else OTHER.get(p, "i32") for p in params}
+    sig |= extra or {}
     attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in params
              if sig[p].startswith("*") or (sig[p] == "i32" and values.get(p, 1) % 16 == 0)}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()},
@@ -135,12 +138,17 @@ def main(argv=None) -> int:
         for bm, bn, warps, stages in only_tiles or SWEEP[kind]:
             if bm > max(16, triton.next_power_of_2(args.chunk)):
                 continue
+            tma = bool(opts.get("tma"))
             constexprs = {"CAUSAL": causal, "HAS_KEYMASK": False, "PRECISION": "tf32", "HEAD_D": d, "HAS_TOPK": False,
                           "TOPK_PAD": 1, "FUSED": bool(opts.get("fused")), "MAX_SPIN": 1 << 16,
                           "ONE_LOOP": bool(opts.get("one_loop")), "CHUNK_MAJOR": bool(opts.get("chunk_major")),
-                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
+                          "TMA": tma, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
+            descs = ("kd", "vd", "skd", "svd")
+            if not tma:  # the launcher passes None: a constant
+                constexprs |= {name: None for name in descs}
             kernel = compile_cubin(_mta_fwd_kernel, constexprs, call_values(args.n, args.chunk, args.heads, d), "bf16",
-                                   args.arch, warps, stages)
+                                   args.arch, warps, stages,
+                                   extra={name: f"tensordesc<bf16[{bn}, {d}]>" for name in descs} if tma else None)
             is_default = kind == "prepass" and (bm, bn, warps, stages) == (default.block_m, default.block_n,
                                                                          default.num_warps, default.num_stages)
             rows.append({"kind": kind, "tiles": [bm, bn, warps, stages], "default": is_default,

@@ -129,12 +129,18 @@ if triton is not None:
 
     @triton.jit
     def _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
-                  stride_kn, stride_vn, qk_scale,
+                  stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start,
                   MASKED: tl.constexpr, CAUSAL_TILE: tl.constexpr, HAS_KEYMASK: tl.constexpr,
-                  PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Exact attention of the block's rows to the tokens ``keys``. MASKED: ``ok`` flags the
-        usable keys (else all are real and usable); CAUSAL_TILE: some keys lie after some rows."""
-        if MASKED:
+                  PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+        """Exact attention of the block's rows to the tokens ``keys`` (= start + 0 … BLOCK_N−1).
+        MASKED: ``ok`` flags the usable keys (else all are real and usable); CAUSAL_TILE: some keys
+        lie after some rows. TMA: whole tiles through the tensor descriptors kd, vd over the
+        [B·Hkv·n, d] rows (this head's first row: kv_row); rows past the usable keys are read
+        (the next tokens, or zeros past the tensor) and weigh nothing: their logits are masked."""
+        if TMA:
+            kt = kd.load([kv_row + start, 0]).T
+            vt = vd.load([kv_row + start, 0])
+        elif MASKED:
             kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
             vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
         elif HEAD_D == BLOCK_D:  # the hot path: whole tiles, no masks at all
@@ -160,8 +166,9 @@ if triton is not None:
 
     @triton.jit
     def _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_row, top_k, c, n, rows, dims, dim_ok,
-                        stride_kn, stride_vn, qk_scale, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
-                        HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK: tl.constexpr,
+                        PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        TMA: tl.constexpr):
         """Exact attention to the tokens of the top-k selected chunks ``sel_row[0 … top_k−1]`` (−1:
         none). They are summarised chunks, so always before the window under causality: no causal
         mask."""
@@ -172,14 +179,14 @@ if triton is not None:
                 for start in range(j * c, j_end, BLOCK_N):
                     keys = start + tl.arange(0, BLOCK_N)
                     acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < j_end, rows,
-                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, True, False, HAS_KEYMASK,
-                                              PRECISION, HEAD_D, BLOCK_D)
+                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start,
+                                              True, False, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D, TMA)
         return acc, m_i, l_i
 
     @triton.jit
     def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
-                       dim_ok, stride_sj, qk_scale, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FUSED: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr):
+                       dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       FUSED: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr, TMA: tl.constexpr):
         """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
         the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2). FUSED: the
         summaries are written by other programs of this launch; wait for their flags first."""
@@ -201,7 +208,10 @@ if triton is not None:
                 bias = tl.load(logn_row + js, mask=inside, other=float("-inf"))
             if HAS_TOPK:  # a selected chunk is attended exactly, not through its summary
                 bias = tl.where(tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0, bias, float("-inf"))
-            if FUSED:  # read past L1: written by another multiprocessor during this launch
+            if TMA:  # summary rows past j_hi are read and masked by their −inf bias
+                kt = skd.load([s_row + j0, 0]).T
+                vt = svd.load([s_row + j0, 0])
+            elif FUSED:  # read past L1: written by another multiprocessor during this launch
                 kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=inside[None, :] & dim_ok[:, None],
                              other=0.0, cache_modifier=".cg")
                 vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=inside[:, None] & dim_ok[None, :],
@@ -258,6 +268,7 @@ if triton is not None:
     @triton.jit
     def _mta_fwd_kernel(
         q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, sel_ptr, keyok_ptr, out_ptr, sync_ptr,
+        kd, vd, skd, svd,  # TMA descriptors of k, v [B·Hkv·n, d] and kbar, vbar [B·Hkv·nc, d], or None
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -268,7 +279,7 @@ if triton is not None:
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
-        MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr,
+        MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr, TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
@@ -323,6 +334,8 @@ if triton is not None:
         sv_base = vbar_ptr + b * stride_sb + hk * stride_sh
         logn_row = logn_ptr + b * stride_lb + hk * stride_lh
         flag_row = sync_ptr + 2 + (b * Hkv + hk) * nc
+        kv_row = (b * Hkv + hk) * n  # this head's first row in the TMA descriptors' [B·Hkv·n, d] view
+        s_row = (b * Hkv + hk) * nc
         if FUSED:
             if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
                 sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
@@ -352,7 +365,8 @@ if triton is not None:
             if HAS_TOPK:
                 ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
             acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
-                                      stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D)
+                                      stride_kn, stride_vn, qk_scale, kd, vd, kv_row, s0, True, CAUSAL, HAS_KEYMASK,
+                                      PRECISION, HEAD_D, BLOCK_D, TMA)
 
         # b. the window: keys [lo, hi)
         lo = w_lo * c
@@ -363,8 +377,8 @@ if triton is not None:
             # b–d as one stream: window tiles, then summary tiles (c. the selected chunks, rare, first)
             acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
                                             h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
-                                            stride_kn, stride_vn, qk_scale, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_N,
-                                            BLOCK_D)
+                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK, PRECISION,
+                                            HEAD_D, BLOCK_N, BLOCK_D, TMA)
             n_win = tl.cdiv(hi - lo, BLOCK_N)
             if CAUSAL:
                 j_end = w_lo
@@ -385,28 +399,28 @@ if triton is not None:
             for start in range(lo, mid, BLOCK_N):
                 keys = start + tl.arange(0, BLOCK_N)
                 acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
-                                          dim_ok, stride_kn, stride_vn, qk_scale, False, False, HAS_KEYMASK, PRECISION,
-                                          HEAD_D, BLOCK_D)
+                                          dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start, False, False,
+                                          HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D, TMA)
             for start in range(mid, hi, BLOCK_N):
                 keys = start + tl.arange(0, BLOCK_N)
                 acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
-                                          dim_ok, stride_kn, stride_vn, qk_scale, True, CAUSAL, HAS_KEYMASK, PRECISION,
-                                          HEAD_D, BLOCK_D)
+                                          dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start, True, CAUSAL,
+                                          HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D, TMA)
 
             # c. the selected chunks (always before the window under causality: no causal mask)
             acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
                                             h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
-                                            stride_kn, stride_vn, qk_scale, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_N,
-                                            BLOCK_D)
+                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK, PRECISION,
+                                            HEAD_D, BLOCK_N, BLOCK_D, TMA)
 
             # d. summaries of the chunks outside the window (under causality: only those before it)
             acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1, sel,
-                                           0, w_lo, dims, dim_ok, stride_sj, qk_scale, PRECISION, BLOCK_N, FUSED,
-                                           MAX_SPIN, HAS_TOPK)
+                                           0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION,
+                                           BLOCK_N, FUSED, MAX_SPIN, HAS_TOPK, TMA)
             if not CAUSAL:
                 acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1,
-                                               sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, PRECISION,
-                                               BLOCK_N, FUSED, MAX_SPIN, HAS_TOPK)
+                                               sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row,
+                                               PRECISION, BLOCK_N, FUSED, MAX_SPIN, HAS_TOPK, TMA)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -433,7 +447,9 @@ class LaunchConfig:
     (``_stream_tile``) instead of three loops that each fill and drain the pipeline; with the
     pre-pass only. ``chunk_major`` (fused only): take work items chunk by chunk across heads,
     so that a summary's producer runs long before the programs that wait for it, instead of
-    head by head."""
+    head by head. ``tma``: read key, value and summary tiles through tensor descriptors (Hopper's
+    bulk tensor copies: no per-element addresses) with the three loops and the pre-pass; needs a
+    power-of-two head size ≥ 16."""
 
     block_m: int
     block_n: int
@@ -442,6 +458,7 @@ class LaunchConfig:
     fused: bool | None = None
     one_loop: bool = False
     chunk_major: bool = False
+    tma: bool = False
 
 
 def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
@@ -540,6 +557,13 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         raise ValueError("one_loop streams summaries from the pre-pass: it cannot be combined with fused=True")
     if cfg.chunk_major and not fused:
         raise ValueError("chunk_major orders the work of the fused launch: it needs fused=True")
+    block_d = max(16, triton.next_power_of_2(d))
+    if cfg.tma and (fused or cfg.one_loop):
+        raise ValueError("tma reads the pre-pass's summaries in the three-loop kernel: not with fused or one_loop")
+    if cfg.tma and d != block_d:
+        raise ValueError(f"tma needs a power-of-two head size of at least 16, got {d}")
+    if cfg.tma and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        raise ValueError("tma needs tensor-memory-accelerator copies: an NVIDIA Hopper GPU (sm_90) or newer")
     logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
     if fused:
         kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
@@ -550,10 +574,18 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         sync = _placeholder(q.device)
     sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
     out = torch.empty_like(q)
+    descs = (None,) * 4
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def rows(x):  # [B, H, m, d] contiguous → descriptor over its B·H·m rows of d
+            return TensorDescriptor(x, [x.shape[0] * x.shape[1] * x.shape[2], d], [d, 1], [cfg.block_n, block_d])
+
+        descs = (rows(k), rows(v), rows(kbar), rows(vbar))
     blocks = nc * triton.cdiv(c, cfg.block_m)
     grid = (blocks * B * Hq,) if fused else (blocks, B * Hq)
     _mta_fwd_kernel[grid](
-        q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync,
+        q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync, *descs,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -565,8 +597,8 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN, ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN, ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if fused and CHECK_SYNC:

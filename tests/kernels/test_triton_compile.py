@@ -25,15 +25,16 @@ from triton.compiler import ASTSource
 from mta_rewrite.kernels.mta_fwd import _chunk_mean_kernel, _mta_fwd_kernel
 
 dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
-cap, block_m, warps, fused, one_loop = map(int, sys.argv[4:])
+cap, block_m, warps, fused, loops = map(int, sys.argv[4:])
 pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
 other = {"logn_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32"}
 
 
-def build(fn, constexprs, **options):
+def build(fn, constexprs, descs=None, **options):
     params = list(inspect.signature(fn.fn).parameters)
     signature = {p: f"*{dtype}" if p in pointers else "constexpr" if p in constexprs else other.get(p, "i32")
                  for p in params}
+    signature.update(descs or {})
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
     except TypeError as exc:
@@ -43,10 +44,13 @@ def build(fn, constexprs, **options):
     assert fn.fn.__name__ in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
 
 
+descs = ("kd", "vd", "skd", "svd")
 build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                         "HEAD_D": 128, "HAS_TOPK": not fused, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
-                        "ONE_LOOP": bool(one_loop), "CHUNK_MAJOR": fused == 2,
-                        "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128},
+                        "ONE_LOOP": loops == 1, "CHUNK_MAJOR": fused == 2, "TMA": loops == 2,
+                        "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128}
+      | ({} if loops == 2 else {name: None for name in descs}),
+      descs={name: f"tensordesc<{dtype}[64, 128]>" for name in descs} if loops == 2 else None,
       num_warps=warps, num_stages=3)
 build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "HEAD_D": 128,
                            "BLOCK_C": 64, "BLOCK_D": 128}, num_warps=4)
@@ -54,16 +58,17 @@ print("OK")
 """
 
 
-# fused: 0 pre-pass, 1 fused head by head, 2 fused chunk by chunk
-@pytest.mark.parametrize("dtype,causal,keymask,cap,block_m,warps,fused,one_loop", [
+# fused: 0 pre-pass, 1 fused head by head, 2 fused chunk by chunk; loops: 0 three, 1 one, 2 three with TMA
+@pytest.mark.parametrize("dtype,causal,keymask,cap,block_m,warps,fused,loops", [
     ("bf16", True, True, 90, 128, 4, 0, 0), ("bf16", True, False, 90, 64, 4, 1, 0), ("bf16", True, True, 90, 128, 8, 2, 0),
     ("fp16", False, False, 90, 128, 8, 0, 0), ("fp32", True, False, 90, 64, 4, 0, 0), ("bf16", False, True, 80, 64, 4, 0, 0),
     ("bf16", True, True, 90, 128, 4, 0, 1), ("bf16", False, False, 90, 128, 8, 0, 1),
+    ("bf16", True, True, 90, 128, 4, 0, 2), ("fp16", False, False, 90, 64, 4, 0, 2),
 ])
-def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, one_loop):
+def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, loops):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", CHILD, dtype, str(int(causal)), str(int(keymask)), str(cap), str(block_m), str(warps), str(fused),
-                          str(one_loop)],
+                          str(loops)],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
@@ -79,11 +84,11 @@ def test_resource_report_offline(tmp_path):
     """benchmarks/kernel_resources.py reads registers, spills and shared memory off a real cubin."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "res.md"
-    run = subprocess.run([sys.executable, TOOL, "--kinds", "prepass", "one_loop", "--tiles", "128,32,8,3", "--out",
+    run = subprocess.run([sys.executable, TOOL, "--kinds", "prepass", "one_loop", "tma", "--tiles", "128,32,8,3", "--out",
                           str(out)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["kind"] for r in rows] == ["prepass", "one_loop"]
+    assert [r["kind"] for r in rows] == ["prepass", "one_loop", "tma"]
     for r in rows:
         assert 0 < r["registers"] <= 255 and r["HGMMA"] > 0  # sm_90: wgmma
         # q (128 × 128 bf16) and three stages of a 32 × 128 key and value tile live in shared memory

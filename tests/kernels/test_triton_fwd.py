@@ -59,9 +59,11 @@ def test_fp32_every_branch_matches_reference(causal, masked):
 # Small tiles so that every path of the window loop runs at a small n: whole tiles before the
 # block's first row (unmasked), diagonal tiles, a chunk that is not a multiple of BLOCK_M (a
 # partial sub-block), sub-blocks wholly past n in the last chunk, key tiles wider than the rows.
-# one_loop: window and summaries as one stream of tiles, every mask as data.
+# one_loop: window and summaries as one stream of tiles, every mask as data; tma: tiles through
+# tensor descriptors (rows past the usable keys read and masked).
 LAUNCHES = [LaunchConfig(16, 16, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(16, 32, 4, 1),
-            LaunchConfig(16, 16, 4, 1, one_loop=True), LaunchConfig(16, 32, 4, 1, one_loop=True)]
+            LaunchConfig(16, 16, 4, 1, one_loop=True), LaunchConfig(16, 32, 4, 1, one_loop=True),
+            LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True)]
 # Summaries pooled inside the main launch (causal, no top-k): producers and waits in ticket order,
 # head by head or chunk by chunk.
 FUSED = [LaunchConfig(16, 16, 4, 1, fused=True), LaunchConfig(32, 16, 4, 1, fused=True),
@@ -93,6 +95,12 @@ def test_fused_summaries_need_causal_without_selection():
                            launch=LaunchConfig(16, 16, 4, 1, fused=True, one_loop=True))
     with pytest.raises(ValueError, match="needs fused=True"):
         mta_forward_triton(q, k, v, None, chunk_size=8, causal=True, launch=LaunchConfig(16, 16, 4, 1, chunk_major=True))
+    with pytest.raises(ValueError, match="not with fused or one_loop"):
+        mta_forward_triton(q, k, v, None, chunk_size=8, causal=True,
+                           launch=LaunchConfig(16, 16, 4, 1, one_loop=True, tma=True))
+    q20, k20, v20 = inputs(1, 2, 2, 40, 20, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two head size"):
+        mta_forward_triton(q20, k20, v20, None, chunk_size=8, launch=LaunchConfig(16, 16, 4, 1, tma=True))
 
 
 def test_head_size_not_a_power_of_two():
@@ -186,8 +194,8 @@ def test_gpu_fused_summaries_match_prepass(n, c):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,c", [(1000, 64), (8192, 256)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_one_loop_matches_three_loops(n, c, causal):
-    """The single-stream variant against the default loops at real sizes, with every option."""
+def test_gpu_variants_match_three_loops(n, c, causal):
+    """The single-stream and TMA variants against the default loops at real sizes, every option."""
     q, k, v = inputs(2, 8, 2, n, 128, torch.bfloat16, seed=6)
     mask = padding(2, n)
     for keep in (None, key_padding(mask, 2, 8, n)):
@@ -195,6 +203,8 @@ def test_gpu_one_loop_matches_three_loops(n, c, causal):
             kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
             for cfg in (LaunchConfig(128, 32, 4, 3), LaunchConfig(128, 32, 8, 3), LaunchConfig(64, 64, 4, 3)):
                 want = mta_forward_triton(q, k, v, keep, launch=cfg, **kw)
-                one = LaunchConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, one_loop=True)
-                got = mta_forward_triton(q, k, v, keep, launch=one, **kw)
-                torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+                for variant in (dict(one_loop=True), dict(tma=True)):
+                    other = LaunchConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, **variant)
+                    got = mta_forward_triton(q, k, v, keep, launch=other, **kw)
+                    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2,
+                                               msg=lambda m: f"{kw} {other}: {m}")
