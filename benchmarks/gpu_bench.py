@@ -13,8 +13,8 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    default choice (``default_launch``); and of the pre-pass's own block size;
 3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
    ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k) at each chunk size with the default
-   tiles, of each variant with the default tiles and with the sweep's best tiles, the fraction of
-   the memory floor reached, and (n ≤ 16K) the relative error against the portable
+   tiles, of each variant with the sweep's best tiles (without a sweep: the default tiles), the
+   fraction of the memory floor reached, and (n ≤ 16K) the relative error against the portable
    implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
    heads), and the op at 1K tokens (the cost of launching it);
@@ -51,19 +51,30 @@ from mta_rewrite.ops import mta_attention_chunked  # noqa: E402
 KINDS = {"prepass": {}, "one_loop": {"one_loop": True}, "tma": {"tma": True}, "fused": {"fused": True},
          "fused_chunk_major": {"fused": True, "chunk_major": True}}
 FUSED_KINDS = ("fused", "fused_chunk_major")
-SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) and fused 64-row blocks
-    "prepass": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
-    "one_loop": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-    "tma": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) and fused 64-row blocks.
+    # A fifth entry caps the registers per thread: 8 warps × 128 rows in 128 registers without
+    # spills (benchmarks/kernel_resources.py), two blocks per multiprocessor instead of one.
+    "prepass": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3, 128),
+                (128, 32, 8, 2, 128)],
+    "one_loop": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3, 128), (64, 64, 4, 3)],
+    "tma": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3, 128), (128, 32, 8, 2, 128), (64, 64, 4, 3)],
     "fused": [(128, 32, 4, 3)],
-    "fused_chunk_major": [(128, 32, 4, 3), (128, 32, 4, 2), (64, 32, 4, 3)],
+    "fused_chunk_major": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 32, 8, 3, 128), (64, 32, 4, 3)],
 }
 
 
 # (n, causal, chunk) where FlexAttention runs the same math (each point compiles once)
-FLEX_POINTS = [(65536, True, 128), (65536, True, 256), (65536, False, 256), (131072, True, 256)]
+FLEX_POINTS = [(65536, True, 256), (131072, True, 256)]
 
 DEVICE = "cuda"
+
+
+def launch_of(tiles, opts):
+    """LaunchConfig from (BLOCK_M, BLOCK_N, warps, stages[, register cap]) and a variant's options."""
+    from mta_rewrite.kernels.mta_fwd import LaunchConfig
+
+    block_m, block_n, warps, stages, *cap = tiles
+    return LaunchConfig(block_m, block_n, warps, stages, max_registers=cap[0] if cap else None, **opts)
 
 
 def sync():
@@ -113,11 +124,14 @@ def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex) -> str:
                      + f"{100 * r['memory_floor_ms'] / best_ms:.0f}%) |")
 
     def best_text(b):
-        return f"{b['ms']:.3f} ms {tuple(b['config'][:4])}" if b else "—"
+        if not b:
+            return "—"
+        cap = b["config"][4] if len(b["config"]) > 4 else None
+        return f"{b['ms']:.3f} ms {tuple(b['config'][:4])}" + (f" ≤{cap} regs" if cap else "")
 
     sweep_lines = [f"c={c}: default {[r for r in s['results'] if r['default']][0]['ms']:.3f} ms; best "
                    + "; ".join(f"{kind} {best_text(b)}" for kind, b in s["best"].items())
-                   + " (BLOCK_M, BLOCK_N, warps, stages)" for c, s in sweep.items()
+                   + " (BLOCK_M, BLOCK_N, warps, stages; register cap)" for c, s in sweep.items()
                    if any(r["default"] for r in s["results"])]
     flex_lines = ["| n | mode | c | block mask build ms | first call (compile) s | FlexAttention ms | MTA kernel ms | "
                   "Flex / MTA | rel. err. Flex vs MTA |", "|---|---|---|---|---|---|---|---|---|"]
@@ -217,18 +231,20 @@ def main(argv=None):
 
     for c in [] if args.no_sweep else args.chunks:
         default = default_launch(c, d, torch.bfloat16)
-        cands = {default} | {LaunchConfig(*t, **opts) for kind, opts in KINDS.items()
+        cands = {default} | {launch_of(t, opts) for kind, opts in KINDS.items()
                              for t in (SWEEP[kind] if DEVICE == "cuda" else [(16, 16, 4, 1)])
                              if t[0] <= max(16, triton.next_power_of_2(c))}
         res = []
-        for cfg in sorted(cands, key=lambda x: (kind_of(x), x.block_m, x.block_n, x.num_warps, x.num_stages)):
+        for cfg in sorted(cands, key=lambda x: (kind_of(x), x.block_m, x.block_n, x.num_warps, x.num_stages,
+                                                x.max_registers or 0)):
             try:
                 err = checked(cfg, c)
                 ms = median_ms(lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg))
             except Exception as exc:  # noqa: BLE001 - a tile choice the compiler rejects (shared memory)
                 print(f"sweep c={c} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
                 continue
-            res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages], "kind": kind_of(cfg),
+            res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.max_registers],
+                        "kind": kind_of(cfg),
                         "ms": ms, "rel_err_vs_prepass": err, "default": cfg == default})
             print(f"sweep n={args.sweep_n} causal c={c} {cfg}: {ms:.3f} ms, rel err vs pre-pass {err:.1e}"
                   f"{' (default)' if cfg == default else ''}", flush=True)
@@ -270,8 +286,8 @@ def main(argv=None):
                 out = None
                 row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
                 base = default_launch(c, d, q.dtype)
-                for kind, opts in KINDS.items():  # the default tiles in each variant
-                    if kind == "prepass" or (kind in FUSED_KINDS and not causal):
+                for kind, opts in KINDS.items():  # without a sweep: the default tiles in each variant
+                    if kind == "prepass" or (kind in FUSED_KINDS and not causal) or c in sweep:
                         continue
                     cfg = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
                     row[f"mta_c{c}_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
@@ -279,7 +295,7 @@ def main(argv=None):
                     best = sweep.get(c, {}).get("best", {}).get(kind)
                     if best is None or (kind in FUSED_KINDS and not causal):
                         continue
-                    cfg = LaunchConfig(*best["config"], **opts)
+                    cfg = launch_of(best["config"], opts)
                     row[f"mta_c{c}_best_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -53,7 +53,7 @@ def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
 
 
 def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num_warps: int, num_stages: int,
-                  extra: dict | None = None):
+                  extra: dict | None = None, max_registers: int | None = None):
     """``extra``: signature entries that override the defaults (tensor descriptors)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -67,8 +67,10 @@ def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num
              if sig[p].startswith("*") or (sig[p] == "i32" and values.get(p, 1) % 16 == 0)}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
-                                                                                num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if max_registers:
+        options["maxnreg"] = max_registers
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resources(kernel, num_warps: int) -> dict:
@@ -102,16 +104,17 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="not causal (default: causal)")
     ap.add_argument("--arch", type=int, default=90, help="compute capability ×10 (90: H100/H200)")
     ap.add_argument("--kinds", nargs="+", help="only these variants (default: every one in gpu_bench.KINDS)")
-    ap.add_argument("--tiles", nargs="+", metavar="M,N,WARPS,STAGES",
-                    help="only these tiles (default: those gpu_bench.SWEEP lists for each variant)")
+    ap.add_argument("--tiles", nargs="+", metavar="M,N,WARPS,STAGES[,MAXREGS]",
+                    help="only these tiles, optionally with a register cap (default: gpu_bench.SWEEP's per variant)")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) and the rows (json, beside it)")
     args = ap.parse_args(argv)
     try:
         only_tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles or []]
-        if any(len(t) != 4 for t in only_tiles):
+        if any(len(t) not in (4, 5) for t in only_tiles):
             raise ValueError
     except ValueError:
-        print(f"error: --tiles takes M,N,WARPS,STAGES (four integers), got {args.tiles}", file=sys.stderr)
+        print(f"error: --tiles takes M,N,WARPS,STAGES[,MAXREGS] (four or five integers), got {args.tiles}",
+              file=sys.stderr)
         return 2
     try:
         import triton
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     for kind, opts in KINDS.items():
         if (opts.get("fused") and not causal) or (args.kinds and kind not in args.kinds):
             continue
-        for bm, bn, warps, stages in only_tiles or SWEEP[kind]:
+        for bm, bn, warps, stages, *cap in only_tiles or SWEEP[kind]:
             if bm > max(16, triton.next_power_of_2(args.chunk)):
                 continue
             tma = bool(opts.get("tma"))
@@ -147,24 +150,26 @@ def main(argv=None) -> int:
             if not tma:  # the launcher passes None: a constant
                 constexprs |= {name: None for name in descs}
             kernel = compile_cubin(_mta_fwd_kernel, constexprs, call_values(args.n, args.chunk, args.heads, d), "bf16",
-                                   args.arch, warps, stages,
+                                   args.arch, warps, stages, max_registers=cap[0] if cap else None,
                                    extra={name: f"tensordesc<bf16[{bn}, {d}]>" for name in descs} if tma else None)
-            is_default = kind == "prepass" and (bm, bn, warps, stages) == (default.block_m, default.block_n,
-                                                                         default.num_warps, default.num_stages)
-            rows.append({"kind": kind, "tiles": [bm, bn, warps, stages], "default": is_default,
+            is_default = kind == "prepass" and not cap and (bm, bn, warps, stages) == (
+                default.block_m, default.block_n, default.num_warps, default.num_stages)
+            rows.append({"kind": kind, "tiles": [bm, bn, warps, stages], "max_registers": cap[0] if cap else None,
+                         "default": is_default,
                          **resources(kernel, warps)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     title = (f"_mta_fwd_kernel on sm_{args.arch}, triton {triton.__version__}: n={args.n}, c={args.chunk}, "
              f"{'causal' if causal else 'full'}, d={d}, bf16")
     table = Table(title=title)
-    cols = ["kind", "tiles (M, N, warps, stages)", "registers", "stack B", "LDL/STL", "HGMMA", "shared KB",
-            "blocks/SM", "warps/SM"]
+    cols = ["kind", "tiles (M, N, warps, stages)", "register cap", "registers", "stack B", "LDL/STL", "HGMMA",
+            "shared KB", "blocks/SM", "warps/SM"]
     for col in cols:
         table.add_column(col)
     md = [title, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["kind"] + (" (default)" if r["default"] else ""), str(tuple(r["tiles"])), str(r["registers"]),
+        cells = [r["kind"] + (" (default)" if r["default"] else ""), str(tuple(r["tiles"])),
+                 str(r["max_registers"] or "—"), str(r["registers"]),
                  str(r["stack_bytes"]), f"{r['LDL']}/{r['STL']}", str(r["HGMMA"]), f"{r['shared_bytes'] / 1024:.0f}",
                  str(r["blocks_per_sm"]), str(r["warps_per_sm"])]
         table.add_row(*cells)

@@ -449,7 +449,9 @@ class LaunchConfig:
     so that a summary's producer runs long before the programs that wait for it, instead of
     head by head. ``tma``: read key, value and summary tiles through tensor descriptors (Hopper's
     bulk tensor copies: no per-element addresses) with the three loops and the pre-pass; needs a
-    power-of-two head size ≥ 16."""
+    power-of-two head size ≥ 16. ``max_registers``: a cap on registers per thread (ptxas
+    ``.maxnreg``): 8 warps × 128 rows fit in 128 registers without spills, which lets two such
+    blocks share a multiprocessor instead of one (benchmarks/kernel_resources.py)."""
 
     block_m: int
     block_n: int
@@ -459,6 +461,7 @@ class LaunchConfig:
     one_loop: bool = False
     chunk_major: bool = False
     tma: bool = False
+    max_registers: int | None = None
 
 
 def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
@@ -600,6 +603,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN, ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
     if fused and CHECK_SYNC:
         assert int(sync[0]) == grid[0], "fused MTA launch: tickets do not cover the grid"

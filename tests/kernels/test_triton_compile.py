@@ -84,12 +84,15 @@ def test_resource_report_offline(tmp_path):
     """benchmarks/kernel_resources.py reads registers, spills and shared memory off a real cubin."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "res.md"
-    run = subprocess.run([sys.executable, TOOL, "--kinds", "prepass", "one_loop", "tma", "--tiles", "128,32,8,3", "--out",
-                          str(out)], capture_output=True, text=True, env=env)
+    run = subprocess.run([sys.executable, TOOL, "--kinds", "prepass", "one_loop", "tma", "--tiles", "128,32,8,3",
+                          "128,32,8,3,128", "--out", str(out)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["kind"] for r in rows] == ["prepass", "one_loop", "tma"]
+    assert [(r["kind"], r["max_registers"]) for r in rows] == [(k, cap) for k in ("prepass", "one_loop", "tma")
+                                                                for cap in (None, 128)]
     for r in rows:
+        if r["max_registers"]:  # the cap holds, and two 8-warp blocks (80 KB of shared memory each) fit
+            assert r["registers"] <= 128 and r["blocks_per_sm"] == 2
         assert 0 < r["registers"] <= 255 and r["HGMMA"] > 0  # sm_90: wgmma
         # q (128 × 128 bf16) and three stages of a 32 × 128 key and value tile live in shared memory
         assert r["shared_bytes"] >= 3 * 2 * 32 * 128 * 2
@@ -100,4 +103,4 @@ def test_resource_report_offline(tmp_path):
 def test_resource_report_rejects_bad_tiles():
     run = subprocess.run([sys.executable, TOOL, "--tiles", "128,32,8"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
-    assert "--tiles takes M,N,WARPS,STAGES" in run.stderr
+    assert "--tiles takes M,N,WARPS,STAGES[,MAXREGS]" in run.stderr

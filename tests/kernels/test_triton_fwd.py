@@ -60,10 +60,10 @@ def test_fp32_every_branch_matches_reference(causal, masked):
 # block's first row (unmasked), diagonal tiles, a chunk that is not a multiple of BLOCK_M (a
 # partial sub-block), sub-blocks wholly past n in the last chunk, key tiles wider than the rows.
 # one_loop: window and summaries as one stream of tiles, every mask as data; tma: tiles through
-# tensor descriptors (rows past the usable keys read and masked).
+# tensor descriptors (rows past the usable keys read and masked); a register cap goes to the launch.
 LAUNCHES = [LaunchConfig(16, 16, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(16, 32, 4, 1),
             LaunchConfig(16, 16, 4, 1, one_loop=True), LaunchConfig(16, 32, 4, 1, one_loop=True),
-            LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True)]
+            LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True, max_registers=128)]
 # Summaries pooled inside the main launch (causal, no top-k): producers and waits in ticket order,
 # head by head or chunk by chunk.
 FUSED = [LaunchConfig(16, 16, 4, 1, fused=True), LaunchConfig(32, 16, 4, 1, fused=True),
@@ -195,7 +195,7 @@ def test_gpu_fused_summaries_match_prepass(n, c):
 @pytest.mark.parametrize("n,c", [(1000, 64), (8192, 256)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_variants_match_three_loops(n, c, causal):
-    """The single-stream and TMA variants against the default loops at real sizes, every option."""
+    """The single-stream, TMA and register-capped variants against the default at real sizes, every option."""
     q, k, v = inputs(2, 8, 2, n, 128, torch.bfloat16, seed=6)
     mask = padding(2, n)
     for keep in (None, key_padding(mask, 2, 8, n)):
@@ -203,7 +203,8 @@ def test_gpu_variants_match_three_loops(n, c, causal):
             kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
             for cfg in (LaunchConfig(128, 32, 4, 3), LaunchConfig(128, 32, 8, 3), LaunchConfig(64, 64, 4, 3)):
                 want = mta_forward_triton(q, k, v, keep, launch=cfg, **kw)
-                for variant in (dict(one_loop=True), dict(tma=True)):
+                for variant in (dict(one_loop=True), dict(tma=True), dict(max_registers=128),
+                                dict(tma=True, max_registers=128)):
                     other = LaunchConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, **variant)
                     got = mta_forward_triton(q, k, v, keep, launch=other, **kw)
                     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2,
