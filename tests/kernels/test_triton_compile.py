@@ -67,9 +67,8 @@ print("OK")
 ])
 def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, loops):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", CHILD, dtype, str(int(causal)), str(int(keymask)), str(cap), str(block_m), str(warps), str(fused),
-                          str(loops)],
-                         capture_output=True, text=True, env=env)
+    argv = [dtype, str(int(causal)), str(int(keymask)), str(cap), str(block_m), str(warps), str(fused), str(loops)]
+    run = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     last = run.stdout.strip().splitlines()[-1]
     if last.startswith("SKIP"):
