@@ -41,6 +41,7 @@ def demo(
     sinks: int = typer.Option(4, help="always-exact first tokens"),
     top_k: int = typer.Option(2, help="exactly attended chunks per query chunk"),
     long_n: int = typer.Option(16384, help="sequence length for timing the built-in model"),
+    device: str = typer.Option("cpu", help="cpu, or cuda: capture, rewrite and run on the GPU (Triton kernels)"),
 ) -> None:
     """The built-in example: find and rewrite the attention of a model, compare, time."""
     from .config import MTAConfig
@@ -51,7 +52,7 @@ def demo(
         if long_n < 2:
             raise ValueError(f"--long-n must be at least 2, got {long_n}")
         with console.status("starting") as status:
-            result = run_demo(model, config, long_n, progress=lambda m: status.update(m))
+            result = run_demo(model, config, long_n, progress=lambda m: status.update(m), device=device)
     except ValueError as exc:
         _fail(str(exc))
     console.print(f"[bold]{result.model}[/bold]: {result.rewritten} of {sum(s.is_attention for s in result.sites)} "

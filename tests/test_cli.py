@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -62,7 +63,10 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "8", "--local-chunks", "0"], "local_chunks"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--plan", str(bad_plan)], "not valid JSON"),
         (["demo", "--model", "gpt5"], "--model must be"),
+        (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["demo", "--model", "builtin", "--device", "cuda"], "no CUDA GPU is available"))
     for argv, message in cases:
         result = runner.invoke(app, argv)
         assert result.exit_code == 2, (argv, result.output)
@@ -96,3 +100,11 @@ def test_calibrate_a_saved_program(tmp_path):
     assert bad.exit_code == 2 and "no such file" in bad.output
     bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "-1", "-o", "x.json"])
     assert bad.exit_code == 2 and "budget" in bad.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_builtin_runs_on_the_gpu():
+    result = runner.invoke(app, ["demo", "--model", "builtin", "--long-n", "2048", "--device", "cuda"])
+    assert result.exit_code == 0, result.output
+    assert "4 of 4 attention sites rewritten" in " ".join(result.output.split())
+    assert "KL divergence" in result.output
