@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             constexprs = {"CAUSAL": causal, "HAS_KEYMASK": False, "PRECISION": "tf32", "HEAD_D": d, "HAS_TOPK": False,
                           "TOPK_PAD": 1, "FUSED": bool(opts.get("fused")), "MAX_SPIN": 1 << 16,
                           "ONE_LOOP": bool(opts.get("one_loop")), "CHUNK_MAJOR": bool(opts.get("chunk_major")),
-                          "TMA": tma, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
+                          "TMA": tma, "WIDE": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
             descs = ("kd", "vd", "skd", "svd")
             if not tma:  # the launcher passes None: a constant
                 constexprs |= {name: None for name in descs}

@@ -99,7 +99,7 @@ if triton is not None:
         stride_lb, stride_lh,  # log2 n_j [B, H, nc]
         n, c, sinks, H, scale,
         HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_LOGN: tl.constexpr,
-        HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
     ):
         """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j
         (see _pool_chunk); ybar likewise; logn[b, h, j] = log2 n_j (see _store_summary)."""
@@ -107,6 +107,9 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        if WIDE:  # tensors of 2^31 elements or more: batch and head offsets in 64 bits
+            b = b.to(tl.int64)
+            h = h.to(tl.int64)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
         acc_x, acc_y, n_j = _pool_chunk(x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh,
@@ -280,6 +283,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
         MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr, TMA: tl.constexpr,
+        WIDE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
@@ -319,6 +323,10 @@ if triton is not None:
             hk = h // G
             i = pid_m // blocks_per_chunk
             sub = pid_m % blocks_per_chunk
+        if WIDE:  # tensors of 2^31 elements or more: batch and head offsets in 64 bits
+            b = b.to(tl.int64)
+            h = h.to(tl.int64)
+            hk = hk.to(tl.int64)
         row0 = i * c + sub * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
@@ -334,8 +342,9 @@ if triton is not None:
         sv_base = vbar_ptr + b * stride_sb + hk * stride_sh
         logn_row = logn_ptr + b * stride_lb + hk * stride_lh
         flag_row = sync_ptr + 2 + (b * Hkv + hk) * nc
-        kv_row = (b * Hkv + hk) * n  # this head's first row in the TMA descriptors' [B·Hkv·n, d] view
-        s_row = (b * Hkv + hk) * nc
+        # this head's first row in the TMA descriptors' [B·Hkv·n, d] views (TMA coordinates are 32-bit)
+        kv_row = ((b * Hkv + hk) * n).to(tl.int32)
+        s_row = ((b * Hkv + hk) * nc).to(tl.int32)
         if FUSED:
             if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
                 sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
@@ -478,6 +487,14 @@ def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig(max(16, triton.next_power_of_2(c)), 64, 4, 3)
 
 
+# Element offsets are 32-bit products (program index × stride) unless a tensor has this many elements.
+WIDE_OFFSETS_FROM = 1 << 31
+
+
+def _wide(*tensors) -> bool:
+    return any(t is not None and t.numel() >= WIDE_OFFSETS_FROM for t in tensors)
+
+
 def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4):
     """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
     ``logn`` is None: the selection's q̄); ``logn`` [B, H, nc] fp32 receives log2 n_j (−inf:
@@ -496,7 +513,7 @@ def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=
         n, c, sinks, H, scale,
         HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_LOGN=logn is not None,
         HEAD_D=d, BLOCK_C=block_c or min(64, max(16, triton.next_power_of_2(c))),
-        BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=num_warps,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), WIDE=_wide(x, y, xbar), num_warps=num_warps,
     )
     return xbar, ybar
 
@@ -550,6 +567,8 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     nc = -(-n // c)
     L = min(local_chunks, nc)
     s = min(sinks, n)
+    if n * d >= 1 << 31:  # token offsets within one head stay 32-bit
+        raise ValueError(f"the Triton kernels take n·d < 2^31 per head; got n={n}, d={d}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
     cfg = launch or default_launch(c, d, q.dtype)
@@ -601,7 +620,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
-        ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
+        ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma), WIDE=_wide(q, k, v, out),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),

@@ -103,6 +103,25 @@ def test_fused_summaries_need_causal_without_selection():
         mta_forward_triton(q20, k20, v20, None, chunk_size=8, launch=LaunchConfig(16, 16, 4, 1, tma=True))
 
 
+def test_64_bit_offsets_path(monkeypatch):
+    """Tensors of 2^31 elements or more index with 64-bit batch and head offsets (WIDE); forced
+    here on small tensors, every kernel variant, against the reference."""
+    from mta_rewrite.kernels import mta_fwd
+
+    monkeypatch.setattr(mta_fwd, "WIDE_OFFSETS_FROM", 0)
+    B, Hq, Hkv, n, d = 2, 2, 1, 70, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=7)
+    mask = padding(B, n)
+    kw = dict(chunk_size=16, causal=True, local_chunks=2, sinks=3, top_k=1)
+    ref = mta_attention_reference(q, k, v, mask, **kw)
+    for cfg in (LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(16, 16, 4, 1, one_loop=True)):
+        out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), launch=cfg, **kw)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{cfg}: {m}")
+    kw["top_k"] = 0
+    out = mta_forward_triton(q, k, v, None, launch=LaunchConfig(16, 16, 4, 1, fused=True, chunk_major=True), **kw)
+    torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+
+
 def test_head_size_not_a_power_of_two():
     B, n, d = 1, 70, 20  # BLOCK_D = 32: the head dimension is masked in every load
     q, k, v = inputs(B, 2, 2, n, d, torch.float32, seed=2)
@@ -211,3 +230,19 @@ def test_gpu_variants_match_three_loops(n, c, causal):
                 got = mta_forward_triton(q, k, v, keep, launch=other, **kw)
                 torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2,
                                            msg=lambda m: f"{kw} {other}: {m}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_tensors_past_2_31_elements():
+    """17 heads of 2^20 tokens × 128: head 16 starts at element 2^31, past 32-bit offsets. Its
+    output must equal that of the same head run alone (a small tensor)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs about 20 GB of GPU memory")
+    H, n, d = 17, 1 << 20, 128
+    g = torch.Generator(device="cuda").manual_seed(8)
+    q, k, v = (torch.randn(1, H, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    assert q.numel() >= 2**31
+    kw = dict(chunk_size=1024, causal=True)
+    last = mta_forward_triton(q, k, v, None, **kw)[:, 16:]
+    alone = mta_forward_triton(*(x[:, 16:].contiguous() for x in (q, k, v)), None, **kw)
+    torch.testing.assert_close(last, alone, rtol=0, atol=0)
