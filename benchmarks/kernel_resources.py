@@ -47,7 +47,7 @@ def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
     x = dict(b=H * n * d, h=n * d, n=d)
     return dict(stride_qb=x["b"], stride_qh=x["h"], stride_qn=d, stride_kb=x["b"], stride_kh=x["h"], stride_kn=d,
                 stride_vb=x["b"], stride_vh=x["h"], stride_vn=d, stride_sb=H * nc * d, stride_sh=nc * d, stride_sj=d,
-                stride_lb=H * nc, stride_lh=nc, stride_selb=1, stride_selh=1, stride_seli=1,  # the placeholder
+                stride_lb=H * nc, stride_lh=nc, stride_lj=1, stride_selb=1, stride_selh=1, stride_seli=1,  # the placeholder
                 stride_ob=x["b"], stride_oh=x["h"], stride_on=d, n=n, nc=nc, c=c, L=1, sinks=0, top_k=0,
                 Hq=H, Hkv=H, G=1)
 
@@ -149,7 +149,10 @@ def main(argv=None) -> int:
             descs = ("kd", "vd", "skd", "svd")
             if not tma:  # the launcher passes None: a constant
                 constexprs |= {name: None for name in descs}
-            kernel = compile_cubin(_mta_fwd_kernel, constexprs, call_values(args.n, args.chunk, args.heads, d), "bf16",
+            values = call_values(args.n, args.chunk, args.heads, d)
+            if opts.get("chunk_major"):
+                values["stride_lj"] = 8  # log2 n_j one per 32-byte sector (mta_forward_triton)
+            kernel = compile_cubin(_mta_fwd_kernel, constexprs, values, "bf16",
                                    args.arch, warps, stages, max_registers=cap[0] if cap else None,
                                    extra={name: f"tensordesc<bf16[{bn}, {d}]>" for name in descs} if tma else None)
             is_default = kind == "prepass" and not cap and (bm, bn, warps, stages) == (

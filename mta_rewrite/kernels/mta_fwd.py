@@ -187,34 +187,43 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
-    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, status_ptr, sel, j_lo, j_hi, dims,
-                       dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                       FUSED: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr, TMA: tl.constexpr):
+    def _wait_flags(flag_row, status_ptr, js, inside, MAX_SPIN: tl.constexpr):
+        """Acquire: wait until every flag ``flag_row[js]`` (``inside``) is set (1) by its producer's
+        release. Bounded: a wait that gives up reports through ``status_ptr`` instead of hanging."""
+        ready = tl.min(tl.where(inside, tl.atomic_add(flag_row + js, 0, mask=inside, sem="acquire"), 1), 0)
+        spins = 0
+        while (ready == 0) & (spins < MAX_SPIN):
+            ready = tl.min(tl.where(inside, tl.atomic_add(flag_row + js, 0, mask=inside, sem="acquire"), 1), 0)
+            spins += 1
+        if ready == 0:  # never expected (tickets order producers first): report, do not hang
+            tl.atomic_xchg(status_ptr, 1)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row, status_ptr, sel, j_lo, j_hi,
+                       dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       WAIT: tl.constexpr, CG: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr,
+                       TMA: tl.constexpr):
         """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
-        the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2). FUSED: the
-        summaries are written by other programs of this launch; wait for their flags first."""
+        the logit of a summary is scale·q·k̄_j + log n_j (log2 n_j in base 2). CG: the summaries
+        are written by other programs of this launch: read them past L1, which may hold lines
+        loaded before they were written. WAIT: wait for each tile's flags before reading it (the
+        loop then runs without software pipelining: a load must not move above its wait)."""
         for j0 in range(j_lo, j_hi, BLOCK_N):
             js = j0 + tl.arange(0, BLOCK_N)
             inside = js < j_hi
-            if FUSED:
-                # acquire: every flag of the tile set (1) by its producer's release
-                ready = tl.min(tl.where(inside, tl.atomic_add(flag_row + js, 0, mask=inside, sem="acquire"), 1), 0)
-                spins = 0
-                while (ready == 0) & (spins < MAX_SPIN):
-                    ready = tl.min(tl.where(inside, tl.atomic_add(flag_row + js, 0, mask=inside, sem="acquire"), 1), 0)
-                    spins += 1
-                if ready == 0:  # never expected (tickets order producers first): report, do not hang
-                    tl.atomic_xchg(status_ptr, 1)
-                tl.debug_barrier()
-                bias = tl.load(logn_row + js, mask=inside, other=float("-inf"), cache_modifier=".cg")
+            if WAIT:
+                _wait_flags(flag_row, status_ptr, js, inside, MAX_SPIN)
+            if CG:
+                bias = tl.load(logn_row + js * stride_lj, mask=inside, other=float("-inf"), cache_modifier=".cg")
             else:
-                bias = tl.load(logn_row + js, mask=inside, other=float("-inf"))
+                bias = tl.load(logn_row + js * stride_lj, mask=inside, other=float("-inf"))
             if HAS_TOPK:  # a selected chunk is attended exactly, not through its summary
                 bias = tl.where(tl.sum((js[:, None] == sel[None, :]).to(tl.int32), 1) == 0, bias, float("-inf"))
             if TMA:  # summary rows past j_hi are read and masked by their −inf bias
                 kt = skd.load([s_row + j0, 0]).T
                 vt = svd.load([s_row + j0, 0])
-            elif FUSED:  # read past L1: written by another multiprocessor during this launch
+            elif CG:
                 kt = tl.load(sk_base + js[None, :] * stride_sj + dims[:, None], mask=inside[None, :] & dim_ok[:, None],
                              other=0.0, cache_modifier=".cg")
                 vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=inside[:, None] & dim_ok[None, :],
@@ -276,7 +285,7 @@ if triton is not None:
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_sb, stride_sh, stride_sj,  # kbar / vbar [B, Hkv, nc, d] (same layout)
-        stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
+        stride_lb, stride_lh, stride_lj,  # log2 n_j [B, Hkv, nc] (stride_lj: 1, or 8 for the chunk-major launch)
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
@@ -349,7 +358,8 @@ if triton is not None:
             if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
                 sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
                                                 dim_ok, True, HAS_KEYMASK, BLOCK_N, BLOCK_D)
-                _store_summary(sk_base + i * stride_sj, sv_base + i * stride_sj, logn_row + i, sum_k, sum_v, n_i, 1.0,
+                _store_summary(sk_base + i * stride_sj, sv_base + i * stride_sj, logn_row + i * stride_lj, sum_k, sum_v,
+                               n_i, 1.0,
                                dims, dim_ok, True, True)
                 tl.debug_barrier()  # every thread's stores before the flag
                 tl.atomic_xchg(flag_row + i, 1, sem="release")
@@ -422,14 +432,21 @@ if triton is not None:
                                             stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK, PRECISION,
                                             HEAD_D, BLOCK_N, BLOCK_D, TMA)
 
-            # d. summaries of the chunks outside the window (under causality: only those before it)
-            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1, sel,
-                                           0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION,
-                                           BLOCK_N, FUSED, MAX_SPIN, HAS_TOPK, TMA)
+            # d. summaries of the chunks outside the window (under causality: only those before it).
+            #    Fused head by head: wait tile by tile; chunk by chunk: every flag once, up front (their
+            #    producers ran long before), then a software-pipelined stream of summary tiles.
+            if FUSED and CHUNK_MAJOR:
+                for j0 in range(0, w_lo, BLOCK_N):
+                    js = j0 + tl.arange(0, BLOCK_N)
+                    _wait_flags(flag_row, sync_ptr + 1, js, js < w_lo, MAX_SPIN)
+            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
+                                           sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION,
+                                           BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN, HAS_TOPK, TMA)
             if not CAUSAL:
-                acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, flag_row, sync_ptr + 1,
-                                               sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row,
-                                               PRECISION, BLOCK_N, FUSED, MAX_SPIN, HAS_TOPK, TMA)
+                acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
+                                               sync_ptr + 1, sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row,
+                                               PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN,
+                                               HAS_TOPK, TMA)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -456,8 +473,10 @@ class LaunchConfig:
     (``_stream_tile``) instead of three loops that each fill and drain the pipeline; with the
     pre-pass only. ``chunk_major`` (fused only): take work items chunk by chunk across heads,
     so that a summary's producer runs long before the programs that wait for it, instead of
-    head by head. ``tma``: read key, value and summary tiles through tensor descriptors (Hopper's
-    bulk tensor copies: no per-element addresses) with the three loops and the pre-pass; needs a
+    head by head, and wait for all of a block's summaries once, before a software-pipelined
+    summary loop (head by head, each tile waits for its own flags: no pipelining). ``tma``: read
+    key, value and summary tiles through tensor descriptors (Hopper's bulk tensor copies: no
+    per-element addresses) with the three loops and the pre-pass; needs a
     power-of-two head size ≥ 16. ``max_registers``: a cap on registers per thread (ptxas
     ``.maxnreg``): 8 warps × 128 rows fit in 128 registers without spills, which lets two such
     blocks share a multiprocessor instead of one (benchmarks/kernel_resources.py)."""
@@ -579,6 +598,9 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         raise ValueError("one_loop streams summaries from the pre-pass: it cannot be combined with fused=True")
     if cfg.chunk_major and not fused:
         raise ValueError("chunk_major orders the work of the fused launch: it needs fused=True")
+    if cfg.chunk_major and (d * q.element_size()) % 32:
+        # k̄, v̄ rows must take 16-byte copies (cp.async.cg, past L1) and fill whole 32-byte sectors
+        raise ValueError(f"chunk_major needs head rows of a multiple of 32 bytes, got d={d} × {q.element_size()} bytes")
     block_d = max(16, triton.next_power_of_2(d))
     if cfg.tma and (fused or cfg.one_loop):
         raise ValueError("tma reads the pre-pass's summaries in the three-loop kernel: not with fused or one_loop")
@@ -586,7 +608,14 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         raise ValueError(f"tma needs a power-of-two head size of at least 16, got {d}")
     if cfg.tma and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         raise ValueError("tma needs tensor-memory-accelerator copies: an NVIDIA Hopper GPU (sm_90) or newer")
-    logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
+    if fused and cfg.chunk_major:
+        # The chunk-major launch streams summaries through cp.async, which caches 4-byte copies in
+        # L1: one entry per 32-byte sector, so that no sector is ever read before its entry is
+        # written (an earlier program on the same multiprocessor would otherwise leave a stale
+        # neighbour in L1).
+        logn = torch.empty(B, Hkv, nc, 8, dtype=torch.float32, device=q.device)[..., 0]
+    else:
+        logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
     if fused:
         kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
         vbar = torch.empty_like(kbar)
@@ -612,7 +641,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        logn.stride(0), logn.stride(1),
+        logn.stride(0), logn.stride(1), logn.stride(2),
         sel.stride(0), sel.stride(1), sel.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E,

@@ -101,6 +101,9 @@ def test_fused_summaries_need_causal_without_selection():
     q20, k20, v20 = inputs(1, 2, 2, 40, 20, torch.float32)
     with pytest.raises(ValueError, match="power-of-two head size"):
         mta_forward_triton(q20, k20, v20, None, chunk_size=8, launch=LaunchConfig(16, 16, 4, 1, tma=True))
+    with pytest.raises(ValueError, match="multiple of 32 bytes"):
+        mta_forward_triton(q20, k20, v20, None, chunk_size=8, causal=True,
+                           launch=LaunchConfig(16, 16, 4, 1, fused=True, chunk_major=True))
 
 
 def test_64_bit_offsets_path(monkeypatch):
