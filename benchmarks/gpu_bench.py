@@ -175,6 +175,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--sweep-n", type=int, default=65536)
+    ap.add_argument("--sweep-chunks", type=int, nargs="+", default=[128, 256],
+                    help="chunk sizes swept in step 2 (c = 64 keeps 64 × 64 tiles, swept on 2026-11-27)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-sweep", action="store_true", help="skip step 2 (the tile and pre-pass sweeps)")
     ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip step 5 (FlexAttention)")
@@ -188,6 +190,7 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         DEVICE = "cpu"
         args.n, args.chunks, args.sweep_n, args.heads, args.head_dim = [256, 512], [16, 32], 256, 2, 16
+        args.sweep_chunks = [16, 32]
     elif not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
         return 0
@@ -230,7 +233,7 @@ def main(argv=None):
             return "fused_chunk_major" if cfg.chunk_major else "fused"
         return "one_loop" if cfg.one_loop else "tma" if cfg.tma else "prepass"
 
-    for c in [] if args.no_sweep else args.chunks:
+    for c in [] if args.no_sweep else [c for c in args.chunks if c in args.sweep_chunks]:
         default = default_launch(c, d, torch.bfloat16)
         cands = {default} | {launch_of(t, opts) for kind, opts in KINDS.items()
                              for t in (SWEEP[kind] if DEVICE == "cuda" else [(16, 16, 4, 1)])
