@@ -22,6 +22,11 @@ Two launches per call (three with top-k selection):
    or with ``LaunchConfig(one_loop=True)`` as one software-pipelined stream of tiles whose
    masks and bias are data (``_stream_tile``): one pipeline fill per block instead of three.
 
+Other opt-in variants (``LaunchConfig``): ``fused`` pools the summaries inside the main launch
+instead of step 1 (``chunk_major`` orders its work chunk by chunk), ``tma`` reads tiles through
+tensor descriptors, ``max_registers`` caps registers per thread. Tensors of 2^31 elements or more
+take 64-bit batch and head offsets (``WIDE``); smaller ones compile exactly as before.
+
 For query t and key s the logit is scale·q_t·k_s (−inf where forbidden); the output is
 Σ p·v / Σ p, zero for a row that attended nothing. GQA reads key/value head h // (Hq/Hkv): k and v
 are never copied to Hq heads. The selection (MTA_SPEC.md step 3: the largest scale·q̄_i·k̄_j,
