@@ -39,6 +39,7 @@ which is correct for every mask on every device.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -470,6 +471,16 @@ def key_padding(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> torc
     return mask.allowed[:, 0, 0, :].expand(B, n).contiguous()
 
 
+def _pow2(x: int) -> int:
+    """The smallest power of two ≥ x (x ≥ 1). Plain Python: triton.next_power_of_2 and
+    triton.cdiv are constexpr-function wrappers that cost ~1.5 µs a call on the launch path."""
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and Triton launch options of the fused forward. ``fused``: pool the summaries
@@ -497,6 +508,7 @@ class LaunchConfig:
     max_registers: int | None = None
 
 
+@functools.lru_cache(maxsize=256)  # on the launch path of every call
 def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     """Tile sizes by chunk size and dtype, from the tile sweep of benchmarks/gpu_bench.py on an
     H100 (bf16, d = 128, 64K tokens, causal; benchmarks/results/gpu_2026-11-27_sweep.md): 128
@@ -505,10 +517,10 @@ def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     never spans two chunks, so BLOCK_M ≤ c (rounded up to a power of two, at least 16 for
     tl.dot). fp32 tiles take twice the shared memory: 64 rows."""
     if dtype == torch.float32:
-        return LaunchConfig(max(16, min(64, triton.next_power_of_2(c))), 32, 4, 2)
+        return LaunchConfig(max(16, min(64, _pow2(c))), 32, 4, 2)
     if c >= 128:
         return LaunchConfig(128, 32, 4, 3)
-    return LaunchConfig(max(16, triton.next_power_of_2(c)), 64, 4, 3)
+    return LaunchConfig(max(16, _pow2(c)), 64, 4, 3)
 
 
 # Element offsets are 32-bit products (program index × stride) unless a tensor has this many elements.
@@ -530,14 +542,14 @@ def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=
     keyok = keep if keep is not None else x  # an unused pointer when there is no mask
     _chunk_mean_kernel[(nc, B * H)](
         x, y if y is not None else x, keyok, xbar, ybar, logn if logn is not None else xbar,
-        x.stride(0), x.stride(1), x.stride(2),
-        *((y.stride(0), y.stride(1), y.stride(2)) if y is not None else (0, 0, 0)),
-        xbar.stride(0), xbar.stride(1), xbar.stride(2),
-        *((logn.stride(0), logn.stride(1)) if logn is not None else (0, 0)),
+        *x.stride()[:3],
+        *(y.stride()[:3] if y is not None else (0, 0, 0)),
+        *xbar.stride()[:3],
+        *(logn.stride()[:2] if logn is not None else (0, 0)),
         n, c, sinks, H, scale,
         HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_LOGN=logn is not None,
-        HEAD_D=d, BLOCK_C=block_c or min(64, max(16, triton.next_power_of_2(c))),
-        BLOCK_D=max(16, triton.next_power_of_2(d)), WIDE=_wide(x, y, xbar), num_warps=num_warps,
+        HEAD_D=d, BLOCK_C=block_c or min(64, max(16, _pow2(c))),
+        BLOCK_D=max(16, _pow2(d)), WIDE=_wide(x, y, xbar), num_warps=num_warps,
     )
     return xbar, ybar
 
@@ -606,7 +618,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     if cfg.chunk_major and (d * q.element_size()) % 32:
         # k̄, v̄ rows must take 16-byte copies (cp.async.cg, past L1) and fill whole 32-byte sectors
         raise ValueError(f"chunk_major needs head rows of a multiple of 32 bytes, got d={d} × {q.element_size()} bytes")
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _pow2(d))
     if cfg.tma and (fused or cfg.one_loop):
         raise ValueError("tma reads the pre-pass's summaries in the three-loop kernel: not with fused or one_loop")
     if cfg.tma and d != block_d:
@@ -638,22 +650,17 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
             return TensorDescriptor(x, [x.shape[0] * x.shape[1] * x.shape[2], d], [d, 1], [cfg.block_n, block_d])
 
         descs = (rows(k), rows(v), rows(kbar), rows(vbar))
-    blocks = nc * triton.cdiv(c, cfg.block_m)
+    blocks = nc * _cdiv(c, cfg.block_m)
     grid = (blocks * B * Hq,) if fused else (blocks, B * Hq)
     _mta_fwd_kernel[grid](
         q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync, *descs,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        logn.stride(0), logn.stride(1), logn.stride(2),
-        sel.stride(0), sel.stride(1), sel.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *kbar.stride()[:3], *logn.stride()[:3],
+        *sel.stride()[:3], *out.stride()[:3],
         n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, triton.next_power_of_2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
+        HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
         ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma), WIDE=_wide(q, k, v, out),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
