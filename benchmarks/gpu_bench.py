@@ -17,7 +17,8 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    fraction of the memory floor reached, and (n ≤ 16K) the relative error against the portable
    implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
-   heads), and the op at 1K tokens (the cost of launching it);
+   heads), forward + backward through autograd (the Triton backward) against SDPA's, and the op
+   at 1K tokens (the cost of launching it);
 5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS``: its block mask built
    from block indices (timed once), the first call (compile), then median ms against the MTA
    kernel's in the same run, and the relative difference of their outputs.
@@ -326,6 +327,24 @@ def main(argv=None):
                     lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
             except RuntimeError as exc:
                 extras["gqa_8kv_sdpa_cudnn_error"] = str(exc).splitlines()[0]
+        # forward + backward through autograd (the Triton backward: no top-k) vs SDPA's
+        q, k, v = (x.requires_grad_() for x in qkv(n))
+        grad_out = torch.randn_like(q)
+
+        def step(fn):
+            def run():
+                fn().backward(grad_out)
+                q.grad = k.grad = v.grad = None
+            return run
+
+        extras["fwd_bwd_ms"] = median_ms(step(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True)))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            try:
+                extras["fwd_bwd_sdpa_cudnn_ms"] = median_ms(step(
+                    lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+            except RuntimeError as exc:
+                extras["fwd_bwd_sdpa_cudnn_error"] = str(exc).splitlines()[0]
+        q = k = v = grad_out = None
         q, k, v = qkv(1024)
         extras["n1024_causal_c64_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=64, causal=True))
         try:

@@ -8,8 +8,10 @@ Dispatch for a CUDA call:
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
-Gradients: the op's backward recomputes the forward with the portable implementation under
-autograd, on the same device (no transfer to the CPU).
+Gradients for a CUDA call (``backward_cuda``): without top-k, with no mask or a key-padding mask,
+fp16/bf16/fp32 and more than one chunk → the Triton backward (``mta_bwd.py``); otherwise the op's
+backward recomputes the forward with the portable implementation under autograd, on the same
+device (no transfer to the CPU).
 """
 
 from __future__ import annotations
@@ -43,3 +45,21 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
         if keep is not False:
             return mta_forward_triton(q, k, v, keep, **kwargs)
     return mta_attention_chunked(q, k, v, attn_mask, **kwargs)
+
+
+def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
+    """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
+    recomputes through the portable implementation)."""
+    n = q.shape[2]
+    if top_k > 0 or chunk_size >= n or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    if not triton_available():
+        return None
+    from .mta_bwd import mta_backward_triton
+    from .mta_fwd import key_padding
+
+    keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
+    if keep is False:
+        return None
+    return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
+                               local_chunks=local_chunks, sinks=sinks)

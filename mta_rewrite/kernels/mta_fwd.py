@@ -446,13 +446,14 @@ if triton is not None:
                     js = j0 + tl.arange(0, BLOCK_N)
                     _wait_flags(flag_row, sync_ptr + 1, js, js < w_lo, MAX_SPIN)
             acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
-                                           sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION,
-                                           BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN, HAS_TOPK, TMA)
+                                           sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd,
+                                           s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN,
+                                           HAS_TOPK, TMA)
             if not CAUSAL:
                 acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
-                                               sync_ptr + 1, sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row,
-                                               PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN,
-                                               HAS_TOPK, TMA)
+                                               sync_ptr + 1, sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale,
+                                               skd, svd, s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED,
+                                               MAX_SPIN, HAS_TOPK, TMA)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],

@@ -3,11 +3,12 @@
 The signature and the math are those of MTA_SPEC.md. The op is opaque to torch.export (it
 appears as one node ``mta.attention.default`` with its configuration as constant arguments),
 runs the fused Triton kernels on CUDA (``kernels/``, with the dispatch rules there) and the
-efficient chunked implementation on the CPU and every other device, and
-differentiates in q, k and v by recomputing the forward under autograd in the backward pass
-(a rematerialising backward: no activations are kept between forward and backward but the
-inputs). Gradients with respect to ``attn_mask`` are not computed (masks are constants in every
-model we rewrite); the top-k selection is piecewise constant and has no gradient, as in the spec.
+efficient chunked implementation on the CPU and every other device. It differentiates in q, k
+and v without keeping activations between forward and backward, only the inputs: on CUDA, where
+the Triton backward applies (no top-k; no mask or key padding), through its kernels
+(``kernels/mta_bwd.py``); otherwise by recomputing the forward under autograd. Gradients with
+respect to ``attn_mask`` are not computed (masks are constants in every model we rewrite); the
+top-k selection is piecewise constant and has no gradient, as in the spec.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _backward(ctx, grad_out):
     q, k, v, attn_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
+    if q.is_cuda:
+        from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
+
+        grads = backward_cuda(q, k, v, attn_mask, grad_out, **ctx.config)
+        if grads is not None:
+            return (*(g if need else None for g, need in zip(grads, needs)), None)
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
         out = mta_attention_chunked(*leaves, attn_mask, **ctx.config)

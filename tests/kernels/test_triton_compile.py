@@ -80,6 +80,38 @@ def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, l
     assert last == "OK"
 
 
+BWD_CHILD = r"""
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mta_rewrite.kernels.mta_bwd import _mta_bwd_keys_kernel, _mta_bwd_rows_kernel
+
+dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+typed = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "do_ptr", "dq_ptr"}
+fp32 = {"logn_ptr", "lse_ptr", "delta_ptr", "dkbar_ptr", "dvbar_ptr", "dk_ptr", "dv_ptr"}
+for fn in (_mta_bwd_rows_kernel, _mta_bwd_keys_kernel):
+    params = list(inspect.signature(fn.fn).parameters)
+    constexprs = {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                  "HEAD_D": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
+    signature = {p: f"*{dtype}" if p in typed else "*fp32" if p in fp32 else "*i8" if p == "keyok_ptr"
+                 else "constexpr" if p in constexprs else "fp32" if p in ("qk_scale", "scale") else "i32" for p in params}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    assert fn.fn.__name__ in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("dtype,causal,keymask", [("bf16", True, True), ("fp16", False, False)])
+def test_backward_compiles_to_cubin(dtype, causal, keymask):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", BWD_CHILD, dtype, str(int(causal)), str(int(keymask))],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "OK"
+
+
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_resources.py")
 
 

@@ -1,0 +1,314 @@
+"""Triton backward of MTA (no top-k): kernels → launcher, used by the op's autograd on CUDA.
+
+For a query row t with logits s_tx over its set X(t) (exact keys, and summaries with bias
+log n_j), P = softmax(s) and O = P·V (natural logarithms here; the kernels work in base 2 as the
+forward does):
+
+    D_t = Σ_e dO_te·O_te        dS_tx = P_tx·(dO_t·v_x − D_t)
+    dq_t = scale·Σ_x dS_tx·k_x   dk_x = scale·Σ_t dS_tx·q_t   dv_x = Σ_t P_tx·dO_t
+
+and a summary x = j, k̄_j = Σ_s w_s·k_s / n_j, passes its gradient on to the keys it pools:
+dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constant: no gradient.
+
+1. The pre-pass of the forward (``_chunk_means``) pools k̄, v̄ and log2 n_j again.
+2. ``_mta_bwd_rows_kernel``, one program per block of query rows (the forward's grid): pass 1
+   recomputes the rows' log-sum-exp and O (for D), pass 2 accumulates dq and adds every summary
+   tile's dk̄ = scale·dSᵀ·q and dv̄ = Pᵀ·dO into fp32 buffers [B, Hkv, nc, d] with atomics (all
+   query blocks and heads of a group add to the same summaries). Writes dq, the log-sum-exp and D.
+3. ``_mta_bwd_keys_kernel``, one program per block of keys of one chunk and key/value head: for
+   each query head of the group, the query rows that attend those keys exactly (their window; all
+   rows when the block holds sinks) → dk, dv accumulated in registers and written once.
+4. torch spreads dk̄ / n_j and dv̄ / n_j over the counted keys of each chunk and adds them.
+
+Masks: none or key padding, as in the forward. Memory: O(B·H·n) for the log-sum-exp and D and
+fp32 dk, dv buffers; nothing n × n.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is an optional (gpu/test) dependency
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, x_base, y_base, bias_row, keyok_row, idx, ok, rows, dims,
+                       dim_ok, stride_xn, qk_scale, scale, dxbar_base, dybar_base,
+                       PASS: tl.constexpr, SUMMARY: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                       HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr):
+        """One tile of keys (or of summaries, SUMMARY) for the block's rows. PASS 0: online
+        max / sum / O (acc). PASS 1: dq += dS·k into acc; for summaries also dk̄, dv̄ (atomics)."""
+        xt = tl.load(x_base + idx[None, :] * stride_xn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
+        yt = tl.load(y_base + idx[:, None] * stride_xn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, xt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+        allowed = ok
+        if SUMMARY:
+            s = s + tl.load(bias_row + idx, mask=ok, other=float("-inf"))[None, :]
+        elif HAS_KEYMASK:
+            allowed = allowed & (tl.load(keyok_row + idx, mask=ok, other=0) != 0)
+        allowed2 = allowed[None, :]
+        if CAUSAL_TILE:
+            allowed2 = allowed2 & (idx[None, :] <= rows[:, None])
+        s = tl.where(allowed2, s, float("-inf"))
+        if PASS == 0:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            acc = acc * alpha[:, None] + tl.dot(p.to(yt.dtype), yt, input_precision=PRECISION, out_dtype=tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        else:
+            p = tl.exp2(s - lse[:, None])  # lse = +inf for a row that attends nothing: p = 0
+            dp = tl.dot(do, tl.trans(yt), input_precision=PRECISION, out_dtype=tl.float32)
+            ds = p * (dp - delta[:, None])
+            acc += tl.dot(ds.to(xt.dtype), tl.trans(xt), input_precision=PRECISION, out_dtype=tl.float32)
+            if SUMMARY:
+                dxb = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=tl.float32) * scale
+                dyb = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=tl.float32)
+                where = idx[:, None] * stride_xn + dims[None, :]
+                tl.atomic_add(dxbar_base + where, dxb, mask=ok[:, None] & dim_ok[None, :])
+                tl.atomic_add(dybar_base + where, dyb, mask=ok[:, None] & dim_ok[None, :])
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _bwd_rows_pass(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, sk_base, sv_base, logn_row, keyok_row,
+                       dkbar_base, dvbar_base, rows, dims, dim_ok, n, nc, c, sinks, row0, w_lo, w_hi,
+                       stride_kn, stride_sj, qk_scale, scale, PASS: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        """Every tile of the block's key set, as the forward visits it: sinks outside the window,
+        the window (causal: cut at the block's last row), the summaries outside the window."""
+        for s0 in range(0, sinks, BLOCK_N):
+            keys = s0 + tl.arange(0, BLOCK_N)
+            kchunk = keys // c
+            ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
+            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row,
+                                           keys, ok, rows, dims, dim_ok, stride_kn, qk_scale, scale, dkbar_base,
+                                           dvbar_base, PASS, False, CAUSAL, HAS_KEYMASK, PRECISION)
+        lo = w_lo * c
+        hi = tl.minimum((w_hi + 1) * c, n)
+        if CAUSAL:
+            hi = tl.minimum(hi, row0 + BLOCK_M)
+        for start in range(lo, hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row,
+                                           keys, keys < hi, rows, dims, dim_ok, stride_kn, qk_scale, scale,
+                                           dkbar_base, dvbar_base, PASS, False, CAUSAL, HAS_KEYMASK, PRECISION)
+        if CAUSAL:
+            j_end = w_lo
+        else:
+            j_end = nc
+        for j0 in range(0, j_end, BLOCK_N):
+            js = j0 + tl.arange(0, BLOCK_N)
+            if CAUSAL:
+                ok = js < w_lo
+            else:
+                ok = (js < nc) & ((js < w_lo) | (js > w_hi))
+            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row,
+                                           js, ok, rows, dims, dim_ok, stride_sj, qk_scale, scale, dkbar_base,
+                                           dvbar_base, PASS, True, False, HAS_KEYMASK, PRECISION)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _mta_bwd_rows_kernel(
+        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, keyok_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
+        dkbar_ptr, dvbar_ptr,
+        stride_qb, stride_qh, stride_qn,  # q, do, dq [B, Hq, n, d]
+        stride_kb, stride_kh, stride_kn,  # k, v [B, Hkv, n, d]
+        stride_sb, stride_sh, stride_sj,  # kbar, vbar, dkbar, dvbar [B, Hkv, nc, d]
+        stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
+        n, nc, c, L, sinks, Hq, Hkv, G, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dq for one block of query rows, its log-sum-exp (base 2) and D; dk̄, dv̄ by atomics."""
+        blocks_per_chunk = tl.cdiv(c, BLOCK_M)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        hk = h // G
+        i = pid_m // blocks_per_chunk
+        sub = pid_m % blocks_per_chunk
+        row0 = i * c + sub * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_D
+        q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        do = tl.load(do_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        v_base = v_ptr + b * stride_kb + hk * stride_kh
+        s_off = b * stride_sb + hk * stride_sh
+        logn_row = logn_ptr + b * stride_lb + hk * stride_lh
+        keyok_row = keyok_ptr + b * n
+        w_lo = tl.maximum(i - L + 1, 0)
+        if CAUSAL:
+            w_hi = i
+        else:
+            w_hi = tl.minimum(i + L - 1, nc - 1)
+        zero_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+        # pass 1: log-sum-exp and O of the rows
+        acc, m_i, l_i = _bwd_rows_pass(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                                       tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), zero_rows, q, do,
+                                       zero_rows, zero_rows, k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off,
+                                       logn_row, keyok_row, dkbar_ptr + s_off, dvbar_ptr + s_off, rows, dims, dim_ok,
+                                       n, nc, c, sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 0,
+                                       CAUSAL, HAS_KEYMASK, PRECISION, BLOCK_M, BLOCK_N)
+        empty = l_i == 0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        delta = tl.sum(do.to(tl.float32) * o, 1)
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+
+        # pass 2: dq (and the summaries' gradients)
+        dq, m_i, l_i = _bwd_rows_pass(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), m_i, l_i, q, do, lse, delta,
+                                      k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off, logn_row, keyok_row,
+                                      dkbar_ptr + s_off, dvbar_ptr + s_off, rows, dims, dim_ok, n, nc, c, sinks, row0,
+                                      w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 1, CAUSAL, HAS_KEYMASK,
+                                      PRECISION, BLOCK_M, BLOCK_N)
+        tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        r_off = (b * Hq + h) * n + rows
+        tl.store(lse_ptr + r_off, lse, mask=row_ok)
+        tl.store(delta_ptr + r_off, delta, mask=row_ok)
+
+    @triton.jit
+    def _mta_bwd_keys_kernel(
+        q_ptr, k_ptr, v_ptr, keyok_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        stride_qb, stride_qh, stride_qn,  # q, do [B, Hq, n, d]
+        stride_kb, stride_kh, stride_kn,  # k, v, dk, dv [B, Hkv, n, d]
+        n, nc, c, L, sinks, Hq, Hkv, G, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dk, dv of one block of keys of chunk j from every query row attending them exactly."""
+        blocks_per_chunk = tl.cdiv(c, BLOCK_N)
+        pid = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        j = pid // blocks_per_chunk
+        s0 = j * c + (pid % blocks_per_chunk) * BLOCK_N
+        keys = s0 + tl.arange(0, BLOCK_N)
+        in_chunk = ((pid % blocks_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N) < c) & (keys < n)
+        key_ok = in_chunk  # and not padded: a padded key gets no gradient (zeros are stored)
+        if HAS_KEYMASK:
+            key_ok = key_ok & (tl.load(keyok_ptr + b * n + keys, mask=in_chunk, other=0) != 0)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_D
+        kv_off = b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn + dims[None, :]
+        kt = tl.load(k_ptr + kv_off, mask=in_chunk[:, None] & dim_ok[None, :], other=0.0)
+        vt = tl.load(v_ptr + kv_off, mask=in_chunk[:, None] & dim_ok[None, :], other=0.0)
+        # rows whose window holds chunk j; every row (after the keys, causal) when the block holds sinks
+        if CAUSAL:
+            r_lo = tl.maximum(j * c, s0)
+            r_hi = tl.minimum((j + L) * c, n)
+        else:
+            r_lo = tl.maximum(j - L + 1, 0) * c
+            r_hi = tl.minimum((j + L) * c, n)
+        if s0 < sinks:
+            if CAUSAL:
+                r_lo = s0
+            else:
+                r_lo = s0 * 0
+            r_hi = n + s0 * 0
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(0, G):
+            h = hk * G + g
+            for r0 in range(r_lo, r_hi, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < r_hi
+                q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
+                q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                do = tl.load(do_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                r_off = (b * Hq + h) * n + rows
+                lse = tl.load(lse_ptr + r_off, mask=row_ok, other=float("inf"))
+                delta = tl.load(delta_ptr + r_off, mask=row_ok, other=0.0)
+                i = rows // c
+                if CAUSAL:
+                    exact = (j >= i - L + 1) & (keys[:, None] <= rows[None, :])
+                else:
+                    exact = (j - i <= L - 1) & (i - j <= L - 1)
+                exact = exact | (keys[:, None] < sinks)
+                if CAUSAL:
+                    exact = exact & (keys[:, None] <= rows[None, :])
+                allowed = exact & key_ok[:, None] & row_ok[None, :]
+                s = tl.dot(kt, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BN, BM]
+                p = tl.where(allowed, tl.exp2(s - lse[None, :]), 0.0)
+                dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
+                dp = tl.dot(vt, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
+                ds = p * (dp - delta[None, :])
+                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
+        tl.store(dk_ptr + kv_off, dk * scale, mask=in_chunk[:, None] & dim_ok[None, :])
+        tl.store(dv_ptr + kv_off, dv, mask=in_chunk[:, None] & dim_ok[None, :])
+
+
+def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
+    """Tiles of the backward kernels: 64 query rows (at least 16, for tl.dot; a block of query
+    rows never spans two chunks) against 32 keys, 4 warps, 2 stages. Not timed on a GPU yet; chosen
+    offline (benchmarks/kernel_resources.py's method, triton 3.6, sm_90, d = 128): 64 × 64 tiles
+    spill 496 bytes in the rows kernel and fit one block per SM; 64 × 32 spill 16 and fit two."""
+    return LaunchConfig(max(16, min(64, _pow2(c))), 32, 4, 2)
+
+
+def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
+                        launch: LaunchConfig | None = None):
+    """(dq, dk, dv) of MTA without top-k. ``keep``: None or [B, n] bool key-padding flags (see
+    ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    c = min(chunk_size, n)
+    nc = _cdiv(n, c)
+    L = min(local_chunks, nc)
+    s = min(sinks, n)
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
+    keyok = keep.to(torch.int8).contiguous() if keep is not None else None
+    cfg = launch or default_backward_launch(c, q.dtype)
+    logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
+    kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    lse = torch.empty(B, Hq, n, **f32)
+    delta = torch.empty(B, Hq, n, **f32)
+    dkbar = torch.zeros(B, Hkv, nc, d, **f32)
+    dvbar = torch.zeros(B, Hkv, nc, d, **f32)
+    dk = torch.empty(B, Hkv, n, d, **f32)
+    dv = torch.empty(B, Hkv, n, d, **f32)
+    common = dict(CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=d, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_D=max(16, _pow2(d)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    keyok_arg = keyok if keyok is not None else logn  # an unused pointer without a mask
+    _mta_bwd_rows_kernel[(nc * _cdiv(c, cfg.block_m), B * Hq)](
+        q, k, v, kbar, vbar, logn, keyok_arg, do, dq, lse, delta, dkbar, dvbar,
+        *q.stride()[:3], *k.stride()[:3], *kbar.stride()[:3], *logn.stride()[:2],
+        n, nc, c, L, s, Hq, Hkv, G, scale * LOG2E, scale, **common)
+    _mta_bwd_keys_kernel[(nc * _cdiv(c, cfg.block_n), B * Hkv)](
+        q, k, v, keyok_arg, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
+        n, nc, c, L, s, Hq, Hkv, G, scale * LOG2E, scale, **common)
+    # the summaries' gradients, spread over the keys each one pools (w_s / n_j)
+    counted = torch.ones(B, n, dtype=torch.bool, device=q.device) if keep is None else keep.bool().clone()
+    counted[:, :s] = False
+    n_j = torch.exp2(logn).clamp(min=1.0)  # −inf (an empty chunk) → 0 → 1: its dk̄ is zero anyway
+    per_key = torch.arange(n, device=q.device) // c
+    dk += (dkbar / n_j[..., None])[:, :, per_key] * counted[:, None, :, None]
+    dv += (dvbar / n_j[..., None])[:, :, per_key] * counted[:, None, :, None]
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
