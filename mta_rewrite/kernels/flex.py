@@ -76,6 +76,14 @@ def _score_mod(lay: _Layout, logn: torch.Tensor):
     return score_mod
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_score_mod(lay: _Layout, device: torch.device):
+    """One score_mod (and its log n_j table) per layout and device: a compiled flex_attention
+    guards on the function it is given, so a new closure per call would recompile every call."""
+    counts = (lay.n - torch.arange(lay.nc, device=device) * lay.c).clamp(max=lay.c)
+    return _score_mod(lay, counts.to(torch.float32).log())
+
+
 def _candidate_blocks(lay: _Layout, block: int, device) -> torch.Tensor:
     """[nqb, W] key-block indices (−1 padded) that a block of queries may touch: its window's
     token blocks and the summary blocks before (causal) or around it."""
@@ -177,13 +185,11 @@ def mta_flex_attention(q, k, v, *, chunk_size: int, causal: bool = False, scale:
     elif tuple(block_mask.seq_lengths) != (n, n + lay.nc):
         raise ValueError(f"block_mask is for {tuple(block_mask.seq_lengths)} (queries, keys), "
                          f"this call needs {(n, n + lay.nc)}")
-    counts = (n - torch.arange(lay.nc, device=q.device) * lay.c).clamp(max=lay.c)
-    logn = counts.to(torch.float32).log()
     keys = torch.cat([k, _summaries(k, lay.c, lay.nc)], dim=2)
     values = torch.cat([v, _summaries(v, lay.c, lay.nc)], dim=2)
     if compiled is None:
         compiled = q.is_cuda
     fn = _compiled_flex() if compiled else flex_attention
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    return fn(q, keys, values, score_mod=_score_mod(lay, logn), block_mask=block_mask, scale=scale,
+    return fn(q, keys, values, score_mod=_cached_score_mod(lay, q.device), block_mask=block_mask, scale=scale,
               enable_gqa=Hq != Hkv)
