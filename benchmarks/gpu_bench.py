@@ -79,6 +79,16 @@ def launch_of(tiles, opts):
     return LaunchConfig(block_m, block_n, warps, stages, max_registers=cap[0] if cap else None, **opts)
 
 
+def time_variant(record: dict, name: str, fn) -> None:
+    """record[name + "_ms"] = the median time of fn, or record[name + "_error"]: one variant that
+    fails (a compile error, out of memory) must not cost the rest of the run."""
+    try:
+        record[f"{name}_ms"] = median_ms(fn)
+    except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on
+        record[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        print(f"{name}: {record[name + '_error']}", flush=True)
+
+
 def sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -296,13 +306,14 @@ def main(argv=None):
                     if kind == "prepass" or (kind in FUSED_KINDS and not causal) or c in sweep:
                         continue
                     cfg = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
-                    row[f"mta_c{c}_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
+                    time_variant(row, f"mta_c{c}_{kind}", lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
                 for kind, opts in KINDS.items():  # the sweep's best tiles of each variant
                     best = sweep.get(c, {}).get("best", {}).get(kind)
                     if best is None or (kind in FUSED_KINDS and not causal):
                         continue
                     cfg = launch_of(best["config"], opts)
-                    row[f"mta_c{c}_best_{kind}_ms"] = median_ms(lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
+                    time_variant(row, f"mta_c{c}_best_{kind}",
+                                 lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
             rows.append(row)
             print(json.dumps(row), flush=True)
             save(args, head, rows, sweep, prepass, {}, [])
@@ -338,7 +349,7 @@ def main(argv=None):
                 q.grad = k.grad = v.grad = None
             return run
 
-        extras["fwd_bwd_ms"] = median_ms(step(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True)))
+        time_variant(extras, "fwd_bwd", step(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True)))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             try:
                 extras["fwd_bwd_sdpa_cudnn_ms"] = median_ms(step(
