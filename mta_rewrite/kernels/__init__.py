@@ -8,10 +8,10 @@ Dispatch for a CUDA call:
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
-Gradients for a CUDA call (``backward_cuda``): without top-k, with no mask or a key-padding mask,
-fp16/bf16/fp32 and more than one chunk → the Triton backward (``mta_bwd.py``); otherwise the op's
-backward recomputes the forward with the portable implementation under autograd, on the same
-device (no transfer to the CPU).
+Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32 and
+more than one chunk → the Triton backward (``mta_bwd.py``); otherwise the op's backward recomputes
+the forward with the portable implementation under autograd, on the same device (no transfer to
+the CPU).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
     """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
     recomputes through the portable implementation)."""
     n = q.shape[2]
-    if top_k > 0 or chunk_size >= n or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if chunk_size >= n or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
     if not triton_available():
         return None
@@ -62,4 +62,4 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
     if keep is False:
         return None
     return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
-                               local_chunks=local_chunks, sinks=sinks)
+                               local_chunks=local_chunks, sinks=sinks, top_k=top_k)

@@ -1,4 +1,4 @@
-"""Triton backward of MTA (no top-k): kernels → launcher, used by the op's autograd on CUDA.
+"""Triton backward of MTA: kernels → launcher, used by the op's autograd on CUDA.
 
 For a query row t with logits s_tx over its set X(t) (exact keys, and summaries with bias
 log n_j), P = softmax(s) and O = P·V (natural logarithms here; the kernels work in base 2 as the
@@ -10,18 +10,20 @@ forward does):
 and a summary x = j, k̄_j = Σ_s w_s·k_s / n_j, passes its gradient on to the keys it pools:
 dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constant: no gradient.
 
-1. The pre-pass of the forward (``_chunk_means``) pools k̄, v̄ and log2 n_j again.
+1. The forward's pre-pass (``_chunk_means``) pools k̄, v̄ and log2 n_j again, and with top-k the
+   forward's selection (``_selection``) picks the same chunks.
 2. ``_mta_bwd_rows_kernel``, one program per block of query rows (the forward's grid): pass 1
-   recomputes the rows' log-sum-exp and O (for D), pass 2 accumulates dq and adds every summary
-   tile's dk̄ = scale·dSᵀ·q and dv̄ = Pᵀ·dO into fp32 buffers [B, Hkv, nc, d] with atomics (all
-   query blocks and heads of a group add to the same summaries). Writes dq, the log-sum-exp and D.
+   recomputes the rows' log-sum-exp and O (for D), pass 2 accumulates dq. Gradients that many
+   blocks share go to fp32 buffers by atomics: each summary tile's dk̄ = scale·dSᵀ·q and
+   dv̄ = Pᵀ·dO, and the same for the keys of the selected chunks. Writes dq, the log-sum-exp, D.
 3. ``_mta_bwd_keys_kernel``, one program per block of keys of one chunk and key/value head: for
-   each query head of the group, the query rows that attend those keys exactly (their window; all
-   rows when the block holds sinks) → dk, dv accumulated in registers and written once.
-4. torch spreads dk̄ / n_j and dv̄ / n_j over the counted keys of each chunk and adds them.
+   each query head of the group, the query rows that attend those keys exactly through their
+   window or as sinks (all rows when the block holds sinks) → dk, dv in registers, written once.
+4. torch adds the selected keys' gradients and spreads dk̄ / n_j, dv̄ / n_j over the counted keys
+   of each chunk.
 
-Masks: none or key padding, as in the forward. Memory: O(B·H·n) for the log-sum-exp and D and
-fp32 dk, dv buffers; nothing n × n.
+Masks: none or key padding, as in the forward. Memory: O(B·H·n) for the log-sum-exp and D, fp32
+dk, dv buffers (twice with top-k); nothing n × n.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import math
 
 import torch
 
-from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2
+from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection
 
 try:
     import triton
@@ -44,18 +46,22 @@ LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, x_base, y_base, bias_row, keyok_row, idx, ok, rows, dims,
-                       dim_ok, stride_xn, qk_scale, scale, dxbar_base, dybar_base,
-                       PASS: tl.constexpr, SUMMARY: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-                       HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr):
+    def _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, x_base, y_base, bias_row, keyok_row, sel, idx, ok, rows,
+                       dims, dim_ok, stride_xn, qk_scale, scale, dx_base, dy_base,
+                       PASS: tl.constexpr, SUMMARY: tl.constexpr, ACCUM: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                       HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, PRECISION: tl.constexpr):
         """One tile of keys (or of summaries, SUMMARY) for the block's rows. PASS 0: online
-        max / sum / O (acc). PASS 1: dq += dS·k into acc; for summaries also dk̄, dv̄ (atomics)."""
+        max / sum / O (acc). PASS 1: dq += dS·k into acc; with ACCUM also the tile's own gradients
+        scale·dSᵀ·q and Pᵀ·dO, added by atomics at dx_base, dy_base (summaries: dk̄, dv̄; the
+        keys of a selected chunk: dk, dv)."""
         xt = tl.load(x_base + idx[None, :] * stride_xn + dims[:, None], mask=ok[None, :] & dim_ok[:, None], other=0.0)
         yt = tl.load(y_base + idx[:, None] * stride_xn + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, xt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
         allowed = ok
         if SUMMARY:
             s = s + tl.load(bias_row + idx, mask=ok, other=float("-inf"))[None, :]
+            if HAS_TOPK:  # a selected chunk is attended exactly, not through its summary
+                allowed = allowed & (tl.sum((idx[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
         elif HAS_KEYMASK:
             allowed = allowed & (tl.load(keyok_row + idx, mask=ok, other=0) != 0)
         allowed2 = allowed[None, :]
@@ -75,38 +81,51 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(yt), input_precision=PRECISION, out_dtype=tl.float32)
             ds = p * (dp - delta[:, None])
             acc += tl.dot(ds.to(xt.dtype), tl.trans(xt), input_precision=PRECISION, out_dtype=tl.float32)
-            if SUMMARY:
+            if ACCUM:
                 dxb = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION, out_dtype=tl.float32) * scale
                 dyb = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION, out_dtype=tl.float32)
                 where = idx[:, None] * stride_xn + dims[None, :]
-                tl.atomic_add(dxbar_base + where, dxb, mask=ok[:, None] & dim_ok[None, :])
-                tl.atomic_add(dybar_base + where, dyb, mask=ok[:, None] & dim_ok[None, :])
+                tl.atomic_add(dx_base + where, dxb, mask=ok[:, None] & dim_ok[None, :])
+                tl.atomic_add(dy_base + where, dyb, mask=ok[:, None] & dim_ok[None, :])
         return acc, m_i, l_i
 
     @triton.jit
     def _bwd_rows_pass(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, sk_base, sv_base, logn_row, keyok_row,
-                       dkbar_base, dvbar_base, rows, dims, dim_ok, n, nc, c, sinks, row0, w_lo, w_hi,
-                       stride_kn, stride_sj, qk_scale, scale, PASS: tl.constexpr, CAUSAL: tl.constexpr,
-                       HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-        """Every tile of the block's key set, as the forward visits it: sinks outside the window,
-        the window (causal: cut at the block's last row), the summaries outside the window."""
+                       dkbar_base, dvbar_base, dks_base, dvs_base, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c,
+                       sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, PASS: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Every tile of the block's key set, as the forward visits it: sinks outside the window and
+        the selected chunks, the window (causal: cut at the block's last row), the selected chunks
+        (their keys' gradients by atomics), the summaries of the other chunks outside the window."""
         for s0 in range(0, sinks, BLOCK_N):
             keys = s0 + tl.arange(0, BLOCK_N)
             kchunk = keys // c
             ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
-            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row,
-                                           keys, ok, rows, dims, dim_ok, stride_kn, qk_scale, scale, dkbar_base,
-                                           dvbar_base, PASS, False, CAUSAL, HAS_KEYMASK, PRECISION)
+            if HAS_TOPK:
+                ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row, sel,
+                                           keys, ok, rows, dims, dim_ok, stride_kn, qk_scale, scale, dks_base,
+                                           dvs_base, PASS, False, False, CAUSAL, HAS_KEYMASK, HAS_TOPK, PRECISION)
         lo = w_lo * c
         hi = tl.minimum((w_hi + 1) * c, n)
         if CAUSAL:
             hi = tl.minimum(hi, row0 + BLOCK_M)
         for start in range(lo, hi, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row,
-                                           keys, keys < hi, rows, dims, dim_ok, stride_kn, qk_scale, scale,
-                                           dkbar_base, dvbar_base, PASS, False, CAUSAL, HAS_KEYMASK, PRECISION)
+            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row, sel,
+                                           keys, keys < hi, rows, dims, dim_ok, stride_kn, qk_scale, scale, dks_base,
+                                           dvs_base, PASS, False, False, CAUSAL, HAS_KEYMASK, HAS_TOPK, PRECISION)
+        for e in range(0, top_k):  # selected chunks: always before the window under causality
+            j = tl.load(sel_row + e)
+            if j >= 0:
+                sel_end = tl.minimum(j * c + c, n)
+                for start in range(j * c, sel_end, BLOCK_N):
+                    keys = start + tl.arange(0, BLOCK_N)
+                    acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row,
+                                                   keyok_row, sel, keys, keys < sel_end, rows, dims, dim_ok, stride_kn,
+                                                   qk_scale, scale, dks_base, dvs_base, PASS, False, True, False,
+                                                   HAS_KEYMASK, HAS_TOPK, PRECISION)
         if CAUSAL:
             j_end = w_lo
         else:
@@ -117,24 +136,27 @@ if triton is not None:
                 ok = js < w_lo
             else:
                 ok = (js < nc) & ((js < w_lo) | (js > w_hi))
-            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row,
+            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row, sel,
                                            js, ok, rows, dims, dim_ok, stride_sj, qk_scale, scale, dkbar_base,
-                                           dvbar_base, PASS, True, False, HAS_KEYMASK, PRECISION)
+                                           dvbar_base, PASS, True, True, False, HAS_KEYMASK, HAS_TOPK, PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
     def _mta_bwd_rows_kernel(
-        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, keyok_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
-        dkbar_ptr, dvbar_ptr,
+        q_ptr, k_ptr, v_ptr, kbar_ptr, vbar_ptr, logn_ptr, keyok_ptr, sel_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
+        dkbar_ptr, dvbar_ptr, dks_ptr, dvs_ptr,
         stride_qb, stride_qh, stride_qn,  # q, do, dq [B, Hq, n, d]
-        stride_kb, stride_kh, stride_kn,  # k, v [B, Hkv, n, d]
+        stride_kb, stride_kh, stride_kn,  # k, v, dks, dvs [B, Hkv, n, d]
         stride_sb, stride_sh, stride_sj,  # kbar, vbar, dkbar, dvbar [B, Hkv, nc, d]
         stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
-        n, nc, c, L, sinks, Hq, Hkv, G, qk_scale, scale,
-        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
+        stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
+        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+        PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """dq for one block of query rows, its log-sum-exp (base 2) and D; dk̄, dv̄ by atomics."""
+        """dq for one block of query rows, its log-sum-exp (base 2) and D; by atomics, dk̄ and dv̄
+        of the summaries and dk, dv of the selected chunks' keys (into dks, dvs)."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -162,14 +184,19 @@ if triton is not None:
         else:
             w_hi = tl.minimum(i + L - 1, nc - 1)
         zero_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sel_row = sel_ptr + b * stride_selb + h * stride_selh + i * stride_seli
+        sel_offs = tl.arange(0, TOPK_PAD)
+        sel = tl.load(sel_row + sel_offs, mask=sel_offs < top_k, other=-1)
+        ks_off = b * stride_kb + hk * stride_kh
 
         # pass 1: log-sum-exp and O of the rows
         acc, m_i, l_i = _bwd_rows_pass(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
                                        tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), zero_rows, q, do,
                                        zero_rows, zero_rows, k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off,
-                                       logn_row, keyok_row, dkbar_ptr + s_off, dvbar_ptr + s_off, rows, dims, dim_ok,
-                                       n, nc, c, sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 0,
-                                       CAUSAL, HAS_KEYMASK, PRECISION, BLOCK_M, BLOCK_N)
+                                       logn_row, keyok_row, dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off,
+                                       dvs_ptr + ks_off, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks,
+                                       row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 0, CAUSAL,
+                                       HAS_KEYMASK, HAS_TOPK, PRECISION, BLOCK_M, BLOCK_N)
         empty = l_i == 0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         delta = tl.sum(do.to(tl.float32) * o, 1)
@@ -178,8 +205,9 @@ if triton is not None:
         # pass 2: dq (and the summaries' gradients)
         dq, m_i, l_i = _bwd_rows_pass(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), m_i, l_i, q, do, lse, delta,
                                       k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off, logn_row, keyok_row,
-                                      dkbar_ptr + s_off, dvbar_ptr + s_off, rows, dims, dim_ok, n, nc, c, sinks, row0,
-                                      w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 1, CAUSAL, HAS_KEYMASK,
+                                      dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off, dvs_ptr + ks_off, sel,
+                                      sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks, row0, w_lo, w_hi,
+                                      stride_kn, stride_sj, qk_scale, scale, 1, CAUSAL, HAS_KEYMASK, HAS_TOPK,
                                       PRECISION, BLOCK_M, BLOCK_N)
         tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         r_off = (b * Hq + h) * n + rows
@@ -188,14 +216,17 @@ if triton is not None:
 
     @triton.jit
     def _mta_bwd_keys_kernel(
-        q_ptr, k_ptr, v_ptr, keyok_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, keyok_ptr, sel_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qn,  # q, do [B, Hq, n, d]
         stride_kb, stride_kh, stride_kn,  # k, v, dk, dv [B, Hkv, n, d]
-        n, nc, c, L, sinks, Hq, Hkv, G, qk_scale, scale,
-        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
+        stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
+        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+        PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """dk, dv of one block of keys of chunk j from every query row attending them exactly."""
+        """dk, dv of one block of keys of chunk j from every query row attending them exactly
+        through its window or as sinks (a selected chunk's keys: the rows kernel, by atomics)."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_N)
         pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -244,7 +275,13 @@ if triton is not None:
                     exact = (j >= i - L + 1) & (keys[:, None] <= rows[None, :])
                 else:
                     exact = (j - i <= L - 1) & (i - j <= L - 1)
-                exact = exact | (keys[:, None] < sinks)
+                sink = keys[:, None] < sinks
+                if HAS_TOPK:  # a sink in a chunk the row selected is attended as part of that chunk
+                    tk = tl.arange(0, TOPK_PAD)
+                    picked = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i[:, None] * stride_seli
+                                     + tk[None, :], mask=row_ok[:, None] & (tk < top_k)[None, :], other=-1)
+                    sink = sink & (tl.sum((picked == j).to(tl.int32), 1) == 0)[None, :]
+                exact = exact | sink
                 if CAUSAL:
                     exact = exact & (keys[:, None] <= rows[None, :])
                 allowed = exact & key_ok[:, None] & row_ok[None, :]
@@ -262,13 +299,13 @@ def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles of the backward kernels: 64 query rows (at least 16, for tl.dot; a block of query
     rows never spans two chunks) against 32 keys, 4 warps, 2 stages. Not timed on a GPU yet; chosen
     offline (benchmarks/kernel_resources.py's method, triton 3.6, sm_90, d = 128): 64 × 64 tiles
-    spill 496 bytes in the rows kernel and fit one block per SM; 64 × 32 spill 16 and fit two."""
+    spill 336 bytes in the rows kernel and fit one block per SM; 64 × 32 spill 32 and fit two."""
     return LaunchConfig(max(16, min(64, _pow2(c))), 32, 4, 2)
 
 
 def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
-                        launch: LaunchConfig | None = None):
-    """(dq, dk, dv) of MTA without top-k. ``keep``: None or [B, n] bool key-padding flags (see
+                        top_k=0, launch: LaunchConfig | None = None):
+    """(dq, dk, dv) of MTA. ``keep``: None or [B, n] bool key-padding flags (see
     ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
@@ -293,17 +330,24 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     dvbar = torch.zeros(B, Hkv, nc, d, **f32)
     dk = torch.empty(B, Hkv, n, d, **f32)
     dv = torch.empty(B, Hkv, n, d, **f32)
-    common = dict(CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
+    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
+    # the selected chunks' keys get their gradients by atomics (zeros without top-k: never written)
+    dks = torch.zeros(B, Hkv, n, d, **f32) if K else dkbar
+    dvs = torch.zeros(B, Hkv, n, d, **f32) if K else dvbar
+    common = dict(CAUSAL=bool(causal), HAS_KEYMASK=keep is not None, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)),
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=d, BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=max(16, _pow2(d)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     keyok_arg = keyok if keyok is not None else logn  # an unused pointer without a mask
     _mta_bwd_rows_kernel[(nc * _cdiv(c, cfg.block_m), B * Hq)](
-        q, k, v, kbar, vbar, logn, keyok_arg, do, dq, lse, delta, dkbar, dvbar,
-        *q.stride()[:3], *k.stride()[:3], *kbar.stride()[:3], *logn.stride()[:2],
-        n, nc, c, L, s, Hq, Hkv, G, scale * LOG2E, scale, **common)
+        q, k, v, kbar, vbar, logn, keyok_arg, sel, do, dq, lse, delta, dkbar, dvbar, dks, dvs,
+        *q.stride()[:3], *k.stride()[:3], *kbar.stride()[:3], *logn.stride()[:2], *sel.stride()[:3],
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, **common)
     _mta_bwd_keys_kernel[(nc * _cdiv(c, cfg.block_n), B * Hkv)](
-        q, k, v, keyok_arg, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
-        n, nc, c, L, s, Hq, Hkv, G, scale * LOG2E, scale, **common)
+        q, k, v, keyok_arg, sel, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, **common)
+    if K:
+        dk += dks
+        dv += dvs
     # the summaries' gradients, spread over the keys each one pools (w_s / n_j)
     counted = torch.ones(B, n, dtype=torch.bool, device=q.device) if keep is None else keep.bool().clone()
     counted[:, :s] = False

@@ -5,7 +5,7 @@ appears as one node ``mta.attention.default`` with its configuration as constant
 runs the fused Triton kernels on CUDA (``kernels/``, with the dispatch rules there) and the
 efficient chunked implementation on the CPU and every other device. It differentiates in q, k
 and v without keeping activations between forward and backward, only the inputs: on CUDA, where
-the Triton backward applies (no top-k; no mask or key padding), through its kernels
+the Triton backward applies (no mask or key padding), through its kernels
 (``kernels/mta_bwd.py``); otherwise by recomputing the forward under autograd. Gradients with
 respect to ``attn_mask`` are not computed (masks are constants in every model we rewrite); the
 top-k selection is piecewise constant and has no gradient, as in the spec.

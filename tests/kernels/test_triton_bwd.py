@@ -47,9 +47,9 @@ def reference_grads(q, k, v, mask, grad_out, **kw):
     return [x.grad for x in leaves]
 
 
-# (chunk_size, local_chunks, sinks): partial last chunk, L > 1 with sinks in the first chunk,
-# sinks past the first chunk, one chunk wider than n
-CONFIGS = [(8, 1, 0), (5, 2, 3), (16, 1, 10), (64, 1, 0)]
+# (chunk_size, local_chunks, sinks, top_k): partial last chunk, L > 1 with sinks in the first chunk
+# and selected chunks, sinks past the first chunk (some inside selected chunks), one chunk wider than n
+CONFIGS = [(8, 1, 0, 0), (5, 2, 3, 2), (16, 1, 10, 1), (64, 1, 0, 0), (4, 1, 6, 3)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -58,8 +58,8 @@ def test_fp32_every_branch_matches_autograd(causal, masked):
     B, Hq, Hkv, n, d = 2, 2, 1, 37, 16  # GQA: the key kernel loops over the group's heads
     q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float32)
     mask = padding(B, n) if masked else None
-    for c, L, s in CONFIGS:
-        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+    for c, L, s, top_k in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
         # tiles narrower than the chunks: several row and key blocks per chunk
         for cfg in (LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 32, 4, 1)):
             got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, launch=cfg, **kw)
@@ -85,13 +85,12 @@ def test_backward_dispatch_rules():
     """Where the Triton backward does not apply, backward_cuda says so (None)."""
     q, k, v, grad_out = inputs(1, 2, 2, 40, 16, torch.float32)
     kw = dict(causal=True, scale=None, local_chunks=1, sinks=0)
-    assert backward_cuda(q, k, v, None, grad_out, chunk_size=8, top_k=1, **kw) is None  # top-k
     assert backward_cuda(q, k, v, None, grad_out, chunk_size=64, top_k=0, **kw) is None  # one chunk: exact
     per_query = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
     assert backward_cuda(q, k, v, per_query, grad_out, chunk_size=8, top_k=0, **kw) is None  # not key padding
     assert backward_cuda(q.double(), k.double(), v.double(), None, grad_out.double(), chunk_size=8, top_k=0, **kw) is None
-    got = backward_cuda(q, k, v, None, grad_out, chunk_size=8, top_k=0, **kw)
-    for g, w in zip(got, reference_grads(q, k, v, None, grad_out, chunk_size=8, causal=True)):
+    got = backward_cuda(q, k, v, None, grad_out, chunk_size=8, top_k=2, **kw)
+    for g, w in zip(got, reference_grads(q, k, v, None, grad_out, chunk_size=8, causal=True, top_k=2)):
         torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-4)
 
 
@@ -99,12 +98,12 @@ def test_backward_dispatch_rules():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
 def test_gpu_op_gradients_through_triton_backward(causal, dtype, tol):
-    """Through the op's autograd on the GPU (no top-k: the Triton backward), at sizes with many
-    blocks, GQA and key padding, against float64 autograd on the CPU."""
+    """Through the op's autograd on the GPU (the Triton backward), at sizes with many blocks, GQA,
+    key padding, sinks and top-k, against float64 autograd on the CPU."""
     B, Hq, Hkv, n, d = 2, 8, 2, 1500, 64
     q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, dtype, seed=2)
     mask = padding(B, n)
-    kw = dict(chunk_size=128, causal=causal, local_chunks=2, sinks=4)
+    kw = dict(chunk_size=128, causal=causal, local_chunks=2, sinks=4, top_k=2)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     torch.ops.mta.attention(*leaves, mask, **kw).backward(grad_out)
     want = reference_grads(q.float(), k.float(), v.float(), mask, grad_out.float(), **kw)

@@ -182,16 +182,20 @@ def test_gpu_sizes_and_dispatch(n, c, causal, top_k):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_gradients_match_reference(causal):
-    """The op's backward recomputes through the portable implementation on the GPU; the CPU op
-    in float64 (gradchecked in tests/ops) is the reference."""
+@pytest.mark.parametrize("per_query_mask", [False, True])
+def test_gpu_gradients_match_reference(causal, per_query_mask):
+    """The op's gradients on the GPU: through the Triton backward (no mask), and through the
+    portable recompute (a mask that varies per query: a banded bool mask). The CPU op in float64
+    (gradchecked in tests/ops) is the reference."""
     q, k, v = inputs(1, 4, 2, 200, 32, torch.float32, seed=3)
     kw = dict(chunk_size=16, causal=causal, local_chunks=2, sinks=2, top_k=1)
+    idx = torch.arange(200)
+    mask = ((idx[:, None] - idx[None, :]).abs() < 150) if per_query_mask else None
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
     ref_leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
-    torch.ops.mta.attention(*ref_leaves, **kw).backward(grad_out.double())
+    torch.ops.mta.attention(*ref_leaves, mask, **kw).backward(grad_out.double())
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    torch.ops.mta.attention(*leaves, **kw).backward(grad_out.to(DEVICE))
+    torch.ops.mta.attention(*leaves, mask.to(DEVICE) if mask is not None else None, **kw).backward(grad_out.to(DEVICE))
     for got, want in zip(leaves, ref_leaves):
         assert got.grad.is_cuda
         torch.testing.assert_close(got.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4)
