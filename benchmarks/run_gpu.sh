@@ -9,6 +9,6 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -rs tests/kernels \
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -n 8 -rs tests/kernels \
     tests/test_cli.py::test_demo_builtin_runs_on_the_gpu 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
-timeout "${BENCH_TIMEOUT:-340}" python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
