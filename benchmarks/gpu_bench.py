@@ -17,8 +17,9 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    fraction of the memory floor reached, and (n ≤ 16K) the relative error against the portable
    implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
-   heads), forward + backward through autograd (the Triton backward) against SDPA's, and the op
-   at 1K tokens (the cost of launching it);
+   heads), forward + backward through autograd (the Triton backward) against SDPA's, the backward
+   alone with the summaries' gradients by atomics or by their own kernel, and the op at 1K
+   tokens (the cost of launching it);
 5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS``: its block mask built
    from block indices (timed once), the first call (compile), then median ms against the MTA
    kernel's in the same run, and the relative difference of their outputs.
@@ -356,6 +357,12 @@ def main(argv=None):
                     lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
             except RuntimeError as exc:
                 extras["fwd_bwd_sdpa_cudnn_error"] = str(exc).splitlines()[0]
+        q, k, v = (x.detach() for x in (q, k, v))
+        from mta_rewrite.kernels.mta_bwd import mta_backward_triton
+
+        for name, atomics in (("bwd_summary_atomics", True), ("bwd_summary_kernel", False)):  # backward alone
+            time_variant(extras, name, lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c, causal=True,
+                                                                   summary_atomics=atomics))
         q = k = v = grad_out = None
         q, k, v = qkv(1024)
         extras["n1024_causal_c64_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=64, causal=True))

@@ -94,7 +94,8 @@ if triton is not None:
                        dkbar_base, dvbar_base, dks_base, dvs_base, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c,
                        sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, PASS: tl.constexpr,
                        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       SUMMARY_ATOMICS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
         """Every tile of the block's key set, as the forward visits it: sinks outside the window and
         the selected chunks, the window (causal: cut at the block's last row), the selected chunks
         (their keys' gradients by atomics), the summaries of the other chunks outside the window."""
@@ -138,7 +139,8 @@ if triton is not None:
                 ok = (js < nc) & ((js < w_lo) | (js > w_hi))
             acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row, sel,
                                            js, ok, rows, dims, dim_ok, stride_sj, qk_scale, scale, dkbar_base,
-                                           dvbar_base, PASS, True, True, False, HAS_KEYMASK, HAS_TOPK, PRECISION)
+                                           dvbar_base, PASS, True, SUMMARY_ATOMICS, False, HAS_KEYMASK, HAS_TOPK,
+                                           PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
@@ -152,7 +154,7 @@ if triton is not None:
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, scale,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-        PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
+        PRECISION: tl.constexpr, HEAD_D: tl.constexpr, SUMMARY_ATOMICS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """dq for one block of query rows, its log-sum-exp (base 2) and D; by atomics, dk̄ and dv̄
@@ -196,7 +198,7 @@ if triton is not None:
                                        logn_row, keyok_row, dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off,
                                        dvs_ptr + ks_off, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks,
                                        row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 0, CAUSAL,
-                                       HAS_KEYMASK, HAS_TOPK, PRECISION, BLOCK_M, BLOCK_N)
+                                       HAS_KEYMASK, HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N)
         empty = l_i == 0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         delta = tl.sum(do.to(tl.float32) * o, 1)
@@ -208,7 +210,7 @@ if triton is not None:
                                       dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off, dvs_ptr + ks_off, sel,
                                       sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks, row0, w_lo, w_hi,
                                       stride_kn, stride_sj, qk_scale, scale, 1, CAUSAL, HAS_KEYMASK, HAS_TOPK,
-                                      PRECISION, BLOCK_M, BLOCK_N)
+                                      SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N)
         tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         r_off = (b * Hq + h) * n + rows
         tl.store(lse_ptr + r_off, lse, mask=row_ok)
@@ -295,6 +297,70 @@ if triton is not None:
         tl.store(dv_ptr + kv_off, dv, mask=in_chunk[:, None] & dim_ok[None, :])
 
 
+    @triton.jit
+    def _mta_bwd_summaries_kernel(
+        q_ptr, kbar_ptr, vbar_ptr, logn_ptr, sel_ptr, do_ptr, lse_ptr, delta_ptr, dkbar_ptr, dvbar_ptr,
+        stride_qb, stride_qh, stride_qn,  # q, do [B, Hq, n, d]
+        stride_sb, stride_sh, stride_sj,  # kbar, vbar, dkbar, dvbar [B, Hkv, nc, d]
+        stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
+        stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
+        n, nc, c, L, top_k, Hq, Hkv, G, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr,
+        HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """dk̄, dv̄ of one block of summaries from every query row that reads them (instead of the
+        rows kernel's atomics): the rows after their chunks' windows (causal), or all rows outside
+        them; a row whose chunk selected a chunk reads its keys instead of its summary."""
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        js = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = js < nc
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_D
+        s_off = b * stride_sb + hk * stride_sh + js[:, None] * stride_sj + dims[None, :]
+        kb = tl.load(kbar_ptr + s_off, mask=j_ok[:, None] & dim_ok[None, :], other=0.0)
+        vb = tl.load(vbar_ptr + s_off, mask=j_ok[:, None] & dim_ok[None, :], other=0.0)
+        bias = tl.load(logn_ptr + b * stride_lb + hk * stride_lh + js, mask=j_ok, other=float("-inf"))
+        if CAUSAL:  # chunk j is summarised for the chunks i ≥ j + L
+            r_lo = tl.minimum((tl.program_id(0) * BLOCK_N + L) * c, n)
+        else:
+            r_lo = n * 0
+        dkb = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dvb = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for g in range(0, G):
+            h = hk * G + g
+            for r0 in range(r_lo, n, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < n
+                q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
+                q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                do = tl.load(do_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+                r_off = (b * Hq + h) * n + rows
+                lse = tl.load(lse_ptr + r_off, mask=row_ok, other=float("inf"))
+                delta = tl.load(delta_ptr + r_off, mask=row_ok, other=0.0)
+                i = rows // c
+                if CAUSAL:
+                    used = js[:, None] < i[None, :] - L + 1
+                else:
+                    used = (js[:, None] - i[None, :] > L - 1) | (i[None, :] - js[:, None] > L - 1)
+                if HAS_TOPK:
+                    tk = tl.arange(0, TOPK_PAD)
+                    picked = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i[:, None] * stride_seli
+                                     + tk[None, :], mask=row_ok[:, None] & (tk < top_k)[None, :], other=-1)
+                    hits = tl.sum((picked[None, :, :] == js[:, None, None]).to(tl.int32), 2)  # [BN, BM]
+                    used = used & (hits == 0)
+                used = used & j_ok[:, None] & row_ok[None, :]
+                s = tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale + bias[:, None]
+                p = tl.where(used, tl.exp2(s - lse[None, :]), 0.0)
+                dvb += tl.dot(p.to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
+                dp = tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
+                ds = p * (dp - delta[None, :])
+                dkb += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
+        tl.store(dkbar_ptr + s_off, dkb * scale, mask=j_ok[:, None] & dim_ok[None, :])
+        tl.store(dvbar_ptr + s_off, dvb, mask=j_ok[:, None] & dim_ok[None, :])
+
+
 def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles of the backward kernels: 64 query rows (at least 16, for tl.dot; a block of query
     rows never spans two chunks) against 32 keys, 4 warps, 2 stages. Not timed on a GPU yet; chosen
@@ -304,8 +370,10 @@ def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
 
 
 def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
-                        top_k=0, launch: LaunchConfig | None = None):
-    """(dq, dk, dv) of MTA. ``keep``: None or [B, n] bool key-padding flags (see
+                        top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True):
+    """(dq, dk, dv) of MTA. ``summary_atomics``: the summaries' gradients come from the rows
+    kernel by atomics (default), or, False, from ``_mta_bwd_summaries_kernel``, one program per
+    block of summaries looping over the rows that read them (no atomics; a second pass over q). ``keep``: None or [B, n] bool key-padding flags (see
     ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
@@ -334,17 +402,22 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     # the selected chunks' keys get their gradients by atomics (zeros without top-k: never written)
     dks = torch.zeros(B, Hkv, n, d, **f32) if K else dkbar
     dvs = torch.zeros(B, Hkv, n, d, **f32) if K else dvbar
-    common = dict(CAUSAL=bool(causal), HAS_KEYMASK=keep is not None, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)),
+    common = dict(CAUSAL=bool(causal), HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)),
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=d, BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=max(16, _pow2(d)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     keyok_arg = keyok if keyok is not None else logn  # an unused pointer without a mask
     _mta_bwd_rows_kernel[(nc * _cdiv(c, cfg.block_m), B * Hq)](
         q, k, v, kbar, vbar, logn, keyok_arg, sel, do, dq, lse, delta, dkbar, dvbar, dks, dvs,
         *q.stride()[:3], *k.stride()[:3], *kbar.stride()[:3], *logn.stride()[:2], *sel.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, **common)
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, HAS_KEYMASK=keep is not None,
+        SUMMARY_ATOMICS=bool(summary_atomics), **common)
     _mta_bwd_keys_kernel[(nc * _cdiv(c, cfg.block_n), B * Hkv)](
         q, k, v, keyok_arg, sel, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, **common)
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, HAS_KEYMASK=keep is not None, **common)
+    if not summary_atomics:
+        _mta_bwd_summaries_kernel[(_cdiv(nc, cfg.block_n), B * Hkv)](
+            q, kbar, vbar, logn, sel, do, lse, delta, dkbar, dvbar, *q.stride()[:3], *kbar.stride()[:3],
+            *logn.stride()[:2], *sel.stride()[:3], n, nc, c, L, K, Hq, Hkv, G, scale * LOG2E, scale, **common)
     if K:
         dk += dks
         dv += dvs

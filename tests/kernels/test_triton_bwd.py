@@ -60,12 +60,16 @@ def test_fp32_every_branch_matches_autograd(causal, masked):
     mask = padding(B, n) if masked else None
     for c, L, s, top_k in CONFIGS:
         kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        # tiles narrower than the chunks: several row and key blocks per chunk
-        for cfg in (LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 32, 4, 1)):
-            got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, launch=cfg, **kw)
-            for name, g, want in zip("qkv", got, reference_grads(q, k, v, mask, grad_out, **kw)):
-                torch.testing.assert_close(g.double().cpu(), want, rtol=1e-4, atol=1e-4,
-                                           msg=lambda m: f"d{name} {kw} {cfg}: {m}")
+        want = reference_grads(q, k, v, mask, grad_out, **kw)
+        # tiles narrower than the chunks: several row and key blocks per chunk; the summaries'
+        # gradients by atomics, or by their own kernel
+        for cfg, atomics in ((LaunchConfig(16, 16, 4, 1), True), (LaunchConfig(16, 32, 4, 1), True),
+                             (LaunchConfig(16, 16, 4, 1), False)):
+            got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, launch=cfg,
+                                      summary_atomics=atomics, **kw)
+            for name, g, w in zip("qkv", got, want):
+                torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"d{name} {kw} {cfg} atomics={atomics}: {m}")
 
 
 def test_fp16_and_padded_keys_get_no_gradient():

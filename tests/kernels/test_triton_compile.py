@@ -85,15 +85,17 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mta_rewrite.kernels.mta_bwd import _mta_bwd_keys_kernel, _mta_bwd_rows_kernel
+from mta_rewrite.kernels.mta_bwd import _mta_bwd_keys_kernel, _mta_bwd_rows_kernel, _mta_bwd_summaries_kernel
 
 dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 typed = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "do_ptr", "dq_ptr"}
 fp32 = {"logn_ptr", "lse_ptr", "delta_ptr", "dkbar_ptr", "dvbar_ptr", "dk_ptr", "dv_ptr", "dks_ptr", "dvs_ptr"}
-for fn in (_mta_bwd_rows_kernel, _mta_bwd_keys_kernel):
+for fn in (_mta_bwd_rows_kernel, _mta_bwd_keys_kernel, _mta_bwd_summaries_kernel):
     params = list(inspect.signature(fn.fn).parameters)
     constexprs = {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                  "HAS_TOPK": causal, "TOPK_PAD": 2, "HEAD_D": 128, "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128}
+                  "HAS_TOPK": causal, "TOPK_PAD": 2, "HEAD_D": 128, "SUMMARY_ATOMICS": not keymask, "BLOCK_M": 64,
+                  "BLOCK_N": 32, "BLOCK_D": 128}
+    constexprs = {k: v for k, v in constexprs.items() if k in params}
     signature = {p: f"*{dtype}" if p in typed else "*fp32" if p in fp32 else "*i8" if p == "keyok_ptr"
                  else "*i32" if p == "sel_ptr"
                  else "constexpr" if p in constexprs else "fp32" if p in ("qk_scale", "scale") else "i32" for p in params}
