@@ -16,6 +16,8 @@ dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constan
    recomputes the rows' log-sum-exp and O (for D), pass 2 accumulates dq. Gradients that many
    blocks share go to fp32 buffers by atomics: each summary tile's dk̄ = scale·dSᵀ·q and
    dv̄ = Pᵀ·dO, and the same for the keys of the selected chunks. Writes dq, the log-sum-exp, D.
+   (Or, ``summary_atomics=False``: ``_mta_bwd_summaries_kernel``, one program per block of
+   summaries over the rows that read them, computes dk̄ and dv̄ without atomics.)
 3. ``_mta_bwd_keys_kernel``, one program per block of keys of one chunk and key/value head: for
    each query head of the group, the query rows that attend those keys exactly through their
    window or as sinks (all rows when the block holds sinks) → dk, dv in registers, written once.
@@ -371,10 +373,11 @@ def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
 
 def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
                         top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True):
-    """(dq, dk, dv) of MTA. ``summary_atomics``: the summaries' gradients come from the rows
-    kernel by atomics (default), or, False, from ``_mta_bwd_summaries_kernel``, one program per
-    block of summaries looping over the rows that read them (no atomics; a second pass over q). ``keep``: None or [B, n] bool key-padding flags (see
-    ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``."""
+    """(dq, dk, dv) of MTA. ``keep``: None or [B, n] bool key-padding flags (see
+    ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
+    ``summary_atomics``: the summaries' gradients come from the rows kernel by atomics (default),
+    or, False, from ``_mta_bwd_summaries_kernel``, one program per block of summaries looping over
+    the rows that read them (no atomics; a second pass over q)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, n, d = q.shape
