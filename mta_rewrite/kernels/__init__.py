@@ -8,8 +8,8 @@ Dispatch for a CUDA call:
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
-Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32 and
-more than one chunk → the Triton backward (``mta_bwd.py``); otherwise the op's backward recomputes
+Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
+than one chunk and tensors under 2^31 elements → the Triton backward (``mta_bwd.py``); otherwise the op's backward recomputes
 the forward with the portable implementation under autograd, on the same device (no transfer to
 the CPU).
 """
@@ -56,7 +56,10 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
     if not triton_available():
         return None
     from .mta_bwd import mta_backward_triton
-    from .mta_fwd import key_padding
+    from .mta_fwd import _wide, key_padding
+
+    if _wide(q, k, v, grad_out):  # the backward kernels index with 32-bit offsets
+        return None
 
     keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
     if keep is False:

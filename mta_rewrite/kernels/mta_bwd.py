@@ -24,7 +24,8 @@ dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constan
 4. torch adds the selected keys' gradients and spreads dk̄ / n_j, dv̄ / n_j over the counted keys
    of each chunk.
 
-Masks: none or key padding, as in the forward. Memory: O(B·H·n) for the log-sum-exp and D, fp32
+Masks: none or key padding, as in the forward. Offsets are 32-bit: tensors of 2^31 elements or
+more are refused (the op's autograd then takes the portable recompute). Memory: O(B·H·n) for the log-sum-exp and D, fp32
 dk, dv buffers (twice with top-k); nothing n × n.
 """
 
@@ -34,7 +35,7 @@ import math
 
 import torch
 
-from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection
+from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide
 
 try:
     import triton
@@ -380,6 +381,8 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     the rows that read them (no atomics; a second pass over q)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
+    if _wide(q, k, v, grad_out):
+        raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv

@@ -85,7 +85,7 @@ def test_fp16_and_padded_keys_get_no_gradient():
     assert dk[0, :, :5].abs().max() == 0 and dv[-1, :, n - 7:].abs().max() == 0
 
 
-def test_backward_dispatch_rules():
+def test_backward_dispatch_rules(monkeypatch):
     """Where the Triton backward does not apply, backward_cuda says so (None)."""
     q, k, v, grad_out = inputs(1, 2, 2, 40, 16, torch.float32)
     kw = dict(causal=True, scale=None, local_chunks=1, sinks=0)
@@ -93,6 +93,13 @@ def test_backward_dispatch_rules():
     per_query = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
     assert backward_cuda(q, k, v, per_query, grad_out, chunk_size=8, top_k=0, **kw) is None  # not key padding
     assert backward_cuda(q.double(), k.double(), v.double(), None, grad_out.double(), chunk_size=8, top_k=0, **kw) is None
+    from mta_rewrite.kernels import mta_fwd
+
+    with monkeypatch.context() as patch:  # tensors counted as 2^31 elements or more: 32-bit offsets overflow
+        patch.setattr(mta_fwd, "WIDE_OFFSETS_FROM", 0)
+        assert backward_cuda(q, k, v, None, grad_out, chunk_size=8, top_k=0, **kw) is None
+        with pytest.raises(ValueError, match="fewer than 2"):
+            mta_backward_triton(q, k, v, None, grad_out, chunk_size=8)
     got = backward_cuda(q, k, v, None, grad_out, chunk_size=8, top_k=2, **kw)
     for g, w in zip(got, reference_grads(q, k, v, None, grad_out, chunk_size=8, causal=True, top_k=2)):
         torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-4)
