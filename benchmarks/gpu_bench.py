@@ -13,14 +13,14 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    default choice (``default_launch``); and of the pre-pass's own block size;
 3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
    ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k) at each chunk size with the default
-   tiles, of each variant with the sweep's best tiles (without a sweep: the default tiles), the
+   tiles, of each variant with the sweep's best tiles from 16K on (without a sweep: the default tiles), the
    fraction of the memory floor reached, and (n ≤ 16K) the relative error against the portable
    implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the backward
    alone with the summaries' gradients by atomics or by their own kernel, and the op at 1K
    tokens (the cost of launching it);
-5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS``: its block mask built
+5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its block mask built
    from block indices (timed once), the first call (compile), then median ms against the MTA
    kernel's in the same run, and the relative difference of their outputs.
 
@@ -67,7 +67,7 @@ SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) a
 
 
 # (n, causal, chunk) where FlexAttention runs the same math (each point compiles once)
-FLEX_POINTS = [(65536, True, 256), (131072, True, 256)]
+FLEX_POINTS = [(65536, True, 256)]  # add (131072, True, 256) when the device time allows
 
 DEVICE = "cuda"
 
@@ -308,9 +308,9 @@ def main(argv=None):
                         continue
                     cfg = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
                     time_variant(row, f"mta_c{c}_{kind}", lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
-                for kind, opts in KINDS.items():  # the sweep's best tiles of each variant
+                for kind, opts in KINDS.items():  # the sweep's best tiles of each variant (from 16K: time is short)
                     best = sweep.get(c, {}).get("best", {}).get(kind)
-                    if best is None or (kind in FUSED_KINDS and not causal):
+                    if best is None or (kind in FUSED_KINDS and not causal) or n < 16384:
                         continue
                     cfg = launch_of(best["config"], opts)
                     time_variant(row, f"mta_c{c}_best_{kind}",
