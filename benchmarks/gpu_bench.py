@@ -279,6 +279,7 @@ def main(argv=None):
     q = k = v = None
 
     # 3. main table
+    variants_from = 0 if args.dry_run else 16384  # the variants' best tiles are timed from this n on
     floor = {}
     rows = []
     for n in args.n:
@@ -310,7 +311,7 @@ def main(argv=None):
                     time_variant(row, f"mta_c{c}_{kind}", lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
                 for kind, opts in KINDS.items():  # the sweep's best tiles of each variant (from 16K: time is short)
                     best = sweep.get(c, {}).get("best", {}).get(kind)
-                    if best is None or (kind in FUSED_KINDS and not causal) or n < 16384:
+                    if best is None or (kind in FUSED_KINDS and not causal) or n < variants_from:
                         continue
                     cfg = launch_of(best["config"], opts)
                     time_variant(row, f"mta_c{c}_best_{kind}",
