@@ -7,22 +7,22 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
 1. the copy rate (device-to-device, bytes read + written), which sets the memory floor: q, k, v
    read and the output written once;
 2. a sweep of the kernel's variants (``KINDS``: three loops after a pre-pass, the default; one
-   pipelined loop; TMA tile loads; summaries fused into the main launch, head by head or chunk by
-   chunk) and tile
-   sizes (BLOCK_M, BLOCK_N, warps, stages) at 64K causal for each chunk size, against the
-   default choice (``default_launch``); and of the pre-pass's own block size;
+   pipelined loop; TMA tile loads; summaries fused into the main launch, head by head or chunk
+   by chunk) and tile sizes (BLOCK_M, BLOCK_N, warps, stages, register cap) at 64K causal for
+   each chunk size of --sweep-chunks, against the default choice (``default_launch``); and of
+   the pre-pass's own block size;
 3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
    ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k) at each chunk size with the default
-   tiles, of each variant with the sweep's best tiles from 16K on (without a sweep: the default tiles), the
-   fraction of the memory floor reached, and (n ≤ 16K) the relative error against the portable
-   implementation in fp32;
+   tiles, of each variant with the sweep's best tiles from 16K on (without a sweep: the default
+   tiles), the fraction of the memory floor reached, and (n ≤ 16K) the relative error against
+   the portable implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
-   heads), forward + backward through autograd (the Triton backward) against SDPA's, the backward
-   alone with the summaries' gradients by atomics or by their own kernel, and the op at 1K
-   tokens (the cost of launching it);
-5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its block mask built
-   from block indices (timed once), the first call (compile), then median ms against the MTA
-   kernel's in the same run, and the relative difference of their outputs.
+   heads), forward + backward through autograd (the Triton backward) against SDPA's, the
+   backward alone with the summaries' gradients by atomics or by their own kernel, and the op at
+   1K tokens (the cost of launching it);
+5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
+   block mask built from block indices (timed once), the first call (compile), then median ms
+   against the MTA kernel's in the same run, and the relative difference of their outputs.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Writes
 gpu_<date>.{json,md} to --out (default benchmarks/results/) after every step ("complete": false
