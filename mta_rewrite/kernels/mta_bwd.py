@@ -47,6 +47,7 @@ LOG2E = 1.4426950408889634
 
 
 if triton is not None:
+    from .mta_fwd import _query_block, _sinks_left  # jit functions: defined only with triton
 
     @triton.jit
     def _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, x_base, y_base, bias_row, keyok_row, sel, idx, ok, rows,
@@ -104,10 +105,7 @@ if triton is not None:
         (their keys' gradients by atomics), the summaries of the other chunks outside the window."""
         for s0 in range(0, sinks, BLOCK_N):
             keys = s0 + tl.arange(0, BLOCK_N)
-            kchunk = keys // c
-            ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
-            if HAS_TOPK:
-                ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+            ok = _sinks_left(keys, sinks, n, c, w_lo, w_hi, sel, HAS_TOPK)
             acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row, sel,
                                            keys, ok, rows, dims, dim_ok, stride_kn, qk_scale, scale, dks_base,
                                            dvs_base, PASS, False, False, CAUSAL, HAS_KEYMASK, HAS_TOPK, PRECISION)
@@ -163,13 +161,7 @@ if triton is not None:
         """dq for one block of query rows, its log-sum-exp (base 2) and D; by atomics, dk̄ and dv̄
         of the summaries and dk, dv of the selected chunks' keys (into dks, dvs)."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        hk = h // G
-        i = pid_m // blocks_per_chunk
-        sub = pid_m % blocks_per_chunk
+        b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk)  # the forward's grid and order
         row0 = i * c + sub * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
@@ -220,6 +212,40 @@ if triton is not None:
         tl.store(delta_ptr + r_off, delta, mask=row_ok)
 
     @triton.jit
+    def _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, rows, row_ok, dims, dim_ok, n, Hq,
+                   stride_qb, stride_qh, stride_qn):
+        """q, dO, the log-sum-exp (+inf past the rows: such a row weighs nothing) and D of rows."""
+        q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        do = tl.load(do_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        r_off = (b * Hq + h) * n + rows
+        lse = tl.load(lse_ptr + r_off, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + r_off, mask=row_ok, other=0.0)
+        return q, do, lse, delta
+
+    @triton.jit
+    def _picked_by_rows(sel_ptr, b, h, i, row_ok, j, top_k, stride_selb, stride_selh, stride_seli,
+                        TOPK_PAD: tl.constexpr):
+        """[len(j), len(i)]: whether the chunk i of each row selected chunk j (a vector; one element
+        for a single chunk): its tokens are then attended exactly, not through a summary or as sinks."""
+        tk = tl.arange(0, TOPK_PAD)
+        picked = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i[:, None] * stride_seli + tk[None, :],
+                         mask=row_ok[:, None] & (tk < top_k)[None, :], other=-1)  # [BM, K]
+        return tl.sum((picked[None, :, :] == j[:, None, None]).to(tl.int32), 2) > 0
+
+    @triton.jit
+    def _kv_grads(dx, dy, x, y, bias, q, do, lse, delta, used, qk_scale, PRECISION: tl.constexpr):
+        """One block of rows' contribution to the gradients of keys x (logit bias ``bias``) and
+        values y: dy += Pᵀ·dO, dx += dSᵀ·q (scale applied by the caller); ``used``: [keys, rows]."""
+        s = tl.dot(x, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale + bias[:, None]
+        p = tl.where(used, tl.exp2(s - lse[None, :]), 0.0)
+        dy += tl.dot(p.to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
+        dp = tl.dot(y, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
+        ds = p * (dp - delta[None, :])
+        dx += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
+        return dx, dy
+
+    @triton.jit
     def _mta_bwd_keys_kernel(
         q_ptr, k_ptr, v_ptr, keyok_ptr, sel_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qn,  # q, do [B, Hq, n, d]
@@ -264,17 +290,14 @@ if triton is not None:
             r_hi = n + s0 * 0
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        no_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g in range(0, G):
             h = hk * G + g
             for r0 in range(r_lo, r_hi, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < r_hi
-                q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
-                q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-                do = tl.load(do_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-                r_off = (b * Hq + h) * n + rows
-                lse = tl.load(lse_ptr + r_off, mask=row_ok, other=float("inf"))
-                delta = tl.load(delta_ptr + r_off, mask=row_ok, other=0.0)
+                q, do, lse, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, rows, row_ok, dims, dim_ok, n,
+                                               Hq, stride_qb, stride_qh, stride_qn)
                 i = rows // c
                 if CAUSAL:
                     exact = (j >= i - L + 1) & (keys[:, None] <= rows[None, :])
@@ -282,20 +305,14 @@ if triton is not None:
                     exact = (j - i <= L - 1) & (i - j <= L - 1)
                 sink = keys[:, None] < sinks
                 if HAS_TOPK:  # a sink in a chunk the row selected is attended as part of that chunk
-                    tk = tl.arange(0, TOPK_PAD)
-                    picked = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i[:, None] * stride_seli
-                                     + tk[None, :], mask=row_ok[:, None] & (tk < top_k)[None, :], other=-1)
-                    sink = sink & (tl.sum((picked == j).to(tl.int32), 1) == 0)[None, :]
+                    one_j = j + tl.zeros([1], dtype=tl.int32)
+                    sink = sink & ~_picked_by_rows(sel_ptr, b, h, i, row_ok, one_j, top_k, stride_selb, stride_selh,
+                                                   stride_seli, TOPK_PAD)
                 exact = exact | sink
                 if CAUSAL:
                     exact = exact & (keys[:, None] <= rows[None, :])
                 allowed = exact & key_ok[:, None] & row_ok[None, :]
-                s = tl.dot(kt, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BN, BM]
-                p = tl.where(allowed, tl.exp2(s - lse[None, :]), 0.0)
-                dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
-                dp = tl.dot(vt, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
-                ds = p * (dp - delta[None, :])
-                dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
+                dk, dv = _kv_grads(dk, dv, kt, vt, no_bias, q, do, lse, delta, allowed, qk_scale, PRECISION)
         tl.store(dk_ptr + kv_off, dk * scale, mask=in_chunk[:, None] & dim_ok[None, :])
         tl.store(dv_ptr + kv_off, dv, mask=in_chunk[:, None] & dim_ok[None, :])
 
@@ -336,30 +353,18 @@ if triton is not None:
             for r0 in range(r_lo, n, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < n
-                q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
-                q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-                do = tl.load(do_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-                r_off = (b * Hq + h) * n + rows
-                lse = tl.load(lse_ptr + r_off, mask=row_ok, other=float("inf"))
-                delta = tl.load(delta_ptr + r_off, mask=row_ok, other=0.0)
+                q, do, lse, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, rows, row_ok, dims, dim_ok, n,
+                                               Hq, stride_qb, stride_qh, stride_qn)
                 i = rows // c
                 if CAUSAL:
                     used = js[:, None] < i[None, :] - L + 1
                 else:
                     used = (js[:, None] - i[None, :] > L - 1) | (i[None, :] - js[:, None] > L - 1)
                 if HAS_TOPK:
-                    tk = tl.arange(0, TOPK_PAD)
-                    picked = tl.load(sel_ptr + b * stride_selb + h * stride_selh + i[:, None] * stride_seli
-                                     + tk[None, :], mask=row_ok[:, None] & (tk < top_k)[None, :], other=-1)
-                    hits = tl.sum((picked[None, :, :] == js[:, None, None]).to(tl.int32), 2)  # [BN, BM]
-                    used = used & (hits == 0)
+                    used = used & ~_picked_by_rows(sel_ptr, b, h, i, row_ok, js, top_k, stride_selb, stride_selh,
+                                                   stride_seli, TOPK_PAD)
                 used = used & j_ok[:, None] & row_ok[None, :]
-                s = tl.dot(kb, tl.trans(q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale + bias[:, None]
-                p = tl.where(used, tl.exp2(s - lse[None, :]), 0.0)
-                dvb += tl.dot(p.to(do.dtype), do, input_precision=PRECISION, out_dtype=tl.float32)
-                dp = tl.dot(vb, tl.trans(do), input_precision=PRECISION, out_dtype=tl.float32)
-                ds = p * (dp - delta[None, :])
-                dkb += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION, out_dtype=tl.float32)
+                dkb, dvb = _kv_grads(dkb, dvb, kb, vb, bias, q, do, lse, delta, used, qk_scale, PRECISION)
         tl.store(dkbar_ptr + s_off, dkb * scale, mask=j_ok[:, None] & dim_ok[None, :])
         tl.store(dvbar_ptr + s_off, dvb, mask=j_ok[:, None] & dim_ok[None, :])
 

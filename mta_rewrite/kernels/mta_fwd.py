@@ -137,6 +137,26 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _query_block(Hq, G, blocks_per_chunk):
+        """(batch, query head, key/value head, chunk, sub-block) of this program on the grid
+        (chunks × sub-blocks, B × Hq), heaviest blocks (late chunks: most summaries under
+        causality) first, for load balance."""
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        h = pid_bh % Hq
+        return pid_bh // Hq, h, h // G, pid_m // blocks_per_chunk, pid_m % blocks_per_chunk
+
+    @triton.jit
+    def _sinks_left(keys, sinks, n, c, w_lo, w_hi, sel, HAS_TOPK: tl.constexpr):
+        """Which of ``keys`` are sinks that no exact chunk of the query chunk already covers (its
+        window w_lo … w_hi, or a selected chunk in ``sel``): those are attended as sinks."""
+        kchunk = keys // c
+        ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
+        if HAS_TOPK:
+            ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+        return ok
+
+    @triton.jit
     def _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
                   stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start,
                   MASKED: tl.constexpr, CAUSAL_TILE: tl.constexpr, HAS_KEYMASK: tl.constexpr,
@@ -330,14 +350,7 @@ if triton is not None:
                 b = t // Hkv
             h = hk * G + g
         else:
-            # Heaviest blocks (late chunks: most summaries under causality) first, for load balance.
-            pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-            pid_bh = tl.program_id(1)
-            b = pid_bh // Hq
-            h = pid_bh % Hq
-            hk = h // G
-            i = pid_m // blocks_per_chunk
-            sub = pid_m % blocks_per_chunk
+            b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk)
         if WIDE:  # tensors of 2^31 elements or more: batch and head offsets in 64 bits
             b = b.to(tl.int64)
             h = h.to(tl.int64)
@@ -385,10 +398,7 @@ if triton is not None:
         # a. sinks not covered by an exact chunk of this query chunk (window or selected)
         for s0 in range(0, sinks, BLOCK_N):
             keys = s0 + tl.arange(0, BLOCK_N)
-            kchunk = keys // c
-            ok = (keys < sinks) & (keys < n) & ((kchunk < w_lo) | (kchunk > w_hi))
-            if HAS_TOPK:
-                ok = ok & (tl.sum((kchunk[:, None] == sel[None, :]).to(tl.int32), 1) == 0)
+            ok = _sinks_left(keys, sinks, n, c, w_lo, w_hi, sel, HAS_TOPK)
             acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
                                       stride_kn, stride_vn, qk_scale, kd, vd, kv_row, s0, True, CAUSAL, HAS_KEYMASK,
                                       PRECISION, HEAD_D, BLOCK_D, TMA)

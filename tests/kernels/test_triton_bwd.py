@@ -7,13 +7,10 @@ real sizes and through the op's own autograd.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets the interpreter without CUDA"
+from .common import CUDA, DEVICE, inputs, padding
 
 triton = pytest.importorskip("triton")
 
@@ -22,22 +19,6 @@ from mta_rewrite.kernels import backward_cuda  # noqa: E402
 from mta_rewrite.kernels.mta_bwd import mta_backward_triton  # noqa: E402
 from mta_rewrite.kernels.mta_fwd import LaunchConfig, key_padding  # noqa: E402
 from mta_rewrite.ops.chunked import mta_attention_chunked  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
-
-
-def inputs(B, Hq, Hkv, n, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
-    grad_out = torch.randn(B, Hq, n, d, generator=g)
-    return [x.to(dtype).to(DEVICE) for x in (q, k, v, grad_out)]
-
-
-def padding(B, n):
-    pad = torch.ones(B, 1, 1, n, dtype=torch.bool)
-    pad[0, ..., :5] = False  # left padding
-    pad[-1, ..., n - 7:] = False  # right padding
-    return pad.to(DEVICE)
 
 
 def reference_grads(q, k, v, mask, grad_out, **kw):
@@ -56,7 +37,7 @@ CONFIGS = [(8, 1, 0, 0), (5, 2, 3, 2), (16, 1, 10, 1), (64, 1, 0, 0), (4, 1, 6, 
 @pytest.mark.parametrize("masked", [False, True])
 def test_fp32_every_branch_matches_autograd(causal, masked):
     B, Hq, Hkv, n, d = 2, 2, 1, 37, 16  # GQA: the key kernel loops over the group's heads
-    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float32)
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float32, grad=True)
     mask = padding(B, n) if masked else None
     for c, L, s, top_k in CONFIGS:
         kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
@@ -74,7 +55,7 @@ def test_fp32_every_branch_matches_autograd(causal, masked):
 
 def test_fp16_and_padded_keys_get_no_gradient():
     B, Hq, Hkv, n, d = 2, 2, 2, 40, 16
-    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float16, seed=1)
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float16, seed=1, grad=True)
     mask = padding(B, n)
     kw = dict(chunk_size=8, causal=True, local_chunks=2, sinks=2)
     dq, dk, dv = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, **kw)
@@ -87,7 +68,7 @@ def test_fp16_and_padded_keys_get_no_gradient():
 
 def test_backward_dispatch_rules(monkeypatch):
     """Where the Triton backward does not apply, backward_cuda says so (None)."""
-    q, k, v, grad_out = inputs(1, 2, 2, 40, 16, torch.float32)
+    q, k, v, grad_out = inputs(1, 2, 2, 40, 16, torch.float32, grad=True)
     kw = dict(causal=True, scale=None, local_chunks=1, sinks=0)
     assert backward_cuda(q, k, v, None, grad_out, chunk_size=64, top_k=0, **kw) is None  # one chunk: exact
     per_query = torch.ones(40, 40, dtype=torch.bool, device=DEVICE).tril()
@@ -112,7 +93,7 @@ def test_gpu_op_gradients_through_triton_backward(causal, dtype, tol):
     """Through the op's autograd on the GPU (the Triton backward), at sizes with many blocks, GQA,
     key padding, sinks and top-k, against float64 autograd on the CPU."""
     B, Hq, Hkv, n, d = 2, 8, 2, 1500, 64
-    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, dtype, seed=2)
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, dtype, seed=2, grad=True)
     mask = padding(B, n)
     kw = dict(chunk_size=128, causal=causal, local_chunks=2, sinks=4, top_k=2)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]

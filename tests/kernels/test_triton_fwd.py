@@ -8,13 +8,10 @@ inputs (triton 3.9, checked with a bare 16×16 product).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets the interpreter without CUDA"
+from .common import CUDA, DEVICE, inputs, padding
 
 triton = pytest.importorskip("triton")
 
@@ -22,20 +19,6 @@ import mta_rewrite  # noqa: E402,F401
 from mta_rewrite.kernels import dispatch_cuda  # noqa: E402
 from mta_rewrite.kernels.mta_fwd import LaunchConfig, default_launch, key_padding, mta_forward_triton  # noqa: E402
 from mta_rewrite.ops import mta_attention_reference  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
-
-
-def inputs(B, Hq, Hkv, n, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, n, d, generator=g).to(dtype).to(DEVICE) for h in (Hq, Hkv, Hkv)]
-
-
-def padding(B, n):
-    pad = torch.ones(B, 1, 1, n, dtype=torch.bool)
-    pad[0, ..., :5] = False  # left padding
-    pad[-1, ..., n - 7:] = False  # right padding
-    return pad.to(DEVICE)
 
 
 # (chunk_size, local_chunks, sinks, top_k): partial last chunk, non-power-of-two chunk, sinks
