@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from .api import count_mta_nodes, find_attention, rewrite
 from .config import MTAConfig
@@ -34,14 +35,9 @@ class DemoResult:
     metrics: dict[str, str] = field(default_factory=dict)
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+def to_device(obj, device):
+    """Every tensor of a nested tuple / list / dict of model inputs moved to ``device``."""
+    return tree_map_only(torch.Tensor, lambda x: x.to(device), obj)
 
 
 def check_device(device: str) -> torch.device:
@@ -85,7 +81,7 @@ def run_demo(model: str = "auto", config: MTAConfig | None = None, long_n: int =
             name = "built-in TinyCausalLM (4 layers, d=256, random weights)"
             config = config or MTAConfig(chunk_size=64, local_chunks=2, sinks=4, top_k=2)
             args, kwargs = (zoo.byte_tokens(text, 1024, batch=2),), {}
-        net, args, kwargs = net.to(dev), _to(args, dev), _to(kwargs, dev)
+        net, args, kwargs = net.to(dev), to_device(args, dev), to_device(kwargs, dev)
         progress("finding attention")
         sites = find_attention(net, args, kwargs)
         progress("rewriting")

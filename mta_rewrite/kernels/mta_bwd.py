@@ -31,11 +31,10 @@ dk, dv buffers (twice with top-k); nothing n × n.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide
+from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide, geometry
 
 try:
     import triton
@@ -388,14 +387,7 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     if _wide(q, k, v, grad_out):
         raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
-    B, Hq, n, d = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    c = min(chunk_size, n)
-    nc = _cdiv(n, c)
-    L = min(local_chunks, nc)
-    s = min(sinks, n)
+    B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
     cfg = launch or default_backward_launch(c, q.dtype)

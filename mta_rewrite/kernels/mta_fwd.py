@@ -43,6 +43,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -576,6 +577,32 @@ def _placeholder(device) -> torch.Tensor:
     return _PLACEHOLDER[device]
 
 
+class Geometry(NamedTuple):
+    """What a launcher derives from the inputs and the op's arguments (shared by forward and
+    backward): shapes, the group size G = Hq / Hkv, the scale, and c, nc, L, sinks clipped to n."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    G: int
+    n: int
+    d: int
+    scale: float
+    c: int
+    nc: int
+    L: int
+    sinks: int
+
+
+def geometry(q, k, chunk_size, scale, local_chunks, sinks) -> Geometry:
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    c = min(chunk_size, n)
+    nc = _cdiv(n, c)
+    return Geometry(B, Hq, Hkv, Hq // Hkv, n, d, 1.0 / math.sqrt(d) if scale is None else float(scale), c, nc,
+                    min(local_chunks, nc), min(sinks, n))
+
+
 def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
     """Top-k chunks per (b, h, i) among the summarised ones: [B, Hq, nc, K] int32, −1 padded."""
     B, Hq, n, d = q.shape
@@ -606,14 +633,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     (causal, no top-k), from the main launch itself (see ``_mta_fwd_kernel``)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
-    B, Hq, n, d = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    c = min(chunk_size, n)
-    nc = -(-n // c)
-    L = min(local_chunks, nc)
-    s = min(sinks, n)
+    B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
     if n * d >= 1 << 31:  # token offsets within one head stay 32-bit
         raise ValueError(f"the Triton kernels take n·d < 2^31 per head; got n={n}, d={d}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -15,6 +15,7 @@ import torch
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
+from mta_rewrite.demo import to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 logging.getLogger("torch._export").setLevel(logging.ERROR)
@@ -22,19 +23,9 @@ logging.getLogger("torch._export").setLevel(logging.ERROR)
 CONFIG = mr.MTAConfig(chunk_size=16, local_chunks=2, sinks=2, top_k=1)
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _rewritten_outputs(model, args, kwargs, device):
     model = copy.deepcopy(model).to(device)
-    args, kwargs = _to(args, device), _to(kwargs, device)
+    args, kwargs = to_device(args, device), to_device(kwargs, device)
     gm = mr.rewrite(model, args, kwargs, config=CONFIG)
     assert mr.count_mta_nodes(gm) >= 1
     with torch.no_grad():
