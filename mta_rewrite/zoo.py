@@ -191,6 +191,26 @@ class SdpaCausalGqa(_Proj):
         return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
 
+class SdpaFusedQkvContiguousView(nn.Module):
+    """nanoGPT's CausalSelfAttention: one fused q/k/v projection split three ways, SDPA, then
+    ``transpose(1, 2).contiguous().view(...)``. SDPA's output follows q's memory order (a
+    transposed [B, n, H, d] buffer), so the ``.contiguous()`` is a no-op when traced and
+    torch.export drops it: the ``view`` after it depends on the attention's output layout."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.h = heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, n, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, n, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, n, C))
+
+
 class TwoLayers(nn.Module):
     """Two stacked attention layers with residuals (site naming, ordering)."""
 
@@ -297,6 +317,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
         _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),
+        _hand("sdpa_fused_qkv_contiguous_view", SdpaFusedQkvContiguousView, lambda n: ((_x(n),), {})),
         _hand("where_full_min_legacy_gpt2", WhereFullMinLegacyGpt2, lambda n: ((_x(n),), {})),
         _hand("two_layers", TwoLayers, lambda n: ((_x(n), _causal_pad(n), _pad(n)), {}), attention=2, rewritable=2),
     ]

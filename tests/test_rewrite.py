@@ -133,6 +133,36 @@ def test_one_layer_equals_reference_op(name, extract):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_view_that_needs_the_attention_layout_runs_and_equals_the_reference():
+    """nanoGPT's ``y.transpose(1, 2).contiguous().view(B, n, C)``: torch.export drops the
+    ``.contiguous()`` (a no-op on SDPA's traced output, which follows q's memory order), so the
+    ``view`` needs the rewritten attention to have that order too."""
+    case = next(c for c in zoo.hand_written_cases() if c.name == "sdpa_fused_qkv_contiguous_view")
+    model = case.build()
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    rewritten = mr.rewrite(model, *case.inputs(40), config=config)
+    for n in (40, 53):  # the example length and another one
+        (x,), _ = case.inputs(n)
+        B, _, C = x.shape
+        with torch.no_grad():
+            q, k, v = (t.view(B, n, 4, C // 4).transpose(1, 2) for t in model.c_attn(x).split(C, dim=2))
+            ref = mta_attention_reference(q, k, v, causal=True, **config.op_kwargs())
+            want = model.c_proj(ref.float().transpose(1, 2).reshape(B, n, C))
+            got = rewritten(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_order_of_a_value():
+    from mta_rewrite.passes.lower import memory_order
+
+    x = torch.empty(2, 5, 4, 8)
+    assert memory_order(x) is None  # contiguous: nothing to restore
+    assert memory_order(x.transpose(1, 2)) == [0, 2, 1, 3]  # a transposed [B, n, H, d] buffer
+    assert memory_order(torch.empty(1, 5, 1, 8).transpose(0, 2)) is None  # only size-1 dims moved
+    assert memory_order(torch.empty(2, 1, 8).expand(2, 5, 8)) is None  # not dense: no order to restore
+    assert memory_order(x[..., :4]) is None  # a slice is not dense either
+
+
 def test_plan_per_site_and_errors(tmp_path):
     case = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
     model = case.build()

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..config import HeadGroups, MTAConfig
-from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv
+from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv, val
 
 aten = torch.ops.aten
 
@@ -99,14 +99,54 @@ def _attention_kwargs(m: AttentionMatch) -> dict:
     return dict(causal=m.causal, scale=None if m.sdpa_scale_default else float(m.scale))
 
 
+def memory_order(x) -> list[int] | None:
+    """The dimensions of a node's value from outermost to innermost in memory, read from the
+    traced example's strides, when that is not simply their order: None for a contiguous value
+    (up to dimensions of size 1), an unknown one, or one that is not dense (an expanded or
+    overlapping view has no memory order to restore)."""
+    v = val(x)
+    if not isinstance(v, torch.Tensor):
+        return None
+
+    def hint(s):  # a symbolic size or stride: its value in the traced example
+        return s.node.hint if isinstance(s, torch.SymInt) else int(s)
+
+    sizes, strides = [hint(s) for s in v.shape], [hint(s) for s in v.stride()]
+    if None in sizes or None in strides:
+        return None
+    order = sorted(range(v.dim()), key=lambda i: (-strides[i], i))
+    expected = 1  # dense: each dimension's stride is the product of the sizes inside it
+    for i in reversed(order):
+        if sizes[i] != 1 and strides[i] != expected:
+            return None
+        expected *= sizes[i]
+    moving = [i for i in order if sizes[i] != 1]
+    return None if moving == sorted(moving) else order
+
+
+def _restore_layout(g: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:
+    """Give the new output the replaced subgraph's memory order. torch.export drops calls that
+    were no-ops when traced (``.contiguous()`` after ``transpose(1, 2)`` of SDPA's output, which
+    followed q's transposed [B, n, H, d] buffer), so later ``view`` nodes can depend on that order.
+    The op returns q's layout, usually that same order: then ``contiguous`` of the permuted output
+    is free; otherwise it is one copy."""
+    if order is None:
+        return node
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    node = g.call_function(aten.permute.default, (node, order))
+    node = g.call_function(aten.contiguous.default, (node,))
+    return g.call_function(aten.permute.default, (node, inverse))
+
+
 def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
-    """Back from the op's [B, H, n, d] in q's dtype to what the site produced."""
+    """Back from the op's [B, H, n, d] in q's dtype to what the site produced: its shape, dtype
+    and memory order."""
     if m.three_d:
         node = g.call_function(aten.squeeze.dim, (node, 1))
     want = dtype_of(m.output)
     if want is not None:  # the op returns q's dtype; the model's output may differ (no-op if not)
         node = g.call_function(aten.to.dtype, (node, want))
-    return node
+    return _restore_layout(g, node, memory_order(m.output))
 
 
 def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups) -> fx.Node:

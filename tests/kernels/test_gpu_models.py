@@ -33,7 +33,8 @@ def _rewritten_outputs(model, args, kwargs, device):
     return (out if isinstance(out, torch.Tensor) else out[0]).float().cpu()
 
 
-@pytest.mark.parametrize("name", ["baddbmm_key_padding", "scores_div_masked_fill", "sdpa_causal_gqa", "two_layers"])
+@pytest.mark.parametrize("name", ["baddbmm_key_padding", "scores_div_masked_fill", "sdpa_causal_gqa", "sdpa_fused_qkv_contiguous_view",
+                                  "two_layers"])
 def test_hand_written_forms_cpu_vs_gpu(name):
     case = next(c for c in zoo.hand_written_cases() if c.name == name)
     model = case.build()

@@ -27,6 +27,7 @@ CASES = {
     "einsum_gqa_repeat_interleave": mr.MTAConfig(5, 2, 0, 2),
     "gqa_expand_causal_buffer": mr.MTAConfig(8, 2, 2, 1),
     "sdpa_causal_gqa": mr.MTAConfig(4),
+    "sdpa_fused_qkv_contiguous_view": mr.MTAConfig(8, 2, 2, 1),  # the rewrite restores a layout
     "two_layers": mr.MTAConfig(6, 1, 1, 1),
     "nn.MultiheadAttention": mr.MTAConfig(8, 2, 2, 1),
     "llama (sdpa)": mr.MTAConfig(8, 2, 4, 2),
