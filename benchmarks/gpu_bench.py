@@ -333,6 +333,11 @@ def main(argv=None):
         extras["summary_prepass_ms"] = median_ms(lambda: _chunk_means(k, v, None, c, nc, 0, 1.0, logn))
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
+        # a model's q, k, v: transposed [B, n, H, d] buffers, read in place (no copies) by the kernel
+        time_variant(extras, "contiguous_qkv", lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True))
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        time_variant(extras, "transposed_qkv", lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True))
+        q = k = v = None
         q, k, v = qkv(n, hkv=max(1, H // 4))
         extras["gqa_8kv_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

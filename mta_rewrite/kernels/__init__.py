@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..ops.chunked import mta_attention_chunked
+from ..ops.chunked import in_layout_of, mta_attention_chunked
 
 
 @functools.cache
@@ -37,7 +37,10 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
     n = q.shape[2]
     if attn_mask is None and chunk_size >= n:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        # in q's layout like every other path (and the op's fake); the flash and cuDNN backends
+        # return a transposed [B, n, H, d] buffer whatever q's layout
+        return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                              enable_gqa=q.shape[1] != k.shape[1]))
     if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
         from .mta_fwd import key_padding, mta_forward_triton
 
@@ -56,10 +59,10 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
     if not triton_available():
         return None
     from .mta_bwd import mta_backward_triton
-    from .mta_fwd import _wide, key_padding
+    from .mta_fwd import WIDE_OFFSETS_FROM, key_padding
 
-    if _wide(q, k, v, grad_out):  # the backward kernels index with 32-bit offsets
-        return None
+    if max(t.numel() for t in (q, k, v, grad_out)) >= WIDE_OFFSETS_FROM:
+        return None  # the backward kernels index contiguous copies with 32-bit offsets
 
     keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
     if keep is False:

@@ -385,10 +385,10 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     the rows that read them (no atomics; a second pass over q)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
-    if _wide(q, k, v, grad_out):
-        raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
+    if _wide(q, k, v, do):
+        raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
     cfg = launch or default_backward_launch(c, q.dtype)
     logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)

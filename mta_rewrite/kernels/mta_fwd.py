@@ -24,8 +24,11 @@ Two launches per call (three with top-k selection):
 
 Other opt-in variants (``LaunchConfig``): ``fused`` pools the summaries inside the main launch
 instead of step 1 (``chunk_major`` orders its work chunk by chunk), ``tma`` reads tiles through
-tensor descriptors, ``max_registers`` caps registers per thread. Tensors of 2^31 elements or more
-take 64-bit batch and head offsets (``WIDE``); smaller ones compile exactly as before.
+tensor descriptors, ``max_registers`` caps registers per thread. Tensors that span 2^31 elements
+or more take 64-bit batch and head offsets (``WIDE``); smaller ones compile exactly as before.
+q, k and v are read through their batch, head and token strides (the head dimension
+contiguous), so a model's transposed [B, n, H, d] buffers need no copy; the output takes q's
+layout.
 
 For query t and key s the logit is scale·q_t·k_s (−inf where forbidden); the output is
 Σ p·v / Σ p, zero for a row that attended nothing. GQA reads key/value head h // (Hq/Hkv): k and v
@@ -535,12 +538,31 @@ def default_launch(c: int, d: int, dtype: torch.dtype) -> LaunchConfig:
     return LaunchConfig(max(16, _pow2(c)), 64, 4, 3)
 
 
-# Element offsets are 32-bit products (program index × stride) unless a tensor has this many elements.
+# Element offsets are 32-bit products (program index × stride) unless a tensor spans this many elements.
 WIDE_OFFSETS_FROM = 1 << 31
 
 
+def _span(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to its last addressed one: numel for a contiguous tensor,
+    more for a strided view (q sliced from a fused q/k/v projection spans three times its size)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
 def _wide(*tensors) -> bool:
-    return any(t is not None and t.numel() >= WIDE_OFFSETS_FROM for t in tensors)
+    return any(t is not None and _span(t) >= WIDE_OFFSETS_FROM for t in tensors)
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, d] as the kernels read it: rows of d contiguous elements at any batch, head and
+    token strides, so a model's transposed [B, n, H, d] buffers (and slices of a fused q/k/v
+    projection) are read in place, without a copy. Copied only when its last dimension is
+    strided or one head's token offsets would not fit 32 bits."""
+    n, d = x.shape[2], x.shape[3]
+    if x.stride(3) != 1 or (n - 1) * x.stride(2) + d > WIDE_OFFSETS_FROM - 1:
+        return x.contiguous()
+    return x
 
 
 def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4):
@@ -636,7 +658,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
     if n * d >= 1 << 31:  # token offsets within one head stay 32-bit
         raise ValueError(f"the Triton kernels take n·d < 2^31 per head; got n={n}, d={d}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
     cfg = launch or default_launch(c, d, q.dtype)
     fused = bool(cfg.fused)
@@ -680,6 +702,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         def rows(x):  # [B, H, m, d] contiguous → descriptor over its B·H·m rows of d
             return TensorDescriptor(x, [x.shape[0] * x.shape[1] * x.shape[2], d], [d, 1], [cfg.block_n, block_d])
 
+        k, v = k.contiguous(), v.contiguous()  # the descriptors address rows (b·H + h)·n + s
         descs = (rows(k), rows(v), rows(kbar), rows(vbar))
     blocks = nc * _cdiv(c, cfg.block_m)
     grid = (blocks * B * Hq,) if fused else (blocks, B * Hq)

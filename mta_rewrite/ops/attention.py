@@ -61,7 +61,8 @@ def attention(
     sinks: int = 0,
     top_k: int = 0,
 ) -> torch.Tensor:
-    """Multi-Token Attention (MTA_SPEC.md). Output: q's shape and dtype."""
+    """Multi-Token Attention (MTA_SPEC.md). Output: q's shape, dtype and memory layout (that of
+    ``torch.empty_like(q)``)."""
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k)
     return mta_attention_chunked(
         q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
@@ -81,7 +82,7 @@ def _(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_ch
 @attention.register_fake
 def _(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
     torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
-    return q.new_empty(q.shape)
+    return torch.empty_like(q)  # q's layout, as every implementation returns it
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):

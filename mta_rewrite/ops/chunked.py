@@ -42,6 +42,14 @@ NEG = -1.0e30
 EMPTY_ROW_LSE = -1.0e29
 
 
+def in_layout_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (q's shape) in q's dtype and memory layout, the ones ``torch.empty_like(q)`` gives:
+    the op's output on every device (a model's transposed [B, n, H, d] queries give a transposed
+    output, as SDPA's do). One copy at most, none when ``out`` already has both."""
+    res = torch.empty_like(q)
+    return out if res.stride() == out.stride() and out.dtype == q.dtype else res.copy_(out)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half types are computed in fp32 on the CPU: the flash kernel accumulates in fp32 anyway,
     # and the summaries (means over up to c keys) lose precision in bf16.
@@ -117,7 +125,7 @@ def mta_attention_chunked(
     """MTA attention (MTA_SPEC.md), differentiable in q, k and v. See the module docstring."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
-    out_dtype = q.dtype
+    q_in = q
     cdt = _compute_dtype(q.dtype)
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     dev = q.device
@@ -394,5 +402,5 @@ def mta_attention_chunked(
         # columns). Without a mask every query attends at least to itself.
         empty = (lse <= EMPTY_ROW_LSE).view(B, Hkv, nc, G, c).transpose(2, 3).reshape(B, Hkv * G, npad, 1)
         out = out.masked_fill(empty, 0.0)
-    out = out if npad == n else out[:, :, :n].contiguous()
-    return out.to(out_dtype)
+    out = out if npad == n else out[:, :, :n]
+    return in_layout_of(q_in, out)

@@ -108,6 +108,45 @@ def test_64_bit_offsets_path(monkeypatch):
     torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, **kw), rtol=1e-5, atol=1e-5)
 
 
+def strided(x, layout):
+    """x [B, H, n, d] in a model's layouts: a transposed [B, n, H, d] buffer, or a slice of a
+    fused projection (rows of d inside rows of 3·d: not dense)."""
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    B, H, n, d = x.shape
+    wide = torch.zeros(B, n, H, 3 * d, dtype=x.dtype, device=x.device)
+    wide[..., d:2 * d] = x.transpose(1, 2)
+    return wide[..., d:2 * d].transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "fused_slice"])
+def test_strided_inputs_are_read_in_place(layout, monkeypatch):
+    """q, k, v in a model's layouts are read through their strides (no copy), for every variant;
+    the output takes q's layout; a strided head dimension, or token offsets past 32 bits, are
+    copied first."""
+    from mta_rewrite.kernels import mta_fwd
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=3)
+    qs, ks, vs = (strided(x, layout) for x in (q, k, v))
+    assert not qs.is_contiguous() and all(mta_fwd._token_rows(x) is x for x in (qs, ks, vs))
+    assert mta_fwd._token_rows(q.transpose(2, 3).contiguous().transpose(2, 3)).is_contiguous()  # strided d
+    mask = padding(B, n)
+    for causal, top_k in ((True, 0), (False, 1)):
+        kw = dict(chunk_size=16, causal=causal, local_chunks=2, sinks=3, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, **kw)
+        for cfg in [LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 4, 1, one_loop=True),
+                    LaunchConfig(16, 16, 4, 1, tma=True)] + (FUSED[-1:] if causal else []):
+            out = mta_forward_triton(qs, ks, vs, key_padding(mask, B, Hq, n), launch=cfg, **kw)
+            assert out.stride() == torch.empty_like(qs).stride()
+            torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw} {cfg}: {m}")
+    monkeypatch.setattr(mta_fwd, "WIDE_OFFSETS_FROM", 1000)  # (n − 1)·stride_n + d no longer fits
+    assert mta_fwd._token_rows(qs).is_contiguous()
+    out = mta_forward_triton(qs, ks, vs, None, chunk_size=16, causal=True)
+    torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, chunk_size=16, causal=True),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_head_size_not_a_power_of_two():
     B, n, d = 1, 70, 20  # BLOCK_D = 32: the head dimension is masked in every load
     q, k, v = inputs(B, 2, 2, n, d, torch.float32, seed=2)

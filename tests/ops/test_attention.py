@@ -85,6 +85,30 @@ def test_matches_reference_shapes(n, Hq, Hkv):
         torch.testing.assert_close(mta(q, k, v, **kw), mta_attention_reference(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("c", [4, 100])  # several chunks; one chunk (exact)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "fused_qkv_slice"])
+def test_output_takes_the_layout_of_q(c, layout):
+    """Models pass q, k, v as transposed [B, n, H, d] buffers, often slices of one fused q/k/v
+    projection; the output has q's layout as ``torch.empty_like(q)`` gives it (the op's fake says
+    the same), and its values do not depend on the layout."""
+    q, k, v = qkv(Hkv=4)
+    if layout == "transposed":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    elif layout == "fused_qkv_slice":
+        q, k, v = torch.cat([x.transpose(1, 2) for x in (q, k, v)], dim=-1).transpose(1, 2).split(8, dim=-1)
+    kw = dict(chunk_size=c, causal=True, sinks=1)
+    out = mta(q, k, v, **kw)
+    assert out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
+    assert out.is_contiguous() == (layout == "contiguous")
+    torch.testing.assert_close(out, mta_attention_reference(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the fake (what torch.export records) agrees
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+            assert mta(fq, fk, fv, **kw).stride() == out.stride()
+
+
 def test_fully_masked_rows_are_zero():
     q, k, v = qkv(1, 2, 2, 10)
     mask = torch.ones(1, 1, 10, 10, dtype=torch.bool)
