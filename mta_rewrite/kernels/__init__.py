@@ -21,7 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..ops.chunked import in_layout_of, mta_attention_chunked
+from ..ops.chunked import mta_attention_chunked
+from ..ops.layout import in_layout_of
 
 
 @functools.cache

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.layout import dense_order, in_layout_of
 from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide, geometry
 
 try:
@@ -368,6 +369,15 @@ if triton is not None:
         tl.store(dvbar_ptr + s_off, dvb, mask=j_ok[:, None] & dim_ok[None, :])
 
 
+def _dense_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, d] in place if its layout is dense with the head dimension innermost (the
+    gradients are allocated like it, and the kernels give both one set of strides), else a
+    contiguous copy."""
+    if x.stride(3) == 1 and dense_order(x.shape, x.stride()) is not None:
+        return x
+    return x.contiguous()
+
+
 def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles of the backward kernels: 64 query rows (at least 16, for tl.dot; a block of query
     rows never spans two chunks) against 32 keys, 4 warps, 2 stages. Not timed on a GPU yet; chosen
@@ -386,7 +396,11 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
-    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
+    # Read in place where the kernels can: q and k in any dense layout with the head dimension
+    # innermost (a model's transposed [B, n, H, d] buffers); do and dq take q's strides, v, dk
+    # and dv k's, so do and v are copied only if their layouts differ from those.
+    q, k = _dense_rows(q), _dense_rows(k)
+    v, do = in_layout_of(k, v), in_layout_of(q, grad_out)
     if _wide(q, k, v, do):
         raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
@@ -399,12 +413,12 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     delta = torch.empty(B, Hq, n, **f32)
     dkbar = torch.zeros(B, Hkv, nc, d, **f32)
     dvbar = torch.zeros(B, Hkv, nc, d, **f32)
-    dk = torch.empty(B, Hkv, n, d, **f32)
-    dv = torch.empty(B, Hkv, n, d, **f32)
+    dk = torch.empty_like(k, dtype=torch.float32)  # k's strides (dense)
+    dv = torch.empty_like(k, dtype=torch.float32)
     sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
     # the selected chunks' keys get their gradients by atomics (zeros without top-k: never written)
-    dks = torch.zeros(B, Hkv, n, d, **f32) if K else dkbar
-    dvs = torch.zeros(B, Hkv, n, d, **f32) if K else dvbar
+    dks = torch.zeros_like(dk) if K else dkbar
+    dvs = torch.zeros_like(dk) if K else dvbar
     common = dict(CAUSAL=bool(causal), HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)),
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=d, BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=max(16, _pow2(d)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .layout import in_layout_of
 from .masks import NormalizedMask, normalize_mask
 
 # Additive term for "excluded": finite, so that a fully excluded row has a finite log-sum-exp
@@ -40,14 +41,6 @@ from .masks import NormalizedMask, normalize_mask
 NEG = -1.0e30
 # A row whose log-sum-exp is below this attended nothing (all its terms were NEG).
 EMPTY_ROW_LSE = -1.0e29
-
-
-def in_layout_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (q's shape) in q's dtype and memory layout, the ones ``torch.empty_like(q)`` gives:
-    the op's output on every device (a model's transposed [B, n, H, d] queries give a transposed
-    output, as SDPA's do). One copy at most, none when ``out`` already has both."""
-    res = torch.empty_like(q)
-    return out if res.stride() == out.stride() and out.dtype == q.dtype else res.copy_(out)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..config import HeadGroups, MTAConfig
+from ..ops.layout import dense_order, is_permuted
 from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv, val
 
 aten = torch.ops.aten
@@ -114,14 +115,8 @@ def memory_order(x) -> list[int] | None:
     sizes, strides = [hint(s) for s in v.shape], [hint(s) for s in v.stride()]
     if None in sizes or None in strides:
         return None
-    order = sorted(range(v.dim()), key=lambda i: (-strides[i], i))
-    expected = 1  # dense: each dimension's stride is the product of the sizes inside it
-    for i in reversed(order):
-        if sizes[i] != 1 and strides[i] != expected:
-            return None
-        expected *= sizes[i]
-    moving = [i for i in order if sizes[i] != 1]
-    return None if moving == sorted(moving) else order
+    order = dense_order(sizes, strides)
+    return order if order is not None and is_permuted(sizes, order) else None
 
 
 def _restore_layout(g: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.Node:

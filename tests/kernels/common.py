@@ -32,3 +32,14 @@ def padding(B, n):
     pad[0, ..., :5] = False  # left padding
     pad[-1, ..., n - 7:] = False  # right padding
     return pad.to(DEVICE)
+
+
+def strided(x, layout):
+    """x [B, H, n, d] in a model's layouts: "transposed", a transposed [B, n, H, d] buffer, or
+    "fused_slice", a slice of a fused projection (rows of d inside rows of 3·d: not dense)."""
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    B, H, n, d = x.shape
+    wide = torch.zeros(B, n, H, 3 * d, dtype=x.dtype, device=x.device)
+    wide[..., d:2 * d] = x.transpose(1, 2)
+    return wide[..., d:2 * d].transpose(1, 2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .common import CUDA, DEVICE, inputs, padding
+from .common import CUDA, DEVICE, inputs, padding, strided
 
 triton = pytest.importorskip("triton")
 
@@ -106,17 +106,6 @@ def test_64_bit_offsets_path(monkeypatch):
     kw["top_k"] = 0
     out = mta_forward_triton(q, k, v, None, launch=LaunchConfig(16, 16, 4, 1, fused=True, chunk_major=True), **kw)
     torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, **kw), rtol=1e-5, atol=1e-5)
-
-
-def strided(x, layout):
-    """x [B, H, n, d] in a model's layouts: a transposed [B, n, H, d] buffer, or a slice of a
-    fused projection (rows of d inside rows of 3·d: not dense)."""
-    if layout == "transposed":
-        return x.transpose(1, 2).contiguous().transpose(1, 2)
-    B, H, n, d = x.shape
-    wide = torch.zeros(B, n, H, 3 * d, dtype=x.dtype, device=x.device)
-    wide[..., d:2 * d] = x.transpose(1, 2)
-    return wide[..., d:2 * d].transpose(1, 2)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "fused_slice"])
@@ -274,6 +263,15 @@ def test_gpu_strided_inputs_equal_contiguous(layout):
     got = torch.ops.mta.attention(*(strided(x, layout) for x in (q, k, v)), **kw)
     assert got.stride() == torch.empty_like(strided(q, layout)).stride()
     assert torch.equal(got, want)
+    # and the Triton backward through the op's autograd (fp32 atomics: equal up to their order)
+    grad_out = torch.randn_like(q)
+    grads = []
+    for xs in ((q, k, v), tuple(strided(x, layout) for x in (q, k, v))):
+        leaves = [x.detach().requires_grad_() for x in xs]
+        torch.ops.mta.attention(*leaves, **kw).backward(grad_out)
+        grads.append([x.grad.float() for x in leaves])
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
