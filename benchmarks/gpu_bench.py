@@ -22,7 +22,11 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    1K tokens (the cost of launching it);
 5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
    block mask built from block indices (timed once), the first call (compile), then median ms
-   against the MTA kernel's in the same run, and the relative difference of their outputs.
+   against the MTA kernel's in the same run, and the relative difference of their outputs;
+6. a whole model: the built-in causal LM (``zoo.TinyCausalLM`` with 16 heads of 128, d_model
+   2048, 2 layers, random weights, bf16) rewritten with MTA (c = 256) against the original on
+   SDPA (PyTorch's default backend, and cuDNN), forward at ``MODEL_NS`` tokens: what a user's
+   model gains, layouts, projections and MLPs included.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Writes
 gpu_<date>.{json,md} to --out (default benchmarks/results/) after every step ("complete": false
@@ -68,6 +72,8 @@ SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) a
 
 # (n, causal, chunk) where FlexAttention runs the same math (each point compiles once)
 FLEX_POINTS = [(65536, True, 256)]  # add (131072, True, 256) when the device time allows
+# sequence lengths at which step 6 runs the whole model
+MODEL_NS = [16384, 65536]
 
 DEVICE = "cuda"
 
@@ -115,7 +121,7 @@ def rel_err(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex) -> str:
+def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex, models=()) -> str:
     """The markdown report of what has been measured so far."""
     def cell(ms, ref):
         return f"{ms:.3f}" + (f" ({ref / ms:.1f}×)" if ref else "")
@@ -156,29 +162,84 @@ def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex) -> str:
                           f"{e['first_call_s']:.1f} | {e['flex_ms']:.3f} | {e['mta_ms']:.3f} | "
                           f"{e['flex_ms'] / e['mta_ms']:.2f}× | {e['rel_err_vs_mta']:.1e} | "
                           f"{e.get('graphs_compiled_while_timing', '—')} |")
+    model_lines = ["| n | model | original, default SDPA ms | original, SDPA cuDNN ms | MTA ms | × default | × cuDNN | "
+                   "logits rel. diff. |", "|---|---|---|---|---|---|---|---|"]
+    for e in models:
+        def ms(key):
+            return f"{e[key]:.2f}" if key in e else e.get(key.replace("_ms", "_error"), "—")
+
+        def ratio(key):
+            return f"{e[key] / e['mta_ms']:.1f}×" if key in e and "mta_ms" in e else "—"
+
+        model_lines.append(f"| {e['n']} | {e['model']} | {ms('original_ms')} | {ms('original_cudnn_ms')} | "
+                           f"{ms('mta_ms')} | {ratio('original_ms')} | {ratio('original_cudnn_ms')} | "
+                           f"{e['logits_rel_diff']:.2e} |" if "logits_rel_diff" in e else
+                           f"| {e.get('n', '—')} | {e.get('model', '—')} | {e.get('error', '')} ||||||")
     return (f"{head}\n\n" + "\n".join(lines) + f"\n\nTile sweep at n={sweep_n}, causal:\n"
             + ("\n".join(sweep_lines) if sweep_lines else "(none)")
             + f"\n\nPre-pass alone at n={sweep_n}, c=128: {json.dumps(prepass)}"
             + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n"
             + ("\nFlexAttention on the same math (kernels/flex.py; L = 1):\n\n" + "\n".join(flex_lines) + "\n"
-               if flex else ""))
+               if flex else "")
+            + ("\nA whole model (zoo.TinyCausalLM, random weights, bf16, forward; MTA L = 1):\n\n"
+               + "\n".join(model_lines) + "\n" if models else ""))
 
 
-def save(args, head, rows, sweep, prepass, extras, flex, final=False) -> None:
+def save(args, head, rows, sweep, prepass, extras, flex, final=False, models=()) -> None:
     """Write gpu_<date>.{json,md} to --out (atomically), after every step: a run cut short by
     its time limit still leaves what it measured."""
-    text = render(head, args.chunks, args.sweep_n, rows, sweep, prepass, extras, flex)
+    text = render(head, args.chunks, args.sweep_n, rows, sweep, prepass, extras, flex, models)
     if final:
         print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
     payload = {"head": head, "complete": final, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()},
-               "prepass": prepass, "extras": extras, "flex": flex}
+               "prepass": prepass, "extras": extras, "flex": flex, "models": list(models)}
     for path, content in ((args.out / f"gpu_{stamp}.json", json.dumps(payload, indent=2) + "\n"),
                           (args.out / f"gpu_{stamp}.md", text)):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(content)
         tmp.replace(path)
+
+
+def whole_model(args, save_now, SDPBackend, sdpa_kernel, models):
+    """Step 6: zoo.TinyCausalLM rewritten with MTA against the original, forward, at MODEL_NS
+    tokens (tiny on the CPU dry run); every entry saved as it comes."""
+    import mta_rewrite as mr
+    from mta_rewrite import zoo
+
+    gpu = DEVICE == "cuda"
+    dim, heads, layers, c = (2048, 16, 2, 256) if gpu else (32, 2, 2, 16)
+    name = f"TinyCausalLM d={dim}, {heads} heads, {layers} layers"
+    try:
+        torch.manual_seed(0)
+        model = zoo.TinyCausalLM(d=dim, heads=heads, layers=layers).eval()
+        model = model.to(device=DEVICE, dtype=torch.bfloat16 if gpu else torch.float32)
+        example = torch.randint(0, 256, (1, 4 * c), device=DEVICE)
+        fast = mr.rewrite(model, (example,), config=mr.MTAConfig(chunk_size=c))
+    except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+        models.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+        save_now()
+        return models
+    for n in MODEL_NS if gpu else [8 * c]:
+        entry = {"n": n, "model": name, "chunk": c}
+        ids = torch.randint(0, 256, (1, n), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(n))
+        with torch.no_grad():
+            time_variant(entry, "original", lambda: model(ids))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                time_variant(entry, "original_cudnn", lambda: model(ids))
+            time_variant(entry, "mta", lambda: fast(ids))
+            try:
+                want, got = model(ids).float(), fast(ids).float()
+                entry["logits_rel_diff"] = rel_err(got, want)
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        models.append(entry)
+        print(json.dumps(entry), flush=True)
+        save_now()
+        if gpu:
+            torch.cuda.empty_cache()
+    return models
 
 
 def main(argv=None):
@@ -193,6 +254,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--no-sweep", action="store_true", help="skip step 2 (the tile and pre-pass sweeps)")
     ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip step 5 (FlexAttention)")
+    ap.add_argument("--no-model", dest="model", action="store_false", help="skip step 6 (a whole model)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run every step on the CPU in Triton's interpreter at tiny sizes (checks the script only)")
     args = ap.parse_args(argv)
@@ -420,7 +482,13 @@ def main(argv=None):
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
-    save(args, head, rows, sweep, prepass, extras, flex, final=True)
+    # 6. a whole model, rewritten vs original
+    models = []
+    if args.model:
+        models = whole_model(args, lambda: save(args, head, rows, sweep, prepass, extras, flex, models=models),
+                             SDPBackend, sdpa_kernel, models)
+
+    save(args, head, rows, sweep, prepass, extras, flex, final=True, models=models)
     print(f"bench wall time {time.time() - t_start:.0f} s")
     return 0
 
