@@ -1,0 +1,45 @@
+"""benchmarks/gpu_bench.py --dry-run: the prepared GPU benchmark runs every step end to end (on the
+CPU, in Triton's interpreter, at tiny sizes) and reports each of them. It measures nothing here;
+what it checks is that the one call a lent GPU gets will not die on a script error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, benchmarks/run_gpu.sh runs the benchmark itself")
+
+
+def test_dry_run_reports_every_step(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself before importing triton
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = tmp_path.glob("gpu_*.json")
+    report = json.loads(result.read_text())
+    assert report["complete"]
+    assert {(r["n"], r["mode"]) for r in report["rows"]} == {(n, m) for n in (256, 512) for m in ("causal", "full")}
+    for row in report["rows"]:  # every chunk size and variant timed, and close to the portable implementation
+        assert all(row[f"mta_c{c}_ms"] > 0 for c in (16, 32)), row
+        assert all(row[f"mta_c{c}_rel_err"] < 1e-2 for c in (16, 32)), row
+    for c, sweep in report["sweep"].items():
+        assert {r["kind"] for r in sweep["results"]} == {"prepass", "one_loop", "tma", "fused", "fused_chunk_major"}
+        assert all("ms" in r and r["rel_err_vs_prepass"] < 1e-2 for r in sweep["results"]), sweep
+    # on the CPU only cuDNN is missing
+    assert [k for k in report["extras"] if k.endswith("_error") and "cudnn" not in k] == []
+    assert {"contiguous_qkv_ms", "transposed_qkv_ms", "fwd_bwd_ms", "bwd_summary_kernel_ms"} <= set(report["extras"])
+    (flex,) = report["flex"]
+    assert "error" not in flex and flex["rel_err_vs_mta"] < 1e-2 and flex["graphs_compiled_while_timing"] == 0
+    (model,) = report["models"]
+    assert "error" not in model and model["mta_ms"] > 0 and model["logits_rel_diff"] < 0.1
+    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("|") > 50
