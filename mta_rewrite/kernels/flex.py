@@ -76,12 +76,16 @@ def _score_mod(lay: _Layout, logn: torch.Tensor):
     return score_mod
 
 
+def _chunk_counts(lay: _Layout, device) -> torch.Tensor:
+    """n_j, the tokens of each chunk (the last one may be short), fp32 [nc]."""
+    return (lay.n - torch.arange(lay.nc, device=device) * lay.c).clamp(max=lay.c).to(torch.float32)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_score_mod(lay: _Layout, device: torch.device):
     """One score_mod (and its log n_j table) per layout and device: a compiled flex_attention
     guards on the function it is given, so a new closure per call would recompile every call."""
-    counts = (lay.n - torch.arange(lay.nc, device=device) * lay.c).clamp(max=lay.c)
-    return _score_mod(lay, counts.to(torch.float32).log())
+    return _score_mod(lay, _chunk_counts(lay, device).log())
 
 
 def _candidate_blocks(lay: _Layout, block: int, device) -> torch.Tensor:
@@ -154,13 +158,11 @@ def mta_block_mask(n: int, *, chunk_size: int, causal: bool = False, local_chunk
                                     seq_lengths=(n, n_kv))
 
 
-def _summaries(x: torch.Tensor, c: int, nc: int) -> torch.Tensor:
+def _summaries(x: torch.Tensor, lay: _Layout) -> torch.Tensor:
     """Chunk means [B, H, nc, d] (the last chunk may be short)."""
     B, H, n, d = x.shape
-    pad = nc * c - n
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(B, H, nc, c, d).sum(3)
-    counts = (n - torch.arange(nc, device=x.device) * c).clamp(max=c).to(torch.float32)
-    return (xs / counts[:, None]).to(x.dtype)
+    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, lay.nc * lay.c - n)).view(B, H, lay.nc, lay.c, d).sum(3)
+    return (xs / _chunk_counts(lay, x.device)[:, None]).to(x.dtype)
 
 
 @functools.cache
@@ -185,8 +187,8 @@ def mta_flex_attention(q, k, v, *, chunk_size: int, causal: bool = False, scale:
     elif tuple(block_mask.seq_lengths) != (n, n + lay.nc):
         raise ValueError(f"block_mask is for {tuple(block_mask.seq_lengths)} (queries, keys), "
                          f"this call needs {(n, n + lay.nc)}")
-    keys = torch.cat([k, _summaries(k, lay.c, lay.nc)], dim=2)
-    values = torch.cat([v, _summaries(v, lay.c, lay.nc)], dim=2)
+    keys = torch.cat([k, _summaries(k, lay)], dim=2)
+    values = torch.cat([v, _summaries(v, lay)], dim=2)
     if compiled is None:
         compiled = q.is_cuda
     fn = _compiled_flex() if compiled else flex_attention
