@@ -545,6 +545,8 @@ WIDE_OFFSETS_FROM = 1 << 31
 def _span(t: torch.Tensor) -> int:
     """Elements from a tensor's first to its last addressed one: numel for a contiguous tensor,
     more for a strided view (q sliced from a fused q/k/v projection spans three times its size)."""
+    if t.is_contiguous():  # the common case, and a cheap one on the launch path
+        return t.numel()
     if t.numel() == 0:
         return 0
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
@@ -583,7 +585,7 @@ def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=
         n, c, sinks, H, scale,
         HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_LOGN=logn is not None,
         HEAD_D=d, BLOCK_C=block_c or min(64, max(16, _pow2(c))),
-        BLOCK_D=max(16, _pow2(d)), WIDE=_wide(x, y, xbar), num_warps=num_warps,
+        BLOCK_D=max(16, _pow2(d)), WIDE=_wide(x, y), num_warps=num_warps,  # xbar, ybar: smaller than x
     )
     return xbar, ybar
 
@@ -715,7 +717,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
-        ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma), WIDE=_wide(q, k, v, out),
+        ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma), WIDE=_wide(q, k, v),  # out has q's layout
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),

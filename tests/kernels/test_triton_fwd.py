@@ -108,6 +108,25 @@ def test_64_bit_offsets_path(monkeypatch):
     torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, **kw), rtol=1e-5, atol=1e-5)
 
 
+def test_span_decides_wide_offsets(monkeypatch):
+    """The launcher's WIDE switch follows the span a tensor addresses, not its numel: a slice of a
+    fused q/k/v projection spans about three times its elements; a transposed buffer spans its
+    numel; the output (q's layout) never spans more than q."""
+    from mta_rewrite.kernels import mta_fwd
+
+    B, H, n, d = 2, 3, 5, 4
+    x = torch.randn(B, H, n, d)
+    fused = torch.randn(B, n, 3 * H * d)[..., H * d:2 * H * d].view(B, n, H, d).transpose(1, 2)  # k's slice
+    transposed = torch.randn(B, n, H, d).transpose(1, 2)
+    assert mta_fwd._span(x) == x.numel() and mta_fwd._span(transposed) == x.numel()
+    assert mta_fwd._span(fused) == 1 + sum((s - 1) * st for s, st in zip(fused.shape, fused.stride()))
+    assert mta_fwd._span(fused) > 2 * x.numel()
+    assert mta_fwd._span(torch.empty(0, 4)) == 0
+    assert mta_fwd._span(torch.empty_like(fused)) <= mta_fwd._span(fused)
+    monkeypatch.setattr(mta_fwd, "WIDE_OFFSETS_FROM", 2 * x.numel())
+    assert mta_fwd._wide(None, x, transposed) is False and mta_fwd._wide(x, fused) is True
+
+
 @pytest.mark.parametrize("layout", ["transposed", "fused_slice"])
 def test_strided_inputs_are_read_in_place(layout, monkeypatch):
     """q, k, v in a model's layouts are read through their strides (no copy), for every variant;
