@@ -28,6 +28,11 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    SDPA (PyTorch's default backend, and cuDNN), forward at ``MODEL_NS`` tokens: what a user's
    model gains, layouts, projections and MLPs included.
 
+Before steps 2, 3 and 4, the Triton kernels they launch are compiled ahead in parallel threads
+(``benchmarks/precompile.py``): about twenty distinct configurations in the sweep alone, some two
+seconds each when compiled one by one on first launch; the json records each step's count and
+seconds under "compiled_ahead" (a failure there only means compiling on first use, as before).
+
 Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median). Writes
 gpu_<date>.{json,md} to --out (default benchmarks/results/) after every step ("complete": false
 until the end). Needs a CUDA GPU (skips cleanly without one).
@@ -76,6 +81,7 @@ FLEX_POINTS = [(65536, True, 256)]  # add (131072, True, 256) when the device ti
 MODEL_NS = [16384, 65536]
 
 DEVICE = "cuda"
+COMPILED: list[dict] = []  # what each compile_ahead call compiled, and how long it took
 
 
 def launch_of(tiles, opts):
@@ -179,6 +185,7 @@ def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex, models=())
             + ("\n".join(sweep_lines) if sweep_lines else "(none)")
             + f"\n\nPre-pass alone at n={sweep_n}, c=128: {json.dumps(prepass)}"
             + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n"
+            + f"\nKernels compiled ahead of the timings, in parallel (benchmarks/precompile.py): {json.dumps(COMPILED)}\n"
             + ("\nFlexAttention on the same math (kernels/flex.py; L = 1):\n\n" + "\n".join(flex_lines) + "\n"
                if flex else "")
             + ("\nA whole model (zoo.TinyCausalLM, random weights, bf16, forward; MTA L = 1):\n\n"
@@ -194,7 +201,7 @@ def save(args, head, rows, sweep, prepass, extras, flex, final=False, models=())
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
     payload = {"head": head, "complete": final, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()},
-               "prepass": prepass, "extras": extras, "flex": flex, "models": list(models)}
+               "prepass": prepass, "extras": extras, "flex": flex, "models": list(models), "compiled_ahead": COMPILED}
     for path, content in ((args.out / f"gpu_{stamp}.json", json.dumps(payload, indent=2) + "\n"),
                           (args.out / f"gpu_{stamp}.md", text)):
         tmp = path.with_name(path.name + ".tmp")
@@ -273,9 +280,23 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from mta_rewrite.kernels import mta_fwd
+    from mta_rewrite.kernels.mta_bwd import mta_backward_triton
     from mta_rewrite.kernels.mta_fwd import LaunchConfig, _chunk_means, default_launch, mta_forward_triton
 
     mta_fwd.CHECK_SYNC = False  # checked once per configuration below, not inside the timings
+    reference_launch = LaunchConfig(64, 64, 4, 3, False)  # what the sweep checks each configuration against
+
+    def compile_ahead(label, calls):
+        """Compile the Triton kernels ``calls`` launch, in parallel threads (benchmarks/precompile.py),
+        so that the steps after spend the device's time running kernels rather than compiling
+        them one by one; on the GPU only (the dry run's interpreter compiles nothing)."""
+        if DEVICE != "cuda":
+            COMPILED.append({"step": label, "calls": len(calls), "skipped": "no compiler in the interpreter"})
+            return
+        from precompile import compile_ahead as ahead
+
+        COMPILED.append({"step": label, **ahead(calls)})
+        print("compiled ahead:", json.dumps(COMPILED[-1]), flush=True)
 
     t_start = time.time()
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (dry run)"
@@ -300,7 +321,7 @@ def main(argv=None):
             out = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg)
         finally:
             mta_fwd.CHECK_SYNC = False
-        ref = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=LaunchConfig(64, 64, 4, 3, False))
+        ref = mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=reference_launch)
         return rel_err(out, ref.float())
 
     def kind_of(cfg):
@@ -308,14 +329,38 @@ def main(argv=None):
             return "fused_chunk_major" if cfg.chunk_major else "fused"
         return "one_loop" if cfg.one_loop else "tma" if cfg.tma else "prepass"
 
-    for c in [] if args.no_sweep else [c for c in args.chunks if c in args.sweep_chunks]:
+    def candidates(c):
+        """The configurations the sweep times at chunk size c (the default among them), in order."""
+        cands = {default_launch(c, d, torch.bfloat16)} | {
+            launch_of(t, opts) for kind, opts in KINDS.items() for t in (SWEEP[kind] if DEVICE == "cuda" else [(16, 16, 4, 1)])
+            if t[0] <= max(16, triton.next_power_of_2(c))}
+        return sorted(cands, key=lambda x: (kind_of(x), x.block_m, x.block_n, x.num_warps, x.num_stages,
+                                            x.max_registers or 0))
+
+    def default_tile_variants(c, causal):
+        """Each variant (but the default's) with the default tiles: step 3 times them where c was not swept."""
+        base = default_launch(c, d, torch.bfloat16)
+        return {kind: LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
+                for kind, opts in KINDS.items() if kind != "prepass" and (causal or kind not in FUSED_KINDS)}
+
+    swept = [] if args.no_sweep else [c for c in args.chunks if c in args.sweep_chunks]
+    # compile, in parallel, what steps 2 and 3 launch: the sweep's configurations, the op's default
+    # launch in both modes (one specialisation serves every n of the table: n and n/c stay
+    # multiples of 16) and the variants step 3 times with default tiles
+    ahead = [lambda c=c, cfg=cfg: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg)
+             for c in swept for cfg in candidates(c) + [reference_launch]]
+    for causal in (True, False):
+        for c in args.chunks:
+            ahead.append(lambda c=c, causal=causal: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal))
+            ahead += [lambda c=c, causal=causal, cfg=cfg: mta_forward_triton(q, k, v, None, chunk_size=c,
+                                                                             causal=causal, launch=cfg)
+                      for cfg in ([] if c in swept else default_tile_variants(c, causal).values())]
+    compile_ahead("steps 2 and 3", ahead)
+
+    for c in swept:
         default = default_launch(c, d, torch.bfloat16)
-        cands = {default} | {launch_of(t, opts) for kind, opts in KINDS.items()
-                             for t in (SWEEP[kind] if DEVICE == "cuda" else [(16, 16, 4, 1)])
-                             if t[0] <= max(16, triton.next_power_of_2(c))}
         res = []
-        for cfg in sorted(cands, key=lambda x: (kind_of(x), x.block_m, x.block_n, x.num_warps, x.num_stages,
-                                                x.max_registers or 0)):
+        for cfg in candidates(c):
             try:
                 err = checked(cfg, c)
                 ms = median_ms(lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg))
@@ -342,6 +387,13 @@ def main(argv=None):
 
     # 3. main table
     variants_from = 0 if args.dry_run else 16384  # the variants' best tiles are timed from this n on
+    q, k, v = qkv(min(args.n))  # the non-causal launches of the sweep's best tiles, compiled ahead
+    best_tiles = [(c, causal, launch_of(best["config"], KINDS[kind])) for c in sweep
+                  for kind, best in sweep[c]["best"].items() for causal in (True, False)
+                  if best is not None and (causal or kind not in FUSED_KINDS)]
+    compile_ahead("step 3", [lambda c=c, causal=causal, cfg=cfg: mta_forward_triton(
+        q, k, v, None, chunk_size=c, causal=causal, launch=cfg) for c, causal, cfg in best_tiles])
+    q = k = v = None
     floor = {}
     rows = []
     for n in args.n:
@@ -365,11 +417,8 @@ def main(argv=None):
                     row[f"mta_c{c}_rel_err"] = rel_err(out, mta_attention_chunked(q.float(), k.float(), v.float(), **kw))
                 out = None
                 row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
-                base = default_launch(c, d, q.dtype)
-                for kind, opts in KINDS.items():  # without a sweep: the default tiles in each variant
-                    if kind == "prepass" or (kind in FUSED_KINDS and not causal) or c in sweep:
-                        continue
-                    cfg = LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
+                for kind, cfg in ({} if c in sweep else default_tile_variants(c, causal)).items():
+                    # without a sweep: the default tiles in each variant
                     time_variant(row, f"mta_c{c}_{kind}", lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
                 for kind, opts in KINDS.items():  # the sweep's best tiles of each variant (from 16K: time is short)
                     best = sweep.get(c, {}).get("best", {}).get(kind)
@@ -389,6 +438,14 @@ def main(argv=None):
     extras = {}
     if (65536 in args.n and 128 in args.chunks) or args.dry_run:
         n, c = (65536, 128) if not args.dry_run else (512, 32)
+        q, k, v = qkv(4096 if not args.dry_run else n)  # the launches below, compiled ahead (same specialisation)
+        qg, kg, vg = qkv(q.shape[2], hkv=max(1, H // 4))
+        compile_ahead("step 4", [
+            lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2),
+            lambda: torch.ops.mta.attention(qg, kg, vg, chunk_size=c, causal=True),
+            *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
+                                                          summary_atomics=atomics) for atomics in (True, False))])
+        qg = kg = vg = None
         q, k, v = qkv(n)
         nc = n // c
         logn = torch.empty(1, H, nc, device=DEVICE)
@@ -426,8 +483,6 @@ def main(argv=None):
             except RuntimeError as exc:
                 extras["fwd_bwd_sdpa_cudnn_error"] = str(exc).splitlines()[0]
         q, k, v = (x.detach() for x in (q, k, v))
-        from mta_rewrite.kernels.mta_bwd import mta_backward_triton
-
         for name, atomics in (("bwd_summary_atomics", True), ("bwd_summary_kernel", False)):  # backward alone
             time_variant(extras, name, lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c, causal=True,
                                                                    summary_atomics=atomics))

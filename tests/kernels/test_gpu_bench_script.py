@@ -43,3 +43,8 @@ def test_dry_run_reports_every_step(tmp_path):
     (model,) = report["models"]
     assert "error" not in model and model["mta_ms"] > 0 and model["logits_rel_diff"] < 0.1
     assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("|") > 50
+    # compiling ahead (benchmarks/precompile.py, tested in test_triton_compile.py) is for the GPU;
+    # here each step says what it would have compiled
+    assert [(e["step"], e["skipped"]) for e in report["compiled_ahead"]] == [
+        (step, "no compiler in the interpreter") for step in ("steps 2 and 3", "step 3", "step 4")]
+    assert all(e["calls"] > 0 for e in report["compiled_ahead"])

@@ -142,3 +142,69 @@ def test_resource_report_rejects_bad_tiles():
     run = subprocess.run([sys.executable, TOOL, "--tiles", "128,32,8"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
     assert "--tiles takes M,N,WARPS,STAGES[,MAXREGS]" in run.stderr
+
+
+# benchmarks/precompile.py on the real compiler. There is no GPU driver here, so a stand-in answers
+# the three questions a compile-only launch asks (device, stream, target: sm_90); on a GPU the
+# real driver answers them.
+PRECOMPILE_CHILD = r"""
+import sys, threading
+sys.path[:0] = [sys.argv[1] + "/benchmarks", sys.argv[1]]
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+class StandIn:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+
+driver.set_active(StandIn())
+from mta_rewrite.kernels import mta_fwd
+from mta_rewrite.kernels.mta_fwd import LaunchConfig, mta_forward_triton
+import precompile
+
+run = JITFunction.run
+q, k, v = (torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+cfgs = [LaunchConfig(64, 32, 4, 2), LaunchConfig(64, 32, 4, 2, one_loop=True)]
+calls = [lambda cfg=cfg: mta_forward_triton(q, k, v, None, chunk_size=64, causal=True, launch=cfg) for cfg in cfgs]
+threads = set()
+import triton.compiler.compiler as cc
+real_compile = cc.compile
+def counting_compile(*a, **kw):
+    threads.add(threading.get_ident())
+    return real_compile(*a, **kw)
+for fn in (mta_fwd._mta_fwd_kernel, mta_fwd._chunk_mean_kernel):
+    fn.device_caches[0]  # build the binder, then count the compiles it makes
+    fn.compile = counting_compile
+report = precompile.compile_ahead(calls, workers=2)
+assert report.get("calls") == 2, report
+assert JITFunction.run is run  # launches launch again
+assert len(mta_fwd._mta_fwd_kernel.device_caches[0][0]) == 2 and len(mta_fwd._chunk_mean_kernel.device_caches[0][0]) == 1
+assert threading.get_ident() not in threads and threads, threads  # compiled in the pool's threads
+for kernel in mta_fwd._mta_fwd_kernel.device_caches[0][0].values():
+    assert kernel.metadata.num_warps == 4 and kernel.metadata.num_stages == 2 and len(kernel.asm["cubin"]) > 0
+compiled = []
+original = JITFunction._do_compile
+JITFunction._do_compile = lambda self, *a, **kw: compiled.append(self) or original(self, *a, **kw)
+with precompile.compile_only():  # the launches the benchmark times find their kernels compiled
+    for call in calls:
+        call()
+assert compiled == [], compiled
+bad = precompile.compile_ahead([lambda: mta_forward_triton(q, k, v, None, chunk_size=64, causal=False,
+                                                           launch=LaunchConfig(64, 32, 4, 2, fused=True))])
+assert "fused" in bad["error"] and JITFunction.run is run, bad
+print("OK")
+"""
+
+
+def test_precompile_fills_the_kernel_cache_in_threads():
+    """compile_ahead compiles each launch's kernel (same specialisation as the launch) in a thread
+    pool and leaves it in the kernel's cache: the same launches then compile nothing; a launch
+    that fails is reported and launching is restored."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", PRECOMPILE_CHILD, os.path.join(os.path.dirname(__file__), "..", "..")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "OK"
