@@ -1,6 +1,7 @@
 """GPU kernels (Triton) behind ``torch.ops.mta.attention`` for CUDA tensors.
 
-Dispatch for a CUDA call:
+Dispatch for a CUDA call, after a mask that is key padding (∧ the causal triangle) by value has
+been turned into key padding (``ops/masks.simplify_mask``: what transformers models pass):
 
 - a configuration that is exact (one chunk, c ≥ n) with no mask → ``scaled_dot_product_attention``;
 - no mask or a key-padding mask, fp16/bf16/fp32, triton installed → the fused Triton forward
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from ..ops.chunked import mta_attention_chunked
 from ..ops.layout import in_layout_of
+from ..ops.masks import simplify_mask
 
 
 @functools.cache
@@ -35,8 +37,11 @@ def triton_available() -> bool:
 
 
 def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
-    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
     n = q.shape[2]
+    # a transformers model's [B, 1, n, n] mask is key padding (∧ the causal triangle) by value: as
+    # such it runs on the fused kernels instead of the portable implementation (ops/masks.py)
+    attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], n, causal)
+    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
     if attn_mask is None and chunk_size >= n:
         # in q's layout like every other path (and the op's fake); the flash and cuDNN backends
         # return a transposed [B, n, H, d] buffer whatever q's layout

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import mta_attention_chunked
+from .masks import simplify_mask
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,6 +65,7 @@ def attention(
     """Multi-Token Attention (MTA_SPEC.md). Output: q's shape, dtype and memory layout (that of
     ``torch.empty_like(q)``)."""
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k)
+    attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     return mta_attention_chunked(
         q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
         local_chunks=local_chunks, sinks=sinks, top_k=top_k,
@@ -94,15 +96,17 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _backward(ctx, grad_out):
     q, k, v, attn_mask = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
+    config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
+    attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
     if q.is_cuda:
         from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
-        grads = backward_cuda(q, k, v, attn_mask, grad_out, **ctx.config)
+        grads = backward_cuda(q, k, v, attn_mask, grad_out, **config)
         if grads is not None:
             return (*(g if need else None for g, need in zip(grads, needs)), None)
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
-        out = mta_attention_chunked(*leaves, attn_mask, **ctx.config)
+        out = mta_attention_chunked(*leaves, attn_mask, **config)
         wanted = [x for x in leaves if x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
     dq, dk, dv = (next(grads) if need else None for need in needs)

@@ -12,6 +12,7 @@ lets chunk summaries leave masked keys out instead of averaging them in with a h
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,8 @@ def forbidden_threshold(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-def normalize_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> NormalizedMask | None:
-    """Check ``attn_mask`` against SDPA's broadcasting rules and split it into allowed/bias."""
-    if attn_mask is None:
-        return None
+def _as_4d(attn_mask: torch.Tensor, B: int, Hq: int, n: int) -> torch.Tensor:
+    """``attn_mask`` as a 4-D view, checked against SDPA's broadcasting rules for [B, Hq, n, n]."""
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dimensions, got shape {tuple(attn_mask.shape)}")
     m = attn_mask
@@ -59,6 +58,14 @@ def normalize_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> N
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                 f"[B, Hq, n, n] = {list(target)} ({name} dimension is {size})"
             )
+    return m
+
+
+def normalize_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> NormalizedMask | None:
+    """Check ``attn_mask`` against SDPA's broadcasting rules and split it into allowed/bias."""
+    if attn_mask is None:
+        return None
+    m = _as_4d(attn_mask, B, Hq, n)
     if m.shape[3] == 1:  # the same value for every key: make the key dimension explicit
         m = m.expand(*m.shape[:3], n)
     if m.dtype == torch.bool:
@@ -70,3 +77,83 @@ def normalize_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> N
     if not bool(bias.any()):  # a pure 0/-inf mask carries no bias: drop it
         bias = None
     return NormalizedMask(allowed=allowed, bias=bias)
+
+
+# --- Masks that are key padding in disguise ---------------------------------------------------------
+#
+# transformers models hand attention a materialised [B, 1, n, n] mask even when it holds nothing but
+# the causal triangle and the padding of the batch (and even when nothing is padded: their decoders
+# export with causal=False and the triangle in the mask). As given, such a mask varies per query,
+# which sends every call to the portable implementation and, on CUDA, past the fused kernels.
+# Its values say what it is; ``simplify_mask`` reads them once per mask tensor.
+
+_ROW_BLOCK_ELEMENTS = 1 << 26  # rows of the mask compared per step: bounds the temporaries
+_STRUCTURE: dict[tuple, tuple] = {}  # (id, B, Hq, n) → (weakref to the mask, its version, verdict)
+
+
+def _structure(allowed: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor | None, bool] | None:
+    """For ``allowed`` [Bm, Hm, n, n] (and the float mask ``m`` it came from, or None for a bool
+    mask): ``(keep, triangle)`` if, in every head, the mask equals the keep flags of its first
+    head's last row on every row (key padding: triangle False) or the causal triangle ∧ them
+    (triangle True), with keep [Bm, 1, 1, n] bool, or None when every key is kept; None if it is
+    neither, or if a float mask carries a bias. One device→host transfer of four flags."""
+    Bm, Hm, n, _ = allowed.shape
+    keep = allowed[:, 0, -1, :]  # the last query row sees every key the triangle allows: the keep flags
+    true = torch.ones((), dtype=torch.bool, device=allowed.device)
+    pad_ok, causal_ok = true.clone(), true.clone()
+    keys = torch.arange(n, device=allowed.device)
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, Bm * Hm * n))
+    for r0 in range(0, n, step):
+        rows = allowed[:, :, r0:r0 + step]
+        pad_ok &= (rows == keep[:, None, None, :]).all()
+        tri = keys[None, :] <= torch.arange(r0, min(n, r0 + step), device=allowed.device)[:, None]
+        causal_ok &= (rows == (tri & keep[:, None, :])[:, None]).all()
+    bias_free = true if m is None else ((m == 0) | ~allowed).all()
+    pad, causal, no_bias, all_kept = torch.stack([pad_ok, causal_ok, bias_free, keep.all()]).tolist()
+    if not no_bias or not (pad or causal):
+        return None
+    return (None if all_kept else keep[:, None, None, :].clone()), not pad
+
+
+def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool
+                  ) -> tuple[torch.Tensor | None, bool]:
+    """An equivalent ``(attn_mask, causal)`` for MTA when a mask that varies per query is, by its
+    values, key padding or the causal triangle ∧ key padding: then ``(keep [Bm, 1, 1, n] bool, or
+    None when every key is kept, causal)``, with ``causal=True`` for the second form. Anything else
+    (a bias, heads that differ, any other pattern) comes back unchanged.
+
+    Why it is the same op (MTA_SPEC.md): with M = triangle ∧ keep and causal=False, the exact set
+    of a query t holds the window's keys s ≤ t that are kept, as with causal=True and keep; the
+    chunks after the window give no key to any query of the chunk (n_j = 0: left out, and never
+    selected by top-k); the chunks before it give every query of the chunk the same kept keys, so
+    one masked mean serves the block, as with causal=True. Sinks and fully masked rows agree too.
+
+    The check reads the whole mask once (O(B·n²), in row blocks) and costs one device→host sync;
+    its verdict is kept per mask tensor (while it lives and is not modified in place: every layer
+    of a forward pass that shares the mask pays it once). Not cached for inference tensors (they
+    carry no version counter); skipped while a CUDA graph is being captured (no sync allowed)."""
+    if attn_mask is None:
+        return None, causal
+    m = _as_4d(attn_mask, B, Hq, n)
+    if m.shape[2] == 1 or m.shape[3] == 1 or n == 1:
+        return attn_mask, causal  # already the same for every query
+    if not (m.dtype == torch.bool or m.is_floating_point()):
+        return attn_mask, causal  # normalize_mask raises the error
+    key = (id(attn_mask), B, Hq, n)
+    cached = _STRUCTURE.get(key)
+    versioned = not attn_mask.is_inference()
+    if cached is not None and versioned and cached[0]() is attn_mask and cached[1] == attn_mask._version:
+        verdict = cached[2]
+    else:
+        if m.is_cuda and torch.cuda.is_current_stream_capturing():
+            return attn_mask, causal
+        floating = m.is_floating_point()
+        allowed = m > forbidden_threshold(m.dtype) if floating else m
+        verdict = _structure(allowed, m if floating else None)
+        if versioned:
+            _STRUCTURE[key] = (weakref.ref(attn_mask, lambda _, key=key: _STRUCTURE.pop(key, None)),
+                               attn_mask._version, verdict)
+    if verdict is None:
+        return attn_mask, causal
+    keep, triangle = verdict
+    return keep, causal or triangle

@@ -198,6 +198,33 @@ def test_mask_classification():
     assert key_padding(torch.randn(1, 1, 1, n), B, H, n) is False  # a bias, not 0/−inf
 
 
+@pytest.mark.parametrize("form", ["causal_padding_min", "causal_bool", "key_padding_per_head"])
+def test_transformers_style_masks_take_the_kernel(form, monkeypatch):
+    """The [B, 1, n, n] masks transformers models pass (the causal triangle ∧ key padding, additive
+    with the dtype's minimum or bool; nn.MultiheadAttention's key padding merged per head) run on
+    the fused kernel as key padding, and give the reference's output for the mask as given."""
+    from mta_rewrite.kernels import mta_fwd
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=5)
+    keep = padding(B, n)
+    tri = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+    if form == "causal_padding_min":
+        mask = torch.zeros(B, 1, n, n, device=DEVICE).masked_fill(~(tri & keep), torch.finfo(torch.float32).min)
+    elif form == "causal_bool":
+        mask = tri.expand(B, 1, n, n).contiguous()
+    else:
+        mask = keep.expand(B, Hq, n, n).contiguous()
+    launches = []
+    launch = mta_fwd.mta_forward_triton
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton", lambda *a, **kw: launches.append(kw["causal"]) or launch(*a, **kw))
+    kw = dict(chunk_size=8, local_chunks=2, sinks=3, top_k=1)
+    out = dispatch_cuda(q, k, v, mask, causal=False, scale=None, **kw)
+    assert launches == [form != "key_padding_per_head"]  # the kernel ran, causal where the triangle was
+    torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, mask, causal=False, **kw),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,c,causal,top_k", [(1000, 64, True, 2), (4096, 128, False, 0), (4096, 128, True, 4)])
 def test_gpu_sizes_and_dispatch(n, c, causal, top_k):
@@ -206,23 +233,26 @@ def test_gpu_sizes_and_dispatch(n, c, causal, top_k):
     out = torch.ops.mta.attention(q, k, v, **kw)
     portable = mta_rewrite.ops.mta_attention_chunked(q.float(), k.float(), v.float(), **kw)
     torch.testing.assert_close(out.float(), portable, rtol=2e-2, atol=2e-2)
-    mask4d = torch.ones(1, 1, n, n, dtype=torch.bool, device=DEVICE).tril()
-    torch.testing.assert_close(dispatch_cuda(q, k, v, mask4d, scale=None, **kw).float(),
-                               mta_rewrite.ops.mta_attention_chunked(q.float(), k.float(), v.float(), mask4d, **kw),
+    idx = torch.arange(n, device=DEVICE)
+    banded = (idx[:, None] - idx[None, :]).abs() < n // 3  # varies per query: the portable implementation
+    torch.testing.assert_close(dispatch_cuda(q, k, v, banded, scale=None, **kw).float(),
+                               mta_rewrite.ops.mta_attention_chunked(q.float(), k.float(), v.float(), banded, **kw),
                                rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("per_query_mask", [False, True])
-def test_gpu_gradients_match_reference(causal, per_query_mask):
-    """The op's gradients on the GPU: through the Triton backward (no mask), and through the
-    portable recompute (a mask that varies per query: a banded bool mask). The CPU op in float64
+@pytest.mark.parametrize("mask_kind", ["none", "banded", "transformers"])
+def test_gpu_gradients_match_reference(causal, mask_kind):
+    """The op's gradients on the GPU: through the Triton backward (no mask; a transformers-style
+    [1, 1, n, n] causal ∧ padding mask, recognised as key padding), and through the portable
+    recompute (a mask that varies per query: a banded bool mask). The CPU op in float64
     (gradchecked in tests/ops) is the reference."""
     q, k, v = inputs(1, 4, 2, 200, 32, torch.float32, seed=3)
     kw = dict(chunk_size=16, causal=causal, local_chunks=2, sinks=2, top_k=1)
     idx = torch.arange(200)
-    mask = ((idx[:, None] - idx[None, :]).abs() < 150) if per_query_mask else None
+    mask = {"none": None, "banded": (idx[:, None] - idx[None, :]).abs() < 150,
+            "transformers": (idx[None, None, None, :] <= idx[None, None, :, None]) & (idx >= 7)}[mask_kind]
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
     ref_leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
     torch.ops.mta.attention(*ref_leaves, mask, **kw).backward(grad_out.double())

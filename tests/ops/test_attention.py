@@ -48,6 +48,14 @@ def make_mask(kind: str, B: int, Hq: int, n: int) -> torch.Tensor | None:
         "block_diagonal_2d": (i[:, None] // 5) == (i[None, :] // 5),
         "per_head_key_padding": torch.rand(B, Hq, 1, n, generator=g) > 0.4,
         "some_rows_fully_masked": torch.zeros(B, 1, n, n, dtype=torch.bool).index_fill_(2, torch.arange(5), True),
+        # key padding (∧ the triangle) in disguise, as transformers models and nn.MultiheadAttention
+        # pass it (ops/masks.simplify_mask turns it back), and near misses that must stay as they are
+        "key_padding_4d_materialised": pad.expand(B, Hq, n, n).contiguous(),
+        "causal_4d_no_padding_min": fmin_where(tri.expand(B, 1, n, n)),
+        "causal_padding_one_entry_off": causal_pad.clone().index_put_((torch.tensor(B - 1), torch.tensor(0),
+                                                                       torch.tensor(4), torch.tensor(6)),
+                                                                      torch.tensor(True)),  # one future key
+        "causal_padding_key_bias": fmin_where(causal_pad) + 0.3 * i * causal_pad,
     }
     return masks[kind]
 
@@ -55,7 +63,8 @@ def make_mask(kind: str, B: int, Hq: int, n: int) -> torch.Tensor | None:
 MASKS = [
     "none", "key_padding_bool", "key_padding_inf", "key_padding_min", "causal_padding_4d_min",
     "causal_padding_4d_bool", "random_bool_per_head", "alibi_bias", "key_bias", "constant_bias",
-    "block_diagonal_2d", "per_head_key_padding", "some_rows_fully_masked",
+    "block_diagonal_2d", "per_head_key_padding", "some_rows_fully_masked", "key_padding_4d_materialised",
+    "causal_4d_no_padding_min", "causal_padding_one_entry_off", "causal_padding_key_bias",
 ]
 # (chunk_size, local_chunks, sinks, top_k): partial last chunk, c = 1, c > n, windows, sinks
 # inside and beyond the first chunk, selection
@@ -222,6 +231,7 @@ def test_dtypes_match_reference(dtype, tol, causal):
         (dict(chunk_size=2, causal=True, sinks=1, top_k=1, local_chunks=2), "none"),
         (dict(chunk_size=3, top_k=1), "key_padding_bool"),
         (dict(chunk_size=3, causal=True), "causal_padding_4d_min"),
+        (dict(chunk_size=2, top_k=1, sinks=1), "causal_padding_4d_bool"),  # recognised: causal + key padding
         (dict(chunk_size=2, sinks=2), "alibi_bias"),
     ],
 )
