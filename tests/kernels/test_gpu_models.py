@@ -50,3 +50,25 @@ def test_tiny_causal_lm_cpu_vs_gpu():
     cpu = _rewritten_outputs(model, (ids,), {}, "cpu")
     gpu = _rewritten_outputs(model, (ids,), {}, "cuda")
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama (sdpa)", "bert (eager)", "nn.MultiheadAttention"])
+def test_transformers_models_take_the_kernels_on_the_gpu(name, monkeypatch):
+    """transformers models (and nn.MultiheadAttention) hand attention a [B, 1, n, n] (or per-head)
+    mask that is key padding ∧ the causal triangle by value: on CUDA the op recognises it and runs
+    the fused Triton forward (it took the portable implementation before), giving what the CPU
+    gives."""
+    if "(" in name:
+        pytest.importorskip("transformers")
+    from mta_rewrite.kernels import mta_fwd
+
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    model = case.build()
+    args, kwargs = case.inputs(150)
+    cpu = _rewritten_outputs(model, args, kwargs, "cpu")
+    launches = []
+    launch = mta_fwd.mta_forward_triton
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton", lambda *a, **kw: launches.append(kw["causal"]) or launch(*a, **kw))
+    gpu = _rewritten_outputs(model, args, kwargs, "cuda")
+    assert len(launches) == case.rewritable  # every attention layer ran on the kernel
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)

@@ -72,8 +72,9 @@ def near_misses():
     heads_differ[0, 2, N - 1, 5] = False
     window = allowed & ~torch.ones(N, N, dtype=torch.bool).tril(-4)  # a sliding window
     key_bias = additive(allowed) + 0.5 * torch.arange(N) * allowed
+    alibi = -(torch.arange(N)[None, :] - torch.arange(N)[:, None]).abs() * 0.5
     return {"one future key": one_future_key, "one missing key": one_missing_key, "heads differ": heads_differ,
-            "sliding window": window, "a bias": key_bias, "alibi": -(torch.arange(N)[None, :] - torch.arange(N)[:, None]).abs() * 0.5}
+            "sliding window": window, "a bias": key_bias, "alibi": alibi}
 
 
 @pytest.mark.parametrize("name", list(near_misses()))
