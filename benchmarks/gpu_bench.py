@@ -23,10 +23,11 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
 5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
    block mask built from block indices (timed once), the first call (compile), then median ms
    against the MTA kernel's in the same run, and the relative difference of their outputs;
-6. a whole model: the built-in causal LM (``zoo.TinyCausalLM`` with 16 heads of 128, d_model
-   2048, 2 layers, random weights, bf16) rewritten with MTA (c = 256) against the original on
-   SDPA (PyTorch's default backend, and cuDNN), forward at ``MODEL_NS`` tokens: what a user's
-   model gains, layouts, projections and MLPs included.
+6. whole models: the built-in causal LM (``zoo.TinyCausalLM`` with 16 heads of 128, d_model
+   2048, 2 layers, random weights, bf16) at ``MODEL_NS`` tokens, and a transformers LlamaModel of
+   the same size (4 key/value heads) at ``HF_MODEL_NS``, rewritten with MTA (c = 256) against
+   the original on SDPA (PyTorch's default backend, and cuDNN), forward: what a user's model
+   gains, layouts, masks, projections and MLPs included.
 
 Before steps 2, 3 and 4, the Triton kernels they launch are compiled ahead in parallel threads
 (``benchmarks/precompile.py``): about twenty distinct configurations in the sweep alone, some two
@@ -79,6 +80,7 @@ SWEEP = {  # 64K causal on the H100 ruled out (128, 64, 4, 3), (256, 32, 8, 3) a
 FLEX_POINTS = [(65536, True, 256)]  # add (131072, True, 256) when the device time allows
 # sequence lengths at which step 6 runs the whole model
 MODEL_NS = [16384, 65536]
+HF_MODEL_NS = [16384]  # the transformers model (its [1, 1, n, n] mask: 4 GB of bools at 64K)
 
 DEVICE = "cuda"
 COMPILED: list[dict] = []  # what each compile_ahead call compiled, and how long it took
@@ -209,43 +211,70 @@ def save(args, head, rows, sweep, prepass, extras, flex, final=False, models=())
         tmp.replace(path)
 
 
-def whole_model(args, save_now, SDPBackend, sdpa_kernel, models):
-    """Step 6: zoo.TinyCausalLM rewritten with MTA against the original, forward, at MODEL_NS
-    tokens (tiny on the CPU dry run); every entry saved as it comes."""
-    import mta_rewrite as mr
+def model_specs(gpu: bool) -> list[tuple]:
+    """Step 6's models: (name, build() → model, call(model, ids), chunk, lengths). The built-in
+    causal LM, and a transformers Llama (random weights from a config object; GQA), which builds
+    the [1, 1, n, n] causal mask transformers models pass to attention: MTA recognises it as
+    causal (ops/masks.simplify_mask) and runs the kernels."""
     from mta_rewrite import zoo
 
-    gpu = DEVICE == "cuda"
     dim, heads, layers, c = (2048, 16, 2, 256) if gpu else (32, 2, 2, 16)
-    name = f"TinyCausalLM d={dim}, {heads} heads, {layers} layers"
-    try:
-        torch.manual_seed(0)
-        model = zoo.TinyCausalLM(d=dim, heads=heads, layers=layers).eval()
-        model = model.to(device=DEVICE, dtype=torch.bfloat16 if gpu else torch.float32)
-        example = torch.randint(0, 256, (1, 4 * c), device=DEVICE)
-        fast = mr.rewrite(model, (example,), config=mr.MTAConfig(chunk_size=c))
-    except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-        models.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
-        save_now()
-        return models
-    for n in MODEL_NS if gpu else [8 * c]:
-        entry = {"n": n, "model": name, "chunk": c}
-        ids = torch.randint(0, 256, (1, n), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(n))
-        with torch.no_grad():
-            time_variant(entry, "original", lambda: model(ids))
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                time_variant(entry, "original_cudnn", lambda: model(ids))
-            time_variant(entry, "mta", lambda: fast(ids))
-            try:
-                want, got = model(ids).float(), fast(ids).float()
-                entry["logits_rel_diff"] = rel_err(got, want)
-            except Exception as exc:  # noqa: BLE001
-                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        models.append(entry)
-        print(json.dumps(entry), flush=True)
-        save_now()
-        if gpu:
-            torch.cuda.empty_cache()
+
+    def tiny():
+        return zoo.TinyCausalLM(d=dim, heads=heads, layers=layers)
+
+    def llama():
+        import transformers
+
+        cfg = transformers.LlamaConfig(vocab_size=32000 if gpu else 256, hidden_size=dim, num_hidden_layers=layers,
+                                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                                       intermediate_size=4 * dim, max_position_embeddings=max(HF_MODEL_NS) if gpu else 8 * c)
+        cfg._attn_implementation = "sdpa"
+        cfg.use_cache = False
+        return transformers.LlamaModel(cfg)
+
+    return [(f"TinyCausalLM d={dim}, {heads} heads, {layers} layers", tiny, lambda m, ids: m(ids), c,
+             MODEL_NS if gpu else [8 * c]),
+            (f"transformers LlamaModel d={dim}, {heads} heads ({max(1, heads // 4)} kv), {layers} layers", llama,
+             lambda m, ids: m(ids)[0], c, HF_MODEL_NS if gpu else [8 * c])]
+
+
+def whole_model(args, save_now, SDPBackend, sdpa_kernel, models):
+    """Step 6: each model of ``model_specs`` rewritten with MTA against the original, forward, at
+    its lengths (tiny on the CPU dry run); every entry saved as it comes."""
+    import mta_rewrite as mr
+
+    gpu = DEVICE == "cuda"
+    for name, build, call, c, lengths in model_specs(gpu):
+        try:
+            torch.manual_seed(0)
+            model = build().eval().to(device=DEVICE, dtype=torch.bfloat16 if gpu else torch.float32)
+            example = torch.randint(0, 256, (1, 4 * c), device=DEVICE)
+            fast = mr.rewrite(model, (example,), config=mr.MTAConfig(chunk_size=c))
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            models.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            save_now()
+            continue
+        for n in lengths:
+            entry = {"n": n, "model": name, "chunk": c}
+            ids = torch.randint(0, 256, (1, n), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(n))
+            with torch.no_grad():
+                time_variant(entry, "original", lambda: call(model, ids))
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    time_variant(entry, "original_cudnn", lambda: call(model, ids))
+                time_variant(entry, "mta", lambda: call(fast, ids))
+                try:
+                    want, got = call(model, ids).float(), call(fast, ids).float()
+                    entry["logits_rel_diff"] = rel_err(got, want)
+                except Exception as exc:  # noqa: BLE001
+                    entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            models.append(entry)
+            print(json.dumps(entry), flush=True)
+            save_now()
+            ids = None
+            if gpu:
+                torch.cuda.empty_cache()
+        model = fast = None
     return models
 
 

@@ -40,8 +40,9 @@ def test_dry_run_reports_every_step(tmp_path):
     assert {"contiguous_qkv_ms", "transposed_qkv_ms", "fwd_bwd_ms", "bwd_summary_kernel_ms"} <= set(report["extras"])
     (flex,) = report["flex"]
     assert "error" not in flex and flex["rel_err_vs_mta"] < 1e-2 and flex["graphs_compiled_while_timing"] == 0
-    (model,) = report["models"]
-    assert "error" not in model and model["mta_ms"] > 0 and model["logits_rel_diff"] < 0.1
+    assert [m["model"].split()[:2] for m in report["models"]] == [["TinyCausalLM", "d=32,"], ["transformers", "LlamaModel"]]
+    for model in report["models"]:  # the built-in causal LM and a transformers Llama (its mask recognised)
+        assert "error" not in model and model["mta_ms"] > 0 and model["logits_rel_diff"] < 0.1, model
     assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("|") > 50
     # compiling ahead (benchmarks/precompile.py, tested in test_triton_compile.py) is for the GPU;
     # here each step says what it would have compiled
