@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite  # noqa: E402,F401
-from mta_rewrite.timing import best_ms  # noqa: E402
+from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
 
 NEG = -1.0e30
 
@@ -103,8 +102,7 @@ def main(argv=None):
     ap.add_argument("--label", default="", help="suffix for the result files (e.g. the allocator setting)")
     args = ap.parse_args(argv)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    cpu = cpu_name()
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}" + (f", {malloc}" if malloc else "")
     rows = []

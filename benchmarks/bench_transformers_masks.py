@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
-from mta_rewrite.timing import best_ms  # noqa: E402
+from mta_rewrite.config import atomic_write_text  # noqa: E402
+from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
 
 
 def build(name: str, n: int):
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
 
     simplify = op_module.simplify_mask  # the CPU op's own call (ops/attention.py)
     config = mr.MTAConfig(chunk_size=64, local_chunks=2, sinks=4, top_k=2)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    cpu = cpu_name()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}"
     rows = []
     for name in args.models:
@@ -101,14 +100,10 @@ def main(argv=None) -> int:
     text = (f"{dt.date.today().isoformat()}, {machine}; MTA c=64, L=2, sinks=4, top_k=2, fp32, forward\n\n"
             + "\n".join(lines) + "\n")
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
-    for path, content in ((args.out / f"transformers_masks_{stamp}.md", text),
-                          (args.out / f"transformers_masks_{stamp}.json", json.dumps({"machine": machine, "rows": rows},
-                                                                                    indent=2) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(path)
+    atomic_write_text(args.out / f"transformers_masks_{stamp}.md", text)
+    atomic_write_text(args.out / f"transformers_masks_{stamp}.json", json.dumps({"machine": machine, "rows": rows},
+                                                                                    indent=2) + "\n")
     return 0
 
 

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 from typing import Callable
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or the machine type elsewhere: for benchmark
+    headers, which name the machine every figure was measured on."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def best_ms(fn: Callable[[], object], repeats: int = 3, device=None) -> float:

