@@ -91,24 +91,33 @@ _ROW_BLOCK_ELEMENTS = 1 << 26  # rows of the mask compared per step: bounds the 
 _STRUCTURE: dict[tuple, tuple] = {}  # (id, B, Hq, n) → (weakref to the mask, its version, verdict)
 
 
-def _structure(allowed: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor | None, bool] | None:
-    """For ``allowed`` [Bm, Hm, n, n] (and the float mask ``m`` it came from, or None for a bool
-    mask): ``(keep, triangle)`` if, in every head, the mask equals the keep flags of its first
-    head's last row on every row (key padding: triangle False) or the causal triangle ∧ them
-    (triangle True), with keep [Bm, 1, 1, n] bool, or None when every key is kept; None if it is
-    neither, or if a float mask carries a bias. One device→host transfer of four flags."""
-    Bm, Hm, n, _ = allowed.shape
-    keep = allowed[:, 0, -1, :]  # the last query row sees every key the triangle allows: the keep flags
-    true = torch.ones((), dtype=torch.bool, device=allowed.device)
-    pad_ok, causal_ok = true.clone(), true.clone()
-    keys = torch.arange(n, device=allowed.device)
+def _structure(m: torch.Tensor) -> tuple[torch.Tensor | None, bool] | None:
+    """For a bool or float mask ``m`` [Bm, Hm, n, n]: ``(keep, triangle)`` if, in every head, the
+    mask allows exactly the keep flags of its first head's last row on every row (key padding:
+    triangle False) or the causal triangle ∧ them (triangle True), with keep [Bm, 1, 1, n] bool,
+    or None when every key is kept; None if it is neither, or if a float mask carries a bias
+    (an allowed value other than 0). Read in row blocks (no temporary of the mask's size); one
+    device→host transfer of four flags."""
+    Bm, Hm, n, _ = m.shape
+    floating = m.is_floating_point()
+    threshold = forbidden_threshold(m.dtype) if floating else None
+
+    def allowed(x):
+        return x > threshold if floating else x
+
+    keep = allowed(m[:, 0, -1, :])  # the last query row sees every key the triangle allows: the keep flags
+    true = torch.ones((), dtype=torch.bool, device=m.device)
+    pad_ok, causal_ok, bias_free = true.clone(), true.clone(), true.clone()
+    keys = torch.arange(n, device=m.device)
     step = max(1, _ROW_BLOCK_ELEMENTS // max(1, Bm * Hm * n))
     for r0 in range(0, n, step):
-        rows = allowed[:, :, r0:r0 + step]
+        block = m[:, :, r0:r0 + step]
+        rows = allowed(block)
         pad_ok &= (rows == keep[:, None, None, :]).all()
-        tri = keys[None, :] <= torch.arange(r0, min(n, r0 + step), device=allowed.device)[:, None]
+        tri = keys[None, :] <= torch.arange(r0, min(n, r0 + step), device=m.device)[:, None]
         causal_ok &= (rows == (tri & keep[:, None, :])[:, None]).all()
-    bias_free = true if m is None else ((m == 0) | ~allowed).all()
+        if floating:
+            bias_free &= ((block == 0) | ~rows).all()
     pad, causal, no_bias, all_kept = torch.stack([pad_ok, causal_ok, bias_free, keep.all()]).tolist()
     if not no_bias or not (pad or causal):
         return None
@@ -147,9 +156,7 @@ def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causa
     else:
         if m.is_cuda and torch.cuda.is_current_stream_capturing():
             return attn_mask, causal
-        floating = m.is_floating_point()
-        allowed = m > forbidden_threshold(m.dtype) if floating else m
-        verdict = _structure(allowed, m if floating else None)
+        verdict = _structure(m)
         if versioned:
             _STRUCTURE[key] = (weakref.ref(attn_mask, lambda _, key=key: _STRUCTURE.pop(key, None)),
                                attn_mask._version, verdict)

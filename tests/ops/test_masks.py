@@ -131,3 +131,12 @@ def test_large_masks_are_compared_in_row_blocks(monkeypatch):
     assert simplify_mask(allowed, B, H, N, False)[1] is True
     allowed[0, 0, N - 2, N - 1] = True  # in the last block but one
     assert simplify_mask(allowed, B, H, N, False)[0] is allowed
+
+
+def test_float_masks_are_read_in_row_blocks_too(monkeypatch):
+    monkeypatch.setattr(masks, "_ROW_BLOCK_ELEMENTS", 3 * B * N)
+    keep = keep_flags()
+    mask = additive((tri() & keep[:, None, :])[:, None])
+    assert simplify_mask(mask, B, H, N, False)[1] is True
+    mask[1, 0, N - 1, 3] = 0.25  # an allowed key with a bias, in the last block
+    assert simplify_mask(mask, B, H, N, False)[0] is mask
