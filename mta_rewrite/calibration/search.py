@@ -300,13 +300,17 @@ def _greedy(probe, cal, stats, tau, per_head, error_cache, record_cache) -> tupl
         else:
             rkey = (st.name, up)
             if rkey not in record_cache:
-                record_cache[rkey] = _record(probe, cal, dict(up), {st.name})[st.name]
+                # measure every candidate either pass may ask for now and keep only the errors: the
+                # recordings (q, k, v, mask and output per sample) of every (site, upstream plan)
+                # pair would otherwise stay for the whole search and grow with layers × plans
+                recs = _record(probe, cal, dict(up), {st.name})[st.name]
+                for cand in dict.fromkeys(st.front + st.head_front):
+                    error_cache[(*rkey, cand)] = _site_parts(recs, cand)
+                record_cache[rkey] = None
+                del recs
 
             def parts(cand, rkey=rkey):
-                ekey = (rkey[0], rkey[1], cand)
-                if ekey not in error_cache:
-                    error_cache[ekey] = _site_parts(record_cache[rkey], cand)
-                return error_cache[ekey]
+                return error_cache[(*rkey, cand)]
         if not per_head:
             for cand in st.front:
                 err = relative(*parts(cand))
