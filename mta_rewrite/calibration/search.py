@@ -182,14 +182,14 @@ def calibrate(
 
         # ---- greedy in layer order for a ladder of tolerances ------------------------------
         error_cache: dict = {}
-        record_cache: dict = {("", ()): None}
+        measured: set = set()  # (site, upstream plan) pairs whose candidates' errors are in error_cache
         ladder = _ladder()
         bar.start("greedy plans (upstream approximated)", 2 * len(ladder))
         plans: dict[PlanKey, str] = {}
         local_errors: dict[PlanKey, dict] = {}
         for per_head in (False, True):
             for tau in ladder:
-                configs, errs = _greedy(probe, cal, stats, tau, per_head, error_cache, record_cache)
+                configs, errs = _greedy(probe, cal, stats, tau, per_head, error_cache, measured)
                 key = _key(configs, stats)
                 plans.setdefault(key, f"τ={tau:.3g}" + (" per head" if per_head else ""))
                 local_errors.setdefault(key, errs)
@@ -286,7 +286,7 @@ def _site_parts(recs, config: MTAConfig):
     return local_error_parts(outs, [r.exact for r in recs], [r.mask for r in recs])
 
 
-def _greedy(probe, cal, stats, tau, per_head, error_cache, record_cache) -> tuple[dict, dict]:
+def _greedy(probe, cal, stats, tau, per_head, error_cache, measured) -> tuple[dict, dict]:
     """One plan for tolerance τ, sites in graph order with the upstream ones approximated.
     Returns (site → MTAConfig or HeadGroups, site → its local error)."""
     configs: dict = {}
@@ -299,14 +299,14 @@ def _greedy(probe, cal, stats, tau, per_head, error_cache, record_cache) -> tupl
             parts = st.parts.__getitem__
         else:
             rkey = (st.name, up)
-            if rkey not in record_cache:
+            if rkey not in measured:
                 # measure every candidate either pass may ask for now and keep only the errors: the
                 # recordings (q, k, v, mask and output per sample) of every (site, upstream plan)
                 # pair would otherwise stay for the whole search and grow with layers × plans
                 recs = _record(probe, cal, dict(up), {st.name})[st.name]
                 for cand in dict.fromkeys(st.front + st.head_front):
                     error_cache[(*rkey, cand)] = _site_parts(recs, cand)
-                record_cache[rkey] = None
+                measured.add(rkey)
                 del recs
 
             def parts(cand, rkey=rkey):

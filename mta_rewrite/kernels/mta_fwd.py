@@ -717,7 +717,8 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
-        ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma), WIDE=_wide(q, k, v),  # out has q's layout
+        ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
+        WIDE=_wide(q, k, v),  # out has q's layout: it spans no more than q
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
