@@ -7,12 +7,19 @@
    exact attention at that length are dropped (the crossover), and only the cost/error Pareto
    front is kept.
 3. **Greedy in layer order, errors compounding**: for a local tolerance τ, walk the sites in
-   graph order; for each, record its inputs *with the upstream sites already approximated* and
+   graph order; for each, take its inputs *with the upstream sites already approximated* and
    take the cheapest front candidate whose local error is ≤ τ (else exact). A ladder of τ gives
    a family of plans from all-exact (τ = 0) to aggressive. The same ladder is walked a second
    time choosing **per query head** (each head its cheapest candidate within τ, heads grouped
    by configuration, see :class:`~mta_rewrite.config.HeadGroups`): heads differ, some attend
    locally and some retrieve, and per-head plans save where one configuration per site cannot.
+
+   Steps 2 and 3 are one depth-first walk over the tree of upstream plans (:func:`_walk`):
+   every τ of both ladders starts at the root; the forward passes run site by site
+   (:class:`~.probe.Cursor`) and split where the plans' choices differ, so what plans share
+   (a layer under the same upstream choices) is computed, and its candidates measured, once. The
+   all-exact branch is walked first: it gives step 2's errors, which every other branch needs.
+   Only the boundary between layers is kept per open branch, never a recording per site.
 4. **Back off**: from the cheapest plan of the ladder, revert approximations one at a time, the
    least valuable first (least cost saved per unit of local error), to add intermediate plans.
 5. **Verify end to end** every plan of the family on the calibration *and* the held-out samples,
@@ -33,7 +40,7 @@ import torch
 from ..config import HeadGroups, MTAConfig, Plan, PlanEntry
 from .cost import default_candidates, exact_cost, relative_cost
 from .metrics import METRICS, first_tensor, local_error_parts, output_error, relative
-from .probe import Probe, as_call
+from .probe import Probe, as_call, release_freed_memory
 
 PlanKey = tuple  # ((site name, MTAConfig), ...) for the approximated sites, in site order
 
@@ -152,48 +159,19 @@ def calibrate(
         cal_ids = {id(s) for s in cal}
         reference = {id(s): first_tensor(probe.run(s)[0]) for s in cal + [h for h in hold if id(h) not in cal_ids]}
 
-        # ---- per-site errors with exact upstream -----------------------------------------
-        bar.step("recording attention inputs")
-        records = _record(probe, cal, {}, {s.name for s in sites})
-        stats = []
-        for site in sites:
-            recs = records[site.name]
-            q = recs[0].q
-            n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
-            causal = recs[0].causal
-            weight = exact_cost(n, d, causal) * q.shape[0] * q.shape[1]
-            pool = list(candidates) if candidates is not None else default_candidates(n)
-            st = SiteStats(site.name, n, d, causal, weight, heads=q.shape[1])
-            st.candidates = [c for c in pool if relative_cost(c, n, d, causal) < 1.0]  # the crossover
-            st.costs = {c: relative_cost(c, n, d, causal) for c in st.candidates}
-            stats.append(st)
-        total = sum(len(st.candidates) for st in stats)
-        bar.start("site errors (exact upstream)", total)
-        for st in stats:
-            for cand in st.candidates:
-                st.parts[cand] = _site_parts(records[st.name], cand)
-                st.errors[cand] = relative(*st.parts[cand])
-                bar.advance()
-            st.front = _pareto(st.costs, st.errors)
-            fronts = set()
-            for h in range(st.heads):
-                fronts.update(_pareto(st.costs, {c: float(p[0][h] / p[1][h].clamp(min=1e-30)) for c, p in st.parts.items()}))
-            st.head_front = sorted(fronts, key=lambda c: (st.costs[c], st.errors[c]))
-
-        # ---- greedy in layer order for a ladder of tolerances ------------------------------
-        error_cache: dict = {}
-        measured: set = set()  # (site, upstream plan) pairs whose candidates' errors are in error_cache
-        ladder = _ladder()
-        bar.start("greedy plans (upstream approximated)", 2 * len(ladder))
+        # ---- per-site errors (exact upstream) and greedy plans (upstream approximated) -----
+        policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
+        bar.start("site errors and greedy plans, site by site", None)
+        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance)
+        if {st.name for st in stats} != {site.name for site in sites}:
+            raise RuntimeError("calibration reached other sites than the probe holds")  # a bug, not the user's
         plans: dict[PlanKey, str] = {}
         local_errors: dict[PlanKey, dict] = {}
-        for per_head in (False, True):
-            for tau in ladder:
-                configs, errs = _greedy(probe, cal, stats, tau, per_head, error_cache, measured)
-                key = _key(configs, stats)
-                plans.setdefault(key, f"τ={tau:.3g}" + (" per head" if per_head else ""))
-                local_errors.setdefault(key, errs)
-                bar.advance()
+        for per_head, tau in policies:
+            configs, errs = chosen_by[(per_head, tau)]
+            key = _key(configs, stats)
+            plans.setdefault(key, f"τ={tau:.3g}" + (" per head" if per_head else ""))
+            local_errors.setdefault(key, errs)
 
         # ---- back off from the cheapest plan, least valuable approximation first ----------
         cheapest = min(plans, key=lambda k: _plan_cost(dict(k), stats))
@@ -256,28 +234,9 @@ def _key(configs: dict, stats: list[SiteStats]) -> PlanKey:
     return tuple((st.name, configs[st.name]) for st in stats if st.name in configs)
 
 
-def _upstream_key(configs: dict, stats: list[SiteStats], name: str) -> PlanKey:
-    out = []
-    for st in stats:
-        if st.name == name:
-            break
-        if st.name in configs:
-            out.append((st.name, configs[st.name]))
-    return tuple(out)
-
-
 def _plan_cost(configs: dict, stats: list[SiteStats]) -> float:
     total = sum(st.weight for st in stats)
     return sum(st.weight * st.choice_cost(configs.get(st.name)) for st in stats) / total
-
-
-def _record(probe: Probe, samples: list, configs: dict, names: set) -> dict:
-    records: dict = {}
-    for sample in samples:
-        _, recs = probe.run(sample, configs, record=names)
-        for name, rs in recs.items():
-            records.setdefault(name, []).extend(rs)
-    return records
 
 
 def _site_parts(recs, config: MTAConfig):
@@ -286,56 +245,109 @@ def _site_parts(recs, config: MTAConfig):
     return local_error_parts(outs, [r.exact for r in recs], [r.mask for r in recs])
 
 
-def _greedy(probe, cal, stats, tau, per_head, error_cache, measured) -> tuple[dict, dict]:
-    """One plan for tolerance τ, sites in graph order with the upstream ones approximated.
-    Returns (site → MTAConfig or HeadGroups, site → its local error)."""
-    configs: dict = {}
-    errors: dict = {}
-    if tau == 0:
-        return configs, errors
-    for st in stats:
-        up = _upstream_key(configs, stats, st.name)
-        if not up:  # exact upstream: measured already
-            parts = st.parts.__getitem__
-        else:
-            rkey = (st.name, up)
-            if rkey not in measured:
-                # measure every candidate either pass may ask for now and keep only the errors: the
-                # recordings (q, k, v, mask and output per sample) of every (site, upstream plan)
-                # pair would otherwise stay for the whole search and grow with layers × plans
-                recs = _record(probe, cal, dict(up), {st.name})[st.name]
-                for cand in dict.fromkeys(st.front + st.head_front):
-                    error_cache[(*rkey, cand)] = _site_parts(recs, cand)
-                measured.add(rkey)
-                del recs
+def _site_stats(name: str, recs, candidates) -> SiteStats:
+    """A site's candidates (those under the crossover), their costs and their errors with exact
+    upstream, overall and per head, and the Pareto fronts the greedy passes choose from."""
+    q = recs[0].q
+    n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
+    causal = recs[0].causal
+    weight = exact_cost(n, d, causal) * q.shape[0] * q.shape[1]
+    pool = list(candidates) if candidates is not None else default_candidates(n)
+    st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
+    st.candidates = [c for c in pool if relative_cost(c, n, d, causal) < 1.0]  # the crossover
+    st.costs = {c: relative_cost(c, n, d, causal) for c in st.candidates}
+    for cand in st.candidates:
+        st.parts[cand] = _site_parts(recs, cand)
+        st.errors[cand] = relative(*st.parts[cand])
+    st.front = _pareto(st.costs, st.errors)
+    fronts = set()
+    for h in range(st.heads):
+        fronts.update(_pareto(st.costs, {c: float(p[0][h] / p[1][h].clamp(min=1e-30)) for c, p in st.parts.items()}))
+    st.head_front = sorted(fronts, key=lambda c: (st.costs[c], st.errors[c]))
+    return st
 
-            def parts(cand, rkey=rkey):
-                return error_cache[(*rkey, cand)]
-        if not per_head:
-            for cand in st.front:
-                err = relative(*parts(cand))
-                if err <= tau:
-                    configs[st.name], errors[st.name] = cand, err
-                    break
-            continue
-        chosen: list = [None] * st.heads
-        num = None
-        for cand in st.head_front:  # cost ascending: a head's first fit is its cheapest
-            n_c, d_c = parts(cand)
-            num = torch.zeros_like(n_c) if num is None else num
-            den = d_c
-            per = (n_c / d_c.clamp(min=1e-30)).sqrt()
-            for h in range(st.heads):
-                if chosen[h] is None and per[h] <= tau:
-                    chosen[h] = cand
-                    num[h] = n_c[h]
-            if all(c is not None for c in chosen):
-                break
-        choice = HeadGroups.from_heads(chosen)
-        if choice is not None:
-            configs[st.name] = choice
-            errors[st.name] = relative(num, den)
-    return configs, errors
+
+def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple[list[SiteStats], dict]:
+    """Steps 2 and 3: every policy (per_head, τ) walks the sites in graph order, choosing at each
+    with the upstream sites approximated as it chose before. Depth first over the tree of
+    upstream plans: a node is a site reached under one upstream plan, by the policies that chose
+    that plan so far; its calibration inputs come from one forward pass per sample up to it,
+    forked from its parent's (:class:`~.probe.Cursor`); its front candidates are measured once
+    for all those policies, which then split by their choice there. The all-exact branch (τ = 0
+    chooses exact everywhere) is walked first and measures every candidate: step 2's statistics.
+
+    Returns (the sites' statistics in graph order, policy → (site → choice, site → local error)).
+    """
+    stats: dict[str, SiteStats] = {}
+    chosen = {policy: ({}, {}) for policy in policies}
+    stack = [([probe.cursor(sample) for sample in cal], False, list(policies))]
+    while stack:
+        cursors, approximated_upstream, group = stack.pop()
+        calls = [cursor.advance() for cursor in cursors]
+        if calls[0] is None:
+            continue  # past the last site
+        name = calls[0].name
+        recs = [call.record() for call in calls]
+        if name not in stats:  # first reached on the all-exact branch: exact upstream
+            if approximated_upstream:
+                raise RuntimeError(f"site {name} reached with approximated upstream before exact")  # a bug
+            stats[name] = _site_stats(name, recs, candidates)
+        st = stats[name]
+        if approximated_upstream:
+            measured = {cand: _site_parts(recs, cand) for cand in dict.fromkeys(st.front + st.head_front)}
+            parts = measured.__getitem__
+        else:
+            parts = st.parts.__getitem__
+        del recs
+        by_choice: dict = {}
+        for policy in group:
+            choice, err = _choose(st, parts, *policy)
+            if choice is not None:
+                chosen[policy][0][name], chosen[policy][1][name] = choice, err
+            by_choice.setdefault(choice, []).append(policy)
+        branches = sorted(by_choice.items(), key=lambda item: item[0] is not None)  # exact first
+        for i in reversed(range(len(branches))):  # pushed last, popped first: the exact branch
+            choice, policies_here = branches[i]
+            children = cursors if i == 0 else [cursor.fork() for cursor in cursors]
+            for child, call in zip(children, calls):
+                child.resume(call.output(choice))
+            stack.append((children, approximated_upstream or choice is not None, policies_here))
+        del calls
+        release_freed_memory()
+        advance()
+    order = {site.name: i for i, site in enumerate(probe.rewritable)}
+    return sorted(stats.values(), key=lambda st: order.get(st.name, len(order))), chosen
+
+
+def _choose(st: SiteStats, parts, per_head: bool, tau: float):
+    """A policy's choice at one site, given the candidates' error parts there (``parts(cand)``):
+    the cheapest front candidate within τ (None: exact), or per head the cheapest within τ for
+    each head (a HeadGroups, or None if every head stays exact); and its local error."""
+    if tau == 0:
+        return None, None
+    if not per_head:
+        for cand in st.front:
+            err = relative(*parts(cand))
+            if err <= tau:
+                return cand, err
+        return None, None
+    chosen: list = [None] * st.heads
+    num = den = None
+    for cand in st.head_front:  # cost ascending: a head's first fit is its cheapest
+        n_c, d_c = parts(cand)
+        num = torch.zeros_like(n_c) if num is None else num
+        den = d_c
+        per = (n_c / d_c.clamp(min=1e-30)).sqrt()
+        for h in range(st.heads):
+            if chosen[h] is None and per[h] <= tau:
+                chosen[h] = cand
+                num[h] = n_c[h]
+        if all(c is not None for c in chosen):
+            break
+    choice = HeadGroups.from_heads(chosen)
+    if choice is None:
+        return None, None
+    return choice, relative(num, den)
 
 
 def _end_to_end(probe, samples, configs, reference, metric) -> float:
@@ -371,11 +383,12 @@ class _Progress:
     def step(self, description: str) -> None:
         self.start(description, 1)
 
-    def start(self, description: str, total: int) -> None:
+    def start(self, description: str, total: int | None) -> None:
+        """A new step of ``total`` units (None: not known in advance)."""
         if self.enabled:
             if self.task is not None:
                 self.bar.update(self.task, visible=False)
-            self.task = self.bar.add_task(description, total=max(total, 1))
+            self.task = self.bar.add_task(description, total=None if total is None else max(total, 1))
 
     def advance(self) -> None:
         if self.enabled and self.task is not None:

@@ -1,0 +1,127 @@
+"""The search's site-by-site forward passes (probe.Cursor) and its walk over the tree of upstream
+plans, against the plain whole-model forward pass (Probe.run) and a brute-force greedy built on it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+from mta_rewrite.calibration.metrics import relative
+from mta_rewrite.calibration.probe import Probe
+from mta_rewrite.calibration.search import _choose, _ladder, _site_parts, _walk
+from mta_rewrite.config import HeadGroups
+
+CANDIDATES = [mr.MTAConfig(16), mr.MTAConfig(16, top_k=2), mr.MTAConfig(16, 2, 4, 1), mr.MTAConfig(32, 2, 4, 0),
+              mr.MTAConfig(32, 1, 4, 2), mr.MTAConfig(64, 1, 0, 0)]
+
+
+@pytest.fixture(scope="module")
+def probed():
+    """A 4-layer built-in LM on 3 samples of real text (bytes), captured with switchable sites."""
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=4).eval()
+    text = zoo.real_text()
+    data = [(zoo.byte_tokens(text[i * 1500:], 512),) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = Probe(model, data[0], {})
+    return probe, data
+
+
+def site_inputs(records):
+    return [(r.q, r.k, r.v, r.exact) for r in records]
+
+
+def test_cursor_stops_at_every_site_with_the_inputs_of_the_whole_forward_pass(probed):
+    probe, data = probed
+    names = [s.name for s in probe.rewritable]
+    head = HeadGroups.from_heads([CANDIDATES[0], None, CANDIDATES[4], CANDIDATES[0]])
+    configs = {names[0]: CANDIDATES[2], names[2]: head}  # approximated upstream, one config and one per head
+    for sample in data:
+        _, records = probe.run(sample, configs, record=set(names))
+        cursor = probe.cursor(sample)
+        for name in names:
+            call = cursor.advance()
+            assert call.name == name
+            (rec,) = records[name]
+            for got, want in zip((call.q, call.k, call.v, call.original), (rec.q, rec.k, rec.v, rec.exact)):
+                assert torch.equal(got, want)
+            assert call.causal == rec.causal and call.scale == rec.scale
+            cursor.resume(call.output(configs.get(name)))
+        assert cursor.advance() is None  # past the last site
+
+
+def test_forks_are_independent(probed):
+    probe, data = probed
+    names = [s.name for s in probe.rewritable]
+    a = probe.cursor(data[0])
+    a.advance()
+    b = a.fork()
+    call = b.advance()  # a fork stands where its parent stood: at the first site
+    assert call.name == names[0]
+    b.resume(call.output(CANDIDATES[1]))
+    a.resume(call.output(None))
+    in_a, in_b = a.advance(), b.advance()
+    for cursor, config, got in ((a, {}, in_a), (b, {names[0]: CANDIDATES[1]}, in_b)):
+        _, records = probe.run(data[0], config, record={names[1]})
+        assert torch.equal(got.q, records[names[1]][0].q)
+        assert torch.equal(got.original, records[names[1]][0].exact)
+    assert not torch.equal(in_a.q, in_b.q)
+    with pytest.raises(RuntimeError, match="resume"):
+        b.resume(in_b.original)
+        b.resume(in_b.original)  # the second is not at a site
+
+
+def test_cursor_frees_values_after_their_last_use(probed):
+    probe, data = probed
+    cursor = probe.cursor(data[0])
+    cursor.advance()
+    program = cursor.program
+    live = set(cursor.env)
+    # everything still held is read at or after the current node
+    for node in live:
+        assert any(program.nodes.index(user) >= cursor.pos for user in node.users), node
+
+
+def brute_force_greedy(probe, samples, per_head, tau, candidates):
+    """Each policy's plan as the search defines it, computed the slow way: for each site in order,
+    one whole forward pass per sample with the upstream choices, recording the site."""
+    stats, _ = _walk(probe, samples, candidates, [(False, 0.0)], lambda: None)  # exact-upstream statistics
+    configs, errors = {}, {}
+    for st in stats:
+        recs = []
+        for sample in samples:
+            recs += probe.run(sample, configs, record={st.name})[1][st.name]
+        measured = {cand: _site_parts(recs, cand) for cand in st.candidates}
+        choice, err = _choose(st, measured.__getitem__, per_head, tau)
+        if choice is not None:
+            configs[st.name], errors[st.name] = choice, err
+    return configs, errors
+
+
+def test_walk_equals_brute_force_greedy_for_every_policy(probed):
+    probe, data = probed
+    policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
+    nodes = []
+    stats, chosen = _walk(probe, data, CANDIDATES, policies, lambda: nodes.append(1))
+    assert [st.name for st in stats] == [s.name for s in probe.rewritable]
+    distinct = {tuple(sorted((k, repr(v)) for k, v in chosen[p][0].items())) for p in policies}
+    assert len(distinct) >= 4, "the ladder should give several different plans on this model"
+    # one node per site and distinct upstream plan: what policies share is walked once
+    pairs = {(st.name, tuple((up.name, chosen[p][0].get(up.name)) for up in stats[:i]))
+             for p in policies for i, st in enumerate(stats)}
+    assert len(nodes) == len(pairs) > len(stats)
+    for st in stats:  # step 2's statistics: errors with exact upstream
+        recs = []
+        for sample in data:
+            recs += probe.run(sample, {}, record={st.name})[1][st.name]
+        for cand in st.candidates:
+            assert st.errors[cand] == relative(*_site_parts(recs, cand))
+    for policy in policies:
+        want_configs, want_errors = brute_force_greedy(probe, data, *policy, CANDIDATES)
+        got_configs, got_errors = chosen[policy]
+        assert got_configs == want_configs, policy
+        assert got_errors == want_errors, policy
