@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import HeadGroups, MTAConfig, Plan, PlanEntry
+from ..ops.masks import simplify_mask
 from .cost import default_candidates, exact_cost, relative_cost
 from .metrics import METRICS, first_tensor, local_error_parts, output_error, relative
 from .probe import Probe, as_call, release_freed_memory
@@ -250,7 +251,7 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     upstream, overall and per head, and the Pareto fronts the greedy passes choose from."""
     q = recs[0].q
     n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
-    causal = recs[0].causal
+    causal = all(_runs_causal(r) for r in recs)
     weight = exact_cost(n, d, causal) * q.shape[0] * q.shape[1]
     pool = list(candidates) if candidates is not None else default_candidates(n)
     st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
@@ -265,6 +266,18 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
         fronts.update(_pareto(st.costs, {c: float(p[0][h] / p[1][h].clamp(min=1e-30)) for c, p in st.parts.items()}))
     st.head_front = sorted(fronts, key=lambda c: (st.costs[c], st.errors[c]))
     return st
+
+
+def _runs_causal(rec) -> bool:
+    """Whether the op computes this site causally: asked to, or handed a mask that is the causal
+    triangle (∧ key padding), which it recognises (``ops.masks.simplify_mask``). transformers'
+    decoders give every layer such a mask with causal=False; costing them as non-causal doubled
+    exact attention's modelled cost and let candidates that cannot win pass the crossover."""
+    if rec.causal:
+        return True
+    if rec.mask is None or rec.q.shape[-2] != rec.k.shape[-2]:
+        return False
+    return simplify_mask(rec.mask, rec.q.shape[0], rec.q.shape[1], rec.q.shape[-2], False)[1]
 
 
 def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple[list[SiteStats], dict]:

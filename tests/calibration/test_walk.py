@@ -10,6 +10,7 @@ import torch
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
+from mta_rewrite.calibration.cost import exact_cost, relative_cost
 from mta_rewrite.calibration.metrics import relative
 from mta_rewrite.calibration.probe import Probe
 from mta_rewrite.calibration.search import _choose, _ladder, _site_parts, _walk
@@ -125,3 +126,35 @@ def test_walk_equals_brute_force_greedy_for_every_policy(probed):
         got_configs, got_errors = chosen[policy]
         assert got_configs == want_configs, policy
         assert got_errors == want_errors, policy
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_sites_are_costed_as_the_op_runs_them(arch):
+    """transformers hands a decoder's layers the causal triangle as a mask with causal=False; the op
+    recognises it and runs causally, so the cost model must too. An encoder's padding stays non-causal."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    n = 256
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                                       use_cache=False)
+        model = transformers.LlamaModel(cfg).eval()
+        data = [{"input_ids": torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    else:
+        cfg = transformers.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=1024)
+        model = transformers.BertModel(cfg).eval()
+        mask = torch.ones(1, n, dtype=torch.long)
+        mask[:, n - 40:] = 0
+        data = [{"input_ids": torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(i)), "attention_mask": mask}
+                for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, details = mr.calibrate(model, data, budget=0.0, candidates=CANDIDATES, progress=False, return_details=True)
+    causal = arch == "llama"
+    for st in details.sites:
+        assert st.causal is causal
+        assert st.weight == exact_cost(n, st.d, causal) * 2  # batch 1 × 2 heads
+        assert st.candidates == [c for c in CANDIDATES if relative_cost(c, n, st.d, causal) < 1.0]
+        assert st.costs == {c: relative_cost(c, n, st.d, causal) for c in st.candidates}
