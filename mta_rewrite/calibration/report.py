@@ -22,20 +22,28 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
         f"budget {meta['budget']} ({meta['metric']}); held-out error {meta['holdout_error']:.4g}, "
         f"calibration error {meta['calibration_error']:.4g}; attention cost {meta['relative_attention_cost']:.3f} "
         f"of exact ({100 * meta['attention_cost_saved']:.1f}% saved); {meta['calibration_samples']} calibration and "
-        f"{meta['holdout_samples']} held-out samples; {meta['plans_considered']} plans verified; {meta['wall_time_s']} s.", "",
+        f"{meta['holdout_samples']} held-out samples; {meta.get('plans_verified', meta['plans_considered'])} of "
+        f"{meta['plans_considered']} plans verified; {meta['wall_time_s']} s.", "",
         "| site | n | d | causal | chosen | local error | relative cost |", "|---|---|---|---|---|---|---|",
     ]
     for st in details.sites:
         entry = plan.sites[st.name]
         chosen = "exact" if entry.config is None else entry.config.short
         err = "0" if entry.config is None else f"{entry.error:.3g}"
-        lines.append(f"| {st.name} | {st.n} | {st.d} | {'yes' if st.causal else 'no'} | {chosen} | {err} | {entry.relative_cost:.3f} |")
-    lines += ["", "Plans verified end to end (cost relative to exact attention):", "",
+        causal = "yes" if st.causal else "no"
+        lines.append(f"| {st.name} | {st.n} | {st.d} | {causal} | {chosen} | {err} | {entry.relative_cost:.3f} |")
+    lines += ["", "The family of plans, cheapest first (cost relative to exact attention; verified end to end until one "
+              "was within budget: costlier plans could not be chosen and were not run; a plan over budget on the "
+              "calibration samples was not run on the held-out ones):", "",
               "| origin | relative cost | calibration error | held-out error | within budget |", "|---|---|---|---|---|"]
     for p in sorted(details.family, key=lambda p: p.cost):
-        ok = p.calibration_error <= details.budget and p.holdout_error <= details.budget
         mark = " (chosen)" if p is details.chosen else ""
-        lines.append(f"| {p.origin}{mark} | {p.cost:.3f} | {p.calibration_error:.4g} | {p.holdout_error:.4g} | {'yes' if ok else 'no'} |")
+        if p.calibration_error is None:
+            lines.append(f"| {p.origin} | {p.cost:.3f} | not run | not run | not needed |")
+            continue
+        hold = "not run" if p.holdout_error is None else f"{p.holdout_error:.4g}"
+        ok = "yes" if p.within(details.budget) else "no"
+        lines.append(f"| {p.origin}{mark} | {p.cost:.3f} | {p.calibration_error:.4g} | {hold} | {ok} |")
     png = _plot(details, plan, png_path)
     if png is not None:
         lines += ["", f"![error vs cost per site]({png.name})"]

@@ -132,3 +132,23 @@ def test_random_config_transformers_llama():
         for i in plan.metadata["holdout_indices"]:
             errs.append(output_error("rel_l2", first_tensor(fast(**data[i])), first_tensor(model(**data[i])), data[i]))
     assert sum(errs) / len(errs) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-7)
+
+
+def test_verification_skips_only_what_cannot_change_the_choice(lm, tmp_path):
+    model, data = lm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan, details = mr.calibrate(model, data, budget=0.1, candidates=CANDIDATES, progress=False, return_details=True,
+                                     output=str(tmp_path / "plan.json"))
+    chosen = details.chosen
+    not_run = [p for p in details.family if p.calibration_error is None]
+    assert not_run, "at this budget some plans cost more than the chosen one"
+    assert all(p.cost > chosen.cost and p.holdout_error is None for p in not_run)
+    for p in details.family:
+        if p.calibration_error is not None and p.holdout_error is None:
+            assert p.calibration_error > 0.1  # over budget already: the held-out samples were not needed
+        if p.cost < chosen.cost:
+            assert p.calibration_error is not None and not p.within(0.1)  # every cheaper plan was run, and failed
+    assert plan.metadata["plans_verified"] == len(details.family) - len(not_run)
+    report = (tmp_path / "plan.report.md").read_text()
+    assert report.count("| not run | not run | not needed |") == len(not_run)
