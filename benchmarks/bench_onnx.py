@@ -2,10 +2,14 @@
 
     python benchmarks/bench_onnx.py [--n 4096] [--repeats 3]
 
-The built-in TinyCausalLM (4 layers, d = 256, 4 heads, random weights) exported twice with
-dynamic shapes: exact (stock SDPA lowering) and rewritten with MTA (c = 64, and c = 64 with
-L = 2, sinks = 4, top_k = 2). Both run in onnxruntime's CPU provider on byte tokens of real
-text; PyTorch times of the same models are given beside them. Writes benchmarks/results/onnx_<date>.md.
+Two models, each exported twice with dynamic shapes: exact (stock SDPA lowering) and rewritten
+with MTA (c = 64, and c = 64 with L = 2, sinks = 4, top_k = 2): the built-in TinyCausalLM (4
+layers, d = 256, 4 heads; its attention is causal by flag) and a transformers LlamaModel from a
+config (2 layers, d = 256, 4 heads, 2 key/value heads, random weights; like every transformers
+decoder it hands attention the causal triangle as a materialised [1, 1, n, n] mask, which the
+ONNX function recognises at run time). Both run in onnxruntime's CPU provider on byte tokens of
+real text; PyTorch times of the same models are given beside them. Writes
+benchmarks/results/onnx_<date>.md.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
 from mta_rewrite.onnx import export_onnx, onnx_session  # noqa: E402
-from mta_rewrite.timing import best_ms  # noqa: E402
+from mta_rewrite.config import atomic_write_text  # noqa: E402
+from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
 
 
 def main(argv=None):
@@ -35,39 +40,54 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    model = zoo.TinyCausalLM().eval()
     text = zoo.real_text()
-    example = (zoo.byte_tokens(text, 256),)
     tokens = zoo.byte_tokens(text * (1 + args.n // len(text)), args.n)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        variants = [("exact", None), ("MTA c=64", mr.MTAConfig(64)), ("MTA c=64 L=2 sinks=4 top_k=2", mr.MTAConfig(64, 2, 4, 2))]
-        ref = None
-        for label, config in variants:
-            path = Path(tmp) / "m.onnx"
-            export_onnx(model, example, path, config=config)
-            session = onnx_session(path)
-            name = session.get_inputs()[0].name
-            feed = {name: tokens.numpy()}
-            ort_ms = best_ms(lambda: session.run(None, feed), args.repeats)
-            out = session.run(None, feed)[0]
-            torch_model = model if config is None else mr.rewrite(model, example, config=config)
-            with torch.no_grad():
-                torch_ms = best_ms(lambda: torch_model(tokens), args.repeats)
-                torch_out = torch_model(tokens).numpy()
-            ref = out if ref is None else ref
-            rows.append((label, ort_ms, torch_ms, float(np.abs(out - torch_out).max()), float(np.abs(out - ref).max())))
-            print(rows[-1], flush=True)
-    exact_ort, exact_torch = rows[0][1], rows[0][2]
-    lines = ["| model | onnxruntime CPU ms | vs exact | PyTorch ms | vs exact | max abs diff ORT vs PyTorch |", "|---|---|---|---|---|---|"]
-    for label, o, t, diff, _ in rows:
-        lines.append(f"| {label} | {o:.0f} | {exact_ort / o:.2f}× | {t:.0f} | {exact_torch / t:.2f}× | {diff:.1e} |")
+    for model_name, model, example, call in models(text):
+        with tempfile.TemporaryDirectory() as tmp:
+            variants = [("exact", None), ("MTA c=64", mr.MTAConfig(64)), ("MTA c=64 L=2 sinks=4 top_k=2", mr.MTAConfig(64, 2, 4, 2))]
+            for label, config in variants:
+                path = Path(tmp) / "m.onnx"
+                export_onnx(model, example[0], path, example[1], config=config)
+                session = onnx_session(path)
+                name = session.get_inputs()[0].name
+                feed = {name: tokens.numpy()}
+                ort_ms = best_ms(lambda: session.run(None, feed), args.repeats)
+                out = session.run(None, feed)[0]
+                torch_model = model if config is None else mr.rewrite(model, *example, config=config)
+                with torch.no_grad():
+                    torch_ms = best_ms(lambda: call(torch_model, tokens), args.repeats)
+                    torch_out = call(torch_model, tokens).numpy()
+                rows.append((model_name, label, ort_ms, torch_ms, float(np.abs(out - torch_out).max())))
+                print(rows[-1], flush=True)
+    lines = ["| model | attention | onnxruntime CPU ms | vs exact | PyTorch ms | vs exact | max abs diff ORT vs PyTorch |",
+             "|---|---|---|---|---|---|---|"]
+    exact = {}
+    for model_name, label, o, t, diff in rows:
+        exact.setdefault(model_name, (o, t))
+        eo, et = exact[model_name]
+        lines.append(f"| {model_name} | {label} | {o:.0f} | {eo / o:.2f}× | {t:.0f} | {et / t:.2f}× | {diff:.1e} |")
     stamp = dt.date.today().isoformat()
-    head = f"{stamp}, TinyCausalLM (4 layers, d=256, 4 heads), n={args.n}, onnxruntime {ort.__version__}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    head = (f"{stamp}, n={args.n}, {cpu_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} CPU threads")
     table = "\n".join(lines)
     print(f"\n{head}\n{table}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"onnx_{stamp}.md").write_text(f"{head}\n\n{table}\n")
+    atomic_write_text(args.out / f"onnx_{stamp}.md", f"{head}\n\n{table}\n")
+
+
+def models(text):
+    """(name, model, (args, kwargs) to export with, how to call it on tokens)."""
+    yield ("TinyCausalLM (causal flag)", zoo.TinyCausalLM().eval(), ((zoo.byte_tokens(text, 256),), {}),
+           lambda m, ids: m(ids))
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
+                                   use_cache=False)
+    llama = transformers.LlamaModel(cfg).eval()
+    yield ("transformers Llama ([1, 1, n, n] mask)", llama, ((), {"input_ids": zoo.byte_tokens(text, 256)}),
+           lambda m, ids: m(input_ids=ids)[0])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from onnxscript import values
 from ..api import rewrite
 from ..capture import dynamic_shapes_for
 from ..config import MTAConfig, Plan, atomic_write
-from .function import DOMAIN, OP_TYPE, VERSION, function_proto, mta_opset
+from .function import DOMAIN, OP_TYPE, VERSION, function_protos, mta_opset
 
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
@@ -118,16 +118,17 @@ def export_onnx(
 
 
 def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Add the MultiTokenAttention FunctionProto when the graph uses it, with the model's opset."""
+    """Add the MultiTokenAttention FunctionProto (and the mask recognition it calls) when the
+    graph uses it, with the model's opset."""
     uses = any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in proto.graph.node)
     if not uses or any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions):
         return proto
-    fn = function_proto()
     model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-    del fn.opset_import[:]
-    fn.opset_import.extend([onnx.helper.make_opsetid("", model_opset)])
-    # (the body is written against opset 18; every op it uses keeps its meaning up to opset 23)
-    proto.functions.append(fn)
+    for fn in function_protos():
+        del fn.opset_import[:]
+        fn.opset_import.extend([onnx.helper.make_opsetid("", model_opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])
+        # (the bodies are written against opset 18; every op they use keeps its meaning up to opset 23)
+        proto.functions.append(fn)
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
     return proto

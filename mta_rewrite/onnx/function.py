@@ -15,6 +15,12 @@ selected, blocks where the mask varies per query) | sinks | chunk summaries], on
 no mask, a causal flag or a key-padding mask ([.., 1, n]) nothing n×n is formed; a mask that
 varies per query is read in chunk blocks, so the function holds O(B·H·n²) booleans then (the
 mask itself is n×n). Computation is in float32; the output has q's type.
+
+A mask that varies per query but is, by its values, key padding or the causal triangle ∧ key
+padding (what transformers models hand every layer, decoders with causal=False) is recognised at
+run time, as the PyTorch op does (``ops.masks.simplify_mask``, where the reasoning is): an ``If``
+in the body compares the mask once with its last row (O(n²) booleans of the mask's own size,
+not per head) and, when it matches, runs the key-padding path with the triangle as causality.
 """
 
 from __future__ import annotations
@@ -28,6 +34,44 @@ DOMAIN = "mta"
 OP_TYPE = "MultiTokenAttention"
 VERSION = 1
 mta_opset = Opset(DOMAIN, VERSION)
+
+
+@script(mta_opset, default_opset=op)
+def SimplifyMask(mask):
+    """(mask, triangle): a float mask [Bm, Hm, nq, n] that varies per query but is, by its values,
+    key padding or the causal triangle ∧ key padding, in every head and with no bias, becomes its
+    key padding [Bm, 1, 1, n] (0 / −inf), with triangle True for the second form; any other mask
+    comes back as it is, with False. ``ops.masks.simplify_mask`` in ONNX ops (the keep flags are
+    the first head's last row; reads the mask once, O(Bm·Hm·n²) booleans, none per query head)."""
+    zero_f = op.Constant(value_float=0.0)
+    i0 = op.Constant(value_ints=[0])
+    i1 = op.Constant(value_ints=[1])
+    s0 = op.Constant(value_int=0)
+    s1 = op.Constant(value_int=1)
+    mf = op.Cast(mask, to=FLOAT.dtype)
+    NQ = op.Shape(mf, start=2, end=3)
+    NK = op.Shape(mf, start=3, end=4)
+    if op.Squeeze(op.And(op.Greater(NQ, i1), op.Equal(NQ, NK)), i0):
+        allowed = op.Greater(mf, op.Constant(value_float=-3.4e38))
+        keep = op.Slice(op.Slice(allowed, i0, i1, i1), op.Sub(NQ, i1), NQ, op.Constant(value_ints=[2]))  # [Bm, 1, 1, n]
+        ar_n = op.Range(s0, op.Squeeze(NK, i0), s1)
+        triangle = op.LessOrEqual(op.Unsqueeze(ar_n, [0]), op.Unsqueeze(ar_n, [1]))  # key ≤ query
+        pad_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
+                         to=onnx.TensorProto.BOOL)
+        tri_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, op.And(triangle, keep)), to=onnx.TensorProto.UINT8),
+                                      keepdims=0), to=onnx.TensorProto.BOOL)
+        no_bias = op.Cast(op.ReduceMin(op.Cast(op.Or(op.Equal(mf, zero_f), op.Not(allowed)), to=onnx.TensorProto.UINT8),
+                                       keepdims=0), to=onnx.TensorProto.BOOL)
+        if op.And(no_bias, op.Or(pad_ok, tri_ok)):
+            out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
+            found = op.Not(pad_ok)
+        else:
+            out = mf
+            found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+    else:
+        out = mf
+        found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+    return out, found
 
 
 @script(mta_opset, default_opset=op)
@@ -47,6 +91,8 @@ def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: floa
     vf = op.Cast(v, to=FLOAT.dtype)
     mf = op.Cast(mask, to=FLOAT.dtype)
     is_causal = op.Cast(op.Constant(value_int=causal), to=onnx.TensorProto.BOOL)
+    mf, triangle_found = SimplifyMask(mf)
+    is_causal = op.Or(is_causal, triangle_found)
     scale_t = op.Constant(value_float=scale)
 
     B = op.Shape(qf, start=0, end=1)
@@ -214,3 +260,8 @@ def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: floa
 
 def function_proto() -> onnx.FunctionProto:
     return MultiTokenAttention.to_function_proto()
+
+
+def function_protos() -> list[onnx.FunctionProto]:
+    """Every function an exported model carries: the op and the mask recognition it calls."""
+    return [MultiTokenAttention.to_function_proto(), SimplifyMask.to_function_proto()]

@@ -97,7 +97,8 @@ class _OneSite(torch.nn.Module):
         return torch.ops.mta.attention(q, k, v, None if self.mask_kind == "none" else mask, **self.config)
 
 
-MASKS = ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias", "random_bool_per_head"]
+MASKS = ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias", "random_bool_per_head",
+         "causal_padding_4d_bool", "key_padding_4d_materialised"]  # (the last two: recognised as key padding)
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)
@@ -152,3 +153,43 @@ def test_per_head_group_plan_exports_one_node_per_group(tmp_path):
     with torch.no_grad():
         want = mr.rewrite(model, (x,), plan=plan)(x2).numpy()
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x2.numpy()})[0], want, atol=1e-4)
+
+
+def test_mask_recognition_in_onnx_equals_the_ops():
+    """mta::SimplifyMask (the function's run-time mask recognition) against ops.masks.simplify_mask
+    on every mask kind of the op tests: same verdict, same key padding, same causality."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mta_rewrite.onnx.function import function_protos
+    from mta_rewrite.ops.masks import simplify_mask
+    from tests.ops.test_attention import MASKS as OP_MASKS, make_mask
+
+    node = helper.make_node("SimplifyMask", ["mask"], ["out", "triangle"], domain=DOMAIN)
+    graph = helper.make_graph([node], "simplify", [helper.make_tensor_value_info("mask", TensorProto.FLOAT, list("BHQK"))],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("triangle", TensorProto.BOOL, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
+                              functions=function_protos())
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    B, Hq, n = 2, 4, 13
+    recognised = 0
+    for kind in OP_MASKS:
+        mask = make_mask(kind, B, Hq, n)
+        if mask is None:
+            continue
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        as_float = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float()
+        got, triangle = session.run(None, {"mask": as_float.numpy()})
+        want, causal = simplify_mask(mask, B, Hq, n, False)
+        if want is mask:  # not recognised: the mask comes back as it is
+            np.testing.assert_array_equal(got, as_float.numpy(), err_msg=kind)
+            assert not triangle, kind
+            continue
+        recognised += 1
+        keep = torch.ones(mask.shape[0], 1, 1, n, dtype=torch.bool) if want is None else want
+        assert got.shape == tuple(keep.shape), kind
+        np.testing.assert_array_equal(got == 0, keep.numpy(), err_msg=kind)
+        assert bool(triangle) == causal, kind
+    assert recognised >= 4  # materialised key padding, and the triangle with and without padding
