@@ -33,6 +33,9 @@ from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
 
 
+VARIANTS = [("exact", None), ("MTA c=64", mr.MTAConfig(64)), ("MTA c=64 L=2 sinks=4 top_k=2", mr.MTAConfig(64, 2, 4, 2))]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
@@ -45,8 +48,7 @@ def main(argv=None):
     rows = []
     for model_name, model, example, call in models(text):
         with tempfile.TemporaryDirectory() as tmp:
-            variants = [("exact", None), ("MTA c=64", mr.MTAConfig(64)), ("MTA c=64 L=2 sinks=4 top_k=2", mr.MTAConfig(64, 2, 4, 2))]
-            for label, config in variants:
+            for label, config in VARIANTS:
                 path = Path(tmp) / "m.onnx"
                 export_onnx(model, example[0], path, example[1], config=config)
                 session = onnx_session(path)

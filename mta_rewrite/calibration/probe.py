@@ -117,23 +117,16 @@ class Probe:
 
 @dataclass
 class SiteCall:
-    """A forward pass stopped at a site: the site's name and what flows into it."""
+    """A forward pass stopped at a site: the site's name and what flows into it (``record.exact``
+    is the original subgraph's output there)."""
 
     name: str
-    original: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None
-    causal: bool
-    scale: float | None
-
-    def record(self) -> SiteRecord:
-        return SiteRecord(self.q, self.k, self.v, self.mask, self.causal, self.scale, self.original)
+    record: SiteRecord
 
     def output(self, config) -> torch.Tensor:
         """What the site returns under ``config`` (None: exact), as in the probe graph."""
-        return site_output(config, self.original, self.q, self.k, self.v, self.mask, self.causal, self.scale)
+        r = self.record
+        return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale)
 
 
 class _Program:
@@ -202,7 +195,7 @@ class Cursor:
                     if _is_site(node):
                         args, _ = interpreter.fetch_args_kwargs_from_env(node)
                         original, q, k, v, mask, name, causal, scale = args
-                        return SiteCall(name, original, q, k, v, mask, causal, scale)
+                        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original))
                     if node.op != "placeholder":
                         self.env[node] = interpreter.run_node(node)
                     self._step_past(1)

@@ -315,7 +315,7 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
         if calls[0] is None:
             continue  # past the last site
         name = calls[0].name
-        recs = [call.record() for call in calls]
+        recs = [call.record for call in calls]
         if name not in stats:  # first reached on the all-exact branch: exact upstream
             if approximated_upstream:
                 raise RuntimeError(f"site {name} reached with approximated upstream before exact")  # a bug

@@ -48,9 +48,10 @@ def test_cursor_stops_at_every_site_with_the_inputs_of_the_whole_forward_pass(pr
             call = cursor.advance()
             assert call.name == name
             (rec,) = records[name]
-            for got, want in zip((call.q, call.k, call.v, call.original), (rec.q, rec.k, rec.v, rec.exact)):
+            got = call.record
+            for got, want in zip((got.q, got.k, got.v, got.exact), (rec.q, rec.k, rec.v, rec.exact)):
                 assert torch.equal(got, want)
-            assert call.causal == rec.causal and call.scale == rec.scale
+            assert call.record.causal == rec.causal and call.record.scale == rec.scale
             cursor.resume(call.output(configs.get(name)))
         assert cursor.advance() is None  # past the last site
 
@@ -68,12 +69,12 @@ def test_forks_are_independent(probed):
     in_a, in_b = a.advance(), b.advance()
     for cursor, config, got in ((a, {}, in_a), (b, {names[0]: CANDIDATES[1]}, in_b)):
         _, records = probe.run(data[0], config, record={names[1]})
-        assert torch.equal(got.q, records[names[1]][0].q)
-        assert torch.equal(got.original, records[names[1]][0].exact)
-    assert not torch.equal(in_a.q, in_b.q)
+        assert torch.equal(got.record.q, records[names[1]][0].q)
+        assert torch.equal(got.record.exact, records[names[1]][0].exact)
+    assert not torch.equal(in_a.record.q, in_b.record.q)
     with pytest.raises(RuntimeError, match="resume"):
-        b.resume(in_b.original)
-        b.resume(in_b.original)  # the second is not at a site
+        b.resume(in_b.record.exact)
+        b.resume(in_b.record.exact)  # the second is not at a site
 
 
 def test_cursor_frees_values_after_their_last_use(probed):
