@@ -151,9 +151,7 @@ class _Program:
     def inputs(self, sample: Any) -> list:
         """The sample's tensors in the order of the graph's placeholders (as the module's forward
         flattens them)."""
-        args, kwargs = as_call(sample)
-        spec = getattr(self.gm, "_in_spec", None)
-        flat = list(tree_flatten_spec((args, kwargs), spec)) if spec is not None else [*args, *kwargs.values()]
+        flat = list(tree_flatten_spec(as_call(sample), self.gm._in_spec))
         if len(flat) != len(self.placeholders):
             raise ValueError(f"the sample gives {len(flat)} inputs, the captured model takes {len(self.placeholders)}")
         return flat

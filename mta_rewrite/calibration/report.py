@@ -22,7 +22,7 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
         f"budget {meta['budget']} ({meta['metric']}); held-out error {meta['holdout_error']:.4g}, "
         f"calibration error {meta['calibration_error']:.4g}; attention cost {meta['relative_attention_cost']:.3f} "
         f"of exact ({100 * meta['attention_cost_saved']:.1f}% saved); {meta['calibration_samples']} calibration and "
-        f"{meta['holdout_samples']} held-out samples; {meta.get('plans_verified', meta['plans_considered'])} of "
+        f"{meta['holdout_samples']} held-out samples; {meta['plans_verified']} of "
         f"{meta['plans_considered']} plans verified; {meta['wall_time_s']} s.", "",
         "| site | n | d | causal | chosen | local error | relative cost |", "|---|---|---|---|---|---|---|",
     ]

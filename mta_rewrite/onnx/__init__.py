@@ -2,6 +2,6 @@
 standard ONNX ops, so that stock onnxruntime (and onnxruntime-gpu) run them."""
 
 from .export import export_onnx, onnx_session
-from .function import DOMAIN, OP_TYPE, VERSION, function_proto
+from .function import DOMAIN, OP_TYPE, VERSION, function_proto, function_protos
 
-__all__ = ["DOMAIN", "OP_TYPE", "VERSION", "export_onnx", "function_proto", "onnx_session"]
+__all__ = ["DOMAIN", "OP_TYPE", "VERSION", "export_onnx", "function_proto", "function_protos", "onnx_session"]

@@ -259,9 +259,11 @@ def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: floa
 
 
 def function_proto() -> onnx.FunctionProto:
+    """The op's function alone. It calls ``mta::SimplifyMask``: a model needs both, see
+    :func:`function_protos`."""
     return MultiTokenAttention.to_function_proto()
 
 
 def function_protos() -> list[onnx.FunctionProto]:
     """Every function an exported model carries: the op and the mask recognition it calls."""
-    return [MultiTokenAttention.to_function_proto(), SimplifyMask.to_function_proto()]
+    return [function_proto(), SimplifyMask.to_function_proto()]
