@@ -42,7 +42,7 @@ import torch
 from ..config import HeadGroups, MTAConfig, Plan, PlanEntry
 from ..ops.masks import simplify_mask
 from .cost import default_candidates, exact_cost, relative_cost
-from .metrics import METRICS, first_tensor, local_error_parts, output_error, relative
+from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
 from .probe import Probe, as_call, release_freed_memory
 
 PlanKey = tuple  # ((site name, MTAConfig), ...) for the approximated sites, in site order
@@ -255,10 +255,16 @@ def _plan_cost(configs: dict, stats: list[SiteStats]) -> float:
     return sum(st.weight * st.choice_cost(configs.get(st.name)) for st in stats) / total
 
 
-def _site_parts(recs, config: MTAConfig):
+def _reference(recs) -> LocalReference:
+    return LocalReference([r.exact for r in recs], [r.mask for r in recs])
+
+
+def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None):
+    """``config``'s local error parts at a site (per head: squared error, squared exact norm) over
+    the samples ``recs``; ``reference``: their :func:`_reference`, when several candidates share it."""
     outs = [torch.ops.mta.attention(r.q, r.k, r.v, r.mask, causal=r.causal, scale=r.scale, **config.op_kwargs())
             for r in recs]
-    return local_error_parts(outs, [r.exact for r in recs], [r.mask for r in recs])
+    return (reference or _reference(recs)).parts(outs)
 
 
 def _site_stats(name: str, recs, candidates) -> SiteStats:
@@ -272,8 +278,9 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
     st.candidates = [c for c in pool if relative_cost(c, n, d, causal) < 1.0]  # the crossover
     st.costs = {c: relative_cost(c, n, d, causal) for c in st.candidates}
+    reference = _reference(recs)
     for cand in st.candidates:
-        st.parts[cand] = _site_parts(recs, cand)
+        st.parts[cand] = _site_parts(recs, cand, reference)
         st.errors[cand] = relative(*st.parts[cand])
     st.front = _pareto(st.costs, st.errors)
     fronts = set()
@@ -322,7 +329,9 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
             stats[name] = _site_stats(name, recs, candidates)
         st = stats[name]
         if approximated_upstream:
-            measured = {cand: _site_parts(recs, cand) for cand in dict.fromkeys(st.front + st.head_front)}
+            reference = _reference(recs)
+            measured = {cand: _site_parts(recs, cand, reference) for cand in dict.fromkeys(st.front + st.head_front)}
+            del reference
             parts = measured.__getitem__
         else:
             parts = st.parts.__getitem__
