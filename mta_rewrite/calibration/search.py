@@ -25,7 +25,8 @@
 5. **Verify end to end** the plans of the family, cheapest first, on the calibration *and* the
    held-out samples, and return the cheapest whose error on both is within the budget. The
    family does not depend on the budget, so a tighter budget can never yield a cheaper plan, and
-   budget 0 yields the all-exact plan (error exactly 0). Work that cannot change the choice is
+   budget 0 yields the all-exact plan (error exactly 0). A plan's forward pass does not compute
+   the exact attention of the sites it approximates (:meth:`~.probe.Probe.forward`). Work that cannot change the choice is
    skipped: plans costlier than one already within budget are not run, and a plan over budget on
    the calibration samples is not run on the held-out ones (the report says which).
 """
@@ -164,7 +165,7 @@ def calibrate(
 
         bar.step("reference outputs")
         cal_ids = {id(s) for s in cal}
-        reference = {id(s): first_tensor(probe.run(s)[0]) for s in cal + [h for h in hold if id(h) not in cal_ids]}
+        reference = {id(s): first_tensor(probe.forward(s)) for s in cal + [h for h in hold if id(h) not in cal_ids]}
 
         # ---- per-site errors (exact upstream) and greedy plans (upstream approximated) -----
         policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
@@ -392,7 +393,8 @@ def _end_to_end(probe, samples, configs, reference, metric) -> float:
         return 0.0  # the original subgraphs everywhere: identical outputs
     errs = []
     for sample in samples:
-        out = first_tensor(probe.run(sample, configs)[0])
+        out = first_tensor(probe.forward(sample, configs))
+        release_freed_memory()
         errs.append(output_error(metric, out, reference[id(sample)], as_call(sample)[1]))
     return sum(errs) / len(errs)
 

@@ -159,3 +159,41 @@ def test_sites_are_costed_as_the_op_runs_them(arch):
         assert st.weight == exact_cost(n, st.d, causal) * 2  # batch 1 × 2 heads
         assert st.candidates == [c for c in CANDIDATES if relative_cost(c, n, st.d, causal) < 1.0]
         assert st.costs == {c: relative_cost(c, n, st.d, causal) for c in st.candidates}
+
+
+def _zoo_with_sites():
+    return [case for case in zoo.all_cases() if case.rewritable > 0]
+
+
+@pytest.mark.parametrize("case", _zoo_with_sites(), ids=lambda case: case.name)
+def test_forward_skips_what_only_mta_sites_original_needs_and_equals_run(case, monkeypatch):
+    """Probe.forward (verification) equals Probe.run bit for bit, with sites exact and MTA; for an
+    MTA site it never runs the nodes that only its original output needs, and those include the
+    softmax (the attention itself is skipped), never the q, k, v or mask the op reads."""
+    torch.manual_seed(0)
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = Probe(model, args, kwargs)
+    program = probe.program
+    names = [s.name for s in probe.rewritable]
+    assert len(names) == case.rewritable
+    sample = kwargs if not args else args
+    ran = []
+    real_run_node = program.interpreter.run_node
+    monkeypatch.setattr(program.interpreter, "run_node", lambda node: ran.append(node) or real_run_node(node))
+    heads = probe.rewritable[0].q_heads or 1
+    head = HeadGroups.from_heads([mr.MTAConfig(8)] + [None] * (heads - 1)) if heads > 1 else mr.MTAConfig(8, top_k=1)
+    for configs in ({}, {names[0]: head}, {name: mr.MTAConfig(8, 1, 2, 1) for name in names}):
+        ran.clear()
+        got = probe.forward(sample, configs)
+        want = probe.run(sample, configs)[0]
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            assert torch.equal(a, b)
+        for site, only in program.exact_only.items():
+            assert only is not None, "export records every original output's dtype"
+            assert not only.nodes & set(site.args[1:5])
+            assert any("softmax" in str(node.target) or "scaled_dot_product" in str(node.target) for node in only.nodes)
+            skipped = configs.get(site.args[5]) is not None
+            assert not (only.nodes & set(ran)) if skipped else only.nodes <= set(ran)
