@@ -3,7 +3,9 @@
 ``torch.onnx.export(dynamo=True)`` with a custom translation for ``mta.attention``: each site
 becomes one ``mta::MultiTokenAttention`` node (its configuration as attributes). Its
 FunctionProto (``function.py``) is attached afterwards with the model's opset imports, so
-onnxruntime inlines it where no native kernel is registered for the op.
+onnxruntime inlines it where no native kernel is registered for the op. Sites that share one
+mask (a transformers model's layers) then recognise it once: one ``mta::SimplifyMask`` node,
+and ``mta::MultiTokenAttentionPrepared`` sites (:func:`share_mask_preparation`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from onnxscript import values
 from ..api import rewrite
 from ..capture import dynamic_shapes_for
 from ..config import MTAConfig, Plan, atomic_write
-from .function import DOMAIN, OP_TYPE, VERSION, function_protos, mta_opset
+from .function import DOMAIN, OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE, VERSION, function_protos, mta_opset
 
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
@@ -117,12 +119,59 @@ def export_onnx(
     return proto
 
 
+def share_mask_preparation(graph: onnx.GraphProto) -> int:
+    """Sites that read the same mask (every layer of a transformers model reads the one mask the
+    model builds) recognise it once: one ``mta::SimplifyMask`` node before the first of them, and
+    each becomes ``mta::MultiTokenAttentionPrepared`` on its outputs (the same function after
+    the recognition; same attributes). Without this every site reads the n×n mask again to
+    recognise it (2-layer Llama at 4096 tokens in onnxruntime: 43 ms of 300 per site).
+    Returns the number of masks shared."""
+    sites: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            sites.setdefault(node.input[3], []).append(i)
+    # (the [1, 1, 1, 1] zero that stands for "no mask" is recognised at no cost: left alone)
+    no_mask = {t.name for t in graph.initializer if math.prod(t.dims) == 1}
+    shared = {mask: at for mask, at in sites.items() if len(at) > 1 and mask not in no_mask}
+    if not shared:
+        return 0
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    taken |= {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    prepared = {mask: (fresh(f"{mask}_mta_prepared"), fresh(f"{mask}_mta_triangle")) for mask in shared}
+    first = {at[0]: mask for mask, at in shared.items()}
+    nodes = []
+    for i, node in enumerate(graph.node):
+        if i in first:
+            mask = first[i]
+            nodes.append(onnx.helper.make_node(SIMPLIFY_OP_TYPE, [mask], list(prepared[mask]), domain=DOMAIN,
+                                               name=fresh(f"{mask}_mta_simplify_mask")))
+        if node.domain == DOMAIN and node.op_type == OP_TYPE and node.input[3] in shared:
+            site = onnx.helper.make_node(PREPARED_OP_TYPE, [*node.input[:3], *prepared[node.input[3]]], list(node.output),
+                                         domain=DOMAIN, name=node.name)
+            site.attribute.extend(node.attribute)
+            node = site
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(shared)
+
+
 def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Add the MultiTokenAttention FunctionProto (and the mask recognition it calls) when the
-    graph uses it, with the model's opset."""
+    """Add the MultiTokenAttention FunctionProto (and the two it calls) when the graph uses it,
+    with the model's opset; sites that share a mask recognise it once (:func:`share_mask_preparation`)."""
     uses = any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in proto.graph.node)
     if not uses or any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions):
         return proto
+    share_mask_preparation(proto.graph)
     model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
     for fn in function_protos():
         del fn.opset_import[:]

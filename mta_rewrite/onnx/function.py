@@ -21,6 +21,11 @@ padding (what transformers models hand every layer, decoders with causal=False) 
 run time, as the PyTorch op does (``ops.masks.simplify_mask``, where the reasoning is): an ``If``
 in the body compares the mask once with its last row (O(n²) booleans of the mask's own size,
 not per head) and, when it matches, runs the key-padding path with the triangle as causality.
+
+Three functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
+by ``MultiTokenAttentionPrepared`` (the attention on the recognised mask, with the triangle flag
+as a fifth input). The exporter makes sites that share a mask call the last directly, after one
+``SimplifyMask`` node (``export.share_mask_preparation``).
 """
 
 from __future__ import annotations
@@ -75,7 +80,11 @@ def SimplifyMask(mask):
 
 
 @script(mta_opset, default_opset=op)
-def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int, top_k: int):
+def MultiTokenAttentionPrepared(q, k, v, mask, triangle, chunk_size: int, causal: int, scale: float, local_chunks: int,
+                                sinks: int, top_k: int):
+    """The op on a mask that ``SimplifyMask`` has prepared: ``triangle`` (a bool scalar, its
+    second output) adds causality. An exported model whose sites share one mask (every
+    transformers model) prepares it once and calls this at every site."""
     neg_inf = op.Constant(value_float=float("-inf"))
     pos_inf = op.Constant(value_float=float("inf"))
     zero_f = op.Constant(value_float=0.0)
@@ -90,9 +99,7 @@ def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: floa
     kf = op.Cast(k, to=FLOAT.dtype)
     vf = op.Cast(v, to=FLOAT.dtype)
     mf = op.Cast(mask, to=FLOAT.dtype)
-    is_causal = op.Cast(op.Constant(value_int=causal), to=onnx.TensorProto.BOOL)
-    mf, triangle_found = SimplifyMask(mf)
-    is_causal = op.Or(is_causal, triangle_found)
+    is_causal = op.Or(op.Cast(op.Constant(value_int=causal), to=onnx.TensorProto.BOOL), triangle)
     scale_t = op.Constant(value_float=scale)
 
     B = op.Shape(qf, start=0, end=1)
@@ -258,12 +265,25 @@ def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: floa
     return op.CastLike(out, q)
 
 
+@script(mta_opset, default_opset=op)
+def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int, top_k: int):
+    """The op (see the module's docstring): the mask recognised, then the attention."""
+    mf, triangle = SimplifyMask(op.Cast(mask, to=FLOAT.dtype))
+    return MultiTokenAttentionPrepared(q, k, v, mf, triangle, chunk_size=chunk_size, causal=causal, scale=scale,
+                                       local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+
+
+PREPARED_OP_TYPE = "MultiTokenAttentionPrepared"
+SIMPLIFY_OP_TYPE = "SimplifyMask"
+
+
 def function_proto() -> onnx.FunctionProto:
-    """The op's function alone. It calls ``mta::SimplifyMask``: a model needs both, see
-    :func:`function_protos`."""
+    """The op's function alone. It calls ``mta::SimplifyMask`` and
+    ``mta::MultiTokenAttentionPrepared``: a model needs all three, see :func:`function_protos`."""
     return MultiTokenAttention.to_function_proto()
 
 
 def function_protos() -> list[onnx.FunctionProto]:
-    """Every function an exported model carries: the op and the mask recognition it calls."""
-    return [function_proto(), SimplifyMask.to_function_proto()]
+    """Every function an exported model carries: the op, the attention on a prepared mask, and
+    the mask recognition."""
+    return [function_proto(), MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto()]

@@ -14,6 +14,7 @@ import torch
 import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.onnx import DOMAIN, OP_TYPE, export_onnx, onnx_session
+from mta_rewrite.onnx.function import PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE
 
 HAS_TRANSFORMERS = True
 try:
@@ -61,9 +62,14 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
         warnings.simplefilter("ignore")
         proto = export_onnx(model, args, path, kwargs, config=config)
         rewritten = mr.rewrite(model, args, kwargs, config=config)
-    nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
-    assert len(nodes) == case.rewritable and all(n.op_type == OP_TYPE for n in nodes)
-    assert [f.name for f in proto.functions] == [OP_TYPE, "SimplifyMask"]  # the op and the mask recognition it calls
+    nodes = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE)]
+    assert len(nodes) == case.rewritable
+    # the op, the attention on a recognised mask and the recognition, which sites sharing a mask run once
+    assert [f.name for f in proto.functions] == [OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE]
+    alone = [n.input[3] for n in nodes if n.op_type == OP_TYPE]
+    assert len(alone) == len(set(alone)), "sites that share a mask recognise it once"
+    recognitions = [tuple(n.output) for n in proto.graph.node if n.op_type == SIMPLIFY_OP_TYPE]
+    assert sorted({tuple(n.input[3:]) for n in nodes if n.op_type == PREPARED_OP_TYPE}) == sorted(recognitions)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["chunk_size"] == config.chunk_size and attrs["top_k"] == config.top_k
     onnx.checker.check_model(onnx.load(path), full_check=True)
@@ -193,3 +199,57 @@ def test_mask_recognition_in_onnx_equals_the_ops():
         np.testing.assert_array_equal(got == 0, keep.numpy(), err_msg=kind)
         assert bool(triangle) == causal, kind
     assert recognised >= 4  # materialised key padding, and the triangle with and without padding
+
+
+def test_sites_sharing_a_mask_recognise_it_once(tmp_path):
+    """A transformers decoder hands every layer the same [1, 1, n, n] mask: the export recognises
+    it once (one SimplifyMask node, every site on its outputs), and onnxruntime gives what the
+    model gives with each site recognising the mask itself, bit for bit."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers not installed")
+    from mta_rewrite.onnx.export import attach_function
+
+    case = next(c for c in zoo.transformers_cases() if c.name == "llama (sdpa)")
+    assert case.rewritable >= 2
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(case.build(), args, tmp_path / "shared.onnx", kwargs, config=mr.MTAConfig(8, 1, 2, 1))
+    sites = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type != SIMPLIFY_OP_TYPE]
+    recognitions = [n for n in proto.graph.node if n.op_type == SIMPLIFY_OP_TYPE]
+    assert len(recognitions) == 1 and len(sites) == case.rewritable
+    assert all(n.op_type == PREPARED_OP_TYPE and list(n.input[3:]) == list(recognitions[0].output) for n in sites)
+    # the same model with every site recognising the mask itself (what the export made before sharing)
+    unshared = onnx.ModelProto()
+    unshared.CopyFrom(proto)
+    del unshared.functions[:]
+    graph = unshared.graph
+    nodes = []
+    for node in graph.node:
+        if node.op_type == SIMPLIFY_OP_TYPE:
+            continue
+        if node.op_type == PREPARED_OP_TYPE:
+            site = onnx.helper.make_node(OP_TYPE, [*node.input[:3], recognitions[0].input[0]], list(node.output),
+                                         domain=DOMAIN, name=node.name)
+            site.attribute.extend(node.attribute)
+            node = site
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    import onnxruntime as ort
+
+    from mta_rewrite.onnx import export as export_module
+
+    real_share = export_module.share_mask_preparation
+    export_module.share_mask_preparation = lambda graph: 0  # attach the functions, share nothing
+    try:
+        attach_function(unshared)
+    finally:
+        export_module.share_mask_preparation = real_share
+    assert sum(n.op_type == OP_TYPE for n in unshared.graph.node) == case.rewritable
+    a, kw = case.inputs(case.lengths[1])
+    outs = []
+    for model in (proto, unshared):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, feeds(session, a, kw))[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
