@@ -1,6 +1,6 @@
 """onnxruntime (CPU) time of an MTA model vs the exact model at a long sequence.
 
-    python benchmarks/bench_onnx.py [--n 4096] [--repeats 3]
+    python benchmarks/bench_onnx.py [--n 4096] [--repeats 3] [--llama-layers 2] [--tag TAG]
 
 Two models, each exported twice with dynamic shapes: exact (stock SDPA lowering) and rewritten
 with MTA (c = 64, and c = 64 with L = 2, sinks = 4, top_k = 2): the built-in TinyCausalLM (4
@@ -8,13 +8,16 @@ layers, d = 256, 4 heads; its attention is causal by flag) and a transformers Ll
 config (2 layers, d = 256, 4 heads, 2 key/value heads, random weights; like every transformers
 decoder it hands attention the causal triangle as a materialised [1, 1, n, n] mask, which the
 ONNX function recognises at run time). Both run in onnxruntime's CPU provider on byte tokens of
-real text; PyTorch times of the same models are given beside them. Writes
-benchmarks/results/onnx_<date>.md.
+real text; PyTorch times of the same models are given beside them. For the Llama, whose layers
+share one mask, the c = 64 model also runs as exported before the mask was recognised once per
+model: every site recognising it itself ("per site"). Writes
+benchmarks/results/onnx_<date>[_TAG].md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import sys
 import tempfile
@@ -28,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
+from mta_rewrite.onnx import export as onnx_export  # noqa: E402
 from mta_rewrite.onnx import export_onnx, onnx_session  # noqa: E402
 from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
@@ -40,17 +44,26 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-layers", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     text = zoo.real_text()
     tokens = zoo.byte_tokens(text * (1 + args.n // len(text)), args.n)
     rows = []
-    for model_name, model, example, call in models(text):
+    for model_name, model, example, call in models(text, args.llama_layers):
+        variants = list(VARIANTS)
+        if "Llama" in model_name:
+            variants.insert(2, ("MTA c=64, mask recognised per site", VARIANTS[1][1]))
         with tempfile.TemporaryDirectory() as tmp:
-            for label, config in VARIANTS:
+            for label, config in variants:
                 path = Path(tmp) / "m.onnx"
-                export_onnx(model, example[0], path, example[1], config=config)
+                if "per site" in label:  # as exported before sites shared the recognition of their mask
+                    with unshared_masks():
+                        export_onnx(model, example[0], path, example[1], config=config)
+                else:
+                    export_onnx(model, example[0], path, example[1], config=config)
                 session = onnx_session(path)
                 name = session.get_inputs()[0].name
                 feed = {name: tokens.numpy()}
@@ -70,25 +83,36 @@ def main(argv=None):
         eo, et = exact[model_name]
         lines.append(f"| {model_name} | {label} | {o:.0f} | {eo / o:.2f}× | {t:.0f} | {et / t:.2f}× | {diff:.1e} |")
     stamp = dt.date.today().isoformat()
-    head = (f"{stamp}, n={args.n}, {cpu_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} CPU threads")
+    head = (f"{stamp}, n={args.n}, Llama {args.llama_layers} layers, {cpu_name()}, onnxruntime {ort.__version__}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     table = "\n".join(lines)
     print(f"\n{head}\n{table}")
-    atomic_write_text(args.out / f"onnx_{stamp}.md", f"{head}\n\n{table}\n")
+    atomic_write_text(args.out / f"onnx_{stamp}{'_' + args.tag if args.tag else ''}.md", f"{head}\n\n{table}\n")
 
 
-def models(text):
+@contextlib.contextmanager
+def unshared_masks():
+    """Export as before sites shared the recognition of their mask: each site recognises it."""
+    real = onnx_export.share_mask_preparation
+    onnx_export.share_mask_preparation = lambda graph: 0
+    try:
+        yield
+    finally:
+        onnx_export.share_mask_preparation = real
+
+
+def models(text, llama_layers=2):
     """(name, model, (args, kwargs) to export with, how to call it on tokens)."""
     yield ("TinyCausalLM (causal flag)", zoo.TinyCausalLM().eval(), ((zoo.byte_tokens(text, 256),), {}),
            lambda m, ids: m(ids))
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=llama_layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
                                    use_cache=False)
     llama = transformers.LlamaModel(cfg).eval()
-    yield ("transformers Llama ([1, 1, n, n] mask)", llama, ((), {"input_ids": zoo.byte_tokens(text, 256)}),
+    yield (f"transformers Llama, {llama_layers} layers ([1, 1, n, n] mask)", llama, ((), {"input_ids": zoo.byte_tokens(text, 256)}),
            lambda m, ids: m(input_ids=ids)[0])
 
 
