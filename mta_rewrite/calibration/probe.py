@@ -184,8 +184,9 @@ class _Program:
                         spec = getattr(self.gm, "_out_spec", None)
                         return out if spec is None else pytree.tree_unflatten(list(out), spec)
                     if _is_site(node):
-                        original, q, k, v, mask, name, causal, scale = torch.fx.node.map_aggregate(
-                            node.args, lambda a: env.get(a) if isinstance(a, torch.fx.Node) else a)
+                        q, k, v, mask, name, causal, scale = (env[a] if isinstance(a, torch.fx.Node) else a
+                                                              for a in node.args[1:])
+                        original = None if node.args[0] in skip else env[node.args[0]]
                         dtype = None if self.exact_only[node] is None else self.exact_only[node].dtype
                         env[node] = site_output(configs.get(name), original, q, k, v, mask, causal, scale, dtype)
                     elif node.op != "placeholder" and node not in skip:
