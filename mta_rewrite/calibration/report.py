@@ -34,21 +34,30 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
         lines.append(f"| {st.name} | {st.n} | {st.d} | {causal} | {chosen} | {err} | {entry.relative_cost:.3f} |")
     lines += ["", "The family of plans, cheapest first (cost relative to exact attention; verified end to end until one "
               "was within budget: costlier plans could not be chosen and were not run; a plan over budget on the "
-              "calibration samples was not run on the held-out ones):", "",
+              "calibration samples was not run on the held-out ones; \"≥ e (k of m samples)\": over budget after k "
+              "samples, e is a lower bound of the mean):", "",
               "| origin | relative cost | calibration error | held-out error | within budget |", "|---|---|---|---|---|"]
     for p in sorted(details.family, key=lambda p: p.cost):
         mark = " (chosen)" if p is details.chosen else ""
         if p.calibration_error is None:
             lines.append(f"| {p.origin} | {p.cost:.3f} | not run | not run | not needed |")
             continue
-        hold = "not run" if p.holdout_error is None else f"{p.holdout_error:.4g}"
+        hold = "not run" if p.holdout_error is None else _error(p.holdout_error, p.holdout_runs)
         ok = "yes" if p.within(details.budget) else "no"
-        lines.append(f"| {p.origin}{mark} | {p.cost:.3f} | {p.calibration_error:.4g} | {hold} | {ok} |")
+        lines.append(f"| {p.origin}{mark} | {p.cost:.3f} | {_error(p.calibration_error, p.calibration_runs)} | {hold} "
+                     f"| {ok} |")
     png = _plot(details, plan, png_path)
     if png is not None:
         lines += ["", f"![error vs cost per site]({png.name})"]
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, png
+
+
+def _error(value: float, runs) -> str:
+    """An end-to-end error; one cut short (over budget after some samples) is a lower bound."""
+    if runs is not None and runs[0] < runs[1]:
+        return f"≥ {value:.4g} ({runs[0]} of {runs[1]} samples)"
+    return f"{value:.4g}"
 
 
 def _plot(details, plan, png_path: Path) -> Path | None:

@@ -27,8 +27,10 @@
    family does not depend on the budget, so a tighter budget can never yield a cheaper plan, and
    budget 0 yields the all-exact plan (error exactly 0). A plan's forward pass does not compute
    the exact attention of the sites it approximates (:meth:`~.probe.Probe.forward`). Work that cannot change the choice is
-   skipped: plans costlier than one already within budget are not run, and a plan over budget on
-   the calibration samples is not run on the held-out ones (the report says which).
+   skipped: plans costlier than one already within budget are not run, a plan over budget on
+   the calibration samples is not run on the held-out ones, and a plan whose errors on the
+   samples run so far already put the mean over budget is not run on the rest (the report says
+   which).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class PlanResult:
     calibration_error: float | None  # None: not verified (a cheaper plan is within budget)
     holdout_error: float | None  # None: not measured (over budget already, or not verified)
     origin: str
+    # samples run for each error, of how many: fewer when the sum so far already put the mean over
+    # budget (errors are ≥ 0); the error is then that sum over all the samples, a lower bound
+    calibration_runs: tuple[int, int] | None = None
+    holdout_runs: tuple[int, int] | None = None
 
     def within(self, budget: float) -> bool:
         return (self.calibration_error is not None and self.calibration_error <= budget
@@ -209,10 +215,13 @@ def calibrate(
             bar.advance()
             if result.cost > met:
                 continue  # cannot be chosen: a cheaper plan is within budget
-            result.calibration_error = _end_to_end(probe, cal, configs, reference, metric)
+            result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, configs, reference, metric, budget)
             if result.calibration_error <= budget:
-                result.holdout_error = (result.calibration_error if hold is cal
-                                        else _end_to_end(probe, hold, configs, reference, metric))
+                if hold is cal:
+                    result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
+                else:
+                    result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, configs, reference, metric,
+                                                                            budget)
             if result.within(budget):
                 met = min(met, result.cost)
 
@@ -388,15 +397,21 @@ def _choose(st: SiteStats, parts, per_head: bool, tau: float):
     return choice, relative(num, den)
 
 
-def _end_to_end(probe, samples, configs, reference, metric) -> float:
+def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tuple[float, tuple[int, int]]:
+    """The plan's mean error over ``samples`` and (samples run, samples). Every sample's error is
+    ≥ 0, so once their sum exceeds budget × len(samples) the mean is over budget whatever the
+    others give: the remaining samples are not run, and the error returned is that sum over
+    len(samples), a lower bound of the mean (the decision is the same as with every sample)."""
     if not configs:
-        return 0.0  # the original subgraphs everywhere: identical outputs
-    errs = []
-    for sample in samples:
+        return 0.0, (len(samples), len(samples))  # the original subgraphs everywhere: identical outputs
+    total = 0.0
+    for i, sample in enumerate(samples):
         out = first_tensor(probe.forward(sample, configs))
         release_freed_memory()
-        errs.append(output_error(metric, out, reference[id(sample)], as_call(sample)[1]))
-    return sum(errs) / len(errs)
+        total += output_error(metric, out, reference[id(sample)], as_call(sample)[1])
+        if total > budget * len(samples):
+            return total / len(samples), (i + 1, len(samples))
+    return total / len(samples), (len(samples), len(samples))
 
 
 class _Progress:

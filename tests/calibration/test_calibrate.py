@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.calibration.metrics import first_tensor, output_error
+from mta_rewrite.calibration.probe import Probe
 
 CANDIDATES = [
     mr.MTAConfig(16), mr.MTAConfig(16, top_k=2), mr.MTAConfig(16, 2, 4, 1), mr.MTAConfig(32, 2, 4, 0),
@@ -152,3 +154,44 @@ def test_verification_skips_only_what_cannot_change_the_choice(lm, tmp_path):
     assert plan.metadata["plans_verified"] == len(details.family) - len(not_run)
     report = (tmp_path / "plan.report.md").read_text()
     assert report.count("| not run | not run | not needed |") == len(not_run)
+
+
+def test_verification_stops_a_plan_once_its_mean_error_is_over_budget(lm, tmp_path):
+    """Errors are ≥ 0: once the sum over the samples run exceeds budget × samples, the mean is over
+    budget and the rest are not run. The error kept is a lower bound of the full mean, which is over
+    budget too (so the choice is what running every sample gives)."""
+    model, data = lm
+    budget = 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan, details = mr.calibrate(model, data, budget=budget, candidates=CANDIDATES, progress=False,
+                                     return_details=True, output=str(tmp_path / "plan.json"))
+        probe = Probe(model, data[0], {})
+    cal = [data[i] for i in range(len(data)) if i not in plan.metadata["holdout_indices"]]
+    assert details.chosen.calibration_runs == (len(cal), len(cal))
+    cut = [p for p in details.family if p.calibration_runs is not None and p.calibration_runs[0] < len(cal)]
+    assert cut, "at this budget the cheap plans fail on their first samples"
+    for p in cut:
+        assert p.calibration_runs[1] == len(cal)
+        assert p.calibration_error > budget and p.holdout_error is None and not p.within(budget)
+        full = sum(output_error("rel_l2", first_tensor(probe.forward(s, p.configs)), first_tensor(probe.forward(s)), {})
+                   for s in cal) / len(cal)
+        assert full >= p.calibration_error - 1e-12 and full > budget
+        assert p.cost < details.chosen.cost  # only plans that could have been chosen were run
+    report = (tmp_path / "plan.report.md").read_text()
+    assert report.count("samples) |") == len(cut)
+    # the same choice as running every sample of every plan
+    from mta_rewrite.calibration import search
+
+    real = search._end_to_end
+    try:
+        search._end_to_end = lambda *a: real(*a[:-1], math.inf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan_all, details_all = mr.calibrate(model, data, budget=budget, candidates=CANDIDATES, progress=False,
+                                                 return_details=True)
+    finally:
+        search._end_to_end = real
+    assert not [p for p in details_all.family if p.calibration_runs and p.calibration_runs[0] < len(cal)]
+    assert details_all.chosen.configs == details.chosen.configs
+    assert plan_all.metadata["holdout_error"] == plan.metadata["holdout_error"]
