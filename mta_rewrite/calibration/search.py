@@ -339,10 +339,7 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
             stats[name] = _site_stats(name, recs, candidates)
         st = stats[name]
         if approximated_upstream:
-            reference = _reference(recs)
-            measured = {cand: _site_parts(recs, cand, reference) for cand in dict.fromkeys(st.front + st.head_front)}
-            del reference
-            parts = measured.__getitem__
+            parts = _lazy_parts(recs)
         else:
             parts = st.parts.__getitem__
         del recs
@@ -352,6 +349,7 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
             if choice is not None:
                 chosen[policy][0][name], chosen[policy][1][name] = choice, err
             by_choice.setdefault(choice, []).append(policy)
+        del parts  # (holds the node's site inputs)
         branches = sorted(by_choice.items(), key=lambda item: item[0] is not None)  # exact first
         for i in reversed(range(len(branches))):  # pushed last, popped first: the exact branch
             choice, policies_here = branches[i]
@@ -364,6 +362,22 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
         advance()
     order = {site.name: i for i, site in enumerate(probe.rewritable)}
     return sorted(stats.values(), key=lambda st: order.get(st.name, len(order))), chosen
+
+
+def _lazy_parts(recs):
+    """``parts(cand)``: a candidate's error parts at a node with approximated upstream, measured
+    when a policy first asks for it. A policy scans the front in cost order and stops at its
+    choice (per head: once every head has one), so candidates costlier than every choice made
+    at the node are never run; the values are those measuring them all would give."""
+    reference = _reference(recs)
+    measured: dict = {}
+
+    def parts(cand):
+        if cand not in measured:
+            measured[cand] = _site_parts(recs, cand, reference)
+        return measured[cand]
+
+    return parts
 
 
 def _choose(st: SiteStats, parts, per_head: bool, tau: float):
