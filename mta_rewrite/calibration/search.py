@@ -318,7 +318,8 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
     upstream plans: a node is a site reached under one upstream plan, by the policies that chose
     that plan so far; its calibration inputs come from one forward pass per sample up to it,
     forked from its parent's (:class:`~.probe.Cursor`); its front candidates are measured once
-    for all those policies, which then split by their choice there. The all-exact branch (τ = 0
+    for all those policies, and only those some policy reaches in its scan (:func:`_lazy_parts`);
+    the policies then split by their choice there. The all-exact branch (τ = 0
     chooses exact everywhere) is walked first and measures every candidate: step 2's statistics.
 
     Returns (the sites' statistics in graph order, policy → (site → choice, site → local error)).
