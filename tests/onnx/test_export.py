@@ -201,55 +201,35 @@ def test_mask_recognition_in_onnx_equals_the_ops():
     assert recognised >= 4  # materialised key padding, and the triangle with and without padding
 
 
-def test_sites_sharing_a_mask_recognise_it_once(tmp_path):
+def test_sites_sharing_a_mask_recognise_it_once(tmp_path, monkeypatch):
     """A transformers decoder hands every layer the same [1, 1, n, n] mask: the export recognises
     it once (one SimplifyMask node, every site on its outputs), and onnxruntime gives what the
-    model gives with each site recognising the mask itself, bit for bit."""
+    export without sharing gives (each site recognising the mask itself), bit for bit."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers not installed")
-    from mta_rewrite.onnx.export import attach_function
-
-    case = next(c for c in zoo.transformers_cases() if c.name == "llama (sdpa)")
-    assert case.rewritable >= 2
-    args, kwargs = case.inputs(case.lengths[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        proto = export_onnx(case.build(), args, tmp_path / "shared.onnx", kwargs, config=mr.MTAConfig(8, 1, 2, 1))
-    sites = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type != SIMPLIFY_OP_TYPE]
-    recognitions = [n for n in proto.graph.node if n.op_type == SIMPLIFY_OP_TYPE]
-    assert len(recognitions) == 1 and len(sites) == case.rewritable
-    assert all(n.op_type == PREPARED_OP_TYPE and list(n.input[3:]) == list(recognitions[0].output) for n in sites)
-    # the same model with every site recognising the mask itself (what the export made before sharing)
-    unshared = onnx.ModelProto()
-    unshared.CopyFrom(proto)
-    del unshared.functions[:]
-    graph = unshared.graph
-    nodes = []
-    for node in graph.node:
-        if node.op_type == SIMPLIFY_OP_TYPE:
-            continue
-        if node.op_type == PREPARED_OP_TYPE:
-            site = onnx.helper.make_node(OP_TYPE, [*node.input[:3], recognitions[0].input[0]], list(node.output),
-                                         domain=DOMAIN, name=node.name)
-            site.attribute.extend(node.attribute)
-            node = site
-        nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
     import onnxruntime as ort
 
     from mta_rewrite.onnx import export as export_module
 
-    real_share = export_module.share_mask_preparation
-    export_module.share_mask_preparation = lambda graph: 0  # attach the functions, share nothing
-    try:
-        attach_function(unshared)
-    finally:
-        export_module.share_mask_preparation = real_share
-    assert sum(n.op_type == OP_TYPE for n in unshared.graph.node) == case.rewritable
+    case = next(c for c in zoo.transformers_cases() if c.name == "llama (sdpa)")
+    assert case.rewritable >= 2
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    config = mr.MTAConfig(8, 1, 2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shared = export_onnx(model, args, tmp_path / "shared.onnx", kwargs, config=config)
+        with monkeypatch.context() as patch:
+            patch.setattr(export_module, "share_mask_preparation", lambda graph: 0)
+            unshared = export_onnx(model, args, tmp_path / "unshared.onnx", kwargs, config=config)
+    sites = [n for n in shared.graph.node if n.domain == DOMAIN and n.op_type != SIMPLIFY_OP_TYPE]
+    recognitions = [n for n in shared.graph.node if n.op_type == SIMPLIFY_OP_TYPE]
+    assert len(recognitions) == 1 and len(sites) == case.rewritable
+    assert all(n.op_type == PREPARED_OP_TYPE and list(n.input[3:]) == list(recognitions[0].output) for n in sites)
+    assert [n.op_type for n in unshared.graph.node if n.domain == DOMAIN] == [OP_TYPE] * case.rewritable
     a, kw = case.inputs(case.lengths[1])
     outs = []
-    for model in (proto, unshared):
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for path in (tmp_path / "shared.onnx", tmp_path / "unshared.onnx"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outs.append(session.run(None, feeds(session, a, kw))[0])
     np.testing.assert_array_equal(outs[0], outs[1])
