@@ -26,11 +26,11 @@
    held-out samples, and return the cheapest whose error on both is within the budget. The
    family does not depend on the budget, so a tighter budget can never yield a cheaper plan, and
    budget 0 yields the all-exact plan (error exactly 0). A plan's forward pass does not compute
-   the exact attention of the sites it approximates (:meth:`~.probe.Probe.forward`). Work that cannot change the choice is
-   skipped: plans costlier than one already within budget are not run, a plan over budget on
-   the calibration samples is not run on the held-out ones, and a plan whose errors on the
-   samples run so far already put the mean over budget is not run on the rest (the report says
-   which).
+   the exact attention of the sites it approximates (:meth:`~.probe.Probe.forward`). Work that
+   cannot change the choice is skipped: plans costlier than one already within budget are not
+   run, a plan over budget on the calibration samples is not run on the held-out ones, and a
+   plan whose errors on the samples run so far already put the mean over budget is not run on
+   the rest (the report says which).
 """
 
 from __future__ import annotations
