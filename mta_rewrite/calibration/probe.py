@@ -135,15 +135,17 @@ class Probe:
 @dataclass
 class SiteCall:
     """A forward pass stopped at a site: the site's name and what flows into it (``record.exact``
-    is the original subgraph's output there)."""
+    is the original subgraph's output there; None where the cursor skipped it, ``dtype`` then
+    says its dtype)."""
 
     name: str
     record: SiteRecord
+    dtype: torch.dtype | None = None
 
     def output(self, config) -> torch.Tensor:
         """What the site returns under ``config`` (None: exact), as in the probe graph."""
         r = self.record
-        return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale)
+        return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype)
 
 
 class _Program:
@@ -167,35 +169,16 @@ class _Program:
         self.exact_only = {self.nodes[i]: _exact_only(self.nodes[i]) for i in sites}
 
     def forward(self, sample: Any, configs: dict) -> Any:
-        """One whole forward pass (see :meth:`Probe.forward`): node by node, each value freed
-        after its last use, the nodes that only compute an MTA site's original output skipped."""
+        """One whole forward pass (see :meth:`Probe.forward`): a :class:`Cursor` that skips the
+        nodes only an MTA site's original output needs, run to the end."""
         skip: set = set()
         for site, only in self.exact_only.items():
             if configs.get(site.args[5]) is not None and only is not None:
                 skip |= only.nodes
-        env = dict(zip(self.placeholders, self.inputs(sample)))
-        interpreter = self.interpreter
-        interpreter.env = env
-        try:
-            with torch.no_grad():
-                for i, node in enumerate(self.nodes):
-                    if node.op == "output":
-                        out = interpreter.run_node(node)
-                        spec = getattr(self.gm, "_out_spec", None)
-                        return out if spec is None else pytree.tree_unflatten(list(out), spec)
-                    if _is_site(node):
-                        q, k, v, mask, name, causal, scale = (env[a] if isinstance(a, torch.fx.Node) else a
-                                                              for a in node.args[1:])
-                        original = None if node.args[0] in skip else env[node.args[0]]
-                        dtype = None if self.exact_only[node] is None else self.exact_only[node].dtype
-                        env[node] = site_output(configs.get(name), original, q, k, v, mask, causal, scale, dtype)
-                    elif node.op != "placeholder" and node not in skip:
-                        env[node] = interpreter.run_node(node)
-                    for freed in self.free_after[i]:
-                        env.pop(freed, None)
-            raise RuntimeError("the probe graph has no output node")  # a bug, not the user's
-        finally:
-            interpreter.env = {}
+        cursor = Cursor(self, sample, skip=frozenset(skip))
+        while (call := cursor.advance()) is not None:
+            cursor.resume(call.output(configs.get(call.name)))
+        return cursor.finish()
 
     def inputs(self, sample: Any) -> list:
         """The sample's tensors in the order of the graph's placeholders (as the module's forward
@@ -268,10 +251,14 @@ class Cursor:
     site. :meth:`advance` runs up to the next site and returns its :class:`SiteCall` (None after
     the last site: what follows it is not run); :meth:`resume` gives the site's output and moves
     past it; :meth:`fork` copies the pass where it stands, so two choices at a site share all that
-    was computed before it. Each value is freed after its last use, as the compiled forward does."""
+    was computed before it; :meth:`finish` runs the rest and returns the model's output. Each
+    value is freed after its last use, as the compiled forward does. ``skip``: nodes not to run
+    (the original subgraphs of sites whose output will be MTA's, see :meth:`Probe.forward`)."""
 
-    def __init__(self, program: _Program, sample: Any = None, *, _env: dict | None = None, _pos: int = 0):
+    def __init__(self, program: _Program, sample: Any = None, *, skip: frozenset = frozenset(),
+                 _env: dict | None = None, _pos: int = 0):
         self.program = program
+        self.skip = skip
         self.pos = _pos
         if _env is not None:
             self.env = _env
@@ -284,24 +271,32 @@ class Cursor:
                 self.env.pop(node, None)
             self.pos += 1
 
-    def advance(self) -> SiteCall | None:
+    def _run(self, stop: int) -> SiteCall | None:
+        """Runs the nodes before ``stop`` up to the next site: that site's call, or None."""
         program = self.program
         interpreter = program.interpreter
         interpreter.env = self.env
         try:
             with torch.no_grad():
-                while self.pos < program.end:
+                while self.pos < stop:
                     node = program.nodes[self.pos]
                     if _is_site(node):
-                        args, _ = interpreter.fetch_args_kwargs_from_env(node)
-                        original, q, k, v, mask, name, causal, scale = args
-                        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original))
-                    if node.op != "placeholder":
+                        return self._call(node)
+                    if node.op != "placeholder" and node not in self.skip:
                         self.env[node] = interpreter.run_node(node)
                     self._step_past(1)
             return None
         finally:
             interpreter.env = {}
+
+    def _call(self, site: torch.fx.Node) -> SiteCall:
+        q, k, v, mask, name, causal, scale = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in site.args[1:])
+        original = None if site.args[0] in self.skip else self.env[site.args[0]]
+        only = self.program.exact_only[site]
+        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original), None if only is None else only.dtype)
+
+    def advance(self) -> SiteCall | None:
+        return self._run(self.program.end)
 
     def resume(self, value: torch.Tensor) -> None:
         """The output of the site :meth:`advance` stopped at; moves past it."""
@@ -311,7 +306,23 @@ class Cursor:
         self._step_past(1)
 
     def fork(self) -> "Cursor":
-        return Cursor(self.program, _env=dict(self.env), _pos=self.pos)
+        return Cursor(self.program, skip=self.skip, _env=dict(self.env), _pos=self.pos)
+
+    def finish(self) -> Any:
+        """Runs what follows the last site (after :meth:`advance` returned None) and returns the
+        model's output, as the captured module returns it."""
+        program = self.program
+        output = program.nodes[-1]  # an fx graph ends with its output node
+        if self._run(len(program.nodes) - 1) is not None:
+            raise RuntimeError("finish() is only valid past the last site")
+        interpreter = program.interpreter
+        interpreter.env = self.env
+        try:
+            out = interpreter.run_node(output)
+        finally:
+            interpreter.env = {}
+        spec = getattr(program.gm, "_out_spec", None)
+        return out if spec is None else pytree.tree_unflatten(list(out), spec)
 
 
 def release_freed_memory() -> None:
