@@ -268,7 +268,7 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, chunk_size: int, causal
 @script(mta_opset, default_opset=op)
 def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int, top_k: int):
     """The op (see the module's docstring): the mask recognised, then the attention."""
-    mf, triangle = SimplifyMask(op.Cast(mask, to=FLOAT.dtype))
+    mf, triangle = SimplifyMask(mask)  # (it casts the mask to float)
     return MultiTokenAttentionPrepared(q, k, v, mf, triangle, chunk_size=chunk_size, causal=causal, scale=scale,
                                        local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
