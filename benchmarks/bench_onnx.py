@@ -9,8 +9,9 @@ config (2 layers, d = 256, 4 heads, 2 key/value heads, random weights; like ever
 decoder it hands attention the causal triangle as a materialised [1, 1, n, n] mask, which the
 ONNX function recognises at run time). Both run in onnxruntime's CPU provider on byte tokens of
 real text; PyTorch times of the same models are given beside them. For the Llama, whose layers
-share one mask, the c = 64 model also runs as exported before the mask was recognised once per
-model: every site recognising it itself ("per site"). Writes
+share one bool mask, the c = 64 model also runs as exported before: every site turning the mask
+into 0 / −inf and recognising it itself ("per site"), and the float mask recognised once for all
+sites ("float mask, recognised once"; before the export recognised bool masks as bool). Writes
 benchmarks/results/onnx_<date>[_TAG].md.
 """
 
@@ -55,14 +56,12 @@ def main(argv=None):
     for model_name, model, example, call in models(text, args.llama_layers):
         variants = list(VARIANTS)
         if "Llama" in model_name:
-            variants.insert(2, ("MTA c=64, mask recognised per site", VARIANTS[1][1]))
+            variants[2:2] = [("MTA c=64, mask recognised per site", VARIANTS[1][1]),
+                             ("MTA c=64, float mask, recognised once", VARIANTS[1][1])]
         with tempfile.TemporaryDirectory() as tmp:
             for label, config in variants:
                 path = Path(tmp) / "m.onnx"
-                if "per site" in label:  # as exported before sites shared the recognition of their mask
-                    with unshared_masks():
-                        export_onnx(model, example[0], path, example[1], config=config)
-                else:
+                with as_exported_before(label):
                     export_onnx(model, example[0], path, example[1], config=config)
                 session = onnx_session(path)
                 name = session.get_inputs()[0].name
@@ -91,14 +90,23 @@ def main(argv=None):
 
 
 @contextlib.contextmanager
-def unshared_masks():
-    """Export as before sites shared the recognition of their mask: each site recognises it."""
-    real = onnx_export.share_mask_preparation
-    onnx_export.share_mask_preparation = lambda graph: 0
+def as_exported_before(label: str):
+    """"per site": export as before sites shared the recognition of their mask (each site turns
+    the bool mask into 0 / −inf and recognises it); "float mask": as before bool masks were
+    recognised as bool (one Where, one SimplifyMask on its output); otherwise as today."""
+    if "per site" in label:
+        name, stand_in = "share_mask_preparation", lambda graph: 0
+    elif "float mask" in label:
+        name, stand_in = "_bool_source", lambda *args: None
+    else:
+        yield
+        return
+    real = getattr(onnx_export, name)
+    setattr(onnx_export, name, stand_in)
     try:
         yield
     finally:
-        onnx_export.share_mask_preparation = real
+        setattr(onnx_export, name, real)
 
 
 def models(text, llama_layers=2):

@@ -1,17 +1,19 @@
 """ONNX export: MTA sites as ``mta::MultiTokenAttention`` nodes with a function body in
 standard ONNX ops, so that stock onnxruntime (and onnxruntime-gpu) run them. Sites that share a
-mask are ``mta::MultiTokenAttentionPrepared`` nodes after one ``mta::SimplifyMask`` node."""
+mask are ``mta::MultiTokenAttentionPrepared`` nodes after one ``mta::SimplifyMask`` node (or
+``mta::SimplifyBoolMask``, on a mask the model built as bool)."""
 
 from .export import export_onnx, onnx_session
 from .function import (
     DOMAIN,
     OP_TYPE,
     PREPARED_OP_TYPE,
+    SIMPLIFY_BOOL_OP_TYPE,
     SIMPLIFY_OP_TYPE,
     VERSION,
     function_proto,
     function_protos,
 )
 
-__all__ = ["DOMAIN", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION", "export_onnx", "function_proto",
-           "function_protos", "onnx_session"]
+__all__ = ["DOMAIN", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_BOOL_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION",
+           "export_onnx", "function_proto", "function_protos", "onnx_session"]

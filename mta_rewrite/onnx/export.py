@@ -23,7 +23,16 @@ from onnxscript import values
 from ..api import rewrite
 from ..capture import dynamic_shapes_for
 from ..config import MTAConfig, Plan, atomic_write
-from .function import DOMAIN, OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE, VERSION, function_protos, mta_opset
+from .function import (
+    DOMAIN,
+    OP_TYPE,
+    PREPARED_OP_TYPE,
+    SIMPLIFY_BOOL_OP_TYPE,
+    SIMPLIFY_OP_TYPE,
+    VERSION,
+    function_protos,
+    mta_opset,
+)
 
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
@@ -66,7 +75,11 @@ def _translate(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None,
     else:
         rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
         dtype = attn_mask.dtype
+        if rank < 4:
+            attn_mask = op.Unsqueeze(attn_mask, op.Constant(value_ints=list(range(4 - rank))))
         if dtype is not None and dtype == onnx.TensorProto.BOOL or str(dtype).upper().endswith("BOOL"):
+            # (the Where feeds the site directly: share_mask_preparation hands the bool mask to
+            # mta::SimplifyBoolMask instead)
             mask = op.Where(attn_mask, op.Constant(value_float=0.0), op.Constant(value_float=float("-inf")))
         else:
             # forbidden values (≤ the mask dtype's minimum) become −inf whatever the dtype
@@ -74,8 +87,6 @@ def _translate(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None,
             mask = op.Cast(attn_mask, to=onnx.TensorProto.FLOAT)
             if fmin is not None:
                 mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
-        if rank < 4:
-            mask = op.Unsqueeze(mask, op.Constant(value_ints=list(range(4 - rank))))
     return MTA_OP(q, k, v, mask, chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
                   local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
 
@@ -120,20 +131,31 @@ def export_onnx(
 
 
 def share_mask_preparation(graph: onnx.GraphProto) -> int:
-    """Sites that read the same mask (every layer of a transformers model reads the one mask the
-    model builds) recognise it once: one ``mta::SimplifyMask`` node before the first of them, and
-    each becomes ``mta::MultiTokenAttentionPrepared`` on its outputs (the same function after
-    the recognition; same attributes). Without this every site reads the n×n mask again to
-    recognise it (2-layer Llama at 4096 tokens in onnxruntime: 43 ms of 300 per site).
-    Returns the number of masks shared."""
-    sites: dict[str, list[int]] = {}
+    """Sites recognise their mask once per mask, not once per site, and from the bool mask where
+    the model built one (``ops.masks.simplify_mask``'s check, run by onnxruntime):
+
+    - sites that read the same float mask: one ``mta::SimplifyMask`` node before the first of
+      them, each site an ``mta::MultiTokenAttentionPrepared`` on its outputs (the same function
+      after the recognition; same attributes);
+    - sites whose mask the export made from a bool mask (``Where(allowed, 0, −inf)``, see
+      :func:`_translate`; every transformers model's mask), one site or many: one
+      ``mta::SimplifyBoolMask`` node on the bool mask itself, and the ``Where`` goes when nothing
+      else reads it: no float n×n mask is formed unless the mask is not recognised.
+
+    Measured (onnxruntime CPU, 2-layer Llama at 4096 tokens): each site recognising the float mask
+    cost 43 ms of 300; once per model, the recognition and the ``Where`` still took 45 and 53 ms
+    of 190. Returns the number of recognition nodes added."""
+    producers = {out: node for node in graph.node for out in node.output}
+    sites: dict[tuple[bool, str], list[int]] = {}
     for i, node in enumerate(graph.node):
         if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            sites.setdefault(node.input[3], []).append(i)
+            allowed = _bool_source(node.input[3], producers, graph)
+            key = (True, allowed) if allowed is not None else (False, node.input[3])
+            sites.setdefault(key, []).append(i)
     # (the [1, 1, 1, 1] zero that stands for "no mask" is recognised at no cost: left alone)
     no_mask = {t.name for t in graph.initializer if math.prod(t.dims) == 1}
-    shared = {mask: at for mask, at in sites.items() if len(at) > 1 and mask not in no_mask}
-    if not shared:
+    groups = {key: at for key, at in sites.items() if key[0] or (len(at) > 1 and key[1] not in no_mask)}
+    if not groups:
         return 0
     taken = {name for node in graph.node for name in (*node.input, *node.output)}
     taken |= {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
@@ -146,23 +168,72 @@ def share_mask_preparation(graph: onnx.GraphProto) -> int:
         taken.add(name)
         return name
 
-    prepared = {mask: (fresh(f"{mask}_mta_prepared"), fresh(f"{mask}_mta_triangle")) for mask in shared}
-    first = {at[0]: mask for mask, at in shared.items()}
+    prepared = {key: (fresh(f"{key[1]}_mta_prepared"), fresh(f"{key[1]}_mta_triangle")) for key in groups}
+    first = {at[0]: key for key, at in groups.items()}
+    group_of = {i: key for key, at in groups.items() for i in at}
+    bypassed = set()
     nodes = []
     for i, node in enumerate(graph.node):
         if i in first:
-            mask = first[i]
-            nodes.append(onnx.helper.make_node(SIMPLIFY_OP_TYPE, [mask], list(prepared[mask]), domain=DOMAIN,
-                                               name=fresh(f"{mask}_mta_simplify_mask")))
-        if node.domain == DOMAIN and node.op_type == OP_TYPE and node.input[3] in shared:
-            site = onnx.helper.make_node(PREPARED_OP_TYPE, [*node.input[:3], *prepared[node.input[3]]], list(node.output),
+            key = first[i]
+            nodes.append(onnx.helper.make_node(SIMPLIFY_BOOL_OP_TYPE if key[0] else SIMPLIFY_OP_TYPE, [key[1]],
+                                               list(prepared[key]), domain=DOMAIN,
+                                               name=fresh(f"{key[1]}_mta_simplify_mask")))
+        if i in group_of:
+            if group_of[i][0]:
+                bypassed.add(node.input[3])
+            site = onnx.helper.make_node(PREPARED_OP_TYPE, [*node.input[:3], *prepared[group_of[i]]], list(node.output),
                                          domain=DOMAIN, name=node.name)
             site.attribute.extend(node.attribute)
             node = site
         nodes.append(node)
+    still_read = _names_read(nodes) | {v.name for v in graph.output}
+    dropped = [node for node in nodes if len(node.output) == 1 and node.output[0] in bypassed - still_read]
+    nodes = [node for node in nodes if not any(node is d for d in dropped)]
     del graph.node[:]
     graph.node.extend(nodes)
-    return len(shared)
+    # the dropped Wheres' constants, if nothing else reads them (onnxruntime warns of unused ones)
+    unread = {name for node in dropped for name in node.input} - _names_read(nodes) - {v.name for v in graph.output}
+    kept = [t for t in graph.initializer if t.name not in unread]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(groups)
+
+
+def _bool_source(mask: str, producers: dict, graph: onnx.GraphProto) -> str | None:
+    """The bool mask ``mask`` was made from by ``Where(allowed, 0, −inf)`` (its allowed flags:
+    a Where's condition is bool), or None."""
+    node = producers.get(mask)
+    if node is None or node.op_type != "Where" or node.domain not in ("", "ai.onnx"):
+        return None
+    if _scalar(node.input[1], producers, graph) == 0.0 and _scalar(node.input[2], producers, graph) == -math.inf:
+        return node.input[0]
+    return None
+
+
+def _scalar(name: str, producers: dict, graph: onnx.GraphProto) -> float | None:
+    """The value of a one-element initializer or Constant, or None."""
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    node = producers.get(name)
+    if tensor is None and node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = node.attribute[0]
+        if attr.name == "value_float":
+            return float(attr.f)
+        tensor = attr.t if attr.name == "value" else None
+    if tensor is None or math.prod(tensor.dims) != 1:
+        return None
+    return float(onnx.numpy_helper.to_array(tensor).reshape(()))
+
+
+def _names_read(nodes) -> set[str]:
+    """Every name the nodes read, their subgraphs' (If, Loop, Scan bodies) included."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [*attr.graphs, *([attr.g] if attr.HasField("g") else [])]:
+                names |= _names_read(sub.node)
+    return names
 
 
 def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -173,11 +244,7 @@ def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
         return proto
     share_mask_preparation(proto.graph)
     model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-    for fn in function_protos():
-        del fn.opset_import[:]
-        fn.opset_import.extend([onnx.helper.make_opsetid("", model_opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])
-        # (the bodies are written against opset 18; every op they use keeps its meaning up to opset 23)
-        proto.functions.append(fn)
+    proto.functions.extend(function_protos(model_opset))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
     return proto

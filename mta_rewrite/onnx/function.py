@@ -19,13 +19,17 @@ mask itself is n×n). Computation is in float32; the output has q's type.
 A mask that varies per query but is, by its values, key padding or the causal triangle ∧ key
 padding (what transformers models hand every layer, decoders with causal=False) is recognised at
 run time, as the PyTorch op does (``ops.masks.simplify_mask``, where the reasoning is): an ``If``
-in the body compares the mask once with its last row (O(n²) booleans of the mask's own size,
-not per head) and, when it matches, runs the key-padding path with the triangle as causality.
+in the body compares the mask with the triangle ∧ its last row, and if that fails with its last
+row (O(n²) booleans of the mask's own size, not per head), and when one matches runs the
+key-padding path with the triangle as causality.
 
-Three functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
+Five functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
 by ``MultiTokenAttentionPrepared`` (the attention on the recognised mask, with the triangle flag
-as a fifth input). The exporter makes sites that share a mask call the last directly, after one
-``SimplifyMask`` node (``export.share_mask_preparation``).
+as a fifth input). ``SimplifyBoolMask`` is the recognition on a bool mask (True: allowed) and
+``RecogniseMask`` the check both recognitions share. The exporter makes sites that share a mask
+call ``MultiTokenAttentionPrepared`` directly, after one recognition node, and recognises a
+model's bool mask as it is instead of turning it into 0 / −inf first
+(``export.share_mask_preparation``).
 """
 
 from __future__ import annotations
@@ -42,39 +46,92 @@ mta_opset = Opset(DOMAIN, VERSION)
 
 
 @script(mta_opset, default_opset=op)
+def RecogniseMask(allowed):
+    """(keep, recognised, triangle) for the allowed flags [Bm, Hm, n, n] of a square mask with
+    n > 1: keep [Bm, 1, 1, n] are the first head's last row (the keys the triangle leaves to the
+    last query); recognised: every head allows exactly keep on every row (key padding) or the
+    causal triangle ∧ keep; triangle: the second form and not the first. The triangle is tried
+    first (what decoders build): then the padding form holds only when no key after the first is
+    kept, an O(n) test; the padding form costs its own pass only when the triangle fails."""
+    i0 = op.Constant(value_ints=[0])
+    i1 = op.Constant(value_ints=[1])
+    NQ = op.Shape(allowed, start=2, end=3)
+    NK = op.Shape(allowed, start=3, end=4)
+    keep = op.Slice(op.Slice(allowed, i0, i1, i1), op.Sub(NQ, i1), NQ, op.Constant(value_ints=[2]))  # [Bm, 1, 1, n]
+    ar_n = op.Range(op.Constant(value_int=0), op.Squeeze(NK, i0), op.Constant(value_int=1))
+    below = op.LessOrEqual(op.Unsqueeze(ar_n, [0]), op.Unsqueeze(ar_n, [1]))  # key ≤ query
+    tri_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, op.And(below, keep)), to=onnx.TensorProto.UINT8),
+                                  keepdims=0), to=onnx.TensorProto.BOOL)
+    if tri_ok:
+        recognised = op.Identity(tri_ok)
+        later = op.Slice(keep, i1, NK, op.Constant(value_ints=[3]))
+        triangle = op.Cast(op.ReduceMax(op.Cast(later, to=onnx.TensorProto.UINT8), keepdims=0),
+                           to=onnx.TensorProto.BOOL)
+    else:
+        recognised = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
+                             to=onnx.TensorProto.BOOL)
+        triangle = op.Identity(tri_ok)
+    return keep, recognised, triangle
+
+
+@script(mta_opset, default_opset=op)
 def SimplifyMask(mask):
     """(mask, triangle): a float mask [Bm, Hm, nq, n] that varies per query but is, by its values,
     key padding or the causal triangle ∧ key padding, in every head and with no bias, becomes its
     key padding [Bm, 1, 1, n] (0 / −inf), with triangle True for the second form; any other mask
     comes back as it is, with False. ``ops.masks.simplify_mask`` in ONNX ops (the keep flags are
-    the first head's last row; reads the mask once, O(Bm·Hm·n²) booleans, none per query head)."""
+    the first head's last row; reads the mask a few times, O(Bm·Hm·n²) booleans, none per query
+    head; the bias check only once the pattern matched)."""
     zero_f = op.Constant(value_float=0.0)
     i0 = op.Constant(value_ints=[0])
     i1 = op.Constant(value_ints=[1])
-    s0 = op.Constant(value_int=0)
-    s1 = op.Constant(value_int=1)
     mf = op.Cast(mask, to=FLOAT.dtype)
     NQ = op.Shape(mf, start=2, end=3)
     NK = op.Shape(mf, start=3, end=4)
     if op.Squeeze(op.And(op.Greater(NQ, i1), op.Equal(NQ, NK)), i0):
         allowed = op.Greater(mf, op.Constant(value_float=-3.4e38))
-        keep = op.Slice(op.Slice(allowed, i0, i1, i1), op.Sub(NQ, i1), NQ, op.Constant(value_ints=[2]))  # [Bm, 1, 1, n]
-        ar_n = op.Range(s0, op.Squeeze(NK, i0), s1)
-        triangle = op.LessOrEqual(op.Unsqueeze(ar_n, [0]), op.Unsqueeze(ar_n, [1]))  # key ≤ query
-        pad_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
-                         to=onnx.TensorProto.BOOL)
-        tri_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, op.And(triangle, keep)), to=onnx.TensorProto.UINT8),
-                                      keepdims=0), to=onnx.TensorProto.BOOL)
-        no_bias = op.Cast(op.ReduceMin(op.Cast(op.Or(op.Equal(mf, zero_f), op.Not(allowed)), to=onnx.TensorProto.UINT8),
-                                       keepdims=0), to=onnx.TensorProto.BOOL)
-        if op.And(no_bias, op.Or(pad_ok, tri_ok)):
-            out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
-            found = op.Not(pad_ok)
+        keep, recognised, triangle = RecogniseMask(allowed)
+        if recognised:
+            no_bias = op.Cast(op.ReduceMin(op.Cast(op.Or(op.Equal(mf, zero_f), op.Not(allowed)),
+                                                   to=onnx.TensorProto.UINT8), keepdims=0), to=onnx.TensorProto.BOOL)
+            if no_bias:
+                out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
+                found = op.Identity(triangle)
+            else:
+                out = op.Identity(mf)
+                found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
         else:
-            out = mf
+            out = op.Identity(mf)
             found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     else:
-        out = mf
+        out = op.Identity(mf)
+        found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+    return out, found
+
+
+@script(mta_opset, default_opset=op)
+def SimplifyBoolMask(allowed):
+    """``SimplifyMask`` for a bool mask (True: the key is allowed), as a model builds it before
+    turning it into 0 / −inf: the same verdict and outputs as ``SimplifyMask`` on that float mask
+    (which a bool mask cannot carry a bias of), without forming the float n×n mask unless the
+    pattern does not match. The exporter hands it a site's bool mask directly
+    (``export.share_mask_preparation``)."""
+    zero_f = op.Constant(value_float=0.0)
+    neg_inf = op.Constant(value_float=float("-inf"))
+    i0 = op.Constant(value_ints=[0])
+    i1 = op.Constant(value_ints=[1])
+    NQ = op.Shape(allowed, start=2, end=3)
+    NK = op.Shape(allowed, start=3, end=4)
+    if op.Squeeze(op.And(op.Greater(NQ, i1), op.Equal(NQ, NK)), i0):
+        keep, recognised, triangle = RecogniseMask(allowed)
+        if recognised:
+            out = op.Where(keep, zero_f, neg_inf)
+            found = op.Identity(triangle)
+        else:
+            out = op.Where(allowed, zero_f, neg_inf)
+            found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+    else:
+        out = op.Where(allowed, zero_f, neg_inf)
         found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     return out, found
 
@@ -275,15 +332,23 @@ def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: floa
 
 PREPARED_OP_TYPE = "MultiTokenAttentionPrepared"
 SIMPLIFY_OP_TYPE = "SimplifyMask"
+SIMPLIFY_BOOL_OP_TYPE = "SimplifyBoolMask"
 
 
 def function_proto() -> onnx.FunctionProto:
-    """The op's function alone. It calls ``mta::SimplifyMask`` and
-    ``mta::MultiTokenAttentionPrepared``: a model needs all three, see :func:`function_protos`."""
+    """The op's function alone. It calls ``mta::SimplifyMask`` (which calls ``mta::RecogniseMask``)
+    and ``mta::MultiTokenAttentionPrepared``: a model needs them all, see :func:`function_protos`."""
     return MultiTokenAttention.to_function_proto()
 
 
-def function_protos() -> list[onnx.FunctionProto]:
-    """Every function an exported model carries: the op, the attention on a prepared mask, and
-    the mask recognition."""
-    return [function_proto(), MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto()]
+def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
+    """Every function an exported model carries: the op, the attention on a prepared mask, the
+    mask recognition for float and for bool masks, and the check both share; each importing the
+    standard domain at ``opset`` (the model's: the bodies are written against opset 18, and every
+    op they use keeps its meaning up to opset 23) and the ``mta`` domain (they call each other)."""
+    protos = [function_proto(), MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto(),
+              SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto()]
+    for fn in protos:
+        del fn.opset_import[:]
+        fn.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])
+    return protos

@@ -14,7 +14,8 @@ import torch
 import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.onnx import DOMAIN, OP_TYPE, export_onnx, onnx_session
-from mta_rewrite.onnx.function import PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE
+from mta_rewrite.onnx.export import _bool_source
+from mta_rewrite.onnx.function import PREPARED_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, SIMPLIFY_OP_TYPE
 
 HAS_TRANSFORMERS = True
 try:
@@ -64,12 +65,18 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
         rewritten = mr.rewrite(model, args, kwargs, config=config)
     nodes = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE)]
     assert len(nodes) == case.rewritable
-    # the op, the attention on a recognised mask and the recognition, which sites sharing a mask run once
-    assert [f.name for f in proto.functions] == [OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE]
+    # the op, the attention on a recognised mask, the recognitions (float and bool masks) and their check
+    assert [f.name for f in proto.functions] == [OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE,
+                                                 "RecogniseMask"]
     alone = [n.input[3] for n in nodes if n.op_type == OP_TYPE]
     assert len(alone) == len(set(alone)), "sites that share a mask recognise it once"
-    recognitions = [tuple(n.output) for n in proto.graph.node if n.op_type == SIMPLIFY_OP_TYPE]
-    assert sorted({tuple(n.input[3:]) for n in nodes if n.op_type == PREPARED_OP_TYPE}) == sorted(recognitions)
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    assert all(_bool_source(mask, producers, proto.graph) is None for mask in alone), \
+        "a site on a bool mask recognises the bool mask"
+    recognitions = [n for n in proto.graph.node if n.op_type in (SIMPLIFY_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE)]
+    assert all(producers[n.input[0]].op_type != "Where" for n in recognitions if n.op_type == SIMPLIFY_BOOL_OP_TYPE)
+    assert sorted({tuple(n.input[3:]) for n in nodes if n.op_type == PREPARED_OP_TYPE}) == \
+        sorted(tuple(n.output) for n in recognitions)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["chunk_size"] == config.chunk_size and attrs["top_k"] == config.top_k
     onnx.checker.check_model(onnx.load(path), full_check=True)
@@ -161,50 +168,88 @@ def test_per_head_group_plan_exports_one_node_per_group(tmp_path):
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x2.numpy()})[0], want, atol=1e-4)
 
 
-def test_mask_recognition_in_onnx_equals_the_ops():
-    """mta::SimplifyMask (the function's run-time mask recognition) against ops.masks.simplify_mask
-    on every mask kind of the op tests: same verdict, same key padding, same causality."""
+def _recognition_session(op_type: str, elem_type: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from mta_rewrite.onnx.function import function_protos
-    from mta_rewrite.ops.masks import simplify_mask
-    from tests.ops.test_attention import MASKS as OP_MASKS, make_mask
 
-    node = helper.make_node("SimplifyMask", ["mask"], ["out", "triangle"], domain=DOMAIN)
-    graph = helper.make_graph([node], "simplify", [helper.make_tensor_value_info("mask", TensorProto.FLOAT, list("BHQK"))],
+    node = helper.make_node(op_type, ["mask"], ["out", "triangle"], domain=DOMAIN)
+    graph = helper.make_graph([node], "simplify", [helper.make_tensor_value_info("mask", elem_type, list("BHQK"))],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("triangle", TensorProto.BOOL, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
                               functions=function_protos())
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    B, Hq, n = 2, 4, 13
-    recognised = 0
-    for kind in OP_MASKS:
-        mask = make_mask(kind, B, Hq, n)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _recognition_masks(B, Hq, n):
+    """The op tests' mask kinds at rank 4, and the forms the recognition must tell apart."""
+    from tests.ops.test_attention import MASKS as OP_MASKS, make_mask
+
+    g = torch.Generator().manual_seed(1)
+    tri = torch.ones(n, n, dtype=torch.bool).tril()
+    keep = torch.rand(B, 1, 1, n, generator=g) > 0.3
+    first_only = torch.zeros(B, 1, 1, n, dtype=torch.bool)
+    first_only[..., 0] = True
+    masks = {kind: make_mask(kind, B, Hq, n) for kind in OP_MASKS}
+    masks.update({
+        "triangle": tri.view(1, 1, n, n),
+        "triangle_and_padding": tri & keep,
+        "padding_materialised": keep.expand(B, Hq, n, n),
+        "first_key_only (both forms)": first_only.expand(B, 1, n, n),
+        "triangle_then_one_head_differs": (tri & keep).expand(B, Hq, n, n).clone().index_put_(
+            (torch.tensor(0), torch.tensor(Hq - 1), torch.tensor(n - 2), torch.tensor(n - 1)), torch.tensor(True)),
+        "one_query_row": keep,
+        "not_square": torch.ones(1, 1, n, n + 3, dtype=torch.bool).tril(),
+        "nothing_allowed": torch.zeros(1, 1, n, n, dtype=torch.bool),
+    })
+    for kind, mask in masks.items():
         if mask is None:
             continue
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
+        yield kind, mask
+
+
+def test_mask_recognition_in_onnx_equals_the_ops():
+    """mta::SimplifyMask (the function's run-time mask recognition) and mta::SimplifyBoolMask (the
+    same on the bool mask a model built) against ops.masks.simplify_mask: same verdict, same key
+    padding, same causality, on the op tests' mask kinds and the forms the check tells apart."""
+    from onnx import TensorProto
+
+    from mta_rewrite.ops.masks import simplify_mask
+
+    on_float = _recognition_session("SimplifyMask", TensorProto.FLOAT)
+    on_bool = _recognition_session("SimplifyBoolMask", TensorProto.BOOL)
+    B, Hq, n = 2, 4, 13
+    recognised = checked_bool = 0
+    for kind, mask in _recognition_masks(B, Hq, n):
         as_float = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float()
-        got, triangle = session.run(None, {"mask": as_float.numpy()})
-        want, causal = simplify_mask(mask, B, Hq, n, False)
-        if want is mask:  # not recognised: the mask comes back as it is
-            np.testing.assert_array_equal(got, as_float.numpy(), err_msg=kind)
-            assert not triangle, kind
-            continue
-        recognised += 1
-        keep = torch.ones(mask.shape[0], 1, 1, n, dtype=torch.bool) if want is None else want
-        assert got.shape == tuple(keep.shape), kind
-        np.testing.assert_array_equal(got == 0, keep.numpy(), err_msg=kind)
-        assert bool(triangle) == causal, kind
-    assert recognised >= 4  # materialised key padding, and the triangle with and without padding
+        runs = [on_float.run(None, {"mask": as_float.numpy()})]
+        if mask.dtype == torch.bool:
+            runs.append(on_bool.run(None, {"mask": mask.numpy()}))
+            checked_bool += 1
+        want, causal = simplify_mask(mask, B, Hq, mask.shape[-2], False) if mask.shape[-2] == mask.shape[-1] \
+            else (mask, False)
+        for got, triangle in runs:
+            if want is mask:  # not recognised: the mask comes back as it is (as 0 / −inf)
+                np.testing.assert_array_equal(got, as_float.numpy(), err_msg=kind)
+                assert not triangle, kind
+                continue
+            keep = torch.ones(mask.shape[0], 1, 1, n, dtype=torch.bool) if want is None else want
+            assert got.shape == tuple(keep.shape), kind
+            np.testing.assert_array_equal(got == 0, keep.numpy(), err_msg=kind)
+            assert bool(triangle) == causal, kind
+        recognised += want is not mask
+    assert recognised >= 7 and checked_bool >= 10  # materialised key padding, the triangle with and without padding
 
 
 def test_sites_sharing_a_mask_recognise_it_once(tmp_path, monkeypatch):
-    """A transformers decoder hands every layer the same [1, 1, n, n] mask: the export recognises
-    it once (one SimplifyMask node, every site on its outputs), and onnxruntime gives what the
-    export without sharing gives (each site recognising the mask itself), bit for bit."""
+    """A transformers decoder hands every layer the same [1, 1, n, n] bool mask: the export
+    recognises it once, on the bool mask (one SimplifyBoolMask node, every site on its outputs,
+    no float n×n mask left in the graph), and onnxruntime gives what the export without sharing
+    gives (each site turning the mask to 0 / −inf and recognising it itself), bit for bit."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers not installed")
     import onnxruntime as ort
@@ -222,11 +267,18 @@ def test_sites_sharing_a_mask_recognise_it_once(tmp_path, monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(export_module, "share_mask_preparation", lambda graph: 0)
             unshared = export_onnx(model, args, tmp_path / "unshared.onnx", kwargs, config=config)
-    sites = [n for n in shared.graph.node if n.domain == DOMAIN and n.op_type != SIMPLIFY_OP_TYPE]
-    recognitions = [n for n in shared.graph.node if n.op_type == SIMPLIFY_OP_TYPE]
-    assert len(recognitions) == 1 and len(sites) == case.rewritable
-    assert all(n.op_type == PREPARED_OP_TYPE and list(n.input[3:]) == list(recognitions[0].output) for n in sites)
-    assert [n.op_type for n in unshared.graph.node if n.domain == DOMAIN] == [OP_TYPE] * case.rewritable
+    sites = [n for n in shared.graph.node if n.domain == DOMAIN and n.op_type == PREPARED_OP_TYPE]
+    recognitions = [n for n in shared.graph.node if n.domain == DOMAIN and n.op_type not in (OP_TYPE, PREPARED_OP_TYPE)]
+    assert [n.op_type for n in recognitions] == [SIMPLIFY_BOOL_OP_TYPE] and len(sites) == case.rewritable
+    assert all(list(n.input[3:]) == list(recognitions[0].output) for n in sites)
+    unshared_sites = [n for n in unshared.graph.node if n.domain == DOMAIN]
+    assert [n.op_type for n in unshared_sites] == [OP_TYPE] * case.rewritable
+    # without sharing, the sites read Where(mask, 0, −inf); with it, that Where is gone and the
+    # recognition reads its condition
+    producers = {out: n for n in unshared.graph.node for out in n.output}
+    where = producers[unshared_sites[0].input[3]]
+    assert where.op_type == "Where" and recognitions[0].input[0] == where.input[0]
+    assert not [n for n in shared.graph.node if list(n.output) == list(where.output)]
     a, kw = case.inputs(case.lengths[1])
     outs = []
     for path in (tmp_path / "shared.onnx", tmp_path / "unshared.onnx"):
