@@ -79,6 +79,25 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
     console.print(sites_table(sites, title=f"attention sites of {program}"))
 
 
+def _distinct(program: str, output: str) -> None:
+    from pathlib import Path
+
+    if Path(output).resolve() == Path(program).resolve():
+        raise ValueError("--output must differ from the input program (inputs are never overwritten)")
+
+
+def _configuration(chunk_size: int, local_chunks: int, sinks: int, top_k: int, plan: str, *, required: bool):
+    """(one MTAConfig or None, a Plan or None) from the options: --chunk-size (with the other
+    three) or --plan, not both; ``required``: one of them must be given."""
+    from .config import MTAConfig, Plan
+
+    if chunk_size and plan:
+        raise ValueError("give either --chunk-size (one configuration for all sites) or --plan, not both")
+    if required and not (chunk_size or plan):
+        raise ValueError("give either --chunk-size (one configuration for all sites) or --plan")
+    return (MTAConfig(chunk_size, local_chunks, sinks, top_k) if chunk_size else None), (Plan.load(plan) if plan else None)
+
+
 @app.command(name="rewrite")
 def rewrite_cmd(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
@@ -90,27 +109,59 @@ def rewrite_cmd(
     plan: str = typer.Option("", help="a plan (JSON) instead of one configuration"),
 ) -> None:
     """Rewrite the attention of a saved program into MTA and save the result (atomically)."""
-    from pathlib import Path
-
     from .api import count_mta_nodes, example_inputs, load_program, rewrite, save_program
-    from .config import MTAConfig, Plan
 
     try:
-        if Path(output).resolve() == Path(program).resolve():
-            raise ValueError("--output must differ from the input program (inputs are never overwritten)")
-        if bool(chunk_size) == bool(plan):
-            raise ValueError("give either --chunk-size (one configuration for all sites) or --plan")
-        cfg = MTAConfig(chunk_size, local_chunks, sinks, top_k) if chunk_size else None
-        chosen = Plan.load(plan) if plan else None
+        _distinct(program, output)
+        cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
         with console.status(f"rewriting {program}"):
             ep = load_program(program)
             args, kwargs = example_inputs(ep)
             module = rewrite(ep, args, kwargs, config=cfg, plan=chosen)
             save_program(module, output, args, kwargs)
-    except (ValueError, TypeError, CaptureError) as exc:
+    except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
     console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention; saved {output}")
+
+
+@app.command(name="export")
+def export_cmd(
+    program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2): an original, or one that "
+                                            "`rewrite` saved"),
+    output: str = typer.Option(..., "--output", "-o", help="where to write the ONNX model (.onnx)"),
+    chunk_size: int = typer.Option(0, help="rewrite first, one configuration for every site: chunk size c"),
+    local_chunks: int = typer.Option(1, help="local window L in chunks"),
+    sinks: int = typer.Option(0, help="always-exact first tokens"),
+    top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),
+    plan: str = typer.Option("", help="rewrite first with a plan (JSON); with neither option the program is "
+                                      "exported as it is"),
+    opset: int = typer.Option(0, help="ONNX opset of the model (0: the exporter's default)"),
+) -> None:
+    """Export a saved program to ONNX (atomically), MTA sites as mta nodes that stock onnxruntime runs."""
+    import torch
+
+    from .api import example_inputs, load_program
+    from .onnx import DOMAIN, OP_TYPE, PREPARED_OP_TYPE, export_onnx
+
+    try:
+        _distinct(program, output)
+        cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=False)
+        if opset < 0:
+            raise ValueError(f"--opset must be positive, got {opset}")
+        with console.status(f"exporting {program} to ONNX"):
+            ep = load_program(program)
+            args, kwargs = example_inputs(ep)
+            try:
+                proto = export_onnx(ep, args, output, kwargs, config=cfg, plan=chosen, opset=opset or None)
+            except torch.onnx.OnnxExporterError as exc:
+                raise ValueError(f"torch.onnx could not export {program}: {str(exc).strip().splitlines()[0]}") from None
+    except (ValueError, TypeError, CaptureError, OSError) as exc:
+        _fail(str(exc))
+    sites = sum(n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE) for n in proto.graph.node)
+    opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions (opset {opset_used}); "
+                  f"saved {output}" + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
 
 
 @app.command()
@@ -167,7 +218,8 @@ def version() -> None:
 def main() -> None:
     import logging
 
-    # torch.export reports every dimension it specialises as a warning: not the user's business
-    for name in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"):
+    # torch.export reports every dimension it specialises as a warning, torch.onnx every optional
+    # package it skips (torchvision's ops): not the user's business
+    for name in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -49,6 +50,38 @@ def test_rewrite_with_a_plan(tmp_path):
     assert mr.count_mta_nodes(torch.export.load(str(out))) == 1
 
 
+def test_export_a_saved_program_to_onnx(tmp_path):
+    """`export` on the original with a configuration, and on a program `rewrite` saved: onnxruntime
+    runs both at another length and gives the rewritten model's output; the original exports exact."""
+    import numpy as np
+
+    from mta_rewrite.onnx import DOMAIN, onnx_session
+
+    model, path = saved_program(tmp_path)
+    before = path.read_bytes()
+    args, kwargs = zoo.hand_written_cases()[-1].inputs(50)  # another length: dynamic
+    with torch.no_grad():
+        want = mr.rewrite(model, args, kwargs, config=mr.MTAConfig(8, sinks=2))(*args, **kwargs).numpy()
+        exact = model(*args, **kwargs).numpy()
+    rewritten = tmp_path / "model_mta.pt2"
+    assert runner.invoke(app, ["rewrite", str(path), "-o", str(rewritten), "--chunk-size", "8", "--sinks", "2"]).exit_code == 0
+    runs = {
+        "configured.onnx": (["--chunk-size", "8", "--sinks", "2"], path, want, 2),
+        "from_rewritten.onnx": ([], rewritten, want, 2),
+        "exact.onnx": ([], path, exact, 0),
+    }
+    for name, (options, source, expected, sites) in runs.items():
+        result = runner.invoke(app, ["export", str(source), "-o", str(tmp_path / name), *options])
+        assert result.exit_code == 0, result.output
+        assert f"{sites} MTA site(s)" in result.output
+        proto = onnx.load(tmp_path / name)
+        assert sum(n.domain == DOMAIN and "Attention" in n.op_type for n in proto.graph.node) == sites
+        session = onnx_session(tmp_path / name)
+        got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4, err_msg=name)
+    assert path.read_bytes() == before  # the input is never touched
+
+
 def test_user_mistakes_are_one_line_errors(tmp_path):
     _, path = saved_program(tmp_path)
     junk = tmp_path / "junk.pt2"
@@ -62,6 +95,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2")], "either --chunk-size"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "8", "--local-chunks", "0"], "local_chunks"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--plan", str(bad_plan)], "not valid JSON"),
+        (["export", str(path), "-o", str(path)], "never overwritten"),
+        (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "8", "--plan", str(bad_plan)], "not both"),
+        (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--plan", str(bad_plan)], "not valid JSON"),
+        (["export", str(junk), "-o", str(tmp_path / "o.onnx")], "not a program"),
+        (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--opset", "-3"], "--opset"),
         (["demo", "--model", "gpt5"], "--model must be"),
         (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
     ]
@@ -72,7 +110,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert result.exit_code == 2, (argv, result.output)
         assert message in " ".join(result.output.split()), (argv, result.output)
         assert "Traceback" not in result.output
-    assert not (tmp_path / "o.pt2").exists()
+    assert not (tmp_path / "o.pt2").exists() and not (tmp_path / "o.onnx").exists()
 
 
 def test_demo_builtin_runs_end_to_end():

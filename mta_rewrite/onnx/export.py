@@ -115,7 +115,9 @@ def export_onnx(
     kwargs = dict(kwargs or {})
     if config is not None or plan is not None:
         model = rewrite(model, args, kwargs, config=config, plan=plan, dynamic=dynamic)
-    shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
+    # (an ExportedProgram, e.g. a saved rewritten one, exports with the dynamic shapes it was captured with)
+    shapes = dynamic_shapes_for(model, args, kwargs) if dynamic and not isinstance(model, torch.export.ExportedProgram) \
+        else None
     import warnings
 
     with warnings.catch_warnings():
