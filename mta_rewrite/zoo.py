@@ -132,6 +132,25 @@ class BaddbmmKeyPadding(_Proj):
         return self.merge(torch.bmm(s.softmax(-1), v).view(B, H, n, dh))
 
 
+class BaddbmmAlibiViewed4d(_Proj):
+    """Bloom's form: baddbmm(ALiBi [B·H, 1, n], q, kᵀ, alpha = scale) on heads folded into the
+    batch, the scores viewed as [B, H, n, n] to add a 4-D mask, fp32 softmax, viewed back for the
+    bmm with v."""
+
+    def alibi(self, B, n):
+        slopes = 2.0 ** (-8.0 * torch.arange(1, self.h + 1) / self.h)
+        return (slopes[:, None] * torch.arange(n)[None, :]).repeat(B, 1).view(B * self.h, 1, n)
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        q, k, v = (t.reshape(B * H, n, dh) for t in (q, k, v))
+        s = torch.baddbmm(self.alibi(B, n), q, k.transpose(1, 2), beta=1.0, alpha=dh ** -0.5)
+        s = s.view(B, H, n, n) + torch.where(mask, 0.0, torch.finfo(s.dtype).min)
+        p = F.softmax(s, dim=-1, dtype=torch.float32)
+        return self.merge(torch.bmm(p.view(B * H, n, n), v).view(B, H, n, dh))
+
+
 class GqaExpandCausalBuffer(_Proj):
     """Llama-style repeat_kv (unsqueeze-expand-reshape) and a registered causal buffer."""
 
@@ -315,6 +334,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("bmm_3d_where", Bmm3dWhere, lambda n: ((_x(n), _causal_pad(n)[:, 0]), {})),
         _hand("einsum_gqa_repeat_interleave", EinsumGqaRepeatInterleave, lambda n: ((_x(n),), {})),
         _hand("baddbmm_key_padding", BaddbmmKeyPadding, lambda n: ((_x(n), _pad(n)), {})),
+        _hand("baddbmm_alibi_viewed_4d", BaddbmmAlibiViewed4d, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
         _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),
@@ -410,6 +430,17 @@ def transformers_cases() -> list[ZooCase]:
                        lambda n: _token_inputs(n), 2),
         "vit": (lambda t: t.ViTConfig(image_size=32, patch_size=4, num_channels=3, num_hidden_layers=2, **small), "ViTModel",
                 lambda n: ((), {"pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(2))}), 2),
+        # in-place score scaling (`scores /= √d`) in eager; one key/value head broadcast by SDPA
+        "falcon": (lambda t: t.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            max_position_embeddings=256), "FalconModel", lambda n: _token_inputs(n), 2),
+        # bmm/baddbmm on [B·H, n, d] with the scores viewed as [B, H, n, n] for the mask, ALiBi as
+        # baddbmm's bias (transformers has no SDPA path for it)
+        "bloom": (lambda t: t.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4), "BloomModel",
+                  lambda n: _token_inputs(n), 2, ("eager",)),
+        # sliding-window layers (a band mask) beside global ones
+        "gemma3": (lambda t: t.Gemma3TextConfig(vocab_size=100, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+                                                max_position_embeddings=256, sliding_window=16, **small),
+                   "Gemma3TextModel", lambda n: _token_inputs(n), 2),
         "whisper-encoder": (lambda t: t.WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
                                                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                                       num_mel_bins=8, max_source_positions=32),
@@ -417,8 +448,8 @@ def transformers_cases() -> list[ZooCase]:
                             lambda n: ((), {"input_features": torch.randn(2, 8, 64, generator=_gen(3))}), 2),
     }
     cases = []
-    for name, (cfg, cls, inputs, layers) in configs.items():
-        for mode in ("eager", "sdpa"):
+    for name, (cfg, cls, inputs, layers, *modes) in configs.items():
+        for mode in (modes[0] if modes else ("eager", "sdpa")):
             lengths = (65, 65) if name in ("vit", "whisper-encoder") else (24, 37)  # fixed-size inputs
             cases.append(ZooCase(f"{name} ({mode})", "transformers", _hf(cfg, cls, mode), inputs, layers, layers, lengths))
     return cases

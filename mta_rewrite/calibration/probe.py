@@ -238,10 +238,11 @@ def _is_assertion(node: torch.fx.Node) -> bool:
 
 
 def _meta_val(node: torch.fx.Node):
-    """The example value torch.export recorded for ``node`` (through the unsqueeze the lowering
-    adds for a 3-D site), or None."""
+    """The example value torch.export recorded for ``node`` (through the unsqueeze or unflatten
+    the lowering adds for a 3-D site), or None."""
     val = node.meta.get("val")
-    if val is None and node.op == "call_function" and node.target is torch.ops.aten.unsqueeze.default:
+    if val is None and node.op == "call_function" and node.target in (torch.ops.aten.unsqueeze.default,
+                                                                      torch.ops.aten.unflatten.int):
         val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     return val if isinstance(val, torch.Tensor) else None
 

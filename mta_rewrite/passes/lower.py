@@ -44,6 +44,15 @@ def head_dim_mask(mask):
     return mask.unsqueeze(1) if mask is not None and mask.dim() == 3 else mask
 
 
+def heads_frame_mask(mask, B, H):
+    """A mask in the [B·H, .., n] frame of bmm-style scores that the model views as [B, H, n, n]
+    (ALiBi's [B·H, 1, n] bias in Bloom): the same values as [B, H, .., n]; one broadcast over
+    B·H, or of fewer dimensions, needs no view. Called from the graph."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 3 or mask.shape[0] == 1:
+        return mask
+    return mask.reshape(B, H, *mask.shape[1:])
+
+
 EXACT_CHUNK = 1 << 30  # chunk_size ≥ n: one chunk, MTA is exact attention
 
 
@@ -87,13 +96,27 @@ def _canonical_operands(g: fx.Graph, m: AttentionMatch):
         if gk == gv > 1:
             k, v = kb, vb
     else:
-        q, k, v = (g.call_function(aten.unsqueeze.default, (x, 1)) for x in (q, k, v))
+        q, k, v = (_op_layout(g, m, x) for x in (q, k, v))
     mask = None
     if m.allowed or m.additive:
-        mask = g.call_function(combine_masks, (list(m.allowed), list(m.additive)))
-        if m.three_d:
+        allowed, additive = list(m.allowed), list(m.additive)
+        if m.frame is not None:
+            inner = set(m.inner_masks)
+            framed = {x: g.call_function(heads_frame_mask, (x, *m.frame)) for x in inner}
+            allowed = [(framed.get(c, c), invert) for c, invert in allowed]
+            additive = [(framed.get(x, x), f) for x, f in additive]
+        mask = g.call_function(combine_masks, (allowed, additive))
+        if m.three_d and m.frame is None:
             mask = g.call_function(head_dim_mask, (mask,))
     return q, k, v, mask
+
+
+def _op_layout(g: fx.Graph, m: AttentionMatch, x: fx.Node) -> fx.Node:
+    """A [B·H, n, d] operand (or the site's output) of a bmm-style site in the op's 4-D layout:
+    [B, H, n, d] when the model views its scores so (``m.frame``), else [B·H, 1, n, d]."""
+    if m.frame is not None:
+        return g.call_function(aten.unflatten.int, (x, 0, list(m.frame)))
+    return g.call_function(aten.unsqueeze.default, (x, 1))
 
 
 def _attention_kwargs(m: AttentionMatch) -> dict:
@@ -136,7 +159,9 @@ def _restore_layout(g: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.N
 def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     """Back from the op's [B, H, n, d] in q's dtype to what the site produced: its shape, dtype
     and memory order."""
-    if m.three_d:
+    if m.frame is not None:
+        node = g.call_function(aten.flatten.using_ints, (node, 0, 1))
+    elif m.three_d:
         node = g.call_function(aten.squeeze.dim, (node, 1))
     want = dtype_of(m.output)
     if want is not None:  # the op returns q's dtype; the model's output may differ (no-op if not)
@@ -172,7 +197,7 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook) 
     g = gm.graph
     out = m.output
     with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
-        original = g.call_function(aten.unsqueeze.default, (out, 1)) if m.three_d else out
+        original = _op_layout(g, m, out) if m.three_d else out
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)
         call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"]))

@@ -38,6 +38,18 @@ CAST_TARGETS = {
 # Nodes that use a value without consuming it (export's metadata assertions).
 IGNORED_USERS = {aten._assert_tensor_metadata.default}
 MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
+# In-place score modifiers (``scores /= math.sqrt(d)``, Falcon's eager attention) read as their
+# functional forms: the walk only follows them on the scores' own chain, whose every node has one
+# user, so nothing else sees the mutated tensor.
+IN_PLACE = {
+    aten.mul_.Tensor: aten.mul.Tensor, aten.mul_.Scalar: aten.mul.Scalar, aten.div_.Tensor: aten.div.Tensor,
+    aten.div_.Scalar: aten.div.Scalar, aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor,
+    aten.masked_fill_.Scalar: aten.masked_fill.Scalar, aten.masked_fill_.Tensor: aten.masked_fill.Tensor,
+}
+
+
+def _functional(target):
+    return IN_PLACE.get(target, target)
 
 
 class NoMatch(Exception):
@@ -56,6 +68,11 @@ class AttentionMatch:
     k_transposed: fx.Node | None = None  # the kᵀ operand when k itself is not in the graph
     v: fx.Node | None = None
     three_d: bool = False  # [B·H, n, d] operands (bmm style): the op gets a head dimension of 1
+    # (B, H) when 3-D products surround scores viewed as [B, H, n, n] (Bloom): the op then gets the
+    # operands viewed as [B, H, n, d], and the masks met before that view (``inner_masks``, in the
+    # [B·H, ..] frame) are viewed the same way
+    frame: tuple | None = None
+    inner_masks: list[fx.Node] = field(default_factory=list)
     scale: float = 1.0
     scale_nodes: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (tensor, divide?) folded into q
     sdpa_scale_default: bool = False  # SDPA with scale=None: the op's own default, 1/√d
@@ -250,8 +267,9 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
             m.sdpa_scale_default = True
         else:
             m.scale = float(_static(scale))
-        if not m.three_d and _static(ks[1]) != _static(qs[1]) and not a.get("enable_gqa", False):
-            raise NoMatch("k/v heads differ from q heads without enable_gqa")
+        if not m.three_d and _static(ks[1]) != _static(qs[1]) and not a.get("enable_gqa", False) \
+                and _static(ks[1]) != 1:  # (one k/v head broadcast over the query heads: multi-query, e.g. Falcon)
+            raise NoMatch("k/v heads differ from q heads without enable_gqa (and do not broadcast)")
         m.chain = [node]
     except NoMatch as exc:
         m.reason = str(exc)
@@ -268,8 +286,9 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             m.kind = "softmax"
             raise NoMatch(f"softmax over dim {dim}, not the last one: not attention")
         chain = [node]
-        # forwards: P → (casts, eval dropout) → P @ v
+        # forwards: P → (casts, eval dropout, a view from [B, H, n, n] to [B·H, n, n]) → P @ v
         p = node
+        forward_view = None
         while True:
             users = live_users(p)
             if len(users) != 1:
@@ -283,6 +302,9 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     raise NoMatch("dropout on the attention probabilities in training mode: put the model in eval()")
                 if u.target is aten.native_dropout.default:
                     raise NoMatch("native_dropout on the probabilities (training graph)")
+                p = u
+            elif u.op == "call_function" and u.target in VIEW_TARGETS and forward_view is None and _folds_heads(u, p):
+                forward_view = u
                 p = u
             elif u.op == "call_function" and u.target in (aten.matmul.default, aten.bmm.default):
                 if u.args[0] is not p:
@@ -306,7 +328,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             if len(live_users(s)) != 1:
                 raise NoMatch(f"the attention scores ({s.name}) are used elsewhere: leaving it exact")
             chain.append(s)
-            t = s.target
+            t = _functional(s.target)
             if t in CAST_TARGETS:
                 s = s.args[0]
             elif t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
@@ -352,6 +374,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     s = b
                 else:
                     raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −65504")
+            elif t in VIEW_TARGETS and forward_view is not None and m.frame is None and _folds_heads(s, s.args[0]):
+                m.frame = _heads_of(s)
+                inner_from = (len(m.additive), len(m.allowed))
+                s = s.args[0]
             elif t in MATMUL_TARGETS:
                 _product(m, s, factor)
                 break
@@ -362,6 +388,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 m.kind = "softmax"
                 raise NoMatch(f"softmax input comes from {name}, not from q·kᵀ: not attention")
         m.chain = chain
+        if (forward_view is None) != (m.frame is None) or (m.frame is not None and not m.three_d):
+            raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
+        if m.frame is not None:
+            m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:]] + [c for c, _ in m.allowed[inner_from[1]:]]
         qs, ks = shape_of(m.q), shape_of(m.k if m.k is not None else m.k_transposed)
         if m.k is None and ks is not None:
             ks = ks[:-2] + (ks[-1], ks[-2])
@@ -374,6 +404,27 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
     except NoMatch as exc:
         m.reason = str(exc)
     return m
+
+
+VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _folds_heads(view: fx.Node, source: fx.Node) -> bool:
+    """Does ``view`` only fold [B, H, n, n] scores into [B·H, n, n] or unfold them back (one
+    3-D and one 4-D shape, the same last two dimensions)?"""
+    a, b = shape_of(source), shape_of(view)
+    if a is None or b is None or sorted((len(a), len(b))) != [3, 4]:
+        return False
+    return same_size(a[-1], b[-1]) and same_size(a[-2], b[-2])
+
+
+def _heads_of(view: fx.Node) -> tuple:
+    """(B, H) of a view of [B·H, n, n] scores as [B, H, n, n]: its first two target sizes (ints
+    or the graph's size nodes)."""
+    sizes = view.args[1]
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or any(isinstance(x, int) and x < 0 for x in sizes[:2]):
+        raise NoMatch(f"scores viewed as {sizes}: batch and heads not given")
+    return tuple(sizes[:2])
 
 
 MODIFIER_TARGETS = CAST_TARGETS | {
@@ -392,7 +443,8 @@ def _unsupported(node: fx.Node, what: str) -> str:
         seen.add(n)
         if n.target in MATMUL_TARGETS:
             continue
-        if n.target not in MODIFIER_TARGETS and any(_reaches_product(a, 6) for a in n.args if isinstance(a, fx.Node)):
+        if _functional(n.target) not in MODIFIER_TARGETS and any(_reaches_product(a, 6) for a in n.args
+                                                                 if isinstance(a, fx.Node)):
             return f"unsupported score modifier {getattr(n.target, '__name__', n.target)} ({n.name}): left exact"
         stack.extend((a, depth + 1) for a in n.args if isinstance(a, fx.Node))
     return f"unsupported score modifier {node.name}: {what}"
@@ -401,10 +453,10 @@ def _unsupported(node: fx.Node, what: str) -> str:
 def _reaches_product(node: Any, depth: int = 12) -> bool:
     """Does ``node`` come from a q·kᵀ product through score modifiers only?"""
     while isinstance(node, fx.Node) and depth > 0 and node.op == "call_function":
-        t = node.target
+        t = _functional(node.target)
         if t in MATMUL_TARGETS:
             return True
-        if t in CAST_TARGETS or t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        if t in CAST_TARGETS or t in VIEW_TARGETS or t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             node = node.args[0]
         elif t in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor):
             return _reaches_product(node.args[0], depth - 1) or (

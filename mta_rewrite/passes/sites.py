@@ -71,6 +71,9 @@ def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
             if len(qs) == 4:
                 batch, q_heads, n, d = (_hint(x) for x in qs)
                 kv_heads = _hint(ks[1]) if ks is not None and len(ks) == 4 else None
+            elif len(qs) == 3 and m.frame is not None:  # [B·H, n, d], the scores viewed as [B, H, n, n]
+                batch, q_heads = (_hint(x.meta.get("val") if isinstance(x, fx.Node) else x) for x in m.frame)
+                kv_heads, n, d = q_heads, _hint(qs[1]), _hint(qs[2])
             elif len(qs) == 3:  # [B·H, n, d]: heads folded into the batch
                 batch, n, d = (_hint(x) for x in qs)
                 q_heads = kv_heads = 1

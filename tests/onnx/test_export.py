@@ -36,6 +36,8 @@ CASES = {
     "gpt2 (eager)": mr.MTAConfig(4, 2, 2, 1),
     "bert (sdpa)": mr.MTAConfig(8, 1, 0, 1),
     "t5-encoder (eager)": mr.MTAConfig(8, 1, 2, 1),
+    "bloom (eager)": mr.MTAConfig(8, 2, 2, 1),
+    "falcon (sdpa)": mr.MTAConfig(8, 1, 0, 1),
 }
 
 
