@@ -263,6 +263,24 @@ class SoftCapTanh(_Proj):
         return self.merge(s.softmax(-1) @ v)
 
 
+class RelativeScoresFromQ(_Proj):
+    """DeBERTa-style content-to-position scores: q times relative-position embeddings, gathered
+    per (query, key) and added to the scores. Computed from q, so part of the score function."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(511, self.dh) * 0.1)  # distances −255 … 255
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        n = x.shape[1]
+        pos = torch.arange(n)
+        c2p = q @ self.rel.T  # [B, H, n, 511]
+        index = (pos[None, :] - pos[:, None] + 255).expand(*c2p.shape[:2], n, n)
+        s = q @ k.transpose(-1, -2) / math.sqrt(self.dh) + torch.gather(c2p, -1, index)
+        return self.merge(s.softmax(-1) @ v)
+
+
 class CrossAttention(_Proj):
     """Queries from x attend to keys of a memory of another length."""
 
@@ -348,6 +366,7 @@ def negative_cases() -> list[ZooCase]:
     return [
         _hand("probs_returned", ProbsReturned, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
         _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
+        _hand("relative_scores_from_q", RelativeScoresFromQ, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
         _hand("cross_attention", CrossAttention, lambda n: ((_x(n), _x(n + 5, seed=1)), {}), rewritable=0, family="negative"),
         _hand("softmax_not_attention", SoftmaxNotAttention, lambda n: ((_x(n),), {}), attention=0, rewritable=0, family="negative"),
         _hand("masked_fill_finite", MaskedFillFinite, lambda n: ((_x(n), _causal_pad(n)), {}), rewritable=0, family="negative"),
@@ -452,6 +471,63 @@ def transformers_cases() -> list[ZooCase]:
         for mode in (modes[0] if modes else ("eager", "sdpa")):
             lengths = (65, 65) if name in ("vit", "whisper-encoder") else (24, 37)  # fixed-size inputs
             cases.append(ZooCase(f"{name} ({mode})", "transformers", _hf(cfg, cls, mode), inputs, layers, layers, lengths))
+    return cases
+
+
+def survey_cases() -> list[ZooCase]:
+    """More transformers architectures, small random-weight configs, for ``benchmarks/coverage.py
+    --survey`` (not in the test suite, for its time): (name, config, model class, inputs, true
+    attention layers, rewritable layers[, modes])."""
+    small = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    tokens, pixels = (lambda n: _token_inputs(n)), (lambda n: ((), {"pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(2))}))
+    decoder = dict(vocab_size=100, num_hidden_layers=2, max_position_embeddings=256, **small)
+    eager = ("eager",)
+    configs = {
+        "qwen2": (lambda t: t.Qwen2Config(num_key_value_heads=2, **decoder), "Qwen2Model", tokens, 2, 2),
+        "qwen3": (lambda t: t.Qwen3Config(num_key_value_heads=2, head_dim=8, **decoder), "Qwen3Model", tokens, 2, 2),
+        "gemma": (lambda t: t.GemmaConfig(num_key_value_heads=1, head_dim=8, **decoder), "GemmaModel", tokens, 2, 2),
+        # tanh soft-cap on the scores; transformers has no SDPA path for it
+        "gemma2": (lambda t: t.Gemma2Config(num_key_value_heads=2, head_dim=8, **decoder), "Gemma2Model", tokens, 2, 0, eager),
+        "phi3": (lambda t: t.Phi3Config(num_key_value_heads=2, pad_token_id=0, **decoder), "Phi3Model", tokens, 2, 2),
+        "phi": (lambda t: t.PhiConfig(**decoder), "PhiModel", tokens, 2, 2),
+        "gpt-neox": (lambda t: t.GPTNeoXConfig(**decoder), "GPTNeoXModel", tokens, 2, 2),
+        "opt": (lambda t: t.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                                      word_embed_proj_dim=32, max_position_embeddings=256), "OPTModel", tokens, 2, 2),
+        "stablelm": (lambda t: t.StableLmConfig(num_key_value_heads=2, **decoder), "StableLmModel", tokens, 2, 2),
+        "olmo2": (lambda t: t.Olmo2Config(num_key_value_heads=2, **decoder), "Olmo2Model", tokens, 2, 2),
+        "granite": (lambda t: t.GraniteConfig(num_key_value_heads=2, **decoder), "GraniteModel", tokens, 2, 2),
+        "starcoder2": (lambda t: t.Starcoder2Config(num_key_value_heads=2, sliding_window=None, **decoder), "Starcoder2Model",
+                       tokens, 2, 2),
+        "gpt-j": (lambda t: t.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256),
+                  "GPTJModel", tokens, 2, 2),
+        "mixtral": (lambda t: t.MixtralConfig(num_key_value_heads=2, num_local_experts=2, sliding_window=None, **decoder),
+                    "MixtralModel", tokens, 2, 2),
+        "smollm3": (lambda t: t.SmolLM3Config(num_key_value_heads=2, pad_token_id=0, **decoder), "SmolLM3Model", tokens, 2, 2),
+        "roberta": (lambda t: t.RobertaConfig(**decoder), "RobertaModel", tokens, 2, 2),
+        "distilbert": (lambda t: t.DistilBertConfig(vocab_size=100, n_layers=2, dim=32, n_heads=4, hidden_dim=64,
+                                                    max_position_embeddings=256), "DistilBertModel", tokens, 2, 2),
+        "electra": (lambda t: t.ElectraConfig(embedding_size=32, **decoder), "ElectraModel", tokens, 2, 2),
+        "modernbert": (lambda t: t.ModernBertConfig(local_attention=16, pad_token_id=0, **decoder), "ModernBertModel",
+                       tokens, 2, 2),
+        "xlm-roberta": (lambda t: t.XLMRobertaConfig(**decoder), "XLMRobertaModel", tokens, 2, 2),
+        "deberta-v2": (lambda t: t.DebertaV2Config(**decoder), "DebertaV2Model", tokens, 2, 2, eager),
+        # relative-position scores computed from q and k (c2p, p2c): left exact
+        "deberta-v2 relative": (lambda t: t.DebertaV2Config(relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                                            position_buckets=16, **decoder), "DebertaV2Model",
+                                tokens, 2, 0, eager),
+        "clip-text": (lambda t: t.CLIPTextConfig(**decoder), "CLIPTextModel", tokens, 2, 2),
+        "dinov2": (lambda t: t.Dinov2Config(image_size=32, patch_size=4, num_hidden_layers=2, **small), "Dinov2Model",
+                   pixels, 2, 2),
+        # its pooling head is one query attending to the patches (cross-attention): left exact
+        "siglip-vision": (lambda t: t.SiglipVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, **small),
+                          "SiglipVisionModel", pixels, 3, 2),
+    }
+    cases = []
+    for name, (cfg, cls, inputs, attention, rewritable, *modes) in configs.items():
+        for mode in (modes[0] if modes else ("eager", "sdpa")):
+            lengths = (65, 65) if inputs is pixels else (24, 37)
+            cases.append(ZooCase(f"{name} ({mode})", "transformers", _hf(cfg, cls, mode), inputs, attention, rewritable,
+                                 lengths))
     return cases
 
 

@@ -91,6 +91,7 @@ def test_never_rewrite_wrongly(case):
 EXPECTED_REASONS = {
     "probs_returned": "probabilities",
     "soft_cap_tanh": "modifier",
+    "relative_scores_from_q": "computed from the layer's q or k",
     "cross_attention": "cross-attention",
     "softmax_not_attention": "not attention",
     "masked_fill_finite": "masked_fill",

@@ -229,7 +229,43 @@ def find_matches(graph: fx.Graph) -> list[AttentionMatch]:
             matches.append(_match_sdpa(node))
         elif node.target in SOFTMAX_TARGETS:
             matches.append(_match_softmax(node))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for m in matches:
+        if m.rewritable:
+            _check_masks_do_not_read_qk(m, order)
     return matches
+
+
+def _check_masks_do_not_read_qk(m: AttentionMatch, order: dict) -> None:
+    """A term added to the scores that is computed from the layer's own q or k (DeBERTa's
+    relative-position c2p/p2c scores) is part of the score function, not a mask: the op would
+    treat it as a constant (no gradient to q or k) and could summarise nothing. Such a site stays
+    exact, with the reason. Only nodes after the earlier of q and k are searched."""
+    targets = {x for x in (m.q, m.k, m.k_transposed) if isinstance(x, fx.Node)}
+    if not targets:
+        return
+    floor = min(order[t] for t in targets)
+    for term in [x for x, _ in m.additive] + [c for c, _ in m.allowed]:
+        stack, seen = [term], set()
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen or order.get(n, -1) < floor:
+                continue
+            if n in targets:
+                m.reason = (f"a term added to the scores ({term.name}) is computed from the layer's q or k "
+                            "(relative-position scores, e.g. DeBERTa's c2p/p2c): not a mask, left exact")
+                return
+            seen.add(n)
+            if n.op == "call_function" and n.target not in SHAPE_ONLY:  # (a mask built to q's size is a mask)
+                stack.extend(n.all_input_nodes)
+
+
+# Ops that read only their input's shape, dtype or device, never its values.
+SHAPE_ONLY = {
+    aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+    aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+}
 
 
 def _check_self_attention(m: AttentionMatch, q_shape, k_shape) -> None:
@@ -420,9 +456,10 @@ def _folds_heads(view: fx.Node, source: fx.Node) -> bool:
 
 def _heads_of(view: fx.Node) -> tuple:
     """(B, H) of a view of [B·H, n, n] scores as [B, H, n, n]: its first two target sizes (ints
-    or the graph's size nodes)."""
+    or the graph's size nodes; one of them may be −1, as the view had it)."""
     sizes = view.args[1]
-    if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or any(isinstance(x, int) and x < 0 for x in sizes[:2]):
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or \
+            sum(isinstance(x, int) and x < 0 for x in sizes[:2]) > 1:
         raise NoMatch(f"scores viewed as {sizes}: batch and heads not given")
     return tuple(sizes[:2])
 

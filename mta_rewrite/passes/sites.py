@@ -73,6 +73,10 @@ def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
                 kv_heads = _hint(ks[1]) if ks is not None and len(ks) == 4 else None
             elif len(qs) == 3 and m.frame is not None:  # [B·H, n, d], the scores viewed as [B, H, n, n]
                 batch, q_heads = (_hint(x.meta.get("val") if isinstance(x, fx.Node) else x) for x in m.frame)
+                if q_heads is not None and q_heads < 0:  # (viewed as [B, -1, n, n])
+                    q_heads = _hint(qs[0]) // batch if batch else None
+                if batch is not None and batch < 0:  # (viewed as [-1, H, n, n])
+                    batch = _hint(qs[0]) // q_heads if q_heads else None
                 kv_heads, n, d = q_heads, _hint(qs[1]), _hint(qs[2])
             elif len(qs) == 3:  # [B·H, n, d]: heads folded into the batch
                 batch, n, d = (_hint(x) for x in qs)
