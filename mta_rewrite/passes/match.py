@@ -339,7 +339,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 if u.target is aten.native_dropout.default:
                     raise NoMatch("native_dropout on the probabilities (training graph)")
                 p = u
-            elif u.op == "call_function" and u.target in VIEW_TARGETS and forward_view is None and _folds_heads(u, p):
+            elif u.op == "call_function" and u.target in VIEW_TARGETS and forward_view is None and _folds_heads(p, u):
                 forward_view = u
                 p = u
             elif u.op == "call_function" and u.target in (aten.matmul.default, aten.bmm.default):
@@ -445,11 +445,11 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
 VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
-def _folds_heads(view: fx.Node, source: fx.Node) -> bool:
-    """Does ``view`` only fold [B, H, n, n] scores into [B·H, n, n] or unfold them back (one
-    3-D and one 4-D shape, the same last two dimensions)?"""
-    a, b = shape_of(source), shape_of(view)
-    if a is None or b is None or sorted((len(a), len(b))) != [3, 4]:
+def _folds_heads(four_d: fx.Node, three_d: fx.Node) -> bool:
+    """Are these the same [B, H, n, n] and [B·H, n, n] scores (a 4-D and a 3-D value with the same
+    last two dimensions; one is a view of the other)?"""
+    a, b = shape_of(four_d), shape_of(three_d)
+    if a is None or b is None or (len(a), len(b)) != (4, 3):
         return False
     return same_size(a[-1], b[-1]) and same_size(a[-2], b[-2])
 
