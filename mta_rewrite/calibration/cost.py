@@ -3,10 +3,13 @@
 Per head and sequence, counting multiply-adds twice:
 
     exact:  4·n²·d flops (half with causality), bytes: q, k, v read and the output written
-    MTA:    4·n·(c·W + sinks + top_k·c + S)·d flops, W = L (causal) or 2L−1 window chunks,
-            S = n/c summaries (half of them on average with causality), plus one pass over k
-            and v for the summaries; bytes: q, k, v, the output, and the per-chunk key sets
-            (c·W + sinks + top_k·c + n/c keys per chunk, k and v)
+    MTA:    4·n·(c·W + sinks + top_k·c + S·(1 − f + f·c))·d flops, W = L (causal) or 2L−1
+            window chunks, S = n/c summaries (half of them on average with causality), f the
+            fraction of summarised blocks the op attends exactly instead, because the mask or
+            its bias varies inside them (``ops.chunked.exact_block_fraction``: 0 for no mask,
+            key padding and the causal triangle; 1 for ALiBi), plus one pass over k and v for
+            the summaries; bytes: q, k, v, the output, and the per-chunk key sets (the same
+            keys per chunk, k and v)
 
 Time is modelled as max(flops / F, bytes / M) with the ratio F / M of the machine (CPU here:
 ≈ 100 GFLOP/s over ≈ 5 GB/s; the H100: 750 TFLOP/s over 2.9 TB/s). ``relative_cost`` is MTA's
@@ -27,24 +30,28 @@ def exact_cost(n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_P
     return max(flops, bytes_ * flops_per_byte)
 
 
-def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
+def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
+             exact_fraction: float = 0.0) -> float:
     c = min(config.chunk_size, n)
     nc = -(-n // c)
     L = min(config.local_chunks, nc)
     window = L if causal else 2 * L - 1
+    per_summary = 1.0 - exact_fraction + exact_fraction * c  # keys a summarised chunk costs
     summaries = nc * (0.5 if causal else 1.0)
-    keys = min(n, c * window + config.sinks + config.top_k * c + summaries)
+    keys = min(n, c * window + config.sinks + config.top_k * c + summaries * per_summary)
     flops = 4.0 * n * keys * d + 2.0 * 2 * n * d  # attention + the summary pass over k and v
-    key_sets = 2.0 * nc * (c * window + config.sinks + config.top_k * c + nc) * d
+    key_sets = 2.0 * nc * (c * window + config.sinks + config.top_k * c + nc * per_summary) * d
     bytes_ = 4.0 * (4 * n * d + key_sets)
     return max(flops, bytes_ * flops_per_byte)
 
 
-def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
-    """Modelled time of ``config`` (None: exact) relative to exact attention at length n."""
+def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
+                  exact_fraction: float = 0.0) -> float:
+    """Modelled time of ``config`` (None: exact) relative to exact attention at length n; with
+    ``exact_fraction`` of the summarised blocks attended exactly (see the module docstring)."""
     if config is None:
         return 1.0
-    return mta_cost(config, n, d, causal, flops_per_byte) / exact_cost(n, d, causal, flops_per_byte)
+    return mta_cost(config, n, d, causal, flops_per_byte, exact_fraction) / exact_cost(n, d, causal, flops_per_byte)
 
 
 def default_candidates(n: int) -> list[MTAConfig]:

@@ -102,6 +102,93 @@ def _top_index_lists(flags: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(taken, order, torch.full_like(order, -1))
 
 
+class _MaskBlocks:
+    """The mask in (query chunk, key chunk) blocks, as :func:`mta_attention_chunked` reads it.
+
+    ``allowed``, ``bias``: padded to whole chunks (pad keys forbidden; pad queries repeat the last
+    real row, which keeps uniformity), or None. ``Iq``: nc when the mask varies per query, else 1.
+    ``w`` [Bm|1, Hm|1, Iq, nc, c]: the keys that may enter a summary (real, not a sink, allowed for
+    the block's first query). ``uniform`` [Bm, Hm, Iq, nc] (None: every block): block (i, j) may be
+    summarised, every query of chunk i allowing the same keys of chunk j with one constant bias
+    over them (``summary_bias``, added to the summary logit); any other block is attended exactly."""
+
+    def __init__(self, mask: NormalizedMask | None, n: int, c: int, s: int, cdt: torch.dtype, dev):
+        nc = -(-n // c)
+        npad = nc * c
+        self.nc, self.c = nc, c
+        pos = torch.arange(npad, device=dev)
+        allowed = bias = None
+        if mask is not None:
+            allowed, bias = mask.allowed.to(dev), mask.bias
+            if bias is not None:
+                bias = bias.to(device=dev, dtype=cdt)
+            allowed = _pad_tokens(allowed, npad, 3)
+            if bias is not None:
+                bias = _pad_tokens(bias, npad, 3)
+            if mask.per_query and npad > n:
+                rep = [allowed[:, :, -1:].expand(-1, -1, npad - n, -1)]
+                allowed = torch.cat([allowed] + rep, dim=2)
+                if bias is not None:
+                    bias = torch.cat([bias, bias[:, :, -1:].expand(-1, -1, npad - n, -1)], dim=2)
+        self.allowed, self.bias = allowed, bias
+        self.Iq = nc if (mask is not None and mask.per_query) else 1  # query-chunk extent of the mask
+        base = ((pos < n) & ~(pos < s)).view(nc, c)
+        self.uniform = self.summary_bias = None
+        if allowed is None:
+            self.w = base.view(1, 1, 1, nc, c)
+            return
+        ab = self.blocks(allowed)
+        w = self.w = ab[:, :, :, 0] & base  # [Bm, Hm, Iq, nc, c]
+        if mask.per_query:
+            eff = ab & base.view(1, 1, 1, 1, nc, c)
+            self.uniform = (eff == eff[:, :, :, :1]).all(dim=3).all(dim=-1)  # [Bm, Hm, nc, nc]
+        if bias is not None:
+            bb = self.blocks(bias)
+            b0 = bb[:, :, :, 0]
+            big = torch.tensor(float("inf"), dtype=cdt, device=dev)
+            bmax = torch.where(w, b0, -big).amax(-1)
+            bmin = torch.where(w, b0, big).amin(-1)
+            const = (bmax == bmin) | ~w.any(-1)
+            if mask.per_query:
+                zero = torch.zeros((), dtype=cdt, device=dev)
+                same = (torch.where(eff, bb, zero) == torch.where(w, b0, zero).unsqueeze(3)).all(3).all(-1)
+                const = const & same
+            self.uniform = const if self.uniform is None else self.uniform & const
+            self.summary_bias = torch.where(w.any(-1), bmax, torch.zeros((), dtype=cdt, device=dev))
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[Bm, Hm, nq, npad] -> [Bm, Hm, Iq, cq, nc, c]"""
+        return x.view(x.shape[0], x.shape[1], self.Iq, -1, self.nc, self.c)
+
+
+def exact_block_fraction(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, *, chunk_size: int,
+                         causal: bool = False, local_chunks: int = 1, sinks: int = 0) -> float:
+    """Of the (query chunk, key chunk) blocks outside the window that hold keys, the fraction the
+    op attends exactly because the mask's allowed keys or its bias vary inside the block (0 for no
+    mask, key padding, or a mask that is the causal triangle ∧ key padding by its values; 1 for an
+    ALiBi bias, linear in the key position). The cost model counts those blocks as c exact keys
+    instead of one summary (``calibration.cost``)."""
+    from .masks import simplify_mask
+
+    attn_mask, causal = simplify_mask(attn_mask, B, Hq, n, causal)
+    mask = normalize_mask(attn_mask, B, Hq, n)
+    if mask is None or (not mask.per_query and mask.bias is None):
+        return 0.0  # key padding at most: every block is uniform
+    c = min(chunk_size, n)
+    mb = _MaskBlocks(mask, n, c, min(sinks, n), torch.float32 if mask is None or mask.bias is None
+                     else _compute_dtype(mask.bias.dtype), attn_mask.device if attn_mask is not None else "cpu")
+    if mb.uniform is None:
+        return 0.0
+    nc, L = mb.nc, min(local_chunks, mb.nc)
+    ii = torch.arange(nc).view(nc, 1)
+    jj = torch.arange(nc).view(1, nc)
+    not_window = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
+    summarised = not_window.to(mb.uniform.device) & mb.w.any(-1)  # the blocks that would be summarised
+    summarised, uniform = torch.broadcast_tensors(summarised, mb.uniform)
+    total = int(summarised.sum())
+    return 0.0 if total == 0 else int((summarised & ~uniform).sum()) / total
+
+
 def mta_attention_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -146,58 +233,15 @@ def mta_attention_chunked(
     jj = torch.arange(nc, device=dev).view(1, nc)
     pos = torch.arange(npad, device=dev)
     key_real = pos < n
-    is_sink = pos < s
 
     qp = _pad_tokens(q, npad, 2)  # (a view when n is a multiple of c)
     kc = _pad_tokens(k, npad, 2).view(B, Hkv, nc, c, d)
     vc = _pad_tokens(v, npad, 2).view(B, Hkv, nc, c, d)
 
     # ---- the mask in chunk blocks ------------------------------------------------------------
-    allowed = bias = None
-    if mask is not None:
-        allowed, bias = mask.allowed.to(dev), mask.bias
-        if bias is not None:
-            bias = bias.to(device=dev, dtype=cdt)
-        # pad keys as forbidden; pad queries by repeating the last real row (keeps uniformity)
-        allowed = _pad_tokens(allowed, npad, 3)
-        if bias is not None:
-            bias = _pad_tokens(bias, npad, 3)
-        if mask.per_query and npad > n:
-            rep = [allowed[:, :, -1:].expand(-1, -1, npad - n, -1)]
-            allowed = torch.cat([allowed] + rep, dim=2)
-            if bias is not None:
-                bias = torch.cat([bias, bias[:, :, -1:].expand(-1, -1, npad - n, -1)], dim=2)
-    Iq = nc if (mask is not None and mask.per_query) else 1  # query-chunk extent of the mask
-
-    def blocks(x):  # [Bm, Hm, nq, npad] -> [Bm, Hm, Iq, cq, nc, c]
-        return x.view(x.shape[0], x.shape[1], Iq, -1, nc, c)
-
-    # Keys that may enter a summary: real, not a sink, allowed by the mask for the block's
-    # first query (the block is summarised only if every query agrees, checked below).
-    base = (key_real & ~is_sink).view(nc, c)
-    uniform = None
-    summary_bias = None
-    if allowed is None:
-        w = base.view(1, 1, 1, nc, c)
-    else:
-        ab = blocks(allowed)
-        w = ab[:, :, :, 0] & base  # [Bm, Hm, Iq, nc, c]
-        if mask.per_query:
-            eff = ab & base.view(1, 1, 1, 1, nc, c)
-            uniform = (eff == eff[:, :, :, :1]).all(dim=3).all(dim=-1)  # [Bm, Hm, nc, nc]
-        if bias is not None:
-            bb = blocks(bias)
-            b0 = bb[:, :, :, 0]
-            big = torch.tensor(float("inf"), dtype=cdt, device=dev)
-            bmax = torch.where(w, b0, -big).amax(-1)
-            bmin = torch.where(w, b0, big).amin(-1)
-            const = (bmax == bmin) | ~w.any(-1)
-            if mask.per_query:
-                zero = torch.zeros((), dtype=cdt, device=dev)
-                same = (torch.where(eff, bb, zero) == torch.where(w, b0, zero).unsqueeze(3)).all(3).all(-1)
-                const = const & same
-            uniform = const if uniform is None else uniform & const
-            summary_bias = torch.where(w.any(-1), bmax, torch.zeros((), dtype=cdt, device=dev))
+    mb = _MaskBlocks(mask, n, c, s, cdt, dev)
+    allowed, bias, Iq, blocks = mb.allowed, mb.bias, mb.Iq, mb.blocks
+    w, uniform, summary_bias = mb.w, mb.uniform, mb.summary_bias
 
     # ---- chunk summaries: masked means, [B, Hkv, Iq, nc, d] ---------------------------------
     n_j = w.to(cdt).sum(-1)  # [Bm|1, Hm|1, Iq, nc]: shared by heads unless the mask is not

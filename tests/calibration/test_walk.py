@@ -197,3 +197,74 @@ def test_forward_skips_what_only_mta_sites_original_needs_and_equals_run(case, m
             assert any("softmax" in str(node.target) or "scaled_dot_product" in str(node.target) for node in only.nodes)
             skipped = configs.get(site.args[5]) is not None
             assert not (only.nodes & set(ran)) if skipped else only.nodes <= set(ran)
+
+
+def _exact_fraction_by_loops(mask, n, c, causal, L):
+    """Brute force, from MTA_SPEC.md: a block (query chunk i, key chunk j) outside the window that
+    holds an allowed key of its first query is summarised only if every query of chunk i allows
+    the same keys of chunk j and the bias is one constant over them; the fraction that is not."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    bias = None if mask.dtype == torch.bool else torch.where(allowed, mask, 0.0).double()
+    nc = -(-n // c)
+    total = exact = 0
+    for b in range(mask.shape[0]):
+        for h in range(mask.shape[1]):
+            for i in range(nc):
+                for j in range(nc):
+                    outside = j < i - L + 1 if causal else abs(i - j) > L - 1
+                    rows, cols = slice(i * c, min(n, (i + 1) * c)), slice(j * c, min(n, (j + 1) * c))
+                    block = allowed[b, h, rows, cols]
+                    if not outside or not block[0].any():
+                        continue
+                    total += 1
+                    same = bool((block == block[0]).all())
+                    if same and bias is not None:
+                        values = bias[b, h, rows, cols][block]
+                        same = bool((values == values[0]).all())
+                    exact += not same
+    return exact / total if total else 0.0
+
+
+def test_exact_block_fraction_equals_the_spec_by_loops():
+    """ops.chunked.exact_block_fraction (what the cost model counts as attended exactly) against a
+    loop over blocks, on masks that are summarised everywhere, nowhere and in part."""
+    from mta_rewrite.ops.chunked import exact_block_fraction
+
+    n, H = 50, 2
+    g = torch.Generator().manual_seed(0)
+    tri = torch.ones(n, n, dtype=torch.bool).tril()
+    pos = torch.arange(n)
+    rel = (pos[None, :] - pos[:, None]).float()
+    masks = {
+        "key padding": (torch.arange(n) < 43).view(1, 1, 1, n).expand(1, 1, n, n).clone(),
+        "triangle": tri.view(1, 1, n, n),
+        "alibi": (torch.tensor([0.5, 0.25]).view(1, H, 1, 1) * pos.view(1, 1, 1, n)).expand(1, H, n, n).clone(),
+        "alibi causal": torch.where(tri, 0.3 * rel, float("-inf")).view(1, 1, n, n),
+        "buckets": (rel.abs().clamp(max=20) // 10 * torch.sign(rel)).view(1, 1, n, n),
+        "random per query": torch.rand(1, H, n, n, generator=g) > 0.3,
+        "banded": ((rel <= 0) & (rel > -17)).view(1, 1, n, n),
+    }
+    seen = set()
+    for name, mask in masks.items():
+        for c, causal, L in [(8, False, 1), (8, True, 1), (16, True, 2), (7, False, 2)]:
+            got = exact_block_fraction(mask, 1, H, n, chunk_size=c, causal=causal, local_chunks=L)
+            want = _exact_fraction_by_loops(mask.expand(1, H, n, n), n, c, causal, L)
+            assert got == pytest.approx(want, abs=1e-12), (name, c, causal, L)
+            seen.add(round(want, 3))
+    assert 0.0 in seen and 1.0 in seen and any(0 < f < 1 for f in seen)
+
+
+def test_a_bias_site_the_op_attends_exactly_is_not_costed_as_summarised():
+    """Bloom's ALiBi varies inside every chunk, so the op attends every block exactly: calibration
+    must cost its sites at exact attention's price or more, and keep them exact (it once reported
+    such a plan at 0.48 of exact attention with an error of 2e-8)."""
+    pytest.importorskip("transformers")
+    case = next(c for c in zoo.transformers_cases() if c.name == "bloom (eager)")
+    model = case.build()
+    data = [{"input_ids": torch.randint(0, 100, (1, 256), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan, details = mr.calibrate(model, data, budget=0.5, candidates=CANDIDATES, progress=False, return_details=True)
+    assert [st.candidates for st in details.sites] == [[], []]
+    assert plan.metadata["relative_attention_cost"] == 1.0
+    assert all(entry.config is None for entry in plan.sites.values())
