@@ -236,3 +236,32 @@ def test_head_groups_are_exactly_the_reference_per_head():
         torch.testing.assert_close(rewritten(x), model.merge(want.float()), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exactly once"):
         mr.HeadGroups(((cfg, (0, 1)), (None, (1, 2))))
+
+
+class _MaskShapedLikeQ(torch.nn.Module):
+    """Masks built from q's size and dtype only (`torch.ones(q.size(-2), …)`, `.type_as(q)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, pad):
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) / 8 ** 0.5
+        bias = torch.where(pad, 0.0, -1e9)[:, None, None, :].type_as(q)
+        tri = torch.ones(q.size(-2), q.size(-2), dtype=torch.bool, device=q.device).tril()
+        return (s + bias).masked_fill(~tri, float("-inf")).softmax(-1) @ v
+
+
+def test_a_mask_built_to_qs_size_and_dtype_is_still_a_mask():
+    """Only a term computed from q's or k's values is score function (relative_scores_from_q);
+    one that reads q's size or dtype is a mask, and the site is rewritten (and exact with one chunk)."""
+    x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(0))
+    pad = torch.ones(2, 24, dtype=torch.bool)
+    pad[0, -4:] = False
+    model = _MaskShapedLikeQ().eval()
+    sites = mr.find_attention(model, (x, pad))
+    assert [(s.rewritable, s.mask) for s in sites] == [(True, "additive+bool")], [s.reason for s in sites]
+    with torch.no_grad():
+        torch.testing.assert_close(mr.rewrite(model, (x, pad), config=EXACT)(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)

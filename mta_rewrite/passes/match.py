@@ -256,7 +256,11 @@ def _check_masks_do_not_read_qk(m: AttentionMatch, order: dict) -> None:
                             "(relative-position scores, e.g. DeBERTa's c2p/p2c): not a mask, left exact")
                 return
             seen.add(n)
-            if n.op == "call_function" and n.target not in SHAPE_ONLY:  # (a mask built to q's size is a mask)
+            if n.op != "call_function" or n.target in SHAPE_ONLY:  # (a mask built to q's size is a mask)
+                continue
+            if n.target in LIKE_SECOND:  # (mask.type_as(q): q's dtype only)
+                stack.append(n.args[0])
+            else:
                 stack.extend(n.all_input_nodes)
 
 
@@ -266,6 +270,8 @@ SHAPE_ONLY = {
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
     aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
 }
+# Ops whose second operand gives only a dtype or a shape.
+LIKE_SECOND = {aten.type_as.default, aten.expand_as.default, aten.view_as.default, aten.reshape_as.default, aten.to.other}
 
 
 def _check_self_attention(m: AttentionMatch, q_shape, k_shape) -> None:
