@@ -34,7 +34,7 @@ def _rewritten_outputs(model, args, kwargs, device):
 
 
 @pytest.mark.parametrize("name", ["baddbmm_key_padding", "scores_div_masked_fill", "sdpa_causal_gqa", "sdpa_fused_qkv_contiguous_view",
-                                  "two_layers"])
+                                  "two_layers", "baddbmm_alibi_viewed_4d"])
 def test_hand_written_forms_cpu_vs_gpu(name):
     case = next(c for c in zoo.hand_written_cases() if c.name == name)
     model = case.build()
@@ -42,6 +42,20 @@ def test_hand_written_forms_cpu_vs_gpu(name):
     cpu = _rewritten_outputs(model, args, kwargs, "cpu")
     gpu = _rewritten_outputs(model, args, kwargs, "cuda")
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bloom (eager)", "gemma3 (sdpa)"])
+def test_models_with_bias_or_band_masks_cpu_vs_gpu(name):
+    """Bloom's ALiBi (a bias: every block attended exactly) and Gemma-3's sliding-window band (a
+    mask that varies per query): on CUDA the portable implementation, giving what the CPU gives."""
+    pytest.importorskip("transformers")
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    model = case.build()
+    args, kwargs = case.inputs(150)
+    cpu = _rewritten_outputs(model, args, kwargs, "cpu")
+    gpu = _rewritten_outputs(model, args, kwargs, "cuda")
+    keep = kwargs["attention_mask"].bool()  # (padded query rows are zeros in MTA, not compared)
+    torch.testing.assert_close(gpu[keep], cpu[keep], rtol=1e-4, atol=1e-4)
 
 
 def test_tiny_causal_lm_cpu_vs_gpu():
@@ -52,7 +66,7 @@ def test_tiny_causal_lm_cpu_vs_gpu():
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["llama (sdpa)", "bert (eager)", "nn.MultiheadAttention"])
+@pytest.mark.parametrize("name", ["llama (sdpa)", "bert (eager)", "nn.MultiheadAttention", "falcon (sdpa)", "falcon (eager)"])
 def test_transformers_models_take_the_kernels_on_the_gpu(name, monkeypatch):
     """transformers models (and nn.MultiheadAttention) hand attention a [B, 1, n, n] (or per-head)
     mask that is key padding ∧ the causal triangle by value: on CUDA the op recognises it and runs
