@@ -4,8 +4,10 @@
 becomes one ``mta::MultiTokenAttention`` node (its configuration as attributes). Its
 FunctionProto (``function.py``) is attached afterwards with the model's opset imports, so
 onnxruntime inlines it where no native kernel is registered for the op. Sites that share one
-mask (a transformers model's layers) then recognise it once: one ``mta::SimplifyMask`` node,
-and ``mta::MultiTokenAttentionPrepared`` sites (:func:`share_mask_preparation`).
+mask (a transformers model's layers) then recognise it once: one ``mta::SimplifyMask`` node
+(``mta::SimplifyBoolMask`` on the bool mask itself, when the model built one), and
+``mta::MultiTokenAttentionPrepared`` sites (:func:`share_mask_preparation`). ``export_onnx``
+also takes an ``ExportedProgram`` (``mta-rewrite export`` on a saved program).
 """
 
 from __future__ import annotations
