@@ -368,6 +368,9 @@ def negative_cases() -> list[ZooCase]:
         _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
         _hand("relative_scores_from_q", RelativeScoresFromQ, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
         _hand("cross_attention", CrossAttention, lambda n: ((_x(n), _x(n + 5, seed=1)), {}), rewritable=0, family="negative"),
+        # a memory as long as the queries: the shapes match, the sources do not
+        _hand("cross_attention_same_length", CrossAttention, lambda n: ((_x(n), _x(n, seed=1)), {}), rewritable=0,
+              family="negative"),
         _hand("softmax_not_attention", SoftmaxNotAttention, lambda n: ((_x(n),), {}), attention=0, rewritable=0, family="negative"),
         _hand("masked_fill_finite", MaskedFillFinite, lambda n: ((_x(n), _causal_pad(n)), {}), rewritable=0, family="negative"),
         ZooCase("dropout_training", "negative", lambda: DropoutTraining().train(), lambda n: ((_x(n),), {}), 1, 0),
@@ -482,6 +485,12 @@ def survey_cases() -> list[ZooCase]:
     tokens, pixels = (lambda n: _token_inputs(n)), (lambda n: ((), {"pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(2))}))
     decoder = dict(vocab_size=100, num_hidden_layers=2, max_position_embeddings=256, **small)
     eager = ("eager",)
+
+    def seq2seq(n):
+        _, kwargs = _token_inputs(n)
+        kwargs["decoder_input_ids"] = torch.randint(0, 100, (2, n), generator=_gen(4))
+        return (), kwargs
+
     configs = {
         "qwen2": (lambda t: t.Qwen2Config(num_key_value_heads=2, **decoder), "Qwen2Model", tokens, 2, 2),
         "qwen3": (lambda t: t.Qwen3Config(num_key_value_heads=2, head_dim=8, **decoder), "Qwen3Model", tokens, 2, 2),
@@ -518,6 +527,13 @@ def survey_cases() -> list[ZooCase]:
         "clip-text": (lambda t: t.CLIPTextConfig(**decoder), "CLIPTextModel", tokens, 2, 2),
         "dinov2": (lambda t: t.Dinov2Config(image_size=32, patch_size=4, num_hidden_layers=2, **small), "Dinov2Model",
                    pixels, 2, 2),
+        # encoder-decoders with decoder inputs as long as the encoder's: their cross-attention
+        # (q from the decoder, k from the encoder) is left exact, the shapes matching or not
+        "bart": (lambda t: t.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                        decoder_ffn_dim=64, max_position_embeddings=256), "BartModel", seq2seq, 6, 4),
+        "t5": (lambda t: t.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    decoder_start_token_id=0), "T5Model", seq2seq, 6, 4),
         # its pooling head is one query attending to the patches (cross-attention): left exact
         "siglip-vision": (lambda t: t.SiglipVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, **small),
                           "SiglipVisionModel", pixels, 3, 2),

@@ -93,6 +93,7 @@ EXPECTED_REASONS = {
     "soft_cap_tanh": "modifier",
     "relative_scores_from_q": "computed from the layer's q or k",
     "cross_attention": "cross-attention",
+    "cross_attention_same_length": "cross-attention: q is computed from",
     "softmax_not_attention": "not attention",
     "masked_fill_finite": "masked_fill",
     "dropout_training": "training",

@@ -230,10 +230,40 @@ def find_matches(graph: fx.Graph) -> list[AttentionMatch]:
         elif node.target in SOFTMAX_TARGETS:
             matches.append(_match_softmax(node))
     order = {n: i for i, n in enumerate(graph.nodes)}
+    sources = _input_sources(graph)
     for m in matches:
+        if m.rewritable:
+            _check_one_sequence(m, sources)
         if m.rewritable:
             _check_masks_do_not_read_qk(m, order)
     return matches
+
+
+def _input_sources(graph: fx.Graph) -> dict[fx.Node, frozenset]:
+    """For every node, the graph inputs (placeholders: the model's own inputs, parameters being
+    attributes) its value is computed from, through any op."""
+    sources: dict[fx.Node, frozenset] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            sources[node] = frozenset([node.name])
+        else:
+            sources[node] = frozenset().union(*(sources.get(a, frozenset()) for a in node.all_input_nodes))
+    return sources
+
+
+def _check_one_sequence(m: AttentionMatch, sources: dict) -> None:
+    """Self-attention reads q and k off one sequence: both computed from the same model inputs. A
+    decoder's cross-attention reads k off the encoder's output (not computed from the decoder's
+    input ids) while q is: it is cross-attention even when both lengths happen to be equal, which
+    the shapes alone cannot tell when the capture is static."""
+    k = m.k if m.k is not None else m.k_transposed
+    if not isinstance(m.q, fx.Node) or not isinstance(k, fx.Node):
+        return
+    q_from, k_from = sources.get(m.q, frozenset()), sources.get(k, frozenset())
+    if q_from != k_from:
+        only_q, only_k = sorted(q_from - k_from), sorted(k_from - q_from)
+        m.reason = (f"cross-attention: q is computed from {', '.join(only_q) or 'no input'} and k "
+                    f"{'from ' + ', '.join(only_k) if only_k else 'not'} (MTA is self-attention)")
 
 
 def _check_masks_do_not_read_qk(m: AttentionMatch, order: dict) -> None:
