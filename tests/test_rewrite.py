@@ -93,7 +93,7 @@ EXPECTED_REASONS = {
     "soft_cap_tanh": "modifier",
     "relative_scores_from_q": "computed from the layer's q or k",
     "cross_attention": "cross-attention",
-    "cross_attention_same_length": "cross-attention: q is computed from",
+    "cross_attention_same_length": "computed from different model inputs (q: x; k: memory)",
     "softmax_not_attention": "not attention",
     "masked_fill_finite": "masked_fill",
     "dropout_training": "training",

@@ -261,9 +261,8 @@ def _check_one_sequence(m: AttentionMatch, sources: dict) -> None:
         return
     q_from, k_from = sources.get(m.q, frozenset()), sources.get(k, frozenset())
     if q_from != k_from:
-        only_q, only_k = sorted(q_from - k_from), sorted(k_from - q_from)
-        m.reason = (f"cross-attention: q is computed from {', '.join(only_q) or 'no input'} and k "
-                    f"{'from ' + ', '.join(only_k) if only_k else 'not'} (MTA is self-attention)")
+        m.reason = (f"cross-attention: q and k are computed from different model inputs (q: {', '.join(sorted(q_from))}; "
+                    f"k: {', '.join(sorted(k_from)) or 'none'}) (MTA is self-attention)")
 
 
 def _check_masks_do_not_read_qk(m: AttentionMatch, order: dict) -> None:
