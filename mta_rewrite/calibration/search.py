@@ -309,16 +309,17 @@ def _exact_block_fractions(recs, pool) -> dict:
     the diagonal), averaged over the samples; 0 for every candidate when the site has no mask or
     one the op recognises as key padding (∧ the triangle). Without it a bias site was costed as
     if summarised while the op computed it exactly: Bloom was "0.48 of exact" at error 2e-8."""
-    fractions, by_shape = {}, {}
+    if all(r.mask is None for r in recs):
+        return dict.fromkeys(pool, 0.0)
+    by_shape: dict = {}  # (the fraction does not depend on top_k)
     for cand in pool:
         key = (cand.chunk_size, cand.local_chunks, cand.sinks)
         if key not in by_shape:
             by_shape[key] = sum(
                 exact_block_fraction(r.mask, r.q.shape[0], r.q.shape[1], r.q.shape[-2], chunk_size=cand.chunk_size,
                                      causal=r.causal, local_chunks=cand.local_chunks, sinks=cand.sinks)
-                for r in recs) / len(recs) if any(r.mask is not None for r in recs) else 0.0
-        fractions[cand] = by_shape[key]
-    return fractions
+                for r in recs) / len(recs)
+    return {cand: by_shape[(cand.chunk_size, cand.local_chunks, cand.sinks)] for cand in pool}
 
 
 def _runs_causal(rec) -> bool:

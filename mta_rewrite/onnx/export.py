@@ -192,8 +192,9 @@ def share_mask_preparation(graph: onnx.GraphProto) -> int:
             node = site
         nodes.append(node)
     still_read = _names_read(nodes) | {v.name for v in graph.output}
-    dropped = [node for node in nodes if len(node.output) == 1 and node.output[0] in bypassed - still_read]
-    nodes = [node for node in nodes if not any(node is d for d in dropped)]
+    gone = bypassed - still_read
+    dropped = [node for node in nodes if set(node.output) & gone]
+    nodes = [node for node in nodes if not set(node.output) & gone]
     del graph.node[:]
     graph.node.extend(nodes)
     # the dropped Wheres' constants, if nothing else reads them (onnxruntime warns of unused ones)

@@ -161,6 +161,14 @@ class _MaskBlocks:
         return x.view(x.shape[0], x.shape[1], self.Iq, -1, self.nc, self.c)
 
 
+def _outside_window(nc: int, L: int, causal: bool, dev) -> torch.Tensor:
+    """[nc, nc] bool: key chunk j is outside query chunk i's window of L chunks (before it only,
+    with causality): summarised, or attended exactly when top-k selects it or its block is not uniform."""
+    ii = torch.arange(nc, device=dev).view(nc, 1)
+    jj = torch.arange(nc, device=dev).view(1, nc)
+    return (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
+
+
 def exact_block_fraction(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, *, chunk_size: int,
                          causal: bool = False, local_chunks: int = 1, sinks: int = 0) -> float:
     """Of the (query chunk, key chunk) blocks outside the window that hold keys, the fraction the
@@ -175,15 +183,12 @@ def exact_block_fraction(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int
     if mask is None or (not mask.per_query and mask.bias is None):
         return 0.0  # key padding at most: every block is uniform
     c = min(chunk_size, n)
-    mb = _MaskBlocks(mask, n, c, min(sinks, n), torch.float32 if mask is None or mask.bias is None
-                     else _compute_dtype(mask.bias.dtype), attn_mask.device if attn_mask is not None else "cpu")
+    cdt = torch.float32 if mask.bias is None else _compute_dtype(mask.bias.dtype)
+    mb = _MaskBlocks(mask, n, c, min(sinks, n), cdt, attn_mask.device)
     if mb.uniform is None:
         return 0.0
-    nc, L = mb.nc, min(local_chunks, mb.nc)
-    ii = torch.arange(nc).view(nc, 1)
-    jj = torch.arange(nc).view(1, nc)
-    not_window = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
-    summarised = not_window.to(mb.uniform.device) & mb.w.any(-1)  # the blocks that would be summarised
+    outside = _outside_window(mb.nc, min(local_chunks, mb.nc), causal, attn_mask.device)
+    summarised = outside & mb.w.any(-1)  # the blocks the op would summarise, were they uniform
     summarised, uniform = torch.broadcast_tensors(summarised, mb.uniform)
     total = int(summarised.sum())
     return 0.0 if total == 0 else int((summarised & ~uniform).sum()) / total
@@ -230,7 +235,6 @@ def mta_attention_chunked(
 
     ar_c = torch.arange(c, device=dev)
     ii = torch.arange(nc, device=dev).view(nc, 1)
-    jj = torch.arange(nc, device=dev).view(1, nc)
     pos = torch.arange(npad, device=dev)
     key_real = pos < n
 
@@ -251,7 +255,7 @@ def mta_attention_chunked(
     vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv
 
     # ---- which chunks each query chunk summarises --------------------------------------------
-    not_window = (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)  # [nc, nc]
+    not_window = _outside_window(nc, L, causal, dev)  # [nc, nc]
     summarised = not_window & (n_j > 0)  # [Bm|1, Hm|1, nc, nc]
     nonuniform_list = None
     if uniform is not None:
