@@ -9,8 +9,11 @@ been turned into key padding (``ops/masks.simplify_mask``: what transformers mod
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
+Learned summaries (``summary_weight``) take the same routes: the pre-pass pools them.
+
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
-than one chunk and tensors under 2^31 elements → the Triton backward (``mta_bwd.py``); otherwise the op's backward recomputes
+than one chunk, tensors under 2^31 elements and mean summaries → the Triton backward
+(``mta_bwd.py``); otherwise the op's backward recomputes
 the forward with the portable implementation under autograd, on the same device (no transfer to
 the CPU).
 """
@@ -36,7 +39,7 @@ def triton_available() -> bool:
     return True
 
 
-def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
+def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None):
     n = q.shape[2]
     # a transformers model's [B, 1, n, n] mask is key padding (∧ the causal triangle) by value: as
     # such it runs on the fused kernels instead of the portable implementation (ops/masks.py)
@@ -52,8 +55,8 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
 
         keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
         if keep is not False:
-            return mta_forward_triton(q, k, v, keep, **kwargs)
-    return mta_attention_chunked(q, k, v, attn_mask, **kwargs)
+            return mta_forward_triton(q, k, v, keep, summary_weight=summary_weight, **kwargs)
+    return mta_attention_chunked(q, k, v, attn_mask, summary_weight=summary_weight, **kwargs)
 
 
 def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k):

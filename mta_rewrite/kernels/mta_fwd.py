@@ -89,11 +89,47 @@ if triton is not None:
         return acc_x, acc_y, tl.sum(count, 0)
 
     @triton.jit
-    def _store_summary(xbar_at, ybar_at, logn_at, acc_x, acc_y, n_j, scale, dims, dim_ok,
+    def _pool_chunk_learned(x_base, y_base, keyok_row, sw_row, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+                            HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Learned summaries: Σ_s a_s·x_s and Σ_s a_s·y_s with a_s ∝ exp(x_s·w) over the tokens s
+        of chunk j that _pool_chunk would count (w: the head's ``summary_weight`` row), as one
+        online softmax over the chunk's tiles: (acc_x, acc_y, n_j, den) with the weights
+        unnormalised (divide by den, ≥ 1 unless the chunk is empty)."""
+        wv = tl.load(sw_row + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        acc_x = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m = tl.max(tl.full([BLOCK_C], float("-inf"), dtype=tl.float32), 0)
+        den = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), 0)
+        for s0 in range(0, c, BLOCK_C):
+            offs = s0 + tl.arange(0, BLOCK_C)
+            pos = j * c + offs
+            w = (offs < c) & (pos < n) & (pos >= sinks)
+            if HAS_KEYMASK:
+                w = w & (tl.load(keyok_row + pos, mask=pos < n, other=0) != 0)
+            count += w.to(tl.float32)
+            x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :],
+                        other=0.0).to(tl.float32)
+            y = tl.load(y_base + pos[:, None] * stride_yn + dims[None, :], mask=w[:, None] & dim_ok[None, :],
+                        other=0.0).to(tl.float32)
+            logit = tl.where(w, tl.sum(x * wv[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(logit, 0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing kept yet: every weight is 0
+            alpha = tl.exp(m - m_ref)
+            p = tl.exp(logit - m_ref)
+            acc_x = acc_x * alpha + tl.sum(p[:, None] * x, 0)
+            acc_y = acc_y * alpha + tl.sum(p[:, None] * y, 0)
+            den = den * alpha + tl.sum(p, 0)
+            m = m_new
+        return acc_x, acc_y, tl.sum(count, 0), den
+
+    @triton.jit
+    def _store_summary(xbar_at, ybar_at, logn_at, acc_x, acc_y, n_j, norm, scale, dims, dim_ok,
                        HAS_Y: tl.constexpr, WRITE_LOGN: tl.constexpr):
-        """xbar = scale·acc_x / max(n_j, 1) (ybar likewise) and log2 n_j, the bias of the summary's
-        logit in base 2 (−inf: an empty chunk, nothing to summarise)."""
-        inv = scale / tl.maximum(n_j, 1.0)
+        """xbar = scale·acc_x / max(norm, 1) (ybar likewise; norm: n_j for means, the weights'
+        sum for learned summaries) and log2 n_j, the bias of the summary's logit in base 2 (−inf:
+        an empty chunk, nothing to summarise)."""
+        inv = scale / tl.maximum(norm, 1.0)
         tl.store(xbar_at + dims, (acc_x * inv).to(xbar_at.dtype.element_ty), mask=dim_ok)
         if HAS_Y:
             tl.store(ybar_at + dims, (acc_y * inv).to(ybar_at.dtype.element_ty), mask=dim_ok)
@@ -102,17 +138,20 @@ if triton is not None:
 
     @triton.jit
     def _chunk_mean_kernel(
-        x_ptr, y_ptr, keyok_ptr, xbar_ptr, ybar_ptr, logn_ptr,
+        x_ptr, y_ptr, keyok_ptr, xbar_ptr, ybar_ptr, logn_ptr, sw_ptr,
         stride_xb, stride_xh, stride_xn,
         stride_yb, stride_yh, stride_yn,
         stride_ob, stride_oh, stride_oj,  # xbar / ybar [B, H, nc, d] (same layout)
         stride_lb, stride_lh,  # log2 n_j [B, H, nc]
+        stride_swh,  # summary_weight [H, d]
         n, c, sinks, H, scale,
-        HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_LOGN: tl.constexpr,
+        HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_LOGN: tl.constexpr, LEARNED: tl.constexpr,
         HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
     ):
         """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j
-        (see _pool_chunk); ybar likewise; logn[b, h, j] = log2 n_j (see _store_summary)."""
+        (see _pool_chunk); ybar likewise; logn[b, h, j] = log2 n_j (see _store_summary). With
+        LEARNED (and y): the weights are softmax_s(x_s·sw[h]) over those tokens instead
+        (_pool_chunk_learned)."""
         j = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -122,12 +161,19 @@ if triton is not None:
             h = h.to(tl.int64)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
-        acc_x, acc_y, n_j = _pool_chunk(x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh,
-                                        keyok_ptr + b * n, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
-                                        HAS_Y, HAS_KEYMASK, BLOCK_C, BLOCK_D)
+        if LEARNED:
+            acc_x, acc_y, n_j, norm = _pool_chunk_learned(
+                x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh, keyok_ptr + b * n,
+                sw_ptr + h * stride_swh, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok, HAS_KEYMASK, BLOCK_C,
+                BLOCK_D)
+        else:
+            acc_x, acc_y, n_j = _pool_chunk(x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh,
+                                            keyok_ptr + b * n, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+                                            HAS_Y, HAS_KEYMASK, BLOCK_C, BLOCK_D)
+            norm = n_j
         out_off = b * stride_ob + h * stride_oh + j * stride_oj
         _store_summary(xbar_ptr + out_off, ybar_ptr + out_off, logn_ptr + b * stride_lb + h * stride_lh + j,
-                       acc_x, acc_y, n_j, scale, dims, dim_ok, HAS_Y, WRITE_LOGN)
+                       acc_x, acc_y, n_j, norm, scale, dims, dim_ok, HAS_Y, WRITE_LOGN)
 
     @triton.jit
     def _online_update(acc, m_i, l_i, logits, vals, PRECISION: tl.constexpr):
@@ -382,7 +428,7 @@ if triton is not None:
                 sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
                                                 dim_ok, True, HAS_KEYMASK, BLOCK_N, BLOCK_D)
                 _store_summary(sk_base + i * stride_sj, sv_base + i * stride_sj, logn_row + i * stride_lj, sum_k, sum_v,
-                               n_i, 1.0,
+                               n_i, n_i, 1.0,
                                dims, dim_ok, True, True)
                 tl.debug_barrier()  # every thread's stores before the flag
                 tl.atomic_xchg(flag_row + i, 1, sem="release")
@@ -567,23 +613,29 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4):
+def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4, summary_weight=None):
     """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
     ``logn`` is None: the selection's q̄); ``logn`` [B, H, nc] fp32 receives log2 n_j (−inf:
-    empty chunk)."""
+    empty chunk). ``summary_weight`` [H, d] (with y): learned summaries, the tokens weighted by
+    softmax_s(x_s·w_h) instead of 1/n_j."""
+    if summary_weight is not None and y is None:
+        raise ValueError("learned summaries pool keys and values together")
     B, H, n, d = x.shape
     dtype = x.dtype if logn is not None else torch.float32
     xbar = torch.empty(B, H, nc, d, dtype=dtype, device=x.device)
     ybar = torch.empty_like(xbar) if y is not None else xbar
     keyok = keep if keep is not None else x  # an unused pointer when there is no mask
+    sw = summary_weight.float().contiguous() if summary_weight is not None else xbar  # unused pointer: means
     _chunk_mean_kernel[(nc, B * H)](
-        x, y if y is not None else x, keyok, xbar, ybar, logn if logn is not None else xbar,
+        x, y if y is not None else x, keyok, xbar, ybar, logn if logn is not None else xbar, sw,
         *x.stride()[:3],
         *(y.stride()[:3] if y is not None else (0, 0, 0)),
         *xbar.stride()[:3],
         *(logn.stride()[:2] if logn is not None else (0, 0)),
+        sw.stride(0) if summary_weight is not None else 0,
         n, c, sinks, H, scale,
         HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_LOGN=logn is not None,
+        LEARNED=summary_weight is not None,
         HEAD_D=d, BLOCK_C=block_c or min(64, max(16, _pow2(c))),
         BLOCK_D=max(16, _pow2(d)), WIDE=_wide(x, y), num_warps=num_warps,  # xbar, ybar: smaller than x
     )
@@ -648,13 +700,14 @@ def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
 
 
 def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-                       launch: LaunchConfig | None = None):
+                       launch: LaunchConfig | None = None, summary_weight=None):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
     :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it).
+    ``summary_weight`` [Hkv, d]: learned summaries (pooled by the pre-pass).
 
     The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
-    (causal, no top-k), from the main launch itself (see ``_mta_fwd_kernel``)."""
+    (causal, no top-k, means), from the main launch itself (see ``_mta_fwd_kernel``)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
@@ -666,6 +719,8 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     fused = bool(cfg.fused)
     if fused and not (causal and min(top_k, nc) == 0):
         raise ValueError("summaries fused in the main launch need causal=True and top_k=0")
+    if fused and summary_weight is not None:
+        raise ValueError("summaries fused in the main launch are means: learned summaries need the pre-pass")
     if fused and cfg.one_loop:
         raise ValueError("one_loop streams summaries from the pre-pass: it cannot be combined with fused=True")
     if cfg.chunk_major and not fused:
@@ -693,7 +748,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         vbar = torch.empty_like(kbar)
         sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
     else:
-        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn)
+        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, summary_weight=summary_weight)
         sync = _placeholder(q.device)
     sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
     out = torch.empty_like(q)

@@ -8,7 +8,9 @@ and v without keeping activations between forward and backward, only the inputs:
 the Triton backward applies (no mask or key padding), through its kernels
 (``kernels/mta_bwd.py``); otherwise by recomputing the forward under autograd. Gradients with
 respect to ``attn_mask`` are not computed (masks are constants in every model we rewrite); the
-top-k selection is piecewise constant and has no gradient, as in the spec.
+top-k selection is piecewise constant and has no gradient, as in the spec. Learned summary
+weights (``summary_weight``) get their gradient through the portable recomputation (calibration
+fits them on the CPU; on CUDA the Triton backward, written for means, is not used then).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .masks import simplify_mask
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k) -> None:
+def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None) -> None:
     """Validate the op's arguments; raise ValueError/TypeError with a one-line message."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -46,6 +48,11 @@ def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, si
         raise ValueError(f"sinks and top_k must be non-negative, got sinks={sinks}, top_k={top_k}")
     if attn_mask is not None and attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    if summary_weight is not None:
+        if tuple(summary_weight.shape) != (k.shape[1], d):
+            raise ValueError(f"summary_weight must be [Hkv, d] = [{k.shape[1]}, {d}]; got {tuple(summary_weight.shape)}")
+        if not summary_weight.is_floating_point() or summary_weight.device != q.device:
+            raise ValueError(f"summary_weight must be a float tensor on {q.device}; got {summary_weight.dtype} on {summary_weight.device}")
 
 
 @torch.library.custom_op("mta::attention", mutates_args=())
@@ -54,6 +61,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
+    summary_weight: torch.Tensor | None = None,
     *,
     chunk_size: int,
     causal: bool = False,
@@ -63,54 +71,58 @@ def attention(
     top_k: int = 0,
 ) -> torch.Tensor:
     """Multi-Token Attention (MTA_SPEC.md). Output: q's shape, dtype and memory layout (that of
-    ``torch.empty_like(q)``)."""
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k)
+    ``torch.empty_like(q)``). ``summary_weight`` [Hkv, d]: learned summaries (the spec's
+    ``summary="learned"``): chunk j's summary weighs its keys by softmax_s(k_s·w) instead of
+    1/n_j; None (or w = 0) is the mean."""
+    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight)
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     return mta_attention_chunked(
         q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
-        local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+        local_chunks=local_chunks, sinks=sinks, top_k=top_k, summary_weight=summary_weight,
     )
 
 
 @attention.register_kernel("cuda")
-def _(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k)
+def _(q, k, v, attn_mask=None, summary_weight=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
+      top_k=0):
+    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight)
     from ..kernels import dispatch_cuda  # triton is imported only when a CUDA tensor arrives
 
     return dispatch_cuda(q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
-                         local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                         local_chunks=local_chunks, sinks=sinks, top_k=top_k, summary_weight=summary_weight)
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
+def _(q, k, v, attn_mask=None, summary_weight=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
     torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
     return torch.empty_like(q)  # q's layout, as every implementation returns it
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v, attn_mask = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
+    q, k, v, attn_mask, summary_weight = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, summary_weight)
     ctx.config = keyword_only_inputs
 
 
 def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
+    q, k, v, attn_mask, summary_weight = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4])
     config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
     attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
-    if q.is_cuda:
+    if q.is_cuda and summary_weight is None:
         from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
         grads = backward_cuda(q, k, v, attn_mask, grad_out, **config)
         if grads is not None:
-            return (*(g if need else None for g, need in zip(grads, needs)), None)
+            return (*(g if need else None for g, need in zip(grads, needs[:3])), None, None)
     with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
-        out = mta_attention_chunked(*leaves, attn_mask, **config)
-        wanted = [x for x in leaves if x.requires_grad]
+        inputs = (q, k, v, summary_weight)
+        leaves = [None if x is None else x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
+        out = mta_attention_chunked(*leaves[:3], attn_mask, summary_weight=leaves[3], **config)
+        wanted = [x for x in leaves if x is not None and x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-    dq, dk, dv = (next(grads) if need else None for need in needs)
-    return dq, dk, dv, None
+    dq, dk, dv, dw = (next(grads) if need else None for need in needs)
+    return dq, dk, dv, None, dw
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -169,6 +169,17 @@ def _outside_window(nc: int, L: int, causal: bool, dev) -> torch.Tensor:
     return (jj < ii - L + 1) if causal else ((jj - ii).abs() > L - 1)
 
 
+def _learned_summaries(kc, vc, w, summary_weight):
+    """Learned summaries: chunk j's keys (and values) weighted by a_s = softmax over the keys s
+    that may enter it (``w``) of k_s·w_h, for kc, vc [B, Hkv, nc, c, d], w [Bm|1, Hm|1, Iq, nc, c],
+    summary_weight [Hkv, d] → kbar, vbar [B, Hkv, Iq, nc, d]. w_h = 0 gives the masked mean."""
+    logit = torch.einsum("bhjcd,hd->bhjc", kc, summary_weight).unsqueeze(2)  # [B, Hkv, 1, nc, c]
+    # NEG, not −inf: a chunk with no key gives a finite (discarded) row, and no NaN in the backward
+    a = torch.softmax(torch.where(w, logit, NEG), dim=-1)
+    a = torch.where(w, a, 0.0)
+    return torch.einsum("bhijc,bhjcd->bhijd", a, kc), torch.einsum("bhijc,bhjcd->bhijd", a, vc)
+
+
 def exact_block_fraction(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, *, chunk_size: int,
                          causal: bool = False, local_chunks: int = 1, sinks: int = 0) -> float:
     """Of the (query chunk, key chunk) blocks outside the window that hold keys, the fraction the
@@ -206,8 +217,11 @@ def mta_attention_chunked(
     local_chunks: int = 1,
     sinks: int = 0,
     top_k: int = 0,
+    summary_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MTA attention (MTA_SPEC.md), differentiable in q, k and v. See the module docstring."""
+    """MTA attention (MTA_SPEC.md), differentiable in q, k, v and ``summary_weight`` [Hkv, d]
+    (learned summaries: chunk j's keys weighted by softmax_s(k_s·w) instead of 1/n_j). See the
+    module docstring."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     q_in = q
@@ -230,6 +244,8 @@ def mta_attention_chunked(
         # query head its own key set. Correct, at the cost of G copies of k and v.
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
+        if summary_weight is not None:
+            summary_weight = summary_weight.repeat_interleave(G, dim=0)
         Hkv, G = Hq, 1
     T = G * c
 
@@ -247,12 +263,15 @@ def mta_attention_chunked(
     allowed, bias, Iq, blocks = mb.allowed, mb.bias, mb.Iq, mb.blocks
     w, uniform, summary_bias = mb.w, mb.uniform, mb.summary_bias
 
-    # ---- chunk summaries: masked means, [B, Hkv, Iq, nc, d] ---------------------------------
+    # ---- chunk summaries: masked means (or learned weighted means), [B, Hkv, Iq, nc, d] -----
     n_j = w.to(cdt).sum(-1)  # [Bm|1, Hm|1, Iq, nc]: shared by heads unless the mask is not
-    wf = w.to(cdt).expand(B, Hkv, -1, -1, -1)
-    inv = (1.0 / n_j.clamp(min=1.0)).unsqueeze(-1)
-    kbar = torch.einsum("bhijc,bhjcd->bhijd", wf, kc) * inv  # [B, Hkv, Iq, nc, d]
-    vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv
+    if summary_weight is None:
+        wf = w.to(cdt).expand(B, Hkv, -1, -1, -1)
+        inv = (1.0 / n_j.clamp(min=1.0)).unsqueeze(-1)
+        kbar = torch.einsum("bhijc,bhjcd->bhijd", wf, kc) * inv  # [B, Hkv, Iq, nc, d]
+        vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv
+    else:
+        kbar, vbar = _learned_summaries(kc, vc, w, summary_weight.to(cdt))
 
     # ---- which chunks each query chunk summarises --------------------------------------------
     not_window = _outside_window(nc, L, causal, dev)  # [nc, nc]

@@ -30,10 +30,14 @@ def _dense_mask(attn_mask, B, Hq, n):
 
 
 def mta_attention_reference(
-    q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0
+    q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
+    summary_weight=None,
 ):
-    """MTA_SPEC.md, step by step, in float64. Returns a float64 tensor shaped like q."""
+    """MTA_SPEC.md, step by step, in float64. Returns a float64 tensor shaped like q.
+    ``summary_weight`` [Hkv, d]: learned summaries (a summary weighs its kept keys s by
+    softmax_s(k_s·w) instead of taking their mean)."""
     q, k, v = q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu()
+    sw = None if summary_weight is None else summary_weight.detach().double().cpu()
     B, Hq, n, d = q.shape
     G = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -72,8 +76,13 @@ def mta_attention_reference(
                     kept = [s for s, ok in zip(keys, block_ok[0].tolist()) if ok]
                     if not kept:
                         continue  # n_j = 0: left out
-                    kbar = k[b, hk, kept].mean(0)
-                    vbar = v[b, hk, kept].mean(0)
+                    if sw is None:
+                        kbar = k[b, hk, kept].mean(0)
+                        vbar = v[b, hk, kept].mean(0)
+                    else:
+                        a = torch.softmax(k[b, hk, kept] @ sw[hk], dim=0)
+                        kbar = a @ k[b, hk, kept]
+                        vbar = a @ v[b, hk, kept]
                     offset = math.log(len(kept)) + (float(values[0]) if values.numel() else 0.0)
                     summaries[j] = (kbar, vbar, offset)
                 if top_k > 0 and summaries:

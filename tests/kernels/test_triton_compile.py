@@ -27,7 +27,7 @@ from mta_rewrite.kernels.mta_fwd import _chunk_mean_kernel, _mta_fwd_kernel
 dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 cap, block_m, warps, fused, loops, wide = map(int, sys.argv[4:])
 pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
-other = {"logn_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32"}
+other = {"logn_ptr": "*fp32", "sw_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32"}
 
 
 def build(fn, constexprs, descs=None, **options):
@@ -52,8 +52,9 @@ build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "
       | ({} if loops == 2 else {name: None for name in descs}),
       descs={name: f"tensordesc<{dtype}[64, 128]>" for name in descs} if loops == 2 else None,
       num_warps=warps, num_stages=3)
-build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "HEAD_D": 128,
-                           "BLOCK_C": 64, "BLOCK_D": 128, "WIDE": bool(wide)}, num_warps=4)
+for learned in (False, True):  # mean or learned summaries
+    build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "LEARNED": learned,
+                               "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_D": 128, "WIDE": bool(wide)}, num_warps=4)
 print("OK")
 """
 

@@ -39,6 +39,27 @@ def test_fp32_every_branch_matches_reference(causal, masked):
         torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_learned_summaries_match_reference(causal, masked):
+    """The pre-pass's learned summaries (one online softmax of k_s·w over each chunk's tiles):
+    chunks wider than its tiles, partial last chunk, sinks, key padding, GQA, the top-k selection
+    they drive; through the op's dispatch too."""
+    B, Hq, Hkv, n, d = 2, 4, 2, 110, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=2)
+    w = torch.randn(Hkv, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    mask = padding(B, n) if masked else None
+    for c, L, s, top_k in [(70, 1, 3, 1), (33, 2, 40, 1)]:  # 70, 33: several of the pre-pass's tiles of 64, 32
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, summary_weight=w, **kw)
+        out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), summary_weight=w, **kw)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
+    via_op = torch.ops.mta.attention(q, k, v, mask, w, **kw)  # the CUDA dispatch (the CPU one without CUDA)
+    torch.testing.assert_close(via_op.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="learned summaries need the pre-pass"):
+        mta_forward_triton(q, k, v, None, chunk_size=8, causal=True, summary_weight=w, launch=FUSED[0])
+
+
 # Small tiles so that every path of the window loop runs at a small n: whole tiles before the
 # block's first row (unmasked), diagonal tiles, a chunk that is not a multiple of BLOCK_M (a
 # partial sub-block), sub-blocks wholly past n in the last chunk, key tiles wider than the rows.
