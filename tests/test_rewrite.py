@@ -64,6 +64,11 @@ def test_zoo_found_and_rewritten_exactly(case):
         assert len({s.name for s in sites}) == len(sites), "site names must be unique"
         rewritten = mr.rewrite(model, args, kwargs, config=EXACT)
     assert mr.count_mta_nodes(rewritten) == case.rewritable
+    # GQA: the op gets the key/value heads, not copies repeated to the query heads
+    ops = [n for n in rewritten.graph.nodes if n.target is torch.ops.mta.attention.default]
+    for site, node in zip([s for s in attention if s.rewritable], ops):
+        if site.kv_heads is not None and site.q_heads is not None and site.kv_heads < site.q_heads:
+            assert node.args[1].meta["val"].shape[1] == site.kv_heads, (site.name, node.args[1].meta["val"].shape)
     with torch.no_grad():
         for n in case.lengths:  # the example length and another one (dynamic sequence length)
             a, kw = case.inputs(n)

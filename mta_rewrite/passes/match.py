@@ -625,17 +625,35 @@ def _einsum_pv(u: fx.Node, p: fx.Node) -> tuple[fx.Node, fx.Node]:
     return operands[1], u
 
 
+def _whole_slice(node: Any) -> bool:
+    """``x[:, :, ...]`` in the graph: aten.slice over a whole dimension (start 0, no end, step 1),
+    a no-op that indexing with None between full slices leaves (transformers' repeat_kv,
+    ``x[:, :, None, :, :]``)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.slice.Tensor):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start, end, step = args[2], args[3], args[4] if args[4] is not None else 1
+    return start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1
+
+
+def _through_whole_slices(node: Any) -> Any:
+    while _whole_slice(node):
+        node = node.args[0]
+    return node
+
+
 def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:
     """If ``node`` repeats k/v heads (GQA's repeat_kv: unsqueeze-expand-reshape, or
-    repeat_interleave on dim 1), return the unrepeated tensor and the repeat count."""
+    repeat_interleave on dim 1), return the unrepeated tensor and the repeat count. Whole-dimension
+    slices around the unsqueeze (``x[:, :, None, :, :]``) are seen through."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return node, 1
     if node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         src = node.args[0]
         if src.op == "call_function" and src.target is aten.expand.default:
-            base = src.args[0]
+            base = _through_whole_slices(src.args[0])
             if base.op == "call_function" and base.target is aten.unsqueeze.default and base.args[1] == 2:
-                x = base.args[0]
+                x = _through_whole_slices(base.args[0])
                 xs, es, os_ = shape_of(x), shape_of(src), shape_of(node)
                 if xs and es and os_ and len(xs) == 4 and len(es) == 5 and len(os_) == 4:
                     g = _static(es[2])
