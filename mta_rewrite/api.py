@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .capture import capture
-from .config import HeadGroups, MTAConfig, Plan, atomic_write
+from .config import HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import eliminate_dead_code, lower_match
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
@@ -38,12 +38,12 @@ def find_attention(model: torch.nn.Module, args: Any = (), kwargs: dict | None =
     return _capture_and_match(model, args, kwargs, dynamic=False)[2]
 
 
-def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Plan | None) -> dict[str, MTAConfig | HeadGroups]:
+def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Plan | None) -> dict[str, MTAConfig | HeadGroups | Learned]:
     """Site name → MTAConfig for the sites to rewrite (rewritable ones only)."""
     if (config is None) == (plan is None):
         raise ValueError("give exactly one of config= (one MTAConfig for every site) or plan= (a Plan)")
     if config is not None:
-        if not isinstance(config, (MTAConfig, HeadGroups)):
+        if not isinstance(config, (MTAConfig, HeadGroups, Learned)):
             raise TypeError(f"config must be an MTAConfig, got {type(config).__name__}")
         return {s.name: config for s in sites if s.rewritable}
     if not isinstance(plan, Plan):

@@ -142,7 +142,7 @@ def export_cmd(
     import torch
 
     from .api import example_inputs, load_program
-    from .onnx import DOMAIN, OP_TYPE, PREPARED_OP_TYPE, export_onnx
+    from .onnx import DOMAIN, LEARNED_OP_TYPE, OP_TYPE, PREPARED_OP_TYPE, export_onnx
 
     try:
         _distinct(program, output)
@@ -158,7 +158,7 @@ def export_cmd(
                 raise ValueError(f"torch.onnx could not export {program}: {str(exc).strip().splitlines()[0]}") from None
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
-    sites = sum(n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE) for n in proto.graph.node)
+    sites = sum(n.domain == DOMAIN and n.op_type in (OP_TYPE, LEARNED_OP_TYPE, PREPARED_OP_TYPE) for n in proto.graph.node)
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions (opset {opset_used}); "
                   f"saved {output}" + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
@@ -173,6 +173,9 @@ def calibrate(
     metric: str = typer.Option("rel_l2", help="rel_l2, cosine or kl"),
     holdout: float = typer.Option(0.25, help="fraction of samples held out for verification"),
     seed: int = typer.Option(0, help="seed of the calibration/held-out split"),
+    learn_summaries: bool = typer.Option(False, "--learn-summaries",
+                                         help="fit learned summaries (MTA_SPEC summary=\"learned\") for the chosen "
+                                              "plan and cheaper ones; kept where they win"),
 ) -> None:
     """Choose each site's configuration from data: the fastest plan within the budget."""
     from pathlib import Path
@@ -192,7 +195,8 @@ def calibrate(
         if not isinstance(samples, (list, tuple)):
             raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
         ep = load_program(program)
-        plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output)
+        plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
+                               learn_summaries=learn_summaries)
     except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata

@@ -125,18 +125,57 @@ class HeadGroups:
                          for g in data["head_groups"]))
 
 
+@dataclass(frozen=True)
+class Learned:
+    """A site's configuration (an MTAConfig or HeadGroups) with learned summaries (MTA_SPEC.md,
+    ``summary="learned"``): ``weight`` [Hkv][d], per key/value head a vector w; a chunk's summary
+    weighs its keys by softmax_s(k_s·w) instead of their mean (w = 0 is the mean). Calibration fits
+    it (``calibrate(..., learn_summaries=True)``, ``fit_summaries``)."""
+
+    config: MTAConfig | HeadGroups
+    weight: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, (MTAConfig, HeadGroups)):
+            raise ValueError(f"learned summaries need an MTAConfig or HeadGroups, got {self.config!r}")
+        rows = [len(r) for r in self.weight]
+        if not rows or min(rows) < 1 or len(set(rows)) != 1:
+            raise ValueError(f"a summary weight is [Hkv][d] with Hkv, d ≥ 1 and rows of one length, got row lengths {rows}")
+        object.__setattr__(self, "weight", tuple(tuple(float(x) for x in r) for r in self.weight))
+
+    @classmethod
+    def from_tensor(cls, config: MTAConfig | HeadGroups, weight) -> "Learned":
+        return cls(config, tuple(tuple(r) for r in weight.detach().double().cpu().tolist()))
+
+    def tensor(self, device=None):
+        import torch
+
+        return torch.tensor(self.weight, dtype=torch.float32, device=device)
+
+    @property
+    def short(self) -> str:
+        return f"{self.config.short}·learned"
+
+    def __str__(self) -> str:
+        return f"{self.config}, learned summaries"
+
+    def to_dict(self) -> dict[str, Any]:
+        inner = self.config.to_dict() if isinstance(self.config, HeadGroups) else _config_fields(self.config)
+        return {**inner, "summary_weight": [list(r) for r in self.weight]}
+
+
 def _config_fields(cfg: MTAConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k != "version"}
 
 
-SiteChoice = Union[MTAConfig, HeadGroups, str]  # an MTAConfig, per-head groups, or "exact"
+SiteChoice = Union[MTAConfig, HeadGroups, Learned, str]  # an MTAConfig, per-head groups, either learned, or "exact"
 
 
 @dataclass(frozen=True)
 class PlanEntry:
     """What a plan says about one site; ``config`` None means the site stays exact."""
 
-    config: MTAConfig | HeadGroups | None
+    config: MTAConfig | HeadGroups | Learned | None
     error: float | None = None  # measured error of this site alone (calibration)
     relative_cost: float | None = None  # predicted attention cost relative to exact
 
@@ -147,7 +186,7 @@ class PlanEntry:
     def to_dict(self) -> dict[str, Any]:
         if self.config is None:
             config: Any = EXACT
-        elif isinstance(self.config, HeadGroups):
+        elif isinstance(self.config, (HeadGroups, Learned)):
             config = self.config.to_dict()
         else:
             config = _config_fields(self.config)
@@ -160,12 +199,17 @@ class PlanEntry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanEntry":
         cfg = data.get("config", EXACT)
+        weight = cfg.get("summary_weight") if isinstance(cfg, Mapping) else None
+        if isinstance(cfg, Mapping):
+            cfg = {k: v for k, v in cfg.items() if k != "summary_weight"}
         if cfg == EXACT:
             config = None
         elif isinstance(cfg, Mapping) and "head_groups" in cfg:
             config = HeadGroups.from_dict(cfg)
         else:
             config = MTAConfig.from_dict(cfg)
+        if weight is not None:
+            config = Learned(config, tuple(tuple(r) for r in weight))
         return cls(
             config=config,
             error=data.get("error"),
@@ -176,7 +220,7 @@ class PlanEntry:
 def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
     if isinstance(choice, PlanEntry):
         return choice
-    if isinstance(choice, (MTAConfig, HeadGroups)):
+    if isinstance(choice, (MTAConfig, HeadGroups, Learned)):
         return PlanEntry(choice)
     if choice == EXACT:
         return PlanEntry(None)
@@ -185,7 +229,8 @@ def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
 
 @dataclass
 class Plan:
-    """Site name → MTAConfig or "exact", plus what calibration measured (``metadata``).
+    """Site name → MTAConfig, HeadGroups, Learned or "exact", plus what calibration measured
+    (``metadata``).
 
     Sites of a model that a plan does not name stay exact; a plan that names a site the model
     does not have is an error when it is applied (a typo must not pass silently).
@@ -198,7 +243,7 @@ class Plan:
         self.sites = {str(name): _entry(choice) for name, choice in (sites or {}).items()}
         self.metadata = dict(metadata or {})
 
-    def config_for(self, name: str) -> MTAConfig | HeadGroups | None:
+    def config_for(self, name: str) -> MTAConfig | HeadGroups | Learned | None:
         entry = self.sites.get(name)
         return None if entry is None else entry.config
 

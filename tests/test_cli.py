@@ -140,6 +140,39 @@ def test_calibrate_a_saved_program(tmp_path):
     assert bad.exit_code == 2 and "budget" in bad.output
 
 
+def test_learned_summaries_from_calibrate_to_rewrite_and_onnx(tmp_path):
+    """calibrate --learn-summaries writes a plan whose learned sites carry their weights; rewrite
+    and export apply it, and both reproduce the held-out error calibrate reported."""
+    from mta_rewrite.calibration.metrics import output_error
+    from mta_rewrite.onnx import onnx_session
+
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    text = zoo.real_text()
+    samples = [(zoo.byte_tokens(text[i * 2000:], 512),) for i in range(4)]
+    program = tmp_path / "lm.pt2"
+    mr.save_program(model, program, samples[0])
+    torch.save(samples, tmp_path / "samples.pt")
+    plan_path = tmp_path / "plan.json"
+    result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                                 "--learn-summaries", "-o", str(plan_path)])
+    assert result.exit_code == 0, result.output
+    plan = mr.Plan.load(plan_path)
+    learned = [e.config for e in plan.sites.values() if isinstance(e.config, mr.Learned)]
+    assert learned and all(len(c.weight) == 4 and len(c.weight[0]) == 16 for c in learned)  # [Hkv][d] per site
+    assert plan.metadata["learned_summaries"] is True
+    (hold,) = plan.metadata["holdout_indices"]
+    for command, out in (("rewrite", tmp_path / "lm_mta.pt2"), ("export", tmp_path / "lm_mta.onnx")):
+        result = runner.invoke(app, [command, str(program), "-o", str(out), "--plan", str(plan_path)])
+        assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        want = model(*samples[hold])
+        got = mr.load_program(tmp_path / "lm_mta.pt2").module()(*samples[hold])
+        assert output_error("rel_l2", got, want, {}) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4)
+    session = onnx_session(tmp_path / "lm_mta.onnx")
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: samples[hold][0].numpy()})[0])
+    assert output_error("rel_l2", got, want, {}) == pytest.approx(plan.metadata["holdout_error"], rel=1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_demo_builtin_runs_on_the_gpu():
     result = runner.invoke(app, ["demo", "--model", "builtin", "--long-n", "2048", "--device", "cuda"])

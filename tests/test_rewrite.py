@@ -271,3 +271,37 @@ def test_a_mask_built_to_qs_size_and_dtype_is_still_a_mask():
     assert [(s.rewritable, s.mask) for s in sites] == [(True, "additive+bool")], [s.reason for s in sites]
     with torch.no_grad():
         torch.testing.assert_close(mr.rewrite(model, (x, pad), config=EXACT)(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_configuration_validation_and_json():
+    cfg = mr.MTAConfig(8, sinks=2)
+    learned = mr.Learned(cfg, ((0.5, -1.0), (2.0, 0.0)))
+    assert learned.short == "c8·L1·s2·k0·learned"
+    plan = mr.Plan({"a": learned, "b": cfg, "c": "exact"})
+    again = mr.Plan.from_json(plan.to_json())
+    assert again == plan and again.config_for("a") == learned and again.config_for("b") == cfg
+    assert torch.equal(again.config_for("a").tensor(), torch.tensor([[0.5, -1.0], [2.0, 0.0]]))
+    with pytest.raises(ValueError, match="rows of one length"):
+        mr.Learned(cfg, ((1.0, 2.0), (3.0,)))
+    with pytest.raises(ValueError, match="MTAConfig or HeadGroups"):
+        mr.Learned("exact", ((1.0,),))
+
+
+def test_learned_summaries_reach_the_op_of_every_site_that_has_them():
+    """rewrite gives a learned site's op its weight (a buffer of the module) and the others none;
+    the rewritten model differs from the one with means only there."""
+    case = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
+    model = case.build()
+    args, kwargs = case.inputs(40)
+    sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
+    cfg = mr.MTAConfig(8, sinks=1)
+    w = torch.randn(sites[0].kv_heads, sites[0].head_dim, generator=torch.Generator().manual_seed(0))
+    fast = mr.rewrite(model, args, kwargs, plan=mr.Plan({sites[0].name: mr.Learned.from_tensor(cfg, w),
+                                                          sites[1].name: cfg}))
+    ops = [n for n in fast.graph.nodes if n.target is torch.ops.mta.attention.default]
+    assert [n.args[4] is not None for n in ops] == [True, False]
+    assert torch.equal(getattr(fast, ops[0].args[4].target), w)
+    means = mr.rewrite(model, args, kwargs, config=cfg)
+    a, kw = case.inputs(57)
+    with torch.no_grad():
+        assert (fast(*a, **kw) - means(*a, **kw)).abs().max() > 1e-4

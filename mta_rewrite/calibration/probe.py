@@ -27,7 +27,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
 from ..capture import capture
-from ..config import HeadGroups, MTAConfig
+from ..config import HeadGroups, Learned, MTAConfig
 from ..passes.lower import eliminate_dead_code, grouped_attention, lower_match_to_hook
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
@@ -74,9 +74,12 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
     if config is None:
         return original
     dtype = original.dtype if original is not None else dtype
+    weight = None
+    if isinstance(config, Learned):
+        config, weight = config.config, config.tensor(q.device)
     if isinstance(config, HeadGroups):
-        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale).to(dtype)
-    return torch.ops.mta.attention(q, k, v, mask, causal=causal, scale=scale, **config.op_kwargs()).to(dtype)
+        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight).to(dtype)
+    return torch.ops.mta.attention(q, k, v, mask, weight, causal=causal, scale=scale, **config.op_kwargs()).to(dtype)
 
 
 @contextlib.contextmanager

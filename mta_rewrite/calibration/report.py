@@ -79,10 +79,12 @@ def _plot(details, plan, png_path: Path) -> Path | None:
         ax.plot([st.costs[c] for c in st.front], [max(st.errors[c], 1e-6) for c in st.front], "-", c="#36c", lw=1,
                 label="Pareto front")
         cfg = plan.sites[st.name].config
+        label = None if cfg is None else cfg.short
+        cfg = cfg.config if hasattr(cfg, "weight") else cfg  # learned: plotted at its configuration's cost
         chosen = [] if cfg is None else [c for c, _ in cfg.groups if c is not None] if hasattr(cfg, "groups") else [cfg]
         if chosen:
             ax.scatter([st.costs[c] for c in chosen], [max(st.errors[c], 1e-6) for c in chosen], s=60, c="#d30", marker="*",
-                       zorder=3, label=f"chosen {cfg.short}"[:60])
+                       zorder=3, label=f"chosen {label}"[:60])
         else:
             ax.axvline(1.0, c="#d30", lw=1, ls="--", label="chosen: exact")
         ax.set_xscale("log")

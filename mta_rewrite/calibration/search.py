@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import HeadGroups, MTAConfig, Plan, PlanEntry
+from ..config import HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import default_candidates, exact_cost, relative_cost
@@ -68,6 +68,8 @@ class SiteStats:
     head_front: list[MTAConfig] = field(default_factory=list)  # union of the heads' fronts
 
     def choice_cost(self, choice) -> float:
+        if isinstance(choice, Learned):
+            choice = choice.config  # learned summaries cost what means cost (one more pass over the keys)
         if choice is None:
             return 1.0
         if isinstance(choice, HeadGroups):
@@ -139,6 +141,8 @@ def calibrate(
     output: str | None = None,
     progress: bool = True,
     return_details: bool = False,
+    learn_summaries: bool = False,
+    learned_plans: int = 3,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
 
@@ -146,7 +150,11 @@ def calibrate(
     ``metric``: "rel_l2" (default), "cosine" (1 − cosine per row, mean) or "kl" (next-token
     KL divergence of logits). ``candidates``: the search space (default: :func:`default_candidates`
     at the longest sample's length); "exact" is always included. ``output``: save the plan there
-    (JSON) with a report beside it (Markdown table and PNG plot).
+    (JSON) with a report beside it (Markdown table and PNG plot). ``learn_summaries``: after the
+    search, fit learned summaries (``calibration.learn``) for the chosen plan and for up to
+    ``learned_plans`` − 1 cheaper plans of its family, cheapest last, stopping at the first that is
+    over budget even when learned; the cheapest plan within budget wins, learned or not (at equal
+    cost, the lower held-out error).
     """
     start = time.perf_counter()
     data = list(data)
@@ -158,6 +166,8 @@ def calibrate(
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if isinstance(learned_plans, bool) or not isinstance(learned_plans, int) or learned_plans < 1:
+        raise ValueError(f"learned_plans must be an integer ≥ 1, got {learned_plans!r}")
     cal_idx, hold_idx = split_samples(len(data), holdout, seed)
     cal = [data[i] for i in cal_idx]
     hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
@@ -226,6 +236,9 @@ def calibrate(
             if result.within(budget):
                 met = min(met, result.cost)
 
+        if learn_summaries:
+            _learn(probe, cal, hold, family, stats, local_errors, reference, metric, budget, learned_plans, bar)
+
     # the all-exact plan (cost 1, error 0) is always within budget
     chosen = min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
     local = local_errors[_key(chosen.configs, stats)]
@@ -237,6 +250,7 @@ def calibrate(
         "holdout_error": chosen.holdout_error, "calibration_error": chosen.calibration_error,
         "relative_attention_cost": chosen.cost, "attention_cost_saved": 1 - chosen.cost,
         "plans_considered": len(family), "plans_verified": sum(p.calibration_error is not None for p in family),
+        "learned_summaries": learn_summaries,
         "wall_time_s": round(time.perf_counter() - start, 2),
     })
     for site in probe.sites:
@@ -256,6 +270,32 @@ def calibrate(
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+def _learn(probe, cal, hold, family, stats, local_errors, reference, metric, budget, count, bar) -> None:
+    """Learned summaries for the chosen plan and the cheaper plans of the family below it, costliest
+    first, until one is over budget even learned or ``count`` were fitted: each fitted on the
+    calibration samples (``learn.fit_summaries``), verified end to end on them and the held-out
+    ones, and appended to ``family`` (origin "… + learned summaries")."""
+    from .learn import fit_summaries
+
+    best = min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
+    tries = sorted((p for p in family if p.configs and p.cost <= best.cost), key=lambda p: -p.cost)[:count]
+    for base in tries:
+        bar.start(f"learning summaries: {base.origin} (cost {base.cost:.3f})", len(base.configs))
+        configs, fits = fit_summaries(probe, cal, base.configs, advance=bar.advance)
+        result = PlanResult(configs, base.cost, None, None, f"{base.origin} + learned summaries")
+        family.append(result)
+        key = _key(configs, stats)
+        local_errors.setdefault(key, {name: fits[name].learned_error for name in fits})
+        result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, configs, reference, metric, budget)
+        if result.calibration_error <= budget:
+            if hold is cal:
+                result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
+            else:
+                result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, configs, reference, metric, budget)
+        if not result.within(budget):
+            break
+
 
 def _key(configs: dict, stats: list[SiteStats]) -> PlanKey:
     return tuple((st.name, configs[st.name]) for st in stats if st.name in configs)

@@ -1,11 +1,13 @@
 """ONNX export: MTA sites as ``mta::MultiTokenAttention`` nodes with a function body in
 standard ONNX ops, so that stock onnxruntime (and onnxruntime-gpu) run them. Sites that share a
 mask are ``mta::MultiTokenAttentionPrepared`` nodes after one ``mta::SimplifyMask`` node (or
-``mta::SimplifyBoolMask``, on a mask the model built as bool)."""
+``mta::SimplifyBoolMask``, on a mask the model built as bool). Sites with learned summaries are
+``mta::MultiTokenAttentionLearned`` (the summary weight as a fifth input)."""
 
 from .export import export_onnx, onnx_session
 from .function import (
     DOMAIN,
+    LEARNED_OP_TYPE,
     OP_TYPE,
     PREPARED_OP_TYPE,
     SIMPLIFY_BOOL_OP_TYPE,
@@ -15,5 +17,5 @@ from .function import (
     function_protos,
 )
 
-__all__ = ["DOMAIN", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_BOOL_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION",
+__all__ = ["DOMAIN", "LEARNED_OP_TYPE", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_BOOL_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION",
            "export_onnx", "function_proto", "function_protos", "onnx_session"]

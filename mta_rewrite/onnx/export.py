@@ -1,7 +1,9 @@
 """export_onnx and onnx_session: rewritten models as ONNX that stock onnxruntime runs.
 
 ``torch.onnx.export(dynamo=True)`` with a custom translation for ``mta.attention``: each site
-becomes one ``mta::MultiTokenAttention`` node (its configuration as attributes). Its
+becomes one ``mta::MultiTokenAttention`` node (its configuration as attributes;
+``mta::MultiTokenAttentionLearned``, with the summary weight as a fifth input, for learned
+summaries). Its
 FunctionProto (``function.py``) is attached afterwards with the model's opset imports, so
 onnxruntime inlines it where no native kernel is registered for the op. Sites that share one
 mask (a transformers model's layers) then recognise it once: one ``mta::SimplifyMask`` node
@@ -16,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnx.defs import OpSchema
@@ -27,8 +30,10 @@ from ..capture import dynamic_shapes_for
 from ..config import MTAConfig, Plan, atomic_write
 from .function import (
     DOMAIN,
+    LEARNED_OP_TYPE,
     OP_TYPE,
     PREPARED_OP_TYPE,
+    SUMMARY_LOGITS_OP_TYPE,
     SIMPLIFY_BOOL_OP_TYPE,
     SIMPLIFY_OP_TYPE,
     VERSION,
@@ -39,15 +44,18 @@ from .function import (
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
 
-def _schema() -> OpSchema:
+def _schema(op_type: str = OP_TYPE) -> OpSchema:
     p = OpSchema.FormalParameter
     a = OpSchema.Attribute
+    learned = op_type == LEARNED_OP_TYPE
     return OpSchema(
-        OP_TYPE, DOMAIN, VERSION,
-        doc="Multi-Token Attention (mta-rewrite, MTA_SPEC.md); the model carries its function body.",
-        inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("mask", "M")],
+        op_type, DOMAIN, VERSION,
+        doc="Multi-Token Attention (mta-rewrite, MTA_SPEC.md)" + (" with learned summaries" if learned else "")
+            + "; the model carries its function body.",
+        inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("mask", "M")] + ([p("summary_weight", "W")] if learned else []),
         outputs=[p("out", "T")],
-        type_constraints=[("T", _TYPES, "q, k, v and the output"), ("M", _TYPES, "additive mask")],
+        type_constraints=[("T", _TYPES, "q, k, v and the output"), ("M", _TYPES, "additive mask")]
+        + ([("W", _TYPES, "summary weight [Hkv, d]")] if learned else []),
         attributes=[
             a("chunk_size", OpSchema.AttrType.INT, "tokens per chunk"),
             a("causal", OpSchema.AttrType.INT, "1: causal"),
@@ -59,13 +67,18 @@ def _schema() -> OpSchema:
     )
 
 
-if not onnx.defs.has(OP_TYPE, DOMAIN):
-    onnx.defs.register_schema(_schema())
+for _op_type in (OP_TYPE, LEARNED_OP_TYPE):
+    if not onnx.defs.has(_op_type, DOMAIN):
+        onnx.defs.register_schema(_schema(_op_type))
 MTA_OP = values.Op(mta_opset, OP_TYPE, onnx.defs.get_schema(OP_TYPE, VERSION, DOMAIN))
+MTA_LEARNED_OP = values.Op(mta_opset, LEARNED_OP_TYPE, onnx.defs.get_schema(LEARNED_OP_TYPE, VERSION, DOMAIN))
+SITE_OP_TYPES = (OP_TYPE, LEARNED_OP_TYPE)
 
 
-def _translate(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
-    """torch.ops.mta.attention → one mta::MultiTokenAttention node (the exporter's custom translation)."""
+def _translate(q, k, v, attn_mask=None, summary_weight=None, *, chunk_size, causal=False, scale=None, local_chunks=1,
+               sinks=0, top_k=0):
+    """torch.ops.mta.attention → one mta::MultiTokenAttention node (mta::MultiTokenAttentionLearned
+    with a summary weight; the exporter's custom translation)."""
     if scale is None:
         d = q.shape[-1] if q.shape is not None else None
         if not isinstance(d, int):
@@ -89,8 +102,11 @@ def _translate(q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None,
             mask = op.Cast(attn_mask, to=onnx.TensorProto.FLOAT)
             if fmin is not None:
                 mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
-    return MTA_OP(q, k, v, mask, chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
-                  local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
+    attrs = dict(chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
+                 local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
+    if summary_weight is not None:
+        return MTA_LEARNED_OP(q, k, v, mask, summary_weight, **attrs)
+    return MTA_OP(q, k, v, mask, **attrs)
 
 
 def _is_half(dtype) -> bool:
@@ -152,7 +168,7 @@ def share_mask_preparation(graph: onnx.GraphProto) -> int:
     producers = {out: node for node in graph.node for out in node.output}
     sites: dict[tuple[bool, str], list[int]] = {}
     for i, node in enumerate(graph.node):
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+        if node.domain == DOMAIN and node.op_type in SITE_OP_TYPES:
             allowed = _bool_source(node.input[3], producers, graph)
             key = (True, allowed) if allowed is not None else (False, node.input[3])
             sites.setdefault(key, []).append(i)
@@ -173,6 +189,7 @@ def share_mask_preparation(graph: onnx.GraphProto) -> int:
         return name
 
     prepared = {key: (fresh(f"{key[1]}_mta_prepared"), fresh(f"{key[1]}_mta_triangle")) for key in groups}
+    mean_logit = None  # a zero: the per-key summary logit of mean summaries (one initializer for all sites)
     first = {at[0]: key for key, at in groups.items()}
     group_of = {i: key for key, at in groups.items() for i in at}
     bypassed = set()
@@ -186,8 +203,17 @@ def share_mask_preparation(graph: onnx.GraphProto) -> int:
         if i in group_of:
             if group_of[i][0]:
                 bypassed.add(node.input[3])
-            site = onnx.helper.make_node(PREPARED_OP_TYPE, [*node.input[:3], *prepared[group_of[i]]], list(node.output),
-                                         domain=DOMAIN, name=node.name)
+            if node.op_type == LEARNED_OP_TYPE:
+                key_logit = fresh(f"{node.name}_summary_logits")
+                nodes.append(onnx.helper.make_node(SUMMARY_LOGITS_OP_TYPE, [node.input[1], node.input[4]], [key_logit],
+                                                   domain=DOMAIN, name=fresh(f"{node.name}_summary_logits")))
+            else:
+                if mean_logit is None:
+                    mean_logit = fresh("mta_mean_summary_logit")
+                    graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, dtype=np.float32), mean_logit))
+                key_logit = mean_logit
+            site = onnx.helper.make_node(PREPARED_OP_TYPE, [*node.input[:3], *prepared[group_of[i]], key_logit],
+                                         list(node.output), domain=DOMAIN, name=node.name)
             site.attribute.extend(node.attribute)
             node = site
         nodes.append(node)
@@ -244,7 +270,7 @@ def _names_read(nodes) -> set[str]:
 def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Add the MultiTokenAttention FunctionProto (and the two it calls) when the graph uses it,
     with the model's opset; sites that share a mask recognise it once (:func:`share_mask_preparation`)."""
-    uses = any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in proto.graph.node)
+    uses = any(n.domain == DOMAIN and n.op_type in SITE_OP_TYPES for n in proto.graph.node)
     if not uses or any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions):
         return proto
     share_mask_preparation(proto.graph)

@@ -23,9 +23,11 @@ in the body compares the mask with the triangle ∧ its last row, and if that fa
 row (O(n²) booleans of the mask's own size, not per head), and when one matches runs the
 key-padding path with the triangle as causality.
 
-Five functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
+Seven functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
 by ``MultiTokenAttentionPrepared`` (the attention on the recognised mask, with the triangle flag
-as a fifth input). ``SimplifyBoolMask`` is the recognition on a bool mask (True: allowed) and
+as a fifth input and per-key summary logits, zero for means, as a sixth).
+``MultiTokenAttentionLearned`` is the op with learned summaries (a fifth input, the summary
+weight [Hkv, d]; ``SummaryLogits`` turns it into the per-key logits k_s·w). ``SimplifyBoolMask`` is the recognition on a bool mask (True: allowed) and
 ``RecogniseMask`` the check both recognitions share. The exporter makes sites that share a mask
 call ``MultiTokenAttentionPrepared`` directly, after one recognition node, and recognises a
 model's bool mask as it is instead of turning it into 0 / −inf first
@@ -137,11 +139,13 @@ def SimplifyBoolMask(allowed):
 
 
 @script(mta_opset, default_opset=op)
-def MultiTokenAttentionPrepared(q, k, v, mask, triangle, chunk_size: int, causal: int, scale: float, local_chunks: int,
-                                sinks: int, top_k: int):
+def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: int, causal: int, scale: float,
+                                local_chunks: int, sinks: int, top_k: int):
     """The op on a mask that ``SimplifyMask`` has prepared: ``triangle`` (a bool scalar, its
     second output) adds causality. An exported model whose sites share one mask (every
-    transformers model) prepares it once and calls this at every site."""
+    transformers model) prepares it once and calls this at every site. ``key_logit``
+    (broadcastable to [B, Hkv, n]): the summaries weigh chunk j's keys by softmax over them of
+    these logits; a zero is the mean, ``SummaryLogits`` gives learned summaries' k_s·w."""
     neg_inf = op.Constant(value_float=float("-inf"))
     pos_inf = op.Constant(value_float=float("inf"))
     zero_f = op.Constant(value_float=0.0)
@@ -228,11 +232,17 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, chunk_size: int, causal
                                         to=INT64.dtype), op.Constant(value_ints=[3, 5]), keepdims=0), to=onnx.TensorProto.BOOL)
     uniform = op.And(op.And(uniform, const), same)  # [Bm, Hm, Iq, nc]
     summary_bias = op.Where(any_w, bmax, zero_f)
-    wf = op.Expand(op.Cast(w, to=FLOAT.dtype), op.Concat(B, H, Iq, nc, c, axis=0))
     n_j = op.ReduceSum(op.Cast(w, to=FLOAT.dtype), im1, keepdims=0)  # [Bm, Hm, Iq, nc]
-    inv = op.Unsqueeze(op.Div(one_f, op.Max(op.Expand(n_j, op.Concat(B, H, Iq, nc, axis=0)), one_f)), [4])
-    kbar = op.Mul(op.Einsum(wf, kc, equation="bhijc,bhjcd->bhijd"), inv)  # [B, H, Iq, nc, d]
-    vbar = op.Mul(op.Einsum(wf, vc, equation="bhijc,bhjcd->bhijd"), inv)
+    # summary weights: softmax over the chunk's kept keys of key_logit (zero: 1 / n_j, the mean)
+    klog = op.Expand(op.Cast(key_logit, to=FLOAT.dtype), op.Concat(B, Hkv, N, axis=0))
+    klog = op.Reshape(op.Expand(op.Unsqueeze(klog, [2]), op.Concat(B, Hkv, G, N, axis=0)), op.Concat(B, H, N, axis=0))
+    klog = op.Reshape(op.Pad(klog, op.Concat(i0, i0, i0, i0, i0, padn, axis=0)), op.Concat(B, H, i1, nc, c, axis=0))
+    lw = op.Where(w, klog, neg_inf)  # [B, H, Iq, nc, c]
+    lw_max = op.ReduceMax(lw, im1, keepdims=1)
+    ew = op.Exp(op.Sub(lw, op.Where(op.Equal(lw_max, neg_inf), zero_f, lw_max)))
+    aw = op.Div(ew, op.Max(op.ReduceSum(ew, im1, keepdims=1), op.Constant(value_float=1e-30)))
+    kbar = op.Einsum(aw, kc, equation="bhijc,bhjcd->bhijd")  # [B, H, Iq, nc, d]
+    vbar = op.Einsum(aw, vc, equation="bhijc,bhjcd->bhijd")
 
     # ---- which chunks each query chunk summarises, and which it attends exactly -------------
     L_s = op.Squeeze(L, i0)
@@ -326,11 +336,31 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, chunk_size: int, causal
 def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int, top_k: int):
     """The op (see the module's docstring): the mask recognised, then the attention."""
     mf, triangle = SimplifyMask(mask)  # (it casts the mask to float)
-    return MultiTokenAttentionPrepared(q, k, v, mf, triangle, chunk_size=chunk_size, causal=causal, scale=scale,
+    mean = op.Constant(value_floats=[0.0])  # every key of a chunk weighs the same: the mean
+    return MultiTokenAttentionPrepared(q, k, v, mf, triangle, mean, chunk_size=chunk_size, causal=causal, scale=scale,
                                        local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
+@script(mta_opset, default_opset=op)
+def SummaryLogits(k, summary_weight):
+    """k_s·w for learned summaries: k [B, Hkv, n, d], summary_weight [Hkv, d] → [B, Hkv, n]."""
+    w = op.Unsqueeze(op.Cast(summary_weight, to=FLOAT.dtype), [2])  # [Hkv, d, 1]
+    return op.Squeeze(op.MatMul(op.Cast(k, to=FLOAT.dtype), w), [3])
+
+
+@script(mta_opset, default_opset=op)
+def MultiTokenAttentionLearned(q, k, v, mask, summary_weight, chunk_size: int, causal: int, scale: float,
+                               local_chunks: int, sinks: int, top_k: int):
+    """The op with learned summaries (MTA_SPEC.md ``summary="learned"``): chunk j's summary weighs
+    its keys by softmax_s(k_s·w), w = summary_weight[h] ([Hkv, d]), instead of their mean."""
+    mf, triangle = SimplifyMask(mask)
+    return MultiTokenAttentionPrepared(q, k, v, mf, triangle, SummaryLogits(k, summary_weight), chunk_size=chunk_size,
+                                       causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+
+
 PREPARED_OP_TYPE = "MultiTokenAttentionPrepared"
+LEARNED_OP_TYPE = "MultiTokenAttentionLearned"
+SUMMARY_LOGITS_OP_TYPE = "SummaryLogits"
 SIMPLIFY_OP_TYPE = "SimplifyMask"
 SIMPLIFY_BOOL_OP_TYPE = "SimplifyBoolMask"
 
@@ -342,11 +372,13 @@ def function_proto() -> onnx.FunctionProto:
 
 
 def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
-    """Every function an exported model carries: the op, the attention on a prepared mask, the
-    mask recognition for float and for bool masks, and the check both share; each importing the
+    """Every function an exported model carries: the op (with mean and with learned summaries),
+    the learned summaries' key logits, the attention on a prepared mask, the mask recognition for
+    float and for bool masks, and the check both share; each importing the
     standard domain at ``opset`` (the model's: the bodies are written against opset 18, and every
     op they use keeps its meaning up to opset 23) and the ``mta`` domain (they call each other)."""
-    protos = [function_proto(), MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto(),
+    protos = [function_proto(), MultiTokenAttentionLearned.to_function_proto(), SummaryLogits.to_function_proto(),
+              MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto(),
               SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto()]
     for fn in protos:
         del fn.opset_import[:]

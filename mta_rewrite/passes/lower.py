@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..config import HeadGroups, MTAConfig
+from ..config import HeadGroups, Learned, MTAConfig
 from ..ops.layout import dense_order, is_permuted
 from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv, val
 
@@ -56,9 +56,10 @@ def heads_frame_mask(mask, B, H):
 EXACT_CHUNK = 1 << 30  # chunk_size ≥ n: one chunk, MTA is exact attention
 
 
-def grouped_attention(q, k, v, mask, groups, causal, scale):
+def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None):
     """MTA with a different configuration per group of query heads (``HeadGroups.op_groups``);
-    a group with config None is exact. Called from the graph."""
+    a group with config None is exact. ``summary_weight`` [Hkv, d]: learned summaries (each group
+    gets its heads' rows). Called from the graph."""
     Hq, Hkv = q.shape[1], k.shape[1]
     G = Hq // Hkv
     per_head_mask = mask is not None and mask.dim() >= 3 and mask.shape[-3] == Hq and Hq > 1
@@ -68,18 +69,30 @@ def grouped_attention(q, k, v, mask, groups, causal, scale):
         kv_idx = idx // G
         m = mask.index_select(mask.dim() - 3, idx) if per_head_mask else mask
         kwargs = dict(cfg) if cfg is not None else {"chunk_size": EXACT_CHUNK}
+        w = summary_weight.index_select(0, kv_idx) if summary_weight is not None and cfg is not None else None
         outs.append(torch.ops.mta.attention(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m,
-                                            causal=causal, scale=scale, **kwargs))
+                                            w, causal=causal, scale=scale, **kwargs))
         order.extend(heads)
     inverse = torch.argsort(torch.tensor(order, dtype=torch.long, device=q.device))
     return torch.cat(outs, dim=1).index_select(1, inverse)
 
 
-def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict) -> fx.Node:
-    """The graph node computing one site with ``config`` (an MTAConfig or HeadGroups)."""
+def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict, weight: fx.Node | None = None) -> fx.Node:
+    """The graph node computing one site with ``config`` (an MTAConfig or HeadGroups; ``weight``:
+    the node holding the learned summary weight, if any)."""
     if isinstance(config, HeadGroups):
-        return g.call_function(grouped_attention, (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"]))
-    return g.call_function(torch.ops.mta.attention.default, (q, k, v, mask), dict(config.op_kwargs(), **kw))
+        return g.call_function(grouped_attention, (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"], weight))
+    return g.call_function(torch.ops.mta.attention.default, (q, k, v, mask, weight), dict(config.op_kwargs(), **kw))
+
+
+def _weight_node(gm: fx.GraphModule, config) -> tuple:
+    """(the MTAConfig or HeadGroups, a get_attr node of a new buffer holding the learned summary
+    weight, or None)."""
+    if not isinstance(config, Learned):
+        return config, None
+    name = f"mta_summary_weight_{sum(1 for b, _ in gm.named_buffers() if b.startswith('mta_summary_weight_'))}"
+    gm.register_buffer(name, config.tensor())
+    return config.config, gm.graph.get_attr(name)
 
 
 def _canonical_operands(g: fx.Graph, m: AttentionMatch):
@@ -169,13 +182,14 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     return _restore_layout(g, node, memory_order(m.output))
 
 
-def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups) -> fx.Node:
+def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups | Learned) -> fx.Node:
     """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before."""
     g = gm.graph
     out = m.output
     with g.inserting_before(out):
         q, k, v, mask = _canonical_operands(g, m)
-        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m))
+        config, weight = _weight_node(gm, config)
+        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight)
         node = _finish(g, m, node)
     out.replace_all_uses_with(node)
     # The replaced subgraph is dead now, but DCE would keep it: export's metadata assertions

@@ -15,7 +15,7 @@ import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.onnx import DOMAIN, OP_TYPE, export_onnx, onnx_session
 from mta_rewrite.onnx.export import _bool_source
-from mta_rewrite.onnx.function import PREPARED_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, SIMPLIFY_OP_TYPE
+from mta_rewrite.onnx.function import LEARNED_OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, SIMPLIFY_OP_TYPE
 
 HAS_TRANSFORMERS = True
 try:
@@ -67,9 +67,10 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
         rewritten = mr.rewrite(model, args, kwargs, config=config)
     nodes = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE)]
     assert len(nodes) == case.rewritable
-    # the op, the attention on a recognised mask, the recognitions (float and bool masks) and their check
-    assert [f.name for f in proto.functions] == [OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE,
-                                                 "RecogniseMask"]
+    # the op (means, learned summaries), the learned summaries' key logits, the attention on a
+    # recognised mask, the recognitions (float and bool masks) and their check
+    assert [f.name for f in proto.functions] == [OP_TYPE, LEARNED_OP_TYPE, "SummaryLogits", PREPARED_OP_TYPE,
+                                                 SIMPLIFY_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, "RecogniseMask"]
     alone = [n.input[3] for n in nodes if n.op_type == OP_TYPE]
     assert len(alone) == len(set(alone)), "sites that share a mask recognise it once"
     producers = {out: n for n in proto.graph.node for out in n.output}
@@ -77,7 +78,7 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
         "a site on a bool mask recognises the bool mask"
     recognitions = [n for n in proto.graph.node if n.op_type in (SIMPLIFY_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE)]
     assert all(producers[n.input[0]].op_type != "Where" for n in recognitions if n.op_type == SIMPLIFY_BOOL_OP_TYPE)
-    assert sorted({tuple(n.input[3:]) for n in nodes if n.op_type == PREPARED_OP_TYPE}) == \
+    assert sorted({tuple(n.input[3:5]) for n in nodes if n.op_type == PREPARED_OP_TYPE}) == \
         sorted(tuple(n.output) for n in recognitions)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["chunk_size"] == config.chunk_size and attrs["top_k"] == config.top_k
@@ -104,40 +105,79 @@ def test_the_original_exact_model_exports_too(tmp_path):
 
 
 class _OneSite(torch.nn.Module):
-    def __init__(self, mask_kind, **config):
+    def __init__(self, mask_kind, summary_weight=None, **config):
         super().__init__()
         self.mask_kind, self.config = mask_kind, config
+        self.register_buffer("summary_weight", summary_weight)
 
     def forward(self, q, k, v, mask):
-        return torch.ops.mta.attention(q, k, v, None if self.mask_kind == "none" else mask, **self.config)
+        return torch.ops.mta.attention(q, k, v, None if self.mask_kind == "none" else mask, self.summary_weight,
+                                       **self.config)
 
 
 MASKS = ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias", "random_bool_per_head",
          "causal_padding_4d_bool", "key_padding_4d_materialised"]  # (the last two: recognised as key padding)
 
 
+@pytest.mark.parametrize("learned", [False, True])
 @pytest.mark.parametrize("mask_kind", MASKS)
-def test_function_equals_the_op_on_every_branch(mask_kind, tmp_path):
-    """The function alone, across configurations and mask kinds, against the PyTorch op."""
+def test_function_equals_the_op_on_every_branch(mask_kind, learned, tmp_path):
+    """The function alone, across configurations and mask kinds, against the PyTorch op (with
+    mean and with learned summaries)."""
     from tests.ops.test_attention import make_mask
 
     B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    weight = torch.randn(Hkv, d, generator=g) if learned else None
     mask = make_mask(mask_kind, B, Hq, n)
     mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
-    for i, (causal, (c, L, s, top_k)) in enumerate(itertools.product([False, True], [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0)])):
+    configs = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0)]
+    for i, (causal, (c, L, s, top_k)) in enumerate(itertools.product([False, True], configs[:3] if learned else configs)):
         config = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        module = _OneSite(mask_kind, **config)
+        module = _OneSite(mask_kind, weight, **config)
         path = tmp_path / f"site{i}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_onnx(module, (q, k, v, mask), path, dynamic=False)
+            proto = export_onnx(module, (q, k, v, mask), path, dynamic=False)
+        if learned:
+            assert sum(n.op_type in (LEARNED_OP_TYPE, "SummaryLogits") for n in proto.graph.node) == 1, \
+                [n.op_type for n in proto.graph.node]
         session = onnx_session(path)
         inputs = {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))}
         got = session.run(None, inputs)[0]
         want = module(q, k, v, mask).numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(config))
+
+
+@pytest.mark.parametrize("name", ["llama (sdpa)", "two_layers"])  # sites sharing a bool mask; sites without a mask
+def test_learned_summaries_export_and_match_the_rewritten_model(name, tmp_path):
+    """A plan with learned summaries at one site (and means at the others) exports, and onnxruntime
+    gives what the rewritten model gives at other lengths."""
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    if case.family == "transformers" and not HAS_TRANSFORMERS:
+        pytest.skip("transformers not installed")
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
+    config = mr.MTAConfig(6, 1, 2, 1)
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(sites[0].kv_heads, sites[0].head_dim, generator=g) * 2
+    plan = mr.Plan({sites[0].name: mr.Learned.from_tensor(config, weight), sites[1].name: config})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(model, args, tmp_path / "m.onnx", kwargs, plan=plan)
+        rewritten = mr.rewrite(model, args, kwargs, plan=plan)
+        means = mr.rewrite(model, args, kwargs, config=config)
+    kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+    assert kinds.count("SummaryLogits") + kinds.count(LEARNED_OP_TYPE) == 1, kinds
+    session = onnx_session(tmp_path / "m.onnx")
+    a, kw = case.inputs(case.lengths[1] + 5)
+    got = session.run(None, feeds(session, a, kw))[0]
+    with torch.no_grad():
+        want, mean = first(rewritten(*a, **kw)).numpy(), first(means(*a, **kw)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert np.abs(want - mean).max() > 1e-3  # the learned site's summaries are not the means
 
 
 def test_cuda_session_is_a_clear_error_without_the_cuda_provider(tmp_path):
