@@ -472,6 +472,8 @@ def main(argv=None):
         compile_ahead("step 4", [
             lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2),
             lambda: torch.ops.mta.attention(qg, kg, vg, chunk_size=c, causal=True),
+            lambda: torch.ops.mta.attention(q, k, v, None, torch.zeros(H, q.shape[3], device=DEVICE), chunk_size=c,
+                                            causal=True),
             *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
                                                           summary_atomics=atomics) for atomics in (True, False))])
         qg = kg = vg = None
@@ -479,6 +481,11 @@ def main(argv=None):
         nc = n // c
         logn = torch.empty(1, H, nc, device=DEVICE)
         extras["summary_prepass_ms"] = median_ms(lambda: _chunk_means(k, v, None, c, nc, 0, 1.0, logn))
+        w = torch.randn(H, q.shape[3], device=DEVICE) * 0.1  # learned summaries: one online softmax per chunk
+        extras["summary_prepass_learned_ms"] = median_ms(lambda: _chunk_means(k, v, None, c, nc, 0, 1.0, logn,
+                                                                              summary_weight=w))
+        extras["learned_summaries_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, None, w, chunk_size=c,
+                                                                                   causal=True))
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
         # a model's q, k, v: transposed [B, n, H, d] buffers, read in place (no copies) by the kernel
