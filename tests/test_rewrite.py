@@ -242,6 +242,14 @@ def test_head_groups_are_exactly_the_reference_per_head():
         torch.testing.assert_close(rewritten(x), model.merge(want.float()), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exactly once"):
         mr.HeadGroups(((cfg, (0, 1)), (None, (1, 2))))
+    # learned summaries per group: each approximated head's summaries use its key/value head's row
+    w = torch.randn(k.shape[1], k.shape[3], generator=torch.Generator().manual_seed(2))
+    learned = mr.rewrite(model, (x,), plan=mr.Plan({"root": mr.Learned.from_tensor(groups, w)}))
+    want = exact.clone()
+    approx = mta_attention_reference(q, k, v, scale=model.dh ** -0.5, summary_weight=w, **cfg.op_kwargs())
+    want[:, [0, 3]] = approx[:, [0, 3]]
+    with torch.no_grad():
+        torch.testing.assert_close(learned(x), model.merge(want.float()), rtol=1e-5, atol=1e-5)
 
 
 class _MaskShapedLikeQ(torch.nn.Module):

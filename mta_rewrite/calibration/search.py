@@ -49,6 +49,10 @@ from .cost import default_candidates, exact_cost, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
 from .probe import Probe, as_call, release_freed_memory
 
+# Learned summaries are fitted for a plan cheaper than the chosen one only if its error with means
+# was at most this many times the budget: on SmolLM2 (512 tokens, KL) learning cut plans' errors
+# 2–2.5× (0.048 → 0.025, 0.19 → 0.076; benchmarks/bench_learned_summaries.py).
+LEARN_HEADROOM = 4.0
 PlanKey = tuple  # ((site name, MTAConfig), ...) for the approximated sites, in site order
 
 
@@ -151,10 +155,10 @@ def calibrate(
     KL divergence of logits). ``candidates``: the search space (default: :func:`default_candidates`
     at the longest sample's length); "exact" is always included. ``output``: save the plan there
     (JSON) with a report beside it (Markdown table and PNG plot). ``learn_summaries``: after the
-    search, fit learned summaries (``calibration.learn``) for the chosen plan and for up to
-    ``learned_plans`` − 1 cheaper plans of its family, cheapest last, stopping at the first that is
-    over budget even when learned; the cheapest plan within budget wins, learned or not (at equal
-    cost, the lower held-out error).
+    search, fit learned summaries (``calibration.learn``) for up to ``learned_plans`` plans: the
+    cheaper plans of the family that were near the budget with means (cheapest first, until one is
+    within it), else the chosen plan; the cheapest plan within budget wins, learned or not (at
+    equal cost, the lower held-out error).
     """
     start = time.perf_counter()
     data = list(data)
@@ -272,28 +276,31 @@ def calibrate(
 # ---- helpers ----------------------------------------------------------------------------------
 
 def _learn(probe, cal, hold, family, stats, local_errors, reference, metric, budget, count, bar) -> None:
-    """Learned summaries for the chosen plan and the cheaper plans of the family below it, costliest
-    first, until one is over budget even learned or ``count`` were fitted: each fitted on the
-    calibration samples (``learn.fit_summaries``), verified end to end on them and the held-out
-    ones, and appended to ``family`` (origin "… + learned summaries")."""
+    """Learned summaries (``learn.fit_summaries``) for up to ``count`` plans, each fitted on the
+    calibration samples, verified end to end on them and the held-out ones, and appended to
+    ``family`` (origin "… + learned summaries"). First the plans cheaper than the chosen one whose
+    error with means was at most ``LEARN_HEADROOM`` × budget on the calibration samples, cheapest
+    first, until one is within budget learned (the cheapest plan learning can bring within budget,
+    among those tried); if none is, the chosen plan itself (a lower error at the same cost)."""
     from .learn import fit_summaries
 
-    best = min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
-    tries = sorted((p for p in family if p.configs and p.cost <= best.cost), key=lambda p: -p.cost)[:count]
+    chosen = min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
+    cheaper = sorted((p for p in family if p.configs and p.cost < chosen.cost and p.calibration_error is not None
+                      and p.calibration_error <= LEARN_HEADROOM * budget), key=lambda p: p.cost)
+    tries = cheaper[:count - 1] + ([chosen] if chosen.configs else [])
     for base in tries:
         bar.start(f"learning summaries: {base.origin} (cost {base.cost:.3f})", len(base.configs))
         configs, fits = fit_summaries(probe, cal, base.configs, advance=bar.advance)
         result = PlanResult(configs, base.cost, None, None, f"{base.origin} + learned summaries")
         family.append(result)
-        key = _key(configs, stats)
-        local_errors.setdefault(key, {name: fits[name].learned_error for name in fits})
+        local_errors.setdefault(_key(configs, stats), {name: fits[name].learned_error for name in fits})
         result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, configs, reference, metric, budget)
         if result.calibration_error <= budget:
             if hold is cal:
                 result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
             else:
                 result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, configs, reference, metric, budget)
-        if not result.within(budget):
+        if result.within(budget):
             break
 
 
