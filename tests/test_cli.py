@@ -120,13 +120,19 @@ def test_demo_builtin_runs_end_to_end():
     assert "KL divergence" in result.output
 
 
-def test_calibrate_a_saved_program(tmp_path):
+def saved_lm(tmp_path):
+    """The built-in causal LM saved as a program, and 4 samples of 512 bytes of real text saved beside it."""
     model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
     text = zoo.real_text()
     samples = [(zoo.byte_tokens(text[i * 2000:], 512),) for i in range(4)]
     program = tmp_path / "lm.pt2"
     mr.save_program(model, program, samples[0])
     torch.save(samples, tmp_path / "samples.pt")
+    return model, samples, program
+
+
+def test_calibrate_a_saved_program(tmp_path):
+    model, samples, program = saved_lm(tmp_path)
     plan_path = tmp_path / "plan.json"
     result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
                                  "-o", str(plan_path)])
@@ -146,12 +152,7 @@ def test_learned_summaries_from_calibrate_to_rewrite_and_onnx(tmp_path):
     from mta_rewrite.calibration.metrics import output_error
     from mta_rewrite.onnx import onnx_session
 
-    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
-    text = zoo.real_text()
-    samples = [(zoo.byte_tokens(text[i * 2000:], 512),) for i in range(4)]
-    program = tmp_path / "lm.pt2"
-    mr.save_program(model, program, samples[0])
-    torch.save(samples, tmp_path / "samples.pt")
+    model, samples, program = saved_lm(tmp_path)
     plan_path = tmp_path / "plan.json"
     result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
                                  "--learn-summaries", "-o", str(plan_path)])

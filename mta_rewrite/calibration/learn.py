@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import HeadGroups, Learned, MTAConfig
-from ..passes.lower import grouped_attention
-from .probe import Probe, SiteRecord, release_freed_memory
+from .probe import Probe, SiteRecord, release_freed_memory, site_output
 
 STEPS = 40
 LR = 0.05
@@ -37,17 +36,11 @@ class SiteFit:
     weight: torch.Tensor
 
 
-def _site_output(config, r: SiteRecord, weight):
-    if isinstance(config, HeadGroups):
-        return grouped_attention(r.q, r.k, r.v, r.mask, config.op_groups(), r.causal, r.scale, weight)
-    return torch.ops.mta.attention(r.q, r.k, r.v, r.mask, weight, causal=r.causal, scale=r.scale, **config.op_kwargs())
-
-
 def _errors(config, records: list[SiteRecord], weight) -> torch.Tensor:
     """Relative L2 error of the site's output per sample (differentiable in ``weight``)."""
     errs = []
     for r in records:
-        out = _site_output(config, r, weight).float()
+        out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, weight)
         exact = r.exact.float().reshape(out.shape)
         errs.append((out - exact).norm() / exact.norm().clamp(min=1e-30))
     return torch.stack(errs)

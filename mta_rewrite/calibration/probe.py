@@ -68,13 +68,14 @@ def site_hook(original, q, k, v, mask, name, causal, scale):
     return site_output(state.configs.get(name), original, q, k, v, mask, causal, scale)
 
 
-def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None):
+def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None):
     """What a site returns under ``config`` (None: exact, the original output), in the original
-    output's dtype (``dtype`` when the original was not computed)."""
+    output's dtype (``dtype`` when the original was not computed). ``weight``: a learned summary
+    weight for an MTAConfig or HeadGroups (a tensor: calibration fits it through this call); a
+    ``Learned`` config carries its own."""
     if config is None:
         return original
     dtype = original.dtype if original is not None else dtype
-    weight = None
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, HeadGroups):

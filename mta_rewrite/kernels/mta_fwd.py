@@ -67,19 +67,26 @@ LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
+    def _pooled_tokens(keyok_row, j, c, n, sinks, s0, HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(pos, w) for the tile of chunk j starting at s0: the token positions and which of them a
+        summary pools, w_s = [s in the chunk][s < n][s ≥ sinks][key s kept]."""
+        offs = s0 + tl.arange(0, BLOCK_C)
+        pos = j * c + offs
+        w = (offs < c) & (pos < n) & (pos >= sinks)
+        if HAS_KEYMASK:
+            w = w & (tl.load(keyok_row + pos, mask=pos < n, other=0) != 0)
+        return pos, w
+
+    @triton.jit
     def _pool_chunk(x_base, y_base, keyok_row, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
                     HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Σ_s w_s·x_s and Σ_s w_s·y_s (fp32) and n_j = Σ_s w_s over the tokens s of chunk j,
-        w_s = [s < n][s ≥ sinks][key s kept]."""
+        """Σ_s w_s·x_s and Σ_s w_s·y_s (fp32) and n_j = Σ_s w_s over the tokens s of chunk j
+        (w_s: _pooled_tokens)."""
         acc_x = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_y = tl.zeros([BLOCK_D], dtype=tl.float32)
         count = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s0 in range(0, c, BLOCK_C):
-            offs = s0 + tl.arange(0, BLOCK_C)
-            pos = j * c + offs
-            w = (offs < c) & (pos < n) & (pos >= sinks)
-            if HAS_KEYMASK:
-                w = w & (tl.load(keyok_row + pos, mask=pos < n, other=0) != 0)
+            pos, w = _pooled_tokens(keyok_row, j, c, n, sinks, s0, HAS_KEYMASK, BLOCK_C)
             count += w.to(tl.float32)
             x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
             acc_x += tl.sum(x.to(tl.float32), 0)
@@ -102,11 +109,7 @@ if triton is not None:
         m = tl.max(tl.full([BLOCK_C], float("-inf"), dtype=tl.float32), 0)
         den = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), 0)
         for s0 in range(0, c, BLOCK_C):
-            offs = s0 + tl.arange(0, BLOCK_C)
-            pos = j * c + offs
-            w = (offs < c) & (pos < n) & (pos >= sinks)
-            if HAS_KEYMASK:
-                w = w & (tl.load(keyok_row + pos, mask=pos < n, other=0) != 0)
+            pos, w = _pooled_tokens(keyok_row, j, c, n, sinks, s0, HAS_KEYMASK, BLOCK_C)
             count += w.to(tl.float32)
             x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :],
                         other=0.0).to(tl.float32)
