@@ -73,8 +73,10 @@ def main(argv=None) -> int:
     uniform, searches, op_cost = None, [], None
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     stamp = dt.date.today().isoformat()
-    lines = [f"{stamp}, {machine}. SmolLM2-135M-Instruct, {n} tokens × {args.samples} samples "
-             f"({len(cal)} calibration, {len(hold)} held out), KL of next-token distributions."]
+    lines = [f"{stamp}, {machine}."]
+    if sections & {"1", "2"}:
+        lines[0] += (f" SmolLM2-135M-Instruct, {n} tokens × {args.samples} samples ({len(cal)} calibration, "
+                     f"{len(hold)} held out), KL of next-token distributions.")
     if "1" in sections:
         uniform = _uniform(model, cfg, cal, hold)
         means = list(uniform["local_error_mean"].values())
