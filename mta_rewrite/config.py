@@ -145,7 +145,7 @@ class Learned:
 
     @classmethod
     def from_tensor(cls, config: MTAConfig | HeadGroups, weight) -> "Learned":
-        return cls(config, tuple(tuple(r) for r in weight.detach().double().cpu().tolist()))
+        return cls(config, weight.detach().double().cpu().tolist())  # (made tuples of floats on construction)
 
     def tensor(self, device=None):
         import torch
@@ -199,9 +199,10 @@ class PlanEntry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanEntry":
         cfg = data.get("config", EXACT)
-        weight = cfg.get("summary_weight") if isinstance(cfg, Mapping) else None
-        if isinstance(cfg, Mapping):
-            cfg = {k: v for k, v in cfg.items() if k != "summary_weight"}
+        weight = None
+        if isinstance(cfg, Mapping) and "summary_weight" in cfg:
+            cfg = dict(cfg)
+            weight = cfg.pop("summary_weight")
         if cfg == EXACT:
             config = None
         elif isinstance(cfg, Mapping) and "head_groups" in cfg:
@@ -209,7 +210,7 @@ class PlanEntry:
         else:
             config = MTAConfig.from_dict(cfg)
         if weight is not None:
-            config = Learned(config, tuple(tuple(r) for r in weight))
+            config = Learned(config, weight)
         return cls(
             config=config,
             error=data.get("error"),

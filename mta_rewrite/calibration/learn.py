@@ -52,7 +52,7 @@ def fit_site(name: str, config: MTAConfig | HeadGroups, records: list[SiteRecord
     Hkv, d = records[0].k.shape[1], records[0].k.shape[3]
     weight = torch.zeros(Hkv, d, dtype=torch.float32, device=records[0].k.device, requires_grad=True)
     opt = torch.optim.Adam([weight], lr=lr)
-    best, best_loss, mean_error = weight.detach().clone(), None, None
+    best, best_loss, mean_error, learned_error = weight.detach().clone(), None, None, None
     for step in range(steps + 1):
         opt.zero_grad()
         with torch.enable_grad():
@@ -61,13 +61,11 @@ def fit_site(name: str, config: MTAConfig | HeadGroups, records: list[SiteRecord
         if step == 0:
             mean_error = float(errs.detach().mean())
         if best_loss is None or float(loss.detach()) < best_loss:
-            best_loss, best = float(loss.detach()), weight.detach().clone()
+            best_loss, best, learned_error = float(loss.detach()), weight.detach().clone(), float(errs.detach().mean())
         if step == steps:
             break
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        learned_error = float(_errors(config, records, best).mean())
     return SiteFit(name, mean_error, learned_error, best)
 
 

@@ -230,21 +230,14 @@ def calibrate(
             bar.advance()
             if result.cost > met:
                 continue  # cannot be chosen: a cheaper plan is within budget
-            result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, configs, reference, metric, budget)
-            if result.calibration_error <= budget:
-                if hold is cal:
-                    result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
-                else:
-                    result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, configs, reference, metric,
-                                                                            budget)
+            _verify(result, probe, cal, hold, reference, metric, budget)
             if result.within(budget):
                 met = min(met, result.cost)
 
         if learn_summaries:
             _learn(probe, cal, hold, family, stats, local_errors, reference, metric, budget, learned_plans, bar)
 
-    # the all-exact plan (cost 1, error 0) is always within budget
-    chosen = min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
+    chosen = _cheapest_within(family, budget)
     local = local_errors[_key(chosen.configs, stats)]
 
     plan = Plan(metadata={
@@ -284,7 +277,7 @@ def _learn(probe, cal, hold, family, stats, local_errors, reference, metric, bud
     among those tried); if none is, the chosen plan itself (a lower error at the same cost)."""
     from .learn import fit_summaries
 
-    chosen = min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
+    chosen = _cheapest_within(family, budget)
     cheaper = sorted((p for p in family if p.configs and p.cost < chosen.cost and p.calibration_error is not None
                       and p.calibration_error <= LEARN_HEADROOM * budget), key=lambda p: p.cost)
     tries = cheaper[:count - 1] + ([chosen] if chosen.configs else [])
@@ -294,14 +287,28 @@ def _learn(probe, cal, hold, family, stats, local_errors, reference, metric, bud
         result = PlanResult(configs, base.cost, None, None, f"{base.origin} + learned summaries")
         family.append(result)
         local_errors.setdefault(_key(configs, stats), {name: fits[name].learned_error for name in fits})
-        result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, configs, reference, metric, budget)
-        if result.calibration_error <= budget:
-            if hold is cal:
-                result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
-            else:
-                result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, configs, reference, metric, budget)
+        _verify(result, probe, cal, hold, reference, metric, budget)
         if result.within(budget):
             break
+
+
+def _verify(result: PlanResult, probe, cal, hold, reference, metric, budget: float) -> None:
+    """The plan's end-to-end error on the calibration samples and, if that is within budget, on
+    the held-out ones (the same figures when there are none)."""
+    result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, result.configs, reference, metric,
+                                                                    budget)
+    if result.calibration_error <= budget:
+        if hold is cal:
+            result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
+        else:
+            result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, result.configs, reference, metric,
+                                                                    budget)
+
+
+def _cheapest_within(family: list[PlanResult], budget: float) -> PlanResult:
+    """The cheapest plan within budget (at equal cost, the lower held-out error); the all-exact
+    plan (cost 1, error 0) always is."""
+    return min((p for p in family if p.within(budget)), key=lambda p: (p.cost, p.holdout_error))
 
 
 def _key(configs: dict, stats: list[SiteStats]) -> PlanKey:

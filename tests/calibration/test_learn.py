@@ -87,10 +87,8 @@ def test_fit_summaries_walks_the_plan_in_layer_order():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_calibrate_with_learned_summaries_meets_the_budget_and_never_costs_more():
-    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
-    text = zoo.real_text()
-    data = [(zoo.byte_tokens(text[i * 2000:], 512),) for i in range(5)]
+def test_calibrate_with_learned_summaries_meets_the_budget_and_never_costs_more(lm):
+    model, data = lm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False)
