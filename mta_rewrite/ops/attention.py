@@ -11,6 +11,8 @@ respect to ``attn_mask`` are not computed (masks are constants in every model we
 top-k selection is piecewise constant and has no gradient, as in the spec. Learned summary
 weights (``summary_weight``) get their gradient through the portable recomputation (calibration
 fits them on the CPU; on CUDA the Triton backward, written for means, is not used then).
+Boundary chunks (``segment_ids``, ``segments.py``) move the tokens into padded chunk slots and run
+every path above there: forward, kernels and backward.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from __future__ import annotations
 import torch
 
 from .chunked import mta_attention_chunked
+from .layout import in_layout_of
 from .masks import simplify_mask
+from .segments import check_segment_ids, from_slots, segment_layout, segmented, slot_mask, to_slots
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None) -> None:
+def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None,
+                 segment_ids=None) -> None:
     """Validate the op's arguments; raise ValueError/TypeError with a one-line message."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -53,6 +58,8 @@ def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, si
             raise ValueError(f"summary_weight must be [Hkv, d] = [{k.shape[1]}, {d}]; got {tuple(summary_weight.shape)}")
         if not summary_weight.is_floating_point() or summary_weight.device != q.device:
             raise ValueError(f"summary_weight must be a float tensor on {q.device}; got {summary_weight.dtype} on {summary_weight.device}")
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, B, n, q.device)
 
 
 @torch.library.custom_op("mta::attention", mutates_args=())
@@ -62,6 +69,7 @@ def attention(
     v: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     summary_weight: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     *,
     chunk_size: int,
     causal: bool = False,
@@ -73,56 +81,75 @@ def attention(
     """Multi-Token Attention (MTA_SPEC.md). Output: q's shape, dtype and memory layout (that of
     ``torch.empty_like(q)``). ``summary_weight`` [Hkv, d]: learned summaries (the spec's
     ``summary="learned"``): chunk j's summary weighs its keys by softmax_s(k_s·w) instead of
-    1/n_j; None (or w = 0) is the mean."""
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight)
+    1/n_j; None (or w = 0) is the mean. ``segment_ids`` [B, n] integers: boundary chunks (the spec's
+    "boundary" grouping, ``segments.py``): a chunk ends where the id changes, runs are cut to at
+    most ``chunk_size`` tokens; None is fixed chunks."""
+    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
-    return mta_attention_chunked(
-        q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
-        local_chunks=local_chunks, sinks=sinks, top_k=top_k, summary_weight=summary_weight,
-    )
+    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks,
+                  top_k=top_k, summary_weight=summary_weight)
+    if segment_ids is not None:
+        return in_layout_of(q, segmented(mta_attention_chunked, q, k, v, attn_mask, segment_ids, **kwargs))
+    return mta_attention_chunked(q, k, v, attn_mask, **kwargs)
 
 
 @attention.register_kernel("cuda")
-def _(q, k, v, attn_mask=None, summary_weight=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
-      top_k=0):
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight)
+def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
+      local_chunks=1, sinks=0, top_k=0):
+    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
     from ..kernels import dispatch_cuda  # triton is imported only when a CUDA tensor arrives
 
-    return dispatch_cuda(q, k, v, attn_mask, chunk_size=chunk_size, causal=causal, scale=scale,
-                         local_chunks=local_chunks, sinks=sinks, top_k=top_k, summary_weight=summary_weight)
+    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks,
+                  top_k=top_k, summary_weight=summary_weight)
+    if segment_ids is not None:
+        attn_mask, kwargs["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
+        return in_layout_of(q, segmented(dispatch_cuda, q, k, v, attn_mask, segment_ids, **kwargs))
+    return dispatch_cuda(q, k, v, attn_mask, **kwargs)
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask=None, summary_weight=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
+def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
+      local_chunks=1, sinks=0, top_k=0):
     torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
     return torch.empty_like(q)  # q's layout, as every implementation returns it
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    q, k, v, attn_mask, summary_weight = inputs
-    ctx.save_for_backward(q, k, v, attn_mask, summary_weight)
+    ctx.save_for_backward(*inputs)  # q, k, v, attn_mask, summary_weight, segment_ids
     ctx.config = keyword_only_inputs
 
 
-def _backward(ctx, grad_out):
-    q, k, v, attn_mask, summary_weight = ctx.saved_tensors
-    needs = (*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4])
-    config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
-    attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
+def _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config):
+    """(dq, dk, dv, dw) of fixed-chunk MTA, None where not needed."""
     if q.is_cuda and summary_weight is None:
         from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
         grads = backward_cuda(q, k, v, attn_mask, grad_out, **config)
         if grads is not None:
-            return (*(g if need else None for g, need in zip(grads, needs[:3])), None, None)
+            return (*(g if need else None for g, need in zip(grads, needs[:3])), None)
     with torch.enable_grad():
         inputs = (q, k, v, summary_weight)
         leaves = [None if x is None else x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
         out = mta_attention_chunked(*leaves[:3], attn_mask, summary_weight=leaves[3], **config)
         wanted = [x for x in leaves if x is not None and x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-    dq, dk, dv, dw = (next(grads) if need else None for need in needs)
-    return dq, dk, dv, None, dw
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask, summary_weight, segment_ids = ctx.saved_tensors
+    needs = (*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4])
+    config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
+    attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
+    if segment_ids is None:
+        dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
+    else:  # the fixed-chunk gradients in the slots, moved back (a slot's padding has none)
+        lay = segment_layout(segment_ids, q.shape[0], config["chunk_size"], config["sinks"])
+        mask = slot_mask(attn_mask, lay, q.shape[0], q.shape[1], q.shape[2])
+        padded = [to_slots(x.contiguous(), lay) for x in (q, k, v, grad_out)]
+        dq, dk, dv, dw = _grads(*padded[:3], mask, summary_weight, padded[3], needs, config)
+        dq, dk, dv = (None if g is None else from_slots(g, lay) for g in (dq, dk, dv))
+    return dq, dk, dv, None, dw, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

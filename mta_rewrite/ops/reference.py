@@ -29,41 +29,63 @@ def _dense_mask(attn_mask, B, Hq, n):
     return allowed, bias
 
 
+def chunk_lists(n, c, sinks=0, segment_ids=None) -> list[list[int]]:
+    """The chunks of one sequence as token lists. Fixed: c tokens each. Boundary (``segment_ids``,
+    a list of n ids): the first ``sinks`` tokens in fixed chunks of c, the last ending at ``sinks``;
+    after them a chunk ends where the id changes or when it holds c tokens."""
+    s = min(sinks, n)
+    chunks, cur = [], []
+    for t in range(n):
+        if segment_ids is None or t < s:
+            new = t % c == 0
+        elif t == s:
+            new = True
+        else:
+            new = segment_ids[t] != segment_ids[t - 1] or len(cur) == c
+        if new and cur:
+            chunks.append(cur)
+            cur = []
+        cur.append(t)
+    chunks.append(cur)
+    return chunks
+
+
 def mta_attention_reference(
     q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-    summary_weight=None,
+    summary_weight=None, segment_ids=None,
 ):
     """MTA_SPEC.md, step by step, in float64. Returns a float64 tensor shaped like q.
     ``summary_weight`` [Hkv, d]: learned summaries (a summary weighs its kept keys s by
-    softmax_s(k_s·w) instead of taking their mean)."""
+    softmax_s(k_s·w) instead of taking their mean). ``segment_ids`` [B|1, n]: boundary chunks
+    (:func:`chunk_lists`)."""
     q, k, v = q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu()
     sw = None if summary_weight is None else summary_weight.detach().double().cpu()
     B, Hq, n, d = q.shape
     G = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     c, L = chunk_size, local_chunks
-    nc = -(-n // c)
     allowed, bias = _dense_mask(attn_mask, B, Hq, n)
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
     out = torch.zeros(B, Hq, n, d, dtype=torch.float64)
 
-    def chunk_of(s):
-        return s // c
-
     for b in range(B):
+        seg = None if segment_ids is None else segment_ids[b if segment_ids.shape[0] > 1 else 0].tolist()
+        chunks = chunk_lists(n, c, sinks, seg)
+        nc = len(chunks)
+        chunk_of = {t: j for j, toks in enumerate(chunks) for t in toks}.__getitem__
         for h in range(Hq):
             hk = h // G
             A, Bias = allowed[b, h], bias[b, h]
             for i in range(nc):
-                queries = list(range(i * c, min((i + 1) * c, n)))
+                queries = chunks[i]
                 window = {j for j in range(nc) if ((i - L + 1 <= j <= i) if causal else abs(j - i) <= L - 1)}
                 exact_chunks = set(window)
                 summaries = {}  # j -> (kbar, vbar, logit offset)
                 for j in range(nc):
                     if j in window or (causal and j > i):
                         continue
-                    keys = [s for s in range(j * c, min((j + 1) * c, n)) if s >= sinks]
+                    keys = [s for s in chunks[j] if s >= sinks]
                     if not keys:
                         continue
                     block_ok = A[queries][:, keys]

@@ -121,3 +121,28 @@ def test_gpu_op_gradients_through_triton_backward(causal, dtype, tol):
     for leaf, w in zip(leaves, want):
         assert leaf.grad.is_cuda and leaf.grad.dtype == dtype
         torch.testing.assert_close(leaf.grad.double().cpu(), w, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_boundary_chunks_gradients(causal):
+    """Boundary chunks: the Triton backward in the padded chunk slots, moved back, against float64
+    autograd through the portable boundary MTA (what the op's backward does on CUDA)."""
+    from mta_rewrite.ops.segments import from_slots, segment_layout, segmented, slot_mask, to_slots
+
+    B, Hq, Hkv, n, d = 2, 2, 1, 41, 16
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float32, seed=5, grad=True)
+    mask = padding(B, n)
+    ids = torch.cumsum((torch.rand(B, n, generator=torch.Generator().manual_seed(1)) < 0.2).long(), 1).to(DEVICE)
+    kw = dict(chunk_size=5, causal=causal, scale=None, local_chunks=2, sinks=3, top_k=1)
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    segmented(mta_attention_chunked, *leaves, mask.cpu(), ids.cpu(), **kw).backward(grad_out.cpu().double())
+    lay = segment_layout(ids, B, kw["chunk_size"], kw["sinks"])
+    got = backward_cuda(*(to_slots(x, lay) for x in (q, k, v)), slot_mask(mask, lay, B, Hq, n), to_slots(grad_out, lay), **kw)
+    for name, g, leaf in zip("qkv", got, leaves):
+        torch.testing.assert_close(from_slots(g, lay).double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"d{name}: {m}")
+    if CUDA:  # through the op's own autograd
+        cuda_leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        torch.ops.mta.attention(*cuda_leaves, mask, None, ids, **kw).backward(grad_out)
+        for leaf, want in zip(cuda_leaves, leaves):
+            torch.testing.assert_close(leaf.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4)

@@ -360,3 +360,27 @@ def test_gpu_tensors_past_2_31_elements():
     # the same arithmetic with 64-bit offsets: equal up to bf16 rounding (an overflowed offset reads
     # another head's data, or faults)
     torch.testing.assert_close(last.float(), alone.float(), rtol=1e-2, atol=1e-2)
+
+
+def boundary_ids(B, n, seed=4):
+    """[B, n] segment ids: runs of random lengths, each sequence its own."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cumsum((torch.rand(B, n, generator=g) < 0.15).long(), dim=1).to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_boundary_chunks_through_the_kernels(causal):
+    """Boundary chunks (ops/segments.py): the tokens in padded chunk slots, the slots' padding and
+    the user's key padding as one key-padding mask of the fused forward; GQA, sinks, top-k."""
+    from mta_rewrite.ops.segments import segmented
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=3)
+    mask, ids = padding(B, n), boundary_ids(B, n)
+    for c, L, s, top_k in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+        out = segmented(dispatch_cuda, q, k, v, mask, ids, scale=None, **kw)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
+    via_op = torch.ops.mta.attention(q, k, v, mask, None, ids, **kw)  # the CUDA path (the CPU one without CUDA)
+    torch.testing.assert_close(via_op.double().cpu(), ref, rtol=1e-5, atol=1e-5)
