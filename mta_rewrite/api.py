@@ -5,6 +5,7 @@
     match      every softmax / SDPA anchor → canonical AttentionMatch (or the reason it is not)
     describe   matches → named AttentionSites
     plan       site name → MTAConfig or exact (one config for all, or a Plan)
+    segments   with boundaries: segment ids from the model's token ids, read by every site
     lower      rewritable planned sites → torch.ops.mta.attention
     clean      dead code of the replaced subgraphs removed
 """
@@ -16,8 +17,8 @@ from typing import Any
 import torch
 
 from .capture import capture
-from .config import HeadGroups, Learned, MTAConfig, Plan, atomic_write
-from .passes.lower import eliminate_dead_code, lower_match
+from .config import Boundaries, HeadGroups, Learned, MTAConfig, Plan, atomic_write
+from .passes.lower import add_segment_ids, eliminate_dead_code, lower_match
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
 
@@ -62,10 +63,13 @@ def rewrite(
     *,
     config: MTAConfig | None = None,
     plan: Plan | None = None,
+    boundaries: Boundaries | None = None,
     dynamic: bool = True,
 ) -> torch.fx.GraphModule:
     """A module called exactly like ``model`` in which every planned, rewritable attention site
-    calls ``torch.ops.mta.attention``. Sites that are not rewritable stay exact.
+    calls ``torch.ops.mta.attention``. Sites that are not rewritable stay exact. ``boundaries``
+    (or the plan's): boundary chunks, segments ending after separator tokens of the model's
+    token ids.
 
     The result runs at sequence lengths other than the example's (``dynamic=True``) and can be
     exported again (``torch.export.export``) and saved with ``torch.export.save``.
@@ -74,13 +78,26 @@ def rewrite(
         args, kwargs = example_inputs(model)
     gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
     chosen = resolve_plan(sites, config, plan)
+    boundaries = resolve_boundaries(boundaries, plan)
+    segments = add_segment_ids(gm, boundaries) if boundaries is not None and chosen else None
     for m, site in zip(matches, sites):
         if site.name in chosen:
-            lower_match(gm, m, chosen[site.name])
+            lower_match(gm, m, chosen[site.name], segments)
     eliminate_dead_code(gm)
     gm.mta_sites = sites  # what was found, for reports
     gm.mta_plan = chosen
+    gm.mta_boundaries = boundaries
     return gm
+
+
+def resolve_boundaries(boundaries: Boundaries | None, plan: Plan | None) -> Boundaries | None:
+    """The boundaries given, or the plan's; both, when they differ, is an error."""
+    if boundaries is not None and not isinstance(boundaries, Boundaries):
+        raise TypeError(f"boundaries must be a Boundaries, got {type(boundaries).__name__}")
+    planned = plan.boundaries if plan is not None else None
+    if boundaries is not None and planned is not None and boundaries != planned:
+        raise ValueError(f"the plan says {planned} but boundaries= says {boundaries}: give one")
+    return boundaries if boundaries is not None else planned
 
 
 def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True):

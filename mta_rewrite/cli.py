@@ -98,6 +98,19 @@ def _configuration(chunk_size: int, local_chunks: int, sinks: int, top_k: int, p
     return (MTAConfig(chunk_size, local_chunks, sinks, top_k) if chunk_size else None), (Plan.load(plan) if plan else None)
 
 
+def _boundaries(separators: str, segment_input: str):
+    """Boundaries from --separators "13,30" (None without it)."""
+    from .config import Boundaries
+
+    if not separators.strip():
+        return None
+    try:
+        ids = tuple(int(x) for x in separators.split(","))
+    except ValueError:
+        raise ValueError(f"--separators takes comma-separated token ids, got {separators!r}") from None
+    return Boundaries(ids, segment_input)
+
+
 @app.command(name="rewrite")
 def rewrite_cmd(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
@@ -107,6 +120,9 @@ def rewrite_cmd(
     sinks: int = typer.Option(0, help="always-exact first tokens"),
     top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),
     plan: str = typer.Option("", help="a plan (JSON) instead of one configuration"),
+    separators: str = typer.Option("", help="boundary chunks: token ids that end a segment, comma-separated "
+                                            "(e.g. the tokenizer's ids of '.' and newline)"),
+    segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
 ) -> None:
     """Rewrite the attention of a saved program into MTA and save the result (atomically)."""
     from .api import count_mta_nodes, example_inputs, load_program, rewrite, save_program
@@ -114,15 +130,17 @@ def rewrite_cmd(
     try:
         _distinct(program, output)
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
+        boundaries = _boundaries(separators, segment_input)
         with console.status(f"rewriting {program}"):
             ep = load_program(program)
             args, kwargs = example_inputs(ep)
-            module = rewrite(ep, args, kwargs, config=cfg, plan=chosen)
+            module = rewrite(ep, args, kwargs, config=cfg, plan=chosen, boundaries=boundaries)
             save_program(module, output, args, kwargs)
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
-    console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention; saved {output}")
+    chunks = f" (boundary chunks: {module.mta_boundaries})" if module.mta_boundaries is not None else ""
+    console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention{chunks}; saved {output}")
 
 
 @app.command(name="export")

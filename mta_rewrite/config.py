@@ -168,6 +168,38 @@ def _config_fields(cfg: MTAConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k != "version"}
 
 
+@dataclass(frozen=True)
+class Boundaries:
+    """Boundary chunks (MTA_SPEC.md, "boundary") for a rewritten model: segment ids computed in the
+    graph from the model's token-id input ``input`` (a [B, n] integer tensor): a segment ends after
+    each token whose id is in ``separators`` (a tokenizer's ids of ".", "?", newline, …). Every MTA
+    site then chunks by segments: a chunk ends at a segment's end or after ``chunk_size`` tokens."""
+
+    separators: tuple[int, ...]
+    input: str = "input_ids"
+
+    def __post_init__(self) -> None:
+        seps = tuple(self.separators)
+        if not seps or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seps):
+            raise ValueError(f"boundaries need one or more non-negative token ids as separators, got {self.separators!r}")
+        if not isinstance(self.input, str) or not self.input:
+            raise ValueError(f"boundaries read a model input by name, got {self.input!r}")
+        object.__setattr__(self, "separators", seps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"separators": list(self.separators), "input": self.input}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Boundaries":
+        unknown = set(data) - {"separators", "input"}
+        if unknown:
+            raise ValueError(f"unknown boundaries fields: {sorted(unknown)}")
+        return cls(tuple(data.get("separators", ())), data.get("input", "input_ids"))
+
+    def __str__(self) -> str:
+        return f"boundaries after tokens {list(self.separators)} of {self.input}"
+
+
 SiteChoice = Union[MTAConfig, HeadGroups, Learned, str]  # an MTAConfig, per-head groups, either learned, or "exact"
 
 
@@ -231,7 +263,7 @@ def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
 @dataclass
 class Plan:
     """Site name → MTAConfig, HeadGroups, Learned or "exact", plus what calibration measured
-    (``metadata``).
+    (``metadata``) and, optionally, ``boundaries``: every MTA site chunks by segments.
 
     Sites of a model that a plan does not name stay exact; a plan that names a site the model
     does not have is an error when it is applied (a typo must not pass silently).
@@ -239,10 +271,15 @@ class Plan:
 
     sites: dict[str, PlanEntry] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    boundaries: Boundaries | None = None
 
-    def __init__(self, sites: Mapping[str, SiteChoice | PlanEntry] | None = None, metadata: Mapping[str, Any] | None = None):
+    def __init__(self, sites: Mapping[str, SiteChoice | PlanEntry] | None = None, metadata: Mapping[str, Any] | None = None,
+                 boundaries: Boundaries | None = None):
         self.sites = {str(name): _entry(choice) for name, choice in (sites or {}).items()}
         self.metadata = dict(metadata or {})
+        if boundaries is not None and not isinstance(boundaries, Boundaries):
+            raise ValueError(f"a plan's boundaries must be a Boundaries, got {boundaries!r}")
+        self.boundaries = boundaries
 
     def config_for(self, name: str) -> MTAConfig | HeadGroups | Learned | None:
         entry = self.sites.get(name)
@@ -263,6 +300,7 @@ class Plan:
             "version": FORMAT_VERSION,
             "sites": {name: entry.to_dict() for name, entry in self.sites.items()},
             "metadata": self.metadata,
+            **({"boundaries": self.boundaries.to_dict()} if self.boundaries is not None else {}),
         }
 
     @classmethod
@@ -272,7 +310,8 @@ class Plan:
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"plan format version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
         sites = {name: PlanEntry.from_dict(entry) for name, entry in data.get("sites", {}).items()}
-        return cls(sites, data.get("metadata", {}))
+        boundaries = data.get("boundaries")
+        return cls(sites, data.get("metadata", {}), None if boundaries is None else Boundaries.from_dict(boundaries))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)

@@ -75,8 +75,8 @@ MTA_LEARNED_OP = values.Op(mta_opset, LEARNED_OP_TYPE, onnx.defs.get_schema(LEAR
 SITE_OP_TYPES = (OP_TYPE, LEARNED_OP_TYPE)
 
 
-def _translate(q, k, v, attn_mask=None, summary_weight=None, *, chunk_size, causal=False, scale=None, local_chunks=1,
-               sinks=0, top_k=0):
+def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
+               local_chunks=1, sinks=0, top_k=0):
     """torch.ops.mta.attention → one mta::MultiTokenAttention node (mta::MultiTokenAttentionLearned
     with a summary weight; the exporter's custom translation)."""
     if scale is None:

@@ -4,7 +4,9 @@ Each rewritable :class:`~mta_rewrite.passes.match.AttentionMatch` whose site the
 :class:`~mta_rewrite.config.MTAConfig` is replaced by one ``mta.attention`` node fed with the
 canonical operands: q (times any tensor-valued scale), k (un-transposed; GQA's repeat_kv
 stripped), v, and the model's own masks combined into one (scaled as the model scaled them).
-What the replaced subgraph computed is then dead and removed.
+What the replaced subgraph computed is then dead and removed. With boundaries
+(:class:`~mta_rewrite.config.Boundaries`) one node computes segment ids from the model's token ids
+and every site's op reads them (boundary chunks).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..config import HeadGroups, Learned, MTAConfig
+from ..config import Boundaries, HeadGroups, Learned, MTAConfig
 from ..ops.layout import dense_order, is_permuted
 from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv, val
 
@@ -56,10 +58,10 @@ def heads_frame_mask(mask, B, H):
 EXACT_CHUNK = 1 << 30  # chunk_size ≥ n: one chunk, MTA is exact attention
 
 
-def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None):
+def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None):
     """MTA with a different configuration per group of query heads (``HeadGroups.op_groups``);
     a group with config None is exact. ``summary_weight`` [Hkv, d]: learned summaries (each group
-    gets its heads' rows). Called from the graph."""
+    gets its heads' rows); ``segment_ids``: boundary chunks. Called from the graph."""
     Hq, Hkv = q.shape[1], k.shape[1]
     G = Hq // Hkv
     per_head_mask = mask is not None and mask.dim() >= 3 and mask.shape[-3] == Hq and Hq > 1
@@ -70,19 +72,48 @@ def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None)
         m = mask.index_select(mask.dim() - 3, idx) if per_head_mask else mask
         kwargs = dict(cfg) if cfg is not None else {"chunk_size": EXACT_CHUNK}
         w = summary_weight.index_select(0, kv_idx) if summary_weight is not None and cfg is not None else None
+        seg = segment_ids if cfg is not None else None
         outs.append(torch.ops.mta.attention(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m,
-                                            w, causal=causal, scale=scale, **kwargs))
+                                            w, seg, causal=causal, scale=scale, **kwargs))
         order.extend(heads)
     inverse = torch.argsort(torch.tensor(order, dtype=torch.long, device=q.device))
     return torch.cat(outs, dim=1).index_select(1, inverse)
 
 
-def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict, weight: fx.Node | None = None) -> fx.Node:
+def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict, weight: fx.Node | None = None,
+                   segments: fx.Node | None = None) -> fx.Node:
     """The graph node computing one site with ``config`` (an MTAConfig or HeadGroups; ``weight``:
-    the node holding the learned summary weight, if any)."""
+    the node holding the learned summary weight, if any; ``segments``: the segment ids node of
+    boundary chunks, if any)."""
     if isinstance(config, HeadGroups):
-        return g.call_function(grouped_attention, (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"], weight))
-    return g.call_function(torch.ops.mta.attention.default, (q, k, v, mask, weight), dict(config.op_kwargs(), **kw))
+        return g.call_function(grouped_attention,
+                               (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"], weight, segments))
+    return g.call_function(torch.ops.mta.attention.default, (q, k, v, mask, weight, segments), dict(config.op_kwargs(), **kw))
+
+
+def segment_ids_from_separators(token_ids: torch.Tensor, separators: tuple[int, ...]) -> torch.Tensor:
+    """[B, n] segment ids from token ids: a segment ends after each separator token. Called from
+    the graph."""
+    sep = torch.tensor(separators, dtype=token_ids.dtype, device=token_ids.device)
+    ends = torch.isin(token_ids, sep).to(torch.int64)
+    return torch.cumsum(ends, dim=-1) - ends  # separators before the token, the token itself excluded
+
+
+def add_segment_ids(gm: fx.GraphModule, boundaries: Boundaries) -> fx.Node:
+    """One node, after the inputs, computing the segment ids of ``boundaries`` from the model's
+    token-id input; a one-line error when the model has no such [B, n] integer input."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    source = next((n for n in inputs if n.name == boundaries.input or n.target == boundaries.input), None)
+    if source is None:
+        names = ", ".join(n.name for n in inputs) or "none"
+        raise ValueError(f"boundaries read the model input {boundaries.input!r}, which this model does not take "
+                         f"(its inputs: {names})")
+    example = val(source)
+    if isinstance(example, torch.Tensor) and (example.dim() != 2 or example.is_floating_point()):
+        raise ValueError(f"boundaries need token ids [B, n] (integers) in {boundaries.input!r}; "
+                         f"it is {example.dtype} {list(example.shape)}")
+    with gm.graph.inserting_after(inputs[-1]):
+        return gm.graph.call_function(segment_ids_from_separators, (source, tuple(boundaries.separators)))
 
 
 def _weight_node(gm: fx.GraphModule, config) -> tuple:
@@ -182,14 +213,16 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     return _restore_layout(g, node, memory_order(m.output))
 
 
-def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups | Learned) -> fx.Node:
-    """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before."""
+def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups | Learned,
+                segments: fx.Node | None = None) -> fx.Node:
+    """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before
+    (``segments``: the segment ids node of boundary chunks)."""
     g = gm.graph
     out = m.output
     with g.inserting_before(out):
         q, k, v, mask = _canonical_operands(g, m)
         config, weight = _weight_node(gm, config)
-        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight)
+        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight, segments)
         node = _finish(g, m, node)
     out.replace_all_uses_with(node)
     # The replaced subgraph is dead now, but DCE would keep it: export's metadata assertions

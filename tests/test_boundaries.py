@@ -1,0 +1,126 @@
+"""Boundary chunks in rewritten models (``Boundaries``): segment ids computed in the graph from the
+model's token ids reach every site's op; against the original model run with the op (and segment
+ids computed here, by the rule) in place of its attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+from mta_rewrite.cli import app
+
+DOT, NEWLINE = ord("."), ord("\n")
+
+
+def rule_segments(ids: torch.Tensor, separators) -> torch.Tensor:
+    """Segment ids by the documented rule, token by token: a segment ends after a separator."""
+    out = torch.zeros_like(ids)
+    for b in range(ids.shape[0]):
+        seg = 0
+        for t in range(ids.shape[1]):
+            out[b, t] = seg
+            seg += int(ids[b, t]) in separators
+    return out
+
+
+def lm_and_text(n=300, batch=2, start=0):
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    return model, zoo.byte_tokens(zoo.real_text()[start:], n, batch=batch)
+
+
+def test_every_site_chunks_by_segments(monkeypatch):
+    """The rewritten model equals the original with its SDPA replaced by the op fed the rule's
+    segment ids, at another length than the example's (the ids are computed in the graph)."""
+    model, ids = lm_and_text()
+    cfg = mr.MTAConfig(16, local_chunks=2, sinks=4, top_k=1)
+    gm = mr.rewrite(model, (ids,), config=cfg, boundaries=mr.Boundaries((DOT, NEWLINE)))
+    assert mr.count_mta_nodes(gm) == 2
+    _, other = lm_and_text(411, start=777)
+    seg = rule_segments(other, {DOT, NEWLINE})
+    assert int(seg.max()) >= 5  # real text: several sentences and lines
+
+    def sdpa_with_segments(q, k, v, is_causal=False, **_):
+        return torch.ops.mta.attention(q, k, v, None, None, seg, causal=is_causal, **cfg.op_kwargs())
+
+    with torch.no_grad():
+        got = gm(other)
+        fixed = mr.rewrite(model, (ids,), config=cfg)(other)
+        monkeypatch.setattr(zoo.F, "scaled_dot_product_attention", sdpa_with_segments)
+        want = model(other)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - fixed).abs().max() > 1e-3  # the boundaries changed the chunks
+
+
+@pytest.mark.parametrize("name", ["llama (sdpa)", "bert (eager)"])
+def test_transformers_models_with_and_without_separators(name):
+    """GQA and padding masks: with no separator in the input, boundary chunks (no sinks) are the
+    fixed chunks exactly; with separators they differ and stay close to the original."""
+    case = next(c for c in zoo.transformers_cases() if c.name == name)
+    model = case.build()
+    args, kwargs = case.inputs(37)
+    cfg = mr.MTAConfig(4)
+    fixed = mr.rewrite(model, args, kwargs, config=cfg)
+    absent = mr.rewrite(model, args, kwargs, config=cfg, boundaries=mr.Boundaries((1000,)))
+    present = mr.rewrite(model, args, kwargs, config=cfg, boundaries=mr.Boundaries((3, 5, 7, 11, 13)))
+    assert mr.count_mta_nodes(present) == case.rewritable
+    with torch.no_grad():
+        out = {k: m(*args, **kwargs).last_hidden_state for k, m in
+               (("fixed", fixed), ("absent", absent), ("present", present), ("original", model))}
+    torch.testing.assert_close(out["absent"], out["fixed"], rtol=1e-6, atol=1e-6)
+    assert (out["present"] - out["fixed"]).abs().max() > 1e-5  # (random weights: nearly uniform attention)
+
+
+def test_plan_carries_boundaries_and_saved_programs_keep_them(tmp_path):
+    model, ids = lm_and_text()
+    boundaries = mr.Boundaries((DOT,))
+    sites = [s.name for s in mr.find_attention(model, (ids,))]
+    plan = mr.Plan({sites[0]: mr.MTAConfig(8), sites[1]: mr.MTAConfig(16, sinks=2)}, boundaries=boundaries)
+    loaded = mr.Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan and loaded.boundaries == boundaries
+    gm = mr.rewrite(model, (ids,), plan=loaded)
+    assert gm.mta_boundaries == boundaries
+    mr.save_program(gm, tmp_path / "m.pt2", (ids,))
+    _, other = lm_and_text(250, start=4000)
+    with torch.no_grad():
+        torch.testing.assert_close(mr.load_program(tmp_path / "m.pt2").module()(other), gm(other))
+    with pytest.raises(ValueError, match="give one"):
+        mr.rewrite(model, (ids,), plan=loaded, boundaries=mr.Boundaries((NEWLINE,)))
+
+
+def test_boundary_mistakes_are_clear_errors():
+    model, ids = lm_and_text(64)
+    with pytest.raises(ValueError, match="does not take"):
+        mr.rewrite(model, (ids,), config=mr.MTAConfig(8), boundaries=mr.Boundaries((DOT,), input="tokens"))
+    case = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
+    args, kwargs = case.inputs(24)
+    with pytest.raises(ValueError, match="token ids"):
+        mr.rewrite(case.build(), args, kwargs, config=mr.MTAConfig(8), boundaries=mr.Boundaries((1,), input="x"))
+    for bad in ((), (-1,), (True,), (1.5,)):
+        with pytest.raises(ValueError, match="separators"):
+            mr.Boundaries(bad)
+    with pytest.raises(ValueError, match="unknown boundaries fields"):
+        mr.Boundaries.from_dict({"separators": [1], "sep": 2})
+
+
+def test_cli_rewrite_with_separators(tmp_path):
+    model, ids = lm_and_text()
+    program = tmp_path / "lm.pt2"
+    mr.save_program(model, program, (ids,))
+    out = tmp_path / "lm_mta.pt2"
+    runner = CliRunner()
+    result = runner.invoke(app, ["rewrite", str(program), "-o", str(out), "--chunk-size", "16", "--sinks", "2",
+                                 "--separators", f"{DOT},{NEWLINE}"])
+    assert result.exit_code == 0, result.output
+    assert "boundary chunks" in result.output
+    want = mr.rewrite(model, (ids,), config=mr.MTAConfig(16, sinks=2), boundaries=mr.Boundaries((DOT, NEWLINE)))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(out)).module()(ids), want(ids))
+    for argv, message in [(["--separators", "a,b"], "comma-separated token ids"),
+                          (["--separators", "46", "--segment-input", "tokens"], "does not take")]:
+        bad = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "x.pt2"), "--chunk-size", "16", *argv])
+        assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
+        assert "Traceback" not in bad.output
+    assert not (tmp_path / "x.pt2").exists()
