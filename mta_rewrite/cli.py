@@ -155,28 +155,35 @@ def export_cmd(
     plan: str = typer.Option("", help="rewrite first with a plan (JSON); with neither option the program is "
                                       "exported as it is"),
     opset: int = typer.Option(0, help="ONNX opset of the model (0: the exporter's default)"),
+    separators: str = typer.Option("", help="rewrite first with boundary chunks: token ids that end a segment, "
+                                            "comma-separated"),
+    segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
 ) -> None:
     """Export a saved program to ONNX (atomically), MTA sites as mta nodes that stock onnxruntime runs."""
     import torch
 
     from .api import example_inputs, load_program
-    from .onnx import DOMAIN, LEARNED_OP_TYPE, OP_TYPE, PREPARED_OP_TYPE, export_onnx
+    from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx
 
     try:
         _distinct(program, output)
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=False)
         if opset < 0:
             raise ValueError(f"--opset must be positive, got {opset}")
+        boundaries = _boundaries(separators, segment_input)
+        if boundaries is not None and cfg is None and chosen is None:
+            raise ValueError("--separators needs --chunk-size or --plan (boundary chunks apply when rewriting)")
         with console.status(f"exporting {program} to ONNX"):
             ep = load_program(program)
             args, kwargs = example_inputs(ep)
             try:
-                proto = export_onnx(ep, args, output, kwargs, config=cfg, plan=chosen, opset=opset or None)
+                proto = export_onnx(ep, args, output, kwargs, config=cfg, plan=chosen, boundaries=boundaries,
+                                    opset=opset or None)
             except torch.onnx.OnnxExporterError as exc:
                 raise ValueError(f"torch.onnx could not export {program}: {str(exc).strip().splitlines()[0]}") from None
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
-    sites = sum(n.domain == DOMAIN and n.op_type in (OP_TYPE, LEARNED_OP_TYPE, PREPARED_OP_TYPE) for n in proto.graph.node)
+    sites = sum(n.domain == DOMAIN and n.op_type in ALL_SITE_OP_TYPES for n in proto.graph.node)
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions (opset {opset_used}); "
                   f"saved {output}" + ("" if sites else " (no MTA site: the program's attention is exported exact)"))

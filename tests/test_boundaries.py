@@ -124,3 +124,27 @@ def test_cli_rewrite_with_separators(tmp_path):
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
         assert "Traceback" not in bad.output
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_cli_export_with_separators(tmp_path):
+    """`export --separators`: the ONNX model computes the segment ids from the token ids itself
+    and onnxruntime gives what the rewritten model gives, at another length."""
+    from mta_rewrite.onnx import onnx_session
+
+    model, ids = lm_and_text(200)
+    program = tmp_path / "lm.pt2"
+    mr.save_program(model, program, (ids,))
+    out = tmp_path / "lm.onnx"
+    result = CliRunner().invoke(app, ["export", str(program), "-o", str(out), "--chunk-size", "16", "--sinks", "2",
+                                      "--top-k", "1", "--separators", f"{DOT},{NEWLINE}"])
+    assert result.exit_code == 0, result.output
+    assert "2 MTA site(s)" in result.output
+    want = mr.rewrite(model, (ids,), config=mr.MTAConfig(16, sinks=2, top_k=1), boundaries=mr.Boundaries((DOT, NEWLINE)))
+    _, other = lm_and_text(333, start=2500)
+    session = onnx_session(out)
+    got = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), want(other), rtol=1e-4, atol=1e-4)
+    bad = CliRunner().invoke(app, ["export", str(program), "-o", str(tmp_path / "x.onnx"), "--separators", "46"])
+    assert bad.exit_code == 2 and "--separators needs --chunk-size or --plan" in " ".join(bad.output.split()), bad.output
+    assert not (tmp_path / "x.onnx").exists()

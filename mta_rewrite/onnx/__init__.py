@@ -2,9 +2,11 @@
 standard ONNX ops, so that stock onnxruntime (and onnxruntime-gpu) run them. Sites that share a
 mask are ``mta::MultiTokenAttentionPrepared`` nodes after one ``mta::SimplifyMask`` node (or
 ``mta::SimplifyBoolMask``, on a mask the model built as bool). Sites with learned summaries are
-``mta::MultiTokenAttentionLearned`` (the summary weight as a fifth input)."""
+``mta::MultiTokenAttentionLearned`` (the summary weight as a fifth input); with boundary chunks,
+``mta::MultiTokenAttentionSegmented`` (segment ids as a fifth input) and
+``mta::MultiTokenAttentionSegmentedLearned`` (segment ids, then the weight)."""
 
-from .export import export_onnx, onnx_session
+from .export import ALL_SITE_OP_TYPES, export_onnx, onnx_session
 from .function import (
     DOMAIN,
     LEARNED_OP_TYPE,
@@ -17,5 +19,5 @@ from .function import (
     function_protos,
 )
 
-__all__ = ["DOMAIN", "LEARNED_OP_TYPE", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_BOOL_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION",
+__all__ = ["ALL_SITE_OP_TYPES", "DOMAIN", "LEARNED_OP_TYPE", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_BOOL_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION",
            "export_onnx", "function_proto", "function_protos", "onnx_session"]

@@ -27,12 +27,15 @@ from onnxscript import values
 
 from ..api import rewrite
 from ..capture import dynamic_shapes_for
-from ..config import MTAConfig, Plan, atomic_write
+from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .function import (
     DOMAIN,
     LEARNED_OP_TYPE,
     OP_TYPE,
     PREPARED_OP_TYPE,
+    SEGMENTED_LEARNED_OP_TYPE,
+    SEGMENTED_OP_TYPE,
+    SEGMENTED_PREPARED_OP_TYPE,
     SUMMARY_LOGITS_OP_TYPE,
     SIMPLIFY_BOOL_OP_TYPE,
     SIMPLIFY_OP_TYPE,
@@ -44,18 +47,26 @@ from .function import (
 _TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 
 
+# a site's op type → (input index of the summary weight, input index of the segment ids), None where it has none
+SITE_OPS = {OP_TYPE: (None, None), LEARNED_OP_TYPE: (4, None), SEGMENTED_OP_TYPE: (None, 4),
+            SEGMENTED_LEARNED_OP_TYPE: (5, 4)}
+
+
 def _schema(op_type: str = OP_TYPE) -> OpSchema:
     p = OpSchema.FormalParameter
     a = OpSchema.Attribute
-    learned = op_type == LEARNED_OP_TYPE
+    weight_at, segments_at = SITE_OPS[op_type]
+    extra = {weight_at: p("summary_weight", "W"), segments_at: p("segment_ids", "I")}
+    inputs = [p("q", "T"), p("k", "T"), p("v", "T"), p("mask", "M")] + [extra[i] for i in sorted(i for i in extra if i)]
     return OpSchema(
         op_type, DOMAIN, VERSION,
-        doc="Multi-Token Attention (mta-rewrite, MTA_SPEC.md)" + (" with learned summaries" if learned else "")
-            + "; the model carries its function body.",
-        inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("mask", "M")] + ([p("summary_weight", "W")] if learned else []),
+        doc="Multi-Token Attention (mta-rewrite, MTA_SPEC.md)" + (" with learned summaries" if weight_at else "")
+            + (" with boundary chunks" if segments_at else "") + "; the model carries its function body.",
+        inputs=inputs,
         outputs=[p("out", "T")],
         type_constraints=[("T", _TYPES, "q, k, v and the output"), ("M", _TYPES, "additive mask")]
-        + ([("W", _TYPES, "summary weight [Hkv, d]")] if learned else []),
+        + ([("W", _TYPES, "summary weight [Hkv, d]")] if weight_at else [])
+        + ([("I", ["tensor(int64)", "tensor(int32)"], "segment ids [B, n]")] if segments_at else []),
         attributes=[
             a("chunk_size", OpSchema.AttrType.INT, "tokens per chunk"),
             a("causal", OpSchema.AttrType.INT, "1: causal"),
@@ -67,18 +78,21 @@ def _schema(op_type: str = OP_TYPE) -> OpSchema:
     )
 
 
-for _op_type in (OP_TYPE, LEARNED_OP_TYPE):
+for _op_type in SITE_OPS:
     if not onnx.defs.has(_op_type, DOMAIN):
         onnx.defs.register_schema(_schema(_op_type))
-MTA_OP = values.Op(mta_opset, OP_TYPE, onnx.defs.get_schema(OP_TYPE, VERSION, DOMAIN))
-MTA_LEARNED_OP = values.Op(mta_opset, LEARNED_OP_TYPE, onnx.defs.get_schema(LEARNED_OP_TYPE, VERSION, DOMAIN))
-SITE_OP_TYPES = (OP_TYPE, LEARNED_OP_TYPE)
+SITE_OP_TYPES = tuple(SITE_OPS)
+# what a site is after export: its op, or the op on a prepared (shared) mask
+ALL_SITE_OP_TYPES = (*SITE_OP_TYPES, PREPARED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE)
+# (learned, segmented) → the op that the exporter's translation emits
+_SITE_OP = {(bool(w), bool(g)): values.Op(mta_opset, t, onnx.defs.get_schema(t, VERSION, DOMAIN))
+            for t, (w, g) in SITE_OPS.items()}
 
 
 def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
                local_chunks=1, sinks=0, top_k=0):
-    """torch.ops.mta.attention → one mta::MultiTokenAttention node (mta::MultiTokenAttentionLearned
-    with a summary weight; the exporter's custom translation)."""
+    """torch.ops.mta.attention → one mta::MultiTokenAttention node (…Learned with a summary weight,
+    …Segmented with segment ids, …SegmentedLearned with both; the exporter's custom translation)."""
     if scale is None:
         d = q.shape[-1] if q.shape is not None else None
         if not isinstance(d, int):
@@ -104,9 +118,8 @@ def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *
                 mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
     attrs = dict(chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
                  local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
-    if summary_weight is not None:
-        return MTA_LEARNED_OP(q, k, v, mask, summary_weight, **attrs)
-    return MTA_OP(q, k, v, mask, **attrs)
+    extra = [x for x in (segment_ids, summary_weight) if x is not None]
+    return _SITE_OP[summary_weight is not None, segment_ids is not None](q, k, v, mask, *extra, **attrs)
 
 
 def _is_half(dtype) -> bool:
@@ -122,6 +135,7 @@ def export_onnx(
     *,
     config: MTAConfig | None = None,
     plan: Plan | None = None,
+    boundaries: Boundaries | None = None,
     dynamic: bool = True,
     opset: int | None = None,
 ) -> onnx.ModelProto:
@@ -132,7 +146,9 @@ def export_onnx(
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
     if config is not None or plan is not None:
-        model = rewrite(model, args, kwargs, config=config, plan=plan, dynamic=dynamic)
+        model = rewrite(model, args, kwargs, config=config, plan=plan, boundaries=boundaries, dynamic=dynamic)
+    elif boundaries is not None:
+        raise ValueError("boundaries apply when rewriting: give config= or plan= too")
     # (an ExportedProgram, e.g. a saved rewritten one, exports with the dynamic shapes it was captured with)
     shapes = dynamic_shapes_for(model, args, kwargs) if dynamic and not isinstance(model, torch.export.ExportedProgram) \
         else None
@@ -203,17 +219,21 @@ def share_mask_preparation(graph: onnx.GraphProto) -> int:
         if i in group_of:
             if group_of[i][0]:
                 bypassed.add(node.input[3])
-            if node.op_type == LEARNED_OP_TYPE:
+            weight_at, segments_at = SITE_OPS[node.op_type]
+            if weight_at is not None:
                 key_logit = fresh(f"{node.name}_summary_logits")
-                nodes.append(onnx.helper.make_node(SUMMARY_LOGITS_OP_TYPE, [node.input[1], node.input[4]], [key_logit],
-                                                   domain=DOMAIN, name=fresh(f"{node.name}_summary_logits")))
+                nodes.append(onnx.helper.make_node(SUMMARY_LOGITS_OP_TYPE, [node.input[1], node.input[weight_at]],
+                                                   [key_logit], domain=DOMAIN, name=fresh(f"{node.name}_summary_logits")))
             else:
                 if mean_logit is None:
                     mean_logit = fresh("mta_mean_summary_logit")
                     graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, dtype=np.float32), mean_logit))
                 key_logit = mean_logit
-            site = onnx.helper.make_node(PREPARED_OP_TYPE, [*node.input[:3], *prepared[group_of[i]], key_logit],
-                                         list(node.output), domain=DOMAIN, name=node.name)
+            inputs = [*node.input[:3], *prepared[group_of[i]], key_logit]
+            if segments_at is not None:
+                inputs.append(node.input[segments_at])
+            site = onnx.helper.make_node(SEGMENTED_PREPARED_OP_TYPE if segments_at is not None else PREPARED_OP_TYPE,
+                                         inputs, list(node.output), domain=DOMAIN, name=node.name)
             site.attribute.extend(node.attribute)
             node = site
         nodes.append(node)
@@ -268,17 +288,41 @@ def _names_read(nodes) -> set[str]:
 
 
 def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Add the MultiTokenAttention FunctionProto (and the two it calls) when the graph uses it,
-    with the model's opset; sites that share a mask recognise it once (:func:`share_mask_preparation`)."""
+    """Add the functions the graph's mta nodes use (and those they call), with the model's opset;
+    sites that share a mask recognise it once (:func:`share_mask_preparation`)."""
     uses = any(n.domain == DOMAIN and n.op_type in SITE_OP_TYPES for n in proto.graph.node)
-    if not uses or any(f.domain == DOMAIN and f.name == OP_TYPE for f in proto.functions):
+    if not uses or any(f.domain == DOMAIN for f in proto.functions):
         return proto
     share_mask_preparation(proto.graph)
     model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-    proto.functions.extend(function_protos(model_opset))
+    proto.functions.extend(_used(function_protos(model_opset), proto.graph.node))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
     return proto
+
+
+def _used(functions: list[onnx.FunctionProto], nodes) -> list[onnx.FunctionProto]:
+    """The functions that ``nodes`` call, directly or through other functions, in their order."""
+    by_name = {f.name: f for f in functions}
+    wanted, todo = set(), _mta_calls(nodes)
+    while todo:
+        name = todo.pop()
+        if name in by_name and name not in wanted:
+            wanted.add(name)
+            todo.extend(_mta_calls(by_name[name].node))
+    return [f for f in functions if f.name in wanted]
+
+
+def _mta_calls(nodes) -> list[str]:
+    """The mta op types that ``nodes`` call, their subgraphs' (If, Loop, Scan bodies) included."""
+    calls = []
+    for node in nodes:
+        if node.domain == DOMAIN:
+            calls.append(node.op_type)
+        for attr in node.attribute:
+            for sub in [*attr.graphs, *([attr.g] if attr.HasField("g") else [])]:
+                calls += _mta_calls(sub.node)
+    return calls
 
 
 def onnx_session(path, device: str = "cpu"):

@@ -358,11 +358,121 @@ def MultiTokenAttentionLearned(q, k, v, mask, summary_weight, chunk_size: int, c
                                        causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
+@script(mta_opset, default_opset=op)
+def SegmentSlots(segment_ids, chunk_size: int, sinks: int):
+    """Boundary chunks' layout (``ops/segments.py``) for segment ids [Bs, n]: (slot [Bs, n], the
+    padded position of each token; source [Bs, N], the token at each padded position, a padding
+    position taking its chunk's last real token; real [Bs, N]). A chunk ends where the id changes
+    or after chunk_size tokens of a run; the first ``sinks`` tokens are chunked on their own."""
+    i0 = op.Constant(value_ints=[0])
+    i1 = op.Constant(value_ints=[1])
+    s0 = op.Constant(value_int=0)
+    s1 = op.Constant(value_int=1)
+    seg = op.Cast(segment_ids, to=INT64.dtype)
+    Bs = op.Shape(seg, start=0, end=1)
+    n = op.Shape(seg, start=1, end=2)
+    n_s = op.Squeeze(n, i0)
+    shape = op.Concat(Bs, n, axis=0)
+    t = op.Expand(op.Unsqueeze(op.Range(s0, n_s, s1), [0]), shape)  # [Bs, n]
+    c = op.Constant(value_int=chunk_size)
+    S_s = op.Squeeze(op.Min(op.Reshape(op.Constant(value_int=sinks), i1), n), i0)
+    first_col = op.Equal(op.Slice(seg, i0, i1, i1), op.Slice(seg, i0, i1, i1))  # True [Bs, 1]
+    change = op.Not(op.Equal(op.Slice(seg, i1, n, i1), op.Slice(seg, i0, op.Sub(n, i1), i1)))
+    run = op.Concat(first_col, change, axis=1)  # an id change starts a run
+    run = op.Or(op.And(run, op.GreaterOrEqual(t, S_s)),  # none inside the sinks; one right after them
+                op.Or(op.Equal(t, s0), op.And(op.Equal(t, S_s), op.Greater(S_s, s0))))
+    fill = op.Expand(n_s, shape)
+    r = op.Sub(op.CumSum(op.Cast(run, to=INT64.dtype), s1), s1)  # run index of each token
+    run_first = op.GatherElements(op.ScatterElements(fill, r, t, axis=1, reduction="min"), r, axis=1)
+    starts = op.Or(run, op.Equal(op.Mod(op.Sub(t, run_first), c), s0))  # runs cut every c tokens
+    cid = op.Sub(op.CumSum(op.Cast(starts, to=INT64.dtype), s1), s1)  # chunk index of each token
+    first_of = op.ScatterElements(fill, cid, t, axis=1, reduction="min")  # [Bs, n] by chunk index
+    len_of = op.ScatterElements(op.Expand(s0, shape), cid, op.Expand(s1, shape), axis=1, reduction="add")
+    slot = op.Add(op.Mul(cid, c), op.Sub(t, op.GatherElements(first_of, cid, axis=1)))
+    M = op.Add(op.ReduceMax(cid, keepdims=0), s1)
+    p = op.Range(s0, op.Mul(M, c), s1)  # padded positions
+    Np = op.Shape(p, start=0, end=1)
+    m = op.Expand(op.Unsqueeze(op.Div(p, c), [0]), op.Concat(Bs, Np, axis=0))  # the chunk of each
+    o = op.Mod(p, c)
+    first = op.GatherElements(first_of, m, axis=1)
+    length = op.GatherElements(len_of, m, axis=1)
+    real = op.Less(o, length)
+    source = op.Min(op.Max(op.Add(first, op.Min(o, op.Sub(length, s1))), s0), op.Sub(n_s, s1))
+    return slot, source, real
+
+
+@script(mta_opset, default_opset=op)
+def MultiTokenAttentionSegmentedPrepared(q, k, v, mask, triangle, key_logit, segment_ids, chunk_size: int, causal: int,
+                                         scale: float, local_chunks: int, sinks: int, top_k: int):
+    """``MultiTokenAttentionPrepared`` with boundary chunks (``segment_ids`` [B or 1, n]): q, k, v,
+    the prepared mask and the key logits moved into padded chunk slots (``SegmentSlots``; padding
+    keys forbidden, padding queries zero), the attention there, the real rows moved back."""
+    i1 = op.Constant(value_ints=[1])
+    zero_f = op.Constant(value_float=0.0)
+    neg_inf = op.Constant(value_float=float("-inf"))
+    i0 = op.Constant(value_ints=[0])
+    slot, source, real = SegmentSlots(segment_ids, chunk_size=chunk_size, sinks=sinks)
+    B = op.Shape(q, start=0, end=1)
+    H = op.Shape(q, start=1, end=2)
+    n = op.Shape(q, start=2, end=3)
+    D = op.Shape(q, start=3, end=4)
+    Hkv = op.Shape(k, start=1, end=2)
+    Np = op.Shape(source, start=1, end=2)
+    src = op.Expand(source, op.Concat(B, Np, axis=0))
+    keep = op.Expand(real, op.Concat(B, Np, axis=0))
+    keep4 = op.Unsqueeze(keep, [1, 3])  # [B, 1, Np, 1]
+    qs = op.Where(keep4, op.GatherElements(q, op.Expand(op.Unsqueeze(src, [1, 3]), op.Concat(B, H, Np, D, axis=0)), axis=2),
+                  op.CastLike(zero_f, q))
+    kv_idx = op.Expand(op.Unsqueeze(src, [1, 3]), op.Concat(B, Hkv, Np, D, axis=0))
+    ks = op.Where(keep4, op.GatherElements(k, kv_idx, axis=2), op.CastLike(zero_f, k))
+    vs = op.Where(keep4, op.GatherElements(v, kv_idx, axis=2), op.CastLike(zero_f, v))
+    mf = op.Cast(mask, to=FLOAT.dtype)
+    Hm = op.Shape(mf, start=1, end=2)
+    NQ = op.Shape(mf, start=2, end=3)
+    me = op.Expand(mf, op.Concat(B, Hm, NQ, n, axis=0))
+    cols = op.GatherElements(me, op.Expand(op.Unsqueeze(src, [1, 2]), op.Concat(B, Hm, NQ, Np, axis=0)), axis=3)
+    if op.Squeeze(op.Greater(NQ, i1), i0):  # rows too: a padding query takes its chunk's last real query's row
+        ms = op.GatherElements(cols, op.Expand(op.Unsqueeze(src, [1, 3]), op.Concat(B, Hm, Np, Np, axis=0)), axis=2)
+    else:
+        ms = op.Identity(cols)
+    ms = op.Where(op.Unsqueeze(keep, [1, 2]), ms, neg_inf)
+    kl = op.Expand(op.Cast(key_logit, to=FLOAT.dtype), op.Concat(B, Hkv, n, axis=0))
+    kls = op.GatherElements(kl, op.Expand(op.Unsqueeze(src, [1]), op.Concat(B, Hkv, Np, axis=0)), axis=2)
+    out = MultiTokenAttentionPrepared(qs, ks, vs, ms, triangle, kls, chunk_size=chunk_size, causal=causal, scale=scale,
+                                      local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    back = op.Expand(op.Unsqueeze(op.Expand(slot, op.Concat(B, n, axis=0)), [1, 3]), op.Concat(B, H, n, D, axis=0))
+    return op.GatherElements(out, back, axis=2)
+
+
+@script(mta_opset, default_opset=op)
+def MultiTokenAttentionSegmented(q, k, v, mask, segment_ids, chunk_size: int, causal: int, scale: float,
+                                 local_chunks: int, sinks: int, top_k: int):
+    """The op with boundary chunks (MTA_SPEC.md "boundary"; ``segment_ids`` [B or 1, n] integers)."""
+    mf, triangle = SimplifyMask(mask)
+    mean = op.Constant(value_floats=[0.0])
+    return MultiTokenAttentionSegmentedPrepared(q, k, v, mf, triangle, mean, segment_ids, chunk_size=chunk_size,
+                                                causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks,
+                                                top_k=top_k)
+
+
+@script(mta_opset, default_opset=op)
+def MultiTokenAttentionSegmentedLearned(q, k, v, mask, segment_ids, summary_weight, chunk_size: int, causal: int,
+                                        scale: float, local_chunks: int, sinks: int, top_k: int):
+    """The op with boundary chunks and learned summaries."""
+    mf, triangle = SimplifyMask(mask)
+    return MultiTokenAttentionSegmentedPrepared(q, k, v, mf, triangle, SummaryLogits(k, summary_weight), segment_ids,
+                                                chunk_size=chunk_size, causal=causal, scale=scale,
+                                                local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+
+
 PREPARED_OP_TYPE = "MultiTokenAttentionPrepared"
 LEARNED_OP_TYPE = "MultiTokenAttentionLearned"
 SUMMARY_LOGITS_OP_TYPE = "SummaryLogits"
 SIMPLIFY_OP_TYPE = "SimplifyMask"
 SIMPLIFY_BOOL_OP_TYPE = "SimplifyBoolMask"
+SEGMENTED_OP_TYPE = "MultiTokenAttentionSegmented"
+SEGMENTED_LEARNED_OP_TYPE = "MultiTokenAttentionSegmentedLearned"
+SEGMENTED_PREPARED_OP_TYPE = "MultiTokenAttentionSegmentedPrepared"
 
 
 def function_proto() -> onnx.FunctionProto:
@@ -379,7 +489,9 @@ def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
     op they use keeps its meaning up to opset 23) and the ``mta`` domain (they call each other)."""
     protos = [function_proto(), MultiTokenAttentionLearned.to_function_proto(), SummaryLogits.to_function_proto(),
               MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto(),
-              SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto()]
+              SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto(),
+              MultiTokenAttentionSegmented.to_function_proto(), MultiTokenAttentionSegmentedLearned.to_function_proto(),
+              MultiTokenAttentionSegmentedPrepared.to_function_proto(), SegmentSlots.to_function_proto()]
     for fn in protos:
         del fn.opset_import[:]
         fn.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])

@@ -95,7 +95,8 @@ def segment_ids_from_separators(token_ids: torch.Tensor, separators: tuple[int, 
     """[B, n] segment ids from token ids: a segment ends after each separator token. Called from
     the graph."""
     sep = torch.tensor(separators, dtype=token_ids.dtype, device=token_ids.device)
-    ends = torch.isin(token_ids, sep).to(torch.int64)
+    # (not torch.isin: it decomposes to searchsorted, which torch.onnx cannot export)
+    ends = (token_ids.unsqueeze(-1) == sep).any(-1).to(torch.int64)
     return torch.cumsum(ends, dim=-1) - ends  # separators before the token, the token itself excluded
 
 

@@ -67,10 +67,12 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
         rewritten = mr.rewrite(model, args, kwargs, config=config)
     nodes = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE)]
     assert len(nodes) == case.rewritable
-    # the op (means, learned summaries), the learned summaries' key logits, the attention on a
-    # recognised mask, the recognitions (float and bool masks) and their check
-    assert [f.name for f in proto.functions] == [OP_TYPE, LEARNED_OP_TYPE, "SummaryLogits", PREPARED_OP_TYPE,
-                                                 SIMPLIFY_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, "RecogniseMask"]
+    # the model carries exactly the functions its mta nodes call, directly or through each other
+    from mta_rewrite.onnx.export import _mta_calls
+
+    called = set(_mta_calls(proto.graph.node)) | {t for f in proto.functions for t in _mta_calls(f.node)}
+    assert {f.name for f in proto.functions} == called
+    assert PREPARED_OP_TYPE in called and "RecogniseMask" in called
     alone = [n.input[3] for n in nodes if n.op_type == OP_TYPE]
     assert len(alone) == len(set(alone)), "sites that share a mask recognise it once"
     producers = {out: n for n in proto.graph.node for out in n.output}
@@ -327,3 +329,82 @@ def test_sites_sharing_a_mask_recognise_it_once(tmp_path, monkeypatch):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outs.append(session.run(None, feeds(session, a, kw))[0])
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+class _SegmentedSite(torch.nn.Module):
+    def __init__(self, mask_kind, summary_weight=None, **config):
+        super().__init__()
+        self.mask_kind, self.config = mask_kind, config
+        self.register_buffer("summary_weight", summary_weight)
+
+    def forward(self, q, k, v, mask, segment_ids):
+        return torch.ops.mta.attention(q, k, v, None if self.mask_kind == "none" else mask, self.summary_weight,
+                                       segment_ids, **self.config)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias",
+                                       "random_bool_per_head"])
+def test_boundary_chunks_function_equals_the_op(mask_kind, tmp_path):
+    """``MultiTokenAttentionSegmented`` (and …SegmentedLearned) alone against the PyTorch op: the
+    chunk slots computed in ONNX ops, key padding, masks varying per query, sinks, top-k; on other
+    inputs and segment ids than the export's."""
+    from mta_rewrite.onnx.function import SEGMENTED_LEARNED_OP_TYPE, SEGMENTED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE
+    from tests.ops.test_attention import make_mask
+    from tests.ops.test_segments import segments
+
+    B, Hq, Hkv, d = 2, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(n, seed):
+        q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+        mask = make_mask(mask_kind, B, Hq, n)
+        mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
+        return q, k, v, mask, segments(B, n, rate=0.25, seed=seed)
+
+    weight = torch.randn(Hkv, d, generator=g)
+    for i, (causal, (c, L, s, top_k), learned) in enumerate([(False, (4, 1, 0, 0), False), (True, (3, 2, 2, 1), False),
+                                                             (True, (5, 1, 7, 2), True), (False, (2, 2, 1, 1), True)]):
+        config = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        module = _SegmentedSite(mask_kind, weight if learned else None, **config)
+        path = tmp_path / f"site{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = export_onnx(module, inputs(13, 1), path, dynamic=False)
+        kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+        # (a bool mask is recognised by its own node: the site is then …SegmentedPrepared)
+        assert {SEGMENTED_OP_TYPE, SEGMENTED_LEARNED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE} & set(kinds), kinds
+        assert learned == bool({SEGMENTED_LEARNED_OP_TYPE, "SummaryLogits"} & set(kinds)), kinds
+        session = onnx_session(path)
+        x = inputs(13, 2)  # other segment ids (the lengths vary in the model tests below)
+        got = session.run(None, {inp.name: t.numpy() for inp, t in zip(session.get_inputs(), x)})[0]
+        np.testing.assert_allclose(got, module(*x).numpy(), rtol=0, atol=2e-5, err_msg=str(config))
+
+
+@pytest.mark.parametrize("name", ["llama (sdpa)", "gpt2 (eager)"])
+def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
+    """Boundaries in a transformers model (segment ids computed in the exported graph from the
+    token ids, sites sharing one mask recognition, one site learned): onnxruntime gives what the
+    rewritten model gives, at other lengths."""
+    from mta_rewrite.onnx.function import SEGMENTED_PREPARED_OP_TYPE
+
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
+    config = mr.MTAConfig(4, 2, 2, 1)
+    weight = torch.randn(sites[0].kv_heads, sites[0].head_dim, generator=torch.Generator().manual_seed(1))
+    plan = mr.Plan({sites[0].name: mr.Learned.from_tensor(config, weight), sites[1].name: config},
+                   boundaries=mr.Boundaries((3, 5, 7, 11, 13, 17)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(model, args, tmp_path / "m.onnx", kwargs, plan=plan)
+        rewritten = mr.rewrite(model, args, kwargs, plan=plan)
+    kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+    assert kinds.count(SEGMENTED_PREPARED_OP_TYPE) == 2 and kinds.count("SummaryLogits") == 1, kinds
+    session = onnx_session(tmp_path / "m.onnx")
+    for n in (case.lengths[0] + 7, case.lengths[1] + 13):
+        a, kw = case.inputs(n)
+        got = session.run(None, feeds(session, a, kw))[0]
+        with torch.no_grad():
+            want = first(rewritten(*a, **kw)).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
