@@ -201,6 +201,9 @@ def calibrate(
     learn_summaries: bool = typer.Option(False, "--learn-summaries",
                                          help="fit learned summaries (MTA_SPEC summary=\"learned\") for the chosen "
                                               "plan and cheaper ones; kept where they win"),
+    separators: str = typer.Option("", help="calibrate boundary chunks: token ids that end a segment, comma-separated "
+                                            "(the plan carries them)"),
+    segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
 ) -> None:
     """Choose each site's configuration from data: the fastest plan within the budget."""
     from pathlib import Path
@@ -219,9 +222,10 @@ def calibrate(
             raise ValueError(f"{data} is not a torch.save file of samples ({type(exc).__name__})") from None
         if not isinstance(samples, (list, tuple)):
             raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
+        boundaries = _boundaries(separators, segment_input)
         ep = load_program(program)
         plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
-                               learn_summaries=learn_summaries)
+                               learn_summaries=learn_summaries, boundaries=boundaries)
     except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata

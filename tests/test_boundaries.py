@@ -148,3 +148,40 @@ def test_cli_export_with_separators(tmp_path):
     bad = CliRunner().invoke(app, ["export", str(program), "-o", str(tmp_path / "x.onnx"), "--separators", "46"])
     assert bad.exit_code == 2 and "--separators needs --chunk-size or --plan" in " ".join(bad.output.split()), bad.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_calibrate_with_boundaries_and_the_cli(tmp_path):
+    """calibrate(boundaries=): every candidate runs with boundary chunks (the held-out error the
+    plan reports is the rewritten model's), costs are those of the padded slots, the plan carries
+    the boundaries; the CLI's calibrate --separators writes such a plan and rewrite --plan applies it."""
+    from mta_rewrite.calibration.cost import relative_cost
+    from mta_rewrite.calibration.metrics import output_error
+
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    text = zoo.real_text()
+    samples = [(zoo.byte_tokens(text[i * 3000:], 512),) for i in range(4)]
+    # (':' ends a segment: in Python sources lines are short, and chunk slots cut at every line
+    # cost more than exact attention at 512 tokens, so the cost model keeps every site exact)
+    boundaries = mr.Boundaries((ord(":"),))
+    plan = mr.calibrate(model, samples, budget=0.2, holdout=0.25, progress=False, boundaries=boundaries)
+    assert plan.boundaries == boundaries
+    chosen = [(name, e) for name, e in plan.sites.items() if e.config is not None]
+    assert chosen, "a budget of 0.2 approximates some site"
+    for _, entry in chosen:  # the padded slots cost more than fixed chunks of the same size
+        assert entry.relative_cost > relative_cost(entry.config, 512, 16, True)
+    rewritten = mr.rewrite(model, samples[0], plan=plan)
+    held = [samples[i] for i in plan.metadata["holdout_indices"]]
+    with torch.no_grad():
+        errors = [output_error("rel_l2", rewritten(*s), model(*s), {}) for s in held]
+    assert sum(errors) / len(errors) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-6)
+
+    program = tmp_path / "lm.pt2"
+    mr.save_program(model, program, samples[0])
+    torch.save(samples, tmp_path / "samples.pt")
+    runner = CliRunner()
+    result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                                 "-o", str(tmp_path / "plan.json"), "--separators", str(ord(":"))])
+    assert result.exit_code == 0, result.output
+    assert mr.Plan.load(tmp_path / "plan.json").boundaries == boundaries
+    result = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "out.pt2"), "--plan", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0 and "boundary chunks" in result.output, result.output

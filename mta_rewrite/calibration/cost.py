@@ -46,12 +46,15 @@ def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: fl
 
 
 def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
-                  exact_fraction: float = 0.0) -> float:
+                  exact_fraction: float = 0.0, padded_n: int | None = None) -> float:
     """Modelled time of ``config`` (None: exact) relative to exact attention at length n; with
-    ``exact_fraction`` of the summarised blocks attended exactly (see the module docstring)."""
+    ``exact_fraction`` of the summarised blocks attended exactly (see the module docstring).
+    ``padded_n``: boundary chunks run the op at the padded length of their chunk slots
+    (``ops.segments.padded_length``), so MTA is costed there."""
     if config is None:
         return 1.0
-    return mta_cost(config, n, d, causal, flops_per_byte, exact_fraction) / exact_cost(n, d, causal, flops_per_byte)
+    mta = mta_cost(config, padded_n or n, d, causal, flops_per_byte, exact_fraction)
+    return mta / exact_cost(n, d, causal, flops_per_byte)
 
 
 def default_candidates(n: int) -> list[MTAConfig]:

@@ -27,8 +27,8 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
 from ..capture import capture
-from ..config import HeadGroups, Learned, MTAConfig
-from ..passes.lower import eliminate_dead_code, grouped_attention, lower_match_to_hook
+from ..config import Boundaries, HeadGroups, Learned, MTAConfig
+from ..passes.lower import add_segment_ids, eliminate_dead_code, grouped_attention, lower_match_to_hook
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
 
@@ -44,6 +44,7 @@ class SiteRecord:
     causal: bool
     scale: float | None
     exact: torch.Tensor
+    segment_ids: torch.Tensor | None = None  # boundary chunks' segment ids, if the probe has boundaries
 
 
 @dataclass
@@ -56,31 +57,33 @@ class ProbeState:
 _ACTIVE: list[ProbeState] = []
 
 
-def site_hook(original, q, k, v, mask, name, causal, scale):
+def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None):
     """Called from the probe graph at every site: exact (the original output) or MTA."""
     state = _ACTIVE[-1] if _ACTIVE else None
     if state is None:
         return original
     if name in state.record:
         record = SiteRecord(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), causal, scale,
-                            original.detach())
+                            original.detach(), segment_ids)
         state.records.setdefault(name, []).append(record)
-    return site_output(state.configs.get(name), original, q, k, v, mask, causal, scale)
+    return site_output(state.configs.get(name), original, q, k, v, mask, causal, scale, segment_ids=segment_ids)
 
 
-def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None):
+def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None,
+                segment_ids=None):
     """What a site returns under ``config`` (None: exact, the original output), in the original
     output's dtype (``dtype`` when the original was not computed). ``weight``: a learned summary
     weight for an MTAConfig or HeadGroups (a tensor: calibration fits it through this call); a
-    ``Learned`` config carries its own."""
+    ``Learned`` config carries its own. ``segment_ids``: boundary chunks."""
     if config is None:
         return original
     dtype = original.dtype if original is not None else dtype
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, HeadGroups):
-        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight).to(dtype)
-    return torch.ops.mta.attention(q, k, v, mask, weight, causal=causal, scale=scale, **config.op_kwargs()).to(dtype)
+        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids).to(dtype)
+    return torch.ops.mta.attention(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale,
+                                   **config.op_kwargs()).to(dtype)
 
 
 @contextlib.contextmanager
@@ -93,16 +96,20 @@ def active(state: ProbeState):
 
 
 class Probe:
-    """The model captured once, every rewritable site routed through :func:`site_hook`."""
+    """The model captured once, every rewritable site routed through :func:`site_hook`
+    (``boundaries``: every MTA configuration with boundary chunks, the segment ids computed in the
+    graph as the rewritten model computes them)."""
 
-    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict):
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, boundaries: Boundaries | None = None):
         ep = capture(model, args, kwargs, dynamic=True)
         self.module = ep.module()
+        self.boundaries = boundaries
         matches = find_matches(self.module.graph)
         self.sites: list[AttentionSite] = describe(matches)
+        segments = add_segment_ids(self.module, boundaries) if boundaries is not None else None
         for m, site in zip(matches, self.sites):
             if site.rewritable:
-                lower_match_to_hook(self.module, m, site.name, site_hook)
+                lower_match_to_hook(self.module, m, site.name, site_hook, segments)
         eliminate_dead_code(self.module)
         self.rewritable = [s for s in self.sites if s.rewritable]
         self._program = None
@@ -149,7 +156,8 @@ class SiteCall:
     def output(self, config) -> torch.Tensor:
         """What the site returns under ``config`` (None: exact), as in the probe graph."""
         r = self.record
-        return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype)
+        return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype,
+                           segment_ids=r.segment_ids)
 
 
 class _Program:
@@ -295,10 +303,12 @@ class Cursor:
             interpreter.env = {}
 
     def _call(self, site: torch.fx.Node) -> SiteCall:
-        q, k, v, mask, name, causal, scale = (self.env[a] if isinstance(a, torch.fx.Node) else a for a in site.args[1:])
+        q, k, v, mask, name, causal, scale, segment_ids = (self.env[a] if isinstance(a, torch.fx.Node) else a
+                                                           for a in site.args[1:])
         original = None if site.args[0] in self.skip else self.env[site.args[0]]
         only = self.program.exact_only[site]
-        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original), None if only is None else only.dtype)
+        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids),
+                        None if only is None else only.dtype)
 
     def advance(self) -> SiteCall | None:
         return self._run(self.program.end)

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import HeadGroups, Learned, MTAConfig, Plan, PlanEntry
+from ..config import Boundaries, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import default_candidates, exact_cost, relative_cost
@@ -147,6 +147,7 @@ def calibrate(
     return_details: bool = False,
     learn_summaries: bool = False,
     learned_plans: int = 3,
+    boundaries: Boundaries | None = None,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
 
@@ -158,7 +159,9 @@ def calibrate(
     search, fit learned summaries (``calibration.learn``) for up to ``learned_plans`` plans: the
     cheaper plans of the family that were near the budget with means (cheapest first, until one is
     within it), else the chosen plan; the cheapest plan within budget wins, learned or not (at
-    equal cost, the lower held-out error).
+    equal cost, the lower held-out error). ``boundaries``: every candidate with boundary chunks
+    (segments ending after separator tokens of the model's token ids; costed at the op's padded
+    length); the plan carries them.
     """
     start = time.perf_counter()
     data = list(data)
@@ -178,7 +181,7 @@ def calibrate(
 
     with _Progress(progress) as bar:
         bar.step("capturing the model")
-        probe = Probe(model, *as_call(cal[0]))
+        probe = Probe(model, *as_call(cal[0]), boundaries=boundaries)
         sites = probe.rewritable
         if not sites:
             raise ValueError("the model has no rewritable attention: nothing to calibrate "
@@ -240,7 +243,7 @@ def calibrate(
     chosen = _cheapest_within(family, budget)
     local = local_errors[_key(chosen.configs, stats)]
 
-    plan = Plan(metadata={
+    plan = Plan(boundaries=boundaries, metadata={
         "budget": budget, "metric": metric, "seed": seed,
         "calibration_samples": len(cal), "holdout_samples": 0 if hold is cal else len(hold),
         "holdout_indices": hold_idx,
@@ -327,8 +330,8 @@ def _reference(recs) -> LocalReference:
 def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None):
     """``config``'s local error parts at a site (per head: squared error, squared exact norm) over
     the samples ``recs``; ``reference``: their :func:`_reference`, when several candidates share it."""
-    outs = [torch.ops.mta.attention(r.q, r.k, r.v, r.mask, causal=r.causal, scale=r.scale, **config.op_kwargs())
-            for r in recs]
+    outs = [torch.ops.mta.attention(r.q, r.k, r.v, r.mask, None, r.segment_ids, causal=r.causal, scale=r.scale,
+                                    **config.op_kwargs()) for r in recs]
     return (reference or _reference(recs)).parts(outs)
 
 
@@ -342,7 +345,8 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     pool = list(candidates) if candidates is not None else default_candidates(n)
     st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
     exact_blocks = _exact_block_fractions(recs, pool)
-    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c]) for c in pool}
+    padded = _padded_lengths(recs, pool)
+    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], padded_n=padded[c]) for c in pool}
     st.candidates = [c for c in pool if costs[c] < 1.0]  # the crossover
     st.costs = {c: costs[c] for c in st.candidates}
     reference = _reference(recs)
@@ -355,6 +359,21 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
         fronts.update(_pareto(st.costs, {c: float(p[0][h] / p[1][h].clamp(min=1e-30)) for c, p in st.parts.items()}))
     st.head_front = sorted(fronts, key=lambda c: (st.costs[c], st.errors[c]))
     return st
+
+
+def _padded_lengths(recs, pool) -> dict:
+    """Per candidate, the length the op runs at with boundary chunks (the longest over the
+    samples' chunk slots, ``ops.segments.padded_length``); None without boundaries."""
+    if recs[0].segment_ids is None:
+        return dict.fromkeys(pool)
+    from ..ops.segments import padded_length
+
+    cache: dict = {}
+    for c in pool:
+        key = (c.chunk_size, c.sinks)
+        if key not in cache:
+            cache[key] = max(padded_length(r.segment_ids, *key) for r in recs)
+    return {c: cache[(c.chunk_size, c.sinks)] for c in pool}
 
 
 def _exact_block_fractions(recs, pool) -> dict:

@@ -238,17 +238,18 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
     return node
 
 
-def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook) -> fx.Node:
-    """Route one site through ``hook(original, q, k, v, mask, name, causal, scale)`` while keeping
-    the original subgraph: the hook returns either the original output (bit-identical) or its
-    own. Calibration uses it to switch sites between exact and candidate configurations."""
+def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, segments: fx.Node | None = None) -> fx.Node:
+    """Route one site through ``hook(original, q, k, v, mask, name, causal, scale, segment_ids)``
+    while keeping the original subgraph: the hook returns either the original output
+    (bit-identical) or its own. Calibration uses it to switch sites between exact and candidate
+    configurations. ``segments``: the segment ids node of boundary chunks (else None is passed)."""
     g = gm.graph
     out = m.output
     with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
         original = _op_layout(g, m, out) if m.three_d else out
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)
-        call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"]))
+        call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"], segments))
         node = _finish(g, m, call)
     keep = {original, call}  # these still read the original output
     out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in keep)
