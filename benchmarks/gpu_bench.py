@@ -16,7 +16,9 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    tiles, of each variant with the sweep's best tiles from 16K on (without a sweep: the default
    tiles), the fraction of the memory floor reached, and (n ≤ 16K) the relative error against
    the portable implementation in fp32;
-4. extras at 64K causal, c = 128: the summary pre-pass alone, L = 2 + sinks + top-k, GQA (8 kv
+4. extras at 64K causal, c = 128: the summary pre-pass alone (means and learned), learned
+   summaries, boundary chunks (runs of ~100 tokens: the slots' padded length and the op's time),
+   L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the
    backward alone with the summaries' gradients by atomics or by their own kernel, and the op at
    1K tokens (the cost of launching it);
@@ -469,11 +471,17 @@ def main(argv=None):
         n, c = (65536, 128) if not args.dry_run else (512, 32)
         q, k, v = qkv(4096 if not args.dry_run else n)  # the launches below, compiled ahead (same specialisation)
         qg, kg, vg = qkv(q.shape[2], hkv=max(1, H // 4))
+
+        def segments(length):  # boundary chunks: runs of 100 tokens on average (a sentence, a paragraph)
+            g = torch.Generator().manual_seed(7)
+            return torch.cumsum((torch.rand(1, length, generator=g) < 0.01).long(), dim=1).to(DEVICE)
+
         compile_ahead("step 4", [
             lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2),
             lambda: torch.ops.mta.attention(qg, kg, vg, chunk_size=c, causal=True),
             lambda: torch.ops.mta.attention(q, k, v, None, torch.zeros(H, q.shape[3], device=DEVICE), chunk_size=c,
                                             causal=True),
+            lambda: torch.ops.mta.attention(q, k, v, None, None, segments(q.shape[2]), chunk_size=c, causal=True),
             *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
                                                           summary_atomics=atomics) for atomics in (True, False))])
         qg = kg = vg = None
@@ -486,6 +494,14 @@ def main(argv=None):
                                                                               summary_weight=w))
         extras["learned_summaries_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, None, w, chunk_size=c,
                                                                                    causal=True))
+        # boundary chunks: the tokens moved into padded chunk slots (key padding in the kernels) and back
+        seg = segments(n)
+        from mta_rewrite.ops.segments import padded_length
+
+        extras["boundary_padded_over_n"] = padded_length(seg, c) / n
+        extras["boundary_chunks_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, None, None, seg, chunk_size=c,
+                                                                                 causal=True))
+        seg = None
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
         # a model's q, k, v: transposed [B, n, H, d] buffers, read in place (no copies) by the kernel
