@@ -6,7 +6,7 @@ Importing the package registers ``torch.ops.mta.attention`` (MTA_SPEC.md).
 from .calibration import calibrate
 from .api import count_mta_nodes, find_attention, load_program, rewrite, save_program
 from .capture import CaptureError, capture
-from .config import Boundaries, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
+from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from .ops import attention, mta_attention_reference
 from .passes.sites import AttentionSite
 
@@ -22,7 +22,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'mta_rewrite' has no attribute {name!r}")
 
 __all__ = [
-    "AttentionSite", "Boundaries", "CaptureError", "HeadGroups", "Learned", "calibrate", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
+    "AttentionSite", "Boundaries", "CaptureError", "Clustered", "HeadGroups", "Learned", "calibrate", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
     "count_mta_nodes", "export_onnx", "find_attention", "onnx_session", "load_program", "mta_attention_reference", "rewrite", "save_program",
     "__version__",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .capture import capture
-from .config import Boundaries, HeadGroups, Learned, MTAConfig, Plan, atomic_write
+from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import add_segment_ids, eliminate_dead_code, lower_match
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
@@ -44,7 +44,7 @@ def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Pla
     if (config is None) == (plan is None):
         raise ValueError("give exactly one of config= (one MTAConfig for every site) or plan= (a Plan)")
     if config is not None:
-        if not isinstance(config, (MTAConfig, HeadGroups, Learned)):
+        if not isinstance(config, (MTAConfig, HeadGroups, Learned, Clustered)):
             raise TypeError(f"config must be an MTAConfig, got {type(config).__name__}")
         return {s.name: config for s in sites if s.rewritable}
     if not isinstance(plan, Plan):

@@ -164,6 +164,51 @@ class Learned:
         return {**inner, "summary_weight": [list(r) for r in self.weight]}
 
 
+@dataclass(frozen=True)
+class Clustered:
+    """A site's MTAConfig with clustered summaries (MTA_SPEC.md, learned clustering of keys;
+    non-causal sites only, no top-k): ``centroids`` [Hkv][K][d], per key/value head K centroids;
+    the keys outside a query's window are summarised per nearest centroid instead of per chunk
+    (``ops/clustered.py``). ``calibration.cluster.fit_clusters`` fits them on calibration keys."""
+
+    config: MTAConfig
+    centroids: tuple[tuple[tuple[float, ...], ...], ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, MTAConfig):
+            raise ValueError(f"clustered summaries need an MTAConfig, got {self.config!r}")
+        if self.config.top_k:
+            raise ValueError("clustered summaries take no top_k")
+        shapes = {(len(head), *{len(c) for c in head}) for head in self.centroids}
+        if not self.centroids or len(shapes) != 1 or len(next(iter(shapes))) != 2 or min(next(iter(shapes))) < 1:
+            raise ValueError("centroids are [Hkv][K][d] with Hkv, K, d ≥ 1 and the same K and d in every head")
+        object.__setattr__(self, "centroids", tuple(tuple(tuple(float(x) for x in c) for c in head)
+                                                    for head in self.centroids))
+
+    @classmethod
+    def from_tensor(cls, config: MTAConfig, centroids) -> "Clustered":
+        return cls(config, centroids.detach().double().cpu().tolist())
+
+    def tensor(self, device=None):
+        import torch
+
+        return torch.tensor(self.centroids, dtype=torch.float32, device=device)
+
+    @property
+    def clusters(self) -> int:
+        return len(self.centroids[0])
+
+    @property
+    def short(self) -> str:
+        return f"{self.config.short}·K{self.clusters}"
+
+    def __str__(self) -> str:
+        return f"{self.config}, {self.clusters} clustered summaries"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**_config_fields(self.config), "centroids": [[list(c) for c in head] for head in self.centroids]}
+
+
 def _config_fields(cfg: MTAConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k != "version"}
 
@@ -200,14 +245,14 @@ class Boundaries:
         return f"boundaries after tokens {list(self.separators)} of {self.input}"
 
 
-SiteChoice = Union[MTAConfig, HeadGroups, Learned, str]  # an MTAConfig, per-head groups, either learned, or "exact"
+SiteChoice = Union[MTAConfig, HeadGroups, Learned, Clustered, str]  # a config, per-head groups, learned, clustered, "exact"
 
 
 @dataclass(frozen=True)
 class PlanEntry:
     """What a plan says about one site; ``config`` None means the site stays exact."""
 
-    config: MTAConfig | HeadGroups | Learned | None
+    config: MTAConfig | HeadGroups | Learned | Clustered | None
     error: float | None = None  # measured error of this site alone (calibration)
     relative_cost: float | None = None  # predicted attention cost relative to exact
 
@@ -218,7 +263,7 @@ class PlanEntry:
     def to_dict(self) -> dict[str, Any]:
         if self.config is None:
             config: Any = EXACT
-        elif isinstance(self.config, (HeadGroups, Learned)):
+        elif isinstance(self.config, (HeadGroups, Learned, Clustered)):
             config = self.config.to_dict()
         else:
             config = _config_fields(self.config)
@@ -231,10 +276,10 @@ class PlanEntry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanEntry":
         cfg = data.get("config", EXACT)
-        weight = None
-        if isinstance(cfg, Mapping) and "summary_weight" in cfg:
+        weight = centroids = None
+        if isinstance(cfg, Mapping) and ("summary_weight" in cfg or "centroids" in cfg):
             cfg = dict(cfg)
-            weight = cfg.pop("summary_weight")
+            weight, centroids = cfg.pop("summary_weight", None), cfg.pop("centroids", None)
         if cfg == EXACT:
             config = None
         elif isinstance(cfg, Mapping) and "head_groups" in cfg:
@@ -243,6 +288,8 @@ class PlanEntry:
             config = MTAConfig.from_dict(cfg)
         if weight is not None:
             config = Learned(config, weight)
+        if centroids is not None:
+            config = Clustered(config, centroids)
         return cls(
             config=config,
             error=data.get("error"),
@@ -253,7 +300,7 @@ class PlanEntry:
 def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
     if isinstance(choice, PlanEntry):
         return choice
-    if isinstance(choice, (MTAConfig, HeadGroups, Learned)):
+    if isinstance(choice, (MTAConfig, HeadGroups, Learned, Clustered)):
         return PlanEntry(choice)
     if choice == EXACT:
         return PlanEntry(None)
@@ -262,7 +309,7 @@ def _entry(choice: SiteChoice | PlanEntry) -> PlanEntry:
 
 @dataclass
 class Plan:
-    """Site name → MTAConfig, HeadGroups, Learned or "exact", plus what calibration measured
+    """Site name → MTAConfig, HeadGroups, Learned, Clustered or "exact", plus what calibration measured
     (``metadata``) and, optionally, ``boundaries``: every MTA site chunks by segments.
 
     Sites of a model that a plan does not name stay exact; a plan that names a site the model
@@ -281,7 +328,7 @@ class Plan:
             raise ValueError(f"a plan's boundaries must be a Boundaries, got {boundaries!r}")
         self.boundaries = boundaries
 
-    def config_for(self, name: str) -> MTAConfig | HeadGroups | Learned | None:
+    def config_for(self, name: str) -> MTAConfig | HeadGroups | Learned | Clustered | None:
         entry = self.sites.get(name)
         return None if entry is None else entry.config
 

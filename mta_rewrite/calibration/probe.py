@@ -27,7 +27,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
 from ..capture import capture
-from ..config import Boundaries, HeadGroups, Learned, MTAConfig
+from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..passes.lower import add_segment_ids, eliminate_dead_code, grouped_attention, lower_match_to_hook
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
@@ -80,6 +80,9 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
     dtype = original.dtype if original is not None else dtype
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
+    if isinstance(config, Clustered):
+        return torch.ops.mta.attention(q, k, v, mask, None, None, config.tensor(q.device), causal=causal, scale=scale,
+                                       **config.config.op_kwargs()).to(dtype)
     if isinstance(config, HeadGroups):
         return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids).to(dtype)
     return torch.ops.mta.attention(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale,

@@ -89,10 +89,16 @@ _SITE_OP = {(bool(w), bool(g)): values.Op(mta_opset, t, onnx.defs.get_schema(t, 
             for t, (w, g) in SITE_OPS.items()}
 
 
-def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
-               local_chunks=1, sinks=0, top_k=0):
+CLUSTERED_NOT_EXPORTED = ("clustered summaries (Clustered sites, the op's centroids) are not exported to ONNX: "
+                          "export a plan without them")
+
+
+def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size,
+               causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
     """torch.ops.mta.attention → one mta::MultiTokenAttention node (…Learned with a summary weight,
     …Segmented with segment ids, …SegmentedLearned with both; the exporter's custom translation)."""
+    if centroids is not None:
+        raise ValueError(CLUSTERED_NOT_EXPORTED)
     if scale is None:
         d = q.shape[-1] if q.shape is not None else None
         if not isinstance(d, int):
@@ -149,6 +155,10 @@ def export_onnx(
         model = rewrite(model, args, kwargs, config=config, plan=plan, boundaries=boundaries, dynamic=dynamic)
     elif boundaries is not None:
         raise ValueError("boundaries apply when rewriting: give config= or plan= too")
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, torch.fx.Graph) and any(
+            n.target is torch.ops.mta.attention.default and len(n.args) > 6 and n.args[6] is not None for n in graph.nodes):
+        raise ValueError(CLUSTERED_NOT_EXPORTED)
     # (an ExportedProgram, e.g. a saved rewritten one, exports with the dynamic shapes it was captured with)
     shapes = dynamic_shapes_for(model, args, kwargs) if dynamic and not isinstance(model, torch.export.ExportedProgram) \
         else None

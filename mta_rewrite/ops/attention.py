@@ -12,7 +12,9 @@ top-k selection is piecewise constant and has no gradient, as in the spec. Learn
 weights (``summary_weight``) get their gradient through the portable recomputation (calibration
 fits them on the CPU; on CUDA the Triton backward, written for means, is not used then).
 Boundary chunks (``segment_ids``, ``segments.py``) move the tokens into padded chunk slots and run
-every path above there: forward, kernels and backward.
+every path above there: forward, kernels and backward. Clustered summaries (``centroids``,
+``clustered.py``) run their own portable implementation on every device, differentiated by
+recomputation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import mta_attention_chunked
+from .clustered import check_clustered, mta_attention_clustered
 from .layout import in_layout_of
 from .masks import simplify_mask
 from .segments import check_segment_ids, from_slots, segment_layout, segmented, slot_mask, to_slots
@@ -70,6 +73,7 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     summary_weight: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    centroids: torch.Tensor | None = None,
     *,
     chunk_size: int,
     causal: bool = False,
@@ -83,39 +87,47 @@ def attention(
     ``summary="learned"``): chunk j's summary weighs its keys by softmax_s(k_s·w) instead of
     1/n_j; None (or w = 0) is the mean. ``segment_ids`` [B, n] integers: boundary chunks (the spec's
     "boundary" grouping, ``segments.py``): a chunk ends where the id changes, runs are cut to at
-    most ``chunk_size`` tokens; None is fixed chunks."""
+    most ``chunk_size`` tokens; None is fixed chunks. ``centroids`` [Hkv, K, d]: clustered summaries
+    (the spec's learned clustering of keys, non-causal, ``clustered.py``): the keys outside a
+    query's window summarised per nearest centroid instead of per chunk."""
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
+    return _forward(mta_attention_chunked, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+
+
+def _forward(fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
+    """The op once its inputs are checked; ``fixed``: the fixed-chunk implementation of the device
+    (``mta_attention_chunked``, or the CUDA dispatch)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
-    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks,
-                  top_k=top_k, summary_weight=summary_weight)
+    if centroids is not None:
+        check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
+        return mta_attention_clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
+                                       local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
+    kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if segment_ids is not None:
-        return in_layout_of(q, segmented(mta_attention_chunked, q, k, v, attn_mask, segment_ids, **kwargs))
-    return mta_attention_chunked(q, k, v, attn_mask, **kwargs)
+        return in_layout_of(q, segmented(fixed, q, k, v, attn_mask, segment_ids, **kwargs))
+    return fixed(q, k, v, attn_mask, **kwargs)
 
 
 @attention.register_kernel("cuda")
-def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
-      local_chunks=1, sinks=0, top_k=0):
+def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
+      scale=None, local_chunks=1, sinks=0, top_k=0):
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
     from ..kernels import dispatch_cuda  # triton is imported only when a CUDA tensor arrives
 
-    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks,
-                  top_k=top_k, summary_weight=summary_weight)
-    if segment_ids is not None:
-        attn_mask, kwargs["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
-        return in_layout_of(q, segmented(dispatch_cuda, q, k, v, attn_mask, segment_ids, **kwargs))
-    return dispatch_cuda(q, k, v, attn_mask, **kwargs)
+    return _forward(dispatch_cuda, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, *, chunk_size, causal=False, scale=None,
-      local_chunks=1, sinks=0, top_k=0):
+def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
+      scale=None, local_chunks=1, sinks=0, top_k=0):
     torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
     return torch.empty_like(q)  # q's layout, as every implementation returns it
 
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    ctx.save_for_backward(*inputs)  # q, k, v, attn_mask, summary_weight, segment_ids
+    ctx.save_for_backward(*inputs)  # q, k, v, attn_mask, summary_weight, segment_ids, centroids
     ctx.config = keyword_only_inputs
 
 
@@ -137,10 +149,19 @@ def _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config):
 
 
 def _backward(ctx, grad_out):
-    q, k, v, attn_mask, summary_weight, segment_ids = ctx.saved_tensors
+    q, k, v, attn_mask, summary_weight, segment_ids, centroids = ctx.saved_tensors
     needs = (*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4])
     config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
     attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
+    if centroids is not None:  # recomputed under autograd (the cluster choice has no gradient)
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
+            out = mta_attention_clustered(*leaves, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
+                                          local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
+            wanted = [x for x in leaves if x.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        dq, dk, dv = (next(grads) if need else None for need in needs[:3])
+        return dq, dk, dv, None, None, None, None
     if segment_ids is None:
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
     else:  # the fixed-chunk gradients in the slots, moved back (a slot's padding has none)
@@ -149,7 +170,7 @@ def _backward(ctx, grad_out):
         padded = [to_slots(x.contiguous(), lay) for x in (q, k, v, grad_out)]
         dq, dk, dv, dw = _grads(*padded[:3], mask, summary_weight, padded[3], needs, config)
         dq, dk, dv = (None if g is None else from_slots(g, lay) for g in (dq, dk, dv))
-    return dq, dk, dv, None, dw, None
+    return dq, dk, dv, None, dw, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

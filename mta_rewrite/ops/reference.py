@@ -52,14 +52,16 @@ def chunk_lists(n, c, sinks=0, segment_ids=None) -> list[list[int]]:
 
 def mta_attention_reference(
     q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-    summary_weight=None, segment_ids=None,
+    summary_weight=None, segment_ids=None, centroids=None,
 ):
     """MTA_SPEC.md, step by step, in float64. Returns a float64 tensor shaped like q.
     ``summary_weight`` [Hkv, d]: learned summaries (a summary weighs its kept keys s by
     softmax_s(k_s·w) instead of taking their mean). ``segment_ids`` [B|1, n]: boundary chunks
-    (:func:`chunk_lists`)."""
+    (:func:`chunk_lists`). ``centroids`` [Hkv, K, d]: clustered summaries (non-causal; every key
+    outside the window in one summary per nearest centroid, ``ops/clustered.py``)."""
     q, k, v = q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu()
     sw = None if summary_weight is None else summary_weight.detach().double().cpu()
+    cent = None if centroids is None else centroids.detach().double().cpu()
     B, Hq, n, d = q.shape
     G = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -82,7 +84,14 @@ def mta_attention_reference(
                 window = {j for j in range(nc) if ((i - L + 1 <= j <= i) if causal else abs(j - i) <= L - 1)}
                 exact_chunks = set(window)
                 summaries = {}  # j -> (kbar, vbar, logit offset)
-                for j in range(nc):
+                if cent is not None:  # one summary per cluster of the keys outside the window
+                    nearest = ((k[b, hk][:, None, :] - cent[hk][None]) ** 2).sum(-1).argmin(-1).tolist()
+                    for m in range(cent.shape[1]):
+                        kept = [s for s in range(n) if s >= sinks and chunk_of(s) not in window and nearest[s] == m
+                                and A[queries[0], s]]
+                        if kept:
+                            summaries[("cluster", m)] = (k[b, hk, kept].mean(0), v[b, hk, kept].mean(0), math.log(len(kept)))
+                for j in range(nc if cent is None else 0):
                     if j in window or (causal and j > i):
                         continue
                     keys = [s for s in chunks[j] if s >= sinks]

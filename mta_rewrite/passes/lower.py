@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..config import Boundaries, HeadGroups, Learned, MTAConfig
+from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.layout import dense_order, is_permuted
 from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv, val
 
@@ -81,14 +81,15 @@ def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None,
 
 
 def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict, weight: fx.Node | None = None,
-                   segments: fx.Node | None = None) -> fx.Node:
+                   segments: fx.Node | None = None, centroids: fx.Node | None = None) -> fx.Node:
     """The graph node computing one site with ``config`` (an MTAConfig or HeadGroups; ``weight``:
     the node holding the learned summary weight, if any; ``segments``: the segment ids node of
-    boundary chunks, if any)."""
+    boundary chunks, if any; ``centroids``: the node holding clustered summaries' centroids)."""
     if isinstance(config, HeadGroups):
         return g.call_function(grouped_attention,
                                (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"], weight, segments))
-    return g.call_function(torch.ops.mta.attention.default, (q, k, v, mask, weight, segments), dict(config.op_kwargs(), **kw))
+    args = (q, k, v, mask, weight, segments) + ((centroids,) if centroids is not None else ())
+    return g.call_function(torch.ops.mta.attention.default, args, dict(config.op_kwargs(), **kw))
 
 
 def segment_ids_from_separators(token_ids: torch.Tensor, separators: tuple[int, ...]) -> torch.Tensor:
@@ -117,14 +118,21 @@ def add_segment_ids(gm: fx.GraphModule, boundaries: Boundaries) -> fx.Node:
         return gm.graph.call_function(segment_ids_from_separators, (source, tuple(boundaries.separators)))
 
 
-def _weight_node(gm: fx.GraphModule, config) -> tuple:
-    """(the MTAConfig or HeadGroups, a get_attr node of a new buffer holding the learned summary
-    weight, or None)."""
-    if not isinstance(config, Learned):
-        return config, None
-    name = f"mta_summary_weight_{sum(1 for b, _ in gm.named_buffers() if b.startswith('mta_summary_weight_'))}"
-    gm.register_buffer(name, config.tensor())
-    return config.config, gm.graph.get_attr(name)
+def _buffer_node(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> fx.Node:
+    """A get_attr node of a new buffer ``{prefix}{i}`` of the module holding ``value``."""
+    name = f"{prefix}{sum(1 for b, _ in gm.named_buffers() if b.startswith(prefix))}"
+    gm.register_buffer(name, value)
+    return gm.graph.get_attr(name)
+
+
+def _parameter_nodes(gm: fx.GraphModule, config) -> tuple:
+    """(the MTAConfig or HeadGroups, the node of a learned summary weight or None, the node of
+    clustered summaries' centroids or None), the tensors stored as buffers of the module."""
+    if isinstance(config, Learned):
+        return config.config, _buffer_node(gm, "mta_summary_weight_", config.tensor()), None
+    if isinstance(config, Clustered):
+        return config.config, None, _buffer_node(gm, "mta_centroids_", config.tensor())
+    return config, None, None
 
 
 def _canonical_operands(g: fx.Graph, m: AttentionMatch):
@@ -214,16 +222,18 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     return _restore_layout(g, node, memory_order(m.output))
 
 
-def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups | Learned,
+def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups | Learned | Clustered,
                 segments: fx.Node | None = None) -> fx.Node:
     """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before
     (``segments``: the segment ids node of boundary chunks)."""
+    if isinstance(config, Clustered) and segments is not None:
+        raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not chunk)")
     g = gm.graph
     out = m.output
     with g.inserting_before(out):
         q, k, v, mask = _canonical_operands(g, m)
-        config, weight = _weight_node(gm, config)
-        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight, segments)
+        config, weight, centroids = _parameter_nodes(gm, config)
+        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight, segments, centroids)
         node = _finish(g, m, node)
     out.replace_all_uses_with(node)
     # The replaced subgraph is dead now, but DCE would keep it: export's metadata assertions

@@ -1,0 +1,79 @@
+"""Clustered summaries fitted on calibration keys (calibration/cluster.py) and carried by plans
+(``Clustered``) into rewritten models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mta_rewrite as mr
+from mta_rewrite import zoo
+from mta_rewrite.calibration.cluster import fit_clusters, kmeans
+from mta_rewrite.calibration.metrics import first_tensor
+from mta_rewrite.calibration.probe import Probe
+
+
+def test_kmeans_finds_separated_blobs():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
+    found = kmeans(x, 3)
+    assert torch.cdist(found, centres).min(0).values.max() < 0.1
+    assert kmeans(x[:2], 5).shape == (2, 2)  # never more clusters than rows
+
+
+def bert():
+    case = next(c for c in zoo.transformers_cases() if c.name == "bert (eager)")
+    model = case.build()
+    return model, [case.inputs(n)[1] for n in (60, 60, 60)]
+
+
+def test_fit_clusters_on_an_encoder_is_never_worse_and_runs_in_the_rewritten_model(tmp_path):
+    model, samples = bert()
+    probe = Probe(model, (), samples[0])
+    configs = {s.name: mr.MTAConfig(8, sinks=1) for s in probe.rewritable}
+    chosen, fits = fit_clusters(probe, samples, configs)
+    assert set(fits) == set(configs)  # every site of the encoder is clusterable (key padding, non-causal)
+    for name, fit in fits.items():
+        assert fit.centroids.shape == (4, 8, 8)  # Hkv, K = ⌈60 / 8⌉, d
+        assert isinstance(chosen[name], mr.Clustered) == (fit.clustered_error < fit.mean_error)
+    assert any(isinstance(c, mr.Clustered) for c in chosen.values())
+    plan = mr.Plan(chosen)
+    loaded = mr.Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan
+    rewritten = mr.rewrite(model, (), samples[0], plan=loaded)
+    assert any(b.startswith("mta_centroids_") for b, _ in rewritten.named_buffers())
+    with torch.no_grad():
+        for s in samples:  # the rewritten model computes what the probe measured
+            torch.testing.assert_close(first_tensor(rewritten(**s)), first_tensor(probe.forward(s, chosen)))
+    with pytest.raises(ValueError, match="not exported to ONNX"):
+        mr.export_onnx(model, (), tmp_path / "m.onnx", samples[0], plan=loaded)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_causal_and_top_k_sites_keep_their_configuration():
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    samples = [(zoo.byte_tokens(zoo.real_text(), 128),)]
+    probe = Probe(model, samples[0], {})
+    configs = {s.name: mr.MTAConfig(16) for s in probe.rewritable}
+    chosen, fits = fit_clusters(probe, samples, configs)
+    assert chosen == configs and not fits
+    model, samples = bert()
+    probe = Probe(model, (), samples[0])
+    configs = {s.name: mr.MTAConfig(8, top_k=1) for s in probe.rewritable}
+    assert fit_clusters(probe, samples, configs) == (configs, {})
+
+
+def test_clustered_validation_and_boundaries_conflict():
+    cfg = mr.MTAConfig(8)
+    with pytest.raises(ValueError, match="no top_k"):
+        mr.Clustered(mr.MTAConfig(8, top_k=1), [[[0.0]]])
+    with pytest.raises(ValueError, match="same K and d"):
+        mr.Clustered(cfg, [[[0.0, 1.0]], [[0.0]]])
+    with pytest.raises(ValueError, match="MTAConfig"):
+        mr.Clustered(mr.HeadGroups(((cfg, (0,)),)), [[[0.0]]])
+    model, samples = bert()
+    site = next(s for s in mr.find_attention(model, (), samples[0]) if s.rewritable)
+    clustered = mr.Clustered.from_tensor(cfg, torch.zeros(site.kv_heads, 3, site.head_dim))
+    with pytest.raises(ValueError, match="takes no boundaries"):
+        mr.rewrite(model, (), samples[0], plan=mr.Plan({site.name: clustered}, boundaries=mr.Boundaries((5,))))
