@@ -201,6 +201,9 @@ def calibrate(
     learn_summaries: bool = typer.Option(False, "--learn-summaries",
                                          help="fit learned summaries (MTA_SPEC summary=\"learned\") for the chosen "
                                               "plan and cheaper ones; kept where they win"),
+    cluster_keys: bool = typer.Option(False, "--cluster-keys",
+                                      help="fit clustered summaries (MTA_SPEC's learned clustering of keys; non-causal "
+                                           "sites) for the chosen plan and cheaper ones; kept where they win"),
     separators: str = typer.Option("", help="calibrate boundary chunks: token ids that end a segment, comma-separated "
                                             "(the plan carries them)"),
     segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
@@ -225,7 +228,7 @@ def calibrate(
         boundaries = _boundaries(separators, segment_input)
         ep = load_program(program)
         plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
-                               learn_summaries=learn_summaries, boundaries=boundaries)
+                               learn_summaries=learn_summaries, boundaries=boundaries, cluster_keys=cluster_keys)
     except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata

@@ -31,29 +31,33 @@ def exact_cost(n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_P
 
 
 def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
-             exact_fraction: float = 0.0) -> float:
+             exact_fraction: float = 0.0, clusters: int | None = None) -> float:
     c = min(config.chunk_size, n)
     nc = -(-n // c)
     L = min(config.local_chunks, nc)
     window = L if causal else 2 * L - 1
     per_summary = 1.0 - exact_fraction + exact_fraction * c  # keys a summarised chunk costs
-    summaries = nc * (0.5 if causal else 1.0)
+    summaries = nc * (0.5 if causal else 1.0) if clusters is None else clusters
     keys = min(n, c * window + config.sinks + config.top_k * c + summaries * per_summary)
     flops = 4.0 * n * keys * d + 2.0 * 2 * n * d  # attention + the summary pass over k and v
-    key_sets = 2.0 * nc * (c * window + config.sinks + config.top_k * c + nc * per_summary) * d
+    if clusters is not None:  # clustered summaries: every key scored against every centroid
+        flops += 2.0 * n * clusters * d
+    key_sets = 2.0 * nc * (c * window + config.sinks + config.top_k * c + (nc if clusters is None else clusters)
+                           * per_summary) * d
     bytes_ = 4.0 * (4 * n * d + key_sets)
     return max(flops, bytes_ * flops_per_byte)
 
 
 def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
-                  exact_fraction: float = 0.0, padded_n: int | None = None) -> float:
+                  exact_fraction: float = 0.0, padded_n: int | None = None, clusters: int | None = None) -> float:
     """Modelled time of ``config`` (None: exact) relative to exact attention at length n; with
     ``exact_fraction`` of the summarised blocks attended exactly (see the module docstring).
     ``padded_n``: boundary chunks run the op at the padded length of their chunk slots
-    (``ops.segments.padded_length``), so MTA is costed there."""
+    (``ops.segments.padded_length``), so MTA is costed there. ``clusters``: clustered summaries,
+    K of them per query, plus scoring every key against the K centroids."""
     if config is None:
         return 1.0
-    mta = mta_cost(config, padded_n or n, d, causal, flops_per_byte, exact_fraction)
+    mta = mta_cost(config, padded_n or n, d, causal, flops_per_byte, exact_fraction, clusters)
     return mta / exact_cost(n, d, causal, flops_per_byte)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Learned, Plan, atomic_write, atomic_write_text
+from ..config import Clustered, Learned, Plan, atomic_write, atomic_write_text
 
 
 def report_paths(plan_path) -> tuple[Path, Path]:
@@ -80,7 +80,7 @@ def _plot(details, plan, png_path: Path) -> Path | None:
                 label="Pareto front")
         cfg = plan.sites[st.name].config
         label = None if cfg is None else cfg.short
-        cfg = cfg.config if isinstance(cfg, Learned) else cfg  # learned: plotted at its configuration's cost
+        cfg = cfg.config if isinstance(cfg, (Learned, Clustered)) else cfg  # learned, clustered: at their configuration
         chosen = [] if cfg is None else [c for c, _ in cfg.groups if c is not None] if hasattr(cfg, "groups") else [cfg]
         if chosen:
             ax.scatter([st.costs[c] for c in chosen], [max(st.errors[c], 1e-6) for c in chosen], s=60, c="#d30", marker="*",

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import Boundaries, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
+from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import default_candidates, exact_cost, relative_cost
@@ -74,6 +74,8 @@ class SiteStats:
     def choice_cost(self, choice) -> float:
         if isinstance(choice, Learned):
             choice = choice.config  # learned summaries cost what means cost (one more pass over the keys)
+        if isinstance(choice, Clustered):
+            return relative_cost(choice.config, self.n, self.d, self.causal, clusters=choice.clusters)
         if choice is None:
             return 1.0
         if isinstance(choice, HeadGroups):
@@ -148,6 +150,7 @@ def calibrate(
     learn_summaries: bool = False,
     learned_plans: int = 3,
     boundaries: Boundaries | None = None,
+    cluster_keys: bool = False,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
 
@@ -161,7 +164,9 @@ def calibrate(
     within it), else the chosen plan; the cheapest plan within budget wins, learned or not (at
     equal cost, the lower held-out error). ``boundaries``: every candidate with boundary chunks
     (segments ending after separator tokens of the model's token ids; costed at the op's padded
-    length); the plan carries them.
+    length); the plan carries them. ``cluster_keys``: after that, clustered summaries
+    (``calibration.cluster``, non-causal sites) for up to ``learned_plans`` plans chosen the same
+    way, each costed with its K summaries and the centroid scoring.
     """
     start = time.perf_counter()
     data = list(data)
@@ -238,7 +243,11 @@ def calibrate(
                 met = min(met, result.cost)
 
         if learn_summaries:
-            _learn(probe, cal, hold, family, stats, local_errors, reference, metric, budget, learned_plans, bar)
+            _refit("learned summaries", _fit_learned, probe, cal, hold, family, stats, local_errors, reference, metric,
+                   budget, learned_plans, bar)
+        if cluster_keys:
+            _refit("clustered summaries", _fit_clustered, probe, cal, hold, family, stats, local_errors, reference,
+                   metric, budget, learned_plans, bar)
 
     chosen = _cheapest_within(family, budget)
     local = local_errors[_key(chosen.configs, stats)]
@@ -250,7 +259,7 @@ def calibrate(
         "holdout_error": chosen.holdout_error, "calibration_error": chosen.calibration_error,
         "relative_attention_cost": chosen.cost, "attention_cost_saved": 1 - chosen.cost,
         "plans_considered": len(family), "plans_verified": sum(p.calibration_error is not None for p in family),
-        "learned_summaries": learn_summaries,
+        "learned_summaries": learn_summaries, "clustered_summaries": cluster_keys,
         "wall_time_s": round(time.perf_counter() - start, 2),
     })
     for site in probe.sites:
@@ -271,25 +280,44 @@ def calibrate(
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def _learn(probe, cal, hold, family, stats, local_errors, reference, metric, budget, count, bar) -> None:
-    """Learned summaries (``learn.fit_summaries``) for up to ``count`` plans, each fitted on the
-    calibration samples, verified end to end on them and the held-out ones, and appended to
-    ``family`` (origin "… + learned summaries"). First the plans cheaper than the chosen one whose
-    error with means was at most ``LEARN_HEADROOM`` × budget on the calibration samples, cheapest
-    first, until one is within budget learned (the cheapest plan learning can bring within budget,
-    among those tried); if none is, the chosen plan itself (a lower error at the same cost)."""
+def _fit_learned(probe, cal, configs, advance):
+    """(configs with learned summaries, site → its error after the fit)."""
     from .learn import fit_summaries
 
+    configs, fits = fit_summaries(probe, cal, configs, advance=advance)
+    return configs, {name: fit.learned_error for name, fit in fits.items()}
+
+
+def _fit_clustered(probe, cal, configs, advance):
+    """(configs with clustered summaries, site → its error after the fit)."""
+    from .cluster import fit_clusters
+
+    configs, fits = fit_clusters(probe, cal, configs, advance=advance)
+    return configs, {name: min(fit.clustered_error, fit.mean_error) for name, fit in fits.items()}
+
+
+def _refit(label, fit, probe, cal, hold, family, stats, local_errors, reference, metric, budget, count, bar) -> None:
+    """Summaries fitted on the calibration samples (``fit``: learned summaries or clustered ones)
+    for up to ``count`` plans, each verified end to end on them and the held-out ones and appended
+    to ``family`` (origin "… + {label}"). First the plans cheaper than the chosen one whose error
+    with means was at most ``LEARN_HEADROOM`` × budget on the calibration samples, cheapest first,
+    until one is within budget fitted (the cheapest plan fitting can bring within budget, among
+    those tried); if none is, the chosen plan itself (a lower error at about the same cost)."""
     chosen = _cheapest_within(family, budget)
-    cheaper = sorted((p for p in family if p.configs and p.cost < chosen.cost and p.calibration_error is not None
+    plain = [p for p in family if " + " not in p.origin]  # (not the plans another fit made)
+    cheaper = sorted((p for p in plain if p.configs and p.cost < chosen.cost and p.calibration_error is not None
                       and p.calibration_error <= LEARN_HEADROOM * budget), key=lambda p: p.cost)
-    tries = cheaper[:count - 1] + ([chosen] if chosen.configs else [])
+    # (a chosen plan that an earlier fit made: its plain plan, the configurations without the fit)
+    stripped = {name: c.config if isinstance(c, (Learned, Clustered)) else c for name, c in chosen.configs.items()}
+    base_chosen = next((p for p in plain if p.configs == stripped), None)
+    tries = cheaper[:count - 1] + ([base_chosen] if base_chosen is not None and base_chosen.configs else [])
     for base in tries:
-        bar.start(f"learning summaries: {base.origin} (cost {base.cost:.3f})", len(base.configs))
-        configs, fits = fit_summaries(probe, cal, base.configs, advance=bar.advance)
-        result = PlanResult(configs, base.cost, None, None, f"{base.origin} + learned summaries")
+        bar.start(f"{label}: {base.origin} (cost {base.cost:.3f})", len(base.configs))
+        configs, errors = fit(probe, cal, base.configs, bar.advance)
+        result = PlanResult(configs, _plan_cost(configs, stats), None, None, f"{base.origin} + {label}")
         family.append(result)
-        local_errors.setdefault(_key(configs, stats), {name: fits[name].learned_error for name in fits})
+        before = local_errors.get(_key(base.configs, stats), {})
+        local_errors.setdefault(_key(configs, stats), {name: errors.get(name, before.get(name, 0.0)) for name in configs})
         _verify(result, probe, cal, hold, reference, metric, budget)
         if result.within(budget):
             break

@@ -77,3 +77,38 @@ def test_clustered_validation_and_boundaries_conflict():
     clustered = mr.Clustered.from_tensor(cfg, torch.zeros(site.kv_heads, 3, site.head_dim))
     with pytest.raises(ValueError, match="takes no boundaries"):
         mr.rewrite(model, (), samples[0], plan=mr.Plan({site.name: clustered}, boundaries=mr.Boundaries((5,))))
+
+
+def test_calibrate_with_clustered_summaries_and_the_cli(tmp_path):
+    """calibrate(cluster_keys=True) on an encoder: plans with clustered summaries are fitted,
+    costed with their centroid scoring and verified like the others; the chosen plan's reported
+    held-out error is the rewritten model's; the CLI writes such a plan."""
+    from typer.testing import CliRunner
+
+    from mta_rewrite.calibration.metrics import output_error
+    from mta_rewrite.cli import app
+
+    case = next(c for c in zoo.transformers_cases() if c.name == "bert (eager)")
+    model = case.build()
+    samples = [case.inputs(256)[1] for _ in range(4)]
+    for i, s in enumerate(samples):  # different text per sample
+        s["input_ids"] = torch.randint(0, 100, s["input_ids"].shape, generator=torch.Generator().manual_seed(i))
+    plan, details = mr.calibrate(model, samples, budget=0.3, progress=False, cluster_keys=True, return_details=True)
+    clustered = [p for p in details.family if p.origin.endswith("+ clustered summaries")]
+    assert clustered and all(p.calibration_error is not None for p in clustered)
+    for p in clustered:  # costed as clustered: at least the plain plan's cost (centroid scoring)
+        base = next(b for b in details.family if b.origin == p.origin.removesuffix(" + clustered summaries"))
+        assert p.cost >= base.cost
+    rewritten = mr.rewrite(model, (), samples[0], plan=plan)
+    held = [samples[i] for i in plan.metadata["holdout_indices"]]
+    with torch.no_grad():
+        errors = [output_error("rel_l2", rewritten(**s).last_hidden_state, model(**s).last_hidden_state, s)
+                  for s in held]
+    assert sum(errors) / len(errors) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-6)
+    program = tmp_path / "bert.pt2"
+    mr.save_program(model, program, (), samples[0])
+    torch.save(samples, tmp_path / "samples.pt")
+    result = CliRunner().invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget",
+                                      "0.3", "-o", str(tmp_path / "plan.json"), "--cluster-keys"])
+    assert result.exit_code == 0, result.output
+    assert mr.Plan.load(tmp_path / "plan.json").metadata["clustered_summaries"] is True
