@@ -20,7 +20,7 @@ import torch
 
 from ..config import Clustered, MTAConfig
 from ..ops.masks import normalize_mask, simplify_mask
-from .probe import Probe, SiteRecord, release_freed_memory, site_output
+from .probe import Probe, SiteRecord, fit_in_layer_order, site_output
 
 ITERATIONS = 25
 
@@ -103,30 +103,11 @@ def fit_clusters(probe: Probe, samples: list, configs: dict, *, clusters: int | 
     sites fitted). Sites that are causal, carry a mask that varies per query or a bias, or are
     not a plain MTAConfig without top-k keep their configuration. ``clusters``: K for every site
     (default: each site's chunk count). ``advance`` is called once per site."""
-    cursors = [probe.cursor(s) for s in samples]
-    chosen: dict = {}
-    fits: dict[str, ClusterFit] = {}
-    while True:
-        calls = [c.advance() for c in cursors]
-        if calls[0] is None:
-            break
-        name = calls[0].name
-        choice = configs.get(name)
-        records = [call.record for call in calls]
-        if isinstance(choice, Clustered):
-            choice = choice.config
-        if choice is not None:
-            if _clusterable(choice, records):
-                fit = fit_site(name, choice, records, clusters, iterations)
-                fits[name] = fit
-                if fit.clustered_error < fit.mean_error:
-                    choice = Clustered.from_tensor(choice, fit.centroids)
-            chosen[name] = choice
-        with torch.no_grad():
-            for cursor, call in zip(cursors, calls):
-                cursor.resume(call.output(choice))
-        if advance is not None:
-            advance()
-    del cursors
-    release_freed_memory()
-    return chosen, fits
+    def fit(name, config, records):
+        if not _clusterable(config, records):
+            return config, None
+        result = fit_site(name, config, records, clusters, iterations)
+        return (Clustered.from_tensor(config, result.centroids) if result.clustered_error < result.mean_error
+                else config), result
+
+    return fit_in_layer_order(probe, samples, configs, fit, advance)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import HeadGroups, Learned, MTAConfig
-from .probe import Probe, SiteRecord, release_freed_memory, site_output
+from .probe import Probe, SiteRecord, fit_in_layer_order, site_output
 
 STEPS = 40
 LR = 0.05
@@ -74,28 +74,8 @@ def fit_summaries(probe: Probe, samples: list, configs: dict, *, steps: int = ST
     """``configs`` (site → MTAConfig or HeadGroups; others exact) with every approximated site's
     summaries learned: (site → Learned or the configuration unchanged where learning did not lower
     the site's error, site → SiteFit). ``advance`` is called once per site."""
-    cursors = [probe.cursor(s) for s in samples]
-    learned: dict = {}
-    fits: dict[str, SiteFit] = {}
-    while True:
-        calls = [c.advance() for c in cursors]
-        if calls[0] is None:
-            break
-        name = calls[0].name
-        choice = configs.get(name)
-        if isinstance(choice, Learned):
-            choice = choice.config
-        if choice is not None:
-            fit = fit_site(name, choice, [call.record for call in calls], steps=steps, lr=lr)
-            fits[name] = fit
-            if fit.learned_error < fit.mean_error:
-                choice = Learned.from_tensor(choice, fit.weight)
-            learned[name] = choice
-        with torch.no_grad():
-            for cursor, call in zip(cursors, calls):
-                cursor.resume(call.output(choice))
-        if advance is not None:
-            advance()
-    del cursors
-    release_freed_memory()
-    return learned, fits
+    def fit(name, config, records):
+        result = fit_site(name, config, records, steps=steps, lr=lr)
+        return (Learned.from_tensor(config, result.weight) if result.learned_error < result.mean_error else config), result
+
+    return fit_in_layer_order(probe, samples, configs, fit, advance)

@@ -343,6 +343,40 @@ class Cursor:
         return out if spec is None else pytree.tree_unflatten(list(out), spec)
 
 
+def fit_in_layer_order(probe: "Probe", samples: list, configs: dict, fit, advance=None) -> tuple[dict, dict]:
+    """Sites visited in layer order on ``samples`` (cursors: each site sees what flows into it
+    with the upstream sites already fitted, as the rewritten model would give it). At a site
+    whose configuration (``configs``; others exact) is not None, ``fit(name, config, records)``
+    (``config`` without any earlier fit: a ``Learned`` or ``Clustered`` one is taken back to its
+    configuration) returns (the site's choice, a record of the fit or None); the site's output
+    under that choice goes downstream. Returns (site → choice, site → fit record).
+    ``advance`` is called once per site."""
+    cursors = [probe.cursor(s) for s in samples]
+    chosen: dict = {}
+    fits: dict = {}
+    while True:
+        calls = [c.advance() for c in cursors]
+        if calls[0] is None:
+            break
+        name = calls[0].name
+        choice = configs.get(name)
+        if isinstance(choice, (Learned, Clustered)):
+            choice = choice.config
+        if choice is not None:
+            choice, record = fit(name, choice, [call.record for call in calls])
+            if record is not None:
+                fits[name] = record
+            chosen[name] = choice
+        with torch.no_grad():
+            for cursor, call in zip(cursors, calls):
+                cursor.resume(call.output(choice))
+        if advance is not None:
+            advance()
+    del cursors
+    release_freed_memory()
+    return chosen, fits
+
+
 def release_freed_memory() -> None:
     """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere
     nothing). PyTorch's CPU tensors live on malloc's heap; after forward passes with tensors of
