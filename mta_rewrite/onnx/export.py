@@ -29,6 +29,7 @@ from ..api import rewrite
 from ..capture import dynamic_shapes_for
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .function import (
+    CLUSTERED_OP_TYPE,
     DOMAIN,
     LEARNED_OP_TYPE,
     OP_TYPE,
@@ -78,27 +79,44 @@ def _schema(op_type: str = OP_TYPE) -> OpSchema:
     )
 
 
+def _clustered_schema() -> OpSchema:
+    p = OpSchema.FormalParameter
+    a = OpSchema.Attribute
+    return OpSchema(
+        CLUSTERED_OP_TYPE, DOMAIN, VERSION,
+        doc="Multi-Token Attention with clustered summaries (mta-rewrite, non-causal); the model carries its function body.",
+        inputs=[p("q", "T"), p("k", "T"), p("v", "T"), p("mask", "M"), p("centroids", "W")],
+        outputs=[p("out", "T")],
+        type_constraints=[("T", _TYPES, "q, k, v and the output"), ("M", _TYPES, "additive key-padding mask"),
+                          ("W", _TYPES, "centroids [Hkv, K, d]")],
+        attributes=[
+            a("chunk_size", OpSchema.AttrType.INT, "tokens per chunk"),
+            a("scale", OpSchema.AttrType.FLOAT, "scale of q·k"),
+            a("local_chunks", OpSchema.AttrType.INT, "local window in chunks"),
+            a("sinks", OpSchema.AttrType.INT, "always-exact first tokens"),
+        ],
+    )
+
+
 for _op_type in SITE_OPS:
     if not onnx.defs.has(_op_type, DOMAIN):
         onnx.defs.register_schema(_schema(_op_type))
+if not onnx.defs.has(CLUSTERED_OP_TYPE, DOMAIN):
+    onnx.defs.register_schema(_clustered_schema())
+_CLUSTERED_OP = values.Op(mta_opset, CLUSTERED_OP_TYPE, onnx.defs.get_schema(CLUSTERED_OP_TYPE, VERSION, DOMAIN))
 SITE_OP_TYPES = tuple(SITE_OPS)
-# what a site is after export: its op, or the op on a prepared (shared) mask
-ALL_SITE_OP_TYPES = (*SITE_OP_TYPES, PREPARED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE)
+# what a site is after export: its op, the op on a prepared (shared) mask, or the clustered op
+# (which reads its mask as key padding and does not share a recognition)
+ALL_SITE_OP_TYPES = (*SITE_OP_TYPES, PREPARED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE, CLUSTERED_OP_TYPE)
 # (learned, segmented) → the op that the exporter's translation emits
 _SITE_OP = {(bool(w), bool(g)): values.Op(mta_opset, t, onnx.defs.get_schema(t, VERSION, DOMAIN))
             for t, (w, g) in SITE_OPS.items()}
-
-
-CLUSTERED_NOT_EXPORTED = ("clustered summaries (Clustered sites, the op's centroids) are not exported to ONNX: "
-                          "export a plan without them")
 
 
 def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size,
                causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
     """torch.ops.mta.attention → one mta::MultiTokenAttention node (…Learned with a summary weight,
     …Segmented with segment ids, …SegmentedLearned with both; the exporter's custom translation)."""
-    if centroids is not None:
-        raise ValueError(CLUSTERED_NOT_EXPORTED)
     if scale is None:
         d = q.shape[-1] if q.shape is not None else None
         if not isinstance(d, int):
@@ -124,6 +142,12 @@ def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, c
                 mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
     attrs = dict(chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
                  local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
+    if centroids is not None:
+        if causal or top_k or summary_weight is not None or segment_ids is not None:
+            raise ValueError("clustered summaries (centroids) are for non-causal attention without top_k, summary_weight "
+                             "or segment_ids")
+        return _CLUSTERED_OP(q, k, v, mask, centroids, chunk_size=attrs["chunk_size"], scale=attrs["scale"],
+                             local_chunks=attrs["local_chunks"], sinks=attrs["sinks"])
     extra = [x for x in (segment_ids, summary_weight) if x is not None]
     return _SITE_OP[summary_weight is not None, segment_ids is not None](q, k, v, mask, *extra, **attrs)
 
@@ -155,10 +179,6 @@ def export_onnx(
         model = rewrite(model, args, kwargs, config=config, plan=plan, boundaries=boundaries, dynamic=dynamic)
     elif boundaries is not None:
         raise ValueError("boundaries apply when rewriting: give config= or plan= too")
-    graph = getattr(model, "graph", None)
-    if isinstance(graph, torch.fx.Graph) and any(
-            n.target is torch.ops.mta.attention.default and len(n.args) > 6 and n.args[6] is not None for n in graph.nodes):
-        raise ValueError(CLUSTERED_NOT_EXPORTED)
     # (an ExportedProgram, e.g. a saved rewritten one, exports with the dynamic shapes it was captured with)
     shapes = dynamic_shapes_for(model, args, kwargs) if dynamic and not isinstance(model, torch.export.ExportedProgram) \
         else None
@@ -300,7 +320,7 @@ def _names_read(nodes) -> set[str]:
 def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Add the functions the graph's mta nodes use (and those they call), with the model's opset;
     sites that share a mask recognise it once (:func:`share_mask_preparation`)."""
-    uses = any(n.domain == DOMAIN and n.op_type in SITE_OP_TYPES for n in proto.graph.node)
+    uses = any(n.domain == DOMAIN and n.op_type in ALL_SITE_OP_TYPES for n in proto.graph.node)
     if not uses or any(f.domain == DOMAIN for f in proto.functions):
         return proto
     share_mask_preparation(proto.graph)

@@ -465,6 +465,130 @@ def MultiTokenAttentionSegmentedLearned(q, k, v, mask, segment_ids, summary_weig
                                                 local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
+@script(mta_opset, default_opset=op)
+def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scale: float, local_chunks: int,
+                                 sinks: int):
+    """The op with clustered summaries (``ops/clustered.py``; non-causal): ``centroids``
+    [Hkv, K, d]; every key outside a query chunk's window (not a sink, allowed) is in the summary
+    of its nearest centroid. ``mask``: read as key padding (its last row; the PyTorch op refuses
+    a mask that varies per query, which this function cannot)."""
+    neg_inf = op.Constant(value_float=float("-inf"))
+    zero_f = op.Constant(value_float=0.0)
+    one_f = op.Constant(value_float=1.0)
+    i0 = op.Constant(value_ints=[0])
+    i1 = op.Constant(value_ints=[1])
+    im1 = op.Constant(value_ints=[-1])
+    s0 = op.Constant(value_int=0)
+    s1 = op.Constant(value_int=1)
+    minus1 = op.Constant(value_int=-1)
+
+    qf = op.Cast(q, to=FLOAT.dtype)
+    kf = op.Cast(k, to=FLOAT.dtype)
+    vf = op.Cast(v, to=FLOAT.dtype)
+    mu = op.Cast(centroids, to=FLOAT.dtype)
+    scale_t = op.Constant(value_float=scale)
+    B = op.Shape(qf, start=0, end=1)
+    H = op.Shape(qf, start=1, end=2)
+    N = op.Shape(qf, start=2, end=3)
+    D = op.Shape(qf, start=3, end=4)
+    Hkv = op.Shape(kf, start=1, end=2)
+    G = op.Div(H, Hkv)
+    Kc = op.Shape(mu, start=1, end=2)
+    k4 = op.Reshape(op.Expand(op.Unsqueeze(kf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
+    v4 = op.Reshape(op.Expand(op.Unsqueeze(vf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
+    mu4 = op.Reshape(op.Expand(op.Unsqueeze(mu, [1]), op.Concat(Hkv, G, Kc, D, axis=0)), op.Concat(H, Kc, D, axis=0))
+
+    c = op.Min(op.Reshape(op.Constant(value_int=chunk_size), i1), N)
+    nc = op.Div(op.Sub(op.Add(N, c), i1), c)
+    npad = op.Mul(nc, c)
+    padn = op.Sub(npad, N)
+    L = op.Min(op.Reshape(op.Constant(value_int=local_chunks), i1), nc)
+    S = op.Min(op.Reshape(op.Constant(value_int=sinks), i1), N)
+    pads = op.Concat(i0, i0, i0, i0, i0, i0, padn, i0, axis=0)
+    kp = op.Pad(k4, pads)
+    qc = op.Reshape(op.Pad(qf, pads), op.Concat(B, H, nc, c, D, axis=0))
+    kc = op.Reshape(kp, op.Concat(B, H, nc, c, D, axis=0))
+    vc = op.Reshape(op.Pad(v4, pads), op.Concat(B, H, nc, c, D, axis=0))
+    npad_s = op.Squeeze(npad, i0)
+    nc_s = op.Squeeze(nc, i0)
+    c_s = op.Squeeze(c, i0)
+    N_s = op.Squeeze(N, i0)
+    S_s = op.Squeeze(S, i0)
+    L_s = op.Squeeze(L, i0)
+    pos = op.Range(s0, npad_s, s1)  # [npad]
+
+    # ---- the mask as key padding: its last row, keys padded as forbidden ----------------------
+    mf = op.Cast(mask, to=FLOAT.dtype)
+    NQ = op.Shape(mf, start=2, end=3)
+    row = op.Slice(mf, op.Sub(NQ, i1), NQ, op.Constant(value_ints=[2]))  # [Bm, Hm, 1, n|1]
+    key_ok = op.Greater(op.Expand(row, op.Concat(i1, i1, i1, N, axis=0)), op.Constant(value_float=-3.4e38))
+    key_ok = op.Pad(key_ok, op.Concat(i0, i0, i0, i0, i0, i0, i0, padn, axis=0))  # [Bm, Hm, 1, npad] (pad: False)
+    key_ok = op.Squeeze(key_ok, [2])  # [Bm, Hm, npad]
+    keep = op.And(key_ok, op.And(op.Less(pos, N_s), op.GreaterOrEqual(pos, S_s)))  # keys a summary may hold
+
+    # ---- clusters: nearest centroid, per-chunk sums, totals minus the window's chunks ----------
+    half = op.Unsqueeze(op.Mul(op.ReduceSum(op.Mul(mu4, mu4), im1, keepdims=0), op.Constant(value_float=-0.5)), [1])
+    score = op.Add(op.MatMul(kp, op.Transpose(mu4, perm=[0, 2, 1])), half)  # [B, H, npad, K]
+    nearest = op.ArgMax(score, axis=-1, keepdims=1)  # ties: the first
+    member = op.And(op.Equal(nearest, op.Range(s0, op.Squeeze(Kc, i0), s1)), op.Unsqueeze(keep, [-1]))
+    member = op.Reshape(op.Cast(member, to=FLOAT.dtype), op.Concat(B, H, nc, c, Kc, axis=0))
+    ck = op.Einsum(member, kc, equation="bhjck,bhjcd->bhjkd")  # [B, H, nc, K, d]
+    cv = op.Einsum(member, vc, equation="bhjck,bhjcd->bhjkd")
+    cn = op.ReduceSum(member, op.Constant(value_ints=[3]), keepdims=0)  # [B, H, nc, K]
+    ii = op.Range(s0, nc_s, s1)
+    lo = op.Max(op.Add(op.Sub(ii, L_s), s1), s0)  # the window's chunks: lo … hi (non-causal)
+    hi1 = op.Min(op.Add(ii, L_s), nc_s)  # hi + 1
+    zk = op.Expand(zero_f, op.Concat(B, H, i1, Kc, D, axis=0))
+    csk = op.Concat(zk, op.CumSum(ck, op.Constant(value_int=2)), axis=2)  # [B, H, nc + 1, K, d]: prefix sums over chunks
+    csv = op.Concat(zk, op.CumSum(cv, op.Constant(value_int=2)), axis=2)
+    csn = op.Concat(op.Expand(zero_f, op.Concat(B, H, i1, Kc, axis=0)), op.CumSum(cn, op.Constant(value_int=2)), axis=2)
+    last = op.Reshape(nc, i1)
+    count = op.Sub(op.Sub(op.Gather(csn, last, axis=2), op.Gather(csn, hi1, axis=2)), op.Neg(op.Gather(csn, lo, axis=2)))
+    inv = op.Unsqueeze(op.Div(one_f, op.Max(count, one_f)), [-1])
+    kbar = op.Mul(op.Add(op.Sub(op.Gather(csk, last, axis=2), op.Gather(csk, hi1, axis=2)), op.Gather(csk, lo, axis=2)), inv)
+    vbar = op.Mul(op.Add(op.Sub(op.Gather(csv, last, axis=2), op.Gather(csv, hi1, axis=2)), op.Gather(csv, lo, axis=2)), inv)
+    term = op.Where(op.Greater(count, op.Constant(value_float=0.5)), op.Log(op.Max(count, one_f)), neg_inf)
+
+    # ---- exact part: the window's chunks [B, H, nc, c, W·c] and the sinks ----------------------
+    offsets = op.Range(op.Sub(s1, L_s), L_s, s1)
+    win = op.Add(op.Unsqueeze(ii, [1]), op.Unsqueeze(offsets, [0]))  # [nc, W]
+    win = op.Where(op.And(op.GreaterOrEqual(win, s0), op.Less(win, nc_s)), win, minus1)
+    W = op.Shape(win, start=1, end=2)
+    win = op.Expand(win, op.Concat(B, H, nc, W, axis=0))
+    win_idx = op.Max(win, s0)
+    kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(win_idx, c_s), [4]), op.Range(s0, c_s, s1)),
+                      op.Concat(B, H, nc, op.Mul(W, c), axis=0))
+    valid = op.Reshape(op.Expand(op.Unsqueeze(op.GreaterOrEqual(win, s0), [4]), op.Concat(B, H, nc, W, c, axis=0)),
+                       op.Concat(B, H, nc, op.Mul(W, c), axis=0))
+    key_okB = op.Expand(op.Unsqueeze(key_ok, [2]), op.Concat(B, H, nc, npad, axis=0))  # [B, H, nc, npad]
+    valid = op.And(op.And(valid, op.Less(kpos, N_s)), op.GatherElements(key_okB, kpos, axis=3))
+    gidx = op.Unsqueeze(win_idx, [4])
+    kg = op.Reshape(op.GatherND(kc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(W, c), D, axis=0))
+    vg = op.Reshape(op.GatherND(vc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(W, c), D, axis=0))
+    le = op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t)
+    le = op.Where(op.Unsqueeze(valid, [3]), le, neg_inf)
+    sink_pos = op.Range(s0, S_s, s1)
+    in_window = op.LessOrEqual(op.Abs(op.Sub(op.Unsqueeze(op.Div(sink_pos, c_s), [0]), op.Unsqueeze(ii, [1]))),
+                               op.Sub(L_s, s1))  # [nc, S]
+    sink_ok = op.And(op.Not(in_window), op.Unsqueeze(op.Slice(key_ok, i0, S, op.Constant(value_ints=[2])), [2]))
+    ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
+    vs = op.Slice(v4, i0, S, op.Constant(value_ints=[2]))
+    ls = op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t)
+    ls = op.Where(op.Unsqueeze(sink_ok, [3]), ls, neg_inf)
+    lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
+
+    # ---- one softmax over [window | sinks | clusters]; empty rows give zeros ------------------
+    logits = op.Concat(le, ls, lm, axis=-1)
+    mx = op.ReduceMax(logits, im1, keepdims=1)
+    mx = op.Where(op.Equal(mx, neg_inf), zero_f, mx)
+    p = op.Exp(op.Sub(logits, mx))
+    den = op.ReduceSum(p, im1, keepdims=1)
+    vset = op.Concat(vg, op.Expand(op.Unsqueeze(vs, [2]), op.Concat(B, H, nc, S, D, axis=0)), vbar, axis=3)
+    out = op.Div(op.MatMul(p, vset), op.Max(den, op.Constant(value_float=1e-30)))  # [B, H, nc, c, d]
+    out = op.Slice(op.Reshape(out, op.Concat(B, H, npad, D, axis=0)), i0, N, op.Constant(value_ints=[2]))
+    return op.CastLike(out, q)
+
+
 PREPARED_OP_TYPE = "MultiTokenAttentionPrepared"
 LEARNED_OP_TYPE = "MultiTokenAttentionLearned"
 SUMMARY_LOGITS_OP_TYPE = "SummaryLogits"
@@ -473,6 +597,7 @@ SIMPLIFY_BOOL_OP_TYPE = "SimplifyBoolMask"
 SEGMENTED_OP_TYPE = "MultiTokenAttentionSegmented"
 SEGMENTED_LEARNED_OP_TYPE = "MultiTokenAttentionSegmentedLearned"
 SEGMENTED_PREPARED_OP_TYPE = "MultiTokenAttentionSegmentedPrepared"
+CLUSTERED_OP_TYPE = "MultiTokenAttentionClustered"
 
 
 def function_proto() -> onnx.FunctionProto:
@@ -491,7 +616,8 @@ def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
               MultiTokenAttentionPrepared.to_function_proto(), SimplifyMask.to_function_proto(),
               SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto(),
               MultiTokenAttentionSegmented.to_function_proto(), MultiTokenAttentionSegmentedLearned.to_function_proto(),
-              MultiTokenAttentionSegmentedPrepared.to_function_proto(), SegmentSlots.to_function_proto()]
+              MultiTokenAttentionSegmentedPrepared.to_function_proto(), SegmentSlots.to_function_proto(),
+              MultiTokenAttentionClustered.to_function_proto()]
     for fn in protos:
         del fn.opset_import[:]
         fn.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])

@@ -408,3 +408,38 @@ def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
         with torch.no_grad():
             want = first(rewritten(*a, **kw)).numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+class _ClusteredSite(torch.nn.Module):
+    def __init__(self, mask_kind, centroids, **config):
+        super().__init__()
+        self.mask_kind, self.config = mask_kind, config
+        self.register_buffer("centroids", centroids)
+
+    def forward(self, q, k, v, mask):
+        return torch.ops.mta.attention(q, k, v, None if self.mask_kind == "none" else mask, None, None, self.centroids,
+                                       **self.config)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "key_padding_min", "per_head_key_padding"])
+def test_clustered_function_equals_the_op(mask_kind, tmp_path):
+    """``MultiTokenAttentionClustered`` alone against the PyTorch op: GQA, key padding (per head
+    too), windows, sinks inside and beyond the first chunk, partial last chunk, one chunk."""
+    from mta_rewrite.onnx.function import CLUSTERED_OP_TYPE
+    from tests.ops.test_attention import make_mask
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    mask = make_mask(mask_kind, B, Hq, n)
+    mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
+    for i, (c, L, s, K) in enumerate([(4, 1, 0, 3), (3, 2, 2, 5), (5, 1, 7, 1), (100, 1, 0, 2), (2, 3, 1, 4)]):
+        module = _ClusteredSite(mask_kind, torch.randn(Hkv, K, d, generator=g), chunk_size=c, local_chunks=L, sinks=s)
+        path = tmp_path / f"site{i}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = export_onnx(module, (q, k, v, mask), path, dynamic=False)
+        assert CLUSTERED_OP_TYPE in [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+        session = onnx_session(path)
+        got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))})[0]
+        np.testing.assert_allclose(got, module(q, k, v, mask).numpy(), rtol=0, atol=2e-5, err_msg=f"{c, L, s, K}")
