@@ -201,3 +201,24 @@ def test_head_groups_read_the_segments_too():
     with torch.no_grad():
         torch.testing.assert_close(grouped(ids), whole(ids), rtol=1e-5, atol=1e-5)
         assert (grouped(ids) - fixed(ids)).abs().max() > 1e-3
+
+
+class _PrependsAToken(torch.nn.Module):
+    """Attention over a learned token followed by the embedded tokens: n + 1 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 16)
+        self.first = torch.nn.Parameter(torch.zeros(1, 1, 16))
+
+    def forward(self, input_ids):
+        x = torch.cat([self.first.expand(input_ids.shape[0], -1, -1), self.embed(input_ids)], dim=1)
+        q = x.view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+def test_a_site_over_another_length_than_the_token_input_is_refused_at_rewrite():
+    ids = zoo.byte_tokens(zoo.real_text(), 40)
+    with pytest.raises(ValueError, match="boundaries give 40 segment ids .* over 41 tokens"):
+        mr.rewrite(_PrependsAToken(), (ids,), config=mr.MTAConfig(8), boundaries=mr.Boundaries((DOT,)))
+    assert mr.count_mta_nodes(mr.rewrite(_PrependsAToken(), (ids,), config=mr.MTAConfig(8))) == 1

@@ -222,12 +222,32 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     return _restore_layout(g, node, memory_order(m.output))
 
 
+def _example_size(node, dim: int) -> int | None:
+    """A dimension of a node's traced example value (a symbolic size's value in the example)."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    size = v.shape[dim]
+    return size.node.hint if isinstance(size, torch.SymInt) else int(size)
+
+
+def _check_segment_length(segments: fx.Node, m: AttentionMatch) -> None:
+    """Boundaries give one id per token of the model's token input: a site that attends over
+    another number of tokens (a prepended token, a pooled sequence) cannot use them."""
+    ids, n = _example_size(segments.args[0], 1), _example_size(m.q, -2)
+    if ids is not None and n is not None and ids != n:
+        raise ValueError(f"boundaries give {ids} segment ids (one per token of the model's token input) but an "
+                         f"attention site attends over {n} tokens; rewrite without boundaries")
+
+
 def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadGroups | Learned | Clustered,
                 segments: fx.Node | None = None) -> fx.Node:
     """Replace one site by ``torch.ops.mta.attention`` and erase what it computed before
     (``segments``: the segment ids node of boundary chunks)."""
     if isinstance(config, Clustered) and segments is not None:
         raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not chunk)")
+    if segments is not None:
+        _check_segment_length(segments, m)
     g = gm.graph
     out = m.output
     with g.inserting_before(out):
@@ -253,6 +273,8 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
     while keeping the original subgraph: the hook returns either the original output
     (bit-identical) or its own. Calibration uses it to switch sites between exact and candidate
     configurations. ``segments``: the segment ids node of boundary chunks (else None is passed)."""
+    if segments is not None:
+        _check_segment_length(segments, m)
     g = gm.graph
     out = m.output
     with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
