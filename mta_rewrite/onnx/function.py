@@ -23,7 +23,7 @@ in the body compares the mask with the triangle ∧ its last row, and if that fa
 row (O(n²) booleans of the mask's own size, not per head), and when one matches runs the
 key-padding path with the triangle as causality.
 
-Seven functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
+The functions: ``MultiTokenAttention`` (the op) is ``SimplifyMask`` (the recognition) followed
 by ``MultiTokenAttentionPrepared`` (the attention on the recognised mask, with the triangle flag
 as a fifth input and per-key summary logits, zero for means, as a sixth).
 ``MultiTokenAttentionLearned`` is the op with learned summaries (a fifth input, the summary
@@ -31,7 +31,10 @@ weight [Hkv, d]; ``SummaryLogits`` turns it into the per-key logits k_s·w). ``S
 ``RecogniseMask`` the check both recognitions share. The exporter makes sites that share a mask
 call ``MultiTokenAttentionPrepared`` directly, after one recognition node, and recognises a
 model's bool mask as it is instead of turning it into 0 / −inf first
-(``export.share_mask_preparation``).
+(``export.share_mask_preparation``). Boundary chunks: ``MultiTokenAttentionSegmented`` (and
+…Learned, …Prepared), the attention run in chunk slots that ``SegmentSlots`` computes. Clustered
+summaries: ``MultiTokenAttentionClustered``. ``AttendSets`` is the one softmax over a query
+chunk's key set that the attention functions share.
 """
 
 from __future__ import annotations
@@ -136,6 +139,19 @@ def SimplifyBoolMask(allowed):
         out = op.Where(allowed, zero_f, neg_inf)
         found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     return out, found
+
+
+@script(mta_opset, default_opset=op)
+def AttendSets(logits, vset):
+    """softmax(logits)·vset over the last axis of each query chunk's key set (logits [.., c, X],
+    vset [.., X, d]); a row whose logits are all −inf (nothing to attend to) gives zeros."""
+    im1 = op.Constant(value_ints=[-1])
+    neg_inf = op.Constant(value_float=float("-inf"))
+    mx = op.ReduceMax(logits, im1, keepdims=1)
+    mx = op.Where(op.Equal(mx, neg_inf), op.Constant(value_float=0.0), mx)
+    p = op.Exp(op.Sub(logits, mx))
+    den = op.ReduceSum(p, im1, keepdims=1)
+    return op.Div(op.MatMul(p, vset), op.Max(den, op.Constant(value_float=1e-30)))
 
 
 @script(mta_opset, default_opset=op)
@@ -319,15 +335,10 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
     lm = op.Where(op.Unsqueeze(summarised, [3]), lm, neg_inf)
 
-    # ---- one softmax over [exact | sinks | summaries]; empty rows give zeros ------------------
-    logits = op.Concat(le, ls, lm, axis=-1)
-    mx = op.ReduceMax(logits, im1, keepdims=1)
-    mx = op.Where(op.Equal(mx, neg_inf), zero_f, mx)
-    p = op.Exp(op.Sub(logits, mx))
-    den = op.ReduceSum(p, im1, keepdims=1)
+    # ---- one softmax over [exact | sinks | summaries] ------------------------------------------
     vset = op.Concat(vg, op.Expand(op.Unsqueeze(vs, [2]), op.Concat(B, H, nc, S, D, axis=0)),
                      op.Expand(vbar, op.Concat(B, H, nc, nc, D, axis=0)), axis=3)
-    out = op.Div(op.MatMul(p, vset), op.Max(den, op.Constant(value_float=1e-30)))  # [B, H, nc, c, d]
+    out = AttendSets(op.Concat(le, ls, lm, axis=-1), vset)  # [B, H, nc, c, d]
     out = op.Slice(op.Reshape(out, op.Concat(B, H, npad, D, axis=0)), i0, N, op.Constant(value_ints=[2]))
     return op.CastLike(out, q)
 
@@ -577,14 +588,9 @@ def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scal
     ls = op.Where(op.Unsqueeze(sink_ok, [3]), ls, neg_inf)
     lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
 
-    # ---- one softmax over [window | sinks | clusters]; empty rows give zeros ------------------
-    logits = op.Concat(le, ls, lm, axis=-1)
-    mx = op.ReduceMax(logits, im1, keepdims=1)
-    mx = op.Where(op.Equal(mx, neg_inf), zero_f, mx)
-    p = op.Exp(op.Sub(logits, mx))
-    den = op.ReduceSum(p, im1, keepdims=1)
+    # ---- one softmax over [window | sinks | clusters] -------------------------------------------
     vset = op.Concat(vg, op.Expand(op.Unsqueeze(vs, [2]), op.Concat(B, H, nc, S, D, axis=0)), vbar, axis=3)
-    out = op.Div(op.MatMul(p, vset), op.Max(den, op.Constant(value_float=1e-30)))  # [B, H, nc, c, d]
+    out = AttendSets(op.Concat(le, ls, lm, axis=-1), vset)  # [B, H, nc, c, d]
     out = op.Slice(op.Reshape(out, op.Concat(B, H, npad, D, axis=0)), i0, N, op.Constant(value_ints=[2]))
     return op.CastLike(out, q)
 
@@ -617,7 +623,7 @@ def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
               SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto(),
               MultiTokenAttentionSegmented.to_function_proto(), MultiTokenAttentionSegmentedLearned.to_function_proto(),
               MultiTokenAttentionSegmentedPrepared.to_function_proto(), SegmentSlots.to_function_proto(),
-              MultiTokenAttentionClustered.to_function_proto()]
+              MultiTokenAttentionClustered.to_function_proto(), AttendSets.to_function_proto()]
     for fn in protos:
         del fn.opset_import[:]
         fn.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])
