@@ -11,8 +11,10 @@ respect to ``attn_mask`` are not computed (masks are constants in every model we
 top-k selection is piecewise constant and has no gradient, as in the spec. Learned summary
 weights (``summary_weight``) get their gradient through the portable recomputation (calibration
 fits them on the CPU; on CUDA the Triton backward, written for means, is not used then).
-Boundary chunks (``segment_ids``, ``segments.py``) move the tokens into padded chunk slots and run
-every path above there: forward, kernels and backward. Clustered summaries (``centroids``,
+Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or key padding and
+no top-k (``varlen.py``, differentiated by recomputation); otherwise, and always on CUDA, they move
+the tokens into padded chunk slots (``segments.py``) and run every path above there: forward,
+kernels and backward. Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation on every device, differentiated by
 recomputation.
 """
@@ -24,8 +26,9 @@ import torch
 from .chunked import mta_attention_chunked
 from .clustered import check_clustered, mta_attention_clustered
 from .layout import in_layout_of
-from .masks import simplify_mask
+from .masks import normalize_mask, simplify_mask
 from .segments import check_segment_ids, from_slots, segment_layout, segmented, slot_mask, to_slots
+from .varlen import mta_attention_varlen, varlen_applies
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -105,8 +108,16 @@ def _forward(fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, 
                                        local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if segment_ids is not None:
+        if _unpadded_boundaries(fixed is mta_attention_chunked, q, attn_mask, config["top_k"]):
+            return mta_attention_varlen(q, k, v, attn_mask, segment_ids, **kwargs)
         return in_layout_of(q, segmented(fixed, q, k, v, attn_mask, segment_ids, **kwargs))
     return fixed(q, k, v, attn_mask, **kwargs)
+
+
+def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
+    """Whether boundary chunks run without padding slots (``varlen.py``): on the portable path
+    (not the CUDA kernels), for the masks and options it takes."""
+    return portable and varlen_applies(normalize_mask(attn_mask, *q.shape[:3]), top_k)
 
 
 @attention.register_kernel("cuda")
@@ -139,10 +150,16 @@ def _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config):
         grads = backward_cuda(q, k, v, attn_mask, grad_out, **config)
         if grads is not None:
             return (*(g if need else None for g, need in zip(grads, needs[:3])), None)
+    return _recomputed(lambda q, k, v, w: mta_attention_chunked(q, k, v, attn_mask, summary_weight=w, **config),
+                       (q, k, v, summary_weight), grad_out, needs)
+
+
+def _recomputed(fn, inputs, grad_out, needs):
+    """The gradients of ``fn(*inputs)`` (inputs: q, k, v, summary_weight or None) against
+    ``grad_out`` by recomputing it under autograd, None where ``needs`` says not needed."""
     with torch.enable_grad():
-        inputs = (q, k, v, summary_weight)
         leaves = [None if x is None else x.detach().requires_grad_(need) for x, need in zip(inputs, needs)]
-        out = mta_attention_chunked(*leaves[:3], attn_mask, summary_weight=leaves[3], **config)
+        out = fn(*leaves)
         wanted = [x for x in leaves if x is not None and x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
     return tuple(next(grads) if need else None for need in needs)
@@ -154,16 +171,18 @@ def _backward(ctx, grad_out):
     config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
     attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
     if centroids is not None:  # recomputed under autograd (the cluster choice has no gradient)
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), needs)]
-            out = mta_attention_clustered(*leaves, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
-                                          local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
-            wanted = [x for x in leaves if x.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        dq, dk, dv = (next(grads) if need else None for need in needs[:3])
+        dq, dk, dv, _ = _recomputed(
+            lambda q, k, v, _: mta_attention_clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"],
+                                                       scale=config["scale"], local_chunks=config["local_chunks"],
+                                                       sinks=config["sinks"], centroids=centroids),
+            (q, k, v, None), grad_out, (*needs[:3], False))
         return dq, dk, dv, None, None, None, None
     if segment_ids is None:
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
+    elif _unpadded_boundaries(not q.is_cuda, q, attn_mask, config["top_k"]):  # as the forward ran
+        dq, dk, dv, dw = _recomputed(
+            lambda q, k, v, w: mta_attention_varlen(q, k, v, attn_mask, segment_ids, summary_weight=w, **config),
+            (q, k, v, summary_weight), grad_out, needs)
     else:  # the fixed-chunk gradients in the slots, moved back (a slot's padding has none)
         lay = segment_layout(segment_ids, q.shape[0], config["chunk_size"], config["sinks"])
         mask = slot_mask(attn_mask, lay, q.shape[0], q.shape[1], q.shape[2])

@@ -1,0 +1,190 @@
+"""Boundary chunks without padding slots: the CPU implementation for the common masks.
+
+``segments.py`` runs boundary chunks by moving every chunk into a slot of c positions, so the
+fixed-chunk op computes them at N = M·c positions (M chunks), padding rows and keys included:
+1.15–3× the tokens on real text, and the summaries of all M chunks for each of those rows. Here
+the tokens stay where they are. Queries are cut into blocks of ``Bq`` consecutive tokens (a block
+may span several chunks, or a part of one), and block b attends to one key set of X columns:
+
+    [ the tokens of its queries' windows | sinks | the summaries of all M chunks ]
+
+The chunks are contiguous runs of tokens, so the windows of a block's queries lie in one token
+range: from the first token of chunk a−L+1 (a: the chunk of the block's first query) to the last
+token of chunk z (causal, cut at the block's last query) or z+L−1 (z: the chunk of its last
+query). Which of those columns a query may use is its own (chunk ids compared per query and key),
+so the mask is per query: [Bq, X] per block, built band by band (no n×n tensor; at most n·X/8 at
+a time with causality). Summaries are masked means (or learned weighted means) over each chunk's
+allowed non-sink keys, by one ``scatter_add`` over the chunk ids; query t may use summary j when
+j is outside its window (causal: j < chunk(t) − L + 1; otherwise |j − chunk(t)| > L − 1) and the
+chunk has a key (logit + log n_j). Window keys before ``sinks`` are left to the sink columns
+(E(t) is a set). With causality the summaries are banded like the fixed op's.
+
+Cost per head: n·(W + sinks + M) multiply-adds (M halved on average with causality), W ≤ L·c + Bq
++ c (causal; the window of the block's first query reaches back to the start of its chunk), where
+the slots cost N·(L·c + sinks + M), N ≥ n.
+
+Scope: masks None or key padding (one bool or 0/−inf value per key, the same for every head; the
+shapes the op's mask simplification leaves for transformers' masks), no top-k. Anything else
+(top-k, per-query, per-head or bias masks) and the CUDA kernels take the slots of ``segments.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype
+from .layout import in_layout_of
+from .masks import NormalizedMask, normalize_mask
+from .segments import chunk_starts
+
+
+def varlen_applies(mask: NormalizedMask | None, top_k: int) -> bool:
+    """Whether :func:`mta_attention_varlen` computes this call (the module docstring's scope)."""
+    if top_k > 0:
+        return False
+    return mask is None or (not mask.per_query and not mask.per_head and mask.bias is None)
+
+
+def query_block(chunk_size: int) -> int:
+    """Queries per block: 64 up to c = 64, 128 above. A block's window range grows with it (by up
+    to a block), the fused kernel's efficiency falls below it; the fastest on this project's CPU
+    box at 1–8K tokens for c = 16 … 256 (``benchmarks/bench_boundaries.py --sections op``)."""
+    return 64 if chunk_size <= 64 else 128
+
+
+def mta_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor,
+    *,
+    chunk_size: int,
+    causal: bool = False,
+    scale: float | None = None,
+    local_chunks: int = 1,
+    sinks: int = 0,
+    top_k: int = 0,
+    summary_weight: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Boundary-chunk MTA (``segments.py``'s chunks, MTA_SPEC.md's math) for the masks and options
+    of :func:`varlen_applies`, differentiable in q, k, v and ``summary_weight``. ``block``: the
+    queries per block (default :func:`query_block`). See the module docstring."""
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    mask = normalize_mask(attn_mask, B, Hq, n)
+    if not varlen_applies(mask, top_k):
+        raise ValueError("mta_attention_varlen takes no mask or key padding, and no top-k (use segments.segmented)")
+    q_in = q
+    cdt = _compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    dev = q.device
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    c, L, s = chunk_size, local_chunks, min(sinks, n)
+    Bq = min(block or query_block(c), n)
+    nb = -(-n // Bq)
+    npad = nb * Bq
+
+    # ---- chunks: the id of each token, the token range of each chunk ------------------------
+    t = torch.arange(n, device=dev)
+    chunk = (torch.cumsum(chunk_starts(segment_ids, c, s), dim=1) - 1).expand(B, n)  # [B, n]
+    M = int(chunk[:, -1].max()) + 1
+    last_chunk = chunk[:, -1:]  # [B, 1]
+    first = torch.full((B, M), n, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t.expand(B, n), "amin")
+    end = torch.zeros(B, M, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t.expand(B, n) + 1, "amax")
+    key_ok = mask.allowed.view(-1, n).expand(B, n) if mask is not None else torch.ones(B, n, dtype=torch.bool,
+                                                                                        device=dev)
+
+    # ---- summaries [B, Hkv, M, d]: masked (or learned weighted) means, log n_j ---------------
+    w = key_ok & (t >= s)  # the keys a summary pools: allowed, not a sink
+    n_j = torch.zeros(B, M, dtype=cdt, device=dev).scatter_add(1, chunk, w.to(cdt))
+    idx = chunk.view(B, 1, n, 1).expand(B, Hkv, n, d)
+    if summary_weight is None:
+        weight = w.to(cdt).view(B, 1, n, 1)
+        norm = n_j.view(B, 1, M, 1)
+    else:
+        logit = torch.einsum("bhnd,hd->bhn", k, summary_weight.to(cdt)).masked_fill(~w.view(B, 1, n), NEG)
+        top = torch.full((B, Hkv, M), NEG, dtype=cdt, device=dev).scatter_reduce(
+            2, chunk.view(B, 1, n).expand(B, Hkv, n), logit.detach(), "amax")  # for stability only
+        a = torch.exp(logit - top.gather(2, chunk.view(B, 1, n).expand(B, Hkv, n))) * w.view(B, 1, n)
+        weight = a.unsqueeze(-1)
+        norm = torch.zeros(B, Hkv, M, dtype=cdt, device=dev).scatter_add(2, chunk.view(B, 1, n).expand(B, Hkv, n), a)
+        norm = norm.unsqueeze(-1)
+    inv = 1.0 / norm.clamp(min=1e-30)
+    kbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, k * weight) * inv
+    vbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, v * weight) * inv
+    log_n = torch.where(n_j > 0, torch.log(n_j.clamp(min=1.0)), NEG)  # [B, M]
+
+    # ---- per block: the token range of its queries' windows -------------------------------
+    qpos = torch.arange(npad, device=dev).clamp(max=n - 1).view(nb, Bq)  # pad rows repeat the last query
+    qchunk = chunk[:, qpos]  # [B, nb, Bq]
+    a_chunk, z_chunk = qchunk[..., 0], qchunk[..., -1]  # [B, nb]
+    lo = first.gather(1, (a_chunk - L + 1).clamp(min=0))
+    if causal:
+        hi = qpos[:, -1].view(1, nb) + 1
+    else:
+        hi = end.gather(1, torch.minimum(z_chunk + L - 1, last_chunk))
+    Wmax = int((hi - lo).max())
+    kpos = lo.unsqueeze(-1) + torch.arange(Wmax, device=dev)  # [B, nb, Wmax]
+    kin = kpos < hi.unsqueeze(-1)
+    kpos = kpos.clamp(max=n - 1)
+    kchunk = chunk.gather(1, kpos.view(B, -1)).view(B, nb, Wmax)
+    kok = key_ok.gather(1, kpos.view(B, -1)).view(B, nb, Wmax)
+
+    # ---- key sets [Hkv, nb·B, X, d] and queries [Hkv, nb·B, G·Bq, d] (block-major: a band of
+    # blocks is a contiguous slice) -------------------------------------------------------------
+    X = Wmax + s + M
+    k_set = torch.empty(Hkv, nb, B, X, d, dtype=cdt, device=dev)
+    v_set = torch.empty(Hkv, nb, B, X, d, dtype=cdt, device=dev)
+    gidx = kpos.view(1, B, nb * Wmax, 1).expand(Hkv, B, nb * Wmax, d)
+    k_set[:, :, :, :Wmax] = k.transpose(0, 1).gather(2, gidx).view(Hkv, B, nb, Wmax, d).transpose(1, 2)
+    v_set[:, :, :, :Wmax] = v.transpose(0, 1).gather(2, gidx).view(Hkv, B, nb, Wmax, d).transpose(1, 2)
+    if s > 0:
+        k_set[:, :, :, Wmax:Wmax + s] = k[:, :, :s].transpose(0, 1).unsqueeze(1)
+        v_set[:, :, :, Wmax:Wmax + s] = v[:, :, :s].transpose(0, 1).unsqueeze(1)
+    k_set[:, :, :, Wmax + s:] = kbar.transpose(0, 1).unsqueeze(1)
+    v_set[:, :, :, Wmax + s:] = vbar.transpose(0, 1).unsqueeze(1)
+    k_set, v_set = k_set.view(Hkv, nb * B, X, d), v_set.view(Hkv, nb * B, X, d)
+    qp = q if npad == n else torch.nn.functional.pad(q, (0, 0, 0, npad - n))
+    q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
+
+    # ---- one fused attention call per band of blocks ------------------------------------------
+    out = torch.empty(Hkv, nb * B, G * Bq, d, dtype=cdt, device=dev)
+    lse = torch.empty(Hkv, nb * B, G * Bq, dtype=cdt, device=dev)
+    bands = _causal_bands(nb)  # bands bound the mask's memory (n·X / 8) and, causal, the summaries
+    jj = torch.arange(M, device=dev)
+    for lo_b, hi_b in bands:
+        sel = slice(lo_b, hi_b)
+        qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
+        tq = qpos[sel].view(1, hi_b - lo_b, Bq, 1)
+        # exact window columns: in range, not a sink, allowed, chunk in the query's window
+        kc = kchunk[:, sel].unsqueeze(-2)  # [B, m, 1, Wmax]
+        win = (kin[:, sel] & (kpos[:, sel] >= s) & kok[:, sel]).unsqueeze(-2) & (kc >= qc - L + 1)
+        win = win & ((kpos[:, sel].unsqueeze(-2) <= tq) if causal else (kc <= qc + L - 1))
+        parts = [torch.where(win, 0.0, NEG).to(cdt)]
+        if s > 0:
+            sink = key_ok[:, :s].view(B, 1, 1, s)
+            if causal:
+                sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
+            parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, hi_b - lo_b, Bq, s))
+        # summaries: causal j < chunk(t) − L + 1, so the band needs the first max chunk − L + 1
+        width = max(0, int(qc.max()) - L + 1) if causal else M
+        j = jj[:width]
+        outside = (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
+        parts.append(torch.where(outside, log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
+        m = torch.cat(parts, dim=-1)  # [B, m, Bq, Wmax + s + width]
+        if G > 1:  # rows are (query head of the group, query): the same mask for each head
+            m = m.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)
+        cols = Wmax + s + width
+        m = m.transpose(0, 1).reshape(1, (hi_b - lo_b) * B, G * Bq, cols)  # rows: block·B + b
+        rows = slice(lo_b * B, hi_b * B)
+        o, l = _attention_with_lse(q_rows[:, rows], k_set[:, rows, :cols], v_set[:, rows, :cols], m, scale)
+        out[:, rows], lse[:, rows] = o, l
+    # a query with nothing to attend to (every key padded away) outputs zeros
+    out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)
+    out = out.view(Hkv, nb, B, G, Bq, d).permute(2, 0, 3, 1, 4, 5).reshape(B, Hq, npad, d)
+    return in_layout_of(q_in, out[:, :, :n])

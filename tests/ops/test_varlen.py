@@ -1,0 +1,124 @@
+"""Boundary chunks without padding slots (``ops/varlen.py``): against the float64 reference, which
+chunks token by token, against the padded-slot path on the same inputs, and the op's choice
+between them."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import mta_rewrite  # noqa: F401  (registers torch.ops.mta.attention)
+from mta_rewrite.ops import mta_attention_reference
+from mta_rewrite.ops.chunked import mta_attention_chunked
+from mta_rewrite.ops.segments import segmented
+from mta_rewrite.ops.varlen import mta_attention_varlen
+
+from .test_attention import make_mask, qkv
+from .test_segments import segments
+
+mta = torch.ops.mta.attention
+attention_module = importlib.import_module("mta_rewrite.ops.attention")  # the package exports the op under that name
+F64 = torch.float64
+# (c, L, sinks): c = 1, sinks beyond the first chunk, windows of 2–3 chunks, c > n
+CONFIGS = [(4, 1, 0), (3, 2, 2), (5, 1, 7), (1, 1, 0), (100, 1, 0), (2, 3, 1), (6, 2, 12)]
+
+
+def key_padding(B, n, empty_row=False):
+    pad = make_mask("key_padding_bool", B, 1, n)
+    if empty_row:
+        pad = pad.clone()
+        pad[-1] = False  # a sequence with no key at all: its rows give zeros
+    return pad
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "empty_sequence", "causal_padding_4d_min"])
+@pytest.mark.parametrize("block", [1, 3, 16, None])
+def test_matches_reference(causal, mask_kind, block):
+    """GQA, three sequences chunked differently, every block size against chunks of 1–100 tokens."""
+    B, Hq, Hkv, n = 3, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n)
+    if mask_kind == "causal_padding_4d_min":
+        mask = make_mask(mask_kind, B, Hq, n)  # the op reads it as key padding ∧ causality
+    else:
+        mask = None if mask_kind == "none" else key_padding(B, n, mask_kind == "empty_sequence")
+    ids = segments(B, n, rate=0.25)
+    for c, L, s in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+        ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+        if mask_kind != "causal_padding_4d_min":
+            out = mta_attention_varlen(q, k, v, mask, ids, block=block, **kw)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
+        torch.testing.assert_close(mta(q, k, v, mask, None, ids, **kw), ref, rtol=1e-10, atol=1e-10)
+    if mask_kind == "empty_sequence":
+        assert mta(q, k, v, mask, None, ids, chunk_size=4, causal=causal)[-1].abs().max() == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_learned_summaries_shared_ids_and_fp32(causal):
+    """Learned summaries, one [1, n] id row for the whole batch, fp32 inputs (the fused CPU kernel)."""
+    B, Hq, Hkv, n = 2, 6, 2, 45
+    q, k, v = qkv(B, Hq, Hkv, n, seed=2)
+    w = torch.randn(Hkv, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    ids = segments(1, n, rate=0.15)
+    mask = key_padding(B, n)
+    for c, L, s in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+        ref = mta_attention_reference(q, k, v, mask, summary_weight=w, segment_ids=ids, **kw)
+        out = mta_attention_varlen(q, k, v, mask, ids, summary_weight=w, block=8, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        q32, k32, v32, w32 = (x.float() for x in (q, k, v, w))
+        out32 = mta(q32, k32, v32, mask, w32, ids, **kw)
+        assert out32.dtype == torch.float32
+        torch.testing.assert_close(out32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_agrees_with_the_padded_slots():
+    """The same function as the slots compute it (they remain the path of the CUDA kernels)."""
+    B, Hq, Hkv, n = 2, 4, 1, 150
+    q, k, v = qkv(B, Hq, Hkv, n, d=16, dtype=torch.float32, seed=7)
+    ids = segments(B, n, rate=0.1)
+    for causal in (False, True):
+        for c, L, s in [(8, 1, 4), (16, 2, 0), (32, 1, 16)]:
+            kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+            slots = segmented(mta_attention_chunked, q, k, v, key_padding(B, n), ids, summary_weight=None, top_k=0, **kw)
+            torch.testing.assert_close(mta(q, k, v, key_padding(B, n), None, ids, **kw), slots, rtol=2e-5, atol=2e-5)
+
+
+def test_the_op_chooses_by_mask_and_top_k(monkeypatch):
+    """On the CPU, no mask or key padding without top-k runs here; top-k and other masks take the slots."""
+    q, k, v = qkv(2, 4, 2, 20)
+    ids = segments(2, 20, rate=0.3)
+
+    def no_slots(*args, **kwargs):
+        raise AssertionError("padded slots used")
+
+    monkeypatch.setattr(attention_module, "segmented", no_slots)
+    for mask_kind in ("none", "key_padding_bool", "key_padding_min", "causal_padding_4d_min"):
+        mta(q, k, v, make_mask(mask_kind, 2, 4, 20), None, ids, chunk_size=4, causal=True)
+    for mask, top_k in ((None, 1), (make_mask("alibi_bias", 2, 4, 20), 0), (make_mask("per_head_key_padding", 2, 4, 20), 0)):
+        with pytest.raises(AssertionError, match="padded slots"):
+            mta(q, k, v, mask, None, ids, chunk_size=4, top_k=top_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients(causal):
+    """q, k, v and the learned summary weights, by finite differences, through the op's backward."""
+    B, Hq, Hkv, n = 2, 2, 1, 11
+    q, k, v = (x.requires_grad_() for x in qkv(B, Hq, Hkv, n, d=4))
+    w = torch.randn(Hkv, 4, dtype=F64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    ids = segments(B, n, rate=0.3)
+    mask = key_padding(B, n)
+    kw = dict(chunk_size=3, causal=causal, local_chunks=1, sinks=2)
+    assert torch.autograd.gradcheck(lambda q, k, v, w: mta(q, k, v, mask, w, ids, **kw), (q, k, v, w))
+
+
+def test_refuses_what_it_does_not_compute():
+    q, k, v = qkv(1, 2, 2, 10)
+    ids = segments(1, 10)
+    with pytest.raises(ValueError, match="no top-k"):
+        mta_attention_varlen(q, k, v, None, ids, chunk_size=4, top_k=1)
+    with pytest.raises(ValueError, match="key padding"):
+        mta_attention_varlen(q, k, v, make_mask("alibi_bias", 1, 2, 10), ids, chunk_size=4)
