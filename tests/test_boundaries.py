@@ -152,10 +152,14 @@ def test_cli_export_with_separators(tmp_path):
 
 def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     """calibrate(boundaries=): every candidate runs with boundary chunks (the held-out error the
-    plan reports is the rewritten model's), costs are those of the padded slots, the plan carries
-    the boundaries; the CLI's calibrate --separators writes such a plan and rewrite --plan applies it."""
+    plan reports is the rewritten model's), costs are those of the op's unpadded layout (causal, no
+    mask, top-k 0) or of the padded slots (top-k), the plan carries the boundaries; the CLI's
+    calibrate --separators writes such a plan and rewrite --plan applies it."""
     from mta_rewrite.calibration.cost import relative_cost
     from mta_rewrite.calibration.metrics import output_error
+    from mta_rewrite.ops.segments import padded_length
+    from mta_rewrite.ops.varlen import key_columns
+    from mta_rewrite.passes.lower import segment_ids_from_separators
 
     model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
     text = zoo.real_text()
@@ -167,8 +171,18 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     assert plan.boundaries == boundaries
     chosen = [(name, e) for name, e in plan.sites.items() if e.config is not None]
     assert chosen, "a budget of 0.2 approximates some site"
-    for _, entry in chosen:  # the padded slots cost more than fixed chunks of the same size
-        assert entry.relative_cost > relative_cost(entry.config, 512, 16, True)
+    held_out = set(plan.metadata["holdout_indices"])
+    ids = [segment_ids_from_separators(s[0], boundaries.separators) for i, s in enumerate(samples) if i not in held_out]
+    for _, entry in chosen:
+        cfg = entry.config
+        if cfg.top_k == 0:
+            cols = max(key_columns(x, chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks,
+                                   sinks=cfg.sinks) for x in ids)
+            want = relative_cost(cfg, 512, 16, True, boundary_columns=cols)
+        else:
+            want = relative_cost(cfg, 512, 16, True, padded_n=max(padded_length(x, cfg.chunk_size, cfg.sinks) for x in ids))
+        assert entry.relative_cost == pytest.approx(want)
+        assert entry.relative_cost > relative_cost(cfg, 512, 16, True)  # short lines: more chunks than fixed ones
     rewritten = mr.rewrite(model, samples[0], plan=plan)
     held = [samples[i] for i in plan.metadata["holdout_indices"]]
     with torch.no_grad():

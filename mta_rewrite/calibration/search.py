@@ -163,8 +163,8 @@ def calibrate(
     cheaper plans of the family that were near the budget with means (cheapest first, until one is
     within it), else the chosen plan; the cheapest plan within budget wins, learned or not (at
     equal cost, the lower held-out error). ``boundaries``: every candidate with boundary chunks
-    (segments ending after separator tokens of the model's token ids; costed at the op's padded
-    length); the plan carries them. ``cluster_keys``: after that, clustered summaries
+    (segments ending after separator tokens of the model's token ids; costed as the op runs them on
+    the CPU, see ``cost``); the plan carries them. ``cluster_keys``: after that, clustered summaries
     (``calibration.cluster``, non-causal sites) for up to ``learned_plans`` plans chosen the same
     way, each costed with its K summaries and the centroid scoring.
     """
@@ -373,8 +373,8 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     pool = list(candidates) if candidates is not None else default_candidates(n)
     st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
     exact_blocks = _exact_block_fractions(recs, pool)
-    padded = _padded_lengths(recs, pool)
-    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], padded_n=padded[c]) for c in pool}
+    boundary = _boundary_costs(recs, pool, causal)
+    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], **boundary[c]) for c in pool}
     st.candidates = [c for c in pool if costs[c] < 1.0]  # the crossover
     st.costs = {c: costs[c] for c in st.candidates}
     reference = _reference(recs)
@@ -389,19 +389,32 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     return st
 
 
-def _padded_lengths(recs, pool) -> dict:
-    """Per candidate, the length the op runs at with boundary chunks (the longest over the
-    samples' chunk slots, ``ops.segments.padded_length``); None without boundaries."""
+def _boundary_costs(recs, pool, causal: bool) -> dict:
+    """Per candidate, how boundary chunks are costed at this site (``cost.relative_cost``'s
+    keywords): without padding where the op runs them so (``ops.varlen``: the site's masks are
+    none or key padding, no top-k; the most columns over the samples), else at the padded length
+    of the chunk slots (the longest over the samples); nothing without boundaries."""
     if recs[0].segment_ids is None:
-        return dict.fromkeys(pool)
+        return {c: {} for c in pool}
     from ..ops.segments import padded_length
+    from ..ops.varlen import key_columns, runs_unpadded
 
+    unpadded = all(runs_unpadded(r.mask, *r.q.shape[:3], r.causal, 0) for r in recs)
     cache: dict = {}
+    out = {}
     for c in pool:
-        key = (c.chunk_size, c.sinks)
-        if key not in cache:
-            cache[key] = max(padded_length(r.segment_ids, *key) for r in recs)
-    return {c: cache[(c.chunk_size, c.sinks)] for c in pool}
+        if unpadded and c.top_k == 0:
+            key = (c.chunk_size, c.local_chunks, c.sinks)
+            if key not in cache:
+                cols = [key_columns(r.segment_ids, chunk_size=c.chunk_size, causal=causal, local_chunks=c.local_chunks,
+                                    sinks=c.sinks) for r in recs]
+                cache[key] = {"boundary_columns": max(cols)}
+        else:
+            key = (c.chunk_size, c.sinks)
+            if key not in cache:
+                cache[key] = {"padded_n": max(padded_length(r.segment_ids, *key) for r in recs)}
+        out[c] = cache[key]
+    return out
 
 
 def _exact_block_fractions(recs, pool) -> dict:

@@ -31,12 +31,13 @@ shapes the op's mask simplification leaves for transformers' masks), no top-k. A
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype
 from .layout import in_layout_of
-from .masks import NormalizedMask, normalize_mask
+from .masks import NormalizedMask, normalize_mask, simplify_mask
 from .segments import chunk_starts
 
 
@@ -47,11 +48,80 @@ def varlen_applies(mask: NormalizedMask | None, top_k: int) -> bool:
     return mask is None or (not mask.per_query and not mask.per_head and mask.bias is None)
 
 
+def runs_unpadded(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool, top_k: int) -> bool:
+    """Whether the op on the CPU runs boundary chunks here, for this SDPA mask (as the op simplifies
+    it: transformers' materialised masks read as key padding ∧ causality) and top-k."""
+    attn_mask, _ = simplify_mask(attn_mask, B, Hq, n, causal)
+    return varlen_applies(normalize_mask(attn_mask, B, Hq, n), top_k)
+
+
 def query_block(chunk_size: int) -> int:
     """Queries per block: 64 up to c = 64, 128 above. A block's window range grows with it (by up
     to a block), the fused kernel's efficiency falls below it; the fastest on this project's CPU
     box at 1–8K tokens for c = 16 … 256 (``benchmarks/bench_boundaries.py --sections op``)."""
     return 64 if chunk_size <= 64 else 128
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The chunks of boundary ids and the query blocks over them, as the op lays them out."""
+
+    chunk: torch.Tensor  # [B, n] long: the chunk of each token
+    chunks: int  # M, the most chunks of any sequence
+    block: int  # Bq, queries per block
+    qpos: torch.Tensor  # [nb, Bq]: each block row's query (pad rows repeat the last query)
+    qchunk: torch.Tensor  # [B, nb, Bq]: its chunk
+    lo: torch.Tensor  # [B, nb]: the first token of the block's window range
+    hi: torch.Tensor  # [B, nb] (or [1, nb]): one past its last
+    bands: list  # (first block, end block, summaries the band needs)
+
+    @property
+    def width(self) -> int:
+        """Wmax, the window columns of every block's key set."""
+        return int((self.hi - self.lo).max())
+
+
+def plan_blocks(segment_ids: torch.Tensor, B: int, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
+                sinks: int = 0, block: int | None = None) -> BlockPlan:
+    """The chunks (``segments.chunk_starts``' rules) and, per block of ``block`` queries, the token
+    range its queries' windows lie in; the bands of blocks the op runs (module docstring)."""
+    n = segment_ids.shape[1]
+    dev = segment_ids.device
+    c, L, s = chunk_size, local_chunks, min(sinks, n)
+    Bq = min(block or query_block(c), n)
+    nb = -(-n // Bq)
+    t = torch.arange(n, device=dev).expand(B, n)
+    chunk = (torch.cumsum(chunk_starts(segment_ids, c, s), dim=1) - 1).expand(B, n)
+    M = int(chunk[:, -1].max()) + 1
+    first = torch.full((B, M), n, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t, "amin")
+    qpos = torch.arange(nb * Bq, device=dev).clamp(max=n - 1).view(nb, Bq)
+    qchunk = chunk[:, qpos]
+    lo = first.gather(1, (qchunk[..., 0] - L + 1).clamp(min=0))
+    if causal:  # up to the block's last query
+        hi = qpos[:, -1].view(1, nb) + 1
+    else:  # to the end of chunk z + L − 1 (z: the chunk of the block's last query)
+        end = torch.zeros(B, M, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t + 1, "amax")
+        hi = end.gather(1, torch.minimum(qchunk[..., -1] + L - 1, chunk[:, -1:]))
+    # bands bound the mask's memory (n·X / 8); with causality query t uses the summaries
+    # j < chunk(t) − L + 1, so a band needs only the first max chunk − L + 1 of them
+    bands = []
+    for lo_b, hi_b in _causal_bands(nb):
+        width = max(0, int(qchunk[:, lo_b:hi_b].max()) - L + 1) if causal else M
+        bands.append((lo_b, hi_b, width))
+    return BlockPlan(chunk, M, Bq, qpos, qchunk, lo, hi, bands)
+
+
+def key_columns(segment_ids: torch.Tensor, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
+                sinks: int = 0) -> tuple[float, int]:
+    """(columns per query, key-set rows) the op computes for these ids, averaged over the sequences
+    of the batch: the cost model's keys per query (window range, sinks, summaries) and the rows of
+    the key sets it builds (``calibration.cost``)."""
+    B, n = segment_ids.shape
+    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=local_chunks, sinks=sinks)
+    s = min(sinks, n)
+    W = plan.width
+    columns = sum((hi_b - lo_b) * plan.block * (W + s + width) for lo_b, hi_b, width in plan.bands)
+    return columns / n, plan.qpos.shape[0] * (W + s + plan.chunks)
 
 
 def mta_attention_varlen(
@@ -84,18 +154,12 @@ def mta_attention_varlen(
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     dev = q.device
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    c, L, s = chunk_size, local_chunks, min(sinks, n)
-    Bq = min(block or query_block(c), n)
-    nb = -(-n // Bq)
+    L, s = local_chunks, min(sinks, n)
+    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=L, sinks=s, block=block)
+    chunk, M, Bq, qpos, qchunk = plan.chunk, plan.chunks, plan.block, plan.qpos, plan.qchunk
+    nb = qpos.shape[0]
     npad = nb * Bq
-
-    # ---- chunks: the id of each token, the token range of each chunk ------------------------
     t = torch.arange(n, device=dev)
-    chunk = (torch.cumsum(chunk_starts(segment_ids, c, s), dim=1) - 1).expand(B, n)  # [B, n]
-    M = int(chunk[:, -1].max()) + 1
-    last_chunk = chunk[:, -1:]  # [B, 1]
-    first = torch.full((B, M), n, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t.expand(B, n), "amin")
-    end = torch.zeros(B, M, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t.expand(B, n) + 1, "amax")
     key_ok = mask.allowed.view(-1, n).expand(B, n) if mask is not None else torch.ones(B, n, dtype=torch.bool,
                                                                                         device=dev)
 
@@ -119,16 +183,9 @@ def mta_attention_varlen(
     vbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, v * weight) * inv
     log_n = torch.where(n_j > 0, torch.log(n_j.clamp(min=1.0)), NEG)  # [B, M]
 
-    # ---- per block: the token range of its queries' windows -------------------------------
-    qpos = torch.arange(npad, device=dev).clamp(max=n - 1).view(nb, Bq)  # pad rows repeat the last query
-    qchunk = chunk[:, qpos]  # [B, nb, Bq]
-    a_chunk, z_chunk = qchunk[..., 0], qchunk[..., -1]  # [B, nb]
-    lo = first.gather(1, (a_chunk - L + 1).clamp(min=0))
-    if causal:
-        hi = qpos[:, -1].view(1, nb) + 1
-    else:
-        hi = end.gather(1, torch.minimum(z_chunk + L - 1, last_chunk))
-    Wmax = int((hi - lo).max())
+    # ---- per block: the window columns, the tokens lo … hi − 1 -------------------------------
+    lo, hi = plan.lo, plan.hi
+    Wmax = plan.width
     kpos = lo.unsqueeze(-1) + torch.arange(Wmax, device=dev)  # [B, nb, Wmax]
     kin = kpos < hi.unsqueeze(-1)
     kpos = kpos.clamp(max=n - 1)
@@ -155,9 +212,8 @@ def mta_attention_varlen(
     # ---- one fused attention call per band of blocks ------------------------------------------
     out = torch.empty(Hkv, nb * B, G * Bq, d, dtype=cdt, device=dev)
     lse = torch.empty(Hkv, nb * B, G * Bq, dtype=cdt, device=dev)
-    bands = _causal_bands(nb)  # bands bound the mask's memory (n·X / 8) and, causal, the summaries
     jj = torch.arange(M, device=dev)
-    for lo_b, hi_b in bands:
+    for lo_b, hi_b, width in plan.bands:
         sel = slice(lo_b, hi_b)
         qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
         tq = qpos[sel].view(1, hi_b - lo_b, Bq, 1)
@@ -171,9 +227,7 @@ def mta_attention_varlen(
             if causal:
                 sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
             parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, hi_b - lo_b, Bq, s))
-        # summaries: causal j < chunk(t) − L + 1, so the band needs the first max chunk − L + 1
-        width = max(0, int(qc.max()) - L + 1) if causal else M
-        j = jj[:width]
+        j = jj[:width]  # the summaries the band needs
         outside = (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
         parts.append(torch.where(outside, log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
         m = torch.cat(parts, dim=-1)  # [B, m, Bq, Wmax + s + width]

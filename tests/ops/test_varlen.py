@@ -122,3 +122,30 @@ def test_refuses_what_it_does_not_compute():
         mta_attention_varlen(q, k, v, None, ids, chunk_size=4, top_k=1)
     with pytest.raises(ValueError, match="key padding"):
         mta_attention_varlen(q, k, v, make_mask("alibi_bias", 1, 2, 10), ids, chunk_size=4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
+    """The cost model's columns per query and key-set rows are the ones the op hands the kernel."""
+    import mta_rewrite.ops.varlen as varlen
+
+    seen = []
+    real = varlen._attention_with_lse
+
+    def counting(q, k, v, mask, scale):
+        seen.append((q.shape[1] * q.shape[2] // 2, k.shape[1], k.shape[2]))  # (rows per head group, blocks, columns)
+        return real(q, k, v, mask, scale)
+
+    monkeypatch.setattr(varlen, "_attention_with_lse", counting)
+    n = 700
+    q, k, v = qkv(1, 2, 1, n, dtype=torch.float32)
+    ids = segments(1, n, rate=0.05)
+    for c, L, s in [(16, 1, 4), (64, 2, 0), (200, 1, 16)]:
+        seen.clear()
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+        mta_attention_varlen(q, k, v, None, ids, **kw)
+        columns, rows = varlen.key_columns(ids, **kw)
+        assert columns * n == pytest.approx(sum(r * x for r, _, x in seen))
+        plan = varlen.plan_blocks(ids, 1, **kw)
+        assert rows == plan.qpos.shape[0] * (plan.width + s + plan.chunks)
+        assert rows >= sum(b * x for _, b, x in seen)  # the bands use a prefix of the summaries
