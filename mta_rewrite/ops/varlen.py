@@ -12,16 +12,16 @@ The chunks are contiguous runs of tokens, so the windows of a block's queries li
 range: from the first token of chunk a−L+1 (a: the chunk of the block's first query) to the last
 token of chunk z (causal, cut at the block's last query) or z+L−1 (z: the chunk of its last
 query). Which of those columns a query may use is its own (chunk ids compared per query and key),
-so the mask is per query: [Bq, X] per block, built band by band (no n×n tensor; at most n·X/8 at
-a time with causality). Summaries are masked means (or learned weighted means) over each chunk's
+so the mask is per query: [Bq, X] per block, built band by band (no n×n tensor; about n·X/8 at a
+time). Summaries are masked means (or learned weighted means) over each chunk's
 allowed non-sink keys, by one ``scatter_add`` over the chunk ids; query t may use summary j when
 j is outside its window (causal: j < chunk(t) − L + 1; otherwise |j − chunk(t)| > L − 1) and the
 chunk has a key (logit + log n_j). Window keys before ``sinks`` are left to the sink columns
 (E(t) is a set). With causality the summaries are banded like the fixed op's.
 
-Cost per head: n·(W + sinks + M) multiply-adds (M halved on average with causality), W ≤ L·c + Bq
-+ c (causal; the window of the block's first query reaches back to the start of its chunk), where
-the slots cost N·(L·c + sinks + M), N ≥ n.
+Cost per head: n·(W + sinks + M) multiply-adds (M about halved with causality), W < Bq + L·c with
+causality (the window of the block's first query reaches back to the start of chunk a − L + 1),
+W < Bq + 2L·c without; the slots cost N·(L·c + sinks + M), N ≥ n.
 
 Scope: masks None or key padding (one bool or 0/−inf value per key, the same for every head; the
 shapes the op's mask simplification leaves for transformers' masks), no top-k. Anything else
@@ -113,9 +113,9 @@ def plan_blocks(segment_ids: torch.Tensor, B: int, *, chunk_size: int, causal: b
 
 def key_columns(segment_ids: torch.Tensor, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
                 sinks: int = 0) -> tuple[float, int]:
-    """(columns per query, key-set rows) the op computes for these ids, averaged over the sequences
-    of the batch: the cost model's keys per query (window range, sinks, summaries) and the rows of
-    the key sets it builds (``calibration.cost``)."""
+    """(columns per query, key-set rows) the op computes per sequence for these ids (every sequence
+    of a batch runs the layout of the widest): the cost model's keys per query (window range,
+    sinks, summaries) and the rows of the key sets it builds (``calibration.cost``)."""
     B, n = segment_ids.shape
     plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=local_chunks, sinks=sinks)
     s = min(sinks, n)

@@ -149,3 +149,4 @@ def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
         plan = varlen.plan_blocks(ids, 1, **kw)
         assert rows == plan.qpos.shape[0] * (plan.width + s + plan.chunks)
         assert rows >= sum(b * x for _, b, x in seen)  # the bands use a prefix of the summaries
+        assert plan.width < plan.block + (1 if causal else 2) * L * c  # the window range's bound (docs)
