@@ -17,7 +17,8 @@ B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
    tiles), the fraction of the memory floor reached, and (n ≤ 16K) the relative error against
    the portable implementation in fp32;
 4. extras at 64K causal, c = 128: the summary pre-pass alone (means and learned), learned
-   summaries, boundary chunks (runs of ~100 tokens: the slots' padded length and the op's time),
+   summaries, boundary chunks (runs of ~100 tokens: the slots' padded length and the op's time;
+   the CPU's unpadded path in torch ops on the GPU, for comparison),
    L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the
    backward alone with the summaries' gradients by atomics or by their own kernel, and the op at
@@ -501,6 +502,13 @@ def main(argv=None):
         extras["boundary_padded_over_n"] = padded_length(seg, c) / n
         extras["boundary_chunks_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, None, None, seg, chunk_size=c,
                                                                                  causal=True))
+        # the CPU's unpadded path (ops/varlen.py: torch ops, attention by matmul + softmax off the
+        # CPU) on the GPU: whether CUDA should route boundary chunks there instead of the slots
+        from mta_rewrite.ops.varlen import mta_attention_varlen
+
+        time_variant(extras, "boundary_unpadded_portable", lambda: mta_attention_varlen(q, k, v, None, seg, chunk_size=c,
+                                                                                        causal=True))
+        torch.cuda.empty_cache() if DEVICE == "cuda" else None
         seg = None
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
