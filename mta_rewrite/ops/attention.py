@@ -3,7 +3,8 @@
 The signature and the math are those of MTA_SPEC.md. The op is opaque to torch.export (it
 appears as one node ``mta.attention.default`` with its configuration as constant arguments),
 runs the fused Triton kernels on CUDA (``kernels/``, with the dispatch rules there) and the
-efficient chunked implementation on the CPU and every other device. It differentiates in q, k
+portable implementation on the CPU and every other device (``portable_fixed``: chunk by chunk,
+``chunked.py``, or for many small chunks in query blocks, ``varlen.py``). It differentiates in q, k
 and v without keeping activations between forward and backward, only the inputs: on CUDA, where
 the Triton backward applies (no mask or key padding), through its kernels
 (``kernels/mta_bwd.py``); otherwise by recomputing the forward under autograd. Gradients with
@@ -28,7 +29,7 @@ from .clustered import check_clustered, mta_attention_clustered
 from .layout import in_layout_of
 from .masks import normalize_mask, simplify_mask
 from .segments import check_segment_ids, from_slots, segment_layout, segmented, slot_mask, to_slots
-from .varlen import mta_attention_varlen, varlen_applies
+from .varlen import blocks_beat_chunks, mta_attention_varlen, varlen_applies
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -94,13 +95,13 @@ def attention(
     (the spec's learned clustering of keys, non-causal, ``clustered.py``): the keys outside a
     query's window summarised per nearest centroid instead of per chunk."""
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    return _forward(mta_attention_chunked, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+    return _forward(portable_fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                     causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
 def _forward(fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
     """The op once its inputs are checked; ``fixed``: the fixed-chunk implementation of the device
-    (``mta_attention_chunked``, or the CUDA dispatch)."""
+    (:func:`portable_fixed`, or the CUDA dispatch)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
@@ -108,10 +109,20 @@ def _forward(fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, 
                                        local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if segment_ids is not None:
-        if _unpadded_boundaries(fixed is mta_attention_chunked, q, attn_mask, config["top_k"]):
+        if _unpadded_boundaries(fixed is portable_fixed, q, attn_mask, config["top_k"]):
             return mta_attention_varlen(q, k, v, attn_mask, segment_ids, **kwargs)
         return in_layout_of(q, segmented(fixed, q, k, v, attn_mask, segment_ids, **kwargs))
     return fixed(q, k, v, attn_mask, **kwargs)
+
+
+def portable_fixed(q, k, v, attn_mask=None, **config):
+    """Fixed-chunk MTA off the CUDA kernels: chunk by chunk (``chunked.py``), or in query blocks
+    (``varlen.py``) where those are faster (``varlen.blocks_beat_chunks``: small chunks, many of
+    them) and apply (no mask or key padding, no top-k)."""
+    if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and varlen_applies(
+            normalize_mask(attn_mask, *q.shape[:3]), config["top_k"]):
+        return mta_attention_varlen(q, k, v, attn_mask, None, **config)
+    return mta_attention_chunked(q, k, v, attn_mask, **config)
 
 
 def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
@@ -150,7 +161,7 @@ def _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config):
         grads = backward_cuda(q, k, v, attn_mask, grad_out, **config)
         if grads is not None:
             return (*(g if need else None for g, need in zip(grads, needs[:3])), None)
-    return _recomputed(lambda q, k, v, w: mta_attention_chunked(q, k, v, attn_mask, summary_weight=w, **config),
+    return _recomputed(lambda q, k, v, w: portable_fixed(q, k, v, attn_mask, summary_weight=w, **config),
                        (q, k, v, summary_weight), grad_out, needs)
 
 

@@ -55,6 +55,16 @@ def runs_unpadded(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causa
     return varlen_applies(normalize_mask(attn_mask, B, Hq, n), top_k)
 
 
+def blocks_beat_chunks(chunk_size: int, n: int) -> bool:
+    """Whether fixed chunks run faster here, in query blocks, than chunk by chunk (``chunked.py``):
+    for c < 32 with at least 256 chunks. The chunk-by-chunk op builds one key set per chunk,
+    nc·(L·c + sinks + nc) rows of k and v, quadratic in the chunk count; blocks of 64 queries build
+    one per block. Measured on this project's CPU box (``benchmarks/bench_query_blocks.py``, blocks
+    of 64): c = 8 and 16 from 256 chunks on take 0.18–0.82× the time; c = 32 at 512 chunks
+    0.84–1.05×; with fewer chunks, or c ≥ 32, blocks are slower (1.15–2×)."""
+    return chunk_size < 32 and n >= 256 * chunk_size
+
+
 def query_block(chunk_size: int) -> int:
     """Queries per block: 64 up to c = 64, 128 above. A block's window range grows with it (by up
     to a block), the fused kernel's efficiency falls below it; the fastest on this project's CPU
@@ -81,17 +91,22 @@ class BlockPlan:
         return int((self.hi - self.lo).max())
 
 
-def plan_blocks(segment_ids: torch.Tensor, B: int, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
-                sinks: int = 0, block: int | None = None) -> BlockPlan:
-    """The chunks (``segments.chunk_starts``' rules) and, per block of ``block`` queries, the token
-    range its queries' windows lie in; the bands of blocks the op runs (module docstring)."""
-    n = segment_ids.shape[1]
-    dev = segment_ids.device
+def plan_blocks(segment_ids: torch.Tensor | None, B: int, *, chunk_size: int, causal: bool = False,
+                local_chunks: int = 1, sinks: int = 0, block: int | None = None, n: int | None = None,
+                device=None) -> BlockPlan:
+    """The chunks (``segments.chunk_starts``' rules; ``segment_ids`` None: fixed chunks of c over
+    ``n`` tokens) and, per block of ``block`` queries, the token range its queries' windows lie in;
+    the bands of blocks the op runs (module docstring)."""
+    n = segment_ids.shape[1] if segment_ids is not None else n
+    dev = segment_ids.device if segment_ids is not None else device
     c, L, s = chunk_size, local_chunks, min(sinks, n)
     Bq = min(block or query_block(c), n)
     nb = -(-n // Bq)
     t = torch.arange(n, device=dev).expand(B, n)
-    chunk = (torch.cumsum(chunk_starts(segment_ids, c, s), dim=1) - 1).expand(B, n)
+    if segment_ids is None:
+        chunk = (torch.arange(n, device=dev) // c).expand(B, n)
+    else:
+        chunk = (torch.cumsum(chunk_starts(segment_ids, c, s), dim=1) - 1).expand(B, n)
     M = int(chunk[:, -1].max()) + 1
     first = torch.full((B, M), n, dtype=torch.long, device=dev).scatter_reduce(1, chunk, t, "amin")
     qpos = torch.arange(nb * Bq, device=dev).clamp(max=n - 1).view(nb, Bq)
@@ -129,7 +144,7 @@ def mta_attention_varlen(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
-    segment_ids: torch.Tensor,
+    segment_ids: torch.Tensor | None,
     *,
     chunk_size: int,
     causal: bool = False,
@@ -155,7 +170,8 @@ def mta_attention_varlen(
     dev = q.device
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     L, s = local_chunks, min(sinks, n)
-    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=L, sinks=s, block=block)
+    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=L, sinks=s, block=block,
+                       n=n, device=dev)
     chunk, M, Bq, qpos, qchunk = plan.chunk, plan.chunks, plan.block, plan.qpos, plan.qchunk
     nb = qpos.shape[0]
     npad = nb * Bq

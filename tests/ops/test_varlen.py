@@ -150,3 +150,45 @@ def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
         assert rows == plan.qpos.shape[0] * (plan.width + s + plan.chunks)
         assert rows >= sum(b * x for _, b, x in seen)  # the bands use a prefix of the summaries
         assert plan.width < plan.block + (1 if causal else 2) * L * c  # the window range's bound (docs)
+
+
+def test_many_small_fixed_chunks_run_in_query_blocks(monkeypatch):
+    """Fixed chunks with c < 32 and at least 256 of them run in query blocks (``blocks_beat_chunks``):
+    the same values and gradients as chunk by chunk (itself tested against the reference), GQA, key
+    padding and learned summaries included; fewer chunks, or top-k, stay chunk by chunk."""
+    B, Hq, Hkv, n, c = 2, 4, 2, 1100, 4  # 275 chunks
+    q, k, v = (x.requires_grad_() for x in qkv(B, Hq, Hkv, n, d=8, seed=9))
+    w = torch.randn(Hkv, 8, dtype=F64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    mask = key_padding(B, n)
+    kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=6)
+    want = mta_attention_chunked(q, k, v, mask, summary_weight=w, **kw)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v, w), g)
+
+    def no_chunks(*args, **kwargs):
+        raise AssertionError("chunk by chunk")
+
+    monkeypatch.setattr(attention_module, "mta_attention_chunked", no_chunks)
+    out = mta(q, k, v, mask, w, None, **kw)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for got, ref in zip(torch.autograd.grad(out, (q, k, v, w), g), want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        for n_short, top_k in ((1020, 0), (n, 1)):  # 255 chunks; top-k
+            with pytest.raises(AssertionError, match="chunk by chunk"):
+                mta(q[:, :, :n_short], k[:, :, :n_short], v[:, :, :n_short], None, None, None, chunk_size=c,
+                    top_k=top_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fixed_chunks_in_query_blocks_match_reference(causal):
+    """``segment_ids`` None: fixed chunks (t // c, the sinks inside the first chunks), every block size."""
+    B, Hq, Hkv, n = 2, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n, seed=4)
+    for mask in (None, key_padding(B, n, empty_row=True)):
+        for c, L, s in CONFIGS:
+            kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+            ref = mta_attention_reference(q, k, v, mask, **kw)
+            for block in (1, 5, None):
+                out = mta_attention_varlen(q, k, v, mask, None, block=block, **kw)
+                torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw} {block}: {m}")
