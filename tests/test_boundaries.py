@@ -178,7 +178,7 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
         if cfg.top_k == 0:
             cols = max(key_columns(x, chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks,
                                    sinks=cfg.sinks) for x in ids)
-            want = relative_cost(cfg, 512, 16, True, boundary_columns=cols)
+            want = relative_cost(cfg, 512, 16, True, block_columns=cols)
         else:
             want = relative_cost(cfg, 512, 16, True, padded_n=max(padded_length(x, cfg.chunk_size, cfg.sinks) for x in ids))
         assert entry.relative_cost == pytest.approx(want)

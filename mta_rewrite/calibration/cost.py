@@ -11,9 +11,10 @@ Per head and sequence, counting multiply-adds twice:
             the summaries; bytes: q, k, v, the output, and the per-chunk key sets (the same
             keys per chunk, k and v)
 
-Boundary chunks (data-defined chunks) are costed as the CPU runs them: from the op's block layout
-where it runs them without padding (no mask or key padding, no top-k: ``ops.varlen``), else as the
-fixed-chunk op at the padded length of their chunk slots (the path of the CUDA kernels too).
+Where the op runs in query blocks on the CPU (``ops.varlen``: boundary chunks, and many small fixed
+chunks, with no mask or key padding and no top-k) it is costed from its own block layout
+(``block_cost``); boundary chunks otherwise as the fixed-chunk op at the padded length of their
+chunk slots (the path of the CUDA kernels too).
 
 Time is modelled as max(flops / F, bytes / M) with the ratio F / M of the machine (CPU here:
 ≈ 100 GFLOP/s over ≈ 5 GB/s; the H100: 750 TFLOP/s over 2.9 TB/s). ``relative_cost`` is MTA's
@@ -52,9 +53,9 @@ def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: fl
     return max(flops, bytes_ * flops_per_byte)
 
 
-def boundary_cost(columns: float, key_set_rows: float, n: int, d: int,
-                  flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
-    """Boundary chunks without padding slots (``ops.varlen``), from the op's own block layout
+def block_cost(columns: float, key_set_rows: float, n: int, d: int,
+               flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
+    """The op in query blocks (``ops.varlen``), from its own block layout
     (``ops.varlen.key_columns``): ``columns`` keys per query (window range, sinks, summaries),
     ``key_set_rows`` rows of the key sets it builds; plus the summary pass over k and v."""
     flops = 4.0 * n * columns * d + 2.0 * 2 * n * d
@@ -64,18 +65,18 @@ def boundary_cost(columns: float, key_set_rows: float, n: int, d: int,
 
 def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
                   exact_fraction: float = 0.0, padded_n: int | None = None, clusters: int | None = None,
-                  boundary_columns: tuple[float, float] | None = None) -> float:
+                  block_columns: tuple[float, float] | None = None) -> float:
     """Modelled time of ``config`` (None: exact) relative to exact attention at length n; with
     ``exact_fraction`` of the summarised blocks attended exactly (see the module docstring).
-    Boundary chunks: ``boundary_columns`` = (columns per query, key-set rows) where the op runs
-    them without padding (:func:`boundary_cost`); else ``padded_n``, the padded length of their
-    chunk slots (``ops.segments.padded_length``), at which the fixed-chunk op runs them.
+    ``block_columns`` = (columns per query, key-set rows) where the op runs in query blocks
+    (:func:`block_cost`); boundary chunks otherwise: ``padded_n``, the padded length of their chunk
+    slots (``ops.segments.padded_length``), at which the fixed-chunk op runs them.
     ``clusters``: clustered summaries, K of them per query, plus scoring every key against the K
     centroids."""
     if config is None:
         return 1.0
-    if boundary_columns is not None:
-        mta = boundary_cost(*boundary_columns, n, d, flops_per_byte)
+    if block_columns is not None:
+        mta = block_cost(*block_columns, n, d, flops_per_byte)
     else:
         mta = mta_cost(config, padded_n or n, d, causal, flops_per_byte, exact_fraction, clusters)
     return mta / exact_cost(n, d, causal, flops_per_byte)

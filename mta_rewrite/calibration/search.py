@@ -373,8 +373,8 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     pool = list(candidates) if candidates is not None else default_candidates(n)
     st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
     exact_blocks = _exact_block_fractions(recs, pool)
-    boundary = _boundary_costs(recs, pool, causal)
-    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], **boundary[c]) for c in pool}
+    layout = _layout_costs(recs, pool, n, causal)
+    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], **layout[c]) for c in pool}
     st.candidates = [c for c in pool if costs[c] < 1.0]  # the crossover
     st.costs = {c: costs[c] for c in st.candidates}
     reference = _reference(recs)
@@ -389,30 +389,34 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     return st
 
 
-def _boundary_costs(recs, pool, causal: bool) -> dict:
-    """Per candidate, how boundary chunks are costed at this site (``cost.relative_cost``'s
-    keywords): without padding where the op runs them so (``ops.varlen``: the site's masks are
-    none or key padding, no top-k; the most columns over the samples), else at the padded length
-    of the chunk slots (the longest over the samples); nothing without boundaries."""
-    if recs[0].segment_ids is None:
-        return {c: {} for c in pool}
+def _layout_costs(recs, pool, n: int, causal: bool) -> dict:
+    """Per candidate, how the op's layout is costed at this site (``cost.relative_cost``'s
+    keywords). In query blocks where the op runs so on the CPU (``ops.varlen``: the site's masks
+    are none or key padding, no top-k; boundary chunks, or fixed chunks that
+    ``varlen.blocks_beat_chunks``): from the block layout, the most columns over the samples.
+    Other boundary candidates at the padded length of their chunk slots (the longest over the
+    samples); other fixed candidates chunk by chunk (no keywords)."""
     from ..ops.segments import padded_length
-    from ..ops.varlen import key_columns, runs_unpadded
+    from ..ops.varlen import blocks_beat_chunks, key_columns, runs_unpadded
 
-    unpadded = all(runs_unpadded(r.mask, *r.q.shape[:3], r.causal, 0) for r in recs)
+    boundaries = recs[0].segment_ids is not None
+    blocks_apply = all(runs_unpadded(r.mask, *r.q.shape[:3], r.causal, 0) for r in recs)
     cache: dict = {}
     out = {}
     for c in pool:
-        if unpadded and c.top_k == 0:
-            key = (c.chunk_size, c.local_chunks, c.sinks)
+        shape = dict(chunk_size=c.chunk_size, causal=causal, local_chunks=c.local_chunks, sinks=c.sinks)
+        if blocks_apply and c.top_k == 0 and (boundaries or blocks_beat_chunks(c.chunk_size, n)):
+            key = ("blocks", c.chunk_size, c.local_chunks, c.sinks)
             if key not in cache:
-                cols = [key_columns(r.segment_ids, chunk_size=c.chunk_size, causal=causal, local_chunks=c.local_chunks,
-                                    sinks=c.sinks) for r in recs]
-                cache[key] = {"boundary_columns": max(cols)}
+                ids = [r.segment_ids for r in recs] if boundaries else [None]
+                cache[key] = {"block_columns": max(key_columns(x, n=n, **shape) for x in ids)}
+        elif boundaries:
+            key = ("slots", c.chunk_size, c.sinks)
+            if key not in cache:
+                cache[key] = {"padded_n": max(padded_length(r.segment_ids, c.chunk_size, c.sinks) for r in recs)}
         else:
-            key = (c.chunk_size, c.sinks)
-            if key not in cache:
-                cache[key] = {"padded_n": max(padded_length(r.segment_ids, *key) for r in recs)}
+            key = ()
+            cache[key] = {}
         out[c] = cache[key]
     return out
 

@@ -126,13 +126,15 @@ def plan_blocks(segment_ids: torch.Tensor | None, B: int, *, chunk_size: int, ca
     return BlockPlan(chunk, M, Bq, qpos, qchunk, lo, hi, bands)
 
 
-def key_columns(segment_ids: torch.Tensor, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
-                sinks: int = 0) -> tuple[float, int]:
-    """(columns per query, key-set rows) the op computes per sequence for these ids (every sequence
-    of a batch runs the layout of the widest): the cost model's keys per query (window range,
-    sinks, summaries) and the rows of the key sets it builds (``calibration.cost``)."""
-    B, n = segment_ids.shape
-    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=local_chunks, sinks=sinks)
+def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
+                sinks: int = 0, n: int | None = None) -> tuple[float, int]:
+    """(columns per query, key-set rows) the op computes per sequence in query blocks for these ids
+    (every sequence of a batch runs the layout of the widest; ``segment_ids`` None: fixed chunks over
+    ``n`` tokens): the cost model's keys per query (window range, sinks, summaries) and the rows of
+    the key sets it builds (``calibration.cost``)."""
+    B, n = segment_ids.shape if segment_ids is not None else (1, n)
+    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=local_chunks, sinks=sinks,
+                       n=n)
     s = min(sinks, n)
     W = plan.width
     columns = sum((hi_b - lo_b) * plan.block * (W + s + width) for lo_b, hi_b, width in plan.bands)

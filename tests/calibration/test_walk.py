@@ -161,6 +161,28 @@ def test_sites_are_costed_as_the_op_runs_them(arch):
         assert st.costs == {c: relative_cost(c, n, st.d, causal) for c in st.candidates}
 
 
+def test_many_small_chunks_are_costed_in_query_blocks():
+    """Fixed chunks the op runs in query blocks (c < 32, at least 256 chunks: ``varlen.blocks_beat_chunks``)
+    are costed from that layout, which the chunk-by-chunk model (quadratic key sets) overestimates;
+    the others chunk by chunk."""
+    from mta_rewrite.ops.varlen import key_columns
+
+    n = 2048
+    model = zoo.TinyCausalLM(d=32, heads=2, layers=1).eval()
+    data = [(zoo.byte_tokens(zoo.real_text()[i * 5000:], n),) for i in range(2)]
+    small, large = mr.MTAConfig(4, 1, 4, 0), mr.MTAConfig(64, 1, 4, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, details = mr.calibrate(model, data, budget=0.0, candidates=[small, large], progress=False,
+                                  return_details=True)
+    (st,) = details.sites
+    assert st.causal
+    cols = key_columns(None, chunk_size=4, causal=True, local_chunks=1, sinks=4, n=n)
+    assert st.costs[small] == pytest.approx(relative_cost(small, n, st.d, True, block_columns=cols))
+    assert st.costs[small] < relative_cost(small, n, st.d, True)
+    assert st.costs[large] == relative_cost(large, n, st.d, True)
+
+
 def _zoo_with_sites():
     return [case for case in zoo.all_cases() if case.rewritable > 0]
 

@@ -150,6 +150,10 @@ def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
         assert rows == plan.qpos.shape[0] * (plan.width + s + plan.chunks)
         assert rows >= sum(b * x for _, b, x in seen)  # the bands use a prefix of the summaries
         assert plan.width < plan.block + (1 if causal else 2) * L * c  # the window range's bound (docs)
+    seen.clear()  # fixed chunks (segment_ids None) likewise
+    kw = dict(chunk_size=8, causal=causal, local_chunks=2, sinks=4)
+    mta_attention_varlen(q, k, v, None, None, **kw)
+    assert varlen.key_columns(None, n=n, **kw)[0] * n == pytest.approx(sum(r * x for r, _, x in seen))
 
 
 def test_many_small_fixed_chunks_run_in_query_blocks(monkeypatch):
