@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mta_rewrite.config import atomic_write_text  # noqa: E402
-from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, best_ms, cpu_name  # noqa: E402
 
 
 def separator_ids(tok, ends: tuple[str, ...]) -> tuple[int, ...]:
@@ -184,15 +183,8 @@ def op_section(args, tok, boundaries) -> list[dict]:
                 "unpadded": lambda: op(q, k, v, None, None, seg, **kw),
                 "slots": lambda: segmented(mta_attention_chunked, q, k, v, None, seg, summary_weight=None, top_k=0, **kw),
             }
-            best = {name: float("inf") for name in runs}
             with torch.no_grad():
-                for fn in runs.values():
-                    fn()  # warm-up
-                for _ in range(args.op_repeats):
-                    for name, fn in runs.items():
-                        start = time.perf_counter()
-                        fn()
-                        best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+                best = best_alternating_ms(runs, args.op_repeats)
             N = padded_length(seg, cfg.chunk_size, cfg.sinks)
             per_query = lambda length: mta_cost(cfg, length, 1, True, flops_per_byte=0.0) / (4.0 * length) - 1.0  # noqa: E731
             row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n,

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mta_rewrite.config import atomic_write_text  # noqa: E402
-from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, cpu_name  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -121,14 +121,11 @@ def _op_cost(n: int, chunk_size: int = 64) -> dict:
     q, k, v = (torch.randn(1, 12, n, 32, generator=g) for _ in range(3))
     K = -(-n // chunk_size)
     mu = k[0, :, ::chunk_size][:, :K].contiguous()  # [12, K, 32]: centroids spread through the keys
-    runs = {"means": [], "clustered": []}
     with torch.no_grad():
-        for _ in range(5):
-            runs["means"].append(best_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=chunk_size), 1))
-            runs["clustered"].append(best_ms(lambda: torch.ops.mta.attention(q, k, v, None, None, None, mu,
-                                                                             chunk_size=chunk_size), 1))
-    return {"n": n, "chunk_size": chunk_size, "K": K, "means_ms": min(runs["means"]),
-            "clustered_ms": min(runs["clustered"])}
+        best = best_alternating_ms({
+            "means": lambda: torch.ops.mta.attention(q, k, v, chunk_size=chunk_size),
+            "clustered": lambda: torch.ops.mta.attention(q, k, v, None, None, None, mu, chunk_size=chunk_size)})
+    return {"n": n, "chunk_size": chunk_size, "K": K, "means_ms": best["means"], "clustered_ms": best["clustered"]}
 
 
 if __name__ == "__main__":

@@ -175,19 +175,17 @@ def _searches(model, data, args) -> list:
 
 def _op_cost(cfg, op_n) -> dict:
     """Comparison 3: the op alone, means vs learned, alternating, best of 5."""
-    from mta_rewrite.timing import best_ms
+    from mta_rewrite.timing import best_alternating_ms
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, op_n, 64, generator=g)
     k, v = (torch.randn(1, 3, op_n, 64, generator=g) for _ in range(2))
     w = torch.randn(3, 64, generator=g) * 0.1
     with torch.no_grad():
-        runs = {"means": [], "learned": []}
-        for _ in range(5):
-            runs["means"].append(best_ms(lambda: torch.ops.mta.attention(q, k, v, causal=True, **cfg.op_kwargs()), 1))
-            runs["learned"].append(best_ms(lambda: torch.ops.mta.attention(q, k, v, None, w, causal=True,
-                                                                           **cfg.op_kwargs()), 1))
-    op_cost = {"n": op_n, "means_ms": min(runs["means"]), "learned_ms": min(runs["learned"])}
+        best = best_alternating_ms({
+            "means": lambda: torch.ops.mta.attention(q, k, v, causal=True, **cfg.op_kwargs()),
+            "learned": lambda: torch.ops.mta.attention(q, k, v, None, w, causal=True, **cfg.op_kwargs())})
+    op_cost = {"n": op_n, "means_ms": best["means"], "learned_ms": best["learned"]}
     print(json.dumps(op_cost), flush=True)
     return op_cost
 

@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.ops.chunked import mta_attention_chunked  # noqa: E402
 from mta_rewrite.ops.varlen import blocks_beat_chunks, mta_attention_varlen  # noqa: E402
-from mta_rewrite.timing import cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, cpu_name  # noqa: E402
 
 BLOCKS = (32, 64, 128)
 
@@ -51,14 +50,7 @@ def main(argv=None) -> int:
                     runs = {"chunks": lambda: mta_attention_chunked(q, k, v, None, **kw)}
                     for b in BLOCKS:
                         runs[f"blocks{b}"] = lambda b=b: mta_attention_varlen(q, k, v, None, None, block=b, **kw)
-                    best = dict.fromkeys(runs, float("inf"))
-                    for fn in runs.values():
-                        fn()  # warm-up
-                    for _ in range(args.repeats):
-                        for name, fn in runs.items():
-                            start = time.perf_counter()
-                            fn()
-                            best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+                    best = best_alternating_ms(runs, args.repeats)
                     row = {"n": n, "chunk_size": c, "causal": causal, "rule_picks_blocks": blocks_beat_chunks(c, n),
                            **{f"{name}_ms": ms for name, ms in best.items()}}
                     rows.append(row)

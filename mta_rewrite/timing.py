@@ -34,3 +34,17 @@ def best_ms(fn: Callable[[], object], repeats: int = 3, device=None) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return min(times) * 1e3
+
+
+def best_alternating_ms(runs: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Per name, the best of ``repeats`` timed calls in milliseconds, the functions called in turn
+    each round (so a slow phase of the machine hits all of them alike), after one warm-up call each."""
+    for fn in runs.values():
+        fn()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(max(1, repeats)):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+    return best
