@@ -27,9 +27,9 @@ import torch
 from .chunked import mta_attention_chunked
 from .clustered import check_clustered, mta_attention_clustered
 from .layout import in_layout_of
-from .masks import normalize_mask, simplify_mask
+from .masks import simplify_mask
 from .segments import check_segment_ids, from_slots, segment_layout, segmented, slot_mask, to_slots
-from .varlen import blocks_beat_chunks, mta_attention_varlen, varlen_applies
+from .varlen import blocks_beat_chunks, mta_attention_varlen, takes
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -119,8 +119,7 @@ def portable_fixed(q, k, v, attn_mask=None, **config):
     """Fixed-chunk MTA off the CUDA kernels: chunk by chunk (``chunked.py``), or in query blocks
     (``varlen.py``) where those are faster (``varlen.blocks_beat_chunks``: small chunks, many of
     them) and apply (no mask or key padding, no top-k)."""
-    if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and varlen_applies(
-            normalize_mask(attn_mask, *q.shape[:3]), config["top_k"]):
+    if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
         return mta_attention_varlen(q, k, v, attn_mask, None, **config)
     return mta_attention_chunked(q, k, v, attn_mask, **config)
 
@@ -128,7 +127,7 @@ def portable_fixed(q, k, v, attn_mask=None, **config):
 def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
     """Whether boundary chunks run without padding slots (``varlen.py``): on the portable path
     (not the CUDA kernels), for the masks and options it takes."""
-    return portable and varlen_applies(normalize_mask(attn_mask, *q.shape[:3]), top_k)
+    return portable and takes(attn_mask, *q.shape[:3], top_k)
 
 
 @attention.register_kernel("cuda")

@@ -48,11 +48,22 @@ def varlen_applies(mask: NormalizedMask | None, top_k: int) -> bool:
     return mask is None or (not mask.per_query and not mask.per_head and mask.bias is None)
 
 
+def takes(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, top_k: int) -> bool:
+    """:func:`varlen_applies` for an SDPA mask as the op has simplified it, deciding by shape first:
+    a mask that varies per query or head is refused without reading its n×n values."""
+    if top_k > 0:
+        return False
+    if attn_mask is not None and attn_mask.dim() >= 2 and (
+            attn_mask.shape[-2] != 1 or attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1):
+        return False  # per query ([..., n, n]) or per head ([..., Hq, 1, n])
+    return varlen_applies(normalize_mask(attn_mask, B, Hq, n), top_k)
+
+
 def runs_unpadded(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool, top_k: int) -> bool:
     """Whether the op on the CPU runs boundary chunks here, for this SDPA mask (as the op simplifies
     it: transformers' materialised masks read as key padding ∧ causality) and top-k."""
     attn_mask, _ = simplify_mask(attn_mask, B, Hq, n, causal)
-    return varlen_applies(normalize_mask(attn_mask, B, Hq, n), top_k)
+    return takes(attn_mask, B, Hq, n, top_k)
 
 
 def blocks_beat_chunks(chunk_size: int, n: int) -> bool:
