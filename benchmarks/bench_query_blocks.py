@@ -6,11 +6,11 @@ The chunk-by-chunk implementation builds one key set per chunk, nc·(L·c + sink
 and v: quadratic in the number of chunks, so small chunks at long sequences leave the caches (and
 at c = 8, 16K tokens, take gigabytes). Query blocks of 64–128 tokens build one per block.
 
-    python benchmarks/bench_query_blocks.py [--n 2048 4096 16384] [--chunks 8 16 32 64] [--repeats 5]
+    python benchmarks/bench_query_blocks.py [--n 2048 4096 16384] [--chunks 8 16 32 64] [--repeats 5] [--tag T]
 
 One SmolLM2-shaped layer (9 query / 3 key-value heads, d = 64, fp32, L = 1, sinks = 4), causal
 and not; ms best of --repeats for each, alternating, and the ratio blocks / chunks at each block
-size. Writes benchmarks/results/query_blocks_<date>.{json,md}.
+size. Writes benchmarks/results/query_blocks_<date>[_<tag>].{json,md}.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 4096, 16384])
     ap.add_argument("--chunks", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     rows = []
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
                      f"{ratios} | {'blocks' if r['rule_picks_blocks'] else 'chunks'} |")
     text = "\n".join(lines)
     print("\n" + text)
-    atomic_write_text(args.out / f"query_blocks_{stamp}.json",
-                      json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.out / f"query_blocks_{stamp}.md", text + "\n")
+    name = f"query_blocks_{stamp}" + (f"_{args.tag}" if args.tag else "")
+    atomic_write_text(args.out / f"{name}.json", json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(args.out / f"{name}.md", text + "\n")
     return 0
 
 

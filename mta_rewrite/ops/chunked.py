@@ -1,7 +1,7 @@
 """The efficient MTA implementation (CPU, and any device without a dedicated kernel).
 
-Everything is vectorised over chunks: no Python loop over queries, chunks or heads (the only
-loops are over the ≤ 2L−1 window offsets and over at most 8 causal bands).
+Everything is vectorised over chunks: no Python loop over queries or heads (the only loops are
+over bands of query chunks, each band's ≤ 2L−1 window offsets and top_k gathered slots).
 
 Layout. Queries are cut into ``nc`` chunks of ``c`` tokens; the queries of one chunk and of the
 ``G = Hq / Hkv`` query heads that share a key/value head form one row block of ``T = G·c`` rows
@@ -20,9 +20,14 @@ gathered blocks of that mask. When the per-chunk terms differ per head (top-k, p
 padding) *and* causality needs the triangle, the terms ride in one extra head dimension instead
 (q' = [q, 1/scale], k' = [k, term]) so the mask stays the small shared triangle.
 
+Key sets are built, used and freed band by band (runs of query chunks, at most ``_BAND_BYTES``
+per key set), so the allocator reuses one band's memory for the next instead of faulting in fresh
+pages for a whole-sequence key set.
+
 Cost per head: n·X·d multiply-adds with X = c·(W + top_k) + sinks + nc (W = L causal, 2L−1
-otherwise), the causal summaries banded to about half; memory O(nc·X·d) for the key sets and
-O(n·X) inside the kernel's tiles. No n×n tensor exists unless the user passed one.
+otherwise), the causal summaries banded to about half; memory O(n·d) for the output and the
+summaries, one band's key sets, and O(n·X) inside the kernel's tiles. No n×n tensor exists
+unless the user passed one.
 """
 
 from __future__ import annotations
@@ -80,23 +85,42 @@ def _window_offsets(L: int, causal: bool) -> list[int]:
 
 
 def _gather_chunks_into(dst: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> None:
-    """dst [B, H, nc, K·c, e] (a view) ← chunks of x [B, H, nc, c, e] named by idx [Bl, Hl, nc, K]
+    """dst [B, H, nb, K·c, e] (a view) ← chunks of x [B, H, nc, c, e] named by idx [Bl, Hl, nb, K]
     (chunk ids ≥ 0), one slot of c columns at a time: each slot's gather is one ``index_select``
     over the B·H·nc chunks, small enough to stay in cache on its way into ``dst`` (one gather of
     all K slots builds a K-times larger intermediate and runs 2–3× slower on the CPU)."""
     B, H, nc, c = x.shape[:4]
+    nb = idx.shape[2]
     flat = x.reshape(B * H * nc, c, x.shape[-1])
     base = (torch.arange(B * H, device=x.device) * nc).view(B, H, 1)
     for slot in range(idx.shape[-1]):
-        rows = (idx[..., slot].expand(B, H, nc) + base).reshape(-1)
-        dst[:, :, :, slot * c:(slot + 1) * c] = flat.index_select(0, rows).view(B, H, nc, c, -1)
+        rows = (idx[..., slot].expand(B, H, nb) + base).reshape(-1)
+        dst[:, :, :, slot * c:(slot + 1) * c] = flat.index_select(0, rows).view(B, H, nb, c, -1)
 
 
 def _causal_bands(nc: int, count: int = 8) -> list[tuple[int, int]]:
     """Split nc query chunks into up to ``count`` contiguous bands of about equal size."""
     count = max(1, min(count, nc // 4))
+    return _even_bands(nc, count)
+
+
+def _even_bands(nc: int, count: int) -> list[tuple[int, int]]:
     edges = [round(b * nc / count) for b in range(count + 1)]
     return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+# Bytes of one band's key set (its value set takes as much again); see the band loop.
+_BAND_BYTES = 8 << 20
+
+
+def _bands(nc: int, causal: bool, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    """The bands of :func:`mta_attention_chunked`: at least 8 when causal (and nc ≥ 32), and on
+    the CPU enough that a band's key set (``row_bytes`` per query chunk) fits in ``_BAND_BYTES``
+    (other devices have caching allocators, and each band is a few more kernel launches)."""
+    count = max(1, min(8, nc // 4)) if causal else 1
+    if device.type == "cpu":
+        count = max(count, -(-nc * row_bytes // _BAND_BYTES))
+    return _even_bands(nc, min(nc, count))
 
 
 def _top_index_lists(flags: torch.Tensor, count: int) -> torch.Tensor:
@@ -361,56 +385,19 @@ def mta_attention_chunked(
     per_query_user = allowed is not None and mask.per_query
     aug = causal and tshape[0] * tshape[1] > 1 and not per_query_user and scale != 0.0
     e = d + 1 if aug else d
-
-    # ---- key/value sets [B, Hkv, nc, X, e], written in place into one buffer each -----------
-    # (one pass over memory per part; torch.cat of the parts would add another)
     Ke_c = kpos.shape[-1]
     X = Ke_c + s + nc
-    k_set = torch.empty(B, Hkv, nc, X, e, dtype=cdt, device=dev)
-    v_set = torch.empty(B, Hkv, nc, X, e, dtype=cdt, device=dev)
-    # the window: shifted copies of the chunked keys, no index gather
-    for slot, o in enumerate(_window_offsets(L, causal)):
-        dst = slice(max(0, -o), nc - max(0, o))
-        src = slice(max(0, o), nc - max(0, -o))
-        cols = slice(slot * c, (slot + 1) * c)
-        k_set[:, :, dst, cols, :d] = kc[:, :, src]
-        v_set[:, :, dst, cols, :d] = vc[:, :, src]
-        for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
-            k_set[:, :, edge, cols, :d] = 0.0  # off the sequence: excluded by its term
-            v_set[:, :, edge, cols, :d] = 0.0
-    # selected and non-uniform chunks: gathered by chunk id
     n_win = win.shape[-1]
-    if exact.shape[-1] > n_win:
-        _gather_chunks_into(k_set[:, :, :, n_win * c:Ke_c, :d], kc, exact_idx[..., n_win:])
-        _gather_chunks_into(v_set[:, :, :, n_win * c:Ke_c, :d], vc, exact_idx[..., n_win:])
-    if s > 0:
-        k_set[:, :, :, Ke_c:Ke_c + s, :d] = k[:, :, :s].unsqueeze(2)
-        v_set[:, :, :, Ke_c:Ke_c + s, :d] = v[:, :, :s].unsqueeze(2)
-    k_set[:, :, :, Ke_c + s:, :d] = kbar
-    v_set[:, :, :, Ke_c + s:, :d] = vbar
 
-    # ---- queries [B·Hkv, nc, T, e]: a view when there is no padding, head group or extra dim --
-    if G == 1 and npad == n and not aug:
-        q_rows = q.reshape(B * Hkv, nc, T, d)
-    elif not aug:
-        q_rows = qp.view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
-    else:
-        q_rows = torch.empty(B, Hkv, nc, G, c, e, dtype=cdt, device=dev)
-        q_rows[..., :d] = qp.view(B, Hkv, G, nc, c, d).transpose(2, 3)
-        q_rows[..., d] = 1.0 / scale
-        q_rows = q_rows.view(B * Hkv, nc, T, e)
-        k_set[..., d] = term
-        v_set[..., d] = 0.0  # the kernel wants one head size; this column is dropped after
-
-    # ---- the additive mask [Bz, Hz, nc, T|1, X]: per-chunk column terms + per-query terms ----
-    amask = term.unsqueeze(-2) if not aug else torch.zeros(1, 1, 1, 1, X, dtype=cdt, device=dev)
+    # ---- per-query mask terms, shared by every band: the causal triangle of the diagonal chunk
+    # (the last window entry, offset 0, at columns (L-1)·c .. L·c) and a per-query user mask ---
     row_in_chunk = ar_c.repeat(G)  # [T]
+    tri = None
     if causal:
-        # The diagonal chunk is the last window entry (offset 0) at columns (L-1)·c .. L·c.
         tri = torch.zeros(T, X, dtype=torch.bool, device=dev)
         lo = (L - 1) * c
         tri[:, lo:lo + c] = ar_c.view(1, c) > row_in_chunk.view(T, 1)
-        amask = amask.masked_fill(tri, NEG)
+    user = None
     if per_query_user:
         ab = blocks(allowed)  # [Bm, Hm, nc, c, nc, c]
         bm, hm = ab.shape[:2]
@@ -433,32 +420,78 @@ def mta_attention_chunked(
             user = user + torch.where(ok, torch.cat(cols_b, dim=-1), 0.0)
         user = F.pad(user, (0, X - user.shape[-1]))  # summaries: uniform blocks, no per-query term
         user = user.unsqueeze(3).expand(-1, -1, -1, G, -1, -1).reshape(user.shape[0], user.shape[1], nc, T, X)
-        amask = amask + user
 
-    # ---- fused attention over all chunks, in a few causal bands -------------------------------
-    # Causal: query chunk i summarises only chunks j < i - L + 1, so a band of query chunks
-    # [lo, hi) needs only the first hi - L summary columns. A fixed number of bands (not a loop
-    # over chunks) cuts the summary work towards half.
-    bands = _causal_bands(nc) if causal else [(0, nc)]
-    # The kernel returns [B·Hkv, nc, T, d] views of a [B·Hkv, T, nc, d] buffer; each band is
-    # copied straight into the output layout (one pass, no torch.cat of strided pieces).
+    # ---- queries [B·Hkv, nc, T, d]: a view when there is no padding or head group -------------
+    if G == 1 and npad == n:
+        q_rows = q.reshape(B * Hkv, nc, T, d)
+    else:
+        q_rows = qp.view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
+
+    # ---- fused attention, band by band ---------------------------------------------------------
+    # A band is a run of query chunks whose key sets [B, Hkv, nb, X', e] are built, used and
+    # freed before the next band's: each band's buffers stay under _BAND_BYTES, so the allocator
+    # reuses the same memory band after band (and call after call) instead of mapping fresh
+    # pages for a whole-sequence key set (glibc maps anything over 32 MiB anew each time; the
+    # page faults were a third of the op's time). Causal bands also bound the summary columns:
+    # query chunk i summarises only chunks j < i − L + 1, so a band [lo, hi) needs the first
+    # hi − L of them, which cuts the summary work towards half.
+    row_bytes = B * Hkv * X * e * torch.finfo(cdt).bits // 8
+    bands = _bands(nc, causal, row_bytes, dev)
     out = torch.empty(B, Hkv, G, nc, c, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None
     for lo_c, hi_c in bands:
-        width = Ke_c + s + (max(0, hi_c - L) if causal else nc)
-        m = amask[:, :, lo_c:hi_c] if amask.shape[2] > 1 else amask  # size 1: shared by all chunks
-        m = m[..., :width]
+        nb = hi_c - lo_c
+        ns = max(0, hi_c - L) if causal else nc
+        width = Ke_c + s + ns
+        # key/value sets [B, Hkv, nb, width, e], written in place (one pass per part; torch.cat
+        # of the parts would add another)
+        k_set = torch.empty(B, Hkv, nb, width, e, dtype=cdt, device=dev)
+        v_set = torch.empty(B, Hkv, nb, width, e, dtype=cdt, device=dev)
+        # the window: shifted copies of the chunked keys, no index gather
+        for slot, o in enumerate(_window_offsets(L, causal)):
+            a, b = max(lo_c, -o), min(hi_c, nc - o)  # query chunks whose chunk i + o exists
+            cols = slice(slot * c, (slot + 1) * c)
+            if b > a:
+                k_set[:, :, a - lo_c:b - lo_c, cols, :d] = kc[:, :, a + o:b + o]
+                v_set[:, :, a - lo_c:b - lo_c, cols, :d] = vc[:, :, a + o:b + o]
+            for edge in (slice(0, max(0, min(a, hi_c) - lo_c)), slice(max(0, max(b, lo_c) - lo_c), nb)):
+                k_set[:, :, edge, cols, :d] = 0.0  # off the sequence: excluded by its term
+                v_set[:, :, edge, cols, :d] = 0.0
+        # selected and non-uniform chunks: gathered by chunk id
+        if exact.shape[-1] > n_win:
+            _gather_chunks_into(k_set[:, :, :, n_win * c:Ke_c, :d], kc, exact_idx[:, :, lo_c:hi_c, n_win:])
+            _gather_chunks_into(v_set[:, :, :, n_win * c:Ke_c, :d], vc, exact_idx[:, :, lo_c:hi_c, n_win:])
+        if s > 0:
+            k_set[:, :, :, Ke_c:Ke_c + s, :d] = k[:, :, :s].unsqueeze(2)
+            v_set[:, :, :, Ke_c:Ke_c + s, :d] = v[:, :, :s].unsqueeze(2)
+        k_set[:, :, :, Ke_c + s:, :d] = kbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else kbar[:, :, :, :ns]
+        v_set[:, :, :, Ke_c + s:, :d] = vbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else vbar[:, :, :, :ns]
+
+        term_b = term[:, :, lo_c:hi_c, :width]
+        qb = q_rows[:, lo_c:hi_c]
+        if aug:
+            # q' = [q, 1/scale], k' = [k, term]: the per-head terms without a per-head mask
+            qa = torch.empty(B * Hkv, nb, T, e, dtype=cdt, device=dev)
+            qa[..., :d] = qb
+            qa[..., d] = 1.0 / scale
+            qb = qa
+            k_set[..., d] = term_b
+            v_set[..., d] = 0.0  # the kernel wants one head size; this column is dropped after
+            m = torch.zeros(1, 1, 1, 1, width, dtype=cdt, device=dev)
+        else:
+            m = term_b.unsqueeze(-2)  # [Bt, Ht, nb, 1, width]: one row per chunk (stride 0)
+        if tri is not None:
+            m = m.masked_fill(tri[:, :width], NEG)
+        if user is not None:
+            m = m + user[:, :, lo_c:hi_c, :, :width]
         if m.shape[0] * m.shape[1] == 1:
             m4 = m.reshape(1, *m.shape[2:])
         else:
             m4 = m.expand(B, Hkv, *m.shape[2:]).reshape(B * Hkv, *m.shape[2:])
         o, l = _attention_with_lse(
-            q_rows[:, lo_c:hi_c],
-            k_set.view(B * Hkv, nc, X, e)[:, lo_c:hi_c, :width],
-            v_set.view(B * Hkv, nc, X, e)[:, lo_c:hi_c, :width],
-            m4, scale,
+            qb, k_set.view(B * Hkv, nb, width, e), v_set.view(B * Hkv, nb, width, e), m4, scale,
         )
-        out[:, :, :, lo_c:hi_c] = o[..., :d].view(B, Hkv, hi_c - lo_c, G, c, d).transpose(2, 3)
+        out[:, :, :, lo_c:hi_c] = o[..., :d].view(B, Hkv, nb, G, c, d).transpose(2, 3)
         if lse is not None:
             lse[:, lo_c:hi_c] = l
     out = out.view(B, Hkv * G, npad, d)

@@ -68,12 +68,13 @@ def runs_unpadded(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causa
 
 def blocks_beat_chunks(chunk_size: int, n: int) -> bool:
     """Whether fixed chunks run faster here, in query blocks, than chunk by chunk (``chunked.py``):
-    for c < 32 with at least 256 chunks. The chunk-by-chunk op builds one key set per chunk,
-    nc·(L·c + sinks + nc) rows of k and v, quadratic in the chunk count; blocks of 64 queries build
-    one per block. Measured on this project's CPU box (``benchmarks/bench_query_blocks.py``, blocks
-    of 64): c = 8 and 16 from 256 chunks on take 0.18–0.82× the time; c = 32 at 512 chunks
-    0.84–1.05×; with fewer chunks, or c ≥ 32, blocks are slower (1.15–2×)."""
-    return chunk_size < 32 and n >= 256 * chunk_size
+    for c < 8 with at least 256 chunks. The chunk-by-chunk op builds one key set per chunk,
+    nc·(L·c + sinks + nc) rows of k and v, quadratic in the chunk count (built band by band, so
+    memory is bounded, but the rows are still written and read); blocks of 64 queries build one
+    per block. Measured on this project's CPU box (``benchmarks/bench_query_blocks.py``, blocks of
+    64, 2026-12-03, after the key sets went into bands): c = 2 and 4 at 4K and 16K tokens take
+    0.40–0.73× the time in blocks; c = 8 0.86–1.18× (even); c ≥ 16 1.16–2× (slower)."""
+    return chunk_size < 8 and n >= 256 * chunk_size
 
 
 def query_block(chunk_size: int) -> int:

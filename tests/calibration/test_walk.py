@@ -162,7 +162,7 @@ def test_sites_are_costed_as_the_op_runs_them(arch):
 
 
 def test_many_small_chunks_are_costed_in_query_blocks():
-    """Fixed chunks the op runs in query blocks (c < 32, at least 256 chunks: ``varlen.blocks_beat_chunks``)
+    """Fixed chunks the op runs in query blocks (c < 8, at least 256 chunks: ``varlen.blocks_beat_chunks``)
     are costed from that layout, which the chunk-by-chunk model (quadratic key sets) overestimates;
     the others chunk by chunk."""
     from mta_rewrite.ops.varlen import key_columns

@@ -337,3 +337,34 @@ def test_many_causal_bands_match_reference(mask_kind):
     mask = make_mask(mask_kind, 1, 2, 64)
     kw = dict(chunk_size=2, causal=True, local_chunks=2, sinks=3, top_k=2)
     torch.testing.assert_close(mta(q, k, v, mask, **kw), mta_attention_reference(q, k, v, mask, **kw), rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def one_chunk_bands(monkeypatch):
+    """Key sets built one query chunk at a time (the band budget below one chunk's key set)."""
+    import mta_rewrite.ops.chunked as chunked
+
+    monkeypatch.setattr(chunked, "_BAND_BYTES", 1)
+    assert len(chunked._bands(5, False, 100, torch.device("cpu"))) == 5
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_bands_of_one_chunk_match_reference(one_chunk_bands, mask_kind, causal):
+    """Band by band (memory-bounded key sets): every band edge cuts the window, the selected and
+    non-uniform chunks, the summaries (causal: a different width per band) and the masks."""
+    B, Hq, Hkv, n = 2, 4, 2, 13
+    q, k, v = qkv(B, Hq, Hkv, n, seed=5)
+    mask = make_mask(mask_kind, B, Hq, n)
+    for c, L, s, top_k in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, **kw)
+        torch.testing.assert_close(mta(q, k, v, mask, **kw), ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=2, causal=True, sinks=1, top_k=1, local_chunks=2),
+                                dict(chunk_size=3, top_k=1, local_chunks=2)])
+def test_bands_of_one_chunk_gradcheck(one_chunk_bands, kw):
+    q, k, v = (x.requires_grad_() for x in qkv(1, 2, 1, 9, d=4))
+    mask = make_mask("key_padding_bool", 1, 2, 9)
+    assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, **kw), (q, k, v))

@@ -157,7 +157,7 @@ def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
 
 
 def test_many_small_fixed_chunks_run_in_query_blocks(monkeypatch):
-    """Fixed chunks with c < 32 and at least 256 of them run in query blocks (``blocks_beat_chunks``):
+    """Fixed chunks with c < 8 and at least 256 of them run in query blocks (``blocks_beat_chunks``):
     the same values and gradients as chunk by chunk (itself tested against the reference), GQA, key
     padding and learned summaries included; fewer chunks, or top-k, stay chunk by chunk."""
     B, Hq, Hkv, n, c = 2, 4, 2, 1100, 4  # 275 chunks
