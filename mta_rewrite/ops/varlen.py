@@ -12,8 +12,8 @@ The chunks are contiguous runs of tokens, so the windows of a block's queries li
 range: from the first token of chunk a−L+1 (a: the chunk of the block's first query) to the last
 token of chunk z (causal, cut at the block's last query) or z+L−1 (z: the chunk of its last
 query). Which of those columns a query may use is its own (chunk ids compared per query and key),
-so the mask is per query: [Bq, X] per block, built band by band (no n×n tensor; about n·X/8 at a
-time). Summaries are masked means (or learned weighted means) over each chunk's
+so the mask is per query: [Bq, X] per block, built band by band with the key sets (no n×n
+tensor; about n·X/8 at a time, and on the CPU each piece's key sets under ``chunked._BAND_BYTES``). Summaries are masked means (or learned weighted means) over each chunk's
 allowed non-sink keys, by one ``scatter_add`` over the chunk ids; query t may use summary j when
 j is outside its window (causal: j < chunk(t) − L + 1; otherwise |j − chunk(t)| > L − 1) and the
 chunk has a key (logit + log n_j). Window keys before ``sinks`` are left to the sink columns
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import chunked
 from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype
 from .layout import in_layout_of
 from .masks import NormalizedMask, normalize_mask, simplify_mask
@@ -222,52 +223,60 @@ def mta_attention_varlen(
     kchunk = chunk.gather(1, kpos.view(B, -1)).view(B, nb, Wmax)
     kok = key_ok.gather(1, kpos.view(B, -1)).view(B, nb, Wmax)
 
-    # ---- key sets [Hkv, nb·B, X, d] and queries [Hkv, nb·B, G·Bq, d] (block-major: a band of
-    # blocks is a contiguous slice) -------------------------------------------------------------
-    X = Wmax + s + M
-    k_set = torch.empty(Hkv, nb, B, X, d, dtype=cdt, device=dev)
-    v_set = torch.empty(Hkv, nb, B, X, d, dtype=cdt, device=dev)
-    gidx = kpos.view(1, B, nb * Wmax, 1).expand(Hkv, B, nb * Wmax, d)
-    k_set[:, :, :, :Wmax] = k.transpose(0, 1).gather(2, gidx).view(Hkv, B, nb, Wmax, d).transpose(1, 2)
-    v_set[:, :, :, :Wmax] = v.transpose(0, 1).gather(2, gidx).view(Hkv, B, nb, Wmax, d).transpose(1, 2)
-    if s > 0:
-        k_set[:, :, :, Wmax:Wmax + s] = k[:, :, :s].transpose(0, 1).unsqueeze(1)
-        v_set[:, :, :, Wmax:Wmax + s] = v[:, :, :s].transpose(0, 1).unsqueeze(1)
-    k_set[:, :, :, Wmax + s:] = kbar.transpose(0, 1).unsqueeze(1)
-    v_set[:, :, :, Wmax + s:] = vbar.transpose(0, 1).unsqueeze(1)
-    k_set, v_set = k_set.view(Hkv, nb * B, X, d), v_set.view(Hkv, nb * B, X, d)
+    # ---- queries [Hkv, nb·B, G·Bq, d] (block-major: a run of blocks is a contiguous slice) ------
     qp = q if npad == n else torch.nn.functional.pad(q, (0, 0, 0, npad - n))
     q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
+    kT, vT = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, B, n, d]
+    elt = torch.finfo(cdt).bits // 8
 
     # ---- one fused attention call per band of blocks ------------------------------------------
+    # On the CPU a band runs in pieces whose key sets stay under chunked._BAND_BYTES, built, used
+    # and freed one after the other (the allocator reuses their memory; see chunked.py).
     out = torch.empty(Hkv, nb * B, G * Bq, d, dtype=cdt, device=dev)
     lse = torch.empty(Hkv, nb * B, G * Bq, dtype=cdt, device=dev)
     jj = torch.arange(M, device=dev)
-    for lo_b, hi_b, width in plan.bands:
-        sel = slice(lo_b, hi_b)
-        qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
-        tq = qpos[sel].view(1, hi_b - lo_b, Bq, 1)
-        # exact window columns: in range, not a sink, allowed, chunk in the query's window
-        kc = kchunk[:, sel].unsqueeze(-2)  # [B, m, 1, Wmax]
-        win = (kin[:, sel] & (kpos[:, sel] >= s) & kok[:, sel]).unsqueeze(-2) & (kc >= qc - L + 1)
-        win = win & ((kpos[:, sel].unsqueeze(-2) <= tq) if causal else (kc <= qc + L - 1))
-        parts = [torch.where(win, 0.0, NEG).to(cdt)]
-        if s > 0:
-            sink = key_ok[:, :s].view(B, 1, 1, s)
-            if causal:
-                sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
-            parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, hi_b - lo_b, Bq, s))
-        j = jj[:width]  # the summaries the band needs
-        outside = (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
-        parts.append(torch.where(outside, log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
-        m = torch.cat(parts, dim=-1)  # [B, m, Bq, Wmax + s + width]
-        if G > 1:  # rows are (query head of the group, query): the same mask for each head
-            m = m.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)
+    for lo_p, hi_p, width in plan.bands:
         cols = Wmax + s + width
-        m = m.transpose(0, 1).reshape(1, (hi_b - lo_b) * B, G * Bq, cols)  # rows: block·B + b
-        rows = slice(lo_b * B, hi_b * B)
-        o, l = _attention_with_lse(q_rows[:, rows], k_set[:, rows, :cols], v_set[:, rows, :cols], m, scale)
-        out[:, rows], lse[:, rows] = o, l
+        step = max(1, chunked._BAND_BYTES // (Hkv * B * cols * d * elt)) if dev.type == "cpu" else hi_p - lo_p
+        for lo_b in range(lo_p, hi_p, step):
+            hi_b = min(hi_p, lo_b + step)
+            m_b = hi_b - lo_b
+            sel = slice(lo_b, hi_b)
+            # key sets [Hkv, m, B, cols, d]: the window tokens, sinks, the summaries the band needs
+            k_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
+            v_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
+            gidx = kpos[:, sel].reshape(1, B, m_b * Wmax, 1).expand(Hkv, B, m_b * Wmax, d)
+            k_set[:, :, :, :Wmax] = kT.gather(2, gidx).view(Hkv, B, m_b, Wmax, d).transpose(1, 2)
+            v_set[:, :, :, :Wmax] = vT.gather(2, gidx).view(Hkv, B, m_b, Wmax, d).transpose(1, 2)
+            if s > 0:
+                k_set[:, :, :, Wmax:Wmax + s] = kT[:, :, :s].unsqueeze(1)
+                v_set[:, :, :, Wmax:Wmax + s] = vT[:, :, :s].unsqueeze(1)
+            k_set[:, :, :, Wmax + s:] = kbar[:, :, :width].transpose(0, 1).unsqueeze(1)
+            v_set[:, :, :, Wmax + s:] = vbar[:, :, :width].transpose(0, 1).unsqueeze(1)
+
+            qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
+            tq = qpos[sel].view(1, m_b, Bq, 1)
+            # exact window columns: in range, not a sink, allowed, chunk in the query's window
+            kc = kchunk[:, sel].unsqueeze(-2)  # [B, m, 1, Wmax]
+            win = (kin[:, sel] & (kpos[:, sel] >= s) & kok[:, sel]).unsqueeze(-2) & (kc >= qc - L + 1)
+            win = win & ((kpos[:, sel].unsqueeze(-2) <= tq) if causal else (kc <= qc + L - 1))
+            parts = [torch.where(win, 0.0, NEG).to(cdt)]
+            if s > 0:
+                sink = key_ok[:, :s].view(B, 1, 1, s)
+                if causal:
+                    sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
+                parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, m_b, Bq, s))
+            j = jj[:width]  # the summaries the band needs
+            outside = (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
+            parts.append(torch.where(outside, log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
+            m = torch.cat(parts, dim=-1)  # [B, m, Bq, cols]
+            if G > 1:  # rows are (query head of the group, query): the same mask for each head
+                m = m.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)
+            m = m.transpose(0, 1).reshape(1, m_b * B, G * Bq, cols)  # rows: block·B + b
+            rows = slice(lo_b * B, hi_b * B)
+            o, l = _attention_with_lse(q_rows[:, rows], k_set.view(Hkv, m_b * B, cols, d),
+                                       v_set.view(Hkv, m_b * B, cols, d), m, scale)
+            out[:, rows], lse[:, rows] = o, l
     # a query with nothing to attend to (every key padded away) outputs zeros
     out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)
     out = out.view(Hkv, nb, B, G, Bq, d).permute(2, 0, 3, 1, 4, 5).reshape(B, Hq, npad, d)

@@ -339,15 +339,6 @@ def test_many_causal_bands_match_reference(mask_kind):
     torch.testing.assert_close(mta(q, k, v, mask, **kw), mta_attention_reference(q, k, v, mask, **kw), rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture
-def one_chunk_bands(monkeypatch):
-    """Key sets built one query chunk at a time (the band budget below one chunk's key set)."""
-    import mta_rewrite.ops.chunked as chunked
-
-    monkeypatch.setattr(chunked, "_BAND_BYTES", 1)
-    assert len(chunked._bands(5, False, 100, torch.device("cpu"))) == 5
-
-
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_bands_of_one_chunk_match_reference(one_chunk_bands, mask_kind, causal):

@@ -57,6 +57,29 @@ def test_matches_reference(causal, mask_kind, block):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "empty_sequence"])
+def test_pieces_of_one_block_match_reference(one_chunk_bands, causal, mask_kind):
+    """Each band's key sets built one query block at a time (the CPU's memory bound): the window
+    tokens, sinks, summaries and mask of every piece, and the gradients."""
+    B, Hq, Hkv, n = 3, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n, seed=4)
+    mask = None if mask_kind == "none" else key_padding(B, n, mask_kind == "empty_sequence")
+    ids = segments(B, n, rate=0.25)
+    for c, L, s in CONFIGS:
+        for block in (3, None):
+            kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+            ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+            out = mta_attention_varlen(q, k, v, mask, ids, block=block, **kw)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
+    q, k, v = (x[:2, :2, :11, :4].detach().clone().requires_grad_() for x in (q, k, v))
+    w = torch.randn(Hkv, 4, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    mask = None if mask is None else mask[:2, ..., :11]
+    kw = dict(chunk_size=3, causal=causal, local_chunks=2, sinks=2, block=3)
+    assert torch.autograd.gradcheck(lambda q, k, v, w: mta_attention_varlen(q, k, v, mask, ids[:2, :11], summary_weight=w,
+                                                                             **kw), (q, k, v, w))
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_learned_summaries_shared_ids_and_fp32(causal):
     """Learned summaries, one [1, n] id row for the whole batch, fp32 inputs (the fused CPU kernel)."""
     B, Hq, Hkv, n = 2, 6, 2, 45
