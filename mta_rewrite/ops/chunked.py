@@ -84,6 +84,25 @@ def _window_offsets(L: int, causal: bool) -> list[int]:
     return list(range(-(L - 1), 1)) if causal else list(range(-(L - 1), L))
 
 
+def _window_into(dst_k: torch.Tensor, dst_v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, offsets: list[int],
+                 lo: int, hi: int) -> None:
+    """The window of query chunks lo … hi − 1 into dst [B, H, hi − lo, len(offsets)·c, d] (views
+    of a band's key sets): slot j holds chunk i + offsets[j] of kc, vc [B, H, nc, c, d], shifted
+    copies without an index gather; zeros where that chunk is off the sequence (its term
+    excludes it)."""
+    nc, c = kc.shape[2], kc.shape[3]
+    nb = hi - lo
+    for slot, o in enumerate(offsets):
+        a, b = max(lo, -o), min(hi, nc - o)  # the query chunks whose chunk i + o exists
+        cols = slice(slot * c, (slot + 1) * c)
+        if b > a:
+            dst_k[:, :, a - lo:b - lo, cols] = kc[:, :, a + o:b + o]
+            dst_v[:, :, a - lo:b - lo, cols] = vc[:, :, a + o:b + o]
+        for edge in (slice(0, max(0, min(a, hi) - lo)), slice(max(0, max(b, lo) - lo), nb)):
+            dst_k[:, :, edge, cols] = 0.0
+            dst_v[:, :, edge, cols] = 0.0
+
+
 def _gather_chunks_into(dst: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> None:
     """dst [B, H, nb, K·c, e] (a view) ← chunks of x [B, H, nc, c, e] named by idx [Bl, Hl, nb, K]
     (chunk ids ≥ 0), one slot of c columns at a time: each slot's gather is one ``index_select``
@@ -447,16 +466,8 @@ def mta_attention_chunked(
         # of the parts would add another)
         k_set = torch.empty(B, Hkv, nb, width, e, dtype=cdt, device=dev)
         v_set = torch.empty(B, Hkv, nb, width, e, dtype=cdt, device=dev)
-        # the window: shifted copies of the chunked keys, no index gather
-        for slot, o in enumerate(_window_offsets(L, causal)):
-            a, b = max(lo_c, -o), min(hi_c, nc - o)  # query chunks whose chunk i + o exists
-            cols = slice(slot * c, (slot + 1) * c)
-            if b > a:
-                k_set[:, :, a - lo_c:b - lo_c, cols, :d] = kc[:, :, a + o:b + o]
-                v_set[:, :, a - lo_c:b - lo_c, cols, :d] = vc[:, :, a + o:b + o]
-            for edge in (slice(0, max(0, min(a, hi_c) - lo_c)), slice(max(0, max(b, lo_c) - lo_c), nb)):
-                k_set[:, :, edge, cols, :d] = 0.0  # off the sequence: excluded by its term
-                v_set[:, :, edge, cols, :d] = 0.0
+        _window_into(k_set[:, :, :, :n_win * c, :d], v_set[:, :, :, :n_win * c, :d], kc, vc,
+                     _window_offsets(L, causal), lo_c, hi_c)
         # selected and non-uniform chunks: gathered by chunk id
         if exact.shape[-1] > n_win:
             _gather_chunks_into(k_set[:, :, :, n_win * c:Ke_c, :d], kc, exact_idx[:, :, lo_c:hi_c, n_win:])

@@ -13,8 +13,9 @@ one topic spread over the sequence gives one summary, not one per chunk.
 How it runs: each key's one-hot cluster membership, summed per chunk ([nc, K] sums of keys,
 values and counts), the sequence's totals minus the window's chunks give every query chunk's K
 summaries; then one key set per chunk, [window keys | sinks | K summaries], through the same
-fused attention call as the chunked implementation. Cost per query: (2L−1)·c + sinks + K keys;
-memory O(nc·K·d). Masks: none or key padding (a mask that varies per query, or carries a bias,
+fused attention call as the chunked implementation, band by band like it (each band's key sets
+under ``chunked._BAND_BYTES`` on the CPU). Cost per query: (2L−1)·c + sinks + K keys; memory
+O(nc·K·d) and one band's key sets. Masks: none or key padding (a mask that varies per query, or carries a bias,
 is refused: which keys a summary holds would differ per query); no top-k; no boundary chunks or
 learned weights with it. On CUDA the same code runs on the GPU (no Triton kernel).
 """
@@ -25,7 +26,8 @@ import math
 
 import torch
 
-from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _compute_dtype, _pad_tokens, _window_offsets
+from .chunked import (EMPTY_ROW_LSE, NEG, _attention_with_lse, _bands, _compute_dtype, _pad_tokens, _window_into,
+                      _window_offsets)
 from .layout import in_layout_of
 from .masks import normalize_mask
 
@@ -135,11 +137,9 @@ def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, 
     # (a count rounds to exactly an integer: 0.5 separates empty clusters from the rest)
     term_summary = torch.where(count > 0.5, torch.log(count.clamp(min=1.0)), NEG)
 
-    # ---- key sets [B, Hkv, nc, X, d]: window chunks | sinks | K cluster summaries -------------
+    # ---- per-chunk terms [B, Hkv, nc, X] of the key sets: window chunks | sinks | K summaries ---
     W = len(offsets)
     X = W * c + s + K
-    k_set = torch.empty(B, Hkv, nc, X, d, dtype=cdt, device=dev)
-    v_set = torch.empty(B, Hkv, nc, X, d, dtype=cdt, device=dev)
     term = torch.full((B, Hkv, nc, X), NEG, dtype=cdt, device=dev)
     key_ok = (pos < n) if allowed is None else (allowed & (pos < n))  # [npad] or [Bm, Hm, npad]
     key_ok = key_ok.expand(B, Hkv, npad) if key_ok.dim() == 3 else key_ok.view(1, 1, npad).expand(B, Hkv, npad)
@@ -149,29 +149,33 @@ def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, 
     for slot, o in enumerate(offsets):
         dst = slice(max(0, -o), nc - max(0, o))
         src = slice(max(0, o), nc - max(0, -o))
-        cols = slice(slot * c, (slot + 1) * c)
-        k_set[:, :, dst, cols] = kc[:, :, src]
-        v_set[:, :, dst, cols] = vc[:, :, src]
-        for edge in (slice(0, max(0, -o)), slice(nc - max(0, o), nc)):
-            k_set[:, :, edge, cols] = 0.0  # off the sequence: excluded by its term
-            v_set[:, :, edge, cols] = 0.0
-        term[:, :, dst, cols] = torch.where(key_ok[:, :, src], 0.0, NEG).to(cdt)
+        term[:, :, dst, slot * c:(slot + 1) * c] = torch.where(key_ok[:, :, src], 0.0, NEG).to(cdt)
     if s > 0:
-        k_set[:, :, :, W * c:W * c + s] = k[:, :, :s].unsqueeze(2)
-        v_set[:, :, :, W * c:W * c + s] = v[:, :, :s].unsqueeze(2)
         in_window = (sink_chunk.view(1, s) - ii.view(nc, 1)).abs() <= L - 1  # [nc, s]: already exact
         ok = key_ok.reshape(B, Hkv, npad)[:, :, :s].unsqueeze(2) & ~in_window
         term[:, :, :, W * c:W * c + s] = torch.where(ok, 0.0, NEG).to(cdt)
-    k_set[:, :, :, W * c + s:] = kbar
-    v_set[:, :, :, W * c + s:] = vbar
     term[:, :, :, W * c + s:] = term_summary
 
     if G == 1 and npad == n:
         q_rows = q.reshape(B * Hkv, nc, T, d)
     else:
         q_rows = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
-    out, lse = _attention_with_lse(q_rows, k_set.view(B * Hkv, nc, X, d), v_set.view(B * Hkv, nc, X, d),
-                                   term.view(B * Hkv, nc, 1, X), scale)
+    # key sets [B, Hkv, nb, X, d] band by band, under chunked._BAND_BYTES on the CPU (chunked.py)
+    out = torch.empty(B * Hkv, nc, T, d, dtype=cdt, device=dev)
+    lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev)
+    for lo_c, hi_c in _bands(nc, False, B * Hkv * X * d * torch.finfo(cdt).bits // 8, dev):
+        nb = hi_c - lo_c
+        k_set = torch.empty(B, Hkv, nb, X, d, dtype=cdt, device=dev)
+        v_set = torch.empty(B, Hkv, nb, X, d, dtype=cdt, device=dev)
+        _window_into(k_set[:, :, :, :W * c], v_set[:, :, :, :W * c], kc, vc, offsets, lo_c, hi_c)
+        if s > 0:
+            k_set[:, :, :, W * c:W * c + s] = k[:, :, :s].unsqueeze(2)
+            v_set[:, :, :, W * c:W * c + s] = v[:, :, :s].unsqueeze(2)
+        k_set[:, :, :, W * c + s:] = kbar[:, :, lo_c:hi_c]
+        v_set[:, :, :, W * c + s:] = vbar[:, :, lo_c:hi_c]
+        out[:, lo_c:hi_c], lse[:, lo_c:hi_c] = _attention_with_lse(
+            q_rows[:, lo_c:hi_c], k_set.view(B * Hkv, nb, X, d), v_set.view(B * Hkv, nb, X, d),
+            term.view(B * Hkv, nc, 1, X)[:, lo_c:hi_c], scale)
     out = out.view(B, Hkv, nc, G, c, d).transpose(2, 3).reshape(B, Hkv * G, npad, d)
     empty = (lse <= EMPTY_ROW_LSE).view(B, Hkv, nc, G, c).transpose(2, 3).reshape(B, Hkv * G, npad, 1)
     out = out.masked_fill(empty, 0.0)

@@ -94,6 +94,26 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, None, None, mu, chunk_size=2, sinks=1), (q, k, v))
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "per_head_key_padding"])
+def test_bands_of_one_chunk_match_reference(one_chunk_bands, mask_kind):
+    """Key sets built one query chunk at a time (the CPU's memory bound): every band edge cuts the
+    window, the sinks' terms and the per-chunk summaries; and the gradients."""
+    B, Hq, Hkv, n = 2, 4, 2, 13
+    q, k, v = qkv(B, Hq, Hkv, n, seed=6)
+    mask = make_mask(mask_kind, B, Hq, n)
+    for K in (1, 3):
+        mu = centroids(Hkv, K)
+        for c, L, s in CONFIGS:
+            kw = dict(chunk_size=c, local_chunks=L, sinks=s)
+            ref = mta_attention_reference(q, k, v, mask, centroids=mu, **kw)
+            torch.testing.assert_close(mta(q, k, v, mask, None, None, mu, **kw), ref, rtol=1e-10, atol=1e-10,
+                                       msg=lambda m: f"{kw}: {m}")
+    q, k, v = (x.requires_grad_() for x in qkv(1, 2, 1, 9, d=4))
+    mu = centroids(1, 3, 4)
+    assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, None, None, None, mu, chunk_size=2, local_chunks=2,
+                                                        sinks=1), (q, k, v))
+
+
 class _Site(torch.nn.Module):
     def __init__(self, mu):
         super().__init__()
