@@ -207,6 +207,9 @@ def calibrate(
     separators: str = typer.Option("", help="calibrate boundary chunks: token ids that end a segment, comma-separated "
                                             "(the plan carries them)"),
     segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
+    measure_costs: bool = typer.Option(False, "--measure-costs",
+                                       help="cost candidates by timing them here (the op against exact SDPA on each "
+                                            "site's inputs) instead of by the cost model"),
 ) -> None:
     """Choose each site's configuration from data: the fastest plan within the budget."""
     from pathlib import Path
@@ -228,7 +231,8 @@ def calibrate(
         boundaries = _boundaries(separators, segment_input)
         ep = load_program(program)
         plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
-                               learn_summaries=learn_summaries, boundaries=boundaries, cluster_keys=cluster_keys)
+                               learn_summaries=learn_summaries, boundaries=boundaries, cluster_keys=cluster_keys,
+                               measure_costs=measure_costs)
     except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata
@@ -242,7 +246,7 @@ def calibrate(
         table.add_row(name, choice, f"{entry.error or 0:.3g}", f"{entry.relative_cost or 1:.3f}")
     console.print(table)
     console.print(f"held-out error {meta['holdout_error']:.4g} ≤ {budget}; attention cost {meta['relative_attention_cost']:.3f} "
-                  f"of exact; {meta['wall_time_s']} s; plan {output}, report beside it")
+                  f"of exact ({meta['costs']}); {meta['wall_time_s']} s; plan {output}, report beside it")
 
 
 @app.command()

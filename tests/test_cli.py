@@ -144,6 +144,21 @@ def test_calibrate_a_saved_program(tmp_path):
     assert bad.exit_code == 2 and "no such file" in bad.output
     bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "-1", "-o", "x.json"])
     assert bad.exit_code == 2 and "budget" in bad.output
+    bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2", "-o",
+                              "x.json", "--measure-costs", "--cluster-keys"])
+    assert bad.exit_code == 2 and "without cluster_keys" in " ".join(bad.output.split())
+    assert "modelled" in result.output
+
+
+def test_calibrate_with_measured_costs(tmp_path):
+    _, _, program = saved_lm(tmp_path)
+    plan_path = tmp_path / "plan.json"
+    result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                                 "-o", str(plan_path), "--measure-costs"])
+    assert result.exit_code == 0, result.output
+    plan = mr.Plan.load(plan_path)
+    assert plan.metadata["costs"].startswith("measured on") and plan.metadata["holdout_error"] <= 0.2
+    assert "costs measured on" in (tmp_path / "plan.report.md").read_text()
 
 
 def test_learned_summaries_from_calibrate_to_rewrite_and_onnx(tmp_path):

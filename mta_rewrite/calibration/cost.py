@@ -93,3 +93,79 @@ def default_candidates(n: int) -> list[MTAConfig]:
             sizes.append(c)
         c *= 2
     return [MTAConfig(c, L, s, k) for c in sizes for L in (1, 2) for s in (0, 4, 16) for k in (0, 1, 2, 4)]
+
+
+class MeasuredCosts:
+    """Relative costs **measured on this machine** instead of modelled (``calibrate(...,
+    measure_costs=True)``): a candidate's cost at a site is the op's time on the site's recorded
+    inputs (its longest calibration sample: q, k, v, mask, causality, segment ids) over exact
+    attention's (``scaled_dot_product_attention``) on the same inputs, each the best of
+    ``repeats`` calls after a warm-up, without gradients. Sites whose inputs have the same
+    signature (shapes, dtypes, device, mask shape, causality, boundary chunks or not) share one
+    set of timings. Only candidates the model puts under the crossover are timed: the model is
+    optimistic (on this project's CPU box MTA took 1.5–2.8× its modelled share,
+    ``benchmarks/bench_cpu_layer.py``), so a candidate it already rejects would not pass.
+
+    ``timer(fn, repeats, device) -> ms``: :func:`mta_rewrite.timing.best_ms` unless given."""
+
+    def __init__(self, repeats: int = 3, timer=None):
+        from ..timing import best_ms
+
+        self.repeats = repeats
+        self.timer = timer or best_ms
+        self._ms: dict = {}
+
+    def machine(self) -> str:
+        """What the timings ran on: the GPU's name, or the CPU's and its threads."""
+        import torch
+
+        from ..timing import cpu_name
+
+        devices = sorted({key[0][3] for key in self._ms})
+        names = [torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda")
+                 else f"{cpu_name()}, {torch.get_num_threads()} threads" for dev in devices]
+        return "; ".join(names) or "nothing (no candidate was timed)"
+
+    def exact_ms(self, rec) -> float:
+        """Milliseconds of exact attention (SDPA) on a site record's inputs."""
+        return self._time(rec, None)
+
+    def relative(self, rec, config: MTAConfig) -> float:
+        """``config``'s time over exact attention's on a site record's inputs."""
+        return self._time(rec, config) / max(self.exact_ms(rec), 1e-9)
+
+    def _time(self, rec, config: MTAConfig | None) -> float:
+        key = (_signature(rec), config)
+        if key not in self._ms:
+            import torch
+
+            fn = _exact_call(rec) if config is None else (lambda: torch.ops.mta.attention(
+                rec.q, rec.k, rec.v, rec.mask, None, rec.segment_ids, causal=rec.causal, scale=rec.scale,
+                **config.op_kwargs()))
+            with torch.no_grad():
+                self._ms[key] = float(self.timer(fn, self.repeats, rec.q.device))
+        return self._ms[key]
+
+
+def _signature(rec) -> tuple:
+    mask = None if rec.mask is None else (tuple(rec.mask.shape), rec.mask.dtype)
+    return (tuple(rec.q.shape), tuple(rec.k.shape), rec.q.dtype, str(rec.q.device), mask, rec.causal,
+            rec.segment_ids is not None)
+
+
+def _exact_call(rec):
+    """SDPA on a record's inputs, the causal triangle folded into the mask when there is one (SDPA
+    takes a mask or ``is_causal``, not both)."""
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v, mask = rec.q, rec.k, rec.v, rec.mask
+    causal = rec.causal
+    if causal and mask is not None:
+        n, m = q.shape[-2], k.shape[-2]
+        tri = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        mask = (mask & tri) if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+        causal = False
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=rec.scale,
+                                                  enable_gqa=gqa)

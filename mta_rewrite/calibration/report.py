@@ -21,7 +21,8 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
         f"# Calibration report: {Path(plan_path).name}", "",
         f"budget {meta['budget']} ({meta['metric']}); held-out error {meta['holdout_error']:.4g}, "
         f"calibration error {meta['calibration_error']:.4g}; attention cost {meta['relative_attention_cost']:.3f} "
-        f"of exact ({100 * meta['attention_cost_saved']:.1f}% saved); {meta['calibration_samples']} calibration and "
+        f"of exact ({100 * meta['attention_cost_saved']:.1f}% saved; costs {meta.get('costs', 'modelled')}); "
+        f"{meta['calibration_samples']} calibration and "
         f"{meta['holdout_samples']} held-out samples; {meta['plans_verified']} of "
         f"{meta['plans_considered']} plans verified; {meta['wall_time_s']} s.", "",
         "| site | n | d | causal | chosen | local error | relative cost |", "|---|---|---|---|---|---|---|",
@@ -73,6 +74,13 @@ def _plot(details, plan, png_path: Path) -> Path | None:
     rows = -(-len(sites) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, st in zip(axes.flat, sites):
+        ax.set_title(st.name, fontsize=8)
+        if not st.candidates:  # nothing cheaper than exact attention (nothing to put on log axes)
+            ax.text(0.5, 0.5, "no candidate cheaper than exact:\nkept exact", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         costs = [st.costs[c] for c in st.candidates]
         errs = [max(st.errors[c], 1e-6) for c in st.candidates]
         ax.scatter(costs, errs, s=8, c="#9aa", label="candidates")
@@ -89,7 +97,6 @@ def _plot(details, plan, png_path: Path) -> Path | None:
             ax.axvline(1.0, c="#d30", lw=1, ls="--", label="chosen: exact")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(st.name, fontsize=8)
         ax.set_xlabel("relative cost")
         ax.set_ylabel("local rel. L2 error")
         ax.legend(fontsize=6)

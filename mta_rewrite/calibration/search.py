@@ -45,7 +45,7 @@ import torch
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
-from .cost import default_candidates, exact_cost, relative_cost
+from .cost import MeasuredCosts, default_candidates, exact_cost, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
 from .probe import Probe, as_call, release_freed_memory
 
@@ -151,6 +151,7 @@ def calibrate(
     learned_plans: int = 3,
     boundaries: Boundaries | None = None,
     cluster_keys: bool = False,
+    measure_costs: bool | MeasuredCosts = False,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
 
@@ -166,7 +167,10 @@ def calibrate(
     (segments ending after separator tokens of the model's token ids; costed as the op runs them on
     the CPU, see ``cost``); the plan carries them. ``cluster_keys``: after that, clustered summaries
     (``calibration.cluster``, non-causal sites) for up to ``learned_plans`` plans chosen the same
-    way, each costed with its K summaries and the centroid scoring.
+    way, each costed with its K summaries and the centroid scoring. ``measure_costs``: cost every
+    candidate by timing it on this machine (``cost.MeasuredCosts``: the op against exact SDPA on
+    each site's recorded inputs) instead of by the cost model (a ``MeasuredCosts`` instance: its
+    timings, e.g. with other repeats); not with ``cluster_keys``.
     """
     start = time.perf_counter()
     data = list(data)
@@ -180,6 +184,10 @@ def calibrate(
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     if isinstance(learned_plans, bool) or not isinstance(learned_plans, int) or learned_plans < 1:
         raise ValueError(f"learned_plans must be an integer ≥ 1, got {learned_plans!r}")
+    if not isinstance(measure_costs, (bool, MeasuredCosts)):
+        raise ValueError(f"measure_costs must be True, False or a calibration.cost.MeasuredCosts, got {measure_costs!r}")
+    if measure_costs and cluster_keys:
+        raise ValueError("measure_costs does not time clustered summaries: use it without cluster_keys")
     cal_idx, hold_idx = split_samples(len(data), holdout, seed)
     cal = [data[i] for i in cal_idx]
     hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
@@ -199,7 +207,8 @@ def calibrate(
         # ---- per-site errors (exact upstream) and greedy plans (upstream approximated) -----
         policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
         bar.start("site errors and greedy plans, site by site", None)
-        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance)
+        timer = measure_costs if isinstance(measure_costs, MeasuredCosts) else MeasuredCosts() if measure_costs else None
+        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance, timer)
         if {st.name for st in stats} != {site.name for site in sites}:
             raise RuntimeError("calibration reached other sites than the probe holds")  # a bug, not the user's
         plans: dict[PlanKey, str] = {}
@@ -260,6 +269,7 @@ def calibrate(
         "relative_attention_cost": chosen.cost, "attention_cost_saved": 1 - chosen.cost,
         "plans_considered": len(family), "plans_verified": sum(p.calibration_error is not None for p in family),
         "learned_summaries": learn_summaries, "clustered_summaries": cluster_keys,
+        "costs": f"measured on {timer.machine()}" if timer is not None else "modelled (calibration.cost)",
         "wall_time_s": round(time.perf_counter() - start, 2),
     })
     for site in probe.sites:
@@ -363,9 +373,11 @@ def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None
     return (reference or _reference(recs)).parts(outs)
 
 
-def _site_stats(name: str, recs, candidates) -> SiteStats:
+def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None) -> SiteStats:
     """A site's candidates (those under the crossover), their costs and their errors with exact
-    upstream, overall and per head, and the Pareto fronts the greedy passes choose from."""
+    upstream, overall and per head, and the Pareto fronts the greedy passes choose from. With a
+    ``timer`` the costs of the candidates the model puts under the crossover are measured, and the
+    site's weight is exact attention's measured time."""
     q = recs[0].q
     n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
     causal = all(_runs_causal(r) for r in recs)
@@ -375,7 +387,11 @@ def _site_stats(name: str, recs, candidates) -> SiteStats:
     exact_blocks = _exact_block_fractions(recs, pool)
     layout = _layout_costs(recs, pool, n, causal)
     costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], **layout[c]) for c in pool}
-    st.candidates = [c for c in pool if costs[c] < 1.0]  # the crossover
+    if timer is not None:
+        longest = max(recs, key=lambda r: r.q.shape[-2])
+        st.weight = timer.exact_ms(longest)
+        costs = {c: timer.relative(longest, c) for c in pool if costs[c] < 1.0}
+    st.candidates = [c for c in pool if costs.get(c, 1.0) < 1.0]  # the crossover
     st.costs = {c: costs[c] for c in st.candidates}
     reference = _reference(recs)
     for cand in st.candidates:
@@ -452,7 +468,8 @@ def _runs_causal(rec) -> bool:
     return simplify_mask(rec.mask, rec.q.shape[0], rec.q.shape[1], rec.q.shape[-2], False)[1]
 
 
-def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple[list[SiteStats], dict]:
+def _walk(probe: Probe, cal: list, candidates, policies: list, advance,
+          timer: MeasuredCosts | None = None) -> tuple[list[SiteStats], dict]:
     """Steps 2 and 3: every policy (per_head, τ) walks the sites in graph order, choosing at each
     with the upstream sites approximated as it chose before. Depth first over the tree of
     upstream plans: a node is a site reached under one upstream plan, by the policies that chose
@@ -477,7 +494,7 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance) -> tuple
         if name not in stats:  # first reached on the all-exact branch: exact upstream
             if approximated_upstream:
                 raise RuntimeError(f"site {name} reached with approximated upstream before exact")  # a bug
-            stats[name] = _site_stats(name, recs, candidates)
+            stats[name] = _site_stats(name, recs, candidates, timer)
         st = stats[name]
         if approximated_upstream:
             parts = _lazy_parts(recs)
