@@ -75,6 +75,16 @@ def test_deterministic_for_a_seed_and_report(lm, tmp_path):
     assert (tmp_path / "plan.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_short_sequences_stay_exact_with_a_report(tmp_path):
+    """At 64 tokens no candidate beats exact attention by the model: every site stays exact and the
+    report is still written (its plot once failed on empty log axes)."""
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval()
+    data = [(zoo.byte_tokens(zoo.real_text()[i * 500:], 64),) for i in range(3)]
+    plan = run(model, data, budget=0.1, output=str(tmp_path / "plan.json"))
+    assert all(e.config is None for e in plan.sites.values())
+    assert (tmp_path / "plan.report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_errors_are_clear(lm):
     model, data = lm
     with pytest.raises(ValueError, match="budget"):
