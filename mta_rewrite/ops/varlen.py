@@ -13,7 +13,8 @@ range: from the first token of chunk a−L+1 (a: the chunk of the block's first 
 token of chunk z (causal, cut at the block's last query) or z+L−1 (z: the chunk of its last
 query). Which of those columns a query may use is its own (chunk ids compared per query and key),
 so the mask is per query: [Bq, X] per block, built band by band with the key sets (no n×n
-tensor; about n·X/8 at a time, and on the CPU each piece's key sets under ``chunked._BAND_BYTES``). Summaries are masked means (or learned weighted means) over each chunk's
+tensor; about n·X/8 at a time; on the CPU a band runs in pieces whose key sets stay under
+``chunked._BAND_BYTES``). Summaries are masked means (or learned weighted means) over each chunk's
 allowed non-sink keys, by one ``scatter_add`` over the chunk ids; query t may use summary j when
 j is outside its window (causal: j < chunk(t) − L + 1; otherwise |j − chunk(t)| > L − 1) and the
 chunk has a key (logit + log n_j). Window keys before ``sinks`` are left to the sink columns
