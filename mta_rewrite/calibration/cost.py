@@ -139,9 +139,11 @@ class MeasuredCosts:
         if key not in self._ms:
             import torch
 
-            fn = _exact_call(rec) if config is None else (lambda: torch.ops.mta.attention(
-                rec.q, rec.k, rec.v, rec.mask, None, rec.segment_ids, causal=rec.causal, scale=rec.scale,
-                **config.op_kwargs()))
+            from .probe import site_output
+
+            fn = _exact_call(rec) if config is None else (lambda: site_output(
+                config, None, rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale, dtype=rec.q.dtype,
+                segment_ids=rec.segment_ids))
             with torch.no_grad():
                 self._ms[key] = float(self.timer(fn, self.repeats, rec.q.device))
         return self._ms[key]

@@ -132,14 +132,22 @@ def _even_bands(nc: int, count: int) -> list[tuple[int, int]]:
 _BAND_BYTES = 8 << 20
 
 
-def _bands(nc: int, causal: bool, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
-    """The bands of :func:`mta_attention_chunked`: at least 8 when causal (and nc ≥ 32), and on
-    the CPU enough that a band's key set (``row_bytes`` per query chunk) fits in ``_BAND_BYTES``
-    (other devices have caching allocators, and each band is a few more kernel launches)."""
-    count = max(1, min(8, nc // 4)) if causal else 1
+def _memory_bands(lo: int, hi: int, row_bytes: int, device: torch.device, at_least: int = 1) -> list[tuple[int, int]]:
+    """Rows lo … hi − 1 (query chunks, or query blocks) in at least ``at_least`` contiguous bands of
+    about equal size, and on the CPU enough that a band's key set (``row_bytes`` per row) fits in
+    ``_BAND_BYTES`` (other devices have caching allocators, and each band is a few more kernel
+    launches): the memory bound of every CPU implementation here."""
+    rows = hi - lo
+    count = at_least
     if device.type == "cpu":
-        count = max(count, -(-nc * row_bytes // _BAND_BYTES))
-    return _even_bands(nc, min(nc, count))
+        count = max(count, -(-rows * row_bytes // _BAND_BYTES))
+    return [(lo + a, lo + b) for a, b in _even_bands(rows, min(rows, count))]
+
+
+def _bands(nc: int, causal: bool, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
+    """The bands of :func:`mta_attention_chunked`: at least 8 when causal (and nc ≥ 32), each
+    under the memory bound (:func:`_memory_bands`)."""
+    return _memory_bands(0, nc, row_bytes, device, at_least=max(1, min(8, nc // 4)) if causal else 1)
 
 
 def _top_index_lists(flags: torch.Tensor, count: int) -> torch.Tensor:
@@ -454,7 +462,7 @@ def mta_attention_chunked(
     # page faults were a third of the op's time). Causal bands also bound the summary columns:
     # query chunk i summarises only chunks j < i − L + 1, so a band [lo, hi) needs the first
     # hi − L of them, which cuts the summary work towards half.
-    row_bytes = B * Hkv * X * e * torch.finfo(cdt).bits // 8
+    row_bytes = B * Hkv * X * e * cdt.itemsize
     bands = _bands(nc, causal, row_bytes, dev)
     out = torch.empty(B, Hkv, G, nc, c, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from .chunked import (EMPTY_ROW_LSE, NEG, _attention_with_lse, _bands, _compute_dtype, _pad_tokens, _window_into,
-                      _window_offsets)
+from .chunked import (EMPTY_ROW_LSE, NEG, _attention_with_lse, _compute_dtype, _memory_bands, _pad_tokens,
+                      _window_into, _window_offsets)
 from .layout import in_layout_of
 from .masks import normalize_mask
 
@@ -160,10 +160,10 @@ def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, 
         q_rows = q.reshape(B * Hkv, nc, T, d)
     else:
         q_rows = _pad_tokens(q, npad, 2).view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
-    # key sets [B, Hkv, nb, X, d] band by band, under chunked._BAND_BYTES on the CPU (chunked.py)
+    # key sets [B, Hkv, nb, X, d] band by band, under the CPU's memory bound (chunked._memory_bands)
     out = torch.empty(B * Hkv, nc, T, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev)
-    for lo_c, hi_c in _bands(nc, False, B * Hkv * X * d * torch.finfo(cdt).bits // 8, dev):
+    for lo_c, hi_c in _memory_bands(0, nc, B * Hkv * X * d * cdt.itemsize, dev):
         nb = hi_c - lo_c
         k_set = torch.empty(B, Hkv, nb, X, d, dtype=cdt, device=dev)
         v_set = torch.empty(B, Hkv, nb, X, d, dtype=cdt, device=dev)

@@ -13,10 +13,10 @@ range: from the first token of chunk a−L+1 (a: the chunk of the block's first 
 token of chunk z (causal, cut at the block's last query) or z+L−1 (z: the chunk of its last
 query). Which of those columns a query may use is its own (chunk ids compared per query and key),
 so the mask is per query: [Bq, X] per block, built band by band with the key sets (no n×n
-tensor; about n·X/8 at a time; on the CPU a band runs in pieces whose key sets stay under
-``chunked._BAND_BYTES``). Summaries are masked means (or learned weighted means) over each chunk's
-allowed non-sink keys, by one ``scatter_add`` over the chunk ids; query t may use summary j when
-j is outside its window (causal: j < chunk(t) − L + 1; otherwise |j − chunk(t)| > L − 1) and the
+tensor; about n·X/8 at a time; on the CPU a band runs in pieces whose key sets stay under the
+memory bound, ``chunked._memory_bands``). Summaries are masked means (or learned weighted means)
+over each chunk's allowed non-sink keys, by one ``scatter_add`` over the chunk ids; query t may
+use summary j when j is outside its window (causal: j < chunk(t) − L + 1; otherwise |j − chunk(t)| > L − 1) and the
 chunk has a key (logit + log n_j). Window keys before ``sinks`` are left to the sink columns
 (E(t) is a set). With causality the summaries are banded like the fixed op's.
 
@@ -36,8 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import chunked
-from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype
+from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype, _memory_bands
 from .layout import in_layout_of
 from .masks import NormalizedMask, normalize_mask, simplify_mask
 from .segments import chunk_starts
@@ -228,19 +227,16 @@ def mta_attention_varlen(
     qp = q if npad == n else torch.nn.functional.pad(q, (0, 0, 0, npad - n))
     q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
     kT, vT = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, B, n, d]
-    elt = torch.finfo(cdt).bits // 8
 
     # ---- one fused attention call per band of blocks ------------------------------------------
-    # On the CPU a band runs in pieces whose key sets stay under chunked._BAND_BYTES, built, used
-    # and freed one after the other (the allocator reuses their memory; see chunked.py).
+    # On the CPU a band runs in pieces whose key sets stay under the memory bound
+    # (chunked._memory_bands), built, used and freed one after the other.
     out = torch.empty(Hkv, nb * B, G * Bq, d, dtype=cdt, device=dev)
     lse = torch.empty(Hkv, nb * B, G * Bq, dtype=cdt, device=dev)
     jj = torch.arange(M, device=dev)
     for lo_p, hi_p, width in plan.bands:
         cols = Wmax + s + width
-        step = max(1, chunked._BAND_BYTES // (Hkv * B * cols * d * elt)) if dev.type == "cpu" else hi_p - lo_p
-        for lo_b in range(lo_p, hi_p, step):
-            hi_b = min(hi_p, lo_b + step)
+        for lo_b, hi_b in _memory_bands(lo_p, hi_p, Hkv * B * cols * d * cdt.itemsize, dev):
             m_b = hi_b - lo_b
             sel = slice(lo_b, hi_b)
             # key sets [Hkv, m, B, cols, d]: the window tokens, sinks, the summaries the band needs
