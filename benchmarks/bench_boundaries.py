@@ -157,7 +157,7 @@ def op_section(args, tok, boundaries) -> list[dict]:
     import torch.nn.functional as F
 
     from mta_rewrite import zoo
-    from mta_rewrite.calibration.cost import mta_cost
+    from mta_rewrite.calibration.cost import mta_flops
     from mta_rewrite.config import MTAConfig
     from mta_rewrite.ops.chunked import mta_attention_chunked
     from mta_rewrite.ops.segments import padded_length, segmented
@@ -186,7 +186,7 @@ def op_section(args, tok, boundaries) -> list[dict]:
             with torch.no_grad():
                 best = best_alternating_ms(runs, args.op_repeats)
             N = padded_length(seg, cfg.chunk_size, cfg.sinks)
-            per_query = lambda length: mta_cost(cfg, length, 1, True, flops_per_byte=0.0) / (4.0 * length) - 1.0  # noqa: E731
+            per_query = lambda length: mta_flops(cfg, length, 1, True) / (4.0 * length) - 1.0  # noqa: E731
             row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n,
                    "fixed_columns": per_query(n), "unpadded_columns": key_columns(seg, **kw)[0],
                    "slots_columns": per_query(N) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}

@@ -210,6 +210,10 @@ def calibrate(
     measure_costs: bool = typer.Option(False, "--measure-costs",
                                        help="cost candidates by timing them here (the op against exact SDPA on each "
                                             "site's inputs) instead of by the cost model"),
+    cost_model: str = typer.Option("cpu", "--cost-model",
+                                   help="the cost model: cpu (fitted on this project's CPU box; the default), work "
+                                        "(flops and bytes alone, no per-call costs) or a JSON file of "
+                                        "calibration.cost.TimeModel's fields (benchmarks/bench_cost_model.py --fit)"),
 ) -> None:
     """Choose each site's configuration from data: the fastest plan within the budget."""
     from pathlib import Path
@@ -218,6 +222,7 @@ def calibrate(
 
     from .api import load_program
     from .calibration import calibrate as run_calibration
+    from .calibration.cost import load_time_model
 
     try:
         if not Path(data).is_file():
@@ -229,10 +234,11 @@ def calibrate(
         if not isinstance(samples, (list, tuple)):
             raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
         boundaries = _boundaries(separators, segment_input)
+        model = load_time_model(cost_model)
         ep = load_program(program)
         plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
                                learn_summaries=learn_summaries, boundaries=boundaries, cluster_keys=cluster_keys,
-                               measure_costs=measure_costs)
+                               measure_costs=measure_costs, cost_model=model)
     except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
+from mta_rewrite.calibration.cost import WORK
 from mta_rewrite.cli import app
 
 DOT, NEWLINE = ord("."), ord("\n")
@@ -167,7 +168,8 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     # (':' ends a segment: in Python sources lines are short, and chunk slots cut at every line
     # cost more than exact attention at 512 tokens, so the cost model keeps every site exact)
     boundaries = mr.Boundaries((ord(":"),))
-    plan = mr.calibrate(model, samples, budget=0.2, holdout=0.25, progress=False, boundaries=boundaries)
+    plan = mr.calibrate(model, samples, budget=0.2, holdout=0.25, progress=False, boundaries=boundaries,
+                        cost_model=WORK)
     assert plan.boundaries == boundaries
     chosen = [(name, e) for name, e in plan.sites.items() if e.config is not None]
     assert chosen, "a budget of 0.2 approximates some site"
@@ -178,11 +180,12 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
         if cfg.top_k == 0:
             cols = max(key_columns(x, chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks,
                                    sinks=cfg.sinks) for x in ids)
-            want = relative_cost(cfg, 512, 16, True, block_columns=cols)
+            want = relative_cost(cfg, 512, 16, True, block_columns=cols, heads=4, model=WORK)
         else:
-            want = relative_cost(cfg, 512, 16, True, padded_n=max(padded_length(x, cfg.chunk_size, cfg.sinks) for x in ids))
+            want = relative_cost(cfg, 512, 16, True, heads=4, model=WORK,
+                                 padded_n=max(padded_length(x, cfg.chunk_size, cfg.sinks) for x in ids))
         assert entry.relative_cost == pytest.approx(want)
-        assert entry.relative_cost > relative_cost(cfg, 512, 16, True)  # short lines: more chunks than fixed ones
+        assert entry.relative_cost > relative_cost(cfg, 512, 16, True, heads=4, model=WORK)  # short lines: more chunks than fixed ones
     rewritten = mr.rewrite(model, samples[0], plan=plan)
     held = [samples[i] for i in plan.metadata["holdout_indices"]]
     with torch.no_grad():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import onnx
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -148,6 +150,18 @@ def test_calibrate_a_saved_program(tmp_path):
                               "x.json", "--measure-costs", "--cluster-keys"])
     assert bad.exit_code == 2 and "without cluster_keys" in " ".join(bad.output.split())
     assert "modelled" in result.output
+    # the default cost model (this project's CPU box) keeps this small model exact at 512 tokens,
+    # where the op's per-call costs outweigh what it saves; by the work alone it approximates
+    assert plan.metadata["relative_attention_cost"] == 1.0
+    work = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                               "-o", str(tmp_path / "work.json"), "--cost-model", "work"])
+    assert work.exit_code == 0, work.output
+    assert mr.Plan.load(tmp_path / "work.json").metadata["relative_attention_cost"] < 1.0
+    for spec, message in (("gpu", "neither cpu nor work nor a JSON file"), (str(plan_path), "not a cost model")):
+        bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                                  "-o", "x.json", "--cost-model", spec])
+        assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
+    assert not (tmp_path / "x.json").exists() and not Path("x.json").exists()
 
 
 def test_calibrate_with_measured_costs(tmp_path):
@@ -170,7 +184,7 @@ def test_learned_summaries_from_calibrate_to_rewrite_and_onnx(tmp_path):
     model, samples, program = saved_lm(tmp_path)
     plan_path = tmp_path / "plan.json"
     result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
-                                 "--learn-summaries", "-o", str(plan_path)])
+                                 "--learn-summaries", "-o", str(plan_path), "--cost-model", "work"])
     assert result.exit_code == 0, result.output
     plan = mr.Plan.load(plan_path)
     learned = [e.config for e in plan.sites.values() if isinstance(e.config, mr.Learned)]

@@ -1,6 +1,6 @@
 """Calibration: choose each site's MTA configuration from data under an error budget."""
 
-from .cost import MeasuredCosts, default_candidates, relative_cost
+from .cost import MeasuredCosts, TimeModel, default_candidates, load_time_model, relative_cost
 from .search import calibrate
 
-__all__ = ["MeasuredCosts", "calibrate", "default_candidates", "relative_cost"]
+__all__ = ["MeasuredCosts", "TimeModel", "calibrate", "default_candidates", "load_time_model", "relative_cost"]

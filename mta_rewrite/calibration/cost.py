@@ -1,85 +1,198 @@
-"""Cost model of exact attention and of MTA configurations (MTA_SPEC.md, "Cost model").
+"""Cost model of exact attention and of MTA configurations: modelled milliseconds.
 
-Per head and sequence, counting multiply-adds twice:
+Work per call (``mta_work``, ``exact_flops``; the flop counts are MTA_SPEC.md's "Cost model",
+multiply-adds counted twice), for B sequences, Hq query and Hkv key/value heads:
 
-    exact:  4·n²·d flops (half with causality), bytes: q, k, v read and the output written
-    MTA:    4·n·(c·W + sinks + top_k·c + S·(1 − f + f·c))·d flops, W = L (causal) or 2L−1
+    exact:  B·Hq·4·n²·d flops (half with causality)
+    MTA:    B·Hq·4·n·(c·W + sinks + top_k·c + S·(1 − f + f·c))·d flops, W = L (causal) or 2L−1
             window chunks, S = n/c summaries (half of them on average with causality), f the
             fraction of summarised blocks the op attends exactly instead, because the mask or
             its bias varies inside them (``ops.chunked.exact_block_fraction``: 0 for no mask,
-            key padding and the causal triangle; 1 for ALiBi), plus one pass over k and v for
-            the summaries; bytes: q, k, v, the output, and the per-chunk key sets (the same
-            keys per chunk, k and v)
+            key padding and the causal triangle; 1 for ALiBi), plus the summary pass over k and v
+            (B·Hkv·4·n·d); the **key sets** it builds (k and v, every query chunk's exact chunks,
+            sinks and summaries: B·Hs·nc·X·d·2 values, Hs = Hkv, or Hq when top-k selects per
+            query head of a group); and with top-k the **selection** (per head and query chunk:
+            a score for every chunk, a sort, a row of terms: B·Hs·nc·(nc + X) elements)
 
 Where the op runs in query blocks on the CPU (``ops.varlen``: boundary chunks, and many small fixed
-chunks, with no mask or key padding and no top-k) it is costed from its own block layout
-(``block_cost``); boundary chunks otherwise as the fixed-chunk op at the padded length of their
-chunk slots (the path of the CUDA kernels too).
+chunks, with no mask or key padding and no top-k) its flops and key sets come from its own block
+layout (``block_columns``); boundary chunks otherwise as the fixed-chunk op at the padded length of
+their chunk slots (the path of the CUDA kernels too).
 
-Time is modelled as max(flops / F, bytes / M) with the ratio F / M of the machine (CPU here:
-≈ 100 GFLOP/s over ≈ 5 GB/s; the H100: 750 TFLOP/s over 2.9 TB/s). ``relative_cost`` is MTA's
-modelled time over exact attention's; below a crossover length MTA cannot win (ratio ≥ 1) and
-calibration keeps such sites exact.
+Time (:class:`TimeModel`) is linear in that work, plus a fixed cost per call:
+
+    exact ms = a·GFLOP + e                 MTA ms = b·GFLOP + m·GB(key sets) + t·M(selection) + o
+
+with constants fitted by least squares (relative error) to the op and to
+``scaled_dot_product_attention`` timed on this project's CPU box at 1224 shapes, lengths and
+configurations (``CPU``; ``benchmarks/bench_cost_model.py --fit`` fits and writes them for another
+machine, :func:`load_time_model` reads them). ``WORK`` is the work alone. The fixed costs
+matter: at 512 tokens the op's ~1 ms per call is a good part of exact attention's time, and a site
+split into groups of heads (``HeadGroups``) pays it once per group (:meth:`TimeModel.grouped_ms`).
+``relative_cost`` is MTA's modelled time over exact attention's; where it is ≥ 1 MTA cannot win and
+calibration keeps the site exact. On a GPU the constants are not this model's: calibrate with
+measured costs there (:class:`MeasuredCosts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from ..config import MTAConfig
 
-CPU_FLOPS_PER_BYTE = 20.0  # ≈ 100 GFLOP/s fp32 over ≈ 5 GB/s on the 2-core machines
+_FP32 = 4  # bytes per element: the CPU op computes in fp32
 
 
-def exact_cost(n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
-    flops = 4.0 * n * n * d * (0.5 if causal else 1.0)
-    bytes_ = 4.0 * 4 * n * d  # fp32 q, k, v, out
-    return max(flops, bytes_ * flops_per_byte)
+def exact_flops(n: int, d: int, causal: bool) -> float:
+    """Flops of exact attention per head and sequence."""
+    return 4.0 * n * n * d * (0.5 if causal else 1.0)
 
 
-def mta_cost(config: MTAConfig, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
-             exact_fraction: float = 0.0, clusters: int | None = None) -> float:
+def mta_flops(config: MTAConfig, n: int, d: int, causal: bool, exact_fraction: float = 0.0,
+              clusters: int | None = None) -> float:
+    """Flops of ``config`` per head and sequence (attention, the summary pass, centroid scoring)."""
+    return mta_work(config, n, d, causal, exact_fraction=exact_fraction, clusters=clusters)[0]
+
+
+def mta_work(config: MTAConfig, n: int, d: int, causal: bool, *, heads: int = 1, kv_heads: int | None = None,
+             batch: int = 1, exact_fraction: float = 0.0, clusters: int | None = None,
+             block_columns: tuple[float, float] | None = None,
+             padded_n: int | None = None) -> tuple[float, float, float]:
+    """(flops, key-set bytes, selection elements) of one call of the op: see the module docstring.
+    ``block_columns`` = (columns per query, key-set rows) where the op runs in query blocks
+    (``ops.varlen.key_columns``); ``padded_n``: boundary chunks in chunk slots, run as the
+    fixed-chunk op at that length."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    n = padded_n or n
+    summary_pass = batch * kv_heads * 4.0 * n * d
+    if block_columns is not None:
+        columns, rows = block_columns
+        return (batch * heads * 4.0 * n * columns * d + summary_pass,
+                batch * kv_heads * 2.0 * rows * d * _FP32, 0.0)
     c = min(config.chunk_size, n)
     nc = -(-n // c)
     L = min(config.local_chunks, nc)
+    K = min(config.top_k, nc)
     window = L if causal else 2 * L - 1
     per_summary = 1.0 - exact_fraction + exact_fraction * c  # keys a summarised chunk costs
     summaries = nc * (0.5 if causal else 1.0) if clusters is None else clusters
-    keys = min(n, c * window + config.sinks + config.top_k * c + summaries * per_summary)
-    flops = 4.0 * n * keys * d + 2.0 * 2 * n * d  # attention + the summary pass over k and v
+    width = c * window + config.sinks + K * c + summaries * per_summary  # a query chunk's key set
+    flops = batch * heads * 4.0 * n * min(n, width) * d + summary_pass
     if clusters is not None:  # clustered summaries: every key scored against every centroid
-        flops += 2.0 * n * clusters * d
-    key_sets = 2.0 * nc * (c * window + config.sinks + config.top_k * c + (nc if clusters is None else clusters)
-                           * per_summary) * d
-    bytes_ = 4.0 * (4 * n * d + key_sets)
-    return max(flops, bytes_ * flops_per_byte)
+        flops += batch * kv_heads * 2.0 * n * clusters * d
+    per_head = K > 0 and heads != kv_heads  # top-k selects per query head: a key set per query head
+    sets = heads if per_head else kv_heads
+    bytes_ = batch * sets * nc * width * d * 2 * _FP32
+    if per_head:
+        bytes_ += batch * heads * n * d * 2 * _FP32  # k and v copied to every query head
+    select = batch * sets * nc * (nc + width) if K > 0 else 0.0
+    return flops, bytes_, select
 
 
-def block_cost(columns: float, key_set_rows: float, n: int, d: int,
-               flops_per_byte: float = CPU_FLOPS_PER_BYTE) -> float:
-    """The op in query blocks (``ops.varlen``), from its own block layout
-    (``ops.varlen.key_columns``): ``columns`` keys per query (window range, sinks, summaries),
-    ``key_set_rows`` rows of the key sets it builds; plus the summary pass over k and v."""
-    flops = 4.0 * n * columns * d + 2.0 * 2 * n * d
-    bytes_ = 4.0 * (4 * n * d + 2.0 * key_set_rows * d)
-    return max(flops, bytes_ * flops_per_byte)
+@dataclass(frozen=True)
+class TimeModel:
+    """Modelled milliseconds of exact attention and of the op on one machine (module docstring):
+    exact = ``exact_ms_per_gflop``·GFLOP + ``exact_call_ms``; MTA = ``mta_ms_per_gflop``·GFLOP +
+    ``mta_ms_per_gb``·GB of key sets + ``mta_ms_per_mselect``·M selection elements +
+    ``mta_call_ms``. ``benchmarks/bench_cost_model.py --fit`` fits them on a machine."""
+
+    machine: str
+    exact_ms_per_gflop: float
+    exact_call_ms: float
+    mta_ms_per_gflop: float
+    mta_ms_per_gb: float
+    mta_ms_per_mselect: float
+    mta_call_ms: float
+
+    def exact_ms(self, n: int, d: int, causal: bool, *, heads: int = 1, batch: int = 1) -> float:
+        return batch * heads * exact_flops(n, d, causal) / 1e9 * self.exact_ms_per_gflop + self.exact_call_ms
+
+    def mta_ms(self, config: MTAConfig, n: int, d: int, causal: bool, **shape) -> float:
+        """The op's modelled time; ``shape``: :func:`mta_work`'s keywords."""
+        flops, bytes_, select = mta_work(config, n, d, causal, **shape)
+        return (flops / 1e9 * self.mta_ms_per_gflop + bytes_ / 1e9 * self.mta_ms_per_gb
+                + select / 1e6 * self.mta_ms_per_mselect + self.mta_call_ms)
+
+    def grouped_ms(self, groups, n: int, d: int, causal: bool, *, heads: int, kv_heads: int, batch: int = 1,
+                   layout=None) -> float:
+        """A site computed per group of query heads (``HeadGroups.groups``: (config or None for
+        exact, head indices)), as ``passes.lower.grouped_attention`` runs it: one call per group
+        on its heads' q, k and v (copied out), and the outputs put back in head order.
+        ``layout(config)``: that candidate's layout keywords at the site (:func:`mta_work`'s)."""
+        per_kv = heads // kv_heads
+        total = 0.0
+        for cfg, hs in groups:
+            kv = len({h // per_kv for h in hs})
+            if cfg is None:
+                total += self.exact_ms(n, d, causal, heads=len(hs), batch=batch)
+            else:
+                total += self.mta_ms(cfg, n, d, causal, heads=len(hs), kv_heads=kv, batch=batch,
+                                     **(layout(cfg) if layout else {}))
+            copies = batch * (len(hs) * 3 + 2 * kv) * n * d * 2 * _FP32  # q, k, v out; outputs in, twice
+            total += copies / 1e9 * self.mta_ms_per_gb
+        return total
 
 
-def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, flops_per_byte: float = CPU_FLOPS_PER_BYTE,
-                  exact_fraction: float = 0.0, padded_n: int | None = None, clusters: int | None = None,
-                  block_columns: tuple[float, float] | None = None) -> float:
-    """Modelled time of ``config`` (None: exact) relative to exact attention at length n; with
-    ``exact_fraction`` of the summarised blocks attended exactly (see the module docstring).
-    ``block_columns`` = (columns per query, key-set rows) where the op runs in query blocks
-    (:func:`block_cost`); boundary chunks otherwise: ``padded_n``, the padded length of their chunk
-    slots (``ops.segments.padded_length``), at which the fixed-chunk op runs them.
-    ``clusters``: clustered summaries, K of them per query, plus scoring every key against the K
-    centroids."""
+# Fitted on this project's CPU box (``python benchmarks/bench_cost_model.py --fit``,
+# benchmarks/results/cost_model_2026-12-03_fit.md): over its 1224 timings (6 shapes, 256–8192
+# tokens, 36 configurations) the modelled ratio MTA / exact is 0.77–1.33× the measured one for
+# 80% of them (median 1.01), and on the same side of 1 (MTA faster or not) for 96%.
+CPU = TimeModel(machine="Intel(R) Xeon(R) Processor, 2 threads, torch 2.13.0+cpu",
+                exact_ms_per_gflop=3.762, exact_call_ms=0.242,
+                mta_ms_per_gflop=5.185, mta_ms_per_gb=73.8, mta_ms_per_mselect=15.395, mta_call_ms=0.971)
+
+# The work alone, no per-call costs: flops at 100 GFLOP/s and key-set bytes at 5 GB/s (the ratio
+# the previous roofline model used), what the costs tend to at long sequences. For searches
+# whose question is the search itself, at lengths where this CPU's per-call costs would keep
+# every site exact (the tests' small models), or to see plans as they would be at scale.
+WORK = TimeModel(machine="no machine: the work alone (flops at 100 GFLOP/s, key-set bytes at 5 GB/s)",
+                 exact_ms_per_gflop=10.0, exact_call_ms=0.0, mta_ms_per_gflop=10.0, mta_ms_per_gb=200.0,
+                 mta_ms_per_mselect=0.0, mta_call_ms=0.0)
+
+TIME_MODELS = {"cpu": CPU, "work": WORK}
+
+
+def load_time_model(spec: str) -> TimeModel:
+    """A cost model by name (``cpu``, ``work``) or from a JSON file of :class:`TimeModel`'s fields
+    (``benchmarks/bench_cost_model.py --fit`` writes one); ValueError with one line otherwise."""
+    import json
+    from pathlib import Path
+
+    if spec in TIME_MODELS:
+        return TIME_MODELS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"cost model {spec!r} is neither {' nor '.join(TIME_MODELS)} nor a JSON file")
+    try:
+        data = json.loads(path.read_text())
+        model = TimeModel(**data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a cost model (a JSON object of TimeModel's fields): {e}") from None
+    numbers = {k: v for k, v in dataclasses.asdict(model).items() if k != "machine"}
+    bad = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0]
+    if bad or not isinstance(model.machine, str):
+        raise ValueError(f"{path}: a cost model's constants are numbers ≥ 0 and its machine a string; "
+                         f"check {', '.join(bad) or 'machine'}")
+    return model
+
+
+def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, *, heads: int = 1,
+                  kv_heads: int | None = None, batch: int = 1, exact_fraction: float = 0.0,
+                  padded_n: int | None = None, clusters: int | None = None,
+                  block_columns: tuple[float, float] | None = None, model: TimeModel = CPU) -> float:
+    """Modelled time of ``config`` (None: exact) relative to exact attention at length n over
+    ``batch`` sequences and ``heads`` query / ``kv_heads`` key-value heads; with ``exact_fraction``
+    of the summarised blocks attended exactly (see the module docstring). ``block_columns`` =
+    (columns per query, key-set rows) where the op runs in query blocks; boundary chunks
+    otherwise: ``padded_n``, the padded length of their chunk slots
+    (``ops.segments.padded_length``), at which the fixed-chunk op runs them. ``clusters``:
+    clustered summaries, K of them per query, plus scoring every key against the K centroids."""
     if config is None:
         return 1.0
-    if block_columns is not None:
-        mta = block_cost(*block_columns, n, d, flops_per_byte)
-    else:
-        mta = mta_cost(config, padded_n or n, d, causal, flops_per_byte, exact_fraction, clusters)
-    return mta / exact_cost(n, d, causal, flops_per_byte)
+    mta = model.mta_ms(config, n, d, causal, heads=heads, kv_heads=kv_heads, batch=batch, exact_fraction=exact_fraction,
+                       clusters=clusters, block_columns=block_columns, padded_n=padded_n)
+    return mta / model.exact_ms(n, d, causal, heads=heads, batch=batch)
 
 
 def default_candidates(n: int) -> list[MTAConfig]:
@@ -102,9 +215,9 @@ class MeasuredCosts:
     attention's (``scaled_dot_product_attention``) on the same inputs, each the best of
     ``repeats`` calls after a warm-up, without gradients. Sites whose inputs have the same
     signature (shapes, dtypes, device, mask shape, causality, boundary chunks or not) share one
-    set of timings. Only candidates the model puts under the crossover are timed: the model is
-    optimistic (on this project's CPU box MTA took 1.5–2.8× its modelled share,
-    ``benchmarks/bench_cpu_layer.py``), so a candidate it already rejects would not pass.
+    set of timings. Only candidates the model puts under the crossover are timed (the model is right
+    about MTA beating exact attention for 96% of the timings it was fitted to, see ``CPU``). A
+    site planned per group of heads (``HeadGroups``) is timed as it runs, one call per group.
 
     ``timer(fn, repeats, device) -> ms``: :func:`mta_rewrite.timing.best_ms` unless given."""
 

@@ -45,7 +45,7 @@ import torch
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
-from .cost import MeasuredCosts, default_candidates, exact_cost, relative_cost
+from .cost import CPU, MeasuredCosts, TimeModel, default_candidates, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
 from .probe import Probe, as_call, release_freed_memory
 
@@ -62,9 +62,14 @@ class SiteStats:
     n: int
     d: int
     causal: bool
-    weight: float  # exact attention cost of this site (all heads, batch), for plan-level cost
+    weight: float  # exact attention's time at this site (ms, all heads, batch), for plan-level cost
     candidates: list[MTAConfig] = field(default_factory=list)
     heads: int = 1
+    kv_heads: int | None = None
+    batch: int = 1
+    model: TimeModel = CPU
+    layout: dict = field(default_factory=dict)  # candidate → its cost keywords here (cost.mta_work's)
+    group_costs: dict = field(default_factory=dict)  # HeadGroups → its cost (measured, or modelled once)
     errors: dict[MTAConfig, float] = field(default_factory=dict)  # exact upstream
     parts: dict[MTAConfig, tuple] = field(default_factory=dict)  # exact upstream, per head (num, den)
     costs: dict[MTAConfig, float] = field(default_factory=dict)
@@ -75,12 +80,22 @@ class SiteStats:
         if isinstance(choice, Learned):
             choice = choice.config  # learned summaries cost what means cost (one more pass over the keys)
         if isinstance(choice, Clustered):
-            return relative_cost(choice.config, self.n, self.d, self.causal, clusters=choice.clusters)
+            return relative_cost(choice.config, self.n, self.d, self.causal, clusters=choice.clusters, model=self.model,
+                                 **self.shape())
         if choice is None:
             return 1.0
         if isinstance(choice, HeadGroups):
-            return sum(len(hs) * (1.0 if cfg is None else self.costs[cfg]) for cfg, hs in choice.groups) / choice.heads
+            if choice not in self.group_costs:  # (measured costs are set by _choose, which has the inputs)
+                grouped = self.model.grouped_ms(choice.groups, self.n, self.d, self.causal, layout=self.layout.get,
+                                                **self.shape())
+                self.group_costs[choice] = grouped / self.model.exact_ms(self.n, self.d, self.causal, heads=self.heads,
+                                                                         batch=self.batch)
+            return self.group_costs[choice]
         return self.costs[choice]
+
+    def shape(self) -> dict:
+        """The site's heads and batch, as the cost model takes them."""
+        return dict(heads=self.heads, kv_heads=self.kv_heads, batch=self.batch)
 
 
 @dataclass
@@ -152,6 +167,7 @@ def calibrate(
     boundaries: Boundaries | None = None,
     cluster_keys: bool = False,
     measure_costs: bool | MeasuredCosts = False,
+    cost_model: TimeModel = CPU,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
 
@@ -170,7 +186,9 @@ def calibrate(
     way, each costed with its K summaries and the centroid scoring. ``measure_costs``: cost every
     candidate by timing it on this machine (``cost.MeasuredCosts``: the op against exact SDPA on
     each site's recorded inputs) instead of by the cost model (a ``MeasuredCosts`` instance: its
-    timings, e.g. with other repeats); not with ``cluster_keys``.
+    timings, e.g. with other repeats); not with ``cluster_keys``. ``cost_model``: the modelled
+    times (``cost.TimeModel``; default ``cost.CPU``, fitted on this project's CPU box;
+    ``benchmarks/bench_cost_model.py --fit`` fits one for another machine).
     """
     start = time.perf_counter()
     data = list(data)
@@ -188,6 +206,8 @@ def calibrate(
         raise ValueError(f"measure_costs must be True, False or a calibration.cost.MeasuredCosts, got {measure_costs!r}")
     if measure_costs and cluster_keys:
         raise ValueError("measure_costs does not time clustered summaries: use it without cluster_keys")
+    if not isinstance(cost_model, TimeModel):
+        raise ValueError(f"cost_model must be a calibration.cost.TimeModel, got {cost_model!r}")
     cal_idx, hold_idx = split_samples(len(data), holdout, seed)
     cal = [data[i] for i in cal_idx]
     hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
@@ -208,7 +228,7 @@ def calibrate(
         policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
         bar.start("site errors and greedy plans, site by site", None)
         timer = measure_costs if isinstance(measure_costs, MeasuredCosts) else MeasuredCosts() if measure_costs else None
-        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance, timer)
+        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance, timer, cost_model)
         if {st.name for st in stats} != {site.name for site in sites}:
             raise RuntimeError("calibration reached other sites than the probe holds")  # a bug, not the user's
         plans: dict[PlanKey, str] = {}
@@ -269,7 +289,8 @@ def calibrate(
         "relative_attention_cost": chosen.cost, "attention_cost_saved": 1 - chosen.cost,
         "plans_considered": len(family), "plans_verified": sum(p.calibration_error is not None for p in family),
         "learned_summaries": learn_summaries, "clustered_summaries": cluster_keys,
-        "costs": f"measured on {timer.machine()}" if timer is not None else "modelled (calibration.cost)",
+        "costs": (f"measured on {timer.machine()}" if timer is not None
+                  else f"modelled (calibration.cost: {cost_model.machine})"),
         "wall_time_s": round(time.perf_counter() - start, 2),
     })
     for site in probe.sites:
@@ -373,20 +394,22 @@ def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None
     return (reference or _reference(recs)).parts(outs)
 
 
-def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None) -> SiteStats:
+def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None, model: TimeModel = CPU) -> SiteStats:
     """A site's candidates (those under the crossover), their costs and their errors with exact
-    upstream, overall and per head, and the Pareto fronts the greedy passes choose from. With a
-    ``timer`` the costs of the candidates the model puts under the crossover are measured, and the
-    site's weight is exact attention's measured time."""
-    q = recs[0].q
+    upstream, overall and per head, and the Pareto fronts the greedy passes choose from. Costs
+    are ``model``'s (at the site's batch and heads); with a ``timer`` the costs of the candidates
+    the model puts under the crossover are measured, and the site's weight is exact attention's
+    measured time."""
+    q, k = recs[0].q, recs[0].k
     n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
     causal = all(_runs_causal(r) for r in recs)
-    weight = exact_cost(n, d, causal) * q.shape[0] * q.shape[1]
+    st = SiteStats(name, n, d, causal, 0.0, heads=q.shape[1], kv_heads=k.shape[1], batch=q.shape[0], model=model)
+    st.weight = model.exact_ms(n, d, causal, heads=st.heads, batch=st.batch)
     pool = list(candidates) if candidates is not None else default_candidates(n)
-    st = SiteStats(name, n, d, causal, weight, heads=q.shape[1])
     exact_blocks = _exact_block_fractions(recs, pool)
     layout = _layout_costs(recs, pool, n, causal)
-    costs = {c: relative_cost(c, n, d, causal, exact_fraction=exact_blocks[c], **layout[c]) for c in pool}
+    st.layout = {c: dict(exact_fraction=exact_blocks[c], **layout[c]) for c in pool}
+    costs = {c: relative_cost(c, n, d, causal, model=model, **st.shape(), **st.layout[c]) for c in pool}
     if timer is not None:
         longest = max(recs, key=lambda r: r.q.shape[-2])
         st.weight = timer.exact_ms(longest)
@@ -469,7 +492,7 @@ def _runs_causal(rec) -> bool:
 
 
 def _walk(probe: Probe, cal: list, candidates, policies: list, advance,
-          timer: MeasuredCosts | None = None) -> tuple[list[SiteStats], dict]:
+          timer: MeasuredCosts | None = None, model: TimeModel = CPU) -> tuple[list[SiteStats], dict]:
     """Steps 2 and 3: every policy (per_head, τ) walks the sites in graph order, choosing at each
     with the upstream sites approximated as it chose before. Depth first over the tree of
     upstream plans: a node is a site reached under one upstream plan, by the policies that chose
@@ -494,20 +517,21 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance,
         if name not in stats:  # first reached on the all-exact branch: exact upstream
             if approximated_upstream:
                 raise RuntimeError(f"site {name} reached with approximated upstream before exact")  # a bug
-            stats[name] = _site_stats(name, recs, candidates, timer)
+            stats[name] = _site_stats(name, recs, candidates, timer, model)
         st = stats[name]
         if approximated_upstream:
             parts = _lazy_parts(recs)
         else:
             parts = st.parts.__getitem__
+        longest = max(recs, key=lambda r: r.q.shape[-2]) if timer is not None else None
         del recs
         by_choice: dict = {}
         for policy in group:
-            choice, err = _choose(st, parts, *policy)
+            choice, err = _choose(st, parts, *policy, timer=timer, rec=longest)
             if choice is not None:
                 chosen[policy][0][name], chosen[policy][1][name] = choice, err
             by_choice.setdefault(choice, []).append(policy)
-        del parts  # (holds the node's site inputs)
+        del parts, longest  # (hold the node's site inputs)
         branches = sorted(by_choice.items(), key=lambda item: item[0] is not None)  # exact first
         for i in reversed(range(len(branches))):  # pushed last, popped first: the exact branch
             choice, policies_here = branches[i]
@@ -538,10 +562,12 @@ def _lazy_parts(recs):
     return parts
 
 
-def _choose(st: SiteStats, parts, per_head: bool, tau: float):
+def _choose(st: SiteStats, parts, per_head: bool, tau: float, timer: MeasuredCosts | None = None, rec=None):
     """A policy's choice at one site, given the candidates' error parts there (``parts(cand)``):
     the cheapest front candidate within τ (None: exact), or per head the cheapest within τ for
-    each head (a HeadGroups, or None if every head stays exact); and its local error."""
+    each head (a HeadGroups, or None if every head stays exact, or if computing the site in those
+    groups would cost as much as exact attention: one call per group); and its local error. With
+    a ``timer`` a HeadGroups' cost is timed on ``rec``, the site's longest input."""
     if tau == 0:
         return None, None
     if not per_head:
@@ -566,6 +592,11 @@ def _choose(st: SiteStats, parts, per_head: bool, tau: float):
     choice = HeadGroups.from_heads(chosen)
     if choice is None:
         return None, None
+    if isinstance(choice, HeadGroups):
+        if timer is not None and choice not in st.group_costs:
+            st.group_costs[choice] = timer.relative(rec, choice)
+        if st.choice_cost(choice) >= 1.0:
+            return None, None
     return choice, relative(num, den)
 
 

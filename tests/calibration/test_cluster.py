@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mta_rewrite as mr
+from mta_rewrite.calibration.cost import WORK
 from mta_rewrite import zoo
 from mta_rewrite.calibration.cluster import fit_clusters, kmeans
 from mta_rewrite.calibration.metrics import first_tensor
@@ -100,7 +101,8 @@ def test_calibrate_with_clustered_summaries_and_the_cli(tmp_path):
     samples = [case.inputs(256)[1] for _ in range(4)]
     for i, s in enumerate(samples):  # different text per sample
         s["input_ids"] = torch.randint(0, 100, s["input_ids"].shape, generator=torch.Generator().manual_seed(i))
-    plan, details = mr.calibrate(model, samples, budget=0.3, progress=False, cluster_keys=True, return_details=True)
+    plan, details = mr.calibrate(model, samples, budget=0.3, progress=False, cluster_keys=True, return_details=True,
+                                 cost_model=WORK)
     clustered = [p for p in details.family if p.origin.endswith("+ clustered summaries")]
     assert clustered and all(p.calibration_error is not None for p in clustered)
     for p in clustered:  # costed as clustered: at least the plain plan's cost (centroid scoring)
@@ -116,6 +118,6 @@ def test_calibrate_with_clustered_summaries_and_the_cli(tmp_path):
     mr.save_program(model, program, (), samples[0])
     torch.save(samples, tmp_path / "samples.pt")
     result = CliRunner().invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget",
-                                      "0.3", "-o", str(tmp_path / "plan.json"), "--cluster-keys"])
+                                      "0.3", "-o", str(tmp_path / "plan.json"), "--cluster-keys", "--cost-model", "work"])
     assert result.exit_code == 0, result.output
     assert mr.Plan.load(tmp_path / "plan.json").metadata["clustered_summaries"] is True

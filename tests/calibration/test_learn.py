@@ -9,6 +9,7 @@ import torch
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
+from mta_rewrite.calibration.cost import WORK
 from mta_rewrite.calibration.learn import fit_site, fit_summaries
 from mta_rewrite.calibration.metrics import first_tensor, output_error
 from mta_rewrite.calibration.probe import Probe, SiteRecord
@@ -91,8 +92,8 @@ def test_calibrate_with_learned_summaries_meets_the_budget_and_never_costs_more(
     model, data = lm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False)
-        plan, details = mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False,
+        base = mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False, cost_model=WORK)
+        plan, details = mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False, cost_model=WORK,
                                      learn_summaries=True, return_details=True)
     assert plan.metadata["holdout_error"] <= 0.05
     assert plan.metadata["relative_attention_cost"] <= base.metadata["relative_attention_cost"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
-from mta_rewrite.calibration.cost import MeasuredCosts, _exact_call, relative_cost
+from mta_rewrite.calibration.cost import WORK, MeasuredCosts, _exact_call, relative_cost
 from mta_rewrite.calibration.probe import SiteRecord
 
 FAST, SLOW = mr.MTAConfig(32, 1, 4, 0), mr.MTAConfig(64, 1, 0, 1)  # both under the crossover by the model at 512
@@ -41,7 +41,7 @@ def lm_and_data(n=512, samples=3):
 def calibrate(model, data, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return mr.calibrate(model, data, progress=False, return_details=True, **kw)
+        return mr.calibrate(model, data, progress=False, return_details=True, **{"cost_model": WORK, **kw})
 
 
 def test_measured_costs_decide_the_crossover_and_the_plan_cost():
@@ -51,7 +51,7 @@ def test_measured_costs_decide_the_crossover_and_the_plan_cost():
     timer = ScriptedCosts({None: 10.0, FAST: 4.0, SLOW: 12.0})
     plan, details = calibrate(model, data, budget=1.0, candidates=[FAST, SLOW], measure_costs=timer)
     for st in details.sites:
-        assert relative_cost(SLOW, st.n, st.d, st.causal) < 1.0  # the model would have kept it
+        assert relative_cost(SLOW, st.n, st.d, st.causal, model=WORK, **st.shape()) < 1.0  # the model kept it
         assert st.candidates == [FAST]
         assert st.costs == {FAST: pytest.approx(0.4)}
         assert st.weight == 10.0
@@ -67,7 +67,7 @@ def test_candidates_the_model_rejects_are_not_timed():
     timer = ScriptedCosts({None: 10.0, FAST: 4.0, huge: 1.0})
     _, details = calibrate(model, data, budget=1.0, candidates=[FAST, huge], measure_costs=timer)
     st = details.sites[0]
-    assert relative_cost(huge, st.n, st.d, st.causal) >= 1.0
+    assert relative_cost(huge, st.n, st.d, st.causal, model=WORK, **st.shape()) >= 1.0
     assert huge not in timer.timed and huge not in st.candidates
 
 
@@ -120,3 +120,21 @@ def test_bad_measure_costs_is_a_clear_error():
         calibrate(model, data, budget=0.1, measure_costs="yes")
     with pytest.raises(ValueError, match="without cluster_keys"):
         calibrate(model, data, budget=0.1, measure_costs=True, cluster_keys=True)
+
+
+def test_head_groups_are_timed_as_they_run():
+    """A per-head plan is timed as grouped_attention runs it (one op call per group), not as a
+    heads-weighted mean of its configurations' timings: the timed call returns the grouped output."""
+    from mta_rewrite.passes.lower import grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 96, 8, generator=g)
+    k, v = (torch.randn(1, 2, 96, 8, generator=g) for _ in range(2))
+    rec = SiteRecord(q, k, v, None, True, 0.35, exact=None)
+    groups = mr.HeadGroups(((FAST, (0, 3)), (None, (1,)), (SLOW, (2,))))
+    outputs = []
+    timer = MeasuredCosts(repeats=1, timer=lambda fn, repeats, device: (outputs.append(fn()), 2.0)[1])
+    assert timer.relative(rec, groups) == 1.0  # 2 ms over the exact call's 2 ms
+    want = grouped_attention(q, k, v, None, groups.op_groups(), True, 0.35)
+    torch.testing.assert_close(outputs[0], want)  # the first timed call: the groups (exact's came second)
+    assert len(outputs) == 2

@@ -10,7 +10,7 @@ import torch
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
-from mta_rewrite.calibration.cost import exact_cost, relative_cost
+from mta_rewrite.calibration.cost import CPU, WORK, TimeModel, relative_cost
 from mta_rewrite.calibration.metrics import relative
 from mta_rewrite.calibration.probe import Probe
 from mta_rewrite.calibration.search import _choose, _ladder, _site_parts, _walk
@@ -88,10 +88,16 @@ def test_cursor_frees_values_after_their_last_use(probed):
         assert any(program.nodes.index(user) >= cursor.pos for user in node.users), node
 
 
+# The search's question here is the walk itself, so costs are the flops alone (no per-call or copy
+# costs, which at these small sizes would keep most per-head plans exact and leave few plans to walk)
+FLOPS = TimeModel("flops alone", exact_ms_per_gflop=1.0, exact_call_ms=0.0, mta_ms_per_gflop=1.0, mta_ms_per_gb=0.0,
+                  mta_ms_per_mselect=0.0, mta_call_ms=0.0)
+
+
 def brute_force_greedy(probe, samples, per_head, tau, candidates):
     """Each policy's plan as the search defines it, computed the slow way: for each site in order,
     one whole forward pass per sample with the upstream choices, recording the site."""
-    stats, _ = _walk(probe, samples, candidates, [(False, 0.0)], lambda: None)  # exact-upstream statistics
+    stats, _ = _walk(probe, samples, candidates, [(False, 0.0)], lambda: None, model=FLOPS)  # exact-upstream statistics
     configs, errors = {}, {}
     for st in stats:
         recs = []
@@ -108,7 +114,7 @@ def test_walk_equals_brute_force_greedy_for_every_policy(probed):
     probe, data = probed
     policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
     nodes = []
-    stats, chosen = _walk(probe, data, CANDIDATES, policies, lambda: nodes.append(1))
+    stats, chosen = _walk(probe, data, CANDIDATES, policies, lambda: nodes.append(1), model=FLOPS)
     assert [st.name for st in stats] == [s.name for s in probe.rewritable]
     distinct = {tuple(sorted((k, repr(v)) for k, v in chosen[p][0].items())) for p in policies}
     assert len(distinct) >= 4, "the ladder should give several different plans on this model"
@@ -156,9 +162,10 @@ def test_sites_are_costed_as_the_op_runs_them(arch):
     causal = arch == "llama"
     for st in details.sites:
         assert st.causal is causal
-        assert st.weight == exact_cost(n, st.d, causal) * 2  # batch 1 × 2 heads
-        assert st.candidates == [c for c in CANDIDATES if relative_cost(c, n, st.d, causal) < 1.0]
-        assert st.costs == {c: relative_cost(c, n, st.d, causal) for c in st.candidates}
+        assert (st.batch, st.heads, st.kv_heads) == (1, 2, 1 if causal else 2)
+        assert st.weight == CPU.exact_ms(n, st.d, causal, heads=2)
+        assert st.candidates == [c for c in CANDIDATES if relative_cost(c, n, st.d, causal, **st.shape()) < 1.0]
+        assert st.costs == {c: relative_cost(c, n, st.d, causal, **st.shape()) for c in st.candidates}
 
 
 def test_many_small_chunks_are_costed_in_query_blocks():
@@ -173,14 +180,15 @@ def test_many_small_chunks_are_costed_in_query_blocks():
     small, large = mr.MTAConfig(4, 1, 4, 0), mr.MTAConfig(64, 1, 4, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, details = mr.calibrate(model, data, budget=0.0, candidates=[small, large], progress=False,
+        _, details = mr.calibrate(model, data, budget=0.0, candidates=[small, large], progress=False, cost_model=WORK,
                                   return_details=True)
     (st,) = details.sites
     assert st.causal
     cols = key_columns(None, chunk_size=4, causal=True, local_chunks=1, sinks=4, n=n)
-    assert st.costs[small] == pytest.approx(relative_cost(small, n, st.d, True, block_columns=cols))
-    assert st.costs[small] < relative_cost(small, n, st.d, True)
-    assert st.costs[large] == relative_cost(large, n, st.d, True)
+    model = dict(model=WORK, **st.shape())
+    assert st.costs[small] == pytest.approx(relative_cost(small, n, st.d, True, block_columns=cols, **model))
+    assert st.costs[small] < relative_cost(small, n, st.d, True, **model)
+    assert st.costs[large] == relative_cost(large, n, st.d, True, **model)
 
 
 def _zoo_with_sites():
