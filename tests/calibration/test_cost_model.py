@@ -121,6 +121,31 @@ def test_per_head_choice_that_costs_more_than_exact_stays_exact():
         assert (choice == grouped) is kept and (err == 0.0 if kept else err is None)
 
 
+def test_with_measured_costs_a_per_head_choice_is_timed():
+    """With a timer, the groups' cost is what the timer says for the HeadGroups (on the site's
+    input), not the model's: kept at 512 tokens when timed fast, dropped at 8192 when timed slow."""
+    a, b = mr.MTAConfig(64, 1, 0, 0), mr.MTAConfig(32, 1, 0, 0)
+    errs = {a: torch.tensor([0.0, 1.0]), b: torch.tensor([1.0, 0.0])}
+    grouped = mr.HeadGroups(((a, (0,)), (b, (1,))))
+
+    class Timer:
+        def __init__(self, ratio):
+            self.ratio, self.asked = ratio, []
+
+        def relative(self, rec, choice):
+            self.asked.append((rec, choice))
+            return self.ratio
+
+    for n, ratio, kept in ((512, 0.5, True), (8192, 1.5, False)):
+        st = _site(n=n, heads=2, kv_heads=2, candidates=[a, b])
+        st.head_front = sorted([a, b], key=lambda c: st.costs[c])
+        timer = Timer(ratio)
+        choice, _ = _choose(st, lambda c: (errs[c], torch.ones(2)), True, 0.5, timer=timer, rec="the site's input")
+        assert timer.asked == [("the site's input", grouped)]
+        assert st.choice_cost(grouped) == ratio
+        assert (choice == grouped) is kept
+
+
 def test_calibrate_records_the_cost_model_and_rejects_a_wrong_one():
     model = zoo.TinyCausalLM(d=32, heads=2, layers=1).eval()
     data = [(zoo.byte_tokens(zoo.real_text()[i * 900:], 256),) for i in range(2)]
