@@ -7,8 +7,10 @@ For each length, in a fresh process (so that its peak resident memory is its own
 (``metric="kl"``, held-out 25%, default candidates) on ``--samples`` windows of n tokens of Python's
 standard-library sources; report the wall time, the time spent walking the tree of upstream plans
 (site errors and greedy plans) and verifying plans end to end, the peak RSS, the number of plans
-verified, and the chosen plan's modelled attention cost and held-out KL. Writes
-benchmarks/results/calibration_smollm2_<date>[_TAG].{json,md}.
+verified, the chosen plan's modelled attention cost and held-out KL, and the rewritten model's
+forward pass against the original's on the held-out window (ms, best of --repeats, called in
+turn; after the peak RSS is read). Writes benchmarks/results/calibration_smollm2_<date>[_TAG].{json,md}
+and each length's plan as calibration_smollm2_<date>[_TAG]_plan_<n>.json.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.timing import cpu_name  # noqa: E402
 
 
-def one(n: int, samples: int, budget: float) -> dict:
+def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path | None = None) -> dict:
     """Calibrate at one length in this process; the figures as a dict."""
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -55,15 +57,25 @@ def one(n: int, samples: int, budget: float) -> dict:
     plan = mr.calibrate(model, data, budget=budget, metric="kl", progress=False)
     wall = time.perf_counter() - start
     chosen = {str(e.config) for e in plan.sites.values() if e.config is not None}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    if plan_path is not None:
+        plan.save(plan_path)
+    from mta_rewrite.timing import best_alternating_ms
+
+    held = data[plan.metadata["holdout_indices"][0]]
+    fast = mr.rewrite(model, (), held, plan=plan)
+    with torch.no_grad():
+        ms = best_alternating_ms({"original": lambda: model(**held), "plan": lambda: fast(**held)}, repeats)
     return {
         "n": n, "samples": samples, "budget": budget, "wall_s": round(wall, 1),
         "walk_s": round(spent["_walk"], 1), "verify_s": round(spent["_end_to_end"], 1),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "peak_rss_gb": round(peak, 2),
         "rss_after_loading_gb": round(rss_before, 2),
         "plans": plan.metadata["plans_considered"], "plans_verified": plan.metadata["plans_verified"],
         "relative_attention_cost": round(plan.metadata["relative_attention_cost"], 4),
         "holdout_kl": plan.metadata["holdout_error"], "calibration_kl": plan.metadata["calibration_error"],
         "sites_approximated": sum(e.config is not None for e in plan.sites.values()), "configs": sorted(chosen),
+        "original_ms": round(ms["original"], 1), "plan_ms": round(ms["plan"], 1),
     }
 
 
@@ -74,14 +86,19 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--repeats", type=int, default=3, help="forward-pass timings, best of")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one length, JSON on stdout
+    ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)  # internal: where --one saves its plan
     args = ap.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one(args.one, args.samples, args.budget)))
+        print(json.dumps(one(args.one, args.samples, args.budget, args.repeats, args.plan)))
         return 0
+    stamp = dt.date.today().isoformat()
+    name = f"calibration_smollm2_{stamp}{'_' + args.tag if args.tag else ''}"
     rows = []
     for n in args.n:
-        cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples), "--budget", str(args.budget)]
+        cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples), "--budget", str(args.budget),
+               "--repeats", str(args.repeats), "--plan", str(args.out / f"{name}_plan_{n}.json")]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -92,17 +109,16 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = ["| tokens × samples | wall | walk (site errors, greedy plans) | verify plans | peak RSS | plans verified "
-             "| sites approximated | modelled attention cost | held-out KL |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| sites approximated | modelled attention cost | held-out KL | original / plan (forward) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['n']} × {r['samples']} | {r['wall_s']:.0f} s | {r['walk_s']:.0f} s | {r['verify_s']:.0f} s | "
                      f"{r['peak_rss_gb']:.2f} GB | {r['plans_verified']} of {r['plans']} | {r['sites_approximated']} / 30 | "
-                     f"{r['relative_attention_cost']:.3f} | {r['holdout_kl']:.4f} |")
+                     f"{r['relative_attention_cost']:.3f} | {r['holdout_kl']:.4f} | "
+                     f"{r['original_ms'] / r['plan_ms']:.2f}× ({r['original_ms']:.0f} / {r['plan_ms']:.0f} ms) |")
     table = "\n".join(lines)
-    stamp = dt.date.today().isoformat()
     head = f"SmolLM2-135M-Instruct calibration, kl, budget {args.budget:g}, {machine}"
     print(f"\n{head}\n{table}")
-    name = f"calibration_smollm2_{stamp}{'_' + args.tag if args.tag else ''}"
     atomic_write_text(args.out / f"{name}.json",
                       json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")
     atomic_write_text(args.out / f"{name}.md", f"{stamp}, {head}\n\n{table}\n")
