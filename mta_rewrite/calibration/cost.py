@@ -114,13 +114,13 @@ class TimeModel:
         return (flops / 1e9 * self.mta_ms_per_gflop + bytes_ / 1e9 * self.mta_ms_per_gb
                 + select / 1e6 * self.mta_ms_per_mselect + self.mta_call_ms)
 
-    def grouped_ms(self, groups, n: int, d: int, causal: bool, *, heads: int, kv_heads: int, batch: int = 1,
-                   layout=None) -> float:
+    def grouped_ms(self, groups, n: int, d: int, causal: bool, *, heads: int, kv_heads: int | None = None,
+                   batch: int = 1, layout=None) -> float:
         """A site computed per group of query heads (``HeadGroups.groups``: (config or None for
         exact, head indices)), as ``passes.lower.grouped_attention`` runs it: one call per group
         on its heads' q, k and v (copied out), and the outputs put back in head order.
         ``layout(config)``: that candidate's layout keywords at the site (:func:`mta_work`'s)."""
-        per_kv = heads // kv_heads
+        per_kv = heads // (heads if kv_heads is None else kv_heads)
         total = 0.0
         for cfg, hs in groups:
             kv = len({h // per_kv for h in hs})
@@ -128,8 +128,10 @@ class TimeModel:
                 total += self.exact_ms(n, d, causal, heads=len(hs), batch=batch)
             else:
                 total += self.mta_ms(cfg, n, d, causal, heads=len(hs), kv_heads=kv, batch=batch,
-                                     **(layout(cfg) if layout else {}))
-            copies = batch * (len(hs) * 3 + 2 * kv) * n * d * 2 * _FP32  # q, k, v out; outputs in, twice
+                                     **((layout(cfg) if layout else None) or {}))
+            # its heads of q, k and v selected out, its output concatenated and put back in head
+            # order: (hs + 2·kv + 2·hs)·n·d elements, each read and written
+            copies = batch * (len(hs) * 3 + 2 * kv) * n * d * 2 * _FP32
             total += copies / 1e9 * self.mta_ms_per_gb
         return total
 

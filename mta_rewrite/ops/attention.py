@@ -124,8 +124,9 @@ def portable_fixed(q, k, v, attn_mask=None, **config):
     on the CPU than the chunk machinery around one whole-sequence key set (SmolLM2's layer, 2048
     tokens, causal: 56 → 22 ms); the exact groups of a site planned per group of heads run so."""
     if attn_mask is None and config["chunk_size"] >= q.shape[2]:
-        return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=config["causal"], scale=config["scale"],
-                                                              enable_gqa=q.shape[1] != k.shape[1]))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=config["causal"], scale=config["scale"],
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return in_layout_of(q, out)
     if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
         return mta_attention_varlen(q, k, v, attn_mask, None, **config)
     return mta_attention_chunked(q, k, v, attn_mask, **config)
