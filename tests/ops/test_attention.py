@@ -359,3 +359,44 @@ def test_bands_of_one_chunk_gradcheck(one_chunk_bands, kw):
     q, k, v = (x.requires_grad_() for x in qkv(1, 2, 1, 9, d=4))
     mask = make_mask("key_padding_bool", 1, 2, 9)
     assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, **kw), (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["bool_per_query", "bias", "key_padding", "finite_min"])
+def test_one_chunk_with_a_mask_is_exact_attention(kind, causal):
+    """One chunk (c ≥ n) is exact attention, run by SDPA with the mask (ops.attention.exact_sdpa):
+    equal to the float64 reference for masks that vary per query, carry a bias, pad keys or use
+    the finite minimum as "forbidden" (transformers'), with GQA; gradients too."""
+    q, k, v = qkv(2, 4, 2, 11, seed=3)
+    g = torch.Generator().manual_seed(1)
+    if kind == "bool_per_query":
+        mask = torch.rand(2, 4, 11, 11, generator=g) > 0.4
+        mask[..., 0] = True  # every query attends to something
+    elif kind == "bias":
+        mask = torch.randn(1, 4, 11, 11, generator=g, dtype=F64)
+    elif kind == "key_padding":
+        mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+        mask[1, ..., 8:] = False
+    else:
+        mask = torch.zeros(2, 1, 11, 11, dtype=F64)
+        mask[..., 5:] = torch.finfo(F64).min
+    kw = dict(chunk_size=64, causal=causal, scale=0.4)
+    torch.testing.assert_close(mta(q, k, v, mask, **kw), mta_attention_reference(q, k, v, mask, **kw),
+                               rtol=1e-10, atol=1e-10)
+    inputs = tuple(x[:, :, :6].clone().requires_grad_() for x in (q, k, v))  # gradients, on fewer tokens
+    small = mask[..., :6, :6] if mask.shape[-2] > 1 else mask[..., :6]
+    assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, small, **kw), inputs)
+
+
+def test_one_chunk_with_an_empty_row_outputs_zeros_there():
+    """A query the mask leaves nothing to attend to outputs zeros (the op's rule; SDPA's output there
+    is not zeros), so exact_sdpa declines and the chunked implementation computes the call."""
+    from mta_rewrite.ops.attention import exact_sdpa
+
+    q, k, v = qkv(1, 2, 2, 9)
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    mask[..., 4, :] = False
+    assert exact_sdpa(q, k, v, mask, False, None) is None
+    out = mta(q, k, v, mask, chunk_size=64)
+    assert torch.all(out[:, :, 4] == 0)
+    torch.testing.assert_close(out, mta_attention_reference(q, k, v, mask, chunk_size=64), rtol=1e-10, atol=1e-10)
