@@ -18,7 +18,7 @@ import torch
 
 from .capture import capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
-from .passes.lower import add_segment_ids, eliminate_dead_code, lower_match
+from .passes.lower import EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
 
@@ -65,11 +65,21 @@ def rewrite(
     plan: Plan | None = None,
     boundaries: Boundaries | None = None,
     dynamic: bool = True,
+    recognise_exact_masks: bool = True,
 ) -> torch.fx.GraphModule:
     """A module called exactly like ``model`` in which every planned, rewritable attention site
     calls ``torch.ops.mta.attention``. Sites that are not rewritable stay exact. ``boundaries``
     (or the plan's): boundary chunks, segments ending after separator tokens of the model's
     token ids.
+
+    ``recognise_exact_masks``: a rewritable site the plan leaves exact that calls
+    ``scaled_dot_product_attention`` with a mask runs through the op's exact path instead (one
+    chunk: SDPA after the mask is recognised by value, as at MTA sites), so a mask that is the
+    causal triangle (∧ key padding) runs as ``is_causal``. transformers' decoders hand every layer
+    a materialised [B, 1, n, n] mask in the captured graph, and SDPA with it is 1.8× slower on the
+    CPU than the ``is_causal`` path their eager forward takes (SmolLM2's layer, 2048 tokens):
+    without this, a partly planned decoder's exact sites give back what its MTA sites save.
+    False keeps those sites as captured.
 
     The result runs at sequence lengths other than the example's (``dynamic=True``) and can be
     exported again (``torch.export.export``) and saved with ``torch.export.save``.
@@ -83,6 +93,8 @@ def rewrite(
     for m, site in zip(matches, sites):
         if site.name in chosen:
             lower_match(gm, m, chosen[site.name], segments)
+        elif recognise_exact_masks and site.rewritable and m.kind == "sdpa" and site.mask != "none":
+            lower_match(gm, m, MTAConfig(EXACT_CHUNK))
     eliminate_dead_code(gm)
     gm.mta_sites = sites  # what was found, for reports
     gm.mta_plan = chosen

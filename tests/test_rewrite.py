@@ -313,3 +313,43 @@ def test_learned_summaries_reach_the_op_of_every_site_that_has_them():
     a, kw = case.inputs(57)
     with torch.no_grad():
         assert (fast(*a, **kw) - means(*a, **kw)).abs().max() > 1e-4
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
+@pytest.mark.parametrize("padded", [False, True])
+def test_exact_sites_with_a_mask_run_the_ops_exact_path(padded):
+    """A site the plan leaves exact that calls SDPA with transformers' materialised mask runs
+    through the op with one chunk (the mask recognised by value, the triangle as is_causal): the
+    model's output is unchanged (within float error), and recognise_exact_masks=False keeps the
+    captured SDPA call."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   use_cache=False, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(1))
+    kwargs = {"input_ids": ids}
+    if padded:
+        mask = torch.ones(2, 96, dtype=torch.long)
+        mask[1, 80:] = 0
+        kwargs["attention_mask"] = mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = mr.find_attention(model, (), kwargs)
+        assert len(sites) == 3 and all(s.rewritable and s.mask != "none" for s in sites)
+        plan = mr.Plan({sites[1].name: mr.MTAConfig(32, 1, 4, 0)})
+        fast = mr.rewrite(model, (), kwargs, plan=plan)
+        kept = mr.rewrite(model, (), kwargs, plan=plan, recognise_exact_masks=False)
+
+    def op_chunks(gm):
+        return sorted(n.kwargs["chunk_size"] for n in gm.graph.nodes if n.target is torch.ops.mta.attention.default)
+
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    assert op_chunks(fast) == [32, 1 << 30, 1 << 30]  # the planned site, and the two exact ones
+    assert op_chunks(kept) == [32] and sum(n.target is sdpa for n in kept.graph.nodes) == 2
+    with torch.no_grad():
+        got, want = first_tensor(fast(**kwargs)), first_tensor(kept(**kwargs))
+    real = slice(None) if not padded else (kwargs["attention_mask"].bool())
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
