@@ -3,7 +3,8 @@
 Dispatch for a CUDA call, after a mask that is key padding (∧ the causal triangle) by value has
 been turned into key padding (``ops/masks.simplify_mask``: what transformers models pass):
 
-- a configuration that is exact (one chunk, c ≥ n) with no mask → ``scaled_dot_product_attention``;
+- a configuration that is exact (one chunk, c ≥ n) → ``scaled_dot_product_attention`` (``is_causal``,
+  or with the mask left; ``ops.attention.exact_sdpa``);
 - no mask or a key-padding mask, fp16/bf16/fp32, triton installed → the fused Triton forward
   (``mta_fwd.py``);
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
@@ -23,10 +24,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from ..ops.chunked import mta_attention_chunked
-from ..ops.layout import in_layout_of
 from ..ops.masks import simplify_mask
 
 
@@ -45,11 +44,12 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     # such it runs on the fused kernels instead of the portable implementation (ops/masks.py)
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], n, causal)
     kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
-    if attn_mask is None and chunk_size >= n:
-        # in q's layout like every other path (and the op's fake); the flash and cuDNN backends
-        # return a transposed [B, n, H, d] buffer whatever q's layout
-        return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                                              enable_gqa=q.shape[1] != k.shape[1]))
+    if chunk_size >= n:
+        # exact: SDPA (is_causal, or with the mask left), in q's layout like every other path (the
+        # flash and cuDNN backends return a transposed [B, n, H, d] buffer whatever q's layout)
+        from ..ops.attention import exact_sdpa
+
+        return exact_sdpa(q, k, v, attn_mask, causal, scale)
     if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
         from .mta_fwd import key_padding, mta_forward_triton
 

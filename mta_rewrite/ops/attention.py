@@ -125,9 +125,7 @@ def portable_fixed(q, k, v, attn_mask=None, **config):
     whole-sequence key set (SmolLM2's layer, 2048 tokens, causal: 56 → 22 ms); the exact groups of
     a site planned per group of heads, and the exact sites of a rewritten program, run so."""
     if config["chunk_size"] >= q.shape[2]:
-        out = exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"])
-        if out is not None:
-            return out
+        return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"])
     if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
         return mta_attention_varlen(q, k, v, attn_mask, None, **config)
     return mta_attention_chunked(q, k, v, attn_mask, **config)
@@ -136,8 +134,9 @@ def portable_fixed(q, k, v, attn_mask=None, **config):
 def exact_sdpa(q, k, v, attn_mask, causal: bool, scale):
     """Exact attention (the op with one chunk) by ``scaled_dot_product_attention``: ``is_causal``
     when no mask is left (after ``simplify_mask``), else the mask's allowed keys (∧ the triangle)
-    and its bias; None when some query may attend to nothing (the op's output there is zeros,
-    SDPA's is not), which the chunked implementation then computes."""
+    and its bias. A query with nothing to attend to (a left-padded position under the triangle)
+    outputs zeros, the op's rule: SDPA computes its row over every key (finite, no NaN in the
+    gradients) and the row is zeroed."""
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None:
         return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa))
@@ -146,11 +145,16 @@ def exact_sdpa(q, k, v, attn_mask, causal: bool, scale):
     allowed = mask.allowed
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    if not bool(allowed.any(-1).all()):
-        return None
+    empty = ~allowed.any(-1, keepdim=True)
+    has_empty = bool(empty.any())
+    if has_empty:
+        allowed = allowed | empty
     if mask.bias is not None:
         allowed = torch.where(allowed, mask.bias.to(q.dtype), float("-inf"))
-    return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    if has_empty:
+        out = out.masked_fill(empty, 0.0)
+    return in_layout_of(q, out)
 
 
 def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:

@@ -246,6 +246,27 @@ def test_transformers_style_masks_take_the_kernel(form, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["causal_padding_min", "bias"])
+def test_one_chunk_is_sdpa_with_whatever_mask_is_left(form, monkeypatch):
+    """An exact configuration (c ≥ n: the exact sites of a rewritten program) runs SDPA, not the
+    kernel: the triangle ∧ padding (left padding too: the first queries of that sequence see
+    nothing and output zeros) or a bias as SDPA's mask; the reference's output either way."""
+    from mta_rewrite.kernels import mta_fwd
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 40, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=6)
+    tri = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril()
+    if form == "causal_padding_min":
+        mask = torch.zeros(B, 1, n, n, device=DEVICE).masked_fill(~(tri & padding(B, n)), torch.finfo(torch.float32).min)
+    else:
+        mask = torch.randn(1, Hq, n, n, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton", lambda *a, **kw: pytest.fail("the kernel ran"))
+    kw = dict(chunk_size=1 << 30, local_chunks=1, sinks=0, top_k=0)
+    out = dispatch_cuda(q, k, v, mask, causal=False, scale=None, **kw)
+    torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, mask, causal=False, **kw),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,c,causal,top_k", [(1000, 64, True, 2), (4096, 128, False, 0), (4096, 128, True, 4)])
 def test_gpu_sizes_and_dispatch(n, c, causal, top_k):

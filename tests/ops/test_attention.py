@@ -388,15 +388,18 @@ def test_one_chunk_with_a_mask_is_exact_attention(kind, causal):
     assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, small, **kw), inputs)
 
 
-def test_one_chunk_with_an_empty_row_outputs_zeros_there():
-    """A query the mask leaves nothing to attend to outputs zeros (the op's rule; SDPA's output there
-    is not zeros), so exact_sdpa declines and the chunked implementation computes the call."""
-    from mta_rewrite.ops.attention import exact_sdpa
-
-    q, k, v = qkv(1, 2, 2, 9)
-    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
-    mask[..., 4, :] = False
-    assert exact_sdpa(q, k, v, mask, False, None) is None
-    out = mta(q, k, v, mask, chunk_size=64)
-    assert torch.all(out[:, :, 4] == 0)
-    torch.testing.assert_close(out, mta_attention_reference(q, k, v, mask, chunk_size=64), rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_chunk_with_an_empty_row_outputs_zeros_there(causal):
+    """A query the mask leaves nothing to attend to outputs zeros (the op's rule; SDPA alone gives
+    NaN or an average there): a fully masked row, and left padding under the triangle (the first
+    queries see only padded keys); finite gradients."""
+    q, k, v = qkv(2, 2, 2, 9)
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    mask[0, ..., 4, :] = False
+    mask[1, ..., :3] = False  # left padding: with causality queries 0-2 of sequence 1 see nothing
+    out = mta(q, k, v, mask, chunk_size=64, causal=causal)
+    assert torch.all(out[0, :, 4] == 0) and torch.all(out[1, :, :3] == 0) == causal
+    torch.testing.assert_close(out, mta_attention_reference(q, k, v, mask, chunk_size=64, causal=causal),
+                               rtol=1e-10, atol=1e-10)
+    inputs = tuple(x.clone().requires_grad_() for x in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, chunk_size=64, causal=causal), inputs)
