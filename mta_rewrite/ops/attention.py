@@ -119,11 +119,11 @@ def _forward(fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, 
 def portable_fixed(q, k, v, attn_mask=None, **config):
     """Fixed-chunk MTA off the CUDA kernels: chunk by chunk (``chunked.py``), or in query blocks
     (``varlen.py``) where those are faster (``varlen.blocks_beat_chunks``: small chunks, many of
-    them) and apply (no mask or key padding, no top-k). One chunk (c ≥ n) with no mask left after
-    ``simplify_mask`` is exact attention: ``scaled_dot_product_attention`` (:func:`exact_sdpa`; with
-    no mask left as on CUDA), 2.6× faster on the CPU than the chunk machinery around one
-    whole-sequence key set (SmolLM2's layer, 2048 tokens, causal: 56 → 22 ms); the exact groups of
-    a site planned per group of heads, and the exact sites of a rewritten program, run so."""
+    them) and apply (no mask or key padding, no top-k). One chunk (c ≥ n) is exact attention:
+    ``scaled_dot_product_attention`` (:func:`exact_sdpa`, as on CUDA), 2.6× faster on the CPU than
+    the chunk machinery around one whole-sequence key set (SmolLM2's layer, 2048 tokens, causal:
+    56 → 22 ms); the exact groups of a site planned per group of heads, and the exact sites of a
+    rewritten program, run so."""
     if config["chunk_size"] >= q.shape[2]:
         return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"])
     if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
