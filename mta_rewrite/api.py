@@ -150,9 +150,11 @@ def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:
 
 def count_mta_nodes(module: torch.nn.Module) -> int:
     """How many sites of a rewritten module (or exported program) run MTA: mta.attention calls,
-    plus per-head-group sites of a module not yet exported again (one call each)."""
+    plus per-head-group sites of a module not yet exported again (one call each); not the exact
+    sites that call the op with one chunk (``rewrite(recognise_exact_masks=True)``)."""
     from .passes.lower import grouped_attention
 
     graph = module.graph_module.graph if hasattr(module, "graph_module") else module.graph
     targets = (torch.ops.mta.attention.default, grouped_attention)
-    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets)
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets
+               and n.kwargs.get("chunk_size", 0) < EXACT_CHUNK)

@@ -349,6 +349,7 @@ def test_exact_sites_with_a_mask_run_the_ops_exact_path(padded):
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
     assert op_chunks(fast) == [32, 1 << 30, 1 << 30]  # the planned site, and the two exact ones
     assert op_chunks(kept) == [32] and sum(n.target is sdpa for n in kept.graph.nodes) == 2
+    assert mr.api.count_mta_nodes(fast) == mr.api.count_mta_nodes(kept) == 1  # the sites that run MTA
     with torch.no_grad():
         got, want = first_tensor(fast(**kwargs)), first_tensor(kept(**kwargs))
     real = slice(None) if not padded else (kwargs["attention_mask"].bool())
