@@ -214,7 +214,8 @@ class MeasuredCosts:
     """Relative costs **measured on this machine** instead of modelled (``calibrate(...,
     measure_costs=True)``): a candidate's cost at a site is the op's time on the site's recorded
     inputs (its longest calibration sample: q, k, v, mask, causality, segment ids) over exact
-    attention's (``scaled_dot_product_attention``) on the same inputs, each the best of
+    attention's on the same inputs (the op with one chunk, what the rewritten program runs at a
+    site left exact: ``scaled_dot_product_attention`` with the mask recognised), each the best of
     ``repeats`` calls after a warm-up, without gradients. Sites whose inputs have the same
     signature (shapes, dtypes, device, mask shape, causality, boundary chunks or not) share one
     set of timings. Only candidates the model puts under the crossover are timed (the model is right
@@ -242,7 +243,7 @@ class MeasuredCosts:
         return "; ".join(names) or "nothing (no candidate was timed)"
 
     def exact_ms(self, rec) -> float:
-        """Milliseconds of exact attention (SDPA) on a site record's inputs."""
+        """Milliseconds of exact attention (the op with one chunk) on a site record's inputs."""
         return self._time(rec, None)
 
     def relative(self, rec, config: MTAConfig) -> float:
@@ -271,18 +272,14 @@ def _signature(rec) -> tuple:
 
 
 def _exact_call(rec):
-    """SDPA on a record's inputs, the causal triangle folded into the mask when there is one (SDPA
-    takes a mask or ``is_causal``, not both)."""
-    import torch
-    import torch.nn.functional as F
+    """What a site the plan leaves exact runs on a record's inputs: the op with one chunk, i.e.
+    ``scaled_dot_product_attention`` after the op has recognised the mask by value (a causal
+    triangle ∧ key padding as ``is_causal`` and padding), as ``rewrite`` lowers exact sites
+    (``lower_exact=True``). Timing SDPA with the captured mask instead (transformers' decoders hand
+    every layer a materialised [B, 1, n, n] one) measured exact attention 1.8× slower than what the
+    rewritten program runs (SmolLM2's layer, 2048 tokens, CPU), and so favoured MTA."""
+    from ..passes.lower import EXACT_CHUNK
+    from .probe import site_output
 
-    q, k, v, mask = rec.q, rec.k, rec.v, rec.mask
-    causal = rec.causal
-    if causal and mask is not None:
-        n, m = q.shape[-2], k.shape[-2]
-        tri = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-        mask = (mask & tri) if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
-        causal = False
-    gqa = q.shape[1] != k.shape[1]
-    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=rec.scale,
-                                                  enable_gqa=gqa)
+    return lambda: site_output(MTAConfig(EXACT_CHUNK), None, rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale,
+                               dtype=rec.q.dtype, segment_ids=None)

@@ -98,8 +98,8 @@ def test_real_timings_run_end_to_end():
 
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_exact_baseline_is_the_sites_attention(mask):
-    """The baseline SDPA call computes the site's own exact attention: causality folded into a mask
-    when the site has both (SDPA takes one or the other), GQA without copies."""
+    """The baseline call (the op with one chunk, what a site left exact runs) computes the site's
+    own exact attention: causality and the mask together, GQA."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 9, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(1, 2, 9, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -112,6 +112,28 @@ def test_exact_baseline_is_the_sites_attention(mask):
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed,
                                           scale=0.3)
     torch.testing.assert_close(_exact_call(rec)(), want)
+
+
+def test_exact_baseline_runs_a_materialised_triangle_as_is_causal(monkeypatch):
+    """transformers' decoders hand SDPA a materialised [1, 1, n, n] causal mask (finite minimum
+    below the diagonal); the rewritten program's exact sites recognise it and run SDPA's is_causal
+    path, so the baseline timed is that call, not SDPA with the mask (1.8x slower on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    tri = torch.ones(16, 16, dtype=torch.bool).tril()
+    mask = torch.zeros(1, 1, 16, 16).masked_fill(~tri, torch.finfo(torch.float32).min)
+    rec = SiteRecord(q, k, v, mask, False, None, exact=None)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = _exact_call(rec)()
+    assert calls == [(None, True)]
+    torch.testing.assert_close(got, sdpa(q, k, v, is_causal=True))
 
 
 def test_bad_measure_costs_is_a_clear_error():
