@@ -65,21 +65,22 @@ def rewrite(
     plan: Plan | None = None,
     boundaries: Boundaries | None = None,
     dynamic: bool = True,
-    recognise_exact_masks: bool = True,
+    lower_exact: bool = True,
 ) -> torch.fx.GraphModule:
     """A module called exactly like ``model`` in which every planned, rewritable attention site
     calls ``torch.ops.mta.attention``. Sites that are not rewritable stay exact. ``boundaries``
     (or the plan's): boundary chunks, segments ending after separator tokens of the model's
     token ids.
 
-    ``recognise_exact_masks``: a rewritable site the plan leaves exact that calls
-    ``scaled_dot_product_attention`` with a mask runs through the op's exact path instead (one
-    chunk: SDPA after the mask is recognised by value, as at MTA sites), so a mask that is the
-    causal triangle (∧ key padding) runs as ``is_causal``. transformers' decoders hand every layer
-    a materialised [B, 1, n, n] mask in the captured graph, and SDPA with it is 1.8× slower on the
-    CPU than the ``is_causal`` path their eager forward takes (SmolLM2's layer, 2048 tokens):
-    without this, a partly planned decoder's exact sites give back what its MTA sites save.
-    False keeps those sites as captured.
+    ``lower_exact``: a rewritable site the plan leaves exact runs the op's exact path (one chunk:
+    ``scaled_dot_product_attention`` after the mask is recognised by value, as at MTA sites),
+    unless it already is an SDPA call without a mask. Measured on the CPU: hand-written
+    softmax(QKᵀ)V, which materialises the n × n scores, is 8–9× slower than SDPA at 2048–4096
+    tokens; and transformers' decoders hand every layer a materialised [B, 1, n, n] mask, with which
+    SDPA is 1.8× slower than the ``is_causal`` path their eager forward takes (SmolLM2's layer,
+    2048 tokens). A query with nothing to attend to outputs zeros there (the op's rule; the
+    hand-written form gives NaN). Calibration's costs are relative to this path. False keeps those
+    sites as captured.
 
     The result runs at sequence lengths other than the example's (``dynamic=True``) and can be
     exported again (``torch.export.export``) and saved with ``torch.export.save``.
@@ -93,7 +94,7 @@ def rewrite(
     for m, site in zip(matches, sites):
         if site.name in chosen:
             lower_match(gm, m, chosen[site.name], segments)
-        elif recognise_exact_masks and site.rewritable and m.kind == "sdpa" and site.mask != "none":
+        elif lower_exact and site.rewritable and not (m.kind == "sdpa" and site.mask == "none"):
             lower_match(gm, m, MTAConfig(EXACT_CHUNK))
     eliminate_dead_code(gm)
     gm.mta_sites = sites  # what was found, for reports
@@ -151,10 +152,19 @@ def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:
 def count_mta_nodes(module: torch.nn.Module) -> int:
     """How many sites of a rewritten module (or exported program) run MTA: mta.attention calls,
     plus per-head-group sites of a module not yet exported again (one call each); not the exact
-    sites that call the op with one chunk (``rewrite(recognise_exact_masks=True)``)."""
+    sites that call the op with one chunk (``rewrite(lower_exact=True)``, see
+    :func:`count_exact_nodes`)."""
+    return sum(1 for n in _op_nodes(module) if n.kwargs.get("chunk_size", 0) < EXACT_CHUNK)
+
+
+def count_exact_nodes(module: torch.nn.Module) -> int:
+    """How many sites of a rewritten module call the op with one chunk (exact attention)."""
+    return sum(1 for n in _op_nodes(module) if n.kwargs.get("chunk_size", 0) >= EXACT_CHUNK)
+
+
+def _op_nodes(module: torch.nn.Module) -> list:
     from .passes.lower import grouped_attention
 
     graph = module.graph_module.graph if hasattr(module, "graph_module") else module.graph
     targets = (torch.ops.mta.attention.default, grouped_attention)
-    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target in targets
-               and n.kwargs.get("chunk_size", 0) < EXACT_CHUNK)
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]

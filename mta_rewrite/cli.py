@@ -27,7 +27,10 @@ def sites_table(sites, plan=None, title="attention sites") -> Table:
         table.add_column(col)
     table.add_column("MTA", overflow="fold", min_width=10)
     for s in sites:
-        status = (plan[s.name].short if plan and s.name in plan else "found") if s.rewritable else f"[yellow]exact:[/yellow] {s.reason}"
+        if not s.rewritable:
+            status = f"[yellow]exact:[/yellow] {s.reason}"
+        else:
+            status = "found" if plan is None else plan[s.name].short if s.name in plan else "exact (planned)"
         table.add_row(s.name, s.kind, f"{s.batch}·{s.q_heads}/{s.kv_heads}·{s.seq_len}·{s.head_dim}",
                       s.mask, "yes" if s.causal else "no", status)
     return table
@@ -123,9 +126,11 @@ def rewrite_cmd(
     separators: str = typer.Option("", help="boundary chunks: token ids that end a segment, comma-separated "
                                             "(e.g. the tokenizer's ids of '.' and newline)"),
     segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
+    keep_exact: bool = typer.Option(False, "--keep-exact", help="leave the sites a plan keeps exact as captured "
+                                                                "(default: they run the op's exact path, SDPA)"),
 ) -> None:
     """Rewrite the attention of a saved program into MTA and save the result (atomically)."""
-    from .api import count_mta_nodes, example_inputs, load_program, rewrite, save_program
+    from .api import count_exact_nodes, count_mta_nodes, example_inputs, load_program, rewrite, save_program
 
     try:
         _distinct(program, output)
@@ -134,13 +139,16 @@ def rewrite_cmd(
         with console.status(f"rewriting {program}"):
             ep = load_program(program)
             args, kwargs = example_inputs(ep)
-            module = rewrite(ep, args, kwargs, config=cfg, plan=chosen, boundaries=boundaries)
+            module = rewrite(ep, args, kwargs, config=cfg, plan=chosen, boundaries=boundaries,
+                             lower_exact=not keep_exact)
             save_program(module, output, args, kwargs)
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
     chunks = f" (boundary chunks: {module.mta_boundaries})" if module.mta_boundaries is not None else ""
-    console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention{chunks}; saved {output}")
+    exact = count_exact_nodes(module)
+    exact = f", {exact} exact site(s) its exact path (SDPA)" if exact else ""
+    console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention{chunks}{exact}; saved {output}")
 
 
 @app.command(name="export")

@@ -49,7 +49,17 @@ def test_rewrite_with_a_plan(tmp_path):
     out = tmp_path / "planned.pt2"
     result = runner.invoke(app, ["rewrite", str(path), "-o", str(out), "--plan", str(plan)])
     assert result.exit_code == 0, result.output
-    assert mr.count_mta_nodes(torch.export.load(str(out))) == 1
+    assert "1 site(s) now call mta.attention, 1 exact site(s) its exact path" in " ".join(result.output.split())
+    ep = torch.export.load(str(out))
+    assert mr.count_mta_nodes(ep) == 1 and mr.api.count_exact_nodes(ep) == 1  # layers.0 left exact: the op's SDPA
+    kept = tmp_path / "kept.pt2"
+    result = runner.invoke(app, ["rewrite", str(path), "-o", str(kept), "--plan", str(plan), "--keep-exact"])
+    assert result.exit_code == 0, result.output
+    ep_kept = torch.export.load(str(kept))
+    assert mr.count_mta_nodes(ep_kept) == 1 and mr.api.count_exact_nodes(ep_kept) == 0
+    args, kwargs = zoo.hand_written_cases()[-1].inputs(50)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(*args, **kwargs), ep_kept.module()(*args, **kwargs), rtol=1e-5, atol=1e-5)
 
 
 def test_export_a_saved_program_to_onnx(tmp_path):

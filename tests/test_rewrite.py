@@ -77,6 +77,31 @@ def test_zoo_found_and_rewritten_exactly(case):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", POSITIVE)
+def test_sites_left_exact_run_the_ops_exact_path(case):
+    """With a plan that approximates nothing, every rewritable site that is not already an SDPA call
+    without a mask calls the op with one chunk (exact attention by SDPA, the mask recognised):
+    the output is the original model's; lower_exact=False leaves the graph's attention as captured."""
+    torch.manual_seed(0)
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
+        fast = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
+        kept = mr.rewrite(model, args, kwargs, plan=mr.Plan({}), lower_exact=False)
+    lowered = [s for s in sites if not (s.kind == "sdpa" and s.mask == "none")]
+    assert mr.api.count_exact_nodes(fast) == len(lowered), [(s.kind, s.mask) for s in sites]
+    assert mr.count_mta_nodes(fast) == 0
+    assert mr.api.count_exact_nodes(kept) == mr.count_mta_nodes(kept) == 0
+    with torch.no_grad():
+        for n in case.lengths:
+            a, kw = case.inputs(n)
+            want = real_positions(first_tensor(model(*a, **kw)), kw)
+            got = real_positions(first_tensor(fast(*a, **kw)), kw)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", cases("negative"))
 def test_never_rewrite_wrongly(case):
     model = case.build()
@@ -320,7 +345,7 @@ def test_learned_summaries_reach_the_op_of_every_site_that_has_them():
 def test_exact_sites_with_a_mask_run_the_ops_exact_path(padded):
     """A site the plan leaves exact that calls SDPA with transformers' materialised mask runs
     through the op with one chunk (the mask recognised by value, the triangle as is_causal): the
-    model's output is unchanged (within float error), and recognise_exact_masks=False keeps the
+    model's output is unchanged (within float error), and lower_exact=False keeps the
     captured SDPA call."""
     import transformers
 
@@ -341,7 +366,7 @@ def test_exact_sites_with_a_mask_run_the_ops_exact_path(padded):
         assert len(sites) == 3 and all(s.rewritable and s.mask != "none" for s in sites)
         plan = mr.Plan({sites[1].name: mr.MTAConfig(32, 1, 4, 0)})
         fast = mr.rewrite(model, (), kwargs, plan=plan)
-        kept = mr.rewrite(model, (), kwargs, plan=plan, recognise_exact_masks=False)
+        kept = mr.rewrite(model, (), kwargs, plan=plan, lower_exact=False)
 
     def op_chunks(gm):
         return sorted(n.kwargs["chunk_size"] for n in gm.graph.nodes if n.target is torch.ops.mta.attention.default)

@@ -177,7 +177,7 @@ def export_onnx(
     kwargs = dict(kwargs or {})
     if config is not None or plan is not None:
         model = rewrite(model, args, kwargs, config=config, plan=plan, boundaries=boundaries, dynamic=dynamic,
-                        recognise_exact_masks=False)  # exact sites stay plain attention in the ONNX graph
+                        lower_exact=False)  # exact sites stay plain attention in the ONNX graph
     elif boundaries is not None:
         raise ValueError("boundaries apply when rewriting: give config= or plan= too")
     # (an ExportedProgram, e.g. a saved rewritten one, exports with the dynamic shapes it was captured with)
