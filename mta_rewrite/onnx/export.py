@@ -26,6 +26,7 @@ from onnxscript import opset18 as op
 from onnxscript import values
 
 from ..api import rewrite
+from ..passes.lower import EXACT_CHUNK
 from ..capture import dynamic_shapes_for
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .function import (
@@ -140,6 +141,8 @@ def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, c
             mask = op.Cast(attn_mask, to=onnx.TensorProto.FLOAT)
             if fmin is not None:
                 mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
+    if chunk_size >= EXACT_CHUNK and summary_weight is None and segment_ids is None and centroids is None:
+        return _exact_attention(q, k, v, mask, causal=bool(causal), scale=float(scale))
     attrs = dict(chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
                  local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
     if centroids is not None:
@@ -150,6 +153,33 @@ def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, c
                              local_chunks=attrs["local_chunks"], sinks=attrs["sinks"])
     extra = [x for x in (segment_ids, summary_weight) if x is not None]
     return _SITE_OP[summary_weight is not None, segment_ids is not None](q, k, v, mask, *extra, **attrs)
+
+
+def _exact_attention(q, k, v, mask, *, causal: bool, scale: float):
+    """A one-chunk op call (an exact site of a rewritten program, ``rewrite(lower_exact=True)``, or
+    the exact group of a per-head plan) as plain attention in standard ONNX ops: softmax(scale·qkᵀ
+    + mask [+ the causal triangle]) v, k and v repeated to q's heads for GQA. ``mask``: the float
+    mask ``_translate`` prepared (−inf forbidden); values at float32's minimum (transformers'
+    masks) count as forbidden too, and a query with nothing to attend to outputs zeros, the op's
+    rule. The MTA function would run the chunk machinery around one whole-sequence key set: 5×
+    slower in onnxruntime on all-MiniLM-L6-v2's sites (2 × 512 tokens, CPU)."""
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    if hq != hkv:
+        if not all(isinstance(x, int) for x in (hq, hkv, d)):
+            raise ValueError("the head counts and size must be static to export an exact GQA site")
+        reps, to_q_heads = op.Constant(value_ints=[1, 1, hq // hkv, 1, 1]), op.Constant(value_ints=[0, hq, -1, d])
+        k, v = (op.Reshape(op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])), reps), to_q_heads) for x in (k, v))
+    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    bias = op.Where(op.LessOrEqual(mask, op.Constant(value_float=float(np.finfo(np.float32).min))),
+                    op.Constant(value_float=float("-inf")), mask)
+    if causal:
+        n = op.Shape(q, start=2, end=3)
+        above = op.Trilu(op.ConstantOfShape(op.Concat(n, n, axis=0), value=onnx.helper.make_tensor(
+            "neg_inf", onnx.TensorProto.FLOAT, [1], [float("-inf")])), op.Constant(value_int=1), upper=1)
+        bias = op.Add(bias, above)
+    probs = op.Softmax(op.Add(scores, op.CastLike(bias, scores)), axis=-1)
+    out = op.MatMul(probs, v)
+    return op.Where(op.IsNaN(out), op.CastLike(op.Constant(value_float=0.0), out), out)
 
 
 def _is_half(dtype) -> bool:

@@ -15,6 +15,7 @@ import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.onnx import DOMAIN, OP_TYPE, export_onnx, onnx_session
 from mta_rewrite.onnx.export import _bool_source
+from mta_rewrite.passes.lower import EXACT_CHUNK
 from mta_rewrite.onnx.function import LEARNED_OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, SIMPLIFY_OP_TYPE
 
 HAS_TRANSFORMERS = True
@@ -106,6 +107,53 @@ def test_the_original_exact_model_exports_too(tmp_path):
         np.testing.assert_allclose(session.run(None, feeds(session, a, kw))[0], model(*a, **kw).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["two_layers", "einsum_gqa_repeat_interleave", "bmm_3d_where", "gpt2 (eager)",
+                                  "llama (sdpa)"])
+def test_exact_sites_of_a_rewritten_program_export_as_plain_attention(name, tmp_path):
+    """A program whose sites all run the op's exact path (``rewrite(plan=Plan({}))``: hand-written
+    forms, GQA, 3-D bmm, transformers' masks) exports without mta nodes, and onnxruntime gives the
+    original model's outputs at other lengths."""
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    if case.family == "transformers" and not HAS_TRANSFORMERS:
+        pytest.skip("transformers not installed")
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
+        assert mr.api.count_exact_nodes(program) == case.rewritable
+        proto = export_onnx(program, args, tmp_path / "exact.onnx", kwargs)
+    assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
+    session = onnx_session(tmp_path / "exact.onnx")
+    for n in (case.lengths[0] + 7, case.lengths[1] + 13):
+        a, kw = case.inputs(n)
+        got = session.run(None, feeds(session, a, kw))[0]
+        with torch.no_grad():
+            want = first(model(*a, **kw)).numpy()
+        real = kw["attention_mask"].bool().numpy() if "attention_mask" in kw else slice(None)
+        np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_site_zeroes_a_query_with_nothing_to_attend_to(causal, tmp_path):
+    """One chunk, a float mask whose forbidden entries are float32's minimum (transformers' form)
+    and a query row with every key forbidden: onnxruntime outputs zeros there, as the op does."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 9, 9)
+    mask[..., 4, :] = torch.finfo(torch.float32).min
+    mask[..., :, 7] = torch.finfo(torch.float32).min
+    module = _OneSite("float", chunk_size=EXACT_CHUNK, causal=causal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(module, (q, k, v, mask), tmp_path / "site.onnx", dynamic=False)
+    session = onnx_session(tmp_path / "site.onnx")
+    got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))})[0]
+    want = module(q, k, v, mask).numpy()
+    assert not want[..., 4, :].any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
 class _OneSite(torch.nn.Module):
     def __init__(self, mask_kind, summary_weight=None, **config):
         super().__init__()
@@ -134,7 +182,7 @@ def test_function_equals_the_op_on_every_branch(mask_kind, learned, tmp_path):
     weight = torch.randn(Hkv, d, generator=g) if learned else None
     mask = make_mask(mask_kind, B, Hq, n)
     mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
-    configs = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0)]
+    configs = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0), (EXACT_CHUNK, 2, 3, 1)]
     for i, (causal, (c, L, s, top_k)) in enumerate(itertools.product([False, True], configs[:3] if learned else configs)):
         config = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
         module = _OneSite(mask_kind, weight, **config)
@@ -142,6 +190,8 @@ def test_function_equals_the_op_on_every_branch(mask_kind, learned, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             proto = export_onnx(module, (q, k, v, mask), path, dynamic=False)
+        if c == EXACT_CHUNK:  # one chunk, exact attention: plain ONNX ops, no mta node
+            assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
         if learned:
             assert sum(n.op_type in (LEARNED_OP_TYPE, "SummaryLogits") for n in proto.graph.node) == 1, \
                 [n.op_type for n in proto.graph.node]
@@ -204,7 +254,7 @@ def test_per_head_group_plan_exports_one_node_per_group(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         proto = export_onnx(model, (x,), tmp_path / "hg.onnx", plan=plan)
-    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 2
+    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 1  # the exact group is plain attention
     session = onnx_session(tmp_path / "hg.onnx")
     x2 = torch.randn(2, 53, 32)
     with torch.no_grad():
