@@ -45,7 +45,7 @@ import torch
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
-from .cost import CPU, MeasuredCosts, TimeModel, default_candidates, relative_cost
+from .cost import CPU, WORK, MeasuredCosts, TimeModel, default_candidates, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
 from .probe import Probe, as_call, release_freed_memory
 
@@ -150,6 +150,15 @@ def _pareto(costs: dict, errors: dict) -> list[MTAConfig]:
     return front
 
 
+def _device_of(model, sample) -> torch.device:
+    """Where the model runs: its first parameter's (or buffer's) device, else the first tensor of
+    the sample's, else the CPU."""
+    for t in (*model.parameters(), *model.buffers()) if isinstance(model, torch.nn.Module) else ():
+        return t.device
+    items = sample.values() if isinstance(sample, dict) else sample if isinstance(sample, (tuple, list)) else (sample,)
+    return next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+
 def calibrate(
     model: torch.nn.Module,
     data: Sequence[Any],
@@ -166,8 +175,8 @@ def calibrate(
     learned_plans: int = 3,
     boundaries: Boundaries | None = None,
     cluster_keys: bool = False,
-    measure_costs: bool | MeasuredCosts = False,
-    cost_model: TimeModel = CPU,
+    measure_costs: bool | MeasuredCosts | None = None,
+    cost_model: TimeModel | None = None,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
 
@@ -184,11 +193,15 @@ def calibrate(
     the CPU, see ``cost``); the plan carries them. ``cluster_keys``: after that, clustered summaries
     (``calibration.cluster``, non-causal sites) for up to ``learned_plans`` plans chosen the same
     way, each costed with its K summaries and the centroid scoring. ``measure_costs``: cost every
-    candidate by timing it on this machine (``cost.MeasuredCosts``: the op against exact SDPA on
-    each site's recorded inputs) instead of by the cost model (a ``MeasuredCosts`` instance: its
+    candidate by timing it on this machine (``cost.MeasuredCosts``: the op against exact attention
+    on each site's recorded inputs) instead of by the cost model (a ``MeasuredCosts`` instance: its
     timings, e.g. with other repeats); not with ``cluster_keys``. ``cost_model``: the modelled
-    times (``cost.TimeModel``; default ``cost.CPU``, fitted on this project's CPU box;
-    ``benchmarks/bench_cost_model.py --fit`` fits one for another machine).
+    times (``cost.TimeModel``; ``benchmarks/bench_cost_model.py --fit`` fits one for a machine).
+
+    Defaults by where the model runs (its parameters, else the first sample's tensors): on the
+    CPU, the model ``cost.CPU`` (fitted on this project's CPU box), no timing; on a CUDA GPU,
+    where no fitted constants exist, measured costs (without ``cluster_keys``), and ``cost.WORK``
+    (the work alone) to decide which candidates are worth timing.
     """
     start = time.perf_counter()
     data = list(data)
@@ -202,10 +215,15 @@ def calibrate(
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     if isinstance(learned_plans, bool) or not isinstance(learned_plans, int) or learned_plans < 1:
         raise ValueError(f"learned_plans must be an integer ≥ 1, got {learned_plans!r}")
-    if not isinstance(measure_costs, (bool, MeasuredCosts)):
+    if measure_costs is not None and not isinstance(measure_costs, (bool, MeasuredCosts)):
         raise ValueError(f"measure_costs must be True, False or a calibration.cost.MeasuredCosts, got {measure_costs!r}")
     if measure_costs and cluster_keys:
         raise ValueError("measure_costs does not time clustered summaries: use it without cluster_keys")
+    on_gpu = _device_of(model, data[0]).type == "cuda"
+    if measure_costs is None:
+        measure_costs = on_gpu and not cluster_keys
+    if cost_model is None:
+        cost_model = WORK if on_gpu else CPU
     if not isinstance(cost_model, TimeModel):
         raise ValueError(f"cost_model must be a calibration.cost.TimeModel, got {cost_model!r}")
     cal_idx, hold_idx = split_samples(len(data), holdout, seed)

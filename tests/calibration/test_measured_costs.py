@@ -160,3 +160,26 @@ def test_head_groups_are_timed_as_they_run():
     want = grouped_attention(q, k, v, None, groups.op_groups(), True, 0.35)
     torch.testing.assert_close(outputs[0], want)  # the first timed call: the groups (exact's came second)
     assert len(outputs) == 2
+
+
+def test_costs_default_by_device(monkeypatch):
+    """On the CPU the default is the fitted CPU model; on a CUDA model (its device stubbed here: the
+    timings run on the CPU tensors) measured costs, and with cluster_keys the work alone (no CUDA
+    constants exist). The device is the model's, else the sample's."""
+    from mta_rewrite.calibration import search
+
+    model, data = lm_and_data(n=64, samples=2)
+    assert search._device_of(model, data[0]).type == "cpu"
+    assert search._device_of(torch.nn.Identity(), {"x": torch.zeros(1, device="meta")}).type == "meta"
+
+    def costs(**kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = mr.calibrate(model, data, budget=0.1, progress=False, **kw)
+        return plan.metadata["costs"]
+
+    assert costs() == f"modelled (calibration.cost: {mr.calibration.cost.CPU.machine})"
+    monkeypatch.setattr(search, "_device_of", lambda model, sample: torch.device("cuda"))
+    assert costs().startswith("measured on ")
+    assert costs(cluster_keys=True) == f"modelled (calibration.cost: {WORK.machine})"
+    assert costs(measure_costs=False).endswith(f"{WORK.machine})")
