@@ -86,3 +86,29 @@ def test_transformers_models_take_the_kernels_on_the_gpu(name, monkeypatch):
     gpu = _rewritten_outputs(model, args, kwargs, "cuda")
     assert len(launches) == case.rewritable  # every attention layer ran on the kernel
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["scores_div_masked_fill", "einsum_gqa_repeat_interleave", "bmm_3d_where"])
+def test_exact_sites_on_the_gpu_equal_the_original(name):
+    """Every site left exact (``Plan({})``) runs the op's exact path on CUDA (SDPA after the mask is
+    recognised) and gives the original model's output."""
+    case = next(c for c in zoo.hand_written_cases() if c.name == name)
+    model = case.build().to("cuda")
+    args, kwargs = to_device(case.inputs(150), "cuda")
+    gm = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
+    assert mr.api.count_exact_nodes(gm) == case.rewritable
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*args, **kwargs), model(*args, **kwargs), rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_on_the_gpu_measures_costs_by_default():
+    """No cost constants exist for GPUs: calibrating a CUDA model times its candidates there."""
+    model = zoo.TinyCausalLM(d=64, heads=4, layers=2).eval().to("cuda")
+    text = zoo.real_text()
+    data = [(zoo.byte_tokens(text[i * 2000:], 512).to("cuda"),) for i in range(3)]
+    plan = mr.calibrate(model, data, budget=1.0, metric="kl", progress=False,
+                        candidates=[mr.MTAConfig(64, 1, 0, 0), mr.MTAConfig(32, 2, 4, 1)])
+    assert plan.metadata["costs"].startswith("measured on ") and torch.cuda.get_device_name() in plan.metadata["costs"]
+    fast = mr.rewrite(model, data[0], plan=plan)
+    with torch.no_grad():
+        assert torch.isfinite(fast(*data[0])).all()
