@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta_rewrite.config import atomic_write_text  # noqa: E402
-from mta_rewrite.timing import cpu_name  # noqa: E402
+from mta_rewrite.timing import cpu_machine, results_name, save_results  # noqa: E402
 
 
 def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path | None = None,
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
         print(json.dumps(one(args.one, args.samples, args.budget, args.repeats, args.plan, args.measure_costs)))
         return 0
     stamp = dt.date.today().isoformat()
-    name = f"calibration_smollm2_{stamp}{'_' + args.tag if args.tag else ''}"
+    name = results_name("calibration_smollm2", args.tag)
     rows = []
     for n in args.n:
         cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples), "--budget", str(args.budget),
@@ -110,7 +109,7 @@ def main(argv=None) -> int:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     lines = ["| tokens × samples | wall | walk (site errors, greedy plans) | verify plans | peak RSS | plans verified "
              "| sites approximated | modelled attention cost | held-out KL | original / plan (forward) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -123,9 +122,7 @@ def main(argv=None) -> int:
     costs = "measured costs" if args.measure_costs else "modelled costs"
     head = f"SmolLM2-135M-Instruct calibration, kl, budget {args.budget:g}, {costs}, {machine}"
     print(f"\n{head}\n{table}")
-    atomic_write_text(args.out / f"{name}.json",
-                      json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.out / f"{name}.md", f"{stamp}, {head}\n\n{table}\n")
+    save_results(args.out, name, rows, machine, f"{stamp}, {head}\n\n{table}")
     return 0
 
 

@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
 from mta_rewrite.api import count_exact_nodes  # noqa: E402
-from mta_rewrite.config import atomic_write_text  # noqa: E402
-from mta_rewrite.timing import best_alternating_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, cpu_machine, results_name, save_results  # noqa: E402
 
 
 def minilm(impl: str, args):
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
                    "max_abs_diff": float(real.abs().max()), "output_scale": float(want.abs().max())}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     stamp = dt.date.today().isoformat()
     lines = [f"{stamp}, {machine}. Forward pass of the original model and of the program rewritten with a plan "
              f"that approximates nothing, its exact sites as captured (`lower_exact=False`) or through the op's "
@@ -101,10 +100,7 @@ def main(argv=None) -> int:
                      f"({r['output_scale']:.3g}) |")
     text = "\n".join(lines)
     print("\n" + text)
-    out = f"exact_sites_{stamp}" + (f"_{args.tag}" if args.tag else "")
-    atomic_write_text(args.out / f"{out}.json", json.dumps({"date": stamp, "machine": machine, "rows": rows},
-                                                           indent=2) + "\n")
-    atomic_write_text(args.out / f"{out}.md", text + "\n")
+    save_results(args.out, results_name("exact_sites", args.tag), rows, machine, text)
     return 0
 
 

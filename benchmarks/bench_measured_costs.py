@@ -32,8 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
-from mta_rewrite.config import atomic_write_text  # noqa: E402
-from mta_rewrite.timing import best_alternating_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, cpu_machine, results_name, save_results  # noqa: E402
 
 
 def minilm(samples: int = 8):
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
                    "forward_ms": ms[how], "original_ms": ms["original"], "speedup": ms["original"] / ms[how]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     stamp = dt.date.today().isoformat()
     lines = [f"{stamp}, {machine}. Calibrated under budget {args.budget} with modelled and with measured costs; "
              f"the rewritten model's forward pass against the original's on a held-out sample (ms, best of "
@@ -103,10 +102,7 @@ def main(argv=None) -> int:
                      f"{r['forward_ms']:.1f} | {r['original_ms']:.1f} | {r['speedup']:.2f}× |")
     text = "\n".join(lines)
     print("\n" + text)
-    out = f"measured_costs_{stamp}" + (f"_{args.tag}" if args.tag else "")
-    atomic_write_text(args.out / f"{out}.json", json.dumps({"date": stamp, "machine": machine, "rows": rows},
-                                                           indent=2) + "\n")
-    atomic_write_text(args.out / f"{out}.md", text + "\n")
+    save_results(args.out, results_name("measured_costs", args.tag), rows, machine, text)
     return 0
 
 

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.ops.chunked import mta_attention_chunked  # noqa: E402
 from mta_rewrite.ops.varlen import blocks_beat_chunks, mta_attention_varlen  # noqa: E402
-from mta_rewrite.timing import best_alternating_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, cpu_machine, results_name, save_results  # noqa: E402
 
 BLOCKS = (32, 64, 128)
 
@@ -56,7 +55,7 @@ def main(argv=None) -> int:
                            **{f"{name}_ms": ms for name, ms in best.items()}}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     stamp = dt.date.today().isoformat()
     lines = [f"{stamp}, {machine}. Fixed chunks, one layer (9/3 heads, d = 64, fp32, L = 1, sinks = 4), ms best of "
              f"{args.repeats} alternating; blocks / chunks at query blocks of {', '.join(map(str, BLOCKS))}; "
@@ -69,9 +68,7 @@ def main(argv=None) -> int:
                      f"{ratios} | {'blocks' if r['rule_picks_blocks'] else 'chunks'} |")
     text = "\n".join(lines)
     print("\n" + text)
-    name = f"query_blocks_{stamp}" + (f"_{args.tag}" if args.tag else "")
-    atomic_write_text(args.out / f"{name}.json", json.dumps({"date": stamp, "machine": machine, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(args.out / f"{name}.md", text + "\n")
+    save_results(args.out, results_name("query_blocks", args.tag), rows, machine, text)
     return 0
 
 

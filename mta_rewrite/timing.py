@@ -48,3 +48,30 @@ def best_alternating_ms(runs: dict[str, Callable[[], object]], repeats: int = 5)
             fn()
             best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
     return best
+
+
+def cpu_machine() -> str:
+    """The CPU machine line of a benchmark's results: model name, threads, torch version."""
+    import torch
+
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def results_name(stem: str, tag: str = "") -> str:
+    """``<stem>_<today>[_<tag>]``: a benchmark's result files, dated, tagged to keep runs apart."""
+    import datetime as dt
+
+    return f"{stem}_{dt.date.today().isoformat()}" + (f"_{tag}" if tag else "")
+
+
+def save_results(folder: Path, name: str, rows: list, machine: str, markdown: str) -> None:
+    """A benchmark's rows as ``name.json`` ({date, machine, rows}) and its table as ``name.md``,
+    each written atomically."""
+    import datetime as dt
+    import json
+
+    from .config import atomic_write_text
+
+    payload = {"date": dt.date.today().isoformat(), "machine": machine, "rows": rows}
+    atomic_write_text(Path(folder) / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(Path(folder) / f"{name}.md", markdown.rstrip("\n") + "\n")
