@@ -147,7 +147,7 @@ def rewrite_cmd(
     console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
     chunks = f" (boundary chunks: {module.mta_boundaries})" if module.mta_boundaries is not None else ""
     exact = count_exact_nodes(module)
-    exact = f", {exact} exact site(s) its exact path (SDPA)" if exact else ""
+    exact = f", {exact} exact site(s) the op's exact path (SDPA)" if exact else ""
     console.print(f"{count_mta_nodes(module)} site(s) now call mta.attention{chunks}{exact}; saved {output}")
 
 

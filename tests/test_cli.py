@@ -49,7 +49,7 @@ def test_rewrite_with_a_plan(tmp_path):
     out = tmp_path / "planned.pt2"
     result = runner.invoke(app, ["rewrite", str(path), "-o", str(out), "--plan", str(plan)])
     assert result.exit_code == 0, result.output
-    assert "1 site(s) now call mta.attention, 1 exact site(s) its exact path" in " ".join(result.output.split())
+    assert "1 site(s) now call mta.attention, 1 exact site(s) the op's exact path" in " ".join(result.output.split())
     ep = torch.export.load(str(out))
     assert mr.count_mta_nodes(ep) == 1 and mr.api.count_exact_nodes(ep) == 1  # layers.0 left exact: the op's SDPA
     kept = tmp_path / "kept.pt2"

@@ -35,6 +35,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -153,8 +154,10 @@ def _pareto(costs: dict, errors: dict) -> list[MTAConfig]:
 def _device_of(model, sample) -> torch.device:
     """Where the model runs: its first parameter's (or buffer's) device, else the first tensor of
     the sample's, else the CPU."""
-    for t in (*model.parameters(), *model.buffers()) if isinstance(model, torch.nn.Module) else ():
-        return t.device
+    if isinstance(model, torch.nn.Module):
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        if first is not None:
+            return first.device
     items = sample.values() if isinstance(sample, dict) else sample if isinstance(sample, (tuple, list)) else (sample,)
     return next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
