@@ -71,8 +71,9 @@ def demo(
 
 @app.command()
 def find(program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)")) -> None:
-    """List the attention sites of a saved program, and why any is left exact."""
-    from .api import find_attention, load_program
+    """List the attention sites of a saved program, and why any is left exact; for a program that
+    `rewrite` saved, also how many sites already call mta.attention."""
+    from .api import count_exact_nodes, count_mta_nodes, find_attention, load_program
 
     try:
         ep = load_program(program)
@@ -80,6 +81,10 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
     except (ValueError, CaptureError) as exc:
         _fail(str(exc))
     console.print(sites_table(sites, title=f"attention sites of {program}"))
+    mta, exact = count_mta_nodes(ep), count_exact_nodes(ep)
+    if mta or exact:
+        console.print(f"already rewritten: {mta} site(s) call mta.attention, {exact} exact site(s) the op's exact "
+                      f"path (not listed above)")
 
 
 def _distinct(program: str, output: str) -> None:

@@ -37,6 +37,9 @@ def test_find_and_rewrite_a_saved_program(tmp_path):
     assert path.read_bytes() == before  # the input is never touched
     ep = torch.export.load(str(out))
     assert mr.count_mta_nodes(ep) == 2
+    found = runner.invoke(app, ["find", str(out)])
+    assert found.exit_code == 0 and "already rewritten: 2 site(s) call mta.attention, 0 exact" in \
+        " ".join(found.output.split()), found.output
     args, kwargs = zoo.hand_written_cases()[-1].inputs(50)  # another length: dynamic
     with torch.no_grad():
         reference = mr.rewrite(model, args, kwargs, config=mr.MTAConfig(8, sinks=2))(*args, **kwargs)
