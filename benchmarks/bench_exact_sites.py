@@ -1,6 +1,6 @@
 """What a rewritten program's exact sites cost: as captured, or through the op's exact path.
 
-    python benchmarks/bench_exact_sites.py [--models minilm smollm2] [--repeats 5] [--tag T]
+    python benchmarks/bench_exact_sites.py [--models minilm smollm2] [--repeats 5] [--onnx] [--tag T]
 
 ``rewrite(..., plan=Plan({}))`` approximates nothing; with ``lower_exact=True`` (the default)
 every rewritable site that is not already an SDPA call without a mask calls the op with one chunk
@@ -8,6 +8,8 @@ every rewritable site that is not already an SDPA call without a mask calls the 
 as captured. For each model, in transformers' hand-written ("eager") and SDPA forms, the forward
 pass of the original, of both rewritten programs (ms, best of --repeats, the three called in turn
 each round), and the largest difference of the lowered program's output from the original's.
+With --onnx, also onnxruntime (CPU provider) on the original's export and on the exact-path
+program's (its one-chunk op calls exported as plain attention), same inputs.
 
 Models (real text: Python's standard-library sources):
 - ``minilm``: all-MiniLM-L6-v2, 8 samples × 512 tokens (padding mask, not causal);
@@ -53,12 +55,33 @@ def smollm2(impl: str, args):
 MODELS = {"minilm": minilm, "smollm2": smollm2}
 
 
+def onnx_ms(model, program, kwargs: dict, repeats: int) -> dict:
+    """onnxruntime times of the original's export and the exact-path program's, and how many mta
+    nodes the latter has (its exact sites should be plain attention)."""
+    import tempfile
+
+    from mta_rewrite.onnx import DOMAIN, export_onnx, onnx_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for label, module in (("original", model), ("exact path", program)):
+            path = Path(tmp) / f"{label.replace(' ', '_')}.onnx"
+            proto = export_onnx(module, (), path, kwargs)
+            sessions[label] = onnx_session(path)
+        mta_nodes = sum(n.domain == DOMAIN for n in proto.graph.node)
+        feeds = {label: {i.name: kwargs[i.name].numpy() for i in sess.get_inputs()} for label, sess in sessions.items()}
+        ms = best_alternating_ms({label: (lambda s=sess, f=feeds[label]: s.run(None, f))
+                                  for label, sess in sessions.items()}, repeats)
+    return {"onnx_original_ms": ms["original"], "onnx_exact_path_ms": ms["exact path"], "onnx_mta_nodes": mta_nodes}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "smollm2"])
     ap.add_argument("--impls", nargs="+", choices=["eager", "sdpa"], default=["eager", "sdpa"])
     ap.add_argument("--smollm2-n", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--onnx", action="store_true", help="also time both programs exported to onnxruntime")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -83,6 +106,8 @@ def main(argv=None) -> int:
                    "lowered": count_exact_nodes(programs[True]),
                    "original_ms": ms["original"], "captured_ms": ms["as captured"], "exact_path_ms": ms["exact path"],
                    "max_abs_diff": float(real.abs().max()), "output_scale": float(want.abs().max())}
+            if args.onnx:
+                row.update(onnx_ms(model, programs[True], kwargs, args.repeats))
             rows.append(row)
             print(json.dumps(row), flush=True)
     machine = cpu_machine()
@@ -98,6 +123,15 @@ def main(argv=None) -> int:
                      f"{r['original_ms']:.0f} | {r['captured_ms']:.0f} | {r['exact_path_ms']:.0f} | "
                      f"{r['original_ms'] / r['exact_path_ms']:.2f}× | {r['max_abs_diff']:.2g} "
                      f"({r['output_scale']:.3g}) |")
+    if args.onnx:
+        lines += ["", "onnxruntime, CPU provider, the same inputs (ms, best of the same repeats, called in turn): the "
+                  "original's export and the exact-path program's; `mta` nodes in the latter's graph.", "",
+                  "| model | attention | original (ONNX) ms | exact path (ONNX) ms | original / exact path | mta nodes |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['attention']} | {r['onnx_original_ms']:.0f} | "
+                         f"{r['onnx_exact_path_ms']:.0f} | {r['onnx_original_ms'] / r['onnx_exact_path_ms']:.2f}× | "
+                         f"{r['onnx_mta_nodes']} |")
     text = "\n".join(lines)
     print("\n" + text)
     save_results(args.out, results_name("exact_sites", args.tag), rows, machine, text)
