@@ -63,12 +63,12 @@ def onnx_ms(model, program, kwargs: dict, repeats: int) -> dict:
     from mta_rewrite.onnx import DOMAIN, export_onnx, onnx_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {}
+        sessions, protos = {}, {}
         for label, module in (("original", model), ("exact path", program)):
             path = Path(tmp) / f"{label.replace(' ', '_')}.onnx"
-            proto = export_onnx(module, (), path, kwargs)
+            protos[label] = export_onnx(module, (), path, kwargs)
             sessions[label] = onnx_session(path)
-        mta_nodes = sum(n.domain == DOMAIN for n in proto.graph.node)
+        mta_nodes = sum(n.domain == DOMAIN for n in protos["exact path"].graph.node)
         feeds = {label: {i.name: kwargs[i.name].numpy() for i in sess.get_inputs()} for label, sess in sessions.items()}
         ms = best_alternating_ms({label: (lambda s=sess, f=feeds[label]: s.run(None, f))
                                   for label, sess in sessions.items()}, repeats)

@@ -53,6 +53,18 @@ def first(out):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def assert_runs_like(session, case, reference, real_only: bool = False):
+    """onnxruntime gives ``reference``'s first output at two lengths other than the export's
+    (``real_only``: on positions the attention mask keeps, when the case has one)."""
+    for n in (case.lengths[0] + 7, case.lengths[1] + 13):
+        a, kw = case.inputs(n)
+        got = session.run(None, feeds(session, a, kw))[0]
+        with torch.no_grad():
+            want = first(reference(*a, **kw)).numpy()
+        real = kw["attention_mask"].bool().numpy() if real_only and "attention_mask" in kw else slice(None)
+        np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
     case = next(c for c in zoo.all_cases() if c.name == name)
@@ -86,13 +98,7 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["chunk_size"] == config.chunk_size and attrs["top_k"] == config.top_k
     onnx.checker.check_model(onnx.load(path), full_check=True)
-    session = onnx_session(path)
-    for n in (case.lengths[0] + 7, case.lengths[1] + 13):  # lengths other than the export's
-        a, kw = case.inputs(n)
-        got = session.run(None, feeds(session, a, kw))[0]
-        with torch.no_grad():
-            want = first(rewritten(*a, **kw)).numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert_runs_like(onnx_session(path), case, rewritten)
 
 
 def test_the_original_exact_model_exports_too(tmp_path):
@@ -124,14 +130,7 @@ def test_exact_sites_of_a_rewritten_program_export_as_plain_attention(name, tmp_
         assert mr.api.count_exact_nodes(program) == case.rewritable
         proto = export_onnx(program, args, tmp_path / "exact.onnx", kwargs)
     assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
-    session = onnx_session(tmp_path / "exact.onnx")
-    for n in (case.lengths[0] + 7, case.lengths[1] + 13):
-        a, kw = case.inputs(n)
-        got = session.run(None, feeds(session, a, kw))[0]
-        with torch.no_grad():
-            want = first(model(*a, **kw)).numpy()
-        real = kw["attention_mask"].bool().numpy() if "attention_mask" in kw else slice(None)
-        np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-4)
+    assert_runs_like(onnx_session(tmp_path / "exact.onnx"), case, model, real_only=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -451,13 +450,7 @@ def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
         rewritten = mr.rewrite(model, args, kwargs, plan=plan)
     kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
     assert kinds.count(SEGMENTED_PREPARED_OP_TYPE) == 2 and kinds.count("SummaryLogits") == 1, kinds
-    session = onnx_session(tmp_path / "m.onnx")
-    for n in (case.lengths[0] + 7, case.lengths[1] + 13):
-        a, kw = case.inputs(n)
-        got = session.run(None, feeds(session, a, kw))[0]
-        with torch.no_grad():
-            want = first(rewritten(*a, **kw)).numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert_runs_like(onnx_session(tmp_path / "m.onnx"), case, rewritten)
 
 
 class _ClusteredSite(torch.nn.Module):
