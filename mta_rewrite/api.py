@@ -18,7 +18,7 @@ import torch
 
 from .capture import capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
-from .passes.lower import EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match
+from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe
 
@@ -94,8 +94,8 @@ def rewrite(
     for m, site in zip(matches, sites):
         if site.name in chosen:
             lower_match(gm, m, chosen[site.name], segments)
-        elif lower_exact and site.rewritable and not (m.kind == "sdpa" and site.mask == "none"):
-            lower_match(gm, m, MTAConfig(EXACT_CHUNK))
+        elif lower_exact and takes_exact_path(m):
+            lower_match(gm, m, EXACT)
     eliminate_dead_code(gm)
     gm.mta_sites = sites  # what was found, for reports
     gm.mta_plan = chosen

@@ -278,8 +278,6 @@ def _exact_call(rec):
     (``lower_exact=True``). Timing SDPA with the captured mask instead (transformers' decoders hand
     every layer a materialised [B, 1, n, n] one) measured exact attention 1.8× slower than what the
     rewritten program runs (SmolLM2's layer, 2048 tokens, CPU), and so favoured MTA."""
-    from ..passes.lower import EXACT_CHUNK
-    from .probe import site_output
+    from .probe import exact_output
 
-    return lambda: site_output(MTAConfig(EXACT_CHUNK), None, rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale,
-                               dtype=rec.q.dtype, segment_ids=None)
+    return lambda: exact_output(rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale, rec.q.dtype)

@@ -2,7 +2,15 @@
 and can record what flows into it, without capturing the model again.
 
 Each site is lowered to :func:`site_hook` with its original subgraph kept (see
-``passes.lower.lower_match_to_hook``), so "exact" is the original computation, bit for bit.
+``passes.lower.lower_match_to_hook``). "Exact" at a site is what the rewritten model runs there when
+the plan leaves it exact (``rewrite(lower_exact=True)``, the default): the op's exact path (one
+chunk: SDPA after the mask is recognised by value) at every site ``passes.lower.takes_exact_path``
+names, and the original subgraph, bit for bit, at the others (SDPA calls without a mask) or with
+``Probe(lower_exact=False)``. The original subgraphs of exact-path sites are then not run by the
+cursors below; hand-written softmax(QKᵀ)V, which materialises the n × n scores, is several times
+slower than SDPA on the CPU, and with a materialised causal mask SDPA is 1.8× slower than the
+``is_causal`` path (see ``rewrite``). The two exacts differ by rounding (5e-6 on MiniLM's hidden
+states, 2e-4 on SmolLM2's logits of scale 47: ``benchmarks/bench_exact_sites.py``).
 
 Three ways to run it: :meth:`Probe.run`, a whole forward pass with a fixed configuration per site
 (every site's exact attention computed, then replaced, and able to record); :meth:`Probe.forward`,
@@ -28,7 +36,8 @@ from torch.utils import _pytree as pytree
 
 from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
-from ..passes.lower import add_segment_ids, eliminate_dead_code, grouped_attention, lower_match_to_hook
+from ..passes.lower import (EXACT, add_segment_ids, eliminate_dead_code, grouped_attention, lower_match_to_hook,
+                            takes_exact_path)
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
 
@@ -50,6 +59,7 @@ class SiteRecord:
 @dataclass
 class ProbeState:
     configs: dict[str, MTAConfig] = field(default_factory=dict)  # sites not named run exact
+    exact_path: frozenset = frozenset()  # sites whose exact output is the op's exact path, not the original
     record: set[str] = field(default_factory=set)
     records: dict[str, list[SiteRecord]] = field(default_factory=dict)
 
@@ -58,10 +68,13 @@ _ACTIVE: list[ProbeState] = []
 
 
 def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None):
-    """Called from the probe graph at every site: exact (the original output) or MTA."""
+    """Called from the probe graph at every site: exact (the original output, or the op's exact
+    path at the active state's ``exact_path`` sites) or MTA."""
     state = _ACTIVE[-1] if _ACTIVE else None
     if state is None:
         return original
+    if name in state.exact_path:
+        original = exact_output(q, k, v, mask, causal, scale, original.dtype)
     if name in state.record:
         record = SiteRecord(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), causal, scale,
                             original.detach(), segment_ids)
@@ -89,6 +102,12 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
                                    **config.op_kwargs()).to(dtype)
 
 
+def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype) -> torch.Tensor:
+    """A site's exact output as the rewritten model computes it where the plan leaves the site
+    exact: the op with one chunk (``passes.lower.EXACT``), in ``dtype``."""
+    return site_output(EXACT, None, q, k, v, mask, causal, scale, dtype)
+
+
 @contextlib.contextmanager
 def active(state: ProbeState):
     _ACTIVE.append(state)
@@ -101,9 +120,12 @@ def active(state: ProbeState):
 class Probe:
     """The model captured once, every rewritable site routed through :func:`site_hook`
     (``boundaries``: every MTA configuration with boundary chunks, the segment ids computed in the
-    graph as the rewritten model computes them)."""
+    graph as the rewritten model computes them). ``lower_exact``: a site left exact gives the
+    op's exact path where ``rewrite(lower_exact=True)`` would run it (see the module's docstring);
+    False: the original subgraph everywhere, as ``rewrite(lower_exact=False)`` keeps it."""
 
-    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, boundaries: Boundaries | None = None):
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, boundaries: Boundaries | None = None,
+                 lower_exact: bool = True):
         ep = capture(model, args, kwargs, dynamic=True)
         self.module = ep.module()
         self.boundaries = boundaries
@@ -115,13 +137,14 @@ class Probe:
                 lower_match_to_hook(self.module, m, site.name, site_hook, segments)
         eliminate_dead_code(self.module)
         self.rewritable = [s for s in self.sites if s.rewritable]
+        self.exact_path = frozenset(s.name for m, s in zip(matches, self.sites) if lower_exact and takes_exact_path(m))
         self._program = None
 
     def run(self, sample: Any, configs: dict[str, MTAConfig] | None = None, record: set[str] | None = None):
         """One forward pass with ``configs`` (site → MTAConfig; others exact); returns
         (output, records)."""
         args, kwargs = as_call(sample)
-        state = ProbeState(dict(configs or {}), set(record or ()))
+        state = ProbeState(dict(configs or {}), self.exact_path, set(record or ()))
         with active(state), torch.no_grad():
             out = self.module(*args, **kwargs)
         release_freed_memory()
@@ -130,7 +153,7 @@ class Probe:
     @property
     def program(self) -> "_Program":
         if self._program is None:
-            self._program = _Program(self.module)
+            self._program = _Program(self.module, self.exact_path)
         return self._program
 
     def cursor(self, sample: Any) -> "Cursor":
@@ -149,7 +172,7 @@ class Probe:
 @dataclass
 class SiteCall:
     """A forward pass stopped at a site: the site's name and what flows into it (``record.exact``
-    is the original subgraph's output there; None where the cursor skipped it, ``dtype`` then
+    is the site's exact output there; None where the cursor did not compute it, ``dtype`` then
     says its dtype)."""
 
     name: str
@@ -159,14 +182,17 @@ class SiteCall:
     def output(self, config) -> torch.Tensor:
         """What the site returns under ``config`` (None: exact), as in the probe graph."""
         r = self.record
+        if config is None and r.exact is None:  # an exact-path site a verifying pass had not computed
+            r.exact = exact_output(r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype)
         return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype,
                            segment_ids=r.segment_ids)
 
 
 class _Program:
-    """The probe graph as a list of nodes: what to free after each node, where the sites are."""
+    """The probe graph as a list of nodes: what to free after each node, where the sites are, and
+    which nodes no pass runs (``skip``: the original subgraphs of the ``exact_path`` sites)."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, exact_path: frozenset = frozenset()):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
@@ -182,6 +208,9 @@ class _Program:
         sites = [i for i, node in enumerate(self.nodes) if _is_site(node)]
         self.end = sites[-1] + 1 if sites else 0  # what follows the last site is not needed
         self.exact_only = {self.nodes[i]: _exact_only(self.nodes[i]) for i in sites}
+        self.exact_path = exact_path
+        self.skip = frozenset().union(*(only.nodes for site, only in self.exact_only.items()
+                                        if only is not None and site.args[5] in exact_path))
 
     def forward(self, sample: Any, configs: dict) -> Any:
         """One whole forward pass (see :meth:`Probe.forward`): a :class:`Cursor` that skips the
@@ -190,7 +219,7 @@ class _Program:
         for site, only in self.exact_only.items():
             if configs.get(site.args[5]) is not None and only is not None:
                 skip |= only.nodes
-        cursor = Cursor(self, sample, skip=frozenset(skip))
+        cursor = Cursor(self, sample, skip=frozenset(skip), lazy_exact=True)
         while (call := cursor.advance()) is not None:
             cursor.resume(call.output(configs.get(call.name)))
         return cursor.finish()
@@ -269,12 +298,15 @@ class Cursor:
     past it; :meth:`fork` copies the pass where it stands, so two choices at a site share all that
     was computed before it; :meth:`finish` runs the rest and returns the model's output. Each
     value is freed after its last use, as the compiled forward does. ``skip``: nodes not to run
-    (the original subgraphs of sites whose output will be MTA's, see :meth:`Probe.forward`)."""
+    (the original subgraphs of sites whose output will be MTA's, see :meth:`Probe.forward`), besides
+    the program's own (exact-path sites). ``lazy_exact``: an exact-path site's exact output is
+    computed when :meth:`SiteCall.output` asks for it, not when the cursor stops there."""
 
     def __init__(self, program: _Program, sample: Any = None, *, skip: frozenset = frozenset(),
-                 _env: dict | None = None, _pos: int = 0):
+                 lazy_exact: bool = False, _env: dict | None = None, _pos: int = 0):
         self.program = program
-        self.skip = skip
+        self.skip = skip | program.skip
+        self.lazy_exact = lazy_exact
         self.pos = _pos
         if _env is not None:
             self.env = _env
@@ -310,8 +342,10 @@ class Cursor:
                                                            for a in site.args[1:])
         original = None if site.args[0] in self.skip else self.env[site.args[0]]
         only = self.program.exact_only[site]
-        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids),
-                        None if only is None else only.dtype)
+        dtype = original.dtype if original is not None else None if only is None else only.dtype
+        if name in self.program.exact_path and not (original is None and self.lazy_exact):
+            original = exact_output(q, k, v, mask, causal, scale, dtype)
+        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids), dtype)
 
     def advance(self) -> SiteCall | None:
         return self._run(self.program.end)
@@ -324,7 +358,7 @@ class Cursor:
         self._step_past(1)
 
     def fork(self) -> "Cursor":
-        return Cursor(self.program, skip=self.skip, _env=dict(self.env), _pos=self.pos)
+        return Cursor(self.program, skip=self.skip, lazy_exact=self.lazy_exact, _env=dict(self.env), _pos=self.pos)
 
     def finish(self) -> Any:
         """Runs what follows the last site (after :meth:`advance` returned None) and returns the

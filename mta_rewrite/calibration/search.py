@@ -1,7 +1,8 @@
 """calibrate(): the fastest plan whose end-to-end error stays within a budget.
 
-1. **Capture once** (:class:`~.probe.Probe`): every rewritable site switchable between exact (its
-   original subgraph, bit for bit) and any MTA configuration, and able to record its inputs.
+1. **Capture once** (:class:`~.probe.Probe`): every rewritable site switchable between exact (what
+   the rewritten model runs there when the plan leaves it exact: the op's exact path, or the
+   original SDPA call) and any MTA configuration, and able to record its inputs.
 2. **Per-site errors**: with exact upstream, each candidate's relative L2 error at each site on
    the calibration samples, and its modelled cost (:mod:`.cost`); candidates that cannot beat
    exact attention at that length are dropped (the crossover), and only the cost/error Pareto
@@ -627,7 +628,7 @@ def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tu
     others give: the remaining samples are not run, and the error returned is that sum over
     len(samples), a lower bound of the mean (the decision is the same as with every sample)."""
     if not configs:
-        return 0.0, (len(samples), len(samples))  # the original subgraphs everywhere: identical outputs
+        return 0.0, (len(samples), len(samples))  # every site exact: the reference itself
     total = 0.0
     for i, sample in enumerate(samples):
         out = first_tensor(probe.forward(sample, configs))

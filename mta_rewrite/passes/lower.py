@@ -56,6 +56,14 @@ def heads_frame_mask(mask, B, H):
 
 
 EXACT_CHUNK = 1 << 30  # chunk_size ≥ n: one chunk, MTA is exact attention
+EXACT = MTAConfig(EXACT_CHUNK)
+
+
+def takes_exact_path(m: AttentionMatch) -> bool:
+    """Whether a site left exact runs the op's exact path (one chunk: SDPA after the mask is
+    recognised by value) under ``rewrite(lower_exact=True)``, and in calibration's probe: every
+    rewritable site but an SDPA call without a mask, which already is what that path runs."""
+    return m.rewritable and not (m.kind == "sdpa" and m.mask_kind == "none")
 
 
 def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None):

@@ -196,17 +196,20 @@ def _zoo_with_sites():
 
 
 @pytest.mark.parametrize("case", _zoo_with_sites(), ids=lambda case: case.name)
-def test_forward_skips_what_only_mta_sites_original_needs_and_equals_run(case, monkeypatch):
+@pytest.mark.parametrize("lower_exact", [True, False])
+def test_forward_skips_what_only_mta_sites_original_needs_and_equals_run(case, lower_exact, monkeypatch):
     """Probe.forward (verification) equals Probe.run bit for bit, with sites exact and MTA; for an
-    MTA site it never runs the nodes that only its original output needs, and those include the
-    softmax (the attention itself is skipped), never the q, k, v or mask the op reads."""
+    MTA site, and for an exact site the probe runs through the op's exact path, it never runs the
+    nodes that only its original output needs, and those include the softmax (the attention itself
+    is skipped), never the q, k, v or mask the op reads."""
     torch.manual_seed(0)
     model = case.build()
     args, kwargs = case.inputs(case.lengths[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probe = Probe(model, args, kwargs)
+        probe = Probe(model, args, kwargs, lower_exact=lower_exact)
     program = probe.program
+    assert bool(probe.exact_path) == (lower_exact and any(s.kind != "sdpa" or s.mask != "none" for s in probe.rewritable))
     names = [s.name for s in probe.rewritable]
     assert len(names) == case.rewritable
     sample = kwargs if not args else args
@@ -225,7 +228,7 @@ def test_forward_skips_what_only_mta_sites_original_needs_and_equals_run(case, m
             assert only is not None, "export records every original output's dtype"
             assert not only.nodes & set(site.args[1:5])
             assert any("softmax" in str(node.target) or "scaled_dot_product" in str(node.target) for node in only.nodes)
-            skipped = configs.get(site.args[5]) is not None
+            skipped = configs.get(site.args[5]) is not None or site.args[5] in probe.exact_path
             assert not (only.nodes & set(ran)) if skipped else only.nodes <= set(ran)
 
 
@@ -298,3 +301,25 @@ def test_a_bias_site_the_op_attends_exactly_is_not_costed_as_summarised():
     assert [st.candidates for st in details.sites] == [[], []]
     assert plan.metadata["relative_attention_cost"] == 1.0
     assert all(entry.config is None for entry in plan.sites.values())
+
+
+@pytest.mark.parametrize("case", _zoo_with_sites(), ids=lambda case: case.name)
+def test_exact_sites_run_what_the_rewritten_model_runs(case):
+    """The probe's all-exact forward pass, whole (Probe.run) or site by site (Probe.forward), is
+    the program ``rewrite`` makes when the plan leaves every site exact (the exact-path sites call
+    the op with one chunk), bit for bit, at the example's length and another."""
+    torch.manual_seed(0)
+    model = case.build()
+    args, kwargs = case.inputs(case.lengths[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = Probe(model, args, kwargs)
+        program = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
+    for n in case.lengths:
+        a, kw = case.inputs(n)
+        sample = kw if not a else a
+        with torch.no_grad():
+            want = torch.utils._pytree.tree_leaves(program(*a, **kw))
+            for got in (probe.forward(sample), probe.run(sample)[0]):
+                for x, y in zip(torch.utils._pytree.tree_leaves(got), want):
+                    assert torch.equal(x, y), n
