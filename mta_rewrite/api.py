@@ -121,8 +121,10 @@ def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | N
     return ep
 
 
-def load_program(path) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with a one-line error for a missing or foreign file."""
+def load_program(path, device: torch.device | str | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with a one-line error for a missing or foreign file; ``device``: the
+    program moved there (parameters, buffers, constants and the devices its graph names;
+    ``torch.export.passes.move_to_device_pass``)."""
     from pathlib import Path
 
     path = Path(path)
@@ -134,11 +136,19 @@ def load_program(path) -> torch.export.ExportedProgram:
     level = export_log.level
     export_log.setLevel(logging.CRITICAL)  # torch logs a traceback before raising; ours is one line
     try:
-        return torch.export.load(str(path))
+        ep = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001  (zip, pickle and schema errors all mean "not a program")
         raise ValueError(f"{path} is not a program saved with torch.export.save ({type(exc).__name__})") from None
     finally:
         export_log.setLevel(level)
+    if device is None:
+        return ep
+    from torch.export.passes import move_to_device_pass
+
+    try:
+        return move_to_device_pass(ep, torch.device(device))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"could not move {path} to {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:

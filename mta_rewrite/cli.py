@@ -220,13 +220,17 @@ def calibrate(
     separators: str = typer.Option("", help="calibrate boundary chunks: token ids that end a segment, comma-separated "
                                             "(the plan carries them)"),
     segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
-    measure_costs: bool = typer.Option(False, "--measure-costs",
-                                       help="cost candidates by timing them here (the op against exact SDPA on each "
-                                            "site's inputs) instead of by the cost model"),
-    cost_model: str = typer.Option("cpu", "--cost-model",
-                                   help="the cost model: cpu (fitted on this project's CPU box; the default), work "
-                                        "(flops and bytes alone, no per-call costs) or a JSON file of "
-                                        "calibration.cost.TimeModel's fields (benchmarks/bench_cost_model.py --fit)"),
+    measure_costs: bool | None = typer.Option(None, "--measure-costs/--model-costs",
+                                              help="cost candidates by timing them here (the op against the exact "
+                                                   "path on each site's inputs), or by the cost model; default: "
+                                                   "modelled on the CPU, timed on a GPU"),
+    cost_model: str | None = typer.Option(None, "--cost-model",
+                                          help="the cost model: cpu (fitted on this project's CPU box; the default on "
+                                               "the CPU), work (flops and bytes alone, no per-call costs; the default "
+                                               "on a GPU, where it picks what to time) or a JSON file of "
+                                               "calibration.cost.TimeModel's fields (benchmarks/bench_cost_model.py --fit)"),
+    device: str = typer.Option("cpu", help="cpu, or cuda (cuda:N): calibrate there, the program and the samples "
+                                           "moved to the GPU (MTA sites then run the Triton kernels)"),
 ) -> None:
     """Choose each site's configuration from data: the fastest plan within the budget."""
     from pathlib import Path
@@ -236,8 +240,10 @@ def calibrate(
     from .api import load_program
     from .calibration import calibrate as run_calibration
     from .calibration.cost import load_time_model
+    from .demo import check_device, to_device
 
     try:
+        dev = check_device(device)
         if not Path(data).is_file():
             raise ValueError(f"no such file: {data}")
         try:
@@ -247,9 +253,9 @@ def calibrate(
         if not isinstance(samples, (list, tuple)):
             raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
         boundaries = _boundaries(separators, segment_input)
-        model = load_time_model(cost_model)
-        ep = load_program(program)
-        plan = run_calibration(ep, list(samples), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
+        model = None if cost_model is None else load_time_model(cost_model)
+        ep = load_program(program, None if dev.type == "cpu" else dev)
+        plan = run_calibration(ep, to_device(list(samples), dev), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
                                learn_summaries=learn_summaries, boundaries=boundaries, cluster_keys=cluster_keys,
                                measure_costs=measure_costs, cost_model=model)
     except (ValueError, TypeError, CaptureError) as exc:

@@ -41,7 +41,8 @@ def to_device(obj, device):
 
 
 def check_device(device: str) -> torch.device:
-    """The demo's device, or a ValueError with a one-line reason."""
+    """The device named by a ``--device`` option (the demo's, calibrate's), or a ValueError with a
+    one-line reason."""
     try:
         dev = torch.device(device)
     except RuntimeError:

@@ -117,15 +117,33 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--opset", "-3"], "--opset"),
         (["demo", "--model", "gpt5"], "--model must be"),
         (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
+        (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(tmp_path / "p.json"), "--device",
+          "tpu"], "--device must be cpu or cuda"),
     ]
     if not torch.cuda.is_available():
         cases.append((["demo", "--model", "builtin", "--device", "cuda"], "no CUDA GPU is available"))
+        cases.append((["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(tmp_path / "p.json"),
+                       "--device", "cuda"], "no CUDA GPU is available"))
     for argv, message in cases:
         result = runner.invoke(app, argv)
         assert result.exit_code == 2, (argv, result.output)
         assert message in " ".join(result.output.split()), (argv, result.output)
         assert "Traceback" not in result.output
     assert not (tmp_path / "o.pt2").exists() and not (tmp_path / "o.onnx").exists()
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_load_program_moves_it_to_a_device(tmp_path):
+    """``load_program(path, device)`` (calibrate --device): parameters, buffers and the devices the
+    graph names move; on the meta device the program runs as shapes alone."""
+    model, path = saved_program(tmp_path)
+    args, kwargs = next(c for c in zoo.hand_written_cases() if c.name == "two_layers").inputs(24)
+    moved = mr.load_program(path, "meta")
+    assert {t.device.type for t in moved.state_dict.values()} == {"meta"}
+    out = moved.module()(*[a.to("meta") for a in args], **{k: v.to("meta") for k, v in kwargs.items()})
+    assert out.device.type == "meta" and out.shape == model(*args, **kwargs).shape
+    with torch.no_grad():
+        assert torch.equal(mr.load_program(path).module()(*args, **kwargs), model(*args, **kwargs))
 
 
 def test_demo_builtin_runs_end_to_end():
@@ -214,6 +232,28 @@ def test_learned_summaries_from_calibrate_to_rewrite_and_onnx(tmp_path):
     session = onnx_session(tmp_path / "lm_mta.onnx")
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: samples[hold][0].numpy()})[0])
     assert output_error("rel_l2", got, want, {}) == pytest.approx(plan.metadata["holdout_error"], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibrate_on_the_gpu(tmp_path):
+    """calibrate --device cuda: a program saved on the CPU calibrated on the GPU, costs timed
+    there by default; the plan applies to the CPU program and keeps the budget there."""
+    from mta_rewrite.calibration.metrics import output_error
+
+    model, samples, program = saved_lm(tmp_path)
+    plan_path = tmp_path / "plan.json"
+    result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
+                                 "-o", str(plan_path), "--device", "cuda"])
+    assert result.exit_code == 0, result.output
+    plan = mr.Plan.load(plan_path)
+    assert plan.metadata["costs"].startswith("measured on") and torch.cuda.get_device_name() in plan.metadata["costs"]
+    (hold,) = plan.metadata["holdout_indices"]
+    result = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "lm_mta.pt2"), "--plan", str(plan_path)])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        got = mr.load_program(tmp_path / "lm_mta.pt2").module()(*samples[hold])
+        error = output_error("rel_l2", got, model(*samples[hold]), {})
+    assert error == pytest.approx(plan.metadata["holdout_error"], rel=1e-2, abs=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
