@@ -13,6 +13,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout "${TEST_TIMEOUT:-210}" python3 -m pytest -q -p no:cacheprovider -n 8 -rs tests/kernels 2>&1 \
     | tee "$OUT/pytest_gpu.log" | tail -30
 # apart: the CLI needs typer, which a bare GPU image may lack (a collection error must not stop the rest)
-timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cli.py::test_demo_builtin_runs_on_the_gpu 2>&1 \
+# (the demo first: a calibration that compiles many kernels may use up the rest of the 90 s)
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cli.py::test_demo_builtin_runs_on_the_gpu \
+    tests/test_cli.py::test_calibrate_on_the_gpu 2>&1 \
     | tee "$OUT/pytest_gpu_demo.log" | tail -5
 timeout "${BENCH_TIMEOUT:-280}" python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
