@@ -183,6 +183,8 @@ def calibrate(
     cost_model: TimeModel | None = None,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
+    Errors are measured against the model as ``rewrite`` runs it with every site exact (the op's
+    exact path at the sites it lowers so, see :mod:`.probe`), which is the original up to rounding.
 
     ``data``: samples, each a tuple of positional arguments or a dict of keyword arguments.
     ``metric``: "rel_l2" (default), "cosine" (1 − cosine per row, mean) or "kl" (next-token
