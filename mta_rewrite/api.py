@@ -148,7 +148,8 @@ def load_program(path, device: torch.device | str | None = None) -> torch.export
     try:
         return move_to_device_pass(ep, torch.device(device))
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"could not move {path} to {device}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"could not move {path} to {device}: {type(exc).__name__}: {reason}") from None
 
 
 def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:

@@ -255,9 +255,9 @@ def calibrate(
         boundaries = _boundaries(separators, segment_input)
         model = None if cost_model is None else load_time_model(cost_model)
         ep = load_program(program, None if dev.type == "cpu" else dev)
-        plan = run_calibration(ep, to_device(list(samples), dev), budget=budget, metric=metric, holdout=holdout, seed=seed, output=output,
-                               learn_summaries=learn_summaries, boundaries=boundaries, cluster_keys=cluster_keys,
-                               measure_costs=measure_costs, cost_model=model)
+        plan = run_calibration(ep, to_device(list(samples), dev), budget=budget, metric=metric, holdout=holdout,
+                               seed=seed, output=output, learn_summaries=learn_summaries, boundaries=boundaries,
+                               cluster_keys=cluster_keys, measure_costs=measure_costs, cost_model=model)
     except (ValueError, TypeError, CaptureError) as exc:
         _fail(str(exc))
     meta = plan.metadata
