@@ -138,6 +138,11 @@ def load_program(path, device: torch.device | str | None = None) -> torch.export
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001  (zip, pickle and schema errors all mean "not a program")
+        if "cuda" in str(exc).lower() and not torch.cuda.is_available():
+            # torch.export.load puts every tensor back on the device it was saved from
+            raise ValueError(f"{path} holds tensors saved on a CUDA device and this machine has none: load it on a "
+                             "GPU machine, or move it to the CPU there (torch.export.passes.move_to_device_pass) "
+                             "and save it again") from None
         raise ValueError(f"{path} is not a program saved with torch.export.save ({type(exc).__name__})") from None
     finally:
         export_log.setLevel(level)

@@ -254,7 +254,7 @@ def calibrate(
             raise ValueError(f"{data} must hold a list of samples, got {type(samples).__name__}")
         boundaries = _boundaries(separators, segment_input)
         model = None if cost_model is None else load_time_model(cost_model)
-        ep = load_program(program, None if dev.type == "cpu" else dev)
+        ep = load_program(program, dev)  # also a program saved on a GPU, to the CPU
         plan = run_calibration(ep, to_device(list(samples), dev), budget=budget, metric=metric, holdout=holdout,
                                seed=seed, output=output, learn_summaries=learn_summaries, boundaries=boundaries,
                                cluster_keys=cluster_keys, measure_costs=measure_costs, cost_model=model)

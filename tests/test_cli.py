@@ -146,6 +146,36 @@ def test_load_program_moves_it_to_a_device(tmp_path):
         assert torch.equal(mr.load_program(path).module()(*args, **kwargs), model(*args, **kwargs))
 
 
+def saved_on_gpu(path, out):
+    """The saved program at ``path`` as a GPU machine would have saved it: every tensor's device in
+    the archive's metadata says cuda (what torch.export.load moves it back to)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith(".json"):
+                data = data.replace(b'"type": "cpu"', b'"type": "cuda"')
+            dst.writestr(info, data)
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_a_program_saved_on_a_gpu_is_a_one_line_error_without_one(tmp_path):
+    _, path = saved_program(tmp_path)
+    gpu = saved_on_gpu(path, tmp_path / "gpu.pt2")
+    with pytest.raises(ValueError, match="saved on a CUDA device and this machine has none"):
+        mr.load_program(gpu)
+    args, _ = next(c for c in zoo.hand_written_cases() if c.name == "two_layers").inputs(24)
+    torch.save([args], tmp_path / "samples.pt")
+    for argv in (["find", str(gpu)],
+                 ["calibrate", str(gpu), "--data", str(tmp_path / "samples.pt"), "--budget", "0.1", "-o",
+                  str(tmp_path / "p.json")]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "saved on a CUDA device" in " ".join(result.output.split())
+
+
 def test_demo_builtin_runs_end_to_end():
     result = runner.invoke(app, ["demo", "--model", "builtin", "--long-n", "1024"])
     assert result.exit_code == 0, result.output
