@@ -483,6 +483,7 @@ def main(argv=None):
             lambda: torch.ops.mta.attention(q, k, v, None, torch.zeros(H, q.shape[3], device=DEVICE), chunk_size=c,
                                             causal=True),
             lambda: torch.ops.mta.attention(q, k, v, None, None, segments(q.shape[2]), chunk_size=c, causal=True),
+            lambda: torch.ops.mta.attention(q, k, v, None, None, None, k[0, :, :64].float(), chunk_size=c),
             *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
                                                           summary_atomics=atomics) for atomics in (True, False))])
         qg = kg = vg = None
@@ -510,6 +511,18 @@ def main(argv=None):
                                                                                         causal=True))
         torch.cuda.empty_cache() if DEVICE == "cuda" else None
         seg = None
+        # clustered summaries (non-causal): 64 centroids per head drawn from the keys; the pre-pass
+        # (assignment, sums per chunk and cluster, each query chunk's summaries) alone, and the op,
+        # against chunk summaries (non-causal) at the same c in the same run
+        from mta_rewrite.kernels.clusters import cluster_summaries
+
+        mu = k[0, :, ::n // 64].float().contiguous()
+        extras["clustered_prepass_K64_ms"] = median_ms(lambda: cluster_summaries(k, v, None, mu, c, nc, 1, 0))
+        extras["clustered_K64_full_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, None, None, None, mu,
+                                                                                    chunk_size=c))
+        extras["chunks_full_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c))
+        mu = None
+        torch.cuda.empty_cache() if DEVICE == "cuda" else None
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
         # a model's q, k, v: transposed [B, n, H, d] buffers, read in place (no copies) by the kernel

@@ -49,7 +49,7 @@ def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
                 stride_vb=x["b"], stride_vh=x["h"], stride_vn=d, stride_sb=H * nc * d, stride_sh=nc * d, stride_sj=d,
                 stride_lb=H * nc, stride_lh=nc, stride_lj=1, stride_selb=1, stride_selh=1, stride_seli=1,  # the placeholder
                 stride_ob=x["b"], stride_oh=x["h"], stride_on=d, n=n, nc=nc, c=c, L=1, sinks=0, top_k=0,
-                Hq=H, Hkv=H, G=1)
+                Hq=H, Hkv=H, G=1, clusters=0)
 
 
 def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num_warps: int, num_stages: int,
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             constexprs = {"CAUSAL": causal, "HAS_KEYMASK": False, "PRECISION": "tf32", "HEAD_D": d, "HAS_TOPK": False,
                           "TOPK_PAD": 1, "FUSED": bool(opts.get("fused")), "MAX_SPIN": 1 << 16,
                           "ONE_LOOP": bool(opts.get("one_loop")), "CHUNK_MAJOR": bool(opts.get("chunk_major")),
-                          "TMA": tma, "WIDE": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
+                          "TMA": tma, "WIDE": False, "CLUSTERED": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
             descs = ("kd", "vd", "skd", "svd")
             if not tma:  # the launcher passes None: a constant
                 constexprs |= {name: None for name in descs}

@@ -10,7 +10,9 @@ been turned into key padding (``ops/masks.simplify_mask``: what transformers mod
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
-Learned summaries (``summary_weight``) take the same routes: the pre-pass pools them.
+Learned summaries (``summary_weight``) take the same routes: the pre-pass pools them. Clustered
+summaries (``centroids``, non-causal) too (``dispatch_cuda_clustered``): the Triton kernels with
+their own pre-pass (``clusters.py``) for no mask or key padding, else ``ops/clustered.py``.
 
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
 than one chunk, tensors under 2^31 elements and mean summaries → the Triton backward
@@ -26,6 +28,7 @@ import functools
 import torch
 
 from ..ops.chunked import mta_attention_chunked
+from ..ops.clustered import mta_attention_clustered
 from ..ops.masks import simplify_mask
 
 
@@ -57,6 +60,26 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
         if keep is not False:
             return mta_forward_triton(q, k, v, keep, summary_weight=summary_weight, **kwargs)
     return mta_attention_chunked(q, k, v, attn_mask, summary_weight=summary_weight, **kwargs)
+
+
+def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chunks, sinks, centroids):
+    """Clustered summaries on CUDA (inputs checked by ``ops.clustered.check_clustered``, the mask
+    already simplified): one chunk → SDPA (the window covers every key), no mask or key padding
+    in fp16/bf16/fp32 → the Triton kernels, otherwise the portable implementation."""
+    n = q.shape[2]
+    if chunk_size >= n:
+        from ..ops.attention import exact_sdpa
+
+        return exact_sdpa(q, k, v, attn_mask, False, scale)
+    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
+        from .mta_fwd import key_padding, mta_forward_triton
+
+        keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
+        if keep is not False:
+            return mta_forward_triton(q, k, v, keep, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
+                                      sinks=sinks, centroids=centroids)
+    return mta_attention_clustered(q, k, v, attn_mask, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
+                                   sinks=sinks, centroids=centroids)
 
 
 def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k):

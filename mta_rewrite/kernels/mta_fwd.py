@@ -26,6 +26,7 @@ Other opt-in variants (``LaunchConfig``): ``fused`` pools the summaries inside t
 instead of step 1 (``chunk_major`` orders its work chunk by chunk), ``tma`` reads tiles through
 tensor descriptors, ``max_registers`` caps registers per thread. Tensors that span 2^31 elements
 or more take 64-bit batch and head offsets (``WIDE``); smaller ones compile exactly as before.
+``CLUSTERED``: clustered summaries (``clusters.py`` pools them), each query chunk its own K.
 q, k and v are read through their batch, head and token strides (the head dimension
 contiguous), so a model's transposed [B, n, H, d] buffers need no copy; the output takes q's
 layout.
@@ -367,11 +368,11 @@ if triton is not None:
         stride_lb, stride_lh, stride_lj,  # log2 n_j [B, Hkv, nc] (stride_lj: 1, or 8 for the chunk-major launch)
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
-        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale,
+        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, clusters,
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
         MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr, TMA: tl.constexpr,
-        WIDE: tl.constexpr,
+        WIDE: tl.constexpr, CLUSTERED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
@@ -383,7 +384,11 @@ if triton is not None:
         anyway, writes it and sets its flag (release). Consumers wait (acquire) for the flags of
         the summaries they read, all of chunks before theirs: every wait is on a lower ticket,
         i.e. on a program already running, so the launch cannot deadlock (the decoupled look-back
-        argument); k and v are read from memory once instead of twice."""
+        argument); k and v are read from memory once instead of twice.
+
+        CLUSTERED (non-causal, no top-k, three loops): the summaries are clustered ones
+        (``clusters.py``), each query chunk its own ``clusters`` = K of them, rows i·K … i·K+K−1
+        of kbar / vbar / logn, all of them read (log2 of its count as the bias; −inf: empty)."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
         if FUSED:
             t = tl.atomic_add(sync_ptr, 1)  # this program's ticket (one atomic per program)
@@ -425,7 +430,10 @@ if triton is not None:
         flag_row = sync_ptr + 2 + (b * Hkv + hk) * nc
         # this head's first row in the TMA descriptors' [B·Hkv·n, d] views (TMA coordinates are 32-bit)
         kv_row = ((b * Hkv + hk) * n).to(tl.int32)
-        s_row = ((b * Hkv + hk) * nc).to(tl.int32)
+        if CLUSTERED:
+            s_row = ((b * Hkv + hk) * nc * clusters).to(tl.int32)
+        else:
+            s_row = ((b * Hkv + hk) * nc).to(tl.int32)
         if FUSED:
             if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
                 sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
@@ -504,19 +512,25 @@ if triton is not None:
             # d. summaries of the chunks outside the window (under causality: only those before it).
             #    Fused head by head: wait tile by tile; chunk by chunk: every flag once, up front (their
             #    producers ran long before), then a software-pipelined stream of summary tiles.
-            if FUSED and CHUNK_MAJOR:
-                for j0 in range(0, w_lo, BLOCK_N):
-                    js = j0 + tl.arange(0, BLOCK_N)
-                    _wait_flags(flag_row, sync_ptr + 1, js, js < w_lo, MAX_SPIN)
-            acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
-                                           sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd,
-                                           s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN,
-                                           HAS_TOPK, TMA)
-            if not CAUSAL:
+            if CLUSTERED:  # this query chunk's own K summaries (rows i·K …), every one outside its window
                 acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
-                                               sync_ptr + 1, sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale,
-                                               skd, svd, s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED,
-                                               MAX_SPIN, HAS_TOPK, TMA)
+                                               sync_ptr + 1, sel, i * clusters, i * clusters + clusters, dims, dim_ok,
+                                               stride_sj, qk_scale, skd, svd, s_row, PRECISION, BLOCK_N, False, False,
+                                               MAX_SPIN, False, TMA)
+            else:
+                if FUSED and CHUNK_MAJOR:
+                    for j0 in range(0, w_lo, BLOCK_N):
+                        js = j0 + tl.arange(0, BLOCK_N)
+                        _wait_flags(flag_row, sync_ptr + 1, js, js < w_lo, MAX_SPIN)
+                acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
+                                               sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd,
+                                               s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN,
+                                               HAS_TOPK, TMA)
+                if not CAUSAL:
+                    acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
+                                                   sync_ptr + 1, sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale,
+                                                   skd, svd, s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR,
+                                                   FUSED, MAX_SPIN, HAS_TOPK, TMA)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + dims[None, :],
@@ -703,11 +717,12 @@ def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
 
 
 def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-                       launch: LaunchConfig | None = None, summary_weight=None):
+                       launch: LaunchConfig | None = None, summary_weight=None, centroids=None):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
     :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it).
-    ``summary_weight`` [Hkv, d]: learned summaries (pooled by the pre-pass).
+    ``summary_weight`` [Hkv, d]: learned summaries (pooled by the pre-pass). ``centroids``
+    [Hkv, K, d]: clustered summaries (non-causal, no top-k; pooled by ``clusters.py``).
 
     The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
     (causal, no top-k, means), from the main launch itself (see ``_mta_fwd_kernel``)."""
@@ -732,6 +747,9 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         # k̄, v̄ rows must take 16-byte copies (cp.async.cg, past L1) and fill whole 32-byte sectors
         raise ValueError(f"chunk_major needs head rows of a multiple of 32 bytes, got d={d} × {q.element_size()} bytes")
     block_d = max(16, _pow2(d))
+    if centroids is not None and (causal or top_k or summary_weight is not None or fused or cfg.one_loop):
+        raise ValueError("clustered summaries (centroids) run non-causal, without top_k or summary_weight, in the "
+                         "three-loop kernel with the pre-pass (not fused or one_loop)")
     if cfg.tma and (fused or cfg.one_loop):
         raise ValueError("tma reads the pre-pass's summaries in the three-loop kernel: not with fused or one_loop")
     if cfg.tma and d != block_d:
@@ -746,7 +764,16 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         logn = torch.empty(B, Hkv, nc, 8, dtype=torch.float32, device=q.device)[..., 0]
     else:
         logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
-    if fused:
+    clusters = 0
+    if centroids is not None:
+        from .clusters import cluster_summaries
+
+        clusters = centroids.shape[1]
+        if nc * clusters * d >= 1 << 31:  # one head's summary offsets stay 32-bit
+            raise ValueError(f"clustered summaries take nc·K·d < 2^31 per head; got nc={nc}, K={clusters}, d={d}")
+        kbar, vbar, logn = cluster_summaries(k, v, keyok, centroids, c, nc, L, s)
+        sync = _placeholder(q.device)
+    elif fused:
         kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
         vbar = torch.empty_like(kbar)
         sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
@@ -770,13 +797,14 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync, *descs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *kbar.stride()[:3], *logn.stride()[:3],
         *sel.stride()[:3], *out.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E,
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, clusters,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
         ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
-        WIDE=_wide(q, k, v),  # out has q's layout: it spans no more than q
+        WIDE=_wide(q, k, v, kbar if clusters else None),  # out has q's layout: it spans no more than q
+        CLUSTERED=clusters > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),

@@ -16,8 +16,9 @@ Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or 
 no top-k (``varlen.py``, differentiated by recomputation); otherwise, and always on CUDA, they move
 the tokens into padded chunk slots (``segments.py``) and run every path above there: forward,
 kernels and backward. Clustered summaries (``centroids``,
-``clustered.py``) run their own portable implementation on every device, differentiated by
-recomputation.
+``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
+Triton kernels (``kernels/clusters.py``), and are differentiated by recomputation with the portable
+implementation.
 """
 
 from __future__ import annotations
@@ -96,18 +97,19 @@ def attention(
     (the spec's learned clustering of keys, non-causal, ``clustered.py``): the keys outside a
     query's window summarised per nearest centroid instead of per chunk."""
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    return _forward(portable_fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
-                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    return _forward(portable_fixed, mta_attention_clustered, q, k, v, attn_mask, summary_weight, segment_ids, centroids,
+                    chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
-def _forward(fixed, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
-    """The op once its inputs are checked; ``fixed``: the fixed-chunk implementation of the device
-    (:func:`portable_fixed`, or the CUDA dispatch)."""
+def _forward(fixed, clustered, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
+    """The op once its inputs are checked; ``fixed``, ``clustered``: the device's implementations
+    of fixed chunks and of clustered summaries (:func:`portable_fixed` and
+    ``mta_attention_clustered``, or the CUDA dispatch's)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
-        return mta_attention_clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
-                                       local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
+        return clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
+                         local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if segment_ids is not None:
         if _unpadded_boundaries(fixed is portable_fixed, q, attn_mask, config["top_k"]):
@@ -167,10 +169,10 @@ def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
 def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
       scale=None, local_chunks=1, sinks=0, top_k=0):
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    from ..kernels import dispatch_cuda  # triton is imported only when a CUDA tensor arrives
+    from ..kernels import dispatch_cuda, dispatch_cuda_clustered  # triton is imported only when a CUDA tensor arrives
 
-    return _forward(dispatch_cuda, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
-                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    return _forward(dispatch_cuda, dispatch_cuda_clustered, q, k, v, attn_mask, summary_weight, segment_ids, centroids,
+                    chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
 @attention.register_fake

@@ -17,7 +17,8 @@ fused attention call as the chunked implementation, band by band like it (each b
 under ``chunked._BAND_BYTES`` on the CPU). Cost per query: (2L−1)·c + sinks + K keys; memory
 O(nc·K·d) and one band's key sets. Masks: none or key padding (a mask that varies per query, or carries a bias,
 is refused: which keys a summary holds would differ per query); no top-k; no boundary chunks or
-learned weights with it. On CUDA the same code runs on the GPU (no Triton kernel).
+learned weights with it. On CUDA, for no mask or key padding in fp16/bf16/fp32, the Triton kernels
+run instead (``kernels/clusters.py``: the same assignment and summaries, then the fused forward).
 """
 
 from __future__ import annotations
@@ -71,6 +72,30 @@ def assign_clusters(k: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return out.view(B, H, n)
 
 
+def summaries_per_query_chunk(ck, cv, cn, L: int):
+    """Each query chunk's cluster summaries from per-chunk cluster sums ``ck``, ``cv`` [B, H, nc,
+    K, d] and counts ``cn`` [B, H, nc, K] (non-causal): the sequence's totals minus the window's
+    chunks i−L+1 … i+L−1, as (k̄, v̄ [B, H, nc, K, d], count [B, H, nc, K]); a mean over no key
+    (count 0) is 0. Shared by the portable implementation and the CUDA kernels' launcher."""
+    nc = ck.shape[2]
+    wk, wv, wn = ck, cv, cn
+    if L > 1:
+        wk, wv, wn = ck.clone(), cv.clone(), cn.clone()
+        for o in _window_offsets(L, causal=False):
+            if o == 0:
+                continue
+            dst = slice(max(0, -o), nc - max(0, o))
+            src = slice(max(0, o), nc - max(0, -o))
+            wk[:, :, dst] += ck[:, :, src]
+            wv[:, :, dst] += cv[:, :, src]
+            wn[:, :, dst] += cn[:, :, src]
+    count = cn.sum(2, keepdim=True) - wn  # each query chunk's summarised keys per cluster
+    inv = (1.0 / count.clamp(min=1.0)).unsqueeze(-1)
+    kbar = (ck.sum(2, keepdim=True) - wk).mul_(inv)
+    vbar = (cv.sum(2, keepdim=True) - wv).mul_(inv)
+    return kbar, vbar, count
+
+
 def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, local_chunks=1, sinks=0,
                             centroids) -> torch.Tensor:
     """Clustered-summary MTA (see the module docstring); ``attn_mask`` None or key padding.
@@ -117,27 +142,12 @@ def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, 
     cv = vp.new_zeros(rows + 1, d).index_add_(0, idx, vp.view(-1, d))[:rows].view(B, Hkv, nc, K, d)
     cn = torch.bincount(idx, minlength=rows + 1)[:rows].view(B, Hkv, nc, K).to(cdt)
 
-    # the window's share of each cluster, per query chunk: sums over the chunks i−L+1 … i+L−1
-    offsets = _window_offsets(L, causal=False)
-    wk, wv, wn = ck, cv, cn
-    if L > 1:
-        wk, wv, wn = ck.clone(), cv.clone(), cn.clone()
-        for o in offsets:
-            if o == 0:
-                continue
-            dst = slice(max(0, -o), nc - max(0, o))
-            src = slice(max(0, o), nc - max(0, -o))
-            wk[:, :, dst] += ck[:, :, src]
-            wv[:, :, dst] += cv[:, :, src]
-            wn[:, :, dst] += cn[:, :, src]
-    count = cn.sum(2, keepdim=True) - wn  # [B, Hkv, nc, K]: each query chunk's summarised keys per cluster
-    inv = (1.0 / count.clamp(min=1.0)).unsqueeze(-1)
-    kbar = (ck.sum(2, keepdim=True) - wk).mul_(inv)
-    vbar = (cv.sum(2, keepdim=True) - wv).mul_(inv)
+    kbar, vbar, count = summaries_per_query_chunk(ck, cv, cn, L)
     # (a count rounds to exactly an integer: 0.5 separates empty clusters from the rest)
     term_summary = torch.where(count > 0.5, torch.log(count.clamp(min=1.0)), NEG)
 
     # ---- per-chunk terms [B, Hkv, nc, X] of the key sets: window chunks | sinks | K summaries ---
+    offsets = _window_offsets(L, causal=False)
     W = len(offsets)
     X = W * c + s + K
     term = torch.full((B, Hkv, nc, X), NEG, dtype=cdt, device=dev)

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The test files that launch kernels (in the interpreter without CUDA).
-LAUNCHING = {"test_triton_fwd.py", "test_triton_bwd.py", "test_gpu_bench_script.py"}
+LAUNCHING = {"test_triton_fwd.py", "test_triton_bwd.py", "test_triton_clustered.py", "test_gpu_bench_script.py"}
 
 
 def _version(module) -> tuple[int, ...]:
