@@ -88,6 +88,38 @@ def test_transformers_models_take_the_kernels_on_the_gpu(name, monkeypatch):
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
 
 
+def test_clustered_plan_takes_the_kernels_on_the_gpu(monkeypatch):
+    """A BERT rewritten with clustered summaries at every site (its padding mask, recognised as
+    key padding): on CUDA each site runs the clustered Triton path, giving what the CPU gives."""
+    pytest.importorskip("transformers")
+    from mta_rewrite.kernels import mta_fwd
+
+    case = next(c for c in zoo.all_cases() if c.name == "bert (eager)")
+    model = case.build()
+    args, kwargs = case.inputs(150)
+    g = torch.Generator().manual_seed(0)
+    plan = mr.Plan({site.name: mr.Clustered.from_tensor(mr.MTAConfig(16, local_chunks=2, sinks=2),
+                                                        torch.randn(site.kv_heads, 12, site.head_dim, generator=g))
+                    for site in mr.find_attention(model, args, kwargs) if site.rewritable})
+
+    def outputs(device):
+        moved = copy.deepcopy(model).to(device)
+        a, kw = to_device(args, device), to_device(kwargs, device)
+        gm = mr.rewrite(moved, a, kw, plan=plan)
+        with torch.no_grad():
+            return gm(*a, **kw)[0].float().cpu()
+
+    cpu = outputs("cpu")
+    launches = []
+    launch = mta_fwd.mta_forward_triton
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton",
+                        lambda *a, **kw: launches.append(kw.get("centroids") is not None) or launch(*a, **kw))
+    gpu = outputs("cuda")
+    assert launches == [True] * len(plan.sites)
+    keep = kwargs["attention_mask"].bool()  # (padded query rows are not compared)
+    torch.testing.assert_close(gpu[keep], cpu[keep], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["scores_div_masked_fill", "einsum_gqa_repeat_interleave", "bmm_3d_where"])
 def test_exact_sites_on_the_gpu_equal_the_original(name):
     """Every site left exact (``Plan({})``) runs the op's exact path on CUDA (SDPA after the mask is
