@@ -311,7 +311,8 @@ def main(argv=None):
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from mta_rewrite.kernels import mta_fwd
+    from mta_rewrite.kernels import dispatch_cuda, mta_fwd
+    from mta_rewrite.ops.segments import segmented
     from mta_rewrite.kernels.mta_bwd import mta_backward_triton
     from mta_rewrite.kernels.mta_fwd import LaunchConfig, _chunk_means, default_launch, mta_forward_triton
 
@@ -483,6 +484,8 @@ def main(argv=None):
             lambda: torch.ops.mta.attention(q, k, v, None, torch.zeros(H, q.shape[3], device=DEVICE), chunk_size=c,
                                             causal=True),
             lambda: torch.ops.mta.attention(q, k, v, None, None, segments(q.shape[2]), chunk_size=c, causal=True),
+            lambda: segmented(dispatch_cuda, q, k, v, None, segments(q.shape[2]), chunk_size=c, causal=True, scale=None,
+                              local_chunks=1, sinks=0, top_k=0),
             lambda: torch.ops.mta.attention(q, k, v, None, None, None, k[0, :, :64].float(), chunk_size=c),
             *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
                                                           summary_atomics=atomics) for atomics in (True, False))])
@@ -502,7 +505,11 @@ def main(argv=None):
 
         extras["boundary_padded_over_n"] = padded_length(seg, c) / n
         extras["boundary_chunks_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, None, None, seg, chunk_size=c,
-                                                                                 causal=True))
+                                                                                 causal=True))  # no padding (VARLEN)
+        # the same in padded chunk slots (the route before the unpadded kernels, and other masks' now)
+        time_variant(extras, "boundary_chunks_slots", lambda: segmented(dispatch_cuda, q, k, v, None, seg, chunk_size=c,
+                                                                        causal=True, scale=None, local_chunks=1,
+                                                                        sinks=0, top_k=0))
         # the CPU's unpadded path (ops/varlen.py: torch ops, attention by matmul + softmax off the
         # CPU) on the GPU: whether CUDA should route boundary chunks there instead of the slots
         from mta_rewrite.ops.varlen import mta_attention_varlen

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REGS_PER_SM, SMEM_PER_SM, SMEM_RESERVED, MAX_WARPS = 65536, 228 * 1024, 1024, 64
 POINTERS = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr"}
-OTHER = {"logn_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "qk_scale": "fp32"}
+OTHER = {"logn_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "qk_scale": "fp32", "starts_ptr": "*i32"}
 
 
 def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
@@ -49,7 +49,7 @@ def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
                 stride_vb=x["b"], stride_vh=x["h"], stride_vn=d, stride_sb=H * nc * d, stride_sh=nc * d, stride_sj=d,
                 stride_lb=H * nc, stride_lh=nc, stride_lj=1, stride_selb=1, stride_selh=1, stride_seli=1,  # the placeholder
                 stride_ob=x["b"], stride_oh=x["h"], stride_on=d, n=n, nc=nc, c=c, L=1, sinks=0, top_k=0,
-                Hq=H, Hkv=H, G=1, clusters=0)
+                Hq=H, Hkv=H, G=1, clusters=0, stride_csb=0)
 
 
 def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num_warps: int, num_stages: int,
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             constexprs = {"CAUSAL": causal, "HAS_KEYMASK": False, "PRECISION": "tf32", "HEAD_D": d, "HAS_TOPK": False,
                           "TOPK_PAD": 1, "FUSED": bool(opts.get("fused")), "MAX_SPIN": 1 << 16,
                           "ONE_LOOP": bool(opts.get("one_loop")), "CHUNK_MAJOR": bool(opts.get("chunk_major")),
-                          "TMA": tma, "WIDE": False, "CLUSTERED": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
+                          "TMA": tma, "WIDE": False, "CLUSTERED": False, "VARLEN": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d}
             descs = ("kd", "vd", "skd", "svd")
             if not tma:  # the launcher passes None: a constant
                 constexprs |= {name: None for name in descs}

@@ -13,6 +13,10 @@ been turned into key padding (``ops/masks.simplify_mask``: what transformers mod
 Learned summaries (``summary_weight``) take the same routes: the pre-pass pools them. Clustered
 summaries (``centroids``, non-causal) too (``dispatch_cuda_clustered``): the Triton kernels with
 their own pre-pass (``clusters.py``) for no mask or key padding, else ``ops/clustered.py``.
+Boundary chunks (``segment_ids``, ``dispatch_cuda_boundary``): for no mask or key padding the
+Triton kernels read each chunk where it lies (``chunk_starts``: no padding slots); otherwise the
+tokens are moved into padded chunk slots (``ops/segments.py``) and dispatched as above. Their
+gradients are computed in the slots.
 
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
 than one chunk, tensors under 2^31 elements and mean summaries → the Triton backward
@@ -27,9 +31,12 @@ import functools
 
 import torch
 
+from ..ops.attention import Implementations
 from ..ops.chunked import mta_attention_chunked
 from ..ops.clustered import mta_attention_clustered
+from ..ops.layout import in_layout_of
 from ..ops.masks import simplify_mask
+from ..ops.segments import chunk_bounds, segmented
 
 
 @functools.cache
@@ -82,6 +89,24 @@ def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chun
                                    sinks=sinks, centroids=centroids)
 
 
+def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causal, scale, local_chunks, sinks, top_k,
+                           summary_weight=None):
+    """Boundary chunks on CUDA (the mask already simplified): no mask or key padding in
+    fp16/bf16/fp32 → the Triton kernels reading the chunks where they lie (``chunk_bounds``: no
+    padding slots, no gathers); otherwise the tokens moved into padded chunk slots and
+    :func:`dispatch_cuda` there (``ops/segments.py``)."""
+    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+                  summary_weight=summary_weight)
+    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
+        from .mta_fwd import key_padding, mta_forward_triton
+
+        keep = key_padding(attn_mask, q.shape[0], q.shape[1], q.shape[2])
+        if keep is not False:
+            starts = chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
+            return mta_forward_triton(q, k, v, keep, chunk_starts=starts, **kwargs)
+    return in_layout_of(q, segmented(dispatch_cuda, q, k, v, attn_mask, segment_ids, **kwargs))
+
+
 def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
     """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
     recomputes through the portable implementation)."""
@@ -101,3 +126,6 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
         return None
     return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
                                local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+
+
+CUDA = Implementations(dispatch_cuda, dispatch_cuda_boundary, dispatch_cuda_clustered)

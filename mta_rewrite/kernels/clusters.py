@@ -93,7 +93,7 @@ if triton is not None:
         acc_v = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         count = tl.zeros([BLOCK_K], dtype=tl.float32)
         for s0 in range(0, c, BLOCK_C):
-            pos, w = _pooled_tokens(keyok_ptr + b * n, j, c, n, sinks, s0, HAS_KEYMASK, BLOCK_C)
+            pos, w = _pooled_tokens(keyok_ptr + b * n, j * c, tl.minimum(j * c + c, n), sinks, s0, HAS_KEYMASK, BLOCK_C)
             ids = tl.load(ids_row + pos, mask=w, other=-1)
             member = ids[None, :] == ms[:, None]  # [BLOCK_K, BLOCK_C]; −1 (not pooled) matches no cluster
             x = tl.load(k_base + pos[:, None] * stride_kn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)

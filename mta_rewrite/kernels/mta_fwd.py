@@ -68,26 +68,34 @@ LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _pooled_tokens(keyok_row, j, c, n, sinks, s0, HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr):
-        """(pos, w) for the tile of chunk j starting at s0: the token positions and which of them a
-        summary pools, w_s = [s in the chunk][s < n][s ≥ sinks][key s kept]."""
-        offs = s0 + tl.arange(0, BLOCK_C)
-        pos = j * c + offs
-        w = (offs < c) & (pos < n) & (pos >= sinks)
+    def _chunk_bounds(starts_row, j, c, n, VARLEN: tl.constexpr):
+        """Tokens [start, end) of chunk j: fixed chunks (j·c … min(j·c + c, n)), or with VARLEN
+        boundary chunks, whose starts ``starts_row`` lists (M + 1 entries, n past the last chunk)."""
+        if VARLEN:
+            return tl.load(starts_row + j), tl.load(starts_row + j + 1)
+        else:
+            return j * c, tl.minimum(j * c + c, n)
+
+    @triton.jit
+    def _pooled_tokens(keyok_row, start, end, sinks, s0, HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(pos, w) for the tile at s0 of the chunk of tokens [start, end): the token positions and
+        which of them a summary pools, w_s = [s in the chunk][s ≥ sinks][key s kept]."""
+        pos = start + s0 + tl.arange(0, BLOCK_C)
+        w = (pos < end) & (pos >= sinks)
         if HAS_KEYMASK:
-            w = w & (tl.load(keyok_row + pos, mask=pos < n, other=0) != 0)
+            w = w & (tl.load(keyok_row + pos, mask=pos < end, other=0) != 0)
         return pos, w
 
     @triton.jit
-    def _pool_chunk(x_base, y_base, keyok_row, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+    def _pool_chunk(x_base, y_base, keyok_row, start, end, c, sinks, stride_xn, stride_yn, dims, dim_ok,
                     HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Σ_s w_s·x_s and Σ_s w_s·y_s (fp32) and n_j = Σ_s w_s over the tokens s of chunk j
-        (w_s: _pooled_tokens)."""
+        """Σ_s w_s·x_s and Σ_s w_s·y_s (fp32) and n_j = Σ_s w_s over the tokens s of the chunk
+        [start, end) of at most c tokens (w_s: _pooled_tokens)."""
         acc_x = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_y = tl.zeros([BLOCK_D], dtype=tl.float32)
         count = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s0 in range(0, c, BLOCK_C):
-            pos, w = _pooled_tokens(keyok_row, j, c, n, sinks, s0, HAS_KEYMASK, BLOCK_C)
+            pos, w = _pooled_tokens(keyok_row, start, end, sinks, s0, HAS_KEYMASK, BLOCK_C)
             count += w.to(tl.float32)
             x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :], other=0.0)
             acc_x += tl.sum(x.to(tl.float32), 0)
@@ -97,10 +105,10 @@ if triton is not None:
         return acc_x, acc_y, tl.sum(count, 0)
 
     @triton.jit
-    def _pool_chunk_learned(x_base, y_base, keyok_row, sw_row, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+    def _pool_chunk_learned(x_base, y_base, keyok_row, sw_row, start, end, c, sinks, stride_xn, stride_yn, dims, dim_ok,
                             HAS_KEYMASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
         """Learned summaries: Σ_s a_s·x_s and Σ_s a_s·y_s with a_s ∝ exp(x_s·w) over the tokens s
-        of chunk j that _pool_chunk would count (w: the head's ``summary_weight`` row), as one
+        of the chunk [start, end) that _pool_chunk would count (w: the head's ``summary_weight`` row), as one
         online softmax over the chunk's tiles: (acc_x, acc_y, n_j, den) with the weights
         unnormalised (divide by den, ≥ 1 unless the chunk is empty)."""
         wv = tl.load(sw_row + dims, mask=dim_ok, other=0.0).to(tl.float32)
@@ -110,7 +118,7 @@ if triton is not None:
         m = tl.max(tl.full([BLOCK_C], float("-inf"), dtype=tl.float32), 0)
         den = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), 0)
         for s0 in range(0, c, BLOCK_C):
-            pos, w = _pooled_tokens(keyok_row, j, c, n, sinks, s0, HAS_KEYMASK, BLOCK_C)
+            pos, w = _pooled_tokens(keyok_row, start, end, sinks, s0, HAS_KEYMASK, BLOCK_C)
             count += w.to(tl.float32)
             x = tl.load(x_base + pos[:, None] * stride_xn + dims[None, :], mask=w[:, None] & dim_ok[None, :],
                         other=0.0).to(tl.float32)
@@ -148,9 +156,9 @@ if triton is not None:
         stride_ob, stride_oh, stride_oj,  # xbar / ybar [B, H, nc, d] (same layout)
         stride_lb, stride_lh,  # log2 n_j [B, H, nc]
         stride_swh,  # summary_weight [H, d]
-        n, c, sinks, H, scale,
+        n, c, sinks, H, scale, starts_ptr, stride_csb,  # boundary chunks' starts [B, M + 1] (VARLEN)
         HAS_Y: tl.constexpr, HAS_KEYMASK: tl.constexpr, WRITE_LOGN: tl.constexpr, LEARNED: tl.constexpr,
-        HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
+        HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr, VARLEN: tl.constexpr,
     ):
         """xbar[b, h, j] = scale · Σ_s w_s x[b, h, s] / max(n_j, 1) over the tokens s of chunk j
         (see _pool_chunk); ybar likewise; logn[b, h, j] = log2 n_j (see _store_summary). With
@@ -165,14 +173,15 @@ if triton is not None:
             h = h.to(tl.int64)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
+        start, end = _chunk_bounds(starts_ptr + b * stride_csb, j, c, n, VARLEN)
         if LEARNED:
             acc_x, acc_y, n_j, norm = _pool_chunk_learned(
                 x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh, keyok_ptr + b * n,
-                sw_ptr + h * stride_swh, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok, HAS_KEYMASK, BLOCK_C,
-                BLOCK_D)
+                sw_ptr + h * stride_swh, start, end, c, sinks, stride_xn, stride_yn, dims, dim_ok, HAS_KEYMASK,
+                BLOCK_C, BLOCK_D)
         else:
             acc_x, acc_y, n_j = _pool_chunk(x_ptr + b * stride_xb + h * stride_xh, y_ptr + b * stride_yb + h * stride_yh,
-                                            keyok_ptr + b * n, j, c, n, sinks, stride_xn, stride_yn, dims, dim_ok,
+                                            keyok_ptr + b * n, start, end, c, sinks, stride_xn, stride_yn, dims, dim_ok,
                                             HAS_Y, HAS_KEYMASK, BLOCK_C, BLOCK_D)
             norm = n_j
         out_off = b * stride_ob + h * stride_oh + j * stride_oj
@@ -249,17 +258,21 @@ if triton is not None:
 
     @triton.jit
     def _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_row, top_k, c, n, rows, dims, dim_ok,
-                        stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK: tl.constexpr,
+                        stride_kn, stride_vn, qk_scale, kd, vd, kv_row, starts_row, HAS_KEYMASK: tl.constexpr,
                         PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        TMA: tl.constexpr):
+                        TMA: tl.constexpr, VARLEN: tl.constexpr):
         """Exact attention to the tokens of the top-k selected chunks ``sel_row[0 … top_k−1]`` (−1:
         none). They are summarised chunks, so always before the window under causality: no causal
         mask."""
         for e in range(0, top_k):
             j = tl.load(sel_row + e)
             if j >= 0:
-                j_end = tl.minimum(j * c + c, n)
-                for start in range(j * c, j_end, BLOCK_N):
+                if VARLEN:
+                    j_start, j_end = _chunk_bounds(starts_row, j, c, n, VARLEN)
+                else:
+                    j_end = tl.minimum(j * c + c, n)
+                    j_start = j * c
+                for start in range(j_start, j_end, BLOCK_N):
                     keys = start + tl.arange(0, BLOCK_N)
                     acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < j_end, rows,
                                               dims, dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start,
@@ -369,10 +382,11 @@ if triton is not None:
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, clusters,
+        starts_ptr, stride_csb,  # VARLEN: each sequence's chunk starts [B, nc + 1] (n past its last chunk)
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
         MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr, TMA: tl.constexpr,
-        WIDE: tl.constexpr, CLUSTERED: tl.constexpr,
+        WIDE: tl.constexpr, CLUSTERED: tl.constexpr, VARLEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
@@ -388,7 +402,14 @@ if triton is not None:
 
         CLUSTERED (non-causal, no top-k, three loops): the summaries are clustered ones
         (``clusters.py``), each query chunk its own ``clusters`` = K of them, rows i·K … i·K+K−1
-        of kbar / vbar / logn, all of them read (log2 of its count as the bias; −inf: empty)."""
+        of kbar / vbar / logn, all of them read (log2 of its count as the bias; −inf: empty).
+
+        VARLEN (boundary chunks, ``ops/segments.py``): chunk i of sequence b holds the tokens
+        starts[b, i] … starts[b, i+1]−1 (at most c; nc: the most chunks of any sequence, the
+        others' trailing chunks empty), the window is the tokens from the start of chunk i−L+1 to
+        the end of chunk i (or i+L−1), a selected chunk its own tokens; sub-blocks past the end of
+        their chunk return at once. Sinks are fixed chunks of c from token 0 (the segments start
+        after them), so a sink's chunk is s // c as without VARLEN."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
         if FUSED:
             t = tl.atomic_add(sync_ptr, 1)  # this program's ticket (one atomic per program)
@@ -413,9 +434,19 @@ if triton is not None:
             b = b.to(tl.int64)
             h = h.to(tl.int64)
             hk = hk.to(tl.int64)
-        row0 = i * c + sub * BLOCK_M
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
+        if VARLEN:
+            starts_row = starts_ptr + b * stride_csb
+            c_lo, c_hi = _chunk_bounds(starts_row, i, c, n, VARLEN)
+            row0 = c_lo + sub * BLOCK_M
+            if row0 >= c_hi:
+                return  # a sub-block past the end of a short (or empty) chunk
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < c_hi
+        else:
+            starts_row = starts_ptr
+            row0 = i * c + sub * BLOCK_M
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
 
@@ -436,8 +467,8 @@ if triton is not None:
             s_row = ((b * Hkv + hk) * nc).to(tl.int32)
         if FUSED:
             if (hk * G == h) & (sub == 0):  # the producer of chunk i's summary for (b, hk)
-                sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i, c, n, sinks, stride_kn, stride_vn, dims,
-                                                dim_ok, True, HAS_KEYMASK, BLOCK_N, BLOCK_D)
+                sum_k, sum_v, n_i = _pool_chunk(k_base, v_base, keyok_row, i * c, tl.minimum(i * c + c, n), c, sinks,
+                                                stride_kn, stride_vn, dims, dim_ok, True, HAS_KEYMASK, BLOCK_N, BLOCK_D)
                 _store_summary(sk_base + i * stride_sj, sv_base + i * stride_sj, logn_row + i * stride_lj, sum_k, sum_v,
                                n_i, n_i, 1.0,
                                dims, dim_ok, True, True)
@@ -465,16 +496,20 @@ if triton is not None:
                                       PRECISION, HEAD_D, BLOCK_D, TMA)
 
         # b. the window: keys [lo, hi)
-        lo = w_lo * c
-        hi = tl.minimum((w_hi + 1) * c, n)
+        if VARLEN:
+            lo = tl.load(starts_row + w_lo)
+            hi = tl.load(starts_row + w_hi + 1)
+        else:
+            lo = w_lo * c
+            hi = tl.minimum((w_hi + 1) * c, n)
         if CAUSAL:
             hi = tl.minimum(hi, row0 + BLOCK_M)
         if ONE_LOOP:
             # b–d as one stream: window tiles, then summary tiles (c. the selected chunks, rare, first)
             acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
                                             h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
-                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK, PRECISION,
-                                            HEAD_D, BLOCK_N, BLOCK_D, TMA)
+                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, starts_row, HAS_KEYMASK,
+                                            PRECISION, HEAD_D, BLOCK_N, BLOCK_D, TMA, VARLEN)
             n_win = tl.cdiv(hi - lo, BLOCK_N)
             if CAUSAL:
                 j_end = w_lo
@@ -506,8 +541,8 @@ if triton is not None:
             # c. the selected chunks (always before the window under causality: no causal mask)
             acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
                                             h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
-                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, HAS_KEYMASK, PRECISION,
-                                            HEAD_D, BLOCK_N, BLOCK_D, TMA)
+                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, starts_row, HAS_KEYMASK,
+                                            PRECISION, HEAD_D, BLOCK_N, BLOCK_D, TMA, VARLEN)
 
             # d. summaries of the chunks outside the window (under causality: only those before it).
             #    Fused head by head: wait tile by tile; chunk by chunk: every flag once, up front (their
@@ -630,11 +665,12 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4, summary_weight=None):
+def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=4, summary_weight=None, starts=None):
     """Pooled chunk means of x (and y) [B, H, n, d] → [B, H, nc, d] in x's dtype (fp32 if
     ``logn`` is None: the selection's q̄); ``logn`` [B, H, nc] fp32 receives log2 n_j (−inf:
     empty chunk). ``summary_weight`` [H, d] (with y): learned summaries, the tokens weighted by
-    softmax_s(x_s·w_h) instead of 1/n_j."""
+    softmax_s(x_s·w_h) instead of 1/n_j. ``starts`` [B, nc + 1] int32: boundary chunks' first
+    tokens (chunk j is starts[b, j] … starts[b, j+1]−1) instead of fixed chunks of c."""
     if summary_weight is not None and y is None:
         raise ValueError("learned summaries pool keys and values together")
     B, H, n, d = x.shape
@@ -650,9 +686,9 @@ def _chunk_means(x, y, keep, c, nc, sinks, scale, logn, block_c=None, num_warps=
         *xbar.stride()[:3],
         *(logn.stride()[:2] if logn is not None else (0, 0)),
         sw.stride(0) if summary_weight is not None else 0,
-        n, c, sinks, H, scale,
+        n, c, sinks, H, scale, starts if starts is not None else xbar, starts.stride(0) if starts is not None else 0,
         HAS_Y=y is not None, HAS_KEYMASK=keep is not None, WRITE_LOGN=logn is not None,
-        LEARNED=summary_weight is not None,
+        LEARNED=summary_weight is not None, VARLEN=starts is not None,
         HEAD_D=d, BLOCK_C=block_c or min(64, max(16, _pow2(c))),
         BLOCK_D=max(16, _pow2(d)), WIDE=_wide(x, y), num_warps=num_warps,  # xbar, ybar: smaller than x
     )
@@ -696,13 +732,13 @@ def geometry(q, k, chunk_size, scale, local_chunks, sinks) -> Geometry:
                     min(local_chunks, nc), min(sinks, n))
 
 
-def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
+def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts=None):
     """Top-k chunks per (b, h, i) among the summarised ones: [B, Hq, nc, K] int32, −1 padded."""
     B, Hq, n, d = q.shape
     K = min(top_k, nc)
     if K == 0:  # the kernel reads no index
         return _placeholder(q.device), 0
-    qbar, _ = _chunk_means(q, None, None, c, nc, 0, scale, None)  # scale·mean over real queries
+    qbar, _ = _chunk_means(q, None, None, c, nc, 0, scale, None, starts=starts)  # scale·mean over real queries
     kb = kbar.float().repeat_interleave(G, dim=1)  # [B, Hq, nc, d] (small: one row per chunk)
     score = qbar @ kb.transpose(-1, -2)  # [B, Hq, nc_i, nc_j]
     ii = torch.arange(nc, device=q.device).view(nc, 1)
@@ -717,18 +753,28 @@ def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G):
 
 
 def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-                       launch: LaunchConfig | None = None, summary_weight=None, centroids=None):
+                       launch: LaunchConfig | None = None, summary_weight=None, centroids=None, chunk_starts=None):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
     :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it).
     ``summary_weight`` [Hkv, d]: learned summaries (pooled by the pre-pass). ``centroids``
     [Hkv, K, d]: clustered summaries (non-causal, no top-k; pooled by ``clusters.py``).
+    ``chunk_starts`` [B, M + 1] int32: boundary chunks without padding (``ops.segments.chunk_bounds``:
+    chunk i of sequence b is the tokens chunk_starts[b, i] … chunk_starts[b, i+1]−1, at most
+    ``chunk_size`` of them; M chunks, a shorter sequence's last ones empty).
 
     The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
     (causal, no top-k, means), from the main launch itself (see ``_mta_fwd_kernel``)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
+    starts = None
+    if chunk_starts is not None:
+        starts = chunk_starts.to(device=q.device, dtype=torch.int32).contiguous()
+        if starts.dim() != 2 or starts.shape[0] != B or starts.shape[1] < 2:
+            raise ValueError(f"chunk_starts must be [B, M + 1] = [{B}, M + 1]; got {tuple(chunk_starts.shape)}")
+        nc = starts.shape[1] - 1
+        L = min(local_chunks, nc)
     if n * d >= 1 << 31:  # token offsets within one head stay 32-bit
         raise ValueError(f"the Triton kernels take n·d < 2^31 per head; got n={n}, d={d}")
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
@@ -737,6 +783,10 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     fused = bool(cfg.fused)
     if fused and not (causal and min(top_k, nc) == 0):
         raise ValueError("summaries fused in the main launch need causal=True and top_k=0")
+    if fused and starts is not None:
+        raise ValueError("summaries fused in the main launch are of fixed chunks: boundary chunks need the pre-pass")
+    if centroids is not None and starts is not None:
+        raise ValueError("clustered summaries (centroids) take no boundary chunks")
     if fused and summary_weight is not None:
         raise ValueError("summaries fused in the main launch are means: learned summaries need the pre-pass")
     if fused and cfg.one_loop:
@@ -778,9 +828,9 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         vbar = torch.empty_like(kbar)
         sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
     else:
-        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, summary_weight=summary_weight)
+        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, summary_weight=summary_weight, starts=starts)
         sync = _placeholder(q.device)
-    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
+    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts)
     out = torch.empty_like(q)
     descs = (None,) * 4
     if cfg.tma:
@@ -798,13 +848,14 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *kbar.stride()[:3], *logn.stride()[:3],
         *sel.stride()[:3], *out.stride()[:3],
         n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, clusters,
+        starts if starts is not None else sync, starts.stride(0) if starts is not None else 0,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
         ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
         WIDE=_wide(q, k, v, kbar if clusters else None),  # out has q's layout: it spans no more than q
-        CLUSTERED=clusters > 0,
+        CLUSTERED=clusters > 0, VARLEN=starts is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),

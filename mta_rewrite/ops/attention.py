@@ -13,15 +13,19 @@ top-k selection is piecewise constant and has no gradient, as in the spec. Learn
 weights (``summary_weight``) get their gradient through the portable recomputation (calibration
 fits them on the CPU; on CUDA the Triton backward, written for means, is not used then).
 Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or key padding and
-no top-k (``varlen.py``, differentiated by recomputation); otherwise, and always on CUDA, they move
-the tokens into padded chunk slots (``segments.py``) and run every path above there: forward,
-kernels and backward. Clustered summaries (``centroids``,
+no top-k (``varlen.py``, differentiated by recomputation), and on CUDA for no mask or key padding
+on the Triton forward reading each chunk where it lies (``kernels.dispatch_cuda_boundary``);
+otherwise they move the tokens into padded chunk slots (``segments.py``) and run every path above
+there. Their gradients on CUDA are computed in the slots (the Triton backward or the portable
+recomputation): the same function as the unpadded forward. Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
 Triton kernels (``kernels/clusters.py``), and are differentiated by recomputation with the portable
 implementation.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,25 +101,32 @@ def attention(
     (the spec's learned clustering of keys, non-causal, ``clustered.py``): the keys outside a
     query's window summarised per nearest centroid instead of per chunk."""
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    return _forward(portable_fixed, mta_attention_clustered, q, k, v, attn_mask, summary_weight, segment_ids, centroids,
-                    chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    return _forward(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
-def _forward(fixed, clustered, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
-    """The op once its inputs are checked; ``fixed``, ``clustered``: the device's implementations
-    of fixed chunks and of clustered summaries (:func:`portable_fixed` and
-    ``mta_attention_clustered``, or the CUDA dispatch's)."""
+class Implementations(NamedTuple):
+    """One device's implementations of the op's three forms: fixed chunks (q, k, v, attn_mask,
+    **config), boundary chunks (q, k, v, attn_mask, segment_ids, **config) and clustered summaries
+    (q, k, v, attn_mask, chunk_size, scale, local_chunks, sinks, centroids)."""
+
+    fixed: Callable
+    boundary: Callable
+    clustered: Callable
+
+
+def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
+    """The op once its inputs are checked, by the device's implementations (``PORTABLE``, or the
+    CUDA dispatch's)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
-        return clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
-                         local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
+        return impl.clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
+                              local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if segment_ids is not None:
-        if _unpadded_boundaries(fixed is portable_fixed, q, attn_mask, config["top_k"]):
-            return mta_attention_varlen(q, k, v, attn_mask, segment_ids, **kwargs)
-        return in_layout_of(q, segmented(fixed, q, k, v, attn_mask, segment_ids, **kwargs))
-    return fixed(q, k, v, attn_mask, **kwargs)
+        return impl.boundary(q, k, v, attn_mask, segment_ids, **kwargs)
+    return impl.fixed(q, k, v, attn_mask, **kwargs)
 
 
 def portable_fixed(q, k, v, attn_mask=None, **config):
@@ -165,14 +176,25 @@ def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
     return portable and takes(attn_mask, *q.shape[:3], top_k)
 
 
+def portable_boundary(q, k, v, attn_mask, segment_ids, **config):
+    """Boundary chunks off the CUDA kernels: without padding (``varlen.py``) where it applies,
+    else the fixed-chunk implementation in padded chunk slots (``segments.py``)."""
+    if _unpadded_boundaries(True, q, attn_mask, config["top_k"]):
+        return mta_attention_varlen(q, k, v, attn_mask, segment_ids, **config)
+    return in_layout_of(q, segmented(portable_fixed, q, k, v, attn_mask, segment_ids, **config))
+
+
+PORTABLE = Implementations(portable_fixed, portable_boundary, mta_attention_clustered)
+
+
 @attention.register_kernel("cuda")
 def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
       scale=None, local_chunks=1, sinks=0, top_k=0):
     check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    from ..kernels import dispatch_cuda, dispatch_cuda_clustered  # triton is imported only when a CUDA tensor arrives
+    from ..kernels import CUDA  # triton is imported only when a CUDA tensor arrives
 
-    return _forward(dispatch_cuda, dispatch_cuda_clustered, q, k, v, attn_mask, summary_weight, segment_ids, centroids,
-                    chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    return _forward(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
 @attention.register_fake

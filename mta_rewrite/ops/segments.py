@@ -74,6 +74,21 @@ def chunk_starts(segment_ids: torch.Tensor, chunk_size: int, sinks: int) -> torc
     return run | ((t - run_start) % chunk_size == 0)
 
 
+def chunk_bounds(segment_ids: torch.Tensor, B: int, chunk_size: int, sinks: int) -> torch.Tensor:
+    """[B, M + 1] int32: each sequence's chunk starts in token order (M: the most chunks of any
+    sequence), then n, which also fills a shorter sequence's missing chunks (empty: start = end).
+    Chunk i of sequence b is the tokens [bounds[b, i], bounds[b, i+1]): what the CUDA kernels read
+    for boundary chunks without padding slots. One device→host sync (M)."""
+    starts = chunk_starts(segment_ids, chunk_size, sinks).expand(B, -1)
+    n = starts.shape[1]
+    chunk = torch.cumsum(starts, dim=1) - 1  # [B, n] chunk index of each token
+    M = int(chunk[:, -1].max()) + 1
+    t = torch.arange(n, device=starts.device, dtype=torch.int32).expand(B, n)
+    bounds = torch.full((B, M + 1), n, dtype=torch.int32, device=starts.device)
+    # a chunk's first token is the smallest of its tokens: scatter with "amin" over each chunk
+    return bounds.scatter_reduce(1, chunk, t, reduce="amin", include_self=True)
+
+
 def segment_layout(segment_ids: torch.Tensor, B: int, chunk_size: int, sinks: int) -> SegmentLayout:
     starts = chunk_starts(segment_ids, chunk_size, sinks).expand(B, -1)
     n = starts.shape[1]

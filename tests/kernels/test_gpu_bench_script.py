@@ -37,7 +37,7 @@ def test_dry_run_reports_every_step(tmp_path):
         assert all("ms" in r and r["rel_err_vs_prepass"] < 1e-2 for r in sweep["results"]), sweep
     # on the CPU only cuDNN is missing
     assert [k for k in report["extras"] if k.endswith("_error") and "cudnn" not in k] == []
-    assert {"contiguous_qkv_ms", "transposed_qkv_ms", "fwd_bwd_ms", "bwd_summary_kernel_ms", "boundary_chunks_ms",
+    assert {"contiguous_qkv_ms", "transposed_qkv_ms", "fwd_bwd_ms", "bwd_summary_kernel_ms", "boundary_chunks_ms", "boundary_chunks_slots_ms",
             "boundary_padded_over_n", "boundary_unpadded_portable_ms", "clustered_prepass_K64_ms",
             "clustered_K64_full_ms", "chunks_full_ms"} <= set(report["extras"])
     (flex,) = report["flex"]

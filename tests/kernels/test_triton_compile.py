@@ -29,7 +29,7 @@ dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
 cap, block_m, warps, fused, loops, wide, clustered = map(int, sys.argv[4:])
 pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
 other = {"logn_ptr": "*fp32", "sw_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32",
-         "mu_ptr": "*fp32", "ids_ptr": "*i32", "ck_ptr": "*fp32", "cv_ptr": "*fp32", "cn_ptr": "*fp32"}
+         "mu_ptr": "*fp32", "ids_ptr": "*i32", "starts_ptr": "*i32", "ck_ptr": "*fp32", "cv_ptr": "*fp32", "cn_ptr": "*fp32"}
 
 
 def build(fn, constexprs, descs=None, **options):
@@ -48,17 +48,18 @@ def build(fn, constexprs, descs=None, **options):
 
 descs = ("kd", "vd", "skd", "svd")
 build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                        "HEAD_D": 128, "HAS_TOPK": not fused and not clustered, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
+                        "HEAD_D": 128, "HAS_TOPK": not fused and clustered != 1, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
                         "ONE_LOOP": loops == 1, "CHUNK_MAJOR": fused == 2, "TMA": loops == 2, "WIDE": bool(wide),
-                        "CLUSTERED": bool(clustered),
+                        "CLUSTERED": clustered == 1, "VARLEN": clustered == 2,
                         "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128}
       | ({} if loops == 2 else {name: None for name in descs}),
       descs={name: f"tensordesc<{dtype}[64, 128]>" for name in descs} if loops == 2 else None,
       num_warps=warps, num_stages=3)
 for learned in (False, True):  # mean or learned summaries
     build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "LEARNED": learned,
-                               "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_D": 128, "WIDE": bool(wide)}, num_warps=4)
-if clustered:  # the clustered summaries' pre-pass
+                               "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_D": 128, "WIDE": bool(wide),
+                               "VARLEN": clustered == 2}, num_warps=4)
+if clustered == 1:  # the clustered summaries' pre-pass
     build(_nearest_kernel, {"HEAD_D": 128, "BLOCK_T": 64, "BLOCK_K": 32, "BLOCK_D": 128, "WIDE": bool(wide)}, num_warps=4)
     build(_cluster_sums_kernel, {"HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                                  "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_D": 128, "WIDE": bool(wide)},
@@ -68,7 +69,8 @@ print("OK")
 
 
 # fused: 0 pre-pass, 1 fused head by head, 2 fused chunk by chunk; loops: 0 three, 1 one, 2 three with
-# TMA; wide: 64-bit batch and head offsets; clustered: clustered summaries (non-causal) and their pre-pass
+# TMA; wide: 64-bit batch and head offsets; clustered: 1 clustered summaries (non-causal) and their
+# pre-pass, 2 boundary chunks read without padding (VARLEN, the main kernel and the pre-pass)
 @pytest.mark.parametrize("dtype,causal,keymask,cap,block_m,warps,fused,loops,wide,clustered", [
     ("bf16", True, True, 90, 128, 4, 0, 0, 0, 0), ("bf16", True, False, 90, 64, 4, 1, 0, 0, 0),
     ("bf16", True, True, 90, 128, 8, 2, 0, 0, 0), ("fp16", False, False, 90, 128, 8, 0, 0, 0, 0),
@@ -78,6 +80,8 @@ print("OK")
     ("bf16", True, True, 90, 128, 4, 2, 0, 1, 0), ("bf16", True, False, 90, 128, 4, 0, 2, 1, 0),
     ("bf16", False, True, 90, 128, 4, 0, 0, 0, 1), ("fp32", False, False, 90, 64, 4, 0, 0, 0, 1),
     ("bf16", False, False, 90, 128, 4, 0, 2, 0, 1), ("fp16", False, True, 80, 64, 4, 0, 0, 1, 1),
+    ("bf16", True, True, 90, 128, 4, 0, 0, 0, 2), ("bf16", False, False, 90, 64, 4, 0, 1, 0, 2),
+    ("fp32", True, False, 90, 64, 4, 0, 2, 1, 2),
 ])
 def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, loops, wide, clustered):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

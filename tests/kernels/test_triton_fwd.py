@@ -405,3 +405,98 @@ def test_boundary_chunks_through_the_kernels(causal):
         torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
     via_op = torch.ops.mta.attention(q, k, v, mask, None, ids, **kw)  # the CUDA path (the CPU one without CUDA)
     torch.testing.assert_close(via_op.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_boundary_chunks_without_slots(causal, masked):
+    """Boundary chunks read where they lie (``chunk_starts``, VARLEN: no padding slots): chunks of
+    every length up to c, sequences with different chunk counts (the shorter one's last chunks
+    empty), sub-blocks past a chunk's end, GQA, sinks inside and beyond the first chunk, top-k,
+    key padding; learned summaries; small tiles and the one-loop and tensor-descriptor variants."""
+    from mta_rewrite.ops.segments import chunk_bounds
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=3)
+    mask = padding(B, n) if masked else None
+    ids = boundary_ids(B, n)
+    ids[1] = 0  # one long segment: fixed chunks of c in the second sequence, fewer than in the first
+    keep = key_padding(mask, B, Hq, n)
+    for c, L, s, top_k in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+        starts = chunk_bounds(ids, B, c, s)
+        for cfg in (None, LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 4, 1, one_loop=True),
+                    LaunchConfig(16, 16, 4, 1, tma=True)):
+            out = mta_forward_triton(q, k, v, keep, chunk_starts=starts, launch=cfg, **kw)
+            torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw} {cfg}: {m}")
+    w = torch.randn(Hkv, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    kw = dict(chunk_size=8, causal=causal, local_chunks=2, sinks=3, top_k=1)
+    out = mta_forward_triton(q, k, v, keep, chunk_starts=chunk_bounds(ids, B, 8, 3), summary_weight=w, **kw)
+    torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, mask, segment_ids=ids,
+                                                                           summary_weight=w, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_boundary_dispatch_takes_the_unpadded_kernel(monkeypatch):
+    """``dispatch_cuda_boundary``: key padding → the kernels with chunk starts (no slots); a mask
+    that varies per query → padded slots, then the fixed-chunk dispatch; the reference's output
+    either way."""
+    from mta_rewrite.kernels import dispatch_cuda_boundary, mta_fwd
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=8)
+    ids = boundary_ids(B, n, seed=9)
+    launched = []
+    launch = mta_fwd.mta_forward_triton
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton",
+                        lambda *a, **kw: launched.append(kw.get("chunk_starts") is not None) or launch(*a, **kw))
+    band = torch.ones(n, n, dtype=torch.bool, device=DEVICE).triu(-20).tril(20).expand(B, 1, n, n)
+    kw = dict(chunk_size=8, local_chunks=2, sinks=3, top_k=1, scale=None)
+    for mask, unpadded in ((padding(B, n), True), (band, False)):
+        launched.clear()
+        out = dispatch_cuda_boundary(q, k, v, mask, ids, causal=True, **kw)
+        assert launched == ([True] if unpadded else []), launched  # the slots' band mask: portable
+        kw_ref = {key: val for key, val in kw.items() if key != "scale"}
+        torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, mask, segment_ids=ids,
+                                                                               causal=True, **kw_ref),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="boundary chunks need the pre-pass"):
+        mta_forward_triton(q, k, v, None, chunk_size=8, causal=True, chunk_starts=chunk_bounds_of(ids, 8),
+                           launch=FUSED[0])
+
+
+def chunk_bounds_of(ids, c, sinks=0):
+    from mta_rewrite.ops.segments import chunk_bounds
+
+    return chunk_bounds(ids, ids.shape[0], c, sinks)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_boundary_chunks_unpadded_equal_slots(causal):
+    """bf16 at 8K tokens, segments of ~100 tokens: the op (the unpadded kernels) against the padded
+    slots on the same kernels and against the CPU's unpadded path in fp32; gradients (computed in
+    the slots) against the fp32 portable ones."""
+    from mta_rewrite.kernels import dispatch_cuda
+    from mta_rewrite.ops.segments import segmented
+    from mta_rewrite.ops.varlen import mta_attention_varlen
+
+    B, Hq, Hkv, n, d = 2, 8, 2, 8192, 128
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.bfloat16, seed=12)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cumsum((torch.rand(B, n, generator=g) < 0.01).long(), dim=1).to(DEVICE)
+    keep = padding(B, n)
+    kw = dict(chunk_size=128, causal=causal, local_chunks=2, sinks=4, top_k=2)
+    out = torch.ops.mta.attention(q, k, v, keep, None, ids, **kw)
+    slots = segmented(dispatch_cuda, q, k, v, keep, ids, scale=None, **kw)
+    torch.testing.assert_close(out.float(), slots.float(), rtol=2e-2, atol=2e-2)
+    kw0 = dict(kw, top_k=0)  # the portable unpadded path takes no top-k
+    want = mta_attention_varlen(q.float(), k.float(), v.float(), keep, ids, **kw0)
+    torch.testing.assert_close(torch.ops.mta.attention(q, k, v, keep, None, ids, **kw0).float(), want, rtol=2e-2,
+                               atol=2e-2)
+    qg, kg, vg = (x.float().requires_grad_() for x in (q, k, v))
+    torch.ops.mta.attention(qg, kg, vg, keep, None, ids, **kw0).sum().backward()
+    qr, kr, vr = (x.float().requires_grad_() for x in (q, k, v))
+    mta_attention_varlen(qr, kr, vr, keep, ids, **kw0).sum().backward()
+    for got, ref in ((qg, qr), (kg, kr), (vg, vr)):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-3, atol=1e-3)
