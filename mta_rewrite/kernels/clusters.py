@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.clustered import summaries_per_query_chunk
-from .mta_fwd import _cdiv, _pooled_tokens, _pow2, _wide, triton
+from .mta_fwd import _batch_and_head, _cdiv, _pooled_tokens, _pow2, _wide, triton
 
 if triton is not None:
     import triton.language as tl
@@ -37,11 +37,7 @@ if triton is not None:
         """ids[b, h, s] = argmax_m k_s·μ_m − ‖μ_m‖²/2 over the centroids μ [H, K, d] (fp32), the
         lowest m among equals; a running maximum over tiles of BLOCK_K centroids."""
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        if WIDE:
-            b = b.to(tl.int64)
-            h = h.to(tl.int64)
+        b, h = _batch_and_head(pid_bh, H, WIDE)
         toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         tok_ok = toks < n
         dims = tl.arange(0, BLOCK_D)
@@ -77,11 +73,7 @@ if triton is not None:
         clusters m of this program's tile."""
         j = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        if WIDE:
-            b = b.to(tl.int64)
-            h = h.to(tl.int64)
+        b, h = _batch_and_head(pid_bh, H, WIDE)
         ms = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
         m_ok = ms < K
         dims = tl.arange(0, BLOCK_D)

@@ -68,6 +68,17 @@ LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
+    def _batch_and_head(pid_bh, H, WIDE: tl.constexpr):
+        """(b, h) of a program on a grid whose axis 1 is B × H; in 64 bits with WIDE (tensors of
+        2^31 elements or more: batch and head offsets past 32 bits)."""
+        b = pid_bh // H
+        h = pid_bh % H
+        if WIDE:
+            b = b.to(tl.int64)
+            h = h.to(tl.int64)
+        return b, h
+
+    @triton.jit
     def _chunk_bounds(starts_row, j, c, n, VARLEN: tl.constexpr):
         """Tokens [start, end) of chunk j: fixed chunks (j·c … min(j·c + c, n)), or with VARLEN
         boundary chunks, whose starts ``starts_row`` lists (M + 1 entries, n past the last chunk)."""
@@ -165,12 +176,7 @@ if triton is not None:
         LEARNED (and y): the weights are softmax_s(x_s·sw[h]) over those tokens instead
         (_pool_chunk_learned)."""
         j = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        if WIDE:  # tensors of 2^31 elements or more: batch and head offsets in 64 bits
-            b = b.to(tl.int64)
-            h = h.to(tl.int64)
+        b, h = _batch_and_head(tl.program_id(1), H, WIDE)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
         start, end = _chunk_bounds(starts_ptr + b * stride_csb, j, c, n, VARLEN)
