@@ -78,10 +78,9 @@ print("OK")
     ("bf16", True, True, 90, 128, 4, 0, 1, 0, 0), ("bf16", False, False, 90, 128, 8, 0, 1, 0, 0),
     ("bf16", True, True, 90, 128, 4, 0, 2, 0, 0), ("fp16", False, False, 90, 64, 4, 0, 2, 0, 0),
     ("bf16", True, True, 90, 128, 4, 2, 0, 1, 0), ("bf16", True, False, 90, 128, 4, 0, 2, 1, 0),
-    ("bf16", False, True, 90, 128, 4, 0, 0, 0, 1), ("fp32", False, False, 90, 64, 4, 0, 0, 0, 1),
-    ("bf16", False, False, 90, 128, 4, 0, 2, 0, 1), ("fp16", False, True, 80, 64, 4, 0, 0, 1, 1),
-    ("bf16", True, True, 90, 128, 4, 0, 0, 0, 2), ("bf16", False, False, 90, 64, 4, 0, 1, 0, 2),
-    ("fp32", True, False, 90, 64, 4, 0, 2, 1, 2),
+    ("bf16", False, True, 90, 128, 4, 0, 0, 0, 1), ("bf16", False, False, 90, 128, 4, 0, 2, 0, 1),
+    ("fp16", False, True, 80, 64, 4, 0, 0, 1, 1), ("bf16", True, True, 90, 128, 4, 0, 0, 0, 2),
+    ("fp16", False, False, 90, 64, 4, 0, 1, 0, 2),
 ])
 def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, loops, wide, clustered):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
