@@ -48,6 +48,17 @@ def triton_available() -> bool:
     return True
 
 
+def kernel_keep(q, attn_mask):
+    """What the Triton forward takes as the mask: [B, n] bool key-padding flags, or None for no
+    mask; False where the kernels do not apply (not fp16/bf16/fp32, triton missing, or a mask that
+    is not key padding: the caller then takes the portable implementation)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not triton_available():
+        return False
+    from .mta_fwd import key_padding
+
+    return key_padding(attn_mask, q.shape[0], q.shape[1], q.shape[2])
+
+
 def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None):
     n = q.shape[2]
     # a transformers model's [B, 1, n, n] mask is key padding (∧ the causal triangle) by value: as
@@ -60,12 +71,11 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
         from ..ops.attention import exact_sdpa
 
         return exact_sdpa(q, k, v, attn_mask, causal, scale)
-    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
-        from .mta_fwd import key_padding, mta_forward_triton
+    keep = kernel_keep(q, attn_mask)
+    if keep is not False:
+        from .mta_fwd import mta_forward_triton
 
-        keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
-        if keep is not False:
-            return mta_forward_triton(q, k, v, keep, summary_weight=summary_weight, **kwargs)
+        return mta_forward_triton(q, k, v, keep, summary_weight=summary_weight, **kwargs)
     return mta_attention_chunked(q, k, v, attn_mask, summary_weight=summary_weight, **kwargs)
 
 
@@ -78,13 +88,12 @@ def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chun
         from ..ops.attention import exact_sdpa
 
         return exact_sdpa(q, k, v, attn_mask, False, scale)
-    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
-        from .mta_fwd import key_padding, mta_forward_triton
+    keep = kernel_keep(q, attn_mask)
+    if keep is not False:
+        from .mta_fwd import mta_forward_triton
 
-        keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
-        if keep is not False:
-            return mta_forward_triton(q, k, v, keep, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
-                                      sinks=sinks, centroids=centroids)
+        return mta_forward_triton(q, k, v, keep, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
+                                  sinks=sinks, centroids=centroids)
     return mta_attention_clustered(q, k, v, attn_mask, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
                                    sinks=sinks, centroids=centroids)
 
@@ -97,33 +106,26 @@ def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causa
     :func:`dispatch_cuda` there (``ops/segments.py``)."""
     kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
                   summary_weight=summary_weight)
-    if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available():
-        from .mta_fwd import key_padding, mta_forward_triton
+    keep = kernel_keep(q, attn_mask)
+    if keep is not False:
+        from .mta_fwd import mta_forward_triton
 
-        keep = key_padding(attn_mask, q.shape[0], q.shape[1], q.shape[2])
-        if keep is not False:
-            starts = chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
-            return mta_forward_triton(q, k, v, keep, chunk_starts=starts, **kwargs)
+        starts = chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
+        return mta_forward_triton(q, k, v, keep, chunk_starts=starts, **kwargs)
     return in_layout_of(q, segmented(dispatch_cuda, q, k, v, attn_mask, segment_ids, **kwargs))
 
 
 def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
     """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
     recomputes through the portable implementation)."""
-    n = q.shape[2]
-    if chunk_size >= n or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return None
-    if not triton_available():
+    keep = False if chunk_size >= q.shape[2] else kernel_keep(q, attn_mask)
+    if keep is False:
         return None
     from .mta_bwd import mta_backward_triton
-    from .mta_fwd import WIDE_OFFSETS_FROM, key_padding
+    from .mta_fwd import WIDE_OFFSETS_FROM
 
     if max(t.numel() for t in (q, k, v, grad_out)) >= WIDE_OFFSETS_FROM:
         return None  # the backward kernels index contiguous copies with 32-bit offsets
-
-    keep = key_padding(attn_mask, q.shape[0], q.shape[1], n)
-    if keep is False:
-        return None
     return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
                                local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
