@@ -791,8 +791,6 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         raise ValueError("summaries fused in the main launch need causal=True and top_k=0")
     if fused and starts is not None:
         raise ValueError("summaries fused in the main launch are of fixed chunks: boundary chunks need the pre-pass")
-    if centroids is not None and starts is not None:
-        raise ValueError("clustered summaries (centroids) take no boundary chunks")
     if fused and summary_weight is not None:
         raise ValueError("summaries fused in the main launch are means: learned summaries need the pre-pass")
     if fused and cfg.one_loop:
@@ -803,25 +801,18 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         # k̄, v̄ rows must take 16-byte copies (cp.async.cg, past L1) and fill whole 32-byte sectors
         raise ValueError(f"chunk_major needs head rows of a multiple of 32 bytes, got d={d} × {q.element_size()} bytes")
     block_d = max(16, _pow2(d))
-    if centroids is not None and (causal or top_k or summary_weight is not None or fused or cfg.one_loop):
-        raise ValueError("clustered summaries (centroids) run non-causal, without top_k or summary_weight, in the "
-                         "three-loop kernel with the pre-pass (not fused or one_loop)")
+    if centroids is not None and (causal or top_k or summary_weight is not None or starts is not None or fused
+                                  or cfg.one_loop):
+        raise ValueError("clustered summaries (centroids) run non-causal, without top_k or summary_weight, on fixed "
+                         "chunks, in the three-loop kernel with the pre-pass (not fused or one_loop)")
     if cfg.tma and (fused or cfg.one_loop):
         raise ValueError("tma reads the pre-pass's summaries in the three-loop kernel: not with fused or one_loop")
     if cfg.tma and d != block_d:
         raise ValueError(f"tma needs a power-of-two head size of at least 16, got {d}")
     if cfg.tma and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         raise ValueError("tma needs tensor-memory-accelerator copies: an NVIDIA Hopper GPU (sm_90) or newer")
-    if fused and cfg.chunk_major:
-        # The chunk-major launch streams summaries through cp.async, which caches 4-byte copies in
-        # L1: one entry per 32-byte sector, so that no sector is ever read before its entry is
-        # written (an earlier program on the same multiprocessor would otherwise leave a stale
-        # neighbour in L1).
-        logn = torch.empty(B, Hkv, nc, 8, dtype=torch.float32, device=q.device)[..., 0]
-    else:
-        logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
     clusters = 0
-    if centroids is not None:
+    if centroids is not None:  # the clustered pre-pass writes its own kbar, vbar and logn
         from .clusters import cluster_summaries
 
         clusters = centroids.shape[1]
@@ -829,13 +820,22 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
             raise ValueError(f"clustered summaries take nc·K·d < 2^31 per head; got nc={nc}, K={clusters}, d={d}")
         kbar, vbar, logn = cluster_summaries(k, v, keyok, centroids, c, nc, L, s)
         sync = _placeholder(q.device)
-    elif fused:
-        kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
-        vbar = torch.empty_like(kbar)
-        sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
     else:
-        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, summary_weight=summary_weight, starts=starts)
-        sync = _placeholder(q.device)
+        if fused and cfg.chunk_major:
+            # The chunk-major launch streams summaries through cp.async, which caches 4-byte copies in
+            # L1: one entry per 32-byte sector, so that no sector is ever read before its entry is
+            # written (an earlier program on the same multiprocessor would otherwise leave a stale
+            # neighbour in L1).
+            logn = torch.empty(B, Hkv, nc, 8, dtype=torch.float32, device=q.device)[..., 0]
+        else:
+            logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
+        if fused:
+            kbar = torch.empty(B, Hkv, nc, d, dtype=k.dtype, device=q.device)
+            vbar = torch.empty_like(kbar)
+            sync = torch.zeros(2 + B * Hkv * nc, dtype=torch.int32, device=q.device)  # ticket, status, flags
+        else:
+            kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, summary_weight=summary_weight, starts=starts)
+            sync = _placeholder(q.device)
     sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts)
     out = torch.empty_like(q)
     descs = (None,) * 4

@@ -107,7 +107,9 @@ def test_half_precision_and_the_dispatch(monkeypatch):
 def test_what_clustered_summaries_refuse():
     q, k, v = inputs(1, 2, 2, 40, 16, torch.float32)
     mu = centroids(2, 4, 16)
-    for kw in (dict(causal=True), dict(top_k=1), dict(launch=LaunchConfig(16, 16, 4, 1, one_loop=True))):
+    starts = torch.arange(0, 41, 8, dtype=torch.int32, device=DEVICE).view(1, 6)  # boundary chunks
+    for kw in (dict(causal=True), dict(top_k=1), dict(launch=LaunchConfig(16, 16, 4, 1, one_loop=True)),
+               dict(chunk_starts=starts)):
         with pytest.raises(ValueError, match="non-causal, without top_k"):
             mta_forward_triton(q, k, v, None, chunk_size=8, centroids=mu, **kw)
 
