@@ -1,38 +1,42 @@
 """GPU benchmark: SDPA (flash, cuDNN) vs the fused MTA kernel, one prepared run on a lent GPU.
 
     python benchmarks/gpu_bench.py [--n 4096 16384 65536 131072] [--chunks 64 128 256] [--out DIR]
+                                   [--budget SECONDS]
 
-B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process:
+B = 1, H = 32, d = 128, bf16, causal and not. Steps, in one process, in order of importance (a
+lent GPU's time is short: with --budget, work that would start with too little time left is
+skipped and listed under "skipped_for_budget", and the run still ends with its report):
 
 1. the copy rate (device-to-device, bytes read + written), which sets the memory floor: q, k, v
    read and the output written once;
-2. a sweep of the kernel's variants (``KINDS``: three loops after a pre-pass, the default; one
+2. the main table: for each n and mode, median ms of SDPA with the flash and cuDNN backends and
+   of ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k, the default launch) at each chunk
+   size, the fraction of the memory floor reached, and (n ≤ 16K) the relative error against the
+   portable implementation in fp32;
+3. a sweep of the kernel's variants (``KINDS``: three loops after a pre-pass, the default; one
    pipelined loop; TMA tile loads; summaries fused into the main launch, head by head or chunk
    by chunk) and tile sizes (BLOCK_M, BLOCK_N, warps, stages, register cap) at 64K causal for
    each chunk size of --sweep-chunks, against the default choice (``default_launch``); and of
    the pre-pass's own block size;
-3. for each n and mode: median ms of SDPA with the flash and cuDNN backends and of
-   ``torch.ops.mta.attention`` (L = 1, no sinks, no top-k) at each chunk size with the default
-   tiles, of each variant with the sweep's best tiles from 16K on (without a sweep: the default
-   tiles), the fraction of the memory floor reached, and (n ≤ 16K) the relative error against
-   the portable implementation in fp32;
-4. extras at 64K causal, c = 128: the summary pre-pass alone (means and learned), learned
+4. each variant added to the table's rows: with the sweep's best tiles from 16K on, and with the
+   default tiles at a chunk size that was not swept;
+5. extras at 64K causal, c = 128: the summary pre-pass alone (means and learned), learned
    summaries, boundary chunks (runs of ~100 tokens: the slots' padded length and the op's time;
-   the CPU's unpadded path in torch ops on the GPU, for comparison),
+   the CPU's unpadded path in torch ops on the GPU, for comparison), clustered summaries,
    L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the
    backward alone with the summaries' gradients by atomics or by their own kernel, and the op at
    1K tokens (the cost of launching it);
-5. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
+6. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
    block mask built from block indices (timed once), the first call (compile), then median ms
    against the MTA kernel's in the same run, and the relative difference of their outputs;
-6. whole models: the built-in causal LM (``zoo.TinyCausalLM`` with 16 heads of 128, d_model
+7. whole models: the built-in causal LM (``zoo.TinyCausalLM`` with 16 heads of 128, d_model
    2048, 2 layers, random weights, bf16) at ``MODEL_NS`` tokens, and a transformers LlamaModel of
    the same size (4 key/value heads) at ``HF_MODEL_NS``, rewritten with MTA (c = 256) against
    the original on SDPA (PyTorch's default backend, and cuDNN), forward: what a user's model
    gains, layouts, masks, projections and MLPs included.
 
-Before steps 2, 3 and 4, the Triton kernels they launch are compiled ahead in parallel threads
+Before steps 2 to 5, the Triton kernels they launch are compiled ahead in parallel threads
 (``benchmarks/precompile.py``): about twenty distinct configurations in the sweep alone, some two
 seconds each when compiled one by one on first launch; the json records each step's count and
 seconds under "compiled_ahead" (a failure there only means compiling on first use, as before).
@@ -87,6 +91,35 @@ HF_MODEL_NS = [16384]  # the transformers model (its [1, 1, n, n] mask: 4 GB of 
 
 DEVICE = "cuda"
 COMPILED: list[dict] = []  # what each compile_ahead call compiled, and how long it took
+
+
+class Budget:
+    """--budget: the seconds the whole run may take. The steps come in order of importance, and
+    each piece of work (a row, a sweep configuration, a model) first asks ``spent(label, need)``:
+    True, and the label recorded in ``skipped``, when fewer than ``need`` seconds are left. The run
+    then ends with a complete report of what it measured instead of being killed mid-step."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def spent(self, label: str, need: float = 0.0) -> bool:
+        if self.left() > need:
+            return False
+        self.skipped.append(label)
+        print(f"budget: {self.left():.0f} s left, skipping {label} and what follows it", flush=True)
+        return True
+
+
+BUDGET = Budget(None)
+
+
+def empty_cache():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def launch_of(tiles, opts):
@@ -191,6 +224,7 @@ def render(head, chunks, sweep_n, rows, sweep, prepass, extras, flex, models=())
             + f"\n\nPre-pass alone at n={sweep_n}, c=128: {json.dumps(prepass)}"
             + f"\n\nExtras (64K causal, c=128): {json.dumps(extras)}\n"
             + f"\nKernels compiled ahead of the timings, in parallel (benchmarks/precompile.py): {json.dumps(COMPILED)}\n"
+            + (f"\nSkipped, the --budget spent: {'; '.join(BUDGET.skipped)}\n" if BUDGET.skipped else "")
             + ("\nFlexAttention on the same math (kernels/flex.py; L = 1):\n\n" + "\n".join(flex_lines) + "\n"
                if flex else "")
             + ("\nA whole model (zoo.TinyCausalLM, random weights, bf16, forward; MTA L = 1):\n\n"
@@ -206,7 +240,8 @@ def save(args, head, rows, sweep, prepass, extras, flex, final=False, models=())
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
     payload = {"head": head, "complete": final, "rows": rows, "sweep": {str(c): s for c, s in sweep.items()},
-               "prepass": prepass, "extras": extras, "flex": flex, "models": list(models), "compiled_ahead": COMPILED}
+               "prepass": prepass, "extras": extras, "flex": flex, "models": list(models), "compiled_ahead": COMPILED,
+               "skipped_for_budget": BUDGET.skipped}
     for path, content in ((args.out / f"gpu_{stamp}.json", json.dumps(payload, indent=2) + "\n"),
                           (args.out / f"gpu_{stamp}.md", text)):
         tmp = path.with_name(path.name + ".tmp")
@@ -242,13 +277,15 @@ def model_specs(gpu: bool) -> list[tuple]:
              lambda m, ids: m(ids)[0], c, HF_MODEL_NS if gpu else [8 * c])]
 
 
-def whole_model(args, save_now, SDPBackend, sdpa_kernel, models):
-    """Step 6: each model of ``model_specs`` rewritten with MTA against the original, forward, at
+def whole_model(args, save_now, SDPBackend, sdpa_kernel, models, budget):
+    """Step 7: each model of ``model_specs`` rewritten with MTA against the original, forward, at
     its lengths (tiny on the CPU dry run); every entry saved as it comes."""
     import mta_rewrite as mr
 
     gpu = DEVICE == "cuda"
     for name, build, call, c, lengths in model_specs(gpu):
+        if budget.spent(f"step 7: {name.split()[0]}", need=30):
+            break
         try:
             torch.manual_seed(0)
             model = build().eval().to(device=DEVICE, dtype=torch.bfloat16 if gpu else torch.float32)
@@ -259,6 +296,8 @@ def whole_model(args, save_now, SDPBackend, sdpa_kernel, models):
             save_now()
             continue
         for n in lengths:
+            if budget.spent(f"step 7: {name.split()[0]} n={n}", need=10):
+                break
             entry = {"n": n, "model": name, "chunk": c}
             ids = torch.randint(0, 256, (1, n), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(n))
             with torch.no_grad():
@@ -275,8 +314,7 @@ def whole_model(args, save_now, SDPBackend, sdpa_kernel, models):
             print(json.dumps(entry), flush=True)
             save_now()
             ids = None
-            if gpu:
-                torch.cuda.empty_cache()
+            empty_cache()
         model = fast = None
     return models
 
@@ -291,13 +329,16 @@ def main(argv=None):
     ap.add_argument("--sweep-chunks", type=int, nargs="+", default=[128, 256],
                     help="chunk sizes swept in step 2 (c = 64 keeps 64 × 64 tiles, swept on 2026-11-27)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--no-sweep", action="store_true", help="skip step 2 (the tile and pre-pass sweeps)")
-    ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip step 5 (FlexAttention)")
-    ap.add_argument("--no-model", dest="model", action="store_false", help="skip step 6 (a whole model)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip step 3 (the tile and pre-pass sweeps)")
+    ap.add_argument("--no-flex", dest="flex", action="store_false", help="skip step 6 (FlexAttention)")
+    ap.add_argument("--no-model", dest="model", action="store_false", help="skip step 7 (a whole model)")
+    ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                    help="end the run within this many seconds, skipping the less important work left (recorded)")
     ap.add_argument("--dry-run", action="store_true",
                     help="run every step on the CPU in Triton's interpreter at tiny sizes (checks the script only)")
     args = ap.parse_args(argv)
-    global DEVICE
+    global DEVICE, BUDGET
+    BUDGET = budget = Budget(args.budget)
     if args.dry_run:
         import os
 
@@ -344,9 +385,47 @@ def main(argv=None):
         dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
         return [torch.randn(1, h, n, d, device=DEVICE, dtype=dtype, generator=g) for h in (H, hkv, hkv)]
 
-    # 2. tile sweep
+    floor = {n: 4 * H * n * d * 2 / rate for n in args.n}  # q, k, v read and the output written once, bf16
+    rows = []
+
+    # 2. the main table: SDPA (flash, cuDNN) and the op's default launch at every n, mode and chunk
+    #    size, first, so that a run cut short by its budget still has the table #6 asks for
+    q, k, v = qkv(min(args.n))  # one specialisation serves every n (n and n/c stay multiples of 16)
+    compile_ahead("step 2", [lambda c=c, causal=causal: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal)
+                             for causal in (True, False) for c in args.chunks])
+    q = k = v = None
+    for n in args.n:
+        if budget.spent(f"step 2: n={n}"):
+            break
+        q, k, v = qkv(n)
+        for causal in (True, False):
+            row = {"n": n, "mode": "causal" if causal else "full", "memory_floor_ms": floor[n]}
+            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        row[f"sdpa_{name}_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                except RuntimeError as exc:
+                    row[f"sdpa_{name}_ms"] = None
+                    row[f"sdpa_{name}_error"] = str(exc).splitlines()[0]
+            for c in args.chunks:
+                kw = dict(chunk_size=c, causal=causal)
+                out = torch.ops.mta.attention(q, k, v, **kw)
+                assert torch.isfinite(out).all(), f"non-finite output at n={n} c={c} causal={causal}"
+                if n <= 16384:
+                    row[f"mta_c{c}_rel_err"] = rel_err(out, mta_attention_chunked(q.float(), k.float(), v.float(), **kw))
+                out = None
+                row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save(args, head, rows, {}, {}, {}, [])
+        q = k = v = None
+        empty_cache()
+
+    # 3. the sweep of the kernel's variants and tiles at --sweep-n, causal
     sweep = {}
+    swept = [] if args.no_sweep else [c for c in args.chunks if c in args.sweep_chunks]
     q, k, v = qkv(args.sweep_n)
+
     def checked(cfg, c):
         """Run once with the fused launch's tickets and waits checked, then compare with the pre-pass."""
         mta_fwd.CHECK_SYNC = True
@@ -370,106 +449,86 @@ def main(argv=None):
         return sorted(cands, key=lambda x: (kind_of(x), x.block_m, x.block_n, x.num_warps, x.num_stages,
                                             x.max_registers or 0))
 
-    def default_tile_variants(c, causal):
-        """Each variant (but the default's) with the default tiles: step 3 times them where c was not swept."""
-        base = default_launch(c, d, torch.bfloat16)
-        return {kind: LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
-                for kind, opts in KINDS.items() if kind != "prepass" and (causal or kind not in FUSED_KINDS)}
-
-    swept = [] if args.no_sweep else [c for c in args.chunks if c in args.sweep_chunks]
-    # compile, in parallel, what steps 2 and 3 launch: the sweep's configurations, the op's default
-    # launch in both modes (one specialisation serves every n of the table: n and n/c stay
-    # multiples of 16) and the variants step 3 times with default tiles
-    ahead = [lambda c=c, cfg=cfg: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg)
-             for c in swept for cfg in candidates(c) + [reference_launch]]
-    for causal in (True, False):
-        for c in args.chunks:
-            ahead.append(lambda c=c, causal=causal: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal))
-            ahead += [lambda c=c, causal=causal, cfg=cfg: mta_forward_triton(q, k, v, None, chunk_size=c,
-                                                                             causal=causal, launch=cfg)
-                      for cfg in ([] if c in swept else default_tile_variants(c, causal).values())]
-    compile_ahead("steps 2 and 3", ahead)
-
-    for c in swept:
-        default = default_launch(c, d, torch.bfloat16)
-        res = []
-        for cfg in candidates(c):
-            try:
-                err = checked(cfg, c)
-                ms = median_ms(lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg))
-            except Exception as exc:  # noqa: BLE001 - a tile choice the compiler rejects (shared memory)
-                print(f"sweep c={c} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
-                continue
-            res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.max_registers],
-                        "kind": kind_of(cfg),
-                        "ms": ms, "rel_err_vs_prepass": err, "default": cfg == default})
-            print(f"sweep n={args.sweep_n} causal c={c} {cfg}: {ms:.3f} ms, rel err vs pre-pass {err:.1e}"
-                  f"{' (default)' if cfg == default else ''}", flush=True)
-        best = {kind: min((r for r in res if r["kind"] == kind), key=lambda r: r["ms"], default=None) for kind in KINDS}
-        sweep[c] = {"results": res, "best": best}
-        save(args, head, [], sweep, {}, {}, [])
+    if swept and not budget.spent("step 3", need=60):
+        compile_ahead("step 3", [lambda c=c, cfg=cfg: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True,
+                                                                         launch=cfg)
+                                 for c in swept for cfg in candidates(c) + [reference_launch]])
+        for c in swept:
+            default = default_launch(c, d, torch.bfloat16)
+            res = []
+            for cfg in candidates(c):
+                if budget.spent(f"step 3: c={c} {cfg}"):
+                    break
+                try:
+                    err = checked(cfg, c)
+                    ms = median_ms(lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=True, launch=cfg))
+                except Exception as exc:  # noqa: BLE001 - a tile choice the compiler rejects (shared memory)
+                    print(f"sweep c={c} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+                    continue
+                res.append({"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.max_registers],
+                            "kind": kind_of(cfg),
+                            "ms": ms, "rel_err_vs_prepass": err, "default": cfg == default})
+                print(f"sweep n={args.sweep_n} causal c={c} {cfg}: {ms:.3f} ms, rel err vs pre-pass {err:.1e}"
+                      f"{' (default)' if cfg == default else ''}", flush=True)
+            best = {kind: min((r for r in res if r["kind"] == kind), key=lambda r: r["ms"], default=None)
+                    for kind in KINDS}
+            sweep[c] = {"results": res, "best": best}
+            save(args, head, rows, sweep, {}, {}, [])
     nc = args.sweep_n // 128
     logn = torch.empty(1, H, nc, device=DEVICE)
     prepass = {}
-    for block_c in () if args.no_sweep else (32, 64, 128):
+    for block_c in () if args.no_sweep or budget.spent("step 3: pre-pass blocks", need=10) else (32, 64, 128):
         for warps in (4, 8):
             prepass[f"block_c={block_c},warps={warps}"] = median_ms(
                 lambda: _chunk_means(k, v, None, 128, nc, 0, 1.0, logn, block_c=block_c, num_warps=warps))
     print("pre-pass (c=128):", json.dumps(prepass), flush=True)
     q = k = v = None
+    empty_cache()
 
-    # 3. main table
-    variants_from = 0 if args.dry_run else 16384  # the variants' best tiles are timed from this n on
-    q, k, v = qkv(min(args.n))  # the non-causal launches of the sweep's best tiles, compiled ahead
-    best_tiles = [(c, causal, launch_of(best["config"], KINDS[kind])) for c in sweep
-                  for kind, best in sweep[c]["best"].items() for causal in (True, False)
-                  if best is not None and (causal or kind not in FUSED_KINDS)]
-    compile_ahead("step 3", [lambda c=c, causal=causal, cfg=cfg: mta_forward_triton(
-        q, k, v, None, chunk_size=c, causal=causal, launch=cfg) for c, causal, cfg in best_tiles])
+    # 4. the variants in the table's rows: each with the sweep's best tiles from 16K on (time is
+    #    short below), and with the default tiles where c was not swept
+    variants_from = 0 if args.dry_run else 16384
+
+    def default_tile_variants(c, causal):
+        """Each variant (but the default's) with the default tiles: timed where c was not swept."""
+        base = default_launch(c, d, torch.bfloat16)
+        return {kind: LaunchConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **opts)
+                for kind, opts in KINDS.items() if kind != "prepass" and (causal or kind not in FUSED_KINDS)}
+
+    def variants(n, c, causal):
+        """(column, launch) of the variants step 4 times in the row (n, mode) at chunk size c."""
+        out = [(f"mta_c{c}_{kind}", cfg) for kind, cfg in
+               ({} if c in sweep else default_tile_variants(c, causal)).items()]
+        for kind, opts in KINDS.items():
+            best = sweep.get(c, {}).get("best", {}).get(kind)
+            if best is not None and (causal or kind not in FUSED_KINDS) and n >= variants_from:
+                out.append((f"mta_c{c}_best_{kind}", launch_of(best["config"], opts)))
+        return out
+
+    q, k, v = qkv(min(args.n))
+    if not budget.spent("step 4", need=30):
+        compile_ahead("step 4", [lambda c=c, causal=causal, cfg=cfg: mta_forward_triton(
+            q, k, v, None, chunk_size=c, causal=causal, launch=cfg) for c in args.chunks for causal in (True, False)
+            for _, cfg in variants(max(args.n), c, causal)])
     q = k = v = None
-    floor = {}
-    rows = []
-    for n in args.n:
+    for n in sorted({r["n"] for r in rows}):
+        if budget.spent(f"step 4: n={n}"):
+            break
         q, k, v = qkv(n)
-        floor_ms = 4 * q.numel() * q.element_size() / rate
-        floor[n] = floor_ms
-        for causal in (True, False):
-            row = {"n": n, "mode": "causal" if causal else "full", "memory_floor_ms": floor_ms}
-            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                try:
-                    with sdpa_kernel(backend):
-                        row[f"sdpa_{name}_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-                except RuntimeError as exc:
-                    row[f"sdpa_{name}_ms"] = None
-                    row[f"sdpa_{name}_error"] = str(exc).splitlines()[0]
+        for row in (r for r in rows if r["n"] == n):
+            causal = row["mode"] == "causal"
             for c in args.chunks:
-                kw = dict(chunk_size=c, causal=causal)
-                out = torch.ops.mta.attention(q, k, v, **kw)
-                assert torch.isfinite(out).all(), f"non-finite output at n={n} c={c} causal={causal}"
-                if n <= 16384:
-                    row[f"mta_c{c}_rel_err"] = rel_err(out, mta_attention_chunked(q.float(), k.float(), v.float(), **kw))
-                out = None
-                row[f"mta_c{c}_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
-                for kind, cfg in ({} if c in sweep else default_tile_variants(c, causal)).items():
-                    # without a sweep: the default tiles in each variant
-                    time_variant(row, f"mta_c{c}_{kind}", lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
-                for kind, opts in KINDS.items():  # the sweep's best tiles of each variant (from 16K: time is short)
-                    best = sweep.get(c, {}).get("best", {}).get(kind)
-                    if best is None or (kind in FUSED_KINDS and not causal) or n < variants_from:
-                        continue
-                    cfg = launch_of(best["config"], opts)
-                    time_variant(row, f"mta_c{c}_best_{kind}",
-                                 lambda: mta_forward_triton(q, k, v, None, launch=cfg, **kw))
-            rows.append(row)
+                for column, cfg in variants(n, c, causal):
+                    time_variant(row, column, lambda: mta_forward_triton(q, k, v, None, chunk_size=c, causal=causal,
+                                                                         launch=cfg))
             print(json.dumps(row), flush=True)
             save(args, head, rows, sweep, prepass, {}, [])
         q = k = v = None
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache()
 
-    # 4. extras at 64K causal, c = 128
+    # 5. extras at 64K causal, c = 128
     extras = {}
-    if (65536 in args.n and 128 in args.chunks) or args.dry_run:
+    if ((65536 in args.n and 128 in args.chunks) or args.dry_run) and not budget.spent("step 5", need=60):
         n, c = (65536, 128) if not args.dry_run else (512, 32)
         q, k, v = qkv(4096 if not args.dry_run else n)  # the launches below, compiled ahead (same specialisation)
         qg, kg, vg = qkv(q.shape[2], hkv=max(1, H // 4))
@@ -478,7 +537,7 @@ def main(argv=None):
             g = torch.Generator().manual_seed(7)
             return torch.cumsum((torch.rand(1, length, generator=g) < 0.01).long(), dim=1).to(DEVICE)
 
-        compile_ahead("step 4", [
+        compile_ahead("step 5", [
             lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2),
             lambda: torch.ops.mta.attention(qg, kg, vg, chunk_size=c, causal=True),
             lambda: torch.ops.mta.attention(q, k, v, None, torch.zeros(H, q.shape[3], device=DEVICE), chunk_size=c,
@@ -516,7 +575,7 @@ def main(argv=None):
 
         time_variant(extras, "boundary_unpadded_portable", lambda: mta_attention_varlen(q, k, v, None, seg, chunk_size=c,
                                                                                         causal=True))
-        torch.cuda.empty_cache() if DEVICE == "cuda" else None
+        empty_cache()
         seg = None
         # clustered summaries (non-causal): 64 centroids per head drawn from the keys; the pre-pass
         # (assignment, sums per chunk and cluster, each query chunk's summaries) alone, and the op,
@@ -529,7 +588,7 @@ def main(argv=None):
                                                                                     chunk_size=c))
         extras["chunks_full_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=c))
         mu = None
-        torch.cuda.empty_cache() if DEVICE == "cuda" else None
+        empty_cache()
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
         # a model's q, k, v: transposed [B, n, H, d] buffers, read in place (no copies) by the kernel
@@ -579,11 +638,13 @@ def main(argv=None):
         print(json.dumps(extras), flush=True)
         save(args, head, rows, sweep, prepass, extras, [])
 
-    # 5. FlexAttention on the same math (kernels/flex.py), the baseline #6 names: block mask built
+    # 6. FlexAttention on the same math (kernels/flex.py), the baseline #6 names: block mask built
     #    from block indices once per shape (timed apart), flex_attention compiled once per shape
     flex = []
     points = [(512, True, 32)] if args.dry_run else [p for p in FLEX_POINTS if p[0] in args.n] if args.flex else []
     for n, causal, c in points:
+        if budget.spent(f"step 6: n={n}", need=60):  # compiling flex_attention takes most of it
+            break
         from mta_rewrite.kernels.flex import mta_block_mask, mta_flex_attention
 
         q, k, v = qkv(n)
@@ -617,11 +678,11 @@ def main(argv=None):
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
-    # 6. a whole model, rewritten vs original
+    # 7. a whole model, rewritten vs original
     models = []
     if args.model:
         models = whole_model(args, lambda: save(args, head, rows, sweep, prepass, extras, flex, models=models),
-                             SDPBackend, sdpa_kernel, models)
+                             SDPBackend, sdpa_kernel, models, budget)
 
     save(args, head, rows, sweep, prepass, extras, flex, final=True, models=models)
     print(f"bench wall time {time.time() - t_start:.0f} s")

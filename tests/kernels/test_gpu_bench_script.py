@@ -49,5 +49,22 @@ def test_dry_run_reports_every_step(tmp_path):
     # compiling ahead (benchmarks/precompile.py, tested in test_triton_compile.py) is for the GPU;
     # here each step says what it would have compiled
     assert [(e["step"], e["skipped"]) for e in report["compiled_ahead"]] == [
-        (step, "no compiler in the interpreter") for step in ("steps 2 and 3", "step 3", "step 4")]
+        (step, "no compiler in the interpreter") for step in ("step 2", "step 3", "step 4", "step 5")]
     assert all(e["calls"] > 0 for e in report["compiled_ahead"])
+    assert report["skipped_for_budget"] == []
+
+
+def test_dry_run_within_a_spent_budget_still_reports(tmp_path):
+    """--budget: work that would start with too little time left is skipped, and said so; the run
+    still ends with a complete report (here everything after the copy rate)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--dry-run", "--budget", "0",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (result,) = tmp_path.glob("gpu_*.json")
+    report = json.loads(result.read_text())
+    assert report["complete"] and report["rows"] == [] and report["sweep"] == {} and report["models"] == []
+    assert report["skipped_for_budget"] == ["step 2: n=256", "step 3", "step 3: pre-pass blocks", "step 4",
+                                            "step 5", "step 6: n=512", "step 7: TinyCausalLM"]
+    assert "Skipped, the --budget spent: step 2: n=256;" in (tmp_path / result.name.replace(".json", ".md")).read_text()
