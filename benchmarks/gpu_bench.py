@@ -25,8 +25,9 @@ skipped and listed under "skipped_for_budget", and the run still ends with its r
    the CPU's unpadded path in torch ops on the GPU, for comparison), clustered summaries,
    L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the
-   backward alone with the summaries' gradients by atomics or by their own kernel, and the op at
-   1K tokens (the cost of launching it);
+   backward alone with the summaries' gradients by atomics or by their own kernel, the backward
+   of boundary chunks read where they lie against the padded slots', and the op at 1K tokens
+   (the cost of launching it);
 6. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
    block mask built from block indices (timed once), the first call (compile), then median ms
    against the MTA kernel's in the same run, and the relative difference of their outputs;
@@ -353,7 +354,8 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from mta_rewrite.kernels import dispatch_cuda, mta_fwd
-    from mta_rewrite.ops.segments import segmented
+    from mta_rewrite.kernels import backward_cuda
+    from mta_rewrite.ops.segments import chunk_bounds, from_slots, segment_layout, segmented, slot_mask, to_slots
     from mta_rewrite.kernels.mta_bwd import mta_backward_triton
     from mta_rewrite.kernels.mta_fwd import LaunchConfig, _chunk_means, default_launch, mta_forward_triton
 
@@ -547,7 +549,9 @@ def main(argv=None):
                               local_chunks=1, sinks=0, top_k=0),
             lambda: torch.ops.mta.attention(q, k, v, None, None, None, k[0, :, :64].float(), chunk_size=c),
             *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
-                                                          summary_atomics=atomics) for atomics in (True, False))])
+                                                          summary_atomics=atomics) for atomics in (True, False)),
+            lambda: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
+                                        chunk_starts=chunk_bounds(segments(q.shape[2]), 1, c, 0))])
         qg = kg = vg = None
         q, k, v = qkv(n)
         nc = n // c
@@ -625,6 +629,23 @@ def main(argv=None):
         for name, atomics in (("bwd_summary_atomics", True), ("bwd_summary_kernel", False)):  # backward alone
             time_variant(extras, name, lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c, causal=True,
                                                                    summary_atomics=atomics))
+        # boundary chunks' backward: reading the chunks where they lie, against the slots' (the
+        # tokens moved into padded chunk slots, the fixed-chunk backward there, moved back)
+        seg = segments(n)
+        starts = chunk_bounds(seg, 1, c, 0)
+        time_variant(extras, "boundary_bwd", lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c,
+                                                                         causal=True, chunk_starts=starts))
+        lay = segment_layout(seg, 1, c, 0)
+        slot_keep = slot_mask(None, lay, 1, H, n)
+
+        def slots_backward():
+            padded = [to_slots(x, lay) for x in (q, k, v, grad_out)]
+            grads = backward_cuda(*padded[:3], slot_keep, padded[3], chunk_size=c, causal=True, scale=None,
+                                  local_chunks=1, sinks=0, top_k=0)
+            return [from_slots(g, lay) for g in grads]
+
+        time_variant(extras, "boundary_bwd_slots", slots_backward)
+        seg = starts = lay = slot_keep = None
         q = k = v = grad_out = None
         q, k, v = qkv(1024)
         extras["n1024_causal_c64_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=64, causal=True))

@@ -15,14 +15,13 @@ summaries (``centroids``, non-causal) too (``dispatch_cuda_clustered``): the Tri
 their own pre-pass (``clusters.py``) for no mask or key padding, else ``ops/clustered.py``.
 Boundary chunks (``segment_ids``, ``dispatch_cuda_boundary``): for no mask or key padding the
 Triton kernels read each chunk where it lies (``chunk_starts``: no padding slots); otherwise the
-tokens are moved into padded chunk slots (``ops/segments.py``) and dispatched as above. Their
-gradients are computed in the slots.
+tokens are moved into padded chunk slots (``ops/segments.py``) and dispatched as above.
 
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
 than one chunk, tensors under 2^31 elements and mean summaries → the Triton backward
-(``mta_bwd.py``); otherwise the op's backward recomputes
-the forward with the portable implementation under autograd, on the same device (no transfer to
-the CPU).
+(``mta_bwd.py``; boundary chunks read where they lie, as in the forward); otherwise the op's
+backward recomputes the forward with the portable implementation under autograd, on the same
+device (no transfer to the CPU), boundary chunks in padded slots.
 """
 
 from __future__ import annotations
@@ -115,10 +114,14 @@ def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causa
     return in_layout_of(q, segmented(dispatch_cuda, q, k, v, attn_mask, segment_ids, **kwargs))
 
 
-def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k):
+def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k,
+                  segment_ids=None):
     """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
-    recomputes through the portable implementation)."""
-    keep = False if chunk_size >= q.shape[2] else kernel_keep(q, attn_mask)
+    recomputes through the portable implementation, or for boundary chunks computes the gradients
+    in padded slots). ``segment_ids``: boundary chunks, read where they lie (``chunk_bounds``) as
+    ``dispatch_cuda_boundary``'s forward reads them."""
+    exact = segment_ids is None and chunk_size >= q.shape[2]  # one fixed chunk: SDPA ran the forward
+    keep = False if exact else kernel_keep(q, attn_mask)
     if keep is False:
         return None
     from .mta_bwd import mta_backward_triton
@@ -126,8 +129,9 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
 
     if max(t.numel() for t in (q, k, v, grad_out)) >= WIDE_OFFSETS_FROM:
         return None  # the backward kernels index contiguous copies with 32-bit offsets
+    starts = None if segment_ids is None else chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
     return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
-                               local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                               local_chunks=local_chunks, sinks=sinks, top_k=top_k, chunk_starts=starts)
 
 
 CUDA = Implementations(dispatch_cuda, dispatch_cuda_boundary, dispatch_cuda_clustered)

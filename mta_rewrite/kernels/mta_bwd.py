@@ -24,7 +24,10 @@ dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constan
 4. torch adds the selected keys' gradients and spreads dk̄ / n_j, dv̄ / n_j over the counted keys
    of each chunk.
 
-Masks: none or key padding, as in the forward. Offsets are 32-bit: tensors of 2^31 elements or
+Masks: none or key padding, as in the forward. Boundary chunks (``chunk_starts``, VARLEN) are read
+where they lie, as the forward reads them: chunk i is the tokens starts[i] … starts[i+1]−1, and
+the kernels that loop over the rows attending a block of keys or summaries read each row's chunk
+from a [B, n] index instead of dividing by c. Offsets are 32-bit: tensors of 2^31 elements or
 more are refused (the op's autograd then takes the portable recompute). Memory: O(B·H·n) for the log-sum-exp and D, fp32
 dk, dv buffers (twice with top-k); nothing n × n.
 """
@@ -35,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.layout import dense_order, in_layout_of
-from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide, geometry
+from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide, boundary_starts, geometry
 
 try:
     import triton
@@ -47,7 +50,7 @@ LOG2E = 1.4426950408889634
 
 
 if triton is not None:
-    from .mta_fwd import _query_block, _sinks_left  # jit functions: defined only with triton
+    from .mta_fwd import _chunk_bounds, _query_block, _sinks_left  # jit functions: defined only with triton
 
     @triton.jit
     def _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, x_base, y_base, bias_row, keyok_row, sel, idx, ok, rows,
@@ -96,10 +99,10 @@ if triton is not None:
     @triton.jit
     def _bwd_rows_pass(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, sk_base, sv_base, logn_row, keyok_row,
                        dkbar_base, dvbar_base, dks_base, dvs_base, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c,
-                       sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, PASS: tl.constexpr,
+                       sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, starts_row, PASS: tl.constexpr,
                        CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
                        SUMMARY_ATOMICS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
         """Every tile of the block's key set, as the forward visits it: sinks outside the window and
         the selected chunks, the window (causal: cut at the block's last row), the selected chunks
         (their keys' gradients by atomics), the summaries of the other chunks outside the window."""
@@ -109,8 +112,12 @@ if triton is not None:
             acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row, keyok_row, sel,
                                            keys, ok, rows, dims, dim_ok, stride_kn, qk_scale, scale, dks_base,
                                            dvs_base, PASS, False, False, CAUSAL, HAS_KEYMASK, HAS_TOPK, PRECISION)
-        lo = w_lo * c
-        hi = tl.minimum((w_hi + 1) * c, n)
+        if VARLEN:  # from the start of chunk w_lo to the end of chunk w_hi
+            lo = tl.load(starts_row + w_lo)
+            hi = tl.load(starts_row + w_hi + 1)
+        else:
+            lo = w_lo * c
+            hi = tl.minimum((w_hi + 1) * c, n)
         if CAUSAL:
             hi = tl.minimum(hi, row0 + BLOCK_M)
         for start in range(lo, hi, BLOCK_N):
@@ -121,8 +128,12 @@ if triton is not None:
         for e in range(0, top_k):  # selected chunks: always before the window under causality
             j = tl.load(sel_row + e)
             if j >= 0:
-                sel_end = tl.minimum(j * c + c, n)
-                for start in range(j * c, sel_end, BLOCK_N):
+                if VARLEN:
+                    sel_start, sel_end = _chunk_bounds(starts_row, j, c, n, VARLEN)
+                else:  # (in this order: the fixed-chunk kernel's code as it was before VARLEN)
+                    sel_end = tl.minimum(j * c + c, n)
+                    sel_start = j * c
+                for start in range(sel_start, sel_end, BLOCK_N):
                     keys = start + tl.arange(0, BLOCK_N)
                     acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, logn_row,
                                                    keyok_row, sel, keys, keys < sel_end, rows, dims, dim_ok, stride_kn,
@@ -154,17 +165,29 @@ if triton is not None:
         stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, scale,
+        starts_ptr, stride_csb,  # VARLEN: each sequence's chunk starts [B, nc + 1] (n past its last chunk)
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
         PRECISION: tl.constexpr, HEAD_D: tl.constexpr, SUMMARY_ATOMICS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
     ):
         """dq for one block of query rows, its log-sum-exp (base 2) and D; by atomics, dk̄ and dv̄
-        of the summaries and dk, dv of the selected chunks' keys (into dks, dvs)."""
+        of the summaries and dk, dv of the selected chunks' keys (into dks, dvs). VARLEN: boundary
+        chunks read where they lie, as the forward reads them."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
         b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk)  # the forward's grid and order
-        row0 = i * c + sub * BLOCK_M
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
+        if VARLEN:
+            starts_row = starts_ptr + b * stride_csb
+            c_lo, c_hi = _chunk_bounds(starts_row, i, c, n, VARLEN)
+            row0 = c_lo + sub * BLOCK_M
+            if row0 >= c_hi:
+                return  # a sub-block past the end of a short (or empty) chunk
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < c_hi
+        else:
+            starts_row = starts_ptr
+            row0 = i * c + sub * BLOCK_M
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = (sub * BLOCK_M + tl.arange(0, BLOCK_M) < c) & (rows < n)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
         q_off = b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + dims[None, :]
@@ -192,8 +215,9 @@ if triton is not None:
                                        zero_rows, zero_rows, k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off,
                                        logn_row, keyok_row, dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off,
                                        dvs_ptr + ks_off, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks,
-                                       row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, 0, CAUSAL,
-                                       HAS_KEYMASK, HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N)
+                                       row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, starts_row, 0,
+                                       CAUSAL, HAS_KEYMASK, HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N,
+                                       VARLEN)
         empty = l_i == 0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         delta = tl.sum(do.to(tl.float32) * o, 1)
@@ -204,8 +228,8 @@ if triton is not None:
                                       k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off, logn_row, keyok_row,
                                       dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off, dvs_ptr + ks_off, sel,
                                       sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks, row0, w_lo, w_hi,
-                                      stride_kn, stride_sj, qk_scale, scale, 1, CAUSAL, HAS_KEYMASK, HAS_TOPK,
-                                      SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N)
+                                      stride_kn, stride_sj, qk_scale, scale, starts_row, 1, CAUSAL, HAS_KEYMASK,
+                                      HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N, VARLEN)
         tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         r_off = (b * Hq + h) * n + rows
         tl.store(lse_ptr + r_off, lse, mask=row_ok)
@@ -222,6 +246,14 @@ if triton is not None:
         lse = tl.load(lse_ptr + r_off, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptr + r_off, mask=row_ok, other=0.0)
         return q, do, lse, delta
+
+    @triton.jit
+    def _chunk_of(chunk_of_ptr, b, rows, row_ok, c, n, VARLEN: tl.constexpr):
+        """The chunk of each row: rows // c, or with VARLEN read from the [B, n] chunk index."""
+        if VARLEN:
+            return tl.load(chunk_of_ptr + b * n + rows, mask=row_ok, other=0)
+        else:
+            return rows // c
 
     @triton.jit
     def _picked_by_rows(sel_ptr, b, h, i, row_ok, j, top_k, stride_selb, stride_selh, stride_seli,
@@ -252,9 +284,10 @@ if triton is not None:
         stride_kb, stride_kh, stride_kn,  # k, v, dk, dv [B, Hkv, n, d]
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, scale,
+        starts_ptr, stride_csb, chunk_of_ptr,  # VARLEN: chunk starts [B, nc + 1], each token's chunk [B, n]
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
         PRECISION: tl.constexpr, HEAD_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
     ):
         """dk, dv of one block of keys of chunk j from every query row attending them exactly
         through its window or as sinks (a selected chunk's keys: the rows kernel, by atomics)."""
@@ -264,9 +297,19 @@ if triton is not None:
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
         j = pid // blocks_per_chunk
-        s0 = j * c + (pid % blocks_per_chunk) * BLOCK_N
-        keys = s0 + tl.arange(0, BLOCK_N)
-        in_chunk = ((pid % blocks_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N) < c) & (keys < n)
+        if VARLEN:
+            starts_row = starts_ptr + b * stride_csb
+            j_lo, j_hi = _chunk_bounds(starts_row, j, c, n, VARLEN)
+            s0 = j_lo + (pid % blocks_per_chunk) * BLOCK_N
+            if s0 >= j_hi:
+                return  # past the end of a short (or empty) chunk: its tokens are another program's
+            keys = s0 + tl.arange(0, BLOCK_N)
+            in_chunk = keys < j_hi
+        else:
+            starts_row = starts_ptr
+            s0 = j * c + (pid % blocks_per_chunk) * BLOCK_N
+            keys = s0 + tl.arange(0, BLOCK_N)
+            in_chunk = ((pid % blocks_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N) < c) & (keys < n)
         key_ok = in_chunk  # and not padded: a padded key gets no gradient (zeros are stored)
         if HAS_KEYMASK:
             key_ok = key_ok & (tl.load(keyok_ptr + b * n + keys, mask=in_chunk, other=0) != 0)
@@ -276,7 +319,13 @@ if triton is not None:
         kt = tl.load(k_ptr + kv_off, mask=in_chunk[:, None] & dim_ok[None, :], other=0.0)
         vt = tl.load(v_ptr + kv_off, mask=in_chunk[:, None] & dim_ok[None, :], other=0.0)
         # rows whose window holds chunk j; every row (after the keys, causal) when the block holds sinks
-        if CAUSAL:
+        if VARLEN:
+            r_hi = tl.load(starts_row + tl.minimum(j + L, nc))
+            if CAUSAL:
+                r_lo = s0
+            else:
+                r_lo = tl.load(starts_row + tl.maximum(j - L + 1, 0))
+        elif CAUSAL:
             r_lo = tl.maximum(j * c, s0)
             r_hi = tl.minimum((j + L) * c, n)
         else:
@@ -298,7 +347,7 @@ if triton is not None:
                 row_ok = rows < r_hi
                 q, do, lse, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, rows, row_ok, dims, dim_ok, n,
                                                Hq, stride_qb, stride_qh, stride_qn)
-                i = rows // c
+                i = _chunk_of(chunk_of_ptr, b, rows, row_ok, c, n, VARLEN)
                 if CAUSAL:
                     exact = (j >= i - L + 1) & (keys[:, None] <= rows[None, :])
                 else:
@@ -325,8 +374,10 @@ if triton is not None:
         stride_lb, stride_lh,  # log2 n_j [B, Hkv, nc]
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         n, nc, c, L, top_k, Hq, Hkv, G, qk_scale, scale,
+        starts_ptr, stride_csb, chunk_of_ptr,  # VARLEN: chunk starts [B, nc + 1], each token's chunk [B, n]
         CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        VARLEN: tl.constexpr,
     ):
         """dk̄, dv̄ of one block of summaries from every query row that reads them (instead of the
         rows kernel's atomics): the rows after their chunks' windows (causal), or all rows outside
@@ -342,7 +393,9 @@ if triton is not None:
         kb = tl.load(kbar_ptr + s_off, mask=j_ok[:, None] & dim_ok[None, :], other=0.0)
         vb = tl.load(vbar_ptr + s_off, mask=j_ok[:, None] & dim_ok[None, :], other=0.0)
         bias = tl.load(logn_ptr + b * stride_lb + hk * stride_lh + js, mask=j_ok, other=float("-inf"))
-        if CAUSAL:  # chunk j is summarised for the chunks i ≥ j + L
+        if CAUSAL and VARLEN:  # chunk j is summarised for the chunks i ≥ j + L
+            r_lo = tl.load(starts_ptr + b * stride_csb + tl.minimum(tl.program_id(0) * BLOCK_N + L, nc))
+        elif CAUSAL:
             r_lo = tl.minimum((tl.program_id(0) * BLOCK_N + L) * c, n)
         else:
             r_lo = n * 0
@@ -355,7 +408,7 @@ if triton is not None:
                 row_ok = rows < n
                 q, do, lse, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, rows, row_ok, dims, dim_ok, n,
                                                Hq, stride_qb, stride_qh, stride_qn)
-                i = rows // c
+                i = _chunk_of(chunk_of_ptr, b, rows, row_ok, c, n, VARLEN)
                 if CAUSAL:
                     used = js[:, None] < i[None, :] - L + 1
                 else:
@@ -387,15 +440,26 @@ def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
 
 
 def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
-                        top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True):
+                        top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True, chunk_starts=None):
     """(dq, dk, dv) of MTA. ``keep``: None or [B, n] bool key-padding flags (see
     ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``summary_atomics``: the summaries' gradients come from the rows kernel by atomics (default),
     or, False, from ``_mta_bwd_summaries_kernel``, one program per block of summaries looping over
-    the rows that read them (no atomics; a second pass over q)."""
+    the rows that read them (no atomics; a second pass over q). ``chunk_starts`` [B, M + 1]:
+    boundary chunks read where they lie, as ``mta_forward_triton(chunk_starts=...)`` reads them
+    (``ops.segments.chunk_bounds``)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
+    starts = boundary_starts(chunk_starts, B, q.device)
+    if starts is not None:
+        nc = starts.shape[1] - 1
+        L = min(local_chunks, nc)
+        # each token's chunk: how many chunks end at or before it (an empty chunk ends where it starts)
+        tokens = torch.arange(n, device=q.device, dtype=torch.int32).expand(B, n).contiguous()
+        chunk_of = torch.searchsorted(starts[:, 1:].contiguous(), tokens, right=True).to(torch.int32)
+    else:
+        chunk_of = (torch.arange(n, device=q.device) // c).expand(B, n)
     # Read in place where the kernels can: q and k in any dense layout with the head dimension
     # innermost (a model's transposed [B, n, H, d] buffers); do and dq take q's strides, v, dk
     # and dv k's, so do and v are copied only if their layouts differ from those.
@@ -406,7 +470,7 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
     cfg = launch or default_backward_launch(c, q.dtype)
     logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
-    kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn)
+    kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, starts=starts)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q)
     lse = torch.empty(B, Hq, n, **f32)
@@ -415,7 +479,7 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     dvbar = torch.zeros(B, Hkv, nc, d, **f32)
     dk = torch.empty_like(k, dtype=torch.float32)  # k's strides (dense)
     dv = torch.empty_like(k, dtype=torch.float32)
-    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G)
+    sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts)
     # the selected chunks' keys get their gradients by atomics (zeros without top-k: never written)
     dks = torch.zeros_like(dk) if K else dkbar
     dvs = torch.zeros_like(dk) if K else dvbar
@@ -423,18 +487,22 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_D=d, BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=max(16, _pow2(d)), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     keyok_arg = keyok if keyok is not None else logn  # an unused pointer without a mask
+    # without boundary chunks, unused pointers (and a zero stride)
+    varlen = (starts, starts.stride(0), chunk_of) if starts is not None else (logn, 0, logn)
+    common["VARLEN"] = starts is not None
     _mta_bwd_rows_kernel[(nc * _cdiv(c, cfg.block_m), B * Hq)](
         q, k, v, kbar, vbar, logn, keyok_arg, sel, do, dq, lse, delta, dkbar, dvbar, dks, dvs,
         *q.stride()[:3], *k.stride()[:3], *kbar.stride()[:3], *logn.stride()[:2], *sel.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, HAS_KEYMASK=keep is not None,
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen[:2], HAS_KEYMASK=keep is not None,
         SUMMARY_ATOMICS=bool(summary_atomics), **common)
     _mta_bwd_keys_kernel[(nc * _cdiv(c, cfg.block_n), B * Hkv)](
         q, k, v, keyok_arg, sel, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, HAS_KEYMASK=keep is not None, **common)
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen, HAS_KEYMASK=keep is not None, **common)
     if not summary_atomics:
         _mta_bwd_summaries_kernel[(_cdiv(nc, cfg.block_n), B * Hkv)](
             q, kbar, vbar, logn, sel, do, lse, delta, dkbar, dvbar, *q.stride()[:3], *kbar.stride()[:3],
-            *logn.stride()[:2], *sel.stride()[:3], n, nc, c, L, K, Hq, Hkv, G, scale * LOG2E, scale, **common)
+            *logn.stride()[:2], *sel.stride()[:3], n, nc, c, L, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen,
+            **common)
     if K:
         dk += dks
         dv += dvs
@@ -442,7 +510,8 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     counted = torch.ones(B, n, dtype=torch.bool, device=q.device) if keep is None else keep.bool().clone()
     counted[:, :s] = False
     n_j = torch.exp2(logn).clamp(min=1.0)  # −inf (an empty chunk) → 0 → 1: its dk̄ is zero anyway
-    per_key = torch.arange(n, device=q.device) // c
-    dk += (dkbar / n_j[..., None])[:, :, per_key] * counted[:, None, :, None]
-    dv += (dvbar / n_j[..., None])[:, :, per_key] * counted[:, None, :, None]
+    per_key = chunk_of.long()[:, None, :, None].expand(B, Hkv, n, d)
+    weight = counted[:, None, :, None]
+    dk += torch.gather(dkbar / n_j[..., None], 2, per_key) * weight
+    dv += torch.gather(dvbar / n_j[..., None], 2, per_key) * weight
     return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -738,6 +738,17 @@ def geometry(q, k, chunk_size, scale, local_chunks, sinks) -> Geometry:
                     min(local_chunks, nc), min(sinks, n))
 
 
+def boundary_starts(chunk_starts, B: int, device) -> torch.Tensor | None:
+    """``chunk_starts`` ([B, M + 1], ``ops.segments.chunk_bounds``) as the kernels read it: int32,
+    contiguous, on ``device``; None stays None (fixed chunks)."""
+    if chunk_starts is None:
+        return None
+    starts = chunk_starts.to(device=device, dtype=torch.int32).contiguous()
+    if starts.dim() != 2 or starts.shape[0] != B or starts.shape[1] < 2:
+        raise ValueError(f"chunk_starts must be [B, M + 1] = [{B}, M + 1]; got {tuple(chunk_starts.shape)}")
+    return starts
+
+
 def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts=None):
     """Top-k chunks per (b, h, i) among the summarised ones: [B, Hq, nc, K] int32, −1 padded."""
     B, Hq, n, d = q.shape
@@ -774,11 +785,8 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
-    starts = None
-    if chunk_starts is not None:
-        starts = chunk_starts.to(device=q.device, dtype=torch.int32).contiguous()
-        if starts.dim() != 2 or starts.shape[0] != B or starts.shape[1] < 2:
-            raise ValueError(f"chunk_starts must be [B, M + 1] = [{B}, M + 1]; got {tuple(chunk_starts.shape)}")
+    starts = boundary_starts(chunk_starts, B, q.device)
+    if starts is not None:
         nc = starts.shape[1] - 1
         L = min(local_chunks, nc)
     if n * d >= 1 << 31:  # token offsets within one head stay 32-bit

@@ -16,7 +16,8 @@ Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or 
 no top-k (``varlen.py``, differentiated by recomputation), and on CUDA for no mask or key padding
 on the Triton forward reading each chunk where it lies (``kernels.dispatch_cuda_boundary``);
 otherwise they move the tokens into padded chunk slots (``segments.py``) and run every path above
-there. Their gradients on CUDA are computed in the slots (the Triton backward or the portable
+there. Their gradients on CUDA come from the Triton backward reading the chunks where they lie
+(mean summaries, no mask or key padding), else are computed in the slots (the portable
 recomputation): the same function as the unpadded forward. Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
 Triton kernels (``kernels/clusters.py``), and are differentiated by recomputation with the portable
@@ -209,14 +210,22 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.config = keyword_only_inputs
 
 
+def _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids=None):
+    """(dq, dk, dv, None) from the Triton backward (CUDA, mean summaries, where
+    ``kernels.backward_cuda`` applies), None where needed; or None where it does not apply."""
+    if not q.is_cuda or summary_weight is not None:
+        return None
+    from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
+
+    grads = backward_cuda(q, k, v, attn_mask, grad_out, segment_ids=segment_ids, **config)
+    return None if grads is None else (*(g if need else None for g, need in zip(grads, needs[:3])), None)
+
+
 def _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config):
     """(dq, dk, dv, dw) of fixed-chunk MTA, None where not needed."""
-    if q.is_cuda and summary_weight is None:
-        from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
-
-        grads = backward_cuda(q, k, v, attn_mask, grad_out, **config)
-        if grads is not None:
-            return (*(g if need else None for g, need in zip(grads, needs[:3])), None)
+    grads = _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
+    if grads is not None:
+        return grads
     return _recomputed(lambda q, k, v, w: portable_fixed(q, k, v, attn_mask, summary_weight=w, **config),
                        (q, k, v, summary_weight), grad_out, needs)
 
@@ -250,6 +259,8 @@ def _backward(ctx, grad_out):
         dq, dk, dv, dw = _recomputed(
             lambda q, k, v, w: mta_attention_varlen(q, k, v, attn_mask, segment_ids, summary_weight=w, **config),
             (q, k, v, summary_weight), grad_out, needs)
+    elif (grads := _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids)):
+        dq, dk, dv, dw = grads  # CUDA: the Triton backward reading the chunks where they lie, as the forward
     else:  # the fixed-chunk gradients in the slots, moved back (a slot's padding has none)
         lay = segment_layout(segment_ids, q.shape[0], config["chunk_size"], config["sinks"])
         mask = slot_mask(attn_mask, lay, q.shape[0], q.shape[1], q.shape[2])

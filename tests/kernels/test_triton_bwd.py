@@ -146,3 +146,39 @@ def test_boundary_chunks_gradients(causal):
         torch.ops.mta.attention(*cuda_leaves, mask, None, ids, **kw).backward(grad_out)
         for leaf, want in zip(cuda_leaves, leaves):
             torch.testing.assert_close(leaf.grad.double().cpu(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_boundary_chunks_gradients_without_slots(causal):
+    """Boundary chunks read where they lie (``chunk_starts``, VARLEN, as the forward reads them):
+    chunks of every length up to c, a second sequence with fewer chunks (its last ones empty),
+    sinks inside and beyond the first chunk, L = 2, top-k, GQA, key padding; the summaries'
+    gradients by atomics and by their own kernel, tiles narrower than the chunks; against float64
+    autograd through the portable boundary MTA."""
+    from mta_rewrite.ops.segments import chunk_bounds, segmented
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 41, 16
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float32, seed=5, grad=True)
+    ids = torch.cumsum((torch.rand(B, n, generator=torch.Generator().manual_seed(1)) < 0.2).long(), 1).to(DEVICE)
+    ids[0, 2:] += 1  # a first chunk of 2 tokens: chunk starts differ from multiples of c from the start
+    ids[1] = 0  # one segment: fixed chunks of c, fewer than the first sequence's
+    for mask, (c, L, s, top_k) in ((padding(B, n), (5, 2, 3, 1)), (padding(B, n), (4, 1, 6, 2)), (None, (8, 1, 0, 0))):
+        kw = dict(chunk_size=c, causal=causal, scale=None, local_chunks=L, sinks=s, top_k=top_k)
+        leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+        segmented(mta_attention_chunked, *leaves, None if mask is None else mask.cpu(), ids.cpu(),
+                  **kw).backward(grad_out.cpu().double())
+        for cfg, atomics in ((None, True), (LaunchConfig(16, 16, 4, 1), False)):
+            got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, launch=cfg, summary_atomics=atomics,
+                                      chunk_starts=chunk_bounds(ids, B, c, s), **kw)
+            for name, g, leaf in zip("qkv", got, leaves):
+                torch.testing.assert_close(g.double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"d{name} {kw} {cfg} atomics={atomics}: {m}")
+    # the op's CUDA backward takes this path for key padding, and the slots for other masks
+    band = torch.ones(n, n, dtype=torch.bool, device=DEVICE).triu(-20).tril(20).expand(B, 1, n, n)
+    kw = dict(chunk_size=5, causal=causal, scale=None, local_chunks=2, sinks=3, top_k=1)
+    assert backward_cuda(q, k, v, band, grad_out, segment_ids=ids, **kw) is None
+    got = backward_cuda(q, k, v, padding(B, n), grad_out, segment_ids=ids, **kw)
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    segmented(mta_attention_chunked, *leaves, padding(B, n).cpu(), ids.cpu(), **kw).backward(grad_out.cpu().double())
+    for g, leaf in zip(got, leaves):
+        torch.testing.assert_close(g.double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4)

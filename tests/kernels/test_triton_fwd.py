@@ -477,8 +477,8 @@ def chunk_bounds_of(ids, c, sinks=0):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_boundary_chunks_unpadded_equal_slots(causal):
     """bf16 at 8K tokens, segments of ~100 tokens: the op (the unpadded kernels) against the padded
-    slots on the same kernels and against the CPU's unpadded path in fp32; gradients (computed in
-    the slots) against the fp32 portable ones."""
+    slots on the same kernels and against the CPU's unpadded path in fp32; gradients (the Triton
+    backward reading the chunks where they lie) against the fp32 portable ones."""
     from mta_rewrite.kernels import dispatch_cuda
     from mta_rewrite.ops.segments import segmented
     from mta_rewrite.ops.varlen import mta_attention_varlen
