@@ -182,3 +182,32 @@ def test_boundary_chunks_gradients_without_slots(causal):
     segmented(mta_attention_chunked, *leaves, padding(B, n).cpu(), ids.cpu(), **kw).backward(grad_out.cpu().double())
     for g, leaf in zip(got, leaves):
         torch.testing.assert_close(g.double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4)
+
+
+def unpadded_against_slots(n, d, dtype, tol, chunk_size):
+    """The boundary backward reading chunks where they lie against the fixed-chunk backward in the
+    padded slots (the route before it), same dtype: GQA, key padding, L = 2, sinks, top-k."""
+    from mta_rewrite.ops.segments import from_slots, segment_layout, slot_mask, to_slots
+
+    B, Hq, Hkv = 2, 4, 2
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, dtype, seed=7, grad=True)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.cumsum((torch.rand(B, n, generator=g) < 2.0 / chunk_size).long(), 1).to(DEVICE)
+    mask = padding(B, n)
+    kw = dict(chunk_size=chunk_size, causal=True, scale=None, local_chunks=2, sinks=4, top_k=2)
+    got = backward_cuda(q, k, v, mask, grad_out, segment_ids=ids, **kw)
+    lay = segment_layout(ids, B, chunk_size, kw["sinks"])
+    want = backward_cuda(*(to_slots(x, lay) for x in (q, k, v)), slot_mask(mask, lay, B, Hq, n), to_slots(grad_out, lay),
+                         **kw)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.float(), from_slots(b, lay).float(), rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_boundary_gradients_unpadded_equal_slots():
+    unpadded_against_slots(40, 16, torch.float32, 1e-4, 8)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_boundary_gradients_unpadded_equal_slots():
+    """bf16 at 8K tokens, segments of ~64 tokens, c = 128: the unpadded backward against the slots'."""
+    unpadded_against_slots(8192, 128, torch.bfloat16, 3e-2, 128)
