@@ -162,17 +162,19 @@ def test_boundary_chunks_gradients_without_slots(causal):
     ids = torch.cumsum((torch.rand(B, n, generator=torch.Generator().manual_seed(1)) < 0.2).long(), 1).to(DEVICE)
     ids[0, 2:] += 1  # a first chunk of 2 tokens: chunk starts differ from multiples of c from the start
     ids[1] = 0  # one segment: fixed chunks of c, fewer than the first sequence's
-    for mask, (c, L, s, top_k) in ((padding(B, n), (5, 2, 3, 1)), (padding(B, n), (4, 1, 6, 2)), (None, (8, 1, 0, 0))):
+    # (the interpreter is slow: the default launch twice, small tiles with the summaries' own kernel once)
+    for mask, (c, L, s, top_k), cfg, atomics in (
+            (padding(B, n), (5, 2, 3, 1), None, True), (padding(B, n), (4, 1, 6, 2), None, True),
+            (None, (8, 1, 0, 0), LaunchConfig(16, 16, 4, 1), False)):
         kw = dict(chunk_size=c, causal=causal, scale=None, local_chunks=L, sinks=s, top_k=top_k)
         leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
         segmented(mta_attention_chunked, *leaves, None if mask is None else mask.cpu(), ids.cpu(),
                   **kw).backward(grad_out.cpu().double())
-        for cfg, atomics in ((None, True), (LaunchConfig(16, 16, 4, 1), False)):
-            got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, launch=cfg, summary_atomics=atomics,
-                                      chunk_starts=chunk_bounds(ids, B, c, s), **kw)
-            for name, g, leaf in zip("qkv", got, leaves):
-                torch.testing.assert_close(g.double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4,
-                                           msg=lambda m: f"d{name} {kw} {cfg} atomics={atomics}: {m}")
+        got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, launch=cfg, summary_atomics=atomics,
+                                  chunk_starts=chunk_bounds(ids, B, c, s), **kw)
+        for name, g, leaf in zip("qkv", got, leaves):
+            torch.testing.assert_close(g.double().cpu(), leaf.grad, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"d{name} {kw} {cfg} atomics={atomics}: {m}")
     # the op's CUDA backward takes this path for key padding, and the slots for other masks
     band = torch.ones(n, n, dtype=torch.bool, device=DEVICE).triu(-20).tril(20).expand(B, 1, n, n)
     kw = dict(chunk_size=5, causal=causal, scale=None, local_chunks=2, sinks=3, top_k=1)
