@@ -453,10 +453,8 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
-    starts = boundary_starts(chunk_starts, B, q.device)
+    starts, nc, L = boundary_starts(chunk_starts, B, q.device, nc, L, local_chunks)
     if starts is not None:
-        nc = starts.shape[1] - 1
-        L = min(local_chunks, nc)
         # each token's chunk: how many chunks end at or before it (an empty chunk ends where it starts)
         tokens = torch.arange(n, device=q.device, dtype=torch.int32).expand(B, n).contiguous()
         chunk_of = torch.searchsorted(starts[:, 1:].contiguous(), tokens, right=True).to(torch.int32)

@@ -738,15 +738,17 @@ def geometry(q, k, chunk_size, scale, local_chunks, sinks) -> Geometry:
                     min(local_chunks, nc), min(sinks, n))
 
 
-def boundary_starts(chunk_starts, B: int, device) -> torch.Tensor | None:
-    """``chunk_starts`` ([B, M + 1], ``ops.segments.chunk_bounds``) as the kernels read it: int32,
-    contiguous, on ``device``; None stays None (fixed chunks)."""
+def boundary_starts(chunk_starts, B: int, device, nc: int, L: int, local_chunks: int):
+    """(starts, nc, L): ``chunk_starts`` ([B, M + 1], ``ops.segments.chunk_bounds``) as the kernels
+    read it (int32, contiguous, on ``device``), its M chunks and the window it allows; fixed chunks
+    (None) keep ``geometry``'s nc and L."""
     if chunk_starts is None:
-        return None
+        return None, nc, L
     starts = chunk_starts.to(device=device, dtype=torch.int32).contiguous()
     if starts.dim() != 2 or starts.shape[0] != B or starts.shape[1] < 2:
         raise ValueError(f"chunk_starts must be [B, M + 1] = [{B}, M + 1]; got {tuple(chunk_starts.shape)}")
-    return starts
+    nc = starts.shape[1] - 1
+    return starts, nc, min(local_chunks, nc)
 
 
 def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts=None):
@@ -785,10 +787,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
-    starts = boundary_starts(chunk_starts, B, q.device)
-    if starts is not None:
-        nc = starts.shape[1] - 1
-        L = min(local_chunks, nc)
+    starts, nc, L = boundary_starts(chunk_starts, B, q.device, nc, L, local_chunks)
     if n * d >= 1 << 31:  # token offsets within one head stay 32-bit
         raise ValueError(f"the Triton kernels take n·d < 2^31 per head; got n={n}, d={d}")
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
