@@ -26,8 +26,9 @@ skipped and listed under "skipped_for_budget", and the run still ends with its r
    L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the
    backward alone with the summaries' gradients by atomics or by their own kernel, the backward
-   of boundary chunks read where they lie against the padded slots', and the op at 1K tokens
-   (the cost of launching it);
+   of boundary chunks read where they lie against the padded slots', the backward of clustered
+   summaries (non-causal, K = 64) against the portable recomputation under autograd, and the op
+   at 1K tokens (the cost of launching it);
 6. FlexAttention on the same math (``kernels/flex.py``) at ``FLEX_POINTS`` (64K causal): its
    block mask built from block indices (timed once), the first call (compile), then median ms
    against the MTA kernel's in the same run, and the relative difference of their outputs;
@@ -62,6 +63,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite  # noqa: E402,F401
 from mta_rewrite.ops import mta_attention_chunked  # noqa: E402
+from mta_rewrite.ops.clustered import mta_attention_clustered  # noqa: E402
 
 # Kernel variants (LaunchConfig options) and the tiles (BLOCK_M, BLOCK_N, warps, stages) swept for
 # each: the default three loops with the summaries from the pre-pass; the window and summaries as
@@ -551,7 +553,9 @@ def main(argv=None):
             *(lambda atomics=atomics: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
                                                           summary_atomics=atomics) for atomics in (True, False)),
             lambda: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
-                                        chunk_starts=chunk_bounds(segments(q.shape[2]), 1, c, 0))])
+                                        chunk_starts=chunk_bounds(segments(q.shape[2]), 1, c, 0)),
+            lambda: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c,
+                                        centroids=k[0, :, :64].float())])
         qg = kg = vg = None
         q, k, v = qkv(n)
         nc = n // c
@@ -646,6 +650,20 @@ def main(argv=None):
 
         time_variant(extras, "boundary_bwd_slots", slots_backward)
         seg = starts = lay = slot_keep = None
+        empty_cache()
+        # clustered summaries' backward (non-causal, K = 64): the Triton kernels against the
+        # portable implementation recomputed under autograd (the op's route for them before)
+        mu = k[0, :, ::n // 64].float().contiguous()
+        time_variant(extras, "clustered_K64_bwd", lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c,
+                                                                              centroids=mu))
+
+        def clustered_recomputed():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = mta_attention_clustered(*leaves, None, chunk_size=c, centroids=mu)
+            return torch.autograd.grad(out, leaves, grad_out)
+
+        time_variant(extras, "clustered_K64_bwd_recompute", clustered_recomputed)
+        mu = None
         q = k = v = grad_out = None
         q, k, v = qkv(1024)
         extras["n1024_causal_c64_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, chunk_size=64, causal=True))

@@ -18,7 +18,7 @@ Triton kernels read each chunk where it lies (``chunk_starts``: no padding slots
 tokens are moved into padded chunk slots (``ops/segments.py``) and dispatched as above.
 
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
-than one chunk, tensors under 2^31 elements and mean summaries → the Triton backward
+than one chunk, tensors under 2^31 elements and mean or clustered summaries → the Triton backward
 (``mta_bwd.py``; boundary chunks read where they lie, as in the forward); otherwise the op's
 backward recomputes the forward with the portable implementation under autograd, on the same
 device (no transfer to the CPU), boundary chunks in padded slots.
@@ -115,23 +115,28 @@ def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causa
 
 
 def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k,
-                  segment_ids=None):
+                  segment_ids=None, centroids=None):
     """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
     recomputes through the portable implementation, or for boundary chunks computes the gradients
     in padded slots). ``segment_ids``: boundary chunks, read where they lie (``chunk_bounds``) as
-    ``dispatch_cuda_boundary``'s forward reads them."""
-    exact = segment_ids is None and chunk_size >= q.shape[2]  # one fixed chunk: SDPA ran the forward
+    ``dispatch_cuda_boundary``'s forward reads them. ``centroids``: clustered summaries, as
+    ``dispatch_cuda_clustered``'s forward computes them."""
+    n = q.shape[2]
+    exact = segment_ids is None and chunk_size >= n  # one fixed chunk: SDPA ran the forward
     keep = False if exact else kernel_keep(q, attn_mask)
     if keep is False:
         return None
     from .mta_bwd import mta_backward_triton
     from .mta_fwd import WIDE_OFFSETS_FROM
 
-    if max(t.numel() for t in (q, k, v, grad_out)) >= WIDE_OFFSETS_FROM:
+    # each query chunk's clustered summaries: [B, Hkv, nc·K, d]
+    summaries = 0 if centroids is None else k.shape[0] * -(-n // chunk_size) * centroids.numel()
+    if max(summaries, *(t.numel() for t in (q, k, v, grad_out))) >= WIDE_OFFSETS_FROM:
         return None  # the backward kernels index contiguous copies with 32-bit offsets
     starts = None if segment_ids is None else chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
     return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
-                               local_chunks=local_chunks, sinks=sinks, top_k=top_k, chunk_starts=starts)
+                               local_chunks=local_chunks, sinks=sinks, top_k=top_k, chunk_starts=starts,
+                               centroids=centroids)
 
 
 CUDA = Implementations(dispatch_cuda, dispatch_cuda_boundary, dispatch_cuda_clustered)

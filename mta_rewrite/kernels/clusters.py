@@ -14,6 +14,9 @@ Two launches, then torch:
    each query chunk i's summaries k̄_im = (Σ_j S_jm − Σ_{|j−i|≤L−1} S_jm) / count_im, and
    log2 count_im (−inf: nothing left to summarise), laid out as rows i·K + m for the main kernel.
 
+The Triton backward (``mta_bwd.py``, CLUSTERED) runs the same pre-pass again and takes each key's
+cluster and the counts from it (:class:`ClusterSummaries`) to spread the summaries' gradients.
+
 Memory: the sums and the per-query-chunk summaries are [B, Hkv, nc, K, d] (fp32 for the sums):
 O(nc·K·d) per head, as in the portable implementation, e.g. 8M elements per head at nc = K = 256,
 d = 128. The main kernel (``_mta_fwd_kernel`` with CLUSTERED) then streams, per block of queries,
@@ -21,6 +24,8 @@ its sinks and window exactly and its query chunk's K summaries.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -117,10 +122,22 @@ def nearest_clusters(k, centroids, block_t: int = 32, block_k: int = 32):
     return ids
 
 
+class ClusterSummaries(NamedTuple):
+    """What the pre-pass gives the main kernels: each query chunk's K summaries, rows i·K + m
+    (``kbar``, ``vbar`` [B, H, nc·K, d] in k's dtype, ``logn`` [B, H, nc·K] fp32 log2 of their
+    counts, −inf for a cluster with nothing outside chunk i's window), and for the backward each
+    key's cluster (``ids`` [B, H, n] int32) and the counts (``count`` [B, H, nc, K] fp32)."""
+
+    kbar: torch.Tensor
+    vbar: torch.Tensor
+    logn: torch.Tensor
+    ids: torch.Tensor
+    count: torch.Tensor
+
+
 def cluster_summaries(k, v, keyok, centroids, c: int, nc: int, L: int, sinks: int, block_k: int = 32):
-    """Each query chunk's clustered summaries for the main kernel: (k̄, v̄ [B, H, nc·K, d] in k's
-    dtype, rows i·K + m; log2 count [B, H, nc·K] fp32, −inf for a cluster with nothing outside
-    chunk i's window). ``keyok``: None or [B, n] int8 key-padding flags."""
+    """Each query chunk's clustered summaries (:class:`ClusterSummaries`). ``keyok``: None or
+    [B, n] int8 key-padding flags."""
     B, H, n, d = k.shape
     K = centroids.shape[1]
     ids = nearest_clusters(k, centroids)
@@ -137,5 +154,6 @@ def cluster_summaries(k, v, keyok, centroids, c: int, nc: int, L: int, sinks: in
         WIDE=_wide(k, v, ck), num_warps=4)
     kbar, vbar, count = summaries_per_query_chunk(ck, cv, cn, L)
     logn = torch.where(count > 0.5, torch.log2(count.clamp(min=1.0)), float("-inf"))  # counts are integers
-    return (kbar.to(k.dtype).reshape(B, H, nc * K, d), vbar.to(v.dtype).reshape(B, H, nc * K, d),
-            logn.reshape(B, H, nc * K).contiguous())
+    return ClusterSummaries(kbar.to(k.dtype).reshape(B, H, nc * K, d).contiguous(),
+                            vbar.to(v.dtype).reshape(B, H, nc * K, d).contiguous(),
+                            logn.reshape(B, H, nc * K).contiguous(), ids, count)

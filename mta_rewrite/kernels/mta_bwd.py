@@ -27,7 +27,12 @@ dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constan
 Masks: none or key padding, as in the forward. Boundary chunks (``chunk_starts``, VARLEN) are read
 where they lie, as the forward reads them: chunk i is the tokens starts[i] … starts[i+1]−1, and
 the kernels that loop over the rows attending a block of keys or summaries read each row's chunk
-from a [B, n] index instead of dividing by c. Offsets are 32-bit: tensors of 2^31 elements or
+from a [B, n] index instead of dividing by c. Clustered summaries (``centroids``, CLUSTERED,
+non-causal, no top-k): the pre-pass is ``clusters.cluster_summaries``, query chunk i's rows read
+its own summaries i·K … i·K+K−1 (the rows kernel; the summaries kernel: one program per tile of
+one chunk's summaries over that chunk's rows); the keys kernel is unchanged (the exact keys are
+the fixed chunks' window and sinks); torch spreads dk̄_im / n_im to each pooled key of chunk j in
+cluster m, summed over the query chunks i whose window leaves j out (``ops.clustered.outside_window``). Offsets are 32-bit: tensors of 2^31 elements or
 more are refused (the op's autograd then takes the portable recompute). Memory: O(B·H·n) for the log-sum-exp and D, fp32
 dk, dv buffers (twice with top-k); nothing n × n.
 """
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.clustered import outside_window
 from ..ops.layout import dense_order, in_layout_of
 from .mta_fwd import LaunchConfig, _cdiv, _chunk_means, _pow2, _selection, _wide, boundary_starts, geometry
 
@@ -99,13 +105,14 @@ if triton is not None:
     @triton.jit
     def _bwd_rows_pass(acc, m_i, l_i, q, do, lse, delta, k_base, v_base, sk_base, sv_base, logn_row, keyok_row,
                        dkbar_base, dvbar_base, dks_base, dvs_base, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c,
-                       sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, starts_row, PASS: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
+                       sinks, row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, starts_row, i, clusters,
+                       PASS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
                        SUMMARY_ATOMICS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, VARLEN: tl.constexpr):
+                       BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, CLUSTERED: tl.constexpr):
         """Every tile of the block's key set, as the forward visits it: sinks outside the window and
         the selected chunks, the window (causal: cut at the block's last row), the selected chunks
-        (their keys' gradients by atomics), the summaries of the other chunks outside the window."""
+        (their keys' gradients by atomics), the summaries of the other chunks outside the window
+        (CLUSTERED: query chunk i's own ``clusters`` summaries, rows i·K …)."""
         for s0 in range(0, sinks, BLOCK_N):
             keys = s0 + tl.arange(0, BLOCK_N)
             ok = _sinks_left(keys, sinks, n, c, w_lo, w_hi, sel, HAS_TOPK)
@@ -139,20 +146,28 @@ if triton is not None:
                                                    keyok_row, sel, keys, keys < sel_end, rows, dims, dim_ok, stride_kn,
                                                    qk_scale, scale, dks_base, dvs_base, PASS, False, True, False,
                                                    HAS_KEYMASK, HAS_TOPK, PRECISION)
-        if CAUSAL:
-            j_end = w_lo
+        if CLUSTERED:  # every one of the chunk's own summaries lies outside its window
+            for m0 in range(0, clusters, BLOCK_N):
+                ms = m0 + tl.arange(0, BLOCK_N)
+                acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row,
+                                               sel, i * clusters + ms, ms < clusters, rows, dims, dim_ok, stride_sj,
+                                               qk_scale, scale, dkbar_base, dvbar_base, PASS, True, SUMMARY_ATOMICS,
+                                               False, HAS_KEYMASK, HAS_TOPK, PRECISION)
         else:
-            j_end = nc
-        for j0 in range(0, j_end, BLOCK_N):
-            js = j0 + tl.arange(0, BLOCK_N)
             if CAUSAL:
-                ok = js < w_lo
+                j_end = w_lo
             else:
-                ok = (js < nc) & ((js < w_lo) | (js > w_hi))
-            acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row, sel,
-                                           js, ok, rows, dims, dim_ok, stride_sj, qk_scale, scale, dkbar_base,
-                                           dvbar_base, PASS, True, SUMMARY_ATOMICS, False, HAS_KEYMASK, HAS_TOPK,
-                                           PRECISION)
+                j_end = nc
+            for j0 in range(0, j_end, BLOCK_N):
+                js = j0 + tl.arange(0, BLOCK_N)
+                if CAUSAL:
+                    ok = js < w_lo
+                else:
+                    ok = (js < nc) & ((js < w_lo) | (js > w_hi))
+                acc, m_i, l_i = _bwd_rows_tile(acc, m_i, l_i, q, do, lse, delta, sk_base, sv_base, logn_row, keyok_row,
+                                               sel, js, ok, rows, dims, dim_ok, stride_sj, qk_scale, scale, dkbar_base,
+                                               dvbar_base, PASS, True, SUMMARY_ATOMICS, False, HAS_KEYMASK, HAS_TOPK,
+                                               PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
@@ -166,13 +181,16 @@ if triton is not None:
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, scale,
         starts_ptr, stride_csb,  # VARLEN: each sequence's chunk starts [B, nc + 1] (n past its last chunk)
+        clusters,  # CLUSTERED: K, each query chunk's summaries rows i·K … of kbar, vbar, logn [B, Hkv, nc·K(, d)]
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
         PRECISION: tl.constexpr, HEAD_D: tl.constexpr, SUMMARY_ATOMICS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+        CLUSTERED: tl.constexpr,
     ):
         """dq for one block of query rows, its log-sum-exp (base 2) and D; by atomics, dk̄ and dv̄
         of the summaries and dk, dv of the selected chunks' keys (into dks, dvs). VARLEN: boundary
-        chunks read where they lie, as the forward reads them."""
+        chunks read where they lie, as the forward reads them. CLUSTERED: clustered summaries, as
+        the forward's CLUSTERED path reads them."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
         b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk)  # the forward's grid and order
         # the rows as the forward's main kernel finds them (written out there too: as a shared jit
@@ -217,9 +235,9 @@ if triton is not None:
                                        zero_rows, zero_rows, k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off,
                                        logn_row, keyok_row, dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off,
                                        dvs_ptr + ks_off, sel, sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks,
-                                       row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, starts_row, 0,
-                                       CAUSAL, HAS_KEYMASK, HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N,
-                                       VARLEN)
+                                       row0, w_lo, w_hi, stride_kn, stride_sj, qk_scale, scale, starts_row, i,
+                                       clusters, 0, CAUSAL, HAS_KEYMASK, HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M,
+                                       BLOCK_N, VARLEN, CLUSTERED)
         empty = l_i == 0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
         delta = tl.sum(do.to(tl.float32) * o, 1)
@@ -230,8 +248,9 @@ if triton is not None:
                                       k_base, v_base, kbar_ptr + s_off, vbar_ptr + s_off, logn_row, keyok_row,
                                       dkbar_ptr + s_off, dvbar_ptr + s_off, dks_ptr + ks_off, dvs_ptr + ks_off, sel,
                                       sel_row, top_k, rows, dims, dim_ok, n, nc, c, sinks, row0, w_lo, w_hi,
-                                      stride_kn, stride_sj, qk_scale, scale, starts_row, 1, CAUSAL, HAS_KEYMASK,
-                                      HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N, VARLEN)
+                                      stride_kn, stride_sj, qk_scale, scale, starts_row, i, clusters, 1, CAUSAL,
+                                      HAS_KEYMASK, HAS_TOPK, SUMMARY_ATOMICS, PRECISION, BLOCK_M, BLOCK_N, VARLEN,
+                                      CLUSTERED)
         tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
         r_off = (b * Hq + h) * n + rows
         tl.store(lse_ptr + r_off, lse, mask=row_ok)
@@ -377,25 +396,38 @@ if triton is not None:
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         n, nc, c, L, top_k, Hq, Hkv, G, qk_scale, scale,
         starts_ptr, stride_csb, chunk_of_ptr,  # VARLEN: chunk starts [B, nc + 1], each token's chunk [B, n]
+        clusters,  # CLUSTERED: K, each query chunk's summaries rows i·K … of kbar, vbar, logn [B, Hkv, nc·K(, d)]
         CAUSAL: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        VARLEN: tl.constexpr,
+        VARLEN: tl.constexpr, CLUSTERED: tl.constexpr,
     ):
         """dk̄, dv̄ of one block of summaries from every query row that reads them (instead of the
         rows kernel's atomics): the rows after their chunks' windows (causal), or all rows outside
-        them; a row whose chunk selected a chunk reads its keys instead of its summary."""
+        them; a row whose chunk selected a chunk reads its keys instead of its summary. CLUSTERED:
+        one tile of query chunk i's own summaries (grid nc·⌈K / BLOCK_N⌉), read by chunk i's rows."""
         pid_bh = tl.program_id(1)
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
-        js = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j_ok = js < nc
+        if CLUSTERED:
+            tiles = tl.cdiv(clusters, BLOCK_N)
+            i = tl.program_id(0) // tiles
+            ms = (tl.program_id(0) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            js = i * clusters + ms
+            j_ok = ms < clusters
+        else:
+            js = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            j_ok = js < nc
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_D
         s_off = b * stride_sb + hk * stride_sh + js[:, None] * stride_sj + dims[None, :]
         kb = tl.load(kbar_ptr + s_off, mask=j_ok[:, None] & dim_ok[None, :], other=0.0)
         vb = tl.load(vbar_ptr + s_off, mask=j_ok[:, None] & dim_ok[None, :], other=0.0)
         bias = tl.load(logn_ptr + b * stride_lb + hk * stride_lh + js, mask=j_ok, other=float("-inf"))
-        if CAUSAL and VARLEN:  # chunk j is summarised for the chunks i ≥ j + L
+        r_hi = n
+        if CLUSTERED:
+            r_lo = i * c
+            r_hi = tl.minimum(r_lo + c, n)
+        elif CAUSAL and VARLEN:  # chunk j is summarised for the chunks i ≥ j + L
             r_lo = tl.load(starts_ptr + b * stride_csb + tl.minimum(tl.program_id(0) * BLOCK_N + L, nc))
         elif CAUSAL:
             r_lo = tl.minimum((tl.program_id(0) * BLOCK_N + L) * c, n)
@@ -405,20 +437,23 @@ if triton is not None:
         dvb = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, G):
             h = hk * G + g
-            for r0 in range(r_lo, n, BLOCK_M):
+            for r0 in range(r_lo, r_hi, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
-                row_ok = rows < n
+                row_ok = rows < r_hi
                 q, do, lse, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, rows, row_ok, dims, dim_ok, n,
                                                Hq, stride_qb, stride_qh, stride_qn)
-                i = _chunk_of(chunk_of_ptr, b, rows, row_ok, c, n, VARLEN)
-                if CAUSAL:
-                    used = js[:, None] < i[None, :] - L + 1
+                if CLUSTERED:  # the rows of chunk i read all its summaries
+                    used = j_ok[:, None] & row_ok[None, :]
                 else:
-                    used = (js[:, None] - i[None, :] > L - 1) | (i[None, :] - js[:, None] > L - 1)
-                if HAS_TOPK:
-                    used = used & ~_picked_by_rows(sel_ptr, b, h, i, row_ok, js, top_k, stride_selb, stride_selh,
-                                                   stride_seli, TOPK_PAD)
-                used = used & j_ok[:, None] & row_ok[None, :]
+                    ri = _chunk_of(chunk_of_ptr, b, rows, row_ok, c, n, VARLEN)
+                    if CAUSAL:
+                        used = js[:, None] < ri[None, :] - L + 1
+                    else:
+                        used = (js[:, None] - ri[None, :] > L - 1) | (ri[None, :] - js[:, None] > L - 1)
+                    if HAS_TOPK:
+                        used = used & ~_picked_by_rows(sel_ptr, b, h, ri, row_ok, js, top_k, stride_selb, stride_selh,
+                                                       stride_seli, TOPK_PAD)
+                    used = used & j_ok[:, None] & row_ok[None, :]
                 dkb, dvb = _kv_grads(dkb, dvb, kb, vb, bias, q, do, lse, delta, used, qk_scale, PRECISION)
         tl.store(dkbar_ptr + s_off, dkb * scale, mask=j_ok[:, None] & dim_ok[None, :])
         tl.store(dvbar_ptr + s_off, dvb, mask=j_ok[:, None] & dim_ok[None, :])
@@ -442,16 +477,20 @@ def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
 
 
 def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
-                        top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True, chunk_starts=None):
+                        top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True, chunk_starts=None,
+                        centroids=None):
     """(dq, dk, dv) of MTA. ``keep``: None or [B, n] bool key-padding flags (see
     ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``summary_atomics``: the summaries' gradients come from the rows kernel by atomics (default),
     or, False, from ``_mta_bwd_summaries_kernel``, one program per block of summaries looping over
     the rows that read them (no atomics; a second pass over q). ``chunk_starts`` [B, M + 1]:
     boundary chunks read where they lie, as ``mta_forward_triton(chunk_starts=...)`` reads them
-    (``ops.segments.chunk_bounds``)."""
+    (``ops.segments.chunk_bounds``). ``centroids`` [Hkv, K, d]: clustered summaries (non-causal, no
+    top-k, fixed chunks), as ``mta_forward_triton(centroids=...)`` computes them."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
+    if centroids is not None and (causal or top_k or chunk_starts is not None):
+        raise ValueError("clustered summaries (centroids) run non-causal, without top_k, on fixed chunks")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
     starts, nc, L = boundary_starts(chunk_starts, B, q.device, nc, L, local_chunks)
     if starts is not None:
@@ -465,18 +504,26 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     # and dv k's, so do and v are copied only if their layouts differ from those.
     q, k = _dense_rows(q), _dense_rows(k)
     v, do = in_layout_of(k, v), in_layout_of(q, grad_out)
-    if _wide(q, k, v, do):
-        raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     keyok = keep.to(torch.int8).contiguous() if keep is not None else None
     cfg = launch or default_backward_launch(c, q.dtype)
-    logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
-    kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, starts=starts)
+    clusters, sums = 0, None
+    if centroids is not None:  # the forward's clustered pre-pass: rows i·K + m of each query chunk's summaries
+        from .clusters import cluster_summaries
+
+        clusters = centroids.shape[1]
+        sums = cluster_summaries(k, v, keyok, centroids, c, nc, L, s)
+        kbar, vbar, logn = sums.kbar, sums.vbar, sums.logn
+    else:
+        logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
+        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, starts=starts)
+    if _wide(q, k, v, do, kbar):
+        raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q)
     lse = torch.empty(B, Hq, n, **f32)
     delta = torch.empty(B, Hq, n, **f32)
-    dkbar = torch.zeros(B, Hkv, nc, d, **f32)
-    dvbar = torch.zeros(B, Hkv, nc, d, **f32)
+    dkbar = torch.zeros(kbar.shape, **f32)  # kbar's strides (contiguous)
+    dvbar = torch.zeros(kbar.shape, **f32)
     dk = torch.empty_like(k, dtype=torch.float32)  # k's strides (dense)
     dv = torch.empty_like(k, dtype=torch.float32)
     sel, K = _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts)
@@ -493,25 +540,35 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     _mta_bwd_rows_kernel[(nc * _cdiv(c, cfg.block_m), B * Hq)](
         q, k, v, kbar, vbar, logn, keyok_arg, sel, do, dq, lse, delta, dkbar, dvbar, dks, dvs,
         *q.stride()[:3], *k.stride()[:3], *kbar.stride()[:3], *logn.stride()[:2], *sel.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen[:2], HAS_KEYMASK=keep is not None,
-        SUMMARY_ATOMICS=bool(summary_atomics), **common)
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen[:2], clusters, HAS_KEYMASK=keep is not None,
+        SUMMARY_ATOMICS=bool(summary_atomics), CLUSTERED=clusters > 0, **common)
     _mta_bwd_keys_kernel[(nc * _cdiv(c, cfg.block_n), B * Hkv)](
         q, k, v, keyok_arg, sel, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *sel.stride()[:3],
         n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen, HAS_KEYMASK=keep is not None, **common)
     if not summary_atomics:
-        _mta_bwd_summaries_kernel[(_cdiv(nc, cfg.block_n), B * Hkv)](
+        tiles = nc * _cdiv(clusters, cfg.block_n) if clusters else _cdiv(nc, cfg.block_n)
+        _mta_bwd_summaries_kernel[(tiles, B * Hkv)](
             q, kbar, vbar, logn, sel, do, lse, delta, dkbar, dvbar, *q.stride()[:3], *kbar.stride()[:3],
             *logn.stride()[:2], *sel.stride()[:3], n, nc, c, L, K, Hq, Hkv, G, scale * LOG2E, scale, *varlen,
-            **common)
+            clusters, CLUSTERED=clusters > 0, **common)
     if K:
         dk += dks
         dv += dvs
     # the summaries' gradients, spread over the keys each one pools (w_s / n_j)
     counted = torch.ones(B, n, dtype=torch.bool, device=q.device) if keep is None else keep.bool().clone()
     counted[:, :s] = False
-    n_j = torch.exp2(logn).clamp(min=1.0)  # −inf (an empty chunk) → 0 → 1: its dk̄ is zero anyway
-    per_key = chunk_of.long()[:, None, :, None].expand(B, Hkv, n, d)
     weight = counted[:, None, :, None]
-    dk += torch.gather(dkbar / n_j[..., None], 2, per_key) * weight
-    dv += torch.gather(dvbar / n_j[..., None], 2, per_key) * weight
+    if sums is None:
+        n_j = torch.exp2(logn).clamp(min=1.0)  # −inf (an empty chunk) → 0 → 1: its dk̄ is zero anyway
+        per_key = chunk_of.long()[:, None, :, None].expand(B, Hkv, n, d)
+        dk += torch.gather(dkbar / n_j[..., None], 2, per_key) * weight
+        dv += torch.gather(dvbar / n_j[..., None], 2, per_key) * weight
+    else:
+        # summary (i, m) pools the keys of cluster m outside chunk i's window: a key of chunk j in
+        # cluster m gets Σ over the query chunks i whose window leaves j out of dk̄_im / count_im
+        inv = 1.0 / sums.count.clamp(min=1.0).unsqueeze(-1)  # an empty cluster's dk̄ is zero anyway
+        per_key = (chunk_of.long()[:, None, :] * clusters + sums.ids.long())[..., None].expand(B, Hkv, n, d)
+        for grad, summary_grad in ((dk, dkbar), (dv, dvbar)):
+            spread = outside_window(summary_grad.view(B, Hkv, nc, clusters, d).mul_(inv), L)
+            grad += torch.gather(spread.view(B, Hkv, nc * clusters, d), 2, per_key) * weight
     return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -825,7 +825,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         clusters = centroids.shape[1]
         if nc * clusters * d >= 1 << 31:  # one head's summary offsets stay 32-bit
             raise ValueError(f"clustered summaries take nc·K·d < 2^31 per head; got nc={nc}, K={clusters}, d={d}")
-        kbar, vbar, logn = cluster_summaries(k, v, keyok, centroids, c, nc, L, s)
+        kbar, vbar, logn = cluster_summaries(k, v, keyok, centroids, c, nc, L, s)[:3]
         sync = _placeholder(q.device)
     else:
         if fused and cfg.chunk_major:

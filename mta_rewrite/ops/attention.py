@@ -20,8 +20,8 @@ there. Their gradients on CUDA come from the Triton backward reading the chunks 
 (mean summaries, no mask or key padding), else are computed in the slots (the portable
 recomputation): the same function as the unpadded forward. Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
-Triton kernels (``kernels/clusters.py``), and are differentiated by recomputation with the portable
-implementation.
+Triton kernels (``kernels/clusters.py``); their gradients come from the Triton backward where the
+forward ran the kernels, else from recomputation with the portable implementation.
 """
 
 from __future__ import annotations
@@ -210,14 +210,14 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.config = keyword_only_inputs
 
 
-def _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids=None):
-    """(dq, dk, dv, None) from the Triton backward (CUDA, mean summaries, where
+def _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids=None, centroids=None):
+    """(dq, dk, dv, None) from the Triton backward (CUDA, mean or clustered summaries, where
     ``kernels.backward_cuda`` applies), None where needed; or None where it does not apply."""
     if not q.is_cuda or summary_weight is not None:
         return None
     from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
-    grads = backward_cuda(q, k, v, attn_mask, grad_out, segment_ids=segment_ids, **config)
+    grads = backward_cuda(q, k, v, attn_mask, grad_out, segment_ids=segment_ids, centroids=centroids, **config)
     return None if grads is None else (*(g if need else None for g, need in zip(grads, needs[:3])), None)
 
 
@@ -246,8 +246,9 @@ def _backward(ctx, grad_out):
     needs = (*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4])
     config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
     attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
-    if centroids is not None:  # recomputed under autograd (the cluster choice has no gradient)
-        dq, dk, dv, _ = _recomputed(
+    if centroids is not None:  # the Triton backward on CUDA, else recomputed (the cluster choice has no gradient)
+        grads = _triton_grads(q, k, v, attn_mask, None, grad_out, needs, config, centroids=centroids)
+        dq, dk, dv, _ = grads or _recomputed(
             lambda q, k, v, _: mta_attention_clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"],
                                                        scale=config["scale"], local_chunks=config["local_chunks"],
                                                        sinks=config["sinks"], centroids=centroids),

@@ -18,7 +18,8 @@ under ``chunked._BAND_BYTES`` on the CPU). Cost per query: (2L−1)·c + sinks +
 O(nc·K·d) and one band's key sets. Masks: none or key padding (a mask that varies per query, or carries a bias,
 is refused: which keys a summary holds would differ per query); no top-k; no boundary chunks or
 learned weights with it. On CUDA, for no mask or key padding in fp16/bf16/fp32, the Triton kernels
-run instead (``kernels/clusters.py``: the same assignment and summaries, then the fused forward).
+run instead (``kernels/clusters.py``: the same assignment and summaries, then the fused forward;
+``kernels/mta_bwd.py`` for the gradients).
 """
 
 from __future__ import annotations
@@ -72,28 +73,33 @@ def assign_clusters(k: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return out.view(B, H, n)
 
 
-def summaries_per_query_chunk(ck, cv, cn, L: int):
-    """Each query chunk's cluster summaries from per-chunk cluster sums ``ck``, ``cv`` [B, H, nc,
-    K, d] and counts ``cn`` [B, H, nc, K] (non-causal): the sequence's totals minus the window's
-    chunks i−L+1 … i+L−1, as (k̄, v̄ [B, H, nc, K, d], count [B, H, nc, K]); a mean over no key
-    (count 0) is 0. Shared by the portable implementation and the CUDA kernels' launcher."""
-    nc = ck.shape[2]
-    wk, wv, wn = ck, cv, cn
+def outside_window(x: torch.Tensor, L: int) -> torch.Tensor:
+    """x [B, H, nc, ...] per chunk → [B, H, nc, ...]: for each chunk i, the sum of x over the chunks
+    j outside its window (|j − i| > L−1, non-causal): the whole sequence's sum minus the window's.
+    The relation is symmetric, so this is also, for each chunk j, the sum over the query chunks
+    whose window leaves j out: the summaries' totals in the forward, their gradients' in the
+    Triton backward (``kernels/mta_bwd.py``)."""
+    nc = x.shape[2]
+    window = x
     if L > 1:
-        wk, wv, wn = ck.clone(), cv.clone(), cn.clone()
+        window = x.clone()
         for o in _window_offsets(L, causal=False):
             if o == 0:
                 continue
             dst = slice(max(0, -o), nc - max(0, o))
             src = slice(max(0, o), nc - max(0, -o))
-            wk[:, :, dst] += ck[:, :, src]
-            wv[:, :, dst] += cv[:, :, src]
-            wn[:, :, dst] += cn[:, :, src]
-    count = cn.sum(2, keepdim=True) - wn  # each query chunk's summarised keys per cluster
+            window[:, :, dst] += x[:, :, src]
+    return x.sum(2, keepdim=True) - window
+
+
+def summaries_per_query_chunk(ck, cv, cn, L: int):
+    """Each query chunk's cluster summaries from per-chunk cluster sums ``ck``, ``cv`` [B, H, nc,
+    K, d] and counts ``cn`` [B, H, nc, K] (non-causal): the sequence's totals minus the window's
+    chunks i−L+1 … i+L−1, as (k̄, v̄ [B, H, nc, K, d], count [B, H, nc, K]); a mean over no key
+    (count 0) is 0. Shared by the portable implementation and the CUDA kernels' launcher."""
+    count = outside_window(cn, L)  # each query chunk's summarised keys per cluster
     inv = (1.0 / count.clamp(min=1.0)).unsqueeze(-1)
-    kbar = (ck.sum(2, keepdim=True) - wk).mul_(inv)
-    vbar = (cv.sum(2, keepdim=True) - wv).mul_(inv)
-    return kbar, vbar, count
+    return outside_window(ck, L).mul_(inv), outside_window(cv, L).mul_(inv), count
 
 
 def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, local_chunks=1, sinks=0,

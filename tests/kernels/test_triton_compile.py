@@ -101,14 +101,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mta_rewrite.kernels.mta_bwd import _mta_bwd_keys_kernel, _mta_bwd_rows_kernel, _mta_bwd_summaries_kernel
 
-dtype, causal, keymask, varlen = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[4] == "1"
+dtype, causal, keymask, varlen, clustered = sys.argv[1], *(arg == "1" for arg in sys.argv[2:6])
 typed = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "do_ptr", "dq_ptr"}
 fp32 = {"logn_ptr", "lse_ptr", "delta_ptr", "dkbar_ptr", "dvbar_ptr", "dk_ptr", "dv_ptr", "dks_ptr", "dvs_ptr"}
 for fn in (_mta_bwd_rows_kernel, _mta_bwd_keys_kernel, _mta_bwd_summaries_kernel):
     params = list(inspect.signature(fn.fn).parameters)
     constexprs = {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                   "HAS_TOPK": causal, "TOPK_PAD": 2, "HEAD_D": 128, "SUMMARY_ATOMICS": not keymask, "BLOCK_M": 64,
-                  "BLOCK_N": 32, "BLOCK_D": 128, "VARLEN": varlen}
+                  "BLOCK_N": 32, "BLOCK_D": 128, "VARLEN": varlen, "CLUSTERED": clustered}
     constexprs = {k: v for k, v in constexprs.items() if k in params}
     signature = {p: f"*{dtype}" if p in typed else "*fp32" if p in fp32 else "*i8" if p == "keyok_ptr"
                  else "*i32" if p in ("sel_ptr", "starts_ptr", "chunk_of_ptr")
@@ -120,13 +120,14 @@ print("OK")
 """
 
 
-# varlen: boundary chunks read where they lie (VARLEN)
-@pytest.mark.parametrize("dtype,causal,keymask,varlen", [("bf16", True, True, False), ("fp16", False, False, False),
-                                                         ("bf16", True, True, True)])
-def test_backward_compiles_to_cubin(dtype, causal, keymask, varlen):
+# varlen: boundary chunks read where they lie (VARLEN); clustered: clustered summaries (CLUSTERED)
+@pytest.mark.parametrize("dtype,causal,keymask,varlen,clustered", [
+    ("bf16", True, True, False, False), ("fp16", False, False, False, False), ("bf16", True, True, True, False),
+    ("bf16", False, False, False, True)])
+def test_backward_compiles_to_cubin(dtype, causal, keymask, varlen, clustered):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", BWD_CHILD, dtype, str(int(causal)), str(int(keymask)), str(int(varlen))],
-                         capture_output=True, text=True, env=env)
+    flags = [str(int(x)) for x in (causal, keymask, varlen, clustered)]
+    run = subprocess.run([sys.executable, "-c", BWD_CHILD, dtype, *flags], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "OK"
 
