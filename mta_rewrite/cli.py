@@ -94,16 +94,17 @@ def _distinct(program: str, output: str) -> None:
         raise ValueError("--output must differ from the input program (inputs are never overwritten)")
 
 
-def _configuration(chunk_size: int, local_chunks: int, sinks: int, top_k: int, plan: str, *, required: bool):
+def _configuration(chunk_size: int | None, local_chunks: int, sinks: int, top_k: int, plan: str, *, required: bool):
     """(one MTAConfig or None, a Plan or None) from the options: --chunk-size (with the other
-    three) or --plan, not both; ``required``: one of them must be given."""
+    three; validated by MTAConfig) or --plan, not both; ``required``: one of them must be given."""
     from .config import MTAConfig, Plan
 
-    if chunk_size and plan:
+    given = chunk_size is not None
+    if given and plan:
         raise ValueError("give either --chunk-size (one configuration for all sites) or --plan, not both")
-    if required and not (chunk_size or plan):
+    if required and not (given or plan):
         raise ValueError("give either --chunk-size (one configuration for all sites) or --plan")
-    return (MTAConfig(chunk_size, local_chunks, sinks, top_k) if chunk_size else None), (Plan.load(plan) if plan else None)
+    return (MTAConfig(chunk_size, local_chunks, sinks, top_k) if given else None), (Plan.load(plan) if plan else None)
 
 
 def _boundaries(separators: str, segment_input: str):
@@ -123,7 +124,7 @@ def _boundaries(separators: str, segment_input: str):
 def rewrite_cmd(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
     output: str = typer.Option(..., "--output", "-o", help="where to save the rewritten program (.pt2)"),
-    chunk_size: int = typer.Option(0, help="one MTA configuration for every site: chunk size c"),
+    chunk_size: int | None = typer.Option(None, help="one MTA configuration for every site: chunk size c"),
     local_chunks: int = typer.Option(1, help="local window L in chunks"),
     sinks: int = typer.Option(0, help="always-exact first tokens"),
     top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),
@@ -161,7 +162,7 @@ def export_cmd(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2): an original, or one that "
                                             "`rewrite` saved"),
     output: str = typer.Option(..., "--output", "-o", help="where to write the ONNX model (.onnx)"),
-    chunk_size: int = typer.Option(0, help="rewrite first, one configuration for every site: chunk size c"),
+    chunk_size: int | None = typer.Option(None, help="rewrite first, one configuration for every site: chunk size c"),
     local_chunks: int = typer.Option(1, help="local window L in chunks"),
     sinks: int = typer.Option(0, help="always-exact first tokens"),
     top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),

@@ -109,6 +109,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["rewrite", str(path), "-o", str(path), "--chunk-size", "8"], "never overwritten"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2")], "either --chunk-size"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "8", "--local-chunks", "0"], "local_chunks"),
+        (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "0"], "chunk_size must be an integer ≥ 1"),
+        (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "-4"], "chunk_size must be an integer ≥ 1"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--plan", str(bad_plan)], "not valid JSON"),
         (["export", str(path), "-o", str(path)], "never overwritten"),
         (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "8", "--plan", str(bad_plan)], "not both"),
