@@ -25,7 +25,8 @@ skipped and listed under "skipped_for_budget", and the run still ends with its r
    the CPU's unpadded path in torch ops on the GPU, for comparison), clustered summaries,
    L = 2 + sinks + top-k, GQA (8 kv
    heads), forward + backward through autograd (the Triton backward) against SDPA's, the
-   backward alone with the summaries' gradients by atomics or by their own kernel, the backward
+   backward alone with the summaries' gradients by atomics or by their own kernel (and with
+   learned summaries), the backward
    of boundary chunks read where they lie against the padded slots', the backward of clustered
    summaries (non-causal, K = 64) against the portable recomputation under autograd, and the op
    at 1K tokens (the cost of launching it);
@@ -633,6 +634,10 @@ def main(argv=None):
         for name, atomics in (("bwd_summary_atomics", True), ("bwd_summary_kernel", False)):  # backward alone
             time_variant(extras, name, lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c, causal=True,
                                                                    summary_atomics=atomics))
+        w = torch.randn(H, q.shape[3], device=DEVICE) * 0.1  # learned summaries: the same kernels, dw in torch
+        time_variant(extras, "bwd_learned", lambda: mta_backward_triton(q, k, v, None, grad_out, chunk_size=c,
+                                                                        causal=True, summary_weight=w))
+        w = None
         # boundary chunks' backward: reading the chunks where they lie, against the slots' (the
         # tokens moved into padded chunk slots, the fixed-chunk backward there, moved back)
         seg = segments(n)

@@ -18,8 +18,8 @@ Triton kernels read each chunk where it lies (``chunk_starts``: no padding slots
 tokens are moved into padded chunk slots (``ops/segments.py``) and dispatched as above.
 
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
-than one chunk, tensors under 2^31 elements and mean or clustered summaries → the Triton backward
-(``mta_bwd.py``; boundary chunks read where they lie, as in the forward); otherwise the op's
+than one chunk, tensors under 2^31 elements → the Triton backward (``mta_bwd.py``; mean, learned
+and clustered summaries; boundary chunks read where they lie, as in the forward); otherwise the op's
 backward recomputes the forward with the portable implementation under autograd, on the same
 device (no transfer to the CPU), boundary chunks in padded slots.
 """
@@ -115,12 +115,13 @@ def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causa
 
 
 def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, local_chunks, sinks, top_k,
-                  segment_ids=None, centroids=None):
+                  segment_ids=None, centroids=None, summary_weight=None):
     """(dq, dk, dv) from the Triton backward, or None where it does not apply (the caller then
     recomputes through the portable implementation, or for boundary chunks computes the gradients
     in padded slots). ``segment_ids``: boundary chunks, read where they lie (``chunk_bounds``) as
     ``dispatch_cuda_boundary``'s forward reads them. ``centroids``: clustered summaries, as
-    ``dispatch_cuda_clustered``'s forward computes them."""
+    ``dispatch_cuda_clustered``'s forward computes them. ``summary_weight``: learned summaries;
+    the result is then (dq, dk, dv, dw)."""
     n = q.shape[2]
     exact = segment_ids is None and chunk_size >= n  # one fixed chunk: SDPA ran the forward
     keep = False if exact else kernel_keep(q, attn_mask)
@@ -136,7 +137,7 @@ def backward_cuda(q, k, v, attn_mask, grad_out, *, chunk_size, causal, scale, lo
     starts = None if segment_ids is None else chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
     return mta_backward_triton(q, k, v, keep, grad_out, chunk_size=chunk_size, causal=causal, scale=scale,
                                local_chunks=local_chunks, sinks=sinks, top_k=top_k, chunk_starts=starts,
-                               centroids=centroids)
+                               centroids=centroids, summary_weight=summary_weight)
 
 
 CUDA = Implementations(dispatch_cuda, dispatch_cuda_boundary, dispatch_cuda_clustered)

@@ -8,7 +8,9 @@ forward does):
     dq_t = scale·Σ_x dS_tx·k_x   dk_x = scale·Σ_t dS_tx·q_t   dv_x = Σ_t P_tx·dO_t
 
 and a summary x = j, k̄_j = Σ_s w_s·k_s / n_j, passes its gradient on to the keys it pools:
-dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constant: no gradient.
+dk_s += w_s·dk̄_j / n_j (v likewise); a learned summary, k̄_j = Σ_s a_s·k_s with
+a_s = softmax_s(k_s·w), through its weights too (:func:`_spread_learned`, which also gives dw).
+The top-k selection is piecewise constant: no gradient.
 
 1. The forward's pre-pass (``_chunk_means``) pools k̄, v̄ and log2 n_j again, and with top-k the
    forward's selection (``_selection``) picks the same chunks.
@@ -22,7 +24,7 @@ dk_s += w_s·dk̄_j / n_j (v likewise). The top-k selection is piecewise constan
    each query head of the group, the query rows that attend those keys exactly through their
    window or as sinks (all rows when the block holds sinks) → dk, dv in registers, written once.
 4. torch adds the selected keys' gradients and spreads dk̄ / n_j, dv̄ / n_j over the counted keys
-   of each chunk.
+   of each chunk (learned summaries: through their weights, and dw; clustered ones: below).
 
 Masks: none or key padding, as in the forward. Boundary chunks (``chunk_starts``, VARLEN) are read
 where they lie, as the forward reads them: chunk i is the tokens starts[i] … starts[i+1]−1, and
@@ -468,6 +470,38 @@ def _dense_rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _spread_learned(k, v, w, dkbar, dvbar, chunk_of, counted, dk, dv) -> torch.Tensor:
+    """Learned summaries' gradients passed on to the keys and values they pool, added into dk, dv
+    (fp32, [B, Hkv, n, d]); returns dw [Hkv, d] in w's dtype. Chunk j's summary is
+    k̄_j = Σ_s a_s·k_s (v̄_j likewise) with a_s = softmax_s(l_s), l_s = k_s·w over its pooled
+    tokens (``counted``; ``chunk_of`` [B, n]: each token's chunk). With g_s = dk̄_j·k_s + dv̄_j·v_s:
+
+        dv_s += a_s·dv̄_j     dk_s += a_s·dk̄_j + r_s·w     dw = Σ_s r_s·k_s,
+        r_s = ∂L/∂l_s = a_s·(g_s − Σ_t a_t·g_t)   (the sum over chunk j's tokens)
+
+    in fp32 torch ops over [B, Hkv, n] and one [B, Hkv, n, d] gather per summary gradient (as the
+    means' spreading); the weights a_s recomputed here as the pre-pass computes them."""
+    B, H, n, d = k.shape
+    kf, vf, wf = k.float(), v.float(), w.float()
+    idx = chunk_of[:, None, :].expand(B, H, n)
+    neg = torch.tensor(float("-inf"), device=k.device)
+    logit = torch.where(counted[:, None, :], torch.einsum("bhnd,hd->bhn", kf, wf), neg)
+    nc = dkbar.shape[2]
+    top = torch.full((B, H, nc), float("-inf"), device=k.device).scatter_reduce(2, idx, logit, "amax")
+    top = torch.where(top == neg, 0.0, top)  # an empty chunk: every weight below is 0
+    e = torch.exp(logit - top.gather(2, idx))
+    den = torch.zeros(B, H, nc, device=k.device).scatter_add_(2, idx, e)
+    a = e / den.clamp(min=1.0).gather(2, idx)  # den ≥ 1 for a chunk with a pooled token (its largest term is 1)
+    at = idx[..., None].expand(B, H, n, d)
+    dkb, dvb = dkbar.gather(2, at), dvbar.gather(2, at)  # each token's chunk's summary gradients
+    g = (dkb * kf).sum(-1) + (dvb * vf).sum(-1)
+    g_mean = torch.zeros(B, H, nc, device=k.device).scatter_add_(2, idx, a * g)
+    r = a * (g - g_mean.gather(2, idx))
+    dk += a[..., None] * dkb + r[..., None] * wf[None, :, None, :]
+    dv += a[..., None] * dvb
+    return torch.einsum("bhn,bhnd->hd", r, kf).to(w.dtype)
+
+
 def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles of the backward kernels: 64 query rows (at least 16, for tl.dot; a block of query
     rows never spans two chunks) against 32 keys, 4 warps, 2 stages. Not timed on a GPU yet; chosen
@@ -478,7 +512,7 @@ def default_backward_launch(c: int, dtype: torch.dtype) -> LaunchConfig:
 
 def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0,
                         top_k=0, launch: LaunchConfig | None = None, summary_atomics: bool = True, chunk_starts=None,
-                        centroids=None):
+                        centroids=None, summary_weight=None):
     """(dq, dk, dv) of MTA. ``keep``: None or [B, n] bool key-padding flags (see
     ``mta_fwd.key_padding``). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``summary_atomics``: the summaries' gradients come from the rows kernel by atomics (default),
@@ -486,11 +520,15 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     the rows that read them (no atomics; a second pass over q). ``chunk_starts`` [B, M + 1]:
     boundary chunks read where they lie, as ``mta_forward_triton(chunk_starts=...)`` reads them
     (``ops.segments.chunk_bounds``). ``centroids`` [Hkv, K, d]: clustered summaries (non-causal, no
-    top-k, fixed chunks), as ``mta_forward_triton(centroids=...)`` computes them."""
+    top-k, fixed chunks), as ``mta_forward_triton(centroids=...)`` computes them.
+    ``summary_weight`` [Hkv, d]: learned summaries (fixed or boundary chunks), pooled as the forward
+    pools them; the result is then (dq, dk, dv, dw), dw in the weight's dtype (see
+    :func:`_spread_learned`)."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton (or the 'gpu' extra)")
-    if centroids is not None and (causal or top_k or chunk_starts is not None):
-        raise ValueError("clustered summaries (centroids) run non-causal, without top_k, on fixed chunks")
+    if centroids is not None and (causal or top_k or chunk_starts is not None or summary_weight is not None):
+        raise ValueError("clustered summaries (centroids) run non-causal, without top_k or summary_weight, on fixed "
+                         "chunks")
     B, Hq, Hkv, G, n, d, scale, c, nc, L, s = geometry(q, k, chunk_size, scale, local_chunks, sinks)
     starts, nc, L = boundary_starts(chunk_starts, B, q.device, nc, L, local_chunks)
     if starts is not None:
@@ -515,7 +553,7 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
         kbar, vbar, logn = sums.kbar, sums.vbar, sums.logn
     else:
         logn = torch.empty(B, Hkv, nc, dtype=torch.float32, device=q.device)
-        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, starts=starts)
+        kbar, vbar = _chunk_means(k, v, keyok, c, nc, s, 1.0, logn, summary_weight=summary_weight, starts=starts)
     if _wide(q, k, v, do, kbar):
         raise ValueError("the Triton backward takes tensors of fewer than 2^31 elements (32-bit offsets)")
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -558,6 +596,9 @@ def mta_backward_triton(q, k, v, keep, grad_out, *, chunk_size, causal=False, sc
     counted = torch.ones(B, n, dtype=torch.bool, device=q.device) if keep is None else keep.bool().clone()
     counted[:, :s] = False
     weight = counted[:, None, :, None]
+    if summary_weight is not None:
+        dw = _spread_learned(k, v, summary_weight, dkbar, dvbar, chunk_of.long(), counted, dk, dv)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dw
     if sums is None:
         n_j = torch.exp2(logn).clamp(min=1.0)  # −inf (an empty chunk) → 0 → 1: its dk̄ is zero anyway
         per_key = chunk_of.long()[:, None, :, None].expand(B, Hkv, n, d)

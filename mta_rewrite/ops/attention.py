@@ -10,14 +10,15 @@ the Triton backward applies (no mask or key padding), through its kernels
 (``kernels/mta_bwd.py``); otherwise by recomputing the forward under autograd. Gradients with
 respect to ``attn_mask`` are not computed (masks are constants in every model we rewrite); the
 top-k selection is piecewise constant and has no gradient, as in the spec. Learned summary
-weights (``summary_weight``) get their gradient through the portable recomputation (calibration
-fits them on the CPU; on CUDA the Triton backward, written for means, is not used then).
+weights (``summary_weight``) get their gradient from the same paths: the Triton backward on CUDA
+(which passes the summaries' gradients on through the softmax weights, ``mta_bwd._spread_learned``),
+the portable recomputation elsewhere (calibration fits them on the CPU).
 Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or key padding and
 no top-k (``varlen.py``, differentiated by recomputation), and on CUDA for no mask or key padding
 on the Triton forward reading each chunk where it lies (``kernels.dispatch_cuda_boundary``);
 otherwise they move the tokens into padded chunk slots (``segments.py``) and run every path above
 there. Their gradients on CUDA come from the Triton backward reading the chunks where they lie
-(mean summaries, no mask or key padding), else are computed in the slots (the portable
+(no mask or key padding), else are computed in the slots (the portable
 recomputation): the same function as the unpadded forward. Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
 Triton kernels (``kernels/clusters.py``); their gradients come from the Triton backward where the
@@ -211,14 +212,18 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 
 
 def _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids=None, centroids=None):
-    """(dq, dk, dv, None) from the Triton backward (CUDA, mean or clustered summaries, where
-    ``kernels.backward_cuda`` applies), None where needed; or None where it does not apply."""
-    if not q.is_cuda or summary_weight is not None:
+    """(dq, dk, dv, dw) from the Triton backward (CUDA, where ``kernels.backward_cuda`` applies;
+    dw for learned summaries), None where not needed; or None where it does not apply."""
+    if not q.is_cuda:
         return None
     from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
-    grads = backward_cuda(q, k, v, attn_mask, grad_out, segment_ids=segment_ids, centroids=centroids, **config)
-    return None if grads is None else (*(g if need else None for g, need in zip(grads, needs[:3])), None)
+    grads = backward_cuda(q, k, v, attn_mask, grad_out, segment_ids=segment_ids, centroids=centroids,
+                          summary_weight=summary_weight, **config)
+    if grads is None:
+        return None
+    grads = (*grads, None)[:4]  # (dq, dk, dv[, dw])
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config):

@@ -213,3 +213,61 @@ def test_boundary_gradients_unpadded_equal_slots():
 def test_gpu_boundary_gradients_unpadded_equal_slots():
     """bf16 at 8K tokens, segments of ~64 tokens, c = 128: the unpadded backward against the slots'."""
     unpadded_against_slots(8192, 128, torch.bfloat16, 3e-2, 128)
+
+
+def learned_reference(q, k, v, w, mask, ids, grad_out, **kw):
+    """dq, dk, dv, dw by float64 autograd through the op on the CPU (the portable implementation,
+    gradchecked in tests/ops), learned summaries with weight w."""
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v, w)]
+    out = torch.ops.mta.attention(*leaves[:3], None if mask is None else mask.cpu(), leaves[3],
+                                  None if ids is None else ids.cpu(), **kw)
+    out.backward(grad_out.cpu().double())
+    return [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_learned_summaries_gradients(causal):
+    """Learned summaries (``summary_weight``) through the Triton backward: dq, dk, dv and dw,
+    fixed chunks and boundary chunks read where they lie; GQA, key padding, sinks inside and
+    beyond the first chunk, L = 2, top-k; against float64 autograd through the portable op."""
+    from mta_rewrite.ops.segments import chunk_bounds
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 41, 16
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.float32, seed=9, grad=True)
+    w = (0.5 * torch.randn(Hkv, d, generator=torch.Generator().manual_seed(3))).to(DEVICE)
+    ids = torch.cumsum((torch.rand(B, n, generator=torch.Generator().manual_seed(2)) < 0.2).long(), 1).to(DEVICE)
+    for mask, seg, (c, L, s, top_k) in ((padding(B, n), None, (5, 2, 3, 2)), (None, None, (16, 1, 10, 1)),
+                                        (padding(B, n), ids, (5, 2, 3, 1)), (None, ids, (8, 1, 0, 0))):
+        kw = dict(chunk_size=c, causal=causal, scale=None, local_chunks=L, sinks=s, top_k=top_k)
+        want = learned_reference(q, k, v, w, mask, seg, grad_out, **kw)
+        starts = None if seg is None else chunk_bounds(seg, B, c, s)
+        got = mta_backward_triton(q, k, v, key_padding(mask, B, Hq, n), grad_out, summary_weight=w, chunk_starts=starts,
+                                  **kw)
+        assert got[3].shape == w.shape and got[3].dtype == w.dtype
+        for name, g, ref in zip(("dq", "dk", "dv", "dw"), got, want):
+            torch.testing.assert_close(g.double().cpu(), ref, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{name} {kw} boundary={seg is not None}: {m}")
+    # backward_cuda passes the weight's gradient on (the op's CUDA autograd takes it from there)
+    got = backward_cuda(q, k, v, padding(B, n), grad_out, summary_weight=w, segment_ids=ids, **kw)
+    for g, ref in zip(got, learned_reference(q, k, v, w, padding(B, n), ids, grad_out, **kw)):
+        torch.testing.assert_close(g.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("boundary", [False, True])
+def test_gpu_learned_gradients_through_the_op(boundary):
+    """bf16 at 1500 tokens through the op's autograd on the GPU (the Triton backward), learned
+    summaries (an fp32 weight), key padding, sinks, L = 2; against float64 autograd on the CPU."""
+    B, Hq, Hkv, n, d = 2, 8, 2, 1500, 64
+    q, k, v, grad_out = inputs(B, Hq, Hkv, n, d, torch.bfloat16, seed=2, grad=True)
+    w = (0.1 * torch.randn(Hkv, d, generator=torch.Generator().manual_seed(3))).to(DEVICE)
+    ids = torch.cumsum((torch.rand(B, n, generator=torch.Generator().manual_seed(4)) < 0.02).long(), 1).to(DEVICE)
+    ids = ids if boundary else None
+    mask = padding(B, n)
+    kw = dict(chunk_size=128, causal=True, local_chunks=2, sinks=4, top_k=0 if boundary else 2)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, w)]
+    torch.ops.mta.attention(*leaves[:3], mask, leaves[3], ids, **kw).backward(grad_out)
+    want = learned_reference(q.float(), k.float(), v.float(), w, mask, ids, grad_out.float(), **kw)
+    for leaf, ref in zip(leaves, want):
+        assert leaf.grad.is_cuda and leaf.grad.dtype == leaf.dtype
+        torch.testing.assert_close(leaf.grad.double().cpu(), ref, rtol=3e-2, atol=3e-2)
