@@ -34,9 +34,11 @@ non-causal, no top-k): the pre-pass is ``clusters.cluster_summaries``, query chu
 its own summaries i·K … i·K+K−1 (the rows kernel; the summaries kernel: one program per tile of
 one chunk's summaries over that chunk's rows); the keys kernel is unchanged (the exact keys are
 the fixed chunks' window and sinks); torch spreads dk̄_im / n_im to each pooled key of chunk j in
-cluster m, summed over the query chunks i whose window leaves j out (``ops.clustered.outside_window``). Offsets are 32-bit: tensors of 2^31 elements or
-more are refused (the op's autograd then takes the portable recompute). Memory: O(B·H·n) for the log-sum-exp and D, fp32
-dk, dv buffers (twice with top-k); nothing n × n.
+cluster m, summed over the query chunks i whose window leaves j out (``ops.clustered.outside_window``).
+
+Offsets are 32-bit: tensors of 2^31 elements or more are refused (the op's autograd then takes the
+portable recompute). Memory: O(B·H·n) for the log-sum-exp and D, fp32 dk, dv buffers (twice with
+top-k); clustered summaries O(B·Hkv·nc·K·d) as in their forward; nothing n × n.
 """
 
 from __future__ import annotations
