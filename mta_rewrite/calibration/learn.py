@@ -40,7 +40,8 @@ def _errors(config, records: list[SiteRecord], weight) -> torch.Tensor:
     """Relative L2 error of the site's output per sample (differentiable in ``weight``)."""
     errs = []
     for r in records:
-        out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, weight, r.segment_ids)
+        out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, weight, r.segment_ids,
+                          autograd=True)
         exact = r.exact.float().reshape(out.shape)
         errs.append((out - exact).norm() / exact.norm().clamp(min=1e-30))
     return torch.stack(errs)

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
+from ..ops.attention import attention_autograd
 from ..passes.lower import (EXACT, add_segment_ids, eliminate_dead_code, grouped_attention, lower_match_to_hook,
                             takes_exact_path)
 from ..passes.match import find_matches
@@ -85,11 +86,12 @@ def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None):
 
 
 def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None,
-                segment_ids=None):
+                segment_ids=None, autograd: bool = False):
     """What a site returns under ``config`` (None: exact, the original output), in the original
     output's dtype (``dtype`` when the original was not computed). ``weight``: a learned summary
     weight for an MTAConfig or HeadGroups (a tensor: calibration fits it through this call); a
-    ``Learned`` config carries its own. ``segment_ids``: boundary chunks."""
+    ``Learned`` config carries its own. ``segment_ids``: boundary chunks. ``autograd``: computed by
+    ``ops.attention.attention_autograd`` (the same values; cheaper to differentiate on the CPU)."""
     if config is None:
         return original
     dtype = original.dtype if original is not None else dtype
@@ -98,10 +100,11 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
     if isinstance(config, Clustered):
         return torch.ops.mta.attention(q, k, v, mask, None, None, config.tensor(q.device), causal=causal, scale=scale,
                                        **config.config.op_kwargs()).to(dtype)
+    attend = attention_autograd if autograd else torch.ops.mta.attention
     if isinstance(config, HeadGroups):
-        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids).to(dtype)
-    return torch.ops.mta.attention(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale,
-                                   **config.op_kwargs()).to(dtype)
+        return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids,
+                                 attend).to(dtype)
+    return attend(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale, **config.op_kwargs()).to(dtype)
 
 
 def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype) -> torch.Tensor:

@@ -66,10 +66,12 @@ def takes_exact_path(m: AttentionMatch) -> bool:
     return m.rewritable and not (m.kind == "sdpa" and m.mask_kind == "none")
 
 
-def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None):
+def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None, attend=None):
     """MTA with a different configuration per group of query heads (``HeadGroups.op_groups``);
     a group with config None is exact. ``summary_weight`` [Hkv, d]: learned summaries (each group
-    gets its heads' rows); ``segment_ids``: boundary chunks. Called from the graph."""
+    gets its heads' rows); ``segment_ids``: boundary chunks. Called from the graph. ``attend``: the
+    op (None) or ``ops.attention.attention_autograd`` (calibration's fitting)."""
+    attend = attend or torch.ops.mta.attention
     Hq, Hkv = q.shape[1], k.shape[1]
     G = Hq // Hkv
     per_head_mask = mask is not None and mask.dim() >= 3 and mask.shape[-3] == Hq and Hq > 1
@@ -81,8 +83,8 @@ def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None,
         kwargs = dict(cfg) if cfg is not None else {"chunk_size": EXACT_CHUNK}
         w = summary_weight.index_select(0, kv_idx) if summary_weight is not None and cfg is not None else None
         seg = segment_ids if cfg is not None else None
-        outs.append(torch.ops.mta.attention(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m,
-                                            w, seg, causal=causal, scale=scale, **kwargs))
+        outs.append(attend(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m, w, seg,
+                           causal=causal, scale=scale, **kwargs))
         order.extend(heads)
     inverse = torch.argsort(torch.tensor(order, dtype=torch.long, device=q.device))
     return torch.cat(outs, dim=1).index_select(1, inverse)

@@ -84,3 +84,35 @@ def test_bad_weight_is_a_clear_error():
         mta(q, k, v, None, torch.zeros(4, 8, dtype=F64), chunk_size=4)
     with pytest.raises(ValueError, match="summary_weight must be a float tensor"):
         mta(q, k, v, None, torch.zeros(2, 8, dtype=torch.long), chunk_size=4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_autograd_equals_the_op(causal):
+    """``attention_autograd`` (calibration fits learned summaries through it): on the CPU the op's
+    implementation differentiated directly. Its output and its gradients in q, k, v and the
+    weight equal the op's (whose backward recomputes the forward), float64, on each of the op's
+    CPU routes: chunk by chunk with a bias mask and top-k, query blocks (many small chunks), one
+    chunk (SDPA), boundary chunks unpadded and in padded slots (with top-k); GQA."""
+    from mta_rewrite.ops.attention import attention_autograd
+
+    from mta_rewrite.ops.varlen import blocks_beat_chunks
+
+    B, Hq, Hkv = 2, 4, 2
+    ids = torch.cumsum((torch.rand(B, 40, generator=torch.Generator().manual_seed(6)) < 0.2).long(), 1)
+    routes = [(40, make_mask("alibi_bias", B, Hq, 40), None, dict(chunk_size=6, local_chunks=2, sinks=3, top_k=2)),
+              (512, make_mask("key_padding_bool", B, Hq, 512), None, dict(chunk_size=2, sinks=1)),
+              (40, None, None, dict(chunk_size=64)),
+              (40, make_mask("key_padding_bool", B, Hq, 40), ids, dict(chunk_size=5, sinks=2)),
+              (40, None, ids, dict(chunk_size=5, local_chunks=2, top_k=1))]
+    assert blocks_beat_chunks(2, 512)  # the second route runs in query blocks
+    for n, mask, seg, kw in routes:
+        q, k, v = qkv(B, Hq, Hkv, n)
+        grad_out = torch.randn(B, Hq, n, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
+        results = []
+        for fn in (mta, attention_autograd):
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, weight(Hkv))]
+            out = fn(*leaves[:3], mask, leaves[3], seg, causal=causal, **kw)
+            out.backward(grad_out)
+            results.append([out.detach()] + [x.grad for x in leaves])
+        for name, got, want in zip(("out", "dq", "dk", "dv", "dw"), results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} {kw} {seg is not None}: {m}")
