@@ -94,16 +94,22 @@ FLOPS = TimeModel("flops alone", exact_ms_per_gflop=1.0, exact_call_ms=0.0, mta_
                   mta_ms_per_mselect=0.0, mta_call_ms=0.0)
 
 
-def brute_force_greedy(probe, samples, per_head, tau, candidates):
+def brute_force_greedy(probe, samples, per_head, tau, candidates, memo):
     """Each policy's plan as the search defines it, computed the slow way: for each site in order,
-    one whole forward pass per sample with the upstream choices, recording the site."""
-    stats, _ = _walk(probe, samples, candidates, [(False, 0.0)], lambda: None, model=FLOPS)  # exact-upstream statistics
+    one whole forward pass per sample with the upstream choices, recording the site. ``memo``
+    (shared by the policies of one test) keeps the exact-upstream statistics and each site's
+    measurements per upstream plan, so that policies agreeing upstream run those passes once."""
+    if "stats" not in memo:  # exact-upstream statistics
+        memo["stats"] = _walk(probe, samples, candidates, [(False, 0.0)], lambda: None, model=FLOPS)[0]
     configs, errors = {}, {}
-    for st in stats:
-        recs = []
-        for sample in samples:
-            recs += probe.run(sample, configs, record={st.name})[1][st.name]
-        measured = {cand: _site_parts(recs, cand) for cand in st.candidates}
+    for st in memo["stats"]:
+        key = (st.name, tuple(sorted((name, repr(cfg)) for name, cfg in configs.items())))
+        if key not in memo:
+            recs = []
+            for sample in samples:
+                recs += probe.run(sample, configs, record={st.name})[1][st.name]
+            memo[key] = {cand: _site_parts(recs, cand) for cand in st.candidates}
+        measured = memo[key]
         choice, err = _choose(st, measured.__getitem__, per_head, tau)
         if choice is not None:
             configs[st.name], errors[st.name] = choice, err
@@ -128,8 +134,9 @@ def test_walk_equals_brute_force_greedy_for_every_policy(probed):
             recs += probe.run(sample, {}, record={st.name})[1][st.name]
         for cand in st.candidates:
             assert st.errors[cand] == relative(*_site_parts(recs, cand))
+    memo = {}
     for policy in policies:
-        want_configs, want_errors = brute_force_greedy(probe, data, *policy, CANDIDATES)
+        want_configs, want_errors = brute_force_greedy(probe, data, *policy, CANDIDATES, memo)
         got_configs, got_errors = chosen[policy]
         assert got_configs == want_configs, policy
         assert got_errors == want_errors, policy
