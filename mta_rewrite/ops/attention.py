@@ -102,8 +102,7 @@ def attention(
     most ``chunk_size`` tokens; None is fixed chunks. ``centroids`` [Hkv, K, d]: clustered summaries
     (the spec's learned clustering of keys, non-causal, ``clustered.py``): the keys outside a
     query's window summarised per nearest centroid instead of per chunk."""
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    return _forward(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+    return _checked(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                     causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
@@ -120,8 +119,7 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
         return torch.ops.mta.attention(q, k, v, attn_mask, summary_weight, segment_ids, centroids,
                                        chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks,
                                        sinks=sinks, top_k=top_k)
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
-    return _forward(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+    return _checked(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                     causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
@@ -133,6 +131,13 @@ class Implementations(NamedTuple):
     fixed: Callable
     boundary: Callable
     clustered: Callable
+
+
+def _checked(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, **config):
+    """The op by one device's implementations, its inputs checked first (:func:`check_inputs`)."""
+    check_inputs(q, k, v, attn_mask, config["chunk_size"], config["causal"], config["scale"], config["local_chunks"],
+                 config["sinks"], config["top_k"], summary_weight, segment_ids)
+    return _forward(impl, q, k, v, attn_mask, summary_weight, segment_ids, centroids, **config)
 
 
 def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
@@ -210,10 +215,9 @@ PORTABLE = Implementations(portable_fixed, portable_boundary, mta_attention_clus
 @attention.register_kernel("cuda")
 def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
       scale=None, local_chunks=1, sinks=0, top_k=0):
-    check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight, segment_ids)
     from ..kernels import CUDA  # triton is imported only when a CUDA tensor arrives
 
-    return _forward(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+    return _checked(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                     causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
 
 
