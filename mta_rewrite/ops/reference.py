@@ -1,8 +1,9 @@
 """A float64 implementation of MTA that follows MTA_SPEC.md literally, for tests only.
 
 It loops over batches, heads, query chunks, key chunks and queries, and writes down each rule
-of the spec where it applies. It is slow on purpose (small shapes only) and shares no code with
-the efficient implementation beyond the mask convention in ``masks.py``.
+of the spec where it applies (for each query, the keys it attends exactly are listed one by one
+by step 1's rules; their logits are then one product). Python loops: small shapes only. It
+shares no code with the efficient implementation beyond the mask convention in ``masks.py``.
 """
 
 from __future__ import annotations
@@ -70,6 +71,20 @@ def mta_attention_reference(
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
     out = torch.zeros(B, Hq, n, d, dtype=torch.float64)
+    pooled = {}
+
+    def pool(b, hk, kept):
+        """(k̄, v̄) of the keys ``kept``: their mean, or with learned summaries their average
+        weighted by softmax(k_s·w). The same keys give the same summary for every query head of
+        the group and every query chunk: computed once."""
+        key = (b, hk, tuple(kept))
+        if key not in pooled:
+            if sw is None:
+                pooled[key] = (k[b, hk, kept].mean(0), v[b, hk, kept].mean(0))
+            else:
+                a = torch.softmax(k[b, hk, kept] @ sw[hk], dim=0)
+                pooled[key] = (a @ k[b, hk, kept], a @ v[b, hk, kept])
+        return pooled[key]
 
     for b in range(B):
         seg = None if segment_ids is None else segment_ids[b if segment_ids.shape[0] > 1 else 0].tolist()
@@ -79,6 +94,7 @@ def mta_attention_reference(
         for h in range(Hq):
             hk = h // G
             A, Bias = allowed[b, h], bias[b, h]
+            ok, bias_ts = A.tolist(), Bias.tolist()  # ok[t][s]: may query t see key s (mask and causality)
             for i in range(nc):
                 queries = chunks[i]
                 window = {j for j in range(nc) if ((i - L + 1 <= j <= i) if causal else abs(j - i) <= L - 1)}
@@ -88,7 +104,7 @@ def mta_attention_reference(
                     nearest = ((k[b, hk][:, None, :] - cent[hk][None]) ** 2).sum(-1).argmin(-1).tolist()
                     for m in range(cent.shape[1]):
                         kept = [s for s in range(n) if s >= sinks and chunk_of(s) not in window and nearest[s] == m
-                                and A[queries[0], s]]
+                                and ok[queries[0]][s]]
                         if kept:
                             summaries[("cluster", m)] = (k[b, hk, kept].mean(0), v[b, hk, kept].mean(0), math.log(len(kept)))
                 for j in range(nc if cent is None else 0):
@@ -97,24 +113,17 @@ def mta_attention_reference(
                     keys = [s for s in chunks[j] if s >= sinks]
                     if not keys:
                         continue
-                    block_ok = A[queries][:, keys]
-                    block_b = Bias[queries][:, keys]
-                    uniform = bool((block_ok == block_ok[0]).all())
-                    values = block_b[block_ok].unique() if uniform else None
-                    if not uniform or values.numel() > 1:
+                    block_ok = [[ok[t][s] for s in keys] for t in queries]
+                    uniform = all(row == block_ok[0] for row in block_ok)
+                    values = {bias_ts[t][s] for t in queries for s in keys if ok[t][s]} if uniform else None
+                    if not uniform or len(values) > 1:
                         exact_chunks.add(j)  # the mask varies inside the block: exact
                         continue
-                    kept = [s for s, ok in zip(keys, block_ok[0].tolist()) if ok]
+                    kept = [s for s, allowed_s in zip(keys, block_ok[0]) if allowed_s]
                     if not kept:
                         continue  # n_j = 0: left out
-                    if sw is None:
-                        kbar = k[b, hk, kept].mean(0)
-                        vbar = v[b, hk, kept].mean(0)
-                    else:
-                        a = torch.softmax(k[b, hk, kept] @ sw[hk], dim=0)
-                        kbar = a @ k[b, hk, kept]
-                        vbar = a @ v[b, hk, kept]
-                    offset = math.log(len(kept)) + (float(values[0]) if values.numel() else 0.0)
+                    kbar, vbar = pool(b, hk, kept)
+                    offset = math.log(len(kept)) + (values.pop() if values else 0.0)
                     summaries[j] = (kbar, vbar, offset)
                 if top_k > 0 and summaries:
                     qbar = q[b, h, queries].mean(0)
@@ -122,17 +131,16 @@ def mta_attention_reference(
                     for j in sorted(summaries, key=lambda j: (-score[j], j))[:top_k]:
                         exact_chunks.add(j)
                         del summaries[j]
+                # the summaries as rows: [k̄_j], [v̄_j], and each logit's offset (log n_j + the mask's value)
+                kbars = torch.stack([kbar for kbar, _, _ in summaries.values()]) if summaries else k.new_zeros(0, d)
+                vbars = torch.stack([vbar for _, vbar, _ in summaries.values()]) if summaries else k.new_zeros(0, d)
+                offsets = torch.tensor([offset for _, _, offset in summaries.values()], dtype=torch.float64)
                 for t in queries:
-                    logits, values_ = [], []
-                    for s in range(n):
-                        if (chunk_of(s) in exact_chunks or s < sinks) and A[t, s]:
-                            logits.append(scale * q[b, h, t] @ k[b, hk, s] + Bias[t, s])
-                            values_.append(v[b, hk, s])
-                    for kbar, vbar, offset in summaries.values():
-                        logits.append(scale * q[b, h, t] @ kbar + offset)
-                        values_.append(vbar)
-                    if not logits:
+                    exact = [s for s in range(n) if (chunk_of(s) in exact_chunks or s < sinks) and ok[t][s]]
+                    logits = torch.cat([scale * (k[b, hk, exact] @ q[b, h, t]) + Bias[t, exact],
+                                        scale * (kbars @ q[b, h, t]) + offsets])
+                    if not logits.numel():
                         continue  # nothing to attend to: zeros
-                    p = torch.softmax(torch.stack(logits), dim=0)
-                    out[b, h, t] = p @ torch.stack(values_)
+                    p = torch.softmax(logits, dim=0)
+                    out[b, h, t] = p @ torch.cat([v[b, hk, exact], vbars])
     return out

@@ -137,6 +137,31 @@ def sdpa(q, k, v, mask=None, causal=False, scale=None):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "alibi_bias", "random_bool_per_head"])
+def test_the_reference_itself_holds_the_identities(causal, mask_kind):
+    """The float64 reference every other test trusts, against exact attention (SDPA in float64):
+    one chunk, a window over every chunk and sinks over every token are exact attention; so are
+    summaries of chunks whose keys and values are identical (log n_j); and one summary by hand."""
+    B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
+    q, k, v = qkv(B, Hq, Hkv, n, d)
+    mask = make_mask(mask_kind, B, Hq, n)
+    exact = sdpa(q, k, v, mask, causal)
+    for kw in (dict(chunk_size=n), dict(chunk_size=3, local_chunks=5), dict(chunk_size=4, sinks=n)):
+        torch.testing.assert_close(mta_attention_reference(q, k, v, mask, causal=causal, **kw), exact,
+                                   rtol=1e-12, atol=1e-12, msg=lambda m: f"{kw}: {m}")
+    if mask_kind == "none":  # with a mask, a chunk's kept keys differ per query block
+        k1, v1 = (x[:, :, :1].expand(-1, -1, n, -1).contiguous() for x in (k, v))  # one key, one value throughout
+        torch.testing.assert_close(mta_attention_reference(q, k1, v1, chunk_size=3, causal=causal),
+                                   sdpa(q, k1, v1, None, causal), rtol=1e-12, atol=1e-12)
+    # by hand: n = 4, c = 2, query 0 sees keys 0 and 1 and the mean of keys 2, 3 with log 2 added
+    q4, k4, v4 = (x[:1, :1, :4] for x in (q, k, v))
+    logits = torch.stack([q4[0, 0, 0] @ k4[0, 0, 0], q4[0, 0, 0] @ k4[0, 0, 1],
+                          q4[0, 0, 0] @ k4[0, 0, 2:].mean(0)]) / math.sqrt(d) + torch.tensor([0, 0, math.log(2)], dtype=F64)
+    want = torch.softmax(logits, 0) @ torch.stack([v4[0, 0, 0], v4[0, 0, 1], v4[0, 0, 2:].mean(0)])
+    torch.testing.assert_close(mta_attention_reference(q4, k4, v4, chunk_size=2)[0, 0, 0], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_bool", "alibi_bias"])
 def test_one_chunk_equals_sdpa(causal, mask_kind):
     B, n = 2, 37

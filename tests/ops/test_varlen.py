@@ -66,9 +66,9 @@ def test_pieces_of_one_block_match_reference(one_chunk_bands, causal, mask_kind)
     mask = None if mask_kind == "none" else key_padding(B, n, mask_kind == "empty_sequence")
     ids = segments(B, n, rate=0.25)
     for c, L, s in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
+        ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
         for block in (3, None):
-            kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
-            ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
             out = mta_attention_varlen(q, k, v, mask, ids, block=block, **kw)
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
     q, k, v = (x[:2, :2, :11, :4].detach().clone().requires_grad_() for x in (q, k, v))
