@@ -41,7 +41,7 @@ def patch_language_once() -> bool:
         return False
     original = getattr(interpreter, "_patch_lang", None)
     scope_type = getattr(interpreter, "_LangPatchScope", None)
-    if original is None or scope_type is None or not hasattr(scope_type(), "_changes"):
+    if original is None or scope_type is None:
         return False
     if getattr(original, "patches_once", False):
         return True
@@ -52,15 +52,6 @@ def patch_language_once() -> bool:
         return frozenset(id(value) for value in fn.__globals__.values()
                          if inspect.ismodule(value) and value in (tl, tl.core))
 
-    class _LaunchScope(scope_type):
-        """The launch's scope: restoring it also ends the launch's record."""
-
-        def restore(self) -> None:
-            try:
-                super().restore()
-            finally:
-                swapped.pop()
-
     def patch_lang(fn):
         modules = language_modules(fn)
         if swapped and modules <= swapped[-1]:
@@ -69,10 +60,18 @@ def patch_language_once() -> bool:
         if swapped:  # a helper that sees another module: patched as the interpreter does
             swapped[-1] = swapped[-1] | modules
             return scope
-        launch = _LaunchScope()  # a launch (GridExecutor), which restores its scope when it ends
-        launch._changes = scope._changes
+        # a launch (GridExecutor), which restores its scope when it ends: that also ends its record
+        restore = scope.restore
+
+        def restore_and_end() -> None:
+            try:
+                restore()
+            finally:
+                swapped.pop()
+
+        scope.restore = restore_and_end
         swapped.append(modules)
-        return launch
+        return scope
 
     patch_lang.patches_once = True
     interpreter._patch_lang = patch_lang
