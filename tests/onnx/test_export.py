@@ -168,6 +168,38 @@ MASKS = ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias", "ran
          "causal_padding_4d_bool", "key_padding_4d_materialised"]  # (the last two: recognised as key padding)
 
 
+def test_the_suites_reused_torchlib_registry_exports_what_a_fresh_one_exports(tmp_path, monkeypatch):
+    """tests/conftest.py builds torch.onnx's torchlib registry once per process and gives each
+    export a copy: two exports with it (our op registered in each copy) and one with a fresh
+    registry are the same model, byte for byte."""
+    from torch.onnx._internal.exporter import _registration
+
+    from tests.conftest import reuse_torchlib_registry
+
+    assert reuse_torchlib_registry()
+    reused = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    assert hasattr(reused.__func__, "__wrapped__")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 11, 8, generator=g) for h in (4, 2, 2))
+    module = _OneSite("none", chunk_size=4, causal=True, local_chunks=1, sinks=2, top_k=1)
+
+    def exported(name: str) -> onnx.ModelProto:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return export_onnx(module, (q, k, v, torch.zeros(1)), tmp_path / name, dynamic=False)
+
+    first, second = exported("a.onnx"), exported("b.onnx")
+    # our op went into the exports' copies, never into the registry they are copied from
+    opset = next(o.version for o in first.opset_import if o.domain == "")
+    built = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    assert built.functions and torch.ops.mta.attention.default.name() not in built.functions
+    first, second = first.SerializeToString(), second.SerializeToString()
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(reused.__func__.__wrapped__))
+    fresh = exported("c.onnx").SerializeToString()
+    assert first == second == fresh
+    assert b"MultiTokenAttention" in fresh
+
+
 @pytest.mark.parametrize("learned", [False, True])
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_function_equals_the_op_on_every_branch(mask_kind, learned, tmp_path):
