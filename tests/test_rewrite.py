@@ -14,6 +14,8 @@ import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.ops import mta_attention_reference
 
+from .zoo_programs import captured
+
 logging.getLogger("torch._export").setLevel(logging.ERROR)
 logging.getLogger("torch.export").setLevel(logging.ERROR)
 
@@ -82,14 +84,12 @@ def test_sites_left_exact_run_the_ops_exact_path(case):
     """With a plan that approximates nothing, every rewritable site that is not already an SDPA call
     without a mask calls the op with one chunk (exact attention by SDPA, the mask recognised):
     the output is the original model's; lower_exact=False leaves the graph's attention as captured."""
-    torch.manual_seed(0)
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
+    model, program = captured(case).model, captured(case).program
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
-        fast = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
-        kept = mr.rewrite(model, args, kwargs, plan=mr.Plan({}), lower_exact=False)
+        sites = [s for s in mr.find_attention(program) if s.rewritable]
+        fast = mr.rewrite(program, plan=mr.Plan({}))
+        kept = mr.rewrite(program, plan=mr.Plan({}), lower_exact=False)
     lowered = [s for s in sites if not (s.kind == "sdpa" and s.mask == "none")]
     assert mr.api.count_exact_nodes(fast) == len(lowered), [(s.kind, s.mask) for s in sites]
     assert mr.count_mta_nodes(fast) == 0
@@ -362,11 +362,12 @@ def test_exact_sites_with_a_mask_run_the_ops_exact_path(padded):
         kwargs["attention_mask"] = mask
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sites = mr.find_attention(model, (), kwargs)
+        program = mr.capture(model, (), kwargs)  # once: find_attention and rewrite take the program
+        sites = mr.find_attention(program)
         assert len(sites) == 3 and all(s.rewritable and s.mask != "none" for s in sites)
         plan = mr.Plan({sites[1].name: mr.MTAConfig(32, 1, 4, 0)})
-        fast = mr.rewrite(model, (), kwargs, plan=plan)
-        kept = mr.rewrite(model, (), kwargs, plan=plan, lower_exact=False)
+        fast = mr.rewrite(program, plan=plan)
+        kept = mr.rewrite(program, plan=plan, lower_exact=False)
 
     def op_chunks(gm):
         return sorted(n.kwargs["chunk_size"] for n in gm.graph.nodes if n.target is torch.ops.mta.attention.default)

@@ -16,6 +16,8 @@ from mta_rewrite.calibration.probe import Probe
 from mta_rewrite.calibration.search import _choose, _ladder, _site_parts, _walk
 from mta_rewrite.config import HeadGroups
 
+from ..zoo_programs import captured
+
 CANDIDATES = [mr.MTAConfig(16), mr.MTAConfig(16, top_k=2), mr.MTAConfig(16, 2, 4, 1), mr.MTAConfig(32, 2, 4, 0),
               mr.MTAConfig(32, 1, 4, 2), mr.MTAConfig(64, 1, 0, 0)]
 
@@ -209,12 +211,10 @@ def test_forward_skips_what_only_mta_sites_original_needs_and_equals_run(case, l
     MTA site, and for an exact site the probe runs through the op's exact path, it never runs the
     nodes that only its original output needs, and those include the softmax (the attention itself
     is skipped), never the q, k, v or mask the op reads."""
-    torch.manual_seed(0)
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
+    args, kwargs = captured(case).args, captured(case).kwargs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probe = Probe(model, args, kwargs, lower_exact=lower_exact)
+        probe = Probe(captured(case).program, args, kwargs, lower_exact=lower_exact)
     program = probe.program
     lowered = any(s.kind != "sdpa" or s.mask != "none" for s in probe.rewritable)  # a site the exact path takes
     assert bool(probe.exact_path) == (lower_exact and lowered)
@@ -316,13 +316,11 @@ def test_exact_sites_run_what_the_rewritten_model_runs(case):
     """The probe's all-exact forward pass, whole (Probe.run) or site by site (Probe.forward), is
     the program ``rewrite`` makes when the plan leaves every site exact (the exact-path sites call
     the op with one chunk), bit for bit, at the example's length and another."""
-    torch.manual_seed(0)
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
+    args, kwargs = captured(case).args, captured(case).kwargs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probe = Probe(model, args, kwargs)
-        program = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
+        probe = Probe(captured(case).program, args, kwargs)
+        program = mr.rewrite(captured(case).program, plan=mr.Plan({}))
     for n in case.lengths:
         a, kw = case.inputs(n)
         sample = kw if not a else a

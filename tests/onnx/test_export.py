@@ -18,6 +18,8 @@ from mta_rewrite.onnx.export import _bool_source
 from mta_rewrite.passes.lower import EXACT_CHUNK
 from mta_rewrite.onnx.function import LEARNED_OP_TYPE, PREPARED_OP_TYPE, SIMPLIFY_BOOL_OP_TYPE, SIMPLIFY_OP_TYPE
 
+from ..zoo_programs import captured
+
 HAS_TRANSFORMERS = True
 try:
     import transformers  # noqa: F401
@@ -71,13 +73,12 @@ def test_onnxruntime_matches_the_rewritten_model(name, tmp_path):
     if case.family == "transformers" and not HAS_TRANSFORMERS:
         pytest.skip("transformers not installed")
     config = CASES[name]
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
+    program, args, kwargs = captured(case).program, captured(case).args, captured(case).kwargs
     path = tmp_path / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = export_onnx(model, args, path, kwargs, config=config)
-        rewritten = mr.rewrite(model, args, kwargs, config=config)
+        proto = export_onnx(program, args, path, kwargs, config=config)
+        rewritten = mr.rewrite(program, config=config)
     nodes = [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type in (OP_TYPE, PREPARED_OP_TYPE)]
     assert len(nodes) == case.rewritable
     # the model carries exactly the functions its mta nodes call, directly or through each other
@@ -122,11 +123,10 @@ def test_exact_sites_of_a_rewritten_program_export_as_plain_attention(name, tmp_
     case = next(c for c in zoo.all_cases() if c.name == name)
     if case.family == "transformers" and not HAS_TRANSFORMERS:
         pytest.skip("transformers not installed")
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
+    model, args, kwargs = captured(case).model, captured(case).args, captured(case).kwargs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = mr.rewrite(model, args, kwargs, plan=mr.Plan({}))
+        program = mr.rewrite(captured(case).program, plan=mr.Plan({}))
         assert mr.api.count_exact_nodes(program) == case.rewritable
         proto = export_onnx(program, args, tmp_path / "exact.onnx", kwargs)
     assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
@@ -240,18 +240,17 @@ def test_learned_summaries_export_and_match_the_rewritten_model(name, tmp_path):
     case = next(c for c in zoo.all_cases() if c.name == name)
     if case.family == "transformers" and not HAS_TRANSFORMERS:
         pytest.skip("transformers not installed")
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
-    sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
+    program, args, kwargs = captured(case).program, captured(case).args, captured(case).kwargs
+    sites = [s for s in mr.find_attention(program) if s.rewritable]
     config = mr.MTAConfig(6, 1, 2, 1)
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(sites[0].kv_heads, sites[0].head_dim, generator=g) * 2
     plan = mr.Plan({sites[0].name: mr.Learned.from_tensor(config, weight), sites[1].name: config})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = export_onnx(model, args, tmp_path / "m.onnx", kwargs, plan=plan)
-        rewritten = mr.rewrite(model, args, kwargs, plan=plan)
-        means = mr.rewrite(model, args, kwargs, config=config)
+        proto = export_onnx(program, args, tmp_path / "m.onnx", kwargs, plan=plan)
+        rewritten = mr.rewrite(program, plan=plan)
+        means = mr.rewrite(program, config=config)
     kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
     assert kinds.count("SummaryLogits") + kinds.count(LEARNED_OP_TYPE) == 1, kinds
     session = onnx_session(tmp_path / "m.onnx")
@@ -383,15 +382,14 @@ def test_sites_sharing_a_mask_recognise_it_once(tmp_path, monkeypatch):
 
     case = next(c for c in zoo.transformers_cases() if c.name == "llama (sdpa)")
     assert case.rewritable >= 2
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
+    program, args, kwargs = captured(case).program, captured(case).args, captured(case).kwargs
     config = mr.MTAConfig(8, 1, 2, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        shared = export_onnx(model, args, tmp_path / "shared.onnx", kwargs, config=config)
+        shared = export_onnx(program, args, tmp_path / "shared.onnx", kwargs, config=config)
         with monkeypatch.context() as patch:
             patch.setattr(export_module, "share_mask_preparation", lambda graph: 0)
-            unshared = export_onnx(model, args, tmp_path / "unshared.onnx", kwargs, config=config)
+            unshared = export_onnx(program, args, tmp_path / "unshared.onnx", kwargs, config=config)
     sites = [n for n in shared.graph.node if n.domain == DOMAIN and n.op_type == PREPARED_OP_TYPE]
     recognitions = [n for n in shared.graph.node if n.domain == DOMAIN and n.op_type not in (OP_TYPE, PREPARED_OP_TYPE)]
     assert [n.op_type for n in recognitions] == [SIMPLIFY_BOOL_OP_TYPE] and len(sites) == case.rewritable
@@ -469,17 +467,16 @@ def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
     from mta_rewrite.onnx.function import SEGMENTED_PREPARED_OP_TYPE
 
     case = next(c for c in zoo.all_cases() if c.name == name)
-    model = case.build()
-    args, kwargs = case.inputs(case.lengths[0])
-    sites = [s for s in mr.find_attention(model, args, kwargs) if s.rewritable]
+    program, args, kwargs = captured(case).program, captured(case).args, captured(case).kwargs
+    sites = [s for s in mr.find_attention(program) if s.rewritable]
     config = mr.MTAConfig(4, 2, 2, 1)
     weight = torch.randn(sites[0].kv_heads, sites[0].head_dim, generator=torch.Generator().manual_seed(1))
     plan = mr.Plan({sites[0].name: mr.Learned.from_tensor(config, weight), sites[1].name: config},
                    boundaries=mr.Boundaries((3, 5, 7, 11, 13, 17)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        proto = export_onnx(model, args, tmp_path / "m.onnx", kwargs, plan=plan)
-        rewritten = mr.rewrite(model, args, kwargs, plan=plan)
+        proto = export_onnx(program, args, tmp_path / "m.onnx", kwargs, plan=plan)
+        rewritten = mr.rewrite(program, plan=plan)
     kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
     assert kinds.count(SEGMENTED_PREPARED_OP_TYPE) == 2 and kinds.count("SummaryLogits") == 1, kinds
     assert_runs_like(onnx_session(tmp_path / "m.onnx"), case, rewritten)
