@@ -351,7 +351,7 @@ def main(argv=None):
 
         speed_up_interpreter()  # mta_rewrite/kernels/interpreter.py: half the interpreter's time
         DEVICE = "cpu"
-        args.n, args.chunks, args.sweep_n, args.heads, args.head_dim = [256, 512], [16, 32], 256, 2, 16
+        args.n, args.chunks, args.sweep_n, args.heads, args.head_dim = [128, 256], [16, 32], 128, 2, 16
         args.sweep_chunks = [16, 32]
     elif not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -537,7 +537,7 @@ def main(argv=None):
     # 5. extras at 64K causal, c = 128
     extras = {}
     if ((65536 in args.n and 128 in args.chunks) or args.dry_run) and not budget.spent("step 5", need=60):
-        n, c = (65536, 128) if not args.dry_run else (512, 32)
+        n, c = (65536, 128) if not args.dry_run else (256, 32)
         q, k, v = qkv(4096 if not args.dry_run else n)  # the launches below, compiled ahead (same specialisation)
         qg, kg, vg = qkv(q.shape[2], hkv=max(1, H // 4))
 
@@ -688,7 +688,7 @@ def main(argv=None):
     # 6. FlexAttention on the same math (kernels/flex.py), the baseline #6 names: block mask built
     #    from block indices once per shape (timed apart), flex_attention compiled once per shape
     flex = []
-    points = [(512, True, 32)] if args.dry_run else [p for p in FLEX_POINTS if p[0] in args.n] if args.flex else []
+    points = [(256, True, 32)] if args.dry_run else [p for p in FLEX_POINTS if p[0] in args.n] if args.flex else []
     for n, causal, c in points:
         if budget.spent(f"step 6: n={n}", need=60):  # compiling flex_attention takes most of it
             break

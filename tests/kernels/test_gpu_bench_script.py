@@ -28,7 +28,7 @@ def test_dry_run_reports_every_step(tmp_path):
     (result,) = tmp_path.glob("gpu_*.json")
     report = json.loads(result.read_text())
     assert report["complete"]
-    assert {(r["n"], r["mode"]) for r in report["rows"]} == {(n, m) for n in (256, 512) for m in ("causal", "full")}
+    assert {(r["n"], r["mode"]) for r in report["rows"]} == {(n, m) for n in (128, 256) for m in ("causal", "full")}
     for row in report["rows"]:  # every chunk size and variant timed, and close to the portable implementation
         assert all(row[f"mta_c{c}_ms"] > 0 for c in (16, 32)), row
         assert all(row[f"mta_c{c}_rel_err"] < 1e-2 for c in (16, 32)), row
@@ -66,6 +66,6 @@ def test_dry_run_within_a_spent_budget_still_reports(tmp_path):
     (result,) = tmp_path.glob("gpu_*.json")
     report = json.loads(result.read_text())
     assert report["complete"] and report["rows"] == [] and report["sweep"] == {} and report["models"] == []
-    assert report["skipped_for_budget"] == ["step 2: n=256", "step 3", "step 3: pre-pass blocks", "step 4",
-                                            "step 5", "step 6: n=512", "step 7: TinyCausalLM"]
-    assert "Skipped, the --budget spent: step 2: n=256;" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert report["skipped_for_budget"] == ["step 2: n=128", "step 3", "step 3: pre-pass blocks", "step 4",
+                                            "step 5", "step 6: n=256", "step 7: TinyCausalLM"]
+    assert "Skipped, the --budget spent: step 2: n=128;" in (tmp_path / result.name.replace(".json", ".md")).read_text()
