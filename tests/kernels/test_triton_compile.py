@@ -18,60 +18,98 @@ import pytest
 pytest.importorskip("triton")
 
 CHILD = r"""
-import inspect, sys
+import inspect, json, sys, traceback
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mta_rewrite.kernels.clusters import _cluster_sums_kernel, _nearest_kernel
+from mta_rewrite.kernels.mta_bwd import _mta_bwd_keys_kernel, _mta_bwd_rows_kernel, _mta_bwd_summaries_kernel
 from mta_rewrite.kernels.mta_fwd import _chunk_mean_kernel, _mta_fwd_kernel
 
-dtype, causal, keymask = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
-cap, block_m, warps, fused, loops, wide, clustered = map(int, sys.argv[4:])
-pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
-other = {"logn_ptr": "*fp32", "sw_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8", "scale": "fp32", "qk_scale": "fp32",
-         "mu_ptr": "*fp32", "ids_ptr": "*i32", "starts_ptr": "*i32", "ck_ptr": "*fp32", "cv_ptr": "*fp32", "cn_ptr": "*fp32"}
+
+class Skip(Exception):
+    pass
 
 
-def build(fn, constexprs, descs=None, **options):
+def source(fn, signature, constexprs):
     params = list(inspect.signature(fn.fn).parameters)
-    signature = {p: f"*{dtype}" if p in pointers else "constexpr" if p in constexprs else other.get(p, "i32")
-                 for p in params}
-    signature.update(descs or {})
     try:
-        src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+        return ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
     except TypeError as exc:
-        print("SKIP", exc)
-        sys.exit(0)
+        raise Skip(str(exc))
+
+
+def check(fn, src, cap, options):
     kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     assert fn.fn.__name__ in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
 
 
-descs = ("kd", "vd", "skd", "svd")
-build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                        "HEAD_D": 128, "HAS_TOPK": not fused and clustered != 1, "TOPK_PAD": 2, "FUSED": bool(fused), "MAX_SPIN": 1 << 16,
-                        "ONE_LOOP": loops == 1, "CHUNK_MAJOR": fused == 2, "TMA": loops == 2, "WIDE": bool(wide),
-                        "CLUSTERED": clustered == 1, "VARLEN": clustered == 2,
-                        "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128}
-      | ({} if loops == 2 else {name: None for name in descs}),
-      descs={name: f"tensordesc<{dtype}[64, 128]>" for name in descs} if loops == 2 else None,
-      num_warps=warps, num_stages=3)
-for learned in (False, True):  # mean or learned summaries
-    build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "LEARNED": learned,
-                               "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_D": 128, "WIDE": bool(wide),
-                               "VARLEN": clustered == 2}, num_warps=4)
-if clustered == 1:  # the clustered summaries' pre-pass
-    build(_nearest_kernel, {"HEAD_D": 128, "BLOCK_T": 64, "BLOCK_K": 32, "BLOCK_D": 128, "WIDE": bool(wide)}, num_warps=4)
-    build(_cluster_sums_kernel, {"HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                                 "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_D": 128, "WIDE": bool(wide)},
-          num_warps=4)
-print("OK")
-"""
+def forward(dtype, causal, keymask, cap, block_m, warps, fused, loops, wide, clustered):
+    pointers = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "out_ptr", "x_ptr", "y_ptr", "xbar_ptr", "ybar_ptr"}
+    other = {"logn_ptr": "*fp32", "sw_ptr": "*fp32", "sel_ptr": "*i32", "sync_ptr": "*i32", "keyok_ptr": "*i8",
+             "scale": "fp32", "qk_scale": "fp32", "mu_ptr": "*fp32", "ids_ptr": "*i32", "starts_ptr": "*i32",
+             "ck_ptr": "*fp32", "cv_ptr": "*fp32", "cn_ptr": "*fp32"}
 
+    def build(fn, constexprs, descs=None, **options):
+        params = list(inspect.signature(fn.fn).parameters)
+        signature = {p: f"*{dtype}" if p in pointers else "constexpr" if p in constexprs else other.get(p, "i32")
+                     for p in params}
+        signature.update(descs or {})
+        check(fn, source(fn, signature, constexprs), cap, options)
+
+    descs = ("kd", "vd", "skd", "svd")
+    build(_mta_fwd_kernel, {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                            "HEAD_D": 128, "HAS_TOPK": not fused and clustered != 1, "TOPK_PAD": 2, "FUSED": bool(fused),
+                            "MAX_SPIN": 1 << 16, "ONE_LOOP": loops == 1, "CHUNK_MAJOR": fused == 2, "TMA": loops == 2,
+                            "WIDE": bool(wide), "CLUSTERED": clustered == 1, "VARLEN": clustered == 2,
+                            "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_D": 128}
+          | ({} if loops == 2 else {name: None for name in descs}),
+          descs={name: f"tensordesc<{dtype}[64, 128]>" for name in descs} if loops == 2 else None,
+          num_warps=warps, num_stages=3)
+    for learned in (False, True):  # mean or learned summaries
+        build(_chunk_mean_kernel, {"HAS_Y": True, "HAS_KEYMASK": keymask, "WRITE_LOGN": True, "LEARNED": learned,
+                                   "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_D": 128, "WIDE": bool(wide),
+                                   "VARLEN": clustered == 2}, num_warps=4)
+    if clustered == 1:  # the clustered summaries' pre-pass
+        build(_nearest_kernel, {"HEAD_D": 128, "BLOCK_T": 64, "BLOCK_K": 32, "BLOCK_D": 128, "WIDE": bool(wide)},
+              num_warps=4)
+        build(_cluster_sums_kernel, {"HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                                     "HEAD_D": 128, "BLOCK_C": 64, "BLOCK_K": 32, "BLOCK_D": 128, "WIDE": bool(wide)},
+              num_warps=4)
+
+
+def backward(dtype, causal, keymask, varlen, clustered):
+    typed = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "do_ptr", "dq_ptr"}
+    fp32 = {"logn_ptr", "lse_ptr", "delta_ptr", "dkbar_ptr", "dvbar_ptr", "dk_ptr", "dv_ptr", "dks_ptr", "dvs_ptr"}
+    for fn in (_mta_bwd_rows_kernel, _mta_bwd_keys_kernel, _mta_bwd_summaries_kernel):
+        params = list(inspect.signature(fn.fn).parameters)
+        constexprs = {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                      "HAS_TOPK": causal, "TOPK_PAD": 2, "HEAD_D": 128, "SUMMARY_ATOMICS": not keymask, "BLOCK_M": 64,
+                      "BLOCK_N": 32, "BLOCK_D": 128, "VARLEN": varlen, "CLUSTERED": clustered}
+        constexprs = {k: v for k, v in constexprs.items() if k in params}
+        signature = {p: f"*{dtype}" if p in typed else "*fp32" if p in fp32 else "*i8" if p == "keyok_ptr"
+                     else "*i32" if p in ("sel_ptr", "starts_ptr", "chunk_of_ptr")
+                     else "constexpr" if p in constexprs else "fp32" if p in ("qk_scale", "scale") else "i32"
+                     for p in params}
+        check(fn, source(fn, signature, constexprs), 90, dict(num_warps=4, num_stages=2))
+
+
+for line in sys.stdin:  # one job a line: ["forward" or "backward", its arguments]
+    kind, args = json.loads(line)
+    try:
+        (forward if kind == "forward" else backward)(*args)
+        result = "OK"
+    except Skip as exc:
+        result = f"SKIP {exc}"
+    except Exception:  # reported with the job, the next job still compiles
+        result = "FAIL " + traceback.format_exc()[-3000:]
+    print("RESULT", json.dumps([kind, args, result]), flush=True)
+"""
 
 # fused: 0 pre-pass, 1 fused head by head, 2 fused chunk by chunk; loops: 0 three, 1 one, 2 three with
 # TMA; wide: 64-bit batch and head offsets; clustered: 1 clustered summaries (non-causal) and their
 # pre-pass, 2 boundary chunks read without padding (VARLEN, the main kernel and the pre-pass)
-@pytest.mark.parametrize("dtype,causal,keymask,cap,block_m,warps,fused,loops,wide,clustered", [
+FORWARD = [
     ("bf16", True, True, 90, 128, 4, 0, 0, 0, 0), ("bf16", True, False, 90, 64, 4, 1, 0, 0, 0),
     ("bf16", True, True, 90, 128, 8, 2, 0, 0, 0), ("fp16", False, False, 90, 128, 8, 0, 0, 0, 0),
     ("fp32", True, False, 90, 64, 4, 0, 0, 0, 0), ("bf16", False, True, 80, 64, 4, 0, 0, 0, 0),
@@ -81,55 +119,41 @@ print("OK")
     ("bf16", False, True, 90, 128, 4, 0, 0, 0, 1), ("bf16", False, False, 90, 128, 4, 0, 2, 0, 1),
     ("fp16", False, True, 80, 64, 4, 0, 0, 1, 1), ("bf16", True, True, 90, 128, 4, 0, 0, 0, 2),
     ("fp16", False, False, 90, 64, 4, 0, 1, 0, 2),
-])
-def test_compiles_to_cubin(dtype, causal, keymask, cap, block_m, warps, fused, loops, wide, clustered):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    argv = [dtype, str(int(causal)), str(int(keymask)), str(cap), str(block_m), str(warps), str(fused), str(loops),
-            str(wide), str(clustered)]
-    run = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    last = run.stdout.strip().splitlines()[-1]
-    if last.startswith("SKIP"):
-        pytest.skip(f"this triton's ASTSource takes other arguments: {last}")
-    assert last == "OK"
-
-
-BWD_CHILD = r"""
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from mta_rewrite.kernels.mta_bwd import _mta_bwd_keys_kernel, _mta_bwd_rows_kernel, _mta_bwd_summaries_kernel
-
-dtype, causal, keymask, varlen, clustered = sys.argv[1], *(arg == "1" for arg in sys.argv[2:6])
-typed = {"q_ptr", "k_ptr", "v_ptr", "kbar_ptr", "vbar_ptr", "do_ptr", "dq_ptr"}
-fp32 = {"logn_ptr", "lse_ptr", "delta_ptr", "dkbar_ptr", "dvbar_ptr", "dk_ptr", "dv_ptr", "dks_ptr", "dvs_ptr"}
-for fn in (_mta_bwd_rows_kernel, _mta_bwd_keys_kernel, _mta_bwd_summaries_kernel):
-    params = list(inspect.signature(fn.fn).parameters)
-    constexprs = {"CAUSAL": causal, "HAS_KEYMASK": keymask, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                  "HAS_TOPK": causal, "TOPK_PAD": 2, "HEAD_D": 128, "SUMMARY_ATOMICS": not keymask, "BLOCK_M": 64,
-                  "BLOCK_N": 32, "BLOCK_D": 128, "VARLEN": varlen, "CLUSTERED": clustered}
-    constexprs = {k: v for k, v in constexprs.items() if k in params}
-    signature = {p: f"*{dtype}" if p in typed else "*fp32" if p in fp32 else "*i8" if p == "keyok_ptr"
-                 else "*i32" if p in ("sel_ptr", "starts_ptr", "chunk_of_ptr")
-                 else "constexpr" if p in constexprs else "fp32" if p in ("qk_scale", "scale") else "i32" for p in params}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-    assert fn.fn.__name__ in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
-print("OK")
-"""
-
-
+]
 # varlen: boundary chunks read where they lie (VARLEN); clustered: clustered summaries (CLUSTERED)
-@pytest.mark.parametrize("dtype,causal,keymask,varlen,clustered", [
-    ("bf16", True, True, False, False), ("fp16", False, False, False, False), ("bf16", True, True, True, False),
-    ("bf16", False, False, False, True)])
-def test_backward_compiles_to_cubin(dtype, causal, keymask, varlen, clustered):
+BACKWARD = [("bf16", True, True, False, False), ("fp16", False, False, False, False), ("bf16", True, True, True, False),
+            ("bf16", False, False, False, True)]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every configuration below compiled by one child process (importing torch and the kernels
+    took 3 of the 3.7 s each configuration's own child took), each result by itself: the
+    configuration's test fails or skips alone."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    flags = [str(int(x)) for x in (causal, keymask, varlen, clustered)]
-    run = subprocess.run([sys.executable, "-c", BWD_CHILD, dtype, *flags], capture_output=True, text=True, env=env)
+    jobs = [("forward", list(p)) for p in FORWARD] + [("backward", list(p)) for p in BACKWARD]
+    run = subprocess.run([sys.executable, "-c", CHILD], input="".join(json.dumps(job) + "\n" for job in jobs),
+                         capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().splitlines()[-1] == "OK"
+    results = [json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    return {(kind, tuple(args)): result for kind, args, result in results}
+
+
+def _check(compiled, key):
+    assert key in compiled, f"the child reported nothing for {key}"
+    if compiled[key].startswith("SKIP"):
+        pytest.skip(f"this triton's ASTSource takes other arguments: {compiled[key]}")
+    assert compiled[key] == "OK", compiled[key]
+
+
+@pytest.mark.parametrize("dtype,causal,keymask,cap,block_m,warps,fused,loops,wide,clustered", FORWARD)
+def test_compiles_to_cubin(compiled, dtype, causal, keymask, cap, block_m, warps, fused, loops, wide, clustered):
+    _check(compiled, ("forward", (dtype, causal, keymask, cap, block_m, warps, fused, loops, wide, clustered)))
+
+
+@pytest.mark.parametrize("dtype,causal,keymask,varlen,clustered", BACKWARD)
+def test_backward_compiles_to_cubin(compiled, dtype, causal, keymask, varlen, clustered):
+    _check(compiled, ("backward", (dtype, causal, keymask, varlen, clustered)))
 
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "kernel_resources.py")
