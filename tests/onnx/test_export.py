@@ -200,11 +200,62 @@ def test_the_suites_reused_torchlib_registry_exports_what_a_fresh_one_exports(tm
     assert b"MultiTokenAttention" in fresh
 
 
+class _Sites(torch.nn.Module):
+    """Several one-site modules (one per configuration) exported once for all of them: an export
+    costs ~0.8 s here whatever its size. Each site reads its own mask input, as the site of a
+    one-site export does: no mask recognition is shared between them (share_mask_preparation
+    groups sites by the mask they read). Inputs: q, k, v, a mask per site, then what every site
+    reads after its mask (segment ids)."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites = torch.nn.ModuleList(sites)
+
+    def forward(self, q, k, v, *rest):
+        masks, after = rest[:len(self.sites)], rest[len(self.sites):]
+        return tuple(site(q, k, v, mask, *after) for site, mask in zip(self.sites, masks))
+
+    def inputs(self, q, k, v, mask, *after):
+        return (q, k, v, *(mask.clone() for _ in self.sites), *after)
+
+
+def _run_sites(module, inputs, path, configs):
+    """``module`` (a _Sites) exported at ``path`` and run by onnxruntime on ``inputs`` (other
+    inputs than the export's where given), each site's output against the op's; the export."""
+    session = onnx_session(path)
+    got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), inputs)})
+    with torch.no_grad():
+        want = module(*inputs)
+    assert len(got) == len(want) == len(configs)
+    for config, out, ref in zip(configs, got, want):
+        np.testing.assert_allclose(out, ref.numpy(), rtol=0, atol=2e-5, err_msg=str(config))
+
+
+def _computed_by_mta(proto) -> list[bool]:
+    """For each graph output: whether an mta-domain node computes it, directly or upstream."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    seen: set[int] = set()  # nodes found without one upstream (a search stops at the first it finds)
+
+    def upstream(name):
+        node = producers.get(name)
+        if node is None or id(node) in seen:
+            return False
+        seen.add(id(node))
+        return node.domain == DOMAIN or any(upstream(x) for x in node.input)
+
+    out = []
+    for output in proto.graph.output:
+        seen.clear()
+        out.append(upstream(output.name))
+    return out
+
+
 @pytest.mark.parametrize("learned", [False, True])
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_function_equals_the_op_on_every_branch(mask_kind, learned, tmp_path):
     """The function alone, across configurations and mask kinds, against the PyTorch op (with
-    mean and with learned summaries)."""
+    mean and with learned summaries); one site per configuration in one export. A site with one
+    chunk (exact attention) is plain ONNX ops, no mta node upstream of its output."""
     from tests.ops.test_attention import make_mask
 
     B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
@@ -213,24 +264,20 @@ def test_function_equals_the_op_on_every_branch(mask_kind, learned, tmp_path):
     weight = torch.randn(Hkv, d, generator=g) if learned else None
     mask = make_mask(mask_kind, B, Hq, n)
     mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
-    configs = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0), (EXACT_CHUNK, 2, 3, 1)]
-    for i, (causal, (c, L, s, top_k)) in enumerate(itertools.product([False, True], configs[:3] if learned else configs)):
-        config = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        module = _OneSite(mask_kind, weight, **config)
-        path = tmp_path / f"site{i}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proto = export_onnx(module, (q, k, v, mask), path, dynamic=False)
-        if c == EXACT_CHUNK:  # one chunk, exact attention: plain ONNX ops, no mta node
-            assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
-        if learned:
-            assert sum(n.op_type in (LEARNED_OP_TYPE, "SummaryLogits") for n in proto.graph.node) == 1, \
-                [n.op_type for n in proto.graph.node]
-        session = onnx_session(path)
-        inputs = {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))}
-        got = session.run(None, inputs)[0]
-        want = module(q, k, v, mask).numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5, err_msg=str(config))
+    shapes = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (100, 1, 0, 0), (1, 1, 0, 0), (EXACT_CHUNK, 2, 3, 1)]
+    configs = [dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+               for causal, (c, L, s, top_k) in itertools.product([False, True], shapes[:3] if learned else shapes)]
+    module = _Sites([_OneSite(mask_kind, weight, **config) for config in configs])
+    inputs = module.inputs(q, k, v, mask)
+    path = tmp_path / "sites.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(module, inputs, path, dynamic=False)
+    assert _computed_by_mta(proto) == [config["chunk_size"] != EXACT_CHUNK for config in configs]
+    if learned:
+        assert sum(n.op_type in (LEARNED_OP_TYPE, "SummaryLogits") for n in proto.graph.node) == len(configs), \
+            [n.op_type for n in proto.graph.node]
+    _run_sites(module, inputs, path, configs)
 
 
 @pytest.mark.parametrize("name", ["llama (sdpa)", "two_layers"])  # sites sharing a bool mask; sites without a mask
@@ -441,22 +488,23 @@ def test_boundary_chunks_function_equals_the_op(mask_kind, tmp_path):
         return q, k, v, mask, segments(B, n, rate=0.25, seed=seed)
 
     weight = torch.randn(Hkv, d, generator=g)
-    for i, (causal, (c, L, s, top_k), learned) in enumerate([(False, (4, 1, 0, 0), False), (True, (3, 2, 2, 1), False),
-                                                             (True, (5, 1, 7, 2), True), (False, (2, 2, 1, 1), True)]):
-        config = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        module = _SegmentedSite(mask_kind, weight if learned else None, **config)
-        path = tmp_path / f"site{i}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proto = export_onnx(module, inputs(13, 1), path, dynamic=False)
-        kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
-        # (a bool mask is recognised by its own node: the site is then …SegmentedPrepared)
-        assert {SEGMENTED_OP_TYPE, SEGMENTED_LEARNED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE} & set(kinds), kinds
-        assert learned == bool({SEGMENTED_LEARNED_OP_TYPE, "SummaryLogits"} & set(kinds)), kinds
-        session = onnx_session(path)
-        x = inputs(13, 2)  # other segment ids (the lengths vary in the model tests below)
-        got = session.run(None, {inp.name: t.numpy() for inp, t in zip(session.get_inputs(), x)})[0]
-        np.testing.assert_allclose(got, module(*x).numpy(), rtol=0, atol=2e-5, err_msg=str(config))
+    sites = [(False, (4, 1, 0, 0), False), (True, (3, 2, 2, 1), False), (True, (5, 1, 7, 2), True),
+             (False, (2, 2, 1, 1), True)]
+    configs = [dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+               for causal, (c, L, s, top_k), _ in sites]
+    module = _Sites([_SegmentedSite(mask_kind, weight if learned else None, **config)
+                     for config, (*_, learned) in zip(configs, sites)])
+    path = tmp_path / "sites.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(module, module.inputs(*inputs(13, 1)), path, dynamic=False)
+    kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
+    # a site each (a bool mask is recognised by its own node: the site is then …SegmentedPrepared)
+    assert sum(kind in (SEGMENTED_OP_TYPE, SEGMENTED_LEARNED_OP_TYPE, SEGMENTED_PREPARED_OP_TYPE) for kind in kinds) \
+        == len(sites), kinds
+    assert sum(kind in (SEGMENTED_LEARNED_OP_TYPE, "SummaryLogits") for kind in kinds) == 2, kinds  # the learned ones
+    # other segment ids (the lengths vary in the model tests below)
+    _run_sites(module, module.inputs(*inputs(13, 2)), path, configs)
 
 
 @pytest.mark.parametrize("name", ["llama (sdpa)", "gpt2 (eager)"])
@@ -505,13 +553,14 @@ def test_clustered_function_equals_the_op(mask_kind, tmp_path):
     q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
     mask = make_mask(mask_kind, B, Hq, n)
     mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
-    for i, (c, L, s, K) in enumerate([(4, 1, 0, 3), (3, 2, 2, 5), (5, 1, 7, 1), (100, 1, 0, 2), (2, 3, 1, 4)]):
-        module = _ClusteredSite(mask_kind, torch.randn(Hkv, K, d, generator=g), chunk_size=c, local_chunks=L, sinks=s)
-        path = tmp_path / f"site{i}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proto = export_onnx(module, (q, k, v, mask), path, dynamic=False)
-        assert CLUSTERED_OP_TYPE in [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
-        session = onnx_session(path)
-        got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))})[0]
-        np.testing.assert_allclose(got, module(q, k, v, mask).numpy(), rtol=0, atol=2e-5, err_msg=f"{c, L, s, K}")
+    configs = [dict(chunk_size=c, local_chunks=L, sinks=s, clusters=K)
+               for c, L, s, K in [(4, 1, 0, 3), (3, 2, 2, 5), (5, 1, 7, 1), (100, 1, 0, 2), (2, 3, 1, 4)]]
+    module = _Sites([_ClusteredSite(mask_kind, torch.randn(Hkv, config["clusters"], d, generator=g),
+                                    **{key: value for key, value in config.items() if key != "clusters"})
+                     for config in configs])
+    inputs = module.inputs(q, k, v, mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(module, inputs, tmp_path / "sites.onnx", dynamic=False)
+    assert [n.op_type for n in proto.graph.node if n.domain == DOMAIN].count(CLUSTERED_OP_TYPE) == len(configs)
+    _run_sites(module, inputs, tmp_path / "sites.onnx", configs)
