@@ -124,28 +124,38 @@ def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | N
 def load_program(path, device: torch.device | str | None = None) -> torch.export.ExportedProgram:
     """``torch.export.load`` with a one-line error for a missing or foreign file; ``device``: the
     program moved there (parameters, buffers, constants and the devices its graph names;
-    ``torch.export.passes.move_to_device_pass``)."""
+    ``torch.export.passes.move_to_device_pass``).
+
+    A program's inputs and outputs may be classes that their own module registers with torch's
+    pytree when it is imported (transformers' ``ModelOutput`` classes, e.g. a language model's
+    ``CausalLMOutputWithPast``): torch.export.load cannot rebuild them in a process that has not
+    imported that module, so the module the saved type name points to is imported and the load
+    tried again."""
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
-    import logging
-
-    export_log = logging.getLogger("torch.export")
-    level = export_log.level
-    export_log.setLevel(logging.CRITICAL)  # torch logs a traceback before raising; ours is one line
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as exc:  # noqa: BLE001  (zip, pickle and schema errors all mean "not a program")
+    imported: set[str] = set()
+    while True:
+        ep, failure = _try_load(path)
+        if ep is not None:
+            break
+        exc, logged = failure
         if "cuda" in str(exc).lower() and not torch.cuda.is_available():
             # torch.export.load puts every tensor back on the device it was saved from
             raise ValueError(f"{path} holds tensors saved on a CUDA device and this machine has none: load it on a "
                              "GPU machine, or move it to the CPU there (torch.export.passes.move_to_device_pass) "
                              "and save it again") from None
-        raise ValueError(f"{path} is not a program saved with torch.export.save ({type(exc).__name__})") from None
-    finally:
-        export_log.setLevel(level)
+        type_name = _unregistered_pytree_type(logged)
+        if type_name is None:
+            raise ValueError(f"{path} is not a program saved with torch.export.save ({type(exc).__name__})") from None
+        module = _import_for_type(type_name)
+        if module is None or module in imported:
+            raise ValueError(f"{path}: its inputs or outputs include a {type_name}, which no importable module "
+                             "registers with torch's pytree here: import the module that defines it (and registers "
+                             "it, e.g. torch.export.register_dataclass) before loading") from None
+        imported.add(module)
     if device is None:
         return ep
     from torch.export.passes import move_to_device_pass
@@ -155,6 +165,64 @@ def load_program(path, device: torch.device | str | None = None) -> torch.export
     except Exception as exc:  # noqa: BLE001
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise ValueError(f"could not move {path} to {device}: {type(exc).__name__}: {reason}") from None
+
+
+def _try_load(path):
+    """(program, None), or (None, (the exception, the exceptions torch logged on the way)):
+    torch.export.load logs why deserialising failed and then raises a generic RuntimeError; the
+    log is kept (the reason is in it) and not printed (our error is one line)."""
+    import logging
+
+    logged: list[BaseException] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            if record.exc_info and record.exc_info[1] is not None:
+                logged.append(record.exc_info[1])
+
+    export_log = logging.getLogger("torch.export")
+    level, propagate, handlers = export_log.level, export_log.propagate, export_log.handlers
+    # only our handler (torch's logging puts handlers of its own on this logger), no propagation
+    export_log.setLevel(logging.WARNING)
+    export_log.propagate = False
+    export_log.handlers = [_Keep()]
+    try:
+        return torch.export.load(str(path)), None
+    except Exception as exc:  # noqa: BLE001  (zip, pickle and schema errors all mean "not a program")
+        return None, (exc, logged)
+    finally:
+        export_log.handlers, export_log.propagate = handlers, propagate
+        export_log.setLevel(level)
+
+
+def _unregistered_pytree_type(errors: list[BaseException]) -> str | None:
+    """The serialized type name of "Deserializing NAME in pytree is not registered" in the
+    exceptions (or their causes), if any."""
+    import re
+
+    for exc in errors:
+        while exc is not None:
+            found = re.search(r"Deserializing (\S+) in pytree is not registered", str(exc))
+            if found:
+                return found.group(1)
+            exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _import_for_type(type_name: str) -> str | None:
+    """Import the longest module prefix of a dotted type name (``a.b.C`` → ``a.b``, else ``a``);
+    the module imported, or None."""
+    import importlib
+
+    parts = type_name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:end])
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001  (not a module, or one that fails to import: try a shorter one)
+            continue
+        return module
+    return None
 
 
 def example_inputs(program: torch.export.ExportedProgram) -> tuple[tuple, dict]:

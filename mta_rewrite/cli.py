@@ -206,7 +206,8 @@ def export_cmd(
 @app.command()
 def calibrate(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
-    data: str = typer.Option(..., "--data", help="calibration samples: torch.save of a list of argument tuples or keyword dicts"),
+    data: str = typer.Option(..., "--data", help="calibration samples: torch.save of a list of argument tuples, keyword dicts "
+                                                   "or tensors, bound to the program's inputs by name"),
     budget: float = typer.Option(..., help="largest acceptable end-to-end error of the first output"),
     output: str = typer.Option(..., "--output", "-o", help="where to write the plan (JSON); the report goes beside it"),
     metric: str = typer.Option("rel_l2", help="rel_l2, cosine or kl"),

@@ -294,3 +294,115 @@ def test_demo_builtin_runs_on_the_gpu():
     assert result.exit_code == 0, result.output
     assert "4 of 4 attention sites rewritten" in " ".join(result.output.split())
     assert "KL divergence" in result.output
+
+
+def saved_transformers_lm(tmp_path):
+    """A small transformers causal LM (random weights) saved as the API saves any model: its
+    output is a ``CausalLMOutputWithPast``, which torch.export.load can only rebuild once
+    transformers has registered it; captured with ``input_ids`` positional and ``use_cache=False``."""
+    model = zoo._hf(lambda t: t.LlamaConfig(vocab_size=100, num_hidden_layers=2, num_key_value_heads=2,
+                                            max_position_embeddings=512, hidden_size=32, num_attention_heads=4,
+                                            intermediate_size=64), "LlamaForCausalLM", "sdpa")()
+    ids = torch.randint(0, 100, (1, 96), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "llama.pt2"
+    mr.save_program(model, path, (ids,), {"use_cache": False})
+    return model, path
+
+
+OUTPUT_TYPE_MODULE = '''
+import dataclasses
+import torch
+
+@dataclasses.dataclass
+class Out:
+    y: torch.Tensor
+
+torch.export.register_dataclass(Out, serialized_type_name="mta_test_output_type.Out")
+
+class Model(torch.nn.Module):
+    def forward(self, x):
+        return Out(torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x)
+'''
+
+
+def test_programs_whose_outputs_are_registered_types_load_in_a_fresh_process(tmp_path, monkeypatch):
+    """A program returning a type that its module registers with torch's pytree when imported
+    (transformers' ModelOutput classes; a user's dataclass) loads in a process that has not
+    imported that module: load_program imports the module the saved type name points to. Where
+    no importable module registers it, the error is one line that says which type."""
+    import subprocess
+    import sys
+
+    model, llama = saved_transformers_lm(tmp_path)
+    (tmp_path / "types").mkdir()
+    (tmp_path / "types" / "mta_test_output_type.py").write_text(OUTPUT_TYPE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "types"))
+    import mta_test_output_type
+
+    mr.save_program(mta_test_output_type.Model(), tmp_path / "custom.pt2", (torch.randn(2, 5, 8),))
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save(model(ids, use_cache=False).logits, tmp_path / "want.pt")
+    script = f'''
+import sys, torch
+import mta_rewrite as mr
+assert "transformers" not in sys.modules and "mta_test_output_type" not in sys.modules
+ep = mr.load_program({str(llama)!r})
+out = ep.module()(torch.load({str(tmp_path / "ids.pt")!r}), use_cache=False)
+print(type(out).__name__, torch.equal(out.logits, torch.load({str(tmp_path / "want.pt")!r})))
+try:
+    mr.load_program({str(tmp_path / "custom.pt2")!r})
+except ValueError as exc:
+    print("ERROR", exc)
+sys.path.insert(0, {str(tmp_path / "types")!r})
+print(type(mr.load_program({str(tmp_path / "custom.pt2")!r}).module()(torch.randn(1, 3, 8))).__name__)
+'''
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "CausalLMOutputWithPast True", done.stdout
+    assert lines[1].startswith("ERROR ") and "mta_test_output_type.Out" in lines[1], done.stdout
+    assert "no importable module registers" in lines[1] and len(lines) == 3, done.stdout
+    assert lines[2] == "Out", done.stdout
+    assert "Traceback" not in done.stderr and "deserializing" not in done.stderr, done.stderr[-3000:]
+
+
+def test_calibration_samples_bind_to_the_saved_call(tmp_path):
+    """A program captured as ``model(ids, use_cache=False)`` calibrates on samples written as
+    keyword dicts ``{"input_ids": ids}``, positional tuples or bare tensors (the flag takes its
+    captured value); a sample with an input the program lacks, or without one it takes, is a
+    one-line error naming the sample. The plan is written with the permissions of a plain file."""
+    import os
+
+    model, program = saved_transformers_lm(tmp_path)
+    gen = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, 100, (1, 128), generator=gen) for _ in range(4)]
+    forms = {"dicts": [{"input_ids": x} for x in ids], "mixed": [ids[0], (ids[1],), {"input_ids": ids[2]},
+                                                                   {"input_ids": ids[3], "use_cache": False}]}
+    plans = {}
+    for name, samples in forms.items():
+        torch.save(samples, tmp_path / f"{name}.pt")
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / f"{name}.pt"), "--budget",
+                                     "0.2", "-o", str(out), "--cost-model", "work"])
+        assert result.exit_code == 0, result.output
+        plans[name] = mr.Plan.load(out)
+    assert plans["dicts"].metadata["holdout_error"] == plans["mixed"].metadata["holdout_error"] <= 0.2
+    assert plans["dicts"].metadata["relative_attention_cost"] < 1.0  # something approximated: samples ran
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "dicts.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    bad = {"extra": [{"input_ids": ids[0], "attention_mask": torch.ones(1, 128)}], "missing": [{"use_cache": False}],
+           "too_many": [(ids[0], False, 3)]}
+    messages = {"extra": "sample 0 does not fit the model's call: the captured model takes no input 'attention_mask'",
+                "missing": "sample 0 does not fit the model's call: it lacks the input 'input_ids'",
+                "too_many": "sample 0 does not fit the model's call: it gives 3 positional arguments"}
+    for name, samples in bad.items():
+        torch.save(samples, tmp_path / f"{name}.pt")
+        result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / f"{name}.pt"), "--budget",
+                                     "0.2", "-o", str(tmp_path / "x.json")])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert messages[name] in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "x.json").exists()

@@ -239,6 +239,10 @@ def calibrate(
     with _Progress(progress) as bar:
         bar.step("capturing the model")
         probe = Probe(model, *as_call(cal[0]), boundaries=boundaries)
+        # every sample as a call of the captured model (positional or by keyword, flags filled in)
+        data = [probe.bind(sample, i) for i, sample in enumerate(data)]
+        cal = [data[i] for i in cal_idx]
+        hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
         sites = probe.rewritable
         if not sites:
             raise ValueError("the model has no rewritable attention: nothing to calibrate "
@@ -635,7 +639,7 @@ def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tu
     for i, sample in enumerate(samples):
         out = first_tensor(probe.forward(sample, configs))
         release_freed_memory()
-        total += output_error(metric, out, reference[id(sample)], as_call(sample)[1])
+        total += output_error(metric, out, reference[id(sample)], probe.bind(sample).by_name)
         if total > budget * len(samples):
             return total / len(samples), (i + 1, len(samples))
     return total / len(samples), (len(samples), len(samples))
