@@ -47,10 +47,33 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             shapes = dynamic_shapes_for(model, args, kwargs)
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
+            unsupported = _unsupported_output(model, exc)
+            if unsupported is not None:  # not about shapes: static capture would fail the same way
+                raise CaptureError(unsupported) from exc
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
     try:
         return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001
+        unsupported = _unsupported_output(model, exc)
+        if unsupported is not None:
+            raise CaptureError(unsupported) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+def _unsupported_output(model: torch.nn.Module, exc: Exception) -> str | None:
+    """The one-line reason when torch.export failed because the model returns an object it cannot
+    return from a graph ("Found <class 'X'> in output, which is not a known type"), else None.
+    transformers' KV caches are the usual case: a language model called without
+    ``use_cache=False`` returns a ``DynamicCache``."""
+    import re
+
+    found = re.search(r"Found <class '([^']+)'> in output", str(exc))
+    if found is None:
+        return None
+    name = found.group(1)
+    hint = ("a KV cache: call the model with use_cache=False" if "cache" in name.rsplit(".", 1)[-1].lower() else
+            "register it with torch's pytree (torch.export.register_dataclass for a dataclass), or return tensors")
+    return f"torch.export could not capture {type(model).__name__}: its output holds a {name}, which a graph " \
+           f"cannot return ({hint})"

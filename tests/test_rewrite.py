@@ -380,3 +380,36 @@ def test_exact_sites_with_a_mask_run_the_ops_exact_path(padded):
         got, want = first_tensor(fast(**kwargs)), first_tensor(kept(**kwargs))
     real = slice(None) if not padded else (kwargs["attention_mask"].bool())
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+class _Unregistered:
+    def __init__(self, y):
+        self.y = y
+
+
+class _ReturnsAnUnregisteredObject(torch.nn.Module):
+    def forward(self, x):
+        return _Unregistered(torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_a_model_returning_what_a_graph_cannot_is_one_clear_error():
+    """A language model called without use_cache=False returns a KV cache object, which no graph
+    can return: one CaptureError that says what to do, at once (not after a static capture that
+    fails the same way, with a warning blaming the dynamic shapes)."""
+    model = zoo._hf(lambda t: t.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64),
+                    "GPT2LMHeadModel", "sdpa")()
+    model.config.use_cache = True  # as a pretrained model comes
+    ids = torch.randint(0, 100, (1, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "dynamic capture failed" fallback warning
+        with pytest.raises(mr.CaptureError, match=r"its output holds a transformers\.cache_utils\.\w*Cache, "
+                                                          r"which a graph cannot return \(a KV cache: call the model "
+                                                          r"with use_cache=False\)"):
+            mr.rewrite(model, (ids,), config=mr.MTAConfig(8))
+        with pytest.raises(mr.CaptureError, match="_Unregistered, which a graph cannot return .register it"):
+            mr.find_attention(_ReturnsAnUnregisteredObject(), (torch.randn(1, 8, 4),))
+    with torch.no_grad():  # called as the message says, it captures and rewrites
+        fast = mr.rewrite(model, (ids,), {"use_cache": False}, config=EXACT)
+        assert mr.count_mta_nodes(fast) == 1  # the one layer, as one chunk: equal to the model
+        torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
