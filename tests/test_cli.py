@@ -372,8 +372,9 @@ print(type(mr.load_program({str(tmp_path / "custom.pt2")!r}).module()(torch.rand
 def test_calibration_samples_bind_to_the_saved_call(tmp_path):
     """A program captured as ``model(ids, use_cache=False)`` calibrates on samples written as
     keyword dicts ``{"input_ids": ids}``, positional tuples or bare tensors (the flag takes its
-    captured value); a sample with an input the program lacks, or without one it takes, is a
-    one-line error naming the sample. The plan is written with the permissions of a plain file."""
+    captured value); a sample with an input the program lacks, or without one it takes, of a
+    batch size the program fixed at 1, or one the model fails on (float token ids), is a one-line
+    error naming the sample. The plan is written with the permissions of a plain file."""
     import os
 
     model, program = saved_transformers_lm(tmp_path)
@@ -395,8 +396,11 @@ def test_calibration_samples_bind_to_the_saved_call(tmp_path):
     os.umask(umask)
     assert (tmp_path / "dicts.json").stat().st_mode & 0o777 == 0o666 & ~umask
     bad = {"extra": [{"input_ids": ids[0], "attention_mask": torch.ones(1, 128)}], "missing": [{"use_cache": False}],
-           "too_many": [(ids[0], False, 3)]}
-    messages = {"extra": "sample 0 does not fit the model's call: the captured model takes no input 'attention_mask'",
+           "too_many": [(ids[0], False, 3)], "batch": [{"input_ids": torch.randint(0, 100, (2, 128))}],
+           "floats": [ids[0], ids[1].float()]}
+    messages = {"batch": "sample 0 does not fit the captured program, which requires input_ids.size()[0] == 1",
+                "floats": "sample 1: the model fails on it with every site exact: RuntimeError: Expected tensor",
+                "extra": "sample 0 does not fit the model's call: the captured model takes no input 'attention_mask'",
                 "missing": "sample 0 does not fit the model's call: it lacks the input 'input_ids'",
                 "too_many": "sample 0 does not fit the model's call: it gives 3 positional arguments"}
     for name, samples in bad.items():

@@ -249,8 +249,7 @@ def calibrate(
                              "(see find_attention for the reasons)")
 
         bar.step("reference outputs")
-        cal_ids = {id(s) for s in cal}
-        reference = {id(s): first_tensor(probe.forward(s)) for s in cal + [h for h in hold if id(h) not in cal_ids]}
+        reference = {id(data[i]): _reference_output(probe, data[i], i) for i in sorted(set(cal_idx) | set(hold_idx))}
 
         # ---- per-site errors (exact upstream) and greedy plans (upstream approximated) -----
         policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
@@ -626,6 +625,24 @@ def _choose(st: SiteStats, parts, per_head: bool, tau: float, timer: MeasuredCos
         if st.choice_cost(choice) >= 1.0:
             return None, None
     return choice, relative(num, den)
+
+
+def _reference_output(probe: Probe, sample, index: int) -> torch.Tensor:
+    """The model's first output on a sample with every site exact. The first pass on each sample:
+    where the model fails on it, the sample is what is wrong (a shape the captured program fixed,
+    token ids as floats), and the error is one line naming it."""
+    try:
+        return first_tensor(probe.forward(sample))
+    except Exception as exc:  # noqa: BLE001  (whatever the model raises on the user's data)
+        message = str(exc).strip()
+        if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
+            raise ValueError(f"sample {index} does not fit the captured program, which requires "
+                             f"{message.removeprefix('Guard failed:').strip()} (a size torch.export fixed when it "
+                             "captured the model: give samples of that shape, or capture again from an example "
+                             "where that size is not 0 or 1)") from exc
+        first = message.splitlines()[0] if message else ""
+        raise ValueError(f"sample {index}: the model fails on it with every site exact: "
+                         f"{type(exc).__name__}: {first}") from exc
 
 
 def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tuple[float, tuple[int, int]]:
