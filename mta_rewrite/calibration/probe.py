@@ -473,12 +473,15 @@ class CallSignature:
         spec = getattr(module, "_in_spec", None)
         params = list(inspect.signature(module.forward).parameters.values())
         self.variadic = spec is None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+        if not self.variadic:
+            args_shape, kwargs_shape = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)  # (args, kwargs)
+            self.names = [p.name for p in params]
+            self.positional = self.names[:len(args_shape)]
+            self.keywords = list(kwargs_shape)
+            # torch.export's module takes exactly the captured call's inputs, by these names
+            self.variadic = sorted(self.names) != sorted(self.positional + self.keywords)
         if self.variadic:  # nothing to bind against: samples are passed as they are
             return
-        args_shape, kwargs_shape = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)  # (args, kwargs)
-        self.names = [p.name for p in params]
-        self.positional = self.names[:len(args_shape)]
-        self.keywords = list(kwargs_shape)
         self.constants: dict = {}
         if example is not None:
             try:
@@ -509,13 +512,8 @@ class CallSignature:
             return Call(args, kwargs, dict(kwargs))
         which = "a sample" if index is None else f"sample {index}"
         try:
-            by_name = self._by_name(args, kwargs)
-            taken = self.positional + self.keywords
-            extra = [name for name in by_name if name not in taken]
-            if extra:
-                raise ValueError(f"it gives {', '.join(map(repr, extra))}, which the captured model was not called "
-                                 f"with (it takes {', '.join(taken)}): capture it with that input")
-            for name in taken:
+            by_name = self._by_name(args, kwargs)  # the captured module's parameters are its inputs, no others
+            for name in self.positional + self.keywords:
                 if name not in by_name:
                     if name not in self.constants:
                         raise ValueError(f"it lacks the input {name!r}, which the captured model takes")
