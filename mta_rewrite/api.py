@@ -88,6 +88,7 @@ def rewrite(
     if isinstance(model, torch.export.ExportedProgram) and not args and not kwargs:
         args, kwargs = example_inputs(model)
     gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
+    check_not_rewritten(gm, sites)
     chosen = resolve_plan(sites, config, plan)
     boundaries = resolve_boundaries(boundaries, plan)
     segments = add_segment_ids(gm, boundaries) if boundaries is not None and chosen else None
@@ -101,6 +102,18 @@ def rewrite(
     gm.mta_plan = chosen
     gm.mta_boundaries = boundaries
     return gm
+
+
+def check_not_rewritten(module: torch.nn.Module, sites: list[AttentionSite]) -> None:
+    """A model whose attention already calls the op, with none left to rewrite, is an error: its
+    op calls are not sites (their configuration cannot change), so rewriting it again would change
+    nothing and say it did."""
+    if any(s.rewritable for s in sites):
+        return
+    done = len(_op_nodes(module))
+    if done:
+        raise ValueError(f"the model is already rewritten: {done} site(s) call mta.attention and no attention is "
+                         "left to rewrite (to change their configuration, rewrite the original model)")
 
 
 def resolve_boundaries(boundaries: Boundaries | None, plan: Plan | None) -> Boundaries | None:

@@ -40,6 +40,15 @@ def test_find_and_rewrite_a_saved_program(tmp_path):
     found = runner.invoke(app, ["find", str(out)])
     assert found.exit_code == 0 and "already rewritten: 2 site(s) call mta.attention, 0 exact" in \
         " ".join(found.output.split()), found.output
+    torch.save([zoo.hand_written_cases()[-1].inputs(24)[0]], tmp_path / "samples.pt")
+    for argv in (["rewrite", str(out), "-o", str(tmp_path / "again.pt2"), "--chunk-size", "4"],
+                 ["export", str(out), "-o", str(tmp_path / "again.onnx"), "--chunk-size", "4"],
+                 ["calibrate", str(out), "--data", str(tmp_path / "samples.pt"), "--budget", "0.1", "-o",
+                  str(tmp_path / "again.json")]):  # its sites' configurations cannot change: say so
+        again = runner.invoke(app, argv)
+        assert again.exit_code == 2 and "the model is already rewritten: 2 site(s) call mta.attention" in \
+            " ".join(again.output.split()), (argv, again.output)
+    assert not list(tmp_path.glob("again*"))
     args, kwargs = zoo.hand_written_cases()[-1].inputs(50)  # another length: dynamic
     with torch.no_grad():
         reference = mr.rewrite(model, args, kwargs, config=mr.MTAConfig(8, sinks=2))(*args, **kwargs)

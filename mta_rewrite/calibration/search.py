@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..api import check_not_rewritten
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
@@ -245,6 +246,7 @@ def calibrate(
         hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
         sites = probe.rewritable
         if not sites:
+            check_not_rewritten(probe.module, probe.sites)  # the clearer error for a rewritten program
             raise ValueError("the model has no rewritable attention: nothing to calibrate "
                              "(see find_attention for the reasons)")
 
