@@ -275,7 +275,11 @@ class PlanEntry:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PlanEntry":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a site's entry is an object with a \"config\", got {data!r}")
         cfg = data.get("config", EXACT)
+        if cfg != EXACT and not isinstance(cfg, Mapping):
+            raise ValueError(f"config must be {EXACT!r} or an object of MTAConfig fields, got {cfg!r}")
         weight = centroids = None
         if isinstance(cfg, Mapping) and ("summary_weight" in cfg or "centroids" in cfg):
             cfg = dict(cfg)
@@ -352,11 +356,21 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        if data.get("format") != "mta-rewrite-plan":
+        if not isinstance(data, Mapping) or data.get("format") != "mta-rewrite-plan":
             raise ValueError("not an mta-rewrite plan (missing format: mta-rewrite-plan)")
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"plan format version {data.get('version')} is not supported (expected {FORMAT_VERSION})")
-        sites = {name: PlanEntry.from_dict(entry) for name, entry in data.get("sites", {}).items()}
+        for key, kind in (("sites", "an object of site name → entry"), ("metadata", "an object"),
+                          ("boundaries", "an object")):
+            if key in data and not isinstance(data[key], Mapping) and not (key == "boundaries" and data[key] is None):
+                raise ValueError(f"a plan's {key} must be {kind}, got {type(data[key]).__name__}")
+        sites = {}
+        for name, entry in data.get("sites", {}).items():
+            try:
+                sites[name] = PlanEntry.from_dict(entry)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a hand-edited plan: say where
+                reason = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+                raise ValueError(f"plan site {name!r}: {reason}") from None
         boundaries = data.get("boundaries")
         return cls(sites, data.get("metadata", {}), None if boundaries is None else Boundaries.from_dict(boundaries))
 

@@ -225,6 +225,29 @@ def test_config_validation_and_json():
         mr.MTAConfig.from_dict({"version": 99, "chunk_size": 8})
 
 
+def test_hand_edited_plans_are_one_line_errors_naming_the_site(tmp_path):
+    """A plan file edited by hand, malformed at any level, is a ValueError (the CLI's one-line
+    error) that says where, never an AttributeError or KeyError from inside the parser."""
+    good = mr.Plan({"a": mr.MTAConfig(8), "b": "exact"}).to_dict()
+    cases = [
+        ([1, 2], "not an mta-rewrite plan"),
+        ({**good, "sites": [1]}, "a plan's sites must be an object of site name → entry, got list"),
+        ({**good, "metadata": 3}, "a plan's metadata must be an object, got int"),
+        ({**good, "sites": {"a": 5}}, "plan site 'a': a site's entry is an object with a \"config\", got 5"),
+        ({**good, "sites": {"a": {"config": "fast"}}}, "plan site 'a': config must be 'exact' or an object"),
+        ({**good, "sites": {"a": {"config": {"chunk_size": 8, "window": 2}}}}, "plan site 'a': unknown MTAConfig fields"),
+        ({**good, "sites": {"a": {"config": {"head_groups": [{"config": "exact"}]}}}}, "plan site 'a': missing field 'heads'"),
+        ({**good, "sites": {"a": {"config": {"chunk_size": 0}}}}, "plan site 'a': chunk_size must be an integer ≥ 1"),
+    ]
+    import json
+
+    for data, message in cases:
+        with pytest.raises(ValueError) as info:
+            mr.Plan.from_json(json.dumps(data))
+        assert message in str(info.value), (data, str(info.value))
+    assert mr.Plan.from_dict(good) == mr.Plan({"a": mr.MTAConfig(8), "b": "exact"})
+
+
 SAVE_LOAD_CHILD = """
 import sys, torch, mta_rewrite
 ep = torch.export.load(sys.argv[1])
