@@ -90,6 +90,7 @@ def rewrite(
     gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
     check_not_rewritten(gm, sites)
     chosen = resolve_plan(sites, config, plan)
+    _warn_left_exact(sites, chosen, plan)
     boundaries = resolve_boundaries(boundaries, plan)
     segments = add_segment_ids(gm, boundaries) if boundaries is not None and chosen else None
     for m, site in zip(matches, sites):
@@ -102,6 +103,23 @@ def rewrite(
     gm.mta_plan = chosen
     gm.mta_boundaries = boundaries
     return gm
+
+
+def _warn_left_exact(sites: list[AttentionSite], chosen: dict, plan: Plan | None) -> None:
+    """Warn when what was asked for is not done: a site the plan gives a configuration that is not
+    rewritable, or (one configuration for every site) attention found but none of it rewritable,
+    each with the reason (a model left in training mode, cross-attention, …). Other sites that
+    stay exact are the documented rule, reported by ``find_attention``."""
+    import warnings
+
+    if plan is not None:
+        left = [s for s in sites if plan.config_for(s.name) is not None and not s.rewritable]
+    else:
+        attention = [s for s in sites if s.is_attention]
+        left = attention if attention and not chosen else []
+    if left:
+        shown = "; ".join(f"{s.name}: {s.reason}" for s in left[:3]) + ("; …" if len(left) > 3 else "")
+        warnings.warn(f"{len(left)} attention site(s) asked for MTA left exact ({shown})", stacklevel=3)
 
 
 def check_not_rewritten(module: torch.nn.Module, sites: list[AttentionSite]) -> None:

@@ -138,6 +138,25 @@ def test_reasons_say_why(name, fragment):
     assert any(fragment in s.reason for s in sites), [s.reason for s in sites]
 
 
+def test_rewrite_warns_when_what_was_asked_for_is_left_exact():
+    """One configuration for every site, and none of the attention rewritable (a model left in
+    training mode): a warning with the reason. A plan naming a site that is not rewritable: the
+    same. No warning when the sites asked for are rewritten, or a plan leaves a site exact."""
+    dropout = next(c for c in zoo.negative_cases() if c.name == "dropout_training")
+    args, _ = dropout.inputs(24)
+    with pytest.warns(UserWarning, match=r"1 attention site\(s\) asked for MTA left exact \(.*training mode.*eval\(\)"):
+        assert mr.count_mta_nodes(mr.rewrite(dropout.build(), args, config=mr.MTAConfig(8))) == 0
+    name = mr.find_attention(dropout.build(), args)[0].name
+    with pytest.warns(UserWarning, match="asked for MTA left exact"):
+        mr.rewrite(dropout.build(), args, plan=mr.Plan({name: mr.MTAConfig(8)}))
+    two = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
+    args, kwargs = two.inputs(24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert mr.count_mta_nodes(mr.rewrite(two.build(), args, kwargs, config=mr.MTAConfig(8))) == 2
+        assert mr.count_mta_nodes(mr.rewrite(two.build(), args, kwargs, plan=mr.Plan({"layers.0": "exact"}))) == 0
+
+
 # one-layer models with a small chunk: exactly the float64 reference op on that layer's q, k, v
 ONE_LAYER = [
     ("scores_div_masked_fill", lambda m, x, mask: (m.heads(x), mask, dict(causal=False))),
