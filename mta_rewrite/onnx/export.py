@@ -187,6 +187,10 @@ def _is_half(dtype) -> bool:
     return "FLOAT16" in name or "BFLOAT16" in name
 
 
+# the functions' bodies use opset 18's operators (ReduceMean with axes as an input, …)
+MIN_OPSET = 18
+
+
 def export_onnx(
     model: torch.nn.Module,
     args: Any,
@@ -205,6 +209,10 @@ def export_onnx(
     sequence length are dynamic (``dynamic=True``)."""
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest):
+        raise ValueError(f"opset must be from {MIN_OPSET} (the mta functions are written with opset {MIN_OPSET}'s "
+                         f"operators) to {newest} (the newest this onnx knows), got {opset!r}")
     if config is not None or plan is not None:
         model = rewrite(model, args, kwargs, config=config, plan=plan, boundaries=boundaries, dynamic=dynamic,
                         lower_exact=False)  # exact sites stay plain attention in the ONNX graph
@@ -221,6 +229,10 @@ def export_onnx(
             model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
             custom_translation_table={torch.ops.mta.attention.default: _translate}, verbose=False,
         )
+    got = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and got != opset:  # torch.onnx falls back to its own opset when conversion fails
+        raise ValueError(f"torch.onnx exported opset {got}, not the opset {opset} asked for (its version converter "
+                         "could not convert the model)")
     proto = attach_function(program.model_proto)
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))

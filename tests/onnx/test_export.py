@@ -114,6 +114,25 @@ def test_the_original_exact_model_exports_too(tmp_path):
         np.testing.assert_allclose(session.run(None, feeds(session, a, kw))[0], model(*a, **kw).numpy(), atol=1e-5)
 
 
+def test_the_opset_asked_for_or_a_clear_error(tmp_path):
+    """``opset=``: the model is written at that opset (functions included) and runs as the
+    rewritten model does; below the functions' opset 18 or beyond onnx's newest, a ValueError
+    before any export (torch.onnx otherwise writes its own opset 18 when it cannot convert)."""
+    case = next(c for c in zoo.hand_written_cases() if c.name == "scores_div_masked_fill")
+    model = case.build()
+    args, kwargs = case.inputs(24)
+    config = mr.MTAConfig(chunk_size=8, sinks=2)
+    proto = export_onnx(model, args, tmp_path / "m.onnx", kwargs, config=config, opset=21)
+    assert {(o.domain, o.version) for o in proto.opset_import} >= {("", 21), (DOMAIN, 1)}
+    assert proto.functions and all(("", 21) in {(o.domain, o.version) for o in f.opset_import}
+                                   for f in proto.functions if any(o.domain == "" for o in f.opset_import))
+    assert_runs_like(onnx_session(tmp_path / "m.onnx"), case, mr.rewrite(model, args, kwargs, config=config))
+    for bad in (17, onnx.defs.onnx_opset_version() + 1, True, 20.0):
+        with pytest.raises(ValueError, match=f"opset must be from 18 .* to {onnx.defs.onnx_opset_version()}"):
+            export_onnx(model, args, tmp_path / "bad.onnx", kwargs, config=config, opset=bad)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 @pytest.mark.parametrize("name", ["two_layers", "einsum_gqa_repeat_interleave", "bmm_3d_where", "gpt2 (eager)",
                                   "llama (sdpa)"])
 def test_exact_sites_of_a_rewritten_program_export_as_plain_attention(name, tmp_path):
