@@ -85,6 +85,8 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
     if mta or exact:
         console.print(f"already rewritten: {mta} site(s) call mta.attention, {exact} exact site(s) the op's exact "
                       f"path (not listed above)")
+    elif not sites:
+        console.print(f"no attention (and no softmax) found in {program}")
 
 
 def _distinct(program: str, output: str) -> None:

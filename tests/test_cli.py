@@ -55,6 +55,15 @@ def test_find_and_rewrite_a_saved_program(tmp_path):
         torch.testing.assert_close(ep.module()(*args, **kwargs), reference)
 
 
+def test_find_says_when_there_is_no_attention(tmp_path):
+    path = tmp_path / "mlp.pt2"
+    mr.save_program(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), path, (torch.randn(2, 8),))
+    found = runner.invoke(app, ["find", str(path)])
+    assert found.exit_code == 0 and f"no attention (and no softmax) found in {path}" in " ".join(found.output.split())
+    _, attention = saved_program(tmp_path)
+    assert "no attention" not in runner.invoke(app, ["find", str(attention)]).output
+
+
 def test_rewrite_with_a_plan(tmp_path):
     _, path = saved_program(tmp_path)
     plan = mr.Plan({"layers.1": mr.MTAConfig(chunk_size=4)}).save(tmp_path / "plan.json")
