@@ -423,7 +423,8 @@ def test_calibration_samples_bind_to_the_saved_call(tmp_path):
                 "floats": "sample 1: the model fails on it with every site exact: RuntimeError: Expected tensor",
                 "extra": "sample 0 does not fit the model's call: the captured model takes no input 'attention_mask'",
                 "missing": "sample 0 does not fit the model's call: it lacks the input 'input_ids'",
-                "too_many": "sample 0 does not fit the model's call: it gives 3 positional arguments"}
+                "too_many": "sample 0 does not fit the model's call: it gives 3 positional arguments, the captured "
+                            "model takes 2"}
     for name, samples in bad.items():
         torch.save(samples, tmp_path / f"{name}.pt")
         result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / f"{name}.pt"), "--budget",

@@ -493,7 +493,7 @@ class CallSignature:
 
     def _by_name(self, args: tuple, kwargs: dict) -> dict:
         if len(args) > len(self.names):
-            raise ValueError(f"it gives {len(args)} positional arguments, the model takes {len(self.names)}: "
+            raise ValueError(f"it gives {len(args)} positional arguments, the captured model takes {len(self.names)}: "
                              f"{', '.join(self.names)}")
         by_name = dict(zip(self.names, args))
         for name, value in kwargs.items():
