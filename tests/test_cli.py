@@ -390,7 +390,7 @@ print(type(mr.load_program({str(tmp_path / "custom.pt2")!r}).module()(torch.rand
     assert "Traceback" not in done.stderr and "deserializing" not in done.stderr, done.stderr[-3000:]
 
 
-def test_calibration_samples_bind_to_the_saved_call(tmp_path):
+def test_calibration_samples_bind_to_the_saved_call(tmp_path, monkeypatch):
     """A program captured as ``model(ids, use_cache=False)`` calibrates on samples written as
     keyword dicts ``{"input_ids": ids}``, positional tuples or bare tensors (the flag takes its
     captured value); a sample with an input the program lacks, or without one it takes, of a
@@ -432,3 +432,15 @@ def test_calibration_samples_bind_to_the_saved_call(tmp_path):
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert messages[name] in " ".join(result.output.split()), result.output
     assert not (tmp_path / "x.json").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the op")
+
+    # a failure inside the op's exact path is not blamed on the sample: it propagates as it is
+    import sys
+
+    monkeypatch.setattr(sys.modules["mta_rewrite.ops.attention"], "simplify_mask", broken)
+    result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "dicts.pt"), "--budget", "0.2",
+                                 "-o", str(tmp_path / "x.json")])
+    assert isinstance(result.exception, RuntimeError) and "a bug in the op" in str(result.exception)
+    assert "sample" not in result.output and not (tmp_path / "x.json").exists()

@@ -636,6 +636,8 @@ def _reference_output(probe: Probe, sample, index: int) -> torch.Tensor:
     try:
         return first_tensor(probe.forward(sample))
     except Exception as exc:  # noqa: BLE001  (whatever the model raises on the user's data)
+        if _raised_in_the_op(exc):
+            raise  # the op's exact path failed: ours to fix, not the sample's fault
         message = str(exc).strip()
         if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
             raise ValueError(f"sample {index} does not fit the captured program, which requires "
@@ -645,6 +647,20 @@ def _reference_output(probe: Probe, sample, index: int) -> torch.Tensor:
         first = message.splitlines()[0] if message else ""
         raise ValueError(f"sample {index}: the model fails on it with every site exact: "
                          f"{type(exc).__name__}: {first}") from exc
+
+
+def _raised_in_the_op(exc: BaseException) -> bool:
+    """Whether the traceback passes through the op's code (``ops``, ``kernels``, ``passes``)."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1]
+    ours = tuple(str(package / part) for part in ("ops", "kernels", "passes"))
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(ours):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tuple[float, tuple[int, int]]:
