@@ -199,6 +199,19 @@ def test_a_program_saved_on_a_gpu_is_a_one_line_error_without_one(tmp_path):
         assert "saved on a CUDA device" in " ".join(result.output.split())
 
 
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    import mta_rewrite
+
+    done = subprocess.run([sys.executable, "-m", "mta_rewrite", "version"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == mta_rewrite.__version__, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "mta_rewrite", "find", "missing.pt2"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "no such file: missing.pt2" in done.stdout + done.stderr
+
+
 def test_demo_builtin_runs_end_to_end():
     result = runner.invoke(app, ["demo", "--model", "builtin", "--long-n", "1024"])
     assert result.exit_code == 0, result.output
