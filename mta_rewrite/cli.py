@@ -244,10 +244,12 @@ def calibrate(
     from .api import load_program
     from .calibration import calibrate as run_calibration
     from .calibration.cost import load_time_model
+    from .config import check_writable
     from .demo import check_device, to_device
 
     try:
         dev = check_device(device)
+        check_writable(output)  # before any work: the plan goes there at the end
         if not Path(data).is_file():
             raise ValueError(f"no such file: {data}")
         try:
@@ -262,7 +264,7 @@ def calibrate(
         plan = run_calibration(ep, to_device(list(samples), dev), budget=budget, metric=metric, holdout=holdout,
                                seed=seed, output=output, learn_summaries=learn_summaries, boundaries=boundaries,
                                cluster_keys=cluster_keys, measure_costs=measure_costs, cost_model=model)
-    except (ValueError, TypeError, CaptureError) as exc:
+    except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     meta = plan.metadata
     table = Table(title=f"plan for {program} (budget {budget}, {metric})")

@@ -402,20 +402,43 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``:
     readers never see a half-written file, and a failure leaves ``path`` as it was. The file gets
     the permissions a plain ``open(path, "w")`` would give it (an existing file's own, else
-    0o666 less the umask), not the temporary file's owner-only 0o600."""
+    0o666 less the umask), not the temporary file's owner-only 0o600. An OSError names ``path``
+    (not the temporary file, which the user never asked for)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.strerror:
+            raise _cannot_write(path, exc) from exc
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, with :func:`atomic_write`'s error, where ``path`` could not be written later (its
+    folder cannot be made, or takes no new file): before work whose result goes there."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
+
+
+def _cannot_write(path: Path, exc: OSError) -> OSError:
+    error = OSError(f"cannot write {path}: {exc.strerror or exc}")  # str() without "[Errno N]"
+    error.errno = exc.errno
+    return error
 
 
 def _umask() -> int:

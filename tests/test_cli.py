@@ -139,6 +139,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "8", "--opset", "99"],
          "opset must be from 18"),
         (["demo", "--model", "gpt5"], "--model must be"),
+        (["rewrite", str(path), "-o", str(path.parent / "junk.pt2" / "o.pt2"), "--chunk-size", "8"],
+         "cannot write"),
+        (["export", str(path), "-o", str(path.parent / "junk.pt2" / "o.onnx")], "cannot write"),
+        (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(path.parent / "junk.pt2" / "p.json")],
+         "cannot write"),  # before loading anything
         (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
         (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(tmp_path / "p.json"), "--device",
           "tpu"], "--device must be cpu or cuda"),

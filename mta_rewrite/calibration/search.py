@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from ..api import check_not_rewritten
-from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
+from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry, check_writable
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import CPU, WORK, MeasuredCosts, TimeModel, default_candidates, relative_cost
@@ -233,6 +233,8 @@ def calibrate(
         cost_model = WORK if on_gpu else CPU
     if not isinstance(cost_model, TimeModel):
         raise ValueError(f"cost_model must be a calibration.cost.TimeModel, got {cost_model!r}")
+    if output is not None:
+        check_writable(output)  # not after the search: the plan and its report go there
     cal_idx, hold_idx = split_samples(len(data), holdout, seed)
     cal = [data[i] for i in cal_idx]
     hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
