@@ -55,11 +55,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     try:
         return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001
-        unsupported = _unsupported_output(model, exc)
-        if unsupported is not None:
-            raise CaptureError(unsupported) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}") from exc
+        raise CaptureError(_unsupported_output(model, exc)
+                           or f"torch.export could not capture {type(model).__name__}: {first}") from exc
 
 
 def _unsupported_output(model: torch.nn.Module, exc: Exception) -> str | None:

@@ -179,7 +179,7 @@ def export_cmd(
     import torch
 
     from .api import example_inputs, load_program
-    from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx
+    from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx, model_opset
 
     try:
         _distinct(program, output)
@@ -200,8 +200,8 @@ def export_cmd(
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     sites = sum(n.domain == DOMAIN and n.op_type in ALL_SITE_OP_TYPES for n in proto.graph.node)
-    opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions (opset {opset_used}); "
+    console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions "
+                  f"(opset {model_opset(proto)}); "
                   f"saved {output}" + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
 
 

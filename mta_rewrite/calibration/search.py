@@ -236,12 +236,10 @@ def calibrate(
     if output is not None:
         check_writable(output)  # not after the search: the plan and its report go there
     cal_idx, hold_idx = split_samples(len(data), holdout, seed)
-    cal = [data[i] for i in cal_idx]
-    hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
 
     with _Progress(progress) as bar:
         bar.step("capturing the model")
-        probe = Probe(model, *as_call(cal[0]), boundaries=boundaries)
+        probe = Probe(model, *as_call(data[cal_idx[0]]), boundaries=boundaries)
         # every sample as a call of the captured model (positional or by keyword, flags filled in)
         data = [probe.bind(sample, i) for i, sample in enumerate(data)]
         cal = [data[i] for i in cal_idx]

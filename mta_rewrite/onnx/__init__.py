@@ -6,7 +6,7 @@ mask are ``mta::MultiTokenAttentionPrepared`` nodes after one ``mta::SimplifyMas
 ``mta::MultiTokenAttentionSegmented`` (segment ids as a fifth input) and
 ``mta::MultiTokenAttentionSegmentedLearned`` (segment ids, then the weight)."""
 
-from .export import ALL_SITE_OP_TYPES, export_onnx, onnx_session
+from .export import ALL_SITE_OP_TYPES, export_onnx, model_opset, onnx_session
 from .function import (
     DOMAIN,
     LEARNED_OP_TYPE,
@@ -20,4 +20,4 @@ from .function import (
 )
 
 __all__ = ["ALL_SITE_OP_TYPES", "DOMAIN", "LEARNED_OP_TYPE", "OP_TYPE", "PREPARED_OP_TYPE", "SIMPLIFY_BOOL_OP_TYPE", "SIMPLIFY_OP_TYPE", "VERSION",
-           "export_onnx", "function_proto", "function_protos", "onnx_session"]
+           "export_onnx", "function_proto", "function_protos", "model_opset", "onnx_session"]

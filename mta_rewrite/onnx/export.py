@@ -191,6 +191,11 @@ def _is_half(dtype) -> bool:
 MIN_OPSET = 18
 
 
+def model_opset(proto: onnx.ModelProto) -> int | None:
+    """The model's opset of the default (ai.onnx) domain, or None if it imports none."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def export_onnx(
     model: torch.nn.Module,
     args: Any,
@@ -229,7 +234,7 @@ def export_onnx(
             model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
             custom_translation_table={torch.ops.mta.attention.default: _translate}, verbose=False,
         )
-    got = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    got = model_opset(program.model_proto)
     if opset is not None and got != opset:  # torch.onnx falls back to its own opset when conversion fails
         raise ValueError(f"torch.onnx exported opset {got}, not the opset {opset} asked for (its version converter "
                          "could not convert the model)")
@@ -367,8 +372,7 @@ def attach_function(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not uses or any(f.domain == DOMAIN for f in proto.functions):
         return proto
     share_mask_preparation(proto.graph)
-    model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-    proto.functions.extend(_used(function_protos(model_opset), proto.graph.node))
+    proto.functions.extend(_used(function_protos(model_opset(proto) or MIN_OPSET), proto.graph.node))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
     return proto
