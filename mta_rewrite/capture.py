@@ -4,6 +4,15 @@ Every dimension of every tensor input is marked ``Dim.AUTO``: export keeps dynam
 model lets be dynamic (batch, sequence) and specialises the rest (hidden sizes tied to weights)
 without failing. Where dynamic capture fails (a model that branches on a length), capture falls
 back to the example's static shapes with a warning that says so.
+
+A batch of one is widened to two first. torch.export specialises every dimension of size 0 or 1
+to that size, so a program captured from one sequence (the usual example for a language model)
+takes only batches of one ("Guard failed: input_ids.size()[0] == 1" at batch 4), and a model may
+branch on its batch being one (transformers' mask code does). When every tensor input has a
+leading dimension of 1 and no module is in training mode, capture exports the example repeated
+to batch 2, then checks the program against the model on the example itself (its outputs'
+structure, shapes and values): kept if they agree, else (a leading 1 that is not a batch, say)
+the example is captured as given, with a warning that its batch stays fixed at 1.
 """
 
 from __future__ import annotations
@@ -43,6 +52,13 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
     if dynamic:
+        wide = _batch_of_two(model, args, kwargs)
+        if wide is not None:
+            ep, reason = _capture_batch_of_two(model, args, kwargs, *wide)
+            if ep is not None:
+                return ep
+            warnings.warn(f"the program takes batches of one only ({reason}): capture from an example of "
+                          "batch 2 or more for a program that takes any batch", stacklevel=2)
         try:
             shapes = dynamic_shapes_for(model, args, kwargs)
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
@@ -58,6 +74,76 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(_unsupported_output(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+def _batch_of_two(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The example repeated to batch 2 when every tensor in it has a leading dimension of 1 and
+    the model is in eval mode (the check runs it: no dropout, no running statistics updated), else
+    None."""
+    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    if not leaves or any(x.dim() == 0 or x.shape[0] != 1 for x in leaves):
+        return None
+    # (a GraphModule computes what was traced whatever its flag says; torch.export's unlifted
+    # modules, such as rewrite's results, have it set and refuse train())
+    if not isinstance(model, torch.fx.GraphModule) and any(m.training for m in model.modules()):
+        return None
+    return pytree.tree_map(lambda x: x.detach().repeat(2, *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) else x,
+                           (args, kwargs))
+
+
+def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[ExportedProgram | None, str]:
+    """The program captured at batch 2 if it reproduces the model at the example's batch of one,
+    else None and why not."""
+    try:
+        shapes = dynamic_shapes_for(model, wide_args, wide_kwargs)
+        ep = torch.export.export(model, wide_args, wide_kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        unsupported = _unsupported_output(model, exc)
+        if unsupported is not None:
+            raise CaptureError(unsupported) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"capture at batch 2 failed: {first}"
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        try:
+            got = ep.module()(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return None, f"the program captured at batch 2 fails at batch 1: {first}"
+    if not _same_outputs(expected, got):
+        return None, "the program captured at batch 2 does not reproduce the model's outputs at batch 1"
+    return ep, ""
+
+
+def _same_outputs(expected: Any, got: Any) -> bool:
+    """Same pytree structure, tensors of the same shape and dtype with values within rounding
+    (relative to the largest magnitude: the same ops at the same shapes), other leaves equal."""
+    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    if exp_spec != got_spec:
+        return False
+    for e, g in zip(exp_leaves, got_leaves):
+        if isinstance(e, torch.Tensor) != isinstance(g, torch.Tensor):
+            return False
+        if not isinstance(e, torch.Tensor):
+            if e != g:
+                return False
+            continue
+        if e.shape != g.shape or e.dtype != g.dtype:
+            return False
+        if not (e.is_floating_point() or e.is_complex()):
+            if not torch.equal(e, g):
+                return False
+            continue
+        e64, g64 = e.detach().to(torch.float64), g.detach().to(torch.float64)
+        if not torch.equal(e64.isfinite(), g64.isfinite()):
+            return False
+        finite = e64.isfinite()
+        scale = e64[finite].abs().max().item() if finite.any() else 0.0
+        tol = (1e-4 if e.dtype in (torch.float32, torch.float64) else 2e-2) * max(scale, 1e-6)
+        if finite.any() and (e64[finite] - g64[finite]).abs().max().item() > tol:
+            return False
+    return True
 
 
 def _unsupported_output(model: torch.nn.Module, exc: Exception) -> str | None:

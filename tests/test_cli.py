@@ -412,7 +412,7 @@ def test_calibration_samples_bind_to_the_saved_call(tmp_path, monkeypatch):
     """A program captured as ``model(ids, use_cache=False)`` calibrates on samples written as
     keyword dicts ``{"input_ids": ids}``, positional tuples or bare tensors (the flag takes its
     captured value); a sample with an input the program lacks, or without one it takes, of a
-    batch size the program fixed at 1, or one the model fails on (float token ids), is a one-line
+    batch size a program captured by torch.export fixed at 1, or one the model fails on (float token ids), is a one-line
     error naming the sample. The plan is written with the permissions of a plain file."""
     import os
 
@@ -443,9 +443,16 @@ def test_calibration_samples_bind_to_the_saved_call(tmp_path, monkeypatch):
                 "missing": "sample 0 does not fit the model's call: it lacks the input 'input_ids'",
                 "too_many": "sample 0 does not fit the model's call: it gives 3 positional arguments, the captured "
                             "model takes 2"}
+    # a program captured by the user at batch 1 (mta-rewrite's own capture widens a batch of one to
+    # two; torch.export fixes it at 1)
+    dims = {"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}, "use_cache": None}
+    fixed = tmp_path / "batch_of_one.pt2"
+    one = torch.export.export(model, (ids[0],), {"use_cache": False}, dynamic_shapes=dims, strict=False)
+    torch.export.save(one, fixed)
     for name, samples in bad.items():
         torch.save(samples, tmp_path / f"{name}.pt")
-        result = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / f"{name}.pt"), "--budget",
+        saved = fixed if name == "batch" else program
+        result = runner.invoke(app, ["calibrate", str(saved), "--data", str(tmp_path / f"{name}.pt"), "--budget",
                                      "0.2", "-o", str(tmp_path / "x.json")])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert messages[name] in " ".join(result.output.split()), result.output

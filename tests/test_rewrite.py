@@ -455,3 +455,49 @@ def test_a_model_returning_what_a_graph_cannot_is_one_clear_error():
         fast = mr.rewrite(model, (ids,), {"use_cache": False}, config=EXACT)
         assert mr.count_mta_nodes(fast) == 1  # the one layer, as one chunk: equal to the model
         torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_an_example_of_one_sequence_captures_a_program_for_any_batch():
+    """torch.export fixes a dimension of size 1 at 1: a language model rewritten from one sequence
+    (the usual example) took batches of one only ("Guard failed: input_ids.size()[0] == 1" at
+    batch 3). Capture widens such an example to batch 2 and checks the program against the model
+    at the example: the program and its rewrites now take any batch."""
+    model = zoo._hf(lambda t: t.LlamaConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=64, num_hidden_layers=1, max_position_embeddings=256),
+                    "LlamaForCausalLM", "sdpa")()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 100, (1, 40), generator=gen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = mr.capture(model, (ids,))
+        fast = mr.rewrite(program, config=mr.MTAConfig(8, 1))
+        exact = mr.rewrite(program, config=EXACT)
+    assert not [w for w in caught if "batches of one" in str(w.message)]
+    batch = torch.randint(0, 100, (3, 29), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(batch).logits, model(batch).logits)
+        torch.testing.assert_close(exact(batch).logits, model(batch).logits, rtol=1e-4, atol=1e-4)
+        one_by_one = torch.cat([fast(batch[i:i + 1]).logits for i in range(3)])
+        torch.testing.assert_close(fast(batch).logits, one_by_one, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(fast(batch).logits, model(batch).logits, atol=1e-3)  # MTA, not exact
+
+
+class _BranchesOnABatchOfOne(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[0] == 1:  # a model may treat one sequence differently: a program from batch 2 would not
+            x = x * 2
+        return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+
+def test_a_batch_of_one_the_model_treats_apart_stays_fixed_with_a_warning():
+    """Widening is checked: where the program captured at batch 2 does not reproduce the model at
+    the example's batch of one, the example is captured as given, and a warning says the program
+    takes batches of one only."""
+    model, x = _BranchesOnABatchOfOne().eval(), torch.randn(1, 12, 8)
+    with pytest.warns(UserWarning, match=r"takes batches of one only \(the program captured at batch 2 does not "
+                                         r"reproduce the model's outputs at batch 1\)"):
+        program = mr.capture(model, (x,))
+    torch.testing.assert_close(program.module()(x), model(x))
+    with pytest.raises(Exception, match="Guard failed"):
+        program.module()(torch.randn(2, 12, 8))

@@ -27,7 +27,7 @@ from onnxscript import values
 
 from ..api import rewrite
 from ..passes.lower import EXACT_CHUNK
-from ..capture import dynamic_shapes_for
+from ..capture import capture
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .function import (
     CLUSTERED_OP_TYPE,
@@ -211,7 +211,8 @@ def export_onnx(
     """Export ``model`` to ONNX at ``path`` (atomically). With ``config`` or ``plan`` the model is
     rewritten first; a model without MTA sites (the original, exact) exports too. Every MTA site
     is one ``mta::MultiTokenAttention`` node and the model carries its function. Batch and
-    sequence length are dynamic (``dynamic=True``)."""
+    sequence length are dynamic (``dynamic=True``; a module is captured by :func:`capture`, which
+    widens an example of one sequence to two; a program keeps the shapes it was captured with)."""
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
     newest = onnx.defs.onnx_opset_version()
@@ -223,15 +224,17 @@ def export_onnx(
                         lower_exact=False)  # exact sites stay plain attention in the ONNX graph
     elif boundaries is not None:
         raise ValueError("boundaries apply when rewriting: give config= or plan= too")
-    # (an ExportedProgram, e.g. a saved rewritten one, exports with the dynamic shapes it was captured with)
-    shapes = dynamic_shapes_for(model, args, kwargs) if dynamic and not isinstance(model, torch.export.ExportedProgram) \
-        else None
+    if dynamic and not isinstance(model, torch.export.ExportedProgram):
+        # captured here, not by torch.onnx: capture widens an example of one sequence to a batch of
+        # two (torch.onnx's own capture of a batch of one gave a graph that claimed a dynamic batch
+        # and failed at batch 3 in onnxruntime); a program exports with the shapes it was captured with
+        model = capture(model, args, kwargs)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+            model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
             custom_translation_table={torch.ops.mta.attention.default: _translate}, verbose=False,
         )
     got = model_opset(program.model_proto)

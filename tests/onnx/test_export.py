@@ -114,6 +114,33 @@ def test_the_original_exact_model_exports_too(tmp_path):
         np.testing.assert_allclose(session.run(None, feeds(session, a, kw))[0], model(*a, **kw).numpy(), atol=1e-5)
 
 
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_an_example_of_one_sequence_exports_a_model_for_any_batch(tmp_path):
+    """Exported from one sequence (the usual example for a language model), the ONNX model claimed
+    a dynamic batch, yet onnxruntime failed at batch 3 ("Attempting to broadcast an axis by a
+    dimension other than 1": transformers' mask code traced for a batch of one), the exact model
+    and the rewritten one alike. The export captures through ``capture``, which widens a batch of
+    one to two: both now run at any batch, as the model and the rewritten model do."""
+    model = zoo._hf(lambda t: t.LlamaConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=64, num_hidden_layers=1, max_position_embeddings=256),
+                    "LlamaForCausalLM", "sdpa")()
+    gen = torch.Generator().manual_seed(4)
+    ids, batch = torch.randint(0, 100, (1, 40), generator=gen), torch.randint(0, 100, (3, 29), generator=gen)
+    config = mr.MTAConfig(8, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, (ids,), tmp_path / "exact.onnx")
+        export_onnx(model, (ids,), tmp_path / "mta.onnx", config=config)
+        rewritten = mr.rewrite(mr.capture(model, (ids,)), config=config)
+    with torch.no_grad():
+        want = {"exact": model(batch).logits, "mta": rewritten(batch).logits}
+    assert not torch.allclose(want["exact"], want["mta"], atol=1e-3)
+    for name, reference in want.items():
+        session = onnx_session(tmp_path / f"{name}.onnx")
+        got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        np.testing.assert_allclose(got, reference.numpy(), rtol=0, atol=1e-4)
+
+
 def test_the_opset_asked_for_or_a_clear_error(tmp_path):
     """``opset=``: the model is written at that opset (functions included) and runs as the
     rewritten model does; below the functions' opset 18 or beyond onnx's newest, a ValueError
