@@ -286,8 +286,17 @@ def version() -> None:
     console.print(__version__)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, as errors are: the reason, not the file and line of our
+    code that raised it."""
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     import logging
+    import warnings
+
+    warnings.showwarning = _show_warning
 
     # torch.export reports every dimension it specialises as a warning, torch.onnx every optional
     # package it skips (torchvision's ops): not the user's business

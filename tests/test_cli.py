@@ -217,6 +217,26 @@ def test_python_dash_m_runs_the_command_line():
     assert done.returncode == 2 and "no such file: missing.pt2" in done.stdout + done.stderr
 
 
+
+def test_warnings_are_one_line_each(tmp_path):
+    """A warning from the command line is one line on stderr ("warning: …"), not Python's file,
+    line and source of the code that raised it. Here: a program the user captured at batch 1 with
+    torch.export, which fixes the batch at 1; the rewrite saves it as it must and says so."""
+    import subprocess
+    import sys
+
+    model = zoo.ScoresDivMaskedFill().eval()
+    x, mask = torch.randn(1, 24, 32), torch.ones(24, 24, dtype=torch.bool).tril()[None, None]
+    dims = ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}, None)
+    torch.export.save(torch.export.export(model, (x, mask), dynamic_shapes=dims, strict=False), tmp_path / "one.pt2")
+    argv = ["rewrite", str(tmp_path / "one.pt2"), "--chunk-size", "8", "-o", str(tmp_path / "fast.pt2")]
+    done = subprocess.run([sys.executable, "-m", "mta_rewrite", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: the program takes batches of one only (capture at batch 2 "
+                                                   "failed: Guard failed: x.size()[0] == 1)"), done.stderr
+
+
 def test_demo_builtin_runs_end_to_end():
     result = runner.invoke(app, ["demo", "--model", "builtin", "--long-n", "1024"])
     assert result.exit_code == 0, result.output
