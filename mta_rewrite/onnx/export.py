@@ -405,6 +405,15 @@ def _mta_calls(nodes) -> list[str]:
     return calls
 
 
+def _holds_bfloat16(path) -> bool:
+    """Whether the model's inputs, outputs or weights are bfloat16 (external data not read)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    bf16 = onnx.TensorProto.BFLOAT16
+    values = list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info)
+    return any(t.data_type == bf16 for t in proto.graph.initializer) or \
+        any(v.type.tensor_type.elem_type == bf16 for v in values)
+
+
 def onnx_session(path, device: str = "cpu"):
     """An onnxruntime InferenceSession with the right providers. ``device="cuda"`` requires the
     CUDA provider to load (onnxruntime-gpu, a matching CUDA): otherwise a clear error, never a
@@ -416,7 +425,15 @@ def onnx_session(path, device: str = "cpu"):
     if not Path(path).is_file():
         raise ValueError(f"no such file: {path}")
     if device == "cpu":
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if "NOT_IMPLEMENTED" not in first or not _holds_bfloat16(path):
+                raise
+            raise RuntimeError(f"onnxruntime's CPU provider cannot run {path}: {first} (the model computes in "
+                               "bfloat16, for which that provider lacks kernels of common operators such as Mul: "
+                               "export the model in float32 or float16, e.g. model.float() before export_onnx)") from None
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeError("onnxruntime has no CUDA provider here: install onnxruntime-gpu (and a CUDA it supports), "
                            "or use device='cpu'")
