@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .calls import bind_calls
 from .capture import capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
@@ -83,7 +84,10 @@ def rewrite(
     sites as captured.
 
     The result runs at sequence lengths other than the example's (``dynamic=True``) and can be
-    exported again (``torch.export.export``) and saved with ``torch.export.save``.
+    exported again (``torch.export.export``) and saved with ``torch.export.save``. It binds its
+    calls as ``model``'s forward does (:mod:`mta_rewrite.calls`): ``fast(ids)`` for a model
+    captured as ``model(input_ids=ids, use_cache=False)``; a flag left out takes its captured
+    value, one given with another value, or an input the capture did not have, is a ValueError.
     """
     if isinstance(model, torch.export.ExportedProgram) and not args and not kwargs:
         args, kwargs = example_inputs(model)
@@ -99,6 +103,7 @@ def rewrite(
         elif lower_exact and takes_exact_path(m):
             lower_match(gm, m, EXACT)
     eliminate_dead_code(gm)
+    bind_calls(gm, (tuple(args) if isinstance(args, (tuple, list)) else (args,), dict(kwargs or {})))
     gm.mta_sites = sites  # what was found, for reports
     gm.mta_plan = chosen
     gm.mta_boundaries = boundaries

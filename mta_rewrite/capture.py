@@ -51,6 +51,13 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         raise TypeError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
+    signature = getattr(model, "mta_call", None)  # a module rewrite returned binds its calls (mta_rewrite.calls)
+    if signature is not None:
+        try:
+            args, kwargs, _ = signature.bind_call(args, kwargs)
+        except ValueError as exc:
+            raise CaptureError(f"the example does not fit the rewritten model, captured as {signature.described()}: "
+                               f"{exc}") from None
     if dynamic:
         wide = _batch_of_two(model, args, kwargs)
         if wide is not None:

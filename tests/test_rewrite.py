@@ -501,3 +501,36 @@ def test_a_batch_of_one_the_model_treats_apart_stays_fixed_with_a_warning():
     torch.testing.assert_close(program.module()(x), model(x))
     with pytest.raises(Exception, match="Guard failed"):
         program.module()(torch.randn(2, 12, 8))
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_the_rewritten_model_binds_its_calls_by_name_as_the_model_does(tmp_path):
+    """A language model captured as ``model(ids, use_cache=False)`` and rewritten took exactly that
+    call: ``fast(ids)`` and ``fast(input_ids=ids, use_cache=False)`` failed with torch's "Ran into
+    a kwarg keyword mismatch". Calls now bind by parameter name as the model's forward does; a
+    flag given another value than the captured one, or an input the capture did not have, is a
+    ValueError saying so. The module still captures and saves from a call written either way."""
+    model = zoo._hf(lambda t: t.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64),
+                    "GPT2LMHeadModel", "sdpa")()
+    gen = torch.Generator().manual_seed(5)
+    ids, other = torch.randint(0, 100, (2, 24), generator=gen), torch.randint(0, 100, (3, 17), generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (ids,), {"use_cache": False}, config=mr.MTAConfig(4, 1))
+    with torch.no_grad():
+        want = fast(other, use_cache=False).logits  # the captured form
+        assert (want - model(other, use_cache=False).logits).abs().max() > 1e-4  # MTA, not exact
+        for got in (fast(other), fast(input_ids=other), fast(other, False), fast(input_ids=other, use_cache=False)):
+            torch.testing.assert_close(got.logits, want, rtol=0, atol=0)
+    errors = {"it gives use_cache=True, and the model was captured with use_cache=False": dict(use_cache=True),
+              "the captured model takes no input 'attention_mask'": dict(attention_mask=torch.ones_like(other))}
+    for message, kwargs in errors.items():
+        with pytest.raises(ValueError, match=r"this call does not fit the rewritten model, captured as "
+                                             rf"model\(input_ids, use_cache=False\): {message}"):
+            fast(other, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mr.save_program(fast, tmp_path / "fast.pt2", (ids,))  # captured from fast(ids)
+    with torch.no_grad():
+        # (torch.export's own module: called as it was captured, fast(ids) bound to fast(ids, use_cache=False))
+        torch.testing.assert_close(mr.load_program(tmp_path / "fast.pt2").module()(other, use_cache=False).logits, want)

@@ -36,6 +36,7 @@ import torch
 from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
+from ..calls import Call, CallSignature, as_call  # noqa: F401  (Call: re-exported)
 from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.attention import attention_autograd
@@ -446,93 +447,3 @@ def _malloc_trim():
         return None
 
 
-class Call(NamedTuple):
-    """A sample bound to the captured model's call: ``args`` and ``kwargs`` as the model takes
-    them, ``by_name`` every argument by its parameter name (the metrics find an attention mask
-    there, however it was passed)."""
-
-    args: tuple
-    kwargs: dict
-    by_name: dict
-
-
-class CallSignature:
-    """How a captured model is called: its forward's parameter names, which of them the captured
-    call passed positionally and which by keyword (a program takes exactly that structure), and
-    the values of its inputs that hold no tensor in the example call it was captured from (flags
-    such as ``use_cache=False``, which the program was specialised to).
-
-    :meth:`bind` takes a calibration sample as a user writes it, positional (a tuple), by keyword
-    (a dict) or one tensor, and gives the captured call: a dict sample for a program captured
-    with a positional ``input_ids`` works, and a flag the sample leaves out takes its captured
-    value; an input the sample lacks or the program does not take is a one-line error."""
-
-    def __init__(self, module: torch.nn.Module, example: tuple[tuple, dict] | None):
-        import inspect
-
-        spec = getattr(module, "_in_spec", None)
-        params = list(inspect.signature(module.forward).parameters.values())
-        self.variadic = spec is None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
-        if not self.variadic:
-            args_shape, kwargs_shape = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)  # (args, kwargs)
-            self.names = [p.name for p in params]
-            self.positional = self.names[:len(args_shape)]
-            self.keywords = list(kwargs_shape)
-            # torch.export's module takes exactly the captured call's inputs, by these names
-            self.variadic = sorted(self.names) != sorted(self.positional + self.keywords)
-        if self.variadic:  # nothing to bind against: samples are passed as they are
-            return
-        self.constants: dict = {}
-        if example is not None:
-            try:
-                bound = self._by_name(*example)
-            except ValueError:
-                bound = {}
-            self.constants = {name: value for name, value in bound.items()
-                              if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))}
-
-    def _by_name(self, args: tuple, kwargs: dict) -> dict:
-        if len(args) > len(self.names):
-            raise ValueError(f"it gives {len(args)} positional arguments, the captured model takes {len(self.names)}: "
-                             f"{', '.join(self.names)}")
-        by_name = dict(zip(self.names, args))
-        for name, value in kwargs.items():
-            if name not in self.names:
-                raise ValueError(f"the captured model takes no input {name!r} (it takes {', '.join(self.names)})")
-            if name in by_name:
-                raise ValueError(f"it gives {name!r} both by position and by keyword")
-            by_name[name] = value
-        return by_name
-
-    def bind(self, sample: Any, index: int | None = None) -> Call:
-        if isinstance(sample, Call):
-            return sample
-        args, kwargs = as_call(sample)
-        if self.variadic:
-            return Call(args, kwargs, dict(kwargs))
-        which = "a sample" if index is None else f"sample {index}"
-        try:
-            by_name = self._by_name(args, kwargs)  # the captured module's parameters are its inputs, no others
-            for name in self.positional + self.keywords:
-                if name not in by_name:
-                    if name not in self.constants:
-                        raise ValueError(f"it lacks the input {name!r}, which the captured model takes")
-                    by_name[name] = self.constants[name]
-        except ValueError as exc:
-            raise ValueError(f"{which} does not fit the model's call: {exc}") from None
-        return Call(tuple(by_name[name] for name in self.positional), {name: by_name[name] for name in self.keywords},
-                    by_name)
-
-
-def as_call(sample: Any) -> tuple[tuple, dict]:
-    """A calibration sample is a tuple of positional arguments or a dict of keyword arguments (or
-    a :class:`Call`, a sample bound by :meth:`Probe.bind`)."""
-    if isinstance(sample, Call):
-        return sample.args, sample.kwargs
-    if isinstance(sample, dict):
-        return (), dict(sample)
-    if isinstance(sample, (tuple, list)):
-        return tuple(sample), {}
-    if isinstance(sample, torch.Tensor):
-        return (sample,), {}
-    raise TypeError(f"a calibration sample is a tuple of arguments or a dict of keyword arguments, got {type(sample).__name__}")
