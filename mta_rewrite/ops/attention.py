@@ -268,10 +268,9 @@ def _recomputed(fn, inputs, grad_out, needs):
     return tuple(next(grads) if need else None for need in needs)
 
 
-def _backward(ctx, grad_out):
-    q, k, v, attn_mask, summary_weight, segment_ids, centroids = ctx.saved_tensors
-    needs = (*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4])
-    config = dict(ctx.config)  # the forward's simplification of the mask (its verdict is cached)
+def _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centroids, needs, config):
+    """(dq, dk, dv, dw) of the op, None where ``needs`` says not needed."""
+    config = dict(config)  # the forward's simplification of the mask (its verdict is cached)
     attn_mask, config["causal"] = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], config["causal"])
     if centroids is not None:  # the Triton backward on CUDA, else recomputed (the cluster choice has no gradient)
         grads = _triton_grads(q, k, v, attn_mask, None, grad_out, needs, config, centroids=centroids)
@@ -280,7 +279,7 @@ def _backward(ctx, grad_out):
                                                        scale=config["scale"], local_chunks=config["local_chunks"],
                                                        sinks=config["sinks"], centroids=centroids),
             (q, k, v, None), grad_out, (*needs[:3], False))
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None
     if segment_ids is None:
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
     elif _unpadded_boundaries(not q.is_cuda, q, attn_mask, config["top_k"]):  # as the forward ran
@@ -295,6 +294,57 @@ def _backward(ctx, grad_out):
         padded = [to_slots(x.contiguous(), lay) for x in (q, k, v, grad_out)]
         dq, dk, dv, dw = _grads(*padded[:3], mask, summary_weight, padded[3], needs, config)
         dq, dk, dv = (None if g is None else from_slots(g, lay) for g in (dq, dk, dv))
+    return dq, dk, dv, dw
+
+
+@torch.library.custom_op("mta::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    summary_weight: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
+    centroids: torch.Tensor | None,
+    needs: list[bool],
+    *,
+    chunk_size: int,
+    causal: bool,
+    scale: float | None,
+    local_chunks: int,
+    sinks: int,
+    top_k: int,
+) -> list[torch.Tensor]:
+    """The gradients of ``mta::attention`` [dq, dk, dv, dw], contiguous (``needs``: which are
+    wanted; one not wanted, or dw without ``summary_weight``, is an empty tensor).
+
+    An op of its own so that a trace of the backward (torch.compile's AOTAutograd) sees one node:
+    the gradients read the mask's values (``simplify_mask``) and choose their implementation by
+    them, which a trace cannot follow (it failed with "unhashable type: non-nested SymInt" on the
+    mask's cache key, and torch.compile ran such a model's backward outside the compiled graph)."""
+    config = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    # an op's implementation runs below autograd (its keys excluded): the recomputed gradients
+    # need it back, as they had inside the autograd formula this op replaces
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
+        grads = _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centroids, tuple(needs), config)
+    # a wanted gradient that does not depend on its input (the weight at one chunk) is zeros
+    return [g.contiguous() if g is not None else x.new_zeros(x.shape) if need and x is not None else q.new_empty(0)
+            for g, x, need in zip(grads, (q, k, v, summary_weight), needs)]
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centroids, needs, *, chunk_size, causal, scale,
+      local_chunks, sinks, top_k):
+    return [x.new_empty(x.shape) if need and x is not None else q.new_empty(0)
+            for x, need in zip((q, k, v, summary_weight), needs)]
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask, summary_weight, segment_ids, centroids = ctx.saved_tensors
+    needs = [*ctx.needs_input_grad[:3], summary_weight is not None and ctx.needs_input_grad[4]]
+    dq, dk, dv, dw = (g if need else None for g, need in zip(torch.ops.mta.attention_backward(
+        grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centroids, needs, **ctx.config), needs))
     return dq, dk, dv, None, dw, None, None
 
 

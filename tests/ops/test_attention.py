@@ -274,6 +274,79 @@ def test_gradient_only_for_inputs_that_need_it():
     assert q.grad is not None and q.grad.abs().sum() > 0 and k.grad is None
 
 
+def _opcheck_cases():
+    """Every form of the op's backward: masks simplified by value or not, GQA, top-k and sinks,
+    learned summaries, boundary chunks, clustered summaries."""
+    n, g = 16, torch.Generator().manual_seed(7)
+    ids = torch.zeros(2, n, dtype=torch.long)
+    ids[:, 5:] = 1
+    ids[1, 11:] = 2
+    w = torch.randn(2, 8, generator=g, dtype=torch.float32)
+    mu = torch.randn(2, 3, 8, generator=g, dtype=torch.float32)
+    return {
+        "no mask, causal, sinks, top-k": (None, (None, None, None), dict(chunk_size=4, causal=True, sinks=1, top_k=1)),
+        "causal ∧ padding as a 4-D bool mask": ("causal_padding_4d_bool", (None, None, None), dict(chunk_size=4)),
+        "key padding, float": ("key_padding_min", (None, None, None), dict(chunk_size=4, top_k=1)),
+        "a bias (not simplified)": ("alibi_bias", (None, None, None), dict(chunk_size=4, causal=True)),
+        "learned summaries": ("key_padding_bool", (w, None, None), dict(chunk_size=4, causal=True)),
+        "boundary chunks": (None, (None, ids, None), dict(chunk_size=4, causal=True, sinks=1)),
+        "clustered summaries": ("key_padding_bool", (None, None, mu), dict(chunk_size=4, sinks=1)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_torch_library_opcheck_passes_backward_traced_too(name):
+    """``torch.library.opcheck``: schema, autograd registration, fake tensors, and AOTAutograd
+    with dynamic shapes, which traces the backward as torch.compile does. The backward read the
+    mask's values (``simplify_mask``) inside the trace and failed ("unhashable type: non-nested
+    SymInt"); it is now an op of its own, ``mta::attention_backward``."""
+    mask_kind, (w, ids, mu), kw = _opcheck_cases()[name]
+    q, k, v = (x.requires_grad_() for x in qkv(2, 4, 2, 16, dtype=torch.float32))
+    mask = None if mask_kind is None else make_mask(mask_kind, 2, 4, 16)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
+    if w is not None:
+        w = w.clone().requires_grad_()
+    torch.library.opcheck(mta, (q, k, v, mask, w, ids, mu), kw)
+
+
+def test_compiled_training_step_traces_the_backward_and_matches_eager():
+    """torch.compile (AOTAutograd, without code generation: ``aot_eager``) of a module calling the
+    op with a mask: the backward is traced with the rest (no "Error detected in
+    GeneratedBackwardFor_mta_attention" warnings, no fallback) and its gradients are eager's."""
+    torch.manual_seed(0)
+    model = MaskedTinyAttention()
+    x = torch.randn(2, 24, 16)
+    mask = torch.ones(2, 1, 24, 24, dtype=torch.bool).tril()
+    mask[0, ..., :5] = False
+    model(x, mask).square().sum().backward()
+    eager = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    import warnings
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+        compiled(x, mask).square().sum().backward()
+    assert not [w for w in caught if "Error detected" in str(w.message)]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], rtol=1e-5, atol=1e-6)
+
+
+class MaskedTinyAttention(torch.nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+
+    def forward(self, x, mask):
+        B, n, d = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = torch.ops.mta.attention(q, k, v, mask, chunk_size=4, sinks=1, top_k=1)
+        return o.transpose(1, 2).reshape(B, n, d)
+
+
 class TinyAttention(torch.nn.Module):
     def __init__(self, d=16, heads=2):
         super().__init__()
