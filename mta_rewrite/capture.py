@@ -73,12 +73,12 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             unsupported = _unsupported_output(model, exc)
             if unsupported is not None:  # not about shapes: static capture would fail the same way
                 raise CaptureError(unsupported) from exc
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = _first_line(exc)
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
     try:
         return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise CaptureError(_unsupported_output(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
 
@@ -108,14 +108,14 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
         unsupported = _unsupported_output(model, exc)
         if unsupported is not None:
             raise CaptureError(unsupported) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         return None, f"capture at batch 2 failed: {first}"
     with torch.no_grad():
         expected = model(*args, **kwargs)
         try:
             got = ep.module()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = _first_line(exc)
             return None, f"the program captured at batch 2 fails at batch 1: {first}"
     if not _same_outputs(expected, got):
         return None, "the program captured at batch 2 does not reproduce the model's outputs at batch 1"
@@ -151,6 +151,11 @@ def _same_outputs(expected: Any, got: Any) -> bool:
         if finite.any() and (e64[finite] - g64[finite]).abs().max().item() > tol:
             return False
     return True
+
+
+def _first_line(exc: Exception) -> str:
+    message = str(exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def _unsupported_output(model: torch.nn.Module, exc: Exception) -> str | None:
