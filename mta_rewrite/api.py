@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .calls import bind_calls
+from .calls import bind_calls, example_call
 from .capture import capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
@@ -91,6 +91,7 @@ def rewrite(
     """
     if isinstance(model, torch.export.ExportedProgram) and not args and not kwargs:
         args, kwargs = example_inputs(model)
+    args, kwargs = example_call(model, args, kwargs)
     gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
     check_not_rewritten(gm, sites)
     chosen = resolve_plan(sites, config, plan)
@@ -103,7 +104,7 @@ def rewrite(
         elif lower_exact and takes_exact_path(m):
             lower_match(gm, m, EXACT)
     eliminate_dead_code(gm)
-    bind_calls(gm, (tuple(args) if isinstance(args, (tuple, list)) else (args,), dict(kwargs or {})))
+    bind_calls(gm, (args, kwargs))
     gm.mta_sites = sites  # what was found, for reports
     gm.mta_plan = chosen
     gm.mta_boundaries = boundaries

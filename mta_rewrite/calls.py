@@ -149,6 +149,28 @@ def bind_calls(module: torch.nn.Module, example: tuple[tuple, dict]) -> torch.nn
     return module
 
 
+def example_call(model: Any, args: Any, kwargs: Any) -> tuple[tuple, dict]:
+    """The example call the API is given (``args``, ``kwargs``) as a tuple and a dict: a value
+    that is not a tuple or list is one positional argument, except a dict whose keys are all
+    parameters of ``model.forward`` (``rewrite(model, {"input_ids": ids})``, as calibration samples
+    are written), which is the keyword arguments; ``kwargs`` that is not a dict is a TypeError
+    (a configuration given positionally where the keyword arguments go)."""
+    import inspect
+
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__} (a configuration "
+                        "or a plan is given by name: config=…, plan=…)")
+    kwargs = dict(kwargs or {})
+    if isinstance(args, dict) and args and not kwargs and isinstance(model, torch.nn.Module):
+        try:
+            names = set(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            names = set()
+        if all(isinstance(name, str) for name in args) and set(args) <= names:
+            return (), dict(args)
+    return (tuple(args) if isinstance(args, (tuple, list)) else (args,)), kwargs
+
+
 def as_call(sample: Any) -> tuple[tuple, dict]:
     """A calibration sample is a tuple of positional arguments or a dict of keyword arguments (or
     one tensor, or a :class:`Call`, a sample already bound)."""

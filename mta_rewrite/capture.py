@@ -25,6 +25,8 @@ import torch
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
+from .calls import example_call
+
 
 class CaptureError(RuntimeError):
     """torch.export could not capture the model; the message says why in one line."""
@@ -49,8 +51,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
-    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    kwargs = dict(kwargs or {})
+    args, kwargs = example_call(model, args, kwargs)
     signature = getattr(model, "mta_call", None)  # a module rewrite returned binds its calls (mta_rewrite.calls)
     if signature is not None:
         try:

@@ -528,6 +528,17 @@ def test_the_rewritten_model_binds_its_calls_by_name_as_the_model_does(tmp_path)
         with pytest.raises(ValueError, match=r"this call does not fit the rewritten model, captured as "
                                              rf"model\(input_ids, use_cache=False\): {message}"):
             fast(other, **kwargs)
+    # the example written as a calibration sample is (a dict of the forward's inputs: keyword
+    # arguments; it was one positional argument: "'dict' object has no attribute 'size'"), and a
+    # configuration given where the keyword arguments go is a TypeError that says so
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from_dict = mr.rewrite(model, {"input_ids": ids, "use_cache": False}, config=mr.MTAConfig(4, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(from_dict(other).logits, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"kwargs must be a dict of keyword arguments, got MTAConfig \(a configuration "
+                                        r"or a plan is given by name"):
+        mr.rewrite(model, (ids,), mr.MTAConfig(4, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mr.save_program(fast, tmp_path / "fast.pt2", (ids,))  # captured from fast(ids)

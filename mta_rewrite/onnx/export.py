@@ -27,6 +27,7 @@ from onnxscript import values
 
 from ..api import rewrite
 from ..passes.lower import EXACT_CHUNK
+from ..calls import example_call
 from ..capture import capture
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .function import (
@@ -213,8 +214,7 @@ def export_onnx(
     is one ``mta::MultiTokenAttention`` node and the model carries its function. Batch and
     sequence length are dynamic (``dynamic=True``; a module is captured by :func:`capture`, which
     widens an example of one sequence to two; a program keeps the shapes it was captured with)."""
-    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    kwargs = dict(kwargs or {})
+    args, kwargs = example_call(model, args, kwargs)
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest):
         raise ValueError(f"opset must be from {MIN_OPSET} (the mta functions are written with opset {MIN_OPSET}'s "
