@@ -36,7 +36,7 @@ import torch
 from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
 
-from ..calls import Call, CallSignature, as_call  # noqa: F401  (Call: re-exported)
+from ..calls import Call, CallSignature, as_call
 from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.attention import attention_autograd

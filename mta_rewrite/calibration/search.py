@@ -45,12 +45,13 @@ from typing import Any, Sequence
 import torch
 
 from ..api import check_not_rewritten
+from ..calls import as_call
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry, check_writable
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import CPU, WORK, MeasuredCosts, TimeModel, default_candidates, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
-from .probe import Probe, as_call, release_freed_memory
+from .probe import Probe, release_freed_memory
 
 # Learned summaries are fitted for a plan cheaper than the chosen one only if its error with means
 # was at most this many times the budget: on SmolLM2 (512 tokens, KL) learning cut plans' errors
