@@ -203,6 +203,8 @@ def export_cmd(
     console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions "
                   f"(opset {model_opset(proto)}); "
                   f"saved {output}" + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
+    console.print(f"inputs: {', '.join(i.name for i in proto.graph.input)}; "
+                  f"outputs: {', '.join(o.name for o in proto.graph.output)}", highlight=False)
 
 
 @app.command()

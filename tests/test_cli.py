@@ -107,6 +107,7 @@ def test_export_a_saved_program_to_onnx(tmp_path):
         result = runner.invoke(app, ["export", str(source), "-o", str(tmp_path / name), *options])
         assert result.exit_code == 0, result.output
         assert f"{sites} MTA site(s)" in result.output
+        assert "inputs: x, mask, pad; outputs: output" in result.output  # the feed's names, the model's own
         proto = onnx.load(tmp_path / name)
         assert sum(n.domain == DOMAIN and "Attention" in n.op_type for n in proto.graph.node) == sites
         session = onnx_session(tmp_path / name)

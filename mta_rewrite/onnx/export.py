@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 from onnx.defs import OpSchema
+from torch.utils import _pytree as pytree
 from onnxscript import opset18 as op
 from onnxscript import values
 
@@ -213,7 +214,8 @@ def export_onnx(
     rewritten first; a model without MTA sites (the original, exact) exports too. Every MTA site
     is one ``mta::MultiTokenAttention`` node and the model carries its function. Batch and
     sequence length are dynamic (``dynamic=True``; a module is captured by :func:`capture`, which
-    widens an example of one sequence to two; a program keeps the shapes it was captured with)."""
+    widens an example of one sequence to two; a program keeps the shapes it was captured with).
+    Inputs keep the forward's parameter names, outputs are named by :func:`output_names`."""
     args, kwargs = example_call(model, args, kwargs)
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest):
@@ -224,11 +226,11 @@ def export_onnx(
                         lower_exact=False)  # exact sites stay plain attention in the ONNX graph
     elif boundaries is not None:
         raise ValueError("boundaries apply when rewriting: give config= or plan= too")
-    if dynamic and not isinstance(model, torch.export.ExportedProgram):
+    if not isinstance(model, torch.export.ExportedProgram):
         # captured here, not by torch.onnx: capture widens an example of one sequence to a batch of
         # two (torch.onnx's own capture of a batch of one gave a graph that claimed a dynamic batch
         # and failed at batch 3 in onnxruntime); a program exports with the shapes it was captured with
-        model = capture(model, args, kwargs)
+        model = capture(model, args, kwargs, dynamic=dynamic)
     import warnings
 
     with warnings.catch_warnings():
@@ -241,10 +243,58 @@ def export_onnx(
     if opset is not None and got != opset:  # torch.onnx falls back to its own opset when conversion fails
         raise ValueError(f"torch.onnx exported opset {got}, not the opset {opset} asked for (its version converter "
                          "could not convert the model)")
+    name_values(program.model, model)
     proto = attach_function(program.model_proto)
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
+
+
+def output_names(spec: pytree.TreeSpec) -> list[str]:
+    """The names of a program's outputs, by their place in its output structure: a dict's or a
+    model output's key (``logits``, ``last_hidden_state``), ``output_0``, ``output_1`` … for a
+    tuple's items, nested places joined by dots (``hidden_states.2``, ``output_1.a``), ``output``
+    for a lone tensor."""
+    tree = pytree.tree_unflatten([torch.empty(0) for _ in range(spec.num_leaves)], spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [str(k.key) if isinstance(k, pytree.MappingKey) else str(k.idx) if isinstance(k, pytree.SequenceKey)
+                 else str(getattr(k, "name", k)) for k in path]
+        name = ".".join(parts) or "output"
+        names.append(f"output_{name}" if path and isinstance(path[0], pytree.SequenceKey) else name)
+    return names
+
+
+def name_values(model, program: torch.export.ExportedProgram) -> None:
+    """Name the ONNX graph's outputs as the program's outputs are named (:func:`output_names`),
+    instead of torch.onnx's names of the nodes that computed them (``linear_14``), and give back
+    an input its own name where torch.onnx renamed it ``x_orig`` because the model also returns
+    it. ``model`` is the exported ``ONNXProgram``'s IR model (renaming a value renames its uses).
+    An input keeps its name when an output would take it (the output becomes ``…_output``); an
+    intermediate value holding a name an output takes is renamed. Left as torch.onnx named them
+    if the counts differ (an output that is not a tensor)."""
+    graph = model.graph
+    names = output_names(program.call_spec.out_spec)
+    if len(names) != len(graph.outputs):
+        return
+    values = {v.name: v for v in (*graph.inputs, *graph.initializers.values(),
+                                  *(out for node in graph for out in node.outputs)) if v.name}
+    inputs, taken = {v.name for v in graph.inputs}, set()
+    for value, name in zip(graph.outputs, names):
+        while name in inputs or name in taken:
+            name += "_output"
+        taken.add(name)
+        holder = values.get(name)
+        if holder is not None and holder is not value:
+            fresh = next(f"{name}_{i}" for i in range(1, len(values) + 2) if f"{name}_{i}" not in values)
+            holder.name, values[fresh] = fresh, holder
+        values.pop(value.name, None)
+        value.name, values[name] = name, value
+    for value in graph.inputs:  # torch.onnx's OutputFixPass renames an input the model returns x_orig
+        stem = value.name.removesuffix("_orig")
+        if stem != value.name and stem in program.graph_signature.user_inputs and stem not in values:
+            del values[value.name]
+            value.name, values[stem] = stem, value
 
 
 def share_mask_preparation(graph: onnx.GraphProto) -> int:

@@ -137,8 +137,51 @@ def test_an_example_of_one_sequence_exports_a_model_for_any_batch(tmp_path):
     assert not torch.allclose(want["exact"], want["mta"], atol=1e-3)
     for name, reference in want.items():
         session = onnx_session(tmp_path / f"{name}.onnx")
-        got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        assert [i.name for i in session.get_inputs()] == ["input_ids"]
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        got = session.run(None, {"input_ids": batch.numpy()})[0]
         np.testing.assert_allclose(got, reference.numpy(), rtol=0, atol=1e-4)
+
+
+class _Returns(torch.nn.Module):
+    """Outputs in every structure ONNX names are taken from."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x):
+        y = x * 2
+        if self.form == "tuple":  # one value twice, and the input itself (torch.onnx renamed the input x_orig)
+            return y, y, x
+        if self.form == "tensor":
+            return y
+        # keys that are names torch.onnx gave: the input's ("x") and an intermediate value's ("mul")
+        return {"x": y + 1, "mul": [y - 1, {"z": x.sum(-1)}]}
+
+
+@pytest.mark.parametrize("form, inputs, outputs", [
+    ("tuple", ["x"], ["output_0", "output_1", "output_2"]),
+    ("tensor", ["x"], ["output"]),
+    ("dict", ["x"], ["x_output", "mul.0", "mul.1.z"]),
+])
+def test_onnx_names_are_the_models_own(form, inputs, outputs, tmp_path):
+    """The ONNX model's inputs and outputs carry the names the model gives them: outputs by their
+    place in its output structure (torch.onnx named them after the nodes computing them,
+    ``linear_14``; a transformers model's ``logits``, below), an input by its parameter name even
+    when the model also returns it (torch.onnx fed ``x_orig``); an input keeps its name over an
+    output's, an intermediate value gives way."""
+    model = _Returns(form)
+    export_onnx(model, (torch.randn(2, 5),), tmp_path / "m.onnx")
+    session = onnx_session(tmp_path / "m.onnx")
+    assert [i.name for i in session.get_inputs()] == inputs
+    assert [o.name for o in session.get_outputs()] == outputs
+    x = torch.randn(3, 4)
+    got = session.run(None, {"x": x.numpy()})
+    want = torch.utils._pytree.tree_leaves(model(x))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=0, atol=1e-6)
 
 
 def test_a_bfloat16_model_on_the_cpu_provider_is_one_clear_error(tmp_path):
