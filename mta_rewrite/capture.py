@@ -51,6 +51,10 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
+    # a torch.compile'd model is captured as the model it wraps: its sites are named as the model's
+    # (layers.0, not _orig_mod.layers.0), so a plan applies to both
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
     args, kwargs = example_call(model, args, kwargs)
     signature = getattr(model, "mta_call", None)  # a module rewrite returned binds its calls (mta_rewrite.calls)
     if signature is not None:
@@ -71,7 +75,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             shapes = dynamic_shapes_for(model, args, kwargs)
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
-            unsupported = _unsupported_output(model, exc)
+            unsupported = _not_about_shapes(model, exc)
             if unsupported is not None:  # not about shapes: static capture would fail the same way
                 raise CaptureError(unsupported) from exc
             first = _first_line(exc)
@@ -80,7 +84,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001
         first = _first_line(exc)
-        raise CaptureError(_unsupported_output(model, exc)
+        raise CaptureError(_not_about_shapes(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
 
 
@@ -106,7 +110,7 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
         shapes = dynamic_shapes_for(model, wide_args, wide_kwargs)
         ep = torch.export.export(model, wide_args, wide_kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001
-        unsupported = _unsupported_output(model, exc)
+        unsupported = _not_about_shapes(model, exc)
         if unsupported is not None:
             raise CaptureError(unsupported) from exc
         first = _first_line(exc)
@@ -159,18 +163,30 @@ def _first_line(exc: Exception) -> str:
     return message.splitlines()[0] if message else type(exc).__name__
 
 
-def _unsupported_output(model: torch.nn.Module, exc: Exception) -> str | None:
-    """The one-line reason when torch.export failed because the model returns an object it cannot
-    return from a graph ("Found <class 'X'> in output, which is not a known type"), else None.
-    transformers' KV caches are the usual case: a language model called without
-    ``use_cache=False`` returns a ``DynamicCache``."""
+def _not_about_shapes(model: torch.nn.Module, exc: Exception) -> str | None:
+    """The one-line reason when torch.export failed for a reason that capturing at other shapes
+    cannot mend, else None:
+
+    - the model returns an object a graph cannot return ("Found <class 'X'> in output, which is
+      not a known type"); transformers' KV caches are the usual case: a language model called
+      without ``use_cache=False`` returns a ``DynamicCache``;
+    - the model runs FlexAttention (transformers' ``attn_implementation="flex_attention"``), which
+      torch.export fails on here ("FlexAttention does not support backward on CPU", or an error
+      inside its block-mask code) and which the rewrite would not take anyway (``find_attention``
+      reports it)."""
     import re
 
     found = re.search(r"Found <class '([^']+)'> in output", str(exc))
-    if found is None:
-        return None
-    name = found.group(1)
-    hint = ("a KV cache: call the model with use_cache=False" if "cache" in name.rsplit(".", 1)[-1].lower() else
-            "register it with torch's pytree (torch.export.register_dataclass for a dataclass), or return tensors")
-    return f"torch.export could not capture {type(model).__name__}: its output holds a {name}, which a graph " \
-           f"cannot return ({hint})"
+    if found is not None:
+        name = found.group(1)
+        hint = ("a KV cache: call the model with use_cache=False" if "cache" in name.rsplit(".", 1)[-1].lower() else
+                "register it with torch's pytree (torch.export.register_dataclass for a dataclass), or return tensors")
+        return f"torch.export could not capture {type(model).__name__}: its output holds a {name}, which a graph " \
+               f"cannot return ({hint})"
+    flex = any(getattr(getattr(m, "config", None), "_attn_implementation", None) == "flex_attention"
+               for m in model.modules())
+    if flex or "FlexAttention" in str(exc):
+        return f"torch.export could not capture {type(model).__name__}, which runs FlexAttention " \
+               f"({_first_line(exc)}): load it with attn_implementation=\"sdpa\" or \"eager\", the same " \
+               "attention, which mta-rewrite rewrites (FlexAttention it would not)"
+    return None

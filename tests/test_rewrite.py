@@ -457,6 +457,68 @@ def test_a_model_returning_what_a_graph_cannot_is_one_clear_error():
         torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
+class _FlexAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        return flex_attention(q, k, v).transpose(1, 2).reshape(B, n, 32)
+
+
+def test_a_compiled_model_is_rewritten_as_the_model_it_wraps():
+    """``torch.compile(model)`` captures as ``model``: its sites were named ``_orig_mod.layers.0``,
+    so a plan written for the model (or calibrated on it) named sites the compiled one "lacks"."""
+    case = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
+    model = case.build()
+    args, kwargs = case.inputs(24)
+    compiled = torch.compile(model)
+    assert [s.name for s in mr.find_attention(compiled, args, kwargs)] == ["layers.0", "layers.1"]
+    plan = mr.Plan({"layers.1": mr.MTAConfig(8, sinks=2)})
+    fast = mr.rewrite(compiled, args, kwargs, plan=plan)
+    a, kw = case.inputs(40)
+    torch.testing.assert_close(fast(*a, **kw), mr.rewrite(model, args, kwargs, plan=plan)(*a, **kw), rtol=0, atol=0)
+
+
+def test_flex_attention_is_reported_and_left_exact():
+    """FlexAttention's masks and score changes are programs over positions (``mask_mod``,
+    ``score_mod``), which the op cannot take. ``find_attention`` said nothing of it (no site at
+    all, as if the model had no attention); it is now a ``flex`` site with the reason and what to
+    do, and a rewrite leaves it exact with the usual warning, and runs (the rewrite's dead-code pass
+    dropped functorch's vmap level changes around the block-mask code, which fx counts pure: "your
+    tensor may have escaped from inside a function being vmapped"). A transformers model loaded with
+    ``attn_implementation="flex_attention"`` does not capture on the CPU at all: one CaptureError
+    saying to load it with SDPA or eager attention (it was torch's "FlexAttention does not support
+    backward on CPU", after a warning blaming dynamic shapes)."""
+    model = _FlexAttention().eval().requires_grad_(False)  # (FlexAttention captures on the CPU without grads)
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    # (rewrite first: once torch.export has traced FlexAttention at static shapes, as find_attention
+    # does, its later dynamic captures of the model come out specialised to the example: torch's state)
+    with pytest.warns(UserWarning, match=r"1 attention site\(s\) asked for MTA left exact \(root: FlexAttention"):
+        fast = mr.rewrite(model, (x,), config=mr.MTAConfig(4))
+    y = torch.randn(3, 24, 32)
+    torch.testing.assert_close(fast(y), model(y))  # (it failed: the rewrite's clean-up dropped vmap's level changes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own notes on FlexAttention in eager mode
+        (site,) = mr.find_attention(model, (x,))
+        assert (site.kind, site.mask, site.rewritable, site.q_heads, site.seq_len) == ("flex", "block mask", False, 4, 16)
+        assert 'attn_implementation="sdpa"' in site.reason
+    if not HAS_TRANSFORMERS:
+        return
+    llama = zoo._hf(lambda t: t.LlamaConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=64, num_hidden_layers=1, max_position_embeddings=64),
+                    "LlamaForCausalLM", "flex_attention")()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dynamic capture failed")  # at once, no fallback
+        with pytest.raises(mr.CaptureError, match=r"LlamaForCausalLM, which runs FlexAttention \(.*\): load it with "
+                                                  r'attn_implementation="sdpa" or "eager"'):
+            mr.find_attention(llama, (torch.randint(0, 100, (2, 16)),), {"use_cache": False})
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_an_example_of_one_sequence_captures_a_program_for_any_batch():
     """torch.export fixes a dimension of size 1 at 1: a language model rewritten from one sequence

@@ -298,6 +298,17 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
     return node
 
 
+def _has_effects(node: fx.Node) -> bool:
+    """fx's impurity, and functorch's calls in an exported graph: torch.export records vmap's
+    level changes (``_vmap_increment_nesting`` …, around FlexAttention's block-mask code) as
+    calls whose results nothing reads; fx counts them pure (its jvp twins it does not), and
+    dropping them left the vmap levels unbalanced ("your tensor may have escaped from inside a
+    function being vmapped")."""
+    return node.is_impure() or (node.op == "call_function"
+                                and str(getattr(node.target, "__module__", "")).startswith("torch._functorch"))
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
+    """Drop what the rewrite left unread (the original attention subgraphs), nothing with effects."""
+    gm.graph.eliminate_dead_code(is_impure_node=_has_effects)
     gm.recompile()

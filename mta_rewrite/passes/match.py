@@ -31,6 +31,7 @@ SDPA_TARGETS = {
     aten.scaled_dot_product_attention.default,
 }
 SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
 CAST_TARGETS = {
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
     aten.contiguous.default, aten.clone.default, aten.alias.default,
@@ -62,7 +63,7 @@ class AttentionMatch:
 
     anchor: fx.Node
     output: fx.Node | None = None
-    kind: str = "manual"  # "sdpa" | "manual" | "softmax" (a softmax that is not attention)
+    kind: str = "manual"  # "sdpa" | "manual" | "flex" | "softmax" (a softmax that is not attention)
     q: fx.Node | None = None
     k: fx.Node | None = None  # [.., n, d] (already un-transposed when the graph had k itself)
     k_transposed: fx.Node | None = None  # the kᵀ operand when k itself is not in the graph
@@ -88,6 +89,8 @@ class AttentionMatch:
 
     @property
     def mask_kind(self) -> str:
+        if self.kind == "flex":
+            return "block mask"  # FlexAttention's mask is a program (mask_mod), not a tensor
         kinds = []
         if self.additive:
             kinds.append("additive")
@@ -229,6 +232,8 @@ def find_matches(graph: fx.Graph) -> list[AttentionMatch]:
             matches.append(_match_sdpa(node))
         elif node.target in SOFTMAX_TARGETS:
             matches.append(_match_softmax(node))
+        elif node.target is FLEX_ATTENTION:
+            matches.append(_match_flex(node))
     order = {n: i for i, n in enumerate(graph.nodes)}
     sources = _input_sources(graph)
     for m in matches:
@@ -345,6 +350,17 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
     except NoMatch as exc:
         m.reason = str(exc)
     return m
+
+
+def _match_flex(node: fx.Node) -> AttentionMatch:
+    """FlexAttention (``flex_attention``, transformers' ``attn_implementation="flex_attention"``):
+    found and reported, not rewritten. Its masking and score changes are programs (``mask_mod``,
+    ``score_mod``) over index tensors, not masks in the graph that the op could take."""
+    q, k, v = node.args[:3]
+    return AttentionMatch(anchor=node, output=node, kind="flex", q=q, k=k, v=v, reason=(
+        "FlexAttention: its mask and score_mod are programs over positions, which the op cannot take; the "
+        "same attention through scaled_dot_product_attention (transformers: attn_implementation=\"sdpa\" "
+        "or \"eager\") is rewritten"))
 
 
 def _match_softmax(node: fx.Node) -> AttentionMatch:

@@ -15,13 +15,14 @@ class AttentionSite:
     """One attention subgraph of a model, as ``find_attention`` reports it."""
 
     name: str  # module path of the layer (stable across captures), "#2" etc. when a layer has several
-    kind: str  # "sdpa" | "manual" | "mha" | "softmax" (a softmax that is not attention)
+    # "sdpa" | "manual" | "mha" | "flex" (FlexAttention, reported only) | "softmax" (a softmax that is not attention)
+    kind: str
     batch: int | None
     q_heads: int | None
     kv_heads: int | None
     seq_len: int | None
     head_dim: int | None
-    mask: str  # "none" | "bool" | "additive" | "additive+bool"
+    mask: str  # "none" | "bool" | "additive" | "additive+bool" | "block mask" (FlexAttention)
     causal: bool
     rewritable: bool
     reason: str = ""
