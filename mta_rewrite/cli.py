@@ -69,22 +69,38 @@ def demo(
     console.print(summary)
 
 
+def op_calls_table(calls, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("site", overflow="fold", min_width=10)
+    for col in ("B·Hq/Hkv·n·d", "mask", "causal"):
+        table.add_column(col)
+    table.add_column("MTA", overflow="fold", min_width=10)
+    for c in calls:
+        table.add_row(c.name, f"{c.batch}·{c.q_heads}/{c.kv_heads}·{c.seq_len}·{c.head_dim}", c.mask,
+                      "yes" if c.causal else "no", "exact (the op's exact path)" if c.config == "exact" else c.config)
+    return table
+
+
 @app.command()
 def find(program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)")) -> None:
     """List the attention sites of a saved program, and why any is left exact; for a program that
-    `rewrite` saved, also how many sites already call mta.attention."""
-    from .api import count_exact_nodes, count_mta_nodes, find_attention, load_program
+    `rewrite` saved, also its mta.attention calls and their configurations."""
+    from .api import find_attention, load_program
+    from .passes.sites import describe_op_calls
 
     try:
         ep = load_program(program)
         sites = find_attention(ep)
     except (ValueError, CaptureError) as exc:
         _fail(str(exc))
-    console.print(sites_table(sites, title=f"attention sites of {program}"))
-    mta, exact = count_mta_nodes(ep), count_exact_nodes(ep)
-    if mta or exact:
-        console.print(f"already rewritten: {mta} site(s) call mta.attention, {exact} exact site(s) the op's exact "
-                      f"path (not listed above)")
+    calls = describe_op_calls(ep.graph)
+    if sites or not calls:
+        console.print(sites_table(sites, title=f"attention sites of {program}"))
+    if calls:
+        console.print(op_calls_table(calls, f"mta.attention calls of {program}"))
+        exact = sum(c.config == "exact" for c in calls)
+        console.print(f"already rewritten: {len(calls) - exact} site(s) call mta.attention with MTA, {exact} the "
+                      "op's exact path")
     elif not sites:
         console.print(f"no attention (and no softmax) found in {program}")
 

@@ -38,8 +38,20 @@ def test_find_and_rewrite_a_saved_program(tmp_path):
     ep = torch.export.load(str(out))
     assert mr.count_mta_nodes(ep) == 2
     found = runner.invoke(app, ["find", str(out)])
-    assert found.exit_code == 0 and "already rewritten: 2 site(s) call mta.attention, 0 exact" in \
+    # the op calls are listed by layer with their configuration (they were counted only, in a line
+    # under an empty table, and a program captured again named them all as the model's root)
+    rows = [line.split("│")[1:-1] for line in found.output.splitlines() if line.startswith("│")]
+    assert found.exit_code == 0 and [[cell.strip() for cell in row] for row in rows] == [
+        [f"layers.{i}", "2·4/4·24·8", mask, "no", "c8·L1·s2·k0"] for i, mask in ((0, "bool"), (1, "additive"))], \
+        found.output
+    assert "already rewritten: 2 site(s) call mta.attention with MTA, 0 the op's exact path" in \
         " ".join(found.output.split()), found.output
+    mr.Plan({"layers.0": "exact", "layers.1": mr.MTAConfig(4, 2)}).save(tmp_path / "plan.json")
+    planned = tmp_path / "planned.pt2"
+    assert runner.invoke(app, ["rewrite", str(path), "-o", str(planned), "--plan", str(tmp_path / "plan.json")]).exit_code == 0
+    found = " ".join(runner.invoke(app, ["find", str(planned)]).output.split())
+    assert "│ layers.0 │" in found and "exact (the op's exact path)" in found and "c4·L2·s0·k0" in found, found
+    assert "1 site(s) call mta.attention with MTA, 1 the op's exact path" in found
     torch.save([zoo.hand_written_cases()[-1].inputs(24)[0]], tmp_path / "samples.pt")
     for argv in (["rewrite", str(out), "-o", str(tmp_path / "again.pt2"), "--chunk-size", "4"],
                  ["export", str(out), "-o", str(tmp_path / "again.onnx"), "--chunk-size", "4"],

@@ -260,11 +260,13 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
         _check_segment_length(segments, m)
     g = gm.graph
     out = m.output
+    before = set(g.nodes)
     with g.inserting_before(out):
         q, k, v, mask = _canonical_operands(g, m)
         config, weight, centroids = _parameter_nodes(gm, config)
         node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight, segments, centroids)
         node = _finish(g, m, node)
+    _inherit_module(m.anchor, [n for n in g.nodes if n not in before])
     out.replace_all_uses_with(node)
     # The replaced subgraph is dead now, but DCE would keep it: export's metadata assertions
     # look at it, and dropout counts as impure. Erase it explicitly, last node first.
@@ -276,6 +278,16 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
         if not c.users:
             g.erase_node(c)
     return node
+
+
+def _inherit_module(anchor: fx.Node, nodes: list[fx.Node]) -> None:
+    """The nodes a rewrite adds belong to the layer of the attention they replace: they take its
+    ``nn_module_stack`` (and stack trace), which a program captured again from the rewritten module
+    keeps, so its op calls are named by layer (``mta-rewrite find``), not as the model's root."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in anchor.meta:
+            for n in nodes:
+                n.meta.setdefault(key, anchor.meta[key])
 
 
 def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, segments: fx.Node | None = None) -> fx.Node:

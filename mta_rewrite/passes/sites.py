@@ -87,3 +87,57 @@ def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
             mask=m.mask_kind, causal=m.causal, rewritable=m.rewritable, reason=m.reason or "", node=m.anchor.name,
         ))
     return sites
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One ``mta.attention`` call of a rewritten program, as ``mta-rewrite find`` lists it."""
+
+    name: str  # module path of the layer, as its site was named ("#2" … for repeats, a per-head plan's groups)
+    batch: int | None
+    q_heads: int | None
+    kv_heads: int | None
+    seq_len: int | None
+    head_dim: int | None
+    mask: str  # "none" | "bool" | "additive"
+    causal: bool
+    config: str  # "c64·L2·s4·k2" (+ " learned" / " boundary" / " clustered"), or "exact" for one chunk
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_op_calls(graph: fx.Graph) -> list[OpCall]:
+    """The ``mta.attention`` calls of a rewritten graph with their configuration, in graph order:
+    what ``rewrite`` made of the sites (``find_attention`` no longer sees them as attention)."""
+    from .lower import EXACT_CHUNK
+    from .match import bound_args
+
+    seen: dict[str, int] = {}
+    calls = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.mta.attention.default:
+            continue
+        a = bound_args(node)
+        base = module_path(node)[0] or "root"
+        seen[base] = seen.get(base, 0) + 1
+        qs, ks = shape_of(a["q"]), shape_of(a["k"])
+        mask = a["attn_mask"]
+        kind = "none" if mask is None else "bool" if getattr(mask, "meta", {}).get("val") is not None \
+            and mask.meta["val"].dtype == torch.bool else "additive"
+        chunk = int(_hint(a["chunk_size"]) or 0)
+        if chunk >= EXACT_CHUNK:
+            config = "exact"
+        else:
+            config = f"c{chunk}·L{_hint(a['local_chunks'])}·s{_hint(a['sinks'])}·k{_hint(a['top_k'])}"
+            config += "".join(f" {what}" for what, arg in (("learned", "summary_weight"), ("boundary", "segment_ids"),
+                                                            ("clustered", "centroids")) if a[arg] is not None)
+        four_d = qs is not None and len(qs) == 4
+        calls.append(OpCall(
+            name=base if seen[base] == 1 else f"{base}#{seen[base]}",
+            batch=_hint(qs[0]) if qs else None, q_heads=_hint(qs[1]) if four_d else None,
+            kv_heads=_hint(ks[1]) if ks is not None and len(ks) == 4 else None,
+            seq_len=_hint(qs[2]) if four_d else None, head_dim=_hint(qs[3]) if four_d else None,
+            mask=kind, causal=bool(a["causal"]), config=config,
+        ))
+    return calls
