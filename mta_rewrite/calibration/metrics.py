@@ -27,6 +27,17 @@ def first_tensor(out) -> torch.Tensor:
     raise ValueError("the model's output holds no tensor to measure")
 
 
+def first_tensor_name(out) -> str | None:
+    """The key of the output's first tensor (``logits``, ``last_hidden_state``: a dict's key or a
+    model output's field, the innermost one), or None when nothing names it (a tensor, a tuple)."""
+    for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+        if isinstance(leaf, torch.Tensor):
+            names = [str(k.key) if isinstance(k, pytree.MappingKey) else k.name for k in path
+                     if isinstance(k, (pytree.MappingKey, pytree.GetAttrKey))]
+            return names[-1] if names else None
+    return None
+
+
 def _real_rows(y: torch.Tensor, kwargs: dict) -> torch.Tensor:
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(y.shape[:2]) == tuple(mask.shape):

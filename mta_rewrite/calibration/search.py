@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -50,7 +51,7 @@ from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import CPU, WORK, MeasuredCosts, TimeModel, default_candidates, relative_cost
-from .metrics import METRICS, LocalReference, first_tensor, output_error, relative
+from .metrics import METRICS, LocalReference, first_tensor, first_tensor_name, output_error, relative
 from .probe import Probe, release_freed_memory
 
 # Learned summaries are fitted for a plan cheaper than the chosen one only if its error with means
@@ -252,7 +253,12 @@ def calibrate(
                              "(see find_attention for the reasons)")
 
         bar.step("reference outputs")
-        reference = {id(data[i]): _reference_output(probe, data[i], i) for i in sorted(set(cal_idx) | set(hold_idx))}
+        reference = {}
+        for i in sorted(set(cal_idx) | set(hold_idx)):
+            out = _reference_output(probe, data[i], i)
+            if not reference and metric == "kl":
+                _check_logits(out)
+            reference[id(data[i])] = first_tensor(out)
 
         # ---- per-site errors (exact upstream) and greedy plans (upstream approximated) -----
         policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
@@ -630,12 +636,23 @@ def _choose(st: SiteStats, parts, per_head: bool, tau: float, timer: MeasuredCos
     return choice, relative(num, den)
 
 
-def _reference_output(probe: Probe, sample, index: int) -> torch.Tensor:
-    """The model's first output on a sample with every site exact. The first pass on each sample:
+def _check_logits(out) -> None:
+    """``kl`` compares next-token distributions: warn when the output says its first tensor is not
+    logits (a transformers encoder's ``last_hidden_state``), where the budget would bound the
+    divergence of softmaxed features. A plain tensor or tuple says nothing: no warning."""
+    name = first_tensor_name(out)
+    if name is not None and "logit" not in name.lower():
+        warnings.warn(f"metric 'kl' compares next-token distributions, but the model's first output is {name}, not "
+                      "logits: the budget would bound the divergence of softmaxed features (rel_l2 or cosine measure "
+                      "those)", stacklevel=3)
+
+
+def _reference_output(probe: Probe, sample, index: int):
+    """The model's output on a sample with every site exact. The first pass on each sample:
     where the model fails on it, the sample is what is wrong (a shape the captured program fixed,
     token ids as floats), and the error is one line naming it."""
     try:
-        return first_tensor(probe.forward(sample))
+        return probe.forward(sample)
     except Exception as exc:  # noqa: BLE001  (whatever the model raises on the user's data)
         if _raised_in_the_op(exc):
             raise  # the op's exact path failed: ours to fix, not the sample's fault

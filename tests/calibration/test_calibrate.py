@@ -203,3 +203,25 @@ def test_verification_stops_a_plan_once_its_mean_error_is_over_budget(lm, tmp_pa
     assert not [p for p in details_all.family if p.calibration_runs and p.calibration_runs[0] < len(cal)]
     assert details_all.chosen.configs == details.chosen.configs
     assert plan_all.metadata["holdout_error"] == plan.metadata["holdout_error"]
+
+
+def test_kl_on_an_output_that_is_not_logits_warns():
+    """``kl`` compares next-token distributions; on an encoder's ``last_hidden_state`` it bounded
+    the divergence of softmaxed features, silently. Now a warning says so; a language model's
+    ``logits`` (and an output that names nothing) calibrate without it."""
+    pytest.importorskip("transformers")
+    small = dict(vocab_size=100, num_hidden_layers=1, max_position_embeddings=64)
+    bert = zoo._hf(lambda t: t.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, **small),
+                   "BertModel", "sdpa")()
+    gpt2 = zoo._hf(lambda t: t.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64),
+                   "GPT2LMHeadModel", "sdpa")()
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 100, (2, 32), generator=gen)} for _ in range(3)]
+    kw = dict(budget=0.01, metric="kl", candidates=CANDIDATES, progress=False, cost_model=WORK)
+    with pytest.warns(UserWarning, match=r"metric 'kl' compares next-token distributions, but the model's first "
+                                         r"output is last_hidden_state, not logits"):
+        mr.calibrate(bert, data, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mr.calibrate(gpt2, [dict(d, use_cache=False) for d in data], **kw)
+    assert not [w for w in caught if "metric 'kl'" in str(w.message)]
