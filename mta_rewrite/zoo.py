@@ -340,6 +340,32 @@ def _causal_pad(n, B=2):
     return torch.ones(n, n, dtype=torch.bool).tril()[None, None] & _pad(n, B)[:, None, None, :]
 
 
+class SinkLogits(_Proj):
+    """GPT-OSS's eager attention: an additive mask, then a learned logit per head joins each row of
+    scores in softmax, and its column is dropped after it. Not among the cases above: calibration
+    leaves such sites exact (``rewrite`` takes them; tests use it directly, with :func:`sink_inputs`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(self.h, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-1, -2) * self.dh ** -0.5 + mask
+        s = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)], dim=-1)
+        s = s - s.max(dim=-1, keepdim=True).values
+        return self.merge(torch.softmax(s, dim=-1, dtype=s.dtype)[..., :-1] @ v)
+
+
+def sink_inputs(n, B=2, seed=0):
+    """x and an additive causal ∧ key-padding mask (float32's minimum where forbidden, as transformers)."""
+    x = torch.randn(B, n, 32, generator=torch.Generator().manual_seed(seed))
+    allowed = torch.ones(n, n, dtype=torch.bool).tril().expand(B, 1, n, n).clone()
+    allowed[0, ..., : n // 5] = False  # left padding
+    allowed[0, 0, : n // 5, 0] = True  # (a padded query still sees one key, as transformers makes it)
+    return x, torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+
+
 def _hand(name, cls, inputs, attention=1, rewritable=1, family="hand-written"):
     return ZooCase(name, family, lambda: cls().eval(), inputs, attention, rewritable)
 

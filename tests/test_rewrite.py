@@ -186,6 +186,99 @@ def test_one_layer_equals_reference_op(name, extract):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+class _ShiftedScores(zoo._Proj):
+    """softmax(s − max(s)) by hand, as GPT-OSS writes it: softmax does not change under the shift."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = (q @ k.transpose(-1, -2) * self.dh ** -0.5).masked_fill(~mask, float("-inf"))
+        s = s - (s.max(dim=-1, keepdim=True).values if self.how == "max" else s.amax(-1, keepdim=True))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("how", ["max", "amax"])
+def test_scores_shifted_by_their_row_max_are_attention(how):
+    """``s − s.max(-1, keepdim=True)`` before softmax (a guard against overflow) was "an additive
+    mask" computed from the scores: the site was left exact. softmax is unchanged by the shift: it
+    is rewritten, and equals the float64 reference op on the layer's q, k, v."""
+    model = _ShiftedScores(how).eval()
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 1, 40, 40)
+    (site,) = mr.find_attention(model, (x, mask))
+    assert site.rewritable, site.reason
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    fast = mr.rewrite(model, (x, mask), config=config)
+    with torch.no_grad():
+        want = model.merge(mta_attention_reference(*model.heads(x), mask, scale=model.dh ** -0.5,
+                                                   **config.op_kwargs()).float())
+        torch.testing.assert_close(fast(x, mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_sink_logits_are_rewritten():
+    """GPT-OSS's eager attention (learned sink logits) was reported as "a softmax that is not
+    attention" ("softmax output feeds slice.Tensor"): a user saw no attention in the model at all.
+    It is a site; the rewrite gives the sink logit to the op as one more token at position 0 that
+    it attends exactly (``passes.lower.sink_logit_operands``): one chunk equals the model itself,
+    and an MTA configuration equals the float64 reference op on that longer sequence."""
+    model = zoo.SinkLogits().eval()
+    x, mask = zoo.sink_inputs(24)
+    (site,) = mr.find_attention(model, (x, mask))
+    assert (site.kind, site.rewritable, site.q_heads, site.seq_len, site.mask) == ("manual", True, 4, 24, "additive")
+    exact, config = mr.MTAConfig(10**6), mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    one_chunk, fast = (mr.rewrite(model, (x, mask), config=c) for c in (exact, config))
+    assert mr.count_mta_nodes(fast) == 1
+    for n in (24, 37):
+        x, mask = zoo.sink_inputs(n, B=3, seed=n)
+        with torch.no_grad():
+            torch.testing.assert_close(one_chunk(x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
+            q, k, v = (t.double() for t in model.heads(x))
+            scale = model.dh ** -0.5
+            sink = model.sinks.double().view(1, -1, 1, 1).expand(3, -1, n, 1)
+            # the sink as token 0: logit scale·q'·k' = its learned value, value 0, always attended exactly
+            q1 = torch.cat([torch.zeros(3, 4, 1, 9, dtype=torch.float64), torch.cat([q, sink / scale], -1)], 2)
+            k1 = torch.cat([torch.nn.functional.pad(torch.ones(3, 4, 1, 1, dtype=torch.float64), (8, 0)),
+                            torch.nn.functional.pad(k, (0, 1))], 2)
+            v1 = torch.nn.functional.pad(v, (0, 1, 1, 0))
+            allowed = torch.nn.functional.pad(mask == 0, (1, 0, 1, 0), value=True)
+            ref = mta_attention_reference(q1, k1, v1, allowed, scale=scale, chunk_size=6, local_chunks=2, sinks=3,
+                                          top_k=1)
+            want = model.merge(ref[:, :, 1:, :-1].float())
+            torch.testing.assert_close(fast(x, mask), want, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(fast(x, mask), model(x, mask), atol=1e-3)  # an approximation
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_gpt_oss_with_its_sink_logits_is_rewritten():
+    """transformers' GPT-OSS (eager attention: its only one; sliding-window layers too): both
+    layers are sites, one chunk gives the model's logits, and MTA runs on both."""
+    small = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256, num_local_experts=2,
+                 num_experts_per_tok=1, sliding_window=16)
+    model = zoo._hf(lambda t: t.GptOssConfig(**small), "GptOssForCausalLM", "eager")()
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = torch.randint(0, 100, (2, 40), generator=gen), torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    kwargs = {"attention_mask": mask, "use_cache": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = [s for s in mr.find_attention(model, (ids,), kwargs) if s.is_attention]
+        assert [(s.name, s.rewritable) for s in sites] == [(f"model.layers.{i}.self_attn", True) for i in (0, 1)]
+        one_chunk = mr.rewrite(model, (ids,), kwargs, config=mr.MTAConfig(10**6))
+        fast = mr.rewrite(model, (ids,), kwargs, config=mr.MTAConfig(8, 1, 2))
+    assert mr.count_mta_nodes(fast) == 2
+    ids, mask = torch.randint(0, 100, (3, 57), generator=gen), torch.ones(3, 57, dtype=torch.long)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        real = mask.bool()
+        torch.testing.assert_close(one_chunk(ids, attention_mask=mask).logits[real], want[real], rtol=0, atol=1e-5)
+        assert not torch.allclose(fast(ids, attention_mask=mask).logits[real], want[real], atol=1e-3)
+
+
 def test_view_that_needs_the_attention_layout_runs_and_equals_the_reference():
     """nanoGPT's ``y.transpose(1, 2).contiguous().view(B, n, C)``: torch.export drops the
     ``.contiguous()`` (a no-op on SDPA's traced output, which follows q's memory order), so the

@@ -141,11 +141,15 @@ class Probe:
         matches = find_matches(self.module.graph)
         self.sites: list[AttentionSite] = describe(matches)
         segments = add_segment_ids(self.module, boundaries) if boundaries is not None else None
-        for m, site in zip(matches, self.sites):
-            if site.rewritable:
+        # sites with learned sink logits (GPT-OSS) stay as the model computes them: calibration does
+        # not price or measure their extra token (a plan may still give them an MTAConfig by hand)
+        calibrated = [site.rewritable and m.sink_logits is None for m, site in zip(matches, self.sites)]
+        for m, site, hooked in zip(matches, self.sites, calibrated):
+            if hooked:
                 lower_match_to_hook(self.module, m, site.name, site_hook, segments)
         eliminate_dead_code(self.module)
-        self.rewritable = [s for s in self.sites if s.rewritable]
+        self.rewritable = [s for s, hooked in zip(self.sites, calibrated) if hooked]
+        self.uncalibrated = [s.name for s, hooked in zip(self.sites, calibrated) if s.rewritable and not hooked]
         self.exact_path = frozenset(s.name for m, s in zip(matches, self.sites) if lower_exact and takes_exact_path(m))
         self._program = None
 

@@ -11,8 +11,12 @@ and every site's op reads them (boundary chunks).
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.layout import dense_order, is_permuted
@@ -62,8 +66,36 @@ EXACT = MTAConfig(EXACT_CHUNK)
 def takes_exact_path(m: AttentionMatch) -> bool:
     """Whether a site left exact runs the op's exact path (one chunk: SDPA after the mask is
     recognised by value) under ``rewrite(lower_exact=True)``, and in calibration's probe: every
-    rewritable site but an SDPA call without a mask, which already is what that path runs."""
-    return m.rewritable and not (m.kind == "sdpa" and m.mask_kind == "none")
+    rewritable site but an SDPA call without a mask, which already is what that path runs, and a
+    site with learned sink logits (calibration leaves those as the model computes them)."""
+    return m.rewritable and not (m.kind == "sdpa" and m.mask_kind == "none") and m.sink_logits is None
+
+
+def sink_logit_operands(q, k, v, mask, column, scale: float):
+    """The op's operands for attention with **learned sink logits** (GPT-OSS): each query row's
+    logit ``column`` [B|1, Hq|1, n|1, 1] joins its scores in softmax with a value of zero. It
+    becomes one more token, at position 0, that the op attends exactly (a sink): q, k and v get
+    one more dimension, q's holding ``column / scale`` and k's 1 for that token and 0 for the real
+    keys, so scale·q'·k' is scale·q·k for a real key and the sink logit for the new one; v's is 0
+    (its row too). The mask gets the new key allowed for every query and a first row that allows
+    only it (the triangle stays a triangle); the first output row and the extra dimension are
+    dropped after the op (:func:`drop_sink_token`). Called from the graph."""
+    B, Hq, n, d = q.shape
+    logit = (column.to(q.dtype) / scale).expand(B, Hq, n, 1)
+    q = F.pad(torch.cat([q, logit], dim=-1), (0, 0, 1, 0))
+    k = torch.cat([F.pad(torch.ones_like(k[:, :, :1, :1]), (d, 0)), F.pad(k, (0, 1))], dim=2)
+    v = F.pad(v, (0, 1, 1, 0))
+    if mask is not None:
+        allow, forbid = (True, False) if mask.dtype == torch.bool else (0.0, float("-inf"))
+        mask = F.pad(mask, (1, 0), value=allow)  # every query may attend to the sink
+        if mask.shape[-2] > 1:  # the new query row: only the sink (its output is dropped)
+            mask = torch.cat([F.pad(torch.full_like(mask[..., :1, 1:], forbid), (1, 0), value=allow), mask], dim=-2)
+    return q, k, v, mask
+
+
+def drop_sink_token(out):
+    """The op's output without :func:`sink_logit_operands`' token and dimension. Called from the graph."""
+    return out[:, :, 1:, :-1]
 
 
 def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None, attend=None):
@@ -258,13 +290,25 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
         raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not chunk)")
     if segments is not None:
         _check_segment_length(segments, m)
+    if m.sink_logits is not None and (segments is not None or not isinstance(config, MTAConfig)):
+        raise ValueError("a site with learned sink logits takes one MTAConfig: no boundaries, per-head groups, "
+                         "learned or clustered summaries")
     g = gm.graph
     out = m.output
     before = set(g.nodes)
     with g.inserting_before(out):
         q, k, v, mask = _canonical_operands(g, m)
         config, weight, centroids = _parameter_nodes(gm, config)
-        node = attention_call(g, q, k, v, mask, config, _attention_kwargs(m), weight, segments, centroids)
+        kw = _attention_kwargs(m)
+        if m.sink_logits is not None:  # one more token the op attends exactly (sink_logit_operands)
+            if kw["scale"] is None:  # the default 1/√d is q's own, before q grows a dimension
+                kw["scale"] = float(_example_size(m.q, -1)) ** -0.5
+            operands = g.call_function(sink_logit_operands, (q, k, v, mask, m.sink_logits, kw["scale"]))
+            q, k, v, mask = (g.call_function(operator.getitem, (operands, i)) for i in range(4))
+            config = dataclasses.replace(config, sinks=config.sinks + 1)
+        node = attention_call(g, q, k, v, mask, config, kw, weight, segments, centroids)
+        if m.sink_logits is not None:
+            node = g.call_function(drop_sink_token, (node,))
         node = _finish(g, m, node)
     _inherit_module(m.anchor, [n for n in g.nodes if n not in before])
     out.replace_all_uses_with(node)

@@ -19,6 +19,7 @@ has an answer.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,9 @@ class AttentionMatch:
     allowed: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool mask, invert?)
     causal: bool = False
     chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite makes dead
+    # GPT-OSS's learned sink logits: a per-head logit concatenated to the scores as one more column
+    # before softmax, that column's probability dropped after it (reported; the op has no such term)
+    sink_logits: fx.Node | None = None
     reason: str | None = None
 
     @property
@@ -375,7 +379,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         chain = [node]
         # forwards: P → (casts, eval dropout, a view from [B, H, n, n] to [B·H, n, n]) → P @ v
         p = node
-        forward_view = None
+        forward_view = drop_last = None
         while True:
             users = live_users(p)
             if len(users) != 1:
@@ -401,6 +405,8 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             elif u.op == "call_function" and u.target is aten.einsum.default:
                 m.v, m.output = _einsum_pv(u, p)
                 break
+            elif drop_last is None and _drops_last_column(u, p):  # GPT-OSS drops its sink column
+                drop_last = p = u
             else:
                 m.kind = "softmax"
                 raise NoMatch(f"softmax output feeds {getattr(u.target, '__name__', u.target)}, not a product with v")
@@ -408,11 +414,12 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         # backwards: scores ← modifiers ← q·kᵀ
         factor = 1.0
         s = x
+        row_max = None  # the max node of an x − max(x) shift: x's one other reader
         while True:
             if s.op != "call_function":
                 m.kind = "softmax"
                 raise NoMatch("softmax input is not a product of q and kᵀ")
-            if len(live_users(s)) != 1:
+            if len([u for u in live_users(s) if u is not row_max]) != 1:
                 raise NoMatch(f"the attention scores ({s.name}) are used elsewhere: leaving it exact")
             chain.append(s)
             t = _functional(s.target)
@@ -434,6 +441,13 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 else:
                     m.scale_nodes.append((f, divide))
                 s = chain_side
+            elif t is aten.sub.Tensor and _row_max_of(s.args[1], s.args[0]):
+                # x − max(x) along the rows: softmax is unchanged by it (a guard against overflow)
+                row_max = s.args[1].args[0] if s.args[1].target is operator.getitem else s.args[1]
+                s = s.args[0]
+            elif t is aten.cat.default and drop_last is not None and m.sink_logits is None and _appends_column(s):
+                m.sink_logits = s.args[0][1]  # [scores, sink logits]: GPT-OSS's learned sinks
+                s = s.args[0][0]
             elif t in (aten.add.Tensor, aten.sub.Tensor):
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
@@ -475,6 +489,9 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 m.kind = "softmax"
                 raise NoMatch(f"softmax input comes from {name}, not from q·kᵀ: not attention")
         m.chain = chain
+        if drop_last is not None and m.sink_logits is None:
+            m.kind = "softmax"
+            raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
         if (forward_view is None) != (m.frame is None) or (m.frame is not None and not m.three_d):
             raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
         if m.frame is not None:
@@ -488,12 +505,57 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             raise NoMatch(f"v {vs} does not match k {ks} (MTA needs k and v of one shape)")
         if not m.three_d and not same_size(vs[-3], ks[-3]):
             raise NoMatch(f"k and v have different head counts ({ks[-3]} vs {vs[-3]})")
+        if m.sink_logits is not None and (m.three_d or m.frame is not None):
+            raise NoMatch("learned sink logits on 3-D (bmm) scores: left exact")
     except NoMatch as exc:
         m.reason = str(exc)
     return m
 
 
 VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _last_dim(x: Any, dim: Any) -> bool:
+    shape = shape_of(x)
+    return shape is not None and _static(dim) in (-1, len(shape) - 1)
+
+
+def _drops_last_column(u: fx.Node, p: fx.Node) -> bool:
+    """``p[..., :-1]``: a slice of the probabilities' last dimension that drops its last column."""
+    if u.op != "call_function" or u.target is not aten.slice.Tensor or u.args[0] is not p:
+        return False
+    a = bound_args(u)
+    if not _last_dim(p, a["dim"]) or _static(a["start"]) not in (None, 0) or _static(a["step"]) != 1:
+        return False
+    end, width = _static(a["end"]), shape_of(p)[-1]
+    return end == -1 or (isinstance(end, int) and isinstance(_static(width), int) and end == _static(width) - 1) \
+        or (end is not None and not isinstance(end, int) and str(end) == str(width - 1))
+
+
+def _row_max_of(b: Any, a: Any) -> bool:
+    """Is ``b`` the maximum of ``a`` along its last dimension, kept as a column (``a.max(-1,
+    keepdim=True).values`` or ``amax``)?"""
+    if not isinstance(b, fx.Node) or b.op != "call_function":
+        return False
+    if b.target is operator.getitem and b.args[1] == 0:
+        src = b.args[0]
+        return isinstance(src, fx.Node) and src.target is aten.max.dim and src.args[0] is a \
+            and _last_dim(a, src.args[1]) and bool(src.args[2] if len(src.args) > 2 else src.kwargs.get("keepdim"))
+    if b.target is aten.amax.default and b.args[0] is a:
+        dims = b.args[1] if len(b.args) > 1 else b.kwargs.get("dim")
+        keep = b.args[2] if len(b.args) > 2 else b.kwargs.get("keepdim", False)
+        return isinstance(dims, (list, tuple)) and len(dims) == 1 and _last_dim(a, dims[0]) and bool(keep)
+    return False
+
+
+def _appends_column(s: fx.Node) -> bool:
+    """``cat([scores, column], dim=-1)``: one column joined to the scores, not computed from them."""
+    parts = s.args[0]
+    dim = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim", 0)
+    if len(parts) != 2 or not _last_dim(parts[0], dim) or not _reaches_product(parts[0]) or _reaches_product(parts[1]):
+        return False
+    column = shape_of(parts[1])
+    return column is not None and _static(column[-1]) == 1
 
 
 def _folds_heads(four_d: fx.Node, three_d: fx.Node) -> bool:

@@ -225,3 +225,34 @@ def test_kl_on_an_output_that_is_not_logits_warns():
         warnings.simplefilter("always")
         mr.calibrate(gpt2, [dict(d, use_cache=False) for d in data], **kw)
     assert not [w for w in caught if "metric 'kl'" in str(w.message)]
+
+
+class _SinkThenPlain(torch.nn.Module):
+    """A layer with learned sink logits (GPT-OSS) and a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        self.sink, self.plain = zoo.SinkLogits(), zoo.ScoresDivMaskedFill()
+
+    def forward(self, x, additive, allowed):
+        x = x + self.sink(x, additive)
+        return x + self.plain(x, allowed)
+
+
+def test_sites_with_learned_sink_logits_are_left_out_and_said_so():
+    """Calibration does not measure sites with learned sink logits (their extra token): a plan
+    leaves them exact with a warning naming them; a model with no other attention is a one-line
+    error, not "the model has no rewritable attention" (it has, and rewrite takes it)."""
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(3):
+        x, additive = zoo.sink_inputs(64, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+        data.append((x, additive, additive == 0))
+    with pytest.warns(UserWarning, match=r"the plan leaves exact 1 site\(s\) with learned sink logits \(sink\)"):
+        plan = mr.calibrate(_SinkThenPlain().eval(), data, budget=0.5, candidates=CANDIDATES, progress=False,
+                            cost_model=WORK)
+    assert plan.sites["sink"].config is None and plan.sites["sink"].error is None  # exact, not measured
+    assert plan.sites["plain"].error is not None  # measured
+    with pytest.raises(ValueError, match=r"nothing to calibrate: the model's rewritable attention is 1 site\(s\) with "
+                                         r"learned sink logits \(root\)"):
+        mr.calibrate(zoo.SinkLogits().eval(), [d[:2] for d in data], budget=0.5, progress=False)

@@ -676,3 +676,19 @@ def test_clustered_function_equals_the_op(mask_kind, tmp_path):
         proto = export_onnx(module, inputs, tmp_path / "sites.onnx", dynamic=False)
     assert [n.op_type for n in proto.graph.node if n.domain == DOMAIN].count(CLUSTERED_OP_TYPE) == len(configs)
     _run_sites(module, inputs, tmp_path / "sites.onnx", configs)
+
+
+def test_learned_sink_logits_export_and_match_the_rewritten_model(tmp_path):
+    """A site with learned sink logits (GPT-OSS) exports like any other: its extra token is built
+    in the graph around one mta node, and onnxruntime gives what the rewritten model gives."""
+    model = zoo.SinkLogits().eval()
+    config = mr.MTAConfig(6, 2, 2, 1)
+    x, mask = zoo.sink_inputs(24)
+    proto = export_onnx(model, (x, mask), tmp_path / "sink.onnx", config=config)
+    assert [n.op_type for n in proto.graph.node if n.domain == DOMAIN] in ([OP_TYPE], [PREPARED_OP_TYPE])
+    rewritten = mr.rewrite(model, (x, mask), config=config)
+    session = onnx_session(tmp_path / "sink.onnx")
+    x, mask = zoo.sink_inputs(37, B=3, seed=3)
+    with torch.no_grad():
+        want = rewritten(x, mask).numpy()
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy(), "mask": mask.numpy()})[0], want, rtol=0, atol=1e-5)
