@@ -14,6 +14,8 @@ also takes an ``ExportedProgram`` (``mta-rewrite export`` on a saved program).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -233,7 +235,7 @@ def export_onnx(
         model = capture(model, args, kwargs, dynamic=dynamic)
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_small_constants():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
@@ -248,6 +250,48 @@ def export_onnx(
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
+
+
+@functools.cache
+def _lossy_rules() -> frozenset[int]:
+    """The rules (by id) of onnxscript's default rewrites that delete ``Add(x, c)`` or ``Sub(x, c)``
+    for a small nonzero ``c``: its no-op rules match their constant 0 within an absolute tolerance
+    of 1e-8, so the epsilon of an RMSNorm, ``rsqrt(mean(x²) + 1e-8)`` (Helium's), went with them
+    and a zero row (a padding token's embedding) gave inf, then NaN through the whole sequence.
+    Found by applying each rule to a one-node model, not by the rules' private fields."""
+    import onnx_ir as ir
+    from onnxscript import rewriter
+
+    def one_node(op_type: str, constant_first: bool):
+        c = onnx.helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.array(1e-8, np.float32)))
+        node = onnx.helper.make_node(op_type, ["c", "x"] if constant_first else ["x", "c"], ["y"])
+        graph = onnx.helper.make_graph([c, node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+        return ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
+
+    lossy = set()
+    for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
+        if any(rule.apply_to_model(one_node(op_type, first)) for op_type, first in
+               (("Add", False), ("Add", True), ("Sub", False))):
+            lossy.add(id(rule))
+    return frozenset(lossy)
+
+
+@contextlib.contextmanager
+def keep_small_constants():
+    """torch.onnx's optimisation (onnxscript's default rewrites) without the rules that delete
+    the addition of a small constant (:func:`_lossy_rules`); the others run as they do."""
+    from onnxscript import rewriter
+
+    saved = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if saved is None:
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if id(r) not in _lossy_rules())
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = saved
 
 
 def output_names(spec: pytree.TreeSpec) -> list[str]:

@@ -83,7 +83,8 @@ class AttentionMatch:
     causal: bool = False
     chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite makes dead
     # GPT-OSS's learned sink logits: a per-head logit concatenated to the scores as one more column
-    # before softmax, that column's probability dropped after it (reported; the op has no such term)
+    # before softmax, that column's probability dropped after it (the rewrite gives the op one more
+    # token for it: passes.lower.sink_logit_operands)
     sink_logits: fx.Node | None = None
     reason: str | None = None
 

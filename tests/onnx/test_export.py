@@ -692,3 +692,23 @@ def test_learned_sink_logits_export_and_match_the_rewritten_model(tmp_path):
     with torch.no_grad():
         want = rewritten(x, mask).numpy()
     np.testing.assert_allclose(session.run(None, {"x": x.numpy(), "mask": mask.numpy()})[0], want, rtol=0, atol=1e-5)
+
+
+class _RmsNorm(torch.nn.Module):
+    """Helium's RMSNorm: x · rsqrt(mean(x²) + 1e-8)."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
+
+
+def test_a_small_epsilon_survives_the_export(tmp_path):
+    """torch.onnx's optimiser (onnxscript's no-op rules, which match 0 within 1e-8) deleted the
+    ``+ 1e-8`` of Helium's RMSNorm: a zero row (a padding token's embedding) became inf, and NaN
+    through every later layer, in the exact export as in the rewritten one. The export now runs
+    the optimiser without the rules that delete the addition of a small constant."""
+    x = torch.randn(2, 5, 8)
+    x[0, 1] = 0.0
+    export_onnx(_RmsNorm(), (x,), tmp_path / "norm.onnx")
+    got = onnx_session(tmp_path / "norm.onnx").run(None, {"x": x.numpy()})[0]
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, _RmsNorm()(x).numpy(), rtol=1e-5, atol=1e-6)
