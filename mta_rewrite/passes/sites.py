@@ -52,15 +52,21 @@ def module_path(node: fx.Node) -> tuple[str, str]:
     return path, cls_name.rsplit(".", 1)[-1]
 
 
+def _numbered_name(node: fx.Node, seen: dict[str, int]) -> tuple[str, str]:
+    """(name, module class) of a node: its module path (``root`` for the model's own forward),
+    suffixed #2, #3 … for the second and later in one layer (``seen`` counts them)."""
+    path, cls = module_path(node)
+    base = path or "root"
+    seen[base] = seen.get(base, 0) + 1
+    return (base if seen[base] == 1 else f"{base}#{seen[base]}"), cls
+
+
 def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
     """Sites for matches, named by module path (suffixed #2, #3 … for repeats in one layer)."""
     seen: dict[str, int] = {}
     sites = []
     for m in matches:
-        path, cls = module_path(m.anchor)
-        base = path or "root"  # attention in the model's own forward, not in a submodule
-        seen[base] = seen.get(base, 0) + 1
-        name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        name, cls = _numbered_name(m.anchor, seen)
         kind = m.kind
         if kind != "softmax" and cls == "MultiheadAttention":
             kind = "mha"
@@ -103,15 +109,13 @@ class OpCall:
     causal: bool
     config: str  # "c64·L2·s4·k2" (+ " learned" / " boundary" / " clustered"), or "exact" for one chunk
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def describe_op_calls(graph: fx.Graph) -> list[OpCall]:
     """The ``mta.attention`` calls of a rewritten graph with their configuration, in graph order:
     what ``rewrite`` made of the sites (``find_attention`` no longer sees them as attention)."""
+    from ..config import MTAConfig
     from .lower import EXACT_CHUNK
-    from .match import bound_args
+    from .match import bound_args, dtype_of
 
     seen: dict[str, int] = {}
     calls = []
@@ -119,22 +123,18 @@ def describe_op_calls(graph: fx.Graph) -> list[OpCall]:
         if node.op != "call_function" or node.target is not torch.ops.mta.attention.default:
             continue
         a = bound_args(node)
-        base = module_path(node)[0] or "root"
-        seen[base] = seen.get(base, 0) + 1
         qs, ks = shape_of(a["q"]), shape_of(a["k"])
         mask = a["attn_mask"]
-        kind = "none" if mask is None else "bool" if getattr(mask, "meta", {}).get("val") is not None \
-            and mask.meta["val"].dtype == torch.bool else "additive"
-        chunk = int(_hint(a["chunk_size"]) or 0)
-        if chunk >= EXACT_CHUNK:
+        kind = "none" if mask is None else "bool" if dtype_of(mask) == torch.bool else "additive"
+        if (_hint(a["chunk_size"]) or 0) >= EXACT_CHUNK:
             config = "exact"
         else:
-            config = f"c{chunk}·L{_hint(a['local_chunks'])}·s{_hint(a['sinks'])}·k{_hint(a['top_k'])}"
+            config = MTAConfig(*(_hint(a[f]) for f in ("chunk_size", "local_chunks", "sinks", "top_k"))).short
             config += "".join(f" {what}" for what, arg in (("learned", "summary_weight"), ("boundary", "segment_ids"),
                                                             ("clustered", "centroids")) if a[arg] is not None)
         four_d = qs is not None and len(qs) == 4
         calls.append(OpCall(
-            name=base if seen[base] == 1 else f"{base}#{seen[base]}",
+            name=_numbered_name(node, seen)[0],
             batch=_hint(qs[0]) if qs else None, q_heads=_hint(qs[1]) if four_d else None,
             kv_heads=_hint(ks[1]) if ks is not None and len(ks) == 4 else None,
             seq_len=_hint(qs[2]) if four_d else None, head_dim=_hint(qs[3]) if four_d else None,
