@@ -120,6 +120,20 @@ class EinsumGqaRepeatInterleave(_Proj):
         return self.merge(torch.einsum("bhqk,bhkd->bhqd", p, v))
 
 
+class EinsumHeadsAfterTokens(_Proj):
+    """Written in JAX's style: q, k, v stay [B, T, N, H] (no transposes), einsum "btnh,bsnh->bnts"
+    for the scores and "bnts,bsnh->btnh" for the output, a causal ∧ key-padding bool mask by
+    where(mask, s, dtype min)."""
+
+    def forward(self, x, mask):
+        B, n, _ = x.shape
+        q, k, v = (proj(x).view(B, n, -1, self.dh) for proj in (self.q, self.k, self.v))
+        s = torch.einsum("btnh,bsnh->bnts", q, k) * self.dh ** -0.5
+        s = torch.where(mask, s, torch.finfo(s.dtype).min)
+        out = torch.einsum("bnts,bsnh->btnh", s.softmax(-1), v)
+        return self.o(out.reshape(B, n, self.d))
+
+
 class BaddbmmKeyPadding(_Proj):
     """baddbmm(additive key-padding mask, q, kᵀ, alpha = scale), as nn.MultiheadAttention does."""
 
@@ -377,6 +391,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("scale_split_on_q_k", ScaleSplitOnQK, lambda n: ((_x(n),), {})),
         _hand("bmm_3d_where", Bmm3dWhere, lambda n: ((_x(n), _causal_pad(n)[:, 0]), {})),
         _hand("einsum_gqa_repeat_interleave", EinsumGqaRepeatInterleave, lambda n: ((_x(n),), {})),
+        _hand("einsum_heads_after_tokens", EinsumHeadsAfterTokens, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("baddbmm_key_padding", BaddbmmKeyPadding, lambda n: ((_x(n), _pad(n)), {})),
         _hand("baddbmm_alibi_viewed_4d", BaddbmmAlibiViewed4d, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),

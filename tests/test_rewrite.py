@@ -163,6 +163,7 @@ ONE_LAYER = [
     ("scale_on_q_additive_mask", lambda m, x, pad: (m.heads(x), torch.where(pad[:, None, None, :], 0.0, torch.finfo(x.dtype).min), {})),
     ("bmm_3d_where", lambda m, x, mask: (m.heads(x), mask[:, None], {})),
     ("einsum_gqa_repeat_interleave", lambda m, x: (m.heads(x), None, {})),
+    ("einsum_heads_after_tokens", lambda m, x, mask: (m.heads(x), mask, {})),
     ("baddbmm_alibi_viewed_4d", lambda m, x, mask: (m.heads(x), m.alibi(x.shape[0], x.shape[1]).view(x.shape[0], m.h, 1, -1)
                                                     + torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
     ("gqa_expand_causal_buffer", lambda m, x: (m.heads(x), torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), {})),

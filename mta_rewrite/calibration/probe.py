@@ -299,13 +299,18 @@ def _is_assertion(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and not node.users and str(node.target).startswith("aten._assert")
 
 
+_LAYOUT_TARGETS = (torch.ops.aten.unsqueeze.default, torch.ops.aten.unflatten.int, torch.ops.aten.permute.default)
+
+
 def _meta_val(node: torch.fx.Node):
     """The example value torch.export recorded for ``node`` (through the unsqueeze or unflatten
-    the lowering adds for a 3-D site), or None."""
+    the lowering adds for a 3-D site, the permute for an einsum's output order), or None. Only its
+    dtype is read."""
     val = node.meta.get("val")
-    if val is None and node.op == "call_function" and node.target in (torch.ops.aten.unsqueeze.default,
-                                                                      torch.ops.aten.unflatten.int):
-        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    while val is None and node.op == "call_function" and node.target in _LAYOUT_TARGETS \
+            and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+        val = node.meta.get("val")
     return val if isinstance(val, torch.Tensor) else None
 
 

@@ -180,11 +180,11 @@ def _parameter_nodes(gm: fx.GraphModule, config) -> tuple:
 def _canonical_operands(g: fx.Graph, m: AttentionMatch):
     """Insert (before the site's output) the nodes that give the op its canonical operands:
     q (times tensor-valued scales), k (un-transposed, GQA repeat stripped), v, the combined mask."""
-    q = m.q
+    q = _permuted(g, m.q, m.q_perm)
     for factor, divide in m.scale_nodes:
         q = g.call_function(aten.div.Tensor if divide else aten.mul.Tensor, (q, factor))
     k = m.k if m.k is not None else g.call_function(aten.transpose.int, (m.k_transposed, -2, -1))
-    v = m.v
+    k, v = _permuted(g, k, m.k_perm), _permuted(g, m.v, m.v_perm)
     if not m.three_d:
         kb, gk = strip_repeat_kv(k)
         vb, gv = strip_repeat_kv(v)
@@ -204,6 +204,15 @@ def _canonical_operands(g: fx.Graph, m: AttentionMatch):
         if m.three_d and m.frame is None:
             mask = g.call_function(head_dim_mask, (mask,))
     return q, k, v, mask
+
+
+def _permuted(g: fx.Graph, x: fx.Node, perm: tuple[int, ...] | None) -> fx.Node:
+    """``x`` permuted (an einsum operand in another index order: ``AttentionMatch.q_perm`` …)."""
+    return x if perm is None else g.call_function(aten.permute.default, (x, list(perm)))
+
+
+def _inverse(perm: tuple[int, ...]) -> list[int]:
+    return sorted(range(len(perm)), key=perm.__getitem__)
 
 
 def _op_layout(g: fx.Graph, m: AttentionMatch, x: fx.Node) -> fx.Node:
@@ -245,10 +254,9 @@ def _restore_layout(g: fx.Graph, node: fx.Node, order: list[int] | None) -> fx.N
     is free; otherwise it is one copy."""
     if order is None:
         return node
-    inverse = sorted(range(len(order)), key=order.__getitem__)
     node = g.call_function(aten.permute.default, (node, order))
     node = g.call_function(aten.contiguous.default, (node,))
-    return g.call_function(aten.permute.default, (node, inverse))
+    return g.call_function(aten.permute.default, (node, _inverse(order)))
 
 
 def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
@@ -261,7 +269,12 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     want = dtype_of(m.output)
     if want is not None:  # the op returns q's dtype; the model's output may differ (no-op if not)
         node = g.call_function(aten.to.dtype, (node, want))
-    return _restore_layout(g, node, memory_order(m.output))
+    order = memory_order(m.output)
+    if m.out_perm is not None:  # an einsum's output order: dense in it, as the einsum returned it
+        node = g.call_function(aten.permute.default, (node, list(m.out_perm)))
+        if order is None:
+            return g.call_function(aten.contiguous.default, (node,))
+    return _restore_layout(g, node, order)
 
 
 def _example_size(node, dim: int) -> int | None:
@@ -273,10 +286,16 @@ def _example_size(node, dim: int) -> int | None:
     return size.node.hint if isinstance(size, torch.SymInt) else int(size)
 
 
+def _q_size(m: AttentionMatch, dim: int) -> int | None:
+    """A dimension of the site's q in the op's order (n at -2, d at -1), in the traced example."""
+    ndim = len(val(m.q).shape) if isinstance(val(m.q), torch.Tensor) else 0
+    return _example_size(m.q, dim if m.q_perm is None or not ndim else m.q_perm[dim % ndim])
+
+
 def _check_segment_length(segments: fx.Node, m: AttentionMatch) -> None:
     """Boundaries give one id per token of the model's token input: a site that attends over
     another number of tokens (a prepended token, a pooled sequence) cannot use them."""
-    ids, n = _example_size(segments.args[0], 1), _example_size(m.q, -2)
+    ids, n = _example_size(segments.args[0], 1), _q_size(m, -2)
     if ids is not None and n is not None and ids != n:
         raise ValueError(f"boundaries give {ids} segment ids (one per token of the model's token input) but an "
                          f"attention site attends over {n} tokens; rewrite without boundaries")
@@ -302,7 +321,7 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
         kw = _attention_kwargs(m)
         if m.sink_logits is not None:  # one more token the op attends exactly (sink_logit_operands)
             if kw["scale"] is None:  # the default 1/√d is q's own, before q grows a dimension
-                kw["scale"] = float(_example_size(m.q, -1)) ** -0.5
+                kw["scale"] = float(_q_size(m, -1)) ** -0.5
             operands = g.call_function(sink_logit_operands, (q, k, v, mask, m.sink_logits, kw["scale"]))
             q, k, v, mask = (g.call_function(operator.getitem, (operands, i)) for i in range(4))
             config = dataclasses.replace(config, sinks=config.sinks + 1)
@@ -343,13 +362,16 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
         _check_segment_length(segments, m)
     g = gm.graph
     out = m.output
+    readers = set(out.users)
     with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
-        original = _op_layout(g, m, out) if m.three_d else out
+        original = out if m.out_perm is None else g.call_function(aten.permute.default, (out, _inverse(m.out_perm)))
+        original = _op_layout(g, m, original) if m.three_d else original
+        keep = set(out.users) - readers  # the new readers of the original output: they keep reading it
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)
         call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"], segments))
         node = _finish(g, m, call)
-    keep = {original, call}  # these still read the original output
+    keep.add(call)
     out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in keep)
     return node
 

@@ -40,6 +40,9 @@ CAST_TARGETS = {
 # Nodes that use a value without consuming it (export's metadata assertions).
 IGNORED_USERS = {aten._assert_tensor_metadata.default}
 MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
+# where(cond, scores, fill): with a tensor, or with a number for either branch (``torch.where(mask,
+# s, torch.finfo(s.dtype).min)`` is where.ScalarOther)
+WHERE_TARGETS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
 # In-place score modifiers (``scores /= math.sqrt(d)``, Falcon's eager attention) read as their
 # functional forms: the walk only follows them on the scores' own chain, whose every node has one
 # user, so nothing else sees the mutated tensor.
@@ -86,6 +89,14 @@ class AttentionMatch:
     # before softmax, that column's probability dropped after it (the rewrite gives the op one more
     # token for it: passes.lower.sink_logit_operands)
     sink_logits: fx.Node | None = None
+    # einsum operands indexed in another order than [batch.., n, d] (heads after tokens, as code
+    # written in JAX's style has it: "btnh,bsnh->bnts", then "bnts,bsnh->btnh"): the permutations
+    # that bring q, k and v into that order, and the one that takes the op's [batch.., n, d]
+    # output to the einsum's output order (None: already in order)
+    q_perm: tuple[int, ...] | None = None
+    k_perm: tuple[int, ...] | None = None
+    v_perm: tuple[int, ...] | None = None
+    out_perm: tuple[int, ...] | None = None
     reason: str | None = None
 
     @property
@@ -114,6 +125,13 @@ def val(x: Any) -> Any:
 def shape_of(x: Any) -> tuple | None:
     v = val(x)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def operand_shape(x: Any, perm: tuple[int, ...] | None) -> tuple | None:
+    """The shape of a node (or a shape) in the op's [batch.., n, d] order: permuted by an einsum
+    operand's ``perm`` (``AttentionMatch.q_perm`` …)."""
+    shape = x if isinstance(x, tuple) else shape_of(x)
+    return shape if shape is None or perm is None else tuple(shape[i] for i in perm)
 
 
 def dtype_of(x: Any) -> torch.dtype | None:
@@ -404,7 +422,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 m.v, m.output = u.args[1], u
                 break
             elif u.op == "call_function" and u.target is aten.einsum.default:
-                m.v, m.output = _einsum_pv(u, p)
+                _einsum_pv(m, u, p)
                 break
             elif drop_last is None and _drops_last_column(u, p):  # GPT-OSS drops its sink column
                 drop_last = p = u
@@ -466,7 +484,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     raise NoMatch(f"masked_fill with {_static(value)} (not −inf or ≤ −65504): not representable as a mask")
                 m.allowed.append((cond, True))
                 s = scores
-            elif t is aten.where.self:
+            elif t in WHERE_TARGETS:
                 cond, a, b = s.args[:3]
                 if _reaches_product(a) and is_forbidding_value(b):
                     m.allowed.append((cond, False))
@@ -497,11 +515,12 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
         if m.frame is not None:
             m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:]] + [c for c, _ in m.allowed[inner_from[1]:]]
-        qs, ks = shape_of(m.q), shape_of(m.k if m.k is not None else m.k_transposed)
+        qs, ks = operand_shape(m.q, m.q_perm), shape_of(m.k if m.k is not None else m.k_transposed)
         if m.k is None and ks is not None:
             ks = ks[:-2] + (ks[-1], ks[-2])
+        ks = operand_shape(ks, m.k_perm)
         _check_self_attention(m, qs, ks)
-        vs = shape_of(m.v)
+        vs = operand_shape(m.v, m.v_perm)
         if vs is None or not same_size(vs[-1], ks[-1]) or len(vs) != len(ks):
             raise NoMatch(f"v {vs} does not match k {ks} (MTA needs k and v of one shape)")
         if not m.three_d and not same_size(vs[-3], ks[-3]):
@@ -580,7 +599,7 @@ def _heads_of(view: fx.Node) -> tuple:
 
 MODIFIER_TARGETS = CAST_TARGETS | {
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, *WHERE_TARGETS,
 }
 
 
@@ -612,7 +631,7 @@ def _reaches_product(node: Any, depth: int = 12) -> bool:
         elif t in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor):
             return _reaches_product(node.args[0], depth - 1) or (
                 isinstance(node.args[1], fx.Node) and _reaches_product(node.args[1], depth - 1))
-        elif t is aten.where.self:
+        elif t in WHERE_TARGETS:
             return _reaches_product(node.args[1], depth - 1) or _reaches_product(node.args[2], depth - 1)
         else:
             return False
@@ -675,7 +694,21 @@ def _parse_einsum(eq: str) -> tuple[list[str], str]:
     return lhs.split(","), out
 
 
+def _order(letters: str, want: str) -> tuple[int, ...] | None:
+    """The permutation taking an einsum operand indexed ``letters`` to the order ``want`` (None
+    when it is that order already)."""
+    perm = tuple(letters.index(c) for c in want)
+    return None if perm == tuple(range(len(perm))) else perm
+
+
+def _distinct(*terms: str) -> bool:
+    return all(len(set(t)) == len(t) for t in terms)
+
+
 def _einsum_qk(m: AttentionMatch, s: fx.Node) -> None:
+    """q and k of ``einsum(eq, q, k)`` whose output is the scores [batch.., i, j]: q indexed by the
+    batch letters, i and one contracted letter, k by the batch letters, j and that letter, in any
+    order (the op gets them permuted to [batch.., n, d])."""
     eq, operands = s.args[0], s.args[1]
     ins, out = _parse_einsum(eq)
     if len(ins) != 2 or len(out) not in (3, 4):
@@ -685,23 +718,33 @@ def _einsum_qk(m: AttentionMatch, s: fx.Node) -> None:
     contracted = [c for c in a if c in b and c not in out]
     if len(contracted) != 1 or qi not in a or ki not in b or qi in b or ki in a:
         raise NoMatch(f"einsum '{eq}' is not a q·kᵀ product")
-    batch = out[:-2]
-    if a != batch + qi + contracted[0] or b != batch + ki + contracted[0]:
-        raise NoMatch(f"einsum '{eq}': operands not in [batch.., n, d] layout")
+    batch, c = out[:-2], contracted[0]
+    if not _distinct(a, b, out) or sorted(a) != sorted(batch + qi + c) or sorted(b) != sorted(batch + ki + c):
+        raise NoMatch(f"einsum '{eq}': q and k are not indexed by the scores' batch letters, a token and one "
+                      "contracted letter each")
     m.q, m.k = operands
+    m.q_perm, m.k_perm = _order(a, batch + qi + c), _order(b, batch + ki + c)
     m.three_d = len(out) == 3
 
 
-def _einsum_pv(u: fx.Node, p: fx.Node) -> tuple[fx.Node, fx.Node]:
+def _einsum_pv(m: AttentionMatch, u: fx.Node, p: fx.Node) -> None:
+    """v and the output of ``einsum(eq, p, v)``: p indexed [batch.., i, j] as the scores are, v
+    by the batch letters, j and a feature letter, the output by the batch letters, i and that
+    letter, in any order (the op's output is permuted to the einsum's)."""
     eq, operands = u.args[0], u.args[1]
     ins, out = _parse_einsum(eq)
     if len(ins) != 2 or operands[0] is not p:
         raise NoMatch(f"einsum '{eq}' is not a probabilities·v product")
     a, b = ins
-    batch = out[:-2]
-    if len(a) != len(out) or a[:-1] != out[:-1] or b != batch + a[-1] + out[-1]:
-        raise NoMatch(f"einsum '{eq}': operands not in [batch.., n, n] · [batch.., n, d] layout")
-    return operands[1], u
+    batch, qi, ki = a[:-2], a[-2:-1], a[-1:]
+    features = [c for c in b if c not in a]
+    if (len(a) != len(out) or len(features) != 1 or not _distinct(a, b, out)
+            or sorted(b) != sorted(batch + ki + features[0]) or sorted(out) != sorted(batch + qi + features[0])):
+        raise NoMatch(f"einsum '{eq}': not probabilities [batch.., n, n] times v indexed by the batch letters, a "
+                      "token and a feature letter")
+    canonical = batch + qi + features[0]  # the op's output order
+    m.v, m.output = operands[1], u
+    m.v_perm, m.out_perm = _order(b, batch + ki + features[0]), _order(canonical, out)
 
 
 def _whole_slice(node: Any) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx as fx
 
-from .match import AttentionMatch, shape_of, strip_repeat_kv
+from .match import AttentionMatch, operand_shape, shape_of, strip_repeat_kv
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
         kind = m.kind
         if kind != "softmax" and cls == "MultiheadAttention":
             kind = "mha"
-        qs = shape_of(m.q) if m.q is not None else None
+        qs = operand_shape(m.q, m.q_perm) if m.q is not None else None
         k = m.k if m.k is not None else m.k_transposed
-        ks = shape_of(strip_repeat_kv(k)[0]) if k is not None else None
+        ks = operand_shape(strip_repeat_kv(k)[0], None) if m.k_perm is None else operand_shape(k, m.k_perm)
         batch = q_heads = kv_heads = n = d = None
         if qs is not None:
             if len(qs) == 4:
