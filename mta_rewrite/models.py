@@ -1,0 +1,205 @@
+"""Saved transformers models → a model, its example inputs and calibration samples (offline).
+
+What ``mta-rewrite capture`` reads: a folder written by transformers' ``save_pretrained`` (its
+``config.json`` names the model class) or a GGUF file (a language model, dequantised), loaded with
+no hub access. Examples are token ids: windows of a text file's tokens when the folder has a
+tokenizer, else random ids of the vocabulary (enough to capture: the graph does not depend on the
+values). Every loading error is a ``ValueError`` with one line that says what to change.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SavedModel:
+    """A loaded model (eval mode, ``use_cache`` off), its tokenizer (or None) and what it is."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    description: str  # "LlamaForCausalLM from /path (GGUF SmolLM2.gguf)"
+
+
+def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str = "float32") -> SavedModel:
+    """The transformers model saved at ``path`` (a ``save_pretrained`` folder or a ``.gguf``
+    file), loaded offline in ``dtype`` with ``attn_implementation`` ("sdpa" or "eager")."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"--attn must be sdpa or eager, not {attn_implementation!r}")
+    gguf = path.suffix.lower() == ".gguf"
+    if gguf and not path.is_file():
+        raise ValueError(f"{path} is not a GGUF file")
+    folder, extra = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
+    if not gguf and not (folder / "config.json").is_file():
+        raise ValueError(f"{path} is neither a folder saved with transformers' save_pretrained (it has no "
+                         "config.json) nor a .gguf file")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("loading a saved model needs transformers: pip install 'mta-rewrite[models]'") from None
+    if gguf:
+        try:
+            import gguf as _  # noqa: F401  (transformers reads the file with it)
+        except ImportError:
+            raise ValueError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **extra)
+    except Exception as exc:  # noqa: BLE001  (transformers raises many types for a bad config)
+        raise ValueError(f"{path}: transformers cannot read its configuration: {_first_line(exc)}") from None
+    cls = _model_class(transformers, config, gguf)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # (its loading bars: the command line has its own status)
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn_implementation,
+                                    dtype=DTYPES[dtype], **extra)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: transformers cannot load it as {cls.__name__}: {_first_line(exc)}") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is not a graph output
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
+    except Exception:  # noqa: BLE001  (no tokenizer saved beside the model: examples are random ids)
+        tokenizer = None
+    where = f"{folder}" + (f" (GGUF {path.name})" if gguf else "")
+    return SavedModel(model, tokenizer, f"{type(model).__name__} from {where}")
+
+
+def _model_class(transformers, config, gguf: bool):
+    """The class the configuration names (``architectures``), else the task's Auto class."""
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
+
+
+def token_inputs(model: torch.nn.Module) -> list[str]:
+    """The token inputs of ``model``'s forward that an example fills (ids and their masks); a
+    one-line error for a model that takes no ``input_ids``."""
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" not in params:
+        raise ValueError(f"{type(model).__name__} takes no input_ids: the command line captures text models; capture "
+                         "others with the Python API (mta_rewrite.capture, then save_program)")
+    return [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in params]
+
+
+def text_windows(tokenizer, text: str, n: int, count: int) -> torch.Tensor:
+    """``count`` consecutive windows of ``n`` tokens of ``text``: [count, n] token ids."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+    if ids.numel() < n * count:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than {count} window(s) of {n}: give a longer text "
+                         "or fewer tokens")
+    return ids[: n * count].view(count, n)
+
+
+def example_kwargs(model: torch.nn.Module, ids: torch.Tensor) -> dict:
+    """The keyword inputs of ``model`` for token ids [B, n]: the ids, an all-ones attention mask and
+    zero token types where the forward takes them, ``use_cache=False`` where it has that flag."""
+    names = token_inputs(model)
+    values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    kwargs = {name: values[name] for name in names}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def random_ids(model: torch.nn.Module, batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    """[batch, n] token ids drawn from the model's vocabulary (a capture's values do not matter)."""
+    vocab = getattr(model.config, "vocab_size", None) or 100
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+@dataclass
+class Captured:
+    """What :func:`capture_saved_model` did."""
+
+    program: torch.export.ExportedProgram
+    sites: list  # AttentionSite
+    description: str
+    example: str  # "2 windows of 512 tokens of notes.txt" / "random token ids, 2 × 512"
+    samples: int  # calibration samples written
+
+
+def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, tokens: int = 512, batch: int = 2,
+                        text: str | os.PathLike | None = None, samples: int = 0,
+                        samples_output: str | os.PathLike | None = None, attn_implementation: str = "sdpa",
+                        dtype: str = "float32", progress=None) -> Captured:
+    """Load the model saved at ``path``, capture it on an example of ``batch`` × ``tokens`` token
+    ids (windows of ``text``'s tokens when given, else random ids) and save the program to
+    ``output`` (``save_program``, atomically); with ``samples``, also write that many windows of
+    ``text`` (one sequence each, keyword dicts of the model's inputs) to ``samples_output`` with
+    ``torch.save``, atomically: what ``calibrate --data`` reads. ``progress(message)``: called
+    before each step."""
+    from .api import find_attention, save_program
+    from .capture import capture
+    from .config import atomic_write, check_writable
+
+    say = progress or (lambda message: None)
+    if tokens < 2 or batch < 1:
+        raise ValueError(f"--tokens must be ≥ 2 and --batch ≥ 1 (got {tokens} and {batch})")
+    if samples < 0:
+        raise ValueError(f"--samples must be ≥ 0, got {samples}")
+    if samples and (not text or not samples_output):
+        raise ValueError("--samples needs --text (the samples are windows of its tokens) and --samples-output")
+    if samples_output and not samples:
+        raise ValueError("--samples-output needs --samples N")
+    outputs = [Path(output)] + ([Path(samples_output)] if samples else [])
+    for out in outputs:
+        if out.resolve() == Path(path).resolve() or (text and out.resolve() == Path(text).resolve()):
+            raise ValueError(f"{out} is an input: outputs never overwrite inputs")
+        check_writable(out)  # before the work whose result goes there
+    content = None
+    if text:
+        try:
+            content = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --text {text}: {_first_line(exc)}") from None
+    say(f"loading {path}")
+    saved = load_saved_model(path, attn_implementation, dtype)
+    token_inputs(saved.model)  # a text model, before the work
+    longest = getattr(saved.model.config, "max_position_embeddings", None)
+    if isinstance(longest, int) and tokens > longest:
+        warnings.warn(f"--tokens {tokens} is more than the model's max_position_embeddings ({longest}): a model with "
+                      "learned positions fails beyond it", stacklevel=2)
+    if content is not None:
+        if saved.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer saved beside it: --text needs one (without --text the example "
+                             "is random token ids)")
+        windows = text_windows(saved.tokenizer, content, tokens, max(batch, samples))
+        ids, example = windows[:batch], f"{batch} window(s) of {tokens} tokens of {text}"
+    else:
+        ids, example = random_ids(saved.model, batch, tokens), f"random token ids, {batch} × {tokens}"
+    say(f"capturing {saved.description}")
+    program = capture(saved.model, (), example_kwargs(saved.model, ids))
+    sites = find_attention(program)
+    say(f"saving {output}")
+    save_program(program, output)
+    if samples:
+        rows = [{k: v for k, v in example_kwargs(saved.model, w[None]).items() if isinstance(v, torch.Tensor)}
+                for w in windows[:samples]]
+        atomic_write(samples_output, lambda tmp: torch.save(rows, tmp))
+    return Captured(program, sites, saved.description, example, samples)

@@ -1,0 +1,103 @@
+"""``mta-rewrite capture``: a model saved with transformers' save_pretrained → a program (and
+calibration samples from a text) that the other commands take; one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mta_rewrite as mr
+from mta_rewrite.cli import app
+
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+TEXT = " ".join(f"word{i % 37} line{i % 11}" + ("\n" if i % 9 == 0 else "") for i in range(2000))
+
+
+def saved_llama(folder, with_tokenizer: bool):
+    """A 2-layer Llama (random weights, 4 query / 2 key-value heads) saved with save_pretrained,
+    with a word-level tokenizer of TEXT's words saved beside it (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder)
+    if with_tokenizer:
+        words = sorted(set(TEXT.split()))
+        vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    return model
+
+
+def test_capture_a_saved_model_with_samples_then_calibrate_and_rewrite(tmp_path):
+    model = saved_llama(tmp_path / "llama", with_tokenizer=True)
+    (tmp_path / "text.txt").write_text(TEXT)
+    program, samples = tmp_path / "llama.pt2", tmp_path / "samples.pt"
+    result = runner.invoke(app, ["capture", str(tmp_path / "llama"), "-o", str(program), "--tokens", "32",
+                                 "--text", str(tmp_path / "text.txt"), "--samples", "4", "--samples-output", str(samples)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "model.layers.0.self_attn" in out and "model.layers.1.self_attn" in out, out
+    assert "captured on 2 window(s) of 32 tokens" in out and "inputs: input_ids, attention_mask" in out, out
+    # the samples are the text's windows, tokenised by the saved tokenizer, one sequence each
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    rows = torch.load(samples, weights_only=True)
+    assert len(rows) == 4 and all(set(r) == {"input_ids", "attention_mask"} for r in rows)
+    for i, r in enumerate(rows):
+        assert torch.equal(r["input_ids"], ids[i * 32:(i + 1) * 32][None]) and r["attention_mask"].all()
+    # the program is the model, at another batch and length
+    ep = mr.load_program(program)
+    x = torch.randint(0, 64, (3, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = ep.module()(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+        want = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # what the other commands take
+    plan = tmp_path / "plan.json"
+    calibrated = runner.invoke(app, ["calibrate", str(program), "--data", str(samples), "--budget", "0.5", "-o",
+                                     str(plan)])
+    assert calibrated.exit_code == 0, calibrated.output
+    rewritten = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "mta.pt2"), "--chunk-size", "8"])
+    assert rewritten.exit_code == 0 and "2 site(s) now call mta.attention" in rewritten.output, rewritten.output
+
+
+def test_capture_without_a_tokenizer_uses_random_ids(tmp_path):
+    saved_llama(tmp_path / "llama", with_tokenizer=False)
+    result = runner.invoke(app, ["capture", str(tmp_path / "llama"), "-o", str(tmp_path / "p.pt2"), "--tokens", "16"])
+    assert result.exit_code == 0, result.output
+    assert "captured on random token ids" in " ".join(result.output.split())
+    # longer than the model's positions: a warning (a rotary model still captures)
+    with pytest.warns(UserWarning, match="more than the model's max_position_embeddings"):
+        longer = runner.invoke(app, ["capture", str(tmp_path / "llama"), "-o", str(tmp_path / "q.pt2"), "--tokens", "300"])
+    assert longer.exit_code == 0, longer.output
+    assert "2 × 16" in " ".join(result.output.split())
+    assert mr.count_mta_nodes(mr.rewrite(mr.load_program(tmp_path / "p.pt2"), config=mr.MTAConfig(4))) == 2
+
+
+@pytest.mark.parametrize("case,argv,message", [
+    ("no config", lambda t: ["capture", str(t), "-o", str(t / "p.pt2")], "neither a folder saved with transformers"),
+    ("missing", lambda t: ["capture", str(t / "nothing"), "-o", str(t / "p.pt2")], "no such file or folder"),
+    ("samples without text", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--samples", "2",
+                                        "--samples-output", str(t / "s.pt")], "--samples needs --text"),
+    ("text without tokenizer", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--text",
+                                          str(t / "text.txt")], "has no tokenizer saved beside it"),
+    ("output is the input", lambda t: ["capture", str(t / "llama"), "-o", str(t / "text.txt"), "--text",
+                                       str(t / "text.txt")], "outputs never overwrite inputs"),
+    ("bad attention", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--attn", "flash"],
+     "--attn must be sdpa or eager"),
+])
+def test_capture_errors_are_one_line(tmp_path, case, argv, message):
+    saved_llama(tmp_path / "llama", with_tokenizer=False)
+    (tmp_path / "text.txt").write_text(TEXT)
+    before = (tmp_path / "text.txt").read_bytes()
+    result = runner.invoke(app, argv(tmp_path))
+    assert result.exit_code == 2, result.output
+    line = " ".join(result.output.split())
+    assert message in line and "Traceback" not in result.output, result.output
+    assert (tmp_path / "text.txt").read_bytes() == before and not (tmp_path / "p.pt2").exists()
