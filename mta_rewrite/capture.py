@@ -56,6 +56,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
     args, kwargs = example_call(model, args, kwargs)
+    args, kwargs = _unaliased(args, kwargs)
     signature = getattr(model, "mta_call", None)  # a module rewrite returned binds its calls (mta_rewrite.calls)
     if signature is not None:
         try:
@@ -86,6 +87,26 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         first = _first_line(exc)
         raise CaptureError(_not_about_shapes(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example with every tensor that shares memory with an earlier one (the same tensor given
+    twice, ``model(ids, labels=ids)`` or ``decoder_input_ids=input_ids``) replaced by a copy.
+    torch.export (non-strict) merges aliased inputs: the program reads one of them in place of the
+    other, and computes the wrong thing when they differ (cross-attention then looked like
+    self-attention)."""
+    seen: set = set()
+
+    def copy_if_seen(x):
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return x
+        key = (x.device, x.untyped_storage().data_ptr())
+        if key in seen:
+            return x.clone()
+        seen.add(key)
+        return x
+
+    return pytree.tree_map(copy_if_seen, (args, kwargs))
 
 
 def _batch_of_two(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

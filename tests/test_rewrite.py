@@ -659,6 +659,32 @@ def test_a_batch_of_one_the_model_treats_apart_stays_fixed_with_a_warning():
         program.module()(torch.randn(2, 12, 8))
 
 
+class _ReadsTwoInputs(torch.nn.Module):
+    def forward(self, a, b):
+        return a.cumsum(-1) + 2 * b.flip(-1)
+
+
+def test_an_example_that_gives_one_tensor_twice_captures_two_inputs():
+    """torch.export merges inputs that alias each other: from ``(x, x)`` it captured a program that
+    reads the second input in place of the first (off by 3 on other inputs), and a cross-attention
+    layer called with its memory = x looked like self-attention and was rewritten. capture now
+    copies a tensor the example gives again (``model(ids, labels=ids)``, ``decoder_input_ids=ids``)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    program = mr.capture(_ReadsTwoInputs(), (x, x))
+    torch.testing.assert_close(program.module()(x, y), _ReadsTwoInputs()(x, y))
+    cross = zoo.CrossAttention().eval()
+    x, memory = zoo._x(24), zoo._x(24, seed=1)
+    (site,) = mr.find_attention(cross, (x, x))
+    assert not site.rewritable and site.reason.startswith("cross-attention: q and k are computed from different"), \
+        site.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (nothing rewritable: rewrite says so)
+        fast = mr.rewrite(cross, (x, x), config=mr.MTAConfig(4))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, memory), cross(x, memory))
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_the_rewritten_model_binds_its_calls_by_name_as_the_model_does(tmp_path):
     """A language model captured as ``model(ids, use_cache=False)`` and rewritten took exactly that
