@@ -99,7 +99,7 @@ def token_inputs(model: torch.nn.Module) -> list[str]:
     if "input_ids" not in params:
         raise ValueError(f"{type(model).__name__} takes no input_ids: the command line captures text models; capture "
                          "others with the Python API (mta_rewrite.capture, then save_program)")
-    return [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in params]
+    return [name for name in ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids") if name in params]
 
 
 def text_windows(tokenizer, text: str, n: int, count: int) -> torch.Tensor:
@@ -113,9 +113,11 @@ def text_windows(tokenizer, text: str, n: int, count: int) -> torch.Tensor:
 
 def example_kwargs(model: torch.nn.Module, ids: torch.Tensor) -> dict:
     """The keyword inputs of ``model`` for token ids [B, n]: the ids, an all-ones attention mask and
-    zero token types where the forward takes them, ``use_cache=False`` where it has that flag."""
+    zero token types where the forward takes them, the same ids as an encoder-decoder's decoder
+    input, ``use_cache=False`` where it has that flag."""
     names = token_inputs(model)
-    values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+              "decoder_input_ids": ids}
     kwargs = {name: values[name] for name in names}
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False

@@ -80,6 +80,27 @@ def test_capture_without_a_tokenizer_uses_random_ids(tmp_path):
     assert mr.count_mta_nodes(mr.rewrite(mr.load_program(tmp_path / "p.pt2"), config=mr.MTAConfig(4))) == 2
 
 
+def test_capture_an_encoder_decoder(tmp_path):
+    """The decoder gets the example's ids too (as a separate input: its cross-attention stays
+    cross-attention) and the program takes a decoder input of another length."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  max_position_embeddings=128)
+    model = transformers.BartForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "bart")
+    result = runner.invoke(app, ["capture", str(tmp_path / "bart"), "-o", str(tmp_path / "p.pt2"), "--tokens", "16"])
+    assert result.exit_code == 0, result.output
+    ep = mr.load_program(tmp_path / "p.pt2")
+    sites = mr.find_attention(ep)
+    assert [s.rewritable for s in sites] == [True, True, False], [(s.name, s.reason) for s in sites]
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 64, (3, 20), generator=gen), torch.randint(0, 64, (3, 9), generator=gen)
+    kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=y, use_cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(**kwargs).logits, model(**kwargs).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case,argv,message", [
     ("no config", lambda t: ["capture", str(t), "-o", str(t / "p.pt2")], "neither a folder saved with transformers"),
     ("missing", lambda t: ["capture", str(t / "nothing"), "-o", str(t / "p.pt2")], "no such file or folder"),
