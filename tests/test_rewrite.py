@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import math
 import warnings
 
 import pytest
@@ -657,6 +658,35 @@ def test_a_batch_of_one_the_model_treats_apart_stays_fixed_with_a_warning():
     torch.testing.assert_close(program.module()(x), model(x))
     with pytest.raises(Exception, match="Guard failed"):
         program.module()(torch.randn(2, 12, 8))
+
+
+class _RelativeScoresFromQBeforeItsBias(zoo.RelativeScoresFromQ):
+    """Funnel's form of relative attention: the content scores take q plus a learned bias, the
+    position scores q before that bias (plus another): the term added to the scores is computed
+    from the layer's q, one step before the q of the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.content_bias = torch.nn.Parameter(torch.randn(self.h, 1, self.dh) * 0.1)
+        self.position_bias = torch.nn.Parameter(torch.randn(self.h, 1, self.dh) * 0.1)
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        n = x.shape[1]
+        pos = torch.arange(n)
+        c2p = (q + self.position_bias) @ self.rel.T
+        index = (pos[None, :] - pos[:, None] + 255).expand(*c2p.shape[:2], n, n)
+        s = (q + self.content_bias) @ k.transpose(-1, -2) / math.sqrt(self.dh) + torch.gather(c2p, -1, index)
+        return self.merge(s.softmax(-1) @ v)
+
+
+def test_relative_scores_from_q_before_a_bias_are_not_a_mask():
+    """Funnel's relative attention was rewritten, its position scores taken for a bias mask: the
+    check for terms computed from the layer's q looked for q itself, and the product's q is
+    q + bias. It now also looks through what q is made of before the product (a bias, a scale,
+    views)."""
+    (site,) = mr.find_attention(_RelativeScoresFromQBeforeItsBias().eval(), (zoo._x(24),))
+    assert not site.rewritable and "is computed from the layer's q or k" in site.reason, site.reason
 
 
 class _ReadsTwoInputs(torch.nn.Module):

@@ -40,6 +40,7 @@ CAST_TARGETS = {
 # Nodes that use a value without consuming it (export's metadata assertions).
 IGNORED_USERS = {aten._assert_tensor_metadata.default}
 MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
+VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # where(cond, scores, fill): with a tensor, or with a number for either branch (``torch.where(mask,
 # s, torch.finfo(s.dtype).min)`` is where.ScalarOther)
 WHERE_TARGETS = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf}
@@ -297,8 +298,13 @@ def _check_masks_do_not_read_qk(m: AttentionMatch, order: dict) -> None:
     """A term added to the scores that is computed from the layer's own q or k (DeBERTa's
     relative-position c2p/p2c scores) is part of the score function, not a mask: the op would
     treat it as a constant (no gradient to q or k) and could summarise nothing. Such a site stays
-    exact, with the reason. Only nodes after the earlier of q and k are searched."""
-    targets = {x for x in (m.q, m.k, m.k_transposed) if isinstance(x, fx.Node)}
+    exact, with the reason. q and k here include what they are made of just before the product
+    (:func:`_made_of`: Funnel's position scores read q, its content scores q + a learned bias).
+    Only nodes after the earliest of those are searched."""
+    targets = set()
+    for x in (m.q, m.k, m.k_transposed):
+        if isinstance(x, fx.Node):
+            targets |= _made_of(x)
     if not targets:
         return
     floor = min(order[t] for t in targets)
@@ -319,6 +325,45 @@ def _check_masks_do_not_read_qk(m: AttentionMatch, order: dict) -> None:
                 stack.append(n.args[0])
             else:
                 stack.extend(n.all_input_nodes)
+
+
+# Ops that give a tensor's own values in another shape, order or dtype.
+REARRANGE_TARGETS = VIEW_TARGETS | CAST_TARGETS | {
+    aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+}
+AFFINE_TARGETS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar}
+
+
+def _made_of(x: fx.Node, depth: int = 8) -> set[fx.Node]:
+    """``x`` and the tensors it is made of by rearranging its values (views, transposes, casts) or by
+    combining them with constants (a learned bias or scale: parameters, numbers), walked back
+    ``depth`` steps: the q of a score product ``(q + bias) @ kᵀ`` is made of q."""
+    out = {x}
+    while depth > 0 and x.op == "call_function":
+        t = _functional(x.target)
+        if t in REARRANGE_TARGETS:
+            x = x.args[0]
+        elif t in AFFINE_TARGETS:
+            live = [a for a in x.args[:2] if isinstance(a, fx.Node) and not _from_constants(a)]
+            if len(live) != 1:
+                break
+            x = live[0]
+        else:
+            break
+        if not isinstance(x, fx.Node):
+            break
+        out.add(x)
+        depth -= 1
+    return out
+
+
+def _from_constants(node: fx.Node, depth: int = 6) -> bool:
+    """A value computed from parameters, buffers and constants alone (no model input)."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or depth == 0:
+        return False
+    return all(_from_constants(a, depth - 1) for a in node.all_input_nodes)
 
 
 # Ops that read only their input's shape, dtype or device, never its values.
@@ -530,9 +575,6 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
     except NoMatch as exc:
         m.reason = str(exc)
     return m
-
-
-VIEW_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _last_dim(x: Any, dim: Any) -> bool:
