@@ -529,6 +529,9 @@ def survey_cases() -> list[ZooCase]:
     decoder = dict(vocab_size=100, num_hidden_layers=2, max_position_embeddings=256, **small)
     eager = ("eager",)
 
+    def audio(n):  # raw samples: 20 per frame after the two convolutions
+        return (), {"input_values": torch.randn(2, 100 * n, generator=_gen(3))}
+
     def seq2seq(n):
         _, kwargs = _token_inputs(n)
         kwargs["decoder_input_ids"] = torch.randint(0, 100, (2, n), generator=_gen(4))
@@ -583,7 +586,22 @@ def survey_cases() -> list[ZooCase]:
                         "DeepseekV3Model", tokens, 2, 2),
         "nemotron": (lambda t: t.NemotronConfig(num_key_value_heads=2, head_dim=8, **decoder), "NemotronModel",
                      tokens, 2, 2),
+        "glm4": (lambda t: t.Glm4Config(num_key_value_heads=2, head_dim=8, pad_token_id=0, **decoder), "Glm4Model",
+                 tokens, 2, 2),
+        "ministral": (lambda t: t.MinistralConfig(num_key_value_heads=2, head_dim=8, sliding_window=16, pad_token_id=0,
+                                                  **decoder), "MinistralModel", tokens, 2, 2),
+        # Qwen2.5-VL's language model: multimodal rotary positions (3 sections), text-only inputs here
+        "qwen2.5-vl-text": (lambda t: t.Qwen2_5_VLTextConfig(num_key_value_heads=2, rope_scaling={
+            "type": "mrope", "mrope_section": [1, 1, 2]}, **decoder), "Qwen2_5_VLTextModel", tokens, 2, 2),
         "roberta": (lambda t: t.RobertaConfig(**decoder), "RobertaModel", tokens, 2, 2),
+        "eurobert": (lambda t: t.EuroBertConfig(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                mask_token_id=3, **decoder), "EuroBertModel", tokens, 2, 2),
+        "mpnet": (lambda t: t.MPNetConfig(**decoder), "MPNetModel", tokens, 2, 2, eager),
+        "bigbird (full attention)": (lambda t: t.BigBirdConfig(attention_type="original_full", **decoder),
+                                     "BigBirdModel", tokens, 2, 2, eager),
+        "squeezebert": (lambda t: t.SqueezeBertConfig(embedding_size=32, **decoder), "SqueezeBertModel", tokens, 2,
+                        2, eager),
+        "layoutlm": (lambda t: t.LayoutLMConfig(**decoder), "LayoutLMModel", tokens, 2, 2),
         "distilbert": (lambda t: t.DistilBertConfig(vocab_size=100, n_layers=2, dim=32, n_heads=4, hidden_dim=64,
                                                     max_position_embeddings=256), "DistilBertModel", tokens, 2, 2),
         "electra": (lambda t: t.ElectraConfig(embedding_size=32, **decoder), "ElectraModel", tokens, 2, 2),
@@ -605,6 +623,22 @@ def survey_cases() -> list[ZooCase]:
                                         decoder_ffn_dim=64, max_position_embeddings=256), "BartModel", seq2seq, 6, 4),
         "t5": (lambda t: t.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                     decoder_start_token_id=0), "T5Model", seq2seq, 6, 4),
+        "pegasus": (lambda t: t.PegasusConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                              decoder_ffn_dim=64, max_position_embeddings=256), "PegasusModel",
+                    seq2seq, 6, 4),
+        "mbart": (lambda t: t.MBartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                          decoder_ffn_dim=64, max_position_embeddings=256), "MBartModel", seq2seq, 6, 4),
+        # windows of 4 × 4 patches (16 tokens per attention), shifted windows' masks, relative position bias
+        "swin": (lambda t: t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2],
+                                        window_size=4), "SwinModel", pixels, 2, 2),
+        # relative position bias (a learned table, not from q or k: a bias mask)
+        "beit": (lambda t: t.BeitConfig(image_size=32, patch_size=4, num_hidden_layers=2, use_relative_position_bias=True,
+                                        **small), "BeitModel", pixels, 2, 2),
+        "wav2vec2": (lambda t: t.Wav2Vec2Config(num_hidden_layers=2, conv_dim=(16, 16), conv_stride=(5, 4),
+                                                conv_kernel=(10, 4), num_conv_pos_embeddings=16,
+                                                num_conv_pos_embedding_groups=4, **small), "Wav2Vec2Model", audio, 2, 2),
         # its pooling head is one query attending to the patches (cross-attention): left exact
         "siglip-vision": (lambda t: t.SiglipVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, **small),
                           "SiglipVisionModel", pixels, 3, 2),
@@ -612,7 +646,7 @@ def survey_cases() -> list[ZooCase]:
     cases = []
     for name, (cfg, cls, inputs, attention, rewritable, *modes) in configs.items():
         for mode in (modes[0] if modes else ("eager", "sdpa")):
-            lengths = (65, 65) if inputs is pixels else (24, 37)
+            lengths = (65, 65) if inputs is pixels else (24, 32) if inputs is audio else (24, 37)
             cases.append(ZooCase(f"{name} ({mode})", "transformers", _hf(cfg, cls, mode), inputs, attention, rewritable,
                                  lengths))
     return cases
