@@ -5,7 +5,7 @@ Shapes (fp32, batch 1):
 - ``smollm2``: SmolLM2-135M's layer, 9 query / 3 key-value heads, d = 64, causal;
 - ``minilm``: all-MiniLM-L6-v2's layer, 12 heads, d = 32, not causal.
 
-Configurations ``c/L/sinks/top_k``: those of the SmolLM2 table in the README (c=128 L=2 s=4 k=2,
+Configurations ``c/L/sinks/top_k``: those of the SmolLM2 table in docs/results.md (c=128 L=2 s=4 k=2,
 c=64 L=4 s=4 k=8, c=256 L=2 s=4 k=2) and c=128 L=2 s=4 without top-k.
 
 ``--ablate-bands`` also times each configuration with the bands' memory bound lifted
