@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .capture import _first_line
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,7 +62,7 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa",
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **extra)
     except Exception as exc:  # noqa: BLE001  (transformers raises many types for a bad config)
-        raise ValueError(f"{path}: transformers cannot read its configuration: {_first_line(exc)}") from None
+        raise ValueError(f"{path}: transformers cannot read its configuration: {_first_line(exc)[:300]}") from None
     cls = _model_class(transformers, config, gguf)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # (its loading bars: the command line has its own status)
@@ -68,7 +70,7 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa",
         model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn_implementation,
                                     dtype=DTYPES[dtype], **extra)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path}: transformers cannot load it as {cls.__name__}: {_first_line(exc)}") from None
+        raise ValueError(f"{path}: transformers cannot load it as {cls.__name__}: {_first_line(exc)[:300]}") from None
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
@@ -130,11 +132,6 @@ def random_ids(model: torch.nn.Module, batch: int, n: int, seed: int = 0) -> tor
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 @dataclass
 class Captured:
     """What :func:`capture_saved_model` did."""
@@ -179,7 +176,7 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
         try:
             content = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read --text {text}: {_first_line(exc)}") from None
+            raise ValueError(f"cannot read --text {text}: {_first_line(exc)[:300]}") from None
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype)
     token_inputs(saved.model)  # a text model, before the work

@@ -72,7 +72,7 @@ def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
             kind = "mha"
         qs = operand_shape(m.q, m.q_perm) if m.q is not None else None
         k = m.k if m.k is not None else m.k_transposed
-        ks = operand_shape(strip_repeat_kv(k)[0], None) if m.k_perm is None else operand_shape(k, m.k_perm)
+        ks = shape_of(strip_repeat_kv(k)[0]) if m.k_perm is None else operand_shape(k, m.k_perm)
         batch = q_heads = kv_heads = n = d = None
         if qs is not None:
             if len(qs) == 4:
