@@ -13,7 +13,11 @@ program's (its one-chunk op calls exported as plain attention), same inputs.
 
 Models (real text: Python's standard-library sources):
 - ``minilm``: all-MiniLM-L6-v2, 8 samples × 512 tokens (padding mask, not causal);
-- ``smollm2``: SmolLM2-135M-Instruct, one window of --smollm2-n tokens (causal, GQA 9 / 3).
+- ``smollm2``: SmolLM2-135M-Instruct, one window of --smollm2-n tokens (causal, GQA 9 / 3);
+- ``gpt-oss``: GPT-OSS's architecture from a config with random weights (no checkpoint here): 4
+  layers, 8 query / 2 key-value heads of 64, 4 experts, sliding window 128 on every other layer,
+  learned sink logits; one sequence of --smollm2-n random token ids. Eager only (transformers'
+  only attention for it), so --impls sdpa skips it.
 
 Writes benchmarks/results/exact_sites_<date>[_<tag>].{json,md}.
 """
@@ -52,7 +56,18 @@ def smollm2(impl: str, args):
     return model, {"input_ids": windows[0]}, lambda out: out.logits, f"1 × {args.smollm2_n}"
 
 
-MODELS = {"minilm": minilm, "smollm2": smollm2}
+def gpt_oss(impl: str, args):
+    if impl != "eager":
+        return None  # transformers runs GPT-OSS's learned sink logits in its eager attention only
+    config = dict(vocab_size=32000, hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=512, num_hidden_layers=4, max_position_embeddings=max(4096, args.smollm2_n),
+                  num_local_experts=4, num_experts_per_tok=2, sliding_window=128)
+    model = zoo._hf(lambda t: t.GptOssConfig(**config), "GptOssForCausalLM", "eager")()
+    ids = torch.randint(0, 32000, (1, args.smollm2_n), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids}, lambda out: out.logits, f"1 × {args.smollm2_n}"
+
+
+MODELS = {"minilm": minilm, "smollm2": smollm2, "gpt-oss": gpt_oss}
 
 
 def onnx_ms(model, program, kwargs: dict, repeats: int) -> dict:
@@ -90,7 +105,10 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         for impl in args.impls:
-            model, kwargs, output, shape = MODELS[name](impl, args)
+            built = MODELS[name](impl, args)
+            if built is None:
+                continue
+            model, kwargs, output, shape = built
             programs = {lower: mr.rewrite(model, (), kwargs, plan=mr.Plan({}), lower_exact=lower)
                         for lower in (False, True)}
             runs = {"original": lambda: model(**kwargs), "as captured": lambda: programs[False](**kwargs),

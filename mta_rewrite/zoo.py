@@ -358,8 +358,9 @@ def _causal_pad(n, B=2):
 
 class SinkLogits(_Proj):
     """GPT-OSS's eager attention: an additive mask, then a learned logit per head joins each row of
-    scores in softmax, and its column is dropped after it. Not among the cases above: calibration
-    leaves such sites exact (``rewrite`` takes them; tests use it directly, with :func:`sink_inputs`)."""
+    scores in softmax, and its column is dropped after it. Not among the cases below: its float64
+    reference needs the extra token (``tests/test_rewrite.py``'s ``sink_site_reference``); tests
+    use it directly, with :func:`sink_inputs`."""
 
     def __init__(self):
         super().__init__()

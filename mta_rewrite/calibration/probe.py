@@ -40,8 +40,8 @@ from ..calls import Call, CallSignature, as_call
 from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.attention import attention_autograd
-from ..passes.lower import (EXACT, add_segment_ids, eliminate_dead_code, grouped_attention, lower_match_to_hook,
-                            takes_exact_path)
+from ..passes.lower import (EXACT, add_segment_ids, drop_sink_token, eliminate_dead_code, grouped_attention,
+                            lower_match_to_hook, sink_logit_operands, takes_exact_path, with_sink_token)
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
 
@@ -58,6 +58,7 @@ class SiteRecord:
     scale: float | None
     exact: torch.Tensor
     segment_ids: torch.Tensor | None = None  # boundary chunks' segment ids, if the probe has boundaries
+    sink_logits: torch.Tensor | None = None  # the site's learned sink logits (GPT-OSS), if it has them
 
 
 @dataclass
@@ -71,31 +72,41 @@ class ProbeState:
 _ACTIVE: list[ProbeState] = []
 
 
-def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None):
+def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None, sink_logits=None):
     """Called from the probe graph at every site: exact (the original output, or the op's exact
     path at the active state's ``exact_path`` sites) or MTA."""
     state = _ACTIVE[-1] if _ACTIVE else None
     if state is None:
         return original
     if name in state.exact_path:
-        original = exact_output(q, k, v, mask, causal, scale, original.dtype)
+        original = exact_output(q, k, v, mask, causal, scale, original.dtype, sink_logits)
     if name in state.record:
         record = SiteRecord(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), causal, scale,
-                            original.detach(), segment_ids)
+                            original.detach(), segment_ids, None if sink_logits is None else sink_logits.detach())
         state.records.setdefault(name, []).append(record)
-    return site_output(state.configs.get(name), original, q, k, v, mask, causal, scale, segment_ids=segment_ids)
+    return site_output(state.configs.get(name), original, q, k, v, mask, causal, scale, segment_ids=segment_ids,
+                       sink_logits=sink_logits)
 
 
 def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None,
-                segment_ids=None, autograd: bool = False):
+                segment_ids=None, autograd: bool = False, sink_logits=None):
     """What a site returns under ``config`` (None: exact, the original output), in the original
     output's dtype (``dtype`` when the original was not computed). ``weight``: a learned summary
     weight for an MTAConfig or HeadGroups (a tensor: calibration fits it through this call); a
     ``Learned`` config carries its own. ``segment_ids``: boundary chunks. ``autograd``: computed by
-    ``ops.attention.attention_autograd`` (the same values; cheaper to differentiate on the CPU)."""
+    ``ops.attention.attention_autograd`` (the same values; cheaper to differentiate on the CPU).
+    ``sink_logits``: the site's learned sink logits (GPT-OSS), given to the op as the rewritten
+    model gives them, one more token it attends exactly (``passes.lower.sink_logit_operands``)."""
     if config is None:
         return original
     dtype = original.dtype if original is not None else dtype
+    if sink_logits is not None:
+        if weight is not None or segment_ids is not None:
+            raise ValueError("a site with learned sink logits takes no learned summaries or boundaries")
+        scale = q.shape[-1] ** -0.5 if scale is None else scale  # q's own 1/√d, before q grows a dimension
+        q, k, v, mask = sink_logit_operands(q, k, v, mask, sink_logits, scale)
+        return drop_sink_token(site_output(with_sink_token(config), None, q, k, v, mask, causal, scale, dtype,
+                                           autograd=autograd))
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, Clustered):
@@ -108,10 +119,11 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
     return attend(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale, **config.op_kwargs()).to(dtype)
 
 
-def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype) -> torch.Tensor:
+def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype, sink_logits=None) -> torch.Tensor:
     """A site's exact output as the rewritten model computes it where the plan leaves the site
-    exact: the op with one chunk (``passes.lower.EXACT``), in ``dtype``."""
-    return site_output(EXACT, None, q, k, v, mask, causal, scale, dtype)
+    exact: the op with one chunk (``passes.lower.EXACT``), in ``dtype`` (``sink_logits``: with
+    them, as one more token)."""
+    return site_output(EXACT, None, q, k, v, mask, causal, scale, dtype, sink_logits=sink_logits)
 
 
 @contextlib.contextmanager
@@ -141,9 +153,10 @@ class Probe:
         matches = find_matches(self.module.graph)
         self.sites: list[AttentionSite] = describe(matches)
         segments = add_segment_ids(self.module, boundaries) if boundaries is not None else None
-        # sites with learned sink logits (GPT-OSS) stay as the model computes them: calibration does
-        # not price or measure their extra token (a plan may still give them an MTAConfig by hand)
-        calibrated = [site.rewritable and m.sink_logits is None for m, site in zip(matches, self.sites)]
+        # sites with learned sink logits (GPT-OSS) take no boundaries (their extra token has no
+        # segment): with boundaries they stay as the model computes them
+        calibrated = [site.rewritable and (m.sink_logits is None or boundaries is None)
+                      for m, site in zip(matches, self.sites)]
         for m, site, hooked in zip(matches, self.sites, calibrated):
             if hooked:
                 lower_match_to_hook(self.module, m, site.name, site_hook, segments)
@@ -201,9 +214,9 @@ class SiteCall:
         """What the site returns under ``config`` (None: exact), as in the probe graph."""
         r = self.record
         if config is None and r.exact is None:  # an exact-path site a verifying pass had not computed
-            r.exact = exact_output(r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype)
+            r.exact = exact_output(r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype, r.sink_logits)
         return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype,
-                           segment_ids=r.segment_ids)
+                           segment_ids=r.segment_ids, sink_logits=r.sink_logits)
 
 
 class _Program:
@@ -361,14 +374,16 @@ class Cursor:
             interpreter.env = {}
 
     def _call(self, site: torch.fx.Node) -> SiteCall:
-        q, k, v, mask, name, causal, scale, segment_ids = (self.env[a] if isinstance(a, torch.fx.Node) else a
-                                                           for a in site.args[1:])
+        q, k, v, mask, name, causal, scale, segment_ids, sink_logits = (
+            self.env[a] if isinstance(a, torch.fx.Node) else a for a in site.args[1:])
+        if sink_logits is not None:  # (a parameter read as it is, which requires grad: not what was computed)
+            sink_logits = sink_logits.detach()
         original = None if site.args[0] in self.skip else self.env[site.args[0]]
         only = self.program.exact_only[site]
         dtype = original.dtype if original is not None else None if only is None else only.dtype
         if name in self.program.exact_path and not (original is None and self.lazy_exact):
-            original = exact_output(q, k, v, mask, causal, scale, dtype)
-        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids), dtype)
+            original = exact_output(q, k, v, mask, causal, scale, dtype, sink_logits)
+        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids, sink_logits), dtype)
 
     def advance(self) -> SiteCall | None:
         return self._run(self.program.end)
@@ -406,8 +421,8 @@ def fit_in_layer_order(probe: "Probe", samples: list, configs: dict, fit, advanc
     whose configuration (``configs``; others exact) is not None, ``fit(name, config, records)``
     (``config`` without any earlier fit: a ``Learned`` or ``Clustered`` one is taken back to its
     configuration) returns (the site's choice, a record of the fit or None); the site's output
-    under that choice goes downstream. Returns (site → choice, site → fit record).
-    ``advance`` is called once per site."""
+    under that choice goes downstream. Returns (site → choice, site → fit record). A site with
+    learned sink logits keeps its configuration unfitted. ``advance`` is called once per site."""
     cursors = [probe.cursor(s) for s in samples]
     chosen: dict = {}
     fits: dict = {}
@@ -419,7 +434,9 @@ def fit_in_layer_order(probe: "Probe", samples: list, configs: dict, fit, advanc
         choice = configs.get(name)
         if isinstance(choice, (Learned, Clustered)):
             choice = choice.config
-        if choice is not None:
+        if choice is not None and calls[0].record.sink_logits is not None:
+            chosen[name] = choice  # (no fit: learned or clustered summaries are not fitted to a sink site's extra token)
+        elif choice is not None:
             choice, record = fit(name, choice, [call.record for call in calls])
             if record is not None:
                 fits[name] = record

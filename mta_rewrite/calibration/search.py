@@ -52,7 +52,7 @@ from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import CPU, WORK, MeasuredCosts, TimeModel, default_candidates, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, first_tensor_name, output_error, relative
-from .probe import Probe, release_freed_memory
+from .probe import Probe, release_freed_memory, site_output
 
 # Learned summaries are fitted for a plan cheaper than the chosen one only if its error with means
 # was at most this many times the budget: on SmolLM2 (512 tokens, KL) learning cut plans' errors
@@ -249,8 +249,8 @@ def calibrate(
         sites = probe.rewritable
         if probe.uncalibrated:
             listed = ", ".join(probe.uncalibrated[:3]) + (", …" if len(probe.uncalibrated) > 3 else "")
-            said = (f"{len(probe.uncalibrated)} site(s) with learned sink logits ({listed}), which calibration does "
-                    "not measure (rewrite(config=…) or a plan written by hand gives them an MTAConfig)")
+            said = (f"{len(probe.uncalibrated)} site(s) with learned sink logits ({listed}), which take no "
+                    "boundaries (their extra token has no segment)")
             if not sites:
                 raise ValueError(f"nothing to calibrate: the model's rewritable attention is {said}")
             warnings.warn(f"the plan leaves exact {said}", stacklevel=2)
@@ -432,8 +432,8 @@ def _reference(recs) -> LocalReference:
 def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None):
     """``config``'s local error parts at a site (per head: squared error, squared exact norm) over
     the samples ``recs``; ``reference``: their :func:`_reference`, when several candidates share it."""
-    outs = [torch.ops.mta.attention(r.q, r.k, r.v, r.mask, None, r.segment_ids, causal=r.causal, scale=r.scale,
-                                    **config.op_kwargs()) for r in recs]
+    outs = [site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, r.q.dtype, segment_ids=r.segment_ids,
+                        sink_logits=r.sink_logits) for r in recs]
     return (reference or _reference(recs)).parts(outs)
 
 

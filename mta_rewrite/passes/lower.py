@@ -66,9 +66,9 @@ EXACT = MTAConfig(EXACT_CHUNK)
 def takes_exact_path(m: AttentionMatch) -> bool:
     """Whether a site left exact runs the op's exact path (one chunk: SDPA after the mask is
     recognised by value) under ``rewrite(lower_exact=True)``, and in calibration's probe: every
-    rewritable site but an SDPA call without a mask, which already is what that path runs, and a
-    site with learned sink logits (calibration leaves those as the model computes them)."""
-    return m.rewritable and not (m.kind == "sdpa" and m.mask_kind == "none") and m.sink_logits is None
+    rewritable site but an SDPA call without a mask, which already is what that path runs (a site
+    with learned sink logits takes it with its extra token, :func:`sink_logit_operands`)."""
+    return m.rewritable and not (m.kind == "sdpa" and m.mask_kind == "none")
 
 
 def sink_logit_operands(q, k, v, mask, column, scale: float):
@@ -96,6 +96,18 @@ def sink_logit_operands(q, k, v, mask, column, scale: float):
 def drop_sink_token(out):
     """The op's output without :func:`sink_logit_operands`' token and dimension. Called from the graph."""
     return out[:, :, 1:, :-1]
+
+
+def with_sink_token(config: MTAConfig | HeadGroups) -> MTAConfig | HeadGroups:
+    """``config`` for the operands :func:`sink_logit_operands` makes: the token it puts first is one
+    more sink (every head group's, a group left exact stays exact). Other configurations (learned or
+    clustered summaries, whose weights are per dimension of k) are refused with a one-line error."""
+    if isinstance(config, MTAConfig):
+        return dataclasses.replace(config, sinks=config.sinks + 1)
+    if isinstance(config, HeadGroups):
+        return HeadGroups(tuple((None if c is None else with_sink_token(c), heads) for c, heads in config.groups))
+    raise ValueError(f"a site with learned sink logits takes an MTAConfig or HeadGroups, not {type(config).__name__}"
+                     " (learned or clustered summaries are not fitted to its extra token)")
 
 
 def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None, attend=None):
@@ -309,9 +321,10 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
         raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not chunk)")
     if segments is not None:
         _check_segment_length(segments, m)
-    if m.sink_logits is not None and (segments is not None or not isinstance(config, MTAConfig)):
-        raise ValueError("a site with learned sink logits takes one MTAConfig: no boundaries, per-head groups, "
-                         "learned or clustered summaries")
+    if m.sink_logits is not None:
+        if segments is not None:
+            raise ValueError("a site with learned sink logits takes no boundaries (its extra token has no segment)")
+        with_sink_token(config)  # (the one-line error for a configuration it cannot take, before the graph changes)
     g = gm.graph
     out = m.output
     before = set(g.nodes)
@@ -324,7 +337,7 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
                 kw["scale"] = float(_q_size(m, -1)) ** -0.5
             operands = g.call_function(sink_logit_operands, (q, k, v, mask, m.sink_logits, kw["scale"]))
             q, k, v, mask = (g.call_function(operator.getitem, (operands, i)) for i in range(4))
-            config = dataclasses.replace(config, sinks=config.sinks + 1)
+            config = with_sink_token(config)
         node = attention_call(g, q, k, v, mask, config, kw, weight, segments, centroids)
         if m.sink_logits is not None:
             node = g.call_function(drop_sink_token, (node,))
@@ -354,10 +367,12 @@ def _inherit_module(anchor: fx.Node, nodes: list[fx.Node]) -> None:
 
 
 def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, segments: fx.Node | None = None) -> fx.Node:
-    """Route one site through ``hook(original, q, k, v, mask, name, causal, scale, segment_ids)``
-    while keeping the original subgraph: the hook returns either the original output
+    """Route one site through ``hook(original, q, k, v, mask, name, causal, scale, segment_ids,
+    sink_logits)`` while keeping the original subgraph: the hook returns either the original output
     (bit-identical) or its own. Calibration uses it to switch sites between exact and candidate
-    configurations. ``segments``: the segment ids node of boundary chunks (else None is passed)."""
+    configurations. ``segments``: the segment ids node of boundary chunks (else None is passed);
+    ``sink_logits``: the site's learned sink logits (GPT-OSS; None for other sites), the column
+    :func:`sink_logit_operands` turns into one more token."""
     if segments is not None:
         _check_segment_length(segments, m)
     g = gm.graph
@@ -369,7 +384,8 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
         keep = set(out.users) - readers  # the new readers of the original output: they keep reading it
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)
-        call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"], segments))
+        call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"], segments,
+                                      m.sink_logits))
         node = _finish(g, m, call)
     keep.add(call)
     out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in keep)

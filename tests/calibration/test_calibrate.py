@@ -15,6 +15,8 @@ from mta_rewrite.calibration.cost import WORK
 from mta_rewrite.calibration.metrics import first_tensor, output_error
 from mta_rewrite.calibration.probe import Probe
 
+from ..test_rewrite import sink_site_reference
+
 CANDIDATES = [
     mr.MTAConfig(16), mr.MTAConfig(16, top_k=2), mr.MTAConfig(16, 2, 4, 1), mr.MTAConfig(32, 2, 4, 0),
     mr.MTAConfig(32, 1, 4, 2), mr.MTAConfig(64, 1, 0, 0),
@@ -239,20 +241,56 @@ class _SinkThenPlain(torch.nn.Module):
         return x + self.plain(x, allowed)
 
 
-def test_sites_with_learned_sink_logits_are_left_out_and_said_so():
-    """Calibration does not measure sites with learned sink logits (their extra token): a plan
-    leaves them exact with a warning naming them; a model with no other attention is a one-line
-    error, not "the model has no rewritable attention" (it has, and rewrite takes it)."""
+def test_sites_with_learned_sink_logits_are_calibrated():
+    """GPT-OSS's sites (learned sink logits) were left exact by calibration, with a warning: a
+    plan could not approximate them. They are measured like the others, their extra token given to
+    the op as the rewritten model gives it: each candidate's local error at the sink site (the
+    first: exact upstream) is the float64 reference op's against exact attention, the plan
+    approximates the site, and the rewritten model's error on the held-out samples is the one
+    the plan reports."""
     gen = torch.Generator().manual_seed(0)
     data = []
-    for _ in range(3):
-        x, additive = zoo.sink_inputs(64, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    for _ in range(4):
+        x, additive = zoo.sink_inputs(256, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
         data.append((x, additive, additive == 0))
-    with pytest.warns(UserWarning, match=r"the plan leaves exact 1 site\(s\) with learned sink logits \(sink\)"):
-        plan = mr.calibrate(_SinkThenPlain().eval(), data, budget=0.5, candidates=CANDIDATES, progress=False,
-                            cost_model=WORK)
-    assert plan.sites["sink"].config is None and plan.sites["sink"].error is None  # exact, not measured
-    assert plan.sites["plain"].error is not None  # measured
-    with pytest.raises(ValueError, match=r"nothing to calibrate: the model's rewritable attention is 1 site\(s\) with "
-                                         r"learned sink logits \(root\)"):
-        mr.calibrate(zoo.SinkLogits().eval(), [d[:2] for d in data], budget=0.5, progress=False)
+    model = _SinkThenPlain().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan, details = mr.calibrate(model, data, budget=0.1, candidates=CANDIDATES, progress=False, cost_model=WORK,
+                                     return_details=True)
+    assert not [w for w in caught if "sink" in str(w.message)]
+    site = next(st for st in details.sites if st.name == "sink")
+    assert len(site.candidates) >= 3
+    cal = [d for i, d in enumerate(data) if i not in plan.metadata["holdout_indices"]]
+    with torch.no_grad():
+        exact = [sink_site_reference(model.sink, x, additive, chunk_size=10**6) for x, additive, _ in cal]
+        for cand in site.candidates:
+            fields = dict(chunk_size=cand.chunk_size, local_chunks=cand.local_chunks, sinks=cand.sinks,
+                          top_k=cand.top_k)
+            approx = [sink_site_reference(model.sink, x, additive, **fields) for x, additive, _ in cal]
+            num = sum(float((a - e).pow(2).sum()) for a, e in zip(approx, exact))
+            want = (num / sum(float(e.pow(2).sum()) for e in exact)) ** 0.5
+            assert site.errors[cand] == pytest.approx(want, rel=1e-4), cand
+    assert isinstance(plan.sites["sink"].config, mr.MTAConfig)
+    assert plan.sites["sink"].error == pytest.approx(site.errors[plan.sites["sink"].config])
+    assert measured_error(model, plan, data, "rel_l2") == pytest.approx(plan.metadata["holdout_error"], rel=1e-4)
+
+
+def test_sites_with_learned_sink_logits_are_left_exact_with_boundaries():
+    """Boundary chunks have no segment for a sink site's extra token: with boundaries such sites
+    stay exact, said in a warning, and a model whose every site is one (GPT-OSS) is a one-line
+    error, not "the model has no rewritable attention" (it has, and calibrate takes it without)."""
+    pytest.importorskip("transformers")
+    small = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256, num_local_experts=2,
+                 num_experts_per_tok=1, sliding_window=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = zoo._hf(lambda t: t.GptOssConfig(**small), "GptOssForCausalLM", "eager")()
+    data = [{"input_ids": torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(i)),
+             "use_cache": False} for i in range(2)]
+    with pytest.raises(ValueError, match=r"^nothing to calibrate: the model's rewritable attention is 2 site\(s\) "
+                                         r"with learned sink logits \(model.layers.0.self_attn, "
+                                         r"model.layers.1.self_attn\), which take no boundaries \(their extra token "
+                                         r"has no segment\)$"):
+        mr.calibrate(model, data, budget=0.5, boundaries=mr.Boundaries((7,)), progress=False)
