@@ -149,7 +149,8 @@ def capture_cmd(
                                       "the tokenizer saved with the model (default: random token ids)"),
     samples: int = typer.Option(0, help="also write this many calibration samples, windows of --text, for calibrate --data"),
     samples_output: str = typer.Option("", "--samples-output", help="where to write the samples (torch.save)"),
-    attn: str = typer.Option("sdpa", help="transformers' attention implementation: sdpa or eager"),
+    attn: str = typer.Option("auto", help="transformers' attention implementation: sdpa, eager or auto (sdpa where "
+                                          "transformers has it for the model, else eager)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
     """Capture a saved transformers model as a program the other commands take (and, from a text, its

@@ -29,19 +29,23 @@ class SavedModel:
 
     model: torch.nn.Module
     tokenizer: Any
-    description: str  # "LlamaForCausalLM from /path (GGUF SmolLM2.gguf)"
+    description: str  # "LlamaForCausalLM (sdpa attention) from /path (GGUF SmolLM2.gguf)"
 
 
-def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa", dtype: str = "float32") -> SavedModel:
+ATTENTION = ("auto", "sdpa", "eager")
+
+
+def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto", dtype: str = "float32") -> SavedModel:
     """The transformers model saved at ``path`` (a ``save_pretrained`` folder or a ``.gguf``
-    file), loaded offline in ``dtype`` with ``attn_implementation`` ("sdpa" or "eager")."""
+    file), loaded offline in ``dtype`` with ``attn_implementation``: "sdpa", "eager" or "auto"
+    (SDPA where transformers has it for the model's class, else eager: GPT-OSS has eager only)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"no such file or folder: {path}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if attn_implementation not in ("sdpa", "eager"):
-        raise ValueError(f"--attn must be sdpa or eager, not {attn_implementation!r}")
+    if attn_implementation not in ATTENTION:
+        raise ValueError(f"--attn must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, not {attn_implementation!r}")
     gguf = path.suffix.lower() == ".gguf"
     if gguf and not path.is_file():
         raise ValueError(f"{path} is not a GGUF file")
@@ -64,6 +68,12 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa",
     except Exception as exc:  # noqa: BLE001  (transformers raises many types for a bad config)
         raise ValueError(f"{path}: transformers cannot read its configuration: {_first_line(exc)[:300]}") from None
     cls = _model_class(transformers, config, gguf)
+    has_sdpa = getattr(cls, "_supports_sdpa", True) is not False
+    if attn_implementation == "sdpa" and not has_sdpa:
+        raise ValueError(f"{cls.__name__} has no SDPA attention in transformers: capture it with --attn eager (or "
+                         "auto, which picks eager for it)")
+    if attn_implementation == "auto":
+        attn_implementation = "sdpa" if has_sdpa else "eager"
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # (its loading bars: the command line has its own status)
     try:
@@ -82,7 +92,7 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "sdpa",
     except Exception:  # noqa: BLE001  (no tokenizer saved beside the model: examples are random ids)
         tokenizer = None
     where = f"{folder}" + (f" (GGUF {path.name})" if gguf else "")
-    return SavedModel(model, tokenizer, f"{type(model).__name__} from {where}")
+    return SavedModel(model, tokenizer, f"{type(model).__name__} ({attn_implementation} attention) from {where}")
 
 
 def _model_class(transformers, config, gguf: bool):
@@ -145,7 +155,7 @@ class Captured:
 
 def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, tokens: int = 512, batch: int = 2,
                         text: str | os.PathLike | None = None, samples: int = 0,
-                        samples_output: str | os.PathLike | None = None, attn_implementation: str = "sdpa",
+                        samples_output: str | os.PathLike | None = None, attn_implementation: str = "auto",
                         dtype: str = "float32", progress=None) -> Captured:
     """Load the model saved at ``path``, capture it on an example of ``batch`` × ``tokens`` token
     ids (windows of ``text``'s tokens when given, else random ids) and save the program to

@@ -101,6 +101,34 @@ def test_capture_an_encoder_decoder(tmp_path):
         torch.testing.assert_close(ep.module()(**kwargs).logits, model(**kwargs).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_capture_picks_eager_attention_where_transformers_has_no_sdpa(tmp_path):
+    """``--attn`` defaulted to sdpa, and a saved GPT-OSS (eager attention only in transformers)
+    failed with transformers' multi-line refusal, cut at 300 characters. ``auto``, the default,
+    loads it with eager attention and says so; an explicit ``--attn sdpa`` is a one-line error
+    that names the option to use."""
+    small = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                 intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256, num_local_experts=2,
+                 num_experts_per_tok=1, sliding_window=16)
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**small)).eval()
+    model.save_pretrained(tmp_path / "gpt-oss")
+    result = runner.invoke(app, ["capture", str(tmp_path / "gpt-oss"), "-o", str(tmp_path / "p.pt2"), "--tokens", "24"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "GptOssForCausalLM (eager attention)" in out, out
+    ep = mr.load_program(tmp_path / "p.pt2")
+    assert [s.rewritable for s in mr.find_attention(ep) if s.is_attention] == [True, True]
+    x = torch.randint(0, 64, (3, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = ep.module()(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+        want = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    refused = runner.invoke(app, ["capture", str(tmp_path / "gpt-oss"), "-o", str(tmp_path / "q.pt2"), "--attn", "sdpa"])
+    assert refused.exit_code == 2 and not (tmp_path / "q.pt2").exists(), refused.output
+    assert " ".join(refused.output.split()) == ("error: GptOssForCausalLM has no SDPA attention in transformers: "
+                                                "capture it with --attn eager (or auto, which picks eager for it)")
+
+
 @pytest.mark.parametrize("case,argv,message", [
     ("no config", lambda t: ["capture", str(t), "-o", str(t / "p.pt2")], "neither a folder saved with transformers"),
     ("missing", lambda t: ["capture", str(t / "nothing"), "-o", str(t / "p.pt2")], "no such file or folder"),
@@ -111,7 +139,7 @@ def test_capture_an_encoder_decoder(tmp_path):
     ("output is the input", lambda t: ["capture", str(t / "llama"), "-o", str(t / "text.txt"), "--text",
                                        str(t / "text.txt")], "outputs never overwrite inputs"),
     ("bad attention", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--attn", "flash"],
-     "--attn must be sdpa or eager"),
+     "--attn must be auto, sdpa or eager, not 'flash'"),
 ])
 def test_capture_errors_are_one_line(tmp_path, case, argv, message):
     saved_llama(tmp_path / "llama", with_tokenizer=False)
