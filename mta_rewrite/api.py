@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .calls import bind_calls, example_call
-from .capture import capture
+from .capture import _first_line, capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
 from .passes.match import find_matches
@@ -150,12 +150,62 @@ def resolve_boundaries(boundaries: Boundaries | None, plan: Plan | None) -> Boun
     return boundaries if boundaries is not None else planned
 
 
+# a file saved in the program's archive: the modules that define the custom operators it calls
+OP_MODULES_FILE = "mta_rewrite/custom_op_modules.json"
+
+
 def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True):
     """Export ``module`` (e.g. a rewritten model) and save it with ``torch.export.save``,
-    atomically: a temporary file in the same folder, renamed into place when complete."""
+    atomically: a temporary file in the same folder, renamed into place when complete. The archive
+    also names the modules that define the custom operators the program calls (``torch.library``
+    ops outside torch, e.g. transformers' ``grouped_mm_fallback`` in mixture-of-experts layers),
+    which :func:`load_program` imports first."""
+    import json
+
     ep = capture(module, args, kwargs, dynamic=dynamic)
-    atomic_write(path, lambda tmp: torch.export.save(ep, tmp))
+    extra = {OP_MODULES_FILE: json.dumps(custom_op_modules(ep))}
+    atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files=extra))
     return ep
+
+
+def custom_op_modules(ep: torch.export.ExportedProgram) -> list[str]:
+    """The modules that define the custom operators (``torch.library.custom_op``, outside torch)
+    that the program's graphs call: a process must import them before it can load the program
+    (torch.export.load fails on an operator no module has registered)."""
+    from torch._library.custom_ops import OPDEFS
+
+    modules = set()
+    for gm in ep.graph_module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                opdef = OPDEFS.get(node.target._schema.name)
+                module = getattr(getattr(opdef, "_init_fn", None), "__module__", None)
+                if module and module.split(".")[0] != "torch":
+                    modules.add(module)
+    return sorted(modules)
+
+
+def _import_op_modules(path) -> None:
+    """Import the modules a program saved by :func:`save_program` names for its custom operators
+    (nothing for another archive); a one-line error for one that does not import here."""
+    import importlib
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/extra/" + OP_MODULES_FILE)), None)
+            modules = json.loads(archive.read(name)) if name is not None else []
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not such an archive: torch.export.load says what it is
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001  (whatever the module raises on import)
+            raise ValueError(f"{path} calls custom operators defined in {module}, which does not import here "
+                             f"({type(exc).__name__}: {_first_line(exc)[:200]}): install what it needs") from None
 
 
 def load_program(path, device: torch.device | str | None = None) -> torch.export.ExportedProgram:
@@ -173,6 +223,7 @@ def load_program(path, device: torch.device | str | None = None) -> torch.export
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
+    _import_op_modules(path)
     imported: set[str] = set()
     while True:
         ep, failure = _try_load(path)
@@ -184,6 +235,11 @@ def load_program(path, device: torch.device | str | None = None) -> torch.export
             raise ValueError(f"{path} holds tensors saved on a CUDA device and this machine has none: load it on a "
                              "GPU machine, or move it to the CPU there (torch.export.passes.move_to_device_pass) "
                              "and save it again") from None
+        op = _unresolved_operator(logged)
+        if op is not None:
+            raise ValueError(f"{path} calls {op}, a custom operator that no module has registered in this process: "
+                             "import the module that defines it before loading (programs saved by mta-rewrite name "
+                             "it and have it imported)") from None
         type_name = _unregistered_pytree_type(logged)
         if type_name is None:
             raise ValueError(f"{path} is not a program saved with torch.export.save ({type(exc).__name__})") from None
@@ -240,6 +296,20 @@ def _unregistered_pytree_type(errors: list[BaseException]) -> str | None:
     for exc in errors:
         while exc is not None:
             found = re.search(r"Deserializing (\S+) in pytree is not registered", str(exc))
+            if found:
+                return found.group(1)
+            exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _unresolved_operator(errors: list[BaseException]) -> str | None:
+    """The operator of "We failed to resolve torch.ops.NS.OP.OVERLOAD to an operator" in the
+    exceptions (or their causes), if any."""
+    import re
+
+    for exc in errors:
+        while exc is not None:
+            found = re.search(r"failed to resolve (torch\.ops\.[\w.]+?)(?:\.default)? to an operator", str(exc))
             if found:
                 return found.group(1)
             exc = exc.__cause__ or exc.__context__

@@ -151,6 +151,8 @@ def capture_cmd(
     samples_output: str = typer.Option("", "--samples-output", help="where to write the samples (torch.save)"),
     attn: str = typer.Option("auto", help="transformers' attention implementation: sdpa, eager or auto (sdpa where "
                                           "transformers has it for the model, else eager)"),
+    experts: str = typer.Option("auto", help="mixture-of-experts layers: transformers' experts_implementation (auto: "
+                                             "its default; batched_mm exports to ONNX)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
     """Capture a saved transformers model as a program the other commands take (and, from a text, its
@@ -161,6 +163,7 @@ def capture_cmd(
         with console.status(f"loading {model}") as status:
             done = capture_saved_model(model, output, tokens=tokens, batch=batch, text=text or None, samples=samples,
                                        samples_output=samples_output or None, attn_implementation=attn, dtype=dtype,
+                                       experts_implementation=None if experts == "auto" else experts,
                                        progress=status.update)
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
@@ -229,6 +232,7 @@ def export_cmd(
 
     from .api import example_inputs, load_program
     from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx, model_opset
+    from .onnx.export import exporter_failure
 
     try:
         _distinct(program, output)
@@ -245,7 +249,7 @@ def export_cmd(
                 proto = export_onnx(ep, args, output, kwargs, config=cfg, plan=chosen, boundaries=boundaries,
                                     opset=opset or None)
             except torch.onnx.OnnxExporterError as exc:
-                raise ValueError(f"torch.onnx could not export {program}: {str(exc).strip().splitlines()[0]}") from None
+                raise ValueError(f"torch.onnx could not export {program}: {exporter_failure(exc)}") from None
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     sites = sum(n.domain == DOMAIN and n.op_type in ALL_SITE_OP_TYPES for n in proto.graph.node)

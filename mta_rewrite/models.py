@@ -35,10 +35,13 @@ class SavedModel:
 ATTENTION = ("auto", "sdpa", "eager")
 
 
-def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto", dtype: str = "float32") -> SavedModel:
+def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto", dtype: str = "float32",
+                     experts_implementation: str | None = None) -> SavedModel:
     """The transformers model saved at ``path`` (a ``save_pretrained`` folder or a ``.gguf``
     file), loaded offline in ``dtype`` with ``attn_implementation``: "sdpa", "eager" or "auto"
-    (SDPA where transformers has it for the model's class, else eager: GPT-OSS has eager only)."""
+    (SDPA where transformers has it for the model's class, else eager: GPT-OSS has eager only).
+    ``experts_implementation``: transformers' for mixture-of-experts layers (None: its default;
+    "batched_mm" exports to ONNX, the default's grouped products do not)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"no such file or folder: {path}")
@@ -76,9 +79,10 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
         attn_implementation = "sdpa" if has_sdpa else "eager"
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # (its loading bars: the command line has its own status)
+    experts = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
     try:
         model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn_implementation,
-                                    dtype=DTYPES[dtype], **extra)
+                                    dtype=DTYPES[dtype], **extra, **experts)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{path}: transformers cannot load it as {cls.__name__}: {_first_line(exc)[:300]}") from None
     finally:
@@ -156,7 +160,8 @@ class Captured:
 def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, tokens: int = 512, batch: int = 2,
                         text: str | os.PathLike | None = None, samples: int = 0,
                         samples_output: str | os.PathLike | None = None, attn_implementation: str = "auto",
-                        dtype: str = "float32", progress=None) -> Captured:
+                        dtype: str = "float32", experts_implementation: str | None = None,
+                        progress=None) -> Captured:
     """Load the model saved at ``path``, capture it on an example of ``batch`` × ``tokens`` token
     ids (windows of ``text``'s tokens when given, else random ids) and save the program to
     ``output`` (``save_program``, atomically); with ``samples``, also write that many windows of
@@ -188,7 +193,7 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read --text {text}: {_first_line(exc)[:300]}") from None
     say(f"loading {path}")
-    saved = load_saved_model(path, attn_implementation, dtype)
+    saved = load_saved_model(path, attn_implementation, dtype, experts_implementation)
     token_inputs(saved.model)  # a text model, before the work
     longest = getattr(saved.model.config, "max_position_embeddings", None)
     if isinstance(longest, int) and tokens > longest:

@@ -101,17 +101,24 @@ def test_capture_an_encoder_decoder(tmp_path):
         torch.testing.assert_close(ep.module()(**kwargs).logits, model(**kwargs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_capture_picks_eager_attention_where_transformers_has_no_sdpa(tmp_path):
-    """``--attn`` defaulted to sdpa, and a saved GPT-OSS (eager attention only in transformers)
-    failed with transformers' multi-line refusal, cut at 300 characters. ``auto``, the default,
-    loads it with eager attention and says so; an explicit ``--attn sdpa`` is a one-line error
-    that names the option to use."""
+def saved_gpt_oss(folder):
+    """A 2-layer GPT-OSS (random weights; eager attention only in transformers, learned sink
+    logits, 2 experts, a sliding window on its second layer) saved with save_pretrained."""
     small = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256, num_local_experts=2,
                  num_experts_per_tok=1, sliding_window=16)
     torch.manual_seed(0)
     model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**small)).eval()
-    model.save_pretrained(tmp_path / "gpt-oss")
+    model.save_pretrained(folder)
+    return model
+
+
+def test_capture_picks_eager_attention_where_transformers_has_no_sdpa(tmp_path):
+    """``--attn`` defaulted to sdpa, and a saved GPT-OSS (eager attention only in transformers)
+    failed with transformers' multi-line refusal, cut at 300 characters. ``auto``, the default,
+    loads it with eager attention and says so; an explicit ``--attn sdpa`` is a one-line error
+    that names the option to use."""
+    model = saved_gpt_oss(tmp_path / "gpt-oss")
     result = runner.invoke(app, ["capture", str(tmp_path / "gpt-oss"), "-o", str(tmp_path / "p.pt2"), "--tokens", "24"])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
@@ -127,6 +134,38 @@ def test_capture_picks_eager_attention_where_transformers_has_no_sdpa(tmp_path):
     assert refused.exit_code == 2 and not (tmp_path / "q.pt2").exists(), refused.output
     assert " ".join(refused.output.split()) == ("error: GptOssForCausalLM has no SDPA attention in transformers: "
                                                 "capture it with --attn eager (or auto, which picks eager for it)")
+
+
+def test_capture_with_batched_experts_exports_a_mixture_of_experts_model(tmp_path):
+    """transformers' default experts of GPT-OSS call its grouped-products operator, which torch.onnx
+    cannot translate: ``export`` says so and how to capture instead; ``capture --experts
+    batched_mm`` loads the model with transformers' batched products, and that program exports
+    (its attention as mta nodes) and runs in onnxruntime as the rewritten program runs."""
+    import numpy as np
+
+    from mta_rewrite.onnx import onnx_session
+
+    saved_gpt_oss(tmp_path / "gpt-oss")
+    for name, extra in (("grouped", []), ("batched", ["--experts", "batched_mm"])):
+        result = runner.invoke(app, ["capture", str(tmp_path / "gpt-oss"), "-o", str(tmp_path / f"{name}.pt2"),
+                                     "--tokens", "24", *extra])
+        assert result.exit_code == 0, result.output
+    refused = runner.invoke(app, ["export", str(tmp_path / "grouped.pt2"), "-o", str(tmp_path / "g.onnx"),
+                                  "--chunk-size", "8"])
+    assert refused.exit_code == 2 and not (tmp_path / "g.onnx").exists(), refused.output
+    line = " ".join(refused.output.split())
+    assert "it has no ONNX translation for the operator transformers.grouped_mm_fallback" in line, line
+    assert "capture the model with --experts batched_mm" in line, line
+    exported = runner.invoke(app, ["export", str(tmp_path / "batched.pt2"), "-o", str(tmp_path / "b.onnx"),
+                                   "--chunk-size", "8"])
+    assert exported.exit_code == 0 and "2 MTA site(s) as mta nodes" in " ".join(exported.output.split()), exported.output
+    x = torch.randint(0, 64, (2, 37), generator=torch.Generator().manual_seed(3))
+    feeds = {"input_ids": x.numpy(), "attention_mask": np.ones_like(x.numpy())}
+    got = onnx_session(tmp_path / "b.onnx").run(None, feeds)[0]
+    rewritten = mr.rewrite(mr.load_program(tmp_path / "batched.pt2"), config=mr.MTAConfig(8))
+    with torch.no_grad():
+        want = rewritten(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case,argv,message", [

@@ -441,6 +441,72 @@ print(type(mr.load_program({str(tmp_path / "custom.pt2")!r}).module()(torch.rand
     assert "Traceback" not in done.stderr and "deserializing" not in done.stderr, done.stderr[-3000:]
 
 
+CUSTOM_OP_MODULE = '''
+import torch
+
+
+@torch.library.custom_op("mtatest::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Model(torch.nn.Module):
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ torch.ops.mtatest.twice(x)
+'''
+
+
+def test_programs_calling_custom_operators_load_in_a_fresh_process(tmp_path, monkeypatch):
+    """transformers' mixture-of-experts layers (GPT-OSS, Mixtral …) call a custom operator that
+    ``transformers.integrations.moe`` registers when imported: a program ``capture`` saved failed
+    to load in the next command ("g.pt2 is not a program saved with torch.export.save"). A program
+    ``save_program`` saves names the modules of its custom operators and ``load_program`` imports
+    them; one saved otherwise is a one-line error naming the operator; and ``export`` of an
+    operator without an ONNX translation says which (not torch.onnx's generic advice)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "mta_test_custom_op.py").write_text(CUSTOM_OP_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "ops"))
+    import mta_test_custom_op
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    ep = mr.save_program(mta_test_custom_op.Model(), tmp_path / "ours.pt2", (x,))
+    assert mr.api.custom_op_modules(ep) == ["mta_test_custom_op"]
+    torch.export.save(ep, tmp_path / "plain.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(tmp_path / "ops")!r})
+import mta_rewrite as mr
+assert "mta_test_custom_op" not in sys.modules
+try:
+    mr.load_program({str(tmp_path / "plain.pt2")!r})
+except ValueError as exc:
+    print("ERROR", exc)
+x = torch.load({str(tmp_path / "x.pt")!r})
+print(torch.equal(mr.load_program({str(tmp_path / "ours.pt2")!r}).module()(x), torch.softmax(x @ x.mT, -1) @ (2 * x)))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines() == [
+        f"ERROR {tmp_path / 'plain.pt2'} calls torch.ops.mtatest.twice, a custom operator that no module has registered "
+        "in this process: import the module that defines it before loading (programs saved by mta-rewrite name it and "
+        "have it imported)", "True"], done.stdout
+    result = runner.invoke(app, ["export", str(tmp_path / "ours.pt2"), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and not (tmp_path / "m.onnx").exists(), result.output
+    line = " ".join(result.output.split())
+    assert line.startswith("error: torch.onnx could not export ") and "\x1b" not in result.output, result.output
+    assert line.endswith(": it has no ONNX translation for the operator mtatest.twice"), result.output
+
+
 def test_calibration_samples_bind_to_the_saved_call(tmp_path, monkeypatch):
     """A program captured as ``model(ids, use_cache=False)`` calibrates on samples written as
     keyword dicts ``{"input_ids": ids}``, positional tuples or bare tensors (the flag takes its

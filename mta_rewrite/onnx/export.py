@@ -252,6 +252,29 @@ def export_onnx(
     return proto
 
 
+def exporter_failure(exc: BaseException) -> str:
+    """One line saying why torch.onnx failed: its message opens with generic advice (and terminal
+    colour codes) and names the cause further down. An operator without an ONNX translation is
+    named (transformers' ``grouped_mm_fallback``, mixture-of-experts layers' grouped matrix
+    products, with the way round it); else the first line of its exception summary."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='[^']*'\)>", text)
+    if missing:
+        op = missing.group(1)
+        reason = f"it has no ONNX translation for the operator {op}"
+        if op == "transformers.grouped_mm_fallback":
+            reason += (" (transformers' grouped matrix products in mixture-of-experts layers): capture the model with "
+                       "--experts batched_mm (experts_implementation=\"batched_mm\" in transformers), whose products "
+                       "export; it gathers every token's expert weights, so its memory grows with tokens × experts "
+                       "per token × an expert's size")
+        return reason
+    summary = text.split("## Exception summary", 1)
+    lines = [line.strip() for line in (summary[1] if len(summary) > 1 else text).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 @functools.cache
 def _lossy_rules() -> frozenset[int]:
     """The rules (by id) of onnxscript's default rewrites that delete ``Add(x, c)`` or ``Sub(x, c)``
