@@ -76,8 +76,9 @@ def op_calls_table(calls, title: str) -> Table:
         table.add_column(col)
     table.add_column("MTA", overflow="fold", min_width=10)
     for c in calls:
+        config = "exact (the op's exact path)" if c.config == "exact" else c.config
         table.add_row(c.name, f"{c.batch}·{c.q_heads}/{c.kv_heads}·{c.seq_len}·{c.head_dim}", c.mask,
-                      "yes" if c.causal else "no", "exact (the op's exact path)" if c.config == "exact" else c.config)
+                      "yes" if c.causal else "no", config + (" + sink logits" if c.sink_logits else ""))
     return table
 
 

@@ -67,6 +67,30 @@ def test_find_and_rewrite_a_saved_program(tmp_path):
         torch.testing.assert_close(ep.module()(*args, **kwargs), reference)
 
 
+def test_find_lists_sites_with_learned_sink_logits_as_planned(tmp_path):
+    """A rewritten GPT-OSS site calls the op with its sink logit as one more token and dimension:
+    ``find`` listed it as n + 1, d + 1 and one more sink than the plan gave (``c8·L1·s1`` for
+    ``sinks=0``). It lists the site's own shape and configuration, marked "+ sink logits", for an
+    MTA site and one on the exact path, saved or in memory."""
+    from mta_rewrite.passes.sites import describe_op_calls
+
+    model = zoo.SinkLogits().eval()
+    x, mask = zoo.sink_inputs(24)
+    for plan, want in ((mr.Plan({"root": mr.MTAConfig(8, top_k=1)}), "c8·L1·s0·k1"), (mr.Plan({}), "exact")):
+        module = mr.rewrite(model, (x, mask), plan=plan)
+        path = tmp_path / f"{want}.pt2"
+        mr.save_program(module, path, (x, mask))
+        assert [(c.config, c.sink_logits) for c in describe_op_calls(module.graph)] == [(want, True)]
+        calls = describe_op_calls(mr.load_program(path).graph)
+        assert [(c.seq_len, c.head_dim, c.config, c.sink_logits) for c in calls] == [(24, 8, want, True)]
+        found = runner.invoke(app, ["find", str(path)])
+        cells = [cell.strip() for line in found.output.splitlines() if line.startswith("│") for cell in line.split("│")]
+        shown = "exact (the op's exact path)" if want == "exact" else want
+        assert found.exit_code == 0 and cells[:5] == ["", "root", "2·4/4·24·8", "additive", "no"], found.output
+        assert cells[5] in (shown, f"{shown} + sink logits"), found.output
+        assert "+ sink logits" in " ".join(found.output.split()), found.output
+
+
 def test_find_says_when_there_is_no_attention(tmp_path):
     path = tmp_path / "mlp.pt2"
     mr.save_program(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), path, (torch.randn(2, 8),))

@@ -108,6 +108,7 @@ class OpCall:
     mask: str  # "none" | "bool" | "additive"
     causal: bool
     config: str  # "c64·L2·s4·k2" (+ " learned" / " boundary" / " clustered"), or "exact" for one chunk
+    sink_logits: bool = False  # the site's learned sink logits ride along as one more token (n, d and sinks as the site's)
 
 
 def describe_op_calls(graph: fx.Graph) -> list[OpCall]:
@@ -126,18 +127,53 @@ def describe_op_calls(graph: fx.Graph) -> list[OpCall]:
         qs, ks = shape_of(a["q"]), shape_of(a["k"])
         mask = a["attn_mask"]
         kind = "none" if mask is None else "bool" if dtype_of(mask) == torch.bool else "additive"
+        sink = _drops_sink_token(node)  # the site's learned sink logits are one more token (and dimension)
         if (_hint(a["chunk_size"]) or 0) >= EXACT_CHUNK:
             config = "exact"
         else:
-            config = MTAConfig(*(_hint(a[f]) for f in ("chunk_size", "local_chunks", "sinks", "top_k"))).short
+            fields = [_hint(a[f]) for f in ("chunk_size", "local_chunks", "sinks", "top_k")]
+            if sink and fields[2]:
+                fields[2] -= 1  # as the plan gave it: the extra token is the op's first sink
+            config = MTAConfig(*fields).short
             config += "".join(f" {what}" for what, arg in (("learned", "summary_weight"), ("boundary", "segment_ids"),
                                                             ("clustered", "centroids")) if a[arg] is not None)
         four_d = qs is not None and len(qs) == 4
+        less = 1 if sink else 0
+        n, d = (_hint(qs[2]), _hint(qs[3])) if four_d else (None, None)
         calls.append(OpCall(
             name=_numbered_name(node, seen)[0],
             batch=_hint(qs[0]) if qs else None, q_heads=_hint(qs[1]) if four_d else None,
             kv_heads=_hint(ks[1]) if ks is not None and len(ks) == 4 else None,
-            seq_len=_hint(qs[2]) if four_d else None, head_dim=_hint(qs[3]) if four_d else None,
-            mask=kind, causal=bool(a["causal"]), config=config,
+            seq_len=None if n is None else n - less, head_dim=None if d is None else d - less,
+            mask=kind, causal=bool(a["causal"]), config=config, sink_logits=sink,
         ))
     return calls
+
+
+_WHOLE = 1 << 62  # a slice's end at least this: to the end of the dimension
+
+
+def _drops_sink_token(node: fx.Node) -> bool:
+    """Whether an op call's output is read only through ``passes.lower.drop_sink_token`` (in a
+    graph ``rewrite`` returned) or what export makes of it (slices: ``1:`` of dimension 2, ``:-1``
+    of dimension 3, whole ones around them): the call attends to a site's learned sink logits as
+    one more token at position 0 and one more dimension (``passes.lower.sink_logit_operands``)."""
+    from .lower import drop_sink_token
+
+    users = list(node.users)
+    if len(users) == 1 and users[0].target is drop_sink_token:
+        return True
+    dropped = set()
+    while len(users) == 1 and users[0].target is torch.ops.aten.slice.Tensor:
+        dim, start, end, step = (list(users[0].args[1:]) + [0, None, None, 1][len(users[0].args) - 1:])[:4]
+        whole_end = end is None or (isinstance(end, int) and end >= _WHOLE)
+        if step != 1:
+            return False
+        if dim == 2 and start == 1 and whole_end:
+            dropped.add("token")
+        elif dim in (3, -1) and start in (None, 0) and end == -1:
+            dropped.add("dimension")
+        elif not (start in (None, 0) and whole_end):
+            return False
+        users = list(users[0].users)
+    return dropped == {"token", "dimension"}
