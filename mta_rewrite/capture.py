@@ -13,6 +13,10 @@ leading dimension of 1 and no module is in training mode, capture exports the ex
 to batch 2, then checks the program against the model on the example itself (its outputs'
 structure, shapes and values): kept if they agree, else (a leading 1 that is not a batch, say)
 the example is captured as given, with a warning that its batch stays fixed at 1.
+
+A model whose code depends on its sequence length (Jamba's Mamba layers loop over the tokens)
+is captured at the example's length only, dynamic or not: a warning says so when a token input's
+length came out fixed (:func:`fixed_lengths`).
 """
 
 from __future__ import annotations
@@ -69,12 +73,15 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         if wide is not None:
             ep, reason = _capture_batch_of_two(model, args, kwargs, *wide)
             if ep is not None:
+                _warn_fixed_length(ep)
                 return ep
             warnings.warn(f"the program takes batches of one only ({reason}): capture from an example of "
                           "batch 2 or more for a program that takes any batch", stacklevel=2)
         try:
             shapes = dynamic_shapes_for(model, args, kwargs)
-            return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            _warn_fixed_length(ep)
+            return ep
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
             unsupported = _not_about_shapes(model, exc)
             if unsupported is not None:  # not about shapes: static capture would fail the same way
@@ -87,6 +94,34 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         first = _first_line(exc)
         raise CaptureError(_not_about_shapes(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
+
+
+def fixed_lengths(ep: ExportedProgram) -> dict[str, int]:
+    """The token-id inputs (transformers' ``input_ids``, ``decoder_input_ids``: [batch, length])
+    whose length the dynamic capture left fixed, with that length: torch.export keeps a size
+    dynamic unless the model's code depends on it (Jamba's Mamba layers loop over the tokens)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    fixed = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in TOKEN_INPUTS:
+            val = node.meta.get("val")
+            # (a size export specialised while tracing is a SymInt whose expression is a constant)
+            if isinstance(val, torch.Tensor) and val.dim() == 2 and is_concrete_int(val.shape[1]) \
+                    and int(val.shape[1]) > 1:
+                fixed[node.name] = int(val.shape[1])
+    return fixed
+
+
+def _warn_fixed_length(ep: ExportedProgram) -> None:
+    fixed = fixed_lengths(ep)
+    if fixed:
+        said = ", ".join(f"{name} of {n} tokens" for name, n in fixed.items())
+        warnings.warn(f"the program takes {said} only: torch.export fixed the length (the model's code depends on it), "
+                      "so calibration samples and inputs must have that length", stacklevel=3)
 
 
 def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -168,6 +168,31 @@ def test_capture_with_batched_experts_exports_a_mixture_of_experts_model(tmp_pat
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5)
 
 
+def test_a_program_whose_length_torch_export_fixed_says_so(tmp_path):
+    """Jamba's Mamba layers loop over the tokens in PyTorch, so torch.export fixes the sequence
+    length: the program captured at 24 tokens takes no other, and nothing said so until
+    calibration failed with a hint (capture from a size that is not 0 or 1) that did not apply.
+    ``capture`` warns; calibrate's one-line error says that the model's code depends on the size."""
+    torch.manual_seed(0)
+    cfg = transformers.JambaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
+                                   expert_layer_period=4, expert_layer_offset=3, mamba_d_state=4, mamba_expand=2)
+    transformers.JambaForCausalLM(cfg).eval().save_pretrained(tmp_path / "jamba")
+    program = tmp_path / "jamba.pt2"
+    with pytest.warns(UserWarning, match=r"the program takes input_ids of 24 tokens only: torch.export fixed the "
+                                         r"length \(the model's code depends on it\)"):
+        result = runner.invoke(app, ["capture", str(tmp_path / "jamba"), "-o", str(program), "--tokens", "24"])
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(0, 64, (1, 37), generator=torch.Generator().manual_seed(1))
+    torch.save([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], tmp_path / "samples.pt")
+    calibrated = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget",
+                                     "0.1", "-o", str(tmp_path / "plan.json")])
+    line = " ".join(calibrated.output.split())
+    assert calibrated.exit_code == 2 and "sample 0 does not fit the captured program, which requires" in line, line
+    assert line.endswith("== 24 (a size torch.export fixed when it captured the model: give samples of that shape; "
+                         "the model's code depends on it, so the program takes no other)"), line
+
+
 @pytest.mark.parametrize("case,argv,message", [
     ("no config", lambda t: ["capture", str(t), "-o", str(t / "p.pt2")], "neither a folder saved with transformers"),
     ("missing", lambda t: ["capture", str(t / "nothing"), "-o", str(t / "p.pt2")], "no such file or folder"),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -665,10 +666,12 @@ def _reference_output(probe: Probe, sample, index: int):
             raise  # the op's exact path failed: ours to fix, not the sample's fault
         message = str(exc).strip()
         if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
-            raise ValueError(f"sample {index} does not fit the captured program, which requires "
-                             f"{message.removeprefix('Guard failed:').strip()} (a size torch.export fixed when it "
-                             "captured the model: give samples of that shape, or capture again from an example "
-                             "where that size is not 0 or 1)") from exc
+            guard = message.removeprefix("Guard failed:").strip()
+            # torch.export fixes every size of 0 or 1; a larger one only where the model's code needs it
+            why = ("capture again from an example where that size is not 0 or 1" if re.search(r"== [01]\b", guard)
+                   else "the model's code depends on it, so the program takes no other")
+            raise ValueError(f"sample {index} does not fit the captured program, which requires {guard} (a size "
+                             f"torch.export fixed when it captured the model: give samples of that shape; {why})") from exc
         first = message.splitlines()[0] if message else ""
         raise ValueError(f"sample {index}: the model fails on it with every site exact: "
                          f"{type(exc).__name__}: {first}") from exc
