@@ -234,6 +234,8 @@ def sink_site_reference(model: zoo.SinkLogits, x, mask, **config) -> torch.Tenso
     v1 = torch.nn.functional.pad(v, (0, 1, 1, 0))
     allowed = torch.nn.functional.pad(mask == 0, (1, 0, 1, 0), value=True)
     config = dict(config, sinks=config.get("sinks", 0) + 1)
+    if config.get("summary_weight") is not None:  # learned summaries: w·k' = w·k for a real key (k' is 0 there)
+        config["summary_weight"] = torch.nn.functional.pad(config["summary_weight"].double(), (0, 1))
     return mta_attention_reference(q1, k1, v1, allowed, scale=scale, **config)[:, :, 1:, :-1]
 
 
@@ -259,12 +261,13 @@ def test_learned_sink_logits_are_rewritten():
             assert not torch.allclose(fast(x, mask), model(x, mask), atol=1e-3)  # an approximation
 
 
-def test_learned_sink_logits_take_head_groups_and_the_exact_path():
+def test_learned_sink_logits_take_head_groups_learned_summaries_and_the_exact_path():
     """A sink site takes what calibration can choose for it: per-head groups (each group's
-    configuration gets the extra token as one more sink, a group left exact stays exact) and,
-    left exact, the op's exact path with its extra token (GPT-OSS with eager attention, 4 layers
-    at 2048 tokens: 2.3× faster with nothing approximated, ``benchmarks/bench_exact_sites.py``).
-    Learned summaries, fitted per dimension of k, are refused with one line."""
+    configuration gets the extra token as one more sink, a group left exact stays exact), learned
+    summaries (the weight gets the extra dimension, 0) and, left exact, the op's exact path with
+    its extra token (GPT-OSS with eager attention, 4 layers at 2048 tokens: 2.3× faster with
+    nothing approximated, ``benchmarks/bench_exact_sites.py``). Clustered summaries, which need one
+    key-padding mask for every query, are refused with one line."""
     model = zoo.SinkLogits().eval()
     x, mask = zoo.sink_inputs(40, B=2, seed=3)
     config = mr.MTAConfig(chunk_size=8, local_chunks=1, sinks=1, top_k=1)
@@ -278,10 +281,17 @@ def test_learned_sink_logits_take_head_groups_and_the_exact_path():
         want[:, [1, 3]] = sink_site_reference(model, x, mask, chunk_size=10**6)[:, [1, 3]]
         torch.testing.assert_close(grouped(x, mask), model.merge(want.float()), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(left_exact(x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
-    learned = mr.Learned.from_tensor(config, torch.zeros(4, 8))
-    with pytest.raises(ValueError, match=r"^a site with learned sink logits takes an MTAConfig or HeadGroups, not "
-                                         r"Learned \(learned or clustered summaries are not fitted to its extra token\)$"):
-        mr.rewrite(model, (x, mask), plan=mr.Plan({"root": mr.PlanEntry(learned)}))
+    weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(7))
+    learned = mr.rewrite(model, (x, mask), plan=mr.Plan({"root": mr.PlanEntry(mr.Learned.from_tensor(config, weight))}))
+    with torch.no_grad():
+        want = sink_site_reference(model, x, mask, chunk_size=8, local_chunks=1, sinks=1, top_k=1, summary_weight=weight)
+        torch.testing.assert_close(learned(x, mask), model.merge(want.float()), rtol=1e-5, atol=1e-5)
+        means = sink_site_reference(model, x, mask, chunk_size=8, local_chunks=1, sinks=1, top_k=1)
+        assert not torch.allclose(want, means, atol=1e-3)  # the weight matters
+    clustered = mr.Clustered.from_tensor(mr.MTAConfig(8), torch.zeros(4, 3, 8))
+    with pytest.raises(ValueError, match=r"^a site with learned sink logits takes an MTAConfig, HeadGroups or Learned, "
+                                         r"not Clustered \(clustered summaries need one key-padding mask"):
+        mr.rewrite(model, (x, mask), plan=mr.Plan({"root": mr.PlanEntry(clustered)}))
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")

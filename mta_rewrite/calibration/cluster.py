@@ -65,8 +65,8 @@ def _pooled_keys(records: list[SiteRecord], sinks: int) -> torch.Tensor:
 
 
 def _clusterable(config, records: list[SiteRecord]) -> bool:
-    if not isinstance(config, MTAConfig) or config.top_k:
-        return False
+    if not isinstance(config, MTAConfig) or config.top_k or records[0].sink_logits is not None:
+        return False  # (a sink site's extra token makes its mask vary per query: passes.lower.with_sink_token)
     for r in records:
         B, H, n = r.q.shape[0], r.q.shape[1], r.q.shape[2]
         mask, causal = simplify_mask(r.mask, B, H, n, r.causal)

@@ -101,11 +101,12 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
         return original
     dtype = original.dtype if original is not None else dtype
     if sink_logits is not None:
-        if weight is not None or segment_ids is not None:
-            raise ValueError("a site with learned sink logits takes no learned summaries or boundaries")
+        if segment_ids is not None:
+            raise ValueError("a site with learned sink logits takes no boundaries (its extra token has no segment)")
         scale = q.shape[-1] ** -0.5 if scale is None else scale  # q's own 1/√d, before q grows a dimension
         q, k, v, mask = sink_logit_operands(q, k, v, mask, sink_logits, scale)
-        return drop_sink_token(site_output(with_sink_token(config), None, q, k, v, mask, causal, scale, dtype,
+        weight = None if weight is None else torch.nn.functional.pad(weight, (0, 1))  # (as with_sink_token pads it)
+        return drop_sink_token(site_output(with_sink_token(config), None, q, k, v, mask, causal, scale, dtype, weight,
                                            autograd=autograd))
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
@@ -421,8 +422,8 @@ def fit_in_layer_order(probe: "Probe", samples: list, configs: dict, fit, advanc
     whose configuration (``configs``; others exact) is not None, ``fit(name, config, records)``
     (``config`` without any earlier fit: a ``Learned`` or ``Clustered`` one is taken back to its
     configuration) returns (the site's choice, a record of the fit or None); the site's output
-    under that choice goes downstream. Returns (site → choice, site → fit record). A site with
-    learned sink logits keeps its configuration unfitted. ``advance`` is called once per site."""
+    under that choice goes downstream. Returns (site → choice, site → fit record).
+    ``advance`` is called once per site."""
     cursors = [probe.cursor(s) for s in samples]
     chosen: dict = {}
     fits: dict = {}
@@ -434,9 +435,7 @@ def fit_in_layer_order(probe: "Probe", samples: list, configs: dict, fit, advanc
         choice = configs.get(name)
         if isinstance(choice, (Learned, Clustered)):
             choice = choice.config
-        if choice is not None and calls[0].record.sink_logits is not None:
-            chosen[name] = choice  # (no fit: learned or clustered summaries are not fitted to a sink site's extra token)
-        elif choice is not None:
+        if choice is not None:
             choice, record = fit(name, choice, [call.record for call in calls])
             if record is not None:
                 fits[name] = record

@@ -98,16 +98,22 @@ def drop_sink_token(out):
     return out[:, :, 1:, :-1]
 
 
-def with_sink_token(config: MTAConfig | HeadGroups) -> MTAConfig | HeadGroups:
+def with_sink_token(config: MTAConfig | HeadGroups | Learned) -> MTAConfig | HeadGroups | Learned:
     """``config`` for the operands :func:`sink_logit_operands` makes: the token it puts first is one
-    more sink (every head group's, a group left exact stays exact). Other configurations (learned or
-    clustered summaries, whose weights are per dimension of k) are refused with a one-line error."""
+    more sink (every head group's, a group left exact stays exact), and learned summaries' weight
+    one more dimension, 0 (the real keys' is 0 there, so w·k is unchanged; the new token, a sink,
+    is in no summary). Clustered summaries are refused with a one-line error: they are for
+    non-causal attention over one key-padding mask, and the extra token's query row (which attends
+    to it alone) makes the mask vary per query."""
     if isinstance(config, MTAConfig):
         return dataclasses.replace(config, sinks=config.sinks + 1)
     if isinstance(config, HeadGroups):
         return HeadGroups(tuple((None if c is None else with_sink_token(c), heads) for c, heads in config.groups))
-    raise ValueError(f"a site with learned sink logits takes an MTAConfig or HeadGroups, not {type(config).__name__}"
-                     " (learned or clustered summaries are not fitted to its extra token)")
+    if isinstance(config, Learned):
+        return Learned(with_sink_token(config.config), tuple(row + (0.0,) for row in config.weight))
+    raise ValueError(f"a site with learned sink logits takes an MTAConfig, HeadGroups or Learned, not "
+                     f"{type(config).__name__} (clustered summaries need one key-padding mask for every query, and "
+                     "the extra token's row attends to it alone)")
 
 
 def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None, attend=None):
@@ -324,7 +330,7 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
     if m.sink_logits is not None:
         if segments is not None:
             raise ValueError("a site with learned sink logits takes no boundaries (its extra token has no segment)")
-        with_sink_token(config)  # (the one-line error for a configuration it cannot take, before the graph changes)
+        config = with_sink_token(config)  # (a one-line error for one it cannot take, before the graph changes)
     g = gm.graph
     out = m.output
     before = set(g.nodes)
@@ -337,7 +343,6 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
                 kw["scale"] = float(_q_size(m, -1)) ** -0.5
             operands = g.call_function(sink_logit_operands, (q, k, v, mask, m.sink_logits, kw["scale"]))
             q, k, v, mask = (g.call_function(operator.getitem, (operands, i)) for i in range(4))
-            config = with_sink_token(config)
         node = attention_call(g, q, k, v, mask, config, kw, weight, segments, centroids)
         if m.sink_logits is not None:
             node = g.call_function(drop_sink_token, (node,))

@@ -246,8 +246,8 @@ def test_sites_with_learned_sink_logits_are_calibrated():
     plan could not approximate them. They are measured like the others, their extra token given to
     the op as the rewritten model gives it: each candidate's local error at the sink site (the
     first: exact upstream) is the float64 reference op's against exact attention, the plan
-    approximates the site, and the rewritten model's error on the held-out samples is the one
-    the plan reports."""
+    approximates the site (with learned summaries too), and the rewritten model's error on the
+    held-out samples is the one the plan reports."""
     gen = torch.Generator().manual_seed(0)
     data = []
     for _ in range(4):
@@ -274,6 +274,11 @@ def test_sites_with_learned_sink_logits_are_calibrated():
     assert isinstance(plan.sites["sink"].config, mr.MTAConfig)
     assert plan.sites["sink"].error == pytest.approx(site.errors[plan.sites["sink"].config])
     assert measured_error(model, plan, data, "rel_l2") == pytest.approx(plan.metadata["holdout_error"], rel=1e-4)
+    # learned summaries are fitted there too (the weight gets the extra token's dimension, 0)
+    learned = mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False, cost_model=WORK,
+                           learn_summaries=True)
+    assert isinstance(learned.sites["sink"].config, mr.Learned)
+    assert measured_error(model, learned, data, "rel_l2") == pytest.approx(learned.metadata["holdout_error"], rel=1e-4)
 
 
 def test_sites_with_learned_sink_logits_are_left_exact_with_boundaries():

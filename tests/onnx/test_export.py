@@ -683,19 +683,21 @@ def test_clustered_function_equals_the_op(mask_kind, tmp_path):
 _SINK_CONFIG = mr.MTAConfig(6, 2, 2, 1)
 
 
-@pytest.mark.parametrize("entry,mta_nodes", [(_SINK_CONFIG, 1), (mr.HeadGroups(((_SINK_CONFIG, (0, 2)), (None, (1, 3)))), 1),
-                                             (None, 0)], ids=["config", "head_groups", "left_exact"])
+@pytest.mark.parametrize("entry,mta_nodes", [
+    (_SINK_CONFIG, 1), (mr.HeadGroups(((_SINK_CONFIG, (0, 2)), (None, (1, 3)))), 1),
+    (mr.Learned.from_tensor(_SINK_CONFIG, torch.randn(4, 8, generator=torch.Generator().manual_seed(1))), 1),
+    (None, 0)], ids=["config", "head_groups", "learned", "left_exact"])
 def test_learned_sink_logits_export_and_match_the_rewritten_model(tmp_path, entry, mta_nodes):
     """A site with learned sink logits (GPT-OSS) exports like any other: its extra token is built
-    in the graph around one mta node (per-head groups: one for the approximated group; left exact,
-    the op's exact path, plain attention over the extra token), and onnxruntime gives what the
-    rewritten model gives."""
+    in the graph around one mta node (per-head groups: one for the approximated group; learned
+    summaries: their weight with the extra dimension; left exact, the op's exact path, plain
+    attention over the extra token), and onnxruntime gives what the rewritten model gives."""
     model = zoo.SinkLogits().eval()
     plan = mr.Plan({} if entry is None else {"root": mr.PlanEntry(entry)})
     x, mask = zoo.sink_inputs(24)
     proto = export_onnx(model, (x, mask), tmp_path / "sink.onnx", plan=plan)
     assert len([n for n in proto.graph.node if n.domain == DOMAIN]) == mta_nodes
-    assert {n.op_type for n in proto.graph.node if n.domain == DOMAIN} <= {OP_TYPE, PREPARED_OP_TYPE}
+    assert {n.op_type for n in proto.graph.node if n.domain == DOMAIN} <= {OP_TYPE, PREPARED_OP_TYPE, LEARNED_OP_TYPE}
     rewritten = mr.rewrite(model, (x, mask), plan=plan)
     session = onnx_session(tmp_path / "sink.onnx")
     x, mask = zoo.sink_inputs(37, B=3, seed=3)
