@@ -502,3 +502,24 @@ def test_gpu_boundary_chunks_unpadded_equal_slots(causal):
     mta_attention_varlen(qr, kr, vr, keep, ids, **kw0).sum().backward()
     for got, ref in ((qg, qr), (kg, kr), (vg, vr)):
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_sink_logit_sites_operands_match_reference(causal):
+    """A site with learned sink logits (GPT-OSS) reaches the kernel with one more token and one
+    more dimension (``passes.lower.sink_logit_operands``): a head size that is not a power of two
+    (16 + 1), so the tiles' last dimension is masked, and one more sink. Causal without a mask, or
+    a key-padding mask that the extra token's column extends."""
+    from mta_rewrite.passes.lower import sink_logit_operands
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=9)
+    column = torch.randn(1, Hq, 1, 1, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = None if causal else padding(B, n)
+    q1, k1, v1, mask1 = sink_logit_operands(q, k, v, mask, column, d ** -0.5)
+    assert q1.shape[-1] == d + 1 and q1.shape[-2] == n + 1
+    for c, L, s, top_k in CONFIGS[:3]:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s + 1, top_k=top_k, scale=d ** -0.5)
+        out = mta_forward_triton(q1, k1, v1, key_padding(mask1, B, Hq, n + 1), **kw)
+        ref = mta_attention_reference(q1, k1, v1, mask1, **kw)
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw}: {m}")
