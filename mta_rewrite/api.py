@@ -275,45 +275,43 @@ def _try_load(path):
 
     export_log = logging.getLogger("torch.export")
     level, propagate, handlers = export_log.level, export_log.propagate, export_log.handlers
+    disabled = logging.root.manager.disable  # a script's logging.disable(WARNING) would hide the reason
     # only our handler (torch's logging puts handlers of its own on this logger), no propagation
     export_log.setLevel(logging.WARNING)
     export_log.propagate = False
     export_log.handlers = [_Keep()]
+    logging.disable(logging.NOTSET)
     try:
         return torch.export.load(str(path)), None
     except Exception as exc:  # noqa: BLE001  (zip, pickle and schema errors all mean "not a program")
         return None, (exc, logged)
     finally:
+        logging.disable(disabled)
         export_log.handlers, export_log.propagate = handlers, propagate
         export_log.setLevel(level)
 
 
-def _unregistered_pytree_type(errors: list[BaseException]) -> str | None:
-    """The serialized type name of "Deserializing NAME in pytree is not registered" in the
-    exceptions (or their causes), if any."""
+def _found_in(errors: list[BaseException], pattern: str) -> str | None:
+    """The first group of ``pattern`` in the messages of the exceptions (or their causes), if any."""
     import re
 
     for exc in errors:
         while exc is not None:
-            found = re.search(r"Deserializing (\S+) in pytree is not registered", str(exc))
+            found = re.search(pattern, str(exc))
             if found:
                 return found.group(1)
             exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _unregistered_pytree_type(errors: list[BaseException]) -> str | None:
+    """The serialized type name of "Deserializing NAME in pytree is not registered", if any."""
+    return _found_in(errors, r"Deserializing (\S+) in pytree is not registered")
 
 
 def _unresolved_operator(errors: list[BaseException]) -> str | None:
-    """The operator of "We failed to resolve torch.ops.NS.OP.OVERLOAD to an operator" in the
-    exceptions (or their causes), if any."""
-    import re
-
-    for exc in errors:
-        while exc is not None:
-            found = re.search(r"failed to resolve (torch\.ops\.[\w.]+?)(?:\.default)? to an operator", str(exc))
-            if found:
-                return found.group(1)
-            exc = exc.__cause__ or exc.__context__
-    return None
+    """The operator of "We failed to resolve torch.ops.NS.OP.OVERLOAD to an operator", if any."""
+    return _found_in(errors, r"failed to resolve (torch\.ops\.[\w.]+?)(?:\.default)? to an operator")
 
 
 def _import_for_type(type_name: str) -> str | None:
