@@ -364,8 +364,14 @@ def test_plan_per_site_and_errors(tmp_path):
     assert loaded == plan
     rewritten = mr.rewrite(model, args, plan=loaded)
     assert mr.count_mta_nodes(rewritten) == 1
-    with pytest.raises(ValueError, match="does not have: layers.7"):
+    with pytest.raises(ValueError, match=r"^the plan names 1 site\(s\) this model does not have: layers.7 \(a plan made "
+                                         r"for another model\? this one's attention sites: layers.0, layers.1\)$"):
         mr.rewrite(model, args, plan=mr.Plan({"layers.7": mr.MTAConfig(8)}))
+    # a plan of a 30-layer model: a line that names a few, in layer order, not all 28 it lacks
+    other = mr.Plan({f"layers.{i}": mr.MTAConfig(8) for i in range(30)})
+    with pytest.raises(ValueError, match=r"^the plan names 28 site\(s\) this model does not have: layers.2, layers.3, "
+                                         r"layers.4, … \(28 in all\) \(a plan made for another model"):
+        mr.rewrite(model, args, plan=other)
     with pytest.raises(ValueError, match="exactly one"):
         mr.rewrite(model, args)
 
