@@ -24,7 +24,8 @@ skipped and listed under "skipped_for_budget", and the run still ends with its r
    summaries, boundary chunks (runs of ~100 tokens: the slots' padded length and the op's time;
    the CPU's unpadded path in torch ops on the GPU, for comparison), clustered summaries,
    L = 2 + sinks + top-k, GQA (8 kv
-   heads), forward + backward through autograd (the Triton backward) against SDPA's, the
+   heads), a site with learned sink logits as the rewrite gives it (GPT-OSS's 64 / 8 heads of
+   64: one more token, d + 1 = 65) against the same site without them, forward + backward through autograd (the Triton backward) against SDPA's, the
    backward alone with the summaries' gradients by atomics or by their own kernel (and with
    learned summaries), the backward
    of boundary chunks read where they lie against the padded slots', the backward of clustered
@@ -616,6 +617,32 @@ def main(argv=None):
                     lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
             except RuntimeError as exc:
                 extras["gqa_8kv_sdpa_cudnn_error"] = str(exc).splitlines()[0]
+        # learned sink logits (GPT-OSS's attention: 64 query / 8 key-value heads of 64): the op on the
+        # operands the rewrite gives such a site (passes.lower.sink_logit_operands: one more token and
+        # d + 1 = 65, so tiles of 128), with the graph's work around it, against the same site
+        # without sink logits and cuDNN SDPA (no sink term) in the same run
+        from mta_rewrite.passes.lower import drop_sink_token, sink_logit_operands
+
+        q = k = v = None
+        hq, hkv = (64, 8) if DEVICE == "cuda" else (8, 1)
+        gen = torch.Generator(device=DEVICE).manual_seed(11)
+        sink_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # (as qkv: the interpreter's bf16 dot)
+        q, k, v = (torch.randn(1, h, n, 64, device=DEVICE, dtype=sink_dtype, generator=gen) for h in (hq, hkv, hkv))
+        column = torch.randn(1, hq, 1, 1, device=DEVICE, dtype=sink_dtype, generator=gen)
+
+        def with_sink_logits():
+            q1, k1, v1, _ = sink_logit_operands(q, k, v, None, column, 64 ** -0.5)
+            return drop_sink_token(torch.ops.mta.attention(q1, k1, v1, chunk_size=c, causal=True, scale=64 ** -0.5,
+                                                           sinks=1))
+
+        time_variant(extras, "sink_logits_gptoss", with_sink_logits)
+        time_variant(extras, "sink_logits_gptoss_without", lambda: torch.ops.mta.attention(q, k, v, chunk_size=c,
+                                                                                           causal=True))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            time_variant(extras, "sink_logits_gptoss_sdpa_cudnn",
+                         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        q = k = v = column = None
+        empty_cache()
         # forward + backward through autograd (the Triton backward: no top-k) vs SDPA's
         q, k, v = (x.requires_grad_() for x in qkv(n))
         grad_out = torch.randn_like(q)

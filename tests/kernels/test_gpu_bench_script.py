@@ -40,7 +40,8 @@ def test_dry_run_reports_every_step(tmp_path):
     assert {"contiguous_qkv_ms", "transposed_qkv_ms", "fwd_bwd_ms", "bwd_summary_kernel_ms", "boundary_chunks_ms", "boundary_chunks_slots_ms",
             "boundary_padded_over_n", "boundary_unpadded_portable_ms", "clustered_prepass_K64_ms",
             "clustered_K64_full_ms", "chunks_full_ms", "boundary_bwd_ms", "boundary_bwd_slots_ms",
-            "clustered_K64_bwd_ms", "clustered_K64_bwd_recompute_ms", "bwd_learned_ms"} <= set(report["extras"])
+            "clustered_K64_bwd_ms", "clustered_K64_bwd_recompute_ms", "bwd_learned_ms", "sink_logits_gptoss_ms",
+            "sink_logits_gptoss_without_ms"} <= set(report["extras"])
     (flex,) = report["flex"]
     assert "error" not in flex and flex["rel_err_vs_mta"] < 1e-2 and flex["graphs_compiled_while_timing"] == 0
     assert [m["model"].split()[:2] for m in report["models"]] == [["TinyCausalLM", "d=32,"], ["transformers", "LlamaModel"]]
