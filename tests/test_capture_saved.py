@@ -137,25 +137,30 @@ def test_capture_picks_eager_attention_where_transformers_has_no_sdpa(tmp_path):
 
 
 def test_capture_with_batched_experts_exports_a_mixture_of_experts_model(tmp_path):
-    """transformers' default experts of GPT-OSS call its grouped-products operator, which torch.onnx
-    cannot translate: ``export`` says so and how to capture instead; ``capture --experts
-    batched_mm`` loads the model with transformers' batched products, and that program exports
-    (its attention as mta nodes) and runs in onnxruntime as the rewritten program runs."""
+    """transformers' default experts of GPT-OSS call its grouped-products operator (float32), which
+    torch.onnx cannot translate, or aten's (bfloat16), whose translation refuses offsets: ``export``
+    said "Failed to convert the exported program to an ONNX model" with colour codes; it names the
+    operator and how to capture instead. ``capture --experts batched_mm`` loads the model with
+    transformers' batched products, and that program exports (its attention as mta nodes) and
+    runs in onnxruntime as the rewritten program runs."""
     import numpy as np
 
     from mta_rewrite.onnx import onnx_session
 
     saved_gpt_oss(tmp_path / "gpt-oss")
-    for name, extra in (("grouped", []), ("batched", ["--experts", "batched_mm"])):
+    for name, extra in (("grouped", []), ("batched", ["--experts", "batched_mm"]),
+                        ("grouped_bf16", ["--dtype", "bfloat16"])):
         result = runner.invoke(app, ["capture", str(tmp_path / "gpt-oss"), "-o", str(tmp_path / f"{name}.pt2"),
                                      "--tokens", "24", *extra])
         assert result.exit_code == 0, result.output
-    refused = runner.invoke(app, ["export", str(tmp_path / "grouped.pt2"), "-o", str(tmp_path / "g.onnx"),
-                                  "--chunk-size", "8"])
-    assert refused.exit_code == 2 and not (tmp_path / "g.onnx").exists(), refused.output
-    line = " ".join(refused.output.split())
-    assert "it has no ONNX translation for the operator transformers.grouped_mm_fallback" in line, line
-    assert "capture the model with --experts batched_mm" in line, line
+    for name, says in (("grouped", "it has no ONNX translation for the operator transformers.grouped_mm_fallback"),
+                       ("grouped_bf16", "its translation of the operator aten._grouped_mm failed: NotImplementedError:")):
+        refused = runner.invoke(app, ["export", str(tmp_path / f"{name}.pt2"), "-o", str(tmp_path / "g.onnx"),
+                                      "--chunk-size", "8"])
+        assert refused.exit_code == 2 and not (tmp_path / "g.onnx").exists(), refused.output
+        line = " ".join(refused.output.split())
+        assert says in line and "capture the model with --experts batched_mm" in line, line
+        assert "\x1b" not in refused.output and "Traceback" not in refused.output, refused.output
     exported = runner.invoke(app, ["export", str(tmp_path / "batched.pt2"), "-o", str(tmp_path / "b.onnx"),
                                    "--chunk-size", "8"])
     assert exported.exit_code == 0 and "2 MTA site(s) as mta nodes" in " ".join(exported.output.split()), exported.output

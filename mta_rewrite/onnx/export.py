@@ -247,32 +247,49 @@ def export_onnx(
                          "could not convert the model)")
     name_values(program.model, model)
     proto = attach_function(program.model_proto)
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = (" (the model computes in bfloat16, which that ONNX operator does not take: export it in float32, "
+                "e.g. capture --dtype float32)") if "bfloat16" in first else ""
+        raise ValueError(f"torch.onnx wrote a model that onnx's checker refuses: {first}{hint}") from None
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))
     return proto
+
+
+# the grouped matrix products of transformers' mixture-of-experts layers (float32: its own fallback
+# operator, which has no translation; half types: aten's, whose translation refuses offsets)
+GROUPED_EXPERTS_OPS = ("transformers.grouped_mm_fallback", "aten._grouped_mm")
 
 
 def exporter_failure(exc: BaseException) -> str:
     """One line saying why torch.onnx failed: its message opens with generic advice (and terminal
     colour codes) and names the cause further down. An operator without an ONNX translation is
-    named (transformers' ``grouped_mm_fallback``, mixture-of-experts layers' grouped matrix
-    products, with the way round it); else the first line of its exception summary."""
+    named, one whose translation failed too, with that failure; for the grouped products of
+    transformers' mixture-of-experts layers, with the way round them. Else the first line of its
+    exception summary."""
     import re
 
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    summary = text.split("## Exception summary", 1)
+    lines = [line.strip() for line in (summary[1] if len(summary) > 1 else text).splitlines() if line.strip()]
+    first = re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", lines[0]).rstrip(".") if lines else type(exc).__name__
     missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='[^']*'\)>", text)
+    failed = re.search(r"Error when translating node %\S+ : .*?target=torch\.ops\.([\w.]+?)(?:\.default)?\]", text)
     if missing:
         op = missing.group(1)
         reason = f"it has no ONNX translation for the operator {op}"
-        if op == "transformers.grouped_mm_fallback":
-            reason += (" (transformers' grouped matrix products in mixture-of-experts layers): capture the model with "
-                       "--experts batched_mm (experts_implementation=\"batched_mm\" in transformers), whose products "
-                       "export; it gathers every token's expert weights, so its memory grows with tokens × experts "
-                       "per token × an expert's size")
-        return reason
-    summary = text.split("## Exception summary", 1)
-    lines = [line.strip() for line in (summary[1] if len(summary) > 1 else text).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    elif failed:
+        op = failed.group(1)
+        reason = f"its translation of the operator {op} failed: {first}"
+    else:
+        return first
+    if op in GROUPED_EXPERTS_OPS:
+        reason += ("; it computes transformers' mixture-of-experts layers: capture the model with --experts batched_mm "
+                   "(experts_implementation=\"batched_mm\" in transformers), whose products export, gathering every "
+                   "token's expert weights (memory grows with tokens × experts per token × an expert's size)")
+    return reason
 
 
 @functools.cache

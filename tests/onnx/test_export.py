@@ -708,6 +708,25 @@ def test_learned_sink_logits_export_and_match_the_rewritten_model(tmp_path, entr
     np.testing.assert_allclose(session.run(None, {"x": x.numpy(), "mask": mask.numpy()})[0], want, rtol=0, atol=1e-5)
 
 
+
+class _TopTwo(torch.nn.Module):
+    """A mixture-of-experts router's choice: the two largest scores (ONNX's TopK takes no bfloat16)."""
+
+    def forward(self, x):
+        return torch.topk(x, 2).values
+
+
+def test_a_model_that_onnx_checker_refuses_is_a_one_line_error(tmp_path):
+    """torch.onnx writes TopK on bfloat16 (GPT-OSS's router in bfloat16), which ONNX's TopK does
+    not take: onnx's checker raised its InferenceError, a traceback out of ``export``. It is a
+    one-line ValueError that says what to change, and nothing is written."""
+    x = torch.randn(2, 6, 4).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^torch.onnx wrote a model that onnx's checker refuses: .*TopK.*bfloat16.* "
+                                         r"\(the model computes in bfloat16, which that ONNX operator does not take: "
+                                         r"export it in float32, e\.g\. capture --dtype float32\)$"):
+        export_onnx(_TopTwo(), (x,), tmp_path / "top.onnx")
+    assert not list(tmp_path.iterdir())
+
 class _RmsNorm(torch.nn.Module):
     """Helium's RMSNorm: x · rsqrt(mean(x²) + 1e-8)."""
 
