@@ -236,6 +236,8 @@ def sink_site_reference(model: zoo.SinkLogits, x, mask, **config) -> torch.Tenso
     config = dict(config, sinks=config.get("sinks", 0) + 1)
     if config.get("summary_weight") is not None:  # learned summaries: w·k' = w·k for a real key (k' is 0 there)
         config["summary_weight"] = torch.nn.functional.pad(config["summary_weight"].double(), (0, 1))
+    if config.get("segment_ids") is not None:  # boundary chunks: the extra token in the first token's segment
+        config["segment_ids"] = torch.cat([config["segment_ids"][:, :1], config["segment_ids"]], dim=1)
     return mta_attention_reference(q1, k1, v1, allowed, scale=scale, **config)[:, :, 1:, :-1]
 
 
@@ -259,6 +261,44 @@ def test_learned_sink_logits_are_rewritten():
             ref = sink_site_reference(model, x, mask, chunk_size=6, local_chunks=2, sinks=2, top_k=1)
             torch.testing.assert_close(fast(x, mask), model.merge(ref.float()), rtol=1e-5, atol=1e-5)
             assert not torch.allclose(fast(x, mask), model(x, mask), atol=1e-3)  # an approximation
+
+
+class _TokensThenSinkLogits(torch.nn.Module):
+    """Token ids, embedded, into ``zoo.SinkLogits``: a site with learned sink logits that boundary
+    chunks can read segments for."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 32)
+        self.sink = zoo.SinkLogits()
+
+    def forward(self, input_ids, mask):
+        return self.sink(self.embed(input_ids), mask)
+
+
+def test_learned_sink_logits_take_boundary_chunks():
+    """Boundary chunks at a sink site were refused ("its extra token has no segment"): the extra
+    token takes the first token's segment (``passes.lower.sink_token_segments``), so later
+    segments start where they did, and the rewritten site equals the float64 reference with those
+    segment ids, at another length too."""
+    torch.manual_seed(0)
+    model = _TokensThenSinkLogits().eval()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 20, (2, 30), generator=gen)
+    _, mask = zoo.sink_inputs(30)
+    config = dict(chunk_size=5, local_chunks=1, sinks=1, top_k=1)
+    fast = mr.rewrite(model, (ids, mask), config=mr.MTAConfig(**config), boundaries=mr.Boundaries((7,)))
+    assert mr.count_mta_nodes(fast) == 1
+    for n in (30, 43):
+        ids = torch.randint(0, 20, (2, n), generator=gen)
+        _, mask = zoo.sink_inputs(n, seed=n)
+        segments = torch.cumsum((ids == 7).long(), dim=1) - (ids == 7).long()
+        assert segments.max() >= 2  # several segments
+        with torch.no_grad():
+            want = sink_site_reference(model.sink, model.embed(ids), mask, segment_ids=segments, **config)
+            torch.testing.assert_close(fast(ids, mask), model.sink.merge(want.float()), rtol=1e-5, atol=1e-5)
+            plain = sink_site_reference(model.sink, model.embed(ids), mask, **config)
+            assert not torch.allclose(want, plain, atol=1e-3)  # the boundaries matter
 
 
 def test_learned_sink_logits_take_head_groups_learned_summaries_and_the_exact_path():

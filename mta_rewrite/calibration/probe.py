@@ -41,7 +41,8 @@ from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.attention import attention_autograd
 from ..passes.lower import (EXACT, add_segment_ids, drop_sink_token, eliminate_dead_code, grouped_attention,
-                            lower_match_to_hook, sink_logit_operands, takes_exact_path, with_sink_token)
+                            lower_match_to_hook, sink_logit_operands, sink_token_segments, takes_exact_path,
+                            with_sink_token)
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
 
@@ -101,13 +102,12 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
         return original
     dtype = original.dtype if original is not None else dtype
     if sink_logits is not None:
-        if segment_ids is not None:
-            raise ValueError("a site with learned sink logits takes no boundaries (its extra token has no segment)")
         scale = q.shape[-1] ** -0.5 if scale is None else scale  # q's own 1/√d, before q grows a dimension
         q, k, v, mask = sink_logit_operands(q, k, v, mask, sink_logits, scale)
         weight = None if weight is None else torch.nn.functional.pad(weight, (0, 1))  # (as with_sink_token pads it)
+        segment_ids = None if segment_ids is None else sink_token_segments(segment_ids)
         return drop_sink_token(site_output(with_sink_token(config), None, q, k, v, mask, causal, scale, dtype, weight,
-                                           autograd=autograd))
+                                           segment_ids, autograd))
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, Clustered):
@@ -154,16 +154,11 @@ class Probe:
         matches = find_matches(self.module.graph)
         self.sites: list[AttentionSite] = describe(matches)
         segments = add_segment_ids(self.module, boundaries) if boundaries is not None else None
-        # sites with learned sink logits (GPT-OSS) take no boundaries (their extra token has no
-        # segment): with boundaries they stay as the model computes them
-        calibrated = [site.rewritable and (m.sink_logits is None or boundaries is None)
-                      for m, site in zip(matches, self.sites)]
-        for m, site, hooked in zip(matches, self.sites, calibrated):
-            if hooked:
+        for m, site in zip(matches, self.sites):
+            if site.rewritable:
                 lower_match_to_hook(self.module, m, site.name, site_hook, segments)
         eliminate_dead_code(self.module)
-        self.rewritable = [s for s, hooked in zip(self.sites, calibrated) if hooked]
-        self.uncalibrated = [s.name for s, hooked in zip(self.sites, calibrated) if s.rewritable and not hooked]
+        self.rewritable = [s for s in self.sites if s.rewritable]
         self.exact_path = frozenset(s.name for m, s in zip(matches, self.sites) if lower_exact and takes_exact_path(m))
         self._program = None
 

@@ -248,13 +248,6 @@ def calibrate(
         cal = [data[i] for i in cal_idx]
         hold = cal if hold_idx == cal_idx else [data[i] for i in hold_idx]
         sites = probe.rewritable
-        if probe.uncalibrated:
-            listed = ", ".join(probe.uncalibrated[:3]) + (", …" if len(probe.uncalibrated) > 3 else "")
-            said = (f"{len(probe.uncalibrated)} site(s) with learned sink logits ({listed}), which take no "
-                    "boundaries (their extra token has no segment)")
-            if not sites:
-                raise ValueError(f"nothing to calibrate: the model's rewritable attention is {said}")
-            warnings.warn(f"the plan leaves exact {said}", stacklevel=2)
         if not sites:
             check_not_rewritten(probe.module, probe.sites)  # the clearer error for a rewritten program
             raise ValueError("the model has no rewritable attention: nothing to calibrate "

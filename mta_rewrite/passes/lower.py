@@ -93,6 +93,14 @@ def sink_logit_operands(q, k, v, mask, column, scale: float):
     return q, k, v, mask
 
 
+def sink_token_segments(segment_ids):
+    """Boundary chunks' segment ids [B, n] for :func:`sink_logit_operands`' operands: the extra
+    token at position 0 takes the first token's segment (it is a sink, attended exactly; the
+    first segment's chunks count from it, later segments start where they did). Called from the
+    graph."""
+    return torch.cat([segment_ids[:, :1], segment_ids], dim=1)
+
+
 def drop_sink_token(out):
     """The op's output without :func:`sink_logit_operands`' token and dimension. Called from the graph."""
     return out[:, :, 1:, :-1]
@@ -328,8 +336,6 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
     if segments is not None:
         _check_segment_length(segments, m)
     if m.sink_logits is not None:
-        if segments is not None:
-            raise ValueError("a site with learned sink logits takes no boundaries (its extra token has no segment)")
         config = with_sink_token(config)  # (a one-line error for one it cannot take, before the graph changes)
     g = gm.graph
     out = m.output
@@ -343,6 +349,8 @@ def lower_match(gm: fx.GraphModule, m: AttentionMatch, config: MTAConfig | HeadG
                 kw["scale"] = float(_q_size(m, -1)) ** -0.5
             operands = g.call_function(sink_logit_operands, (q, k, v, mask, m.sink_logits, kw["scale"]))
             q, k, v, mask = (g.call_function(operator.getitem, (operands, i)) for i in range(4))
+            if segments is not None:
+                segments = g.call_function(sink_token_segments, (segments,))
         node = attention_call(g, q, k, v, mask, config, kw, weight, segments, centroids)
         if m.sink_logits is not None:
             node = g.call_function(drop_sink_token, (node,))

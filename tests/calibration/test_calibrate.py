@@ -15,7 +15,7 @@ from mta_rewrite.calibration.cost import WORK
 from mta_rewrite.calibration.metrics import first_tensor, output_error
 from mta_rewrite.calibration.probe import Probe
 
-from ..test_rewrite import sink_site_reference
+from ..test_rewrite import _TokensThenSinkLogits, sink_site_reference
 
 CANDIDATES = [
     mr.MTAConfig(16), mr.MTAConfig(16, top_k=2), mr.MTAConfig(16, 2, 4, 1), mr.MTAConfig(32, 2, 4, 0),
@@ -281,21 +281,22 @@ def test_sites_with_learned_sink_logits_are_calibrated():
     assert measured_error(model, learned, data, "rel_l2") == pytest.approx(learned.metadata["holdout_error"], rel=1e-4)
 
 
-def test_sites_with_learned_sink_logits_are_left_exact_with_boundaries():
-    """Boundary chunks have no segment for a sink site's extra token: with boundaries such sites
-    stay exact, said in a warning, and a model whose every site is one (GPT-OSS) is a one-line
-    error, not "the model has no rewritable attention" (it has, and calibrate takes it without)."""
-    pytest.importorskip("transformers")
-    small = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                 intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256, num_local_experts=2,
-                 num_experts_per_tok=1, sliding_window=16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = zoo._hf(lambda t: t.GptOssConfig(**small), "GptOssForCausalLM", "eager")()
-    data = [{"input_ids": torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(i)),
-             "use_cache": False} for i in range(2)]
-    with pytest.raises(ValueError, match=r"^nothing to calibrate: the model's rewritable attention is 2 site\(s\) "
-                                         r"with learned sink logits \(model.layers.0.self_attn, "
-                                         r"model.layers.1.self_attn\), which take no boundaries \(their extra token "
-                                         r"has no segment\)$"):
-        mr.calibrate(model, data, budget=0.5, boundaries=mr.Boundaries((7,)), progress=False)
+def test_sites_with_learned_sink_logits_calibrate_with_boundaries():
+    """Boundary chunks have a segment for a sink site's extra token now (the first token's): with
+    ``boundaries`` such sites were left exact with a warning, and a model whose every site was one
+    (GPT-OSS) was an error. They are calibrated with the others, and the rewritten model (the
+    plan carries the boundaries) gives the held-out error the plan reports."""
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(4):
+        ids = torch.randint(0, 7, (1, 256), generator=gen)
+        ids[:, 30::70] = 7  # segments of 70 tokens (shorter ones cost more than exact attention at this length)
+        data.append((ids, zoo.sink_inputs(256, B=1, seed=i)[1]))
+    model = _TokensThenSinkLogits().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = mr.calibrate(model, data, budget=0.5, candidates=CANDIDATES, progress=False, cost_model=WORK,
+                            boundaries=mr.Boundaries((7,)))
+    assert not [w for w in caught if "sink" in str(w.message)]
+    assert plan.boundaries == mr.Boundaries((7,)) and plan.sites["sink"].config is not None
+    assert measured_error(model, plan, data, "rel_l2") == pytest.approx(plan.metadata["holdout_error"], rel=1e-4)

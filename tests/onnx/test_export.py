@@ -709,6 +709,27 @@ def test_learned_sink_logits_export_and_match_the_rewritten_model(tmp_path, entr
 
 
 
+
+def test_learned_sink_logits_with_boundary_chunks_export(tmp_path):
+    """A sink site with boundary chunks exports as a segmented node, the extra token's segment id
+    (the first token's) built in the graph; onnxruntime gives what the rewritten model gives at
+    another batch and length."""
+    from ..test_rewrite import _TokensThenSinkLogits
+
+    torch.manual_seed(0)
+    model = _TokensThenSinkLogits().eval()
+    ids = torch.randint(0, 20, (2, 30), generator=torch.Generator().manual_seed(1))
+    _, mask = zoo.sink_inputs(30)
+    kw = dict(config=mr.MTAConfig(5, 1, 1, 1), boundaries=mr.Boundaries((7,)))
+    proto = export_onnx(model, (ids, mask), tmp_path / "sink.onnx", **kw)
+    assert [n.op_type for n in proto.graph.node if n.domain == DOMAIN] == ["MultiTokenAttentionSegmented"]
+    rewritten = mr.rewrite(model, (ids, mask), **kw)
+    ids = torch.randint(0, 20, (3, 41), generator=torch.Generator().manual_seed(2))
+    _, mask = zoo.sink_inputs(41, B=3, seed=3)
+    got = onnx_session(tmp_path / "sink.onnx").run(None, {"input_ids": ids.numpy(), "mask": mask.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, rewritten(ids, mask).numpy(), rtol=0, atol=1e-5)
+
 class _TopTwo(torch.nn.Module):
     """A mixture-of-experts router's choice: the two largest scores (ONNX's TopK takes no bfloat16)."""
 
