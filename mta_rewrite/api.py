@@ -21,7 +21,7 @@ from .capture import _first_line, capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
 from .passes.match import find_matches
-from .passes.sites import AttentionSite, describe
+from .passes.sites import AttentionSite, describe, listed
 
 
 def _capture_and_match(model, args, kwargs, dynamic):
@@ -40,14 +40,6 @@ def find_attention(model: torch.nn.Module, args: Any = (), kwargs: dict | None =
     return _capture_and_match(model, args, kwargs, dynamic=False)[2]
 
 
-def _listed(names: list[str], most: int = 3) -> str:
-    """Names in natural order (layers.2 before layers.10), the first ``most`` and "…" for the rest."""
-    import re
-
-    order = sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
-    return ", ".join(order[:most]) + (f", … ({len(order)} in all)" if len(order) > most else "")
-
-
 def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Plan | None) -> dict[str, MTAConfig | HeadGroups | Learned]:
     """Site name → MTAConfig for the sites to rewrite (rewritable ones only)."""
     if (config is None) == (plan is None):
@@ -62,8 +54,8 @@ def resolve_plan(sites: list[AttentionSite], config: MTAConfig | None, plan: Pla
     unknown = [name for name in plan if name not in names]
     if unknown:
         attention = [s.name for s in sites if s.is_attention]
-        raise ValueError(f"the plan names {len(unknown)} site(s) this model does not have: {_listed(unknown)} (a plan "
-                         f"made for another model? this one's attention sites: {_listed(attention) or 'none'})")
+        raise ValueError(f"the plan names {len(unknown)} site(s) this model does not have: {listed(unknown)} (a plan "
+                         f"made for another model? this one's attention sites: {listed(attention) or 'none'})")
     return {s.name: plan.config_for(s.name) for s in sites if s.rewritable and plan.config_for(s.name) is not None}
 
 

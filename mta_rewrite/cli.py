@@ -20,6 +20,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def print_sites(sites, plan=None, title="attention sites") -> None:
+    """The attention sites as a table (:func:`sites_table`) and, one line per reason below it, the
+    softmaxes that are not attention: a mixture of experts has a router per layer, which filled
+    half of the table with rows of no shape."""
+    from .passes.sites import listed
+
+    attention = [s for s in sites if s.is_attention]
+    if attention or not sites:
+        console.print(sites_table(attention, plan, title))
+    reasons: dict[str, list[str]] = {}
+    for s in sites:
+        if not s.is_attention:
+            reasons.setdefault(s.reason, []).append(s.name)
+    for reason, names in reasons.items():
+        console.print(f"not attention: {len(names)} softmax(es) ({listed(names)}): {reason}", highlight=False)
+
+
 def sites_table(sites, plan=None, title="attention sites") -> Table:
     table = Table(title=title)
     table.add_column("site", overflow="fold", min_width=10)
@@ -60,7 +77,7 @@ def demo(
         _fail(str(exc))
     console.print(f"[bold]{result.model}[/bold]: {result.rewritten} of {sum(s.is_attention for s in result.sites)} "
                   f"attention sites rewritten with MTA ({result.config})")
-    console.print(sites_table(result.sites, {s.name: result.config for s in result.sites if s.rewritable}))
+    print_sites(result.sites, {s.name: result.config for s in result.sites if s.rewritable})
     summary = Table(title="original vs MTA")
     summary.add_column("measure")
     summary.add_column("value", justify="right")
@@ -96,7 +113,7 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
         _fail(str(exc))
     calls = describe_op_calls(ep.graph)
     if sites or not calls:
-        console.print(sites_table(sites, title=f"attention sites of {program}"))
+        print_sites(sites, title=f"attention sites of {program}")
     if calls:
         console.print(op_calls_table(calls, f"mta.attention calls of {program}"))
         exact = sum(c.config == "exact" for c in calls)
@@ -168,7 +185,7 @@ def capture_cmd(
                                        progress=status.update)
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
-    console.print(sites_table(done.sites, title=f"attention sites of {done.description}"))
+    print_sites(done.sites, title=f"attention sites of {done.description}")
     names = ", ".join(n.name for n in done.program.graph.nodes if n.op == "placeholder"
                       and n.name in done.program.graph_signature.user_inputs)
     wrote = f"; {done.samples} calibration samples in {samples_output}" if done.samples else ""
@@ -205,7 +222,7 @@ def rewrite_cmd(
             save_program(module, output, args, kwargs)
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
-    console.print(sites_table(module.mta_sites, module.mta_plan, title=f"{program} → {output}"))
+    print_sites(module.mta_sites, module.mta_plan, title=f"{program} → {output}")
     chunks = f" (boundary chunks: {module.mta_boundaries})" if module.mta_boundaries is not None else ""
     exact = count_exact_nodes(module)
     exact = f", {exact} exact site(s) the op's exact path (SDPA)" if exact else ""

@@ -91,6 +91,35 @@ def test_find_lists_sites_with_learned_sink_logits_as_planned(tmp_path):
         assert "+ sink logits" in " ".join(found.output.split()), found.output
 
 
+class _RoutedLayers(torch.nn.Module):
+    """Two layers, each a softmax router (a mixture of experts' gate: not attention) and attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.routers = torch.nn.ModuleList(torch.nn.Linear(8, 2) for _ in range(2))
+
+    def forward(self, x):
+        for router in self.routers:
+            x = x * torch.softmax(router(x), dim=-1)[..., :1]
+            x = x + torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+        return x
+
+
+def test_find_sums_up_softmaxes_that_are_not_attention(tmp_path):
+    """A mixture of experts has a softmax router per layer: ``find`` gave each a table row of no
+    shape ("None·None/None…") between the attention rows. The table lists the attention; one line
+    per reason says how many softmaxes are not attention, and names a few."""
+    path = tmp_path / "routed.pt2"
+    mr.save_program(_RoutedLayers(), path, (torch.randn(2, 6, 8),))
+    found = runner.invoke(app, ["find", str(path)])
+    assert found.exit_code == 0, found.output
+    rows = [line.split("│")[1].strip() for line in found.output.splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and "None" not in found.output, found.output  # the two attention sites only
+    line = " ".join(found.output.split())
+    assert line.endswith("not attention: 2 softmax(es) (root, root#3): softmax output feeds mul.Tensor, not a product "
+                         "with v"), line
+
+
 def test_find_says_when_there_is_no_attention(tmp_path):
     path = tmp_path / "mlp.pt2"
     mr.save_program(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), path, (torch.randn(2, 8),))

@@ -36,6 +36,14 @@ class AttentionSite:
         return asdict(self)
 
 
+def listed(names: list[str], most: int = 3) -> str:
+    """Names in natural order (layers.2 before layers.10), the first ``most`` and "…" for the rest."""
+    import re
+
+    order = sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
+    return ", ".join(order[:most]) + (f", … ({len(order)} in all)" if len(order) > most else "")
+
+
 def _hint(x) -> int | None:
     if isinstance(x, torch.SymInt):
         return x.node.hint if x.node.hint is not None else None
