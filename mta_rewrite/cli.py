@@ -173,8 +173,8 @@ def capture_cmd(
                                              "its default; batched_mm exports to ONNX)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
-    """Capture a saved transformers model as a program the other commands take (and, from a text, its
-    calibration samples)."""
+    """Capture a saved transformers model (text, or image: random pixel values) as a program the other
+    commands take (and, from a text, its calibration samples)."""
     from .models import capture_saved_model
 
     try:

@@ -113,9 +113,35 @@ def token_inputs(model: torch.nn.Module) -> list[str]:
     one-line error for a model that takes no ``input_ids``."""
     params = inspect.signature(model.forward).parameters
     if "input_ids" not in params:
-        raise ValueError(f"{type(model).__name__} takes no input_ids: the command line captures text models; capture "
-                         "others with the Python API (mta_rewrite.capture, then save_program)")
+        raise ValueError(f"{type(model).__name__} takes no input_ids: the command line captures text models and image "
+                         "models (pixel_values); capture others with the Python API (mta_rewrite.capture, then "
+                         "save_program)")
     return [name for name in ("input_ids", "attention_mask", "token_type_ids", "decoder_input_ids") if name in params]
+
+
+def is_image_model(model: torch.nn.Module) -> bool:
+    """A model whose forward takes ``pixel_values`` and no ``input_ids`` (ViT, BEiT, Swin, DINOv2,
+    CLIP's and SigLIP's vision towers …)."""
+    params = inspect.signature(model.forward).parameters
+    return "pixel_values" in params and "input_ids" not in params
+
+
+def random_pixels(model: torch.nn.Module, batch: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """[batch, channels, size, size] standard-normal pixel values at the configuration's image
+    size and channels (what the model's image processor would give, in scale), and a description."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", 3) or 3
+    if isinstance(size, (list, tuple)):
+        height, width = (int(x) for x in size[:2])
+    elif isinstance(size, int):
+        height = width = size
+    else:
+        raise ValueError(f"{type(model).__name__}'s configuration names no image_size: capture it with the Python API")
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return pixels, f"random pixel values, {batch} × {channels} × {height} × {width}"
 
 
 def text_windows(tokenizer, text: str, n: int, count: int) -> torch.Tensor:
@@ -194,6 +220,16 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
             raise ValueError(f"cannot read --text {text}: {_first_line(exc)[:300]}") from None
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype, experts_implementation)
+    if is_image_model(saved.model):
+        if text or samples:
+            raise ValueError(f"{saved.description.split(' ')[0]} is an image model: --text and --samples are for text "
+                             "models (write an image model's calibration samples with its image processor in Python)")
+        pixels, example = random_pixels(saved.model, batch)
+        say(f"capturing {saved.description}")
+        program = capture(saved.model, (), {"pixel_values": pixels})
+        say(f"saving {output}")
+        save_program(program, output)
+        return Captured(program, find_attention(program), saved.description, example, 0)
     token_inputs(saved.model)  # a text model, before the work
     longest = getattr(saved.model.config, "max_position_embeddings", None)
     if isinstance(longest, int) and tokens > longest:

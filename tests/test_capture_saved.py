@@ -198,6 +198,35 @@ def test_a_program_whose_length_torch_export_fixed_says_so(tmp_path):
                          "the model's code depends on it, so the program takes no other)"), line
 
 
+def test_capture_a_saved_image_model(tmp_path):
+    """``capture`` refused every model without input_ids ("the command line captures text
+    models"): a saved ViT (or Swin, DINOv2 …) is captured on random pixel values at its
+    configuration's image size, the program equals the model at another batch, and the other
+    commands take it; --text and --samples, which are for text, are a one-line error."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_attention_heads=4,
+                                 intermediate_size=64, num_hidden_layers=2)
+    model = transformers.ViTModel(cfg).eval()
+    model.save_pretrained(tmp_path / "vit")
+    program = tmp_path / "vit.pt2"
+    result = runner.invoke(app, ["capture", str(tmp_path / "vit"), "-o", str(program)])
+    assert result.exit_code == 0, result.output
+    assert "captured on random pixel values, 2 × 3 × 32 × 32; inputs: pixel_values" in " ".join(result.output.split())
+    ep = mr.load_program(program)
+    assert [s.rewritable for s in mr.find_attention(ep) if s.is_attention] == [True, True]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(pixel_values=x).last_hidden_state, model(pixel_values=x).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    rewritten = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "mta.pt2"), "--chunk-size", "8"])
+    assert rewritten.exit_code == 0 and "2 site(s) now call mta.attention" in rewritten.output, rewritten.output
+    (tmp_path / "text.txt").write_text(TEXT)
+    refused = runner.invoke(app, ["capture", str(tmp_path / "vit"), "-o", str(tmp_path / "p.pt2"), "--text",
+                                  str(tmp_path / "text.txt")])
+    assert refused.exit_code == 2 and not (tmp_path / "p.pt2").exists(), refused.output
+    assert "ViTModel is an image model: --text and --samples are for text models" in " ".join(refused.output.split())
+
+
 @pytest.mark.parametrize("case,argv,message", [
     ("no config", lambda t: ["capture", str(t), "-o", str(t / "p.pt2")], "neither a folder saved with transformers"),
     ("missing", lambda t: ["capture", str(t / "nothing"), "-o", str(t / "p.pt2")], "no such file or folder"),
