@@ -280,6 +280,9 @@ def exporter_failure(exc: BaseException) -> str:
     if missing:
         op = missing.group(1)
         reason = f"it has no ONNX translation for the operator {op}"
+        why = re.search(r"No ONNX function found for <OpOverload[^>]*>\. Failure message: ([^\n]+)", text)
+        if why and "real-valued" not in why.group(1):  # (complex-valued inputs: Llama-4's rotary positions)
+            reason += f" ({why.group(1).strip().rstrip('.')})"
     elif failed:
         op = failed.group(1)
         reason = f"its translation of the operator {op} failed: {first}"
