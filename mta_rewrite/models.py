@@ -222,29 +222,27 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
     saved = load_saved_model(path, attn_implementation, dtype, experts_implementation)
     if is_image_model(saved.model):
         if text or samples:
-            raise ValueError(f"{saved.description.split(' ')[0]} is an image model: --text and --samples are for text "
+            raise ValueError(f"{type(saved.model).__name__} is an image model: --text and --samples are for text "
                              "models (write an image model's calibration samples with its image processor in Python)")
         pixels, example = random_pixels(saved.model, batch)
-        say(f"capturing {saved.description}")
-        program = capture(saved.model, (), {"pixel_values": pixels})
-        say(f"saving {output}")
-        save_program(program, output)
-        return Captured(program, find_attention(program), saved.description, example, 0)
-    token_inputs(saved.model)  # a text model, before the work
-    longest = getattr(saved.model.config, "max_position_embeddings", None)
-    if isinstance(longest, int) and tokens > longest:
-        warnings.warn(f"--tokens {tokens} is more than the model's max_position_embeddings ({longest}): a model with "
-                      "learned positions fails beyond it", stacklevel=2)
-    if content is not None:
-        if saved.tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer saved beside it: --text needs one (without --text the example "
-                             "is random token ids)")
-        windows = text_windows(saved.tokenizer, content, tokens, max(batch, samples))
-        ids, example = windows[:batch], f"{batch} window(s) of {tokens} tokens of {text}"
+        inputs = {"pixel_values": pixels}
     else:
-        ids, example = random_ids(saved.model, batch, tokens), f"random token ids, {batch} × {tokens}"
+        token_inputs(saved.model)  # a text model, before the work
+        longest = getattr(saved.model.config, "max_position_embeddings", None)
+        if isinstance(longest, int) and tokens > longest:
+            warnings.warn(f"--tokens {tokens} is more than the model's max_position_embeddings ({longest}): a model "
+                          "with learned positions fails beyond it", stacklevel=2)
+        if content is not None:
+            if saved.tokenizer is None:
+                raise ValueError(f"{path} has no tokenizer saved beside it: --text needs one (without --text the "
+                                 "example is random token ids)")
+            windows = text_windows(saved.tokenizer, content, tokens, max(batch, samples))
+            ids, example = windows[:batch], f"{batch} window(s) of {tokens} tokens of {text}"
+        else:
+            ids, example = random_ids(saved.model, batch, tokens), f"random token ids, {batch} × {tokens}"
+        inputs = example_kwargs(saved.model, ids)
     say(f"capturing {saved.description}")
-    program = capture(saved.model, (), example_kwargs(saved.model, ids))
+    program = capture(saved.model, (), inputs)
     sites = find_attention(program)
     say(f"saving {output}")
     save_program(program, output)

@@ -31,7 +31,7 @@ from onnxscript import values
 from ..api import rewrite
 from ..passes.lower import EXACT_CHUNK
 from ..calls import example_call
-from ..capture import capture
+from ..capture import _first_line, capture
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .function import (
     CLUSTERED_OP_TYPE,
@@ -250,7 +250,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = _first_line(exc)
         hint = (" (the model computes in bfloat16, which that ONNX operator does not take: export it in float32, "
                 "e.g. capture --dtype float32)") if "bfloat16" in first else ""
         raise ValueError(f"torch.onnx wrote a model that onnx's checker refuses: {first}{hint}") from None
@@ -275,14 +275,14 @@ def exporter_failure(exc: BaseException) -> str:
     summary = text.split("## Exception summary", 1)
     lines = [line.strip() for line in (summary[1] if len(summary) > 1 else text).splitlines() if line.strip()]
     first = re.sub(r"<class '(?:[\w.]*\.)?(\w+)'>", r"\1", lines[0]).rstrip(".") if lines else type(exc).__name__
-    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='[^']*'\)>", text)
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='[^']*'\)>"
+                        r"(?:\. Failure message: ([^\n]+))?", text)
     failed = re.search(r"Error when translating node %\S+ : .*?target=torch\.ops\.([\w.]+?)(?:\.default)?\]", text)
     if missing:
-        op = missing.group(1)
+        op, why = missing.groups()
         reason = f"it has no ONNX translation for the operator {op}"
-        why = re.search(r"No ONNX function found for <OpOverload[^>]*>\. Failure message: ([^\n]+)", text)
-        if why and "real-valued" not in why.group(1):  # (complex-valued inputs: Llama-4's rotary positions)
-            reason += f" ({why.group(1).strip().rstrip('.')})"
+        if why and "real-valued" not in why:  # (complex-valued inputs: Llama-4's rotary positions)
+            reason += f" ({why.strip().rstrip('.')})"
     elif failed:
         op = failed.group(1)
         reason = f"its translation of the operator {op} failed: {first}"
