@@ -235,7 +235,7 @@ def export_onnx(
         model = capture(model, args, kwargs, dynamic=dynamic)
     import warnings
 
-    with warnings.catch_warnings(), keep_small_constants():
+    with warnings.catch_warnings(), keep_small_constants(), contiguous_as_copies(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
@@ -335,6 +335,31 @@ def keep_small_constants():
         yield
     finally:
         rewriter._DEFAULT_REWRITE_RULES = saved
+
+
+@contextlib.contextmanager
+def contiguous_as_copies(program: torch.export.ExportedProgram):
+    """The program's ``aten.contiguous`` calls as copies (``aten.clone`` to the same memory
+    format) while torch.onnx exports it, then as they were. torch.onnx's decompositions drop a
+    ``contiguous()`` they think a no-op and leave the ``view`` after it reading a transposed
+    tensor ("Cannot view a tensor with shape …"): an SDPA site given a float mask failed so
+    whenever it was left as it is (T5's, Swin's and BEiT's position biases; pytorch#136543 is
+    the same fault). ONNX has no strides: the copy exports as nothing."""
+    aten = torch.ops.aten
+    swapped = [(node, node.kwargs) for node in program.graph.nodes
+               if node.op == "call_function" and node.target is aten.contiguous.default]
+    for node, kwargs in swapped:
+        node.target = aten.clone.default
+        node.kwargs = {"memory_format": kwargs.get("memory_format", torch.contiguous_format)}
+    if swapped:
+        program.graph_module.recompile()
+    try:
+        yield
+    finally:
+        for node, kwargs in swapped:
+            node.target, node.kwargs = aten.contiguous.default, kwargs
+        if swapped:
+            program.graph_module.recompile()
 
 
 def output_names(spec: pytree.TreeSpec) -> list[str]:

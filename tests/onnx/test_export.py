@@ -117,6 +117,22 @@ def test_the_original_exact_model_exports_too(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_sdpa_sites_with_a_float_mask_export_as_they_are(tmp_path):
+    """T5's SDPA sites (a float position bias as the mask), left as they are, failed in torch.onnx
+    ("Cannot view a tensor with shape …": its decompositions dropped the ``contiguous()`` after
+    SDPA's transposed output), the original program and any plan leaving them exact alike. They
+    export, onnxruntime gives the model's outputs at other lengths, and the program given to
+    export_onnx is unchanged (its ``contiguous`` calls were copies during the export only)."""
+    case = next(c for c in zoo.all_cases() if c.name == "t5-encoder (sdpa)")
+    program = captured(case).program
+    before = program.graph_module.code
+    export_onnx(program, captured(case).args, tmp_path / "exact.onnx", captured(case).kwargs)
+    assert program.graph_module.code == before
+    assert any(n.target is torch.ops.aten.contiguous.default for n in program.graph.nodes)
+    assert_runs_like(onnx_session(tmp_path / "exact.onnx"), case, captured(case).model, real_only=True)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_an_example_of_one_sequence_exports_a_model_for_any_batch(tmp_path):
     """Exported from one sequence (the usual example for a language model), the ONNX model claimed
     a dynamic batch, yet onnxruntime failed at batch 3 ("Attempting to broadcast an axis by a
