@@ -139,6 +139,20 @@ def test_reasons_say_why(name, fragment):
     assert any(fragment in s.reason for s in sites), [s.reason for s in sites]
 
 
+def test_a_site_left_exact_for_its_score_modifier_reports_its_shapes():
+    """A soft-capped site (Gemma-2's tanh between q·kᵀ and softmax) was listed with no shapes
+    ("None·None/None·None·None") and mask "none": the walk from softmax stopped at the tanh. Its
+    shapes are read off the product below it; its masks, above the tanh, are "not read"."""
+    case = next(c for c in zoo.negative_cases() if c.name == "soft_cap_tanh")
+    (x,), _ = case.inputs(case.lengths[0])
+    model = case.build()
+    (site,) = mr.find_attention(model, (x,))
+    assert not site.rewritable and "tanh" in site.reason
+    assert (site.batch, site.q_heads, site.kv_heads, site.seq_len, site.head_dim) == \
+        (x.shape[0], model.h, model.h, x.shape[1], model.dh)
+    assert site.mask == "not read"
+
+
 def test_rewrite_warns_when_what_was_asked_for_is_left_exact():
     """One configuration for every site, and none of the attention rewritable (a model left in
     training mode): a warning with the reason. A plan naming a site that is not rewritable: the

@@ -167,6 +167,17 @@ def _device_of(model, sample) -> torch.device:
     return next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
+
+def _nothing_to_calibrate(sites) -> str:
+    """The one-line error for a model with no rewritable attention, with the first site's reason
+    (a user of the command line saw "see find_attention", a Python function)."""
+    attention = [s for s in sites if s.is_attention]
+    if not attention:
+        return "the model has no attention: nothing to calibrate"
+    first = attention[0]
+    return (f"the model has no rewritable attention: nothing to calibrate ({len(attention)} attention site(s) left "
+            f"exact; {first.name}: {first.reason}; find_attention or mta-rewrite find lists every reason)")
+
 def calibrate(
     model: torch.nn.Module,
     data: Sequence[Any],
@@ -250,8 +261,7 @@ def calibrate(
         sites = probe.rewritable
         if not sites:
             check_not_rewritten(probe.module, probe.sites)  # the clearer error for a rewritten program
-            raise ValueError("the model has no rewritable attention: nothing to calibrate "
-                             "(see find_attention for the reasons)")
+            raise ValueError(_nothing_to_calibrate(probe.sites))
 
         bar.step("reference outputs")
         reference = {}

@@ -99,6 +99,9 @@ class AttentionMatch:
     v_perm: tuple[int, ...] | None = None
     out_perm: tuple[int, ...] | None = None
     reason: str | None = None
+    # False when the walk from softmax back to q·kᵀ stopped at a score modifier the op cannot
+    # take (a tanh soft-cap): the masks further down were not read (the report says "not read")
+    masks_read: bool = True
 
     @property
     def rewritable(self) -> bool:
@@ -108,6 +111,8 @@ class AttentionMatch:
     def mask_kind(self) -> str:
         if self.kind == "flex":
             return "block mask"  # FlexAttention's mask is a program (mask_mod), not a tensor
+        if not self.masks_read:
+            return "not read"
         kinds = []
         if self.additive:
             kinds.append("additive")
@@ -574,7 +579,31 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             raise NoMatch("learned sink logits on 3-D (bmm) scores: left exact")
     except NoMatch as exc:
         m.reason = str(exc)
+        if m.kind == "manual" and m.q is None and m.v is not None:
+            _read_operands_below(m, node.args[0])
     return m
+
+
+def _read_operands_below(m: AttentionMatch, scores: fx.Node) -> None:
+    """For the report of a site left exact because a score modifier stands between its q·kᵀ and
+    softmax (Gemma-2's tanh soft-cap): q and k read off the product below the scores, so that
+    ``find_attention`` gives its shapes; the masks above the modifier were not read."""
+    stack, seen = [(scores, 0)], set()
+    while stack:
+        n, depth = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or depth > 8 or n.op != "call_function":
+            continue
+        seen.add(n)
+        if _functional(n.target) in MATMUL_TARGETS:
+            read = AttentionMatch(anchor=m.anchor)
+            try:
+                _product(read, n, 1.0)
+            except NoMatch:
+                return
+            m.q, m.k, m.k_transposed, m.q_perm, m.k_perm = read.q, read.k, read.k_transposed, read.q_perm, read.k_perm
+            m.additive, m.allowed, m.masks_read = [], [], False
+            return
+        stack.extend((a, depth + 1) for a in n.args if isinstance(a, fx.Node))
 
 
 def _last_dim(x: Any, dim: Any) -> bool:

