@@ -255,6 +255,9 @@ def export_onnx(
                 "e.g. capture --dtype float32)") if "bfloat16" in first else ""
         raise ValueError(f"torch.onnx wrote a model that onnx's checker refuses: {first}{hint}") from None
     atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    if _holds_bfloat16(proto):
+        warnings.warn(f"{path} computes in bfloat16: onnxruntime's CPU provider has no bfloat16 kernels of common "
+                      "operators such as Mul; for the CPU, export the model in float32 (capture --dtype float32)", stacklevel=2)
     return proto
 
 
@@ -567,9 +570,10 @@ def _mta_calls(nodes) -> list[str]:
     return calls
 
 
-def _holds_bfloat16(path) -> bool:
-    """Whether the model's inputs, outputs or weights are bfloat16 (external data not read)."""
-    proto = onnx.load(str(path), load_external_data=False)
+def _holds_bfloat16(model) -> bool:
+    """Whether the model's (a path or a ModelProto) inputs, outputs or weights are bfloat16
+    (external data not read)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     bf16 = onnx.TensorProto.BFLOAT16
     values = list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info)
     return any(t.data_type == bf16 for t in proto.graph.initializer) or \
