@@ -7,6 +7,7 @@ from .calibration import calibrate
 from .api import count_mta_nodes, find_attention, load_program, rewrite, save_program
 from .capture import CaptureError, capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
+from .interface import use_mta
 from .ops import attention, mta_attention_reference
 from .passes.sites import AttentionSite
 
@@ -23,6 +24,6 @@ def __getattr__(name):
 
 __all__ = [
     "AttentionSite", "Boundaries", "CaptureError", "Clustered", "HeadGroups", "Learned", "calibrate", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
-    "count_mta_nodes", "export_onnx", "find_attention", "onnx_session", "load_program", "mta_attention_reference", "rewrite", "save_program",
+    "count_mta_nodes", "export_onnx", "find_attention", "onnx_session", "load_program", "mta_attention_reference", "rewrite", "save_program", "use_mta",
     "__version__",
 ]

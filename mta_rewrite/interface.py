@@ -1,0 +1,123 @@
+"""``use_mta``: a transformers model's own forward, and so its ``generate``, with MTA attention.
+
+``rewrite`` captures a model as a graph that computes whole sequences: an encoder's input, a
+language model's prompt. Generation runs the model's own forward token by token over a KV cache,
+which a graph does not hold. ``use_mta`` takes the other road for transformers models: it
+registers the op with transformers' attention interface (``AttentionInterface``, under the name
+``"mta"``; masks as transformers builds them for SDPA) and sets the model's attention to it. Then
+each planned layer computes a **prompt** (queries and keys of one length, nothing cached before
+them: the prefill of ``generate``, or any plain forward) with the op under the site's
+configuration, through the same function calibration measures sites with
+(``calibration.probe.site_output``: MTAConfig, HeadGroups, Learned, Clustered). Every other call,
+a decoding step (one query over the cache) or a prompt continued over a cache, and every layer the
+plan leaves exact, is transformers' SDPA attention, exact, as the model ran before. So the prompt
+costs O(n^1.5) instead of O(n²) and each new token attends exactly to the cache (k and v are the
+model's own: MTA changes which keys a query reads, not what is stored), O(n) per token.
+
+Plan names are the module paths ``find_attention`` and ``calibrate`` give the sites
+(``model.layers.0.self_attn``): a plan calibrated on the captured model applies to the model
+as it is. Boundary chunks need the token ids, which the attention interface does not see
+(``rewrite`` takes them). ``model.set_attn_implementation("sdpa")`` undoes ``use_mta``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .config import Clustered, HeadGroups, Learned, MTAConfig, Plan
+
+NAME = "mta"
+
+# attention module → its configuration (None or absent: exact, transformers' SDPA)
+_CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, MTAConfig | HeadGroups | Learned | Clustered]" = \
+    weakref.WeakKeyDictionary()
+
+
+def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None) -> torch.nn.Module:
+    """Run ``model`` (a transformers model with SDPA attention) with MTA on its prompts: every
+    attention layer under ``config``, or each layer ``plan`` names under its entry (the others
+    exact). Returns the model, changed in place (its ``config._attn_implementation`` is "mta");
+    ``model.generate(...)`` then prefills with MTA and decodes exactly over the cache. A one-line
+    ValueError for a model or plan it cannot take."""
+    if (config is None) == (plan is None):
+        raise ValueError("give use_mta one of config= (every attention layer) or plan= (the layers it names)")
+    if config is not None and not isinstance(config, MTAConfig):
+        raise ValueError(f"config must be an MTAConfig, got {type(config).__name__} (per-layer choices go in a Plan)")
+    if plan is not None and not isinstance(plan, Plan):
+        raise ValueError(f"plan must be a Plan, got {type(plan).__name__}")
+    _check_model(model)
+    chosen = {}
+    if plan is not None:
+        if plan.boundaries is not None:
+            raise ValueError("the plan chunks by boundaries, which need the token ids the attention interface does not "
+                             "see: use rewrite() for it")
+        modules = dict(model.named_modules())
+        missing = [name for name in plan if name not in modules]
+        if missing:
+            from .passes.sites import listed
+
+            raise ValueError(f"the plan names {len(missing)} module(s) this {type(model).__name__} lacks "
+                             f"({listed(missing)}): a plan for another model?")
+        chosen = {modules[name]: plan.config_for(name) for name in plan if plan.config_for(name) is not None}
+    _register()
+    for module in model.modules():
+        _CONFIGS.pop(module, None)
+        entry = config if config is not None else chosen.get(module)
+        if entry is not None:
+            _CONFIGS[module] = entry  # (with config=, every module: only attention layers call the interface)
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def _check_model(model) -> None:
+    """A transformers model whose attention layers call its attention interface and have SDPA
+    (the exact calls go there), else a one-line error."""
+    name = type(model).__name__
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "_can_set_attn_implementation"):
+        raise ValueError(f"use_mta takes a transformers model (PreTrainedModel); {name} is not one: use rewrite() for it")
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"{name}'s attention does not go through transformers' attention interface: use rewrite() "
+                         "for it")
+    if getattr(type(model), "_supports_sdpa", False) is not True:
+        raise ValueError(f"{name} has no SDPA attention in transformers (the exact calls of use_mta run SDPA): use "
+                         "rewrite() for it")
+    if model.training:
+        raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, mta_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets
+
+
+def mta_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers' attention function "mta": query [B, Hq, m, d], key and value [B, Hkv, n, d]
+    (the cache included), the mask SDPA would get (bool, True where allowed, or None) → ([B, m,
+    Hq, d], None). A prompt (m = n > 1) of a planned layer runs the op under its configuration;
+    anything else ``sdpa_attention_forward``."""
+    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+
+    config = _CONFIGS.get(module)
+    if config is None or not query.shape[2] == key.shape[2] > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{type(module).__name__} soft-caps its scores (tanh), which MTA cannot: leave it exact")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"{type(module).__name__} has learned sink logits: use rewrite() for it")
+    if dropout:
+        raise ValueError("MTA has no attention dropout: put the model in eval()")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and attention_mask is None
+    if kwargs.get("position_bias") is not None:  # (T5's: a float mask, as SDPA gets it)
+        attention_mask = create_position_bias_mask(kwargs["position_bias"], attention_mask, causal, query, key)
+        causal = False
+    from .calibration.probe import site_output
+
+    out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype)
+    return out.transpose(1, 2).contiguous(), None

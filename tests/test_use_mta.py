@@ -1,0 +1,118 @@
+"""``use_mta``: a transformers model's own forward (and ``generate``) with MTA on its prompts: a
+prompt equals the rewritten graph (``rewrite``, itself tested against the float64 reference op);
+decoding steps are exact SDPA over the cache; one-line errors for what it cannot take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mta_rewrite as mr
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = mr.MTAConfig(chunk_size=8, local_chunks=2, sinks=2, top_k=1)
+
+
+def llama(layers: int = 2):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, num_hidden_layers=layers, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def ids_and_mask(batch=2, n=70, pad=0):
+    ids = torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0  # left padding, as generate gets it
+    return ids, mask
+
+
+def logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+@pytest.mark.parametrize("pad", [0, 9])
+def test_a_prompt_equals_the_rewritten_graph(pad):
+    """Every layer (config=) and one layer (plan=) on a prompt, with and without left padding:
+    the rewritten graph's outputs (real positions); the model is not exact any more."""
+    model = llama()
+    ids, mask = ids_and_mask(pad=pad)
+    exact = logits(model, ids, mask)
+    layer0 = mr.Plan({"model.layers.0.self_attn": mr.MTAConfig(16, 1, 0, 0)})
+    for kwargs in (dict(config=CONFIG), dict(plan=layer0)):
+        graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), **kwargs)
+        with torch.no_grad():
+            want = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = logits(mr.use_mta(model, **kwargs), ids, mask)
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+        assert (got[real] - exact[real]).abs().max() > 1e-3
+        model.set_attn_implementation("sdpa")  # undoes it
+        torch.testing.assert_close(logits(model, ids, mask), exact)
+
+
+def test_per_head_groups_equal_the_rewritten_graph():
+    model = llama(layers=1)
+    ids, mask = ids_and_mask()
+    plan = mr.Plan({"model.layers.0.self_attn": mr.HeadGroups(((mr.MTAConfig(8, 1, 2, 0), (0, 1)), (None, (2, 3))))})
+    graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), plan=plan)
+    with torch.no_grad():
+        want = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(logits(mr.use_mta(model, plan=plan), ids, mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_prefills_with_mta_and_decodes_exactly_over_the_cache():
+    """The first generated token's scores are the rewritten graph's last logits on the prompt;
+    the next step's are SDPA's over the cache the MTA prefill left (one token against it). With a
+    chunk covering prompt and continuation, generation is the original model's, token for token."""
+    model = llama()
+    ids, mask = ids_and_mask(pad=5)
+    with torch.no_grad():
+        original = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
+        prompt_logits = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        mr.use_mta(model, config=CONFIG)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        torch.testing.assert_close(out.scores[0], prompt_logits, rtol=1e-5, atol=1e-5)
+        # the step after: the MTA prefill's cache, then one exact token
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        model.set_attn_implementation("sdpa")
+        token = out.sequences[:, -2:-1]
+        step = model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
+                     cache=first.past_key_values, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(out.scores[1], step, rtol=1e-5, atol=1e-5)
+        mr.use_mta(model, config=mr.MTAConfig(chunk_size=128))
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), original)
+
+
+def test_what_use_mta_cannot_take_is_one_line():
+    model = llama()
+    cases = [
+        (dict(model=torch.nn.Linear(2, 2), config=CONFIG), "use_mta takes a transformers model (PreTrainedModel); "
+                                                           "Linear is not one: use rewrite() for it"),
+        (dict(model=model), "give use_mta one of config= (every attention layer) or plan= (the layers it names)"),
+        (dict(model=model, plan=mr.Plan({"model.layers.7.self_attn": CONFIG, "model.layers.12.self_attn": "exact"})),
+         "the plan names 2 module(s) this LlamaForCausalLM lacks (model.layers.7.self_attn, model.layers.12.self_attn): "
+         "a plan for another model?"),
+        (dict(model=model, plan=mr.Plan({}, boundaries=mr.Boundaries((3,)))),
+         "the plan chunks by boundaries, which need the token ids the attention interface does not see: use rewrite() "
+         "for it"),
+        (dict(model=model, config=mr.HeadGroups(((CONFIG, (0,)),))),
+         "config must be an MTAConfig, got HeadGroups (per-layer choices go in a Plan)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as info:
+            mr.use_mta(**kwargs)
+        assert str(info.value) == message
+    assert model.config._attn_implementation == "sdpa"  # nothing was changed
+    with pytest.raises(ValueError, match="^LlamaForCausalLM is in training mode: put the model in eval()"):
+        mr.use_mta(model.train(), config=CONFIG)
+    torch.manual_seed(0)
+    oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        num_hidden_layers=1, num_local_experts=2, num_experts_per_tok=1)).eval()
+    with pytest.raises(ValueError, match="^GptOssForCausalLM has no SDPA attention in transformers"):
+        mr.use_mta(oss, config=CONFIG)
