@@ -8,31 +8,39 @@ registers the op with transformers' attention interface (``AttentionInterface``,
 each planned layer computes a **prompt** (queries and keys of one length, nothing cached before
 them: the prefill of ``generate``, or any plain forward) with the op under the site's
 configuration, through the same function calibration measures sites with
-(``calibration.probe.site_output``: MTAConfig, HeadGroups, Learned, Clustered). Every other call,
-a decoding step (one query over the cache) or a prompt continued over a cache, and every layer the
-plan leaves exact, is transformers' SDPA attention, exact, as the model ran before. So the prompt
+(``calibration.probe.site_output``: MTAConfig, HeadGroups, Learned, Clustered; GPT-OSS's learned
+sink logits as one more exact token, as the rewrite gives them). Every other call, a decoding step
+(one query over the cache) or a prompt continued over a cache, and every layer the plan leaves
+exact, is the model's own attention (SDPA or eager, whichever it was loaded with, with the masks
+transformers builds for it), exact, as the model ran before. So the prompt
 costs O(n^1.5) instead of O(n²) and each new token attends exactly to the cache (k and v are the
 model's own: MTA changes which keys a query reads, not what is stored), O(n) per token.
 
 Plan names are the module paths ``find_attention`` and ``calibrate`` give the sites
 (``model.layers.0.self_attn``): a plan calibrated on the captured model applies to the model
 as it is. Boundary chunks need the token ids, which the attention interface does not see
-(``rewrite`` takes them). ``model.set_attn_implementation("sdpa")`` undoes ``use_mta``.
+(``rewrite`` takes them). ``model.set_attn_implementation("sdpa")`` (or "eager") undoes ``use_mta``.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
 
 import torch
 
 from .config import Clustered, HeadGroups, Learned, MTAConfig, Plan
 
-NAME = "mta"
+# the attention implementations use_mta sets, by the one the model had: its exact calls go to that
+# one, with the masks transformers builds for it (SDPA's bool masks, eager's float ones)
+NAMES = {"sdpa": "mta", "eager": "mta_eager"}
 
-# attention module → its configuration (None or absent: exact, transformers' SDPA)
+# attention module → its configuration (None or absent: exact, the model's own attention)
 _CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, MTAConfig | HeadGroups | Learned | Clustered]" = \
     weakref.WeakKeyDictionary()
+# model → the attention implementation it had before use_mta
+_ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None) -> torch.nn.Module:
@@ -47,7 +55,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         raise ValueError(f"config must be an MTAConfig, got {type(config).__name__} (per-layer choices go in a Plan)")
     if plan is not None and not isinstance(plan, Plan):
         raise ValueError(f"plan must be a Plan, got {type(plan).__name__}")
-    _check_model(model)
+    original = _check_model(model)
     chosen = {}
     if plan is not None:
         if plan.boundaries is not None:
@@ -67,57 +75,76 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             _CONFIGS[module] = entry  # (with config=, every module: only attention layers call the interface)
-    model.set_attn_implementation(NAME)
+    _ORIGINAL[model] = original
+    model.set_attn_implementation(NAMES[original])
     return model
 
 
-def _check_model(model) -> None:
-    """A transformers model whose attention layers call its attention interface and have SDPA
-    (the exact calls go there), else a one-line error."""
+def _check_model(model) -> str:
+    """The attention implementation the model had before use_mta ("sdpa" or "eager": its exact
+    calls go there), for a transformers model whose attention layers call its attention
+    interface; else a one-line error."""
     name = type(model).__name__
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "_can_set_attn_implementation"):
         raise ValueError(f"use_mta takes a transformers model (PreTrainedModel); {name} is not one: use rewrite() for it")
     if not model._can_set_attn_implementation():
         raise ValueError(f"{name}'s attention does not go through transformers' attention interface: use rewrite() "
                          "for it")
-    if getattr(type(model), "_supports_sdpa", False) is not True:
-        raise ValueError(f"{name} has no SDPA attention in transformers (the exact calls of use_mta run SDPA): use "
-                         "rewrite() for it")
+    original = model.config._attn_implementation
+    original = _ORIGINAL.get(model, "sdpa") if original in NAMES.values() else original
+    if original not in NAMES:
+        raise ValueError(f"{name} runs {original} attention: load it with attn_implementation=\"sdpa\" or \"eager\" "
+                         "for use_mta (its exact calls run that one)")
+    if original == "eager" and _eager_function(type(model)) is None:
+        raise ValueError(f"{name}'s modeling module has no eager_attention_forward: load it with "
+                         "attn_implementation=\"sdpa\" for use_mta")
     if model.training:
         raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
+    return original
+
+
+def _eager_function(cls):
+    """transformers' eager attention of a model or attention class (each modeling file has its own)."""
+    return getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-    AttentionInterface.register(NAME, mta_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets
+    AttentionInterface.register(NAMES["sdpa"], functools.partial(mta_attention_forward, exact=sdpa_attention_forward))
+    AttentionMaskInterface.register(NAMES["sdpa"], sdpa_mask)
+    AttentionInterface.register(NAMES["eager"], functools.partial(mta_attention_forward, exact=None))
+    AttentionMaskInterface.register(NAMES["eager"], eager_mask)
 
 
 def mta_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          is_causal=None, **kwargs):
-    """transformers' attention function "mta": query [B, Hq, m, d], key and value [B, Hkv, n, d]
-    (the cache included), the mask SDPA would get (bool, True where allowed, or None) → ([B, m,
-    Hq, d], None). A prompt (m = n > 1) of a planned layer runs the op under its configuration;
-    anything else ``sdpa_attention_forward``."""
-    from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
-
+                          is_causal=None, *, exact=None, **kwargs):
+    """transformers' attention function "mta" / "mta_eager": query [B, Hq, m, d], key and value
+    [B, Hkv, n, d] (the cache included), the mask transformers built for the model's own
+    attention → ([B, m, Hq, d], None). A prompt (m = n > 1) of a planned layer runs the op under
+    its configuration (learned sink logits, GPT-OSS's ``s_aux``, as one more exact token, as the
+    rewrite gives them); anything else ``exact``, the model's own attention (None: the eager
+    attention of the layer's modeling module)."""
     config = _CONFIGS.get(module)
     if config is None or not query.shape[2] == key.shape[2] > 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        exact = exact or _eager_function(type(module))
+        return exact(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                     **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{type(module).__name__} soft-caps its scores (tanh), which MTA cannot: leave it exact")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"{type(module).__name__} has learned sink logits: use rewrite() for it")
     if dropout:
         raise ValueError("MTA has no attention dropout: put the model in eval()")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and attention_mask is None
     if kwargs.get("position_bias") is not None:  # (T5's: a float mask, as SDPA gets it)
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+
         attention_mask = create_position_bias_mask(kwargs["position_bias"], attention_mask, causal, query, key)
         causal = False
+    sinks = kwargs.get("s_aux")
     from .calibration.probe import site_output
 
-    out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype)
+    out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
+                      sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1))
     return out.transpose(1, 2).contiguous(), None

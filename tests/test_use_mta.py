@@ -110,9 +110,56 @@ def test_what_use_mta_cannot_take_is_one_line():
     assert model.config._attn_implementation == "sdpa"  # nothing was changed
     with pytest.raises(ValueError, match="^LlamaForCausalLM is in training mode: put the model in eval()"):
         mr.use_mta(model.train(), config=CONFIG)
+    model.eval().set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match='^LlamaForCausalLM runs flex_attention attention: load it with '
+                                         'attn_implementation="sdpa" or "eager" for use_mta'):
+        mr.use_mta(model, config=CONFIG)
+
+
+def llama_eager():
     torch.manual_seed(0)
-    oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(
-        vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-        num_hidden_layers=1, num_local_experts=2, num_experts_per_tok=1)).eval()
-    with pytest.raises(ValueError, match="^GptOssForCausalLM has no SDPA attention in transformers"):
-        mr.use_mta(oss, config=CONFIG)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512,
+                                   attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def gpt_oss():
+    """GPT-OSS (eager attention only in transformers; learned sink logits, a sliding window on its
+    second layer)."""
+    torch.manual_seed(0)
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        num_hidden_layers=2, num_local_experts=2, num_experts_per_tok=1, sliding_window=24,
+        max_position_embeddings=512)).eval()
+
+
+@pytest.mark.parametrize("build", [gpt_oss, llama_eager],
+                         ids=["gpt-oss", "llama-eager"])
+def test_a_model_with_eager_attention_prefills_with_mta_and_decodes_with_its_own(build):
+    """A model loaded with eager attention (GPT-OSS has no other in transformers) keeps it for
+    its exact calls, with eager's float masks: its prompt equals the rewritten graph (GPT-OSS's
+    sink logits as one more exact token, as the rewrite gives them) and the step after the prefill
+    is its own eager attention over the cache."""
+    model = build()
+    ids, mask = ids_and_mask(pad=5)
+    with torch.no_grad():
+        graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
+        want = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        exact = logits(model, ids, mask)
+        mr.use_mta(model, config=CONFIG)
+        assert model.config._attn_implementation == "mta_eager"
+        got = logits(model, ids, mask)
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+        assert (got[real] - exact[real]).abs().max() > 1e-4  # (GPT-OSS's logits here are ~0.2)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        torch.testing.assert_close(out.scores[0], want[:, -1], rtol=1e-5, atol=1e-5)
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        model.set_attn_implementation("eager")
+        token = out.sequences[:, -2:-1]
+        step = model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
+                     cache=first.past_key_values, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(out.scores[1], step, rtol=1e-5, atol=1e-5)
+
