@@ -192,6 +192,44 @@ def capture_cmd(
     console.print(f"captured on {done.example}; inputs: {names}; saved {output}{wrote}")
 
 
+@app.command(name="generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="a language model saved with transformers' save_pretrained (with its "
+                                          "tokenizer) or a .gguf file; read offline"),
+    prompt: str = typer.Option(..., "--prompt", help="a UTF-8 text file: the prompt"),
+    tokens: int | None = typer.Option(None, help="the prompt's first N tokens (default: all of it)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate (greedy)"),
+    chunk_size: int | None = typer.Option(None, help="one MTA configuration for every layer: chunk size c"),
+    local_chunks: int = typer.Option(1, help="local window L in chunks"),
+    sinks: int = typer.Option(0, help="always-exact first tokens"),
+    top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),
+    plan: str = typer.Option("", help="a plan (JSON, e.g. from calibrate) instead of one configuration"),
+    compare: bool = typer.Option(False, "--compare", help="also generate with the original model, timed the same way"),
+    attn: str = typer.Option("auto", help="the model's own attention for its exact calls: sdpa, eager or auto"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+) -> None:
+    """Generate text from a saved language model with MTA on the prompt (use_mta): the prompt's
+    attention through the op, each new token exact over the cache."""
+    from .models import generate_saved_model
+
+    try:
+        cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
+        with console.status(f"loading {model}") as status:
+            done = generate_saved_model(model, prompt, new_tokens=max_new_tokens, tokens=tokens, config=cfg,
+                                        plan=chosen, compare=compare, attn_implementation=attn, dtype=dtype,
+                                        progress=status.update)
+    except (ValueError, TypeError, OSError) as exc:
+        _fail(str(exc))
+    what = f"plan {plan}" if plan else cfg.short
+    line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
+           f"in {done.seconds:.2f} s"
+    if done.original_seconds is not None:
+        line += (f"; the original model {done.original_seconds:.2f} s ({done.original_seconds / done.seconds:.2f}×), "
+                 f"the first {done.same_tokens} of {len(done.tokens)} tokens as its")
+    console.print(line, highlight=False)
+    console.print(done.text, markup=False, highlight=False)
+
+
 @app.command(name="rewrite")
 def rewrite_cmd(
     program: str = typer.Argument(..., help="a program saved with torch.export.save (.pt2)"),

@@ -251,3 +251,73 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
                 for w in windows[:samples]]
         atomic_write(samples_output, lambda tmp: torch.save(rows, tmp))
     return Captured(program, sites, saved.description, example, samples)
+
+
+@dataclass
+class Generated:
+    """What :func:`generate_saved_model` did."""
+
+    description: str
+    prompt_tokens: int
+    text: str  # the generated continuation, decoded
+    tokens: list[int]
+    seconds: float  # generate with MTA on the prompt
+    original_seconds: float | None = None  # the same generate with the model's own attention (compare=True)
+    same_tokens: int | None = None  # generated tokens equal to the original's before the first difference
+
+
+def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, new_tokens: int = 32,
+                         tokens: int | None = None, config=None, plan=None, compare: bool = False,
+                         attn_implementation: str = "auto", dtype: str = "float32", progress=None) -> Generated:
+    """Load the language model saved at ``path``, tokenize the text file ``prompt`` (its first
+    ``tokens`` tokens, or all of it) by its tokenizer and greedily generate ``new_tokens`` after
+    it with :func:`interface.use_mta` (``config`` for every layer or ``plan``): MTA on the prompt,
+    exact decoding over the cache. ``compare``: the original model first, timed the same way, and
+    how many generated tokens agree. ``progress(message)``: called before each step."""
+    import time
+
+    from .interface import use_mta
+
+    say = progress or (lambda message: None)
+    if new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1, got {new_tokens}")
+    if tokens is not None and tokens < 2:
+        raise ValueError(f"--tokens must be ≥ 2, got {tokens}")
+    try:
+        content = Path(prompt).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --prompt {prompt}: {_first_line(exc)[:300]}") from None
+    say(f"loading {path}")
+    saved = load_saved_model(path, attn_implementation, dtype)
+    model = saved.model
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        raise ValueError(f"{type(model).__name__} does not generate text (transformers' can_generate() is false): "
+                         "generate takes a language model")
+    if saved.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer saved beside it: generate needs one for the prompt and the output")
+    ids = saved.tokenizer(content, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"]
+    if tokens is not None:
+        if ids.shape[1] < tokens:
+            raise ValueError(f"the prompt has {ids.shape[1]} tokens, fewer than --tokens {tokens}")
+        ids = ids[:, :tokens]
+    if ids.shape[1] < 2:
+        raise ValueError(f"the prompt has {ids.shape[1]} token(s): give a longer text")
+    pad = saved.tokenizer.pad_token_id if saved.tokenizer.pad_token_id is not None else saved.tokenizer.eos_token_id
+    call = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=pad if pad is not None else 0)
+
+    def timed():
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, **call)[0, ids.shape[1]:].tolist()
+        return out, time.perf_counter() - start
+
+    original = original_seconds = None
+    if compare:
+        say(f"generating {new_tokens} tokens with the original model")
+        original, original_seconds = timed()
+    use_mta(model, config=config, plan=plan)
+    say(f"generating {new_tokens} tokens with MTA on the prompt")
+    out, seconds = timed()
+    same = None if original is None else next((i for i, (a, b) in enumerate(zip(original, out)) if a != b), len(out))
+    return Generated(saved.description, ids.shape[1], saved.tokenizer.decode(out), out, seconds, original_seconds, same)

@@ -248,3 +248,38 @@ def test_capture_errors_are_one_line(tmp_path, case, argv, message):
     line = " ".join(result.output.split())
     assert message in line and "Traceback" not in result.output, result.output
     assert (tmp_path / "text.txt").read_bytes() == before and not (tmp_path / "p.pt2").exists()
+
+
+def test_generate_from_a_saved_model_with_mta_on_the_prompt(tmp_path):
+    """``generate`` prints what the model generates after ``use_mta`` (the prompt through the op,
+    decoding exact over the cache), the original's time and agreement with --compare; one-line
+    errors for a model without a tokenizer and without a configuration."""
+    model = saved_llama(tmp_path / "llama", with_tokenizer=True)
+    (tmp_path / "text.txt").write_text(TEXT)
+    config = mr.MTAConfig(8, 1, 2, 0)
+    result = runner.invoke(app, ["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt"),
+                                 "--tokens", "40", "--max-new-tokens", "5", "--chunk-size", "8", "--sinks", "2",
+                                 "--compare"])
+    assert result.exit_code == 0, result.output
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :40]
+    with torch.no_grad():
+        mr.use_mta(model, config=config)
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, pad_token_id=0)[0, 40:]
+    out = " ".join(result.output.split())
+    assert "LlamaForCausalLM (sdpa attention)" in out and "40 prompt tokens, 5 generated with MTA (c8·L1·s2·k0)" in out, out
+    assert "; the original model " in out and "tokens as its" in out, out
+    assert result.output.rstrip("\n").splitlines()[-1] == tok.decode(new.tolist()), result.output
+    saved_llama(tmp_path / "bare", with_tokenizer=False)
+    for args, message in [
+        (["generate", str(tmp_path / "bare"), "--prompt", str(tmp_path / "text.txt"), "--chunk-size", "8"],
+         f"error: {tmp_path / 'bare'} has no tokenizer saved beside it: generate needs one for the prompt and the "
+         "output"),
+        (["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt")],
+         "error: give either --chunk-size (one configuration for all sites) or --plan"),
+        (["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt"), "--chunk-size", "8",
+          "--tokens", "100000"], "error: the prompt has 4000 tokens, fewer than --tokens 100000"),
+    ]:
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 2 and " ".join(refused.output.split()) == message, refused.output

@@ -75,3 +75,27 @@ def test_smollm2_mask_recognised_as_causal(smollm2, monkeypatch):
     # a sanity bound on the approximation, not a reference: the next-token loss stays close
     loss = [torch.nn.functional.cross_entropy(x[0, :-1], ids[0, 1:]).item() for x in (reference, recognised)]
     assert loss[1] < loss[0] * 1.25, loss
+
+
+def test_smollm2_generates_with_an_mta_prefill(smollm2):
+    """``use_mta`` with a plan as calibration writes them (some layers approximated, per-head
+    groups, the rest exact) on the real model: the prompt's logits are the rewritten program's
+    under the same plan, and ``generate``'s first token is scored by them."""
+    model, ids, program = smollm2
+    heads = mr.HeadGroups(((mr.MTAConfig(32, 2, 4, 0), tuple(range(6))), (None, (6, 7, 8))))
+    plan = mr.Plan({"model.layers.0.self_attn": "exact", "model.layers.1.self_attn": mr.MTAConfig(64, 1, 4, 1),
+                    "model.layers.2.self_attn": heads,
+                    **{f"model.layers.{i}.self_attn": mr.MTAConfig(32, 2, 4, 0) for i in range(3, 30, 2)}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(program, plan=plan)
+    try:
+        with torch.no_grad():
+            want = fast(input_ids=ids)[0]
+            mr.use_mta(model, plan=plan)
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+            out = model.generate(ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+            torch.testing.assert_close(out.scores[0], want[:, -1], rtol=1e-4, atol=1e-4)
+    finally:
+        model.set_attn_implementation("sdpa")
