@@ -163,3 +163,19 @@ def test_a_model_with_eager_attention_prefills_with_mta_and_decodes_with_its_own
                      cache=first.past_key_values, use_cache=True).logits[:, -1]
         torch.testing.assert_close(out.scores[1], step, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_use_mta_on_the_gpu():
+    """On CUDA the prompt runs the Triton kernels (through the op): the same logits as on the CPU,
+    and generate runs."""
+    model = llama()
+    ids, mask = ids_and_mask(pad=5)
+    want = logits(mr.use_mta(model, config=CONFIG), ids, mask)
+    model.cuda()
+    got = logits(model, ids.cuda(), mask.cuda()).cpu()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, ids.shape[1] + 4)
