@@ -33,6 +33,16 @@ def logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
+def step_after_the_prefill(model, ids, mask, sequences, exact: str):
+    """The reference for generate's second step: the cache a prefill under use_mta leaves, then the
+    first generated token over it with the model's own ``exact`` attention (use_mta undone)."""
+    first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    model.set_attn_implementation(exact)
+    token = sequences[:, ids.shape[1]:ids.shape[1] + 1]
+    return model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
+                 cache=first.past_key_values, use_cache=True).logits[:, -1]
+
+
 @pytest.mark.parametrize("pad", [0, 9])
 def test_a_prompt_equals_the_rewritten_graph(pad):
     """Every layer (config=) and one layer (plan=) on a prompt, with and without left padding:
@@ -77,13 +87,8 @@ def test_generate_prefills_with_mta_and_decodes_exactly_over_the_cache():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
         torch.testing.assert_close(out.scores[0], prompt_logits, rtol=1e-5, atol=1e-5)
-        # the step after: the MTA prefill's cache, then one exact token
-        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        model.set_attn_implementation("sdpa")
-        token = out.sequences[:, -2:-1]
-        step = model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
-                     cache=first.past_key_values, use_cache=True).logits[:, -1]
-        torch.testing.assert_close(out.scores[1], step, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.scores[1], step_after_the_prefill(model, ids, mask, out.sequences, "sdpa"),
+                                   rtol=1e-5, atol=1e-5)
         mr.use_mta(model, config=mr.MTAConfig(chunk_size=128))
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), original)
 
@@ -156,12 +161,8 @@ def test_a_model_with_eager_attention_prefills_with_mta_and_decodes_with_its_own
         out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
         torch.testing.assert_close(out.scores[0], want[:, -1], rtol=1e-5, atol=1e-5)
-        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        model.set_attn_implementation("eager")
-        token = out.sequences[:, -2:-1]
-        step = model(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
-                     cache=first.past_key_values, use_cache=True).logits[:, -1]
-        torch.testing.assert_close(out.scores[1], step, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.scores[1], step_after_the_prefill(model, ids, mask, out.sequences, "eager"),
+                                   rtol=1e-5, atol=1e-5)
 
 
 

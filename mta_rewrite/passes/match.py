@@ -588,22 +588,30 @@ def _read_operands_below(m: AttentionMatch, scores: fx.Node) -> None:
     """For the report of a site left exact because a score modifier stands between its q·kᵀ and
     softmax (Gemma-2's tanh soft-cap): q and k read off the product below the scores, so that
     ``find_attention`` gives its shapes; the masks above the modifier were not read."""
-    stack, seen = [(scores, 0)], set()
+    product = next((n for n in _below(scores) if _functional(n.target) in MATMUL_TARGETS), None)
+    if product is None:
+        return
+    read = AttentionMatch(anchor=m.anchor)
+    try:
+        _product(read, product, 1.0)
+    except NoMatch:
+        return
+    m.q, m.k, m.k_transposed, m.q_perm, m.k_perm = read.q, read.k, read.k_transposed, read.q_perm, read.k_perm
+    m.additive, m.allowed, m.masks_read = [], [], False
+
+
+def _below(node: fx.Node, most: int = 8):
+    """The op nodes ``node`` is computed from, itself first, depth first up to ``most`` steps; a
+    product (MATMUL_TARGETS) is given but not gone below (q and kᵀ are not score modifiers)."""
+    stack, seen = [(node, 0)], set()
     while stack:
         n, depth = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen or depth > 8 or n.op != "call_function":
+        if not isinstance(n, fx.Node) or n in seen or depth > most or n.op != "call_function":
             continue
         seen.add(n)
-        if _functional(n.target) in MATMUL_TARGETS:
-            read = AttentionMatch(anchor=m.anchor)
-            try:
-                _product(read, n, 1.0)
-            except NoMatch:
-                return
-            m.q, m.k, m.k_transposed, m.q_perm, m.k_perm = read.q, read.k, read.k_transposed, read.q_perm, read.k_perm
-            m.additive, m.allowed, m.masks_read = [], [], False
-            return
-        stack.extend((a, depth + 1) for a in n.args if isinstance(a, fx.Node))
+        yield n
+        if _functional(n.target) not in MATMUL_TARGETS:
+            stack.extend((a, depth + 1) for a in n.args if isinstance(a, fx.Node))
 
 
 def _last_dim(x: Any, dim: Any) -> bool:
@@ -676,18 +684,10 @@ MODIFIER_TARGETS = CAST_TARGETS | {
 
 def _unsupported(node: fx.Node, what: str) -> str:
     """Name the op that stands between the scores and softmax (e.g. a tanh soft-cap)."""
-    stack, seen = [(node, 0)], set()
-    while stack:
-        n, depth = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen or depth > 8 or n.op != "call_function":
-            continue
-        seen.add(n)
-        if n.target in MATMUL_TARGETS:
-            continue
-        if _functional(n.target) not in MODIFIER_TARGETS and any(_reaches_product(a, 6) for a in n.args
-                                                                 if isinstance(a, fx.Node)):
+    for n in _below(node):
+        if _functional(n.target) not in MODIFIER_TARGETS | MATMUL_TARGETS and any(
+                _reaches_product(a, 6) for a in n.args if isinstance(a, fx.Node)):
             return f"unsupported score modifier {getattr(n.target, '__name__', n.target)} ({n.name}): left exact"
-        stack.extend((a, depth + 1) for a in n.args if isinstance(a, fx.Node))
     return f"unsupported score modifier {node.name}: {what}"
 
 
