@@ -9,6 +9,8 @@ values). Every loading error is a ``ValueError`` with one line that says what to
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import os
 import warnings
@@ -81,8 +83,9 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
     transformers.utils.logging.disable_progress_bar()  # (its loading bars: the command line has its own status)
     experts = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn_implementation,
-                                    dtype=DTYPES[dtype], **extra, **experts)
+        with _quiet_gguf_conversion(gguf):
+            model = cls.from_pretrained(str(folder), local_files_only=True, attn_implementation=attn_implementation,
+                                        dtype=DTYPES[dtype], **extra, **experts)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{path}: transformers cannot load it as {cls.__name__}: {_first_line(exc)[:300]}") from None
     finally:
@@ -97,6 +100,27 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
         tokenizer = None
     where = f"{folder}" + (f" (GGUF {path.name})" if gguf else "")
     return SavedModel(model, tokenizer, f"{type(model).__name__} ({attn_implementation} attention) from {where}")
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion(gguf: bool):
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which its progress-bar switch does not reach: it filled the command line's stderr
+    with 30 redraws on every command that loads a GGUF file. Off while loading."""
+    utils = None
+    if gguf:
+        try:
+            from transformers import modeling_gguf_pytorch_utils as utils
+        except ImportError:  # (another transformers layout: its bar stays)
+            utils = None
+    bar = getattr(utils, "tqdm", None)
+    if bar is not None:
+        utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            utils.tqdm = bar
 
 
 def _model_class(transformers, config, gguf: bool):
