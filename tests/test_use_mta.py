@@ -63,10 +63,16 @@ def test_a_prompt_equals_the_rewritten_graph(pad):
         torch.testing.assert_close(logits(model, ids, mask), exact)
 
 
-def test_per_head_groups_equal_the_rewritten_graph():
+GROUPS = mr.HeadGroups(((mr.MTAConfig(8, 1, 2, 0), (0, 1)), (None, (2, 3))))
+
+
+@pytest.mark.parametrize("entry", [GROUPS, mr.Learned.from_tensor(mr.MTAConfig(8, 1, 2, 0), torch.randn(
+    2, 16, generator=torch.Generator().manual_seed(3)))], ids=["head groups", "learned summaries"])
+def test_plan_entries_equal_the_rewritten_graph(entry):
+    """Per-head groups and learned summaries, as calibration writes them into plans."""
     model = llama(layers=1)
     ids, mask = ids_and_mask()
-    plan = mr.Plan({"model.layers.0.self_attn": mr.HeadGroups(((mr.MTAConfig(8, 1, 2, 0), (0, 1)), (None, (2, 3))))})
+    plan = mr.Plan({"model.layers.0.self_attn": entry})
     graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), plan=plan)
     with torch.no_grad():
         want = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
