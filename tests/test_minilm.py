@@ -41,3 +41,11 @@ def test_minilm_found_and_rewritten(minilm):
     cosine = (zoo.mean_pool(mta, mask) * zoo.mean_pool(ref, mask)).sum(-1)
     assert (cosine > 0.95).all(), cosine  # an approximation, and a good one, of the real model
     assert (cosine < 1 - 1e-6).all(), cosine  # ...and not secretly exact
+    # the same model through use_mta (its own forward, an encoder with padding): the rewritten graph's values
+    try:
+        with torch.no_grad():
+            mr.use_mta(model, config=mr.MTAConfig(chunk_size=32, local_chunks=2, sinks=4, top_k=2))
+            own = model(**kwargs).last_hidden_state
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(own[keep], mta[keep], rtol=1e-5, atol=1e-5)
