@@ -44,11 +44,12 @@ _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 
 
 def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None) -> torch.nn.Module:
-    """Run ``model`` (a transformers model with SDPA attention) with MTA on its prompts: every
-    attention layer under ``config``, or each layer ``plan`` names under its entry (the others
-    exact). Returns the model, changed in place (its ``config._attn_implementation`` is "mta");
-    ``model.generate(...)`` then prefills with MTA and decodes exactly over the cache. A one-line
-    ValueError for a model or plan it cannot take."""
+    """Run ``model`` (a transformers model loaded with SDPA or eager attention) with MTA on its
+    prompts: every attention layer under ``config``, or each layer ``plan`` names under its entry
+    (the others exact). Returns the model, changed in place (its ``config._attn_implementation``
+    is "mta", or "mta_eager" for a model loaded with eager attention); ``model.generate(...)``
+    then prefills with MTA and decodes exactly over the cache with the model's own attention. A
+    one-line ValueError for a model or plan it cannot take."""
     if (config is None) == (plan is None):
         raise ValueError("give use_mta one of config= (every attention layer) or plan= (the layers it names)")
     if config is not None and not isinstance(config, MTAConfig):
