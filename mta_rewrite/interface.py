@@ -12,7 +12,8 @@ configuration, through the same function calibration measures sites with
 sink logits as one more exact token, as the rewrite gives them). Every other call, a decoding step
 (one query over the cache) or a prompt continued over a cache, and every layer the plan leaves
 exact, is the model's own attention (SDPA or eager, whichever it was loaded with, with the masks
-transformers builds for it), exact, as the model ran before. So the prompt
+transformers builds for it), exact, as the model ran before; so is cross-attention (a decoder's
+layer given the encoder's states, seen at the call: ``CROSS_ARGUMENTS``). So the prompt
 costs O(n^1.5) instead of O(n²) and each new token attends exactly to the cache (k and v are the
 model's own: MTA changes which keys a query reads, not what is stored), O(n) per token.
 
@@ -25,6 +26,7 @@ as it is. Boundary chunks need the token ids, which the attention interface does
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import weakref
 
@@ -41,6 +43,12 @@ _CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, MTAConfig | HeadGroups | L
     weakref.WeakKeyDictionary()
 # model → the attention implementation it had before use_mta
 _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+# the arguments by which a module is told to attend to another sequence (an encoder-decoder's
+# decoder: BART's, T5's, Whisper's key_value_states; BERT-style cross-attention's
+# encoder_hidden_states): one module class serves self- and cross-attention, so which one a call
+# is shows at the call only. module → (whether its current call is cross-attention, its hook)
+CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
+_CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None) -> torch.nn.Module:
@@ -76,9 +84,33 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             _CONFIGS[module] = entry  # (with config=, every module: only attention layers call the interface)
+        _watch_cross_attention(module)
     _ORIGINAL[model] = original
     model.set_attn_implementation(NAMES[original])
     return model
+
+
+def _watch_cross_attention(module: torch.nn.Module) -> None:
+    """For a module whose forward takes one of CROSS_ARGUMENTS: a pre-hook that notes whether
+    each call is given one (that call is cross-attention, which MTA is not; it stays exact: q and
+    k of one length do not make it self-attention). Once per module."""
+    if module in _CROSS:
+        return
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return
+    names = [name for name in CROSS_ARGUMENTS if name in parameters]
+    if not names:
+        return
+    state = [False, None]
+
+    def note(mod, args, kwargs):
+        bound = inspect.signature(mod.forward).bind_partial(*args, **kwargs).arguments
+        state[0] = any(bound.get(name) is not None for name in names)
+
+    state[1] = module.register_forward_pre_hook(note, with_kwargs=True)
+    _CROSS[module] = state
 
 
 def _check_model(model) -> str:
@@ -129,7 +161,8 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     rewrite gives them); anything else ``exact``, the model's own attention (None: the eager
     attention of the layer's modeling module)."""
     config = _CONFIGS.get(module)
-    if config is None or not query.shape[2] == key.shape[2] > 1:
+    cross = _CROSS.get(module, (False,))[0]
+    if config is None or cross or not query.shape[2] == key.shape[2] > 1:
         exact = exact or _eager_function(type(module))
         return exact(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                      **kwargs)
