@@ -297,7 +297,9 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
     ``tokens`` tokens, or all of it) by its tokenizer and greedily generate ``new_tokens`` after
     it with :func:`interface.use_mta` (``config`` for every layer or ``plan``): MTA on the prompt,
     exact decoding over the cache. ``compare``: the original model first, timed the same way, and
-    how many generated tokens agree. ``progress(message)``: called before each step."""
+    how many generated tokens agree (one timing each, after a one-token warm-up; the benchmark,
+    ``benchmarks/bench_generate.py``, takes the best of several). ``progress(message)``: called
+    before each step."""
     import time
 
     from .interface import use_mta
@@ -336,11 +338,17 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
             out = model.generate(ids, **call)[0, ids.shape[1]:].tolist()
         return out, time.perf_counter() - start
 
+    own = model.config._attn_implementation
+    use_mta(model, config=config, plan=plan)  # (its one-line errors before any generation)
+    with torch.no_grad():  # one-time costs (first calls, allocations) out of the timings
+        model.generate(ids[:, :8], attention_mask=call["attention_mask"][:, :8], max_new_tokens=1,
+                       pad_token_id=call["pad_token_id"])
     original = original_seconds = None
     if compare:
+        model.set_attn_implementation(own)
         say(f"generating {new_tokens} tokens with the original model")
         original, original_seconds = timed()
-    use_mta(model, config=config, plan=plan)
+        use_mta(model, config=config, plan=plan)
     say(f"generating {new_tokens} tokens with MTA on the prompt")
     out, seconds = timed()
     same = None if original is None else next((i for i, (a, b) in enumerate(zip(original, out)) if a != b), len(out))

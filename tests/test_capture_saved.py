@@ -283,3 +283,18 @@ def test_generate_from_a_saved_model_with_mta_on_the_prompt(tmp_path):
     ]:
         refused = runner.invoke(app, args)
         assert refused.exit_code == 2 and " ".join(refused.output.split()) == message, refused.output
+
+
+def test_generate_refuses_a_plan_for_another_model_before_generating(tmp_path, monkeypatch):
+    """A plan naming layers the model lacks is the first thing ``generate --compare`` says, not
+    after the original model's generation (minutes at long prompts)."""
+    saved_llama(tmp_path / "llama", with_tokenizer=True)
+    (tmp_path / "text.txt").write_text(TEXT)
+    mr.Plan({"model.layers.7.self_attn": mr.MTAConfig(8)}).save(tmp_path / "plan.json")
+    generated = []
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "generate", lambda *a, **k: generated.append(1))
+    refused = runner.invoke(app, ["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt"),
+                                  "--plan", str(tmp_path / "plan.json"), "--compare"])
+    assert refused.exit_code == 2 and not generated, refused.output
+    assert " ".join(refused.output.split()) == ("error: the plan names 1 module(s) this LlamaForCausalLM lacks "
+                                                "(model.layers.7.self_attn): a plan for another model?")
