@@ -32,6 +32,7 @@ import weakref
 
 import torch
 
+from .calibration.probe import site_output
 from .config import Clustered, HeadGroups, Learned, MTAConfig, Plan
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
@@ -46,9 +47,9 @@ _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 # the arguments by which a module is told to attend to another sequence (an encoder-decoder's
 # decoder: BART's, T5's, Whisper's key_value_states; BERT-style cross-attention's
 # encoder_hidden_states): one module class serves self- and cross-attention, so which one a call
-# is shows at the call only. module → (whether its current call is cross-attention, its hook)
+# is shows at the call only. module (watched) → whether its current call is cross-attention
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
-_CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None) -> torch.nn.Module:
@@ -97,20 +98,19 @@ def _watch_cross_attention(module: torch.nn.Module) -> None:
     if module in _CROSS:
         return
     try:
-        parameters = inspect.signature(module.forward).parameters
+        signature = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return
-    names = [name for name in CROSS_ARGUMENTS if name in parameters]
+    names = [name for name in CROSS_ARGUMENTS if name in signature.parameters]
     if not names:
         return
-    state = [False, None]
 
     def note(mod, args, kwargs):
-        bound = inspect.signature(mod.forward).bind_partial(*args, **kwargs).arguments
-        state[0] = any(bound.get(name) is not None for name in names)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        _CROSS[mod] = any(bound.get(name) is not None for name in names)
 
-    state[1] = module.register_forward_pre_hook(note, with_kwargs=True)
-    _CROSS[module] = state
+    module.register_forward_pre_hook(note, with_kwargs=True)
+    _CROSS[module] = False
 
 
 def _check_model(model) -> str:
@@ -161,8 +161,7 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     rewrite gives them); anything else ``exact``, the model's own attention (None: the eager
     attention of the layer's modeling module)."""
     config = _CONFIGS.get(module)
-    cross = _CROSS.get(module, (False,))[0]
-    if config is None or cross or not query.shape[2] == key.shape[2] > 1:
+    if config is None or _CROSS.get(module, False) or not query.shape[2] == key.shape[2] > 1:
         exact = exact or _eager_function(type(module))
         return exact(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                      **kwargs)
@@ -177,8 +176,6 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
         attention_mask = create_position_bias_mask(kwargs["position_bias"], attention_mask, causal, query, key)
         causal = False
     sinks = kwargs.get("s_aux")
-    from .calibration.probe import site_output
-
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
                       sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1))
     return out.transpose(1, 2).contiguous(), None

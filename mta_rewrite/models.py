@@ -112,7 +112,7 @@ def _quiet_gguf_conversion(gguf: bool):
         try:
             from transformers import modeling_gguf_pytorch_utils as utils
         except ImportError:  # (another transformers layout: its bar stays)
-            utils = None
+            pass
     bar = getattr(utils, "tqdm", None)
     if bar is not None:
         utils.tqdm = functools.partial(bar, disable=True)
@@ -166,6 +166,14 @@ def random_pixels(model: torch.nn.Module, batch: int, seed: int = 0) -> tuple[to
     dtype = next(model.parameters()).dtype
     pixels = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return pixels, f"random pixel values, {batch} × {channels} × {height} × {width}"
+
+
+def _read_text(path: str | os.PathLike, option: str) -> str:
+    """The UTF-8 text of the file an option names; a one-line error naming the option."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {option} {path}: {_first_line(exc)[:300]}") from None
 
 
 def text_windows(tokenizer, text: str, n: int, count: int) -> torch.Tensor:
@@ -236,12 +244,7 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
         if out.resolve() == Path(path).resolve() or (text and out.resolve() == Path(text).resolve()):
             raise ValueError(f"{out} is an input: outputs never overwrite inputs")
         check_writable(out)  # before the work whose result goes there
-    content = None
-    if text:
-        try:
-            content = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read --text {text}: {_first_line(exc)[:300]}") from None
+    content = _read_text(text, "--text") if text else None
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype, experts_implementation)
     if is_image_model(saved.model):
@@ -309,10 +312,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {new_tokens}")
     if tokens is not None and tokens < 2:
         raise ValueError(f"--tokens must be ≥ 2, got {tokens}")
-    try:
-        content = Path(prompt).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read --prompt {prompt}: {_first_line(exc)[:300]}") from None
+    content = _read_text(prompt, "--prompt")
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype)
     model = saved.model

@@ -167,7 +167,6 @@ def _device_of(model, sample) -> torch.device:
     return next((x.device for x in items if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
-
 def _nothing_to_calibrate(sites) -> str:
     """The one-line error for a model with no rewritable attention, with the first site's reason
     (a user of the command line saw "see find_attention", a Python function)."""
@@ -177,6 +176,7 @@ def _nothing_to_calibrate(sites) -> str:
     first = attention[0]
     return (f"the model has no rewritable attention: nothing to calibrate ({len(attention)} attention site(s) left "
             f"exact; {first.name}: {first.reason}; find_attention or mta-rewrite find lists every reason)")
+
 
 def calibrate(
     model: torch.nn.Module,
