@@ -204,6 +204,8 @@ def generate_cmd(
     sinks: int = typer.Option(0, help="always-exact first tokens"),
     top_k: int = typer.Option(0, help="exactly attended chunks per query chunk"),
     plan: str = typer.Option("", help="a plan (JSON, e.g. from calibrate) instead of one configuration"),
+    separators: str = typer.Option("", help="boundary chunks on the prompt: token ids that end a segment, "
+                                            "comma-separated (a plan calibrated with them carries its own)"),
     compare: bool = typer.Option(False, "--compare", help="also generate with the original model, timed the same way"),
     attn: str = typer.Option("auto", help="the model's own attention for its exact calls: sdpa, eager or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
@@ -214,13 +216,16 @@ def generate_cmd(
 
     try:
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
+        boundaries = _boundaries(separators, "input_ids")
         with console.status(f"loading {model}") as status:
             done = generate_saved_model(model, prompt, new_tokens=max_new_tokens, tokens=tokens, config=cfg,
-                                        plan=chosen, compare=compare, attn_implementation=attn, dtype=dtype,
-                                        progress=status.update)
+                                        plan=chosen, boundaries=boundaries, compare=compare,
+                                        attn_implementation=attn, dtype=dtype, progress=status.update)
     except (ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     what = f"plan {plan}" if plan else cfg.short
+    chunks = boundaries or (chosen.boundaries if chosen is not None else None)
+    what += f"; {chunks}" if chunks is not None else ""
     line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
            f"in {done.seconds:.2f} s"
     if done.original_seconds is not None:

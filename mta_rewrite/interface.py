@@ -19,8 +19,11 @@ model's own: MTA changes which keys a query reads, not what is stored), O(n) per
 
 Plan names are the module paths ``find_attention`` and ``calibrate`` give the sites
 (``model.layers.0.self_attn``): a plan calibrated on the captured model applies to the model
-as it is. Boundary chunks need the token ids, which the attention interface does not see
-(``rewrite`` takes them). ``model.set_attn_implementation("sdpa")`` (or "eager") undoes ``use_mta``.
+as it is. Boundary chunks (``boundaries=`` or the plan's) need the token ids, which the attention
+interface does not see: a forward pre-hook on the model computes each call's segment ids from its
+token-id input (``Boundaries.input``, as the rewritten graph computes them from the same input) and
+the planned layers' prompts read them. ``model.set_attn_implementation("sdpa")`` (or "eager")
+undoes ``use_mta``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import weakref
 import torch
 
 from .calibration.probe import site_output
-from .config import Clustered, HeadGroups, Learned, MTAConfig, Plan
+from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
+from .passes.lower import segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
 # one, with the masks transformers builds for it (SDPA's bool masks, eager's float ones)
@@ -52,25 +56,43 @@ CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 _CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None) -> torch.nn.Module:
+class _Segments:
+    """Boundary chunks under use_mta: the segment ids of the model's current call (None outside
+    one, or when it was given no token ids), set by the model's forward hooks, read by its
+    attention modules."""
+
+    def __init__(self, boundaries: Boundaries):
+        self.boundaries = boundaries
+        self.ids: torch.Tensor | None = None
+
+
+# module of a model used with boundaries → that model's _Segments; model → its hooks' handles
+_SEGMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, _Segments]" = weakref.WeakKeyDictionary()
+_HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None,
+            boundaries: Boundaries | None = None) -> torch.nn.Module:
     """Run ``model`` (a transformers model loaded with SDPA or eager attention) with MTA on its
     prompts: every attention layer under ``config``, or each layer ``plan`` names under its entry
-    (the others exact). Returns the model, changed in place (its ``config._attn_implementation``
-    is "mta", or "mta_eager" for a model loaded with eager attention); ``model.generate(...)``
-    then prefills with MTA and decodes exactly over the cache with the model's own attention. A
-    one-line ValueError for a model or plan it cannot take."""
+    (the others exact); ``boundaries`` (or the plan's): boundary chunks, segments ending after
+    separator tokens of the model's token ids, as ``rewrite`` takes them. Returns the model,
+    changed in place (its ``config._attn_implementation`` is "mta", or "mta_eager" for a model
+    loaded with eager attention); ``model.generate(...)`` then prefills with MTA and decodes
+    exactly over the cache with the model's own attention. A one-line ValueError for a model or
+    plan it cannot take."""
+    from .api import resolve_boundaries
+
     if (config is None) == (plan is None):
         raise ValueError("give use_mta one of config= (every attention layer) or plan= (the layers it names)")
     if config is not None and not isinstance(config, MTAConfig):
         raise ValueError(f"config must be an MTAConfig, got {type(config).__name__} (per-layer choices go in a Plan)")
     if plan is not None and not isinstance(plan, Plan):
         raise ValueError(f"plan must be a Plan, got {type(plan).__name__}")
+    boundaries = resolve_boundaries(boundaries, plan)
     original = _check_model(model)
     chosen = {}
     if plan is not None:
-        if plan.boundaries is not None:
-            raise ValueError("the plan chunks by boundaries, which need the token ids the attention interface does not "
-                             "see: use rewrite() for it")
         modules = dict(model.named_modules())
         missing = [name for name in plan if name not in modules]
         if missing:
@@ -79,16 +101,57 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
             raise ValueError(f"the plan names {len(missing)} module(s) this {type(model).__name__} lacks "
                              f"({listed(missing)}): a plan for another model?")
         chosen = {modules[name]: plan.config_for(name) for name in plan if plan.config_for(name) is not None}
+        if boundaries is not None and any(isinstance(entry, Clustered) for entry in chosen.values()):
+            raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not "
+                             "chunk)")
+    hooks = _segment_hooks(model, boundaries)
     _register()
+    for handle in _HOOKS.pop(model, ()):
+        handle.remove()
+    segments = _Segments(boundaries) if boundaries is not None else None
     for module in model.modules():
         _CONFIGS.pop(module, None)
+        _SEGMENTS.pop(module, None)
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             _CONFIGS[module] = entry  # (with config=, every module: only attention layers call the interface)
+        if segments is not None:
+            _SEGMENTS[module] = segments
         _watch_cross_attention(module)
+    if segments is not None:
+        _HOOKS[model] = hooks(segments)
     _ORIGINAL[model] = original
     model.set_attn_implementation(NAMES[original])
     return model
+
+
+def _segment_hooks(model: torch.nn.Module, boundaries: Boundaries | None):
+    """For boundary chunks: checks that the model's forward takes their token-id input (a
+    one-line error if not) and returns a function that registers, for a _Segments, the model's
+    forward hooks: before a call, the segment ids of its token ids (as the rewritten graph computes
+    them, ``passes.lower.segment_ids_from_separators``; None when the call gives none); after it,
+    None (so a later call of an inner module alone never reads them)."""
+    if boundaries is None:
+        return None
+    signature = inspect.signature(model.forward)
+    if boundaries.input not in signature.parameters:
+        named = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise ValueError(f"boundaries read the model input {boundaries.input!r}, which {type(model).__name__}'s "
+                         f"forward does not take (its inputs: {', '.join(named)})")
+
+    def register(segments: _Segments) -> tuple:
+        def before(model, args, kwargs):
+            tokens = signature.bind_partial(*args, **kwargs).arguments.get(boundaries.input)
+            integers = isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
+            segments.ids = segment_ids_from_separators(tokens, boundaries.separators) if integers else None
+
+        def after(model, args, kwargs, output):
+            segments.ids = None
+
+        return (model.register_forward_pre_hook(before, with_kwargs=True),
+                model.register_forward_hook(after, with_kwargs=True))
+
+    return register
 
 
 def _watch_cross_attention(module: torch.nn.Module) -> None:
@@ -177,5 +240,22 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
         causal = False
     sinks = kwargs.get("s_aux")
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
+                      segment_ids=_segment_ids(module, query),
                       sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:
+    """Boundary chunks' segment ids [B, n] for a prompt of ``module`` (None without boundaries);
+    a one-line error when its model's call gave no token ids of the prompt's batch and length."""
+    segments = _SEGMENTS.get(module)
+    if segments is None:
+        return None
+    ids, name = segments.ids, segments.boundaries.input
+    if ids is None:
+        raise ValueError(f"boundary chunks read the segments from the model's {name}, which this call did not give "
+                         f"(as token ids [B, n]): call the model with {name}=")
+    if tuple(ids.shape) != (query.shape[0], query.shape[2]):
+        raise ValueError(f"boundary chunks: the model's {name} has {list(ids.shape)} tokens but "
+                         f"{type(module).__name__} attends over {query.shape[2]} of a batch of {query.shape[0]}")
+    return ids

@@ -294,12 +294,12 @@ class Generated:
 
 
 def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, new_tokens: int = 32,
-                         tokens: int | None = None, config=None, plan=None, compare: bool = False,
+                         tokens: int | None = None, config=None, plan=None, boundaries=None, compare: bool = False,
                          attn_implementation: str = "auto", dtype: str = "float32", progress=None) -> Generated:
     """Load the language model saved at ``path``, tokenize the text file ``prompt`` (its first
     ``tokens`` tokens, or all of it) by its tokenizer and greedily generate ``new_tokens`` after
-    it with :func:`interface.use_mta` (``config`` for every layer or ``plan``): MTA on the prompt,
-    exact decoding over the cache. ``compare``: the original model first, timed the same way, and
+    it with :func:`interface.use_mta` (``config`` for every layer or ``plan``; ``boundaries``, or
+    the plan's: boundary chunks on the prompt): MTA on the prompt, exact decoding over the cache. ``compare``: the original model first, timed the same way, and
     how many generated tokens agree (one timing each, after a one-token warm-up; the benchmark,
     ``benchmarks/bench_generate.py``, takes the best of several). ``progress(message)``: called
     before each step."""
@@ -339,7 +339,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         return out, time.perf_counter() - start
 
     own = model.config._attn_implementation
-    use_mta(model, config=config, plan=plan)  # (its one-line errors before any generation)
+    use_mta(model, config=config, plan=plan, boundaries=boundaries)  # (its one-line errors before any generation)
     with torch.no_grad():  # one-time costs (first calls, allocations) out of the timings
         model.generate(ids[:, :8], attention_mask=call["attention_mask"][:, :8], max_new_tokens=1,
                        pad_token_id=call["pad_token_id"])
@@ -348,7 +348,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         model.set_attn_implementation(own)
         say(f"generating {new_tokens} tokens with the original model")
         original, original_seconds = timed()
-        use_mta(model, config=config, plan=plan)
+        use_mta(model, config=config, plan=plan, boundaries=boundaries)
     say(f"generating {new_tokens} tokens with MTA on the prompt")
     out, seconds = timed()
     same = None if original is None else next((i for i, (a, b) in enumerate(zip(original, out)) if a != b), len(out))

@@ -298,3 +298,44 @@ def test_generate_refuses_a_plan_for_another_model_before_generating(tmp_path, m
     assert refused.exit_code == 2 and not generated, refused.output
     assert " ".join(refused.output.split()) == ("error: the plan names 1 module(s) this LlamaForCausalLM lacks "
                                                 "(model.layers.7.self_attn): a plan for another model?")
+
+
+def test_generate_with_boundary_chunks(tmp_path, monkeypatch):
+    """``generate --separators`` and a plan that carries boundaries (as ``calibrate --separators``
+    writes it) chunk the prompt by its segments: every layer's prompt attention is given the
+    segment ids of the prompt's tokens (``use_mta`` with boundaries equals the rewritten graph:
+    test_use_mta.py), and the text is use_mta's with those boundaries."""
+    from mta_rewrite import interface
+    from mta_rewrite.passes.lower import segment_ids_from_separators
+
+    model = saved_llama(tmp_path / "llama", with_tokenizer=True)
+    (tmp_path / "text.txt").write_text(TEXT)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :120]
+    boundaries = mr.Boundaries(tuple(tok.convert_tokens_to_ids(["line0", "line5"])))
+    config = mr.MTAConfig(16, 1, 0, 1)
+    with torch.no_grad():
+        mr.use_mta(model, config=config, boundaries=boundaries)
+        want = tok.decode(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                                         do_sample=False, pad_token_id=0)[0, 120:].tolist())
+    read, segment_ids = [], interface._segment_ids
+
+    def spy(module, query):  # what each prompt's attention is given
+        read.append(segment_ids(module, query))
+        return read[-1]
+
+    monkeypatch.setattr(interface, "_segment_ids", spy)
+    mr.Plan({f"model.layers.{i}.self_attn": config for i in range(2)}, boundaries=boundaries).save(tmp_path / "plan.json")
+    common = ["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt"), "--tokens", "120",
+              "--max-new-tokens", "6"]
+    separators = ",".join(str(i) for i in boundaries.separators)
+    for options in (["--chunk-size", "16", "--top-k", "1", "--separators", separators],
+                    ["--plan", str(tmp_path / "plan.json")]):
+        read.clear()
+        result = runner.invoke(app, common + options)
+        assert result.exit_code == 0, result.output
+        assert f"; {boundaries})" in " ".join(result.output.split()), result.output
+        assert result.output.rstrip("\n").splitlines()[-1] == want, result.output
+        prompts = [segments for segments in read if segments.shape[1] == 120]  # (the warm-up's prompt: 8 tokens)
+        assert len(prompts) == 2 and all(torch.equal(segments, segment_ids_from_separators(ids, boundaries.separators))
+                                         for segments in prompts), read

@@ -99,6 +99,100 @@ def test_generate_prefills_with_mta_and_decodes_exactly_over_the_cache():
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), original)
 
 
+def separators(ids):
+    """Two token ids of the prompt, as boundaries' separators: a few segments in each sequence."""
+    return mr.Boundaries((int(ids[0, 20]), int(ids[1, 45])))
+
+
+@pytest.mark.parametrize("pad", [0, 9])
+def test_boundary_chunks_equal_the_rewritten_graph(pad):
+    """Boundary chunks (boundaries=, and a plan's), segment ids from the prompt's token ids as the
+    rewritten graph computes them: its outputs, not those of fixed chunks."""
+    model = llama()
+    ids, mask = ids_and_mask(pad=pad)
+    inputs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    boundaries = separators(ids)
+    layer0 = {"model.layers.0.self_attn": mr.MTAConfig(16, 1, 0, 0)}
+    real = mask.bool()
+    for kwargs in (dict(config=CONFIG, boundaries=boundaries), dict(plan=mr.Plan(layer0, boundaries=boundaries))):
+        with torch.no_grad():
+            want = mr.rewrite(model, (), inputs, **kwargs)(**inputs).logits
+            fixed = mr.rewrite(model, (), inputs, config=kwargs.get("config"), plan=mr.Plan(layer0) if "plan" in
+                               kwargs else None)(**inputs).logits
+        got = logits(mr.use_mta(model, **kwargs), ids, mask)
+        torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+        assert (want[real] - fixed[real]).abs().max() > 1e-4  # (the boundaries change the outputs)
+        model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        fixed = mr.rewrite(model, (), inputs, config=CONFIG)(**inputs).logits
+    mr.use_mta(mr.use_mta(model, config=CONFIG, boundaries=boundaries), config=CONFIG)  # without them again: fixed chunks
+    torch.testing.assert_close(logits(model, ids, mask)[real], fixed[real], rtol=1e-5, atol=1e-5)
+
+
+def test_boundary_chunks_with_sink_logits_equal_the_rewritten_graph():
+    """GPT-OSS (eager attention, learned sink logits: one more exact token of the op, with a
+    segment of its own) under boundaries: the rewritten graph's values."""
+    model = gpt_oss()
+    ids, mask = ids_and_mask(pad=7)
+    inputs = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    boundaries = separators(ids)
+    with torch.no_grad():
+        want = mr.rewrite(model, (), inputs, config=CONFIG, boundaries=boundaries)(**inputs).logits
+        fixed = mr.rewrite(model, (), inputs, config=CONFIG)(**inputs).logits
+        got = mr.use_mta(model, config=CONFIG, boundaries=boundaries)(**inputs).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert (want[real] - fixed[real]).abs().max() > 1e-4
+
+
+def test_generate_with_boundary_chunks():
+    """generate's prefill chunks the prompt by its boundaries: the first scores are the rewritten
+    graph's last logits; the next step is exact over the cache."""
+    model = llama()
+    ids, mask = ids_and_mask(pad=5)
+    boundaries = separators(ids)
+    with torch.no_grad():
+        graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG,
+                           boundaries=boundaries)
+        prompt_logits = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        mr.use_mta(model, config=CONFIG, boundaries=boundaries)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        torch.testing.assert_close(out.scores[0], prompt_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.scores[1], step_after_the_prefill(model, ids, mask, out.sequences, "sdpa"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_what_boundary_chunks_cannot_take_is_one_line():
+    model = llama()
+    ids, mask = ids_and_mask()
+    boundaries = separators(ids)
+    clustered = mr.Clustered(mr.MTAConfig(8, 1, 0, 0), (((0.0,) * 16,) * 2,) * 2)
+    cases = [
+        (dict(plan=mr.Plan({"model.layers.0.self_attn": clustered}, boundaries=boundaries)),
+         "a site with clustered summaries takes no boundaries (its summaries are by cluster, not chunk)"),
+        (dict(plan=mr.Plan({}, boundaries=boundaries), boundaries=mr.Boundaries((3,))),
+         f"the plan says {boundaries} but boundaries= says boundaries after tokens [3] of input_ids: give one"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as info:
+            mr.use_mta(model, **kwargs)
+        assert str(info.value) == message
+    with pytest.raises(ValueError, match=r"^boundaries read the model input 'token_ids', which LlamaForCausalLM's "
+                                         r"forward does not take \(its inputs: input_ids, attention_mask, .*labels, "
+                                         r"use_cache, logits_to_keep\)$"):
+        mr.use_mta(model, config=CONFIG, boundaries=mr.Boundaries((3,), input="token_ids"))
+    assert model.config._attn_implementation == "sdpa"  # nothing was changed
+    mr.use_mta(model, config=CONFIG, boundaries=boundaries)
+    with pytest.raises(ValueError) as info, torch.no_grad():
+        model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask)
+    assert str(info.value) == ("boundary chunks read the segments from the model's input_ids, which this call did not "
+                               "give (as token ids [B, n]): call the model with input_ids=")
+    with pytest.raises(ValueError) as info, torch.no_grad():
+        model.model(input_ids=ids, attention_mask=mask)  # (the inner model: no segment ids of its own call)
+    assert str(info.value).startswith("boundary chunks read the segments from the model's input_ids")
+
+
 def test_what_use_mta_cannot_take_is_one_line():
     model = llama()
     cases = [
@@ -108,9 +202,6 @@ def test_what_use_mta_cannot_take_is_one_line():
         (dict(model=model, plan=mr.Plan({"model.layers.7.self_attn": CONFIG, "model.layers.12.self_attn": "exact"})),
          "the plan names 2 module(s) this LlamaForCausalLM lacks (model.layers.7.self_attn, model.layers.12.self_attn): "
          "a plan for another model?"),
-        (dict(model=model, plan=mr.Plan({}, boundaries=mr.Boundaries((3,)))),
-         "the plan chunks by boundaries, which need the token ids the attention interface does not see: use rewrite() "
-         "for it"),
         (dict(model=model, config=mr.HeadGroups(((CONFIG, (0,)),))),
          "config must be an MTAConfig, got HeadGroups (per-layer choices go in a Plan)"),
     ]
