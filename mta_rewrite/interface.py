@@ -6,7 +6,8 @@ which a graph does not hold. ``use_mta`` takes the other road for transformers m
 registers the op with transformers' attention interface (``AttentionInterface``, under the name
 ``"mta"``; masks as transformers builds them for SDPA) and sets the model's attention to it. Then
 each planned layer computes a **prompt** (queries and keys of one length, nothing cached before
-them: the prefill of ``generate``, or any plain forward) with the op under the site's
+them: the prefill of ``generate``, or any plain forward; over a static cache, its slots after the
+prompt sliced off: ``_prompt``) with the op under the site's
 configuration, through the same function calibration measures sites with
 (``calibration.probe.site_output``: MTAConfig, HeadGroups, Learned, Clustered; GPT-OSS's learned
 sink logits as one more exact token, as the rewrite gives them). Every other call, a decoding step
@@ -37,6 +38,7 @@ import torch
 
 from .calibration.probe import site_output
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
+from .ops.masks import forbidden_threshold
 from .passes.lower import segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
@@ -219,15 +221,17 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
                           is_causal=None, *, exact=None, **kwargs):
     """transformers' attention function "mta" / "mta_eager": query [B, Hq, m, d], key and value
     [B, Hkv, n, d] (the cache included), the mask transformers built for the model's own
-    attention → ([B, m, Hq, d], None). A prompt (m = n > 1) of a planned layer runs the op under
+    attention → ([B, m, Hq, d], None). A prompt (``_prompt``) of a planned layer runs the op under
     its configuration (learned sink logits, GPT-OSS's ``s_aux``, as one more exact token, as the
     rewrite gives them); anything else ``exact``, the model's own attention (None: the eager
     attention of the layer's modeling module)."""
     config = _CONFIGS.get(module)
-    if config is None or _CROSS.get(module, False) or not query.shape[2] == key.shape[2] > 1:
+    prompt = None if config is None or _CROSS.get(module, False) else _prompt(query, key, value, attention_mask)
+    if prompt is None:
         exact = exact or _eager_function(type(module))
         return exact(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                      **kwargs)
+    key, value, attention_mask = prompt
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{type(module).__name__} soft-caps its scores (tanh), which MTA cannot: leave it exact")
     if dropout:
@@ -236,13 +240,34 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if kwargs.get("position_bias") is not None:  # (T5's: a float mask, as SDPA gets it)
         from transformers.integrations.sdpa_attention import create_position_bias_mask
 
-        attention_mask = create_position_bias_mask(kwargs["position_bias"], attention_mask, causal, query, key)
+        bias = kwargs["position_bias"][..., :key.shape[2]]
+        attention_mask = create_position_bias_mask(bias, attention_mask, causal, query, key)
         causal = False
     sinks = kwargs.get("s_aux")
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
                       segment_ids=_segment_ids(module, query),
                       sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(key, value, attention_mask) of a call that is a prompt, the m > 1 queries' own keys with
+    nothing cached before them; None for any other call. Over a dynamic cache that is m = n; a
+    static cache (``cache_implementation="static"``, fixed-length k and v, the prompt's written
+    first) hands the prefill all n > m of its slots, and its mask forbids every key after the first
+    m: those are sliced off. (A prompt continued over a cache has a key after the first m that its
+    mask allows: its last query's own.)"""
+    m, n = query.shape[2], key.shape[2]
+    if m < 2 or n < m:
+        return None
+    if n == m:
+        return key, value, attention_mask
+    if attention_mask is None:
+        return None
+    after = attention_mask[..., m:]
+    if not (~after if after.dtype == torch.bool else after <= forbidden_threshold(after.dtype)).all():
+        return None
+    return key[:, :, :m], value[:, :, :m], attention_mask[..., :m]
 
 
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:

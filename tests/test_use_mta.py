@@ -4,6 +4,8 @@ decoding steps are exact SDPA over the cache; one-line errors for what it cannot
 
 from __future__ import annotations
 
+import copy as copy_module
+
 import pytest
 import torch
 
@@ -191,6 +193,34 @@ def test_what_boundary_chunks_cannot_take_is_one_line():
     with pytest.raises(ValueError) as info, torch.no_grad():
         model.model(input_ids=ids, attention_mask=mask)  # (the inner model: no segment ids of its own call)
     assert str(info.value).startswith("boundary chunks read the segments from the model's input_ids")
+
+
+@pytest.mark.parametrize("build", ["llama", "llama_eager", "gpt_oss"])
+def test_generate_over_a_static_cache_prefills_with_mta(build):
+    """generate(cache_implementation="static") hands the prefill every slot of the cache (keys
+    longer than the prompt, masked after it): the prompt still runs the op (it ran exact,
+    silently, before), the next step is the model's own attention over the cache; a prompt
+    continued over a static cache stays exact."""
+    model = globals()[build]()
+    own = model.config._attn_implementation
+    ids, mask = ids_and_mask(pad=5)
+    with torch.no_grad():
+        graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
+        prompt_logits = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        mr.use_mta(model, config=CONFIG)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, cache_implementation="static")
+        torch.testing.assert_close(out.scores[0], prompt_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.scores[1], step_after_the_prefill(model, ids, mask, out.sequences, own),
+                                   rtol=1e-5, atol=1e-5)
+        mr.use_mta(model, config=CONFIG)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=96)
+        model(input_ids=ids[:, :40], attention_mask=mask[:, :40], cache=cache, use_cache=True)
+        copy = copy_module.deepcopy(cache)
+        continued = model(input_ids=ids[:, 40:], attention_mask=mask, cache=cache, use_cache=True).logits
+        model.set_attn_implementation(own)
+        torch.testing.assert_close(continued, model(input_ids=ids[:, 40:], attention_mask=mask, cache=copy,
+                                                    use_cache=True).logits)
 
 
 def test_what_use_mta_cannot_take_is_one_line():
