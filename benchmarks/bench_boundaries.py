@@ -37,17 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mta_rewrite.config import atomic_write_text  # noqa: E402
+from mta_rewrite.models import separator_ids  # noqa: E402
 from mta_rewrite.timing import best_alternating_ms, best_ms, cpu_name  # noqa: E402
-
-
-def separator_ids(tok, ends: tuple[str, ...]) -> tuple[int, ...]:
-    """The ids of every token whose text ends with one of ``ends``."""
-    ids = []
-    for i in range(len(tok)):
-        text = tok.decode([i])
-        if text and text.endswith(ends):
-            ids.append(i)
-    return tuple(ids)
 
 
 def main(argv=None) -> int:

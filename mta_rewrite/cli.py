@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -190,6 +192,34 @@ def capture_cmd(
                       and n.name in done.program.graph_signature.user_inputs)
     wrote = f"; {done.samples} calibration samples in {samples_output}" if done.samples else ""
     console.print(f"captured on {done.example}; inputs: {names}; saved {output}{wrote}")
+
+
+@app.command(name="separators")
+def separators_cmd(
+    model: str = typer.Argument(..., help="a model saved with transformers' save_pretrained (with its tokenizer) or a "
+                                          ".gguf file; read offline"),
+    end: list[str] = typer.Option(["\\n"], "--end", help="text a separator token ends with (\\n, \\t and \\r "
+                                                          "understood); repeat for several; default: a newline"),
+) -> None:
+    """Print the ids of the tokens whose text ends with --end, comma-separated: boundary chunks'
+    --separators for calibrate, rewrite, export and generate (lines by default;
+    sentences: --end '\\n' --end . --end '?' --end '!')."""
+    from .models import saved_separator_ids
+
+    ends = tuple(_unescape(text) for text in end)
+    try:
+        ids, vocabulary = saved_separator_ids(model, ends)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(",".join(str(i) for i in ids))
+    err_console.print(f"{len(ids)} of {vocabulary} tokens end with {' or '.join(repr(e) for e in ends)}",
+                      highlight=False)
+
+
+def _unescape(text: str) -> str:
+    """--end's text with the escapes \\n, \\t, \\r (and \\\\) turned into their characters."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], text)
 
 
 @app.command(name="generate")

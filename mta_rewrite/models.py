@@ -44,30 +44,12 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
     (SDPA where transformers has it for the model's class, else eager: GPT-OSS has eager only).
     ``experts_implementation``: transformers' for mixture-of-experts layers (None: its default;
     "batched_mm" exports to ONNX, the default's grouped products do not)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"no such file or folder: {path}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if attn_implementation not in ATTENTION:
         raise ValueError(f"--attn must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, not {attn_implementation!r}")
-    gguf = path.suffix.lower() == ".gguf"
-    if gguf and not path.is_file():
-        raise ValueError(f"{path} is not a GGUF file")
-    folder, extra = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
-    if not gguf and not (folder / "config.json").is_file():
-        raise ValueError(f"{path} is neither a folder saved with transformers' save_pretrained (it has no "
-                         "config.json) nor a .gguf file")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("loading a saved model needs transformers: pip install 'mta-rewrite[models]'") from None
-    if gguf:
-        try:
-            import gguf as _  # noqa: F401  (transformers reads the file with it)
-        except ImportError:
-            raise ValueError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    path, folder, extra, transformers = _saved(path)
+    gguf = bool(extra)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, **extra)
     except Exception as exc:  # noqa: BLE001  (transformers raises many types for a bad config)
@@ -94,12 +76,68 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is not a graph output
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
-    except Exception:  # noqa: BLE001  (no tokenizer saved beside the model: examples are random ids)
-        tokenizer = None
+    tokenizer = _tokenizer(transformers, folder, extra)  # (None: examples are random ids)
     where = f"{folder}" + (f" (GGUF {path.name})" if gguf else "")
     return SavedModel(model, tokenizer, f"{type(model).__name__} ({attn_implementation} attention) from {where}")
+
+
+def _saved(path: str | os.PathLike):
+    """(path, folder, from_pretrained's extra arguments, the transformers module) of a model saved
+    at ``path`` (a ``save_pretrained`` folder or a ``.gguf`` file); one-line errors for anything
+    else and for missing packages. Offline: nothing is downloaded."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no such file or folder: {path}")
+    gguf = path.suffix.lower() == ".gguf"
+    if gguf and not path.is_file():
+        raise ValueError(f"{path} is not a GGUF file")
+    folder, extra = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
+    if not gguf and not (folder / "config.json").is_file():
+        raise ValueError(f"{path} is neither a folder saved with transformers' save_pretrained (it has no "
+                         "config.json) nor a .gguf file")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("loading a saved model needs transformers: pip install 'mta-rewrite[models]'") from None
+    if gguf:
+        try:
+            import gguf as _  # noqa: F401  (transformers reads the file with it)
+        except ImportError:
+            raise ValueError("reading a GGUF file needs the gguf package: pip install gguf") from None
+    return path, folder, extra, transformers
+
+
+def _tokenizer(transformers, folder: Path, extra: dict):
+    """The tokenizer saved beside a model (from a GGUF file: its own), or None."""
+    try:
+        with _quiet_gguf_conversion(bool(extra)):
+            return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
+    except Exception:  # noqa: BLE001  (none saved: transformers raises several types)
+        return None
+
+
+def separator_ids(tokenizer, ends: tuple[str, ...]) -> tuple[int, ...]:
+    """The ids of every token of ``tokenizer`` whose text ends with one of ``ends``: boundary
+    chunks' separators (``Boundaries``, ``--separators``) for lines (``"\\n"``) or sentences
+    (``"\\n", ".", "?", "!"``), read from the tokenizer instead of by hand."""
+    ends = tuple(ends)
+    return tuple(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith(ends))
+
+
+def saved_separator_ids(path: str | os.PathLike, ends: tuple[str, ...] = ("\n",)) -> tuple[tuple[int, ...], int]:
+    """(:func:`separator_ids` of the tokenizer saved with the model at ``path``, the vocabulary's
+    size); a one-line error without a tokenizer or when no token ends so."""
+    if not ends or not all(isinstance(end, str) and end for end in ends):
+        raise ValueError(f"give one or more non-empty texts that separator tokens end with, got {list(ends)!r}")
+    path, folder, extra, transformers = _saved(path)
+    tokenizer = _tokenizer(transformers, folder, extra)
+    if tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer saved beside it: its token ids cannot be read")
+    ids = separator_ids(tokenizer, ends)
+    if not ids:
+        raise ValueError(f"no token of {path}'s tokenizer ends with {' or '.join(repr(e) for e in ends)}")
+    return ids, len(tokenizer)
 
 
 @contextlib.contextmanager
@@ -299,8 +337,9 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
     """Load the language model saved at ``path``, tokenize the text file ``prompt`` (its first
     ``tokens`` tokens, or all of it) by its tokenizer and greedily generate ``new_tokens`` after
     it with :func:`interface.use_mta` (``config`` for every layer or ``plan``; ``boundaries``, or
-    the plan's: boundary chunks on the prompt): MTA on the prompt, exact decoding over the cache. ``compare``: the original model first, timed the same way, and
-    how many generated tokens agree (one timing each, after a one-token warm-up; the benchmark,
+    the plan's: boundary chunks on the prompt): MTA on the prompt, exact decoding over the cache.
+    ``compare``: the original model first, timed the same way, and how many generated tokens
+    agree (one timing each, after a one-token warm-up; the benchmark,
     ``benchmarks/bench_generate.py``, takes the best of several). ``progress(message)``: called
     before each step."""
     import time

@@ -339,3 +339,25 @@ def test_generate_with_boundary_chunks(tmp_path, monkeypatch):
         prompts = [segments for segments in read if segments.shape[1] == 120]  # (the warm-up's prompt: 8 tokens)
         assert len(prompts) == 2 and all(torch.equal(segments, segment_ids_from_separators(ids, boundaries.separators))
                                          for segments in prompts), read
+
+
+def test_separators_prints_the_ids_of_tokens_ending_so(tmp_path):
+    """``separators MODEL --end TEXT``: the ids of the tokens whose text ends with TEXT, comma-
+    separated on stdout (for --separators); escapes understood; one-line errors."""
+    saved_llama(tmp_path / "llama", with_tokenizer=True)
+    saved_llama(tmp_path / "bare", with_tokenizer=False)
+    vocab = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama")).get_vocab()
+    result = CliRunner().invoke(app, ["separators", str(tmp_path / "llama"), "--end", "0", "--end", "e5"])
+    assert result.exit_code == 0, result.output
+    want = sorted(i for word, i in vocab.items() if word.endswith(("0", "e5")))
+    assert len(want) == 7 and result.stdout.strip() == ",".join(map(str, want)), result.output
+    assert f"7 of {len(vocab)} tokens end with '0' or 'e5'" in result.stderr
+    for args, message in [
+        (["separators", str(tmp_path / "llama")], r"error: no token of {}'s tokenizer ends with '\n'"),
+        (["separators", str(tmp_path / "llama"), "--end", r"\t"], r"error: no token of {}'s tokenizer ends with '\t'"),
+        (["separators", str(tmp_path / "bare")], "error: {} has no tokenizer saved beside it: its token ids cannot be "
+                                                 "read"),
+        (["separators", str(tmp_path / "nothing")], "error: no such file or folder: {}"),
+    ]:
+        refused = CliRunner().invoke(app, args)
+        assert refused.exit_code == 2 and " ".join(refused.output.split()) == message.format(args[1]), refused.output
