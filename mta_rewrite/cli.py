@@ -424,6 +424,12 @@ def calibrate(
     console.print(table)
     console.print(f"held-out error {meta['holdout_error']:.4g} ≤ {budget}; attention cost {meta['relative_attention_cost']:.3f} "
                   f"of exact, costs {meta['costs']}; {meta['wall_time_s']} s; plan {output}, report beside it")
+    if plan.sites and len(meta.get("sites_without_candidates", ())) == len(plan.sites):
+        lengths = "/".join(str(n) for n in meta["site_lengths"])
+        hint = " or without --separators (boundary chunks cost more to lay out than fixed ones)" if \
+            plan.boundaries is not None else ""
+        _warn(f"no configuration was cheaper than exact attention at any site at n = {lengths} under these costs: "
+              f"every site stays exact; calibrate on longer samples{hint}")
 
 
 @app.command()
@@ -435,6 +441,10 @@ def version() -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line on stderr, as errors are: the reason, not the file and line of our
     code that raised it."""
+    _warn(message)
+
+
+def _warn(message) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 

@@ -341,10 +341,19 @@ def test_calibrate_a_saved_program(tmp_path):
     # the default cost model (this project's CPU box) keeps this small model exact at 512 tokens,
     # where the op's per-call costs outweigh what it saves; by the work alone it approximates
     assert plan.metadata["relative_attention_cost"] == 1.0
+    # ... and says so: on the command line, in the plan and in its report
+    sites = list(plan.sites)
+    assert plan.metadata["sites_without_candidates"] == sites and plan.metadata["site_lengths"] == [512]
+    assert ("warning: no configuration was cheaper than exact attention at any site at n = 512 under these costs: "
+            "every site stays exact; calibrate on longer samples") in " ".join(result.output.split()), result.output
+    assert (f"{len(sites)} of {len(sites)} sites had no candidate configuration cheaper than exact attention"
+            in (tmp_path / "plan.report.md").read_text())
     work = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
                                "-o", str(tmp_path / "work.json"), "--cost-model", "work"])
     assert work.exit_code == 0, work.output
     assert mr.Plan.load(tmp_path / "work.json").metadata["relative_attention_cost"] < 1.0
+    assert "no configuration was cheaper" not in work.output
+    assert mr.Plan.load(tmp_path / "work.json").metadata["sites_without_candidates"] == []
     for spec, message in (("gpu", "neither cpu nor work nor a JSON file"), (str(plan_path), "not a cost model")):
         bad = runner.invoke(app, ["calibrate", str(program), "--data", str(tmp_path / "samples.pt"), "--budget", "0.2",
                                   "-o", "x.json", "--cost-model", spec])

@@ -25,6 +25,9 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
         f"{meta['calibration_samples']} calibration and "
         f"{meta['holdout_samples']} held-out samples; {meta['plans_verified']} of "
         f"{meta['plans_considered']} plans verified; {meta['wall_time_s']} s.", "",
+        *([f"{len(meta['sites_without_candidates'])} of {len(details.sites)} sites had no candidate configuration "
+           f"cheaper than exact attention at their lengths under these costs: kept exact "
+           f"({_listed(meta['sites_without_candidates'])}).", ""] if meta.get("sites_without_candidates") else []),
         "| site | n | d | causal | chosen | local error | relative cost |", "|---|---|---|---|---|---|---|",
     ]
     for st in details.sites:
@@ -52,6 +55,10 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
         lines += ["", f"![error vs cost per site]({png.name})"]
     atomic_write_text(md_path, "\n".join(lines) + "\n")
     return md_path, png
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _error(value: float, runs) -> str:

@@ -335,6 +335,9 @@ def calibrate(
         "holdout_error": chosen.holdout_error, "calibration_error": chosen.calibration_error,
         "relative_attention_cost": chosen.cost, "attention_cost_saved": 1 - chosen.cost,
         "plans_considered": len(family), "plans_verified": sum(p.calibration_error is not None for p in family),
+        # sites where no candidate was cheaper than exact attention (under the costs): kept exact
+        "sites_without_candidates": [st.name for st in stats if not st.candidates],
+        "site_lengths": sorted({st.n for st in stats}),
         "learned_summaries": learn_summaries, "clustered_summaries": cluster_keys,
         "costs": (f"measured on {timer.machine()}" if timer is not None
                   else f"modelled (calibration.cost: {cost_model.machine})"),
