@@ -95,7 +95,7 @@ def rewrite(
         args, kwargs = example_inputs(model)
     args, kwargs = example_call(model, args, kwargs)
     gm, matches, sites = _capture_and_match(model, args, kwargs, dynamic)
-    check_not_rewritten(gm, sites)
+    check_not_rewritten(gm, sites, model)
     chosen = resolve_plan(sites, config, plan)
     _warn_left_exact(sites, chosen, plan)
     boundaries = resolve_boundaries(boundaries, plan)
@@ -130,14 +130,20 @@ def _warn_left_exact(sites: list[AttentionSite], chosen: dict, plan: Plan | None
         warnings.warn(f"{len(left)} attention site(s) asked for MTA left exact ({shown})", stacklevel=3)
 
 
-def check_not_rewritten(module: torch.nn.Module, sites: list[AttentionSite]) -> None:
+def check_not_rewritten(module: torch.nn.Module, sites: list[AttentionSite], model=None) -> None:
     """A model whose attention already calls the op, with none left to rewrite, is an error: its
     op calls are not sites (their configuration cannot change), so rewriting it again would change
-    nothing and say it did."""
+    nothing and say it did. (``model``: the one captured; after ``use_mta`` the error says so.)"""
     if any(s.rewritable for s in sites):
         return
     done = len(_op_nodes(module))
     if done:
+        from .interface import NAMES
+
+        if getattr(getattr(model, "config", None), "_attn_implementation", None) in NAMES.values():
+            raise ValueError(f"the model runs MTA through use_mta: {done} site(s) call mta.attention and no attention "
+                             "is left to rewrite (model.set_attn_implementation(\"sdpa\") or \"eager\" undoes "
+                             "use_mta)")
         raise ValueError(f"the model is already rewritten: {done} site(s) call mta.attention and no attention is "
                          "left to rewrite (to change their configuration, rewrite the original model)")
 

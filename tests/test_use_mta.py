@@ -223,6 +223,17 @@ def test_generate_over_a_static_cache_prefills_with_mta(build):
                                                     use_cache=True).logits)
 
 
+def test_rewrite_after_use_mta_says_so():
+    """A model under use_mta captures with op calls in place of attention: ``rewrite`` says that
+    use_mta did it and how to undo it (it said "already rewritten", which the user had not done)."""
+    model = mr.use_mta(llama(layers=1), config=CONFIG)
+    ids, mask = ids_and_mask()
+    with pytest.raises(ValueError) as info:
+        mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
+    assert str(info.value) == ('the model runs MTA through use_mta: 1 site(s) call mta.attention and no attention is '
+                               'left to rewrite (model.set_attn_implementation("sdpa") or "eager" undoes use_mta)')
+
+
 def test_what_use_mta_cannot_take_is_one_line():
     model = llama()
     cases = [
