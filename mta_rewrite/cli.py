@@ -145,8 +145,9 @@ def _configuration(chunk_size: int | None, local_chunks: int, sinks: int, top_k:
     return (MTAConfig(chunk_size, local_chunks, sinks, top_k) if given else None), (Plan.load(plan) if plan else None)
 
 
-def _boundaries(separators: str, segment_input: str):
-    """Boundaries from --separators "13,30" (None without it)."""
+def _boundaries(separators: str, segment_input: str, plan=None):
+    """Boundaries from --separators "13,30" (None without it); with a --plan that carries other
+    boundaries, a one-line error in the command line's words."""
     from .config import Boundaries
 
     if not separators.strip():
@@ -155,7 +156,11 @@ def _boundaries(separators: str, segment_input: str):
         ids = tuple(int(x) for x in separators.split(","))
     except ValueError:
         raise ValueError(f"--separators takes comma-separated token ids, got {separators!r}") from None
-    return Boundaries(ids, segment_input)
+    boundaries = Boundaries(ids, segment_input)
+    if plan is not None and plan.boundaries is not None and plan.boundaries != boundaries:
+        raise ValueError(f"the plan chunks by {plan.boundaries}, --separators by {boundaries}: give one (the plan's "
+                         "apply without --separators)")
+    return boundaries
 
 
 @app.command(name="capture")
@@ -246,7 +251,7 @@ def generate_cmd(
 
     try:
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
-        boundaries = _boundaries(separators, "input_ids")
+        boundaries = _boundaries(separators, "input_ids", chosen)
         with console.status(f"loading {model}") as status:
             done = generate_saved_model(model, prompt, new_tokens=max_new_tokens, tokens=tokens, config=cfg,
                                         plan=chosen, boundaries=boundaries, compare=compare,
@@ -286,7 +291,7 @@ def rewrite_cmd(
     try:
         _distinct(program, output)
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
-        boundaries = _boundaries(separators, segment_input)
+        boundaries = _boundaries(separators, segment_input, chosen)
         with console.status(f"rewriting {program}"):
             ep = load_program(program)
             args, kwargs = example_inputs(ep)
@@ -330,7 +335,7 @@ def export_cmd(
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=False)
         if opset < 0:
             raise ValueError(f"--opset must be positive, got {opset}")
-        boundaries = _boundaries(separators, segment_input)
+        boundaries = _boundaries(separators, segment_input, chosen)
         if boundaries is not None and cfg is None and chosen is None:
             raise ValueError("--separators needs --chunk-size or --plan (boundary chunks apply when rewriting)")
         with console.status(f"exporting {program} to ONNX"):

@@ -202,6 +202,11 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     assert mr.Plan.load(tmp_path / "plan.json").boundaries == boundaries
     result = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "out.pt2"), "--plan", str(tmp_path / "plan.json")])
     assert result.exit_code == 0 and "boundary chunks" in result.output, result.output
+    other = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "other.pt2"), "--plan",
+                                str(tmp_path / "plan.json"), "--separators", "10"])
+    assert other.exit_code == 2 and " ".join(other.output.split()) == (
+        f"error: the plan chunks by {boundaries}, --separators by boundaries after tokens [10] of input_ids: give one "
+        "(the plan's apply without --separators)"), other.output
 
 
 def test_head_groups_read_the_segments_too():
