@@ -247,6 +247,7 @@ def generate_cmd(
 ) -> None:
     """Generate text from a saved language model with MTA on the prompt (use_mta): the prompt's
     attention through the op, each new token exact over the cache."""
+    from .api import resolve_boundaries
     from .models import generate_saved_model
 
     try:
@@ -259,7 +260,7 @@ def generate_cmd(
     except (ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     what = f"plan {plan}" if plan else cfg.short
-    chunks = boundaries or (chosen.boundaries if chosen is not None else None)
+    chunks = resolve_boundaries(boundaries, chosen)
     what += f"; {chunks}" if chunks is not None else ""
     line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
            f"in {done.seconds:.2f} s"

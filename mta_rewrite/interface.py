@@ -106,7 +106,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         if boundaries is not None and any(isinstance(entry, Clustered) for entry in chosen.values()):
             raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not "
                              "chunk)")
-    hooks = _segment_hooks(model, boundaries)
+    signature = _token_input(model, boundaries)
     _register()
     for handle in _HOOKS.pop(model, ()):
         handle.remove()
@@ -121,18 +121,15 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
             _SEGMENTS[module] = segments
         _watch_cross_attention(module)
     if segments is not None:
-        _HOOKS[model] = hooks(segments)
+        _HOOKS[model] = _segment_hooks(model, segments, signature)
     _ORIGINAL[model] = original
     model.set_attn_implementation(NAMES[original])
     return model
 
 
-def _segment_hooks(model: torch.nn.Module, boundaries: Boundaries | None):
-    """For boundary chunks: checks that the model's forward takes their token-id input (a
-    one-line error if not) and returns a function that registers, for a _Segments, the model's
-    forward hooks: before a call, the segment ids of its token ids (as the rewritten graph computes
-    them, ``passes.lower.segment_ids_from_separators``; None when the call gives none); after it,
-    None (so a later call of an inner module alone never reads them)."""
+def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspect.Signature | None:
+    """For boundary chunks: the signature of the model's forward, which must take their token-id
+    input (a one-line error if not; checked before use_mta changes anything). None without them."""
     if boundaries is None:
         return None
     signature = inspect.signature(model.forward)
@@ -140,20 +137,26 @@ def _segment_hooks(model: torch.nn.Module, boundaries: Boundaries | None):
         named = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         raise ValueError(f"boundaries read the model input {boundaries.input!r}, which {type(model).__name__}'s "
                          f"forward does not take (its inputs: {', '.join(named)})")
+    return signature
 
-    def register(segments: _Segments) -> tuple:
-        def before(model, args, kwargs):
-            tokens = signature.bind_partial(*args, **kwargs).arguments.get(boundaries.input)
-            integers = isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
-            segments.ids = segment_ids_from_separators(tokens, boundaries.separators) if integers else None
 
-        def after(model, args, kwargs, output):
-            segments.ids = None
+def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspect.Signature) -> tuple:
+    """The model's forward hooks for boundary chunks: before a call, the segment ids of its token
+    ids (as the rewritten graph computes them, ``passes.lower.segment_ids_from_separators``; None
+    when the call gives none); after it, None (so a later call of an inner module alone never
+    reads them). Their handles."""
+    boundaries = segments.boundaries
 
-        return (model.register_forward_pre_hook(before, with_kwargs=True),
-                model.register_forward_hook(after, with_kwargs=True))
+    def before(model, args, kwargs):
+        tokens = signature.bind_partial(*args, **kwargs).arguments.get(boundaries.input)
+        integers = isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
+        segments.ids = segment_ids_from_separators(tokens, boundaries.separators) if integers else None
 
-    return register
+    def after(model, args, kwargs, output):
+        segments.ids = None
+
+    return (model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True))
 
 
 def _watch_cross_attention(module: torch.nn.Module) -> None:
