@@ -108,19 +108,23 @@ def attention(
 
 def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *,
                        chunk_size: int, causal: bool = False, scale: float | None = None, local_chunks: int = 1,
-                       sinks: int = 0, top_k: int = 0) -> torch.Tensor:
+                       sinks: int = 0, top_k: int = 0, rows_from: int = 0) -> torch.Tensor:
     """The op's value (same arguments), for callers that differentiate it many times on short
     inputs: on the CPU its implementation called directly, so autograd keeps the activations and
     the backward does not run the forward again, as the op's own backward must (it keeps only
     the inputs); on other devices the op (its Triton backward on CUDA). Calibration fits learned
     summaries through it: a step (forward + backward in the weight) on SmolLM2's layer shape at
-    512 tokens takes 7.5–8.9 instead of 13.4–14.6 ms on the CPU box (two runs)."""
+    512 tokens takes 7.5–8.9 instead of 13.4–14.6 ms on the CPU box (two runs). ``rows_from``: for
+    callers that read the output's rows from that query on only (``use_mta`` on a prompt continued
+    over a cache): on the CPU, fixed chunks (``chunked.py``) leave the query chunks wholly before
+    it uncomputed, zeros; everywhere else every row is computed."""
     if q.device.type != "cpu":
         return torch.ops.mta.attention(q, k, v, attn_mask, summary_weight, segment_ids, centroids,
                                        chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks,
                                        sinks=sinks, top_k=top_k)
     return _checked(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
-                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+                    rows_from=rows_from)
 
 
 class Implementations(NamedTuple):
@@ -133,16 +137,19 @@ class Implementations(NamedTuple):
     clustered: Callable
 
 
-def _checked(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, **config):
+def _checked(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, rows_from: int = 0,
+             **config):
     """The op by one device's implementations, its inputs checked first (:func:`check_inputs`)."""
     check_inputs(q, k, v, attn_mask, config["chunk_size"], config["causal"], config["scale"], config["local_chunks"],
                  config["sinks"], config["top_k"], summary_weight, segment_ids)
-    return _forward(impl, q, k, v, attn_mask, summary_weight, segment_ids, centroids, **config)
+    return _forward(impl, q, k, v, attn_mask, summary_weight, segment_ids, centroids, rows_from=rows_from, **config)
 
 
-def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal, **config):
+def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal,
+             rows_from: int = 0, **config):
     """The op once its inputs are checked, by the device's implementations (``PORTABLE``, or the
-    CUDA dispatch's)."""
+    CUDA dispatch's). ``rows_from`` (``attention_autograd``'s, on the CPU): passed to the fixed-chunk
+    implementation only."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
@@ -151,22 +158,25 @@ def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if segment_ids is not None:
         return impl.boundary(q, k, v, attn_mask, segment_ids, **kwargs)
+    if rows_from:
+        kwargs["rows_from"] = rows_from
     return impl.fixed(q, k, v, attn_mask, **kwargs)
 
 
-def portable_fixed(q, k, v, attn_mask=None, **config):
+def portable_fixed(q, k, v, attn_mask=None, rows_from: int = 0, **config):
     """Fixed-chunk MTA off the CUDA kernels: chunk by chunk (``chunked.py``), or in query blocks
     (``varlen.py``) where those are faster (``varlen.blocks_beat_chunks``: small chunks, many of
     them) and apply (no mask or key padding, no top-k). One chunk (c ≥ n) is exact attention:
     ``scaled_dot_product_attention`` (:func:`exact_sdpa`, as on CUDA), 2.6× faster on the CPU than
     the chunk machinery around one whole-sequence key set (SmolLM2's layer, 2048 tokens, causal:
     56 → 22 ms); the exact groups of a site planned per group of heads, and the exact sites of a
-    rewritten program, run so."""
+    rewritten program, run so. ``rows_from`` (``attention_autograd``'s): chunk by chunk, the query
+    chunks wholly before that row are not computed."""
     if config["chunk_size"] >= q.shape[2]:
         return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"])
     if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
         return mta_attention_varlen(q, k, v, attn_mask, None, **config)
-    return mta_attention_chunked(q, k, v, attn_mask, **config)
+    return mta_attention_chunked(q, k, v, attn_mask, rows_from=rows_from, **config)
 
 
 def exact_sdpa(q, k, v, attn_mask, causal: bool, scale):

@@ -144,10 +144,11 @@ def _memory_bands(lo: int, hi: int, row_bytes: int, device: torch.device, at_lea
     return [(lo + a, lo + b) for a, b in _even_bands(rows, min(rows, count))]
 
 
-def _bands(nc: int, causal: bool, row_bytes: int, device: torch.device) -> list[tuple[int, int]]:
-    """The bands of :func:`mta_attention_chunked`: at least 8 when causal (and nc ≥ 32), each
-    under the memory bound (:func:`_memory_bands`)."""
-    return _memory_bands(0, nc, row_bytes, device, at_least=max(1, min(8, nc // 4)) if causal else 1)
+def _bands(nc: int, causal: bool, row_bytes: int, device: torch.device, first: int = 0) -> list[tuple[int, int]]:
+    """The bands of :func:`mta_attention_chunked` over query chunks first … nc − 1: at least 8 when
+    causal (and there are ≥ 32 of them), each under the memory bound (:func:`_memory_bands`)."""
+    rows = nc - first
+    return _memory_bands(first, nc, row_bytes, device, at_least=max(1, min(8, rows // 4)) if causal else 1)
 
 
 def _top_index_lists(flags: torch.Tensor, count: int) -> torch.Tensor:
@@ -273,10 +274,12 @@ def mta_attention_chunked(
     sinks: int = 0,
     top_k: int = 0,
     summary_weight: torch.Tensor | None = None,
+    rows_from: int = 0,
 ) -> torch.Tensor:
     """MTA attention (MTA_SPEC.md), differentiable in q, k, v and ``summary_weight`` [Hkv, d]
     (learned summaries: chunk j's keys weighted by softmax_s(k_s·w) instead of 1/n_j). See the
-    module docstring."""
+    module docstring. ``rows_from``: the caller reads the output's rows from this query on only;
+    the query chunks wholly before it are not computed (their rows are zeros)."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     q_in = q
@@ -463,9 +466,14 @@ def mta_attention_chunked(
     # query chunk i summarises only chunks j < i − L + 1, so a band [lo, hi) needs the first
     # hi − L of them, which cuts the summary work towards half.
     row_bytes = B * Hkv * X * e * cdt.itemsize
-    bands = _bands(nc, causal, row_bytes, dev)
+    first = min(max(rows_from, 0) // c, nc)  # the first query chunk computed
+    bands = _bands(nc, causal, row_bytes, dev, first)
     out = torch.empty(B, Hkv, G, nc, c, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None
+    if first:
+        out[:, :, :, :first] = 0.0
+        if lse is not None:
+            lse[:, :first] = 0.0
     for lo_c, hi_c in bands:
         nb = hi_c - lo_c
         ns = max(0, hi_c - L) if causal else nc

@@ -501,3 +501,24 @@ def test_one_chunk_with_an_empty_row_outputs_zeros_there(causal):
                                rtol=1e-10, atol=1e-10)
     inputs = tuple(x.clone().requires_grad_() for x in (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, chunk_size=64, causal=causal), inputs)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_bool", "random_bool_per_head"])
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_rows_from_leaves_the_chunks_before_it_uncomputed(mask_kind, top_k):
+    """``attention_autograd(..., rows_from=r)`` (use_mta's prompts continued over a cache): the
+    rows of the chunk holding r and after are the reference's, the chunks wholly before it zeros
+    (not computed); r = 0 is the op."""
+    from mta_rewrite.ops.attention import attention_autograd
+
+    B, Hq, n = 2, 4, 37
+    q, k, v = qkv(B, Hq, 2, n)
+    mask = make_mask(mask_kind, B, Hq, n)
+    kw = dict(chunk_size=5, causal=True, local_chunks=2, sinks=2, top_k=top_k)
+    want = mta_attention_reference(q, k, v, mask, **kw)
+    assert torch.equal(attention_autograd(q, k, v, mask, **kw), mta(q, k, v, mask, **kw))
+    for rows_from in (1, 12, 36):
+        got = attention_autograd(q, k, v, mask, rows_from=rows_from, **kw)
+        first = rows_from // 5 * 5
+        torch.testing.assert_close(got[:, :, first:], want[:, :, first:], rtol=1e-10, atol=1e-10)
+        assert torch.all(got[:, :, :first] == 0)
