@@ -10,8 +10,11 @@ them: the prefill of ``generate``, or any plain forward; over a static cache, it
 prompt sliced off: ``_prompt``) with the op under the site's
 configuration, through the same function calibration measures sites with
 (``calibration.probe.site_output``: MTAConfig, HeadGroups, Learned, Clustered; GPT-OSS's learned
-sink logits as one more exact token, as the rewrite gives them). Every other call, a decoding step
-(one query over the cache) or a prompt continued over a cache, and every layer the plan leaves
+sink logits as one more exact token, as the rewrite gives them). A prompt continued over a cache
+(a second turn, a chunked prefill) runs the op over the whole sequence, the cached positions'
+queries zeros, where that costs fewer flops than exact attention of its queries
+(``_continues_with_mta``). Every other call, a decoding step (one query over the cache) or a
+few tokens over it, and every layer the plan leaves
 exact, is the model's own attention (SDPA or eager, whichever it was loaded with, with the masks
 transformers builds for it), exact, as the model ran before; so is cross-attention (a decoder's
 layer given the encoder's states, seen at the call: ``CROSS_ARGUMENTS``). So the prompt
@@ -33,6 +36,7 @@ import functools
 import inspect
 import sys
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -224,22 +228,33 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
                           is_causal=None, *, exact=None, **kwargs):
     """transformers' attention function "mta" / "mta_eager": query [B, Hq, m, d], key and value
     [B, Hkv, n, d] (the cache included), the mask transformers built for the model's own
-    attention → ([B, m, Hq, d], None). A prompt (``_prompt``) of a planned layer runs the op under
-    its configuration (learned sink logits, GPT-OSS's ``s_aux``, as one more exact token, as the
-    rewrite gives them); anything else ``exact``, the model's own attention (None: the eager
-    attention of the layer's modeling module)."""
+    attention → ([B, m, Hq, d], None). A prompt (``_prompt``; one continued over a cache where
+    ``_continues_with_mta``: the op over the whole sequence, the m new rows computed and returned)
+    of a planned layer runs the op under its configuration (learned sink logits, GPT-OSS's
+    ``s_aux``, as one more exact token, as the rewrite gives them); anything else ``exact``, the
+    model's own attention (None: the eager attention of the layer's modeling module)."""
     config = _CONFIGS.get(module)
-    prompt = None if config is None or _CROSS.get(module, False) else _prompt(query, key, value, attention_mask)
+    causal_call = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    prompt = None if config is None or _CROSS.get(module, False) else \
+        _prompt(query, key, value, attention_mask, causal_call)
+    if prompt is not None and prompt.cached and not _continues_with_mta(module, config, query, prompt.key, kwargs):
+        prompt = None
     if prompt is None:
         exact = exact or _eager_function(type(module))
         return exact(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                      **kwargs)
-    key, value, attention_mask = prompt
+    key, value, attention_mask = prompt.key, prompt.value, prompt.mask
+    m = query.shape[2]
+    if prompt.cached:  # the whole sequence's queries, those of the cached tokens zeros (see _Prompt)
+        query = torch.cat([query.new_zeros(*query.shape[:2], prompt.cached, query.shape[3]), query], dim=2)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{type(module).__name__} soft-caps its scores (tanh), which MTA cannot: leave it exact")
     if dropout:
         raise ValueError("MTA has no attention dropout: put the model in eval()")
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and attention_mask is None
+    if prompt.cached:  # causal with no mask or key padding [B, 1, 1, n]; else the mask says it all
+        causal = attention_mask is None or attention_mask.shape[-2] == 1
+    else:
+        causal = causal_call and attention_mask is None
     if kwargs.get("position_bias") is not None:  # (T5's: a float mask, as SDPA gets it)
         from transformers.integrations.sdpa_attention import create_position_bias_mask
 
@@ -249,28 +264,111 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     sinks = kwargs.get("s_aux")
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
                       segment_ids=_segment_ids(module, query),
-                      sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1))
-    return out.transpose(1, 2).contiguous(), None
+                      sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1), rows_from=prompt.cached)
+    return out[:, :, -m:].transpose(1, 2).contiguous(), None
 
 
-def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None):
-    """(key, value, attention_mask) of a call that is a prompt, the m > 1 queries' own keys with
-    nothing cached before them; None for any other call. Over a dynamic cache that is m = n; a
-    static cache (``cache_implementation="static"``, fixed-length k and v, the prompt's written
-    first) hands the prefill all n > m of its slots, and its mask forbids every key after the first
-    m: those are sliced off. (A prompt continued over a cache has a key after the first m that its
-    mask allows: its last query's own.)"""
+class _Prompt(NamedTuple):
+    """A call that runs the op (``_prompt``): the keys, values and mask of the whole sequence so far
+    ([B, H, n, d], [B, H|1, n, n] or None) and how many of its n tokens come from the cache before
+    the call's m = n − cached queries (0: a prompt)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    cached: int
+
+
+def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+            causal: bool) -> _Prompt | None:
+    """The call as a prompt of the op, or None for a call that stays exact (a decoding step: one
+    query; a mask this cannot read).
+
+    A prompt: m > 1 queries. Over a dynamic cache its keys are the n ≥ m tokens so far; a static
+    cache (``cache_implementation="static"``) hands over all its slots, and the mask forbids every
+    slot after the sequence's last token: those are sliced off (the sequence ends after the last key
+    any query may attend, and is at least m long). Its prefill without padding comes with no mask
+    at all (``causal``: SDPA's ``is_causal``, whose triangle starts at the first key, so the queries
+    are the first m tokens). When n > m the queries continue a cached
+    sequence (a second turn, a chunked prefill, ``prefill_chunk_size``): they are its last m
+    tokens, and the call runs the op over the whole sequence with zero queries in the cached
+    positions (their outputs dropped). A mask that is the causal triangle ∧ key padding (what
+    decoders build) becomes the op's causal path with the last query's row as key padding, nothing
+    n × n built; any other gets rows for the cached positions made from the first new query's row
+    cut to the triangle (their outputs are dropped; they decide only which blocks are uniform
+    enough to summarise). Each new query keeps its own row, so the op computes what it would in a
+    prompt of all n tokens, except that top-k ranks a chunk that straddles the cache by the mean
+    of its queries in the call (a zero query scales the mean, not the order). A float mask with
+    values other than 0 and forbidden (a bias) stays exact."""
     m, n = query.shape[2], key.shape[2]
     if m < 2 or n < m:
         return None
     if n == m:
-        return key, value, attention_mask
-    if attention_mask is None:
+        return _Prompt(key, value, attention_mask, 0)
+    if attention_mask is None:  # causal: the prefill of a static cache (the slots after m are in the future)
+        return _Prompt(key[:, :, :m], value[:, :, :m], None, 0) if causal else None
+    allowed = attention_mask if attention_mask.dtype == torch.bool else \
+        attention_mask > forbidden_threshold(attention_mask.dtype)
+    if allowed.dim() != 4 or allowed.shape[2] != m:
         return None
-    after = attention_mask[..., m:]
-    if not (~after if after.dtype == torch.bool else after <= forbidden_threshold(after.dtype)).all():
-        return None
-    return key[:, :, :m], value[:, :, :m], attention_mask[..., :m]
+    if bool(allowed[..., -1].any()):
+        total = n
+    else:  # the last slots empty (a static cache): the sequence ends after the last key a query may attend
+        columns = allowed.flatten(0, 2).any(0).nonzero()
+        total = max(m, int(columns[-1]) + 1 if len(columns) else 0)
+    cached = total - m
+    allowed = allowed[..., :total]
+    if cached == 0:
+        return _Prompt(key[:, :, :m], value[:, :, :m], attention_mask[..., :m], 0)
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask[..., :total] == 0) | ~allowed).all()):
+        return None  # a bias (a float mask with values other than 0 and forbidden): exact
+    key, value = key[:, :, :total], value[:, :, :total]
+    causal = torch.ones(m, total, dtype=torch.bool, device=allowed.device).tril_(cached)  # the new rows' triangle
+    padding = allowed[..., -1:, :]  # the last query's row: every key but padding
+    padding = None if bool(padding.all()) else padding
+    if torch.equal(allowed, (causal if padding is None else causal & padding).expand_as(allowed)):
+        return _Prompt(key, value, padding, cached)  # the triangle ∧ key padding: the op's causal path, nothing n × n
+    before = allowed[..., :1, :] & torch.ones(cached, total, dtype=torch.bool, device=allowed.device).tril_()
+    return _Prompt(key, value, torch.cat([before, allowed], dim=2), cached)
+
+
+def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a prompt continued over a cache (m queries after p = n − m cached tokens) runs the op
+    over the whole sequence: where that has fewer flops (:func:`_op_flops`) than exact attention of
+    the m queries over the n keys; else, as for a few tokens verified over the cache (assisted
+    generation), the model's own attention. Exact too: a sliding-window layer (its cache keeps the
+    last tokens only, whose positions in the sequence the call does not give), boundary chunks
+    (their segments begin in the cached tokens' ids, which the call does not give), clustered
+    summaries (non-causal), a position bias (T5's)."""
+    if (_SEGMENTS.get(module) is not None or isinstance(config, Clustered) or kwargs.get("sliding_window")
+            or kwargs.get("position_bias") is not None):
+        return False
+    m, n, d = query.shape[2], key.shape[2], query.shape[3]
+    config = config.config if isinstance(config, Learned) else config
+    groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
+    exact = 4.0 * m * n * d
+    op = sum(len(heads) * _op_flops(cfg, n, n - m, d, query.device) for cfg, heads in groups)
+    return op < exact * query.shape[1]
+
+
+def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: torch.device) -> float:
+    """Flops per head of the op over n tokens whose first ``cached`` rows are dropped (MTA_SPEC.md's
+    cost model): on the CPU the query chunks before the first new query are not computed
+    (``attention_autograd``'s ``rows_from``), and each row left reads its window, sinks, top-k chunks
+    and at most every chunk's summary; elsewhere, and where the CPU runs many small chunks in query
+    blocks (``ops.varlen.blocks_beat_chunks``), every row is computed (``calibration.cost.mta_flops``).
+    None or one chunk: exact attention of all n tokens."""
+    from .calibration.cost import exact_flops, mta_flops
+    from .ops.varlen import blocks_beat_chunks
+
+    if config is None or config.chunk_size >= n:
+        return exact_flops(n, d, True)
+    if device.type != "cpu" or blocks_beat_chunks(config.chunk_size, n):
+        return mta_flops(config, n, d, True)
+    c = config.chunk_size
+    rows = n - cached // c * c
+    keys = c * (config.local_chunks + config.top_k) + config.sinks + -(-n // c)
+    return 4.0 * d * (rows * min(keys, n) + n)  # (+ the summary pass over k and v)
 
 
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:

@@ -195,15 +195,15 @@ def test_what_boundary_chunks_cannot_take_is_one_line():
     assert str(info.value).startswith("boundary chunks read the segments from the model's input_ids")
 
 
-@pytest.mark.parametrize("build", ["llama", "llama_eager", "gpt_oss"])
-def test_generate_over_a_static_cache_prefills_with_mta(build):
+@pytest.mark.parametrize("build, pad", [("llama", 5), ("llama", 0), ("llama_eager", 5), ("gpt_oss", 5)])
+def test_generate_over_a_static_cache_prefills_with_mta(build, pad):
     """generate(cache_implementation="static") hands the prefill every slot of the cache (keys
-    longer than the prompt, masked after it): the prompt still runs the op (it ran exact,
-    silently, before), the next step is the model's own attention over the cache; a prompt
-    continued over a static cache stays exact."""
+    longer than the prompt, masked after it; without padding, SDPA gets no mask but is_causal): the
+    prompt still runs the op (it ran exact, silently, before), the next step is the model's own
+    attention over the cache."""
     model = globals()[build]()
     own = model.config._attn_implementation
-    ids, mask = ids_and_mask(pad=5)
+    ids, mask = ids_and_mask(pad=pad)
     with torch.no_grad():
         graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
         prompt_logits = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
@@ -213,14 +213,89 @@ def test_generate_over_a_static_cache_prefills_with_mta(build):
         torch.testing.assert_close(out.scores[0], prompt_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.scores[1], step_after_the_prefill(model, ids, mask, out.sequences, own),
                                    rtol=1e-5, atol=1e-5)
-        mr.use_mta(model, config=CONFIG)
-        cache = transformers.StaticCache(config=model.config, max_cache_len=96)
-        model(input_ids=ids[:, :40], attention_mask=mask[:, :40], cache=cache, use_cache=True)
-        copy = copy_module.deepcopy(cache)
-        continued = model(input_ids=ids[:, 40:], attention_mask=mask, cache=cache, use_cache=True).logits
-        model.set_attn_implementation(own)
-        torch.testing.assert_close(continued, model(input_ids=ids[:, 40:], attention_mask=mask, cache=copy,
-                                                    use_cache=True).logits)
+
+
+def continued(model, ids, mask, cached: int, cache=None):
+    """The logits of ids[:, cached:] continued over the cache of a forward of ids[:, :cached] (a
+    dynamic cache, or ``cache``), and a copy of that cache as it was before the continuation."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :cached], attention_mask=mask[:, :cached], cache=cache, use_cache=True)
+        before = copy_module.deepcopy(out.past_key_values)
+        return model(input_ids=ids[:, cached:], attention_mask=mask, cache=out.past_key_values,
+                     use_cache=True).logits, before
+
+
+@pytest.mark.parametrize("build, pad", [("llama", 5), ("llama", 0), ("llama_eager", 5)])
+def test_a_prompt_continued_over_the_cache_runs_the_op(build, pad):
+    """A prompt continued over a cache (a second turn) runs the op over the whole sequence: without
+    top-k its logits are those of the one prompt of all its tokens, over a dynamic and a static
+    cache (they ran the model's own attention before); with top-k, from the first chunk after the
+    cache on. Not the model's own attention over the cache. (With left padding the op takes key
+    padding, without it no mask.)"""
+    model = globals()[build]()
+    own = model.config._attn_implementation
+    ids, mask = ids_and_mask(n=160, pad=pad)
+    config = mr.MTAConfig(8, 2, 2, 0)
+    whole = logits(mr.use_mta(model, config=config), ids, mask)
+    got, cache = continued(model, ids, mask, 44)
+    torch.testing.assert_close(got, whole[:, 44:], rtol=1e-5, atol=1e-5)
+    static, _ = continued(model, ids, mask, 44, transformers.StaticCache(config=model.config, max_cache_len=192))
+    torch.testing.assert_close(static, whole[:, 44:], rtol=1e-5, atol=1e-5)
+    model.set_attn_implementation(own)
+    with torch.no_grad():
+        exact = model(input_ids=ids[:, 44:], attention_mask=mask, cache=cache, use_cache=True).logits
+    assert (got - exact).abs().max() > 1e-4
+    last = mr.Plan({"model.layers.1.self_attn": mr.MTAConfig(8, 1, 0, 1)})  # (a layer's rows feed the next's keys)
+    whole = logits(mr.use_mta(model, plan=last), ids, mask)
+    got, _ = continued(model, ids, mask, 44)
+    torch.testing.assert_close(got[:, 4:], whole[:, 48:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunked_prefill_is_the_one_prompt():
+    """generate(prefill_chunk_size=64): the prompt in three calls over the cache gives the first
+    scores and the tokens of the prefill in one call (it was MTA for the first piece only)."""
+    model = mr.use_mta(llama(), config=mr.MTAConfig(8, 2, 2, 0))
+    ids, mask = ids_and_mask(n=160, pad=5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        one = model.generate(ids, **kwargs)
+        pieces = model.generate(ids, prefill_chunk_size=64, **kwargs)
+        model.set_attn_implementation("sdpa")
+        exact = model.generate(ids, prefill_chunk_size=64, **kwargs)
+    torch.testing.assert_close(pieces.scores[0], one.scores[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(pieces.sequences, one.sequences)
+    assert (pieces.scores[0] - exact.scores[0]).abs().max() > 1e-4
+
+
+def test_what_a_continued_prompt_keeps_exact():
+    """The model's own attention over the cache for: a few tokens (two after 158: the op's chunk
+    holding them and the summary pass would cost more than exact attention of two rows), boundary
+    chunks (their segments begin in the cached tokens), GPT-OSS's sliding-window layer (its cache
+    keeps the window only); the other layers run the op (GPT-OSS's with its sink logits: the one
+    prompt's values)."""
+    model = llama()
+    ids, mask = ids_and_mask(n=160, pad=5)
+    config = mr.MTAConfig(8, 2, 2, 0)
+    for kwargs, cached in ((dict(config=config), 158), (dict(config=config, boundaries=separators(ids)), 44)):
+        got, cache = continued(mr.use_mta(model, **kwargs), ids, mask, cached)
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            exact = model(input_ids=ids[:, cached:], attention_mask=mask, cache=cache, use_cache=True).logits
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    model = gpt_oss()  # layer 0 slides over 24 tokens, layer 1 attends to all (with its sink logits)
+    layer1 = mr.Plan({"model.layers.1.self_attn": config})
+    whole = logits(mr.use_mta(model, plan=layer1), ids, mask)
+    torch.testing.assert_close(continued(model, ids, mask, 44)[0], whole[:, 44:], rtol=1e-5, atol=1e-5)
+    got, cache = continued(mr.use_mta(model, config=config), ids, mask, 44)
+    mr.use_mta(model, plan=layer1)
+    with torch.no_grad():
+        want = model(input_ids=ids[:, 44:], attention_mask=mask, cache=copy_module.deepcopy(cache),
+                     use_cache=True).logits
+        model.set_attn_implementation("eager")
+        exact = model(input_ids=ids[:, 44:], attention_mask=mask, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - exact).abs().max() > 1e-4
 
 
 def test_rewrite_after_use_mta_says_so():

@@ -90,14 +90,17 @@ def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None, si
 
 
 def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None,
-                segment_ids=None, autograd: bool = False, sink_logits=None):
+                segment_ids=None, autograd: bool = False, sink_logits=None, rows_from: int = 0):
     """What a site returns under ``config`` (None: exact, the original output), in the original
     output's dtype (``dtype`` when the original was not computed). ``weight``: a learned summary
     weight for an MTAConfig or HeadGroups (a tensor: calibration fits it through this call); a
     ``Learned`` config carries its own. ``segment_ids``: boundary chunks. ``autograd``: computed by
     ``ops.attention.attention_autograd`` (the same values; cheaper to differentiate on the CPU).
     ``sink_logits``: the site's learned sink logits (GPT-OSS), given to the op as the rewritten
-    model gives them, one more token it attends exactly (``passes.lower.sink_logit_operands``)."""
+    model gives them, one more token it attends exactly (``passes.lower.sink_logit_operands``).
+    ``rows_from``: the caller reads the output's rows from that query on only (``use_mta`` on a
+    prompt continued over a cache); the op's implementation may leave the rows before it uncomputed
+    (``attention_autograd``'s)."""
     if config is None:
         return original
     dtype = original.dtype if original is not None else dtype
@@ -107,13 +110,15 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
         weight = None if weight is None else torch.nn.functional.pad(weight, (0, 1))  # (as with_sink_token pads it)
         segment_ids = None if segment_ids is None else sink_token_segments(segment_ids)
         return drop_sink_token(site_output(with_sink_token(config), None, q, k, v, mask, causal, scale, dtype, weight,
-                                           segment_ids, autograd))
+                                           segment_ids, autograd, rows_from=rows_from + 1 if rows_from else 0))
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, Clustered):
         return torch.ops.mta.attention(q, k, v, mask, None, None, config.tensor(q.device), causal=causal, scale=scale,
                                        **config.config.op_kwargs()).to(dtype)
     attend = attention_autograd if autograd else torch.ops.mta.attention
+    if rows_from:
+        attend = functools.partial(attention_autograd, rows_from=rows_from)
     if isinstance(config, HeadGroups):
         return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids,
                                  attend).to(dtype)
