@@ -242,6 +242,8 @@ def generate_cmd(
     separators: str = typer.Option("", help="boundary chunks on the prompt: token ids that end a segment, "
                                             "comma-separated (a plan calibrated with them carries its own)"),
     compare: bool = typer.Option(False, "--compare", help="also generate with the original model, timed the same way"),
+    prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", help="prefill the prompt in pieces of P tokens, "
+                                             "each after the first continued over the cache"),
     attn: str = typer.Option("auto", help="the model's own attention for its exact calls: sdpa, eager or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
@@ -256,12 +258,18 @@ def generate_cmd(
         with console.status(f"loading {model}") as status:
             done = generate_saved_model(model, prompt, new_tokens=max_new_tokens, tokens=tokens, config=cfg,
                                         plan=chosen, boundaries=boundaries, compare=compare,
-                                        attn_implementation=attn, dtype=dtype, progress=status.update)
+                                        attn_implementation=attn, dtype=dtype, prefill_chunk=prefill_chunk,
+                                        progress=status.update)
     except (ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     what = f"plan {plan}" if plan else cfg.short
     chunks = resolve_boundaries(boundaries, chosen)
     what += f"; {chunks}" if chunks is not None else ""
+    if prefill_chunk is not None:
+        what += f"; prefilled in pieces of {prefill_chunk} tokens"
+        if chunks is not None and prefill_chunk < done.prompt_tokens:
+            _warn("boundary chunks on a prompt prefilled in pieces: the pieces after the first ran exact (their "
+                  "segments begin in the tokens before them, which a piece does not see)")
     line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
            f"in {done.seconds:.2f} s"
     if done.original_seconds is not None:

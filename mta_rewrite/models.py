@@ -333,15 +333,17 @@ class Generated:
 
 def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, new_tokens: int = 32,
                          tokens: int | None = None, config=None, plan=None, boundaries=None, compare: bool = False,
-                         attn_implementation: str = "auto", dtype: str = "float32", progress=None) -> Generated:
+                         attn_implementation: str = "auto", dtype: str = "float32", prefill_chunk: int | None = None,
+                         progress=None) -> Generated:
     """Load the language model saved at ``path``, tokenize the text file ``prompt`` (its first
     ``tokens`` tokens, or all of it) by its tokenizer and greedily generate ``new_tokens`` after
     it with :func:`interface.use_mta` (``config`` for every layer or ``plan``; ``boundaries``, or
     the plan's: boundary chunks on the prompt): MTA on the prompt, exact decoding over the cache.
     ``compare``: the original model first, timed the same way, and how many generated tokens
     agree (one timing each, after a one-token warm-up; the benchmark,
-    ``benchmarks/bench_generate.py``, takes the best of several). ``progress(message)``: called
-    before each step."""
+    ``benchmarks/bench_generate.py``, takes the best of several). ``prefill_chunk``: the prompt
+    prefilled in pieces of that many tokens (``generate``'s ``prefill_chunk_size``; each piece after
+    the first a prompt continued over the cache). ``progress(message)``: called before each step."""
     import time
 
     from .interface import use_mta
@@ -351,6 +353,8 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {new_tokens}")
     if tokens is not None and tokens < 2:
         raise ValueError(f"--tokens must be ≥ 2, got {tokens}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be ≥ 1, got {prefill_chunk}")
     content = _read_text(prompt, "--prompt")
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype)
@@ -369,7 +373,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         raise ValueError(f"the prompt has {ids.shape[1]} token(s): give a longer text")
     pad = saved.tokenizer.pad_token_id if saved.tokenizer.pad_token_id is not None else saved.tokenizer.eos_token_id
     call = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=pad if pad is not None else 0)
+                do_sample=False, pad_token_id=pad if pad is not None else 0, prefill_chunk_size=prefill_chunk)
 
     def timed():
         start = time.perf_counter()
