@@ -323,10 +323,10 @@ def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     if attention_mask.dtype != torch.bool and not bool(((attention_mask[..., :total] == 0) | ~allowed).all()):
         return None  # a bias (a float mask with values other than 0 and forbidden): exact
     key, value = key[:, :, :total], value[:, :, :total]
-    causal = torch.ones(m, total, dtype=torch.bool, device=allowed.device).tril_(cached)  # the new rows' triangle
+    triangle = torch.ones(m, total, dtype=torch.bool, device=allowed.device).tril_(cached)  # the new rows'
     padding = allowed[..., -1:, :]  # the last query's row: every key but padding
     padding = None if bool(padding.all()) else padding
-    if torch.equal(allowed, (causal if padding is None else causal & padding).expand_as(allowed)):
+    if torch.equal(allowed, (triangle if padding is None else triangle & padding).expand_as(allowed)):
         return _Prompt(key, value, padding, cached)  # the triangle ∧ key padding: the op's causal path, nothing n × n
     before = allowed[..., :1, :] & torch.ones(cached, total, dtype=torch.bool, device=allowed.device).tril_()
     return _Prompt(key, value, torch.cat([before, allowed], dim=2), cached)

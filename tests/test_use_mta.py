@@ -382,10 +382,13 @@ def test_a_model_with_eager_attention_prefills_with_mta_and_decodes_with_its_own
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_use_mta_on_the_gpu():
     """On CUDA the prompt runs the Triton kernels (through the op): the same logits as on the CPU,
-    and generate runs."""
+    and generate runs; a prompt continued over the cache (every row of the op computed there) gives
+    the CPU's logits."""
     model = llama()
     ids, mask = ids_and_mask(pad=5)
     want = logits(mr.use_mta(model, config=CONFIG), ids, mask)
+    ids2, mask2 = ids_and_mask(n=160, pad=5)
+    want2, _ = continued(model, ids2, mask2, 44)
     model.cuda()
     got = logits(model, ids.cuda(), mask.cuda()).cpu()
     real = mask.bool()
@@ -393,6 +396,8 @@ def test_use_mta_on_the_gpu():
     with torch.no_grad():
         out = model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=4, do_sample=False)
     assert out.shape == (2, ids.shape[1] + 4)
+    got2, _ = continued(model, ids2.cuda(), mask2.cuda(), 44)
+    torch.testing.assert_close(got2.cpu(), want2, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["bart (sdpa)", "t5 (eager)"])
