@@ -226,18 +226,28 @@ def continued(model, ids, mask, cached: int, cache=None):
 
 
 @pytest.mark.parametrize("build, pad", [("llama", 5), ("llama", 0), ("llama_eager", 5)])
-def test_a_prompt_continued_over_the_cache_runs_the_op(build, pad):
+def test_a_prompt_continued_over_the_cache_runs_the_op(build, pad, monkeypatch):
     """A prompt continued over a cache (a second turn) runs the op over the whole sequence: without
     top-k its logits are those of the one prompt of all its tokens, over a dynamic and a static
     cache (they ran the model's own attention before); with top-k, from the first chunk after the
-    cache on. Not the model's own attention over the cache. (With left padding the op takes key
-    padding, without it no mask.)"""
+    cache on. Not the model's own attention over the cache. The op is given transformers' mask as
+    key padding [B, 1, 1, n] (no mask without padding), causal: nothing n × n."""
+    from mta_rewrite import interface
+
     model = globals()[build]()
     own = model.config._attn_implementation
     ids, mask = ids_and_mask(n=160, pad=pad)
     config = mr.MTAConfig(8, 2, 2, 0)
     whole = logits(mr.use_mta(model, config=config), ids, mask)
+    given, site_output = [], interface.site_output
+
+    def spy(config, original, q, k, v, mask, causal, *args, **kwargs):
+        given.append((None if mask is None else tuple(mask.shape), causal))
+        return site_output(config, original, q, k, v, mask, causal, *args, **kwargs)
+
+    monkeypatch.setattr(interface, "site_output", spy)
     got, cache = continued(model, ids, mask, 44)
+    assert given[-1] == ((2, 1, 1, 160) if pad else None, True), given
     torch.testing.assert_close(got, whole[:, 44:], rtol=1e-5, atol=1e-5)
     static, _ = continued(model, ids, mask, 44, transformers.StaticCache(config=model.config, max_cache_len=192))
     torch.testing.assert_close(static, whole[:, 44:], rtol=1e-5, atol=1e-5)
