@@ -12,9 +12,9 @@ configuration, through the same function calibration measures sites with
 (``calibration.probe.site_output``: MTAConfig, HeadGroups, Learned, Clustered; GPT-OSS's learned
 sink logits as one more exact token, as the rewrite gives them). A prompt continued over a cache
 (a second turn, a chunked prefill) runs the op over the whole sequence, the cached positions'
-queries zeros, where that costs fewer flops than exact attention of its queries
-(``_continues_with_mta``). Every other call, a decoding step (one query over the cache) or a
-few tokens over it, and every layer the plan leaves
+queries zeros, where its new tokens fill a chunk and that costs fewer flops than exact attention
+of its queries (``_continues_with_mta``). Every other call, a decoding step (one query over the
+cache, or fewer than a chunk: assisted generation's candidates), and every layer the plan leaves
 exact, is the model's own attention (SDPA or eager, whichever it was loaded with, with the masks
 transformers builds for it), exact, as the model ran before; so is cross-attention (a decoder's
 layer given the encoder's states, seen at the call: ``CROSS_ARGUMENTS``). So the prompt
@@ -343,9 +343,10 @@ def _equal_bools(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
     """Whether a prompt continued over a cache (m queries after p = n − m cached tokens) runs the op
-    over the whole sequence: where that has fewer flops (:func:`_op_flops`) than exact attention of
-    the m queries over the n keys; else, as for a few tokens verified over the cache (assisted
-    generation), the model's own attention. Exact too: a sliding-window layer (its cache keeps the
+    over the whole sequence: where the m new tokens fill at least one chunk (fewer are decoding, as
+    assisted generation's candidates verified over the cache are: exact, as every decoding step)
+    and the op has fewer flops (:func:`_op_flops`) than exact attention of the m queries over the n
+    keys; else the model's own attention. Exact too: a sliding-window layer (its cache keeps the
     last tokens only, whose positions in the sequence the call does not give), boundary chunks
     (their segments begin in the cached tokens' ids, which the call does not give), clustered
     summaries (non-causal), a position bias (T5's)."""
@@ -355,6 +356,8 @@ def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, 
     m, n, d = query.shape[2], key.shape[2], query.shape[3]
     config = config.config if isinstance(config, Learned) else config
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
+    if m < min((cfg.chunk_size for cfg, _ in groups if cfg is not None), default=n + 1):
+        return False
     exact = 4.0 * m * n * d
     op = sum(len(heads) * _op_flops(cfg, n, n - m, d, query.device) for cfg, heads in groups)
     return op < exact * query.shape[1]

@@ -279,15 +279,15 @@ def test_a_chunked_prefill_is_the_one_prompt():
 
 
 def test_what_a_continued_prompt_keeps_exact():
-    """The model's own attention over the cache for: a few tokens (two after 158: the op's chunk
-    holding them and the summary pass would cost more than exact attention of two rows), boundary
+    """The model's own attention over the cache for: fewer new tokens than a chunk (7 after 153:
+    decoding, as assisted generation's candidates are, though the op's flops would be fewer), boundary
     chunks (their segments begin in the cached tokens), GPT-OSS's sliding-window layer (its cache
     keeps the window only); the other layers run the op (GPT-OSS's with its sink logits: the one
     prompt's values)."""
     model = llama()
     ids, mask = ids_and_mask(n=160, pad=5)
     config = mr.MTAConfig(8, 2, 2, 0)
-    for kwargs, cached in ((dict(config=config), 158), (dict(config=config, boundaries=separators(ids)), 44)):
+    for kwargs, cached in ((dict(config=config), 153), (dict(config=config, boundaries=separators(ids)), 44)):
         got, cache = continued(mr.use_mta(model, **kwargs), ids, mask, cached)
         model.set_attn_implementation("sdpa")
         with torch.no_grad():
