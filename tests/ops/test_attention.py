@@ -196,9 +196,13 @@ def test_identical_keys_within_chunks_are_exact(causal):
     torch.testing.assert_close(out, sdpa(q, k, v, causal=causal), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("top_k,sinks", [(0, 0), (2, 3)])
-def test_causality(top_k, sinks):
-    n, t = 45, 20
+@pytest.mark.parametrize("top_k,sinks,t", [(0, 0, 20), (1, 3, 23)])
+def test_causality(top_k, sinks, t):
+    """out[≤ t] does not change when every token after t changes; with top-k, t ends its chunk
+    (18 … 23): selection is causal between chunks only (the next test). (The top-k case took
+    top_k = 2 with t inside a chunk, where chunk 3 has two summarised chunks and selects both: it
+    could not see that.)"""
+    n = 45
     q, k, v = qkv(1, 4, 2, n, d=8, dtype=torch.float32)
     kw = dict(chunk_size=6, causal=True, local_chunks=2, top_k=top_k, sinks=sinks)
     out = mta(q, k, v, **kw)
@@ -208,6 +212,29 @@ def test_causality(top_k, sinks):
     out2 = mta(q2, k2, v2, **kw)
     torch.testing.assert_close(out[:, :, : t + 1], out2[:, :, : t + 1], rtol=0, atol=1e-6)
     assert not torch.allclose(out[:, :, t + 1:], out2[:, :, t + 1:])
+
+
+def test_top_k_is_causal_between_chunks_not_within_one():
+    """With top-k a chunk's selection ranks by q̄_i, the mean of all its queries (MTA_SPEC.md), so
+    out[t] depends on the queries after t in t's own chunk (the spec's causality identity holds
+    for top_k = 0, test_causality; with top-k only at chunk granularity): changing every token
+    after t's chunk leaves out[≤ t] as it was; changing only the queries after t inside its chunk
+    moves it (here by up to 0.34)."""
+    n, t, c = 96, 62, 8  # t = 62 in chunk 7 (56 … 63)
+    q, k, v = qkv(1, 2, 2, n, d=16, dtype=torch.float32)
+    kw = dict(chunk_size=c, causal=True, top_k=1)
+    out = mta(q, k, v, **kw)
+    g = torch.Generator().manual_seed(3)
+    later = [x.clone() for x in (q, k, v)]
+    for x in later:
+        x[:, :, 64:] = torch.randn(x[:, :, 64:].shape, generator=g) * 3
+    torch.testing.assert_close(mta(*later, **kw)[:, :, :64], out[:, :, :64], rtol=0, atol=1e-6)
+    moved = 0.0
+    for _ in range(5):
+        q2 = q.clone()
+        q2[:, :, t + 1:64] = torch.randn(q2[:, :, t + 1:64].shape, generator=g) * 3
+        moved = max(moved, float((mta(q2, k, v, **kw)[:, :, :t + 1] - out[:, :, :t + 1]).abs().max()))
+    assert moved > 1e-2
 
 
 @pytest.mark.parametrize("causal", [False, True])
