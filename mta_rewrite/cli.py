@@ -267,9 +267,6 @@ def generate_cmd(
     what += f"; {chunks}" if chunks is not None else ""
     if prefill_chunk is not None:
         what += f"; prefilled in pieces of {prefill_chunk} tokens"
-        if chunks is not None and prefill_chunk < done.prompt_tokens:
-            _warn("boundary chunks on a prompt prefilled in pieces: the pieces after the first ran exact (their "
-                  "segments begin in the tokens before them, which a piece does not see)")
     line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
            f"in {done.seconds:.2f} s"
     if done.original_seconds is not None:

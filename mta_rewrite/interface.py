@@ -65,11 +65,15 @@ _CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDict
 class _Segments:
     """Boundary chunks under use_mta: the segment ids of the model's current call (None outside
     one, or when it was given no token ids), set by the model's forward hooks, read by its
-    attention modules."""
+    attention modules: of the whole sequence so far where the call continues one over a cache
+    whose tokens the hooks saw (``tokens``, the token ids of the sequence in ``cache``), else of
+    the call's own tokens."""
 
     def __init__(self, boundaries: Boundaries):
         self.boundaries = boundaries
         self.ids: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+        self.cache: "weakref.ref | None" = None
 
 
 # module of a model used with boundaries → that model's _Segments; model → its hooks' handles
@@ -147,17 +151,39 @@ def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspe
 def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspect.Signature) -> tuple:
     """The model's forward hooks for boundary chunks: before a call, the segment ids of its token
     ids (as the rewritten graph computes them, ``passes.lower.segment_ids_from_separators``; None
-    when the call gives none); after it, None (so a later call of an inner module alone never
-    reads them). Their handles."""
+    when the call gives none), of the whole sequence where the call continues the cache the hooks
+    last saw (the same cache object, passed to the call or returned by it, holding as many tokens
+    as they saw, or fewer); after it, None (so a later call of an inner module alone never reads
+    them). Their handles."""
     boundaries = segments.boundaries
 
     def before(model, args, kwargs):
-        tokens = signature.bind_partial(*args, **kwargs).arguments.get(boundaries.input)
-        integers = isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()
-        segments.ids = segment_ids_from_separators(tokens, boundaries.separators) if integers else None
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        tokens = bound.get(boundaries.input)
+        if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()):
+            segments.ids = segments.tokens = segments.cache = None
+            return
+        extra = bound.get("kwargs") or {}
+        cache = next((x for x in (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"),
+                                  extra.get("past_key_values")) if x is not None), None)
+        cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        before = segments.tokens
+        if cached == 0:
+            sequence = tokens
+        elif (before is not None and segments.cache is not None and segments.cache() is cache
+              and before.shape[0] == tokens.shape[0] and before.shape[1] >= cached):
+            sequence = torch.cat([before[:, :cached], tokens], dim=1)
+        else:
+            sequence = None  # a cache of tokens the hooks did not see
+        segments.tokens = sequence
+        segments.cache = weakref.ref(cache) if sequence is not None and cache is not None else None
+        segments.ids = segment_ids_from_separators(tokens if sequence is None else sequence, boundaries.separators)
 
     def after(model, args, kwargs, output):
         segments.ids = None
+        cache = getattr(output, "past_key_values", None)  # (a cache the model made for the call)
+        if segments.tokens is not None and cache is not None:
+            segments.cache = weakref.ref(cache)
 
     return (model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, with_kwargs=True))
@@ -348,34 +374,39 @@ def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, 
     and the op has fewer flops (:func:`_op_flops`) than exact attention of the m queries over the n
     keys; else the model's own attention. Exact too: a sliding-window layer (its cache keeps the
     last tokens only, whose positions in the sequence the call does not give), boundary chunks
-    (their segments begin in the cached tokens' ids, which the call does not give), clustered
-    summaries (non-causal), a position bias (T5's)."""
-    if (_SEGMENTS.get(module) is not None or isinstance(config, Clustered) or kwargs.get("sliding_window")
-            or kwargs.get("position_bias") is not None):
+    whose segments are not known for the whole sequence (a cache the model's hooks did not see
+    filled), clustered summaries (non-causal), a position bias (T5's)."""
+    segments = _SEGMENTS.get(module)
+    n = key.shape[2]
+    if segments is not None and (segments.ids is None or segments.ids.shape[1] != n):
         return False
-    m, n, d = query.shape[2], key.shape[2], query.shape[3]
+    if isinstance(config, Clustered) or kwargs.get("sliding_window") or kwargs.get("position_bias") is not None:
+        return False
+    m, d = query.shape[2], query.shape[3]
+    every_row = segments is not None  # (boundary chunks compute every row: no rows_from there)
     config = config.config if isinstance(config, Learned) else config
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     if m < min((cfg.chunk_size for cfg, _ in groups if cfg is not None), default=n + 1):
         return False
     exact = 4.0 * m * n * d
-    op = sum(len(heads) * _op_flops(cfg, n, n - m, d, query.device) for cfg, heads in groups)
+    op = sum(len(heads) * _op_flops(cfg, n, n - m, d, query.device, every_row) for cfg, heads in groups)
     return op < exact * query.shape[1]
 
 
-def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: torch.device) -> float:
+def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: torch.device,
+              every_row: bool = False) -> float:
     """Flops per head of the op over n tokens whose first ``cached`` rows are dropped (MTA_SPEC.md's
     cost model): on the CPU the query chunks before the first new query are not computed
     (``attention_autograd``'s ``rows_from``), and each row left reads its window, sinks, top-k chunks
-    and at most every chunk's summary; elsewhere, and where the CPU runs many small chunks in query
-    blocks (``ops.varlen.blocks_beat_chunks``), every row is computed (``calibration.cost.mta_flops``).
-    None or one chunk: exact attention of all n tokens."""
+    and at most every chunk's summary; elsewhere, ``every_row`` (boundary chunks), and where the
+    CPU runs many small chunks in query blocks (``ops.varlen.blocks_beat_chunks``), every row is
+    computed (``calibration.cost.mta_flops``). None or one chunk: exact attention of all n tokens."""
     from .calibration.cost import exact_flops, mta_flops
     from .ops.varlen import blocks_beat_chunks
 
     if config is None or config.chunk_size >= n:
         return exact_flops(n, d, True)
-    if device.type != "cpu" or blocks_beat_chunks(config.chunk_size, n):
+    if every_row or device.type != "cpu" or blocks_beat_chunks(config.chunk_size, n):
         return mta_flops(config, n, d, True)
     c = config.chunk_size
     rows = n - cached // c * c

@@ -261,6 +261,30 @@ def test_a_prompt_continued_over_the_cache_runs_the_op(build, pad, monkeypatch):
     torch.testing.assert_close(got[:, 4:], whole[:, 48:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [5, 0])
+def test_boundary_chunks_continued_over_the_cache_are_the_one_prompt(pad):
+    """Boundary chunks on a prompt continued over a cache the model's hooks saw filled (returned by
+    the first call, or passed to it): the segments of the whole sequence, the one prompt's logits;
+    generate(prefill_chunk_size=...) with boundaries gives the one-piece prefill's first scores."""
+    model = llama()
+    ids, mask = ids_and_mask(n=160, pad=pad)
+    boundaries = separators(ids)
+    whole = logits(mr.use_mta(model, config=mr.MTAConfig(8, 2, 2, 0), boundaries=boundaries), ids, mask)
+    fixed = logits(mr.use_mta(model, config=mr.MTAConfig(8, 2, 2, 0)), ids, mask)
+    assert (whole - fixed).abs().max() > 1e-4  # (the boundaries change the values)
+    mr.use_mta(model, config=mr.MTAConfig(8, 2, 2, 0), boundaries=boundaries)
+    got, _ = continued(model, ids, mask, 44)
+    torch.testing.assert_close(got, whole[:, 44:], rtol=1e-5, atol=1e-5)
+    got, _ = continued(model, ids, mask, 44, transformers.DynamicCache(config=model.config))
+    torch.testing.assert_close(got, whole[:, 44:], rtol=1e-5, atol=1e-5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=2, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        one = model.generate(ids, **kwargs)
+        pieces = model.generate(ids, prefill_chunk_size=64, **kwargs)
+    torch.testing.assert_close(pieces.scores[0], one.scores[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_chunked_prefill_is_the_one_prompt():
     """generate(prefill_chunk_size=64): the prompt in three calls over the cache gives the first
     scores and the tokens of the prefill in one call (it was MTA for the first piece only)."""
@@ -280,19 +304,25 @@ def test_a_chunked_prefill_is_the_one_prompt():
 
 def test_what_a_continued_prompt_keeps_exact():
     """The model's own attention over the cache for: fewer new tokens than a chunk (7 after 153:
-    decoding, as assisted generation's candidates are, though the op's flops would be fewer), boundary
-    chunks (their segments begin in the cached tokens), GPT-OSS's sliding-window layer (its cache
-    keeps the window only); the other layers run the op (GPT-OSS's with its sink logits: the one
-    prompt's values)."""
+    decoding, as assisted generation's candidates are, though the op's flops would be fewer),
+    boundary chunks over a cache whose tokens the model's hooks did not see (a copy: its segments
+    begin in tokens they do not know), GPT-OSS's sliding-window layer (its cache keeps the window
+    only); the other layers run the op (GPT-OSS's with its sink logits: the one prompt's values)."""
     model = llama()
     ids, mask = ids_and_mask(n=160, pad=5)
     config = mr.MTAConfig(8, 2, 2, 0)
-    for kwargs, cached in ((dict(config=config), 153), (dict(config=config, boundaries=separators(ids)), 44)):
-        got, cache = continued(mr.use_mta(model, **kwargs), ids, mask, cached)
+    got, cache = continued(mr.use_mta(model, config=config), ids, mask, 153)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        exact = model(input_ids=ids[:, 153:], attention_mask=mask, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    mr.use_mta(model, config=config, boundaries=separators(ids))
+    _, cache = continued(model, ids, mask, 44)
+    with torch.no_grad():
+        got = model(input_ids=ids[:, 44:], attention_mask=mask, cache=copy_module.deepcopy(cache), use_cache=True).logits
         model.set_attn_implementation("sdpa")
-        with torch.no_grad():
-            exact = model(input_ids=ids[:, cached:], attention_mask=mask, cache=cache, use_cache=True).logits
-        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+        exact = model(input_ids=ids[:, 44:], attention_mask=mask, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
     model = gpt_oss()  # layer 0 slides over 24 tokens, layer 1 attends to all (with its sink logits)
     layer1 = mr.Plan({"model.layers.1.self_attn": config})
     whole = logits(mr.use_mta(model, plan=layer1), ids, mask)
