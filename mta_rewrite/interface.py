@@ -161,13 +161,14 @@ def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspe
 
 
 def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspect.Signature) -> tuple:
-    """The model's forward hooks for boundary chunks: before a call, the segment ids of its token
-    ids (as the rewritten graph computes them, ``passes.lower.segment_ids_from_separators``; None
-    when the call gives none), of the whole sequence where the call continues the cache the hooks
-    last saw (the same cache object, passed to the call or returned by it, holding as many tokens
-    as they saw, or fewer); after it, None (so a later call of an inner module alone never reads
-    them). Their handles."""
+    """The model's forward hooks for boundary chunks: before a call, the token ids whose segments
+    its prompts read (as the rewritten graph computes them, ``passes.lower.segment_ids_from_separators``,
+    when first read; None when the call gives none): the whole sequence's where the call continues
+    the cache the hooks last saw (the same cache object, passed to the call or returned by it,
+    holding as many tokens as they saw, or fewer: a cropped cache), else the call's own; after it,
+    None (so a later call of an inner module alone never reads them). Their handles."""
     boundaries = segments.boundaries
+    extra_name = next((name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
 
     def before(model, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
@@ -176,16 +177,16 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
             segments.set_call(None)
             segments.tokens = segments.cache = None
             return
-        extra = bound.get("kwargs") or {}
+        extra = bound.get(extra_name) or {}
         cache = next((x for x in (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"),
                                   extra.get("past_key_values")) if x is not None), None)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        before = segments.tokens
+        seen = segments.tokens
         if cached == 0:
             sequence = tokens
-        elif (before is not None and segments.cache is not None and segments.cache() is cache
-              and before.shape[0] == tokens.shape[0] and before.shape[1] >= cached):
-            sequence = torch.cat([before[:, :cached], tokens], dim=1)
+        elif (seen is not None and segments.cache is not None and segments.cache() is cache
+              and seen.shape[0] == tokens.shape[0] and seen.shape[1] >= cached):
+            sequence = torch.cat([seen[:, :cached], tokens], dim=1)
         else:
             sequence = None  # a cache of tokens the hooks did not see
         segments.tokens = sequence
@@ -366,7 +367,7 @@ def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     padding = allowed[..., -1:, :]  # the last query's row: every key but padding
     padding = None if bool(padding.all()) else padding
     if _equal_bools(allowed, (triangle if padding is None else triangle & padding).expand_as(allowed)):
-        return _Prompt(key, value, padding, cached)  # the triangle ∧ key padding: the op's causal path, nothing n × n
+        return _Prompt(key, value, padding, cached)  # the triangle ∧ key padding: the op's causal path
     before = allowed[..., :1, :] & torch.ones(cached, total, dtype=torch.bool, device=allowed.device).tril_()
     return _Prompt(key, value, torch.cat([before, allowed], dim=2), cached)
 
