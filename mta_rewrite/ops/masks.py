@@ -91,14 +91,15 @@ _ROW_BLOCK_ELEMENTS = 1 << 26  # rows of the mask compared per step: bounds the 
 _STRUCTURE: dict[tuple, tuple] = {}  # (id, B, Hq, n) → (weakref to the mask, its version, verdict)
 
 
-def _structure(m: torch.Tensor) -> tuple[torch.Tensor | None, bool] | None:
-    """For a bool or float mask ``m`` [Bm, Hm, n, n]: ``(keep, triangle)`` if, in every head, the
-    mask allows exactly the keep flags of its first head's last row on every row (key padding:
-    triangle False) or the causal triangle ∧ them (triangle True), with keep [Bm, 1, 1, n] bool,
-    or None when every key is kept; None if it is neither, or if a float mask carries a bias
-    (an allowed value other than 0). Read in row blocks (no temporary of the mask's size); one
-    device→host transfer of four flags."""
-    Bm, Hm, n, _ = m.shape
+def _structure(m: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor | None, bool, bool] | None:
+    """For a bool or float mask ``m`` [Bm, Hm, rows, n] (the last ``rows`` = n − ``offset`` queries
+    of n tokens): ``(keep, padding, triangle)``: whether, in every head, the mask allows exactly the
+    keep flags of its first head's last row on every row (key padding) and whether exactly the
+    causal triangle ∧ them (query r's keys up to offset + r), with keep [Bm, 1, 1, n] bool, or None
+    when every key is kept; None if it is neither, or if a float mask carries a bias (an allowed
+    value other than 0). Read in row blocks (no temporary of the mask's size); one device→host
+    transfer of four flags."""
+    Bm, Hm, rows_n, n = m.shape
     floating = m.is_floating_point()
     threshold = forbidden_threshold(m.dtype) if floating else None
 
@@ -110,18 +111,34 @@ def _structure(m: torch.Tensor) -> tuple[torch.Tensor | None, bool] | None:
     pad_ok, causal_ok, bias_free = true.clone(), true.clone(), true.clone()
     keys = torch.arange(n, device=m.device)
     step = max(1, _ROW_BLOCK_ELEMENTS // max(1, Bm * Hm * n))
-    for r0 in range(0, n, step):
+    for r0 in range(0, rows_n, step):
         block = m[:, :, r0:r0 + step]
         rows = allowed(block)
         pad_ok &= (rows == keep[:, None, None, :]).all()
-        tri = keys[None, :] <= torch.arange(r0, min(n, r0 + step), device=m.device)[:, None]
+        tri = keys[None, :] <= torch.arange(offset + r0, offset + min(rows_n, r0 + step), device=m.device)[:, None]
         causal_ok &= (rows == (tri & keep[:, None, :])[:, None]).all()
         if floating:
             bias_free &= ((block == 0) | ~rows).all()
     pad, causal, no_bias, all_kept = torch.stack([pad_ok, causal_ok, bias_free, keep.all()]).tolist()
     if not no_bias or not (pad or causal):
         return None
-    return (None if all_kept else keep[:, None, None, :].clone()), not pad
+    return (None if all_kept else keep[:, None, None, :].clone()), pad, causal
+
+
+def _verdict(attn_mask: torch.Tensor, m: torch.Tensor, key: tuple, offset: int = 0):
+    """:func:`_structure` of ``m`` (a view of ``attn_mask``), kept per mask tensor under ``key``
+    while it lives and is not modified in place; None (unread) while a CUDA graph is captured."""
+    cached = _STRUCTURE.get(key)
+    versioned = not attn_mask.is_inference()
+    if cached is not None and versioned and cached[0]() is attn_mask and cached[1] == attn_mask._version:
+        return cached[2]
+    if m.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    verdict = _structure(m, offset)
+    if versioned:
+        _STRUCTURE[key] = (weakref.ref(attn_mask, lambda _, key=key: _STRUCTURE.pop(key, None)),
+                           attn_mask._version, verdict)
+    return verdict
 
 
 def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool
@@ -148,19 +165,21 @@ def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causa
         return attn_mask, causal  # already the same for every query
     if not (m.dtype == torch.bool or m.is_floating_point()):
         return attn_mask, causal  # normalize_mask raises the error
-    key = (id(attn_mask), B, Hq, n)
-    cached = _STRUCTURE.get(key)
-    versioned = not attn_mask.is_inference()
-    if cached is not None and versioned and cached[0]() is attn_mask and cached[1] == attn_mask._version:
-        verdict = cached[2]
-    else:
-        if m.is_cuda and torch.cuda.is_current_stream_capturing():
-            return attn_mask, causal
-        verdict = _structure(m)
-        if versioned:
-            _STRUCTURE[key] = (weakref.ref(attn_mask, lambda _, key=key: _STRUCTURE.pop(key, None)),
-                               attn_mask._version, verdict)
+    verdict = _verdict(attn_mask, m, (id(attn_mask), B, Hq, n))
     if verdict is None:
         return attn_mask, causal
-    keep, triangle = verdict
-    return keep, causal or triangle
+    keep, padding, _ = verdict
+    return keep, causal or not padding
+
+
+def continued_key_padding(attn_mask: torch.Tensor, n: int) -> tuple[bool, torch.Tensor | None]:
+    """For the mask [B|1, H|1, m, ≥ n] of m queries that are the last of n tokens (a prompt
+    continued over a cache; columns after n ignored): ``(True, keep [Bm, 1, 1, n] or None)`` when
+    its first n columns are, by their values, the causal triangle (query r's keys up to n − m + r)
+    ∧ key padding, with no bias; else ``(False, None)``. Read once per mask tensor, as
+    :func:`simplify_mask` reads its masks (every layer of a forward shares the mask)."""
+    m = attn_mask[..., :n]
+    verdict = _verdict(attn_mask, m, (id(attn_mask), "continued", n), offset=n - m.shape[2])
+    if verdict is None or not verdict[2]:
+        return False, None
+    return True, verdict[0]

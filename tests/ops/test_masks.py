@@ -140,3 +140,32 @@ def test_float_masks_are_read_in_row_blocks_too(monkeypatch):
     assert simplify_mask(mask, B, H, N, False)[1] is True
     mask[1, 0, N - 1, 3] = 0.25  # an allowed key with a bias, in the last block
     assert simplify_mask(mask, B, H, N, False)[0] is mask
+
+
+def test_continued_key_padding(monkeypatch):
+    """The mask of m queries that are the last of n tokens (a prompt continued over a cache, slots
+    after n ignored): the triangle from n − m on ∧ key padding, bool or float, is recognised (keep
+    flags [B, 1, 1, n], None when nothing is padded), once per mask tensor; a key after a query,
+    a bias, or key padding without the triangle are not."""
+    calls = []
+    structure = masks._structure
+    monkeypatch.setattr(masks, "_structure", lambda *a: calls.append(1) or structure(*a))
+    m, slots = 4, N + 5
+    keep = keep_flags()
+    rows = tri()[N - m:]  # [m, N]: query r sees keys up to N − m + r
+    mask = torch.zeros(B, 1, m, slots, dtype=torch.bool)
+    mask[..., :N] = (rows & keep[:, None, :])[:, None]
+    for _ in range(2):
+        ok, flags = masks.continued_key_padding(mask, N)
+        assert ok and torch.equal(flags, keep[:, None, None, :])
+    assert len(calls) == 1
+    float_mask = torch.where(mask, 0.0, MIN)
+    assert masks.continued_key_padding(float_mask, N)[0]
+    assert masks.continued_key_padding(rows[None, None].expand(B, 1, m, N).clone(), N) == (True, None)
+    future = mask.clone()
+    future[1, 0, 0, N - 1] = True
+    biased = float_mask.clone()
+    biased[0, 0, 1, 5] = 0.5
+    padding = keep[:, None, None, :].expand(B, 1, m, N).clone()
+    for other in (future, biased, padding):
+        assert masks.continued_key_padding(other, N) == (False, None)
