@@ -49,7 +49,7 @@ def call_values(n: int, c: int, H: int, d: int) -> dict[str, int]:
                 stride_vb=x["b"], stride_vh=x["h"], stride_vn=d, stride_sb=H * nc * d, stride_sh=nc * d, stride_sj=d,
                 stride_lb=H * nc, stride_lh=nc, stride_lj=1, stride_selb=1, stride_selh=1, stride_seli=1,  # the placeholder
                 stride_ob=x["b"], stride_oh=x["h"], stride_on=d, n=n, nc=nc, c=c, L=1, sinks=0, top_k=0,
-                Hq=H, Hkv=H, G=1, clusters=0, stride_csb=0)
+                Hq=H, Hkv=H, G=1, clusters=0, first_block=0, stride_csb=0)
 
 
 def compile_cubin(fn, constexprs: dict, values: dict, dtype: str, arch: int, num_warps: int, num_stages: int,

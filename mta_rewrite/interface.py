@@ -401,17 +401,19 @@ def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, 
 def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: torch.device,
               every_row: bool = False) -> float:
     """Flops per head of the op over n tokens whose first ``cached`` rows are dropped (MTA_SPEC.md's
-    cost model): on the CPU the query chunks before the first new query are not computed
-    (``attention_autograd``'s ``rows_from``), and each row left reads its window, sinks, top-k chunks
-    and at most every chunk's summary; elsewhere, ``every_row`` (boundary chunks), and where the
-    CPU runs many small chunks in query blocks (``ops.varlen.blocks_beat_chunks``), every row is
-    computed (``calibration.cost.mta_flops``). None or one chunk: exact attention of all n tokens."""
+    cost model): on the CPU and on CUDA the query chunks before the first new query are not
+    computed (``attention_autograd``'s ``rows_from``), and each row left reads its window, sinks,
+    top-k chunks and at most every chunk's summary; on other devices, ``every_row`` (boundary
+    chunks), and where the CPU runs many small chunks in query blocks
+    (``ops.varlen.blocks_beat_chunks``), every row is computed (``calibration.cost.mta_flops``).
+    None or one chunk: exact attention of all n tokens."""
     from .calibration.cost import exact_flops, mta_flops
     from .ops.varlen import blocks_beat_chunks
 
     if config is None or config.chunk_size >= n:
         return exact_flops(n, d, True)
-    if every_row or device.type != "cpu" or blocks_beat_chunks(config.chunk_size, n):
+    if every_row or device.type not in ("cpu", "cuda") or (
+            device.type == "cpu" and blocks_beat_chunks(config.chunk_size, n)):
         return mta_flops(config, n, d, True)
     c = config.chunk_size
     rows = n - cached // c * c

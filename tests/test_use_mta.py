@@ -338,6 +338,24 @@ def test_what_a_continued_prompt_keeps_exact():
     assert (got - exact).abs().max() > 1e-4
 
 
+def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
+    """The gate's op flops (``interface._op_flops``): on the CPU and on CUDA the query chunks before
+    the first new token are not computed (``rows_from``), so 512 new tokens after 15872 cached take
+    the op there (SmolLM2's head size, c128 L2 s4 k2); a device without ``rows_from`` computes
+    every row (the spec's cost of all n), more than exact attention of the 512 rows."""
+    from mta_rewrite.calibration.cost import mta_flops
+    from mta_rewrite.interface import _op_flops
+
+    config, n, m, d = mr.MTAConfig(128, 2, 4, 2), 16384, 512, 64
+    exact = 4.0 * m * n * d
+    every_row = mta_flops(config, n, d, True)
+    assert _op_flops(config, n, n - m, d, torch.device("meta")) == every_row > exact
+    for device in ("cpu", "cuda"):
+        trimmed = _op_flops(config, n, n - m, d, torch.device(device))
+        assert trimmed == 4.0 * d * (m * (128 * 4 + 4 + 128) + n) < exact / 10
+        assert _op_flops(config, n, n - m, d, torch.device(device), every_row=True) == every_row
+
+
 def test_rewrite_after_use_mta_says_so():
     """A model under use_mta captures with op calls in place of attention: ``rewrite`` says that
     use_mta did it and how to undo it (it said "already rewritten", which the user had not done)."""
@@ -422,8 +440,8 @@ def test_a_model_with_eager_attention_prefills_with_mta_and_decodes_with_its_own
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_use_mta_on_the_gpu():
     """On CUDA the prompt runs the Triton kernels (through the op): the same logits as on the CPU,
-    and generate runs; a prompt continued over the cache (every row of the op computed there) gives
-    the CPU's logits."""
+    and generate runs; a prompt continued over the cache (the kernel's grid from the first new
+    query block on) gives the CPU's logits."""
     model = llama()
     ids, mask = ids_and_mask(pad=5)
     want = logits(mr.use_mta(model, config=CONFIG), ids, mask)

@@ -58,7 +58,11 @@ def kernel_keep(q, attn_mask):
     return key_padding(attn_mask, q.shape[0], q.shape[1], q.shape[2])
 
 
-def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None):
+def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None,
+                  rows_from: int = 0):
+    """Fixed chunks on CUDA, by the rules of this module's docstring. ``rows_from``
+    (``attention_autograd``'s): the caller reads the rows from that query on only; the kernels and
+    the portable implementation leave the query blocks (chunks) wholly before it uncomputed."""
     n = q.shape[2]
     # a transformers model's [B, 1, n, n] mask is key padding (∧ the causal triangle) by value: as
     # such it runs on the fused kernels instead of the portable implementation (ops/masks.py)
@@ -74,8 +78,8 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     if keep is not False:
         from .mta_fwd import mta_forward_triton
 
-        return mta_forward_triton(q, k, v, keep, summary_weight=summary_weight, **kwargs)
-    return mta_attention_chunked(q, k, v, attn_mask, summary_weight=summary_weight, **kwargs)
+        return mta_forward_triton(q, k, v, keep, summary_weight=summary_weight, rows_from=rows_from, **kwargs)
+    return mta_attention_chunked(q, k, v, attn_mask, summary_weight=summary_weight, rows_from=rows_from, **kwargs)
 
 
 def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chunks, sinks, centroids):

@@ -196,7 +196,7 @@ if triton is not None:
         chunks read where they lie, as the forward reads them. CLUSTERED: clustered summaries, as
         the forward's CLUSTERED path reads them."""
         blocks_per_chunk = tl.cdiv(c, BLOCK_M)
-        b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk)  # the forward's grid and order
+        b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk, 0)  # the forward's grid and order
         # the rows as the forward's main kernel finds them (written out there too: as a shared jit
         # helper it reordered 80 instructions of the timed forward's default SASS)
         if VARLEN:

@@ -206,11 +206,11 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _query_block(Hq, G, blocks_per_chunk):
+    def _query_block(Hq, G, blocks_per_chunk, first_block):
         """(batch, query head, key/value head, chunk, sub-block) of this program on the grid
-        (chunks × sub-blocks, B × Hq), heaviest blocks (late chunks: most summaries under
-        causality) first, for load balance."""
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        (chunks × sub-blocks from the query block ``first_block`` on, B × Hq), heaviest blocks
+        (late chunks: most summaries under causality) first, for load balance."""
+        pid_m = first_block + tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         h = pid_bh % Hq
         return pid_bh // Hq, h, h // G, pid_m // blocks_per_chunk, pid_m % blocks_per_chunk
@@ -387,7 +387,7 @@ if triton is not None:
         stride_lb, stride_lh, stride_lj,  # log2 n_j [B, Hkv, nc] (stride_lj: 1, or 8 for the chunk-major launch)
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
-        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, clusters,
+        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, clusters, first_block,
         starts_ptr, stride_csb,  # VARLEN: each sequence's chunk starts [B, nc + 1] (n past its last chunk)
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
@@ -435,7 +435,7 @@ if triton is not None:
                 b = t // Hkv
             h = hk * G + g
         else:
-            b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk)
+            b, h, hk, i, sub = _query_block(Hq, G, blocks_per_chunk, first_block)
         if WIDE:  # tensors of 2^31 elements or more: batch and head offsets in 64 bits
             b = b.to(tl.int64)
             h = h.to(tl.int64)
@@ -772,7 +772,8 @@ def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts=None):
 
 
 def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-                       launch: LaunchConfig | None = None, summary_weight=None, centroids=None, chunk_starts=None):
+                       launch: LaunchConfig | None = None, summary_weight=None, centroids=None, chunk_starts=None,
+                       rows_from: int = 0):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
     :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it).
@@ -780,7 +781,11 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     [Hkv, K, d]: clustered summaries (non-causal, no top-k; pooled by ``clusters.py``).
     ``chunk_starts`` [B, M + 1] int32: boundary chunks without padding (``ops.segments.chunk_bounds``:
     chunk i of sequence b is the tokens chunk_starts[b, i] … chunk_starts[b, i+1]−1, at most
-    ``chunk_size`` of them; M chunks, a shorter sequence's last ones empty).
+    ``chunk_size`` of them; M chunks, a shorter sequence's last ones empty). ``rows_from``: the
+    caller reads the output's rows from that query on only (``use_mta`` on a prompt continued over
+    a cache): the grid starts at the query block holding it, the rows before that block are zeros;
+    with fixed chunks and the pre-pass only (the fused launch's programs pool the summaries of
+    their own chunks, boundary chunks start where their segments do: every row there).
 
     The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
     (causal, no top-k, means), from the main launch itself (see ``_mta_fwd_kernel``)."""
@@ -854,13 +859,21 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
 
         k, v = k.contiguous(), v.contiguous()  # the descriptors address rows (b·H + h)·n + s
         descs = (rows(k), rows(v), rows(kbar), rows(vbar))
-    blocks = nc * _cdiv(c, cfg.block_m)
+    blocks_per_chunk = _cdiv(c, cfg.block_m)
+    first = 0
+    if rows_from > 0 and not fused and starts is None and not clusters:
+        first = min(rows_from, n) // c * blocks_per_chunk + min(rows_from, n) % c // cfg.block_m
+        row0 = first // blocks_per_chunk * c + first % blocks_per_chunk * cfg.block_m
+        out[:, :, :row0].zero_()
+    blocks = nc * blocks_per_chunk - first
+    if blocks == 0:
+        return out
     grid = (blocks * B * Hq,) if fused else (blocks, B * Hq)
     _mta_fwd_kernel[grid](
         q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync, *descs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *kbar.stride()[:3], *logn.stride()[:3],
         *sel.stride()[:3], *out.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, clusters,
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, clusters, first,
         starts if starts is not None else sync, starts.stride(0) if starts is not None else 0,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)

@@ -116,8 +116,17 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
     summaries through it: a step (forward + backward in the weight) on SmolLM2's layer shape at
     512 tokens takes 7.5–8.9 instead of 13.4–14.6 ms on the CPU box (two runs). ``rows_from``: for
     callers that read the output's rows from that query on only (``use_mta`` on a prompt continued
-    over a cache): on the CPU, fixed chunks (``chunked.py``) leave the query chunks wholly before
-    it uncomputed, zeros; everywhere else every row is computed."""
+    over a cache): fixed chunks leave the query chunks wholly before it uncomputed, zeros, on the
+    CPU (``chunked.py``) and, where no gradient is wanted, on CUDA (the Triton forward's grid starts
+    at the query block holding it: ``kernels.dispatch_cuda``); everywhere else every row is
+    computed."""
+    if q.is_cuda and rows_from and not (torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, summary_weight))):
+        from ..kernels import CUDA
+
+        return _checked(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
+                        causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+                        rows_from=rows_from)
     if q.device.type != "cpu":
         return torch.ops.mta.attention(q, k, v, attn_mask, summary_weight, segment_ids, centroids,
                                        chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks,
@@ -148,7 +157,7 @@ def _checked(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_
 def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal,
              rows_from: int = 0, **config):
     """The op once its inputs are checked, by the device's implementations (``PORTABLE``, or the
-    CUDA dispatch's). ``rows_from`` (``attention_autograd``'s, on the CPU): passed to the fixed-chunk
+    CUDA dispatch's). ``rows_from`` (``attention_autograd``'s): passed to the fixed-chunk
     implementation only."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     if centroids is not None:

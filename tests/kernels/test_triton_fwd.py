@@ -88,6 +88,64 @@ def test_tile_paths_match_reference(causal, masked):
             torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kw} {cfg}: {m}")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_from_starts_the_grid_at_its_block(causal, masked):
+    """``rows_from=r`` (use_mta's prompts continued over a cache): the grid starts at the query
+    block holding r, whose rows and all after are the reference's; the rows before that block are
+    zeros, not computed (a launch over every block would overwrite them). Blocks narrower than
+    the chunk (r inside a chunk's second sub-block), partial last chunk, sinks, top-k, GQA; the
+    fused launch computes every row."""
+    B, Hq, Hkv, n, d = 2, 4, 2, 90, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=7)
+    mask = padding(B, n) if masked else None
+    for (c, L, s, top_k), cfg in [((40, 1, 3, 1), LaunchConfig(16, 16, 4, 1)), ((24, 2, 2, 0), LaunchConfig(32, 16, 4, 1)),
+                                  ((8, 2, 2, 1), None)]:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, **kw)
+        block = (cfg or default_launch(c, d, q.dtype)).block_m
+        for rows_from in (1, 20, 57, 89):
+            out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), launch=cfg, rows_from=rows_from, **kw)
+            row0 = rows_from // c * c + rows_from % c // block * block
+            msg = f"{kw} r={rows_from}"
+            torch.testing.assert_close(out[:, :, row0:].double().cpu(), ref[:, :, row0:], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{msg}: {m}")
+            assert torch.all(out[:, :, :row0] == 0), msg
+    if causal:
+        kw = dict(chunk_size=8, causal=True, local_chunks=2, sinks=2, top_k=0)
+        out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), launch=FUSED[0], rows_from=57, **kw)
+        torch.testing.assert_close(out.double().cpu(), mta_attention_reference(q, k, v, mask, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["padding", "per_query"])
+def test_rows_from_through_the_cuda_dispatch(mask_kind, monkeypatch):
+    """The CUDA implementations (``kernels.CUDA``, what ``attention_autograd(..., rows_from=r)``
+    takes on CUDA without gradients) pass ``rows_from`` to the kernel, or for a mask the kernel does
+    not take to the portable implementation: the rows from r's chunk on are the reference's, the
+    chunks before zeros."""
+    from mta_rewrite.kernels import CUDA as CUDA_IMPLEMENTATIONS
+    from mta_rewrite.kernels import mta_fwd
+    from mta_rewrite.ops.attention import _checked
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=8)
+    if mask_kind == "padding":
+        mask = padding(B, n)
+    else:
+        g = torch.Generator().manual_seed(3)
+        mask = (torch.rand(B, 1, n, n, generator=g) > 0.3).to(DEVICE)
+    launches = []
+    launch = mta_fwd.mta_forward_triton
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton",
+                        lambda *a, **kw: launches.append(kw["rows_from"]) or launch(*a, **kw))
+    kw = dict(chunk_size=8, causal=True, scale=None, local_chunks=2, sinks=3, top_k=1)
+    ref = mta_attention_reference(q, k, v, mask, **kw)
+    out = _checked(CUDA_IMPLEMENTATIONS, q, k, v, mask, None, None, None, rows_from=30, **kw)
+    assert launches == ([30] if mask_kind == "padding" else [])
+    torch.testing.assert_close(out[:, :, 24:].double().cpu(), ref[:, :, 24:], rtol=1e-5, atol=1e-5)
+    assert torch.all(out[:, :, :24] == 0)
+
+
 def test_fused_summaries_need_causal_without_selection():
     q, k, v = inputs(1, 2, 2, 40, 16, torch.float32)
     with pytest.raises(ValueError, match="causal=True and top_k=0"):
@@ -341,6 +399,24 @@ def test_gpu_variants_match_three_loops(n, c, causal):
                 got = mta_forward_triton(q, k, v, keep, launch=other, **kw)
                 torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2,
                                            msg=lambda m: f"{kw} {other}: {m}")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_rows_from_without_gradients_only():
+    """``attention_autograd(..., rows_from=r)`` on CUDA: without gradients the kernel leaves the
+    blocks before r's uncomputed (zeros), the rows after are the op's; where a gradient is wanted
+    it is the op (every row, the Triton backward)."""
+    from mta_rewrite.ops.attention import attention_autograd
+
+    q, k, v = inputs(1, 8, 2, 4096, 64, torch.bfloat16, seed=9)
+    kw = dict(chunk_size=128, causal=True, local_chunks=2, sinks=4, top_k=2)
+    whole = torch.ops.mta.attention(q, k, v, None, **kw)
+    with torch.no_grad():
+        got = attention_autograd(q, k, v, rows_from=3000, **kw)
+    assert torch.all(got[:, :, :2944] == 0)
+    torch.testing.assert_close(got[:, :, 2944:], whole[:, :, 2944:], rtol=0, atol=0)
+    leaf = q.clone().requires_grad_()
+    torch.testing.assert_close(attention_autograd(leaf, k, v, rows_from=3000, **kw), whole, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
