@@ -118,9 +118,9 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
     callers that read the output's rows from that query on only (``use_mta`` on a prompt continued
     over a cache): fixed chunks leave the query chunks wholly before it uncomputed, zeros, on the
     CPU (``chunked.py``) and, where no gradient is wanted, on CUDA (the Triton forward's grid starts
-    at the query block holding it: ``kernels.dispatch_cuda``); everywhere else every row is
-    computed."""
-    if q.is_cuda and rows_from and not (torch.is_grad_enabled() and any(
+    at the query block holding it: ``kernels.dispatch_cuda``; not under torch.compile, which
+    sees the op there, not the launcher); everywhere else every row is computed."""
+    if q.is_cuda and rows_from and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, summary_weight))):
         from ..kernels import CUDA
 
