@@ -277,7 +277,8 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     causal_call = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     prompt = None if config is None or _CROSS.get(module, False) else \
         _prompt(query, key, value, attention_mask, causal_call)
-    if prompt is not None and prompt.cached and not _continues_with_mta(module, config, query, prompt.key, kwargs):
+    if prompt is not None and prompt.cached and not _continues_with_mta(module, config, query, prompt.key, prompt.mask,
+                                                                         kwargs):
         prompt = None
     if prompt is None:
         exact = exact or _eager_function(type(module))
@@ -372,7 +373,8 @@ def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     return _Prompt(key, value, torch.cat([before, allowed], dim=2), cached)
 
 
-def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                        kwargs: dict) -> bool:
     """Whether a prompt continued over a cache (m queries after p = n − m cached tokens) runs the op
     over the whole sequence: where the m new tokens fill at least one chunk (fewer are decoding, as
     assisted generation's candidates verified over the cache are: exact, as every decoding step)
@@ -388,36 +390,41 @@ def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, 
     if isinstance(config, Clustered) or kwargs.get("sliding_window") or kwargs.get("position_bias") is not None:
         return False
     m, d = query.shape[2], query.shape[3]
-    every_row = segments is not None  # (boundary chunks compute every row: no rows_from there)
     config = config.config if isinstance(config, Learned) else config
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     if m < min((cfg.chunk_size for cfg, _ in groups if cfg is not None), default=n + 1):
         return False
     exact = 4.0 * m * n * d
-    op = sum(len(heads) * _op_flops(cfg, n, n - m, d, query.device, every_row) for cfg, heads in groups)
+    key_padding = mask is None or mask.shape[-2] == 1  # (else a mask per query: _prompt's general path)
+    op = sum(len(heads) * _op_flops(cfg, n, n - m, d, query.device, segments is not None, key_padding)
+             for cfg, heads in groups)
     return op < exact * query.shape[1]
 
 
 def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: torch.device,
-              every_row: bool = False) -> float:
+              boundary: bool = False, key_padding: bool = True) -> float:
     """Flops per head of the op over n tokens whose first ``cached`` rows are dropped (MTA_SPEC.md's
-    cost model): on the CPU and on CUDA the query chunks before the first new query are not
-    computed (``attention_autograd``'s ``rows_from``), and each row left reads its window, sinks,
-    top-k chunks and at most every chunk's summary; on other devices, ``every_row`` (boundary
-    chunks), and where the CPU runs many small chunks in query blocks
-    (``ops.varlen.blocks_beat_chunks``), every row is computed (``calibration.cost.mta_flops``).
-    None or one chunk: exact attention of all n tokens."""
+    cost model; ``boundary``: boundary chunks, about as many as fixed ones; ``key_padding``: no mask
+    or key padding, else a mask per query). The rows before the first new query are not computed
+    (``attention_autograd``'s ``rows_from``) by whole query chunks of fixed chunks on the CPU and
+    on CUDA, by whole query blocks (``ops.varlen``) where the CPU runs those (boundary chunks
+    without top-k for key padding; many small fixed chunks, ``ops.varlen.blocks_beat_chunks``);
+    each row left reads its window, sinks, top-k chunks and at most every chunk's summary.
+    Elsewhere (boundary chunks on CUDA or in padded slots, other devices) every row is computed
+    (``calibration.cost.mta_flops``). None or one chunk: exact attention of all n tokens."""
     from .calibration.cost import exact_flops, mta_flops
-    from .ops.varlen import blocks_beat_chunks
+    from .ops.varlen import blocks_beat_chunks, query_block
 
     if config is None or config.chunk_size >= n:
         return exact_flops(n, d, True)
-    if every_row or device.type not in ("cpu", "cuda") or (
-            device.type == "cpu" and blocks_beat_chunks(config.chunk_size, n)):
+    c, L, s, nc = config.chunk_size, config.local_chunks, config.sinks, -(-n // config.chunk_size)
+    if device.type == "cpu" and config.top_k == 0 and key_padding and (boundary or blocks_beat_chunks(c, n)):
+        block = query_block(c)  # (a block's window range: its own queries and L chunks before them)
+        rows, keys = n - cached // block * block, block + c * L + s + nc
+    elif device.type in ("cpu", "cuda") and not boundary:
+        rows, keys = n - cached // c * c, c * (L + config.top_k) + s + nc
+    else:
         return mta_flops(config, n, d, True)
-    c = config.chunk_size
-    rows = n - cached // c * c
-    keys = c * (config.local_chunks + config.top_k) + config.sinks + -(-n // c)
     return 4.0 * d * (rows * min(keys, n) + n)  # (+ the summary pass over k and v)
 
 

@@ -5,6 +5,7 @@ decoding steps are exact SDPA over the cache; one-line errors for what it cannot
 from __future__ import annotations
 
 import copy as copy_module
+import sys
 
 import pytest
 import torch
@@ -262,10 +263,15 @@ def test_a_prompt_continued_over_the_cache_runs_the_op(build, pad, monkeypatch):
 
 
 @pytest.mark.parametrize("pad", [5, 0])
-def test_boundary_chunks_continued_over_the_cache_are_the_one_prompt(pad):
+def test_boundary_chunks_continued_over_the_cache_are_the_one_prompt(pad, monkeypatch):
     """Boundary chunks on a prompt continued over a cache the model's hooks saw filled (returned by
     the first call, or passed to it): the segments of the whole sequence, the one prompt's logits;
-    generate(prefill_chunk_size=...) with boundaries gives the one-piece prefill's first scores."""
+    generate(prefill_chunk_size=...) with boundaries gives the one-piece prefill's first scores,
+    its later pieces computing the rows from their own query block on only (``rows_from``)."""
+    attention_module = sys.modules["mta_rewrite.ops.attention"]
+    varlen, rows = attention_module.mta_attention_varlen, []
+    monkeypatch.setattr(attention_module, "mta_attention_varlen",
+                        lambda *a, **kw: rows.append(kw["rows_from"]) or varlen(*a, **kw))
     model = llama()
     ids, mask = ids_and_mask(n=160, pad=pad)
     boundaries = separators(ids)
@@ -281,8 +287,10 @@ def test_boundary_chunks_continued_over_the_cache_are_the_one_prompt(pad):
                   return_dict_in_generate=True)
     with torch.no_grad():
         one = model.generate(ids, **kwargs)
+        rows.clear()
         pieces = model.generate(ids, prefill_chunk_size=64, **kwargs)
     torch.testing.assert_close(pieces.scores[0], one.scores[0], rtol=1e-5, atol=1e-5)
+    assert sorted(set(rows)) == [0, 64, 128]  # (each of the 2 layers, each piece)
 
 
 def test_a_chunked_prefill_is_the_one_prompt():
@@ -342,7 +350,10 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
     """The gate's op flops (``interface._op_flops``): on the CPU and on CUDA the query chunks before
     the first new token are not computed (``rows_from``), so 512 new tokens after 15872 cached take
     the op there (SmolLM2's head size, c128 L2 s4 k2); a device without ``rows_from`` computes
-    every row (the spec's cost of all n), more than exact attention of the 512 rows."""
+    every row (the spec's cost of all n), more than exact attention of the 512 rows. Boundary
+    chunks: on the CPU without top-k, for key padding, trimmed by query blocks of 128 (their
+    window range: the block and L chunks before it); with top-k, a mask per query, or on CUDA,
+    every row."""
     from mta_rewrite.calibration.cost import mta_flops
     from mta_rewrite.interface import _op_flops
 
@@ -353,7 +364,13 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
     for device in ("cpu", "cuda"):
         trimmed = _op_flops(config, n, n - m, d, torch.device(device))
         assert trimmed == 4.0 * d * (m * (128 * 4 + 4 + 128) + n) < exact / 10
-        assert _op_flops(config, n, n - m, d, torch.device(device), every_row=True) == every_row
+        assert _op_flops(config, n, n - m, d, torch.device(device), boundary=True) == every_row
+    no_top_k = mr.MTAConfig(128, 2, 4, 0)
+    blocks = 4.0 * d * (m * (128 + 128 * 2 + 4 + 128) + n)
+    assert _op_flops(no_top_k, n, n - m, d, torch.device("cpu"), boundary=True) == blocks < exact / 10
+    for device, key_padding in (("cpu", False), ("cuda", True)):
+        assert _op_flops(no_top_k, n, n - m, d, torch.device(device), True, key_padding) == mta_flops(
+            no_top_k, n, d, True)
 
 
 def test_rewrite_after_use_mta_says_so():

@@ -102,11 +102,12 @@ def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chun
 
 
 def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causal, scale, local_chunks, sinks, top_k,
-                           summary_weight=None):
+                           summary_weight=None, rows_from: int = 0):
     """Boundary chunks on CUDA (the mask already simplified): no mask or key padding in
     fp16/bf16/fp32 → the Triton kernels reading the chunks where they lie (``chunk_bounds``: no
     padding slots, no gathers); otherwise the tokens moved into padded chunk slots and
-    :func:`dispatch_cuda` there (``ops/segments.py``)."""
+    :func:`dispatch_cuda` there (``ops/segments.py``). Every row is computed (``rows_from`` is
+    taken and not used: a sequence's chunks start where its segments do)."""
     kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
                   summary_weight=summary_weight)
     keep = kernel_keep(q, attn_mask)

@@ -157,18 +157,18 @@ def _checked(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_
 def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_ids, centroids, *, causal,
              rows_from: int = 0, **config):
     """The op once its inputs are checked, by the device's implementations (``PORTABLE``, or the
-    CUDA dispatch's). ``rows_from`` (``attention_autograd``'s): passed to the fixed-chunk
-    implementation only."""
+    CUDA dispatch's). ``rows_from`` (``attention_autograd``'s): passed to the fixed- and
+    boundary-chunk implementations (which may compute every row)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
         return impl.clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
                               local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
-    if segment_ids is not None:
-        return impl.boundary(q, k, v, attn_mask, segment_ids, **kwargs)
     if rows_from:
         kwargs["rows_from"] = rows_from
+    if segment_ids is not None:
+        return impl.boundary(q, k, v, attn_mask, segment_ids, **kwargs)
     return impl.fixed(q, k, v, attn_mask, **kwargs)
 
 
@@ -179,12 +179,12 @@ def portable_fixed(q, k, v, attn_mask=None, rows_from: int = 0, **config):
     ``scaled_dot_product_attention`` (:func:`exact_sdpa`, as on CUDA), 2.6× faster on the CPU than
     the chunk machinery around one whole-sequence key set (SmolLM2's layer, 2048 tokens, causal:
     56 → 22 ms); the exact groups of a site planned per group of heads, and the exact sites of a
-    rewritten program, run so. ``rows_from`` (``attention_autograd``'s): chunk by chunk, the query
-    chunks wholly before that row are not computed."""
+    rewritten program, run so. ``rows_from`` (``attention_autograd``'s): the query chunks (or
+    blocks) wholly before that row are not computed."""
     if config["chunk_size"] >= q.shape[2]:
         return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"])
     if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
-        return mta_attention_varlen(q, k, v, attn_mask, None, **config)
+        return mta_attention_varlen(q, k, v, attn_mask, None, rows_from=rows_from, **config)
     return mta_attention_chunked(q, k, v, attn_mask, rows_from=rows_from, **config)
 
 
@@ -220,11 +220,12 @@ def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
     return portable and takes(attn_mask, *q.shape[:3], top_k)
 
 
-def portable_boundary(q, k, v, attn_mask, segment_ids, **config):
+def portable_boundary(q, k, v, attn_mask, segment_ids, rows_from: int = 0, **config):
     """Boundary chunks off the CUDA kernels: without padding (``varlen.py``) where it applies,
-    else the fixed-chunk implementation in padded chunk slots (``segments.py``)."""
+    its query blocks wholly before ``rows_from`` not computed, else the fixed-chunk
+    implementation in padded chunk slots (``segments.py``: every row)."""
     if _unpadded_boundaries(True, q, attn_mask, config["top_k"]):
-        return mta_attention_varlen(q, k, v, attn_mask, segment_ids, **config)
+        return mta_attention_varlen(q, k, v, attn_mask, segment_ids, rows_from=rows_from, **config)
     return in_layout_of(q, segmented(portable_fixed, q, k, v, attn_mask, segment_ids, **config))
 
 

@@ -169,10 +169,13 @@ def mta_attention_varlen(
     top_k: int = 0,
     summary_weight: torch.Tensor | None = None,
     block: int | None = None,
+    rows_from: int = 0,
 ) -> torch.Tensor:
     """Boundary-chunk MTA (``segments.py``'s chunks, MTA_SPEC.md's math) for the masks and options
     of :func:`varlen_applies`, differentiable in q, k, v and ``summary_weight``. ``block``: the
-    queries per block (default :func:`query_block`). See the module docstring."""
+    queries per block (default :func:`query_block`). ``rows_from``: the caller reads the output's
+    rows from this query on only; the query blocks wholly before it are not computed (their rows
+    are zeros). See the module docstring."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -233,8 +236,15 @@ def mta_attention_varlen(
     # (chunked._memory_bands), built, used and freed one after the other.
     out = torch.empty(Hkv, nb * B, G * Bq, d, dtype=cdt, device=dev)
     lse = torch.empty(Hkv, nb * B, G * Bq, dtype=cdt, device=dev)
+    first = min(max(rows_from, 0) // Bq, nb)  # the first query block computed (rows: block·B + b)
+    if first:
+        out[:, :first * B] = 0.0
+        lse[:, :first * B] = 0.0
     jj = torch.arange(M, device=dev)
     for lo_p, hi_p, width in plan.bands:
+        lo_p = max(lo_p, first)
+        if lo_p >= hi_p:
+            continue
         cols = Wmax + s + width
         for lo_b, hi_b in _memory_bands(lo_p, hi_p, Hkv * B * cols * d * cdt.itemsize, dev):
             m_b = hi_b - lo_b

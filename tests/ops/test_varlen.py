@@ -80,6 +80,43 @@ def test_pieces_of_one_block_match_reference(one_chunk_bands, causal, mask_kind)
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding"])
+def test_rows_from_leaves_the_blocks_before_it_uncomputed(causal, mask_kind):
+    """``rows_from=r`` (use_mta's prompts continued over a cache, boundary chunks on the CPU): the
+    rows of the query block holding r and after are the reference's, the blocks wholly before it
+    zeros (not computed, though the reference's rows there are not); through the op's boundary
+    implementation too (``attention_autograd``), and for many small fixed chunks in query blocks."""
+    from mta_rewrite.ops.attention import attention_autograd
+
+    B, Hq, Hkv, n = 3, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n)
+    mask = None if mask_kind == "none" else key_padding(B, n)
+    ids = segments(B, n, rate=0.25)
+    kw = dict(chunk_size=3, causal=causal, local_chunks=2, sinks=2)
+    ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+    for block, rows_from in ((4, 1), (4, 13), (5, 30), (16, 16)):
+        out = mta_attention_varlen(q, k, v, mask, ids, block=block, rows_from=rows_from, **kw)
+        first = rows_from // block * block
+        torch.testing.assert_close(out[:, :, first:], ref[:, :, first:], rtol=1e-10, atol=1e-10)
+        assert torch.all(out[:, :, :first] == 0) and (first == 0 or ref[:, :, :first].abs().max() > 0)
+    n = 200  # through the op's implementation: blocks of 64 for c = 3
+    q, k, v = qkv(B, Hq, Hkv, n)
+    mask = None if mask_kind == "none" else key_padding(B, n)
+    ids = segments(B, n, rate=0.25)
+    got = attention_autograd(q, k, v, mask, None, ids, rows_from=150, **kw)
+    ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+    torch.testing.assert_close(got[:, :, 128:], ref[:, :, 128:], rtol=1e-10, atol=1e-10)
+    assert torch.all(got[:, :, :128] == 0)
+    n = 600  # c = 2 over 600 tokens: fixed chunks run in query blocks of 64 (blocks_beat_chunks)
+    q, k, v = qkv(1, 2, 1, n)
+    kw = dict(chunk_size=2, causal=causal, local_chunks=2, sinks=1)
+    got = attention_autograd(q, k, v, rows_from=300, **kw)
+    ref = mta_attention_reference(q, k, v, **kw)
+    torch.testing.assert_close(got[:, :, 256:], ref[:, :, 256:], rtol=1e-10, atol=1e-10)
+    assert torch.all(got[:, :, :256] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_learned_summaries_shared_ids_and_fp32(causal):
     """Learned summaries, one [1, n] id row for the whole batch, fp32 inputs (the fused CPU kernel)."""
     B, Hq, Hkv, n = 2, 6, 2, 45
