@@ -245,6 +245,11 @@ def _check_model(model) -> str:
                          "attn_implementation=\"sdpa\" for use_mta")
     if model.training:
         raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(text_config, "attn_logit_softcapping", None)
+    if cap is not None:
+        raise ValueError(f"{name} soft-caps its attention scores (tanh, attn_logit_softcapping={cap}), which MTA "
+                         "cannot: its attention stays exact (rewrite() leaves such sites exact too)")
     return original
 
 

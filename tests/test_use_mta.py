@@ -373,6 +373,30 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
             no_top_k, n, d, True)
 
 
+def test_a_soft_capping_model_is_refused_before_anything_changes():
+    """Gemma-2 soft-caps every layer's scores (tanh), which the op cannot: use_mta says so at once
+    (it said so at the first prompt, the model already switched to MTA), and the model is left as
+    it was; at a layer's call, a soft-cap the config did not announce is the same one-line error."""
+    from mta_rewrite.interface import mta_attention_forward
+
+    cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, intermediate_size=128, num_hidden_layers=2, pad_token_id=0,
+                                    attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"soft-caps its attention scores \(tanh, attn_logit_softcapping=50.0\)"):
+        mr.use_mta(model, config=CONFIG)
+    assert model.config._attn_implementation == "eager"
+    ids, mask = ids_and_mask(n=40, pad=0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # runs, exact
+    model.config.attn_logit_softcapping = None
+    mr.use_mta(model, config=CONFIG)
+    layer = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="Gemma2Attention soft-caps its scores"):
+        mta_attention_forward(layer, q, k, k, None, softcap=30.0)
+
+
 def test_rewrite_after_use_mta_says_so():
     """A model under use_mta captures with op calls in place of attention: ``rewrite`` says that
     use_mta did it and how to undo it (it said "already rewritten", which the user had not done)."""
