@@ -23,7 +23,9 @@ skipped and listed under "skipped_for_budget", and the run still ends with its r
 5. extras at 64K causal, c = 128: the summary pre-pass alone (means and learned), learned
    summaries, boundary chunks (runs of ~100 tokens: the slots' padded length and the op's time;
    the CPU's unpadded path in torch ops on the GPU, for comparison), clustered summaries,
-   L = 2 + sinks + top-k, GQA (8 kv
+   L = 2 + sinks + top-k (and as ``use_mta`` runs a prompt continued over a cache: 2048 new
+   queries after n − 2048 cached, the kernel's grid from the first new block, against cuDNN
+   SDPA of those rows over the n keys), GQA (8 kv
    heads), a site with learned sink logits as the rewrite gives it (GPT-OSS's 64 / 8 heads of
    64: one more token, d + 1 = 65) against the same site without them, forward + backward through autograd (the Triton backward) against SDPA's, the
    backward alone with the summaries' gradients by atomics or by their own kernel (and with
@@ -542,6 +544,15 @@ def main(argv=None):
         q, k, v = qkv(4096 if not args.dry_run else n)  # the launches below, compiled ahead (same specialisation)
         qg, kg, vg = qkv(q.shape[2], hkv=max(1, H // 4))
 
+        from mta_rewrite.ops.attention import attention_autograd
+
+        def continued(q, k, v, m):
+            """The op as use_mta runs a prompt continued over a cache: m new queries after n − m cached
+            tokens, the rows from the first new query block on (attention_autograd's rows_from)."""
+            with torch.no_grad():
+                return attention_autograd(q, k, v, rows_from=q.shape[2] - m, chunk_size=c, causal=True,
+                                          local_chunks=2, sinks=4, top_k=2)
+
         def segments(length):  # boundary chunks: runs of 100 tokens on average (a sentence, a paragraph)
             g = torch.Generator().manual_seed(7)
             return torch.cumsum((torch.rand(1, length, generator=g) < 0.01).long(), dim=1).to(DEVICE)
@@ -560,7 +571,8 @@ def main(argv=None):
             lambda: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c, causal=True,
                                         chunk_starts=chunk_bounds(segments(q.shape[2]), 1, c, 0)),
             lambda: mta_backward_triton(q, k, v, None, torch.randn_like(q), chunk_size=c,
-                                        centroids=k[0, :, :64].float())])
+                                        centroids=k[0, :, :64].float()),
+            lambda: continued(q, k, v, min(2048, q.shape[2] // 4))])
         qg = kg = vg = None
         q, k, v = qkv(n)
         nc = n // c
@@ -604,6 +616,18 @@ def main(argv=None):
         empty_cache()
         kw = dict(chunk_size=c, causal=True, local_chunks=2, sinks=4, top_k=2)
         extras["L2_sinks4_topk2_ms"] = median_ms(lambda: torch.ops.mta.attention(q, k, v, **kw))
+        # a prompt continued over a cache (use_mta: a chunked prefill's last piece, a second turn):
+        # 2048 new queries after n − 2048 cached, the kernel's grid from the first new query block,
+        # against every row (the line above) and exact attention of the 2048 rows over the n keys
+        # (cuDNN, no mask: their causal triangle leaves out fewer than 2048 of the n keys)
+        m = min(2048, n // 4)
+        extras["continued_2048_after_n_rows_from_ms"] = median_ms(lambda: continued(q, k, v, m))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            try:
+                extras["continued_2048_sdpa_cudnn_ms"] = median_ms(
+                    lambda: F.scaled_dot_product_attention(q[:, :, -m:], k, v))
+            except RuntimeError as exc:
+                extras["continued_2048_sdpa_cudnn_error"] = str(exc).splitlines()[0]
         # a model's q, k, v: transposed [B, n, H, d] buffers, read in place (no copies) by the kernel
         time_variant(extras, "contiguous_qkv", lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=True))
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))

@@ -41,7 +41,7 @@ def test_dry_run_reports_every_step(tmp_path):
             "boundary_padded_over_n", "boundary_unpadded_portable_ms", "clustered_prepass_K64_ms",
             "clustered_K64_full_ms", "chunks_full_ms", "boundary_bwd_ms", "boundary_bwd_slots_ms",
             "clustered_K64_bwd_ms", "clustered_K64_bwd_recompute_ms", "bwd_learned_ms", "sink_logits_gptoss_ms",
-            "sink_logits_gptoss_without_ms"} <= set(report["extras"])
+            "sink_logits_gptoss_without_ms", "continued_2048_after_n_rows_from_ms"} <= set(report["extras"])
     (flex,) = report["flex"]
     assert "error" not in flex and flex["rel_err_vs_mta"] < 1e-2 and flex["graphs_compiled_while_timing"] == 0
     assert [m["model"].split()[:2] for m in report["models"]] == [["TinyCausalLM", "d=32,"], ["transformers", "LlamaModel"]]
