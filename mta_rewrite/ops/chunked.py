@@ -86,32 +86,36 @@ def _window_offsets(L: int, causal: bool) -> list[int]:
 
 def _window_into(dst_k: torch.Tensor, dst_v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, offsets: list[int],
                  lo: int, hi: int) -> None:
-    """The window of query chunks lo … hi − 1 into dst [B, H, hi − lo, len(offsets)·c, d] (views
-    of a band's key sets): slot j holds chunk i + offsets[j] of kc, vc [B, H, nc, c, d], shifted
-    copies without an index gather; zeros where that chunk is off the sequence (its term
-    excludes it)."""
-    nc, c = kc.shape[2], kc.shape[3]
+    """The window of query chunks lo … hi − 1 into dst [..., hi − lo, len(offsets)·c, d] (views
+    of a band's key sets): slot j holds chunk i + offsets[j] of kc, vc [..., nc, c, d] (leading
+    dimensions broadcast: [B, Hkv, 1] into [B, Hkv, G] reads each key/value head once per query
+    head, no copy of k), shifted copies without an index gather; zeros where that chunk is off the
+    sequence (its term excludes it)."""
+    nc, c = kc.shape[-3], kc.shape[-2]
     nb = hi - lo
     for slot, o in enumerate(offsets):
         a, b = max(lo, -o), min(hi, nc - o)  # the query chunks whose chunk i + o exists
         cols = slice(slot * c, (slot + 1) * c)
         if b > a:
-            dst_k[:, :, a - lo:b - lo, cols] = kc[:, :, a + o:b + o]
-            dst_v[:, :, a - lo:b - lo, cols] = vc[:, :, a + o:b + o]
+            dst_k[..., a - lo:b - lo, cols, :] = kc[..., a + o:b + o, :, :]
+            dst_v[..., a - lo:b - lo, cols, :] = vc[..., a + o:b + o, :, :]
         for edge in (slice(0, max(0, min(a, hi) - lo)), slice(max(0, max(b, lo) - lo), nb)):
-            dst_k[:, :, edge, cols] = 0.0
-            dst_v[:, :, edge, cols] = 0.0
+            dst_k[..., edge, cols, :] = 0.0
+            dst_v[..., edge, cols, :] = 0.0
 
 
 def _gather_chunks_into(dst: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> None:
-    """dst [B, H, nb, K·c, e] (a view) ← chunks of x [B, H, nc, c, e] named by idx [Bl, Hl, nb, K]
-    (chunk ids ≥ 0), one slot of c columns at a time: each slot's gather is one ``index_select``
-    over the B·H·nc chunks, small enough to stay in cache on its way into ``dst`` (one gather of
-    all K slots builds a K-times larger intermediate and runs 2–3× slower on the CPU)."""
-    B, H, nc, c = x.shape[:4]
+    """dst [B, H, nb, K·c, e] (a view) ← chunks of x [B, H / share, nc, c, e] named by idx
+    [Bl, Hl, nb, K] (chunk ids ≥ 0; query head h reads key/value head h // share), one slot of c
+    columns at a time: each slot's gather is one ``index_select`` over the chunks of x, small
+    enough to stay in cache on its way into ``dst`` (one gather of all K slots builds a K-times
+    larger intermediate and runs 2–3× slower on the CPU)."""
+    B, H = dst.shape[:2]
+    share = H // x.shape[1]
+    nc, c = x.shape[2], x.shape[3]
     nb = idx.shape[2]
-    flat = x.reshape(B * H * nc, c, x.shape[-1])
-    base = (torch.arange(B * H, device=x.device) * nc).view(B, H, 1)
+    flat = x.reshape(-1, c, x.shape[-1])
+    base = (torch.arange(B * H, device=x.device) // share * nc).view(B, H, 1)
     for slot in range(idx.shape[-1]):
         rows = (idx[..., slot].expand(B, H, nb) + base).reshape(-1)
         dst[:, :, :, slot * c:(slot + 1) * c] = flat.index_select(0, rows).view(B, H, nb, c, -1)
@@ -297,14 +301,20 @@ def mta_attention_chunked(
 
     mask: NormalizedMask | None = normalize_mask(attn_mask, B, Hq, n)
     G = Hq // Hkv
-    if G > 1 and (K > 0 or (mask is not None and mask.per_head)):
-        # Selection (or the mask) differs between the query heads of a group: give every
-        # query head its own key set. Correct, at the cost of G copies of k and v.
+    share = 1  # query heads per key/value head of k and v as given, when each has its own key set
+    if G > 1 and mask is not None and mask.per_head:
+        # The mask (so the summaries) differs between the query heads of a group: give every
+        # query head its own key set, at the cost of G copies of k and v.
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
         if summary_weight is not None:
             summary_weight = summary_weight.repeat_interleave(G, dim=0)
         Hkv, G = Hq, 1
+    elif G > 1 and K > 0:
+        # Selection differs between the query heads of a group: every query head gets its own key
+        # set, read from its key/value head (broadcast, gathered by head // share): k and v are
+        # not copied, the summaries are computed per key/value head and repeated.
+        share, Hkv, G = G, Hq, 1
     T = G * c
 
     ar_c = torch.arange(c, device=dev)
@@ -313,8 +323,8 @@ def mta_attention_chunked(
     key_real = pos < n
 
     qp = _pad_tokens(q, npad, 2)  # (a view when n is a multiple of c)
-    kc = _pad_tokens(k, npad, 2).view(B, Hkv, nc, c, d)
-    vc = _pad_tokens(v, npad, 2).view(B, Hkv, nc, c, d)
+    kc = _pad_tokens(k, npad, 2).view(B, Hkv // share, nc, c, d)
+    vc = _pad_tokens(v, npad, 2).view(B, Hkv // share, nc, c, d)
 
     # ---- the mask in chunk blocks ------------------------------------------------------------
     mb = _MaskBlocks(mask, n, c, s, cdt, dev)
@@ -324,12 +334,14 @@ def mta_attention_chunked(
     # ---- chunk summaries: masked means (or learned weighted means), [B, Hkv, Iq, nc, d] -----
     n_j = w.to(cdt).sum(-1)  # [Bm|1, Hm|1, Iq, nc]: shared by heads unless the mask is not
     if summary_weight is None:
-        wf = w.to(cdt).expand(B, Hkv, -1, -1, -1)
+        wf = w.to(cdt).expand(B, Hkv // share, -1, -1, -1)
         inv = (1.0 / n_j.clamp(min=1.0)).unsqueeze(-1)
         kbar = torch.einsum("bhijc,bhjcd->bhijd", wf, kc) * inv  # [B, Hkv, Iq, nc, d]
         vbar = torch.einsum("bhijc,bhjcd->bhijd", wf, vc) * inv
     else:
         kbar, vbar = _learned_summaries(kc, vc, w, summary_weight.to(cdt))
+    if share > 1:  # (the mask is the same for every head here: the summaries are the key/value head's)
+        kbar, vbar = kbar.repeat_interleave(share, dim=1), vbar.repeat_interleave(share, dim=1)
 
     # ---- which chunks each query chunk summarises --------------------------------------------
     not_window = _outside_window(nc, L, causal, dev)  # [nc, nc]
@@ -482,15 +494,18 @@ def mta_attention_chunked(
         # of the parts would add another)
         k_set = torch.empty(B, Hkv, nb, width, e, dtype=cdt, device=dev)
         v_set = torch.empty(B, Hkv, nb, width, e, dtype=cdt, device=dev)
-        _window_into(k_set[:, :, :, :n_win * c, :d], v_set[:, :, :, :n_win * c, :d], kc, vc,
-                     _window_offsets(L, causal), lo_c, hi_c)
+        _window_into(k_set[:, :, :, :n_win * c, :d].unflatten(1, (Hkv // share, share)),
+                     v_set[:, :, :, :n_win * c, :d].unflatten(1, (Hkv // share, share)), kc.unsqueeze(2),
+                     vc.unsqueeze(2), _window_offsets(L, causal), lo_c, hi_c)
         # selected and non-uniform chunks: gathered by chunk id
         if exact.shape[-1] > n_win:
             _gather_chunks_into(k_set[:, :, :, n_win * c:Ke_c, :d], kc, exact_idx[:, :, lo_c:hi_c, n_win:])
             _gather_chunks_into(v_set[:, :, :, n_win * c:Ke_c, :d], vc, exact_idx[:, :, lo_c:hi_c, n_win:])
         if s > 0:
-            k_set[:, :, :, Ke_c:Ke_c + s, :d] = k[:, :, :s].unsqueeze(2)
-            v_set[:, :, :, Ke_c:Ke_c + s, :d] = v[:, :, :s].unsqueeze(2)
+            k_set[:, :, :, Ke_c:Ke_c + s, :d].unflatten(1, (Hkv // share, share))[:] = k[:, :, :s].view(
+                B, Hkv // share, 1, 1, s, d)
+            v_set[:, :, :, Ke_c:Ke_c + s, :d].unflatten(1, (Hkv // share, share))[:] = v[:, :, :s].view(
+                B, Hkv // share, 1, 1, s, d)
         k_set[:, :, :, Ke_c + s:, :d] = kbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else kbar[:, :, :, :ns]
         v_set[:, :, :, Ke_c + s:, :d] = vbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else vbar[:, :, :, :ns]
 
