@@ -412,11 +412,12 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
     cost model; ``boundary``: boundary chunks, about as many as fixed ones; ``key_padding``: no mask
     or key padding, else a mask per query). The rows before the first new query are not computed
     (``attention_autograd``'s ``rows_from``) by whole query chunks of fixed chunks on the CPU and
-    on CUDA, by whole query blocks (``ops.varlen``) where the CPU runs those (boundary chunks
-    without top-k for key padding; many small fixed chunks, ``ops.varlen.blocks_beat_chunks``);
-    each row left reads its window, sinks, top-k chunks and at most every chunk's summary.
-    Elsewhere (boundary chunks on CUDA or in padded slots, other devices) every row is computed
-    (``calibration.cost.mta_flops``). None or one chunk: exact attention of all n tokens."""
+    on CUDA and of boundary chunks for key padding on CUDA (the Triton kernels), by whole query
+    blocks (``ops.varlen``) where the CPU runs those (boundary chunks without top-k for key
+    padding; many small fixed chunks, ``ops.varlen.blocks_beat_chunks``); each row left reads its
+    window, sinks, top-k chunks and at most every chunk's summary. Elsewhere (boundary chunks in
+    padded slots, other devices) every row is computed (``calibration.cost.mta_flops``). None or
+    one chunk: exact attention of all n tokens."""
     from .calibration.cost import exact_flops, mta_flops
     from .ops.varlen import blocks_beat_chunks, query_block
 
@@ -426,7 +427,7 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
     if device.type == "cpu" and config.top_k == 0 and key_padding and (boundary or blocks_beat_chunks(c, n)):
         block = query_block(c)  # (a block's window range: its own queries and L chunks before them)
         rows, keys = n - cached // block * block, block + c * L + s + nc
-    elif device.type in ("cpu", "cuda") and not boundary:
+    elif (device.type in ("cpu", "cuda") and not boundary) or (device.type == "cuda" and key_padding):
         rows, keys = n - cached // c * c, c * (L + config.top_k) + s + nc
     else:
         return mta_flops(config, n, d, True)

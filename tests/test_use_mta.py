@@ -352,8 +352,8 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
     the op there (SmolLM2's head size, c128 L2 s4 k2); a device without ``rows_from`` computes
     every row (the spec's cost of all n), more than exact attention of the 512 rows. Boundary
     chunks: on the CPU without top-k, for key padding, trimmed by query blocks of 128 (their
-    window range: the block and L chunks before it); with top-k, a mask per query, or on CUDA,
-    every row."""
+    window range: the block and L chunks before it), on CUDA for key padding by chunks (the
+    kernels); with top-k on the CPU, or a mask per query, every row."""
     from mta_rewrite.calibration.cost import mta_flops
     from mta_rewrite.interface import _op_flops
 
@@ -361,16 +361,16 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
     exact = 4.0 * m * n * d
     every_row = mta_flops(config, n, d, True)
     assert _op_flops(config, n, n - m, d, torch.device("meta")) == every_row > exact
+    chunks = 4.0 * d * (m * (128 * 4 + 4 + 128) + n)
     for device in ("cpu", "cuda"):
-        trimmed = _op_flops(config, n, n - m, d, torch.device(device))
-        assert trimmed == 4.0 * d * (m * (128 * 4 + 4 + 128) + n) < exact / 10
-        assert _op_flops(config, n, n - m, d, torch.device(device), boundary=True) == every_row
+        assert _op_flops(config, n, n - m, d, torch.device(device)) == chunks < exact / 10
+    assert _op_flops(config, n, n - m, d, torch.device("cpu"), boundary=True) == every_row
+    assert _op_flops(config, n, n - m, d, torch.device("cuda"), boundary=True) == chunks
     no_top_k = mr.MTAConfig(128, 2, 4, 0)
     blocks = 4.0 * d * (m * (128 + 128 * 2 + 4 + 128) + n)
     assert _op_flops(no_top_k, n, n - m, d, torch.device("cpu"), boundary=True) == blocks < exact / 10
-    for device, key_padding in (("cpu", False), ("cuda", True)):
-        assert _op_flops(no_top_k, n, n - m, d, torch.device(device), True, key_padding) == mta_flops(
-            no_top_k, n, d, True)
+    for device in ("cpu", "cuda"):
+        assert _op_flops(no_top_k, n, n - m, d, torch.device(device), True, False) == mta_flops(no_top_k, n, d, True)
 
 
 def test_a_soft_capping_model_is_refused_before_anything_changes():

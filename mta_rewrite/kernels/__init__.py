@@ -106,8 +106,8 @@ def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causa
     """Boundary chunks on CUDA (the mask already simplified): no mask or key padding in
     fp16/bf16/fp32 → the Triton kernels reading the chunks where they lie (``chunk_bounds``: no
     padding slots, no gathers); otherwise the tokens moved into padded chunk slots and
-    :func:`dispatch_cuda` there (``ops/segments.py``). Every row is computed (``rows_from`` is
-    taken and not used: a sequence's chunks start where its segments do)."""
+    :func:`dispatch_cuda` there (``ops/segments.py``). ``rows_from``: the Triton kernels leave the
+    chunks wholly before it (in every sequence) uncomputed; the slots compute every row."""
     kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
                   summary_weight=summary_weight)
     keep = kernel_keep(q, attn_mask)
@@ -115,7 +115,7 @@ def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causa
         from .mta_fwd import mta_forward_triton
 
         starts = chunk_bounds(segment_ids, q.shape[0], chunk_size, sinks)
-        return mta_forward_triton(q, k, v, keep, chunk_starts=starts, **kwargs)
+        return mta_forward_triton(q, k, v, keep, chunk_starts=starts, rows_from=rows_from, **kwargs)
     return in_layout_of(q, segmented(dispatch_cuda, q, k, v, attn_mask, segment_ids, **kwargs))
 
 

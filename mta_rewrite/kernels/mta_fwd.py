@@ -784,8 +784,9 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     ``chunk_size`` of them; M chunks, a shorter sequence's last ones empty). ``rows_from``: the
     caller reads the output's rows from that query on only (``use_mta`` on a prompt continued over
     a cache): the grid starts at the query block holding it, the rows before that block are zeros;
-    with fixed chunks and the pre-pass only (the fused launch's programs pool the summaries of
-    their own chunks, boundary chunks start where their segments do: every row there).
+    with the pre-pass only (the fused launch's programs pool the summaries of their own chunks).
+    Boundary chunks (``chunk_starts``): the grid starts at the first chunk that some sequence has
+    not wholly before ``rows_from``; the rows before it are zeros or computed.
 
     The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
     (causal, no top-k, means), from the main launch itself (see ``_mta_fwd_kernel``)."""
@@ -865,6 +866,11 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         first = min(rows_from, n) // c * blocks_per_chunk + min(rows_from, n) % c // cfg.block_m
         row0 = first // blocks_per_chunk * c + first % blocks_per_chunk * cfg.block_m
         out[:, :, :row0].zero_()
+    elif rows_from > 0 and starts is not None:
+        # boundary chunks: the grid starts at the first chunk that is not wholly before rows_from in
+        # every sequence (one sync); the rows before rows_from are zeros where not computed
+        first = int((starts[:, 1:] <= rows_from).sum(1).min()) * blocks_per_chunk
+        out[:, :, :min(rows_from, n)].zero_()
     blocks = nc * blocks_per_chunk - first
     if blocks == 0:
         return out

@@ -515,6 +515,41 @@ def test_boundary_chunks_without_slots(causal, masked):
                                                                            summary_weight=w, **kw), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_boundary_chunks_rows_from(causal):
+    """Boundary chunks with ``rows_from=r``: the grid starts at the first chunk that some sequence
+    has not wholly before r; the rows from r on are the reference's, the chunks before that one
+    zeros (not computed), in both sequences (different chunk counts), with top-k, sinks, key
+    padding; through the CUDA implementations' boundary dispatch too."""
+    from mta_rewrite.kernels import CUDA as CUDA_IMPLEMENTATIONS
+    from mta_rewrite.ops.attention import _checked
+    from mta_rewrite.ops.segments import chunk_bounds
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 45, 16
+    q, k, v = inputs(B, Hq, Hkv, n, d, torch.float32, seed=4)
+    mask = padding(B, n)
+    ids = boundary_ids(B, n)
+    ids[1] = 0  # fixed chunks of c in the second sequence
+    for c, L, s, top_k in [(8, 2, 3, 1), (5, 1, 0, 0)]:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+        starts = chunk_bounds(ids, B, c, s)
+        for rows_from in (3, 24, 44):
+            out = mta_forward_triton(q, k, v, key_padding(mask, B, Hq, n), chunk_starts=starts, rows_from=rows_from,
+                                     **kw)
+            msg = f"{kw} r={rows_from}"
+            torch.testing.assert_close(out[:, :, rows_from:].double().cpu(), ref[:, :, rows_from:], rtol=1e-5,
+                                       atol=1e-5, msg=lambda m: f"{msg}: {m}")
+            first = int((starts[:, 1:] <= rows_from).sum(1).min())  # chunks before it: not computed
+            for b in range(B):
+                assert torch.all(out[b, :, :int(starts[b, first])] == 0), msg
+            assert first > 0 or rows_from < 8, msg
+        got = _checked(CUDA_IMPLEMENTATIONS, q, k, v, mask, None, ids, None, rows_from=24, scale=None, **kw)
+        torch.testing.assert_close(got[:, :, 24:].double().cpu(), ref[:, :, 24:], rtol=1e-5, atol=1e-5)
+        first = int((starts[:, 1:] <= 24).sum(1).min())
+        assert first > 0 and all(torch.all(got[b, :, :int(starts[b, first])] == 0) for b in range(B))
+
+
 def test_boundary_dispatch_takes_the_unpadded_kernel(monkeypatch):
     """``dispatch_cuda_boundary``: key padding → the kernels with chunk starts (no slots); a mask
     that varies per query → padded slots, then the fixed-chunk dispatch; the reference's output
