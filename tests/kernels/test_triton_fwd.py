@@ -404,8 +404,8 @@ def test_gpu_variants_match_three_loops(n, c, causal):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_gpu_rows_from_without_gradients_only():
     """``attention_autograd(..., rows_from=r)`` on CUDA: without gradients the kernel leaves the
-    blocks before r's uncomputed (zeros), the rows after are the op's; where a gradient is wanted
-    it is the op (every row, the Triton backward)."""
+    blocks before r's uncomputed (zeros), the rows after are the op's (to bf16 rounding); where a
+    gradient is wanted it is the op (every row, the Triton backward)."""
     from mta_rewrite.ops.attention import attention_autograd
 
     q, k, v = inputs(1, 8, 2, 4096, 64, torch.bfloat16, seed=9)
@@ -414,7 +414,8 @@ def test_gpu_rows_from_without_gradients_only():
     with torch.no_grad():
         got = attention_autograd(q, k, v, rows_from=3000, **kw)
     assert torch.all(got[:, :, :2944] == 0)
-    torch.testing.assert_close(got[:, :, 2944:], whole[:, :, 2944:], rtol=0, atol=0)
+    # (another specialisation of the kernel: the offset is not a multiple of 16)
+    torch.testing.assert_close(got[:, :, 2944:], whole[:, :, 2944:], rtol=1.6e-2, atol=1e-2)
     leaf = q.clone().requires_grad_()
     torch.testing.assert_close(attention_autograd(leaf, k, v, rows_from=3000, **kw), whole, rtol=0, atol=0)
 
