@@ -20,6 +20,10 @@ gathered blocks of that mask. When the per-chunk terms differ per head (top-k, p
 padding) *and* causality needs the triangle, the terms ride in one extra head dimension instead
 (q' = [q, 1/scale], k' = [k, term]) so the mask stays the small shared triangle.
 
+With top-k (whose selection differs between query heads) and no gradient wanted, each band runs
+as two key sets merged by their log-sum-exps: the window and sinks per key/value head, the
+selected chunks and summaries per query head (``_TopKSplit``).
+
 Key sets are built, used and freed band by band (runs of query chunks, at most ``_BAND_BYTES``
 per key set), so the allocator reuses one band's memory for the next instead of faulting in fresh
 pages for a whole-sequence key set.
@@ -70,6 +74,37 @@ def _attention_with_lse(q, k, v, mask, scale):
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.softmax(s, dim=-1), v)
     return out, lse
+
+
+def _attend(qb, k_set, v_set, term, tri, user, scale: float, aug: bool):
+    """One band's fused attention: queries qb [B'·H', nb, T, d] against key and value sets
+    [B', H', nb, width, e] with additive terms: ``term`` [Bt, Ht, nb, width] per query chunk (one
+    row all its queries share), ``tri`` [T, width] bool (the causal triangle, excluded) or None,
+    ``user`` [.., nb, T, width] per-query terms or None. ``aug`` (e = d + 1): the per-chunk terms
+    ride in the extra head column instead of the mask, q' = [q, 1/scale], k' = [k, term], so that
+    the mask is the shared triangle alone. → (out [B'·H', nb, T, d], log-sum-exp [B'·H', nb, T])."""
+    Bk, Hk, nb, width, e = k_set.shape
+    d, T = qb.shape[-1], qb.shape[-2]
+    if aug:
+        qa = torch.empty(Bk * Hk, nb, T, e, dtype=qb.dtype, device=qb.device)
+        qa[..., :d] = qb
+        qa[..., d] = 1.0 / scale
+        qb = qa
+        k_set[..., d] = term
+        v_set[..., d] = 0.0  # the kernel wants one head size; this column is dropped after
+        m = torch.zeros(1, 1, 1, 1, width, dtype=qb.dtype, device=qb.device)
+    else:
+        m = term.unsqueeze(-2)  # [Bt, Ht, nb, 1, width]: one row per chunk (stride 0)
+    if tri is not None:
+        m = m.masked_fill(tri, NEG)
+    if user is not None:
+        m = m + user
+    if m.shape[0] * m.shape[1] == 1:
+        m4 = m.reshape(1, *m.shape[2:])
+    else:
+        m4 = m.expand(Bk, Hk, *m.shape[2:]).reshape(Bk * Hk, *m.shape[2:])
+    o, lse = _attention_with_lse(qb, k_set.view(Bk * Hk, nb, width, e), v_set.view(Bk * Hk, nb, width, e), m4, scale)
+    return o[..., :d], lse
 
 
 def _pad_tokens(x: torch.Tensor, npad: int, dim: int) -> torch.Tensor:
@@ -240,6 +275,63 @@ def _learned_summaries(kc, vc, w, summary_weight):
     return torch.einsum("bhijc,bhjcd->bhijd", a, kc), torch.einsum("bhijc,bhjcd->bhijd", a, vc)
 
 
+class _TopKSplit:
+    """Fixed chunks with top-k, no gradient wanted: each band in two fused calls merged by their
+    log-sum-exps (see "top-k: two key sets" in :func:`mta_attention_chunked`). Part A: the window
+    (``n_win`` chunks) and the sinks, per key/value head of k (H0 = H / share heads), the rows of
+    its ``share`` query heads together (one copy of them, and the triangle ``tri``); part B: the
+    other exact chunks (top-k selected, non-uniform) and the summaries, per query head, one term
+    row per query chunk. A sink inside a part-B chunk is excluded there (part A attends it)."""
+
+    def __init__(self, q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, term_sink, term_summary, kpos, exact_idx,
+                 n_win, share, s, scale, tri, offsets):
+        B, H0, nc, c, d = kc.shape  # (k as given, or repeated per head for a per-head mask)
+        self.B, self.H0, self.share, self.nc, self.c, self.d, self.s = B, H0, share, nc, c, d, s
+        nw = self.nw = n_win * c
+        self.q_b, self.k, self.v, self.kc, self.vc = q_rows, k, v, kc, vc
+        self.kbar, self.vbar, self.idx, self.n_win = kbar[:, :, 0], vbar[:, :, 0], exact_idx, n_win
+        self.q_a = qp.view(B, H0, share, nc, c, d).transpose(2, 3).reshape(B * H0, nc, share * c, d)
+        parts = [term_exact[:, ::share, :, :nw]] + ([term_sink] if s > 0 else [])
+        shape = torch.broadcast_shapes(*[t.shape[:3] for t in parts])
+        self.term_a = torch.cat([t.expand(*shape, t.shape[-1]) for t in parts], dim=-1)
+        self.aug_a = tri is not None and shape[0] * shape[1] > 1
+        term_b = term_exact[..., nw:]
+        if s > 0:
+            term_b = torch.where(kpos[..., nw:] < s, NEG, term_b)
+        shape = torch.broadcast_shapes(term_b.shape[:3], term_summary.shape[:3])
+        self.term_b = torch.cat([term_b.expand(*shape, term_b.shape[-1]),
+                                 term_summary.to(term_b.dtype).expand(*shape, term_summary.shape[-1])], dim=-1)
+        self.tri, self.scale, self.offsets = tri, scale, offsets
+
+    def band(self, lo: int, hi: int, ns: int):
+        """Query chunks lo … hi − 1 with the first ``ns`` summaries → (out [B, H0, share, nb, c, d],
+        log-sum-exp [B, H0, share, nb, c])."""
+        B, H0, share, c, d, s, nw = self.B, self.H0, self.share, self.c, self.d, self.s, self.nw
+        nb, dt, dev = hi - lo, self.q_b.dtype, self.q_b.device
+        e = d + 1 if self.aug_a else d
+        k_a = torch.empty(B, H0, nb, nw + s, e, dtype=dt, device=dev)
+        v_a = torch.empty(B, H0, nb, nw + s, e, dtype=dt, device=dev)
+        _window_into(k_a[..., :nw, :d], v_a[..., :nw, :d], self.kc, self.vc, self.offsets, lo, hi)
+        if s > 0:
+            k_a[..., nw:, :d] = self.k[:, :, :s].view(B, H0, 1, s, d)
+            v_a[..., nw:, :d] = self.v[:, :, :s].view(B, H0, 1, s, d)
+        o_a, l_a = _attend(self.q_a[:, lo:hi], k_a, v_a, self.term_a[:, :, lo:hi], self.tri, None, self.scale,
+                           self.aug_a)
+        ke = self.term_b.shape[-1] - self.nc  # (the exact columns of part B: K·c and non-uniform chunks)
+        k_b = torch.empty(B, H0 * share, nb, ke + ns, d, dtype=dt, device=dev)
+        v_b = torch.empty(B, H0 * share, nb, ke + ns, d, dtype=dt, device=dev)
+        _gather_chunks_into(k_b[..., :ke, :], self.kc, self.idx[:, :, lo:hi, self.n_win:])
+        _gather_chunks_into(v_b[..., :ke, :], self.vc, self.idx[:, :, lo:hi, self.n_win:])
+        k_b[..., ke:, :] = self.kbar[:, :, None, :ns]
+        v_b[..., ke:, :] = self.vbar[:, :, None, :ns]
+        o_b, l_b = _attend(self.q_b[:, lo:hi], k_b, v_b, self.term_b[:, :, lo:hi, :ke + ns], None, None, self.scale,
+                           False)
+        o_a = o_a.view(B, H0, nb, share, c, d).transpose(2, 3)
+        l_a = l_a.view(B, H0, nb, share, c).transpose(2, 3)
+        o_b, l_b = o_b.view(B, H0, share, nb, c, d), l_b.view(B, H0, share, nb, c)
+        return torch.lerp(o_b, o_a, torch.sigmoid(l_a - l_b).unsqueeze(-1)), torch.logaddexp(l_a, l_b)
+
+
 def exact_block_fraction(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, *, chunk_size: int,
                          causal: bool = False, local_chunks: int = 1, sinks: int = 0) -> float:
     """Of the (query chunk, key chunk) blocks outside the window that hold keys, the fraction the
@@ -397,17 +489,22 @@ def mta_attention_chunked(
             kb = torch.gather(bias[:, :, 0].expand(flat.shape[0], flat.shape[1], -1), -1, flat.flatten(2))
             term_exact = term_exact + torch.where(ok, kb.view(flat.shape), 0.0)
 
-    if s > 0:
+    def sink_terms(attended: torch.Tensor) -> torch.Tensor:
+        """[.., nc, s]: the sinks' terms for query chunks that attend the chunks ``attended``
+        [.., nc, Ka] exactly (a sink in one of them is excluded from the sink columns)."""
         sink_chunk = torch.arange(s, device=dev) // c
-        dup = (exact.unsqueeze(-1) == sink_chunk).any(-2)  # [Bl, Hl, nc, s]: already exact
-        term_sink = torch.where(dup, NEG, 0.0).to(cdt)
+        dup = (attended.unsqueeze(-1) == sink_chunk).any(-2)  # [.., nc, s]: already exact
+        terms = torch.where(dup, NEG, 0.0).to(cdt)
         if causal:  # a sink in a later chunk than the query chunk is in the future
-            term_sink = torch.where(sink_chunk.view(1, 1, 1, s) > ii.view(1, 1, nc, 1), NEG, term_sink)
+            terms = torch.where(sink_chunk.view(1, 1, 1, s) > ii.view(1, 1, nc, 1), NEG, terms)
         if allowed is not None and not mask.per_query:
             ok = allowed[:, :, 0, :s].unsqueeze(2)
-            term_sink = torch.where(ok, term_sink, NEG)
+            terms = torch.where(ok, terms, NEG)
             if bias is not None:
-                term_sink = term_sink + torch.where(ok, bias[:, :, 0, :s].unsqueeze(2), 0.0)
+                terms = terms + torch.where(ok, bias[:, :, 0, :s].unsqueeze(2), 0.0)
+        return terms
+
+    term_sink = sink_terms(exact) if s > 0 else None
 
     log_n = torch.log(n_j.clamp(min=1.0))
     if summary_bias is not None:
@@ -433,12 +530,13 @@ def mta_attention_chunked(
 
     # ---- per-query mask terms, shared by every band: the causal triangle of the diagonal chunk
     # (the last window entry, offset 0, at columns (L-1)·c .. L·c) and a per-query user mask ---
-    row_in_chunk = ar_c.repeat(G)  # [T]
-    tri = None
-    if causal:
-        tri = torch.zeros(T, X, dtype=torch.bool, device=dev)
-        lo = (L - 1) * c
-        tri[:, lo:lo + c] = ar_c.view(1, c) > row_in_chunk.view(T, 1)
+    def triangle(rows: int, width: int) -> torch.Tensor:
+        """[rows·c, width] bool: the future keys of the diagonal chunk for ``rows`` query heads' rows."""
+        t = torch.zeros(rows * c, width, dtype=torch.bool, device=dev)
+        t[:, (L - 1) * c:L * c] = ar_c.view(1, c) > ar_c.repeat(rows).view(-1, 1)
+        return t
+
+    tri = triangle(G, X) if causal else None
     user = None
     if per_query_user:
         ab = blocks(allowed)  # [Bm, Hm, nc, c, nc, c]
@@ -469,6 +567,22 @@ def mta_attention_chunked(
     else:
         q_rows = qp.view(B, Hkv, G, nc, c, d).transpose(2, 3).reshape(B * Hkv, nc, T, d)
 
+    # ---- top-k: two key sets merged by their log-sum-exps ---------------------------------------
+    # With top-k every query head has its own selected chunks, so the key set above is built per
+    # query head: the window and sinks copied to each of a group's query heads (GQA) and, when
+    # causal, the terms in the extra head column (aug). Where no gradient is wanted (the op's
+    # forward: the kernel's log-sum-exp has none) the two parts run apart instead: the window and
+    # sinks once per key/value head of k, the rows of its query heads together, with the triangle
+    # and terms that differ per batch at most; the selected (and non-uniform) chunks and the
+    # summaries per query head, all outside the window, so no triangle: one term row per chunk.
+    # Their softmaxes merge exactly by their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA).
+    split = None
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
+    if K > 0 and not per_query_user and scale != 0.0 and (share > 1 or aug) and not grad:
+        split = _TopKSplit(q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, sink_terms(win) if s > 0 else None,
+                           term_summary, kpos, exact_idx, n_win, share, s, scale,
+                           triangle(share, n_win * c + s) if causal else None, _window_offsets(L, causal))
+
     # ---- fused attention, band by band ---------------------------------------------------------
     # A band is a run of query chunks whose key sets [B, Hkv, nb, X', e] are built, used and
     # freed before the next band's: each band's buffers stay under _BAND_BYTES, so the allocator
@@ -489,6 +603,12 @@ def mta_attention_chunked(
     for lo_c, hi_c in bands:
         nb = hi_c - lo_c
         ns = max(0, hi_c - L) if causal else nc
+        if split is not None:
+            o, l = split.band(lo_c, hi_c, ns)
+            out.view(B, Hkv // share, share, nc, c, d)[:, :, :, lo_c:hi_c] = o
+            if lse is not None:
+                lse.view(B, Hkv // share, share, nc, c)[:, :, :, lo_c:hi_c] = l
+            continue
         width = Ke_c + s + ns
         # key/value sets [B, Hkv, nb, width, e], written in place (one pass per part; torch.cat
         # of the parts would add another)
@@ -508,32 +628,10 @@ def mta_attention_chunked(
                 B, Hkv // share, 1, 1, s, d)
         k_set[:, :, :, Ke_c + s:, :d] = kbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else kbar[:, :, :, :ns]
         v_set[:, :, :, Ke_c + s:, :d] = vbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else vbar[:, :, :, :ns]
-
-        term_b = term[:, :, lo_c:hi_c, :width]
-        qb = q_rows[:, lo_c:hi_c]
-        if aug:
-            # q' = [q, 1/scale], k' = [k, term]: the per-head terms without a per-head mask
-            qa = torch.empty(B * Hkv, nb, T, e, dtype=cdt, device=dev)
-            qa[..., :d] = qb
-            qa[..., d] = 1.0 / scale
-            qb = qa
-            k_set[..., d] = term_b
-            v_set[..., d] = 0.0  # the kernel wants one head size; this column is dropped after
-            m = torch.zeros(1, 1, 1, 1, width, dtype=cdt, device=dev)
-        else:
-            m = term_b.unsqueeze(-2)  # [Bt, Ht, nb, 1, width]: one row per chunk (stride 0)
-        if tri is not None:
-            m = m.masked_fill(tri[:, :width], NEG)
-        if user is not None:
-            m = m + user[:, :, lo_c:hi_c, :, :width]
-        if m.shape[0] * m.shape[1] == 1:
-            m4 = m.reshape(1, *m.shape[2:])
-        else:
-            m4 = m.expand(B, Hkv, *m.shape[2:]).reshape(B * Hkv, *m.shape[2:])
-        o, l = _attention_with_lse(
-            qb, k_set.view(B * Hkv, nb, width, e), v_set.view(B * Hkv, nb, width, e), m4, scale,
-        )
-        out[:, :, :, lo_c:hi_c] = o[..., :d].view(B, Hkv, nb, G, c, d).transpose(2, 3)
+        o, l = _attend(q_rows[:, lo_c:hi_c], k_set, v_set, term[:, :, lo_c:hi_c, :width],
+                       None if tri is None else tri[:, :width],
+                       None if user is None else user[:, :, lo_c:hi_c, :, :width], scale, aug)
+        out[:, :, :, lo_c:hi_c] = o.view(B, Hkv, nb, G, c, d).transpose(2, 3)
         if lse is not None:
             lse[:, lo_c:hi_c] = l
     out = out.view(B, Hkv * G, npad, d)

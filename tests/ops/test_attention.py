@@ -530,6 +530,44 @@ def test_one_chunk_with_an_empty_row_outputs_zeros_there(causal):
     assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, chunk_size=64, causal=causal), inputs)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "per_head_key_padding", "key_bias"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_top_k_two_key_sets_equal_one(mask_kind, causal, monkeypatch):
+    """With top-k and no gradient wanted (the op's forward) each band runs as two key sets merged by
+    their log-sum-exps (window and sinks per key/value head, selected chunks and summaries per
+    query head: ``ops.chunked._TopKSplit``; where a group's query heads share k or the terms would
+    need the extra column); with a gradient wanted, as one key set per query head.
+    Both against the float64 reference: GQA (with a per-head mask, k repeated per head), sinks
+    over two chunks that top-k selects (top_k ≥ the chunk count: every chunk outside the window;
+    each sink attended once), key padding per batch (part A's terms in the extra head column when
+    causal), a key bias (non-uniform blocks, exact in part B)."""
+    import mta_rewrite.ops.chunked as chunked
+
+    bands = []
+    band = chunked._TopKSplit.band
+    monkeypatch.setattr(chunked._TopKSplit, "band", lambda self, *a: bands.append(a) or band(self, *a))
+    B, Hq, Hkv, n = 2, 6, 2, 37
+    q, k, v = qkv(B, Hq, Hkv, n)
+    mask = make_mask(mask_kind, B, Hq, n)
+    for c, L, s, top_k in [(3, 2, 5, 2), (4, 1, 6, 20), (5, 2, 0, 1)]:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        want = mta_attention_reference(q, k, v, mask, **kw)
+        del bands[:]
+        with torch.no_grad():
+            got = mta(q, k, v, mask, **kw)
+        # (not taken where it saves nothing: a per-head mask copies k per head, and without causality
+        # its terms need no extra column)
+        assert bool(bands) == (causal or mask_kind != "per_head_key_padding")
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"two key sets {kw}: {m}")
+        del bands[:]
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        from mta_rewrite.ops.attention import attention_autograd
+
+        got = attention_autograd(*leaves, mask, **kw)
+        assert not bands, "with a gradient wanted, one key set"
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-10, msg=lambda m: f"one key set {kw}: {m}")
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_bool", "random_bool_per_head"])
 @pytest.mark.parametrize("top_k", [0, 1])
 def test_rows_from_leaves_the_chunks_before_it_uncomputed(mask_kind, top_k):
