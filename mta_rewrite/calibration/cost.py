@@ -10,9 +10,11 @@ multiply-adds counted twice), for B sequences, Hq query and Hkv key/value heads:
             its bias varies inside them (``ops.chunked.exact_block_fraction``: 0 for no mask,
             key padding and the causal triangle; 1 for ALiBi), plus the summary pass over k and v
             (B·Hkv·4·n·d); the **key sets** it builds (k and v, every query chunk's exact chunks,
-            sinks and summaries: B·Hs·nc·X·d·2 values, Hs = Hkv, or Hq when top-k selects per
-            query head of a group); and with top-k the **selection** (per head and query chunk:
-            a score for every chunk, a sort, a row of terms: B·Hs·nc·(nc + X) elements)
+            sinks and summaries: B·Hkv·nc·X·d·2 values; when top-k selects per query head of a
+            group, the window and sinks per key/value head and the selected chunks and summaries
+            per query head, the op's two key sets); and with top-k the **selection** (per head
+            and query chunk: a score for every chunk, a sort, a row of terms: B·Hs·nc·(nc + X)
+            elements, Hs = Hq when top-k selects per query head of a group, else Hkv)
 
 Where the op runs in query blocks on the CPU (``ops.varlen``: boundary chunks, and many small fixed
 chunks, with no mask or key padding and no top-k) its flops and key sets come from its own block
@@ -81,11 +83,13 @@ def mta_work(config: MTAConfig, n: int, d: int, causal: bool, *, heads: int = 1,
     flops = batch * heads * 4.0 * n * min(n, width) * d + summary_pass
     if clusters is not None:  # clustered summaries: every key scored against every centroid
         flops += batch * kv_heads * 2.0 * n * clusters * d
-    per_head = K > 0 and heads != kv_heads  # top-k selects per query head: a key set per query head
+    per_head = K > 0 and heads != kv_heads  # top-k selects per query head of a group
     sets = heads if per_head else kv_heads
-    bytes_ = batch * sets * nc * width * d * 2 * _FP32
-    if per_head:
-        bytes_ += batch * heads * n * d * 2 * _FP32  # k and v copied to every query head
+    if per_head:  # the op's two key sets: window and sinks per key/value head, the rest per query head
+        shared = c * window + config.sinks
+        bytes_ = batch * nc * (kv_heads * shared + heads * (width - shared)) * d * 2 * _FP32
+    else:
+        bytes_ = batch * kv_heads * nc * width * d * 2 * _FP32
     select = batch * sets * nc * (nc + width) if K > 0 else 0.0
     return flops, bytes_, select
 

@@ -37,16 +37,18 @@ def test_work_counts_the_spec_flops_key_sets_and_selection():
     assert flops_c == 2 * 4 * 4.0 * 1024 * (128 + 4 + 128 + 8) * 32 + 2 * 4 * 4.0 * 1024 * 32
 
 
-def test_top_k_with_grouped_query_heads_builds_a_key_set_per_query_head():
-    """The op gives every query head its own key set when top-k selects per head (ops.chunked):
-    3× the key-set bytes for 9 / 3 heads, plus k and v copied to the 9 heads; without top-k the
-    3 key/value heads' sets serve all 9."""
+def test_top_k_with_grouped_query_heads_builds_its_selected_part_per_query_head():
+    """Without top-k the 3 key/value heads' key sets serve all 9 query heads. Top-k selects per
+    query head, and the op then builds two key sets (ops.chunked._TopKSplit): the window and sinks
+    per key/value head, the selected chunks and summaries per query head; k and v are not copied.
+    By hand at n = 2048, c = 64 (32 chunks), causal, L = 2, 4 sinks, top_k = 2: 128 + 4 shared rows,
+    128 selected + 16 summaries (half the chunks on average) per query head."""
     plain, topk = mr.MTAConfig(64, 2, 4, 0), mr.MTAConfig(64, 2, 4, 2)
     gqa = dict(heads=9, kv_heads=3)
     mha = dict(heads=9, kv_heads=9)
     assert mta_work(plain, 2048, 64, True, **gqa)[1] * 3 == mta_work(plain, 2048, 64, True, **mha)[1]
-    per_head = mta_work(topk, 2048, 64, True, **mha)[1]
-    assert mta_work(topk, 2048, 64, True, **gqa)[1] == per_head + 9 * 2048 * 64 * 2 * 4
+    assert mta_work(topk, 2048, 64, True, **mha)[1] == 9 * 32 * (132 + 144) * 64 * 2 * 4
+    assert mta_work(topk, 2048, 64, True, **gqa)[1] == 32 * (3 * 132 + 9 * 144) * 64 * 2 * 4
     assert mta_work(plain, 2048, 64, True, **gqa)[2] == 0  # no selection without top-k
 
 
