@@ -587,3 +587,6 @@ def test_rows_from_leaves_the_chunks_before_it_uncomputed(mask_kind, top_k):
         first = rows_from // 5 * 5
         torch.testing.assert_close(got[:, :, first:], want[:, :, first:], rtol=1e-10, atol=1e-10)
         assert torch.all(got[:, :, :first] == 0)
+    # a caller that reads no row (rows_from = n, a multiple of c): zeros, no band to run
+    q, k, v = qkv(B, Hq, 2, 40)
+    assert torch.all(attention_autograd(q, k, v, make_mask(mask_kind, B, Hq, 40), rows_from=40, **kw) == 0)
