@@ -576,7 +576,7 @@ def mta_attention_chunked(
     # causal, the terms in the extra head column (aug). Where no gradient is wanted (the op's
     # forward: the kernel's log-sum-exp has none) the two parts run apart instead: the window and
     # sinks once per key/value head of k, the rows of its query heads together, with the triangle
-    # and terms that differ per batch at most; the selected (and non-uniform) chunks and the
+    # (terms that differ per batch, or per head of a per-head mask, in the extra column); the selected (and non-uniform) chunks and the
     # summaries per query head, all outside the window, so no triangle: one term row per chunk.
     # Their softmaxes merge exactly by their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA).
     split = None
