@@ -15,10 +15,11 @@ and the forward time of both rewritten models (best of --repeats, after a warm-u
 
 Section ``op`` (the op alone, one SmolLM2-shaped causal layer: 9 query and 3 key/value heads,
 d = 64, random q, k, v, the segment ids of real text at each --op-n length): ms of exact attention
-(SDPA), fixed chunks, boundary chunks as the op runs them on the CPU (no padding, ``ops/varlen.py``)
-and in padded chunk slots (``ops/segments.py``, the path of the CUDA kernels), best of
---op-repeats, alternating, with the columns per query of each (the unpadded op's counted by
-``ops.varlen.key_columns``).
+(SDPA), fixed chunks, boundary chunks as the op runs them on the CPU without padding
+(``ops/varlen.py``; not for top-k) and in padded chunk slots (``ops/segments.py``: as wide as the
+longest chunk, and, for comparison, c wide as before 2026-12-05), best of --op-repeats,
+alternating, with the columns per query of each (the unpadded op's counted by
+``ops.varlen.key_columns``). Top-k configurations run in the slots (the op's own choice).
 
 Writes benchmarks/results/boundaries_<date>[_TAG].{json,md}.
 """
@@ -26,6 +27,7 @@ Writes benchmarks/results/boundaries_<date>[_TAG].{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -94,12 +96,14 @@ def main(argv=None) -> int:
         lines += [f"{stamp}, {machine}. The op alone: one SmolLM2-shaped causal layer (9 query / 3 key-value heads, "
                   f"d = 64, fp32), segment ids of real text ({args.separators}), ms best of {args.op_repeats} "
                   "alternating; columns: keys per query each computes (the slots: per padded row, N/n rows per token).",
-                  "", "| n | config | exact SDPA | fixed | boundary, unpadded | boundary, slots | slots / unpadded | "
-                  "columns fixed / unpadded / slots | N/n |", "|---|---|---|---|---|---|---|---|---|"]
+                  "", "| n | config | exact SDPA | fixed | boundary, unpadded | boundary, slots (S wide) | slots c wide | "
+                  "columns fixed / unpadded / slots | S | N/n |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in op_rows:
-            lines.append(f"| {r['n']} | {r['short']} | {r['exact_ms']:.2f} | {r['fixed_ms']:.2f} | "
-                         f"{r['unpadded_ms']:.2f} | {r['slots_ms']:.2f} | {r['slots_ms'] / r['unpadded_ms']:.2f}× | "
-                         f"{r['fixed_columns']:.0f} / {r['unpadded_columns']:.0f} / {r['slots_columns']:.0f} | "
+            unpadded = "—" if r["unpadded_columns"] is None else f"{r['unpadded_ms']:.2f}"
+            columns = "—" if r["unpadded_columns"] is None else f"{r['unpadded_columns']:.0f}"
+            lines.append(f"| {r['n']} | {r['short']} | {r['exact_ms']:.2f} | {r['fixed_ms']:.2f} | {unpadded} | "
+                         f"{r['slots_ms']:.2f} | {r['slots_c_ms']:.2f} | "
+                         f"{r['fixed_columns']:.0f} / {columns} / {r['slots_columns']:.0f} | {r['slot_width']} | "
                          f"{r['padded_over_n']:.2f} |")
     text = "\n".join(lines)
     print("\n" + text)
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
 def models_section(args, model, samples, segments, reference, boundaries) -> list[dict]:
     import mta_rewrite as mr
     from mta_rewrite.calibration.metrics import output_error
-    from mta_rewrite.ops.segments import padded_length
+    from mta_rewrite.ops.segments import segment_layout
 
     n = args.n
     rows = []
@@ -129,9 +133,10 @@ def models_section(args, model, samples, segments, reference, boundaries) -> lis
                 kls = [output_error("kl", rewritten(input_ids=s).logits, ref, {}) for s, ref in zip(samples, reference)]
                 row[f"{kind}_ms"] = best_ms(lambda: rewritten(input_ids=samples[0]), args.repeats)
             row[f"{kind}_kl"] = sum(kls) / len(kls)
-        chunks = [padded_length(s, cfg.chunk_size, cfg.sinks) // cfg.chunk_size for s in segments]
+        layouts = [segment_layout(s, 1, cfg.chunk_size, cfg.sinks) for s in segments]
+        chunks = [lay.length // lay.width for lay in layouts]
         row["mean_chunk_tokens"] = n * len(chunks) / sum(chunks)
-        row["padded_over_n"] = sum(chunks) * cfg.chunk_size / (n * len(chunks))
+        row["padded_over_n"] = sum(lay.length for lay in layouts) / (n * len(chunks))
         # fixed chunks of the boundary chunks' mean length: as many summaries per query as boundary chunks
         same = mr.MTAConfig(max(1, round(row["mean_chunk_tokens"])), cfg.local_chunks, cfg.sinks, cfg.top_k)
         rewritten = mr.rewrite(model, (), {"input_ids": samples[0]}, config=same)
@@ -147,11 +152,12 @@ def op_section(args, tok, boundaries) -> list[dict]:
     """The op alone at each --op-n (module docstring)."""
     import torch.nn.functional as F
 
+    import mta_rewrite.ops.segments as segments
     from mta_rewrite import zoo
     from mta_rewrite.calibration.cost import mta_flops
     from mta_rewrite.config import MTAConfig
     from mta_rewrite.ops.chunked import mta_attention_chunked
-    from mta_rewrite.ops.segments import padded_length, segmented
+    from mta_rewrite.ops.segments import segment_layout, segmented
     from mta_rewrite.ops.varlen import key_columns
     from mta_rewrite.passes.lower import segment_ids_from_separators
 
@@ -165,22 +171,34 @@ def op_section(args, tok, boundaries) -> list[dict]:
         exact = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
         for text in args.configs:
             cfg = MTAConfig(*[int(x) for x in text.split(",")])
-            if cfg.top_k:
-                continue  # top-k runs in the slots on every device
-            kw = dict(chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks, sinks=cfg.sinks)
+            kw = dict(chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks, sinks=cfg.sinks,
+                      top_k=cfg.top_k)
+            rounding = segments.SLOT_ROUND
+
+            def slots_c_wide():  # the slots as they were before 2026-12-05: c positions each
+                segments.SLOT_ROUND = cfg.chunk_size
+                try:
+                    return segmented(mta_attention_chunked, q, k, v, None, seg, summary_weight=None, **kw)
+                finally:
+                    segments.SLOT_ROUND = rounding
+
             runs = {
                 "exact": exact,
                 "fixed": lambda: op(q, k, v, **kw),
-                "unpadded": lambda: op(q, k, v, None, None, seg, **kw),
-                "slots": lambda: segmented(mta_attention_chunked, q, k, v, None, seg, summary_weight=None, top_k=0, **kw),
+                "slots": lambda: segmented(mta_attention_chunked, q, k, v, None, seg, summary_weight=None, **kw),
+                "slots_c": slots_c_wide,
             }
+            if not cfg.top_k:  # (top-k runs in the slots on every device)
+                runs["unpadded"] = lambda: op(q, k, v, None, None, seg, **kw)
             with torch.no_grad():
                 best = best_alternating_ms(runs, args.op_repeats)
-            N = padded_length(seg, cfg.chunk_size, cfg.sinks)
-            per_query = lambda length: mta_flops(cfg, length, 1, True) / (4.0 * length) - 1.0  # noqa: E731
-            row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n,
-                   "fixed_columns": per_query(n), "unpadded_columns": key_columns(seg, **kw)[0],
-                   "slots_columns": per_query(N) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}
+            lay = segment_layout(seg, 1, cfg.chunk_size, cfg.sinks)
+            N, slots_cfg = lay.length, dataclasses.replace(cfg, chunk_size=lay.width)
+            per_query = lambda length, c=cfg: mta_flops(c, length, 1, True) / (4.0 * length) - 1.0  # noqa: E731
+            row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n, "slot_width": lay.width,
+                   "fixed_columns": per_query(n),
+                   "unpadded_columns": None if cfg.top_k else key_columns(seg, **{**kw, "top_k": 0})[0],
+                   "slots_columns": per_query(N, slots_cfg) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

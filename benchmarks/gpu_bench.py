@@ -703,7 +703,7 @@ def main(argv=None):
 
         def slots_backward():
             padded = [to_slots(x, lay) for x in (q, k, v, grad_out)]
-            grads = backward_cuda(*padded[:3], slot_keep, padded[3], chunk_size=c, causal=True, scale=None,
+            grads = backward_cuda(*padded[:3], slot_keep, padded[3], chunk_size=lay.width, causal=True, scale=None,
                                   local_chunks=1, sinks=0, top_k=0)
             return [from_slots(g, lay) for g in grads]
 

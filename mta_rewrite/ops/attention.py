@@ -312,7 +312,8 @@ def _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centro
         lay = segment_layout(segment_ids, q.shape[0], config["chunk_size"], config["sinks"])
         mask = slot_mask(attn_mask, lay, q.shape[0], q.shape[1], q.shape[2])
         padded = [to_slots(x.contiguous(), lay) for x in (q, k, v, grad_out)]
-        dq, dk, dv, dw = _grads(*padded[:3], mask, summary_weight, padded[3], needs, config)
+        dq, dk, dv, dw = _grads(*padded[:3], mask, summary_weight, padded[3], needs,
+                                dict(config, chunk_size=lay.width))  # (the slots' chunk size)
         dq, dk, dv = (None if g is None else from_slots(g, lay) for g in (dq, dk, dv))
     return dq, dk, dv, dw
 

@@ -12,19 +12,21 @@ Everything else is MTA_SPEC.md with these chunks: chunk i's window is chunks i�
 |j − i| ≤ L−1 by chunk index, a summary is the mean (or learned average) of a chunk's allowed keys
 with log n_j, top-k ranks chunks by q̄_i·k̄_j.
 
-How it runs: every chunk gets its own slot of c positions in a padded sequence of N = M·c
-positions (M: the most chunks of any sequence in the batch). A slot's unused positions hold
+How it runs: every chunk gets its own slot of S positions in a padded sequence of N = M·S
+positions (M: the most chunks of any sequence in the batch; S: the longest chunk, rounded up to a
+multiple of 16 and at most c, ``SLOT_ROUND``: short segments make short slots). A slot's unused positions hold
 padding keys, forbidden to every query, and padding queries (zeros; their rows are dropped).
 The fixed-chunk op (chunked implementation on the CPU, the Triton kernels on CUDA, where key
 padding is native) over the padded sequence with that key padding then computes boundary MTA
-exactly: chunk indices and windows are the slots', summaries leave padding out (n_j counts real
-keys only), token order and so causality are kept, the sinks are again positions < ``sinks``,
-and top-k ranks by q̄ summed over the real queries of a slot divided by c instead of their count,
-a positive factor per query chunk that leaves each chunk's ranking unchanged. A user mask is
+exactly (run with chunk size S: one slot, one chunk): chunk indices and windows are the slots',
+summaries leave padding out (n_j counts real keys only), token order and so causality are kept,
+the sinks are again positions < ``sinks`` (sink chunks before the last are c = S long), and
+top-k ranks by q̄ summed over the real queries of a slot divided by S instead of their count, a
+positive factor per query chunk that leaves each chunk's ranking unchanged. A user mask is
 carried to the slots: its key columns gathered, its rows (when it varies per query) gathered
 with each padding query taking the row of its chunk's last real query, so a block is uniform
-exactly when it is over the real queries. Cost: the fixed op's at N = M·c tokens
-(``padded_length``), n ≤ N < n + M·(c − 1).
+exactly when it is over the real queries. Cost: the fixed op's at N = M·S tokens with chunk
+size S (``padded_length``), n ≤ N < n + M·(S − 1).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Slot widths are the longest chunk rounded up to a multiple of this (at most the chunk size):
+# the fixed-chunk op's chunk size over the slots, kept to sizes the Triton kernels' blocks tile.
+SLOT_ROUND = 16
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,8 @@ class SegmentLayout:
     slot: torch.Tensor  # [B, n] long: the padded position of token t
     source: torch.Tensor  # [B, N] long: the token at each padded position (padding: its chunk's last real token)
     real: torch.Tensor  # [B, N] bool: the position holds a token
-    chunk_size: int
+    chunk_size: int  # c, the chunking rule's
+    width: int  # S ≤ c, positions per slot: the chunk size the fixed-chunk op runs with over the slots
 
     @property
     def length(self) -> int:
@@ -96,14 +103,16 @@ def segment_layout(segment_ids: torch.Tensor, B: int, chunk_size: int, sinks: in
     t = torch.arange(n, device=dev).expand(B, n)
     chunk = torch.cumsum(starts, dim=1) - 1  # [B, n] chunk index of each token
     first = torch.cummax(torch.where(starts, t, 0), dim=1).values  # its chunk's first token
-    slot = chunk * chunk_size + (t - first)
-    N = (int(chunk[:, -1].max()) + 1) * chunk_size
+    M, longest = (int(x) + 1 for x in torch.stack([chunk[:, -1].max(), (t - first).max()]).tolist())
+    width = min(chunk_size, -(-longest // SLOT_ROUND) * SLOT_ROUND)
+    slot = chunk * width + (t - first)
+    N = M * width
     placed = torch.full((B, N), -1, dtype=torch.long, device=dev).scatter(1, slot, t)
     real = placed >= 0
     # a slot begins with a real token, so the running maximum gives a padding position its
     # chunk's last real token (and an empty trailing slot the sequence's last token)
     source = torch.cummax(placed, dim=1).values
-    return SegmentLayout(slot=slot, source=source, real=real, chunk_size=chunk_size)
+    return SegmentLayout(slot=slot, source=source, real=real, chunk_size=chunk_size, width=width)
 
 
 def to_slots(x: torch.Tensor, lay: SegmentLayout) -> torch.Tensor:
@@ -147,11 +156,11 @@ def segmented(fn, q, k, v, attn_mask, segment_ids, *, chunk_size, sinks, **kwarg
     B, Hq, n, _ = q.shape
     lay = segment_layout(segment_ids, B, chunk_size, sinks)
     mask = slot_mask(attn_mask, lay, B, Hq, n)
-    out = fn(to_slots(q, lay), to_slots(k, lay), to_slots(v, lay), mask, chunk_size=chunk_size, sinks=sinks, **kwargs)
+    out = fn(to_slots(q, lay), to_slots(k, lay), to_slots(v, lay), mask, chunk_size=lay.width, sinks=sinks, **kwargs)
     return from_slots(out, lay)
 
 
 def padded_length(segment_ids: torch.Tensor, chunk_size: int, sinks: int = 0) -> int:
-    """N = M·c, the length the fixed-chunk op runs at for these segments (the cost model's n)."""
+    """N = M·S, the length the fixed-chunk op runs at for these segments (the cost model's n)."""
     lay = segment_layout(segment_ids, segment_ids.shape[0], chunk_size, sinks)
     return lay.length

@@ -1,8 +1,9 @@
 """Boundary chunks without padding slots: the CPU implementation for the common masks.
 
-``segments.py`` runs boundary chunks by moving every chunk into a slot of c positions, so the
-fixed-chunk op computes them at N = M·c positions (M chunks), padding rows and keys included:
-1.15–3× the tokens on real text, and the summaries of all M chunks for each of those rows. Here
+``segments.py`` runs boundary chunks by moving every chunk into a slot of S ≤ c positions (the
+longest chunk, rounded up to 16), so the fixed-chunk op computes them at N = M·S positions (M
+chunks), padding rows and keys included (with S = c: 1.15–3× the tokens on real text), and the
+summaries of all M chunks for each of those rows. Here
 the tokens stay where they are. Queries are cut into blocks of ``Bq`` consecutive tokens (a block
 may span several chunks, or a part of one), and block b attends to one key set of X columns:
 

@@ -160,12 +160,38 @@ def test_gradcheck(kw, mask_kind):
 
 
 def test_padded_length_bounds():
+    """Slots as wide as the longest chunk rounded up to 16, at most c: N = M·S."""
     ids = segments(3, 200, rate=0.05)
-    for c in (1, 8, 32):
+    for c in (1, 8, 32, 128):
         lay = segment_layout(ids, 3, c, 0)
-        chunks = max(len(chunk_lists(200, c, 0, ids[b].tolist())) for b in range(3))
-        assert lay.length == chunks * c == padded_length(ids, c)
+        lists = [chunk_lists(200, c, 0, ids[b].tolist()) for b in range(3)]
+        longest = max(len(chunk) for chunks in lists for chunk in chunks)
+        assert lay.width == min(c, -(-longest // 16) * 16) and (c < 128 or lay.width < c)
+        assert lay.length == max(map(len, lists)) * lay.width == padded_length(ids, c)
         assert int(lay.real.sum()) == 3 * 200
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_slots_as_wide_as_the_longest_chunk(causal):
+    """c = 64 over segments of at most 10 tokens: slots of 16 positions, not 64 (4× fewer padding
+    rows and columns). The op in them (top-k and a per-query mask take the slots) against the
+    reference, every sequence chunked differently, sinks; and its gradient (the slots' backward
+    runs the fixed-chunk op with the slots' chunk size)."""
+    B, Hq, Hkv, n = 2, 4, 2, 50
+    q, k, v = qkv(B, Hq, Hkv, n)
+    ids = torch.stack([torch.arange(n) // 7, torch.arange(n) // 10])
+    lay = segment_layout(ids, B, 64, 2)
+    assert lay.width == 16
+    for mask_kind, top_k in [("none", 2), ("random_bool_per_head", 0), ("key_padding_bool", 1)]:
+        mask = make_mask(mask_kind, B, Hq, n)
+        kw = dict(chunk_size=64, causal=causal, local_chunks=2, sinks=2, top_k=top_k)
+        torch.testing.assert_close(mta(q, k, v, mask, None, ids, **kw),
+                                   mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw), rtol=1e-10,
+                                   atol=1e-10, msg=lambda m: f"{mask_kind} {kw}: {m}")
+    q, k, v = (x.requires_grad_() for x in qkv(1, 2, 1, 24, d=4))
+    kw = dict(chunk_size=32, causal=causal, local_chunks=1, sinks=1, top_k=1)
+    assert segment_layout(ids[:1, :24], 1, 32, 1).width == 16
+    assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, None, None, ids[:1, :24], **kw), (q, k, v))
 
 
 class Segmented(torch.nn.Module):
