@@ -197,7 +197,7 @@ def op_section(args, tok, boundaries) -> list[dict]:
             per_query = lambda length, c=cfg: mta_flops(c, length, 1, True) / (4.0 * length) - 1.0  # noqa: E731
             row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n, "slot_width": lay.width,
                    "fixed_columns": per_query(n),
-                   "unpadded_columns": None if cfg.top_k else key_columns(seg, **{**kw, "top_k": 0})[0],
+                   "unpadded_columns": None if cfg.top_k else key_columns(seg, **{x: y for x, y in kw.items() if x != "top_k"})[0],
                    "slots_columns": per_query(N, slots_cfg) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
