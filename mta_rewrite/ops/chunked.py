@@ -293,7 +293,7 @@ class _TopKSplit:
         nw = self.nw = n_win * c
         self.q_b, self.k, self.v, self.kc, self.vc = q_rows, k, v, kc, vc
         self.kbar, self.vbar, self.idx, self.n_win = kbar[:, :, 0], vbar[:, :, 0], exact_idx, n_win
-        self.q_a = qp.view(B, H0, share, nc, c, d).transpose(2, 3).reshape(B * H0, nc, share * c, d)
+        self.q_a = qp.view(B, H0, share, nc, c, d)  # (its rows for part A, per band: only the bands computed)
         parts = [term_exact[:, ::share, :, :nw]] + ([term_sink] if s > 0 else [])
         shape = torch.broadcast_shapes(*[t.shape[:3] for t in parts])
         self.term_a = torch.cat([t.expand(*shape, t.shape[-1]) for t in parts], dim=-1)
@@ -318,8 +318,8 @@ class _TopKSplit:
         if s > 0:
             k_a[..., nw:, :d] = self.k[:, :, :s].view(B, H0, 1, s, d)
             v_a[..., nw:, :d] = self.v[:, :, :s].view(B, H0, 1, s, d)
-        o_a, l_a = _attend(self.q_a[:, lo:hi], k_a, v_a, self.term_a[:, :, lo:hi], self.tri, None, self.scale,
-                           self.aug_a)
+        q_a = self.q_a[:, :, :, lo:hi].transpose(2, 3).reshape(B * H0, nb, share * c, d)
+        o_a, l_a = _attend(q_a, k_a, v_a, self.term_a[:, :, lo:hi], self.tri, None, self.scale, self.aug_a)
         ke = self.term_b.shape[-1] - self.nc  # (the exact columns of part B: K·c and non-uniform chunks)
         k_b = torch.empty(B, H0 * share, nb, ke + ns, d, dtype=dt, device=dev)
         v_b = torch.empty(B, H0 * share, nb, ke + ns, d, dtype=dt, device=dev)
@@ -393,6 +393,7 @@ def mta_attention_chunked(
     L = min(local_chunks, nc)
     s = min(sinks, n)
     K = min(top_k, nc)
+    first = min(max(rows_from, 0) // c, nc)  # the first query chunk computed (rows_from)
 
     mask: NormalizedMask | None = normalize_mask(attn_mask, B, Hq, n)
     G = Hq // Hkv
@@ -455,8 +456,10 @@ def mta_attention_chunked(
         # top_k: per query chunk, the summarised chunks with the largest scale·q̄_i·k̄_j move
         # into the exact set; stable sort breaks ties towards the lower chunk index.
         # (K > 0 implies G = 1 here.) q̄_i: mean over the real queries of chunk i, times scale.
+        # (zeros for the query chunks before rows_from, which are not computed)
         counts = key_real.view(nc, c).sum(-1).to(cdt).view(nc, 1)
-        qbar = qp.view(B, Hkv, nc, c, d).sum(3) * (scale / counts)
+        qbar = qp.new_zeros(B, Hkv, nc, d)
+        qbar[:, :, first:] = qp.view(B, Hkv, nc, c, d)[:, :, first:].sum(3) * (scale / counts[first:])
         if Iq == 1:
             score = torch.einsum("bhid,bhjd->bhij", qbar, kbar[:, :, 0])
         else:
@@ -595,7 +598,6 @@ def mta_attention_chunked(
     # query chunk i summarises only chunks j < i − L + 1, so a band [lo, hi) needs the first
     # hi − L of them, which cuts the summary work towards half.
     row_bytes = B * Hkv * X * e * cdt.itemsize
-    first = min(max(rows_from, 0) // c, nc)  # the first query chunk computed
     bands = _bands(nc, causal, row_bytes, dev, first)
     out = torch.empty(B, Hkv, G, nc, c, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None
