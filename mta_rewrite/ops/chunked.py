@@ -526,7 +526,6 @@ def mta_attention_chunked(
     # only the triangle, [T, X], shared by all.
     term_parts = [term_exact] + ([term_sink] if s > 0 else []) + [term_summary]
     tshape = torch.broadcast_shapes(*[t.shape[:3] for t in term_parts])
-    term = torch.cat([t.to(cdt).expand(*tshape, t.shape[-1]) for t in term_parts], dim=-1)
     per_query_user = allowed is not None and mask.per_query
     aug = causal and tshape[0] * tshape[1] > 1 and not per_query_user and scale != 0.0
     e = d + 1 if aug else d
@@ -542,7 +541,6 @@ def mta_attention_chunked(
         t[:, (L - 1) * c:L * c] = ar_c.view(1, c) > ar_c.repeat(rows).view(-1, 1)
         return t
 
-    tri = triangle(G, X) if causal else None
     user = None
     if per_query_user:
         ab = blocks(allowed)  # [Bm, Hm, nc, c, nc, c]
@@ -579,8 +577,9 @@ def mta_attention_chunked(
     # causal, the terms in the extra head column (aug). Where no gradient is wanted (the op's
     # forward: the kernel's log-sum-exp has none) the two parts run apart instead: the window and
     # sinks once per key/value head of k, the rows of its query heads together, with the triangle
-    # (terms that differ per batch, or per head of a per-head mask, in the extra column); the selected (and non-uniform) chunks and the
-    # summaries per query head, all outside the window, so no triangle: one term row per chunk.
+    # (terms that differ per batch, or per head of a per-head mask, in the extra column); the
+    # selected (and non-uniform) chunks and the summaries per query head, all outside the window,
+    # so no triangle: one term row per chunk.
     # Their softmaxes merge exactly by their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA).
     split = None
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
@@ -588,6 +587,9 @@ def mta_attention_chunked(
         split = _TopKSplit(q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, sink_terms(win) if s > 0 else None,
                            term_summary, kpos, exact_idx, n_win, share, s, scale,
                            triangle(share, n_win * c + s) if causal else None, _window_offsets(L, causal))
+    else:  # the one key set's terms and triangle (the two key sets build their own)
+        term = torch.cat([t.to(cdt).expand(*tshape, t.shape[-1]) for t in term_parts], dim=-1)
+        tri = triangle(G, X) if causal else None
 
     # ---- fused attention, band by band ---------------------------------------------------------
     # A band is a run of query chunks whose key sets [B, Hkv, nb, X', e] are built, used and

@@ -47,7 +47,6 @@ class SegmentLayout:
     slot: torch.Tensor  # [B, n] long: the padded position of token t
     source: torch.Tensor  # [B, N] long: the token at each padded position (padding: its chunk's last real token)
     real: torch.Tensor  # [B, N] bool: the position holds a token
-    chunk_size: int  # c, the chunking rule's
     width: int  # S ≤ c, positions per slot: the chunk size the fixed-chunk op runs with over the slots
 
     @property
@@ -112,7 +111,7 @@ def segment_layout(segment_ids: torch.Tensor, B: int, chunk_size: int, sinks: in
     # a slot begins with a real token, so the running maximum gives a padding position its
     # chunk's last real token (and an empty trailing slot the sequence's last token)
     source = torch.cummax(placed, dim=1).values
-    return SegmentLayout(slot=slot, source=source, real=real, chunk_size=chunk_size, width=width)
+    return SegmentLayout(slot=slot, source=source, real=real, width=width)
 
 
 def to_slots(x: torch.Tensor, lay: SegmentLayout) -> torch.Tensor:
