@@ -34,7 +34,8 @@ model's bool mask as it is instead of turning it into 0 / −inf first
 (``export.share_mask_preparation``). Boundary chunks: ``MultiTokenAttentionSegmented`` (and
 …Learned, …Prepared), the attention run in chunk slots that ``SegmentSlots`` computes. Clustered
 summaries: ``MultiTokenAttentionClustered``. ``AttendSets`` is the one softmax over a query
-chunk's key set that the attention functions share.
+chunk's key set, in its three parts (exact keys, sinks, summaries), that the attention functions
+share; docs/onnx.md says how the body is shaped for onnxruntime, with the measurements.
 """
 
 from __future__ import annotations
@@ -142,16 +143,31 @@ def SimplifyBoolMask(allowed):
 
 
 @script(mta_opset, default_opset=op)
-def AttendSets(logits, vset):
-    """softmax(logits)·vset over the last axis of each query chunk's key set (logits [.., c, X],
-    vset [.., X, d]); a row whose logits are all −inf (nothing to attend to) gives zeros."""
+def AttendSets(le, ve, ls, vs, lm, vm):
+    """One softmax over a query chunk's key set in three parts, exact keys, sinks and summaries
+    (logits [.., c, X], values [.., X, d], each pair's batch axes broadcast by ``MatMul``), times
+    the values: the parts are never concatenated (each ``Concat`` was a pass over the whole key
+    set, of logits and of values). A row whose logits are all −inf (nothing to attend to) gives
+    zeros.
+
+    The exponent is clamped at −80 below the row's maximum (e^−80 ≈ 1.8e−35, a weight no float32
+    sum can see beside the maximum's 1): onnxruntime's CPU ``Exp`` is 14× slower on arguments
+    under about −87, whose results are subnormal or zero, and a key set is mostly −inf (forbidden
+    keys, the causal triangle, chunks not summarised). A row with nothing to attend to is zeroed on
+    the output, a [.., c, 1] factor, so its clamped weights never reach it."""
     im1 = op.Constant(value_ints=[-1])
     neg_inf = op.Constant(value_float=float("-inf"))
-    mx = op.ReduceMax(logits, im1, keepdims=1)
-    mx = op.Where(op.Equal(mx, neg_inf), op.Constant(value_float=0.0), mx)
-    p = op.Exp(op.Sub(logits, mx))
-    den = op.ReduceSum(p, im1, keepdims=1)
-    return op.Div(op.MatMul(p, vset), op.Max(den, op.Constant(value_float=1e-30)))
+    floor = op.Constant(value_float=-80.0)
+    mx = op.Max(op.ReduceMax(le, im1, keepdims=1), op.ReduceMax(ls, im1, keepdims=1), op.ReduceMax(lm, im1, keepdims=1))
+    alive = op.Greater(mx, neg_inf)
+    shift = op.Where(alive, mx, op.Constant(value_float=0.0))
+    pe = op.Exp(op.Max(op.Sub(le, shift), floor))
+    ps = op.Exp(op.Max(op.Sub(ls, shift), floor))
+    pm = op.Exp(op.Max(op.Sub(lm, shift), floor))
+    den = op.Sum(op.ReduceSum(pe, im1, keepdims=1), op.ReduceSum(ps, im1, keepdims=1),
+                 op.ReduceSum(pm, im1, keepdims=1))
+    num = op.Sum(op.MatMul(pe, ve), op.MatMul(ps, vs), op.MatMul(pm, vm))
+    return op.Mul(num, op.Div(op.Cast(alive, to=FLOAT.dtype), den))
 
 
 @script(mta_opset, default_opset=op)
@@ -185,9 +201,6 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     D = op.Shape(qf, start=3, end=4)
     Hkv = op.Shape(kf, start=1, end=2)
     G = op.Div(H, Hkv)
-    # grouped-query attention: every query head gets its key/value head
-    k4 = op.Reshape(op.Expand(op.Unsqueeze(kf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
-    v4 = op.Reshape(op.Expand(op.Unsqueeze(vf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
 
     c = op.Min(op.Reshape(op.Constant(value_int=chunk_size), i1), N)
     nc = op.Div(op.Sub(op.Add(N, c), i1), c)
@@ -197,9 +210,14 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     S = op.Min(op.Reshape(op.Constant(value_int=sinks), i1), N)
     K = op.Min(op.Reshape(op.Constant(value_int=top_k), i1), nc)
     pads = op.Concat(i0, i0, i0, i0, i0, i0, padn, i0, axis=0)
+    # grouped-query attention: every query head gets its key/value head (padded first: one copy)
+    k4 = op.Reshape(op.Expand(op.Unsqueeze(op.Pad(kf, pads), [2]), op.Concat(B, Hkv, G, npad, D, axis=0)),
+                    op.Concat(B, H, npad, D, axis=0))
+    v4 = op.Reshape(op.Expand(op.Unsqueeze(op.Pad(vf, pads), [2]), op.Concat(B, Hkv, G, npad, D, axis=0)),
+                    op.Concat(B, H, npad, D, axis=0))
     qc = op.Reshape(op.Pad(qf, pads), op.Concat(B, H, nc, c, D, axis=0))
-    kc = op.Reshape(op.Pad(k4, pads), op.Concat(B, H, nc, c, D, axis=0))
-    vc = op.Reshape(op.Pad(v4, pads), op.Concat(B, H, nc, c, D, axis=0))
+    kc = op.Reshape(k4, op.Concat(B, H, nc, c, D, axis=0))
+    vc = op.Reshape(v4, op.Concat(B, H, nc, c, D, axis=0))
 
     # positions
     npad_s = op.Squeeze(npad, i0)
@@ -250,9 +268,10 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     summary_bias = op.Where(any_w, bmax, zero_f)
     n_j = op.ReduceSum(op.Cast(w, to=FLOAT.dtype), im1, keepdims=0)  # [Bm, Hm, Iq, nc]
     # summary weights: softmax over the chunk's kept keys of key_logit (zero: 1 / n_j, the mean)
-    klog = op.Expand(op.Cast(key_logit, to=FLOAT.dtype), op.Concat(B, Hkv, N, axis=0))
-    klog = op.Reshape(op.Expand(op.Unsqueeze(klog, [2]), op.Concat(B, Hkv, G, N, axis=0)), op.Concat(B, H, N, axis=0))
-    klog = op.Reshape(op.Pad(klog, op.Concat(i0, i0, i0, i0, i0, padn, axis=0)), op.Concat(B, H, i1, nc, c, axis=0))
+    klog = op.Pad(op.Expand(op.Cast(key_logit, to=FLOAT.dtype), op.Concat(B, Hkv, N, axis=0)),
+                  op.Concat(i0, i0, i0, i0, i0, padn, axis=0))
+    klog = op.Reshape(op.Expand(op.Unsqueeze(klog, [2]), op.Concat(B, Hkv, G, npad, axis=0)),
+                      op.Concat(B, H, i1, nc, c, axis=0))
     lw = op.Where(w, klog, neg_inf)  # [B, H, Iq, nc, c]
     lw_max = op.ReduceMax(lw, im1, keepdims=1)
     ew = op.Exp(op.Sub(lw, op.Where(op.Equal(lw_max, neg_inf), zero_f, lw_max)))
@@ -268,10 +287,12 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     summarised = op.And(op.And(not_window, op.Greater(n_j, zero_f)), uniform)
     summarised = op.Expand(summarised, op.Concat(B, H, nc, nc, axis=0))
     nonuni = op.Expand(op.And(not_window, op.Not(uniform)), op.Concat(B, H, nc, nc, axis=0))
-    kx = op.Max(op.Reshape(op.ReduceMax(op.ReduceSum(op.Cast(nonuni, to=INT64.dtype), im1, keepdims=0), keepdims=0), i1), i1)
-    nu_vals, nu_idx = op.TopK(op.Cast(nonuni, to=FLOAT.dtype), kx, axis=-1, largest=1, sorted=1)
+    # (TopK wants k ≥ 1: the lists are cut to their real length after it, empty where there is none,
+    # so the exact key set carries no all-forbidden placeholder chunk)
+    nx = op.Reshape(op.ReduceMax(op.ReduceSum(op.Cast(nonuni, to=INT64.dtype), im1, keepdims=0), keepdims=0), i1)
+    nu_vals, nu_idx = op.TopK(op.Cast(nonuni, to=FLOAT.dtype), op.Max(nx, i1), axis=-1, largest=1, sorted=1)
     minus1 = op.Constant(value_int=-1)
-    nonuni_list = op.Where(op.Greater(nu_vals, op.Constant(value_float=0.5)), nu_idx, minus1)
+    nonuni_list = op.Slice(op.Where(op.Greater(nu_vals, op.Constant(value_float=0.5)), nu_idx, minus1), i0, nx, im1)
 
     # top-k: chunks with the largest scale·q̄_i·k̄_j move from the summaries into the exact set
     counts = op.ReduceSum(op.Cast(real, to=FLOAT.dtype), im1, keepdims=0)  # [nc]
@@ -282,7 +303,7 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     kk = op.Max(K, i1)
     top_vals, top_idx = op.TopK(score, kk, axis=-1, largest=1, sorted=1)
     chosen = op.And(op.Greater(top_vals, neg_inf), op.Greater(K, s0))
-    select_list = op.Where(chosen, top_idx, minus1)
+    select_list = op.Slice(op.Where(chosen, top_idx, minus1), i0, K, im1)
     picked = op.ScatterElements(op.ConstantOfShape(op.Concat(B, H, nc, nc, axis=0)), top_idx,
                                 op.Cast(chosen, to=FLOAT.dtype), axis=-1)
     summarised = op.And(summarised, op.Not(op.Greater(picked, op.Constant(value_float=0.5))))
@@ -303,18 +324,21 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     vg = op.Reshape(op.GatherND(vc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(Ke, c), D, axis=0))
 
     # ---- logits of the exact part [B, H, nc, c, Ke·c] --------------------------------------
-    qpos = op.Unsqueeze(pos, [2])  # [nc, c, 1]
-    causal_ok = op.Or(op.Not(is_causal), op.LessOrEqual(op.Unsqueeze(kpos, [3]), qpos))
+    # Keys' validity and the mask are a bias of [B, H, nc, cq, Ke·c] (cq = 1 unless the mask varies
+    # per query); causality one of [c, Ke·c]: only the window's chunk at offset 0 (its entry L − 1,
+    # the last with causality) holds keys after the query, every other exact chunk lies before the
+    # query chunk. Both reach the logits in one pass (a full-size bool mask and Where took four).
     rows_b = op.Reshape(op.Expand(allowed_r, op.Concat(B, H, rows, npad, axis=0)), op.Concat(B, H, Iq, cq, npad, axis=0))
     brow_b = op.Reshape(op.Expand(bias_r, op.Concat(B, H, rows, npad, axis=0)), op.Concat(B, H, Iq, cq, npad, axis=0))
     rows_b = op.Expand(rows_b, op.Concat(B, H, nc, cq, npad, axis=0))
     brow_b = op.Expand(brow_b, op.Concat(B, H, nc, cq, npad, axis=0))
     kidx = op.Expand(op.Unsqueeze(kpos, [3]), op.Concat(B, H, nc, cq, op.Mul(Ke, c), axis=0))
     mask_ok = op.Greater(op.GatherElements(rows_b, kidx, axis=4), zero_f)  # [B, H, nc, cq, Ke·c]
-    mask_bias = op.GatherElements(brow_b, kidx, axis=4)
-    ok_e = op.And(op.And(op.Unsqueeze(kvalid, [3]), causal_ok), mask_ok)
-    le = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), mask_bias)
-    le = op.Where(ok_e, le, neg_inf)
+    bias_e = op.Where(op.And(op.Unsqueeze(kvalid, [3]), mask_ok), op.GatherElements(brow_b, kidx, axis=4), neg_inf)
+    rel = op.Sub(op.Range(s0, op.Squeeze(op.Mul(Ke, c), i0), s1), op.Mul(op.Sub(L_s, s1), c_s))  # [Ke·c]
+    tri_ok = op.Or(op.Not(is_causal), op.Or(op.LessOrEqual(rel, op.Unsqueeze(ar_c, [1])), op.GreaterOrEqual(rel, c_s)))
+    bias_e = op.Add(bias_e, op.Where(tri_ok, zero_f, neg_inf))  # [B, H, nc, c, Ke·c]
+    le = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), bias_e)
 
     # ---- sinks [B, H, nc, c, S] ----------------------------------------------------------------
     sink_pos = op.Range(s0, S_s, s1)
@@ -326,19 +350,17 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     s_rows = op.Slice(rows_b, i0, S, op.Constant(value_ints=[4]))  # [B, H, nc, cq, S]
     s_bias = op.Slice(brow_b, i0, S, op.Constant(value_ints=[4]))
     ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
-    vs = op.Slice(v4, i0, S, op.Constant(value_ints=[2]))
-    ls = op.Add(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t), s_bias)
-    ls = op.Where(op.And(sink_ok, op.Greater(s_rows, zero_f)), ls, neg_inf)
+    vs = op.Unsqueeze(op.Slice(v4, i0, S, op.Constant(value_ints=[2])), [2])  # [B, H, 1, S, d]
+    ls = op.Add(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t),
+                op.Where(op.And(sink_ok, op.Greater(s_rows, zero_f)), s_bias, neg_inf))
 
     # ---- summaries [B, H, nc, c, nc] -----------------------------------------------------------
     term = op.Add(op.Log(op.Max(n_j, one_f)), summary_bias)  # [Bm, Hm, Iq, nc]
-    lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
-    lm = op.Where(op.Unsqueeze(summarised, [3]), lm, neg_inf)
+    lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t),
+                op.Unsqueeze(op.Where(summarised, term, neg_inf), [3]))
 
     # ---- one softmax over [exact | sinks | summaries] ------------------------------------------
-    vset = op.Concat(vg, op.Expand(op.Unsqueeze(vs, [2]), op.Concat(B, H, nc, S, D, axis=0)),
-                     op.Expand(vbar, op.Concat(B, H, nc, nc, D, axis=0)), axis=3)
-    out = AttendSets(op.Concat(le, ls, lm, axis=-1), vset)  # [B, H, nc, c, d]
+    out = AttendSets(le, vg, ls, vs, lm, vbar)  # [B, H, nc, c, d]
     out = op.Slice(op.Reshape(out, op.Concat(B, H, npad, D, axis=0)), i0, N, op.Constant(value_ints=[2]))
     return op.CastLike(out, q)
 
@@ -505,8 +527,6 @@ def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scal
     Hkv = op.Shape(kf, start=1, end=2)
     G = op.Div(H, Hkv)
     Kc = op.Shape(mu, start=1, end=2)
-    k4 = op.Reshape(op.Expand(op.Unsqueeze(kf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
-    v4 = op.Reshape(op.Expand(op.Unsqueeze(vf, [2]), op.Concat(B, Hkv, G, N, D, axis=0)), op.Concat(B, H, N, D, axis=0))
     mu4 = op.Reshape(op.Expand(op.Unsqueeze(mu, [1]), op.Concat(Hkv, G, Kc, D, axis=0)), op.Concat(H, Kc, D, axis=0))
 
     c = op.Min(op.Reshape(op.Constant(value_int=chunk_size), i1), N)
@@ -516,10 +536,14 @@ def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scal
     L = op.Min(op.Reshape(op.Constant(value_int=local_chunks), i1), nc)
     S = op.Min(op.Reshape(op.Constant(value_int=sinks), i1), N)
     pads = op.Concat(i0, i0, i0, i0, i0, i0, padn, i0, axis=0)
-    kp = op.Pad(k4, pads)
+    # grouped-query attention: every query head gets its key/value head (padded first: one copy)
+    kp = op.Reshape(op.Expand(op.Unsqueeze(op.Pad(kf, pads), [2]), op.Concat(B, Hkv, G, npad, D, axis=0)),
+                    op.Concat(B, H, npad, D, axis=0))
+    v4 = op.Reshape(op.Expand(op.Unsqueeze(op.Pad(vf, pads), [2]), op.Concat(B, Hkv, G, npad, D, axis=0)),
+                    op.Concat(B, H, npad, D, axis=0))
     qc = op.Reshape(op.Pad(qf, pads), op.Concat(B, H, nc, c, D, axis=0))
     kc = op.Reshape(kp, op.Concat(B, H, nc, c, D, axis=0))
-    vc = op.Reshape(op.Pad(v4, pads), op.Concat(B, H, nc, c, D, axis=0))
+    vc = op.Reshape(v4, op.Concat(B, H, nc, c, D, axis=0))
     npad_s = op.Squeeze(npad, i0)
     nc_s = op.Squeeze(nc, i0)
     c_s = op.Squeeze(c, i0)
@@ -577,20 +601,19 @@ def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scal
     kg = op.Reshape(op.GatherND(kc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(W, c), D, axis=0))
     vg = op.Reshape(op.GatherND(vc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(W, c), D, axis=0))
     le = op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t)
-    le = op.Where(op.Unsqueeze(valid, [3]), le, neg_inf)
+    le = op.Add(le, op.Where(op.Unsqueeze(valid, [3]), zero_f, neg_inf))
     sink_pos = op.Range(s0, S_s, s1)
     in_window = op.LessOrEqual(op.Abs(op.Sub(op.Unsqueeze(op.Div(sink_pos, c_s), [0]), op.Unsqueeze(ii, [1]))),
                                op.Sub(L_s, s1))  # [nc, S]
     sink_ok = op.And(op.Not(in_window), op.Unsqueeze(op.Slice(key_ok, i0, S, op.Constant(value_ints=[2])), [2]))
-    ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
+    ks = op.Slice(kp, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
     vs = op.Slice(v4, i0, S, op.Constant(value_ints=[2]))
     ls = op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t)
-    ls = op.Where(op.Unsqueeze(sink_ok, [3]), ls, neg_inf)
+    ls = op.Add(ls, op.Where(op.Unsqueeze(sink_ok, [3]), zero_f, neg_inf))
     lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
 
     # ---- one softmax over [window | sinks | clusters] -------------------------------------------
-    vset = op.Concat(vg, op.Expand(op.Unsqueeze(vs, [2]), op.Concat(B, H, nc, S, D, axis=0)), vbar, axis=3)
-    out = AttendSets(op.Concat(le, ls, lm, axis=-1), vset)  # [B, H, nc, c, d]
+    out = AttendSets(le, vg, ls, op.Unsqueeze(vs, [2]), lm, vbar)  # [B, H, nc, c, d]
     out = op.Slice(op.Reshape(out, op.Concat(B, H, npad, D, axis=0)), i0, N, op.Constant(value_ints=[2]))
     return op.CastLike(out, q)
 
