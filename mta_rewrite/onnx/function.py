@@ -13,8 +13,8 @@ Attributes: chunk_size, causal (0/1), scale, local_chunks, sinks, top_k.
 The body mirrors ``ops/chunked.py``: per query chunk, one key set [exact chunks (window, top-k
 selected, blocks where the mask varies per query) | sinks | chunk summaries], one softmax. With
 no mask, a causal flag or a key-padding mask ([.., 1, n]) nothing n×n is formed; a mask that
-varies per query is read in chunk blocks, so the function holds O(B·H·n²) booleans then (the
-mask itself is n×n). Computation is in float32; the output has q's type.
+varies per query is read in chunk blocks at the mask's own heads Hm (1 or Hq), so the function
+holds O(B·Hm·n²) floats then (the mask itself is n×n). Computation is in float32; the output has q's type.
 
 A mask that varies per query but is, by its values, key padding or the causal triangle ∧ key
 padding (what transformers models hand every layer, decoders with causal=False) is recognised at
@@ -56,27 +56,36 @@ def RecogniseMask(allowed):
     """(keep, recognised, triangle) for the allowed flags [Bm, Hm, n, n] of a square mask with
     n > 1: keep [Bm, 1, 1, n] are the first head's last row (the keys the triangle leaves to the
     last query); recognised: every head allows exactly keep on every row (key padding) or the
-    causal triangle ∧ keep; triangle: the second form and not the first. The triangle is tried
-    first (what decoders build): then the padding form holds only when no key after the first is
-    kept, an O(n) test; the padding form costs its own pass only when the triangle fails."""
+    causal triangle ∧ keep; triangle: the second form and not the first. Both forms allow key 0
+    to every query exactly when keep does, an O(n) test that turns other masks away before any
+    pass over n² flags (a sliding window's band fails it beyond the window's length). The
+    triangle is tried next (what decoders build): then the padding form holds only when no key
+    after the first is kept, an O(n) test; the padding form costs its own pass only when the
+    triangle fails."""
     i0 = op.Constant(value_ints=[0])
     i1 = op.Constant(value_ints=[1])
+    i3 = op.Constant(value_ints=[3])
     NQ = op.Shape(allowed, start=2, end=3)
     NK = op.Shape(allowed, start=3, end=4)
     keep = op.Slice(op.Slice(allowed, i0, i1, i1), op.Sub(NQ, i1), NQ, op.Constant(value_ints=[2]))  # [Bm, 1, 1, n]
-    ar_n = op.Range(op.Constant(value_int=0), op.Squeeze(NK, i0), op.Constant(value_int=1))
-    below = op.LessOrEqual(op.Unsqueeze(ar_n, [0]), op.Unsqueeze(ar_n, [1]))  # key ≤ query
-    tri_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, op.And(below, keep)), to=onnx.TensorProto.UINT8),
-                                  keepdims=0), to=onnx.TensorProto.BOOL)
-    if tri_ok:
-        recognised = op.Identity(tri_ok)
-        later = op.Slice(keep, i1, NK, op.Constant(value_ints=[3]))
-        triangle = op.Cast(op.ReduceMax(op.Cast(later, to=onnx.TensorProto.UINT8), keepdims=0),
-                           to=onnx.TensorProto.BOOL)
+    first_key = op.Equal(op.Slice(allowed, i0, i1, i3), op.Slice(keep, i0, i1, i3))  # [Bm, Hm, n, 1]
+    if op.Cast(op.ReduceMin(op.Cast(first_key, to=onnx.TensorProto.UINT8), keepdims=0), to=onnx.TensorProto.BOOL):
+        ar_n = op.Range(op.Constant(value_int=0), op.Squeeze(NK, i0), op.Constant(value_int=1))
+        below = op.LessOrEqual(op.Unsqueeze(ar_n, [0]), op.Unsqueeze(ar_n, [1]))  # key ≤ query
+        tri_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, op.And(below, keep)), to=onnx.TensorProto.UINT8),
+                                      keepdims=0), to=onnx.TensorProto.BOOL)
+        if tri_ok:
+            recognised = op.Identity(tri_ok)
+            later = op.Slice(keep, i1, NK, i3)
+            triangle = op.Cast(op.ReduceMax(op.Cast(later, to=onnx.TensorProto.UINT8), keepdims=0),
+                               to=onnx.TensorProto.BOOL)
+        else:
+            recognised = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
+                                 to=onnx.TensorProto.BOOL)
+            triangle = op.Identity(tri_ok)
     else:
-        recognised = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
-                             to=onnx.TensorProto.BOOL)
-        triangle = op.Identity(tri_ok)
+        recognised = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+        triangle = op.Identity(recognised)
     return keep, recognised, triangle
 
 
@@ -328,13 +337,21 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     # per query); causality one of [c, Ke·c]: only the window's chunk at offset 0 (its entry L − 1,
     # the last with causality) holds keys after the query, every other exact chunk lies before the
     # query chunk. Both reach the logits in one pass (a full-size bool mask and Where took four).
-    rows_b = op.Reshape(op.Expand(allowed_r, op.Concat(B, H, rows, npad, axis=0)), op.Concat(B, H, Iq, cq, npad, axis=0))
-    brow_b = op.Reshape(op.Expand(bias_r, op.Concat(B, H, rows, npad, axis=0)), op.Concat(B, H, Iq, cq, npad, axis=0))
-    rows_b = op.Expand(rows_b, op.Concat(B, H, nc, cq, npad, axis=0))
-    brow_b = op.Expand(brow_b, op.Concat(B, H, nc, cq, npad, axis=0))
-    kidx = op.Expand(op.Unsqueeze(kpos, [3]), op.Concat(B, H, nc, cq, op.Mul(Ke, c), axis=0))
-    mask_ok = op.Greater(op.GatherElements(rows_b, kidx, axis=4), zero_f)  # [B, H, nc, cq, Ke·c]
-    bias_e = op.Where(op.And(op.Unsqueeze(kvalid, [3]), mask_ok), op.GatherElements(brow_b, kidx, axis=4), neg_inf)
+    # The mask's rows (its values, −inf where forbidden) are read at the mask's own heads Hm (1 or
+    # H): the query heads of a mask head are moved into the gathered axis and back, so a mask
+    # shared by the heads is never repeated to them (with a per-query mask that copy was
+    # B·H·n² floats, twice: 4.4 GB at 4096 tokens and 9 heads).
+    HG = op.Div(H, Hm)
+    mrow = op.Where(op.Greater(allowed_r, zero_f), bias_r, neg_inf)  # [Bm, Hm, rows, npad]
+    mrow = op.Reshape(op.Expand(mrow, op.Concat(B, Hm, rows, npad, axis=0)), op.Concat(B, Hm, Iq, cq, npad, axis=0))
+    mrow = op.Expand(mrow, op.Concat(B, Hm, nc, cq, npad, axis=0))
+    Kc = op.Mul(Ke, c)
+    kidx = op.Expand(op.Reshape(kpos, op.Concat(B, Hm, HG, nc, i1, Kc, axis=0)),
+                     op.Concat(B, Hm, HG, nc, cq, Kc, axis=0))
+    kidx = op.Reshape(op.Transpose(kidx, perm=[0, 1, 3, 4, 2, 5]), op.Concat(B, Hm, nc, cq, op.Mul(HG, Kc), axis=0))
+    mask_e = op.Reshape(op.GatherElements(mrow, kidx, axis=4), op.Concat(B, Hm, nc, cq, HG, Kc, axis=0))
+    mask_e = op.Reshape(op.Transpose(mask_e, perm=[0, 1, 4, 2, 3, 5]), op.Concat(B, H, nc, cq, Kc, axis=0))
+    bias_e = op.Add(mask_e, op.Where(op.Unsqueeze(kvalid, [3]), zero_f, neg_inf))
     rel = op.Sub(op.Range(s0, op.Squeeze(op.Mul(Ke, c), i0), s1), op.Mul(op.Sub(L_s, s1), c_s))  # [Ke·c]
     tri_ok = op.Or(op.Not(is_causal), op.Or(op.LessOrEqual(rel, op.Unsqueeze(ar_c, [1])), op.GreaterOrEqual(rel, c_s)))
     bias_e = op.Add(bias_e, op.Where(tri_ok, zero_f, neg_inf))  # [B, H, nc, c, Ke·c]
@@ -347,12 +364,11 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
                                op.Constant(value_ints=[3]), keepdims=0), to=onnx.TensorProto.BOOL)  # [B,H,nc,S]
     future = op.And(is_causal, op.Greater(op.Unsqueeze(sink_chunk, [0]), ii))  # [nc, S]
     sink_ok = op.Unsqueeze(op.And(op.Not(dup), op.Not(future)), [3])
-    s_rows = op.Slice(rows_b, i0, S, op.Constant(value_ints=[4]))  # [B, H, nc, cq, S]
-    s_bias = op.Slice(brow_b, i0, S, op.Constant(value_ints=[4]))
+    s_mask = op.Slice(mrow, i0, S, op.Constant(value_ints=[4]))  # [B, Hm, nc, cq, S]
     ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
     vs = op.Unsqueeze(op.Slice(v4, i0, S, op.Constant(value_ints=[2])), [2])  # [B, H, 1, S, d]
     ls = op.Add(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t),
-                op.Where(op.And(sink_ok, op.Greater(s_rows, zero_f)), s_bias, neg_inf))
+                op.Add(s_mask, op.Where(sink_ok, zero_f, neg_inf)))
 
     # ---- summaries [B, H, nc, c, nc] -----------------------------------------------------------
     term = op.Add(op.Log(op.Max(n_j, one_f)), summary_bias)  # [Bm, Hm, Iq, nc]
