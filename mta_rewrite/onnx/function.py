@@ -241,39 +241,40 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     ii = op.Unsqueeze(op.Range(s0, nc_s, s1), [1])  # [nc, 1]
     jj = op.Unsqueeze(op.Range(s0, nc_s, s1), [0])  # [1, nc]
 
-    # ---- the mask: allowed and bias, keys padded as forbidden, query rows by chunk blocks ----
+    # ---- the mask: its values with −inf where forbidden, query rows by chunk blocks -----------
+    # One float tensor carries both the allowed flags (> −inf) and the bias, padded in "edge" mode
+    # on both axes: a padding query repeats the last row (it is cut from the output), a padding key
+    # repeats the last key (no consumer reads it: summaries take `base` keys, the exact part checks
+    # kpos < n, sinks lie before n), and a mask broadcast over keys ([.., 1]) is spread the same way.
     Bm = op.Shape(mf, start=0, end=1)
     Hm = op.Shape(mf, start=1, end=2)
     NQ = op.Shape(mf, start=2, end=3)
-    mk = op.Expand(mf, op.Concat(i1, i1, i1, N, axis=0))
-    allowed_f = op.Cast(op.Greater(mk, op.Constant(value_float=-3.4e38)), to=FLOAT.dtype)
-    bias = op.Where(op.Greater(allowed_f, zero_f), mk, zero_f)
-    kpads = op.Concat(i0, i0, i0, i0, i0, i0, i0, padn, axis=0)
-    allowed_f = op.Pad(allowed_f, kpads)
-    bias = op.Pad(bias, kpads)
+    NK = op.Shape(mf, start=3, end=4)
     per_query = op.Greater(NQ, i1)
+    mneg = op.Add(mf, op.Where(op.Greater(mf, op.Constant(value_float=-3.4e38)), zero_f, neg_inf))
+    mrow = op.Pad(mneg, op.Concat(i0, i0, i0, i0, i0, i0, op.Where(per_query, op.Sub(npad, NQ), i0), op.Sub(npad, NK),
+                                  axis=0), mode="edge")  # [Bm, Hm, rows, npad]
     rows = op.Where(per_query, npad, i1)
-    row_idx = op.Min(op.Range(s0, op.Squeeze(rows, i0), s1), op.Squeeze(op.Sub(NQ, i1), i0))
-    allowed_r = op.Gather(allowed_f, row_idx, axis=2)  # [Bm, Hm, rows, npad]
-    bias_r = op.Gather(bias, row_idx, axis=2)
     Iq = op.Where(per_query, nc, i1)
     cq = op.Where(per_query, c, i1)
-    ab = op.Greater(op.Reshape(allowed_r, op.Concat(Bm, Hm, Iq, cq, nc, c, axis=0)), zero_f)  # [Bm,Hm,Iq,cq,nc,c]
-    bb = op.Reshape(bias_r, op.Concat(Bm, Hm, Iq, cq, nc, c, axis=0))
+    mb = op.Reshape(mrow, op.Concat(Bm, Hm, Iq, cq, nc, c, axis=0))  # [Bm, Hm, Iq, cq, nc, c]
 
     # ---- summaries: masked means over the first query row of each block ---------------------
-    w = op.And(op.Squeeze(op.Gather(ab, i0, axis=3), [3]), base)  # [Bm, Hm, Iq, nc, c]
-    eff = op.And(ab, base)
-    uniform = op.Cast(op.ReduceMin(op.Cast(op.Equal(eff, op.Unsqueeze(w, [3])), to=INT64.dtype),
-                                   op.Constant(value_ints=[3, 5]), keepdims=0), to=onnx.TensorProto.BOOL)
-    b0 = op.Squeeze(op.Gather(bb, i0, axis=3), [3])
-    any_w = op.Cast(op.ReduceMax(op.Cast(w, to=INT64.dtype), im1, keepdims=0), to=onnx.TensorProto.BOOL)
+    # A block (query chunk i, key chunk j) is summarised when every query row of it sees chunk j's
+    # summarisable keys (`base`) as its first row does, allowed and bias alike: one comparison of
+    # the values with the other keys set to −inf (−inf equals −inf), and a bias constant over them.
+    b0 = op.Squeeze(op.Gather(mb, i0, axis=3), [3])  # [Bm, Hm, Iq, nc, c]
+    w = op.And(op.Greater(b0, neg_inf), base)
+    base_bias = op.Where(base, zero_f, neg_inf)  # [nc, c]
+    seen = op.Add(mb, base_bias)
+    uniform = op.Cast(op.ReduceMin(op.Cast(op.Equal(seen, op.Unsqueeze(op.Add(b0, base_bias), [3])),
+                                           to=onnx.TensorProto.UINT8), op.Constant(value_ints=[3, 5]), keepdims=0),
+                      to=onnx.TensorProto.BOOL)
+    any_w = op.Cast(op.ReduceMax(op.Cast(w, to=onnx.TensorProto.UINT8), im1, keepdims=0), to=onnx.TensorProto.BOOL)
     bmax = op.ReduceMax(op.Where(w, b0, neg_inf), im1, keepdims=0)
     bmin = op.ReduceMin(op.Where(w, b0, pos_inf), im1, keepdims=0)
     const = op.Or(op.Equal(bmax, bmin), op.Not(any_w))
-    same = op.Cast(op.ReduceMin(op.Cast(op.Equal(op.Where(eff, bb, zero_f), op.Unsqueeze(op.Where(w, b0, zero_f), [3])),
-                                        to=INT64.dtype), op.Constant(value_ints=[3, 5]), keepdims=0), to=onnx.TensorProto.BOOL)
-    uniform = op.And(op.And(uniform, const), same)  # [Bm, Hm, Iq, nc]
+    uniform = op.And(uniform, const)  # [Bm, Hm, Iq, nc]
     summary_bias = op.Where(any_w, bmax, zero_f)
     n_j = op.ReduceSum(op.Cast(w, to=FLOAT.dtype), im1, keepdims=0)  # [Bm, Hm, Iq, nc]
     # summary weights: softmax over the chunk's kept keys of key_logit (zero: 1 / n_j, the mean)
@@ -342,7 +343,6 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     # shared by the heads is never repeated to them (with a per-query mask that copy was
     # B·H·n² floats, twice: 4.4 GB at 4096 tokens and 9 heads).
     HG = op.Div(H, Hm)
-    mrow = op.Where(op.Greater(allowed_r, zero_f), bias_r, neg_inf)  # [Bm, Hm, rows, npad]
     mrow = op.Reshape(op.Expand(mrow, op.Concat(B, Hm, rows, npad, axis=0)), op.Concat(B, Hm, Iq, cq, npad, axis=0))
     mrow = op.Expand(mrow, op.Concat(B, Hm, nc, cq, npad, axis=0))
     Kc = op.Mul(Ke, c)
