@@ -90,11 +90,21 @@ def RecogniseMask(allowed):
 
 
 @script(mta_opset, default_opset=op)
+def Forbidden(mf):
+    """A float mask with its forbidden values (≤ −3.4e38: −inf and float32's minimum, what
+    transformers fills with) made −inf, the others kept: the form ``MultiTokenAttentionPrepared``
+    reads, so that it needs no pass of its own over the mask (the recognitions give it)."""
+    return op.Add(mf, op.Where(op.Greater(mf, op.Constant(value_float=-3.4e38)), op.Constant(value_float=0.0),
+                               op.Constant(value_float=float("-inf"))))
+
+
+@script(mta_opset, default_opset=op)
 def SimplifyMask(mask):
     """(mask, triangle): a float mask [Bm, Hm, nq, n] that varies per query but is, by its values,
     key padding or the causal triangle ∧ key padding, in every head and with no bias, becomes its
     key padding [Bm, 1, 1, n] (0 / −inf), with triangle True for the second form; any other mask
-    comes back as it is, with False. ``ops.masks.simplify_mask`` in ONNX ops (the keep flags are
+    comes back as it is with its forbidden values (≤ −3.4e38) made −inf (``Forbidden``), with
+    False. ``ops.masks.simplify_mask`` in ONNX ops (the keep flags are
     the first head's last row; reads the mask a few times, O(Bm·Hm·n²) booleans, none per query
     head; the bias check only once the pattern matched)."""
     zero_f = op.Constant(value_float=0.0)
@@ -113,13 +123,13 @@ def SimplifyMask(mask):
                 out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
                 found = op.Identity(triangle)
             else:
-                out = op.Identity(mf)
+                out = Forbidden(mf)
                 found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
         else:
-            out = op.Identity(mf)
+            out = Forbidden(mf)
             found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     else:
-        out = op.Identity(mf)
+        out = Forbidden(mf)
         found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     return out, found
 
@@ -182,8 +192,8 @@ def AttendSets(le, ve, ls, vs, lm, vm):
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: int, causal: int, scale: float,
                                 local_chunks: int, sinks: int, top_k: int):
-    """The op on a mask that ``SimplifyMask`` has prepared: ``triangle`` (a bool scalar, its
-    second output) adds causality. An exported model whose sites share one mask (every
+    """The op on a mask that ``SimplifyMask`` (or ``SimplifyBoolMask``) has prepared, forbidden
+    entries −inf (``Forbidden``): ``triangle`` (a bool scalar, its second output) adds causality. An exported model whose sites share one mask (every
     transformers model) prepares it once and calls this at every site. ``key_logit``
     (broadcastable to [B, Hkv, n]): the summaries weigh chunk j's keys by softmax over them of
     these logits; a zero is the mean, ``SummaryLogits`` gives learned summaries' k_s·w."""
@@ -251,8 +261,7 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     NQ = op.Shape(mf, start=2, end=3)
     NK = op.Shape(mf, start=3, end=4)
     per_query = op.Greater(NQ, i1)
-    mneg = op.Add(mf, op.Where(op.Greater(mf, op.Constant(value_float=-3.4e38)), zero_f, neg_inf))
-    mrow = op.Pad(mneg, op.Concat(i0, i0, i0, i0, i0, i0, op.Where(per_query, op.Sub(npad, NQ), i0), op.Sub(npad, NK),
+    mrow = op.Pad(mf, op.Concat(i0, i0, i0, i0, i0, i0, op.Where(per_query, op.Sub(npad, NQ), i0), op.Sub(npad, NK),
                                   axis=0), mode="edge")  # [Bm, Hm, rows, npad]
     rows = op.Where(per_query, npad, i1)
     Iq = op.Where(per_query, nc, i1)
@@ -662,7 +671,8 @@ def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
               SimplifyBoolMask.to_function_proto(), RecogniseMask.to_function_proto(),
               MultiTokenAttentionSegmented.to_function_proto(), MultiTokenAttentionSegmentedLearned.to_function_proto(),
               MultiTokenAttentionSegmentedPrepared.to_function_proto(), SegmentSlots.to_function_proto(),
-              MultiTokenAttentionClustered.to_function_proto(), AttendSets.to_function_proto()]
+              MultiTokenAttentionClustered.to_function_proto(), AttendSets.to_function_proto(),
+              Forbidden.to_function_proto()]
     for fn in protos:
         del fn.opset_import[:]
         fn.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])
