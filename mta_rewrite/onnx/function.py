@@ -28,7 +28,8 @@ by ``MultiTokenAttentionPrepared`` (the attention on the recognised mask, with t
 as a fifth input and per-key summary logits, zero for means, as a sixth).
 ``MultiTokenAttentionLearned`` is the op with learned summaries (a fifth input, the summary
 weight [Hkv, d]; ``SummaryLogits`` turns it into the per-key logits k_s·w). ``SimplifyBoolMask`` is the recognition on a bool mask (True: allowed) and
-``RecogniseMask`` the check both recognitions share. The exporter makes sites that share a mask
+``RecogniseMask`` the check both recognitions share; ``Forbidden`` makes a float mask's forbidden
+values −inf, the form the prepared functions read. The exporter makes sites that share a mask
 call ``MultiTokenAttentionPrepared`` directly, after one recognition node, and recognises a
 model's bool mask as it is instead of turning it into 0 / −inf first
 (``export.share_mask_preparation``). Boundary chunks: ``MultiTokenAttentionSegmented`` (and
