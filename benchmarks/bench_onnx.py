@@ -3,8 +3,8 @@
     python benchmarks/bench_onnx.py [--n 4096] [--repeats 3] [--llama-layers 2]
         [--models tiny,llama[,mistral][,smollm2]] [--tag TAG]
 
-Two models, each exported twice with dynamic shapes: exact (stock SDPA lowering) and rewritten
-with MTA (c = 64, and c = 64 with L = 2, sinks = 4, top_k = 2): the built-in TinyCausalLM (4
+Each model is exported with dynamic shapes, exact (stock SDPA lowering) and rewritten with MTA
+(c = 64, and c = 64 with L = 2, sinks = 4, top_k = 2). By default two models: the built-in TinyCausalLM (4
 layers, d = 256, 4 heads; its attention is causal by flag) and a transformers LlamaModel from a
 config (2 layers, d = 256, 4 heads, 2 key/value heads, random weights; like every transformers
 decoder it hands attention the causal triangle as a materialised [1, 1, n, n] mask, which the
