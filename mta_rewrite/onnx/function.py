@@ -263,8 +263,7 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     NK = op.Shape(mf, start=3, end=4)
     per_query = op.Greater(NQ, i1)
     mrow = op.Pad(mf, op.Concat(i0, i0, i0, i0, i0, i0, op.Where(per_query, op.Sub(npad, NQ), i0), op.Sub(npad, NK),
-                                  axis=0), mode="edge")  # [Bm, Hm, rows, npad]
-    rows = op.Where(per_query, npad, i1)
+                                  axis=0), mode="edge")  # [Bm, Hm, npad or 1, npad]
     Iq = op.Where(per_query, nc, i1)
     cq = op.Where(per_query, c, i1)
     mb = op.Reshape(mrow, op.Concat(Bm, Hm, Iq, cq, nc, c, axis=0))  # [Bm, Hm, Iq, cq, nc, c]
@@ -353,8 +352,7 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     # shared by the heads is never repeated to them (with a per-query mask that copy was
     # B·H·n² floats, twice: 4.4 GB at 4096 tokens and 9 heads).
     HG = op.Div(H, Hm)
-    mrow = op.Reshape(op.Expand(mrow, op.Concat(B, Hm, rows, npad, axis=0)), op.Concat(B, Hm, Iq, cq, npad, axis=0))
-    mrow = op.Expand(mrow, op.Concat(B, Hm, nc, cq, npad, axis=0))
+    mrow = op.Expand(op.Reshape(mrow, op.Concat(Bm, Hm, Iq, cq, npad, axis=0)), op.Concat(B, Hm, nc, cq, npad, axis=0))
     Kc = op.Mul(Ke, c)
     kidx = op.Expand(op.Reshape(kpos, op.Concat(B, Hm, HG, nc, i1, Kc, axis=0)),
                      op.Concat(B, Hm, HG, nc, cq, Kc, axis=0))
