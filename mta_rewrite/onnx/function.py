@@ -91,12 +91,12 @@ def RecogniseMask(allowed):
 
 
 @script(mta_opset, default_opset=op)
-def Forbidden(mf):
-    """A float mask with its forbidden values (≤ −3.4e38: −inf and float32's minimum, what
-    transformers fills with) made −inf, the others kept: the form ``MultiTokenAttentionPrepared``
-    reads, so that it needs no pass of its own over the mask (the recognitions give it)."""
-    return op.Add(mf, op.Where(op.Greater(mf, op.Constant(value_float=-3.4e38)), op.Constant(value_float=0.0),
-                               op.Constant(value_float=float("-inf"))))
+def Forbidden(mf, allowed):
+    """A float mask with its forbidden values (``allowed``: mf > −3.4e38; −inf and float32's
+    minimum, what transformers fills with, are not) made −inf, the others kept: the form
+    ``MultiTokenAttentionPrepared`` reads, so that it needs no pass of its own over the mask (the
+    recognitions give it)."""
+    return op.Add(mf, op.Where(allowed, op.Constant(value_float=0.0), op.Constant(value_float=float("-inf"))))
 
 
 @script(mta_opset, default_opset=op)
@@ -124,13 +124,13 @@ def SimplifyMask(mask):
                 out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
                 found = op.Identity(triangle)
             else:
-                out = Forbidden(mf)
+                out = Forbidden(mf, allowed)
                 found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
         else:
-            out = Forbidden(mf)
+            out = Forbidden(mf, allowed)
             found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     else:
-        out = Forbidden(mf)
+        out = Forbidden(mf, op.Greater(mf, op.Constant(value_float=-3.4e38)))
         found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     return out, found
 

@@ -175,8 +175,8 @@ def _memory_bands(lo: int, hi: int, row_bytes: int, device: torch.device, at_lea
     """Rows lo … hi − 1 (query chunks, or query blocks) in at least ``at_least`` contiguous bands of
     about equal size, and on the CPU enough that a band's key set (``row_bytes`` per row) fits in
     ``_BAND_BYTES`` (other devices have caching allocators, and each band is a few more kernel
-    launches): the memory bound of every CPU implementation here. None for no rows (a caller that
-    reads no row: ``rows_from`` at the end)."""
+    launches): the memory bound of every CPU implementation here. No bands for no rows (a caller
+    that reads no row: ``rows_from`` at the end)."""
     rows = hi - lo
     if rows <= 0:
         return []
