@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .chunked import mta_attention_chunked
+from .chunked import NEG, _compute_dtype, mta_attention_chunked, soft_capped
 from .clustered import check_clustered, mta_attention_clustered
 from .layout import in_layout_of
 from .masks import normalize_mask, simplify_mask
@@ -43,7 +43,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None,
-                 segment_ids=None) -> None:
+                 segment_ids=None, softcap: float = 0.0) -> None:
     """Validate the op's arguments; raise ValueError/TypeError with a one-line message."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -75,6 +75,8 @@ def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, si
             raise ValueError(f"summary_weight must be a float tensor on {q.device}; got {summary_weight.dtype} on {summary_weight.device}")
     if segment_ids is not None:
         check_segment_ids(segment_ids, B, n, q.device)
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite number ≥ 0 (0: no soft-cap), got {softcap!r}")
 
 
 @torch.library.custom_op("mta::attention", mutates_args=())
@@ -93,6 +95,7 @@ def attention(
     local_chunks: int = 1,
     sinks: int = 0,
     top_k: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Multi-Token Attention (MTA_SPEC.md). Output: q's shape, dtype and memory layout (that of
     ``torch.empty_like(q)``). ``summary_weight`` [Hkv, d]: learned summaries (the spec's
@@ -101,14 +104,17 @@ def attention(
     "boundary" grouping, ``segments.py``): a chunk ends where the id changes, runs are cut to at
     most ``chunk_size`` tokens; None is fixed chunks. ``centroids`` [Hkv, K, d]: clustered summaries
     (the spec's learned clustering of keys, non-causal, ``clustered.py``): the keys outside a
-    query's window summarised per nearest centroid instead of per chunk."""
+    query's window summarised per nearest centroid instead of per chunk. ``softcap`` > 0: every
+    logit's product term is soft-capped, softcap·tanh(scale·q·k / softcap) for a key and
+    softcap·tanh(scale·q·k̄_j / softcap) for a summary, before the mask and log n_j are added
+    (Gemma-2's ``attn_logit_softcapping``; docs/op.md); 0 is none."""
     return _checked(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
-                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k, softcap=softcap)
 
 
 def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *,
                        chunk_size: int, causal: bool = False, scale: float | None = None, local_chunks: int = 1,
-                       sinks: int = 0, top_k: int = 0, rows_from: int = 0) -> torch.Tensor:
+                       sinks: int = 0, top_k: int = 0, rows_from: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """The op's value (same arguments), for callers that differentiate it many times on short
     inputs: on the CPU its implementation called directly, so autograd keeps the activations and
     the backward does not run the forward again, as the op's own backward must (it keeps only
@@ -126,20 +132,22 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
 
         return _checked(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                         causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
-                        rows_from=rows_from)
+                        rows_from=rows_from, softcap=softcap)
     if q.device.type != "cpu":
         return torch.ops.mta.attention(q, k, v, attn_mask, summary_weight, segment_ids, centroids,
                                        chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks,
-                                       sinks=sinks, top_k=top_k)
+                                       sinks=sinks, top_k=top_k, softcap=softcap)
     return _checked(PORTABLE, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                     causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
-                    rows_from=rows_from)
+                    rows_from=rows_from, softcap=softcap)
 
 
 class Implementations(NamedTuple):
     """One device's implementations of the op's three forms: fixed chunks (q, k, v, attn_mask,
     **config), boundary chunks (q, k, v, attn_mask, segment_ids, **config) and clustered summaries
-    (q, k, v, attn_mask, chunk_size, scale, local_chunks, sinks, centroids)."""
+    (q, k, v, attn_mask, chunk_size, scale, local_chunks, sinks, centroids[, softcap]). Every one
+    takes ``softcap``; the CUDA implementations are only given 0 (the Triton kernels have no
+    soft-cap: :func:`_forward` runs soft-capped calls on the portable ones, on the same device)."""
 
     fixed: Callable
     boundary: Callable
@@ -150,7 +158,7 @@ def _checked(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_
              **config):
     """The op by one device's implementations, its inputs checked first (:func:`check_inputs`)."""
     check_inputs(q, k, v, attn_mask, config["chunk_size"], config["causal"], config["scale"], config["local_chunks"],
-                 config["sinks"], config["top_k"], summary_weight, segment_ids)
+                 config["sinks"], config["top_k"], summary_weight, segment_ids, config.get("softcap", 0.0))
     return _forward(impl, q, k, v, attn_mask, summary_weight, segment_ids, centroids, rows_from=rows_from, **config)
 
 
@@ -158,12 +166,17 @@ def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_
              rows_from: int = 0, **config):
     """The op once its inputs are checked, by the device's implementations (``PORTABLE``, or the
     CUDA dispatch's). ``rows_from`` (``attention_autograd``'s): passed to the fixed- and
-    boundary-chunk implementations (which may compute every row)."""
+    boundary-chunk implementations (which may compute every row). A soft-capped call runs the
+    portable implementations whatever the device (the Triton kernels have no soft-cap)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
+    softcap = config.pop("softcap", 0.0)
+    if softcap:
+        impl, config["softcap"] = PORTABLE, softcap
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
         return impl.clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
-                              local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids)
+                              local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids,
+                              **({"softcap": softcap} if softcap else {}))
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if rows_from:
         kwargs["rows_from"] = rows_from
@@ -182,18 +195,21 @@ def portable_fixed(q, k, v, attn_mask=None, rows_from: int = 0, **config):
     rewritten program, run so. ``rows_from`` (``attention_autograd``'s): the query chunks (or
     blocks) wholly before that row are not computed."""
     if config["chunk_size"] >= q.shape[2]:
-        return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"])
+        return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"], config.get("softcap", 0.0))
     if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
         return mta_attention_varlen(q, k, v, attn_mask, None, rows_from=rows_from, **config)
     return mta_attention_chunked(q, k, v, attn_mask, rows_from=rows_from, **config)
 
 
-def exact_sdpa(q, k, v, attn_mask, causal: bool, scale):
+def exact_sdpa(q, k, v, attn_mask, causal: bool, scale, softcap: float = 0.0):
     """Exact attention (the op with one chunk) by ``scaled_dot_product_attention``: ``is_causal``
     when no mask is left (after ``simplify_mask``), else the mask's allowed keys (∧ the triangle)
     and its bias. A query with nothing to attend to (a left-padded position under the triangle)
     outputs zeros, the op's rule: SDPA computes its row over every key (finite, no NaN in the
-    gradients) and the row is zeroed."""
+    gradients) and the row is zeroed. Soft-capped logits (``softcap`` > 0), which SDPA cannot
+    take: :func:`exact_soft_capped`."""
+    if softcap:
+        return exact_soft_capped(q, k, v, attn_mask, causal, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None:
         return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa))
@@ -212,6 +228,49 @@ def exact_sdpa(q, k, v, attn_mask, causal: bool, scale):
     if has_empty:
         out = out.masked_fill(empty, 0.0)
     return in_layout_of(q, out)
+
+
+# Query rows per block of :func:`exact_soft_capped`: its scores are [B, Hq, rows, n] floats.
+_EXACT_ROWS = 512
+
+
+def exact_soft_capped(q, k, v, attn_mask, causal: bool, scale, softcap: float):
+    """Exact attention with soft-capped logits, softmax(softcap·tanh(scale·q·kᵀ / softcap) + mask)·v
+    (what Gemma-2's eager attention computes), in blocks of :data:`_EXACT_ROWS` queries so that
+    the scores held at once are [B, Hq, 512, n], not n × n; grouped-query attention reads each
+    key/value head once per group (no copy of k, v). A query with nothing to attend to outputs
+    zeros. Half types are computed in fp32."""
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    cdt = _compute_dtype(q.dtype)
+    scale = d ** -0.5 if scale is None else float(scale)
+    qg = q.to(cdt).reshape(B, Hkv, G, n, d)
+    kt, vv = k.to(cdt).transpose(-1, -2).unsqueeze(2), v.to(cdt).unsqueeze(2)  # [B, Hkv, 1, d, n], [.., n, d]
+    mask = normalize_mask(attn_mask, B, Hq, n)
+    out = torch.empty(B, Hkv, G, n, d, dtype=cdt, device=q.device)
+    keys = torch.arange(n, device=q.device)
+    for lo in range(0, n, _EXACT_ROWS):
+        hi = min(n, lo + _EXACT_ROWS)
+        s = soft_capped(torch.matmul(qg[:, :, :, lo:hi], kt) * scale, softcap)  # [B, Hkv, G, r, n]
+        ok = None
+        if mask is not None:
+            allowed = mask.allowed if not mask.per_query else mask.allowed[:, :, lo:hi]
+            # [Bm, Hkv, G, r|1, n] per head, else [Bm, 1, 1, r|1, n]
+            ok = allowed.reshape(allowed.shape[0], Hkv, G, *allowed.shape[2:]) if mask.per_head else allowed.unsqueeze(2)
+            if mask.bias is not None:
+                bias = mask.bias if not mask.per_query else mask.bias[:, :, lo:hi]
+                s = s + bias.reshape(ok.shape).to(cdt)
+        if causal:
+            tri = keys.view(1, n) <= torch.arange(lo, hi, device=q.device).view(-1, 1)
+            ok = tri if ok is None else ok & tri
+        if ok is not None:  # (NEG, finite: a row with nothing to attend to stays finite, then zeros)
+            s = s.masked_fill(~ok, NEG)
+        p = torch.softmax(s, dim=-1)
+        if ok is not None:
+            p = p.masked_fill(~ok.any(-1, keepdim=True), 0.0)
+        out[:, :, :, lo:hi] = torch.matmul(p, vv)
+    return in_layout_of(q, out.reshape(B, Hq, n, d).to(q.dtype))
 
 
 def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
@@ -234,16 +293,16 @@ PORTABLE = Implementations(portable_fixed, portable_boundary, mta_attention_clus
 
 @attention.register_kernel("cuda")
 def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
-      scale=None, local_chunks=1, sinks=0, top_k=0):
+      scale=None, local_chunks=1, sinks=0, top_k=0, softcap=0.0):
     from ..kernels import CUDA  # triton is imported only when a CUDA tensor arrives
 
     return _checked(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
-                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                    causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k, softcap=softcap)
 
 
 @attention.register_fake
 def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
-      scale=None, local_chunks=1, sinks=0, top_k=0):
+      scale=None, local_chunks=1, sinks=0, top_k=0, softcap=0.0):
     torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
     return torch.empty_like(q)  # q's layout, as every implementation returns it
 
@@ -256,7 +315,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids=None, centroids=None):
     """(dq, dk, dv, dw) from the Triton backward (CUDA, where ``kernels.backward_cuda`` applies;
     dw for learned summaries), None where not needed; or None where it does not apply."""
-    if not q.is_cuda:
+    if not q.is_cuda or config.get("softcap"):  # (no soft-cap in the kernels: the forward ran the portable path)
         return None
     from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
@@ -297,12 +356,13 @@ def _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centro
         dq, dk, dv, _ = grads or _recomputed(
             lambda q, k, v, _: mta_attention_clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"],
                                                        scale=config["scale"], local_chunks=config["local_chunks"],
-                                                       sinks=config["sinks"], centroids=centroids),
+                                                       sinks=config["sinks"], centroids=centroids,
+                                                       softcap=config.get("softcap", 0.0)),
             (q, k, v, None), grad_out, (*needs[:3], False))
         return dq, dk, dv, None
     if segment_ids is None:
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
-    elif _unpadded_boundaries(not q.is_cuda, q, attn_mask, config["top_k"]):  # as the forward ran
+    elif _unpadded_boundaries(not q.is_cuda or bool(config.get("softcap")), q, attn_mask, config["top_k"]):  # as the forward ran
         dq, dk, dv, dw = _recomputed(
             lambda q, k, v, w: mta_attention_varlen(q, k, v, attn_mask, segment_ids, summary_weight=w, **config),
             (q, k, v, summary_weight), grad_out, needs)
@@ -336,15 +396,19 @@ def attention_backward(
     local_chunks: int,
     sinks: int,
     top_k: int,
+    softcap: float = 0.0,
 ) -> list[torch.Tensor]:
     """The gradients of ``mta::attention`` [dq, dk, dv, dw], contiguous (``needs``: which are
-    wanted; one not wanted, or dw without ``summary_weight``, is an empty tensor).
+    wanted; one not wanted, or dw without ``summary_weight``, is an empty tensor). A soft-capped
+    call's are recomputed through the portable implementation, as its forward ran.
 
     An op of its own so that a trace of the backward (torch.compile's AOTAutograd) sees one node:
     the gradients read the mask's values (``simplify_mask``) and choose their implementation by
     them, which a trace cannot follow (it failed with "unhashable type: non-nested SymInt" on the
     mask's cache key, and torch.compile ran such a model's backward outside the compiled graph)."""
     config = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    if softcap:
+        config["softcap"] = softcap
     # an op's implementation runs below autograd (its keys excluded): the recomputed gradients
     # need it back, as they had inside the autograd formula this op replaces
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
@@ -356,7 +420,7 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centroids, needs, *, chunk_size, causal, scale,
-      local_chunks, sinks, top_k):
+      local_chunks, sinks, top_k, softcap=0.0):
     return [x.new_empty(x.shape) if need and x is not None else q.new_empty(0)
             for x, need in zip((q, k, v, summary_weight), needs)]
 

@@ -58,9 +58,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _attention_with_lse(q, k, v, mask, scale):
-    """softmax(scale·q·kᵀ + mask)·v and its log-sum-exp over 4-D [B', H', T, e] tensors."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+def soft_capped(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Logits soft-capped as Gemma-2 caps its attention scores: softcap·tanh(s / softcap); 0 is no cap."""
+    return s if not softcap else torch.tanh(s / softcap) * softcap
+
+
+def _attention_with_lse(q, k, v, mask, scale, softcap: float = 0.0):
+    """softmax(cap(scale·q·kᵀ) + mask)·v and its log-sum-exp over 4-D [B', H', T, e] tensors
+    (cap: :func:`soft_capped`, the identity for ``softcap`` 0). The mask is added after the cap,
+    so its terms (−1e30 for excluded columns, log n_j for summaries) keep their meaning."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not softcap:
         # The CPU flash kernel returns the log-sum-exp we need to find empty rows; it is
         # differentiable in its output (derivatives.yaml) and never materialises T×X scores
         # beyond its tiles.
@@ -68,7 +75,8 @@ def _attention_with_lse(q, k, v, mask, scale):
             q, k, v, 0.0, False, attn_mask=mask, scale=scale
         )
         return out, lse
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # (a soft-cap has no fused kernel: the scores of the call are materialised, a band's worth)
+    s = soft_capped(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap)
     if mask is not None:
         s = s + mask
     lse = torch.logsumexp(s, dim=-1)
@@ -76,13 +84,14 @@ def _attention_with_lse(q, k, v, mask, scale):
     return out, lse
 
 
-def _attend(qb, k_set, v_set, term, tri, user, scale: float, aug: bool):
+def _attend(qb, k_set, v_set, term, tri, user, scale: float, aug: bool, softcap: float = 0.0):
     """One band's fused attention: queries qb [B'·H', nb, T, d] against key and value sets
     [B', H', nb, width, e] with additive terms: ``term`` [Bt, Ht, nb, width] per query chunk (one
     row all its queries share), ``tri`` [T, width] bool (the causal triangle, excluded) or None,
     ``user`` [.., nb, T, width] per-query terms or None. ``aug`` (e = d + 1): the per-chunk terms
     ride in the extra head column instead of the mask, q' = [q, 1/scale], k' = [k, term], so that
-    the mask is the shared triangle alone. → (out [B'·H', nb, T, d], log-sum-exp [B'·H', nb, T])."""
+    the mask is the shared triangle alone (not with ``softcap``: the cap would take the terms in).
+    → (out [B'·H', nb, T, d], log-sum-exp [B'·H', nb, T])."""
     Bk, Hk, nb, width, e = k_set.shape
     d, T = qb.shape[-1], qb.shape[-2]
     if aug:
@@ -103,7 +112,8 @@ def _attend(qb, k_set, v_set, term, tri, user, scale: float, aug: bool):
         m4 = m.reshape(1, *m.shape[2:])
     else:
         m4 = m.expand(Bk, Hk, *m.shape[2:]).reshape(Bk * Hk, *m.shape[2:])
-    o, lse = _attention_with_lse(qb, k_set.view(Bk * Hk, nb, width, e), v_set.view(Bk * Hk, nb, width, e), m4, scale)
+    o, lse = _attention_with_lse(qb, k_set.view(Bk * Hk, nb, width, e), v_set.view(Bk * Hk, nb, width, e), m4, scale,
+                                 softcap)
     return o[..., :d], lse
 
 
@@ -374,11 +384,14 @@ def mta_attention_chunked(
     top_k: int = 0,
     summary_weight: torch.Tensor | None = None,
     rows_from: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """MTA attention (MTA_SPEC.md), differentiable in q, k, v and ``summary_weight`` [Hkv, d]
     (learned summaries: chunk j's keys weighted by softmax_s(k_s·w) instead of 1/n_j). See the
     module docstring. ``rows_from``: the caller reads the output's rows from this query on only;
-    the query chunks wholly before it are not computed (their rows are zeros)."""
+    the query chunks wholly before it are not computed (their rows are zeros). ``softcap`` > 0:
+    every logit's product term soft-capped, softcap·tanh(scale·q·k / softcap), before its additive
+    terms (docs/op.md); it runs outside the fused kernel, one key set per band."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     q_in = q
@@ -527,7 +540,7 @@ def mta_attention_chunked(
     term_parts = [term_exact] + ([term_sink] if s > 0 else []) + [term_summary]
     tshape = torch.broadcast_shapes(*[t.shape[:3] for t in term_parts])
     per_query_user = allowed is not None and mask.per_query
-    aug = causal and tshape[0] * tshape[1] > 1 and not per_query_user and scale != 0.0
+    aug = causal and tshape[0] * tshape[1] > 1 and not per_query_user and scale != 0.0 and not softcap
     e = d + 1 if aug else d
     Ke_c = kpos.shape[-1]
     X = Ke_c + s + nc
@@ -583,7 +596,7 @@ def mta_attention_chunked(
     # Their softmaxes merge exactly by their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA).
     split = None
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
-    if K > 0 and not per_query_user and scale != 0.0 and (share > 1 or aug) and not grad:
+    if K > 0 and not per_query_user and scale != 0.0 and (share > 1 or aug) and not grad and not softcap:
         split = _TopKSplit(q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, sink_terms(win) if s > 0 else None,
                            term_summary, kpos, exact_idx, n_win, share, s, scale,
                            triangle(share, n_win * c + s) if causal else None, _window_offsets(L, causal))
@@ -599,7 +612,8 @@ def mta_attention_chunked(
     # page faults were a third of the op's time). Causal bands also bound the summary columns:
     # query chunk i summarises only chunks j < i − L + 1, so a band [lo, hi) needs the first
     # hi − L of them, which cuts the summary work towards half.
-    row_bytes = B * Hkv * X * e * cdt.itemsize
+    # (with a soft-cap a band's scores and probabilities, T per row each, are materialised too)
+    row_bytes = B * Hkv * X * (e + (2 * T if softcap else 0)) * cdt.itemsize
     bands = _bands(nc, causal, row_bytes, dev, first)
     out = torch.empty(B, Hkv, G, nc, c, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev) if mask is not None else None
@@ -637,7 +651,7 @@ def mta_attention_chunked(
         v_set[:, :, :, Ke_c + s:, :d] = vbar[:, :, lo_c:hi_c, :ns] if Iq > 1 else vbar[:, :, :, :ns]
         o, l = _attend(q_rows[:, lo_c:hi_c], k_set, v_set, term[:, :, lo_c:hi_c, :width],
                        None if tri is None else tri[:, :width],
-                       None if user is None else user[:, :, lo_c:hi_c, :, :width], scale, aug)
+                       None if user is None else user[:, :, lo_c:hi_c, :, :width], scale, aug, softcap)
         out[:, :, :, lo_c:hi_c] = o.view(B, Hkv, nb, G, c, d).transpose(2, 3)
         if lse is not None:
             lse[:, lo_c:hi_c] = l

@@ -103,9 +103,10 @@ def summaries_per_query_chunk(ck, cv, cn, L: int):
 
 
 def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, local_chunks=1, sinks=0,
-                            centroids) -> torch.Tensor:
+                            centroids, softcap: float = 0.0) -> torch.Tensor:
     """Clustered-summary MTA (see the module docstring); ``attn_mask`` None or key padding.
-    Differentiable in q, k and v (the cluster choice is piecewise constant)."""
+    Differentiable in q, k and v (the cluster choice is piecewise constant). ``softcap``: logits
+    soft-capped (``chunked.soft_capped``)."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     q_in = q
@@ -179,7 +180,7 @@ def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, 
     # key sets [B, Hkv, nb, X, d] band by band, under the CPU's memory bound (chunked._memory_bands)
     out = torch.empty(B * Hkv, nc, T, d, dtype=cdt, device=dev)
     lse = torch.empty(B * Hkv, nc, T, dtype=cdt, device=dev)
-    for lo_c, hi_c in _memory_bands(0, nc, B * Hkv * X * d * cdt.itemsize, dev):
+    for lo_c, hi_c in _memory_bands(0, nc, B * Hkv * X * (d + (2 * T if softcap else 0)) * cdt.itemsize, dev):
         nb = hi_c - lo_c
         k_set = torch.empty(B, Hkv, nb, X, d, dtype=cdt, device=dev)
         v_set = torch.empty(B, Hkv, nb, X, d, dtype=cdt, device=dev)
@@ -191,7 +192,7 @@ def mta_attention_clustered(q, k, v, attn_mask=None, *, chunk_size, scale=None, 
         v_set[:, :, :, W * c + s:] = vbar[:, :, lo_c:hi_c]
         out[:, lo_c:hi_c], lse[:, lo_c:hi_c] = _attention_with_lse(
             q_rows[:, lo_c:hi_c], k_set.view(B * Hkv, nb, X, d), v_set.view(B * Hkv, nb, X, d),
-            term.view(B * Hkv, nc, 1, X)[:, lo_c:hi_c], scale)
+            term.view(B * Hkv, nc, 1, X)[:, lo_c:hi_c], scale, softcap)
     out = out.view(B, Hkv, nc, G, c, d).transpose(2, 3).reshape(B, Hkv * G, npad, d)
     empty = (lse <= EMPTY_ROW_LSE).view(B, Hkv, nc, G, c).transpose(2, 3).reshape(B, Hkv * G, npad, 1)
     out = out.masked_fill(empty, 0.0)

@@ -53,13 +53,16 @@ def chunk_lists(n, c, sinks=0, segment_ids=None) -> list[list[int]]:
 
 def mta_attention_reference(
     q, k, v, attn_mask=None, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
-    summary_weight=None, segment_ids=None, centroids=None,
+    summary_weight=None, segment_ids=None, centroids=None, softcap=0.0,
 ):
     """MTA_SPEC.md, step by step, in float64. Returns a float64 tensor shaped like q.
     ``summary_weight`` [Hkv, d]: learned summaries (a summary weighs its kept keys s by
     softmax_s(k_s·w) instead of taking their mean). ``segment_ids`` [B|1, n]: boundary chunks
     (:func:`chunk_lists`). ``centroids`` [Hkv, K, d]: clustered summaries (non-causal; every key
-    outside the window in one summary per nearest centroid, ``ops/clustered.py``)."""
+    outside the window in one summary per nearest centroid, ``ops/clustered.py``). ``softcap`` > 0:
+    the product term of every logit (key or summary) becomes softcap·tanh(term / softcap) before
+    the mask's value and log n_j are added (docs/op.md); top-k ranks by the uncapped score (tanh is
+    increasing: the same order)."""
     q, k, v = q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu()
     sw = None if summary_weight is None else summary_weight.detach().double().cpu()
     cent = None if centroids is None else centroids.detach().double().cpu()
@@ -67,6 +70,10 @@ def mta_attention_reference(
     G = Hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     c, L = chunk_size, local_chunks
+
+    def cap(x):
+        return softcap * torch.tanh(x / softcap) if softcap else x
+
     allowed, bias = _dense_mask(attn_mask, B, Hq, n)
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
@@ -137,8 +144,8 @@ def mta_attention_reference(
                 offsets = torch.tensor([offset for _, _, offset in summaries.values()], dtype=torch.float64)
                 for t in queries:
                     exact = [s for s in range(n) if (chunk_of(s) in exact_chunks or s < sinks) and ok[t][s]]
-                    logits = torch.cat([scale * (k[b, hk, exact] @ q[b, h, t]) + Bias[t, exact],
-                                        scale * (kbars @ q[b, h, t]) + offsets])
+                    logits = torch.cat([cap(scale * (k[b, hk, exact] @ q[b, h, t])) + Bias[t, exact],
+                                        cap(scale * (kbars @ q[b, h, t])) + offsets])
                     if not logits.numel():
                         continue  # nothing to attend to: zeros
                     p = torch.softmax(logits, dim=0)

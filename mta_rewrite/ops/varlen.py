@@ -171,12 +171,13 @@ def mta_attention_varlen(
     summary_weight: torch.Tensor | None = None,
     block: int | None = None,
     rows_from: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Boundary-chunk MTA (``segments.py``'s chunks, MTA_SPEC.md's math) for the masks and options
     of :func:`varlen_applies`, differentiable in q, k, v and ``summary_weight``. ``block``: the
     queries per block (default :func:`query_block`). ``rows_from``: the caller reads the output's
     rows from this query on only; the query blocks wholly before it are not computed (their rows
-    are zeros). See the module docstring."""
+    are zeros). ``softcap``: logits soft-capped (``chunked.soft_capped``). See the module docstring."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -247,7 +248,8 @@ def mta_attention_varlen(
         if lo_p >= hi_p:
             continue
         cols = Wmax + s + width
-        for lo_b, hi_b in _memory_bands(lo_p, hi_p, Hkv * B * cols * d * cdt.itemsize, dev):
+        row_bytes = Hkv * B * cols * (d + (2 * G * Bq if softcap else 0)) * cdt.itemsize  # (+ scores, soft-cap)
+        for lo_b, hi_b in _memory_bands(lo_p, hi_p, row_bytes, dev):
             m_b = hi_b - lo_b
             sel = slice(lo_b, hi_b)
             # key sets [Hkv, m, B, cols, d]: the window tokens, sinks, the summaries the band needs
@@ -283,7 +285,7 @@ def mta_attention_varlen(
             m = m.transpose(0, 1).reshape(1, m_b * B, G * Bq, cols)  # rows: block·B + b
             rows = slice(lo_b * B, hi_b * B)
             o, l = _attention_with_lse(q_rows[:, rows], k_set.view(Hkv, m_b * B, cols, d),
-                                       v_set.view(Hkv, m_b * B, cols, d), m, scale)
+                                       v_set.view(Hkv, m_b * B, cols, d), m, scale, softcap)
             out[:, rows], lse[:, rows] = o, l
     # a query with nothing to attend to (every key padded away) outputs zeros
     out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)

@@ -192,9 +192,9 @@ def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
     seen = []
     real = varlen._attention_with_lse
 
-    def counting(q, k, v, mask, scale):
+    def counting(q, k, v, mask, scale, softcap=0.0):
         seen.append((q.shape[1] * q.shape[2] // 2, k.shape[1], k.shape[2]))  # (rows per head group, blocks, columns)
-        return real(q, k, v, mask, scale)
+        return real(q, k, v, mask, scale, softcap)
 
     monkeypatch.setattr(varlen, "_attention_with_lse", counting)
     n = 700
