@@ -245,11 +245,6 @@ def _check_model(model) -> str:
                          "attn_implementation=\"sdpa\" for use_mta")
     if model.training:
         raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cap = getattr(text_config, "attn_logit_softcapping", None)
-    if cap is not None:
-        raise ValueError(f"{name} soft-caps its attention scores (tanh, attn_logit_softcapping={cap}), which MTA "
-                         "cannot: its attention stays exact (rewrite() leaves such sites exact too)")
     return original
 
 
@@ -293,8 +288,6 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     m = query.shape[2]
     if prompt.cached:  # the whole sequence's queries, those of the cached tokens zeros (see _Prompt)
         query = torch.cat([query.new_zeros(*query.shape[:2], prompt.cached, query.shape[3]), query], dim=2)
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{type(module).__name__} soft-caps its scores (tanh), which MTA cannot: leave it exact")
     if dropout:
         raise ValueError("MTA has no attention dropout: put the model in eval()")
     if prompt.cached:  # causal with no mask or key padding [B, 1, 1, n]; else the mask says it all
@@ -310,7 +303,8 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     sinks = kwargs.get("s_aux")
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
                       segment_ids=_segment_ids(module, query),
-                      sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1), rows_from=prompt.cached)
+                      sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1), rows_from=prompt.cached,
+                      softcap=float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping)
     return out[:, :, -m:].transpose(1, 2).contiguous(), None
 
 

@@ -271,12 +271,37 @@ class ProbsReturned(_Proj):
 
 
 class SoftCapTanh(_Proj):
-    """A tanh soft-cap on the scores (Gemma-2 style): not representable by the op."""
+    """Gemma-2's eager attention: scores scaled, soft-capped (divided by the cap, tanh, multiplied
+    by it), then the additive mask, softmax in float32. The op's ``softcap`` (a cap of 1.5, low
+    enough that it changes these random-weight scores)."""
 
-    def forward(self, x):
+    cap = 1.5
+
+    def forward(self, x, mask):
         q, k, v = self.heads(x)
-        s = 30.0 * torch.tanh((q @ k.transpose(-1, -2) / math.sqrt(self.dh)) / 30.0)
-        return self.merge(s.softmax(-1) @ v)
+        s = q @ k.transpose(-1, -2) * self.dh ** -0.5
+        s = torch.tanh(s / self.cap) * self.cap
+        s = s + torch.where(mask, 0.0, torch.finfo(s.dtype).min)
+        return self.merge(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v)
+
+
+class HardCapClamp(_Proj):
+    """Scores clamped to ±5 (a hard cap) before the mask: not a modifier the op can take."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = (q @ k.transpose(-1, -2) / math.sqrt(self.dh)).clamp(-5.0, 5.0)
+        return self.merge((s + torch.where(mask, 0.0, float("-inf"))).softmax(-1) @ v)
+
+
+class SoftCapOverMask(_Proj):
+    """The mask added inside the soft-cap's tanh: the masked scores become −cap, not −inf (a weight
+    of e^−2cap each), so the mask is no mask the op can take."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-1, -2) / math.sqrt(self.dh) + torch.where(mask, 0.0, -1e4)
+        return self.merge((torch.tanh(s / 3.0) * 3.0).softmax(-1) @ v)
 
 
 class RelativeScoresFromQ(_Proj):
@@ -402,6 +427,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),
         _hand("sdpa_fused_qkv_contiguous_view", SdpaFusedQkvContiguousView, lambda n: ((_x(n),), {})),
         _hand("where_full_min_legacy_gpt2", WhereFullMinLegacyGpt2, lambda n: ((_x(n),), {})),
+        _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("two_layers", TwoLayers, lambda n: ((_x(n), _causal_pad(n), _pad(n)), {}), attention=2, rewritable=2),
     ]
 
@@ -409,7 +435,9 @@ def hand_written_cases() -> list[ZooCase]:
 def negative_cases() -> list[ZooCase]:
     return [
         _hand("probs_returned", ProbsReturned, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
-        _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
+        _hand("hard_cap_clamp", HardCapClamp, lambda n: ((_x(n), _causal_pad(n)), {}), rewritable=0, family="negative"),
+        _hand("soft_cap_over_mask", SoftCapOverMask, lambda n: ((_x(n), _causal_pad(n)), {}), rewritable=0,
+              family="negative"),
         _hand("relative_scores_from_q", RelativeScoresFromQ, lambda n: ((_x(n),), {}), rewritable=0, family="negative"),
         _hand("cross_attention", CrossAttention, lambda n: ((_x(n), _x(n + 5, seed=1)), {}), rewritable=0, family="negative"),
         # a memory as long as the queries: the shapes match, the sources do not
@@ -507,6 +535,11 @@ def transformers_cases() -> list[ZooCase]:
         "gemma3": (lambda t: t.Gemma3TextConfig(vocab_size=100, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
                                                 max_position_embeddings=256, sliding_window=16, **small),
                    "Gemma3TextModel", lambda n: _token_inputs(n), 2),
+        # a tanh soft-cap on every layer's scores (the op's softcap), sliding-window layers beside
+        # global ones; eager only (transformers' SDPA cannot soft-cap)
+        "gemma2": (lambda t: t.Gemma2Config(vocab_size=100, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+                                            max_position_embeddings=256, sliding_window=16, **small),
+                   "Gemma2Model", lambda n: _token_inputs(n), 2, ("eager",)),
         "whisper-encoder": (lambda t: t.WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
                                                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                                       num_mel_bins=8, max_source_positions=32),
@@ -542,8 +575,9 @@ def survey_cases() -> list[ZooCase]:
         "qwen2": (lambda t: t.Qwen2Config(num_key_value_heads=2, **decoder), "Qwen2Model", tokens, 2, 2),
         "qwen3": (lambda t: t.Qwen3Config(num_key_value_heads=2, head_dim=8, **decoder), "Qwen3Model", tokens, 2, 2),
         "gemma": (lambda t: t.GemmaConfig(num_key_value_heads=1, head_dim=8, **decoder), "GemmaModel", tokens, 2, 2),
-        # tanh soft-cap on the scores; transformers has no SDPA path for it
-        "gemma2": (lambda t: t.Gemma2Config(num_key_value_heads=2, head_dim=8, **decoder), "Gemma2Model", tokens, 2, 0, eager),
+        # tanh soft-cap on the scores (the op's softcap); transformers has no SDPA path for it
+        "gemma2": (lambda t: t.Gemma2Config(num_key_value_heads=2, head_dim=8, **decoder), "Gemma2Model", tokens, 2, 2,
+                   eager),
         "phi3": (lambda t: t.Phi3Config(num_key_value_heads=2, pad_token_id=0, **decoder), "Phi3Model", tokens, 2, 2),
         "phi": (lambda t: t.PhiConfig(**decoder), "PhiModel", tokens, 2, 2),
         "gpt-neox": (lambda t: t.GPTNeoXConfig(**decoder), "GPTNeoXModel", tokens, 2, 2),

@@ -121,7 +121,8 @@ def test_never_rewrite_wrongly(case):
 
 EXPECTED_REASONS = {
     "probs_returned": "probabilities",
-    "soft_cap_tanh": "modifier",
+    "hard_cap_clamp": "unsupported score modifier clamp",
+    "soft_cap_over_mask": "a mask inside the tanh of a soft-cap",
     "relative_scores_from_q": "computed from the layer's q or k",
     "cross_attention": "cross-attention",
     "cross_attention_same_length": "computed from different model inputs (q: x; k: memory)",
@@ -140,14 +141,15 @@ def test_reasons_say_why(name, fragment):
 
 
 def test_a_site_left_exact_for_its_score_modifier_reports_its_shapes():
-    """A soft-capped site (Gemma-2's tanh between q·kᵀ and softmax) was listed with no shapes
-    ("None·None/None·None·None") and mask "none": the walk from softmax stopped at the tanh. Its
-    shapes are read off the product below it; its masks, above the tanh, are "not read"."""
-    case = next(c for c in zoo.negative_cases() if c.name == "soft_cap_tanh")
-    (x,), _ = case.inputs(case.lengths[0])
+    """A site with a score modifier the op cannot take between q·kᵀ and softmax (a clamp) was
+    listed with no shapes ("None·None/None·None·None") and mask "none": the walk from softmax
+    stopped at the modifier. Its shapes are read off the product below it; its masks, above the
+    modifier, are "not read"."""
+    case = next(c for c in zoo.negative_cases() if c.name == "hard_cap_clamp")
+    (x, mask), _ = case.inputs(case.lengths[0])
     model = case.build()
-    (site,) = mr.find_attention(model, (x,))
-    assert not site.rewritable and "tanh" in site.reason
+    (site,) = mr.find_attention(model, (x, mask))
+    assert not site.rewritable and "clamp" in site.reason
     assert (site.batch, site.q_heads, site.kv_heads, site.seq_len, site.head_dim) == \
         (x.shape[0], model.h, model.h, x.shape[1], model.dh)
     assert site.mask == "not read"
@@ -183,6 +185,7 @@ ONE_LAYER = [
                                                     + torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
     ("gqa_expand_causal_buffer", lambda m, x: (m.heads(x), torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), {})),
     ("sdpa_causal_gqa", lambda m, x: (m.heads(x), None, dict(causal=True))),
+    ("soft_cap_tanh", lambda m, x, mask: (m.heads(x), mask, dict(softcap=m.cap))),
 ]
 
 
@@ -232,6 +235,50 @@ def test_scores_shifted_by_their_row_max_are_attention(how):
         want = model.merge(mta_attention_reference(*model.heads(x), mask, scale=model.dh ** -0.5,
                                                    **config.op_kwargs()).float())
         torch.testing.assert_close(fast(x, mask), want, rtol=1e-5, atol=1e-5)
+
+
+class _SoftCapped(zoo._Proj):
+    """Soft-caps as models write them: a·tanh(b·s) for numbers a, b in any arrangement of mul and div."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-1, -2)
+        if self.how == "gemma2":  # scale, / cap, tanh, * cap, + mask
+            s = torch.tanh(s * self.dh ** -0.5 / 2.0) * 2.0
+        elif self.how == "reciprocal":  # cap · tanh(s · (1 / (cap · √d)))
+            s = 2.0 * torch.tanh(s * (1.0 / (2.0 * math.sqrt(self.dh))))
+        elif self.how == "scale_after":  # tanh of the raw scores, then one factor: a = 0.8, b = 1
+            s = torch.tanh(s) * 0.8
+        s = s.masked_fill(~mask, float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("how,cap,scale", [("gemma2", 2.0, None), ("reciprocal", 2.0, None), ("scale_after", 0.8, 0.8)])
+def test_soft_capped_scores_are_rewritten_with_the_cap(how, cap, scale):
+    """A tanh soft-cap between q·kᵀ and softmax, a·tanh(b·s), is the op's ``softcap`` a at scale
+    a·b: the site is rewritten (it was left exact), the op call carries the cap, and the model
+    equals the float64 reference op with that cap and scale, which differs from it without."""
+    model = _SoftCapped(how).eval()
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 1, 40, 40)
+    (site,) = mr.find_attention(model, (x, mask))
+    assert site.rewritable and site.softcap == pytest.approx(cap), site.reason
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    fast = mr.rewrite(model, (x, mask), config=config)
+    (node,) = [n for n in fast.graph.nodes if n.target is torch.ops.mta.attention.default]
+    assert node.kwargs["softcap"] == pytest.approx(cap)
+    scale = model.dh ** -0.5 if scale is None else scale  # (None: the model's 1/√d)
+    q, k, v = model.heads(x)
+    with torch.no_grad():
+        want = model.merge(mta_attention_reference(q, k, v, mask, scale=scale, softcap=cap,
+                                                   **config.op_kwargs()).float())
+        torch.testing.assert_close(fast(x, mask), want, rtol=1e-5, atol=1e-5)
+        uncapped = model.merge(mta_attention_reference(q, k, v, mask, scale=scale, **config.op_kwargs()).float())
+        assert (uncapped - want).abs().max() > 1e-3
 
 
 def sink_site_reference(model: zoo.SinkLogits, x, mask, **config) -> torch.Tensor:

@@ -373,28 +373,51 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
         assert _op_flops(no_top_k, n, n - m, d, torch.device(device), True, False) == mta_flops(no_top_k, n, d, True)
 
 
-def test_a_soft_capping_model_is_refused_before_anything_changes():
-    """Gemma-2 soft-caps every layer's scores (tanh), which the op cannot: use_mta says so at once
-    (it said so at the first prompt, the model already switched to MTA), and the model is left as
-    it was; at a layer's call, a soft-cap the config did not announce is the same one-line error."""
-    from mta_rewrite.interface import mta_attention_forward
-
+def gemma2(cap: float = 1.0):
+    """A Gemma-2 from its config (random weights, eager attention: transformers' only one for its
+    soft-cap): every layer soft-caps its scores (``attn_logit_softcapping``, here low enough to bend
+    these scores: q and k projections scaled up from the initialisation's, whose scores are ~1e-3),
+    every other layer a sliding window of 16 tokens."""
+    torch.manual_seed(0)
     cfg = transformers.Gemma2Config(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                     head_dim=16, intermediate_size=128, num_hidden_layers=2, pad_token_id=0,
-                                    attn_implementation="eager")
+                                    sliding_window=16, attn_logit_softcapping=cap, attn_implementation="eager")
     model = transformers.Gemma2ForCausalLM(cfg).eval()
-    with pytest.raises(ValueError, match=r"soft-caps its attention scores \(tanh, attn_logit_softcapping=50.0\)"):
-        mr.use_mta(model, config=CONFIG)
-    assert model.config._attn_implementation == "eager"
-    ids, mask = ids_and_mask(n=40, pad=0)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)  # runs, exact
-    model.config.attn_logit_softcapping = None
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("pad", [0, 9])
+def test_a_soft_capping_model_runs_mta_with_its_cap(pad):
+    """Gemma-2 soft-caps every layer's scores (tanh): ``rewrite`` finds the cap in the graph and
+    ``use_mta`` takes it from the model's call (``softcap``); a prompt equals the rewritten graph,
+    one chunk (nothing approximated) the original model, and generate prefills with MTA. (Both
+    were left exact before: the op had no soft-cap.)"""
+    model = gemma2()
+    ids, mask = ids_and_mask(pad=pad)
+    exact = logits(model, ids, mask)
+    call = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    sites = mr.find_attention(model, (), call)
+    assert [s.softcap for s in sites] == [1.0, 1.0] and all(s.rewritable for s in sites)
+    graph = mr.rewrite(model, (), call, config=CONFIG)
+    with torch.no_grad():
+        want = graph(**call).logits
+    got = logits(mr.use_mta(model, config=CONFIG), ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert (got[real] - exact[real]).abs().max() > 1e-3
+    one_chunk = logits(mr.use_mta(model, config=mr.MTAConfig(chunk_size=1 << 20)), ids, mask)
+    torch.testing.assert_close(one_chunk[real], exact[real], rtol=1e-5, atol=1e-5)
     mr.use_mta(model, config=CONFIG)
-    layer = model.model.layers[0].self_attn
-    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
-    with pytest.raises(ValueError, match="Gemma2Attention soft-caps its scores"):
-        mta_attention_forward(layer, q, k, k, None, softcap=30.0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    torch.testing.assert_close(out.scores[0], want[:, -1], rtol=1e-5, atol=1e-5)
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(logits(model, ids, mask), exact)
 
 
 def test_rewrite_after_use_mta_says_so():

@@ -79,7 +79,7 @@ def _clusterable(config, records: list[SiteRecord]) -> bool:
 def _error(config, records: list[SiteRecord]) -> float:
     errs = []
     for r in records:
-        out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32)
+        out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, softcap=r.softcap)
         exact = r.exact.float().reshape(out.shape)
         errs.append(float((out - exact).norm() / exact.norm().clamp(min=1e-30)))
     return sum(errs) / len(errs)

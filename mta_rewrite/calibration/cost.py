@@ -263,7 +263,7 @@ class MeasuredCosts:
 
             fn = _exact_call(rec) if config is None else (lambda: site_output(
                 config, None, rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale, dtype=rec.q.dtype,
-                segment_ids=rec.segment_ids, sink_logits=rec.sink_logits))
+                segment_ids=rec.segment_ids, sink_logits=rec.sink_logits, softcap=rec.softcap))
             with torch.no_grad():
                 self._ms[key] = float(self.timer(fn, self.repeats, rec.q.device))
         return self._ms[key]
@@ -272,7 +272,7 @@ class MeasuredCosts:
 def _signature(rec) -> tuple:
     mask = None if rec.mask is None else (tuple(rec.mask.shape), rec.mask.dtype)
     return (tuple(rec.q.shape), tuple(rec.k.shape), rec.q.dtype, str(rec.q.device), mask, rec.causal,
-            rec.segment_ids is not None, rec.sink_logits is not None)
+            rec.segment_ids is not None, rec.sink_logits is not None, rec.softcap)
 
 
 def _exact_call(rec):
@@ -284,4 +284,5 @@ def _exact_call(rec):
     rewritten program runs (SmolLM2's layer, 2048 tokens, CPU), and so favoured MTA."""
     from .probe import exact_output
 
-    return lambda: exact_output(rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale, rec.q.dtype, rec.sink_logits)
+    return lambda: exact_output(rec.q, rec.k, rec.v, rec.mask, rec.causal, rec.scale, rec.q.dtype, rec.sink_logits,
+                                rec.softcap)

@@ -41,7 +41,7 @@ def _errors(config, records: list[SiteRecord], weight) -> torch.Tensor:
     errs = []
     for r in records:
         out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, weight, r.segment_ids,
-                          autograd=True, sink_logits=r.sink_logits)
+                          autograd=True, sink_logits=r.sink_logits, softcap=r.softcap)
         exact = r.exact.float().reshape(out.shape)
         errs.append((out - exact).norm() / exact.norm().clamp(min=1e-30))
     return torch.stack(errs)

@@ -60,6 +60,7 @@ class SiteRecord:
     exact: torch.Tensor
     segment_ids: torch.Tensor | None = None  # boundary chunks' segment ids, if the probe has boundaries
     sink_logits: torch.Tensor | None = None  # the site's learned sink logits (GPT-OSS), if it has them
+    softcap: float = 0.0  # the site's tanh soft-cap (Gemma-2), the op's ``softcap``; 0: none
 
 
 @dataclass
@@ -73,24 +74,25 @@ class ProbeState:
 _ACTIVE: list[ProbeState] = []
 
 
-def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None, sink_logits=None):
+def site_hook(original, q, k, v, mask, name, causal, scale, segment_ids=None, sink_logits=None, softcap=0.0):
     """Called from the probe graph at every site: exact (the original output, or the op's exact
     path at the active state's ``exact_path`` sites) or MTA."""
     state = _ACTIVE[-1] if _ACTIVE else None
     if state is None:
         return original
     if name in state.exact_path:
-        original = exact_output(q, k, v, mask, causal, scale, original.dtype, sink_logits)
+        original = exact_output(q, k, v, mask, causal, scale, original.dtype, sink_logits, softcap)
     if name in state.record:
         record = SiteRecord(q.detach(), k.detach(), v.detach(), None if mask is None else mask.detach(), causal, scale,
-                            original.detach(), segment_ids, None if sink_logits is None else sink_logits.detach())
+                            original.detach(), segment_ids, None if sink_logits is None else sink_logits.detach(),
+                            softcap)
         state.records.setdefault(name, []).append(record)
     return site_output(state.configs.get(name), original, q, k, v, mask, causal, scale, segment_ids=segment_ids,
-                       sink_logits=sink_logits)
+                       sink_logits=sink_logits, softcap=softcap)
 
 
 def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dtype | None = None, weight=None,
-                segment_ids=None, autograd: bool = False, sink_logits=None, rows_from: int = 0):
+                segment_ids=None, autograd: bool = False, sink_logits=None, rows_from: int = 0, softcap: float = 0.0):
     """What a site returns under ``config`` (None: exact, the original output), in the original
     output's dtype (``dtype`` when the original was not computed). ``weight``: a learned summary
     weight for an MTAConfig or HeadGroups (a tensor: calibration fits it through this call); a
@@ -100,9 +102,10 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
     model gives them, one more token it attends exactly (``passes.lower.sink_logit_operands``).
     ``rows_from``: the caller reads the output's rows from that query on only (``use_mta`` on a
     prompt continued over a cache); the op's implementation may leave the rows before it uncomputed
-    (``attention_autograd``'s)."""
+    (``attention_autograd``'s). ``softcap``: the site's tanh soft-cap (Gemma-2), the op's."""
     if config is None:
         return original
+    capped = {"softcap": softcap} if softcap else {}
     dtype = original.dtype if original is not None else dtype
     if sink_logits is not None:
         scale = q.shape[-1] ** -0.5 if scale is None else scale  # q's own 1/√d, before q grows a dimension
@@ -110,26 +113,29 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
         weight = None if weight is None else torch.nn.functional.pad(weight, (0, 1))  # (as with_sink_token pads it)
         segment_ids = None if segment_ids is None else sink_token_segments(segment_ids)
         return drop_sink_token(site_output(with_sink_token(config), None, q, k, v, mask, causal, scale, dtype, weight,
-                                           segment_ids, autograd, rows_from=rows_from + 1 if rows_from else 0))
+                                           segment_ids, autograd, rows_from=rows_from + 1 if rows_from else 0,
+                                           softcap=softcap))
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, Clustered):
         return torch.ops.mta.attention(q, k, v, mask, None, None, config.tensor(q.device), causal=causal, scale=scale,
-                                       **config.config.op_kwargs()).to(dtype)
+                                       **config.config.op_kwargs(), **capped).to(dtype)
     attend = attention_autograd if autograd else torch.ops.mta.attention
     if rows_from:
         attend = functools.partial(attention_autograd, rows_from=rows_from)
     if isinstance(config, HeadGroups):
         return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids,
-                                 attend).to(dtype)
-    return attend(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale, **config.op_kwargs()).to(dtype)
+                                 attend, softcap).to(dtype)
+    return attend(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale, **config.op_kwargs(),
+                  **capped).to(dtype)
 
 
-def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype, sink_logits=None) -> torch.Tensor:
+def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype, sink_logits=None,
+                 softcap: float = 0.0) -> torch.Tensor:
     """A site's exact output as the rewritten model computes it where the plan leaves the site
     exact: the op with one chunk (``passes.lower.EXACT``), in ``dtype`` (``sink_logits``: with
-    them, as one more token)."""
-    return site_output(EXACT, None, q, k, v, mask, causal, scale, dtype, sink_logits=sink_logits)
+    them, as one more token; ``softcap``: the site's soft-cap)."""
+    return site_output(EXACT, None, q, k, v, mask, causal, scale, dtype, sink_logits=sink_logits, softcap=softcap)
 
 
 @contextlib.contextmanager
@@ -215,9 +221,9 @@ class SiteCall:
         """What the site returns under ``config`` (None: exact), as in the probe graph."""
         r = self.record
         if config is None and r.exact is None:  # an exact-path site a verifying pass had not computed
-            r.exact = exact_output(r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype, r.sink_logits)
+            r.exact = exact_output(r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype, r.sink_logits, r.softcap)
         return site_output(config, r.exact, r.q, r.k, r.v, r.mask, r.causal, r.scale, self.dtype,
-                           segment_ids=r.segment_ids, sink_logits=r.sink_logits)
+                           segment_ids=r.segment_ids, sink_logits=r.sink_logits, softcap=r.softcap)
 
 
 class _Program:
@@ -375,7 +381,7 @@ class Cursor:
             interpreter.env = {}
 
     def _call(self, site: torch.fx.Node) -> SiteCall:
-        q, k, v, mask, name, causal, scale, segment_ids, sink_logits = (
+        q, k, v, mask, name, causal, scale, segment_ids, sink_logits, softcap = (
             self.env[a] if isinstance(a, torch.fx.Node) else a for a in site.args[1:])
         if sink_logits is not None:  # (a parameter read as it is, which requires grad: not what was computed)
             sink_logits = sink_logits.detach()
@@ -383,8 +389,9 @@ class Cursor:
         only = self.program.exact_only[site]
         dtype = original.dtype if original is not None else None if only is None else only.dtype
         if name in self.program.exact_path and not (original is None and self.lazy_exact):
-            original = exact_output(q, k, v, mask, causal, scale, dtype, sink_logits)
-        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids, sink_logits), dtype)
+            original = exact_output(q, k, v, mask, causal, scale, dtype, sink_logits, softcap)
+        return SiteCall(name, SiteRecord(q, k, v, mask, causal, scale, original, segment_ids, sink_logits, softcap),
+                        dtype)
 
     def advance(self) -> SiteCall | None:
         return self._run(self.program.end)

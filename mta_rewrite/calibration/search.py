@@ -440,7 +440,7 @@ def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None
     """``config``'s local error parts at a site (per head: squared error, squared exact norm) over
     the samples ``recs``; ``reference``: their :func:`_reference`, when several candidates share it."""
     outs = [site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, r.q.dtype, segment_ids=r.segment_ids,
-                        sink_logits=r.sink_logits) for r in recs]
+                        sink_logits=r.sink_logits, softcap=r.softcap) for r in recs]
     return (reference or _reference(recs)).parts(outs)
 
 

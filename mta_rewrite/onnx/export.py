@@ -58,6 +58,11 @@ SITE_OPS = {OP_TYPE: (None, None), LEARNED_OP_TYPE: (4, None), SEGMENTED_OP_TYPE
             SEGMENTED_LEARNED_OP_TYPE: (5, 4)}
 
 
+# optional: models exported before it (and every site without a soft-cap) leave it out
+_SOFTCAP = OpSchema.Attribute("softcap", onnx.helper.make_attribute("softcap", 0.0),
+                              "soft-cap of the logits' product terms, softcap·tanh(s / softcap); 0: none")
+
+
 def _schema(op_type: str = OP_TYPE) -> OpSchema:
     p = OpSchema.FormalParameter
     a = OpSchema.Attribute
@@ -80,6 +85,7 @@ def _schema(op_type: str = OP_TYPE) -> OpSchema:
             a("local_chunks", OpSchema.AttrType.INT, "local window in chunks"),
             a("sinks", OpSchema.AttrType.INT, "always-exact first tokens"),
             a("top_k", OpSchema.AttrType.INT, "exactly attended chunks per query chunk"),
+            _SOFTCAP,
         ],
     )
 
@@ -99,6 +105,7 @@ def _clustered_schema() -> OpSchema:
             a("scale", OpSchema.AttrType.FLOAT, "scale of q·k"),
             a("local_chunks", OpSchema.AttrType.INT, "local window in chunks"),
             a("sinks", OpSchema.AttrType.INT, "always-exact first tokens"),
+            _SOFTCAP,
         ],
     )
 
@@ -119,7 +126,7 @@ _SITE_OP = {(bool(w), bool(g)): values.Op(mta_opset, t, onnx.defs.get_schema(t, 
 
 
 def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size,
-               causal=False, scale=None, local_chunks=1, sinks=0, top_k=0):
+               causal=False, scale=None, local_chunks=1, sinks=0, top_k=0, softcap=0.0):
     """torch.ops.mta.attention → one mta::MultiTokenAttention node (…Learned with a summary weight,
     …Segmented with segment ids, …SegmentedLearned with both; the exporter's custom translation)."""
     if scale is None:
@@ -146,23 +153,25 @@ def _translate(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, c
             if fmin is not None:
                 mask = op.Where(op.LessOrEqual(attn_mask, fmin), op.Constant(value_float=float("-inf")), mask)
     if chunk_size >= EXACT_CHUNK and summary_weight is None and segment_ids is None and centroids is None:
-        return _exact_attention(q, k, v, mask, causal=bool(causal), scale=float(scale))
+        return _exact_attention(q, k, v, mask, causal=bool(causal), scale=float(scale), softcap=float(softcap))
     attrs = dict(chunk_size=int(chunk_size), causal=int(bool(causal)), scale=float(scale),
                  local_chunks=int(local_chunks), sinks=int(sinks), top_k=int(top_k))
+    capped = {"softcap": float(softcap)} if softcap else {}
     if centroids is not None:
         if causal or top_k or summary_weight is not None or segment_ids is not None:
             raise ValueError("clustered summaries (centroids) are for non-causal attention without top_k, summary_weight "
                              "or segment_ids")
         return _CLUSTERED_OP(q, k, v, mask, centroids, chunk_size=attrs["chunk_size"], scale=attrs["scale"],
-                             local_chunks=attrs["local_chunks"], sinks=attrs["sinks"])
+                             local_chunks=attrs["local_chunks"], sinks=attrs["sinks"], **capped)
     extra = [x for x in (segment_ids, summary_weight) if x is not None]
-    return _SITE_OP[summary_weight is not None, segment_ids is not None](q, k, v, mask, *extra, **attrs)
+    return _SITE_OP[summary_weight is not None, segment_ids is not None](q, k, v, mask, *extra, **attrs, **capped)
 
 
-def _exact_attention(q, k, v, mask, *, causal: bool, scale: float):
+def _exact_attention(q, k, v, mask, *, causal: bool, scale: float, softcap: float = 0.0):
     """A one-chunk op call (an exact site of a rewritten program, ``rewrite(lower_exact=True)``, or
     the exact group of a per-head plan) as plain attention in standard ONNX ops: softmax(scale·qkᵀ
-    + mask [+ the causal triangle]) v, k and v repeated to q's heads for GQA. ``mask``: the float
+    + mask [+ the causal triangle]) v, k and v repeated to q's heads for GQA (scale·qkᵀ soft-capped
+    first, softcap·tanh(· / softcap), for ``softcap`` > 0). ``mask``: the float
     mask ``_translate`` prepared (−inf forbidden); values at float32's minimum (transformers'
     masks) count as forbidden too, and a query with nothing to attend to outputs zeros, the op's
     rule. The MTA function would run the chunk machinery around one whole-sequence key set: 5×
@@ -174,6 +183,9 @@ def _exact_attention(q, k, v, mask, *, causal: bool, scale: float):
         reps, to_q_heads = op.Constant(value_ints=[1, 1, hq // hkv, 1, 1]), op.Constant(value_ints=[0, hq, -1, d])
         k, v = (op.Reshape(op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])), reps), to_q_heads) for x in (k, v))
     scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), op.CastLike(op.Constant(value_float=scale), q))
+    if softcap:
+        cap = op.CastLike(op.Constant(value_float=softcap), scores)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     bias = op.Where(op.LessOrEqual(mask, op.Constant(value_float=float(np.finfo(np.float32).min))),
                     op.Constant(value_float=float("-inf")), mask)
     if causal:

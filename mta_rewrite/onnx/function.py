@@ -8,7 +8,8 @@ op would take precedence).
 Inputs: q [B, Hq, n, d]; k, v [B, Hkv, n, d]; mask: a float additive mask of rank 4,
 broadcastable to [B, Hq, n, n] (the exporter turns bool masks into 0/−inf and a missing mask into
 a [1, 1, 1, 1] zero). Values ≤ −3.4e38 (−inf, float32's minimum) are forbidden keys.
-Attributes: chunk_size, causal (0/1), scale, local_chunks, sinks, top_k.
+Attributes: chunk_size, causal (0/1), scale, local_chunks, sinks, top_k, and optionally softcap (a
+float; 0, the default, is none: ``CapScores``, which soft-caps the logits' product terms).
 
 The body mirrors ``ops/chunked.py``: per query chunk, one key set [exact chunks (window, top-k
 selected, blocks where the mask varies per query) | sinks | chunk summaries], one softmax. With
@@ -163,6 +164,20 @@ def SimplifyBoolMask(allowed):
 
 
 @script(mta_opset, default_opset=op)
+def CapScores(s, softcap: float = 0.0):
+    """Soft-capped logits, softcap·tanh(s / softcap) (Gemma-2's ``attn_logit_softcapping``), or
+    ``s`` for ``softcap`` 0. The test is on an attribute, a constant once the function is inlined:
+    onnxruntime folds the ``If`` away and runs the chosen branch's nodes only (no ``If``, and for
+    no soft-cap not even an ``Identity``, in the optimised graph)."""
+    cap = op.Constant(value_float=softcap)
+    if op.Greater(cap, op.Constant(value_float=0.0)):
+        out = op.Mul(op.Tanh(op.Div(s, cap)), cap)
+    else:
+        out = op.Identity(s)
+    return out
+
+
+@script(mta_opset, default_opset=op)
 def AttendSets(le, ve, ls, vs, lm, vm):
     """One softmax over a query chunk's key set in three parts, exact keys, sinks and summaries
     (logits [.., c, X], values [.., X, d], each pair's batch axes broadcast by ``MatMul``), times
@@ -192,7 +207,7 @@ def AttendSets(le, ve, ls, vs, lm, vm):
 
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: int, causal: int, scale: float,
-                                local_chunks: int, sinks: int, top_k: int):
+                                local_chunks: int, sinks: int, top_k: int, softcap: float = 0.0):
     """The op on a mask that ``SimplifyMask`` (or ``SimplifyBoolMask``) has prepared, forbidden
     entries −inf (``Forbidden``): ``triangle`` (a bool scalar, its second output) adds causality. An exported model whose sites share one mask (every
     transformers model) prepares it once and calls this at every site. ``key_logit``
@@ -363,7 +378,8 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     rel = op.Sub(op.Range(s0, op.Squeeze(op.Mul(Ke, c), i0), s1), op.Mul(op.Sub(L_s, s1), c_s))  # [Ke·c]
     tri_ok = op.Or(op.Not(is_causal), op.Or(op.LessOrEqual(rel, op.Unsqueeze(ar_c, [1])), op.GreaterOrEqual(rel, c_s)))
     bias_e = op.Add(bias_e, op.Where(tri_ok, zero_f, neg_inf))  # [B, H, nc, c, Ke·c]
-    le = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), bias_e)
+    le = op.Add(CapScores(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), softcap=softcap),
+                bias_e)
 
     # ---- sinks [B, H, nc, c, S] ----------------------------------------------------------------
     sink_pos = op.Range(s0, S_s, s1)
@@ -375,12 +391,13 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     s_mask = op.Slice(mrow, i0, S, op.Constant(value_ints=[4]))  # [B, Hm, nc, cq, S]
     ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
     vs = op.Unsqueeze(op.Slice(v4, i0, S, op.Constant(value_ints=[2])), [2])  # [B, H, 1, S, d]
-    ls = op.Add(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t),
+    ls = op.Add(CapScores(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t),
+                          softcap=softcap),
                 op.Add(s_mask, op.Where(sink_ok, zero_f, neg_inf)))
 
     # ---- summaries [B, H, nc, c, nc] -----------------------------------------------------------
     term = op.Add(op.Log(op.Max(n_j, one_f)), summary_bias)  # [Bm, Hm, Iq, nc]
-    lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t),
+    lm = op.Add(CapScores(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), softcap=softcap),
                 op.Unsqueeze(op.Where(summarised, term, neg_inf), [3]))
 
     # ---- one softmax over [exact | sinks | summaries] ------------------------------------------
@@ -390,12 +407,13 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
 
 
 @script(mta_opset, default_opset=op)
-def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int, top_k: int):
+def MultiTokenAttention(q, k, v, mask, chunk_size: int, causal: int, scale: float, local_chunks: int, sinks: int,
+                        top_k: int, softcap: float = 0.0):
     """The op (see the module's docstring): the mask recognised, then the attention."""
     mf, triangle = SimplifyMask(mask)  # (it casts the mask to float)
     mean = op.Constant(value_floats=[0.0])  # every key of a chunk weighs the same: the mean
     return MultiTokenAttentionPrepared(q, k, v, mf, triangle, mean, chunk_size=chunk_size, causal=causal, scale=scale,
-                                       local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                                       local_chunks=local_chunks, sinks=sinks, top_k=top_k, softcap=softcap)
 
 
 @script(mta_opset, default_opset=op)
@@ -407,12 +425,13 @@ def SummaryLogits(k, summary_weight):
 
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionLearned(q, k, v, mask, summary_weight, chunk_size: int, causal: int, scale: float,
-                               local_chunks: int, sinks: int, top_k: int):
+                               local_chunks: int, sinks: int, top_k: int, softcap: float = 0.0):
     """The op with learned summaries (MTA_SPEC.md ``summary="learned"``): chunk j's summary weighs
     its keys by softmax_s(k_s·w), w = summary_weight[h] ([Hkv, d]), instead of their mean."""
     mf, triangle = SimplifyMask(mask)
     return MultiTokenAttentionPrepared(q, k, v, mf, triangle, SummaryLogits(k, summary_weight), chunk_size=chunk_size,
-                                       causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                                       causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+                                       softcap=softcap)
 
 
 @script(mta_opset, default_opset=op)
@@ -460,7 +479,7 @@ def SegmentSlots(segment_ids, chunk_size: int, sinks: int):
 
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionSegmentedPrepared(q, k, v, mask, triangle, key_logit, segment_ids, chunk_size: int, causal: int,
-                                         scale: float, local_chunks: int, sinks: int, top_k: int):
+                                         scale: float, local_chunks: int, sinks: int, top_k: int, softcap: float = 0.0):
     """``MultiTokenAttentionPrepared`` with boundary chunks (``segment_ids`` [B or 1, n]): q, k, v,
     the prepared mask and the key logits moved into padded chunk slots (``SegmentSlots``; padding
     keys forbidden, padding queries zero), the attention there, the real rows moved back."""
@@ -496,35 +515,35 @@ def MultiTokenAttentionSegmentedPrepared(q, k, v, mask, triangle, key_logit, seg
     kl = op.Expand(op.Cast(key_logit, to=FLOAT.dtype), op.Concat(B, Hkv, n, axis=0))
     kls = op.GatherElements(kl, op.Expand(op.Unsqueeze(src, [1]), op.Concat(B, Hkv, Np, axis=0)), axis=2)
     out = MultiTokenAttentionPrepared(qs, ks, vs, ms, triangle, kls, chunk_size=chunk_size, causal=causal, scale=scale,
-                                      local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                                      local_chunks=local_chunks, sinks=sinks, top_k=top_k, softcap=softcap)
     back = op.Expand(op.Unsqueeze(op.Expand(slot, op.Concat(B, n, axis=0)), [1, 3]), op.Concat(B, H, n, D, axis=0))
     return op.GatherElements(out, back, axis=2)
 
 
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionSegmented(q, k, v, mask, segment_ids, chunk_size: int, causal: int, scale: float,
-                                 local_chunks: int, sinks: int, top_k: int):
+                                 local_chunks: int, sinks: int, top_k: int, softcap: float = 0.0):
     """The op with boundary chunks (MTA_SPEC.md "boundary"; ``segment_ids`` [B or 1, n] integers)."""
     mf, triangle = SimplifyMask(mask)
     mean = op.Constant(value_floats=[0.0])
     return MultiTokenAttentionSegmentedPrepared(q, k, v, mf, triangle, mean, segment_ids, chunk_size=chunk_size,
                                                 causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks,
-                                                top_k=top_k)
+                                                top_k=top_k, softcap=softcap)
 
 
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionSegmentedLearned(q, k, v, mask, segment_ids, summary_weight, chunk_size: int, causal: int,
-                                        scale: float, local_chunks: int, sinks: int, top_k: int):
+                                        scale: float, local_chunks: int, sinks: int, top_k: int, softcap: float = 0.0):
     """The op with boundary chunks and learned summaries."""
     mf, triangle = SimplifyMask(mask)
     return MultiTokenAttentionSegmentedPrepared(q, k, v, mf, triangle, SummaryLogits(k, summary_weight), segment_ids,
                                                 chunk_size=chunk_size, causal=causal, scale=scale,
-                                                local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+                                                local_chunks=local_chunks, sinks=sinks, top_k=top_k, softcap=softcap)
 
 
 @script(mta_opset, default_opset=op)
 def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scale: float, local_chunks: int,
-                                 sinks: int):
+                                 sinks: int, softcap: float = 0.0):
     """The op with clustered summaries (``ops/clustered.py``; non-causal): ``centroids``
     [Hkv, K, d]; every key outside a query chunk's window (not a sink, allowed) is in the summary
     of its nearest centroid. ``mask``: read as key padding (its last row; the PyTorch op refuses
@@ -624,7 +643,7 @@ def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scal
     gidx = op.Unsqueeze(win_idx, [4])
     kg = op.Reshape(op.GatherND(kc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(W, c), D, axis=0))
     vg = op.Reshape(op.GatherND(vc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(W, c), D, axis=0))
-    le = op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t)
+    le = CapScores(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), softcap=softcap)
     le = op.Add(le, op.Where(op.Unsqueeze(valid, [3]), zero_f, neg_inf))
     sink_pos = op.Range(s0, S_s, s1)
     in_window = op.LessOrEqual(op.Abs(op.Sub(op.Unsqueeze(op.Div(sink_pos, c_s), [0]), op.Unsqueeze(ii, [1]))),
@@ -632,9 +651,11 @@ def MultiTokenAttentionClustered(q, k, v, mask, centroids, chunk_size: int, scal
     sink_ok = op.And(op.Not(in_window), op.Unsqueeze(op.Slice(key_ok, i0, S, op.Constant(value_ints=[2])), [2]))
     ks = op.Slice(kp, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
     vs = op.Slice(v4, i0, S, op.Constant(value_ints=[2]))
-    ls = op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t)
+    ls = CapScores(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t),
+                   softcap=softcap)
     ls = op.Add(ls, op.Where(op.Unsqueeze(sink_ok, [3]), zero_f, neg_inf))
-    lm = op.Add(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), op.Unsqueeze(term, [3]))
+    lm = op.Add(CapScores(op.Mul(op.MatMul(qc, op.Transpose(kbar, perm=[0, 1, 2, 4, 3])), scale_t), softcap=softcap),
+                op.Unsqueeze(term, [3]))
 
     # ---- one softmax over [window | sinks | clusters] -------------------------------------------
     out = AttendSets(le, vg, ls, op.Unsqueeze(vs, [2]), lm, vbar)  # [B, H, nc, c, d]
@@ -671,7 +692,7 @@ def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
               MultiTokenAttentionSegmented.to_function_proto(), MultiTokenAttentionSegmentedLearned.to_function_proto(),
               MultiTokenAttentionSegmentedPrepared.to_function_proto(), SegmentSlots.to_function_proto(),
               MultiTokenAttentionClustered.to_function_proto(), AttendSets.to_function_proto(),
-              Forbidden.to_function_proto()]
+              Forbidden.to_function_proto(), CapScores.to_function_proto()]
     for fn in protos:
         del fn.opset_import[:]
         fn.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, VERSION)])

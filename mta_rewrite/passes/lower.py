@@ -124,11 +124,13 @@ def with_sink_token(config: MTAConfig | HeadGroups | Learned) -> MTAConfig | Hea
                      "the extra token's row attends to it alone)")
 
 
-def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None, attend=None):
+def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None, segment_ids=None, attend=None,
+                      softcap: float = 0.0):
     """MTA with a different configuration per group of query heads (``HeadGroups.op_groups``);
     a group with config None is exact. ``summary_weight`` [Hkv, d]: learned summaries (each group
     gets its heads' rows); ``segment_ids``: boundary chunks. Called from the graph. ``attend``: the
-    op (None) or ``ops.attention.attention_autograd`` (calibration's fitting)."""
+    op (None) or ``ops.attention.attention_autograd`` (calibration's fitting). ``softcap``: the
+    site's soft-cap, every group's."""
     attend = attend or torch.ops.mta.attention
     Hq, Hkv = q.shape[1], k.shape[1]
     G = Hq // Hkv
@@ -139,6 +141,8 @@ def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None,
         kv_idx = idx // G
         m = mask.index_select(mask.dim() - 3, idx) if per_head_mask else mask
         kwargs = dict(cfg) if cfg is not None else {"chunk_size": EXACT_CHUNK}
+        if softcap:
+            kwargs["softcap"] = softcap
         w = summary_weight.index_select(0, kv_idx) if summary_weight is not None and cfg is not None else None
         seg = segment_ids if cfg is not None else None
         outs.append(attend(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m, w, seg,
@@ -154,8 +158,8 @@ def attention_call(g: fx.Graph, q, k, v, mask, config, kw: dict, weight: fx.Node
     the node holding the learned summary weight, if any; ``segments``: the segment ids node of
     boundary chunks, if any; ``centroids``: the node holding clustered summaries' centroids)."""
     if isinstance(config, HeadGroups):
-        return g.call_function(grouped_attention,
-                               (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"], weight, segments))
+        return g.call_function(grouped_attention, (q, k, v, mask, config.op_groups(), kw["causal"], kw["scale"], weight,
+                                                   segments, None, kw.get("softcap", 0.0)))
     args = (q, k, v, mask, weight, segments) + ((centroids,) if centroids is not None else ())
     return g.call_function(torch.ops.mta.attention.default, args, dict(config.op_kwargs(), **kw))
 
@@ -250,7 +254,10 @@ def _op_layout(g: fx.Graph, m: AttentionMatch, x: fx.Node) -> fx.Node:
 
 
 def _attention_kwargs(m: AttentionMatch) -> dict:
-    return dict(causal=m.causal, scale=None if m.sdpa_scale_default else float(m.scale))
+    kw = dict(causal=m.causal, scale=None if m.sdpa_scale_default else float(m.scale))
+    if m.softcap:  # (only then: programs rewritten without one keep the op's call as it was)
+        kw["softcap"] = float(m.softcap)
+    return kw
 
 
 def memory_order(x) -> list[int] | None:
@@ -381,7 +388,7 @@ def _inherit_module(anchor: fx.Node, nodes: list[fx.Node]) -> None:
 
 def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, segments: fx.Node | None = None) -> fx.Node:
     """Route one site through ``hook(original, q, k, v, mask, name, causal, scale, segment_ids,
-    sink_logits)`` while keeping the original subgraph: the hook returns either the original output
+    sink_logits, softcap)`` while keeping the original subgraph: the hook returns either the original output
     (bit-identical) or its own. Calibration uses it to switch sites between exact and candidate
     configurations. ``segments``: the segment ids node of boundary chunks (else None is passed);
     ``sink_logits``: the site's learned sink logits (GPT-OSS; None for other sites), the column
@@ -398,7 +405,7 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)
         call = g.call_function(hook, (original, q, k, v, mask, name, kw["causal"], kw["scale"], segments,
-                                      m.sink_logits))
+                                      m.sink_logits, kw.get("softcap", 0.0)))
         node = _finish(g, m, call)
     keep.add(call)
     out.replace_all_uses_with(node, delete_user_cb=lambda user: user not in keep)

@@ -7,7 +7,8 @@ of fixed op sequences. There are two anchors:
   are read off the call;
 * ``softmax`` over the last dimension: from its input we walk *backwards* through score modifiers
   (scale as mul/div by a scalar or a per-head/per-query tensor, additive masks, ``masked_fill``
-  and ``where`` with −inf or the dtype's minimum, casts) to a product of q and kᵀ (``matmul``,
+  and ``where`` with −inf or the dtype's minimum, casts, one ``tanh`` soft-cap: a·tanh(b·s) with
+  numbers a, b is the op's ``softcap`` a at scale a·b) to a product of q and kᵀ (``matmul``,
   ``bmm``, ``baddbmm``, ``einsum``), and *forwards* through casts and eval-mode dropout to the
   product with v.
 
@@ -90,6 +91,8 @@ class AttentionMatch:
     # before softmax, that column's probability dropped after it (the rewrite gives the op one more
     # token for it: passes.lower.sink_logit_operands)
     sink_logits: fx.Node | None = None
+    # a tanh soft-cap on the scores (Gemma-2: softcap·tanh(s / softcap)), the op's ``softcap``; 0: none
+    softcap: float = 0.0
     # einsum operands indexed in another order than [batch.., n, d] (heads after tokens, as code
     # written in JAX's style has it: "btnh,bsnh->bnts", then "bnts,bsnh->btnh"): the permutations
     # that bring q, k and v into that order, and the one that takes the op's [batch.., n, d]
@@ -100,7 +103,7 @@ class AttentionMatch:
     out_perm: tuple[int, ...] | None = None
     reason: str | None = None
     # False when the walk from softmax back to q·kᵀ stopped at a score modifier the op cannot
-    # take (a tanh soft-cap): the masks further down were not read (the report says "not read")
+    # take (a tanh inside the soft-cap, an exp): the masks further down were not read (the report says "not read")
     masks_read: bool = True
 
     @property
@@ -484,6 +487,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         factor = 1.0
         s = x
         row_max = None  # the max node of an x − max(x) shift: x's one other reader
+        masks_above_cap = None  # (additive, bool) masks met before a tanh soft-cap: those after it are inside
         while True:
             if s.op != "call_function":
                 m.kind = "softmax"
@@ -510,8 +514,21 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 else:
                     m.scale_nodes.append((f, divide))
                 s = chain_side
+            elif t is aten.tanh.default and masks_above_cap is None:
+                # a soft-cap, a·tanh(b·s): the numbers met so far (applied after tanh) are a, the
+                # cap; those below multiply b, and the op's scale is their product a·b
+                if m.scale_nodes:
+                    raise NoMatch("a soft-cap scaled by a tensor after its tanh: not representable (the op's cap is "
+                                  "a number)")
+                if m.sink_logits is not None or drop_last is not None:
+                    raise NoMatch("learned sink logits with a tanh soft-cap: left exact")
+                m.softcap = factor
+                masks_above_cap = (len(m.additive), len(m.allowed))
+                s = s.args[0]
             elif t is aten.sub.Tensor and _row_max_of(s.args[1], s.args[0]):
                 # x − max(x) along the rows: softmax is unchanged by it (a guard against overflow)
+                if masks_above_cap is not None:
+                    raise NoMatch("a row-maximum shift inside a tanh soft-cap changes the logits: left exact")
                 row_max = s.args[1].args[0] if s.args[1].target is operator.getitem else s.args[1]
                 s = s.args[0]
             elif t is aten.cat.default and drop_last is not None and m.sink_logits is None and _appends_column(s):
@@ -553,11 +570,14 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 break
             else:
                 name = getattr(t, "__name__", str(t))
-                if _reaches_product(s, depth=6):
+                if any(_reaches_product(a, depth=6) for a in s.args if isinstance(a, fx.Node)):
                     raise NoMatch(f"unsupported score modifier {name} ({s.name}): left exact")
                 m.kind = "softmax"
                 raise NoMatch(f"softmax input comes from {name}, not from q·kᵀ: not attention")
         m.chain = chain
+        if masks_above_cap is not None and masks_above_cap != (len(m.additive), len(m.allowed)):
+            raise NoMatch("a mask inside the tanh of a soft-cap (tanh(s + mask)): not a mask the op can take, "
+                          "left exact")
         if drop_last is not None and m.sink_logits is None:
             m.kind = "softmax"
             raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
@@ -678,7 +698,7 @@ def _heads_of(view: fx.Node) -> tuple:
 
 MODIFIER_TARGETS = CAST_TARGETS | {
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, *WHERE_TARGETS,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.tanh.default, *WHERE_TARGETS,
 }
 
 
@@ -697,7 +717,8 @@ def _reaches_product(node: Any, depth: int = 12) -> bool:
         t = _functional(node.target)
         if t in MATMUL_TARGETS:
             return True
-        if t in CAST_TARGETS or t in VIEW_TARGETS or t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        if t in CAST_TARGETS or t in VIEW_TARGETS or t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+                                                             aten.tanh.default):
             node = node.args[0]
         elif t in (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.add.Tensor, aten.sub.Tensor):
             return _reaches_product(node.args[0], depth - 1) or (

