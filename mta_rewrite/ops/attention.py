@@ -237,39 +237,48 @@ _EXACT_ROWS = 512
 def exact_soft_capped(q, k, v, attn_mask, causal: bool, scale, softcap: float):
     """Exact attention with soft-capped logits, softmax(softcap·tanh(scale·q·kᵀ / softcap) + mask)·v
     (what Gemma-2's eager attention computes), in blocks of :data:`_EXACT_ROWS` queries so that
-    the scores held at once are [B, Hq, 512, n], not n × n; grouped-query attention reads each
-    key/value head once per group (no copy of k, v). A query with nothing to attend to outputs
-    zeros. Half types are computed in fp32."""
+    the scores held at once are [B, Hq, 512, n], not n × n. Grouped-query attention puts a group's
+    query heads in one product with their key/value head (no copy of k, v); with causality a block
+    reads only the keys up to its last query (half the work of the n × n scores the model's own
+    attention computes), and without gradients the cap, the triangle and the mask are applied in
+    place. A query with nothing to attend to outputs zeros. Half types are computed in fp32."""
     B, Hq, n, d = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     scale = d ** -0.5 if scale is None else float(scale)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     qg = q.to(cdt).reshape(B, Hkv, G, n, d)
-    kt, vv = k.to(cdt).transpose(-1, -2).unsqueeze(2), v.to(cdt).unsqueeze(2)  # [B, Hkv, 1, d, n], [.., n, d]
+    kt, vv = k.to(cdt).transpose(-1, -2), v.to(cdt)  # [B, Hkv, d, n], [B, Hkv, n, d]
     mask = normalize_mask(attn_mask, B, Hq, n)
     out = torch.empty(B, Hkv, G, n, d, dtype=cdt, device=q.device)
     keys = torch.arange(n, device=q.device)
     for lo in range(0, n, _EXACT_ROWS):
         hi = min(n, lo + _EXACT_ROWS)
-        s = soft_capped(torch.matmul(qg[:, :, :, lo:hi], kt) * scale, softcap)  # [B, Hkv, G, r, n]
+        r, m = hi - lo, hi if causal else n  # (with causality the keys after the block's last query are all future)
+        s = torch.matmul(qg[:, :, :, lo:hi].reshape(B, Hkv, G * r, d), kt[..., :m]).view(B, Hkv, G, r, m)
+        s = soft_capped(s * scale, softcap) if grad else s.mul_(scale / softcap).tanh_().mul_(softcap)
         ok = None
         if mask is not None:
-            allowed = mask.allowed if not mask.per_query else mask.allowed[:, :, lo:hi]
-            # [Bm, Hkv, G, r|1, n] per head, else [Bm, 1, 1, r|1, n]
+            allowed = (mask.allowed[:, :, lo:hi] if mask.per_query else mask.allowed)[..., :m]
+            # [Bm, Hkv, G, r|1, m] per head, else [Bm, 1, 1, r|1, m]
             ok = allowed.reshape(allowed.shape[0], Hkv, G, *allowed.shape[2:]) if mask.per_head else allowed.unsqueeze(2)
             if mask.bias is not None:
-                bias = mask.bias if not mask.per_query else mask.bias[:, :, lo:hi]
-                s = s + bias.reshape(ok.shape).to(cdt)
+                bias = (mask.bias[:, :, lo:hi] if mask.per_query else mask.bias)[..., :m].reshape(ok.shape).to(cdt)
+                s = s + bias if grad else s.add_(bias)
         if causal:
-            tri = keys.view(1, n) <= torch.arange(lo, hi, device=q.device).view(-1, 1)
-            ok = tri if ok is None else ok & tri
+            future = keys[lo:m].view(1, -1) > keys[lo:hi].view(-1, 1)  # [r, m − lo]: the block's own keys
+            if ok is None and not grad:
+                s[..., lo:].masked_fill_(future, NEG)  # (the keys before the block are all allowed)
+            else:
+                tri = torch.cat([future.new_ones(r, lo), ~future], dim=-1)
+                ok = tri if ok is None else ok & tri
         if ok is not None:  # (NEG, finite: a row with nothing to attend to stays finite, then zeros)
-            s = s.masked_fill(~ok, NEG)
+            s = s.masked_fill(~ok, NEG) if grad else s.masked_fill_(~ok, NEG)
         p = torch.softmax(s, dim=-1)
-        if ok is not None:
+        if mask is not None:  # (only a mask can leave a row empty: with causality alone a query sees itself)
             p = p.masked_fill(~ok.any(-1, keepdim=True), 0.0)
-        out[:, :, :, lo:hi] = torch.matmul(p, vv)
+        out[:, :, :, lo:hi] = torch.matmul(p.view(B, Hkv, G * r, m), vv[:, :, :m]).view(B, Hkv, G, r, d)
     return in_layout_of(q, out.reshape(B, Hq, n, d).to(q.dtype))
 
 

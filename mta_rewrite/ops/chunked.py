@@ -297,7 +297,7 @@ class _TopKSplit:
     row per query chunk. A sink inside a part-B chunk is excluded there (part A attends it)."""
 
     def __init__(self, q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, term_sink, term_summary, kpos, exact_idx,
-                 n_win, share, s, scale, tri, offsets):
+                 n_win, share, s, scale, tri, offsets, softcap=0.0):
         B, H0, nc, c, d = kc.shape  # (k as given, or repeated per head for a per-head mask)
         self.B, self.H0, self.share, self.nc, self.c, self.d, self.s = B, H0, share, nc, c, d, s
         nw = self.nw = n_win * c
@@ -307,14 +307,14 @@ class _TopKSplit:
         parts = [term_exact[:, ::share, :, :nw]] + ([term_sink] if s > 0 else [])
         shape = torch.broadcast_shapes(*[t.shape[:3] for t in parts])
         self.term_a = torch.cat([t.expand(*shape, t.shape[-1]) for t in parts], dim=-1)
-        self.aug_a = tri is not None and shape[0] * shape[1] > 1
+        self.aug_a = tri is not None and shape[0] * shape[1] > 1 and not softcap
         term_b = term_exact[..., nw:]
         if s > 0:
             term_b = torch.where(kpos[..., nw:] < s, NEG, term_b)
         shape = torch.broadcast_shapes(term_b.shape[:3], term_summary.shape[:3])
         self.term_b = torch.cat([term_b.expand(*shape, term_b.shape[-1]),
                                  term_summary.to(term_b.dtype).expand(*shape, term_summary.shape[-1])], dim=-1)
-        self.tri, self.scale, self.offsets = tri, scale, offsets
+        self.tri, self.scale, self.offsets, self.softcap = tri, scale, offsets, softcap
 
     def band(self, lo: int, hi: int, ns: int):
         """Query chunks lo … hi − 1 with the first ``ns`` summaries → (out [B, H0, share, nb, c, d],
@@ -329,7 +329,8 @@ class _TopKSplit:
             k_a[..., nw:, :d] = self.k[:, :, :s].view(B, H0, 1, s, d)
             v_a[..., nw:, :d] = self.v[:, :, :s].view(B, H0, 1, s, d)
         q_a = self.q_a[:, :, :, lo:hi].transpose(2, 3).reshape(B * H0, nb, share * c, d)
-        o_a, l_a = _attend(q_a, k_a, v_a, self.term_a[:, :, lo:hi], self.tri, None, self.scale, self.aug_a)
+        o_a, l_a = _attend(q_a, k_a, v_a, self.term_a[:, :, lo:hi], self.tri, None, self.scale, self.aug_a,
+                           self.softcap)
         ke = self.term_b.shape[-1] - self.nc  # (the exact columns of part B: K·c and non-uniform chunks)
         k_b = torch.empty(B, H0 * share, nb, ke + ns, d, dtype=dt, device=dev)
         v_b = torch.empty(B, H0 * share, nb, ke + ns, d, dtype=dt, device=dev)
@@ -338,7 +339,7 @@ class _TopKSplit:
         k_b[..., ke:, :] = self.kbar[:, :, None, :ns]
         v_b[..., ke:, :] = self.vbar[:, :, None, :ns]
         o_b, l_b = _attend(self.q_b[:, lo:hi], k_b, v_b, self.term_b[:, :, lo:hi, :ke + ns], None, None, self.scale,
-                           False)
+                           False, self.softcap)
         o_a = o_a.view(B, H0, nb, share, c, d).transpose(2, 3)
         l_a = l_a.view(B, H0, nb, share, c).transpose(2, 3)
         o_b, l_b = o_b.view(B, H0, share, nb, c, d), l_b.view(B, H0, share, nb, c)
@@ -596,10 +597,10 @@ def mta_attention_chunked(
     # Their softmaxes merge exactly by their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA).
     split = None
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
-    if K > 0 and not per_query_user and scale != 0.0 and (share > 1 or aug) and not grad and not softcap:
+    if K > 0 and not per_query_user and scale != 0.0 and (share > 1 or aug) and not grad:
         split = _TopKSplit(q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, sink_terms(win) if s > 0 else None,
                            term_summary, kpos, exact_idx, n_win, share, s, scale,
-                           triangle(share, n_win * c + s) if causal else None, _window_offsets(L, causal))
+                           triangle(share, n_win * c + s) if causal else None, _window_offsets(L, causal), softcap)
     else:  # the one key set's terms and triangle (the two key sets build their own)
         term = torch.cat([t.to(cdt).expand(*tshape, t.shape[-1]) for t in term_parts], dim=-1)
         tri = triangle(G, X) if causal else None
