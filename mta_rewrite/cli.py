@@ -50,8 +50,9 @@ def sites_table(sites, plan=None, title="attention sites") -> Table:
             status = f"[yellow]exact:[/yellow] {s.reason}"
         else:
             status = "found" if plan is None else plan[s.name].short if s.name in plan else "exact (planned)"
+        mask = s.mask + (f", softcap {s.softcap:g}" if s.softcap else "")  # (Gemma-2's tanh cap, which the op takes)
         table.add_row(s.name, s.kind, f"{s.batch}·{s.q_heads}/{s.kv_heads}·{s.seq_len}·{s.head_dim}",
-                      s.mask, "yes" if s.causal else "no", status)
+                      mask, "yes" if s.causal else "no", status)
     return table
 
 

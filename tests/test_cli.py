@@ -120,6 +120,30 @@ def test_find_sums_up_softmaxes_that_are_not_attention(tmp_path):
                          "with v"), line
 
 
+def test_find_shows_a_sites_soft_cap_and_rewrite_keeps_it(tmp_path):
+    """A soft-capped site (Gemma-2's tanh) is listed with its cap; ``rewrite`` writes a program
+    whose op call carries it, listed the same way, and which equals the float64 reference op."""
+    from mta_rewrite.ops import mta_attention_reference
+
+    case = next(c for c in zoo.hand_written_cases() if c.name == "soft_cap_tanh")
+    model = case.build()
+    args, _ = case.inputs(24)
+    path, out = tmp_path / "capped.pt2", tmp_path / "capped_mta.pt2"
+    mr.save_program(model, path, args)
+    found = runner.invoke(app, ["find", str(path)])
+    assert found.exit_code == 0 and "softcap" in found.output and "1.5" in found.output, found.output  # (cells wrap)
+    done = runner.invoke(app, ["rewrite", str(path), "--output", str(out), "--chunk-size", "6", "--local-chunks", "2",
+                               "--sinks", "2", "--top-k", "1"])
+    assert done.exit_code == 0, done.output
+    listed = runner.invoke(app, ["find", str(out)])
+    assert listed.exit_code == 0 and all(x in listed.output for x in ("c6·L2·s2·k1", "softcap", "1.5")), listed.output
+    x, mask = case.inputs(40)[0]
+    with torch.no_grad():
+        want = model.merge(mta_attention_reference(*model.heads(x), mask, scale=model.dh ** -0.5, softcap=model.cap,
+                                                   chunk_size=6, local_chunks=2, sinks=2, top_k=1).float())
+        torch.testing.assert_close(mr.load_program(out).module()(x, mask), want, rtol=1e-5, atol=1e-5)
+
+
 def test_find_says_when_there_is_no_attention(tmp_path):
     path = tmp_path / "mlp.pt2"
     mr.save_program(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), path, (torch.randn(2, 8),))

@@ -71,18 +71,26 @@ MASKS = [
 CONFIGS = [(4, 1, 0, 0), (3, 2, 2, 1), (5, 1, 7, 2), (4, 2, 0, 3), (1, 1, 0, 0), (100, 1, 0, 0), (2, 3, 1, 2)]
 
 
+def assert_every_config_matches_reference(q, k, v, mask, causal, **extra) -> list:
+    """The op against the float64 reference at every configuration of CONFIGS (``extra``: more
+    arguments for both, e.g. ``softcap``); returns the reference outputs."""
+    refs = []
+    for c, L, s, top_k in CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k, **extra)
+        out = mta(q, k, v, mask, **kw)
+        ref = mta_attention_reference(q, k, v, mask, **kw)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
+        refs.append(ref)
+    return refs
+
+
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_reference_every_mask_and_parameter(mask_kind, causal):
     B, Hq, Hkv, n = 2, 4, 2, 13
     q, k, v = qkv(B, Hq, Hkv, n)
-    mask = make_mask(mask_kind, B, Hq, n)
-    for c, L, s, top_k in CONFIGS:
-        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        out = mta(q, k, v, mask, **kw)
-        ref = mta_attention_reference(q, k, v, mask, **kw)
-        assert not out.isnan().any()
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
+    assert_every_config_matches_reference(q, k, v, make_mask(mask_kind, B, Hq, n), causal)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 33])

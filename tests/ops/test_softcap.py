@@ -13,7 +13,7 @@ import mta_rewrite  # noqa: F401  (registers torch.ops.mta.attention)
 from mta_rewrite.ops import mta_attention_reference
 from mta_rewrite.ops.varlen import mta_attention_varlen
 
-from .test_attention import CONFIGS, MASKS, make_mask, qkv
+from .test_attention import CONFIGS, MASKS, assert_every_config_matches_reference, make_mask, qkv
 from .test_clustered import centroids
 from .test_segments import segments
 
@@ -33,14 +33,11 @@ def test_matches_reference_every_mask_and_parameter(mask_kind, causal):
     B, Hq, Hkv, n = 2, 4, 2, 13
     q, k, v = scaled_qkv(B, Hq, Hkv, n)
     mask = make_mask(mask_kind, B, Hq, n)
-    for c, L, s, top_k in CONFIGS:
-        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
-        out = mta(q, k, v, mask, softcap=CAP, **kw)
-        ref = mta_attention_reference(q, k, v, mask, softcap=CAP, **kw)
-        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw}: {m}")
-        uncapped = mta_attention_reference(q, k, v, mask, **kw)
-        if mask_kind != "some_rows_fully_masked":  # (a mask with mostly empty rows: few outputs to differ)
-            assert (ref - uncapped).abs().max() > 1e-2, kw  # the cap is not a no-op here
+    refs = assert_every_config_matches_reference(q, k, v, mask, causal, softcap=CAP)
+    for (c, L, s, top_k), ref in zip(CONFIGS, refs):
+        uncapped = mta_attention_reference(q, k, v, mask, chunk_size=c, causal=causal, local_chunks=L, sinks=s,
+                                           top_k=top_k)
+        assert (ref - uncapped).abs().max() > 1e-2, (c, L, s, top_k)  # the cap is not a no-op here
 
 
 def test_the_reference_caps_what_exact_attention_caps():
