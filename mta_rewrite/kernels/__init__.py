@@ -10,7 +10,9 @@ been turned into key padding (``ops/masks.simplify_mask``: what transformers mod
 - anything else (masks that vary per query, additive biases, float64) → the portable implementation
   (``ops/chunked.py``), correct for every mask.
 
-Learned summaries (``summary_weight``) take the same routes: the pre-pass pools them. Clustered
+Learned summaries (``summary_weight``) take the same routes: the pre-pass pools them. Soft-capped
+logits (``softcap``, Gemma-2) too: the forward kernel caps every tile's logits (``_scores``), the
+exact configuration runs the op's own exact path (SDPA has no cap). Clustered
 summaries (``centroids``, non-causal) too (``dispatch_cuda_clustered``): the Triton kernels with
 their own pre-pass (``clusters.py``) for no mask or key padding, else ``ops/clustered.py``.
 Boundary chunks (``segment_ids``, ``dispatch_cuda_boundary``): for no mask or key padding the
@@ -18,7 +20,7 @@ Triton kernels read each chunk where it lies (``chunk_starts``: no padding slots
 tokens are moved into padded chunk slots (``ops/segments.py``) and dispatched as above.
 
 Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp16/bf16/fp32, more
-than one chunk, tensors under 2^31 elements → the Triton backward (``mta_bwd.py``; mean, learned
+than one chunk, tensors under 2^31 elements, no soft-cap → the Triton backward (``mta_bwd.py``; mean, learned
 and clustered summaries; boundary chunks read where they lie, as in the forward); otherwise the op's
 backward recomputes the forward with the portable implementation under autograd, on the same
 device (no transfer to the CPU), boundary chunks in padded slots.
@@ -59,7 +61,7 @@ def kernel_keep(q, attn_mask):
 
 
 def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None,
-                  rows_from: int = 0):
+                  rows_from: int = 0, softcap: float = 0.0):
     """Fixed chunks on CUDA, by the rules of this module's docstring. ``rows_from``
     (``attention_autograd``'s): the caller reads the rows from that query on only; the kernels and
     the portable implementation leave the query blocks (chunks) wholly before it uncomputed."""
@@ -67,13 +69,15 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     # a transformers model's [B, 1, n, n] mask is key padding (∧ the causal triangle) by value: as
     # such it runs on the fused kernels instead of the portable implementation (ops/masks.py)
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], n, causal)
-    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
+    kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
+                  softcap=softcap)
     if chunk_size >= n:
         # exact: SDPA (is_causal, or with the mask left), in q's layout like every other path (the
-        # flash and cuDNN backends return a transposed [B, n, H, d] buffer whatever q's layout)
+        # flash and cuDNN backends return a transposed [B, n, H, d] buffer whatever q's layout;
+        # soft-capped: the op's own exact path, SDPA has no cap)
         from ..ops.attention import exact_sdpa
 
-        return exact_sdpa(q, k, v, attn_mask, causal, scale)
+        return exact_sdpa(q, k, v, attn_mask, causal, scale, softcap)
     keep = kernel_keep(q, attn_mask)
     if keep is not False:
         from .mta_fwd import mta_forward_triton
@@ -82,7 +86,7 @@ def dispatch_cuda(q, k, v, attn_mask, *, chunk_size, causal, scale, local_chunks
     return mta_attention_chunked(q, k, v, attn_mask, summary_weight=summary_weight, rows_from=rows_from, **kwargs)
 
 
-def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chunks, sinks, centroids):
+def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chunks, sinks, centroids, softcap=0.0):
     """Clustered summaries on CUDA (inputs checked by ``ops.clustered.check_clustered``, the mask
     already simplified): one chunk → SDPA (the window covers every key), no mask or key padding
     in fp16/bf16/fp32 → the Triton kernels, otherwise the portable implementation."""
@@ -90,26 +94,26 @@ def dispatch_cuda_clustered(q, k, v, attn_mask, *, chunk_size, scale, local_chun
     if chunk_size >= n:
         from ..ops.attention import exact_sdpa
 
-        return exact_sdpa(q, k, v, attn_mask, False, scale)
+        return exact_sdpa(q, k, v, attn_mask, False, scale, softcap)
     keep = kernel_keep(q, attn_mask)
     if keep is not False:
         from .mta_fwd import mta_forward_triton
 
         return mta_forward_triton(q, k, v, keep, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
-                                  sinks=sinks, centroids=centroids)
+                                  sinks=sinks, centroids=centroids, softcap=softcap)
     return mta_attention_clustered(q, k, v, attn_mask, chunk_size=chunk_size, scale=scale, local_chunks=local_chunks,
-                                   sinks=sinks, centroids=centroids)
+                                   sinks=sinks, centroids=centroids, softcap=softcap)
 
 
 def dispatch_cuda_boundary(q, k, v, attn_mask, segment_ids, *, chunk_size, causal, scale, local_chunks, sinks, top_k,
-                           summary_weight=None, rows_from: int = 0):
+                           summary_weight=None, rows_from: int = 0, softcap: float = 0.0):
     """Boundary chunks on CUDA (the mask already simplified): no mask or key padding in
     fp16/bf16/fp32 → the Triton kernels reading the chunks where they lie (``chunk_bounds``: no
     padding slots, no gathers); otherwise the tokens moved into padded chunk slots and
     :func:`dispatch_cuda` there (``ops/segments.py``). ``rows_from``: the Triton kernels leave the
     chunks wholly before it (in every sequence) uncomputed; the slots compute every row."""
     kwargs = dict(chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
-                  summary_weight=summary_weight)
+                  summary_weight=summary_weight, softcap=softcap)
     keep = kernel_keep(q, attn_mask)
     if keep is not False:
         from .mta_fwd import mta_forward_triton

@@ -206,6 +206,16 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _scores(q, kt, qk_scale, cap2, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+        """The logits scale·q·kᵀ in base 2 (``qk_scale`` = scale·log2 e) of a tile; SOFTCAP:
+        soft-capped, cap2·tanh(x / cap2) with cap2 = softcap·log2 e (the cap in base 2: the same
+        as log2 e · softcap·tanh(scale·q·k / softcap)), tanh(y) as 1 − 2 / (1 + e^2y)."""
+        x = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+        if SOFTCAP:
+            x = cap2 * (1.0 - 2.0 / (1.0 + tl.exp2(x * (2.0 * 1.4426950408889634) / cap2)))
+        return x
+
+    @triton.jit
     def _query_block(Hq, G, blocks_per_chunk, first_block):
         """(batch, query head, key/value head, chunk, sub-block) of this program on the grid
         (chunks × sub-blocks from the query block ``first_block`` on, B × Hq), heaviest blocks
@@ -227,7 +237,7 @@ if triton is not None:
 
     @triton.jit
     def _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
-                  stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start,
+                  stride_kn, stride_vn, qk_scale, cap2, SOFTCAP: tl.constexpr, kd, vd, kv_row, start,
                   MASKED: tl.constexpr, CAUSAL_TILE: tl.constexpr, HAS_KEYMASK: tl.constexpr,
                   PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
         """Exact attention of the block's rows to the tokens ``keys`` (= start + 0 … BLOCK_N−1).
@@ -247,7 +257,7 @@ if triton is not None:
         else:
             kt = tl.load(k_base + keys[None, :] * stride_kn + dims[:, None], mask=dim_ok[:, None], other=0.0)
             vt = tl.load(v_base + keys[:, None] * stride_vn + dims[None, :], mask=dim_ok[None, :], other=0.0)
-        logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+        logits = _scores(q, kt, qk_scale, cap2, PRECISION, SOFTCAP)
         if HAS_KEYMASK:
             if MASKED:
                 ok = ok & (tl.load(keyok_row + keys, mask=ok, other=0) != 0)
@@ -264,7 +274,8 @@ if triton is not None:
 
     @triton.jit
     def _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_row, top_k, c, n, rows, dims, dim_ok,
-                        stride_kn, stride_vn, qk_scale, kd, vd, kv_row, starts_row, HAS_KEYMASK: tl.constexpr,
+                        stride_kn, stride_vn, qk_scale, cap2, SOFTCAP: tl.constexpr, kd, vd, kv_row, starts_row,
+                        HAS_KEYMASK: tl.constexpr,
                         PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         TMA: tl.constexpr, VARLEN: tl.constexpr):
         """Exact attention to the tokens of the top-k selected chunks ``sel_row[0 … top_k−1]`` (−1:
@@ -281,7 +292,8 @@ if triton is not None:
                 for start in range(j_start, j_end, BLOCK_N):
                     keys = start + tl.arange(0, BLOCK_N)
                     acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < j_end, rows,
-                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start,
+                                              dims, dim_ok, stride_kn, stride_vn, qk_scale, cap2, SOFTCAP, kd, vd,
+                                              kv_row, start,
                                               True, False, HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D, TMA)
         return acc, m_i, l_i
 
@@ -300,7 +312,8 @@ if triton is not None:
 
     @triton.jit
     def _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row, status_ptr, sel, j_lo, j_hi,
-                       dims, dim_ok, stride_sj, qk_scale, skd, svd, s_row, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       dims, dim_ok, stride_sj, qk_scale, cap2, SOFTCAP: tl.constexpr, skd, svd, s_row,
+                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                        WAIT: tl.constexpr, CG: tl.constexpr, MAX_SPIN: tl.constexpr, HAS_TOPK: tl.constexpr,
                        TMA: tl.constexpr):
         """Attention to the summaries of chunks j_lo … j_hi−1 (those with n_j > 0 and not selected);
@@ -332,14 +345,15 @@ if triton is not None:
                              other=0.0)
                 vt = tl.load(sv_base + js[:, None] * stride_sj + dims[None, :], mask=inside[:, None] & dim_ok[None, :],
                              other=0.0)
-            logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+            logits = _scores(q, kt, qk_scale, cap2, PRECISION, SOFTCAP)
             logits = logits + bias[None, :]  # log2 n_j; −inf for chunks outside, empty or selected
             acc, m_i, l_i = _online_update(acc, m_i, l_i, logits, vt, PRECISION)
         return acc, m_i, l_i
 
     @triton.jit
     def _stream_tile(acc, m_i, l_i, q, k_base, v_base, sk_base, sv_base, logn_row, keyok_row, sel, t, n_win, lo, hi,
-                     j_end, w_lo, w_hi, rows, dims, dim_ok, stride_kn, stride_vn, stride_sj, qk_scale,
+                     j_end, w_lo, w_hi, rows, dims, dim_ok, stride_kn, stride_vn, stride_sj, qk_scale, cap2,
+                     SOFTCAP: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_TOPK: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
         """Tile t of the block's single stream: window keys lo … hi−1 (tiles 0 … n_win−1), then the
@@ -372,7 +386,7 @@ if triton is not None:
         allowed = ok[None, :]
         if CAUSAL:
             allowed = allowed & ((idx[None, :] <= rows[:, None]) | sum_v[None, :])
-        logits = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+        logits = _scores(q, kt, qk_scale, cap2, PRECISION, SOFTCAP)
         logits = tl.where(allowed, logits + bias[None, :], float("-inf"))
         return _online_update(acc, m_i, l_i, logits, vt, PRECISION)
 
@@ -387,12 +401,12 @@ if triton is not None:
         stride_lb, stride_lh, stride_lj,  # log2 n_j [B, Hkv, nc] (stride_lj: 1, or 8 for the chunk-major launch)
         stride_selb, stride_selh, stride_seli,  # selected chunks [B, Hq, nc, K]
         stride_ob, stride_oh, stride_on,
-        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, clusters, first_block,
+        n, nc, c, L, sinks, top_k, Hq, Hkv, G, qk_scale, cap2, clusters, first_block,
         starts_ptr, stride_csb,  # VARLEN: each sequence's chunk starts [B, nc + 1] (n past its last chunk)
         CAUSAL: tl.constexpr, HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr,
         HEAD_D: tl.constexpr, HAS_TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, FUSED: tl.constexpr,
         MAX_SPIN: tl.constexpr, ONE_LOOP: tl.constexpr, CHUNK_MAJOR: tl.constexpr, TMA: tl.constexpr,
-        WIDE: tl.constexpr, CLUSTERED: tl.constexpr, VARLEN: tl.constexpr,
+        WIDE: tl.constexpr, CLUSTERED: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """out[b, h, t] = softmax over {sinks, window, selected chunks, summaries} · values.
@@ -498,7 +512,8 @@ if triton is not None:
             keys = s0 + tl.arange(0, BLOCK_N)
             ok = _sinks_left(keys, sinks, n, c, w_lo, w_hi, sel, HAS_TOPK)
             acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, ok, rows, dims, dim_ok,
-                                      stride_kn, stride_vn, qk_scale, kd, vd, kv_row, s0, True, CAUSAL, HAS_KEYMASK,
+                                      stride_kn, stride_vn, qk_scale, cap2, SOFTCAP, kd, vd, kv_row, s0, True, CAUSAL,
+                                      HAS_KEYMASK,
                                       PRECISION, HEAD_D, BLOCK_D, TMA)
 
         # b. the window: keys [lo, hi)
@@ -514,7 +529,8 @@ if triton is not None:
             # b–d as one stream: window tiles, then summary tiles (c. the selected chunks, rare, first)
             acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
                                             h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
-                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, starts_row, HAS_KEYMASK,
+                                            stride_kn, stride_vn, qk_scale, cap2, SOFTCAP, kd, vd, kv_row, starts_row,
+                                            HAS_KEYMASK,
                                             PRECISION, HEAD_D, BLOCK_N, BLOCK_D, TMA, VARLEN)
             n_win = tl.cdiv(hi - lo, BLOCK_N)
             if CAUSAL:
@@ -524,7 +540,8 @@ if triton is not None:
             for t in range(0, n_win + tl.cdiv(j_end, BLOCK_N)):
                 acc, m_i, l_i = _stream_tile(acc, m_i, l_i, q, k_base, v_base, sk_base, sv_base, logn_row, keyok_row,
                                              sel, t, n_win, lo, hi, j_end, w_lo, w_hi, rows, dims, dim_ok, stride_kn,
-                                             stride_vn, stride_sj, qk_scale, CAUSAL, HAS_KEYMASK, HAS_TOPK, PRECISION,
+                                             stride_vn, stride_sj, qk_scale, cap2, SOFTCAP, CAUSAL, HAS_KEYMASK,
+                                             HAS_TOPK, PRECISION,
                                              BLOCK_N)
         else:
             # [lo, mid) whole tiles with every key before every row (causal) or simply whole tiles
@@ -536,18 +553,21 @@ if triton is not None:
             for start in range(lo, mid, BLOCK_N):
                 keys = start + tl.arange(0, BLOCK_N)
                 acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
-                                          dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start, False, False,
+                                          dim_ok, stride_kn, stride_vn, qk_scale, cap2, SOFTCAP, kd, vd, kv_row,
+                                          start, False, False,
                                           HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D, TMA)
             for start in range(mid, hi, BLOCK_N):
                 keys = start + tl.arange(0, BLOCK_N)
                 acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, keyok_row, keys, keys < hi, rows, dims,
-                                          dim_ok, stride_kn, stride_vn, qk_scale, kd, vd, kv_row, start, True, CAUSAL,
+                                          dim_ok, stride_kn, stride_vn, qk_scale, cap2, SOFTCAP, kd, vd, kv_row,
+                                          start, True, CAUSAL,
                                           HAS_KEYMASK, PRECISION, HEAD_D, BLOCK_D, TMA)
 
             # c. the selected chunks (always before the window under causality: no causal mask)
             acc, m_i, l_i = _selected_tiles(acc, m_i, l_i, q, k_base, v_base, keyok_row, sel_ptr + b * stride_selb +
                                             h * stride_selh + i * stride_seli, top_k, c, n, rows, dims, dim_ok,
-                                            stride_kn, stride_vn, qk_scale, kd, vd, kv_row, starts_row, HAS_KEYMASK,
+                                            stride_kn, stride_vn, qk_scale, cap2, SOFTCAP, kd, vd, kv_row, starts_row,
+                                            HAS_KEYMASK,
                                             PRECISION, HEAD_D, BLOCK_N, BLOCK_D, TMA, VARLEN)
 
             # d. summaries of the chunks outside the window (under causality: only those before it).
@@ -556,7 +576,8 @@ if triton is not None:
             if CLUSTERED:  # this query chunk's own K summaries (rows i·K …), every one outside its window
                 acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
                                                sync_ptr + 1, sel, i * clusters, i * clusters + clusters, dims, dim_ok,
-                                               stride_sj, qk_scale, skd, svd, s_row, PRECISION, BLOCK_N, False, False,
+                                               stride_sj, qk_scale, cap2, SOFTCAP, skd, svd, s_row, PRECISION,
+                                               BLOCK_N, False, False,
                                                MAX_SPIN, False, TMA)
             else:
                 if FUSED and CHUNK_MAJOR:
@@ -564,12 +585,14 @@ if triton is not None:
                         js = j0 + tl.arange(0, BLOCK_N)
                         _wait_flags(flag_row, sync_ptr + 1, js, js < w_lo, MAX_SPIN)
                 acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
-                                               sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, skd, svd,
+                                               sync_ptr + 1, sel, 0, w_lo, dims, dim_ok, stride_sj, qk_scale, cap2,
+                                               SOFTCAP, skd, svd,
                                                s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR, FUSED, MAX_SPIN,
                                                HAS_TOPK, TMA)
                 if not CAUSAL:
                     acc, m_i, l_i = _summary_tiles(acc, m_i, l_i, q, sk_base, sv_base, logn_row, stride_lj, flag_row,
                                                    sync_ptr + 1, sel, w_hi + 1, nc, dims, dim_ok, stride_sj, qk_scale,
+                                                   cap2, SOFTCAP,
                                                    skd, svd, s_row, PRECISION, BLOCK_N, FUSED and not CHUNK_MAJOR,
                                                    FUSED, MAX_SPIN, HAS_TOPK, TMA)
 
@@ -773,7 +796,7 @@ def _selection(q, kbar, logn, c, nc, L, top_k, causal, scale, G, starts=None):
 
 def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, local_chunks=1, sinks=0, top_k=0,
                        launch: LaunchConfig | None = None, summary_weight=None, centroids=None, chunk_starts=None,
-                       rows_from: int = 0):
+                       rows_from: int = 0, softcap: float = 0.0):
     """Launch the fused forward. ``keep``: None or [B, n] bool key-padding flags (see
     :func:`key_padding`). Tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
     ``launch`` overrides the tile sizes of :func:`default_launch` (benchmarks sweep it).
@@ -786,7 +809,8 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
     a cache): the grid starts at the query block holding it, the rows before that block are zeros;
     with the pre-pass only (the fused launch's programs pool the summaries of their own chunks).
     Boundary chunks (``chunk_starts``): the grid starts at the first chunk that some sequence has
-    not wholly before ``rows_from``; the rows before it are zeros or computed.
+    not wholly before ``rows_from``; the rows before it are zeros or computed. ``softcap`` > 0:
+    every logit's product term soft-capped (the op's ``softcap``, docs/op.md), in every tile.
 
     The summaries come from a pre-pass (``_chunk_mean_kernel``), or, with ``launch.fused``
     (causal, no top-k, means), from the main launch itself (see ``_mta_fwd_kernel``)."""
@@ -879,7 +903,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         q, k, v, kbar, vbar, logn, sel, keyok if keyok is not None else logn, out, sync, *descs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *kbar.stride()[:3], *logn.stride()[:3],
         *sel.stride()[:3], *out.stride()[:3],
-        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, clusters, first,
+        n, nc, c, L, s, K, Hq, Hkv, G, scale * LOG2E, softcap * LOG2E, clusters, first,
         starts if starts is not None else sync, starts.stride(0) if starts is not None else 0,
         CAUSAL=bool(causal), HAS_KEYMASK=keep is not None,
         # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative accuracy)
@@ -887,7 +911,7 @@ def mta_forward_triton(q, k, v, keep, *, chunk_size, causal=False, scale=None, l
         HEAD_D=d, HAS_TOPK=K > 0, TOPK_PAD=max(1, _pow2(K)), FUSED=fused, MAX_SPIN=MAX_SPIN,
         ONE_LOOP=bool(cfg.one_loop), CHUNK_MAJOR=bool(cfg.chunk_major), TMA=bool(cfg.tma),
         WIDE=_wide(q, k, v, kbar if clusters else None),  # out has q's layout: it spans no more than q
-        CLUSTERED=clusters > 0, VARLEN=starts is not None,
+        CLUSTERED=clusters > 0, VARLEN=starts is not None, SOFTCAP=softcap > 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),

@@ -145,9 +145,8 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
 class Implementations(NamedTuple):
     """One device's implementations of the op's three forms: fixed chunks (q, k, v, attn_mask,
     **config), boundary chunks (q, k, v, attn_mask, segment_ids, **config) and clustered summaries
-    (q, k, v, attn_mask, chunk_size, scale, local_chunks, sinks, centroids[, softcap]). Every one
-    takes ``softcap``; the CUDA implementations are only given 0 (the Triton kernels have no
-    soft-cap: :func:`_forward` runs soft-capped calls on the portable ones, on the same device)."""
+    (q, k, v, attn_mask, chunk_size, scale, local_chunks, sinks, centroids); every one takes
+    ``softcap`` too."""
 
     fixed: Callable
     boundary: Callable
@@ -166,17 +165,13 @@ def _forward(impl: Implementations, q, k, v, attn_mask, summary_weight, segment_
              rows_from: int = 0, **config):
     """The op once its inputs are checked, by the device's implementations (``PORTABLE``, or the
     CUDA dispatch's). ``rows_from`` (``attention_autograd``'s): passed to the fixed- and
-    boundary-chunk implementations (which may compute every row). A soft-capped call runs the
-    portable implementations whatever the device (the Triton kernels have no soft-cap)."""
+    boundary-chunk implementations (which may compute every row)."""
     attn_mask, causal = simplify_mask(attn_mask, q.shape[0], q.shape[1], q.shape[2], causal)
-    softcap = config.pop("softcap", 0.0)
-    if softcap:
-        impl, config["softcap"] = PORTABLE, softcap
     if centroids is not None:
         check_clustered(centroids, q, k, attn_mask, causal, config["top_k"], summary_weight, segment_ids)
         return impl.clustered(q, k, v, attn_mask, chunk_size=config["chunk_size"], scale=config["scale"],
                               local_chunks=config["local_chunks"], sinks=config["sinks"], centroids=centroids,
-                              **({"softcap": softcap} if softcap else {}))
+                              softcap=config.get("softcap", 0.0))
     kwargs = dict(config, causal=causal, summary_weight=summary_weight)
     if rows_from:
         kwargs["rows_from"] = rows_from
@@ -262,7 +257,8 @@ def exact_soft_capped(q, k, v, attn_mask, causal: bool, scale, softcap: float):
         if mask is not None:
             allowed = (mask.allowed[:, :, lo:hi] if mask.per_query else mask.allowed)[..., :m]
             # [Bm, Hkv, G, r|1, m] per head, else [Bm, 1, 1, r|1, m]
-            ok = allowed.reshape(allowed.shape[0], Hkv, G, *allowed.shape[2:]) if mask.per_head else allowed.unsqueeze(2)
+            ok = allowed.reshape(allowed.shape[0], Hkv, G, *allowed.shape[2:]) if mask.per_head else \
+                allowed.unsqueeze(2)
             if mask.bias is not None:
                 bias = (mask.bias[:, :, lo:hi] if mask.per_query else mask.bias)[..., :m].reshape(ok.shape).to(cdt)
                 s = s + bias if grad else s.add_(bias)
@@ -324,7 +320,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
 def _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids=None, centroids=None):
     """(dq, dk, dv, dw) from the Triton backward (CUDA, where ``kernels.backward_cuda`` applies;
     dw for learned summaries), None where not needed; or None where it does not apply."""
-    if not q.is_cuda or config.get("softcap"):  # (no soft-cap in the kernels: the forward ran the portable path)
+    if not q.is_cuda or config.get("softcap"):  # (the Triton backward has no soft-cap: recomputed)
         return None
     from ..kernels import backward_cuda  # the Triton backward where it applies (kernels/__init__.py)
 
@@ -371,7 +367,8 @@ def _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centro
         return dq, dk, dv, None
     if segment_ids is None:
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
-    elif _unpadded_boundaries(not q.is_cuda or bool(config.get("softcap")), q, attn_mask, config["top_k"]):  # as the forward ran
+    elif _unpadded_boundaries(not q.is_cuda or bool(config.get("softcap")), q, attn_mask, config["top_k"]):
+        # as the forward ran (on CUDA a soft-capped call's gradients are recomputed unpadded, where that applies)
         dq, dk, dv, dw = _recomputed(
             lambda q, k, v, w: mta_attention_varlen(q, k, v, attn_mask, segment_ids, summary_weight=w, **config),
             (q, k, v, summary_weight), grad_out, needs)
