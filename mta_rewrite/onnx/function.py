@@ -55,40 +55,49 @@ mta_opset = Opset(DOMAIN, VERSION)
 
 @script(mta_opset, default_opset=op)
 def RecogniseMask(allowed):
-    """(keep, recognised, triangle) for the allowed flags [Bm, Hm, n, n] of a square mask with
-    n > 1: keep [Bm, 1, 1, n] are the first head's last row (the keys the triangle leaves to the
-    last query); recognised: every head allows exactly keep on every row (key padding) or the
-    causal triangle ∧ keep; triangle: the second form and not the first. Both forms allow key 0
-    to every query exactly when keep does, an O(n) test that turns other masks away before any
-    pass over n² flags (a sliding window's band fails it beyond the window's length). The
-    triangle is tried next (what decoders build): then the padding form holds only when no key
-    after the first is kept, an O(n) test; the padding form costs its own pass only when the
-    triangle fails."""
+    """(keep, recognised, triangle) for the allowed flags [Bm, Hm, nq, n] of a mask: keep
+    [Bm, 1, 1, n] are the first head's last row (the keys the triangle leaves to the last query);
+    recognised: the mask is square with n > 1 and every head allows exactly keep on every row
+    (key padding) or the causal triangle ∧ keep; triangle: the second form and not the first.
+    Both forms allow key 0 to every query exactly when keep does, an O(n) test that turns other
+    masks away before any pass over n² flags (a sliding window's band fails it beyond the
+    window's length). The triangle is tried next (what decoders build): then the padding form
+    holds only when no key after the first is kept, an O(n) test; the padding form costs its own
+    pass only when the triangle fails.
+
+    Its ``If`` nodes follow one another, none inside another's branch, and neither do the callers'
+    (``SimplifyMask``, ``SimplifyBoolMask``): onnxruntime (1.32) folds an ``If`` whose condition is
+    a constant (a model whose mask is, e.g. built from buffers at static shapes) by inlining its
+    branch, and failed to rename the values of an ``If`` inlined inside another's branch: a
+    segmentation fault at session creation, or "… is not If node's input or previous node output in
+    this subgraph" (``tests/onnx``: ``test_constant_masks_fold``)."""
     i0 = op.Constant(value_ints=[0])
     i1 = op.Constant(value_ints=[1])
     i3 = op.Constant(value_ints=[3])
+    false = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     NQ = op.Shape(allowed, start=2, end=3)
     NK = op.Shape(allowed, start=3, end=4)
+    square = op.Squeeze(op.And(op.Greater(NQ, i1), op.Equal(NQ, NK)), i0)
     keep = op.Slice(op.Slice(allowed, i0, i1, i1), op.Sub(NQ, i1), NQ, op.Constant(value_ints=[2]))  # [Bm, 1, 1, n]
-    first_key = op.Equal(op.Slice(allowed, i0, i1, i3), op.Slice(keep, i0, i1, i3))  # [Bm, Hm, n, 1]
-    if op.Cast(op.ReduceMin(op.Cast(first_key, to=onnx.TensorProto.UINT8), keepdims=0), to=onnx.TensorProto.BOOL):
+    first_key = op.Equal(op.Slice(allowed, i0, i1, i3), op.Slice(keep, i0, i1, i3))  # [Bm, Hm, nq, 1]
+    pre = op.And(square, op.Cast(op.ReduceMin(op.Cast(first_key, to=onnx.TensorProto.UINT8), keepdims=0),
+                                 to=onnx.TensorProto.BOOL))
+    if pre:
         ar_n = op.Range(op.Constant(value_int=0), op.Squeeze(NK, i0), op.Constant(value_int=1))
         below = op.LessOrEqual(op.Unsqueeze(ar_n, [0]), op.Unsqueeze(ar_n, [1]))  # key ≤ query
         tri_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, op.And(below, keep)), to=onnx.TensorProto.UINT8),
                                       keepdims=0), to=onnx.TensorProto.BOOL)
-        if tri_ok:
-            recognised = op.Identity(tri_ok)
-            later = op.Slice(keep, i1, NK, i3)
-            triangle = op.Cast(op.ReduceMax(op.Cast(later, to=onnx.TensorProto.UINT8), keepdims=0),
-                               to=onnx.TensorProto.BOOL)
-        else:
-            recognised = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
-                                 to=onnx.TensorProto.BOOL)
-            triangle = op.Identity(tri_ok)
+        later = op.Cast(op.ReduceMax(op.Cast(op.Slice(keep, i1, NK, i3), to=onnx.TensorProto.UINT8), keepdims=0),
+                        to=onnx.TensorProto.BOOL)  # a key after the first kept: not padding alone
     else:
-        recognised = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
-        triangle = op.Identity(recognised)
-    return keep, recognised, triangle
+        tri_ok = op.Identity(false)
+        later = op.Identity(false)
+    if op.And(pre, op.Not(tri_ok)):
+        pad_ok = op.Cast(op.ReduceMin(op.Cast(op.Equal(allowed, keep), to=onnx.TensorProto.UINT8), keepdims=0),
+                         to=onnx.TensorProto.BOOL)
+    else:
+        pad_ok = op.Identity(false)
+    return keep, op.Or(tri_ok, pad_ok), op.And(tri_ok, later)
 
 
 @script(mta_opset, default_opset=op)
@@ -106,34 +115,24 @@ def SimplifyMask(mask):
     key padding or the causal triangle ∧ key padding, in every head and with no bias, becomes its
     key padding [Bm, 1, 1, n] (0 / −inf), with triangle True for the second form; any other mask
     comes back as it is with its forbidden values (≤ −3.4e38) made −inf (``Forbidden``), with
-    False. ``ops.masks.simplify_mask`` in ONNX ops (the keep flags are
-    the first head's last row; reads the mask a few times, O(Bm·Hm·n²) booleans, none per query
-    head; the bias check only once the pattern matched)."""
+    False. ``ops.masks.simplify_mask`` in ONNX ops (the keep flags are the first head's last row;
+    reads the mask a few times, O(Bm·Hm·n²) booleans, none per query head; the bias check only
+    once the pattern matched). Its ``If`` nodes are not nested (``RecogniseMask`` says why)."""
     zero_f = op.Constant(value_float=0.0)
-    i0 = op.Constant(value_ints=[0])
-    i1 = op.Constant(value_ints=[1])
+    false = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
     mf = op.Cast(mask, to=FLOAT.dtype)
-    NQ = op.Shape(mf, start=2, end=3)
-    NK = op.Shape(mf, start=3, end=4)
-    if op.Squeeze(op.And(op.Greater(NQ, i1), op.Equal(NQ, NK)), i0):
-        allowed = op.Greater(mf, op.Constant(value_float=-3.4e38))
-        keep, recognised, triangle = RecogniseMask(allowed)
-        if recognised:
-            no_bias = op.Cast(op.ReduceMin(op.Cast(op.Or(op.Equal(mf, zero_f), op.Not(allowed)),
-                                                   to=onnx.TensorProto.UINT8), keepdims=0), to=onnx.TensorProto.BOOL)
-            if no_bias:
-                out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
-                found = op.Identity(triangle)
-            else:
-                out = Forbidden(mf, allowed)
-                found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
-        else:
-            out = Forbidden(mf, allowed)
-            found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+    allowed = op.Greater(mf, op.Constant(value_float=-3.4e38))
+    keep, recognised, triangle = RecogniseMask(allowed)
+    if recognised:
+        no_bias = op.Cast(op.ReduceMin(op.Cast(op.Or(op.Equal(mf, zero_f), op.Not(allowed)),
+                                               to=onnx.TensorProto.UINT8), keepdims=0), to=onnx.TensorProto.BOOL)
     else:
-        out = Forbidden(mf, op.Greater(mf, op.Constant(value_float=-3.4e38)))
-        found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
-    return out, found
+        no_bias = op.Identity(false)
+    if no_bias:
+        out = op.Where(keep, zero_f, op.Constant(value_float=float("-inf")))
+    else:
+        out = Forbidden(mf, allowed)
+    return out, op.And(no_bias, triangle)
 
 
 @script(mta_opset, default_opset=op)
@@ -145,22 +144,12 @@ def SimplifyBoolMask(allowed):
     (``export.share_mask_preparation``)."""
     zero_f = op.Constant(value_float=0.0)
     neg_inf = op.Constant(value_float=float("-inf"))
-    i0 = op.Constant(value_ints=[0])
-    i1 = op.Constant(value_ints=[1])
-    NQ = op.Shape(allowed, start=2, end=3)
-    NK = op.Shape(allowed, start=3, end=4)
-    if op.Squeeze(op.And(op.Greater(NQ, i1), op.Equal(NQ, NK)), i0):
-        keep, recognised, triangle = RecogniseMask(allowed)
-        if recognised:
-            out = op.Where(keep, zero_f, neg_inf)
-            found = op.Identity(triangle)
-        else:
-            out = op.Where(allowed, zero_f, neg_inf)
-            found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
+    keep, recognised, triangle = RecogniseMask(allowed)
+    if recognised:
+        out = op.Where(keep, zero_f, neg_inf)
     else:
         out = op.Where(allowed, zero_f, neg_inf)
-        found = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.BOOL)
-    return out, found
+    return out, triangle
 
 
 @script(mta_opset, default_opset=op)

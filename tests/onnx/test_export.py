@@ -670,6 +670,50 @@ def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
     assert_runs_like(onnx_session(tmp_path / "m.onnx"), case, rewritten)
 
 
+class _ConstantMaskSite(torch.nn.Module):
+    """A site whose mask is a buffer: at static shapes every recognition test on it is a constant."""
+
+    def __init__(self, mask, **config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("mask", mask)
+
+    def forward(self, q, k, v):
+        return torch.ops.mta.attention(q, k, v, self.mask, **self.config)
+
+
+@pytest.mark.parametrize("kind", ["bias_per_head", "padding_4d_min", "causal_padding_4d_min", "causal_padding_4d_bool"])
+def test_constant_masks_fold(kind, tmp_path):
+    """A mask the exported graph computes from constants (buffers, static shapes: Swin's relative
+    position bias and shifted-window masks) makes every ``If`` of the mask recognition foldable;
+    onnxruntime (1.32) inlines such an ``If``'s branch at session creation and crashed (a
+    segmentation fault, from the survey's Swin on) when one sat inside another's branch. The
+    recognitions' ``If`` nodes are now sequential: the session is created with every
+    optimisation and gives the op's output, for each verdict (a bias: not recognised; padding; the
+    triangle ∧ padding, float and bool)."""
+    from tests.ops.test_attention import make_mask
+
+    B, Hq, Hkv, n, d = 2, 4, 2, 13, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    mask = {"bias_per_head": torch.randn(1, Hq, n, n, generator=g),
+            "padding_4d_min": make_mask("key_padding_4d_materialised", B, Hq, n),
+            "causal_padding_4d_min": make_mask("causal_padding_4d_min", B, Hq, n),
+            "causal_padding_4d_bool": make_mask("causal_padding_4d_bool", B, Hq, n)}[kind]
+    mask = mask if mask.dtype == torch.bool else mask.float()
+    if kind == "padding_4d_min":
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    module = _ConstantMaskSite(mask, chunk_size=4, local_chunks=1, sinks=2, top_k=1)
+    path = tmp_path / "constant.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(module, (q, k, v), path, dynamic=False)
+    session = onnx_session(path)  # (every graph optimisation: onnxruntime's default)
+    got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v))})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(q, k, v).numpy(), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias"])
 def test_soft_capped_function_equals_the_op(mask_kind, tmp_path):
     """Soft-capped sites (the op's ``softcap``, the functions' attribute, ``CapScores``) against the
