@@ -105,7 +105,6 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
     (``attention_autograd``'s). ``softcap``: the site's tanh soft-cap (Gemma-2), the op's."""
     if config is None:
         return original
-    capped = {"softcap": softcap} if softcap else {}
     dtype = original.dtype if original is not None else dtype
     if sink_logits is not None:
         scale = q.shape[-1] ** -0.5 if scale is None else scale  # q's own 1/√d, before q grows a dimension
@@ -119,15 +118,15 @@ def site_output(config, original, q, k, v, mask, causal, scale, dtype: torch.dty
         config, weight = config.config, config.tensor(q.device)
     if isinstance(config, Clustered):
         return torch.ops.mta.attention(q, k, v, mask, None, None, config.tensor(q.device), causal=causal, scale=scale,
-                                       **config.config.op_kwargs(), **capped).to(dtype)
+                                       softcap=softcap, **config.config.op_kwargs()).to(dtype)
     attend = attention_autograd if autograd else torch.ops.mta.attention
     if rows_from:
         attend = functools.partial(attention_autograd, rows_from=rows_from)
     if isinstance(config, HeadGroups):
         return grouped_attention(q, k, v, mask, config.op_groups(), causal, scale, weight, segment_ids,
                                  attend, softcap).to(dtype)
-    return attend(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale, **config.op_kwargs(),
-                  **capped).to(dtype)
+    return attend(q, k, v, mask, weight, segment_ids, causal=causal, scale=scale, softcap=softcap,
+                  **config.op_kwargs()).to(dtype)
 
 
 def exact_output(q, k, v, mask, causal, scale, dtype: torch.dtype, sink_logits=None,

@@ -23,7 +23,8 @@ Gradients for a CUDA call (``backward_cuda``): no mask or a key-padding mask, fp
 than one chunk, tensors under 2^31 elements, no soft-cap → the Triton backward (``mta_bwd.py``; mean, learned
 and clustered summaries; boundary chunks read where they lie, as in the forward); otherwise the op's
 backward recomputes the forward with the portable implementation under autograd, on the same
-device (no transfer to the CPU), boundary chunks in padded slots.
+device (no transfer to the CPU), boundary chunks unpadded where ``ops/varlen.py`` takes the mask
+(no mask or key padding, no top-k), else in padded slots.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ no top-k (``varlen.py``, differentiated by recomputation), and on CUDA for no ma
 on the Triton forward reading each chunk where it lies (``kernels.dispatch_cuda_boundary``);
 otherwise they move the tokens into padded chunk slots (``segments.py``) and run every path above
 there. Their gradients on CUDA come from the Triton backward reading the chunks where they lie
-(no mask or key padding), else are computed in the slots (the portable
-recomputation): the same function as the unpadded forward. Clustered summaries (``centroids``,
+(no mask or key padding, no soft-cap); otherwise, on every device, from the portable
+recomputation: unpadded where ``varlen.py`` takes the mask and options, else in the slots (the
+same function as the unpadded forward). Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
 Triton kernels (``kernels/clusters.py``); their gradients come from the Triton backward where the
 forward ran the kernels, else from recomputation with the portable implementation.
@@ -278,17 +279,17 @@ def exact_soft_capped(q, k, v, attn_mask, causal: bool, scale, softcap: float):
     return in_layout_of(q, out.reshape(B, Hq, n, d).to(q.dtype))
 
 
-def _unpadded_boundaries(portable: bool, q, attn_mask, top_k) -> bool:
-    """Whether boundary chunks run without padding slots (``varlen.py``): on the portable path
-    (not the CUDA kernels), for the masks and options it takes."""
-    return portable and takes(attn_mask, *q.shape[:3], top_k)
+def _unpadded_boundaries(q, attn_mask, top_k) -> bool:
+    """Whether the portable implementation runs boundary chunks without padding slots
+    (``varlen.py``): for the masks and options it takes."""
+    return takes(attn_mask, *q.shape[:3], top_k)
 
 
 def portable_boundary(q, k, v, attn_mask, segment_ids, rows_from: int = 0, **config):
     """Boundary chunks off the CUDA kernels: without padding (``varlen.py``) where it applies,
     its query blocks wholly before ``rows_from`` not computed, else the fixed-chunk
     implementation in padded chunk slots (``segments.py``: every row)."""
-    if _unpadded_boundaries(True, q, attn_mask, config["top_k"]):
+    if _unpadded_boundaries(q, attn_mask, config["top_k"]):
         return mta_attention_varlen(q, k, v, attn_mask, segment_ids, rows_from=rows_from, **config)
     return in_layout_of(q, segmented(portable_fixed, q, k, v, attn_mask, segment_ids, **config))
 
@@ -367,13 +368,12 @@ def _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centro
         return dq, dk, dv, None
     if segment_ids is None:
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
-    elif _unpadded_boundaries(not q.is_cuda or bool(config.get("softcap")), q, attn_mask, config["top_k"]):
-        # as the forward ran (on CUDA a soft-capped call's gradients are recomputed unpadded, where that applies)
+    elif (grads := _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids)):
+        dq, dk, dv, dw = grads  # CUDA: the Triton backward reading the chunks where they lie, as the forward
+    elif _unpadded_boundaries(q, attn_mask, config["top_k"]):  # recomputed unpadded where the portable path is
         dq, dk, dv, dw = _recomputed(
             lambda q, k, v, w: mta_attention_varlen(q, k, v, attn_mask, segment_ids, summary_weight=w, **config),
             (q, k, v, summary_weight), grad_out, needs)
-    elif (grads := _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids)):
-        dq, dk, dv, dw = grads  # CUDA: the Triton backward reading the chunks where they lie, as the forward
     else:  # the fixed-chunk gradients in the slots, moved back (a slot's padding has none)
         lay = segment_layout(segment_ids, q.shape[0], config["chunk_size"], config["sinks"])
         mask = slot_mask(attn_mask, lay, q.shape[0], q.shape[1], q.shape[2])
