@@ -33,6 +33,7 @@ from ..passes.lower import EXACT_CHUNK
 from ..calls import example_call
 from ..capture import _first_line, capture
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
+from .complex import complex_as_pairs
 from .function import (
     CLUSTERED_OP_TYPE,
     DOMAIN,
@@ -247,7 +248,7 @@ def export_onnx(
         model = capture(model, args, kwargs, dynamic=dynamic)
     import warnings
 
-    with warnings.catch_warnings(), keep_small_constants(), contiguous_as_copies(model):
+    with warnings.catch_warnings(), keep_small_constants(), contiguous_as_copies(model), complex_as_pairs(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
