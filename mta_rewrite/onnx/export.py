@@ -297,7 +297,7 @@ def exporter_failure(exc: BaseException) -> str:
     if missing:
         op, why = missing.groups()
         reason = f"it has no ONNX translation for the operator {op}"
-        if why and "real-valued" not in why:  # (complex-valued inputs: Llama-4's rotary positions)
+        if why and "real-valued" not in why:  # (said of every operator; "complex-valued" is worth saying)
             reason += f" ({why.strip().rstrip('.')})"
     elif failed:
         op = failed.group(1)
