@@ -562,6 +562,9 @@ def survey_cases() -> list[ZooCase]:
     tokens, pixels = (lambda n: _token_inputs(n)), (lambda n: ((), {"pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(2))}))
     decoder = dict(vocab_size=100, num_hidden_layers=2, max_position_embeddings=256, **small)
     eager = ("eager",)
+    experts = dict(n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, first_k_dense_replace=1)
+    grouped = dict(n_group=1, topk_group=1)
+    mamba = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1)
 
     def audio(n):  # raw samples: 20 per frame after the two convolutions
         return (), {"input_values": torch.randn(2, 100 * n, generator=_gen(3))}
@@ -625,6 +628,44 @@ def survey_cases() -> list[ZooCase]:
                  tokens, 2, 2),
         "ministral": (lambda t: t.MinistralConfig(num_key_value_heads=2, head_dim=8, sliding_window=16, pad_token_id=0,
                                                   **decoder), "MinistralModel", tokens, 2, 2),
+        "ernie4.5": (lambda t: t.Ernie4_5Config(num_key_value_heads=2, head_dim=8, **decoder), "Ernie4_5Model",
+                     tokens, 2, 2),
+        "hunyuan-dense": (lambda t: t.HunYuanDenseV1Config(num_key_value_heads=2, head_dim=8, **decoder),
+                          "HunYuanDenseV1Model", tokens, 2, 2),
+        "arcee": (lambda t: t.ArceeConfig(num_key_value_heads=2, **decoder), "ArceeModel", tokens, 2, 2),
+        "doge": (lambda t: t.DogeConfig(num_key_value_heads=2, **decoder), "DogeModel", tokens, 2, 2),
+        "deepseek-v2": (lambda t: t.DeepseekV2Config(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                                                     qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                                                     **experts, **grouped, **decoder), "DeepseekV2Model", tokens, 2, 2),
+        "glm4-moe": (lambda t: t.Glm4MoeConfig(num_key_value_heads=2, head_dim=8, **experts, **grouped, **decoder),
+                     "Glm4MoeModel", tokens, 2, 2),
+        "jetmoe": (lambda t: t.JetMoeConfig(num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+                                            kv_channels=8, vocab_size=100, num_hidden_layers=2,
+                                            max_position_embeddings=256, hidden_size=32), "JetMoeModel", tokens, 2, 2),
+        # hybrids: attention layers among state-space (Mamba-2), convolution or linear-attention layers
+        "bamba": (lambda t: t.BambaConfig(num_key_value_heads=2, attn_layer_indices=[1], **mamba, **decoder),
+                  "BambaModel", tokens, 1, 1),
+        "falcon-h1": (lambda t: t.FalconH1Config(num_key_value_heads=2, head_dim=8, mamba_d_ssm=64, **mamba, **decoder),
+                      "FalconH1Model", tokens, 2, 2),  # (attention and Mamba side by side in every layer)
+        "nemotron-h": (lambda t: t.NemotronHConfig(num_key_value_heads=2, head_dim=8, hybrid_override_pattern="M*",
+                                                   mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=4, n_groups=1,
+                                                   **decoder), "NemotronHModel", tokens, 1, 1),
+        "granite-moe-hybrid": (lambda t: t.GraniteMoeHybridConfig(num_key_value_heads=2, num_local_experts=2,
+                                                                  num_experts_per_tok=1,
+                                                                  layer_types=["mamba", "attention"], **mamba,
+                                                                  **decoder), "GraniteMoeHybridModel", tokens, 1, 1),
+        "lfm2": (lambda t: t.Lfm2Config(num_key_value_heads=2, layer_types=["conv", "full_attention"], **decoder),
+                 "Lfm2Model", tokens, 1, 1),
+        "qwen3-next": (lambda t: t.Qwen3NextConfig(num_key_value_heads=2, head_dim=8, num_experts=2,
+                                                   num_experts_per_tok=1, moe_intermediate_size=32,
+                                                   shared_expert_intermediate_size=32, linear_num_value_heads=4,
+                                                   linear_num_key_heads=2, linear_key_head_dim=8,
+                                                   linear_value_head_dim=8,
+                                                   layer_types=["linear_attention", "full_attention"], **decoder),
+                       "Qwen3NextModel", tokens, 1, 1),
+        "minimax": (lambda t: t.MiniMaxConfig(num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                              num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"],
+                                              **decoder), "MiniMaxModel", tokens, 1, 1),
         # Qwen2.5-VL's language model: multimodal rotary positions (3 sections), text-only inputs here
         "qwen2.5-vl-text": (lambda t: t.Qwen2_5_VLTextConfig(num_key_value_heads=2, rope_scaling={
             "type": "mrope", "mrope_section": [1, 1, 2]}, **decoder), "Qwen2_5_VLTextModel", tokens, 2, 2),
