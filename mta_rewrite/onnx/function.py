@@ -234,14 +234,13 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     S = op.Min(op.Reshape(op.Constant(value_int=sinks), i1), N)
     K = op.Min(op.Reshape(op.Constant(value_int=top_k), i1), nc)
     pads = op.Concat(i0, i0, i0, i0, i0, i0, padn, i0, axis=0)
-    # grouped-query attention: every query head gets its key/value head (padded first: one copy)
-    k4 = op.Reshape(op.Expand(op.Unsqueeze(op.Pad(kf, pads), [2]), op.Concat(B, Hkv, G, npad, D, axis=0)),
-                    op.Concat(B, H, npad, D, axis=0))
-    v4 = op.Reshape(op.Expand(op.Unsqueeze(op.Pad(vf, pads), [2]), op.Concat(B, Hkv, G, npad, D, axis=0)),
-                    op.Concat(B, H, npad, D, axis=0))
+    # grouped-query attention: k and v stay at their Hkv heads; what reads them per query head
+    # (summaries, gathered exact chunks, sinks) takes query head h = hkv·G + g from head hkv
+    kp = op.Pad(kf, pads)  # [B, Hkv, npad, d]
+    vp = op.Pad(vf, pads)
     qc = op.Reshape(op.Pad(qf, pads), op.Concat(B, H, nc, c, D, axis=0))
-    kc = op.Reshape(k4, op.Concat(B, H, nc, c, D, axis=0))
-    vc = op.Reshape(v4, op.Concat(B, H, nc, c, D, axis=0))
+    kc = op.Reshape(kp, op.Concat(B, Hkv, nc, c, D, axis=0))
+    vc = op.Reshape(vp, op.Concat(B, Hkv, nc, c, D, axis=0))
 
     # positions
     npad_s = op.Squeeze(npad, i0)
@@ -299,8 +298,10 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     lw_max = op.ReduceMax(lw, im1, keepdims=1)
     ew = op.Exp(op.Sub(lw, op.Where(op.Equal(lw_max, neg_inf), zero_f, lw_max)))
     aw = op.Div(ew, op.Max(op.ReduceSum(ew, im1, keepdims=1), op.Constant(value_float=1e-30)))
-    kbar = op.Einsum(aw, kc, equation="bhijc,bhjcd->bhijd")  # [B, H, Iq, nc, d]
-    vbar = op.Einsum(aw, vc, equation="bhijc,bhjcd->bhijd")
+    aw = op.Reshape(aw, op.Concat(B, Hkv, G, op.Shape(aw, start=2), axis=0))  # [B, Hkv, G, Iq, nc, c]
+    bar_shape = op.Concat(B, H, op.Shape(aw, start=3, end=5), D, axis=0)
+    kbar = op.Reshape(op.Einsum(aw, kc, equation="bhgijc,bhjcd->bhgijd"), bar_shape)  # [B, H, Iq, nc, d]
+    vbar = op.Reshape(op.Einsum(aw, vc, equation="bhgijc,bhjcd->bhgijd"), bar_shape)
 
     # ---- which chunks each query chunk summarises, and which it attends exactly -------------
     L_s = op.Squeeze(L, i0)
@@ -342,7 +343,7 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     kpos = op.Reshape(op.Add(op.Unsqueeze(op.Mul(exact_idx, c_s), [4]), ar_c), op.Concat(B, H, nc, op.Mul(Ke, c), axis=0))
     kvalid = op.And(op.Reshape(op.Expand(op.Unsqueeze(op.GreaterOrEqual(exact, s0), [4]), op.Concat(B, H, nc, Ke, c, axis=0)),
                                op.Concat(B, H, nc, op.Mul(Ke, c), axis=0)), op.Less(kpos, N_s))
-    gidx = op.Unsqueeze(exact_idx, [4])
+    gidx = op.Reshape(exact_idx, op.Concat(B, Hkv, G, nc, Ke, i1, axis=0))  # each query head's chunks at its k/v head
     kg = op.Reshape(op.GatherND(kc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(Ke, c), D, axis=0))
     vg = op.Reshape(op.GatherND(vc, gidx, batch_dims=2), op.Concat(B, H, nc, op.Mul(Ke, c), D, axis=0))
 
@@ -378,8 +379,13 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     future = op.And(is_causal, op.Greater(op.Unsqueeze(sink_chunk, [0]), ii))  # [nc, S]
     sink_ok = op.Unsqueeze(op.And(op.Not(dup), op.Not(future)), [3])
     s_mask = op.Slice(mrow, i0, S, op.Constant(value_ints=[4]))  # [B, Hm, nc, cq, S]
-    ks = op.Slice(k4, i0, S, op.Constant(value_ints=[2]))  # [B, H, S, d]
-    vs = op.Unsqueeze(op.Slice(v4, i0, S, op.Constant(value_ints=[2])), [2])  # [B, H, 1, S, d]
+    # the sinks' rows per query head (a copy of S rows; allowzero: S may be 0, which Reshape would
+    # otherwise read as "keep the input's dimension")
+    sinks_wide, sinks_shape = op.Concat(B, Hkv, G, S, D, axis=0), op.Concat(B, H, S, D, axis=0)
+    ks = op.Reshape(op.Expand(op.Unsqueeze(op.Slice(kp, i0, S, op.Constant(value_ints=[2])), [2]), sinks_wide),
+                    sinks_shape, allowzero=1)  # [B, H, S, d]
+    vs = op.Unsqueeze(op.Reshape(op.Expand(op.Unsqueeze(op.Slice(vp, i0, S, op.Constant(value_ints=[2])), [2]),
+                                           sinks_wide), sinks_shape, allowzero=1), [2])  # [B, H, 1, S, d]
     ls = op.Add(CapScores(op.Mul(op.MatMul(qc, op.Unsqueeze(op.Transpose(ks, perm=[0, 1, 3, 2]), [2])), scale_t),
                           softcap=softcap),
                 op.Add(s_mask, op.Where(sink_ok, zero_f, neg_inf)))
