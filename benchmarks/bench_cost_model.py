@@ -16,6 +16,13 @@ Shapes (fp32): MiniLM's layer (12 heads, d = 32), with and without key padding; 
 heads, d = 64, causal); TinyCausalLM's (8 heads, d = 32, causal); batch 2 with 4:1 GQA (8 / 2,
 d = 64, causal); 4 heads of d = 128.
 
+``--softcap`` times soft-capped sites instead (``SOFTCAP_SHAPES``: Gemma-2-2B's layer, 8 / 4 heads of
+d = 256, causal, cap 50; 8 heads of d = 64, non-causal, cap 30), each configuration capped and not,
+exact attention as a rewritten program runs it at such a site (the op with one chunk, capped) and
+not (SDPA), and fits the two soft-cap constants of ``TimeModel`` (ms per million capped logits,
+exact and MTA) to the differences capped − not capped, the other constants ``CPU``'s; it reports
+the model with and without them against the capped timings.
+
 Writes benchmarks/results/cost_model_<date>[_<tag>].{json,md} (and with --fit the model's JSON).
 """
 
@@ -47,6 +54,8 @@ SHAPES = {  # name: (batch, query heads, key/value heads, head dim, causal, key 
     "d128": (1, 4, 4, 128, False, False),
 }
 CONFIGS = [MTAConfig(c, L, s, k) for c in (16, 64, 256) for L in (1, 2) for s in (0, 4) for k in (0, 1, 4)]
+# soft-capped sites: name → (batch, query heads, key/value heads, head dim, causal, cap)
+SOFTCAP_SHAPES = {"gemma2_capped": (1, 8, 4, 256, True, 50.0), "capped_d64": (1, 8, 8, 64, False, 30.0)}
 
 
 def _rows(args) -> list[dict]:
@@ -74,6 +83,55 @@ def _rows(args) -> list[dict]:
                                  "exact_ms": best["exact"], "mta_ms": best[str(cfg)]})
                 print(f"{shape} n={n}: exact {best['exact']:.2f} ms, {len(configs)} configurations", flush=True)
     return rows
+
+
+def _softcap_rows(args) -> list[dict]:
+    """Each soft-capped shape, length and configuration timed capped and not (one alternating
+    round set): exact attention as a rewritten program runs it (capped: the op with one chunk;
+    not: SDPA) and the op."""
+    from mta_rewrite.passes.lower import EXACT_CHUNK
+
+    rows = []
+    with torch.no_grad():
+        for shape, (B, Hq, Hkv, d, causal, cap) in SOFTCAP_SHAPES.items():
+            for n in args.n:
+                g = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+                runs = {"exact": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                       enable_gqa=Hq != Hkv),
+                        "exact capped": lambda: torch.ops.mta.attention(q, k, v, None, chunk_size=EXACT_CHUNK,
+                                                                        causal=causal, softcap=cap)}
+                configs = [cfg for cfg in CONFIGS if cfg.chunk_size < n]
+                for cfg in configs:
+                    for capped in (0.0, cap):
+                        runs[f"{cfg} {capped}"] = lambda cfg=cfg, capped=capped: torch.ops.mta.attention(
+                            q, k, v, None, causal=causal, softcap=capped, **cfg.op_kwargs())
+                best = best_alternating_ms(runs, args.repeats)
+                for cfg in configs:
+                    rows.append({"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d,
+                                 "causal": causal, "padded": False, "n": n, "config": cfg.to_dict(), "softcap": True,
+                                 "exact_ms": best["exact capped"], "mta_ms": best[f"{cfg} {cap}"],
+                                 "uncapped_exact_ms": best["exact"], "uncapped_mta_ms": best[f"{cfg} 0.0"]})
+                print(f"{shape} n={n}: exact {best['exact']:.1f} ms, capped {best['exact capped']:.1f} ms", flush=True)
+    return rows
+
+
+def fit_softcap(rows: list[dict], base: TimeModel) -> TimeModel:
+    """``base`` with the soft-cap constants fitted to the rows' capped − uncapped times (least
+    squares in the capped time's relative error): ms per million logits, exact and MTA."""
+    def per_mlogit(extra, logits, total):
+        x, y, w = np.array(logits) / 1e6, np.array(extra), 1 / np.array(total) ** 2
+        return max(float((w * x * y).sum() / (w * x * x).sum()), 0.0)
+
+    exact = {(r["shape"], r["n"]): r for r in rows}.values()
+    e = per_mlogit([r["exact_ms"] - r["uncapped_exact_ms"] for r in exact],
+                   [r["batch"] * r["heads"] * exact_flops(r["n"], r["head_dim"], r["causal"]) / (4 * r["head_dim"])
+                    for r in exact], [r["exact_ms"] for r in exact])
+    m = per_mlogit([r["mta_ms"] - r["uncapped_mta_ms"] for r in rows],
+                   [mta_work(_config(r), r["n"], r["head_dim"], r["causal"], **_shape(r))[0] / (4 * r["head_dim"])
+                    for r in rows], [r["mta_ms"] for r in rows])
+    return dataclasses.replace(base, machine=base.machine + "; soft-cap constants fitted here",
+                               exact_softcap_ms_per_mlogit=round(e, 4), mta_softcap_ms_per_mlogit=round(m, 4))
 
 
 def _config(row) -> MTAConfig:
@@ -120,7 +178,9 @@ def agreement(rows: list[dict], model: TimeModel) -> tuple[list[str], dict]:
         groups.setdefault((r["shape"], r["n"]), []).append(r)
     for (shape, n), rs in groups.items():
         measured = [r["mta_ms"] / r["exact_ms"] for r in rs]
-        modelled = [relative_cost(_config(r), n, r["head_dim"], r["causal"], model=model, **_shape(r)) for r in rs]
+        modelled = [relative_cost(_config(r), n, r["head_dim"], r["causal"], model=model,
+                                  softcap=r.get("softcap", False),
+                                  **_shape(r)) for r in rs]
         ratio = [m / x for m, x in zip(modelled, measured)]
         ratios += ratio
         agree += sum((m < 1) == (x < 1) for m, x in zip(modelled, measured))
@@ -137,17 +197,26 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fit", action="store_true", help="fit a TimeModel to these timings and report it too")
+    ap.add_argument("--softcap", action="store_true", help="soft-capped sites: fit the soft-cap constants (above)")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    rows = _rows(args)
+    rows = _softcap_rows(args) if args.softcap else _rows(args)
     models = {"calibration.cost.CPU": CPU}
-    if args.fit:
+    if args.softcap:
+        models["CPU without soft-cap terms"] = dataclasses.replace(CPU, exact_softcap_ms_per_mlogit=0.0,
+                                                                   mta_softcap_ms_per_mlogit=0.0)
+        if args.fit:
+            models["fitted here"] = fit_softcap(rows, CPU)
+            print(models["fitted here"])
+    elif args.fit:
         models["fitted here"] = fit(rows, machine)
         print(models["fitted here"])
     stamp = dt.date.today().isoformat()
-    text = [f"{stamp}, {machine}. Exact attention (SDPA) and the op timed on the same inputs (fp32, ms, best of "
+    what = ("Soft-capped sites: exact attention (the op with one chunk, capped) and the op (capped)" if args.softcap
+            else "Exact attention (SDPA) and the op")
+    text = [f"{stamp}, {machine}. {what} timed on the same inputs (fp32, ms, best of "
             f"{args.repeats} alternating) at {len(CONFIGS)} configurations (c ∈ 16, 64, 256 below n; L ∈ 1, 2; "
             "sinks ∈ 0, 4; top_k ∈ 0, 1, 4); 'wins': configurations whose MTA / exact ratio is below 1, "
             "measured and modelled; modelled / measured ratio: its range over the configurations."]

@@ -25,6 +25,9 @@ Time (:class:`TimeModel`) is linear in that work, plus a fixed cost per call:
 
     exact ms = a·GFLOP + e                 MTA ms = b·GFLOP + m·GB(key sets) + t·M(selection) + o
 
+and, at a site that soft-caps its logits (Gemma-2), a cost per computed logit (flops / 4d of them):
++ x·M(logits) exact (the op's blocked exact path: SDPA cannot cap), + y·M(logits) MTA.
+
 with constants fitted by least squares (relative error) to the op and to
 ``scaled_dot_product_attention`` timed on this project's CPU box at 1224 shapes, lengths and
 configurations (``CPU``; ``benchmarks/bench_cost_model.py --fit`` fits and writes them for another
@@ -108,18 +111,26 @@ class TimeModel:
     mta_ms_per_gb: float
     mta_ms_per_mselect: float
     mta_call_ms: float
+    # soft-capped logits (Gemma-2): what each computed logit adds, exact and MTA (0: models fitted
+    # before 2026-12-05, whose JSON files lack them, cost a cap nothing)
+    exact_softcap_ms_per_mlogit: float = 0.0
+    mta_softcap_ms_per_mlogit: float = 0.0
 
-    def exact_ms(self, n: int, d: int, causal: bool, *, heads: int = 1, batch: int = 1) -> float:
-        return batch * heads * exact_flops(n, d, causal) / 1e9 * self.exact_ms_per_gflop + self.exact_call_ms
+    def exact_ms(self, n: int, d: int, causal: bool, *, heads: int = 1, batch: int = 1, softcap: bool = False) -> float:
+        flops = batch * heads * exact_flops(n, d, causal)
+        capped = flops / (4 * d) / 1e6 * self.exact_softcap_ms_per_mlogit if softcap else 0.0
+        return flops / 1e9 * self.exact_ms_per_gflop + self.exact_call_ms + capped
 
-    def mta_ms(self, config: MTAConfig, n: int, d: int, causal: bool, **shape) -> float:
-        """The op's modelled time; ``shape``: :func:`mta_work`'s keywords."""
+    def mta_ms(self, config: MTAConfig, n: int, d: int, causal: bool, softcap: bool = False, **shape) -> float:
+        """The op's modelled time; ``shape``: :func:`mta_work`'s keywords; ``softcap``: the site
+        caps its logits (about flops / 4d of them: the summary pass's few flops counted too)."""
         flops, bytes_, select = mta_work(config, n, d, causal, **shape)
+        capped = flops / (4 * d) / 1e6 * self.mta_softcap_ms_per_mlogit if softcap else 0.0
         return (flops / 1e9 * self.mta_ms_per_gflop + bytes_ / 1e9 * self.mta_ms_per_gb
-                + select / 1e6 * self.mta_ms_per_mselect + self.mta_call_ms)
+                + select / 1e6 * self.mta_ms_per_mselect + self.mta_call_ms + capped)
 
     def grouped_ms(self, groups, n: int, d: int, causal: bool, *, heads: int, kv_heads: int | None = None,
-                   batch: int = 1, layout=None) -> float:
+                   batch: int = 1, layout=None, softcap: bool = False) -> float:
         """A site computed per group of query heads (``HeadGroups.groups``: (config or None for
         exact, head indices)), as ``passes.lower.grouped_attention`` runs it: one call per group
         on its heads' q, k and v (copied out), and the outputs put back in head order.
@@ -129,9 +140,9 @@ class TimeModel:
         for cfg, hs in groups:
             kv = len({h // per_kv for h in hs})
             if cfg is None:
-                total += self.exact_ms(n, d, causal, heads=len(hs), batch=batch)
+                total += self.exact_ms(n, d, causal, heads=len(hs), batch=batch, softcap=softcap)
             else:
-                total += self.mta_ms(cfg, n, d, causal, heads=len(hs), kv_heads=kv, batch=batch,
+                total += self.mta_ms(cfg, n, d, causal, heads=len(hs), kv_heads=kv, batch=batch, softcap=softcap,
                                      **((layout(cfg) if layout else None) or {}))
             # its heads of q, k and v selected out, its output concatenated and put back in head
             # order: (hs + 2·kv + 2·hs)·n·d elements, each read and written
@@ -144,9 +155,14 @@ class TimeModel:
 # benchmarks/results/cost_model_2026-12-03_fit.md): over its 1224 timings (6 shapes, 256–8192
 # tokens, 36 configurations) the modelled ratio MTA / exact is 0.77–1.33× the measured one for
 # 80% of them (median 1.01), and on the same side of 1 (MTA faster or not) for 96%.
+# The soft-cap constants (``bench_cost_model.py --softcap --fit``, cost_model_2026-12-05_softcap.md:
+# Gemma-2-2B's layer and 8 heads of d = 64, 1024–4096 tokens, 216 timings, capped − uncapped): an
+# exact capped site runs the op's blocked path, not SDPA; with them the modelled / measured ratio on
+# capped sites has median 0.92 (p10–p90 0.65–1.30), without 1.22 (0.86–2.09).
 CPU = TimeModel(machine="Intel(R) Xeon(R) Processor, 2 threads, torch 2.13.0+cpu",
                 exact_ms_per_gflop=3.762, exact_call_ms=0.242,
-                mta_ms_per_gflop=5.185, mta_ms_per_gb=73.8, mta_ms_per_mselect=15.395, mta_call_ms=0.971)
+                mta_ms_per_gflop=5.185, mta_ms_per_gb=73.8, mta_ms_per_mselect=15.395, mta_call_ms=0.971,
+                exact_softcap_ms_per_mlogit=1.891, mta_softcap_ms_per_mlogit=1.869)
 
 # The work alone, no per-call costs: flops at 100 GFLOP/s and key-set bytes at 5 GB/s (the ratio
 # the previous roofline model used), what the costs tend to at long sequences. For searches
@@ -186,19 +202,21 @@ def load_time_model(spec: str) -> TimeModel:
 def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, *, heads: int = 1,
                   kv_heads: int | None = None, batch: int = 1, exact_fraction: float = 0.0,
                   padded_n: int | None = None, clusters: int | None = None,
-                  block_columns: tuple[float, float] | None = None, model: TimeModel = CPU) -> float:
+                  block_columns: tuple[float, float] | None = None, model: TimeModel = CPU,
+                  softcap: bool = False) -> float:
     """Modelled time of ``config`` (None: exact) relative to exact attention at length n over
     ``batch`` sequences and ``heads`` query / ``kv_heads`` key-value heads; with ``exact_fraction``
     of the summarised blocks attended exactly (see the module docstring). ``block_columns`` =
     (columns per query, key-set rows) where the op runs in query blocks; boundary chunks
     otherwise: ``padded_n``, the padded length of their chunk slots
     (``ops.segments.padded_length``), at which the fixed-chunk op runs them. ``clusters``:
-    clustered summaries, K of them per query, plus scoring every key against the K centroids."""
+    clustered summaries, K of them per query, plus scoring every key against the K centroids.
+    ``softcap``: the site soft-caps its logits (Gemma-2), in both."""
     if config is None:
         return 1.0
     mta = model.mta_ms(config, n, d, causal, heads=heads, kv_heads=kv_heads, batch=batch, exact_fraction=exact_fraction,
-                       clusters=clusters, block_columns=block_columns, padded_n=padded_n)
-    return mta / model.exact_ms(n, d, causal, heads=heads, batch=batch)
+                       clusters=clusters, block_columns=block_columns, padded_n=padded_n, softcap=softcap)
+    return mta / model.exact_ms(n, d, causal, heads=heads, batch=batch, softcap=softcap)
 
 
 def default_candidates(n: int) -> list[MTAConfig]:

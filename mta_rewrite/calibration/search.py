@@ -74,6 +74,7 @@ class SiteStats:
     kv_heads: int | None = None
     batch: int = 1
     model: TimeModel = CPU
+    softcap: bool = False  # the site soft-caps its logits (costed in exact attention and in MTA)
     layout: dict = field(default_factory=dict)  # candidate → its cost keywords here (cost.mta_work's)
     group_costs: dict = field(default_factory=dict)  # HeadGroups → its cost (measured, or modelled once)
     errors: dict[MTAConfig, float] = field(default_factory=dict)  # exact upstream
@@ -87,15 +88,15 @@ class SiteStats:
             choice = choice.config  # learned summaries cost what means cost (one more pass over the keys)
         if isinstance(choice, Clustered):
             return relative_cost(choice.config, self.n, self.d, self.causal, clusters=choice.clusters, model=self.model,
-                                 **self.shape())
+                                 softcap=self.softcap, **self.shape())
         if choice is None:
             return 1.0
         if isinstance(choice, HeadGroups):
             if choice not in self.group_costs:  # (measured costs are set by _choose, which has the inputs)
                 grouped = self.model.grouped_ms(choice.groups, self.n, self.d, self.causal, layout=self.layout.get,
-                                                **self.shape())
+                                                softcap=self.softcap, **self.shape())
                 self.group_costs[choice] = grouped / self.model.exact_ms(self.n, self.d, self.causal, heads=self.heads,
-                                                                         batch=self.batch)
+                                                                         batch=self.batch, softcap=self.softcap)
             return self.group_costs[choice]
         return self.costs[choice]
 
@@ -453,13 +454,15 @@ def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None,
     q, k = recs[0].q, recs[0].k
     n, d = max(r.q.shape[-2] for r in recs), q.shape[-1]
     causal = all(_runs_causal(r) for r in recs)
-    st = SiteStats(name, n, d, causal, 0.0, heads=q.shape[1], kv_heads=k.shape[1], batch=q.shape[0], model=model)
-    st.weight = model.exact_ms(n, d, causal, heads=st.heads, batch=st.batch)
+    st = SiteStats(name, n, d, causal, 0.0, heads=q.shape[1], kv_heads=k.shape[1], batch=q.shape[0], model=model,
+                   softcap=any(r.softcap for r in recs))
+    st.weight = model.exact_ms(n, d, causal, heads=st.heads, batch=st.batch, softcap=st.softcap)
     pool = list(candidates) if candidates is not None else default_candidates(n)
     exact_blocks = _exact_block_fractions(recs, pool)
     layout = _layout_costs(recs, pool, n, causal)
     st.layout = {c: dict(exact_fraction=exact_blocks[c], **layout[c]) for c in pool}
-    costs = {c: relative_cost(c, n, d, causal, model=model, **st.shape(), **st.layout[c]) for c in pool}
+    costs = {c: relative_cost(c, n, d, causal, model=model, softcap=st.softcap, **st.shape(), **st.layout[c])
+             for c in pool}
     if timer is not None:
         longest = max(recs, key=lambda r: r.q.shape[-2])
         st.weight = timer.exact_ms(longest)

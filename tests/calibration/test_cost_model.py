@@ -200,3 +200,77 @@ def test_the_benchmark_fit_recovers_a_model_from_its_own_times():
     assert got.mta_ms_per_mselect == pytest.approx(0.0, abs=1e-3)
     lines, figures = bench.agreement(rows, got)
     assert figures["same_side_of_exact"] == 1.0 and len(lines) == 9
+
+
+def test_a_soft_cap_costs_each_computed_logit():
+    """A soft-capped site pays the model's cost per logit, exact and MTA (flops / 4d logits); the
+    cap moves the relative cost, since exact attention can no longer run SDPA; a model saved
+    before the constants existed loads with a cap costing nothing."""
+    n, d, heads = 4096, 256, 8
+    cfg = mr.MTAConfig(128, 2, 4, 2)
+    logits = heads * exact_flops(n, d, True) / (4 * d) / 1e6
+    assert CPU.exact_ms(n, d, True, heads=heads, softcap=True) - CPU.exact_ms(n, d, True, heads=heads) == \
+        pytest.approx(logits * CPU.exact_softcap_ms_per_mlogit)
+    flops = mta_work(cfg, n, d, True, heads=heads, kv_heads=4)[0]
+    assert CPU.mta_ms(cfg, n, d, True, heads=heads, kv_heads=4, softcap=True) - \
+        CPU.mta_ms(cfg, n, d, True, heads=heads, kv_heads=4) == \
+        pytest.approx(flops / (4 * d) / 1e6 * CPU.mta_softcap_ms_per_mlogit)
+    capped = relative_cost(cfg, n, d, True, heads=heads, kv_heads=4, softcap=True)
+    assert capped < relative_cost(cfg, n, d, True, heads=heads, kv_heads=4)
+    old = TimeModel("before", 3.762, 0.242, 5.185, 73.8, 15.395, 0.971)
+    assert relative_cost(cfg, n, d, True, heads=heads, kv_heads=4, softcap=True, model=old) == \
+        relative_cost(cfg, n, d, True, heads=heads, kv_heads=4, model=old)
+
+
+def test_calibration_costs_a_soft_capped_site_with_its_cap():
+    """The site statistics of a soft-capped site (its records carry the cap) are costed capped:
+    exact attention's weight and each candidate's relative cost."""
+    from mta_rewrite.calibration.probe import SiteRecord, exact_output
+    from mta_rewrite.calibration.search import _site_stats
+
+    def Rec(softcap):  # a probe's record of one sample at the site
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+        exact = exact_output(q, k, v, None, True, 0.25, q.dtype, None, softcap)
+        return SiteRecord(q, k, v, None, True, 0.25, exact, softcap=softcap)
+
+    pool = [mr.MTAConfig(32), mr.MTAConfig(16, 1, 4, 1)]
+    plain, capped = (_site_stats("s", [Rec(cap)], pool, model=WORK_CAPPED) for cap in (0.0, 5.0))
+    assert not plain.softcap and capped.softcap
+    assert capped.weight == pytest.approx(WORK_CAPPED.exact_ms(256, 16, True, heads=2, softcap=True))
+    assert capped.weight > plain.weight
+    # capped exact attention costs more per logit than capped MTA here: a candidate over the
+    # crossover uncapped comes under it
+    assert set(plain.costs) == {pool[0]} and set(capped.costs) == set(pool)
+    for cfg in pool:
+        assert capped.costs[cfg] == pytest.approx(relative_cost(cfg, 256, 16, True, heads=2, kv_heads=2, softcap=True,
+                                                                model=WORK_CAPPED))
+    assert capped.costs[pool[0]] < plain.costs[pool[0]]
+
+WORK_CAPPED = TimeModel("work with a cap", 10.0, 0.0, 10.0, 200.0, 0.0, 0.0, exact_softcap_ms_per_mlogit=5.0,
+                        mta_softcap_ms_per_mlogit=1.0)
+
+
+def test_the_benchmark_fits_the_soft_cap_constants_from_capped_minus_uncapped_times():
+    """bench_cost_model.fit_softcap on rows timed by a model with known soft-cap constants gives
+    them back, the other constants those of the base model it is handed."""
+    spec = importlib.util.spec_from_file_location("bench_cost_model", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = TimeModel("truth", 3.5, 0.3, 5.0, 70.0, 10.0, 0.9, exact_softcap_ms_per_mlogit=2.5,
+                      mta_softcap_ms_per_mlogit=1.5)
+    rows = []
+    for shape, (B, Hq, Hkv, d, causal, _) in bench.SOFTCAP_SHAPES.items():
+        for n in (1024, 4096):
+            kw = dict(heads=Hq, kv_heads=Hkv, batch=B)
+            for cfg in bench.CONFIGS:
+                rows.append({"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d, "causal": causal,
+                             "n": n, "config": cfg.to_dict(), "softcap": True,
+                             "exact_ms": truth.exact_ms(n, d, causal, heads=Hq, batch=B, softcap=True),
+                             "uncapped_exact_ms": truth.exact_ms(n, d, causal, heads=Hq, batch=B),
+                             "mta_ms": truth.mta_ms(cfg, n, d, causal, softcap=True, **kw),
+                             "uncapped_mta_ms": truth.mta_ms(cfg, n, d, causal, **kw)})
+    got = bench.fit_softcap(rows, CPU)
+    assert got.exact_softcap_ms_per_mlogit == pytest.approx(2.5, rel=1e-3)
+    assert got.mta_softcap_ms_per_mlogit == pytest.approx(1.5, rel=1e-3)
+    assert got.exact_ms_per_gflop == CPU.exact_ms_per_gflop and got.mta_call_ms == CPU.mta_call_ms
