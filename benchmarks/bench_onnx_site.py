@@ -38,7 +38,7 @@ def main(argv=None):
 
     import mta_rewrite
     from mta_rewrite.config import atomic_write_text
-    from mta_rewrite.onnx import export_onnx
+    from mta_rewrite.onnx import export_onnx, onnx_session
     from mta_rewrite.timing import best_ms, cpu_name
 
     warnings.filterwarnings("ignore")
@@ -59,9 +59,7 @@ def main(argv=None):
             mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
             with tempfile.TemporaryDirectory() as tmp:
                 export_onnx(Site(), (q, k, v, mask), f"{tmp}/site.onnx", dynamic=False)
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = threads
-                session = ort.InferenceSession(f"{tmp}/site.onnx", options, providers=["CPUExecutionProvider"])
+                session = onnx_session(f"{tmp}/site.onnx")
             feed = {x.name: t.numpy() for x, t in zip(session.get_inputs(), (q, k, v, mask))}
             got = session.run(None, feed)[0]
             ort_ms = best_ms(lambda: session.run(None, feed), args.repeats, torch.device("cpu"))

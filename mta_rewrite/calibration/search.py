@@ -88,21 +88,21 @@ class SiteStats:
             choice = choice.config  # learned summaries cost what means cost (one more pass over the keys)
         if isinstance(choice, Clustered):
             return relative_cost(choice.config, self.n, self.d, self.causal, clusters=choice.clusters, model=self.model,
-                                 softcap=self.softcap, **self.shape())
+                                 **self.shape())
         if choice is None:
             return 1.0
         if isinstance(choice, HeadGroups):
             if choice not in self.group_costs:  # (measured costs are set by _choose, which has the inputs)
                 grouped = self.model.grouped_ms(choice.groups, self.n, self.d, self.causal, layout=self.layout.get,
-                                                softcap=self.softcap, **self.shape())
+                                                **self.shape())
                 self.group_costs[choice] = grouped / self.model.exact_ms(self.n, self.d, self.causal, heads=self.heads,
                                                                          batch=self.batch, softcap=self.softcap)
             return self.group_costs[choice]
         return self.costs[choice]
 
     def shape(self) -> dict:
-        """The site's heads and batch, as the cost model takes them."""
-        return dict(heads=self.heads, kv_heads=self.kv_heads, batch=self.batch)
+        """The site's heads, batch and soft-cap, as the cost model takes them."""
+        return dict(heads=self.heads, kv_heads=self.kv_heads, batch=self.batch, softcap=self.softcap)
 
 
 @dataclass
@@ -461,8 +461,7 @@ def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None,
     exact_blocks = _exact_block_fractions(recs, pool)
     layout = _layout_costs(recs, pool, n, causal)
     st.layout = {c: dict(exact_fraction=exact_blocks[c], **layout[c]) for c in pool}
-    costs = {c: relative_cost(c, n, d, causal, model=model, softcap=st.softcap, **st.shape(), **st.layout[c])
-             for c in pool}
+    costs = {c: relative_cost(c, n, d, causal, model=model, **st.shape(), **st.layout[c]) for c in pool}
     if timer is not None:
         longest = max(recs, key=lambda r: r.q.shape[-2])
         st.weight = timer.exact_ms(longest)

@@ -176,7 +176,9 @@ class _Pairs:
             return self.re(a[0])
         if t is aten.imag.default:
             return self.im(a[0])
-        if t in (aten._to_copy.default, aten.to.dtype_layout, aten.to.dtype, aten._assert_tensor_metadata.default):
+        if t is aten._assert_tensor_metadata.default:
+            return None  # an assertion about the complex tensor, which the graph no longer holds
+        if t in (aten._to_copy.default, aten.to.dtype_layout, aten.to.dtype):
             return self.cast(node, a, kw, first)
         if t in (aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
                  aten.lift_fresh_copy.default):
@@ -211,12 +213,10 @@ class _Pairs:
                          "as real arithmetic (docs/onnx.md lists the operators it writes)")
 
     def cast(self, node, a, kw, first):
-        """``_to_copy`` / ``to`` / ``_assert_tensor_metadata``: complex to complex casts the pairs;
+        """``_to_copy`` / ``to``: complex to complex casts the pairs;
         to a real type takes the real part (as torch does, with a warning); a real tensor cast to
         a complex type gets a zero imaginary part."""
         dtype = kw.get("dtype", a[1] if node.target is aten.to.dtype else None)
-        if node.target is aten._assert_tensor_metadata.default:
-            return None  # an assertion about the complex tensor, which the graph no longer holds
         src = a[0]
         if first and dtype is not None and not dtype.is_complex:
             src = self.re(src)
