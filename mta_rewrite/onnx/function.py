@@ -190,7 +190,7 @@ def AttendSets(le, ve, ls, vs, lm, vm):
     pm = op.Exp(op.Max(op.Sub(lm, shift), floor))
     den = op.Sum(op.ReduceSum(pe, im1, keepdims=1), op.ReduceSum(ps, im1, keepdims=1),
                  op.ReduceSum(pm, im1, keepdims=1))
-    num = op.Sum(op.MatMul(pe, ve), op.MatMul(ps, vs), op.MatMul(pm, vm))
+    num = op.Add(op.Add(op.MatMul(pe, ve), op.MatMul(ps, vs)), op.MatMul(pm, vm))
     return op.Mul(num, op.Div(op.Cast(alive, to=FLOAT.dtype), den))
 
 
@@ -364,12 +364,12 @@ def MultiTokenAttentionPrepared(q, k, v, mask, triangle, key_logit, chunk_size: 
     kidx = op.Reshape(op.Transpose(kidx, perm=[0, 1, 3, 4, 2, 5]), op.Concat(B, Hm, nc, cq, op.Mul(HG, Kc), axis=0))
     mask_e = op.Reshape(op.GatherElements(mrow, kidx, axis=4), op.Concat(B, Hm, nc, cq, HG, Kc, axis=0))
     mask_e = op.Reshape(op.Transpose(mask_e, perm=[0, 1, 4, 2, 3, 5]), op.Concat(B, H, nc, cq, Kc, axis=0))
-    bias_e = op.Add(mask_e, op.Where(op.Unsqueeze(kvalid, [3]), zero_f, neg_inf))
+    bias_e = op.Add(mask_e, op.Where(op.Unsqueeze(kvalid, [3]), zero_f, neg_inf))  # [B, H, nc, cq, Ke·c]
     rel = op.Sub(op.Range(s0, op.Squeeze(op.Mul(Ke, c), i0), s1), op.Mul(op.Sub(L_s, s1), c_s))  # [Ke·c]
     tri_ok = op.Or(op.Not(is_causal), op.Or(op.LessOrEqual(rel, op.Unsqueeze(ar_c, [1])), op.GreaterOrEqual(rel, c_s)))
-    bias_e = op.Add(bias_e, op.Where(tri_ok, zero_f, neg_inf))  # [B, H, nc, c, Ke·c]
-    le = op.Add(CapScores(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t), softcap=softcap),
-                bias_e)
+    le = op.Add(op.Add(CapScores(op.Mul(op.MatMul(qc, op.Transpose(kg, perm=[0, 1, 2, 4, 3])), scale_t),
+                                 softcap=softcap), bias_e),
+                op.Where(tri_ok, zero_f, neg_inf))  # [B, H, nc, c, Ke·c]
 
     # ---- sinks [B, H, nc, c, S] ----------------------------------------------------------------
     sink_pos = op.Range(s0, S_s, s1)
