@@ -11,7 +11,9 @@ from rich.table import Table
 from . import __version__
 from .capture import CaptureError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# markdown: the commands' docstrings are re-flowed to the terminal (typer's default, "rich", kept
+# their line breaks, so `--help` broke descriptions off mid-sentence); `code` spans render as code.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Rewrite the attention of PyTorch models into Multi-Token Attention (MTA).")
 console = Console()
 err_console = Console(stderr=True)

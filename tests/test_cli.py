@@ -308,6 +308,20 @@ def test_python_dash_m_runs_the_command_line():
 
 
 
+def test_help_lists_each_command_in_flowing_sentences():
+    """The commands' descriptions are their docstrings' first paragraphs, re-flowed to the terminal:
+    typer's default "rich" markup kept the docstrings' line breaks, so a description broke off
+    mid-sentence ("as a program the other" / "commands take") and wrapped raggedly."""
+    import re
+
+    result = runner.invoke(app, ["--help"], terminal_width=250, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = [re.sub(r"[│\s]+", " ", line).strip() for line in result.output.splitlines()]
+    assert any("as a program the other commands take (and, from a text, its calibration samples)." in line
+               for line in lines), result.output
+    assert any("for a program that rewrite saved, also its mta.attention calls" in line for line in lines), result.output
+
+
 def test_warnings_are_one_line_each(tmp_path):
     """A warning from the command line is one line on stderr ("warning: …"), not Python's file,
     line and source of the code that raised it. Here: a program the user captured at batch 1 with
