@@ -254,6 +254,33 @@ def test_the_opset_asked_for_or_a_clear_error(tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_docs_name_every_operator_the_functions_use():
+    """docs/onnx.md lists the standard operators of the function bodies (what an onnxruntime-gpu
+    user checks against its kernel list): every one the bodies use, If branches included, and
+    none they do not."""
+    import re
+    from pathlib import Path
+
+    from mta_rewrite.onnx.function import function_protos
+
+    used = set()
+
+    def walk(nodes):
+        for node in nodes:
+            if node.domain in ("", "ai.onnx"):
+                used.add(node.op_type)
+            for attribute in node.attribute:
+                walk(attribute.g.node)
+
+    for fn in function_protos():
+        walk(fn.node)
+    text = (Path(__file__).parents[2] / "docs" / "onnx.md").read_text()
+    sentence = re.search(r"The body uses only standard opset-18 operators:(.*?)\(`tests/onnx`", text, re.S).group(1)
+    sentence = re.sub(r"(\w+)\{([^}]*)\}", lambda m: ", ".join(m.group(1) + x for x in m.group(2).split(",")), sentence)
+    listed = {name.strip() for name in sentence.replace("\n", " ").split(",") if name.strip()}
+    assert used == listed, f"used, not listed: {sorted(used - listed)}; listed, not used: {sorted(listed - used)}"
+
+
 @pytest.mark.parametrize("name", ["two_layers", "einsum_gqa_repeat_interleave", "bmm_3d_where", "gpt2 (eager)",
                                   "llama (sdpa)"])
 def test_exact_sites_of_a_rewritten_program_export_as_plain_attention(name, tmp_path):
