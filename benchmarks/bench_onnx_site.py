@@ -81,6 +81,11 @@ def export_sites(n: int, src: Path, out: Path) -> None:
                             out / site_name(heads, kv_heads, top_k, form), dynamic=True)
 
 
+def _commit(checkout: Path) -> str:
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "(not a git checkout)"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=4096)
@@ -144,7 +149,7 @@ def main(argv=None):
     stamp = (f"{dt.date.today().isoformat()}, n={args.n}, d=64, c=64 L=2 sinks=4, dynamic shapes, {cpu_name()}, "
              f"{torch.get_num_threads()} threads, onnxruntime {ort.__version__}, torch {torch.__version__}; best of "
              f"{args.repeats} rounds, timed in turn; mta_rewrite from {Path(mta_rewrite.__file__).parents[1]}"
-             + (f", before: {args.before}" if args.before else ""))
+             + (f", before: {args.before} at {_commit(args.before)}" if args.before else ""))
     head = "| heads (q / kv) | causality | top_k | " + ("before ms | " if args.before else "") + "onnxruntime ms | " + (
         "vs before | " if args.before else "") + "PyTorch op ms | onnxruntime / PyTorch | max abs diff |"
     table = "\n".join([stamp, "", head, "|" + "---|" * head.count(" | ") + "---|", *rows])
