@@ -7,6 +7,7 @@ import re
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .capture import CaptureError
@@ -20,7 +21,10 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}")
+    """The one-line error of a user mistake, and exit code 2. The line is never wrapped (rich
+    wraps at the terminal's width, 80 columns when stderr is not a terminal) and the message is
+    not read as markup (a shape such as [B, 1, n] stays as written)."""
+    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
