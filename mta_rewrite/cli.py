@@ -24,7 +24,7 @@ def _fail(message: str) -> None:
     """The one-line error of a user mistake, and exit code 2. The line is never wrapped (rich
     wraps at the terminal's width, 80 columns when stderr is not a terminal) and the message is
     not read as markup (a shape such as [B, 1, n] stays as written)."""
-    err_console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True, highlight=False)
+    err_console.print(Text.assemble(("error:", "red"), " ", str(message)), soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -463,7 +463,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _warn(message) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    """A warning (ours or a library's) as one line, printed as written, like ``_fail``'s errors."""
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

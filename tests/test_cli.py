@@ -342,6 +342,21 @@ def test_warnings_are_one_line_each(tmp_path):
                                                    "failed: Guard failed: x.size()[0] == 1)"), done.stderr
 
 
+def test_errors_and_warnings_print_as_written(capsys):
+    """Messages are text, not rich markup: a library's warning such as "[rank0]: ..." lost its
+    tag, and one holding "[/]" raised rich's MarkupError from the warning handler."""
+    import typer
+
+    from mta_rewrite.cli import _fail, _warn
+
+    text = "a [rank0] b [/] c [bold]d [1, 2]"
+    _warn(text)
+    assert capsys.readouterr().err == f"warning: {text}\n"
+    with pytest.raises(typer.Exit) as exit_info:
+        _fail(text)
+    assert exit_info.value.exit_code == 2 and capsys.readouterr().err == f"error: {text}\n"
+
+
 def test_demo_builtin_runs_end_to_end():
     result = runner.invoke(app, ["demo", "--model", "builtin", "--long-n", "1024"])
     assert result.exit_code == 0, result.output
