@@ -16,15 +16,18 @@ from .capture import CaptureError
 # their line breaks, so `--help` broke descriptions off mid-sentence); `code` spans render as code.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Rewrite the attention of PyTorch models into Multi-Token Attention (MTA).")
-console = Console()
-err_console = Console(stderr=True)
+# Text is printed as written, never read as rich markup: paths, site names, reasons and library
+# warnings may hold brackets ("[rank0]: …" lost its tag, a "[/]" raised MarkupError); what is
+# styled is styled with Text.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def _fail(message: str) -> None:
     """The one-line error of a user mistake, and exit code 2. The line is never wrapped (rich
     wraps at the terminal's width, 80 columns when stderr is not a terminal) and the message is
     not read as markup (a shape such as [B, 1, n] stays as written)."""
-    err_console.print(Text.assemble(("error:", "red"), " ", str(message)), soft_wrap=True, highlight=False)
+    err_console.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -53,7 +56,7 @@ def sites_table(sites, plan=None, title="attention sites") -> Table:
     table.add_column("MTA", overflow="fold", min_width=10)
     for s in sites:
         if not s.rewritable:
-            status = f"[yellow]exact:[/yellow] {s.reason}"
+            status = Text.assemble(("exact:", "yellow"), f" {s.reason}")
         else:
             status = "found" if plan is None else plan[s.name].short if s.name in plan else "exact (planned)"
         mask = s.mask + (f", softcap {s.softcap:g}" if s.softcap else "")  # (Gemma-2's tanh cap, which the op takes)
@@ -84,8 +87,9 @@ def demo(
             result = run_demo(model, config, long_n, progress=lambda m: status.update(m), device=device)
     except ValueError as exc:
         _fail(str(exc))
-    console.print(f"[bold]{result.model}[/bold]: {result.rewritten} of {sum(s.is_attention for s in result.sites)} "
-                  f"attention sites rewritten with MTA ({result.config})")
+    found = sum(s.is_attention for s in result.sites)
+    console.print(Text.assemble((result.model, "bold"),
+                                f": {result.rewritten} of {found} attention sites rewritten with MTA ({result.config})"))
     print_sites(result.sites, {s.name: result.config for s in result.sites if s.rewritable})
     summary = Table(title="original vs MTA")
     summary.add_column("measure")
@@ -280,7 +284,7 @@ def generate_cmd(
         line += (f"; the original model {done.original_seconds:.2f} s ({done.original_seconds / done.seconds:.2f}×), "
                  f"the first {done.same_tokens} of {len(done.tokens)} tokens as its")
     console.print(line, highlight=False)
-    console.print(done.text, markup=False, highlight=False)
+    console.print(done.text, highlight=False)
 
 
 @app.command(name="rewrite")
@@ -464,7 +468,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _warn(message) -> None:
     """A warning (ours or a library's) as one line, printed as written, like ``_fail``'s errors."""
-    err_console.print(Text.assemble(("warning:", "yellow"), " ", str(message)), highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -347,7 +347,7 @@ def test_errors_and_warnings_print_as_written(capsys):
     tag, and one holding "[/]" raised rich's MarkupError from the warning handler."""
     import typer
 
-    from mta_rewrite.cli import _fail, _warn
+    from mta_rewrite.cli import _fail, _warn, console
 
     text = "a [rank0] b [/] c [bold]d [1, 2]"
     _warn(text)
@@ -355,6 +355,8 @@ def test_errors_and_warnings_print_as_written(capsys):
     with pytest.raises(typer.Exit) as exit_info:
         _fail(text)
     assert exit_info.value.exit_code == 2 and capsys.readouterr().err == f"error: {text}\n"
+    console.print(f"no attention (and no softmax) found in {text}.pt2")  # paths, site names, reasons
+    assert capsys.readouterr().out == f"no attention (and no softmax) found in {text}.pt2\n"
 
 
 def test_demo_builtin_runs_end_to_end():
