@@ -332,7 +332,8 @@ class _OneSite(torch.nn.Module):
 
 
 MASKS = ["none", "key_padding_bool", "causal_padding_4d_min", "alibi_bias", "random_bool_per_head",
-         "causal_padding_4d_bool", "key_padding_4d_materialised"]  # (the last two: recognised as key padding)
+         "causal_padding_4d_bool", "key_padding_4d_materialised",  # (these two: recognised as key padding)
+         "sink_columns_vary"]  # (blocks uniform but for their sinks' columns)
 
 
 def test_the_suites_reused_torchlib_registry_exports_what_a_fresh_one_exports(tmp_path, monkeypatch):

@@ -56,6 +56,10 @@ def make_mask(kind: str, B: int, Hq: int, n: int) -> torch.Tensor | None:
                                                                        torch.tensor(4), torch.tensor(6)),
                                                                       torch.tensor(True)),  # one future key
         "causal_padding_key_bias": fmin_where(causal_pad) + 0.3 * i * causal_pad,
+        # only the first keys' columns (sinks, with sinks ≥ 2) differ between rows: a block is uniform
+        # by its summarisable keys, so chunk 0 can still be summarised beyond them
+        "sink_columns_vary": torch.ones(n, n, dtype=torch.bool).index_fill_(1, torch.tensor([0, 1]), False)
+                             | (i[:, None] % 2 == 0),
     }
     return masks[kind]
 
@@ -64,7 +68,7 @@ MASKS = [
     "none", "key_padding_bool", "key_padding_inf", "key_padding_min", "causal_padding_4d_min",
     "causal_padding_4d_bool", "random_bool_per_head", "alibi_bias", "key_bias", "constant_bias",
     "block_diagonal_2d", "per_head_key_padding", "some_rows_fully_masked", "key_padding_4d_materialised",
-    "causal_4d_no_padding_min", "causal_padding_one_entry_off", "causal_padding_key_bias",
+    "causal_4d_no_padding_min", "causal_padding_one_entry_off", "causal_padding_key_bias", "sink_columns_vary",
 ]
 # (chunk_size, local_chunks, sinks, top_k): partial last chunk, c = 1, c > n, windows, sinks
 # inside and beyond the first chunk, selection
