@@ -4,9 +4,10 @@
 
 One call of ``torch.ops.mta.attention`` (``c = 64, L = 2, sinks = 4``, top_k 0 and 2) exported
 alone and run by onnxruntime's CPU provider, at grouped-query shapes: SmolLM2's (9 query / 3
-key-value heads, d = 64) and a Llama-3-8B-like 32 / 8 heads (d = 64). Two forms of causality: the
-triangle as a transformers decoder hands it (a [1, 1, n, n] bool mask, recognised at run time) and
-the op's causal flag with no mask. Exported with dynamic shapes, as models are (a static export
+key-value heads, d = 64) and a Llama-3-8B-like 32 / 8 heads (d = 64). Three forms of causality: the
+triangle as a transformers decoder hands it (a [1, 1, n, n] bool mask, recognised at run time),
+the op's causal flag with no mask, and a sliding window of 1024 keys as a bool mask (Mistral's
+layers: a mask that varies per query and is not recognised, read in chunk blocks). Exported with dynamic shapes, as models are (a static export
 lets onnxruntime fold the shape arithmetic away, which a model's export does not).
 
 ``--before PATH``: the same sites exported by another checkout (a ``git worktree`` of an earlier
@@ -32,7 +33,7 @@ from pathlib import Path
 
 SHAPES = [(9, 3, 64), (32, 8, 64)]  # query heads, key/value heads, head size
 TOP_K = (0, 2)
-FORMS = ("bool mask", "causal flag")
+FORMS = ("bool mask", "causal flag", "band mask")
 
 
 def site_config(top_k: int, form: str) -> dict:
@@ -47,7 +48,11 @@ def site_inputs(n: int, heads: int, kv_heads: int, d: int, form: str):
     k, v = (torch.randn(1, kv_heads, n, d, generator=g) for _ in range(2))
     if form == "causal flag":
         return q, k, v
-    return q, k, v, torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    i = torch.arange(n)
+    causal = i[None] <= i[:, None]
+    if form == "band mask":  # a sliding window of 1024 keys (Mistral's layers): not recognised, read per query
+        return q, k, v, (causal & (i[:, None] - i[None] < 1024))[None, None]
+    return q, k, v, causal[None, None]
 
 
 def site_name(heads: int, kv_heads: int, top_k: int, form: str) -> str:
