@@ -7,8 +7,9 @@ alone and run by onnxruntime's CPU provider, at grouped-query shapes: SmolLM2's 
 key-value heads, d = 64) and a Llama-3-8B-like 32 / 8 heads (d = 64). Three forms of causality: the
 triangle as a transformers decoder hands it (a [1, 1, n, n] bool mask, recognised at run time),
 the op's causal flag with no mask, and a sliding window of 1024 keys as a bool mask (Mistral's
-layers: a mask that varies per query and is not recognised, read in chunk blocks). Exported with dynamic shapes, as models are (a static export
-lets onnxruntime fold the shape arithmetic away, which a model's export does not).
+layers: a mask that varies per query and is not recognised, read in chunk blocks). Exported with
+dynamic shapes, as models are (a static export lets onnxruntime fold the shape arithmetic away,
+which a model's export does not).
 
 ``--before PATH``: the same sites exported by another checkout (a ``git worktree`` of an earlier
 commit) too, each export in its own process (the two checkouts' ``mta_rewrite`` cannot share
@@ -113,6 +114,7 @@ def main(argv=None):
 
     import mta_rewrite
     from mta_rewrite.config import atomic_write_text
+    from mta_rewrite.onnx import onnx_session
     from mta_rewrite.timing import best_alternating_ms, cpu_name
 
     checkouts = {"onnxruntime": args.src} if args.before is None else {"before": args.before, "onnxruntime": args.src}
@@ -120,8 +122,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for label, src in checkouts.items():
             (Path(tmp) / label).mkdir()
-            subprocess.run([sys.executable, __file__, "--src", str(src), "--n", str(args.n),
-                            "--export-to", str(Path(tmp) / label)], check=True, stderr=subprocess.DEVNULL)
+            done = subprocess.run([sys.executable, __file__, "--src", str(src), "--n", str(args.n),
+                                   "--export-to", str(Path(tmp) / label)], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"exporting the sites with {src} failed:\n{done.stderr[-3000:]}")
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for heads, kv_heads, d in SHAPES:
@@ -133,8 +137,8 @@ def main(argv=None):
                     with torch.no_grad():
                         want = site(*inputs).numpy()
                     for label in checkouts:
-                        session = ort.InferenceSession(str(Path(tmp) / label / site_name(heads, kv_heads, top_k, form)),
-                                                       options, providers=["CPUExecutionProvider"])
+                        session = onnx_session(Path(tmp) / label / site_name(heads, kv_heads, top_k, form),
+                                               options=options)
                         feed = {x.name: t.numpy() for x, t in zip(session.get_inputs(), inputs)}
                         errs.append(float(np.abs(session.run(None, feed)[0] - want).max()))
                         runs[label] = lambda s=session, f=feed: s.run(None, f)

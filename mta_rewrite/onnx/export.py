@@ -593,10 +593,11 @@ def _holds_bfloat16(model) -> bool:
         any(v.type.tensor_type.elem_type == bf16 for v in values)
 
 
-def onnx_session(path, device: str = "cpu"):
+def onnx_session(path, device: str = "cpu", options=None):
     """An onnxruntime InferenceSession with the right providers. ``device="cuda"`` requires the
     CUDA provider to load (onnxruntime-gpu, a matching CUDA): otherwise a clear error, never a
-    silent fallback to the CPU."""
+    silent fallback to the CPU. ``options``: an ``onnxruntime.SessionOptions`` (threads, spinning,
+    profiling), passed on as it is."""
     import onnxruntime as ort
 
     if device not in ("cpu", "cuda"):
@@ -605,7 +606,7 @@ def onnx_session(path, device: str = "cpu"):
         raise ValueError(f"no such file: {path}")
     if device == "cpu":
         try:
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if "NOT_IMPLEMENTED" not in first or not _holds_bfloat16(path):
@@ -619,7 +620,7 @@ def onnx_session(path, device: str = "cpu"):
     try:
         # (shape arithmetic on int64 runs on the CPU provider in any CUDA session; the check
         # below is about the CUDA provider itself failing to load)
-        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise RuntimeError(f"the CUDA provider could not run {path}: {str(exc).splitlines()[0]}") from None
     if "CUDAExecutionProvider" not in session.get_providers():

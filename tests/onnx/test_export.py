@@ -491,6 +491,24 @@ def test_cuda_session_is_a_clear_error_without_the_cuda_provider(tmp_path):
         onnx_session(tmp_path / "m.onnx", device="tpu")
 
 
+def test_session_options_reach_the_session(tmp_path):
+    """``onnx_session(options=)``: onnxruntime's SessionOptions are the session's (a benchmark turns
+    the threads' spinning off, a user sets threads), and the model still runs as exported."""
+    import onnxruntime as ort
+
+    case = next(c for c in zoo.hand_written_cases() if c.name == "scale_split_on_q_k")
+    args, kwargs = case.inputs(16)
+    model = case.build()
+    export_onnx(model, args, tmp_path / "m.onnx", kwargs, config=mr.MTAConfig(4))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnx_session(tmp_path / "m.onnx", options=options)
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert_runs_like(session, case, mr.rewrite(model, args, kwargs, config=mr.MTAConfig(4)))
+
+
 def test_per_head_group_plan_exports_one_node_per_group(tmp_path):
     case = next(c for c in zoo.hand_written_cases() if c.name == "einsum_gqa_repeat_interleave")
     model = case.build()
