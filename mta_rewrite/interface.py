@@ -407,9 +407,10 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
     or key padding, else a mask per query). The rows before the first new query are not computed
     (``attention_autograd``'s ``rows_from``) by whole query chunks of fixed chunks on the CPU and
     on CUDA and of boundary chunks for key padding on CUDA (the Triton kernels), by whole query
-    blocks (``ops.varlen``) where the CPU runs those (boundary chunks without top-k for key
-    padding; many small fixed chunks, ``ops.varlen.blocks_beat_chunks``); each row left reads its
-    window, sinks, top-k chunks and at most every chunk's summary. Elsewhere (boundary chunks in
+    blocks (``ops.varlen``) where the CPU runs those (boundary chunks for key padding; many small
+    fixed chunks without top-k, ``ops.varlen.blocks_beat_chunks``); each row left reads its window,
+    sinks, top-k chunks (in query blocks, the chunks any query chunk of its block selects: at most
+    top_k·(block + c) tokens) and at most every chunk's summary. Elsewhere (boundary chunks in
     padded slots, other devices) every row is computed (``calibration.cost.mta_flops``). None or
     one chunk: exact attention of all n tokens."""
     from .calibration.cost import exact_flops, mta_flops
@@ -418,9 +419,9 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
     if config is None or config.chunk_size >= n:
         return exact_flops(n, d, True)
     c, L, s, nc = config.chunk_size, config.local_chunks, config.sinks, -(-n // config.chunk_size)
-    if device.type == "cpu" and config.top_k == 0 and key_padding and (boundary or blocks_beat_chunks(c, n)):
+    if device.type == "cpu" and key_padding and (boundary or config.top_k == 0 and blocks_beat_chunks(c, n)):
         block = query_block(c)  # (a block's window range: its own queries and L chunks before them)
-        rows, keys = n - cached // block * block, block + c * L + s + nc
+        rows, keys = n - cached // block * block, block + c * L + s + nc + config.top_k * (block + c)
     elif (device.type in ("cpu", "cuda") and not boundary) or (device.type == "cuda" and key_padding):
         rows, keys = n - cached // c * c, c * (L + config.top_k) + s + nc
     else:

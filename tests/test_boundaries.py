@@ -154,7 +154,7 @@ def test_cli_export_with_separators(tmp_path):
 def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     """calibrate(boundaries=): every candidate runs with boundary chunks (the held-out error the
     plan reports is the rewritten model's), costs are those of the op's unpadded layout (causal, no
-    mask, top-k 0) or of the padded slots (top-k), the plan carries the boundaries; the CLI's
+    mask; with top-k the columns its selection gives on the samples), the plan carries the boundaries; the CLI's
     calibrate --separators writes such a plan and rewrite --plan applies it."""
     from mta_rewrite.calibration.cost import relative_cost
     from mta_rewrite.calibration.metrics import output_error
@@ -168,22 +168,26 @@ def test_calibrate_with_boundaries_and_the_cli(tmp_path):
     # (':' ends a segment: in Python sources lines are short, and chunk slots cut at every line
     # cost more than exact attention at 512 tokens, so the cost model keeps every site exact)
     boundaries = mr.Boundaries((ord(":"),))
-    plan = mr.calibrate(model, samples, budget=0.2, holdout=0.25, progress=False, boundaries=boundaries,
-                        cost_model=WORK)
+    plan, details = mr.calibrate(model, samples, budget=0.2, holdout=0.25, progress=False, boundaries=boundaries,
+                                 cost_model=WORK, return_details=True)
     assert plan.boundaries == boundaries
+    stats = {st.name: st for st in details.sites}
     chosen = [(name, e) for name, e in plan.sites.items() if e.config is not None]
     assert chosen, "a budget of 0.2 approximates some site"
     held_out = set(plan.metadata["holdout_indices"])
     ids = [segment_ids_from_separators(s[0], boundaries.separators) for i, s in enumerate(samples) if i not in held_out]
-    for _, entry in chosen:
+    for name, entry in chosen:
         cfg = entry.config
+        cols = max(key_columns(x, chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks,
+                               sinks=cfg.sinks) for x in ids)
         if cfg.top_k == 0:
-            cols = max(key_columns(x, chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks,
-                                   sinks=cfg.sinks) for x in ids)
             want = relative_cost(cfg, 512, 16, True, block_columns=cols, heads=4, model=WORK)
-        else:
-            want = relative_cost(cfg, 512, 16, True, heads=4, model=WORK,
-                                 padded_n=max(padded_length(x, cfg.chunk_size, cfg.sinks) for x in ids))
+        else:  # the selected chunks' columns, counted from the op's selection on the site's samples
+            with_top_k = stats[name].layout[cfg]["block_columns"]
+            assert with_top_k[0] > cols[0] and with_top_k[2] == cols[2]
+            want = relative_cost(cfg, 512, 16, True, block_columns=with_top_k, heads=4, model=WORK)
+            assert want < relative_cost(cfg, 512, 16, True, heads=4, model=WORK,  # (the slots, before 2026-12-05)
+                                        padded_n=max(padded_length(x, cfg.chunk_size, cfg.sinks) for x in ids))
         assert entry.relative_cost == pytest.approx(want)
         assert entry.relative_cost > relative_cost(cfg, 512, 16, True, heads=4, model=WORK)  # short lines: more chunks than fixed ones
     rewritten = mr.rewrite(model, samples[0], plan=plan)

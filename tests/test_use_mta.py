@@ -351,9 +351,10 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
     the first new token are not computed (``rows_from``), so 512 new tokens after 15872 cached take
     the op there (SmolLM2's head size, c128 L2 s4 k2); a device without ``rows_from`` computes
     every row (the spec's cost of all n), more than exact attention of the 512 rows. Boundary
-    chunks: on the CPU without top-k, for key padding, trimmed by query blocks of 128 (their
-    window range: the block and L chunks before it), on CUDA for key padding by chunks (the
-    kernels); with top-k on the CPU, or a mask per query, every row."""
+    chunks: on the CPU for key padding, trimmed by query blocks of 128 (their window range: the
+    block and L chunks before it; with top-k the chunks its query chunks select, at most
+    top_k·(block + c) tokens: since 2026-12-05, every row before), on CUDA for key padding by
+    chunks (the kernels); with a mask per query, every row."""
     from mta_rewrite.calibration.cost import mta_flops
     from mta_rewrite.interface import _op_flops
 
@@ -364,7 +365,8 @@ def test_the_continued_prompts_gate_counts_the_rows_each_device_computes():
     chunks = 4.0 * d * (m * (128 * 4 + 4 + 128) + n)
     for device in ("cpu", "cuda"):
         assert _op_flops(config, n, n - m, d, torch.device(device)) == chunks < exact / 10
-    assert _op_flops(config, n, n - m, d, torch.device("cpu"), boundary=True) == every_row
+    blocks_top_k = 4.0 * d * (m * (128 + 128 * 2 + 4 + 128 + 2 * (128 + 128)) + n)
+    assert _op_flops(config, n, n - m, d, torch.device("cpu"), boundary=True) == blocks_top_k < exact / 10
     assert _op_flops(config, n, n - m, d, torch.device("cuda"), boundary=True) == chunks
     no_top_k = mr.MTAConfig(128, 2, 4, 0)
     blocks = 4.0 * d * (m * (128 + 128 * 2 + 4 + 128) + n)

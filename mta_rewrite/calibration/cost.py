@@ -17,9 +17,11 @@ multiply-adds counted twice), for B sequences, Hq query and Hkv key/value heads:
             elements, Hs = Hq when top-k selects per query head of a group, else Hkv)
 
 Where the op runs in query blocks on the CPU (``ops.varlen``: boundary chunks, and many small fixed
-chunks, with no mask or key padding and no top-k) its flops and key sets come from its own block
-layout (``block_columns``); boundary chunks otherwise as the fixed-chunk op at the padded length of
-their chunk slots (the path of the CUDA kernels too).
+chunks without top-k, with no mask or key padding) its flops and key sets come from its own block
+layout (``block_columns``: with top-k the selected chunks' tokens counted from the op's selection on
+the samples, key sets per query head, and a score per pair of chunks and head); boundary chunks
+otherwise as the fixed-chunk op at the padded length of their chunk slots (the path of the CUDA
+kernels too).
 
 Time (:class:`TimeModel`) is linear in that work, plus a fixed cost per call:
 
@@ -62,19 +64,21 @@ def mta_flops(config: MTAConfig, n: int, d: int, causal: bool, exact_fraction: f
 
 def mta_work(config: MTAConfig, n: int, d: int, causal: bool, *, heads: int = 1, kv_heads: int | None = None,
              batch: int = 1, exact_fraction: float = 0.0, clusters: int | None = None,
-             block_columns: tuple[float, float] | None = None,
+             block_columns: tuple | None = None,
              padded_n: int | None = None) -> tuple[float, float, float]:
     """(flops, key-set bytes, selection elements) of one call of the op: see the module docstring.
-    ``block_columns`` = (columns per query, key-set rows) where the op runs in query blocks
+    ``block_columns`` = (columns per query, key-set rows, chunks) where the op runs in query blocks
     (``ops.varlen.key_columns``); ``padded_n``: boundary chunks in chunk slots, run as the
     fixed-chunk op at that length."""
     kv_heads = heads if kv_heads is None else kv_heads
     n = padded_n or n
     summary_pass = batch * kv_heads * 4.0 * n * d
     if block_columns is not None:
-        columns, rows = block_columns
+        columns, rows, chunks = (*block_columns, 0)[:3]
+        top_k = config.top_k > 0  # top-k: key sets per query head, a score per chunk pair and head
         return (batch * heads * 4.0 * n * columns * d + summary_pass,
-                batch * kv_heads * 2.0 * rows * d * _FP32, 0.0)
+                batch * (heads if top_k else kv_heads) * 2.0 * rows * d * _FP32,
+                batch * heads * chunks * chunks if top_k else 0.0)
     c = min(config.chunk_size, n)
     nc = -(-n // c)
     L = min(config.local_chunks, nc)
@@ -202,12 +206,12 @@ def load_time_model(spec: str) -> TimeModel:
 def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, *, heads: int = 1,
                   kv_heads: int | None = None, batch: int = 1, exact_fraction: float = 0.0,
                   padded_n: int | None = None, clusters: int | None = None,
-                  block_columns: tuple[float, float] | None = None, model: TimeModel = CPU,
+                  block_columns: tuple | None = None, model: TimeModel = CPU,
                   softcap: bool = False) -> float:
     """Modelled time of ``config`` (None: exact) relative to exact attention at length n over
     ``batch`` sequences and ``heads`` query / ``kv_heads`` key-value heads; with ``exact_fraction``
     of the summarised blocks attended exactly (see the module docstring). ``block_columns`` =
-    (columns per query, key-set rows) where the op runs in query blocks; boundary chunks
+    (columns per query, key-set rows, chunks) where the op runs in query blocks; boundary chunks
     otherwise: ``padded_n``, the padded length of their chunk slots
     (``ops.segments.padded_length``), at which the fixed-chunk op runs them. ``clusters``:
     clustered summaries, K of them per query, plus scoring every key against the K centroids.

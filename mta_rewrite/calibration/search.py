@@ -483,24 +483,30 @@ def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None,
 def _layout_costs(recs, pool, n: int, causal: bool) -> dict:
     """Per candidate, how the op's layout is costed at this site (``cost.relative_cost``'s
     keywords). In query blocks where the op runs so on the CPU (``ops.varlen``: the site's masks
-    are none or key padding, no top-k; boundary chunks, or fixed chunks that
-    ``varlen.blocks_beat_chunks``): from the block layout, the most columns over the samples.
-    Other boundary candidates at the padded length of their chunk slots (the longest over the
-    samples); other fixed candidates chunk by chunk (no keywords)."""
+    are none or key padding; boundary chunks, or fixed chunks without top-k that
+    ``varlen.blocks_beat_chunks``): from the block layout, the most columns over the samples (with
+    top-k, the columns of the chunks the op selects on each sample). Other boundary candidates at
+    the padded length of their chunk slots (the longest over the samples); other fixed candidates
+    chunk by chunk (no keywords)."""
     from ..ops.segments import padded_length
     from ..ops.varlen import blocks_beat_chunks, key_columns, runs_unpadded
 
     boundaries = recs[0].segment_ids is not None
-    blocks_apply = all(runs_unpadded(r.mask, *r.q.shape[:3], r.causal, 0) for r in recs)
+    blocks_apply = all(runs_unpadded(r.mask, *r.q.shape[:3], r.causal) for r in recs)
     cache: dict = {}
     out = {}
     for c in pool:
         shape = dict(chunk_size=c.chunk_size, causal=causal, local_chunks=c.local_chunks, sinks=c.sinks)
-        if blocks_apply and c.top_k == 0 and (boundaries or blocks_beat_chunks(c.chunk_size, n)):
-            key = ("blocks", c.chunk_size, c.local_chunks, c.sinks)
+        if blocks_apply and (boundaries or c.top_k == 0 and blocks_beat_chunks(c.chunk_size, n)):
+            key = ("blocks", c.chunk_size, c.local_chunks, c.sinks, c.top_k)
             if key not in cache:
-                ids = [r.segment_ids for r in recs] if boundaries else [None]
-                cache[key] = {"block_columns": max(key_columns(x, n=n, **shape) for x in ids)}
+                if c.top_k:  # the selected chunks' tokens depend on each sample's q and k
+                    counts = [key_columns(r.segment_ids, n=n, top_k=c.top_k, q=r.q, k=r.k, attn_mask=r.mask,
+                                          scale=r.scale, **shape) for r in recs]
+                else:
+                    ids = [r.segment_ids for r in recs] if boundaries else [None]
+                    counts = [key_columns(x, n=n, **shape) for x in ids]
+                cache[key] = {"block_columns": max(counts)}
         elif boundaries:
             key = ("slots", c.chunk_size, c.sinks)
             if key not in cache:

@@ -24,7 +24,7 @@ than one chunk, tensors under 2^31 elements, no soft-cap → the Triton backward
 and clustered summaries; boundary chunks read where they lie, as in the forward); otherwise the op's
 backward recomputes the forward with the portable implementation under autograd, on the same
 device (no transfer to the CPU), boundary chunks unpadded where ``ops/varlen.py`` takes the mask
-(no mask or key padding, no top-k), else in padded slots.
+(no mask or key padding), else in padded slots.
 """
 
 from __future__ import annotations

@@ -13,13 +13,13 @@ top-k selection is piecewise constant and has no gradient, as in the spec. Learn
 weights (``summary_weight``) get their gradient from the same paths: the Triton backward on CUDA
 (which passes the summaries' gradients on through the softmax weights, ``mta_bwd._spread_learned``),
 the portable recomputation elsewhere (calibration fits them on the CPU).
-Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or key padding and
-no top-k (``varlen.py``, differentiated by recomputation), and on CUDA for no mask or key padding
+Boundary chunks (``segment_ids``) run without padding on the CPU for no mask or key padding
+(``varlen.py``, top-k included, differentiated by recomputation), and on CUDA for no mask or key padding
 on the Triton forward reading each chunk where it lies (``kernels.dispatch_cuda_boundary``);
 otherwise they move the tokens into padded chunk slots (``segments.py``) and run every path above
 there. Their gradients on CUDA come from the Triton backward reading the chunks where they lie
 (no mask or key padding, no soft-cap); otherwise, on every device, from the portable
-recomputation: unpadded where ``varlen.py`` takes the mask and options, else in the slots (the
+recomputation: unpadded where ``varlen.py`` takes the mask, else in the slots (the
 same function as the unpadded forward). Clustered summaries (``centroids``,
 ``clustered.py``) run their own portable implementation, or on CUDA for no mask or key padding the
 Triton kernels (``kernels/clusters.py``); their gradients come from the Triton backward where the
@@ -192,7 +192,7 @@ def portable_fixed(q, k, v, attn_mask=None, rows_from: int = 0, **config):
     blocks) wholly before that row are not computed."""
     if config["chunk_size"] >= q.shape[2]:
         return exact_sdpa(q, k, v, attn_mask, config["causal"], config["scale"], config.get("softcap", 0.0))
-    if blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3], config["top_k"]):
+    if config["top_k"] == 0 and blocks_beat_chunks(config["chunk_size"], q.shape[2]) and takes(attn_mask, *q.shape[:3]):
         return mta_attention_varlen(q, k, v, attn_mask, None, rows_from=rows_from, **config)
     return mta_attention_chunked(q, k, v, attn_mask, rows_from=rows_from, **config)
 
@@ -279,17 +279,17 @@ def exact_soft_capped(q, k, v, attn_mask, causal: bool, scale, softcap: float):
     return in_layout_of(q, out.reshape(B, Hq, n, d).to(q.dtype))
 
 
-def _unpadded_boundaries(q, attn_mask, top_k) -> bool:
+def _unpadded_boundaries(q, attn_mask) -> bool:
     """Whether the portable implementation runs boundary chunks without padding slots
-    (``varlen.py``): for the masks and options it takes."""
-    return takes(attn_mask, *q.shape[:3], top_k)
+    (``varlen.py``): for the masks it takes."""
+    return takes(attn_mask, *q.shape[:3])
 
 
 def portable_boundary(q, k, v, attn_mask, segment_ids, rows_from: int = 0, **config):
     """Boundary chunks off the CUDA kernels: without padding (``varlen.py``) where it applies,
     its query blocks wholly before ``rows_from`` not computed, else the fixed-chunk
     implementation in padded chunk slots (``segments.py``: every row)."""
-    if _unpadded_boundaries(q, attn_mask, config["top_k"]):
+    if _unpadded_boundaries(q, attn_mask):
         return mta_attention_varlen(q, k, v, attn_mask, segment_ids, rows_from=rows_from, **config)
     return in_layout_of(q, segmented(portable_fixed, q, k, v, attn_mask, segment_ids, **config))
 
@@ -370,7 +370,7 @@ def _gradients(grad_out, q, k, v, attn_mask, summary_weight, segment_ids, centro
         dq, dk, dv, dw = _grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config)
     elif (grads := _triton_grads(q, k, v, attn_mask, summary_weight, grad_out, needs, config, segment_ids)):
         dq, dk, dv, dw = grads  # CUDA: the Triton backward reading the chunks where they lie, as the forward
-    elif _unpadded_boundaries(q, attn_mask, config["top_k"]):  # recomputed unpadded where the portable path is
+    elif _unpadded_boundaries(q, attn_mask):  # recomputed unpadded where the portable path is
         dq, dk, dv, dw = _recomputed(
             lambda q, k, v, w: mta_attention_varlen(q, k, v, attn_mask, segment_ids, summary_weight=w, **config),
             (q, k, v, summary_weight), grad_out, needs)

@@ -25,9 +25,18 @@ Cost per head: n·(W + sinks + M) multiply-adds (M about halved with causality),
 causality (the window of the block's first query reaches back to the start of chunk a − L + 1),
 W < Bq + 2L·c without; the slots cost N·(L·c + sinks + M), N ≥ n.
 
+Top-k (``top_k`` K > 0): per query chunk i and query head, the K summarised chunks with the
+largest scale·q̄_i·k̄_j (q̄_i: the mean of chunk i's queries; MTA_SPEC.md's rule, ties to the lower
+index) are attended exactly instead of through their summaries. A block's key set then also holds
+the tokens of the union U of the chunks its queries' chunks select (per query head: the heads of a
+GQA group select differently, so with top-k every query head gets its own key set, k and v read
+per query head), as one more column range after the summaries; each row's mask keeps the columns of
+its own chunk's selection and drops those chunks' summaries. U's tokens are padded to the most of
+any block's (and head's) in the band: ``selected_columns`` counts them, as the cost model reads.
+
 Scope: masks None or key padding (one bool or 0/−inf value per key, the same for every head; the
-shapes the op's mask simplification leaves for transformers' masks), no top-k. Anything else
-(top-k, per-query, per-head or bias masks) and the CUDA kernels take the slots of ``segments.py``.
+shapes the op's mask simplification leaves for transformers' masks). Anything else (per-query,
+per-head or bias masks) and the CUDA kernels take the slots of ``segments.py``.
 """
 
 from __future__ import annotations
@@ -43,29 +52,25 @@ from .masks import NormalizedMask, normalize_mask, simplify_mask
 from .segments import chunk_starts
 
 
-def varlen_applies(mask: NormalizedMask | None, top_k: int) -> bool:
-    """Whether :func:`mta_attention_varlen` computes this call (the module docstring's scope)."""
-    if top_k > 0:
-        return False
+def varlen_applies(mask: NormalizedMask | None) -> bool:
+    """Whether :func:`mta_attention_varlen` computes a call with this mask (the module docstring's scope)."""
     return mask is None or (not mask.per_query and not mask.per_head and mask.bias is None)
 
 
-def takes(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, top_k: int) -> bool:
+def takes(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int) -> bool:
     """:func:`varlen_applies` for an SDPA mask as the op has simplified it, deciding by shape first:
     a mask that varies per query or head is refused without reading its n×n values."""
-    if top_k > 0:
-        return False
     if attn_mask is not None and attn_mask.dim() >= 2 and (
             attn_mask.shape[-2] != 1 or attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1):
         return False  # per query ([..., n, n]) or per head ([..., Hq, 1, n])
-    return varlen_applies(normalize_mask(attn_mask, B, Hq, n), top_k)
+    return varlen_applies(normalize_mask(attn_mask, B, Hq, n))
 
 
-def runs_unpadded(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool, top_k: int) -> bool:
+def runs_unpadded(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool) -> bool:
     """Whether the op on the CPU runs boundary chunks here, for this SDPA mask (as the op simplifies
-    it: transformers' materialised masks read as key padding ∧ causality) and top-k."""
+    it: transformers' materialised masks read as key padding ∧ causality)."""
     attn_mask, _ = simplify_mask(attn_mask, B, Hq, n, causal)
-    return takes(attn_mask, B, Hq, n, top_k)
+    return takes(attn_mask, B, Hq, n)
 
 
 def blocks_beat_chunks(chunk_size: int, n: int) -> bool:
@@ -98,6 +103,8 @@ class BlockPlan:
     lo: torch.Tensor  # [B, nb]: the first token of the block's window range
     hi: torch.Tensor  # [B, nb] (or [1, nb]): one past its last
     bands: list  # (first block, end block, summaries the band needs)
+    first: torch.Tensor  # [B, M]: the first token of each chunk (n for a chunk the sequence lacks)
+    sizes: torch.Tensor  # [B, M]: its tokens
 
     @property
     def width(self) -> int:
@@ -137,22 +144,174 @@ def plan_blocks(segment_ids: torch.Tensor | None, B: int, *, chunk_size: int, ca
     for lo_b, hi_b in _causal_bands(nb):
         width = max(0, int(qchunk[:, lo_b:hi_b].max()) - L + 1) if causal else M
         bands.append((lo_b, hi_b, width))
-    return BlockPlan(chunk, M, Bq, qpos, qchunk, lo, hi, bands)
+    sizes = torch.zeros(B, M, dtype=torch.long, device=dev).scatter_add(1, chunk, torch.ones_like(chunk))
+    return BlockPlan(chunk, M, Bq, qpos, qchunk, lo, hi, bands, first, sizes)
+
+
+def _summaries(k, v, chunk, w, M: int, summary_weight, cdt):
+    """The chunks' summaries [B, Hkv, M, d] (masked or learned weighted means over the keys ``w``
+    [B, n] marks: allowed, not a sink) and log n_j [B, M] (−1e30 for a chunk with no such key)."""
+    B, Hkv, n, d = k.shape
+    dev = k.device
+    n_j = torch.zeros(B, M, dtype=cdt, device=dev).scatter_add(1, chunk, w.to(cdt))
+    idx = chunk.view(B, 1, n, 1).expand(B, Hkv, n, d)
+    if summary_weight is None:
+        weight = w.to(cdt).view(B, 1, n, 1)
+        norm = n_j.view(B, 1, M, 1)
+    else:
+        logit = torch.einsum("bhnd,hd->bhn", k, summary_weight.to(cdt)).masked_fill(~w.view(B, 1, n), NEG)
+        top = torch.full((B, Hkv, M), NEG, dtype=cdt, device=dev).scatter_reduce(
+            2, chunk.view(B, 1, n).expand(B, Hkv, n), logit.detach(), "amax")  # for stability only
+        a = torch.exp(logit - top.gather(2, chunk.view(B, 1, n).expand(B, Hkv, n))) * w.view(B, 1, n)
+        weight = a.unsqueeze(-1)
+        norm = torch.zeros(B, Hkv, M, dtype=cdt, device=dev).scatter_add(2, chunk.view(B, 1, n).expand(B, Hkv, n), a)
+        norm = norm.unsqueeze(-1)
+    inv = 1.0 / norm.clamp(min=1e-30)
+    kbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, k * weight) * inv
+    vbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, v * weight) * inv
+    log_n = torch.where(n_j > 0, torch.log(n_j.clamp(min=1.0)), NEG)  # [B, M]
+    return kbar, vbar, n_j, log_n
+
+
+# elements of one piece of the selection's scores (B·H·chunks·M), which it sorts
+_SELECT_ELEMENTS = 4 << 20
+
+
+@torch.no_grad()
+def _select(q, kbar, n_j, plan: BlockPlan, *, local_chunks: int, causal: bool, scale: float, top_k: int):
+    """Top-k (MTA_SPEC.md): per sequence, query head and query chunk i, the ``top_k`` summarised
+    chunks j (outside i's window, before it with causality, with a key to summarise) with the largest
+    scale·q̄_i·k̄_j, ties to the lower index → [B, H, M, top_k] chunk ids, −1 where fewer exist.
+    ``kbar`` has q's heads (the caller repeats a GQA group's). In pieces of query chunks."""
+    B, H, n, d = q.shape
+    M, L, chunk = plan.chunks, local_chunks, plan.chunk
+    K = min(top_k, M)
+    qbar = torch.zeros(B, H, M, d, dtype=q.dtype, device=q.device).scatter_add(
+        2, chunk.view(B, 1, n, 1).expand(B, H, n, d), q)
+    qbar = qbar * (scale / plan.sizes.clamp(min=1).to(q.dtype)).view(B, 1, M, 1)
+    jj = torch.arange(M, device=q.device)
+    has_keys = (n_j > 0).view(B, 1, 1, M)
+    sel = torch.full((B, H, M, top_k), -1, dtype=torch.long, device=q.device)
+    step = max(1, _SELECT_ELEMENTS // max(1, B * H * M))
+    for i0 in range(0, M, step):
+        i = jj[i0:i0 + step].view(-1, 1)
+        outside = (jj < i - L + 1) if causal else ((jj - i).abs() > L - 1)  # [m, M]
+        score = torch.einsum("bhid,bhjd->bhij", qbar[:, :, i0:i0 + step], kbar)
+        score = score.masked_fill(~(outside & has_keys), float("-inf"))
+        sel[:, :, i0:i0 + step, :K] = _top_chunks(score, K)
+    return sel
+
+
+def _top_chunks(score: torch.Tensor, K: int) -> torch.Tensor:
+    """The indices of the K largest finite entries of each row of ``score`` [..., M], ties to the
+    lower index (−1 where fewer are finite): ``torch.topk`` (a partial selection, not a sort),
+    and a stable sort only for the rows where a tie straddles the K-th place (topk's choice
+    among equal values is not the spec's)."""
+    vals, idx = torch.topk(score, K, dim=-1)
+    kth = vals[..., -1:]
+    straddles = ((score == kth).sum(-1) > (vals == kth).sum(-1)) & (kth[..., 0] > float("-inf"))
+    if straddles.any():
+        rows = straddles.nonzero(as_tuple=True)
+        top = torch.sort(score[rows], dim=-1, descending=True, stable=True)
+        vals[rows], idx[rows] = top.values[..., :K], top.indices[..., :K]
+    return torch.where(vals > float("-inf"), idx, -1)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """Per query block and head, the chunks its queries' chunks select (their union U, as lists)
+    and their token counts: the column range a block's key set gives them."""
+
+    rows: torch.Tensor  # [B, H, nb, Bq, K]: each block row's selection (its chunk's)
+    union: torch.Tensor  # [B, H, nb, U]: the union's chunk ids, ascending, −1 padded
+    sizes: torch.Tensor  # [B, H, nb, U]: their tokens (0 for padding)
+    ends: torch.Tensor  # [B, H, nb, U]: cumulative sizes
+    total: torch.Tensor  # [B, H, nb]: the union's tokens
+
+    def width(self, lo: int, hi: int) -> int:
+        """Columns the blocks lo … hi − 1 give the selected tokens: the most of any block and head."""
+        return int(self.total[:, :, lo:hi].max()) if hi > lo and self.total.numel() else 0
+
+
+@torch.no_grad()
+def _selected_union(sel: torch.Tensor, plan: BlockPlan) -> Selected:
+    B, H, M, K = sel.shape
+    nb, Bq = plan.qpos.shape
+    rows = sel.gather(2, plan.qchunk.view(B, 1, nb * Bq, 1).expand(B, H, nb * Bq, K)).view(B, H, nb, Bq, K)
+    flat = torch.sort(rows.reshape(B, H, nb, Bq * K), dim=-1).values
+    new = (flat >= 0) & torch.cat([torch.ones_like(flat[..., :1], dtype=torch.bool), flat[..., 1:] != flat[..., :-1]],
+                                  dim=-1)
+    U = max(1, int(new.sum(-1).max()))
+    order = torch.sort((~new).to(torch.int8), dim=-1, stable=True).indices[..., :U]  # the distinct ids, in order
+    union = torch.where(new.gather(-1, order), flat.gather(-1, order), -1)
+    sizes = plan.sizes.view(B, 1, 1, M).expand(B, H, nb, M).gather(-1, union.clamp(min=0))
+    sizes = torch.where(union >= 0, sizes, 0)
+    ends = sizes.cumsum(-1)
+    return Selected(rows, union, sizes, ends, ends[..., -1])
+
+
+def _selected_positions(selected: Selected, plan: BlockPlan, lo: int, hi: int, T: int):
+    """For blocks lo … hi − 1, the T selected columns: each one's token [B, H, m, T] (clamped to the
+    sequence), its chunk (−1 past the block's union) and whether it is one of the union's tokens."""
+    B, H = selected.union.shape[:2]
+    p = torch.arange(T, device=selected.union.device).expand(B, H, hi - lo, T).contiguous()
+    ends = selected.ends[:, :, lo:hi].contiguous()
+    e = torch.searchsorted(ends, p, right=True).clamp(max=ends.shape[-1] - 1)  # the union entry of column p
+    cid = selected.union[:, :, lo:hi].gather(-1, e)
+    begin = ends.gather(-1, e) - selected.sizes[:, :, lo:hi].gather(-1, e)  # its first column
+    M = plan.chunks
+    start = plan.first.view(B, 1, 1, M).expand(B, H, hi - lo, M).gather(-1, cid.clamp(min=0))
+    real = p < selected.total[:, :, lo:hi].unsqueeze(-1)
+    pos = (start + p - begin).clamp(0, plan.chunk.shape[1] - 1)
+    return pos, torch.where(real, cid, -1), real
 
 
 def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
-                sinks: int = 0, n: int | None = None) -> tuple[float, int]:
-    """(columns per query, key-set rows) the op computes per sequence in query blocks for these ids
-    (every sequence of a batch runs the layout of the widest; ``segment_ids`` None: fixed chunks over
-    ``n`` tokens): the cost model's keys per query (window range, sinks, summaries) and the rows of
-    the key sets it builds (``calibration.cost``)."""
+                sinks: int = 0, n: int | None = None, top_k: int = 0, q: torch.Tensor | None = None,
+                k: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                scale: float | None = None) -> tuple[float, int, int]:
+    """(columns per query, key-set rows, chunks) the op computes per sequence and head in query
+    blocks for these ids (every sequence of a batch runs the layout of the widest; ``segment_ids``
+    None: fixed chunks over ``n`` tokens): the cost model's keys per query (window range, sinks,
+    summaries, with top-k the selected chunks' tokens), the rows of the key sets it builds and the
+    chunks M (top-k scores M chunks per query chunk) (``calibration.cost``). With ``top_k`` the
+    selected columns depend on the data: ``q`` and ``k`` (and the call's mask and scale) are
+    needed, and the op's own selection counts them."""
     B, n = segment_ids.shape if segment_ids is not None else (1, n)
+    B = q.shape[0] if q is not None else B
     plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=local_chunks, sinks=sinks,
-                       n=n)
+                       n=n, device=None if segment_ids is None else segment_ids.device)
     s = min(sinks, n)
     W = plan.width
-    columns = sum((hi_b - lo_b) * plan.block * (W + s + width) for lo_b, hi_b, width in plan.bands)
-    return columns / n, plan.qpos.shape[0] * (W + s + plan.chunks)
+    selected = None
+    if top_k > 0:
+        if q is None or k is None:
+            raise ValueError("key_columns with top_k counts the chunks the data selects: give q and k")
+        selected = _selection_of(q, k, attn_mask, plan, causal=causal, local_chunks=local_chunks, sinks=s,
+                                 scale=scale, top_k=top_k)
+    columns = rows = 0
+    for lo_b, hi_b, width in plan.bands:
+        T = selected.width(lo_b, hi_b) if selected is not None else 0
+        columns += (hi_b - lo_b) * plan.block * (W + s + width + T)
+        rows += (hi_b - lo_b) * (W + s + plan.chunks + T)
+    return columns / n, rows, plan.chunks
+
+
+@torch.no_grad()
+def _selection_of(q, k, attn_mask, plan: BlockPlan, *, causal: bool, local_chunks: int, sinks: int, scale, top_k: int):
+    """The op's top-k selection and its per-block union for these inputs (:func:`key_columns`)."""
+    B, Hq, n, d = q.shape
+    mask = normalize_mask(simplify_mask(attn_mask, B, Hq, n, causal)[0], B, Hq, n)
+    if not varlen_applies(mask):
+        raise ValueError("key_columns counts calls with no mask or key padding")
+    cdt = _compute_dtype(q.dtype)
+    q, k = q.to(cdt), k.to(cdt).repeat_interleave(Hq // k.shape[1], dim=1)
+    key_ok = mask.allowed.view(-1, n).expand(B, n) if mask is not None else torch.ones(B, n, dtype=torch.bool)
+    w = key_ok & (torch.arange(n) >= sinks)
+    kbar, _, n_j, _ = _summaries(k, k, plan.chunk, w, plan.chunks, None, cdt)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return _selected_union(_select(q, kbar, n_j, plan, local_chunks=local_chunks, causal=causal, scale=scale,
+                                   top_k=top_k), plan)
 
 
 def mta_attention_varlen(
@@ -173,8 +332,8 @@ def mta_attention_varlen(
     rows_from: int = 0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Boundary-chunk MTA (``segments.py``'s chunks, MTA_SPEC.md's math) for the masks and options
-    of :func:`varlen_applies`, differentiable in q, k, v and ``summary_weight``. ``block``: the
+    """Boundary-chunk MTA (``segments.py``'s chunks, MTA_SPEC.md's math) for the masks of
+    :func:`varlen_applies`, differentiable in q, k, v and ``summary_weight``. ``block``: the
     queries per block (default :func:`query_block`). ``rows_from``: the caller reads the output's
     rows from this query on only; the query blocks wholly before it are not computed (their rows
     are zeros). ``softcap``: logits soft-capped (``chunked.soft_capped``). See the module docstring."""
@@ -182,14 +341,27 @@ def mta_attention_varlen(
     Hkv = k.shape[1]
     G = Hq // Hkv
     mask = normalize_mask(attn_mask, B, Hq, n)
-    if not varlen_applies(mask, top_k):
-        raise ValueError("mta_attention_varlen takes no mask or key padding, and no top-k (use segments.segmented)")
+    if not varlen_applies(mask):
+        raise ValueError("mta_attention_varlen takes no mask or key padding (use segments.segmented)")
     q_in = q
     cdt = _compute_dtype(q.dtype)
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     dev = q.device
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     L, s = local_chunks, min(sinks, n)
+    K = top_k
+    # With top-k each query head has its own selected chunks. Where no gradient is wanted (the op's
+    # forward: the fused kernel's log-sum-exp has none), a block runs as two key sets merged by
+    # their log-sum-exps: A, the window and sinks, per key/value head with the rows of its query
+    # heads together (as without top-k); B, the summaries and the selected chunks' tokens, per
+    # query head. Under autograd, one key set per query head (k and v repeated to the query heads).
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
+    split = K > 0 and not grad
+    if K > 0 and not split and G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        if summary_weight is not None:
+            summary_weight = summary_weight.repeat_interleave(G, dim=0)
+        Hkv, G = Hq, 1
     plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=L, sinks=s, block=block,
                        n=n, device=dev)
     chunk, M, Bq, qpos, qchunk = plan.chunk, plan.chunks, plan.block, plan.qpos, plan.qchunk
@@ -201,23 +373,12 @@ def mta_attention_varlen(
 
     # ---- summaries [B, Hkv, M, d]: masked (or learned weighted) means, log n_j ---------------
     w = key_ok & (t >= s)  # the keys a summary pools: allowed, not a sink
-    n_j = torch.zeros(B, M, dtype=cdt, device=dev).scatter_add(1, chunk, w.to(cdt))
-    idx = chunk.view(B, 1, n, 1).expand(B, Hkv, n, d)
-    if summary_weight is None:
-        weight = w.to(cdt).view(B, 1, n, 1)
-        norm = n_j.view(B, 1, M, 1)
-    else:
-        logit = torch.einsum("bhnd,hd->bhn", k, summary_weight.to(cdt)).masked_fill(~w.view(B, 1, n), NEG)
-        top = torch.full((B, Hkv, M), NEG, dtype=cdt, device=dev).scatter_reduce(
-            2, chunk.view(B, 1, n).expand(B, Hkv, n), logit.detach(), "amax")  # for stability only
-        a = torch.exp(logit - top.gather(2, chunk.view(B, 1, n).expand(B, Hkv, n))) * w.view(B, 1, n)
-        weight = a.unsqueeze(-1)
-        norm = torch.zeros(B, Hkv, M, dtype=cdt, device=dev).scatter_add(2, chunk.view(B, 1, n).expand(B, Hkv, n), a)
-        norm = norm.unsqueeze(-1)
-    inv = 1.0 / norm.clamp(min=1e-30)
-    kbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, k * weight) * inv
-    vbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, v * weight) * inv
-    log_n = torch.where(n_j > 0, torch.log(n_j.clamp(min=1.0)), NEG)  # [B, M]
+    kbar, vbar, n_j, log_n = _summaries(k, v, chunk, w, M, summary_weight, cdt)
+    selected = None
+    if K > 0:  # each query chunk's top-k chunks, per query head; per block the union of its rows'
+        sel = _select(q, kbar.repeat_interleave(G, dim=1), n_j, plan, local_chunks=L, causal=causal, scale=scale,
+                      top_k=K)
+        selected = _selected_union(sel, plan)
 
     # ---- per block: the window columns, the tokens lo … hi − 1 -------------------------------
     lo, hi = plan.lo, plan.hi
@@ -232,8 +393,72 @@ def mta_attention_varlen(
     qp = q if npad == n else torch.nn.functional.pad(q, (0, 0, 0, npad - n))
     q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
     kT, vT = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, B, n, d]
+    # (key set B's rows: per query head, [Hq, nb·B, Bq, d]; a view of q for one sequence)
+    q_head = qp.view(B, Hq, nb, Bq, d).permute(1, 2, 0, 3, 4).reshape(Hq, nb * B, Bq, d) if split else q_rows
+    jj = torch.arange(M, device=dev)
 
-    # ---- one fused attention call per band of blocks ------------------------------------------
+    def shared_part(k_dst, v_dst, sel: slice, m_b: int, width: int) -> torch.Tensor:
+        """Fills [Hkv, m, B, ·, d] with the window tokens, the sinks and (``width`` > 0) the first
+        ``width`` summaries; → their terms [B, m, Bq, ·], the same for every head."""
+        gidx = kpos[:, sel].reshape(1, B, m_b * Wmax, 1).expand(Hkv, B, m_b * Wmax, d)
+        k_dst[:, :, :, :Wmax] = kT.gather(2, gidx).view(Hkv, B, m_b, Wmax, d).transpose(1, 2)
+        v_dst[:, :, :, :Wmax] = vT.gather(2, gidx).view(Hkv, B, m_b, Wmax, d).transpose(1, 2)
+        if s > 0:
+            k_dst[:, :, :, Wmax:Wmax + s] = kT[:, :, :s].unsqueeze(1)
+            v_dst[:, :, :, Wmax:Wmax + s] = vT[:, :, :s].unsqueeze(1)
+        if width:
+            k_dst[:, :, :, Wmax + s:] = kbar[:, :, :width].transpose(0, 1).unsqueeze(1)
+            v_dst[:, :, :, Wmax + s:] = vbar[:, :, :width].transpose(0, 1).unsqueeze(1)
+        qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
+        tq = qpos[sel].view(1, m_b, Bq, 1)
+        # exact window columns: in range, not a sink, allowed, chunk in the query's window
+        kc = kchunk[:, sel].unsqueeze(-2)  # [B, m, 1, Wmax]
+        win = (kin[:, sel] & (kpos[:, sel] >= s) & kok[:, sel]).unsqueeze(-2) & (kc >= qc - L + 1)
+        win = win & ((kpos[:, sel].unsqueeze(-2) <= tq) if causal else (kc <= qc + L - 1))
+        parts = [torch.where(win, 0.0, NEG).to(cdt)]
+        if s > 0:
+            sink = key_ok[:, :s].view(B, 1, 1, s)
+            if causal:
+                sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
+            parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, m_b, Bq, s))
+        if width:
+            parts.append(torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
+        return torch.cat(parts, dim=-1)
+
+    def outside(qc: torch.Tensor, width: int) -> torch.Tensor:
+        """Whether each of the first ``width`` chunks is summarised for the query chunks ``qc``."""
+        j = jj[:width]
+        return (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
+
+    def headwise_part(k_dst, v_dst, term_dst, sel: slice, m_b: int, width: int, T: int) -> None:
+        """Fills [Hkv, G, m, B, width + T, d] (per query head) with the first ``width`` summaries and
+        the T columns of the chunks the blocks' rows select, and their terms [Hkv, G, m, B, Bq,
+        width + T]: a row's selected chunks leave its summaries for its exact columns."""
+        k_dst[..., :width, :] = kbar[:, :, :width].transpose(0, 1).view(Hkv, 1, 1, B, width, d)
+        v_dst[..., :width, :] = vbar[:, :, :width].transpose(0, 1).view(Hkv, 1, 1, B, width, d)
+        srows = selected.rows[:, :, sel].view(B, Hkv, G, m_b, Bq, K).permute(1, 2, 3, 0, 4, 5)  # as term_dst
+        qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
+        summary = torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt)
+        term_dst[..., :width] = summary.transpose(0, 1)  # [m, B, Bq, width], every head
+        # a row's selected chunks: their summaries' terms to −1e30 (amin: −1 entries leave theirs)
+        pick = (srows >= 0) & (srows < width)
+        term_dst[..., :width].scatter_reduce_(-1, srows.clamp(0, max(width - 1, 0)),
+                                              torch.where(pick, NEG, float("inf")).to(cdt), "amin")
+        if T:
+            spos, schunk, sreal = _selected_positions(selected, plan, sel.start, sel.stop, T)  # [B, Hq, m, T]
+            sidx = spos.view(B, Hkv, G * m_b * T, 1).transpose(0, 1).expand(Hkv, B, G * m_b * T, d)
+            k_dst[..., width:, :] = kT.gather(2, sidx).view(Hkv, B, G, m_b, T, d).permute(0, 2, 3, 1, 4, 5)
+            v_dst[..., width:, :] = vT.gather(2, sidx).view(Hkv, B, G, m_b, T, d).permute(0, 2, 3, 1, 4, 5)
+            # a row's own selection, of the union's real tokens, not sinks (the sink columns'), allowed
+            # (a selected chunk's keys all come before the query: no causal test)
+            usable = sreal & (spos >= s) & key_ok.gather(1, spos.view(B, -1)).view(spos.shape)
+            schunk = torch.where(usable, schunk, -2).view(B, Hkv, G, m_b, 1, T).permute(1, 2, 3, 0, 4, 5)
+            chosen = schunk == srows[..., 0:1]
+            for r in range(1, K):
+                chosen |= schunk == srows[..., r:r + 1]
+            term_dst[..., width:] = torch.where(chosen, 0.0, NEG).to(cdt)
+
+    # ---- fused attention per band of blocks ---------------------------------------------------
     # On the CPU a band runs in pieces whose key sets stay under the memory bound
     # (chunked._memory_bands), built, used and freed one after the other.
     out = torch.empty(Hkv, nb * B, G * Bq, d, dtype=cdt, device=dev)
@@ -242,50 +467,64 @@ def mta_attention_varlen(
     if first:
         out[:, :first * B] = 0.0
         lse[:, :first * B] = 0.0
-    jj = torch.arange(M, device=dev)
     for lo_p, hi_p, width in plan.bands:
         lo_p = max(lo_p, first)
         if lo_p >= hi_p:
             continue
-        cols = Wmax + s + width
-        row_bytes = Hkv * B * cols * (d + (2 * G * Bq if softcap else 0)) * cdt.itemsize  # (+ scores, soft-cap)
+        # columns per row: shared (window, sinks; the summaries without top-k) and per query head
+        # (with top-k: the summaries and the selected tokens); bytes per block: the key sets, the
+        # scores of a soft-cap, the per-head terms
+        cols_a = Wmax + s + (0 if K else width)
+        cols_b = width + selected.width(lo_p, hi_p) if K else 0
+        row_bytes = (Hkv * B * cols_a * (d + (2 * G * Bq if softcap else 0))
+                     + Hq * B * cols_b * (d + Bq + (2 * Bq if softcap else 0))) * cdt.itemsize
         for lo_b, hi_b in _memory_bands(lo_p, hi_p, row_bytes, dev):
             m_b = hi_b - lo_b
             sel = slice(lo_b, hi_b)
-            # key sets [Hkv, m, B, cols, d]: the window tokens, sinks, the summaries the band needs
+            rows = slice(lo_b * B, hi_b * B)
+            cols_b = width + selected.width(lo_b, hi_b) if K else 0
+            if split:  # two key sets, merged by their log-sum-exps
+                k_a = torch.empty(Hkv, m_b, B, cols_a, d, dtype=cdt, device=dev)
+                v_a = torch.empty_like(k_a)
+                term_a = shared_part(k_a, v_a, sel, m_b, 0)
+                term_a = term_a.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3) if G > 1 else term_a
+                o_a, l_a = _attention_with_lse(q_rows[:, rows], k_a.view(Hkv, m_b * B, cols_a, d),
+                                               v_a.view(Hkv, m_b * B, cols_a, d),
+                                               term_a.transpose(0, 1).reshape(1, m_b * B, G * Bq, cols_a), scale,
+                                               softcap)
+                del k_a, v_a, term_a
+                if cols_b == 0:  # (no summaries and nothing selected for these blocks yet)
+                    out[:, rows], lse[:, rows] = o_a, l_a
+                    continue
+                k_b = torch.empty(Hkv, G, m_b, B, cols_b, d, dtype=cdt, device=dev)
+                v_b = torch.empty_like(k_b)
+                term_b = torch.empty(Hkv, G, m_b, B, Bq, cols_b, dtype=cdt, device=dev)
+                headwise_part(k_b, v_b, term_b, sel, m_b, width, cols_b - width)
+                o_b, l_b = _attention_with_lse(q_head[:, rows], k_b.view(Hq, m_b * B, cols_b, d),
+                                               v_b.view(Hq, m_b * B, cols_b, d), term_b.view(Hq, m_b * B, Bq, cols_b),
+                                               scale, softcap)
+                o_b = o_b.view(Hkv, G, m_b * B, Bq, d).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq, d)
+                l_b = l_b.view(Hkv, G, m_b * B, Bq).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq)
+                out[:, rows] = torch.lerp(o_b, o_a, torch.sigmoid(l_a - l_b).unsqueeze(-1))
+                lse[:, rows] = torch.logaddexp(l_a, l_b)
+                continue
+            # one key set [Hkv, m, B, cols, d] (with top-k here G = 1: every query head its own)
+            cols = cols_a + cols_b
             k_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
             v_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
-            gidx = kpos[:, sel].reshape(1, B, m_b * Wmax, 1).expand(Hkv, B, m_b * Wmax, d)
-            k_set[:, :, :, :Wmax] = kT.gather(2, gidx).view(Hkv, B, m_b, Wmax, d).transpose(1, 2)
-            v_set[:, :, :, :Wmax] = vT.gather(2, gidx).view(Hkv, B, m_b, Wmax, d).transpose(1, 2)
-            if s > 0:
-                k_set[:, :, :, Wmax:Wmax + s] = kT[:, :, :s].unsqueeze(1)
-                v_set[:, :, :, Wmax:Wmax + s] = vT[:, :, :s].unsqueeze(1)
-            k_set[:, :, :, Wmax + s:] = kbar[:, :, :width].transpose(0, 1).unsqueeze(1)
-            v_set[:, :, :, Wmax + s:] = vbar[:, :, :width].transpose(0, 1).unsqueeze(1)
-
-            qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
-            tq = qpos[sel].view(1, m_b, Bq, 1)
-            # exact window columns: in range, not a sink, allowed, chunk in the query's window
-            kc = kchunk[:, sel].unsqueeze(-2)  # [B, m, 1, Wmax]
-            win = (kin[:, sel] & (kpos[:, sel] >= s) & kok[:, sel]).unsqueeze(-2) & (kc >= qc - L + 1)
-            win = win & ((kpos[:, sel].unsqueeze(-2) <= tq) if causal else (kc <= qc + L - 1))
-            parts = [torch.where(win, 0.0, NEG).to(cdt)]
-            if s > 0:
-                sink = key_ok[:, :s].view(B, 1, 1, s)
-                if causal:
-                    sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
-                parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, m_b, Bq, s))
-            j = jj[:width]  # the summaries the band needs
-            outside = (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
-            parts.append(torch.where(outside, log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
-            m = torch.cat(parts, dim=-1)  # [B, m, Bq, cols]
-            if G > 1:  # rows are (query head of the group, query): the same mask for each head
-                m = m.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)
-            m = m.transpose(0, 1).reshape(1, m_b * B, G * Bq, cols)  # rows: block·B + b
-            rows = slice(lo_b * B, hi_b * B)
+            term = shared_part(k_set[..., :cols_a, :], v_set[..., :cols_a, :], sel, m_b, 0 if K else width)
+            if K:  # [Hkv, m, B, Bq, cols] (rows: block·B + b): the shared terms, then the per-head ones
+                shared, term = term, torch.empty(Hkv, 1, m_b, B, Bq, cols, dtype=cdt, device=dev)
+                term[..., :cols_a] = shared.transpose(0, 1)
+                headwise_part(k_set[..., cols_a:, :].unsqueeze(1), v_set[..., cols_a:, :].unsqueeze(1),
+                              term[..., cols_a:], sel, m_b, width, cols_b - width)
+                term = term.view(Hkv, m_b * B, Bq, cols)
+            else:
+                if G > 1:  # rows are (query head of the group, query): the same terms for each head
+                    term = term.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)
+                term = term.transpose(0, 1).reshape(1, m_b * B, G * Bq, cols)  # rows: block·B + b
             o, l = _attention_with_lse(q_rows[:, rows], k_set.view(Hkv, m_b * B, cols, d),
-                                       v_set.view(Hkv, m_b * B, cols, d), m, scale, softcap)
+                                       v_set.view(Hkv, m_b * B, cols, d), term, scale, softcap)
             out[:, rows], lse[:, rows] = o, l
     # a query with nothing to attend to (every key padded away) outputs zeros
     out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)

@@ -200,6 +200,32 @@ def test_many_small_chunks_are_costed_in_query_blocks():
     assert st.costs[large] == relative_cost(large, n, st.d, True, **model)
 
 
+def test_boundary_candidates_with_top_k_are_costed_from_their_selection():
+    """Boundary chunks with top-k run in query blocks on the CPU (since 2026-12-05): a candidate's
+    columns are the most over the site's samples of what the op's selection gives on each (its q
+    and k, the key padding the mask leaves), not the padded slots' length."""
+    from mta_rewrite.calibration.probe import SiteRecord
+    from mta_rewrite.calibration.search import _layout_costs
+    from mta_rewrite.ops.varlen import key_columns
+
+    from ..ops.test_segments import segments
+
+    n, g = 300, torch.Generator().manual_seed(3)
+    recs = []
+    for i in range(3):
+        q, k, v = (torch.randn(1, h, n, 8, generator=g) for h in (4, 2, 2))
+        mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
+        mask[..., :5 * i] = False  # left padding, by sample
+        recs.append(SiteRecord(q, k, v, mask, True, None, None, segment_ids=segments(1, n, rate=0.1, seed=i)))
+    pool = [mr.MTAConfig(16, 1, 4, 0), mr.MTAConfig(16, 1, 4, 2), mr.MTAConfig(32, 2, 0, 1)]
+    layout = _layout_costs(recs, pool, n, True)
+    for cfg in pool:
+        shape = dict(chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks, sinks=cfg.sinks, n=n)
+        want = max(key_columns(r.segment_ids, top_k=cfg.top_k, q=r.q, k=r.k, attn_mask=r.mask, **shape) for r in recs)
+        assert layout[cfg] == {"block_columns": want}
+    assert layout[pool[1]]["block_columns"][0] > layout[pool[0]]["block_columns"][0]  # the selected tokens
+
+
 def _zoo_with_sites():
     return [case for case in zoo.all_cases() if case.rewritable > 0]
 

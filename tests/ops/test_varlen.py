@@ -136,19 +136,20 @@ def test_learned_summaries_shared_ids_and_fp32(causal):
 
 
 def test_agrees_with_the_padded_slots():
-    """The same function as the slots compute it (they remain the path of the CUDA kernels)."""
+    """The same function as the slots compute it (they remain the path of the CUDA kernels), top-k included."""
     B, Hq, Hkv, n = 2, 4, 1, 150
     q, k, v = qkv(B, Hq, Hkv, n, d=16, dtype=torch.float32, seed=7)
     ids = segments(B, n, rate=0.1)
     for causal in (False, True):
-        for c, L, s in [(8, 1, 4), (16, 2, 0), (32, 1, 16)]:
-            kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
-            slots = segmented(mta_attention_chunked, q, k, v, key_padding(B, n), ids, summary_weight=None, top_k=0, **kw)
+        for c, L, s, top_k in [(8, 1, 4, 0), (16, 2, 0, 0), (32, 1, 16, 0), (8, 1, 4, 2), (16, 2, 0, 1)]:
+            kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+            slots = segmented(mta_attention_chunked, q, k, v, key_padding(B, n), ids, summary_weight=None, **kw)
             torch.testing.assert_close(mta(q, k, v, key_padding(B, n), None, ids, **kw), slots, rtol=2e-5, atol=2e-5)
 
 
-def test_the_op_chooses_by_mask_and_top_k(monkeypatch):
-    """On the CPU, no mask or key padding without top-k runs here; top-k and other masks take the slots."""
+def test_the_op_chooses_by_mask(monkeypatch):
+    """On the CPU, no mask or key padding runs here, with top-k or not (since 2026-12-05 top-k too);
+    other masks take the slots."""
     q, k, v = qkv(2, 4, 2, 20)
     ids = segments(2, 20, rate=0.3)
 
@@ -157,8 +158,9 @@ def test_the_op_chooses_by_mask_and_top_k(monkeypatch):
 
     monkeypatch.setattr(attention_module, "segmented", no_slots)
     for mask_kind in ("none", "key_padding_bool", "key_padding_min", "causal_padding_4d_min"):
-        mta(q, k, v, make_mask(mask_kind, 2, 4, 20), None, ids, chunk_size=4, causal=True)
-    for mask, top_k in ((None, 1), (make_mask("alibi_bias", 2, 4, 20), 0), (make_mask("per_head_key_padding", 2, 4, 20), 0)):
+        for top_k in (0, 2):
+            mta(q, k, v, make_mask(mask_kind, 2, 4, 20), None, ids, chunk_size=4, causal=True, top_k=top_k)
+    for mask, top_k in ((make_mask("alibi_bias", 2, 4, 20), 0), (make_mask("per_head_key_padding", 2, 4, 20), 1)):
         with pytest.raises(AssertionError, match="padded slots"):
             mta(q, k, v, mask, None, ids, chunk_size=4, top_k=top_k)
 
@@ -178,8 +180,6 @@ def test_gradients(causal):
 def test_refuses_what_it_does_not_compute():
     q, k, v = qkv(1, 2, 2, 10)
     ids = segments(1, 10)
-    with pytest.raises(ValueError, match="no top-k"):
-        mta_attention_varlen(q, k, v, None, ids, chunk_size=4, top_k=1)
     with pytest.raises(ValueError, match="key padding"):
         mta_attention_varlen(q, k, v, make_mask("alibi_bias", 1, 2, 10), ids, chunk_size=4)
 
@@ -204,7 +204,7 @@ def test_key_columns_count_what_the_op_computes(causal, monkeypatch):
         seen.clear()
         kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s)
         mta_attention_varlen(q, k, v, None, ids, **kw)
-        columns, rows = varlen.key_columns(ids, **kw)
+        columns, rows, _ = varlen.key_columns(ids, **kw)
         assert columns * n == pytest.approx(sum(r * x for r, _, x in seen))
         plan = varlen.plan_blocks(ids, 1, **kw)
         assert rows == plan.qpos.shape[0] * (plan.width + s + plan.chunks)
@@ -256,3 +256,127 @@ def test_fixed_chunks_in_query_blocks_match_reference(causal):
             for block in (1, 5, None):
                 out = mta_attention_varlen(q, k, v, mask, None, block=block, **kw)
                 torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw} {block}: {m}")
+
+
+TOP_K_CONFIGS = [(4, 1, 0, 1), (3, 2, 2, 2), (5, 1, 7, 3), (1, 1, 0, 2), (2, 3, 1, 5), (6, 2, 12, 1), (100, 1, 0, 2)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding", "empty_sequence", "causal_padding_4d_min"])
+def test_top_k_matches_reference(causal, mask_kind):
+    """Top-k in query blocks: per query head (GQA: the two heads of a group select apart), chunks of
+    1–100 tokens, K up to more chunks than there are, blocks of 3 and the default, fixed chunks too;
+    the forward's two key sets (no gradient) and the one key set under autograd alike."""
+    B, Hq, Hkv, n = 3, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n, seed=6)
+    if mask_kind == "causal_padding_4d_min":
+        mask = make_mask(mask_kind, B, Hq, n)  # the op reads it as key padding ∧ causality
+    else:
+        mask = None if mask_kind == "none" else key_padding(B, n, mask_kind == "empty_sequence")
+    ids = segments(B, n, rate=0.25)
+    for c, L, s, top_k in TOP_K_CONFIGS:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        ref = mta_attention_reference(q, k, v, mask, segment_ids=ids, **kw)
+        torch.testing.assert_close(mta(q, k, v, mask, None, ids, **kw), ref, rtol=1e-10, atol=1e-10)
+        if mask_kind == "causal_padding_4d_min":
+            continue
+        fixed = mta_attention_reference(q, k, v, mask, **kw)
+        for block in (3, None):
+            with torch.no_grad():
+                out = mta_attention_varlen(q, k, v, mask, ids, block=block, **kw)
+                torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw} {block}: {m}")
+                out = mta_attention_varlen(q, k, v, mask, None, block=block, **kw)
+                torch.testing.assert_close(out, fixed, rtol=1e-10, atol=1e-10, msg=lambda m: f"fixed {kw} {block}: {m}")
+            qg = q.clone().requires_grad_()
+            out = mta_attention_varlen(qg, k, v, mask, ids, block=block, **kw)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"autograd {kw} {block}: {m}")
+
+
+def test_top_k_heads_of_a_group_select_apart():
+    """The test above can only fail on per-head selection if the heads of a group do select different
+    chunks: here they do (and the output is not the one of a shared selection)."""
+    from mta_rewrite.ops.varlen import _select, _summaries, plan_blocks
+
+    B, Hq, Hkv, n = 1, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n, seed=6)
+    ids = segments(B, n, rate=0.25)
+    plan = plan_blocks(ids, B, chunk_size=3, causal=True, local_chunks=1, sinks=0)
+    w = torch.ones(B, n, dtype=torch.bool)
+    kbar, _, n_j, _ = _summaries(k, v, plan.chunk, w, plan.chunks, None, F64)
+    sel = _select(q, kbar.repeat_interleave(2, dim=1), n_j, plan, local_chunks=1, causal=True, scale=0.25, top_k=2)
+    assert (sel[:, 0] != sel[:, 1]).any() and (sel[:, 2] != sel[:, 3]).any()
+
+
+def test_top_k_ties_go_to_the_lower_chunk():
+    """MTA_SPEC.md: ties broken by the lower chunk index. Queries whose mean over each chunk is zero
+    score every chunk 0 (all tie), yet attend differently to a chunk's tokens and to its summary, so
+    which chunks are chosen shows in the output; and the selection helper against a stable sort."""
+    from mta_rewrite.ops.varlen import _top_chunks
+
+    B, Hq, Hkv, n, c = 2, 2, 1, 48, 4
+    q, k, v = qkv(B, Hq, Hkv, n, seed=3)
+    q = q.view(B, Hq, n // 2, 2, -1)
+    q = torch.stack([q[:, :, :, 0], -q[:, :, :, 0]], dim=3).view(B, Hq, n, -1)  # pairs ±x: each chunk's mean 0
+    ids = torch.arange(n).div(4, rounding_mode="floor").view(1, n).expand(B, n) * 5  # segments of 4 = chunks of 4
+    for causal in (False, True):
+        kw = dict(chunk_size=c, causal=causal, local_chunks=1, sinks=0, top_k=2)
+        ref = mta_attention_reference(q, k, v, segment_ids=ids, **kw)
+        with torch.no_grad():
+            torch.testing.assert_close(mta(q, k, v, None, None, ids, **kw), ref, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(mta_attention_varlen(q, k, v, None, None, **kw), ref, rtol=1e-10, atol=1e-10)
+        later = mta_attention_reference(q, k, v, segment_ids=ids, **dict(kw, top_k=3))
+        assert (later - ref).abs().max() > 1e-3  # (a third chunk changes the output: the choice shows)
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (6, 5, 40), generator=g).double()  # many ties, at and inside the K-th place
+    score[0, 0] = float("-inf")
+    score[1, 1, 3:] = float("-inf")
+    for K in (1, 2, 3, 7):
+        top = torch.sort(score, dim=-1, descending=True, stable=True)
+        want = torch.where(top.values[..., :K] > float("-inf"), top.indices[..., :K], -1)
+        got = _top_chunks(score, K)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_top_k_gradients(causal):
+    """q, k, v and learned summary weights by finite differences, GQA, key padding, through the op's
+    backward (recomputed unpadded, one key set per query head)."""
+    B, Hq, Hkv, n = 2, 4, 2, 13
+    q, k, v = (x.requires_grad_() for x in qkv(B, Hq, Hkv, n, d=4, seed=8))
+    w = torch.randn(Hkv, 4, dtype=F64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    ids = segments(B, n, rate=0.3)
+    mask = key_padding(B, n)
+    kw = dict(chunk_size=3, causal=causal, local_chunks=1, sinks=2, top_k=1)
+    assert torch.autograd.gradcheck(lambda q, k, v, w: mta(q, k, v, mask, w, ids, **kw), (q, k, v, w))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_top_k_key_columns_count_what_the_op_computes(causal, monkeypatch):
+    """With top-k the cost model's columns come from the op's own selection on the data: every
+    logit the op's calls compute (the two key sets of the forward, or the one under autograd)."""
+    import mta_rewrite.ops.varlen as varlen
+
+    logits = []
+    real = varlen._attention_with_lse
+
+    def counting(q, k, v, mask, scale, softcap=0.0):
+        logits.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+        return real(q, k, v, mask, scale, softcap)
+
+    monkeypatch.setattr(varlen, "_attention_with_lse", counting)
+    B, Hq, Hkv, n = 2, 4, 2, 500
+    q, k, v = qkv(B, Hq, Hkv, n, d=8, dtype=torch.float32)
+    ids = segments(B, n, rate=0.05)
+    mask = key_padding(B, n)
+    for c, L, s, top_k in [(16, 1, 4, 2), (64, 2, 0, 1)]:
+        kw = dict(chunk_size=c, causal=causal, local_chunks=L, sinks=s, top_k=top_k)
+        columns, rows, chunks = varlen.key_columns(ids, q=q, k=k, attn_mask=mask, **kw)
+        plain = varlen.key_columns(ids, **dict(kw, top_k=0))
+        assert columns > plain[0] and rows > plain[1] and chunks == plain[2]
+        for grad in (False, True):
+            logits.clear()
+            with torch.set_grad_enabled(grad):
+                varlen.mta_attention_varlen(q.clone().requires_grad_(grad), k, v, mask, ids, **kw)
+            assert sum(logits) == pytest.approx(columns * n * Hq * B)
+    with pytest.raises(ValueError, match="give q and k"):
+        varlen.key_columns(ids, chunk_size=16, top_k=2)
