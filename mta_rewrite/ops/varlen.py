@@ -279,8 +279,9 @@ def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bo
     needed, and the op's own selection counts them."""
     B, n = segment_ids.shape if segment_ids is not None else (1, n)
     B = q.shape[0] if q is not None else B
-    plan = plan_blocks(segment_ids, B, chunk_size=chunk_size, causal=causal, local_chunks=local_chunks, sinks=sinks,
-                       n=n, device=None if segment_ids is None else segment_ids.device)
+    device = q.device if q is not None else None if segment_ids is None else segment_ids.device
+    plan = plan_blocks(None if segment_ids is None else segment_ids.to(device), B, chunk_size=chunk_size, causal=causal,
+                       local_chunks=local_chunks, sinks=sinks, n=n, device=device)
     s = min(sinks, n)
     W = plan.width
     selected = None
@@ -306,8 +307,9 @@ def _selection_of(q, k, attn_mask, plan: BlockPlan, *, causal: bool, local_chunk
         raise ValueError("key_columns counts calls with no mask or key padding")
     cdt = _compute_dtype(q.dtype)
     q, k = q.to(cdt), k.to(cdt).repeat_interleave(Hq // k.shape[1], dim=1)
-    key_ok = mask.allowed.view(-1, n).expand(B, n) if mask is not None else torch.ones(B, n, dtype=torch.bool)
-    w = key_ok & (torch.arange(n) >= sinks)
+    key_ok = mask.allowed.view(-1, n).expand(B, n) if mask is not None else torch.ones(B, n, dtype=torch.bool,
+                                                                                        device=q.device)
+    w = key_ok & (torch.arange(n, device=q.device) >= sinks)
     kbar, _, n_j, _ = _summaries(k, k, plan.chunk, w, plan.chunks, None, cdt)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return _selected_union(_select(q, kbar, n_j, plan, local_chunks=local_chunks, causal=causal, scale=scale,
