@@ -16,10 +16,10 @@ and the forward time of both rewritten models (best of --repeats, after a warm-u
 Section ``op`` (the op alone, one SmolLM2-shaped causal layer: 9 query and 3 key/value heads,
 d = 64, random q, k, v, the segment ids of real text at each --op-n length): ms of exact attention
 (SDPA), fixed chunks, boundary chunks as the op runs them on the CPU without padding
-(``ops/varlen.py``; not for top-k) and in padded chunk slots (``ops/segments.py``: as wide as the
-longest chunk, and, for comparison, c wide as before 2026-12-05), best of --op-repeats,
-alternating, with the columns per query of each (the unpadded op's counted by
-``ops.varlen.key_columns``). Top-k configurations run in the slots (the op's own choice).
+(``ops/varlen.py``; with top-k since 2026-12-05) and in padded chunk slots (``ops/segments.py``:
+as wide as the longest chunk, and, for comparison, c wide as before 2026-12-05; the path of top-k
+before that), best of --op-repeats, alternating, with the columns per query of each (the unpadded
+op's counted by ``ops.varlen.key_columns``, with top-k from its selection on these q and k).
 
 Writes benchmarks/results/boundaries_<date>[_TAG].{json,md}.
 """
@@ -188,8 +188,7 @@ def op_section(args, tok, boundaries) -> list[dict]:
                 "slots": lambda: segmented(mta_attention_chunked, q, k, v, None, seg, summary_weight=None, **kw),
                 "slots_c": slots_c_wide,
             }
-            if not cfg.top_k:  # (top-k runs in the slots on every device)
-                runs["unpadded"] = lambda: op(q, k, v, None, None, seg, **kw)
+            runs["unpadded"] = lambda: op(q, k, v, None, None, seg, **kw)  # (the op's own path on the CPU)
             with torch.no_grad():
                 best = best_alternating_ms(runs, args.op_repeats)
             lay = segment_layout(seg, 1, cfg.chunk_size, cfg.sinks)
@@ -197,7 +196,7 @@ def op_section(args, tok, boundaries) -> list[dict]:
             per_query = lambda length, c=cfg: mta_flops(c, length, 1, True) / (4.0 * length) - 1.0  # noqa: E731
             row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n, "slot_width": lay.width,
                    "fixed_columns": per_query(n),
-                   "unpadded_columns": None if cfg.top_k else key_columns(seg, **{x: y for x, y in kw.items() if x != "top_k"})[0],
+                   "unpadded_columns": key_columns(seg, q=q, k=k, **kw)[0],
                    "slots_columns": per_query(N, slots_cfg) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}
             rows.append(row)
             print(json.dumps(row), flush=True)
