@@ -117,6 +117,17 @@ def _attend(qb, k_set, v_set, term, tri, user, scale: float, aug: bool, softcap:
     return o[..., :d], lse
 
 
+def _merge_by_lse(o_a, l_a, o_b, l_b):
+    """Two softmax attentions over disjoint key sets merged exactly into the one over their union by
+    their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA) → (out, log-sum-exp)."""
+    return torch.lerp(o_b, o_a, torch.sigmoid(l_a - l_b).unsqueeze(-1)), torch.logaddexp(l_a, l_b)
+
+
+def _wants_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of these tensors (None entries ignored)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
 def _pad_tokens(x: torch.Tensor, npad: int, dim: int) -> torch.Tensor:
     n = x.shape[dim]
     if npad == n:
@@ -343,7 +354,7 @@ class _TopKSplit:
         o_a = o_a.view(B, H0, nb, share, c, d).transpose(2, 3)
         l_a = l_a.view(B, H0, nb, share, c).transpose(2, 3)
         o_b, l_b = o_b.view(B, H0, share, nb, c, d), l_b.view(B, H0, share, nb, c)
-        return torch.lerp(o_b, o_a, torch.sigmoid(l_a - l_b).unsqueeze(-1)), torch.logaddexp(l_a, l_b)
+        return _merge_by_lse(o_a, l_a, o_b, l_b)
 
 
 def exact_block_fraction(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, *, chunk_size: int,
@@ -596,7 +607,7 @@ def mta_attention_chunked(
     # so no triangle: one term row per chunk.
     # Their softmaxes merge exactly by their log-sum-exps: out = oA·σ(lA − lB) + oB·σ(lB − lA).
     split = None
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
+    grad = _wants_grad(q, k, v, summary_weight)
     if K > 0 and not per_query_user and scale != 0.0 and (share > 1 or aug) and not grad:
         split = _TopKSplit(q_rows, qp, k, v, kc, vc, kbar, vbar, term_exact, sink_terms(win) if s > 0 else None,
                            term_summary, kpos, exact_idx, n_win, share, s, scale,

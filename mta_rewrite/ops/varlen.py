@@ -46,7 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked import EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype, _memory_bands
+from .chunked import (EMPTY_ROW_LSE, NEG, _attention_with_lse, _causal_bands, _compute_dtype, _memory_bands,
+                      _merge_by_lse, _wants_grad)
 from .layout import in_layout_of
 from .masks import NormalizedMask, normalize_mask, simplify_mask
 from .segments import chunk_starts
@@ -150,7 +151,8 @@ def plan_blocks(segment_ids: torch.Tensor | None, B: int, *, chunk_size: int, ca
 
 def _summaries(k, v, chunk, w, M: int, summary_weight, cdt):
     """The chunks' summaries [B, Hkv, M, d] (masked or learned weighted means over the keys ``w``
-    [B, n] marks: allowed, not a sink) and log n_j [B, M] (−1e30 for a chunk with no such key)."""
+    [B, n] marks: allowed, not a sink; ``v`` None: the keys' only) and log n_j [B, M] (−1e30 for a
+    chunk with no such key)."""
     B, Hkv, n, d = k.shape
     dev = k.device
     n_j = torch.zeros(B, M, dtype=cdt, device=dev).scatter_add(1, chunk, w.to(cdt))
@@ -168,7 +170,9 @@ def _summaries(k, v, chunk, w, M: int, summary_weight, cdt):
         norm = norm.unsqueeze(-1)
     inv = 1.0 / norm.clamp(min=1e-30)
     kbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, k * weight) * inv
-    vbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, v * weight) * inv
+    vbar = None
+    if v is not None:
+        vbar = torch.zeros(B, Hkv, M, d, dtype=cdt, device=dev).scatter_add(2, idx, v * weight) * inv
     log_n = torch.where(n_j > 0, torch.log(n_j.clamp(min=1.0)), NEG)  # [B, M]
     return kbar, vbar, n_j, log_n
 
@@ -310,7 +314,7 @@ def _selection_of(q, k, attn_mask, plan: BlockPlan, *, causal: bool, local_chunk
     key_ok = mask.allowed.view(-1, n).expand(B, n) if mask is not None else torch.ones(B, n, dtype=torch.bool,
                                                                                         device=q.device)
     w = key_ok & (torch.arange(n, device=q.device) >= sinks)
-    kbar, _, n_j, _ = _summaries(k, k, plan.chunk, w, plan.chunks, None, cdt)
+    kbar, _, n_j, _ = _summaries(k, None, plan.chunk, w, plan.chunks, None, cdt)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return _selected_union(_select(q, kbar, n_j, plan, local_chunks=local_chunks, causal=causal, scale=scale,
                                    top_k=top_k), plan)
@@ -357,8 +361,7 @@ def mta_attention_varlen(
     # their log-sum-exps: A, the window and sinks, per key/value head with the rows of its query
     # heads together (as without top-k); B, the summaries and the selected chunks' tokens, per
     # query head. Under autograd, one key set per query head (k and v repeated to the query heads).
-    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, summary_weight))
-    split = K > 0 and not grad
+    split = K > 0 and not _wants_grad(q, k, v, summary_weight)
     if K > 0 and not split and G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         if summary_weight is not None:
@@ -507,8 +510,7 @@ def mta_attention_varlen(
                                                scale, softcap)
                 o_b = o_b.view(Hkv, G, m_b * B, Bq, d).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq, d)
                 l_b = l_b.view(Hkv, G, m_b * B, Bq).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq)
-                out[:, rows] = torch.lerp(o_b, o_a, torch.sigmoid(l_a - l_b).unsqueeze(-1))
-                lse[:, rows] = torch.logaddexp(l_a, l_b)
+                out[:, rows], lse[:, rows] = _merge_by_lse(o_a, l_a, o_b, l_b)
                 continue
             # one key set [Hkv, m, B, cols, d] (with top-k here G = 1: every query head its own)
             cols = cols_a + cols_b
