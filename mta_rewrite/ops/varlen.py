@@ -31,8 +31,12 @@ index) are attended exactly instead of through their summaries. A block's key se
 the tokens of the union U of the chunks its queries' chunks select (per query head: the heads of a
 GQA group select differently, so with top-k every query head gets its own key set, k and v read
 per query head), as one more column range after the summaries; each row's mask keeps the columns of
-its own chunk's selection and drops those chunks' summaries. U's tokens are padded to the most of
-any block's (and head's) in the band: ``selected_columns`` counts them, as the cost model reads.
+its own chunk's selection and drops those chunks' summaries. Without gradients that part runs
+per (query head, block) pair: the pairs of a band sorted by their union's tokens and cut into a few
+groups of equal count (``pair_groups``), each one call padded to its own most (on real text the
+union varies several-fold between heads and blocks: padding every pair to the band's most cost
+1.08–1.42× the columns in SmolLM2's 30 layers); under autograd one key set per query head, padded
+to the band's most. ``key_columns`` counts the forward's columns, as the cost model reads.
 
 Scope: masks None or key padding (one bool or 0/−inf value per key, the same for every head; the
 shapes the op's mask simplification leaves for transformers' masks). Anything else (per-query,
@@ -254,20 +258,42 @@ def _selected_union(sel: torch.Tensor, plan: BlockPlan) -> Selected:
     return Selected(rows, union, sizes, ends, ends[..., -1])
 
 
-def _selected_positions(selected: Selected, plan: BlockPlan, lo: int, hi: int, T: int):
-    """For blocks lo … hi − 1, the T selected columns: each one's token [B, H, m, T] (clamped to the
-    sequence), its chunk (−1 past the block's union) and whether it is one of the union's tokens."""
-    B, H = selected.union.shape[:2]
-    p = torch.arange(T, device=selected.union.device).expand(B, H, hi - lo, T).contiguous()
-    ends = selected.ends[:, :, lo:hi].contiguous()
+def _selected_positions(selected: Selected, plan: BlockPlan, index: torch.Tensor, b: torch.Tensor, T: int):
+    """For the (sequence, query head, block) pairs ``index`` [P] (into their flattened [B·H·nb];
+    ``b`` their sequences), the T selected columns: each one's token [P, T] (clamped to the
+    sequence), its chunk (−1 past the pair's union) and whether it is one of the union's tokens."""
+    ends, sizes, union = (x.flatten(0, 2).index_select(0, index) for x in (selected.ends, selected.sizes, selected.union))
+    p = torch.arange(T, device=ends.device).expand(ends.shape[0], T).contiguous()
     e = torch.searchsorted(ends, p, right=True).clamp(max=ends.shape[-1] - 1)  # the union entry of column p
-    cid = selected.union[:, :, lo:hi].gather(-1, e)
-    begin = ends.gather(-1, e) - selected.sizes[:, :, lo:hi].gather(-1, e)  # its first column
+    cid = union.gather(-1, e)
+    begin = ends.gather(-1, e) - sizes.gather(-1, e)  # its first column
     M = plan.chunks
-    start = plan.first.view(B, 1, 1, M).expand(B, H, hi - lo, M).gather(-1, cid.clamp(min=0))
-    real = p < selected.total[:, :, lo:hi].unsqueeze(-1)
+    start = plan.first.view(-1)[b.unsqueeze(-1) * M + cid.clamp(min=0)]
+    real = p < selected.total.flatten().index_select(0, index).unsqueeze(-1)
     pos = (start + p - begin).clamp(0, plan.chunk.shape[1] - 1)
     return pos, torch.where(real, cid, -1), real
+
+
+# a call of the fused attention, in selected columns of one (head, block) pair: what splitting the
+# pairs into one more group must save (:func:`pair_groups`)
+_GROUP_OVERHEAD = 256
+_MAX_GROUPS = 4
+
+
+def pair_groups(totals: torch.Tensor, width: int) -> list[tuple[torch.Tensor, int]]:
+    """The (head, block) pairs of a band with top-k in groups that each run as one call, padded to
+    their own most selected columns instead of the band's: ``totals`` [P] each pair's selected
+    tokens → [(pair indices, T)], the pairs sorted by their tokens and cut into 1 … 4 runs of equal
+    count, as many as pay for their call (``_GROUP_OVERHEAD``); runs with no columns are left out."""
+    order = torch.argsort(totals, stable=True)
+    ranked = totals[order].tolist()
+    best = None
+    for g in range(1, min(_MAX_GROUPS, len(ranked)) + 1):
+        cuts = [len(ranked) * i // g for i in range(g + 1)]
+        cost = sum((e - a) * (width + ranked[e - 1]) + _GROUP_OVERHEAD for a, e in zip(cuts, cuts[1:]))
+        if best is None or cost < best[0]:
+            best = (cost, cuts)
+    return [(order[a:e], int(ranked[e - 1])) for a, e in zip(best[1], best[1][1:]) if width + ranked[e - 1] > 0]
 
 
 def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
@@ -296,10 +322,14 @@ def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bo
                                  scale=scale, top_k=top_k)
     columns = rows = 0
     for lo_b, hi_b, width in plan.bands:
-        T = selected.width(lo_b, hi_b) if selected is not None else 0
-        columns += (hi_b - lo_b) * plan.block * (W + s + width + T)
-        rows += (hi_b - lo_b) * (W + s + plan.chunks + T)
-    return columns / n, rows, plan.chunks
+        columns += (hi_b - lo_b) * plan.block * (W + s + width)
+        rows += (hi_b - lo_b) * (W + s + plan.chunks)
+        if selected is not None and hi_b > lo_b:  # the selected columns of the op's groups of pairs
+            totals = selected.total[:, :, lo_b:hi_b]
+            padded = sum(len(pairs) * T for pairs, T in pair_groups(totals.reshape(-1), width)) / (B * totals.shape[1])
+            columns += plan.block * padded
+            rows += padded
+    return columns / n, round(rows), plan.chunks
 
 
 @torch.no_grad()
@@ -398,9 +428,13 @@ def mta_attention_varlen(
     qp = q if npad == n else torch.nn.functional.pad(q, (0, 0, 0, npad - n))
     q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
     kT, vT = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, B, n, d]
-    # (key set B's rows: per query head, [Hq, nb·B, Bq, d]; a view of q for one sequence)
-    q_head = qp.view(B, Hq, nb, Bq, d).permute(1, 2, 0, 3, 4).reshape(Hq, nb * B, Bq, d) if split else q_rows
+    # (key set B's rows: per query head, [Hq·nb·B, Bq, d], rows h·nb·B + block·B + b; a view of a
+    # contiguous q for one sequence)
+    q_head = qp.view(B, Hq, nb, Bq, d).permute(1, 2, 0, 3, 4).reshape(Hq * nb * B, Bq, d) if split else None
     jj = torch.arange(M, device=dev)
+    if K > 0:  # the rows :func:`headwise_part` selects from: k's (v's) tokens, then the summaries
+        k_src = torch.cat([k.reshape(B * Hkv * n, d), kbar.reshape(B * Hkv * M, d)])
+        v_src = torch.cat([v.reshape(B * Hkv * n, d), vbar.reshape(B * Hkv * M, d)])
 
     def shared_part(k_dst, v_dst, sel: slice, m_b: int, width: int) -> torch.Tensor:
         """Fills [Hkv, m, B, ·, d] with the window tokens, the sinks and (``width`` > 0) the first
@@ -435,33 +469,43 @@ def mta_attention_varlen(
         j = jj[:width]
         return (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
 
-    def headwise_part(k_dst, v_dst, term_dst, sel: slice, m_b: int, width: int, T: int) -> None:
-        """Fills [Hkv, G, m, B, width + T, d] (per query head) with the first ``width`` summaries and
-        the T columns of the chunks the blocks' rows select, and their terms [Hkv, G, m, B, Bq,
-        width + T]: a row's selected chunks leave its summaries for its exact columns."""
-        k_dst[..., :width, :] = kbar[:, :, :width].transpose(0, 1).view(Hkv, 1, 1, B, width, d)
-        v_dst[..., :width, :] = vbar[:, :, :width].transpose(0, 1).view(Hkv, 1, 1, B, width, d)
-        srows = selected.rows[:, :, sel].view(B, Hkv, G, m_b, Bq, K).permute(1, 2, 3, 0, 4, 5)  # as term_dst
+    def summary_terms(sel: slice, width: int) -> torch.Tensor:
+        """The first ``width`` summaries' terms for the blocks ``sel`` [m, B, Bq, width], every head's."""
         qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
-        summary = torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt)
-        term_dst[..., :width] = summary.transpose(0, 1)  # [m, B, Bq, width], every head
+        return torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt).transpose(0, 1)
+
+    def headwise_part(pairs: torch.Tensor, lo_b: int, m_b: int, width: int, T: int, summary: torch.Tensor):
+        """For the (query head h, block, sequence b) ``pairs`` [P] (indices h·m·B + (block − lo_b)·B + b,
+        blocks lo_b … lo_b + m − 1): → keys and values [P, width + T, d], the first ``width``
+        summaries and the T columns of the chunks the pairs' rows select, and their terms [P, Bq,
+        width + T] (``summary``: :func:`summary_terms`'): a row's selected chunks leave its summaries
+        for its exact columns. (One ``index_select`` of rows of ``k_src``: a memory copy per row,
+        where advanced indexing on the CPU copies element by element.)"""
+        h, mb = pairs // (m_b * B), pairs % (m_b * B)  # mb: (block − lo_b)·B + b
+        b = mb % B
+        kv_row = (b * Hkv + h // G).unsqueeze(-1)
+        index = (b * Hq + h) * nb + lo_b + mb // B  # into Selected's [B·H·nb]
+        srows = selected.rows.flatten(0, 2).index_select(0, index)  # [P, Bq, K]
+        src = B * Hkv * n + kv_row * M + jj[:width]  # the summaries' rows of k_src
+        term = summary.flatten(0, 1).index_select(0, mb)
         # a row's selected chunks: their summaries' terms to −1e30 (amin: −1 entries leave theirs)
         pick = (srows >= 0) & (srows < width)
-        term_dst[..., :width].scatter_reduce_(-1, srows.clamp(0, max(width - 1, 0)),
-                                              torch.where(pick, NEG, float("inf")).to(cdt), "amin")
+        term.scatter_reduce_(-1, srows.clamp(0, max(width - 1, 0)), torch.where(pick, NEG, float("inf")).to(cdt),
+                             "amin")
         if T:
-            spos, schunk, sreal = _selected_positions(selected, plan, sel.start, sel.stop, T)  # [B, Hq, m, T]
-            sidx = spos.view(B, Hkv, G * m_b * T, 1).transpose(0, 1).expand(Hkv, B, G * m_b * T, d)
-            k_dst[..., width:, :] = kT.gather(2, sidx).view(Hkv, B, G, m_b, T, d).permute(0, 2, 3, 1, 4, 5)
-            v_dst[..., width:, :] = vT.gather(2, sidx).view(Hkv, B, G, m_b, T, d).permute(0, 2, 3, 1, 4, 5)
+            spos, schunk, sreal = _selected_positions(selected, plan, index, b, T)  # [P, T]
+            src = torch.cat([src, kv_row * n + spos], dim=-1)
             # a row's own selection, of the union's real tokens, not sinks (the sink columns'), allowed
             # (a selected chunk's keys all come before the query: no causal test)
-            usable = sreal & (spos >= s) & key_ok.gather(1, spos.view(B, -1)).view(spos.shape)
-            schunk = torch.where(usable, schunk, -2).view(B, Hkv, G, m_b, 1, T).permute(1, 2, 3, 0, 4, 5)
+            usable = sreal & (spos >= s) & key_ok[b.unsqueeze(-1), spos]
+            schunk = torch.where(usable, schunk, -2).unsqueeze(1)  # [P, 1, T]
             chosen = schunk == srows[..., 0:1]
             for r in range(1, K):
                 chosen |= schunk == srows[..., r:r + 1]
-            term_dst[..., width:] = torch.where(chosen, 0.0, NEG).to(cdt)
+            term = torch.cat([term, torch.where(chosen, 0.0, NEG).to(cdt)], dim=-1)
+        src = src.view(-1)
+        return (k_src.index_select(0, src).view(-1, width + T, d), v_src.index_select(0, src).view(-1, width + T, d),
+                term)
 
     # ---- fused attention per band of blocks ---------------------------------------------------
     # On the CPU a band runs in pieces whose key sets stay under the memory bound
@@ -501,13 +545,20 @@ def mta_attention_varlen(
                 if cols_b == 0:  # (no summaries and nothing selected for these blocks yet)
                     out[:, rows], lse[:, rows] = o_a, l_a
                     continue
-                k_b = torch.empty(Hkv, G, m_b, B, cols_b, d, dtype=cdt, device=dev)
-                v_b = torch.empty_like(k_b)
-                term_b = torch.empty(Hkv, G, m_b, B, Bq, cols_b, dtype=cdt, device=dev)
-                headwise_part(k_b, v_b, term_b, sel, m_b, width, cols_b - width)
-                o_b, l_b = _attention_with_lse(q_head[:, rows], k_b.view(Hq, m_b * B, cols_b, d),
-                                               v_b.view(Hq, m_b * B, cols_b, d), term_b.view(Hq, m_b * B, Bq, cols_b),
-                                               scale, softcap)
+                # per (query head, block, sequence) pair, in groups of pairs with about as many
+                # selected columns, each padded to its own most (pairs with none keep lse −inf)
+                P = Hq * m_b * B
+                o_b = torch.zeros(P, Bq, d, dtype=cdt, device=dev)
+                l_b = torch.full((P, Bq), float("-inf"), dtype=cdt, device=dev)
+                summary = summary_terms(sel, width)
+                for pairs, T in pair_groups(selected.total[:, :, sel].permute(1, 2, 0).reshape(P), width):
+                    k_b, v_b, term_b = headwise_part(pairs, lo_b, m_b, width, T, summary)
+                    q_b = q_head.index_select(0, pairs // (m_b * B) * (nb * B) + lo_b * B + pairs % (m_b * B))
+                    o_g, l_g = _attention_with_lse(q_b.unsqueeze(0), k_b.unsqueeze(0), v_b.unsqueeze(0),
+                                                   term_b.unsqueeze(0), scale, softcap)
+                    o_b.index_copy_(0, pairs, o_g[0])
+                    l_b.index_copy_(0, pairs, l_g[0])
+                    del k_b, v_b, term_b
                 o_b = o_b.view(Hkv, G, m_b * B, Bq, d).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq, d)
                 l_b = l_b.view(Hkv, G, m_b * B, Bq).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq)
                 out[:, rows], lse[:, rows] = _merge_by_lse(o_a, l_a, o_b, l_b)
@@ -520,8 +571,11 @@ def mta_attention_varlen(
             if K:  # [Hkv, m, B, Bq, cols] (rows: block·B + b): the shared terms, then the per-head ones
                 shared, term = term, torch.empty(Hkv, 1, m_b, B, Bq, cols, dtype=cdt, device=dev)
                 term[..., :cols_a] = shared.transpose(0, 1)
-                headwise_part(k_set[..., cols_a:, :].unsqueeze(1), v_set[..., cols_a:, :].unsqueeze(1),
-                              term[..., cols_a:], sel, m_b, width, cols_b - width)
+                k_b, v_b, term_b = headwise_part(torch.arange(Hq * m_b * B, device=dev), lo_b, m_b, width,
+                                                 cols_b - width, summary_terms(sel, width))
+                k_set[..., cols_a:, :] = k_b.view(Hkv, m_b, B, cols_b, d)
+                v_set[..., cols_a:, :] = v_b.view(Hkv, m_b, B, cols_b, d)
+                term[..., cols_a:] = term_b.view(Hkv, 1, m_b, B, Bq, cols_b)
                 term = term.view(Hkv, m_b * B, Bq, cols)
             else:
                 if G > 1:  # rows are (query head of the group, query): the same terms for each head

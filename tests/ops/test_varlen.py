@@ -263,10 +263,13 @@ TOP_K_CONFIGS = [(4, 1, 0, 1), (3, 2, 2, 2), (5, 1, 7, 3), (1, 1, 0, 2), (2, 3, 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "key_padding", "empty_sequence", "causal_padding_4d_min"])
-def test_top_k_matches_reference(causal, mask_kind):
+def test_top_k_matches_reference(causal, mask_kind, monkeypatch):
     """Top-k in query blocks: per query head (GQA: the two heads of a group select apart), chunks of
     1–100 tokens, K up to more chunks than there are, blocks of 3 and the default, fixed chunks too;
-    the forward's two key sets (no gradient) and the one key set under autograd alike."""
+    the forward's two key sets (no gradient; its (head, block) pairs in the groups the cost picks,
+    and in as many as there may be) and the one key set under autograd alike."""
+    import mta_rewrite.ops.varlen as varlen
+
     B, Hq, Hkv, n = 3, 4, 2, 31
     q, k, v = qkv(B, Hq, Hkv, n, seed=6)
     if mask_kind == "causal_padding_4d_min":
@@ -282,14 +285,40 @@ def test_top_k_matches_reference(causal, mask_kind):
             continue
         fixed = mta_attention_reference(q, k, v, mask, **kw)
         for block in (3, None):
-            with torch.no_grad():
-                out = mta_attention_varlen(q, k, v, mask, ids, block=block, **kw)
-                torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{kw} {block}: {m}")
-                out = mta_attention_varlen(q, k, v, mask, None, block=block, **kw)
-                torch.testing.assert_close(out, fixed, rtol=1e-10, atol=1e-10, msg=lambda m: f"fixed {kw} {block}: {m}")
+            for overhead in (varlen._GROUP_OVERHEAD, 0):
+                monkeypatch.setattr(varlen, "_GROUP_OVERHEAD", overhead)
+                with torch.no_grad():
+                    out = mta_attention_varlen(q, k, v, mask, ids, block=block, **kw)
+                    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10,
+                                               msg=lambda m: f"{kw} {block} {overhead}: {m}")
+                    out = mta_attention_varlen(q, k, v, mask, None, block=block, **kw)
+                    torch.testing.assert_close(out, fixed, rtol=1e-10, atol=1e-10,
+                                               msg=lambda m: f"fixed {kw} {block} {overhead}: {m}")
+            monkeypatch.undo()
             qg = q.clone().requires_grad_()
             out = mta_attention_varlen(qg, k, v, mask, ids, block=block, **kw)
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"autograd {kw} {block}: {m}")
+
+
+def test_pair_groups(monkeypatch):
+    """The forward's (head, block) pairs with top-k: sorted by their selected tokens into runs of
+    equal count, each padded to its own most; every pair with a column in exactly one; as many runs
+    as pay for their call."""
+    import mta_rewrite.ops.varlen as varlen
+
+    totals = torch.tensor([0, 300, 5, 40, 0, 290, 7, 120, 60, 310, 0, 2])
+    for width, overhead, count in [(3, 0, varlen._MAX_GROUPS), (3, 10**6, 1), (0, 0, varlen._MAX_GROUPS)]:
+        monkeypatch.setattr(varlen, "_GROUP_OVERHEAD", overhead)
+        groups = varlen.pair_groups(totals, width)
+        seen = torch.cat([pairs for pairs, _ in groups])
+        real = (width + totals > 0).nonzero().flatten()
+        assert sorted(seen.tolist()) == real.tolist()  # each pair with a column once (width 0: none without)
+        assert all(T == int(totals[pairs].max()) for pairs, T in groups)
+        assert [T for _, T in groups] == sorted(T for _, T in groups)
+        assert len(groups) == count - (width == 0)  # (the run of zeros has no column: left out)
+    monkeypatch.undo()
+    padded = sum(len(p) * T for p, T in varlen.pair_groups(totals, 3))
+    assert padded < len(totals) * int(totals.max())
 
 
 def test_top_k_heads_of_a_group_select_apart():
@@ -354,7 +383,8 @@ def test_top_k_gradients(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_top_k_key_columns_count_what_the_op_computes(causal, monkeypatch):
     """With top-k the cost model's columns come from the op's own selection on the data: every
-    logit the op's calls compute (the two key sets of the forward, or the one under autograd)."""
+    logit the forward's calls compute (the window key set and the groups of (head, block) pairs);
+    under autograd (one key set per query head, padded to the band's most) at least as many."""
     import mta_rewrite.ops.varlen as varlen
 
     logits = []
@@ -378,6 +408,9 @@ def test_top_k_key_columns_count_what_the_op_computes(causal, monkeypatch):
             logits.clear()
             with torch.set_grad_enabled(grad):
                 varlen.mta_attention_varlen(q.clone().requires_grad_(grad), k, v, mask, ids, **kw)
-            assert sum(logits) == pytest.approx(columns * n * Hq * B)
+            if grad:
+                assert sum(logits) >= columns * n * Hq * B
+            else:
+                assert sum(logits) == pytest.approx(columns * n * Hq * B)
     with pytest.raises(ValueError, match="give q and k"):
         varlen.key_columns(ids, chunk_size=16, top_k=2)
