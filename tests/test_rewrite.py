@@ -762,6 +762,39 @@ def test_flex_attention_is_reported_and_left_exact():
             mr.find_attention(llama, (torch.randint(0, 100, (2, 16)),), {"use_cache": False})
 
 
+def test_batch_of_two_check_compares_outputs_piece_by_piece(monkeypatch):
+    """The check of a program captured at batch 2 against the model compares outputs within
+    rounding, relative to the largest magnitude, in pieces (SmolLM2's logits at 8K tokens are 1.6 GB:
+    whole float64 copies took the capture past 24 GB; a 2K capture now peaks at 2.1 GB instead of
+    7.6). Pieces of 5 elements: every verdict must see past the first."""
+    import importlib
+
+    capture = importlib.import_module("mta_rewrite.capture")
+    monkeypatch.setattr(capture, "_COMPARE_ELEMENTS", 5)
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(3, 7, generator=g) * 1000
+    same = capture._same_outputs
+    assert same({"logits": e, "n": 3}, {"logits": e.clone(), "n": 3})
+    near = e.clone()
+    near[2, 6] += 0.05  # 5e-5 of the largest magnitude (~2000)
+    assert same(e, near)
+    far = e.clone()
+    far[2, 6] += 1.0  # 5e-4 of it
+    assert not same(e, far)
+    holes = e.clone()
+    holes[1, 3], holes[2, 5] = float("inf"), float("nan")
+    assert same(holes, holes.clone())
+    one_sided = holes.clone()
+    one_sided[2, 5] = 0.0
+    assert not same(holes, one_sided)
+    z = torch.complex(e, e)
+    imag = z.clone()
+    imag[2, 6] = torch.complex(z[2, 6].real, z[2, 6].imag + 1.0)  # (float64 copies kept the real parts only)
+    assert same(z, z.clone()) and not same(z, imag)
+    assert not same(e, e.double()) and not same(e, e[:2])
+    assert not same((e,), [e]) and not same({"n": 3}, {"n": 4})
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_an_example_of_one_sequence_captures_a_program_for_any_batch():
     """torch.export fixes a dimension of size 1 at 1: a language model rewritten from one sequence
