@@ -275,7 +275,8 @@ def _selected_positions(selected: Selected, plan: BlockPlan, index: torch.Tensor
 
 
 # a call of the fused attention, in selected columns of one (head, block) pair: what splitting the
-# pairs into one more group must save (:func:`pair_groups`)
+# pairs into one more group must save (:func:`pair_groups`; 256 … 4096 timed alike, within the
+# box's noise, on SmolLM2's layers at 4K)
 _GROUP_OVERHEAD = 256
 _MAX_GROUPS = 4
 
