@@ -64,7 +64,7 @@ def mta_flops(config: MTAConfig, n: int, d: int, causal: bool, exact_fraction: f
 
 def mta_work(config: MTAConfig, n: int, d: int, causal: bool, *, heads: int = 1, kv_heads: int | None = None,
              batch: int = 1, exact_fraction: float = 0.0, clusters: int | None = None,
-             block_columns: tuple | None = None,
+             block_columns: tuple[float, int, int] | None = None,
              padded_n: int | None = None) -> tuple[float, float, float]:
     """(flops, key-set bytes, selection elements) of one call of the op: see the module docstring.
     ``block_columns`` = (columns per query, key-set rows, chunks) where the op runs in query blocks
@@ -74,7 +74,7 @@ def mta_work(config: MTAConfig, n: int, d: int, causal: bool, *, heads: int = 1,
     n = padded_n or n
     summary_pass = batch * kv_heads * 4.0 * n * d
     if block_columns is not None:
-        columns, rows, chunks = (*block_columns, 0)[:3]
+        columns, rows, chunks = block_columns
         top_k = config.top_k > 0  # top-k: key sets per query head, a score per chunk pair and head
         return (batch * heads * 4.0 * n * columns * d + summary_pass,
                 batch * (heads if top_k else kv_heads) * 2.0 * rows * d * _FP32,
@@ -206,7 +206,7 @@ def load_time_model(spec: str) -> TimeModel:
 def relative_cost(config: MTAConfig | None, n: int, d: int, causal: bool, *, heads: int = 1,
                   kv_heads: int | None = None, batch: int = 1, exact_fraction: float = 0.0,
                   padded_n: int | None = None, clusters: int | None = None,
-                  block_columns: tuple | None = None, model: TimeModel = CPU,
+                  block_columns: tuple[float, int, int] | None = None, model: TimeModel = CPU,
                   softcap: bool = False) -> float:
     """Modelled time of ``config`` (None: exact) relative to exact attention at length n over
     ``batch`` sequences and ``heads`` query / ``kv_heads`` key-value heads; with ``exact_fraction``

@@ -462,7 +462,7 @@ def mta_attention_varlen(
                 sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
             parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, m_b, Bq, s))
         if width:
-            parts.append(torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt))
+            parts.append(summary_terms(sel, width).transpose(0, 1))
         return torch.cat(parts, dim=-1)
 
     def outside(qc: torch.Tensor, width: int) -> torch.Tensor:
@@ -570,13 +570,13 @@ def mta_attention_varlen(
             v_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
             term = shared_part(k_set[..., :cols_a, :], v_set[..., :cols_a, :], sel, m_b, 0 if K else width)
             if K:  # [Hkv, m, B, Bq, cols] (rows: block·B + b): the shared terms, then the per-head ones
-                shared, term = term, torch.empty(Hkv, 1, m_b, B, Bq, cols, dtype=cdt, device=dev)
+                shared, term = term, torch.empty(Hkv, m_b, B, Bq, cols, dtype=cdt, device=dev)
                 term[..., :cols_a] = shared.transpose(0, 1)
                 k_b, v_b, term_b = headwise_part(torch.arange(Hq * m_b * B, device=dev), lo_b, m_b, width,
                                                  cols_b - width, summary_terms(sel, width))
                 k_set[..., cols_a:, :] = k_b.view(Hkv, m_b, B, cols_b, d)
                 v_set[..., cols_a:, :] = v_b.view(Hkv, m_b, B, cols_b, d)
-                term[..., cols_a:] = term_b.view(Hkv, 1, m_b, B, Bq, cols_b)
+                term[..., cols_a:] = term_b.view(Hkv, m_b, B, Bq, cols_b)
                 term = term.view(Hkv, m_b * B, Bq, cols)
             else:
                 if G > 1:  # rows are (query head of the group, query): the same terms for each head
