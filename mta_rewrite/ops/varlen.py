@@ -32,11 +32,17 @@ the tokens of the union U of the chunks its queries' chunks select (per query he
 GQA group select differently, so with top-k every query head gets its own key set, k and v read
 per query head), as one more column range after the summaries; each row's mask keeps the columns of
 its own chunk's selection and drops those chunks' summaries. Without gradients that part runs
-per (query head, block) pair: the pairs of a band sorted by their union's tokens and cut into a few
-groups of equal count (``pair_groups``), each one call padded to its own most (on real text the
-union varies several-fold between heads and blocks: padding every pair to the band's most cost
-1.08–1.42× the columns in SmolLM2's 30 layers); under autograd one key set per query head, padded
-to the band's most. ``key_columns`` counts the forward's columns, as the cost model reads.
+per (query head, block, sequence) pair, the pairs of all blocks together: sorted by their columns
+(their block's summaries, then their union's tokens) and cut into up to four runs, each one call
+padded to its own most (``pair_groups``: the cheapest cuts, counting a cost per call; on real text
+the union varies several-fold between heads and blocks, with a long tail), and merged with the
+window's call by log-sum-exp. A pair's terms depend on a row only through its chunk, so they are
+built per chunk its block spans and repeated for the chunk's rows. Under autograd one key set per
+query head, padded to the band's most. ``key_columns`` counts the forward's columns, as the cost
+model reads. (On the q, k, v of SmolLM2's layers 0, 1, 2, 11 and 24 at 4K and 8K tokens this
+forward takes 1.75–2.2× the time of the same configuration without top-k, for 1.2–1.7× its
+columns; with per-row terms and each band's pairs in groups of equal count, until 2026-12-05,
+2.3–3.0×.)
 
 Scope: masks None or key padding (one bool or 0/−inf value per key, the same for every head; the
 shapes the op's mask simplification leaves for transformers' masks). Anything else (per-query,
@@ -238,7 +244,7 @@ class Selected:
     """Per query block and head, the chunks its queries' chunks select (their union U, as lists)
     and their token counts: the column range a block's key set gives them."""
 
-    rows: torch.Tensor  # [B, H, nb, Bq, K]: each block row's selection (its chunk's)
+    chunks: torch.Tensor  # [B, H, M, K]: each query chunk's selection (:func:`_select`)
     union: torch.Tensor  # [B, H, nb, U]: the union's chunk ids, ascending, −1 padded
     sizes: torch.Tensor  # [B, H, nb, U]: their tokens (0 for padding)
     ends: torch.Tensor  # [B, H, nb, U]: cumulative sizes
@@ -263,7 +269,7 @@ def _selected_union(sel: torch.Tensor, plan: BlockPlan) -> Selected:
     sizes = plan.sizes.view(B, 1, 1, M).expand(B, H, nb, M).gather(-1, union.clamp(min=0))
     sizes = torch.where(union >= 0, sizes, 0)
     ends = sizes.cumsum(-1)
-    return Selected(rows, union, sizes, ends, ends[..., -1])
+    return Selected(sel, union, sizes, ends, ends[..., -1])
 
 
 def _selected_positions(selected: Selected, plan: BlockPlan, index: torch.Tensor, b: torch.Tensor, T: int):
@@ -282,27 +288,73 @@ def _selected_positions(selected: Selected, plan: BlockPlan, index: torch.Tensor
     return pos, torch.where(real, cid, -1), real
 
 
-# a call of the fused attention, in selected columns of one (head, block) pair: what splitting the
-# pairs into one more group must save (:func:`pair_groups`; 256 … 4096 timed alike, within the
-# box's noise, on SmolLM2's layers at 4K)
-_GROUP_OVERHEAD = 256
+# a call of the fused attention, in columns of one (head, block) pair: what splitting the pairs
+# into one more group must save (:func:`pair_groups`); at most this many groups; cut points at
+# every 1/32 of the ranks. (256 … 4096 and 4 … 16 groups timed alike, within the box's noise, on
+# SmolLM2's layers at 4K: 249–263 ms over four layers)
+_GROUP_OVERHEAD = 1024
 _MAX_GROUPS = 4
+_CUT_POINTS = 32
 
 
-def pair_groups(totals: torch.Tensor, width: int) -> list[tuple[torch.Tensor, int]]:
-    """The (head, block) pairs of a band with top-k in groups that each run as one call, padded to
-    their own most selected columns instead of the band's: ``totals`` [P] each pair's selected
-    tokens → [(pair indices, T)], the pairs sorted by their tokens and cut into 1 … 4 runs of equal
-    count, as many as pay for their call (``_GROUP_OVERHEAD``); runs with no columns are left out."""
-    order = torch.argsort(totals, stable=True)
-    ranked = totals[order].tolist()
-    best = None
-    for g in range(1, min(_MAX_GROUPS, len(ranked)) + 1):
-        cuts = [len(ranked) * i // g for i in range(g + 1)]
-        cost = sum((e - a) * (width + ranked[e - 1]) + _GROUP_OVERHEAD for a, e in zip(cuts, cuts[1:]))
-        if best is None or cost < best[0]:
-            best = (cost, cuts)
-    return [(order[a:e], int(ranked[e - 1])) for a, e in zip(best[1], best[1][1:]) if width + ranked[e - 1] > 0]
+def summary_widths(plan: BlockPlan, *, causal: bool, local_chunks: int) -> torch.Tensor:
+    """[nb]: per query block, the summaries its rows may use are among the first this many (causal:
+    up to its last query's chunk − L + 1; otherwise all M)."""
+    if causal:
+        return (plan.qchunk.amax(dim=(0, 2)) - local_chunks + 1).clamp(min=0)
+    return torch.full((plan.qpos.shape[0],), plan.chunks, dtype=torch.long, device=plan.qchunk.device)
+
+
+def pair_groups(selected: Selected, widths: torch.Tensor, first: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """The forward's second key set with top-k: the (query head, block, sequence) pairs of blocks
+    ``first`` … nb − 1, as indices h·nb·B + block·B + b, in groups that each run as one call (in
+    pieces under the memory bound), padded to their own most columns → [(pairs, columns)]. A
+    pair's columns are its block's summaries (``widths``, :func:`summary_widths`) then its union's
+    tokens; the pairs are sorted by their count and cut where padding and calls cost least
+    (:func:`_cuts`); pairs with no column are left out."""
+    B, H, nb = selected.total.shape
+    totals = selected.total.permute(1, 2, 0)[:, first:]  # [H, nb − first, B]
+    pairs = (torch.arange(H, device=totals.device).view(H, 1, 1) * (nb * B)
+             + torch.arange(first * B, nb * B, device=totals.device).view(1, nb - first, B))
+    cost = (widths[first:].view(1, -1, 1) + totals).reshape(-1)
+    live = cost > 0
+    pairs, cost = pairs.reshape(-1)[live], cost[live]
+    order = torch.argsort(cost, stable=True)
+    ranked = cost[order].tolist()
+    return [(pairs[order[a:e]], ranked[e - 1]) for a, e in _cuts(ranked)]
+
+
+def _cuts(ranked: list[int]) -> list[tuple[int, int]]:
+    """Ascending costs cut into at most ``_MAX_GROUPS`` runs [a, e), each padded to its last, that
+    minimise Σ (e − a)·ranked[e − 1] + ``_GROUP_OVERHEAD`` per run: exactly (dynamic programming)
+    over cut points at every 1/32 of the ranks and where the cost changes most (a long tail of a
+    few wide pairs gets a run of its own)."""
+    N = len(ranked)
+    if N == 0:
+        return []
+    points = sorted({0, N} | {N * i // _CUT_POINTS for i in range(1, _CUT_POINTS)}
+                    | {i for i in range(1, N) if ranked[i] > 2 * ranked[i - 1] + 16})
+    inf = float("inf")
+    # best[g][i]: the least cost of ranks 0 … points[i] − 1 in g runs, and where the last run starts
+    best = [[(0.0, -1)] + [(inf, -1)] * (len(points) - 1)]
+    for g in range(1, _MAX_GROUPS + 1):
+        row = [(inf, -1)] * len(points)
+        for i in range(1, len(points)):
+            e = points[i]
+            for j in range(i):
+                prev = best[g - 1][j][0]
+                if prev < inf:
+                    c = prev + (e - points[j]) * ranked[e - 1] + _GROUP_OVERHEAD
+                    if c < row[i][0]:
+                        row[i] = (c, j)
+        best.append(row)
+    g = min(range(1, _MAX_GROUPS + 1), key=lambda g: best[g][-1][0])
+    runs, i = [], len(points) - 1
+    for level in range(g, 0, -1):
+        j = best[level][i][1]
+        runs.append((points[j], points[i]))
+        i = j
+    return runs[::-1]
 
 
 def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bool = False, local_chunks: int = 1,
@@ -330,14 +382,15 @@ def key_columns(segment_ids: torch.Tensor | None, *, chunk_size: int, causal: bo
         selected = _selection_of(q, k, attn_mask, plan, causal=causal, local_chunks=local_chunks, sinks=s,
                                  scale=scale, top_k=top_k)
     columns = rows = 0
-    for lo_b, hi_b, width in plan.bands:
-        columns += (hi_b - lo_b) * plan.block * (W + s + width)
-        rows += (hi_b - lo_b) * (W + s + plan.chunks)
-        if selected is not None and hi_b > lo_b:  # the selected columns of the op's groups of pairs
-            totals = selected.total[:, :, lo_b:hi_b]
-            padded = sum(len(pairs) * T for pairs, T in pair_groups(totals.reshape(-1), width)) / (B * totals.shape[1])
-            columns += plan.block * padded
-            rows += padded
+    for lo_b, hi_b, width in plan.bands:  # the window and sinks, and the summaries without top-k
+        columns += (hi_b - lo_b) * plan.block * (W + s + (0 if top_k else width))
+        rows += (hi_b - lo_b) * (W + s + (0 if top_k else plan.chunks))
+    if selected is not None:  # the summaries and selected tokens of the forward's groups of pairs
+        H = selected.total.shape[1]
+        widths = summary_widths(plan, causal=causal, local_chunks=local_chunks)
+        padded = sum(len(pairs) * cols for pairs, cols in pair_groups(selected, widths)) / (B * H)
+        columns += plan.block * padded
+        rows += padded
     return columns / n, round(rows), plan.chunks
 
 
@@ -398,8 +451,9 @@ def mta_attention_varlen(
     # With top-k each query head has its own selected chunks. Where no gradient is wanted (the op's
     # forward: the fused kernel's log-sum-exp has none), a block runs as two key sets merged by
     # their log-sum-exps: A, the window and sinks, per key/value head with the rows of its query
-    # heads together (as without top-k); B, the summaries and the selected chunks' tokens, per
-    # query head. Under autograd, one key set per query head (k and v repeated to the query heads).
+    # heads together (as without top-k), band by band; B, the summaries and the selected chunks'
+    # tokens, per (query head, block) pair, all blocks' pairs in a few groups after the bands.
+    # Under autograd, one key set per query head (k and v repeated to the query heads).
     split = K > 0 and not _wants_grad(q, k, v, summary_weight)
     if K > 0 and not split and G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
@@ -437,10 +491,11 @@ def mta_attention_varlen(
     qp = q if npad == n else torch.nn.functional.pad(q, (0, 0, 0, npad - n))
     q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
     kT, vT = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, B, n, d]
-    # (key set B's rows: per query head, [Hq·nb·B, Bq, d], rows h·nb·B + block·B + b; a view of a
-    # contiguous q for one sequence)
-    q_head = qp.view(B, Hq, nb, Bq, d).permute(1, 2, 0, 3, 4).reshape(Hq * nb * B, Bq, d) if split else None
     jj = torch.arange(M, device=dev)
+    if K > 0:  # a block's rows by chunk: R, the most chunks a block spans, and [nb·B, R] rows per chunk
+        local = (qchunk - qchunk[..., :1]).transpose(0, 1).reshape(nb * B, Bq)  # rows: block·B + b
+        R = int(local.max()) + 1
+        row_counts = torch.zeros(nb * B, R, dtype=torch.long, device=dev).scatter_add_(1, local, torch.ones_like(local))
     if K > 0:  # the rows :func:`headwise_part` selects from: k's (v's) tokens, then the summaries
         k_src = torch.cat([k.reshape(B * Hkv * n, d), kbar.reshape(B * Hkv * M, d)])
         v_src = torch.cat([v.reshape(B * Hkv * n, d), vbar.reshape(B * Hkv * M, d)])
@@ -483,38 +538,50 @@ def mta_attention_varlen(
         qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
         return torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt).transpose(0, 1)
 
-    def headwise_part(pairs: torch.Tensor, lo_b: int, m_b: int, width: int, T: int, summary: torch.Tensor):
-        """For the (query head h, block, sequence b) ``pairs`` [P] (indices h·m·B + (block − lo_b)·B + b,
-        blocks lo_b … lo_b + m − 1): → keys and values [P, width + T, d], the first ``width``
-        summaries and the T columns of the chunks the pairs' rows select, and their terms [P, Bq,
-        width + T] (``summary``: :func:`summary_terms`'): a row's selected chunks leave its summaries
-        for its exact columns. (One ``index_select`` of rows of ``k_src``: a memory copy per row,
-        where advanced indexing on the CPU copies element by element.)"""
-        h, mb = pairs // (m_b * B), pairs % (m_b * B)  # mb: (block − lo_b)·B + b
-        b = mb % B
+    def headwise_part(pairs: torch.Tensor, C: int, widths: torch.Tensor):
+        """For the (query head h, block, sequence b) ``pairs`` [P] (indices h·nb·B + block·B + b):
+        → keys and values [P, C, d] and their terms [P, Bq, C]. A pair's columns are its block's
+        first w summaries (w: ``widths`` of its block), then the tokens of the chunks its rows
+        select (a row's selected chunks leave its summaries for their exact columns), then padding
+        (−1e30). (One ``index_select`` of rows of ``k_src``: a memory copy per row, where advanced
+        indexing on the CPU copies element by element.)"""
+        h, mb = pairs // (nb * B), pairs % (nb * B)  # mb: block·B + b
+        b, blk = mb % B, mb // B
+        P = len(pairs)
         kv_row = (b * Hkv + h // G).unsqueeze(-1)
-        index = (b * Hq + h) * nb + lo_b + mb // B  # into Selected's [B·H·nb]
-        srows = selected.rows.flatten(0, 2).index_select(0, index)  # [P, Bq, K]
-        src = B * Hkv * n + kv_row * M + jj[:width]  # the summaries' rows of k_src
-        term = summary.flatten(0, 1).index_select(0, mb)
+        index = (b * Hq + h) * nb + blk  # into Selected's [B·H·nb]
+        # the terms depend on a row only through its chunk: built for the R chunks a block may span
+        # ([P, R, C]), then each repeated for its rows
+        qc = (qchunk.flatten(0, 1).index_select(0, b * nb + blk)[:, :1] + torch.arange(R, device=dev)).clamp(max=M - 1)
+        srows = selected.chunks.flatten(0, 2).index_select(0, ((b * Hq + h) * M).unsqueeze(-1).add(qc).view(-1))
+        srows = srows.view(P, R, K)
+        qc = qc.unsqueeze(-1)  # [P, R, 1]
+        w = widths.index_select(0, blk).unsqueeze(-1)  # [P, 1]
+        col = torch.arange(C, device=dev)
+        is_summary = col < w  # [P, C]
+        ln = log_n.index_select(0, b)[:, col.clamp(max=M - 1)].unsqueeze(1)  # [P, 1, C]
+        used = (col < qc - L + 1) if causal else ((col - qc).abs() > L - 1)  # summary col outside the window
+        term = torch.where(used & is_summary.unsqueeze(1), ln, NEG).to(cdt)  # [P, R, C]
         # a row's selected chunks: their summaries' terms to −1e30 (amin: −1 entries leave theirs)
-        pick = (srows >= 0) & (srows < width)
-        term.scatter_reduce_(-1, srows.clamp(0, max(width - 1, 0)), torch.where(pick, NEG, float("inf")).to(cdt),
-                             "amin")
-        if T:
+        pick = (srows >= 0) & (srows < w.unsqueeze(-1))
+        term.scatter_reduce_(-1, srows.clamp(0, C - 1), torch.where(pick, NEG, float("inf")).to(cdt), "amin")
+        src = B * Hkv * n + kv_row * M + col.clamp(max=M - 1)  # the summaries' rows of k_src
+        T = int((C - w).max())
+        if T > 0 and selected.total.numel():
             spos, schunk, sreal = _selected_positions(selected, plan, index, b, T)  # [P, T]
-            src = torch.cat([src, kv_row * n + spos], dim=-1)
             # a row's own selection, of the union's real tokens, not sinks (the sink columns'), allowed
             # (a selected chunk's keys all come before the query: no causal test)
             usable = sreal & (spos >= s) & key_ok[b.unsqueeze(-1), spos]
-            schunk = torch.where(usable, schunk, -2).unsqueeze(1)  # [P, 1, T]
-            chosen = schunk == srows[..., 0:1]
-            for r in range(1, K):
-                chosen |= schunk == srows[..., r:r + 1]
-            term = torch.cat([term, torch.where(chosen, 0.0, NEG).to(cdt)], dim=-1)
+            at = (col - w).clamp(0, T - 1)  # [P, C]: the selected column of each column past the summaries
+            spos, schunk = spos.gather(-1, at), torch.where(usable, schunk, -2).gather(-1, at)
+            src = torch.where(is_summary, src, kv_row * n + spos)
+            schunk = torch.where(is_summary, -2, schunk).unsqueeze(1)  # [P, 1, C]
+            for r in range(K):
+                term.masked_fill_(schunk == srows[..., r:r + 1], 0.0)
+        term = term.view(P * R, C).repeat_interleave(row_counts.index_select(0, mb).view(-1), dim=0,
+                                                     output_size=P * Bq).view(P, Bq, C)
         src = src.view(-1)
-        return (k_src.index_select(0, src).view(-1, width + T, d), v_src.index_select(0, src).view(-1, width + T, d),
-                term)
+        return k_src.index_select(0, src).view(-1, C, d), v_src.index_select(0, src).view(-1, C, d), term
 
     # ---- fused attention per band of blocks ---------------------------------------------------
     # On the CPU a band runs in pieces whose key sets stay under the memory bound
@@ -529,59 +596,30 @@ def mta_attention_varlen(
         lo_p = max(lo_p, first)
         if lo_p >= hi_p:
             continue
-        # columns per row: shared (window, sinks; the summaries without top-k) and per query head
-        # (with top-k: the summaries and the selected tokens); bytes per block: the key sets, the
-        # scores of a soft-cap, the per-head terms
+        # columns per row: shared (window, sinks; the summaries without top-k) and, under autograd
+        # with top-k, per query head (the summaries and the selected tokens); bytes per block: the
+        # key sets, the scores of a soft-cap, the per-head terms
         cols_a = Wmax + s + (0 if K else width)
-        cols_b = width + selected.width(lo_p, hi_p) if K else 0
+        cols_b = width + selected.width(lo_p, hi_p) if K and not split else 0
         row_bytes = (Hkv * B * cols_a * (d + (2 * G * Bq if softcap else 0))
                      + Hq * B * cols_b * (d + Bq + (2 * Bq if softcap else 0))) * cdt.itemsize
         for lo_b, hi_b in _memory_bands(lo_p, hi_p, row_bytes, dev):
             m_b = hi_b - lo_b
             sel = slice(lo_b, hi_b)
             rows = slice(lo_b * B, hi_b * B)
-            cols_b = width + selected.width(lo_b, hi_b) if K else 0
-            if split:  # two key sets, merged by their log-sum-exps
-                k_a = torch.empty(Hkv, m_b, B, cols_a, d, dtype=cdt, device=dev)
-                v_a = torch.empty_like(k_a)
-                term_a = shared_part(k_a, v_a, sel, m_b, 0)
-                term_a = term_a.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3) if G > 1 else term_a
-                o_a, l_a = _attention_with_lse(q_rows[:, rows], k_a.view(Hkv, m_b * B, cols_a, d),
-                                               v_a.view(Hkv, m_b * B, cols_a, d),
-                                               term_a.transpose(0, 1).reshape(1, m_b * B, G * Bq, cols_a), scale,
-                                               softcap)
-                del k_a, v_a, term_a
-                if cols_b == 0:  # (no summaries and nothing selected for these blocks yet)
-                    out[:, rows], lse[:, rows] = o_a, l_a
-                    continue
-                # per (query head, block, sequence) pair, in groups of pairs with about as many
-                # selected columns, each padded to its own most (pairs with none keep lse −inf)
-                P = Hq * m_b * B
-                o_b = torch.zeros(P, Bq, d, dtype=cdt, device=dev)
-                l_b = torch.full((P, Bq), float("-inf"), dtype=cdt, device=dev)
-                summary = summary_terms(sel, width)
-                for pairs, T in pair_groups(selected.total[:, :, sel].permute(1, 2, 0).reshape(P), width):
-                    k_b, v_b, term_b = headwise_part(pairs, lo_b, m_b, width, T, summary)
-                    q_b = q_head.index_select(0, pairs // (m_b * B) * (nb * B) + lo_b * B + pairs % (m_b * B))
-                    o_g, l_g = _attention_with_lse(q_b.unsqueeze(0), k_b.unsqueeze(0), v_b.unsqueeze(0),
-                                                   term_b.unsqueeze(0), scale, softcap)
-                    o_b.index_copy_(0, pairs, o_g[0])
-                    l_b.index_copy_(0, pairs, l_g[0])
-                    del k_b, v_b, term_b
-                o_b = o_b.view(Hkv, G, m_b * B, Bq, d).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq, d)
-                l_b = l_b.view(Hkv, G, m_b * B, Bq).transpose(1, 2).reshape(Hkv, m_b * B, G * Bq)
-                out[:, rows], lse[:, rows] = _merge_by_lse(o_a, l_a, o_b, l_b)
-                continue
-            # one key set [Hkv, m, B, cols, d] (with top-k here G = 1: every query head its own)
+            cols_b = width + selected.width(lo_b, hi_b) if K and not split else 0
+            # one key set [Hkv, m, B, cols, d] (with top-k under autograd here G = 1: every query
+            # head its own, the selected part after the shared one)
             cols = cols_a + cols_b
             k_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
             v_set = torch.empty(Hkv, m_b, B, cols, d, dtype=cdt, device=dev)
             term = shared_part(k_set[..., :cols_a, :], v_set[..., :cols_a, :], sel, m_b, 0 if K else width)
-            if K:  # [Hkv, m, B, Bq, cols] (rows: block·B + b): the shared terms, then the per-head ones
+            if cols_b:  # [Hkv, m, B, Bq, cols] (rows: block·B + b): the shared terms, then the per-head ones
                 shared, term = term, torch.empty(Hkv, m_b, B, Bq, cols, dtype=cdt, device=dev)
                 term[..., :cols_a] = shared.transpose(0, 1)
-                k_b, v_b, term_b = headwise_part(torch.arange(Hq * m_b * B, device=dev), lo_b, m_b, width,
-                                                 cols_b - width, summary_terms(sel, width))
+                pairs = (torch.arange(Hq, device=dev).view(Hq, 1) * (nb * B)
+                         + torch.arange(lo_b * B, hi_b * B, device=dev)).view(-1)
+                k_b, v_b, term_b = headwise_part(pairs, cols_b, torch.full((nb,), width, device=dev))
                 k_set[..., cols_a:, :] = k_b.view(Hkv, m_b, B, cols_b, d)
                 v_set[..., cols_a:, :] = v_b.view(Hkv, m_b, B, cols_b, d)
                 term[..., cols_a:] = term_b.view(Hkv, m_b, B, Bq, cols_b)
@@ -593,6 +631,23 @@ def mta_attention_varlen(
             o, l = _attention_with_lse(q_rows[:, rows], k_set.view(Hkv, m_b * B, cols, d),
                                        v_set.view(Hkv, m_b * B, cols, d), term, scale, softcap)
             out[:, rows], lse[:, rows] = o, l
+    if split:  # the second key set, per (query head, block, sequence) pair, merged by log-sum-exp
+        # a pair's rows in ``q_rows``, ``out`` and ``lse`` as [Hkv·nb·B·G, Bq, ·]: (kv head, block·B + b, g)
+        q_pairs, o_pairs, l_pairs = q_rows.reshape(-1, Bq, d), out.view(-1, Bq, d), lse.view(-1, Bq)
+        widths = summary_widths(plan, causal=causal, local_chunks=L)
+        for pairs, C in pair_groups(selected, widths, first):
+            row_bytes = C * (2 * d + Bq + (2 * Bq if softcap else 0)) * cdt.itemsize
+            for a, e in _memory_bands(0, len(pairs), row_bytes, dev):
+                part = pairs[a:e]
+                h = part // (nb * B)
+                rows = ((h // G) * (nb * B) + part % (nb * B)) * G + h % G
+                k_b, v_b, term_b = headwise_part(part, C, widths)
+                o_b, l_b = _attention_with_lse(q_pairs.index_select(0, rows).unsqueeze(0), k_b.unsqueeze(0),
+                                               v_b.unsqueeze(0), term_b.unsqueeze(0), scale, softcap)
+                del k_b, v_b, term_b
+                o, l = _merge_by_lse(o_pairs.index_select(0, rows), l_pairs.index_select(0, rows), o_b[0], l_b[0])
+                o_pairs.index_copy_(0, rows, o)
+                l_pairs.index_copy_(0, rows, l)
     # a query with nothing to attend to (every key padded away) outputs zeros
     out = out.masked_fill((lse <= EMPTY_ROW_LSE).unsqueeze(-1), 0.0)
     out = out.view(Hkv, nb, B, G, Bq, d).permute(2, 0, 3, 1, 4, 5).reshape(B, Hq, npad, d)

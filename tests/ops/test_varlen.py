@@ -301,24 +301,55 @@ def test_top_k_matches_reference(causal, mask_kind, monkeypatch):
 
 
 def test_pair_groups(monkeypatch):
-    """The forward's (head, block) pairs with top-k: sorted by their selected tokens into runs of
-    equal count, each padded to its own most; every pair with a column in exactly one; as many runs
-    as pay for their call."""
+    """The forward's (query head, block, sequence) pairs with top-k: every pair of a block from
+    ``first`` on with a column (its block's summaries, its union's tokens) in exactly one group,
+    each group padded to its own most; with no cost per call, fewer columns than padding every
+    pair to the most."""
     import mta_rewrite.ops.varlen as varlen
 
-    totals = torch.tensor([0, 300, 5, 40, 0, 290, 7, 120, 60, 310, 0, 2])
-    for width, overhead, count in [(3, 0, varlen._MAX_GROUPS), (3, 10**6, 1), (0, 0, varlen._MAX_GROUPS)]:
-        monkeypatch.setattr(varlen, "_GROUP_OVERHEAD", overhead)
-        groups = varlen.pair_groups(totals, width)
+    monkeypatch.setattr(varlen, "_GROUP_OVERHEAD", 0)
+    B, Hq, Hkv, n = 2, 4, 2, 31
+    q, k, v = qkv(B, Hq, Hkv, n, seed=6)
+    ids = segments(B, n, rate=0.25)
+    plan = varlen.plan_blocks(ids, B, chunk_size=4, causal=True, local_chunks=1, sinks=0, block=3)
+    selected = varlen._selection_of(q, k, None, plan, causal=True, local_chunks=1, sinks=0, scale=None, top_k=2)
+    widths = varlen.summary_widths(plan, causal=True, local_chunks=1)
+    nb = plan.qpos.shape[0]
+    cost = widths.view(1, nb, 1) + selected.total.permute(1, 2, 0)  # [H, nb, B]: pair h·nb·B + block·B + b
+    for first in (0, 4):
+        groups = varlen.pair_groups(selected, widths, first)
         seen = torch.cat([pairs for pairs, _ in groups])
-        real = (width + totals > 0).nonzero().flatten()
-        assert sorted(seen.tolist()) == real.tolist()  # each pair with a column once (width 0: none without)
-        assert all(T == int(totals[pairs].max()) for pairs, T in groups)
-        assert [T for _, T in groups] == sorted(T for _, T in groups)
-        assert len(groups) == count - (width == 0)  # (the run of zeros has no column: left out)
-    monkeypatch.undo()
-    padded = sum(len(p) * T for p, T in varlen.pair_groups(totals, 3))
-    assert padded < len(totals) * int(totals.max())
+        live = cost.clone()
+        live[:, :first] = 0
+        assert sorted(seen.tolist()) == (live.reshape(-1) > 0).nonzero().flatten().tolist()
+        assert all(C == int(cost.reshape(-1)[pairs].max()) for pairs, C in groups)
+        assert sum(len(p) * C for p, C in groups) < len(seen) * int(cost.max())
+    assert 1 < len(varlen.pair_groups(selected, widths)) <= varlen._MAX_GROUPS
+
+
+@pytest.mark.parametrize("overhead", [0, 5, 40, 10**6])
+def test_cuts_are_the_cheapest(overhead, monkeypatch):
+    """The runs the pairs are cut into: the least Σ run length × its most + the overhead per run,
+    against every way of cutting (few enough ranks that every rank is a cut point)."""
+    import itertools
+
+    import mta_rewrite.ops.varlen as varlen
+
+    monkeypatch.setattr(varlen, "_GROUP_OVERHEAD", overhead)
+    g = torch.Generator().manual_seed(1)
+    for size in (1, 2, 7, 12):
+        ranked = sorted(torch.randint(0, 50, (size,), generator=g).tolist() + [0])
+        runs = varlen._cuts(ranked)
+        assert runs[0][0] == 0 and runs[-1][1] == len(ranked) and len(runs) <= varlen._MAX_GROUPS
+        assert all(a < e and e == a2 for (a, e), (a2, _) in zip(runs, runs[1:]))
+
+        def cost(cuts):
+            return sum((e - a) * ranked[e - 1] + overhead for a, e in zip(cuts, cuts[1:]))
+
+        best = min(cost((0, *inner, len(ranked))) for r in range(varlen._MAX_GROUPS)
+                   for inner in itertools.combinations(range(1, len(ranked)), r))
+        assert cost([a for a, _ in runs] + [len(ranked)]) == best
+    assert varlen._cuts([]) == []
 
 
 def test_top_k_heads_of_a_group_select_apart():
