@@ -27,13 +27,16 @@ Time (:class:`TimeModel`) is linear in that work, plus a fixed cost per call:
 
     exact ms = a·GFLOP + e                 MTA ms = b·GFLOP + m·GB(key sets) + t·M(selection) + o
 
+with constants of their own (b', m', t', o') where the op runs in query blocks (``block_columns``:
+a window of keys gathered per block of queries and per-query masks cost more per flop and byte),
 and, at a site that soft-caps its logits (Gemma-2), a cost per computed logit (flops / 4d of them):
-+ x·M(logits) exact (the op's blocked exact path: SDPA cannot cap), + y·M(logits) MTA.
++ x·M(logits) exact (the op's blocked exact path: SDPA cannot cap), + y·M(logits) MTA;
 
 with constants fitted by least squares (relative error) to the op and to
 ``scaled_dot_product_attention`` timed on this project's CPU box at 1224 shapes, lengths and
-configurations (``CPU``; ``benchmarks/bench_cost_model.py --fit`` fits and writes them for another
-machine, :func:`load_time_model` reads them). ``WORK`` is the work alone. The fixed costs
+configurations, the query-block ones at 1080 with boundary chunks (``CPU``;
+``benchmarks/bench_cost_model.py --fit``, ``--boundaries --fit`` and ``--softcap --fit`` fit and
+write them for another machine, :func:`load_time_model` reads them). ``WORK`` is the work alone. The fixed costs
 matter: at 512 tokens the op's ~1 ms per call is a good part of exact attention's time, and a site
 split into groups of heads (``HeadGroups``) pays it once per group (:meth:`TimeModel.grouped_ms`).
 ``relative_cost`` is MTA's modelled time over exact attention's; where it is ≥ 1 MTA cannot win and
@@ -119,6 +122,14 @@ class TimeModel:
     # before 2026-12-05, whose JSON files lack them, cost a cap nothing)
     exact_softcap_ms_per_mlogit: float = 0.0
     mta_softcap_ms_per_mlogit: float = 0.0
+    # the op in query blocks (``ops.varlen``: boundary chunks, many small fixed chunks; ``mta_work``'s
+    # ``block_columns``), its own constants: per GFLOP, per GB of key sets, per M selection
+    # elements, per call (``block_ms_per_gflop`` 0: models fitted before 2026-12-05 cost it as the
+    # fixed-chunk op)
+    block_ms_per_gflop: float = 0.0
+    block_ms_per_gb: float = 0.0
+    block_ms_per_mselect: float = 0.0
+    block_call_ms: float = 0.0
 
     def exact_ms(self, n: int, d: int, causal: bool, *, heads: int = 1, batch: int = 1, softcap: bool = False) -> float:
         flops = batch * heads * exact_flops(n, d, causal)
@@ -130,6 +141,9 @@ class TimeModel:
         caps its logits (about flops / 4d of them: the summary pass's few flops counted too)."""
         flops, bytes_, select = mta_work(config, n, d, causal, **shape)
         capped = flops / (4 * d) / 1e6 * self.mta_softcap_ms_per_mlogit if softcap else 0.0
+        if shape.get("block_columns") is not None and self.block_ms_per_gflop > 0:
+            return (flops / 1e9 * self.block_ms_per_gflop + bytes_ / 1e9 * self.block_ms_per_gb
+                    + select / 1e6 * self.block_ms_per_mselect + self.block_call_ms + capped)
         return (flops / 1e9 * self.mta_ms_per_gflop + bytes_ / 1e9 * self.mta_ms_per_gb
                 + select / 1e6 * self.mta_ms_per_mselect + self.mta_call_ms + capped)
 
@@ -163,10 +177,20 @@ class TimeModel:
 # Gemma-2-2B's layer and 8 heads of d = 64, 1024–4096 tokens, 216 timings, capped − uncapped): an
 # exact capped site runs the op's blocked path, not SDPA; with them the modelled / measured ratio on
 # capped sites has median 0.92 (p10–p90 0.65–1.30), without 1.22 (0.86–2.09).
+# The query-block constants (``bench_cost_model.py --boundaries --fit``, cost_model_2026-12-05_boundaries.md:
+# the same 6 shapes, 512–8192 tokens, 36 configurations with boundary chunks of synthetic lines of
+# 1–79 tokens, 1080 timings): the op in query blocks costs more per flop and per key-set byte than
+# the fixed-chunk op (a window gathered per block of queries, per-query masks); costed as the
+# fixed-chunk op it was modelled at 0.54 (median; p10–p90 0.39–0.76) of its measured time over
+# exact attention's, with these at 0.91 (0.66–1.27); on the side of exact attention it is measured
+# on for 81% → 92% of the timings. Held out, SmolLM2's layers on real text at 4K and 8K tokens
+# (``bench_boundaries.py``'s rows, top-k from the layers' own q and k): 0.99–1.18 of the measured
+# ratio, against 0.62–0.77 before.
 CPU = TimeModel(machine="Intel(R) Xeon(R) Processor, 2 threads, torch 2.13.0+cpu",
                 exact_ms_per_gflop=3.762, exact_call_ms=0.242,
                 mta_ms_per_gflop=5.185, mta_ms_per_gb=73.8, mta_ms_per_mselect=15.395, mta_call_ms=0.971,
-                exact_softcap_ms_per_mlogit=1.891, mta_softcap_ms_per_mlogit=1.869)
+                exact_softcap_ms_per_mlogit=1.891, mta_softcap_ms_per_mlogit=1.869,
+                block_ms_per_gflop=7.576, block_ms_per_gb=185.7, block_ms_per_mselect=17.619, block_call_ms=1.745)
 
 # The work alone, no per-call costs: flops at 100 GFLOP/s and key-set bytes at 5 GB/s (the ratio
 # the previous roofline model used), what the costs tend to at long sequences. For searches

@@ -3,6 +3,7 @@ groups, how calibration uses them, and the fit that benchmarks/bench_cost_model.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -274,3 +275,53 @@ def test_the_benchmark_fits_the_soft_cap_constants_from_capped_minus_uncapped_ti
     assert got.exact_softcap_ms_per_mlogit == pytest.approx(2.5, rel=1e-3)
     assert got.mta_softcap_ms_per_mlogit == pytest.approx(1.5, rel=1e-3)
     assert got.exact_ms_per_gflop == CPU.exact_ms_per_gflop and got.mta_call_ms == CPU.mta_call_ms
+
+
+def test_the_op_in_query_blocks_has_its_own_constants():
+    """Where the op runs in query blocks (``block_columns``: boundary chunks, many small fixed
+    chunks) a model with query-block constants costs it by them, elsewhere by the fixed-chunk
+    op's; a model without them (saved before they existed) costs both alike."""
+    cfg = mr.MTAConfig(128, 2, 4, 2)
+    cols = (600.0, 900, 64)
+    flops, bytes_, select = mta_work(cfg, 8192, 64, True, heads=9, kv_heads=3, block_columns=cols)
+    blocks = dataclasses.replace(CPU, block_ms_per_gflop=12.0, block_ms_per_gb=300.0, block_ms_per_mselect=100.0,
+                                 block_call_ms=2.0)
+    assert blocks.mta_ms(cfg, 8192, 64, True, heads=9, kv_heads=3, block_columns=cols) == pytest.approx(
+        flops / 1e9 * 12.0 + bytes_ / 1e9 * 300.0 + select / 1e6 * 100.0 + 2.0)
+    plain = dict(heads=9, kv_heads=3)
+    assert blocks.mta_ms(cfg, 8192, 64, True, **plain) == CPU.mta_ms(cfg, 8192, 64, True, **plain)
+    old = dataclasses.replace(CPU, block_ms_per_gflop=0.0, block_ms_per_gb=0.0, block_ms_per_mselect=0.0,
+                              block_call_ms=0.0)
+    assert old.mta_ms(cfg, 8192, 64, True, heads=9, kv_heads=3, block_columns=cols) == pytest.approx(
+        flops / 1e9 * CPU.mta_ms_per_gflop + bytes_ / 1e9 * CPU.mta_ms_per_gb
+        + select / 1e6 * CPU.mta_ms_per_mselect + CPU.mta_call_ms)
+
+
+def test_the_benchmark_fits_the_query_block_constants():
+    """bench_cost_model.fit_blocks on boundary rows timed by a model with known query-block
+    constants gives them back, the other constants those of the base model it is handed."""
+    spec = importlib.util.spec_from_file_location("bench_cost_model", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = dataclasses.replace(CPU, block_ms_per_gflop=9.0, block_ms_per_gb=250.0, block_ms_per_mselect=40.0,
+                                block_call_ms=1.5)
+    rows = []
+    for shape in ("smollm2", "minilm"):
+        B, Hq, Hkv, d, causal, _ = bench.SHAPES[shape]
+        for n in (512, 2048, 8192):
+            for cfg in bench.CONFIGS:
+                if cfg.chunk_size < n:
+                    # columns and rows roughly as the op's layout has them (the fit needs only variety)
+                    cols = (cfg.chunk_size * (cfg.local_chunks + 1) + cfg.sinks + n / 64 + 40 * cfg.top_k,
+                            cfg.chunk_size * 3 + n // 32 + 30 * cfg.top_k, n // 40)
+                    kw = dict(heads=Hq, kv_heads=Hkv, batch=B, block_columns=cols)
+                    rows.append({"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d,
+                                 "causal": causal, "n": n, "config": cfg.to_dict(), "block_columns": list(cols),
+                                 "exact_ms": truth.exact_ms(n, d, causal, heads=Hq, batch=B),
+                                 "mta_ms": truth.mta_ms(cfg, n, d, causal, **kw)})
+    got = bench.fit_blocks(rows, CPU)
+    for field in ("block_ms_per_gflop", "block_ms_per_gb", "block_ms_per_mselect", "block_call_ms"):
+        assert getattr(got, field) == pytest.approx(getattr(truth, field), rel=0.01), field
+    assert got.mta_ms_per_gflop == CPU.mta_ms_per_gflop and got.exact_ms_per_gflop == CPU.exact_ms_per_gflop
+    lines, figures = bench.agreement(rows, got)
+    assert figures["same_side_of_exact"] == 1.0 and len(lines) == 6
