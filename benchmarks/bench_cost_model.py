@@ -2,6 +2,7 @@
 the op's time over exact attention's is on this machine?
 
     python benchmarks/bench_cost_model.py [--n 256 512 1024 2048 4096 8192] [--repeats 3] [--fit] [--tag T]
+                                          [--boundaries | --softcap]
 
 For each shape and length, times ``scaled_dot_product_attention`` and ``torch.ops.mta.attention``
 at a grid of configurations (c, L, sinks, top_k; the functions called in turn each round, best of
@@ -15,6 +16,11 @@ constant ≥ 0), reports that model too, and writes it as time_model_<date>[_<ta
 Shapes (fp32): MiniLM's layer (12 heads, d = 32), with and without key padding; SmolLM2's (9 / 3
 heads, d = 64, causal); TinyCausalLM's (8 heads, d = 32, causal); batch 2 with 4:1 GQA (8 / 2,
 d = 64, causal); 4 heads of d = 128.
+
+``--boundaries`` times the op with boundary chunks instead (synthetic lines of 1–79 tokens,
+``line_ids``), as it runs them on the CPU in query blocks, costed from their layout
+(``ops.varlen.key_columns``), and with --fit fits the query-block constants of ``TimeModel``, the
+other constants ``CPU``'s.
 
 ``--softcap`` times soft-capped sites instead (``SOFTCAP_SHAPES``: Gemma-2-2B's layer, 8 / 4 heads of
 d = 256, causal, cap 50; 8 heads of d = 64, non-causal, cap 30), each configuration capped and not,
@@ -85,6 +91,50 @@ def _rows(args) -> list[dict]:
     return rows
 
 
+def line_ids(n: int, seed: int = 0, mean: int = 40) -> torch.Tensor:
+    """[1, n] segment ids of synthetic "lines": lengths drawn uniformly from 1 … 2·mean − 1 (mean
+    ``mean`` tokens; real text's line ends: Python's sources average ~50 tokens a chunk at c = 128)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 2 * mean, (n,), generator=g)
+    return torch.repeat_interleave(torch.arange(n), lengths)[:n].view(1, n)
+
+
+def _boundary_rows(args) -> list[dict]:
+    """Each shape, length and configuration with boundary chunks (``line_ids``), as the op runs
+    them on the CPU for no mask or key padding: in query blocks (``ops.varlen``), its columns
+    counted by ``ops.varlen.key_columns`` (with top-k from its selection on these q and k)."""
+    from mta_rewrite.ops.varlen import key_columns
+
+    rows = []
+    with torch.no_grad():
+        for shape in args.shapes:
+            B, Hq, Hkv, d, causal, padded = SHAPES[shape]
+            for n in args.n:
+                g = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+                mask = None
+                if padded:
+                    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+                    mask[..., n - n // 8:] = False
+                seg = line_ids(n).expand(B, n)
+                runs = {"exact": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                                       enable_gqa=Hq != Hkv)}
+                configs = [cfg for cfg in CONFIGS if cfg.chunk_size < n]
+                for cfg in configs:
+                    runs[str(cfg)] = lambda cfg=cfg: torch.ops.mta.attention(q, k, v, mask, None, seg, causal=causal,
+                                                                            **cfg.op_kwargs())
+                best = best_alternating_ms(runs, args.repeats)
+                for cfg in configs:
+                    columns = key_columns(seg, chunk_size=cfg.chunk_size, causal=causal, local_chunks=cfg.local_chunks,
+                                          sinks=cfg.sinks, top_k=cfg.top_k, q=q, k=k, attn_mask=mask)
+                    rows.append({"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d,
+                                 "causal": causal, "padded": padded, "n": n, "config": cfg.to_dict(),
+                                 "block_columns": list(columns), "exact_ms": best["exact"], "mta_ms": best[str(cfg)]})
+                print(f"{shape} n={n}: exact {best['exact']:.2f} ms, {len(configs)} configurations (boundaries)",
+                      flush=True)
+    return rows
+
+
 def _softcap_rows(args) -> list[dict]:
     """Each soft-capped shape, length and configuration timed capped and not (one alternating
     round set): exact attention as a rewritten program runs it (capped: the op with one chunk;
@@ -134,12 +184,28 @@ def fit_softcap(rows: list[dict], base: TimeModel) -> TimeModel:
                                exact_softcap_ms_per_mlogit=round(e, 4), mta_softcap_ms_per_mlogit=round(m, 4))
 
 
+def fit_blocks(rows: list[dict], base: TimeModel) -> TimeModel:
+    """``base`` with the constants of the op in query blocks fitted to these rows (boundary chunks:
+    least squares in the relative error of the op's time, each constant ≥ 0; exact attention's
+    and the fixed-chunk op's constants are ``base``'s)."""
+    X = np.array([[f / s for f, s in zip(mta_work(_config(r), r["n"], r["head_dim"], r["causal"], **_shape(r)),
+                                         (1e9, 1e9, 1e6))] + [1.0] for r in rows])
+    y = np.array([r["mta_ms"] for r in rows])
+    a = _nnls(X / y[:, None], np.ones(len(y)))
+    return dataclasses.replace(base, machine=base.machine + "; query-block constants fitted here",
+                               block_ms_per_gflop=round(float(a[0]), 3), block_ms_per_gb=round(float(a[1]), 1),
+                               block_ms_per_mselect=round(float(a[2]), 3), block_call_ms=round(float(a[3]), 3))
+
+
 def _config(row) -> MTAConfig:
     return MTAConfig.from_dict(row["config"])
 
 
 def _shape(row) -> dict:
-    return dict(heads=row["heads"], kv_heads=row["kv_heads"], batch=row["batch"])
+    shape = dict(heads=row["heads"], kv_heads=row["kv_heads"], batch=row["batch"])
+    if row.get("block_columns") is not None:
+        shape["block_columns"] = tuple(row["block_columns"])
+    return shape
 
 
 def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -198,13 +264,23 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fit", action="store_true", help="fit a TimeModel to these timings and report it too")
     ap.add_argument("--softcap", action="store_true", help="soft-capped sites: fit the soft-cap constants (above)")
+    ap.add_argument("--boundaries", action="store_true",
+                    help="boundary chunks in query blocks: fit the query-block constants (above)")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    rows = _softcap_rows(args) if args.softcap else _rows(args)
+    if args.softcap and args.boundaries:
+        print("error: --softcap and --boundaries fit different constants: run them one at a time", file=sys.stderr)
+        return 2
+    rows = _softcap_rows(args) if args.softcap else _boundary_rows(args) if args.boundaries else _rows(args)
     models = {"calibration.cost.CPU": CPU}
-    if args.softcap:
+    if args.boundaries:
+        models["CPU without query-block constants"] = dataclasses.replace(CPU, block_ms_per_gflop=0.0)
+        if args.fit:
+            models["fitted here"] = fit_blocks(rows, CPU)
+            print(models["fitted here"])
+    elif args.softcap:
         models["CPU without soft-cap terms"] = dataclasses.replace(CPU, exact_softcap_ms_per_mlogit=0.0,
                                                                    mta_softcap_ms_per_mlogit=0.0)
         if args.fit:
@@ -215,7 +291,8 @@ def main(argv=None) -> int:
         print(models["fitted here"])
     stamp = dt.date.today().isoformat()
     what = ("Soft-capped sites: exact attention (the op with one chunk, capped) and the op (capped)" if args.softcap
-            else "Exact attention (SDPA) and the op")
+            else "Exact attention (SDPA) and the op with boundary chunks (synthetic lines of 1–79 tokens, in query "
+            "blocks)" if args.boundaries else "Exact attention (SDPA) and the op")
     text = [f"{stamp}, {machine}. {what} timed on the same inputs (fp32, ms, best of "
             f"{args.repeats} alternating) at {len(CONFIGS)} configurations (c ∈ 16, 64, 256 below n; L ∈ 1, 2; "
             "sinks ∈ 0, 4; top_k ∈ 0, 1, 4); 'wins': configurations whose MTA / exact ratio is below 1, "
