@@ -64,30 +64,51 @@ CONFIGS = [MTAConfig(c, L, s, k) for c in (16, 64, 256) for L in (1, 2) for s in
 SOFTCAP_SHAPES = {"gemma2_capped": (1, 8, 4, 256, True, 50.0), "capped_d64": (1, 8, 8, 64, False, 30.0)}
 
 
-def _rows(args) -> list[dict]:
+def _inputs(shape: str, n: int):
+    """Random q, k, v (fp32, seed 0) of a shape at length n, and its mask: None, or with key padding
+    the last eighth of every sequence padded."""
+    B, Hq, Hkv, d, causal, padded = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    mask = None
+    if padded:
+        mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+        mask[..., n - n // 8:] = False
+    return q, k, v, mask
+
+
+def _rows(args, boundaries: bool = False) -> list[dict]:
+    """Each shape, length and configuration timed against exact attention; ``boundaries``: with
+    boundary chunks (``line_ids``), as the op runs them on the CPU for no mask or key padding, in
+    query blocks (``ops.varlen``), each row with the columns ``ops.varlen.key_columns`` counts
+    (with top-k from the op's selection on these q and k)."""
+    from mta_rewrite.ops.varlen import key_columns
+
     rows = []
     with torch.no_grad():
         for shape in args.shapes:
             B, Hq, Hkv, d, causal, padded = SHAPES[shape]
             for n in args.n:
-                g = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
-                mask = None
-                if padded:  # the last eighth of every sequence is padding
-                    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
-                    mask[..., n - n // 8:] = False
+                q, k, v, mask = _inputs(shape, n)
+                seg = line_ids(n).expand(B, n) if boundaries else None
                 runs = {"exact": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                                        enable_gqa=Hq != Hkv)}
                 configs = [cfg for cfg in CONFIGS if cfg.chunk_size < n]
                 for cfg in configs:
-                    runs[str(cfg)] = lambda cfg=cfg: torch.ops.mta.attention(q, k, v, mask, causal=causal,
+                    runs[str(cfg)] = lambda cfg=cfg: torch.ops.mta.attention(q, k, v, mask, None, seg, causal=causal,
                                                                             **cfg.op_kwargs())
                 best = best_alternating_ms(runs, args.repeats)
                 for cfg in configs:
-                    rows.append({"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d,
-                                 "causal": causal, "padded": padded, "n": n, "config": cfg.to_dict(),
-                                 "exact_ms": best["exact"], "mta_ms": best[str(cfg)]})
-                print(f"{shape} n={n}: exact {best['exact']:.2f} ms, {len(configs)} configurations", flush=True)
+                    row = {"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d, "causal": causal,
+                           "padded": padded, "n": n, "config": cfg.to_dict(), "exact_ms": best["exact"],
+                           "mta_ms": best[str(cfg)]}
+                    if boundaries:
+                        row["block_columns"] = list(key_columns(
+                            seg, chunk_size=cfg.chunk_size, causal=causal, local_chunks=cfg.local_chunks,
+                            sinks=cfg.sinks, top_k=cfg.top_k, q=q, k=k, attn_mask=mask))
+                    rows.append(row)
+                print(f"{shape} n={n}: exact {best['exact']:.2f} ms, {len(configs)} configurations"
+                      + (" (boundaries)" if boundaries else ""), flush=True)
     return rows
 
 
@@ -97,42 +118,6 @@ def line_ids(n: int, seed: int = 0, mean: int = 40) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 2 * mean, (n,), generator=g)
     return torch.repeat_interleave(torch.arange(n), lengths)[:n].view(1, n)
-
-
-def _boundary_rows(args) -> list[dict]:
-    """Each shape, length and configuration with boundary chunks (``line_ids``), as the op runs
-    them on the CPU for no mask or key padding: in query blocks (``ops.varlen``), its columns
-    counted by ``ops.varlen.key_columns`` (with top-k from its selection on these q and k)."""
-    from mta_rewrite.ops.varlen import key_columns
-
-    rows = []
-    with torch.no_grad():
-        for shape in args.shapes:
-            B, Hq, Hkv, d, causal, padded = SHAPES[shape]
-            for n in args.n:
-                g = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
-                mask = None
-                if padded:
-                    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
-                    mask[..., n - n // 8:] = False
-                seg = line_ids(n).expand(B, n)
-                runs = {"exact": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                                       enable_gqa=Hq != Hkv)}
-                configs = [cfg for cfg in CONFIGS if cfg.chunk_size < n]
-                for cfg in configs:
-                    runs[str(cfg)] = lambda cfg=cfg: torch.ops.mta.attention(q, k, v, mask, None, seg, causal=causal,
-                                                                            **cfg.op_kwargs())
-                best = best_alternating_ms(runs, args.repeats)
-                for cfg in configs:
-                    columns = key_columns(seg, chunk_size=cfg.chunk_size, causal=causal, local_chunks=cfg.local_chunks,
-                                          sinks=cfg.sinks, top_k=cfg.top_k, q=q, k=k, attn_mask=mask)
-                    rows.append({"shape": shape, "batch": B, "heads": Hq, "kv_heads": Hkv, "head_dim": d,
-                                 "causal": causal, "padded": padded, "n": n, "config": cfg.to_dict(),
-                                 "block_columns": list(columns), "exact_ms": best["exact"], "mta_ms": best[str(cfg)]})
-                print(f"{shape} n={n}: exact {best['exact']:.2f} ms, {len(configs)} configurations (boundaries)",
-                      flush=True)
-    return rows
 
 
 def _softcap_rows(args) -> list[dict]:
@@ -273,7 +258,7 @@ def main(argv=None) -> int:
     if args.softcap and args.boundaries:
         print("error: --softcap and --boundaries fit different constants: run them one at a time", file=sys.stderr)
         return 2
-    rows = _softcap_rows(args) if args.softcap else _boundary_rows(args) if args.boundaries else _rows(args)
+    rows = _softcap_rows(args) if args.softcap else _rows(args, boundaries=args.boundaries)
     models = {"calibration.cost.CPU": CPU}
     if args.boundaries:
         models["CPU without query-block constants"] = dataclasses.replace(CPU, block_ms_per_gflop=0.0)
