@@ -173,10 +173,7 @@ def fit_blocks(rows: list[dict], base: TimeModel) -> TimeModel:
     """``base`` with the constants of the op in query blocks fitted to these rows (boundary chunks:
     least squares in the relative error of the op's time, each constant ≥ 0; exact attention's
     and the fixed-chunk op's constants are ``base``'s)."""
-    X = np.array([[f / s for f, s in zip(mta_work(_config(r), r["n"], r["head_dim"], r["causal"], **_shape(r)),
-                                         (1e9, 1e9, 1e6))] + [1.0] for r in rows])
-    y = np.array([r["mta_ms"] for r in rows])
-    a = _nnls(X / y[:, None], np.ones(len(y)))
+    a = _fit_op(rows)
     return dataclasses.replace(base, machine=base.machine + "; query-block constants fitted here",
                                block_ms_per_gflop=round(float(a[0]), 3), block_ms_per_gb=round(float(a[1]), 1),
                                block_ms_per_mselect=round(float(a[2]), 3), block_call_ms=round(float(a[3]), 3))
@@ -206,12 +203,18 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep = [f for f, c in zip(keep, coef) if c >= 0]
 
 
+def _fit_op(rows: list[dict]) -> np.ndarray:
+    """The op's constants (ms per GFLOP, per GB of key sets, per M selection elements, per call)
+    nearest these rows' times in relative error, each ≥ 0."""
+    X = np.array([[f / s for f, s in zip(mta_work(_config(r), r["n"], r["head_dim"], r["causal"], **_shape(r)),
+                                         (1e9, 1e9, 1e6))] + [1.0] for r in rows])
+    y = np.array([r["mta_ms"] for r in rows])
+    return _nnls(X / y[:, None], np.ones(len(y)))
+
+
 def fit(rows: list[dict], machine: str) -> TimeModel:
     """The TimeModel whose times are nearest these rows' in relative error."""
-    mta = np.array([[f / s for f, s in zip(mta_work(_config(r), r["n"], r["head_dim"], r["causal"], **_shape(r)),
-                                           (1e9, 1e9, 1e6))] + [1.0] for r in rows])
-    y = np.array([r["mta_ms"] for r in rows])
-    a = _nnls(mta / y[:, None], np.ones(len(y)))
+    a = _fit_op(rows)
     ex = np.array([[r["batch"] * r["heads"] * exact_flops(r["n"], r["head_dim"], r["causal"]) / 1e9, 1.0]
                    for r in rows])
     ye = np.array([r["exact_ms"] for r in rows])

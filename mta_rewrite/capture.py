@@ -229,9 +229,8 @@ def _largest_and_difference(e: torch.Tensor, g: torch.Tensor) -> tuple[float, fl
         if not torch.equal(finite, b.isfinite()):
             return scale, None
         a, b = torch.where(finite, a, 0), torch.where(finite, b, 0)
-        if a.numel():
-            scale = max(scale, a.abs().max().item())
-            worst = max(worst, (a - b).abs().max().item())
+        scale = max(scale, a.abs().max().item())
+        worst = max(worst, (a - b).abs().max().item())
     return scale, worst
 
 

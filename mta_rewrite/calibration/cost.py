@@ -141,11 +141,11 @@ class TimeModel:
         caps its logits (about flops / 4d of them: the summary pass's few flops counted too)."""
         flops, bytes_, select = mta_work(config, n, d, causal, **shape)
         capped = flops / (4 * d) / 1e6 * self.mta_softcap_ms_per_mlogit if softcap else 0.0
-        if shape.get("block_columns") is not None and self.block_ms_per_gflop > 0:
-            return (flops / 1e9 * self.block_ms_per_gflop + bytes_ / 1e9 * self.block_ms_per_gb
-                    + select / 1e6 * self.block_ms_per_mselect + self.block_call_ms + capped)
-        return (flops / 1e9 * self.mta_ms_per_gflop + bytes_ / 1e9 * self.mta_ms_per_gb
-                + select / 1e6 * self.mta_ms_per_mselect + self.mta_call_ms + capped)
+        if shape.get("block_columns") is not None and self.block_ms_per_gflop > 0:  # the op in query blocks
+            per = (self.block_ms_per_gflop, self.block_ms_per_gb, self.block_ms_per_mselect, self.block_call_ms)
+        else:
+            per = (self.mta_ms_per_gflop, self.mta_ms_per_gb, self.mta_ms_per_mselect, self.mta_call_ms)
+        return flops / 1e9 * per[0] + bytes_ / 1e9 * per[1] + select / 1e6 * per[2] + per[3] + capped
 
     def grouped_ms(self, groups, n: int, d: int, causal: bool, *, heads: int, kv_heads: int | None = None,
                    batch: int = 1, layout=None, softcap: bool = False) -> float:

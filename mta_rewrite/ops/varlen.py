@@ -196,6 +196,12 @@ def _summaries(k, v, chunk, w, M: int, summary_weight, cdt):
     return kbar, vbar, n_j, log_n
 
 
+def _summarised(j: torch.Tensor, i: torch.Tensor, local_chunks: int, causal: bool) -> torch.Tensor:
+    """Whether chunk j is outside the window of a query in chunk i, so summarised for it (causal:
+    j < i − L + 1; otherwise |j − i| > L − 1), broadcast over ``j`` and ``i``."""
+    return (j < i - local_chunks + 1) if causal else ((j - i).abs() > local_chunks - 1)
+
+
 # elements of one piece of the selection's scores (B·H·chunks·M), which it sorts
 _SELECT_ELEMENTS = 4 << 20
 
@@ -217,7 +223,7 @@ def _select(q, kbar, n_j, plan: BlockPlan, *, local_chunks: int, causal: bool, s
     step = max(1, _SELECT_ELEMENTS // max(1, B * H * M))
     for i0 in range(0, M, step):
         i = jj[i0:i0 + step].view(-1, 1)
-        outside = (jj < i - L + 1) if causal else ((jj - i).abs() > L - 1)  # [m, M]
+        outside = _summarised(jj, i, L, causal)  # [m, M]
         score = torch.einsum("bhid,bhjd->bhij", qbar[:, :, i0:i0 + step], kbar)
         score = score.masked_fill(~(outside & has_keys), float("-inf"))
         sel[:, :, i0:i0 + step, :K] = _top_chunks(score, K)
@@ -492,11 +498,12 @@ def mta_attention_varlen(
     q_rows = qp.view(B, Hkv, G, nb, Bq, d).permute(1, 3, 0, 2, 4, 5).reshape(Hkv, nb * B, G * Bq, d)
     kT, vT = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, B, n, d]
     jj = torch.arange(M, device=dev)
-    if K > 0:  # a block's rows by chunk: R, the most chunks a block spans, and [nb·B, R] rows per chunk
+    if K > 0:
+        # a block's rows by chunk: R, the most chunks a block spans, and [nb·B, R] rows per chunk
         local = (qchunk - qchunk[..., :1]).transpose(0, 1).reshape(nb * B, Bq)  # rows: block·B + b
         R = int(local.max()) + 1
         row_counts = torch.zeros(nb * B, R, dtype=torch.long, device=dev).scatter_add_(1, local, torch.ones_like(local))
-    if K > 0:  # the rows :func:`headwise_part` selects from: k's (v's) tokens, then the summaries
+        # the rows :func:`headwise_part` selects from: k's (v's) tokens, then the summaries
         k_src = torch.cat([k.reshape(B * Hkv * n, d), kbar.reshape(B * Hkv * M, d)])
         v_src = torch.cat([v.reshape(B * Hkv * n, d), vbar.reshape(B * Hkv * M, d)])
 
@@ -524,19 +531,10 @@ def mta_attention_varlen(
             if causal:
                 sink = sink & (t[:s].view(1, 1, 1, s) <= tq)
             parts.append(torch.where(sink, 0.0, NEG).to(cdt).expand(B, m_b, Bq, s))
-        if width:
-            parts.append(summary_terms(sel, width).transpose(0, 1))
+        if width:  # summary j for the rows it is summarised for, log n_j
+            parts.append(torch.where(_summarised(jj[:width], qc, L, causal), log_n[:, :width].view(B, 1, 1, width),
+                                     NEG).to(cdt))
         return torch.cat(parts, dim=-1)
-
-    def outside(qc: torch.Tensor, width: int) -> torch.Tensor:
-        """Whether each of the first ``width`` chunks is summarised for the query chunks ``qc``."""
-        j = jj[:width]
-        return (j < qc - L + 1) if causal else ((j - qc).abs() > L - 1)
-
-    def summary_terms(sel: slice, width: int) -> torch.Tensor:
-        """The first ``width`` summaries' terms for the blocks ``sel`` [m, B, Bq, width], every head's."""
-        qc = qchunk[:, sel].unsqueeze(-1)  # [B, m, Bq, 1]
-        return torch.where(outside(qc, width), log_n[:, :width].view(B, 1, 1, width), NEG).to(cdt).transpose(0, 1)
 
     def headwise_part(pairs: torch.Tensor, C: int, widths: torch.Tensor):
         """For the (query head h, block, sequence b) ``pairs`` [P] (indices h·nb·B + block·B + b):
@@ -560,14 +558,13 @@ def mta_attention_varlen(
         col = torch.arange(C, device=dev)
         is_summary = col < w  # [P, C]
         ln = log_n.index_select(0, b)[:, col.clamp(max=M - 1)].unsqueeze(1)  # [P, 1, C]
-        used = (col < qc - L + 1) if causal else ((col - qc).abs() > L - 1)  # summary col outside the window
-        term = torch.where(used & is_summary.unsqueeze(1), ln, NEG).to(cdt)  # [P, R, C]
+        term = torch.where(_summarised(col, qc, L, causal) & is_summary.unsqueeze(1), ln, NEG).to(cdt)  # [P, R, C]
         # a row's selected chunks: their summaries' terms to −1e30 (amin: −1 entries leave theirs)
         pick = (srows >= 0) & (srows < w.unsqueeze(-1))
         term.scatter_reduce_(-1, srows.clamp(0, C - 1), torch.where(pick, NEG, float("inf")).to(cdt), "amin")
         src = B * Hkv * n + kv_row * M + col.clamp(max=M - 1)  # the summaries' rows of k_src
         T = int((C - w).max())
-        if T > 0 and selected.total.numel():
+        if T > 0:
             spos, schunk, sreal = _selected_positions(selected, plan, index, b, T)  # [P, T]
             # a row's own selection, of the union's real tokens, not sinks (the sink columns'), allowed
             # (a selected chunk's keys all come before the query: no causal test)
