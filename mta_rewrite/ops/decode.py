@@ -1,0 +1,188 @@
+"""One decoding step of MTA over a KV cache, with the chunk summaries kept between steps.
+
+A decoding step is one query at position t (chunk i = t // c) over the keys and values of the
+sequence so far. MTA_SPEC.md's row t reads, besides the query itself:
+
+- its **window**: the keys of chunks i−L+1 … i up to t, exactly,
+- the **sinks** before the window, exactly,
+- one **summary** per chunk j < i−L+1: the mean k and v of the chunk's keys that the mask allows
+  and that are not sinks, logit scale·q·k̄_j + log n_j (n_j = 0: left out),
+- with ``top_k``: the tokens of the top_k chunks by scale·q·k̄_j instead of their summaries.
+
+Chunks j < i−L+1 all lie wholly before t, so their sums do not change as the sequence grows:
+:class:`ChunkSums` keeps them, and each step sums only the chunks that left the window since the
+last one (c keys every c steps). A step so reads c·L + sinks + n/c + top_k·c keys and summaries
+instead of the n keys exact attention reads: O(√n) per token at c ≈ √n, where exact is O(n).
+
+The mask of a step is one row per sequence (``allowed``, [B, n]: which keys the query may see,
+key padding, a static cache's empty slots), so every summary is the masked mean MTA_SPEC.md asks
+for, and without top-k the step's output is the one-prompt op's row t. With top-k the step ranks
+the distant chunks by its own query: a prompt ranks them by the mean query of the chunk, which
+includes queries after t that a step does not have (with every query of chunk i equal to the
+step's, the two agree: what the tests check against the float64 reference).
+
+Grouped-query attention: the G = Hq / Hkv query heads of a key/value head are G rows over its
+keys, summaries and sums; nothing is repeated to Hq heads except the top-k tokens each query head
+selects. Float32 throughout (the sums too), the output in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MTAConfig
+
+
+@dataclass
+class ChunkSums:
+    """The summaries of the first M chunks of c tokens of a sequence: the means of k and v
+    ([B, Hkv, M, d], float32; zeros for an empty chunk) over each chunk's allowed non-sink keys,
+    their counts ([B, M]) and logit offsets (``offset``, [B, M]: log n_j, −inf where n_j = 0), and
+    the mask they were taken under (``allowed``: [B, M·c] bool, None when every key was allowed):
+    what a decoding step's summaries are. Valid for a cache whose first M·c keys and values have
+    not changed since; ``use_mta`` keeps one per cache layer and drops it when the layer is
+    reordered, cropped or reset (``interface``)."""
+
+    chunk_size: int
+    sinks: int
+    k: torch.Tensor
+    v: torch.Tensor
+    count: torch.Tensor
+    offset: torch.Tensor
+    allowed: torch.Tensor | None
+
+    @property
+    def chunks(self) -> int:
+        return self.count.shape[1]
+
+    def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, chunk_size: int, sinks: int) -> bool:
+        """Whether these summaries can be extended for ``key`` (the cache's keys) under ``allowed``:
+        same chunking, batch, heads, width and device, and the mask over the summarised keys unchanged."""
+        B, H, _, d = key.shape
+        if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
+                or self.k.shape[3] != d or self.k.device != key.device or self.chunks * chunk_size > key.shape[2]:
+            return False
+        span = self.chunks * chunk_size
+        if allowed is None or span == 0:
+            return self.allowed is None or bool(self.allowed.all())
+        if allowed.shape[1] < span:
+            return False
+        before = allowed[:, :span]
+        return bool(before.all()) if self.allowed is None else torch.equal(self.allowed, before)
+
+    def first(self, chunks: int) -> "ChunkSums":
+        """The summaries of the first ``chunks`` chunks only (views)."""
+        mask = None if self.allowed is None else self.allowed[:, :chunks * self.chunk_size]
+        return ChunkSums(self.chunk_size, self.sinks, self.k[:, :, :chunks], self.v[:, :, :chunks],
+                         self.count[:, :chunks], self.offset[:, :chunks], mask)
+
+
+def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, chunks: int,
+               chunk_size: int, sinks: int, previous: ChunkSums | None = None) -> ChunkSums:
+    """:class:`ChunkSums` of the first ``chunks`` chunks of ``key``, ``value`` [B, Hkv, n, d] under
+    ``allowed`` ([B, ≥ chunks·c] bool or None), reusing ``previous`` (which must ``serve`` them:
+    only its missing chunks are summarised; more chunks than asked are cut)."""
+    B, H, _, d = key.shape
+    c = chunk_size
+    if previous is None:
+        empty = key.new_zeros(B, 0, dtype=torch.float32)
+        previous = ChunkSums(c, sinks, key.new_zeros(B, H, 0, d, dtype=torch.float32),
+                             key.new_zeros(B, H, 0, d, dtype=torch.float32), empty, empty, None)
+    done = previous.chunks
+    if done >= chunks:
+        return previous if done == chunks else previous.first(chunks)
+    lo, hi = done * c, chunks * c
+    weight = torch.ones(B, hi - lo, dtype=torch.float32, device=key.device)
+    if allowed is not None:
+        weight = weight * allowed[:, lo:hi]
+    if sinks > lo:
+        weight[:, :min(sinks, hi) - lo] = 0  # (sinks are attended exactly, never summarised)
+    weight = weight.view(B, chunks - done, c)
+    count = weight.sum(-1)
+    weight = weight / count.clamp(min=1)[..., None]
+    ks = torch.einsum("bhmcd,bmc->bhmd", key[:, :, lo:hi].float().view(B, H, chunks - done, c, d), weight)
+    vs = torch.einsum("bhmcd,bmc->bhmd", value[:, :, lo:hi].float().view(B, H, chunks - done, c, d), weight)
+    offset = torch.where(count > 0, count.clamp(min=1).log(), float("-inf"))
+    if allowed is None and previous.allowed is None:
+        mask = None
+    else:
+        before = previous.allowed if previous.allowed is not None else \
+            torch.ones(B, lo, dtype=torch.bool, device=key.device)
+        now = allowed[:, lo:hi] if allowed is not None else torch.ones(B, hi - lo, dtype=torch.bool, device=key.device)
+        mask = torch.cat([before, now.bool()], dim=1)
+    return ChunkSums(c, sinks, torch.cat([previous.k, ks], dim=2), torch.cat([previous.v, vs], dim=2),
+                     torch.cat([previous.count, count], dim=1), torch.cat([previous.offset, offset], dim=1), mask)
+
+
+def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, length: int,
+                config: MTAConfig, scale: float | None = None,
+                sums: ChunkSums | None = None) -> tuple[torch.Tensor, ChunkSums]:
+    """MTA for one query per sequence at position t = length − 1 (module docstring). ``q``
+    [B, Hq, 1, d]; ``key``, ``value`` [B, Hkv, ≥ length, d], the sequence's first ``length``
+    tokens (slots after them are ignored: a static cache's); ``allowed`` [B, ≥ length] bool or
+    None: the keys the query may see. ``sums``: the chunk summaries of an earlier step over the
+    same cache, extended here (None: summarised from the start). Returns the output [B, Hq, 1, d]
+    in q's dtype and the summaries to pass to the next step. A query that may see no key gets zeros.
+
+    One product of the G query heads of each key/value head with [sinks; window; summaries] (their
+    logit offsets: 0 or −inf by the mask, log n_j), and with top-k one more with each query head's
+    selected chunks' tokens (gathered by whole chunks) whose summaries it then leaves out."""
+    B, Hq, m, d = q.shape
+    Hkv = key.shape[1]
+    if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length:
+        raise ValueError(f"decode_step takes one query per sequence over at least `length` keys: q {list(q.shape)}, "
+                         f"k {list(key.shape)}, length {length}")
+    G = Hq // Hkv
+    c, L, top_k = config.chunk_size, config.local_chunks, config.top_k
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    t = length - 1
+    start = max(0, t // c - L + 1) * c  # the window's first key; the chunks before it are summarised
+    J = start // c
+    s = min(config.sinks, start)  # the sinks outside the window
+    if allowed is not None:
+        allowed = allowed[:, :length].bool()
+    if sums is None or not sums.serves(key, allowed, c, config.sinks):
+        sums = None
+    sums = chunk_sums(key, value, allowed, J, c, config.sinks, sums)
+    no = float("-inf")
+    exact = [(0, s), (start, length)] if s else [(start, length)]
+    keys = torch.cat([key[:, :, lo:hi].float() for lo, hi in exact] + [sums.k], dim=2)
+    values = torch.cat([value[:, :, lo:hi].float() for lo, hi in exact] + [sums.v], dim=2)
+    if allowed is None:
+        offset = torch.cat([sums.offset.new_zeros(B, s + length - start), sums.offset], dim=1)
+    else:
+        seen = torch.cat([allowed[:, lo:hi] for lo, hi in exact], dim=1)
+        offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
+    qg = q.reshape(B, Hkv, G, d).float() * scale
+    logits = qg @ keys.transpose(-1, -2) + offset[:, None, None, :]  # [B, Hkv, G, s + window + J]
+    if top_k and J:  # each query head's top_k live chunks by scale·q·k̄_j (ties: the lower index)
+        summaries = logits[..., -J:]
+        ranked = torch.where(torch.isfinite(sums.offset)[:, None, None, :], summaries - sums.offset[:, None, None, :],
+                             no)
+        ordered, index = ranked.sort(dim=-1, descending=True, stable=True)
+        chosen = index[..., :top_k].masked_fill(ordered[..., :top_k] == no, -1)  # (fewer live: -1, none)
+        summaries.masked_fill_(_one_hot(chosen, J), no)  # (their tokens instead, exactly:)
+        rows = (torch.arange(B, device=q.device)[:, None, None, None], torch.arange(Hkv, device=q.device)[:, None, None],
+                chosen.clamp(min=0))  # (whole chunks: c contiguous keys each)
+        k_sel = key[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
+        v_sel = value[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
+        position = (chosen.clamp(min=0)[..., None] * c + torch.arange(c, device=q.device)).flatten(-2)
+        ok = (chosen >= 0).repeat_interleave(c, dim=-1) & (position >= config.sinks)
+        if allowed is not None:
+            ok &= allowed.gather(1, position.flatten(1)).view_as(position)
+        selected = torch.einsum("bhgd,bhgkd->bhgk", qg, k_sel).masked_fill_(~ok, no)
+        p = torch.softmax(torch.cat([logits, selected], dim=-1), dim=-1).nan_to_num_(0.0)
+        width = keys.shape[2]
+        out = p[..., :width] @ values + torch.einsum("bhgk,bhgkd->bhgd", p[..., width:], v_sel)
+    else:
+        out = torch.softmax(logits, dim=-1).nan_to_num_(0.0) @ values  # (a row with nothing to see: zeros)
+    return out.reshape(B, Hq, 1, d).to(q.dtype), sums
+
+
+def _one_hot(chosen: torch.Tensor, J: int) -> torch.Tensor:
+    """[..., J] bool: the chunks ``chosen`` ([..., k], −1 for none) names."""
+    hot = torch.zeros(*chosen.shape[:-1], J + 1, dtype=torch.bool, device=chosen.device)
+    return hot.scatter(-1, torch.where(chosen >= 0, chosen, J), True)[..., :J]

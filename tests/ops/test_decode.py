@@ -1,0 +1,136 @@
+"""``ops.decode``: one decoding step of MTA over a KV cache, with chunk sums kept between steps,
+against the float64 reference of MTA_SPEC.md (``ops.reference``): without top-k a step is the
+one-prompt op's row t; with top-k, the row t of a prompt whose chunk i holds the step's query
+everywhere (the step ranks chunks by its own query)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mta_rewrite.config import MTAConfig
+from mta_rewrite.ops.decode import chunk_sums, decode_step
+from mta_rewrite.ops.reference import mta_attention_reference
+
+
+def inputs(B=2, Hq=4, Hkv=2, n=37, d=8, seed=0, pad=0, hole=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+    allowed = torch.ones(B, n, dtype=torch.bool)
+    allowed[-1, :pad] = False  # left padding of the last sequence
+    if hole:
+        allowed[0, 9:22] = False  # keys no query may see, after some it may: chunks with n_j = 0 between live ones
+    return q, k, v, allowed
+
+
+def reference_row(q, k, v, allowed, t, config):
+    """Row t of the float64 reference over the first t + 1 tokens, the step's query in all of chunk i."""
+    c = config.chunk_size
+    i = t // c
+    prompt = q[:, :, :t + 1].clone()
+    prompt[:, :, i * c:] = q[:, :, t:t + 1]
+    mask = None if allowed is None else allowed[:, None, None, :t + 1]
+    return mta_attention_reference(prompt, k[:, :, :t + 1], v[:, :, :t + 1], mask, causal=True,
+                                   **config.op_kwargs())[:, :, t]
+
+
+CONFIGS = [MTAConfig(4, 1, 0, 0), MTAConfig(4, 2, 3, 0), MTAConfig(5, 1, 2, 2), MTAConfig(3, 2, 0, 1),
+           MTAConfig(6, 1, 7, 3), MTAConfig(4, 1, 1, 4)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("mask", ["none", "padding", "hole"])
+def test_every_step_is_the_reference_row(config, mask):
+    """Steps t = 0 … n−1 in turn, the sums carried from step to step (chunks of 3–6 with partial
+    last chunks, windows of 1–2 chunks, sinks inside and beyond the first chunk, top-k 0–3 (more
+    than there are live chunks early on), GQA; key padding with fully masked rows early on, and a
+    run of forbidden keys after allowed ones: chunks with nothing to summarise between live ones)."""
+    q, k, v, allowed = inputs(pad=6 if mask == "padding" else 0, hole=mask == "hole")
+    sums = None
+    for t in range(q.shape[2]):
+        out, sums = decode_step(q[:, :, t:t + 1], k, v, None if mask == "none" else allowed, t + 1, config, None,
+                                sums)
+        want = reference_row(q, k, v, allowed, t, config)
+        torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+        assert sums.chunks == max(0, t // config.chunk_size - config.local_chunks + 1)
+
+
+def test_a_step_over_a_static_cache_and_a_given_scale():
+    """Keys and values with slots after the sequence (a static cache's, garbage in them) are not
+    read; the scale is the caller's."""
+    q, k, v, allowed = inputs(n=48, pad=3)
+    config = MTAConfig(4, 1, 2, 1)
+    slots_k = torch.cat([k, torch.full_like(k[:, :, :16], 1e4)], 2)
+    slots_v = torch.cat([v, torch.full_like(v[:, :, :16], float("nan"))], 2)
+    slots_allowed = torch.cat([allowed, torch.ones(2, 16, dtype=torch.bool)], 1)
+    out, _ = decode_step(q[:, :, 40:41], slots_k, slots_v, slots_allowed, 41, config, 0.3)
+    want = mta_attention_reference(*_chunk_query(q, 40, 4), k[:, :, :41], v[:, :, :41], allowed[:, None, None, :41],
+                                   causal=True, scale=0.3, **config.op_kwargs())[:, :, 40]
+    torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def _chunk_query(q, t, c):
+    prompt = q[:, :, :t + 1].clone()
+    prompt[:, :, t // c * c:] = q[:, :, t:t + 1]
+    return (prompt,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    """bf16 / fp16 q, k, v: float32 inside, the output in q's dtype, within the dtype's rounding."""
+    q, k, v, allowed = inputs(n=64, pad=5)
+    config = MTAConfig(8, 2, 4, 2)
+    out, _ = decode_step(q[:, :, 63:64].to(dtype), k.to(dtype), v.to(dtype), allowed, 64, config)
+    assert out.dtype == dtype
+    want = reference_row(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), allowed, 63, config)
+    torch.testing.assert_close(out[:, :, 0].double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_sums_kept_between_steps_are_the_sums_from_scratch():
+    """Extending the sums chunk by chunk gives the sums of all chunks at once; sums that do not
+    serve a cache (another mask over the summed keys, another chunking, batch, or fewer keys) are
+    not extended: the step sums from the start."""
+    _, k, v, allowed = inputs(n=40, pad=6)
+    step = None
+    for chunks in range(1, 9):
+        step = chunk_sums(k, v, allowed, chunks, 5, 2, step)
+    whole = chunk_sums(k, v, allowed, 8, 5, 2)
+    for a, b in ((step.k, whole.k), (step.v, whole.v), (step.count, whole.count)):
+        torch.testing.assert_close(a, b)
+    assert whole.count[0, 0] == 3 and whole.count[1, 1] == 4  # (2 sinks; 6 padded keys)
+    assert whole.serves(k, allowed, 5, 2)
+    other = allowed.clone()
+    other[0, 3] = False
+    assert not whole.serves(k, other, 5, 2)
+    assert not whole.serves(k, None, 5, 2)
+    assert not whole.serves(k, allowed, 4, 2) and not whole.serves(k, allowed, 5, 0)
+    assert not whole.serves(k[:1], allowed[:1], 5, 2) and not whole.serves(k[:, :, :35], allowed, 5, 2)
+    assert chunk_sums(k, v, None, 8, 5, 2).serves(k, None, 5, 2)
+    q = torch.randn(2, 4, 1, 8)
+    stale = chunk_sums(k, v, other, 6, 5, 2)  # (sums under another mask: rebuilt, not used)
+    out, sums = decode_step(q, k, v, allowed, 40, MTAConfig(5, 1, 2, 0), None, stale)
+    torch.testing.assert_close(sums.k, whole.k[:, :, :7])
+    fresh, _ = decode_step(q, k, v, allowed, 40, MTAConfig(5, 1, 2, 0))
+    torch.testing.assert_close(out, fresh)
+
+
+def test_bad_shapes_get_one_line():
+    q, k, v, _ = inputs()
+    with pytest.raises(ValueError, match=r"^decode_step takes one query per sequence over at least `length` keys"):
+        decode_step(q[:, :, :2], k, v, None, 37, MTAConfig(4))
+    with pytest.raises(ValueError, match=r"^decode_step takes one query"):
+        decode_step(q[:, :, :1], k, v, None, 38, MTAConfig(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_on_cuda_is_the_reference_row():
+    """The same torch operations on a CUDA device (no Triton kernel): every step of a padded
+    sequence with top-k, in bf16, against the reference."""
+    q, k, v, allowed = inputs(n=40, pad=5)
+    config = MTAConfig(4, 2, 2, 2)
+    sums = None
+    for t in range(40):
+        out, sums = decode_step(q[:, :, t:t + 1].cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(),
+                                allowed.cuda(), t + 1, config, None, sums)
+        want = reference_row(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), allowed, t, config)
+        torch.testing.assert_close(out[:, :, 0].double().cpu(), want, rtol=2e-2, atol=2e-2)
