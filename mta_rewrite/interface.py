@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 import weakref
 from typing import NamedTuple
 
@@ -60,6 +61,14 @@ _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 # is shows at the call only. module (watched) → whether its current call is cross-attention
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 _CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+# the arguments by which an attention module is handed the KV cache (transformers 5.x: cache;
+# before: past_key_values, past_key_value). module (watched) → its current call's cache (a weak
+# reference) or None
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+_CALL_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref | None]" = weakref.WeakKeyDictionary()
+# modules whose decoding steps run MTA (use_mta(..., decode=True)) over their cache layer's chunk sums
+_DECODE: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
 
 
 class _Segments:
@@ -94,15 +103,17 @@ _HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDic
 
 
 def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None,
-            boundaries: Boundaries | None = None) -> torch.nn.Module:
+            boundaries: Boundaries | None = None, decode: bool = False) -> torch.nn.Module:
     """Run ``model`` (a transformers model loaded with SDPA or eager attention) with MTA on its
     prompts: every attention layer under ``config``, or each layer ``plan`` names under its entry
     (the others exact); ``boundaries`` (or the plan's): boundary chunks, segments ending after
     separator tokens of the model's token ids, as ``rewrite`` takes them. Returns the model,
     changed in place (its ``config._attn_implementation`` is "mta", or "mta_eager" for a model
     loaded with eager attention); ``model.generate(...)`` then prefills with MTA and decodes
-    exactly over the cache with the model's own attention. A one-line ValueError for a model or
-    plan it cannot take."""
+    exactly over the cache with the model's own attention, or with ``decode=True`` decodes with MTA
+    too: each step's query attends to its window, sinks and top-k chunks and to one summary per
+    distant chunk, kept with the cache between steps (``_decode``). A one-line ValueError for a
+    model or plan it cannot take."""
     from .api import resolve_boundaries
 
     if (config is None) == (plan is None):
@@ -111,6 +122,8 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         raise ValueError(f"config must be an MTAConfig, got {type(config).__name__} (per-layer choices go in a Plan)")
     if plan is not None and not isinstance(plan, Plan):
         raise ValueError(f"plan must be a Plan, got {type(plan).__name__}")
+    if not isinstance(decode, bool):
+        raise ValueError(f"decode must be True or False, got {decode!r}")
     boundaries = resolve_boundaries(boundaries, plan)
     original = _check_model(model)
     chosen = {}
@@ -134,12 +147,14 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     for module in model.modules():
         _CONFIGS.pop(module, None)
         _SEGMENTS.pop(module, None)
+        _DECODE.pop(module, None)
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             _CONFIGS[module] = entry  # (with config=, every module: only attention layers call the interface)
+            _DECODE[module] = decode
         if segments is not None:
             _SEGMENTS[module] = segments
-        _watch_cross_attention(module)
+        _watch_calls(module)
     if segments is not None:
         _HOOKS[model] = _segment_hooks(model, segments, signature)
     _ORIGINAL[model] = original
@@ -203,26 +218,34 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
             model.register_forward_hook(after, with_kwargs=True))
 
 
-def _watch_cross_attention(module: torch.nn.Module) -> None:
-    """For a module whose forward takes one of CROSS_ARGUMENTS: a pre-hook that notes whether
-    each call is given one (that call is cross-attention, which MTA is not; it stays exact: q and
-    k of one length do not make it self-attention). Once per module."""
-    if module in _CROSS:
+def _watch_calls(module: torch.nn.Module) -> None:
+    """For a module whose forward takes one of CROSS_ARGUMENTS or CACHE_ARGUMENTS: a pre-hook that
+    notes at each call whether it is given one of the former (that call is cross-attention, which
+    MTA is not; it stays exact: q and k of one length do not make it self-attention), and the cache
+    it is handed (a decoding step's chunk sums live on the cache's layer). Once per module."""
+    if module in _WATCHED:
         return
     try:
         signature = inspect.signature(module.forward)
     except (TypeError, ValueError):
         return
-    names = [name for name in CROSS_ARGUMENTS if name in signature.parameters]
-    if not names:
+    cross = [name for name in CROSS_ARGUMENTS if name in signature.parameters]
+    caches = [name for name in CACHE_ARGUMENTS if name in signature.parameters]
+    if not cross and not caches:
         return
 
     def note(mod, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
-        _CROSS[mod] = any(bound.get(name) is not None for name in names)
+        if cross:
+            _CROSS[mod] = any(bound.get(name) is not None for name in cross)
+        if caches:
+            cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
+            _CALL_CACHE[mod] = None if cache is None else weakref.ref(cache)
 
     module.register_forward_pre_hook(note, with_kwargs=True)
-    _CROSS[module] = False
+    _WATCHED.add(module)
+    if cross:
+        _CROSS[module] = False
 
 
 def _check_model(model) -> str:
@@ -280,6 +303,10 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if prompt is not None and prompt.cached and not _continues_with_mta(module, config, query, prompt.key, prompt.mask,
                                                                          kwargs):
         prompt = None
+    if prompt is None and config is not None and _DECODE.get(module) and not _CROSS.get(module, False):
+        out = _decode(module, config, query, key, value, attention_mask, scaling, kwargs)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     if prompt is None:
         exact = exact or _eager_function(type(module))
         return exact(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
@@ -427,6 +454,83 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
     else:
         return mta_flops(config, n, d, True)
     return 4.0 * d * (rows * min(keys, n) + n)  # (+ the summary pass over k and v)
+
+
+# the cache layer methods that change keys or values it already holds (beam search's reorder,
+# assisted generation's crop, batch selection, reset): each drops the layer's chunk sums first
+_LAYER_CHANGES = ("reset", "reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices",
+                  "lazy_initialization")
+
+
+def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scaling, kwargs: dict) -> torch.Tensor | None:
+    """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
+    ``ops.decode.decode_step``: [B, Hq, 1, d], or None where it stays exact (the model's own
+    attention): an entry other than an MTAConfig (head groups, learned or clustered summaries),
+    boundary chunks, learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
+    mask per head or with a bias, a cache that is not a transformers ``Cache`` with ``layers`` (or
+    a module without ``layer_idx``), and a step whose window still reaches the first token (nothing
+    summarised yet: the step is exact attention). The mask's one row per sequence says which keys
+    the query may see (None: all) and where the sequence ends (a static cache's slots after the
+    last key it allows are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
+    dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ."""
+    from .ops.decode import decode_step
+
+    if query.shape[2] != 1 or not isinstance(config, MTAConfig) or _SEGMENTS.get(module) is not None:
+        return None
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \
+            or kwargs.get("position_bias") is not None:
+        return None
+    ref = _CALL_CACHE.get(module)
+    cache = ref() if ref is not None else None
+    layers, index = getattr(cache, "layers", None), getattr(module, "layer_idx", None)
+    if not isinstance(index, int) or not isinstance(layers, (list, tuple)) or not 0 <= index < len(layers):
+        return None
+    layer = layers[index]
+    if getattr(layer, "is_sliding", False):
+        return None
+    B, n = query.shape[0], key.shape[2]
+    allowed, length = None, n
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[-1] != n:
+            return None
+        row = mask[:, 0, 0]
+        if row.dtype != torch.bool:
+            keep = row > forbidden_threshold(row.dtype)
+            if not bool(((row == 0) | ~keep).all()):
+                return None  # a bias
+            row = keep
+        columns = row.any(0).nonzero()
+        if not len(columns):
+            return None
+        length = int(columns[-1]) + 1
+        allowed = None if bool(row[:, :length].all()) else row.expand(B, -1)
+    if (length - 1) // config.chunk_size < config.local_chunks:
+        return None
+    _watch_layer(layer)
+    out, vars(layer)["_mta_chunk_sums"] = decode_step(query, key, value, allowed, length, config, scaling,
+                                                      vars(layer).get("_mta_chunk_sums"))
+    return out
+
+
+def _watch_layer(layer) -> None:
+    """Make each of ``_LAYER_CHANGES`` that ``layer`` (a transformers cache layer) has drop its
+    chunk sums before it runs (on this object only). Once per layer."""
+    if vars(layer).get("_mta_watched"):
+        return
+    for name in _LAYER_CHANGES:
+        if callable(getattr(layer, name, None)):
+            setattr(layer, name, types.MethodType(_dropping_sums(name), layer))
+    vars(layer)["_mta_watched"] = True
+
+
+def _dropping_sums(name: str):
+    def method(self, *args, **kwargs):
+        vars(self).pop("_mta_chunk_sums", None)
+        return getattr(type(self), name)(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
 
 
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:

@@ -216,6 +216,69 @@ def test_generate_over_a_static_cache_prefills_with_mta(build, pad):
                                    rtol=1e-5, atol=1e-5)
 
 
+DECODING = mr.MTAConfig(chunk_size=8, local_chunks=2, sinks=2, top_k=0)
+
+
+@pytest.mark.parametrize("build, pad, cache", [("llama", 5, "dynamic"), ("llama", 0, "dynamic"),
+                                               ("llama_eager", 5, "dynamic"), ("llama", 5, "static"),
+                                               ("llama", 0, "static")])
+def test_decoding_with_mta_gives_the_one_prompt_logits(build, pad, cache):
+    """use_mta(decode=True): every step of generate (dynamic and static caches, SDPA and eager,
+    with and without left padding) scores as the op over the whole sequence so far does (top_k 0:
+    the step is the one prompt's row), not as exact decoding over the cache does; the chunk sums
+    live on the cache's layers, one per chunk the last step's window had left."""
+    model = globals()[build]()
+    ids, mask = ids_and_mask(n=30, pad=pad)
+    options = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   **(dict(cache_implementation="static") if cache == "static" else {}))
+    with torch.no_grad():
+        exact = torch.stack(mr.use_mta(model, config=DECODING).generate(ids, attention_mask=mask, **options).scores, 1)
+        out = mr.use_mta(model, config=DECODING, decode=True).generate(ids, attention_mask=mask, **options)
+        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
+        whole = model(input_ids=out.sequences, attention_mask=whole_mask, use_cache=False).logits[:, 29:-1]
+    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
+    assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 1e-3  # (where the sequences agree, exact decoding differs)
+    for layer in out.past_key_values.layers:
+        assert vars(layer)["_mta_chunk_sums"].chunks == 48 // 8 - 2 + 1  # (the last step's query: token 48)
+
+
+def test_decoding_with_mta_follows_changes_to_the_cache():
+    """A cache reordered (beam search), cropped (assisted generation), its batch selected or
+    repeated, or reset and refilled, drops its layers' chunk sums: the next step is computed over
+    the cache as it is then, as over a copy of it that never had sums; generate with beams runs."""
+    model = llama()
+    ids, mask = ids_and_mask(n=45)
+    mr.use_mta(model, config=mr.MTAConfig(8, 1, 2, 1), decode=True)
+
+    def step(cache, token):
+        n = cache.get_seq_length() + 1
+        return model(input_ids=token, attention_mask=torch.ones(token.shape[0], n, dtype=torch.long), cache=cache,
+                     use_cache=True).logits
+
+    def without_sums(cache):
+        fresh = copy_module.deepcopy(cache)
+        for layer in fresh.layers:
+            vars(layer).pop("_mta_chunk_sums")
+        return fresh
+
+    changes = [lambda c: c.reorder_cache(torch.tensor([1, 0])), lambda c: c.crop(-11),
+               lambda c: c.batch_repeat_interleave(2), lambda c: c.batch_select_indices(torch.tensor([3, 0]))]
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        for change in changes:
+            token = ids[:1, 7:8].expand(cache.layers[0].keys.shape[0], 1)
+            step(cache, token)
+            reference = without_sums(cache)
+            change(cache)
+            change(reference)
+            assert "_mta_chunk_sums" not in vars(cache.layers[0])
+            token = token[:1].expand(cache.layers[0].keys.shape[0], 1)
+            torch.testing.assert_close(step(cache, token), step(reference, token), rtol=1e-5, atol=1e-5)
+        cache.reset()
+        assert "_mta_chunk_sums" not in vars(cache.layers[0])
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+
+
 def continued(model, ids, mask, cached: int, cache=None):
     """The logits of ids[:, cached:] continued over the cache of a forward of ids[:, :cached] (a
     dynamic cache, or ``cache``), and a copy of that cache as it was before the continuation."""
