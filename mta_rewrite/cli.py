@@ -255,11 +255,13 @@ def generate_cmd(
     compare: bool = typer.Option(False, "--compare", help="also generate with the original model, timed the same way"),
     prefill_chunk: int | None = typer.Option(None, "--prefill-chunk", help="prefill the prompt in pieces of P tokens, "
                                              "each after the first continued over the cache"),
+    decode: bool = typer.Option(False, "--decode", help="MTA in decoding too: each new token attends to its window "
+                                "and top-k chunks and to chunk summaries kept with the cache (default: exact)"),
     attn: str = typer.Option("auto", help="the model's own attention for its exact calls: sdpa, eager or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
     """Generate text from a saved language model with MTA on the prompt (use_mta): the prompt's
-    attention through the op, each new token exact over the cache."""
+    attention through the op, each new token exact over the cache (--decode: through MTA too)."""
     from .api import resolve_boundaries
     from .models import generate_saved_model
 
@@ -270,7 +272,7 @@ def generate_cmd(
             done = generate_saved_model(model, prompt, new_tokens=max_new_tokens, tokens=tokens, config=cfg,
                                         plan=chosen, boundaries=boundaries, compare=compare,
                                         attn_implementation=attn, dtype=dtype, prefill_chunk=prefill_chunk,
-                                        progress=status.update)
+                                        decode=decode, progress=status.update)
     except (ValueError, TypeError, OSError) as exc:
         _fail(str(exc))
     what = f"plan {plan}" if plan else cfg.short
@@ -278,6 +280,8 @@ def generate_cmd(
     what += f"; {chunks}" if chunks is not None else ""
     if prefill_chunk is not None:
         what += f"; prefilled in pieces of {prefill_chunk} tokens"
+    if decode:
+        what += "; MTA decoding"
     line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
            f"in {done.seconds:.2f} s"
     if done.original_seconds is not None:

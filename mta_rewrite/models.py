@@ -334,12 +334,13 @@ class Generated:
 def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, new_tokens: int = 32,
                          tokens: int | None = None, config=None, plan=None, boundaries=None, compare: bool = False,
                          attn_implementation: str = "auto", dtype: str = "float32", prefill_chunk: int | None = None,
-                         progress=None) -> Generated:
+                         decode: bool = False, progress=None) -> Generated:
     """Load the language model saved at ``path``, tokenize the text file ``prompt`` (its first
     ``tokens`` tokens, or all of it) by its tokenizer and greedily generate ``new_tokens`` after
     it with :func:`interface.use_mta` (``config`` for every layer or ``plan``; ``boundaries``, or
-    the plan's: boundary chunks on the prompt): MTA on the prompt, exact decoding over the cache.
-    ``compare``: the original model first, timed the same way, and how many generated tokens
+    the plan's: boundary chunks on the prompt): MTA on the prompt, exact decoding over the cache
+    (``decode``: MTA decoding too, each new token over its window and the chunk summaries kept
+    with the cache). ``compare``: the original model first, timed the same way, and how many generated tokens
     agree (one timing each, after a one-token warm-up; the benchmark,
     ``benchmarks/bench_generate.py``, takes the best of several). ``prefill_chunk``: the prompt
     prefilled in pieces of that many tokens (``generate``'s ``prefill_chunk_size``; each piece after
@@ -382,7 +383,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         return out, time.perf_counter() - start
 
     own = model.config._attn_implementation
-    use_mta(model, config=config, plan=plan, boundaries=boundaries)  # (its one-line errors before any generation)
+    use_mta(model, config=config, plan=plan, boundaries=boundaries, decode=decode)  # (its errors before any generation)
     with torch.no_grad():  # one-time costs (first calls, allocations) out of the timings
         model.generate(ids[:, :8], attention_mask=call["attention_mask"][:, :8], max_new_tokens=1,
                        pad_token_id=call["pad_token_id"])
@@ -391,8 +392,8 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
         model.set_attn_implementation(own)
         say(f"generating {new_tokens} tokens with the original model")
         original, original_seconds = timed()
-        use_mta(model, config=config, plan=plan, boundaries=boundaries)
-    say(f"generating {new_tokens} tokens with MTA on the prompt")
+        use_mta(model, config=config, plan=plan, boundaries=boundaries, decode=decode)
+    say(f"generating {new_tokens} tokens with MTA on the prompt" + (" and in decoding" if decode else ""))
     out, seconds = timed()
     same = None if original is None else next((i for i, (a, b) in enumerate(zip(original, out)) if a != b), len(out))
     return Generated(saved.description, ids.shape[1], saved.tokenizer.decode(out), out, seconds, original_seconds, same)

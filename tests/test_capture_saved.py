@@ -285,6 +285,25 @@ def test_generate_from_a_saved_model_with_mta_on_the_prompt(tmp_path):
         assert refused.exit_code == 2 and " ".join(refused.output.split()) == message, refused.output
 
 
+def test_generate_decodes_with_mta(tmp_path):
+    """``generate --decode``: the tokens of ``use_mta(..., decode=True)``'s generate (each new token
+    through MTA over the cache's chunk summaries), and the line says so."""
+    model = saved_llama(tmp_path / "llama", with_tokenizer=True)
+    (tmp_path / "text.txt").write_text(TEXT)
+    result = runner.invoke(app, ["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt"),
+                                 "--tokens", "40", "--max-new-tokens", "12", "--chunk-size", "8", "--top-k", "1",
+                                 "--decode"])
+    assert result.exit_code == 0, result.output
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :40]
+    with torch.no_grad():
+        mr.use_mta(model, config=mr.MTAConfig(8, 1, 0, 1), decode=True)
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0)[0, 40:]
+    assert "12 generated with MTA (c8·L1·s0·k1; MTA decoding)" in " ".join(result.output.split()), result.output
+    assert result.output.rstrip("\n").splitlines()[-1] == tok.decode(new.tolist()), result.output
+
+
 def test_generate_prefills_in_pieces(tmp_path):
     """``generate --prefill-chunk P``: the prompt in pieces of P tokens, each after the first
     continued over the cache with the op: without top-k, the text of the prompt in one piece, with
