@@ -407,6 +407,9 @@ def calibrate(
                                                "calibration.cost.TimeModel's fields (benchmarks/bench_cost_model.py --fit)"),
     device: str = typer.Option("cpu", help="cpu, or cuda (cuda:N): calibrate there, the program and the samples "
                                            "moved to the GPU (MTA sites then run the Triton kernels)"),
+    last_positions: int | None = typer.Option(None, "--last-positions",
+                                              help="measure every error over the last N positions of each sample only "
+                                                   "(a language model that generates after long prompts)"),
 ) -> None:
     """Choose each site's configuration from data: the fastest plan within the budget."""
     from pathlib import Path
@@ -435,11 +438,13 @@ def calibrate(
         ep = load_program(program, dev)  # also a program saved on a GPU, to the CPU
         plan = run_calibration(ep, to_device(list(samples), dev), budget=budget, metric=metric, holdout=holdout,
                                seed=seed, output=output, learn_summaries=learn_summaries, boundaries=boundaries,
-                               cluster_keys=cluster_keys, measure_costs=measure_costs, cost_model=model)
+                               cluster_keys=cluster_keys, measure_costs=measure_costs, cost_model=model,
+                               last_positions=last_positions)
     except (ValueError, TypeError, CaptureError, OSError) as exc:
         _fail(str(exc))
     meta = plan.metadata
-    table = Table(title=f"plan for {program} (budget {budget}, {metric})")
+    over = f", the last {last_positions} positions" if last_positions is not None else ""
+    table = Table(title=f"plan for {program} (budget {budget}, {metric}{over})")
     table.add_column("site", overflow="fold")
     table.add_column("choice", overflow="fold")
     table.add_column("local error", justify="right")

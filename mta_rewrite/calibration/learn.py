@@ -36,19 +36,22 @@ class SiteFit:
     weight: torch.Tensor
 
 
-def _errors(config, records: list[SiteRecord], weight) -> torch.Tensor:
-    """Relative L2 error of the site's output per sample (differentiable in ``weight``)."""
+def _errors(config, records: list[SiteRecord], weight, last: int | None = None) -> torch.Tensor:
+    """Relative L2 error of the site's output per sample (differentiable in ``weight``; ``last``:
+    over the last query rows only)."""
     errs = []
     for r in records:
         out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, weight, r.segment_ids,
                           autograd=True, sink_logits=r.sink_logits, softcap=r.softcap)
         exact = r.exact.float().reshape(out.shape)
+        if last is not None:  # (the last query rows only: out and exact are [B, H, n, d])
+            out, exact = out[..., -last:, :], exact[..., -last:, :]
         errs.append((out - exact).norm() / exact.norm().clamp(min=1e-30))
     return torch.stack(errs)
 
 
 def fit_site(name: str, config: MTAConfig | HeadGroups, records: list[SiteRecord], *, steps: int = STEPS,
-             lr: float = LR) -> SiteFit:
+             lr: float = LR, last: int | None = None) -> SiteFit:
     """Fit one site's summary weight on its recorded inputs (see the module docstring)."""
     Hkv, d = records[0].k.shape[1], records[0].k.shape[3]
     weight = torch.zeros(Hkv, d, dtype=torch.float32, device=records[0].k.device, requires_grad=True)
@@ -57,7 +60,7 @@ def fit_site(name: str, config: MTAConfig | HeadGroups, records: list[SiteRecord
     for step in range(steps + 1):
         opt.zero_grad()
         with torch.enable_grad():
-            errs = _errors(config, records, weight)
+            errs = _errors(config, records, weight, last)
             loss = (errs ** 2).mean()
         if step == 0:
             mean_error = float(errs.detach().mean())
@@ -71,12 +74,13 @@ def fit_site(name: str, config: MTAConfig | HeadGroups, records: list[SiteRecord
 
 
 def fit_summaries(probe: Probe, samples: list, configs: dict, *, steps: int = STEPS, lr: float = LR,
-                  advance=None) -> tuple[dict, dict[str, SiteFit]]:
+                  advance=None, last: int | None = None) -> tuple[dict, dict[str, SiteFit]]:
     """``configs`` (site → MTAConfig or HeadGroups; others exact) with every approximated site's
     summaries learned: (site → Learned or the configuration unchanged where learning did not lower
-    the site's error, site → SiteFit). ``advance`` is called once per site."""
+    the site's error, site → SiteFit). ``advance`` is called once per site; ``last``: the errors over
+    the last query rows of each sample only (calibrate's ``last_positions``)."""
     def fit(name, config, records):
-        result = fit_site(name, config, records, steps=steps, lr=lr)
+        result = fit_site(name, config, records, steps=steps, lr=lr, last=last)
         return (Learned.from_tensor(config, result.weight) if result.learned_error < result.mean_error else config), result
 
     return fit_in_layer_order(probe, samples, configs, fit, advance)

@@ -8,7 +8,10 @@ not defined; MTA gives zeros where the original averages garbage):
 - ``cosine``: mean over positions of 1 − cos(y, y₀) along the last dimension;
 - ``kl``: mean over positions of KL(softmax y₀ ‖ softmax y), for language-model logits.
 
-Sample errors are averaged over samples.
+Sample errors are averaged over samples. ``last`` (calibrate's ``last_positions``): only the last
+positions of each sample count, end to end (the output's second dimension) and locally (a site's
+query rows): where a language model generates after a prompt, its error is that of the latest
+positions, which MTA summarises most.
 """
 
 from __future__ import annotations
@@ -51,11 +54,26 @@ def _real_rows(y: torch.Tensor, kwargs: dict) -> torch.Tensor:
 ROW_BLOCK_ELEMENTS = 1 << 19
 
 
-def output_error(metric: str, y: torch.Tensor, y0: torch.Tensor, kwargs: dict) -> float:
+def last_positions(y: torch.Tensor, kwargs: dict, last: int) -> tuple[torch.Tensor, dict]:
+    """The output's last ``last`` positions ([B, n, ...] → [B, last, ...]) and the call's 2-D
+    attention mask cut the same way (a one-line error for an output without positions)."""
+    if y.dim() < 3:
+        raise ValueError(f"last_positions needs an output with positions ([batch, positions, features]); the model's "
+                         f"first output is {list(y.shape)}")
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(y.shape[:2]) == tuple(mask.shape):
+        kwargs = {**kwargs, "attention_mask": mask[:, -last:]}
+    return y[:, -last:], kwargs
+
+
+def output_error(metric: str, y: torch.Tensor, y0: torch.Tensor, kwargs: dict, last: int | None = None) -> float:
     """The end-to-end error of output ``y`` against the reference ``y0`` (see the module's
-    docstring), computed in float64, a block of rows at a time."""
+    docstring; ``last``: over the last positions only), computed in float64, a block of rows at a
+    time."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if last is not None:
+        (y, kwargs), (y0, _) = last_positions(y, kwargs, last), last_positions(y0, kwargs, last)
     y, y0 = _real_rows(y, kwargs), _real_rows(y0, kwargs)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, y.shape[-1]))
     num = den = total = 0.0
@@ -85,14 +103,19 @@ def attended_rows(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
 class LocalReference:
     """A site's exact outputs on the samples, prepared once so that measuring a candidate is one
     subtraction per sample: the outputs in float64, which query rows count (those that attend to
-    at least one key) and, per query head, the squared norm of the exact output over those rows.
+    at least one key; with ``last``, of the last ``last`` rows only) and, per query head, the
+    squared norm of the exact output over those rows.
     The walk measures up to ~100 candidates against the same exact outputs."""
 
-    def __init__(self, exacts: list[torch.Tensor], masks: list):
+    def __init__(self, exacts: list[torch.Tensor], masks: list, last: int | None = None):
         self.samples = []
         self.den = 0.0
         for y0, mask in zip(exacts, masks):
             rows = attended_rows(mask, y0.shape)
+            n = y0.shape[-2]
+            if last is not None and last < n:  # (only the last query rows count)
+                late = torch.arange(n, device=y0.device) >= n - last
+                rows = late.expand(y0.shape[:-1]) if rows is None else rows & late
             weight = None if rows is None else rows.to(torch.float64)  # [B, H, n]: 1 for a counted row
             exact = y0.double()
             self.samples.append((exact, weight))

@@ -19,7 +19,9 @@ def write_report(details, plan: Plan, plan_path) -> tuple[Path, Path | None]:
     meta = plan.metadata
     lines = [
         f"# Calibration report: {Path(plan_path).name}", "",
-        f"budget {meta['budget']} ({meta['metric']}); held-out error {meta['holdout_error']:.4g}, "
+        f"budget {meta['budget']} ({meta['metric']}"
+        + (f", over the last {meta['last_positions']} positions of each sample" if meta.get("last_positions") else "")
+        + f"); held-out error {meta['holdout_error']:.4g}, "
         f"calibration error {meta['calibration_error']:.4g}; attention cost {meta['relative_attention_cost']:.3f} "
         f"of exact ({100 * meta['attention_cost_saved']:.1f}% saved; costs {meta.get('costs', 'modelled')}); "
         f"{meta['calibration_samples']} calibration and "

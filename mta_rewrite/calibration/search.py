@@ -36,6 +36,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -53,6 +54,7 @@ from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
 from .cost import CPU, WORK, MeasuredCosts, TimeModel, default_candidates, relative_cost
 from .metrics import METRICS, LocalReference, first_tensor, first_tensor_name, output_error, relative
+from .metrics import last_positions as last_positions_of
 from .probe import Probe, release_freed_memory, site_output
 
 # Learned summaries are fitted for a plan cheaper than the chosen one only if its error with means
@@ -197,6 +199,7 @@ def calibrate(
     cluster_keys: bool = False,
     measure_costs: bool | MeasuredCosts | None = None,
     cost_model: TimeModel | None = None,
+    last_positions: int | None = None,
 ):
     """The fastest plan whose end-to-end error on the model's first output stays ≤ ``budget``.
     Errors are measured against the model as ``rewrite`` runs it with every site exact (the op's
@@ -219,6 +222,10 @@ def calibrate(
     on each site's recorded inputs) instead of by the cost model (a ``MeasuredCosts`` instance: its
     timings, e.g. with other repeats); not with ``cluster_keys``. ``cost_model``: the modelled
     times (``cost.TimeModel``; ``benchmarks/bench_cost_model.py --fit`` fits one for a machine).
+    ``last_positions``: every error (end to end, at the sites, in fitting learned summaries) over
+    the last that many positions of each sample only: for a language model that will generate
+    after long prompts, whose new tokens' error is that of the latest positions (MTA summarises
+    the most keys there); not with ``cluster_keys`` (non-causal sites).
 
     Defaults by where the model runs (its parameters, else the first sample's tensors): on the
     CPU, the model ``cost.CPU`` (fitted on this project's CPU box), no timing; on a CUDA GPU,
@@ -241,6 +248,12 @@ def calibrate(
         raise ValueError(f"measure_costs must be True, False or a calibration.cost.MeasuredCosts, got {measure_costs!r}")
     if measure_costs and cluster_keys:
         raise ValueError("measure_costs does not time clustered summaries: use it without cluster_keys")
+    if last_positions is not None and (isinstance(last_positions, bool) or not isinstance(last_positions, int)
+                                       or last_positions < 1):
+        raise ValueError(f"last_positions must be an integer ≥ 1, got {last_positions!r}")
+    if last_positions is not None and cluster_keys:
+        raise ValueError("last_positions is for models that generate (causal sites); clustered summaries are for "
+                         "non-causal ones: use one or the other")
     on_gpu = _device_of(model, data[0]).type == "cuda"
     if measure_costs is None:
         measure_costs = on_gpu and not cluster_keys
@@ -270,13 +283,15 @@ def calibrate(
             out = _reference_output(probe, data[i], i)
             if not reference and metric == "kl":
                 _check_logits(out)
+            if not reference and last_positions is not None:
+                last_positions_of(first_tensor(out), {}, last_positions)  # (its one-line error, before the search)
             reference[id(data[i])] = first_tensor(out)
 
         # ---- per-site errors (exact upstream) and greedy plans (upstream approximated) -----
         policies = [(per_head, tau) for per_head in (False, True) for tau in _ladder()]
         bar.start("site errors and greedy plans, site by site", None)
         timer = measure_costs if isinstance(measure_costs, MeasuredCosts) else MeasuredCosts() if measure_costs else None
-        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance, timer, cost_model)
+        stats, chosen_by = _walk(probe, cal, candidates, policies, bar.advance, timer, cost_model, last_positions)
         if {st.name for st in stats} != {site.name for site in sites}:
             raise RuntimeError("calibration reached other sites than the probe holds")  # a bug, not the user's
         plans: dict[PlanKey, str] = {}
@@ -315,13 +330,13 @@ def calibrate(
             bar.advance()
             if result.cost > met:
                 continue  # cannot be chosen: a cheaper plan is within budget
-            _verify(result, probe, cal, hold, reference, metric, budget)
+            _verify(result, probe, cal, hold, reference, metric, budget, last_positions)
             if result.within(budget):
                 met = min(met, result.cost)
 
         if learn_summaries:
-            _refit("learned summaries", _fit_learned, probe, cal, hold, family, stats, local_errors, reference, metric,
-                   budget, learned_plans, bar)
+            _refit("learned summaries", functools.partial(_fit_learned, last=last_positions), probe, cal, hold, family,
+                   stats, local_errors, reference, metric, budget, learned_plans, bar, last_positions)
         if cluster_keys:
             _refit("clustered summaries", _fit_clustered, probe, cal, hold, family, stats, local_errors, reference,
                    metric, budget, learned_plans, bar)
@@ -331,6 +346,7 @@ def calibrate(
 
     plan = Plan(boundaries=boundaries, metadata={
         "budget": budget, "metric": metric, "seed": seed,
+        **({"last_positions": last_positions} if last_positions is not None else {}),
         "calibration_samples": len(cal), "holdout_samples": 0 if hold is cal else len(hold),
         "holdout_indices": hold_idx,
         "holdout_error": chosen.holdout_error, "calibration_error": chosen.calibration_error,
@@ -362,11 +378,11 @@ def calibrate(
 
 # ---- helpers ----------------------------------------------------------------------------------
 
-def _fit_learned(probe, cal, configs, advance):
+def _fit_learned(probe, cal, configs, advance, last: int | None = None):
     """(configs with learned summaries, site → its error after the fit)."""
     from .learn import fit_summaries
 
-    configs, fits = fit_summaries(probe, cal, configs, advance=advance)
+    configs, fits = fit_summaries(probe, cal, configs, advance=advance, last=last)
     return configs, {name: fit.learned_error for name, fit in fits.items()}
 
 
@@ -378,7 +394,8 @@ def _fit_clustered(probe, cal, configs, advance):
     return configs, {name: min(fit.clustered_error, fit.mean_error) for name, fit in fits.items()}
 
 
-def _refit(label, fit, probe, cal, hold, family, stats, local_errors, reference, metric, budget, count, bar) -> None:
+def _refit(label, fit, probe, cal, hold, family, stats, local_errors, reference, metric, budget, count, bar,
+           last: int | None = None) -> None:
     """Summaries fitted on the calibration samples (``fit``: learned summaries or clustered ones)
     for up to ``count`` plans, each verified end to end on them and the held-out ones and appended
     to ``family`` (origin "… + {label}"). First the plans cheaper than the chosen one whose error
@@ -400,22 +417,22 @@ def _refit(label, fit, probe, cal, hold, family, stats, local_errors, reference,
         family.append(result)
         before = local_errors.get(_key(base.configs, stats), {})
         local_errors.setdefault(_key(configs, stats), {name: errors.get(name, before.get(name, 0.0)) for name in configs})
-        _verify(result, probe, cal, hold, reference, metric, budget)
+        _verify(result, probe, cal, hold, reference, metric, budget, last)
         if result.within(budget):
             break
 
 
-def _verify(result: PlanResult, probe, cal, hold, reference, metric, budget: float) -> None:
+def _verify(result: PlanResult, probe, cal, hold, reference, metric, budget: float, last: int | None = None) -> None:
     """The plan's end-to-end error on the calibration samples and, if that is within budget, on
     the held-out ones (the same figures when there are none)."""
     result.calibration_error, result.calibration_runs = _end_to_end(probe, cal, result.configs, reference, metric,
-                                                                    budget)
+                                                                    budget, last)
     if result.calibration_error <= budget:
         if hold is cal:
             result.holdout_error, result.holdout_runs = result.calibration_error, result.calibration_runs
         else:
             result.holdout_error, result.holdout_runs = _end_to_end(probe, hold, result.configs, reference, metric,
-                                                                    budget)
+                                                                    budget, last)
 
 
 def _cheapest_within(family: list[PlanResult], budget: float) -> PlanResult:
@@ -433,8 +450,8 @@ def _plan_cost(configs: dict, stats: list[SiteStats]) -> float:
     return sum(st.weight * st.choice_cost(configs.get(st.name)) for st in stats) / total
 
 
-def _reference(recs) -> LocalReference:
-    return LocalReference([r.exact for r in recs], [r.mask for r in recs])
+def _reference(recs, last: int | None = None) -> LocalReference:
+    return LocalReference([r.exact for r in recs], [r.mask for r in recs], last)
 
 
 def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None):
@@ -445,7 +462,8 @@ def _site_parts(recs, config: MTAConfig, reference: LocalReference | None = None
     return (reference or _reference(recs)).parts(outs)
 
 
-def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None, model: TimeModel = CPU) -> SiteStats:
+def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None, model: TimeModel = CPU,
+                last: int | None = None) -> SiteStats:
     """A site's candidates (those under the crossover), their costs and their errors with exact
     upstream, overall and per head, and the Pareto fronts the greedy passes choose from. Costs
     are ``model``'s (at the site's batch and heads); with a ``timer`` the costs of the candidates
@@ -468,7 +486,7 @@ def _site_stats(name: str, recs, candidates, timer: MeasuredCosts | None = None,
         costs = {c: timer.relative(longest, c) for c in pool if costs[c] < 1.0}
     st.candidates = [c for c in pool if costs.get(c, 1.0) < 1.0]  # the crossover
     st.costs = {c: costs[c] for c in st.candidates}
-    reference = _reference(recs)
+    reference = _reference(recs, last)
     for cand in st.candidates:
         st.parts[cand] = _site_parts(recs, cand, reference)
         st.errors[cand] = relative(*st.parts[cand])
@@ -550,7 +568,8 @@ def _runs_causal(rec) -> bool:
 
 
 def _walk(probe: Probe, cal: list, candidates, policies: list, advance,
-          timer: MeasuredCosts | None = None, model: TimeModel = CPU) -> tuple[list[SiteStats], dict]:
+          timer: MeasuredCosts | None = None, model: TimeModel = CPU,
+          last: int | None = None) -> tuple[list[SiteStats], dict]:
     """Steps 2 and 3: every policy (per_head, τ) walks the sites in graph order, choosing at each
     with the upstream sites approximated as it chose before. Depth first over the tree of
     upstream plans: a node is a site reached under one upstream plan, by the policies that chose
@@ -575,10 +594,10 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance,
         if name not in stats:  # first reached on the all-exact branch: exact upstream
             if approximated_upstream:
                 raise RuntimeError(f"site {name} reached with approximated upstream before exact")  # a bug
-            stats[name] = _site_stats(name, recs, candidates, timer, model)
+            stats[name] = _site_stats(name, recs, candidates, timer, model, last)
         st = stats[name]
         if approximated_upstream:
-            parts = _lazy_parts(recs)
+            parts = _lazy_parts(recs, last)
         else:
             parts = st.parts.__getitem__
         longest = max(recs, key=lambda r: r.q.shape[-2]) if timer is not None else None
@@ -604,12 +623,12 @@ def _walk(probe: Probe, cal: list, candidates, policies: list, advance,
     return sorted(stats.values(), key=lambda st: order.get(st.name, len(order))), chosen
 
 
-def _lazy_parts(recs):
+def _lazy_parts(recs, last: int | None = None):
     """``parts(cand)``: a candidate's error parts at a node with approximated upstream, measured
     when a policy first asks for it. A policy scans the front in cost order and stops at its
     choice (per head: once every head has one), so candidates costlier than every choice made
     at the node are never run; the values are those measuring them all would give."""
-    reference = _reference(recs)
+    reference = _reference(recs, last)
     measured: dict = {}
 
     def parts(cand):
@@ -705,7 +724,8 @@ def _raised_in_the_op(exc: BaseException) -> bool:
     return False
 
 
-def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tuple[float, tuple[int, int]]:
+def _end_to_end(probe, samples, configs, reference, metric, budget: float,
+                last: int | None = None) -> tuple[float, tuple[int, int]]:
     """The plan's mean error over ``samples`` and (samples run, samples). Every sample's error is
     ≥ 0, so once their sum exceeds budget × len(samples) the mean is over budget whatever the
     others give: the remaining samples are not run, and the error returned is that sum over
@@ -716,7 +736,7 @@ def _end_to_end(probe, samples, configs, reference, metric, budget: float) -> tu
     for i, sample in enumerate(samples):
         out = first_tensor(probe.forward(sample, configs))
         release_freed_memory()
-        total += output_error(metric, out, reference[id(sample)], probe.bind(sample).by_name)
+        total += output_error(metric, out, reference[id(sample)], probe.bind(sample).by_name, last)
         if total > budget * len(samples):
             return total / len(samples), (i + 1, len(samples))
     return total / len(samples), (len(samples), len(samples))

@@ -51,6 +51,31 @@ def test_plan_meets_budget_on_holdout_and_rewrite_reproduces_it(lm, metric, budg
     assert again <= budget
 
 
+def test_last_positions_meet_the_budget_there(lm, tmp_path):
+    """last_positions: the plan's error over the last positions of each held-out sample (by the
+    rewritten model, against the original) is what calibration reports, within budget, and it is
+    that error, not the whole samples': the whole samples' error differs. Named in the metadata,
+    the report and the CLI's table; one-line errors for what it cannot take."""
+    model, data = lm
+    plan = run(model, data, budget=0.01, metric="kl", last_positions=128, output=str(tmp_path / "plan.json"))
+    assert plan.metadata["last_positions"] == 128 and plan.metadata["relative_attention_cost"] < 1.0
+    fast = mr.rewrite(model, data[0], plan=plan)
+    late, whole = [], []
+    with torch.no_grad():
+        for i in plan.metadata["holdout_indices"]:
+            y, y0 = first_tensor(fast(*data[i])), first_tensor(model(*data[i]))
+            late.append(output_error("kl", y, y0, {}, last=128))
+            whole.append(output_error("kl", y, y0, {}))
+    assert sum(late) / len(late) == pytest.approx(plan.metadata["holdout_error"], rel=1e-4, abs=1e-7)
+    assert sum(late) / len(late) <= 0.01
+    assert abs(sum(whole) - sum(late)) > 1e-3 * sum(late)
+    assert "over the last 128 positions of each sample" in (tmp_path / "plan.report.md").read_text()
+    for kwargs, message in [(dict(last_positions=0), r"^last_positions must be an integer ≥ 1, got 0$"),
+                            (dict(last_positions=8, cluster_keys=True), r"^last_positions is for models that generate")]:
+        with pytest.raises(ValueError, match=message):
+            run(model, data, budget=0.01, **kwargs)
+
+
 def test_tighter_budget_never_cheaper_and_zero_is_exact(lm):
     model, data = lm
     costs = []

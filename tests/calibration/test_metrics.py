@@ -42,6 +42,14 @@ def test_output_error_equals_its_definition(metric, padded, monkeypatch):
     got = output_error(metric, y, y0, kwargs)
     assert got == pytest.approx(want, rel=1e-12)
     assert output_error(metric, y0, y0, kwargs) == pytest.approx(0.0, abs=1e-12)
+    late = rows & (torch.arange(n) >= n - 70)  # last=70: the last 70 positions of each sample (and real ones)
+    assert output_error(metric, y, y0, kwargs, last=70) == pytest.approx(direct(metric, y, y0, late), rel=1e-12)
+
+
+def test_last_positions_need_an_output_with_positions():
+    with pytest.raises(ValueError, match=r"^last_positions needs an output with positions \(\[batch, positions, "
+                                         r"features\]\); the model's first output is \[2, 16\]$"):
+        output_error("rel_l2", torch.randn(2, 16), torch.randn(2, 16), {}, last=4)
 
 
 def test_local_reference_parts_equal_their_definition():
@@ -70,3 +78,15 @@ def test_local_reference_parts_equal_their_definition():
     # the reference serves any number of candidates: a second one gets its own error, the same norm
     num2, den2 = ref.parts(exacts)
     assert float(num2.sum()) == 0.0 and torch.equal(den2, den)
+    # last=12: the rows t ≥ n − 12 only (of those that attend to something)
+    late_num, late_den = LocalReference(exacts, masks, last=12).parts(outs)
+    want_num.zero_(), want_den.zero_()
+    for y, y0, mask in zip(outs, exacts, masks):
+        for t in range(n - 12, n):
+            counted = torch.ones(B, dtype=torch.bool) if mask is None else mask[:, 0, t].any(-1)
+            for b in range(B):
+                if counted[b]:
+                    want_num += ((y[b, :, t].double() - y0[b, :, t].double()) ** 2).sum(-1)
+                    want_den += (y0[b, :, t].double() ** 2).sum(-1)
+    torch.testing.assert_close(late_num, want_num, rtol=1e-12, atol=0)
+    torch.testing.assert_close(late_den, want_den, rtol=1e-12, atol=0)
