@@ -250,6 +250,18 @@ def test_capture_errors_are_one_line(tmp_path, case, argv, message):
     assert (tmp_path / "text.txt").read_bytes() == before and not (tmp_path / "p.pt2").exists()
 
 
+def generated_with_mta(model, folder, tokens: int, new: int, **use_mta):
+    """(the saved tokenizer, the ``new`` tokens greedy ``generate`` gives after the first ``tokens``
+    of TEXT once ``use_mta(model, **use_mta)``): what the CLI's generate must print."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :tokens]
+    with torch.no_grad():
+        mr.use_mta(model, **use_mta)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+    return tok, out[0, tokens:]
+
+
 def test_generate_from_a_saved_model_with_mta_on_the_prompt(tmp_path):
     """``generate`` prints what the model generates after ``use_mta`` (the prompt through the op,
     decoding exact over the cache), the original's time and agreement with --compare; one-line
@@ -261,12 +273,7 @@ def test_generate_from_a_saved_model_with_mta_on_the_prompt(tmp_path):
                                  "--tokens", "40", "--max-new-tokens", "5", "--chunk-size", "8", "--sinks", "2",
                                  "--compare"])
     assert result.exit_code == 0, result.output
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
-    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :40]
-    with torch.no_grad():
-        mr.use_mta(model, config=config)
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
-                             do_sample=False, pad_token_id=0)[0, 40:]
+    tok, new = generated_with_mta(model, tmp_path / "llama", 40, 5, config=config)
     out = " ".join(result.output.split())
     assert "LlamaForCausalLM (sdpa attention)" in out and "40 prompt tokens, 5 generated with MTA (c8·L1·s2·k0)" in out, out
     assert "; the original model " in out and "tokens as its" in out, out
@@ -294,12 +301,7 @@ def test_generate_decodes_with_mta(tmp_path):
                                  "--tokens", "40", "--max-new-tokens", "12", "--chunk-size", "8", "--top-k", "1",
                                  "--decode"])
     assert result.exit_code == 0, result.output
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "llama"))
-    ids = tok(TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :40]
-    with torch.no_grad():
-        mr.use_mta(model, config=mr.MTAConfig(8, 1, 0, 1), decode=True)
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=0)[0, 40:]
+    tok, new = generated_with_mta(model, tmp_path / "llama", 40, 12, config=mr.MTAConfig(8, 1, 0, 1), decode=True)
     assert "12 generated with MTA (c8·L1·s0·k1; MTA decoding)" in " ".join(result.output.split()), result.output
     assert result.output.rstrip("\n").splitlines()[-1] == tok.decode(new.tolist()), result.output
 
