@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--steps", type=int, default=64, help="decoding steps (tokens fed over the cache)")
-    ap.add_argument("--config", nargs="+", default=["128,2,4,2", "128,2,4,0"],
-                    help="chunk_size,local_chunks,sinks,top_k for every layer, one or more")
+    ap.add_argument("--config", nargs="*", default=["128,2,4,2", "128,2,4,0"],
+                    help="chunk_size,local_chunks,sinks,top_k for every layer, zero or more")
     ap.add_argument("--plan", type=Path, nargs="*", default=[], help="calibrated plans, each a variant too")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix for the result files")
