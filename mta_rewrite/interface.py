@@ -19,7 +19,10 @@ exact, is the model's own attention (SDPA or eager, whichever it was loaded with
 transformers builds for it), exact, as the model ran before; so is cross-attention (a decoder's
 layer given the encoder's states, seen at the call: ``CROSS_ARGUMENTS``). So the prompt
 costs O(n^1.5) instead of O(n²) and each new token attends exactly to the cache (k and v are the
-model's own: MTA changes which keys a query reads, not what is stored), O(n) per token.
+model's own: MTA changes which keys a query reads, not what is stored), O(n) per token; with
+``decode=True`` a decoding step of a layer planned with an MTAConfig is the op's row for its
+position instead (``_decode``, ``ops.decode``: the distant chunks' summaries kept on the cache's
+layer), O(√n) per token.
 
 Plan names are the module paths ``find_attention`` and ``calibrate`` give the sites
 (``model.layers.0.self_attn``): a plan calibrated on the captured model applies to the model
