@@ -20,7 +20,7 @@ transformers builds for it), exact, as the model ran before; so is cross-attenti
 layer given the encoder's states, seen at the call: ``CROSS_ARGUMENTS``). So the prompt
 costs O(n^1.5) instead of O(n²) and each new token attends exactly to the cache (k and v are the
 model's own: MTA changes which keys a query reads, not what is stored), O(n) per token; with
-``decode=True`` a decoding step of a layer planned with an MTAConfig is the op's row for its
+``decode=True`` a decoding step of a layer planned with an MTAConfig (learned summaries too) is the op's row for its
 position instead (``_decode``, ``ops.decode``: the distant chunks' summaries kept on the cache's
 layer), O(√n) per token.
 
@@ -469,7 +469,8 @@ def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch
             scaling, kwargs: dict) -> torch.Tensor | None:
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step``: [B, Hq, 1, d], or None where it stays exact (the model's own
-    attention): an entry other than an MTAConfig (head groups, learned or clustered summaries),
+    attention): an entry other than an MTAConfig or learned summaries of one (head groups, clustered
+    summaries),
     boundary chunks, learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
     mask per head or with a bias, a cache that is not a transformers ``Cache`` with ``layers`` (or
     a module without ``layer_idx``), and a step whose window still reaches the first token (nothing
@@ -479,6 +480,9 @@ def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ."""
     from .ops.decode import decode_step
 
+    weight = None
+    if isinstance(config, Learned) and isinstance(config.config, MTAConfig):
+        config, weight = config.config, config.tensor(query.device)
     if query.shape[2] != 1 or not isinstance(config, MTAConfig) or _SEGMENTS.get(module) is not None:
         return None
     if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \
@@ -512,7 +516,7 @@ def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch
         return None
     _watch_layer(layer)
     out, vars(layer)["_mta_chunk_sums"] = decode_step(query, key, value, allowed, length, config, scaling,
-                                                      vars(layer).get("_mta_chunk_sums"))
+                                                      vars(layer).get("_mta_chunk_sums"), weight)
     return out
 
 

@@ -242,6 +242,29 @@ def test_decoding_with_mta_gives_the_one_prompt_logits(build, pad, cache):
         assert vars(layer)["_mta_chunk_sums"].chunks == 48 // 8 - 2 + 1  # (the last step's query: token 48)
 
 
+def test_decoding_with_learned_summaries_gives_the_one_prompt_logits():
+    """A plan of learned summaries (as calibrate --learn-summaries writes it) decodes with them: each
+    step's scores are the op's over the whole sequence so far, with padding (at generate's positions:
+    a learned summary's weights softmax(k_s·w) see the keys' rotary angles, which the mean's do not)."""
+    model = llama()
+    ids, mask = ids_and_mask(n=30, pad=5)
+    weights = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(4))
+    plan = mr.Plan({f"model.layers.{i}.self_attn": mr.Learned.from_tensor(DECODING, weights[i]) for i in range(2)})
+    with torch.no_grad():
+        out = mr.use_mta(model, plan=plan, decode=True).generate(
+            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_scores=True,
+            return_dict_in_generate=True)
+        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
+        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
+        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
+                      use_cache=False).logits[:, 29:-1]
+        means = mr.use_mta(model, config=DECODING, decode=True).generate(
+            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_scores=True,
+            return_dict_in_generate=True)
+    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
+    assert (torch.stack(means.scores, 1)[:, 1:] - whole[:, 1:]).abs().max() > 1e-3  # (not the means')
+
+
 def test_decoding_with_mta_follows_changes_to_the_cache():
     """A cache reordered (beam search), cropped (assisted generation), its batch selected or
     repeated, or reset and refilled, drops its layers' chunk sums: the next step is computed over

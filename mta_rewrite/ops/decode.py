@@ -6,7 +6,8 @@ sequence so far. MTA_SPEC.md's row t reads, besides the query itself:
 - its **window**: the keys of chunks i−L+1 … i up to t, exactly,
 - the **sinks** before the window, exactly,
 - one **summary** per chunk j < i−L+1: the mean k and v of the chunk's keys that the mask allows
-  and that are not sinks, logit scale·q·k̄_j + log n_j (n_j = 0: left out),
+  and that are not sinks, logit scale·q·k̄_j + log n_j (n_j = 0: left out); learned summaries
+  (``summary_weight`` w [Hkv, d]) weigh those keys by softmax_s(k_s·w) instead of equally,
 - with ``top_k``: the tokens of the top_k chunks by scale·q·k̄_j instead of their summaries.
 
 Chunks j < i−L+1 all lie wholly before t, so their sums do not change as the sequence grows:
@@ -41,7 +42,8 @@ class ChunkSums:
     """The summaries of the first M chunks of c tokens of a sequence: the means of k and v
     ([B, Hkv, M, d], float32; zeros for an empty chunk) over each chunk's allowed non-sink keys,
     their counts ([B, M]) and logit offsets (``offset``, [B, M]: log n_j, −inf where n_j = 0), and
-    the mask they were taken under (``allowed``: [B, M·c] bool, None when every key was allowed):
+    the mask they were taken under (``allowed``: [B, M·c] bool, None when every key was allowed)
+    and the learned summary weight they were taken with (``weight`` [Hkv, d], None: means):
     what a decoding step's summaries are. Valid for a cache whose first M·c keys and values have
     not changed since; ``use_mta`` keeps one per cache layer and drops it when the layer is
     reordered, cropped or reset (``interface``)."""
@@ -53,17 +55,22 @@ class ChunkSums:
     count: torch.Tensor
     offset: torch.Tensor
     allowed: torch.Tensor | None
+    weight: torch.Tensor | None = None
 
     @property
     def chunks(self) -> int:
         return self.count.shape[1]
 
-    def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, chunk_size: int, sinks: int) -> bool:
+    def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, chunk_size: int, sinks: int,
+               weight: torch.Tensor | None = None) -> bool:
         """Whether these summaries can be extended for ``key`` (the cache's keys) under ``allowed``:
-        same chunking, batch, heads, width and device, and the mask over the summarised keys unchanged."""
+        same chunking, summary weight, batch, heads, width and device, and the mask over the
+        summarised keys unchanged."""
         B, H, _, d = key.shape
         if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
                 or self.k.shape[3] != d or self.k.device != key.device or self.chunks * chunk_size > key.shape[2]:
+            return False
+        if (weight is None) != (self.weight is None) or (weight is not None and not torch.equal(weight, self.weight)):
             return False
         span = self.chunks * chunk_size
         if allowed is None or span == 0:
@@ -77,34 +84,43 @@ class ChunkSums:
         """The summaries of the first ``chunks`` chunks only (views)."""
         mask = None if self.allowed is None else self.allowed[:, :chunks * self.chunk_size]
         return ChunkSums(self.chunk_size, self.sinks, self.k[:, :, :chunks], self.v[:, :, :chunks],
-                         self.count[:, :chunks], self.offset[:, :chunks], mask)
+                         self.count[:, :chunks], self.offset[:, :chunks], mask, self.weight)
 
 
 def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, chunks: int,
-               chunk_size: int, sinks: int, previous: ChunkSums | None = None) -> ChunkSums:
+               chunk_size: int, sinks: int, previous: ChunkSums | None = None,
+               weight: torch.Tensor | None = None) -> ChunkSums:
     """:class:`ChunkSums` of the first ``chunks`` chunks of ``key``, ``value`` [B, Hkv, n, d] under
-    ``allowed`` ([B, ≥ chunks·c] bool or None), reusing ``previous`` (which must ``serve`` them:
-    only its missing chunks are summarised; more chunks than asked are cut)."""
+    ``allowed`` ([B, ≥ chunks·c] bool or None), means or with learned summaries (``weight`` w
+    [Hkv, d]: each chunk's kept keys weighed by softmax_s(k_s·w)), reusing ``previous`` (which must
+    ``serve`` them: only its missing chunks are summarised; more chunks than asked are cut)."""
     B, H, _, d = key.shape
     c = chunk_size
     if previous is None:
         empty = key.new_zeros(B, 0, dtype=torch.float32)
         previous = ChunkSums(c, sinks, key.new_zeros(B, H, 0, d, dtype=torch.float32),
-                             key.new_zeros(B, H, 0, d, dtype=torch.float32), empty, empty, None)
+                             key.new_zeros(B, H, 0, d, dtype=torch.float32), empty, empty, None,
+                             None if weight is None else weight.float())
     done = previous.chunks
     if done >= chunks:
         return previous if done == chunks else previous.first(chunks)
     lo, hi = done * c, chunks * c
-    weight = torch.ones(B, hi - lo, dtype=torch.float32, device=key.device)
+    kept = torch.ones(B, hi - lo, dtype=torch.float32, device=key.device)
     if allowed is not None:
-        weight = weight * allowed[:, lo:hi]
+        kept = kept * allowed[:, lo:hi]
     if sinks > lo:
-        weight[:, :min(sinks, hi) - lo] = 0  # (sinks are attended exactly, never summarised)
-    weight = weight.view(B, chunks - done, c)
-    count = weight.sum(-1)
-    weight = weight / count.clamp(min=1)[..., None]
-    ks = torch.einsum("bhmcd,bmc->bhmd", key[:, :, lo:hi].float().view(B, H, chunks - done, c, d), weight)
-    vs = torch.einsum("bhmcd,bmc->bhmd", value[:, :, lo:hi].float().view(B, H, chunks - done, c, d), weight)
+        kept[:, :min(sinks, hi) - lo] = 0  # (sinks are attended exactly, never summarised)
+    kept = kept.view(B, 1, chunks - done, c)
+    count = kept.sum(-1)[:, 0]
+    kc = key[:, :, lo:hi].float().view(B, H, chunks - done, c, d)
+    vc = value[:, :, lo:hi].float().view(B, H, chunks - done, c, d)
+    if previous.weight is None:  # the mean of the kept keys
+        share = (kept / kept.sum(-1, keepdim=True).clamp(min=1)).expand(B, H, -1, -1)
+    else:  # softmax over the kept keys of k_s·w (an empty chunk: zeros)
+        logit = torch.einsum("bhmcd,hd->bhmc", kc, previous.weight).masked_fill(kept == 0, float("-inf"))
+        share = torch.softmax(logit, dim=-1).nan_to_num_(0.0)
+    ks = torch.einsum("bhmcd,bhmc->bhmd", kc, share)
+    vs = torch.einsum("bhmcd,bhmc->bhmd", vc, share)
     offset = torch.where(count > 0, count.clamp(min=1).log(), float("-inf"))
     if allowed is None and previous.allowed is None:
         mask = None
@@ -114,17 +130,19 @@ def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | N
         now = allowed[:, lo:hi] if allowed is not None else torch.ones(B, hi - lo, dtype=torch.bool, device=key.device)
         mask = torch.cat([before, now.bool()], dim=1)
     return ChunkSums(c, sinks, torch.cat([previous.k, ks], dim=2), torch.cat([previous.v, vs], dim=2),
-                     torch.cat([previous.count, count], dim=1), torch.cat([previous.offset, offset], dim=1), mask)
+                     torch.cat([previous.count, count], dim=1), torch.cat([previous.offset, offset], dim=1), mask,
+                     previous.weight)
 
 
 def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, length: int,
-                config: MTAConfig, scale: float | None = None,
-                sums: ChunkSums | None = None) -> tuple[torch.Tensor, ChunkSums]:
+                config: MTAConfig, scale: float | None = None, sums: ChunkSums | None = None,
+                summary_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ChunkSums]:
     """MTA for one query per sequence at position t = length − 1 (module docstring). ``q``
     [B, Hq, 1, d]; ``key``, ``value`` [B, Hkv, ≥ length, d], the sequence's first ``length``
     tokens (slots after them are ignored: a static cache's); ``allowed`` [B, ≥ length] bool or
     None: the keys the query may see. ``sums``: the chunk summaries of an earlier step over the
-    same cache, extended here (None: summarised from the start). Returns the output [B, Hq, 1, d]
+    same cache, extended here (None: summarised from the start). ``summary_weight`` [Hkv, d]:
+    learned summaries (MTA_SPEC.md's ``summary="learned"``). Returns the output [B, Hq, 1, d]
     in q's dtype and the summaries to pass to the next step. A query that may see no key gets zeros.
 
     One product of the G query heads of each key/value head with [sinks; window; summaries] (their
@@ -144,9 +162,10 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
     s = min(config.sinks, start)  # the sinks outside the window
     if allowed is not None:
         allowed = allowed[:, :length].bool()
-    if sums is None or not sums.serves(key, allowed, c, config.sinks):
+    weight = None if summary_weight is None else summary_weight.to(device=key.device, dtype=torch.float32)
+    if sums is None or not sums.serves(key, allowed, c, config.sinks, weight):
         sums = None
-    sums = chunk_sums(key, value, allowed, J, c, config.sinks, sums)
+    sums = chunk_sums(key, value, allowed, J, c, config.sinks, sums, weight)
     no = float("-inf")
     exact = [(0, s), (start, length)] if s else [(start, length)]
     keys = torch.cat([key[:, :, lo:hi].float() for lo, hi in exact] + [sums.k], dim=2)

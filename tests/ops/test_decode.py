@@ -23,7 +23,7 @@ def inputs(B=2, Hq=4, Hkv=2, n=37, d=8, seed=0, pad=0, hole=False):
     return q, k, v, allowed
 
 
-def reference_row(q, k, v, allowed, t, config):
+def reference_row(q, k, v, allowed, t, config, summary_weight=None):
     """Row t of the float64 reference over the first t + 1 tokens, the step's query in all of chunk i."""
     c = config.chunk_size
     i = t // c
@@ -31,7 +31,7 @@ def reference_row(q, k, v, allowed, t, config):
     prompt[:, :, i * c:] = q[:, :, t:t + 1]
     mask = None if allowed is None else allowed[:, None, None, :t + 1]
     return mta_attention_reference(prompt, k[:, :, :t + 1], v[:, :, :t + 1], mask, causal=True,
-                                   **config.op_kwargs())[:, :, t]
+                                   summary_weight=summary_weight, **config.op_kwargs())[:, :, t]
 
 
 CONFIGS = [MTAConfig(4, 1, 0, 0), MTAConfig(4, 2, 3, 0), MTAConfig(5, 1, 2, 2), MTAConfig(3, 2, 0, 1),
@@ -53,6 +53,25 @@ def test_every_step_is_the_reference_row(config, mask):
         want = reference_row(q, k, v, allowed, t, config)
         torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
         assert sums.chunks == max(0, t // config.chunk_size - config.local_chunks + 1)
+
+
+@pytest.mark.parametrize("config", [MTAConfig(4, 1, 0, 0), MTAConfig(5, 1, 2, 2), MTAConfig(4, 1, 1, 4)], ids=str)
+def test_learned_summaries_at_every_step(config):
+    """Learned summaries (a summary weighs its chunk's kept keys by softmax(k_s·w)): every step, the
+    summaries kept between steps, against the reference; summaries taken with another weight (or
+    with means) are not reused."""
+    q, k, v, allowed = inputs(pad=6, hole=True)
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(5))
+    sums = None
+    for t in range(q.shape[2]):
+        out, sums = decode_step(q[:, :, t:t + 1], k, v, allowed, t + 1, config, None, sums, summary_weight=w)
+        want = reference_row(q, k, v, allowed, t, config, summary_weight=w)
+        torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+    assert not sums.serves(k, allowed, config.chunk_size, config.sinks, w + 1)
+    assert not sums.serves(k, allowed, config.chunk_size, config.sinks)
+    means, _ = decode_step(q[:, :, -1:], k, v, allowed, 37, config, None, sums)
+    torch.testing.assert_close(means[:, :, 0].double(), reference_row(q, k, v, allowed, 36, config), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_a_step_over_a_static_cache_and_a_given_scale():
