@@ -46,7 +46,7 @@ import torch
 
 from .calibration.probe import site_output
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
-from .ops.masks import continued_key_padding, forbidden_threshold
+from .ops.masks import continued_key_padding, forbidden_threshold, normalize_mask
 from .passes.lower import segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
@@ -501,12 +501,10 @@ def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch
     if mask is not None:
         if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[-1] != n:
             return None
-        row = mask[:, 0, 0]
-        if row.dtype != torch.bool:
-            keep = row > forbidden_threshold(row.dtype)
-            if not bool(((row == 0) | ~keep).all()):
-                return None  # a bias
-            row = keep
+        split = normalize_mask(mask, B, query.shape[1], n)
+        if split.bias is not None:
+            return None  # a bias
+        row = split.allowed[:, 0, 0]
         columns = row.any(0).nonzero()
         if not len(columns):
             return None

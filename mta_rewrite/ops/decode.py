@@ -115,7 +115,7 @@ def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | N
     kc = key[:, :, lo:hi].float().view(B, H, chunks - done, c, d)
     vc = value[:, :, lo:hi].float().view(B, H, chunks - done, c, d)
     if previous.weight is None:  # the mean of the kept keys
-        share = (kept / kept.sum(-1, keepdim=True).clamp(min=1)).expand(B, H, -1, -1)
+        share = (kept / count.clamp(min=1)[:, None, :, None]).expand(B, H, -1, -1)
     else:  # softmax over the kept keys of k_s·w (an empty chunk: zeros)
         logit = torch.einsum("bhmcd,hd->bhmc", kc, previous.weight).masked_fill(kept == 0, float("-inf"))
         share = torch.softmax(logit, dim=-1).nan_to_num_(0.0)
