@@ -468,23 +468,22 @@ _LAYER_CHANGES = ("reset", "reorder_cache", "crop", "batch_repeat_interleave", "
 def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
             scaling, kwargs: dict) -> torch.Tensor | None:
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
-    ``ops.decode.decode_step``: [B, Hq, 1, d], or None where it stays exact (the model's own
-    attention): an entry other than an MTAConfig or learned summaries of one (head groups, clustered
-    summaries),
-    boundary chunks, learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
+    ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
+    it stays exact (the model's own attention): clustered summaries, boundary chunks, learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
     mask per head or with a bias, a cache that is not a transformers ``Cache`` with ``layers`` (or
     a module without ``layer_idx``), and a step whose window still reaches the first token (nothing
     summarised yet: the step is exact attention). The mask's one row per sequence says which keys
     the query may see (None: all) and where the sequence ends (a static cache's slots after the
     last key it allows are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ."""
-    from .ops.decode import decode_step
+    from .ops.decode import grouped_decode_step
 
     weight = None
-    if isinstance(config, Learned) and isinstance(config.config, MTAConfig):
+    if isinstance(config, Learned):
         config, weight = config.config, config.tensor(query.device)
-    if query.shape[2] != 1 or not isinstance(config, MTAConfig) or _SEGMENTS.get(module) is not None:
+    if query.shape[2] != 1 or not isinstance(config, (MTAConfig, HeadGroups)) or _SEGMENTS.get(module) is not None:
         return None
+    groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \
             or kwargs.get("position_bias") is not None:
         return None
@@ -510,11 +509,11 @@ def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch
             return None
         length = int(columns[-1]) + 1
         allowed = None if bool(row[:, :length].all()) else row.expand(B, -1)
-    if (length - 1) // config.chunk_size < config.local_chunks:
+    if all(cfg is None or (length - 1) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
         return None
     _watch_layer(layer)
-    out, vars(layer)["_mta_chunk_sums"] = decode_step(query, key, value, allowed, length, config, scaling,
-                                                      vars(layer).get("_mta_chunk_sums"), weight)
+    out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(query, key, value, allowed, length, groups, scaling,
+                                                              vars(layer).get("_mta_chunk_sums"), weight)
     return out
 
 

@@ -239,7 +239,7 @@ def test_decoding_with_mta_gives_the_one_prompt_logits(build, pad, cache):
     torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
     assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 1e-3  # (where the sequences agree, exact decoding differs)
     for layer in out.past_key_values.layers:
-        assert vars(layer)["_mta_chunk_sums"].chunks == 48 // 8 - 2 + 1  # (the last step's query: token 48)
+        assert vars(layer)["_mta_chunk_sums"][0, 0, 2].chunks == 48 // 8 - 2 + 1  # (the last step's query: token 48)
 
 
 def test_decoding_with_learned_summaries_gives_the_one_prompt_logits():
@@ -263,6 +263,30 @@ def test_decoding_with_learned_summaries_gives_the_one_prompt_logits():
             return_dict_in_generate=True)
     torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
     assert (torch.stack(means.scores, 1)[:, 1:] - whole[:, 1:]).abs().max() > 1e-3  # (not the means')
+
+
+def test_decoding_with_head_groups_gives_the_one_prompt_logits():
+    """A plan per group of heads (calibrate's per-head groups, learned summaries on one layer)
+    decodes with each group's configuration, its exact group exactly: every step's scores are the
+    op's over the whole sequence so far, with padding (at generate's positions, for the learned
+    layer); not those of exact decoding. Groups split a key/value head's query heads (0 and 1 read
+    key/value head 0; 1 is exact)."""
+    model = llama()
+    ids, mask = ids_and_mask(n=30, pad=5)
+    groups = mr.HeadGroups(((DECODING, (0, 3)), (None, (1,)), (mr.MTAConfig(6, 1, 1, 0), (2,))))
+    weight = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
+    plan = mr.Plan({"model.layers.0.self_attn": groups, "model.layers.1.self_attn": mr.Learned.from_tensor(groups, weight)})
+    options = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        exact = torch.stack(mr.use_mta(model, plan=plan).generate(ids, attention_mask=mask, **options).scores, 1)
+        out = mr.use_mta(model, plan=plan, decode=True).generate(ids, attention_mask=mask, **options)
+        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
+        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
+        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
+                      use_cache=False).logits[:, 29:-1]
+    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
+    assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 1e-3
+    assert sorted(vars(out.past_key_values.layers[0])["_mta_chunk_sums"]) == [(0, 0, 2), (2, 1, 2)]
 
 
 def test_decoding_with_mta_follows_changes_to_the_cache():

@@ -24,7 +24,8 @@ step's, the two agree: what the tests check against the float64 reference).
 
 Grouped-query attention: the G = Hq / Hkv query heads of a key/value head are G rows over its
 keys, summaries and sums; nothing is repeated to Hq heads except the top-k tokens each query head
-selects. Float32 throughout (the sums too), the output in q's dtype.
+selects. Float32 throughout (the sums too), the output in q's dtype. A configuration per group
+of query heads (``HeadGroups``): :func:`grouped_decode_step`.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class ChunkSums:
     the mask they were taken under (``allowed``: [B, M·c] bool, None when every key was allowed)
     and the learned summary weight they were taken with (``weight`` [Hkv, d], None: means):
     what a decoding step's summaries are. Valid for a cache whose first M·c keys and values have
-    not changed since; ``use_mta`` keeps one per cache layer and drops it when the layer is
-    reordered, cropped or reset (``interface``)."""
+    not changed since; ``use_mta`` keeps them on each cache layer (one per head group and run of
+    key/value heads: :func:`grouped_decode_step`) and drops them when the layer is reordered,
+    cropped or reset (``interface``)."""
 
     chunk_size: int
     sinks: int
@@ -199,6 +201,56 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
     else:
         out = torch.softmax(logits, dim=-1).nan_to_num_(0.0) @ values  # (a row with nothing to see: zeros)
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
+
+
+def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+                        length: int, groups, scale: float | None = None, sums: dict | None = None,
+                        summary_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """:func:`decode_step` with a configuration per group of query heads (``HeadGroups.groups``:
+    (MTAConfig or None for exact, query heads)), as ``passes.lower.grouped_attention`` computes a
+    prompt: each head's output is its group's. A group runs over the key/value heads its query
+    heads read, by contiguous runs of them (views of the cache, nothing copied: all G query heads
+    of a run are computed, those of other groups dropped); an exact group is SDPA over the first
+    ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step).
+    ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
+    Returns the output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
+    B, Hq, m, d = q.shape
+    Hkv = key.shape[1]
+    if m != 1 or Hq % Hkv:
+        raise ValueError(f"decode_step takes one query per sequence: q {list(q.shape)}, k {list(key.shape)}")
+    G = Hq // Hkv
+    out = q.new_empty(B, Hq, 1, d)
+    kept = {}
+    for number, (config, heads) in enumerate(groups):
+        for a, b in _runs(sorted({h // G for h in heads})):
+            rows = slice(a * G, b * G)
+            if config is None:
+                mask = None if allowed is None else allowed[:, None, None, :length].bool()
+                part = torch.nn.functional.scaled_dot_product_attention(
+                    q[:, rows], key[:, a:b, :length], value[:, a:b, :length], attn_mask=mask, scale=scale,
+                    enable_gqa=G > 1).nan_to_num_(0.0)
+            else:
+                weight = None if summary_weight is None else summary_weight[a:b]
+                part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
+                                                       scale, (sums or {}).get((number, a, b)), weight)
+            mine = [h for h in heads if a * G <= h < b * G]
+            if len(mine) == (b - a) * G:  # (every query head of the run is the group's)
+                out[:, rows] = part
+            else:
+                index = torch.tensor(mine, device=q.device)
+                out.index_copy_(1, index, part.index_select(1, index - a * G))
+    return out, kept
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``indices`` as contiguous [a, b) runs."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
 
 
 def _one_hot(chosen: torch.Tensor, J: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mta_rewrite.config import MTAConfig
-from mta_rewrite.ops.decode import chunk_sums, decode_step
+from mta_rewrite.ops.decode import chunk_sums, decode_step, grouped_decode_step
 from mta_rewrite.ops.reference import mta_attention_reference
 
 
@@ -131,6 +131,31 @@ def test_sums_kept_between_steps_are_the_sums_from_scratch():
     torch.testing.assert_close(sums.k, whole.k[:, :, :7])
     fresh, _ = decode_step(q, k, v, allowed, 40, MTAConfig(5, 1, 2, 0))
     torch.testing.assert_close(out, fresh)
+
+
+GROUPS = ((MTAConfig(4, 1, 1, 0), (0, 5)), (None, (1, 4)), (MTAConfig(5, 1, 2, 2), (2, 3)))
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_head_groups_at_every_step(learned):
+    """A configuration per group of query heads (HeadGroups, as calibration plans them): every step
+    of a padded sequence with a hole, each query head against the reference row of its own group's
+    configuration over its key/value head (exact: one chunk); groups that split a key/value head's
+    query heads between them (6 query heads over 3: heads 0 and 5 in one group, 1 and 4 exact) and
+    learned summaries, each head with its key/value head's weight."""
+    q, k, v, allowed = inputs(Hq=6, Hkv=3, pad=6, hole=True)
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(5)) if learned else None
+    sums = None
+    for t in range(q.shape[2]):
+        out, sums = grouped_decode_step(q[:, :, t:t + 1], k, v, allowed, t + 1, GROUPS, None, sums, w)
+        for config, heads in GROUPS:
+            for h in heads:
+                rows = slice(h // 2, h // 2 + 1)
+                want = reference_row(q[:, h:h + 1], k[:, rows], v[:, rows], allowed, t, config or MTAConfig(64),
+                                     None if w is None or config is None else w[rows])
+                torch.testing.assert_close(out[:, h:h + 1, 0].double(), want, rtol=1e-5, atol=1e-5)
+    assert sorted(sums) == [(0, 0, 1), (0, 2, 3), (2, 1, 2)]  # (group, key/value heads [a, b)) with MTA
+    assert sums[0, 0, 1].chunks == 36 // 4 - 1 + 1 and sums[2, 1, 2].chunks == 36 // 5
 
 
 def test_bad_shapes_get_one_line():
