@@ -65,9 +65,9 @@ _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 _CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 # the arguments by which an attention module is handed the KV cache (transformers 5.x: cache;
-# before: past_key_values, past_key_value). module (watched) → its current call's cache (a weak
+# before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past). module (watched) → its current call's cache (a weak
 # reference) or None
-CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _CALL_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref | None]" = weakref.WeakKeyDictionary()
 # modules whose decoding steps run MTA (use_mta(..., decode=True)) over their cache layer's chunk sums
 _DECODE: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()

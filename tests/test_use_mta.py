@@ -242,6 +242,40 @@ def test_decoding_with_mta_gives_the_one_prompt_logits(build, pad, cache):
         assert vars(layer)["_mta_chunk_sums"][0, 0, 2].chunks == 48 // 8 - 2 + 1  # (the last step's query: token 48)
 
 
+DECODERS = {  # attention modules handed the cache under different names (layer_past, past_key_values, cache)
+    "gpt_neox": lambda t: t.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                          intermediate_size=128, max_position_embeddings=512),
+    "falcon": lambda t: t.FalconConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                       new_decoder_architecture=True, num_kv_heads=2),
+    "gpt2": lambda t: t.GPT2Config(vocab_size=128, n_embd=64, n_head=4, n_layer=2, n_positions=512),
+    "opt": lambda t: t.OPTConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                 ffn_dim=128, max_position_embeddings=512, word_embed_proj_dim=64),
+    "phi": lambda t: t.PhiConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=2, intermediate_size=128, max_position_embeddings=512),
+}
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoding_with_mta_in_other_decoder_families(name):
+    """use_mta(decode=True) on decoders whose attention takes the cache as ``layer_past`` (GPT-NeoX,
+    Falcon: their steps were exact, silently, until 2026-12-05), ``past_key_values`` or ``cache``:
+    every step scores as the op over the whole sequence so far, with left padding (at generate's
+    positions: GPT-2's are absolute), and every layer keeps chunk sums."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(DECODERS[name](transformers)).eval()
+    ids, mask = ids_and_mask(n=30, pad=5)
+    with torch.no_grad():
+        out = mr.use_mta(model, config=DECODING, decode=True).generate(
+            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_scores=True,
+            return_dict_in_generate=True, pad_token_id=0)
+        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
+        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
+        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
+                      use_cache=False).logits[:, 29:-1]
+    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
+    assert all("_mta_chunk_sums" in vars(layer) for layer in out.past_key_values.layers)
+
+
 def test_decoding_with_learned_summaries_gives_the_one_prompt_logits():
     """A plan of learned summaries (as calibrate --learn-summaries writes it) decodes with them: each
     step's scores are the op's over the whole sequence so far, with padding (at generate's positions:
