@@ -1,9 +1,10 @@
 """Generation survey: ``use_mta(model, config, decode=True)`` on transformers decoder families,
 small random-weight models built from config objects (no download).
 
-    python benchmarks/survey_generate.py [--attn sdpa eager] [--tag T]
+    python benchmarks/survey_generate.py [--attn sdpa eager] [--cache dynamic static] [--tag T]
 
-Per family and attention implementation: ``generate`` (greedy, 2 sequences of 30 tokens, the first
+Per family, attention implementation and cache (dynamic, or ``cache_implementation="static"``):
+``generate`` (greedy, 2 sequences of 30 tokens, the first
 left-padded by 5, 20 new tokens) with every layer ``MTAConfig(8, 2, 2, 0)``, prompts and decoding
 steps through MTA; its scores against one forward of the whole generated sequence through the same
 rewritten model (without top-k each step is the one prompt's row, so they agree to float rounding
@@ -65,7 +66,7 @@ FAMILIES = {
 }
 
 
-def survey(name: str, attn: str) -> list:
+def survey(name: str, attn: str, cache: str) -> list:
     import transformers
 
     torch.manual_seed(0)
@@ -76,7 +77,7 @@ def survey(name: str, attn: str) -> list:
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     options = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                   pad_token_id=0)
+                   pad_token_id=0, **(dict(cache_implementation="static") if cache == "static" else {}))
     with torch.no_grad():
         exact = torch.stack(mr.use_mta(model, config=CONFIG).generate(ids, attention_mask=mask, **options).scores, 1)
         out = mr.use_mta(model, config=CONFIG, decode=True).generate(ids, attention_mask=mask, **options)
@@ -88,29 +89,32 @@ def survey(name: str, attn: str) -> list:
     decoded = sum("_mta_chunk_sums" in vars(layer) for layer in layers)
     error = float((torch.stack(out.scores, 1) - whole).abs().max())
     contrast = float((exact[:, 1:] - whole[:, 1:]).abs().max())  # (the first score is the prompt's: both MTA)
-    return [name, model.config._attn_implementation, f"{decoded} / {len(layers)}", f"{error:.1e}", f"{contrast:.1e}"]
+    return [name, model.config._attn_implementation, cache, f"{decoded} / {len(layers)}", f"{error:.1e}", f"{contrast:.1e}"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attn", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager"])
+    ap.add_argument("--cache", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"])
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     import transformers
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
-    header = ["family", "attention (under use_mta)", "layers decoding through MTA",
+    header = ["family", "attention (under use_mta)", "cache", "layers decoding through MTA",
               "max abs Δ vs the one-prompt op", "exact decoding's max abs Δ"]
     rows = []
     for name in FAMILIES:
         for attn in args.attn:
-            try:
-                row = survey(name, attn)
-            except Exception as error:  # (a family this transformers cannot build or run: said in its row)
-                row = [name, attn, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}", "", ""]
-            rows.append(row)
-            print(" | ".join(row), flush=True)
+            for cache in args.cache:
+                try:
+                    row = survey(name, attn, cache)
+                except Exception as error:  # (a family this transformers cannot build or run: said in its row)
+                    message = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    row = [name, attn, cache, message, "", ""]
+                rows.append(row)
+                print(" | ".join(row), flush=True)
     date = dt.date.today().isoformat()
     lines = [f"# use_mta(decode=True) across decoder families ({date}, {cpu_name()}, torch {torch.__version__}, "
              f"transformers {transformers.__version__})", "",
