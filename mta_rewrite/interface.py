@@ -53,24 +53,29 @@ from .passes.lower import segment_ids_from_separators
 # one, with the masks transformers builds for it (SDPA's bool masks, eager's float ones)
 NAMES = {"sdpa": "mta", "eager": "mta_eager"}
 
-# attention module → its configuration (None or absent: exact, the model's own attention)
-_CONFIGS: "weakref.WeakKeyDictionary[torch.nn.Module, MTAConfig | HeadGroups | Learned | Clustered]" = \
-    weakref.WeakKeyDictionary()
+# The state use_mta gives a module lives in the module's own attributes, where torch.compile
+# guards what a compiled frame read (a frame reused for another layer sees that layer's; a lookup
+# keyed by the module in a dict of ours was folded into the frame unguarded: a plan's second layer
+# ran under the first one's configuration in a continued prompt):
+# _mta_config: its configuration (absent: exact, the model's own attention); _mta_decode: whether
+# its decoding steps run MTA (use_mta(..., decode=True)); _mta_segments: its model's _Segments
+# (boundary chunks); _mta_cross: whether its current call is cross-attention (_watch_calls).
 # model → the attention implementation it had before use_mta
 _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 # the arguments by which a module is told to attend to another sequence (an encoder-decoder's
 # decoder: BART's, T5's, Whisper's key_value_states; BERT-style cross-attention's
 # encoder_hidden_states): one module class serves self- and cross-attention, so which one a call
-# is shows at the call only. module (watched) → whether its current call is cross-attention
+# is shows at the call only (the module's _mta_cross)
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
-_CROSS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 # the arguments by which an attention module is handed the KV cache (transformers 5.x: cache;
 # before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past). module (watched) → its current call's cache (a weak
 # reference) or None
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _CALL_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref | None]" = weakref.WeakKeyDictionary()
-# modules whose decoding steps run MTA (use_mta(..., decode=True)) over their cache layer's chunk sums
-_DECODE: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+# module → the modules of its model by ``layer_idx`` (those that take a cache; an index two of
+# them share is left out): under torch.compile the module a call is handed may be another layer's
+# (a compiled frame reused across layers), and the cache layer holding the call's keys says which
+_PEERS: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakValueDictionary]" = weakref.WeakKeyDictionary()
 _WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
 
 
@@ -99,9 +104,11 @@ class _Segments:
     def set_call(self, tokens: torch.Tensor | None) -> None:
         self.call, self._ids = tokens, None
 
+    def __deepcopy__(self, memo) -> "_Segments":
+        return self  # (a copy of the model keeps the hooks that fill this object)
 
-# module of a model used with boundaries → that model's _Segments; model → its hooks' handles
-_SEGMENTS: "weakref.WeakKeyDictionary[torch.nn.Module, _Segments]" = weakref.WeakKeyDictionary()
+
+# model → its hooks' handles
 _HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -147,17 +154,24 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     for handle in _HOOKS.pop(model, ()):
         handle.remove()
     segments = _Segments(boundaries) if boundaries is not None else None
+    peers, shared = weakref.WeakValueDictionary(), set()
     for module in model.modules():
-        _CONFIGS.pop(module, None)
-        _SEGMENTS.pop(module, None)
-        _DECODE.pop(module, None)
+        for name in ("_mta_config", "_mta_segments"):
+            vars(module).pop(name, None)
+        _PEERS.pop(module, None)
+        vars(module)["_mta_decode"] = decode  # (every module: a compiled call may be handed another layer's, _decode)
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
-            _CONFIGS[module] = entry  # (with config=, every module: only attention layers call the interface)
-            _DECODE[module] = decode
+            vars(module)["_mta_config"] = entry  # (with config=, every module: only attention layers call the interface)
         if segments is not None:
-            _SEGMENTS[module] = segments
-        _watch_calls(module)
+            vars(module)["_mta_segments"] = segments
+        if _watch_calls(module) and isinstance(getattr(module, "layer_idx", None), int):
+            if module.layer_idx in peers:
+                shared.add(module.layer_idx)
+            peers[module.layer_idx] = module
+            _PEERS[module] = peers
+    for index in shared:
+        peers.pop(index, None)
     if segments is not None:
         _HOOKS[model] = _segment_hooks(model, segments, signature)
     _ORIGINAL[model] = original
@@ -221,26 +235,27 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
             model.register_forward_hook(after, with_kwargs=True))
 
 
-def _watch_calls(module: torch.nn.Module) -> None:
+def _watch_calls(module: torch.nn.Module) -> bool:
     """For a module whose forward takes one of CROSS_ARGUMENTS or CACHE_ARGUMENTS: a pre-hook that
     notes at each call whether it is given one of the former (that call is cross-attention, which
     MTA is not; it stays exact: q and k of one length do not make it self-attention), and the cache
-    it is handed (a decoding step's chunk sums live on the cache's layer). Once per module."""
+    it is handed (a decoding step's chunk sums live on the cache's layer). Once per module. Returns
+    whether the module is handed a cache."""
     if module in _WATCHED:
-        return
+        return module in _CALL_CACHE
     try:
         signature = inspect.signature(module.forward)
     except (TypeError, ValueError):
-        return
+        return False
     cross = [name for name in CROSS_ARGUMENTS if name in signature.parameters]
     caches = [name for name in CACHE_ARGUMENTS if name in signature.parameters]
     if not cross and not caches:
-        return
+        return False
 
     def note(mod, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         if cross:
-            _CROSS[mod] = any(bound.get(name) is not None for name in cross)
+            mod._mta_cross = any(bound.get(name) is not None for name in cross)
         if caches:
             cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
             _CALL_CACHE[mod] = None if cache is None else weakref.ref(cache)
@@ -248,7 +263,10 @@ def _watch_calls(module: torch.nn.Module) -> None:
     module.register_forward_pre_hook(note, with_kwargs=True)
     _WATCHED.add(module)
     if cross:
-        _CROSS[module] = False
+        vars(module)["_mta_cross"] = False
+    if caches:
+        _CALL_CACHE[module] = None
+    return bool(caches)
 
 
 def _check_model(model) -> str:
@@ -299,15 +317,15 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     of a planned layer runs the op under its configuration (learned sink logits, GPT-OSS's
     ``s_aux``, as one more exact token, as the rewrite gives them); anything else ``exact``, the
     model's own attention (None: the eager attention of the layer's modeling module)."""
-    config = _CONFIGS.get(module)
+    config = getattr(module, "_mta_config", None)
     causal_call = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    prompt = None if config is None or _CROSS.get(module, False) else \
+    prompt = None if config is None or getattr(module, "_mta_cross", False) else \
         _prompt(query, key, value, attention_mask, causal_call)
     if prompt is not None and prompt.cached and not _continues_with_mta(module, config, query, prompt.key, prompt.mask,
                                                                          kwargs):
         prompt = None
-    if prompt is None and config is not None and _DECODE.get(module) and not _CROSS.get(module, False):
-        out = _decode(module, config, query, key, value, attention_mask, scaling, kwargs)
+    if prompt is None and query.shape[2] == 1 and getattr(module, "_mta_decode", False):
+        out = _decode(module, query, key, value, attention_mask, scaling, kwargs)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     if prompt is None:
@@ -412,7 +430,7 @@ def _continues_with_mta(module, config, query: torch.Tensor, key: torch.Tensor, 
     last tokens only, whose positions in the sequence the call does not give), boundary chunks
     whose segments are not known for the whole sequence (a cache the model's hooks did not see
     filled), clustered summaries (non-causal), a position bias (T5's)."""
-    segments = _SEGMENTS.get(module)
+    segments = getattr(module, "_mta_segments", None)
     n = key.shape[2]
     if segments is not None and (segments.ids is None or segments.ids.shape[1] != n):
         return False
@@ -465,8 +483,9 @@ _LAYER_CHANGES = ("reset", "reorder_cache", "crop", "batch_repeat_interleave", "
                   "lazy_initialization")
 
 
-def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-            scaling, kwargs: dict) -> torch.Tensor | None:
+@torch.compiler.disable
+def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling,
+            kwargs: dict) -> torch.Tensor | None:
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
     it stays exact (the model's own attention): clustered summaries, boundary chunks, learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
@@ -475,22 +494,35 @@ def _decode(module, config, query: torch.Tensor, key: torch.Tensor, value: torch
     summarised yet: the step is exact attention). The mask's one row per sequence says which keys
     the query may see (None: all) and where the sequence ends (a static cache's slots after the
     last key it allows are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
-    dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ."""
+    dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
+
+    Runs outside torch.compile's graphs (the chunk sums are Python state, the mask's reading
+    data-dependent), and finds its layer by the cache layer that holds ``key``: a compiled frame
+    reused across layers can hand a call another layer's module (seen with transformers 5.25 and
+    torch 2.13: the second layer's first decoding step given the first layer's module)."""
     from .ops.decode import grouped_decode_step
 
-    weight = None
+    ref = _CALL_CACHE.get(module)
+    cache = ref() if ref is not None else None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, (list, tuple)):
+        return None
+    index = next((i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is key), None)
+    if index is None:  # (a cache handing out copies of its keys, a quantized one's: the module's own index)
+        index = getattr(module, "layer_idx", None)
+    else:
+        module = _PEERS.get(module, {}).get(index, module)
+    if not isinstance(index, int) or not 0 <= index < len(layers) or getattr(module, "layer_idx", None) != index \
+            or getattr(module, "_mta_cross", False):
+        return None
+    config, weight = getattr(module, "_mta_config", None), None
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(query.device)
-    if query.shape[2] != 1 or not isinstance(config, (MTAConfig, HeadGroups)) or _SEGMENTS.get(module) is not None:
+    if not isinstance(config, (MTAConfig, HeadGroups)) or getattr(module, "_mta_segments", None) is not None:
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \
             or kwargs.get("position_bias") is not None:
-        return None
-    ref = _CALL_CACHE.get(module)
-    cache = ref() if ref is not None else None
-    layers, index = getattr(cache, "layers", None), getattr(module, "layer_idx", None)
-    if not isinstance(index, int) or not isinstance(layers, (list, tuple)) or not 0 <= index < len(layers):
         return None
     layer = layers[index]
     if getattr(layer, "is_sliding", False):
@@ -540,7 +572,7 @@ def _dropping_sums(name: str):
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:
     """Boundary chunks' segment ids [B, n] for a prompt of ``module`` (None without boundaries);
     a one-line error when its model's call gave no token ids of the prompt's batch and length."""
-    segments = _SEGMENTS.get(module)
+    segments = getattr(module, "_mta_segments", None)
     if segments is None:
         return None
     ids, name = segments.ids, segments.boundaries.input

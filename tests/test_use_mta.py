@@ -323,6 +323,49 @@ def test_decoding_with_head_groups_gives_the_one_prompt_logits():
     assert sorted(vars(out.past_key_values.layers[0])["_mta_chunk_sums"]) == [(0, 0, 2), (2, 1, 2)]
 
 
+def test_decoding_with_mta_under_torch_compile():
+    """generate with a compiled forward and a plan of a different configuration per layer decodes
+    as the uncompiled model does: each layer's steps under its own configuration, its sums on its
+    own cache layer (a compiled frame reused across layers handed the second layer's first step
+    the first layer's module, whose configuration and sums it then used: wrong from that step on,
+    until 2026-12-05)."""
+    model = llama()
+    ids, mask = ids_and_mask(n=30, pad=5)
+    plan = mr.Plan({"model.layers.0.self_attn": mr.MTAConfig(8, 2, 2, 0),
+                    "model.layers.1.self_attn": mr.MTAConfig(4, 2, 2, 0)})
+    options = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = mr.use_mta(model, plan=plan, decode=True).generate(ids, attention_mask=mask, **options)
+            model.forward = torch.compile(model.forward)
+            compiled = model.generate(ids, attention_mask=mask, **options)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(torch.stack(compiled.scores, 1), torch.stack(eager.scores, 1), rtol=1e-5, atol=1e-5)
+    sums = [vars(layer)["_mta_chunk_sums"] for layer in compiled.past_key_values.layers]
+    assert [s[0, 0, 2].chunk_size for s in sums] == [8, 4]
+
+
+def test_a_prompt_continued_over_the_cache_under_torch_compile():
+    """A compiled forward continuing a prompt over a cache (the op over the whole sequence, graph
+    breaks at the mask checks) with a plan of a different configuration per layer gives the
+    uncompiled logits: each layer under its own configuration (until 2026-12-05 the second layer
+    ran under the first one's: 1.2e-3 off), the op one node Inductor does not lower."""
+    model = llama()
+    ids, mask = ids_and_mask(n=160, pad=5)
+    mr.use_mta(model, plan=mr.Plan({"model.layers.0.self_attn": mr.MTAConfig(8, 2, 2, 0),
+                                    "model.layers.1.self_attn": mr.MTAConfig(16, 1, 2, 1)}))
+    eager, _ = continued(model, ids, mask, 100)
+    torch._dynamo.reset()
+    try:
+        model.forward = torch.compile(model.forward)
+        compiled, _ = continued(model, ids, mask, 100)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_decoding_with_mta_follows_changes_to_the_cache():
     """A cache reordered (beam search), cropped (assisted generation), its batch selected or
     repeated, or reset and refilled, drops its layers' chunk sums: the next step is computed over

@@ -125,8 +125,10 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
     callers that read the output's rows from that query on only (``use_mta`` on a prompt continued
     over a cache): fixed chunks leave the query chunks wholly before it uncomputed, zeros, on the
     CPU (``chunked.py``) and, where no gradient is wanted, on CUDA (the Triton forward's grid starts
-    at the query block holding it: ``kernels.dispatch_cuda``; not under torch.compile, which
-    sees the op there, not the launcher); everywhere else every row is computed."""
+    at the query block holding it: ``kernels.dispatch_cuda``); everywhere else every row is computed.
+    Under torch.compile it is the op on every device, one node the compiler does not look into (the
+    CPU implementation traced into the graph with a plan's second configuration failed in
+    Inductor's lowering: "Exponent must be non-negative"), every row computed."""
     if q.is_cuda and rows_from and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, summary_weight))):
         from ..kernels import CUDA
@@ -134,7 +136,7 @@ def attention_autograd(q, k, v, attn_mask=None, summary_weight=None, segment_ids
         return _checked(CUDA, q, k, v, attn_mask, summary_weight, segment_ids, centroids, chunk_size=chunk_size,
                         causal=causal, scale=scale, local_chunks=local_chunks, sinks=sinks, top_k=top_k,
                         rows_from=rows_from, softcap=softcap)
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.ops.mta.attention(q, k, v, attn_mask, summary_weight, segment_ids, centroids,
                                        chunk_size=chunk_size, causal=causal, scale=scale, local_chunks=local_chunks,
                                        sinks=sinks, top_k=top_k, softcap=softcap)
