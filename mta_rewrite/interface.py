@@ -72,10 +72,6 @@ CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 # reference) or None
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _CALL_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref | None]" = weakref.WeakKeyDictionary()
-# module → the modules of its model by ``layer_idx`` (those that take a cache; an index two of
-# them share is left out): under torch.compile the module a call is handed may be another layer's
-# (a compiled frame reused across layers), and the cache layer holding the call's keys says which
-_PEERS: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakValueDictionary]" = weakref.WeakKeyDictionary()
 _WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
 
 
@@ -154,24 +150,16 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     for handle in _HOOKS.pop(model, ()):
         handle.remove()
     segments = _Segments(boundaries) if boundaries is not None else None
-    peers, shared = weakref.WeakValueDictionary(), set()
     for module in model.modules():
         for name in ("_mta_config", "_mta_segments"):
             vars(module).pop(name, None)
-        _PEERS.pop(module, None)
         vars(module)["_mta_decode"] = decode  # (every module: a compiled call may be handed another layer's, _decode)
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             vars(module)["_mta_config"] = entry  # (with config=, every module: only attention layers call the interface)
         if segments is not None:
             vars(module)["_mta_segments"] = segments
-        if _watch_calls(module) and isinstance(getattr(module, "layer_idx", None), int):
-            if module.layer_idx in peers:
-                shared.add(module.layer_idx)
-            peers[module.layer_idx] = module
-            _PEERS[module] = peers
-    for index in shared:
-        peers.pop(index, None)
+        _watch_calls(module)
     if segments is not None:
         _HOOKS[model] = _segment_hooks(model, segments, signature)
     _ORIGINAL[model] = original
@@ -235,22 +223,21 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
             model.register_forward_hook(after, with_kwargs=True))
 
 
-def _watch_calls(module: torch.nn.Module) -> bool:
+def _watch_calls(module: torch.nn.Module) -> None:
     """For a module whose forward takes one of CROSS_ARGUMENTS or CACHE_ARGUMENTS: a pre-hook that
     notes at each call whether it is given one of the former (that call is cross-attention, which
     MTA is not; it stays exact: q and k of one length do not make it self-attention), and the cache
-    it is handed (a decoding step's chunk sums live on the cache's layer). Once per module. Returns
-    whether the module is handed a cache."""
+    it is handed (a decoding step's chunk sums live on the cache's layer). Once per module."""
     if module in _WATCHED:
-        return module in _CALL_CACHE
+        return
     try:
         signature = inspect.signature(module.forward)
     except (TypeError, ValueError):
-        return False
+        return
     cross = [name for name in CROSS_ARGUMENTS if name in signature.parameters]
     caches = [name for name in CACHE_ARGUMENTS if name in signature.parameters]
     if not cross and not caches:
-        return False
+        return
 
     def note(mod, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
@@ -264,9 +251,6 @@ def _watch_calls(module: torch.nn.Module) -> bool:
     _WATCHED.add(module)
     if cross:
         vars(module)["_mta_cross"] = False
-    if caches:
-        _CALL_CACHE[module] = None
-    return bool(caches)
 
 
 def _check_model(model) -> str:
@@ -497,9 +481,10 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
 
     Runs outside torch.compile's graphs (the chunk sums are Python state, the mask's reading
-    data-dependent), and finds its layer by the cache layer that holds ``key``: a compiled frame
-    reused across layers can hand a call another layer's module (seen with transformers 5.25 and
-    torch 2.13: the second layer's first decoding step given the first layer's module)."""
+    data-dependent). The cache layer that holds ``key`` must be the module's (else exact): a
+    compiled frame reused across layers once handed the second layer's first decoding step the
+    first layer's module (transformers 5.25, torch 2.13, while use_mta's state lived in dicts
+    keyed by the module)."""
     from .ops.decode import grouped_decode_step
 
     ref = _CALL_CACHE.get(module)
@@ -507,13 +492,11 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, (list, tuple)):
         return None
-    index = next((i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is key), None)
-    if index is None:  # (a cache handing out copies of its keys, a quantized one's: the module's own index)
-        index = getattr(module, "layer_idx", None)
-    else:
-        module = _PEERS.get(module, {}).get(index, module)
-    if not isinstance(index, int) or not 0 <= index < len(layers) or getattr(module, "layer_idx", None) != index \
-            or getattr(module, "_mta_cross", False):
+    index = getattr(module, "layer_idx", None)
+    if not isinstance(index, int) or not 0 <= index < len(layers) or getattr(module, "_mta_cross", False):
+        return None
+    holder = next((i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is key), index)
+    if holder != index:  # (no layer holding them: a cache handing out copies, a quantized one's)
         return None
     config, weight = getattr(module, "_mta_config", None), None
     if isinstance(config, Learned):
