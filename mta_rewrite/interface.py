@@ -132,6 +132,9 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         raise ValueError(f"decode must be True or False, got {decode!r}")
     boundaries = resolve_boundaries(boundaries, plan)
     original = _check_model(model)
+    global _DECODE_OUTSIDE_GRAPHS
+    if decode and _DECODE_OUTSIDE_GRAPHS is None:
+        _DECODE_OUTSIDE_GRAPHS = torch.compiler.disable(_decode)
     chosen = {}
     if plan is not None:
         modules = dict(model.named_modules())
@@ -309,7 +312,7 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
                                                                          kwargs):
         prompt = None
     if prompt is None and query.shape[2] == 1 and getattr(module, "_mta_decode", False):
-        out = _decode(module, query, key, value, attention_mask, scaling, kwargs)
+        out = (_DECODE_OUTSIDE_GRAPHS or _decode)(module, query, key, value, attention_mask, scaling, kwargs)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     if prompt is None:
@@ -467,7 +470,6 @@ _LAYER_CHANGES = ("reset", "reorder_cache", "crop", "batch_repeat_interleave", "
                   "lazy_initialization")
 
 
-@torch.compiler.disable
 def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling,
             kwargs: dict) -> torch.Tensor | None:
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
@@ -480,8 +482,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     last key it allows are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
 
-    Runs outside torch.compile's graphs (the chunk sums are Python state, the mask's reading
-    data-dependent). The cache layer that holds ``key`` must be the module's (else exact): a
+    Runs outside torch.compile's graphs (``_DECODE_OUTSIDE_GRAPHS``: the chunk sums are Python
+    state, the mask's reading data-dependent). The cache layer that holds ``key`` must be the module's (else exact): a
     compiled frame reused across layers once handed the second layer's first decoding step the
     first layer's module (transformers 5.25, torch 2.13, while use_mta's state lived in dicts
     keyed by the module)."""
@@ -530,6 +532,12 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(query, key, value, allowed, length, groups, scaling,
                                                               vars(layer).get("_mta_chunk_sums"), weight)
     return out
+
+
+# torch.compiler.disable(_decode), made by the first use_mta(..., decode=True): not at import, where
+# it imported triton.language before a caller could ask for Triton's interpreter (TRITON_INTERPRET,
+# read when triton.language is imported: the kernels' tests and gpu_bench.py --dry-run failed)
+_DECODE_OUTSIDE_GRAPHS = None
 
 
 def _watch_layer(layer) -> None:
