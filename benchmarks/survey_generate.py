@@ -89,7 +89,8 @@ def survey(name: str, attn: str, cache: str) -> list:
     decoded = sum("_mta_chunk_sums" in vars(layer) for layer in layers)
     error = float((torch.stack(out.scores, 1) - whole).abs().max())
     contrast = float((exact[:, 1:] - whole[:, 1:]).abs().max())  # (the first score is the prompt's: both MTA)
-    return [name, model.config._attn_implementation, cache, f"{decoded} / {len(layers)}", f"{error:.1e}", f"{contrast:.1e}"]
+    return [name, model.config._attn_implementation, cache, f"{decoded} / {len(layers)}", f"{error:.1e}",
+            f"{contrast:.1e}"]
 
 
 def main(argv=None) -> int:
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
              "left-padded by 5), 20 new tokens, float32, random weights.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    path = Path(__file__).resolve().parent / "results" / f"survey_generate_{date}{'_' + args.tag if args.tag else ''}.md"
+    filename = f"survey_generate_{date}{'_' + args.tag if args.tag else ''}.md"
+    path = Path(__file__).resolve().parent / "results" / filename
     atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"wrote {path}")
     return 0

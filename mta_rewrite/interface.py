@@ -68,8 +68,8 @@ _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 # is shows at the call only (the module's _mta_cross)
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 # the arguments by which an attention module is handed the KV cache (transformers 5.x: cache;
-# before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past). module (watched) → its current call's cache (a weak
-# reference) or None
+# before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past). module (watched)
+# → its current call's cache (a weak reference) or None
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _CALL_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref | None]" = weakref.WeakKeyDictionary()
 _WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
@@ -86,6 +86,7 @@ class _Segments:
         self.boundaries = boundaries
         self.call: torch.Tensor | None = None  # the token ids the current call's segments are of
         self._ids: torch.Tensor | None = None
+        self._starts: dict = {}
         self.tokens: torch.Tensor | None = None
         self.cache: "weakref.ref | None" = None
 
@@ -98,7 +99,17 @@ class _Segments:
         return self._ids
 
     def set_call(self, tokens: torch.Tensor | None) -> None:
-        self.call, self._ids = tokens, None
+        self.call, self._ids, self._starts = tokens, None, {}
+
+    def chunk_starts(self, chunk_size: int, sinks: int) -> torch.Tensor:
+        """[B, n] bool: the tokens of the current call's sequence that begin a chunk of at most
+        ``chunk_size`` (``ops.segments.chunk_starts``), once per call and chunking (a decoding
+        step's layers share them)."""
+        from .ops.segments import chunk_starts
+
+        if (chunk_size, sinks) not in self._starts:
+            self._starts[chunk_size, sinks] = chunk_starts(self.ids, chunk_size, sinks)
+        return self._starts[chunk_size, sinks]
 
     def __deepcopy__(self, memo) -> "_Segments":
         return self  # (a copy of the model keeps the hooks that fill this object)
@@ -159,7 +170,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         vars(module)["_mta_decode"] = decode  # (every module: a compiled call may be handed another layer's, _decode)
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
-            vars(module)["_mta_config"] = entry  # (with config=, every module: only attention layers call the interface)
+            vars(module)["_mta_config"] = entry  # (config=: every module; only attention layers use it)
         if segments is not None:
             vars(module)["_mta_segments"] = segments
         _watch_calls(module)
@@ -474,7 +485,9 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             kwargs: dict) -> torch.Tensor | None:
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
-    it stays exact (the model's own attention): clustered summaries, boundary chunks, learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
+    it stays exact (the model's own attention): clustered summaries, boundary chunks with learned
+    summaries or without the whole sequence's segments (a cache the hooks did not see filled),
+    learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
     mask per head or with a bias, a cache that is not a transformers ``Cache`` with ``layers`` (or
     a module without ``layer_idx``), and a step whose window still reaches the first token (nothing
     summarised yet: the step is exact attention). The mask's one row per sequence says which keys
@@ -483,8 +496,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
 
     Runs outside torch.compile's graphs (``_DECODE_OUTSIDE_GRAPHS``: the chunk sums are Python
-    state, the mask's reading data-dependent). The cache layer that holds ``key`` must be the module's (else exact): a
-    compiled frame reused across layers once handed the second layer's first decoding step the
+    state, the mask's reading data-dependent). The cache layer that holds ``key`` must be the
+    module's (else exact): a compiled frame reused across layers once handed the second layer's first decoding step the
     first layer's module (transformers 5.25, torch 2.13, while use_mta's state lived in dicts
     keyed by the module)."""
     from .ops.decode import grouped_decode_step
@@ -503,7 +516,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     config, weight = getattr(module, "_mta_config", None), None
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(query.device)
-    if not isinstance(config, (MTAConfig, HeadGroups)) or getattr(module, "_mta_segments", None) is not None:
+    segments = getattr(module, "_mta_segments", None)
+    if not isinstance(config, (MTAConfig, HeadGroups)) or (segments is not None and weight is not None):
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \
@@ -526,11 +540,17 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             return None
         length = int(columns[-1]) + 1
         allowed = None if bool(row[:, :length].all()) else row.expand(B, -1)
-    if all(cfg is None or (length - 1) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
-        return None
+    starts = None
+    if segments is not None:  # the whole sequence's segments (the hooks saw the cache filled), else exact
+        ids = segments.ids
+        if ids is None or ids.shape[0] != B or ids.shape[1] < length:
+            return None
+        starts = segments.chunk_starts
+    elif all(cfg is None or (length - 1) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
+        return None  # (the window still reaches the first token: exact attention)
     _watch_layer(layer)
     out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(query, key, value, allowed, length, groups, scaling,
-                                                              vars(layer).get("_mta_chunk_sums"), weight)
+                                                              vars(layer).get("_mta_chunk_sums"), weight, starts)
     return out
 
 

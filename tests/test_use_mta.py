@@ -166,6 +166,42 @@ def test_generate_with_boundary_chunks():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [5, 0])
+def test_decoding_with_boundary_chunks_gives_the_one_prompt_logits(pad):
+    """use_mta(decode=True) with boundary chunks: each decoding step (teacher-forced over the cache,
+    separators among the new tokens, so segments and chunks start during decoding) scores as the op
+    over the whole sequence so far does (top_k 0), each sequence with its own chunks; not as exact
+    decoding does. A plan per group of heads with boundaries, too (its exact group exactly)."""
+    model = llama()
+    ids, mask = ids_and_mask(n=50, pad=pad)
+    boundaries = separators(ids)
+    sep = torch.tensor(boundaries.separators)
+    new = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    new[0, ::5], new[1, 2::7] = sep[0], sep[1]  # (separators in both sequences, at different places)
+    sequence = torch.cat([ids, new], 1)
+    whole_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    groups = mr.HeadGroups(((DECODING, (0, 3)), (None, (1,)), (mr.MTAConfig(6, 1, 1, 0), (2,))))
+    for entry in (DECODING, groups):
+        plan = mr.Plan({f"model.layers.{i}.self_attn": entry for i in range(2)}, boundaries=boundaries)
+        with torch.no_grad():
+            whole = mr.use_mta(model, plan=plan)(input_ids=sequence, attention_mask=whole_mask,
+                                                 use_cache=False).logits[:, 50:]
+            steps, caches = [], []
+            for decode in (True, False):
+                mr.use_mta(model, plan=plan, decode=decode)
+                cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+                logits = []
+                for t in range(24):
+                    logits.append(model(input_ids=new[:, t:t + 1], attention_mask=whole_mask[:, :51 + t], cache=cache,
+                                        use_cache=True).logits[:, -1])
+                steps.append(torch.stack(logits, 1))
+                caches.append(cache)
+        torch.testing.assert_close(steps[0], whole, rtol=1e-5, atol=1e-5)
+        assert (steps[1] - whole).abs().max() > 1e-3  # (exact decoding differs)
+        sums = vars(caches[0].layers[0])["_mta_chunk_sums"][0, 0, 2]
+        assert not torch.equal(sums.done[0], sums.done[1])  # (each sequence its own chunks)
+
+
 def test_what_boundary_chunks_cannot_take_is_one_line():
     model = llama()
     ids, mask = ids_and_mask()
@@ -309,7 +345,8 @@ def test_decoding_with_head_groups_gives_the_one_prompt_logits():
     ids, mask = ids_and_mask(n=30, pad=5)
     groups = mr.HeadGroups(((DECODING, (0, 3)), (None, (1,)), (mr.MTAConfig(6, 1, 1, 0), (2,))))
     weight = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
-    plan = mr.Plan({"model.layers.0.self_attn": groups, "model.layers.1.self_attn": mr.Learned.from_tensor(groups, weight)})
+    plan = mr.Plan({"model.layers.0.self_attn": groups,
+                    "model.layers.1.self_attn": mr.Learned.from_tensor(groups, weight)})
     options = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         exact = torch.stack(mr.use_mta(model, plan=plan).generate(ids, attention_mask=mask, **options).scores, 1)

@@ -179,33 +179,153 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
         offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
     qg = q.reshape(B, Hkv, G, d).float() * scale
     logits = qg @ keys.transpose(-1, -2) + offset[:, None, None, :]  # [B, Hkv, G, s + window + J]
-    if top_k and J:  # each query head's top_k live chunks by scale·q·k̄_j (ties: the lower index)
-        summaries = logits[..., -J:]
-        ranked = torch.where(torch.isfinite(sums.offset)[:, None, None, :], summaries - sums.offset[:, None, None, :],
-                             no)
-        ordered, index = ranked.sort(dim=-1, descending=True, stable=True)
-        chosen = index[..., :top_k].masked_fill(ordered[..., :top_k] == no, -1)  # (fewer live: -1, none)
-        summaries.masked_fill_(_one_hot(chosen, J), no)  # (their tokens instead, exactly:)
-        rows = (torch.arange(B, device=q.device)[:, None, None, None], torch.arange(Hkv, device=q.device)[:, None, None],
-                chosen.clamp(min=0))  # (whole chunks: c contiguous keys each)
+
+    def take(chosen: torch.Tensor):  # whole chunks: c contiguous keys each
+        rows = (torch.arange(B, device=q.device)[:, None, None, None],
+                torch.arange(Hkv, device=q.device)[:, None, None], chosen)
         k_sel = key[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
         v_sel = value[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
-        position = (chosen.clamp(min=0)[..., None] * c + torch.arange(c, device=q.device)).flatten(-2)
-        ok = (chosen >= 0).repeat_interleave(c, dim=-1) & (position >= config.sinks)
-        if allowed is not None:
-            ok &= allowed.gather(1, position.flatten(1)).view_as(position)
-        selected = torch.einsum("bhgd,bhgkd->bhgk", qg, k_sel).masked_fill_(~ok, no)
-        p = torch.softmax(torch.cat([logits, selected], dim=-1), dim=-1).nan_to_num_(0.0)
-        width = keys.shape[2]
-        out = p[..., :width] @ values + torch.einsum("bhgk,bhgkd->bhgd", p[..., width:], v_sel)
-    else:
-        out = torch.softmax(logits, dim=-1).nan_to_num_(0.0) @ values  # (a row with nothing to see: zeros)
+        position = (chosen[..., None] * c + torch.arange(c, device=q.device)).flatten(-2)
+        return k_sel, v_sel, position, position < J * c
+
+    out = _attend(qg, logits, values, sums.offset, top_k, config.sinks, allowed, take)
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
+
+
+@dataclass
+class BoundarySums:
+    """Boundary chunks' summaries of each sequence's first chunks (those before the window of an
+    earlier step): the sums (not means) of k and v over each chunk's allowed non-sink keys ([B,
+    Hkv, M, d] float32), their counts ([B, M]), how many chunks of each sequence they hold
+    (``done`` [B]; the rest of the M slots zeros), and the chunk starts (``starts`` [B, span]) and
+    mask (``allowed`` [B, span] or None) over the span of keys they cover (span: the end of the
+    longest ``done``). Valid for a cache whose first ``span`` keys, chunk starts and mask have not
+    changed since."""
+
+    chunk_size: int
+    sinks: int
+    k: torch.Tensor
+    v: torch.Tensor
+    count: torch.Tensor
+    done: torch.Tensor
+    starts: torch.Tensor
+    allowed: torch.Tensor | None
+
+    def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, starts: torch.Tensor, chunk_size: int,
+               sinks: int, chunks: torch.Tensor) -> bool:
+        """Whether these sums can be extended to ``chunks`` ([B]) chunks per sequence of ``key``
+        under ``allowed`` and ``starts``."""
+        B, H, _, d = key.shape
+        span = self.starts.shape[1]
+        if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
+                or self.k.shape[3] != d or self.k.device != key.device or span > starts.shape[1] \
+                or self.k.shape[2] > int(chunks.max()) or bool((self.done > chunks).any()):
+            return False
+        if not torch.equal(self.starts, starts[:, :span]):
+            return False
+        if allowed is None:
+            return self.allowed is None or bool(self.allowed.all())
+        before = allowed[:, :span]
+        return bool(before.all()) if self.allowed is None else torch.equal(self.allowed, before)
+
+
+def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+                         length: int, config: MTAConfig, starts: torch.Tensor, scale: float | None = None,
+                         sums: BoundarySums | None = None) -> tuple[torch.Tensor, BoundarySums]:
+    """:func:`decode_step` under boundary chunks: ``starts`` [B|1, ≥ length] bool, the tokens that
+    begin a chunk (``ops.segments.chunk_starts`` of the sequence's segment ids; chunks hold at
+    most c tokens). Chunk i of position t = length − 1 and the L − 1 before it are the window, the
+    sinks before the window exact, one summary per earlier chunk (its mean over allowed non-sink
+    keys, logit + log n_j), with top-k the tokens of the top_k chunks instead: each sequence with
+    its own chunks, so its own window start and number of summaries (the batch padded to the most,
+    the rest forbidden). The summarised chunks are complete (they end before chunk i starts), so
+    their sums are kept (:class:`BoundarySums`) and only chunks that left the window are added."""
+    B, Hq, m, d = q.shape
+    Hkv = key.shape[1]
+    if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length or starts.dim() != 2 or starts.shape[1] < length:
+        raise ValueError(f"decode_step takes one query per sequence over at least `length` keys and chunk starts: "
+                         f"q {list(q.shape)}, k {list(key.shape)}, starts {list(starts.shape)}, length {length}")
+    G, dev, no = Hq // Hkv, q.device, float("-inf")
+    c, L, top_k, S = config.chunk_size, config.local_chunks, config.top_k, config.sinks
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    starts = starts[:, :length].bool().expand(B, -1)
+    if allowed is not None:
+        allowed = allowed[:, :length].bool()
+    pos = torch.arange(length, device=dev)
+    chunk = starts.long().cumsum(1) - 1  # [B, length]: each token's chunk
+    last = chunk[:, -1]
+    M = int(last.max()) + 1
+    bounds = torch.full((B, M + 1), length, dtype=torch.long, device=dev).scatter_reduce(
+        1, chunk, pos.expand(B, -1), reduce="amin", include_self=True)  # chunk j: [bounds[j], bounds[j+1])
+    J = (last - L + 1).clamp(min=0)  # [B]: the chunks before the window, summarised
+    start = bounds.gather(1, J[:, None])[:, 0]  # [B]: the window's first key
+    width = int(J.max())
+    if sums is None or not sums.serves(key, allowed, starts, c, S, J):
+        sums = None
+    sums = _boundary_sums(key, value, allowed, starts, chunk, bounds, J, width, c, S, sums)
+    # the exact keys: the sinks before the window, then the window (each sequence padded to the most)
+    W = int((length - start).max())
+    sink, window = torch.arange(S, device=dev).expand(B, -1), start[:, None] + torch.arange(W, device=dev)
+    index = torch.cat([sink, window], dim=1).clamp(max=length - 1)
+    seen = torch.cat([sink < torch.minimum(start, torch.tensor(S, device=dev))[:, None], window < length], dim=1)
+    if allowed is not None:
+        seen &= allowed.gather(1, index)
+    rows = index[:, None, :, None].expand(B, Hkv, -1, d)
+    count = sums.count.clamp(min=1)[:, None, :, None]
+    keys = torch.cat([key.gather(2, rows).float(), sums.k / count], dim=2)
+    values = torch.cat([value.gather(2, rows).float(), sums.v / count], dim=2)
+    offset_s = torch.where(sums.count > 0, sums.count.clamp(min=1).log(), no)
+    offset = torch.cat([torch.where(seen, 0.0, no), offset_s], dim=1)
+    qg = q.reshape(B, Hkv, G, d).float() * scale
+    logits = qg @ keys.transpose(-1, -2) + offset[:, None, None, :]
+
+    def take(chosen: torch.Tensor):  # chunk j's tokens: c keys from its start, those before its end
+        first = bounds.gather(1, chosen.flatten(1)).view_as(chosen)
+        end = bounds.gather(1, (chosen + 1).flatten(1)).view_as(chosen)
+        position = (first[..., None] + torch.arange(c, device=dev)).flatten(-2)
+        inside = position < end.repeat_interleave(c, dim=-1)
+        flat = position.clamp(max=length - 1).flatten(2)[..., None].expand(-1, -1, -1, d)
+        k_sel, v_sel = (x.gather(2, flat).float().view(B, Hkv, G, -1, d) for x in (key, value))
+        return k_sel, v_sel, position, inside
+
+    out = _attend(qg, logits, values, offset_s, top_k, S, allowed, take)
+    return out.reshape(B, Hq, 1, d).to(q.dtype), sums
+
+
+def _boundary_sums(key, value, allowed, starts, chunk, bounds, J, width: int, c: int, sinks: int,
+                   previous: BoundarySums | None) -> BoundarySums:
+    """``previous`` (or nothing) extended to the first ``J`` ([B]) chunks of each sequence."""
+    B, H, _, d = key.shape
+    dev = key.device
+    k = key.new_zeros(B, H, width, d, dtype=torch.float32)
+    v, count = torch.zeros_like(k), key.new_zeros(B, width, dtype=torch.float32)
+    done = torch.zeros(B, dtype=torch.long, device=dev)
+    if previous is not None:
+        held = previous.k.shape[2]
+        k[:, :, :held], v[:, :, :held], count[:, :held] = previous.k, previous.v, previous.count
+        done = previous.done
+    lo, hi = int(bounds.gather(1, done[:, None]).min()), int(bounds.gather(1, J[:, None]).max())
+    if hi > lo:  # the chunks [done, J) of each sequence: their allowed non-sink keys, added by chunk
+        part = chunk[:, lo:hi]
+        kept = (part >= done[:, None]) & (part < J[:, None])
+        if sinks > lo:
+            kept[:, :min(sinks, hi) - lo] = False
+        if allowed is not None:
+            kept &= allowed[:, lo:hi]
+        kept = kept.float()
+        slot = part.clamp(max=max(width - 1, 0))
+        rows = slot[:, None, :, None].expand(B, H, -1, d)
+        k.scatter_add_(2, rows, key[:, :, lo:hi].float() * kept[:, None, :, None])
+        v.scatter_add_(2, rows, value[:, :, lo:hi].float() * kept[:, None, :, None])
+        count.scatter_add_(1, slot, kept)
+    span = hi  # (the end of the last summarised chunk of any sequence)
+    return BoundarySums(c, sinks, k, v, count, J.clone(), starts[:, :span].clone(),
+                        None if allowed is None else allowed[:, :span].clone())
 
 
 def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                         length: int, groups, scale: float | None = None, sums: dict | None = None,
-                        summary_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                        summary_weight: torch.Tensor | None = None, chunk_starts=None) -> tuple[torch.Tensor, dict]:
     """:func:`decode_step` with a configuration per group of query heads (``HeadGroups.groups``:
     (MTAConfig or None for exact, query heads)), as ``passes.lower.grouped_attention`` computes a
     prompt: each head's output is its group's. A group runs over the key/value heads its query
@@ -213,7 +333,9 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     of a run are computed, those of other groups dropped); an exact group is SDPA over the first
     ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step).
     ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
-    Returns the output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
+    ``chunk_starts``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
+    sinks) giving the chunk starts [B, ≥ length] (no learned summaries with them). Returns the
+    output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
     if m != 1 or Hq % Hkv:
@@ -229,6 +351,12 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 part = torch.nn.functional.scaled_dot_product_attention(
                     q[:, rows], key[:, a:b, :length], value[:, a:b, :length], attn_mask=mask, scale=scale,
                     enable_gqa=G > 1).nan_to_num_(0.0)
+            elif chunk_starts is not None:
+                if summary_weight is not None:
+                    raise ValueError("decoding with boundary chunks takes no learned summaries")
+                part, kept[number, a, b] = boundary_decode_step(
+                    q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
+                    chunk_starts(config.chunk_size, config.sinks), scale, (sums or {}).get((number, a, b)))
             else:
                 weight = None if summary_weight is None else summary_weight[a:b]
                 part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
@@ -251,6 +379,34 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append([i, i + 1])
     return [(a, b) for a, b in runs]
+
+
+def _attend(qg: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, offset: torch.Tensor, top_k: int,
+            sinks: int, allowed: torch.Tensor | None, take) -> torch.Tensor:
+    """A step's output [B, Hkv, G, d] from its logits over [exact keys; J summaries] (``offset``
+    [B, J]: the summaries' log n_j, −inf for none) and their ``values``; with ``top_k``, each query
+    head's top_k live chunks by scale·q·k̄_j (ties: the lower index) attended by their tokens
+    instead of their summaries: ``take(chosen)`` ([B, Hkv, G, top_k] chunk indices) gives their keys
+    and values [B, Hkv, G, top_k·c, d], positions [B, Hkv, G, top_k·c] and which of them the chunks
+    hold; sinks and keys ``allowed`` forbids are left out. Zeros for a row with nothing to see."""
+    no = float("-inf")
+    J = offset.shape[1]
+    if not top_k or not J:
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0) @ values
+    summaries = logits[..., -J:]
+    ranked = torch.where(torch.isfinite(offset)[:, None, None, :], summaries - offset[:, None, None, :], no)
+    ordered, index = ranked.sort(dim=-1, descending=True, stable=True)
+    chosen = index[..., :top_k].masked_fill(ordered[..., :top_k] == no, -1)  # (fewer live: -1, none)
+    summaries.masked_fill_(_one_hot(chosen, J), no)  # (their tokens instead, exactly:)
+    k_sel, v_sel, position, ok = take(chosen.clamp(min=0))
+    width = position.shape[-1] // chosen.shape[-1]  # (c; top_k may exceed J)
+    ok = ok & (chosen >= 0).repeat_interleave(width, dim=-1) & (position >= sinks)
+    if allowed is not None:
+        ok &= allowed.gather(1, position.clamp(max=allowed.shape[1] - 1).flatten(1)).view_as(position)
+    selected = torch.einsum("bhgd,bhgkd->bhgk", qg, k_sel).masked_fill_(~ok, no)
+    p = torch.softmax(torch.cat([logits, selected], dim=-1), dim=-1).nan_to_num_(0.0)
+    width = values.shape[2]
+    return p[..., :width] @ values + torch.einsum("bhgk,bhgkd->bhgd", p[..., width:], v_sel)
 
 
 def _one_hot(chosen: torch.Tensor, J: int) -> torch.Tensor:
