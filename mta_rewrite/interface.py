@@ -86,7 +86,7 @@ class _Segments:
         self.boundaries = boundaries
         self.call: torch.Tensor | None = None  # the token ids the current call's segments are of
         self._ids: torch.Tensor | None = None
-        self._starts: dict = {}
+        self._bounds: dict = {}
         self.tokens: torch.Tensor | None = None
         self.cache: "weakref.ref | None" = None
 
@@ -99,17 +99,18 @@ class _Segments:
         return self._ids
 
     def set_call(self, tokens: torch.Tensor | None) -> None:
-        self.call, self._ids, self._starts = tokens, None, {}
+        self.call, self._ids, self._bounds = tokens, None, {}
 
-    def chunk_starts(self, chunk_size: int, sinks: int) -> torch.Tensor:
-        """[B, n] bool: the tokens of the current call's sequence that begin a chunk of at most
-        ``chunk_size`` (``ops.segments.chunk_starts``), once per call and chunking (a decoding
-        step's layers share them)."""
-        from .ops.segments import chunk_starts
+    def chunk_bounds(self, chunk_size: int, sinks: int) -> torch.Tensor:
+        """[B, M + 1]: the chunk starts of each sequence of the current call, then its end
+        (``ops.segments.chunk_bounds``, chunks of at most ``chunk_size``), once per call and
+        chunking (a decoding step's layers share them)."""
+        from .ops.segments import chunk_bounds
 
-        if (chunk_size, sinks) not in self._starts:
-            self._starts[chunk_size, sinks] = chunk_starts(self.ids, chunk_size, sinks)
-        return self._starts[chunk_size, sinks]
+        if (chunk_size, sinks) not in self._bounds:
+            ids = self.ids
+            self._bounds[chunk_size, sinks] = chunk_bounds(ids, ids.shape[0], chunk_size, sinks)
+        return self._bounds[chunk_size, sinks]
 
     def __deepcopy__(self, memo) -> "_Segments":
         return self  # (a copy of the model keeps the hooks that fill this object)
@@ -540,17 +541,17 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             return None
         length = int(columns[-1]) + 1
         allowed = None if bool(row[:, :length].all()) else row.expand(B, -1)
-    starts = None
+    bounds = None
     if segments is not None:  # the whole sequence's segments (the hooks saw the cache filled), else exact
         ids = segments.ids
         if ids is None or ids.shape[0] != B or ids.shape[1] < length:
             return None
-        starts = segments.chunk_starts
+        bounds = segments.chunk_bounds
     elif all(cfg is None or (length - 1) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
         return None  # (the window still reaches the first token: exact attention)
     _watch_layer(layer)
     out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(query, key, value, allowed, length, groups, scaling,
-                                                              vars(layer).get("_mta_chunk_sums"), weight, starts)
+                                                              vars(layer).get("_mta_chunk_sums"), weight, bounds)
     return out
 
 

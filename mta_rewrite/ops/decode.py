@@ -195,87 +195,86 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
 @dataclass
 class BoundarySums:
     """Boundary chunks' summaries of each sequence's first chunks (those before the window of an
-    earlier step): the sums (not means) of k and v over each chunk's allowed non-sink keys ([B,
-    Hkv, M, d] float32), their counts ([B, M]), how many chunks of each sequence they hold
-    (``done`` [B]; the rest of the M slots zeros), and the chunk starts (``starts`` [B, span]) and
-    mask (``allowed`` [B, span] or None) over the span of keys they cover (span: the end of the
-    longest ``done``). Valid for a cache whose first ``span`` keys, chunk starts and mask have not
-    changed since."""
+    earlier step; complete, so they never change): the means of k and v over each chunk's allowed
+    non-sink keys ([B, Hkv, M, d] float32, zeros for an empty chunk), their counts and logit
+    offsets ([B, M]: log n_j, −inf for none), how many chunks of each sequence they hold (``done``
+    [B]; the rest of the M slots empty), those chunks' bounds (``bounds`` [B, M + 1]: entries
+    0 … done of each row are its chunk starts then the end of its last summarised chunk) and the
+    mask over the keys they cover (``allowed`` [B, span] or None; span: the longest). Valid for a
+    cache whose first span keys, chunk bounds and mask have not changed since."""
 
     chunk_size: int
     sinks: int
     k: torch.Tensor
     v: torch.Tensor
     count: torch.Tensor
+    offset: torch.Tensor
     done: torch.Tensor
-    starts: torch.Tensor
+    bounds: torch.Tensor
     allowed: torch.Tensor | None
 
-    def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, starts: torch.Tensor, chunk_size: int,
+    def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, bounds: torch.Tensor, chunk_size: int,
                sinks: int, chunks: torch.Tensor) -> bool:
         """Whether these sums can be extended to ``chunks`` ([B]) chunks per sequence of ``key``
-        under ``allowed`` and ``starts``."""
+        under ``allowed`` and the chunk ``bounds`` of this step."""
         B, H, _, d = key.shape
-        span = self.starts.shape[1]
+        held = self.k.shape[2]
         if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
-                or self.k.shape[3] != d or self.k.device != key.device or span > starts.shape[1] \
-                or self.k.shape[2] > int(chunks.max()) or bool((self.done > chunks).any()):
+                or self.k.shape[3] != d or self.k.device != key.device or held >= bounds.shape[1] \
+                or held > int(chunks.max()) or bool((self.done > chunks).any()):
             return False
-        if not torch.equal(self.starts, starts[:, :span]):
+        final = torch.arange(held + 1, device=key.device) <= self.done[:, None]  # (later entries were not yet known)
+        if not bool(((self.bounds == bounds[:, :held + 1]) | ~final).all()):
             return False
         if allowed is None:
             return self.allowed is None or bool(self.allowed.all())
-        before = allowed[:, :span]
+        before = allowed[:, :int(self.bounds.gather(1, self.done[:, None]).max())]
         return bool(before.all()) if self.allowed is None else torch.equal(self.allowed, before)
 
 
 def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
-                         length: int, config: MTAConfig, starts: torch.Tensor, scale: float | None = None,
+                         length: int, config: MTAConfig, bounds: torch.Tensor, scale: float | None = None,
                          sums: BoundarySums | None = None) -> tuple[torch.Tensor, BoundarySums]:
-    """:func:`decode_step` under boundary chunks: ``starts`` [B|1, ≥ length] bool, the tokens that
-    begin a chunk (``ops.segments.chunk_starts`` of the sequence's segment ids; chunks hold at
-    most c tokens). Chunk i of position t = length − 1 and the L − 1 before it are the window, the
+    """:func:`decode_step` under boundary chunks: ``bounds`` [B|1, M + 1], each sequence's chunk
+    starts in order and then its length or more (``ops.segments.chunk_bounds`` of its segment ids
+    with this chunk size and sinks; of this sequence or a longer one: entries from ``length`` on
+    are cut to it). Chunk i of position t = length − 1 and the L − 1 before it are the window, the
     sinks before the window exact, one summary per earlier chunk (its mean over allowed non-sink
     keys, logit + log n_j), with top-k the tokens of the top_k chunks instead: each sequence with
     its own chunks, so its own window start and number of summaries (the batch padded to the most,
     the rest forbidden). The summarised chunks are complete (they end before chunk i starts), so
-    their sums are kept (:class:`BoundarySums`) and only chunks that left the window are added."""
+    their summaries are kept (:class:`BoundarySums`) and a step adds only the chunks that left the
+    window since the last."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
-    if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length or starts.dim() != 2 or starts.shape[1] < length:
-        raise ValueError(f"decode_step takes one query per sequence over at least `length` keys and chunk starts: "
-                         f"q {list(q.shape)}, k {list(key.shape)}, starts {list(starts.shape)}, length {length}")
+    if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length or bounds.dim() != 2 \
+            or bounds.shape[0] not in (1, B) or int(bounds[:, -1].min()) < length:
+        raise ValueError(f"decode_step takes one query per sequence over at least `length` keys and chunk bounds "
+                         f"reaching it: q {list(q.shape)}, k {list(key.shape)}, bounds {list(bounds.shape)}, "
+                         f"length {length}")
     G, dev, no = Hq // Hkv, q.device, float("-inf")
     c, L, top_k, S = config.chunk_size, config.local_chunks, config.top_k, config.sinks
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    starts = starts[:, :length].bool().expand(B, -1)
+    bounds = bounds.long().clamp(max=length).expand(B, -1)
     if allowed is not None:
         allowed = allowed[:, :length].bool()
-    pos = torch.arange(length, device=dev)
-    chunk = starts.long().cumsum(1) - 1  # [B, length]: each token's chunk
-    last = chunk[:, -1]
-    M = int(last.max()) + 1
-    bounds = torch.full((B, M + 1), length, dtype=torch.long, device=dev).scatter_reduce(
-        1, chunk, pos.expand(B, -1), reduce="amin", include_self=True)  # chunk j: [bounds[j], bounds[j+1])
+    last = (bounds < length).sum(1) - 1  # [B]: chunk i, the step's
     J = (last - L + 1).clamp(min=0)  # [B]: the chunks before the window, summarised
     start = bounds.gather(1, J[:, None])[:, 0]  # [B]: the window's first key
-    width = int(J.max())
-    if sums is None or not sums.serves(key, allowed, starts, c, S, J):
+    if sums is None or not sums.serves(key, allowed, bounds, c, S, J):
         sums = None
-    sums = _boundary_sums(key, value, allowed, starts, chunk, bounds, J, width, c, S, sums)
+    sums = _boundary_sums(key, value, allowed, bounds, J, c, S, sums)
     # the exact keys: the sinks before the window, then the window (each sequence padded to the most)
     W = int((length - start).max())
     sink, window = torch.arange(S, device=dev).expand(B, -1), start[:, None] + torch.arange(W, device=dev)
     index = torch.cat([sink, window], dim=1).clamp(max=length - 1)
-    seen = torch.cat([sink < torch.minimum(start, torch.tensor(S, device=dev))[:, None], window < length], dim=1)
+    seen = torch.cat([sink < start.clamp(max=S)[:, None], window < length], dim=1)
     if allowed is not None:
         seen &= allowed.gather(1, index)
     rows = index[:, None, :, None].expand(B, Hkv, -1, d)
-    count = sums.count.clamp(min=1)[:, None, :, None]
-    keys = torch.cat([key.gather(2, rows).float(), sums.k / count], dim=2)
-    values = torch.cat([value.gather(2, rows).float(), sums.v / count], dim=2)
-    offset_s = torch.where(sums.count > 0, sums.count.clamp(min=1).log(), no)
-    offset = torch.cat([torch.where(seen, 0.0, no), offset_s], dim=1)
+    keys = torch.cat([key.gather(2, rows).float(), sums.k], dim=2)
+    values = torch.cat([value.gather(2, rows).float(), sums.v], dim=2)
+    offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
     qg = q.reshape(B, Hkv, G, d).float() * scale
     logits = qg @ keys.transpose(-1, -2) + offset[:, None, None, :]
 
@@ -288,44 +287,46 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         k_sel, v_sel = (x.gather(2, flat).float().view(B, Hkv, G, -1, d) for x in (key, value))
         return k_sel, v_sel, position, inside
 
-    out = _attend(qg, logits, values, offset_s, top_k, S, allowed, take)
+    out = _attend(qg, logits, values, sums.offset, top_k, S, allowed, take)
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
 
 
-def _boundary_sums(key, value, allowed, starts, chunk, bounds, J, width: int, c: int, sinks: int,
-                   previous: BoundarySums | None) -> BoundarySums:
-    """``previous`` (or nothing) extended to the first ``J`` ([B]) chunks of each sequence."""
+def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous: BoundarySums | None) -> BoundarySums:
+    """``previous`` (or nothing) extended to the first ``J`` ([B]) chunks of each sequence: the
+    chunks [done, J) of each, summarised in one pass over the keys they span."""
     B, H, _, d = key.shape
     dev = key.device
-    k = key.new_zeros(B, H, width, d, dtype=torch.float32)
-    v, count = torch.zeros_like(k), key.new_zeros(B, width, dtype=torch.float32)
-    done = torch.zeros(B, dtype=torch.long, device=dev)
-    if previous is not None:
-        held = previous.k.shape[2]
-        k[:, :, :held], v[:, :, :held], count[:, :held] = previous.k, previous.v, previous.count
-        done = previous.done
+    done = torch.zeros(B, dtype=torch.long, device=dev) if previous is None else previous.done
+    if previous is not None and torch.equal(done, J):
+        return previous
+    width = int(J.max())
     lo, hi = int(bounds.gather(1, done[:, None]).min()), int(bounds.gather(1, J[:, None]).max())
-    if hi > lo:  # the chunks [done, J) of each sequence: their allowed non-sink keys, added by chunk
-        part = chunk[:, lo:hi]
-        kept = (part >= done[:, None]) & (part < J[:, None])
-        if sinks > lo:
-            kept[:, :min(sinks, hi) - lo] = False
-        if allowed is not None:
-            kept &= allowed[:, lo:hi]
-        kept = kept.float()
-        slot = part.clamp(max=max(width - 1, 0))
-        rows = slot[:, None, :, None].expand(B, H, -1, d)
-        k.scatter_add_(2, rows, key[:, :, lo:hi].float() * kept[:, None, :, None])
-        v.scatter_add_(2, rows, value[:, :, lo:hi].float() * kept[:, None, :, None])
-        count.scatter_add_(1, slot, kept)
-    span = hi  # (the end of the last summarised chunk of any sequence)
-    return BoundarySums(c, sinks, k, v, count, J.clone(), starts[:, :span].clone(),
+    position = torch.arange(lo, hi, device=dev)
+    part = torch.searchsorted(bounds, position.expand(B, -1).contiguous(), right=True) - 1  # each key's chunk
+    kept = (part >= done[:, None]) & (part < J[:, None]) & (position >= sinks)
+    if allowed is not None:
+        kept &= allowed[:, lo:hi]
+    kept = kept.float()
+    slot = part.clamp(min=0, max=max(width - 1, 0))
+    count = kept.new_zeros(B, width).scatter_add_(1, slot, kept)
+    share = (kept / count.clamp(min=1).gather(1, slot))[:, None, :, None]  # (a new chunk's keys: 1 / n_j each)
+    rows = slot[:, None, :, None].expand(B, H, -1, d)
+    k = key.new_zeros(B, H, width, d, dtype=torch.float32).scatter_add_(2, rows, key[:, :, lo:hi].float() * share)
+    v = torch.zeros_like(k).scatter_add_(2, rows, value[:, :, lo:hi].float() * share)
+    if previous is not None:  # (its chunks' slots are empty in the new sums: added, not mixed)
+        held = previous.k.shape[2]
+        k[:, :, :held] += previous.k
+        v[:, :, :held] += previous.v
+        count[:, :held] += previous.count
+    offset = torch.where(count > 0, count.clamp(min=1).log(), float("-inf"))
+    span = int(bounds.gather(1, J[:, None]).max())
+    return BoundarySums(c, sinks, k, v, count, offset, J.clone(), bounds[:, :width + 1].clone(),
                         None if allowed is None else allowed[:, :span].clone())
 
 
 def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                         length: int, groups, scale: float | None = None, sums: dict | None = None,
-                        summary_weight: torch.Tensor | None = None, chunk_starts=None) -> tuple[torch.Tensor, dict]:
+                        summary_weight: torch.Tensor | None = None, chunk_bounds=None) -> tuple[torch.Tensor, dict]:
     """:func:`decode_step` with a configuration per group of query heads (``HeadGroups.groups``:
     (MTAConfig or None for exact, query heads)), as ``passes.lower.grouped_attention`` computes a
     prompt: each head's output is its group's. A group runs over the key/value heads its query
@@ -333,8 +334,8 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     of a run are computed, those of other groups dropped); an exact group is SDPA over the first
     ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step).
     ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
-    ``chunk_starts``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
-    sinks) giving the chunk starts [B, ≥ length] (no learned summaries with them). Returns the
+    ``chunk_bounds``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
+    sinks) giving the chunk bounds [B, M + 1] (no learned summaries with them). Returns the
     output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
@@ -351,12 +352,12 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 part = torch.nn.functional.scaled_dot_product_attention(
                     q[:, rows], key[:, a:b, :length], value[:, a:b, :length], attn_mask=mask, scale=scale,
                     enable_gqa=G > 1).nan_to_num_(0.0)
-            elif chunk_starts is not None:
+            elif chunk_bounds is not None:
                 if summary_weight is not None:
                     raise ValueError("decoding with boundary chunks takes no learned summaries")
                 part, kept[number, a, b] = boundary_decode_step(
                     q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
-                    chunk_starts(config.chunk_size, config.sinks), scale, (sums or {}).get((number, a, b)))
+                    chunk_bounds(config.chunk_size, config.sinks), scale, (sums or {}).get((number, a, b)))
             else:
                 weight = None if summary_weight is None else summary_weight[a:b]
                 part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,

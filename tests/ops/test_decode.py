@@ -200,21 +200,25 @@ def boundary_reference_row(q, k, v, allowed, t, config, segment_ids):
 def test_boundary_chunks_at_every_step(config, mask):
     """Boundary chunks (segments of 1–9 tokens, each cut to at most c): every step t of sequences
     whose two rows have different segments (so different windows and numbers of summaries), the
-    sums carried from step to step, against the float64 reference's row t with those segments
-    (top-k with the step's query in all of its chunk); key padding and a forbidden run."""
+    sums carried from step to step (kept as they are while no chunk leaves the window), against
+    the float64 reference's row t with those segments (top-k with the step's query in all of its
+    chunk); key padding and a forbidden run."""
     from mta_rewrite.ops.decode import boundary_decode_step
-    from mta_rewrite.ops.segments import chunk_starts
+    from mta_rewrite.ops.segments import chunk_bounds
 
     q, k, v, allowed = inputs(pad=6 if mask == "padding" else 0, hole=mask == "hole")
     n = q.shape[2]
     g = torch.Generator().manual_seed(7)
     segment_ids = torch.stack([torch.repeat_interleave(torch.arange(n), torch.randint(1, 10, (n,), generator=g))[:n]
                                for _ in range(2)])
-    starts = chunk_starts(segment_ids, config.chunk_size, config.sinks)
+    bounds = chunk_bounds(segment_ids, 2, config.chunk_size, config.sinks)  # (the whole sequence's: cut to each step)
     sums, differed = None, False
     for t in range(n):
+        previous = sums
         out, sums = boundary_decode_step(q[:, :, t:t + 1], k, v, None if mask == "none" else allowed, t + 1, config,
-                                         starts, None, sums)
+                                         bounds, None, sums)
+        if previous is not None and torch.equal(previous.done, sums.done):
+            assert sums is previous  # (no chunk left the window: the kept sums serve as they are)
         for b in range(2):
             want = boundary_reference_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], allowed[b:b + 1], t, config,
                                           segment_ids[b])
