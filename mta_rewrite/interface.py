@@ -79,16 +79,15 @@ class _Segments:
     """Boundary chunks under use_mta: the segment ids of the model's current call (None outside
     one, or when it was given no token ids), set by the model's forward hooks, read by its
     attention modules: of the whole sequence so far where the call continues one over a cache
-    whose tokens the hooks saw (``tokens``, the token ids of the sequence in ``cache``), else of
-    the call's own tokens."""
+    whose tokens the hooks saw (kept with the cache: ``_keep_tokens``), else of the call's own
+    tokens."""
 
     def __init__(self, boundaries: Boundaries):
         self.boundaries = boundaries
         self.call: torch.Tensor | None = None  # the token ids the current call's segments are of
         self._ids: torch.Tensor | None = None
         self._bounds: dict = {}
-        self.tokens: torch.Tensor | None = None
-        self.cache: "weakref.ref | None" = None
+        self.tokens: torch.Tensor | None = None  # the current call's whole sequence (None: unknown)
 
     @property
     def ids(self) -> torch.Tensor | None:
@@ -199,9 +198,10 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
     """The model's forward hooks for boundary chunks: before a call, the token ids whose segments
     its prompts read (as the rewritten graph computes them, ``passes.lower.segment_ids_from_separators``,
     when first read; None when the call gives none): the whole sequence's where the call continues
-    the cache the hooks last saw (the same cache object, passed to the call or returned by it,
-    holding as many tokens as they saw, or fewer: a cropped cache), else the call's own; after it,
-    None (so a later call of an inner module alone never reads them). Their handles."""
+    a cache whose tokens hooks saw (kept with the cache object, passed to a call or returned by it,
+    so a deep copy of it has them too; the cache holding as many tokens as they saw, or fewer: a
+    cropped cache), else the call's own; after it, None (so a later call of an inner module alone
+    never reads them). Their handles."""
     boundaries = segments.boundaries
     extra_name = next((name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
 
@@ -210,32 +210,72 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
         tokens = bound.get(boundaries.input)
         if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()):
             segments.set_call(None)
-            segments.tokens = segments.cache = None
+            segments.tokens = None
             return
         extra = bound.get(extra_name) or {}
         cache = next((x for x in (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"),
                                   extra.get("past_key_values")) if x is not None), None)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-        seen = segments.tokens
+        seen = None if cache is None else vars(cache).get("_mta_tokens")
         if cached == 0:
             sequence = tokens
-        elif (seen is not None and segments.cache is not None and segments.cache() is cache
-              and seen.shape[0] == tokens.shape[0] and seen.shape[1] >= cached):
+        elif seen is not None and seen.shape[0] == tokens.shape[0] and seen.shape[1] >= cached:
             sequence = torch.cat([seen[:, :cached], tokens], dim=1)
         else:
             sequence = None  # a cache of tokens the hooks did not see
         segments.tokens = sequence
-        segments.cache = weakref.ref(cache) if sequence is not None and cache is not None else None
+        if cache is not None:
+            _keep_tokens(cache, sequence)
         segments.set_call(tokens if sequence is None else sequence)
 
     def after(model, args, kwargs, output):
         segments.set_call(None)
-        cache = getattr(output, "past_key_values", None)  # (a cache the model made for the call)
-        if segments.tokens is not None and cache is not None:
-            segments.cache = weakref.ref(cache)
+        cache = _output_cache(output)  # (a cache the model made for the call)
+        if cache is not None and segments.tokens is not None:
+            _keep_tokens(cache, segments.tokens)
 
     return (model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, with_kwargs=True))
+
+
+# the Cache methods that reorder, select or repeat its sequences (beam search, generate's
+# expansion): each applies the same to the token ids the boundary hooks keep with that cache
+_BATCH_CHANGES = {"reorder_cache": lambda tokens, index: tokens[index.to(tokens.device)],
+                  "batch_select_indices": lambda tokens, index: tokens[index.to(tokens.device)],
+                  "batch_repeat_interleave": lambda tokens, repeats: tokens.repeat_interleave(repeats, dim=0)}
+
+
+def _keep_tokens(cache, tokens: torch.Tensor | None) -> None:
+    """Keep ``tokens``, the token ids of the sequences ``cache`` holds (None: not known), with it
+    (``_mta_tokens``), its ``_BATCH_CHANGES`` methods made to change them alike (on this object
+    only, once)."""
+    if not hasattr(cache, "__dict__"):
+        return
+    vars(cache)["_mta_tokens"] = tokens
+    if not vars(cache).get("_mta_follows_tokens"):
+        for name, change in _BATCH_CHANGES.items():
+            if callable(getattr(cache, name, None)):
+                setattr(cache, name, types.MethodType(_changing_tokens(name, change), cache))
+        vars(cache)["_mta_follows_tokens"] = True
+
+
+def _changing_tokens(name: str, change):
+    def method(self, argument):
+        tokens = vars(self).get("_mta_tokens")
+        if tokens is not None:
+            vars(self)["_mta_tokens"] = change(tokens, argument)
+        return getattr(type(self), name)(self, argument)
+
+    method.__name__ = name
+    return method
+
+
+def _output_cache(output):
+    """The cache a model's output holds (transformers 5.25 names it ``cache``, before
+    ``past_key_values``), without touching the deprecated name where the new one is there."""
+    if isinstance(output, dict):
+        return output.get("cache", output.get("past_key_values"))
+    return getattr(output, "past_key_values", None)
 
 
 def _watch_calls(module: torch.nn.Module) -> None:

@@ -202,6 +202,37 @@ def test_decoding_with_boundary_chunks_gives_the_one_prompt_logits(pad):
         assert not torch.equal(sums.done[0], sums.done[1])  # (each sequence its own chunks)
 
 
+def test_boundary_chunks_follow_a_reordered_cache():
+    """The token ids the hooks keep for a cache follow its reorder_cache (beam search),
+    batch_select_indices and batch_repeat_interleave: after each, a decoding step's segments are
+    those of the sequences the cache now holds (its scores the op's over the whole reordered
+    sequences); generate with beams runs."""
+    model = llama()
+    ids, mask = ids_and_mask(n=50)
+    boundaries = separators(ids)
+    sep = torch.tensor(boundaries.separators)
+    new = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    new[0, ::3], new[1, 1::4] = sep[0], sep[1]
+    plan = mr.Plan({f"model.layers.{i}.self_attn": DECODING for i in range(2)}, boundaries=boundaries)
+    changes = [(lambda c: c.reorder_cache(torch.tensor([1, 0])), [1, 0]),
+               (lambda c: c.batch_select_indices(torch.tensor([1, 1])), [1, 1]),
+               (lambda c: c.batch_repeat_interleave(2), [0, 0, 1, 1])]
+    for change, rows in changes:
+        with torch.no_grad():
+            mr.use_mta(model, plan=plan, decode=True)
+            cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            for t in range(6):
+                model(input_ids=new[:, t:t + 1], attention_mask=torch.ones(2, 51 + t), cache=cache, use_cache=True)
+            change(cache)
+            sequence = torch.cat([ids, new], 1)[rows]
+            steps = [model(input_ids=sequence[:, 56 + t:57 + t], attention_mask=torch.ones(len(rows), 57 + t),
+                           cache=cache, use_cache=True).logits[:, -1] for t in range(6)]
+            whole = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), use_cache=False).logits
+        torch.testing.assert_close(torch.stack(steps, 1), whole[:, 56:], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+
+
 def test_what_boundary_chunks_cannot_take_is_one_line():
     model = llama()
     ids, mask = ids_and_mask()
@@ -537,9 +568,11 @@ def test_a_chunked_prefill_is_the_one_prompt():
 def test_what_a_continued_prompt_keeps_exact():
     """The model's own attention over the cache for: fewer new tokens than a chunk (7 after 153:
     decoding, as assisted generation's candidates are, though the op's flops would be fewer),
-    boundary chunks over a cache whose tokens the model's hooks did not see (a copy: its segments
-    begin in tokens they do not know), GPT-OSS's sliding-window layer (its cache keeps the window
-    only); the other layers run the op (GPT-OSS's with its sink logits: the one prompt's values)."""
+    boundary chunks over a cache whose tokens the model's hooks did not see (filled without
+    boundaries: its segments begin in tokens they do not know; a deep copy of a cache they filled
+    keeps its tokens and runs the op as the cache does), GPT-OSS's sliding-window layer (its cache
+    keeps the window only); the other layers run the op (GPT-OSS's with its sink logits: the one
+    prompt's values)."""
     model = llama()
     ids, mask = ids_and_mask(n=160, pad=5)
     config = mr.MTAConfig(8, 2, 2, 0)
@@ -548,13 +581,20 @@ def test_what_a_continued_prompt_keeps_exact():
     with torch.no_grad():
         exact = model(input_ids=ids[:, 153:], attention_mask=mask, cache=cache, use_cache=True).logits
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    _, cache = continued(mr.use_mta(model, config=config), ids, mask, 44)  # (no boundaries: no hooks)
     mr.use_mta(model, config=config, boundaries=separators(ids))
-    _, cache = continued(model, ids, mask, 44)
     with torch.no_grad():
         got = model(input_ids=ids[:, 44:], attention_mask=mask, cache=copy_module.deepcopy(cache), use_cache=True).logits
         model.set_attn_implementation("sdpa")
         exact = model(input_ids=ids[:, 44:], attention_mask=mask, cache=cache, use_cache=True).logits
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    mr.use_mta(model, config=config, boundaries=separators(ids))
+    own, cache = continued(model, ids, mask, 44)
+    with torch.no_grad():
+        copied = model(input_ids=ids[:, 44:], attention_mask=mask, cache=copy_module.deepcopy(cache),
+                       use_cache=True).logits
+    torch.testing.assert_close(copied, own, rtol=1e-5, atol=1e-5)
+    assert (own - exact).abs().max() > 1e-4
     model = gpt_oss()  # layer 0 slides over 24 tokens, layer 1 attends to all (with its sink logits)
     layer1 = mr.Plan({"model.layers.1.self_attn": config})
     whole = logits(mr.use_mta(model, plan=layer1), ids, mask)
