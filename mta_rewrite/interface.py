@@ -294,8 +294,11 @@ def _watch_calls(module: torch.nn.Module) -> None:
     if not cross and not caches:
         return
 
+    names = list(signature.parameters)
+    first = min(names.index(name) for name in cross + caches)  # (fewer positional arguments: all by keyword)
+
     def note(mod, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = kwargs if len(args) <= first else signature.bind_partial(*args, **kwargs).arguments
         if cross:
             mod._mta_cross = any(bound.get(name) is not None for name in cross)
         if caches:
@@ -543,6 +546,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     keyed by the module)."""
     from .ops.decode import grouped_decode_step
 
+    if getattr(module, "_mta_config", None) is None:
+        return None  # (a layer the plan leaves exact)
     ref = _CALL_CACHE.get(module)
     cache = ref() if ref is not None else None
     layers = getattr(cache, "layers", None)
