@@ -541,12 +541,13 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     Runs outside torch.compile's graphs (``_DECODE_OUTSIDE_GRAPHS``: the chunk sums are Python
     state, the mask's reading data-dependent). The cache layer that holds ``key`` must be the
-    module's (else exact): a compiled frame reused across layers once handed the second layer's first decoding step the
-    first layer's module (transformers 5.25, torch 2.13, while use_mta's state lived in dicts
-    keyed by the module)."""
+    module's (else exact): a compiled frame reused across layers once handed the second layer's
+    first decoding step the first layer's module (transformers 5.25, torch 2.13, while use_mta's
+    state lived in dicts keyed by the module)."""
     from .ops.decode import grouped_decode_step
 
-    if getattr(module, "_mta_config", None) is None:
+    config, weight = getattr(module, "_mta_config", None), None
+    if config is None:
         return None  # (a layer the plan leaves exact)
     ref = _CALL_CACHE.get(module)
     cache = ref() if ref is not None else None
@@ -556,10 +557,11 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     index = getattr(module, "layer_idx", None)
     if not isinstance(index, int) or not 0 <= index < len(layers) or getattr(module, "_mta_cross", False):
         return None
+    # another layer holding the keys: not this call's module; none: a cache handing out copies of
+    # its keys (a quantized one's), the module's own index
     holder = next((i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is key), index)
-    if holder != index:  # (no layer holding them: a cache handing out copies, a quantized one's)
+    if holder != index:
         return None
-    config, weight = getattr(module, "_mta_config", None), None
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(query.device)
     segments = getattr(module, "_mta_segments", None)
