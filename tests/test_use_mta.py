@@ -309,6 +309,22 @@ def test_decoding_with_mta_gives_the_one_prompt_logits(build, pad, cache):
         assert vars(layer)["_mta_chunk_sums"][0, 0, 2].chunks == 48 // 8 - 2 + 1  # (the last step's query: token 48)
 
 
+def generated_and_whole(model, ids, mask, pad_token_id=None, **use_mta):
+    """``generate`` (greedy, 20 new tokens) of ``model`` under ``use_mta(model, **use_mta)``: its
+    scores [B, 20, V], the logits one forward of the generated sequences gives at the same
+    positions (at generate's position ids), and its output."""
+    n = ids.shape[1]
+    with torch.no_grad():
+        out = mr.use_mta(model, **use_mta).generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                                    output_scores=True, return_dict_in_generate=True,
+                                                    pad_token_id=pad_token_id)
+        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, n:])], 1)
+        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
+        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
+                      use_cache=False).logits[:, n - 1:-1]
+    return torch.stack(out.scores, 1), whole, out
+
+
 DECODERS = {  # attention modules handed the cache under different names (layer_past, past_key_values, cache)
     "gpt_neox": lambda t: t.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                           intermediate_size=128, max_position_embeddings=512),
@@ -331,15 +347,8 @@ def test_decoding_with_mta_in_other_decoder_families(name):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(DECODERS[name](transformers)).eval()
     ids, mask = ids_and_mask(n=30, pad=5)
-    with torch.no_grad():
-        out = mr.use_mta(model, config=DECODING, decode=True).generate(
-            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_scores=True,
-            return_dict_in_generate=True, pad_token_id=0)
-        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
-        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
-        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
-                      use_cache=False).logits[:, 29:-1]
-    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
+    scores, whole, out = generated_and_whole(model, ids, mask, pad_token_id=0, config=DECODING, decode=True)
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
     assert all("_mta_chunk_sums" in vars(layer) for layer in out.past_key_values.layers)
 
 
@@ -351,19 +360,10 @@ def test_decoding_with_learned_summaries_gives_the_one_prompt_logits():
     ids, mask = ids_and_mask(n=30, pad=5)
     weights = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(4))
     plan = mr.Plan({f"model.layers.{i}.self_attn": mr.Learned.from_tensor(DECODING, weights[i]) for i in range(2)})
-    with torch.no_grad():
-        out = mr.use_mta(model, plan=plan, decode=True).generate(
-            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_scores=True,
-            return_dict_in_generate=True)
-        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
-        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
-        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
-                      use_cache=False).logits[:, 29:-1]
-        means = mr.use_mta(model, config=DECODING, decode=True).generate(
-            ids, attention_mask=mask, max_new_tokens=20, do_sample=False, output_scores=True,
-            return_dict_in_generate=True)
-    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
-    assert (torch.stack(means.scores, 1)[:, 1:] - whole[:, 1:]).abs().max() > 1e-3  # (not the means')
+    scores, whole, out = generated_and_whole(model, ids, mask, plan=plan, decode=True)
+    means, _, _ = generated_and_whole(model, ids, mask, config=DECODING, decode=True)
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
+    assert (means[:, 1:] - whole[:, 1:]).abs().max() > 1e-3  # (not the means')
 
 
 def test_decoding_with_head_groups_gives_the_one_prompt_logits():
@@ -378,15 +378,9 @@ def test_decoding_with_head_groups_gives_the_one_prompt_logits():
     weight = torch.randn(2, 16, generator=torch.Generator().manual_seed(4))
     plan = mr.Plan({"model.layers.0.self_attn": groups,
                     "model.layers.1.self_attn": mr.Learned.from_tensor(groups, weight)})
-    options = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        exact = torch.stack(mr.use_mta(model, plan=plan).generate(ids, attention_mask=mask, **options).scores, 1)
-        out = mr.use_mta(model, plan=plan, decode=True).generate(ids, attention_mask=mask, **options)
-        whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
-        positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
-        whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
-                      use_cache=False).logits[:, 29:-1]
-    torch.testing.assert_close(torch.stack(out.scores, 1), whole, rtol=1e-5, atol=1e-5)
+    exact, _, _ = generated_and_whole(model, ids, mask, plan=plan)
+    scores, whole, out = generated_and_whole(model, ids, mask, plan=plan, decode=True)
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
     assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 1e-3
     assert sorted(vars(out.past_key_values.layers[0])["_mta_chunk_sums"]) == [(0, 0, 2), (2, 1, 2)]
 
