@@ -52,7 +52,8 @@ summary pytest_gpu.log
 start=$SECONDS
 stage 90 pytest_gpu_demo.log python3 -m pytest -v -p no:cacheprovider -rs tests/test_cli.py::test_demo_builtin_runs_on_the_gpu \
     tests/test_cli.py::test_calibrate_on_the_gpu tests/test_use_mta.py::test_use_mta_on_the_gpu \
-    tests/ops/test_decode.py::test_a_step_on_cuda_is_the_reference_row
+    tests/ops/test_decode.py::test_a_step_on_cuda_is_the_reference_row \
+    tests/ops/test_decode.py::test_a_boundary_step_on_cuda_is_the_reference_row
 summary pytest_gpu_demo.log
 
 start=$SECONDS

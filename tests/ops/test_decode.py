@@ -225,3 +225,26 @@ def test_boundary_chunks_at_every_step(config, mask):
             torch.testing.assert_close(out[b:b + 1, :, 0].double(), want, rtol=1e-5, atol=1e-5)
         differed |= bool(sums.done[0] != sums.done[1])
     assert differed  # (the rows' segments differ: so, at some steps, do their numbers of summaries)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_boundary_step_on_cuda_is_the_reference_row():
+    """Boundary chunks' steps on a CUDA device (the same torch operations), bf16, padded, top-k:
+    every step against the reference with the sequences' segments."""
+    from mta_rewrite.ops.decode import boundary_decode_step
+    from mta_rewrite.ops.segments import chunk_bounds
+
+    q, k, v, allowed = inputs(n=40, pad=5)
+    config = MTAConfig(4, 2, 2, 2)
+    g = torch.Generator().manual_seed(7)
+    segment_ids = torch.stack([torch.repeat_interleave(torch.arange(40), torch.randint(1, 10, (40,), generator=g))[:40]
+                               for _ in range(2)])
+    bounds = chunk_bounds(segment_ids, 2, 4, 2).cuda()
+    sums = None
+    for t in range(40):
+        out, sums = boundary_decode_step(q[:, :, t:t + 1].cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(),
+                                         allowed.cuda(), t + 1, config, bounds, None, sums)
+        for b in range(2):
+            want = boundary_reference_row(q[b:b + 1].bfloat16().float(), k[b:b + 1].bfloat16().float(),
+                                          v[b:b + 1].bfloat16().float(), allowed[b:b + 1], t, config, segment_ids[b])
+            torch.testing.assert_close(out[b:b + 1, :, 0].double().cpu(), want, rtol=2e-2, atol=2e-2)
