@@ -529,8 +529,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             kwargs: dict) -> torch.Tensor | None:
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
-    it stays exact (the model's own attention): clustered summaries, boundary chunks with learned
-    summaries or without the whole sequence's segments (a cache the hooks did not see filled),
+    it stays exact (the model's own attention): clustered summaries, boundary chunks without the
+    whole sequence's segments (a cache the hooks did not see filled),
     learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
     mask per head or with a bias, a cache that is not a transformers ``Cache`` with ``layers`` (or
     a module without ``layer_idx``), and a step whose window still reaches the first token (nothing
@@ -565,7 +565,7 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(query.device)
     segments = getattr(module, "_mta_segments", None)
-    if not isinstance(config, (MTAConfig, HeadGroups)) or (segments is not None and weight is not None):
+    if not isinstance(config, (MTAConfig, HeadGroups)):
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \

@@ -171,7 +171,8 @@ def test_decoding_with_boundary_chunks_gives_the_one_prompt_logits(pad):
     """use_mta(decode=True) with boundary chunks: each decoding step (teacher-forced over the cache,
     separators among the new tokens, so segments and chunks start during decoding) scores as the op
     over the whole sequence so far does (top_k 0), each sequence with its own chunks; not as exact
-    decoding does. A plan per group of heads with boundaries, too (its exact group exactly)."""
+    decoding does. A plan per group of heads with boundaries, too (its exact group exactly), and
+    learned summaries."""
     model = llama()
     ids, mask = ids_and_mask(n=50, pad=pad)
     boundaries = separators(ids)
@@ -181,7 +182,8 @@ def test_decoding_with_boundary_chunks_gives_the_one_prompt_logits(pad):
     sequence = torch.cat([ids, new], 1)
     whole_mask = torch.cat([mask, torch.ones_like(new)], 1)
     groups = mr.HeadGroups(((DECODING, (0, 3)), (None, (1,)), (mr.MTAConfig(6, 1, 1, 0), (2,))))
-    for entry in (DECODING, groups):
+    learned = mr.Learned.from_tensor(DECODING, torch.randn(2, 16, generator=torch.Generator().manual_seed(4)))
+    for entry in (DECODING, groups, learned):
         plan = mr.Plan({f"model.layers.{i}.self_attn": entry for i in range(2)}, boundaries=boundaries)
         with torch.no_grad():
             whole = mr.use_mta(model, plan=plan)(input_ids=sequence, attention_mask=whole_mask,

@@ -200,7 +200,8 @@ class BoundarySums:
     offsets ([B, M]: log n_j, −inf for none), how many chunks of each sequence they hold (``done``
     [B]; the rest of the M slots empty), those chunks' bounds (``bounds`` [B, M + 1]: entries
     0 … done of each row are its chunk starts then the end of its last summarised chunk) and the
-    mask over the keys they cover (``allowed`` [B, span] or None; span: the longest). Valid for a
+    mask over the keys they cover (``allowed`` [B, span] or None; span: the longest), and the
+    learned summary weight they were taken with (``weight`` [Hkv, d], None: means). Valid for a
     cache whose first span keys, chunk bounds and mask have not changed since."""
 
     chunk_size: int
@@ -212,16 +213,19 @@ class BoundarySums:
     done: torch.Tensor
     bounds: torch.Tensor
     allowed: torch.Tensor | None
+    weight: torch.Tensor | None = None
 
     def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, bounds: torch.Tensor, chunk_size: int,
-               sinks: int, chunks: torch.Tensor) -> bool:
+               sinks: int, chunks: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
         """Whether these sums can be extended to ``chunks`` ([B]) chunks per sequence of ``key``
-        under ``allowed`` and the chunk ``bounds`` of this step."""
+        under ``allowed``, the chunk ``bounds`` of this step and summary ``weight``."""
         B, H, _, d = key.shape
         held = self.k.shape[2]
         if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
                 or self.k.shape[3] != d or self.k.device != key.device or held >= bounds.shape[1] \
                 or held > int(chunks.max()) or bool((self.done > chunks).any()):
+            return False
+        if (weight is None) != (self.weight is None) or (weight is not None and not torch.equal(weight, self.weight)):
             return False
         final = torch.arange(held + 1, device=key.device) <= self.done[:, None]  # (later entries were not yet known)
         if not bool(((self.bounds == bounds[:, :held + 1]) | ~final).all()):
@@ -234,15 +238,17 @@ class BoundarySums:
 
 def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                          length: int, config: MTAConfig, bounds: torch.Tensor, scale: float | None = None,
-                         sums: BoundarySums | None = None) -> tuple[torch.Tensor, BoundarySums]:
+                         sums: BoundarySums | None = None,
+                         summary_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, BoundarySums]:
     """:func:`decode_step` under boundary chunks: ``bounds`` [B|1, M + 1], each sequence's chunk
     starts in order and then its length or more (``ops.segments.chunk_bounds`` of its segment ids
     with this chunk size and sinks; of this sequence or a longer one: entries from ``length`` on
     are cut to it). Chunk i of position t = length − 1 and the L − 1 before it are the window, the
     sinks before the window exact, one summary per earlier chunk (its mean over allowed non-sink
-    keys, logit + log n_j), with top-k the tokens of the top_k chunks instead: each sequence with
-    its own chunks, so its own window start and number of summaries (the batch padded to the most,
-    the rest forbidden). The summarised chunks are complete (they end before chunk i starts), so
+    keys, logit + log n_j; learned summaries, ``summary_weight`` w [Hkv, d]: weighted by
+    softmax_s(k_s·w) over the chunk), with top-k the tokens of the top_k chunks instead: each
+    sequence with its own chunks, so its own window start and number of summaries (the batch padded
+    to the most, the rest forbidden). The summarised chunks are complete (they end before chunk i starts), so
     their summaries are kept (:class:`BoundarySums`) and a step adds only the chunks that left the
     window since the last."""
     B, Hq, m, d = q.shape
@@ -261,9 +267,10 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     last = (bounds < length).sum(1) - 1  # [B]: chunk i, the step's
     J = (last - L + 1).clamp(min=0)  # [B]: the chunks before the window, summarised
     start = bounds.gather(1, J[:, None])[:, 0]  # [B]: the window's first key
-    if sums is None or not sums.serves(key, allowed, bounds, c, S, J):
+    weight = None if summary_weight is None else summary_weight.to(device=dev, dtype=torch.float32)
+    if sums is None or not sums.serves(key, allowed, bounds, c, S, J, weight):
         sums = None
-    sums = _boundary_sums(key, value, allowed, bounds, J, c, S, sums)
+    sums = _boundary_sums(key, value, allowed, bounds, J, c, S, sums, weight)
     # the exact keys: the sinks before the window, then the window (each sequence padded to the most)
     W = int((length - start).max())
     sink, window = torch.arange(S, device=dev).expand(B, -1), start[:, None] + torch.arange(W, device=dev)
@@ -291,9 +298,11 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
 
 
-def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous: BoundarySums | None) -> BoundarySums:
+def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous: BoundarySums | None,
+                   weight: torch.Tensor | None = None) -> BoundarySums:
     """``previous`` (or nothing) extended to the first ``J`` ([B]) chunks of each sequence: the
-    chunks [done, J) of each, summarised in one pass over the keys they span."""
+    chunks [done, J) of each, summarised in one pass over the keys they span (means, or with
+    ``weight`` w the softmax_s(k_s·w)-weighted averages)."""
     B, H, _, d = key.shape
     dev = key.device
     done = torch.zeros(B, dtype=torch.long, device=dev) if previous is None else previous.done
@@ -309,9 +318,18 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
     kept = kept.float()
     slot = part.clamp(min=0, max=max(width - 1, 0))
     count = kept.new_zeros(B, width).scatter_add_(1, slot, kept)
-    share = (kept / count.clamp(min=1).gather(1, slot))[:, None, :, None]  # (a new chunk's keys: 1 / n_j each)
+    keys = key[:, :, lo:hi].float()
+    if weight is None:  # (a new chunk's keys: 1 / n_j each)
+        share = (kept / count.clamp(min=1).gather(1, slot))[:, None, :, None]
+    else:  # softmax over each chunk's kept keys of k_s·w: less the chunk's largest, exp, over the chunk's sum
+        logit = torch.einsum("bhtd,hd->bht", keys, weight).masked_fill(kept[:, None] == 0, float("-inf"))
+        slots = slot[:, None].expand(B, H, -1)
+        top = logit.new_full((B, H, width), float("-inf")).scatter_reduce(2, slots, logit, "amax")
+        e = (logit - top.gather(2, slots)).exp().nan_to_num_(0.0)
+        total = logit.new_zeros(B, H, width).scatter_add_(2, slots, e)
+        share = (e / total.gather(2, slots).clamp(min=1e-30))[..., None]
     rows = slot[:, None, :, None].expand(B, H, -1, d)
-    k = key.new_zeros(B, H, width, d, dtype=torch.float32).scatter_add_(2, rows, key[:, :, lo:hi].float() * share)
+    k = key.new_zeros(B, H, width, d, dtype=torch.float32).scatter_add_(2, rows, keys * share)
     v = torch.zeros_like(k).scatter_add_(2, rows, value[:, :, lo:hi].float() * share)
     if previous is not None:  # (its chunks' slots are empty in the new sums: added, not mixed)
         held = previous.k.shape[2]
@@ -321,7 +339,7 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
     offset = torch.where(count > 0, count.clamp(min=1).log(), float("-inf"))
     span = int(bounds.gather(1, J[:, None]).max())
     return BoundarySums(c, sinks, k, v, count, offset, J.clone(), bounds[:, :width + 1].clone(),
-                        None if allowed is None else allowed[:, :span].clone())
+                        None if allowed is None else allowed[:, :span].clone(), weight)
 
 
 def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
@@ -335,7 +353,7 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step).
     ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
     ``chunk_bounds``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
-    sinks) giving the chunk bounds [B, M + 1] (no learned summaries with them). Returns the
+    sinks) giving the chunk bounds [B, M + 1]. Returns the
     output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
@@ -353,11 +371,10 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     q[:, rows], key[:, a:b, :length], value[:, a:b, :length], attn_mask=mask, scale=scale,
                     enable_gqa=G > 1).nan_to_num_(0.0)
             elif chunk_bounds is not None:
-                if summary_weight is not None:
-                    raise ValueError("decoding with boundary chunks takes no learned summaries")
+                weight = None if summary_weight is None else summary_weight[a:b]
                 part, kept[number, a, b] = boundary_decode_step(
                     q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
-                    chunk_bounds(config.chunk_size, config.sinks), scale, (sums or {}).get((number, a, b)))
+                    chunk_bounds(config.chunk_size, config.sinks), scale, (sums or {}).get((number, a, b)), weight)
             else:
                 weight = None if summary_weight is None else summary_weight[a:b]
                 part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,

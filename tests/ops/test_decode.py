@@ -180,7 +180,7 @@ def test_a_step_on_cuda_is_the_reference_row():
         torch.testing.assert_close(out[:, :, 0].double().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
-def boundary_reference_row(q, k, v, allowed, t, config, segment_ids):
+def boundary_reference_row(q, k, v, allowed, t, config, segment_ids, summary_weight=None):
     """Row t of the float64 reference with boundary chunks over the first t + 1 tokens, the step's
     query in all of its chunk."""
     from mta_rewrite.ops.reference import chunk_lists
@@ -191,22 +191,24 @@ def boundary_reference_row(q, k, v, allowed, t, config, segment_ids):
     prompt[:, :, mine[0]:] = q[:, :, t:t + 1]
     mask = None if allowed is None else allowed[:, None, None, :t + 1]
     return mta_attention_reference(prompt, k[:, :, :t + 1], v[:, :, :t + 1], mask, causal=True,
-                                   segment_ids=segment_ids[None, :t + 1], **config.op_kwargs())[:, :, t]
+                                   segment_ids=segment_ids[None, :t + 1], summary_weight=summary_weight,
+                                   **config.op_kwargs())[:, :, t]
 
 
 @pytest.mark.parametrize("config", [MTAConfig(4, 1, 0, 0), MTAConfig(5, 2, 3, 0), MTAConfig(4, 1, 2, 2),
                                     MTAConfig(3, 2, 0, 1), MTAConfig(6, 1, 7, 3)], ids=str)
-@pytest.mark.parametrize("mask", ["none", "padding", "hole"])
+@pytest.mark.parametrize("mask", ["none", "padding", "hole", "learned"])
 def test_boundary_chunks_at_every_step(config, mask):
     """Boundary chunks (segments of 1–9 tokens, each cut to at most c): every step t of sequences
     whose two rows have different segments (so different windows and numbers of summaries), the
     sums carried from step to step (kept as they are while no chunk leaves the window), against
     the float64 reference's row t with those segments (top-k with the step's query in all of its
-    chunk); key padding and a forbidden run."""
+    chunk); key padding and a forbidden run; learned summaries (with the forbidden run)."""
     from mta_rewrite.ops.decode import boundary_decode_step
     from mta_rewrite.ops.segments import chunk_bounds
 
-    q, k, v, allowed = inputs(pad=6 if mask == "padding" else 0, hole=mask == "hole")
+    q, k, v, allowed = inputs(pad=6 if mask == "padding" else 0, hole=mask in ("hole", "learned"))
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(5)) if mask == "learned" else None
     n = q.shape[2]
     g = torch.Generator().manual_seed(7)
     segment_ids = torch.stack([torch.repeat_interleave(torch.arange(n), torch.randint(1, 10, (n,), generator=g))[:n]
@@ -216,12 +218,12 @@ def test_boundary_chunks_at_every_step(config, mask):
     for t in range(n):
         previous = sums
         out, sums = boundary_decode_step(q[:, :, t:t + 1], k, v, None if mask == "none" else allowed, t + 1, config,
-                                         bounds, None, sums)
+                                         bounds, None, sums, w)
         if previous is not None and torch.equal(previous.done, sums.done):
             assert sums is previous  # (no chunk left the window: the kept sums serve as they are)
         for b in range(2):
             want = boundary_reference_row(q[b:b + 1], k[b:b + 1], v[b:b + 1], allowed[b:b + 1], t, config,
-                                          segment_ids[b])
+                                          segment_ids[b], w)
             torch.testing.assert_close(out[b:b + 1, :, 0].double(), want, rtol=1e-5, atol=1e-5)
         differed |= bool(sums.done[0] != sums.done[1])
     assert differed  # (the rows' segments differ: so, at some steps, do their numbers of summaries)
