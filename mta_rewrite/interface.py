@@ -46,7 +46,7 @@ import torch
 
 from .calibration.probe import site_output
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
-from .ops.masks import continued_key_padding, forbidden_threshold, normalize_mask
+from .ops.masks import continued_key_padding, decode_row, forbidden_threshold
 from .passes.lower import segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
@@ -577,17 +577,10 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     B, n = query.shape[0], key.shape[2]
     allowed, length = None, n
     if mask is not None:
-        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[-1] != n:
-            return None
-        split = normalize_mask(mask, B, query.shape[1], n)
-        if split.bias is not None:
-            return None  # a bias
-        row = split.allowed[:, 0, 0]
-        columns = row.any(0).nonzero()
-        if not len(columns):
-            return None
-        length = int(columns[-1]) + 1
-        allowed = None if bool(row[:, :length].all()) else row.expand(B, -1)
+        row = decode_row(mask, B, query.shape[1], n)  # (once per mask tensor: the layers share it)
+        if row is None:
+            return None  # (a bias, nothing to see, a mask per head or query)
+        allowed, length = row
     bounds = None
     if segments is not None:  # the whole sequence's segments (the hooks saw the cache filled), else exact
         ids = segments.ids

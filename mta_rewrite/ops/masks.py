@@ -128,17 +128,47 @@ def _structure(m: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor | None, b
 def _verdict(attn_mask: torch.Tensor, m: torch.Tensor, key: tuple, offset: int = 0):
     """:func:`_structure` of ``m`` (a view of ``attn_mask``), kept per mask tensor under ``key``
     while it lives and is not modified in place; None (unread) while a CUDA graph is captured."""
+    return _read_once(attn_mask, key, lambda: _structure(m, offset))
+
+
+def _read_once(attn_mask: torch.Tensor, key: tuple, read):
+    """``read()``, a reading of ``attn_mask``'s values, kept per mask tensor under ``key`` while it
+    lives and is not modified in place (every layer of a forward, or of a decoding step, shares
+    the mask: one reading, one device→host sync); None (unread) while a CUDA graph is captured."""
     cached = _STRUCTURE.get(key)
     versioned = not attn_mask.is_inference()
     if cached is not None and versioned and cached[0]() is attn_mask and cached[1] == attn_mask._version:
         return cached[2]
-    if m.is_cuda and torch.cuda.is_current_stream_capturing():
+    if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    verdict = _structure(m, offset)
+    verdict = read()
     if versioned:
         _STRUCTURE[key] = (weakref.ref(attn_mask, lambda _, key=key: _STRUCTURE.pop(key, None)),
                            attn_mask._version, verdict)
     return verdict
+
+
+def decode_row(attn_mask: torch.Tensor, B: int, Hq: int, n: int) -> tuple | None:
+    """For the mask [B|1, 1, 1, n] of a decoding step (one query per sequence over n cached
+    slots): ``(allowed [B, length] bool or None when every key up to length is allowed, length)``,
+    length the slot after the last key any sequence may see (a static cache's later slots are
+    empty); None for a mask with a bias, one that forbids every key, or one of another shape (the
+    step stays exact). Read once per mask tensor (:func:`_read_once`)."""
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1 or attn_mask.shape[-1] != n:
+        return None
+
+    def read():
+        split = normalize_mask(attn_mask, B, Hq, n)
+        if split.bias is not None:
+            return None
+        row = split.allowed[:, 0, 0]
+        columns = row.any(0).nonzero()
+        if not len(columns):
+            return None
+        length = int(columns[-1]) + 1
+        return (None if bool(row[:, :length].all()) else row.expand(B, -1)), length
+
+    return _read_once(attn_mask, (id(attn_mask), "decode", B, Hq, n), read)
 
 
 def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool

@@ -169,3 +169,29 @@ def test_continued_key_padding(monkeypatch):
     padding = keep[:, None, None, :].expand(B, 1, m, N).clone()
     for other in (future, biased, padding):
         assert masks.continued_key_padding(other, N) == (False, None)
+
+
+def test_decode_row(monkeypatch):
+    """A decoding step's mask row: the keys each sequence may see up to the last any may (a static
+    cache's empty slots after it), None for all of them; None for a bias, for nothing to see and
+    for a mask per query. Read once per mask tensor (every layer of the step shares it), again
+    after a change in place."""
+    from mta_rewrite.ops.masks import decode_row
+
+    calls = []
+    normalize = masks.normalize_mask
+    monkeypatch.setattr(masks, "normalize_mask", lambda *a: calls.append(1) or normalize(*a))
+    row = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    row[:, :, :, 9:] = False  # (empty slots)
+    row[0, :, :, :3] = False  # (left padding)
+    allowed, length = decode_row(row, 2, 4, 12)
+    assert length == 9 and torch.equal(allowed, row[:, 0, 0])
+    assert decode_row(row, 2, 4, 12)[1] == 9 and len(calls) == 1
+    row[0, :, :, :3] = True
+    assert decode_row(row, 2, 4, 12)[0] is None and len(calls) == 2
+    assert decode_row(additive(row), 2, 4, 12)[1] == 9
+    bias = additive(row).clone()
+    bias[..., 1] = 0.5
+    assert decode_row(bias, 2, 4, 12) is None
+    assert decode_row(torch.zeros(2, 1, 1, 12, dtype=torch.bool), 2, 4, 12) is None
+    assert decode_row(torch.ones(2, 1, 3, 12, dtype=torch.bool), 2, 4, 12) is None
