@@ -25,7 +25,9 @@ step's, the two agree: what the tests check against the float64 reference).
 Grouped-query attention: the G = Hq / Hkv query heads of a key/value head are G rows over its
 keys, summaries and sums; nothing is repeated to Hq heads except the top-k tokens each query head
 selects. Float32 throughout (the sums too), the output in q's dtype. A configuration per group
-of query heads (``HeadGroups``): :func:`grouped_decode_step`.
+of query heads (``HeadGroups``): :func:`grouped_decode_step`. Boundary chunks (chunks that follow
+the text's segments, each sequence its own): :func:`boundary_decode_step`, the same row with the
+chunks read from the sequence's chunk bounds.
 """
 
 from __future__ import annotations
