@@ -238,33 +238,49 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
             model.register_forward_hook(after, with_kwargs=True))
 
 
-# the Cache methods that reorder, select or repeat its sequences (beam search, generate's
-# expansion): each applies the same to the token ids the boundary hooks keep with that cache
-_BATCH_CHANGES = {"reorder_cache": lambda tokens, index: tokens[index.to(tokens.device)],
-                  "batch_select_indices": lambda tokens, index: tokens[index.to(tokens.device)],
-                  "batch_repeat_interleave": lambda tokens, repeats: tokens.repeat_interleave(repeats, dim=0)}
+def _change_tokens(change):
+    """What a Cache method that reorders, selects or repeats its sequences first does to the token
+    ids the boundary hooks keep with that cache: the same."""
+    def action(cache, argument):
+        tokens = vars(cache).get("_mta_tokens")
+        if tokens is not None:
+            vars(cache)["_mta_tokens"] = change(tokens, argument)
+
+    return action
+
+
+# the Cache methods that reorder, select or repeat its sequences (beam search, generate's expansion)
+_BATCH_CHANGES = {"reorder_cache": _change_tokens(lambda tokens, index: tokens[index.to(tokens.device)]),
+                  "batch_select_indices": _change_tokens(lambda tokens, index: tokens[index.to(tokens.device)]),
+                  "batch_repeat_interleave": _change_tokens(lambda tokens, repeats: tokens.repeat_interleave(
+                      repeats, dim=0))}
 
 
 def _keep_tokens(cache, tokens: torch.Tensor | None) -> None:
     """Keep ``tokens``, the token ids of the sequences ``cache`` holds (None: not known), with it
-    (``_mta_tokens``), its ``_BATCH_CHANGES`` methods made to change them alike (on this object
-    only, once)."""
+    (``_mta_tokens``), its ``_BATCH_CHANGES`` methods made to change them alike."""
     if not hasattr(cache, "__dict__"):
         return
     vars(cache)["_mta_tokens"] = tokens
-    if not vars(cache).get("_mta_follows_tokens"):
-        for name, change in _BATCH_CHANGES.items():
-            if callable(getattr(cache, name, None)):
-                setattr(cache, name, types.MethodType(_changing_tokens(name, change), cache))
-        vars(cache)["_mta_follows_tokens"] = True
+    _before_methods(cache, "_mta_follows_tokens", _BATCH_CHANGES)
 
 
-def _changing_tokens(name: str, change):
-    def method(self, argument):
-        tokens = vars(self).get("_mta_tokens")
-        if tokens is not None:
-            vars(self)["_mta_tokens"] = change(tokens, argument)
-        return getattr(type(self), name)(self, argument)
+def _before_methods(obj, flag: str, actions: dict) -> None:
+    """Make each method of ``obj`` that ``actions`` names call ``actions[name](obj, *arguments)``
+    before it runs (on this object only, so other caches are untouched; a deep copy keeps the
+    wrapping bound to the copy). Once per object and ``flag``."""
+    if vars(obj).get(flag):
+        return
+    for name, action in actions.items():
+        if callable(getattr(obj, name, None)):
+            setattr(obj, name, types.MethodType(_preceded(name, action), obj))
+    vars(obj)[flag] = True
+
+
+def _preceded(name: str, action):
+    def method(self, *args, **kwargs):
+        action(self, *args, **kwargs)
+        return getattr(type(self), name)(self, *args, **kwargs)
 
     method.__name__ = name
     return method
@@ -521,8 +537,9 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
 
 # the cache layer methods that change keys or values it already holds (beam search's reorder,
 # assisted generation's crop, batch selection, reset): each drops the layer's chunk sums first
-_LAYER_CHANGES = ("reset", "reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices",
-                  "lazy_initialization")
+_LAYER_CHANGES = dict.fromkeys(("reset", "reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices",
+                                 "lazy_initialization"), lambda layer, *args, **kwargs: vars(layer).pop(
+                                     "_mta_chunk_sums", None))
 
 
 def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling,
@@ -559,8 +576,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return None
     # another layer holding the keys: not this call's module; none: a cache handing out copies of
     # its keys (a quantized one's), the module's own index
-    holder = next((i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is key), index)
-    if holder != index:
+    if getattr(layers[index], "keys", None) is not key and any(getattr(layer, "keys", None) is key
+                                                               for layer in layers):
         return None
     if isinstance(config, Learned):
         config, weight = config.config, config.tensor(query.device)
@@ -604,21 +621,7 @@ _DECODE_OUTSIDE_GRAPHS = None
 def _watch_layer(layer) -> None:
     """Make each of ``_LAYER_CHANGES`` that ``layer`` (a transformers cache layer) has drop its
     chunk sums before it runs (on this object only). Once per layer."""
-    if vars(layer).get("_mta_watched"):
-        return
-    for name in _LAYER_CHANGES:
-        if callable(getattr(layer, name, None)):
-            setattr(layer, name, types.MethodType(_dropping_sums(name), layer))
-    vars(layer)["_mta_watched"] = True
-
-
-def _dropping_sums(name: str):
-    def method(self, *args, **kwargs):
-        vars(self).pop("_mta_chunk_sums", None)
-        return getattr(type(self), name)(self, *args, **kwargs)
-
-    method.__name__ = name
-    return method
+    _before_methods(layer, "_mta_watched", _LAYER_CHANGES)
 
 
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:

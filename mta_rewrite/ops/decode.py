@@ -74,21 +74,28 @@ class ChunkSums:
         if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
                 or self.k.shape[3] != d or self.k.device != key.device or self.chunks * chunk_size > key.shape[2]:
             return False
-        if (weight is None) != (self.weight is None) or (weight is not None and not torch.equal(weight, self.weight)):
-            return False
-        span = self.chunks * chunk_size
-        if allowed is None or span == 0:
-            return self.allowed is None or bool(self.allowed.all())
-        if allowed.shape[1] < span:
-            return False
-        before = allowed[:, :span]
-        return bool(before.all()) if self.allowed is None else torch.equal(self.allowed, before)
+        return _taken_alike(self.allowed, self.weight, allowed, weight, self.chunks * chunk_size)
 
     def first(self, chunks: int) -> "ChunkSums":
         """The summaries of the first ``chunks`` chunks only (views)."""
         mask = None if self.allowed is None else self.allowed[:, :chunks * self.chunk_size]
         return ChunkSums(self.chunk_size, self.sinks, self.k[:, :, :chunks], self.v[:, :, :chunks],
                          self.count[:, :chunks], self.offset[:, :chunks], mask, self.weight)
+
+
+def _taken_alike(mask: torch.Tensor | None, weight: torch.Tensor | None, allowed: torch.Tensor | None,
+                 given: torch.Tensor | None, span: int) -> bool:
+    """Whether summaries taken under ``mask`` ([B, span] bool, None: every key allowed) with the
+    summary weight ``weight`` (None: means) serve a step under ``allowed`` with ``given``: the same
+    weight, and the same mask over the first ``span`` keys."""
+    if (given is None) != (weight is None) or (given is not None and not torch.equal(given, weight)):
+        return False
+    if allowed is None or span == 0:
+        return mask is None or bool(mask.all())
+    if allowed.shape[1] < span:
+        return False
+    before = allowed[:, :span]
+    return bool(before.all()) if mask is None else torch.equal(mask, before)
 
 
 def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, chunks: int,
@@ -227,15 +234,11 @@ class BoundarySums:
                 or self.k.shape[3] != d or self.k.device != key.device or held >= bounds.shape[1] \
                 or held > int(chunks.max()) or bool((self.done > chunks).any()):
             return False
-        if (weight is None) != (self.weight is None) or (weight is not None and not torch.equal(weight, self.weight)):
-            return False
         final = torch.arange(held + 1, device=key.device) <= self.done[:, None]  # (later entries were not yet known)
         if not bool(((self.bounds == bounds[:, :held + 1]) | ~final).all()):
             return False
-        if allowed is None:
-            return self.allowed is None or bool(self.allowed.all())
-        before = allowed[:, :int(self.bounds.gather(1, self.done[:, None]).max())]
-        return bool(before.all()) if self.allowed is None else torch.equal(self.allowed, before)
+        return _taken_alike(self.allowed, self.weight, allowed, weight,
+                            int(self.bounds.gather(1, self.done[:, None]).max()))
 
 
 def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
@@ -372,15 +375,16 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 part = torch.nn.functional.scaled_dot_product_attention(
                     q[:, rows], key[:, a:b, :length], value[:, a:b, :length], attn_mask=mask, scale=scale,
                     enable_gqa=G > 1).nan_to_num_(0.0)
-            elif chunk_bounds is not None:
-                weight = None if summary_weight is None else summary_weight[a:b]
-                part, kept[number, a, b] = boundary_decode_step(
-                    q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
-                    chunk_bounds(config.chunk_size, config.sinks), scale, (sums or {}).get((number, a, b)), weight)
             else:
                 weight = None if summary_weight is None else summary_weight[a:b]
-                part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
-                                                       scale, (sums or {}).get((number, a, b)), weight)
+                previous = (sums or {}).get((number, a, b))
+                if chunk_bounds is not None:
+                    part, kept[number, a, b] = boundary_decode_step(
+                        q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
+                        chunk_bounds(config.chunk_size, config.sinks), scale, previous, weight)
+                else:
+                    part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length,
+                                                           config, scale, previous, weight)
             mine = [h for h in heads if a * G <= h < b * G]
             if len(mine) == (b - a) * G:  # (every query head of the run is the group's)
                 out[:, rows] = part
@@ -419,8 +423,8 @@ def _attend(qg: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, offset
     chosen = index[..., :top_k].masked_fill(ordered[..., :top_k] == no, -1)  # (fewer live: -1, none)
     summaries.masked_fill_(_one_hot(chosen, J), no)  # (their tokens instead, exactly:)
     k_sel, v_sel, position, ok = take(chosen.clamp(min=0))
-    width = position.shape[-1] // chosen.shape[-1]  # (c; top_k may exceed J)
-    ok = ok & (chosen >= 0).repeat_interleave(width, dim=-1) & (position >= sinks)
+    per_chunk = position.shape[-1] // chosen.shape[-1]  # (c; top_k may exceed J)
+    ok = ok & (chosen >= 0).repeat_interleave(per_chunk, dim=-1) & (position >= sinks)
     if allowed is not None:
         ok &= allowed.gather(1, position.clamp(max=allowed.shape[1] - 1).flatten(1)).view_as(position)
     selected = torch.einsum("bhgd,bhgkd->bhgk", qg, k_sel).masked_fill_(~ok, no)
