@@ -59,7 +59,11 @@ NAMES = {"sdpa": "mta", "eager": "mta_eager"}
 # ran under the first one's configuration in a continued prompt):
 # _mta_config: its configuration (absent: exact, the model's own attention); _mta_decode: whether
 # its decoding steps run MTA (use_mta(..., decode=True)); _mta_segments: its model's _Segments
-# (boundary chunks); _mta_cross: whether its current call is cross-attention (_watch_calls).
+# (boundary chunks); _mta_cross: whether its current call is cross-attention, _mta_call_cache: the
+# cache its current call was handed (_watch_calls; None between calls). Nothing a compiled frame
+# runs touches a dict of ours: dynamo traced the hook's store into a WeakKeyDictionary keyed by
+# the module by building every entry's module (every model use_mta had watched in the process),
+# and on CI's clean clone (2026-12-06) failed inside it with an internal error.
 # model → the attention implementation it had before use_mta
 _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 # the arguments by which a module is told to attend to another sequence (an encoder-decoder's
@@ -68,10 +72,8 @@ _ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDi
 # is shows at the call only (the module's _mta_cross)
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 # the arguments by which an attention module is handed the KV cache (transformers 5.x: cache;
-# before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past). module (watched)
-# → its current call's cache (a weak reference) or None
+# before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past)
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
-_CALL_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref | None]" = weakref.WeakKeyDictionary()
 _WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
 
 
@@ -298,7 +300,8 @@ def _watch_calls(module: torch.nn.Module) -> None:
     """For a module whose forward takes one of CROSS_ARGUMENTS or CACHE_ARGUMENTS: a pre-hook that
     notes at each call whether it is given one of the former (that call is cross-attention, which
     MTA is not; it stays exact: q and k of one length do not make it self-attention), and the cache
-    it is handed (a decoding step's chunk sums live on the cache's layer). Once per module."""
+    it is handed (a decoding step's chunk sums live on the cache's layer), which a hook after the
+    call (also after an exception) lets go of. Once per module."""
     if module in _WATCHED:
         return
     try:
@@ -318,13 +321,19 @@ def _watch_calls(module: torch.nn.Module) -> None:
         if cross:
             mod._mta_cross = any(bound.get(name) is not None for name in cross)
         if caches:
-            cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
-            _CALL_CACHE[mod] = None if cache is None else weakref.ref(cache)
+            mod._mta_call_cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
+
+    def forget(mod, args, kwargs, output):
+        mod._mta_call_cache = None  # (the module does not keep a cache alive after its call)
 
     module.register_forward_pre_hook(note, with_kwargs=True)
+    if caches:
+        module.register_forward_hook(forget, with_kwargs=True, always_call=True)
     _WATCHED.add(module)
     if cross:
         vars(module)["_mta_cross"] = False
+    if caches:
+        vars(module)["_mta_call_cache"] = None
 
 
 def _check_model(model) -> str:
@@ -566,8 +575,7 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     config, weight = getattr(module, "_mta_config", None), None
     if config is None:
         return None  # (a layer the plan leaves exact)
-    ref = _CALL_CACHE.get(module)
-    cache = ref() if ref is not None else None
+    cache = getattr(module, "_mta_call_cache", None)
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, (list, tuple)):
         return None

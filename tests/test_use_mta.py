@@ -392,7 +392,9 @@ def test_decoding_with_mta_under_torch_compile():
     as the uncompiled model does: each layer's steps under its own configuration, its sums on its
     own cache layer (a compiled frame reused across layers handed the second layer's first step
     the first layer's module, whose configuration and sums it then used: wrong from that step on,
-    until 2026-12-05)."""
+    until 2026-12-05). The cache a call was handed is kept on its module during the call only
+    (until 2026-12-06 a dict of ours keyed by the module, whose store dynamo traced over every
+    module use_mta had watched in the process; CI saw it fail there once)."""
     model = llama()
     ids, mask = ids_and_mask(n=30, pad=5)
     plan = mr.Plan({"model.layers.0.self_attn": mr.MTAConfig(8, 2, 2, 0),
@@ -409,6 +411,9 @@ def test_decoding_with_mta_under_torch_compile():
     torch.testing.assert_close(torch.stack(compiled.scores, 1), torch.stack(eager.scores, 1), rtol=1e-5, atol=1e-5)
     sums = [vars(layer)["_mta_chunk_sums"] for layer in compiled.past_key_values.layers]
     assert [s[0, 0, 2].chunk_size for s in sums] == [8, 4]
+    # the cache each call was handed is the module's while the call runs, never after it
+    held = [name for name, module in model.named_modules() if vars(module).get("_mta_call_cache") is not None]
+    assert held == [] and "_mta_call_cache" in vars(model.model.layers[0].self_attn)
 
 
 def test_a_prompt_continued_over_the_cache_under_torch_compile():
