@@ -556,11 +556,11 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
     it stays exact (the model's own attention): clustered summaries, boundary chunks without the
-    whole sequence's segments (a cache the hooks did not see filled),
-    learned sink logits, a soft-cap, a sliding-window layer, a position bias, a
-    mask per head or with a bias, a cache that is not a transformers ``Cache`` with ``layers`` (or
-    a module without ``layer_idx``), and a step whose window still reaches the first token (nothing
-    summarised yet: the step is exact attention). The mask's one row per sequence says which keys
+    whole sequence's segments (a cache the hooks did not see filled), learned sink logits, a
+    sliding-window layer, a position bias, a mask per head or with a bias, a cache that is not a
+    transformers ``Cache`` with ``layers`` (or a module without ``layer_idx``), and a step whose
+    window still reaches the first token (nothing summarised yet: the step is exact attention). A soft-cap (``softcap``, Gemma-2's) caps the
+    step's logits as the prompt's op does. The mask's one row per sequence says which keys
     the query may see (None: all) and where the sequence ends (a static cache's slots after the
     last key it allows are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
@@ -593,8 +593,7 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if not isinstance(config, (MTAConfig, HeadGroups)):
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
-    if kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("sliding_window") \
-            or kwargs.get("position_bias") is not None:
+    if kwargs.get("s_aux") is not None or kwargs.get("sliding_window") or kwargs.get("position_bias") is not None:
         return None
     layer = layers[index]
     if getattr(layer, "is_sliding", False):
@@ -615,8 +614,9 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     elif all(cfg is None or (length - 1) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
         return None  # (the window still reaches the first token: exact attention)
     _watch_layer(layer)
-    out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(query, key, value, allowed, length, groups, scaling,
-                                                              vars(layer).get("_mta_chunk_sums"), weight, bounds)
+    out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(
+        query, key, value, allowed, length, groups, scaling, vars(layer).get("_mta_chunk_sums"), weight, bounds,
+        float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping, as the prompt's op takes it)
     return out
 
 

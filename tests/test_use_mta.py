@@ -687,6 +687,19 @@ def test_a_soft_capping_model_runs_mta_with_its_cap(pad):
     torch.testing.assert_close(logits(model, ids, mask), exact)
 
 
+def test_decoding_a_soft_capping_model_caps_its_steps():
+    """Gemma-2 under use_mta(decode=True): its full-attention layer's steps soft-cap their logits as
+    the prompt's op does (they stayed exact until 2026-12-06), so every step scores as the op over
+    the whole sequence so far, with padding; the sliding layer decodes exactly, no sums kept."""
+    model = gemma2()
+    ids, mask = ids_and_mask(n=30, pad=5)
+    scores, whole, out = generated_and_whole(model, ids, mask, config=DECODING, decode=True)
+    exact, _, _ = generated_and_whole(model, ids, mask, config=DECODING)
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
+    assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 1e-2
+    assert [sorted(vars(layer).get("_mta_chunk_sums", {})) for layer in out.past_key_values.layers] == [[], [(0, 0, 2)]]
+
+
 def test_rewrite_after_use_mta_says_so():
     """A model under use_mta captures with op calls in place of attention: ``rewrite`` says that
     use_mta did it and how to undo it (it said "already rewritten", which the user had not done)."""

@@ -8,7 +8,10 @@ sequence so far. MTA_SPEC.md's row t reads, besides the query itself:
 - one **summary** per chunk j < i−L+1: the mean k and v of the chunk's keys that the mask allows
   and that are not sinks, logit scale·q·k̄_j + log n_j (n_j = 0: left out); learned summaries
   (``summary_weight`` w [Hkv, d]) weigh those keys by softmax_s(k_s·w) instead of equally,
-- with ``top_k``: the tokens of the top_k chunks by scale·q·k̄_j instead of their summaries.
+- with ``top_k``: the tokens of the top_k chunks by scale·q·k̄_j instead of their summaries,
+- with ``softcap`` > 0 (Gemma-2's ``attn_logit_softcapping``): every product term, scale·q·k and
+  scale·q·k̄_j, soft-capped to softcap·tanh(term / softcap) before the mask and log n_j are added,
+  as the op does (top-k ranks by the uncapped term: the same order).
 
 Chunks j < i−L+1 all lie wholly before t, so their sums do not change as the sequence grows:
 :class:`ChunkSums` keeps them, and each step sums only the chunks that left the window since the
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MTAConfig
+from .chunked import soft_capped
 
 
 @dataclass
@@ -147,14 +151,15 @@ def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | N
 
 def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, length: int,
                 config: MTAConfig, scale: float | None = None, sums: ChunkSums | None = None,
-                summary_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ChunkSums]:
+                summary_weight: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, ChunkSums]:
     """MTA for one query per sequence at position t = length − 1 (module docstring). ``q``
     [B, Hq, 1, d]; ``key``, ``value`` [B, Hkv, ≥ length, d], the sequence's first ``length``
     tokens (slots after them are ignored: a static cache's); ``allowed`` [B, ≥ length] bool or
     None: the keys the query may see. ``sums``: the chunk summaries of an earlier step over the
     same cache, extended here (None: summarised from the start). ``summary_weight`` [Hkv, d]:
-    learned summaries (MTA_SPEC.md's ``summary="learned"``). Returns the output [B, Hq, 1, d]
-    in q's dtype and the summaries to pass to the next step. A query that may see no key gets zeros.
+    learned summaries (MTA_SPEC.md's ``summary="learned"``). ``softcap`` > 0: soft-capped logits
+    (module docstring). Returns the output [B, Hq, 1, d] in q's dtype and the summaries to pass to
+    the next step. A query that may see no key gets zeros.
 
     One product of the G query heads of each key/value head with [sinks; window; summaries] (their
     logit offsets: 0 or −inf by the mask, log n_j), and with top-k one more with each query head's
@@ -187,7 +192,7 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
         seen = torch.cat([allowed[:, lo:hi] for lo, hi in exact], dim=1)
         offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
     qg = q.reshape(B, Hkv, G, d).float() * scale
-    logits = qg @ keys.transpose(-1, -2) + offset[:, None, None, :]  # [B, Hkv, G, s + window + J]
+    scores = qg @ keys.transpose(-1, -2)  # [B, Hkv, G, s + window + J]
 
     def take(chosen: torch.Tensor):  # whole chunks: c contiguous keys each
         rows = (torch.arange(B, device=q.device)[:, None, None, None],
@@ -197,7 +202,7 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
         position = (chosen[..., None] * c + torch.arange(c, device=q.device)).flatten(-2)
         return k_sel, v_sel, position, position < J * c
 
-    out = _attend(qg, logits, values, sums.offset, top_k, config.sinks, allowed, take)
+    out = _attend(qg, scores, offset, values, sums.offset.shape[1], top_k, config.sinks, allowed, take, softcap)
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
 
 
@@ -243,8 +248,8 @@ class BoundarySums:
 
 def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                          length: int, config: MTAConfig, bounds: torch.Tensor, scale: float | None = None,
-                         sums: BoundarySums | None = None,
-                         summary_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, BoundarySums]:
+                         sums: BoundarySums | None = None, summary_weight: torch.Tensor | None = None,
+                         softcap: float = 0.0) -> tuple[torch.Tensor, BoundarySums]:
     """:func:`decode_step` under boundary chunks: ``bounds`` [B|1, M + 1], each sequence's chunk
     starts in order and then its length or more (``ops.segments.chunk_bounds`` of its segment ids
     with this chunk size and sinks; of this sequence or a longer one: entries from ``length`` on
@@ -255,7 +260,7 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     sequence with its own chunks, so its own window start and number of summaries (the batch padded
     to the most, the rest forbidden). The summarised chunks are complete (they end before chunk i starts), so
     their summaries are kept (:class:`BoundarySums`) and a step adds only the chunks that left the
-    window since the last."""
+    window since the last. ``softcap``: as :func:`decode_step`'s."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
     if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length or bounds.dim() != 2 \
@@ -288,7 +293,7 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     values = torch.cat([value.gather(2, rows).float(), sums.v], dim=2)
     offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
     qg = q.reshape(B, Hkv, G, d).float() * scale
-    logits = qg @ keys.transpose(-1, -2) + offset[:, None, None, :]
+    scores = qg @ keys.transpose(-1, -2)
 
     def take(chosen: torch.Tensor):  # chunk j's tokens: c keys from its start, those before its end
         first = bounds.gather(1, chosen.flatten(1)).view_as(chosen)
@@ -299,7 +304,7 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         k_sel, v_sel = (x.gather(2, flat).float().view(B, Hkv, G, -1, d) for x in (key, value))
         return k_sel, v_sel, position, inside
 
-    out = _attend(qg, logits, values, sums.offset, top_k, S, allowed, take)
+    out = _attend(qg, scores, offset, values, sums.offset.shape[1], top_k, S, allowed, take, softcap)
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
 
 
@@ -349,13 +354,15 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
 
 def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                         length: int, groups, scale: float | None = None, sums: dict | None = None,
-                        summary_weight: torch.Tensor | None = None, chunk_bounds=None) -> tuple[torch.Tensor, dict]:
+                        summary_weight: torch.Tensor | None = None, chunk_bounds=None,
+                        softcap: float = 0.0) -> tuple[torch.Tensor, dict]:
     """:func:`decode_step` with a configuration per group of query heads (``HeadGroups.groups``:
     (MTAConfig or None for exact, query heads)), as ``passes.lower.grouped_attention`` computes a
     prompt: each head's output is its group's. A group runs over the key/value heads its query
     heads read, by contiguous runs of them (views of the cache, nothing copied: all G query heads
     of a run are computed, those of other groups dropped); an exact group is SDPA over the first
-    ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step).
+    ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step;
+    with ``softcap``, the soft-capped logits' softmax, which SDPA cannot take).
     ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
     ``chunk_bounds``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
     sinks) giving the chunk bounds [B, M + 1]. Returns the
@@ -371,20 +378,17 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         for a, b in _runs(sorted({h // G for h in heads})):
             rows = slice(a * G, b * G)
             if config is None:
-                mask = None if allowed is None else allowed[:, None, None, :length].bool()
-                part = torch.nn.functional.scaled_dot_product_attention(
-                    q[:, rows], key[:, a:b, :length], value[:, a:b, :length], attn_mask=mask, scale=scale,
-                    enable_gqa=G > 1).nan_to_num_(0.0)
+                part = _exact_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, scale, softcap)
             else:
                 weight = None if summary_weight is None else summary_weight[a:b]
                 previous = (sums or {}).get((number, a, b))
                 if chunk_bounds is not None:
                     part, kept[number, a, b] = boundary_decode_step(
                         q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
-                        chunk_bounds(config.chunk_size, config.sinks), scale, previous, weight)
+                        chunk_bounds(config.chunk_size, config.sinks), scale, previous, weight, softcap)
                 else:
                     part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length,
-                                                           config, scale, previous, weight)
+                                                           config, scale, previous, weight, softcap)
             mine = [h for h in heads if a * G <= h < b * G]
             if len(mine) == (b - a) * G:  # (every query head of the run is the group's)
                 out[:, rows] = part
@@ -392,6 +396,27 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 index = torch.tensor(mine, device=q.device)
                 out.index_copy_(1, index, part.index_select(1, index - a * G))
     return out, kept
+
+
+def _exact_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, length: int,
+                scale: float | None, softcap: float) -> torch.Tensor:
+    """Exact attention of one query per sequence over the first ``length`` keys under ``allowed``
+    [B, ≥ length] (zeros for a query that may see nothing): SDPA, or with ``softcap`` the softmax of
+    the soft-capped logits (:func:`_attend` with every key exact)."""
+    B, Hq, _, d = q.shape
+    Hkv = key.shape[1]
+    key, value = key[:, :, :length], value[:, :, :length]
+    if allowed is not None:
+        allowed = allowed[:, :length].bool()
+    if not softcap:
+        mask = None if allowed is None else allowed[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
+                                                                enable_gqa=Hq != Hkv).nan_to_num_(0.0)
+    qg = q.reshape(B, Hkv, Hq // Hkv, d).float() * (1.0 / math.sqrt(d) if scale is None else float(scale))
+    offset = q.new_zeros(B, length, dtype=torch.float32) if allowed is None else \
+        torch.where(allowed, 0.0, float("-inf"))
+    out = _attend(qg, qg @ key.float().transpose(-1, -2), offset, value.float(), 0, 0, 0, None, None, softcap)
+    return out.reshape(B, Hq, 1, d).to(q.dtype)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -405,29 +430,31 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def _attend(qg: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, offset: torch.Tensor, top_k: int,
-            sinks: int, allowed: torch.Tensor | None, take) -> torch.Tensor:
-    """A step's output [B, Hkv, G, d] from its logits over [exact keys; J summaries] (``offset``
-    [B, J]: the summaries' log n_j, −inf for none) and their ``values``; with ``top_k``, each query
-    head's top_k live chunks by scale·q·k̄_j (ties: the lower index) attended by their tokens
-    instead of their summaries: ``take(chosen)`` ([B, Hkv, G, top_k] chunk indices) gives their keys
-    and values [B, Hkv, G, top_k·c, d], positions [B, Hkv, G, top_k·c] and which of them the chunks
-    hold; sinks and keys ``allowed`` forbids are left out. Zeros for a row with nothing to see."""
+def _attend(qg: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, values: torch.Tensor, J: int, top_k: int,
+            sinks: int, allowed: torch.Tensor | None, take, softcap: float = 0.0) -> torch.Tensor:
+    """A step's output [B, Hkv, G, d] from its product terms ``scores`` (scale·q·k, uncapped) over
+    [exact keys; J summaries], their ``offset`` [B, W + J] (the exact keys' 0 or −inf by the mask,
+    the summaries' log n_j or −inf for none) and ``values``: softmax(cap(scores) + offset)·values,
+    cap the ``softcap`` (0: none). With ``top_k``, each query head's top_k live chunks by
+    scale·q·k̄_j (ties: the lower index) attended by their tokens instead of their summaries:
+    ``take(chosen)`` ([B, Hkv, G, top_k] chunk indices) gives their keys and values
+    [B, Hkv, G, top_k·c, d], positions [B, Hkv, G, top_k·c] and which of them the chunks hold;
+    sinks and keys ``allowed`` forbids are left out. Zeros for a row with nothing to see."""
     no = float("-inf")
-    J = offset.shape[1]
+    logits = soft_capped(scores, softcap) + offset[:, None, None, :]
     if not top_k or not J:
         return torch.softmax(logits, dim=-1).nan_to_num_(0.0) @ values
-    summaries = logits[..., -J:]
-    ranked = torch.where(torch.isfinite(offset)[:, None, None, :], summaries - offset[:, None, None, :], no)
+    live = torch.isfinite(offset[:, -J:])[:, None, None, :]
+    ranked = torch.where(live, scores[..., -J:], no)
     ordered, index = ranked.sort(dim=-1, descending=True, stable=True)
     chosen = index[..., :top_k].masked_fill(ordered[..., :top_k] == no, -1)  # (fewer live: -1, none)
-    summaries.masked_fill_(_one_hot(chosen, J), no)  # (their tokens instead, exactly:)
+    logits[..., -J:].masked_fill_(_one_hot(chosen, J), no)  # (their tokens instead, exactly:)
     k_sel, v_sel, position, ok = take(chosen.clamp(min=0))
     per_chunk = position.shape[-1] // chosen.shape[-1]  # (c; top_k may exceed J)
     ok = ok & (chosen >= 0).repeat_interleave(per_chunk, dim=-1) & (position >= sinks)
     if allowed is not None:
         ok &= allowed.gather(1, position.clamp(max=allowed.shape[1] - 1).flatten(1)).view_as(position)
-    selected = torch.einsum("bhgd,bhgkd->bhgk", qg, k_sel).masked_fill_(~ok, no)
+    selected = soft_capped(torch.einsum("bhgd,bhgkd->bhgk", qg, k_sel), softcap).masked_fill_(~ok, no)
     p = torch.softmax(torch.cat([logits, selected], dim=-1), dim=-1).nan_to_num_(0.0)
     width = values.shape[2]
     return p[..., :width] @ values + torch.einsum("bhgk,bhgkd->bhgd", p[..., width:], v_sel)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mta_rewrite.config import MTAConfig
-from mta_rewrite.ops.decode import chunk_sums, decode_step, grouped_decode_step
+from mta_rewrite.ops.decode import boundary_decode_step, chunk_sums, decode_step, grouped_decode_step
 from mta_rewrite.ops.reference import mta_attention_reference
+from mta_rewrite.ops.segments import chunk_bounds
 
 
 def inputs(B=2, Hq=4, Hkv=2, n=37, d=8, seed=0, pad=0, hole=False):
@@ -23,7 +24,7 @@ def inputs(B=2, Hq=4, Hkv=2, n=37, d=8, seed=0, pad=0, hole=False):
     return q, k, v, allowed
 
 
-def reference_row(q, k, v, allowed, t, config, summary_weight=None):
+def reference_row(q, k, v, allowed, t, config, summary_weight=None, softcap=0.0):
     """Row t of the float64 reference over the first t + 1 tokens, the step's query in all of chunk i."""
     c = config.chunk_size
     i = t // c
@@ -31,7 +32,7 @@ def reference_row(q, k, v, allowed, t, config, summary_weight=None):
     prompt[:, :, i * c:] = q[:, :, t:t + 1]
     mask = None if allowed is None else allowed[:, None, None, :t + 1]
     return mta_attention_reference(prompt, k[:, :, :t + 1], v[:, :, :t + 1], mask, causal=True,
-                                   summary_weight=summary_weight, **config.op_kwargs())[:, :, t]
+                                   summary_weight=summary_weight, softcap=softcap, **config.op_kwargs())[:, :, t]
 
 
 CONFIGS = [MTAConfig(4, 1, 0, 0), MTAConfig(4, 2, 3, 0), MTAConfig(5, 1, 2, 2), MTAConfig(3, 2, 0, 1),
@@ -158,6 +159,40 @@ def test_head_groups_at_every_step(learned):
     assert sums[0, 0, 1].chunks == 36 // 4 - 1 + 1 and sums[2, 1, 2].chunks == 36 // 5
 
 
+@pytest.mark.parametrize("chunks", ["fixed", "groups", "boundaries"])
+def test_soft_capped_steps(chunks):
+    """A soft-cap (Gemma-2's attn_logit_softcapping: cap·tanh(term / cap) on every product term,
+    keys' and summaries', before the mask and log n_j) at every step of a padded sequence with a
+    hole, against the reference with the same cap: fixed chunks with top-k (ranked by the uncapped
+    term) and sinks, head groups with an exact group (the capped softmax, not SDPA), boundary
+    chunks. A cap of 1 bends these logits (q scaled by 3): the uncapped steps differ."""
+    q, k, v, allowed = inputs(Hq=6, Hkv=3, pad=6, hole=True)
+    q = q * 3
+    cap = 1.0
+    segments = torch.tensor([0] * 7 + [1] * 12 + [2] * 18)
+    config = MTAConfig(4, 1, 2, 2)
+    sums, plain = None, None
+    for t in range(q.shape[2]):
+        step = q[:, :, t:t + 1]
+        if chunks == "groups":
+            out, sums = grouped_decode_step(step, k, v, allowed, t + 1, GROUPS, None, sums, softcap=cap)
+            uncapped, plain = grouped_decode_step(step, k, v, allowed, t + 1, GROUPS, None, plain)
+            want = torch.cat([reference_row(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], v[:, h // 2:h // 2 + 1], allowed,
+                                            t, next(c for c, heads in GROUPS if h in heads) or MTAConfig(64),
+                                            softcap=cap) for h in range(6)], dim=1)
+        elif chunks == "boundaries":
+            bounds = chunk_bounds(segments[None].expand(2, -1), 2, config.chunk_size, config.sinks)
+            out, sums = boundary_decode_step(step, k, v, allowed, t + 1, config, bounds, None, sums, softcap=cap)
+            uncapped, plain = boundary_decode_step(step, k, v, allowed, t + 1, config, bounds, None, plain)
+            want = boundary_reference_row(q, k, v, allowed, t, config, segments, softcap=cap)
+        else:
+            out, sums = decode_step(step, k, v, allowed, t + 1, config, None, sums, softcap=cap)
+            uncapped, plain = decode_step(step, k, v, allowed, t + 1, config, None, plain)
+            want = reference_row(q, k, v, allowed, t, config, softcap=cap)
+        torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+    assert (out - uncapped).abs().max() > 0.05
+
+
 def test_bad_shapes_get_one_line():
     q, k, v, _ = inputs()
     with pytest.raises(ValueError, match=r"^decode_step takes one query per sequence over at least `length` keys"):
@@ -180,7 +215,7 @@ def test_a_step_on_cuda_is_the_reference_row():
         torch.testing.assert_close(out[:, :, 0].double().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
-def boundary_reference_row(q, k, v, allowed, t, config, segment_ids, summary_weight=None):
+def boundary_reference_row(q, k, v, allowed, t, config, segment_ids, summary_weight=None, softcap=0.0):
     """Row t of the float64 reference with boundary chunks over the first t + 1 tokens, the step's
     query in all of its chunk."""
     from mta_rewrite.ops.reference import chunk_lists
@@ -192,7 +227,7 @@ def boundary_reference_row(q, k, v, allowed, t, config, segment_ids, summary_wei
     mask = None if allowed is None else allowed[:, None, None, :t + 1]
     return mta_attention_reference(prompt, k[:, :, :t + 1], v[:, :, :t + 1], mask, causal=True,
                                    segment_ids=segment_ids[None, :t + 1], summary_weight=summary_weight,
-                                   **config.op_kwargs())[:, :, t]
+                                   softcap=softcap, **config.op_kwargs())[:, :, t]
 
 
 @pytest.mark.parametrize("config", [MTAConfig(4, 1, 0, 0), MTAConfig(5, 2, 3, 0), MTAConfig(4, 1, 2, 2),
@@ -204,9 +239,6 @@ def test_boundary_chunks_at_every_step(config, mask):
     sums carried from step to step (kept as they are while no chunk leaves the window), against
     the float64 reference's row t with those segments (top-k with the step's query in all of its
     chunk); key padding and a forbidden run; learned summaries (with the forbidden run)."""
-    from mta_rewrite.ops.decode import boundary_decode_step
-    from mta_rewrite.ops.segments import chunk_bounds
-
     q, k, v, allowed = inputs(pad=6 if mask == "padding" else 0, hole=mask in ("hole", "learned"))
     w = torch.randn(2, 8, generator=torch.Generator().manual_seed(5)) if mask == "learned" else None
     n = q.shape[2]
@@ -233,9 +265,6 @@ def test_boundary_chunks_at_every_step(config, mask):
 def test_a_boundary_step_on_cuda_is_the_reference_row():
     """Boundary chunks' steps on a CUDA device (the same torch operations), bf16, padded, top-k:
     every step against the reference with the sequences' segments."""
-    from mta_rewrite.ops.decode import boundary_decode_step
-    from mta_rewrite.ops.segments import chunk_bounds
-
     q, k, v, allowed = inputs(n=40, pad=5)
     config = MTAConfig(4, 2, 2, 2)
     g = torch.Generator().manual_seed(7)
