@@ -6,7 +6,8 @@ q [1, 9, 1, 64] (9 query heads), k, v [1, 3, n, 64] (3 key/value heads), float32
 Variants, timed in turn in one process (``timing.best_alternating_ms``: the best of --repeats
 rounds), each a step at position n − 1 with its sums from the step before (what ``use_mta(...,
 decode=True)`` keeps on the cache between steps): fixed chunks ``c=128 L=2 s=4`` with top_k 0 and
-2 (``ops.decode.decode_step``); head groups, 6 heads ``c=128`` + 3 heads ``c=64``, and 8 heads
+2 (``ops.decode.decode_step``), and with top_k 0 a soft-cap of 50 (Gemma-2's) or learned sink
+logits (GPT-OSS's: one more token before the sequence, the cache read one position back); head groups, 6 heads ``c=128`` + 3 heads ``c=64``, and 8 heads
 ``c=128`` + 1 exact (``grouped_decode_step``); boundary chunks, segments of ~33 tokens (token ids
 drawn from 100, three of them separators) cut to at most 128, top_k 0 and 2
 (``boundary_decode_step``), and the per-step work they share across layers (segment ids and chunk
@@ -48,6 +49,13 @@ def variants(n: int) -> dict:
         _, sums = decode_step(q, k, v, None, n - 1, config)
         calls[f"fixed c=128 L=2 s=4 k={top_k}"] = lambda config=config, sums=sums: decode_step(
             q, k, v, None, n, config, None, sums)
+    plain, sink = MTAConfig(128, 2, 4, 0), torch.randn(9, generator=g)
+    # (with sink logits position n is n + 1, the first of a chunk, whose step sums the chunk that left
+    # the window, as one step in c does: its step is at n − 1, as the others' a step that sums nothing)
+    for name, extra, at in (("soft-cap 50", dict(softcap=50.0), n), ("sink logits", dict(sink_logit=sink), n - 1)):
+        _, sums = decode_step(q, k, v, None, at - 1, plain, **extra)
+        calls[f"fixed c=128 L=2 s=4 k=0, {name}"] = lambda sums=sums, extra=extra, at=at: decode_step(
+            q, k, v, None, at, plain, None, sums, **extra)
     for name, groups in (("head groups 6 × c=128 + 3 × c=64", ((MTAConfig(128, 2, 4, 0), tuple(range(6))),
                                                                  (MTAConfig(64, 2, 4, 0), (6, 7, 8)))),
                          ("head groups 8 × c=128 + 1 exact", ((MTAConfig(128, 2, 4, 0), tuple(range(8))),

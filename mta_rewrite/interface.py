@@ -556,13 +556,15 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
     it stays exact (the model's own attention): clustered summaries, boundary chunks without the
-    whole sequence's segments (a cache the hooks did not see filled), learned sink logits, a
-    sliding-window layer, a position bias, a mask per head or with a bias, a cache that is not a
-    transformers ``Cache`` with ``layers`` (or a module without ``layer_idx``), and a step whose
-    window still reaches the first token (nothing summarised yet: the step is exact attention). A soft-cap (``softcap``, Gemma-2's) caps the
-    step's logits as the prompt's op does. The mask's one row per sequence says which keys
-    the query may see (None: all) and where the sequence ends (a static cache's slots after the
-    last key it allows are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
+    whole sequence's segments (a cache the hooks did not see filled), learned sink logits with
+    boundary chunks, a sliding-window layer, a position bias, a mask per head or with a bias, a
+    cache that is not a transformers ``Cache`` with ``layers`` (or a module without
+    ``layer_idx``), and a step whose window still reaches the first token (nothing summarised yet:
+    the step is exact attention). A soft-cap (``softcap``, Gemma-2's) caps the step's logits, and
+    learned sink logits (``s_aux``, GPT-OSS's) are one more token before the sequence, as the
+    prompt's op takes them. The mask's one row per sequence says which keys the query may see
+    (None: all) and where the sequence ends (a static cache's slots after the last key it allows
+    are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
     dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
 
     Runs outside torch.compile's graphs (``_DECODE_OUTSIDE_GRAPHS``: the chunk sums are Python
@@ -593,7 +595,9 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if not isinstance(config, (MTAConfig, HeadGroups)):
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
-    if kwargs.get("s_aux") is not None or kwargs.get("sliding_window") or kwargs.get("position_bias") is not None:
+    sink_logit = kwargs.get("s_aux")  # (GPT-OSS's learned sink logits [Hq])
+    if kwargs.get("sliding_window") or kwargs.get("position_bias") is not None \
+            or (sink_logit is not None and segments is not None):
         return None
     layer = layers[index]
     if getattr(layer, "is_sliding", False):
@@ -611,12 +615,13 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         if ids is None or ids.shape[0] != B or ids.shape[1] < length:
             return None
         bounds = segments.chunk_bounds
-    elif all(cfg is None or (length - 1) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
-        return None  # (the window still reaches the first token: exact attention)
+    elif all(cfg is None or (length - (sink_logit is None)) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
+        return None  # (the window still reaches the first token, a sink logit's one before the sequence: exact)
     _watch_layer(layer)
     out, vars(layer)["_mta_chunk_sums"] = grouped_decode_step(
         query, key, value, allowed, length, groups, scaling, vars(layer).get("_mta_chunk_sums"), weight, bounds,
-        float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping, as the prompt's op takes it)
+        float(kwargs.get("softcap") or 0.0),  # (Gemma-2's attn_logit_softcapping, as the prompt's op takes it)
+        None if sink_logit is None else sink_logit.detach())
     return out
 
 

@@ -700,6 +700,25 @@ def test_decoding_a_soft_capping_model_caps_its_steps():
     assert [sorted(vars(layer).get("_mta_chunk_sums", {})) for layer in out.past_key_values.layers] == [[], [(0, 0, 2)]]
 
 
+@pytest.mark.parametrize("pad", [0, 5])
+def test_decoding_with_sink_logits_gives_the_one_prompt_logits(pad):
+    """GPT-OSS under use_mta(decode=True) with a plan on its full-attention layer: its steps take
+    the learned sink logits (s_aux) as the prompt's op does, one more token before the sequence
+    (they stayed exact until 2026-12-06), so every step scores as the op over the whole sequence
+    so far; sink logits far from 0 (the initialisation's are ~0.02) so that they matter."""
+    model = gpt_oss()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+    ids, mask = ids_and_mask(n=12, pad=pad)  # (steps from token 12: the first summary at 15, with the sink token's)
+    plan = mr.Plan({"model.layers.1.self_attn": DECODING})
+    scores, whole, out = generated_and_whole(model, ids, mask, plan=plan, decode=True)
+    exact, _, _ = generated_and_whole(model, ids, mask, plan=plan)
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
+    assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 5e-4
+    assert [sorted(vars(layer).get("_mta_chunk_sums", {})) for layer in out.past_key_values.layers] == [[], [(0, 0, 2)]]
+
+
 def test_rewrite_after_use_mta_says_so():
     """A model under use_mta captures with op calls in place of attention: ``rewrite`` says that
     use_mta did it and how to undo it (it said "already rewritten", which the user had not done)."""

@@ -11,7 +11,12 @@ sequence so far. MTA_SPEC.md's row t reads, besides the query itself:
 - with ``top_k``: the tokens of the top_k chunks by scale·q·k̄_j instead of their summaries,
 - with ``softcap`` > 0 (Gemma-2's ``attn_logit_softcapping``): every product term, scale·q·k and
   scale·q·k̄_j, soft-capped to softcap·tanh(term / softcap) before the mask and log n_j are added,
-  as the op does (top-k ranks by the uncapped term: the same order).
+  as the op does (top-k ranks by the uncapped term: the same order),
+- with a learned **sink logit** per query head (GPT-OSS's ``s_aux``, ``sink_logit`` [Hq]): one more
+  token before the sequence, as the prompt's op takes it (``passes.lower.sink_logit_operands``):
+  at position 0, one more sink, its logit the sink logit and its value zero, the real tokens one
+  position later (so chunk j holds tokens jc − 1 … jc + c − 2). Nothing is copied: the keys are
+  read one position back, a zero row standing for the sink token.
 
 Chunks j < i−L+1 all lie wholly before t, so their sums do not change as the sequence grows:
 :class:`ChunkSums` keeps them, and each step sums only the chunks that left the window since the
@@ -49,8 +54,9 @@ class ChunkSums:
     """The summaries of the first M chunks of c tokens of a sequence: the means of k and v
     ([B, Hkv, M, d], float32; zeros for an empty chunk) over each chunk's allowed non-sink keys,
     their counts ([B, M]) and logit offsets (``offset``, [B, M]: log n_j, −inf where n_j = 0), and
-    the mask they were taken under (``allowed``: [B, M·c] bool, None when every key was allowed)
-    and the learned summary weight they were taken with (``weight`` [Hkv, d], None: means):
+    the mask they were taken under (``allowed``: [B, M·c] bool, None when every key was allowed),
+    the learned summary weight they were taken with (``weight`` [Hkv, d], None: means) and the
+    position of the cache's first key (``shift``: 1 after a sink logit's token, else 0):
     what a decoding step's summaries are. Valid for a cache whose first M·c keys and values have
     not changed since; ``use_mta`` keeps them on each cache layer (one per head group and run of
     key/value heads: :func:`grouped_decode_step`) and drops them when the layer is reordered,
@@ -64,19 +70,21 @@ class ChunkSums:
     offset: torch.Tensor
     allowed: torch.Tensor | None
     weight: torch.Tensor | None = None
+    shift: int = 0
 
     @property
     def chunks(self) -> int:
         return self.count.shape[1]
 
     def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, chunk_size: int, sinks: int,
-               weight: torch.Tensor | None = None) -> bool:
-        """Whether these summaries can be extended for ``key`` (the cache's keys) under ``allowed``:
-        same chunking, summary weight, batch, heads, width and device, and the mask over the
-        summarised keys unchanged."""
+               weight: torch.Tensor | None = None, shift: int = 0) -> bool:
+        """Whether these summaries can be extended for ``key`` (the cache's keys, from position
+        ``shift``) under ``allowed``: same chunking, summary weight, shift, batch, heads, width and
+        device, and the mask over the summarised keys unchanged."""
         B, H, _, d = key.shape
-        if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
-                or self.k.shape[3] != d or self.k.device != key.device or self.chunks * chunk_size > key.shape[2]:
+        if (self.chunk_size, self.sinks, self.shift) != (chunk_size, sinks, shift) \
+                or tuple(self.k.shape[:2]) != (B, H) or self.k.shape[3] != d or self.k.device != key.device \
+                or self.chunks * chunk_size > key.shape[2] + shift:
             return False
         return _taken_alike(self.allowed, self.weight, allowed, weight, self.chunks * chunk_size)
 
@@ -84,7 +92,7 @@ class ChunkSums:
         """The summaries of the first ``chunks`` chunks only (views)."""
         mask = None if self.allowed is None else self.allowed[:, :chunks * self.chunk_size]
         return ChunkSums(self.chunk_size, self.sinks, self.k[:, :, :chunks], self.v[:, :, :chunks],
-                         self.count[:, :chunks], self.offset[:, :chunks], mask, self.weight)
+                         self.count[:, :chunks], self.offset[:, :chunks], mask, self.weight, self.shift)
 
 
 def _taken_alike(mask: torch.Tensor | None, weight: torch.Tensor | None, allowed: torch.Tensor | None,
@@ -104,18 +112,20 @@ def _taken_alike(mask: torch.Tensor | None, weight: torch.Tensor | None, allowed
 
 def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, chunks: int,
                chunk_size: int, sinks: int, previous: ChunkSums | None = None,
-               weight: torch.Tensor | None = None) -> ChunkSums:
+               weight: torch.Tensor | None = None, shift: int = 0) -> ChunkSums:
     """:class:`ChunkSums` of the first ``chunks`` chunks of ``key``, ``value`` [B, Hkv, n, d] under
     ``allowed`` ([B, ≥ chunks·c] bool or None), means or with learned summaries (``weight`` w
     [Hkv, d]: each chunk's kept keys weighed by softmax_s(k_s·w)), reusing ``previous`` (which must
-    ``serve`` them: only its missing chunks are summarised; more chunks than asked are cut)."""
+    ``serve`` them: only its missing chunks are summarised; more chunks than asked are cut).
+    ``shift``: the position of the first key (1: after a sink logit's token, which is a sink;
+    ``allowed`` and the chunks count positions from that token)."""
     B, H, _, d = key.shape
     c = chunk_size
     if previous is None:
         empty = key.new_zeros(B, 0, dtype=torch.float32)
         previous = ChunkSums(c, sinks, key.new_zeros(B, H, 0, d, dtype=torch.float32),
                              key.new_zeros(B, H, 0, d, dtype=torch.float32), empty, empty, None,
-                             None if weight is None else weight.float())
+                             None if weight is None else weight.float(), shift)
     done = previous.chunks
     if done >= chunks:
         return previous if done == chunks else previous.first(chunks)
@@ -127,8 +137,8 @@ def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | N
         kept[:, :min(sinks, hi) - lo] = 0  # (sinks are attended exactly, never summarised)
     kept = kept.view(B, 1, chunks - done, c)
     count = kept.sum(-1)[:, 0]
-    kc = key[:, :, lo:hi].float().view(B, H, chunks - done, c, d)
-    vc = value[:, :, lo:hi].float().view(B, H, chunks - done, c, d)
+    kc = _span(key, lo, hi, shift).float().view(B, H, chunks - done, c, d)
+    vc = _span(value, lo, hi, shift).float().view(B, H, chunks - done, c, d)
     if previous.weight is None:  # the mean of the kept keys
         share = (kept / count.clamp(min=1)[:, None, :, None]).expand(B, H, -1, -1)
     else:  # softmax over the kept keys of k_s·w (an empty chunk: zeros)
@@ -146,19 +156,30 @@ def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | N
         mask = torch.cat([before, now.bool()], dim=1)
     return ChunkSums(c, sinks, torch.cat([previous.k, ks], dim=2), torch.cat([previous.v, vs], dim=2),
                      torch.cat([previous.count, count], dim=1), torch.cat([previous.offset, offset], dim=1), mask,
-                     previous.weight)
+                     previous.weight, shift)
+
+
+def _span(x: torch.Tensor, lo: int, hi: int, shift: int) -> torch.Tensor:
+    """Positions [lo, hi) of a cache ``x`` [B, H, n, d] whose first entry is at position ``shift``
+    (a view; the positions before it, a sink logit's token, zero rows)."""
+    if lo >= shift:
+        return x[:, :, lo - shift:hi - shift]
+    return torch.nn.functional.pad(x[:, :, :max(hi - shift, 0)], (0, 0, shift - lo, 0))
 
 
 def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, length: int,
                 config: MTAConfig, scale: float | None = None, sums: ChunkSums | None = None,
-                summary_weight: torch.Tensor | None = None, softcap: float = 0.0) -> tuple[torch.Tensor, ChunkSums]:
+                summary_weight: torch.Tensor | None = None, softcap: float = 0.0,
+                sink_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, ChunkSums]:
     """MTA for one query per sequence at position t = length − 1 (module docstring). ``q``
     [B, Hq, 1, d]; ``key``, ``value`` [B, Hkv, ≥ length, d], the sequence's first ``length``
     tokens (slots after them are ignored: a static cache's); ``allowed`` [B, ≥ length] bool or
     None: the keys the query may see. ``sums``: the chunk summaries of an earlier step over the
     same cache, extended here (None: summarised from the start). ``summary_weight`` [Hkv, d]:
-    learned summaries (MTA_SPEC.md's ``summary="learned"``). ``softcap`` > 0: soft-capped logits
-    (module docstring). Returns the output [B, Hq, 1, d] in q's dtype and the summaries to pass to
+    learned summaries (MTA_SPEC.md's ``summary="learned"``). ``softcap`` > 0: soft-capped logits;
+    ``sink_logit`` [Hq]: learned sink logits, one more token at position 0 (module docstring; the
+    configuration's sinks count the real tokens, as the site's: one more sink is added here, as
+    ``passes.lower.with_sink_token`` adds it to a prompt's). Returns the output [B, Hq, 1, d] in q's dtype and the summaries to pass to
     the next step. A query that may see no key gets zeros.
 
     One product of the G query heads of each key/value head with [sinks; window; summaries] (their
@@ -170,22 +191,27 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
         raise ValueError(f"decode_step takes one query per sequence over at least `length` keys: q {list(q.shape)}, "
                          f"k {list(key.shape)}, length {length}")
     G = Hq // Hkv
-    c, L, top_k = config.chunk_size, config.local_chunks, config.top_k
+    c, L, top_k, S = config.chunk_size, config.local_chunks, config.top_k, config.sinks
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if allowed is not None:
+        allowed = allowed[:, :length].bool()
+    shift = 0
+    if sink_logit is not None:  # (the sink token first: every position one later, one more sink)
+        shift, S, length = 1, S + 1, length + 1
+        if allowed is not None:
+            allowed = torch.nn.functional.pad(allowed, (1, 0), value=True)
     t = length - 1
     start = max(0, t // c - L + 1) * c  # the window's first key; the chunks before it are summarised
     J = start // c
-    s = min(config.sinks, start)  # the sinks outside the window
-    if allowed is not None:
-        allowed = allowed[:, :length].bool()
+    s = min(S, start)  # the sinks outside the window
     weight = None if summary_weight is None else summary_weight.to(device=key.device, dtype=torch.float32)
-    if sums is None or not sums.serves(key, allowed, c, config.sinks, weight):
+    if sums is None or not sums.serves(key, allowed, c, S, weight, shift):
         sums = None
-    sums = chunk_sums(key, value, allowed, J, c, config.sinks, sums, weight)
+    sums = chunk_sums(key, value, allowed, J, c, S, sums, weight, shift)
     no = float("-inf")
     exact = [(0, s), (start, length)] if s else [(start, length)]
-    keys = torch.cat([key[:, :, lo:hi].float() for lo, hi in exact] + [sums.k], dim=2)
-    values = torch.cat([value[:, :, lo:hi].float() for lo, hi in exact] + [sums.v], dim=2)
+    keys = torch.cat([_span(key, lo, hi, shift).float() for lo, hi in exact] + [sums.k], dim=2)
+    values = torch.cat([_span(value, lo, hi, shift).float() for lo, hi in exact] + [sums.v], dim=2)
     if allowed is None:
         offset = torch.cat([sums.offset.new_zeros(B, s + length - start), sums.offset], dim=1)
     else:
@@ -193,16 +219,22 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
         offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
     qg = q.reshape(B, Hkv, G, d).float() * scale
     scores = qg @ keys.transpose(-1, -2)  # [B, Hkv, G, s + window + J]
+    if shift:  # position 0, the first exact key (a sink or the window's first): the sink logit
+        scores[..., 0] = sink_logit.to(device=q.device, dtype=torch.float32).view(Hkv, G)
 
     def take(chosen: torch.Tensor):  # whole chunks: c contiguous keys each
-        rows = (torch.arange(B, device=q.device)[:, None, None, None],
-                torch.arange(Hkv, device=q.device)[:, None, None], chosen)
-        k_sel = key[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
-        v_sel = value[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
         position = (chosen[..., None] * c + torch.arange(c, device=q.device)).flatten(-2)
+        if shift:  # (the sink token, in chunk 0, is a sink: never taken)
+            flat = (position - shift).clamp(min=0).flatten(2)[..., None].expand(-1, -1, -1, d)
+            k_sel, v_sel = (x.gather(2, flat).float().view(B, Hkv, G, -1, d) for x in (key, value))
+        else:
+            rows = (torch.arange(B, device=q.device)[:, None, None, None],
+                    torch.arange(Hkv, device=q.device)[:, None, None], chosen)
+            k_sel = key[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
+            v_sel = value[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
         return k_sel, v_sel, position, position < J * c
 
-    out = _attend(qg, scores, offset, values, sums.offset.shape[1], top_k, config.sinks, allowed, take, softcap)
+    out = _attend(qg, scores, offset, values, sums.offset.shape[1], top_k, S, allowed, take, softcap)
     return out.reshape(B, Hq, 1, d).to(q.dtype), sums
 
 
@@ -355,30 +387,34 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
 def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                         length: int, groups, scale: float | None = None, sums: dict | None = None,
                         summary_weight: torch.Tensor | None = None, chunk_bounds=None,
-                        softcap: float = 0.0) -> tuple[torch.Tensor, dict]:
+                        softcap: float = 0.0, sink_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """:func:`decode_step` with a configuration per group of query heads (``HeadGroups.groups``:
     (MTAConfig or None for exact, query heads)), as ``passes.lower.grouped_attention`` computes a
     prompt: each head's output is its group's. A group runs over the key/value heads its query
     heads read, by contiguous runs of them (views of the cache, nothing copied: all G query heads
     of a run are computed, those of other groups dropped); an exact group is SDPA over the first
     ``length`` keys under ``allowed`` (zeros for a query that may see nothing, as decode_step;
-    with ``softcap``, the soft-capped logits' softmax, which SDPA cannot take).
+    with ``softcap`` or ``sink_logit`` [Hq], the softmax of the capped logits and the sink logit,
+    which SDPA cannot take).
     ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
     ``chunk_bounds``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
-    sinks) giving the chunk bounds [B, M + 1]. Returns the
+    sinks) giving the chunk bounds [B, M + 1] (not with ``sink_logit``). Returns the
     output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
     if m != 1 or Hq % Hkv:
         raise ValueError(f"decode_step takes one query per sequence: q {list(q.shape)}, k {list(key.shape)}")
     G = Hq // Hkv
+    if sink_logit is not None and chunk_bounds is not None:
+        raise ValueError("decode_step takes learned sink logits with fixed chunks only, not boundary chunks")
     out = q.new_empty(B, Hq, 1, d)
     kept = {}
     for number, (config, heads) in enumerate(groups):
         for a, b in _runs(sorted({h // G for h in heads})):
             rows = slice(a * G, b * G)
+            sink = None if sink_logit is None else sink_logit[rows]
             if config is None:
-                part = _exact_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, scale, softcap)
+                part = _exact_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length, scale, softcap, sink)
             else:
                 weight = None if summary_weight is None else summary_weight[a:b]
                 previous = (sums or {}).get((number, a, b))
@@ -388,7 +424,7 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         chunk_bounds(config.chunk_size, config.sinks), scale, previous, weight, softcap)
                 else:
                     part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length,
-                                                           config, scale, previous, weight, softcap)
+                                                           config, scale, previous, weight, softcap, sink)
             mine = [h for h in heads if a * G <= h < b * G]
             if len(mine) == (b - a) * G:  # (every query head of the run is the group's)
                 out[:, rows] = part
@@ -399,24 +435,29 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def _exact_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None, length: int,
-                scale: float | None, softcap: float) -> torch.Tensor:
+                scale: float | None, softcap: float = 0.0, sink_logit: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of one query per sequence over the first ``length`` keys under ``allowed``
-    [B, ≥ length] (zeros for a query that may see nothing): SDPA, or with ``softcap`` the softmax of
-    the soft-capped logits (:func:`_attend` with every key exact)."""
+    [B, ≥ length] (zeros for a query that may see nothing): SDPA, or with ``softcap`` or
+    ``sink_logit`` [Hq] (a logit beside the keys' with a value of zero, capped as they are) the
+    softmax computed here."""
     B, Hq, _, d = q.shape
     Hkv = key.shape[1]
     key, value = key[:, :, :length], value[:, :, :length]
     if allowed is not None:
         allowed = allowed[:, :length].bool()
-    if not softcap:
+    if not softcap and sink_logit is None:
         mask = None if allowed is None else allowed[:, None, None, :]
         return torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
                                                                 enable_gqa=Hq != Hkv).nan_to_num_(0.0)
     qg = q.reshape(B, Hkv, Hq // Hkv, d).float() * (1.0 / math.sqrt(d) if scale is None else float(scale))
-    offset = q.new_zeros(B, length, dtype=torch.float32) if allowed is None else \
-        torch.where(allowed, 0.0, float("-inf"))
-    out = _attend(qg, qg @ key.float().transpose(-1, -2), offset, value.float(), 0, 0, 0, None, None, softcap)
-    return out.reshape(B, Hq, 1, d).to(q.dtype)
+    logits = soft_capped(qg @ key.float().transpose(-1, -2), softcap)
+    if allowed is not None:
+        logits.masked_fill_(~allowed[:, None, None, :], float("-inf"))
+    if sink_logit is not None:
+        sink = sink_logit.to(device=q.device, dtype=torch.float32).view(1, Hkv, -1, 1).expand(B, -1, -1, -1)
+        logits = torch.cat([soft_capped(sink, softcap), logits], dim=-1)
+    p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    return (p[..., -length:] @ value.float()).reshape(B, Hq, 1, d).to(q.dtype)
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:

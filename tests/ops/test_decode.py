@@ -193,6 +193,57 @@ def test_soft_capped_steps(chunks):
     assert (out - uncapped).abs().max() > 0.05
 
 
+def sink_reference_row(q, k, v, allowed, t, config, sink_logit, softcap=0.0):
+    """Row t of the float64 reference over the operands a prompt of the first t + 1 tokens with
+    learned sink logits gets (``passes.lower.sink_logit_operands``: one more token at position 0,
+    one more sink), the step's query in all of its chunk there."""
+    from mta_rewrite.passes.lower import sink_logit_operands, with_sink_token
+
+    scale = q.shape[-1] ** -0.5
+    mask = None if allowed is None else allowed[:, None, None, :t + 1]
+    qs, ks, vs, mask = sink_logit_operands(q[:, :, :t + 1].double(), k[:, :, :t + 1].double(),
+                                           v[:, :, :t + 1].double(), mask, sink_logit.double().view(1, -1, 1, 1),
+                                           scale)
+    c = config.chunk_size
+    qs[:, :, (t + 1) // c * c:] = qs[:, :, t + 1:t + 2]  # (position t + 1 there: the step's query)
+    out = mta_attention_reference(qs, ks, vs, mask, causal=True, scale=scale, softcap=softcap,
+                                  **with_sink_token(config).op_kwargs())
+    return out[:, :, t + 1, :-1]
+
+
+@pytest.mark.parametrize("config", [MTAConfig(4, 1, 0, 0), MTAConfig(4, 2, 3, 0), MTAConfig(5, 1, 2, 2),
+                                    MTAConfig(3, 1, 1, 4), None], ids=str)
+@pytest.mark.parametrize("mask", ["none", "padding", "hole"])
+def test_steps_with_sink_logits(config, mask):
+    """Learned sink logits (GPT-OSS's s_aux: a logit per query head beside the keys', its value
+    zero), as the prompt's op takes them: one more token at position 0, one more sink, every real
+    token one position later (chunk j holds tokens jc − 1 …). Every step of GQA sequences against
+    the reference over those operands: top-k (the sink token, in chunk 0, never taken), sinks,
+    padding and a forbidden run; head groups with an exact group (None: the groups of
+    test_head_groups_at_every_step, with a soft-cap too). The sink logits matter (their steps
+    differ from those without)."""
+    q, k, v, allowed = inputs(Hq=6, Hkv=3, pad=6 if mask == "padding" else 0, hole=mask == "hole")
+    sink = torch.tensor([1.5, -0.5, 0.0, 2.0, 3.0, -2.0])
+    given = None if mask == "none" else allowed
+    cap = 0.0 if config is not None else 2.0
+    sums, plain = None, None
+    for t in range(q.shape[2]):
+        step = q[:, :, t:t + 1]
+        if config is None:
+            out, sums = grouped_decode_step(step, k, v, given, t + 1, GROUPS, None, sums, softcap=cap, sink_logit=sink)
+            without, plain = grouped_decode_step(step, k, v, given, t + 1, GROUPS, None, plain, softcap=cap)
+            want = torch.cat([sink_reference_row(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], v[:, h // 2:h // 2 + 1],
+                                                 given, t, next(c for c, heads in GROUPS if h in heads) or
+                                                 MTAConfig(64), sink[h:h + 1], cap) for h in range(6)], dim=1)
+        else:
+            out, sums = decode_step(step, k, v, given, t + 1, config, None, sums, sink_logit=sink)
+            without, plain = decode_step(step, k, v, given, t + 1, config, None, plain)
+            want = sink_reference_row(q, k, v, given, t, config, sink)
+            assert sums.chunks == max(0, (t + 1) // config.chunk_size - config.local_chunks + 1)
+        torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+    assert (out - without).abs().max() > 0.05
+
+
 def test_bad_shapes_get_one_line():
     q, k, v, _ = inputs()
     with pytest.raises(ValueError, match=r"^decode_step takes one query per sequence over at least `length` keys"):
