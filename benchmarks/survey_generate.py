@@ -10,7 +10,10 @@ steps through MTA; its scores against one forward of the whole generated sequenc
 rewritten model (without top-k each step is the one prompt's row, so they agree to float rounding
 where everything works; at generate's position ids), how many layers decoded through MTA (chunk
 sums on their cache layers; sliding-window layers stay exact by design) and, for contrast, how far
-exact decoding over the cache (the default) is from that forward. Writes
+exact decoding over the cache (the default) is from that forward. Gemma-2 (its soft-cap at 1, to
+bend these scores) and GPT-OSS (learned sink logits; both its layers full attention, as a plan
+for decoding would leave its sliding ones exact) only with eager attention, transformers' only one
+for them. Writes
 benchmarks/results/survey_generate_<date>[_<tag>].md.
 """
 
@@ -47,6 +50,10 @@ FAMILIES = {
     "Gemma-3 (1 sliding + 1 global layer)": lambda t: t.Gemma3TextConfig(
         **dict(SMALL, num_key_value_heads=1), head_dim=16, sliding_window=16,
         layer_types=["sliding_attention", "full_attention"]),
+    "Gemma-2 (soft-cap 1; 1 sliding + 1 global layer)": lambda t: t.Gemma2Config(
+        **dict(SMALL, num_key_value_heads=1), head_dim=16, sliding_window=16, attn_logit_softcapping=1.0),
+    "GPT-OSS (sink logits; 2 full-attention layers)": lambda t: t.GptOssConfig(
+        **GQA, head_dim=16, num_local_experts=2, num_experts_per_tok=1, layer_types=["full_attention"] * 2),
     "StableLM": lambda t: t.StableLmConfig(**GQA),
     "OLMo-2": lambda t: t.Olmo2Config(**GQA, **TOKENS),
     "Granite": lambda t: t.GraniteConfig(**GQA),
@@ -64,6 +71,7 @@ FAMILIES = {
     "OPT": lambda t: t.OPTConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                  ffn_dim=128, max_position_embeddings=512, word_embed_proj_dim=64),
 }
+EAGER_ONLY = ("Gemma-2 (soft-cap 1; 1 sliding + 1 global layer)", "GPT-OSS (sink logits; 2 full-attention layers)")
 
 
 def survey(name: str, attn: str, cache: str) -> list:
@@ -108,6 +116,8 @@ def main(argv=None) -> int:
     rows = []
     for name in FAMILIES:
         for attn in args.attn:
+            if attn == "sdpa" and name in EAGER_ONLY:
+                continue  # (transformers has no SDPA attention for them)
             for cache in args.cache:
                 try:
                     row = survey(name, attn, cache)
