@@ -7,7 +7,8 @@ Variants, timed in turn in one process (``timing.best_alternating_ms``: the best
 rounds), each a step at position n − 1 with its sums from the step before (what ``use_mta(...,
 decode=True)`` keeps on the cache between steps): fixed chunks ``c=128 L=2 s=4`` with top_k 0 and
 2 (``ops.decode.decode_step``), and with top_k 0 a soft-cap of 50 (Gemma-2's) or learned sink
-logits (GPT-OSS's: one more token before the sequence, the cache read one position back); head groups, 6 heads ``c=128`` + 3 heads ``c=64``, and 8 heads
+logits (GPT-OSS's: one more token before the sequence, the cache read one position back); head
+groups, 6 heads ``c=128`` + 3 heads ``c=64``, and 8 heads
 ``c=128`` + 1 exact (``grouped_decode_step``); boundary chunks, segments of ~33 tokens (token ids
 drawn from 100, three of them separators) cut to at most 128, top_k 0 and 2
 (``boundary_decode_step``), and the per-step work they share across layers (segment ids and chunk

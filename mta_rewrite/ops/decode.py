@@ -179,8 +179,8 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
     learned summaries (MTA_SPEC.md's ``summary="learned"``). ``softcap`` > 0: soft-capped logits;
     ``sink_logit`` [Hq]: learned sink logits, one more token at position 0 (module docstring; the
     configuration's sinks count the real tokens, as the site's: one more sink is added here, as
-    ``passes.lower.with_sink_token`` adds it to a prompt's). Returns the output [B, Hq, 1, d] in q's dtype and the summaries to pass to
-    the next step. A query that may see no key gets zeros.
+    ``passes.lower.with_sink_token`` adds it to a prompt's). Returns the output [B, Hq, 1, d] in
+    q's dtype and the summaries to pass to the next step. A query that may see no key gets zeros.
 
     One product of the G query heads of each key/value head with [sinks; window; summaries] (their
     logit offsets: 0 or −inf by the mask, log n_j), and with top-k one more with each query head's
@@ -224,10 +224,10 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
 
     def take(chosen: torch.Tensor):  # whole chunks: c contiguous keys each
         position = (chosen[..., None] * c + torch.arange(c, device=q.device)).flatten(-2)
-        if shift:  # (the sink token, in chunk 0, is a sink: never taken)
+        if shift:  # chunks not aligned to the cache: a gather by token (the sink token, a sink, never taken)
             flat = (position - shift).clamp(min=0).flatten(2)[..., None].expand(-1, -1, -1, d)
             k_sel, v_sel = (x.gather(2, flat).float().view(B, Hkv, G, -1, d) for x in (key, value))
-        else:
+        else:  # (by whole chunks: 51 µs for k at 8K and top_k 2, a gather by token 84)
             rows = (torch.arange(B, device=q.device)[:, None, None, None],
                     torch.arange(Hkv, device=q.device)[:, None, None], chosen)
             k_sel = key[:, :, :J * c].unflatten(2, (J, c))[rows].float().view(B, Hkv, G, -1, d)
