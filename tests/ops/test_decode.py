@@ -253,16 +253,23 @@ def test_bad_shapes_get_one_line():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_step_on_cuda_is_the_reference_row():
+@pytest.mark.parametrize("extra", ["plain", "softcap", "sink logits"])
+def test_a_step_on_cuda_is_the_reference_row(extra):
     """The same torch operations on a CUDA device (no Triton kernel): every step of a padded
-    sequence with top-k, in bf16, against the reference."""
+    sequence with top-k, in bf16, against the reference; with a soft-cap, with sink logits."""
     q, k, v, allowed = inputs(n=40, pad=5)
     config = MTAConfig(4, 2, 2, 2)
+    sink = torch.tensor([1.0, -1.0, 2.0, 0.5])
+    kwargs = {"plain": {}, "softcap": dict(softcap=1.0), "sink logits": dict(sink_logit=sink.cuda())}[extra]
+    qb, kb, vb = (x.bfloat16().float() for x in (q, k, v))
     sums = None
     for t in range(40):
         out, sums = decode_step(q[:, :, t:t + 1].cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(),
-                                allowed.cuda(), t + 1, config, None, sums)
-        want = reference_row(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), allowed, t, config)
+                                allowed.cuda(), t + 1, config, None, sums, **kwargs)
+        if extra == "sink logits":
+            want = sink_reference_row(qb, kb, vb, allowed, t, config, sink)
+        else:
+            want = reference_row(qb, kb, vb, allowed, t, config, softcap=kwargs.get("softcap", 0.0))
         torch.testing.assert_close(out[:, :, 0].double().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
