@@ -102,16 +102,19 @@ class _Segments:
     def set_call(self, tokens: torch.Tensor | None) -> None:
         self.call, self._ids, self._bounds = tokens, None, {}
 
-    def chunk_bounds(self, chunk_size: int, sinks: int) -> torch.Tensor:
+    def chunk_bounds(self, chunk_size: int, sinks: int, sink_token: bool = False) -> torch.Tensor:
         """[B, M + 1]: the chunk starts of each sequence of the current call, then its end
         (``ops.segments.chunk_bounds``, chunks of at most ``chunk_size``), once per call and
-        chunking (a decoding step's layers share them)."""
+        chunking (a decoding step's layers share them). ``sink_token``: of the sequence with a
+        learned sink logit's token first, one more sink (as the prompt's op chunks it)."""
         from .ops.segments import chunk_bounds
+        from .passes.lower import sink_token_segments
 
-        if (chunk_size, sinks) not in self._bounds:
-            ids = self.ids
-            self._bounds[chunk_size, sinks] = chunk_bounds(ids, ids.shape[0], chunk_size, sinks)
-        return self._bounds[chunk_size, sinks]
+        if (chunk_size, sinks, sink_token) not in self._bounds:
+            ids = sink_token_segments(self.ids) if sink_token else self.ids
+            self._bounds[chunk_size, sinks, sink_token] = chunk_bounds(ids, ids.shape[0], chunk_size,
+                                                                       sinks + sink_token)
+        return self._bounds[chunk_size, sinks, sink_token]
 
     def __deepcopy__(self, memo) -> "_Segments":
         return self  # (a copy of the model keeps the hooks that fill this object)
@@ -556,16 +559,16 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """A decoding step (one query per sequence) of a layer ``use_mta(..., decode=True)`` planned, by
     ``ops.decode.decode_step`` (head groups: ``grouped_decode_step``): [B, Hq, 1, d], or None where
     it stays exact (the model's own attention): clustered summaries, boundary chunks without the
-    whole sequence's segments (a cache the hooks did not see filled), learned sink logits with
-    boundary chunks, a sliding-window layer, a position bias, a mask per head or with a bias, a
-    cache that is not a transformers ``Cache`` with ``layers`` (or a module without
-    ``layer_idx``), and a step whose window still reaches the first token (nothing summarised yet:
-    the step is exact attention). A soft-cap (``softcap``, Gemma-2's) caps the step's logits, and
-    learned sink logits (``s_aux``, GPT-OSS's) are one more token before the sequence, as the
-    prompt's op takes them. The mask's one row per sequence says which keys the query may see
-    (None: all) and where the sequence ends (a static cache's slots after the last key it allows
-    are empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``),
-    dropped by any of ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
+    whole sequence's segments (a cache the hooks did not see filled), a sliding-window layer, a
+    position bias, a mask per head or with a bias, a cache that is not a transformers ``Cache``
+    with ``layers`` (or a module without ``layer_idx``), and a step whose window still reaches the
+    first token (nothing summarised yet: the step is exact attention). A soft-cap (``softcap``,
+    Gemma-2's) caps the step's logits, and learned sink logits (``s_aux``, GPT-OSS's) are one more
+    token before the sequence, as the prompt's op takes them (with boundary chunks, the segments
+    of that sequence). The mask's one row per sequence says which keys the query may see (None:
+    all) and where the sequence ends (a static cache's slots after the last key it allows are
+    empty). The chunk sums live on the cache's layer (``_mta_chunk_sums``), dropped by any of
+    ``_LAYER_CHANGES`` and rebuilt when their mask, batch or device differ.
 
     Runs outside torch.compile's graphs (``_DECODE_OUTSIDE_GRAPHS``: the chunk sums are Python
     state, the mask's reading data-dependent). The cache layer that holds ``key`` must be the
@@ -596,8 +599,7 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     sink_logit = kwargs.get("s_aux")  # (GPT-OSS's learned sink logits [Hq])
-    if kwargs.get("sliding_window") or kwargs.get("position_bias") is not None \
-            or (sink_logit is not None and segments is not None):
+    if kwargs.get("sliding_window") or kwargs.get("position_bias") is not None:
         return None
     layer = layers[index]
     if getattr(layer, "is_sliding", False):
@@ -614,7 +616,7 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         ids = segments.ids
         if ids is None or ids.shape[0] != B or ids.shape[1] < length:
             return None
-        bounds = segments.chunk_bounds
+        bounds = functools.partial(segments.chunk_bounds, sink_token=sink_logit is not None)
     elif all(cfg is None or (length - (sink_logit is None)) // cfg.chunk_size < cfg.local_chunks for cfg, _ in groups):
         return None  # (the window still reaches the first token, a sink logit's one before the sequence: exact)
     _watch_layer(layer)

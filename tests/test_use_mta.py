@@ -176,32 +176,42 @@ def test_decoding_with_boundary_chunks_gives_the_one_prompt_logits(pad):
     model = llama()
     ids, mask = ids_and_mask(n=50, pad=pad)
     boundaries = separators(ids)
-    sep = torch.tensor(boundaries.separators)
-    new = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
-    new[0, ::5], new[1, 2::7] = sep[0], sep[1]  # (separators in both sequences, at different places)
-    sequence = torch.cat([ids, new], 1)
-    whole_mask = torch.cat([mask, torch.ones_like(new)], 1)
     groups = mr.HeadGroups(((DECODING, (0, 3)), (None, (1,)), (mr.MTAConfig(6, 1, 1, 0), (2,))))
     learned = mr.Learned.from_tensor(DECODING, torch.randn(2, 16, generator=torch.Generator().manual_seed(4)))
     for entry in (DECODING, groups, learned):
         plan = mr.Plan({f"model.layers.{i}.self_attn": entry for i in range(2)}, boundaries=boundaries)
-        with torch.no_grad():
-            whole = mr.use_mta(model, plan=plan)(input_ids=sequence, attention_mask=whole_mask,
-                                                 use_cache=False).logits[:, 50:]
-            steps, caches = [], []
-            for decode in (True, False):
-                mr.use_mta(model, plan=plan, decode=decode)
-                cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-                logits = []
-                for t in range(24):
-                    logits.append(model(input_ids=new[:, t:t + 1], attention_mask=whole_mask[:, :51 + t], cache=cache,
-                                        use_cache=True).logits[:, -1])
-                steps.append(torch.stack(logits, 1))
-                caches.append(cache)
-        torch.testing.assert_close(steps[0], whole, rtol=1e-5, atol=1e-5)
-        assert (steps[1] - whole).abs().max() > 1e-3  # (exact decoding differs)
-        sums = vars(caches[0].layers[0])["_mta_chunk_sums"][0, 0, 2]
+        whole, steps, exact, cache = teacher_forced(model, plan, ids, mask)
+        torch.testing.assert_close(steps, whole, rtol=1e-5, atol=1e-5)
+        assert (exact - whole).abs().max() > 1e-3  # (exact decoding differs)
+        sums = vars(cache.layers[0])["_mta_chunk_sums"][0, 0, 2]
         assert not torch.equal(sums.done[0], sums.done[1])  # (each sequence its own chunks)
+
+
+def teacher_forced(model, plan, ids, mask):
+    """24 new tokens with the plan's separators among them (in both sequences, at different places)
+    after the prompt ``ids``: the logits one forward of the whole sequence gives them under
+    ``use_mta(model, plan=plan)``, those of teacher-forced decoding steps over the prompt's cache
+    with ``decode=True`` and without (exact), and the decoding cache."""
+    n = ids.shape[1]
+    sep = torch.tensor(plan.boundaries.separators)
+    new = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    new[0, ::5], new[1, 2::7] = sep[0], sep[1]
+    sequence = torch.cat([ids, new], 1)
+    whole_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    with torch.no_grad():
+        whole = mr.use_mta(model, plan=plan)(input_ids=sequence, attention_mask=whole_mask,
+                                             use_cache=False).logits[:, n:]
+        steps, caches = [], []
+        for decode in (True, False):
+            mr.use_mta(model, plan=plan, decode=decode)
+            cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            logits = []
+            for t in range(24):
+                logits.append(model(input_ids=new[:, t:t + 1], attention_mask=whole_mask[:, :n + 1 + t], cache=cache,
+                                    use_cache=True).logits[:, -1])
+            steps.append(torch.stack(logits, 1))
+            caches.append(cache)
+    return whole, steps[0], steps[1], caches[0]
 
 
 def test_boundary_chunks_follow_a_reordered_cache():
@@ -717,6 +727,24 @@ def test_decoding_with_sink_logits_gives_the_one_prompt_logits(pad):
     torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
     assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 5e-4
     assert [sorted(vars(layer).get("_mta_chunk_sums", {})) for layer in out.past_key_values.layers] == [[], [(0, 0, 2)]]
+
+
+def test_decoding_with_boundary_chunks_and_sink_logits_gives_the_one_prompt_logits():
+    """GPT-OSS with boundary chunks (a plan on its full-attention layer) and left padding:
+    teacher-forced steps with separators among the new tokens take the sink logits as the prompt's
+    op does, one more token first with the first token's segment and one more sink (exact until
+    2026-12-06), so each scores as the op over the whole sequence so far."""
+    model = gpt_oss()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+    ids, mask = ids_and_mask(n=50, pad=5)
+    plan = mr.Plan({"model.layers.1.self_attn": DECODING}, boundaries=separators(ids))
+    whole, steps, exact, cache = teacher_forced(model, plan, ids, mask)
+    torch.testing.assert_close(steps, whole, rtol=1e-5, atol=1e-5)
+    assert (exact - whole).abs().max() > 1e-4
+    sums = vars(cache.layers[1])["_mta_chunk_sums"][0, 0, 2]
+    assert sums.shift == 1 and not torch.equal(sums.done[0], sums.done[1])
 
 
 def test_rewrite_after_use_mta_says_so():

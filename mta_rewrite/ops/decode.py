@@ -246,9 +246,10 @@ class BoundarySums:
     offsets ([B, M]: log n_j, −inf for none), how many chunks of each sequence they hold (``done``
     [B]; the rest of the M slots empty), those chunks' bounds (``bounds`` [B, M + 1]: entries
     0 … done of each row are its chunk starts then the end of its last summarised chunk) and the
-    mask over the keys they cover (``allowed`` [B, span] or None; span: the longest), and the
-    learned summary weight they were taken with (``weight`` [Hkv, d], None: means). Valid for a
-    cache whose first span keys, chunk bounds and mask have not changed since."""
+    mask over the keys they cover (``allowed`` [B, span] or None; span: the longest), the
+    learned summary weight they were taken with (``weight`` [Hkv, d], None: means) and the
+    position of the cache's first key (``shift``, as :class:`ChunkSums`'). Valid for a cache whose
+    first span keys, chunk bounds and mask have not changed since."""
 
     chunk_size: int
     sinks: int
@@ -260,16 +261,17 @@ class BoundarySums:
     bounds: torch.Tensor
     allowed: torch.Tensor | None
     weight: torch.Tensor | None = None
+    shift: int = 0
 
     def serves(self, key: torch.Tensor, allowed: torch.Tensor | None, bounds: torch.Tensor, chunk_size: int,
-               sinks: int, chunks: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+               sinks: int, chunks: torch.Tensor, weight: torch.Tensor | None = None, shift: int = 0) -> bool:
         """Whether these sums can be extended to ``chunks`` ([B]) chunks per sequence of ``key``
-        under ``allowed``, the chunk ``bounds`` of this step and summary ``weight``."""
+        under ``allowed``, the chunk ``bounds`` of this step, summary ``weight`` and ``shift``."""
         B, H, _, d = key.shape
         held = self.k.shape[2]
-        if (self.chunk_size, self.sinks) != (chunk_size, sinks) or tuple(self.k.shape[:2]) != (B, H) \
-                or self.k.shape[3] != d or self.k.device != key.device or held >= bounds.shape[1] \
-                or held > int(chunks.max()) or bool((self.done > chunks).any()):
+        if (self.chunk_size, self.sinks, self.shift) != (chunk_size, sinks, shift) \
+                or tuple(self.k.shape[:2]) != (B, H) or self.k.shape[3] != d or self.k.device != key.device \
+                or held >= bounds.shape[1] or held > int(chunks.max()) or bool((self.done > chunks).any()):
             return False
         final = torch.arange(held + 1, device=key.device) <= self.done[:, None]  # (later entries were not yet known)
         if not bool(((self.bounds == bounds[:, :held + 1]) | ~final).all()):
@@ -281,7 +283,8 @@ class BoundarySums:
 def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                          length: int, config: MTAConfig, bounds: torch.Tensor, scale: float | None = None,
                          sums: BoundarySums | None = None, summary_weight: torch.Tensor | None = None,
-                         softcap: float = 0.0) -> tuple[torch.Tensor, BoundarySums]:
+                         softcap: float = 0.0,
+                         sink_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, BoundarySums]:
     """:func:`decode_step` under boundary chunks: ``bounds`` [B|1, M + 1], each sequence's chunk
     starts in order and then its length or more (``ops.segments.chunk_bounds`` of its segment ids
     with this chunk size and sinks; of this sequence or a longer one: entries from ``length`` on
@@ -292,7 +295,10 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     sequence with its own chunks, so its own window start and number of summaries (the batch padded
     to the most, the rest forbidden). The summarised chunks are complete (they end before chunk i starts), so
     their summaries are kept (:class:`BoundarySums`) and a step adds only the chunks that left the
-    window since the last. ``softcap``: as :func:`decode_step`'s."""
+    window since the last. ``softcap``, ``sink_logit``: as :func:`decode_step`'s; with sink logits
+    ``bounds`` are those of the sequence with the sink token first (``chunk_bounds`` of
+    ``passes.lower.sink_token_segments`` of its segment ids, with one more sink), as the prompt's
+    op chunks it."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
     if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length or bounds.dim() != 2 \
@@ -303,16 +309,21 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     G, dev, no = Hq // Hkv, q.device, float("-inf")
     c, L, top_k, S = config.chunk_size, config.local_chunks, config.top_k, config.sinks
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    bounds = bounds.long().clamp(max=length).expand(B, -1)
     if allowed is not None:
         allowed = allowed[:, :length].bool()
+    shift = 0
+    if sink_logit is not None:  # (the sink token first: every position one later, one more sink)
+        shift, S, length = 1, S + 1, length + 1
+        if allowed is not None:
+            allowed = torch.nn.functional.pad(allowed, (1, 0), value=True)
+    bounds = bounds.long().clamp(max=length).expand(B, -1)
     last = (bounds < length).sum(1) - 1  # [B]: chunk i, the step's
     J = (last - L + 1).clamp(min=0)  # [B]: the chunks before the window, summarised
     start = bounds.gather(1, J[:, None])[:, 0]  # [B]: the window's first key
     weight = None if summary_weight is None else summary_weight.to(device=dev, dtype=torch.float32)
-    if sums is None or not sums.serves(key, allowed, bounds, c, S, J, weight):
+    if sums is None or not sums.serves(key, allowed, bounds, c, S, J, weight, shift):
         sums = None
-    sums = _boundary_sums(key, value, allowed, bounds, J, c, S, sums, weight)
+    sums = _boundary_sums(key, value, allowed, bounds, J, c, S, sums, weight, shift)
     # the exact keys: the sinks before the window, then the window (each sequence padded to the most)
     W = int((length - start).max())
     sink, window = torch.arange(S, device=dev).expand(B, -1), start[:, None] + torch.arange(W, device=dev)
@@ -320,19 +331,23 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     seen = torch.cat([sink < start.clamp(max=S)[:, None], window < length], dim=1)
     if allowed is not None:
         seen &= allowed.gather(1, index)
-    rows = index[:, None, :, None].expand(B, Hkv, -1, d)
+    rows = (index - shift).clamp(min=0)[:, None, :, None].expand(B, Hkv, -1, d)
     keys = torch.cat([key.gather(2, rows).float(), sums.k], dim=2)
     values = torch.cat([value.gather(2, rows).float(), sums.v], dim=2)
     offset = torch.cat([torch.where(seen, 0.0, no), sums.offset], dim=1)
     qg = q.reshape(B, Hkv, G, d).float() * scale
     scores = qg @ keys.transpose(-1, -2)
+    if shift:  # the sink token (position 0: a sink, or the window's first key): the sink logit, value 0
+        token = torch.nn.functional.pad(seen & (index == 0), (0, sums.k.shape[2]))[:, None, None, :]
+        scores = torch.where(token, sink_logit.to(device=dev, dtype=torch.float32).view(Hkv, G, 1), scores)
+        values.masked_fill_(token[:, :, 0, :, None], 0.0)
 
     def take(chosen: torch.Tensor):  # chunk j's tokens: c keys from its start, those before its end
         first = bounds.gather(1, chosen.flatten(1)).view_as(chosen)
         end = bounds.gather(1, (chosen + 1).flatten(1)).view_as(chosen)
         position = (first[..., None] + torch.arange(c, device=dev)).flatten(-2)
         inside = position < end.repeat_interleave(c, dim=-1)
-        flat = position.clamp(max=length - 1).flatten(2)[..., None].expand(-1, -1, -1, d)
+        flat = (position.clamp(max=length - 1) - shift).clamp(min=0).flatten(2)[..., None].expand(-1, -1, -1, d)
         k_sel, v_sel = (x.gather(2, flat).float().view(B, Hkv, G, -1, d) for x in (key, value))
         return k_sel, v_sel, position, inside
 
@@ -341,10 +356,10 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous: BoundarySums | None,
-                   weight: torch.Tensor | None = None) -> BoundarySums:
+                   weight: torch.Tensor | None = None, shift: int = 0) -> BoundarySums:
     """``previous`` (or nothing) extended to the first ``J`` ([B]) chunks of each sequence: the
     chunks [done, J) of each, summarised in one pass over the keys they span (means, or with
-    ``weight`` w the softmax_s(k_s·w)-weighted averages)."""
+    ``weight`` w the softmax_s(k_s·w)-weighted averages). ``shift``: as :func:`chunk_sums`'."""
     B, H, _, d = key.shape
     dev = key.device
     done = torch.zeros(B, dtype=torch.long, device=dev) if previous is None else previous.done
@@ -360,7 +375,7 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
     kept = kept.float()
     slot = part.clamp(min=0, max=max(width - 1, 0))
     count = kept.new_zeros(B, width).scatter_add_(1, slot, kept)
-    keys = key[:, :, lo:hi].float()
+    keys = _span(key, lo, hi, shift).float()
     if weight is None:  # (a new chunk's keys: 1 / n_j each)
         share = (kept / count.clamp(min=1).gather(1, slot))[:, None, :, None]
     else:  # softmax over each chunk's kept keys of k_s·w: less the chunk's largest, exp, over the chunk's sum
@@ -372,7 +387,7 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
         share = (e / total.gather(2, slots).clamp(min=1e-30))[..., None]
     rows = slot[:, None, :, None].expand(B, H, -1, d)
     k = key.new_zeros(B, H, width, d, dtype=torch.float32).scatter_add_(2, rows, keys * share)
-    v = torch.zeros_like(k).scatter_add_(2, rows, value[:, :, lo:hi].float() * share)
+    v = torch.zeros_like(k).scatter_add_(2, rows, _span(value, lo, hi, shift).float() * share)
     if previous is not None:  # (its chunks' slots are empty in the new sums: added, not mixed)
         held = previous.k.shape[2]
         k[:, :, :held] += previous.k
@@ -381,7 +396,7 @@ def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous:
     offset = torch.where(count > 0, count.clamp(min=1).log(), float("-inf"))
     span = int(bounds.gather(1, J[:, None]).max())
     return BoundarySums(c, sinks, k, v, count, offset, J.clone(), bounds[:, :width + 1].clone(),
-                        None if allowed is None else allowed[:, :span].clone(), weight)
+                        None if allowed is None else allowed[:, :span].clone(), weight, shift)
 
 
 def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
@@ -398,15 +413,14 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     which SDPA cannot take).
     ``sums``: what the last step returned (one :class:`ChunkSums` per group and run), or None.
     ``chunk_bounds``: boundary chunks (:func:`boundary_decode_step`), a function of (chunk size,
-    sinks) giving the chunk bounds [B, M + 1] (not with ``sink_logit``). Returns the
+    sinks) giving the chunk bounds [B, M + 1] (with ``sink_logit``, of the sequence with the sink
+    token first: :func:`boundary_decode_step`). Returns the
     output [B, Hq, 1, d] in q's dtype and the sums for the next step."""
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
     if m != 1 or Hq % Hkv:
         raise ValueError(f"decode_step takes one query per sequence: q {list(q.shape)}, k {list(key.shape)}")
     G = Hq // Hkv
-    if sink_logit is not None and chunk_bounds is not None:
-        raise ValueError("decode_step takes learned sink logits with fixed chunks only, not boundary chunks")
     out = q.new_empty(B, Hq, 1, d)
     kept = {}
     for number, (config, heads) in enumerate(groups):
@@ -421,7 +435,7 @@ def grouped_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 if chunk_bounds is not None:
                     part, kept[number, a, b] = boundary_decode_step(
                         q[:, rows], key[:, a:b], value[:, a:b], allowed, length, config,
-                        chunk_bounds(config.chunk_size, config.sinks), scale, previous, weight, softcap)
+                        chunk_bounds(config.chunk_size, config.sinks), scale, previous, weight, softcap, sink)
                 else:
                     part, kept[number, a, b] = decode_step(q[:, rows], key[:, a:b], value[:, a:b], allowed, length,
                                                            config, scale, previous, weight, softcap, sink)

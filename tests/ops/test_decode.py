@@ -244,6 +244,58 @@ def test_steps_with_sink_logits(config, mask):
     assert (out - without).abs().max() > 0.05
 
 
+def boundary_sink_reference_row(q, k, v, allowed, t, config, segment_ids, sink_logit):
+    """Row t of the float64 reference with boundary chunks over a prompt's operands with learned
+    sink logits (``sink_logit_operands``; the sink token takes the first token's segment,
+    ``sink_token_segments``), the step's query in all of its chunk there."""
+    from mta_rewrite.ops.reference import chunk_lists
+    from mta_rewrite.passes.lower import sink_logit_operands, sink_token_segments, with_sink_token
+
+    scale = q.shape[-1] ** -0.5
+    mask = None if allowed is None else allowed[:, None, None, :t + 1]
+    qs, ks, vs, mask = sink_logit_operands(q[:, :, :t + 1].double(), k[:, :, :t + 1].double(),
+                                           v[:, :, :t + 1].double(), mask, sink_logit.double().view(1, -1, 1, 1),
+                                           scale)
+    seg = sink_token_segments(segment_ids[None, :t + 1])
+    config = with_sink_token(config)
+    mine = next(chunk for chunk in chunk_lists(t + 2, config.chunk_size, config.sinks, seg[0].tolist())
+                if t + 1 in chunk)
+    qs[:, :, mine[0]:] = qs[:, :, t + 1:t + 2]
+    out = mta_attention_reference(qs, ks, vs, mask, causal=True, scale=scale, segment_ids=seg,
+                                  **config.op_kwargs())
+    return out[:, :, t + 1, :-1]
+
+
+@pytest.mark.parametrize("config", [MTAConfig(4, 1, 0, 0), MTAConfig(5, 2, 3, 0), MTAConfig(4, 1, 2, 2)], ids=str)
+@pytest.mark.parametrize("mask", ["none", "padding", "hole"])
+def test_boundary_steps_with_sink_logits(config, mask):
+    """Boundary chunks with learned sink logits: the sink token first with the first token's
+    segment, the chunk bounds of that sequence with one more sink, as the prompt's op chunks it.
+    Every step of two sequences with different segments (so different windows) against the
+    reference over those operands, top-k and sinks, padding and a forbidden run."""
+    from mta_rewrite.passes.lower import sink_token_segments
+
+    q, k, v, allowed = inputs(Hq=6, Hkv=3, pad=6 if mask == "padding" else 0, hole=mask == "hole")
+    given = None if mask == "none" else allowed
+    sink = torch.tensor([1.5, -0.5, 0.0, 2.0, 3.0, -2.0])
+    n = q.shape[2]
+    g = torch.Generator().manual_seed(7)
+    segment_ids = torch.stack([torch.repeat_interleave(torch.arange(n), torch.randint(1, 10, (n,), generator=g))[:n]
+                               for _ in range(2)])
+    bounds = chunk_bounds(sink_token_segments(segment_ids), 2, config.chunk_size, config.sinks + 1)
+    sums, differed = None, False
+    for t in range(n):
+        out, sums = boundary_decode_step(q[:, :, t:t + 1], k, v, given, t + 1, config, bounds, None, sums,
+                                         sink_logit=sink)
+        differed |= bool(sums.done[0] != sums.done[1])
+        for b in range(2):
+            want = boundary_sink_reference_row(q[b:b + 1], k[b:b + 1], v[b:b + 1],
+                                               None if given is None else given[b:b + 1], t, config, segment_ids[b],
+                                               sink)
+            torch.testing.assert_close(out[b:b + 1, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+    assert differed  # (the two sequences' windows apart at some step)
+
+
 def test_bad_shapes_get_one_line():
     q, k, v, _ = inputs()
     with pytest.raises(ValueError, match=r"^decode_step takes one query per sequence over at least `length` keys"):
