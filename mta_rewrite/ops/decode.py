@@ -159,6 +159,20 @@ def chunk_sums(key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | N
                      previous.weight, shift)
 
 
+def _positions(allowed: torch.Tensor | None, length: int, sinks: int, sink_logit: torch.Tensor | None):
+    """A step's mask (``allowed`` [B, ≥ length] cut to ``length``, bool), length and sinks counted
+    in positions, and the position of the cache's first key: with a learned sink logit, the
+    prompt's op puts one more token first (every position one later, one more sink, that token
+    allowed for every query); without, as given and 0."""
+    if allowed is not None:
+        allowed = allowed[:, :length].bool()
+    if sink_logit is None:
+        return allowed, length, sinks, 0
+    if allowed is not None:
+        allowed = torch.nn.functional.pad(allowed, (1, 0), value=True)
+    return allowed, length + 1, sinks + 1, 1
+
+
 def _span(x: torch.Tensor, lo: int, hi: int, shift: int) -> torch.Tensor:
     """Positions [lo, hi) of a cache ``x`` [B, H, n, d] whose first entry is at position ``shift``
     (a view; the positions before it, a sink logit's token, zero rows)."""
@@ -191,15 +205,9 @@ def decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed
         raise ValueError(f"decode_step takes one query per sequence over at least `length` keys: q {list(q.shape)}, "
                          f"k {list(key.shape)}, length {length}")
     G = Hq // Hkv
-    c, L, top_k, S = config.chunk_size, config.local_chunks, config.top_k, config.sinks
+    c, L, top_k = config.chunk_size, config.local_chunks, config.top_k
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if allowed is not None:
-        allowed = allowed[:, :length].bool()
-    shift = 0
-    if sink_logit is not None:  # (the sink token first: every position one later, one more sink)
-        shift, S, length = 1, S + 1, length + 1
-        if allowed is not None:
-            allowed = torch.nn.functional.pad(allowed, (1, 0), value=True)
+    allowed, length, S, shift = _positions(allowed, length, config.sinks, sink_logit)
     t = length - 1
     start = max(0, t // c - L + 1) * c  # the window's first key; the chunks before it are summarised
     J = start // c
@@ -302,20 +310,14 @@ def boundary_decode_step(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     B, Hq, m, d = q.shape
     Hkv = key.shape[1]
     if m != 1 or Hq % Hkv or length < 1 or key.shape[2] < length or bounds.dim() != 2 \
-            or bounds.shape[0] not in (1, B) or int(bounds[:, -1].min()) < length:
+            or bounds.shape[0] not in (1, B) or int(bounds[:, -1].min()) < length + (sink_logit is not None):
         raise ValueError(f"decode_step takes one query per sequence over at least `length` keys and chunk bounds "
                          f"reaching it: q {list(q.shape)}, k {list(key.shape)}, bounds {list(bounds.shape)}, "
                          f"length {length}")
     G, dev, no = Hq // Hkv, q.device, float("-inf")
-    c, L, top_k, S = config.chunk_size, config.local_chunks, config.top_k, config.sinks
+    c, L, top_k = config.chunk_size, config.local_chunks, config.top_k
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if allowed is not None:
-        allowed = allowed[:, :length].bool()
-    shift = 0
-    if sink_logit is not None:  # (the sink token first: every position one later, one more sink)
-        shift, S, length = 1, S + 1, length + 1
-        if allowed is not None:
-            allowed = torch.nn.functional.pad(allowed, (1, 0), value=True)
+    allowed, length, S, shift = _positions(allowed, length, config.sinks, sink_logit)
     bounds = bounds.long().clamp(max=length).expand(B, -1)
     last = (bounds < length).sum(1) - 1  # [B]: chunk i, the step's
     J = (last - L + 1).clamp(min=0)  # [B]: the chunks before the window, summarised
