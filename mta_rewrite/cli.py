@@ -280,8 +280,8 @@ def generate_cmd(
     what += f"; {chunks}" if chunks is not None else ""
     if prefill_chunk is not None:
         what += f"; prefilled in pieces of {prefill_chunk} tokens"
-    if decode:
-        what += "; MTA decoding"
+    if done.decoding_layers is not None:
+        what += "; MTA decoding in {} of {} layers".format(*done.decoding_layers)
     line = f"{done.description}: {done.prompt_tokens} prompt tokens, {len(done.tokens)} generated with MTA ({what}) " \
            f"in {done.seconds:.2f} s"
     if done.original_seconds is not None:

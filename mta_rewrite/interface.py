@@ -299,6 +299,17 @@ def _output_cache(output):
     return getattr(output, "past_key_values", None)
 
 
+def decoding_layers(output) -> tuple[int, int]:
+    """(how many layers of the cache a ``generate(..., return_dict_in_generate=True)`` output or a
+    model's output holds decoded through MTA, how many layers it has): a layer counts when it holds
+    chunk sums (``use_mta(..., decode=True)`` keeps them there from its first step that summarised
+    a chunk; a reorder, crop or reset drops them). (0, 0) for an output without such a cache."""
+    layers = getattr(_output_cache(output), "layers", None)
+    if not isinstance(layers, (list, tuple)):
+        return 0, 0
+    return sum("_mta_chunk_sums" in vars(layer) for layer in layers), len(layers)
+
+
 def _watch_calls(module: torch.nn.Module) -> None:
     """For a module whose forward takes one of CROSS_ARGUMENTS or CACHE_ARGUMENTS: a pre-hook that
     notes at each call whether it is given one of the former (that call is cross-attention, which

@@ -329,6 +329,7 @@ class Generated:
     seconds: float  # generate with MTA on the prompt
     original_seconds: float | None = None  # the same generate with the model's own attention (compare=True)
     same_tokens: int | None = None  # generated tokens equal to the original's before the first difference
+    decoding_layers: tuple[int, int] | None = None  # decode=True: (layers decoded through MTA, layers)
 
 
 def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, new_tokens: int = 32,
@@ -347,7 +348,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
     the first a prompt continued over the cache). ``progress(message)``: called before each step."""
     import time
 
-    from .interface import use_mta
+    from .interface import decoding_layers, use_mta
 
     say = progress or (lambda message: None)
     if new_tokens < 1:
@@ -379,7 +380,7 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
     def timed():
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, **call)[0, ids.shape[1]:].tolist()
+            out = model.generate(ids, return_dict_in_generate=True, **call)
         return out, time.perf_counter() - start
 
     own = model.config._attn_implementation
@@ -391,9 +392,12 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
     if compare:
         model.set_attn_implementation(own)
         say(f"generating {new_tokens} tokens with the original model")
-        original, original_seconds = timed()
+        output, original_seconds = timed()
+        original = output.sequences[0, ids.shape[1]:].tolist()
         use_mta(model, config=config, plan=plan, boundaries=boundaries, decode=decode)
     say(f"generating {new_tokens} tokens with MTA on the prompt" + (" and in decoding" if decode else ""))
-    out, seconds = timed()
+    output, seconds = timed()
+    out = output.sequences[0, ids.shape[1]:].tolist()
     same = None if original is None else next((i for i, (a, b) in enumerate(zip(original, out)) if a != b), len(out))
-    return Generated(saved.description, ids.shape[1], saved.tokenizer.decode(out), out, seconds, original_seconds, same)
+    return Generated(saved.description, ids.shape[1], saved.tokenizer.decode(out), out, seconds, original_seconds, same,
+                     decoding_layers(output) if decode else None)

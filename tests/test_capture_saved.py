@@ -294,7 +294,8 @@ def test_generate_from_a_saved_model_with_mta_on_the_prompt(tmp_path):
 
 def test_generate_decodes_with_mta(tmp_path):
     """``generate --decode``: the tokens of ``use_mta(..., decode=True)``'s generate (each new token
-    through MTA over the cache's chunk summaries), and the line says so."""
+    through MTA over the cache's chunk summaries), and the line says in how many layers (a layer
+    whose steps stayed exact, GPT-NeoX's until 2026-12-05, would show there)."""
     model = saved_llama(tmp_path / "llama", with_tokenizer=True)
     (tmp_path / "text.txt").write_text(TEXT)
     result = runner.invoke(app, ["generate", str(tmp_path / "llama"), "--prompt", str(tmp_path / "text.txt"),
@@ -302,7 +303,8 @@ def test_generate_decodes_with_mta(tmp_path):
                                  "--decode"])
     assert result.exit_code == 0, result.output
     tok, new = generated_with_mta(model, tmp_path / "llama", 40, 12, config=mr.MTAConfig(8, 1, 0, 1), decode=True)
-    assert "12 generated with MTA (c8·L1·s0·k1; MTA decoding)" in " ".join(result.output.split()), result.output
+    assert "12 generated with MTA (c8·L1·s0·k1; MTA decoding in 2 of 2 layers)" in " ".join(result.output.split()), \
+        result.output
     assert result.output.rstrip("\n").splitlines()[-1] == tok.decode(new.tolist()), result.output
 
 

@@ -708,6 +708,7 @@ def test_decoding_a_soft_capping_model_caps_its_steps():
     torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
     assert (exact[:, 1:] - whole[:, 1:]).abs().max() > 1e-2
     assert [sorted(vars(layer).get("_mta_chunk_sums", {})) for layer in out.past_key_values.layers] == [[], [(0, 0, 2)]]
+    assert mr.interface.decoding_layers(out) == (1, 2)  # (what generate --decode prints)
 
 
 @pytest.mark.parametrize("pad", [0, 5])
