@@ -46,7 +46,7 @@ import torch
 
 from .calibration.probe import site_output
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
-from .ops.masks import continued_key_padding, decode_row, forbidden_threshold
+from .ops.masks import continued_key_padding, decode_row, forbidden_threshold, read_outside_graphs
 from .passes.lower import segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
@@ -151,6 +151,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     global _DECODE_OUTSIDE_GRAPHS
     if decode and _DECODE_OUTSIDE_GRAPHS is None:
         _DECODE_OUTSIDE_GRAPHS = torch.compiler.disable(_decode)
+    read_outside_graphs()  # (the mask readings of a compiled forward: outside its graphs)
     chosen = {}
     if plan is not None:
         modules = dict(model.named_modules())

@@ -430,19 +430,32 @@ def test_a_prompt_continued_over_the_cache_under_torch_compile():
     """A compiled forward continuing a prompt over a cache (the op over the whole sequence, graph
     breaks at the mask checks) with a plan of a different configuration per layer gives the
     uncompiled logits: each layer under its own configuration (until 2026-12-05 the second layer
-    ran under the first one's: 1.2e-3 off), the op one node Inductor does not lower."""
+    ran under the first one's: 1.2e-3 off), the op one node Inductor does not lower. The masks'
+    readings run outside the graphs (until 2026-12-06 dynamo traced them, and their cache of
+    readings, guarding on its size: a recompile per reading)."""
+    from mta_rewrite.ops import masks
+
     model = llama()
     ids, mask = ids_and_mask(n=160, pad=5)
     mr.use_mta(model, plan=mr.Plan({"model.layers.0.self_attn": mr.MTAConfig(8, 2, 2, 0),
                                     "model.layers.1.self_attn": mr.MTAConfig(16, 1, 2, 1)}))
     eager, _ = continued(model, ids, mask, 100)
+    readings, structure = [], masks._structure
+
+    def watched(*args, **kwargs):
+        readings.append(torch.compiler.is_compiling())
+        return structure(*args, **kwargs)
+
     torch._dynamo.reset()
     try:
+        masks._structure = watched
         model.forward = torch.compile(model.forward)
         compiled, _ = continued(model, ids, mask, 100)
     finally:
+        masks._structure = structure
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert readings and not any(readings)  # (read, and never while dynamo traced)
 
 
 def test_decoding_with_mta_follows_changes_to_the_cache():

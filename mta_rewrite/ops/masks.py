@@ -125,16 +125,37 @@ def _structure(m: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor | None, b
     return (None if all_kept else keep[:, None, None, :].clone()), pad, causal
 
 
-def _verdict(attn_mask: torch.Tensor, m: torch.Tensor, key: tuple, offset: int = 0):
-    """:func:`_structure` of ``m`` (a view of ``attn_mask``), kept per mask tensor under ``key``
-    while it lives and is not modified in place; None (unread) while a CUDA graph is captured."""
-    return _read_once(attn_mask, key, lambda: _structure(m, offset))
+def _verdict(attn_mask: torch.Tensor, m: torch.Tensor, tag: tuple, offset: int = 0):
+    """:func:`_structure` of ``m`` (a view of ``attn_mask``), kept per mask tensor under ``tag``
+    while it lives and is not modified in place; None (unread) while a CUDA graph is captured. Run
+    outside torch.compile's graphs once :func:`read_outside_graphs` was called (``use_mta`` does)."""
+    return (_VERDICT_OUTSIDE_GRAPHS or _verdict_here)(attn_mask, m, tag, offset)
 
 
-def _read_once(attn_mask: torch.Tensor, key: tuple, read):
-    """``read()``, a reading of ``attn_mask``'s values, kept per mask tensor under ``key`` while it
+def _verdict_here(attn_mask: torch.Tensor, m: torch.Tensor, tag: tuple, offset: int = 0):
+    return _read_once(attn_mask, tag, lambda: _structure(m, offset))
+
+
+# torch.compiler.disable(_verdict_here), made by read_outside_graphs(): a reading is data-dependent
+# (dynamo breaks the graph there anyway), and traced, _read_once's lookup in _STRUCTURE had
+# dynamo build every entry and guard on the dict's length (a recompile per mask read, torch 2.13).
+# Made at use_mta(), not at import: that imported triton.language before a caller could ask for
+# Triton's interpreter (see interface._DECODE_OUTSIDE_GRAPHS).
+_VERDICT_OUTSIDE_GRAPHS = None
+
+
+def read_outside_graphs() -> None:
+    """Have mask readings run outside torch.compile's graphs from now on (once per process)."""
+    global _VERDICT_OUTSIDE_GRAPHS
+    if _VERDICT_OUTSIDE_GRAPHS is None:
+        _VERDICT_OUTSIDE_GRAPHS = torch.compiler.disable(_verdict_here)
+
+
+def _read_once(attn_mask: torch.Tensor, tag: tuple, read):
+    """``read()``, a reading of ``attn_mask``'s values, kept per mask tensor and ``tag`` while it
     lives and is not modified in place (every layer of a forward, or of a decoding step, shares
     the mask: one reading, one device→host sync); None (unread) while a CUDA graph is captured."""
+    key = (id(attn_mask),) + tag
     cached = _STRUCTURE.get(key)
     versioned = not attn_mask.is_inference()
     if cached is not None and versioned and cached[0]() is attn_mask and cached[1] == attn_mask._version:
@@ -168,7 +189,7 @@ def decode_row(attn_mask: torch.Tensor, B: int, Hq: int, n: int) -> tuple | None
         length = int(columns[-1]) + 1
         return (None if bool(row[:, :length].all()) else row.expand(B, -1)), length
 
-    return _read_once(attn_mask, (id(attn_mask), "decode", B, Hq, n), read)
+    return _read_once(attn_mask, ("decode", B, Hq, n), read)
 
 
 def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causal: bool
@@ -195,7 +216,7 @@ def simplify_mask(attn_mask: torch.Tensor | None, B: int, Hq: int, n: int, causa
         return attn_mask, causal  # already the same for every query
     if not (m.dtype == torch.bool or m.is_floating_point()):
         return attn_mask, causal  # normalize_mask raises the error
-    verdict = _verdict(attn_mask, m, (id(attn_mask), B, Hq, n))
+    verdict = _verdict(attn_mask, m, (B, Hq, n))
     if verdict is None:
         return attn_mask, causal
     keep, padding, _ = verdict
@@ -209,7 +230,7 @@ def continued_key_padding(attn_mask: torch.Tensor, n: int) -> tuple[bool, torch.
     ∧ key padding, with no bias; else ``(False, None)``. Read once per mask tensor, as
     :func:`simplify_mask` reads its masks (every layer of a forward shares the mask)."""
     m = attn_mask[..., :n]
-    verdict = _verdict(attn_mask, m, (id(attn_mask), "continued", n), offset=n - m.shape[2])
+    verdict = _verdict(attn_mask, m, ("continued", n), offset=n - m.shape[2])
     if verdict is None or not verdict[2]:
         return False, None
     return True, verdict[0]
