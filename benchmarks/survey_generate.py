@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite.config import atomic_write_text  # noqa: E402
+from mta_rewrite.interface import decoding_layers  # noqa: E402
 from mta_rewrite.timing import cpu_name  # noqa: E402
 
 CONFIG = mr.MTAConfig(8, 2, 2, 0)
@@ -93,11 +94,10 @@ def survey(name: str, attn: str, cache: str) -> list:
         positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
         whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
                       use_cache=False).logits[:, 29:-1]
-    layers = out.past_key_values.layers
-    decoded = sum("_mta_chunk_sums" in vars(layer) for layer in layers)
+    decoded, layers = decoding_layers(out)
     error = float((torch.stack(out.scores, 1) - whole).abs().max())
     contrast = float((exact[:, 1:] - whole[:, 1:]).abs().max())  # (the first score is the prompt's: both MTA)
-    return [name, model.config._attn_implementation, cache, f"{decoded} / {len(layers)}", f"{error:.1e}",
+    return [name, model.config._attn_implementation, cache, f"{decoded} / {layers}", f"{error:.1e}",
             f"{contrast:.1e}"]
 
 
