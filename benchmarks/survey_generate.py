@@ -72,10 +72,13 @@ FAMILIES = {
     "OPT": lambda t: t.OPTConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                  ffn_dim=128, max_position_embeddings=512, word_embed_proj_dim=64),
 }
+# --boundaries: a fifth of the token ids end a segment (segments of ~5 tokens, in the prompt and
+# among the generated tokens, cut to chunks of at most 8)
+BOUNDARIES = mr.Boundaries(tuple(range(3, 128, 5)))
 EAGER_ONLY = ("Gemma-2 (soft-cap 1; 1 sliding + 1 global layer)", "GPT-OSS (sink logits; 2 full-attention layers)")
 
 
-def survey(name: str, attn: str, cache: str) -> list:
+def survey(name: str, attn: str, cache: str, boundaries: mr.Boundaries | None = None) -> list:
     import transformers
 
     torch.manual_seed(0)
@@ -88,8 +91,10 @@ def survey(name: str, attn: str, cache: str) -> list:
     options = dict(max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True,
                    pad_token_id=0, **(dict(cache_implementation="static") if cache == "static" else {}))
     with torch.no_grad():
-        exact = torch.stack(mr.use_mta(model, config=CONFIG).generate(ids, attention_mask=mask, **options).scores, 1)
-        out = mr.use_mta(model, config=CONFIG, decode=True).generate(ids, attention_mask=mask, **options)
+        exact = torch.stack(mr.use_mta(model, config=CONFIG, boundaries=boundaries).generate(
+            ids, attention_mask=mask, **options).scores, 1)
+        out = mr.use_mta(model, config=CONFIG, boundaries=boundaries, decode=True).generate(ids, attention_mask=mask,
+                                                                                            **options)
         whole_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 30:])], 1)
         positions = (whole_mask.cumsum(-1) - 1).masked_fill_(whole_mask == 0, 1)  # (generate's position ids)
         whole = model(input_ids=out.sequences, attention_mask=whole_mask, position_ids=positions,
@@ -105,9 +110,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attn", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager"])
     ap.add_argument("--cache", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"])
+    ap.add_argument("--boundaries", action="store_true",
+                    help="boundary chunks too: every fifth token id a separator (BOUNDARIES)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     import transformers
+
+    boundaries = BOUNDARIES if args.boundaries else None
 
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
                 continue  # (transformers has no SDPA attention for them)
             for cache in args.cache:
                 try:
-                    row = survey(name, attn, cache)
+                    row = survey(name, attn, cache, boundaries)
                 except Exception as error:  # (a family this transformers cannot build or run: said in its row)
                     message = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
                     row = [name, attn, cache, message, "", ""]
@@ -129,8 +138,10 @@ def main(argv=None) -> int:
     date = dt.date.today().isoformat()
     lines = [f"# use_mta(decode=True) across decoder families ({date}, {cpu_name()}, torch {torch.__version__}, "
              f"transformers {transformers.__version__})", "",
-             f"`python benchmarks/survey_generate.py`: every layer `{CONFIG.short}`, 2 sequences of 30 tokens (one "
-             "left-padded by 5), 20 new tokens, float32, random weights.", "",
+             f"`python benchmarks/survey_generate.py{' --boundaries' if boundaries else ''}`: every layer "
+             f"`{CONFIG.short}`"
+             + (", boundary chunks (every fifth token id a separator)" if boundaries else "")
+             + ", 2 sequences of 30 tokens (one left-padded by 5), 20 new tokens, float32, random weights.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     filename = f"survey_generate_{date}{'_' + args.tag if args.tag else ''}.md"
