@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta_rewrite.config import MTAConfig, atomic_write_text  # noqa: E402
+from mta_rewrite.config import MTAConfig  # noqa: E402
 from mta_rewrite.ops.decode import boundary_decode_step, decode_step, grouped_decode_step  # noqa: E402
 from mta_rewrite.ops.segments import chunk_bounds  # noqa: E402
 from mta_rewrite.passes.lower import segment_ids_from_separators  # noqa: E402
-from mta_rewrite.timing import best_alternating_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_alternating_ms, cpu_machine, results_name, save_results  # noqa: E402
 
 SEPARATORS = (1, 2, 3)
 
@@ -93,17 +93,15 @@ def main(argv=None) -> int:
                 rows.append({"n": n, "variant": name, "ms": value, "vs_sdpa": sdpa / value, "boundary_chunks": chunks})
                 print(json.dumps(rows[-1]), flush=True)
     date = dt.date.today().isoformat()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = cpu_machine()
     lines = [f"# One layer's decoding step vs SDPA ({date}, {machine})", "",
              "`python benchmarks/bench_decode_step.py`: q [1, 9, 1, 64], k, v [1, 3, n, 64], float32, best of "
              f"{args.repeats} alternating rounds; \"vs SDPA\" > 1: faster than SDPA over the cache.", "",
              "| n | variant | ms | vs SDPA |", "|---|---|---|---|"]
     lines += [f"| {r['n']} | {r['variant']} | {r['ms']:.3f} | {r['vs_sdpa']:.2f}× |" for r in rows]
-    stem = f"decode_step_{date}{'_' + args.tag if args.tag else ''}"
-    out = Path(__file__).resolve().parent / "results"
-    atomic_write_text(out / f"{stem}.json", json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
-    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.md")
+    name, out = results_name("decode_step", args.tag), Path(__file__).resolve().parent / "results"
+    save_results(out, name, rows, machine, "\n".join(lines))
+    print(f"wrote {out / name}.md")
     return 0
 
 

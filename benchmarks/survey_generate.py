@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite.config import atomic_write_text  # noqa: E402
 from mta_rewrite.interface import decoding_layers  # noqa: E402
-from mta_rewrite.timing import cpu_name  # noqa: E402
+from mta_rewrite.timing import cpu_name, results_name  # noqa: E402
 
 CONFIG = mr.MTAConfig(8, 2, 2, 0)
 SMALL = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
@@ -144,8 +144,7 @@ def main(argv=None) -> int:
              + ", 2 sequences of 30 tokens (one left-padded by 5), 20 new tokens, float32, random weights.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    filename = f"survey_generate_{date}{'_' + args.tag if args.tag else ''}.md"
-    path = Path(__file__).resolve().parent / "results" / filename
+    path = Path(__file__).resolve().parent / "results" / f"{results_name('survey_generate', args.tag)}.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"wrote {path}")
     return 0

@@ -81,10 +81,7 @@ class ChunkSums:
         """Whether these summaries can be extended for ``key`` (the cache's keys, from position
         ``shift``) under ``allowed``: same chunking, summary weight, shift, batch, heads, width and
         device, and the mask over the summarised keys unchanged."""
-        B, H, _, d = key.shape
-        if (self.chunk_size, self.sinks, self.shift) != (chunk_size, sinks, shift) \
-                or tuple(self.k.shape[:2]) != (B, H) or self.k.shape[3] != d or self.k.device != key.device \
-                or self.chunks * chunk_size > key.shape[2] + shift:
+        if not _laid_out_alike(self, key, chunk_size, sinks, shift) or self.chunks * chunk_size > key.shape[2] + shift:
             return False
         return _taken_alike(self.allowed, self.weight, allowed, weight, self.chunks * chunk_size)
 
@@ -93,6 +90,14 @@ class ChunkSums:
         mask = None if self.allowed is None else self.allowed[:, :chunks * self.chunk_size]
         return ChunkSums(self.chunk_size, self.sinks, self.k[:, :, :chunks], self.v[:, :, :chunks],
                          self.count[:, :chunks], self.offset[:, :chunks], mask, self.weight, self.shift)
+
+
+def _laid_out_alike(sums, key: torch.Tensor, chunk_size: int, sinks: int, shift: int) -> bool:
+    """Whether ``sums`` (:class:`ChunkSums` or :class:`BoundarySums`) were taken with this chunk
+    size, sinks and shift over keys of ``key``'s batch, heads, width and device."""
+    B, H, _, d = key.shape
+    return (sums.chunk_size, sums.sinks, sums.shift) == (chunk_size, sinks, shift) \
+        and tuple(sums.k.shape[:2]) == (B, H) and sums.k.shape[3] == d and sums.k.device == key.device
 
 
 def _taken_alike(mask: torch.Tensor | None, weight: torch.Tensor | None, allowed: torch.Tensor | None,
@@ -274,10 +279,8 @@ class BoundarySums:
                sinks: int, chunks: torch.Tensor, weight: torch.Tensor | None = None, shift: int = 0) -> bool:
         """Whether these sums can be extended to ``chunks`` ([B]) chunks per sequence of ``key``
         under ``allowed``, the chunk ``bounds`` of this step, summary ``weight`` and ``shift``."""
-        B, H, _, d = key.shape
         held = self.k.shape[2]
-        if (self.chunk_size, self.sinks, self.shift) != (chunk_size, sinks, shift) \
-                or tuple(self.k.shape[:2]) != (B, H) or self.k.shape[3] != d or self.k.device != key.device \
+        if not _laid_out_alike(self, key, chunk_size, sinks, shift) \
                 or held >= bounds.shape[1] or held > int(chunks.max()) or bool((self.done > chunks).any()):
             return False
         final = torch.arange(held + 1, device=key.device) <= self.done[:, None]  # (later entries were not yet known)
@@ -360,8 +363,9 @@ def _tokens(key: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> tupl
     (each query head its own), by advanced indexing: 57 µs for k at 8K and top_k 2 (9 / 3 heads,
     c = 128), where ``gather`` over an index expanded to d took 80."""
     B, Hkv = key.shape[:2]
-    rows = (torch.arange(B, device=key.device)[:, None, None, None], torch.arange(Hkv, device=key.device)[:, None, None])
-    return key[rows + (index,)].float(), value[rows + (index,)].float()
+    rows = (torch.arange(B, device=key.device)[:, None, None, None],
+            torch.arange(Hkv, device=key.device)[:, None, None], index)
+    return key[rows].float(), value[rows].float()
 
 
 def _boundary_sums(key, value, allowed, bounds, J, c: int, sinks: int, previous: BoundarySums | None,
