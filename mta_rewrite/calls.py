@@ -12,9 +12,11 @@ returns bind every call with it (:class:`BindCalls`, a forward pre-hook).
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import torch
+from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 
@@ -120,14 +122,37 @@ def _differs(given: Any, captured: Any) -> bool:
     return isinstance(given, plain) and isinstance(captured, plain) and given != captured
 
 
+def guard_failure(exc: BaseException) -> str | None:
+    """What a program's shape guard that ``exc`` reports requires, and what to do about it, as a
+    clause (``"requires x.size()[1] % 4 == 0 (…)"``); None where ``exc`` is not a guard failure.
+    torch.export keeps a size dynamic unless the model's code depends on it, and fixes every size
+    of 0 or 1 in the example; its program asserts what it fixed ("Guard failed: …") when called."""
+    message = str(exc).strip()
+    if not isinstance(exc, AssertionError) or not message.startswith("Guard failed:"):
+        return None
+    guard = message.removeprefix("Guard failed:").strip()
+    fixed = re.fullmatch(r"\S+\.size\(\)\[\d+\] == (\d+)", guard)
+    if fixed and int(fixed.group(1)) <= 1:
+        return (f"requires {guard} (torch.export fixes every size of 0 or 1 in the example it captures from: "
+                "capture again from an example where that size is larger)")
+    if fixed:
+        return (f"requires {guard} (a size torch.export fixed when it captured the model: give inputs of that shape; "
+                "the model's code depends on it, so the program takes no other)")
+    return (f"requires {guard} (a condition torch.export recorded when it captured the model, whose code depends on "
+            "that size: give inputs that satisfy it)")
+
+
 class BindCalls:
     """A forward pre-hook (``with_kwargs=True``, first of the hooks) that binds every call of a
     module ``rewrite`` returns as the original model's forward would: positional or by keyword,
     flags such as ``use_cache=False`` left out or given with the captured value. A call that does
-    not fit is a ValueError naming what and how the model was captured."""
+    not fit is a ValueError naming what and how the model was captured; so is one whose shapes
+    the program's guards refuse (a length the model's code fixed at capture: the program itself
+    would raise torch's bare ``AssertionError: Guard failed: …`` from inside its graph)."""
 
     def __init__(self, signature: CallSignature):
         self.signature = signature
+        self._guarded: tuple | None = None  # (graph, positions of the guards' inputs among the flat inputs)
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         try:
@@ -135,7 +160,33 @@ class BindCalls:
         except ValueError as exc:
             raise ValueError(f"this call does not fit the rewritten model, captured as "
                              f"{self.signature.described()}: {exc}") from None
+        self._check_guards(module, call)
         return call.args, call.kwargs
+
+    def _check_guards(self, module: torch.nn.Module, call: Call) -> None:
+        """Run the program's shape guards (``_guards_fn``, which its graph calls first on the
+        flattened inputs) on this call, turning a failure into a one-line ValueError."""
+        guards, graph = getattr(module, "_guards_fn", None), getattr(module, "graph", None)
+        if guards is None or graph is None or getattr(module, "_in_spec", None) is None:
+            return
+        if self._guarded is None or self._guarded[0] is not graph:
+            inputs = [n for n in graph.nodes if n.op == "placeholder"]
+            node = next((n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None)
+            if node is None or not all(a in inputs for a in node.args):
+                self._guarded = (graph, None)
+            else:
+                self._guarded = (graph, [inputs.index(a) for a in node.args])
+        positions = self._guarded[1]
+        if positions is None:
+            return
+        try:
+            flat = fx_pytree.tree_flatten_spec((list(call.args), call.kwargs), module._in_spec)
+            guards(*(flat[i] for i in positions))
+        except AssertionError as exc:
+            clause = guard_failure(exc)
+            if clause is None:
+                raise
+            raise ValueError(f"this call does not fit the rewritten model, which {clause}") from None
 
 
 def bind_calls(module: torch.nn.Module, example: tuple[tuple, dict]) -> torch.nn.Module:

@@ -194,7 +194,7 @@ def test_a_program_whose_length_torch_export_fixed_says_so(tmp_path):
                                      "0.1", "-o", str(tmp_path / "plan.json")])
     line = " ".join(calibrated.output.split())
     assert calibrated.exit_code == 2 and "sample 0 does not fit the captured program, which requires" in line, line
-    assert line.endswith("== 24 (a size torch.export fixed when it captured the model: give samples of that shape; "
+    assert line.endswith("== 24 (a size torch.export fixed when it captured the model: give inputs of that shape; "
                          "the model's code depends on it, so the program takes no other)"), line
 
 

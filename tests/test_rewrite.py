@@ -938,3 +938,46 @@ def test_the_rewritten_model_binds_its_calls_by_name_as_the_model_does(tmp_path)
     with torch.no_grad():
         # (torch.export's own module: called as it was captured, fast(ids) bound to fast(ids, use_cache=False))
         torch.testing.assert_close(mr.load_program(tmp_path / "fast.pt2").module()(other, use_cache=False).logits, want)
+
+
+class _ScalesLengthsOfFour(torch.nn.Module):
+    """Attention whose code depends on the sequence length: torch.export keeps the length dynamic
+    but records that it is a multiple of 4 (the example's, 24, is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        B, n, _ = x.shape
+        q, k, v = self.proj(x).view(B, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y * 2 if n % 4 == 0 else y
+
+
+def test_a_call_the_programs_shape_guards_refuse_is_a_one_line_error():
+    """A rewritten model called with a shape its program's guards refuse (a length the model's code
+    constrained at capture, a batch torch.export fixed at 1) raised torch's bare ``AssertionError:
+    Guard failed: x.size()[1] % 4 == 0`` from inside its graph. It is a ValueError that says what
+    the program requires and why; a call that satisfies the guards runs as before."""
+    torch.manual_seed(0)
+    model = _ScalesLengthsOfFour().eval()
+    fast = mr.rewrite(model, (torch.randn(2, 24, 16),), config=mr.MTAConfig(8, 1))
+    ok = torch.randn(3, 28, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ok), mr.rewrite(model, (ok,), config=mr.MTAConfig(8, 1))(ok), rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"^this call does not fit the rewritten model, which requires "
+                                             r"x\.size\(\)\[1\] % 4 == 0 \(a condition torch\.export recorded when "
+                                             r"it captured the model, whose code depends on that size: give inputs "
+                                             r"that satisfy it\)$"):
+            fast(torch.randn(2, 37, 16))
+    # a program the user captured from one sequence: torch.export fixed its batch at 1
+    x = torch.randn(1, 24, 16)
+    dims = {"x": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}}
+    one = mr.rewrite(torch.export.export(model, (x,), dynamic_shapes=dims, strict=False), (x,),
+                     config=mr.MTAConfig(8, 1))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"which requires x\.size\(\)\[0\] == 1 \(torch\.export "
+                                                          r"fixes every size of 0 or 1 in the example it captures "
+                                                          r"from: capture again from an example where that size is "
+                                                          r"larger\)$"):
+        one(torch.randn(2, 24, 16))

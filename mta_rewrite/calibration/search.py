@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from typing import Any, Sequence
 import torch
 
 from ..api import check_not_rewritten
-from ..calls import as_call
+from ..calls import as_call, guard_failure
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry, check_writable
 from ..ops.chunked import exact_block_fraction
 from ..ops.masks import simplify_mask
@@ -697,14 +696,10 @@ def _reference_output(probe: Probe, sample, index: int):
     except Exception as exc:  # noqa: BLE001  (whatever the model raises on the user's data)
         if _raised_in_the_op(exc):
             raise  # the op's exact path failed: ours to fix, not the sample's fault
+        clause = guard_failure(exc)
+        if clause is not None:
+            raise ValueError(f"sample {index} does not fit the captured program, which {clause}") from exc
         message = str(exc).strip()
-        if isinstance(exc, AssertionError) and message.startswith("Guard failed:"):
-            guard = message.removeprefix("Guard failed:").strip()
-            # torch.export fixes every size of 0 or 1; a larger one only where the model's code needs it
-            why = ("capture again from an example where that size is not 0 or 1" if re.search(r"== [01]\b", guard)
-                   else "the model's code depends on it, so the program takes no other")
-            raise ValueError(f"sample {index} does not fit the captured program, which requires {guard} (a size "
-                             f"torch.export fixed when it captured the model: give samples of that shape; {why})") from exc
         first = message.splitlines()[0] if message else ""
         raise ValueError(f"sample {index}: the model fails on it with every site exact: "
                          f"{type(exc).__name__}: {first}") from exc
