@@ -261,6 +261,17 @@ class TwoLayers(nn.Module):
 
 # ---- negative cases: attention that must stay exact, softmax that is not attention -----------
 
+class KeysGatedByMask(_Proj):
+    """Inkling's first layer: the keys pass padded tokens through zeroed (its short convolution
+    zeroes them first), the queries do not, so k reads the padding mask and q does not. Still
+    self-attention: a mask gates a sequence, it is not another one."""
+
+    def forward(self, x, padding_mask):
+        q = self.heads(x)[0]
+        _, k, v = self.heads(x * padding_mask[..., None])
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 class ProbsReturned(_Proj):
     """The attention probabilities are also returned: rewriting would change an output."""
 
@@ -428,6 +439,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("sdpa_fused_qkv_contiguous_view", SdpaFusedQkvContiguousView, lambda n: ((_x(n),), {})),
         _hand("where_full_min_legacy_gpt2", WhereFullMinLegacyGpt2, lambda n: ((_x(n),), {})),
         _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n), _causal_pad(n)), {})),
+        _hand("keys_gated_by_mask", KeysGatedByMask, lambda n: ((_x(n), _pad(n).float()), {})),
         _hand("two_layers", TwoLayers, lambda n: ((_x(n), _causal_pad(n), _pad(n)), {}), attention=2, rewritable=2),
     ]
 

@@ -292,12 +292,14 @@ def _check_one_sequence(m: AttentionMatch, sources: dict) -> None:
     """Self-attention reads q and k off one sequence: both computed from the same model inputs. A
     decoder's cross-attention reads k off the encoder's output (not computed from the decoder's
     input ids) while q is: it is cross-attention even when both lengths happen to be equal, which
-    the shapes alone cannot tell when the capture is static."""
+    the shapes alone cannot tell when the capture is static. Inputs named as masks do not count:
+    they gate a sequence, they are not one (Inkling's keys pass a short convolution that zeroes
+    padded tokens first, so its first layer's k reads ``attention_mask`` and its q does not)."""
     k = m.k if m.k is not None else m.k_transposed
     if not isinstance(m.q, fx.Node) or not isinstance(k, fx.Node):
         return
     q_from, k_from = sources.get(m.q, frozenset()), sources.get(k, frozenset())
-    if q_from != k_from:
+    if any("mask" not in name.lower() for name in q_from ^ k_from):
         m.reason = (f"cross-attention: q and k are computed from different model inputs (q: {', '.join(sorted(q_from))}; "
                     f"k: {', '.join(sorted(k_from)) or 'none'}) (MTA is self-attention)")
 
