@@ -167,6 +167,21 @@ class BaddbmmAlibiViewed4d(_Proj):
         return self.merge(torch.bmm(p.view(B * H, n, n), v).view(B, H, n, dh))
 
 
+class BmmScoresViewedForMask(_Proj):
+    """Older BART-style code (MVP, Marian's and Pegasus's before transformers 5): bmm on heads
+    folded into the batch, the scores viewed as [B, H, n, n] to add a 4-D mask and viewed back to
+    [B·H, n, n] before a 3-D softmax and the bmm with v."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        q, k, v = (t.reshape(B * H, n, dh) for t in (q * dh ** -0.5, k, v))
+        s = torch.bmm(q, k.transpose(1, 2))
+        s = s.view(B, H, n, n) + torch.where(mask, 0.0, torch.finfo(s.dtype).min)
+        p = F.softmax(s.view(B * H, n, n), dim=-1)
+        return self.merge(torch.bmm(F.dropout(p, p=0.1, training=self.training), v).view(B, H, n, dh))
+
+
 class GqaExpandCausalBuffer(_Proj):
     """Llama-style repeat_kv (unsqueeze-expand-reshape) and a registered causal buffer."""
 
@@ -433,6 +448,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("einsum_heads_after_tokens", EinsumHeadsAfterTokens, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("baddbmm_key_padding", BaddbmmKeyPadding, lambda n: ((_x(n), _pad(n)), {})),
         _hand("baddbmm_alibi_viewed_4d", BaddbmmAlibiViewed4d, lambda n: ((_x(n), _causal_pad(n)), {})),
+        _hand("bmm_scores_viewed_for_mask", BmmScoresViewedForMask, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
         _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),

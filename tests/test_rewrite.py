@@ -183,7 +183,9 @@ ONE_LAYER = [
     ("einsum_heads_after_tokens", lambda m, x, mask: (m.heads(x), mask, {})),
     ("baddbmm_alibi_viewed_4d", lambda m, x, mask: (m.heads(x), m.alibi(x.shape[0], x.shape[1]).view(x.shape[0], m.h, 1, -1)
                                                     + torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
+    ("bmm_scores_viewed_for_mask", lambda m, x, mask: (m.heads(x), torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
     ("gqa_expand_causal_buffer", lambda m, x: (m.heads(x), torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), {})),
+    ("keys_gated_by_mask", lambda m, x, pad: ((m.heads(x)[0], *m.heads(x * pad[..., None])[1:]), None, dict(causal=True))),
     ("sdpa_causal_gqa", lambda m, x: (m.heads(x), None, dict(causal=True))),
     ("soft_cap_tanh", lambda m, x, mask: (m.heads(x), mask, dict(softcap=m.cap))),
 ]
@@ -197,7 +199,7 @@ def test_one_layer_equals_reference_op(name, extract):
     config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
     rewritten = mr.rewrite(model, args, kwargs, config=config)
     (q, k, v), mask, extra = extract(model, *args)
-    scale = None if name.startswith("sdpa") else model.dh ** -0.5
+    scale = None if name.startswith("sdpa") or name == "keys_gated_by_mask" else model.dh ** -0.5
     ref = mta_attention_reference(q, k, v, mask, scale=scale, **extra, **config.op_kwargs())
     with torch.no_grad():
         want = model.merge(ref.float())

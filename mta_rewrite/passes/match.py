@@ -75,7 +75,8 @@ class AttentionMatch:
     k_transposed: fx.Node | None = None  # the kᵀ operand when k itself is not in the graph
     v: fx.Node | None = None
     three_d: bool = False  # [B·H, n, d] operands (bmm style): the op gets a head dimension of 1
-    # (B, H) when 3-D products surround scores viewed as [B, H, n, n] (Bloom): the op then gets the
+    # (B, H) when 3-D products surround scores viewed as [B, H, n, n] (Bloom; or viewed so for the mask
+    # and back before a 3-D softmax, older BART-style code): the op then gets the
     # operands viewed as [B, H, n, d], and the masks met before that view (``inner_masks``, in the
     # [B·H, ..] frame) are viewed the same way
     frame: tuple | None = None
@@ -489,6 +490,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         factor = 1.0
         s = x
         row_max = None  # the max node of an x − max(x) shift: x's one other reader
+        # (older BART-style code: 3-D scores viewed as [B, H, n, n] to add the mask, viewed back to
+        # [B·H, n, n] before a 3-D softmax: the view back, met first walking down, and the masks
+        # met above it, in the [B·H, ..] frame)
+        back_view, inner_above = None, (0, 0)
         masks_above_cap = None  # (additive, bool) masks met before a tanh soft-cap: those after it are inside
         while True:
             if s.op != "call_function":
@@ -563,7 +568,12 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     s = b
                 else:
                     raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −65504")
-            elif t in VIEW_TARGETS and forward_view is not None and m.frame is None and _folds_heads(s, s.args[0]):
+            elif t in VIEW_TARGETS and forward_view is None and back_view is None and m.frame is None \
+                    and _folds_heads(s.args[0], s):
+                back_view, inner_above = s, (len(m.additive), len(m.allowed))
+                s = s.args[0]
+            elif t in VIEW_TARGETS and (forward_view or back_view) is not None and m.frame is None \
+                    and _folds_heads(s, s.args[0]):
                 m.frame = _heads_of(s)
                 inner_from = (len(m.additive), len(m.allowed))
                 s = s.args[0]
@@ -583,10 +593,11 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if drop_last is not None and m.sink_logits is None:
             m.kind = "softmax"
             raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
-        if (forward_view is None) != (m.frame is None) or (m.frame is not None and not m.three_d):
+        if ((forward_view or back_view) is None) != (m.frame is None) or (m.frame is not None and not m.three_d):
             raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
         if m.frame is not None:
-            m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:]] + [c for c, _ in m.allowed[inner_from[1]:]]
+            m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:] + m.additive[:inner_above[0]]] + \
+                [c for c, _ in m.allowed[inner_from[1]:] + m.allowed[:inner_above[1]]]
         qs, ks = operand_shape(m.q, m.q_perm), shape_of(m.k if m.k is not None else m.k_transposed)
         if m.k is None and ks is not None:
             ks = ks[:-2] + (ks[-1], ks[-2])
