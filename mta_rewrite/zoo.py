@@ -425,6 +425,19 @@ class SinkLogits(_Proj):
         return self.merge(torch.softmax(s, dim=-1, dtype=s.dtype)[..., :-1] @ v)
 
 
+class SinkScale(SinkLogits):
+    """Granite-SWA's eager attention: the same learned sink logits as :class:`SinkLogits`, written
+    as a scale of the output, ``softmax(s) @ v · sigmoid(logsumexp(s) − sink)`` (Z / (Z + e^sink)),
+    softmax in fp32."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-1, -2) * self.dh ** -0.5 + mask
+        scale = (torch.logsumexp(s, dim=-1) - self.sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+        o = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return self.merge(o * scale.unsqueeze(-1).to(o.dtype))
+
+
 def sink_inputs(n, B=2, seed=0):
     """x and an additive causal ∧ key-padding mask (float32's minimum where forbidden, as transformers)."""
     x = torch.randn(B, n, 32, generator=torch.Generator().manual_seed(seed))

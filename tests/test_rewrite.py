@@ -304,13 +304,16 @@ def sink_site_reference(model: zoo.SinkLogits, x, mask, **config) -> torch.Tenso
     return mta_attention_reference(q1, k1, v1, allowed, scale=scale, **config)[:, :, 1:, :-1]
 
 
-def test_learned_sink_logits_are_rewritten():
+@pytest.mark.parametrize("form", [zoo.SinkLogits, zoo.SinkScale], ids=["column", "scale"])
+def test_learned_sink_logits_are_rewritten(form):
     """GPT-OSS's eager attention (learned sink logits) was reported as "a softmax that is not
     attention" ("softmax output feeds slice.Tensor"): a user saw no attention in the model at all.
     It is a site; the rewrite gives the sink logit to the op as one more token at position 0 that
     it attends exactly (``passes.lower.sink_logit_operands``): one chunk equals the model itself,
-    and an MTA configuration equals the float64 reference op on that longer sequence."""
-    model = zoo.SinkLogits().eval()
+    and an MTA configuration equals the float64 reference op on that longer sequence. The same
+    sinks written as a scale of the output (Granite-SWA: sigmoid(logsumexp(s) − sink)) were left
+    exact ("the attention scores are used elsewhere"); they are the same site."""
+    model = form().eval()
     x, mask = zoo.sink_inputs(24)
     (site,) = mr.find_attention(model, (x, mask))
     assert (site.kind, site.rewritable, site.q_heads, site.seq_len, site.mask) == ("manual", True, 4, 24, "additive")
@@ -324,6 +327,38 @@ def test_learned_sink_logits_are_rewritten():
             ref = sink_site_reference(model, x, mask, chunk_size=6, local_chunks=2, sinks=2, top_k=1)
             torch.testing.assert_close(fast(x, mask), model.merge(ref.float()), rtol=1e-5, atol=1e-5)
             assert not torch.allclose(fast(x, mask), model(x, mask), atol=1e-3)  # an approximation
+
+
+class _NotASinkScale(zoo.SinkLogits):
+    """Forms near Granite-SWA's sink scale that are not it: the logsumexp of the scores before
+    their mask, a sink added instead of subtracted, the logsumexp also returned."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        raw = q @ k.transpose(-1, -2) * self.dh ** -0.5
+        s = raw + mask
+        lse = torch.logsumexp(raw if self.how == "unmasked" else s, dim=-1)
+        term = lse + self.sinks.view(1, -1, 1) if self.how == "added" else lse - self.sinks.view(1, -1, 1)
+        o = torch.softmax(s, dim=-1) @ v * term.sigmoid().unsqueeze(-1)
+        return (self.merge(o), lse) if self.how == "returned" else self.merge(o)
+
+
+@pytest.mark.parametrize("how", ["unmasked", "added", "returned"])
+def test_what_only_looks_like_a_sink_scale_is_left_exact(how):
+    model = _NotASinkScale(how).eval()
+    x, mask = zoo.sink_inputs(24)
+    (site,) = mr.find_attention(model, (x, mask))
+    assert not site.rewritable and ("logsumexp" in site.reason or "used elsewhere" in site.reason), site.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (x, mask), config=mr.MTAConfig(6, 1))
+    assert mr.count_mta_nodes(fast) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(first_tensor(fast(x, mask)), first_tensor(model(x, mask)))
 
 
 class _TokensThenSinkLogits(torch.nn.Module):

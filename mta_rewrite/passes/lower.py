@@ -73,7 +73,8 @@ def takes_exact_path(m: AttentionMatch) -> bool:
 
 def sink_logit_operands(q, k, v, mask, column, scale: float):
     """The op's operands for attention with **learned sink logits** (GPT-OSS): each query row's
-    logit ``column`` [B|1, Hq|1, n|1, 1] joins its scores in softmax with a value of zero. It
+    logit ``column`` [B|1, Hq|1, n|1, 1] (or without its last dimension, [B|1, Hq|1, n|1]: the term
+    Granite-SWA subtracts from the scores' logsumexp) joins its scores in softmax with a value of zero. It
     becomes one more token, at position 0, that the op attends exactly (a sink): q, k and v get
     one more dimension, q's holding ``column / scale`` and k's 1 for that token and 0 for the real
     keys, so scale·q'·k' is scale·q·k for a real key and the sink logit for the new one; v's is 0
@@ -81,6 +82,8 @@ def sink_logit_operands(q, k, v, mask, column, scale: float):
     only it (the triangle stays a triangle); the first output row and the extra dimension are
     dropped after the op (:func:`drop_sink_token`). Called from the graph."""
     B, Hq, n, d = q.shape
+    if column.dim() == q.dim() - 1:
+        column = column.unsqueeze(-1)
     logit = (column.to(q.dtype) / scale).expand(B, Hq, n, 1)
     q = F.pad(torch.cat([q, logit], dim=-1), (0, 0, 1, 0))
     k = torch.cat([F.pad(torch.ones_like(k[:, :, :1, :1]), (d, 0)), F.pad(k, (0, 1))], dim=2)

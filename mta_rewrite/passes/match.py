@@ -495,11 +495,14 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         # met above it, in the [B·H, ..] frame)
         back_view, inner_above = None, (0, 0)
         masks_above_cap = None  # (additive, bool) masks met before a tanh soft-cap: those after it are inside
+        # Granite-SWA's learned sinks: a logsumexp of the scores softmax reads, as they are (casts
+        # aside), scales the output by sigmoid(lse − sink) (:func:`_sink_scale`)
+        lse = _scores_logsumexp(x)
         while True:
             if s.op != "call_function":
                 m.kind = "softmax"
                 raise NoMatch("softmax input is not a product of q and kᵀ")
-            if len([u for u in live_users(s) if u is not row_max]) != 1:
+            if len([u for u in live_users(s) if u is not row_max and u is not lse]) != 1:
                 raise NoMatch(f"the attention scores ({s.name}) are used elsewhere: leaving it exact")
             chain.append(s)
             t = _functional(s.target)
@@ -586,6 +589,8 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     raise NoMatch(f"unsupported score modifier {name} ({s.name}): left exact")
                 m.kind = "softmax"
                 raise NoMatch(f"softmax input comes from {name}, not from q·kᵀ: not attention")
+        if lse is not None:
+            _sink_scale(m, lse, chain)
         m.chain = chain
         if masks_above_cap is not None and masks_above_cap != (len(m.additive), len(m.allowed)):
             raise NoMatch("a mask inside the tanh of a soft-cap (tanh(s + mask)): not a mask the op can take, "
@@ -615,6 +620,65 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if m.kind == "manual" and m.q is None and m.v is not None:
             _read_operands_below(m, node.args[0])
     return m
+
+
+def _scores_logsumexp(x: fx.Node) -> fx.Node | None:
+    """A ``logsumexp`` over the last dimension of the scores softmax reads (``x``, or what ``x`` is
+    a cast of), or None."""
+    while isinstance(x, fx.Node):
+        for u in live_users(x):
+            if u.op == "call_function" and u.target is aten.logsumexp.default and u.args[0] is x \
+                    and len(u.args[1]) == 1 and _last_dim(x, u.args[1][0]) \
+                    and not (u.args[2] if len(u.args) > 2 else u.kwargs.get("keepdim", False)):
+                return u
+        if x.op != "call_function" or _functional(x.target) not in CAST_TARGETS:
+            return None
+        x = x.args[0]
+    return None
+
+
+def _sink_scale(m: AttentionMatch, lse: fx.Node, chain: list) -> None:
+    """Learned sink logits written as a scale of the output (Granite-SWA's eager attention):
+    ``softmax(s) @ v * sigmoid(logsumexp(s) − sink)[..., None]``. With Z = Σ exp(s), that factor is
+    Z / (Z + exp(sink)): the same attention as GPT-OSS's extra column of logits with a value of 0.
+    The site's output becomes the scaled product, and ``m.sink_logits`` the sink term (a value
+    from parameters and constants, [1|B, H, 1|n]: one dimension short of a column, which
+    ``passes.lower.sink_logit_operands`` takes too)."""
+    def through(node: fx.Node, targets) -> fx.Node:  # along a run of single users in ``targets``
+        while len(users := live_users(node)) == 1 and users[0].op == "call_function" \
+                and _functional(users[0].target) in targets:
+            node = users[0]
+            chain.append(node)
+        return node
+
+    def single_user(node: fx.Node, target) -> fx.Node:
+        users = live_users(node)
+        if len(users) != 1 or users[0].op != "call_function" or _functional(users[0].target) is not target:
+            raise NoMatch("a logsumexp of the attention scores beside softmax, not a sink scale of its output: "
+                          "left exact")
+        chain.append(users[0])
+        return users[0]
+
+    if m.output is None or m.output.target is aten.einsum.default or m.three_d or m.frame is not None \
+            or m.sink_logits is not None or m.softcap:
+        raise NoMatch("a logsumexp of the attention scores beside softmax with 3-D or einsum products, other sink "
+                      "logits or a soft-cap: left exact")
+    chain.append(lse)
+    sub = single_user(through(lse, CAST_TARGETS), aten.sub.Tensor)
+    sink = sub.args[1]
+    if sub.args[0] is not chain[-2] or not isinstance(sink, fx.Node) or not _from_constants(sink) \
+            or len(shape_of(sink) or ()) != len(shape_of(m.output)) - 1:
+        raise NoMatch("a logsumexp of the attention scores less something that is not a learned per-head logit: "
+                      "left exact")
+    factor = through(single_user(through(sub, CAST_TARGETS), aten.sigmoid.default),
+                     CAST_TARGETS | {aten.unsqueeze.default})
+    scaled = single_user(factor, aten.mul.Tensor)
+    if set(scaled.args[:2]) != {m.output, factor} or len(live_users(m.output)) != 1 \
+            or len(shape_of(factor) or ()) != len(shape_of(m.output)) or _static(shape_of(factor)[-1]) != 1:
+        raise NoMatch("a sigmoid of a logsumexp of the attention scores that does not scale their product with v "
+                      "per query: left exact")
+    chain.append(m.output)
+    m.output, m.sink_logits = scaled, sink
 
 
 def _read_operands_below(m: AttentionMatch, scores: fx.Node) -> None:
