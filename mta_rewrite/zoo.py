@@ -182,6 +182,21 @@ class BmmScoresViewedForMask(_Proj):
         return self.merge(torch.bmm(F.dropout(p, p=0.1, training=self.training), v).view(B, H, n, dh))
 
 
+class BaddbmmViewedToFourD(_Proj):
+    """GPT-NeoX-Japanese's form: q and k folded to [B·H, n, d] for ``baddbmm`` (into zeros, alpha
+    the scale), the scores viewed as [B, H, n, n] for the mask, softmax and the product with the
+    4-D v in that frame."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        zeros = torch.zeros(B * H, n, n, dtype=q.dtype, device=q.device)
+        s = torch.baddbmm(zeros, q.reshape(B * H, n, dh), k.reshape(B * H, n, dh).transpose(1, 2), beta=1.0,
+                          alpha=dh ** -0.5)
+        s = s.view(B, H, n, -1) + torch.where(mask, 0.0, torch.finfo(s.dtype).min)
+        return self.merge(torch.matmul(F.softmax(s, dim=-1).to(v.dtype), v))
+
+
 class GqaExpandCausalBuffer(_Proj):
     """Llama-style repeat_kv (unsqueeze-expand-reshape) and a registered causal buffer."""
 
@@ -462,6 +477,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("baddbmm_key_padding", BaddbmmKeyPadding, lambda n: ((_x(n), _pad(n)), {})),
         _hand("baddbmm_alibi_viewed_4d", BaddbmmAlibiViewed4d, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("bmm_scores_viewed_for_mask", BmmScoresViewedForMask, lambda n: ((_x(n), _causal_pad(n)), {})),
+        _hand("baddbmm_viewed_to_four_d", BaddbmmViewedToFourD, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
         _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.layout import dense_order, is_permuted
-from .match import IGNORED_USERS, AttentionMatch, dtype_of, strip_repeat_kv, val
+from .match import IGNORED_USERS, AttentionMatch, dtype_of, shape_of, strip_repeat_kv, val
 
 aten = torch.ops.aten
 
@@ -224,7 +224,8 @@ def _canonical_operands(g: fx.Graph, m: AttentionMatch):
         if gk == gv > 1:
             k, v = kb, vb
     else:
-        q, k, v = (_op_layout(g, m, x) for x in (q, k, v))
+        k_node = m.k if m.k is not None else m.k_transposed
+        q, k, v = (_op_layout(g, m, x, like) for x, like in ((q, m.q), (k, k_node), (v, m.v)))
     mask = None
     if m.allowed or m.additive:
         allowed, additive = list(m.allowed), list(m.additive)
@@ -248,10 +249,13 @@ def _inverse(perm: tuple[int, ...]) -> list[int]:
     return sorted(range(len(perm)), key=perm.__getitem__)
 
 
-def _op_layout(g: fx.Graph, m: AttentionMatch, x: fx.Node) -> fx.Node:
+def _op_layout(g: fx.Graph, m: AttentionMatch, x: fx.Node, like: fx.Node) -> fx.Node:
     """A [B·H, n, d] operand (or the site's output) of a bmm-style site in the op's 4-D layout:
-    [B, H, n, d] when the model views its scores so (``m.frame``), else [B·H, 1, n, d]."""
+    [B, H, n, d] when the model views its scores so (``m.frame``; one already 4-D there, as
+    ``like``, the graph's node it stands for, shows, is as it is), else [B·H, 1, n, d]."""
     if m.frame is not None:
+        if len(shape_of(like) or ()) == 4:
+            return x
         return g.call_function(aten.unflatten.int, (x, 0, list(m.frame)))
     return g.call_function(aten.unsqueeze.default, (x, 1))
 
@@ -299,7 +303,8 @@ def _finish(g: fx.Graph, m: AttentionMatch, node: fx.Node) -> fx.Node:
     """Back from the op's [B, H, n, d] in q's dtype to what the site produced: its shape, dtype
     and memory order."""
     if m.frame is not None:
-        node = g.call_function(aten.flatten.using_ints, (node, 0, 1))
+        if len(shape_of(m.output) or ()) != 4:
+            node = g.call_function(aten.flatten.using_ints, (node, 0, 1))
     elif m.three_d:
         node = g.call_function(aten.squeeze.dim, (node, 1))
     want = dtype_of(m.output)
@@ -403,7 +408,7 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
     readers = set(out.users)
     with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
         original = out if m.out_perm is None else g.call_function(aten.permute.default, (out, _inverse(m.out_perm)))
-        original = _op_layout(g, m, original) if m.three_d else original
+        original = _op_layout(g, m, original, m.output) if m.three_d else original
         keep = set(out.users) - readers  # the new readers of the original output: they keep reading it
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)

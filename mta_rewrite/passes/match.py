@@ -575,8 +575,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     and _folds_heads(s.args[0], s):
                 back_view, inner_above = s, (len(m.additive), len(m.allowed))
                 s = s.args[0]
-            elif t in VIEW_TARGETS and (forward_view or back_view) is not None and m.frame is None \
-                    and _folds_heads(s, s.args[0]):
+            elif t in VIEW_TARGETS and ((forward_view or back_view) is not None or len(shape_of(m.output) or ()) == 4) \
+                    and m.frame is None and _folds_heads(s, s.args[0]):
+                # (GPT-NeoX-Japanese: a 3-D q·kᵀ viewed as [B, H, n, n], softmax and the product with
+                # a 4-D v in that frame: the 3-D operands are viewed into it, the rest is there)
                 m.frame = _heads_of(s)
                 inner_from = (len(m.additive), len(m.allowed))
                 s = s.args[0]
@@ -598,7 +600,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if drop_last is not None and m.sink_logits is None:
             m.kind = "softmax"
             raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
-        if ((forward_view or back_view) is None) != (m.frame is None) or (m.frame is not None and not m.three_d):
+        if ((forward_view or back_view) is not None and m.frame is None) or (m.frame is not None and not m.three_d):
             raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
         if m.frame is not None:
             m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:] + m.additive[:inner_above[0]]] + \
@@ -609,7 +611,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         ks = operand_shape(ks, m.k_perm)
         _check_self_attention(m, qs, ks)
         vs = operand_shape(m.v, m.v_perm)
-        if vs is None or not same_size(vs[-1], ks[-1]) or len(vs) != len(ks):
+        if vs is None or not same_size(vs[-1], ks[-1]) or (len(vs) != len(ks) and (m.frame is None or len(vs) != 4)):
             raise NoMatch(f"v {vs} does not match k {ks} (MTA needs k and v of one shape)")
         if not m.three_d and not same_size(vs[-3], ks[-3]):
             raise NoMatch(f"k and v have different head counts ({ks[-3]} vs {vs[-3]})")
