@@ -373,17 +373,21 @@ class CrossAttention(_Proj):
 
 
 class SoftmaxNotAttention(nn.Module):
-    """A softmax over classifier logits, and one over the sequence dimension."""
+    """A softmax over classifier logits, one over the sequence dimension, and a mixture of
+    experts' router (softmax read twice: top-k, and a gather of the chosen weights)."""
 
     def __init__(self):
         super().__init__()
         self.head = nn.Linear(32, 5)
         self.pool = nn.Linear(32, 1)
+        self.router = nn.Linear(32, 4)
 
     def forward(self, x):
         weights = torch.softmax(self.pool(x), dim=1)  # attention *pooling* over tokens, not q·kᵀ
         pooled = (weights * x).sum(1)
-        return torch.softmax(self.head(pooled), dim=-1)
+        probs = torch.softmax(self.router(x), dim=-1)
+        chosen = probs.gather(-1, probs.topk(2, dim=-1).indices)
+        return torch.softmax(self.head(pooled), dim=-1), chosen
 
 
 class MaskedFillFinite(_Proj):

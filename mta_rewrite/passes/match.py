@@ -458,6 +458,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         while True:
             users = live_users(p)
             if len(users) != 1:
+                if not _reaches_product(x):  # (a mixture of experts' router: softmax, then top-k and a gather)
+                    m.kind = "softmax"
+                    raise NoMatch(f"softmax output used {len(users)} times, its input not a product of q and kᵀ: "
+                                  "not attention")
                 raise NoMatch(f"the attention probabilities ({p.name}) are used {len(users)} times: leaving it exact")
             u = users[0]
             if u.op == "call_function" and u.target in CAST_TARGETS:
