@@ -86,7 +86,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             unsupported = _not_about_shapes(model, exc)
             if unsupported is not None:  # not about shapes: static capture would fail the same way
                 raise CaptureError(unsupported) from exc
-            first = _first_line(exc)
+            first = _first_line(exc) + _flags_in_var_keyword(model, args, kwargs, exc)
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
     try:
         return torch.export.export(model, args, kwargs, strict=False)
@@ -94,6 +94,29 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         first = _first_line(exc)
         raise CaptureError(_not_about_shapes(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+def _flags_in_var_keyword(model: torch.nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> str:
+    """Why dynamic capture failed, where the example passes flags (inputs holding no tensor)
+    through the forward's ``**kwargs``: torch.export (2.13, non-strict) cannot match dynamic
+    shapes to them ("Must provide a tree_name when there might be a mismatch"), as when
+    ``use_cache=False`` reaches a transformers model (GraniteMoE's) that does not name it. Empty
+    where that is not the case."""
+    if "Must provide a tree_name" not in str(exc):
+        return ""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return ""
+    flags = [name for param in inspect.signature(model.forward).parameters.values()
+             if param.kind is param.VAR_KEYWORD for name, value in bound.arguments.get(param.name, {}).items()
+             if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))]
+    if not flags:
+        return ""
+    said = ", ".join(f"{name}={kwargs[name]!r}" if name in kwargs else name for name in flags)
+    fix = " (for use_cache, set model.config.use_cache = False)" if "use_cache" in flags else ""
+    return (f": torch.export cannot yet take {said} through the forward's **kwargs with dynamic shapes; leave it out "
+            f"of the example{fix}")
 
 
 TOKEN_INPUTS = ("input_ids", "decoder_input_ids")

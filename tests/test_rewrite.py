@@ -1019,3 +1019,29 @@ def test_a_call_the_programs_shape_guards_refuse_is_a_one_line_error():
                                                           r"from: capture again from an example where that size is "
                                                           r"larger\)$"):
         one(torch.randn(2, 24, 16))
+
+
+class _FlagThroughKwargs(torch.nn.Module):
+    """A flag reaching forward through ``**kwargs``, as ``use_cache`` reaches GraniteMoE's."""
+
+    def forward(self, x, **kwargs):
+        y = torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+        return y * 2 if kwargs.get("flag") else y
+
+
+def test_a_flag_through_kwargs_that_defeats_dynamic_capture_is_named():
+    """torch.export (non-strict) cannot match dynamic shapes to a flag passed through the
+    forward's ``**kwargs``; capture fell back to static shapes with torch's bare "Must provide a
+    tree_name when there might be a mismatch". The warning now names the flag and what to do, and
+    the example without it captures a program that takes any length."""
+    model, x = _FlagThroughKwargs(), torch.randn(2, 8, 4)
+    with pytest.warns(UserWarning, match=r"dynamic capture failed \(Must provide a tree_name when there might be a "
+                                         r"mismatch: torch\.export cannot yet take flag=False through the forward's "
+                                         r"\*\*kwargs with dynamic shapes; leave it out of the example\); capturing "
+                                         r"with the example's static shapes"):
+        mr.capture(model, (x,), {"flag": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program = mr.capture(model, (x,))
+    longer = torch.randn(2, 13, 4)
+    torch.testing.assert_close(program.module()(longer), model(longer))
