@@ -1,0 +1,213 @@
+"""Architecture survey: every causal-LM architecture the installed transformers registers, built
+from its own default config shrunk to a few layers and small sizes (random weights, no download),
+then captured, searched for attention and rewritten.
+
+    python benchmarks/survey_architectures.py [--types llama gemma4_text …] [--attn eager sdpa] [--tag T]
+
+Per architecture (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) and attention implementation: the model is
+built by ``AutoModelForCausalLM.from_config`` from ``AutoConfig.for_model(type, **shrunk)`` (the
+default config's own sizes replaced where it has them, nested text configs too; more than 30M
+parameters after that is skipped), called once on 2 × 24 token ids with the first sequence
+left-padded (``use_cache=False`` where the forward names it), then ``find_attention`` and ``rewrite``: the sites found and
+rewritable, SDPA calls counted while the model ran (with ``sdpa``: its attention layers, the count
+``found`` should reach), the largest difference on real positions between the model and its
+rewrite with one chunk (``MTAConfig(10**6)``: exact) at 24 and 40 tokens (dynamic length), whether
+``MTAConfig(8, 1, 2, 1)`` runs to finite outputs, and the reasons of sites left exact. Rows where
+transformers itself refused (no such attention implementation, a shrunk config its validation
+rejects, a forward that fails on the model itself) say so and are not counted as ours.
+Writes benchmarks/results/survey_architectures_<date>[_<tag>].md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mta_rewrite as mr  # noqa: E402
+from mta_rewrite.calibration.metrics import first_tensor  # noqa: E402
+from mta_rewrite.timing import cpu_machine, results_name, save_results  # noqa: E402
+
+# sizes replaced where the default config has the field (4 layers: hybrids that interleave full
+# attention every few layers keep one)
+SHRINK = dict(
+    num_hidden_layers=4, n_layer=4, num_layers=4, n_layers=4, hidden_size=64, n_embd=64, d_model=64,
+    intermediate_size=128, n_inner=128, ffn_dim=128, encoder_ffn_dim=128, decoder_ffn_dim=128,
+    num_attention_heads=4, n_head=4, num_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
+    num_key_value_heads=2, num_kv_heads=2, head_dim=16, kv_channels=16, vocab_size=128,
+    max_position_embeddings=512, sliding_window=16,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    n_shared_experts=1, shared_expert_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+    q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1, ssm_state_size=4,
+    vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+NESTED = ("text_config",)
+MAX_PARAMETERS = 30e6
+EXACT, SMALL_MTA = mr.MTAConfig(10**6), mr.MTAConfig(8, 1, 2, 1)
+
+
+class _CountSdpa(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(n: int, vocab: int, flag: bool) -> dict:
+    """Token ids, the first sequence left-padded, and ``use_cache=False`` where the forward names
+    it (``flag``; as ``mta-rewrite capture`` does: torch.export cannot take it through ``**kwargs``
+    with dynamic shapes, and the config's ``use_cache`` is off)."""
+    ids = torch.randint(3, max(4, min(vocab, 100)), (2, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[0, : n // 5] = 0  # left padding
+    return {"input_ids": ids, "attention_mask": mask, **({"use_cache": False} if flag else {})}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def build(model_type: str, attn: str):
+    """The shrunk model, or raises (transformers' own refusal)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    default = AutoConfig.for_model(model_type).to_dict()
+    shrunk = {k: v for k, v in SHRINK.items() if k in default}
+    if "qk_rope_head_dim" in shrunk:  # multi-head latent attention: head_dim is the rotary part, a head per query head
+        shrunk.update({k: v for k, v in (("head_dim", SHRINK["qk_rope_head_dim"]),
+                                          ("num_key_value_heads", SHRINK["num_attention_heads"]),
+                                          ("qk_head_dim", SHRINK["qk_rope_head_dim"] + SHRINK["qk_nope_head_dim"]))
+                       if k in default})
+    for sub in NESTED:
+        if isinstance(default.get(sub), dict):
+            shrunk[sub] = {k: v for k, v in SHRINK.items() if k in default[sub]}
+            shrunk[sub]["model_type"] = default[sub].get("model_type")
+    config = AutoConfig.for_model(model_type, **shrunk)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"{size / 1e6:.0f}M parameters after shrinking (a size the shrink does not reach)")
+    for part in (config, getattr(config, "text_config", None)):
+        if part is not None and hasattr(part, "use_cache"):
+            part.use_cache = False  # a KV cache is not a graph output
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 128)
+    return model, vocab
+
+
+def survey(model_type: str, attn: str) -> dict:
+    row = {"type": model_type, "attn": attn}
+    try:
+        model, vocab = build(model_type, attn)
+    except Exception as exc:  # noqa: BLE001  (transformers refuses in many ways)
+        row.update(outcome="not built", detail=_one_line(exc))
+        return row
+    flag = "use_cache" in inspect.signature(model.forward).parameters
+    example = _inputs(24, vocab, flag)
+    try:
+        with torch.no_grad(), _CountSdpa() as counted:
+            model(**example)
+        row["sdpa_calls"] = counted.calls
+    except Exception as exc:  # noqa: BLE001
+        row.update(outcome="model fails", detail=_one_line(exc))
+        return row
+    with torch.no_grad():
+        try:
+            program = mr.capture(model, (), example)  # once: found and rewritten from the same program
+            sites = mr.find_attention(program)
+        except Exception as exc:  # noqa: BLE001
+            row.update(outcome="capture fails", detail=_one_line(exc))
+            return row
+        attention = [s for s in sites if s.is_attention]
+        row.update(found=len(attention), rewritable=sum(s.rewritable for s in attention),
+                   reasons=sorted({s.reason for s in attention if not s.rewritable}))
+        try:
+            exact = mr.rewrite(program, config=EXACT)
+            worst = 0.0
+            for n in (24, 40):
+                call = _inputs(n, vocab, flag)
+                keep = call["attention_mask"].bool()
+                a, b = first_tensor(model(**call)), first_tensor(exact(**call))
+                worst = max(worst, (a[keep] - b[keep]).abs().max().item())
+            row["exact_error"] = worst
+            call = _inputs(40, vocab, flag)
+            out = first_tensor(mr.rewrite(program, config=SMALL_MTA)(**call))
+            row["mta_finite"] = bool(torch.isfinite(out[call["attention_mask"].bool()]).all())
+        except Exception as exc:  # noqa: BLE001
+            # (a length the model's code fixes, Mamba's loop over the tokens: the program takes no other)
+            fixed = "does not fit the rewritten model" in str(exc)
+            row.update(outcome="shape fixed by the model" if fixed else "rewrite fails", detail=_one_line(exc))
+            return row
+    row["outcome"] = "ok" if worst < 1e-4 and row["mta_finite"] else "wrong"
+    return row
+
+
+def markdown(rows: list[dict], machine: str, transformers_version: str) -> str:
+    ours = [r for r in rows if r["outcome"] not in ("not built", "model fails", "shape fixed by the model")]
+    full = [r for r in ours if r.get("found") and r["found"] == r.get("rewritable")]
+    lines = [
+        f"Generated by `python benchmarks/survey_architectures.py` ({machine}, transformers {transformers_version}).",
+        "",
+        f"{len({r['type'] for r in rows})} causal-LM architectures × {len({r['attn'] for r in rows})} attention "
+        f"implementations: {len(rows)} rows; {len(ours)} built and ran at two lengths (the others: transformers "
+        f"refused the implementation or the shrunk config, the model failed on itself, or its code fixes the "
+        f"sequence length, so no program takes a second one); of those, "
+        f"{sum(r['outcome'] == 'ok' for r in ours)} rewrite with one chunk to the model's outputs (max |Δ| < 1e-4 "
+        f"at two lengths) and run an MTA configuration to finite outputs, {len(full)} with every attention site "
+        "rewritable.",
+        "",
+        "| architecture | attention | outcome | SDPA calls | found | rewritable | max abs err, 1 chunk | left exact, and why / what failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        why = r.get("detail") or "; ".join(r.get("reasons", []))
+        err = f"{r['exact_error']:.1e}" if "exact_error" in r else ""
+        lines.append(f"| {r['type']} | {r['attn']} | {r['outcome']} | {r.get('sdpa_calls', '')} | {r.get('found', '')} | "
+                     f"{r.get('rewritable', '')} | {err} | {why.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", nargs="*", default=None, help="model types (default: every causal LM)")
+    parser.add_argument("--attn", nargs="*", default=["eager", "sdpa"])
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    rows = []
+    for model_type in args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        for attn in args.attn:
+            start = time.perf_counter()
+            row = survey(model_type, attn)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    machine = cpu_machine()
+    save_results(Path(__file__).parent / "results", results_name("survey_architectures", args.tag), rows, machine,
+                 markdown(rows, machine, transformers.__version__))
+
+
+if __name__ == "__main__":
+    main()
