@@ -63,8 +63,7 @@ class CallSignature:
                 bound = self._by_name(*example)
             except ValueError:
                 bound = {}
-            self.constants = {name: value for name, value in bound.items()
-                              if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))}
+            self.constants = {name: value for name, value in bound.items() if not holds_tensor(value)}
 
     def _by_name(self, args: tuple, kwargs: dict) -> dict:
         if len(args) > len(self.names):
@@ -113,6 +112,12 @@ class CallSignature:
         shown = [*self.positional, *(f"{k}={self.constants[k]!r}" if k in self.constants else f"{k}=…"
                                      for k in self.keywords)]
         return f"model({', '.join(shown)})"
+
+
+def holds_tensor(value: Any) -> bool:
+    """Whether an input holds a tensor anywhere in its structure (else it is a flag, such as
+    ``use_cache=False``, that a program is specialised to)."""
+    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))
 
 
 def _differs(given: Any, captured: Any) -> bool:

@@ -29,7 +29,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .calls import example_call
+from .calls import example_call, holds_tensor
 
 
 class CaptureError(RuntimeError):
@@ -104,13 +104,13 @@ def _flags_in_var_keyword(model: torch.nn.Module, args: tuple, kwargs: dict, exc
     where that is not the case."""
     if "Must provide a tree_name" not in str(exc):
         return ""
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return ""
-    flags = [name for param in inspect.signature(model.forward).parameters.values()
-             if param.kind is param.VAR_KEYWORD for name, value in bound.arguments.get(param.name, {}).items()
-             if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))]
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    flags = [name for name, value in bound.arguments.get(var_keyword, {}).items() if not holds_tensor(value)]
     if not flags:
         return ""
     said = ", ".join(f"{name}={kwargs[name]!r}" if name in kwargs else name for name in flags)

@@ -670,9 +670,10 @@ def _sink_scale(m: AttentionMatch, lse: fx.Node, chain: list) -> None:
         raise NoMatch("a logsumexp of the attention scores beside softmax with 3-D or einsum products, other sink "
                       "logits or a soft-cap: left exact")
     chain.append(lse)
-    sub = single_user(through(lse, CAST_TARGETS), aten.sub.Tensor)
+    lse_out = through(lse, CAST_TARGETS)
+    sub = single_user(lse_out, aten.sub.Tensor)
     sink = sub.args[1]
-    if sub.args[0] is not chain[-2] or not isinstance(sink, fx.Node) or not _from_constants(sink) \
+    if sub.args[0] is not lse_out or not isinstance(sink, fx.Node) or not _from_constants(sink) \
             or len(shape_of(sink) or ()) != len(shape_of(m.output)) - 1:
         raise NoMatch("a logsumexp of the attention scores less something that is not a learned per-head logit: "
                       "left exact")
