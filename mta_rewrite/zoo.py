@@ -197,6 +197,21 @@ class BaddbmmViewedToFourD(_Proj):
         return self.merge(torch.matmul(F.softmax(s, dim=-1).to(v.dtype), v))
 
 
+class SoftmaxTypeAsScores(_Proj):
+    """XLM's (and fairseq's) eager attention: q/√d, then q·kᵀ masked in place (``masked_fill_``
+    with the dtype's minimum, the mask ``expand_as`` the scores) and
+    ``softmax(scores.float()).type_as(scores)``: the expand and the cast back read the scores' shape
+    and dtype, not their values."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        q = q / math.sqrt(self.dh)
+        s = torch.matmul(q, k.transpose(2, 3))
+        s.masked_fill_((mask == 0).expand_as(s), torch.finfo(s.dtype).min)
+        p = F.softmax(s.float(), dim=-1).type_as(s)
+        return self.merge(torch.matmul(p, v))
+
+
 class GqaExpandCausalBuffer(_Proj):
     """Llama-style repeat_kv (unsqueeze-expand-reshape) and a registered causal buffer."""
 
@@ -489,6 +504,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("where_full_min_legacy_gpt2", WhereFullMinLegacyGpt2, lambda n: ((_x(n),), {})),
         _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("keys_gated_by_mask", KeysGatedByMask, lambda n: ((_x(n), _pad(n).float()), {})),
+        _hand("softmax_type_as_scores", SoftmaxTypeAsScores, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("two_layers", TwoLayers, lambda n: ((_x(n), _causal_pad(n), _pad(n)), {}), attention=2, rewritable=2),
     ]
 

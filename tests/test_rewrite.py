@@ -14,6 +14,7 @@ import torch
 import mta_rewrite as mr
 from mta_rewrite import zoo
 from mta_rewrite.ops import mta_attention_reference
+from mta_rewrite.passes import match
 
 from .zoo_programs import captured
 
@@ -50,6 +51,18 @@ def cases(family):
     return [pytest.param(c, id=c.name, marks=marks) for c in out]
 
 
+def square_products(gm) -> list[str]:
+    """Products (matmul, bmm, baddbmm, einsum) whose result is n × n in its last two dimensions
+    (one symbolic size twice): q·kᵀ scores, or p·v's probabilities' shape."""
+    out = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "call_function" and n.target in match.MATMUL_TARGETS and isinstance(val, torch.Tensor) \
+                and val.dim() >= 2 and not isinstance(val.shape[-1], int) and str(val.shape[-1]) == str(val.shape[-2]):
+            out.append(n.name)
+    return out
+
+
 POSITIVE = cases("hand-written") + cases("torch") + cases("transformers")
 
 
@@ -67,6 +80,8 @@ def test_zoo_found_and_rewritten_exactly(case):
         assert len({s.name for s in sites}) == len(sites), "site names must be unique"
         rewritten = mr.rewrite(model, args, kwargs, config=EXACT)
     assert mr.count_mta_nodes(rewritten) == case.rewritable
+    if case.rewritable == case.attention:  # nothing left exact: no n × n scores are computed any more
+        assert not square_products(rewritten), square_products(rewritten)
     # GQA: the op gets the key/value heads, not copies repeated to the query heads
     ops = [n for n in rewritten.graph.nodes if n.target is torch.ops.mta.attention.default]
     for site, node in zip([s for s in attention if s.rewritable], ops):

@@ -502,11 +502,16 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         # Granite-SWA's learned sinks: a logsumexp of the scores softmax reads, as they are (casts
         # aside), scales the output by sigmoid(lse − sink) (:func:`_sink_scale`)
         lse = _scores_logsumexp(x)
+        shape_reads: set[fx.Node] = set()  # masks' expand_as(mask, scores): the scores' shape only
         while True:
             if s.op != "call_function":
                 m.kind = "softmax"
                 raise NoMatch("softmax input is not a product of q and kᵀ")
-            if len([u for u in live_users(s) if u is not row_max and u is not lse]) != 1:
+            # (XLM's ``softmax(scores.float()).type_as(scores)``: the cast after softmax, in the site,
+            # reads only the scores' dtype)
+            readers = [u for u in live_users(s) if u is not row_max and u is not lse and u not in shape_reads
+                       and not (u in chain and u.target in LIKE_SECOND and u.args[0] is not s)]
+            if len(readers) != 1:
                 raise NoMatch(f"the attention scores ({s.name}) are used elsewhere: leaving it exact")
             chain.append(s)
             t = _functional(s.target)
@@ -552,10 +557,11 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
                 if _reaches_product(a) and not _reaches_product(b):
+                    b = _unexpanded(b, a, shape_reads)
                     m.additive.append((b, factor * (alpha if t is aten.add.Tensor else -alpha)))
                     s = a
                 elif t is aten.add.Tensor and _reaches_product(b) and not _reaches_product(a):
-                    m.additive.append((a, factor))
+                    m.additive.append((_unexpanded(a, b, shape_reads), factor))
                     s = b
                 else:
                     raise NoMatch(_unsupported(s, "not an additive mask"))
@@ -563,15 +569,15 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 scores, cond, value = s.args[:3]
                 if not is_forbidding_value(value):
                     raise NoMatch(f"masked_fill with {_static(value)} (not −inf or ≤ −65504): not representable as a mask")
-                m.allowed.append((cond, True))
+                m.allowed.append((_unexpanded(cond, scores, shape_reads), True))
                 s = scores
             elif t in WHERE_TARGETS:
                 cond, a, b = s.args[:3]
                 if _reaches_product(a) and is_forbidding_value(b):
-                    m.allowed.append((cond, False))
+                    m.allowed.append((_unexpanded(cond, a, shape_reads), False))
                     s = a
                 elif _reaches_product(b) and is_forbidding_value(a):
-                    m.allowed.append((cond, True))
+                    m.allowed.append((_unexpanded(cond, b, shape_reads), True))
                     s = b
                 else:
                     raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −65504")
@@ -626,6 +632,17 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if m.kind == "manual" and m.q is None and m.v is not None:
             _read_operands_below(m, node.args[0])
     return m
+
+
+def _unexpanded(mask, scores, shape_reads: set):
+    """A mask broadcast to the scores' shape by ``expand_as(mask, scores)`` (XLM's padding mask) is
+    the mask itself, which the op broadcasts: the expand_as, noted in ``shape_reads``, reads only
+    the scores' shape, and goes with the site."""
+    if isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target is aten.expand_as.default \
+            and mask.args[1] is scores:
+        shape_reads.add(mask)
+        return mask.args[0]
+    return mask
 
 
 def _scores_logsumexp(x: fx.Node) -> fx.Node | None:
