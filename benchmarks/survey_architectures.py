@@ -6,8 +6,9 @@ then captured, searched for attention and rewritten.
 
 Per architecture (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``) and attention implementation: the model is
 built by ``AutoModelForCausalLM.from_config`` from ``AutoConfig.for_model(type, **shrunk)`` (the
-default config's own sizes replaced where it has them, nested text configs too; more than 30M
-parameters after that is skipped), called once on 2 × 24 token ids with the first sequence
+default config's own sizes replaced where it has them, nested text and vision configs too; per-layer
+lists of kinds cut to 4 layers keeping each kind; what a few types need besides, ``PER_TYPE``; more
+than 30M parameters after that is skipped), called once on 2 × 24 token ids with the first sequence
 left-padded (``use_cache=False`` where the forward names it), then ``find_attention`` and ``rewrite``: the sites found and
 rewritable, SDPA calls counted while the model ran (with ``sdpa``: its attention layers, the count
 ``found`` should reach), the largest difference on real positions between the model and its
@@ -39,20 +40,38 @@ from mta_rewrite.timing import cpu_machine, results_name, save_results  # noqa: 
 # sizes replaced where the default config has the field (4 layers: hybrids that interleave full
 # attention every few layers keep one)
 SHRINK = dict(
-    num_hidden_layers=4, n_layer=4, num_layers=4, n_layers=4, hidden_size=64, n_embd=64, d_model=64,
+    num_hidden_layers=4, n_layer=4, num_layers=4, n_layers=4, hidden_size=64, n_embd=64, d_model=64, emb_dim=64,
     intermediate_size=128, n_inner=128, ffn_dim=128, encoder_ffn_dim=128, decoder_ffn_dim=128,
-    num_attention_heads=4, n_head=4, num_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
-    num_key_value_heads=2, num_kv_heads=2, head_dim=16, kv_channels=16, vocab_size=128,
+    num_attention_heads=4, n_head=4, n_heads=4, num_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
+    num_key_value_heads=2, num_kv_heads=2, head_dim=16, kv_channels=16, rotary_dim=8, vocab_size=128,
     max_position_embeddings=512, sliding_window=16,
-    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    n_shared_experts=1, shared_expert_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, num_experts_per_token=2,
+    moe_intermediate_size=32, n_shared_experts=1, num_shared_experts=1, shared_expert_intermediate_size=32,
+    shared_experts_intermediate_size=32,
+    first_k_dense_replace=1, n_group=1, num_expert_group=1, topk_group=1,
     q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-    mamba_n_heads=4, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1, ssm_state_size=4,
+    mamba_n_heads=4, mamba_d_head=32, mamba_d_ssm=128, mamba_d_state=4, mamba_n_groups=1, ssm_state_size=4,
     vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
-NESTED = ("text_config",)
+# mamba_d_head × mamba_n_heads = mamba_d_ssm = 2 (the default mamba_expand) × hidden_size
+NESTED = ("text_config", "vision_config")
+# per-layer lists (a layer's kind, or its size), cut to the shrunk layer count
+LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers", "attn_layers", "mlp_layer_types")
+# what a type's default config needs besides the shrink, to be a coherent small model of its kind
+PER_TYPE = {
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),  # the pattern × repeats must give the layer count
+    "reformer": dict(is_decoder=True),  # its LM head refuses otherwise
+    "xmod": dict(default_language="en_XX"),  # its adapters need a language
+    # the default lists no attention layer at all (Mamba only): Granite-4.0-H interleaves them
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
+    "bamba": dict(attn_layer_indices=[1, 3]),  # likewise (Bamba-9B has three in 32)
+    "zaya": dict(num_experts_per_tok=1),  # the only routing it supports
+    "kolibri1_1": dict(index_num_heads=2),  # at most the query heads per key head
+    # the last two layers reuse the cache of the last earlier layer of their kind: both kinds before them
+    "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2),
+}
 MAX_PARAMETERS = 30e6
 EXACT, SMALL_MTA = mr.MTAConfig(10**6), mr.MTAConfig(8, 1, 2, 1)
 
@@ -83,21 +102,45 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}"
 
 
-def build(model_type: str, attn: str):
-    """The shrunk model, or raises (transformers' own refusal)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    default = AutoConfig.for_model(model_type).to_dict()
+def _shrink(default: dict) -> dict:
+    """The fields of one (possibly nested) config dict that the shrink replaces."""
     shrunk = {k: v for k, v in SHRINK.items() if k in default}
+    layers = next((default[k] for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers") if k in default), None)
+    for key, value in default.items():
+        if isinstance(value, list) and layers and len(value) == layers:
+            if key in SHRINK:  # a size per layer (Gemma-3n's intermediate_size)
+                shrunk[key] = [SHRINK[key]] * SHRINK["num_hidden_layers"]
+            elif key in LAYER_LISTS:
+                shrunk[key] = _layer_kinds(value, SHRINK["num_hidden_layers"])
     if "qk_rope_head_dim" in shrunk:  # multi-head latent attention: head_dim is the rotary part, a head per query head
         shrunk.update({k: v for k, v in (("head_dim", SHRINK["qk_rope_head_dim"]),
                                           ("num_key_value_heads", SHRINK["num_attention_heads"]),
                                           ("qk_head_dim", SHRINK["qk_rope_head_dim"] + SHRINK["qk_nope_head_dim"]))
                        if k in default})
+    return shrunk
+
+
+def _layer_kinds(kinds: list, n: int) -> list:
+    """The first ``n`` of a per-layer list of kinds, with each kind that would otherwise be lost put
+    in place of a repeated one, from the end (Zamba2's one hybrid layer in six)."""
+    out = list(kinds[:n])
+    for kind in dict.fromkeys(kinds):
+        spare = [i for i in range(n - 1, -1, -1) if out.count(out[i]) > 1]
+        if kind not in out and spare:
+            out[spare[0]] = kind
+    return out
+
+
+def build(model_type: str, attn: str):
+    """The shrunk model, or raises (transformers' own refusal)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    default = AutoConfig.for_model(model_type).to_dict()
+    shrunk = _shrink(default)
     for sub in NESTED:
         if isinstance(default.get(sub), dict):
-            shrunk[sub] = {k: v for k, v in SHRINK.items() if k in default[sub]}
-            shrunk[sub]["model_type"] = default[sub].get("model_type")
+            shrunk[sub] = {**_shrink(default[sub]), "model_type": default[sub].get("model_type")}
+    shrunk.update(PER_TYPE.get(model_type, {}))
     config = AutoConfig.for_model(model_type, **shrunk)
     with torch.device("meta"):
         size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
