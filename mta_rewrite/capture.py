@@ -21,7 +21,10 @@ length came out fixed (:func:`fixed_lengths`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import sys
 import warnings
 from typing import Any
 
@@ -79,7 +82,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
                           "batch 2 or more for a program that takes any batch", stacklevel=2)
         try:
             shapes = dynamic_shapes_for(model, args, kwargs)
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            ep = _export(model, args, kwargs, dynamic_shapes=shapes)
             _warn_fixed_length(ep)
             return ep
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
@@ -89,11 +92,33 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             first = _first_line(exc) + _flags_in_var_keyword(model, args, kwargs, exc)
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        return _export(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001
         first = _first_line(exc)
         raise CaptureError(_not_about_shapes(model, exc)
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, **options) -> ExportedProgram:
+    """``torch.export.export(strict=False)``, without the partial graph torch prints to stderr when
+    it fails (on a data-dependent guard, the whole graph traced so far, once per wrapper: thousands
+    of lines before the one-line error the CLI gives). What else export writes to stderr, warnings
+    included, is written there as before; the graph stays on the error (``partial_fx_graph``)."""
+    written = io.StringIO()
+    failed = None
+    try:
+        with contextlib.redirect_stderr(written):
+            return torch.export.export(model, args, kwargs, strict=False, **options)
+    except Exception as exc:
+        failed = exc
+        raise
+    finally:
+        text = written.getvalue()
+        graph = getattr(failed, "partial_fx_graph", None)
+        if graph is not None:
+            text = text.replace(f"{graph}\n", "")
+        if text:
+            sys.stderr.write(text)
 
 
 def _flags_in_var_keyword(model: torch.nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> str:
@@ -187,7 +212,7 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
     else None and why not."""
     try:
         shapes = dynamic_shapes_for(model, wide_args, wide_kwargs)
-        ep = torch.export.export(model, wide_args, wide_kwargs, dynamic_shapes=shapes, strict=False)
+        ep = _export(model, wide_args, wide_kwargs, dynamic_shapes=shapes)
     except Exception as exc:  # noqa: BLE001
         unsupported = _not_about_shapes(model, exc)
         if unsupported is not None:

@@ -753,6 +753,28 @@ def test_a_model_returning_what_a_graph_cannot_is_one_clear_error():
         torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
+class _BranchesOnData(torch.nn.Module):
+    """A forward that branches on a data-dependent size (as Kolibri-1.1's indexer does, on the
+    unique rows of its mask)."""
+
+    def forward(self, x):
+        if len(torch.unique(x[:, 0].long())) == 0:
+            return x
+        return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+
+def test_a_data_dependent_branch_is_one_error_without_torchs_graph_dump(capfd):
+    """torch.export prints the whole graph traced so far to stderr when a data-dependent guard stops
+    it (once per wrapper: thousands of lines for a language model); capture keeps that out, and
+    the error says what stopped it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(mr.CaptureError, match="torch.export could not capture _BranchesOnData: .*data-dependent"):
+            mr.find_attention(_BranchesOnData(), (torch.randn(4, 8),))
+    err = capfd.readouterr().err
+    assert "def forward" not in err, err[:300]
+
+
 class _FlexAttention(torch.nn.Module):
     def __init__(self):
         super().__init__()
