@@ -38,7 +38,8 @@ from mta_rewrite.calibration.metrics import first_tensor  # noqa: E402
 from mta_rewrite.timing import cpu_machine, results_name, save_results  # noqa: E402
 
 # sizes replaced where the default config has the field (4 layers: hybrids that interleave full
-# attention every few layers keep one)
+# attention every few layers keep one; mamba_d_head × mamba_n_heads = mamba_d_ssm = 2, the default
+# mamba_expand, × hidden_size)
 SHRINK = dict(
     num_hidden_layers=4, n_layer=4, num_layers=4, n_layers=4, hidden_size=64, n_embd=64, d_model=64, emb_dim=64,
     intermediate_size=128, n_inner=128, ffn_dim=128, encoder_ffn_dim=128, decoder_ffn_dim=128,
@@ -55,7 +56,6 @@ SHRINK = dict(
     vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
-# mamba_d_head × mamba_n_heads = mamba_d_ssm = 2 (the default mamba_expand) × hidden_size
 NESTED = ("text_config", "vision_config")
 # per-layer lists (a layer's kind, or its size), cut to the shrunk layer count
 LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers", "attn_layers", "mlp_layer_types")

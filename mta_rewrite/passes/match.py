@@ -455,6 +455,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         # forwards: P → (casts, eval dropout, a view from [B, H, n, n] to [B·H, n, n]) → P @ v
         p = node
         forward_view = drop_last = None
+        # nodes of the site that read the scores for their dtype or shape only, not their values:
+        # a cast back after softmax by ``type_as(scores)`` (XLM, fairseq), a mask's
+        # ``expand_as(scores)`` (:func:`_unexpanded`)
+        meta_reads: set[fx.Node] = set()
         while True:
             users = live_users(p)
             if len(users) != 1:
@@ -465,6 +469,8 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 raise NoMatch(f"the attention probabilities ({p.name}) are used {len(users)} times: leaving it exact")
             u = users[0]
             if u.op == "call_function" and u.target in CAST_TARGETS:
+                if u.target in LIKE_SECOND:
+                    meta_reads.add(u)
                 p = u
             elif u.op == "call_function" and u.target in (aten.dropout.default, aten.native_dropout.default):
                 a = bound_args(u)
@@ -502,16 +508,11 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         # Granite-SWA's learned sinks: a logsumexp of the scores softmax reads, as they are (casts
         # aside), scales the output by sigmoid(lse − sink) (:func:`_sink_scale`)
         lse = _scores_logsumexp(x)
-        shape_reads: set[fx.Node] = set()  # masks' expand_as(mask, scores): the scores' shape only
         while True:
             if s.op != "call_function":
                 m.kind = "softmax"
                 raise NoMatch("softmax input is not a product of q and kᵀ")
-            # (XLM's ``softmax(scores.float()).type_as(scores)``: the cast after softmax, in the site,
-            # reads only the scores' dtype)
-            readers = [u for u in live_users(s) if u is not row_max and u is not lse and u not in shape_reads
-                       and not (u in chain and u.target in LIKE_SECOND and u.args[0] is not s)]
-            if len(readers) != 1:
+            if len([u for u in live_users(s) if u is not row_max and u is not lse and u not in meta_reads]) != 1:
                 raise NoMatch(f"the attention scores ({s.name}) are used elsewhere: leaving it exact")
             chain.append(s)
             t = _functional(s.target)
@@ -557,11 +558,11 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
                 if _reaches_product(a) and not _reaches_product(b):
-                    b = _unexpanded(b, a, shape_reads)
-                    m.additive.append((b, factor * (alpha if t is aten.add.Tensor else -alpha)))
+                    m.additive.append((_unexpanded(b, a, meta_reads),
+                                       factor * (alpha if t is aten.add.Tensor else -alpha)))
                     s = a
                 elif t is aten.add.Tensor and _reaches_product(b) and not _reaches_product(a):
-                    m.additive.append((_unexpanded(a, b, shape_reads), factor))
+                    m.additive.append((_unexpanded(a, b, meta_reads), factor))
                     s = b
                 else:
                     raise NoMatch(_unsupported(s, "not an additive mask"))
@@ -569,15 +570,15 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 scores, cond, value = s.args[:3]
                 if not is_forbidding_value(value):
                     raise NoMatch(f"masked_fill with {_static(value)} (not −inf or ≤ −65504): not representable as a mask")
-                m.allowed.append((_unexpanded(cond, scores, shape_reads), True))
+                m.allowed.append((_unexpanded(cond, scores, meta_reads), True))
                 s = scores
             elif t in WHERE_TARGETS:
                 cond, a, b = s.args[:3]
                 if _reaches_product(a) and is_forbidding_value(b):
-                    m.allowed.append((_unexpanded(cond, a, shape_reads), False))
+                    m.allowed.append((_unexpanded(cond, a, meta_reads), False))
                     s = a
                 elif _reaches_product(b) and is_forbidding_value(a):
-                    m.allowed.append((_unexpanded(cond, b, shape_reads), True))
+                    m.allowed.append((_unexpanded(cond, b, meta_reads), True))
                     s = b
                 else:
                     raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −65504")
@@ -634,13 +635,13 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
     return m
 
 
-def _unexpanded(mask, scores, shape_reads: set):
+def _unexpanded(mask, scores, meta_reads: set):
     """A mask broadcast to the scores' shape by ``expand_as(mask, scores)`` (XLM's padding mask) is
-    the mask itself, which the op broadcasts: the expand_as, noted in ``shape_reads``, reads only
+    the mask itself, which the op broadcasts: the expand_as, noted in ``meta_reads``, reads only
     the scores' shape, and goes with the site."""
     if isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target is aten.expand_as.default \
             and mask.args[1] is scores:
-        shape_reads.add(mask)
+        meta_reads.add(mask)
         return mask.args[0]
     return mask
 
