@@ -89,8 +89,7 @@ class _CountSdpa(torch.overrides.TorchFunctionMode):
 
 def _inputs(n: int, vocab: int, flag: bool) -> dict:
     """Token ids, the first sequence left-padded, and ``use_cache=False`` where the forward names
-    it (``flag``; as ``mta-rewrite capture`` does: torch.export cannot take it through ``**kwargs``
-    with dynamic shapes, and the config's ``use_cache`` is off)."""
+    it (``flag``; as ``mta-rewrite capture`` does: the config's ``use_cache`` is off)."""
     ids = torch.randint(3, max(4, min(vocab, 100)), (2, n), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, n, dtype=torch.long)
     mask[0, : n // 5] = 0  # left padding

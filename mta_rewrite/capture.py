@@ -14,6 +14,13 @@ to batch 2, then checks the program against the model on the example itself (its
 structure, shapes and values): kept if they agree, else (a leading 1 that is not a batch, say)
 the example is captured as given, with a warning that its batch stays fixed at 1.
 
+Inputs the example passes through the forward's ``**kwargs`` (transformers 5 takes
+``return_dict``, ``output_hidden_states`` and ``output_attentions`` that way, GraniteMoE
+``use_cache`` too) are named in the forward's signature while torch.export runs
+(:func:`_var_keywords_named`): torch.export (2.13, non-strict) cannot match dynamic shapes to
+anything passed through ``**kwargs`` (pytorch/pytorch#150022, #164313: "Must provide a tree_name
+when there might be a mismatch"), and such a call used to be captured with static shapes.
+
 A model whose code depends on its sequence length (Jamba's Mamba layers loop over the tokens)
 is captured at the example's length only, dynamic or not: a warning says so when a token input's
 length came out fixed (:func:`fixed_lengths`).
@@ -32,7 +39,7 @@ import torch
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .calls import example_call, holds_tensor
+from .calls import example_call
 
 
 class CaptureError(RuntimeError):
@@ -81,15 +88,14 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             warnings.warn(f"the program takes batches of one only ({reason}): capture from an example of "
                           "batch 2 or more for a program that takes any batch", stacklevel=2)
         try:
-            shapes = dynamic_shapes_for(model, args, kwargs)
-            ep = _export(model, args, kwargs, dynamic_shapes=shapes)
+            ep = _export(model, args, kwargs, dynamic=True)
             _warn_fixed_length(ep)
             return ep
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
             unsupported = _not_about_shapes(model, exc)
             if unsupported is not None:  # not about shapes: static capture would fail the same way
                 raise CaptureError(unsupported) from exc
-            first = _first_line(exc) + _flags_in_var_keyword(model, args, kwargs, exc)
+            first = _first_line(exc)
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
     try:
         return _export(model, args, kwargs)
@@ -99,16 +105,20 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, **options) -> ExportedProgram:
-    """``torch.export.export(strict=False)``, without the partial graph torch prints to stderr when
-    it fails (on a data-dependent guard, the whole graph traced so far, once per wrapper: thousands
-    of lines before the one-line error the CLI gives). What else export writes to stderr, warnings
-    included, is written there as before; the graph stays on the error (``partial_fx_graph``)."""
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool = False) -> ExportedProgram:
+    """``torch.export.export(strict=False)``, with ``Dim.AUTO`` for every dimension of every tensor
+    input where ``dynamic`` (:func:`dynamic_shapes_for`), inputs passed through the forward's
+    ``**kwargs`` named in its signature meanwhile (:func:`_var_keywords_named`), and without the
+    partial graph torch prints to stderr when it fails (on a data-dependent guard, the whole graph
+    traced so far, once per wrapper: thousands of lines before the one-line error the CLI gives).
+    What else export writes to stderr, warnings included, is written there as before; the graph
+    stays on the error (``partial_fx_graph``)."""
     written = io.StringIO()
     failed = None
     try:
-        with contextlib.redirect_stderr(written):
-            return torch.export.export(model, args, kwargs, strict=False, **options)
+        with contextlib.redirect_stderr(written), _var_keywords_named(model, kwargs):
+            shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as exc:
         failed = exc
         raise
@@ -121,27 +131,44 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, **options) -> Exp
             sys.stderr.write(text)
 
 
-def _flags_in_var_keyword(model: torch.nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> str:
-    """Why dynamic capture failed, where the example passes flags (inputs holding no tensor)
-    through the forward's ``**kwargs``: torch.export (2.13, non-strict) cannot match dynamic
-    shapes to them ("Must provide a tree_name when there might be a mismatch"), as when
-    ``use_cache=False`` reaches a transformers model (GraniteMoE's) that does not name it. Empty
-    where that is not the case."""
-    if "Must provide a tree_name" not in str(exc):
-        return ""
-    signature = inspect.signature(model.forward)
+@contextlib.contextmanager
+def _var_keywords_named(model: torch.nn.Module, kwargs: dict):
+    """Within the block, ``model.forward`` is the model's forward with every input of ``kwargs``
+    that reaches it through its ``**kwargs`` named in its signature (a keyword-only parameter, and
+    no ``**kwargs``); as it was again after. torch.export (2.13, non-strict) binds the example and
+    the dynamic shapes to the forward's signature twice, once with such inputs inside ``kwargs``
+    and once beside it, and fails on the mismatch ("Must provide a tree_name when there might be a
+    mismatch", pytorch/pytorch#150022): transformers 5 takes ``return_dict``,
+    ``output_hidden_states`` and ``output_attentions`` through ``**kwargs``, so a model called with
+    any of them was captured with static shapes. With the inputs named, the program takes the same
+    call by the same names (flags specialised to their values, tensors as inputs). The forward
+    wrapped is the instance's own (a hook's replacement, as accelerate installs, stays in place)."""
     try:
-        bound = signature.bind(*args, **kwargs)
+        signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
-        return ""
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    flags = [name for name, value in bound.arguments.get(var_keyword, {}).items() if not holds_tensor(value)]
-    if not flags:
-        return ""
-    said = ", ".join(f"{name}={kwargs[name]!r}" if name in kwargs else name for name in flags)
-    fix = " (for use_cache, set model.config.use_cache = False)" if "use_cache" in flags else ""
-    return (f": torch.export cannot yet take {said} through the forward's **kwargs with dynamic shapes; leave it out "
-            f"of the example{fix}")
+        signature = None
+    params = list(signature.parameters.values()) if signature is not None else []
+    var_keyword = next((p for p in params if p.kind is p.VAR_KEYWORD), None)
+    through = [name for name in kwargs if name not in signature.parameters] if var_keyword is not None else []
+    if not through:
+        yield
+        return
+    forward, own = model.forward, model.__dict__.get("forward")
+
+    def named(*args, **kw):
+        return forward(*args, **kw)
+
+    named.__signature__ = signature.replace(
+        parameters=[p for p in params if p is not var_keyword]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in through])
+    model.forward = named
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
 
 
 TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
@@ -211,8 +238,7 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
     """The program captured at batch 2 if it reproduces the model at the example's batch of one,
     else None and why not."""
     try:
-        shapes = dynamic_shapes_for(model, wide_args, wide_kwargs)
-        ep = _export(model, wide_args, wide_kwargs, dynamic_shapes=shapes)
+        ep = _export(model, wide_args, wide_kwargs, dynamic=True)
     except Exception as exc:  # noqa: BLE001
         unsupported = _not_about_shapes(model, exc)
         if unsupported is not None:

@@ -1058,27 +1058,47 @@ def test_a_call_the_programs_shape_guards_refuse_is_a_one_line_error():
         one(torch.randn(2, 24, 16))
 
 
-class _FlagThroughKwargs(torch.nn.Module):
-    """A flag reaching forward through ``**kwargs``, as ``use_cache`` reaches GraniteMoE's."""
+class _InputsThroughKwargs(torch.nn.Module):
+    """A flag and a tensor reaching forward through ``**kwargs``, as ``return_dict`` reaches every
+    transformers 5 model and ``use_cache`` GraniteMoE's."""
 
     def forward(self, x, **kwargs):
+        if kwargs.get("bias") is not None:
+            x = x + kwargs["bias"]
         y = torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
         return y * 2 if kwargs.get("flag") else y
 
 
-def test_a_flag_through_kwargs_that_defeats_dynamic_capture_is_named():
-    """torch.export (non-strict) cannot match dynamic shapes to a flag passed through the
-    forward's ``**kwargs``; capture fell back to static shapes with torch's bare "Must provide a
-    tree_name when there might be a mismatch". The warning now names the flag and what to do, and
-    the example without it captures a program that takes any length."""
-    model, x = _FlagThroughKwargs(), torch.randn(2, 8, 4)
-    with pytest.warns(UserWarning, match=r"dynamic capture failed \(Must provide a tree_name when there might be a "
-                                         r"mismatch: torch\.export cannot yet take flag=False through the forward's "
-                                         r"\*\*kwargs with dynamic shapes; leave it out of the example\); capturing "
-                                         r"with the example's static shapes"):
-        mr.capture(model, (x,), {"flag": False})
+def test_inputs_through_kwargs_are_captured_with_dynamic_shapes():
+    """torch.export (non-strict) cannot match dynamic shapes to inputs passed through the forward's
+    ``**kwargs`` ("Must provide a tree_name when there might be a mismatch"): capture fell back to
+    the example's static shapes, so a transformers 5 model rewritten from ``model(ids,
+    return_dict=False)`` took that batch and length only. Such inputs are now named in the
+    forward's signature while torch.export runs: the program takes any length, flags as captured,
+    tensors as inputs; the model's forward is as it was after."""
+    model, gen = _InputsThroughKwargs(), torch.Generator().manual_seed(2)
+    x, bias = torch.randn(2, 8, 4, generator=gen), torch.randn(4, generator=gen)
+    hooked = _InputsThroughKwargs()
+    hooked.forward = lambda *args, **kwargs: 3 * _InputsThroughKwargs.forward(hooked, *args, **kwargs)  # as accelerate
+    for m, scale in ((model, 1), (hooked, 3)):
+        forward = m.__dict__.get("forward")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            program = mr.capture(m, (x,), {"flag": True, "bias": bias})
+        assert m.__dict__.get("forward") is forward
+        longer, other = torch.randn(3, 13, 4, generator=gen), torch.randn(4, generator=gen)
+        want = scale * 2 * _InputsThroughKwargs()(longer, bias=other)
+        torch.testing.assert_close(program.module()(longer, flag=True, bias=other), want)
+    # transformers 5: return_dict and output_hidden_states go through **kwargs
+    llama = zoo._hf(lambda t: t.LlamaConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=64, num_hidden_layers=1, max_position_embeddings=256),
+                    "LlamaForCausalLM", "eager")()
+    ids, batch = torch.randint(0, 100, (2, 24), generator=gen), torch.randint(0, 100, (3, 40), generator=gen)
+    flags = {"return_dict": False, "output_hidden_states": True}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        program = mr.capture(model, (x,))
-    longer = torch.randn(2, 13, 4)
-    torch.testing.assert_close(program.module()(longer), model(longer))
+        exact = mr.rewrite(llama, (ids,), flags, config=EXACT)
+    with torch.no_grad():
+        got, want = exact(batch), llama(batch, **flags)
+    assert isinstance(got, tuple) and len(got) == len(want) == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
