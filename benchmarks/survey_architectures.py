@@ -13,7 +13,11 @@ left-padded (``use_cache=False`` where the forward names it), then ``find_attent
 rewritable, SDPA calls counted while the model ran (with ``sdpa``: its attention layers, the count
 ``found`` should reach), the largest difference on real positions between the model and its
 rewrite with one chunk (``MTAConfig(10**6)``: exact) at 24 and 40 tokens (dynamic length), whether
-``MTAConfig(8, 1, 2, 1)`` runs to finite outputs, and the reasons of sites left exact. Rows where
+``MTAConfig(8, 1, 2, 1)`` runs to finite outputs, and the reasons of sites left exact. Then
+``use_mta`` (the model's own forward with its attention through transformers' attention
+interface, no capture) under the same ``MTAConfig(8, 1, 2, 1)`` at 40 tokens: how far it is from the
+rewrite's output (two paths to the same op calls), how far it moved the model's, or why it
+refused; it runs where capture fails or fixed the length too. Rows where
 transformers itself refused (no such attention implementation, a shrunk config its validation
 rejects, a forward that fails on the model itself) say so and are not counted as ours.
 Writes benchmarks/results/survey_architectures_<date>[_<tag>].md (and .json).
@@ -31,6 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
@@ -71,7 +76,18 @@ PER_TYPE = {
     "kolibri1_1": dict(index_num_heads=2),  # at most the query heads per key head
     # the last two layers reuse the cache of the last earlier layer of their kind: both kinds before them
     "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2),
+    # its attention reads attn_config.rope_theta, which the default attn_config lacks; clip_qkv None fails
+    # torch.clamp; the expert sizes live in ffn_config
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(hidden_size=64, ffn_hidden_size=128, moe_num_experts=4, moe_top_k=1)),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),  # the default is None
+    # the shared attention block is tied across its layers: two of them (the default has one in six)
+    "zamba": dict(attn_layer_period=2, attn_layer_offset=1, layers_block_type=["linear_attention", "hybrid"] * 2),
+    # its indexed-attention layers need their indexer's sizes (unset by default)
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=4),
 }
+PER_TYPE["qwen4_exp"] = dict(text_config=PER_TYPE["qwen4_exp_text"])  # (merged into the shrunk text config)
 MAX_PARAMETERS = 30e6
 EXACT, SMALL_MTA = mr.MTAConfig(10**6), mr.MTAConfig(8, 1, 2, 1)
 
@@ -83,6 +99,19 @@ class _CountSdpa(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountOpCalls(TorchDispatchMode):
+    """Calls of ``torch.ops.mta.attention`` while a model runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "mta":
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -139,7 +168,9 @@ def build(model_type: str, attn: str):
     for sub in NESTED:
         if isinstance(default.get(sub), dict):
             shrunk[sub] = {**_shrink(default[sub]), "model_type": default[sub].get("model_type")}
-    shrunk.update(PER_TYPE.get(model_type, {}))
+    for key, value in PER_TYPE.get(model_type, {}).items():
+        nested = isinstance(value, dict) and isinstance(shrunk.get(key), dict)
+        shrunk[key] = {**shrunk[key], **value} if nested else value
     config = AutoConfig.for_model(model_type, **shrunk)
     with torch.device("meta"):
         size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -170,40 +201,70 @@ def survey(model_type: str, attn: str) -> dict:
     except Exception as exc:  # noqa: BLE001
         row.update(outcome="model fails", detail=_one_line(exc))
         return row
+    mta = None  # the rewrite's output under SMALL_MTA at 40 tokens, for use_mta to agree with
     with torch.no_grad():
         try:
             program = mr.capture(model, (), example)  # once: found and rewritten from the same program
             sites = mr.find_attention(program)
         except Exception as exc:  # noqa: BLE001
             row.update(outcome="capture fails", detail=_one_line(exc))
-            return row
-        attention = [s for s in sites if s.is_attention]
-        row.update(found=len(attention), rewritable=sum(s.rewritable for s in attention),
-                   reasons=sorted({s.reason for s in attention if not s.rewritable}))
-        try:
-            exact = mr.rewrite(program, config=EXACT)
-            worst = 0.0
-            for n in (24, 40):
-                call = _inputs(n, vocab, flag)
-                keep = call["attention_mask"].bool()
-                a, b = first_tensor(model(**call)), first_tensor(exact(**call))
-                worst = max(worst, (a[keep] - b[keep]).abs().max().item())
-            row["exact_error"] = worst
-            call = _inputs(40, vocab, flag)
-            out = first_tensor(mr.rewrite(program, config=SMALL_MTA)(**call))
-            row["mta_finite"] = bool(torch.isfinite(out[call["attention_mask"].bool()]).all())
-        except Exception as exc:  # noqa: BLE001
-            # (a length the model's code fixes, Mamba's loop over the tokens: the program takes no other)
-            fixed = "does not fit the rewritten model" in str(exc)
-            row.update(outcome="shape fixed by the model" if fixed else "rewrite fails", detail=_one_line(exc))
-            return row
-    row["outcome"] = "ok" if worst < 1e-4 and row["mta_finite"] else "wrong"
+            program = None
+        if program is not None:
+            attention = [s for s in sites if s.is_attention]
+            row.update(found=len(attention), rewritable=sum(s.rewritable for s in attention),
+                       reasons=sorted({s.reason for s in attention if not s.rewritable}))
+            try:
+                exact = mr.rewrite(program, config=EXACT)
+                worst = 0.0
+                for n in (24, 40):
+                    call = _inputs(n, vocab, flag)
+                    keep = call["attention_mask"].bool()
+                    a, b = first_tensor(model(**call)), first_tensor(exact(**call))
+                    worst = max(worst, (a[keep] - b[keep]).abs().max().item())
+                row["exact_error"] = worst
+                call = _inputs(40, vocab, flag)
+                mta = first_tensor(mr.rewrite(program, config=SMALL_MTA)(**call))
+                row["mta_finite"] = bool(torch.isfinite(mta[call["attention_mask"].bool()]).all())
+                row["outcome"] = "ok" if worst < 1e-4 and row["mta_finite"] else "wrong"
+            except Exception as exc:  # noqa: BLE001
+                # (a length the model's code fixes, Mamba's loop over the tokens: the program takes no other)
+                fixed = "does not fit the rewritten model" in str(exc)
+                row.update(outcome="shape fixed by the model" if fixed else "rewrite fails", detail=_one_line(exc))
+        row.update(_use_mta(model, vocab, flag, mta))
     return row
+
+
+def _use_mta(model, vocab: int, flag: bool, rewritten: torch.Tensor | None) -> dict:
+    """``use_mta(model, config=SMALL_MTA)`` (the model's own forward, its attention through
+    transformers' attention interface, no capture) at 40 tokens: how far it moved the model's
+    output (0 where no layer took MTA) and how far it is from the rewrite's output under the same
+    configuration (None where the rewrite did not run: capture failed, or a length the program
+    fixed); or the one-line reason it refused or failed. Last: it changes the model."""
+    call = _inputs(40, vocab, flag)
+    keep = call["attention_mask"].bool()
+    original = first_tensor(model(**call))
+    try:
+        mr.use_mta(model, config=SMALL_MTA)
+    except ValueError as exc:
+        return {"use_mta": "refused", "use_mta_detail": _one_line(exc)}
+    try:
+        with _CountOpCalls() as counted:
+            out = first_tensor(model(**call))
+    except Exception as exc:  # noqa: BLE001
+        return {"use_mta": "fails", "use_mta_detail": _one_line(exc)}
+    found = {"use_mta": "ran", "use_mta_op_calls": counted.calls,
+             "use_mta_moved": (out[keep] - original[keep]).abs().max().item()}
+    if rewritten is not None:
+        found["use_mta_vs_rewrite"] = (out[keep] - rewritten[keep]).abs().max().item()
+    return found
 
 
 def markdown(rows: list[dict], machine: str, transformers_version: str) -> str:
     ours = [r for r in rows if r["outcome"] not in ("not built", "model fails", "shape fixed by the model")]
     full = [r for r in ours if r.get("found") and r["found"] == r.get("rewritable")]
+    ran = [r for r in rows if "use_mta" in r]
+    compared = [r for r in ran if "use_mta_vs_rewrite" in r]
+    without = [r for r in ran if r["use_mta"] == "ran" and "use_mta_vs_rewrite" not in r]
     lines = [
         f"Generated by `python benchmarks/survey_architectures.py` ({machine}, transformers {transformers_version}).",
         "",
@@ -215,14 +276,36 @@ def markdown(rows: list[dict], machine: str, transformers_version: str) -> str:
         f"at two lengths) and run an MTA configuration to finite outputs, {len(full)} with every attention site "
         "rewritable.",
         "",
-        "| architecture | attention | outcome | SDPA calls | found | rewritable | max abs err, 1 chunk | left exact, and why / what failed |",
-        "|---|---|---|---|---|---|---|---|",
+        f"`use_mta` (the model's own forward, no capture) on the {len(ran)} rows that ran: "
+        f"{sum(r.get('use_mta') == 'ran' for r in ran)} ran under `MTAConfig(8, 1, 2, 1)`; where the rewrite "
+        f"ran too ({len(compared)} rows), {sum(r['use_mta_vs_rewrite'] < 1e-5 for r in compared)} agree with it to "
+        f"1e-5 (max |Δ| {max((r['use_mta_vs_rewrite'] for r in compared), default=0):.1e}); "
+        f"{len(without)} ran where no rewrite could (capture failed, or the program takes the example's length only); "
+        f"{sum(r.get('use_mta') == 'refused' for r in ran)} refused (attention not through transformers' attention "
+        f"interface, or no attention at all), {sum(r.get('use_mta') == 'fails' for r in ran)} failed. Op calls: "
+        "`torch.ops.mta.attention` calls in that forward; Δ model: how far it moved the model's output (about 1e-7 "
+        "where every call came out exact: a sliding window of 16 tokens leaves no distant chunk to summarise at 40, "
+        "and Qwen4-exp's per-query token selection leaves no chunk whole).",
+        "",
+        "| architecture | attention | outcome | SDPA calls | found | rewritable | max abs err, 1 chunk | use_mta: op calls, "
+        "Δ rewrite / Δ model "
+        "| left exact, and why / what failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         why = r.get("detail") or "; ".join(r.get("reasons", []))
+        if r.get("use_mta_detail"):
+            why = f"{why}; use_mta {r['use_mta']}: {r['use_mta_detail']}" if why else \
+                f"use_mta {r['use_mta']}: {r['use_mta_detail']}"
         err = f"{r['exact_error']:.1e}" if "exact_error" in r else ""
+        use = ""
+        if r.get("use_mta") == "ran":
+            vs = f"{r['use_mta_vs_rewrite']:.1e}" if "use_mta_vs_rewrite" in r else "–"
+            use = f"{r['use_mta_op_calls']}, {vs} / {r['use_mta_moved']:.1e}"
+        elif r.get("use_mta"):
+            use = r["use_mta"]
         lines.append(f"| {r['type']} | {r['attn']} | {r['outcome']} | {r.get('sdpa_calls', '')} | {r.get('found', '')} | "
-                     f"{r.get('rewritable', '')} | {err} | {why.replace('|', '/')} |")
+                     f"{r.get('rewritable', '')} | {err} | {use} | {why.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
