@@ -59,6 +59,7 @@ SHRINK = dict(
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
     mamba_n_heads=4, mamba_d_head=32, mamba_d_ssm=128, mamba_d_state=4, mamba_n_groups=1, ssm_state_size=4,
     vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+    index_topk=8,  # (DeepSeek-V3.2's indexer and its kin: 8 keys per query, so the selection matters at 24 and 40)
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 NESTED = ("text_config", "vision_config")

@@ -398,9 +398,19 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     ``_continues_with_mta``: the op over the whole sequence, the m new rows computed and returned)
     of a planned layer runs the op under its configuration (learned sink logits, GPT-OSS's
     ``s_aux``, as one more exact token, as the rewrite gives them); anything else ``exact``, the
-    model's own attention (None: the eager attention of the layer's modeling module)."""
+    model's own attention (None: the eager attention of the layer's modeling module).
+
+    What else the layer hands over that changes what attention computes is read or refused: a
+    relative position bias (``position_bias``: T5's, Inkling's) as a float mask; learned sink logits,
+    per head (``s_aux``) or per query row (``sinks``, Inkling-2's), as one more exact token; a
+    sparse-attention indexer's token selection (``indices``) folded into the mask
+    (:func:`_token_selection`); any other tensor is a one-line error (:func:`_check_unread`), never
+    silently dropped."""
     config = getattr(module, "_mta_config", None)
     causal_call = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    _check_unread(module, kwargs)
+    if kwargs.get("indices") is not None:
+        attention_mask = _token_selection(query, key, attention_mask, kwargs.pop("indices"), causal_call)
     prompt = None if config is None or getattr(module, "_mta_cross", False) else \
         _prompt(query, key, value, attention_mask, causal_call)
     if prompt is not None and prompt.cached and not _continues_with_mta(module, config, query, prompt.key, prompt.mask,
@@ -430,12 +440,54 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
         bias = kwargs["position_bias"][..., :key.shape[2]]
         attention_mask = create_position_bias_mask(bias, attention_mask, causal, query, key)
         causal = False
-    sinks = kwargs.get("s_aux")
+    sinks = kwargs.get("s_aux")  # (GPT-OSS's, one per head)
+    sinks = None if sinks is None else sinks.reshape(1, -1, 1, 1)
+    if kwargs.get("sinks") is not None:  # (Inkling-2's, one per query row [B, Hq, m, 1]; the cached rows' dropped)
+        sinks = torch.nn.functional.pad(kwargs["sinks"], (0, 0, prompt.cached, 0))
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
-                      segment_ids=_segment_ids(module, query),
-                      sink_logits=None if sinks is None else sinks.reshape(1, -1, 1, 1), rows_from=prompt.cached,
+                      segment_ids=_segment_ids(module, query), sink_logits=sinks, rows_from=prompt.cached,
                       softcap=float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping)
     return out[:, :, -m:].transpose(1, 2).contiguous(), None
+
+
+# tensors transformers' attention layers hand their attention function that mta_attention_forward
+# reads (``s_aux``, ``sinks``, ``position_bias``, ``indices``) or that eager and SDPA attention do not
+# read either (positions, and FlashAttention's packed-sequence offsets, which the mask also says)
+_READ_TENSORS = frozenset({"s_aux", "sinks", "position_bias", "indices", "position_ids", "cache_position",
+                           "cu_seq_lens_q", "cu_seq_lens_k"})
+
+
+def _check_unread(module, kwargs: dict) -> None:
+    """A one-line ValueError for a tensor the layer hands its attention function that MTA would not
+    read, so would drop: MiniMax-M3's block-sparse selection (``block_indices``: transformers folds it
+    into the mask only under eager and SDPA, and use_mta's implementation is neither)."""
+    unread = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor) and name not in _READ_TENSORS]
+    if unread:
+        raise ValueError(f"use_mta cannot run {type(module).__name__}: it hands its attention function "
+                         f"{', '.join(unread)}, which MTA does not read (its outputs would be wrong); use rewrite() for "
+                         "this model")
+
+
+def _token_selection(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                     indices: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The mask with a sparse-attention indexer's selection folded in: ``indices`` [B, m, K], the
+    keys each query may attend (DeepSeek-V3.2's lightning indexer, and the models that share its
+    code: GLM-MoE-DSA, Mistral-Large-4, HY-V4, AXK2, dots3). Those models fold it into the mask
+    themselves only under eager and SDPA attention; under any other implementation, use_mta's
+    included, they pass ``indices`` for a kernel to read and the mask as it was: so use_mta ran
+    them as dense attention (DeepSeek-V3.2 with its top-k at 8 of 40 tokens, one chunk: 0.30 from
+    the model's own output). Folded as their eager path does: a boolean mask ANDed, a float mask
+    filled with the dtype's minimum; no mask (SDPA's causal skip): the triangle, if ``causal``."""
+    B, m, n = query.shape[0], query.shape[2], key.shape[2]
+    selected = torch.zeros(B, m, n, dtype=torch.bool, device=query.device).scatter(-1, indices.long(), True)
+    selected = selected.unsqueeze(1)
+    if attention_mask is None:
+        if causal and m > 1:
+            selected = selected & torch.ones(m, n, dtype=torch.bool, device=query.device).tril(n - m)
+        return selected
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & selected
+    return attention_mask.masked_fill(~selected, torch.finfo(attention_mask.dtype).min)
 
 
 class _Prompt(NamedTuple):
@@ -611,8 +663,8 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return None
     groups = config.groups if isinstance(config, HeadGroups) else ((config, range(query.shape[1])),)
     sink_logit = kwargs.get("s_aux")  # (GPT-OSS's learned sink logits [Hq])
-    if kwargs.get("sliding_window") or kwargs.get("position_bias") is not None:
-        return None
+    if kwargs.get("sliding_window") or kwargs.get("position_bias") is not None or kwargs.get("sinks") is not None:
+        return None  # (a window, a bias, sink logits per query row: the model's own exact step)
     layer = layers[index]
     if getattr(layer, "is_sliding", False):
         return None

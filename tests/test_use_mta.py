@@ -885,3 +885,66 @@ def test_cross_attention_stays_exact(name):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     if name.startswith("bart"):  # (T5's self-attention is exact anyway: its position bias varies in every block)
         assert (got - exact).abs().max() > 1e-4
+
+
+def deepseek_v32(attn: str):
+    """A small DeepSeek-V3.2: its lightning indexer keeps 8 keys per query (of 40 tokens here)."""
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        "deepseek_v32", num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, max_position_embeddings=512, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16,
+        head_dim=8, index_topk=8, index_head_dim=16, index_n_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        mlp_layer_types=["dense", "sparse"], layer_types=["indexed_attention"] * 2)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def inkling2():
+    """A small Inkling-2 (eager: its only attention): learned sink logits per query row (``sinks``) and
+    a relative position bias handed to the attention function, and attention over depth."""
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        "inkling2_text", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, vocab_size=128,
+        unpadded_vocab_size=128, max_position_embeddings=512, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["hybrid_sliding", "hybrid"])
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("build", ["deepseek_v32_sdpa", "deepseek_v32_eager", "inkling2"])
+def test_what_layers_hand_their_attention_function_besides_q_k_v_is_not_dropped(build):
+    """transformers' sparse-attention models (DeepSeek-V3.2 and the models sharing its code: GLM-5,
+    Mistral-Large-4, HY-V4, …) fold their indexer's token selection into the mask only under eager
+    and SDPA; under use_mta's implementation they pass it as ``indices`` and the mask without it,
+    and use_mta ran them as dense attention: with one chunk (exact) 0.30 from the model's own
+    logits. Inkling-2 hands its learned sink logits per query row as ``sinks``, which use_mta
+    dropped. Now one chunk reproduces the model, and an MTA configuration computes what the
+    rewritten graph (which captures the model's own eager or SDPA code) computes."""
+    model = deepseek_v32(build.rsplit("_", 1)[1]) if build.startswith("deepseek") else inkling2()
+    ids, mask = ids_and_mask(n=40, pad=7)
+    keep = mask.bool()
+    want = logits(model, ids, mask)
+    graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
+    with torch.no_grad():
+        rewritten = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    mr.use_mta(model, config=mr.MTAConfig(chunk_size=10**6))
+    torch.testing.assert_close(logits(model, ids, mask)[keep], want[keep], rtol=1e-5, atol=1e-5)
+    mr.use_mta(model, config=CONFIG)
+    torch.testing.assert_close(logits(model, ids, mask)[keep], rewritten[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_a_tensor_use_mta_would_not_read_is_a_one_line_error():
+    """A tensor a layer hands its attention function that MTA does not read (MiniMax-M3's
+    ``block_indices``, its block-sparse selection, which transformers folds into the mask only
+    under eager and SDPA) would be dropped, the outputs wrong: a one-line error instead."""
+    from mta_rewrite.interface import mta_attention_forward
+
+    layer = torch.nn.Module()
+    vars(layer)["_mta_config"] = CONFIG
+    q = k = v = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"^use_mta cannot run Module: it hands its attention function block_indices, "
+                                         r"which MTA does not read \(its outputs would be wrong\); use rewrite\(\) for "
+                                         r"this model$"):
+        mta_attention_forward(layer, q, k, v, None, scaling=0.35, block_indices=torch.zeros(1, 16, 2, dtype=torch.long))
