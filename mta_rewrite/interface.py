@@ -366,9 +366,11 @@ def _check_model(model) -> str:
     if original not in NAMES:
         raise ValueError(f"{name} runs {original} attention: load it with attn_implementation=\"sdpa\" or \"eager\" "
                          "for use_mta (its exact calls run that one)")
-    if original == "eager" and _eager_function(type(model)) is None:
-        raise ValueError(f"{name}'s modeling module has no eager_attention_forward: load it with "
-                         "attn_implementation=\"sdpa\" for use_mta")
+    # (a composite model's attention may live in another modeling module: Fuyu's in Persimmon's)
+    if original == "eager" and not any(_eager_function(type(m)) is not None for m in model.modules()):
+        raise ValueError(f"{name}'s modeling modules have no eager_attention_forward (no attention through "
+                         "transformers' attention interface, or none at all): load it with attn_implementation=\"sdpa\" "
+                         "for use_mta, or use rewrite() for it")
     if model.training:
         raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
     return original

@@ -948,3 +948,25 @@ def test_a_tensor_use_mta_would_not_read_is_a_one_line_error():
                                          r"which MTA does not read \(its outputs would be wrong\); use rewrite\(\) for "
                                          r"this model$"):
         mta_attention_forward(layer, q, k, v, None, scaling=0.35, block_indices=torch.zeros(1, 16, 2, dtype=torch.long))
+
+
+def test_a_composite_model_whose_attention_lives_in_another_modeling_module():
+    """Fuyu loaded with eager attention: its language model is Persimmon's, whose modeling module
+    holds the eager attention; use_mta looked for it in Fuyu's own module only and refused ("has no
+    eager_attention_forward"). It runs, and computes what the rewritten graph computes."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=512, pad_token_id=0)
+    cfg = transformers.AutoConfig.for_model("fuyu", **text, bos_token_id=1, eos_token_id=2,
+                                            text_config=dict(model_type="persimmon", **text))
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ids, mask = ids_and_mask(n=40, pad=7)
+    keep = mask.bool()
+    exact = logits(model, ids, mask)
+    graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
+    with torch.no_grad():
+        want = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    mr.use_mta(model, config=CONFIG)
+    got = logits(model, ids, mask)
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert (got[keep] - exact[keep]).abs().max() > 1e-3  # MTA, not exact
