@@ -36,6 +36,12 @@ def logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 
+def graph_logits(model, ids, mask, **kwargs):
+    """The logits of the graph ``rewrite`` makes of ``model`` (captured from this very call)."""
+    graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), **kwargs)
+    return logits(graph, ids, mask)
+
+
 def step_after_the_prefill(model, ids, mask, sequences, exact: str):
     """The reference for generate's second step: the cache a prefill under use_mta leaves, then the
     first generated token over it with the model's own ``exact`` attention (use_mta undone)."""
@@ -925,10 +931,7 @@ def test_what_layers_hand_their_attention_function_besides_q_k_v_is_not_dropped(
     model = deepseek_v32(build.rsplit("_", 1)[1]) if build.startswith("deepseek") else inkling2()
     ids, mask = ids_and_mask(n=40, pad=7)
     keep = mask.bool()
-    want = logits(model, ids, mask)
-    graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
-    with torch.no_grad():
-        rewritten = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    want, rewritten = logits(model, ids, mask), graph_logits(model, ids, mask, config=CONFIG)
     mr.use_mta(model, config=mr.MTAConfig(chunk_size=10**6))
     torch.testing.assert_close(logits(model, ids, mask)[keep], want[keep], rtol=1e-5, atol=1e-5)
     mr.use_mta(model, config=CONFIG)
@@ -962,10 +965,7 @@ def test_a_composite_model_whose_attention_lives_in_another_modeling_module():
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     ids, mask = ids_and_mask(n=40, pad=7)
     keep = mask.bool()
-    exact = logits(model, ids, mask)
-    graph = mr.rewrite(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), config=CONFIG)
-    with torch.no_grad():
-        want = graph(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    exact, want = logits(model, ids, mask), graph_logits(model, ids, mask, config=CONFIG)
     mr.use_mta(model, config=CONFIG)
     got = logits(model, ids, mask)
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
