@@ -84,6 +84,8 @@ PER_TYPE = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),  # the default is None
     # the shared attention block is tied across its layers: two of them (the default has one in six)
     "zamba": dict(attn_layer_period=2, attn_layer_offset=1, layers_block_type=["linear_attention", "hybrid"] * 2),
+    # the default puts one attention layer in eight, the first at layer 4: none in a shrunk model
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
     # its indexed-attention layers need their indexer's sizes (unset by default)
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=4),
