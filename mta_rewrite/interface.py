@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 import types
+import warnings
 import weakref
 from typing import NamedTuple
 
@@ -148,6 +150,13 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         raise ValueError(f"decode must be True or False, got {decode!r}")
     boundaries = resolve_boundaries(boundaries, plan)
     original = _check_model(model)
+    own = [name for name, module in model.named_modules() if _own_attention(type(module))]
+    if own:
+        from .passes.sites import listed
+
+        warnings.warn(f"{len(own)} attention module(s) of {type(model).__name__} compute their attention in their own "
+                      f"code, not through transformers' attention interface ({listed(own)}): use_mta leaves them as "
+                      "they are, exact (rewrite() captures the model and rewrites hand-written attention)", stacklevel=2)
     global _DECODE_OUTSIDE_GRAPHS
     if decode and _DECODE_OUTSIDE_GRAPHS is None:
         _DECODE_OUTSIDE_GRAPHS = torch.compiler.disable(_decode)
@@ -374,6 +383,30 @@ def _check_model(model) -> str:
     if model.training:
         raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
     return original
+
+
+# what an attention class's code says when its attention goes through transformers' interface
+_INTERFACE = re.compile(r"ALL_ATTENTION_FUNCTIONS|attention_interface|eager_attention_forward|_attn_implementation")
+
+
+@functools.cache
+def _own_attention(cls) -> bool:
+    """Does this module class (an ...Attention class) compute a softmax in its own code, none of
+    its code reaching transformers' attention interface? (GIT's text attention, Gemma-3n's audio
+    attention: use_mta cannot reach them.) Read from the
+    source of the class and of its bases; a class whose source is not there: no."""
+    if "Attention" not in cls.__name__:
+        return False
+    code = []
+    for base in cls.__mro__:
+        if base is torch.nn.Module or not issubclass(base, torch.nn.Module):
+            continue
+        try:
+            code.append(inspect.getsource(base))
+        except (OSError, TypeError):
+            return False
+    text = "\n".join(code)
+    return "softmax" in text and not _INTERFACE.search(text)
 
 
 def _eager_function(cls):

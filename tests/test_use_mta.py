@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import sys
+import warnings
 
 import pytest
 import torch
@@ -970,3 +971,37 @@ def test_a_composite_model_whose_attention_lives_in_another_modeling_module():
     got = logits(model, ids, mask)
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
     assert (got[keep] - exact[keep]).abs().max() > 1e-3  # MTA, not exact
+
+
+def git():
+    torch.manual_seed(0)
+    cfg = transformers.GitConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                 num_hidden_layers=2, max_position_embeddings=512,
+                                 vision_config=dict(hidden_size=32, num_attention_heads=2, intermediate_size=32,
+                                                    num_hidden_layers=1, image_size=32, patch_size=16))
+    return transformers.GitForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+
+
+def test_attention_use_mta_cannot_reach_is_named():
+    """GIT's text decoder computes its attention in its own code (only its vision tower calls
+    transformers' attention interface): use_mta accepted it and ran nothing through MTA, silently.
+    Its text layers are named in a one-line warning, and they are indeed the model's own (the
+    logits do not move); a model whose attention all goes through the interface gets no warning."""
+    model = git()
+    ids, mask = ids_and_mask(n=40, pad=7)
+    keep = mask.bool()
+    exact = logits(model, ids, mask)
+    with pytest.warns(UserWarning, match=r"^2 attention module\(s\) of GitForCausalLM compute their attention in "
+                                         r"their own code, not through transformers' attention interface "
+                                         r"\(git\.encoder\.layer\.0\.attention\.self, "
+                                         r"git\.encoder\.layer\.1\.attention\.self\): use_mta leaves them as they "
+                                         r"are, exact \(rewrite\(\) captures"):
+        mr.use_mta(model, config=CONFIG)
+    torch.testing.assert_close(logits(model, ids, mask)[keep], exact[keep], rtol=0, atol=0)
+
+    model = llama()
+    exact = logits(model, ids, mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mr.use_mta(model, config=CONFIG)
+    assert (logits(model, ids, mask)[keep] - exact[keep]).abs().max() > 1e-3
