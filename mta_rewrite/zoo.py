@@ -261,6 +261,35 @@ class WhereFullMinLegacyGpt2(_Proj):
         return self.merge(torch.nn.functional.softmax(w, dim=-1).type(v.dtype) @ v)
 
 
+class MultiplicativeCausalBuffer(_Proj):
+    """GPT-1's eager attention (and ports of GPT-2 that wrote it so): the scores multiplied by a
+    float causal buffer of 0s and 1s and −1e4 added where it is 0, ``w * b + -1e4 * (1 - b)``,
+    then an additive key-padding mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.ones(256, 256).tril().view(1, 1, 256, 256), persistent=False)
+
+    def forward(self, x, pad):
+        q, k, v = self.heads(x)
+        n = q.shape[-2]
+        w = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dh)
+        b = self.bias[:, :, :n, :n]
+        w = w * b + -1e4 * (1 - b)
+        w = w + torch.where(pad[:, None, None, :], 0.0, torch.finfo(w.dtype).min)
+        return self.merge(torch.softmax(w, dim=-1) @ v)
+
+
+class ScoresTimesWeights(MultiplicativeCausalBuffer):
+    """The same formula with a buffer that is not 0s and 1s (a decay per distance): the scores are
+    reweighted, not masked, which the op cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        distance = torch.arange(256)[:, None] - torch.arange(256)
+        self.bias = (0.9 ** distance.clamp(min=0).float() * (distance >= 0)).view(1, 1, 256, 256)
+
+
 class SdpaCausalGqa(_Proj):
     """SDPA with is_causal and enable_gqa (k/v heads not repeated)."""
 
@@ -502,6 +531,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),
         _hand("sdpa_fused_qkv_contiguous_view", SdpaFusedQkvContiguousView, lambda n: ((_x(n),), {})),
         _hand("where_full_min_legacy_gpt2", WhereFullMinLegacyGpt2, lambda n: ((_x(n),), {})),
+        _hand("multiplicative_causal_buffer", MultiplicativeCausalBuffer, lambda n: ((_x(n), _pad(n)), {})),
         _hand("soft_cap_tanh", SoftCapTanh, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("keys_gated_by_mask", KeysGatedByMask, lambda n: ((_x(n), _pad(n).float()), {})),
         _hand("softmax_type_as_scores", SoftmaxTypeAsScores, lambda n: ((_x(n), _causal_pad(n)), {})),
@@ -521,6 +551,8 @@ def negative_cases() -> list[ZooCase]:
         _hand("cross_attention_same_length", CrossAttention, lambda n: ((_x(n), _x(n, seed=1)), {}), rewritable=0,
               family="negative"),
         _hand("softmax_not_attention", SoftmaxNotAttention, lambda n: ((_x(n),), {}), attention=0, rewritable=0, family="negative"),
+        _hand("scores_times_weights", ScoresTimesWeights, lambda n: ((_x(n), _pad(n)), {}), rewritable=0,
+              family="negative"),
         _hand("masked_fill_finite", MaskedFillFinite, lambda n: ((_x(n), _causal_pad(n)), {}), rewritable=0, family="negative"),
         ZooCase("dropout_training", "negative", lambda: DropoutTraining().train(), lambda n: ((_x(n),), {}), 1, 0),
     ]
@@ -617,6 +649,9 @@ def transformers_cases() -> list[ZooCase]:
         "gemma2": (lambda t: t.Gemma2Config(vocab_size=100, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
                                             max_position_embeddings=256, sliding_window=16, **small),
                    "Gemma2Model", lambda n: _token_inputs(n), 2, ("eager",)),
+        # a multiplicative causal mask, w * b + -1e4 * (1 - b), a float buffer of 0s and 1s; its own attention code
+        "openai-gpt": (lambda t: t.OpenAIGPTConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=256),
+                       "OpenAIGPTModel", lambda n: _token_inputs(n), 2, ("eager",)),
         "whisper-encoder": (lambda t: t.WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
                                                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                                       num_mel_bins=8, max_source_positions=32),

@@ -143,6 +143,7 @@ EXPECTED_REASONS = {
     "cross_attention_same_length": "computed from different model inputs (q: x; k: memory)",
     "softmax_not_attention": "not attention",
     "masked_fill_finite": "masked_fill",
+    "scores_times_weights": "unsupported score modifier mul",
     "dropout_training": "training",
 }
 
@@ -203,6 +204,7 @@ ONE_LAYER = [
     ("gqa_expand_causal_buffer", lambda m, x: (m.heads(x), torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), {})),
     ("keys_gated_by_mask", lambda m, x, pad: ((m.heads(x)[0], *m.heads(x * pad[..., None])[1:]), None, dict(causal=True))),
     ("sdpa_causal_gqa", lambda m, x: (m.heads(x), None, dict(causal=True))),
+    ("multiplicative_causal_buffer", lambda m, x, pad: (m.heads(x), pad[:, None, None, :], dict(causal=True))),
     ("soft_cap_tanh", lambda m, x, mask: (m.heads(x), mask, dict(softcap=m.cap))),
 ]
 

@@ -26,10 +26,12 @@ aten = torch.ops.aten
 
 
 def combine_masks(allowed: list, additive: list):
-    """One SDPA-style mask from the model's masks: bool masks AND-ed; with any additive mask,
+    """One SDPA-style mask from the model's masks: bool masks (or 0/1 ones) AND-ed; with any additive mask,
     everything becomes one float mask (forbidden positions −inf). Called from the graph."""
     keep = None
     for cond, invert in allowed:
+        if cond.dtype != torch.bool:  # (a multiplicative mask's 0s and 1s)
+            cond = cond != 0
         cond = ~cond if invert else cond
         keep = cond if keep is None else keep & cond
     total = None

@@ -224,9 +224,11 @@ def same_size(a: Any, b: Any) -> bool:
     return a == b
 
 
-# A masked score: −inf, or a value at most fp16's minimum (−65504). Exact attention gives such a
-# key zero weight in every dtype we run (exp underflows), so it is a mask, not a bias.
-FORBIDDING = -65504.0
+# A masked score: −inf, or a value at most −1e4 (what masking code writes: −inf, the dtype's
+# minimum, −1e9, and −1e4, older fp16-safe code's: GPT-1, ports of GPT-2). Exact attention gives
+# such a key zero weight (exp(−1e4 − m) underflows float32 for any row whose best logit m is above
+# −9896), so it is a mask, not a bias.
+FORBIDDING = -1e4
 
 
 FILL_TARGETS = {aten.full.default: 1, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
@@ -243,6 +245,44 @@ def is_forbidding_value(value: Any) -> bool:
             return False  # a tensor whose value is not known while matching
         value = value.item()
     return isinstance(value, (int, float)) and value <= FORBIDDING
+
+
+def _binary_constant(x: Any) -> bool:
+    """A constant of 0s and 1s (a buffer, sliced or viewed as the scores need it; float, so the
+    model multiplies the scores by it)."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in VIEW_TARGETS | {
+            aten.slice.Tensor, aten.unsqueeze.default, aten.expand.default}:
+        x = x.args[0]
+    const = _constant(x) if isinstance(x, fx.Node) else None
+    if const is None or not const.is_floating_point() or isinstance(const, torch._subclasses.FakeTensor) \
+            or const.device.type == "meta":
+        return False
+    return bool(((const == 0) | (const == 1)).all())
+
+
+def _multiplicative_mask(s: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(scores, b) when ``s`` is s·b + c·(1 − b) (or s·b − C·(1 − b)) with b a constant of 0s and
+    1s and c a masked score (≤ −1e4): where(b, s, c), b the keys allowed. GPT-1's causal mask,
+    ``w * b + -1e4 * (1 - b)``, and the ports of GPT-2 that wrote it so."""
+    if s.kwargs.get("alpha", 1) != 1:
+        return None
+    sign = 1 if _functional(s.target) is aten.add.Tensor else -1
+    pairs = [(s.args[0], s.args[1])] + ([(s.args[1], s.args[0])] if sign == 1 else [])
+    for product, term in pairs:
+        if not (isinstance(product, fx.Node) and product.op == "call_function"
+                and _functional(product.target) is aten.mul.Tensor and live_users(product) == [s]):
+            continue
+        for scores, keep in (product.args[:2], product.args[1::-1]):
+            if not (isinstance(keep, fx.Node) and _reaches_product(scores) and _binary_constant(keep)):
+                continue
+            if not (isinstance(term, fx.Node) and term.op == "call_function" and term.target is aten.mul.Tensor):
+                continue
+            for rest, fill in (term.args[:2], term.args[1::-1]):
+                if isinstance(fill, (int, float)) and isinstance(rest, fx.Node) and rest.op == "call_function" \
+                        and rest.target is aten.rsub.Scalar and rest.args[0] is keep and rest.args[1] == 1 \
+                        and rest.kwargs.get("alpha", 1) == 1 and is_forbidding_value(sign * fill):
+                    return scores, keep
+    return None
 
 
 def _scalarish(x: Any) -> bool:
@@ -554,6 +594,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             elif t is aten.cat.default and drop_last is not None and m.sink_logits is None and _appends_column(s):
                 m.sink_logits = s.args[0][1]  # [scores, sink logits]: GPT-OSS's learned sinks
                 s = s.args[0][0]
+            elif t in (aten.add.Tensor, aten.sub.Tensor) and _multiplicative_mask(s) is not None:
+                scores, keep = _multiplicative_mask(s)  # s·b + c·(1 − b), b of 0s and 1s: where(b, s, c)
+                m.allowed.append((keep, False))
+                s = scores
             elif t in (aten.add.Tensor, aten.sub.Tensor):
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
@@ -569,7 +613,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
                 scores, cond, value = s.args[:3]
                 if not is_forbidding_value(value):
-                    raise NoMatch(f"masked_fill with {_static(value)} (not −inf or ≤ −65504): not representable as a mask")
+                    raise NoMatch(f"masked_fill with {_static(value)} (not −inf or ≤ −1e4): not representable as a mask")
                 m.allowed.append((_unexpanded(cond, scores, meta_reads), True))
                 s = scores
             elif t in WHERE_TARGETS:
@@ -581,7 +625,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                     m.allowed.append((_unexpanded(cond, b, meta_reads), True))
                     s = b
                 else:
-                    raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −65504")
+                    raise NoMatch(f"where({s.name}) does not mask scores with −inf or ≤ −1e4")
             elif t in VIEW_TARGETS and forward_view is None and back_view is None and m.frame is None \
                     and _folds_heads(s.args[0], s):
                 back_view, inner_above = s, (len(m.additive), len(m.allowed))

@@ -44,6 +44,7 @@ CASES = {
     "falcon (sdpa)": mr.MTAConfig(8, 1, 0, 1),
     "soft_cap_tanh": mr.MTAConfig(8, 2, 2, 1),  # a soft-cap (the op's softcap) before an additive mask
     "gemma2 (eager)": mr.MTAConfig(4, 2, 2, 1),  # soft-caps, sliding-window layers beside global ones
+    "openai-gpt (eager)": mr.MTAConfig(8, 1, 2, 1),  # a multiplicative mask: w * b + -1e4 * (1 - b), b a float buffer
 }
 
 
