@@ -225,6 +225,46 @@ def test_one_layer_equals_reference_op(name, extract):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+class _MultipliedMask(zoo.MultiplicativeCausalBuffer):
+    """The multiplicative causal mask in the forms code writes it (the buffer of 0s and 1s)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        n = q.shape[-2]
+        w = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+        b = self.bias[:, :, :n, :n]
+        w = {"gpt-1": lambda: w * b + -1e4 * (1 - b), "minus": lambda: w * b - 1e10 * (1 - b),
+             "swapped": lambda: (1 - b) * -1e9 + b * w, "finite": lambda: w * b + -1.0 * (1 - b)}[self.form]()
+        return self.merge(torch.softmax(w, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("form", ["gpt-1", "minus", "swapped", "finite"])
+def test_multiplicative_masks_are_bool_masks(form):
+    """The scores times a buffer of 0s and 1s, a masked value added where it is 0: where(b, s, c).
+    With c ≤ −1e4 it is the causal mask (the float64 reference op on the layer's q, k, v with
+    causal=True); with c = −1 the masked keys keep a weight: left exact, the model's outputs."""
+    model = _MultipliedMask(form).eval()
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1))
+    (site,) = mr.find_attention(model, (x,))
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (x,), config=config)
+    with torch.no_grad():
+        if form == "finite":
+            assert not site.rewritable and "unsupported score modifier" in site.reason
+            torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+            return
+        assert site.rewritable and site.mask == "bool", site.reason
+        want = model.merge(mta_attention_reference(*model.heads(x), None, causal=True, scale=model.dh ** -0.5,
+                                                   **config.op_kwargs()).float())
+        torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+
+
 class _ShiftedScores(zoo._Proj):
     """softmax(s − max(s)) by hand, as GPT-OSS writes it: softmax does not change under the shift."""
 

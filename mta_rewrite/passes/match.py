@@ -594,10 +594,9 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             elif t is aten.cat.default and drop_last is not None and m.sink_logits is None and _appends_column(s):
                 m.sink_logits = s.args[0][1]  # [scores, sink logits]: GPT-OSS's learned sinks
                 s = s.args[0][0]
-            elif t in (aten.add.Tensor, aten.sub.Tensor) and _multiplicative_mask(s) is not None:
-                scores, keep = _multiplicative_mask(s)  # s·b + c·(1 − b), b of 0s and 1s: where(b, s, c)
+            elif t in (aten.add.Tensor, aten.sub.Tensor) and (masked := _multiplicative_mask(s)) is not None:
+                s, keep = masked  # s·b + c·(1 − b), b of 0s and 1s: where(b, s, c)
                 m.allowed.append((keep, False))
-                s = scores
             elif t in (aten.add.Tensor, aten.sub.Tensor):
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
