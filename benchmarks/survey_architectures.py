@@ -68,7 +68,6 @@ LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers", "attn_lay
 # what a type's default config needs besides the shrink, to be a coherent small model of its kind
 PER_TYPE = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),  # the pattern × repeats must give the layer count
-    "reformer": dict(is_decoder=True),  # its LM head refuses otherwise
     "xmod": dict(default_language="en_XX"),  # its adapters need a language
     # the default lists no attention layer at all (Mamba only): Granite-4.0-H interleaves them
     "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
@@ -86,6 +85,10 @@ PER_TYPE = {
     "zamba": dict(attn_layer_period=2, attn_layer_offset=1, layers_block_type=["linear_attention", "hybrid"] * 2),
     # the default puts one attention layer in eight, the first at layer 4: none in a shrunk model
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32]),  # the axial sizes must sum to the hidden size
+    "mamba2": dict(num_heads=8, head_dim=16),  # heads × head_dim must be hidden size × expand
+    # the rope parameters are per layer type (the default has none)
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     # its indexed-attention layers need their indexer's sizes (unset by default)
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=4),
