@@ -89,6 +89,32 @@ def test_a_step_over_a_static_cache_and_a_given_scale():
     torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["slots", "tokens_outer", "features_outer", "one_sequence"])
+def test_top_k_reads_whole_chunks_in_any_cache_layout(layout):
+    """The top-k chunks' keys and values are copied as whole blocks from a view of the cache's
+    windows where its strides allow (a static cache's slots after the sequence, one sequence,
+    positions outside the heads: [B, n, H, d] transposed, d outside the positions), else by
+    advanced indexing: the reference row either way."""
+    q, k, v, allowed = inputs(B=1 if layout == "one_sequence" else 2, n=48, pad=3)
+    config = MTAConfig(4, 1, 2, 2)
+
+    def laid_out(x):
+        if layout == "slots":
+            return torch.cat([x, torch.full_like(x[:, :, :16], float("nan"))], 2)[:, :, :48]
+        if layout == "tokens_outer":
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        if layout == "features_outer":
+            return x.transpose(2, 3).contiguous().transpose(2, 3)
+        return x
+
+    kk, vv = laid_out(k), laid_out(v)
+    assert torch.equal(kk, k) and (layout == "one_sequence" or kk.stride() != k.stride())
+    out, _ = decode_step(q[:, :, 40:41], kk, vv, allowed, 41, config)
+    want = mta_attention_reference(*_chunk_query(q, 40, 4), k[:, :, :41], v[:, :, :41], allowed[:, None, None, :41],
+                                   causal=True, **config.op_kwargs())[:, :, 40]
+    torch.testing.assert_close(out[:, :, 0].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def _chunk_query(q, t, c):
     prompt = q[:, :, :t + 1].clone()
     prompt[:, :, t // c * c:] = q[:, :, t:t + 1]
