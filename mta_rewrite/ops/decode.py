@@ -359,10 +359,11 @@ def _whole_chunks(x: torch.Tensor, chosen: torch.Tensor, c: int) -> torch.Tensor
     """The c positions of each chosen chunk of a cache ``x`` [B, Hkv, n, d] (chunk j: positions
     jc … jc + c − 1, all below n), ``chosen`` [B, Hkv, G, K] (each query head its own), as
     [B, Hkv, G, K·c, d] float32. One ``index_select`` over a view of x whose rows are all its
-    windows of c consecutive positions (each chunk one contiguous block, copied whole); a layout
-    whose batch and head strides are not whole numbers of positions (positions not the
-    innermost dimension but d): advanced indexing, which copies element by element (2.5–3×
-    slower on the CPU: 252 against 88 µs for k at 2K, top_k 2, 9 / 3 heads, c = 128)."""
+    windows of c consecutive positions (each chunk one contiguous block, copied whole). A layout
+    where one head or sequence does not start a whole number of positions after the one before
+    (a [B, n, H, d] cache transposed: heads one row of d apart, positions H rows) has no such
+    view: advanced indexing, which copies element by element (on the CPU that copy took 2.5–3×
+    as long: 252 against 88 µs for k at 2K, top_k 2, 9 / 3 heads, c = 128, a loaded box)."""
     B, H, n, d = x.shape
     sB, sH, sT, sD = (0 if size == 1 else stride for size, stride in zip(x.shape, x.stride()))
     G, K = chosen.shape[2:]
