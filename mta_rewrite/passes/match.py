@@ -273,16 +273,20 @@ def _multiplicative_mask(s: fx.Node) -> tuple[fx.Node, fx.Node] | None:
                 and _functional(product.target) is aten.mul.Tensor and live_users(product) == [s]):
             continue
         for scores, keep in (product.args[:2], product.args[1::-1]):
-            if not (isinstance(keep, fx.Node) and _reaches_product(scores) and _binary_constant(keep)):
-                continue
-            if not (isinstance(term, fx.Node) and term.op == "call_function" and term.target is aten.mul.Tensor):
-                continue
-            for rest, fill in (term.args[:2], term.args[1::-1]):
-                if isinstance(fill, (int, float)) and isinstance(rest, fx.Node) and rest.op == "call_function" \
-                        and rest.target is aten.rsub.Scalar and rest.args[0] is keep and rest.args[1] == 1 \
-                        and rest.kwargs.get("alpha", 1) == 1 and is_forbidding_value(sign * fill):
-                    return scores, keep
+            if isinstance(keep, fx.Node) and _fills_where_zero(term, keep, sign) and _reaches_product(scores) \
+                    and _binary_constant(keep):
+                return scores, keep
     return None
+
+
+def _fills_where_zero(term: Any, keep: fx.Node, sign: int) -> bool:
+    """Is ``term`` (added with ``sign``) c·(1 − keep), c a masked score?"""
+    if not (isinstance(term, fx.Node) and term.op == "call_function" and term.target is aten.mul.Tensor):
+        return False
+    return any(isinstance(fill, (int, float)) and isinstance(rest, fx.Node) and rest.op == "call_function"
+               and rest.target is aten.rsub.Scalar and rest.args[0] is keep and rest.args[1] == 1
+               and rest.kwargs.get("alpha", 1) == 1 and is_forbidding_value(sign * fill)
+               for rest, fill in (term.args[:2], term.args[1::-1]))
 
 
 def _scalarish(x: Any) -> bool:
