@@ -43,6 +43,17 @@ from .varlen import blocks_beat_chunks, mta_attention_varlen, takes
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_devices(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None) -> None:
+    """Every tensor argument on q's device, or a one-line ValueError. (The dispatcher does not
+    check it: a mask on the meta device beside CPU tensors sent the call to the op's fake
+    implementation, which returned an uninitialised tensor.)"""
+    named = dict(k=k, v=v, attn_mask=attn_mask, summary_weight=summary_weight, segment_ids=segment_ids,
+                 centroids=centroids)
+    for name, x in named.items():
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
 def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None,
                  segment_ids=None, softcap: float = 0.0) -> None:
     """Validate the op's arguments; raise ValueError/TypeError with a one-line message."""
@@ -67,8 +78,7 @@ def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, si
         raise ValueError(f"local_chunks must be at least 1, got {local_chunks}")
     if sinks < 0 or top_k < 0:
         raise ValueError(f"sinks and top_k must be non-negative, got sinks={sinks}, top_k={top_k}")
-    if attn_mask is not None and attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    check_devices(q, k, v, attn_mask)
     if summary_weight is not None:
         if tuple(summary_weight.shape) != (k.shape[1], d):
             raise ValueError(f"summary_weight must be [Hkv, d] = [{k.shape[1]}, {d}]; got {tuple(summary_weight.shape)}")
@@ -311,6 +321,7 @@ def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=
 @attention.register_fake
 def _(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None, centroids=None, *, chunk_size, causal=False,
       scale=None, local_chunks=1, sinks=0, top_k=0, softcap=0.0):
+    check_devices(q, k, v, attn_mask, summary_weight, segment_ids, centroids)
     torch._check(k.shape[2] == q.shape[2], lambda: "MTA is self-attention: q and k need the same length")
     return torch.empty_like(q)  # q's layout, as every implementation returns it
 

@@ -48,6 +48,8 @@ def make_mask(kind: str, B: int, Hq: int, n: int) -> torch.Tensor | None:
         "block_diagonal_2d": (i[:, None] // 5) == (i[None, :] // 5),
         "per_head_key_padding": torch.rand(B, Hq, 1, n, generator=g) > 0.4,
         "some_rows_fully_masked": torch.zeros(B, 1, n, n, dtype=torch.bool).index_fill_(2, torch.arange(5), True),
+        # one value per query for every key (a key dimension of 1): rows wholly allowed or forbidden
+        "per_query_key_dim_1": torch.rand(B, 1, n, 1, generator=g) > 0.3,
         # key padding (∧ the triangle) in disguise, as transformers models and nn.MultiheadAttention
         # pass it (ops/masks.simplify_mask turns it back), and near misses that must stay as they are
         "key_padding_4d_materialised": pad.expand(B, Hq, n, n).contiguous(),
@@ -67,7 +69,8 @@ def make_mask(kind: str, B: int, Hq: int, n: int) -> torch.Tensor | None:
 MASKS = [
     "none", "key_padding_bool", "key_padding_inf", "key_padding_min", "causal_padding_4d_min",
     "causal_padding_4d_bool", "random_bool_per_head", "alibi_bias", "key_bias", "constant_bias",
-    "block_diagonal_2d", "per_head_key_padding", "some_rows_fully_masked", "key_padding_4d_materialised",
+    "block_diagonal_2d", "per_head_key_padding", "some_rows_fully_masked", "per_query_key_dim_1",
+    "key_padding_4d_materialised",
     "causal_4d_no_padding_min", "causal_padding_one_entry_off", "causal_padding_key_bias", "sink_columns_vary",
 ]
 # (chunk_size, local_chunks, sinks, top_k): partial last chunk, c = 1, c > n, windows, sinks
@@ -425,11 +428,19 @@ def test_export_traces_through_the_op(tmp_path):
         ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=0), "chunk_size"),
         ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, local_chunks=0), "local_chunks"),
         ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, top_k=-1), "top_k"),
+        ((torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 2)), dict(chunk_size=2), "k and v must be"),
+        ((torch.zeros(1, 2, 0, 4),) * 3, dict(chunk_size=2), "at least 1"),
+        ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, softcap=-1.0), "softcap must be"),
+        ((torch.zeros(1, 2, 8, 4),) * 3 + (None, torch.zeros(2, 3)), dict(chunk_size=2), r"summary_weight must be \[Hkv, d\]"),
+        ((torch.zeros(1, 2, 8, 4),) * 3 + (torch.ones(8, 8, dtype=torch.bool, device="meta"),), dict(chunk_size=2),
+         "attn_mask is on meta but q is on cpu"),
     ],
 )
 def test_bad_input_is_a_clear_error(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mta(*args, **kwargs)
+    with pytest.raises(TypeError, match="one float dtype"):
+        mta(*(torch.zeros(1, 2, 8, 4, dtype=torch.int64),) * 3, chunk_size=2)
 
 
 def test_bad_mask_is_a_clear_error():
