@@ -297,6 +297,58 @@ def test_scores_shifted_by_their_row_max_are_attention(how):
         torch.testing.assert_close(fast(x, mask), want, rtol=1e-5, atol=1e-5)
 
 
+class _EitherOrder(zoo._Proj):
+    """Operands in the order some code writes them; masked by a bool ``allowed`` [B, 1, n, n]."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.head_scale = torch.nn.Parameter(0.5 + torch.rand(1, self.h, 1, 1, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, x, allowed):
+        q, k, v = self.heads(x)
+        scale, no = self.dh ** -0.5, float("-inf")
+        s = {"mask_first": lambda: torch.where(allowed, 0.0, torch.finfo(x.dtype).min) + q @ k.transpose(-1, -2) * scale,
+             "fill_first": lambda: torch.where(~allowed, no, q @ k.transpose(-1, -2) * scale),
+             "scale_tensor_first": lambda: (self.head_scale * (q @ k.transpose(-1, -2))).masked_fill(~allowed, no),
+             "key_permuted": lambda: (q @ k.permute(0, 1, 3, 2) * scale).masked_fill(~allowed, no),
+             "shifted_by_a_number": lambda: (2.5 + q @ k.transpose(-1, -2) * scale - 1.0).masked_fill(~allowed, no),
+             "negative_scale": lambda: (q @ k.transpose(-1, -2) * -scale).masked_fill(~allowed, no)}[self.form]()
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("form", ["mask_first", "fill_first", "scale_tensor_first", "key_permuted", "shifted_by_a_number",
+                                  "negative_scale"])
+def test_operands_in_either_order(form):
+    """The additive mask left of the scores (``mask + s``), ``where(forbidden, −inf, s)`` with the
+    fill first, a per-head scale tensor left of q·kᵀ, kᵀ written as a permute of all four
+    dimensions, a number added to (or taken from) every score, which softmax ignores: read as their
+    usual order is (the float64 reference op on the layer's q, k, v, the per-head scale on q). A
+    negative scale is not a softmax temperature the op can take: left
+    exact with its reason, the model's outputs."""
+    model = _EitherOrder(form).eval()
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1))
+    allowed = zoo._causal_pad(40)
+    (site,) = mr.find_attention(model, (x, allowed))
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (x, allowed), config=config)
+    with torch.no_grad():
+        if form == "negative_scale":
+            assert not site.rewritable and "score scale" in site.reason and "not positive" in site.reason, site.reason
+            assert mr.count_mta_nodes(fast) == 0
+            torch.testing.assert_close(fast(x, allowed), model(x, allowed), rtol=0, atol=0)
+            return
+        assert site.rewritable, site.reason
+        q, k, v = model.heads(x)
+        scale = model.dh ** -0.5
+        if form == "scale_tensor_first":
+            q, scale = q * model.head_scale, 1.0
+        want = model.merge(mta_attention_reference(q, k, v, allowed, scale=scale, **config.op_kwargs()).float())
+        torch.testing.assert_close(fast(x, allowed), want, rtol=1e-5, atol=1e-5)
+
+
 class _SoftCapped(zoo._Proj):
     """Soft-caps as models write them: a·tanh(b·s) for numbers a, b in any arrangement of mul and div."""
 

@@ -158,6 +158,13 @@ def test_sums_kept_between_steps_are_the_sums_from_scratch():
     torch.testing.assert_close(sums.k, whole.k[:, :, :7])
     fresh, _ = decode_step(q, k, v, allowed, 40, MTAConfig(5, 1, 2, 0))
     torch.testing.assert_close(out, fresh)
+    # sums of more chunks than a step summarises (a later position's, a step taken again earlier):
+    # cut to the chunks before its window, the same output as from scratch
+    # (without a mask: one cut to the step's length no longer covers the sums' keys, which are then rebuilt)
+    every = chunk_sums(k, v, None, 8, 5, 2)
+    early, cut = decode_step(q, k, v, None, 23, MTAConfig(5, 1, 2, 0), None, every)
+    assert cut.chunks == 4 and cut.k.data_ptr() == every.k.data_ptr()  # (views of the sums given)
+    torch.testing.assert_close(early, decode_step(q, k, v, None, 23, MTAConfig(5, 1, 2, 0))[0])
 
 
 GROUPS = ((MTAConfig(4, 1, 1, 0), (0, 5)), (None, (1, 4)), (MTAConfig(5, 1, 2, 2), (2, 3)))
