@@ -51,6 +51,20 @@ def test_plan_meets_budget_on_holdout_and_rewrite_reproduces_it(lm, metric, budg
     assert again <= budget
 
 
+@pytest.mark.parametrize("count,holdout", [(1, 0.25), (2, 0.0)])
+def test_without_held_out_samples_the_calibration_samples_verify(lm, count, holdout):
+    """One sample, or holdout=0: no sample is held out; the plan is verified on the calibration
+    samples, its held-out error is theirs (named so in the metadata: no held-out samples) and
+    the rewritten model reproduces it there."""
+    model, data = lm
+    plan = run(model, data[:count], budget=0.1, metric="rel_l2", holdout=holdout)
+    meta = plan.metadata
+    assert meta["holdout_samples"] == 0 and meta["calibration_samples"] == count
+    assert meta["holdout_indices"] == list(range(count))
+    assert meta["holdout_error"] == meta["calibration_error"] <= 0.1 and meta["relative_attention_cost"] < 1.0
+    assert measured_error(model, plan, data[:count], "rel_l2") == pytest.approx(meta["holdout_error"], rel=1e-4, abs=1e-7)
+
+
 def test_last_positions_meet_the_budget_there(lm, tmp_path):
     """last_positions: the plan's error over the last positions of each held-out sample (by the
     rewritten model, against the original) is what calibration reports, within budget, and it is
