@@ -1005,3 +1005,20 @@ def test_attention_use_mta_cannot_reach_is_named():
         warnings.simplefilter("error")
         mr.use_mta(model, config=CONFIG)
     assert (logits(model, ids, mask)[keep] - exact[keep]).abs().max() > 1e-3
+
+
+def test_attention_dropout_in_training_mode_is_a_clear_error():
+    """A model in training mode whose attention drops out: MTA has no attention dropout, a
+    one-line error that says to put the model in eval(); in eval() the same model runs the op."""
+    model = llama()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    mr.use_mta(model, config=CONFIG)
+    ids, mask = ids_and_mask()
+    model.train()
+    with pytest.raises(ValueError, match=r"^MTA has no attention dropout: put the model in eval\(\)$"):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    model.eval()
+    want = graph_logits(llama(), ids, mask, config=CONFIG)
+    torch.testing.assert_close(logits(model, ids, mask), want, rtol=1e-5, atol=1e-5)
