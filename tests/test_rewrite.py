@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mta_rewrite as mr
 from mta_rewrite import zoo
@@ -347,6 +348,39 @@ def test_operands_in_either_order(form):
             q, scale = q * model.head_scale, 1.0
         want = model.merge(mta_attention_reference(q, k, v, allowed, scale=scale, **config.op_kwargs()).float())
         torch.testing.assert_close(fast(x, allowed), want, rtol=1e-5, atol=1e-5)
+
+
+class _FrameByMinusOne(zoo._Proj):
+    """GPT-NeoX-Japanese's frame (3-D q·kᵀ viewed as [B, H, n, n] for the mask, softmax and the
+    product with a 4-D v) with the batch or the heads of the view given as −1."""
+
+    def __init__(self, view: str):
+        super().__init__()
+        self.view = view
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        s = torch.bmm(q.reshape(B * H, n, dh), k.reshape(B * H, n, dh).transpose(1, 2)) * dh ** -0.5
+        s = s.view(*((B, -1) if self.view == "heads" else (-1, H)), n, n) + torch.where(mask, 0.0, torch.finfo(s.dtype).min)
+        return self.merge(torch.matmul(F.softmax(s, dim=-1), v))
+
+
+@pytest.mark.parametrize("view", ["heads", "batch"])
+def test_a_frame_viewed_with_minus_one_reports_its_batch_and_heads(view):
+    """Scores [B·H, n, n] viewed as [B, −1, n, n] or [−1, H, n, n]: the site reports the batch and
+    the heads the view resolves to, and is rewritten (the float64 reference op)."""
+    model = _FrameByMinusOne(view).eval()
+    x, mask = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1)), zoo._causal_pad(40)
+    (site,) = mr.find_attention(model, (x, mask))
+    assert site.rewritable, site.reason
+    assert (site.batch, site.q_heads, site.kv_heads, site.seq_len, site.head_dim) == (2, model.h, model.h, 40, model.dh)
+    config = mr.MTAConfig(chunk_size=6, local_chunks=2, sinks=2, top_k=1)
+    fast = mr.rewrite(model, (x, mask), config=config)
+    with torch.no_grad():
+        want = model.merge(mta_attention_reference(*model.heads(x), mask, scale=model.dh ** -0.5,
+                                                   **config.op_kwargs()).float())
+        torch.testing.assert_close(fast(x, mask), want, rtol=1e-5, atol=1e-5)
 
 
 class _SoftCapped(zoo._Proj):
