@@ -939,6 +939,24 @@ def test_what_layers_hand_their_attention_function_besides_q_k_v_is_not_dropped(
     torch.testing.assert_close(logits(model, ids, mask)[keep], rewritten[keep], rtol=1e-5, atol=1e-5)
 
 
+def test_token_selection_without_a_mask():
+    """DeepSeek-V3.2 called with input ids alone, one sequence (transformers builds the causal
+    mask the indexer's selection is folded into): one chunk reproduces the model, MTA computes
+    what the rewritten graph computes."""
+    model = deepseek_v32("sdpa")
+    ids, _ = ids_and_mask(batch=1, n=40)
+    call = dict(input_ids=ids, use_cache=False)
+    with torch.no_grad():
+        want = model(**call).logits
+        rewritten = mr.rewrite(model, (), call, config=CONFIG)(**call).logits
+    mr.use_mta(model, config=mr.MTAConfig(chunk_size=10**6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**call).logits, want, rtol=1e-5, atol=1e-5)
+    mr.use_mta(model, config=CONFIG)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**call).logits, rewritten, rtol=1e-5, atol=1e-5)
+
+
 def test_a_tensor_use_mta_would_not_read_is_a_one_line_error():
     """A tensor a layer hands its attention function that MTA does not read (MiniMax-M3's
     ``block_indices``, its block-sparse selection, which transformers folds into the mask only
