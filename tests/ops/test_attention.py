@@ -439,8 +439,13 @@ def test_export_traces_through_the_op(tmp_path):
 def test_bad_input_is_a_clear_error(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mta(*args, **kwargs)
+
+
+def test_bad_dtype_is_a_clear_error():
     with pytest.raises(TypeError, match="one float dtype"):
         mta(*(torch.zeros(1, 2, 8, 4, dtype=torch.int64),) * 3, chunk_size=2)
+    with pytest.raises(TypeError, match="one float dtype"):
+        mta(torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4, dtype=torch.float64), torch.zeros(1, 2, 8, 4), chunk_size=2)
 
 
 def test_bad_mask_is_a_clear_error():
