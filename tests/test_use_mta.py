@@ -939,7 +939,7 @@ def test_what_layers_hand_their_attention_function_besides_q_k_v_is_not_dropped(
     torch.testing.assert_close(logits(model, ids, mask)[keep], rewritten[keep], rtol=1e-5, atol=1e-5)
 
 
-def test_token_selection_without_a_mask():
+def test_token_selection_from_input_ids_alone():
     """DeepSeek-V3.2 called with input ids alone, one sequence (transformers builds the causal
     mask the indexer's selection is folded into): one chunk reproduces the model, MTA computes
     what the rewritten graph computes."""

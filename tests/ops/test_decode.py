@@ -159,8 +159,8 @@ def test_sums_kept_between_steps_are_the_sums_from_scratch():
     fresh, _ = decode_step(q, k, v, allowed, 40, MTAConfig(5, 1, 2, 0))
     torch.testing.assert_close(out, fresh)
     # sums of more chunks than a step summarises (a later position's, a step taken again earlier):
-    # cut to the chunks before its window, the same output as from scratch
-    # (without a mask: one cut to the step's length no longer covers the sums' keys, which are then rebuilt)
+    # cut to the chunks before its window, the same output as from scratch. Without a mask: a mask
+    # is cut to the step's length, which would no longer cover the sums' keys (they are rebuilt then)
     every = chunk_sums(k, v, None, 8, 5, 2)
     early, cut = decode_step(q, k, v, None, 23, MTAConfig(5, 1, 2, 0), None, every)
     assert cut.chunks == 4 and cut.k.data_ptr() == every.k.data_ptr()  # (views of the sums given)
