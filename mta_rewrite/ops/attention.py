@@ -219,18 +219,20 @@ def exact_sdpa(q, k, v, attn_mask, causal: bool, scale, softcap: float = 0.0):
     if softcap:
         return exact_soft_capped(q, k, v, attn_mask, causal, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
-    if attn_mask is None:
-        return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa))
     B, H, n = q.shape[:3]
+    if attn_mask is None and not (causal and scale is not None and scale <= 0):
+        return in_layout_of(q, F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa))
+    # (a scale ≤ 0 with causality takes the triangle as a mask: the CPU flash kernel's is_causal
+    # scales its −inf for future keys with the rest of the row, +inf or NaN, and returns NaN)
     mask = normalize_mask(attn_mask, B, H, n)
-    allowed = mask.allowed
+    allowed = mask.allowed if mask is not None else torch.ones(1, 1, n, n, dtype=torch.bool, device=q.device)
     if causal:
         allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     empty = ~allowed.any(-1, keepdim=True)
     has_empty = bool(empty.any())
     if has_empty:
         allowed = allowed | empty
-    if mask.bias is not None:
+    if mask is not None and mask.bias is not None:
         allowed = torch.where(allowed, mask.bias.to(q.dtype), float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     if has_empty:

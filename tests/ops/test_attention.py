@@ -558,6 +558,21 @@ def test_one_chunk_with_an_empty_row_outputs_zeros_there(causal):
     assert torch.autograd.gradcheck(lambda q, k, v: mta(q, k, v, mask, chunk_size=64, causal=causal), inputs)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("chunk_size", [4, 64])  # several chunks; one chunk (SDPA)
+def test_causal_with_a_scale_of_zero_or_below(chunk_size, scale, dtype):
+    """A scale ≤ 0 with causality: uniform attention over the past (0), or the keys least like the
+    query weighed most (< 0), as the float64 reference computes it; no NaN. (The CPU flash kernel's
+    is_causal scales its −inf for future keys with the row and returned NaN for every query but the
+    last: one chunk, run by SDPA, takes the triangle as a mask instead.)"""
+    q, k, v = qkv(2, 4, 2, 13, dtype=dtype, seed=5)
+    kw = dict(chunk_size=chunk_size, causal=True, scale=scale)
+    out = mta(q, k, v, **kw)
+    torch.testing.assert_close(out.double(), mta_attention_reference(q, k, v, **kw),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-6 if dtype == torch.float32 else 1e-10)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "per_head_key_padding", "key_bias"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_top_k_two_key_sets_equal_one(mask_kind, causal, monkeypatch):
