@@ -266,6 +266,53 @@ def test_multiplicative_masks_are_bool_masks(form):
         torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
 
 
+class _FilledMask(zoo._Proj):
+    """A mask of 0s and a finite masked score built in the forward and added to the scores, in the
+    forms code writes it (−1e9, −1e4: above the dtype's minimum, so by its values a bias)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x, keep):
+        q, k, v = self.heads(x)
+        n = q.shape[-2]
+        s = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+        s = {"triu": lambda: s + torch.triu(torch.full((n, n), -1e9), diagonal=1),
+             "triu_first": lambda: torch.full((n, n), -1e4).triu(1) + s,
+             "where": lambda: s + torch.where(keep, 0.0, -1e4),
+             "where_swapped": lambda: s + torch.where(~keep, -1e9, 0.0),
+             "masked_zeros": lambda: s + torch.zeros(n, n).masked_fill(~keep[0, 0], -1e9),
+             "bias": lambda: s + torch.where(keep, 0.0, -5.0)}[self.form]()
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("form", ["triu", "triu_first", "where", "where_swapped", "masked_zeros", "bias"])
+def test_added_masks_of_a_finite_masked_score_are_bool_masks(form):
+    """0s and −1e9 (or −1e4) added to the scores are a mask, as masked_fill with them is: the site
+    takes it as the keys allowed (the causal triangle recognised as causality, top-k never ranking
+    a chunk the mask forbids), equal to the float64 reference op with that bool mask; before, the
+    op took −1e9 as a bias, and its top-k ranked future chunks (0.06 from the reference with the
+    triangle). A finite bias (−5) stays a bias: the reference with the float mask."""
+    model = _FilledMask(form).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 40, 32, generator=g)
+    tri = torch.ones(40, 40, dtype=torch.bool).tril()
+    keep = (tri & (torch.rand(40, 40, generator=g) > 0.2)) | torch.eye(40, dtype=torch.bool)
+    keep = keep.expand(2, 1, 40, 40)
+    (site,) = mr.find_attention(model, (x, keep))
+    assert site.rewritable and site.mask == ("additive" if form == "bias" else "bool"), (site.mask, site.reason)
+    config = mr.MTAConfig(chunk_size=6, local_chunks=1, sinks=2, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (x, keep), config=config)
+    mask = {"triu": tri, "triu_first": tri, "bias": torch.where(keep, 0.0, -5.0)}.get(form, keep)
+    with torch.no_grad():
+        want = model.merge(mta_attention_reference(*model.heads(x), mask, scale=model.dh ** -0.5,
+                                                   **config.op_kwargs()).float())
+        torch.testing.assert_close(fast(x, keep), want, rtol=1e-5, atol=1e-5)
+
+
 class _ShiftedScores(zoo._Proj):
     """softmax(s − max(s)) by hand, as GPT-OSS writes it: softmax does not change under the shift."""
 

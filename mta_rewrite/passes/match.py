@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..ops.masks import forbidden_threshold
+
 aten = torch.ops.aten
 
 SDPA_TARGETS = {
@@ -245,6 +247,71 @@ def is_forbidding_value(value: Any) -> bool:
             return False  # a tensor whose value is not known while matching
         value = value.item()
     return isinstance(value, (int, float)) and value <= FORBIDDING
+
+
+def _is_zero(x: Any) -> bool:
+    """A number 0 (or a node filled with 0: ``zeros``, ``full(.., 0)``)."""
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in (aten.zeros.default, aten.zeros_like.default):
+        return True
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in FILL_TARGETS:
+        x = x.args[FILL_TARGETS[x.target]]
+    x = _static(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+# triangles of a filled tensor: a masked score above (or below) a diagonal, 0 elsewhere
+TRIANGLE_TARGETS = {aten.triu.default, aten.tril.default}
+
+
+def _forbidding_term(x: Any) -> tuple[fx.Node, bool] | None:
+    """An additive mask built in the graph of 0s and masked scores f (≤ −1e4, see FORBIDDING) as
+    a bool mask ``(cond, invert?)`` (the keys allowed: cond, or not cond; a float cond: its
+    non-zero entries): ``where(c, 0, f)``, ``where(c, f, 0)``, ``zeros.masked_fill(c, f)`` and
+    ``triu``/``tril`` of a tensor filled with f (the causal triangle as code writes it with −1e9 or
+    −1e4). Only for an f above the mask dtype's minimum, which the op would take as a bias (no
+    causality recognised, no key padding for the kernels, top-k ranking chunks the mask forbids);
+    −inf and the minimum it already reads as forbidden. Adding f or masking with it gives those
+    keys the same zero weight. None otherwise."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function"):
+        return None
+    dtype = dtype_of(x)
+    if dtype is None or not dtype.is_floating_point:
+        return None
+
+    def bias_to_the_op(value) -> bool:
+        number = _static(value.args[FILL_TARGETS[value.target]]) if isinstance(value, fx.Node) \
+            and value.op == "call_function" and value.target in FILL_TARGETS else _static(value)
+        return is_forbidding_value(value) and isinstance(number, (int, float)) \
+            and number > forbidden_threshold(dtype)
+
+    t = x.target
+    if t in WHERE_TARGETS | {aten.where.Scalar}:
+        cond, a, b = x.args[:3]
+        if _is_zero(a) and bias_to_the_op(b):
+            return cond, False
+        if bias_to_the_op(a) and _is_zero(b):
+            return cond, True
+    elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+        base, cond, value = x.args[:3]
+        if _is_zero(base) and bias_to_the_op(value):
+            return cond, True
+    elif t in TRIANGLE_TARGETS:
+        base = x.args[0]
+        if isinstance(base, fx.Node) and base.op == "call_function" and base.target in FILL_TARGETS \
+                and bias_to_the_op(base):
+            return x, True  # (allowed where the triangle left 0)
+    return None
+
+
+def _added_forbidding_term(s: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """For scores + t (either order) with t a :func:`_forbidding_term`: (the scores, cond, invert?)."""
+    a, b = s.args[:2]
+    for scores, term in ((a, b), (b, a)):
+        if _reaches_product(scores) and not _reaches_product(term):
+            found = _forbidding_term(term)
+            if found is not None:
+                return scores, *found
+    return None
 
 
 def _binary_constant(x: Any) -> bool:
@@ -601,6 +668,11 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
             elif t in (aten.add.Tensor, aten.sub.Tensor) and (masked := _multiplicative_mask(s)) is not None:
                 s, keep = masked  # s·b + c·(1 − b), b of 0s and 1s: where(b, s, c)
                 m.allowed.append((keep, False))
+            elif t is aten.add.Tensor and s.kwargs.get("alpha", 1) == 1 and factor > 0 and not m.scale_nodes \
+                    and (forbidding := _added_forbidding_term(s)) is not None:
+                # 0s and masked scores added: a bool mask (where(c, 0, −1e9), triu(full(−1e9), 1), …)
+                s, cond, invert = forbidding
+                m.allowed.append((cond, invert))
             elif t in (aten.add.Tensor, aten.sub.Tensor):
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
