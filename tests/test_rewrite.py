@@ -313,6 +313,56 @@ def test_added_masks_of_a_finite_masked_score_are_bool_masks(form):
         torch.testing.assert_close(fast(x, keep), want, rtol=1e-5, atol=1e-5)
 
 
+class _ScaledComplement(zoo._Proj):
+    """Old BERT code's key padding: the 0/1 attention mask turned into (1 − mask)·−10000 in the
+    forward and added to the scores (``get_extended_attention_mask`` before transformers used the
+    dtype's minimum; MarkupLM still does), or a 0/1 "forbidden" mask times −1e9."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x, attention_mask):
+        q, k, v = self.heads(x)
+        ext = attention_mask[:, None, None, :].to(x.dtype)
+        ext = (1.0 - ext) * -10000.0 if self.form == "bert" else -1e9 * (ext == 0).to(x.dtype)
+        return self.merge(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh) + ext, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("form", ["bert", "forbidden_times"])
+def test_key_padding_times_a_finite_masked_score_is_key_padding(form, monkeypatch):
+    """(1 − mask)·−10000 added to the scores: its −10000s give their keys zero weight, so the op gets
+    them as −inf, forbidden, and so key padding (the GPU kernels take it; summaries leave padded
+    keys out): the mask the op gets is the bool key padding in values, and the output the float64
+    reference op's with it, top-k included. Before, the op read −10000 as a bias (a block of a
+    chunk half padded computed exactly, the CUDA dispatch on the portable implementation)."""
+    import importlib
+
+    op_module = importlib.import_module("mta_rewrite.ops.attention")
+    model = _ScaledComplement(form).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 40, 32, generator=g)
+    attention_mask = torch.ones(2, 40, dtype=torch.long)
+    attention_mask[0, 29:] = 0  # right padding, partway through a chunk
+    attention_mask[1, :5] = 0  # left padding
+    config = mr.MTAConfig(chunk_size=6, local_chunks=1, sinks=2, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = mr.rewrite(model, (x, attention_mask), config=config)
+    seen = []
+    original = op_module.simplify_mask
+    monkeypatch.setattr(op_module, "simplify_mask", lambda mask, *args: seen.append(mask) or original(mask, *args))
+    keep = attention_mask.bool()[:, None, None, :]
+    with torch.no_grad():
+        got = fast(x, attention_mask)
+        want = model.merge(mta_attention_reference(*model.heads(x), keep, scale=model.dh ** -0.5,
+                                                   **config.op_kwargs()).float())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (mask,) = seen
+    assert torch.equal(mask > torch.finfo(mask.dtype).min, keep.expand_as(mask))
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}, mask.unique()
+
+
 class _ShiftedScores(zoo._Proj):
     """softmax(s − max(s)) by hand, as GPT-OSS writes it: softmax does not change under the shift."""
 

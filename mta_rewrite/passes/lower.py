@@ -20,14 +20,17 @@ import torch.nn.functional as F
 
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.layout import dense_order, is_permuted
-from .match import IGNORED_USERS, AttentionMatch, dtype_of, shape_of, strip_repeat_kv, val
+from .match import FORBIDDING, IGNORED_USERS, AttentionMatch, dtype_of, shape_of, strip_repeat_kv, val
 
 aten = torch.ops.aten
 
 
-def combine_masks(allowed: list, additive: list):
+def combine_masks(allowed: list, additive: list, masked_scores: tuple = ()):
     """One SDPA-style mask from the model's masks: bool masks (or 0/1 ones) AND-ed; with any additive mask,
-    everything becomes one float mask (forbidden positions −inf). Called from the graph."""
+    everything becomes one float mask (forbidden positions −inf). ``masked_scores``: the additive
+    masks whose values ≤ −1e4 are forbidden keys (``AttentionMatch.masked_scores``): those values
+    become −inf, which the op reads as forbidden (as a bias, −1e4 leaves no causality or key
+    padding to recognise). Called from the graph."""
     keep = None
     for cond, invert in allowed:
         if cond.dtype != torch.bool:  # (a multiplicative mask's 0s and 1s)
@@ -39,6 +42,8 @@ def combine_masks(allowed: list, additive: list):
         if not isinstance(mask, torch.Tensor):
             continue  # a constant shift of every score: softmax ignores it
         term = mask if factor == 1.0 else mask * factor
+        if any(mask is x for x in masked_scores):
+            term = term.masked_fill(term <= FORBIDDING, float("-inf"))
         total = term if total is None else total + term
     if total is None:
         return keep
@@ -236,7 +241,8 @@ def _canonical_operands(g: fx.Graph, m: AttentionMatch):
             framed = {x: g.call_function(heads_frame_mask, (x, *m.frame)) for x in inner}
             allowed = [(framed.get(c, c), invert) for c, invert in allowed]
             additive = [(framed.get(x, x), f) for x, f in additive]
-        mask = g.call_function(combine_masks, (allowed, additive))
+        scored = tuple(framed.get(x, x) for x in m.masked_scores) if m.frame is not None else tuple(m.masked_scores)
+        mask = g.call_function(combine_masks, (allowed, additive, scored) if scored else (allowed, additive))
         if m.three_d and m.frame is None:
             mask = g.call_function(head_dim_mask, (mask,))
     return q, k, v, mask

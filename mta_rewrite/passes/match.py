@@ -87,6 +87,9 @@ class AttentionMatch:
     scale_nodes: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (tensor, divide?) folded into q
     sdpa_scale_default: bool = False  # SDPA with scale=None: the op's own default, 1/√d
     additive: list[tuple[fx.Node, float]] = field(default_factory=list)  # (mask, factor applied after it)
+    # additive masks computed as x·c, c a masked score above the dtype's minimum (old BERT code's
+    # (1.0 − attention_mask)·−10000.0): their values ≤ −1e4 are forbidden keys (see FORBIDDING)
+    masked_scores: list[fx.Node] = field(default_factory=list)
     allowed: list[tuple[fx.Node, bool]] = field(default_factory=list)  # (bool mask, invert?)
     causal: bool = False
     chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite makes dead
@@ -301,6 +304,19 @@ def _forbidding_term(x: Any) -> tuple[fx.Node, bool] | None:
                 and bias_to_the_op(base):
             return x, True  # (allowed where the triangle left 0)
     return None
+
+
+def _times_masked_score(x: Any) -> bool:
+    """Is ``x`` a product y·c (or c·y) with c a number ≤ −1e4 above x's dtype's minimum? Added to
+    the scores, its values ≤ −1e4 give their keys zero weight: forbidden keys, which the op would
+    read as a bias (``(1.0 - attention_mask) * -10000.0``, old BERT code's key padding)."""
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target in (aten.mul.Tensor, aten.mul.Scalar)):
+        return False
+    dtype = dtype_of(x)
+    if dtype is None or not dtype.is_floating_point:
+        return False
+    return any(isinstance(c, (int, float)) and not isinstance(c, bool) and is_forbidding_value(c)
+               and c > forbidden_threshold(dtype) for c in x.args[:2])
 
 
 def _added_forbidding_term(s: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
@@ -677,14 +693,14 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
                 a, b = s.args[0], s.args[1]
                 alpha = s.kwargs.get("alpha", 1)
                 if _reaches_product(a) and not _reaches_product(b):
-                    m.additive.append((_unexpanded(b, a, meta_reads),
-                                       factor * (alpha if t is aten.add.Tensor else -alpha)))
-                    s = a
+                    mask, sign, s = _unexpanded(b, a, meta_reads), (alpha if t is aten.add.Tensor else -alpha), a
                 elif t is aten.add.Tensor and _reaches_product(b) and not _reaches_product(a):
-                    m.additive.append((_unexpanded(a, b, meta_reads), factor))
-                    s = b
+                    mask, sign, s = _unexpanded(a, b, meta_reads), 1, b
                 else:
                     raise NoMatch(_unsupported(s, "not an additive mask"))
+                m.additive.append((mask, factor * sign))
+                if sign > 0 and factor > 0 and not m.scale_nodes and _times_masked_score(mask):
+                    m.masked_scores.append(mask)
             elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
                 scores, cond, value = s.args[:3]
                 if not is_forbidding_value(value):
