@@ -972,3 +972,35 @@ def test_a_small_epsilon_survives_the_export(tmp_path):
     got = onnx_session(tmp_path / "norm.onnx").run(None, {"x": x.numpy()})[0]
     assert not np.isnan(got).any()
     np.testing.assert_allclose(got, _RmsNorm()(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["bert", "triu"])
+def test_masks_of_a_finite_masked_score_export_as_masks(form, tmp_path):
+    """The masks the matcher reads as masks although their masked value is finite (−1e4, −1e9:
+    tests/test_rewrite.py): ``(1 − mask)·−10000`` added (its −10000s made −inf in the graph) and
+    ``triu(full(−1e9), 1)`` added (a bool mask): exported, onnxruntime runs them at another length
+    and padding as the rewritten model does."""
+    from tests.test_rewrite import _FilledMask, _ScaledComplement
+
+    g = torch.Generator().manual_seed(3)
+    model = (_ScaledComplement("bert") if form == "bert" else _FilledMask("triu")).eval()
+
+    def example(n):
+        x = torch.randn(2, n, 32, generator=g)
+        if form == "bert":
+            mask = torch.ones(2, n, dtype=torch.long)
+            mask[0, n - 9:] = 0
+        else:
+            mask = torch.ones(2, 1, n, n, dtype=torch.bool)
+        return x, mask
+
+    config = mr.MTAConfig(chunk_size=6, local_chunks=1, sinks=2, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, example(40), tmp_path / "m.onnx", config=config)
+        fast = mr.rewrite(model, example(40), config=config)
+    session = onnx_session(tmp_path / "m.onnx")
+    x, mask = example(53)
+    got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, mask))})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, fast(x, mask).numpy(), rtol=0, atol=2e-5)
