@@ -4,6 +4,7 @@ the PyTorch rewritten model at sequence lengths other than the export's."""
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 
 import numpy as np
@@ -1004,3 +1005,91 @@ def test_masks_of_a_finite_masked_score_export_as_masks(form, tmp_path):
     got = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (x, mask))})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, fast(x, mask).numpy(), rtol=0, atol=2e-5)
+
+
+class _RandomSites(torch.nn.Module):
+    """Sites of the op, one per configuration, all reading one mask (or none), learned summaries'
+    weight and segment ids (or none)."""
+
+    def __init__(self, configs, masked, weight, segmented):
+        super().__init__()
+        self.configs, self.masked, self.segmented = configs, masked, segmented
+        self.register_buffer("weight", weight)
+
+    def forward(self, q, k, v, mask, segment_ids):
+        return tuple(torch.ops.mta.attention(q, k, v, mask if self.masked else None, self.weight,
+                                             segment_ids if self.segmented else None, **config)
+                     for config in self.configs)
+
+
+def _random_mask(kind, B, Hq, n, g):
+    if kind == "key_padding":
+        mask = torch.rand(B, 1, 1, n, generator=g) > 0.3
+        mask[..., -1] = True
+        return mask
+    if kind == "causal_padding_min":
+        pad = torch.rand(B, 1, 1, n, generator=g) > 0.3
+        pad[0, ..., :2] = False
+        return torch.where(torch.ones(n, n, dtype=torch.bool).tril() & pad, 0.0, torch.finfo(torch.float32).min)
+    if kind == "random_bool_per_head":
+        return torch.rand(B, Hq, n, n, generator=g) > 0.3
+    if kind == "alibi_per_head":
+        i = torch.arange(n)
+        return -(i[None] - i[:, None]).abs().float().expand(1, Hq, n, n) * torch.linspace(0.2, 0.5, Hq).view(1, Hq, 1, 1)
+    if kind == "band":
+        i = torch.arange(n)
+        return (i[:, None] - i[None]).abs() < 5
+    return torch.zeros(1)
+
+
+MTA_RANDOM_EXPORTS = int(os.environ.get("MTA_RANDOM_EXPORTS", "4"))
+
+
+@pytest.mark.parametrize("seed", range(MTA_RANDOM_EXPORTS))
+def test_random_sites_export_and_run_as_the_reference(seed, tmp_path):
+    """Six sites with seeded random configurations (chunk size, window, sinks, top-k, causality,
+    scale, soft-cap) sharing a random mask kind, learned summaries or boundary chunks, exported once
+    with a dynamic batch and length and run by onnxruntime at four batches and lengths (one token
+    included) against the float64 reference. ``MTA_RANDOM_EXPORTS`` runs more (the first search,
+    2026-12-06: 200 exports, all equal to the reference)."""
+    import random
+
+    from mta_rewrite.ops import mta_attention_reference
+
+    r = random.Random(seed)
+    Hkv, G, d = r.choice([1, 2]), r.choice([1, 2, 3]), r.choice([4, 8])
+    Hq = Hkv * G
+    kind = r.choice(["none", "key_padding", "causal_padding_min", "random_bool_per_head", "alibi_per_head", "band"])
+    segmented = r.random() < 0.3 and kind in ("none", "key_padding", "causal_padding_min", "alibi_per_head")
+    weight = torch.randn(Hkv, d, generator=torch.Generator().manual_seed(seed)) if r.random() < 0.3 else None
+    softcap = r.choice([0.0, 0.0, 3.0])
+    configs = [dict(chunk_size=r.choice([1, 2, 3, 4, 5, 8]), causal=r.random() < 0.5, scale=r.choice([None, 0.5]),
+                    local_chunks=r.choice([1, 2, 3]), sinks=r.choice([0, 1, 3, 6]), top_k=r.choice([0, 0, 1, 2]),
+                    softcap=softcap) for _ in range(6)]
+    module = _RandomSites(configs, kind != "none", weight, segmented)
+
+    def data(B, n):
+        g = torch.Generator().manual_seed(seed * 100 + n)
+        q, k, v = (torch.randn(B, h, n, d, generator=g) for h in (Hq, Hkv, Hkv))
+        return q, k, v, _random_mask(kind, B, Hq, n, g), torch.cumsum((torch.rand(B, n, generator=g) < 0.25).long(), 1)
+
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=1, max=4096)
+    tokens = {0: batch, 2: length}
+    mask_dims = {"key_padding": {0: batch, 3: length}, "causal_padding_min": {0: batch, 2: length, 3: length},
+                 "random_bool_per_head": {0: batch, 2: length, 3: length}, "alibi_per_head": {2: length, 3: length},
+                 "band": {0: length, 1: length}, "none": None}[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, data(2, 13), strict=False,
+                                      dynamic_shapes=(tokens, tokens, tokens, mask_dims, {0: batch, 1: length}))
+        export_onnx(program, data(2, 13), tmp_path / "sites.onnx")
+    session = onnx_session(tmp_path / "sites.onnx")
+    for B, n in [(2, 13), (1, 7), (3, 29), (2, 1)]:
+        inputs = data(B, n)
+        got = session.run(None, {x.name: t.numpy() for x, t in zip(session.get_inputs(), inputs)})
+        q, k, v, mask, segment_ids = inputs
+        for out, config in zip(got, configs):
+            want = mta_attention_reference(q, k, v, None if kind == "none" else mask, summary_weight=weight,
+                                           segment_ids=segment_ids if segmented else None, **config)
+            np.testing.assert_allclose(out, want.numpy(), rtol=0, atol=1e-4,
+                                       err_msg=f"seed {seed}, mask {kind}, B={B}, n={n}, {config}")
