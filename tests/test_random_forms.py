@@ -12,7 +12,8 @@ float64 reference op on the layer's own q, k, v with the mask and causality the 
 form left exact is named: softmax over [B, H, n, n] scores followed by a 3-D bmm with v (the scores
 viewed to [B·H, n, n] on one side of softmax only). A failure names its seed (``RandomAttention(
 random.Random(seed))``); ``MTA_RANDOM_FORMS`` runs more forms than the default. The first such search
-(2026-12-06) found the triangle added as ``triu(full(−1e9), 1)`` read as a bias.
+(2026-12-06) found the triangle added as ``triu(full(−1e9), 1)`` read as a bias. Beside them, SDPA
+calls with random arguments (``RandomSdpa``), held to the same two checks.
 """
 
 from __future__ import annotations
@@ -245,3 +246,82 @@ def test_random_forms_rewrite_as_they_mean(batch):
     per = -(-FORMS // BATCHES)
     for seed in range(batch * per, min(FORMS, (batch + 1) * per)):
         _form_rewrites_as_it_means(seed)
+
+
+class RandomSdpa(nn.Module):
+    """One attention layer calling ``scaled_dot_product_attention`` with arguments drawn from ``r``:
+    no mask, ``is_causal``, a bool or additive mask input (key padding, [B, 1, 1, n] or materialised,
+    or the triangle ∧ key padding), an ALiBi-like bias per head; a scale or none; grouped-query heads
+    by ``enable_gqa`` or repeated."""
+
+    def __init__(self, r: random.Random, D: int = 32):
+        super().__init__()
+        self.H = H = r.choice([2, 4])
+        self.Hkv = Hkv = r.choice([h for h in (1, 2, 4) if H % h == 0])
+        self.d = d = D // H
+        self.o = dict(mask=r.choice(["none", "causal_flag", "bool_input", "float_input", "bool_causal_input", "bias"]),
+                      scale=r.choice([None, 0.2, 1.3]), gqa=r.choice(["enable_gqa", "repeat"]) if Hkv < H else "none",
+                      full=r.random() < 0.5)
+        self.q, self.kv, self.out = nn.Linear(D, H * d), nn.Linear(D, 2 * Hkv * d), nn.Linear(H * d, D)
+
+    def qkv(self, x):
+        B, n, _ = x.shape
+        k, v = self.kv(x).view(B, n, 2 * self.Hkv, self.d).transpose(1, 2).chunk(2, dim=1)
+        return self.q(x).view(B, n, self.H, self.d).transpose(1, 2), k, v
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x)
+        o, kw = self.o, dict(scale=self.o["scale"])
+        if o["gqa"] == "enable_gqa":
+            kw["enable_gqa"] = True
+        elif o["gqa"] == "repeat":
+            k, v = (y.repeat_interleave(self.H // self.Hkv, dim=1) for y in (k, v))
+        if o["mask"] == "causal_flag":
+            kw["is_causal"] = True
+        elif o["mask"] != "none":
+            kw["attn_mask"] = mask
+        return self.out(F.scaled_dot_product_attention(q, k, v, **kw).transpose(1, 2).flatten(2))
+
+    def mask(self, B: int, n: int) -> torch.Tensor:
+        m = self.o["mask"]
+        pad = torch.ones(B, 1, 1, n, dtype=torch.bool)
+        pad[0, ..., :2] = False
+        padding = pad.expand(B, 1, n, n).clone() if self.o["full"] else pad
+        i = torch.arange(n)
+        return {"bool_input": padding, "float_input": torch.where(padding, 0.0, torch.finfo(torch.float32).min),
+                "bool_causal_input": (torch.ones(n, n, dtype=torch.bool).tril() & pad).expand(B, 1, n, n).clone(),
+                "bias": -(i[None] - i[:, None]).abs().float().mul(0.2).expand(B, self.H, n, n).clone()
+                }.get(m, torch.zeros(B, 1, 1, n))
+
+    def expected(self, x, mask, **config):
+        q, k, v = self.qkv(x)
+        given = None if self.o["mask"] in ("none", "causal_flag") else mask
+        y = mta_attention_reference(q, k, v, given, causal=self.o["mask"] == "causal_flag", scale=self.o["scale"],
+                                    **config)
+        return self.out(y.float().transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("MTA_RANDOM_FORMS", "32")) // 4))
+def test_random_sdpa_calls_rewrite_as_they_mean(seed):
+    """SDPA with random arguments (``RandomSdpa``): one rewritable site, the one-chunk rewrite equal
+    to the model, several chunks equal to the float64 reference on the layer's q, k, v (rows with a
+    key to attend to)."""
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    model = RandomSdpa(r).eval()
+    desc = f"seed {seed}: heads {model.H}/{model.Hkv} {model.o}"
+    x = torch.randn(2, 24, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (site,) = [s for s in mr.find_attention(model, (x, model.mask(2, 24))) if s.is_attention]
+        assert site.rewritable, f"{desc}: {site.reason}"
+        config = dict(chunk_size=r.choice([3, 4, 8]), local_chunks=r.choice([1, 2]), sinks=r.choice([0, 2]),
+                      top_k=r.choice([0, 1]))
+        exact = mr.rewrite(model, (x, model.mask(2, 24)), config=mr.MTAConfig(chunk_size=4096))
+        fast = mr.rewrite(model, (x, model.mask(2, 24)), config=mr.MTAConfig(**config))
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x, model.mask(2, 24))[:, 2:], model(x, model.mask(2, 24))[:, 2:],
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"{desc}, one chunk: {m}")
+        x2, mask2 = torch.randn(2, 37, 32), model.mask(2, 37)
+        torch.testing.assert_close(fast(x2, mask2)[:, 2:], model.expected(x2, mask2, **config)[:, 2:],
+                                   rtol=1e-4, atol=1e-4, msg=lambda m: f"{desc}, {config}: {m}")
