@@ -4,7 +4,7 @@ The other tests of ``tests/ops`` walk grids (every mask kind × a few configurat
 every argument at once from a seeded generator (shapes, GQA, chunk size, window, sinks, top-k,
 causality, scale, soft-cap, a mask of one of twelve kinds and shapes, learned summaries, boundary
 chunks, clustered summaries, ``rows_from``), so that the combinations the grids leave out are
-run too. A failure names its seed: ``case(seed)`` rebuilds the arguments. The first such search
+run too; smaller ones for ``gradcheck``. A failure names its seed: ``case(seed)`` rebuilds the arguments. The first such search
 (2026-12-06) found the exact path's NaN for a scale ≤ 0 with causality. ``MTA_RANDOM_CASES``
 runs more cases than the default (e.g. 2000: a few minutes).
 """
@@ -191,3 +191,33 @@ def test_random_decoding_steps_match_the_reference(batch, boundaries):
                                            segment_ids=None if segments is None else segments[:, :t + 1],
                                            **config.op_kwargs())[:, :, t:t + 1]
             torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{desc}, step {t}: {m}")
+
+
+def _gradient_case(seed: int):
+    """A small case of :func:`case`'s kinds (gradcheck perturbs every input element twice)."""
+    r = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, G = r.choice([1, 2]), r.choice([1, 2]), r.choice([1, 2])
+    n, d = r.choice([3, 7, 11, 16]), r.choice([2, 3])
+    config = dict(chunk_size=r.choice([1, 2, 3, 4, n]), causal=r.random() < 0.5, scale=r.choice([None, 0.7]),
+                  local_chunks=r.choice([1, 2]), sinks=r.choice([0, 1, 3]), top_k=r.choice([0, 1, 2]),
+                  softcap=r.choice([0.0, 0.0, 2.0]))
+    kind, mask = random_mask(r, g, B, Hkv * G, n)
+    weight = torch.randn(Hkv, d, generator=g, dtype=F64, requires_grad=True) if r.random() < 0.25 else None
+    segments = random_segments(r, B, n) if r.random() < 0.25 else None
+    q, k, v = (torch.randn(B, h, n, d, generator=g, dtype=F64, requires_grad=True) for h in (Hkv * G, Hkv, Hkv))
+    desc = (f"seed {seed}: B={B} Hq={Hkv * G} Hkv={Hkv} n={n} d={d} mask={kind} learned={weight is not None} "
+            f"boundaries={segments is not None} {config}")
+    return desc, (q, k, v, mask, weight, segments), config
+
+
+@pytest.mark.parametrize("seed", range(CASES // 30))
+def test_random_arguments_gradcheck(seed):
+    """Gradients of q, k, v (and the summary weight) against finite differences, float64."""
+    desc, (q, k, v, mask, weight, segments), config = _gradient_case(seed)
+    inputs = (q, k, v) + ((weight,) if weight is not None else ())
+
+    def op(*x):
+        return mta(x[0], x[1], x[2], mask, x[3] if len(x) > 3 else None, segments, None, **config)
+
+    assert torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-5, rtol=1e-4), desc
