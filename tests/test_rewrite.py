@@ -325,11 +325,15 @@ class _ScaledComplement(zoo._Proj):
     def forward(self, x, attention_mask):
         q, k, v = self.heads(x)
         ext = attention_mask[:, None, None, :].to(x.dtype)
-        ext = (1.0 - ext) * -10000.0 if self.form == "bert" else -1e9 * (ext == 0).to(x.dtype)
-        return self.merge(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh) + ext, dim=-1) @ v)
+        if self.form == "scaled_after":  # the mask added before the scale: −10000 / √d, still no weight
+            s = (q @ k.transpose(-1, -2) + (1.0 - ext) * -10000.0) / math.sqrt(self.dh)
+        else:
+            ext = (1.0 - ext) * -10000.0 if self.form == "bert" else -1e9 * (ext == 0).to(x.dtype)
+            s = q @ k.transpose(-1, -2) / math.sqrt(self.dh) + ext
+        return self.merge(torch.softmax(s, dim=-1) @ v)
 
 
-@pytest.mark.parametrize("form", ["bert", "forbidden_times"])
+@pytest.mark.parametrize("form", ["bert", "forbidden_times", "scaled_after"])
 def test_key_padding_times_a_finite_masked_score_is_key_padding(form, monkeypatch):
     """(1 − mask)·−10000 added to the scores: its −10000s give their keys zero weight, so the op gets
     them as −inf, forbidden, and so key padding (the GPU kernels take it; summaries leave padded

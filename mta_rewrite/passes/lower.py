@@ -41,9 +41,10 @@ def combine_masks(allowed: list, additive: list, masked_scores: tuple = ()):
     for mask, factor in additive:
         if not isinstance(mask, torch.Tensor):
             continue  # a constant shift of every score: softmax ignores it
-        term = mask if factor == 1.0 else mask * factor
-        if any(mask is x for x in masked_scores):
+        term = mask
+        if any(mask is x for x in masked_scores):  # (its values as the model wrote them, before any scale)
             term = term.masked_fill(term <= FORBIDDING, float("-inf"))
+        term = term if factor == 1.0 else term * factor
         total = term if total is None else total + term
     if total is None:
         return keep
