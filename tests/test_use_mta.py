@@ -1040,3 +1040,23 @@ def test_attention_dropout_in_training_mode_is_a_clear_error():
     model.eval()
     want = graph_logits(llama(), ids, mask, config=CONFIG)
     torch.testing.assert_close(logits(model, ids, mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_key_padding_mask_of_minus_ten_thousand_is_key_padding_as_in_the_rewrite():
+    """MarkupLM hands its attention function old BERT code's mask, (1 − mask)·−10000 per key: the op
+    reads those keys as forbidden under use_mta as in the rewritten graph (passes.lower.combine_masks),
+    so the two agree exactly with top-k; before, use_mta gave the op −10000 as a bias (2e-4 apart)."""
+    config = transformers.MarkupLMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.MarkupLMModel(config).eval()
+    ids = torch.randint(5, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, 29:] = 0  # padding from partway through a chunk
+    mta = mr.MTAConfig(chunk_size=6, local_chunks=1, sinks=2, top_k=1)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        want = mr.rewrite(model, (ids,), dict(attention_mask=mask), config=mta)(ids, attention_mask=mask)
+        mr.use_mta(model, config=mta)
+        got = model(ids, attention_mask=mask)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=1e-6)
