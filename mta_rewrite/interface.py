@@ -49,8 +49,7 @@ import torch
 from .calibration.probe import site_output
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
 from .ops.masks import continued_key_padding, decode_row, forbidden_threshold, read_outside_graphs
-from .passes.lower import segment_ids_from_separators
-from .passes.match import FORBIDDING
+from .passes.lower import forbid_masked_scores, segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
 # one, with the masks transformers builds for it (SDPA's bool masks, eager's float ones)
@@ -479,7 +478,7 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.shape[-2] == 1:
         # a mask per key of a masked score above the dtype's minimum ((1 − mask)·−10000, MarkupLM's):
         # forbidden keys, as the rewrite reads the same mask (passes.lower.combine_masks), not a bias
-        attention_mask = attention_mask.masked_fill(attention_mask <= FORBIDDING, float("-inf"))
+        attention_mask = forbid_masked_scores(attention_mask)
     sinks = kwargs.get("s_aux")  # (GPT-OSS's, one per head)
     sinks = None if sinks is None else sinks.reshape(1, -1, 1, 1)
     if kwargs.get("sinks") is not None:  # (Inkling-2's, one per query row [B, Hq, m, 1]; the cached rows' dropped)

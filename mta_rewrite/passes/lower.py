@@ -25,6 +25,13 @@ from .match import FORBIDDING, IGNORED_USERS, AttentionMatch, dtype_of, shape_of
 aten = torch.ops.aten
 
 
+def forbid_masked_scores(mask: torch.Tensor) -> torch.Tensor:
+    """An additive mask with its masked scores (values ≤ −1e4, see ``match.FORBIDDING``) made −inf:
+    forbidden keys to the op, which reads values above the dtype's minimum as a bias. Exact
+    attention gives them zero weight either way."""
+    return mask.masked_fill(mask <= FORBIDDING, float("-inf"))
+
+
 def combine_masks(allowed: list, additive: list, masked_scores: tuple = ()):
     """One SDPA-style mask from the model's masks: bool masks (or 0/1 ones) AND-ed; with any additive mask,
     everything becomes one float mask (forbidden positions −inf). ``masked_scores``: the additive
@@ -43,7 +50,7 @@ def combine_masks(allowed: list, additive: list, masked_scores: tuple = ()):
             continue  # a constant shift of every score: softmax ignores it
         term = mask
         if any(mask is x for x in masked_scores):  # (its values as the model wrote them, before any scale)
-            term = term.masked_fill(term <= FORBIDDING, float("-inf"))
+            term = forbid_masked_scores(term)
         term = term if factor == 1.0 else term * factor
         total = term if total is None else total + term
     if total is None:
@@ -236,13 +243,11 @@ def _canonical_operands(g: fx.Graph, m: AttentionMatch):
         q, k, v = (_op_layout(g, m, x, like) for x, like in ((q, m.q), (k, k_node), (v, m.v)))
     mask = None
     if m.allowed or m.additive:
-        allowed, additive = list(m.allowed), list(m.additive)
-        if m.frame is not None:
-            inner = set(m.inner_masks)
-            framed = {x: g.call_function(heads_frame_mask, (x, *m.frame)) for x in inner}
-            allowed = [(framed.get(c, c), invert) for c, invert in allowed]
-            additive = [(framed.get(x, x), f) for x, f in additive]
-        scored = tuple(framed.get(x, x) for x in m.masked_scores) if m.frame is not None else tuple(m.masked_scores)
+        framed = {} if m.frame is None else \
+            {x: g.call_function(heads_frame_mask, (x, *m.frame)) for x in set(m.inner_masks)}
+        allowed = [(framed.get(c, c), invert) for c, invert in m.allowed]
+        additive = [(framed.get(x, x), f) for x, f in m.additive]
+        scored = tuple(framed.get(x, x) for x in m.masked_scores)
         mask = g.call_function(combine_masks, (allowed, additive, scored) if scored else (allowed, additive))
         if m.three_d and m.frame is None:
             mask = g.call_function(head_dim_mask, (mask,))

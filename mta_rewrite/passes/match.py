@@ -239,27 +239,34 @@ FORBIDDING = -1e4
 FILL_TARGETS = {aten.full.default: 1, aten.full_like.default: 1, aten.scalar_tensor.default: 0}
 
 
-def is_forbidding_value(value: Any) -> bool:
-    """Is ``value`` (a number, a one-element constant, or a tensor filled with one number) the
-    fill value of masked-out scores?"""
-    if isinstance(value, fx.Node) and value.op == "call_function" and value.target in FILL_TARGETS:
-        value = value.args[FILL_TARGETS[value.target]]
+def _number(value: Any) -> int | float | None:
+    """The number ``value`` stands for while matching: a number, a one-element constant, or a node
+    filled with one number (``full``, ``full_like``, ``scalar_tensor``, ``zeros``); else None."""
+    if isinstance(value, fx.Node) and value.op == "call_function":
+        if value.target in (aten.zeros.default, aten.zeros_like.default):
+            return 0
+        if value.target in FILL_TARGETS:
+            value = value.args[FILL_TARGETS[value.target]]
     value = _static(value)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.device.type == "meta" or isinstance(value, torch._subclasses.FakeTensor):
-            return False  # a tensor whose value is not known while matching
+            return None  # a tensor whose value is not known while matching
         value = value.item()
-    return isinstance(value, (int, float)) and value <= FORBIDDING
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _is_zero(x: Any) -> bool:
-    """A number 0 (or a node filled with 0: ``zeros``, ``full(.., 0)``)."""
-    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in (aten.zeros.default, aten.zeros_like.default):
-        return True
-    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in FILL_TARGETS:
-        x = x.args[FILL_TARGETS[x.target]]
-    x = _static(x)
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+def is_forbidding_value(value: Any) -> bool:
+    """Is ``value`` (a number, a one-element constant, or a tensor filled with one number) the
+    fill value of masked-out scores?"""
+    number = _number(value)
+    return number is not None and number <= FORBIDDING
+
+
+def _bias_to_the_op(value: Any, dtype: torch.dtype) -> bool:
+    """Is ``value`` a masked score (≤ −1e4) above ``dtype``'s minimum, which the op, reading mask
+    values, would take as a bias (−inf and the minimum it reads as forbidden)?"""
+    number = _number(value)
+    return number is not None and forbidden_threshold(dtype) < number <= FORBIDDING
 
 
 # triangles of a filled tensor: a masked score above (or below) a diagonal, 0 elsewhere
@@ -280,28 +287,21 @@ def _forbidding_term(x: Any) -> tuple[fx.Node, bool] | None:
     dtype = dtype_of(x)
     if dtype is None or not dtype.is_floating_point:
         return None
-
-    def bias_to_the_op(value) -> bool:
-        number = _static(value.args[FILL_TARGETS[value.target]]) if isinstance(value, fx.Node) \
-            and value.op == "call_function" and value.target in FILL_TARGETS else _static(value)
-        return is_forbidding_value(value) and isinstance(number, (int, float)) \
-            and number > forbidden_threshold(dtype)
-
     t = x.target
     if t in WHERE_TARGETS | {aten.where.Scalar}:
         cond, a, b = x.args[:3]
-        if _is_zero(a) and bias_to_the_op(b):
+        if _number(a) == 0 and _bias_to_the_op(b, dtype):
             return cond, False
-        if bias_to_the_op(a) and _is_zero(b):
+        if _bias_to_the_op(a, dtype) and _number(b) == 0:
             return cond, True
     elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
         base, cond, value = x.args[:3]
-        if _is_zero(base) and bias_to_the_op(value):
+        if _number(base) == 0 and _bias_to_the_op(value, dtype):
             return cond, True
     elif t in TRIANGLE_TARGETS:
         base = x.args[0]
         if isinstance(base, fx.Node) and base.op == "call_function" and base.target in FILL_TARGETS \
-                and bias_to_the_op(base):
+                and _bias_to_the_op(base, dtype):
             return x, True  # (allowed where the triangle left 0)
     return None
 
@@ -315,8 +315,7 @@ def _times_masked_score(x: Any) -> bool:
     dtype = dtype_of(x)
     if dtype is None or not dtype.is_floating_point:
         return False
-    return any(isinstance(c, (int, float)) and not isinstance(c, bool) and is_forbidding_value(c)
-               and c > forbidden_threshold(dtype) for c in x.args[:2])
+    return any(isinstance(c, (int, float)) and _bias_to_the_op(c, dtype) for c in x.args[:2])
 
 
 def _added_forbidding_term(s: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
