@@ -8,6 +8,7 @@ then rename) and loading checks the format version.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -19,9 +20,14 @@ FORMAT_VERSION = 1
 EXACT = "exact"
 
 
+INT64_LIMIT = 2 ** 63  # the op's integer arguments are int64 in its schema (torch.library)
+
+
 def _positive_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    if value >= INT64_LIMIT:  # torch.export failed on it with "expected int, found int"
+        raise ValueError(f"{name} must be an integer ≥ {minimum} below 2**63 (an int64), got {value!r}")
     return value
 
 
@@ -225,8 +231,9 @@ class Boundaries:
 
     def __post_init__(self) -> None:
         seps = tuple(self.separators)
-        if not seps or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seps):
-            raise ValueError(f"boundaries need one or more non-negative token ids as separators, got {self.separators!r}")
+        if not seps or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < INT64_LIMIT for x in seps):
+            raise ValueError(f"boundaries need one or more non-negative token ids (below 2**63) as separators, got "
+                             f"{self.separators!r}")
         if not isinstance(self.input, str) or not self.input:
             raise ValueError(f"boundaries read a model input by name, got {self.input!r}")
         object.__setattr__(self, "separators", seps)
@@ -239,7 +246,10 @@ class Boundaries:
         unknown = set(data) - {"separators", "input"}
         if unknown:
             raise ValueError(f"unknown boundaries fields: {sorted(unknown)}")
-        return cls(tuple(data.get("separators", ())), data.get("input", "input_ids"))
+        separators = data.get("separators", ())
+        if not isinstance(separators, (list, tuple)):  # (tuple() of a number: "'float' object is not iterable")
+            raise ValueError(f"boundaries' separators must be a list of token ids, got {separators!r}")
+        return cls(tuple(separators), data.get("input", "input_ids"))
 
     def __str__(self) -> str:
         return f"boundaries after tokens {list(self.separators)} of {self.input}"
@@ -389,9 +399,11 @@ class Plan:
     def load(cls, path: str | os.PathLike) -> "Plan":
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read plan {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"plan {path} is not a JSON text (not UTF-8)") from None
         try:
             return cls.from_json(text)
         except json.JSONDecodeError as exc:
@@ -404,7 +416,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     the permissions a plain ``open(path, "w")`` would give it (an existing file's own, else
     0o666 less the umask), not the temporary file's owner-only 0o600. An OSError names ``path``
     (not the temporary file, which the user never asked for)."""
-    path = Path(path)
+    path = _file_target(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -425,8 +437,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, with :func:`atomic_write`'s error, where ``path`` could not be written later (its
-    folder cannot be made, or takes no new file): before work whose result goes there."""
-    path = Path(path)
+    folder cannot be made, or takes no new file, or it is a folder): before work whose result goes
+    there."""
+    path = _file_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
@@ -435,7 +448,18 @@ def check_writable(path: str | os.PathLike) -> None:
         raise _cannot_write(path, exc) from exc
 
 
-def _cannot_write(path: Path, exc: OSError) -> OSError:
+def _file_target(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, where it can name a file: not empty (Path("") is the current folder, and
+    the final rename onto it failed, after the work, with "Device or resource busy"), not a folder."""
+    if not os.fspath(path):
+        raise _cannot_write("an empty path", OSError(errno.ENOENT, "give a file name"))
+    path = Path(path)
+    if path.is_dir():
+        raise _cannot_write(path, OSError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    return path
+
+
+def _cannot_write(path: Path | str, exc: OSError) -> OSError:
     error = OSError(f"cannot write {path}: {exc.strerror or exc}")  # str() without "[Errno N]"
     error.errno = exc.errno
     return error

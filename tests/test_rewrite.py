@@ -782,6 +782,11 @@ def test_hand_edited_plans_are_one_line_errors_naming_the_site(tmp_path):
         ({**good, "sites": {"a": {"config": {"chunk_size": 8, "window": 2}}}}, "plan site 'a': unknown MTAConfig fields"),
         ({**good, "sites": {"a": {"config": {"head_groups": [{"config": "exact"}]}}}}, "plan site 'a': missing field 'heads'"),
         ({**good, "sites": {"a": {"config": {"chunk_size": 0}}}}, "plan site 'a': chunk_size must be an integer ≥ 1"),
+        ({**good, "sites": {"a": {"config": {"chunk_size": 2 ** 64}}}}, "plan site 'a': chunk_size must be an integer ≥ 1 "
+                                                                        "below 2**63"),
+        # (a random search of mutated plans, 2026-12-06: "'float' object is not iterable")
+        ({**good, "boundaries": {"separators": 1.5}}, "boundaries' separators must be a list of token ids, got 1.5"),
+        ({**good, "boundaries": {"separators": [2 ** 63]}}, "non-negative token ids (below 2**63)"),
     ]
     import json
 

@@ -241,6 +241,8 @@ def calibrate(
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an integer a torch.Generator takes (from -2**63 to 2**64 − 1), got {seed!r}")
     if isinstance(learned_plans, bool) or not isinstance(learned_plans, int) or learned_plans < 1:
         raise ValueError(f"learned_plans must be an integer ≥ 1, got {learned_plans!r}")
     if measure_costs is not None and not isinstance(measure_costs, (bool, MeasuredCosts)):
