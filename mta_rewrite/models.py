@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .capture import _first_line
+from .config import INT64_LIMIT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -206,12 +207,22 @@ def random_pixels(model: torch.nn.Module, batch: int, seed: int = 0) -> tuple[to
     return pixels, f"random pixel values, {batch} × {channels} × {height} × {width}"
 
 
+def _check_count(option: str, value: int | None, minimum: int) -> None:
+    """A count an option gives (None: not given): from ``minimum``, below 2**63 (torch's int64; a
+    larger one reached torch as "failed to unpack … Overflow when unpacking long long")."""
+    if value is not None and not minimum <= value < INT64_LIMIT:
+        raise ValueError(f"{option} must be ≥ {minimum}" + (", below 2**63" if value >= minimum else "") +
+                         f", got {value}")
+
+
 def _read_text(path: str | os.PathLike, option: str) -> str:
     """The UTF-8 text of the file an option names; a one-line error naming the option."""
     try:
         return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {option} {path}: {_first_line(exc)[:300]}") from None
+    except OSError as exc:  # its strerror: str() adds "[Errno 21]" and the path again
+        raise ValueError(f"cannot read {option} {path}: {exc.strerror or _first_line(exc)[:300]}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read {option} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def text_windows(tokenizer, text: str, n: int, count: int) -> torch.Tensor:
@@ -269,19 +280,20 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
     from .config import atomic_write, check_writable
 
     say = progress or (lambda message: None)
-    if tokens < 2 or batch < 1:
-        raise ValueError(f"--tokens must be ≥ 2 and --batch ≥ 1 (got {tokens} and {batch})")
-    if samples < 0:
-        raise ValueError(f"--samples must be ≥ 0, got {samples}")
+    _check_count("--tokens", tokens, 2)
+    _check_count("--batch", batch, 1)
+    _check_count("--samples", samples, 0)
     if samples and (not text or not samples_output):
         raise ValueError("--samples needs --text (the samples are windows of its tokens) and --samples-output")
     if samples_output and not samples:
         raise ValueError("--samples-output needs --samples N")
-    outputs = [Path(output)] + ([Path(samples_output)] if samples else [])
+    outputs = [output] + ([samples_output] if samples else [])
+    if len({Path(out).resolve() for out in outputs}) < len(outputs):
+        raise ValueError(f"--samples-output and --output are both {output}: the samples would replace the program")
     for out in outputs:
-        if out.resolve() == Path(path).resolve() or (text and out.resolve() == Path(text).resolve()):
+        if os.fspath(out) and Path(out).resolve() in {Path(p).resolve() for p in (path, text) if p}:
             raise ValueError(f"{out} is an input: outputs never overwrite inputs")
-        check_writable(out)  # before the work whose result goes there
+        check_writable(out)  # before the work whose result goes there (an empty path, a folder: refused)
     content = _read_text(text, "--text") if text else None
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype, experts_implementation)
@@ -351,12 +363,9 @@ def generate_saved_model(path: str | os.PathLike, prompt: str | os.PathLike, *, 
     from .interface import decoding_layers, use_mta
 
     say = progress or (lambda message: None)
-    if new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be ≥ 1, got {new_tokens}")
-    if tokens is not None and tokens < 2:
-        raise ValueError(f"--tokens must be ≥ 2, got {tokens}")
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError(f"--prefill-chunk must be ≥ 1, got {prefill_chunk}")
+    _check_count("--max-new-tokens", new_tokens, 1)
+    _check_count("--tokens", tokens, 2)
+    _check_count("--prefill-chunk", prefill_chunk, 1)
     content = _read_text(prompt, "--prompt")
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype)

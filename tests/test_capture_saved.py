@@ -238,6 +238,16 @@ def test_capture_a_saved_image_model(tmp_path):
                                        str(t / "text.txt")], "outputs never overwrite inputs"),
     ("bad attention", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--attn", "flash"],
      "--attn must be auto, sdpa or eager, not 'flash'"),
+    ("samples over the program", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--text",
+                                            str(t / "text.txt"), "--samples", "2", "--samples-output", str(t / "p.pt2")],
+     "--samples-output and --output are both"),
+    # beyond torch's int64: "randint(): argument 'size' failed to unpack … Overflow when unpacking long long"
+    # and torch's C++ frames, over several lines
+    ("tokens beyond int64", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--tokens", str(2 ** 64)],
+     "--tokens must be ≥ 2, below 2**63, got 18446744073709551616"),
+    ("batch beyond int64", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--batch", str(2 ** 63)],
+     "--batch must be ≥ 1, below 2**63"),
+    ("an empty output", lambda t: ["capture", str(t / "llama"), "-o", ""], "cannot write an empty path"),
 ])
 def test_capture_errors_are_one_line(tmp_path, case, argv, message):
     saved_llama(tmp_path / "llama", with_tokenizer=False)
