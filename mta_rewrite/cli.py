@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -12,9 +14,39 @@ from rich.text import Text
 from . import __version__
 from .capture import CaptureError
 
+# click's UsageError (BadParameter, MissingParameter, NoSuchOption, …), whether typer vendors click
+# (0.2x: typer._click) or imports it
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (a missing option, a value of the wrong type, an unknown command or option) as
+    ``_fail``'s one line, with where the help is, instead of typer's framed box of several lines."""
+
+    def parse_args(self, ctx, args):  # the app's own options (``mta-rewrite --bogus``)
+        try:
+            return super().parse_args(ctx, args)
+        except _UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help, as before
+                raise
+            self._fail(exc, ctx)
+
+    def invoke(self, ctx):  # the command's name, its arguments and options
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            self._fail(exc, ctx)
+
+    @staticmethod
+    def _fail(exc, ctx) -> None:
+        path = (exc.ctx or ctx).command_path
+        message = exc.format_message().rstrip(".")  # ("No such command 'x'. Did you mean 'y'?")
+        _fail(f"{message} See {path} --help" if message.endswith("?") else f"{message}; see {path} --help")
+
+
 # markdown: the commands' docstrings are re-flowed to the terminal (typer's default, "rich", kept
 # their line breaks, so `--help` broke descriptions off mid-sentence); `code` spans render as code.
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Rewrite the attention of PyTorch models into Multi-Token Attention (MTA).")
 # Text is printed as written, never read as rich markup: paths, site names, reasons and library
 # warnings may hold brackets ("[rank0]: …" lost its tag, a "[/]" raised MarkupError); what is
@@ -27,8 +59,35 @@ def _fail(message: str) -> None:
     """The one-line error of a user mistake, and exit code 2. The line is never wrapped (rich
     wraps at the terminal's width, 80 columns when stderr is not a terminal) and the message is
     not read as markup (a shape such as [B, 1, n] stays as written)."""
-    err_console.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True, highlight=False)
+    lines = [line for line in str(message).splitlines() if line.strip()] or [""]
+    # one line even where a library's message runs on (torch's C++ frames after its first line)
+    err_console.print(Text.assemble(("error:", "red"), f" {lines[0]}"), soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
+
+
+@contextmanager
+def _reported_errors():
+    """Around a command's work: what the user can mend becomes ``_fail``'s one line (a bad value,
+    a file that is not what it should be, a model torch.export cannot capture), and so does memory
+    exhausted by what was asked (an example or a prompt too long for this machine). Anything else
+    is a defect of ours and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, CaptureError, OSError) as exc:
+        _fail(str(exc))
+    except RuntimeError as exc:
+        if not _out_of_memory(exc):
+            raise
+        _fail(f"out of memory: {str(exc).splitlines()[0][:300]} (ask for fewer tokens or a smaller batch)")
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch's out-of-memory errors: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, and
+    a size whose byte count overflows (tensors of 2**62 tokens)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        text in str(exc) for text in ("can't allocate memory", "Storage size calculation overflowed"))
 
 
 def print_sites(sites, plan=None, title="attention sites") -> None:
@@ -79,14 +138,12 @@ def demo(
     from .config import MTAConfig
     from .demo import run_demo
 
-    try:
+    with _reported_errors():
         config = MTAConfig(chunk_size=chunk_size, local_chunks=local_chunks, sinks=sinks, top_k=top_k)
         if long_n < 2:
             raise ValueError(f"--long-n must be at least 2, got {long_n}")
         with console.status("starting") as status:
             result = run_demo(model, config, long_n, progress=lambda m: status.update(m), device=device)
-    except ValueError as exc:
-        _fail(str(exc))
     found = sum(s.is_attention for s in result.sites)
     console.print(Text.assemble((result.model, "bold"),
                                 f": {result.rewritten} of {found} attention sites rewritten with MTA ({result.config})"))
@@ -119,11 +176,9 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
     from .api import find_attention, load_program
     from .passes.sites import describe_op_calls
 
-    try:
+    with _reported_errors():
         ep = load_program(program)
         sites = find_attention(ep)
-    except (ValueError, CaptureError) as exc:
-        _fail(str(exc))
     calls = describe_op_calls(ep.graph)
     if sites or not calls:
         print_sites(sites, title=f"attention sites of {program}")
@@ -136,11 +191,18 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
         console.print(f"no attention (and no softmax) found in {program}")
 
 
-def _distinct(program: str, output: str) -> None:
+def _check_outputs(inputs: list[str], outputs: list[str]) -> None:
+    """No file a command writes is one of its input files, and each can be written: checked before
+    the work (calibrate wrote its plan over the program given as --output, after the search)."""
     from pathlib import Path
 
-    if Path(output).resolve() == Path(program).resolve():
-        raise ValueError("--output must differ from the input program (inputs are never overwritten)")
+    from .config import check_writable
+
+    read = {Path(p).resolve() for p in inputs if p}
+    for output in outputs:
+        if output and Path(output).resolve() in read:
+            raise ValueError(f"{output} is an input of this command (inputs are never overwritten): give another output")
+        check_writable(output)
 
 
 def _configuration(chunk_size: int | None, local_chunks: int, sinks: int, top_k: int, plan: str, *, required: bool):
@@ -195,14 +257,12 @@ def capture_cmd(
     commands take (and, from a text, its calibration samples)."""
     from .models import capture_saved_model
 
-    try:
+    with _reported_errors():
         with console.status(f"loading {model}") as status:
             done = capture_saved_model(model, output, tokens=tokens, batch=batch, text=text or None, samples=samples,
                                        samples_output=samples_output or None, attn_implementation=attn, dtype=dtype,
                                        experts_implementation=None if experts == "auto" else experts,
                                        progress=status.update)
-    except (ValueError, TypeError, CaptureError, OSError) as exc:
-        _fail(str(exc))
     print_sites(done.sites, title=f"attention sites of {done.description}")
     names = ", ".join(n.name for n in done.program.graph.nodes if n.op == "placeholder"
                       and n.name in done.program.graph_signature.user_inputs)
@@ -223,10 +283,8 @@ def separators_cmd(
     from .models import saved_separator_ids
 
     ends = tuple(_unescape(text) for text in end)
-    try:
+    with _reported_errors():
         ids, vocabulary = saved_separator_ids(model, ends)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
     typer.echo(",".join(str(i) for i in ids))
     err_console.print(f"{len(ids)} of {vocabulary} tokens end with {' or '.join(repr(e) for e in ends)}",
                       highlight=False)
@@ -265,7 +323,7 @@ def generate_cmd(
     from .api import resolve_boundaries
     from .models import generate_saved_model
 
-    try:
+    with _reported_errors():
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
         boundaries = _boundaries(separators, "input_ids", chosen)
         with console.status(f"loading {model}") as status:
@@ -273,8 +331,6 @@ def generate_cmd(
                                         plan=chosen, boundaries=boundaries, compare=compare,
                                         attn_implementation=attn, dtype=dtype, prefill_chunk=prefill_chunk,
                                         decode=decode, progress=status.update)
-    except (ValueError, TypeError, OSError) as exc:
-        _fail(str(exc))
     what = f"plan {plan}" if plan else cfg.short
     chunks = resolve_boundaries(boundaries, chosen)
     what += f"; {chunks}" if chunks is not None else ""
@@ -309,8 +365,8 @@ def rewrite_cmd(
     """Rewrite the attention of a saved program into MTA and save the result (atomically)."""
     from .api import count_exact_nodes, count_mta_nodes, example_inputs, load_program, rewrite, save_program
 
-    try:
-        _distinct(program, output)
+    with _reported_errors():
+        _check_outputs([program], [output])
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
         boundaries = _boundaries(separators, segment_input, chosen)
         with console.status(f"rewriting {program}"):
@@ -319,8 +375,6 @@ def rewrite_cmd(
             module = rewrite(ep, args, kwargs, config=cfg, plan=chosen, boundaries=boundaries,
                              lower_exact=not keep_exact)
             save_program(module, output, args, kwargs)
-    except (ValueError, TypeError, CaptureError, OSError) as exc:
-        _fail(str(exc))
     print_sites(module.mta_sites, module.mta_plan, title=f"{program} → {output}")
     chunks = f" (boundary chunks: {module.mta_boundaries})" if module.mta_boundaries is not None else ""
     exact = count_exact_nodes(module)
@@ -351,8 +405,8 @@ def export_cmd(
     from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx, model_opset
     from .onnx.export import exporter_failure
 
-    try:
-        _distinct(program, output)
+    with _reported_errors():
+        _check_outputs([program], [output])
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=False)
         if opset < 0:
             raise ValueError(f"--opset must be positive, got {opset}")
@@ -367,8 +421,6 @@ def export_cmd(
                                     opset=opset or None)
             except torch.onnx.OnnxExporterError as exc:
                 raise ValueError(f"torch.onnx could not export {program}: {exporter_failure(exc)}") from None
-    except (ValueError, TypeError, CaptureError, OSError) as exc:
-        _fail(str(exc))
     sites = sum(n.domain == DOMAIN and n.op_type in ALL_SITE_OP_TYPES for n in proto.graph.node)
     console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions "
                   f"(opset {model_opset(proto)}); "
@@ -418,13 +470,16 @@ def calibrate(
 
     from .api import load_program
     from .calibration import calibrate as run_calibration
-    from .calibration.cost import load_time_model
-    from .config import check_writable
+    from .calibration.cost import TIME_MODELS, load_time_model
+    from .calibration.report import report_paths
     from .demo import check_device, to_device
 
-    try:
+    with _reported_errors():
         dev = check_device(device)
-        check_writable(output)  # before any work: the plan goes there at the end
+        # before any work: the plan and its report go there at the end
+        cost_file = cost_model if cost_model not in (None, *TIME_MODELS) else ""
+        _check_outputs([program, data, cost_file], [output])
+        _check_outputs([program, data, cost_file], [str(p) for p in report_paths(output)])
         if not Path(data).is_file():
             raise ValueError(f"no such file: {data}")
         try:
@@ -440,8 +495,6 @@ def calibrate(
                                seed=seed, output=output, learn_summaries=learn_summaries, boundaries=boundaries,
                                cluster_keys=cluster_keys, measure_costs=measure_costs, cost_model=model,
                                last_positions=last_positions)
-    except (ValueError, TypeError, CaptureError, OSError) as exc:
-        _fail(str(exc))
     meta = plan.metadata
     over = f", the last {last_positions} positions" if last_positions is not None else ""
     table = Table(title=f"plan for {program} (budget {budget}, {metric}{over})")

@@ -211,6 +211,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     junk.write_text("not a program")
     bad_plan = tmp_path / "bad.json"
     bad_plan.write_text("{")
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes('{"format": "mta-rewrite-plan", "sites": {"é": "exact"}}'.encode("latin-1"))
+    samples = tmp_path / "samples.pt"
+    torch.save([next(c for c in zoo.hand_written_cases() if c.name == "two_layers").inputs(24)[0]], samples)
+    before = {p: p.read_bytes() for p in (path, samples)}
     cases = [
         (["find", str(tmp_path / "missing.pt2")], "no such file"),
         (["find", str(junk)], "not a program"),
@@ -237,6 +242,35 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
         (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(tmp_path / "p.json"), "--device",
           "tpu"], "--device must be cpu or cuda"),
+        # found by tests/test_random_command_lines.py: calibrate wrote its plan over the program or the
+        # samples named as --output; -o '' and -o <folder> failed after the work ("Device or resource
+        # busy"); numbers beyond int64 reached torch ("expected int, found int"; "Overflow when unpacking
+        # long long"); a plan not in UTF-8 was an error without its file's name
+        (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", str(path)], "is an input"),
+        (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", str(samples)], "is an input"),
+        (["rewrite", str(path), "-o", "", "--chunk-size", "8"], "cannot write an empty path"),
+        (["export", str(path), "-o", ""], "cannot write an empty path"),
+        (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", ""], "cannot write an empty path"),
+        (["rewrite", str(path), "-o", str(tmp_path), "--chunk-size", "8"], "Is a directory"),
+        (["export", str(path), "-o", str(tmp_path)], "Is a directory"),
+        (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", str(2 ** 64)], "below 2**63"),
+        (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "8", "--sinks", str(2 ** 63)],
+         "below 2**63"),
+        (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "8", "--separators", str(2 ** 63),
+          "--segment-input", "x"], "below 2**63"),
+        (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", str(tmp_path / "p.json"), "--seed",
+          str(2 ** 64)], "seed must be an integer a torch.Generator takes"),
+        (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--plan", str(not_utf8)], f"plan {not_utf8} is not a"),
+        # typer's usage errors, one line too, naming the help to read (they were a framed box of lines)
+        (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "x"],
+         "Invalid value for '--chunk-size': "),
+        (["rewrite", str(path), "--chunk-size", "8"], "Missing option '--output' / '-o'; see root rewrite --help"),
+        (["rewrite", "-o", str(tmp_path / "o.pt2")], "Missing argument 'program'; see root rewrite --help"),
+        (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-sise", "8"],
+         "No such option: --chunk-sise"),  # (click may add "(Possible options: --chunk-size, …)")
+        (["frob", str(path)], "No such command 'frob'; see root --help"),
+        (["rewirte", str(path)], "No such command 'rewirte'"),  # (click may add ". Did you mean 'rewrite'?")
+        (["--verbose", "find", str(path)], "No such option: --verbose; see root --help"),
     ]
     if not torch.cuda.is_available():
         cases.append((["demo", "--model", "builtin", "--device", "cuda"], "no CUDA GPU is available"))
@@ -250,6 +284,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, result.output)
     assert not (tmp_path / "o.pt2").exists() and not (tmp_path / "o.onnx").exists()
     assert not (tmp_path / "p.json").exists()
+    assert {p: p.read_bytes() for p in (path, samples)} == before  # the inputs are never touched
 
 
 def test_load_program_moves_it_to_a_device(tmp_path):
