@@ -377,6 +377,34 @@ def test_warnings_are_one_line_each(tmp_path):
                                                    "failed: Guard failed: x.size()[0] == 1)"), done.stderr
 
 
+def test_exhausted_memory_is_a_one_line_error_and_other_failures_keep_their_traceback(tmp_path, monkeypatch):
+    """Memory exhausted by what was asked (torch's CPU allocator, CUDA's OutOfMemoryError, a size
+    whose bytes overflow) is ``error: out of memory: …`` on one line; any other RuntimeError is a
+    defect of ours and is not dressed up as a user mistake."""
+    import mta_rewrite.api as api
+
+    _, path = saved_program(tmp_path)
+    argv = ["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "8"]
+    failures = [
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                      "tried to allocate 140737488355328 bytes.\nframe #0: c10::Error"), "can't allocate memory"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"), "CUDA out of memory"),
+        (RuntimeError("Storage size calculation overflowed with sizes=[2, 4611686018427387904]"), "overflowed"),
+    ]
+    for error, words in failures:
+        def load(*_, error=error):
+            raise error
+        monkeypatch.setattr(api, "load_program", load)
+        result = runner.invoke(app, argv)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: out of memory: ") and \
+            words in lines[0], result.output
+    monkeypatch.setattr(api, "load_program", lambda *_: (_ for _ in ()).throw(RuntimeError("a defect")))
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError) and "a defect" in str(result.exception)
+    assert not (tmp_path / "o.pt2").exists()
+
+
 def test_errors_and_warnings_print_as_written(capsys):
     """Messages are text, not rich markup: a library's warning such as "[rank0]: ..." lost its
     tag, and one holding "[/]" raised rich's MarkupError from the warning handler."""
