@@ -197,6 +197,20 @@ class BaddbmmViewedToFourD(_Proj):
         return self.merge(torch.matmul(F.softmax(s, dim=-1).to(v.dtype), v))
 
 
+class FourDScoresBmmWithV(_Proj):
+    """The mirror of GPT-NeoX-Japanese's form: q·kᵀ on [B, H, n, d] heads, the scores viewed as
+    [B·H, n, n] to add a mask given per batch element (``repeat_interleave`` over the heads), then
+    a 3-D softmax and ``bmm`` with v folded to [B·H, n, d]."""
+
+    def forward(self, x, mask):
+        q, k, v = self.heads(x)
+        B, H, n, dh = q.shape
+        s = torch.matmul(q, k.transpose(-1, -2)) * dh ** -0.5
+        bias = torch.where(mask, 0.0, torch.finfo(s.dtype).min).view(B, n, n).repeat_interleave(H, 0)
+        p = F.softmax(s.view(B * H, n, n) + bias, dim=-1)
+        return self.merge(torch.bmm(p, v.reshape(B * H, n, dh)).view(B, H, n, dh))
+
+
 class SoftmaxTypeAsScores(_Proj):
     """XLM's (and fairseq's) eager attention: q/√d, then q·kᵀ masked in place (``masked_fill_``
     with the dtype's minimum, the mask ``expand_as`` the scores) and
@@ -526,6 +540,7 @@ def hand_written_cases() -> list[ZooCase]:
         _hand("baddbmm_alibi_viewed_4d", BaddbmmAlibiViewed4d, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("bmm_scores_viewed_for_mask", BmmScoresViewedForMask, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("baddbmm_viewed_to_four_d", BaddbmmViewedToFourD, lambda n: ((_x(n), _causal_pad(n)), {})),
+        _hand("four_d_scores_bmm_with_v", FourDScoresBmmWithV, lambda n: ((_x(n), _causal_pad(n)), {})),
         _hand("gqa_expand_causal_buffer", GqaExpandCausalBuffer, lambda n: ((_x(n),), {})),
         _hand("scale_folded_in_projection", ScaleFoldedInProjection, lambda n: ((_x(n),), {})),
         _hand("sdpa_causal_gqa", SdpaCausalGqa, lambda n: ((_x(n),), {})),

@@ -202,6 +202,7 @@ ONE_LAYER = [
                                                     + torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
     ("bmm_scores_viewed_for_mask", lambda m, x, mask: (m.heads(x), torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
     ("baddbmm_viewed_to_four_d", lambda m, x, mask: (m.heads(x), torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
+    ("four_d_scores_bmm_with_v", lambda m, x, mask: (m.heads(x), torch.where(mask, 0.0, torch.finfo(x.dtype).min), {})),
     ("gqa_expand_causal_buffer", lambda m, x: (m.heads(x), torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril(), {})),
     ("keys_gated_by_mask", lambda m, x, pad: ((m.heads(x)[0], *m.heads(x * pad[..., None])[1:]), None, dict(causal=True))),
     ("sdpa_causal_gqa", lambda m, x: (m.heads(x), None, dict(causal=True))),

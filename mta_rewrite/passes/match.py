@@ -745,8 +745,14 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if drop_last is not None and m.sink_logits is None:
             m.kind = "softmax"
             raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
-        if ((forward_view or back_view) is not None and m.frame is None) or (m.frame is not None and not m.three_d):
-            raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
+        if (forward_view or back_view) is not None and m.frame is None:
+            if m.three_d:
+                raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
+            # the mirror of GPT-NeoX-Japanese's form: a 4-D q·kᵀ whose scores are viewed as
+            # [B·H, n, n] (after softmax, or before it with masks in that frame) for a 3-D product
+            # with v: the op takes q and k as they are, v viewed into the scores' [B, H] frame
+            m.frame = _heads_of_scores(forward_view or back_view)
+            inner_from = (len(m.additive), len(m.allowed))
         if m.frame is not None:
             m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:] + m.additive[:inner_above[0]]] + \
                 [c for c, _ in m.allowed[inner_from[1]:] + m.allowed[:inner_above[1]]]
@@ -756,9 +762,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         ks = operand_shape(ks, m.k_perm)
         _check_self_attention(m, qs, ks)
         vs = operand_shape(m.v, m.v_perm)
-        if vs is None or not same_size(vs[-1], ks[-1]) or (len(vs) != len(ks) and (m.frame is None or len(vs) != 4)):
+        if vs is None or not same_size(vs[-1], ks[-1]) or \
+                (len(vs) != len(ks) and (m.frame is None or {len(vs), len(ks)} != {3, 4})):
             raise NoMatch(f"v {vs} does not match k {ks} (MTA needs k and v of one shape)")
-        if not m.three_d and not same_size(vs[-3], ks[-3]):
+        if not m.three_d and len(vs) == len(ks) and not same_size(vs[-3], ks[-3]):
             raise NoMatch(f"k and v have different head counts ({ks[-3]} vs {vs[-3]})")
         if m.sink_logits is not None and (m.three_d or m.frame is not None):
             raise NoMatch("learned sink logits on 3-D (bmm) scores: left exact")
@@ -920,6 +927,15 @@ def _folds_heads(four_d: fx.Node, three_d: fx.Node) -> bool:
     if a is None or b is None or (len(a), len(b)) != (4, 3):
         return False
     return same_size(a[-1], b[-1]) and same_size(a[-2], b[-2])
+
+
+def _heads_of_scores(view: fx.Node) -> tuple:
+    """(−1, H) of [B, H, n, n] scores that ``view`` takes to [B·H, n, n]: H from their shape, which
+    must be a number (the head count; the batch is left to the view)."""
+    heads = _static(shape_of(view.args[0])[1])
+    if not isinstance(heads, int):
+        raise NoMatch(f"scores viewed from [B, H, n, n] to [B·H, n, n] with a head count that is not a number ({heads})")
+    return (-1, heads)
 
 
 def _heads_of(view: fx.Node) -> tuple:

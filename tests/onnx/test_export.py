@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover
 CASES = {
     "scores_div_masked_fill": mr.MTAConfig(8, 2, 2, 1),
     "bmm_3d_where": mr.MTAConfig(8, 1, 3, 2),
+    "four_d_scores_bmm_with_v": mr.MTAConfig(8, 1, 2, 1),  # v and the mask viewed into the scores' [B, H] frame
     "einsum_gqa_repeat_interleave": mr.MTAConfig(5, 2, 0, 2),
     "einsum_heads_after_tokens": mr.MTAConfig(8, 1, 2, 1),  # q, k, v permuted for the op, its output back
     "gqa_expand_causal_buffer": mr.MTAConfig(8, 2, 2, 1),
