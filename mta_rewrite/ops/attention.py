@@ -57,6 +57,9 @@ def check_devices(q, k, v, attn_mask=None, summary_weight=None, segment_ids=None
 def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, sinks, top_k, summary_weight=None,
                  segment_ids=None, softcap: float = 0.0) -> None:
     """Validate the op's arguments; raise ValueError/TypeError with a one-line message."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):  # (was "'NoneType' object has no attribute 'dim'")
+            raise TypeError(f"{name} must be a tensor [B, H, n, d], got {type(x).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D [B, H, n, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"

@@ -446,6 +446,9 @@ def test_bad_dtype_is_a_clear_error():
         mta(*(torch.zeros(1, 2, 8, 4, dtype=torch.int64),) * 3, chunk_size=2)
     with pytest.raises(TypeError, match="one float dtype"):
         mta(torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4, dtype=torch.float64), torch.zeros(1, 2, 8, 4), chunk_size=2)
+    # (torch's dispatcher lets None through as a Tensor argument: it was "'NoneType' object has no attribute 'dim'")
+    with pytest.raises(TypeError, match=r"^q must be a tensor \[B, H, n, d\], got NoneType$"):
+        mta(None, torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), chunk_size=2)
 
 
 def test_bad_mask_is_a_clear_error():
