@@ -13,6 +13,7 @@ from rich.text import Text
 
 from . import __version__
 from .capture import CaptureError
+from .config import check_outputs
 
 # click's UsageError (BadParameter, MissingParameter, NoSuchOption, …), whether typer vendors click
 # (0.2x: typer._click) or imports it
@@ -191,20 +192,6 @@ def find(program: str = typer.Argument(..., help="a program saved with torch.exp
         console.print(f"no attention (and no softmax) found in {program}")
 
 
-def _check_outputs(inputs: list[str], outputs: list[str]) -> None:
-    """No file a command writes is one of its input files, and each can be written: checked before
-    the work (calibrate wrote its plan over the program given as --output, after the search)."""
-    from pathlib import Path
-
-    from .config import check_writable
-
-    read = {Path(p).resolve() for p in inputs if p}
-    for output in outputs:
-        if output and Path(output).resolve() in read:
-            raise ValueError(f"{output} is an input of this command (inputs are never overwritten): give another output")
-        check_writable(output)
-
-
 def _configuration(chunk_size: int | None, local_chunks: int, sinks: int, top_k: int, plan: str, *, required: bool):
     """(one MTAConfig or None, a Plan or None) from the options: --chunk-size (with the other
     three; validated by MTAConfig) or --plan, not both; ``required``: one of them must be given."""
@@ -366,7 +353,7 @@ def rewrite_cmd(
     from .api import count_exact_nodes, count_mta_nodes, example_inputs, load_program, rewrite, save_program
 
     with _reported_errors():
-        _check_outputs([program], [output])
+        check_outputs([program], [output])  # before the work
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=True)
         boundaries = _boundaries(separators, segment_input, chosen)
         with console.status(f"rewriting {program}"):
@@ -406,7 +393,7 @@ def export_cmd(
     from .onnx.export import exporter_failure
 
     with _reported_errors():
-        _check_outputs([program], [output])
+        check_outputs([program], [output])  # before the work
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=False)
         if opset < 0:
             raise ValueError(f"--opset must be positive, got {opset}")
@@ -478,8 +465,7 @@ def calibrate(
         dev = check_device(device)
         # before any work: the plan and its report go there at the end
         cost_file = cost_model if cost_model not in (None, *TIME_MODELS) else ""
-        _check_outputs([program, data, cost_file], [output])
-        _check_outputs([program, data, cost_file], [str(p) for p in report_paths(output)])
+        check_outputs([program, data, cost_file], [output, *(report_paths(output) if output else ())])
         if not Path(data).is_file():
             raise ValueError(f"no such file: {data}")
         try:

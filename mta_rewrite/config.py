@@ -448,6 +448,22 @@ def check_writable(path: str | os.PathLike) -> None:
         raise _cannot_write(path, exc) from exc
 
 
+def check_outputs(inputs, outputs) -> None:
+    """Before work whose results go to ``outputs`` (paths; an empty one is refused by
+    :func:`check_writable`): none of them is one of ``inputs`` (inputs are never overwritten; empty
+    ones ignored) or another of the outputs, and each can be written."""
+    read, written = {Path(p).resolve() for p in inputs if p and os.fspath(p)}, set()
+    for out in outputs:
+        if os.fspath(out):
+            where = Path(out).resolve()
+            if where in read:
+                raise ValueError(f"{out} is an input: outputs never overwrite inputs (give another output)")
+            if where in written:
+                raise ValueError(f"{out} is given for two outputs: one would replace the other")
+            written.add(where)
+        check_writable(out)
+
+
 def _file_target(path: str | os.PathLike) -> Path:
     """``path`` as a Path, where it can name a file: not empty (Path("") is the current folder, and
     the final rename onto it failed, after the work, with "Device or resource busy"), not a folder."""

@@ -277,7 +277,7 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
     before each step."""
     from .api import find_attention, save_program
     from .capture import capture
-    from .config import atomic_write, check_writable
+    from .config import atomic_write, check_outputs
 
     say = progress or (lambda message: None)
     _check_count("--tokens", tokens, 2)
@@ -287,13 +287,7 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
         raise ValueError("--samples needs --text (the samples are windows of its tokens) and --samples-output")
     if samples_output and not samples:
         raise ValueError("--samples-output needs --samples N")
-    outputs = [output] + ([samples_output] if samples else [])
-    if len({Path(out).resolve() for out in outputs}) < len(outputs):
-        raise ValueError(f"--samples-output and --output are both {output}: the samples would replace the program")
-    for out in outputs:
-        if os.fspath(out) and Path(out).resolve() in {Path(p).resolve() for p in (path, text) if p}:
-            raise ValueError(f"{out} is an input: outputs never overwrite inputs")
-        check_writable(out)  # before the work whose result goes there (an empty path, a folder: refused)
+    check_outputs([path, text], [output] + ([samples_output] if samples else []))  # before the work
     content = _read_text(text, "--text") if text else None
     say(f"loading {path}")
     saved = load_saved_model(path, attn_implementation, dtype, experts_implementation)

@@ -240,7 +240,7 @@ def test_capture_a_saved_image_model(tmp_path):
      "--attn must be auto, sdpa or eager, not 'flash'"),
     ("samples over the program", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--text",
                                             str(t / "text.txt"), "--samples", "2", "--samples-output", str(t / "p.pt2")],
-     "--samples-output and --output are both"),
+     "p.pt2 is given for two outputs: one would replace the other"),
     # beyond torch's int64: "randint(): argument 'size' failed to unpack … Overflow when unpacking long long"
     # and torch's C++ frames, over several lines
     ("tokens beyond int64", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--tokens", str(2 ** 64)],

@@ -215,17 +215,19 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     not_utf8.write_bytes('{"format": "mta-rewrite-plan", "sites": {"é": "exact"}}'.encode("latin-1"))
     samples = tmp_path / "samples.pt"
     torch.save([next(c for c in zoo.hand_written_cases() if c.name == "two_layers").inputs(24)[0]], samples)
-    before = {p: p.read_bytes() for p in (path, samples)}
+    report = tmp_path / "s.report.md"
+    report.write_bytes(samples.read_bytes())
+    before = {p: p.read_bytes() for p in (path, samples, report)}
     cases = [
         (["find", str(tmp_path / "missing.pt2")], "no such file"),
         (["find", str(junk)], "not a program"),
-        (["rewrite", str(path), "-o", str(path), "--chunk-size", "8"], "never overwritten"),
+        (["rewrite", str(path), "-o", str(path), "--chunk-size", "8"], "is an input: outputs never overwrite inputs"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2")], "either --chunk-size"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "8", "--local-chunks", "0"], "local_chunks"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--chunk-size", "0"], "chunk_size must be an integer ≥ 1"),
         (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "-4"], "chunk_size must be an integer ≥ 1"),
         (["rewrite", str(path), "-o", str(tmp_path / "o.pt2"), "--plan", str(bad_plan)], "not valid JSON"),
-        (["export", str(path), "-o", str(path)], "never overwritten"),
+        (["export", str(path), "-o", str(path)], "is an input: outputs never overwrite inputs"),
         (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--chunk-size", "8", "--plan", str(bad_plan)], "not both"),
         (["export", str(path), "-o", str(tmp_path / "o.onnx"), "--plan", str(bad_plan)], "not valid JSON"),
         (["export", str(junk), "-o", str(tmp_path / "o.onnx")], "not a program"),
@@ -248,6 +250,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         # long long"); a plan not in UTF-8 was an error without its file's name
         (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", str(path)], "is an input"),
         (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", str(samples)], "is an input"),
+        (["calibrate", str(path), "--data", str(report), "--budget", "0.1", "-o", str(tmp_path / "s.json")],
+         f"{report} is an input"),  # the report beside the plan would replace the samples
         (["rewrite", str(path), "-o", "", "--chunk-size", "8"], "cannot write an empty path"),
         (["export", str(path), "-o", ""], "cannot write an empty path"),
         (["calibrate", str(path), "--data", str(samples), "--budget", "0.1", "-o", ""], "cannot write an empty path"),
@@ -284,7 +288,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, result.output)
     assert not (tmp_path / "o.pt2").exists() and not (tmp_path / "o.onnx").exists()
     assert not (tmp_path / "p.json").exists()
-    assert {p: p.read_bytes() for p in (path, samples)} == before  # the inputs are never touched
+    assert {p: p.read_bytes() for p in (path, samples, report)} == before  # the inputs are never touched
 
 
 def test_load_program_moves_it_to_a_device(tmp_path):
