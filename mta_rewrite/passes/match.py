@@ -745,9 +745,10 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if drop_last is not None and m.sink_logits is None:
             m.kind = "softmax"
             raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
+        if (m.frame is not None and not m.three_d) or \
+                ((forward_view or back_view) is not None and m.frame is None and m.three_d):
+            raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
         if (forward_view or back_view) is not None and m.frame is None:
-            if m.three_d:
-                raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
             # the mirror of GPT-NeoX-Japanese's form: a 4-D q·kᵀ whose scores are viewed as
             # [B·H, n, n] (after softmax, or before it with masks in that frame) for a 3-D product
             # with v: the op takes q and k as they are, v viewed into the scores' [B, H] frame
