@@ -17,7 +17,9 @@ from .config import check_outputs
 
 # click's UsageError (BadParameter, MissingParameter, NoSuchOption, …), whether typer vendors click
 # (0.2x: typer._click) or imports it
-_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+# (a typer without it: nothing is caught, and typer prints its own box as before)
+_UsageError = next((c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"),
+                   type("_NoUsageError", (Exception,), {}))
 
 
 class _OneLineUsageErrors(typer.core.TyperGroup):
