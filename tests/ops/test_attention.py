@@ -636,3 +636,23 @@ def test_rows_from_leaves_the_chunks_before_it_uncomputed(mask_kind, top_k):
     # a caller that reads no row (rows_from = n, a multiple of c): zeros, no band to run
     q, k, v = qkv(B, Hq, 2, 40)
     assert torch.all(attention_autograd(q, k, v, make_mask(mask_kind, B, Hq, 40), rows_from=40, **kw) == 0)
+
+
+def test_a_sliding_window_within_the_local_chunks_is_exact_but_for_a_short_last_chunk():
+    """A band mask (a sliding window of w ≤ c·L keys) on a prompt: every full chunk of queries sees
+    the chunk outside its window in varying parts (MTA_SPEC: that block exact) or not at all, so its
+    rows equal exact attention; a last chunk of one query sees part of that chunk uniformly, and
+    the spec summarises those keys (found by a random search of decoding, 2026-12-06: docs/api.md,
+    sliding-window layers). The op agrees with the reference on every row."""
+    torch.manual_seed(0)
+    n, w = 65, 16
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for _ in range(3))
+    i = torch.arange(n)
+    band = (i[None] <= i[:, None]) & (i[None] > i[:, None] - w)
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+    for c, L in ((16, 1), (8, 2)):
+        ref = mta_attention_reference(q, k, v, attn_mask=band, chunk_size=c, local_chunks=L, causal=True)
+        got = mta(q, k, v, band, chunk_size=c, local_chunks=L, causal=True)
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-12, atol=1e-12)
+        off = (ref - exact).abs().amax((0, 1, 3))
+        assert (off[:64] < 1e-12).all() and off[64] > 1e-3, (c, L, off)
