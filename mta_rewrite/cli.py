@@ -32,16 +32,16 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
         except _UsageError as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments at all: the help, as before
                 raise
-            self._fail(exc, ctx)
+            self._usage_error(exc, ctx)
 
     def invoke(self, ctx):  # the command's name, its arguments and options
         try:
             return super().invoke(ctx)
         except _UsageError as exc:
-            self._fail(exc, ctx)
+            self._usage_error(exc, ctx)
 
     @staticmethod
-    def _fail(exc, ctx) -> None:
+    def _usage_error(exc, ctx) -> None:
         path = (exc.ctx or ctx).command_path
         message = exc.format_message().rstrip(".")  # ("No such command 'x'. Did you mean 'y'?")
         _fail(f"{message} See {path} --help" if message.endswith("?") else f"{message}; see {path} --help")

@@ -233,7 +233,7 @@ def _canonical_operands(g: fx.Graph, m: AttentionMatch):
         q = g.call_function(aten.div.Tensor if divide else aten.mul.Tensor, (q, factor))
     k = m.k if m.k is not None else g.call_function(aten.transpose.int, (m.k_transposed, -2, -1))
     k, v = _permuted(g, k, m.k_perm), _permuted(g, m.v, m.v_perm)
-    if not m.three_d and m.frame is None:
+    if not m.three_d:
         kb, gk = strip_repeat_kv(k)
         vb, gv = strip_repeat_kv(v)
         if gk == gv > 1:
@@ -422,7 +422,7 @@ def lower_match_to_hook(gm: fx.GraphModule, m: AttentionMatch, name: str, hook, 
     readers = set(out.users)
     with g.inserting_before(out.next):  # (inserting_before keeps the nodes in creation order)
         original = out if m.out_perm is None else g.call_function(aten.permute.default, (out, _inverse(m.out_perm)))
-        original = _op_layout(g, m, original, m.output) if m.three_d or m.frame is not None else original
+        original = _op_layout(g, m, original, m.output) if m.three_d else original
         keep = set(out.users) - readers  # the new readers of the original output: they keep reading it
         q, k, v, mask = _canonical_operands(g, m)
         kw = _attention_kwargs(m)

@@ -76,7 +76,9 @@ class AttentionMatch:
     k: fx.Node | None = None  # [.., n, d] (already un-transposed when the graph had k itself)
     k_transposed: fx.Node | None = None  # the kᵀ operand when k itself is not in the graph
     v: fx.Node | None = None
-    three_d: bool = False  # [B·H, n, d] operands (bmm style): the op gets a head dimension of 1
+    # [B·H, n, d] operands (bmm style): the op gets a head dimension of 1; with ``frame``, those of
+    # them that are 3-D (the others already [B, H, n, d]) are viewed into it
+    three_d: bool = False
     # (B, H) when 3-D products surround scores viewed as [B, H, n, n] (Bloom; or viewed so for the mask
     # and back before a 3-D softmax, older BART-style code): the op then gets the
     # operands viewed as [B, H, n, d], and the masks met before that view (``inner_masks``, in the
@@ -745,15 +747,15 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if drop_last is not None and m.sink_logits is None:
             m.kind = "softmax"
             raise NoMatch(f"softmax output feeds {drop_last.target.__name__}, not a product with v")
-        if (m.frame is not None and not m.three_d) or \
-                ((forward_view or back_view) is not None and m.frame is None and m.three_d):
-            raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
-        if (forward_view or back_view) is not None and m.frame is None:
+        if (forward_view or back_view) is not None and m.frame is None and not m.three_d:
             # the mirror of GPT-NeoX-Japanese's form: a 4-D q·kᵀ whose scores are viewed as
             # [B·H, n, n] (after softmax, or before it with masks in that frame) for a 3-D product
-            # with v: the op takes q and k as they are, v viewed into the scores' [B, H] frame
-            m.frame = _heads_of_scores(forward_view or back_view)
+            # with v: bmm style in the scores' [B, H] frame (q and k as they are, v and the output
+            # viewed between [B·H, n, d] and [B, H, n, d] as the frame's 3-D operands are)
+            m.frame, m.three_d = _heads_of_scores(forward_view or back_view), True
             inner_from = (len(m.additive), len(m.allowed))
+        if ((forward_view or back_view) is not None and m.frame is None) or (m.frame is not None and not m.three_d):
+            raise NoMatch("the scores are viewed between [B·H, n, n] and [B, H, n, n] on one side of softmax only")
         if m.frame is not None:
             m.inner_masks = [mask for mask, _ in m.additive[inner_from[0]:] + m.additive[:inner_above[0]]] + \
                 [c for c, _ in m.allowed[inner_from[1]:] + m.allowed[:inner_above[1]]]
@@ -766,7 +768,7 @@ def _match_softmax(node: fx.Node) -> AttentionMatch:
         if vs is None or not same_size(vs[-1], ks[-1]) or \
                 (len(vs) != len(ks) and (m.frame is None or {len(vs), len(ks)} != {3, 4})):
             raise NoMatch(f"v {vs} does not match k {ks} (MTA needs k and v of one shape)")
-        if not m.three_d and len(vs) == len(ks) and not same_size(vs[-3], ks[-3]):
+        if not m.three_d and not same_size(vs[-3], ks[-3]):
             raise NoMatch(f"k and v have different head counts ({ks[-3]} vs {vs[-3]})")
         if m.sink_logits is not None and (m.three_d or m.frame is not None):
             raise NoMatch("learned sink logits on 3-D (bmm) scores: left exact")
