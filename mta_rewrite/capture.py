@@ -29,6 +29,7 @@ length came out fixed (:func:`fixed_lengths`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import sys
@@ -112,11 +113,13 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
     partial graph torch prints to stderr when it fails (on a data-dependent guard, the whole graph
     traced so far, once per wrapper: thousands of lines before the one-line error the CLI gives).
     What else export writes to stderr, warnings included, is written there as before; the graph
-    stays on the error (``partial_fx_graph``)."""
+    stays on the error (``partial_fx_graph``).
+
+    A failed export leaves the inputs' dimension markings as they were (:func:`_markings_kept`)."""
     written = io.StringIO()
     failed = None
     try:
-        with contextlib.redirect_stderr(written), _var_keywords_named(model, kwargs):
+        with contextlib.redirect_stderr(written), _var_keywords_named(model, kwargs), _markings_kept(args, kwargs):
             shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as exc:
@@ -129,6 +132,36 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
             text = text.replace(f"{graph}\n", "")
         if text:
             sys.stderr.write(text)
+
+
+# the attributes by which torch marks a tensor's dimensions dynamic or static (torch._dynamo's
+# mark_dynamic and friends; torch.export sets them from dynamic_shapes)
+_DIM_MARKINGS = ("_dynamo_weak_dynamic_indices", "_dynamo_dynamic_indices", "_dynamo_dynamic_range",
+                 "_dynamo_static_indices", "_dynamo_unbacked_indices", "_dynamo_propagated_dynamic_indices",
+                 "_has_dynamo_dim_marking")
+
+
+@contextlib.contextmanager
+def _markings_kept(args: tuple, kwargs: dict):
+    """Within the block, torch.export may mark the inputs' dimensions; if the block fails, every
+    tensor input's markings are put back as they were. torch.export (2.13, non-strict) marks the
+    example's tensors with ``dynamic_shapes`` (``Dim.AUTO`` becomes ``_dynamo_weak_dynamic_indices``)
+    and removes the markings only when it succeeds: after a failed dynamic capture the static one
+    traced the same tensors as dynamic and failed the same way (a model taking ``np.arange`` of
+    its length: "can't convert np.ndarray of type numpy.object_"), and the caller's tensors kept
+    the markings for whatever traced them next."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    saved = [{name: copy.copy(getattr(x, name)) for name in _DIM_MARKINGS if hasattr(x, name)} for x in tensors]
+    try:
+        yield
+    except BaseException:
+        for x, before in zip(tensors, saved):
+            for name in _DIM_MARKINGS:
+                if name in before:
+                    setattr(x, name, before[name])
+                elif hasattr(x, name):
+                    delattr(x, name)
+        raise
 
 
 @contextlib.contextmanager

@@ -1151,6 +1151,49 @@ def test_a_batch_of_one_the_model_treats_apart_stays_fixed_with_a_warning():
         program.module()(torch.randn(2, 12, 8))
 
 
+class _PositionsFromNumpy(torch.nn.Module):
+    """Attention over positions that numpy computes from the length: a SymInt in np.arange makes
+    an array of objects, which np.sin does not take, so dynamic capture fails and only the
+    example's length captures."""
+
+    def __init__(self, attend=F.scaled_dot_product_attention):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.attend = torch.nn.Linear(16, 48), attend
+
+    def forward(self, x):
+        import numpy as np
+
+        n = x.shape[1]
+        x = x + torch.from_numpy(np.sin(np.arange(n) / 7.0)).float()[:, None]
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return self.attend(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_model_dynamic_capture_fails_on_is_captured_at_its_shapes_and_rewritten(batch):
+    """Where dynamic capture fails for a reason about shapes, capture falls back to the example's
+    static shapes with a warning. The fallback failed the same way ("torch.export could not
+    capture …: loop of ufunc does not support argument 0 of type float"): torch.export marks the example's
+    tensors dynamic and removes the marks only when it succeeds, so the static capture traced the
+    same tensors as dynamic, and the caller's tensors kept the marks. A failed capture now leaves
+    them as they were: the model is captured at its shapes and rewritten (against the float64
+    reference), and the same tensors export statically after."""
+    model, x = _PositionsFromNumpy().eval(), torch.randn(batch, 20, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"dynamic capture failed \(loop of ufunc .*\); capturing with the "
+                                         r"example's static shapes"):
+        program = mr.capture(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
+        fast = mr.rewrite(program, config=mr.MTAConfig(4, 1, 2, 1))(x)
+        want = _PositionsFromNumpy(lambda q, k, v: mta_attention_reference(
+            q, k, v, chunk_size=4, local_chunks=1, sinks=2, top_k=1).float())(x)
+    assert mr.count_mta_nodes(mr.rewrite(program, config=mr.MTAConfig(4, 1, 2, 1))) == 1
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast, model(x), atol=1e-3)  # MTA, not exact
+    torch.export.export(model, (x,), strict=False)  # (failed before: the tensors still marked dynamic)
+
+
 class _RelativeScoresFromQBeforeItsBias(zoo.RelativeScoresFromQ):
     """Funnel's form of relative attention: the content scores take q plus a learned bias, the
     position scores q before that bias (plus another): the term added to the scores is computed
