@@ -12,7 +12,8 @@ branch on its batch being one (transformers' mask code does). When every tensor 
 leading dimension of 1 and no module is in training mode, capture exports the example repeated
 to batch 2, then checks the program against the model on the example itself (its outputs'
 structure, shapes and values): kept if they agree, else (a leading 1 that is not a batch, say)
-the example is captured as given, with a warning that its batch stays fixed at 1.
+the example is captured as given, with a warning that its batch stays fixed at 1. A model that
+fails on the example itself is a :class:`CaptureError` that says so.
 
 Inputs the example passes through the forward's ``**kwargs`` (transformers 5 takes
 ``return_dict``, ``output_hidden_states`` and ``output_attentions`` that way, GraniteMoE
@@ -279,7 +280,11 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
         first = _first_line(exc)
         return None, f"capture at batch 2 failed: {first}"
     with torch.no_grad():
-        expected = model(*args, **kwargs)
+        try:
+            expected = model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (the model's own failure: a program of it would fail the same way)
+            raise CaptureError(f"{type(model).__name__} fails on the example: {type(exc).__name__}: "
+                               f"{_first_line(exc)}") from exc
         try:
             got = ep.module()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
