@@ -135,11 +135,12 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
             sys.stderr.write(text)
 
 
-# the attributes by which torch marks a tensor's dimensions dynamic or static (torch._dynamo's
-# mark_dynamic and friends; torch.export sets them from dynamic_shapes)
-_DIM_MARKINGS = ("_dynamo_weak_dynamic_indices", "_dynamo_dynamic_indices", "_dynamo_dynamic_range",
-                 "_dynamo_static_indices", "_dynamo_unbacked_indices", "_dynamo_propagated_dynamic_indices",
-                 "_has_dynamo_dim_marking")
+def _dim_markings(x: torch.Tensor) -> dict:
+    """The attributes by which torch marks a tensor's dimensions dynamic or static (torch._dynamo's
+    ``mark_dynamic`` and its kin, and torch.export from ``dynamic_shapes``: ``_dynamo_*`` and
+    ``_has_dynamo_dim_marking``), copied."""
+    return {name: copy.copy(value) for name, value in vars(x).items()
+            if name.startswith("_dynamo") or name == "_has_dynamo_dim_marking"}
 
 
 @contextlib.contextmanager
@@ -148,20 +149,19 @@ def _markings_kept(args: tuple, kwargs: dict):
     tensor input's markings are put back as they were. torch.export (2.13, non-strict) marks the
     example's tensors with ``dynamic_shapes`` (``Dim.AUTO`` becomes ``_dynamo_weak_dynamic_indices``)
     and removes the markings only when it succeeds: after a failed dynamic capture the static one
-    traced the same tensors as dynamic and failed the same way (a model taking ``np.arange`` of
-    its length: "can't convert np.ndarray of type numpy.object_"), and the caller's tensors kept
-    the markings for whatever traced them next."""
+    traced the same tensors as dynamic and failed the same way (a model taking numpy over its
+    length: "loop of ufunc does not support argument 0 of type float"), and the caller's tensors
+    kept the markings for whatever traced them next."""
     tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    saved = [{name: copy.copy(getattr(x, name)) for name in _DIM_MARKINGS if hasattr(x, name)} for x in tensors]
+    saved = [_dim_markings(x) for x in tensors]
     try:
         yield
     except BaseException:
         for x, before in zip(tensors, saved):
-            for name in _DIM_MARKINGS:
-                if name in before:
-                    setattr(x, name, before[name])
-                elif hasattr(x, name):
-                    delattr(x, name)
+            for name in _dim_markings(x).keys() - before.keys():
+                delattr(x, name)
+            for name, value in before.items():
+                setattr(x, name, value)
         raise
 
 
