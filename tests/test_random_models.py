@@ -1,6 +1,7 @@
 """transformers decoders drawn at random (family, heads, grouped key/value heads, head size, SDPA or
 eager attention, a sliding window, batch, length, left padding) with a random MTA configuration or
-a plan per layer (tests/test_use_mta.py tests each case on Llama): ``use_mta`` on a prompt equals
+a plan per layer (a configuration, exact, groups of query heads with one group perhaps exact, or
+learned summaries over either; tests/test_use_mta.py tests each case on Llama): ``use_mta`` on a prompt equals
 the graph ``rewrite`` makes of the same call (two independent routes to the op, ``rewrite``'s
 tested against the float64 reference), and with ``decode=True`` and no top-k, a prefill then
 single-token steps over the cache give the one prompt's logits. Sliding-window families are left
@@ -8,7 +9,8 @@ out of the decoding check: their layers decode exactly, and a prompt's short las
 summarise part of the chunk outside its window (docs/api.md, sliding-window layers). A failure
 names its seed; ``MTA_RANDOM_MODELS`` runs more. The first search (2026-12-06, 120 + 120 models):
 use_mta and rewrite within 2.4e-7 everywhere, decoding within 2.4e-7 of the one prompt outside
-sliding windows.
+sliding windows; the fourth (50 models with head groups and learned summaries in their plans, the
+night of 2026-12-06): the same, within 2.4e-7.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 import torch
 
 import mta_rewrite as mr
+from mta_rewrite.config import HeadGroups, Learned
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,14 +64,36 @@ def random_decoder(r: random.Random, sliding: bool = True):
     return f"{family} ({cfg._attn_implementation}, window {getattr(cfg, 'sliding_window', None)})", names, model
 
 
-def random_choice(r: random.Random, names: list[str], top_k: bool = True) -> dict:
+def heads_of(model) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a random decoder."""
+    cfg = model.config
+    H = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    d = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or cfg.n_embd) // H
+    return H, getattr(cfg, "num_key_value_heads", None) or H, d
+
+
+def random_choice(r: random.Random, names: list[str], top_k: bool = True, model=None) -> dict:
+    """One configuration for every layer, or a plan: per layer a configuration, exact, and with
+    ``model`` also groups of query heads (one group exact or not) and learned summaries."""
     def config():
         return mr.MTAConfig(r.choice([4, 8, 16]), r.choice([1, 2]), r.choice([0, 2, 5]),
                             r.choice([0, 1, 2]) if top_k else 0)
 
+    def entry():
+        kind = r.choice(["config", "exact", "groups", "learned"] if model is not None else ["config"] * 7 + ["exact"] * 3)
+        if kind in ("config", "exact"):
+            return config() if kind == "config" else "exact"
+        H, Hkv, d = heads_of(model)
+        heads = r.sample(range(H), H)
+        cut = r.randrange(1, H)
+        groups = HeadGroups(((config(), tuple(sorted(heads[:cut]))), (r.choice([None, config()]), tuple(sorted(heads[cut:])))))
+        if kind == "groups":
+            return groups
+        return Learned(r.choice([config(), groups]), [[r.gauss(0, 0.5) for _ in range(d)] for _ in range(Hkv)])
+
     if r.random() < 0.5:
         return dict(config=config())
-    return dict(plan=mr.Plan({name: config() if r.random() < 0.7 else "exact" for name in names}))
+    return dict(plan=mr.Plan({name: entry() for name in names}))
 
 
 def random_prompt(r: random.Random, seed: int):
@@ -85,7 +110,7 @@ def test_use_mta_on_a_random_decoder_equals_the_rewritten_graph(seed):
     r = random.Random(seed)
     desc, names, model = random_decoder(r)
     ids, mask = random_prompt(r, seed)
-    choice = random_choice(r, names)
+    choice = random_choice(r, names, model=model)
     call = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -101,7 +126,7 @@ def test_decoding_a_random_decoder_gives_the_one_prompt_logits(seed):
     r = random.Random(1000 + seed)
     desc, names, model = random_decoder(r, sliding=False)
     ids, mask = random_prompt(r, seed)
-    choice = random_choice(r, names, top_k=False)  # (with top-k a step ranks chunks by its own query)
+    choice = random_choice(r, names, top_k=False, model=model)  # (with top-k a step ranks chunks by its own query)
     n, steps = ids.shape[1], r.choice([1, 3, 6])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
