@@ -438,11 +438,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 def check_writable(path: str | os.PathLike) -> None:
     """Fail now, with :func:`atomic_write`'s error, where ``path`` could not be written later (its
     folder cannot be made, or takes no new file, or it is a folder): before work whose result goes
-    there."""
+    there. Nothing is left behind: the folders :func:`atomic_write` will make are not made here (a
+    run that failed after this check left them, empty), the nearest folder that exists is tried."""
     path = _file_target(path)
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        if not existing.is_dir():  # (a file where a folder of the path should be)
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         raise _cannot_write(path, exc) from exc

@@ -237,10 +237,13 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
          "opset must be from 18"),
         (["demo", "--model", "gpt5"], "--model must be"),
         (["rewrite", str(path), "-o", str(path.parent / "junk.pt2" / "o.pt2"), "--chunk-size", "8"],
-         "cannot write"),
+         f"cannot write {junk / 'o.pt2'}: Not a directory"),  # (it was "File exists", of junk.pt2)
         (["export", str(path), "-o", str(path.parent / "junk.pt2" / "o.onnx")], "cannot write"),
         (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(path.parent / "junk.pt2" / "p.json")],
-         "cannot write"),  # before loading anything
+         "Not a directory"),  # before loading anything
+        # a run that fails after the outputs' check (in a folder not made yet) leaves no folder behind
+        (["export", str(junk), "-o", str(tmp_path / "new" / "o.onnx")], "not a program"),
+        (["rewrite", str(junk), "-o", str(tmp_path / "new" / "deeper" / "o.pt2"), "--chunk-size", "8"], "not a program"),
         (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
         (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(tmp_path / "p.json"), "--device",
           "tpu"], "--device must be cpu or cuda"),
@@ -287,7 +290,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         # one line, whatever its length (rich wrapped errors at 80 columns when not on a terminal)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, result.output)
     assert not (tmp_path / "o.pt2").exists() and not (tmp_path / "o.onnx").exists()
-    assert not (tmp_path / "p.json").exists()
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "new").exists()
     assert {p: p.read_bytes() for p in (path, samples, report)} == before  # the inputs are never touched
 
 
