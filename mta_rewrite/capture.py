@@ -116,11 +116,13 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
     What else export writes to stderr, warnings included, is written there as before; the graph
     stays on the error (``partial_fx_graph``).
 
-    A failed export leaves the inputs' dimension markings as they were (:func:`_markings_kept`)."""
+    The inputs' dimension marks are as they were after it, whatever happened, and none meanwhile
+    where the export is static (:func:`_markings_kept`)."""
     written = io.StringIO()
     failed = None
     try:
-        with contextlib.redirect_stderr(written), _var_keywords_named(model, kwargs), _markings_kept(args, kwargs):
+        with contextlib.redirect_stderr(written), _var_keywords_named(model, kwargs), \
+                _markings_kept(args, kwargs, static=not dynamic):
             shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as exc:
@@ -137,32 +139,40 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
 
 def _dim_markings(x: torch.Tensor) -> dict:
     """The attributes by which torch marks a tensor's dimensions dynamic or static (torch._dynamo's
-    ``mark_dynamic`` and its kin, and torch.export from ``dynamic_shapes``: ``_dynamo_*`` and
-    ``_has_dynamo_dim_marking``), copied."""
+    ``mark_dynamic`` and its kin, and torch.export from ``dynamic_shapes``: ``_dynamo_*``,
+    ``_has_dynamo_dim_marking``, ``_specialize_on``), copied."""
     return {name: copy.copy(value) for name, value in vars(x).items()
-            if name.startswith("_dynamo") or name == "_has_dynamo_dim_marking"}
+            if name.startswith("_dynamo") or name in ("_has_dynamo_dim_marking", "_specialize_on")}
 
 
 @contextlib.contextmanager
-def _markings_kept(args: tuple, kwargs: dict):
-    """Within the block, torch.export may mark the inputs' dimensions; if the block fails, every
-    tensor input's markings are put back as they were. torch.export (2.13, non-strict) marks the
-    example's tensors with ``dynamic_shapes`` (``Dim.AUTO`` becomes ``_dynamo_weak_dynamic_indices``)
-    and removes the markings only when it succeeds: after a failed dynamic capture the static one
-    traced the same tensors as dynamic and failed the same way (a model taking numpy over its
-    length: "loop of ufunc does not support argument 0 of type float"), and the caller's tensors
-    kept the markings for whatever traced them next."""
+def _markings_kept(args: tuple, kwargs: dict, *, static: bool):
+    """Within the block torch.export runs on the example; after it, whatever happened, every tensor
+    input's dimension marks are as they were before (``static``: none meanwhile, so that the
+    export is static). torch.export (2.13, non-strict) marks the example's tensors from
+    ``dynamic_shapes`` (``Dim.AUTO`` becomes ``_dynamo_weak_dynamic_indices``) and removes the
+    marks only when it succeeds, a caller's own (``torch._dynamo.mark_dynamic``) with its own;
+    and it traces marked dimensions as dynamic even without ``dynamic_shapes``. So after a failed
+    dynamic capture the static one traced the same tensors as dynamic and failed the same way (a
+    model taking numpy over its length: "loop of ufunc does not support argument 0 of type
+    float"), and the caller's tensors kept the marks for whatever traced them next."""
     tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     saved = [_dim_markings(x) for x in tensors]
+
+    def mark(x: torch.Tensor, marks: dict) -> None:
+        for name in _dim_markings(x).keys() - marks.keys():
+            delattr(x, name)
+        for name, value in marks.items():
+            setattr(x, name, copy.copy(value))
+
     try:
+        if static:
+            for x in tensors:
+                mark(x, {})
         yield
-    except BaseException:
-        for x, before in zip(tensors, saved):
-            for name in _dim_markings(x).keys() - before.keys():
-                delattr(x, name)
-            for name, value in before.items():
-                setattr(x, name, value)
-        raise
+    finally:
+        for x, marks in zip(tensors, saved):
+            mark(x, marks)
 
 
 @contextlib.contextmanager

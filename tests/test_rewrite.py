@@ -1194,6 +1194,24 @@ def test_a_model_dynamic_capture_fails_on_is_captured_at_its_shapes_and_rewritte
     torch.export.export(model, (x,), strict=False)  # (failed before: the tensors still marked dynamic)
 
 
+def test_capture_leaves_the_examples_dimension_marks_as_they_were():
+    """A caller's own marks (``torch._dynamo.mark_dynamic``, as for torch.compile) made the static
+    capture (``dynamic=False``, and the fallback) dynamic in the marked dimension, and a dynamic
+    capture removed them from the caller's tensor. Each capture now traces without them where it is
+    static and leaves them as they were."""
+    model, x = _PositionsFromNumpy(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)).eval(), zoo._x(20, d=16)
+    x = x + 0  # (the zoo's tensors are shared)
+    torch._dynamo.mark_dynamic(x, 0)
+    marks = {name: value for name, value in vars(x).items()}
+    assert marks, "mark_dynamic sets attributes on the tensor"
+    with pytest.warns(UserWarning, match="capturing with the example's static shapes"):
+        program = mr.capture(model, (x,))  # (dynamic fails: numpy over the length; then static)
+    (shape,) = [n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder" and n.name == "x"]
+    assert all(isinstance(size, int) for size in shape), shape
+    assert vars(x) == marks
+    assert mr.capture(_BranchesOnABatchOfOne(), (x,)) is not None and vars(x) == marks  # (a dynamic capture)
+
+
 class _RelativeScoresFromQBeforeItsBias(zoo.RelativeScoresFromQ):
     """Funnel's form of relative attention: the content scores take q plus a learned bias, the
     position scores q before that bias (plus another): the term added to the scores is computed
