@@ -137,12 +137,11 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
             sys.stderr.write(text)
 
 
-def _dim_markings(x: torch.Tensor) -> dict:
+def _mark_names(x: torch.Tensor) -> list[str]:
     """The attributes by which torch marks a tensor's dimensions dynamic or static (torch._dynamo's
     ``mark_dynamic`` and its kin, and torch.export from ``dynamic_shapes``: ``_dynamo_*``,
-    ``_has_dynamo_dim_marking``, ``_specialize_on``), copied."""
-    return {name: copy.copy(value) for name, value in vars(x).items()
-            if name.startswith("_dynamo") or name in ("_has_dynamo_dim_marking", "_specialize_on")}
+    ``_has_dynamo_dim_marking``, ``_specialize_on``) that ``x`` has."""
+    return [name for name in vars(x) if name.startswith("_dynamo") or name in ("_has_dynamo_dim_marking", "_specialize_on")]
 
 
 @contextlib.contextmanager
@@ -157,13 +156,13 @@ def _markings_kept(args: tuple, kwargs: dict, *, static: bool):
     model taking numpy over its length: "loop of ufunc does not support argument 0 of type
     float"), and the caller's tensors kept the marks for whatever traced them next."""
     tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    saved = [_dim_markings(x) for x in tensors]
+    saved = [{name: copy.copy(getattr(x, name)) for name in _mark_names(x)} for x in tensors]
 
     def mark(x: torch.Tensor, marks: dict) -> None:
-        for name in _dim_markings(x).keys() - marks.keys():
+        for name in _mark_names(x):
             delattr(x, name)
         for name, value in marks.items():
-            setattr(x, name, copy.copy(value))
+            setattr(x, name, value)
 
     try:
         if static:
