@@ -33,6 +33,7 @@ import contextlib
 import copy
 import inspect
 import io
+import logging
 import sys
 import warnings
 from typing import Any
@@ -112,16 +113,17 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
     input where ``dynamic`` (:func:`dynamic_shapes_for`), inputs passed through the forward's
     ``**kwargs`` named in its signature meanwhile (:func:`_var_keywords_named`), and without the
     partial graph torch prints to stderr when it fails (on a data-dependent guard, the whole graph
-    traced so far, once per wrapper: thousands of lines before the one-line error the CLI gives).
+    traced so far, once per wrapper: thousands of lines before the one-line error the CLI gives),
+    nor the traceback torch logs when an operator fails on fake tensors (:func:`_meta_failures_unlogged`).
     What else export writes to stderr, warnings included, is written there as before; the graph
-    stays on the error (``partial_fx_graph``).
+    stays on the error (``partial_fx_graph``), the operator's reason is the error's message.
 
     The inputs' dimension marks are as they were after it, whatever happened, and none meanwhile
     where the export is static (:func:`_markings_kept`)."""
     written = io.StringIO()
     failed = None
     try:
-        with contextlib.redirect_stderr(written), _var_keywords_named(model, kwargs), \
+        with contextlib.redirect_stderr(written), _meta_failures_unlogged(), _var_keywords_named(model, kwargs), \
                 _markings_kept(args, kwargs, static=not dynamic):
             shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
@@ -135,6 +137,31 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
             text = text.replace(f"{graph}\n", "")
         if text:
             sys.stderr.write(text)
+
+
+class _MetaFailure(logging.Filter):
+    """Drops the record fake tensors log when an operator fails on them ("failed while attempting
+    to run meta for aten.mm.default", with the whole traceback); the exception that follows it
+    carries the same reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed while attempting to run meta")
+
+
+@contextlib.contextmanager
+def _meta_failures_unlogged():
+    """Within the block, torch's fake-tensor logger does not print an operator's failure (a
+    model's shapes that do not fit: ``x @ w`` with the wrong inner size). torch logs it at ERROR
+    with its traceback through a handler of its own (not redirected with stderr), and then raises
+    the error, which capture turns into its one line; the log came first, some twenty lines of
+    torch's internals. Only that record is dropped; the logger is as it was after."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    dropped = _MetaFailure()
+    log.addFilter(dropped)
+    try:
+        yield
+    finally:
+        log.removeFilter(dropped)
 
 
 def _mark_names(x: torch.Tensor) -> list[str]:
