@@ -528,7 +528,9 @@ def main() -> None:
     warnings.showwarning = _show_warning
 
     # torch.export reports every dimension it specialises as a warning, torch.onnx every optional
-    # package it skips (torchvision's ops): not the user's business
-    for name in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx"):
+    # package it skips (torchvision's ops), onnxscript's optimiser every constant it leaves unfolded
+    # ("Skipping constant folding for op Split with multiple outputs", four times for an
+    # nn.MultiheadAttention whose k and v are not its query tensor): not the user's business
+    for name in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
     app()

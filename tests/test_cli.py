@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from pathlib import Path
 
@@ -382,6 +383,43 @@ def test_warnings_are_one_line_each(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: the program takes batches of one only (capture at batch 2 "
                                                    "failed: Guard failed: x.size()[0] == 1)"), done.stderr
+
+
+class _SeparateKeyValue(torch.nn.Module):
+    """nn.MultiheadAttention whose k and v are not its query tensor: its in-projection weights are
+    split three ways in the graph, which onnxscript's optimiser logs it cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        kv = x * 1.0
+        return self.mha(x, kv, kv, need_weights=False)[0]
+
+
+def test_export_prints_no_log_lines_of_the_libraries_it_uses(tmp_path):
+    """``export`` says what it saved on stdout and nothing on stderr: onnxscript's optimiser logs a
+    warning for every constant it leaves unfolded ("Skipping constant folding for op Split with
+    multiple outputs", four lines here), which is not the user's business (torch.onnx's and
+    torch.export's own are silenced the same way). The ONNX model is still the rewritten one."""
+    import subprocess
+    import sys
+
+    model = _SeparateKeyValue().eval()
+    x = torch.randn(2, 24, 16)
+    mr.save_program(model, tmp_path / "mha.pt2", (x,))
+    argv = ["export", str(tmp_path / "mha.pt2"), "--chunk-size", "4", "-o", str(tmp_path / "mha.onnx")]
+    done = subprocess.run([sys.executable, "-m", "mta_rewrite", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stderr == "", done.stderr
+    from mta_rewrite.onnx import onnx_session
+
+    session = onnx_session(tmp_path / "mha.onnx")
+    x2 = torch.randn(3, 29, 16)
+    with torch.no_grad():
+        want = mr.rewrite(model, (x,), config=mr.MTAConfig(4))(x2)
+    np.testing.assert_allclose(session.run(None, {"x": x2.numpy()})[0], want.numpy(), atol=1e-5)
 
 
 def test_exhausted_memory_is_a_one_line_error_and_other_failures_keep_their_traceback(tmp_path, monkeypatch):
