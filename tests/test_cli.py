@@ -218,6 +218,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     torch.save([next(c for c in zoo.hand_written_cases() if c.name == "two_layers").inputs(24)[0]], samples)
     report = tmp_path / "s.report.md"
     report.write_bytes(samples.read_bytes())
+    one_sample = tmp_path / "one.pt"
+    torch.save({"x": torch.zeros(1, 24, 32)}, one_sample)
     before = {p: p.read_bytes() for p in (path, samples, report)}
     cases = [
         (["find", str(tmp_path / "missing.pt2")], "no such file"),
@@ -245,6 +247,12 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         # a run that fails after the outputs' check (in a folder not made yet) leaves no folder behind
         (["export", str(junk), "-o", str(tmp_path / "new" / "o.onnx")], "not a program"),
         (["rewrite", str(junk), "-o", str(tmp_path / "new" / "deeper" / "o.pt2"), "--chunk-size", "8"], "not a program"),
+        (["calibrate", str(path), "--data", str(tmp_path / "missing.pt"), "--budget", "0.1", "-o",
+          str(tmp_path / "p.json")], f"no such file: {tmp_path / 'missing.pt'}"),
+        (["calibrate", str(path), "--data", str(junk), "--budget", "0.1", "-o", str(tmp_path / "p.json")],
+         f"{junk} is not a torch.save file of samples"),
+        (["calibrate", str(path), "--data", str(one_sample), "--budget", "0.1", "-o", str(tmp_path / "p.json")],
+         f"{one_sample} must hold a list of samples, got dict"),
         (["demo", "--device", "tpu"], "--device must be cpu or cuda"),
         (["calibrate", str(path), "--data", str(path), "--budget", "0.1", "-o", str(tmp_path / "p.json"), "--device",
           "tpu"], "--device must be cpu or cuda"),

@@ -1309,6 +1309,13 @@ def test_the_rewritten_model_binds_its_calls_by_name_as_the_model_does(tmp_path)
     with torch.no_grad():
         # (torch.export's own module: called as it was captured, fast(ids) bound to fast(ids, use_cache=False))
         torch.testing.assert_close(mr.load_program(tmp_path / "fast.pt2").module()(other, use_cache=False).logits, want)
+    # capturing the rewritten model from an example it does not take says so, before torch.export runs
+    with pytest.raises(mr.CaptureError, match=r"^the example does not fit the rewritten model, captured as "
+                                              r"model\(input_ids, use_cache=False\): it gives use_cache=True"):
+        mr.save_program(fast, tmp_path / "wrong.pt2", (ids,), {"use_cache": True})
+    assert not (tmp_path / "wrong.pt2").exists()
+    with pytest.raises(TypeError, match=r"^expected a torch.nn.Module or ExportedProgram, got function"):
+        mr.capture(lambda x: x, (ids,))
 
 
 class _ScalesLengthsOfFour(torch.nn.Module):

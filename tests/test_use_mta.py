@@ -790,6 +790,8 @@ def test_what_use_mta_cannot_take_is_one_line():
          "a plan for another model?"),
         (dict(model=model, config=mr.HeadGroups(((CONFIG, (0,)),))),
          "config must be an MTAConfig, got HeadGroups (per-layer choices go in a Plan)"),
+        (dict(model=model, plan={"model.layers.0.self_attn": CONFIG}), "plan must be a Plan, got dict"),
+        (dict(model=model, config=CONFIG, decode="yes"), "decode must be True or False, got 'yes'"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as info:
