@@ -248,10 +248,26 @@ def test_capture_a_saved_image_model(tmp_path):
     ("batch beyond int64", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--batch", str(2 ** 63)],
      "--batch must be ≥ 1, below 2**63"),
     ("an empty output", lambda t: ["capture", str(t / "llama"), "-o", ""], "cannot write an empty path"),
+    ("bad dtype", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--dtype", "float8"],
+     "--dtype must be one of float32, bfloat16, float16, not 'float8'"),
+    ("config not JSON", lambda t: ["capture", str(t / "bad_config"), "-o", str(t / "p.pt2")],
+     "bad_config: transformers cannot read its configuration: "),
+    ("no weights", lambda t: ["capture", str(t / "no_weights"), "-o", str(t / "p.pt2")],
+     "no_weights: transformers cannot load it as LlamaForCausalLM: "),
+    ("a folder named .gguf", lambda t: ["capture", str(t / "model.gguf"), "-o", str(t / "p.pt2")],
+     "model.gguf is not a GGUF file"),
+    ("text is a folder", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"), "--text", str(t / "llama")],
+     "llama: Is a directory"),
+    ("samples output without samples", lambda t: ["capture", str(t / "llama"), "-o", str(t / "p.pt2"),
+                                                  "--samples-output", str(t / "s.pt")], "--samples-output needs --samples N"),
 ])
 def test_capture_errors_are_one_line(tmp_path, case, argv, message):
     saved_llama(tmp_path / "llama", with_tokenizer=False)
     (tmp_path / "text.txt").write_text(TEXT)
+    for name in ("bad_config", "no_weights", "model.gguf"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "bad_config" / "config.json").write_text("{")
+    (tmp_path / "no_weights" / "config.json").write_bytes((tmp_path / "llama" / "config.json").read_bytes())
     before = (tmp_path / "text.txt").read_bytes()
     result = runner.invoke(app, argv(tmp_path))
     assert result.exit_code == 2, result.output

@@ -717,6 +717,10 @@ def test_boundary_chunks_export_and_match_the_rewritten_model(name, tmp_path):
     kinds = [n.op_type for n in proto.graph.node if n.domain == DOMAIN]
     assert kinds.count(SEGMENTED_PREPARED_OP_TYPE) == 2 and kinds.count("SummaryLogits") == 1, kinds
     assert_runs_like(onnx_session(tmp_path / "m.onnx"), case, rewritten)
+    # boundaries alone (no configuration or plan to rewrite with) are a one-line error, nothing written
+    with pytest.raises(ValueError, match="^boundaries apply when rewriting: give config= or plan= too$"):
+        export_onnx(program, args, tmp_path / "b.onnx", kwargs, boundaries=mr.Boundaries((3, 5)))
+    assert not (tmp_path / "b.onnx").exists()
 
 
 class _ConstantMaskSite(torch.nn.Module):
