@@ -95,8 +95,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
             _warn_fixed_length(ep)
             return ep
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
-            unsupported = _not_about_shapes(model, exc)
-            if unsupported is not None:  # not about shapes: static capture would fail the same way
+            # not about shapes, or the model's own failure: static capture would fail the same way
+            unsupported = _not_about_shapes(model, exc) or _own_failure(model, args, kwargs)
+            if unsupported is not None:
                 raise CaptureError(unsupported) from exc
             first = _first_line(exc)
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
@@ -104,8 +105,27 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         return _export(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001
         first = _first_line(exc)
-        raise CaptureError(_not_about_shapes(model, exc)
+        raise CaptureError(_not_about_shapes(model, exc) or (None if dynamic else _own_failure(model, args, kwargs))
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+
+
+def _own_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """Why the model itself fails on the example, when it does (its own error: a program of it
+    would give the same, and torch.export's, from fake tensors, reads as a limit of capture), else
+    None. Run when an export has failed, and only in eval mode (no dropout, no running statistics
+    updated), as the batch-of-two check runs it."""
+    if not isinstance(model, torch.fx.GraphModule) and any(m.training for m in model.modules()):
+        return None
+    with torch.no_grad():
+        try:
+            model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (the model's own error, of any type)
+            return _fails_on_example(model, exc)
+    return None
+
+
+def _fails_on_example(model: torch.nn.Module, exc: Exception) -> str:
+    return f"{type(model).__name__} fails on the example: {type(exc).__name__}: {_first_line(exc)}"
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool = False) -> ExportedProgram:
@@ -319,8 +339,7 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
         try:
             expected = model(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001  (the model's own failure: a program of it would fail the same way)
-            raise CaptureError(f"{type(model).__name__} fails on the example: {type(exc).__name__}: "
-                               f"{_first_line(exc)}") from exc
+            raise CaptureError(_fails_on_example(model, exc)) from exc
         try:
             got = ep.module()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001

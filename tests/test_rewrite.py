@@ -1442,3 +1442,39 @@ def test_a_model_failing_on_fake_tensors_is_one_error_without_torchs_logged_trac
     err = capfd.readouterr().err
     assert "Traceback" not in err, err[:300]
     assert log.filters == before  # the logger as it was
+
+
+def test_a_model_that_fails_on_its_example_is_said_to(capfd):
+    """When export fails and the model (in eval mode) fails on the example by itself, the error
+    is the model's own ("X fails on the example: TypeError: …"), at once: no warning that dynamic
+    capture failed, no second, static capture failing the same way. Such an error read as a limit
+    of torch.export ("torch.export could not capture …: … unexpected keyword argument", from a
+    TransformerEncoder called with its layer's keyword). In training mode the model is not run
+    (dropout, running statistics): the error is torch.export's, as before."""
+
+    class _WrongKeyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.encoder(x, src_mask=None)  # (TransformerEncoder's keyword is mask)
+
+    x, x4 = torch.randn(2, 8, 16), torch.randn(2, 8, 4)
+    for model, dynamic in ((_InnerSizeOff().eval(), True), (_InnerSizeOff().eval(), False), (_WrongKeyword().eval(), True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no warning: the dynamic capture's failure is the model's)
+            with pytest.raises(mr.CaptureError) as info:
+                mr.capture(model, (x4 if isinstance(model, _InnerSizeOff) else x,), dynamic=dynamic)
+        message = str(info.value)
+        if isinstance(model, _InnerSizeOff):
+            assert message.startswith("_InnerSizeOff fails on the example: RuntimeError: mat1 and mat2 shapes cannot be "
+                                      "multiplied"), message
+        else:
+            assert message == ("_WrongKeyword fails on the example: TypeError: TransformerEncoder.forward() got an "
+                               "unexpected keyword argument 'src_mask'"), message
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(mr.CaptureError, match=r"^torch.export could not capture _InnerSizeOff: .*same reduction dim"):
+            mr.capture(_InnerSizeOff().train(), (x4,))
