@@ -112,9 +112,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
 def _own_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
     """Why the model itself fails on the example, when it does (its own error: a program of it
     would give the same, and torch.export's, from fake tensors, reads as a limit of capture), else
-    None. Run when an export has failed, and only in eval mode (no dropout, no running statistics
-    updated), as the batch-of-two check runs it."""
-    if not isinstance(model, torch.fx.GraphModule) and any(m.training for m in model.modules()):
+    None. Run when an export has failed, and only where :func:`_may_run` (as the batch-of-two
+    check runs it)."""
+    if not _may_run(model):
         return None
     with torch.no_grad():
         try:
@@ -316,12 +316,17 @@ def _batch_of_two(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     if not leaves or any(x.dim() == 0 or x.shape[0] != 1 for x in leaves):
         return None
-    # (a GraphModule computes what was traced whatever its flag says; torch.export's unlifted
-    # modules, such as rewrite's results, have it set and refuse train())
-    if not isinstance(model, torch.fx.GraphModule) and any(m.training for m in model.modules()):
+    if not _may_run(model):
         return None
     return pytree.tree_map(lambda x: x.detach().repeat(2, *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) else x,
                            (args, kwargs))
+
+
+def _may_run(model: torch.nn.Module) -> bool:
+    """Whether capture may run the model on the example to check it: in eval mode (no dropout, no
+    running statistics updated). A GraphModule computes what was traced whatever its flag says
+    (torch.export's unlifted modules, such as rewrite's results, have it set and refuse train())."""
+    return isinstance(model, torch.fx.GraphModule) or not any(m.training for m in model.modules())
 
 
 def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[ExportedProgram | None, str]:
