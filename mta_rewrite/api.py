@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from .calls import bind_calls, example_call
+from .calls import example_call
 from .capture import _first_line, capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
 from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe, listed
+from .rewritten import finish
 
 
 def _capture_and_match(model, args, kwargs, dynamic):
@@ -106,11 +107,8 @@ def rewrite(
         elif lower_exact and takes_exact_path(m):
             lower_match(gm, m, EXACT)
     eliminate_dead_code(gm)
-    bind_calls(gm, (args, kwargs))
-    gm.mta_sites = sites  # what was found, for reports
-    gm.mta_plan = chosen
-    gm.mta_boundaries = boundaries
-    return gm
+    # (mta_sites: what was found, for reports)
+    return finish(gm, (args, kwargs), mta_sites=sites, mta_plan=chosen, mta_boundaries=boundaries)
 
 
 def _warn_left_exact(sites: list[AttentionSite], chosen: dict, plan: Plan | None) -> None:

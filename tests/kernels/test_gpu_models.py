@@ -144,3 +144,22 @@ def test_calibrate_on_the_gpu_measures_costs_by_default():
     fast = mr.rewrite(model, data[0], plan=plan)
     with torch.no_grad():
         assert torch.isfinite(fast(*data[0])).all()
+
+
+@pytest.mark.parametrize("name", ["llama (sdpa)", "bert (eager)", "baddbmm_key_padding"])
+def test_a_module_rewritten_on_the_cpu_and_moved_runs_as_one_rewritten_on_the_gpu(name):
+    """``rewrite`` on the CPU, then ``.to("cuda")`` (mta_rewrite/rewritten.py): the devices its graph
+    names move with the tensors, and the moved module gives what the module rewritten on the GPU
+    gives (torch's unlifted module failed at its first call: "Tensor device mismatch")."""
+    if "(" in name:
+        pytest.importorskip("transformers")
+    case = next(c for c in zoo.all_cases() if c.name == name)
+    model = case.build()
+    args, kwargs = case.inputs(150)
+    moved = copy.deepcopy(mr.rewrite(model, args, kwargs, config=CONFIG)).to("cuda")
+    with torch.no_grad():
+        out = moved(*to_device(args, "cuda"), **to_device(kwargs, "cuda"))
+    got = (out if isinstance(out, torch.Tensor) else out[0]).float().cpu()
+    want = _rewritten_outputs(model, args, kwargs, "cuda")
+    keep = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else slice(None)
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)

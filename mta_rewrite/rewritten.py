@@ -1,0 +1,152 @@
+"""The module ``rewrite`` returns, as an nn.Module a user keeps, copies and moves.
+
+``rewrite`` unlifts a torch.export program into a GraphModule (``ExportedProgram.module()``). As
+torch hands it over, that module
+
+- refuses ``eval()`` and ``train()`` alike (torch: "Calling eval() is not supported yet."), though
+  it computes what the model computed in eval mode when it was captured, and says ``training``
+  is True;
+- loses, when deep-copied, the forward pre-hook that binds its calls by parameter name
+  (:mod:`mta_rewrite.calls`) and the attributes ``rewrite`` sets (``copy.deepcopy(fast)(ids)``:
+  "forward() missing 1 required positional argument: 'use_cache'");
+- moves its parameters with ``.to("cuda")`` but not the devices its graph names (``arange``,
+  ``zeros``, the metadata checks torch.export inserts), so the moved module fails at its first
+  call ("Tensor device mismatch"); a dtype change fails the same way ("Tensor dtype mismatch!
+  Expected: Float, Got: double").
+
+:func:`finish` makes it behave: ``eval()`` / ``train(False)`` are what it is (``training`` False),
+``train()`` is a one-line error saying why; a deep copy binds its calls and keeps the attributes;
+``to(device)`` / ``cuda()`` / ``cpu()`` move the graph's devices with the tensors (the rule of
+``torch.export.passes.move_to_device_pass``, applied to the module); a dtype change is a one-line
+error before anything moves (the graph casts to and checks the dtypes it was captured in, and its
+constants were computed in them: rewrite the model in the dtype it is to run in).
+
+The module shares its parameters with the model it was rewritten from (torch.export's unlifted
+module holds the model's own tensors): training one trains the other, moving one moves the
+other's parameters.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
+from torch.utils import _pytree as pytree
+
+from .calls import BindCalls, bind_calls
+
+#: the attributes ``rewrite`` sets on its module (kept by a deep copy)
+ATTRIBUTES = ("mta_call", "mta_sites", "mta_plan", "mta_boundaries")
+
+
+def finish(gm: torch.fx.GraphModule, example: tuple[tuple, dict], **attributes: Any) -> torch.fx.GraphModule:
+    """``gm`` (unlifted by ``rewrite``) binding its calls as the model captured from ``example``
+    does, with ``attributes`` (``mta_sites`` …) set, in eval mode, and copying and moving as an
+    nn.Module does (module docstring)."""
+    bind_calls(gm, example)
+    for name, value in attributes.items():
+        setattr(gm, name, value)
+    kept = {name: getattr(gm, name) for name in ATTRIBUTES if name in vars(gm)}
+    gm.meta[_USER_PRESERVED_ATTRIBUTES_KEY] = {**gm.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {}), **kept}
+    _install(gm)
+    gm._register_deepcopy_hook(_finish_copy)  # (private in torch 2.11 and 2.13 alike)
+    return gm
+
+
+def _install(gm: torch.fx.GraphModule) -> None:
+    vars(gm).pop("eval", None)  # (torch's, raising; nn.Module.eval calls train(False))
+    gm.train = types.MethodType(_train, gm)
+    gm._apply = types.MethodType(_apply, gm)
+    torch.nn.Module.train(gm, False)
+
+
+def _finish_copy(copy: torch.fx.GraphModule) -> None:
+    """A deep copy (``GraphModule.__deepcopy__`` calls this on it; the attributes are back from
+    the meta's preserved attributes): bind its calls again and behave as the original."""
+    signature = getattr(copy, "mta_call", None)
+    if signature is not None and not signature.variadic:
+        copy.register_forward_pre_hook(BindCalls(signature), with_kwargs=True, prepend=True)
+    _install(copy)
+
+
+def _train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
+    if not isinstance(mode, bool):
+        raise ValueError("training mode is expected to be boolean")
+    if mode:
+        raise RuntimeError("train(): a rewritten model computes what the model computed in eval mode when it was "
+                           "captured (no dropout) and cannot switch to training mode; gradients flow through it as "
+                           "it is (fine-tune it without train()), or use use_mta(model) on the model itself")
+    return torch.nn.Module.train(self, False)
+
+
+def _apply(self: torch.fx.GraphModule, fn, recurse: bool = True):
+    """nn.Module's ``_apply`` (what ``to`` / ``cuda`` / ``cpu`` / ``half`` … call) for the rewritten
+    module: a floating dtype change is refused before anything changes; the tensors move, the
+    constants the graph reads (plain tensor attributes, which nn.Module does not move) too, and
+    every device the graph names follows the tensors on that device."""
+    tensors = _tensors(self)
+    devices = {t.device for t in tensors} | _graph_devices(self)
+    for dtype in {t.dtype for t in tensors if t.is_floating_point() or t.is_complex()}:
+        probe = fn(torch.empty(0, dtype=dtype, device=next(t.device for t in tensors if t.dtype == dtype)))
+        if isinstance(probe, torch.Tensor) and probe.dtype != dtype:
+            raise TypeError(f"a rewritten model computes in the dtypes it was captured in ({_name(dtype)}; its graph "
+                            f"casts to and checks them): rewrite the model in {_name(probe.dtype)} instead "
+                            f"(model.to({probe.dtype}), then rewrite)")
+    moved = {}
+    for device in devices:
+        probe = fn(torch.empty(0, device=device))
+        moved[device] = probe.device if isinstance(probe, torch.Tensor) else device
+    torch.nn.Module._apply(self, fn, recurse)
+    for module in self.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.device in moved and moved[value.device] != value.device:
+                setattr(module, name, value.to(moved[value.device]))
+    if any(old != new for old, new in moved.items()):
+        _move_graph_devices(self, moved)
+    return self
+
+
+def _tensors(gm: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's parameters, buffers and plain tensor attributes (lifted constants)."""
+    found = [*gm.parameters(), *gm.buffers()]
+    for module in gm.modules():
+        found += [value for value in vars(module).values() if isinstance(value, torch.Tensor)]
+    return found
+
+
+def _graph_devices(gm: torch.nn.Module) -> set[torch.device]:
+    """The devices the graph names: ``device=`` keywords and ``aten.to.device``'s argument."""
+    devices = set()
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                named = [node.kwargs.get("device")]
+                if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+                    named.append(node.args[1])
+                devices.update(torch.device(d) for d in named if isinstance(d, (str, torch.device)))
+    return devices
+
+
+def _move_graph_devices(gm: torch.nn.Module, moved: dict[torch.device, torch.device]) -> None:
+    """Every device a node names (a ``device=`` keyword, ``aten.to.device``'s argument) and the
+    metadata of its value, moved as ``moved`` says (torch.export.passes.move_to_device_pass's rule)."""
+    def new(device):
+        return moved.get(torch.device(device), device) if isinstance(device, (str, torch.device)) else device
+
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if "device" in node.kwargs:
+                node.kwargs = {**node.kwargs, "device": new(node.kwargs["device"])}
+            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+                node.args = (node.args[0], new(node.args[1]), *node.args[2:])
+            if "val" in node.meta:
+                node.meta["val"] = pytree.tree_map_only(torch.Tensor, lambda t: t.to(new(t.device)), node.meta["val"])
+        module.recompile()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
