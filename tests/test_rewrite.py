@@ -157,6 +157,31 @@ def test_reasons_say_why(name, fragment):
     assert any(fragment in s.reason for s in sites), [s.reason for s in sites]
 
 
+@pytest.mark.parametrize("extra,keys", [({"add_bias_kv": True}, 41), ({"add_zero_attn": True}, 41),
+                                        ({"add_bias_kv": True, "add_zero_attn": True}, 42)])
+def test_keys_added_beside_the_sequence_are_said_to_be_so(extra, keys):
+    """nn.MultiheadAttention's add_bias_kv / add_zero_attn append keys to the sequence's own: the
+    site stays exact, and its reason names added keys beside cross-attention (it said
+    cross-attention only, which these are not; a static capture's lengths cannot tell the two apart)."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True, **extra)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model, x = Model().eval(), torch.randn(2, 40, 32)
+    (site,) = mr.find_attention(model, (x,))
+    assert not site.rewritable
+    assert site.reason.startswith(f"cross-attention or added keys: 40 queries attend to {keys} keys")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no site rewritable: rewrite warns so)
+        fast = mr.rewrite(model, (x,), config=mr.MTAConfig(8))
+    assert mr.count_mta_nodes(fast) == 0
+    torch.testing.assert_close(fast(x), model(x))
+
+
 def test_a_site_left_exact_for_its_score_modifier_reports_its_shapes():
     """A site with a score modifier the op cannot take between q·kᵀ and softmax (a clamp) was
     listed with no shapes ("None·None/None·None·None") and mask "none": the walk from softmax

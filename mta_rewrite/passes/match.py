@@ -519,7 +519,10 @@ def _check_self_attention(m: AttentionMatch, q_shape, k_shape) -> None:
     if q_shape is None or k_shape is None:
         raise NoMatch("shapes of q and k are unknown")
     if not same_size(q_shape[-2], k_shape[-2]):
-        raise NoMatch(f"cross-attention: {q_shape[-2]} queries attend to {k_shape[-2]} keys (MTA is self-attention)")
+        # (another sequence's keys, or keys beside the sequence's own: nn.MultiheadAttention's add_bias_kv /
+        # add_zero_attn, memory tokens; a static capture's lengths cannot tell them apart)
+        raise NoMatch(f"cross-attention or added keys: {q_shape[-2]} queries attend to {k_shape[-2]} keys (MTA is "
+                      "self-attention over one sequence's own keys)")
     if not same_size(q_shape[-1], k_shape[-1]):
         raise NoMatch(f"q and k head sizes differ ({q_shape[-1]} vs {k_shape[-1]})")
 
