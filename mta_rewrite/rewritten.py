@@ -77,7 +77,7 @@ def _train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModul
     if mode:
         raise RuntimeError("train(): a rewritten model computes what the model computed in eval mode when it was "
                            "captured (no dropout) and cannot switch to training mode; gradients flow through it as "
-                           "it is (fine-tune it without train()), or use use_mta(model) on the model itself")
+                           "it is: fine-tune it without train()")
     return torch.nn.Module.train(self, False)
 
 

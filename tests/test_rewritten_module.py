@@ -192,3 +192,26 @@ def test_fine_tuning_the_rewritten_model_trains_the_models_parameters():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_use_mta_then_train_gives_the_rewritten_models_gradients():
+    """The other way to fine-tune (docs/api.md): ``use_mta`` on the model in eval mode, then
+    ``train()``. Llama's attention dropout is 0, so training mode changes nothing in its forward and
+    the gradients are the rewritten model's; a layer with attention dropout above 0 is a one-line
+    error in training mode."""
+    model, x = llama(), ids()
+    fast = mr.rewrite(model, (x,), {"use_cache": False}, config=CONFIG)
+    model.zero_grad()
+    fast(x).logits.pow(2).mean().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    wrapped = mr.use_mta(model, config=CONFIG).train()
+    model.zero_grad()
+    wrapped(x, use_cache=False).logits.pow(2).mean().backward()
+    for got, expected in zip((p.grad for p in model.parameters()), want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=64)).eval()
+    bert = mr.use_mta(bert, config=CONFIG).train()
+    with pytest.raises(ValueError, match="MTA has no attention dropout"):
+        bert(x)
