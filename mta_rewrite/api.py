@@ -8,6 +8,7 @@
     segments   with boundaries: segment ids from the model's token ids, read by every site
     lower      rewritable planned sites → torch.ops.mta.attention
     clean      dead code of the replaced subgraphs removed
+    finish     the module: calls bound by parameter name, eval mode, deep copies, device moves (rewritten.py)
 """
 
 from __future__ import annotations
