@@ -166,7 +166,9 @@ def grouped_attention(q, k, v, mask, groups, causal, scale, summary_weight=None,
         outs.append(attend(q.index_select(1, idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), m, w, seg,
                            causal=causal, scale=scale, **kwargs))
         order.extend(heads)
-    inverse = torch.argsort(torch.tensor(order, dtype=torch.long, device=q.device))
+    # (the inverse permutation computed here, a constant of the graph: an argsort of the constant
+    # order ran on every call, and in ONNX as a TopK that onnxscript's optimiser warned it left unfolded)
+    inverse = torch.tensor(_inverse(tuple(order)), dtype=torch.long, device=q.device)
     return torch.cat(outs, dim=1).index_select(1, inverse)
 
 
