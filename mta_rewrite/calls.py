@@ -194,11 +194,13 @@ class BindCalls:
             raise ValueError(f"this call does not fit the rewritten model, which {clause}") from None
 
 
-def bind_calls(module: torch.nn.Module, example: tuple[tuple, dict]) -> torch.nn.Module:
+def bind_calls(module: torch.nn.Module, example: tuple[tuple, dict] | None = None, *,
+               signature: CallSignature | None = None) -> torch.nn.Module:
     """Make ``module`` (unlifted from a program captured from ``example``) bind its calls by
-    parameter name (:class:`BindCalls`); ``module.mta_call`` is the signature. A module whose
-    forward takes ``*args`` / ``**kwargs`` is left as it is."""
-    signature = CallSignature(module, example)
+    parameter name (:class:`BindCalls`); ``module.mta_call`` is the signature. ``signature``: one
+    already made for it (a deep copy of a module bound before). A module whose forward takes
+    ``*args`` / ``**kwargs`` is left as it is."""
+    signature = signature or CallSignature(module, example)
     if not signature.variadic:
         module.register_forward_pre_hook(BindCalls(signature), with_kwargs=True, prepend=True)
         module.mta_call = signature

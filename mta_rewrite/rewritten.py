@@ -35,7 +35,7 @@ import torch
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from torch.utils import _pytree as pytree
 
-from .calls import BindCalls, bind_calls
+from .calls import bind_calls
 
 #: the attributes ``rewrite`` sets on its module (kept by a deep copy)
 ATTRIBUTES = ("mta_call", "mta_sites", "mta_plan", "mta_boundaries")
@@ -66,8 +66,8 @@ def _finish_copy(copy: torch.fx.GraphModule) -> None:
     """A deep copy (``GraphModule.__deepcopy__`` calls this on it; the attributes are back from
     the meta's preserved attributes): bind its calls again and behave as the original."""
     signature = getattr(copy, "mta_call", None)
-    if signature is not None and not signature.variadic:
-        copy.register_forward_pre_hook(BindCalls(signature), with_kwargs=True, prepend=True)
+    if signature is not None:
+        bind_calls(copy, signature=signature)
     _install(copy)
 
 
