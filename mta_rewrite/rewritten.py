@@ -116,33 +116,39 @@ def _tensors(gm: torch.nn.Module) -> list[torch.Tensor]:
     return found
 
 
+def _graph_modules(gm: torch.nn.Module):
+    """The module's graphs: its own and those of GraphModules nested in it."""
+    return [module for module in gm.modules() if isinstance(module, torch.fx.GraphModule)]
+
+
+def _named_devices(node: torch.fx.Node) -> dict:
+    """Where ``node`` names a device, by slot: ``"device"`` for a ``device=`` keyword, 1 for
+    ``aten.to.device``'s argument (torch.export.passes.move_to_device_pass's rule)."""
+    named = {"device": node.kwargs["device"]} if "device" in node.kwargs else {}
+    if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+        named[1] = node.args[1]
+    return named
+
+
 def _graph_devices(gm: torch.nn.Module) -> set[torch.device]:
-    """The devices the graph names: ``device=`` keywords and ``aten.to.device``'s argument."""
-    devices = set()
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                named = [node.kwargs.get("device")]
-                if node.op == "call_function" and node.target is torch.ops.aten.to.device:
-                    named.append(node.args[1])
-                devices.update(torch.device(d) for d in named if isinstance(d, (str, torch.device)))
-    return devices
+    """The devices the graph names (:func:`_named_devices`)."""
+    return {torch.device(d) for module in _graph_modules(gm) for node in module.graph.nodes
+            for d in _named_devices(node).values() if isinstance(d, (str, torch.device))}
 
 
 def _move_graph_devices(gm: torch.nn.Module, moved: dict[torch.device, torch.device]) -> None:
-    """Every device a node names (a ``device=`` keyword, ``aten.to.device``'s argument) and the
-    metadata of its value, moved as ``moved`` says (torch.export.passes.move_to_device_pass's rule)."""
+    """Every device a node names (:func:`_named_devices`) and the metadata of its value, moved as
+    ``moved`` says."""
     def new(device):
         return moved.get(torch.device(device), device) if isinstance(device, (str, torch.device)) else device
 
-    for module in gm.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
+    for module in _graph_modules(gm):
         for node in module.graph.nodes:
-            if "device" in node.kwargs:
-                node.kwargs = {**node.kwargs, "device": new(node.kwargs["device"])}
-            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
-                node.args = (node.args[0], new(node.args[1]), *node.args[2:])
+            for slot, device in _named_devices(node).items():
+                if slot == "device":
+                    node.kwargs = {**node.kwargs, "device": new(device)}
+                else:
+                    node.args = (*node.args[:slot], new(device), *node.args[slot + 1:])
             if "val" in node.meta:
                 node.meta["val"] = pytree.tree_map_only(torch.Tensor, lambda t: t.to(new(t.device)), node.meta["val"])
         module.recompile()

@@ -19,15 +19,7 @@ from mta_rewrite import zoo
 
 transformers = pytest.importorskip("transformers")
 
-CONFIG = mr.MTAConfig(chunk_size=8, local_chunks=2, sinks=2, top_k=1)
-
-
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
-    cfg._attn_implementation = "sdpa"
-    return transformers.LlamaForCausalLM(cfg).eval()
+from .test_use_mta import CONFIG, llama  # noqa: E402  (a two-layer Llama with SDPA attention, seeded)
 
 
 def ids(n=40, batch=2):
