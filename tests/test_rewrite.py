@@ -1343,6 +1343,32 @@ def test_the_rewritten_model_binds_its_calls_by_name_as_the_model_does(tmp_path)
         mr.capture(lambda x: x, (ids,))
 
 
+def test_save_program_writes_a_temporary_file_torch_takes_without_a_warning(tmp_path):
+    """save_program writes through a temporary file that ends in .pt2 as the file asked for does:
+    torch.export.save logs a warning for any other name ("Expect archive file to be a file ending
+    in .pt2, or is a buffer. Instead got {…/.fast.pt2.x1y2.tmp}", on every save through the API
+    before). Nothing but the program is left in the folder."""
+    log = logging.getLogger("torch.export.pt2_archive._package")
+    records = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    keep, level = _Keep(level=logging.DEBUG), log.level
+    log.addHandler(keep)
+    log.setLevel(logging.WARNING)  # (the suite's other modules quiet torch.export's loggers)
+    try:
+        mr.save_program(torch.nn.Linear(4, 4), tmp_path / "fast.pt2", (torch.randn(3, 4),), dynamic=False)
+    finally:
+        log.removeHandler(keep)
+        log.setLevel(level)
+    assert not records, records
+    assert [p.name for p in tmp_path.iterdir()] == ["fast.pt2"]
+    ep, x = mr.load_program(tmp_path / "fast.pt2"), torch.randn(3, 4)
+    torch.testing.assert_close(ep.module()(x), x @ ep.state_dict["weight"].T + ep.state_dict["bias"])
+
+
 class _ScalesLengthsOfFour(torch.nn.Module):
     """Attention whose code depends on the sequence length: torch.export keeps the length dynamic
     but records that it is a multiple of 4 (the example's, 24, is)."""

@@ -267,7 +267,7 @@ def export_onnx(
         hint = (" (the model computes in bfloat16, which that ONNX operator does not take: export it in float32, "
                 "e.g. capture --dtype float32)") if "bfloat16" in first else ""
         raise ValueError(f"torch.onnx wrote a model that onnx's checker refuses: {first}{hint}") from None
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp, format="protobuf"))  # (whatever the name ends in)
     if _holds_bfloat16(proto):
         warnings.warn(f"{path} computes in bfloat16: onnxruntime's CPU provider has no bfloat16 kernels of common "
                       "operators such as Mul; for the CPU, export the model in float32 (capture --dtype float32)", stacklevel=2)
