@@ -390,12 +390,15 @@ def export_cmd(
     """Export a saved program to ONNX (atomically), MTA sites as mta nodes that stock onnxruntime runs."""
     import torch
 
+    import onnx
+
     from .api import example_inputs, load_program
     from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx, model_opset
     from .onnx.export import exporter_failure
 
     with _reported_errors():
-        check_outputs([program], [output])  # before the work
+        # (before the work; a model over 1.5 GB keeps its weights beside it, in <output>.data)
+        check_outputs([program], [output, *([f"{output}.data"] if output else [])])
         cfg, chosen = _configuration(chunk_size, local_chunks, sinks, top_k, plan, required=False)
         if opset < 0:
             raise ValueError(f"--opset must be positive, got {opset}")
@@ -411,9 +414,11 @@ def export_cmd(
             except torch.onnx.OnnxExporterError as exc:
                 raise ValueError(f"torch.onnx could not export {program}: {exporter_failure(exc)}") from None
     sites = sum(n.domain == DOMAIN and n.op_type in ALL_SITE_OP_TYPES for n in proto.graph.node)
+    beside = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions "
                   f"(opset {model_opset(proto)}); "
-                  f"saved {output}" + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
+                  f"saved {output}" + (f" (its weights in {output}.data beside it: keep the two together)" if beside else "")
+                  + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
     console.print(f"inputs: {', '.join(i.name for i in proto.graph.input)}; "
                   f"outputs: {', '.join(o.name for o in proto.graph.output)}", highlight=False)
 

@@ -410,30 +410,49 @@ class Plan:
             raise ValueError(f"plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, companions: bool = False) -> Path:
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``:
     readers never see a half-written file, and a failure leaves ``path`` as it was. The file gets
     the permissions a plain ``open(path, "w")`` would give it (an existing file's own, else
     0o666 less the umask), not the temporary file's owner-only 0o600. An OSError names ``path``
-    (not the temporary file, which the user never asked for)."""
+    (not the temporary file, which the user never asked for).
+
+    ``companions``: ``write`` may write files beside ``tmp`` too (an ONNX model's external data,
+    named in the model relative to it): ``tmp`` is then ``path``'s name in a temporary folder of
+    ``path``'s folder, and every file written there is renamed beside ``path``, ``path`` last
+    (each file complete when it appears; a failure leaves them all as they were)."""
+    import shutil
+
     path = _file_target(path)
-    tmp = None
+    tmp = folder = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
-        # (the temporary file ends as ``path`` does: writers that read the format from the name,
-        # torch.export.save, which warns about any name not ending in .pt2, see the same one)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-        os.close(fd)
+        if companions:
+            folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            tmp = str(folder / path.name)
+        else:
+            # (the temporary file ends as ``path`` does: writers that read the format from the name,
+            # torch.export.save, which warns about any name not ending in .pt2, see the same one)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+            os.close(fd)
         write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if folder is None:
+            renames = [(Path(tmp), path)]
+        else:
+            renames = [(file, path.parent / file.name) for file in sorted(folder.iterdir(), key=lambda p: p.name == path.name)]
+        for file, target in renames:
+            os.chmod(file, target.stat().st_mode & 0o7777 if target.is_file() else mode)
+            os.replace(file, target)
     except BaseException as exc:
-        if tmp is not None:
+        if folder is None and tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.strerror:
             raise _cannot_write(path, exc) from exc
         raise
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return path
 
 

@@ -206,6 +206,33 @@ def test_export_a_saved_program_to_onnx(tmp_path):
     assert path.read_bytes() == before  # the input is never touched
 
 
+def test_export_of_a_large_model_says_where_its_weights_are(tmp_path, monkeypatch):
+    """Weights over 1.5 GB go beside the model, in ``<output>.data`` (threshold lowered here): the
+    command says so, and refuses, before the work, an output whose ``.data`` file is an input."""
+    from mta_rewrite.onnx import export as onnx_export, onnx_session
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)
+    model, path = saved_program(tmp_path)
+    out = tmp_path / "big.onnx"
+    result = runner.invoke(app, ["export", str(path), "-o", str(out), "--chunk-size", "8"])
+    assert result.exit_code == 0, result.output
+    # (rich wraps the line at 80 columns here, a long path too)
+    assert "".join(f"(its weights in {out}.data beside it: keep the two together)".split()) in "".join(result.output.split())
+    args, kwargs = zoo.hand_written_cases()[-1].inputs(50)
+    with torch.no_grad():
+        want = mr.rewrite(model, args, kwargs, config=mr.MTAConfig(8))(*args, **kwargs).numpy()
+    session = onnx_session(out)
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    clash = tmp_path / "clash.onnx"
+    data = path.with_name("clash.onnx.data")
+    data.write_bytes(path.read_bytes())
+    result = runner.invoke(app, ["export", str(data), "-o", str(clash), "--chunk-size", "8"])
+    assert result.exit_code == 2 and result.output.strip() == f"error: {data} is an input: outputs never overwrite " \
+        "inputs (give another output)", result.output
+    assert not clash.exists() and data.read_bytes() == path.read_bytes()
+
+
 def test_user_mistakes_are_one_line_errors(tmp_path):
     _, path = saved_program(tmp_path)
     junk = tmp_path / "junk.pt2"

@@ -260,18 +260,46 @@ def export_onnx(
                          "could not convert the model)")
     name_values(program.model, model)
     proto = attach_function(program.model_proto)
+    if _weights_size(proto) <= EXTERNAL_DATA_ABOVE:
+        _check(proto)
+        atomic_write(path, lambda tmp: onnx.save(proto, tmp, format="protobuf"))  # (whatever the name ends in)
+    else:  # the weights in a file beside the model (protobuf serialises no message over 2 GB)
+        atomic_write(path, lambda tmp: _save_with_external_data(proto, tmp), companions=True)
+    if _holds_bfloat16(proto):
+        warnings.warn(f"{path} computes in bfloat16: onnxruntime's CPU provider has no bfloat16 kernels of common "
+                      "operators such as Mul; for the CPU, export the model in float32 (capture --dtype float32)", stacklevel=2)
+    return proto
+
+
+# weights above this size are saved beside the model, in ``<model file name>.data`` (ONNX external
+# data): protobuf cannot serialise a message over 2 GB ("Failed to serialize proto": a float32
+# model of 540M parameters could not be exported); the threshold is torch.onnx's own for the same choice
+EXTERNAL_DATA_ABOVE = 1536 * 1024 * 1024
+
+
+def _weights_size(proto: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers (torch.onnx writes them as raw data)."""
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def _check(model: onnx.ModelProto | str) -> None:
+    """onnx's full check (shape inference included) of a model or of a model's file (one whose
+    weights are external data: the checker reads them beside it), as a one-line ValueError."""
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = _first_line(exc)
         hint = (" (the model computes in bfloat16, which that ONNX operator does not take: export it in float32, "
                 "e.g. capture --dtype float32)") if "bfloat16" in first else ""
         raise ValueError(f"torch.onnx wrote a model that onnx's checker refuses: {first}{hint}") from None
-    atomic_write(path, lambda tmp: onnx.save(proto, tmp, format="protobuf"))  # (whatever the name ends in)
-    if _holds_bfloat16(proto):
-        warnings.warn(f"{path} computes in bfloat16: onnxruntime's CPU provider has no bfloat16 kernels of common "
-                      "operators such as Mul; for the CPU, export the model in float32 (capture --dtype float32)", stacklevel=2)
-    return proto
+
+
+def _save_with_external_data(proto: onnx.ModelProto, tmp: str) -> None:
+    """Save ``proto`` at ``tmp`` with its weights in one file beside it, ``<name>.data``, and check
+    the file: the proto keeps the references (its weights' bytes are dropped as they are written)."""
+    onnx.save(proto, tmp, format="protobuf", save_as_external_data=True, all_tensors_to_one_file=True,
+              location=Path(tmp).name + ".data", size_threshold=1024)
+    _check(tmp)
 
 
 # the grouped matrix products of transformers' mixture-of-experts layers (float32: its own fallback

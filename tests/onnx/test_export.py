@@ -122,6 +122,72 @@ def test_the_original_exact_model_exports_too(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_weights_over_the_threshold_go_beside_the_model(tmp_path, monkeypatch):
+    """A model whose weights exceed ``EXTERNAL_DATA_ABOVE`` (1.5 GB) is saved with them in
+    ``<name>.data`` beside it (ONNX external data): protobuf serialises no message over 2 GB, and
+    a float32 Llama of 582M parameters failed ("EncodeError: Failed to serialize proto") after
+    the whole export. The threshold lowered to 0 here runs that path on a small model: onnxruntime
+    reads the weights from beside the model and gives the rewritten model's output; a second
+    export replaces both files; nothing else is left in the folder."""
+    from mta_rewrite.onnx import export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)
+    case = next(c for c in zoo.transformers_cases() if c.name == "llama (sdpa)")
+    program, args, kwargs = captured(case).program, captured(case).args, captured(case).kwargs
+    config = mr.MTAConfig(8, 2, 4, 2)
+    path = tmp_path / "out" / "model.onnx"
+    weights = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # (the second over the first's files)
+            proto = export_onnx(program, args, path, kwargs, config=config)
+            assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+            # (tensors under 1 KB, the norms' weights, stay in the model)
+            assert (path.parent / "model.onnx.data").stat().st_size > 0.9 * weights
+            inline = onnx.load(path, load_external_data=False).graph.initializer
+            assert all(t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) < 1024 for t in inline)
+        rewritten = mr.rewrite(program, config=config)
+    # (the proto returned refers to the weights beside it, as the file does)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    onnx.checker.check_model(str(path), full_check=True)
+    assert_runs_like(onnx_session(path), case, rewritten)
+
+
+def test_files_written_with_companions_appear_together_or_not_at_all(tmp_path):
+    """``atomic_write(..., companions=True)`` (an ONNX model and its weights): every file written
+    beside the temporary one is renamed beside the path, with a plain file's permissions or the
+    replaced file's own; a failure leaves the files as they were and no temporary folder."""
+    from pathlib import Path
+
+    from mta_rewrite.config import atomic_write
+
+    def write(tmp, text="new"):
+        Path(tmp).write_text(text)
+        Path(tmp + ".data").write_text(text * 2)
+
+    path = tmp_path / "m.onnx"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write(path, write, companions=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.read_text() == "new" and (tmp_path / "m.onnx.data").read_text() == "newnew"
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o666 & ~umask}
+    os.chmod(tmp_path / "m.onnx.data", 0o640)
+
+    def failing(tmp):
+        write(tmp, "half")
+        raise RuntimeError("failed after writing")
+
+    with pytest.raises(RuntimeError, match="failed after writing"):
+        atomic_write(path, failing, companions=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert path.read_text() == "new" and (tmp_path / "m.onnx.data").read_text() == "newnew"
+    atomic_write(path, lambda tmp: write(tmp, "again"), companions=True)
+    assert (tmp_path / "m.onnx.data").read_text() == "againagain"
+    assert (tmp_path / "m.onnx.data").stat().st_mode & 0o777 == 0o640  # (the replaced file's own)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_sdpa_sites_with_a_float_mask_export_as_they_are(tmp_path):
     """T5's SDPA sites (a float position bias as the mask), left as they are, failed in torch.onnx
     ("Cannot view a tensor with shape …": its decompositions dropped the ``contiguous()`` after
