@@ -157,8 +157,10 @@ def resolve_boundaries(boundaries: Boundaries | None, plan: Plan | None) -> Boun
     return boundaries if boundaries is not None else planned
 
 
-# a file saved in the program's archive: the modules that define the custom operators it calls
+# files saved in the program's archive: the modules that define the custom operators it calls;
+# a rewritten module's plan (what ``rewrite`` set as ``mta_plan`` and ``mta_boundaries``)
 OP_MODULES_FILE = "mta_rewrite/custom_op_modules.json"
+PLAN_FILE = "mta_rewrite/plan.json"
 
 
 def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True):
@@ -166,11 +168,15 @@ def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | N
     atomically: a temporary file in the same folder, renamed into place when complete. The archive
     also names the modules that define the custom operators the program calls (``torch.library``
     ops outside torch, e.g. transformers' ``grouped_mm_fallback`` in mixture-of-experts layers),
-    which :func:`load_program` imports first."""
+    which :func:`load_program` imports first, and holds a rewritten module's plan (its
+    ``mta_plan`` and ``mta_boundaries``), which :func:`load_module` gives back."""
     import json
 
     ep = capture(module, args, kwargs, dynamic=dynamic)
     extra = {OP_MODULES_FILE: json.dumps(custom_op_modules(ep))}
+    chosen = getattr(module, "mta_plan", None)
+    if isinstance(chosen, dict):
+        extra[PLAN_FILE] = json.dumps(Plan(chosen, boundaries=getattr(module, "mta_boundaries", None)).to_dict())
     atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files=extra))
     return ep
 
@@ -194,20 +200,27 @@ def custom_op_modules(ep: torch.export.ExportedProgram) -> list[str]:
     return sorted(modules)
 
 
-def _import_op_modules(path) -> None:
-    """Import the modules a program saved by :func:`save_program` names for its custom operators
-    (nothing for another archive); a one-line error for one that does not import here."""
-    import importlib
+def _saved_extra(path, file: str) -> Any:
+    """What :func:`save_program` wrote as ``file`` in the archive at ``path`` (JSON), or None: not
+    there, not such an archive (torch.export.load says what it is), or not readable JSON."""
     import json
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("/extra/" + OP_MODULES_FILE)), None)
-            modules = json.loads(archive.read(name)) if name is not None else []
+            name = next((n for n in archive.namelist() if n.endswith("/extra/" + file)), None)
+            return json.loads(archive.read(name)) if name is not None else None
     except (zipfile.BadZipFile, OSError, ValueError):
-        return  # not such an archive: torch.export.load says what it is
-    for module in modules:
+        return None
+
+
+def _import_op_modules(path) -> None:
+    """Import the modules a program saved by :func:`save_program` names for its custom operators
+    (nothing for another archive); a one-line error for one that does not import here."""
+    import importlib
+
+    modules = _saved_extra(path, OP_MODULES_FILE)
+    for module in modules if isinstance(modules, list) else []:
         try:
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001  (whatever the module raises on import)
@@ -265,6 +278,26 @@ def load_program(path, device: torch.device | str | None = None) -> torch.export
     except Exception as exc:  # noqa: BLE001
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise ValueError(f"could not move {path} to {device}: {type(exc).__name__}: {reason}") from None
+
+
+def load_module(path, device: torch.device | str | None = None) -> torch.fx.GraphModule:
+    """The module of a program saved with :func:`save_program` (or the CLI's ``capture`` and
+    ``rewrite``), as :func:`rewrite` returns one: calls bound by parameter name (``fast(ids)`` for
+    a program captured as ``model(input_ids=ids, use_cache=False)``; ``ep.module()`` takes exactly
+    the captured call's structure), in eval mode, deep-copying and moving with ``.to(device)``
+    (:mod:`mta_rewrite.rewritten`); with ``mta_plan`` and ``mta_boundaries`` where the program was
+    saved from a rewritten module. ``device``: as for :func:`load_program`."""
+    ep = load_program(path, device)
+    attributes = {}
+    saved = _saved_extra(path, PLAN_FILE)
+    if isinstance(saved, dict):
+        try:
+            plan = Plan.from_dict(saved)
+        except (TypeError, ValueError):  # (written by another version: the module runs without it)
+            plan = None
+        if plan is not None:
+            attributes = dict(mta_plan={name: plan.config_for(name) for name in plan}, mta_boundaries=plan.boundaries)
+    return finish(ep.module(), getattr(ep, "example_inputs", None), **attributes)
 
 
 def _try_load(path):

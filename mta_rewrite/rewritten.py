@@ -6,7 +6,7 @@ torch hands it over, that module
 - refuses ``eval()`` and ``train()`` alike (torch: "Calling eval() is not supported yet."), though
   it computes what the model computed in eval mode when it was captured, and says ``training``
   is True;
-- loses, when deep-copied, the forward pre-hook that binds its calls by parameter name
+- loses, when copied (``copy.deepcopy``, ``copy.copy``), the forward pre-hook that binds its calls by parameter name
   (:mod:`mta_rewrite.calls`) and the attributes ``rewrite`` sets (``copy.deepcopy(fast)(ids)``:
   "forward() missing 1 required positional argument: 'use_cache'");
 - moves its parameters with ``.to("cuda")`` but not the devices its graph names (``arange``,
@@ -15,7 +15,8 @@ torch hands it over, that module
   Expected: Float, Got: double").
 
 :func:`finish` makes it behave: ``eval()`` / ``train(False)`` are what it is (``training`` False),
-``train()`` is a one-line error saying why; a deep copy binds its calls and keeps the attributes;
+``train()`` is a one-line error saying why; a copy, deep or shallow, binds its calls and keeps the
+attributes;
 ``to(device)`` / ``cuda()`` / ``cpu()`` move the graph's devices with the tensors (the rule of
 ``torch.export.passes.move_to_device_pass``, applied to the module); a dtype change is a one-line
 error before anything moves (the graph casts to and checks the dtypes it was captured in, and its
@@ -59,7 +60,22 @@ def _install(gm: torch.fx.GraphModule) -> None:
     vars(gm).pop("eval", None)  # (torch's, raising; nn.Module.eval calls train(False))
     gm.train = types.MethodType(_train, gm)
     gm._apply = types.MethodType(_apply, gm)
+    # (copy.copy looks ``__copy__`` up on the class: GraphModule makes one class per instance)
+    type(gm).__copy__ = _shallow_copy
     torch.nn.Module.train(gm, False)
+
+
+def _shallow_copy(self: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``copy.copy``: torch's shallow copy of a GraphModule (the same graph, parameters and
+    submodules; no hooks, so it lost the call binding), with ``rewrite``'s attributes, binding its
+    calls and behaving as the original."""
+    twin = torch.fx.GraphModule.__copy__(self)
+    for name in ATTRIBUTES:
+        if name in vars(self):
+            setattr(twin, name, vars(self)[name])
+    _finish_copy(twin)
+    twin._register_deepcopy_hook(_finish_copy)
+    return twin
 
 
 def _finish_copy(copy: torch.fx.GraphModule) -> None:

@@ -63,6 +63,60 @@ def test_a_deep_copy_binds_its_calls_and_keeps_what_rewrite_set():
     assert all(a is b for a, b in zip(fast.parameters(), model.parameters()))
 
 
+def test_a_shallow_copy_binds_its_calls_and_shares_the_parameters():
+    """``copy.copy`` (torch's GraphModule.__copy__: the same graph and parameters, no hooks) lost
+    the binding as a deep copy did ("forward() missing 1 required positional argument")."""
+    model, x = llama(), ids()
+    fast = mr.rewrite(model, (x,), {"use_cache": False}, config=CONFIG)
+    twin = copy.copy(copy.copy(fast))
+    torch.testing.assert_close(twin(x).logits, fast(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="captured with use_cache=False"):
+        twin(x, use_cache=True)
+    assert twin.mta_plan == fast.mta_plan and twin.training is False
+    assert all(a is b for a, b in zip(twin.parameters(), model.parameters()))
+    torch.testing.assert_close(copy.deepcopy(twin)(x).logits, fast(x).logits, rtol=0, atol=0)
+    # (one class per GraphModule: another module's copies are torch's own)
+    plain = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    assert type(copy.copy(plain)).__copy__ is torch.fx.GraphModule.__copy__
+
+
+def test_a_saved_rewritten_module_loads_back_as_rewrite_returned_it(tmp_path):
+    """``load_module`` of what ``save_program`` wrote: the module ``rewrite`` returned, in another
+    process's terms (calls bound by name, eval mode, deep copies, its plan and boundaries back).
+    ``load_program(path).module()`` is torch's module, which takes only the captured call's
+    structure; ``fast(ids)`` fails on it ("Ran into a kwarg keyword mismatch")."""
+    model, x = llama(), ids()
+    plan = mr.Plan({"model.layers.0.self_attn": CONFIG,
+                    "model.layers.1.self_attn": mr.HeadGroups(((CONFIG, (0, 1)), (None, (2, 3))))})
+    boundaries = mr.Boundaries((5, 9), input="input_ids")
+    fast = mr.rewrite(model, (x,), {"use_cache": False}, plan=plan, boundaries=boundaries)
+    mr.save_program(fast, tmp_path / "fast.pt2", (x,), {"use_cache": False})
+    other = ids(57, 3)
+    with torch.no_grad():
+        want = fast(other).logits
+        assert (want - model(other, use_cache=False).logits).abs().max() > 1e-4  # (MTA, not exact)
+        with pytest.raises(ValueError, match="kwarg keyword mismatch"):
+            mr.load_program(tmp_path / "fast.pt2").module()(other)  # torch's
+        loaded = mr.load_module(tmp_path / "fast.pt2")
+        for call in (lambda m: m(other), lambda m: m(input_ids=other), lambda m: m(other, use_cache=False)):
+            torch.testing.assert_close(call(loaded).logits, want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="captured with use_cache=False"):
+            loaded(other, use_cache=True)
+        assert loaded.training is False and loaded.eval() is loaded
+        assert loaded.mta_plan == fast.mta_plan and loaded.mta_boundaries == boundaries
+        twin = copy.deepcopy(loaded)
+        torch.testing.assert_close(twin(other).logits, want, rtol=0, atol=0)
+        assert twin.mta_plan == fast.mta_plan
+    # a program saved from a model that is not rewritten loads as a module too, without a plan
+    mr.save_program(model, tmp_path / "model.pt2", (x,), {"use_cache": False})
+    plain = mr.load_module(tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(other).logits, model(other, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    assert not hasattr(plain, "mta_plan")
+    with pytest.raises(ValueError, match="no such file"):
+        mr.load_module(tmp_path / "missing.pt2")
+
+
 @pytest.mark.parametrize("name", ["llama (sdpa)", "bert (eager)", "gpt2 (eager)", "baddbmm_alibi_viewed_4d",
                                   "nn.MultiheadAttention"])
 def test_moving_the_module_moves_the_devices_its_graph_names(name):
