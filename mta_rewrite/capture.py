@@ -143,8 +143,8 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
     written = io.StringIO()
     failed = None
     try:
-        with contextlib.redirect_stderr(written), _meta_failures_unlogged(), _var_keywords_named(model, kwargs), \
-                _markings_kept(args, kwargs, static=not dynamic):
+        with contextlib.redirect_stderr(written), _meta_failures_unlogged(), library_logs_quiet(), \
+                _var_keywords_named(model, kwargs), _markings_kept(args, kwargs, static=not dynamic):
             shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
             return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as exc:
@@ -157,6 +157,33 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: bool 
             text = text.replace(f"{graph}\n", "")
         if text:
             sys.stderr.write(text)
+
+
+# the loggers of the libraries capture and export call whose warnings are about their own choices
+# for our calls, not the user's: torch.export reports every dimension Dim.AUTO specialises
+# ("dimension inputs['mask'].shape[1] 0/1 specialized"), torch.onnx every optional package it skips
+# ("torchvision is not installed. Skipping torchvision::nms", four lines per export), onnxscript's
+# optimiser every constant it leaves unfolded ("Skipping constant folding for op Split with
+# multiple outputs")
+LIBRARY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx", "onnxscript")
+
+
+@contextlib.contextmanager
+def library_logs_quiet():
+    """Within the block, :data:`LIBRARY_LOGGERS` print errors only, each where it would print
+    warnings (its level as the library left it: one a user turned up, ``TORCH_LOGS`` or
+    ``setLevel(logging.INFO)``, stays as it is); as they were after."""
+    quieted = []
+    for name in LIBRARY_LOGGERS:
+        log = logging.getLogger(name)
+        if log.getEffectiveLevel() == logging.WARNING:
+            quieted.append((log, log.level))
+            log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in quieted:
+            log.setLevel(level)
 
 
 class _MetaFailure(logging.Filter):

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .capture import CaptureError
+from .capture import LIBRARY_LOGGERS, CaptureError
 from .config import check_outputs
 
 # click's UsageError (BadParameter, MissingParameter, NoSuchOption, …), whether typer vendors click
@@ -532,10 +532,8 @@ def main() -> None:
 
     warnings.showwarning = _show_warning
 
-    # torch.export reports every dimension it specialises as a warning, torch.onnx every optional
-    # package it skips (torchvision's ops), onnxscript's optimiser every constant it leaves unfolded
-    # ("Skipping constant folding for op Split with multiple outputs", four times for an
-    # nn.MultiheadAttention whose k and v are not its query tensor): not the user's business
-    for name in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx", "onnxscript"):
+    # (capture and export quiet these within their calls, capture.library_logs_quiet; the commands
+    # call the libraries elsewhere too, loading and moving programs)
+    for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     app()

@@ -31,7 +31,7 @@ from onnxscript import values
 from ..api import rewrite
 from ..passes.lower import EXACT_CHUNK
 from ..calls import example_call
-from ..capture import _first_line, capture
+from ..capture import _first_line, capture, library_logs_quiet
 from ..config import Boundaries, MTAConfig, Plan, atomic_write
 from .complex import complex_as_pairs
 from .function import (
@@ -248,7 +248,8 @@ def export_onnx(
         model = capture(model, args, kwargs, dynamic=dynamic)
     import warnings
 
-    with warnings.catch_warnings(), keep_small_constants(), contiguous_as_copies(model), complex_as_pairs(model):
+    with warnings.catch_warnings(), library_logs_quiet(), keep_small_constants(), contiguous_as_copies(model), \
+            complex_as_pairs(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset,

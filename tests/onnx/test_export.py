@@ -153,6 +153,37 @@ def test_weights_over_the_threshold_go_beside_the_model(tmp_path, monkeypatch):
     assert_runs_like(onnx_session(path), case, rewritten)
 
 
+def test_the_api_prints_no_log_lines_of_the_libraries_it_calls(tmp_path, capfd):
+    """``rewrite`` and ``export_onnx`` through the API write nothing to stderr where torch.export
+    and torch.onnx would warn about their own choices for our calls (before: "dimension
+    inputs['mask'].shape[1] 0/1 specialized; Dim.AUTO was specified …" at every capture of a model
+    with a size-1 dimension, "torchvision is not installed. Skipping torchvision::nms" and three
+    more lines at every export). The loggers are as they were after; one a user turned up stays so."""
+    import logging
+
+    from mta_rewrite.capture import LIBRARY_LOGGERS
+
+    logs = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.NOTSET)  # (as a fresh process has them; the suite's other modules quiet some)
+    try:
+        case = next(c for c in zoo.hand_written_cases() if c.name == "two_layers")
+        model, (args, kwargs) = case.build(), case.inputs(24)
+        capfd.readouterr()
+        mr.rewrite(model, args, kwargs, config=mr.MTAConfig(8))
+        export_onnx(model, args, tmp_path / "m.onnx", kwargs, config=mr.MTAConfig(8))
+        assert capfd.readouterr().err == ""
+        assert [log.level for log in logs] == [logging.NOTSET] * len(logs)
+        # a logger a user turned up keeps its level, and its records
+        logs[0].setLevel(logging.INFO)
+        mr.rewrite(model, args, kwargs, config=mr.MTAConfig(8))
+        assert logs[0].level == logging.INFO
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
 def test_files_written_with_companions_appear_together_or_not_at_all(tmp_path):
     """``atomic_write(..., companions=True)`` (an ONNX model and its weights): every file written
     beside the temporary one is renamed beside the path, with a plain file's permissions or the
