@@ -51,10 +51,26 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
 # their line breaks, so `--help` broke descriptions off mid-sentence); `code` spans render as code.
 app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Rewrite the attention of PyTorch models into Multi-Token Attention (MTA).")
+
+UNWRAPPED = 100_000  # (columns: wider than any line the commands print)
+
+
+def _stdout_console() -> Console:
+    """The console of the commands' results. Where stdout is not a terminal (a pipe, a file, a CI
+    log) and ``COLUMNS`` is not set, rich lays out for 80 columns: it folded site names inside
+    tables ("model.layers.0.self_att" over "n", a name users copy into plans) and paths across
+    lines; there lines are as long as they need to be. On a terminal, its width."""
+    import os
+    import sys
+
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(markup=False, width=UNWRAPPED if wide else None)
+
+
 # Text is printed as written, never read as rich markup: paths, site names, reasons and library
 # warnings may hold brackets ("[rank0]: …" lost its tag, a "[/]" raised MarkupError); what is
 # styled is styled with Text.
-console = Console(markup=False)
+console = _stdout_console()
 err_console = Console(stderr=True, markup=False)
 
 
@@ -110,8 +126,15 @@ def print_sites(sites, plan=None, title="attention sites") -> None:
         console.print(f"not attention: {len(names)} softmax(es) ({listed(names)}): {reason}", highlight=False)
 
 
+def _title(text: str) -> Text | str:
+    """A table's title: where lines are as long as they need to be (:func:`_stdout_console`), on
+    one line however long (a path in it stays whole; rich wraps titles at the table's width); on a
+    terminal wrapped there (a line rich does not wrap, it cuts at the terminal's width)."""
+    return Text(text, no_wrap=True, overflow="ignore") if console.width >= UNWRAPPED else text
+
+
 def sites_table(sites, plan=None, title="attention sites") -> Table:
-    table = Table(title=title)
+    table = Table(title=_title(title))
     table.add_column("site", overflow="fold", min_width=10)
     for col in ("kind", "B·Hq/Hkv·n·d", "mask", "causal"):
         table.add_column(col)
@@ -160,7 +183,7 @@ def demo(
 
 
 def op_calls_table(calls, title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=_title(title))
     table.add_column("site", overflow="fold", min_width=10)
     for col in ("B·Hq/Hkv·n·d", "mask", "causal"):
         table.add_column(col)
@@ -490,7 +513,7 @@ def calibrate(
                                last_positions=last_positions)
     meta = plan.metadata
     over = f", the last {last_positions} positions" if last_positions is not None else ""
-    table = Table(title=f"plan for {program} (budget {budget}, {metric}{over})")
+    table = Table(title=_title(f"plan for {program} (budget {budget}, {metric}{over})"))
     table.add_column("site", overflow="fold")
     table.add_column("choice", overflow="fold")
     table.add_column("local error", justify="right")

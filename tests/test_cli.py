@@ -233,6 +233,27 @@ def test_export_of_a_large_model_says_where_its_weights_are(tmp_path, monkeypatc
     assert not clash.exists() and data.read_bytes() == path.read_bytes()
 
 
+def test_results_piped_keep_site_names_and_paths_whole(tmp_path):
+    """With stdout a pipe (a log, ``| tee``), rich laid the results out for 80 columns: site names
+    folded inside the table ("model.layers.0.self_att" over "n": names users copy into plans) and
+    a long output path broken across lines, in the table's title and in "saved …". Run as a user
+    runs it, in a process of its own with stdout a pipe and no COLUMNS."""
+    import os
+    import subprocess
+    import sys
+
+    _, program = saved_transformers_lm(tmp_path)
+    out = tmp_path / ("a_folder_with_a_long_name_" * 3) / "the_rewritten_program.pt2"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    run = subprocess.run([sys.executable, "-m", "mta_rewrite", "rewrite", str(program), "-o", str(out),
+                          "--chunk-size", "8"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"{program} → {out}" and lines[-1].endswith(f"saved {out}"), run.stdout
+    for name in ("model.layers.0.self_attn", "model.layers.1.self_attn"):
+        assert any(f"│ {name} " in line for line in lines), run.stdout
+
+
 def test_user_mistakes_are_one_line_errors(tmp_path):
     _, path = saved_program(tmp_path)
     junk = tmp_path / "junk.pt2"
