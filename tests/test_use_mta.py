@@ -73,6 +73,38 @@ def test_a_prompt_equals_the_rewritten_graph(pad):
         torch.testing.assert_close(logits(model, ids, mask), exact)
 
 
+def test_a_model_under_autocast_runs_mta_in_the_autocasts_dtype():
+    """Under torch.autocast (bfloat16 on the CPU here; float16 or bfloat16 on a GPU, the common way
+    to run a transformers model there), Llama's q and k leave its float32 rotary embedding while v
+    leaves a bfloat16 linear: ``use_mta``, ``rewrite`` and ``generate`` failed with "q, k, v must
+    share one float dtype" where the model's SDPA ran. Now both routes agree bit for bit, and MTA
+    in the autocast's dtype is about as far from MTA in float32 as exact attention is from exact."""
+    ids, mask = ids_and_mask(pad=5)
+    call = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    real = mask.bool()
+    with torch.no_grad():
+        outside = mr.rewrite(llama(), (), call, config=CONFIG)
+        mta32 = outside(**call).logits[real]
+        exact32 = llama()(**call).logits[real]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            graph = mr.rewrite(llama(), (), call, config=CONFIG)(**call).logits[real]
+            torch.testing.assert_close(outside(**call).logits[real], graph, rtol=0, atol=0)
+            model = mr.use_mta(llama(), config=CONFIG)
+            got = model(**call).logits[real]
+            exact = llama()(**call).logits[real]
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            mr.use_mta(llama(), config=CONFIG, decode=True).generate(ids, attention_mask=mask, max_new_tokens=3,
+                                                                     do_sample=False)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, graph, rtol=0, atol=0)
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert (mta32 - exact32).abs().max() > 1e-3  # (MTA, not exact)
+    assert rel(got, mta32) < 1.5 * rel(exact, exact32) and rel(got, mta32) < 0.02
+
+
 GROUPS = mr.HeadGroups(((mr.MTAConfig(8, 1, 2, 0), (0, 1)), (None, (2, 3))))
 
 

@@ -458,3 +458,32 @@ def _backward(ctx, grad_out):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Under torch.autocast, q, k and v go to the autocast's dtype, as torch casts SDPA's (one of its
+# "lower precision" ops): a model's q and k come out of its float32 rotary embedding while v
+# comes out of a bfloat16 linear, and the op refused the mix ("q, k, v must share one float
+# dtype … got torch.float32, torch.float32, torch.bfloat16"), where the model's SDPA ran.
+# (torch.library.register_autocast fixes one dtype at registration; this reads the autocast's.)
+_autocast_library = torch.library.Library("mta", "IMPL")
+
+
+def _register_autocast(device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, q, k, v, *args, **kwargs):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(x):
+            eligible = x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64
+            return x.to(dtype) if eligible else x
+
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return torch.ops.mta.attention.default(cast(q), cast(k), cast(v), *args, **kwargs)
+
+    _autocast_library.impl("attention", kernel, key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)

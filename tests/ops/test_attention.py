@@ -291,6 +291,33 @@ def test_dtypes_match_reference(dtype, tol, causal):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_q_k_v_to_its_dtype_as_for_sdpa(dtype):
+    """Under torch.autocast the op takes q, k, v in the autocast's dtype, as torch casts SDPA's: a
+    model's q and k come out of a float32 rotary embedding while v comes out of a half-precision
+    linear, and the op refused the mix ("q, k, v must share one float dtype"). Mixed inputs give
+    what the op gives on the three cast, bit for bit; gradients reach the float32 inputs in float32;
+    float64 is left as it is (torch's rule), and outside autocast the mix is still an error."""
+    q, k = (x.float() for x in qkv(1, 4, 2, 40, d=16, seed=3)[:2])
+    v = qkv(1, 4, 2, 40, d=16, seed=4)[2].to(dtype)
+    mask = make_mask("key_padding_bool", 1, 4, 40)
+    kw = dict(chunk_size=8, causal=True, sinks=2, top_k=1, local_chunks=2)
+    q.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = mta(q, k, v, mask, **kw)
+        sdpa_dtype = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)).dtype
+    assert out.dtype == dtype == sdpa_dtype
+    torch.testing.assert_close(out, mta(q.to(dtype), k.to(dtype), v, mask, **kw), rtol=0, atol=0)
+    ref = mta_attention_reference(q.double(), k.double(), v.double(), mask, **kw)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=dtype):
+        assert mta(*qkv(1, 4, 2, 40, d=16), chunk_size=8).dtype == torch.float64
+    with pytest.raises(TypeError, match="one float dtype"):
+        mta(q.detach(), k, v, chunk_size=8)
+
+
 @pytest.mark.parametrize(
     "kw,mask_kind",
     [
