@@ -60,9 +60,20 @@ def _install(gm: torch.fx.GraphModule) -> None:
     vars(gm).pop("eval", None)  # (torch's, raising; nn.Module.eval calls train(False))
     gm.train = types.MethodType(_train, gm)
     gm._apply = types.MethodType(_apply, gm)
-    # (copy.copy looks ``__copy__`` up on the class: GraphModule makes one class per instance)
+    # (copy.copy and pickle look ``__copy__`` and ``__reduce_ex__`` up on the class: GraphModule
+    # makes one class per instance)
     type(gm).__copy__ = _shallow_copy
+    type(gm).__reduce_ex__ = _refuse_pickling
     torch.nn.Module.train(gm, False)
+
+
+def _refuse_pickling(self: torch.fx.GraphModule, protocol: int):
+    """``torch.save(fast)``, ``pickle.dumps(fast)``: a one-line error that says how to save it.
+    torch.export's module does not pickle (it raised "Can't pickle local object
+    '_create_stateful_graph_module.<locals>.<lambda>'", a hook torch puts on it)."""
+    raise TypeError("a rewritten module does not pickle (torch.save(module), pickle, multiprocessing): save it with "
+                    "mta_rewrite.save_program(module, path, args, kwargs) and load it with mta_rewrite.load_module(path) "
+                    "(its weights alone: torch.save(module.state_dict(), path))")
 
 
 def _shallow_copy(self: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -63,6 +63,28 @@ def test_a_deep_copy_binds_its_calls_and_keeps_what_rewrite_set():
     assert all(a is b for a, b in zip(fast.parameters(), model.parameters()))
 
 
+def test_pickling_is_one_error_that_says_how_to_save_it(tmp_path):
+    """torch.save of the module (torch.export's does not pickle: "Can't pickle local object
+    '_create_stateful_graph_module.<locals>.<lambda>'") says how to save it; its state dict saves,
+    and copies are unaffected."""
+    import io
+    import pickle
+
+    model, x = llama(), ids()
+    fast = mr.rewrite(model, (x,), {"use_cache": False}, config=CONFIG)
+    message = r"^a rewritten module does not pickle .*mta_rewrite.save_program\(module, path, args, kwargs\) .*load_module"
+    with pytest.raises(TypeError, match=message):
+        torch.save(fast, io.BytesIO())
+    with pytest.raises(TypeError, match=message):
+        pickle.dumps(fast)
+    torch.save(fast.state_dict(), tmp_path / "weights.pt")
+    state = torch.load(tmp_path / "weights.pt")
+    assert state.keys() == fast.state_dict().keys()
+    torch.testing.assert_close(copy.deepcopy(fast)(x).logits, fast(x).logits, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=message):
+        pickle.dumps(copy.copy(fast))
+
+
 def test_a_shallow_copy_binds_its_calls_and_shares_the_parameters():
     """``copy.copy`` (torch's GraphModule.__copy__: the same graph and parameters, no hooks) lost
     the binding as a deep copy did ("forward() missing 1 required positional argument")."""
