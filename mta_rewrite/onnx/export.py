@@ -274,7 +274,7 @@ def export_onnx(
 
 # weights above this size are saved beside the model, in ``<model file name>.data`` (ONNX external
 # data): protobuf cannot serialise a message over 2 GB ("Failed to serialize proto": a float32
-# model of 540M parameters could not be exported); the threshold is torch.onnx's own for the same choice
+# Llama of 582M parameters could not be exported); the threshold is torch.onnx's own for the same choice
 EXTERNAL_DATA_ABOVE = 1536 * 1024 * 1024
 
 
