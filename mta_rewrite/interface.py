@@ -39,6 +39,7 @@ import functools
 import inspect
 import re
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -61,8 +62,8 @@ NAMES = {"sdpa": "mta", "eager": "mta_eager"}
 # ran under the first one's configuration in a continued prompt):
 # _mta_config: its configuration (absent: exact, the model's own attention); _mta_decode: whether
 # its decoding steps run MTA (use_mta(..., decode=True)); _mta_segments: its model's _Segments
-# (boundary chunks); _mta_cross: whether its current call is cross-attention, _mta_call_cache: the
-# cache its current call was handed (_watch_calls; None between calls). Nothing a compiled frame
+# (boundary chunks); _mta_cross: whether its current call is cross-attention, _mta_call: the
+# cache its current call was handed, per thread (_CallState; _watch_calls; None between calls). Nothing a compiled frame
 # runs touches a dict of ours: dynamo traced the hook's store into a WeakKeyDictionary keyed by
 # the module by building every entry's module (every model use_mta had watched in the process),
 # and on CI's clean clone (2026-12-06) failed inside it with an internal error.
@@ -79,12 +80,27 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
 
 
-class _Segments:
+class _CallState(threading.local):
+    """The cache a module's current call was handed, in the thread making the call: two threads
+    generating with one model at once (a server's) each read their own. Kept on the module itself
+    until 2026-12-07, where each thread's decoding steps read the cache of whichever call came last:
+    with ``decode=True`` every one of 24 concurrent generations differed from the same run alone.
+    A copy (deep copy, pickle) starts empty."""
+
+    cache = None
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+class _Segments(threading.local):
     """Boundary chunks under use_mta: the segment ids of the model's current call (None outside
     one, or when it was given no token ids), set by the model's forward hooks, read by its
     attention modules: of the whole sequence so far where the call continues one over a cache
     whose tokens the hooks saw (kept with the cache: ``_keep_tokens``), else of the call's own
-    tokens."""
+    tokens. Per thread (``threading.local``: each thread starts from ``__init__``): until 2026-12-07
+    two threads calling one model at once read each other's segments (22 of 24 concurrent
+    generations failed, "the model's input_ids has [1, 33] tokens but LlamaAttention attends over 90")."""
 
     def __init__(self, boundaries: Boundaries):
         self.boundaries = boundaries
@@ -345,10 +361,10 @@ def _watch_calls(module: torch.nn.Module) -> None:
         if cross:
             mod._mta_cross = any(bound.get(name) is not None for name in cross)
         if caches:
-            mod._mta_call_cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
+            mod._mta_call.cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
 
     def forget(mod, args, kwargs, output):
-        mod._mta_call_cache = None  # (the module does not keep a cache alive after its call)
+        mod._mta_call.cache = None  # (the module does not keep a cache alive after its call)
 
     module.register_forward_pre_hook(note, with_kwargs=True)
     if caches:
@@ -357,7 +373,7 @@ def _watch_calls(module: torch.nn.Module) -> None:
     if cross:
         vars(module)["_mta_cross"] = False
     if caches:
-        vars(module)["_mta_call_cache"] = None
+        vars(module)["_mta_call"] = _CallState()
 
 
 def _check_model(model) -> str:
@@ -683,7 +699,7 @@ def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     config, weight = getattr(module, "_mta_config", None), None
     if config is None:
         return None  # (a layer the plan leaves exact)
-    cache = getattr(module, "_mta_call_cache", None)
+    cache = getattr(getattr(module, "_mta_call", None), "cache", None)
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, (list, tuple)):
         return None

@@ -436,6 +436,52 @@ def test_decoding_with_head_groups_gives_the_one_prompt_logits():
     assert sorted(vars(out.past_key_values.layers[0])["_mta_chunk_sums"]) == [(0, 0, 2), (2, 1, 2)]
 
 
+def test_two_threads_generating_with_one_model_each_read_their_own_call():
+    """A server's threads generating with one model at once: each call's cache (decoding steps'
+    chunk sums) and segments (boundary chunks) are its own thread's. Both kept on the model until
+    2026-12-07: each thread read whichever call came last (by script, 24 of 24 concurrent decodings
+    differed from the same run alone; with boundaries 22 of 24 failed). The two calls are made to
+    meet inside every attention layer (a barrier after use_mta's own hooks), where they overwrote
+    each other."""
+    import threading
+
+    model = llama()
+    mr.use_mta(model, config=CONFIG, decode=True, boundaries=mr.Boundaries((5, 17, 40)))
+    prompts = [torch.randint(1, 128, (1, 50), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    options = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        alone = [model.generate(p, attention_mask=torch.ones_like(p), **options) for p in prompts]
+    barrier = threading.Barrier(2)
+
+    def meet(module, args, kwargs):
+        try:
+            barrier.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+
+    hooks = [layer.self_attn.register_forward_pre_hook(meet, with_kwargs=True) for layer in model.model.layers]
+    together, errors = [None, None], []
+
+    def generate(i):
+        try:
+            with torch.no_grad():
+                together[i] = model.generate(prompts[i], attention_mask=torch.ones_like(prompts[i]), **options)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=generate, args=(i,)) for i in range(2)]
+    try:
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        [h.remove() for h in hooks]
+    assert not errors, errors
+    for got, want in zip(together, alone):
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(got.scores, 1), torch.stack(want.scores, 1), rtol=0, atol=0)
+
+
 def test_decoding_with_mta_under_torch_compile():
     """generate with a compiled forward and a plan of a different configuration per layer decodes
     as the uncompiled model does: each layer's steps under its own configuration, its sums on its
@@ -461,8 +507,9 @@ def test_decoding_with_mta_under_torch_compile():
     sums = [vars(layer)["_mta_chunk_sums"] for layer in compiled.past_key_values.layers]
     assert [s[0, 0, 2].chunk_size for s in sums] == [8, 4]
     # the cache each call was handed is the module's while the call runs, never after it
-    held = [name for name, module in model.named_modules() if vars(module).get("_mta_call_cache") is not None]
-    assert held == [] and "_mta_call_cache" in vars(model.model.layers[0].self_attn)
+    held = [name for name, module in model.named_modules() if getattr(vars(module).get("_mta_call"), "cache", None)
+            is not None]
+    assert held == [] and "_mta_call" in vars(model.model.layers[0].self_attn)
 
 
 def test_a_prompt_continued_over_the_cache_under_torch_compile():
