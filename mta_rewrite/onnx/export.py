@@ -230,7 +230,9 @@ def export_onnx(
     is one ``mta::MultiTokenAttention`` node and the model carries its function. Batch and
     sequence length are dynamic (``dynamic=True``; a module is captured by :func:`capture`, which
     widens an example of one sequence to two; a program keeps the shapes it was captured with).
-    Inputs keep the forward's parameter names, outputs are named by :func:`output_names`."""
+    Inputs keep the forward's parameter names, outputs are named by :func:`output_names`. Weights
+    over :data:`EXTERNAL_DATA_ABOVE` (1.5 GB) are written beside the model, in ``<path>.data``, and
+    the ModelProto returned refers to them there."""
     args, kwargs = example_call(model, args, kwargs)
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest):
