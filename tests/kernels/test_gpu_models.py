@@ -163,3 +163,62 @@ def test_a_module_rewritten_on_the_cpu_and_moved_runs_as_one_rewritten_on_the_gp
     want = _rewritten_outputs(model, args, kwargs, "cuda")
     keep = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else slice(None)
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+
+
+def _llama(transformers):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_a_model_under_cuda_autocast_runs_the_kernels_in_its_dtype(monkeypatch):
+    """Under torch.autocast("cuda", bfloat16) the op casts q, k, v to bfloat16 (Llama's q and k
+    leave its float32 rotary embedding, v a bfloat16 linear: before 2026-12-07 "q, k, v must share
+    one float dtype") and the Triton forward runs; ``use_mta`` gives what ``rewrite`` gives, and MTA
+    in bfloat16 is about as far from MTA in float32 as exact attention is from exact."""
+    transformers = pytest.importorskip("transformers")
+    from mta_rewrite.kernels import mta_fwd
+
+    model = _llama(transformers).cuda()
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    call = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    real = mask.bool()
+    launches = []
+    launch = mta_fwd.mta_forward_triton
+    monkeypatch.setattr(mta_fwd, "mta_forward_triton", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    with torch.no_grad():
+        mta32 = mr.rewrite(copy.deepcopy(model), (), call, config=CONFIG)(**call).logits[real].float()
+        exact32 = model(**call).logits[real].float()
+        launches.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            graph = mr.rewrite(copy.deepcopy(model), (), call, config=CONFIG)(**call).logits[real]
+            assert launches, "the Triton forward did not run under autocast"
+            got = mr.use_mta(copy.deepcopy(model), config=CONFIG)(**call).logits[real]
+            exact = model(**call).logits[real]
+    assert got.dtype == graph.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), graph.float(), rtol=2e-2, atol=2e-2)
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(graph, mta32) < 2 * rel(exact, exact32) + 1e-3
+
+
+def test_load_module_to_the_gpu_runs_as_a_module_rewritten_there(tmp_path):
+    """A program saved on the CPU (``save_program`` of a rewritten module) and loaded with
+    ``load_module(path, "cuda")``: the module binds its calls and gives what the module rewritten
+    on the GPU gives."""
+    transformers = pytest.importorskip("transformers")
+    model = _llama(transformers)
+    ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
+    fast = mr.rewrite(model, (ids,), {"use_cache": False}, config=CONFIG)
+    mr.save_program(fast, tmp_path / "fast.pt2", (ids,), {"use_cache": False})
+    loaded = mr.load_module(tmp_path / "fast.pt2", "cuda")
+    with torch.no_grad():
+        got = loaded(ids.cuda()).logits.float().cpu()
+    want = _rewritten_outputs(model, (ids,), {"use_cache": False}, "cuda")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert loaded.mta_plan == fast.mta_plan
