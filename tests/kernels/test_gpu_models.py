@@ -165,22 +165,16 @@ def test_a_module_rewritten_on_the_cpu_and_moved_runs_as_one_rewritten_on_the_gp
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
 
 
-def _llama(transformers):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_a_model_under_cuda_autocast_runs_the_kernels_in_its_dtype(monkeypatch):
     """Under torch.autocast("cuda", bfloat16) the op casts q, k, v to bfloat16 (Llama's q and k
     leave its float32 rotary embedding, v a bfloat16 linear: before 2026-12-07 "q, k, v must share
     one float dtype") and the Triton forward runs; ``use_mta`` gives what ``rewrite`` gives, and MTA
     in bfloat16 is about as far from MTA in float32 as exact attention is from exact."""
-    transformers = pytest.importorskip("transformers")
     from mta_rewrite.kernels import mta_fwd
 
-    model = _llama(transformers).cuda()
+    from ..test_use_mta import llama  # (skips without transformers)
+
+    model = llama().cuda()
     ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1)).cuda()
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
@@ -211,8 +205,9 @@ def test_load_module_to_the_gpu_runs_as_a_module_rewritten_there(tmp_path):
     """A program saved on the CPU (``save_program`` of a rewritten module) and loaded with
     ``load_module(path, "cuda")``: the module binds its calls and gives what the module rewritten
     on the GPU gives."""
-    transformers = pytest.importorskip("transformers")
-    model = _llama(transformers)
+    from ..test_use_mta import llama  # (skips without transformers)
+
+    model = llama()
     ids = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
     fast = mr.rewrite(model, (ids,), {"use_cache": False}, config=CONFIG)
     mr.save_program(fast, tmp_path / "fast.pt2", (ids,), {"use_cache": False})
