@@ -40,9 +40,7 @@ import inspect
 import re
 import sys
 import threading
-import types
 import warnings
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -67,8 +65,6 @@ NAMES = {"sdpa": "mta", "eager": "mta_eager"}
 # runs touches a dict of ours: dynamo traced the hook's store into a WeakKeyDictionary keyed by
 # the module by building every entry's module (every model use_mta had watched in the process),
 # and on CI's clean clone (2026-12-06) failed inside it with an internal error.
-# model → the attention implementation it had before use_mta
-_ORIGINAL: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 # the arguments by which a module is told to attend to another sequence (an encoder-decoder's
 # decoder: BART's, T5's, Whisper's key_value_states; BERT-style cross-attention's
 # encoder_hidden_states): one module class serves self- and cross-attention, so which one a call
@@ -77,7 +73,6 @@ CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states")
 # the arguments by which an attention module is handed the KV cache (transformers 5.x: cache;
 # before: past_key_values, past_key_value; GPT-NeoX's and Falcon's: layer_past)
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
-_WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # modules with _watch_calls's hook
 
 
 class _CallState(threading.local):
@@ -134,12 +129,49 @@ class _Segments(threading.local):
                                                                        sinks + sink_token)
         return self._bounds[chunk_size, sinks, sink_token]
 
-    def __deepcopy__(self, memo) -> "_Segments":
-        return self  # (a copy of the model keeps the hooks that fill this object)
+    def __reduce__(self):
+        return type(self), (self.boundaries,)  # (a copy, deep or pickled, starts between calls)
 
 
-# model → its hooks' handles
-_HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+class _Installed:
+    """What ``use_mta`` did to a model, kept on it (``_mta_installed``) so a copy of it has it too:
+    the attention implementation the model had before (its exact calls run that one) and whether
+    its decoding steps run MTA. Unpickled (``torch.save(model)`` / ``torch.load`` in another
+    process), it registers ``"mta"`` with transformers' attention interface again (``_prepare``),
+    which the model's configuration names."""
+
+    def __init__(self, original: str, decode: bool):
+        self.original, self.decode = original, decode
+
+    def __reduce__(self):
+        return _installed, (self.original, self.decode)
+
+
+def _installed(original: str, decode: bool) -> _Installed:
+    _prepare(decode)
+    return _Installed(original, decode)
+
+
+def _prepare(decode: bool) -> None:
+    """What a process needs before a model under use_mta runs: ``"mta"`` and ``"mta_eager"``
+    registered with transformers' interfaces, the mask readings (and, for ``decode``, the
+    decoding steps) outside torch.compile's graphs."""
+    global _DECODE_OUTSIDE_GRAPHS
+    if decode and _DECODE_OUTSIDE_GRAPHS is None:
+        _DECODE_OUTSIDE_GRAPHS = torch.compiler.disable(_decode)
+    read_outside_graphs()  # (the mask readings of a compiled forward: outside its graphs)
+    _register()
+
+
+def _drop_hooks(module: torch.nn.Module, kind: type) -> None:
+    """Remove ``module``'s forward hooks that are ``kind`` instances: an earlier use_mta's, found on
+    the module itself (so a deep copy's and an unpickled model's too, which no handle reaches)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [key for key, hook in hooks.items() if isinstance(hook, kind)]:
+            # (hook ids are unique across these dicts: RemovableHandle's one counter)
+            for table in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, module._forward_hooks,
+                          module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+                table.pop(key, None)
 
 
 def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Plan | None = None,
@@ -173,10 +205,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         warnings.warn(f"{len(own)} attention module(s) of {type(model).__name__} compute their attention in their own "
                       f"code, not through transformers' attention interface ({listed(own)}): use_mta leaves them as "
                       "they are, exact (rewrite() captures the model and rewrites hand-written attention)", stacklevel=2)
-    global _DECODE_OUTSIDE_GRAPHS
-    if decode and _DECODE_OUTSIDE_GRAPHS is None:
-        _DECODE_OUTSIDE_GRAPHS = torch.compiler.disable(_decode)
-    read_outside_graphs()  # (the mask readings of a compiled forward: outside its graphs)
+    _prepare(decode)
     chosen = {}
     if plan is not None:
         modules = dict(model.named_modules())
@@ -191,9 +220,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
             raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not "
                              "chunk)")
     signature = _token_input(model, boundaries)
-    _register()
-    for handle in _HOOKS.pop(model, ()):
-        handle.remove()
+    _drop_hooks(model, _SegmentHook)
     segments = _Segments(boundaries) if boundaries is not None else None
     for module in model.modules():
         for name in ("_mta_config", "_mta_segments"):
@@ -206,8 +233,8 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
             vars(module)["_mta_segments"] = segments
         _watch_calls(module)
     if segments is not None:
-        _HOOKS[model] = _segment_hooks(model, segments, signature)
-    _ORIGINAL[model] = original
+        _segment_hooks(model, segments, signature)
+    vars(model)["_mta_installed"] = _Installed(original, decode)
     model.set_attn_implementation(NAMES[original])
     return model
 
@@ -225,20 +252,37 @@ def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspe
     return signature
 
 
-def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspect.Signature) -> tuple:
-    """The model's forward hooks for boundary chunks: before a call, the token ids whose segments
-    its prompts read (as the rewritten graph computes them, ``passes.lower.segment_ids_from_separators``,
-    when first read; None when the call gives none): the whole sequence's where the call continues
-    a cache whose tokens hooks saw (kept with the cache object, passed to a call or returned by it,
-    so a deep copy of it has them too; the cache holding as many tokens as they saw, or fewer: a
-    cropped cache), else the call's own; after it, None (so a later call of an inner module alone
-    never reads them). Their handles."""
-    boundaries = segments.boundaries
-    extra_name = next((name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
+class _SegmentHook:
+    """The model's forward hooks for boundary chunks (``before``, ``after``: one object per role, so
+    that an unpickled or deep-copied model has them, and its own segments): before a call, the
+    token ids whose segments its prompts read (as the rewritten graph computes them,
+    ``passes.lower.segment_ids_from_separators``, when first read; None when the call gives none):
+    the whole sequence's where the call continues a cache whose tokens hooks saw (kept with the
+    cache object, passed to a call or returned by it, so a deep copy of it has them too; the cache
+    holding as many tokens as they saw, or fewer: a cropped cache), else the call's own; after it,
+    None (so a later call of an inner module alone never reads them)."""
 
-    def before(model, args, kwargs):
+    def __init__(self, segments: _Segments, after: bool, signature: inspect.Signature | None = None):
+        self.segments, self.after = segments, after
+        self._signature = signature  # (the model's forward's: not pickled, read again when needed)
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_signature": None}
+
+    def __call__(self, model, args, kwargs, output=None):
+        if self.after:
+            self._after(output)
+        else:
+            self._before(model, args, kwargs)
+
+    def _before(self, model, args, kwargs):
+        segments = self.segments
+        if self._signature is None:
+            self._signature = _token_input(model, segments.boundaries)
+        signature = self._signature
+        extra_name = next((name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
         bound = signature.bind_partial(*args, **kwargs).arguments
-        tokens = bound.get(boundaries.input)
+        tokens = bound.get(segments.boundaries.input)
         if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()):
             segments.set_call(None)
             segments.tokens = None
@@ -259,14 +303,18 @@ def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspe
             _keep_tokens(cache, sequence)
         segments.set_call(tokens if sequence is None else sequence)
 
-    def after(model, args, kwargs, output):
+    def _after(self, output):
+        segments = self.segments
         segments.set_call(None)
         cache = _output_cache(output)  # (a cache the model made for the call)
         if cache is not None and segments.tokens is not None:
             _keep_tokens(cache, segments.tokens)
 
-    return (model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, with_kwargs=True))
+
+def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspect.Signature) -> None:
+    """Register ``_SegmentHook``'s two hooks on ``model``."""
+    model.register_forward_pre_hook(_SegmentHook(segments, after=False, signature=signature), with_kwargs=True)
+    model.register_forward_hook(_SegmentHook(segments, after=True), with_kwargs=True)
 
 
 def _change_tokens(change):
@@ -293,28 +341,35 @@ def _keep_tokens(cache, tokens: torch.Tensor | None) -> None:
     if not hasattr(cache, "__dict__"):
         return
     vars(cache)["_mta_tokens"] = tokens
-    _before_methods(cache, "_mta_follows_tokens", _BATCH_CHANGES)
+    _before_methods(cache, "_mta_follows_tokens")
 
 
-def _before_methods(obj, flag: str, actions: dict) -> None:
-    """Make each method of ``obj`` that ``actions`` names call ``actions[name](obj, *arguments)``
-    before it runs (on this object only, so other caches are untouched; a deep copy keeps the
-    wrapping bound to the copy). Once per object and ``flag``."""
+def _before_methods(obj, flag: str) -> None:
+    """Make each method of ``obj`` that ``_BEFORE[flag]`` names call its action with ``obj`` and the
+    method's arguments before it runs (on this object only, so other caches are untouched). Once
+    per object and ``flag``."""
     if vars(obj).get(flag):
         return
-    for name, action in actions.items():
+    for name in _BEFORE[flag]:
         if callable(getattr(obj, name, None)):
-            setattr(obj, name, types.MethodType(_preceded(name, action), obj))
+            setattr(obj, name, _Preceded(obj, name, flag))
     vars(obj)[flag] = True
 
 
-def _preceded(name: str, action):
-    def method(self, *args, **kwargs):
-        action(self, *args, **kwargs)
-        return getattr(type(self), name)(self, *args, **kwargs)
+class _Preceded:
+    """``obj.<name>`` preceded by ``_BEFORE[flag][name]``. An object, not a bound closure, so a
+    cache holding it pickles with it (a bound method pickles as ``getattr(obj, name)``, which gave
+    the class's plain method back: until 2026-12-07 an unpickled cache's ``crop`` and
+    ``reorder_cache`` kept the chunk sums and token ids of what they had dropped or reordered); a
+    deep copy is bound to the copy."""
 
-    method.__name__ = name
-    return method
+    def __init__(self, obj, name: str, flag: str):
+        self.obj, self.name, self.flag = obj, name, flag
+        self.__name__ = name
+
+    def __call__(self, *args, **kwargs):
+        _BEFORE[self.flag][self.name](self.obj, *args, **kwargs)
+        return getattr(type(self.obj), self.name)(self.obj, *args, **kwargs)
 
 
 def _output_cache(output):
@@ -336,13 +391,45 @@ def decoding_layers(output) -> tuple[int, int]:
     return sum("_mta_chunk_sums" in vars(layer) for layer in layers), len(layers)
 
 
+class _NoteCall:
+    """``_watch_calls``'s pre-hook: notes at a module's call whether it is given one of its
+    ``cross`` arguments (``_mta_cross``) and the cache it is handed among its ``caches``
+    (``_mta_call``). An object, not a closure, so a model under use_mta pickles (``torch.save``)."""
+
+    def __init__(self, cross: list, caches: list, first: int, signature: inspect.Signature | None = None):
+        self.cross, self.caches, self.first = cross, caches, first  # first: the first of them's position
+        self._signature = signature  # (the module's forward's: not pickled, read again when needed)
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "_signature": None}
+
+    def __call__(self, mod, args, kwargs):
+        if len(args) <= self.first:
+            bound = kwargs
+        else:
+            if self._signature is None:
+                self._signature = inspect.signature(mod.forward)
+            bound = self._signature.bind_partial(*args, **kwargs).arguments
+        if self.cross:
+            mod._mta_cross = any(bound.get(name) is not None for name in self.cross)
+        if self.caches:
+            mod._mta_call.cache = next((bound[name] for name in self.caches if bound.get(name) is not None), None)
+
+
+def _forget_call(mod, args, kwargs, output) -> None:
+    """``_watch_calls``'s hook after a call (also after an exception): the module does not keep a
+    cache alive after its call."""
+    mod._mta_call.cache = None
+
+
 def _watch_calls(module: torch.nn.Module) -> None:
     """For a module whose forward takes one of CROSS_ARGUMENTS or CACHE_ARGUMENTS: a pre-hook that
     notes at each call whether it is given one of the former (that call is cross-attention, which
     MTA is not; it stays exact: q and k of one length do not make it self-attention), and the cache
     it is handed (a decoding step's chunk sums live on the cache's layer), which a hook after the
-    call (also after an exception) lets go of. Once per module."""
-    if module in _WATCHED:
+    call (also after an exception) lets go of. Once per module (its copies included: the hook is
+    looked for on the module)."""
+    if any(isinstance(hook, _NoteCall) for hook in module._forward_pre_hooks.values()):
         return
     try:
         signature = inspect.signature(module.forward)
@@ -352,24 +439,11 @@ def _watch_calls(module: torch.nn.Module) -> None:
     caches = [name for name in CACHE_ARGUMENTS if name in signature.parameters]
     if not cross and not caches:
         return
-
     names = list(signature.parameters)
     first = min(names.index(name) for name in cross + caches)  # (fewer positional arguments: all by keyword)
-
-    def note(mod, args, kwargs):
-        bound = kwargs if len(args) <= first else signature.bind_partial(*args, **kwargs).arguments
-        if cross:
-            mod._mta_cross = any(bound.get(name) is not None for name in cross)
-        if caches:
-            mod._mta_call.cache = next((bound[name] for name in caches if bound.get(name) is not None), None)
-
-    def forget(mod, args, kwargs, output):
-        mod._mta_call.cache = None  # (the module does not keep a cache alive after its call)
-
-    module.register_forward_pre_hook(note, with_kwargs=True)
+    module.register_forward_pre_hook(_NoteCall(cross, caches, first, signature), with_kwargs=True)
     if caches:
-        module.register_forward_hook(forget, with_kwargs=True, always_call=True)
-    _WATCHED.add(module)
+        module.register_forward_hook(_forget_call, with_kwargs=True, always_call=True)
     if cross:
         vars(module)["_mta_cross"] = False
     if caches:
@@ -387,7 +461,9 @@ def _check_model(model) -> str:
         raise ValueError(f"{name}'s attention does not go through transformers' attention interface: use rewrite() "
                          "for it")
     original = model.config._attn_implementation
-    original = _ORIGINAL.get(model, "sdpa") if original in NAMES.values() else original
+    if original in NAMES.values():
+        installed = vars(model).get("_mta_installed")
+        original = installed.original if isinstance(installed, _Installed) else "sdpa"
     if original not in NAMES:
         raise ValueError(f"{name} runs {original} attention: load it with attn_implementation=\"sdpa\" or \"eager\" "
                          "for use_mta (its exact calls run that one)")
@@ -671,6 +747,8 @@ def _op_flops(config: MTAConfig | None, n: int, cached: int, d: int, device: tor
 _LAYER_CHANGES = dict.fromkeys(("reset", "reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices",
                                  "lazy_initialization"), lambda layer, *args, **kwargs: vars(layer).pop(
                                      "_mta_chunk_sums", None))
+# what _before_methods makes methods do first, by the flag it marks an object with
+_BEFORE = {"_mta_follows_tokens": _BATCH_CHANGES, "_mta_watched": _LAYER_CHANGES}
 
 
 def _decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling,
@@ -755,7 +833,7 @@ _DECODE_OUTSIDE_GRAPHS = None
 def _watch_layer(layer) -> None:
     """Make each of ``_LAYER_CHANGES`` that ``layer`` (a transformers cache layer) has drop its
     chunk sums before it runs (on this object only). Once per layer."""
-    _before_methods(layer, "_mta_watched", _LAYER_CHANGES)
+    _before_methods(layer, "_mta_watched")
 
 
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:

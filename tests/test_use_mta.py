@@ -482,6 +482,73 @@ def test_two_threads_generating_with_one_model_each_read_their_own_call():
         torch.testing.assert_close(torch.stack(got.scores, 1), torch.stack(want.scores, 1), rtol=0, atol=0)
 
 
+LOAD_AND_GENERATE = """
+import sys, torch
+model = torch.load(sys.argv[1], weights_only=False)  # (mta_rewrite imported by the unpickling alone)
+ids, mask = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+torch.save((model.config._attn_implementation, torch.stack(out.scores, 1)), sys.argv[3])
+"""
+
+
+def test_a_model_under_use_mta_saved_whole_runs_so_in_another_process(tmp_path):
+    """``torch.save(model)`` of a model under use_mta (boundary chunks, decoding with MTA; eager
+    attention) and ``torch.load`` in a fresh process: generate's scores as before the save. Until
+    2026-12-07 the save failed ("Can't pickle local object '_watch_calls.<locals>.forget'": use_mta's
+    hooks were closures), and a fresh process had no "mta_eager" registered."""
+    import os
+    import subprocess
+
+    model = llama_eager()
+    mr.use_mta(model, config=DECODING, decode=True, boundaries=mr.Boundaries((5, 17, 40)))
+    ids, mask = ids_and_mask(n=50, pad=5)
+    with torch.no_grad():
+        want = torch.stack(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                          output_scores=True, return_dict_in_generate=True).scores, 1)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((ids, mask), tmp_path / "inputs.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(mr.__file__)),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(tmp_path / "model.pt"),
+                           str(tmp_path / "inputs.pt"), str(tmp_path / "scores.pt")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    implementation, got = torch.load(tmp_path / "scores.pt")
+    assert implementation == "mta_eager"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert vars(model.model.layers[0].self_attn)["_mta_call"].cache is None  # (the save kept no call's cache)
+
+
+def test_use_mta_again_on_a_copy_replaces_its_hooks_and_keeps_its_attention():
+    """use_mta on a deep copy (or an unpickled model) of a model under use_mta: its own hooks
+    replaced, not doubled, and its exact calls still the model's original attention (eager here).
+    Until 2026-12-07 both were kept in tables keyed by the model object, which a copy is not: the
+    copy got a second set of hooks and was switched to "mta" (SDPA for its exact calls)."""
+    model = llama_eager()
+    mr.use_mta(model, config=CONFIG, boundaries=mr.Boundaries((5, 17, 40)))
+    for make in (copy_module.deepcopy, pickle_round_trip):
+        copied = make(model)
+        mr.use_mta(copied, config=CONFIG, boundaries=mr.Boundaries((5, 17)))
+        assert copied.config._attn_implementation == "mta_eager"
+        hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in (copied, copied.model.layers[0].self_attn)]
+        assert hooks == [len(m._forward_pre_hooks) + len(m._forward_hooks)
+                         for m in (model, model.model.layers[0].self_attn)] == [4, 2]  # (the model takes a cache too)
+        ids, mask = ids_and_mask(n=50)
+        fresh = mr.use_mta(llama_eager(), config=CONFIG, boundaries=mr.Boundaries((5, 17)))
+        assert torch.equal(logits(copied, ids, mask), logits(fresh, ids, mask))
+
+
+def pickle_round_trip(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
 def test_decoding_with_mta_under_torch_compile():
     """generate with a compiled forward and a plan of a different configuration per layer decodes
     as the uncompiled model does: each layer's steps under its own configuration, its sums on its
@@ -544,10 +611,13 @@ def test_a_prompt_continued_over_the_cache_under_torch_compile():
     assert readings and not any(readings)  # (read, and never while dynamo traced)
 
 
-def test_decoding_with_mta_follows_changes_to_the_cache():
+@pytest.mark.parametrize("saved", [False, True], ids=["as made", "saved and loaded"])
+def test_decoding_with_mta_follows_changes_to_the_cache(saved):
     """A cache reordered (beam search), cropped (assisted generation), its batch selected or
     repeated, or reset and refilled, drops its layers' chunk sums: the next step is computed over
-    the cache as it is then, as over a copy of it that never had sums; generate with beams runs."""
+    the cache as it is then, as over a copy of it that never had sums; generate with beams runs.
+    A cache saved and loaded (``torch.save`` / ``torch.load``: a prompt's cache kept on disk) too;
+    until 2026-12-07 the loaded cache's methods were the class's own and kept the sums."""
     model = llama()
     ids, mask = ids_and_mask(n=45)
     mr.use_mta(model, config=mr.MTAConfig(8, 1, 2, 1), decode=True)
@@ -570,6 +640,8 @@ def test_decoding_with_mta_follows_changes_to_the_cache():
         for change in changes:
             token = ids[:1, 7:8].expand(cache.layers[0].keys.shape[0], 1)
             step(cache, token)
+            if saved:  # (with its chunk sums)
+                cache = pickle_round_trip(cache)
             reference = without_sums(cache)
             change(cache)
             change(reference)
