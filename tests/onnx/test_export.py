@@ -153,6 +153,40 @@ def test_weights_over_the_threshold_go_beside_the_model(tmp_path, monkeypatch):
     assert_runs_like(onnx_session(path), case, rewritten)
 
 
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_a_model_under_use_mta_exports_as_it_runs(tmp_path):
+    """``export_onnx`` of a transformers model under ``use_mta`` (no config: its attention calls
+    ``mta.attention`` already; boundary chunks from its token ids, one layer exact by its plan):
+    onnxruntime gives the model's logits at another batch and length, left padding included."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    plan = mr.Plan({"model.layers.1.self_attn": mr.MTAConfig(8, 1, 2, 1)}, boundaries=mr.Boundaries((5, 7)))
+    mr.use_mta(model, plan=plan)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_onnx(model, (ids,), tmp_path / "model.onnx", dict(attention_mask=torch.ones_like(ids),
+                                                                         use_cache=False))
+    sites = [n.op_type for n in proto.graph.node if n.domain == DOMAIN and n.op_type.startswith(OP_TYPE)]
+    assert len(sites) == 1 and "Segmented" in sites[0]  # (one site, boundary chunks: the other layer exact)
+    other = torch.randint(0, 128, (3, 75), generator=torch.Generator().manual_seed(2))
+    other[1, 30:40] = 5  # (separators: boundary chunks)
+    mask = torch.ones_like(other)
+    mask[0, :6] = 0
+    got = onnx_session(tmp_path / "model.onnx").run(None, {"input_ids": other.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = model(input_ids=other, attention_mask=mask, use_cache=False).logits
+    kept = mask.bool()  # (a padded position's row is the model's own business)
+    np.testing.assert_allclose(got[0][kept.numpy()], want[kept].numpy(), atol=1e-5, rtol=1e-5)
+    mr.use_mta(model, plan=mr.Plan(plan.sites))  # (the boundaries mattered: without them, other logits)
+    with torch.no_grad():
+        assert (model(input_ids=other, attention_mask=mask, use_cache=False).logits - want)[kept].abs().max() > 1e-4
+
+
 def test_the_api_prints_no_log_lines_of_the_libraries_it_calls(tmp_path, capfd):
     """``rewrite`` and ``export_onnx`` through the API write nothing to stderr where torch.export
     and torch.onnx would warn about their own choices for our calls (before: "dimension
