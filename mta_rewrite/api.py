@@ -158,9 +158,11 @@ def resolve_boundaries(boundaries: Boundaries | None, plan: Plan | None) -> Boun
 
 
 # files saved in the program's archive: the modules that define the custom operators it calls;
-# a rewritten module's plan (what ``rewrite`` set as ``mta_plan`` and ``mta_boundaries``)
+# a rewritten module's plan (what ``rewrite`` set as ``mta_plan`` and ``mta_boundaries``) and the
+# sites it found (``mta_sites``: AttentionSite.to_dict each)
 OP_MODULES_FILE = "mta_rewrite/custom_op_modules.json"
 PLAN_FILE = "mta_rewrite/plan.json"
+SITES_FILE = "mta_rewrite/sites.json"
 
 
 def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | None = None, *, dynamic: bool = True):
@@ -168,8 +170,8 @@ def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | N
     atomically: a temporary file in the same folder, renamed into place when complete. The archive
     also names the modules that define the custom operators the program calls (``torch.library``
     ops outside torch, e.g. transformers' ``grouped_mm_fallback`` in mixture-of-experts layers),
-    which :func:`load_program` imports first, and holds a rewritten module's plan (its
-    ``mta_plan`` and ``mta_boundaries``), which :func:`load_module` gives back."""
+    which :func:`load_program` imports first, and holds a rewritten module's plan and report (its
+    ``mta_plan``, ``mta_boundaries`` and ``mta_sites``), which :func:`load_module` gives back."""
     import json
 
     ep = capture(module, args, kwargs, dynamic=dynamic)
@@ -177,6 +179,9 @@ def save_program(module: torch.nn.Module, path, args: Any = (), kwargs: dict | N
     chosen = getattr(module, "mta_plan", None)
     if isinstance(chosen, dict):
         extra[PLAN_FILE] = json.dumps(Plan(chosen, boundaries=getattr(module, "mta_boundaries", None)).to_dict())
+    sites = getattr(module, "mta_sites", None)
+    if isinstance(sites, list) and all(isinstance(site, AttentionSite) for site in sites):
+        extra[SITES_FILE] = json.dumps([site.to_dict() for site in sites])
     atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files=extra))
     return ep
 
@@ -285,8 +290,8 @@ def load_module(path, device: torch.device | str | None = None) -> torch.fx.Grap
     ``rewrite``), as :func:`rewrite` returns one: calls bound by parameter name (``fast(ids)`` for
     a program captured as ``model(input_ids=ids, use_cache=False)``; ``ep.module()`` takes exactly
     the captured call's structure), in eval mode, deep-copying and moving with ``.to(device)``
-    (:mod:`mta_rewrite.rewritten`); with ``mta_plan`` and ``mta_boundaries`` where the program was
-    saved from a rewritten module. ``device``: as for :func:`load_program`."""
+    (:mod:`mta_rewrite.rewritten`); with ``mta_plan``, ``mta_boundaries`` and ``mta_sites`` where
+    the program was saved from a rewritten module. ``device``: as for :func:`load_program`."""
     ep = load_program(path, device)
     attributes = {}
     saved = _saved_extra(path, PLAN_FILE)
@@ -297,6 +302,12 @@ def load_module(path, device: torch.device | str | None = None) -> torch.fx.Grap
             plan = None
         if plan is not None:
             attributes = dict(mta_plan={name: plan.config_for(name) for name in plan}, mta_boundaries=plan.boundaries)
+    sites = _saved_extra(path, SITES_FILE)
+    if isinstance(sites, list):
+        try:
+            attributes["mta_sites"] = [AttentionSite(**site) for site in sites]
+        except TypeError:  # (written by another version: the module runs without its report)
+            pass
     return finish(ep.module(), getattr(ep, "example_inputs", None), **attributes)
 
 

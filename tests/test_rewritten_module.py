@@ -104,7 +104,7 @@ def test_a_shallow_copy_binds_its_calls_and_shares_the_parameters():
 
 def test_a_saved_rewritten_module_loads_back_as_rewrite_returned_it(tmp_path):
     """``load_module`` of what ``save_program`` wrote: the module ``rewrite`` returned, in another
-    process's terms (calls bound by name, eval mode, deep copies, its plan and boundaries back).
+    process's terms (calls bound by name, eval mode, deep copies, its plan, boundaries and sites back).
     ``load_program(path).module()`` is torch's module, which takes only the captured call's
     structure; ``fast(ids)`` fails on it ("Ran into a kwarg keyword mismatch")."""
     model, x = llama(), ids()
@@ -126,6 +126,7 @@ def test_a_saved_rewritten_module_loads_back_as_rewrite_returned_it(tmp_path):
             loaded(other, use_cache=True)
         assert loaded.training is False and loaded.eval() is loaded
         assert loaded.mta_plan == fast.mta_plan and loaded.mta_boundaries == boundaries
+        assert loaded.mta_sites == fast.mta_sites and len(fast.mta_sites) == 2  # (the report, until 2026-12-07 lost)
         twin = copy.deepcopy(loaded)
         torch.testing.assert_close(twin(other).logits, want, rtol=0, atol=0)
         assert twin.mta_plan == fast.mta_plan
@@ -134,7 +135,7 @@ def test_a_saved_rewritten_module_loads_back_as_rewrite_returned_it(tmp_path):
     plain = mr.load_module(tmp_path / "model.pt2")
     with torch.no_grad():
         torch.testing.assert_close(plain(other).logits, model(other, use_cache=False).logits, rtol=1e-5, atol=1e-5)
-    assert not hasattr(plain, "mta_plan")
+    assert not hasattr(plain, "mta_plan") and not hasattr(plain, "mta_sites")
     with pytest.raises(ValueError, match="no such file"):
         mr.load_module(tmp_path / "missing.pt2")
 
