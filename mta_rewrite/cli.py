@@ -414,6 +414,8 @@ def export_cmd(
     import onnx
     import torch
 
+    from pathlib import Path
+
     from .api import example_inputs, load_program
     from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx, model_opset
     from .onnx.export import exporter_failure
@@ -427,6 +429,8 @@ def export_cmd(
         boundaries = _boundaries(separators, segment_input, chosen)
         if boundaries is not None and cfg is None and chosen is None:
             raise ValueError("--separators needs --chunk-size or --plan (boundary chunks apply when rewriting)")
+        weights_beside = Path(f"{output}.data")
+        had_weights = weights_beside.is_file()
         with console.status(f"exporting {program} to ONNX"):
             ep = load_program(program)
             args, kwargs = example_inputs(ep)
@@ -440,6 +444,8 @@ def export_cmd(
     console.print(f"{sites} MTA site(s) as {DOMAIN} nodes, the model carrying their functions "
                   f"(opset {model_opset(proto)}); "
                   f"saved {output}" + (f" (its weights in {output}.data beside it: keep the two together)" if beside else "")
+                  + (f" (removed {output}.data, the weights of the model it replaced)"
+                     if had_weights and not weights_beside.exists() else "")
                   + ("" if sites else " (no MTA site: the program's attention is exported exact)"))
     console.print(f"inputs: {', '.join(i.name for i in proto.graph.input)}; "
                   f"outputs: {', '.join(o.name for o in proto.graph.output)}", highlight=False)

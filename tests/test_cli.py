@@ -224,6 +224,16 @@ def test_export_of_a_large_model_says_where_its_weights_are(tmp_path, monkeypatc
     session = onnx_session(out)
     got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    # exported again where the weights fit in the model: the .data of the model it replaced goes
+    # (until 2026-12-07 it was left beside the new model, read by nothing), and the command says so
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 1536 * 1024 * 1024)
+    result = runner.invoke(app, ["export", str(path), "-o", str(out), "--chunk-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "".join(f"(removed {out}.data, the weights of the model it replaced)".split()) in "".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.glob("big.onnx*")) == ["big.onnx"]
+    session = onnx_session(out)
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     clash = tmp_path / "clash.onnx"
     data = path.with_name("clash.onnx.data")
     data.write_bytes(path.read_bytes())

@@ -265,7 +265,10 @@ def export_onnx(
     proto = attach_function(program.model_proto)
     if _weights_size(proto) <= EXTERNAL_DATA_ABOVE:
         _check(proto)
+        stale = _replaced_weights(Path(path))
         atomic_write(path, lambda tmp: onnx.save(proto, tmp, format="protobuf"))  # (whatever the name ends in)
+        if stale is not None:
+            stale.unlink(missing_ok=True)
     else:  # the weights in a file beside the model (protobuf serialises no message over 2 GB)
         atomic_write(path, lambda tmp: _save_with_external_data(proto, tmp), companions=True)
     if _holds_bfloat16(proto):
@@ -295,6 +298,24 @@ def _check(model: onnx.ModelProto | str) -> None:
         hint = (" (the model computes in bfloat16, which that ONNX operator does not take: export it in float32, "
                 "e.g. capture --dtype float32)") if "bfloat16" in first else ""
         raise ValueError(f"torch.onnx wrote a model that onnx's checker refuses: {first}{hint}") from None
+
+
+def _replaced_weights(path: Path) -> Path | None:
+    """The weights file beside ``path`` (``<name>.data``) that the model now at ``path`` reads, where
+    an export of a model that keeps its weights inside will replace that model: removed once the
+    new model is in place (nothing reads it then; until 2026-12-07 it was left, gigabytes beside
+    the new model). None where there is none, or the file at ``path`` is not an ONNX model reading
+    it (a file of anyone else's is left)."""
+    beside = path.with_name(path.name + ".data")
+    if not (beside.is_file() and path.is_file()):
+        return None
+    try:
+        replaced = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  (not an ONNX model: its .data is not ours to remove)
+        return None
+    read = {entry.value for tensor in replaced.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+    return beside if read == {beside.name} else None
 
 
 def _save_with_external_data(proto: onnx.ModelProto, tmp: str) -> None:

@@ -128,7 +128,8 @@ def test_weights_over_the_threshold_go_beside_the_model(tmp_path, monkeypatch):
     a float32 Llama of 582M parameters failed ("EncodeError: Failed to serialize proto") after
     the whole export. The threshold lowered to 0 here runs that path on a small model: onnxruntime
     reads the weights from beside the model and gives the rewritten model's output; a second
-    export replaces both files; nothing else is left in the folder."""
+    export replaces both files; nothing else is left in the folder; a third, the weights inside,
+    removes the replaced model's weights file."""
     from mta_rewrite.onnx import export as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)
@@ -150,6 +151,19 @@ def test_weights_over_the_threshold_go_beside_the_model(tmp_path, monkeypatch):
     # (the proto returned refers to the weights beside it, as the file does)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     onnx.checker.check_model(str(path), full_check=True)
+    assert_runs_like(onnx_session(path), case, rewritten)
+    # exported again where the weights fit inside: the replaced model's .data goes with it; a .data
+    # beside a file that does not read it (anyone else's) stays
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 1536 * 1024 * 1024)
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"not a model")
+    (tmp_path / "other.onnx.data").write_bytes(b"someone's")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for target in (path, other):
+            export_onnx(program, args, target, kwargs, config=config)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    assert (tmp_path / "other.onnx.data").read_bytes() == b"someone's"
     assert_runs_like(onnx_session(path), case, rewritten)
 
 
