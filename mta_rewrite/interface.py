@@ -64,7 +64,9 @@ NAMES = {"sdpa": "mta", "eager": "mta_eager"}
 # cache its current call was handed, per thread (_CallState; _watch_calls; None between calls). Nothing a compiled frame
 # runs touches a dict of ours: dynamo traced the hook's store into a WeakKeyDictionary keyed by
 # the module by building every entry's module (every model use_mta had watched in the process),
-# and on CI's clean clone (2026-12-06) failed inside it with an internal error.
+# and on CI's clean clone (2026-12-06) failed inside it with an internal error. The model itself
+# keeps _mta_installed (_Installed: its attention before use_mta), and its hooks are objects of
+# ours (_NoteCall, _SegmentHook), so a deep copy or an unpickled model carries all of it.
 # the arguments by which a module is told to attend to another sequence (an encoder-decoder's
 # decoder: BART's, T5's, Whisper's key_value_states; BERT-style cross-attention's
 # encoder_hidden_states): one module class serves self- and cross-attention, so which one a call
