@@ -205,18 +205,26 @@ def custom_op_modules(ep: torch.export.ExportedProgram) -> list[str]:
     return sorted(modules)
 
 
-def _saved_extra(path, file: str) -> Any:
-    """What :func:`save_program` wrote as ``file`` in the archive at ``path`` (JSON), or None: not
-    there, not such an archive (torch.export.load says what it is), or not readable JSON."""
+def _saved_extra(path, *files: str) -> list[Any]:
+    """What :func:`save_program` wrote as each of ``files`` in the archive at ``path`` (JSON), each
+    None where it is not there; all None for a file that is not such an archive (torch.export.load
+    says what it is). A file that is not readable JSON: None. The archive is opened once."""
     import json
     import zipfile
 
+    found: list[Any] = [None] * len(files)
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("/extra/" + file)), None)
-            return json.loads(archive.read(name)) if name is not None else None
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
+            names = archive.namelist()
+            for i, file in enumerate(files):
+                name = next((n for n in names if n.endswith("/extra/" + file)), None)
+                try:
+                    found[i] = json.loads(archive.read(name)) if name is not None else None
+                except ValueError:
+                    pass
+    except (zipfile.BadZipFile, OSError):
+        pass
+    return found
 
 
 def _import_op_modules(path) -> None:
@@ -224,7 +232,7 @@ def _import_op_modules(path) -> None:
     (nothing for another archive); a one-line error for one that does not import here."""
     import importlib
 
-    modules = _saved_extra(path, OP_MODULES_FILE)
+    (modules,) = _saved_extra(path, OP_MODULES_FILE)
     for module in modules if isinstance(modules, list) else []:
         try:
             importlib.import_module(module)
@@ -294,7 +302,7 @@ def load_module(path, device: torch.device | str | None = None) -> torch.fx.Grap
     the program was saved from a rewritten module. ``device``: as for :func:`load_program`."""
     ep = load_program(path, device)
     attributes = {}
-    saved = _saved_extra(path, PLAN_FILE)
+    saved, sites = _saved_extra(path, PLAN_FILE, SITES_FILE)
     if isinstance(saved, dict):
         try:
             plan = Plan.from_dict(saved)
@@ -302,7 +310,6 @@ def load_module(path, device: torch.device | str | None = None) -> torch.fx.Grap
             plan = None
         if plan is not None:
             attributes = dict(mta_plan={name: plan.config_for(name) for name in plan}, mta_boundaries=plan.boundaries)
-    sites = _saved_extra(path, SITES_FILE)
     if isinstance(sites, list):
         try:
             attributes["mta_sites"] = [AttentionSite(**site) for site in sites]

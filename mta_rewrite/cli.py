@@ -411,10 +411,10 @@ def export_cmd(
     segment_input: str = typer.Option("input_ids", help="with --separators: the program's token-id input"),
 ) -> None:
     """Export a saved program to ONNX (atomically), MTA sites as mta nodes that stock onnxruntime runs."""
+    from pathlib import Path
+
     import onnx
     import torch
-
-    from pathlib import Path
 
     from .api import example_inputs, load_program
     from .onnx import ALL_SITE_OP_TYPES, DOMAIN, export_onnx, model_opset
