@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite  # noqa: E402,F401
-from mta_rewrite.timing import best_ms, cpu_name  # noqa: E402
+from mta_rewrite.timing import best_ms, cpu_name, reset_peak_rss, status_kib  # noqa: E402
 
 NEG = -1.0e30
 
@@ -64,23 +64,16 @@ def inputs(n, heads, d):
     return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
 
 
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_peak_mib(name, n, heads, d, c, causal):
     """Peak resident-memory growth of one call (Linux): reset the high-water mark, call, read it."""
     warm = inputs(4 * c, heads, d)  # first-call costs (lazy imports, thread pools) are not the op's
     provider_fn(name, *warm, c, causal)()
     q, k, v = inputs(n, heads, d)
     fn = provider_fn(name, q, k, v, c, causal)
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
+    reset_peak_rss()
+    before = status_kib("VmRSS")
     fn()
-    return (_status_kib("VmHWM") - before) / 1024
+    return (status_kib("VmHWM") - before) / 1024
 
 
 def peak_memory_mib(name, n, heads, d, c, causal):

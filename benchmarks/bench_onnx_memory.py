@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mta_rewrite as mr  # noqa: E402
 from mta_rewrite import zoo  # noqa: E402
 from mta_rewrite.config import atomic_write_text  # noqa: E402
-from mta_rewrite.timing import cpu_name  # noqa: E402
+from mta_rewrite.timing import cpu_name, reset_peak_rss, results_name, status_kib  # noqa: E402
 
 EXAMPLE = 256  # tokens of the example the models are exported and rewritten from
 COMPARED = 256  # last positions whose logits are compared
@@ -101,7 +101,7 @@ def main(argv=None):
             f"top-1 token agreement {agree:.1%}")
     text = f"{head}\n\n" + "\n".join(lines) + f"\n\n{note}\n"
     print("\n" + text)
-    atomic_write_text(args.out / f"onnx_memory_{stamp}{'_' + args.tag if args.tag else ''}.md", text)
+    atomic_write_text(args.out / f"{results_name('onnx_memory', args.tag)}.md", text)
 
 
 def child(runtime: str, variant: str, folder: str, chunk: str, repeats: int) -> None:
@@ -128,24 +128,8 @@ def child(runtime: str, variant: str, folder: str, chunk: str, repeats: int) -> 
             out = forward()
             times.append(time.perf_counter() - started)
     np.save(folder / f"{runtime}_{variant}.npy", out[0, -COMPARED:])
-    print(json.dumps({"runtime": runtime, "variant": variant, "seconds": min(times), "peak_gib": peak_rss_gib()}))
-
-
-def reset_peak_rss() -> None:
-    """Start this process's peak resident memory (``VmHWM``) again from what it holds now (Linux:
-    ``echo 5 > /proc/self/clear_refs``), so loading the model (GGUF weights dequantised) is not
-    the peak measured."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory, GiB: the high-water mark of its address space
-    (``VmHWM``). Not ``ru_maxrss``, which Linux keeps across ``execve``: a child started by a parent
-    that had grown to 3.8 GiB reported 3.8 GiB whatever it used."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20  # (kB)
-    raise SystemExit("error: no VmHWM in /proc/self/status (this benchmark reads Linux's)")
+    peak = status_kib("VmHWM") / 2**20
+    print(json.dumps({"runtime": runtime, "variant": variant, "seconds": min(times), "peak_gib": peak}))
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         if boundaries is not None and any(isinstance(entry, Clustered) for entry in chosen.values()):
             raise ValueError("a site with clustered summaries takes no boundaries (its summaries are by cluster, not "
                              "chunk)")
-    signature = _token_input(model, boundaries)
+    _token_input(model, boundaries)  # (its one-line error before anything changes)
     _drop_hooks(model, _SegmentHook)
     segments = _Segments(boundaries) if boundaries is not None else None
     for module in model.modules():
@@ -235,7 +235,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
             vars(module)["_mta_segments"] = segments
         _watch_calls(module)
     if segments is not None:
-        _segment_hooks(model, segments, signature)
+        _segment_hooks(model, segments)
     vars(model)["_mta_installed"] = _Installed(original, decode)
     model.set_attn_implementation(NAMES[original])
     return model
@@ -264,9 +264,9 @@ class _SegmentHook:
     holding as many tokens as they saw, or fewer: a cropped cache), else the call's own; after it,
     None (so a later call of an inner module alone never reads them)."""
 
-    def __init__(self, segments: _Segments, after: bool, signature: inspect.Signature | None = None):
+    def __init__(self, segments: _Segments, after: bool):
         self.segments, self.after = segments, after
-        self._signature = signature  # (the model's forward's: not pickled, read again when needed)
+        self._signature = self._extra_name = None  # (the model's forward's: read at the first call, not pickled)
 
     def __getstate__(self) -> dict:
         return {**vars(self), "_signature": None}
@@ -281,15 +281,15 @@ class _SegmentHook:
         segments = self.segments
         if self._signature is None:
             self._signature = _token_input(model, segments.boundaries)
-        signature = self._signature
-        extra_name = next((name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD), None)
-        bound = signature.bind_partial(*args, **kwargs).arguments
+            self._extra_name = next((name for name, p in self._signature.parameters.items()
+                                     if p.kind == p.VAR_KEYWORD), None)  # (the forward's **kwargs)
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
         tokens = bound.get(segments.boundaries.input)
         if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()):
             segments.set_call(None)
             segments.tokens = None
             return
-        extra = bound.get(extra_name) or {}
+        extra = bound.get(self._extra_name) or {}
         cache = next((x for x in (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"),
                                   extra.get("past_key_values")) if x is not None), None)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
@@ -313,9 +313,9 @@ class _SegmentHook:
             _keep_tokens(cache, segments.tokens)
 
 
-def _segment_hooks(model: torch.nn.Module, segments: _Segments, signature: inspect.Signature) -> None:
+def _segment_hooks(model: torch.nn.Module, segments: _Segments) -> None:
     """Register ``_SegmentHook``'s two hooks on ``model``."""
-    model.register_forward_pre_hook(_SegmentHook(segments, after=False, signature=signature), with_kwargs=True)
+    model.register_forward_pre_hook(_SegmentHook(segments, after=False), with_kwargs=True)
     model.register_forward_hook(_SegmentHook(segments, after=True), with_kwargs=True)
 
 

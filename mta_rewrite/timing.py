@@ -1,4 +1,4 @@
-"""Wall-clock timing for the demo and the benchmarks (never used in tests)."""
+"""Wall-clock timing and peak memory for the demo and the benchmarks (never used in tests)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def best_alternating_ms(runs: dict[str, Callable[[], object]], repeats: int = 5)
             fn()
             best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
     return best
+
+
+def status_kib(field: str) -> int:
+    """A memory field of this process's ``/proc/self/status`` (Linux), in KiB: ``VmRSS`` (resident
+    now), ``VmHWM`` (its high-water mark: the peak since the process began or since
+    :func:`reset_peak_rss`; not ``ru_maxrss``, which Linux keeps across ``execve``, so a child
+    reports its parent's peak where that is higher)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Start this process's ``VmHWM`` again from its current resident memory (Linux), so that what
+    ran before (loading a model, warm-up calls) is not the peak measured next."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def cpu_machine() -> str:
