@@ -71,6 +71,9 @@ def check_inputs(q, k, v, attn_mask, chunk_size, causal, scale, local_chunks, si
         raise ValueError(f"k and v must be [B, Hkv, n, d] matching q {tuple(q.shape)}; got {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[2] != n:
         raise ValueError(f"MTA is self-attention: q has {n} tokens but k has {k.shape[2]}")
+    if min(Hq, k.shape[1], d) < 1:  # (were ZeroDivisionErrors below and in the default scale)
+        raise ValueError(f"q, k, v need at least one head and a head size d of at least 1; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if n < 1:

@@ -457,6 +457,11 @@ def test_export_traces_through_the_op(tmp_path):
         ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, top_k=-1), "top_k"),
         ((torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 2)), dict(chunk_size=2), "k and v must be"),
         ((torch.zeros(1, 2, 0, 4),) * 3, dict(chunk_size=2), "at least 1"),
+        # no heads, no head size: were ZeroDivisionErrors (2026-12-07)
+        ((torch.zeros(1, 0, 8, 4),) * 3, dict(chunk_size=2), r"^q, k, v need at least one head and a head size d"),
+        ((torch.zeros(1, 2, 8, 4), torch.zeros(1, 0, 8, 4), torch.zeros(1, 0, 8, 4)), dict(chunk_size=2),
+         "need at least one head"),
+        ((torch.zeros(1, 2, 8, 0),) * 3, dict(chunk_size=2), r"a head size d of at least 1; got \(1, 2, 8, 0\)"),
         ((torch.zeros(1, 2, 8, 4),) * 3, dict(chunk_size=2, softcap=-1.0), "softcap must be"),
         ((torch.zeros(1, 2, 8, 4),) * 3 + (None, torch.zeros(2, 3)), dict(chunk_size=2), r"summary_weight must be \[Hkv, d\]"),
         ((torch.zeros(1, 2, 8, 4),) * 3 + (torch.ones(8, 8, dtype=torch.bool, device="meta"),), dict(chunk_size=2),
