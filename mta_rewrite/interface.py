@@ -186,8 +186,11 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     loaded with eager attention); ``model.generate(...)`` then prefills with MTA and decodes
     exactly over the cache with the model's own attention, or with ``decode=True`` decodes with MTA
     too: each step's query attends to its window, sinks and top-k chunks and to one summary per
-    distant chunk, kept with the cache between steps (``_decode``). A one-line ValueError for a
-    model or plan it cannot take."""
+    distant chunk, kept with the cache between steps (``_decode``). A wrapper that hands attribute
+    lookups on to a transformers model (PEFT's PeftModel) is taken as that model
+    (:func:`_transformers_model`), and returned. In training mode a layer with attention dropout
+    above 0 is refused at its call (MTA has none). A one-line ValueError for a model or plan it
+    cannot take."""
     from .api import resolve_boundaries
 
     if (config is None) == (plan is None):
@@ -199,6 +202,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     if not isinstance(decode, bool):
         raise ValueError(f"decode must be True or False, got {decode!r}")
     boundaries = resolve_boundaries(boundaries, plan)
+    wrapper, model = model, _transformers_model(model)
     original = _check_model(model)
     own = [name for name, module in model.named_modules() if _own_attention(type(module))]
     if own:
@@ -238,7 +242,21 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         _segment_hooks(model, segments)
     vars(model)["_mta_installed"] = _Installed(original, decode)
     model.set_attn_implementation(NAMES[original])
-    return model
+    return wrapper
+
+
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model ``model`` is, or the one it wraps and hands attribute lookups on to
+    (PEFT's ``PeftModel``: its ``set_attn_implementation`` and ``config`` are its base model's):
+    use_mta works on that one, its hooks and what it did kept there. So they stay with it when the
+    wrapper gives it back (``merge_and_unload``), boundary chunks read its forward's token ids (a
+    wrapper's is ``forward(*args, **kwargs)``; its ``generate`` calls the inner model's forward),
+    and a plan names its modules as ``find_attention`` does for it. Until 2026-12-07 a PeftModel's
+    merged model lost what use_mta did (``torch.save`` of it then failed to load in a fresh
+    process, "`mta` is not a valid attention implementation"; use_mta again switched an eager
+    model to SDPA) and boundaries were refused ("PeftModel's forward does not take input_ids")."""
+    owner = getattr(getattr(model, "set_attn_implementation", None), "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else model
 
 
 def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspect.Signature | None:
@@ -474,9 +492,7 @@ def _check_model(model) -> str:
         raise ValueError(f"{name}'s modeling modules have no eager_attention_forward (no attention through "
                          "transformers' attention interface, or none at all): load it with attn_implementation=\"sdpa\" "
                          "for use_mta, or use rewrite() for it")
-    if model.training:
-        raise ValueError(f"{name} is in training mode: put the model in eval() (MTA has no attention dropout)")
-    return original
+    return original  # (training mode too: a layer with attention dropout is refused at its call)
 
 
 # what an attention class's code says when its attention goes through transformers' interface
@@ -548,6 +564,7 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if prompt is None and query.shape[2] == 1 and getattr(module, "_mta_decode", False):
         out = (_DECODE_OUTSIDE_GRAPHS or _decode)(module, query, key, value, attention_mask, scaling, kwargs)
         if out is not None:
+            _no_weights(kwargs)
             return out.transpose(1, 2).contiguous(), None
     if prompt is None:
         exact = exact or _eager_function(type(module))
@@ -558,7 +575,8 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if prompt.cached:  # the whole sequence's queries, those of the cached tokens zeros (see _Prompt)
         query = torch.cat([query.new_zeros(*query.shape[:2], prompt.cached, query.shape[3]), query], dim=2)
     if dropout:
-        raise ValueError("MTA has no attention dropout: put the model in eval()")
+        raise ValueError(f"MTA has no attention dropout, and {type(module).__name__} has {dropout:g} in training mode: "
+                         "put the model in eval(), or set its attention dropout to 0 to train it with MTA")
     if prompt.cached:  # causal with no mask or key padding [B, 1, 1, n]; else the mask says it all
         causal = attention_mask is None or attention_mask.shape[-2] == 1
     else:
@@ -580,7 +598,20 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
                       segment_ids=_segment_ids(module, query), sink_logits=sinks, rows_from=prompt.cached,
                       softcap=float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping)
+    _no_weights(kwargs)
     return out[:, :, -m:].transpose(1, 2).contiguous(), None
+
+
+def _no_weights(kwargs: dict) -> None:
+    """Warn (once) that a call asking for the attention weights (``output_attentions=True``) gets
+    none from a call that runs MTA, as transformers warns for SDPA and FlashAttention: its
+    probabilities are over keys and chunk summaries, not an n × n matrix. Until 2026-12-07 an
+    eager model under use_mta returned an empty ``attentions`` silently (its exact calls, decoding
+    steps, still give theirs)."""
+    if kwargs.get("output_attentions"):
+        warnings.warn("use_mta: a layer running MTA gives no attention weights (output_attentions=True): the model "
+                      "returns none for it (its probabilities are over keys and chunk summaries, not an n × n matrix)",
+                      stacklevel=3)
 
 
 # tensors transformers' attention layers hand their attention function that mta_attention_forward

@@ -540,6 +540,39 @@ def test_use_mta_again_on_a_copy_replaces_its_hooks_and_keeps_its_attention():
         assert torch.equal(logits(copied, ids, mask), logits(fresh, ids, mask))
 
 
+def test_use_mta_on_a_peft_model_works_on_the_model_it_wraps():
+    """PEFT's ``get_peft_model`` wraps a transformers model in a PeftModel that hands attribute
+    lookups on to it (``set_attn_implementation``, ``config``) and gives it back merged
+    (``merge_and_unload``). use_mta of the wrapper (boundary chunks, eager attention, the wrapper
+    left in training mode, as get_peft_model leaves it) runs its forward and ``generate`` as use_mta
+    of the merged model does, and what it did stays with the model it wraps. Until 2026-12-07 it was
+    kept on the wrapper: boundaries were refused ("PeftModel's forward does not take input_ids",
+    its forward is ``(*args, **kwargs)``), and without them the merged model lost it (use_mta again
+    switched its exact calls to SDPA; ``torch.save`` of it failed to load in a fresh process)."""
+    peft = pytest.importorskip("peft")
+
+    boundaries = mr.Boundaries((5, 17, 40))
+    wrapped = peft.get_peft_model(llama_eager(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+    merged = mr.use_mta(copy_module.deepcopy(wrapped).merge_and_unload(), config=DECODING, decode=True,
+                        boundaries=boundaries)
+    assert mr.use_mta(wrapped, config=DECODING, decode=True, boundaries=boundaries) is wrapped
+    ids, mask = ids_and_mask(n=50, pad=5)
+    real = mask.bool()
+    torch.testing.assert_close(logits(wrapped, ids, mask)[real], logits(merged, ids, mask)[real], rtol=1e-5, atol=1e-5)
+    options = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                   return_dict_in_generate=True)
+    with torch.no_grad():
+        got = torch.stack(wrapped.generate(input_ids=ids, **options).scores, 1)
+        want = torch.stack(merged.generate(ids, **options).scores, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unwrapped = wrapped.merge_and_unload()
+    assert vars(unwrapped)["_mta_installed"].original == "eager"
+    torch.testing.assert_close(logits(unwrapped, ids, mask)[real], logits(merged, ids, mask)[real])
+    mr.use_mta(unwrapped, config=CONFIG)
+    assert unwrapped.config._attn_implementation == "mta_eager"  # (was "mta": SDPA for the exact calls)
+
+
 def pickle_round_trip(obj):
     import io
 
@@ -949,9 +982,7 @@ def test_what_use_mta_cannot_take_is_one_line():
             mr.use_mta(**kwargs)
         assert str(info.value) == message
     assert model.config._attn_implementation == "sdpa"  # nothing was changed
-    with pytest.raises(ValueError, match="^LlamaForCausalLM is in training mode: put the model in eval()"):
-        mr.use_mta(model.train(), config=CONFIG)
-    model.eval().set_attn_implementation("flex_attention")
+    model.set_attn_implementation("flex_attention")
     with pytest.raises(ValueError, match='^LlamaForCausalLM runs flex_attention attention: load it with '
                                          'attn_implementation="sdpa" or "eager" for use_mta'):
         mr.use_mta(model, config=CONFIG)
@@ -1178,20 +1209,41 @@ def test_attention_use_mta_cannot_reach_is_named():
     assert (logits(model, ids, mask)[keep] - exact[keep]).abs().max() > 1e-3
 
 
+def test_asking_for_attention_weights_under_use_mta_warns_that_mta_layers_give_none():
+    """``output_attentions=True`` of an eager model under use_mta: the MTA layers give no weights
+    (their probabilities are over keys and summaries), a warning says so, as transformers warns for
+    SDPA (until 2026-12-07 the empty ``attentions`` came silently); the logits are those of the call
+    without it."""
+    model = mr.use_mta(llama_eager(), config=CONFIG)
+    ids, mask = ids_and_mask()
+    with pytest.warns(UserWarning, match=r"^use_mta: a layer running MTA gives no attention weights "
+                                         r"\(output_attentions=True\)"):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
+    assert not out.attentions
+    torch.testing.assert_close(out.logits, logits(model, ids, mask), rtol=0, atol=0)
+
+
 def test_attention_dropout_in_training_mode_is_a_clear_error():
     """A model in training mode whose attention drops out: MTA has no attention dropout, a
-    one-line error that says to put the model in eval(); in eval() the same model runs the op."""
+    one-line error at the layer's call that says what to do; in eval() the same model runs the op.
+    Training mode itself is no error: use_mta takes a model in it, whose layers without attention
+    dropout (Llama's default) then compute what they do in eval() (until 2026-12-07 use_mta refused
+    any model in training mode, as PEFT's wrappers are)."""
+    ids, mask = ids_and_mask()
+    want = graph_logits(llama(), ids, mask, config=CONFIG)
+    torch.testing.assert_close(logits(mr.use_mta(llama().train(), config=CONFIG), ids, mask), want,
+                               rtol=1e-5, atol=1e-5)
     model = llama()
     model.config.attention_dropout = 0.1
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
-    mr.use_mta(model, config=CONFIG)
-    ids, mask = ids_and_mask()
-    model.train()
-    with pytest.raises(ValueError, match=r"^MTA has no attention dropout: put the model in eval\(\)$"):
+    mr.use_mta(model.train(), config=CONFIG)
+    with pytest.raises(ValueError, match=r"^MTA has no attention dropout, and LlamaAttention has 0.1 in training "
+                                         r"mode: put the model in eval\(\), or set its attention dropout to 0 to "
+                                         r"train it with MTA$"):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     model.eval()
-    want = graph_logits(llama(), ids, mask, config=CONFIG)
     torch.testing.assert_close(logits(model, ids, mask), want, rtol=1e-5, atol=1e-5)
 
 
