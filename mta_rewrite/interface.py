@@ -616,9 +616,11 @@ def _no_weights(kwargs: dict) -> None:
 
 # tensors transformers' attention layers hand their attention function that mta_attention_forward
 # reads (``s_aux``, ``sinks``, ``position_bias``, ``indices``) or that eager and SDPA attention do not
-# read either (positions, and FlashAttention's packed-sequence offsets, which the mask also says)
+# read either (positions; FlashAttention's packed-sequence offsets and a packed batch's sequence
+# index, which the mask also says; the loss's token count, ``num_items_in_batch``, which the
+# Trainer passes to every forward: until 2026-12-07 it stopped training under use_mta)
 _READ_TENSORS = frozenset({"s_aux", "sinks", "position_bias", "indices", "position_ids", "cache_position",
-                           "cu_seq_lens_q", "cu_seq_lens_k"})
+                           "cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "num_items_in_batch"})
 
 
 def _check_unread(module, kwargs: dict) -> None:

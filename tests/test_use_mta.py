@@ -1209,6 +1209,38 @@ def test_attention_use_mta_cannot_reach_is_named():
     assert (logits(model, ids, mask)[keep] - exact[keep]).abs().max() > 1e-3
 
 
+def test_the_trainers_token_count_passes_through_use_mta(tmp_path):
+    """transformers' Trainer calls the model with ``num_items_in_batch`` (a tensor, the loss's token
+    count across gradient-accumulation steps), which reaches every attention function in its
+    keyword arguments and which eager and SDPA attention do not read. use_mta took it for a tensor
+    it would drop ("use_mta cannot run LlamaAttention: it hands its attention function
+    num_items_in_batch"), so Trainer stopped at its first step, until 2026-12-07. Now the loss is the
+    one without it, and a Trainer's first logged loss is its first batch's."""
+    model = mr.use_mta(llama(), config=CONFIG)
+    ids, _ = ids_and_mask(batch=2, n=40)
+    want = model(input_ids=ids, labels=ids, use_cache=False).loss
+    count = torch.tensor((ids.shape[1] - 1) * ids.shape[0])
+    torch.testing.assert_close(model(input_ids=ids, labels=ids, use_cache=False, num_items_in_batch=count).loss, want)
+
+    class Same(torch.utils.data.Dataset):  # (every item the same sequence: the first batch known)
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return dict(input_ids=ids[0], labels=ids[0])
+
+    model.train()
+    single = model(input_ids=ids[:1].expand(2, -1), labels=ids[:1].expand(2, -1), use_cache=False).loss
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Same())
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and abs(logged[0] - float(single)) < 1e-3
+    assert model.config._attn_implementation == "mta"
+
+
 def test_asking_for_attention_weights_under_use_mta_warns_that_mta_layers_give_none():
     """``output_attentions=True`` of an eager model under use_mta: the MTA layers give no weights
     (their probabilities are over keys and summaries), a warning says so, as transformers warns for
