@@ -251,7 +251,8 @@ def _boundaries(separators: str, segment_input: str, plan=None):
 @app.command(name="capture")
 def capture_cmd(
     model: str = typer.Argument(..., help="a model saved with transformers' save_pretrained (a folder with config.json) "
-                                          "or a .gguf file; read offline"),
+                                          "or a .gguf file, or a PEFT adapter's folder (merged into its base model, saved "
+                                          "here too); read offline"),
     output: str = typer.Option(..., "--output", "-o", help="where to save the captured program (.pt2)"),
     tokens: int = typer.Option(512, help="the example's sequence length (the program takes any length and batch)"),
     batch: int = typer.Option(2, help="the example's batch"),
@@ -285,7 +286,7 @@ def capture_cmd(
 @app.command(name="separators")
 def separators_cmd(
     model: str = typer.Argument(..., help="a model saved with transformers' save_pretrained (with its tokenizer) or a "
-                                          ".gguf file; read offline"),
+                                          ".gguf file, or a PEFT adapter's folder; read offline"),
     end: list[str] = typer.Option(["\\n"], "--end", help="text a separator token ends with (\\n, \\t and \\r "
                                                           "understood); repeat for several; default: a newline"),
 ) -> None:
@@ -311,7 +312,8 @@ def _unescape(text: str) -> str:
 @app.command(name="generate")
 def generate_cmd(
     model: str = typer.Argument(..., help="a language model saved with transformers' save_pretrained (with its "
-                                          "tokenizer) or a .gguf file; read offline"),
+                                          "tokenizer) or a .gguf file, or a PEFT adapter's folder (merged into its base "
+                                          "model); read offline"),
     prompt: str = typer.Option(..., "--prompt", help="a UTF-8 text file: the prompt"),
     tokens: int | None = typer.Option(None, help="the prompt's first N tokens (default: all of it)"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate (greedy)"),

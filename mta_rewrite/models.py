@@ -1,8 +1,9 @@
 """Saved transformers models → a model, its example inputs and calibration samples (offline).
 
 What ``mta-rewrite capture`` reads: a folder written by transformers' ``save_pretrained`` (its
-``config.json`` names the model class) or a GGUF file (a language model, dequantised), loaded with
-no hub access. Examples are token ids: windows of a text file's tokens when the folder has a
+``config.json`` names the model class), a GGUF file (a language model, dequantised) or a PEFT
+adapter's folder (``adapter_config.json``: LoRA and the other adapters that merge into the weights,
+merged into its base model, which must be saved locally too), loaded with no hub access. Examples are token ids: windows of a text file's tokens when the folder has a
 tokenizer, else random ids of the vocabulary (enough to capture: the graph does not depend on the
 values). Every loading error is a ``ValueError`` with one line that says what to change.
 """
@@ -49,6 +50,9 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if attn_implementation not in ATTENTION:
         raise ValueError(f"--attn must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, not {attn_implementation!r}")
+    adapter = _adapter(path)
+    if adapter is not None:
+        return _merged(adapter, load_saved_model(adapter.base, attn_implementation, dtype, experts_implementation))
     path, folder, extra, transformers = _saved(path)
     gguf = bool(extra)
     try:
@@ -80,6 +84,66 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
     tokenizer = _tokenizer(transformers, folder, extra)  # (None: examples are random ids)
     where = f"{folder}" + (f" (GGUF {path.name})" if gguf else "")
     return SavedModel(model, tokenizer, f"{type(model).__name__} ({attn_implementation} attention) from {where}")
+
+
+@dataclass
+class _Adapter:
+    """A PEFT adapter saved with ``save_pretrained`` (``adapter_config.json``, no ``config.json``)
+    and the local model it adapts (its ``base_model_name_or_path``)."""
+
+    folder: Path
+    base: Path
+    kind: str  # PEFT's peft_type: "LORA", "IA3", "PREFIX_TUNING", …
+
+
+def _adapter(path: str | os.PathLike) -> _Adapter | None:
+    """The adapter saved at ``path``, or None where ``path`` is not an adapter's folder. Its base
+    model must be saved locally (nothing is downloaded): its ``base_model_name_or_path`` as given, or
+    relative to the adapter's folder; else a one-line error."""
+    folder = Path(path)
+    config = folder / "adapter_config.json"
+    if not config.is_file() or (folder / "config.json").is_file():
+        return None
+    import json
+
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        name, kind = settings.get("base_model_name_or_path"), str(settings.get("peft_type", "adapter"))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{config}: not a PEFT adapter configuration ({_first_line(exc)[:200]})") from None
+    candidates = [] if not isinstance(name, str) or not name else \
+        [Path(name).expanduser(), folder / Path(name).expanduser()]
+    base = next((c for c in candidates if (c / "config.json").is_file() or (c.suffix == ".gguf" and c.is_file())), None)
+    if base is None:
+        raise ValueError(f"{path} is a PEFT adapter whose base model ({name!r}) is not saved here (nothing is "
+                         "downloaded): set base_model_name_or_path in its adapter_config.json to the base model's "
+                         "folder, or merge it (merge_and_unload) and save the model with save_pretrained")
+    return _Adapter(folder, base, kind)
+
+
+def _merged(adapter: _Adapter, saved: SavedModel) -> SavedModel:
+    """``saved`` (the adapter's base model) with the adapter loaded and merged into its weights
+    (PEFT's ``merge_and_unload``): a plain transformers model, as if saved merged. The adapter's
+    tokenizer if it has one, else the base's. One-line errors without peft and for an adapter that
+    does not merge into the weights (prompt and prefix tuning add tokens instead)."""
+    try:
+        import peft
+    except ImportError:
+        raise ValueError(f"{adapter.folder} is a PEFT adapter: loading it needs peft (pip install peft)") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (peft's notes on the base's configuration)
+            wrapped = peft.PeftModel.from_pretrained(saved.model, str(adapter.folder), is_trainable=False)
+    except Exception as exc:  # noqa: BLE001  (peft raises many types for an adapter that does not fit)
+        raise ValueError(f"{adapter.folder}: peft cannot load this adapter onto {type(saved.model).__name__}: "
+                         f"{_first_line(exc)[:300]}") from None
+    if not callable(getattr(wrapped, "merge_and_unload", None)):
+        raise ValueError(f"{adapter.folder} is a {adapter.kind} adapter, which does not merge into the model's weights: "
+                         "mta-rewrite takes adapters that do (LoRA and its kin, IA3)")
+    model = wrapped.merge_and_unload().eval()
+    transformers = _saved(adapter.base)[3]
+    tokenizer = _tokenizer(transformers, adapter.folder, {}) or saved.tokenizer
+    return SavedModel(model, tokenizer, f"{saved.description} with the {adapter.kind} adapter {adapter.folder} merged")
 
 
 def _saved(path: str | os.PathLike):
@@ -131,8 +195,10 @@ def saved_separator_ids(path: str | os.PathLike, ends: tuple[str, ...] = ("\n",)
     size); a one-line error without a tokenizer or when no token ends so."""
     if not ends or not all(isinstance(end, str) and end for end in ends):
         raise ValueError(f"give one or more non-empty texts that separator tokens end with, got {list(ends)!r}")
-    path, folder, extra, transformers = _saved(path)
-    tokenizer = _tokenizer(transformers, folder, extra)
+    adapter = _adapter(path)  # (a PEFT adapter's tokenizer: its own, else its base model's)
+    _, folder, extra, transformers = _saved(path if adapter is None else adapter.base)
+    path = Path(path)
+    tokenizer = (adapter and _tokenizer(transformers, adapter.folder, {})) or _tokenizer(transformers, folder, extra)
     if tokenizer is None:
         raise ValueError(f"{path} has no tokenizer saved beside it: its token ids cannot be read")
     ids = separator_ids(tokenizer, ends)

@@ -455,3 +455,62 @@ def test_separators_prints_the_ids_of_tokens_ending_so(tmp_path):
     ]:
         refused = CliRunner().invoke(app, args)
         assert refused.exit_code == 2 and " ".join(refused.output.split()) == message.format(args[1]), refused.output
+
+
+def test_a_peft_adapter_is_captured_and_generates_merged_into_its_base(tmp_path):
+    """A LoRA adapter saved with PEFT's ``save_pretrained`` (``adapter_config.json``, its base model
+    named by a path relative to it): ``capture`` takes its folder as the base model with the adapter
+    merged (the program equals PEFT's ``merge_and_unload`` at another batch and length), ``generate``
+    prints what the merged model generates with MTA, ``separators`` reads the base's tokenizer.
+    Until 2026-12-07 each refused it ("is neither a folder saved with transformers' save_pretrained
+    … nor a .gguf file"). One-line errors: a base not saved here, an adapter that adds tokens
+    instead of merging (prefix tuning)."""
+    import json
+
+    peft = pytest.importorskip("peft")
+    base = saved_llama(tmp_path / "llama", with_tokenizer=True)
+    (tmp_path / "text.txt").write_text(TEXT)
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    settings = tmp_path / "adapter" / "adapter_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "base_model_name_or_path": "../llama"}))
+    merged = wrapped.merge_and_unload().eval()
+    program = tmp_path / "adapter.pt2"
+    result = runner.invoke(app, ["capture", str(tmp_path / "adapter"), "-o", str(program), "--tokens", "32"])
+    assert result.exit_code == 0, result.output
+    assert "with the LORA adapter" in " ".join(result.output.split()), result.output
+    x = torch.randint(0, 64, (3, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = mr.load_program(program).module()(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+        want = merged(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
+        plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama")(input_ids=x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # (the adapter is in it)
+    generated = runner.invoke(app, ["generate", str(tmp_path / "adapter"), "--prompt", str(tmp_path / "text.txt"),
+                                    "--tokens", "40", "--max-new-tokens", "5", "--chunk-size", "8", "--sinks", "2"])
+    assert generated.exit_code == 0, generated.output
+    tok, new = generated_with_mta(merged, tmp_path / "llama", 40, 5, config=mr.MTAConfig(8, 1, 2, 0))
+    assert generated.output.rstrip("\n").splitlines()[-1] == tok.decode(new.tolist()), generated.output
+    separators = CliRunner().invoke(app, ["separators", str(tmp_path / "adapter"), "--end", "0"])
+    assert separators.exit_code == 0 and separators.stdout.strip(), separators.output
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "adapter_config.json").write_text(
+        json.dumps({**json.loads(settings.read_text()), "base_model_name_or_path": "org/not-here"}))
+    prefix = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama"),
+                                 peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    prefix.save_pretrained(tmp_path / "prefix")
+    settings = tmp_path / "prefix" / "adapter_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "base_model_name_or_path": str(tmp_path / "llama")}))
+    for folder, message in [
+        ("elsewhere", "error: {} is a PEFT adapter whose base model ('org/not-here') is not saved here (nothing is "
+                      "downloaded): set base_model_name_or_path in its adapter_config.json to the base model's folder, "
+                      "or merge it (merge_and_unload) and save the model with save_pretrained"),
+        ("prefix", "error: {} is a PREFIX_TUNING adapter, which does not merge into the model's weights: mta-rewrite "
+                   "takes adapters that do (LoRA and its kin, IA3)"),
+    ]:
+        refused = runner.invoke(app, ["capture", str(tmp_path / folder), "-o", str(tmp_path / "p.pt2")])
+        assert refused.exit_code == 2 and " ".join(refused.output.split()) == message.format(tmp_path / folder), \
+            refused.output
+        assert not (tmp_path / "p.pt2").exists()
