@@ -215,6 +215,8 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     chosen = {}
     if plan is not None:
         modules = dict(model.named_modules())
+        if wrapper is not model:  # (names as the wrapper gives them, a plan calibrated on it: also its model's)
+            modules.update((name, module) for name, module in wrapper.named_modules())
         missing = [name for name in plan if name not in modules]
         if missing:
             from .passes.sites import listed
@@ -251,7 +253,7 @@ def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     use_mta works on that one, its hooks and what it did kept there. So they stay with it when the
     wrapper gives it back (``merge_and_unload``), boundary chunks read its forward's token ids (a
     wrapper's is ``forward(*args, **kwargs)``; its ``generate`` calls the inner model's forward),
-    and a plan names its modules as ``find_attention`` does for it. Until 2026-12-07 a PeftModel's
+    and a plan names its modules as ``find_attention`` does for it (or for the wrapper). Until 2026-12-07 a PeftModel's
     merged model lost what use_mta did (``torch.save`` of it then failed to load in a fresh
     process, "`mta` is not a valid attention implementation"; use_mta again switched an eager
     model to SDPA) and boundaries were refused ("PeftModel's forward does not take input_ids")."""

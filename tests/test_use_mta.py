@@ -571,6 +571,15 @@ def test_use_mta_on_a_peft_model_works_on_the_model_it_wraps():
     torch.testing.assert_close(logits(unwrapped, ids, mask)[real], logits(merged, ids, mask)[real])
     mr.use_mta(unwrapped, config=CONFIG)
     assert unwrapped.config._attn_implementation == "mta_eager"  # (was "mta": SDPA for the exact calls)
+    # a plan names a layer as find_attention does for the wrapper, or for the model it wraps
+    wrapped = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    call = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    site = mr.find_attention(wrapped.eval(), (), call)[0].name
+    assert site == "base_model.model.model.layers.0.self_attn"
+    want = graph_logits(wrapped, ids, mask, plan=mr.Plan({site: CONFIG}))
+    for name in (site, "model.layers.0.self_attn"):
+        got = logits(mr.use_mta(copy_module.deepcopy(wrapped), plan=mr.Plan({name: CONFIG})), ids, mask)
+        torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
 
 
 def pickle_round_trip(obj):
