@@ -253,12 +253,30 @@ def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     use_mta works on that one, its hooks and what it did kept there. So they stay with it when the
     wrapper gives it back (``merge_and_unload``), boundary chunks read its forward's token ids (a
     wrapper's is ``forward(*args, **kwargs)``; its ``generate`` calls the inner model's forward),
-    and a plan names its modules as ``find_attention`` does for it (or for the wrapper). Until 2026-12-07 a PeftModel's
-    merged model lost what use_mta did (``torch.save`` of it then failed to load in a fresh
-    process, "`mta` is not a valid attention implementation"; use_mta again switched an eager
-    model to SDPA) and boundaries were refused ("PeftModel's forward does not take input_ids")."""
+    and a plan names its modules as ``find_attention`` does for it (or for the wrapper). Until
+    2026-12-07 a PeftModel's merged model lost what use_mta did (``torch.save`` of it then failed to
+    load in a fresh process, "`mta` is not a valid attention implementation"; use_mta again
+    switched an eager model to SDPA) and boundaries were refused ("PeftModel's forward does not
+    take input_ids"). A module that is no transformers model but holds one (sentence-transformers'
+    SentenceTransformer, whose first module holds it as ``auto_model``; a user's own head around a
+    backbone): the one it holds, outermost; several (two towers) are a one-line error naming them,
+    to use_mta each."""
     owner = getattr(getattr(model, "set_attn_implementation", None), "__self__", None)
-    return owner if isinstance(owner, torch.nn.Module) else model
+    if isinstance(owner, torch.nn.Module):
+        return owner
+    held, inside = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "_can_set_attn_implementation"):
+            held.append((name, module))
+            inside.add(name + ".")
+    if len(held) > 1:
+        from .passes.sites import listed
+
+        raise ValueError(f"{type(model).__name__} holds {len(held)} transformers models "
+                         f"({listed([name for name, _ in held])}): use_mta each of them")
+    return held[0][1] if held else model
 
 
 def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspect.Signature | None:

@@ -582,6 +582,46 @@ def test_use_mta_on_a_peft_model_works_on_the_model_it_wraps():
         torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
 
 
+def test_use_mta_on_a_module_holding_a_transformers_model_works_on_that_model():
+    """A module of the user's (or sentence-transformers' SentenceTransformer) that is no
+    transformers model but holds one: use_mta works on the one it holds (its forward, called by the
+    holder's, runs MTA: the holder's output is what it gives with use_mta on the held model).
+    Until 2026-12-07: "use_mta takes a transformers model (PreTrainedModel); Classifier is not one".
+    A module holding two (two towers) is a one-line error naming them."""
+
+    class Classifier(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone, self.head = backbone, torch.nn.Linear(64, 3)
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.head(hidden[:, -1])
+
+    ids, mask = ids_and_mask(pad=9)
+    torch.manual_seed(0)
+    holder = Classifier(llama().model).eval()
+    want = copy_module.deepcopy(holder)
+    mr.use_mta(want.backbone, config=CONFIG)
+    assert mr.use_mta(holder, config=CONFIG, boundaries=mr.Boundaries((5, 17))) is holder
+    assert holder.backbone.config._attn_implementation == "mta"
+    mr.use_mta(want.backbone, config=CONFIG, boundaries=mr.Boundaries((5, 17)))
+    with torch.no_grad():
+        torch.testing.assert_close(holder(ids, mask), want(ids, mask), rtol=0, atol=0)
+        exact = Classifier(llama().model).eval()
+        exact.load_state_dict(holder.state_dict())
+        assert (holder(ids, mask) - exact(ids, mask)).abs().max() > 1e-4
+
+    class Towers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.document = llama().model, llama().model
+
+    with pytest.raises(ValueError, match=r"^Towers holds 2 transformers models \(document, query\): use_mta each of "
+                                         r"them$"):
+        mr.use_mta(Towers(), config=CONFIG)
+
+
 def pickle_round_trip(obj):
     import io
 
