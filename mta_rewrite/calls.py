@@ -12,6 +12,7 @@ returns bind every call with it (:class:`BindCalls`, a forward pre-hook).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, NamedTuple
 
@@ -218,6 +219,10 @@ def example_call(model: Any, args: Any, kwargs: Any) -> tuple[tuple, dict]:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__} (a configuration "
                         "or a plan is given by name: config=…, plan=…)")
+    if isinstance(args, (str, bytes, os.PathLike)):  # (a path where the inputs go: the model failed on it)
+        raise TypeError(f"args must be the model's positional inputs (a tuple, a list or one tensor), got "
+                        f"{type(args).__name__} {str(args)[:80]!r} (export_onnx takes its path after them: "
+                        "export_onnx(model, args, path, kwargs))")
     kwargs = dict(kwargs or {})
     if isinstance(args, dict) and args and not kwargs and isinstance(model, torch.nn.Module):
         try:

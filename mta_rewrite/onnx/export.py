@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,9 @@ def export_onnx(
     over :data:`EXTERNAL_DATA_ABOVE` (1.5 GB) are written beside the model, in ``<path>.data``, and
     the ModelProto returned refers to them there."""
     args, kwargs = example_call(model, args, kwargs)
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"path must be the ONNX file to write (a str or os.PathLike), got {type(path).__name__} "
+                        f"{path!r}: export_onnx(model, args, path, kwargs)")  # (was found after the export)
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest):
         raise ValueError(f"opset must be from {MIN_OPSET} (the mta functions are written with opset {MIN_OPSET}'s "

@@ -402,6 +402,27 @@ def test_the_opset_asked_for_or_a_clear_error(tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_the_path_and_the_inputs_swapped_are_a_clear_error_before_any_work(tmp_path):
+    """export_onnx(model, args, path, kwargs) called with the path where the inputs go (rewrite's
+    order, ``(model, args, kwargs)``) or no path: a one-line TypeError that gives the order, before
+    the model runs. Until 2026-12-07 the path reached the model as its first input ("fails on the
+    example: forward() got multiple values for argument 'input_ids'"), and a path that is no path
+    failed only after the whole export ("expected str, bytes or os.PathLike object")."""
+    case = next(c for c in zoo.hand_written_cases() if c.name == "scores_div_masked_fill")
+    model = case.build()
+    args, kwargs = case.inputs(24)
+    calls = [(str(tmp_path / "m.onnx"), args), (tmp_path / "m.onnx", args)]
+    for path, inputs in calls:
+        with pytest.raises(TypeError, match=r"^args must be the model's positional inputs \(a tuple, a list or one "
+                                            r"tensor\), got \w+ '.*m.onnx' \(export_onnx takes its path after them: "
+                                            r"export_onnx\(model, args, path, kwargs\)\)$"):
+            export_onnx(model, path, inputs, kwargs, config=mr.MTAConfig(chunk_size=8))
+    for path in (None, "", 3):
+        with pytest.raises(TypeError, match=r"^path must be the ONNX file to write \(a str or os.PathLike\), got "):
+            export_onnx(model, args, path, kwargs, config=mr.MTAConfig(chunk_size=8))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_docs_name_every_operator_the_functions_use():
     """docs/onnx.md lists the standard operators of the function bodies (what an onnxruntime-gpu
     user checks against its kernel list): every one the bodies use, If branches included, and
