@@ -268,7 +268,7 @@ def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in inside):
             continue
-        if hasattr(module, "set_attn_implementation") and hasattr(module, "_can_set_attn_implementation"):
+        if _is_transformers_model(module):
             held.append((name, module))
             inside.add(name + ".")
     if len(held) > 1:
@@ -277,6 +277,12 @@ def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"{type(model).__name__} holds {len(held)} transformers models "
                          f"({listed([name for name, _ in held])}): use_mta each of them")
     return held[0][1] if held else model
+
+
+def _is_transformers_model(module) -> bool:
+    """Whether ``module`` is (or passes itself off as) a transformers model whose attention
+    implementation can be set (``PreTrainedModel``)."""
+    return hasattr(module, "set_attn_implementation") and hasattr(module, "_can_set_attn_implementation")
 
 
 def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspect.Signature | None:
@@ -495,7 +501,7 @@ def _check_model(model) -> str:
     calls go there), for a transformers model whose attention layers call its attention
     interface; else a one-line error."""
     name = type(model).__name__
-    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "_can_set_attn_implementation"):
+    if not _is_transformers_model(model):
         raise ValueError(f"use_mta takes a transformers model (PreTrainedModel); {name} is not one: use rewrite() for it")
     if not model._can_set_attn_implementation():
         raise ValueError(f"{name}'s attention does not go through transformers' attention interface: use rewrite() "

@@ -3,9 +3,10 @@
 What ``mta-rewrite capture`` reads: a folder written by transformers' ``save_pretrained`` (its
 ``config.json`` names the model class), a GGUF file (a language model, dequantised) or a PEFT
 adapter's folder (``adapter_config.json``: LoRA and the other adapters that merge into the weights,
-merged into its base model, which must be saved locally too), loaded with no hub access. Examples are token ids: windows of a text file's tokens when the folder has a
-tokenizer, else random ids of the vocabulary (enough to capture: the graph does not depend on the
-values). Every loading error is a ``ValueError`` with one line that says what to change.
+merged into its base model, which must be saved locally too), loaded with no hub access. Examples
+are token ids: windows of a text file's tokens when the folder has a tokenizer, else random ids of
+the vocabulary (enough to capture: the graph does not depend on the values). Every loading error
+is a ``ValueError`` with one line that says what to change.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def _merged(adapter: _Adapter, saved: SavedModel) -> SavedModel:
         raise ValueError(f"{adapter.folder} is a {adapter.kind} adapter, which does not merge into the model's weights: "
                          "mta-rewrite takes adapters that do (LoRA and its kin, IA3)")
     model = wrapped.merge_and_unload().eval()
-    transformers = _saved(adapter.base)[3]
+    import transformers  # (the base model is loaded: it is there)
+
     tokenizer = _tokenizer(transformers, adapter.folder, {}) or saved.tokenizer
     return SavedModel(model, tokenizer, f"{saved.description} with the {adapter.kind} adapter {adapter.folder} merged")
 
