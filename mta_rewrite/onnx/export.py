@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 from pathlib import Path
@@ -252,6 +253,7 @@ def export_onnx(
         # two (torch.onnx's own capture of a batch of one gave a graph that claimed a dynamic batch
         # and failed at batch 3 in onnxruntime); a program exports with the shapes it was captured with
         model = capture(model, args, kwargs, dynamic=dynamic)
+    model, args, kwargs = _tensor_outputs(model, args, kwargs, dynamic)
     import warnings
 
     with warnings.catch_warnings(), library_logs_quiet(), keep_small_constants(), contiguous_as_copies(model), \
@@ -432,6 +434,49 @@ def contiguous_as_copies(program: torch.export.ExportedProgram):
             node.target, node.kwargs = aten.contiguous.default, kwargs
         if swapped:
             program.graph_module.recompile()
+
+
+class _TensorOutputs(torch.nn.Module):
+    """A program's module whose outputs are its tensors only, by name (:func:`output_names`). Its
+    forward has the module's signature, so the ONNX inputs keep their names (``input_input_ids``,
+    not ``args_0_input_ids``)."""
+
+    def __init__(self, module: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.module = module
+
+        def forward(*args, **kwargs):
+            leaves = pytree.tree_leaves(self.module(*args, **kwargs))
+            return {name: leaf for name, leaf in zip(names, leaves) if isinstance(leaf, torch.Tensor)}
+
+        forward.__signature__ = inspect.signature(module.forward)
+        self.forward = forward
+
+
+def _tensor_outputs(program: torch.export.ExportedProgram, args: tuple, kwargs: dict, dynamic: bool):
+    """(program, args, kwargs) to export: ``program``, or where its outputs hold values that are not
+    tensors (constants such as sentence-transformers' ``"modality": "text"``, which an ONNX graph
+    cannot output) the program of its tensor outputs only, named as they would be, with a warning
+    naming what is left out. Until 2026-12-07 torch.onnx failed on them, a ConversionError of
+    several screens ("'str' object has no attribute 'name'"): a SentenceTransformer did not export."""
+    import warnings
+
+    from torch.export.graph_signature import ConstantArgument, OutputKind
+
+    outputs = [spec.arg for spec in program.graph_signature.output_specs if spec.kind == OutputKind.USER_OUTPUT]
+    names = output_names(program.call_spec.out_spec)
+    constants = [(name, arg.value) for name, arg in zip(names, outputs) if isinstance(arg, ConstantArgument)]
+    if not constants or len(names) != len(outputs):
+        return program, args, kwargs
+    shown = ", ".join(f"{name} ({value!r})" for name, value in constants[:4]) + (", …" if len(constants) > 4 else "")
+    warnings.warn(f"the model's outputs {shown} are constants, not tensors: an ONNX graph outputs tensors only, and "
+                  "the exported model leaves them out", stacklevel=3)
+    if not args and not kwargs:
+        from ..api import example_inputs
+
+        args, kwargs = example_inputs(program)
+    module = _TensorOutputs(program.module(), names)
+    return capture(module, args, kwargs, dynamic=dynamic), args, kwargs
 
 
 def output_names(spec: pytree.TreeSpec) -> list[str]:

@@ -423,6 +423,44 @@ def test_the_path_and_the_inputs_swapped_are_a_clear_error_before_any_work(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outputs_that_are_not_tensors_are_left_out_with_a_warning(tmp_path):
+    """A model whose output holds constants beside its tensors (sentence-transformers' features
+    dict: the inputs, ``"modality": "text"``, the embeddings) exports its tensors, named as they
+    would be, and onnxruntime runs them as the rewritten model at another batch and length; a
+    warning names what is left out. Until 2026-12-07 torch.onnx failed on the constant ("'str'
+    object has no attribute 'name'", a ConversionError of several screens). Exported from the module
+    and from its captured program (the command line's route)."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = next(c for c in zoo.hand_written_cases() if c.name == "scale_split_on_q_k").build()
+
+        def forward(self, features: dict):
+            x = features["x"]
+            return {"x": x, "modality": "text", "heads": 2, "embedding": self.attention(x).mean(1)}
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(2, 32, 32)
+    config = mr.MTAConfig(chunk_size=8, sinks=2)
+    rewritten = mr.rewrite(model, ({"x": x},), config=config)
+    other = torch.randn(3, 45, 32)
+    want = rewritten({"x": other})["embedding"]
+    for source in (model, mr.capture(model, ({"x": x},))):
+        path = tmp_path / f"{type(source).__name__}.onnx"
+        with pytest.warns(UserWarning, match=r"^the model's outputs modality \('text'\), heads \(2\) are constants, "
+                                             r"not tensors: an ONNX graph outputs tensors only"):
+            export_onnx(source, ({"x": x},), path, config=config if source is model else None)
+        session = onnx_session(path)
+        assert [i.name for i in session.get_inputs()] == ["features_x"]
+        assert [o.name for o in session.get_outputs()] == ["x", "embedding"]
+        got = dict(zip(["x", "embedding"], session.run(None, {"features_x": other.numpy()})))
+        reference = want if source is model else model({"x": other})["embedding"]
+        np.testing.assert_allclose(got["embedding"], reference.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got["x"], other.numpy())
+
+
 def test_docs_name_every_operator_the_functions_use():
     """docs/onnx.md lists the standard operators of the function bodies (what an onnxruntime-gpu
     user checks against its kernel list): every one the bodies use, If branches included, and
