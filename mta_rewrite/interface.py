@@ -48,6 +48,7 @@ import torch
 from .calibration.probe import site_output
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan
 from .ops.masks import continued_key_padding, decode_row, forbidden_threshold, read_outside_graphs
+from .ops.weights import effective_weights
 from .passes.lower import forbid_masked_scores, segment_ids_from_separators
 
 # the attention implementations use_mta sets, by the one the model had: its exact calls go to that
@@ -621,23 +622,27 @@ def mta_attention_forward(module, query, key, value, attention_mask, dropout: fl
     sinks = None if sinks is None else sinks.reshape(1, -1, 1, 1)
     if kwargs.get("sinks") is not None:  # (Inkling-2's, one per query row [B, Hq, m, 1]; the cached rows' dropped)
         sinks = torch.nn.functional.pad(kwargs["sinks"], (0, 0, prompt.cached, 0))
-    out = site_output(config, None, query, key, value, attention_mask, causal, scaling, dtype=query.dtype,
-                      segment_ids=_segment_ids(module, query), sink_logits=sinks, rows_from=prompt.cached,
-                      softcap=float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping)
-    _no_weights(kwargs)
-    return out[:, :, -m:].transpose(1, 2).contiguous(), None
+    segment_ids = _segment_ids(module, query)
+
+    def run(values):
+        return site_output(config, None, query, key, values, attention_mask, causal, scaling, dtype=query.dtype,
+                           segment_ids=segment_ids, sink_logits=sinks, rows_from=prompt.cached,
+                           softcap=float(kwargs.get("softcap") or 0.0))  # (Gemma-2's attn_logit_softcapping)
+
+    out = run(value)
+    # output_attentions=True: the weights MTA puts on each token (a key's own probability plus its
+    # share of the summaries that hold it), which give the output as W @ v (ops/weights.py)
+    weights = effective_weights(run, key)[:, :, -m:] if kwargs.get("output_attentions") else None
+    return out[:, :, -m:].transpose(1, 2).contiguous(), weights
 
 
 def _no_weights(kwargs: dict) -> None:
-    """Warn (once) that a call asking for the attention weights (``output_attentions=True``) gets
-    none from a call that runs MTA, as transformers warns for SDPA and FlashAttention: its
-    probabilities are over keys and chunk summaries, not an n × n matrix. Until 2026-12-07 an
-    eager model under use_mta returned an empty ``attentions`` silently (its exact calls, decoding
-    steps, still give theirs)."""
+    """Warn (once) that a decoding step through MTA (``decode=True``) asked for the attention
+    weights (``output_attentions=True``) gives none: it reads the chunk sums kept on the cache, not
+    the values a weight matrix is read from. A prompt gives them (:func:`effective_weights`)."""
     if kwargs.get("output_attentions"):
-        warnings.warn("use_mta: a layer running MTA gives no attention weights (output_attentions=True): the model "
-                      "returns none for it (its probabilities are over keys and chunk summaries, not an n × n matrix)",
-                      stacklevel=3)
+        warnings.warn("use_mta: a decoding step through MTA (decode=True) gives no attention weights "
+                      "(output_attentions=True); prompts, and steps decoded exactly, give them", stacklevel=3)
 
 
 # tensors transformers' attention layers hand their attention function that mta_attention_forward

@@ -1290,19 +1290,45 @@ def test_the_trainers_token_count_passes_through_use_mta(tmp_path):
     assert model.config._attn_implementation == "mta"
 
 
-def test_asking_for_attention_weights_under_use_mta_warns_that_mta_layers_give_none():
-    """``output_attentions=True`` of an eager model under use_mta: the MTA layers give no weights
-    (their probabilities are over keys and summaries), a warning says so, as transformers warns for
-    SDPA (until 2026-12-07 the empty ``attentions`` came silently); the logits are those of the call
-    without it."""
-    model = mr.use_mta(llama_eager(), config=CONFIG)
-    ids, mask = ids_and_mask()
-    with pytest.warns(UserWarning, match=r"^use_mta: a layer running MTA gives no attention weights "
-                                         r"\(output_attentions=True\)"):
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
-    assert not out.attentions
-    torch.testing.assert_close(out.logits, logits(model, ids, mask), rtol=0, atol=0)
+def test_attention_weights_under_use_mta_are_the_weights_mta_puts_on_each_token():
+    """``output_attentions=True`` of an eager model under use_mta: each MTA layer gives the weights
+    it puts on each token (``ops.weights``: a key's own probability plus its share of the summaries
+    holding it), [B, H, n, n], which give the layer's output as W @ v (checked against the values
+    and the output of the layer's own projections), sum to 1 on every real query, are 0 above the
+    diagonal, and with one chunk are eager attention's own weights. Until 2026-12-07 the MTA layers
+    gave none, and ``attentions`` came back empty, silently. A decoding step through MTA
+    (``decode=True``) gives none, and a warning says so."""
+    model = llama_eager()
+    ids, mask = ids_and_mask(pad=9)
+    rows = mask.bool()[:, None, :, None].expand(-1, 4, -1, ids.shape[1])
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True).attentions
+        mr.use_mta(model, config=mr.MTAConfig(chunk_size=1024))
+        one = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True).attentions
+        for got, want in zip(one, eager, strict=True):
+            torch.testing.assert_close(got[rows], want[rows], rtol=1e-6, atol=1e-6)
+        mr.use_mta(model, config=CONFIG)
+        seen = {}
+        layer = model.model.layers[1].self_attn
+        hooks = [layer.v_proj.register_forward_hook(lambda mod, args, out: seen.update(v=out)),
+                 layer.o_proj.register_forward_pre_hook(lambda mod, args: seen.update(out=args[0]))]
+        weights = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True).attentions
+        for hook in hooks:
+            hook.remove()
+    assert len(weights) == 2 and weights[1].shape == (2, 4, 70, 70)
+    B, n = ids.shape
+    v = seen["v"].view(B, n, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close((weights[1] @ v).transpose(1, 2).reshape(B, n, 64)[real], seen["out"][real],
+                               rtol=1e-5, atol=1e-6)
+    for got, want in zip(weights, eager):
+        torch.testing.assert_close(got.sum(-1)[rows[..., 0]], torch.ones(rows[..., 0].sum().item()))
+        assert not got.triu(1).any() and (got - want)[rows].abs().max() > 1e-3  # (MTA's, not eager's)
+    decoding = mr.use_mta(llama_eager(), config=DECODING, decode=True)
+    with pytest.warns(UserWarning, match=r"^use_mta: a decoding step through MTA \(decode=True\) gives no attention "
+                                         r"weights"):
+        decoding.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, output_attentions=True,
+                          return_dict_in_generate=True)
 
 
 def test_attention_dropout_in_training_mode_is_a_clear_error():
