@@ -286,20 +286,38 @@ def _is_transformers_model(module) -> bool:
     return hasattr(module, "set_attn_implementation") and hasattr(module, "_can_set_attn_implementation")
 
 
-def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> inspect.Signature | None:
-    """For boundary chunks: the signature of the model's forward, which must take their token-id
-    input (a one-line error if not; checked before use_mta changes anything). None without them."""
+def _token_input(model: torch.nn.Module, boundaries: Boundaries | None) -> None:
+    """For boundary chunks: check that the model's forward takes their token-id input (a one-line
+    error if not; checked before use_mta changes anything)."""
     if boundaries is None:
-        return None
+        return
     signature = inspect.signature(model.forward)
     if boundaries.input not in signature.parameters:
         named = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         raise ValueError(f"boundaries read the model input {boundaries.input!r}, which {type(model).__name__}'s "
                          f"forward does not take (its inputs: {', '.join(named)})")
-    return signature
 
 
-class _SegmentHook:
+class _ForwardHook:
+    """Hooks of use_mta's that are objects (so a model under use_mta pickles and deep-copies with
+    them) and read their module's forward signature: read when first needed, kept, and not
+    pickled (read again after)."""
+
+    _signature: inspect.Signature | None = None
+    _kwargs_name: str | None = None  # (the forward's **kwargs parameter, if it has one)
+
+    def _forward_signature(self, module) -> inspect.Signature:
+        if self._signature is None:
+            self._signature = inspect.signature(module.forward)
+            self._kwargs_name = next((name for name, p in self._signature.parameters.items()
+                                      if p.kind == p.VAR_KEYWORD), None)
+        return self._signature
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in vars(self).items() if name not in ("_signature", "_kwargs_name")}
+
+
+class _SegmentHook(_ForwardHook):
     """The model's forward hooks for boundary chunks (``before``, ``after``: one object per role, so
     that an unpickled or deep-copied model has them, and its own segments): before a call, the
     token ids whose segments its prompts read (as the rewritten graph computes them,
@@ -311,10 +329,6 @@ class _SegmentHook:
 
     def __init__(self, segments: _Segments, after: bool):
         self.segments, self.after = segments, after
-        self._signature = self._extra_name = None  # (the model's forward's: read at the first call, not pickled)
-
-    def __getstate__(self) -> dict:
-        return {**vars(self), "_signature": None}
 
     def __call__(self, model, args, kwargs, output=None):
         if self.after:
@@ -324,17 +338,13 @@ class _SegmentHook:
 
     def _before(self, model, args, kwargs):
         segments = self.segments
-        if self._signature is None:
-            self._signature = _token_input(model, segments.boundaries)
-            self._extra_name = next((name for name, p in self._signature.parameters.items()
-                                     if p.kind == p.VAR_KEYWORD), None)  # (the forward's **kwargs)
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        bound = self._forward_signature(model).bind_partial(*args, **kwargs).arguments
         tokens = bound.get(segments.boundaries.input)
         if not (isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and not tokens.is_floating_point()):
             segments.set_call(None)
             segments.tokens = None
             return
-        extra = bound.get(self._extra_name) or {}
+        extra = bound.get(self._kwargs_name) or {}
         cache = next((x for x in (bound.get("cache"), bound.get("past_key_values"), extra.get("cache"),
                                   extra.get("past_key_values")) if x is not None), None)
         cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
@@ -438,25 +448,19 @@ def decoding_layers(output) -> tuple[int, int]:
     return sum("_mta_chunk_sums" in vars(layer) for layer in layers), len(layers)
 
 
-class _NoteCall:
+class _NoteCall(_ForwardHook):
     """``_watch_calls``'s pre-hook: notes at a module's call whether it is given one of its
     ``cross`` arguments (``_mta_cross``) and the cache it is handed among its ``caches``
     (``_mta_call``). An object, not a closure, so a model under use_mta pickles (``torch.save``)."""
 
-    def __init__(self, cross: list, caches: list, first: int, signature: inspect.Signature | None = None):
+    def __init__(self, cross: list, caches: list, first: int):
         self.cross, self.caches, self.first = cross, caches, first  # first: the first of them's position
-        self._signature = signature  # (the module's forward's: not pickled, read again when needed)
-
-    def __getstate__(self) -> dict:
-        return {**vars(self), "_signature": None}
 
     def __call__(self, mod, args, kwargs):
         if len(args) <= self.first:
             bound = kwargs
         else:
-            if self._signature is None:
-                self._signature = inspect.signature(mod.forward)
-            bound = self._signature.bind_partial(*args, **kwargs).arguments
+            bound = self._forward_signature(mod).bind_partial(*args, **kwargs).arguments
         if self.cross:
             mod._mta_cross = any(bound.get(name) is not None for name in self.cross)
         if self.caches:
@@ -488,7 +492,7 @@ def _watch_calls(module: torch.nn.Module) -> None:
         return
     names = list(signature.parameters)
     first = min(names.index(name) for name in cross + caches)  # (fewer positional arguments: all by keyword)
-    module.register_forward_pre_hook(_NoteCall(cross, caches, first, signature), with_kwargs=True)
+    module.register_forward_pre_hook(_NoteCall(cross, caches, first), with_kwargs=True)
     if caches:
         module.register_forward_hook(_forget_call, with_kwargs=True, always_call=True)
     if cross:

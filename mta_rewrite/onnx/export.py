@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from onnxscript import opset18 as op
 from onnxscript import values
 
-from ..api import rewrite
+from ..api import example_inputs, rewrite
 from ..passes.lower import EXACT_CHUNK
 from ..calls import example_call
 from ..capture import _first_line, capture, library_logs_quiet
@@ -235,6 +235,8 @@ def export_onnx(
     Inputs keep the forward's parameter names, outputs are named by :func:`output_names`. Weights
     over :data:`EXTERNAL_DATA_ABOVE` (1.5 GB) are written beside the model, in ``<path>.data``, and
     the ModelProto returned refers to them there."""
+    if isinstance(model, torch.export.ExportedProgram) and not args and not kwargs:
+        args, kwargs = example_inputs(model)  # (what rewrite and a recapture of its tensor outputs run)
     args, kwargs = example_call(model, args, kwargs)
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not str(path):
         raise TypeError(f"path must be the ONNX file to write (a str or os.PathLike), got {type(path).__name__} "
@@ -471,10 +473,6 @@ def _tensor_outputs(program: torch.export.ExportedProgram, args: tuple, kwargs: 
     shown = ", ".join(f"{name} ({value!r})" for name, value in constants[:4]) + (", …" if len(constants) > 4 else "")
     warnings.warn(f"the model's outputs {shown} are constants, not tensors: an ONNX graph outputs tensors only, and "
                   "the exported model leaves them out", stacklevel=3)
-    if not args and not kwargs:
-        from ..api import example_inputs
-
-        args, kwargs = example_inputs(program)
     module = _TensorOutputs(program.module(), names)
     return capture(module, args, kwargs, dynamic=dynamic), args, kwargs
 
