@@ -36,7 +36,7 @@ import io
 import logging
 import sys
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -81,19 +81,16 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         except ValueError as exc:
             raise CaptureError(f"the example does not fit the rewritten model, captured as {signature.described()}: "
                                f"{exc}") from None
+    widened = None  # (the batch-of-two check, where it ran: it runs the model on the example)
     if dynamic:
         wide = _batch_of_two(model, args, kwargs)
         if wide is not None:
-            ep, reason = _capture_batch_of_two(model, args, kwargs, *wide)
-            if ep is not None:
-                _warn_fixed_length(ep)
-                return ep
-            warnings.warn(f"the program takes batches of one only ({reason}): capture from an example of "
-                          "batch 2 or more for a program that takes any batch", stacklevel=2)
+            widened = _capture_batch_of_two(model, args, kwargs, *wide)
+            if widened.reason is None:
+                _warn_fixed_length(widened.program)
+                return widened.program
         try:
             ep = _export(model, args, kwargs, dynamic=True)
-            _warn_fixed_length(ep)
-            return ep
         except Exception as exc:  # noqa: BLE001  (export raises many types; we fall back and say why)
             # not about shapes, or the model's own failure: static capture would fail the same way
             unsupported = _not_about_shapes(model, exc) or _own_failure(model, args, kwargs)
@@ -101,12 +98,78 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
                 raise CaptureError(unsupported) from exc
             first = _first_line(exc)
             warnings.warn(f"dynamic capture failed ({first}); capturing with the example's static shapes", stacklevel=2)
+        else:
+            _warn_fixed_length(ep)
+            return _checked(model, ep, args, kwargs, widened)
     try:
-        return _export(model, args, kwargs)
+        ep = _export(model, args, kwargs)
     except Exception as exc:  # noqa: BLE001
         first = _first_line(exc)
         raise CaptureError(_not_about_shapes(model, exc) or (None if dynamic else _own_failure(model, args, kwargs))
                            or f"torch.export could not capture {type(model).__name__}: {first}") from exc
+    return _checked(model, ep, args, kwargs, widened)
+
+
+_NOT_RUN = object()
+
+
+class _Widened(NamedTuple):
+    """The batch-of-two check (:func:`_capture_batch_of_two`): the program captured at batch 2
+    (None where export failed), why it is not kept (None: kept), the model's outputs on the example
+    and the program's (``_NOT_RUN`` where they did not run)."""
+
+    program: ExportedProgram | None
+    reason: str | None
+    expected: Any = _NOT_RUN
+    got: Any = _NOT_RUN
+
+
+def _checked(model: torch.nn.Module, ep: ExportedProgram, args: tuple, kwargs: dict,
+             widened: _Widened | None) -> ExportedProgram:
+    """``ep`` captured from the example as given, checked against the model on it (structure,
+    shapes and values, as the batch-of-two check compares them), with a warning where it does not
+    reproduce the model: torch.export traced another path through the model's code than the model's
+    own run takes, and a rewrite or calibration follows the program. Found 2026-12-07:
+    transformers' PaliGemma with SDPA called without ``token_type_ids`` attends bidirectionally
+    when run (no mask, ``is_causal`` False) and causally when exported (it builds the causal mask
+    while tracing): its program, and every rewrite of it, was 8% off the model with no word.
+
+    Where the batch-of-two check ran and its program gave the model's outputs on the example no
+    more than this one does (both off the model the same way), widening was not why: the program
+    of batch 2 is kept (it takes any batch), with the same warning. Otherwise a warning says the
+    program takes batches of one only. Run where :func:`_may_run`, not on the meta device."""
+    expected = _NOT_RUN if widened is None else widened.expected
+    got = _NOT_RUN
+    if _may_run(model) and not _on_meta(model, args, kwargs):
+        with torch.no_grad():
+            if expected is _NOT_RUN:
+                try:
+                    expected = model(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001  (the model's own failure: its program would fail the same way)
+                    raise CaptureError(_fails_on_example(model, exc)) from exc
+            try:
+                got = ep.module()(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"the captured program fails on the example it was captured from: {_first_line(exc)}",
+                              stacklevel=3)
+    difference = None if got is _NOT_RUN else _output_difference(expected, got)
+    if widened is not None:
+        if difference is not None and widened.got is not _NOT_RUN and _same_outputs(got, widened.got):
+            ep = widened.program  # (the example's own batch traces what batch 2 did)
+        else:
+            warnings.warn(f"the program takes batches of one only ({widened.reason}): capture from an example of "
+                          "batch 2 or more for a program that takes any batch", stacklevel=3)
+    if difference is not None:
+        warnings.warn(f"the captured program does not reproduce {type(model).__name__} on the example ({difference}): "
+                      "torch.export traced another path through its code than the model runs, and a rewrite follows "
+                      "the program", stacklevel=3)
+    return ep
+
+
+def _on_meta(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    tensors += list(model.parameters()) + list(model.buffers())
+    return any(x.is_meta for x in tensors)
 
 
 def _own_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> str | None:
@@ -356,17 +419,16 @@ def _may_run(model: torch.nn.Module) -> bool:
     return isinstance(model, torch.fx.GraphModule) or not any(m.training for m in model.modules())
 
 
-def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[ExportedProgram | None, str]:
-    """The program captured at batch 2 if it reproduces the model at the example's batch of one,
-    else None and why not."""
+def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> _Widened:
+    """The program captured at batch 2, kept (``reason`` None) if it reproduces the model at the
+    example's batch of one, else why not (:class:`_Widened`)."""
     try:
         ep = _export(model, wide_args, wide_kwargs, dynamic=True)
     except Exception as exc:  # noqa: BLE001
         unsupported = _not_about_shapes(model, exc)
         if unsupported is not None:
             raise CaptureError(unsupported) from exc
-        first = _first_line(exc)
-        return None, f"capture at batch 2 failed: {first}"
+        return _Widened(None, f"capture at batch 2 failed: {_first_line(exc)}")
     with torch.no_grad():
         try:
             expected = model(*args, **kwargs)
@@ -375,40 +437,54 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> tuple[
         try:
             got = ep.module()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            first = _first_line(exc)
-            return None, f"the program captured at batch 2 fails at batch 1: {first}"
+            return _Widened(ep, f"the program captured at batch 2 fails at batch 1: {_first_line(exc)}", expected)
     if not _same_outputs(expected, got):
-        return None, "the program captured at batch 2 does not reproduce the model's outputs at batch 1"
-    return ep, ""
+        return _Widened(ep, "the program captured at batch 2 does not reproduce the model's outputs at batch 1",
+                        expected, got)
+    return _Widened(ep, None, expected, got)
+
+
+def _output_name(path) -> str:
+    """An output's place in the model's outputs: ``logits``, ``past_key_values.0``, ``output 1``."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if not keys:
+        return "the output"
+    return ".".join(keys) if not keys[0].isdigit() else "output " + ".".join(keys)
 
 
 def _same_outputs(expected: Any, got: Any) -> bool:
-    """Same pytree structure, tensors of the same shape and dtype with values within rounding
-    (relative to the largest magnitude: the same ops at the same shapes), other leaves equal."""
-    exp_leaves, exp_spec = pytree.tree_flatten(expected)
+    return _output_difference(expected, got) is None
+
+
+def _output_difference(expected: Any, got: Any) -> str | None:
+    """How ``got`` differs from ``expected`` in a few words, or None where they agree: the same
+    pytree structure, tensors of the same shape and dtype with values within rounding (relative
+    to the largest magnitude: the same ops at the same shapes), other leaves equal."""
+    exp_leaves, exp_spec = pytree.tree_flatten_with_path(expected)
     got_leaves, got_spec = pytree.tree_flatten(got)
     if exp_spec != got_spec:
-        return False
-    for e, g in zip(exp_leaves, got_leaves):
+        return "outputs of another structure"
+    for (path, e), g in zip(exp_leaves, got_leaves):
+        where = _output_name(path)
         if isinstance(e, torch.Tensor) != isinstance(g, torch.Tensor):
-            return False
+            return f"{where} is {type(g).__name__}, not {type(e).__name__}"
         if not isinstance(e, torch.Tensor):
             if e != g:
-                return False
+                return f"{where} is {g!r}, not {e!r}"
             continue
         if e.shape != g.shape or e.dtype != g.dtype:
-            return False
+            return f"{where} is {g.dtype} {list(g.shape)}, not {e.dtype} {list(e.shape)}"
         if not (e.is_floating_point() or e.is_complex()):
             if not torch.equal(e, g):
-                return False
+                return f"{where} differs"
             continue
         scale, worst = _largest_and_difference(e.detach(), g.detach())
         if worst is None:  # (a value finite in one and not in the other)
-            return False
+            return f"{where} is finite where the model's is not, or the other way round"
         tol = (1e-4 if e.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else 2e-2)
         if worst > tol * max(scale, 1e-6):
-            return False
-    return True
+            return f"{where} differs by up to {worst:.3g} where the model's largest value is {scale:.3g}"
+    return None
 
 
 # elements compared at a time: a language model's logits at 8K tokens are 400 M floats (1.6 GB),

@@ -281,9 +281,10 @@ def test_an_example_longer_than_learned_positions_is_one_line_error_at_batch_one
     one sequence, the capture ran the model on it to check the program widened to batch 2 and let
     the model's IndexError out as a traceback (exit code 1); now a one-line error names the model
     and its failure, and nothing is written (not the output's folder either: the check before the
-    work made it, and a failed run left it empty). At batch 2 nothing runs the model (torch.export
-    traces shapes): the warning about max_position_embeddings, given at both, is what the user
-    gets there."""
+    work made it, and a failed run left it empty). At batch 2 the same since 2026-12-07 (capture
+    checks every program against the model on its example; before, nothing ran the model there,
+    torch.export traces shapes, and a program that fails as the model does was written), after the
+    warning about max_position_embeddings, given at both."""
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=32, n_head=2, n_layer=1,
                                                          n_positions=64)).save_pretrained(tmp_path / "gpt2")
@@ -295,7 +296,9 @@ def test_an_example_longer_than_learned_positions_is_one_line_error_at_batch_one
     assert not (tmp_path / "new").exists(), "the output's folder was made by a run that failed"
     with pytest.warns(UserWarning, match=r"--tokens 100 is more than the model's max_position_embeddings \(64\)"):
         result = runner.invoke(app, argv + ["--batch", "2"])
-    assert result.exit_code == 0 and (tmp_path / "new" / "p.pt2").exists(), result.output
+    assert result.exit_code == 2 and result.output.rstrip("\n").splitlines()[-1] == \
+        "error: GPT2LMHeadModel fails on the example: IndexError: index out of range in self", result.output
+    assert not (tmp_path / "new").exists()
 
 
 def generated_with_mta(model, folder, tokens: int, new: int, **use_mta):

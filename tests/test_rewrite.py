@@ -1176,6 +1176,41 @@ def test_a_batch_of_one_the_model_treats_apart_stays_fixed_with_a_warning():
         program.module()(torch.randn(2, 12, 8))
 
 
+class _CausalOnlyWhileExporting(torch.nn.Module):
+    """Attention that is causal while torch.export traces it and bidirectional when run, as
+    transformers' PaliGemma with SDPA and no token_type_ids is (the causal mask built only while
+    exporting, ``is_causal`` False); or, ``differs=False``, causal either way."""
+
+    def __init__(self, differs: bool = True):
+        super().__init__()
+        self.differs = differs
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x, is_causal=torch.compiler.is_exporting() or not self.differs)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_program_that_does_not_reproduce_the_model_is_captured_with_a_warning(batch):
+    """capture checks the program against the model on the example it was captured from, at any
+    batch, and says where they differ and by how much: until 2026-12-07 only a program widened
+    from batch 1 was checked, and a program traced down another path than the model runs (PaliGemma
+    with SDPA) was captured, rewritten and calibrated with no word."""
+    model, x = _CausalOnlyWhileExporting().eval(), torch.randn(batch, 2, 16, 8)
+    with pytest.warns(UserWarning, match=r"the captured program does not reproduce _CausalOnlyWhileExporting on the "
+                                         r"example \(the output differs by up to [0-9.]+ where the model's largest "
+                                         r"value is [0-9.]+\): torch.export traced another path") as caught:
+        program = mr.capture(model, (x,))
+    # (what it warns about: the program is causal, the model is not)
+    torch.testing.assert_close(program.module()(x), F.scaled_dot_product_attention(x, x, x, is_causal=True))
+    if batch == 1:  # the batch-2 program is off the model as the example's own: kept, it takes any batch
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        y = torch.randn(3, 2, 16, 8)
+        torch.testing.assert_close(program.module()(y), F.scaled_dot_product_attention(y, y, y, is_causal=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mr.capture(_CausalOnlyWhileExporting(differs=False).eval(), (x,))  # (a program that agrees: no warning)
+
+
 class _PositionsFromNumpy(torch.nn.Module):
     """Attention over positions that numpy computes from the length: a SymInt in np.arange makes
     an array of objects, which np.sin does not take, so dynamic capture fails and only the
