@@ -80,11 +80,22 @@ def load_saved_model(path: str | os.PathLike, attn_implementation: str = "auto",
         if bars:
             transformers.utils.logging.enable_progress_bar()
     model.eval()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # a KV cache is not a graph output
+    _no_cache(model.config)  # a KV cache is not a graph output
     tokenizer = _tokenizer(transformers, folder, extra)  # (None: examples are random ids)
     where = f"{folder}" + (f" (GGUF {path.name})" if gguf else "")
     return SavedModel(model, tokenizer, f"{type(model).__name__} ({attn_implementation} attention) from {where}")
+
+
+def _no_cache(config) -> None:
+    """``use_cache`` off in a model's configuration and in those it nests (a vision-language
+    model's ``text_config``, which its language model reads: until 2026-12-07 ``capture`` of a saved
+    LLaVA failed, its output holding a cache, with an error telling the user to call the model with
+    use_cache=False, which the command line does not let them do)."""
+    parts = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    parts += [getattr(config, name, None) for name in getattr(config, "sub_configs", {}) or {}]
+    for part in parts:
+        if part is not None and hasattr(part, "use_cache"):
+            part.use_cache = False
 
 
 @dataclass
@@ -316,8 +327,14 @@ def example_kwargs(model: torch.nn.Module, ids: torch.Tensor) -> dict:
 
 
 def random_ids(model: torch.nn.Module, batch: int, n: int, seed: int = 0) -> torch.Tensor:
-    """[batch, n] token ids drawn from the model's vocabulary (a capture's values do not matter)."""
-    vocab = getattr(model.config, "vocab_size", None) or 100
+    """[batch, n] token ids drawn from the model's vocabulary (a capture's values do not matter):
+    the rows of its input embeddings, else its (text) configuration's ``vocab_size`` (a
+    vision-language model's own configuration may have none, or a default another size)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        vocab = getattr(config, "vocab_size", None) or getattr(model.config, "vocab_size", None) or 100
     return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
@@ -367,6 +384,10 @@ def capture_saved_model(path: str | os.PathLike, output: str | os.PathLike, *, t
         inputs = {"pixel_values": pixels}
     else:
         token_inputs(saved.model)  # a text model, before the work
+        if "pixel_values" in inspect.signature(saved.model.forward).parameters:
+            warnings.warn(f"{type(saved.model).__name__} also takes images (pixel_values), which the command line does "
+                          "not give it: the program runs its text alone; capture it with images through the Python "
+                          "API (mta_rewrite.capture, then save_program)", stacklevel=2)
         longest = getattr(saved.model.config, "max_position_embeddings", None)
         if isinstance(longest, int) and tokens > longest:
             warnings.warn(f"--tokens {tokens} is more than the model's max_position_embeddings ({longest}): a model "

@@ -227,6 +227,37 @@ def test_capture_a_saved_image_model(tmp_path):
     assert "ViTModel is an image model: --text and --samples are for text models" in " ".join(refused.output.split())
 
 
+def test_capture_a_saved_vision_language_model_captures_its_text_and_says_so(tmp_path):
+    """A saved LLaVA (a vision-language model: its language model reads ``use_cache`` from its
+    ``text_config``) failed to capture ("its output holds a DynamicCache … call the model with
+    use_cache=False", which the command line does not let a user do): capture turns the cache off
+    in nested configurations too. The command line gives token ids only, so a warning says the
+    program runs the model's text alone; the program equals the model on text at another batch and
+    length, and rewrite takes it."""
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=64, num_hidden_layers=2, max_position_embeddings=256),
+        vision_config=transformers.CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=32, num_attention_heads=2,
+                                                    intermediate_size=64, num_hidden_layers=2),
+        image_token_id=3, vision_feature_layer=-1)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "llava")
+    program = tmp_path / "llava.pt2"
+    with pytest.warns(UserWarning, match=r"LlavaForConditionalGeneration also takes images \(pixel_values\), which the "
+                                         r"command line does not give it: the program runs its text alone"):
+        result = runner.invoke(app, ["capture", str(tmp_path / "llava"), "-o", str(program), "--tokens", "24"])
+    assert result.exit_code == 0, result.output
+    ep = mr.load_program(program)
+    assert [s.rewritable for s in mr.find_attention(ep) if s.is_attention] == [True, True]
+    ids = torch.randint(4, 64, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
+                                   model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    rewritten = runner.invoke(app, ["rewrite", str(program), "-o", str(tmp_path / "mta.pt2"), "--chunk-size", "8"])
+    assert rewritten.exit_code == 0 and "2 site(s) now call mta.attention" in rewritten.output, rewritten.output
+
+
 @pytest.mark.parametrize("case,argv,message", [
     ("no config", lambda t: ["capture", str(t), "-o", str(t / "p.pt2")], "neither a folder saved with transformers"),
     ("missing", lambda t: ["capture", str(t / "nothing"), "-o", str(t / "p.pt2")], "no such file or folder"),
