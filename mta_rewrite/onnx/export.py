@@ -201,6 +201,16 @@ def _exact_attention(q, k, v, mask, *, causal: bool, scale: float, softcap: floa
     return op.Where(op.IsNaN(out), op.CastLike(op.Constant(value_float=0.0), out), out)
 
 
+def _all_true(x):
+    """``aten._is_all_true`` (whether every element of a bool tensor is true: a bool scalar), which
+    torch.onnx has no translation for. transformers' input checks put it in the graphs of
+    vision-language models (``torch_compilable_check``: "Image features and image tokens do not
+    match"), and until 2026-12-07 ``export_onnx`` of Gemma-3, PaliGemma or Idefics3 with images
+    failed at torch.onnx's step 3. The minimum of the elements as integers (an empty tensor's is the
+    largest integer: true, as ``all`` of nothing)."""
+    return op.Cast(op.ReduceMin(op.Cast(x, to=onnx.TensorProto.INT32), keepdims=0), to=onnx.TensorProto.BOOL)
+
+
 def _is_half(dtype) -> bool:
     name = str(dtype).upper()
     return "FLOAT16" in name or "BFLOAT16" in name
@@ -263,7 +273,8 @@ def export_onnx(
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-            custom_translation_table={torch.ops.mta.attention.default: _translate}, verbose=False,
+            custom_translation_table={torch.ops.mta.attention.default: _translate,
+                                      torch.ops.aten._is_all_true.default: _all_true}, verbose=False,
         )
     got = model_opset(program.model_proto)
     if opset is not None and got != opset:  # torch.onnx falls back to its own opset when conversion fails

@@ -461,6 +461,39 @@ def test_outputs_that_are_not_tensors_are_left_out_with_a_warning(tmp_path):
         np.testing.assert_array_equal(got["x"], other.numpy())
 
 
+class _ChecksItsTokens(torch.nn.Module):
+    """Attention after an input check as transformers writes it in vision-language models
+    (``torch_compilable_check``: "Image features and image tokens do not match"): a tensor that
+    must be all true, ``aten._is_all_true`` in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = next(c for c in zoo.hand_written_cases() if c.name == "scale_split_on_q_k").build()
+
+    def forward(self, x, tokens):
+        torch._check_tensor_all_with(ValueError, tokens >= 0, lambda: "token ids must not be negative")
+        return self.attention(x)
+
+
+def test_an_input_check_that_a_tensor_is_all_true_exports(tmp_path):
+    """torch.onnx has no translation for ``aten._is_all_true``; export_onnx hands it one (the
+    minimum of the elements), so Gemma-3, PaliGemma and Idefics3 called with images export:
+    until 2026-12-07 each failed at torch.onnx's step 3 ("No ONNX function found for
+    <OpOverload(op='aten._is_all_true' …"). onnxruntime runs the model as the rewritten module
+    at another batch and length."""
+    torch.manual_seed(0)
+    model = _ChecksItsTokens().eval()
+    x, tokens = torch.randn(2, 32, 32), torch.arange(32).repeat(2, 1)
+    config = mr.MTAConfig(chunk_size=8, sinks=2)
+    program = mr.capture(model, (x, tokens))
+    assert any(node.target is torch.ops.aten._is_all_true.default for node in program.graph.nodes)
+    export_onnx(model, (x, tokens), tmp_path / "checked.onnx", config=config)
+    other, other_tokens = torch.randn(3, 45, 32), torch.arange(45).repeat(3, 1)
+    got = onnx_session(tmp_path / "checked.onnx").run(None, {"x": other.numpy(), "tokens": other_tokens.numpy()})[0]
+    want = mr.rewrite(model, (x, tokens), config=config)(other, other_tokens)
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_docs_name_every_operator_the_functions_use():
     """docs/onnx.md lists the standard operators of the function bodies (what an onnxruntime-gpu
     user checks against its kernel list): every one the bodies use, If branches included, and
