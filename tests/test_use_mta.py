@@ -1372,3 +1372,55 @@ def test_a_key_padding_mask_of_minus_ten_thousand_is_key_padding_as_in_the_rewri
         mr.use_mta(model, config=mta)
         got = model(ids, attention_mask=mask)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=1e-6)
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Every attention call of a model as the float64 reference of ``MTAConfig(8, 1, 2, 1)`` under
+    the mask transformers built for it (an attention function of transformers' interface: it reads
+    the mask as given, not as use_mta reads it)."""
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    causal = causal and attention_mask is None and query.shape[2] > 1
+    mask = None if attention_mask is None else attention_mask[..., :key.shape[2]]
+    out = mr.mta_attention_reference(query, key, value, mask, chunk_size=8, causal=causal, scale=scaling,
+                                     local_chunks=1, sinks=2, top_k=1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def test_a_vision_language_model_with_images_runs_mta_under_the_masks_it_builds():
+    """Gemma-3 called with two images per sequence: its language model attends bidirectionally
+    within each image's tokens and causally elsewhere, its vision tower over each image's patches.
+    ``use_mta`` equals the same model with every attention call the float64 reference under the
+    mask transformers built (an attention function of its own: an independent reading of the mask)
+    and the graph ``rewrite`` makes with the images, and with one chunk the model itself (the tenth
+    search, 2026-12-07: ten vision-language families so, by script)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register("mta_test_reference", _reference_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("mta_test_reference", eager_mask)
+    text = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, layer_types=["full_attention"] * 2, max_position_embeddings=256)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    image = torch.full((2, 4), cfg.image_token_id)
+    ids = torch.cat([torch.randint(4, 96, (2, 5), generator=g), image, torch.randint(4, 96, (2, 6), generator=g), image,
+                     torch.randint(4, 96, (2, 24), generator=g)], 1)
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(4, 3, 32, 32, generator=g), attention_mask=torch.ones_like(ids),
+                  token_type_ids=(ids == cfg.image_token_id).long(), use_cache=False)
+    config = mr.MTAConfig(8, 1, 2, 1)
+    with torch.no_grad():
+        original = model(**inputs).logits
+        reference = copy_module.deepcopy(model)
+        reference.set_attn_implementation("mta_test_reference")
+        want = reference(**inputs).logits
+        got = mr.use_mta(copy_module.deepcopy(model), config=config)(**inputs).logits
+        exact = mr.use_mta(copy_module.deepcopy(model), config=mr.MTAConfig(10**6))(**inputs).logits
+        rewritten = mr.rewrite(copy_module.deepcopy(model), (), inputs, config=config)(**inputs).logits
+    assert (want - original).abs().max() > 1e-3  # (MTA changes this model's outputs: the check can see a difference)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rewritten, got, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(exact, original, rtol=1e-5, atol=1e-5)
