@@ -20,7 +20,8 @@ import torch
 from .calls import example_call
 from .capture import _first_line, capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, atomic_write
-from .passes.lower import EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, takes_exact_path
+from .passes.lower import (EXACT, EXACT_CHUNK, add_segment_ids, eliminate_dead_code, lower_match, sites_apart,
+                           takes_exact_path)
 from .passes.match import find_matches
 from .passes.sites import AttentionSite, describe, listed
 from .rewritten import finish
@@ -102,9 +103,11 @@ def rewrite(
     _warn_left_exact(sites, chosen, plan)
     boundaries = resolve_boundaries(boundaries, plan)
     segments = add_segment_ids(gm, boundaries) if boundaries is not None and chosen else None
+    apart = set() if segments is None else sites_apart(segments, [(m, s) for m, s in zip(matches, sites)
+                                                                  if s.name in chosen])
     for m, site in zip(matches, sites):
         if site.name in chosen:
-            lower_match(gm, m, chosen[site.name], segments)
+            lower_match(gm, m, chosen[site.name], None if site.name in apart else segments)
         elif lower_exact and takes_exact_path(m):
             lower_match(gm, m, EXACT)
     eliminate_dead_code(gm)

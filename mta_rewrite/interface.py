@@ -231,6 +231,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     _token_input(model, boundaries)  # (its one-line error before anything changes)
     _drop_hooks(model, _SegmentHook)
     segments = _Segments(boundaries) if boundaries is not None else None
+    towers = _other_towers(model) if segments is not None else ()
     for module in model.modules():
         for name in ("_mta_config", "_mta_segments"):
             vars(module).pop(name, None)
@@ -238,7 +239,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             vars(module)["_mta_config"] = entry  # (config=: every module; only attention layers use it)
-        if segments is not None:
+        if segments is not None and not any(getattr(module, "config", None) is tower for tower in towers):
             vars(module)["_mta_segments"] = segments
         _watch_calls(module)
     if segments is not None:
@@ -246,6 +247,19 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     vars(model)["_mta_installed"] = _Installed(original, decode)
     model.set_attn_implementation(NAMES[original])
     return wrapper
+
+
+def _other_towers(model: torch.nn.Module) -> list:
+    """The configurations a model nests besides its text's (a vision-language model's
+    ``vision_config``, an audio tower's): the layers built from them attend over patches or frames,
+    not over the token ids boundary chunks read their segments from, so they chunk by
+    ``chunk_size`` alone. Until 2026-12-07 ``use_mta(..., boundaries=)`` of a vision-language model
+    failed at its vision tower's first layer ("the model's input_ids has [2, 39] tokens but
+    SiglipAttention attends over 16 of a batch of 4")."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    nested = [getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {}]
+    return [part for part in nested if part is not None and part is not text and part is not config]
 
 
 def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -907,8 +921,9 @@ def _watch_layer(layer) -> None:
 
 
 def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:
-    """Boundary chunks' segment ids [B, n] for a prompt of ``module`` (None without boundaries);
-    a one-line error when its model's call gave no token ids of the prompt's batch and length."""
+    """Boundary chunks' segment ids [B, n] for a prompt of ``module`` (None without boundaries, or
+    with a warning for a prompt over another sequence than the token ids'); a one-line error when
+    its model's call gave no token ids."""
     segments = getattr(module, "_mta_segments", None)
     if segments is None:
         return None
@@ -917,6 +932,10 @@ def _segment_ids(module, query: torch.Tensor) -> torch.Tensor | None:
         raise ValueError(f"boundary chunks read the segments from the model's {name}, which this call did not give "
                          f"(as token ids [B, n]): call the model with {name}=")
     if tuple(ids.shape) != (query.shape[0], query.shape[2]):
-        raise ValueError(f"boundary chunks: the model's {name} has {list(ids.shape)} tokens but "
-                         f"{type(module).__name__} attends over {query.shape[2]} of a batch of {query.shape[0]}")
+        # another sequence than the token ids' (an encoder-decoder's decoder over its own ids, a
+        # prepended token): chunks of chunk_size, as rewrite chunks such sites (passes.lower.sites_apart)
+        warnings.warn(f"boundary chunks: {type(module).__name__} attends over {query.shape[2]} tokens of a batch of "
+                      f"{query.shape[0]}, another sequence than the model's {name} ({list(ids.shape)}): it chunks by "
+                      "chunk_size alone", stacklevel=3)
+        return None
     return ids

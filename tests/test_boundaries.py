@@ -243,8 +243,58 @@ class _PrependsAToken(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
 
-def test_a_site_over_another_length_than_the_token_input_is_refused_at_rewrite():
+def test_boundaries_that_apply_to_no_site_are_refused_at_rewrite():
+    """Every site attends over another sequence than the token input's (here n + 1 positions):
+    boundaries would apply to none, a one-line error."""
     ids = zoo.byte_tokens(zoo.real_text(), 40)
-    with pytest.raises(ValueError, match="boundaries give 40 segment ids .* over 41 tokens"):
+    with pytest.raises(ValueError, match=r"boundaries apply to no attention site: each attends over another sequence "
+                                         r"than the model's token input \(40 tokens; .*: 41 tokens\)"):
         mr.rewrite(_PrependsAToken(), (ids,), config=mr.MTAConfig(8), boundaries=mr.Boundaries((DOT,)))
     assert mr.count_mta_nodes(mr.rewrite(_PrependsAToken(), (ids,), config=mr.MTAConfig(8))) == 1
+
+
+class _TextAndPatches(torch.nn.Module):
+    """Causal attention over the embedded tokens and, apart, attention over image patches (a
+    vision tower's): two sequences, one of them the token ids'."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(256, 16)
+        self.patch = torch.nn.Linear(12, 16)
+
+    def heads(self, input_ids, pixels):
+        x, y = self.embed(input_ids), self.patch(pixels)
+        return (x.view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2), y.view(y.shape[0], y.shape[1], 2, 8).transpose(1, 2))
+
+    def forward(self, input_ids, pixels):
+        text, patches = self.heads(input_ids, pixels)
+        return (torch.nn.functional.scaled_dot_product_attention(text, text, text, is_causal=True),
+                torch.nn.functional.scaled_dot_product_attention(patches, patches, patches))
+
+
+@pytest.mark.parametrize("length", [40, 24])
+def test_sites_over_another_sequence_than_the_token_ids_chunk_by_chunk_size_alone(length):
+    """A model with attention over its tokens and over image patches (a vision-language model's
+    towers) takes boundaries: the token site chunks by segments, the patch site by chunk_size
+    alone, named in a warning, each as the float64 reference, at the example's length and at
+    another. Until 2026-12-07 any site over another sequence was an error for the whole rewrite,
+    so no vision-language model took boundaries. With 24 tokens the patches' count equals the
+    token ids' in the example: the dynamic program still tells them apart (a length symbol, the
+    patches' fixed count)."""
+    torch.manual_seed(0)
+    model, boundaries, cfg = _TextAndPatches().eval(), mr.Boundaries((DOT, NEWLINE)), mr.MTAConfig(4, sinks=1, top_k=1)
+    ids, pixels = zoo.byte_tokens(zoo.real_text(), length, batch=2), torch.randn(2, 24, 12)
+    with pytest.warns(UserWarning, match=r"boundaries: 1 attention site\(s\) attend over another sequence than the "
+                                         rf"model's token input \({length} tokens\) and chunk by chunk_size alone \(.*: "
+                                         r"24 tokens\)"):
+        fast = mr.rewrite(model, (ids, pixels), config=cfg, boundaries=boundaries)
+    for n in (length, 57):
+        ids = zoo.byte_tokens(zoo.real_text()[300:], n, batch=2)
+        assert rule_segments(ids, {DOT, NEWLINE}).max() > 0  # (the text has sentences: segments matter)
+        text, patches = model.heads(ids, pixels)
+        want_text = mr.mta_attention_reference(text, text, text, chunk_size=4, causal=True, sinks=1, top_k=1,
+                                               segment_ids=rule_segments(ids, {DOT, NEWLINE}))
+        want_patches = mr.mta_attention_reference(patches, patches, patches, chunk_size=4, sinks=1, top_k=1)
+        got_text, got_patches = fast(ids, pixels)
+        torch.testing.assert_close(got_text.double(), want_text, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_patches.double(), want_patches, rtol=1e-5, atol=1e-5)

@@ -1424,3 +1424,13 @@ def test_a_vision_language_model_with_images_runs_mta_under_the_masks_it_builds(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rewritten, got, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(exact, original, rtol=1e-5, atol=1e-5)
+    # boundary chunks: the language model's layers chunk by the segments of the token ids, the vision
+    # tower's (over patches) by chunk_size alone, in use_mta as in rewrite (until 2026-12-07 both
+    # refused: "the model's input_ids has [2, 39] tokens but SiglipAttention attends over 16")
+    boundaries = mr.Boundaries(tuple(range(10, 30)))
+    with torch.no_grad():
+        got = mr.use_mta(copy_module.deepcopy(model), config=config, boundaries=boundaries)(**inputs).logits
+        with pytest.warns(UserWarning, match=r"boundaries: 2 attention site\(s\) attend over another sequence"):
+            rewritten = mr.rewrite(copy_module.deepcopy(model), (), inputs, config=config, boundaries=boundaries)
+        torch.testing.assert_close(rewritten(**inputs).logits, got, rtol=1e-6, atol=1e-6)
+    assert (got - want).abs().max() > 1e-3  # (the segments changed the language model's chunks)

@@ -41,7 +41,7 @@ from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.attention import attention_autograd
 from ..passes.lower import (EXACT, add_segment_ids, drop_sink_token, eliminate_dead_code, grouped_attention,
-                            lower_match_to_hook, sink_logit_operands, sink_token_segments, takes_exact_path,
+                            lower_match_to_hook, sink_logit_operands, sink_token_segments, sites_apart, takes_exact_path,
                             with_sink_token)
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
@@ -164,9 +164,11 @@ class Probe:
         matches = find_matches(self.module.graph)
         self.sites: list[AttentionSite] = describe(matches)
         segments = add_segment_ids(self.module, boundaries) if boundaries is not None else None
+        apart = set() if segments is None else sites_apart(segments, [(m, s) for m, s in zip(matches, self.sites)
+                                                                      if s.rewritable])
         for m, site in zip(matches, self.sites):
             if site.rewritable:
-                lower_match_to_hook(self.module, m, site.name, site_hook, segments)
+                lower_match_to_hook(self.module, m, site.name, site_hook, None if site.name in apart else segments)
         eliminate_dead_code(self.module)
         self.rewritable = [s for s in self.sites if s.rewritable]
         self.exact_path = frozenset(s.name for m, s in zip(matches, self.sites) if lower_exact and takes_exact_path(m))

@@ -349,6 +349,51 @@ def _q_size(m: AttentionMatch, dim: int) -> int | None:
     return _example_size(m.q, dim if m.q_perm is None or not ndim else m.q_perm[dim % ndim])
 
 
+def _raw_size(node, dim: int):
+    """A dimension of a node's traced value as traced: an int, or a SymInt in a dynamic program."""
+    v = val(node)
+    return v.shape[dim] if isinstance(v, torch.Tensor) and v.dim() > abs(dim) - (dim < 0) else None
+
+
+def on_token_sequence(segments: fx.Node, m: AttentionMatch) -> bool:
+    """Whether a site attends over the sequence of the model's token input, whose tokens the
+    segment ids of boundary chunks number: its query length is that input's length (the same
+    symbol in a dynamic program, the same number in a static one). A vision tower's patches or a
+    sequence with a prepended token are others."""
+    ids = _raw_size(segments.args[0], 1)
+    ndim = len(val(m.q).shape) if isinstance(val(m.q), torch.Tensor) else 0
+    n = _raw_size(m.q, -2 if m.q_perm is None or not ndim else m.q_perm[-2 % ndim])
+    if ids is None or n is None:
+        return True  # (unknown: the op checks the lengths when it runs)
+    if isinstance(ids, torch.SymInt) or isinstance(n, torch.SymInt):
+        return isinstance(ids, torch.SymInt) and isinstance(n, torch.SymInt) and ids.node.expr == n.node.expr
+    return int(ids) == int(n)
+
+
+def sites_apart(segments: fx.Node, planned: list) -> set[str]:
+    """The names of the sites of ``planned`` ([(match, site)], the sites boundary chunks would
+    chunk) that attend over another sequence than the model's token input (:func:`on_token_sequence`):
+    they chunk by ``chunk_size`` alone, with a warning that names them; a one-line ValueError when
+    no site attends over the token input (boundaries would apply to none). Until 2026-12-07 any
+    such site was a one-line error for the whole rewrite, so a vision-language model (its vision
+    tower attends over patches) took no boundaries at all."""
+    import warnings
+
+    from .sites import listed
+
+    apart = [(m, site) for m, site in planned if not on_token_sequence(segments, m)]
+    if not apart:
+        return set()
+    ids = _example_size(segments.args[0], 1)
+    described = [f"{site.name}: {_q_size(m, -2)} tokens" for m, site in apart]
+    if len(apart) == len(planned):
+        raise ValueError(f"boundaries apply to no attention site: each attends over another sequence than the "
+                         f"model's token input ({ids} tokens; {listed(described)}); rewrite without boundaries")
+    warnings.warn(f"boundaries: {len(apart)} attention site(s) attend over another sequence than the model's token "
+                  f"input ({ids} tokens) and chunk by chunk_size alone ({listed(described)})", stacklevel=3)
+    return {site.name for _, site in apart}
+
+
 def _check_segment_length(segments: fx.Node, m: AttentionMatch) -> None:
     """Boundaries give one id per token of the model's token input: a site that attends over
     another number of tokens (a prepended token, a pooled sequence) cannot use them."""
