@@ -231,7 +231,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     _token_input(model, boundaries)  # (its one-line error before anything changes)
     _drop_hooks(model, _SegmentHook)
     segments = _Segments(boundaries) if boundaries is not None else None
-    towers = _other_towers(model) if segments is not None else ()
+    apart = _apart_from_tokens(model, boundaries) if segments is not None else set()
     for module in model.modules():
         for name in ("_mta_config", "_mta_segments"):
             vars(module).pop(name, None)
@@ -239,7 +239,7 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
         entry = config if config is not None else chosen.get(module)
         if entry is not None:
             vars(module)["_mta_config"] = entry  # (config=: every module; only attention layers use it)
-        if segments is not None and not any(getattr(module, "config", None) is tower for tower in towers):
+        if segments is not None and id(module) not in apart:
             vars(module)["_mta_segments"] = segments
         _watch_calls(module)
     if segments is not None:
@@ -249,17 +249,41 @@ def use_mta(model: torch.nn.Module, *, config: MTAConfig | None = None, plan: Pl
     return wrapper
 
 
+def _apart_from_tokens(model: torch.nn.Module, boundaries: Boundaries) -> set[int]:
+    """The ids of the modules of ``model`` that attend over another sequence than the token ids
+    boundary chunks read (``boundaries.input``), so chunk by ``chunk_size`` alone, as ``rewrite``
+    chunks such sites (``passes.lower.sites_apart``): the towers built from a configuration of
+    another modality (:func:`_other_towers`: a vision-language model's vision tower, over patches),
+    and in an encoder-decoder the stack that does not read that input (the decoder, over its own
+    ids, for ``input_ids``; the encoder for ``decoder_input_ids``). Until 2026-12-07 a
+    vision-language model failed at its vision tower's first layer ("the model's input_ids has
+    [2, 39] tokens but SiglipAttention attends over 16 of a batch of 4"), and an encoder-decoder's
+    decoder chunked by the encoder's segments where its ids were as long (T5: 0.13 from rewrite)."""
+    towers = _other_towers(model)
+    roots = [module for module in model.modules() if any(getattr(module, "config", None) is t for t in towers)]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        stack = None
+        try:
+            stack = model.get_encoder() if boundaries.input.startswith("decoder_") else model.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            pass
+        if isinstance(stack, torch.nn.Module) and stack is not model:
+            roots.append(stack)
+    return {id(module) for root in roots for module in root.modules()}
+
+
 def _other_towers(model: torch.nn.Module) -> list:
-    """The configurations a model nests besides its text's (a vision-language model's
-    ``vision_config``, an audio tower's): the layers built from them attend over patches or frames,
-    not over the token ids boundary chunks read their segments from, so they chunk by
-    ``chunk_size`` alone. Until 2026-12-07 ``use_mta(..., boundaries=)`` of a vision-language model
-    failed at its vision tower's first layer ("the model's input_ids has [2, 39] tokens but
-    SiglipAttention attends over 16 of a batch of 4")."""
+    """The configurations a model nests besides its text's for another modality (a
+    vision-language model's ``vision_config``, an audio tower's)."""
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    nested = [getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {}]
+    nested = [getattr(config, name, None) for name in getattr(config, "sub_configs", None) or {}
+              if any(word in name for word in _OTHER_MODALITIES)]  # (T5Gemma's "encoder" attends over the ids)
     return [part for part in nested if part is not None and part is not text and part is not config]
+
+
+# the names of nested configurations whose layers attend over something else than token ids
+_OTHER_MODALITIES = ("vision", "visual", "image", "video", "audio", "speech")
 
 
 def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:

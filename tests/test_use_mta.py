@@ -1434,3 +1434,25 @@ def test_a_vision_language_model_with_images_runs_mta_under_the_masks_it_builds(
             rewritten = mr.rewrite(copy_module.deepcopy(model), (), inputs, config=config, boundaries=boundaries)
         torch.testing.assert_close(rewritten(**inputs).logits, got, rtol=1e-6, atol=1e-6)
     assert (got - want).abs().max() > 1e-3  # (the segments changed the language model's chunks)
+
+
+@pytest.mark.parametrize("decoder_tokens", [30, 45])
+def test_boundary_chunks_of_an_encoder_decoder_are_its_encoders(decoder_tokens):
+    """Boundaries read the encoder's ``input_ids``: T5's encoder chunks by their segments, its
+    decoder (over its own ids) by chunk_size alone, in use_mta as in rewrite. Until 2026-12-07
+    use_mta refused decoder ids of another length and, of the same length (45), chunked the decoder
+    by the encoder's segments: 0.13 from the rewrite."""
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    ids, decoder_ids = torch.randint(4, 100, (2, 45), generator=g), torch.randint(4, 100, (2, decoder_tokens), generator=g)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder_ids, use_cache=False)
+    config, boundaries = mr.MTAConfig(8, 1, 2, 1), mr.Boundaries(tuple(range(10, 30)))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the decoder's sites, named: another sequence than input_ids)
+        got = mr.use_mta(copy_module.deepcopy(model), config=config, boundaries=boundaries)(**inputs).logits
+        want = mr.rewrite(copy_module.deepcopy(model), (), inputs, config=config, boundaries=boundaries)(**inputs).logits
+        plain = mr.use_mta(copy_module.deepcopy(model), config=config)(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got - plain).abs().max() > 1e-3  # (the encoder's segments matter)
