@@ -343,10 +343,15 @@ def _example_size(node, dim: int) -> int | None:
     return size.node.hint if isinstance(size, torch.SymInt) else int(size)
 
 
+def _q_dim(m: AttentionMatch, dim: int) -> int:
+    """Where a dimension of the site's q in the op's order (n at -2, d at -1) is in q as traced."""
+    ndim = len(val(m.q).shape) if isinstance(val(m.q), torch.Tensor) else 0
+    return dim if m.q_perm is None or not ndim else m.q_perm[dim % ndim]
+
+
 def _q_size(m: AttentionMatch, dim: int) -> int | None:
     """A dimension of the site's q in the op's order (n at -2, d at -1), in the traced example."""
-    ndim = len(val(m.q).shape) if isinstance(val(m.q), torch.Tensor) else 0
-    return _example_size(m.q, dim if m.q_perm is None or not ndim else m.q_perm[dim % ndim])
+    return _example_size(m.q, _q_dim(m, dim))
 
 
 def _raw_size(node, dim: int):
@@ -360,9 +365,7 @@ def on_token_sequence(segments: fx.Node, m: AttentionMatch) -> bool:
     segment ids of boundary chunks number: its query length is that input's length (the same
     symbol in a dynamic program, the same number in a static one). A vision tower's patches or a
     sequence with a prepended token are others."""
-    ids = _raw_size(segments.args[0], 1)
-    ndim = len(val(m.q).shape) if isinstance(val(m.q), torch.Tensor) else 0
-    n = _raw_size(m.q, -2 if m.q_perm is None or not ndim else m.q_perm[-2 % ndim])
+    ids, n = _raw_size(segments.args[0], 1), _raw_size(m.q, _q_dim(m, -2))
     if ids is None or n is None:
         return True  # (unknown: the op checks the lengths when it runs)
     if isinstance(ids, torch.SymInt) or isinstance(n, torch.SymInt):
