@@ -1456,3 +1456,28 @@ def test_boundary_chunks_of_an_encoder_decoder_are_its_encoders(decoder_tokens):
         plain = mr.use_mta(copy_module.deepcopy(model), config=config)(**inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert (got - plain).abs().max() > 1e-3  # (the encoder's segments matter)
+
+
+def test_boundary_chunks_read_from_the_decoders_ids_leave_the_encoder_apart():
+    """Boundaries read from ``decoder_input_ids`` (Whisper: its encoder attends over audio frames):
+    the decoder chunks by their segments, the encoder by chunk_size alone, in use_mta as in
+    rewrite. The encoder's 40 frames are as many as the decoder's ids here: until 2026-12-07
+    use_mta gave the encoder the decoder's segments (4.1e-6 from the rewrite)."""
+    cfg = transformers.WhisperConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=40,
+                                     max_target_positions=64, pad_token_id=0, decoder_start_token_id=1, eos_token_id=2,
+                                     bos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(input_features=torch.randn(2, 16, 80, generator=g),
+                  decoder_input_ids=torch.randint(4, 100, (2, 40), generator=g), use_cache=False)
+    config, boundaries = mr.MTAConfig(8, 1, 2, 1), mr.Boundaries(tuple(range(10, 30)), input="decoder_input_ids")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the encoder's sites, named: another sequence)
+        got = mr.use_mta(copy_module.deepcopy(model), config=config, boundaries=boundaries)(**inputs).logits
+        want = mr.rewrite(copy_module.deepcopy(model), (), inputs, config=config, boundaries=boundaries)(**inputs).logits
+        plain = mr.use_mta(copy_module.deepcopy(model), config=config)(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - plain).abs().max() > 1e-4  # (the decoder's segments matter)
