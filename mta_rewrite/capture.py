@@ -141,12 +141,9 @@ def _checked(model: torch.nn.Module, ep: ExportedProgram, args: tuple, kwargs: d
     expected = _NOT_RUN if widened is None else widened.expected
     got = _NOT_RUN
     if _may_run(model) and not _on_meta(model, args, kwargs):
+        if expected is _NOT_RUN:
+            expected = _model_outputs(model, args, kwargs)
         with torch.no_grad():
-            if expected is _NOT_RUN:
-                try:
-                    expected = model(*args, **kwargs)
-                except Exception as exc:  # noqa: BLE001  (the model's own failure: its program would fail the same way)
-                    raise CaptureError(_fails_on_example(model, exc)) from exc
             try:
                 got = ep.module()(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
@@ -166,6 +163,16 @@ def _checked(model: torch.nn.Module, ep: ExportedProgram, args: tuple, kwargs: d
     return ep
 
 
+def _model_outputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The model's outputs on the example (without gradients); its own failure a CaptureError that
+    says so (a program of it would fail the same way)."""
+    with torch.no_grad():
+        try:
+            return model(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (the model's own error, of any type)
+            raise CaptureError(_fails_on_example(model, exc)) from exc
+
+
 def _on_meta(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     tensors += list(model.parameters()) + list(model.buffers())
@@ -179,11 +186,10 @@ def _own_failure(model: torch.nn.Module, args: tuple, kwargs: dict) -> str | Non
     check runs it)."""
     if not _may_run(model):
         return None
-    with torch.no_grad():
-        try:
-            model(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001  (the model's own error, of any type)
-            return _fails_on_example(model, exc)
+    try:
+        _model_outputs(model, args, kwargs)
+    except CaptureError as exc:
+        return str(exc)
     return None
 
 
@@ -429,11 +435,8 @@ def _capture_batch_of_two(model, args, kwargs, wide_args, wide_kwargs) -> _Widen
         if unsupported is not None:
             raise CaptureError(unsupported) from exc
         return _Widened(None, f"capture at batch 2 failed: {_first_line(exc)}")
+    expected = _model_outputs(model, args, kwargs)
     with torch.no_grad():
-        try:
-            expected = model(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001  (the model's own failure: a program of it would fail the same way)
-            raise CaptureError(_fails_on_example(model, exc)) from exc
         try:
             got = ep.module()(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001

@@ -41,8 +41,8 @@ from ..capture import capture
 from ..config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig
 from ..ops.attention import attention_autograd
 from ..passes.lower import (EXACT, add_segment_ids, drop_sink_token, eliminate_dead_code, grouped_attention,
-                            lower_match_to_hook, sink_logit_operands, sink_token_segments, sites_apart, takes_exact_path,
-                            with_sink_token)
+                            lower_match_to_hook, sink_logit_operands, sink_token_segments, sites_apart,
+                            takes_exact_path, with_sink_token)
 from ..passes.match import find_matches
 from ..passes.sites import AttentionSite, describe
 
