@@ -32,6 +32,7 @@ import argparse
 import copy
 import logging
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     text = (f"{__import__('datetime').date.today().isoformat()}, {machine}; SmolLM2-135M-Instruct (Q4_1 GGUF, "
             f"dequantised to fp32, SDPA), passkey retrieval in {haystack}: keys retrieved of {args.depths} depths "
             f"per length (greedy, {NEW_TOKENS} new tokens), `python benchmarks/bench_passkey.py "
-            f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n\n" + "\n".join(lines) + "\n")
+            f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n" + "\n".join(lines) + "\n")
     save_results(args.out, stem, rows, machine, text)
     print(text)
     return 0
