@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all-positions", action="store_true",
                     help="calibrate on the KL over every position instead of the question's and the key's")
     ap.add_argument("--budget", type=float, default=0.05, help="the calibration's KL budget")
-    ap.add_argument("--only", nargs="*", help="run the settings whose names contain one of these")
+    ap.add_argument("--only", nargs="*", help="run only the settings whose names contain one of these (exact attention always runs: the baseline)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
