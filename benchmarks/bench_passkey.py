@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 import logging
 import random
 import shlex
@@ -88,21 +89,24 @@ def retrieved(model, tok, text: str, key: int) -> tuple[bool, str, int]:
     return str(key) in answer, answer, ids.shape[1]
 
 
-def calibrated_plan(original, tok, args, path: Path) -> Path:
-    """Calibrate ``original`` on passkey prompts with their answers (other keys than the trials')
-    and save the plan at ``path``."""
+def hits(row: dict, n: int) -> int:
+    """The keys a setting's row retrieved at prompt length n."""
+    return sum(x["retrieved"] for x in row["trials"] if x["n"] == n)
+
+
+def calibrated_plan(model, tok, args, path: Path) -> Path:
+    """Calibrate ``model`` (as loaded: ``use_cache`` off, what torch.export captures) on passkey
+    prompts with their answers (other keys than the trials') and save the plan at ``path``."""
     rng = random.Random(args.seed + 1)
     n = args.n[0]
     samples, answer_tokens = [], 0
-    for i in range(args.calibrate):
+    for _ in range(args.calibrate):
         key = rng.randint(10000, 99999)
         text = prompt(tok, args.haystack, n, rng.random(), key)
         ids = tok(text, return_tensors="pt")["input_ids"]
         answer = tok(f" {key}.", add_special_tokens=False, return_tensors="pt")["input_ids"]
         answer_tokens = answer.shape[1]
         samples.append({"input_ids": torch.cat([ids, answer], 1)})
-    model = copy.deepcopy(original)
-    model.config.use_cache = False  # (torch.export captures no cache)
     start = time.perf_counter()
     plan = mr.calibrate(model, samples, metric="kl", budget=args.budget, progress=False,
                         last_positions=None if args.all_positions else answer_tokens + 1)
@@ -133,14 +137,15 @@ def settings(tok, plan_path: Path | None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096], help="prompt lengths in tokens (about)")
-    ap.add_argument("--depths", type=int, default=5, help="trials per length: the key at depths evenly spaced in (0, 1)")
+    ap.add_argument("--depths", type=int, default=5, help="trials per length: key depths evenly spaced in (0, 1)")
     ap.add_argument("--haystack", choices=("filler", "text"), default="filler")
     ap.add_argument("--plan", type=Path, help="a calibrated plan (JSON) as one more setting")
     ap.add_argument("--calibrate", type=int, metavar="SAMPLES", help="calibrate a plan on this many prompts first")
     ap.add_argument("--all-positions", action="store_true",
                     help="calibrate on the KL over every position instead of the question's and the key's")
     ap.add_argument("--budget", type=float, default=0.05, help="the calibration's KL budget")
-    ap.add_argument("--only", nargs="*", help="run only the settings whose names contain one of these (exact attention always runs: the baseline)")
+    ap.add_argument("--only", nargs="*",
+                    help="run only the settings whose names contain one of these (exact attention always runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -175,19 +180,18 @@ def main(argv=None) -> int:
                                   "answer": answer})
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        print(name, " ".join(f"{n}: {sum(x['retrieved'] for x in row['trials'] if x['n'] == n)}/{args.depths}"
-                             for n in args.n), f"({row['seconds']} s)", flush=True)
+        print(name, " ".join(f"{n}: {hits(row, n)}/{args.depths}" for n in args.n), f"({row['seconds']} s)", flush=True)
         del model
     lengths = {n: max(x["tokens"] for r in rows for x in r["trials"] if x["n"] == n) for n in args.n}
     lines = ["| setting | " + " | ".join(f"{lengths[n]} tokens" for n in args.n) + " |",
              "|---|" + "---|" * len(args.n)]
     for r in rows:
-        cells = [f"{sum(x['retrieved'] for x in r['trials'] if x['n'] == n)} / {args.depths}" for n in args.n]
+        cells = [f"{hits(r, n)} / {args.depths}" for n in args.n]
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
     machine = cpu_machine()
     haystack = "the filler of Mohtashami & Jaggi (2023)" if args.haystack == "filler" else \
         "Python's standard-library sources"
-    text = (f"{__import__('datetime').date.today().isoformat()}, {machine}; SmolLM2-135M-Instruct (Q4_1 GGUF, "
+    text = (f"{dt.date.today().isoformat()}, {machine}; SmolLM2-135M-Instruct (Q4_1 GGUF, "
             f"dequantised to fp32, SDPA), passkey retrieval in {haystack}: keys retrieved of {args.depths} depths "
             f"per length (greedy, {NEW_TOKENS} new tokens), `python benchmarks/bench_passkey.py "
             f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n" + "\n".join(lines) + "\n")
