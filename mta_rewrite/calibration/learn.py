@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import HeadGroups, Learned, MTAConfig
+from .metrics import first_counted_row
 from .probe import Probe, SiteRecord, fit_in_layer_order, site_output
 
 STEPS = 40
@@ -38,11 +39,12 @@ class SiteFit:
 
 def _errors(config, records: list[SiteRecord], weight, last: int | None = None) -> torch.Tensor:
     """Relative L2 error of the site's output per sample (differentiable in ``weight``; ``last``:
-    over the last query rows only)."""
+    over the last query rows only, and the op computes the query chunks from the first of them on)."""
     errs = []
     for r in records:
         out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, weight, r.segment_ids,
-                          autograd=True, sink_logits=r.sink_logits, softcap=r.softcap)
+                          autograd=True, sink_logits=r.sink_logits, softcap=r.softcap,
+                          rows_from=first_counted_row(r.q.shape[-2], last))
         exact = r.exact.float().reshape(out.shape)
         if last is not None:  # (the last query rows only: out and exact are [B, H, n, d])
             out, exact = out[..., -last:, :], exact[..., -last:, :]

@@ -100,33 +100,44 @@ def attended_rows(mask: torch.Tensor | None, shape) -> torch.Tensor | None:
     return ok.any(-1).expand(shape[:-1])
 
 
+def first_counted_row(n: int, last: int | None) -> int:
+    """The first query row whose error counts in a site's output of n rows when only the ``last``
+    count (0: every row may): the rows before it need not be computed (``probe.site_output``'s
+    ``rows_from``)."""
+    return max(n - last, 0) if last is not None else 0
+
+
 class LocalReference:
     """A site's exact outputs on the samples, prepared once so that measuring a candidate is one
     subtraction per sample: the outputs in float64, which query rows count (those that attend to
-    at least one key; with ``last``, of the last ``last`` rows only) and, per query head, the
-    squared norm of the exact output over those rows.
+    at least one key; with ``last``, of the last ``last`` rows only, the others not kept) and, per
+    query head, the squared norm of the exact output over those rows.
     The walk measures up to ~100 candidates against the same exact outputs."""
 
     def __init__(self, exacts: list[torch.Tensor], masks: list, last: int | None = None):
         self.samples = []
         self.den = 0.0
+        self.last = last
         for y0, mask in zip(exacts, masks):
             rows = attended_rows(mask, y0.shape)
-            n = y0.shape[-2]
-            if last is not None and last < n:  # (only the last query rows count)
-                late = torch.arange(n, device=y0.device) >= n - last
-                rows = late.expand(y0.shape[:-1]) if rows is None else rows & late
-            weight = None if rows is None else rows.to(torch.float64)  # [B, H, n]: 1 for a counted row
+            start = self.rows_from(y0.shape[-2])  # (only the rows from it count)
+            if start:
+                y0, rows = y0[..., start:, :], None if rows is None else rows[..., start:]
+            weight = None if rows is None else rows.to(torch.float64)  # [B, H, rows]: 1 for a counted row
             exact = y0.double()
-            self.samples.append((exact, weight))
+            self.samples.append((start, exact, weight))
             self.den = self.den + _per_head(exact.pow(2).sum(-1), weight)
+
+    def rows_from(self, n: int) -> int:
+        """:func:`first_counted_row` of a sample of n rows."""
+        return first_counted_row(n, self.last)
 
     def parts(self, outputs: list[torch.Tensor]):
         """Per query head, the squared error of the outputs against the exact ones and the squared
         norm of the exact ones, summed over samples and counted rows: ([H], [H])."""
         num = 0.0
-        for y, (exact, weight) in zip(outputs, self.samples):
-            num = num + _per_head((y.double() - exact).pow_(2).sum(-1), weight)
+        for y, (start, exact, weight) in zip(outputs, self.samples):
+            num = num + _per_head((y[..., start:, :].double() - exact).pow_(2).sum(-1), weight)
         return num, self.den
 
 

@@ -110,3 +110,42 @@ def test_calibrate_with_learned_summaries_meets_the_budget_and_never_costs_more(
     with pytest.raises(ValueError, match="learned_plans"):
         mr.calibrate(model, data, budget=0.05, candidates=CANDIDATES, progress=False, learn_summaries=True,
                      learned_plans=0)
+
+
+def test_errors_over_the_last_rows_compute_those_rows_only():
+    """With ``last`` the fit's errors (and their gradients in the weight) are those of the whole
+    output's last rows, the op computing the query chunks from the first of them on: the rows
+    before are not computed (zeros), a fixed configuration and groups of heads."""
+    from mta_rewrite.calibration import learn
+    from mta_rewrite.calibration.probe import site_output
+
+    recs = _records(seed=3, samples=2, n=96)
+    weight = torch.randn(1, 16, generator=torch.Generator().manual_seed(4)) * 0.5
+    outputs = []
+    real = learn.site_output
+
+    def spy(*args, **kwargs):
+        outputs.append(real(*args, **kwargs))
+        return outputs[-1]
+
+    for config in (mr.MTAConfig(8, 2, 4, 0), mr.MTAConfig(16, 1, 0, 2),
+                   mr.HeadGroups.from_heads([mr.MTAConfig(8), mr.MTAConfig(16, top_k=1)])):
+        w = weight.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(learn, "site_output", spy)
+            outputs.clear()
+            got = learn._errors(config, recs, w, last=20)
+        (grad,) = torch.autograd.grad(got.sum(), w)
+        w2 = weight.clone().requires_grad_(True)
+        want = []
+        for r in recs:
+            out = site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, torch.float32, w2, autograd=True)
+            y, y0 = out[..., -20:, :], r.exact[..., -20:, :]
+            want.append((y - y0).norm() / y0.norm())
+        want = torch.stack(want)
+        (want_grad,) = torch.autograd.grad(want.sum(), w2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+        assert float(want.detach().min()) > 0
+        for y in outputs:  # rows 0..63: the query chunks before row 76 (of 8 and of 16 tokens) not computed
+            assert not y[..., :64, :].any(), config

@@ -355,3 +355,52 @@ def test_exact_sites_run_what_the_rewritten_model_runs(case):
             for got in (probe.forward(sample), probe.run(sample)[0]):
                 for x, y in zip(torch.utils._pytree.tree_leaves(got), want):
                     assert torch.equal(x, y), n
+
+
+def test_local_errors_over_the_last_positions_compute_those_rows_only(monkeypatch):
+    """With ``last_positions`` a candidate's local error counts the last rows of each sample only,
+    so the op computes the query chunks from the first counted row on (``rows_from``), per sample
+    (samples of several lengths): the errors are those of the whole outputs, and the chunks before
+    were not computed (zeros). Fixed chunks with and without top-k (by chunks and by query blocks),
+    groups of heads, key padding, learned sink logits and boundary chunks, in float64."""
+    from mta_rewrite.calibration import search
+    from mta_rewrite.calibration.metrics import LocalReference
+    from mta_rewrite.calibration.probe import SiteRecord, exact_output, site_output
+
+    gen = torch.Generator().manual_seed(5)
+    B, H, Hkv, d, last = 2, 4, 2, 8, 20
+
+    def record(n, mask=None, sinks=None, segments=None):
+        q, k, v = (torch.randn(B, h, n, d, generator=gen, dtype=torch.float64) for h in (H, Hkv, Hkv))
+        exact = exact_output(q, k, v, mask, True, None, torch.float64, sink_logits=sinks)
+        return SiteRecord(q, k, v, mask, True, None, exact, segment_ids=segments, sink_logits=sinks)
+
+    padding = torch.ones(B, 1, 1, 96, dtype=torch.bool)
+    padding[1, ..., :10] = False  # left padding
+    segments = (torch.rand(B, 96, generator=gen) < 0.2).long().cumsum(-1)
+    sites = {"plain": [record(96), record(80)], "padded": [record(96, padding), record(80)],
+             "sink logits": [record(96, sinks=torch.randn(1, H, 1, 1, generator=gen, dtype=torch.float64))],
+             "boundaries": [record(96, segments=segments)]}
+    configs = [mr.MTAConfig(16), mr.MTAConfig(16, 2, 4, 2), mr.MTAConfig(8, 2, 0, 0), mr.MTAConfig(32, 1, 4, 1),
+               HeadGroups.from_heads([mr.MTAConfig(16, top_k=1), None, mr.MTAConfig(8), mr.MTAConfig(16)])]
+    outputs = []
+    real = search.site_output
+    monkeypatch.setattr(search, "site_output", lambda *a, **kw: outputs.append(real(*a, **kw)) or outputs[-1])
+    for site, recs in sites.items():
+        exacts, masks = [r.exact for r in recs], [r.mask for r in recs]
+        for config in configs:
+            if site == "boundaries" and isinstance(config, HeadGroups):
+                continue
+            outputs.clear()
+            got = _site_parts(recs, config, LocalReference(exacts, masks, last))
+            whole = [site_output(config, None, r.q, r.k, r.v, r.mask, r.causal, r.scale, r.q.dtype,
+                                 segment_ids=r.segment_ids, sink_logits=r.sink_logits) for r in recs]
+            want = LocalReference(exacts, masks, last).parts(whole)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=f"{site}, {config}")
+            assert float(want[0].sum()) > 0, (site, config)
+            if site != "boundaries":  # (boundary chunks may compute every row: ops.attention)
+                heads = [0, 2, 3] if isinstance(config, HeadGroups) else list(range(H))  # (head 1: exact, SDPA)
+                for y, r in zip(outputs, recs):
+                    first = (r.q.shape[-2] - last) // 32 * 32  # the smallest chunk/block multiple at or before it
+                    first -= r.sink_logits is not None  # (the sink logits' token comes first, then is dropped)
+                    assert first > 0 and not y[:, heads, :first].any(), (site, config)
