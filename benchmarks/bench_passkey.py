@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import logging
 import random
 import shlex
@@ -59,12 +60,13 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 NEW_TOKENS = 12
 
 
-def haystack_pieces(tok, kind: str, n: int) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def haystack_pieces(tok, kind: str, n: int) -> tuple[str, ...]:
     """Pieces of haystack text, enough for a prompt of about n tokens: the filler sentence
-    repeated, or lines of real text."""
+    repeated, or lines of real text. Built once per length (each trial's prompt takes them)."""
     if kind == "filler":
         per = len(tok(FILLER)["input_ids"])
-        return [FILLER] * max(1, (n - 60) // per)
+        return (FILLER,) * max(1, (n - 60) // per)
     lines = [line + "\n" for line in zoo.real_text(8 * n).splitlines() if line.strip()]
     pieces, used = [], 0
     for line in lines:
@@ -73,7 +75,7 @@ def haystack_pieces(tok, kind: str, n: int) -> list[str]:
             break
         pieces.append(line)
         used += cost
-    return pieces
+    return tuple(pieces)
 
 
 def prompt(tok, kind: str, n: int, depth: float, key: int) -> str:
