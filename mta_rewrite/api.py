@@ -111,8 +111,10 @@ def rewrite(
         elif lower_exact and takes_exact_path(m):
             lower_match(gm, m, EXACT)
     eliminate_dead_code(gm)
-    # (mta_sites: what was found, for reports)
-    return finish(gm, (args, kwargs), mta_sites=sites, mta_plan=chosen, mta_boundaries=boundaries)
+    # (mta_sites: what was found, for reports; config: the model's, which pipelines read)
+    kept = {"config": model.config} if isinstance(model, torch.nn.Module) and hasattr(model, "config") \
+        and "config" not in gm._modules else {}
+    return finish(gm, (args, kwargs), mta_sites=sites, mta_plan=chosen, mta_boundaries=boundaries, **kept)
 
 
 def _warn_left_exact(sites: list[AttentionSite], chosen: dict, plan: Plan | None) -> None:

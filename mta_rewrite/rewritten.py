@@ -29,6 +29,8 @@ other's parameters.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import types
 from typing import Any
 
@@ -38,8 +40,9 @@ from torch.utils import _pytree as pytree
 
 from .calls import bind_calls
 
-#: the attributes ``rewrite`` sets on its module (kept by a deep copy)
-ATTRIBUTES = ("mta_call", "mta_sites", "mta_plan", "mta_boundaries")
+#: the attributes ``rewrite`` sets on its module (kept by a deep copy); ``config``: the model's
+#: (transformers' and diffusers' models have one, which their pipelines read)
+ATTRIBUTES = ("mta_call", "mta_sites", "mta_plan", "mta_boundaries", "config")
 
 
 def finish(gm: torch.fx.GraphModule, example: tuple[tuple, dict], **attributes: Any) -> torch.fx.GraphModule:
@@ -64,7 +67,33 @@ def _install(gm: torch.fx.GraphModule) -> None:
     # makes one class per instance)
     type(gm).__copy__ = _shallow_copy
     type(gm).__reduce_ex__ = _refuse_pickling
+    # what pipelines read of the model they call (diffusers': ``transformer.dtype``, ``.device``,
+    # ``with transformer.cache_context("cond"):``), unless the graph has a submodule of that name
+    for name, value in (("dtype", property(_dtype)), ("device", property(_device)), ("cache_context", _cache_context)):
+        if name not in gm._modules:
+            setattr(type(gm), name, value)
     torch.nn.Module.train(gm, False)
+
+
+def _dtype(self: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating parameter or buffer (float32 if it has none), as
+    transformers' and diffusers' models give theirs."""
+    tensors = itertools.chain(self.parameters(), self.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+def _device(self: torch.nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (the CPU if it has none)."""
+    return next((t.device for t in itertools.chain(self.parameters(), self.buffers())), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def _cache_context(self: torch.nn.Module, name: str, **kwargs: Any):
+    """The context diffusers' pipelines enter around each call of their denoiser
+    (``CacheMixin.cache_context``, naming the call "cond" or "uncond" for its caching hooks). It
+    does nothing here: those hooks sit on the model's own modules, which the rewritten module does
+    not run."""
+    yield
 
 
 def _refuse_pickling(self: torch.fx.GraphModule, protocol: int):
