@@ -185,9 +185,10 @@ class _Pairs:
             return self.call(t, *a, **kw)
         if t in (aten.unsqueeze.default, aten.select.int, aten.squeeze.dim, aten.slice.Tensor, aten.sym_size.int,
                  aten.transpose.int, aten.flip.default, aten.squeeze.dims, aten.sum.dim_IntList, aten.mean.dim,
-                 aten.narrow.default):
+                 aten.narrow.default, aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default):
             rest = list(a[1:])
-            at = (0, 1) if t is aten.transpose.int else (0,)
+            at = (0, 1) if t is aten.transpose.int else (1,) if t in (aten.split.Tensor, aten.split_with_sizes.default) \
+                else (0,)
             for i in at:
                 if i < len(rest):
                     rest[i] = [_dim(d) for d in rest[i]] if isinstance(rest[i], (list, tuple)) else _dim(rest[i])
@@ -197,6 +198,8 @@ class _Pairs:
             if t is aten.slice.Tensor and not rest and "dim" not in kw:
                 rest = [0]
             return self.call(t, a[0], *rest, **kw)
+        if t is operator.getitem and isinstance(_val(args[0]), (list, tuple)):
+            return self.call(t, *a)  # one piece of a split or unbind: its pair tensor
         if t is aten.permute.default:
             n = _val(args[0]).dim()
             return self.call(t, a[0], [d % n for d in a[1]] + [n])

@@ -60,6 +60,8 @@ FORMS = {
     "select_narrow_squeeze": lambda x: _c(x)[:, 2].narrow(-1, 1, 2).unsqueeze(1).squeeze(1).flip(-1),
     "cat_stack": lambda x: torch.cat([torch.stack([_c(x), _c(x) * 2], -1), _c(x)[..., None]], dim=-1),
     "sum_mean": lambda x: _c(x).sum(-1) + _c(x).mean(dim=1, keepdim=True)[:, :, 0],
+    "split_unbind": lambda x: (lambda a, b: torch.cat([b, a * 2j], -1))(*torch.split(_c(x), [1, 3], dim=-1))
+    * sum(_c(x).split(2, dim=-1))[..., :1] + torch.stack(_c(x).unbind(-1)[::-1], -1),
     "index_and_where": lambda x: torch.where(x[..., :4] > 0, _c(x), _c(x) * 1j)[torch.tensor([1, 0])][:, [4, 0]],
 }
 
