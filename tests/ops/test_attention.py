@@ -109,18 +109,19 @@ def test_matches_reference_shapes(n, Hq, Hkv):
         torch.testing.assert_close(mta(q, k, v, **kw), mta_attention_reference(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("c", [4, 100])  # several chunks; one chunk (exact)
+@pytest.mark.parametrize("c,top_k", [(4, 0), (4, 2), (100, 0)])  # several chunks, with top-k; one chunk (exact)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "fused_qkv_slice"])
-def test_output_takes_the_layout_of_q(c, layout):
+def test_output_takes_the_layout_of_q(c, top_k, layout):
     """Models pass q, k, v as transposed [B, n, H, d] buffers, often slices of one fused q/k/v
     projection; the output has q's layout as ``torch.empty_like(q)`` gives it (the op's fake says
-    the same), and its values do not depend on the layout."""
+    the same), and its values do not depend on the layout (top-k gathers its chunks from a copy of
+    a strided k and v)."""
     q, k, v = qkv(Hkv=4)
     if layout == "transposed":
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     elif layout == "fused_qkv_slice":
         q, k, v = torch.cat([x.transpose(1, 2) for x in (q, k, v)], dim=-1).transpose(1, 2).split(8, dim=-1)
-    kw = dict(chunk_size=c, causal=True, sinks=1)
+    kw = dict(chunk_size=c, causal=True, sinks=1, top_k=top_k)
     out = mta(q, k, v, **kw)
     assert out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
     assert out.is_contiguous() == (layout == "contiguous")
