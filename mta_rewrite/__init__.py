@@ -5,6 +5,7 @@ Importing the package registers ``torch.ops.mta.attention`` (MTA_SPEC.md).
 
 from .calibration import calibrate
 from .api import count_mta_nodes, find_attention, load_module, load_program, rewrite, save_program
+from .calls import record_calls
 from .capture import CaptureError, capture
 from .config import Boundaries, Clustered, HeadGroups, Learned, MTAConfig, Plan, PlanEntry
 from .interface import use_mta
@@ -24,6 +25,6 @@ def __getattr__(name):
 
 __all__ = [
     "AttentionSite", "Boundaries", "CaptureError", "Clustered", "HeadGroups", "Learned", "calibrate", "MTAConfig", "Plan", "PlanEntry", "attention", "capture",
-    "count_mta_nodes", "export_onnx", "find_attention", "onnx_session", "load_module", "load_program", "mta_attention_reference", "rewrite", "save_program", "use_mta",
+    "count_mta_nodes", "export_onnx", "find_attention", "onnx_session", "load_module", "load_program", "mta_attention_reference", "record_calls", "rewrite", "save_program", "use_mta",
     "__version__",
 ]

@@ -12,6 +12,7 @@ returns bind every call with it (:class:`BindCalls`, a forward pre-hook).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any, NamedTuple
@@ -246,3 +247,40 @@ def as_call(sample: Any) -> tuple[tuple, dict]:
     if isinstance(sample, torch.Tensor):
         return (sample,), {}
     raise TypeError(f"a calibration sample is a tuple of arguments or a dict of keyword arguments, got {type(sample).__name__}")
+
+
+class RecordedCall(NamedTuple):
+    """One call of a module as :func:`record_calls` saw it: ``rewrite(module, call.args,
+    call.kwargs, ...)`` (or ``rewrite(module, *call, ...)``) captures the module as it was called."""
+
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def record_calls(module: torch.nn.Module, count: int = 1):
+    """A list that fills, while the block runs, with the first ``count`` calls of ``module`` (its
+    forward's arguments as the caller passed them, tensors copied: what the caller changes in place
+    afterwards does not change them). The example to capture a module that something else calls:
+    a diffusers pipeline's denoiser, a model inside an application::
+
+        with mr.record_calls(pipe.transformer) as calls:
+            pipe(prompt, num_inference_steps=1)
+        pipe.transformer = mr.rewrite(pipe.transformer, *calls[0], config=mr.MTAConfig(128, 2, 4, 0))
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"record_calls records the calls of a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive int (the calls to record), got {count!r}")
+    calls: list[RecordedCall] = []
+
+    def record(_module, args, kwargs):
+        if len(calls) < count:
+            copied = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (tuple(args), dict(kwargs)))
+            calls.append(RecordedCall(*copied))
+
+    handle = module.register_forward_pre_hook(record, with_kwargs=True, prepend=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()

@@ -1564,3 +1564,45 @@ def test_a_model_that_fails_on_its_example_is_said_to(capfd):
         warnings.simplefilter("ignore")
         with pytest.raises(mr.CaptureError, match=r"^torch.export could not capture _InnerSizeOff: .*same reduction dim"):
             mr.capture(_InnerSizeOff().train(), (x4,))
+
+
+def test_record_calls_gives_the_example_of_a_module_something_else_calls():
+    """``record_calls``: the first ``count`` calls of a module as its caller made them (positional
+    and keyword arguments, tensors copied), the example ``rewrite`` captures it from; the hook is
+    gone after the block; bad arguments are one-line errors."""
+
+    class _Attention(torch.nn.Module):
+        def forward(self, x, scale=1.0, mask=None):
+            q = k = v = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2).flatten(2)
+
+    class _App(torch.nn.Module):  # something else that calls the module, twice
+        def __init__(self):
+            super().__init__()
+            self.attention = _Attention()
+
+        def forward(self, x):
+            x = x.clone()
+            first = self.attention(x, scale=0.5)
+            x.mul_(2)  # (changed in place after the call: the record keeps what was passed)
+            return first + self.attention(x, scale=0.5)
+
+    app, x = _App(), torch.randn(2, 12, 8)
+    with mr.record_calls(app.attention) as calls:
+        app(x)
+    assert len(calls) == 1 and not app.attention._forward_pre_hooks
+    args, kwargs = calls[0]
+    assert kwargs == {"scale": 0.5} and torch.equal(args[0], x)
+    with mr.record_calls(app.attention, count=5) as calls:
+        app(x)
+    assert len(calls) == 2 and torch.equal(calls[1].args[0], 2 * x)
+    fast = mr.rewrite(app.attention, *calls[0], config=mr.MTAConfig(chunk_size=4))
+    reference = mta_attention_reference(*(x.unflatten(-1, (2, 4)).transpose(1, 2),) * 3, chunk_size=4, scale=0.5)
+    torch.testing.assert_close(fast(x, scale=0.5), reference.transpose(1, 2).flatten(2).float(), rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="^record_calls records the calls of a torch.nn.Module, got method$"):
+        with mr.record_calls(app.forward):
+            pass
+    for count in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="^count must be a positive int"):
+            with mr.record_calls(app.attention, count=count):
+                pass
