@@ -527,7 +527,8 @@ def _not_about_shapes(model: torch.nn.Module, exc: Exception) -> str | None:
     - the model runs FlexAttention (transformers' ``attn_implementation="flex_attention"``), which
       torch.export fails on here ("FlexAttention does not support backward on CPU", or an error
       inside its block-mask code) and which the rewrite would not take anyway (``find_attention``
-      reports it)."""
+      reports it); a model that calls FlexAttention itself (diffusers' AnyFlow-FAR) has no
+      ``attn_implementation`` to switch: captured without gradients, its other sites rewrite."""
     import re
 
     found = re.search(r"Found <class '([^']+)'> in output", str(exc))
@@ -539,8 +540,15 @@ def _not_about_shapes(model: torch.nn.Module, exc: Exception) -> str | None:
                f"cannot return ({hint})"
     flex = any(getattr(getattr(m, "config", None), "_attn_implementation", None) == "flex_attention"
                for m in model.modules())
-    if flex or "FlexAttention" in str(exc):
+    if flex:
         return f"torch.export could not capture {type(model).__name__}, which runs FlexAttention " \
                f"({_first_line(exc)}): load it with attn_implementation=\"sdpa\" or \"eager\", the same " \
                "attention, which mta-rewrite rewrites (FlexAttention it would not)"
+    if "FlexAttention" in str(exc):  # (not through transformers: a diffusers model, a module's own call)
+        hint = ("capture it without gradients (under torch.no_grad(), or its parameters requires_grad_(False): "
+                "FlexAttention has no backward on the CPU); its FlexAttention then stays exact (a flex site) and "
+                "its other attention can be rewritten") if "backward on CPU" in str(exc) else \
+            "mta-rewrite does not rewrite FlexAttention (a flex site); the same attention through " \
+            "scaled_dot_product_attention it rewrites"
+        return f"torch.export could not capture {type(model).__name__}, which runs FlexAttention ({_first_line(exc)}): {hint}"
     return None

@@ -1071,7 +1071,8 @@ def test_flex_attention_is_reported_and_left_exact():
     tensor may have escaped from inside a function being vmapped"). A transformers model loaded with
     ``attn_implementation="flex_attention"`` does not capture on the CPU at all: one CaptureError
     saying to load it with SDPA or eager attention (it was torch's "FlexAttention does not support
-    backward on CPU", after a warning blaming dynamic shapes)."""
+    backward on CPU", after a warning blaming dynamic shapes); a module that calls FlexAttention
+    itself, with gradients: one CaptureError saying to capture it without them."""
     model = _FlexAttention().eval().requires_grad_(False)  # (FlexAttention captures on the CPU without grads)
     x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
     # (rewrite first: once torch.export has traced FlexAttention at static shapes, as find_attention
@@ -1085,6 +1086,18 @@ def test_flex_attention_is_reported_and_left_exact():
         (site,) = mr.find_attention(model, (x,))
         assert (site.kind, site.mask, site.rewritable, site.q_heads, site.seq_len) == ("flex", "block mask", False, 4, 16)
         assert 'attn_implementation="sdpa"' in site.reason
+    # with gradients, on the CPU: no transformers model to load otherwise, so the way round is to
+    # capture without them (until 2026-12-08 it said to load the model with attn_implementation="sdpa")
+    with pytest.raises(mr.CaptureError) as info:
+        mr.capture(_FlexAttention().eval(), (x,))
+    assert str(info.value) == (
+        "torch.export could not capture _FlexAttention, which runs FlexAttention (FlexAttention does not support "
+        "backward on CPU. Please set the input requires_grad to False or use another device.): capture it without "
+        "gradients (under torch.no_grad(), or its parameters requires_grad_(False): FlexAttention has no backward on "
+        "the CPU); its FlexAttention then stays exact (a flex site) and its other attention can be rewritten")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [s.kind for s in mr.find_attention(_FlexAttention().eval(), (x,))] == ["flex"]
     if not HAS_TRANSFORMERS:
         return
     llama = zoo._hf(lambda t: t.LlamaConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
