@@ -41,11 +41,9 @@ def reference_attention(config: mr.MTAConfig):
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                     enable_gqa=enable_gqa)
 
-    F.scaled_dot_product_attention = patched
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", patched)
         yield counts
-    finally:
-        F.scaled_dot_product_attention = sdpa
 
 
 def _flux():
