@@ -134,6 +134,43 @@ def test_output_takes_the_layout_of_q(c, top_k, layout):
             assert mta(fq, fk, fv, **kw).stride() == out.stride()
 
 
+def model_layout(q, k, v, layout: str):
+    """q, k, v (same values) as models hand them to attention."""
+    if layout == "transposed":  # [B, n, H, d] buffers viewed as [B, H, n, d] (transformers, diffusers)
+        return tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert layout == "fused_projection"  # slices of one [B, n, (Hq + 2·Hkv)·d] projection (GPT-2's c_attn)
+    flat = torch.cat([x.transpose(1, 2).flatten(2) for x in (q, k, v)], dim=-1)
+    parts = flat.split([x.shape[1] * x.shape[3] for x in (q, k, v)], dim=-1)
+    return tuple(p.unflatten(-1, x.shape[1::2]).transpose(1, 2) for p, x in zip(parts, (q, k, v)))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "fused_projection"])
+@pytest.mark.parametrize("mask_kind", ["none", "key_padding_bool", "per_head_key_padding", "alibi_bias"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2)])
+def test_model_layouts_in_whole_chunks_match_reference(layout, mask_kind, Hq, Hkv):
+    """With whole chunks (nothing padded, so nothing copied first) the op reads a model's layouts
+    as they are: each chunk's key and value sums as one matmul over a token's heads side by side,
+    the query rows band by band, the output written in q's layout. Values are the reference's,
+    gradients the contiguous inputs' (which test_gradcheck checks), whatever the layout."""
+    B, n = 2, 16
+    q0, k0, v0 = qkv(B, Hq, Hkv, n)
+    mask = make_mask(mask_kind, B, Hq, n)
+    for causal, top_k in itertools.product([False, True], [0, 2]):
+        kw = dict(chunk_size=4, causal=causal, sinks=1, top_k=top_k)
+        q, k, v = (x.requires_grad_() for x in model_layout(*(x.detach().clone() for x in (q0, k0, v0)), layout))
+        out = mta(q, k, v, mask, **kw)
+        assert out.stride() == torch.empty_like(q).stride()
+        ref = mta_attention_reference(q0, k0, v0, mask, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q0, k0, v0))
+        w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+        for got, want in zip(torch.autograd.grad((out * w).sum(), (q, k, v)),
+                             torch.autograd.grad((mta(qc, kc, vc, mask, **kw) * w).sum(), (qc, kc, vc))):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        with torch.no_grad():  # (the forward without autograd: top-k's two key sets)
+            torch.testing.assert_close(mta(q, k, v, mask, **kw), ref, rtol=1e-10, atol=1e-10)
+
+
 def test_fully_masked_rows_are_zero():
     q, k, v = qkv(1, 2, 2, 10)
     mask = torch.ones(1, 1, 10, 10, dtype=torch.bool)
