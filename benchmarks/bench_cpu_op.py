@@ -9,6 +9,10 @@ Providers (each timed in this process, peak memory measured in a fresh subproces
 
     python benchmarks/bench_cpu_op.py                 # n ∈ {1024, 4096, 16384}, H = 8, d = 64
     python benchmarks/bench_cpu_op.py --n 4096 --repeats 5
+    python benchmarks/bench_cpu_op.py --layout transposed   # q, k, v as models pass them
+
+``--layout transposed``: every provider gets q, k, v as [B, n, H, d] buffers viewed as [B, H, n, d]
+(what transformers' and diffusers' attention hands SDPA); the default is contiguous [B, H, n, d].
 
 Prints a table and writes benchmarks/results/cpu_op_<date>.json and .md.
 """
@@ -59,16 +63,18 @@ def provider_fn(name, q, k, v, c, causal):
     return lambda: torch.ops.mta.attention(q, k, v, chunk_size=c, causal=causal)
 
 
-def inputs(n, heads, d):
+def inputs(n, heads, d, layout="contiguous"):
     g = torch.Generator().manual_seed(0)
+    if layout == "transposed":
+        return [torch.randn(1, n, heads, d, generator=g).transpose(1, 2) for _ in range(3)]
     return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
 
 
-def measure_peak_mib(name, n, heads, d, c, causal):
+def measure_peak_mib(name, n, heads, d, c, causal, layout="contiguous"):
     """Peak resident-memory growth of one call (Linux): reset the high-water mark, call, read it."""
     warm = inputs(4 * c, heads, d)  # first-call costs (lazy imports, thread pools) are not the op's
     provider_fn(name, *warm, c, causal)()
-    q, k, v = inputs(n, heads, d)
+    q, k, v = inputs(n, heads, d, layout)
     fn = provider_fn(name, q, k, v, c, causal)
     reset_peak_rss()
     before = status_kib("VmRSS")
@@ -76,10 +82,10 @@ def measure_peak_mib(name, n, heads, d, c, causal):
     return (status_kib("VmHWM") - before) / 1024
 
 
-def peak_memory_mib(name, n, heads, d, c, causal):
+def peak_memory_mib(name, n, heads, d, c, causal, layout="contiguous"):
     """measure_peak_mib in a fresh process, so that memory freed by earlier calls cannot hide it."""
-    code = "import sys; sys.path.insert(0, %r); import bench_cpu_op as b; print(b.measure_peak_mib(%r, %d, %d, %d, %d, %r))" % (
-        str(Path(__file__).parent), name, n, heads, d, c, causal)
+    code = ("import sys; sys.path.insert(0, %r); import bench_cpu_op as b; print(b.measure_peak_mib(%r, %d, %d, %d, %d, "
+            "%r, %r))" % (str(Path(__file__).parent), name, n, heads, d, c, causal, layout))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -90,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layout", choices=["contiguous", "transposed"], default="contiguous",
+                    help="q, k, v as contiguous [B, H, n, d] or as models pass them: [B, n, H, d] transposed")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--label", default="", help="suffix for the result files (e.g. the allocator setting)")
@@ -101,14 +109,14 @@ def main(argv=None):
     rows = []
     for n in args.n:
         c = 1 << round(math.log2(math.sqrt(n)))
-        q, k, v = inputs(n, args.heads, args.head_dim)
+        q, k, v = inputs(n, args.heads, args.head_dim, args.layout)
         for causal in (False, True):
             row = {"n": n, "chunk_size": c, "mode": "causal" if causal else "full"}
             for name in ("sdpa", "composition", "mta"):
                 reps = 1 if name == "sdpa" and n >= 8192 else args.repeats
                 row[f"{name}_ms"] = best_ms(provider_fn(name, q, k, v, c, causal), reps)
                 if not args.no_memory:
-                    row[f"{name}_peak_mib"] = peak_memory_mib(name, n, args.heads, args.head_dim, c, causal)
+                    row[f"{name}_peak_mib"] = peak_memory_mib(name, n, args.heads, args.head_dim, c, causal, args.layout)
             # the composition computes the same function: a cheap cross-check of the benchmark
             diff = (provider_fn("composition", q, k, v, c, causal)() - provider_fn("mta", q, k, v, c, causal)()).abs().max()
             row["mta_vs_composition_max_abs_diff"] = float(diff)
@@ -126,12 +134,14 @@ def main(argv=None):
             f"{r['mta_ms']:.1f} | {r['speedup_vs_sdpa']:.1f}× | {r['composition_speedup_vs_sdpa']:.1f}× | {mem} |"
         )
     table = "\n".join(lines)
-    print(f"\nB=1, H={args.heads}, d={args.head_dim}, fp32; {machine}\n{table}")
+    shape = f"B=1, H={args.heads}, d={args.head_dim}, fp32, {args.layout} q, k, v"
+    print(f"\n{shape}; {machine}\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat() + (f"_{args.label}" if args.label else "")
-    meta = {"date": stamp, "machine": machine, "heads": args.heads, "head_dim": args.head_dim, "rows": rows}
+    meta = {"date": stamp, "machine": machine, "heads": args.heads, "head_dim": args.head_dim, "layout": args.layout,
+            "rows": rows}
     (args.out / f"cpu_op_{stamp}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (args.out / f"cpu_op_{stamp}.md").write_text(f"{stamp}, {machine}, B=1, H={args.heads}, d={args.head_dim}, fp32\n\n{table}\n")
+    (args.out / f"cpu_op_{stamp}.md").write_text(f"{stamp}, {machine}, {shape}\n\n{table}\n")
 
 
 if __name__ == "__main__":
