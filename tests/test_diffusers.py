@@ -164,3 +164,51 @@ def test_a_rewritten_denoiser_runs_in_its_pipeline():
     assert counts["mta"] == 2 * 2 and counts["exact"] == 0  # two sites, two steps
     assert got.shape == (1, 3, 48, 48)
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+
+
+def _framepack(prompt_tokens: int):
+    """HunyuanVideo-Framepack, batch 1: the model cuts the prompt to its real tokens by the
+    mask's sum (``.item()``: a length torch.export cannot know), and its single-stream blocks apply
+    the rotary embedding to the image tokens alone, cutting q and k at that length."""
+    g = torch.Generator().manual_seed(5)
+    frames, mask = 3, torch.zeros(1, 12)
+    mask[:, :prompt_tokens] = 1.0
+    video = lambda n: torch.randn(1, 4, n, 4, 4, generator=g)  # noqa: E731
+    return dict(hidden_states=video(frames), timestep=torch.tensor([300]),
+                encoder_hidden_states=torch.randn(1, 12, 16, generator=g), pooled_projections=torch.randn(1, 8, generator=g),
+                encoder_attention_mask=mask, guidance=torch.tensor([400]), image_embeds=torch.randn(1, 12, 16, generator=g),
+                indices_latents=torch.ones(frames), latents_clean=video(2), indices_latents_clean=torch.ones(2),
+                latents_history_2x=video(2), indices_latents_history_2x=torch.ones(2), latents_history_4x=video(8),
+                indices_latents_history_4x=torch.ones(8), return_dict=False)
+
+
+def test_a_prompt_length_read_from_the_data_is_self_attention_still():
+    """torch.export gives each cut at a data-dependent length its own unknown size, so q's and k's
+    lengths came out as different symbols (u9 + 23 against u12 + 23) and the single-stream site
+    was reported as cross-attention and left exact. Cuts with the same bounds of equally long
+    sequences are equally long (passes.match.equal_slice_lengths): every self-attention site is
+    rewritten, and the program follows the prompt's length at run time."""
+    torch.manual_seed(0)
+    model = D.HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True).eval()
+    kwargs = _framepack(12)
+    sites = mr.find_attention(model, (), kwargs)
+    assert {s.name: (s.seq_len, s.rewritable) for s in sites} == {
+        "context_embedder.token_refiner.refiner_blocks.0.attn": (12, True), "transformer_blocks.0.attn": (None, True),
+        "single_transformer_blocks.0.attn": (None, True)}
+    one = mr.rewrite(model, (), kwargs, config=ONE_CHUNK)
+    fast = mr.rewrite(model, (), kwargs, config=CFG)
+    for prompt_tokens in (12, 7):  # (the capture saw 12; 7 real tokens make a shorter sequence)
+        kwargs = _framepack(prompt_tokens)
+        with torch.no_grad():
+            original = model(**kwargs)[0]
+            torch.testing.assert_close(one(**kwargs)[0], original, rtol=0, atol=1e-6)
+            got = fast(**kwargs)[0]
+            with reference_attention(CFG) as counts:
+                reference = model(**kwargs)[0]
+        assert counts == {"mta": 3, "exact": 0}
+        assert (reference - original).abs().max() > 1e-3
+        torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)

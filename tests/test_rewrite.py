@@ -1619,3 +1619,66 @@ def test_record_calls_gives_the_example_of_a_module_something_else_calls():
         with pytest.raises(ValueError, match="^count must be a positive int"):
             with mr.record_calls(app.attention, count=count):
                 pass
+
+
+class _CutAtThePromptLength(torch.nn.Module):
+    """Image tokens and a prompt cut to its real length, read from the data (``.item()``: a size
+    torch.export cannot know); ``kind`` says what attends to what:
+    ``rotary_on_image_tokens``: one sequence, q and k cut at the prompt to scale their image part
+    (as diffusers' HunyuanVideo-Framepack applies its rotary embedding): self-attention;
+    ``queries_before_the_cut``: the image part's queries attend to the prompt part's keys;
+    ``prompt_as_keys``: the image tokens' queries attend to the prompt alone."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, image, text, length):
+        text = text[:, :length.item()]
+        u = text.shape[1]
+        q, k, v = self.qkv(torch.cat([image, text], 1)).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        if self.kind == "rotary_on_image_tokens":
+            rot = torch.linspace(0.5, 1.5, image.shape[1]).view(-1, 1)
+            q = torch.cat([q[:, :, :-u] * rot, q[:, :, -u:]], 2)
+            k = torch.cat([k[:, :, :-u] * rot, k[:, :, -u:]], 2)
+        elif self.kind == "queries_before_the_cut":
+            torch._check(u >= 1)  # (SDPA's shape checks want to know the keys are not empty)
+            torch._check(u <= 8)
+            q, k, v = q[:, :, :-u], k[:, :, -u:], v[:, :, -u:]
+        else:
+            torch._check(u >= 1)
+            _, k, v = self.qkv(text).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            q = q[:, :, :image.shape[1]]
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["rotary_on_image_tokens", "queries_before_the_cut", "prompt_as_keys"])
+def test_lengths_read_from_the_data_are_compared_by_how_they_were_cut(kind):
+    """Each cut at a data-dependent length gets its own unknown size from torch.export; q and k cut
+    with the same bounds from one sequence are the same length at every run (the site is
+    rewritten and follows the prompt's length), while different cuts, or another sequence's
+    keys, stay exact as cross-attention."""
+    torch.manual_seed(0)
+    model = _CutAtThePromptLength(kind).eval()
+    image, text = torch.randn(1, 12, 16), torch.randn(1, 8, 16)
+    (site,) = mr.find_attention(model, (image, text, torch.tensor(5)))
+    if kind != "rotary_on_image_tokens":
+        assert not site.rewritable and site.reason.startswith("cross-attention"), site.reason
+        return
+    assert site.rewritable, site.reason
+    config = mr.MTAConfig(chunk_size=4, local_chunks=1, sinks=1)
+    one = mr.rewrite(model, (image, text, torch.tensor(5)), config=mr.MTAConfig(chunk_size=1 << 20))
+    fast = mr.rewrite(model, (image, text, torch.tensor(5)), config=config)
+    with torch.no_grad():
+        for length in (5, 2, 8):
+            args = (image, text, torch.tensor(length))
+            torch.testing.assert_close(one(*args), model(*args), rtol=0, atol=1e-6)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: mta_attention_reference(
+                    q, k, v, chunk_size=4, local_chunks=1, sinks=1).to(q.dtype))
+                reference = model(*args)
+            assert (reference - model(*args)).abs().max() > 1e-3  # (MTA differs from exact attention here)
+            got = fast(*args)
+            assert got.shape[2] == 12 + length
+            torch.testing.assert_close(got, reference, rtol=0, atol=1e-6)

@@ -231,6 +231,64 @@ def same_size(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _expr(size: Any, subs: dict) -> Any:
+    """A size (int, SymInt or None) as a sympy expression with ``subs`` applied (ints and None as they are)."""
+    return size.node.expr.xreplace(subs) if isinstance(size, torch.SymInt) else size
+
+
+def equal_slice_lengths(graph: fx.Graph) -> dict:
+    """Sizes that slices prove equal where torch.export cannot: a slice whose bounds depend on the
+    input's values (``x[:, -u:]`` with u a prompt's real length, read by ``.item()``) gets a fresh
+    unbacked size, so two slices with the same bounds of equally long dimensions (q's and k's
+    text part, as a rotary embedding on the image tokens alone cuts them) get sizes it cannot tell
+    apart, and q and k lengths that are equal at every run. Slicing is a function of the length
+    and the bounds: this maps each such size's symbol to the first one cut the same way (the graph
+    in order, so a slice of a slice is compared by its input's mapped length). Cached on the graph."""
+    cached = graph.__dict__.get("_mta_equal_slice_lengths")
+    if cached is not None:
+        return cached
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    subs, first = {}, {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
+            continue
+        out, x = val(node), val(node.args[0])
+        if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+            continue
+        bound = dict(zip(("dim", "start", "end", "step"), node.args[1:]), **node.kwargs)
+        dim = int(bound.get("dim", 0)) % out.dim()
+        size = out.shape[dim]
+        if not isinstance(size, torch.SymInt) or not size.node.expr.is_Symbol \
+                or not free_unbacked_symbols(size.node.expr):
+            continue
+        bounds = tuple(str(_expr(val(bound.get(b)), subs)) for b in ("start", "end", "step"))
+        key = (str(_expr(x.shape[dim], subs)), dim) + bounds
+        if key in first:
+            subs[size.node.expr] = first[key]
+        else:
+            first[key] = size.node.expr
+    graph.__dict__["_mta_equal_slice_lengths"] = subs
+    return subs
+
+
+def same_length(a: Any, b: Any, graph: fx.Graph | None) -> bool:
+    """:func:`same_size`, or equal once the sizes that slices prove equal are identified
+    (:func:`equal_slice_lengths`)."""
+    if same_size(a, b):
+        return True
+    if graph is None or not (isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt)):
+        return False
+    subs = equal_slice_lengths(graph)
+    if not subs:
+        return False
+    ea, eb = _expr(a, subs), _expr(b, subs)
+    try:
+        return bool((ea - eb).expand() == 0)
+    except TypeError:
+        return False
+
+
 # A masked score: −inf, or a value at most −1e4 (what masking code writes: −inf, the dtype's
 # minimum, −1e9, and −1e4, older fp16-safe code's: GPT-1, ports of GPT-2). Exact attention gives
 # such a key zero weight (exp(−1e4 − m) underflows float32 for any row whose best logit m is above
@@ -518,7 +576,7 @@ LIKE_SECOND = {aten.type_as.default, aten.expand_as.default, aten.view_as.defaul
 def _check_self_attention(m: AttentionMatch, q_shape, k_shape) -> None:
     if q_shape is None or k_shape is None:
         raise NoMatch("shapes of q and k are unknown")
-    if not same_size(q_shape[-2], k_shape[-2]):
+    if not same_length(q_shape[-2], k_shape[-2], m.anchor.graph if m.anchor is not None else None):
         # (another sequence's keys, or keys beside the sequence's own: nn.MultiheadAttention's add_bias_kv /
         # add_zero_attn, memory tokens; a static capture's lengths cannot tell them apart)
         raise NoMatch(f"cross-attention or added keys: {q_shape[-2]} queries attend to {k_shape[-2]} keys (MTA is "
@@ -534,7 +592,9 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
         m.q, m.k, m.v = a["query"], a["key"], a["value"]
         qs, ks, vs = shape_of(m.q), shape_of(m.k), shape_of(m.v)
         _check_self_attention(m, qs, ks)
-        if ks != vs:
+        # (compared size by size, never as tuples: == on data-dependent sizes asks torch to decide them.
+        # Their lengths are not compared: SDPA itself needs them equal at every run, whatever the capture proves.)
+        if len(ks) != len(vs) or not all(same_size(a, b) for i, (a, b) in enumerate(zip(ks, vs)) if i != len(ks) - 2):
             raise NoMatch(f"k and v shapes differ ({ks} vs {vs})")
         if len(qs) not in (3, 4) or len(ks) != len(qs):
             raise NoMatch(f"SDPA on {len(qs)}-D tensors (the op takes 3-D or 4-D)")
