@@ -3,7 +3,8 @@
 The other tests of ``tests/ops`` walk grids (every mask kind × a few configurations); these draw
 every argument at once from a seeded generator (shapes, GQA, chunk size, window, sinks, top-k,
 causality, scale, soft-cap, a mask of one of twelve kinds and shapes, learned summaries, boundary
-chunks, clustered summaries, ``rows_from``), so that the combinations the grids leave out are
+chunks, clustered summaries, ``rows_from``, q, k and v contiguous or in a model's transposed or
+fused-projection layout), so that the combinations the grids leave out are
 run too; smaller ones for ``gradcheck``. A failure names its seed: ``case(seed)`` rebuilds the arguments. The first such search
 (2026-12-06) found the exact path's NaN for a scale ≤ 0 with causality. ``MTA_RANDOM_CASES``
 runs more cases than the default (e.g. 2000: a few minutes).
@@ -23,6 +24,8 @@ from mta_rewrite.ops import mta_attention_reference
 from mta_rewrite.ops.attention import attention_autograd
 from mta_rewrite.ops.decode import boundary_decode_step, decode_step
 from mta_rewrite.ops.segments import chunk_bounds
+
+from .test_attention import model_layout
 
 mta = torch.ops.mta.attention
 F64 = torch.float64
@@ -104,8 +107,11 @@ def case(seed: int):
     if r.random() < 0.1 and not config["causal"] and config["top_k"] == 0 and weight is None and segments is None:
         centroids = torch.randn(Hkv, r.choice([1, 2, 4]), d, generator=g, dtype=F64)
     q, k, v = (torch.randn(B, h, n, d, generator=g, dtype=F64) for h in (Hq, Hkv, Hkv))
+    layout = r.choice(["contiguous", "contiguous", "transposed", "fused_projection"])  # (as models pass them)
+    if layout != "contiguous":
+        q, k, v = model_layout(q, k, v, layout)
     desc = (f"seed {seed}: B={B} Hq={Hq} Hkv={Hkv} n={n} d={d} mask={kind} learned={weight is not None} "
-            f"boundaries={segments is not None} clustered={centroids is not None} {config}")
+            f"boundaries={segments is not None} clustered={centroids is not None} layout={layout} {config}")
     return desc, (q, k, v, mask, weight, segments, centroids), config
 
 
@@ -127,6 +133,7 @@ def test_random_arguments_match_the_reference(batch):
         want = mta_attention_reference(q, k, v, mask, summary_weight=weight, segment_ids=segments,
                                        centroids=centroids, **config)
         torch.testing.assert_close(out, want, rtol=1e-8, atol=1e-8, msg=lambda m: f"{desc}: {m}")
+        assert out.stride() == torch.empty_like(q).stride(), f"{desc}: the output is not in q's layout"
         mask32 = mask.clamp(min=torch.finfo(torch.float32).min).float() if mask is not None \
             and mask.is_floating_point() else mask
         out32 = mta(q.float(), k.float(), v.float(), mask32, None if weight is None else weight.float(), segments,
@@ -205,9 +212,13 @@ def _gradient_case(seed: int):
     kind, mask = random_mask(r, g, B, Hkv * G, n)
     weight = torch.randn(Hkv, d, generator=g, dtype=F64, requires_grad=True) if r.random() < 0.25 else None
     segments = random_segments(r, B, n) if r.random() < 0.25 else None
-    q, k, v = (torch.randn(B, h, n, d, generator=g, dtype=F64, requires_grad=True) for h in (Hkv * G, Hkv, Hkv))
+    q, k, v = (torch.randn(B, h, n, d, generator=g, dtype=F64) for h in (Hkv * G, Hkv, Hkv))
+    layout = r.choice(["contiguous", "contiguous", "transposed", "fused_projection"])
+    if layout != "contiguous":
+        q, k, v = model_layout(q, k, v, layout)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     desc = (f"seed {seed}: B={B} Hq={Hkv * G} Hkv={Hkv} n={n} d={d} mask={kind} learned={weight is not None} "
-            f"boundaries={segments is not None} {config}")
+            f"boundaries={segments is not None} layout={layout} {config}")
     return desc, (q, k, v, mask, weight, segments), config
 
 
