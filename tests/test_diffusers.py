@@ -56,7 +56,7 @@ def _flux():
                   pooled_projections=torch.randn(1, 32, generator=g), img_ids=torch.randn(image, 3, generator=g),
                   txt_ids=torch.randn(text, 3, generator=g), timestep=torch.tensor([0.5]))
     # the joint blocks attend over text and image tokens together: one sequence of 84
-    return model, inputs, {"transformer_blocks.0.attn": (84, True), "single_transformer_blocks.0.attn": (84, True)}
+    return model, [inputs], {"transformer_blocks.0.attn": (84, True), "single_transformer_blocks.0.attn": (84, True)}
 
 
 def _sd3():
@@ -68,7 +68,7 @@ def _sd3():
     inputs = dict(hidden_states=torch.randn(2, 4, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 12, 32, generator=g),
                   pooled_projections=torch.randn(2, 64, generator=g), timestep=torch.tensor([3, 500]))
     # SD3.5's dual attention: a second self-attention over the image tokens alone
-    return model, inputs, {"transformer_blocks.0.attn": (76, True), "transformer_blocks.0.attn2": (64, True),
+    return model, [inputs], {"transformer_blocks.0.attn": (76, True), "transformer_blocks.0.attn2": (64, True),
                            "transformer_blocks.1.attn": (76, True)}
 
 
@@ -80,7 +80,7 @@ def _wan():
     inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 10, 16, generator=g),
                   timestep=torch.tensor([500]))
     # a video of 3 × 4 × 4 patches; the cross-attention to the text stays exact
-    return model, inputs, {"blocks.0.attn1": (48, True), "blocks.0.attn2": (48, False)}
+    return model, [inputs], {"blocks.0.attn1": (48, True), "blocks.0.attn2": (48, False)}
 
 
 def _qwen_image():
@@ -92,32 +92,69 @@ def _qwen_image():
     mask[1, 6:] = 0  # the second prompt is 6 tokens: its text padding is masked out of the joint attention
     inputs = dict(hidden_states=torch.randn(2, 36, 16, generator=g), encoder_hidden_states=torch.randn(2, 10, 16, generator=g),
                   encoder_hidden_states_mask=mask, timestep=torch.tensor([1.0, 0.3]), img_shapes=[(1, 6, 6)] * 2)
-    return model, inputs, {"transformer_blocks.0.attn": (46, True)}
+    return model, [inputs], {"transformer_blocks.0.attn": (46, True)}
 
 
-@pytest.mark.parametrize("build", [_flux, _sd3, _wan, _qwen_image], ids=["flux", "sd3", "wan", "qwen-image"])
+def _framepack_inputs(prompt_tokens: int):
+    """HunyuanVideo-Framepack's inputs, batch 1, with ``prompt_tokens`` of its 12 prompt tokens real."""
+    g = torch.Generator().manual_seed(5)
+    frames, mask = 3, torch.zeros(1, 12)
+    mask[:, :prompt_tokens] = 1.0
+    video = lambda n: torch.randn(1, 4, n, 4, 4, generator=g)  # noqa: E731
+    return dict(hidden_states=video(frames), timestep=torch.tensor([300]),
+                encoder_hidden_states=torch.randn(1, 12, 16, generator=g), pooled_projections=torch.randn(1, 8, generator=g),
+                encoder_attention_mask=mask, guidance=torch.tensor([400]), image_embeds=torch.randn(1, 12, 16, generator=g),
+                indices_latents=torch.ones(frames), latents_clean=video(2), indices_latents_clean=torch.ones(2),
+                latents_history_2x=video(2), indices_latents_history_2x=torch.ones(2), latents_history_4x=video(8),
+                indices_latents_history_4x=torch.ones(8))
+
+
+def _framepack():
+    """HunyuanVideo-Framepack, batch 1: the model cuts the prompt to its real tokens by the mask's
+    sum (``.item()``: a length torch.export cannot know), and its single-stream blocks apply the
+    rotary embedding to the image tokens alone, cutting q and k at that length. torch.export gives
+    each cut its own unknown size, so q's and k's lengths came out as different symbols (u9 + 23
+    against u12 + 23) and the single-stream site was reported as cross-attention and left exact;
+    cuts with the same bounds of equally long sequences are equally long
+    (passes.match.equal_slice_lengths). Run at the captured 12 prompt tokens and at 7: the program
+    follows the prompt's length."""
+    model = D.HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None, has_image_proj=True,
+        image_proj_dim=16, has_clean_x_embedder=True)
+    return model, [_framepack_inputs(12), _framepack_inputs(7)], {
+        "context_embedder.token_refiner.refiner_blocks.0.attn": (12, True), "transformer_blocks.0.attn": (None, True),
+        "single_transformer_blocks.0.attn": (None, True)}
+
+
+@pytest.mark.parametrize("build", [_flux, _sd3, _wan, _qwen_image, _framepack],
+                         ids=["flux", "sd3", "wan", "qwen-image", "framepack"])
 def test_diffusion_transformers_are_rewritten_as_the_reference(build):
+    """``build`` gives the model, its inputs (captured from the first; every one run) and the sites
+    expected."""
     torch.manual_seed(0)
-    model, inputs, expected = build()
+    model, runs, expected = build()
     model.eval()
-    kwargs = dict(inputs, return_dict=False)
-    with torch.no_grad():
-        original = model(**kwargs)[0]
+    kwargs = dict(runs[0], return_dict=False)
     sites = mr.find_attention(model, (), kwargs)
     assert {s.name: (s.seq_len, s.rewritable) for s in sites} == expected
     assert all("cross-attention" in s.reason for s in sites if not s.rewritable)
 
     one = mr.rewrite(model, (), kwargs, config=ONE_CHUNK)
     fast = mr.rewrite(model, (), kwargs, config=CFG)
-    with torch.no_grad():
-        torch.testing.assert_close(one(**kwargs)[0], original, rtol=0, atol=1e-6)
-        got = fast(**kwargs)[0]
-        with reference_attention(CFG) as counts:
-            reference = model(**kwargs)[0]
-    assert counts["mta"] == sum(rewritable for _, rewritable in expected.values())
-    assert counts["exact"] == sum(not rewritable for _, rewritable in expected.values())
-    assert (reference - original).abs().max() > 1e-3  # (MTA differs from exact attention here)
-    torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)
+    for inputs in runs:
+        kwargs = dict(inputs, return_dict=False)
+        with torch.no_grad():
+            original = model(**kwargs)[0]
+            torch.testing.assert_close(one(**kwargs)[0], original, rtol=0, atol=1e-6)
+            got = fast(**kwargs)[0]
+            with reference_attention(CFG) as counts:
+                reference = model(**kwargs)[0]
+        assert counts["mta"] == sum(rewritable for _, rewritable in expected.values())
+        assert counts["exact"] == sum(not rewritable for _, rewritable in expected.values())
+        assert (reference - original).abs().max() > 1e-3  # (MTA differs from exact attention here)
+        torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)
 
 
 def _flux_pipeline():
@@ -164,51 +201,3 @@ def test_a_rewritten_denoiser_runs_in_its_pipeline():
     assert counts["mta"] == 2 * 2 and counts["exact"] == 0  # two sites, two steps
     assert got.shape == (1, 3, 48, 48)
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
-
-
-def _framepack(prompt_tokens: int):
-    """HunyuanVideo-Framepack, batch 1: the model cuts the prompt to its real tokens by the
-    mask's sum (``.item()``: a length torch.export cannot know), and its single-stream blocks apply
-    the rotary embedding to the image tokens alone, cutting q and k at that length."""
-    g = torch.Generator().manual_seed(5)
-    frames, mask = 3, torch.zeros(1, 12)
-    mask[:, :prompt_tokens] = 1.0
-    video = lambda n: torch.randn(1, 4, n, 4, 4, generator=g)  # noqa: E731
-    return dict(hidden_states=video(frames), timestep=torch.tensor([300]),
-                encoder_hidden_states=torch.randn(1, 12, 16, generator=g), pooled_projections=torch.randn(1, 8, generator=g),
-                encoder_attention_mask=mask, guidance=torch.tensor([400]), image_embeds=torch.randn(1, 12, 16, generator=g),
-                indices_latents=torch.ones(frames), latents_clean=video(2), indices_latents_clean=torch.ones(2),
-                latents_history_2x=video(2), indices_latents_history_2x=torch.ones(2), latents_history_4x=video(8),
-                indices_latents_history_4x=torch.ones(8), return_dict=False)
-
-
-def test_a_prompt_length_read_from_the_data_is_self_attention_still():
-    """torch.export gives each cut at a data-dependent length its own unknown size, so q's and k's
-    lengths came out as different symbols (u9 + 23 against u12 + 23) and the single-stream site
-    was reported as cross-attention and left exact. Cuts with the same bounds of equally long
-    sequences are equally long (passes.match.equal_slice_lengths): every self-attention site is
-    rewritten, and the program follows the prompt's length at run time."""
-    torch.manual_seed(0)
-    model = D.HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
-        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
-        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None, has_image_proj=True,
-        image_proj_dim=16, has_clean_x_embedder=True).eval()
-    kwargs = _framepack(12)
-    sites = mr.find_attention(model, (), kwargs)
-    assert {s.name: (s.seq_len, s.rewritable) for s in sites} == {
-        "context_embedder.token_refiner.refiner_blocks.0.attn": (12, True), "transformer_blocks.0.attn": (None, True),
-        "single_transformer_blocks.0.attn": (None, True)}
-    one = mr.rewrite(model, (), kwargs, config=ONE_CHUNK)
-    fast = mr.rewrite(model, (), kwargs, config=CFG)
-    for prompt_tokens in (12, 7):  # (the capture saw 12; 7 real tokens make a shorter sequence)
-        kwargs = _framepack(prompt_tokens)
-        with torch.no_grad():
-            original = model(**kwargs)[0]
-            torch.testing.assert_close(one(**kwargs)[0], original, rtol=0, atol=1e-6)
-            got = fast(**kwargs)[0]
-            with reference_attention(CFG) as counts:
-                reference = model(**kwargs)[0]
-        assert counts == {"mta": 3, "exact": 0}
-        assert (reference - original).abs().max() > 1e-3
-        torch.testing.assert_close(got, reference, rtol=0, atol=2e-5)
